@@ -1,0 +1,361 @@
+//! The command line. [`main`] is the whole program: the stock binary calls it with the
+//! built-in functions, a user's binary with its own.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::config::{parse_duration, Config, Source as SourceConfig};
+use crate::error::{Error, Result};
+use crate::functions::Functions;
+use crate::pidfile::{self, Probe};
+use crate::spool::{Lookup, Outcome, Spool};
+use crate::worker::{self, Plan};
+
+/// LSB exit code: program is not running.
+const NOT_RUNNING: u8 = 3;
+/// LSB exit code: status unknown.
+const UNKNOWN: u8 = 4;
+
+#[derive(Parser)]
+#[command(name = "gearshift", version = crate::VERSION, about = "A job worker that restarts itself in place, between jobs")]
+struct Cli {
+    /// The config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        default_value = "config.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker in the foreground (for a terminal, systemd or another supervisor).
+    Run,
+    /// Queue a job; prints its id (or, with --wait, its result).
+    Submit {
+        /// Wait for the job to finish and print its result (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (exit 3), e.g. "30s".
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// The function to run.
+        function: String,
+        /// The payload; read from standard input when omitted.
+        payload: Option<OsString>,
+    },
+    /// Print a job's result: exit 0 done, 1 failed, 2 unknown id, 3 not finished yet.
+    Result {
+        /// The id printed by `submit`.
+        job_id: String,
+    },
+    /// Is the worker running? Exit 0 if so, 3 if not.
+    Status {
+        /// Print the full status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the worker to restart in place (SIGHUP) and wait until it has, or has refused.
+    Reload {
+        /// Give up waiting after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Stop the worker gracefully (SIGTERM): running jobs finish first.
+    Stop {
+        /// Give up waiting after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Validate the config and jobs_dir, like `nginx -t`.
+    Check,
+}
+
+/// Parses the command line, runs the command, and maps the outcome to an exit code.
+pub fn main(functions: Functions) -> ExitCode {
+    let cli = Cli::parse();
+    crate::logging::init(log::LevelFilter::Info);
+    match dispatch(cli, functions) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("gearshift: {e}");
+            ExitCode::from(if matches!(e, Error::NotRunning) {
+                NOT_RUNNING
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
+    let path = &cli.config;
+    match cli.command {
+        Command::Run => worker::run(path, functions).map(|code| code as u8),
+        Command::Submit {
+            wait,
+            timeout,
+            function,
+            payload,
+        } => submit(path, wait, timeout, &function, payload),
+        Command::Result { job_id } => result(path, &job_id),
+        Command::Status { json } => status(path, json),
+        Command::Reload { timeout } => reload(path, timeout),
+        Command::Stop { timeout } => stop(path, timeout),
+        Command::Check => check(path, &functions),
+    }
+}
+
+fn spool(config: &Config) -> Result<Spool> {
+    match &config.source {
+        SourceConfig::Spool(s) => Spool::from_config(s),
+    }
+}
+
+fn submit(
+    path: &Path,
+    wait: bool,
+    timeout: Option<Duration>,
+    function: &str,
+    payload: Option<OsString>,
+) -> Result<u8> {
+    let config = Config::load(path)?;
+    let payload = match payload {
+        Some(p) => p.as_bytes().to_vec(),
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::io("reading payload from stdin", e))?;
+            buf
+        }
+    };
+    if payload.len() > config.worker.max_payload_bytes {
+        return Err(Error::Msg(format!(
+            "payload is {} bytes, over max_payload_bytes ({})",
+            payload.len(),
+            config.worker.max_payload_bytes
+        )));
+    }
+    let spool = spool(&config)?;
+    let id = spool.submit(function, &payload)?;
+    if !wait {
+        println!("{id}");
+        return Ok(0);
+    }
+    eprintln!("{id}");
+    print_lookup(&id, spool.wait(&id, timeout)?)
+}
+
+fn result(path: &Path, id: &str) -> Result<u8> {
+    let config = Config::load(path)?;
+    print_lookup(id, spool(&config)?.lookup(id)?)
+}
+
+fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
+    match lookup {
+        Lookup::Finished(r) if r.outcome == Outcome::Done => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&r.result)
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::io("writing result", e))?;
+            Ok(0)
+        }
+        Lookup::Finished(r) => {
+            eprintln!(
+                "job {id} failed after {} attempt(s): {}",
+                r.attempts,
+                r.error.unwrap_or_default()
+            );
+            Ok(1)
+        }
+        Lookup::Unknown => {
+            eprintln!("job {id}: unknown id");
+            Ok(2)
+        }
+        Lookup::Queued => {
+            eprintln!("job {id}: queued, not finished yet");
+            Ok(3)
+        }
+        Lookup::Running => {
+            eprintln!("job {id}: running, not finished yet");
+            Ok(3)
+        }
+    }
+}
+
+/// The running worker's pid and status socket, decided by the pidfile lock.
+fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
+    let config = Config::load(path)?;
+    let pidfile = config.pidfile();
+    match pidfile::probe(&pidfile)? {
+        Probe::Running(Some(pid)) => Ok((pid, config.status_socket(), pidfile)),
+        Probe::Running(None) => Err(Error::Msg(format!(
+            "\"{}\" is locked but holds no pid",
+            pidfile.display()
+        ))),
+        Probe::NotRunning => Err(Error::NotRunning),
+    }
+}
+
+fn status(path: &Path, json: bool) -> Result<u8> {
+    let (pid, socket) = match running(path) {
+        Ok((pid, socket, _)) => (pid, socket),
+        Err(Error::NotRunning) => {
+            if json {
+                println!("{}", serde_json::json!({"running": false}));
+            } else {
+                println!("gearshift is not running");
+            }
+            return Ok(NOT_RUNNING);
+        }
+        Err(e) => {
+            eprintln!("gearshift: {e}");
+            return Ok(UNKNOWN);
+        }
+    };
+    let s = match crate::status::query_patiently(&socket, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gearshift is running (pid {pid}) but its status is unavailable: {e}");
+            return Ok(0);
+        }
+    };
+    if json {
+        println!("{s}");
+        return Ok(0);
+    }
+    let field = |k: &str| match &s[k] {
+        Value::String(v) => v.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    println!(
+        "gearshift is {} (pid {}), generation {}, {} source",
+        field("state"),
+        field("pid"),
+        field("generation"),
+        field("source")
+    );
+    println!(
+        "  started {}, restarts {}, last {} ({})",
+        field("started_at"),
+        field("restarts"),
+        field("restarted_at"),
+        field("last_restart_reason")
+    );
+    println!(
+        "  jobs: {} completed, {} failed, {} running",
+        field("jobs_completed"),
+        field("jobs_failed"),
+        field("in_flight")
+    );
+    let functions: Vec<String> = s["functions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("  functions: {}", functions.join(", "));
+    println!(
+        "  config {} (sha256 {})",
+        field("config"),
+        field("config_sha256")
+    );
+    if let Some(r) = s["last_refused_reload"].as_object() {
+        let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
+        println!(
+            "  last refused reload at {} ({}): {}",
+            get("at"),
+            get("reason"),
+            get("error")
+        );
+    }
+    Ok(0)
+}
+
+fn reload(path: &Path, timeout: Duration) -> Result<u8> {
+    let (pid, socket, _) = running(path)?;
+    let before = crate::status::query_patiently(&socket, Duration::from_secs(5))?;
+    let generation = before["generation"].as_u64().unwrap_or(0);
+    let refusals = before["reload_refusals"].as_u64().unwrap_or(0);
+    kill(Pid::from_raw(pid), Signal::SIGHUP)
+        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(now) = crate::status::query(&socket) {
+            let g = now["generation"].as_u64().unwrap_or(0);
+            if g > generation {
+                println!("reloaded: generation {g} (pid {pid})");
+                return Ok(0);
+            }
+            if now["reload_refusals"].as_u64().unwrap_or(0) > refusals {
+                let why = now["last_refused_reload"]["error"]
+                    .as_str()
+                    .unwrap_or("unknown reason");
+                eprintln!("reload refused, still generation {g}: {why}");
+                return Ok(1);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Msg(format!(
+                "no reload after {timeout:?} (jobs still running?)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(path: &Path, timeout: Duration) -> Result<u8> {
+    let (pid, _, pidfile) = match running(path) {
+        Err(Error::NotRunning) => {
+            println!("gearshift is not running");
+            return Ok(0);
+        }
+        other => other?,
+    };
+    kill(Pid::from_raw(pid), Signal::SIGTERM)
+        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    let deadline = Instant::now() + timeout;
+    while pidfile::probe(&pidfile)? != Probe::NotRunning {
+        if Instant::now() >= deadline {
+            return Err(Error::Msg(format!(
+                "pid {pid} still running after {timeout:?} (jobs still running?)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("stopped (pid {pid})");
+    Ok(0)
+}
+
+fn check(path: &Path, functions: &Functions) -> Result<u8> {
+    let plan = Plan::prepare(path, functions)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "{}: ok (sha256 {})",
+        plan.config.path.display(),
+        plan.config.sha256
+    );
+    for (name, what) in worker::describe(&plan.table) {
+        println!("  {name}: {what}");
+    }
+    Ok(0)
+}

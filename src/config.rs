@@ -1,0 +1,534 @@
+//! `config.toml`: parsing, validation and error messages that point at `file:line:col`.
+//!
+//! Parsing is strict: an unknown key is an error with a suggestion, because a silently ignored
+//! typo (`concurency = 8`) is worse than a refused reload. Relative paths are resolved against
+//! the directory of the config file, so a config works the same from any working directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use crate::error::{Error, IoContext, Result};
+
+/// A validated configuration with absolute paths.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Absolute path of the file this was read from.
+    pub path: PathBuf,
+    /// Hex sha256 of the file's bytes: the identity of this config for change detection.
+    pub sha256: String,
+    pub worker: Worker,
+    pub source: Source,
+    pub functions: BTreeMap<String, FunctionConfig>,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub concurrency: usize,
+    pub jobs_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_payload_bytes: usize,
+    pub watch_config: bool,
+    pub watch_jobs: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Spool(SpoolConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_attempts: u32,
+    pub retain_results: Duration,
+    /// fsync job and result files and their directories (the durability promise). Only a
+    /// benchmark or a throwaway queue should turn this off.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FunctionConfig {
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub level: log::LevelFilter,
+}
+
+impl Source {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Spool(_) => "spool",
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let path = absolute(path)?;
+        let bytes = std::fs::read(&path).at("reading config", &path)?;
+        Config::parse(&path, &bytes)
+    }
+
+    /// Parses and validates config bytes as if read from `path` (which must be absolute).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config> {
+        let sha256 = hex(&Sha256::digest(bytes));
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let (line, col) = line_col(bytes, e.valid_up_to());
+            Error::Config(format!(
+                "{}:{line}:{col}: the file is not valid UTF-8",
+                path.display()
+            ))
+        })?;
+        let located = |span: Option<Range<usize>>, msg: &str| {
+            let (line, col) = span.map_or((1, 1), |s| line_col(bytes, s.start));
+            Error::Config(format!("{}:{line}:{col}: {msg}", path.display()))
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| located(e.span(), &explain(e.message())))?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+
+        let w = raw.worker;
+        let concurrency = *w.concurrency.get_ref();
+        if !(1..=1024).contains(&concurrency) {
+            return Err(located(
+                Some(w.concurrency.span()),
+                &format!("concurrency must be between 1 and 1024, not {concurrency}"),
+            ));
+        }
+        if w.max_payload_bytes == 0 {
+            return Err(located(
+                None,
+                "[worker] max_payload_bytes must be at least 1",
+            ));
+        }
+        let worker = Worker {
+            concurrency: concurrency as usize,
+            jobs_dir: base.join(w.jobs_dir),
+            state_dir: base.join(w.state_dir),
+            max_payload_bytes: w.max_payload_bytes as usize,
+            watch_config: w.watch_config,
+            watch_jobs: w.watch_jobs,
+        };
+
+        let s = raw.source;
+        let source = match s.kind {
+            SourceKind::Spool => {
+                let attempts = *s.max_attempts.get_ref();
+                if attempts == 0 {
+                    return Err(located(
+                        Some(s.max_attempts.span()),
+                        "max_attempts must be at least 1",
+                    ));
+                }
+                Source::Spool(SpoolConfig {
+                    dir: base.join(s.dir),
+                    max_attempts: attempts,
+                    retain_results: s.retain_results.0,
+                    fsync: s.fsync,
+                })
+            }
+        };
+
+        let mut functions = BTreeMap::new();
+        for (name, f) in raw.functions {
+            if let Err(why) = check_function_name(name.get_ref()) {
+                return Err(located(Some(name.span()), &why));
+            }
+            let timeout = f.timeout.map(|t| t.0);
+            functions.insert(name.into_inner(), FunctionConfig { timeout });
+        }
+
+        let level = raw.log.level.into_inner().0;
+        Ok(Config {
+            path: path.to_path_buf(),
+            sha256,
+            worker,
+            source,
+            functions,
+            log: Log { level },
+        })
+    }
+
+    /// The timeout configured for `function`, if any.
+    pub fn timeout(&self, function: &str) -> Option<Duration> {
+        self.functions.get(function).and_then(|f| f.timeout)
+    }
+
+    /// Where the worker's pidfile lives.
+    pub fn pidfile(&self) -> PathBuf {
+        self.worker.state_dir.join("gearshift.pid")
+    }
+
+    /// Where the worker answers `status`.
+    pub fn status_socket(&self) -> PathBuf {
+        self.worker.state_dir.join("gearshift.sock")
+    }
+}
+
+/// Function names travel in file names, environment variables and protocol packets: keep them
+/// to a safe alphabet.
+pub fn check_function_name(name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid function name \"{name}\" (use letters, digits, '_', '-', '.', ':'; at most 128 bytes)"
+        ))
+    }
+}
+
+/// `path` made absolute against the current directory, without resolving symlinks (a symlinked
+/// config, as in a Kubernetes ConfigMap, must be re-resolved on every read).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).at("resolving", path)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
+    let before = &bytes[..at.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, col)
+}
+
+/// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
+fn explain(message: &str) -> String {
+    let message = message.trim();
+    for (prefix, what) in [("unknown field `", "key"), ("unknown variant `", "value")] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let Some((got, tail)) = rest.split_once('`') else {
+                break;
+            };
+            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            return match closest(got, &expected) {
+                Some(best) => format!("unknown {what} \"{got}\" (did you mean \"{best}\"?)"),
+                None if expected.is_empty() => format!("unknown {what} \"{got}\""),
+                None => format!(
+                    "unknown {what} \"{got}\" (expected one of: {})",
+                    expected.join(", ")
+                ),
+            };
+        }
+    }
+    message.replace('\n', "; ")
+}
+
+fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(got, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Dur, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"30s\", \"500ms\", \"5m\" or a number of seconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|s| Dur(Duration::from_secs(s)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Dur, E> {
+                Duration::try_from_secs_f64(v)
+                    .map(Dur)
+                    .map_err(|_| E::custom(format!("{v} is not a valid number of seconds")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Dur, E> {
+                parse_duration(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\")"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Level(log::LevelFilter);
+
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Level, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Level).map_err(|_| {
+            de::Error::custom(format!(
+                "unknown log level \"{s}\" (use off, error, warn, info, debug or trace)"
+            ))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    source: RawSource,
+    #[serde(default)]
+    functions: BTreeMap<Spanned<String>, RawFunction>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWorker {
+    concurrency: Spanned<i64>,
+    jobs_dir: PathBuf,
+    state_dir: PathBuf,
+    max_payload_bytes: u64,
+    watch_config: bool,
+    watch_jobs: bool,
+}
+
+impl Default for RawWorker {
+    fn default() -> Self {
+        RawWorker {
+            concurrency: Spanned::new(0..0, 1),
+            jobs_dir: "jobs".into(),
+            state_dir: "state".into(),
+            max_payload_bytes: 16 << 20,
+            watch_config: true,
+            watch_jobs: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum SourceKind {
+    Spool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSource {
+    kind: SourceKind,
+    dir: PathBuf,
+    max_attempts: Spanned<u32>,
+    retain_results: Dur,
+    fsync: bool,
+}
+
+impl Default for RawSource {
+    fn default() -> Self {
+        RawSource {
+            kind: SourceKind::Spool,
+            dir: "spool".into(),
+            max_attempts: Spanned::new(0..0, 3),
+            retain_results: Dur(Duration::from_secs(7 * 86400)),
+            fsync: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    timeout: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: Spanned<Level>,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: Spanned::new(0..0, Level(log::LevelFilter::Info)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> std::result::Result<Config, String> {
+        Config::parse(Path::new("/etc/gs/config.toml"), text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("").expect("empty config is valid");
+        assert_eq!(c.worker.concurrency, 1);
+        assert_eq!(c.worker.jobs_dir, Path::new("/etc/gs/jobs"));
+        assert_eq!(c.worker.state_dir, Path::new("/etc/gs/state"));
+        let Source::Spool(s) = &c.source;
+        assert_eq!(s.dir, Path::new("/etc/gs/spool"));
+        assert_eq!(s.max_attempts, 3);
+        let c = parse("[worker]\nstate_dir = \"/var/lib/gs\"\n").expect("valid");
+        assert_eq!(c.worker.state_dir, Path::new("/var/lib/gs"));
+    }
+
+    #[test]
+    fn errors_point_at_line_and_column() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[worker]\nconcurency = 2\n",
+                "/etc/gs/config.toml:2:1: unknown key \"concurency\" (did you mean \"concurrency\"?)",
+            ),
+            (
+                "[worker]\nconcurrency = 0\n",
+                "/etc/gs/config.toml:2:15: concurrency must be between 1 and 1024, not 0",
+            ),
+            (
+                "[source]\nkind = \"spoool\"\n",
+                "/etc/gs/config.toml:2:8: unknown value \"spoool\" (did you mean \"spool\"?)",
+            ),
+            ("[wrker]\n", "/etc/gs/config.toml:1:2: unknown key \"wrker\" (did you mean \"worker\"?)"),
+            (
+                "[functions.sleep]\ntimeout = \"5 parsecs\"\n",
+                "/etc/gs/config.toml:2:11: unknown duration unit \"parsecs\" in \"5 parsecs\" (use ms, s, m, h or d)",
+            ),
+            (
+                "[functions.\"a b\"]\n",
+                "/etc/gs/config.toml:1:12: invalid function name \"a b\"",
+            ),
+            ("[log]\nlevel = \"loud\"\n", "/etc/gs/config.toml:2:9: unknown log level \"loud\""),
+            ("[source]\nmax_attempts = 0\n", "/etc/gs/config.toml:2:16: max_attempts must be at least 1"),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).expect_err(text);
+            assert!(
+                got.starts_with(want),
+                "config {text:?}\n got: {got}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let got = parse("[worker]\nconcurrency = = 2\n").expect_err("syntax");
+        assert!(got.starts_with("/etc/gs/config.toml:2:"), "{got}");
+        assert!(!got.contains('\n'), "one line: {got}");
+    }
+
+    #[test]
+    fn durations() {
+        let ok: &[(&str, Duration)] = &[
+            ("500ms", Duration::from_millis(500)),
+            ("30s", Duration::from_secs(30)),
+            ("30", Duration::from_secs(30)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("5m", Duration::from_secs(300)),
+            ("2h", Duration::from_secs(7200)),
+            ("7d", Duration::from_secs(7 * 86400)),
+        ];
+        for (s, d) in ok {
+            assert_eq!(parse_duration(s).as_ref(), Ok(d), "{s}");
+        }
+        for bad in ["", "s", "5x", "-1s", "1e999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        let c = parse("[functions.sleep]\ntimeout = 3\n[functions.wc]\ntimeout = \"250ms\"\n")
+            .expect("valid");
+        assert_eq!(c.timeout("sleep"), Some(Duration::from_secs(3)));
+        assert_eq!(c.timeout("wc"), Some(Duration::from_millis(250)));
+        assert_eq!(c.timeout("echo"), None);
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(
+            closest("concurency", &["concurrency", "jobs_dir"]),
+            Some("concurrency")
+        );
+        assert_eq!(closest("zzzzzz", &["concurrency", "jobs_dir"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn sha256_is_of_the_bytes() {
+        let a = parse("[worker]\nconcurrency = 2\n").expect("valid");
+        let b = parse("[worker]\nconcurrency = 2\n\n").expect("valid");
+        assert_ne!(a.sha256, b.sha256);
+        assert_eq!(a.sha256.len(), 64);
+    }
+}

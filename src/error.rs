@@ -1,0 +1,93 @@
+//! The crate's error type: every variant says which file, server or job it is about, so a
+//! message can be acted on without reading the source.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong outside a job (a failing job is a [`crate::JobError`], not this).
+#[derive(Debug)]
+pub enum Error {
+    /// The configuration is malformed or invalid; the message carries `file:line:col`.
+    Config(String),
+    /// An I/O operation failed; `about` says on what, e.g. `creating spool directory "/x"`.
+    Io { about: String, source: io::Error },
+    /// Another instance holds the lock (pidfile or spool).
+    Locked { what: PathBuf, pid: Option<i32> },
+    /// The worker is not running (for `status`, `reload`, `stop`).
+    NotRunning,
+    /// Anything else that has a complete, user-facing message.
+    Msg(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what we were doing.
+    pub fn io(about: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            about: about.into(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error about a path: `"{verb} \"{path}\""`.
+    pub fn io_path(verb: &str, path: &Path, source: io::Error) -> Error {
+        Error::Io {
+            about: format!("{verb} \"{}\"", path.display()),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(msg) | Error::Msg(msg) => f.write_str(msg),
+            Error::Io { about, source } => write!(f, "{about}: {source}"),
+            Error::Locked {
+                what,
+                pid: Some(pid),
+            } => {
+                write!(
+                    f,
+                    "already running (pid {pid}): \"{}\" is locked",
+                    what.display()
+                )
+            }
+            Error::Locked { what, pid: None } => {
+                write!(f, "already running: \"{}\" is locked", what.display())
+            }
+            Error::NotRunning => f.write_str("not running"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds "while doing what" to `io::Result`s.
+pub trait IoContext<T> {
+    fn about(self, about: impl FnOnce() -> String) -> Result<T>;
+    fn at(self, verb: &str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn about(self, about: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            about: about(),
+            source,
+        })
+    }
+
+    fn at(self, verb: &str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::io_path(verb, path, source))
+    }
+}

@@ -1,0 +1,545 @@
+//! Running a job executable from `jobs_dir`: payload on stdin, result on stdout, exit 0 for
+//! success, the tail of stderr as the error otherwise. No shell is involved.
+//!
+//! The child runs in its own process group, so a Ctrl-C at the worker's terminal does not reach
+//! it (a graceful stop lets it finish) and a timeout can kill everything it started. Progress
+//! lines written to fd 3 (`status N D`, `data TEXT`, `warning TEXT`) become Gearman
+//! WORK_STATUS / WORK_DATA / WORK_WARNING packets.
+//!
+//! One thread drives all pipes with poll(2), plus a pidfd for the child's exit, so a job costs no
+//! extra threads and no sleeps.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::functions::{Job, JobError, JobResult};
+
+/// How much of stderr is kept for the error message.
+const STDERR_TAIL: usize = 2048;
+/// After the child exits, how long to wait for its pipes to reach EOF (a grandchild may still
+/// hold them) before the rest of the process group is killed.
+const EXIT_GRACE: Duration = Duration::from_millis(200);
+
+/// Process groups of running executables, so a forced stop can kill them all.
+#[derive(Default, Clone)]
+pub struct Children {
+    groups: Arc<Mutex<HashSet<i32>>>,
+}
+
+impl Children {
+    fn add(&self, pgid: i32) {
+        if let Ok(mut g) = self.groups.lock() {
+            g.insert(pgid);
+        }
+    }
+    fn remove(&self, pgid: i32) {
+        if let Ok(mut g) = self.groups.lock() {
+            g.remove(&pgid);
+        }
+    }
+    /// SIGKILLs every running job's process group (on a forced stop).
+    pub fn kill_all(&self) {
+        if let Ok(g) = self.groups.lock() {
+            for &pgid in g.iter() {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Environment variables gearshift itself uses across re-exec; they are not passed to jobs.
+pub fn is_internal_var(key: &OsString) -> bool {
+    key.to_str()
+        .is_some_and(|k| k.starts_with(crate::reexec::ENV_PREFIX))
+}
+
+/// Runs `exe` for `job` and returns its stdout (bounded by `max_output`) or the failure.
+pub fn run(
+    exe: &Path,
+    job: &mut Job<'_>,
+    timeout: Option<Duration>,
+    max_output: usize,
+    children: &Children,
+) -> JobResult {
+    let (progress_read, progress_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| JobError::new(format!("cannot create progress pipe: {e}")))?;
+    let progress_fd = progress_write.as_raw_fd();
+
+    let mut cmd = Command::new(exe);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| !is_internal_var(k)))
+        .env("GEARSHIFT_JOB_ID", job.id())
+        .env("GEARSHIFT_FUNCTION", job.function())
+        .env("GEARSHIFT_UNIQUE", job.unique())
+        .env("GEARSHIFT_PROGRESS_FD", "3");
+    if let Some(dir) = exe.parent() {
+        cmd.current_dir(dir);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
+    // which are async-signal-safe; it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if progress_fd == 3 {
+                // dup2(3, 3) would keep FD_CLOEXEC set: clear it instead.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(progress_fd, 3) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    drop(progress_write);
+    let mut child =
+        spawned.map_err(|e| JobError::new(format!("cannot start {}: {e}", exe.display())))?;
+    let pgid = child.id() as i32;
+    children.add(pgid);
+    let outcome = drive(&mut child, job, progress_read, timeout, max_output);
+    // Kill leftovers of the group while the leader is still a zombie (not yet reaped), so the
+    // group id cannot have been reused by an unrelated process.
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let status = child.wait();
+    children.remove(pgid);
+
+    let out = outcome?;
+    let status =
+        status.map_err(|e| JobError::new(format!("waiting for {}: {e}", exe.display())))?;
+    if let Some(limit) = out.timed_out {
+        return Err(JobError::new(format!(
+            "timed out after {} (process group killed){}",
+            fmt_duration(limit),
+            tail_suffix(&out.stderr)
+        )));
+    }
+    if out.overflow {
+        return Err(JobError::new(format!(
+            "result is larger than {max_output} bytes (max_payload_bytes)"
+        )));
+    }
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(out.stdout),
+        (Some(code), _) => Err(JobError::new(format!(
+            "exit status {code}{}",
+            tail_suffix(&out.stderr)
+        ))),
+        (None, Some(sig)) => {
+            let name =
+                Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.as_str().to_string());
+            Err(JobError::new(format!(
+                "killed by {name}{}",
+                tail_suffix(&out.stderr)
+            )))
+        }
+        (None, None) => Err(JobError::new(format!("ended with {status}"))),
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn tail_suffix(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    overflow: bool,
+    timed_out: Option<Duration>,
+}
+
+/// Feeds stdin, collects stdout/stderr/progress, and watches the deadline, until the child has
+/// exited and its pipes are closed (or the grace after its exit ran out).
+fn drive(
+    child: &mut Child,
+    job: &mut Job<'_>,
+    progress: OwnedFd,
+    timeout: Option<Duration>,
+    max_output: usize,
+) -> Result<Output, JobError> {
+    let io_err = |e: io::Error| JobError::new(format!("job I/O: {e}"));
+    let mut stdin = child.stdin.take().map(OwnedFd::from);
+    let mut stdout = child.stdout.take().map(OwnedFd::from);
+    let mut stderr = child.stderr.take().map(OwnedFd::from);
+    let mut progress = Some(progress);
+    for fd in [&stdin, &stdout, &stderr, &progress].into_iter().flatten() {
+        set_nonblocking(fd.as_fd()).map_err(io_err)?;
+    }
+    let pidfd = pidfd_open(child.id() as i32);
+    let deadline = timeout.map(|t| Instant::now() + t);
+
+    let payload = job.payload().to_vec();
+    let mut written = 0;
+    if payload.is_empty() {
+        stdin = None;
+    }
+    let mut out = Output {
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        overflow: false,
+        timed_out: None,
+    };
+    let mut progress_buf = Vec::new();
+    let mut exited_at: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+
+    loop {
+        if exited_at.is_none() && (pidfd.is_none() && child.try_wait().map_err(io_err)?.is_some()) {
+            exited_at = Some(Instant::now());
+        }
+        let pipes_open = stdout.is_some() || stderr.is_some() || progress.is_some();
+        if let Some(at) = exited_at {
+            if !pipes_open || at.elapsed() >= EXIT_GRACE {
+                break;
+            }
+        }
+        let now = Instant::now();
+        if let (Some(d), Some(limit)) = (deadline, timeout) {
+            if now >= d {
+                out.timed_out = Some(limit);
+                break;
+            }
+        }
+        let mut wait = deadline.map(|d| d.saturating_duration_since(now));
+        if let Some(at) = exited_at {
+            let grace = EXIT_GRACE.saturating_sub(at.elapsed());
+            wait = Some(wait.map_or(grace, |w| w.min(grace)));
+        }
+        if pidfd.is_none() && exited_at.is_none() {
+            // No pidfd (old kernel): check for exit every 50 ms.
+            wait = Some(wait.map_or(Duration::from_millis(50), |w| {
+                w.min(Duration::from_millis(50))
+            }));
+        }
+
+        let mut fds: Vec<(u8, PollFd<'_>)> = Vec::with_capacity(5);
+        if let Some(fd) = &stdin {
+            fds.push((0, PollFd::new(fd.as_fd(), PollFlags::POLLOUT)));
+        }
+        for (tag, fd) in [(1, &stdout), (2, &stderr), (3, &progress)] {
+            if let Some(fd) = fd {
+                fds.push((tag, PollFd::new(fd.as_fd(), PollFlags::POLLIN)));
+            }
+        }
+        if let (Some(fd), None) = (&pidfd, exited_at) {
+            fds.push((4, PollFd::new(fd.as_fd(), PollFlags::POLLIN)));
+        }
+        let poll_timeout = match wait {
+            None => PollTimeout::NONE,
+            Some(w) => PollTimeout::try_from(w.as_millis().clamp(1, 60_000) as i32)
+                .unwrap_or(PollTimeout::MAX),
+        };
+        let mut pfds: Vec<PollFd<'_>> = fds.iter().map(|(_, p)| *p).collect();
+        match poll(&mut pfds, poll_timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(JobError::new(format!("poll: {e}"))),
+        }
+        let ready: Vec<(u8, PollFlags)> = fds
+            .iter()
+            .zip(&pfds)
+            .map(|((tag, _), p)| (*tag, p.revents().unwrap_or(PollFlags::empty())))
+            .collect();
+        drop(pfds);
+        drop(fds);
+        for (tag, rev) in ready {
+            if rev.is_empty() {
+                continue;
+            }
+            match tag {
+                0 => {
+                    if let Some(fd) = &stdin {
+                        match write_some(fd, &payload[written..]) {
+                            Ok(n) => written += n,
+                            // The job closed stdin without reading it all: not our error.
+                            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                                written = payload.len()
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(io_err(e)),
+                        }
+                    }
+                    if written >= payload.len() {
+                        stdin = None;
+                    }
+                }
+                1 => {
+                    if !read_into(&mut stdout, &mut buf, |chunk| {
+                        if out.stdout.len() + chunk.len() > max_output {
+                            out.overflow = true;
+                        } else {
+                            out.stdout.extend_from_slice(chunk);
+                        }
+                    })
+                    .map_err(io_err)?
+                    {
+                        stdout = None;
+                    }
+                }
+                2 => {
+                    if !read_into(&mut stderr, &mut buf, |chunk| {
+                        out.stderr.extend_from_slice(chunk);
+                        if out.stderr.len() > 2 * STDERR_TAIL {
+                            out.stderr.drain(..out.stderr.len() - STDERR_TAIL);
+                        }
+                    })
+                    .map_err(io_err)?
+                    {
+                        stderr = None;
+                    }
+                }
+                3 => {
+                    let open = read_into(&mut progress, &mut buf, |chunk| {
+                        progress_buf.extend_from_slice(chunk)
+                    })
+                    .map_err(io_err)?;
+                    forward_progress(&mut progress_buf, job, !open);
+                    if !open {
+                        progress = None;
+                    }
+                }
+                _ => exited_at = Some(Instant::now()),
+            }
+        }
+        if out.overflow {
+            break;
+        }
+    }
+    if out.stderr.len() > STDERR_TAIL {
+        out.stderr.drain(..out.stderr.len() - STDERR_TAIL);
+    }
+    Ok(out)
+}
+
+/// Reads what is available; returns false at EOF.
+fn read_into(
+    fd: &mut Option<OwnedFd>,
+    buf: &mut [u8],
+    mut sink: impl FnMut(&[u8]),
+) -> io::Result<bool> {
+    let Some(owned) = fd else { return Ok(false) };
+    let mut file = std::mem::ManuallyDrop::new(
+        // SAFETY: the File borrows the descriptor owned by `owned`, which outlives it; ManuallyDrop
+        // keeps the File from closing it.
+        unsafe { std::fs::File::from_raw_fd(owned.as_raw_fd()) },
+    );
+    loop {
+        match file.read(buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => sink(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn write_some(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
+    let mut file = std::mem::ManuallyDrop::new(
+        // SAFETY: as in read_into, the File only borrows `fd` and never closes it.
+        unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) },
+    );
+    file.write(data)
+}
+
+/// Parses complete lines of the fd-3 progress channel and forwards them.
+fn forward_progress(buf: &mut Vec<u8>, job: &mut Job<'_>, eof: bool) {
+    while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=nl).collect();
+        progress_line(&line[..line.len() - 1], job);
+    }
+    if eof && !buf.is_empty() {
+        let line = std::mem::take(buf);
+        progress_line(&line, job);
+    }
+}
+
+fn progress_line(line: &[u8], job: &mut Job<'_>) {
+    let (word, rest) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &[][..]),
+    };
+    match word {
+        b"data" => job.data(rest),
+        b"warning" => job.warning(rest),
+        b"status" => {
+            let text = String::from_utf8_lossy(rest);
+            let mut nums = text.split_whitespace().map(str::parse::<u64>);
+            match (nums.next(), nums.next()) {
+                (Some(Ok(n)), Some(Ok(d))) => job.status(n, d),
+                _ => log::warn!(
+                    "job {}: bad progress line {:?} (want \"status N D\")",
+                    job.id(),
+                    text
+                ),
+            }
+        }
+        _ => log::warn!(
+            "job {}: unknown progress line {:?} (want status, data or warning)",
+            job.id(),
+            String::from_utf8_lossy(line)
+        ),
+    }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// A pidfd for `pid` (readable once the process has exited), or None on kernels without
+/// pidfd_open (before 5.3), where the caller falls back to checking every 50 ms.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = fd as RawFd;
+    let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    // SAFETY: the syscall just returned this descriptor to us and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::Progress;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[derive(Default)]
+    struct Seen(Vec<String>);
+    impl Progress for Seen {
+        fn status(&mut self, n: u64, d: u64) {
+            self.0.push(format!("status {n}/{d}"));
+        }
+        fn data(&mut self, data: &[u8]) {
+            self.0
+                .push(format!("data {}", String::from_utf8_lossy(data)));
+        }
+        fn warning(&mut self, data: &[u8]) {
+            self.0
+                .push(format!("warning {}", String::from_utf8_lossy(data)));
+        }
+    }
+
+    fn script(dir: &Path, body: &str) -> std::path::PathBuf {
+        let p = dir.join("job.sh");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    }
+
+    fn tempdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("gs-exec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        d
+    }
+
+    fn exec(body: &str, payload: &[u8], timeout: Option<Duration>) -> (JobResult, Vec<String>) {
+        let dir = tempdir(&format!("{:x}", body.len() * 7919 + payload.len()));
+        let exe = script(&dir, body);
+        let mut seen = Seen::default();
+        let mut job = Job::new("id1", "job", payload, &mut seen);
+        let r = run(&exe, &mut job, timeout, 1 << 20, &Children::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        (r, seen.0)
+    }
+
+    #[test]
+    fn success_failure_and_progress() {
+        let (r, _) = exec("tr a-z A-Z", b"hello", None);
+        assert_eq!(r.as_deref(), Ok(&b"HELLO"[..]));
+
+        let (r, _) = exec("echo \"bad input\" >&2; exit 3", b"x", None);
+        assert_eq!(r, Err(JobError::new("exit status 3: bad input")));
+
+        let (r, seen) = exec(
+            "echo 'status 1 2' >&3; echo 'data part' >&3; echo 'warning careful' >&3; printf done",
+            b"",
+            None,
+        );
+        assert_eq!(r.as_deref(), Ok(&b"done"[..]));
+        assert_eq!(seen, ["status 1/2", "data part", "warning careful"]);
+
+        let (r, _) = exec(
+            "printf \"$GEARSHIFT_JOB_ID:$GEARSHIFT_FUNCTION\"",
+            b"",
+            None,
+        );
+        assert_eq!(r.as_deref(), Ok(&b"id1:job"[..]));
+
+        let (r, _) = exec("kill -SEGV $$", b"", None);
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.message.starts_with("killed by SIGSEGV")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn large_payload_not_read_by_job() {
+        let big = vec![b'x'; 1 << 20];
+        let (r, _) = exec("printf ok", &big, None);
+        assert_eq!(r.as_deref(), Ok(&b"ok"[..]));
+        let (r, _) = exec("wc -c", &big, None);
+        assert_eq!(
+            String::from_utf8_lossy(r.as_deref().expect("ok")).trim(),
+            "1048576"
+        );
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        let started = Instant::now();
+        // A grandchild holding stdout open would keep a naive reader waiting forever.
+        let (r, _) = exec("sleep 30 & sleep 30", b"", Some(Duration::from_millis(300)));
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.message.starts_with("timed out after 300ms")),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn exited_child_with_lingering_grandchild() {
+        let started = Instant::now();
+        let (r, _) = exec("sleep 30 & printf quick", b"", None);
+        assert_eq!(r.as_deref(), Ok(&b"quick"[..]));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

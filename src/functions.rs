@@ -1,0 +1,279 @@
+//! Job functions: the [`Job`] a function receives, the [`Functions`] registry a binary builds,
+//! the built-ins, and the per-generation [`Table`] that also holds the executables of `jobs_dir`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{check_function_name, hex};
+
+/// What a function returns: the result bytes, or why the job failed.
+pub type JobResult = Result<Vec<u8>, JobError>;
+
+/// A job failure. The message reaches whoever waits for the job (the spool's result record,
+/// or a Gearman client that asked for exceptions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub message: String,
+}
+
+impl JobError {
+    pub fn new(message: impl Into<String>) -> JobError {
+        JobError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error> From<E> for JobError {
+    fn from(e: E) -> JobError {
+        JobError::new(e.to_string())
+    }
+}
+
+/// Where a running job's progress goes: Gearman sends WORK_STATUS / WORK_DATA / WORK_WARNING,
+/// the spool logs it. Implemented by each job source.
+pub trait Progress {
+    fn status(&mut self, numerator: u64, denominator: u64);
+    fn data(&mut self, data: &[u8]);
+    fn warning(&mut self, data: &[u8]);
+}
+
+/// A progress sink that drops everything (for tests and sources without a progress channel).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn status(&mut self, _: u64, _: u64) {}
+    fn data(&mut self, _: &[u8]) {}
+    fn warning(&mut self, _: &[u8]) {}
+}
+
+/// One job, as a function sees it.
+pub struct Job<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) function: &'a str,
+    pub(crate) unique: &'a str,
+    pub(crate) payload: &'a [u8],
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) progress: &'a mut dyn Progress,
+}
+
+impl<'a> Job<'a> {
+    /// Builds a job by hand: for unit tests of job functions and for embedding.
+    pub fn new(
+        id: &'a str,
+        function: &'a str,
+        payload: &'a [u8],
+        progress: &'a mut dyn Progress,
+    ) -> Self {
+        Job {
+            id,
+            function,
+            unique: "",
+            payload,
+            deadline: None,
+            progress,
+        }
+    }
+
+    /// The job's id (spool) or handle (Gearman).
+    pub fn id(&self) -> &str {
+        self.id
+    }
+    pub fn function(&self) -> &str {
+        self.function
+    }
+    /// The client's unique id (Gearman); empty for the spool.
+    pub fn unique(&self) -> &str {
+        self.unique
+    }
+    pub fn payload(&self) -> &[u8] {
+        self.payload
+    }
+    /// When the configured timeout runs out. Executables are killed then; a Rust function
+    /// cannot be killed, so a long one should check this and give up.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    /// Reports progress (Gearman WORK_STATUS).
+    pub fn status(&mut self, numerator: u64, denominator: u64) {
+        self.progress.status(numerator, denominator);
+    }
+    /// Streams partial output (Gearman WORK_DATA).
+    pub fn data(&mut self, data: &[u8]) {
+        self.progress.data(data);
+    }
+    /// Sends a warning (Gearman WORK_WARNING).
+    pub fn warning(&mut self, data: &[u8]) {
+        self.progress.warning(data);
+    }
+}
+
+/// A job function written in Rust. Closures `Fn(&mut Job) -> JobResult` implement it.
+pub trait JobFunction: Send + Sync + 'static {
+    fn call(&self, job: &mut Job<'_>) -> JobResult;
+}
+
+impl<F> JobFunction for F
+where
+    F: Fn(&mut Job<'_>) -> JobResult + Send + Sync + 'static,
+{
+    fn call(&self, job: &mut Job<'_>) -> JobResult {
+        self(job)
+    }
+}
+
+/// The Rust functions a binary offers. [`Functions::with_builtins`] is what the stock binary uses;
+/// a user's binary adds its own with [`Functions::register`].
+#[derive(Clone, Default)]
+pub struct Functions {
+    rust: BTreeMap<String, Arc<dyn JobFunction>>,
+}
+
+impl Functions {
+    /// No functions at all (executables in `jobs_dir` are still found).
+    pub fn empty() -> Functions {
+        Functions::default()
+    }
+
+    /// `echo`, `reverse`, `sha256` and `sleep`.
+    pub fn with_builtins() -> Functions {
+        let mut f = Functions::empty();
+        f.register("echo", |job: &mut Job<'_>| Ok(job.payload().to_vec()));
+        f.register("reverse", |job: &mut Job<'_>| {
+            let mut out = job.payload().to_vec();
+            out.reverse();
+            Ok(out)
+        });
+        f.register("sha256", |job: &mut Job<'_>| {
+            Ok(hex(&Sha256::digest(job.payload())).into_bytes())
+        });
+        f.register("sleep", sleep);
+        f
+    }
+
+    /// Adds (or replaces) a Rust function.
+    ///
+    /// # Panics
+    /// If `name` is not a valid function name: that is a programming error in the binary, found
+    /// on its first run.
+    pub fn register(&mut self, name: &str, function: impl JobFunction) -> &mut Functions {
+        if let Err(why) = check_function_name(name) {
+            panic!("Functions::register: {why}");
+        }
+        self.rust.insert(name.to_string(), Arc::new(function));
+        self
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.rust.keys().map(String::as_str)
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<dyn JobFunction>> {
+        self.rust.get(name)
+    }
+}
+
+/// `sleep`: the payload is a number of milliseconds; returns the payload. It honours the
+/// function's timeout, so it also serves to test timeouts of Rust functions.
+fn sleep(job: &mut Job<'_>) -> JobResult {
+    let text = std::str::from_utf8(job.payload())
+        .map_err(|_| JobError::new("sleep: payload is not UTF-8"))?;
+    let ms: u64 = text.trim().parse().map_err(|_| {
+        JobError::new(format!(
+            "sleep: payload must be a number of milliseconds, got {text:?}"
+        ))
+    })?;
+    let want = Duration::from_millis(ms);
+    match job.deadline() {
+        Some(deadline) if Instant::now() + want > deadline => {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            Err(JobError::new(format!(
+                "sleep: timed out before {ms} ms had passed"
+            )))
+        }
+        _ => {
+            std::thread::sleep(want);
+            Ok(job.payload().to_vec())
+        }
+    }
+}
+
+/// How one function of a generation runs.
+#[derive(Clone)]
+pub enum Runner {
+    Rust(Arc<dyn JobFunction>),
+    Executable(PathBuf),
+}
+
+/// One generation's function table: the binary's Rust functions plus the executables found in
+/// `jobs_dir`, each with its timeout. Built during validation, immutable afterwards.
+#[derive(Clone, Default)]
+pub struct Table {
+    entries: BTreeMap<String, (Runner, Option<Duration>)>,
+}
+
+impl Table {
+    pub fn insert(&mut self, name: String, runner: Runner, timeout: Option<Duration>) {
+        self.entries.insert(name, (runner, timeout));
+    }
+    pub fn get(&self, name: &str) -> Option<&(Runner, Option<Duration>)> {
+        self.entries.get(name)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+    pub fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &(Runner, Option<Duration>))> {
+        self.entries.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(name: &str, payload: &[u8]) -> JobResult {
+        let f = Functions::with_builtins();
+        let mut p = NoProgress;
+        let mut job = Job::new("j1", name, payload, &mut p);
+        f.get(name).expect("builtin").call(&mut job)
+    }
+
+    #[test]
+    fn builtins() {
+        assert_eq!(call("echo", b"hi\0there").as_deref(), Ok(&b"hi\0there"[..]));
+        assert_eq!(call("reverse", b"abc").as_deref(), Ok(&b"cba"[..]));
+        assert_eq!(call("reverse", b"").as_deref(), Ok(&b""[..]));
+        assert_eq!(
+            call("sha256", b"abc").as_deref(),
+            Ok(&b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"[..])
+        );
+        assert_eq!(call("sleep", b"1").as_deref(), Ok(&b"1"[..]));
+        assert!(call("sleep", b"soon").is_err());
+    }
+
+    #[test]
+    fn sleep_honours_deadline() {
+        let f = Functions::with_builtins();
+        let mut p = NoProgress;
+        let mut job = Job::new("j", "sleep", b"10000", &mut p);
+        job.deadline = Some(Instant::now() + Duration::from_millis(20));
+        let started = Instant::now();
+        let got = f.get("sleep").expect("builtin").call(&mut job);
+        assert!(got.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

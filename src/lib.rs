@@ -1,0 +1,46 @@
+//! gearshift: a job worker for Gearman-style queues that restarts itself in place, between
+//! jobs, without dropping or interrupting a job.
+//!
+//! Layout (one module per concept):
+//! - [`cli`]: the command line (`run`, `submit`, `result`, `status`, `reload`, `stop`, `check`);
+//!   a user's own binary calls [`cli::main`] with its own [`Functions`].
+//! - [`worker`]: the control loop and the lane threads that run jobs; restart decisions.
+//! - [`source`], [`spool`]: where jobs come from; the embedded durable queue.
+//! - [`functions`], [`executable`]: Rust job functions and job executables from `jobs_dir`.
+//! - [`config`]: `config.toml`, with `file:line:col` errors.
+//! - [`signals`], [`watch`], [`reexec`], [`pidfile`], [`status`], [`logging`]: the daemon's parts.
+//!
+//! ```no_run
+//! use gearshift::{Functions, Job, JobResult};
+//!
+//! fn shout(job: &mut Job<'_>) -> JobResult {
+//!     Ok(job.payload().to_ascii_uppercase())
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let mut functions = Functions::with_builtins();
+//!     functions.register("shout", shout);
+//!     gearshift::cli::main(functions)
+//! }
+//! ```
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod executable;
+pub mod functions;
+pub mod logging;
+pub mod pidfile;
+pub mod reexec;
+pub mod signals;
+pub mod source;
+pub mod spool;
+pub mod status;
+pub mod watch;
+pub mod worker;
+
+pub use error::{Error, Result};
+pub use functions::{Functions, Job, JobError, JobFunction, JobResult, Progress};
+
+/// The crate version, with the git revision it was built from when known.
+pub const VERSION: &str = env!("GEARSHIFT_VERSION");

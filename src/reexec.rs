@@ -1,0 +1,159 @@
+//! Re-exec in place: the new image replaces this one with the same PID.
+//!
+//! Architecture invariant: `execve` is called only in this module, only from the main thread,
+//! and only after every worker thread has been joined (no job is running).
+//!
+//! What crosses the exec: the pidfile descriptor (its lock), and a small JSON state in the
+//! environment (generation, counters, why we restarted). The path we exec is the absolute path
+//! the program was first started as, carried in the environment too: `/proc/self/exe` would
+//! name the old, deleted inode after a deploy replaced the binary. The new environment is built
+//! explicitly (`std::env::set_var` is unsound once threads exist), and we call execve directly
+//! because `std::process::Command` would reset the signal mask we rely on.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Prefix of the environment variables that carry state across exec; stripped from jobs.
+pub const ENV_PREFIX: &str = "GEARSHIFT_INHERIT";
+const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
+const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
+
+/// State carried from one generation to the next.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Inherited {
+    pub generation: u64,
+    pub pidfile_fd: i32,
+    pub started_at_ms: u64,
+    pub restarted_at_ms: u64,
+    pub reason: String,
+    pub completed: u64,
+    pub failed: u64,
+    pub restarts: u64,
+    pub refusals: u64,
+    pub last_refused: Option<Refusal>,
+    /// CLOCK_MONOTONIC (µs) when the restart was requested: the new image measures its pause.
+    pub requested_mono_us: u64,
+}
+
+/// A reload (or deploy) that was refused, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refusal {
+    pub at_ms: u64,
+    pub reason: String,
+    pub error: String,
+}
+
+/// How this image came to be.
+pub struct Boot {
+    /// Absolute path to exec for the next generation.
+    pub exe: PathBuf,
+    /// Our argv, passed unchanged to the next generation.
+    pub argv: Vec<OsString>,
+    /// Set when we were re-exec'd by a previous generation.
+    pub inherited: Option<Inherited>,
+}
+
+impl Boot {
+    /// Reads what a previous generation left in the environment, or resolves the executable's
+    /// path on a first start (before anything could change the working directory).
+    pub fn detect() -> Boot {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let inherited = std::env::var(ENV_STATE).ok().and_then(|s| {
+            match serde_json::from_str::<Inherited>(&s) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    log::warn!("ignoring unreadable {ENV_STATE} ({e}); starting as generation 1");
+                    None
+                }
+            }
+        });
+        let exe = match (&inherited, std::env::var_os(ENV_EXE)) {
+            (Some(_), Some(exe)) => PathBuf::from(exe),
+            _ => first_start_exe(argv.first().map(OsString::as_os_str)),
+        };
+        Boot {
+            exe,
+            argv,
+            inherited,
+        }
+    }
+}
+
+/// The absolute path this program was started as: argv[0] made absolute, or looked up in PATH;
+/// `/proc/self/exe` only as a last resort.
+fn first_start_exe(argv0: Option<&OsStr>) -> PathBuf {
+    if let Some(a) = argv0.filter(|a| !a.is_empty()) {
+        let p = Path::new(a);
+        if a.as_bytes().contains(&b'/') {
+            if let Ok(abs) = std::path::absolute(p) {
+                return abs;
+            }
+        } else if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                let candidate = dir.join(p);
+                if candidate.is_file() {
+                    if let Ok(abs) = std::path::absolute(&candidate) {
+                        return abs;
+                    }
+                }
+            }
+        }
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
+/// CLOCK_MONOTONIC in microseconds: the same clock before and after execve.
+pub fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    })
+}
+
+/// Replaces this process image with `exe argv`, carrying `state`. Returns only on failure.
+/// The caller has joined the worker threads, blocked signals and cleared FD_CLOEXEC on the
+/// pidfile.
+pub fn exec(exe: &Path, argv: &[OsString], state: &Inherited) -> Error {
+    let json = match serde_json::to_string(state) {
+        Ok(j) => j,
+        Err(e) => return Error::Msg(format!("cannot encode restart state: {e}")),
+    };
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !k.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
+        .collect();
+    env.push((ENV_STATE.into(), json.into()));
+    env.push((ENV_EXE.into(), exe.as_os_str().to_owned()));
+
+    let cstr = |bytes: Vec<u8>| {
+        CString::new(bytes).map_err(|_| Error::Msg("NUL byte in argv or environment".into()))
+    };
+    let build = || -> Result<(CString, Vec<CString>, Vec<CString>), Error> {
+        let path = cstr(exe.as_os_str().as_bytes().to_vec())?;
+        let args = argv
+            .iter()
+            .map(|a| cstr(a.clone().into_vec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vars = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstr(kv)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((path, args, vars))
+    };
+    let (path, args, vars) = match build() {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    match nix::unistd::execve(&path, &args, &vars) {
+        Err(e) => Error::io(format!("execve \"{}\"", exe.display()), e.into()),
+        Ok(never) => match never {},
+    }
+}

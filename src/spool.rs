@@ -1,0 +1,877 @@
+//! The embedded durable queue: a maildir-style directory.
+//!
+//! ```text
+//! dir/tmp/     files being written (never read by the worker)
+//! dir/new/     queued jobs, named by id; ids sort by submit time
+//! dir/cur/     jobs a worker has claimed (by rename from new/)
+//! dir/done/    result records of succeeded jobs
+//! dir/failed/  result records of failed jobs
+//! dir/.lock    flock held by the one worker consuming this spool
+//! ```
+//!
+//! A job is written to `tmp/`, fsynced and renamed into `new/` (then `new/` is fsynced), so a
+//! submit that returned is on disk. A worker claims a job by renaming it into `cur/`; its result
+//! record is written to `tmp/`, fsynced and renamed into `done/` or `failed/` before the job
+//! leaves `cur/`. A job found in `cur/` when a worker starts was interrupted (the worker was
+//! killed): it goes back to `new/` with one more attempt counted, or to `failed/` once
+//! `max_attempts` runs were interrupted. Nothing is ever lost, whatever is killed when.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::config::SpoolConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::functions::{JobResult, Progress};
+use crate::source::{Claimed, Lane};
+
+const JOB_MAGIC: &str = "GSJ1";
+const RECORD_MAGIC: &str = "GSR1";
+
+/// The spool's directories. Cheap to open; used by submitters, `result`, and the worker.
+pub struct Spool {
+    root: PathBuf,
+    fsync: bool,
+}
+
+/// Whether a job succeeded or failed, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed,
+}
+
+/// A finished job's stored outcome.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub id: String,
+    pub outcome: Outcome,
+    pub function: String,
+    /// How many runs were started (interrupted runs included).
+    pub attempts: u32,
+    pub submitted_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub error: Option<String>,
+    /// The result bytes (empty for a failure).
+    pub result: Vec<u8>,
+}
+
+/// Where a job is now.
+#[derive(Debug)]
+pub enum Lookup {
+    Finished(Record),
+    Queued,
+    Running,
+    Unknown,
+}
+
+/// A queued job file's contents.
+struct JobFile {
+    function: String,
+    submitted_ms: u64,
+    attempts: u32,
+    payload: Vec<u8>,
+}
+
+impl Spool {
+    /// Opens the spool at `dir`, creating its directories when missing.
+    pub fn open(dir: &Path, fsync: bool) -> Result<Spool> {
+        let spool = Spool {
+            root: dir.to_path_buf(),
+            fsync,
+        };
+        for sub in ["tmp", "new", "cur", "done", "failed"] {
+            let d = spool.root.join(sub);
+            fs::create_dir_all(&d).at("creating spool directory", &d)?;
+        }
+        Ok(spool)
+    }
+
+    pub fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
+        Spool::open(&cfg.dir, cfg.fsync)
+    }
+
+    fn dir(&self, sub: &str) -> PathBuf {
+        self.root.join(sub)
+    }
+
+    /// Enqueues a job durably and returns its id.
+    pub fn submit(&self, function: &str, payload: &[u8]) -> Result<String> {
+        crate::config::check_function_name(function).map_err(Error::Msg)?;
+        let id = new_id();
+        let job = JobFile {
+            function: function.to_string(),
+            submitted_ms: now_ms(),
+            attempts: 0,
+            payload: payload.to_vec(),
+        };
+        self.publish(&encode_job(&job), &id, "new")?;
+        Ok(id)
+    }
+
+    /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
+    fn publish(&self, bytes: &[u8], id: &str, sub: &str) -> Result<()> {
+        let tmp = self.dir("tmp").join(format!("{id}.{}", new_id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .at("creating", &tmp)?;
+        f.write_all(bytes).at("writing", &tmp)?;
+        if self.fsync {
+            f.sync_all().at("syncing", &tmp)?;
+        }
+        drop(f);
+        let dest = self.dir(sub).join(id);
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(
+                format!("renaming \"{}\" to \"{}\"", tmp.display(), dest.display()),
+                e,
+            ));
+        }
+        if self.fsync {
+            sync_dir(&self.dir(sub))?;
+        }
+        Ok(())
+    }
+
+    /// Where job `id` is now.
+    pub fn lookup(&self, id: &str) -> Result<Lookup> {
+        if !valid_id(id) {
+            return Ok(Lookup::Unknown);
+        }
+        // A job moves new -> cur -> done|failed: looking in the reverse order, and at the finished
+        // places once more at the end, cannot miss one that moves while we look.
+        if let Some(r) = self.read_finished(id)? {
+            return Ok(Lookup::Finished(r));
+        }
+        if self.dir("cur").join(id).exists() {
+            return Ok(Lookup::Running);
+        }
+        if self.dir("new").join(id).exists() {
+            return Ok(Lookup::Queued);
+        }
+        Ok(match self.read_finished(id)? {
+            Some(r) => Lookup::Finished(r),
+            None => Lookup::Unknown,
+        })
+    }
+
+    fn read_finished(&self, id: &str) -> Result<Option<Record>> {
+        for sub in ["done", "failed"] {
+            let path = self.dir(sub).join(id);
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    return decode_record(id, &bytes).map(Some).map_err(|why| {
+                        Error::Msg(format!(
+                            "corrupt result record \"{}\": {why}",
+                            path.display()
+                        ))
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io_path("reading", &path, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks until job `id` has finished (or `timeout` passed), woken by inotify on done/ and
+    /// failed/.
+    pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let watcher =
+            crate::watch::watch_dirs(&[self.dir("done"), self.dir("failed")], move || {
+                let _ = tx.send(());
+            });
+        if let Err(e) = &watcher {
+            log::debug!("no inotify for waiting ({e}); checking every 100 ms");
+        }
+        let recheck = if watcher.is_ok() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        loop {
+            match self.lookup(id)? {
+                Lookup::Unknown => return Ok(Lookup::Unknown),
+                l @ Lookup::Finished(_) => return Ok(l),
+                pending => {
+                    let wait = match deadline {
+                        Some(d) if Instant::now() >= d => return Ok(pending),
+                        Some(d) => d.saturating_duration_since(Instant::now()).min(recheck),
+                        None => recheck,
+                    };
+                    let _ = rx.recv_timeout(wait);
+                }
+            }
+        }
+    }
+}
+
+/// The consuming side: held by the one worker that runs this spool's jobs.
+pub struct SpoolSource {
+    spool: Spool,
+    max_attempts: u32,
+    retain: Duration,
+    pending: Mutex<VecDeque<String>>,
+    waker: Arc<Waker>,
+    next_prune: Mutex<Instant>,
+    _watcher: Option<crate::watch::DirWatcher>,
+    _lock: Flock<File>,
+}
+
+impl SpoolSource {
+    /// Takes the spool's consumer lock, recovers interrupted jobs, and starts watching `new/`.
+    pub fn open(cfg: &SpoolConfig) -> Result<SpoolSource> {
+        let spool = Spool::from_config(cfg)?;
+        let lock_path = spool.root.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .at("opening", &lock_path)?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                Error::Msg(format!(
+                    "spool \"{}\" is in use by another worker (its .lock is held)",
+                    spool.root.display()
+                ))
+            } else {
+                Error::io_path("locking", &lock_path, errno.into())
+            }
+        })?;
+        let waker = Arc::new(Waker::default());
+        let w = Arc::clone(&waker);
+        let watcher = match crate::watch::watch_dirs(&[spool.dir("new")], move || w.bump()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!(
+                    "cannot watch spool \"{}\" ({e}); checking for new jobs every second",
+                    spool.root.display()
+                );
+                let w = Arc::downgrade(&waker);
+                std::thread::Builder::new()
+                    .name("spool-poll".into())
+                    .spawn(move || {
+                        while let Some(w) = w.upgrade() {
+                            w.bump();
+                            drop(w);
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    })
+                    .map_err(|e| Error::io("spawning spool poll thread", e))?;
+                None
+            }
+        };
+        let source = SpoolSource {
+            spool,
+            max_attempts: cfg.max_attempts,
+            retain: cfg.retain_results,
+            pending: Mutex::new(VecDeque::new()),
+            waker,
+            next_prune: Mutex::new(Instant::now()),
+            _watcher: watcher,
+            _lock: lock,
+        };
+        source.recover()?;
+        source.clean_tmp();
+        Ok(source)
+    }
+
+    /// Puts jobs left in `cur/` by a killed worker back in the queue, or fails them for good once
+    /// `max_attempts` runs were interrupted.
+    fn recover(&self) -> Result<()> {
+        let cur = self.spool.dir("cur");
+        for id in list(&cur)? {
+            let path = cur.join(&id);
+            if self.spool.read_finished(&id)?.is_some() {
+                // Killed after storing the outcome but before leaving cur/: it is done.
+                remove(&path)?;
+                continue;
+            }
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io_path("reading", &path, e)),
+            };
+            let mut job = match decode_job(&bytes) {
+                Ok(job) => job,
+                Err(why) => {
+                    self.store_corrupt(&id, &why)?;
+                    continue;
+                }
+            };
+            job.attempts += 1;
+            if job.attempts >= self.max_attempts {
+                log::warn!(
+                    "job {id}: interrupted {} times; failing it (max_attempts = {})",
+                    job.attempts,
+                    self.max_attempts
+                );
+                let record = Record {
+                    id: id.clone(),
+                    outcome: Outcome::Failed,
+                    function: job.function,
+                    attempts: job.attempts,
+                    submitted_ms: job.submitted_ms,
+                    started_ms: 0,
+                    finished_ms: now_ms(),
+                    error: Some(format!(
+                        "interrupted {} times (the worker stopped while running it); max_attempts = {}",
+                        job.attempts, self.max_attempts
+                    )),
+                    result: Vec::new(),
+                };
+                self.spool.publish(&encode_record(&record), &id, "failed")?;
+            } else {
+                log::info!(
+                    "job {id}: requeued after an interrupted run (attempt {} of {})",
+                    job.attempts + 1,
+                    self.max_attempts
+                );
+                self.spool.publish(&encode_job(&job), &id, "new")?;
+            }
+            remove(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Removes temp files abandoned by killed submitters (an hour old: no live writer is that slow).
+    fn clean_tmp(&self) {
+        let tmp = self.spool.dir("tmp");
+        let cutoff = SystemTime::now() - Duration::from_secs(3600);
+        prune_older(&tmp, cutoff);
+    }
+
+    fn prune(&self) {
+        let Ok(mut next) = self.next_prune.lock() else {
+            return;
+        };
+        if Instant::now() < *next {
+            return;
+        }
+        *next = Instant::now()
+            + (self.retain / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        drop(next);
+        let cutoff = SystemTime::now()
+            .checked_sub(self.retain)
+            .unwrap_or(UNIX_EPOCH);
+        for sub in ["done", "failed"] {
+            prune_older(&self.spool.dir(sub), cutoff);
+        }
+    }
+
+    fn store_corrupt(&self, id: &str, why: &str) -> Result<()> {
+        log::error!("job {id}: corrupt job file ({why}); moved to failed");
+        let record = Record {
+            id: id.to_string(),
+            outcome: Outcome::Failed,
+            function: String::new(),
+            attempts: 0,
+            submitted_ms: 0,
+            started_ms: 0,
+            finished_ms: now_ms(),
+            error: Some(format!("corrupt job file: {why}")),
+            result: Vec::new(),
+        };
+        self.spool.publish(&encode_record(&record), id, "failed")?;
+        remove(&self.spool.dir("cur").join(id))
+    }
+
+    /// Claims the oldest queued job, or returns None when the queue is empty.
+    fn claim(&self) -> Result<Option<Claimed>> {
+        loop {
+            let id = {
+                let mut pending = self
+                    .pending
+                    .lock()
+                    .map_err(|_| Error::Msg("spool queue lock poisoned".into()))?;
+                loop {
+                    if pending.is_empty() {
+                        let mut ids = list(&self.spool.dir("new"))?;
+                        ids.sort_unstable();
+                        pending.extend(ids);
+                    }
+                    let Some(id) = pending.pop_front() else {
+                        return Ok(None);
+                    };
+                    let from = self.spool.dir("new").join(&id);
+                    match fs::rename(&from, self.spool.dir("cur").join(&id)) {
+                        Ok(()) => break id,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(Error::io_path("claiming", &from, e)),
+                    }
+                }
+            };
+            let path = self.spool.dir("cur").join(&id);
+            let bytes = fs::read(&path).at("reading", &path)?;
+            match decode_job(&bytes) {
+                Ok(job) => {
+                    return Ok(Some(Claimed {
+                        id,
+                        function: job.function,
+                        unique: String::new(),
+                        payload: job.payload,
+                        attempt: job.attempts + 1,
+                        submitted_ms: job.submitted_ms,
+                    }))
+                }
+                Err(why) => self.store_corrupt(&id, &why)?,
+            }
+        }
+    }
+
+    /// Stores a job's outcome durably, then releases it from `cur/`.
+    fn finish(&self, job: &Claimed, outcome: &JobResult, started_ms: u64) -> Result<()> {
+        let (kind, sub, error, result) = match outcome {
+            Ok(r) => (Outcome::Done, "done", None, r.clone()),
+            Err(e) => (
+                Outcome::Failed,
+                "failed",
+                Some(e.message.clone()),
+                Vec::new(),
+            ),
+        };
+        let record = Record {
+            id: job.id.clone(),
+            outcome: kind,
+            function: job.function.clone(),
+            attempts: job.attempt,
+            submitted_ms: job.submitted_ms,
+            started_ms,
+            finished_ms: now_ms(),
+            error,
+            result,
+        };
+        self.spool.publish(&encode_record(&record), &job.id, sub)?;
+        remove(&self.spool.dir("cur").join(&job.id))
+    }
+
+    /// A lane (one per worker thread) over this spool.
+    pub fn lane(self: &Arc<Self>) -> Box<dyn Lane> {
+        Box::new(SpoolLane {
+            source: Arc::clone(self),
+            started_ms: 0,
+        })
+    }
+
+    /// Wakes every idle lane so it notices the stop flag.
+    pub fn interrupt(&self) {
+        self.waker.bump();
+    }
+}
+
+struct SpoolLane {
+    source: Arc<SpoolSource>,
+    started_ms: u64,
+}
+
+impl Lane for SpoolLane {
+    fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            let seen = self.source.waker.current();
+            self.source.prune();
+            if let Some(job) = self.source.claim()? {
+                self.started_ms = now_ms();
+                return Ok(Some(job));
+            }
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            self.source.waker.wait_past(seen);
+        }
+    }
+
+    fn progress(&mut self) -> &mut dyn Progress {
+        self
+    }
+
+    fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()> {
+        self.source.finish(job, outcome, self.started_ms)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Progress for SpoolLane {
+    fn status(&mut self, n: u64, d: u64) {
+        log::debug!("progress {n}/{d}");
+    }
+    fn data(&mut self, data: &[u8]) {
+        log::debug!("data {:?}", String::from_utf8_lossy(data));
+    }
+    fn warning(&mut self, data: &[u8]) {
+        log::warn!("job warning: {}", String::from_utf8_lossy(data));
+    }
+}
+
+/// A sequence number with a condition variable: idle lanes sleep until it moves past what they
+/// saw, so a wake-up between "queue looked empty" and "go to sleep" is never lost.
+#[derive(Default)]
+pub struct Waker {
+    seq: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Waker {
+    pub fn bump(&self) {
+        if let Ok(mut s) = self.seq.lock() {
+            *s += 1;
+            self.cv.notify_all();
+        }
+    }
+    pub fn current(&self) -> u64 {
+        self.seq.lock().map_or(0, |s| *s)
+    }
+    pub fn wait_past(&self, seen: u64) {
+        let Ok(guard) = self.seq.lock() else { return };
+        drop(self.cv.wait_while(guard, |s| *s == seen));
+    }
+}
+
+fn new_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:016x}-{:x}-{seq:x}", std::process::id())
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn list(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).at("listing", dir)? {
+        let entry = entry.at("listing", dir)?;
+        if let Some(name) = entry.file_name().to_str() {
+            if !name.starts_with('.') {
+                out.push(name.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io_path("removing", path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn prune_older(dir: &Path, cutoff: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if old {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).at("opening", dir)?;
+    nix::unistd::fsync(d.as_raw_fd()).map_err(|e| Error::io_path("syncing", dir, e.into()))
+}
+
+fn encode_job(job: &JobFile) -> Vec<u8> {
+    let mut out = format!(
+        "{JOB_MAGIC}\nfunction={}\nsubmitted={}\nattempts={}\n\n",
+        job.function, job.submitted_ms, job.attempts
+    )
+    .into_bytes();
+    out.extend_from_slice(&job.payload);
+    out
+}
+
+fn decode_job(bytes: &[u8]) -> std::result::Result<JobFile, String> {
+    let (fields, payload) = split_header(bytes, JOB_MAGIC)?;
+    Ok(JobFile {
+        function: field(&fields, "function")?.to_string(),
+        submitted_ms: number(&fields, "submitted")?,
+        attempts: number(&fields, "attempts")? as u32,
+        payload: payload.to_vec(),
+    })
+}
+
+fn encode_record(r: &Record) -> Vec<u8> {
+    let outcome = match r.outcome {
+        Outcome::Done => "done",
+        Outcome::Failed => "failed",
+    };
+    let mut out = format!(
+        "{RECORD_MAGIC}\noutcome={outcome}\nfunction={}\nattempts={}\nsubmitted={}\nstarted={}\nfinished={}\n",
+        r.function, r.attempts, r.submitted_ms, r.started_ms, r.finished_ms
+    );
+    if let Some(e) = &r.error {
+        out.push_str("error=");
+        out.push_str(&escape(e));
+        out.push('\n');
+    }
+    out.push('\n');
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&r.result);
+    out
+}
+
+fn decode_record(id: &str, bytes: &[u8]) -> std::result::Result<Record, String> {
+    let (fields, body) = split_header(bytes, RECORD_MAGIC)?;
+    let outcome = match field(&fields, "outcome")? {
+        "done" => Outcome::Done,
+        "failed" => Outcome::Failed,
+        other => return Err(format!("unknown outcome {other:?}")),
+    };
+    Ok(Record {
+        id: id.to_string(),
+        outcome,
+        function: field(&fields, "function")?.to_string(),
+        attempts: number(&fields, "attempts")? as u32,
+        submitted_ms: number(&fields, "submitted")?,
+        started_ms: number(&fields, "started")?,
+        finished_ms: number(&fields, "finished")?,
+        error: field(&fields, "error").ok().map(unescape),
+        result: body.to_vec(),
+    })
+}
+
+/// A file's header fields and its body.
+type Parts<'a> = (Vec<(&'a str, &'a str)>, &'a [u8]);
+
+/// Splits `MAGIC\nkey=value\n...\n\nbody` into its fields and body.
+fn split_header<'a>(bytes: &'a [u8], magic: &str) -> std::result::Result<Parts<'a>, String> {
+    let end = bytes
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .ok_or("no end of header")?;
+    let head = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
+    let mut lines = head.lines();
+    if lines.next() != Some(magic) {
+        return Err(format!("not a {magic} file"));
+    }
+    let fields = lines
+        .map(|l| {
+            l.split_once('=')
+                .ok_or_else(|| format!("bad header line {l:?}"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((fields, &bytes[end + 2..]))
+}
+
+fn field<'a>(fields: &[(&str, &'a str)], key: &str) -> std::result::Result<&'a str, String> {
+    fields
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("missing {key}"))
+}
+
+fn number(fields: &[(&str, &str)], key: &str) -> std::result::Result<u64, String> {
+    field(fields, key)?
+        .parse()
+        .map_err(|_| format!("{key} is not a number"))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gs-spool-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn cfg(dir: &Path, max_attempts: u32) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_attempts,
+            retain_results: Duration::from_secs(3600),
+            fsync: false,
+        }
+    }
+
+    #[test]
+    fn codecs_round_trip() {
+        let job = JobFile {
+            function: "f".into(),
+            submitted_ms: 5,
+            attempts: 2,
+            payload: b"a\n\nb\0".to_vec(),
+        };
+        let back = decode_job(&encode_job(&job)).expect("decode");
+        assert_eq!(
+            (back.function.as_str(), back.submitted_ms, back.attempts),
+            ("f", 5, 2)
+        );
+        assert_eq!(back.payload, job.payload);
+
+        let rec = Record {
+            id: "x".into(),
+            outcome: Outcome::Failed,
+            function: "f".into(),
+            attempts: 1,
+            submitted_ms: 1,
+            started_ms: 2,
+            finished_ms: 3,
+            error: Some("line one\nline \\two".into()),
+            result: Vec::new(),
+        };
+        let back = decode_record("x", &encode_record(&rec)).expect("decode");
+        assert_eq!(back.error.as_deref(), Some("line one\nline \\two"));
+        assert_eq!(back.outcome, Outcome::Failed);
+
+        for bad in [
+            &b""[..],
+            b"GSJ1\nfunction=f\n",
+            b"XXXX\n\n",
+            b"GSJ1\nfunction=f\nsubmitted=x\nattempts=0\n\n",
+        ] {
+            assert!(decode_job(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn submit_claim_finish_lookup() {
+        let dir = tempdir("flow");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let spool = Spool::open(&dir, false).expect("open");
+        let a = spool.submit("echo", b"one").expect("submit");
+        let b = spool.submit("echo", b"two").expect("submit");
+        assert!(matches!(spool.lookup(&a), Ok(Lookup::Queued)));
+        assert!(matches!(spool.lookup("ffff-1-1"), Ok(Lookup::Unknown)));
+        assert!(matches!(spool.lookup("../etc/passwd"), Ok(Lookup::Unknown)));
+
+        let mut lane = src.lane();
+        let stop = AtomicBool::new(false);
+        let job = lane.next(&stop).expect("next").expect("a job");
+        assert_eq!(
+            (job.id.as_str(), job.payload.as_slice(), job.attempt),
+            (a.as_str(), &b"one"[..], 1)
+        );
+        assert!(matches!(spool.lookup(&a), Ok(Lookup::Running)));
+        lane.finish(&job, &Ok(b"ONE".to_vec())).expect("finish");
+        match spool.lookup(&a).expect("lookup") {
+            Lookup::Finished(r) => assert_eq!(
+                (r.outcome, r.result.as_slice()),
+                (Outcome::Done, &b"ONE"[..])
+            ),
+            other => panic!("{other:?}"),
+        }
+        let job = lane.next(&stop).expect("next").expect("b");
+        assert_eq!(job.id, b);
+        lane.finish(&job, &Err(crate::JobError::new("nope")))
+            .expect("finish");
+        match spool.lookup(&b).expect("lookup") {
+            Lookup::Finished(r) => assert_eq!(
+                (r.outcome, r.error.as_deref()),
+                (Outcome::Failed, Some("nope"))
+            ),
+            other => panic!("{other:?}"),
+        }
+        stop.store(true, Ordering::Release);
+        assert!(lane.next(&stop).expect("next").is_none());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn interrupted_jobs_are_requeued_then_failed() {
+        let dir = tempdir("recover");
+        let spool = Spool::open(&dir, false).expect("open");
+        let id = spool.submit("echo", b"x").expect("submit");
+        let stop = AtomicBool::new(false);
+        for round in 1..=3 {
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+            let job = src.lane().next(&stop).expect("next").expect("job");
+            assert_eq!(job.attempt, round);
+            // Dropping the source without finishing is what a kill -9 leaves behind.
+        }
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        assert!(src
+            .lane()
+            .next(&AtomicBool::new(true))
+            .expect("next")
+            .is_none());
+        match spool.lookup(&id).expect("lookup") {
+            Lookup::Finished(r) => {
+                assert_eq!(r.outcome, Outcome::Failed);
+                assert_eq!(r.attempts, 3);
+                assert!(
+                    r.error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("interrupted 3 times")),
+                    "{:?}",
+                    r.error
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn second_consumer_is_refused() {
+        let dir = tempdir("lock");
+        let _a = SpoolSource::open(&cfg(&dir, 3)).expect("open");
+        let err = SpoolSource::open(&cfg(&dir, 3))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("in use by another worker"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

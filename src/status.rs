@@ -1,0 +1,216 @@
+//! The running worker's status: counters updated by worker threads (atomics, no I/O on the job
+//! path) and a unix socket in `state_dir` that answers every connection with one JSON document.
+//! `gearshift status`, `reload` and `stop` are clients of it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::reexec::Refusal;
+
+/// Live state of this worker, shared by the control loop, worker threads and the status server.
+pub struct State {
+    pub pid: u32,
+    pub generation: u64,
+    pub started_at_ms: u64,
+    pub restarted_at_ms: u64,
+    pub last_restart_reason: String,
+    pub restarts: u64,
+    pub binary: PathBuf,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// µs from the restart request to the first job claimed by this generation.
+    pub restart_pause_us: AtomicU64,
+    pub inner: Mutex<Inner>,
+}
+
+/// The parts of [`State`] that change rarely.
+pub struct Inner {
+    /// running, draining, stopping, restarting.
+    pub phase: &'static str,
+    pub refusals: u64,
+    pub last_refused: Option<Refusal>,
+    pub functions: Vec<String>,
+    pub config_path: PathBuf,
+    pub config_sha256: String,
+    pub source: &'static str,
+}
+
+impl State {
+    pub fn set_phase(&self, phase: &'static str) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.phase = phase;
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let Ok(i) = self.inner.lock() else {
+            return json!({"error": "status lock poisoned"});
+        };
+        let opt_time = |ms: u64| {
+            if ms == 0 {
+                Value::Null
+            } else {
+                Value::from(rfc3339_ms(ms))
+            }
+        };
+        let pause = self.restart_pause_us.load(Ordering::Relaxed);
+        json!({
+            "pid": self.pid,
+            "state": i.phase,
+            "generation": self.generation,
+            "started_at": rfc3339_ms(self.started_at_ms),
+            "restarted_at": opt_time(self.restarted_at_ms),
+            "restarts": self.restarts,
+            "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
+            "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
+            "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
+                "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
+            })),
+            "reload_refusals": i.refusals,
+            "config": i.config_path,
+            "config_sha256": i.config_sha256,
+            "binary": self.binary,
+            "version": crate::VERSION,
+            "source": i.source,
+            "jobs_completed": self.completed.load(Ordering::Relaxed),
+            "jobs_failed": self.failed.load(Ordering::Relaxed),
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "functions": i.functions,
+        })
+    }
+}
+
+/// The status socket's accept loop.
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `path` (replacing a leftover socket file: we hold the pidfile lock, so no live
+    /// worker owns it) and serves `state` on a thread.
+    pub fn start(path: &Path, state: Arc<State>) -> Result<Server> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::io_path("binding status socket", path, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if flag.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if let Ok(mut c) = conn {
+                        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                        let mut body = state.to_json().to_string();
+                        body.push('\n');
+                        let _ = c.write_all(body.as_bytes());
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawning status thread", e))?;
+        Ok(Server {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops answering and joins the thread (before execve, so no reply is cut short).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Asks the worker whose socket is `path` for its status.
+pub fn query(path: &Path) -> Result<Value> {
+    let mut c = UnixStream::connect(path)
+        .map_err(|e| Error::io_path("connecting to status socket", path, e))?;
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| Error::io("status socket", e))?;
+    let mut body = String::new();
+    c.read_to_string(&mut body)
+        .map_err(|e| Error::io_path("reading status socket", path, e))?;
+    serde_json::from_str(&body).map_err(|e| {
+        Error::Msg(format!(
+            "unreadable status from \"{}\": {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
+pub fn query_patiently(path: &Path, patience: Duration) -> Result<Value> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match query(path) {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// `2026-11-24T09:51:28.123Z` for unix milliseconds.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days((secs / 86400) as i64);
+    let s = secs % 86400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (1_795_513_888_123, "2026-11-24T09:51:28.123Z"),
+            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
+        ];
+        for (ms, want) in cases {
+            assert_eq!(rfc3339_ms(ms), want, "{ms}");
+        }
+    }
+}

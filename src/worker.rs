@@ -1,0 +1,645 @@
+//! The worker: a control loop on the main thread and `concurrency` lane threads.
+//!
+//! Lane threads claim a job, run it, report its outcome, and look at the shared stop flag only
+//! between jobs. The main thread owns every decision: it receives signals, file-watch events and
+//! lane exits over channels, and when a restart is due it validates the new state, sets the stop
+//! flag, waits for every lane to finish its job and exit, validates again, and re-execs.
+//!
+//! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
+//! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use nix::sys::signal::Signal;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::executable::{self, Children};
+use crate::functions::{Functions, Job, JobError, JobResult, Runner, Table};
+use crate::pidfile::Pidfile;
+use crate::reexec::{self, Boot, Inherited, Refusal};
+use crate::signals::{self, Signals};
+use crate::source::{Claimed, Lane, Source};
+use crate::spool::now_ms;
+use crate::status::{self, Inner, State};
+use crate::watch::{self, Touched};
+
+/// How long file events must be quiet before the change is looked at.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often digests are checked when a directory cannot be watched.
+const POLL_FALLBACK: Duration = Duration::from_secs(2);
+
+/// Everything one generation needs, built and checked before it is used: a config that fails
+/// here never replaces the running one.
+pub struct Plan {
+    pub config: Config,
+    pub table: Table,
+    pub jobs_sha256: String,
+    /// Non-fatal findings, e.g. a `[functions.x]` section for a function that does not exist.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Reads and validates the config at `path` and the executables of its `jobs_dir`.
+    pub fn prepare(path: &Path, functions: &Functions) -> Result<Plan> {
+        let config = Config::load(path)?;
+        let jobs_dir = &config.worker.jobs_dir;
+        if !jobs_dir.is_dir() {
+            return Err(Error::Config(format!(
+                "{}: jobs_dir \"{}\" is not a directory (create it, or set [worker] jobs_dir)",
+                config.path.display(),
+                jobs_dir.display()
+            )));
+        }
+        let (exes, jobs_sha256) = watch::scan_jobs(jobs_dir)?;
+        let mut table = Table::default();
+        for name in functions.names() {
+            if let Some(f) = functions.get(name) {
+                table.insert(
+                    name.to_string(),
+                    Runner::Rust(Arc::clone(f)),
+                    config.timeout(name),
+                );
+            }
+        }
+        for (name, path) in exes {
+            if table.contains(&name) {
+                return Err(Error::Config(format!(
+                    "\"{}\" would define function \"{name}\", which is already a built-in or Rust function (rename the file)",
+                    path.display()
+                )));
+            }
+            let timeout = config.timeout(&name);
+            table.insert(name, Runner::Executable(path), timeout);
+        }
+        let warnings = config
+            .functions
+            .keys()
+            .filter(|name| !table.contains(name))
+            .map(|name| {
+                format!(
+                    "{}: [functions.{name}] names no known function",
+                    config.path.display()
+                )
+            })
+            .collect();
+        Ok(Plan {
+            config,
+            table,
+            jobs_sha256,
+            warnings,
+        })
+    }
+}
+
+/// What the control loop is doing.
+enum Phase {
+    Running,
+    /// Waiting for lanes to finish their jobs before re-exec.
+    Draining {
+        reason: String,
+        requested_mono_us: u64,
+    },
+    /// Waiting for lanes to finish their jobs before exit.
+    Stopping,
+}
+
+/// Runs the worker in the foreground until it is stopped; returns the process exit code.
+/// Re-execs in place on SIGHUP and on changes to the config or `jobs_dir`.
+pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
+    // Signals stay blocked in this thread until the handlers are in place and every helper
+    // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
+    // this thread or a lane thread, and none is in flight to a helper when we exec.
+    signals::block()?;
+    let boot = Boot::detect();
+    let (sig_tx, sig_rx) = bounded::<Signal>(1024);
+    let signal_thread = Signals::install(sig_tx)?;
+
+    let inherited = boot.inherited.clone().unwrap_or_default();
+    let generation = inherited.generation + 1;
+    crate::logging::set_generation(generation);
+    let config_path = crate::config::absolute(config_path)?;
+    let plan = Plan::prepare(&config_path, &functions)?;
+    crate::logging::set_level(plan.config.log.level);
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    let state_dir = &plan.config.worker.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| Error::io_path("creating state_dir", state_dir, e))?;
+    let pidfile = match boot
+        .inherited
+        .as_ref()
+        .and_then(|i| Pidfile::adopt(i.pidfile_fd, &plan.config.pidfile()))
+    {
+        Some(p) => p,
+        None => Pidfile::acquire(&plan.config.pidfile())?,
+    };
+    let source = Arc::new(Source::open(&plan.config)?);
+
+    let now = now_ms();
+    let state = Arc::new(State {
+        pid: std::process::id(),
+        generation,
+        started_at_ms: if inherited.started_at_ms == 0 {
+            now
+        } else {
+            inherited.started_at_ms
+        },
+        restarted_at_ms: inherited.restarted_at_ms,
+        last_restart_reason: inherited.reason.clone(),
+        restarts: inherited.restarts,
+        binary: boot.exe.clone(),
+        completed: inherited.completed.into(),
+        failed: inherited.failed.into(),
+        in_flight: 0.into(),
+        restart_pause_us: 0.into(),
+        inner: std::sync::Mutex::new(Inner {
+            phase: "running",
+            refusals: inherited.refusals,
+            last_refused: inherited.last_refused.clone(),
+            functions: plan.table.names(),
+            config_path: plan.config.path.clone(),
+            config_sha256: plan.config.sha256.clone(),
+            source: plan.config.source.kind(),
+        }),
+    });
+    let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
+
+    let (touch_tx, touch_rx) = bounded::<Touched>(64);
+    let w = &plan.config.worker;
+    let (watchers, unwatched) = watch::watch_config_and_jobs(
+        w.watch_config.then_some(plan.config.path.as_path()),
+        w.watch_jobs.then_some(w.jobs_dir.as_path()),
+        &touch_tx,
+    );
+    for (kind, e) in &unwatched {
+        log::warn!(
+            "{e}; checking {kind:?} for changes every {}s instead",
+            POLL_FALLBACK.as_secs()
+        );
+    }
+    signals::clear_mask()?;
+
+    let mut ctl = Control {
+        boot,
+        functions,
+        config_path,
+        plan,
+        source,
+        state,
+        children: Children::default(),
+        stop: Arc::new(AtomicBool::new(false)),
+        lanes: Vec::new(),
+        requested_mono_us: inherited.requested_mono_us,
+        refused_digest: None,
+        pidfile,
+        status_server: Some(status_server),
+        _signals: signal_thread,
+        _watchers: watchers,
+        poll_fallback: !unwatched.is_empty(),
+    };
+    if generation == 1 {
+        log::info!(
+            "gearshift {} started (pid {}), {} lane(s) on {}: {}",
+            crate::VERSION,
+            std::process::id(),
+            ctl.plan.config.worker.concurrency,
+            ctl.plan.config.source.kind(),
+            ctl.plan.table.names().join(", ")
+        );
+    } else {
+        log::info!(
+            "generation {generation} serving ({}): {}",
+            inherited.reason,
+            ctl.plan.table.names().join(", ")
+        );
+    }
+    ctl.control_loop(&sig_rx, &touch_rx)
+}
+
+struct Control {
+    boot: Boot,
+    functions: Functions,
+    config_path: PathBuf,
+    plan: Plan,
+    source: Arc<Source>,
+    state: Arc<State>,
+    children: Children,
+    stop: Arc<AtomicBool>,
+    lanes: Vec<JoinHandle<()>>,
+    requested_mono_us: u64,
+    /// Digest of a config or jobs state already refused, so the same bad file is reported once.
+    refused_digest: Option<String>,
+    pidfile: Pidfile,
+    status_server: Option<status::Server>,
+    _signals: Signals,
+    _watchers: Vec<watch::DirWatcher>,
+    poll_fallback: bool,
+}
+
+impl Control {
+    fn control_loop(
+        &mut self,
+        sig_rx: &Receiver<Signal>,
+        touch_rx: &Receiver<Touched>,
+    ) -> Result<i32> {
+        let (done_tx, done_rx) = bounded::<()>(1024);
+        self.spawn_lanes(&done_tx)?;
+        let mut phase = Phase::Running;
+        // Look once right away: the files may have changed between our exec and the watch.
+        let mut check_at: Option<Instant> = Some(Instant::now());
+        let mut first_touch: Option<Instant> = None;
+        let mut live = self.lanes.len();
+        let mut terms = 0;
+
+        loop {
+            let timer = match (check_at, self.poll_fallback) {
+                (Some(t), _) => after(t.saturating_duration_since(Instant::now())),
+                (None, true) => after(POLL_FALLBACK),
+                (None, false) => never(),
+            };
+            select! {
+                recv(sig_rx) -> sig => {
+                    let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
+                    match sig {
+                        Signal::SIGHUP => self.request_restart(&mut phase, "sighup"),
+                        Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
+                            terms += 1;
+                            if terms > 1 {
+                                let running = self.state.in_flight.load(Ordering::Relaxed);
+                                log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
+                                self.children.kill_all();
+                                log::logger().flush();
+                                std::process::exit(1);
+                            }
+                            log::info!(
+                                "{}: stopping after {} running job(s) finish (send it again to stop now)",
+                                sig.as_str(),
+                                self.state.in_flight.load(Ordering::Relaxed)
+                            );
+                            phase = Phase::Stopping;
+                            self.state.set_phase("stopping");
+                            self.halt_lanes();
+                        }
+                        Signal::SIGUSR1 => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+                        other => log::info!("{}: ignored", other.as_str()),
+                    }
+                }
+                recv(touch_rx) -> _ => {
+                    let now = Instant::now();
+                    let first = *first_touch.get_or_insert(now);
+                    // Debounce, but never postpone by more than a second under a stream of events.
+                    check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
+                }
+                recv(timer) -> _ => {
+                    check_at = None;
+                    first_touch = None;
+                    if matches!(phase, Phase::Running) {
+                        if let Some(reason) = self.changed_on_disk() {
+                            self.request_restart(&mut phase, reason);
+                        }
+                    }
+                }
+                recv(done_rx) -> _ => {
+                    live -= 1;
+                    if live > 0 {
+                        continue;
+                    }
+                    for t in self.lanes.drain(..) {
+                        let _ = t.join();
+                    }
+                    match std::mem::replace(&mut phase, Phase::Running) {
+                        Phase::Stopping => {
+                            log::info!("stopped");
+                            return Ok(0);
+                        }
+                        Phase::Draining { reason, requested_mono_us } => {
+                            self.restart(&reason, requested_mono_us);
+                            // Still here: the restart was refused or execve failed.
+                        }
+                        Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
+                    }
+                    self.state.set_phase("running");
+                    self.stop.store(false, Ordering::Release);
+                    self.spawn_lanes(&done_tx)?;
+                    live = self.lanes.len();
+                }
+            }
+        }
+    }
+
+    /// Which watched state differs from the running one and is valid, if any.
+    fn changed_on_disk(&mut self) -> Option<&'static str> {
+        let cfg = std::fs::read(&self.config_path)
+            .ok()
+            .map(|b| crate::config::hex(&sha2::Sha256::digest(&b)));
+        let jobs = watch::scan_jobs(&self.plan.config.worker.jobs_dir)
+            .ok()
+            .map(|(_, d)| d);
+        let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
+        let jobs_changed = jobs.as_ref().is_some_and(|d| *d != self.plan.jobs_sha256);
+        let reason = match (config_changed, jobs_changed) {
+            (true, _) => "config changed",
+            (false, true) => "jobs changed",
+            (false, false) => return None,
+        };
+        let digest = format!("{}/{}", cfg.unwrap_or_default(), jobs.unwrap_or_default());
+        if self.refused_digest.as_deref() == Some(digest.as_str()) {
+            return None;
+        }
+        match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(_) => Some(reason),
+            Err(e) => {
+                self.refused_digest = Some(digest);
+                self.refuse(reason, &e.to_string());
+                None
+            }
+        }
+    }
+
+    fn request_restart(&mut self, phase: &mut Phase, reason: &str) {
+        match phase {
+            Phase::Running => {}
+            Phase::Draining { .. } => {
+                log::debug!("{reason}: a restart is already under way");
+                return;
+            }
+            Phase::Stopping => return,
+        }
+        let requested = reexec::monotonic_us();
+        if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
+            self.refuse(reason, &e.to_string());
+            return;
+        }
+        log::info!(
+            "{reason}: restarting after {} running job(s) finish",
+            self.state.in_flight.load(Ordering::Relaxed)
+        );
+        *phase = Phase::Draining {
+            reason: reason.to_string(),
+            requested_mono_us: requested,
+        };
+        self.state.set_phase("draining");
+        self.halt_lanes();
+    }
+
+    fn refuse(&self, reason: &str, error: &str) {
+        log::error!(
+            "{reason}: reload refused, keeping generation {}: {error}",
+            self.state.generation
+        );
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.refusals += 1;
+            i.last_refused = Some(Refusal {
+                at_ms: now_ms(),
+                reason: reason.to_string(),
+                error: error.to_string(),
+            });
+        }
+    }
+
+    fn halt_lanes(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.source.interrupt();
+    }
+
+    /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
+    fn restart(&mut self, reason: &str, requested_mono_us: u64) {
+        let plan = match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(reason, &e.to_string()),
+        };
+        self.state.set_phase("restarting");
+        let (refusals, last_refused) = self
+            .state
+            .inner
+            .lock()
+            .map(|i| (i.refusals, i.last_refused.clone()))
+            .unwrap_or_default();
+        let next = Inherited {
+            generation: self.state.generation,
+            pidfile_fd: self.pidfile.fd(),
+            started_at_ms: self.state.started_at_ms,
+            restarted_at_ms: now_ms(),
+            reason: reason.to_string(),
+            completed: self.state.completed.load(Ordering::Relaxed),
+            failed: self.state.failed.load(Ordering::Relaxed),
+            restarts: self.state.restarts + 1,
+            refusals,
+            last_refused,
+            requested_mono_us,
+        };
+        drop(plan);
+        log::info!(
+            "{reason}: re-exec \"{}\" as generation {}",
+            self.boot.exe.display(),
+            self.state.generation + 1
+        );
+        log::logger().flush();
+        if let Some(s) = self.status_server.take() {
+            s.stop();
+        }
+        let err = match signals::block().and_then(|()| self.pidfile.keep_across_exec()) {
+            Ok(()) => reexec::exec(&self.boot.exe, &self.boot.argv, &next),
+            Err(e) => e,
+        };
+        // execve failed: carry on as we were.
+        self.pidfile.close_on_exec();
+        self.refuse(reason, &err.to_string());
+        self.resume_helpers();
+    }
+
+    /// Brings back the status server and signal thread after a failed execve.
+    fn resume_helpers(&mut self) {
+        match status::Server::start(&self.plan.config.status_socket(), Arc::clone(&self.state)) {
+            Ok(s) => self.status_server = Some(s),
+            Err(e) => log::error!("status socket: {e}"),
+        }
+        if let Err(e) = signals::clear_mask() {
+            log::error!("{e}");
+        }
+    }
+
+    fn spawn_lanes(&mut self, done_tx: &Sender<()>) -> Result<()> {
+        let names = self.plan.table.names();
+        for index in 0..self.plan.config.worker.concurrency {
+            let lane = self.source.lane(index, &names)?;
+            let ctx = LaneContext {
+                table: self.plan.table.clone(),
+                state: Arc::clone(&self.state),
+                stop: Arc::clone(&self.stop),
+                children: self.children.clone(),
+                max_payload: self.plan.config.worker.max_payload_bytes,
+                requested_mono_us: self.requested_mono_us,
+            };
+            let done = done_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("lane-{index}"))
+                .spawn(move || {
+                    // Reports the exit even if the lane panics, so a drain never waits forever.
+                    let _done = DoneGuard(done);
+                    ctx.serve(lane);
+                })
+                .map_err(|e| Error::io("spawning a lane thread", e))?;
+            self.lanes.push(t);
+        }
+        // Only the first claim after a re-exec measures the restart pause.
+        self.requested_mono_us = 0;
+        Ok(())
+    }
+}
+
+struct DoneGuard(Sender<()>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// What a lane thread needs to run jobs.
+struct LaneContext {
+    table: Table,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+    children: Children,
+    max_payload: usize,
+    requested_mono_us: u64,
+}
+
+impl LaneContext {
+    fn serve(&self, mut lane: Box<dyn Lane>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let job = match lane.next(&self.stop) {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("{e}; retrying in {} ms", backoff.as_millis());
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if self.requested_mono_us != 0 {
+                let pause = reexec::monotonic_us()
+                    .saturating_sub(self.requested_mono_us)
+                    .max(1);
+                let _ = self.state.restart_pause_us.compare_exchange(
+                    0,
+                    pause,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let outcome = self.execute(&job, lane.progress());
+            let took = started.elapsed();
+            match &outcome {
+                Ok(_) => log::debug!("job {} {}: done in {took:?}", job.id, job.function),
+                Err(e) => log::warn!("job {} {}: failed in {took:?}: {e}", job.id, job.function),
+            }
+            if let Err(e) = lane.finish(&job, &outcome) {
+                log::error!(
+                    "job {} {}: could not report its outcome: {e}",
+                    job.id,
+                    job.function
+                );
+            }
+            let counter = if outcome.is_ok() {
+                &self.state.completed
+            } else {
+                &self.state.failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Err(e) = lane.close() {
+            log::warn!("closing lane: {e}");
+        }
+    }
+
+    /// Sleeps up to `d`, returning early when the lane is asked to stop.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(
+                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
+    }
+
+    fn execute(
+        &self,
+        claimed: &Claimed,
+        progress: &mut dyn crate::functions::Progress,
+    ) -> JobResult {
+        if claimed.payload.len() > self.max_payload {
+            return Err(JobError::new(format!(
+                "payload is {} bytes, over max_payload_bytes ({})",
+                claimed.payload.len(),
+                self.max_payload
+            )));
+        }
+        let Some((runner, timeout)) = self.table.get(&claimed.function) else {
+            return Err(JobError::new(format!(
+                "unknown function \"{}\" (this worker has: {})",
+                claimed.function,
+                self.table.names().join(", ")
+            )));
+        };
+        let mut job = Job {
+            id: &claimed.id,
+            function: &claimed.function,
+            unique: &claimed.unique,
+            payload: &claimed.payload,
+            deadline: timeout.map(|t| Instant::now() + t),
+            progress,
+        };
+        match runner {
+            Runner::Rust(f) => match catch_unwind(AssertUnwindSafe(|| f.call(&mut job))) {
+                Ok(r) => r,
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(JobError::new(format!("function panicked: {msg}")))
+                }
+            },
+            Runner::Executable(path) => {
+                executable::run(path, &mut job, *timeout, self.max_payload, &self.children)
+            }
+        }
+    }
+}
+
+/// The functions table as a map of name to description, for `check`.
+pub fn describe(table: &Table) -> BTreeMap<String, String> {
+    table
+        .iter()
+        .map(|(name, (runner, timeout))| {
+            let what = match runner {
+                Runner::Rust(_) => "rust".to_string(),
+                Runner::Executable(p) => p.display().to_string(),
+            };
+            let t = timeout
+                .map(|t| format!(" (timeout {t:?})"))
+                .unwrap_or_default();
+            (name.clone(), format!("{what}{t}"))
+        })
+        .collect()
+}
+
+use sha2::Digest as _;
