@@ -59,13 +59,18 @@ pub fn watch_config_and_jobs(
     let mut watchers = Vec::new();
     let mut failed = Vec::new();
     let targets = [
-        (Touched::Config, config.and_then(Path::parent)),
-        (Touched::Jobs, jobs_dir),
+        (Touched::Config, config.map(config_dirs).unwrap_or_default()),
+        (
+            Touched::Jobs,
+            jobs_dir.map(|d| vec![d.to_path_buf()]).unwrap_or_default(),
+        ),
     ];
-    for (kind, dir) in targets {
-        let Some(dir) = dir else { continue };
+    for (kind, dirs) in targets {
+        if dirs.is_empty() {
+            continue;
+        }
         let tx = tx.clone();
-        match watch_dirs(&[dir.to_path_buf()], move || {
+        match watch_dirs(&dirs, move || {
             let _ = tx.try_send(kind);
         }) {
             Ok(w) => watchers.push(w),
@@ -73,6 +78,37 @@ pub fn watch_config_and_jobs(
         }
     }
     (watchers, failed)
+}
+
+/// The directories whose events may mean the config changed: the one holding the path we were
+/// given, and the one holding each symlink it leads through (a ConfigMap's `..data` swap
+/// happens beside `config.toml`, not in the directory of the file it finally names).
+fn config_dirs(path: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut add = |d: &Path| {
+        if !dirs.iter().any(|x| x == d) {
+            dirs.push(d.to_path_buf());
+        }
+    };
+    let mut current = path.to_path_buf();
+    for _ in 0..16 {
+        let Some(parent) = current.parent() else {
+            break;
+        };
+        add(parent);
+        match fs::read_link(&current) {
+            Ok(target) => current = parent.join(target),
+            Err(_) => break,
+        }
+    }
+    if let Some(parent) = fs::canonicalize(path)
+        .ok()
+        .as_deref()
+        .and_then(Path::parent)
+    {
+        add(parent);
+    }
+    dirs
 }
 
 /// The job executables of `dir` by function name, with a digest of the directory's state

@@ -118,6 +118,8 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
     // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
     // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
+    // Descriptors inherited from whatever started us must not leak into job processes.
+    reexec::close_inherited_on_exec();
     let boot = Boot::detect();
     let (sig_tx, sig_rx) = bounded::<Signal>(1024);
     let signal_thread = Signals::install(sig_tx)?;

@@ -1,0 +1,339 @@
+//! Test harness: each test gets its own directory with a config, a jobs dir and a spool, and
+//! drives the real `gearshift` binary. Every wait is bounded.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gearshift");
+
+/// A test's private directory, removed at the end unless the test failed.
+pub struct Sandbox {
+    pub dir: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new(name: &str) -> Sandbox {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "gs-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("jobs")).unwrap();
+        let sb = Sandbox { dir };
+        sb.write_config("");
+        sb
+    }
+
+    /// Writes config.toml: the common settings plus `extra` (TOML appended as is).
+    pub fn write_config(&self, extra: &str) {
+        fs::write(self.config(), self.config_text(extra)).unwrap();
+    }
+
+    pub fn config_text(&self, extra: &str) -> String {
+        format!(
+            "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n\n\
+             [source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = false\n\n{extra}"
+        )
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// Adds an executable job script.
+    pub fn job(&self, file: &str, body: &str) -> PathBuf {
+        let p = self.dir.join("jobs").join(file);
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, body).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&tmp, &p).unwrap();
+        p
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("-c").arg(self.config()).args(args);
+        c.env_remove("GEARSHIFT_LOG");
+        c
+    }
+
+    /// Runs a CLI command to completion (bounded).
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status =
+            wait_child(&mut child, Duration::from_secs(60)).expect("CLI command timed out");
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut stdout)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_end(&mut stderr)
+            .unwrap();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn submit(&self, function: &str, payload: &str) -> String {
+        let out = self.run(&["submit", function, payload]);
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts `gearshift run` and waits until it answers status.
+    pub fn start(&self) -> Worker {
+        let log = self.dir.join("worker.log");
+        let child = self
+            .cmd(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let mut w = Worker {
+            child,
+            socket: self.dir.join("state/gearshift.sock"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while w.try_status().is_none() {
+            if let Some(status) = w.child.try_wait().unwrap() {
+                panic!("worker exited with {status} at start-up:\n{}", w.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not answer status:\n{}",
+                w.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        w
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A running `gearshift run`.
+pub struct Worker {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// The worker's status, or None while it cannot answer (e.g. mid re-exec).
+    pub fn try_status(&self) -> Option<Value> {
+        let mut c = UnixStream::connect(&self.socket).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut s = String::new();
+        c.read_to_string(&mut s).ok()?;
+        serde_json::from_str(&s).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.wait_for(Duration::from_secs(10), "status", |_| true)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.status()["generation"].as_u64().unwrap()
+    }
+
+    /// Polls status until `ok` holds; panics with the log after `limit`.
+    pub fn wait_for(&self, limit: Duration, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.try_status() {
+                if ok(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {last:?}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait_generation(&self, at_least: u64) -> Value {
+        self.wait_for(
+            Duration::from_secs(30),
+            &format!("generation {at_least}"),
+            |s| s["generation"].as_u64().unwrap_or(0) >= at_least && s["state"] == "running",
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit (bounded) and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        match wait_child(&mut self.child, limit) {
+            Some(s) => s,
+            None => panic!(
+                "worker did not exit within {limit:?}\nlog:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    pub fn fd_list(&self) -> String {
+        let mut out = String::new();
+        for e in fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+        {
+            let target = fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{} -> {target}\n",
+                e.file_name().to_string_lossy()
+            ));
+        }
+        out
+    }
+
+    /// Open descriptors, the least of a few samples: a lane scanning the spool holds a
+    /// directory descriptor for a moment, a leak holds one for good.
+    pub fn fd_count(&self) -> usize {
+        (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                    .unwrap()
+                    .count()
+            })
+            .min()
+            .unwrap()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes.
+pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The stored outcome of a job: Some((done?, result or error, attempts)) once finished.
+pub fn outcome(spool: &gearshift::spool::Spool, id: &str) -> Option<(bool, String, u32)> {
+    match spool.lookup(id).unwrap() {
+        gearshift::spool::Lookup::Finished(r) => Some((
+            r.outcome == gearshift::spool::Outcome::Done,
+            r.error
+                .unwrap_or_else(|| String::from_utf8_lossy(&r.result).into_owned()),
+            r.attempts,
+        )),
+        _ => None,
+    }
+}
+
+pub fn open_spool(sb: &Sandbox) -> gearshift::spool::Spool {
+    gearshift::spool::Spool::open(&sb.path("spool"), false).unwrap()
+}
+
+/// Waits until every id has finished and returns their outcomes.
+pub fn all_outcomes(sb: &Sandbox, ids: &[String], limit: Duration) -> Vec<(bool, String, u32)> {
+    let spool = open_spool(sb);
+    let deadline = Instant::now() + limit;
+    ids.iter()
+        .map(|id| loop {
+            if let Some(o) = outcome(&spool, id) {
+                break o;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        })
+        .collect()
+}
+
+pub fn file_exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -1,0 +1,282 @@
+//! Jobs and the CLI: results, exit codes, bad input of every kind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn job_runs_and_result_is_readable() {
+    let sb = Sandbox::new("basic");
+    let _w = sb.start();
+    let id = sb.submit("reverse", "hello");
+    let out = sb.run(&["submit", "--wait", "sha256", "abc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+
+    all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    let out = sb.run(&["result", &id]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "olleh".to_string())
+    );
+
+    // Payload from stdin, binary-safe.
+    let mut child = sb
+        .cmd(&["submit", "--wait", "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"a\0b\nc").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.stdout, b"a\0b\nc");
+}
+
+#[test]
+fn result_exit_codes() {
+    let sb = Sandbox::new("codes");
+    // No worker yet: the job stays queued.
+    let queued = sb.submit("echo", "x");
+    let out = sb.run(&["result", &queued]);
+    assert_eq!(out.status.code(), Some(3), "queued: {}", text(&out.stderr));
+    let out = sb.run(&["result", "0123abcd-1-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown id"));
+    let out = sb.run(&["submit", "--wait", "--timeout", "200ms", "echo", "y"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "--wait --timeout with no worker"
+    );
+
+    let _w = sb.start();
+    let out = sb.run(&["submit", "--wait", "no_such_function", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unknown function \"no_such_function\""),
+        "{}",
+        text(&out.stderr)
+    );
+    all_outcomes(&sb, std::slice::from_ref(&queued), Duration::from_secs(10));
+    assert_eq!(sb.run(&["result", &queued]).status.code(), Some(0));
+}
+
+#[test]
+fn shipped_example_jobs_work() {
+    let sb = Sandbox::new("examples");
+    let jobs = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs");
+    fs::write(
+        sb.config(),
+        sb.config_text("")
+            .replace("jobs_dir = \"jobs\"", &format!("jobs_dir = \"{jobs}\"")),
+    )
+    .unwrap();
+    let _w = sb.start();
+    let out = sb.run(&["submit", "--wait", "wc", "one two  three\nfour"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "4".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sb.run(&["submit", "--wait", "title", "the quick brown fox"]);
+    assert_eq!(
+        text(&out.stdout),
+        "The Quick Brown Fox",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sb.run(&["submit", "--wait", "title", ""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("exit status 2: title: empty payload"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn crashing_hanging_and_noisy_executables_fail_cleanly() {
+    let sb = Sandbox::new("bad-exe");
+    sb.write_config("[functions.hang]\ntimeout = \"500ms\"\n");
+    sb.job(
+        "crash.sh",
+        "#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n",
+    );
+    sb.job("hang.sh", "#!/bin/sh\nsleep 60 &\nsleep 60\n");
+    sb.job("fail.py", "#!/usr/bin/env python3\nimport sys\nsys.stderr.write('x' * 10000 + 'THE END')\nsys.exit(7)\n");
+    fs::write(
+        sb.path("jobs/notexec.sh"),
+        "#!/bin/sh\necho not executable\n",
+    )
+    .unwrap();
+    fs::write(sb.path("jobs/broken"), "#!/nonexistent/interpreter\n").unwrap();
+    let mut p = fs::metadata(sb.path("jobs/broken")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
+    fs::set_permissions(sb.path("jobs/broken"), p).unwrap();
+
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = ["crash", "hang", "fail", "broken", "echo"]
+        .iter()
+        .map(|f| spool.submit(f, b"payload").unwrap())
+        .collect();
+    let o = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(
+        !o[0].0 && o[0].1.starts_with("killed by SIGSEGV: about to crash"),
+        "{:?}",
+        o[0]
+    );
+    assert!(
+        !o[1].0 && o[1].1.starts_with("timed out after 500ms"),
+        "{:?}",
+        o[1]
+    );
+    assert!(
+        !o[2].0 && o[2].1.starts_with("exit status 7: ") && o[2].1.ends_with("THE END"),
+        "{:?}",
+        &o[2].1[..40]
+    );
+    assert!(o[2].1.len() < 3000, "stderr is cut to its tail");
+    assert!(!o[3].0 && o[3].1.contains("cannot start"), "{:?}", o[3]);
+    assert_eq!(o[4], (true, "payload".into(), 1));
+    let s = w.status();
+    assert_eq!(
+        (s["jobs_failed"].as_u64(), s["jobs_completed"].as_u64()),
+        (Some(4), Some(1))
+    );
+    // No stray process of the hanging job survives it.
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", &format!("{}", sb.path("jobs/hang.sh").display())])
+        .output();
+    if let Ok(out) = leftovers {
+        assert!(
+            out.stdout.is_empty(),
+            "hang.sh still running: {}",
+            text(&out.stdout)
+        );
+    }
+    // notexec.sh is not executable, so it is no function.
+    assert!(!s["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "notexec"));
+}
+
+#[test]
+fn oversized_payload_fails_the_job_not_the_worker() {
+    let sb = Sandbox::new("big");
+    let cfg = sb
+        .config_text("")
+        .replace("concurrency = 2", "concurrency = 1\nmax_payload_bytes = 16");
+    fs::write(sb.config(), cfg).unwrap();
+    let _w = sb.start();
+    // The CLI refuses at submit time...
+    let out = sb.run(&["submit", "echo", "this payload is too long"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("over max_payload_bytes (16)"));
+    // ...and a job that reaches the worker anyway (another submitter, a lowered limit) fails.
+    let spool = open_spool(&sb);
+    let big = spool.submit("echo", b"this payload is too long").unwrap();
+    let ok = spool.submit("echo", b"short").unwrap();
+    let o = all_outcomes(&sb, &[big, ok], Duration::from_secs(10));
+    assert_eq!(
+        o[0],
+        (
+            false,
+            "payload is 24 bytes, over max_payload_bytes (16)".into(),
+            1
+        )
+    );
+    assert_eq!(o[1], (true, "short".into(), 1));
+}
+
+#[test]
+fn malformed_config_gives_file_line_col_and_a_hint() {
+    let sb = Sandbox::new("malformed");
+    fs::write(sb.config(), "[worker]\nconcurrency = 2\nconcurency = 3\n").unwrap();
+    for cmd in [&["run"][..], &["check"][..]] {
+        let out = sb.run(cmd);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "{}:3:1: unknown key \"concurency\" (did you mean \"concurrency\"?)",
+                sb.config().display()
+            )),
+            "{cmd:?}: {err}"
+        );
+    }
+    fs::write(sb.config(), "[worker\nconcurrency = 2\n").unwrap();
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(err.contains("config.toml:1:8:"), "{err}");
+    fs::write(sb.config(), "[functions.wc]\ntimeout = \"ten seconds\"\n").unwrap();
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(
+        err.contains("config.toml:2:11: invalid duration \"ten seconds\""),
+        "{err}"
+    );
+
+    // A missing config file is named.
+    fs::remove_file(sb.config()).unwrap();
+    let err = text(&sb.run(&["run"]).stderr);
+    assert!(
+        err.contains("reading config") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_validates_config_and_jobs() {
+    let sb = Sandbox::new("check");
+    sb.job("wc.sh", "#!/bin/sh\nwc -w\n");
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("wc: "), "{}", text(&out.stdout));
+
+    sb.job("wc.py", "#!/usr/bin/env python3\n");
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("function \"wc\" is defined twice"),
+        "{}",
+        text(&out.stderr)
+    );
+    fs::remove_file(sb.path("jobs/wc.py")).unwrap();
+
+    sb.job("echo.sh", "#!/bin/sh\ncat\n");
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already a built-in"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn second_worker_on_the_same_state_is_refused() {
+    let sb = Sandbox::new("twice");
+    let w = sb.start();
+    let out = sb.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("already running (pid {})", w.pid())),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -1,0 +1,362 @@
+//! Hot restart in place: SIGHUP, config and jobs_dir changes, signal storms, fd leaks, stops.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+#[test]
+fn hup_during_a_long_job_loses_nothing() {
+    let sb = Sandbox::new("hup-long");
+    let w = sb.start();
+    let long = sb.submit("sleep", "2000");
+    w.wait_for(Duration::from_secs(10), "the sleep job to run", |s| {
+        s["in_flight"] == 1
+    });
+
+    let spool = open_spool(&sb);
+    let mut ids: Vec<String> = (0..100)
+        .map(|i| spool.submit("echo", format!("a{i}").as_bytes()).unwrap())
+        .collect();
+    w.signal(Signal::SIGHUP);
+    ids.extend((0..100).map(|i| spool.submit("echo", format!("b{i}").as_bytes()).unwrap()));
+
+    let s = w.wait_generation(2);
+    assert_eq!(s["pid"], w.pid(), "same PID after the re-exec");
+    assert_eq!(s["last_restart_reason"], "sighup");
+
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
+    for (i, (done, result, attempts)) in outcomes.iter().enumerate() {
+        let want = if i < 100 {
+            format!("a{i}")
+        } else {
+            format!("b{}", i - 100)
+        };
+        assert!(done, "job {i} failed: {result}");
+        assert_eq!((result.as_str(), *attempts), (want.as_str(), 1), "job {i}");
+    }
+    let long = all_outcomes(&sb, &[long], Duration::from_secs(10));
+    assert_eq!(
+        long[0],
+        (true, "2000".to_string(), 1),
+        "the long job completed once"
+    );
+    let s = w.wait_for(Duration::from_secs(10), "counters", |s| {
+        s["jobs_completed"] == 201
+    });
+    assert_eq!(s["jobs_failed"], 0);
+    assert_eq!(s["generation"], 2, "one HUP, one restart");
+}
+
+#[test]
+fn config_edits_in_place_and_by_rename_each_restart_once() {
+    let sb = Sandbox::new("cfg-edit");
+    let w = sb.start();
+    assert_eq!(w.generation(), 1);
+
+    // In place: truncate and write the same file (what `echo >>` or many editors do).
+    fs::write(sb.config(), sb.config_text("# edit 1\n")).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        w.generation(),
+        2,
+        "exactly one restart for one in-place edit"
+    );
+
+    // Atomic rename over the file (what vim, sed -i and deploy tools do).
+    let tmp = sb.path("config.toml.new");
+    fs::write(&tmp, sb.config_text("# edit 2\n")).unwrap();
+    fs::rename(&tmp, sb.config()).unwrap();
+    let s = w.wait_generation(3);
+    assert_eq!(s["last_restart_reason"], "config changed");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(w.generation(), 3, "exactly one restart for one rename");
+
+    // Touching the file without changing its bytes is not a change.
+    fs::write(sb.config(), sb.config_text("# edit 2\n")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(w.generation(), 3, "same content, no restart");
+    assert_eq!(w.status()["pid"], w.pid());
+}
+
+#[test]
+fn symlinked_config_swap_is_seen() {
+    // The Kubernetes ConfigMap layout: config.toml -> ..data/config.toml, ..data -> v1.
+    let sb = Sandbox::new("cfg-symlink");
+    let conf = sb.path("conf");
+    // Relative paths stay relative to the directory of the path gearshift was given.
+    for v in ["v1", "v2"] {
+        fs::create_dir_all(conf.join(v)).unwrap();
+        fs::write(
+            conf.join(v).join("config.toml"),
+            sb.config_text(&format!("# {v}\n")),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("v1", conf.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.toml", conf.join("config.toml")).unwrap();
+    fs::remove_file(sb.config()).unwrap();
+    std::os::unix::fs::symlink("conf/config.toml", sb.config()).unwrap();
+
+    let w = sb.start();
+    std::os::unix::fs::symlink("v2", conf.join("..data_tmp")).unwrap();
+    fs::rename(conf.join("..data_tmp"), conf.join("..data")).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+}
+
+#[test]
+fn invalid_config_is_refused_and_serving_goes_on() {
+    let sb = Sandbox::new("cfg-bad");
+    let w = sb.start();
+    fs::write(sb.config(), "[worker]\nconcurency = 3\n").unwrap();
+    let s = w.wait_for(Duration::from_secs(10), "the refusal", |s| {
+        !s["last_refused_reload"].is_null()
+    });
+    let err = s["last_refused_reload"]["error"].as_str().unwrap();
+    assert!(
+        err.ends_with(
+            "config.toml:2:1: unknown key \"concurency\" (did you mean \"concurrency\"?)"
+        ),
+        "{err}"
+    );
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["state"], "running");
+
+    // Still serving (the CLI cannot submit with this config, the library can).
+    let id = open_spool(&sb).submit("reverse", b"abc").unwrap();
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(10))[0],
+        (true, "cba".into(), 1)
+    );
+
+    // An explicit reload is refused too, with the reason, and exit 1.
+    let out = sb.run(&["reload"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did you mean \"concurrency\""));
+    assert_eq!(w.generation(), 1);
+
+    // Fixed: the worker picks it up.
+    sb.write_config("# fixed\n");
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+}
+
+#[test]
+fn new_job_executable_becomes_a_function() {
+    let sb = Sandbox::new("jobs-add");
+    let w = sb.start();
+    assert!(!w.status()["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "shout"));
+    sb.job("shout.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "jobs changed");
+    assert!(
+        s["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "shout"),
+        "{s}"
+    );
+    let id = sb.submit("shout", "hey");
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(10))[0],
+        (true, "HEY".into(), 1)
+    );
+
+    // Removing it is a change as well.
+    fs::remove_file(sb.path("jobs/shout.sh")).unwrap();
+    let s = w.wait_generation(3);
+    assert!(!s["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "shout"));
+}
+
+#[test]
+fn hup_storm_under_load_loses_nothing() {
+    let sb = Sandbox::new("hup-storm");
+    let w = sb.start();
+    let pid = w.pid();
+    let submitter = {
+        let spool_dir = sb.path("spool");
+        std::thread::spawn(move || {
+            let spool = gearshift::spool::Spool::open(&spool_dir, false).unwrap();
+            (0..400)
+                .map(|i| {
+                    if i % 4 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    spool
+                        .submit("reverse", format!("job{i}").as_bytes())
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    for _ in 0..200 {
+        w.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ids = submitter.join().unwrap();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    for (i, (done, result, attempts)) in outcomes.iter().enumerate() {
+        let want: String = format!("job{i}").chars().rev().collect();
+        assert!(done, "job {i}: {result}");
+        assert_eq!((result.as_str(), *attempts), (want.as_str(), 1), "job {i}");
+    }
+    let mut w = w;
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "worker died:\n{}",
+        w.log_text()
+    );
+    let s = w.wait_for(Duration::from_secs(30), "the storm to settle", |s| {
+        s["state"] == "running"
+    });
+    assert_eq!(s["pid"], pid);
+    assert!(s["generation"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(s["jobs_completed"], 400);
+}
+
+#[test]
+fn no_descriptor_leaks_over_100_reexecs() {
+    let sb = Sandbox::new("fd-leak");
+    let w = sb.start();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    let before = w.fd_count();
+    for g in 3..=102 {
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g);
+    }
+    let after = w.fd_count();
+    assert_eq!(
+        before,
+        after,
+        "descriptors before and after 100 re-execs:\n{}",
+        w.fd_list()
+    );
+    assert_eq!(w.status()["pid"], w.pid());
+    // Job processes see only stdin, stdout, stderr and the progress channel.
+    // (Python, not sh: dash keeps its script open on fd 10.)
+    sb.job(
+        "fds.py",
+        "#!/usr/bin/env python3\nimport os\nfds = []\nfor fd in sorted(int(f) for f in os.listdir('/proc/self/fd')):\n    try:\n        os.readlink(f'/proc/self/fd/{fd}')\n        fds.append(str(fd))\n    except OSError:\n        pass  # the listing's own descriptor, closed by now\nprint(' '.join(fds), end='')\n",
+    );
+    w.wait_generation(103);
+    let id = sb.submit("fds", "");
+    let (done, fds, _) = all_outcomes(&sb, &[id], Duration::from_secs(10)).remove(0);
+    assert!(done);
+    assert_eq!(fds.trim(), "0 1 2 3", "descriptors a job inherits");
+}
+
+#[test]
+fn term_lets_the_running_job_finish_then_exits_0() {
+    let sb = Sandbox::new("term");
+    let mut w = sb.start();
+    let id = sb.submit("sleep", "700");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "log:\n{}", w.log_text());
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(1))[0],
+        (true, "700".into(), 1)
+    );
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+}
+
+#[test]
+fn second_term_exits_at_once_and_the_job_runs_again() {
+    let sb = Sandbox::new("term2");
+    let mut w = sb.start();
+    let id = sb.submit("sleep", "3000");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGTERM);
+    w.wait_for(Duration::from_secs(10), "stopping", |s| {
+        s["state"] == "stopping"
+    });
+    w.signal(Signal::SIGINT);
+    let status = w.wait_exit(Duration::from_secs(2));
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        outcome(&open_spool(&sb), &id).is_none(),
+        "the interrupted job is not finished"
+    );
+
+    let _w = sb.start();
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(20))[0],
+        (true, "3000".into(), 2)
+    );
+}
+
+#[test]
+fn kill_9_mid_job_then_run_again_reruns_it() {
+    let sb = Sandbox::new("kill9");
+    let mut w = sb.start();
+    let id = sb.submit("sleep", "1000");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(5));
+    // The stale pidfile of the killed worker is taken over.
+    let _w = sb.start();
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(20))[0],
+        (true, "1000".into(), 2)
+    );
+}
+
+#[test]
+fn reload_command_reports_the_new_generation() {
+    let sb = Sandbox::new("reload-cli");
+    let w = sb.start();
+    let out = sb.run(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("reloaded: generation 2 (pid {})", w.pid())
+    );
+    let s = w.status();
+    assert!(s["last_restart_pause_us"].is_null() || s["last_restart_pause_us"].as_u64().is_some());
+
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("(pid {}), generation 2", w.pid())),
+        "{text}"
+    );
+
+    let out = sb.run(&["stop"]);
+    assert!(out.status.success());
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+    assert_eq!(sb.run(&["reload"]).status.code(), Some(3));
+}
