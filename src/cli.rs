@@ -52,6 +52,9 @@ enum Command {
         /// With --wait: give up after this long (exit 3), e.g. "30s".
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
+        /// Queue this many copies of the job (for load tests); prints a summary, not the ids.
+        #[arg(long, default_value_t = 1, conflicts_with = "wait")]
+        count: u64,
         /// The function to run.
         function: String,
         /// The payload; read from standard input when omitted.
@@ -108,9 +111,10 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Submit {
             wait,
             timeout,
+            count,
             function,
             payload,
-        } => submit(path, wait, timeout, &function, payload),
+        } => submit(path, wait, timeout, count, &function, payload),
         Command::Result { job_id } => result(path, &job_id),
         Command::Status { json } => status(path, json),
         Command::Reload { timeout } => reload(path, timeout),
@@ -129,6 +133,7 @@ fn submit(
     path: &Path,
     wait: bool,
     timeout: Option<Duration>,
+    count: u64,
     function: &str,
     payload: Option<OsString>,
 ) -> Result<u8> {
@@ -151,6 +156,18 @@ fn submit(
         )));
     }
     let spool = spool(&config)?;
+    if count != 1 {
+        let started = Instant::now();
+        for _ in 0..count {
+            spool.submit(function, &payload)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "submitted {count} jobs in {secs:.3}s ({:.0} jobs/s)",
+            count as f64 / secs.max(1e-9)
+        );
+        return Ok(0);
+    }
     let id = spool.submit(function, &payload)?;
     if !wait {
         println!("{id}");

@@ -87,17 +87,19 @@ impl<'a> Job<'a> {
     }
 
     /// The job's id (spool) or handle (Gearman).
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &'a str {
         self.id
     }
-    pub fn function(&self) -> &str {
+    pub fn function(&self) -> &'a str {
         self.function
     }
     /// The client's unique id (Gearman); empty for the spool.
-    pub fn unique(&self) -> &str {
+    pub fn unique(&self) -> &'a str {
         self.unique
     }
-    pub fn payload(&self) -> &[u8] {
+    /// The payload; borrowed from the job's data, not from `self`, so progress can be reported
+    /// while reading it.
+    pub fn payload(&self) -> &'a [u8] {
         self.payload
     }
     /// When the configured timeout runs out. Executables are killed then; a Rust function

@@ -8,7 +8,8 @@
 //! - [`source`], [`spool`]: where jobs come from; the embedded durable queue.
 //! - [`functions`], [`executable`]: Rust job functions and job executables from `jobs_dir`.
 //! - [`config`]: `config.toml`, with `file:line:col` errors.
-//! - [`signals`], [`watch`], [`reexec`], [`pidfile`], [`status`], [`logging`]: the daemon's parts.
+//! - [`signals`], [`watch`], [`inotify`], [`reexec`], [`pidfile`], [`status`], [`logging`]: the
+//!   daemon's parts.
 //!
 //! ```no_run
 //! use gearshift::{Functions, Job, JobResult};
@@ -29,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod executable;
 pub mod functions;
+pub mod inotify;
 pub mod logging;
 pub mod pidfile;
 pub mod reexec;

@@ -28,6 +28,9 @@ const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
 pub struct Inherited {
     pub generation: u64,
     pub pidfile_fd: i32,
+    /// The inotify instance handed over (-1: none).
+    #[serde(default = "no_fd")]
+    pub inotify_fd: i32,
     pub started_at_ms: u64,
     pub restarted_at_ms: u64,
     pub reason: String,
@@ -38,6 +41,10 @@ pub struct Inherited {
     pub last_refused: Option<Refusal>,
     /// CLOCK_MONOTONIC (µs) when the restart was requested: the new image measures its pause.
     pub requested_mono_us: u64,
+}
+
+fn no_fd() -> i32 {
+    -1
 }
 
 /// A reload (or deploy) that was refused, and why.

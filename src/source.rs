@@ -58,10 +58,17 @@ impl Source {
         }
     }
 
-    /// Wakes every idle lane so it notices its stop flag.
-    pub fn interrupt(&self) {
+    /// Wakes every idle lane: to look for new jobs, or to notice its stop flag.
+    pub fn wake(&self) {
         match self {
-            Source::Spool(s) => s.interrupt(),
+            Source::Spool(s) => s.wake(),
+        }
+    }
+
+    /// Directories whose events mean new jobs may be waiting (none for network sources).
+    pub fn queue_dirs(&self) -> Vec<std::path::PathBuf> {
+        match self {
+            Source::Spool(s) => vec![s.queue_dir()],
         }
     }
 }

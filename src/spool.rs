@@ -189,19 +189,20 @@ impl Spool {
     /// failed/.
     pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let watcher =
-            crate::watch::watch_dirs(&[self.dir("done"), self.dir("failed")], move || {
-                let _ = tx.send(());
-            });
-        if let Err(e) = &watcher {
+        let watch = crate::inotify::Inotify::new().and_then(|ino| {
+            ino.add(&self.dir("done"))?;
+            ino.add(&self.dir("failed"))?;
+            Ok(ino)
+        });
+        if let Err(e) = &watch {
             log::debug!("no inotify for waiting ({e}); checking every 100 ms");
         }
-        let recheck = if watcher.is_ok() {
+        let recheck = if watch.is_ok() {
             Duration::from_secs(2)
         } else {
             Duration::from_millis(100)
         };
+        let mut buf = vec![0u8; 4096];
         loop {
             match self.lookup(id)? {
                 Lookup::Unknown => return Ok(Lookup::Unknown),
@@ -212,14 +213,18 @@ impl Spool {
                         Some(d) => d.saturating_duration_since(Instant::now()).min(recheck),
                         None => recheck,
                     };
-                    let _ = rx.recv_timeout(wait);
+                    match &watch {
+                        Ok(ino) => drop(ino.wait(Some(wait), &mut buf)),
+                        Err(_) => std::thread::sleep(wait),
+                    }
                 }
             }
         }
     }
 }
 
-/// The consuming side: held by the one worker that runs this spool's jobs.
+/// The consuming side: held by the one worker that runs this spool's jobs. Idle lanes sleep
+/// until [`SpoolSource::wake`], which the worker's inotify thread calls on events in `new/`.
 pub struct SpoolSource {
     spool: Spool,
     max_attempts: u32,
@@ -227,7 +232,6 @@ pub struct SpoolSource {
     pending: Mutex<VecDeque<String>>,
     waker: Arc<Waker>,
     next_prune: Mutex<Instant>,
-    _watcher: Option<crate::watch::DirWatcher>,
     _lock: Flock<File>,
 }
 
@@ -253,28 +257,6 @@ impl SpoolSource {
             }
         })?;
         let waker = Arc::new(Waker::default());
-        let w = Arc::clone(&waker);
-        let watcher = match crate::watch::watch_dirs(&[spool.dir("new")], move || w.bump()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                log::warn!(
-                    "cannot watch spool \"{}\" ({e}); checking for new jobs every second",
-                    spool.root.display()
-                );
-                let w = Arc::downgrade(&waker);
-                std::thread::Builder::new()
-                    .name("spool-poll".into())
-                    .spawn(move || {
-                        while let Some(w) = w.upgrade() {
-                            w.bump();
-                            drop(w);
-                            std::thread::sleep(Duration::from_secs(1));
-                        }
-                    })
-                    .map_err(|e| Error::io("spawning spool poll thread", e))?;
-                None
-            }
-        };
         let source = SpoolSource {
             spool,
             max_attempts: cfg.max_attempts,
@@ -282,7 +264,6 @@ impl SpoolSource {
             pending: Mutex::new(VecDeque::new()),
             waker,
             next_prune: Mutex::new(Instant::now()),
-            _watcher: watcher,
             _lock: lock,
         };
         source.recover()?;
@@ -467,9 +448,14 @@ impl SpoolSource {
         })
     }
 
-    /// Wakes every idle lane so it notices the stop flag.
-    pub fn interrupt(&self) {
+    /// Wakes every idle lane: to look for new jobs, or to notice the stop flag.
+    pub fn wake(&self) {
         self.waker.bump();
+    }
+
+    /// The directory whose events mean "new jobs" (the worker watches it).
+    pub fn queue_dir(&self) -> PathBuf {
+        self.spool.dir("new")
     }
 }
 

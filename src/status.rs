@@ -29,6 +29,8 @@ pub struct State {
     pub in_flight: AtomicU64,
     /// µs from the restart request to the first job claimed by this generation.
     pub restart_pause_us: AtomicU64,
+    /// CLOCK_MONOTONIC (µs) when this generation claimed its first job (0: not yet).
+    pub first_claim_mono_us: AtomicU64,
     pub inner: Mutex<Inner>,
 }
 
@@ -72,6 +74,7 @@ impl State {
             "restarts": self.restarts,
             "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
             "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
+            "first_claim_monotonic_us": self.first_claim_mono_us.load(Ordering::Relaxed),
             "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
             })),

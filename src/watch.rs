@@ -1,45 +1,26 @@
-//! File watching: `notify` (inotify) on directories, never on files.
+//! File watching: inotify on directories, never on files.
 //!
 //! Editors and `sed -i` replace a file by renaming a new one over it, and Kubernetes swaps a
 //! `..data` symlink; a watch on the file itself would follow the old inode and go silent. So we
 //! watch the parent directory and treat every event there as "maybe changed". The watcher only
 //! says that something happened; the worker loop debounces, then reads, hashes and validates
 //! between jobs, and restarts only if the content digest really differs.
+//!
+//! All watches of a generation (config, jobs_dir, the spool queue) share one inotify instance,
+//! read by one thread; see [`crate::inotify`] for why that instance outlives the generation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crossbeam_channel::Sender;
-use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 
 use crate::config::hex;
 use crate::error::{Error, Result};
-
-/// A running directory watch; dropping it stops the watch and closes its inotify descriptor.
-pub struct DirWatcher {
-    _inner: notify::RecommendedWatcher,
-}
-
-/// Calls `on_event` (on the watcher's thread) for every event in any of `dirs`.
-pub fn watch_dirs(
-    dirs: &[PathBuf],
-    mut on_event: impl FnMut() + Send + 'static,
-) -> Result<DirWatcher> {
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            on_event();
-        }
-    })
-    .map_err(|e| Error::Msg(format!("cannot start a file watcher: {e}")))?;
-    for dir in dirs {
-        w.watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| Error::Msg(format!("cannot watch \"{}\": {e}", dir.display())))?;
-    }
-    Ok(DirWatcher { _inner: w })
-}
+use crate::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,36 +29,87 @@ pub enum Touched {
     Jobs,
 }
 
-/// Watches the config file's directory and `jobs_dir`, sending [`Touched`] for each event.
-/// Returns the watchers that could be set up and the kinds that could not (those the worker
-/// checks by polling the digest instead).
-pub fn watch_config_and_jobs(
-    config: Option<&Path>,
-    jobs_dir: Option<&Path>,
-    tx: &Sender<Touched>,
-) -> (Vec<DirWatcher>, Vec<(Touched, Error)>) {
-    let mut watchers = Vec::new();
-    let mut failed = Vec::new();
-    let targets = [
-        (Touched::Config, config.map(config_dirs).unwrap_or_default()),
-        (
-            Touched::Jobs,
-            jobs_dir.map(|d| vec![d.to_path_buf()]).unwrap_or_default(),
-        ),
-    ];
-    for (kind, dirs) in targets {
-        if dirs.is_empty() {
-            continue;
+const CONFIG: u8 = 1;
+const JOBS: u8 = 2;
+const QUEUE: u8 = 4;
+
+/// What to watch in one generation.
+pub struct Targets<'a> {
+    pub config: Option<&'a Path>,
+    pub jobs_dir: Option<&'a Path>,
+    /// Directories where new jobs appear (the spool's `new/`).
+    pub queue: Vec<PathBuf>,
+}
+
+/// Which targets could not be watched (the caller polls those instead).
+#[derive(Debug, Default)]
+pub struct Unwatched {
+    pub config: Option<Error>,
+    pub jobs: Option<Error>,
+    pub queue: Option<Error>,
+}
+
+/// Adds the watches for `targets` to `inotify` and starts the thread that reads it: config and
+/// jobs events become [`Touched`] on `touch_tx`; queue events call `on_queue`.
+pub fn start(
+    inotify: &Arc<Inotify>,
+    targets: &Targets<'_>,
+    touch_tx: Sender<Touched>,
+    on_queue: impl Fn() + Send + 'static,
+) -> Result<Unwatched> {
+    let mut routes: HashMap<i32, u8> = HashMap::new();
+    let mut unwatched = Unwatched::default();
+    let mut add = |dirs: &[PathBuf], bit: u8| -> Option<Error> {
+        for dir in dirs {
+            match inotify.add(dir) {
+                Ok(wd) => *routes.entry(wd).or_default() |= bit,
+                Err(e) => return Some(Error::io_path("watching", dir, e)),
+            }
         }
-        let tx = tx.clone();
-        match watch_dirs(&dirs, move || {
-            let _ = tx.try_send(kind);
-        }) {
-            Ok(w) => watchers.push(w),
-            Err(e) => failed.push((kind, e)),
-        }
+        None
+    };
+    if let Some(c) = targets.config {
+        unwatched.config = add(&config_dirs(c), CONFIG);
     }
-    (watchers, failed)
+    if let Some(j) = targets.jobs_dir {
+        unwatched.jobs = add(&[j.to_path_buf()], JOBS);
+    }
+    unwatched.queue = add(&targets.queue, QUEUE);
+
+    let ino = Arc::clone(inotify);
+    std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let events = match ino.wait(None, &mut buf) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        log::error!("reading inotify: {e}; file changes are no longer seen");
+                        return;
+                    }
+                };
+                let mut bits = 0u8;
+                for e in events {
+                    bits |= match e {
+                        Event::Overflow => CONFIG | JOBS | QUEUE,
+                        // Watches of earlier generations that this one no longer routes.
+                        Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
+                    };
+                }
+                if bits & QUEUE != 0 {
+                    on_queue();
+                }
+                if bits & CONFIG != 0 {
+                    let _ = touch_tx.try_send(Touched::Config);
+                }
+                if bits & JOBS != 0 {
+                    let _ = touch_tx.try_send(Touched::Jobs);
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawning the watch thread", e))?;
+    Ok(unwatched)
 }
 
 /// The directories whose events may mean the config changed: the one holding the path we were

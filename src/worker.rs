@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::executable::{self, Children};
 use crate::functions::{Functions, Job, JobError, JobResult, Runner, Table};
+use crate::inotify::Inotify;
 use crate::pidfile::Pidfile;
 use crate::reexec::{self, Boot, Inherited, Refusal};
 use crate::signals::{self, Signals};
@@ -163,6 +164,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         failed: inherited.failed.into(),
         in_flight: 0.into(),
         restart_pause_us: 0.into(),
+        first_claim_mono_us: 0.into(),
         inner: std::sync::Mutex::new(Inner {
             phase: "running",
             refusals: inherited.refusals,
@@ -176,17 +178,44 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
 
     let (touch_tx, touch_rx) = bounded::<Touched>(64);
-    let w = &plan.config.worker;
-    let (watchers, unwatched) = watch::watch_config_and_jobs(
-        w.watch_config.then_some(plan.config.path.as_path()),
-        w.watch_jobs.then_some(w.jobs_dir.as_path()),
-        &touch_tx,
-    );
-    for (kind, e) in &unwatched {
-        log::warn!(
-            "{e}; checking {kind:?} for changes every {}s instead",
-            POLL_FALLBACK.as_secs()
-        );
+    let inotify = boot
+        .inherited
+        .as_ref()
+        .and_then(|i| Inotify::adopt(i.inotify_fd))
+        .map(Ok)
+        .unwrap_or_else(Inotify::new)
+        .map(Arc::new);
+    let mut poll_fallback = false;
+    match &inotify {
+        Ok(ino) => {
+            let w = &plan.config.worker;
+            let targets = watch::Targets {
+                config: w.watch_config.then_some(plan.config.path.as_path()),
+                jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
+                queue: source.queue_dirs(),
+            };
+            let waker = Arc::clone(&source);
+            let unwatched = watch::start(ino, &targets, touch_tx, move || waker.wake())?;
+            for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
+                log::warn!(
+                    "{e}; checking for changes every {}s instead",
+                    POLL_FALLBACK.as_secs()
+                );
+                poll_fallback = true;
+            }
+            if let Some(e) = unwatched.queue {
+                log::warn!("{e}; checking for new jobs every second instead");
+                poll_queue(&source)?;
+            }
+        }
+        Err(e) => {
+            log::warn!(
+                "no inotify ({e}); checking files every {}s and the queue every second",
+                POLL_FALLBACK.as_secs()
+            );
+            poll_fallback = true;
+            poll_queue(&source)?;
+        }
     }
     signals::clear_mask()?;
 
@@ -205,8 +234,8 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         pidfile,
         status_server: Some(status_server),
         _signals: signal_thread,
-        _watchers: watchers,
-        poll_fallback: !unwatched.is_empty(),
+        inotify: inotify.ok(),
+        poll_fallback,
     };
     if generation == 1 {
         log::info!(
@@ -243,7 +272,7 @@ struct Control {
     pidfile: Pidfile,
     status_server: Option<status::Server>,
     _signals: Signals,
-    _watchers: Vec<watch::DirWatcher>,
+    inotify: Option<Arc<Inotify>>,
     poll_fallback: bool,
 }
 
@@ -410,7 +439,7 @@ impl Control {
 
     fn halt_lanes(&self) {
         self.stop.store(true, Ordering::Release);
-        self.source.interrupt();
+        self.source.wake();
     }
 
     /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
@@ -429,6 +458,7 @@ impl Control {
         let next = Inherited {
             generation: self.state.generation,
             pidfile_fd: self.pidfile.fd(),
+            inotify_fd: self.inotify.as_ref().map_or(-1, |i| i.fd()),
             started_at_ms: self.state.started_at_ms,
             restarted_at_ms: now_ms(),
             reason: reason.to_string(),
@@ -449,12 +479,24 @@ impl Control {
         if let Some(s) = self.status_server.take() {
             s.stop();
         }
-        let err = match signals::block().and_then(|()| self.pidfile.keep_across_exec()) {
+        let inherit_inotify = || match &self.inotify {
+            Some(i) => i
+                .keep_across_exec()
+                .map_err(|e| Error::io("keeping inotify across exec", e)),
+            None => Ok(()),
+        };
+        let err = match signals::block()
+            .and_then(|()| self.pidfile.keep_across_exec())
+            .and_then(|()| inherit_inotify())
+        {
             Ok(()) => reexec::exec(&self.boot.exe, &self.boot.argv, &next),
             Err(e) => e,
         };
         // execve failed: carry on as we were.
         self.pidfile.close_on_exec();
+        if let Some(i) = &self.inotify {
+            i.close_on_exec();
+        }
         self.refuse(reason, &err.to_string());
         self.resume_helpers();
     }
@@ -499,6 +541,22 @@ impl Control {
     }
 }
 
+/// Wakes idle lanes every second, for a queue that cannot be watched.
+fn poll_queue(source: &Arc<Source>) -> Result<()> {
+    let weak = Arc::downgrade(source);
+    std::thread::Builder::new()
+        .name("queue-poll".into())
+        .spawn(move || {
+            while let Some(s) = weak.upgrade() {
+                s.wake();
+                drop(s);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::io("spawning the queue poll thread", e))
+}
+
 struct DoneGuard(Sender<()>);
 
 impl Drop for DoneGuard {
@@ -532,14 +590,23 @@ impl LaneContext {
                 }
             };
             backoff = Duration::from_millis(100);
-            if self.requested_mono_us != 0 {
-                let pause = reexec::monotonic_us()
-                    .saturating_sub(self.requested_mono_us)
-                    .max(1);
-                let _ = self.state.restart_pause_us.compare_exchange(
+            if self.state.first_claim_mono_us.load(Ordering::Relaxed) == 0 {
+                // The pause is stored before the first claim is published, so a reader that
+                // sees the claim also sees the pause.
+                let now = reexec::monotonic_us();
+                if self.requested_mono_us != 0 {
+                    let pause = now.saturating_sub(self.requested_mono_us).max(1);
+                    let _ = self.state.restart_pause_us.compare_exchange(
+                        0,
+                        pause,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                let _ = self.state.first_claim_mono_us.compare_exchange(
                     0,
-                    pause,
-                    Ordering::Relaxed,
+                    now,
+                    Ordering::Release,
                     Ordering::Relaxed,
                 );
             }

@@ -280,3 +280,36 @@ fn second_worker_on_the_same_state_is_refused() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_users_own_binary_adds_rust_functions() {
+    let mut sb = Sandbox::new("custom");
+    sb.bin = example("custom_worker");
+    let w = sb.start();
+    let fns = w.status()["functions"].clone();
+    for f in ["shout", "count_lines", "must_be_even", "echo"] {
+        assert!(
+            fns.as_array().unwrap().iter().any(|x| x == f),
+            "{f} missing from {fns}"
+        );
+    }
+    let out = sb.run(&["submit", "--wait", "shout", "hey"]);
+    assert_eq!(text(&out.stdout), "HEY");
+    let out = sb.run(&["submit", "--wait", "must_be_even", "7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("7 is odd"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sb.run(&["submit", "--wait", "must_be_even", "seven"]);
+    assert!(
+        text(&out.stderr).contains("invalid digit"),
+        "{}",
+        text(&out.stderr)
+    );
+    // It restarts in place like the stock binary.
+    let out = sb.run(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(w.status()["binary"], sb.bin.display().to_string());
+}

@@ -20,6 +20,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_gearshift");
 /// A test's private directory, removed at the end unless the test failed.
 pub struct Sandbox {
     pub dir: PathBuf,
+    /// The binary to drive: the stock `gearshift` unless a test chose another.
+    pub bin: PathBuf,
 }
 
 impl Sandbox {
@@ -32,7 +34,10 @@ impl Sandbox {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("jobs")).unwrap();
-        let sb = Sandbox { dir };
+        let sb = Sandbox {
+            dir,
+            bin: PathBuf::from(BIN),
+        };
         sb.write_config("");
         sb
     }
@@ -68,7 +73,7 @@ impl Sandbox {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(&self.bin);
         c.arg("-c").arg(self.config()).args(args);
         c.env_remove("GEARSHIFT_LOG");
         c
@@ -273,6 +278,24 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A binary cargo built for the examples (cargo test builds them).
+pub fn example(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let p = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is not built (cargo test builds examples)",
+        p.display()
+    );
+    p
 }
 
 pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Benchmarks for the core (driven by scripts/bench-reload): restart pause, spool throughput,
+idle cost. Every figure is printed next to an anchor measured in the same run on the same
+machine, so the ratios mean something on a shared, noisy host.
+
+- restart pause: HUP sent -> first job claimed by the new generation, both read on
+  CLOCK_MONOTONIC (the worker reports its first claim in `status`). Anchor: one fork+exec+exit
+  of the same binary (`gearshift --version`), the floor for anything that re-execs.
+- spool throughput: preloaded `reverse` jobs drained by the worker. Anchor: a Python loop doing
+  the same durable file operations per job (claim rename, read, write+fsync result, rename,
+  fsync dir, unlink), i.e. what the filesystem costs with no worker at all.
+- idle: CPU ticks over 10 s with an empty queue, and resident memory.
+"""
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release/gearshift")
+RELOADS = int(os.environ.get("RELOADS", "200"))
+JOBS = int(os.environ.get("JOBS", "5000"))
+# Jobs queued when the reload benchmark starts: a new generation lists the queue once, so the
+# pause grows with its depth (about 1 us per queued job here).
+DEPTH = int(os.environ.get("DEPTH", "5000"))
+
+
+def write_config(d, concurrency=1, fsync=True, name="config.toml"):
+    os.makedirs(os.path.join(d, "jobs"), exist_ok=True)
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(
+            f"[worker]\nconcurrency = {concurrency}\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n"
+            f"[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = {'true' if fsync else 'false'}\n"
+            "[log]\nlevel = \"warn\"\n"
+        )
+    return path
+
+
+def status(d):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(os.path.join(d, "state", "gearshift.sock"))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return json.loads(data)
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()
+
+
+def wait_status(d, pred, limit=60.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        st = status(d)
+        if st is not None and pred(st):
+            return st
+        time.sleep(0.0005)
+    raise SystemExit(f"timed out waiting in {d}")
+
+
+def start(d, cfg):
+    log = open(os.path.join(d, "worker.log"), "ab")
+    p = subprocess.Popen([BIN, "-c", cfg, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    wait_status(d, lambda s: s.get("state") == "running")
+    return p
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+
+
+def preload(d, function, payload, count):
+    cfg = write_config(d, fsync=False, name="preload.toml")
+    subprocess.run([BIN, "-c", cfg, "submit", "--count", str(count), function, payload], check=True, stdout=subprocess.DEVNULL)
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def bench_restart():
+    d = tempfile.mkdtemp(prefix="gs-bench-reload-")
+    cfg = write_config(d, concurrency=1, fsync=True)
+    preload(d, "echo", "x", DEPTH)
+    p = start(d, cfg)
+    pauses, internal = [], []
+    for _ in range(RELOADS):
+        g = wait_status(d, lambda s: s["state"] == "running" and s["first_claim_monotonic_us"] > 0)["generation"]
+        t0 = time.monotonic_ns() // 1000
+        os.kill(p.pid, signal.SIGHUP)
+        st = wait_status(d, lambda s: s["generation"] > g and s["first_claim_monotonic_us"] > 0)
+        pauses.append(st["first_claim_monotonic_us"] - t0)
+        internal.append(st["last_restart_pause_us"])
+    final = status(d)
+    assert final["pid"] == p.pid
+    left = len(os.listdir(os.path.join(d, "spool", "new")))
+    stop(p)
+    # Anchor: a bare start of the same binary.
+    spawns = []
+    for _ in range(RELOADS):
+        t0 = time.monotonic_ns()
+        subprocess.run([BIN, "--version"], stdout=subprocess.DEVNULL, check=True)
+        spawns.append((time.monotonic_ns() - t0) // 1000)
+    return pauses, internal, spawns, left
+
+
+def bench_throughput(concurrency, fsync):
+    d = tempfile.mkdtemp(prefix="gs-bench-tput-")
+    cfg = write_config(d, concurrency=concurrency, fsync=fsync)
+    preload(d, "reverse", "x" * 100, JOBS)
+    t0 = time.monotonic()
+    p = start(d, cfg)
+    wait_status(d, lambda s: s["jobs_completed"] >= JOBS, limit=600)
+    secs = time.monotonic() - t0
+    stop(p)
+    return JOBS / secs
+
+
+def anchor_throughput(fsync):
+    """The spool's per-job file operations, in plain Python, with no worker."""
+    d = tempfile.mkdtemp(prefix="gs-bench-anchor-")
+    preload(d, "reverse", "x" * 100, JOBS)
+    spool = os.path.join(d, "spool")
+    new, cur, tmp, done = (os.path.join(spool, s) for s in ("new", "cur", "tmp", "done"))
+    t0 = time.monotonic()
+    for name in sorted(os.listdir(new)):
+        os.rename(os.path.join(new, name), os.path.join(cur, name))
+        with open(os.path.join(cur, name), "rb") as f:
+            data = f.read()
+        body = data[data.index(b"\n\n") + 2:][::-1]
+        t = os.path.join(tmp, name + ".r")
+        fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"GSR1\noutcome=done\n\n" + body)
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        os.rename(t, os.path.join(done, name))
+        if fsync:
+            dfd = os.open(done, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+        os.unlink(os.path.join(cur, name))
+    return JOBS / (time.monotonic() - t0)
+
+
+def bench_idle():
+    d = tempfile.mkdtemp(prefix="gs-bench-idle-")
+    cfg = write_config(d, concurrency=1)
+    preload(d, "reverse", "x" * 100, 100)
+    p = start(d, cfg)
+    wait_status(d, lambda s: s["jobs_completed"] >= 100)
+    time.sleep(1)
+
+    def ticks():
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    before = ticks()
+    time.sleep(10)
+    used = ticks() - before
+    with open(f"/proc/{p.pid}/status") as f:
+        rss_kb = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    threads = len(os.listdir(f"/proc/{p.pid}/task"))
+    stop(p)
+    return used, rss_kb, threads
+
+
+def main():
+    print(f"# gearshift core benchmark ({BIN}, {os.cpu_count()} CPUs)\n")
+    pauses, internal, spawns, left = bench_restart()
+    p50, p99, mx = pct(pauses, 50), pct(pauses, 99), max(pauses)
+    s50 = pct(spawns, 50)
+    print(f"## Restart pause over {RELOADS} reloads (HUP sent -> first job claimed by the new generation)\n")
+    print(f"Queue depth {DEPTH} jobs at the start, {left} at the end; concurrency 1, fsync on.\n")
+    print("| measure | p50 | p99 | max |")
+    print("|---|---|---|---|")
+    print(f"| gearshift restart pause | {p50/1000:.2f} ms | {p99/1000:.2f} ms | {mx/1000:.2f} ms |")
+    print(f"| (same, measured inside the worker from signal receipt) | {pct(internal,50)/1000:.2f} ms | {pct(internal,99)/1000:.2f} ms | {max(internal)/1000:.2f} ms |")
+    print(f"| anchor: `gearshift --version` fork+exec+exit | {s50/1000:.2f} ms | {pct(spawns,99)/1000:.2f} ms | {max(spawns)/1000:.2f} ms |")
+    print(f"\nRatio restart pause p50 / bare process start p50: {p50/s50:.2f}x\n")
+
+    print(f"## Spool throughput ({JOBS} preloaded `reverse` jobs, 100-byte payloads)\n")
+    print("| fsync | anchor: same file ops in a Python loop | gearshift c=1 | ratio | gearshift c=2 | ratio |")
+    print("|---|---|---|---|---|---|")
+    for fsync in (True, False):
+        a = anchor_throughput(fsync)
+        c1 = bench_throughput(1, fsync)
+        c2 = bench_throughput(2, fsync)
+        print(f"| {'on' if fsync else 'off'} | {a:.0f} jobs/s | {c1:.0f} jobs/s | {c1/a:.2f}x | {c2:.0f} jobs/s | {c2/a:.2f}x |")
+
+    used, rss_kb, threads = bench_idle()
+    print("\n## Idle worker (concurrency 1, empty queue)\n")
+    print(f"- CPU over 10 s: {used} ticks")
+    print(f"- RSS: {rss_kb/1024:.1f} MiB, threads: {threads}")
+
+
+if __name__ == "__main__":
+    main()
