@@ -850,6 +850,40 @@ mod tests {
     }
 
     #[test]
+    fn old_results_are_pruned_at_start() {
+        let dir = tempdir("retain");
+        let mut c = cfg(&dir, 3);
+        let spool = Spool::open(&dir, false).expect("open");
+        let id = spool.submit("echo", b"x").expect("submit");
+        {
+            let src = Arc::new(SpoolSource::open(&c).expect("open"));
+            let mut lane = src.lane();
+            let job = lane
+                .next(&AtomicBool::new(false))
+                .expect("next")
+                .expect("job");
+            lane.finish(&job, &Ok(b"x".to_vec())).expect("finish");
+        }
+        assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
+        // Within the retention period: kept.
+        let src = Arc::new(SpoolSource::open(&c).expect("open"));
+        assert!(src
+            .lane()
+            .next(&AtomicBool::new(true))
+            .expect("next")
+            .is_none());
+        assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
+        drop(src);
+        std::thread::sleep(Duration::from_millis(20));
+        c.retain_results = Duration::from_millis(10);
+        let src = Arc::new(SpoolSource::open(&c).expect("open"));
+        // Pruning runs in a lane before it claims or sleeps; a stopped lane returns first.
+        src.prune();
+        assert!(matches!(spool.lookup(&id), Ok(Lookup::Unknown)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn second_consumer_is_refused() {
         let dir = tempdir("lock");
         let _a = SpoolSource::open(&cfg(&dir, 3)).expect("open");
