@@ -41,5 +41,12 @@ fn main() -> std::process::ExitCode {
             Err(JobError::new(format!("{n} is odd")))
         }
     });
+    // A Rust function cannot be killed at its timeout; this one ignores `job.deadline()` on
+    // purpose, to show (and test) what a Gearman server does with a late result.
+    functions.register("slow", |job: &mut Job<'_>| {
+        let ms: u64 = String::from_utf8_lossy(job.payload()).trim().parse()?;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        Ok(job.payload().to_vec())
+    });
     gearshift::cli::main(functions)
 }

@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::config::{parse_duration, Config, Source as SourceConfig};
+use crate::config::{parse_duration, Config, GearmanConfig, Source as SourceConfig};
 use crate::error::{Error, Result};
 use crate::functions::Functions;
 use crate::pidfile::{self, Probe};
@@ -40,26 +40,49 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// Spool: wait for the job to finish and print its result (exit 1 if it failed).
+    #[arg(long)]
+    wait: bool,
+    /// Spool, with --wait: give up after this long (exit 3), e.g. "30s".
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Gearman: submit as a background job and print its handle.
+    #[arg(long)]
+    background: bool,
+    /// Gearman: job priority.
+    #[arg(long, value_enum, default_value = "normal")]
+    priority: PriorityArg,
+    /// Gearman: the unique id (jobs with the same unique id are coalesced by the server).
+    #[arg(long, default_value = "")]
+    unique: String,
+    /// Submit this many copies (load mode, pipelined); prints a summary, not the ids.
+    #[arg(long, default_value_t = 1, conflicts_with = "wait")]
+    count: u64,
+    /// Gearman load mode: this many client connections.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// The function to run.
+    function: String,
+    /// The payload; read from standard input when omitted.
+    payload: Option<OsString>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PriorityArg {
+    Low,
+    Normal,
+    High,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker in the foreground (for a terminal, systemd or another supervisor).
     Run,
-    /// Queue a job; prints its id (or, with --wait, its result).
-    Submit {
-        /// Wait for the job to finish and print its result (exit 1 if it failed).
-        #[arg(long)]
-        wait: bool,
-        /// With --wait: give up after this long (exit 3), e.g. "30s".
-        #[arg(long, value_parser = parse_duration)]
-        timeout: Option<Duration>,
-        /// Queue this many copies of the job (for load tests); prints a summary, not the ids.
-        #[arg(long, default_value_t = 1, conflicts_with = "wait")]
-        count: u64,
-        /// The function to run.
-        function: String,
-        /// The payload; read from standard input when omitted.
-        payload: Option<OsString>,
-    },
+    /// Submit a job. Spool: prints its id (with --wait, its result). Gearman: runs it in the
+    /// foreground and prints its result (streaming WORK_DATA), unless --background.
+    Submit(SubmitArgs),
     /// Print a job's result: exit 0 done, 1 failed, 2 unknown id, 3 not finished yet.
     Result {
         /// The id printed by `submit`.
@@ -108,13 +131,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     let path = &cli.config;
     match cli.command {
         Command::Run => worker::run(path, functions).map(|code| code as u8),
-        Command::Submit {
-            wait,
-            timeout,
-            count,
-            function,
-            payload,
-        } => submit(path, wait, timeout, count, &function, payload),
+        Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),
         Command::Status { json } => status(path, json),
         Command::Reload { timeout } => reload(path, timeout),
@@ -126,19 +143,15 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
 fn spool(config: &Config) -> Result<Spool> {
     match &config.source {
         SourceConfig::Spool(s) => Spool::from_config(s),
+        SourceConfig::Gearman(_) => Err(Error::Msg(
+            "results are stored by the spool only; with gearman, `submit` prints the result".into(),
+        )),
     }
 }
 
-fn submit(
-    path: &Path,
-    wait: bool,
-    timeout: Option<Duration>,
-    count: u64,
-    function: &str,
-    payload: Option<OsString>,
-) -> Result<u8> {
+fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     let config = Config::load(path)?;
-    let payload = match payload {
+    let payload = match &args.payload {
         Some(p) => p.as_bytes().to_vec(),
         None => {
             let mut buf = Vec::new();
@@ -155,26 +168,106 @@ fn submit(
             config.worker.max_payload_bytes
         )));
     }
-    let spool = spool(&config)?;
-    if count != 1 {
+    match &config.source {
+        SourceConfig::Spool(s) => submit_spool(&Spool::from_config(s)?, &args, &payload),
+        SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
+    }
+}
+
+fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
+    let function = &args.function;
+    if args.count != 1 {
         let started = Instant::now();
-        for _ in 0..count {
-            spool.submit(function, &payload)?;
+        for _ in 0..args.count {
+            spool.submit(function, payload)?;
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "submitted {count} jobs in {secs:.3}s ({:.0} jobs/s)",
-            count as f64 / secs.max(1e-9)
+            "submitted {} jobs in {secs:.3}s ({:.0} jobs/s)",
+            args.count,
+            args.count as f64 / secs.max(1e-9)
         );
         return Ok(0);
     }
-    let id = spool.submit(function, &payload)?;
-    if !wait {
+    let id = spool.submit(function, payload)?;
+    if !args.wait {
         println!("{id}");
         return Ok(0);
     }
     eprintln!("{id}");
-    print_lookup(&id, spool.wait(&id, timeout)?)
+    print_lookup(&id, spool.wait(&id, args.timeout)?)
+}
+
+fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
+    use crate::gearman::client::{self, Client, Outcome, Priority, Update};
+    if args.count != 1 {
+        let r = client::load(
+            &cfg.servers,
+            &args.function,
+            payload,
+            args.count,
+            args.concurrency,
+            args.background,
+            cfg.max_packet_bytes,
+        )?;
+        let secs = r.elapsed.as_secs_f64();
+        println!(
+            "{} jobs: {} {}, {} failed in {secs:.3}s ({:.0} jobs/s)",
+            r.submitted,
+            r.completed,
+            if args.background {
+                "queued"
+            } else {
+                "completed"
+            },
+            r.failed,
+            (r.completed + r.failed) as f64 / secs.max(1e-9)
+        );
+        return Ok(u8::from(r.failed > 0));
+    }
+    let priority = match args.priority {
+        PriorityArg::Low => Priority::Low,
+        PriorityArg::Normal => Priority::Normal,
+        PriorityArg::High => Priority::High,
+    };
+    let mut c = Client::connect(&cfg.servers, cfg.max_packet_bytes)?;
+    if args.background {
+        println!(
+            "{}",
+            c.submit_background(&args.function, &args.unique, payload, priority)?
+        );
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    let outcome = c.submit(
+        &args.function,
+        &args.unique,
+        payload,
+        priority,
+        |u| match u {
+            Update::Data(d) => {
+                let _ = out.write_all(d).and_then(|()| out.flush());
+            }
+            Update::Warning(w) => eprintln!("warning: {}", String::from_utf8_lossy(w)),
+            Update::Status(n, d) => eprintln!("status: {n}/{d}"),
+        },
+    )?;
+    match outcome {
+        Outcome::Complete(result) => {
+            out.write_all(&result)
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::io("writing result", e))?;
+            Ok(0)
+        }
+        Outcome::Fail => {
+            eprintln!("job failed");
+            Ok(1)
+        }
+        Outcome::Exception(text) => {
+            eprintln!("job failed: {}", String::from_utf8_lossy(&text));
+            Ok(1)
+        }
+    }
 }
 
 fn result(path: &Path, id: &str) -> Result<u8> {

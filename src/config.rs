@@ -43,6 +43,19 @@ pub struct Worker {
 #[derive(Debug, Clone)]
 pub enum Source {
     Spool(SpoolConfig),
+    Gearman(GearmanConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct GearmanConfig {
+    /// `host:port` of each server; every lane keeps one connection to each.
+    pub servers: Vec<String>,
+    /// Prefix of the client id shown by `gearadmin --workers` (default `host:pid:generation`).
+    pub client_id: Option<String>,
+    /// Send failures as WORK_EXCEPTION with the error text (clients must ask for exceptions).
+    pub exceptions: bool,
+    /// Largest packet accepted from a server; a bigger one drops the connection.
+    pub max_packet_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +82,7 @@ impl Source {
     pub fn kind(&self) -> &'static str {
         match self {
             Source::Spool(_) => "spool",
+            Source::Gearman(_) => "gearman",
         }
     }
 }
@@ -137,6 +151,36 @@ impl Config {
                     max_attempts: attempts,
                     retain_results: s.retain_results.0,
                     fsync: s.fsync,
+                })
+            }
+            SourceKind::Gearman => {
+                if s.servers.get_ref().is_empty() {
+                    return Err(located(
+                        Some(s.servers.span()),
+                        "kind = \"gearman\" needs at least one server, e.g. servers = [\"127.0.0.1:4730\"]",
+                    ));
+                }
+                for server in s.servers.get_ref() {
+                    let ok = server
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                    if !ok {
+                        return Err(located(
+                            Some(s.servers.span()),
+                            &format!(
+                                "server \"{server}\" is not host:port (e.g. \"127.0.0.1:4730\")"
+                            ),
+                        ));
+                    }
+                }
+                Source::Gearman(GearmanConfig {
+                    servers: s.servers.into_inner(),
+                    client_id: s.client_id,
+                    exceptions: s.exceptions,
+                    max_packet_bytes: s.max_packet_bytes.map_or_else(
+                        || (worker.max_payload_bytes + 4096).max(1 << 20),
+                        |b| b as usize,
+                    ),
                 })
             }
         };
@@ -382,6 +426,7 @@ impl Default for RawWorker {
 #[serde(rename_all = "lowercase")]
 enum SourceKind {
     Spool,
+    Gearman,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +437,10 @@ struct RawSource {
     max_attempts: Spanned<u32>,
     retain_results: Dur,
     fsync: bool,
+    servers: Spanned<Vec<String>>,
+    client_id: Option<String>,
+    exceptions: bool,
+    max_packet_bytes: Option<u64>,
 }
 
 impl Default for RawSource {
@@ -402,6 +451,10 @@ impl Default for RawSource {
             max_attempts: Spanned::new(0..0, 3),
             retain_results: Dur(Duration::from_secs(7 * 86400)),
             fsync: true,
+            servers: Spanned::new(0..0, Vec::new()),
+            client_id: None,
+            exceptions: false,
+            max_packet_bytes: None,
         }
     }
 }
@@ -440,7 +493,9 @@ mod tests {
         assert_eq!(c.worker.concurrency, 1);
         assert_eq!(c.worker.jobs_dir, Path::new("/etc/gs/jobs"));
         assert_eq!(c.worker.state_dir, Path::new("/etc/gs/state"));
-        let Source::Spool(s) = &c.source;
+        let Source::Spool(s) = &c.source else {
+            panic!("not spool")
+        };
         assert_eq!(s.dir, Path::new("/etc/gs/spool"));
         assert_eq!(s.max_attempts, 3);
         let c = parse("[worker]\nstate_dir = \"/var/lib/gs\"\n").expect("valid");
@@ -512,6 +567,26 @@ mod tests {
         assert_eq!(c.timeout("sleep"), Some(Duration::from_secs(3)));
         assert_eq!(c.timeout("wc"), Some(Duration::from_millis(250)));
         assert_eq!(c.timeout("echo"), None);
+    }
+
+    #[test]
+    fn gearman_source() {
+        let c =
+            parse("[source]\nkind = \"gearman\"\nservers = [\"127.0.0.1:4730\", \"gm2:4731\"]\n")
+                .expect("valid");
+        let Source::Gearman(g) = &c.source else {
+            panic!("not gearman")
+        };
+        assert_eq!(g.servers, ["127.0.0.1:4730", "gm2:4731"]);
+        assert!(g.max_packet_bytes > c.worker.max_payload_bytes);
+        let err = parse("[source]\nkind = \"gearman\"\n").expect_err("no servers");
+        assert!(err.contains("needs at least one server"), "{err}");
+        let err = parse("[source]\nkind = \"gearman\"\nservers = [\"localhost\"]\n")
+            .expect_err("no port");
+        assert!(
+            err.starts_with("/etc/gs/config.toml:3:11: server \"localhost\" is not host:port"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -177,6 +177,23 @@ struct Output {
     timed_out: Option<Duration>,
 }
 
+impl Output {
+    fn take_stdout(&mut self, chunk: &[u8], max: usize) {
+        if self.stdout.len() + chunk.len() > max {
+            self.overflow = true;
+        } else {
+            self.stdout.extend_from_slice(chunk);
+        }
+    }
+
+    fn take_stderr(&mut self, chunk: &[u8]) {
+        self.stderr.extend_from_slice(chunk);
+        if self.stderr.len() > 2 * STDERR_TAIL {
+            self.stderr.drain(..self.stderr.len() - STDERR_TAIL);
+        }
+    }
+}
+
 /// Feeds stdin, collects stdout/stderr/progress, and watches the deadline, until the child has
 /// exited and its pipes are closed (or the grace after its exit ran out).
 fn drive(
@@ -219,6 +236,17 @@ fn drive(
         let pipes_open = stdout.is_some() || stderr.is_some() || progress.is_some();
         if let Some(at) = exited_at {
             if !pipes_open || at.elapsed() >= EXIT_GRACE {
+                // What the job wrote before it exited is in the pipes even if a lingering
+                // grandchild holds back their EOF (or we were not scheduled for the whole
+                // grace): take it without waiting.
+                read_into(&mut stdout, &mut buf, |c| out.take_stdout(c, max_output))
+                    .map_err(io_err)?;
+                read_into(&mut stderr, &mut buf, |c| out.take_stderr(c)).map_err(io_err)?;
+                let open = read_into(&mut progress, &mut buf, |c| {
+                    progress_buf.extend_from_slice(c)
+                })
+                .map_err(io_err)?;
+                forward_progress(&mut progress_buf, job, !open);
                 break;
             }
         }
@@ -293,33 +321,20 @@ fn drive(
                     }
                 }
                 1 => {
-                    if !read_into(&mut stdout, &mut buf, |chunk| {
-                        if out.stdout.len() + chunk.len() > max_output {
-                            out.overflow = true;
-                        } else {
-                            out.stdout.extend_from_slice(chunk);
-                        }
-                    })
-                    .map_err(io_err)?
+                    if !read_into(&mut stdout, &mut buf, |c| out.take_stdout(c, max_output))
+                        .map_err(io_err)?
                     {
                         stdout = None;
                     }
                 }
                 2 => {
-                    if !read_into(&mut stderr, &mut buf, |chunk| {
-                        out.stderr.extend_from_slice(chunk);
-                        if out.stderr.len() > 2 * STDERR_TAIL {
-                            out.stderr.drain(..out.stderr.len() - STDERR_TAIL);
-                        }
-                    })
-                    .map_err(io_err)?
-                    {
+                    if !read_into(&mut stderr, &mut buf, |c| out.take_stderr(c)).map_err(io_err)? {
                         stderr = None;
                     }
                 }
                 3 => {
-                    let open = read_into(&mut progress, &mut buf, |chunk| {
-                        progress_buf.extend_from_slice(chunk)
+                    let open = read_into(&mut progress, &mut buf, |c| {
+                        progress_buf.extend_from_slice(c)
                     })
                     .map_err(io_err)?;
                     forward_progress(&mut progress_buf, job, !open);
@@ -533,6 +548,14 @@ mod tests {
             "{r:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn output_of_an_exited_job_is_kept_when_the_grace_runs_out() {
+        // A grandchild keeps stdout open, so EOF never comes; the output written before the
+        // job exited must still be returned after the grace.
+        let (r, _) = exec("printf 'line one'; (sleep 30 >&1 &); exit 0", b"", None);
+        assert_eq!(r.as_deref(), Ok(&b"line one"[..]));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`cli`]: the command line (`run`, `submit`, `result`, `status`, `reload`, `stop`, `check`);
 //!   a user's own binary calls [`cli::main`] with its own [`Functions`].
 //! - [`worker`]: the control loop and the lane threads that run jobs; restart decisions.
-//! - [`source`], [`spool`]: where jobs come from; the embedded durable queue.
+//! - [`source`], [`spool`], [`gearman`]: where jobs come from: the embedded durable queue, or
+//!   Gearman servers over the binary protocol.
 //! - [`functions`], [`executable`]: Rust job functions and job executables from `jobs_dir`.
 //! - [`config`]: `config.toml`, with `file:line:col` errors.
 //! - [`signals`], [`watch`], [`inotify`], [`reexec`], [`pidfile`], [`status`], [`logging`]: the
@@ -30,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod executable;
 pub mod functions;
+pub mod gearman;
 pub mod inotify;
 pub mod logging;
 pub mod pidfile;

@@ -4,10 +4,12 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::error::Result;
 use crate::functions::{JobResult, Progress};
+use crate::gearman::GearmanSource;
 use crate::spool::SpoolSource;
 
 /// A claimed job.
@@ -42,19 +44,28 @@ pub trait Lane: Send {
 /// An opened job source.
 pub enum Source {
     Spool(Arc<SpoolSource>),
+    Gearman(GearmanSource),
 }
 
 impl Source {
-    pub fn open(config: &Config) -> Result<Source> {
+    /// Opens the configured source for `generation` (a network source connects lazily, in
+    /// each lane, so a worker starts even when servers are down).
+    pub fn open(config: &Config, generation: u64) -> Result<Source> {
         match &config.source {
             SourceConfig::Spool(cfg) => Ok(Source::Spool(Arc::new(SpoolSource::open(cfg)?))),
+            SourceConfig::Gearman(cfg) => Ok(Source::Gearman(GearmanSource::new(cfg, generation))),
         }
     }
 
-    /// A lane for worker thread `index`, serving `functions`.
-    pub fn lane(&self, _index: usize, _functions: &[String]) -> Result<Box<dyn Lane>> {
+    /// A lane for worker thread `index`, serving `functions` (name and timeout).
+    pub fn lane(
+        &self,
+        index: usize,
+        functions: &[(String, Option<Duration>)],
+    ) -> Result<Box<dyn Lane>> {
         match self {
             Source::Spool(s) => Ok(s.lane()),
+            Source::Gearman(g) => g.lane(index, functions),
         }
     }
 
@@ -62,6 +73,7 @@ impl Source {
     pub fn wake(&self) {
         match self {
             Source::Spool(s) => s.wake(),
+            Source::Gearman(g) => g.wake(),
         }
     }
 
@@ -69,6 +81,7 @@ impl Source {
     pub fn queue_dirs(&self) -> Vec<std::path::PathBuf> {
         match self {
             Source::Spool(s) => vec![s.queue_dir()],
+            Source::Gearman(_) => Vec::new(),
         }
     }
 }

@@ -145,7 +145,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         Some(p) => p,
         None => Pidfile::acquire(&plan.config.pidfile())?,
     };
-    let source = Arc::new(Source::open(&plan.config)?);
+    let source = Arc::new(Source::open(&plan.config, generation)?);
 
     let now = now_ms();
     let state = Arc::new(State {
@@ -513,7 +513,12 @@ impl Control {
     }
 
     fn spawn_lanes(&mut self, done_tx: &Sender<()>) -> Result<()> {
-        let names = self.plan.table.names();
+        let names: Vec<(String, Option<Duration>)> = self
+            .plan
+            .table
+            .iter()
+            .map(|(name, (_, timeout))| (name.clone(), *timeout))
+            .collect();
         for index in 0..self.plan.config.worker.concurrency {
             let lane = self.source.lane(index, &names)?;
             let ctx = LaneContext {

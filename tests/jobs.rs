@@ -287,7 +287,7 @@ fn a_users_own_binary_adds_rust_functions() {
     sb.bin = example("custom_worker");
     let w = sb.start();
     let fns = w.status()["functions"].clone();
-    for f in ["shout", "count_lines", "must_be_even", "echo"] {
+    for f in ["shout", "count_lines", "must_be_even", "slow", "echo"] {
         assert!(
             fns.as_array().unwrap().iter().any(|x| x == f),
             "{f} missing from {fns}"

@@ -360,3 +360,93 @@ pub fn all_outcomes(sb: &Sandbox, ids: &[String], limit: Duration) -> Vec<(bool,
 pub fn file_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// A real gearmand on a free loopback port, stopped (by pid, bounded) when dropped.
+pub struct Gearmand {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Gearmand {
+    /// Starts `gearmand` with extra arguments (e.g. `-j 1`), logging to `dir/gearmand-PORT.log`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Gearmand {
+        let port = free_port();
+        Gearmand::start_on(dir, port, extra)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Gearmand {
+        let log = dir.join(format!("gearmand-{port}.log"));
+        let child = Command::new("gearmand")
+            .args([
+                "-L",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-l",
+                "stderr",
+                "-t",
+                "2",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("gearmand is needed (apt-get install gearman-job-server)");
+        let g = Gearmand { child, port, log };
+        eventually(Duration::from_secs(10), "gearmand to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        g
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it now (SIGKILL) and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = wait_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+impl Drop for Gearmand {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl Sandbox {
+    /// Writes a config using the gearman source with `servers`.
+    pub fn gearman_config(&self, servers: &[String], extra: &str) {
+        let list = servers
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        fs::write(
+            self.config(),
+            format!(
+                "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n\n\
+                 [source]\nkind = \"gearman\"\nservers = [{list}]\n{extra}"
+            ),
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,258 @@
+//! The client side: submitting jobs to gearmand (the `submit` command), and a pipelined load
+//! generator for benchmarks and chaos tests.
+
+use std::time::{Duration, Instant};
+
+use super::connection::{Conn, ConnError};
+use super::protocol as p;
+use crate::error::{Error, Result};
+
+/// Job priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Normal,
+    High,
+    Low,
+}
+
+fn submit_type(priority: Priority, background: bool) -> u32 {
+    match (priority, background) {
+        (Priority::Normal, false) => p::SUBMIT_JOB,
+        (Priority::Normal, true) => p::SUBMIT_JOB_BG,
+        (Priority::High, false) => p::SUBMIT_JOB_HIGH,
+        (Priority::High, true) => p::SUBMIT_JOB_HIGH_BG,
+        (Priority::Low, false) => p::SUBMIT_JOB_LOW,
+        (Priority::Low, true) => p::SUBMIT_JOB_LOW_BG,
+    }
+}
+
+/// What a running foreground job sends before its end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Update<'a> {
+    Data(&'a [u8]),
+    Warning(&'a [u8]),
+    Status(u64, u64),
+}
+
+/// How a foreground job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Complete(Vec<u8>),
+    Fail,
+    Exception(Vec<u8>),
+}
+
+/// A client connection to the first reachable server.
+pub struct Client {
+    conn: Conn,
+    addr: String,
+}
+
+fn conn_err(addr: &str) -> impl Fn(ConnError) -> Error + '_ {
+    move |e| Error::Msg(format!("gearman {addr}: {e}"))
+}
+
+impl Client {
+    /// Connects to the first of `servers` that answers, asking for exceptions (so a worker's
+    /// WORK_EXCEPTION text reaches us).
+    pub fn connect(servers: &[String], max_packet: usize) -> Result<Client> {
+        let mut errors = Vec::new();
+        for addr in servers {
+            match Conn::connect(addr, Duration::from_secs(3), p::RES, max_packet) {
+                Ok(conn) => {
+                    let mut c = Client {
+                        conn,
+                        addr: addr.clone(),
+                    };
+                    c.conn.queue(p::OPTION_REQ, &[b"exceptions"]);
+                    c.conn.flush().map_err(conn_err(addr))?;
+                    loop {
+                        let pkt = c.conn.recv().map_err(conn_err(addr))?;
+                        match pkt.kind {
+                            p::OPTION_RES => break,
+                            p::ERROR => {
+                                return Err(Error::Msg(format!(
+                                    "gearman {addr}: refused option exceptions"
+                                )))
+                            }
+                            _ => {}
+                        }
+                    }
+                    return Ok(c);
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(Error::Msg(format!(
+            "no gearman server reachable ({})",
+            errors.join("; ")
+        )))
+    }
+
+    /// Submits a background job and returns its handle.
+    pub fn submit_background(
+        &mut self,
+        function: &str,
+        unique: &str,
+        payload: &[u8],
+        priority: Priority,
+    ) -> Result<String> {
+        let addr = self.addr.clone();
+        self.conn.queue(
+            submit_type(priority, true),
+            &[function.as_bytes(), unique.as_bytes(), payload],
+        );
+        self.conn.flush().map_err(conn_err(&addr))?;
+        loop {
+            let pkt = self.conn.recv().map_err(conn_err(&addr))?;
+            match pkt.kind {
+                p::JOB_CREATED => return Ok(String::from_utf8_lossy(pkt.data).into_owned()),
+                p::ERROR => return Err(server_error(&addr, pkt.data)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Submits a foreground job and waits for its end, passing updates to `on_update`.
+    pub fn submit(
+        &mut self,
+        function: &str,
+        unique: &str,
+        payload: &[u8],
+        priority: Priority,
+        mut on_update: impl FnMut(Update<'_>),
+    ) -> Result<Outcome> {
+        let addr = self.addr.clone();
+        self.conn.queue(
+            submit_type(priority, false),
+            &[function.as_bytes(), unique.as_bytes(), payload],
+        );
+        self.conn.flush().map_err(conn_err(&addr))?;
+        let mut handle: Option<Vec<u8>> = None;
+        loop {
+            let pkt = self.conn.recv().map_err(conn_err(&addr))?;
+            match pkt.kind {
+                p::JOB_CREATED => handle = Some(pkt.data.to_vec()),
+                p::ERROR => return Err(server_error(&addr, pkt.data)),
+                kind => {
+                    let [h, rest] = pkt.args::<2>().unwrap_or([pkt.data, b""]);
+                    if handle.as_deref() != Some(h) {
+                        continue;
+                    }
+                    match kind {
+                        p::WORK_COMPLETE => return Ok(Outcome::Complete(rest.to_vec())),
+                        p::WORK_FAIL => return Ok(Outcome::Fail),
+                        p::WORK_EXCEPTION => return Ok(Outcome::Exception(rest.to_vec())),
+                        p::WORK_DATA => on_update(Update::Data(rest)),
+                        p::WORK_WARNING => on_update(Update::Warning(rest)),
+                        p::WORK_STATUS => {
+                            let [n, d] = pkt
+                                .args::<3>()
+                                .map(|[_, n, d]| [n, d])
+                                .unwrap_or([b"0", b"0"]);
+                            let num = |b: &[u8]| String::from_utf8_lossy(b).parse().unwrap_or(0);
+                            on_update(Update::Status(num(n), num(d)));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn server_error(addr: &str, data: &[u8]) -> Error {
+    let text = String::from_utf8_lossy(data).replace('\0', ": ");
+    Error::Msg(format!("gearman {addr}: server error {text}"))
+}
+
+/// The outcome of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub submitted: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub elapsed: Duration,
+}
+
+/// Submits `count` jobs over `connections` connections, pipelined (up to `window` outstanding
+/// per connection). Foreground jobs are counted when they end; background jobs when created.
+pub fn load(
+    servers: &[String],
+    function: &str,
+    payload: &[u8],
+    count: u64,
+    connections: usize,
+    background: bool,
+    max_packet: usize,
+) -> Result<LoadReport> {
+    let started = Instant::now();
+    let connections = connections.max(1) as u64;
+    let threads: Vec<_> = (0..connections)
+        .map(|c| {
+            let share = count / connections + u64::from(c < count % connections);
+            let (servers, function, payload) =
+                (servers.to_vec(), function.to_string(), payload.to_vec());
+            std::thread::spawn(move || {
+                load_one(
+                    &servers, &function, &payload, share, c, background, max_packet,
+                )
+            })
+        })
+        .collect();
+    let mut report = LoadReport::default();
+    for t in threads {
+        let r = t
+            .join()
+            .map_err(|_| Error::Msg("load thread panicked".into()))??;
+        report.submitted += r.submitted;
+        report.completed += r.completed;
+        report.failed += r.failed;
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn load_one(
+    servers: &[String],
+    function: &str,
+    payload: &[u8],
+    count: u64,
+    index: u64,
+    background: bool,
+    max_packet: usize,
+) -> Result<LoadReport> {
+    const WINDOW: u64 = 256;
+    let mut client = Client::connect(servers, max_packet)?;
+    let addr = client.addr.clone();
+    let kind = submit_type(Priority::Normal, background);
+    let pid = std::process::id();
+    let mut r = LoadReport::default();
+    let mut outstanding = 0u64;
+    while r.completed + r.failed < count {
+        while r.submitted < count && outstanding < WINDOW {
+            let unique = format!("{pid}-{index}-{}", r.submitted);
+            client
+                .conn
+                .queue(kind, &[function.as_bytes(), unique.as_bytes(), payload]);
+            r.submitted += 1;
+            outstanding += 1;
+        }
+        client.conn.flush().map_err(conn_err(&addr))?;
+        let pkt = client.conn.recv().map_err(conn_err(&addr))?;
+        match (pkt.kind, background) {
+            (p::JOB_CREATED, true) | (p::WORK_COMPLETE, false) => {
+                r.completed += 1;
+                outstanding -= 1;
+            }
+            (p::WORK_FAIL | p::WORK_EXCEPTION, false) => {
+                r.failed += 1;
+                outstanding -= 1;
+            }
+            (p::ERROR, _) => return Err(server_error(&addr, pkt.data)),
+            _ => {}
+        }
+    }
+    Ok(r)
+}

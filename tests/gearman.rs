@@ -1,0 +1,309 @@
+//! The Gearman source against a real gearmand on a loopback port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gearshift::gearman::client::{Client, Outcome, Priority, Update};
+use nix::sys::signal::Signal;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn gearman_cli(port: u16, args: &[&str]) -> std::process::Output {
+    Command::new("gearman")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("gearman CLI (gearman-tools)")
+}
+
+#[test]
+fn jobs_from_the_gearman_cli_are_served() {
+    let sb = Sandbox::new("gm-cli");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let marker = sb.path("bg-ran");
+    sb.job(
+        "mark.sh",
+        &format!("#!/bin/sh\ncat > {}\n", marker.display()),
+    );
+    sb.gearman_config(&[gm.addr()], "");
+    let w = sb.start();
+
+    let out = gearman_cli(gm.port, &["-f", "reverse", "gearman"]);
+    assert_eq!(text(&out.stdout).trim(), "namraeg", "{}", text(&out.stderr));
+    let out = gearman_cli(gm.port, &["-b", "-f", "mark", "background payload"]);
+    assert!(out.status.success());
+    eventually(Duration::from_secs(10), "the background job to run", || {
+        std::fs::read_to_string(&marker).is_ok_and(|s| s == "background payload")
+    });
+    // Our own client: foreground, background, priorities.
+    let out = sb.run(&["submit", "--priority", "high", "sha256", "abc"]);
+    assert_eq!(
+        text(&out.stdout),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    let out = sb.run(&["submit", "--background", "--priority", "low", "echo", "x"]);
+    assert!(text(&out.stdout).starts_with("H:"), "{}", text(&out.stdout));
+    let s = w.wait_for(Duration::from_secs(10), "counts", |s| {
+        s["jobs_completed"].as_u64() >= Some(4)
+    });
+    assert_eq!(s["source"], "gearman");
+}
+
+#[test]
+fn gearadmin_shows_client_id_and_functions() {
+    let sb = Sandbox::new("gm-admin");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "client_id = \"resizer\"\n");
+    let _w = sb.start();
+    let mut listing = String::new();
+    eventually(Duration::from_secs(10), "both lanes registered", || {
+        let out = Command::new("gearadmin")
+            .args(["-p", &gm.port.to_string(), "--workers"])
+            .output()
+            .unwrap();
+        listing = text(&out.stdout);
+        listing.contains("resizer:0 :") && listing.contains("resizer:1 :")
+    });
+    let line = listing.lines().find(|l| l.contains("resizer:0")).unwrap();
+    for f in ["echo", "reverse", "sha256", "sleep"] {
+        assert!(line.split_whitespace().any(|w| w == f), "{f} not in {line}");
+    }
+}
+
+#[test]
+fn executable_progress_reaches_a_foreground_client() {
+    let sb = Sandbox::new("gm-progress");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.job(
+        "steps.sh",
+        "#!/bin/sh\necho 'status 1 3' >&3\necho 'data first ' >&3\necho 'warning careful' >&3\necho 'status 3 3' >&3\ntr a-z A-Z\n",
+    );
+    sb.gearman_config(&[gm.addr()], "");
+    let _w = sb.start();
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    let mut updates = Vec::new();
+    let outcome = c
+        .submit("steps", "", b"done", Priority::Normal, |u| {
+            updates.push(match u {
+                Update::Data(d) => format!("data {}", text(d)),
+                Update::Warning(w) => format!("warning {}", text(w)),
+                Update::Status(n, d) => format!("status {n}/{d}"),
+            })
+        })
+        .unwrap();
+    assert_eq!(outcome, Outcome::Complete(b"DONE".to_vec()));
+    assert_eq!(
+        updates,
+        ["status 1/3", "data first ", "warning careful", "status 3/3"]
+    );
+
+    // With exceptions on, a failure's text reaches the client.
+    sb.job("bad.sh", "#!/bin/sh\necho 'no good' >&2\nexit 4\n");
+    _w.wait_generation(2);
+    sb.gearman_config(&[gm.addr()], "exceptions = true\n");
+    _w.wait_generation(3);
+    let outcome = c.submit("bad", "", b"", Priority::Normal, |_| {}).unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Exception(b"exit status 4: no good".to_vec())
+    );
+}
+
+#[test]
+fn late_result_after_can_do_timeout_keeps_the_connection() {
+    let mut sb = Sandbox::new("gm-timeout");
+    sb.bin = example("custom_worker");
+    let gm = Gearmand::start(&sb.dir, &["-j", "1"]);
+    sb.gearman_config(&[gm.addr()], "[functions.slow]\ntimeout = \"1s\"\n");
+    let w = sb.start();
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    // gearmand silently requeues the job after 1 s (whatever -j says, it keeps reassigning a
+    // timed-out job); our result at 1.5 s is rejected with JOB_NOT_FOUND.
+    c.submit_background("slow", "", b"1500", Priority::Normal)
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the rejection to be logged",
+        || w.log_text().contains("JOB_NOT_FOUND"),
+    );
+    // The same connections keep serving.
+    let outcome = c
+        .submit("reverse", "", b"abc", Priority::Normal, |_| {})
+        .unwrap();
+    assert_eq!(outcome, Outcome::Complete(b"cba".to_vec()));
+    assert!(!w.log_text().contains("reconnecting"), "{}", w.log_text());
+}
+
+#[test]
+fn worker_reconnects_after_gearmand_restarts() {
+    let sb = Sandbox::new("gm-restart");
+    let mut gm = Gearmand::start(&sb.dir, &[]);
+    let port = gm.port;
+    sb.gearman_config(&[gm.addr()], "");
+    let w = sb.start();
+    let out = sb.run(&["submit", "reverse", "one"]);
+    assert_eq!(text(&out.stdout), "eno");
+    gm.kill();
+    eventually(Duration::from_secs(10), "the worker to notice", || {
+        w.log_text().contains("reconnecting")
+    });
+    let _gm2 = Gearmand::start_on(&sb.dir, port, &[]);
+    let mut c = Client::connect(&[format!("127.0.0.1:{port}")], 1 << 20).unwrap();
+    let outcome = c
+        .submit("reverse", "", b"two", Priority::Normal, |_| {})
+        .unwrap();
+    assert_eq!(outcome, Outcome::Complete(b"owt".to_vec()));
+    assert_eq!(w.status()["generation"], 1, "reconnected without a restart");
+}
+
+#[test]
+fn one_server_down_the_other_serves() {
+    let sb = Sandbox::new("gm-two");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let dead = format!("127.0.0.1:{}", free_port());
+    sb.gearman_config(&[dead, gm.addr()], "");
+    let _w = sb.start();
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    for i in 0..20 {
+        let payload = format!("job{i}");
+        let outcome = c
+            .submit("echo", "", payload.as_bytes(), Priority::Normal, |_| {})
+            .unwrap();
+        assert_eq!(outcome, Outcome::Complete(payload.into_bytes()));
+    }
+}
+
+#[test]
+fn garbage_from_a_fake_server_is_survived() {
+    let sb = Sandbox::new("gm-garbage");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap().to_string();
+    let served = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&served);
+    std::thread::spawn(move || {
+        let replies: [&[u8]; 4] = [
+            b"HTTP/1.1 400 Bad Request\r\n\r\n",
+            b"\0RES\0\0\0\x63\0\0\0\0",         // unknown type 99
+            b"\0RES\0\0\0\x0b\xff\xff\xff\xff", // JOB_ASSIGN claiming 4 GiB of data
+            b"\0RES\0\0\0\x0b\0\0\0\x05ab",     // truncated, then closed
+        ];
+        for (i, conn) in fake.incoming().enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(replies[i % replies.len()]);
+            if i >= 3 {
+                flag.store(true, Ordering::Release);
+            }
+        }
+    });
+    sb.gearman_config(&[fake_addr, gm.addr()], "");
+    let w = sb.start();
+    eventually(Duration::from_secs(30), "four rounds of garbage", || {
+        served.load(Ordering::Acquire)
+    });
+    let log = w.log_text();
+    assert!(log.contains("bad packet magic"), "{log}");
+    assert!(log.contains("unknown packet type 99"), "{log}");
+    assert!(log.contains("over max_packet_bytes"), "{log}");
+    // Still alive, still serving from the real server.
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    let outcome = c
+        .submit("reverse", "", b"ok", Priority::Normal, |_| {})
+        .unwrap();
+    assert_eq!(outcome, Outcome::Complete(b"ko".to_vec()));
+    assert_eq!(w.status()["generation"], 1);
+}
+
+/// The proof of section 2 of the Gearman issue: with `-j 1` any requeue of a job becomes a
+/// WORK_FAIL. Thousands of foreground jobs from several connections while HUPs arrive every few
+/// ms and config.toml is edited: every client gets its own correct result, exactly once.
+#[test]
+fn reloads_under_load_requeue_nothing() {
+    let sb = Sandbox::new("gm-chaos");
+    let gm = Gearmand::start(&sb.dir, &["-j", "1"]);
+    sb.gearman_config(&[gm.addr()], "");
+    let w = sb.start();
+    let pid = w.pid();
+    let addr = gm.addr();
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&[addr], 1 << 20).unwrap();
+                let mut wrong = Vec::new();
+                for i in 0..1300 {
+                    let payload = format!("client{c}-job{i}");
+                    let want: Vec<u8> = payload.bytes().rev().collect();
+                    match client
+                        .submit("reverse", "", payload.as_bytes(), Priority::Normal, |_| {})
+                        .unwrap()
+                    {
+                        Outcome::Complete(got) if got == want => {}
+                        other => wrong.push(format!("{payload}: {other:?}")),
+                    }
+                }
+                wrong
+            })
+        })
+        .collect();
+    let signaller = {
+        let done = Arc::clone(&done);
+        let config = sb.config();
+        let base = std::fs::read_to_string(&config).unwrap();
+        std::thread::spawn(move || {
+            let mut hups = 0;
+            let mut edits = 0;
+            while !done.load(Ordering::Acquire) {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+                hups += 1;
+                if hups % 25 == 0 {
+                    edits += 1;
+                    std::fs::write(&config, format!("{base}# edit {edits}\n")).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            (hups, edits)
+        })
+    };
+    let started = Instant::now();
+    let wrong: Vec<String> = clients
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    done.store(true, Ordering::Release);
+    let (hups, edits) = signaller.join().unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} wrong of 5200, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    let s = w.wait_for(Duration::from_secs(30), "settled", |s| {
+        s["state"] == "running"
+    });
+    assert_eq!(s["pid"], pid);
+    assert!(
+        s["generation"].as_u64().unwrap() > 10,
+        "restarts happened: {s} ({hups} HUPs, {edits} edits)"
+    );
+    assert_eq!(s["jobs_failed"], 0);
+    assert!(
+        edits >= 2,
+        "config was edited during the load ({:?})",
+        started.elapsed()
+    );
+}
