@@ -38,9 +38,10 @@ impl From<io::Error> for ConnError {
 
 pub struct Conn {
     stream: TcpStream,
+    /// Read buffer, allocated once; `rbuf[consumed..filled]` holds bytes not yet handed out.
     rbuf: Vec<u8>,
-    /// Bytes of `rbuf` already handed out as packets.
     consumed: usize,
+    filled: usize,
     pub wbuf: Vec<u8>,
     magic: [u8; 4],
     max: usize,
@@ -59,8 +60,9 @@ impl Conn {
                     stream.set_write_timeout(Some(IO_TIMEOUT))?;
                     return Ok(Conn {
                         stream,
-                        rbuf: Vec::with_capacity(64 * 1024),
+                        rbuf: vec![0; 64 * 1024],
                         consumed: 0,
+                        filled: 0,
                         wbuf: Vec::with_capacity(4096),
                         magic,
                         max,
@@ -102,8 +104,9 @@ impl Conn {
     /// borrows the read buffer until the next call.
     pub fn recv(&mut self) -> Result<Packet<'_>, ConnError> {
         loop {
-            let found = protocol::decode(&self.rbuf[self.consumed..], self.magic, self.max)
-                .map(|o| o.map(|(_, used)| used));
+            let found =
+                protocol::decode(&self.rbuf[self.consumed..self.filled], self.magic, self.max)
+                    .map(|o| o.map(|(_, used)| used));
             match found {
                 Ok(Some(used)) => {
                     let start = self.consumed;
@@ -126,31 +129,34 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into the buffer (one read call).
+    /// Reads more bytes into the buffer (one read call). The buffer only grows when a single
+    /// packet is larger than it (bounded by `max`), and is never zeroed again.
     fn fill(&mut self) -> Result<(), ConnError> {
-        if self.consumed > 0 {
-            self.rbuf.drain(..self.consumed);
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        } else if self.consumed > 0 && self.filled == self.rbuf.len() {
+            self.rbuf.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
             self.consumed = 0;
         }
-        let len = self.rbuf.len();
-        let want = (len + 64 * 1024)
-            .min(self.max + protocol::HEADER + 1)
-            .max(len + 1);
-        self.rbuf.resize(want, 0);
+        if self.filled == self.rbuf.len() {
+            let grown = (self.rbuf.len() * 2)
+                .min(self.max + protocol::HEADER)
+                .max(self.rbuf.len() + 1);
+            self.rbuf.resize(grown, 0);
+        }
         let n = loop {
-            match self.stream.read(&mut self.rbuf[len..]) {
+            match self.stream.read(&mut self.rbuf[self.filled..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.rbuf.truncate(len);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         };
-        self.rbuf.truncate(len + n);
         if n == 0 {
             return Err(ConnError::Closed);
         }
+        self.filled += n;
         Ok(())
     }
 
