@@ -192,11 +192,12 @@ fn garbage_from_a_fake_server_is_survived() {
     let served = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&served);
     std::thread::spawn(move || {
-        let replies: [&[u8]; 4] = [
+        let replies: [&[u8]; 5] = [
             b"HTTP/1.1 400 Bad Request\r\n\r\n",
-            b"\0RES\0\0\0\x63\0\0\0\0",         // unknown type 99
-            b"\0RES\0\0\0\x0b\xff\xff\xff\xff", // JOB_ASSIGN claiming 4 GiB of data
-            b"\0RES\0\0\0\x0b\0\0\0\x05ab",     // truncated, then closed
+            b"\0RES\0\0\0\x63\0\0\0\0",                 // unknown type 99
+            b"\0RES\0\0\0\x0b\xff\xff\xff\xff",         // JOB_ASSIGN claiming 4 GiB of data
+            b"\0RES\0\0\0\x0b\0\0\0\x05ab",             // truncated, then closed
+            b"\0RES\0\0\0\x13\0\0\0\x0dERR_TEST\0boom", // a well-formed ERROR
         ];
         for (i, conn) in fake.incoming().enumerate() {
             let Ok(mut conn) = conn else { continue };
@@ -204,7 +205,7 @@ fn garbage_from_a_fake_server_is_survived() {
             let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
             let _ = conn.read(&mut buf);
             let _ = conn.write_all(replies[i % replies.len()]);
-            if i >= 3 {
+            if i >= 4 {
                 flag.store(true, Ordering::Release);
             }
         }
@@ -218,6 +219,9 @@ fn garbage_from_a_fake_server_is_survived() {
     assert!(log.contains("bad packet magic"), "{log}");
     assert!(log.contains("unknown packet type 99"), "{log}");
     assert!(log.contains("over max_packet_bytes"), "{log}");
+    eventually(Duration::from_secs(10), "the ERROR to be logged", || {
+        w.log_text().contains("server error ERR_TEST: boom")
+    });
     // Still alive, still serving from the real server.
     let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
     let outcome = c

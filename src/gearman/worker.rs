@@ -355,19 +355,24 @@ impl GearmanLane {
     }
 }
 
-/// Handles a packet that may arrive at any time; an ERROR (e.g. JOB_NOT_FOUND for a late result
-/// after a CAN_DO_TIMEOUT requeue) is logged and the connection kept.
+/// Handles a packet that may arrive at any time. ERROR JOB_NOT_FOUND (a late result after a
+/// CAN_DO_TIMEOUT requeue, or a result on a connection that no longer owns the job) is logged and
+/// the connection kept: the server rejected one result, nothing else is wrong. Any other ERROR
+/// drops the connection, which is then opened again with backoff.
 fn note_async(addr: &str, kind: u32, pkt: &Packet<'_>) -> std::result::Result<(), ConnError> {
     match kind {
         p::NOOP | p::ECHO_RES | p::OPTION_RES => Ok(()),
         p::ERROR => {
             let [code, text] = pkt.args::<2>().unwrap_or([pkt.data, b""]);
-            log::warn!(
-                "gearman {addr}: server error {}: {}",
-                String::from_utf8_lossy(code),
-                String::from_utf8_lossy(text)
-            );
-            Ok(())
+            let (code, text) = (String::from_utf8_lossy(code), String::from_utf8_lossy(text));
+            if code.contains("JOB_NOT_FOUND") {
+                log::warn!("gearman {addr}: server rejected a result: {code}: {text}");
+                Ok(())
+            } else {
+                Err(ConnError::Unexpected(format!(
+                    "server error {code}: {text}"
+                )))
+            }
         }
         other => Err(ConnError::Unexpected(format!(
             "unexpected {} (type {other}) from the server",
