@@ -76,6 +76,8 @@ pub struct FunctionConfig {
 #[derive(Debug, Clone)]
 pub struct Log {
     pub level: log::LevelFilter,
+    /// Log to this file (appending; reopened on SIGUSR1) instead of stderr.
+    pub file: Option<PathBuf>,
 }
 
 impl Source {
@@ -195,13 +197,17 @@ impl Config {
         }
 
         let level = raw.log.level.into_inner().0;
+        let log_file = raw.log.file.map(|f| base.join(f));
         Ok(Config {
             path: path.to_path_buf(),
             sha256,
             worker,
             source,
             functions,
-            log: Log { level },
+            log: Log {
+                level,
+                file: log_file,
+            },
         })
     }
 
@@ -469,12 +475,14 @@ struct RawFunction {
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
     level: Spanned<Level>,
+    file: Option<PathBuf>,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         RawLog {
             level: Spanned::new(0..0, Level(log::LevelFilter::Info)),
+            file: None,
         }
     }
 }

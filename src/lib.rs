@@ -9,8 +9,8 @@
 //!   Gearman servers over the binary protocol.
 //! - [`functions`], [`executable`]: Rust job functions and job executables from `jobs_dir`.
 //! - [`config`]: `config.toml`, with `file:line:col` errors.
-//! - [`signals`], [`watch`], [`inotify`], [`reexec`], [`pidfile`], [`status`], [`logging`]: the
-//!   daemon's parts.
+//! - [`signals`], [`watch`], [`inotify`], [`reexec`], [`pidfile`], [`status`], [`logging`],
+//!   [`notify`]: the daemon's parts.
 //!
 //! ```no_run
 //! use gearshift::{Functions, Job, JobResult};
@@ -34,6 +34,7 @@ pub mod functions;
 pub mod gearman;
 pub mod inotify;
 pub mod logging;
+pub mod notify;
 pub mod pidfile;
 pub mod reexec;
 pub mod signals;

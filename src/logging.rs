@@ -1,10 +1,68 @@
-//! Log lines: `2026-11-24T09:51:28.123Z INFO  g3 message`, to stderr. The generation is in every
-//! line so a restart is visible in the log; job lines name the job id.
+//! Log lines: `2026-11-24T09:51:28.123Z INFO  g3 message`, to stderr or to `[log] file`. The
+//! generation is in every line so a restart is visible in the log; job lines name the job id.
+//!
+//! The log file is opened for appending and reopened on SIGUSR1, so logrotate can move it away
+//! without `copytruncate` (the nginx and Unicorn convention).
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Where log lines go: stderr until a file is set.
+static SINK: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// The writer env_logger writes each record to.
+struct Sink;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match SINK.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some((_, file)) => file.write(buf),
+                None => io::stderr().write(buf),
+            },
+            Err(_) => io::stderr().write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// Sends log lines to `path` (appending) from now on.
+pub fn set_file(path: &Path) -> crate::Result<()> {
+    let file = open_log(path).map_err(|e| crate::Error::io_path("opening log file", path, e))?;
+    if let Ok(mut s) = SINK.lock() {
+        *s = Some((path.to_path_buf(), file));
+    }
+    Ok(())
+}
+
+/// Reopens the log file at its path (after logrotate moved it). Returns the path, or None when
+/// logging to stderr.
+pub fn reopen() -> crate::Result<Option<PathBuf>> {
+    let Ok(mut s) = SINK.lock() else {
+        return Ok(None);
+    };
+    let Some((path, file)) = s.as_mut() else {
+        return Ok(None);
+    };
+    *file = open_log(path).map_err(|e| crate::Error::io_path("reopening log file", path, e))?;
+    Ok(Some(path.clone()))
+}
 
 /// Sets the generation shown in log lines.
 pub fn set_generation(g: u64) {
@@ -31,7 +89,7 @@ pub fn init(default: log::LevelFilter) {
         };
         writeln!(buf, "{ts} {:<5}{gen} {}", record.level(), record.args())
     });
-    b.target(env_logger::Target::Stderr);
+    b.target(env_logger::Target::Pipe(Box::new(Sink)));
     if b.try_init().is_ok() && spec.is_none() {
         log::set_max_level(default);
     }

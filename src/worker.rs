@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::executable::{self, Children};
 use crate::functions::{Functions, Job, JobError, JobResult, Runner, Table};
 use crate::inotify::Inotify;
+use crate::notify::Notifier;
 use crate::pidfile::Pidfile;
 use crate::reexec::{self, Boot, Inherited, Refusal};
 use crate::signals::{self, Signals};
@@ -131,6 +132,9 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     crate::logging::set_level(plan.config.log.level);
+    if let Some(file) = &plan.config.log.file {
+        crate::logging::set_file(file)?;
+    }
     for w in &plan.warnings {
         log::warn!("{w}");
     }
@@ -236,6 +240,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         _signals: signal_thread,
         inotify: inotify.ok(),
         poll_fallback,
+        notifier: Notifier::from_env(),
     };
     if generation == 1 {
         log::info!(
@@ -274,6 +279,7 @@ struct Control {
     _signals: Signals,
     inotify: Option<Arc<Inotify>>,
     poll_fallback: bool,
+    notifier: Option<Notifier>,
 }
 
 impl Control {
@@ -284,6 +290,11 @@ impl Control {
     ) -> Result<i32> {
         let (done_tx, done_rx) = bounded::<()>(1024);
         self.spawn_lanes(&done_tx)?;
+        self.notify("READY=1");
+        let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
+            Some(every) => crossbeam_channel::tick(every),
+            None => never(),
+        };
         let mut phase = Phase::Running;
         // Look once right away: the files may have changed between our exec and the watch.
         let mut check_at: Option<Instant> = Some(Instant::now());
@@ -298,6 +309,7 @@ impl Control {
                 (None, false) => never(),
             };
             select! {
+                recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
                 recv(sig_rx) -> sig => {
                     let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
                     match sig {
@@ -318,9 +330,14 @@ impl Control {
                             );
                             phase = Phase::Stopping;
                             self.state.set_phase("stopping");
+                            self.notify("STOPPING=1");
                             self.halt_lanes();
                         }
-                        Signal::SIGUSR1 => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+                        Signal::SIGUSR1 => match crate::logging::reopen() {
+                            Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
+                            Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+                            Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
+                        },
                         other => log::info!("{}: ignored", other.as_str()),
                     }
                 }
@@ -355,6 +372,7 @@ impl Control {
                         Phase::Draining { reason, requested_mono_us } => {
                             self.restart(&reason, requested_mono_us);
                             // Still here: the restart was refused or execve failed.
+                            self.notify("READY=1");
                         }
                         Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
                     }
@@ -419,7 +437,25 @@ impl Control {
             requested_mono_us: requested,
         };
         self.state.set_phase("draining");
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            reexec::monotonic_us()
+        ));
         self.halt_lanes();
+    }
+
+    /// Tells the service manager (if any) `message`, with a STATUS line.
+    fn notify(&self, message: &str) {
+        if let Some(n) = &self.notifier {
+            let s = &self.state;
+            n.send(&format!(
+                "{message}\nSTATUS=generation {}, {} jobs completed, {} failed, {} running",
+                s.generation,
+                s.completed.load(Ordering::Relaxed),
+                s.failed.load(Ordering::Relaxed),
+                s.in_flight.load(Ordering::Relaxed)
+            ));
+        }
     }
 
     fn refuse(&self, reason: &str, error: &str) {

@@ -122,9 +122,15 @@ impl Sandbox {
 
     /// Starts `gearshift run` and waits until it answers status.
     pub fn start(&self) -> Worker {
+        self.start_env(&[])
+    }
+
+    /// Like [`Sandbox::start`], with extra environment variables.
+    pub fn start_env(&self, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.join("worker.log");
         let child = self
             .cmd(&["run"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(

@@ -1,0 +1,65 @@
+//! The systemd notify protocol (sd_notify(3)), spoken directly: one datagram per message to
+//! `$NOTIFY_SOCKET` (a path, or an abstract name written with a leading `@`). No libsystemd.
+//!
+//! `READY=1` once a generation serves; `RELOADING=1` with `MONOTONIC_USEC=` before each re-exec
+//! (without it `systemctl reload` of a Type=notify-reload unit hangs), then `READY=1` from the
+//! new image (same PID, so MAINPID stays right); `STOPPING=1`; `STATUS=` with the generation and
+//! job counts; `WATCHDOG=1` at half of `$WATCHDOG_USEC` from the control loop, which keeps
+//! running while lanes are busy with long jobs.
+
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::Duration;
+
+/// A connection to the service manager, if we were started by one.
+pub struct Notifier {
+    socket: UnixDatagram,
+    addr: SocketAddr,
+    watchdog: Option<Duration>,
+}
+
+impl Notifier {
+    /// From `$NOTIFY_SOCKET` and `$WATCHDOG_USEC` / `$WATCHDOG_PID`; None when not supervised.
+    pub fn from_env() -> Option<Notifier> {
+        let path = std::env::var_os("NOTIFY_SOCKET")?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name).ok()?
+            }
+            None => SocketAddr::from_pathname(&path).ok()?,
+        };
+        let socket = match UnixDatagram::unbound() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("NOTIFY_SOCKET is set but no datagram socket: {e}");
+                return None;
+            }
+        };
+        let for_us = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_none_or(|p| p == std::process::id());
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| u > 0 && for_us)
+            .map(|u| Duration::from_micros(u / 2));
+        Some(Notifier {
+            socket,
+            addr,
+            watchdog,
+        })
+    }
+
+    /// How often to send `WATCHDOG=1`, if the service manager asked for it.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog
+    }
+
+    pub fn send(&self, message: &str) {
+        if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.addr) {
+            log::warn!("sd_notify {message:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Operations: systemd notify, log files and their rotation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Reads notify datagrams until one contains `want` (bounded); returns everything read.
+fn read_until(sock: &UnixDatagram, want: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        sock.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = msg.lines().any(|l| l == want);
+        seen.push(msg);
+        if done {
+            return seen;
+        }
+    }
+    panic!("no {want:?} within {limit:?}; got {seen:?}");
+}
+
+#[test]
+fn sd_notify_messages_in_order_across_a_reload() {
+    let sb = Sandbox::new("notify");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let first = read_until(&sock, "READY=1", Duration::from_secs(10));
+    assert!(first[0].contains("STATUS=generation 1,"), "{first:?}");
+
+    w.signal(Signal::SIGHUP);
+    let msgs = read_until(&sock, "READY=1", Duration::from_secs(10));
+    let reloading = &msgs[0];
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{msgs:?}"
+    );
+    let usec: u64 = reloading.lines().nth(1).unwrap()["MONOTONIC_USEC=".len()..]
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    assert!(
+        msgs.last().unwrap().contains("STATUS=generation 2,"),
+        "READY=1 from the new image: {msgs:?}"
+    );
+
+    w.signal(Signal::SIGTERM);
+    let msgs = read_until(&sock, "STOPPING=1", Duration::from_secs(10));
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn watchdog_pings_continue_during_a_long_job() {
+    let sb = Sandbox::new("watchdog");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let w = sb.start_env(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+    ]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+    sb.submit("sleep", "1500");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_millis(1000) {
+        let msgs = read_until(&sock, "WATCHDOG=1", Duration::from_secs(2));
+        pings += msgs.iter().filter(|m| m.starts_with("WATCHDOG=1")).count();
+    }
+    assert!(w.status()["in_flight"] == 1, "the job was still running");
+    assert!(
+        pings >= 5,
+        "WATCHDOG=1 every 100 ms while the job runs, got {pings} in 1 s"
+    );
+
+    // WATCHDOG_PID naming another process: no pings for us.
+    drop(w);
+    let sb2 = Sandbox::new("watchdog-other");
+    let path2 = sb2.path("notify.sock");
+    let sock2 = UnixDatagram::bind(&path2).unwrap();
+    let _w2 = sb2.start_env(&[
+        ("NOTIFY_SOCKET", path2.to_str().unwrap()),
+        ("WATCHDOG_USEC", "100000"),
+        ("WATCHDOG_PID", "1"),
+    ]);
+    read_until(&sock2, "READY=1", Duration::from_secs(10));
+    sock2
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(sock2.recv(&mut buf).is_err(), "no datagram expected");
+}
+
+#[test]
+fn usr1_reopens_a_log_file_that_was_moved() {
+    let sb = Sandbox::new("logrotate");
+    sb.write_config("[log]\nfile = \"gearshift.log\"\n");
+    let w = sb.start();
+    let log = sb.path("gearshift.log");
+    eventually(Duration::from_secs(5), "the log file", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("started (pid"))
+    });
+    let rotated = sb.path("gearshift.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    w.signal(Signal::SIGUSR1);
+    eventually(Duration::from_secs(5), "a new log file", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("SIGUSR1: reopened log file"))
+    });
+    // Later lines (a failing job logs a warning) go to the new file only.
+    sb.run(&["submit", "--wait", "no_such_function", "x"]);
+    eventually(Duration::from_secs(5), "the job line", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("unknown function"))
+    });
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("unknown function"));
+    // Timestamp, level and generation on every line.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("unknown function"))
+        .unwrap();
+    assert!(line.contains(" WARN  g1 job "), "{line}");
+}
