@@ -79,7 +79,19 @@ enum PriorityArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker in the foreground (for a terminal, systemd or another supervisor).
-    Run,
+    Run {
+        /// Log to this file instead of stderr (what a daemon from `start` re-execs with).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
+    /// Start the worker as a daemon; exits 0 once it serves, or prints its error and exits 1.
+    Start,
+    /// Stop (if running), then start.
+    Restart {
+        /// Give up waiting for the stop after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
     /// Submit a job. Spool: prints its id (with --wait, its result). Gearman: runs it in the
     /// foreground and prints its result (streaming WORK_DATA), unless --background.
     Submit(SubmitArgs),
@@ -105,6 +117,9 @@ enum Command {
         /// Give up waiting after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
         timeout: Duration,
+        /// After the timeout, SIGKILL the worker (its running jobs will run again).
+        #[arg(long)]
+        force: bool,
     },
     /// Validate the config and jobs_dir, like `nginx -t`.
     Check,
@@ -130,12 +145,23 @@ pub fn main(functions: Functions) -> ExitCode {
 fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     let path = &cli.config;
     match cli.command {
-        Command::Run => worker::run(path, functions).map(|code| code as u8),
+        Command::Run { log_file } => {
+            let opts = worker::RunOptions {
+                log_file,
+                ..Default::default()
+            };
+            worker::run_with(path, functions, opts).map(|code| code as u8)
+        }
+        Command::Start => crate::daemon::start(path, functions),
+        Command::Restart { timeout } => {
+            stop(path, timeout, false)?;
+            crate::daemon::start(path, functions)
+        }
         Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),
         Command::Status { json } => status(path, json),
         Command::Reload { timeout } => reload(path, timeout),
-        Command::Stop { timeout } => stop(path, timeout),
+        Command::Stop { timeout, force } => stop(path, timeout, force),
         Command::Check => check(path, &functions),
     }
 }
@@ -431,27 +457,98 @@ fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     }
 }
 
-fn stop(path: &Path, timeout: Duration) -> Result<u8> {
-    let (pid, _, pidfile) = match running(path) {
+fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
+    let (pid, socket, pidfile) = match running(path) {
         Err(Error::NotRunning) => {
             println!("gearshift is not running");
             return Ok(0);
         }
         other => other?,
     };
-    kill(Pid::from_raw(pid), Signal::SIGTERM)
+    let target = Pid::from_raw(pid);
+    kill(target, Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let mut said = false;
     while pidfile::probe(&pidfile)? != Probe::NotRunning {
-        if Instant::now() >= deadline {
-            return Err(Error::Msg(format!(
-                "pid {pid} still running after {timeout:?} (jobs still running?)"
-            )));
+        if !said && started.elapsed() > Duration::from_secs(1) {
+            if let Ok(s) = crate::status::query(&socket) {
+                println!("waiting for {} running job(s) to finish", s["in_flight"]);
+            }
+            said = true;
+        }
+        if started.elapsed() >= timeout {
+            if !force {
+                return Err(Error::Msg(format!(
+                    "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it"
+                )));
+            }
+            let jobs: Vec<String> = crate::status::query(&socket)
+                .ok()
+                .and_then(|s| s["running_jobs"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|j| {
+                    format!(
+                        "{} ({})",
+                        j["id"].as_str().unwrap_or("?"),
+                        j["function"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            // Job processes run in their own process groups: the worker's death does not end
+            // them, and a spool job would otherwise run twice at once. Find them while they
+            // are still the worker's children, then kill the worker, then them.
+            let groups = job_groups(pid);
+            kill(target, Signal::SIGKILL)
+                .map_err(|e| Error::io(format!("killing pid {pid}"), e.into()))?;
+            for g in groups {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
+            }
+            while pidfile::probe(&pidfile)? != Probe::NotRunning {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if jobs.is_empty() {
+                println!("killed (pid {pid}) after {timeout:?}; no job was running");
+            } else {
+                println!(
+                    "killed (pid {pid}) after {timeout:?}; these jobs will run again: {}",
+                    jobs.join(", ")
+                );
+            }
+            return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("stopped (pid {pid})");
     Ok(0)
+}
+
+/// The process groups led by children of `pid` (its running job executables).
+fn job_groups(pid: i32) -> Vec<i32> {
+    let mut groups = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        // Fields after the command: state, ppid, pgrp.
+        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid)
+            && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(child)
+        {
+            groups.push(child);
+        }
+    }
+    groups
 }
 
 fn check(path: &Path, functions: &Functions) -> Result<u8> {

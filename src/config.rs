@@ -38,6 +38,8 @@ pub struct Worker {
     pub max_payload_bytes: usize,
     pub watch_config: bool,
     pub watch_jobs: bool,
+    /// File mode creation mask of a daemon (`start`).
+    pub umask: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +138,18 @@ impl Config {
             max_payload_bytes: w.max_payload_bytes as usize,
             watch_config: w.watch_config,
             watch_jobs: w.watch_jobs,
+            umask: u32::from_str_radix(&w.umask, 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    located(
+                        None,
+                        &format!(
+                            "[worker] umask \"{}\" is not an octal mode like \"027\"",
+                            w.umask
+                        ),
+                    )
+                })?,
         };
 
         let s = raw.source;
@@ -413,6 +427,7 @@ struct RawWorker {
     max_payload_bytes: u64,
     watch_config: bool,
     watch_jobs: bool,
+    umask: String,
 }
 
 impl Default for RawWorker {
@@ -424,6 +439,7 @@ impl Default for RawWorker {
             max_payload_bytes: 16 << 20,
             watch_config: true,
             watch_jobs: true,
+            umask: "027".into(),
         }
     }
 }

@@ -28,6 +28,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod executable;
 pub mod functions;

@@ -31,6 +31,8 @@ pub struct State {
     pub restart_pause_us: AtomicU64,
     /// CLOCK_MONOTONIC (µs) when this generation claimed its first job (0: not yet).
     pub first_claim_mono_us: AtomicU64,
+    /// The job each lane is running (id, function), for `status` and `stop --force`.
+    pub running: Mutex<Vec<Option<(String, String)>>>,
     pub inner: Mutex<Inner>,
 }
 
@@ -50,6 +52,15 @@ impl State {
     pub fn set_phase(&self, phase: &'static str) {
         if let Ok(mut i) = self.inner.lock() {
             i.phase = phase;
+        }
+    }
+
+    /// Records what lane `lane` runs now (None: nothing).
+    pub fn set_running(&self, lane: usize, job: Option<(&str, &str)>) {
+        if let Ok(mut r) = self.running.lock() {
+            if let Some(slot) = r.get_mut(lane) {
+                *slot = job.map(|(id, f)| (id.to_string(), f.to_string()));
+            }
         }
     }
 
@@ -88,6 +99,8 @@ impl State {
             "jobs_failed": self.failed.load(Ordering::Relaxed),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "functions": i.functions,
+            "running_jobs": self.running.lock().map(|r| r.iter().flatten()
+                .map(|(id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
         })
     }
 }

@@ -113,16 +113,42 @@ enum Phase {
     Stopping,
 }
 
+/// How [`run_with`] was reached, for a daemon started by `gearshift start`.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Gets one line `ready PID` once the worker holds the pidfile and serves.
+    pub ready: Option<std::fs::File>,
+    /// The executable, resolved before the daemon changed directory.
+    pub exe: Option<PathBuf>,
+    /// The argv for the next generation (a daemon re-execs as `run`, never as `start`).
+    pub argv: Option<Vec<std::ffi::OsString>>,
+    /// Log to this file (overrides `[log] file`).
+    pub log_file: Option<PathBuf>,
+}
+
 /// Runs the worker in the foreground until it is stopped; returns the process exit code.
 /// Re-execs in place on SIGHUP and on changes to the config or `jobs_dir`.
 pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
+    run_with(config_path, functions, RunOptions::default())
+}
+
+/// [`run`] with options.
+pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) -> Result<i32> {
     // Signals stay blocked in this thread until the handlers are in place and every helper
     // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
     // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
     reexec::close_inherited_on_exec();
-    let boot = Boot::detect();
+    let mut boot = Boot::detect();
+    if boot.inherited.is_none() {
+        if let Some(exe) = opts.exe.take() {
+            boot.exe = exe;
+        }
+        if let Some(argv) = opts.argv.take() {
+            boot.argv = argv;
+        }
+    }
     let (sig_tx, sig_rx) = bounded::<Signal>(1024);
     let signal_thread = Signals::install(sig_tx)?;
 
@@ -132,7 +158,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     crate::logging::set_level(plan.config.log.level);
-    if let Some(file) = &plan.config.log.file {
+    if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
         crate::logging::set_file(file)?;
     }
     for w in &plan.warnings {
@@ -169,6 +195,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         in_flight: 0.into(),
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
+        running: std::sync::Mutex::new(vec![None; plan.config.worker.concurrency]),
         inner: std::sync::Mutex::new(Inner {
             phase: "running",
             refusals: inherited.refusals,
@@ -241,6 +268,7 @@ pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
         inotify: inotify.ok(),
         poll_fallback,
         notifier: Notifier::from_env(),
+        ready: opts.ready.take(),
     };
     if generation == 1 {
         log::info!(
@@ -280,6 +308,7 @@ struct Control {
     inotify: Option<Arc<Inotify>>,
     poll_fallback: bool,
     notifier: Option<Notifier>,
+    ready: Option<std::fs::File>,
 }
 
 impl Control {
@@ -291,6 +320,10 @@ impl Control {
         let (done_tx, done_rx) = bounded::<()>(1024);
         self.spawn_lanes(&done_tx)?;
         self.notify("READY=1");
+        if let Some(mut f) = self.ready.take() {
+            use std::io::Write;
+            let _ = writeln!(f, "ready {}", std::process::id());
+        }
         let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
             Some(every) => crossbeam_channel::tick(every),
             None => never(),
@@ -558,6 +591,7 @@ impl Control {
         for index in 0..self.plan.config.worker.concurrency {
             let lane = self.source.lane(index, &names)?;
             let ctx = LaneContext {
+                index,
                 table: self.plan.table.clone(),
                 state: Arc::clone(&self.state),
                 stop: Arc::clone(&self.stop),
@@ -608,6 +642,7 @@ impl Drop for DoneGuard {
 
 /// What a lane thread needs to run jobs.
 struct LaneContext {
+    index: usize,
     table: Table,
     state: Arc<State>,
     stop: Arc<AtomicBool>,
@@ -652,6 +687,8 @@ impl LaneContext {
                 );
             }
             self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.state
+                .set_running(self.index, Some((&job.id, &job.function)));
             let started = Instant::now();
             let outcome = self.execute(&job, lane.progress());
             let took = started.elapsed();
@@ -672,6 +709,7 @@ impl LaneContext {
                 &self.state.failed
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            self.state.set_running(self.index, None);
             self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if let Err(e) = lane.close() {

@@ -1,0 +1,154 @@
+//! `gearshift start`: the classic daemon, done right.
+//!
+//! In order: validate the config and test the pidfile lock (in the caller's terminal, so
+//! mistakes are reported there); resolve every path to absolute; fork, setsid, fork again
+//! (the daemon can never reacquire a terminal); umask; chdir /; stdin and stdout to /dev/null,
+//! stderr to the log file; then run the worker. The first process waits on a readiness pipe
+//! and exits 0 only when the daemon says it holds the pidfile and serves, or prints the
+//! daemon's own error and exits 1: never a `start` that succeeded for a daemon that died a
+//! moment later. All of this happens before any thread exists (fork in a threaded process is
+//! unsafe); the daemon never forks again, and re-execs as `run`.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::sys::wait::waitpid;
+use nix::unistd::{dup2, fork, setsid, ForkResult};
+
+use crate::error::{Error, Result};
+use crate::functions::Functions;
+use crate::pidfile::{self, Probe};
+use crate::worker::{self, Plan, RunOptions};
+
+/// Starts the worker as a daemon; returns the exit code for the `start` command.
+pub fn start(config_path: &Path, functions: Functions) -> Result<u8> {
+    let config_path = crate::config::absolute(config_path)?;
+    let plan = Plan::prepare(&config_path, &functions)?;
+    let cfg = &plan.config;
+    std::fs::create_dir_all(&cfg.worker.state_dir)
+        .map_err(|e| Error::io_path("creating state_dir", &cfg.worker.state_dir, e))?;
+    if let Probe::Running(pid) = pidfile::probe(&cfg.pidfile())? {
+        return Err(Error::Locked {
+            what: cfg.pidfile(),
+            pid,
+        });
+    }
+    let exe = crate::reexec::first_start_exe(std::env::args_os().next().as_deref());
+    let log_file = cfg
+        .log
+        .file
+        .clone()
+        .unwrap_or_else(|| cfg.worker.state_dir.join("gearshift.log"));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&log_file)
+        .map_err(|e| Error::io_path("opening log file", &log_file, e))?;
+    let argv: Vec<OsString> = vec![
+        exe.clone().into_os_string(),
+        "-c".into(),
+        config_path.clone().into_os_string(),
+        "run".into(),
+        "--log-file".into(),
+        log_file.clone().into_os_string(),
+    ];
+    let umask = cfg.worker.umask;
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("creating a pipe", e.into()))?;
+
+    // SAFETY: no thread has been started in this process yet (the CLI parses arguments, reads
+    // the config and tests a lock, all on the main thread), so the child may do anything.
+    match unsafe { fork() }.map_err(|e| Error::io("fork", e.into()))? {
+        ForkResult::Parent { child } => {
+            drop(ready_w);
+            let _ = waitpid(child, None);
+            Ok(wait_ready(ready_r, &log_file))
+        }
+        ForkResult::Child => {
+            drop(ready_r);
+            let code = match daemonize(umask, &log) {
+                Ok(()) => {
+                    let ready = File::from(ready_w);
+                    let mut report = ready.try_clone().ok();
+                    let opts = RunOptions {
+                        ready: Some(ready),
+                        exe: Some(exe),
+                        argv: Some(argv),
+                        log_file: Some(log_file),
+                    };
+                    match worker::run_with(&config_path, functions, opts) {
+                        Ok(code) => code,
+                        Err(e) => {
+                            log::error!("{e}");
+                            if let Some(r) = report.as_mut() {
+                                let _ = writeln!(r, "error {e}");
+                            }
+                            1
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(File::from(ready_w), "error {e}");
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// setsid, second fork (the first child exits at once), umask, chdir /, stdio.
+fn daemonize(umask: u32, log: &File) -> Result<()> {
+    setsid().map_err(|e| Error::io("setsid", e.into()))?;
+    // SAFETY: still single-threaded (see `start`).
+    match unsafe { fork() }.map_err(|e| Error::io("second fork", e.into()))? {
+        ForkResult::Parent { .. } => {
+            // SAFETY: _exit ends the intermediate process without running atexit handlers or
+            // flushing stdio buffers that the daemon still owns.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Child => {}
+    }
+    nix::sys::stat::umask(Mode::from_bits_truncate(umask));
+    std::env::set_current_dir("/").map_err(|e| Error::io("chdir /", e))?;
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Error::io("opening /dev/null", e))?;
+    for (from, to) in [
+        (null.as_raw_fd(), 0),
+        (null.as_raw_fd(), 1),
+        (log.as_raw_fd(), 2),
+    ] {
+        dup2(from, to).map_err(|e| Error::io("redirecting stdio", e.into()))?;
+    }
+    Ok(())
+}
+
+/// Reads the daemon's first line: `ready PID` or `error MESSAGE`; EOF means it died first.
+fn wait_ready(ready: OwnedFd, log_file: &Path) -> u8 {
+    let mut line = String::new();
+    let _ = BufReader::new(File::from(ready)).read_line(&mut line);
+    let line = line.trim_end();
+    if let Some(pid) = line.strip_prefix("ready ") {
+        println!("started (pid {pid}), logging to {}", log_file.display());
+        0
+    } else if let Some(err) = line.strip_prefix("error ") {
+        eprintln!("gearshift: {err}");
+        1
+    } else {
+        eprintln!(
+            "gearshift: the daemon exited during start-up; see {}",
+            log_file.display()
+        );
+        1
+    }
+}
