@@ -60,7 +60,7 @@ def run(kind, concurrency, port, workdir):
     os.makedirs(os.path.join(workdir, "jobs"), exist_ok=True)
     with open(cfg, "w") as f:
         f.write(
-            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind}-{concurrency}\"\n"
+            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind}-{concurrency}\"\nallow_root = true\n"
             f"[source]\nkind = \"gearman\"\nservers = [\"{addr}\"]\n[log]\nlevel = \"warn\"\n"
         )
     subprocess.run(

@@ -34,7 +34,7 @@ def write_config(d, concurrency=1, fsync=True, name="config.toml"):
     path = os.path.join(d, name)
     with open(path, "w") as f:
         f.write(
-            f"[worker]\nconcurrency = {concurrency}\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n"
+            f"[worker]\nconcurrency = {concurrency}\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n"
             f"[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = {'true' if fsync else 'false'}\n"
             "[log]\nlevel = \"warn\"\n"
         )

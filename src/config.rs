@@ -24,6 +24,9 @@ pub struct Config {
     pub path: PathBuf,
     /// Hex sha256 of the file's bytes: the identity of this config for change detection.
     pub sha256: String,
+    /// The text it was parsed from (handed to the next generation, which then runs exactly
+    /// what was validated).
+    pub text: String,
     pub worker: Worker,
     pub source: Source,
     pub functions: BTreeMap<String, FunctionConfig>,
@@ -40,6 +43,13 @@ pub struct Worker {
     pub watch_jobs: bool,
     /// File mode creation mask of a daemon (`start`).
     pub umask: u32,
+    /// Drop to this user (and group) when started as root.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Allow running as root without `user`.
+    pub allow_root: bool,
+    /// Refuse config and job files writable by group/others or owned by another user.
+    pub strict_modes: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +160,10 @@ impl Config {
                         ),
                     )
                 })?,
+            user: w.user,
+            group: w.group,
+            allow_root: w.allow_root,
+            strict_modes: w.strict_modes,
         };
 
         let s = raw.source;
@@ -215,6 +229,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             sha256,
+            text: text.to_string(),
             worker,
             source,
             functions,
@@ -428,6 +443,10 @@ struct RawWorker {
     watch_config: bool,
     watch_jobs: bool,
     umask: String,
+    user: Option<String>,
+    group: Option<String>,
+    allow_root: bool,
+    strict_modes: bool,
 }
 
 impl Default for RawWorker {
@@ -440,6 +459,10 @@ impl Default for RawWorker {
             watch_config: true,
             watch_jobs: true,
             umask: "027".into(),
+            user: None,
+            group: None,
+            allow_root: false,
+            strict_modes: true,
         }
     }
 }

@@ -37,6 +37,7 @@ pub mod inotify;
 pub mod logging;
 pub mod notify;
 pub mod pidfile;
+pub mod privilege;
 pub mod reexec;
 pub mod signals;
 pub mod source;

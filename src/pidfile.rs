@@ -94,6 +94,11 @@ impl Pidfile {
         })
     }
 
+    /// Empties the file, keeping the lock (just before a clean exit).
+    pub fn clear(&self) {
+        let _ = self.file.set_len(0);
+    }
+
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

@@ -41,6 +41,9 @@ pub struct Inherited {
     pub last_refused: Option<Refusal>,
     /// CLOCK_MONOTONIC (µs) when the restart was requested: the new image measures its pause.
     pub requested_mono_us: u64,
+    /// The config text the old image validated (None: too large, read the file).
+    #[serde(default)]
+    pub config_text: Option<String>,
 }
 
 fn no_fd() -> i32 {

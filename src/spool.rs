@@ -246,16 +246,26 @@ impl SpoolSource {
             .write(true)
             .open(&lock_path)
             .at("opening", &lock_path)?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            if errno == nix::errno::Errno::EWOULDBLOCK {
-                Error::Msg(format!(
-                    "spool \"{}\" is in use by another worker (its .lock is held)",
-                    spool.root.display()
-                ))
-            } else {
-                Error::io_path("locking", &lock_path, errno.into())
+        // A worker that just released the pidfile may still be exiting with this lock held:
+        // wait a little before calling the spool busy.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut file = file;
+        let lock = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(Error::Msg(format!(
+                        "spool \"{}\" is in use by another worker (its .lock is held)",
+                        spool.root.display()
+                    )))
+                }
+                Err((_, errno)) => return Err(Error::io_path("locking", &lock_path, errno.into())),
             }
-        })?;
+        };
         let waker = Arc::new(Waker::default());
         let source = SpoolSource {
             spool,

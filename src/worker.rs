@@ -51,7 +51,26 @@ pub struct Plan {
 impl Plan {
     /// Reads and validates the config at `path` and the executables of its `jobs_dir`.
     pub fn prepare(path: &Path, functions: &Functions) -> Result<Plan> {
-        let config = Config::load(path)?;
+        Plan::prepare_from(path, functions, None)
+    }
+
+    /// Like [`Plan::prepare`], from config text already read (`None`: read the file).
+    pub fn prepare_from(path: &Path, functions: &Functions, text: Option<&str>) -> Result<Plan> {
+        let config = match text {
+            Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
+            None => Config::load(path)?,
+        };
+        if config.text.trim().is_empty() {
+            // An editor or `>` truncates before it writes: an empty file is far more likely a
+            // half-written config than a wish for every default.
+            return Err(Error::Config(format!(
+                "{}: the file is empty (half-written?); refusing it",
+                config.path.display()
+            )));
+        }
+        // Who we would run as is part of the config's validity: refuse before exec what the
+        // new image could not run with.
+        crate::privilege::check_policy(&config)?;
         let jobs_dir = &config.worker.jobs_dir;
         if !jobs_dir.is_dir() {
             return Err(Error::Config(format!(
@@ -61,6 +80,14 @@ impl Plan {
             )));
         }
         let (exes, jobs_sha256) = watch::scan_jobs(jobs_dir)?;
+        if config.worker.strict_modes {
+            let owner = crate::privilege::owner_uid(&config)?;
+            crate::privilege::check_file(&config.path, "config", owner)?;
+            crate::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
+            for exe in exes.values() {
+                crate::privilege::check_file(exe, "job executable", owner)?;
+            }
+        }
         let mut table = Table::default();
         for name in functions.names() {
             if let Some(f) = functions.get(name) {
@@ -126,8 +153,9 @@ pub struct RunOptions {
     pub log_file: Option<PathBuf>,
 }
 
-/// Runs the worker in the foreground until it is stopped; returns the process exit code.
-/// Re-execs in place on SIGHUP and on changes to the config or `jobs_dir`.
+/// Runs the worker in the foreground until it is stopped. Re-execs in place on SIGHUP and on
+/// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
+/// process (exit 0 when graceful), so that the pidfile lock is the last thing released.
 pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
     run_with(config_path, functions, RunOptions::default())
 }
@@ -156,7 +184,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let generation = inherited.generation + 1;
     crate::logging::set_generation(generation);
     let config_path = crate::config::absolute(config_path)?;
-    let plan = Plan::prepare(&config_path, &functions)?;
+    // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
+    // since then are picked up by the check right after start-up, validated like any other.
+    let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
+    let plan = Plan::prepare_from(&config_path, &functions, inherited_text.as_deref())?;
     crate::logging::set_level(plan.config.log.level);
     if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
         crate::logging::set_file(file)?;
@@ -175,6 +206,25 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         Some(p) => p,
         None => Pidfile::acquire(&plan.config.pidfile())?,
     };
+    // Pidfile taken and log open: now (as root) hand what the worker writes to its user, and
+    // drop privileges before opening anything else.
+    let mut owned: Vec<PathBuf> = vec![plan.config.worker.state_dir.clone(), plan.config.pidfile()];
+    owned.extend(
+        opts.log_file
+            .clone()
+            .or_else(|| plan.config.log.file.clone()),
+    );
+    if let crate::config::Source::Spool(spool) = &plan.config.source {
+        crate::spool::Spool::from_config(spool)?;
+        owned.push(spool.dir.clone());
+        owned.extend(
+            ["tmp", "new", "cur", "done", "failed"]
+                .iter()
+                .map(|d| spool.dir.join(d)),
+        );
+    }
+    let owned_refs: Vec<&Path> = owned.iter().map(PathBuf::as_path).collect();
+    crate::privilege::settle(&plan.config, &owned_refs)?;
     let source = Arc::new(Source::open(&plan.config, generation)?);
 
     let now = now_ms();
@@ -400,7 +450,12 @@ impl Control {
                     match std::mem::replace(&mut phase, Phase::Running) {
                         Phase::Stopping => {
                             log::info!("stopped");
-                            return Ok(0);
+                            // Keep the pidfile lock until the process is gone (the spool lock
+                            // and job processes go with it): `stop` returns when the lock is
+                            // free, and a `start` right after must find nothing of ours left.
+                            self.pidfile.clear();
+                            log::logger().flush();
+                            std::process::exit(0);
                         }
                         Phase::Draining { reason, requested_mono_us } => {
                             self.restart(&reason, requested_mono_us);
@@ -537,6 +592,8 @@ impl Control {
             refusals,
             last_refused,
             requested_mono_us,
+            // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
+            config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
         };
         drop(plan);
         log::info!(

@@ -207,3 +207,134 @@ fn restart_gives_a_new_daemon() {
     assert_ne!(pid_of(&sb), first);
     sb.run(&["stop"]);
 }
+
+fn uid_line(pid: i32, key: &str) -> Vec<String> {
+    proc_field(pid, key)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn root_drops_privileges_to_the_configured_user() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "CI runs as root; this test checks the root path"
+    );
+    let sb = Sandbox::new("privdrop");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let text_cfg = sb
+        .config_text("")
+        .replace("allow_root = true", "user = \"nobody\"");
+    fs::write(sb.config(), text_cfg).unwrap();
+    sb.job(
+        "whoami.sh",
+        "#!/bin/sh\nprintf '%s:%s' \"$(id -u)\" \"$(id -g)\"\n",
+    );
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let pid = pid_of(&sb);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let (uid, gid) = (nobody.uid.to_string(), nobody.gid.to_string());
+    assert_eq!(
+        uid_line(pid, "Uid:"),
+        [uid.as_str(); 4],
+        "real, effective, saved, fs uid"
+    );
+    assert_eq!(uid_line(pid, "Gid:"), [gid.as_str(); 4]);
+    assert_eq!(
+        uid_line(pid, "Groups:"),
+        [gid.as_str()],
+        "root's supplementary groups are gone"
+    );
+    let out = sb.run(&["submit", "--wait", "whoami", ""]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{uid}:{gid}"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The re-exec'd image is already unprivileged and keeps serving.
+    let out = sb.run(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(uid_line(pid, "Uid:"), [uid.as_str(); 4]);
+    let out = sb.run(&["submit", "--wait", "reverse", "abc"]);
+    assert_eq!(text(&out.stdout), "cba");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+#[test]
+fn root_without_user_is_refused() {
+    let sb = Sandbox::new("noroot");
+    let cfg = sb.config_text("").replace("allow_root = true\n", "");
+    fs::write(sb.config(), cfg).unwrap();
+    for cmd in [&["run"][..], &["start"][..]] {
+        let out = sb.run(cmd);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}");
+        assert!(
+            text(&out.stderr).contains("refusing to run as root: set [worker] user"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn strict_modes_refuse_loose_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("strict");
+    let chmod = |p: &std::path::Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap()
+    };
+    chmod(&sb.config(), 0o666);
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is writable by group or others (mode 666); fix: chmod go-w"),
+        "{}",
+        text(&out.stderr)
+    );
+    chmod(&sb.config(), 0o644);
+
+    let job = sb.job("loose.sh", "#!/bin/sh\ncat\n");
+    chmod(&job, 0o777);
+    let out = sb.run(&["check"]);
+    assert!(
+        text(&out.stderr).contains("job executable") && text(&out.stderr).contains("loose.sh"),
+        "{}",
+        text(&out.stderr)
+    );
+    chmod(&job, 0o755);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&job, Some(nobody.uid), None).unwrap();
+    let out = sb.run(&["check"]);
+    assert!(
+        text(&out.stderr).contains(&format!("is owned by uid {}", nobody.uid)),
+        "{}",
+        text(&out.stderr)
+    );
+    nix::unistd::chown(&job, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    assert_eq!(sb.run(&["check"]).status.code(), Some(0));
+
+    // A running worker refuses the reload that would load a loose file, and keeps serving.
+    let w = sb.start();
+    chmod(&job, 0o775);
+    let s = w.wait_for(Duration::from_secs(10), "the refusal", |s| {
+        !s["last_refused_reload"].is_null()
+    });
+    assert!(
+        s["last_refused_reload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("writable by group or others"),
+        "{s}"
+    );
+    assert_eq!(s["generation"], 1);
+    let out = sb.run(&["submit", "--wait", "loose", "still served"]);
+    assert_eq!(text(&out.stdout), "still served");
+}

@@ -231,6 +231,11 @@ fn malformed_config_gives_file_line_col_and_a_hint() {
         "{err}"
     );
 
+    // An empty file (what a truncating writer leaves for a moment) is refused.
+    fs::write(sb.config(), "\n").unwrap();
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(err.contains("the file is empty (half-written?)"), "{err}");
+
     // A missing config file is named.
     fs::remove_file(sb.config()).unwrap();
     let err = text(&sb.run(&["run"]).stderr);

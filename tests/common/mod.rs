@@ -49,7 +49,7 @@ impl Sandbox {
 
     pub fn config_text(&self, extra: &str) -> String {
         format!(
-            "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n\n\
+            "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
              [source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = false\n\n{extra}"
         )
     }
@@ -449,7 +449,7 @@ impl Sandbox {
         fs::write(
             self.config(),
             format!(
-                "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\n\n\
+                "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
                  [source]\nkind = \"gearman\"\nservers = [{list}]\n{extra}"
             ),
         )
