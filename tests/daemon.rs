@@ -221,7 +221,12 @@ fn root_drops_privileges_to_the_configured_user() {
         nix::unistd::geteuid().is_root(),
         "CI runs as root; this test checks the root path"
     );
-    let sb = Sandbox::new("privdrop");
+    let mut sb = Sandbox::new("privdrop");
+    // The unprivileged worker re-execs its own binary: use a copy it can reach wherever this
+    // checkout lives (a clone in a 0700 directory would refuse every reload).
+    let bin = sb.path("gearshift");
+    fs::copy(BIN, &bin).unwrap();
+    sb.bin = bin;
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let text_cfg = sb
         .config_text("")
