@@ -343,3 +343,59 @@ fn strict_modes_refuse_loose_files() {
     let out = sb.run(&["submit", "--wait", "loose", "still served"]);
     assert_eq!(text(&out.stdout), "still served");
 }
+
+#[test]
+fn pidfile_lock_is_held_through_100_reexecs() {
+    let sb = Sandbox::new("lock-race");
+    let w = sb.start();
+    let pidfile = sb.path("state/gearshift.pid");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One thread tests the lock as fast as it can, another keeps trying `start`.
+    let prober = {
+        let (stop, pidfile) = (stop.clone(), pidfile.clone());
+        std::thread::spawn(move || {
+            let mut probes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let p = gearshift::pidfile::probe(&pidfile).unwrap();
+                assert!(
+                    matches!(p, gearshift::pidfile::Probe::Running(_)),
+                    "lock free after {probes} probes"
+                );
+                probes += 1;
+            }
+            probes
+        })
+    };
+    let starter = {
+        let stop = stop.clone();
+        let (bin, config) = (sb.bin.clone(), sb.config());
+        std::thread::spawn(move || {
+            let mut tries = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let out = std::process::Command::new(&bin)
+                    .arg("-c")
+                    .arg(&config)
+                    .arg("start")
+                    .output()
+                    .unwrap();
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "a start won during the re-execs: {}",
+                    text(&out.stdout)
+                );
+                tries += 1;
+            }
+            tries
+        })
+    };
+    for g in 2..=101 {
+        w.signal(nix::sys::signal::Signal::SIGHUP);
+        w.wait_generation(g);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let probes = prober.join().unwrap();
+    let tries = starter.join().unwrap();
+    assert!(probes > 100 && tries > 3, "{probes} probes, {tries} starts");
+    assert_eq!(w.status()["pid"], w.pid());
+}
