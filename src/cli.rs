@@ -85,7 +85,14 @@ enum Command {
         log_file: Option<PathBuf>,
     },
     /// Start the worker as a daemon; exits 0 once it serves, or prints its error and exits 1.
-    Start,
+    Start {
+        /// Keep a supervisor process that restarts the worker when it dies abnormally.
+        #[arg(long)]
+        supervise: bool,
+        /// With --supervise: give up after this many crashes within a minute.
+        #[arg(long, default_value_t = 5)]
+        max_restarts: usize,
+    },
     /// Stop (if running), then start.
     Restart {
         /// Give up waiting for the stop after this long.
@@ -152,10 +159,13 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             };
             worker::run_with(path, functions, opts).map(|code| code as u8)
         }
-        Command::Start => crate::daemon::start(path, functions),
+        Command::Start {
+            supervise,
+            max_restarts,
+        } => crate::daemon::start(path, functions, supervise.then_some(max_restarts)),
         Command::Restart { timeout } => {
             stop(path, timeout, false)?;
-            crate::daemon::start(path, functions)
+            crate::daemon::start(path, functions, None)
         }
         Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),

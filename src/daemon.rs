@@ -27,7 +27,9 @@ use crate::pidfile::{self, Probe};
 use crate::worker::{self, Plan, RunOptions};
 
 /// Starts the worker as a daemon; returns the exit code for the `start` command.
-pub fn start(config_path: &Path, functions: Functions) -> Result<u8> {
+/// With `supervise = Some(max_restarts)`, the daemon is a supervisor running the worker as its
+/// child (see [`crate::supervisor`]).
+pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>) -> Result<u8> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
@@ -74,6 +76,11 @@ pub fn start(config_path: &Path, functions: Functions) -> Result<u8> {
         ForkResult::Child => {
             drop(ready_r);
             let code = match daemonize(umask, &log) {
+                Ok(()) if supervise.is_some() => {
+                    let max = supervise.unwrap_or(5);
+                    let settings = crate::supervisor::settings(&exe, &plan.config, &log_file, max);
+                    crate::supervisor::run(&settings, File::from(ready_w))
+                }
                 Ok(()) => {
                     let ready = File::from(ready_w);
                     let mut report = ready.try_clone().ok();

@@ -43,6 +43,7 @@ pub mod signals;
 pub mod source;
 pub mod spool;
 pub mod status;
+pub mod supervisor;
 pub mod watch;
 pub mod worker;
 

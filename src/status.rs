@@ -99,6 +99,7 @@ impl State {
             "jobs_failed": self.failed.load(Ordering::Relaxed),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "functions": i.functions,
+            "supervisor": crate::supervisor::from_env(),
             "running_jobs": self.running.lock().map(|r| r.iter().flatten()
                 .map(|(id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
         })

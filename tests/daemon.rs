@@ -399,3 +399,119 @@ fn pidfile_lock_is_held_through_100_reexecs() {
     assert!(probes > 100 && tries > 3, "{probes} probes, {tries} starts");
     assert_eq!(w.status()["pid"], w.pid());
 }
+
+fn supervisor_of(worker: i32) -> i32 {
+    proc_field(worker, "PPid:").parse().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry; only count running processes.
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
+    let sb = Sandbox::new("supervise");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start", "--supervise", "--max-restarts", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let first = pid_of(&sb);
+    let sup = supervisor_of(first);
+    assert_ne!(sup, 1, "the worker is the supervisor's child");
+
+    // HUP to the supervisor reaches the worker, which restarts in place.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "generation 2", || {
+        sb.run(&["status"])
+            .stdout
+            .windows(12)
+            .any(|w| w == b"generation 2")
+    });
+
+    // kill -1 <worker pid> works as without a supervisor; the PID (the supervisor's child) stays.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "generation 3", || {
+        sb.run(&["status"])
+            .stdout
+            .windows(12)
+            .any(|w| w == b"generation 3")
+    });
+    assert_eq!((pid_of(&sb), supervisor_of(first)), (first, sup));
+
+    let mut last = first;
+    for crash in 1..=2u64 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(last),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        eventually(Duration::from_secs(20), "a new worker", || {
+            fs::read_to_string(sb.path("state/gearshift.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .is_some_and(|p| p != last)
+                && sb.run(&["status"]).status.code() == Some(0)
+        });
+        last = pid_of(&sb);
+        assert_eq!(supervisor_of(last), sup);
+        let s: serde_json::Value =
+            serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+        assert_eq!(s["supervisor"]["crashes"], crash, "{s}");
+        assert_eq!(s["supervisor"]["last_exit"], "was killed by SIGKILL");
+    }
+    // A third crash within the minute is over the limit of 2: the supervisor gives up.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(last),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the supervisor to give up", || {
+        !alive(sup)
+    });
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(
+        log.contains("3 crashes within a minute, over the limit of 2: giving up"),
+        "{log}"
+    );
+}
+
+#[test]
+fn supervisor_does_not_restart_after_a_clean_stop() {
+    let sb = Sandbox::new("supervise-stop");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let sup = supervisor_of(pid_of(&sb));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    eventually(Duration::from_secs(10), "the supervisor to exit", || {
+        !alive(sup)
+    });
+    assert_eq!(
+        sb.run(&["status"]).status.code(),
+        Some(3),
+        "nothing was restarted"
+    );
+    // TERM to the supervisor itself stops both.
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let worker = pid_of(&sb);
+    let sup = supervisor_of(worker);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "both to exit", || {
+        !alive(sup) && !alive(worker)
+    });
+}

@@ -1,0 +1,281 @@
+//! `start --supervise`: a small supervisor process that keeps the worker running without
+//! systemd (the seed's restart-on-death shell loop, done right).
+//!
+//! The supervisor runs the worker as its child (`run`), forwards HUP, TERM, INT, QUIT and USR1 to
+//! it, and restarts it when it dies abnormally (a signal or a non-zero exit), never after a clean
+//! stop. Restarts back off exponentially; more than `max_restarts` within a minute and the
+//! supervisor gives up loudly. The worker holds the pidfile, so `status`, `stop` and
+//! `kill -1 <worker pid>` work as without a supervisor; the worker learns about its supervisor
+//! (pid, crashes, last exit) from `GEARSHIFT_SUPERVISOR` and shows it in `status`.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, bounded, select};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What the worker is told about its supervisor.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Info {
+    pub pid: u32,
+    pub crashes: u64,
+    pub last_exit: Option<String>,
+}
+
+pub const ENV: &str = "GEARSHIFT_SUPERVISOR";
+
+/// How the supervisor runs the worker.
+pub struct Settings {
+    pub exe: PathBuf,
+    pub config: PathBuf,
+    pub log_file: PathBuf,
+    pub status_socket: PathBuf,
+    pub max_restarts: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Runs the supervisor until the worker stops cleanly (exit 0) or it gives up (exit 1).
+/// `ready` gets the line `start` waits for once the first worker serves.
+pub fn run(settings: &Settings, ready: File) -> i32 {
+    let (sig_tx, sig_rx) = bounded::<Signal>(64);
+    let raw: Vec<i32> = [
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ]
+    .iter()
+    .map(|s| *s as i32)
+    .collect();
+    let mut signals = match signal_hook::iterator::Signals::new(&raw) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                Some(ready),
+                &format!("supervisor: installing signal handlers: {e}"),
+            )
+        }
+    };
+    let forwarder = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if let Ok(sig) = Signal::try_from(s) {
+                    let _ = sig_tx.send(sig);
+                }
+            }
+        });
+    if let Err(e) = forwarder {
+        return fail(Some(ready), &format!("supervisor: {e}"));
+    }
+    // The mask inherited from `start` had these blocked until now.
+    let _ = crate::signals::clear_mask();
+
+    let mut info = Info {
+        pid: std::process::id(),
+        crashes: 0,
+        last_exit: None,
+    };
+    let mut ready = Some(ready);
+    let mut recent: VecDeque<Instant> = VecDeque::new();
+    let mut backoff = settings.backoff_min;
+    let mut stopping = false;
+    loop {
+        let (pid, exited) = match spawn(settings, &info) {
+            Ok(x) => x,
+            Err(e) => {
+                return fail(
+                    ready.take(),
+                    &format!("supervisor: starting the worker: {e}"),
+                )
+            }
+        };
+        log::info!("supervisor {}: worker pid {pid} started", info.pid);
+        if let Some(r) = ready.take() {
+            match wait_serving(settings, pid, &exited) {
+                Ok(()) => {
+                    let mut r = r;
+                    let _ = writeln!(r, "ready {pid}");
+                }
+                Err(e) => return fail(Some(r), &e.to_string()),
+            }
+        }
+        let status = loop {
+            select! {
+                recv(sig_rx) -> sig => {
+                    let Ok(sig) = sig else { continue };
+                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
+                        stopping = true;
+                    }
+                    let _ = kill(Pid::from_raw(pid as i32), sig);
+                }
+                recv(exited) -> status => break status.ok(),
+            }
+        };
+        let reason = describe(status);
+        if stopping || status.is_some_and(|s| s.success()) {
+            log::info!(
+                "supervisor {}: worker pid {pid} {reason}; not restarting",
+                info.pid
+            );
+            return 0;
+        }
+        info.crashes += 1;
+        info.last_exit = Some(reason.clone());
+        let now = Instant::now();
+        recent.push_back(now);
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() > settings.max_restarts {
+            log::error!(
+                "supervisor {}: worker pid {pid} {reason}; {} crashes within a minute, over the limit of {}: giving up",
+                info.pid,
+                recent.len(),
+                settings.max_restarts
+            );
+            return 1;
+        }
+        log::warn!(
+            "supervisor {}: worker pid {pid} {reason} (crash {}); restarting in {} ms",
+            info.pid,
+            info.crashes,
+            backoff.as_millis()
+        );
+        // Back off, but let a TERM during the wait stop us.
+        let wake = after(backoff);
+        loop {
+            select! {
+                recv(sig_rx) -> sig => {
+                    if matches!(sig, Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)) {
+                        log::info!("supervisor {}: stopped while waiting to restart", info.pid);
+                        return 0;
+                    }
+                }
+                recv(wake) -> _ => break,
+            }
+        }
+        backoff = (backoff * 2).min(settings.backoff_max);
+    }
+}
+
+fn fail(ready: Option<File>, message: &str) -> i32 {
+    log::error!("{message}");
+    if let Some(mut r) = ready {
+        let _ = writeln!(r, "error {message}");
+    }
+    1
+}
+
+/// Starts the worker (`run`) and a thread that reports its exit.
+fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<ExitStatus>)> {
+    let json = serde_json::to_string(info).map_err(|e| Error::Msg(e.to_string()))?;
+    let args: [OsString; 5] = [
+        "-c".into(),
+        s.config.clone().into(),
+        "run".into(),
+        "--log-file".into(),
+        s.log_file.clone().into(),
+    ];
+    let mut child = Command::new(&s.exe)
+        .args(args)
+        .env(ENV, json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io_path("starting", &s.exe, e))?;
+    let pid = child.id();
+    let (tx, rx) = bounded(1);
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        })
+        .map_err(|e| Error::io("spawning the reaper thread", e))?;
+    Ok((pid, rx))
+}
+
+/// Waits until worker `pid` answers status (it then holds the pidfile and serves).
+fn wait_serving(
+    s: &Settings,
+    pid: u32,
+    exited: &crossbeam_channel::Receiver<ExitStatus>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(st) = crate::status::query(&s.status_socket) {
+            if st["pid"].as_u64() == Some(u64::from(pid)) {
+                return Ok(());
+            }
+        }
+        if let Ok(status) = exited.try_recv() {
+            return Err(Error::Msg(format!(
+                "the worker {} during start-up; see {}",
+                describe(Some(status)),
+                s.log_file.display()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Msg(format!(
+                "the worker did not serve within 60 s; see {}",
+                s.log_file.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn describe(status: Option<ExitStatus>) -> String {
+    match status {
+        None => "vanished".into(),
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(sig)) => {
+                let name = Signal::try_from(sig)
+                    .map_or_else(|_| sig.to_string(), |s| s.as_str().to_string());
+                format!("was killed by {name}")
+            }
+            _ => format!("ended ({s})"),
+        },
+    }
+}
+
+/// What the running worker shows in `status` about its supervisor, if it has one.
+pub fn from_env() -> Option<Info> {
+    serde_json::from_str(&std::env::var(ENV).ok()?).ok()
+}
+
+/// Settings from the config and the `start` options.
+pub fn settings(
+    exe: &Path,
+    config: &crate::config::Config,
+    log_file: &Path,
+    max_restarts: usize,
+) -> Settings {
+    Settings {
+        exe: exe.to_path_buf(),
+        config: config.path.clone(),
+        log_file: log_file.to_path_buf(),
+        status_socket: config.status_socket(),
+        max_restarts,
+        backoff_min: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+    }
+}
