@@ -81,12 +81,7 @@ impl Sandbox {
 
     /// Runs a CLI command to completion (bounded).
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()));
         let status =
             wait_child(&mut child, Duration::from_secs(60)).expect("CLI command timed out");
         let mut stdout = Vec::new();
@@ -128,20 +123,18 @@ impl Sandbox {
     /// Like [`Sandbox::start`], with extra environment variables.
     pub fn start_env(&self, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.join("worker.log");
-        let child = self
-            .cmd(&["run"])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
+        let log_out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
             .unwrap();
+        let child = spawn(
+            self.cmd(&["run"])
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_out),
+        );
         let mut w = Worker {
             child,
             socket: self.dir.join("state/gearshift.sock"),
@@ -302,6 +295,24 @@ pub fn example(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Spawns, retrying briefly on ETXTBSY: a binary a test just copied can be held open for
+/// writing by a fork another test thread made at that moment (until that child execs).
+pub fn spawn(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("spawning {cmd:?}: {e}"),
+        }
+    }
 }
 
 pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
