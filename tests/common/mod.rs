@@ -304,10 +304,7 @@ pub fn spawn(cmd: &mut Command) -> Child {
     loop {
         match cmd.spawn() {
             Ok(c) => return c,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10))
             }
             Err(e) => panic!("spawning {cmd:?}: {e}"),
