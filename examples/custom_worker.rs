@@ -48,5 +48,11 @@ fn main() -> std::process::ExitCode {
         std::thread::sleep(std::time::Duration::from_millis(ms));
         Ok(job.payload().to_vec())
     });
+    // Leaks the given number of MiB on purpose: what `[worker] max_rss_mb` recycling is for.
+    functions.register("leak", |job: &mut Job<'_>| {
+        let mib: usize = String::from_utf8_lossy(job.payload()).trim().parse()?;
+        let leaked: &'static mut [u8] = Box::leak(vec![1u8; mib << 20].into_boxed_slice());
+        Ok(format!("leaked {} MiB", leaked.len() >> 20).into_bytes())
+    });
     gearshift::cli::main(functions)
 }

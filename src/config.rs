@@ -50,6 +50,15 @@ pub struct Worker {
     pub allow_root: bool,
     /// Refuse config and job files writable by group/others or owned by another user.
     pub strict_modes: bool,
+    /// Recycle (re-exec) after this many jobs in one generation (0: never).
+    pub max_jobs: u64,
+    /// Recycle when resident memory exceeds this many MiB (0: never).
+    pub max_rss_mb: u64,
+    /// Recycle a generation older than this.
+    pub max_age: Option<Duration>,
+    /// Each limit is raised by a random fraction up to this (0.1 = up to 10%), so a fleet
+    /// started together does not recycle all at once.
+    pub recycle_splay: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +173,10 @@ impl Config {
             group: w.group,
             allow_root: w.allow_root,
             strict_modes: w.strict_modes,
+            max_jobs: w.max_jobs,
+            max_rss_mb: w.max_rss_mb,
+            max_age: w.max_age.map(|d| d.0),
+            recycle_splay: w.recycle_splay.clamp(0.0, 1.0),
         };
 
         let s = raw.source;
@@ -442,6 +455,10 @@ struct RawWorker {
     max_payload_bytes: u64,
     watch_config: bool,
     watch_jobs: bool,
+    max_jobs: u64,
+    max_rss_mb: u64,
+    max_age: Option<Dur>,
+    recycle_splay: f64,
     umask: String,
     user: Option<String>,
     group: Option<String>,
@@ -458,6 +475,10 @@ impl Default for RawWorker {
             max_payload_bytes: 16 << 20,
             watch_config: true,
             watch_jobs: true,
+            max_jobs: 0,
+            max_rss_mb: 0,
+            max_age: None,
+            recycle_splay: 0.1,
             umask: "027".into(),
             user: None,
             group: None,

@@ -31,6 +31,8 @@ pub struct State {
     pub restart_pause_us: AtomicU64,
     /// CLOCK_MONOTONIC (µs) when this generation claimed its first job (0: not yet).
     pub first_claim_mono_us: AtomicU64,
+    /// Jobs finished by this generation (for `max_jobs`).
+    pub generation_jobs: AtomicU64,
     /// The job each lane is running (id, function), for `status` and `stop --force`.
     pub running: Mutex<Vec<Option<(String, String)>>>,
     pub inner: Mutex<Inner>,
@@ -86,6 +88,7 @@ impl State {
             "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
             "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
             "first_claim_monotonic_us": self.first_claim_mono_us.load(Ordering::Relaxed),
+            "generation_jobs": self.generation_jobs.load(Ordering::Relaxed),
             "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
             })),

@@ -245,6 +245,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         in_flight: 0.into(),
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
+        generation_jobs: 0.into(),
         running: std::sync::Mutex::new(vec![None; plan.config.worker.concurrency]),
         inner: std::sync::Mutex::new(Inner {
             phase: "running",
@@ -300,7 +301,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     signals::clear_mask()?;
 
+    let (recycle_tx, recycle_rx) = bounded::<&'static str>(16);
     let mut ctl = Control {
+        limits: Arc::new(Limits::new(&plan.config.worker)),
+        recycle_tx,
+        recycle_rx,
+        started: Instant::now(),
         boot,
         functions,
         config_path,
@@ -340,6 +346,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 }
 
 struct Control {
+    limits: Arc<Limits>,
+    recycle_tx: Sender<&'static str>,
+    recycle_rx: Receiver<&'static str>,
+    started: Instant,
     boot: Boot,
     functions: Functions,
     config_path: PathBuf,
@@ -368,6 +378,11 @@ impl Control {
         touch_rx: &Receiver<Touched>,
     ) -> Result<i32> {
         let (done_tx, done_rx) = bounded::<()>(1024);
+        let recycle = self.recycle_rx.clone();
+        let mut age = match self.limits.max_age {
+            Some(a) => after(a.saturating_sub(self.started.elapsed())),
+            None => never(),
+        };
         self.spawn_lanes(&done_tx)?;
         self.notify("READY=1");
         if let Some(mut f) = self.ready.take() {
@@ -393,6 +408,15 @@ impl Control {
             };
             select! {
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
+                recv(age) -> _ => {
+                    age = never();
+                    self.request_restart(&mut phase, "max_age");
+                }
+                recv(recycle) -> reason => {
+                    if let Ok(reason) = reason {
+                        self.request_restart(&mut phase, reason);
+                    }
+                }
                 recv(sig_rx) -> sig => {
                     let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
                     match sig {
@@ -655,6 +679,8 @@ impl Control {
                 children: self.children.clone(),
                 max_payload: self.plan.config.worker.max_payload_bytes,
                 requested_mono_us: self.requested_mono_us,
+                limits: Arc::clone(&self.limits),
+                recycle: self.recycle_tx.clone(),
             };
             let done = done_tx.clone();
             let t = std::thread::Builder::new()
@@ -671,6 +697,50 @@ impl Control {
         self.requested_mono_us = 0;
         Ok(())
     }
+}
+
+/// This generation's recycling limits, each raised by its own random splay.
+struct Limits {
+    max_jobs: u64,
+    max_rss_bytes: u64,
+    max_age: Option<Duration>,
+}
+
+impl Limits {
+    fn new(w: &crate::config::Worker) -> Limits {
+        let splay = |x: f64| x * (1.0 + w.recycle_splay * random_fraction());
+        Limits {
+            max_jobs: if w.max_jobs == 0 {
+                0
+            } else {
+                splay(w.max_jobs as f64).round() as u64
+            },
+            max_rss_bytes: if w.max_rss_mb == 0 {
+                0
+            } else {
+                splay((w.max_rss_mb << 20) as f64) as u64
+            },
+            max_age: w
+                .max_age
+                .map(|a| a.mul_f64(1.0 + w.recycle_splay * random_fraction())),
+        }
+    }
+}
+
+/// A number in [0, 1) that differs between processes and calls (splay; not for secrets).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Resident memory of this process, from /proc/self/statm.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// Wakes idle lanes every second, for a queue that cannot be watched.
@@ -706,10 +776,35 @@ struct LaneContext {
     children: Children,
     max_payload: usize,
     requested_mono_us: u64,
+    limits: Arc<Limits>,
+    recycle: Sender<&'static str>,
 }
 
 impl LaneContext {
+    /// Between jobs: asks for a recycle when this generation has run `max_jobs` jobs or the
+    /// process has grown over `max_rss_mb` (read at most every 200 ms per lane).
+    fn check_limits(&self, last_rss_check: &mut Instant) {
+        let done = self.state.generation_jobs.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut reason = None;
+        if self.limits.max_jobs > 0 && done >= self.limits.max_jobs {
+            reason = Some("max_jobs");
+        }
+        if self.limits.max_rss_bytes > 0 && last_rss_check.elapsed() >= Duration::from_millis(200) {
+            *last_rss_check = Instant::now();
+            if resident_bytes().is_some_and(|rss| rss > self.limits.max_rss_bytes) {
+                reason = Some("max_rss");
+            }
+        }
+        if let Some(reason) = reason {
+            // Stop claiming now: the control loop validates before it drains, and lanes would
+            // run past the limit meanwhile. If the restart is refused, it starts lanes again.
+            self.stop.store(true, Ordering::Release);
+            let _ = self.recycle.try_send(reason);
+        }
+    }
+
     fn serve(&self, mut lane: Box<dyn Lane>) {
+        let mut last_rss_check = Instant::now() - Duration::from_secs(1);
         let mut backoff = Duration::from_millis(100);
         loop {
             let job = match lane.next(&self.stop) {
@@ -768,6 +863,7 @@ impl LaneContext {
             counter.fetch_add(1, Ordering::Relaxed);
             self.state.set_running(self.index, None);
             self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.check_limits(&mut last_rss_check);
         }
         if let Err(e) = lane.close() {
             log::warn!("closing lane: {e}");

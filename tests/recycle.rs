@@ -1,0 +1,90 @@
+//! Recycling: re-exec after max_jobs, max_rss_mb, max_age (leak containment).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn max_jobs_recycles_about_every_n_jobs_and_loses_none() {
+    let sb = Sandbox::new("max-jobs");
+    let cfg = sb.config_text("").replace(
+        "allow_root = true",
+        "allow_root = true\nmax_jobs = 50\nrecycle_splay = 0.0",
+    );
+    std::fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = (0..500)
+        .map(|i| spool.submit("echo", format!("j{i}").as_bytes()).unwrap())
+        .collect();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    for (i, (done, result, attempts)) in outcomes.iter().enumerate() {
+        assert_eq!(
+            (*done, result.as_str(), *attempts),
+            (true, format!("j{i}").as_str(), 1),
+            "job {i}"
+        );
+    }
+    let s = w.wait_for(Duration::from_secs(20), "all counted", |s| {
+        s["jobs_completed"] == 500 && s["state"] == "running"
+    });
+    let g = s["generation"].as_u64().unwrap();
+    assert!(
+        (9..=11).contains(&g),
+        "about 10 generations for 500 jobs at max_jobs = 50, got {g}"
+    );
+    assert_eq!(s["last_restart_reason"], "max_jobs");
+    assert_eq!(s["pid"], w.pid());
+}
+
+#[test]
+fn max_rss_recycles_a_leaking_worker() {
+    let mut sb = Sandbox::new("max-rss");
+    sb.bin = example("custom_worker");
+    let cfg = sb.config_text("").replace(
+        "allow_root = true",
+        "allow_root = true\nmax_rss_mb = 40\nrecycle_splay = 0.0",
+    );
+    std::fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let rss = |pid: i32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .parse::<u64>()
+            .unwrap()
+            >> 10
+    };
+    assert!(rss(w.pid()) < 40, "starts small");
+    let out = sb.run(&["submit", "--wait", "leak", "64"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "leaked 64 MiB");
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "max_rss");
+    assert!(
+        rss(w.pid()) < 40,
+        "the leak is gone after the recycle: {} MiB",
+        rss(w.pid())
+    );
+}
+
+#[test]
+fn max_age_recycles_an_old_generation() {
+    let sb = Sandbox::new("max-age");
+    let cfg = sb.config_text("").replace(
+        "allow_root = true",
+        "allow_root = true\nmax_age = \"1s\"\nrecycle_splay = 0.0",
+    );
+    std::fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "max_age");
+    let s = w.wait_generation(3);
+    assert_eq!(s["last_restart_reason"], "max_age");
+}
