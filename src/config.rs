@@ -50,6 +50,8 @@ pub struct Worker {
     pub allow_root: bool,
     /// Refuse config and job files writable by group/others or owned by another user.
     pub strict_modes: bool,
+    /// Watch the binary's path for deploys.
+    pub watch_binary: bool,
     /// Recycle (re-exec) after this many jobs in one generation (0: never).
     pub max_jobs: u64,
     /// Recycle when resident memory exceeds this many MiB (0: never).
@@ -173,6 +175,7 @@ impl Config {
             group: w.group,
             allow_root: w.allow_root,
             strict_modes: w.strict_modes,
+            watch_binary: w.watch_binary,
             max_jobs: w.max_jobs,
             max_rss_mb: w.max_rss_mb,
             max_age: w.max_age.map(|d| d.0),
@@ -455,6 +458,7 @@ struct RawWorker {
     max_payload_bytes: u64,
     watch_config: bool,
     watch_jobs: bool,
+    watch_binary: bool,
     max_jobs: u64,
     max_rss_mb: u64,
     max_age: Option<Dur>,
@@ -475,6 +479,7 @@ impl Default for RawWorker {
             max_payload_bytes: 16 << 20,
             watch_config: true,
             watch_jobs: true,
+            watch_binary: true,
             max_jobs: 0,
             max_rss_mb: 0,
             max_age: None,

@@ -29,6 +29,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod deploy;
 pub mod error;
 pub mod executable;
 pub mod functions;

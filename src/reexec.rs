@@ -44,6 +44,11 @@ pub struct Inherited {
     /// The config text the old image validated (None: too large, read the file).
     #[serde(default)]
     pub config_text: Option<String>,
+    /// The binary the old image exec'd (None: unknown, hash it).
+    #[serde(default)]
+    pub binary: Option<crate::deploy::Known>,
+    #[serde(default)]
+    pub last_refused_deploy: Option<crate::deploy::Refused>,
 }
 
 fn no_fd() -> i32 {
@@ -145,7 +150,9 @@ pub fn monotonic_us() -> u64 {
 /// Replaces this process image with `exe argv`, carrying `state`. Returns only on failure.
 /// The caller has joined the worker threads, blocked signals and cleared FD_CLOEXEC on the
 /// pidfile.
-pub fn exec(exe: &Path, argv: &[OsString], state: &Inherited) -> Error {
+/// `carry` is the path the next generation should consider its own (and watch for deploys):
+/// the first-start path, even when `exe` is `/proc/self/exe`.
+pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> Error {
     let json = match serde_json::to_string(state) {
         Ok(j) => j,
         Err(e) => return Error::Msg(format!("cannot encode restart state: {e}")),
@@ -154,7 +161,7 @@ pub fn exec(exe: &Path, argv: &[OsString], state: &Inherited) -> Error {
         .filter(|(k, _)| !k.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
         .collect();
     env.push((ENV_STATE.into(), json.into()));
-    env.push((ENV_EXE.into(), exe.as_os_str().to_owned()));
+    env.push((ENV_EXE.into(), carry.as_os_str().to_owned()));
 
     let cstr = |bytes: Vec<u8>| {
         CString::new(bytes).map_err(|_| Error::Msg("NUL byte in argv or environment".into()))

@@ -48,6 +48,8 @@ pub struct Inner {
     pub config_path: PathBuf,
     pub config_sha256: String,
     pub source: &'static str,
+    pub binary_sha256: Option<String>,
+    pub last_refused_deploy: Option<crate::deploy::Refused>,
 }
 
 impl State {
@@ -96,6 +98,10 @@ impl State {
             "config": i.config_path,
             "config_sha256": i.config_sha256,
             "binary": self.binary,
+            "binary_sha256": i.binary_sha256,
+            "last_refused_deploy": i.last_refused_deploy.as_ref().map(|r| json!({
+                "at": rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
+            })),
             "version": crate::VERSION,
             "source": i.source,
             "jobs_completed": self.completed.load(Ordering::Relaxed),

@@ -27,11 +27,13 @@ use crate::inotify::{Event, Inotify};
 pub enum Touched {
     Config,
     Jobs,
+    Binary,
 }
 
 const CONFIG: u8 = 1;
 const JOBS: u8 = 2;
 const QUEUE: u8 = 4;
+const BINARY: u8 = 8;
 
 /// What to watch in one generation.
 pub struct Targets<'a> {
@@ -39,6 +41,8 @@ pub struct Targets<'a> {
     pub jobs_dir: Option<&'a Path>,
     /// Directories where new jobs appear (the spool's `new/`).
     pub queue: Vec<PathBuf>,
+    /// The directory of the binary (deploys).
+    pub binary_dir: Option<&'a Path>,
 }
 
 /// Which targets could not be watched (the caller polls those instead).
@@ -75,6 +79,11 @@ pub fn start(
         unwatched.jobs = add(&[j.to_path_buf()], JOBS);
     }
     unwatched.queue = add(&targets.queue, QUEUE);
+    if let Some(b) = targets.binary_dir {
+        if let Some(e) = add(&[b.to_path_buf()], BINARY) {
+            log::warn!("{e}; deploys of a new binary will not be noticed");
+        }
+    }
 
     let ino = Arc::clone(inotify);
     std::thread::Builder::new()
@@ -92,7 +101,7 @@ pub fn start(
                 let mut bits = 0u8;
                 for e in events {
                     bits |= match e {
-                        Event::Overflow => CONFIG | JOBS | QUEUE,
+                        Event::Overflow => CONFIG | JOBS | QUEUE | BINARY,
                         // Watches of earlier generations that this one no longer routes.
                         Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
                     };
@@ -105,6 +114,9 @@ pub fn start(
                 }
                 if bits & JOBS != 0 {
                     let _ = touch_tx.try_send(Touched::Jobs);
+                }
+                if bits & BINARY != 0 {
+                    let _ = touch_tx.try_send(Touched::Binary);
                 }
             }
         })

@@ -20,6 +20,7 @@ use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use nix::sys::signal::Signal;
 
 use crate::config::Config;
+use crate::deploy::{Deploy, Step};
 use crate::error::{Error, Result};
 use crate::executable::{self, Children};
 use crate::functions::{Functions, Job, JobError, JobResult, Runner, Table};
@@ -255,6 +256,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             config_path: plan.config.path.clone(),
             config_sha256: plan.config.sha256.clone(),
             source: plan.config.source.kind(),
+            binary_sha256: inherited.binary.as_ref().map(|k| k.sha256.clone()),
+            last_refused_deploy: inherited.last_refused_deploy.clone(),
         }),
     });
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
@@ -275,6 +278,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
                 config: w.watch_config.then_some(plan.config.path.as_path()),
                 jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
                 queue: source.queue_dirs(),
+                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
             };
             let waker = Arc::clone(&source);
             let unwatched = watch::start(ino, &targets, touch_tx, move || waker.wake())?;
@@ -299,10 +303,26 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             poll_queue(&source)?;
         }
     }
+    // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
+    let deploy = plan.config.worker.watch_binary.then(|| {
+        let state = Arc::clone(&state);
+        Deploy::new(
+            &boot.exe,
+            &plan.config.path,
+            inherited.binary.clone(),
+            inherited.last_refused_deploy.clone(),
+            move |sha| {
+                if let Ok(mut i) = state.inner.lock() {
+                    i.binary_sha256 = Some(sha.to_string());
+                }
+            },
+        )
+    });
     signals::clear_mask()?;
 
     let (recycle_tx, recycle_rx) = bounded::<&'static str>(16);
     let mut ctl = Control {
+        deploy,
         limits: Arc::new(Limits::new(&plan.config.worker)),
         recycle_tx,
         recycle_rx,
@@ -346,6 +366,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 }
 
 struct Control {
+    deploy: Option<Deploy>,
     limits: Arc<Limits>,
     recycle_tx: Sender<&'static str>,
     recycle_rx: Receiver<&'static str>,
@@ -379,6 +400,12 @@ impl Control {
     ) -> Result<i32> {
         let (done_tx, done_rx) = bounded::<()>(1024);
         let recycle = self.recycle_rx.clone();
+        // The binary's sha is computed in the background: look once it may be known, and for a
+        // candidate dropped while we were starting.
+        let mut binary_at: Option<Instant> = self
+            .deploy
+            .as_ref()
+            .map(|_| Instant::now() + Duration::from_millis(200));
         let mut age = match self.limits.max_age {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
             None => never(),
@@ -401,6 +428,10 @@ impl Control {
         let mut terms = 0;
 
         loop {
+            let binary_timer = match binary_at {
+                Some(t) => after(t.saturating_duration_since(Instant::now())),
+                None => never(),
+            };
             let timer = match (check_at, self.poll_fallback) {
                 (Some(t), _) => after(t.saturating_duration_since(Instant::now())),
                 (None, true) => after(POLL_FALLBACK),
@@ -448,7 +479,29 @@ impl Control {
                         other => log::info!("{}: ignored", other.as_str()),
                     }
                 }
-                recv(touch_rx) -> _ => {
+                recv(binary_timer) -> _ => {
+                    binary_at = None;
+                    let mut approved = false;
+                    if let Some(d) = self.deploy.as_mut() {
+                        match d.check() {
+                            Step::Nothing => {}
+                            Step::CheckIn(after) => binary_at = Some(Instant::now() + after),
+                            Step::Approved => approved = true,
+                        }
+                        if let Ok(mut i) = self.state.inner.lock() {
+                            i.last_refused_deploy = d.last_refused.clone();
+                            i.binary_sha256 = d.running_sha();
+                        }
+                    }
+                    if approved {
+                        self.request_restart(&mut phase, "binary changed");
+                    }
+                }
+                recv(touch_rx) -> touched => {
+                    if touched == Ok(Touched::Binary) {
+                        binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                        continue;
+                    }
                     let now = Instant::now();
                     let first = *first_touch.get_or_insert(now);
                     // Debounce, but never postpone by more than a second under a stream of events.
@@ -618,11 +671,32 @@ impl Control {
             requested_mono_us,
             // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
             config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
+            binary: None,
+            last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
+        };
+        let mut next = next;
+        // Exec the path only if it holds a validated binary; else this very image again.
+        let exe = match &self.deploy {
+            Some(d) => {
+                let (exe, known) = d.exec_target();
+                let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
+                if switching {
+                    match d.save_last_good(&plan.config.worker.state_dir) {
+                        Ok(p) => log::info!("deploy: kept the running binary as {}", p.display()),
+                        Err(e) => log::warn!(
+                            "deploy: could not keep the running binary as last-good: {e}"
+                        ),
+                    }
+                }
+                next.binary = known;
+                exe
+            }
+            None => self.boot.exe.clone(),
         };
         drop(plan);
         log::info!(
             "{reason}: re-exec \"{}\" as generation {}",
-            self.boot.exe.display(),
+            exe.display(),
             self.state.generation + 1
         );
         log::logger().flush();
@@ -639,7 +713,7 @@ impl Control {
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())
         {
-            Ok(()) => reexec::exec(&self.boot.exe, &self.boot.argv, &next),
+            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
             Err(e) => e,
         };
         // execve failed: carry on as we were.

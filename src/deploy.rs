@@ -1,0 +1,382 @@
+//! Deploys: picking up a new binary dropped over the one we run, safely.
+//!
+//! The directory of the binary's path is watched (a rename over it, a new hard link and an
+//! in-place write all show there). A changed file is a candidate once it has been stable (same
+//! inode, size, mtime and mode) for [`SETTLE`], is executable, and its sha256 differs from the
+//! running image's. The candidate is then run as `CANDIDATE -c CONFIG check` (a child with a
+//! timeout and a clean environment); exit 0 approves it and the worker re-execs into it at the
+//! next between-jobs point. Anything else refuses it: the candidate's own output goes to the log
+//! and to `status` (`last_refused_deploy`), and it is not tried again until the file changes.
+//!
+//! Architecture invariant: a restart never execs an unvalidated binary. The path is exec'd only
+//! if it still holds the running image or the approved candidate (same identity); otherwise the
+//! running image itself is exec'd through `/proc/self/exe`.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::hex;
+
+/// How long a candidate must stay unchanged before it is considered whole.
+pub const SETTLE: Duration = Duration::from_millis(500);
+/// How long a pre-flight may take.
+pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A file's identity: any write, rename or chmod changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ident {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    mode: u32,
+}
+
+impl Ident {
+    pub fn of(path: &Path) -> Option<Ident> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Ident {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            mode: m.permissions().mode(),
+        })
+    }
+}
+
+/// A binary we know: where its identity came from, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known {
+    pub ident: Option<Ident>,
+    pub sha256: String,
+}
+
+/// A refused candidate, for `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refused {
+    pub at_ms: u64,
+    pub sha256: String,
+    pub error: String,
+}
+
+/// What the background check of a stable candidate found.
+enum Outcome {
+    /// The same bytes as the running image (a touch, or a copy of the same build).
+    Same(String),
+    Unreadable(String),
+    Checked(String, Result<(), String>),
+}
+
+/// What the control loop should do next about the binary.
+pub enum Step {
+    Nothing,
+    /// Look again after this long (the file is still changing, or the pre-flight runs).
+    CheckIn(Duration),
+    /// The candidate passed its pre-flight: restart into it.
+    Approved,
+}
+
+pub struct Deploy {
+    path: PathBuf,
+    config: PathBuf,
+    /// The running image (sha computed in the background on a first start).
+    running: Arc<Mutex<Option<Known>>>,
+    last_seen: Option<(Ident, Instant)>,
+    refused: Option<Ident>,
+    approved: Option<Known>,
+    preflight: Option<(Ident, Receiver<Outcome>)>,
+    pub last_refused: Option<Refused>,
+}
+
+impl Deploy {
+    /// `running` is what the previous generation exec'd, if it knew; otherwise the image is
+    /// hashed in the background (not on the restart path).
+    pub fn new(
+        path: &Path,
+        config: &Path,
+        running: Option<Known>,
+        last_refused: Option<Refused>,
+        publish: impl Fn(&str) + Send + 'static,
+    ) -> Deploy {
+        let known = Arc::new(Mutex::new(running.clone()));
+        if running.is_none() {
+            let slot = Arc::clone(&known);
+            let path = path.to_path_buf();
+            let _ = std::thread::Builder::new()
+                .name("hash-self".into())
+                .spawn(move || {
+                    // /proc/self/exe is the image we run, even if the path was replaced since.
+                    if let Ok(sha) = hash_file(Path::new("/proc/self/exe")) {
+                        let before = Ident::of(&path);
+                        let same =
+                            before.filter(|_| hash_file(&path).ok().as_deref() == Some(&sha));
+                        let same = same.filter(|i| Ident::of(&path) == Some(*i));
+                        publish(&sha);
+                        if let Ok(mut k) = slot.lock() {
+                            *k = Some(Known {
+                                ident: same,
+                                sha256: sha,
+                            });
+                        }
+                    }
+                });
+        }
+        Deploy {
+            path: path.to_path_buf(),
+            config: config.to_path_buf(),
+            running: known,
+            last_seen: None,
+            refused: None,
+            approved: None,
+            preflight: None,
+            last_refused,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn running_sha(&self) -> Option<String> {
+        self.running
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(|k| k.sha256.clone()))
+    }
+
+    fn running_ident(&self) -> Option<Ident> {
+        self.running
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().and_then(|k| k.ident))
+    }
+
+    /// Looks at the file after an event or a timer.
+    pub fn check(&mut self) -> Step {
+        if let Some(step) = self.poll_preflight() {
+            return step;
+        }
+        let Some(ident) = Ident::of(&self.path) else {
+            return Step::Nothing;
+        };
+        if Some(ident) == self.running_ident()
+            || Some(ident) == self.refused
+            || self.approved.as_ref().and_then(|a| a.ident) == Some(ident)
+        {
+            return Step::Nothing;
+        }
+        // Stable for SETTLE?
+        match self.last_seen {
+            Some((seen, since)) if seen == ident => {
+                if since.elapsed() < SETTLE {
+                    return Step::CheckIn(SETTLE.saturating_sub(since.elapsed()));
+                }
+            }
+            _ => {
+                self.last_seen = Some((ident, Instant::now()));
+                return Step::CheckIn(SETTLE);
+            }
+        }
+        if ident.mode & 0o111 == 0 {
+            self.refuse(ident, String::new(), "the file is not executable".into());
+            return Step::Nothing;
+        }
+        // Hashing a binary and running its pre-flight take a while: not on the control thread.
+        let (tx, rx) = bounded(1);
+        let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
+        let _ = std::thread::Builder::new()
+            .name("preflight".into())
+            .spawn(move || {
+                let outcome = match hash_file(&path) {
+                    Err(e) => Outcome::Unreadable(e.to_string()),
+                    Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+                    Ok(sha) => {
+                        log::info!(
+                            "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
+                            path.display(),
+                            short(&sha)
+                        );
+                        let result = preflight(&path, &config);
+                        Outcome::Checked(sha, result)
+                    }
+                };
+                let _ = tx.send(outcome);
+            });
+        self.preflight = Some((ident, rx));
+        Step::CheckIn(Duration::from_millis(50))
+    }
+
+    fn poll_preflight(&mut self) -> Option<Step> {
+        let (ident, rx) = self.preflight.as_ref()?;
+        let outcome = match rx.try_recv() {
+            Ok(r) => r,
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                return Some(Step::CheckIn(Duration::from_millis(50)))
+            }
+            Err(_) => Outcome::Unreadable("the pre-flight thread died".into()),
+        };
+        let ident = *ident;
+        self.preflight = None;
+        if Ident::of(&self.path) != Some(ident) {
+            // The file changed meanwhile: start over with what is there now.
+            self.last_seen = None;
+            return Some(Step::CheckIn(SETTLE));
+        }
+        let (sha, result) = match outcome {
+            Outcome::Same(sha) => {
+                if let Ok(mut k) = self.running.lock() {
+                    *k = Some(Known {
+                        ident: Some(ident),
+                        sha256: sha,
+                    });
+                }
+                return Some(Step::Nothing);
+            }
+            Outcome::Unreadable(e) => {
+                log::warn!("deploy: cannot read \"{}\": {e}", self.path.display());
+                self.last_seen = None;
+                return Some(Step::CheckIn(SETTLE));
+            }
+            Outcome::Checked(sha, result) => (sha, result),
+        };
+        match result {
+            Ok(()) => {
+                log::info!(
+                    "deploy: candidate sha256 {} passed its pre-flight",
+                    short(&sha)
+                );
+                self.approved = Some(Known {
+                    ident: Some(ident),
+                    sha256: sha,
+                });
+                Some(Step::Approved)
+            }
+            Err(e) if e.contains("Text file busy") => {
+                // Still open for writing somewhere: not whole yet.
+                self.last_seen = None;
+                Some(Step::CheckIn(SETTLE))
+            }
+            Err(e) => {
+                self.refuse(ident, sha, e);
+                Some(Step::Nothing)
+            }
+        }
+    }
+
+    fn refuse(&mut self, ident: Ident, sha: String, error: String) {
+        log::error!("deploy: refused \"{}\": {error}", self.path.display());
+        self.refused = Some(ident);
+        self.last_refused = Some(Refused {
+            at_ms: crate::spool::now_ms(),
+            sha256: sha,
+            error,
+        });
+    }
+
+    /// What to exec for the next generation, and what that image is.
+    pub fn exec_target(&self) -> (PathBuf, Option<Known>) {
+        let now = Ident::of(&self.path);
+        if let Some(a) = &self.approved {
+            if now.is_some() && a.ident == now {
+                return (self.path.clone(), Some(a.clone()));
+            }
+        }
+        let running = self.running.lock().ok().and_then(|k| k.clone());
+        match &running {
+            Some(k) if now.is_some() && k.ident == now => (self.path.clone(), running),
+            // The path holds something unvalidated (or we do not know yet): run this image again.
+            _ => (PathBuf::from("/proc/self/exe"), running),
+        }
+    }
+
+    /// Keeps a copy of the running image as `state_dir/last-good` (before switching to another).
+    pub fn save_last_good(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
+        let dest = state_dir.join("last-good");
+        let tmp = state_dir.join("last-good.tmp");
+        std::fs::copy("/proc/self/exe", &tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &dest)?;
+        Ok(dest)
+    }
+}
+
+/// First 12 hex digits, for log lines.
+pub fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+pub fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else its output.
+fn preflight(candidate: &Path, config: &Path) -> Result<(), String> {
+    let mut child = Command::new(candidate)
+        .arg("-c")
+        .arg(config)
+        .arg("check")
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| !crate::executable::is_internal_var(k)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the candidate: {e}"))?;
+    let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`check` did not finish within {}s",
+                    PREFLIGHT_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for the candidate: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut out = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut out);
+    }
+    if out.trim().is_empty() {
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+    }
+    let out = out.trim();
+    let tail: String = out
+        .chars()
+        .rev()
+        .take(1000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(format!("`check` failed ({status}): {tail}"))
+}

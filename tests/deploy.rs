@@ -1,0 +1,209 @@
+//! Deploys: a new binary dropped over the running one is pre-flighted and switched to between
+//! jobs; bad candidates are refused and serving goes on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+
+/// A second build of gearshift whose version says "deploy-test" (its own target dir, built
+/// once per test run; scripts/test builds it before the tests).
+fn second_build() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let target = root.join("target/deploy-test");
+            let out = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            )
+            .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
+            .arg(&target)
+            .env("GEARSHIFT_VERSION_SUFFIX", "deploy-test")
+            .current_dir(root)
+            .output()
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "building the second binary: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target.join("debug/gearshift")
+        })
+        .clone()
+}
+
+fn sha(path: &Path) -> String {
+    gearshift::deploy::hash_file(path).unwrap()
+}
+
+/// Drops `content` at `dest` the recommended way: temp file in the same directory, then rename.
+fn drop_by_rename(content: &Path, dest: &Path, mode: u32) {
+    let tmp = dest.with_extension("new");
+    fs::copy(content, &tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).unwrap();
+    fs::rename(&tmp, dest).unwrap();
+}
+
+/// A sandbox whose worker runs from its own copy of the binary (so the test can replace it).
+fn sandbox(name: &str) -> Sandbox {
+    let mut sb = Sandbox::new(name);
+    fs::create_dir_all(sb.path("bin")).unwrap();
+    let bin = sb.path("bin/gearshift");
+    fs::copy(BIN, &bin).unwrap();
+    sb.bin = bin;
+    sb
+}
+
+#[test]
+fn a_binary_dropped_by_rename_is_switched_to_between_jobs() {
+    let v2 = second_build();
+    let sb = sandbox("deploy");
+    let w = sb.start();
+    let before = w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    assert_eq!(before["binary_sha256"], sha(&sb.bin));
+    assert!(!before["version"].as_str().unwrap().contains("deploy-test"));
+
+    let long = sb.submit("sleep", "1500");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    drop_by_rename(&v2, &sb.bin, 0o755);
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "binary changed");
+    assert_eq!(s["pid"], w.pid(), "same PID");
+    assert_eq!(s["binary_sha256"], sha(&v2));
+    assert!(
+        s["version"].as_str().unwrap().ends_with("deploy-test"),
+        "{s}"
+    );
+    assert_eq!(
+        all_outcomes(&sb, &[long], Duration::from_secs(10))[0],
+        (true, "1500".into(), 1),
+        "the running job completed once"
+    );
+    assert_eq!(
+        sha(&sb.path("state/last-good")),
+        before["binary_sha256"].as_str().unwrap(),
+        "the old binary is kept"
+    );
+    let out = sb.run(&["--version"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deploy-test"));
+}
+
+#[test]
+fn bad_candidates_are_refused_and_serving_goes_on() {
+    let v2 = second_build();
+    let sb = sandbox("deploy-bad");
+    // The custom example binary has a Rust function `shout`; this jobs_dir has an executable of
+    // that name, so that binary rejects this config.
+    sb.job("shout.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    let script = sb.path("fails.sh");
+    fs::write(&script, "#!/bin/sh\necho 'candidate says no' >&2\nexit 1\n").unwrap();
+    let truncated = sb.path("truncated");
+    let bytes = fs::read(&v2).unwrap();
+    // Not half: a debug binary's second half is debug info, and its first half still runs.
+    fs::write(&truncated, &bytes[..bytes.len() / 64]).unwrap();
+    let cases: [(&Path, u32, &[&str]); 4] = [
+        (&v2, 0o644, &["not executable"]),
+        // The kernel may refuse to load it, or it may crash at start: refused either way.
+        (
+            &truncated,
+            0o755,
+            &["`check` failed", "cannot run the candidate"],
+        ),
+        (&script, 0o755, &["candidate says no"]),
+        (
+            &example("custom_worker"),
+            0o755,
+            &["already a built-in or Rust function"],
+        ),
+    ];
+    let mut refusals = 0;
+    for (file, mode, why) in cases {
+        let before = w.status()["last_refused_deploy"].clone();
+        drop_by_rename(file, &sb.bin, mode);
+        let s = w.wait_for(Duration::from_secs(30), why[0], |s| {
+            s["last_refused_deploy"] != before
+        });
+        let err = s["last_refused_deploy"]["error"].as_str().unwrap();
+        assert!(
+            why.iter().any(|w| err.contains(w)),
+            "{why:?} not in {err:?}"
+        );
+        assert_eq!(s["generation"], 1, "no switch to a refused binary");
+        refusals += 1;
+        // The client is the stock binary: the sandbox's own is whatever the test just dropped.
+        let out = std::process::Command::new(BIN)
+            .arg("-c")
+            .arg(sb.config())
+            .args(["submit", "--wait", "shout", "still here"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "STILL HERE",
+            "serving goes on"
+        );
+    }
+    assert_eq!(refusals, 4);
+    // A HUP now must not exec the refused file at the path: the running image is run again.
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    let s = w.wait_generation(2);
+    assert!(!s["version"].as_str().unwrap().contains("deploy-test"));
+    assert!(
+        !s["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "must_be_even"),
+        "not the custom binary"
+    );
+}
+
+#[test]
+fn a_slow_in_place_write_is_not_switched_to_before_it_is_whole() {
+    let v2 = second_build();
+    let sb = sandbox("deploy-slow");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    // The running image stays alive as a deleted inode; a new file is then written at the path
+    // in two halves with a pause longer than the settle time between them.
+    fs::remove_file(&sb.bin).unwrap();
+    let bytes = fs::read(&v2).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&sb.bin)
+        .unwrap();
+    fs::set_permissions(&sb.bin, fs::Permissions::from_mode(0o755)).unwrap();
+    f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        w.status()["generation"],
+        1,
+        "no switch to a half-written binary"
+    );
+    f.write_all(&bytes[bytes.len() / 2..]).unwrap();
+    drop(f);
+    let s = w.wait_generation(2);
+    assert_eq!(s["binary_sha256"], sha(&v2));
+    assert!(s["version"].as_str().unwrap().ends_with("deploy-test"));
+}
