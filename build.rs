@@ -22,6 +22,13 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=GEARSHIFT_VERSION={version}");
+    // Fault injection for the rollback test only: a build whose `run` dies during start-up
+    // (after the point where a rollback is decided), while `check` passes.
+    println!("cargo::rustc-check-cfg=cfg(gearshift_crash_on_run)");
+    println!("cargo:rerun-if-env-changed=GEARSHIFT_CRASH_ON_RUN");
+    if std::env::var_os("GEARSHIFT_CRASH_ON_RUN").is_some() {
+        println!("cargo:rustc-cfg=gearshift_crash_on_run");
+    }
     println!("cargo:rerun-if-env-changed=GEARSHIFT_VERSION_SUFFIX");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");

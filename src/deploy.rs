@@ -68,6 +68,65 @@ pub struct Refused {
     pub error: String,
 }
 
+/// Written before switching to a new binary, removed once a generation serves. Found by a fresh
+/// start whose own image is `to_sha`, it means that binary died during start-up: roll back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Marker {
+    pub from_sha: String,
+    pub to_sha: String,
+    pub last_good: PathBuf,
+    pub at_ms: u64,
+}
+
+/// A rollback that happened, for `status` and the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollback {
+    pub from_sha: String,
+    pub to_sha: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+pub fn marker_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("deploy-pending.json")
+}
+
+pub fn write_marker(state_dir: &Path, marker: &Marker) -> std::io::Result<()> {
+    let json = serde_json::to_vec(marker).map_err(std::io::Error::other)?;
+    let tmp = state_dir.join("deploy-pending.json.tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, marker_path(state_dir))
+}
+
+pub fn read_marker(state_dir: &Path) -> Option<Marker> {
+    serde_json::from_slice(&std::fs::read(marker_path(state_dir)).ok()?).ok()
+}
+
+pub fn clear_marker(state_dir: &Path) {
+    let _ = std::fs::remove_file(marker_path(state_dir));
+}
+
+/// On a fresh start: if this image is the binary a deploy switched to and the marker is still
+/// there, that binary died before serving. Returns the rollback to perform (exec `last_good`).
+pub fn rollback_needed(state_dir: &Path) -> Option<(Marker, Rollback)> {
+    let marker = read_marker(state_dir)?;
+    let me = hash_file(Path::new("/proc/self/exe")).ok()?;
+    if me != marker.to_sha || !marker.last_good.is_file() {
+        return None;
+    }
+    let reason = match crate::supervisor::from_env().and_then(|i| i.last_exit) {
+        Some(exit) => format!("the new binary {exit} before it was serving"),
+        None => "the new binary died before it was serving".to_string(),
+    };
+    let rollback = Rollback {
+        from_sha: marker.to_sha.clone(),
+        to_sha: marker.from_sha.clone(),
+        reason,
+        at_ms: crate::spool::now_ms(),
+    };
+    Some((marker, rollback))
+}
+
 /// What the background check of a stable candidate found.
 enum Outcome {
     /// The same bytes as the running image (a touch, or a copy of the same build).
@@ -95,6 +154,8 @@ pub struct Deploy {
     approved: Option<Known>,
     preflight: Option<(Ident, Receiver<Outcome>)>,
     pub last_refused: Option<Refused>,
+    /// A binary that was rolled back from: refused on sight.
+    known_bad: Option<String>,
 }
 
 impl Deploy {
@@ -139,7 +200,13 @@ impl Deploy {
             approved: None,
             preflight: None,
             last_refused,
+            known_bad: None,
         }
+    }
+
+    /// Refuses this digest without a pre-flight (a binary we rolled back from).
+    pub fn mark_bad(&mut self, sha: &str) {
+        self.known_bad = Some(sha.to_string());
     }
 
     pub fn path(&self) -> &Path {
@@ -193,12 +260,17 @@ impl Deploy {
         // Hashing a binary and running its pre-flight take a while: not on the control thread.
         let (tx, rx) = bounded(1);
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
+        let bad = self.known_bad.clone();
         let _ = std::thread::Builder::new()
             .name("preflight".into())
             .spawn(move || {
                 let outcome = match hash_file(&path) {
                     Err(e) => Outcome::Unreadable(e.to_string()),
                     Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+                    Ok(sha) if Some(&sha) == bad.as_ref() => Outcome::Checked(
+                        sha,
+                        Err("this binary was rolled back: it died during start-up".into()),
+                    ),
                     Ok(sha) => {
                         log::info!(
                             "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",

@@ -49,6 +49,8 @@ pub struct Inherited {
     pub binary: Option<crate::deploy::Known>,
     #[serde(default)]
     pub last_refused_deploy: Option<crate::deploy::Refused>,
+    #[serde(default)]
+    pub last_rollback: Option<crate::deploy::Rollback>,
 }
 
 fn no_fd() -> i32 {
@@ -157,11 +159,37 @@ pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> E
         Ok(j) => j,
         Err(e) => return Error::Msg(format!("cannot encode restart state: {e}")),
     };
+    exec_with(
+        exe,
+        argv,
+        &[
+            (ENV_STATE, json.into()),
+            (ENV_EXE, carry.as_os_str().to_owned()),
+        ],
+    )
+}
+
+/// The environment variable a rollback exec carries (the new image starts afresh otherwise).
+pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
+
+/// A fresh start of `exe` (no carried state) telling it about a rollback.
+pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::deploy::Rollback) -> Error {
+    match serde_json::to_string(rollback) {
+        Ok(json) => exec_with(exe, argv, &[(ENV_ROLLBACK, json.into())]),
+        Err(e) => Error::Msg(format!("cannot encode rollback: {e}")),
+    }
+}
+
+/// The rollback a previous image performed, if this image was started by one.
+pub fn rollback_from_env() -> Option<crate::deploy::Rollback> {
+    serde_json::from_str(&std::env::var(ENV_ROLLBACK).ok()?).ok()
+}
+
+fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)]) -> Error {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !k.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
         .collect();
-    env.push((ENV_STATE.into(), json.into()));
-    env.push((ENV_EXE.into(), carry.as_os_str().to_owned()));
+    env.extend(extra.iter().map(|(k, v)| (OsString::from(k), v.clone())));
 
     let cstr = |bytes: Vec<u8>| {
         CString::new(bytes).map_err(|_| Error::Msg("NUL byte in argv or environment".into()))

@@ -50,6 +50,7 @@ pub struct Inner {
     pub source: &'static str,
     pub binary_sha256: Option<String>,
     pub last_refused_deploy: Option<crate::deploy::Refused>,
+    pub last_rollback: Option<crate::deploy::Rollback>,
 }
 
 impl State {
@@ -99,6 +100,9 @@ impl State {
             "config_sha256": i.config_sha256,
             "binary": self.binary,
             "binary_sha256": i.binary_sha256,
+            "last_rollback": i.last_rollback.as_ref().map(|r| json!({
+                "at": rfc3339_ms(r.at_ms), "from_sha256": r.from_sha, "to_sha256": r.to_sha, "reason": r.reason,
+            })),
             "last_refused_deploy": i.last_refused_deploy.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
             })),

@@ -189,6 +189,28 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // since then are picked up by the check right after start-up, validated like any other.
     let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
     let plan = Plan::prepare_from(&config_path, &functions, inherited_text.as_deref())?;
+    if boot.inherited.is_none() {
+        // A fresh start of a binary that a deploy switched to, whose marker is still there:
+        // that binary died before serving (and a supervisor or systemd started it again).
+        if let Some((marker, rb)) = crate::deploy::rollback_needed(&plan.config.worker.state_dir) {
+            log::error!(
+                "rolled back from {} to {}: {}",
+                crate::deploy::short(&rb.from_sha),
+                crate::deploy::short(&rb.to_sha),
+                rb.reason
+            );
+            crate::deploy::clear_marker(&plan.config.worker.state_dir);
+            log::logger().flush();
+            return Err(reexec::exec_rollback(&marker.last_good, &boot.argv, &rb));
+        }
+    }
+    #[cfg(gearshift_crash_on_run)]
+    {
+        log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");
+        log::logger().flush();
+        std::process::abort();
+    }
+    let last_rollback = reexec::rollback_from_env().or_else(|| inherited.last_rollback.clone());
     crate::logging::set_level(plan.config.log.level);
     if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
         crate::logging::set_file(file)?;
@@ -258,6 +280,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             source: plan.config.source.kind(),
             binary_sha256: inherited.binary.as_ref().map(|k| k.sha256.clone()),
             last_refused_deploy: inherited.last_refused_deploy.clone(),
+            last_rollback: None,
         }),
     });
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
@@ -321,8 +344,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     signals::clear_mask()?;
 
     let (recycle_tx, recycle_rx) = bounded::<&'static str>(16);
+    let mut deploy = deploy;
+    if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
+        d.mark_bad(&rb.from_sha);
+    }
+    if let Ok(mut i) = state.inner.lock() {
+        i.last_rollback = last_rollback.clone();
+    }
     let mut ctl = Control {
         deploy,
+        last_rollback,
         limits: Arc::new(Limits::new(&plan.config.worker)),
         recycle_tx,
         recycle_rx,
@@ -367,6 +398,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 
 struct Control {
     deploy: Option<Deploy>,
+    last_rollback: Option<crate::deploy::Rollback>,
     limits: Arc<Limits>,
     recycle_tx: Sender<&'static str>,
     recycle_rx: Receiver<&'static str>,
@@ -412,6 +444,8 @@ impl Control {
         };
         self.spawn_lanes(&done_tx)?;
         self.notify("READY=1");
+        // Serving: a deploy that switched to this binary has succeeded.
+        crate::deploy::clear_marker(&self.plan.config.worker.state_dir);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
             let _ = writeln!(f, "ready {}", std::process::id());
@@ -673,6 +707,7 @@ impl Control {
             config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
             binary: None,
             last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
+            last_rollback: self.last_rollback.clone(),
         };
         let mut next = next;
         // Exec the path only if it holds a validated binary; else this very image again.
@@ -681,11 +716,24 @@ impl Control {
                 let (exe, known) = d.exec_target();
                 let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
                 if switching {
-                    match d.save_last_good(&plan.config.worker.state_dir) {
-                        Ok(p) => log::info!("deploy: kept the running binary as {}", p.display()),
-                        Err(e) => log::warn!(
-                            "deploy: could not keep the running binary as last-good: {e}"
-                        ),
+                    let state_dir = &plan.config.worker.state_dir;
+                    match (d.save_last_good(state_dir), d.running_sha(), &known) {
+                        (Ok(last_good), Some(from_sha), Some(to)) => {
+                            log::info!("deploy: kept the running binary as {}", last_good.display());
+                            let marker = crate::deploy::Marker {
+                                from_sha,
+                                to_sha: to.sha256.clone(),
+                                last_good,
+                                at_ms: now_ms(),
+                            };
+                            if let Err(e) = crate::deploy::write_marker(state_dir, &marker) {
+                                log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
+                            }
+                        }
+                        (Err(e), _, _) => {
+                            log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")
+                        }
+                        _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
                     }
                 }
                 next.binary = known;

@@ -13,30 +13,39 @@ use std::time::Duration;
 
 use common::*;
 
-/// A second build of gearshift whose version says "deploy-test" (its own target dir, built
-/// once per test run; scripts/test builds it before the tests).
+/// Builds gearshift into its own target dir with `env` set at build time (once per run).
+fn build(target: &str, env: (&str, &str)) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target").join(target);
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
+        .arg(&dir)
+        .env(env.0, env.1)
+        .env("GEARSHIFT_VERSION_SUFFIX", target)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("debug/gearshift")
+}
+
+/// A second build of gearshift whose version says "deploy-test".
 fn second_build() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let target = root.join("target/deploy-test");
-            let out = std::process::Command::new(
-                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-            )
-            .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
-            .arg(&target)
-            .env("GEARSHIFT_VERSION_SUFFIX", "deploy-test")
-            .current_dir(root)
-            .output()
-            .unwrap();
-            assert!(
-                out.status.success(),
-                "building the second binary: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            target.join("debug/gearshift")
-        })
+        .get_or_init(|| build("deploy-test", ("GEARSHIFT_UNUSED", "")))
+        .clone()
+}
+
+/// A build whose `check` passes but whose `run` dies during start-up (GEARSHIFT_CRASH_ON_RUN).
+fn crashing_build() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1")))
         .clone()
 }
 
@@ -206,4 +215,89 @@ fn a_slow_in_place_write_is_not_switched_to_before_it_is_whole() {
     let s = w.wait_generation(2);
     assert_eq!(s["binary_sha256"], sha(&v2));
     assert!(s["version"].as_str().unwrap().ends_with("deploy-test"));
+}
+
+#[test]
+fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
+    let bad = crashing_build();
+    let sb = sandbox("rollback");
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pidfile = sb.path("state/gearshift.pid");
+    let read = |sb: &Sandbox| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::process::Command::new(BIN)
+                .arg("-c")
+                .arg(sb.config())
+                .args(["status", "--json"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(30), "the running sha", || {
+        read(&sb)["binary_sha256"].is_string()
+    });
+    let good = read(&sb)["binary_sha256"].as_str().unwrap().to_string();
+    let first_pid = fs::read_to_string(&pidfile).unwrap().trim().to_string();
+
+    drop_by_rename(&bad, &sb.bin, 0o755);
+    // Pre-flight passes, the worker switches, the new image dies, the supervisor starts the path
+    // again, and that fresh start finds the deploy marker and execs the last-good binary.
+    eventually(Duration::from_secs(60), "the rollback", || {
+        let s = read(&sb);
+        s["last_rollback"].is_object() && s["binary_sha256"].is_string()
+    });
+    let s = read(&sb);
+    assert_eq!(
+        s["binary_sha256"],
+        good.as_str(),
+        "running the last-good binary: {s}"
+    );
+    assert_eq!(s["last_rollback"]["from_sha256"], sha(&bad));
+    assert_eq!(s["last_rollback"]["to_sha256"], good.as_str());
+    assert!(
+        s["last_rollback"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SIGABRT"),
+        "{s}"
+    );
+    assert_eq!(s["supervisor"]["crashes"], 1);
+    assert_ne!(s["pid"].to_string(), first_pid);
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "rolled back from {} to {}",
+            &sha(&bad)[..12],
+            &good[..12]
+        )),
+        "{log}"
+    );
+    // The bad binary still sits at the path: it is refused, not switched to again.
+    eventually(Duration::from_secs(30), "the refusal", || {
+        read(&sb)["last_refused_deploy"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("rolled back"))
+    });
+    let out = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .args(["submit", "--wait", "reverse", "ok"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ko", "serving");
+    let out = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("stop")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
 }
