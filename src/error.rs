@@ -75,18 +75,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Adds "while doing what" to `io::Result`s.
 pub trait IoContext<T> {
-    fn about(self, about: impl FnOnce() -> String) -> Result<T>;
     fn at(self, verb: &str, path: &Path) -> Result<T>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
-    fn about(self, about: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            about: about(),
-            source,
-        })
-    }
-
     fn at(self, verb: &str, path: &Path) -> Result<T> {
         self.map_err(|source| Error::io_path(verb, path, source))
     }

@@ -371,10 +371,6 @@ pub fn all_outcomes(sb: &Sandbox, ids: &[String], limit: Duration) -> Vec<(bool,
         .collect()
 }
 
-pub fn file_exists(p: &Path) -> bool {
-    p.exists()
-}
-
 /// A real gearmand on a free loopback port, stopped (by pid, bounded) when dropped.
 pub struct Gearmand {
     pub child: Child,
