@@ -31,6 +31,9 @@ pub struct Inherited {
     /// The inotify instance handed over (-1: none).
     #[serde(default = "no_fd")]
     pub inotify_fd: i32,
+    /// The source's state handed over (the spool's queue listing; -1: none).
+    #[serde(default = "no_fd")]
+    pub source_fd: i32,
     pub started_at_ms: u64,
     pub restarted_at_ms: u64,
     pub reason: String,

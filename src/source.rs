@@ -77,6 +77,21 @@ impl Source {
         }
     }
 
+    /// State worth handing to the next generation (the spool's sorted queue), as a descriptor.
+    pub fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
+        match self {
+            Source::Spool(s) => s.hand_over(),
+            Source::Gearman(_) => None,
+        }
+    }
+
+    /// Takes what the previous generation handed over.
+    pub fn take_over(&self, fd: std::os::fd::RawFd) {
+        if let Source::Spool(s) = self {
+            s.take_over(fd);
+        }
+    }
+
     /// Directories whose events mean new jobs may be waiting (none for network sources).
     pub fn queue_dirs(&self) -> Vec<std::path::PathBuf> {
         match self {

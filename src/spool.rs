@@ -463,6 +463,56 @@ impl SpoolSource {
         self.waker.bump();
     }
 
+    /// Writes the sorted list of queued ids this worker already knows into a memfd for the next
+    /// generation, which then claims at once instead of listing `new/` (about 1 µs per queued
+    /// job). Only a hint: an id that is gone by then is skipped at claim, and jobs queued later
+    /// are found by the next listing, in order.
+    pub fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
+        let pending = self.pending.lock().ok()?;
+        if pending.is_empty() {
+            return None;
+        }
+        let name = c"gearshift-pending";
+        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .ok()?;
+        let mut file = File::from(fd);
+        let mut text = String::with_capacity(pending.len() * 32);
+        for id in pending.iter() {
+            text.push_str(id);
+            text.push('\n');
+        }
+        file.write_all(text.as_bytes()).ok()?;
+        Some(std::os::fd::OwnedFd::from(file))
+    }
+
+    /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
+    pub fn take_over(&self, fd: std::os::fd::RawFd) {
+        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            return;
+        };
+        if !link
+            .to_string_lossy()
+            .starts_with("/memfd:gearshift-pending")
+        {
+            return;
+        }
+        // SAFETY: the previous image handed us this memfd (checked above by its name) and
+        // nothing else in this image owns it.
+        let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut text = String::new();
+        use std::io::{Read, Seek};
+        if file.seek(std::io::SeekFrom::Start(0)).is_err()
+            || file.read_to_string(&mut text).is_err()
+        {
+            return;
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            if pending.is_empty() {
+                pending.extend(text.lines().filter(|l| valid_id(l)).map(String::from));
+            }
+        }
+    }
+
     /// The directory whose events mean "new jobs" (the worker watches it).
     pub fn queue_dir(&self) -> PathBuf {
         self.spool.dir("new")
@@ -890,6 +940,39 @@ mod tests {
         // Pruning runs in a lane before it claims or sleeps; a stopped lane returns first.
         src.prune();
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Unknown)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_queue_listing_is_handed_over() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempdir("handover");
+        let spool = Spool::open(&dir, false).expect("open");
+        let ids: Vec<String> = (0..5)
+            .map(|i| spool.submit("echo", &[i]).expect("submit"))
+            .collect();
+        let stop = AtomicBool::new(false);
+        let fd = {
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+            let mut lane = src.lane();
+            let first = lane.next(&stop).expect("next").expect("job");
+            lane.finish(&first, &Ok(Vec::new())).expect("finish");
+            src.hand_over().expect("a listing to hand over")
+        };
+        // A job claimed meanwhile by someone else is skipped, not an error.
+        fs::remove_file(dir.join("new").join(&ids[2])).expect("rm");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        src.take_over(fd.into_raw_fd());
+        let mut lane = src.lane();
+        let mut got = Vec::new();
+        while let Some(job) = {
+            let stop_now = AtomicBool::new(src.pending.lock().expect("lock").is_empty());
+            lane.next(&stop_now).expect("next")
+        } {
+            got.push(job.id.clone());
+            lane.finish(&job, &Ok(Vec::new())).expect("finish");
+        }
+        assert_eq!(got, [ids[1].clone(), ids[3].clone(), ids[4].clone()]);
         let _ = fs::remove_dir_all(&dir);
     }
 

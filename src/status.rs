@@ -80,6 +80,9 @@ impl State {
                 Value::from(rfc3339_ms(ms))
             }
         };
+        // The pause is stored before the first claim is published (Release): load the claim
+        // first (Acquire) so a reader that sees the claim also sees the pause.
+        let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
         json!({
             "pid": self.pid,
@@ -90,7 +93,7 @@ impl State {
             "restarts": self.restarts,
             "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
             "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
-            "first_claim_monotonic_us": self.first_claim_mono_us.load(Ordering::Relaxed),
+            "first_claim_monotonic_us": first_claim,
             "generation_jobs": self.generation_jobs.load(Ordering::Relaxed),
             "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,

@@ -249,6 +249,14 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let owned_refs: Vec<&Path> = owned.iter().map(PathBuf::as_path).collect();
     crate::privilege::settle(&plan.config, &owned_refs)?;
     let source = Arc::new(Source::open(&plan.config, generation)?);
+    if let Some(fd) = boot
+        .inherited
+        .as_ref()
+        .map(|i| i.source_fd)
+        .filter(|&fd| fd >= 0)
+    {
+        source.take_over(fd);
+    }
 
     let now = now_ms();
     let state = Arc::new(State {
@@ -694,6 +702,7 @@ impl Control {
             generation: self.state.generation,
             pidfile_fd: self.pidfile.fd(),
             inotify_fd: self.inotify.as_ref().map_or(-1, |i| i.fd()),
+            source_fd: -1,
             started_at_ms: self.state.started_at_ms,
             restarted_at_ms: now_ms(),
             reason: reason.to_string(),
@@ -757,6 +766,19 @@ impl Control {
                 .map_err(|e| Error::io("keeping inotify across exec", e)),
             None => Ok(()),
         };
+        // Handed over as an open descriptor (closed again here if the exec fails).
+        let handed = self.source.hand_over();
+        if let Some(fd) = &handed {
+            use std::os::fd::AsRawFd;
+            if nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .is_ok()
+            {
+                next.source_fd = fd.as_raw_fd();
+            }
+        }
         let err = match signals::block()
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())
