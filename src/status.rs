@@ -34,7 +34,8 @@ pub struct State {
     /// Jobs finished by this generation (for `max_jobs`).
     pub generation_jobs: AtomicU64,
     /// The job each lane is running (id, function), for `status` and `stop --force`.
-    pub running: Mutex<Vec<Option<(String, String)>>>,
+    /// Per lane: (running?, id, function); the strings are reused, so no allocation per job.
+    pub running: Mutex<Vec<(bool, String, String)>>,
     pub inner: Mutex<Inner>,
 }
 
@@ -64,7 +65,13 @@ impl State {
     pub fn set_running(&self, lane: usize, job: Option<(&str, &str)>) {
         if let Ok(mut r) = self.running.lock() {
             if let Some(slot) = r.get_mut(lane) {
-                *slot = job.map(|(id, f)| (id.to_string(), f.to_string()));
+                slot.0 = job.is_some();
+                if let Some((id, f)) = job {
+                    slot.1.clear();
+                    slot.1.push_str(id);
+                    slot.2.clear();
+                    slot.2.push_str(f);
+                }
             }
         }
     }
@@ -116,8 +123,8 @@ impl State {
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "functions": i.functions,
             "supervisor": crate::supervisor::from_env(),
-            "running_jobs": self.running.lock().map(|r| r.iter().flatten()
-                .map(|(id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
+            "running_jobs": self.running.lock().map(|r| r.iter().filter(|s| s.0)
+                .map(|(_, id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
         })
     }
 }

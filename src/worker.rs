@@ -277,7 +277,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
         generation_jobs: 0.into(),
-        running: std::sync::Mutex::new(vec![None; plan.config.worker.concurrency]),
+        running: std::sync::Mutex::new(vec![
+            (false, String::new(), String::new());
+            plan.config.worker.concurrency
+        ]),
         inner: std::sync::Mutex::new(Inner {
             phase: "running",
             refusals: inherited.refusals,
