@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -22,7 +22,6 @@ use crate::error::{Error, IoContext, Result};
 /// A held pidfile lock.
 pub struct Pidfile {
     file: File,
-    path: PathBuf,
 }
 
 /// What the lock says about a pidfile.
@@ -65,10 +64,7 @@ impl Pidfile {
         file.set_len(0).at("truncating pidfile", path)?;
         file.seek(SeekFrom::Start(0)).at("writing pidfile", path)?;
         writeln!(file, "{}", std::process::id()).at("writing pidfile", path)?;
-        Ok(Pidfile {
-            file,
-            path: path.to_path_buf(),
-        })
+        Ok(Pidfile { file })
     }
 
     /// Takes back the lock inherited across execve as descriptor `fd`, if it still is the
@@ -88,10 +84,7 @@ impl Pidfile {
             return None;
         }
         let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-        Some(Pidfile {
-            file,
-            path: path.to_path_buf(),
-        })
+        Some(Pidfile { file })
     }
 
     /// Empties the file, keeping the lock (just before a clean exit).
@@ -101,10 +94,6 @@ impl Pidfile {
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Lets the descriptor survive execve (just before it).

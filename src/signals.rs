@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
-use signal_hook::iterator::{Handle, Signals as Iter};
+use signal_hook::iterator::Signals as Iter;
 
 use crate::error::{Error, Result};
 
@@ -34,8 +34,8 @@ fn handled_set() -> SigSet {
 
 /// The installed handlers and the thread forwarding them to the worker loop.
 pub struct Signals {
-    handle: Handle,
-    thread: Option<JoinHandle<()>>,
+    // The forwarding thread lives as long as the image; execve ends it.
+    _thread: JoinHandle<()>,
 }
 
 impl Signals {
@@ -45,7 +45,6 @@ impl Signals {
     pub fn install(tx: Sender<Signal>) -> Result<Signals> {
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
         let mut iter = Iter::new(&raw).map_err(|e| Error::io("installing signal handlers", e))?;
-        let handle = iter.handle();
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -58,18 +57,7 @@ impl Signals {
                 }
             })
             .map_err(|e| Error::io("spawning signal thread", e))?;
-        Ok(Signals {
-            handle,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops forwarding and joins the thread.
-    pub fn close(mut self) {
-        self.handle.close();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(Signals { _thread: thread })
     }
 }
 

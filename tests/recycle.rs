@@ -10,11 +10,7 @@ use common::*;
 #[test]
 fn max_jobs_recycles_about_every_n_jobs_and_loses_none() {
     let sb = Sandbox::new("max-jobs");
-    let cfg = sb.config_text("").replace(
-        "allow_root = true",
-        "allow_root = true\nmax_jobs = 50\nrecycle_splay = 0.0",
-    );
-    std::fs::write(sb.config(), cfg).unwrap();
+    sb.write_worker_config("max_jobs = 50\nrecycle_splay = 0.0");
     let w = sb.start();
     let spool = open_spool(&sb);
     let ids: Vec<String> = (0..500)
@@ -44,11 +40,7 @@ fn max_jobs_recycles_about_every_n_jobs_and_loses_none() {
 fn max_rss_recycles_a_leaking_worker() {
     let mut sb = Sandbox::new("max-rss");
     sb.bin = example("custom_worker");
-    let cfg = sb.config_text("").replace(
-        "allow_root = true",
-        "allow_root = true\nmax_rss_mb = 40\nrecycle_splay = 0.0",
-    );
-    std::fs::write(sb.config(), cfg).unwrap();
+    sb.write_worker_config("max_rss_mb = 40\nrecycle_splay = 0.0");
     let w = sb.start();
     let rss = |pid: i32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -77,11 +69,7 @@ fn max_rss_recycles_a_leaking_worker() {
 #[test]
 fn max_age_recycles_an_old_generation() {
     let sb = Sandbox::new("max-age");
-    let cfg = sb.config_text("").replace(
-        "allow_root = true",
-        "allow_root = true\nmax_age = \"1s\"\nrecycle_splay = 0.0",
-    );
-    std::fs::write(sb.config(), cfg).unwrap();
+    sb.write_worker_config("max_age = \"1s\"\nrecycle_splay = 0.0");
     let w = sb.start();
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "max_age");

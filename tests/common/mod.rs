@@ -54,6 +54,15 @@ impl Sandbox {
         )
     }
 
+    /// Writes config.toml with extra keys in the [worker] section.
+    pub fn write_worker_config(&self, worker_keys: &str) {
+        let text = self.config_text("").replace(
+            "allow_root = true",
+            &format!("allow_root = true\n{worker_keys}"),
+        );
+        fs::write(self.config(), text).unwrap();
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
