@@ -149,20 +149,24 @@ impl Spool {
         if !valid_id(id) {
             return Ok(Lookup::Unknown);
         }
-        // A job moves new -> cur -> done|failed: looking in the reverse order, and at the finished
-        // places once more at the end, cannot miss one that moves while we look.
-        if let Some(r) = self.read_finished(id)? {
-            return Ok(Lookup::Finished(r));
+        // A job only moves forward, new -> cur -> done|failed, and is always in at least one of
+        // them (a rename moves it; `finish` stores the record before it leaves cur/). Looking in
+        // that same order cannot miss one that moves while we look: wherever it was not, it had
+        // already left. (Looking backwards could: new/ checked just after the claim, cur/ just
+        // before it.) The last look at new/ covers start-up recovery moving cur/ back to new/.
+        if self.dir("new").join(id).exists() {
+            return Ok(Lookup::Queued);
         }
         if self.dir("cur").join(id).exists() {
             return Ok(Lookup::Running);
         }
-        if self.dir("new").join(id).exists() {
-            return Ok(Lookup::Queued);
+        if let Some(r) = self.read_finished(id)? {
+            return Ok(Lookup::Finished(r));
         }
-        Ok(match self.read_finished(id)? {
-            Some(r) => Lookup::Finished(r),
-            None => Lookup::Unknown,
+        Ok(if self.dir("new").join(id).exists() {
+            Lookup::Queued
+        } else {
+            Lookup::Unknown
         })
     }
 
@@ -940,6 +944,47 @@ mod tests {
         // Pruning runs in a lane before it claims or sleeps; a stopped lane returns first.
         src.prune();
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Unknown)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Lookups racing a consumer never lose sight of a job (they once did: looking at cur/ then
+    /// new/ could fall between the claim's rename and miss it, and `submit --wait` answered
+    /// "unknown id").
+    #[test]
+    fn lookups_racing_the_consumer_always_find_the_job() {
+        let dir = tempdir("race");
+        let spool = Spool::open(&dir, false).expect("open");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let ids: Vec<String> = (0..1000)
+            .map(|i| {
+                spool
+                    .submit("echo", i.to_string().as_bytes())
+                    .expect("submit")
+            })
+            .collect();
+        let consumer = {
+            let src = Arc::clone(&src);
+            std::thread::spawn(move || {
+                let mut lane = src.lane();
+                let stop = AtomicBool::new(false);
+                for _ in 0..1000 {
+                    let job = lane.next(&stop).expect("next").expect("job");
+                    lane.finish(&job, &Ok(Vec::new())).expect("finish");
+                }
+            })
+        };
+        let mut finished = 0;
+        while finished < ids.len() {
+            finished = 0;
+            for id in &ids {
+                match spool.lookup(id).expect("lookup") {
+                    Lookup::Unknown => panic!("job {id} lost sight of while it moved"),
+                    Lookup::Finished(_) => finished += 1,
+                    _ => {}
+                }
+            }
+        }
+        consumer.join().expect("consumer");
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -341,7 +341,13 @@ fn strict_modes_refuse_loose_files() {
     );
     assert_eq!(s["generation"], 1);
     let out = sb.run(&["submit", "--wait", "loose", "still served"]);
-    assert_eq!(text(&out.stdout), "still served");
+    assert_eq!(
+        text(&out.stdout),
+        "still served",
+        "{}\n{}",
+        text(&out.stderr),
+        w.log_text()
+    );
 }
 
 #[test]
