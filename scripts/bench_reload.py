@@ -45,7 +45,7 @@ def status(d):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(2)
     try:
-        s.connect(os.path.join(d, "state", "gearshift.sock"))
+        s.connect(os.path.join(d, "state", "worker", "gearshift.sock"))
         data = b""
         while True:
             chunk = s.recv(65536)

@@ -373,7 +373,7 @@ fn status(path: &Path, json: bool) -> Result<u8> {
             return Ok(UNKNOWN);
         }
     };
-    let s = match crate::status::query_patiently(&socket, Duration::from_secs(2)) {
+    let s = match crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gearshift is running (pid {pid}) but its status is unavailable: {e}");
@@ -437,14 +437,14 @@ fn status(path: &Path, json: bool) -> Result<u8> {
 
 fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     let (pid, socket, _) = running(path)?;
-    let before = crate::status::query_patiently(&socket, Duration::from_secs(5))?;
+    let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
     let generation = before["generation"].as_u64().unwrap_or(0);
     let refusals = before["reload_refusals"].as_u64().unwrap_or(0);
     kill(Pid::from_raw(pid), Signal::SIGHUP)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(now) = crate::status::query(&socket) {
+        if let Ok(now) = crate::status::query(&socket, Some(pid)) {
             let g = now["generation"].as_u64().unwrap_or(0);
             if g > generation {
                 println!("reloaded: generation {g} (pid {pid})");
@@ -482,7 +482,7 @@ fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     let mut said = false;
     while pidfile::probe(&pidfile)? != Probe::NotRunning {
         if !said && started.elapsed() > Duration::from_secs(1) {
-            if let Ok(s) = crate::status::query(&socket) {
+            if let Ok(s) = crate::status::query(&socket, Some(pid)) {
                 println!("waiting for {} running job(s) to finish", s["in_flight"]);
             }
             said = true;
@@ -493,7 +493,7 @@ fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
                     "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it"
                 )));
             }
-            let jobs: Vec<String> = crate::status::query(&socket)
+            let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
                 .ok()
                 .and_then(|s| s["running_jobs"].as_array().cloned())
                 .unwrap_or_default()

@@ -263,12 +263,12 @@ impl Config {
 
     /// Where the worker's pidfile lives.
     pub fn pidfile(&self) -> PathBuf {
-        self.worker.state_dir.join("gearshift.pid")
+        self.worker.state_dir.join(crate::layout::PIDFILE)
     }
 
     /// Where the worker answers `status`.
     pub fn status_socket(&self) -> PathBuf {
-        self.worker.state_dir.join("gearshift.sock")
+        crate::layout::worker_dir(&self.worker.state_dir).join(crate::layout::SOCKET)
     }
 }
 

@@ -13,7 +13,6 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::fcntl::OFlag;
@@ -33,8 +32,8 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
-    std::fs::create_dir_all(&cfg.worker.state_dir)
-        .map_err(|e| Error::io_path("creating state_dir", &cfg.worker.state_dir, e))?;
+    let target = crate::privilege::dropping_to(cfg)?;
+    crate::layout::prepare(&cfg.worker.state_dir, target.as_ref())?;
     if let Probe::Running(pid) = pidfile::probe(&cfg.pidfile())? {
         return Err(Error::Locked {
             what: cfg.pidfile(),
@@ -46,13 +45,8 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
         .log
         .file
         .clone()
-        .unwrap_or_else(|| cfg.worker.state_dir.join("gearshift.log"));
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(&log_file)
-        .map_err(|e| Error::io_path("opening log file", &log_file, e))?;
+        .unwrap_or_else(|| cfg.worker.state_dir.join(crate::layout::DEFAULT_LOG));
+    let log = crate::logging::open_log(&log_file, target.as_ref().map(|t| (t.uid, t.gid)))?;
     let argv: Vec<OsString> = vec![
         exe.clone().into_os_string(),
         "-c".into(),

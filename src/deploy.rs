@@ -12,6 +12,7 @@
 //! if it still holds the running image or the approved candidate (same identity); otherwise the
 //! running image itself is exec'd through `/proc/self/exe`.
 
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::hex;
+use crate::layout;
+use crate::safefs::Dir;
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -68,13 +71,14 @@ pub struct Refused {
     pub error: String,
 }
 
-/// Written before switching to a new binary, removed once a generation serves. Found by a fresh
-/// start whose own image is `to_sha`, it means that binary died during start-up: roll back.
+/// Written (by the worker, into its own `state_dir/worker/`) before switching to a new
+/// binary, removed once a generation serves. Found by a fresh start whose own image is
+/// `to_sha`, it means that binary died during start-up: roll back. It is data from the worker's
+/// user: it names no path, and root compares it with its own digest only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Marker {
     pub from_sha: String,
     pub to_sha: String,
-    pub last_good: PathBuf,
     pub at_ms: u64,
 }
 
@@ -87,33 +91,45 @@ pub struct Rollback {
     pub at_ms: u64,
 }
 
-pub fn marker_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("deploy-pending.json")
-}
+/// Largest deploy marker root agrees to read.
+const MAX_MARKER: u64 = 4096;
 
 pub fn write_marker(state_dir: &Path, marker: &Marker) -> std::io::Result<()> {
     let json = serde_json::to_vec(marker).map_err(std::io::Error::other)?;
-    let tmp = state_dir.join("deploy-pending.json.tmp");
+    let dir = layout::worker_dir(state_dir);
+    let tmp = dir.join(format!("{}.tmp", layout::MARKER));
     std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, marker_path(state_dir))
+    std::fs::rename(&tmp, dir.join(layout::MARKER))
 }
 
+/// Reads the marker as untrusted data: never through a link, at most [`MAX_MARKER`] bytes.
 pub fn read_marker(state_dir: &Path) -> Option<Marker> {
-    serde_json::from_slice(&std::fs::read(marker_path(state_dir)).ok()?).ok()
+    let dir = Dir::open(&layout::worker_dir(state_dir)).ok()?;
+    let bytes = dir.read_small(layout::MARKER, MAX_MARKER).ok()??;
+    serde_json::from_slice(&bytes).ok()
 }
 
 pub fn clear_marker(state_dir: &Path) {
-    let _ = std::fs::remove_file(marker_path(state_dir));
+    let _ = std::fs::remove_file(layout::worker_dir(state_dir).join(layout::MARKER));
 }
 
 /// On a fresh start: if this image is the binary a deploy switched to and the marker is still
-/// there, that binary died before serving. Returns the rollback to perform (exec `last_good`).
-pub fn rollback_needed(state_dir: &Path) -> Option<(Marker, Rollback)> {
+/// there, that binary died before serving. Returns the rollback to perform: exec the returned
+/// descriptor of `state_dir/last-good`, which only the owner of `state_dir` (root, under a
+/// privilege drop) can have written. The marker decides only *whether*, never *what*.
+pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     let marker = read_marker(state_dir)?;
     let me = hash_file(Path::new("/proc/self/exe")).ok()?;
-    if me != marker.to_sha || !marker.last_good.is_file() {
+    if me != marker.to_sha {
         return None;
     }
+    let last_good = match open_last_good(state_dir) {
+        Ok(f) => f,
+        Err(e) => {
+            log::error!("the deploy marker asks for a rollback, but {e}");
+            return None;
+        }
+    };
     let reason = match crate::supervisor::from_env().and_then(|i| i.last_exit) {
         Some(exit) => format!("the new binary {exit} before it was serving"),
         None => "the new binary died before it was serving".to_string(),
@@ -124,7 +140,65 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(Marker, Rollback)> {
         reason,
         at_ms: crate::spool::now_ms(),
     };
-    Some((marker, rollback))
+    Some((last_good, rollback))
+}
+
+/// Opens `state_dir/last-good` for exec, only if nobody but us (or root) could have written it.
+fn open_last_good(state_dir: &Path) -> crate::Result<File> {
+    let dir = Dir::open(state_dir)?;
+    if !dir.trusted() {
+        return Err(crate::Error::Msg(format!(
+            "\"{}\" can be written by others: not running its last-good",
+            state_dir.display()
+        )));
+    }
+    let file = dir.file(layout::LAST_GOOD, crate::safefs::Open::READ)?.file;
+    let meta = file
+        .metadata()
+        .map_err(|e| crate::Error::io_path("checking", &state_dir.join(layout::LAST_GOOD), e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+        return Err(crate::Error::Msg(format!(
+            "\"{}\" is owned by uid {} (mode {:o}): not running it",
+            state_dir.join(layout::LAST_GOOD).display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(file)
+}
+
+/// Keeps a copy of the running image as `state_dir/last-good`, if `state_dir` is ours to write
+/// (under a privilege drop it is root's: root made the copy at the fresh start).
+pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
+    let dir = Dir::open(state_dir)?;
+    if dir.owner().0 != nix::unistd::geteuid() {
+        return Ok(dir
+            .file(layout::LAST_GOOD, crate::safefs::Open::READ)
+            .ok()
+            .map(|_| state_dir.join(layout::LAST_GOOD)));
+    }
+    let tmp = format!("{}.tmp", layout::LAST_GOOD);
+    dir.remove(&tmp)?;
+    let mut out = dir
+        .file(
+            &tmp,
+            crate::safefs::Open {
+                write: true,
+                append: false,
+                create: Some(0o700),
+            },
+        )?
+        .file;
+    let path = state_dir.join(layout::LAST_GOOD);
+    let mut exe =
+        File::open("/proc/self/exe").map_err(|e| crate::Error::io("opening /proc/self/exe", e))?;
+    std::io::copy(&mut exe, &mut out).map_err(|e| crate::Error::io_path("writing", &path, e))?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| crate::Error::io_path("chmod", &path, e))?;
+    drop(out);
+    dir.rename(&tmp, layout::LAST_GOOD)?;
+    Ok(Some(path))
 }
 
 /// What the background check of a stable candidate found.
@@ -156,6 +230,9 @@ pub struct Deploy {
     pub last_refused: Option<Refused>,
     /// A binary that was rolled back from: refused on sight.
     known_bad: Option<String>,
+    /// Under a privilege drop, the worker's uid: a candidate that user could have written
+    /// would be run by root at the next fresh start, so it is refused.
+    worker_uid: Option<u32>,
 }
 
 impl Deploy {
@@ -166,6 +243,7 @@ impl Deploy {
         config: &Path,
         running: Option<Known>,
         last_refused: Option<Refused>,
+        worker_uid: Option<u32>,
         publish: impl Fn(&str) + Send + 'static,
     ) -> Deploy {
         let known = Arc::new(Mutex::new(running.clone()));
@@ -201,6 +279,7 @@ impl Deploy {
             preflight: None,
             last_refused,
             known_bad: None,
+            worker_uid,
         }
     }
 
@@ -255,6 +334,10 @@ impl Deploy {
         }
         if ident.mode & 0o111 == 0 {
             self.refuse(ident, String::new(), "the file is not executable".into());
+            return Step::Nothing;
+        }
+        if let Some(why) = self.worker_uid.and_then(|uid| writable_by(&self.path, uid)) {
+            self.refuse(ident, String::new(), why);
             return Step::Nothing;
         }
         // Hashing a binary and running its pre-flight take a while: not on the control thread.
@@ -369,16 +452,26 @@ impl Deploy {
             _ => (PathBuf::from("/proc/self/exe"), running),
         }
     }
+}
 
-    /// Keeps a copy of the running image as `state_dir/last-good` (before switching to another).
-    pub fn save_last_good(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
-        let dest = state_dir.join("last-good");
-        let tmp = state_dir.join("last-good.tmp");
-        std::fs::copy("/proc/self/exe", &tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::rename(&tmp, &dest)?;
-        Ok(dest)
+/// Why the worker's user (`uid`) could have written the binary at `path` or replaced it in its
+/// directory, if it could.
+fn writable_by(path: &Path, uid: u32) -> Option<String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    for (p, what) in [(path, "the binary"), (dir, "its directory")] {
+        let Ok(m) = std::fs::metadata(p) else {
+            return Some(format!("cannot check \"{}\"", p.display()));
+        };
+        if (m.uid() == uid && uid != 0) || m.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{what} \"{}\" is writable by the worker's user or by others (owner uid {}, mode {:o}): root would run it at the next fresh start; fix: chown root and chmod go-w",
+                p.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
     }
+    None
 }
 
 /// First 12 hex digits, for log lines.

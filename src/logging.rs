@@ -4,12 +4,15 @@
 //! The log file is opened for appending and reopened on SIGUSR1, so logrotate can move it away
 //! without `copytruncate` (the nginx and Unicorn convention).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use nix::unistd::{Gid, Uid};
+
+use crate::safefs::{Dir, Open};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -34,17 +37,33 @@ impl Write for Sink {
     }
 }
 
-fn open_log(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+/// Opens the log file for appending (creating it 0640), never through a planted link, FIFO or
+/// hard link (see [`crate::safefs`]). `owner`: give the file to the user we will drop to,
+/// through its descriptor, so later generations can reopen it.
+pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(crate::Error::Msg(format!(
+            "bad log file path \"{}\"",
+            path.display()
+        )));
+    };
+    let opened = Dir::open(dir)?.file(
+        name,
+        Open {
+            write: true,
+            append: true,
+            create: Some(0o640),
+        },
+    )?;
+    if let Some((uid, gid)) = owner {
+        crate::safefs::chown_file(&opened.file, path, uid, gid)?;
+    }
+    Ok(opened.file)
 }
 
-/// Sends log lines to `path` (appending) from now on.
-pub fn set_file(path: &Path) -> crate::Result<()> {
-    let file = open_log(path).map_err(|e| crate::Error::io_path("opening log file", path, e))?;
+/// Sends log lines to `path` (appending) from now on; see [`open_log`] for `owner`.
+pub fn set_file(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<()> {
+    let file = open_log(path, owner)?;
     if let Ok(mut s) = SINK.lock() {
         *s = Some((path.to_path_buf(), file));
     }
@@ -60,7 +79,7 @@ pub fn reopen() -> crate::Result<Option<PathBuf>> {
     let Some((path, file)) = s.as_mut() else {
         return Ok(None);
     };
-    *file = open_log(path).map_err(|e| crate::Error::io_path("reopening log file", path, e))?;
+    *file = open_log(path, None)?;
     Ok(Some(path.clone()))
 }
 

@@ -5,9 +5,11 @@
 //! clears FD_CLOEXEC on that one descriptor, passes its number in the environment, and the new
 //! image checks it still refers to the pidfile's inode and sets FD_CLOEXEC again (so job
 //! processes never inherit it). No second instance can slip in during a reload. `status` and
-//! `stop` test the lock, never `kill(pid, 0)`: PIDs are reused, locks die with their holder.
+//! `stop` test the lock, never `kill(pid, 0)`: PIDs are reused, locks die with their holder. And
+//! they signal only the lock's owner as the kernel reports it in `/proc/locks`, never a pid read
+//! from the file alone. The pidfile lives in root's `state_dir` (see [`crate::layout`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -17,7 +19,11 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+use nix::unistd::geteuid;
+
 use crate::error::{Error, IoContext, Result};
+use crate::layout::PIDFILE;
+use crate::safefs::{Dir, Open};
 
 /// A held pidfile lock.
 pub struct Pidfile {
@@ -33,15 +39,37 @@ pub enum Probe {
 }
 
 impl Pidfile {
-    /// Takes the lock and writes our pid. A stale pidfile (its holder died) is simply taken over.
-    pub fn acquire(path: &Path) -> Result<Pidfile> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .at("opening pidfile", path)?;
+    /// Takes the lock and writes our pid. A stale pidfile (its holder died) is simply taken over;
+    /// one that is not ours (left by an older version, when `state_dir` was the worker's) is
+    /// replaced, so nobody else holds a descriptor to the file we lock.
+    pub fn acquire(state: &Dir) -> Result<Pidfile> {
+        let path = state.path().join(PIDFILE);
+        let how = Open {
+            write: true,
+            append: false,
+            create: Some(0o644),
+        };
+        let mut replaced = false;
+        let mut file = loop {
+            let opened = state.file(PIDFILE, how)?;
+            let owner = opened
+                .file
+                .metadata()
+                .map_err(|e| Error::io_path("checking", &path, e))?
+                .uid();
+            if opened.created || owner == geteuid().as_raw() || replaced {
+                break opened.file;
+            }
+            if flock(opened.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                break opened.file;
+            }
+            log::warn!(
+                "replacing \"{}\", owned by uid {owner}, not us",
+                path.display()
+            );
+            state.remove(PIDFILE)?;
+            replaced = true;
+        };
         // A `status` probing the lock holds it for microseconds: retry briefly before deciding
         // that another worker runs.
         let deadline = Instant::now() + Duration::from_millis(300);
@@ -52,18 +80,16 @@ impl Pidfile {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(Errno::EWOULDBLOCK) => {
-                    return Err(Error::Locked {
-                        what: path.to_path_buf(),
-                        pid: read_pid(&mut file),
-                    })
+                    let pid = lock_holder(&file).or_else(|| read_pid(&mut file));
+                    return Err(Error::Locked { what: path, pid });
                 }
-                Err(e) => return Err(Error::io_path("locking pidfile", path, e.into())),
+                Err(e) => return Err(Error::io_path("locking pidfile", &path, e.into())),
             }
         }
         // Truncate only while holding the lock.
-        file.set_len(0).at("truncating pidfile", path)?;
-        file.seek(SeekFrom::Start(0)).at("writing pidfile", path)?;
-        writeln!(file, "{}", std::process::id()).at("writing pidfile", path)?;
+        file.set_len(0).at("truncating pidfile", &path)?;
+        file.seek(SeekFrom::Start(0)).at("writing pidfile", &path)?;
+        writeln!(file, "{}", std::process::id()).at("writing pidfile", &path)?;
         Ok(Pidfile { file })
     }
 
@@ -117,18 +143,87 @@ impl Drop for Pidfile {
     }
 }
 
-/// Tests the lock on `path` without keeping it.
+/// Tests the lock on `path` without keeping it. A worker runs if the file is locked; its pid
+/// is the lock's owner as the kernel reports it (`/proc/locks`) for the inode we opened, and
+/// the pid written in the file must agree: a pid read from a file alone is never signalled.
 pub fn probe(path: &Path) -> Result<Probe> {
-    let mut file = match OpenOptions::new().read(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Probe::NotRunning),
-        Err(e) => return Err(Error::io_path("opening pidfile", path, e)),
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(Error::Msg(format!(
+            "bad pidfile path \"{}\"",
+            path.display()
+        )));
+    };
+    let not_found = |e: &Error| matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+    let dir = match Dir::open(dir) {
+        Ok(d) => d,
+        Err(e) if not_found(&e) => return Ok(Probe::NotRunning),
+        Err(e) => return Err(e),
+    };
+    let mut file = match dir.file(name, Open::READ) {
+        Ok(o) => o.file,
+        Err(e) if not_found(&e) => return Ok(Probe::NotRunning),
+        Err(e) => return Err(e),
     };
     match flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) {
-        Ok(()) => Ok(Probe::NotRunning),
-        Err(Errno::EWOULDBLOCK) => Ok(Probe::Running(read_pid(&mut file))),
-        Err(e) => Err(Error::io_path("testing the pidfile lock", path, e.into())),
+        Ok(()) => return Ok(Probe::NotRunning),
+        Err(Errno::EWOULDBLOCK) => {}
+        Err(e) => return Err(Error::io_path("testing the pidfile lock", path, e.into())),
     }
+    let written = read_pid(&mut file);
+    match (lock_holder(&file), written) {
+        // Empty: the worker is starting or exiting; the kernel's word is enough.
+        (Some(holder), None) => Ok(Probe::Running(Some(holder))),
+        (Some(holder), Some(pid)) if holder == pid => Ok(Probe::Running(Some(pid))),
+        (Some(holder), Some(pid)) => Err(Error::Msg(format!(
+            "\"{}\" says pid {pid}, but the lock is held by pid {holder}: not signalling either (fix the pidfile, or stop pid {holder} yourself)",
+            path.display()
+        ))),
+        // The holder let go between our test and the look at /proc/locks.
+        (None, _) if flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB).is_ok() => {
+            Ok(Probe::NotRunning)
+        }
+        (None, _) => Err(Error::Msg(format!(
+            "\"{}\" is locked, but /proc/locks names no holder for it",
+            path.display()
+        ))),
+    }
+}
+
+/// The pid holding an flock on `file`'s inode, as the kernel reports it in /proc/locks.
+pub fn lock_holder(file: &File) -> Option<i32> {
+    let st = nix::sys::stat::fstat(file.as_raw_fd()).ok()?;
+    let dev = st.st_dev;
+    let key = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        st.st_ino
+    );
+    // /proc/locks is produced a record at a time for each read(2): a lock taken or dropped
+    // elsewhere between two reads shifts the records, and ours can be skipped. So read it in
+    // one call with a large buffer, and look again a few times before saying "nobody".
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..5 {
+        let n = File::open("/proc/locks")
+            .and_then(|mut f| f.read(&mut buf))
+            .ok()?;
+        if let Some(pid) = holder_in(&String::from_utf8_lossy(&buf[..n]), &key) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// Finds the holder of a granted FLOCK on `key` (`maj:min:inode`) in /proc/locks text.
+fn holder_in(locks: &str, key: &str) -> Option<i32> {
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; waiters have "->" after the number.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&key))
+            .then(|| f.get(4).and_then(|p| p.parse().ok()))
+            .flatten()
+    })
 }
 
 fn read_pid(file: &mut File) -> Option<i32> {
@@ -148,5 +243,21 @@ fn flock(fd: RawFd, op: i32) -> std::result::Result<(), Errno> {
         Ok(())
     } else {
         Err(Errno::last())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holder_in;
+
+    #[test]
+    fn proc_locks_lines() {
+        let text = "1: POSIX  ADVISORY  WRITE 10 fe:00:77 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 42 fe:00:77 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 43 fe:00:77 0 EOF\n\
+                    3: FLOCK  ADVISORY  READ 44 08:01:9 0 EOF\n";
+        assert_eq!(holder_in(text, "fe:00:77"), Some(42));
+        assert_eq!(holder_in(text, "08:01:9"), Some(44));
+        assert_eq!(holder_in(text, "fe:00:7"), None);
     }
 }

@@ -14,7 +14,7 @@ use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use nix::unistd::{chown, geteuid, initgroups, setgid, setuid, Gid, Group, Uid, User};
+use nix::unistd::{geteuid, initgroups, setgid, setuid, Gid, Group, Uid, User};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -84,22 +84,102 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
     }
 }
 
-/// Decides who we run as, and drops privileges if we must. `owned` are files and directories
-/// created as root that the dropped user needs (state, spool, log).
-pub fn settle(cfg: &Config, owned: &[&Path]) -> Result<()> {
-    let target = target(cfg)?;
-    let euid = geteuid();
-    match target {
-        Some(t) if euid.is_root() => {
-            for path in owned {
-                chown(*path, Some(t.uid), Some(t.gid)).map_err(|e| {
-                    Error::io_path(&format!("giving to user {}", t.name), path, e.into())
-                })?;
-            }
-            drop_to(&t)
-        }
+/// Decides who we run as, and drops privileges if we must. What the dropped user needs was
+/// prepared beforehand, through descriptors ([`crate::layout::prepare`], the log, the spool).
+pub fn settle(cfg: &Config) -> Result<()> {
+    match target(cfg)? {
+        Some(t) if geteuid().is_root() => drop_to(&t),
         _ => check_policy(cfg),
     }
+}
+
+/// The target user when we are root and will drop to it: the one case in which files must be
+/// checked on that user's behalf.
+pub fn dropping_to(cfg: &Config) -> Result<Option<Target>> {
+    Ok(target(cfg)?.filter(|_| geteuid().is_root()))
+}
+
+/// What a user needs of a file.
+#[derive(Debug, Clone, Copy)]
+pub enum Need {
+    Read,
+    /// Read and search (a directory) or read and execute (a job executable).
+    ReadExec,
+    Exec,
+}
+
+/// Refuses `path` if `t` could not use it as `need` says (by mode bits and ownership: ACLs are
+/// not consulted), nor search every directory above it. Run by root before dropping, so that
+/// `check` and `start` fail instead of a worker whose every reload is refused.
+pub fn check_access(path: &Path, what: &str, t: &Target, need: Need) -> Result<()> {
+    let groups = user_groups(t);
+    let allows = |meta: &std::fs::Metadata, bits: u32| {
+        let mode = meta.permissions().mode();
+        let class = if meta.uid() == t.uid.as_raw() {
+            6
+        } else if groups.contains(&meta.gid()) {
+            3
+        } else {
+            0
+        };
+        (mode >> class) & bits == bits
+    };
+    let abs = std::path::absolute(path).map_err(|e| Error::io_path("resolving", path, e))?;
+    for dir in abs.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io_path("checking", dir, e))?;
+        if !allows(&meta, 0o1) {
+            return Err(Error::Config(format!(
+                "{what} \"{}\": user \"{}\" cannot search the directory \"{}\" above it (mode {:o}, owner uid {}); fix: chmod o+x \"{}\" (or give it to that user's group)",
+                path.display(),
+                t.name,
+                dir.display(),
+                meta.permissions().mode() & 0o7777,
+                meta.uid(),
+                dir.display()
+            )));
+        }
+    }
+    let meta = std::fs::metadata(path).map_err(|e| Error::io_path("checking", path, e))?;
+    let (bits, verb) = match need {
+        Need::Read => (0o4, "read"),
+        Need::ReadExec if meta.is_dir() => (0o5, "read and search"),
+        Need::ReadExec => (0o5, "read and execute"),
+        Need::Exec => (0o1, "execute"),
+    };
+    if allows(&meta, bits) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{what} \"{}\" is not something user \"{}\" (the worker drops to it) can {verb}: mode {:o}, owner uid {}, group {}; fix: chgrp {} \"{}\" and chmod g+{} it, or chmod o+{} it",
+        path.display(),
+        t.name,
+        meta.permissions().mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        t.gid,
+        path.display(),
+        perm_letters(bits),
+        perm_letters(bits)
+    )))
+}
+
+fn perm_letters(bits: u32) -> &'static str {
+    match bits {
+        0o4 => "r",
+        0o5 => "rx",
+        _ => "x",
+    }
+}
+
+/// The user's primary and supplementary group ids.
+fn user_groups(t: &Target) -> Vec<u32> {
+    let mut groups = vec![t.gid.as_raw()];
+    if let Ok(name) = CString::new(t.name.as_bytes()) {
+        if let Ok(list) = nix::unistd::getgrouplist(&name, t.gid) {
+            groups.extend(list.iter().map(|g| g.as_raw()));
+        }
+    }
+    groups
 }
 
 fn drop_to(t: &Target) -> Result<()> {

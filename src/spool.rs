@@ -20,25 +20,35 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::{geteuid, Gid, Uid};
 
 use crate::config::SpoolConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::functions::{JobResult, Progress};
+use crate::privilege::Target;
+use crate::safefs::{Dir, Open};
 use crate::source::{Claimed, Lane};
 
 const JOB_MAGIC: &str = "GSJ1";
 const RECORD_MAGIC: &str = "GSR1";
 
+/// The spool's subdirectories (`rejected/` holds entries set aside as unusable).
+const SUBDIRS: [&str; 6] = ["tmp", "new", "cur", "done", "failed", "rejected"];
+
 /// The spool's directories. Cheap to open; used by submitters, `result`, and the worker.
 pub struct Spool {
     root: PathBuf,
     fsync: bool,
+    /// Run as root in a spool another user owns (the worker's): what we create is given to
+    /// that user, through its descriptor, so the worker can read it.
+    give_to: Option<(Uid, Gid)>,
 }
 
 /// Whether a job succeeded or failed, as stored.
@@ -83,16 +93,23 @@ struct JobFile {
 
 impl Spool {
     /// Opens the spool at `dir`, creating its directories when missing.
+    /// Each subdirectory must be a real directory: a link or anything else planted in its
+    /// place is refused with its path.
     pub fn open(dir: &Path, fsync: bool) -> Result<Spool> {
-        let spool = Spool {
+        let root = Dir::create(dir, 0o750)?;
+        let (uid, gid) = root.owner();
+        let give_to = (geteuid().is_root() && !uid.is_root()).then_some((uid, gid));
+        for sub in SUBDIRS {
+            let d = root.sub(sub, Some(0o750))?;
+            if let Some((uid, gid)) = give_to.filter(|_| d.owner().0.is_root()) {
+                d.chown(uid, gid)?;
+            }
+        }
+        Ok(Spool {
             root: dir.to_path_buf(),
             fsync,
-        };
-        for sub in ["tmp", "new", "cur", "done", "failed"] {
-            let d = spool.root.join(sub);
-            fs::create_dir_all(&d).at("creating spool directory", &d)?;
-        }
-        Ok(spool)
+            give_to,
+        })
     }
 
     pub fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
@@ -123,8 +140,12 @@ impl Spool {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o640)
             .open(&tmp)
             .at("creating", &tmp)?;
+        if let Some((uid, gid)) = self.give_to {
+            crate::safefs::chown_file(&f, &tmp, uid, gid)?;
+        }
         f.write_all(bytes).at("writing", &tmp)?;
         if self.fsync {
             f.sync_all().at("syncing", &tmp)?;
@@ -227,6 +248,46 @@ impl Spool {
     }
 }
 
+/// Started as root with `[worker] user`: gives the spool to that user before the drop. A spool
+/// the user already owns is left alone (root touches nothing the worker can write). A spool
+/// root owns (say, `submit` ran first) is root's own ground: its known entries are handed over
+/// through descriptors, then the directory itself.
+pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
+    let root = Dir::create(&cfg.dir, 0o750)?;
+    if root.owner().0 == t.uid {
+        return Ok(());
+    }
+    if !root.trusted() {
+        return Err(Error::Msg(format!(
+            "spool \"{}\" is owned by uid {} (mode {:o}), neither root nor user \"{}\"; fix: chown -R {} \"{}\"",
+            cfg.dir.display(),
+            root.owner().0,
+            root.mode(),
+            t.name,
+            t.name,
+            cfg.dir.display()
+        )));
+    }
+    for sub in SUBDIRS {
+        let d = root.sub(sub, Some(0o750))?;
+        if let Ok(entries) = fs::read_dir(d.path()) {
+            for name in entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+            {
+                if let Ok(o) = d.file(&name, Open::READ) {
+                    crate::safefs::chown_file(&o.file, &d.path().join(&name), t.uid, t.gid)?;
+                }
+            }
+        }
+        d.chown(t.uid, t.gid)?;
+    }
+    if let Ok(o) = root.file(".lock", Open::READ) {
+        crate::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
+    }
+    root.chown(t.uid, t.gid)
+}
+
 /// The consuming side: held by the one worker that runs this spool's jobs. Idle lanes sleep
 /// until [`SpoolSource::wake`], which the worker's inotify thread calls on events in `new/`.
 pub struct SpoolSource {
@@ -244,12 +305,20 @@ impl SpoolSource {
     pub fn open(cfg: &SpoolConfig) -> Result<SpoolSource> {
         let spool = Spool::from_config(cfg)?;
         let lock_path = spool.root.join(".lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .at("opening", &lock_path)?;
+        // Read-only is enough for flock, and works on a .lock another user (say, root before a
+        // switch to `[worker] user`) created.
+        let fd = nix::fcntl::open(
+            &lock_path,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_CREAT
+                | nix::fcntl::OFlag::O_CLOEXEC
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .map_err(|e| Error::io_path("opening", &lock_path, e.into()))?;
+        // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         // A worker that just released the pidfile may still be exiting with this lock held:
         // wait a little before calling the spool busy.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -296,10 +365,13 @@ impl SpoolSource {
                 remove(&path)?;
                 continue;
             }
-            let bytes = match fs::read(&path) {
+            let bytes = match read_entry(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io_path("reading", &path, e)),
+                Err(e) => {
+                    self.reject(&id, &e.to_string())?;
+                    continue;
+                }
             };
             let mut job = match decode_job(&bytes) {
                 Ok(job) => job,
@@ -368,6 +440,21 @@ impl SpoolSource {
         }
     }
 
+    /// Sets aside `cur/ID`, which cannot be used as a job at all, in `rejected/`.
+    fn reject(&self, id: &str, why: &str) -> Result<()> {
+        let from = self.spool.dir("cur").join(id);
+        let to = self.spool.dir("rejected").join(id);
+        log::error!(
+            "job {id}: {why}; rejected: set aside as \"{}\"",
+            to.display()
+        );
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io_path("setting aside", &from, e)),
+        }
+    }
+
     fn store_corrupt(&self, id: &str, why: &str) -> Result<()> {
         log::error!("job {id}: corrupt job file ({why}); moved to failed");
         let record = Record {
@@ -411,7 +498,13 @@ impl SpoolSource {
                 }
             };
             let path = self.spool.dir("cur").join(&id);
-            let bytes = fs::read(&path).at("reading", &path)?;
+            let bytes = match read_entry(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.reject(&id, &e.to_string())?;
+                    continue;
+                }
+            };
             match decode_job(&bytes) {
                 Ok(job) => {
                     return Ok(Some(Claimed {
@@ -650,8 +743,31 @@ fn prune_older(dir: &Path, cutoff: SystemTime) {
     }
 }
 
+/// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file.
+fn read_entry(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "\"{}\" is not a regular file",
+            path.display()
+        )));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
-    let d = File::open(dir).at("opening", dir)?;
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir)
+        .at("opening", dir)?;
     nix::unistd::fsync(d.as_raw_fd()).map_err(|e| Error::io_path("syncing", dir, e.into()))
 }
 

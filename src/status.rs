@@ -179,14 +179,31 @@ impl Server {
     }
 }
 
-/// Asks the worker whose socket is `path` for its status.
-pub fn query(path: &Path) -> Result<Value> {
-    let mut c = UnixStream::connect(path)
+/// Largest status document a client reads.
+const MAX_STATUS: u64 = 1 << 20;
+
+/// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
+/// user writes, so with `pid` the answer is taken only from that process (the kernel's
+/// SO_PEERCRED), never from whatever else a planted socket or link leads to.
+pub fn query(path: &Path, pid: Option<i32>) -> Result<Value> {
+    let c = UnixStream::connect(path)
         .map_err(|e| Error::io_path("connecting to status socket", path, e))?;
+    if let Some(pid) = pid {
+        let peer = nix::sys::socket::getsockopt(&c, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(|e| Error::io_path("checking status socket", path, e.into()))?;
+        if peer.pid() != pid {
+            return Err(Error::Msg(format!(
+                "\"{}\" is served by pid {}, not the worker (pid {pid}): ignoring it",
+                path.display(),
+                peer.pid()
+            )));
+        }
+    }
     c.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| Error::io("status socket", e))?;
     let mut body = String::new();
-    c.read_to_string(&mut body)
+    c.take(MAX_STATUS)
+        .read_to_string(&mut body)
         .map_err(|e| Error::io_path("reading status socket", path, e))?;
     serde_json::from_str(&body).map_err(|e| {
         Error::Msg(format!(
@@ -197,10 +214,10 @@ pub fn query(path: &Path) -> Result<Value> {
 }
 
 /// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
-pub fn query_patiently(path: &Path, patience: Duration) -> Result<Value> {
+pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Value> {
     let deadline = std::time::Instant::now() + patience;
     loop {
-        match query(path) {
+        match query(path, pid) {
             Ok(v) => return Ok(v),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),

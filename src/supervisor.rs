@@ -220,10 +220,9 @@ fn wait_serving(
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(st) = crate::status::query(&s.status_socket) {
-            if st["pid"].as_u64() == Some(u64::from(pid)) {
-                return Ok(());
-            }
+        // Answered by the child itself (peer credentials), not merely naming it.
+        if crate::status::query(&s.status_socket, i32::try_from(pid).ok()).is_ok() {
+            return Ok(());
         }
         if let Ok(status) = exited.try_recv() {
             return Err(Error::Msg(format!(

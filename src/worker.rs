@@ -89,6 +89,23 @@ impl Plan {
                 crate::privilege::check_file(exe, "job executable", owner)?;
             }
         }
+        if let Some(t) = crate::privilege::dropping_to(&config)? {
+            // Root can read everything; the user it drops to must too, or every reload fails.
+            use crate::privilege::{check_access, Need};
+            check_access(&config.path, "config", &t, Need::Read)?;
+            check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
+            for exe in exes.values() {
+                check_access(exe, "job executable", &t, Need::ReadExec)?;
+            }
+            if let Ok(bin) = std::env::current_exe() {
+                check_access(
+                    &bin,
+                    "the gearshift binary (it re-execs itself)",
+                    &t,
+                    Need::Exec,
+                )?;
+            }
+        }
         let mut table = Table::default();
         for name in functions.names() {
             if let Some(f) = functions.get(name) {
@@ -192,7 +209,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if boot.inherited.is_none() {
         // A fresh start of a binary that a deploy switched to, whose marker is still there:
         // that binary died before serving (and a supervisor or systemd started it again).
-        if let Some((marker, rb)) = crate::deploy::rollback_needed(&plan.config.worker.state_dir) {
+        if let Some((last_good, rb)) = crate::deploy::rollback_needed(&plan.config.worker.state_dir)
+        {
             log::error!(
                 "rolled back from {} to {}: {}",
                 crate::deploy::short(&rb.from_sha),
@@ -201,7 +219,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             );
             crate::deploy::clear_marker(&plan.config.worker.state_dir);
             log::logger().flush();
-            return Err(reexec::exec_rollback(&marker.last_good, &boot.argv, &rb));
+            // The descriptor stays open until the exec, so the file checked is the file run.
+            use std::os::fd::AsRawFd;
+            let path = PathBuf::from(format!("/proc/self/fd/{}", last_good.as_raw_fd()));
+            return Err(reexec::exec_rollback(&path, &boot.argv, &rb));
         }
     }
     #[cfg(gearshift_crash_on_run)]
@@ -212,42 +233,43 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     let last_rollback = reexec::rollback_from_env().or_else(|| inherited.last_rollback.clone());
     crate::logging::set_level(plan.config.log.level);
+    // Every file this process creates from here on, in every mode (not only under `start`).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        plan.config.worker.umask,
+    ));
+    // As root with a user to drop to: what that user will need is prepared through
+    // descriptors, never by path (see `safefs` and `layout`), then privileges are dropped
+    // before anything else is opened.
+    let target = crate::privilege::dropping_to(&plan.config)?;
+    let owner = target.as_ref().map(|t| (t.uid, t.gid));
     if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
-        crate::logging::set_file(file)?;
+        crate::logging::set_file(file, owner)?;
     }
     for w in &plan.warnings {
         log::warn!("{w}");
     }
     let state_dir = &plan.config.worker.state_dir;
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| Error::io_path("creating state_dir", state_dir, e))?;
+    let layout = crate::layout::prepare(state_dir, target.as_ref())?;
     let pidfile = match boot
         .inherited
         .as_ref()
         .and_then(|i| Pidfile::adopt(i.pidfile_fd, &plan.config.pidfile()))
     {
         Some(p) => p,
-        None => Pidfile::acquire(&plan.config.pidfile())?,
+        None => Pidfile::acquire(&layout.dir)?,
     };
-    // Pidfile taken and log open: now (as root) hand what the worker writes to its user, and
-    // drop privileges before opening anything else.
-    let mut owned: Vec<PathBuf> = vec![plan.config.worker.state_dir.clone(), plan.config.pidfile()];
-    owned.extend(
-        opts.log_file
-            .clone()
-            .or_else(|| plan.config.log.file.clone()),
-    );
-    if let crate::config::Source::Spool(spool) = &plan.config.source {
-        crate::spool::Spool::from_config(spool)?;
-        owned.push(spool.dir.clone());
-        owned.extend(
-            ["tmp", "new", "cur", "done", "failed"]
-                .iter()
-                .map(|d| spool.dir.join(d)),
-        );
+    if target.is_some() && plan.config.worker.watch_binary {
+        // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
+        // a rollback after a deploy the worker switches to.
+        if let Err(e) = crate::deploy::save_last_good(state_dir) {
+            log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
+        }
     }
-    let owned_refs: Vec<&Path> = owned.iter().map(PathBuf::as_path).collect();
-    crate::privilege::settle(&plan.config, &owned_refs)?;
+    if let (crate::config::Source::Spool(spool), Some(t)) = (&plan.config.source, &target) {
+        crate::spool::hand_to(spool, t)?;
+    }
+    drop(layout);
+    crate::privilege::settle(&plan.config)?;
     let source = Arc::new(Source::open(&plan.config, generation)?);
     if let Some(fd) = boot
         .inherited
@@ -340,11 +362,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
     let deploy = plan.config.worker.watch_binary.then(|| {
         let state = Arc::clone(&state);
+        let worker_uid = crate::privilege::target(&plan.config)
+            .ok()
+            .flatten()
+            .map(|t| t.uid.as_raw());
         Deploy::new(
             &boot.exe,
             &plan.config.path,
             inherited.binary.clone(),
             inherited.last_refused_deploy.clone(),
+            worker_uid,
             move |sha| {
                 if let Ok(mut i) = state.inner.lock() {
                     i.binary_sha256 = Some(sha.to_string());
@@ -729,18 +756,20 @@ impl Control {
                 let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
                 if switching {
                     let state_dir = &plan.config.worker.state_dir;
-                    match (d.save_last_good(state_dir), d.running_sha(), &known) {
-                        (Ok(last_good), Some(from_sha), Some(to)) => {
-                            log::info!("deploy: kept the running binary as {}", last_good.display());
+                    match (crate::deploy::save_last_good(state_dir), d.running_sha(), &known) {
+                        (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
+                            log::info!("deploy: the running binary is kept as {}", last_good.display());
                             let marker = crate::deploy::Marker {
                                 from_sha,
                                 to_sha: to.sha256.clone(),
-                                last_good,
                                 at_ms: now_ms(),
                             };
                             if let Err(e) = crate::deploy::write_marker(state_dir, &marker) {
                                 log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
                             }
+                        }
+                        (Ok(None), _, _) => {
+                            log::warn!("deploy: no last-good binary in state_dir: no rollback possible")
                         }
                         (Err(e), _, _) => {
                             log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")

@@ -8,35 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Kills whatever daemon the sandbox's pidfile names when the test ends, pass or fail.
-struct Reaper(std::path::PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(pid) = fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-fn pid_of(sb: &Sandbox) -> i32 {
-    fs::read_to_string(sb.path("state/gearshift.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn proc_field(pid: i32, key: &str) -> String {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -142,7 +113,7 @@ fn start_failures_are_reported_by_start() {
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     assert!(
-        text(&out.stderr).contains("creating spool directory"),
+        text(&out.stderr).contains("spool\": Not a directory"),
         "{}",
         text(&out.stderr)
     );

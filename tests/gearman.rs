@@ -13,10 +13,6 @@ use common::*;
 use gearshift::gearman::client::{Client, Outcome, Priority, Update};
 use nix::sys::signal::Signal;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 fn gearman_cli(port: u16, args: &[&str]) -> std::process::Output {
     Command::new("gearman")
         .arg("-p")

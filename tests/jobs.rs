@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 #[test]
 fn job_runs_and_result_is_readable() {
     let sb = Sandbox::new("basic");

@@ -146,7 +146,7 @@ impl Sandbox {
         );
         let mut w = Worker {
             child,
-            socket: self.dir.join("state/gearshift.sock"),
+            socket: self.dir.join("state/worker/gearshift.sock"),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -468,4 +468,32 @@ impl Sandbox {
         )
         .unwrap();
     }
+}
+
+/// Kills whatever daemon the sandbox's pidfile names when the test ends, pass or fail.
+pub struct Reaper(pub PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(pid) = fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The pid a daemon wrote into the sandbox's pidfile.
+pub fn pid_of(sb: &Sandbox) -> i32 {
+    fs::read_to_string(sb.path("state/gearshift.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Stdout or stderr as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }

@@ -1,0 +1,85 @@
+//! Where gearshift keeps its own files, and who may write each.
+//!
+//! ```text
+//! state_dir/                   root's (or, without a privilege drop, the worker's): 0755
+//!   gearshift.pid              pidfile + flock; root writes it, the worker keeps the locked fd
+//!   gearshift.log              the daemon's default log (given to the worker, so it can reopen it)
+//!   last-good                  the binary to roll back to; written only by whoever owns state_dir
+//!   worker/                    the worker's own: 0750, owned by [worker] user
+//!     gearshift.sock           status socket (bound by every generation)
+//!     deploy-pending.json      deploy marker (data only: root reads one field, never a path)
+//! ```
+//!
+//! Architecture invariant: nothing the worker's user can write decides what root opens, chowns,
+//! signals or executes. The pidfile and `last-good` sit where only root can write; what the
+//! worker writes lives in `worker/` (and the spool), and root reads it only as bounded data
+//! through [`crate::safefs`].
+
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{geteuid, Gid, Uid};
+
+use crate::error::{Error, Result};
+use crate::privilege::Target;
+use crate::safefs::Dir;
+
+/// The worker's own subdirectory of `state_dir`.
+pub const WORKER_DIR: &str = "worker";
+pub const PIDFILE: &str = "gearshift.pid";
+pub const SOCKET: &str = "gearshift.sock";
+pub const DEFAULT_LOG: &str = "gearshift.log";
+pub const LAST_GOOD: &str = "last-good";
+pub const MARKER: &str = "deploy-pending.json";
+
+/// `state_dir` and its worker subdirectory, opened and checked.
+pub struct State {
+    pub dir: Dir,
+    pub worker: Dir,
+}
+
+/// The worker subdirectory of `state_dir`.
+pub fn worker_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(WORKER_DIR)
+}
+
+/// Opens `state_dir` (creating it), makes sure nobody but its owner can change its entries,
+/// and gives `worker/` to the user we will drop to. As root, a `state_dir` left to the worker's
+/// user by an older version is taken back (through its descriptor).
+pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
+    let dir = Dir::create(state_dir, 0o755)?;
+    let (owner, _) = dir.owner();
+    let me = geteuid();
+    if me.is_root() && !owner.is_root() {
+        log::warn!(
+            "state_dir \"{}\" belonged to uid {owner}: taking it back for root (the worker's user keeps only \"{WORKER_DIR}/\")",
+            state_dir.display()
+        );
+        dir.chown(Uid::from_raw(0), Gid::from_raw(0))?;
+        dir.chmod(dir.mode() & !0o022)?;
+    } else if !me.is_root() && owner != me && !owner.is_root() {
+        return Err(Error::Msg(format!(
+            "state_dir \"{}\" is owned by uid {owner}, neither root nor us (uid {me})",
+            state_dir.display()
+        )));
+    } else if dir.mode() & 0o022 != 0 {
+        return Err(Error::Msg(format!(
+            "state_dir \"{}\" is writable by group or others (mode {:o}); fix: chmod go-w \"{}\"",
+            state_dir.display(),
+            dir.mode(),
+            state_dir.display()
+        )));
+    }
+    // Re-open: the checks above may have changed what fstat says.
+    let dir = Dir::open(dir.path())?;
+    let worker = if owner == me || me.is_root() {
+        let w = dir.sub(WORKER_DIR, Some(0o750))?;
+        if let Some(t) = target.filter(|_| me.is_root()) {
+            w.chown(t.uid, t.gid)?;
+        }
+        w
+    } else {
+        // A generation that already dropped its privileges: root made worker/ for us.
+        dir.sub(WORKER_DIR, None)?
+    };
+    Ok(State { dir, worker })
+}

@@ -1,0 +1,480 @@
+//! The security boundary: started as root with `[worker] user`, root never opens, chowns,
+//! signals or executes anything the worker's user (every job runs as it) can plant.
+//!
+//! Each test plants its case as that user (`setpriv` to nobody), then runs a root command, and
+//! asserts that the target is untouched, nothing was chowned, no foreign process was signalled,
+//! and the command refused with a message naming the path (or the plant itself was refused,
+//! because the path is no longer the worker's to write).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn nobody() -> nix::unistd::User {
+    nix::unistd::User::from_name("nobody").unwrap().unwrap()
+}
+
+/// A sandbox whose worker drops to nobody, running a copy of the binary nobody can reach.
+fn privsep(name: &str) -> Sandbox {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "CI runs as root; these tests check the root side"
+    );
+    let mut sb = Sandbox::new(name);
+    fs::create_dir_all(sb.path("bin")).unwrap();
+    let bin = sb.path("bin/gearshift");
+    fs::copy(BIN, &bin).unwrap();
+    sb.bin = bin;
+    let cfg = sb
+        .config_text("")
+        .replace("allow_root = true", "user = \"nobody\"");
+    fs::write(sb.config(), cfg).unwrap();
+    sb
+}
+
+/// Runs `script` with sh as the worker's user, in the sandbox.
+fn as_worker(sb: &Sandbox, script: &str) -> Output {
+    let n = nobody();
+    Command::new("setpriv")
+        .arg(format!("--reuid={}", n.uid))
+        .arg(format!("--regid={}", n.gid))
+        .arg("--clear-groups")
+        .args(["sh", "-c", script])
+        .current_dir(&sb.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A root-owned file outside everything the worker may touch.
+struct Victim {
+    path: PathBuf,
+}
+
+impl Victim {
+    fn new(sb: &Sandbox, name: &str) -> Victim {
+        let path = sb.path(name);
+        fs::write(&path, "precious\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        Victim { path }
+    }
+
+    fn assert_untouched(&self) {
+        let m = fs::metadata(&self.path).unwrap();
+        assert_eq!(
+            fs::read_to_string(&self.path).unwrap(),
+            "precious\n",
+            "{} was written",
+            self.path.display()
+        );
+        assert_eq!(m.uid(), 0, "{} was chowned", self.path.display());
+        assert_eq!(m.gid(), 0, "{} was chgrp'd", self.path.display());
+        assert_eq!(
+            m.mode() & 0o7777,
+            0o600,
+            "{} was chmod'ed",
+            self.path.display()
+        );
+    }
+}
+
+/// Starts the daemon (must succeed) and stops it again, leaving the layout it made.
+fn start_and_stop(sb: &Sandbox) {
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Either the plant was refused (the path is not the worker's), or the root command failed
+/// naming `path`.
+fn planted_or_refused(plant: &Output, root: &Output, path: &str) {
+    if plant.status.success() {
+        assert_ne!(
+            root.status.code(),
+            Some(0),
+            "root command succeeded on a planted {path}: {}",
+            text(&root.stdout)
+        );
+        assert!(
+            text(&root.stderr).contains(path),
+            "the refusal names {path}: {}",
+            text(&root.stderr)
+        );
+    } else {
+        assert!(
+            text(&plant.stderr).contains("Permission denied"),
+            "{}",
+            text(&plant.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_planted_pidfile_link_is_never_followed() {
+    let sb = privsep("sec-pidlink");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    start_and_stop(&sb);
+    let victim = Victim::new(&sb, "victim");
+    let plant = as_worker(
+        &sb,
+        "rm -f state/gearshift.pid && ln -s ../victim state/gearshift.pid",
+    );
+    assert!(
+        !plant.status.success(),
+        "the worker's user can no longer write state_dir"
+    );
+    let out = sb.run(&["start"]);
+    victim.assert_untouched();
+    planted_or_refused(&plant, &out, "gearshift.pid");
+    let _ = sb.run(&["stop"]);
+
+    // An install from before the privilege separation left state_dir to the worker's user.
+    // Root takes the directory back, and refuses the link planted in it.
+    let n = nobody();
+    for e in fs::read_dir(sb.path("state")).unwrap().flatten() {
+        let _ = nix::unistd::chown(&e.path(), Some(n.uid), Some(n.gid));
+    }
+    nix::unistd::chown(&sb.path("state"), Some(n.uid), Some(n.gid)).unwrap();
+    let plant = as_worker(
+        &sb,
+        "rm -f state/gearshift.pid && ln -s ../victim state/gearshift.pid",
+    );
+    assert!(plant.status.success(), "{}", text(&plant.stderr));
+    let out = sb.run(&["start"]);
+    victim.assert_untouched();
+    planted_or_refused(&plant, &out, "gearshift.pid");
+    assert!(
+        text(&out.stderr).contains("symbolic link"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        fs::metadata(sb.path("state")).unwrap().uid(),
+        0,
+        "state_dir taken back"
+    );
+}
+
+#[test]
+fn a_planted_log_link_is_never_followed() {
+    let sb = privsep("sec-loglink");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    start_and_stop(&sb);
+    let victim = Victim::new(&sb, "victim");
+    let plant = as_worker(
+        &sb,
+        "rm -f state/gearshift.log && ln -s ../victim state/gearshift.log",
+    );
+    let out = sb.run(&["start"]);
+    victim.assert_untouched();
+    planted_or_refused(&plant, &out, "gearshift.log");
+    let _ = sb.run(&["stop"]);
+
+    // A [log] file in a directory the worker owns (where reopening after logrotate works).
+    fs::create_dir(sb.path("logs")).unwrap();
+    nix::unistd::chown(&sb.path("logs"), Some(nobody().uid), Some(nobody().gid)).unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap() + "[log]\nfile = \"logs/gs.log\"\n";
+    fs::write(sb.config(), cfg).unwrap();
+    let plant = as_worker(&sb, "ln -s ../victim logs/gs.log");
+    assert!(plant.status.success(), "{}", text(&plant.stderr));
+    let out = sb.run(&["start"]);
+    victim.assert_untouched();
+    planted_or_refused(&plant, &out, "gs.log");
+    // A hard link or a FIFO is refused the same way (never blocks, never appends elsewhere).
+    let plant = as_worker(&sb, "rm -f logs/gs.log && mkfifo logs/gs.log");
+    assert!(plant.status.success(), "{}", text(&plant.stderr));
+    let out = sb.run(&["start"]);
+    planted_or_refused(&plant, &out, "gs.log");
+    assert!(
+        text(&out.stderr).contains("not a regular file"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_planted_spool_directory_link_is_never_chowned() {
+    let sb = privsep("sec-spoollink");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    start_and_stop(&sb);
+    let rootdir = sb.path("rootdir");
+    fs::create_dir(&rootdir).unwrap();
+    fs::set_permissions(&rootdir, fs::Permissions::from_mode(0o700)).unwrap();
+    let plant = as_worker(&sb, "rm -rf spool/done && ln -s ../rootdir spool/done");
+    assert!(plant.status.success(), "{}", text(&plant.stderr));
+    let out = sb.run(&["start"]);
+    let m = fs::metadata(&rootdir).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (0, 0, 0o700),
+        "rootdir untouched"
+    );
+    planted_or_refused(&plant, &out, "spool/done");
+}
+
+#[test]
+fn stop_signals_only_the_proven_lock_holder() {
+    let sb = privsep("sec-stop");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    // Another daemon with its own flock'ed pidfile.
+    let other_pidfile = sb.path("other.pid");
+    let mut other = Command::new("flock")
+        .arg("-x")
+        .arg(&other_pidfile)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let other_pid = other.id() as i32;
+    fs::write(&other_pidfile, format!("{other_pid}\n")).unwrap();
+    eventually(Duration::from_secs(5), "the other lock", || {
+        fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {other_pid} "))
+    });
+
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let worker = pid_of(&sb);
+    let plant = as_worker(
+        &sb,
+        "rm -f state/gearshift.pid && ln -s ../other.pid state/gearshift.pid",
+    );
+    assert!(!plant.status.success(), "state_dir is root's");
+
+    // Even a pidfile whose content was changed (it is root's, but say a bug or an operator did
+    // it) is not enough: the pid must be the lock's owner as the kernel reports it.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(sb.path("state/gearshift.pid"))
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.set_len(0)?;
+            writeln!(f, "{other_pid}")
+        })
+        .unwrap();
+    let out = sb.run(&["stop", "--timeout", "2s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!("the lock is held by pid {worker}")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other daemon was signalled"
+    );
+    assert!(Path::new(&format!("/proc/{worker}")).exists());
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = sb.run(&["status"]);
+    assert!(
+        text(&out.stderr).contains("the lock is held by pid"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "the other daemon was signalled"
+    );
+    // Put the right pid back: stop works again.
+    fs::write(sb.path("state/gearshift.pid"), format!("{worker}\n")).unwrap();
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let _ = other.kill();
+    let _ = other.wait();
+}
+
+#[test]
+fn root_submits_files_the_worker_can_read_and_unreadable_entries_are_set_aside() {
+    let sb = privsep("sec-submit");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let bin = sb.bin.display().to_string();
+    let cfg = sb.config().display().to_string();
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("umask 077; exec \"{bin}\" -c \"{cfg}\" submit --wait --timeout 20s echo x"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "x".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    // A job file nobody but root can read, dropped into new/ by hand: set aside, not fatal.
+    let id = "0000000000000-00000000-bad";
+    let planted = sb.path(&format!("spool/new/{id}"));
+    fs::write(&planted, "GSJ1 whatever").unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o600)).unwrap();
+    eventually(Duration::from_secs(10), "the entry set aside", || {
+        sb.path(&format!("spool/rejected/{id}")).exists()
+    });
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "ab"]);
+    assert_eq!(text(&out.stdout), "ba", "{}", text(&out.stderr));
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(log.contains(id) && log.contains("rejected"), "{log}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+#[test]
+fn the_umask_applies_under_run_too() {
+    let sb = Sandbox::new("sec-umask");
+    let w = {
+        let log = sb.path("worker.log");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!(
+                "umask 022; exec \"{}\" -c \"{}\" run",
+                sb.bin.display(),
+                sb.config().display()
+            ),
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        common::Worker {
+            child: spawn(&mut cmd),
+            socket: sb.path("state/worker/gearshift.sock"),
+            log,
+        }
+    };
+    w.wait_for(Duration::from_secs(20), "start", |_| true);
+    let out = sb.run(&["submit", "--wait", "echo", "m"]);
+    assert_eq!(text(&out.stdout), "m");
+    let id = text(&out.stderr).trim().to_string();
+    let mode = fs::metadata(sb.path(&format!("spool/done/{id}")))
+        .unwrap()
+        .mode();
+    assert_eq!(
+        mode & 0o027,
+        0,
+        "result mode {:o} under the default umask 027",
+        mode
+    );
+}
+
+#[test]
+fn files_the_dropped_user_cannot_read_are_refused_by_check_and_start() {
+    let sb = privsep("sec-readable");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let job = sb.job("private.sh", "#!/bin/sh\necho hi\n");
+    let cases: [(&Path, u32, &str); 3] = [
+        (&sb.config(), 0o600, "config.toml"),
+        (&sb.path("jobs"), 0o700, "jobs"),
+        (&job, 0o700, "private.sh"),
+    ];
+    for (path, mode, name) in cases {
+        let before = fs::metadata(path).unwrap().mode() & 0o7777;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+        for cmd in ["check", "start"] {
+            let out = sb.run(&[cmd]);
+            assert_eq!(out.status.code(), Some(1), "{cmd} with {name} {mode:o}");
+            let err = text(&out.stderr);
+            assert!(err.contains(name) && err.contains("nobody"), "{cmd}: {err}");
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(before)).unwrap();
+    }
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_planted_deploy_marker_never_makes_root_run_the_workers_program() {
+    let sb = privsep("sec-marker");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let sha = {
+        let mut sha = None;
+        eventually(Duration::from_secs(30), "the running sha", || {
+            let out = sb.run(&["status", "--json"]);
+            sha = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|s| s["binary_sha256"].as_str().map(String::from));
+            sha.is_some()
+        });
+        sha.unwrap()
+    };
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    let pwned = sb.path("pwned");
+    let evil = format!("#!/bin/sh\nid > {}\n", pwned.display());
+    // Wherever the worker can write: the old marker place, and the worker's own directory.
+    for dir in ["state", "state/worker"] {
+        let script = format!(
+            "printf '{}' > {dir}/evil; chmod 755 {dir}/evil; \
+             printf '{{\"from_sha\":\"{}\",\"to_sha\":\"{sha}\",\"last_good\":\"{}/{dir}/evil\",\"at_ms\":1}}' \
+             > {dir}/deploy-pending.json",
+            evil.replace('\n', "\\n"),
+            "0".repeat(64),
+            sb.dir.display()
+        );
+        let _ = as_worker(&sb, &script);
+        let out = sb.run(&["start"]);
+        let _ = sb.run(&["stop"]);
+        assert!(
+            !pwned.exists(),
+            "root ran the worker's program: {} / {}",
+            fs::read_to_string(&pwned).unwrap_or_default(),
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_binary_watch_refuses_a_binary_the_worker_can_write() {
+    let sb = privsep("sec-deploy");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status = || -> serde_json::Value {
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    eventually(Duration::from_secs(30), "the running sha", || {
+        status()["binary_sha256"].is_string()
+    });
+    // A valid binary with other bytes (a trailing byte does not stop an ELF from running),
+    // owned by the worker's user: the worker could have written it.
+    let tmp = sb.path("bin/.gearshift.new");
+    let mut bytes = fs::read(&sb.bin).unwrap();
+    bytes.push(0);
+    fs::write(&tmp, &bytes).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(&tmp, Some(nobody().uid), None).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    eventually(Duration::from_secs(30), "the refusal", || {
+        status()["last_refused_deploy"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("writable by the worker's user"))
+    });
+    assert_eq!(status()["generation"], 1, "not switched");
+
+    // Root-owned binary, but in a directory the worker's user owns.
+    nix::unistd::chown(&sb.bin, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    nix::unistd::chown(&sb.path("bin"), Some(nobody().uid), None).unwrap();
+    bytes.push(0);
+    fs::write(&tmp, &bytes).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    eventually(Duration::from_secs(30), "the second refusal", || {
+        status()["last_refused_deploy"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("directory") && e.contains("writable by the worker's user"))
+    });
+    assert_eq!(status()["generation"], 1, "not switched");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
