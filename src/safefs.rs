@@ -345,6 +345,41 @@ impl Dir {
         Ok(Some(buf))
     }
 
+    /// Creates the new file `name` for writing (failing if anything is there, a link included).
+    pub fn create_new(&self, name: &str, mode: u32) -> Result<File> {
+        let flags = OFlag::O_CLOEXEC
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_EXCL
+            | OFlag::O_NOCTTY;
+        openat(
+            Some(self.fd.as_raw_fd()),
+            name,
+            flags,
+            Mode::from_bits_truncate(mode),
+        )
+        .map(|fd| File::from(owned(fd)))
+        .map_err(|e| Error::io_path("creating", &self.path.join(name), e.into()))
+    }
+
+    /// Moves the entry `from` here to `to` in `dest` (an atomic rename(2), never following links).
+    pub fn rename_into(&self, from: &str, dest: &Dir, to: &str) -> std::io::Result<()> {
+        nix::fcntl::renameat(
+            Some(self.fd.as_raw_fd()),
+            from,
+            Some(dest.fd.as_raw_fd()),
+            to,
+        )
+        .map_err(std::io::Error::from)
+    }
+
+    /// fsync(2) of the directory itself (its entries are then durable).
+    pub fn sync(&self) -> Result<()> {
+        nix::unistd::fsync(self.fd.as_raw_fd())
+            .map_err(|e| Error::io_path("syncing", &self.path, e.into()))
+    }
+
     /// Removes the entry `name` (a file), if it is there.
     pub fn remove(&self, name: &str) -> Result<()> {
         match nix::unistd::unlinkat(

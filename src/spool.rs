@@ -19,7 +19,6 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +48,9 @@ pub struct Spool {
     /// Run as root in a spool another user owns (the worker's): what we create is given to
     /// that user, through its descriptor, so the worker can read it.
     give_to: Option<(Uid, Gid)>,
+    /// The subdirectories, opened once (in [`SUBDIRS`] order): files are created and moved
+    /// relative to these descriptors, so a link planted in place of one is never followed.
+    dirs: Vec<Dir>,
 }
 
 /// Whether a job succeeded or failed, as stored.
@@ -99,16 +101,19 @@ impl Spool {
         let root = Dir::create(dir, 0o750)?;
         let (uid, gid) = root.owner();
         let give_to = (geteuid().is_root() && !uid.is_root()).then_some((uid, gid));
+        let mut dirs = Vec::with_capacity(SUBDIRS.len());
         for sub in SUBDIRS {
             let d = root.sub(sub, Some(0o750))?;
             if let Some((uid, gid)) = give_to.filter(|_| d.owner().0.is_root()) {
                 d.chown(uid, gid)?;
             }
+            dirs.push(d);
         }
         Ok(Spool {
             root: dir.to_path_buf(),
             fsync,
             give_to,
+            dirs,
         })
     }
 
@@ -136,13 +141,10 @@ impl Spool {
 
     /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
     fn publish(&self, bytes: &[u8], id: &str, sub: &str) -> Result<()> {
-        let tmp = self.dir("tmp").join(format!("{id}.{}", new_id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(&tmp)
-            .at("creating", &tmp)?;
+        let name = format!("{id}.{}", new_id());
+        let tmp = self.dir("tmp").join(&name);
+        let tmp_dir = self.opened("tmp")?;
+        let mut f = tmp_dir.create_new(&name, 0o640)?;
         if let Some((uid, gid)) = self.give_to {
             crate::safefs::chown_file(&f, &tmp, uid, gid)?;
         }
@@ -151,18 +153,28 @@ impl Spool {
             f.sync_all().at("syncing", &tmp)?;
         }
         drop(f);
-        let dest = self.dir(sub).join(id);
-        if let Err(e) = fs::rename(&tmp, &dest) {
-            let _ = fs::remove_file(&tmp);
+        let dest_dir = self.opened(sub)?;
+        if let Err(e) = tmp_dir.rename_into(&name, dest_dir, id) {
+            let _ = tmp_dir.remove(&name);
+            let dest = self.dir(sub).join(id);
             return Err(Error::io(
                 format!("renaming \"{}\" to \"{}\"", tmp.display(), dest.display()),
                 e,
             ));
         }
         if self.fsync {
-            sync_dir(&self.dir(sub))?;
+            dest_dir.sync()?;
         }
         Ok(())
+    }
+
+    /// The opened subdirectory `sub`.
+    fn opened(&self, sub: &str) -> Result<&Dir> {
+        SUBDIRS
+            .iter()
+            .position(|s| *s == sub)
+            .and_then(|i| self.dirs.get(i))
+            .ok_or_else(|| Error::Msg(format!("no spool directory \"{sub}\"")))
     }
 
     /// Where job `id` is now.
@@ -194,7 +206,7 @@ impl Spool {
     fn read_finished(&self, id: &str) -> Result<Option<Record>> {
         for sub in ["done", "failed"] {
             let path = self.dir(sub).join(id);
-            match fs::read(&path) {
+            match read_entry(&path) {
                 Ok(bytes) => {
                     return decode_record(id, &bytes).map(Some).map_err(|why| {
                         Error::Msg(format!(
@@ -760,15 +772,6 @@ fn read_entry(path: &Path) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(meta.len() as usize);
     f.read_to_end(&mut buf)?;
     Ok(buf)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    let d = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(dir)
-        .at("opening", dir)?;
-    nix::unistd::fsync(d.as_raw_fd()).map_err(|e| Error::io_path("syncing", dir, e.into()))
 }
 
 fn encode_job(job: &JobFile) -> Vec<u8> {
