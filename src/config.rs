@@ -146,17 +146,42 @@ impl Config {
                 &format!("concurrency must be between 1 and 1024, not {concurrency}"),
             ));
         }
-        if w.max_payload_bytes == 0 {
+        let in_range = |v: &Spanned<u64>, key: &str, min: u64, max: u64| {
+            let n = *v.get_ref();
+            if (min..=max).contains(&n) {
+                Ok(n)
+            } else {
+                Err(located(
+                    Some(v.span()),
+                    &format!("{key} must be between {min} and {max}, not {n}"),
+                ))
+            }
+        };
+        let max_payload_bytes =
+            in_range(&w.max_payload_bytes, "max_payload_bytes", 1, MAX_PAYLOAD)?;
+        let max_rss_mb = in_range(&w.max_rss_mb, "max_rss_mb", 0, 1 << 24)?;
+        let splay = *w.recycle_splay.get_ref();
+        if !(0.0..=1.0).contains(&splay) {
             return Err(located(
-                None,
-                "[worker] max_payload_bytes must be at least 1",
+                Some(w.recycle_splay.span()),
+                &format!("recycle_splay must be a fraction between 0 and 1, not {splay}"),
+            ));
+        }
+        if let Some(a) = w
+            .max_age
+            .as_ref()
+            .filter(|a| a.get_ref().0 < Duration::from_secs(1))
+        {
+            return Err(located(
+                Some(a.span()),
+                "max_age must be at least 1s (or left out)",
             ));
         }
         let worker = Worker {
             concurrency: concurrency as usize,
             jobs_dir: base.join(w.jobs_dir),
             state_dir: base.join(w.state_dir),
-            max_payload_bytes: w.max_payload_bytes as usize,
+            max_payload_bytes: max_payload_bytes as usize,
             watch_config: w.watch_config,
             watch_jobs: w.watch_jobs,
             umask: u32::from_str_radix(&w.umask, 8)
@@ -177,19 +202,19 @@ impl Config {
             strict_modes: w.strict_modes,
             watch_binary: w.watch_binary,
             max_jobs: w.max_jobs,
-            max_rss_mb: w.max_rss_mb,
-            max_age: w.max_age.map(|d| d.0),
-            recycle_splay: w.recycle_splay.clamp(0.0, 1.0),
+            max_rss_mb,
+            max_age: w.max_age.map(|d| d.into_inner().0),
+            recycle_splay: splay,
         };
 
         let s = raw.source;
         let source = match s.kind {
             SourceKind::Spool => {
                 let attempts = *s.max_attempts.get_ref();
-                if attempts == 0 {
+                if !(1..=1_000_000).contains(&attempts) {
                     return Err(located(
                         Some(s.max_attempts.span()),
-                        "max_attempts must be at least 1",
+                        &format!("max_attempts must be between 1 and 1000000, not {attempts}"),
                     ));
                 }
                 Source::Spool(SpoolConfig {
@@ -223,10 +248,12 @@ impl Config {
                     servers: s.servers.into_inner(),
                     client_id: s.client_id,
                     exceptions: s.exceptions,
-                    max_packet_bytes: s.max_packet_bytes.map_or_else(
-                        || (worker.max_payload_bytes + 4096).max(1 << 20),
-                        |b| b as usize,
-                    ),
+                    max_packet_bytes: match &s.max_packet_bytes {
+                        None => (worker.max_payload_bytes + 4096).max(1 << 20),
+                        Some(b) => {
+                            in_range(b, "max_packet_bytes", 64, MAX_PAYLOAD + 65536)? as usize
+                        }
+                    },
                 })
             }
         };
@@ -236,7 +263,13 @@ impl Config {
             if let Err(why) = check_function_name(name.get_ref()) {
                 return Err(located(Some(name.span()), &why));
             }
-            let timeout = f.timeout.map(|t| t.0);
+            if let Some(t) = f.timeout.as_ref().filter(|t| t.get_ref().0.is_zero()) {
+                return Err(located(
+                    Some(t.span()),
+                    "a timeout of 0 would fail every job: give a duration such as \"30s\" (or leave it out)",
+                ));
+            }
+            let timeout = f.timeout.map(|t| t.into_inner().0);
             functions.insert(name.into_inner(), FunctionConfig { timeout });
         }
 
@@ -380,14 +413,17 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration such as \"30s\", \"500ms\", \"5m\" or a number of seconds")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Dur, E> {
-                u64::try_from(v)
-                    .map(|s| Dur(Duration::from_secs(s)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
+                let secs =
+                    u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                bounded(Duration::from_secs(secs), &v.to_string())
+                    .map(Dur)
+                    .map_err(E::custom)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Dur, E> {
                 Duration::try_from_secs_f64(v)
-                    .map(Dur)
                     .map_err(|_| E::custom(format!("{v} is not a valid number of seconds")))
+                    .and_then(|d| bounded(d, &v.to_string()).map_err(E::custom))
+                    .map(Dur)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Dur, E> {
                 parse_duration(v).map(Dur).map_err(E::custom)
@@ -396,6 +432,9 @@ impl<'de> Deserialize<'de> for Dur {
         d.deserialize_any(V)
     }
 }
+
+/// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
+pub const MAX_PAYLOAD: u64 = 1 << 30;
 
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
@@ -419,7 +458,23 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
             ))
         }
     };
-    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))
+    let d =
+        Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))?;
+    bounded(d, s)
+}
+
+/// The longest duration anything accepts: time arithmetic on it (deadlines, splay) can then
+/// never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86400);
+
+fn bounded(d: Duration, written: &str) -> std::result::Result<Duration, String> {
+    if d > MAX_DURATION {
+        Err(format!(
+            "duration \"{written}\" is over the maximum of 3650d"
+        ))
+    } else {
+        Ok(d)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -455,14 +510,14 @@ struct RawWorker {
     concurrency: Spanned<i64>,
     jobs_dir: PathBuf,
     state_dir: PathBuf,
-    max_payload_bytes: u64,
+    max_payload_bytes: Spanned<u64>,
     watch_config: bool,
     watch_jobs: bool,
     watch_binary: bool,
     max_jobs: u64,
-    max_rss_mb: u64,
-    max_age: Option<Dur>,
-    recycle_splay: f64,
+    max_rss_mb: Spanned<u64>,
+    max_age: Option<Spanned<Dur>>,
+    recycle_splay: Spanned<f64>,
     umask: String,
     user: Option<String>,
     group: Option<String>,
@@ -476,14 +531,14 @@ impl Default for RawWorker {
             concurrency: Spanned::new(0..0, 1),
             jobs_dir: "jobs".into(),
             state_dir: "state".into(),
-            max_payload_bytes: 16 << 20,
+            max_payload_bytes: Spanned::new(0..0, 16 << 20),
             watch_config: true,
             watch_jobs: true,
             watch_binary: true,
             max_jobs: 0,
-            max_rss_mb: 0,
+            max_rss_mb: Spanned::new(0..0, 0),
             max_age: None,
-            recycle_splay: 0.1,
+            recycle_splay: Spanned::new(0..0, 0.1),
             umask: "027".into(),
             user: None,
             group: None,
@@ -511,7 +566,7 @@ struct RawSource {
     servers: Spanned<Vec<String>>,
     client_id: Option<String>,
     exceptions: bool,
-    max_packet_bytes: Option<u64>,
+    max_packet_bytes: Option<Spanned<u64>>,
 }
 
 impl Default for RawSource {
@@ -533,7 +588,7 @@ impl Default for RawSource {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawFunction {
-    timeout: Option<Dur>,
+    timeout: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]
@@ -600,7 +655,20 @@ mod tests {
                 "/etc/gs/config.toml:1:12: invalid function name \"a b\"",
             ),
             ("[log]\nlevel = \"loud\"\n", "/etc/gs/config.toml:2:9: unknown log level \"loud\""),
-            ("[source]\nmax_attempts = 0\n", "/etc/gs/config.toml:2:16: max_attempts must be at least 1"),
+            ("[source]\nmax_attempts = 0\n", "/etc/gs/config.toml:2:16: max_attempts must be between 1 and 1000000, not 0"),
+            (
+                "[worker]\nrecycle_splay = nan\n",
+                "/etc/gs/config.toml:2:17: recycle_splay must be a fraction between 0 and 1, not NaN",
+            ),
+            (
+                "[functions.f]\ntimeout = 1e19\n",
+                "/etc/gs/config.toml:2:11: duration \"10000000000000000000\" is over the maximum of 3650d",
+            ),
+            (
+                "[worker]\nmax_payload_bytes = 0\n",
+                "/etc/gs/config.toml:2:21: max_payload_bytes must be between 1 and 1073741824, not 0",
+            ),
+            ("[functions.f]\ntimeout = 0\n", "/etc/gs/config.toml:2:11: a timeout of 0 would fail"),
         ];
         for (text, want) in cases {
             let got = parse(text).expect_err(text);

@@ -225,7 +225,7 @@ fn drive(
         overflow: false,
         timed_out: None,
     };
-    let mut progress_buf = Vec::new();
+    let mut lines = ProgressLines::default();
     let mut exited_at: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
 
@@ -242,11 +242,8 @@ fn drive(
                 read_into(&mut stdout, &mut buf, |c| out.take_stdout(c, max_output))
                     .map_err(io_err)?;
                 read_into(&mut stderr, &mut buf, |c| out.take_stderr(c)).map_err(io_err)?;
-                let open = read_into(&mut progress, &mut buf, |c| {
-                    progress_buf.extend_from_slice(c)
-                })
-                .map_err(io_err)?;
-                forward_progress(&mut progress_buf, job, !open);
+                read_into(&mut progress, &mut buf, |c| lines.feed(c, job)).map_err(io_err)?;
+                lines.finish(job);
                 break;
             }
         }
@@ -333,12 +330,10 @@ fn drive(
                     }
                 }
                 3 => {
-                    let open = read_into(&mut progress, &mut buf, |c| {
-                        progress_buf.extend_from_slice(c)
-                    })
-                    .map_err(io_err)?;
-                    forward_progress(&mut progress_buf, job, !open);
+                    let open = read_into(&mut progress, &mut buf, |c| lines.feed(c, job))
+                        .map_err(io_err)?;
                     if !open {
+                        lines.finish(job);
                         progress = None;
                     }
                 }
@@ -386,19 +381,96 @@ fn write_some(fd: &OwnedFd, data: &[u8]) -> io::Result<usize> {
     file.write(data)
 }
 
-/// Parses complete lines of the fd-3 progress channel and forwards them.
-fn forward_progress(buf: &mut Vec<u8>, job: &mut Job<'_>, eof: bool) {
-    while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-        let line: Vec<u8> = buf.drain(..=nl).collect();
-        progress_line(&line[..line.len() - 1], job);
+/// The longest fd-3 progress line kept; a longer one is dropped (and said once per job).
+pub const MAX_PROGRESS_LINE: usize = 64 * 1024;
+/// Malformed progress lines of one job that are logged; the rest are counted.
+const BAD_LINES_LOGGED: u64 = 5;
+
+/// The fd-3 progress channel's line splitter: bounded memory (one line of at most
+/// [`MAX_PROGRESS_LINE`]) and linear cost (each byte is looked at once).
+#[derive(Default)]
+struct ProgressLines {
+    buf: Vec<u8>,
+    /// Dropping the rest of a line that grew too long, until its newline.
+    skipping: bool,
+    too_long: u64,
+    bad: u64,
+    finished: bool,
+}
+
+impl ProgressLines {
+    /// Takes a chunk read from the channel and forwards every complete line in it.
+    fn feed(&mut self, mut chunk: &[u8], job: &mut Job<'_>) {
+        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&chunk[..nl], &chunk[nl + 1..]);
+            chunk = rest;
+            if std::mem::take(&mut self.skipping) {
+                continue;
+            }
+            if self.buf.len() + line.len() > MAX_PROGRESS_LINE {
+                self.buf.clear();
+                self.oversized(job);
+                continue;
+            }
+            if self.buf.is_empty() {
+                self.line(line, job);
+            } else {
+                self.buf.extend_from_slice(line);
+                let whole = std::mem::take(&mut self.buf);
+                self.line(&whole, job);
+            }
+        }
+        if self.skipping {
+            return;
+        }
+        if self.buf.len() + chunk.len() > MAX_PROGRESS_LINE {
+            self.buf.clear();
+            self.skipping = true;
+            self.oversized(job);
+        } else {
+            self.buf.extend_from_slice(chunk);
+        }
     }
-    if eof && !buf.is_empty() {
-        let line = std::mem::take(buf);
-        progress_line(&line, job);
+
+    /// The channel closed: a last line without a newline still counts.
+    fn finish(&mut self, job: &mut Job<'_>) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        if !self.buf.is_empty() && !self.skipping {
+            let line = std::mem::take(&mut self.buf);
+            self.line(&line, job);
+        }
+        if self.bad > BAD_LINES_LOGGED {
+            log::warn!(
+                "job {}: {} more malformed progress lines not logged",
+                job.id(),
+                self.bad - BAD_LINES_LOGGED
+            );
+        }
+    }
+
+    fn oversized(&mut self, job: &mut Job<'_>) {
+        self.too_long += 1;
+        if self.too_long == 1 {
+            log::warn!(
+                "job {}: a progress line over {MAX_PROGRESS_LINE} bytes was dropped (and any more like it)",
+                job.id()
+            );
+        }
+    }
+
+    fn line(&mut self, line: &[u8], job: &mut Job<'_>) {
+        if let Err(why) = progress_line(line, job) {
+            self.bad += 1;
+            if self.bad <= BAD_LINES_LOGGED {
+                log::warn!("job {}: {why}", job.id());
+            }
+        }
     }
 }
 
-fn progress_line(line: &[u8], job: &mut Job<'_>) {
+fn progress_line(line: &[u8], job: &mut Job<'_>) -> Result<(), String> {
     let (word, rest) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, &[][..]),
@@ -411,19 +483,17 @@ fn progress_line(line: &[u8], job: &mut Job<'_>) {
             let mut nums = text.split_whitespace().map(str::parse::<u64>);
             match (nums.next(), nums.next()) {
                 (Some(Ok(n)), Some(Ok(d))) => job.status(n, d),
-                _ => log::warn!(
-                    "job {}: bad progress line {:?} (want \"status N D\")",
-                    job.id(),
-                    text
-                ),
+                _ => return Err(format!("bad progress line {text:?} (want \"status N D\")")),
             }
         }
-        _ => log::warn!(
-            "job {}: unknown progress line {:?} (want status, data or warning)",
-            job.id(),
-            String::from_utf8_lossy(line)
-        ),
+        _ => {
+            let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+            return Err(format!(
+                "unknown progress line {shown:?} (want status, data or warning)"
+            ));
+        }
     }
+    Ok(())
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {

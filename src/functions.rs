@@ -198,7 +198,11 @@ fn sleep(job: &mut Job<'_>) -> JobResult {
     })?;
     let want = Duration::from_millis(ms);
     match job.deadline() {
-        Some(deadline) if Instant::now() + want > deadline => {
+        Some(deadline)
+            if Instant::now()
+                .checked_add(want)
+                .is_none_or(|end| end > deadline) =>
+        {
             std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
             Err(JobError::new(format!(
                 "sleep: timed out before {ms} ms had passed"

@@ -392,7 +392,7 @@ impl SpoolSource {
                     continue;
                 }
             };
-            job.attempts += 1;
+            job.attempts = job.attempts.saturating_add(1);
             if job.attempts >= self.max_attempts {
                 log::warn!(
                     "job {id}: interrupted {} times; failing it (max_attempts = {})",
@@ -417,7 +417,7 @@ impl SpoolSource {
             } else {
                 log::info!(
                     "job {id}: requeued after an interrupted run (attempt {} of {})",
-                    job.attempts + 1,
+                    job.attempts.saturating_add(1),
                     self.max_attempts
                 );
                 self.spool.publish(&encode_job(&job), &id, "new")?;
@@ -524,7 +524,7 @@ impl SpoolSource {
                         function: job.function,
                         unique: String::new(),
                         payload: job.payload,
-                        attempt: job.attempts + 1,
+                        attempt: job.attempts.saturating_add(1),
                         submitted_ms: job.submitted_ms,
                     }))
                 }
@@ -564,6 +564,8 @@ impl SpoolSource {
         Box::new(SpoolLane {
             source: Arc::clone(self),
             started_ms: 0,
+            job: String::new(),
+            progress_lines: 0,
         })
     }
 
@@ -631,7 +633,13 @@ impl SpoolSource {
 struct SpoolLane {
     source: Arc<SpoolSource>,
     started_ms: u64,
+    /// The current job's id and progress lines logged so far (a job may write millions).
+    job: String,
+    progress_lines: u64,
 }
+
+/// Progress lines of one job that reach the log; the rest are counted and summarised.
+const PROGRESS_LOG_LINES: u64 = 10;
 
 impl Lane for SpoolLane {
     fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>> {
@@ -643,6 +651,8 @@ impl Lane for SpoolLane {
             self.source.prune();
             if let Some(job) = self.source.claim()? {
                 self.started_ms = now_ms();
+                self.job.clone_from(&job.id);
+                self.progress_lines = 0;
                 return Ok(Some(job));
             }
             if stop.load(Ordering::Acquire) {
@@ -657,6 +667,14 @@ impl Lane for SpoolLane {
     }
 
     fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()> {
+        if self.progress_lines > PROGRESS_LOG_LINES {
+            log::info!(
+                "job {}: {} more progress lines not logged",
+                job.id,
+                self.progress_lines - PROGRESS_LOG_LINES
+            );
+        }
+        self.progress_lines = 0;
         self.source.finish(job, outcome, self.started_ms)
     }
 
@@ -665,16 +683,40 @@ impl Lane for SpoolLane {
     }
 }
 
+impl SpoolLane {
+    /// Whether one more progress line of this job may be logged.
+    fn may_log(&mut self) -> bool {
+        self.progress_lines += 1;
+        self.progress_lines <= PROGRESS_LOG_LINES
+    }
+}
+
 impl Progress for SpoolLane {
     fn status(&mut self, n: u64, d: u64) {
-        log::debug!("progress {n}/{d}");
+        if self.may_log() {
+            log::debug!("job {}: progress {n}/{d}", self.job);
+        }
     }
     fn data(&mut self, data: &[u8]) {
-        log::debug!("data {:?}", String::from_utf8_lossy(data));
+        if self.may_log() {
+            log::debug!("job {}: data {:?}", self.job, lossy_prefix(data));
+        }
     }
     fn warning(&mut self, data: &[u8]) {
-        log::warn!("job warning: {}", String::from_utf8_lossy(data));
+        if self.may_log() {
+            log::warn!("job {}: job warning: {}", self.job, lossy_prefix(data));
+        }
     }
+}
+
+/// At most 1 KiB of `data` as text, for a log line.
+fn lossy_prefix(data: &[u8]) -> String {
+    let cut = &data[..data.len().min(1024)];
+    let mut s = String::from_utf8_lossy(cut).into_owned();
+    if data.len() > cut.len() {
+        s.push_str(&format!("... ({} bytes)", data.len()));
+    }
+    s
 }
 
 /// A sequence number with a condition variable: idle lanes sleep until it moves past what they

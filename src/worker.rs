@@ -1120,3 +1120,101 @@ pub fn describe(table: &Table) -> BTreeMap<String, String> {
 }
 
 use sha2::Digest as _;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A property test over hostile numbers: whatever `Config::parse` accepts, the time and
+    /// size arithmetic a generation does with it (splayed limits, deadlines, the age timer)
+    /// must not panic. Values are drawn from edge cases and a seeded generator.
+    #[test]
+    fn accepted_numbers_never_break_the_arithmetic() {
+        let edges = [
+            "0",
+            "1",
+            "-1",
+            "0.5",
+            "1e19",
+            "1.8e19",
+            "1e300",
+            "nan",
+            "inf",
+            "-inf",
+            "18446744073709551615",
+            "9223372036854775807",
+            "4294967295",
+            "\"0s\"",
+            "\"1ms\"",
+            "\"3650d\"",
+            "\"3651d\"",
+            "\"200000000000000d\"",
+            "\"1e19s\"",
+            "\"0.0001ms\"",
+        ];
+        let keys = [
+            ("worker", "max_jobs"),
+            ("worker", "max_rss_mb"),
+            ("worker", "max_age"),
+            ("worker", "recycle_splay"),
+            ("worker", "max_payload_bytes"),
+            ("source", "retain_results"),
+            ("source", "max_attempts"),
+            ("functions.f", "timeout"),
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut accepted = 0;
+        for round in 0..2000 {
+            let mut sections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for (section, key) in keys {
+                if next() % 3 != 0 {
+                    continue;
+                }
+                let value = if round % 2 == 0 {
+                    edges[(next() % edges.len() as u64) as usize].to_string()
+                } else {
+                    match next() % 5 {
+                        0 => (1 + next() % 10_000).to_string(),
+                        1 => (next() >> (next() % 64)).to_string(),
+                        2 => format!("{:.3}", (next() % 2000) as f64 / 1000.0),
+                        3 => format!("{:e}", f64::from_bits(next() >> 2)),
+                        _ => format!("\"{}s\"", 1 + next() % 400_000_000),
+                    }
+                };
+                sections
+                    .entry(section)
+                    .or_default()
+                    .push(format!("{key} = {value}"));
+            }
+            let text: String = sections
+                .iter()
+                .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+                .collect();
+            let Ok(cfg) = Config::parse(Path::new("/gs/config.toml"), text.as_bytes()) else {
+                continue;
+            };
+            accepted += 1;
+            let limits = Limits::new(&cfg.worker);
+            if let Some(a) = limits.max_age {
+                let _ = after(a.saturating_sub(Duration::from_millis(1)));
+            }
+            for f in cfg.functions.values() {
+                if let Some(t) = f.timeout {
+                    let _ = Instant::now() + t;
+                }
+            }
+            let _ = limits.max_rss_bytes.saturating_add(limits.max_jobs);
+        }
+        assert!(
+            accepted > 100,
+            "the generator should produce valid configs too ({accepted})"
+        );
+    }
+}
