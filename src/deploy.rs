@@ -495,17 +495,25 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
 
 /// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else its output.
 fn preflight(candidate: &Path, config: &Path) -> Result<(), String> {
-    let mut child = Command::new(candidate)
-        .arg("-c")
+    let mut cmd = Command::new(candidate);
+    cmd.arg("-c")
         .arg(config)
         .arg("check")
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !crate::executable::is_internal_var(k)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run the candidate: {e}"))?;
+        .stderr(Stdio::piped());
+    let mut child =
+        crate::reaper::spawn(&mut cmd).map_err(|e| format!("cannot run the candidate: {e}"))?;
+    let pid = child.id();
+    let result = wait_preflight(&mut child);
+    crate::reaper::forget(pid);
+    result
+}
+
+/// Waits for the pre-flight (bounded) and judges it.
+fn wait_preflight(child: &mut std::process::Child) -> Result<(), String> {
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     let status = loop {
         match child.try_wait() {

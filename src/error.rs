@@ -42,7 +42,19 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Config(msg) | Error::Msg(msg) => f.write_str(msg),
-            Error::Io { about, source } => write!(f, "{about}: {source}"),
+            Error::Io { about, source } => {
+                write!(f, "{about}: {source}")?;
+                match source.raw_os_error() {
+                    Some(libc::ENOSPC) => {
+                        f.write_str(" (the file system is full: free some space)")
+                    }
+                    Some(libc::EDQUOT) => f.write_str(" (over the disk quota)"),
+                    Some(libc::EMFILE) => {
+                        f.write_str(" (out of file descriptors: raise ulimit -n)")
+                    }
+                    _ => Ok(()),
+                }
+            }
             Error::Locked {
                 what,
                 pid: Some(pid),
@@ -68,6 +80,23 @@ impl std::error::Error for Error {
             _ => None,
         }
     }
+}
+
+/// The OS errors that mean "storage or resources fail now, and may come back": a full disk or
+/// quota, an I/O error, a read-only remount, no descriptors, no memory. An operation that
+/// meets one is retried later; it says nothing about the file or job at hand.
+pub fn is_transient_errno(errno: i32) -> bool {
+    [
+        libc::ENOSPC,
+        libc::EDQUOT,
+        libc::EIO,
+        libc::EROFS,
+        libc::EMFILE,
+        libc::ENFILE,
+        libc::ENOMEM,
+        libc::EAGAIN,
+    ]
+    .contains(&errno)
 }
 
 /// Shorthand for results whose error is [`Error`].

@@ -32,13 +32,26 @@ const STDERR_TAIL: usize = 2048;
 /// hold them) before the rest of the process group is killed.
 const EXIT_GRACE: Duration = Duration::from_millis(200);
 
-/// Process groups of running executables, so a forced stop can kill them all.
+/// Process groups of running executables, so a forced stop can kill them all; and what every
+/// job process is told about its worker.
 #[derive(Default, Clone)]
 pub struct Children {
     groups: Arc<Mutex<HashSet<i32>>>,
+    /// `GEARSHIFT_WORKER` for job processes (see [`crate::reaper`]).
+    worker_key: Arc<OsString>,
+    ended: Option<crate::reaper::JobEnded>,
 }
 
 impl Children {
+    /// Job processes will carry `worker_key`; `ended` hears of every job's end.
+    pub fn new(worker_key: &Path, ended: Option<crate::reaper::JobEnded>) -> Children {
+        Children {
+            groups: Arc::default(),
+            worker_key: Arc::new(worker_key.as_os_str().to_os_string()),
+            ended,
+        }
+    }
+
     fn add(&self, pgid: i32) {
         if let Ok(mut g) = self.groups.lock() {
             g.insert(pgid);
@@ -74,7 +87,7 @@ pub fn run(
     children: &Children,
 ) -> JobResult {
     let (progress_read, progress_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| JobError::new(format!("cannot create progress pipe: {e}")))?;
+        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32))?;
     let progress_fd = progress_write.as_raw_fd();
 
     let mut cmd = Command::new(exe);
@@ -84,17 +97,29 @@ pub fn run(
         .process_group(0)
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !is_internal_var(k)))
-        .env("GEARSHIFT_JOB_ID", job.id())
+        .env(crate::reaper::ENV_JOB, job.id())
+        .env(crate::reaper::ENV_WORKER, children.worker_key.as_os_str())
         .env("GEARSHIFT_FUNCTION", job.function())
         .env("GEARSHIFT_UNIQUE", job.unique())
         .env("GEARSHIFT_PROGRESS_FD", "3");
     if let Some(dir) = exe.parent() {
         cmd.current_dir(dir);
     }
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
-    // which are async-signal-safe; it allocates nothing and touches no locks.
+    let worker_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid,
+    // dup2, fcntl and kill, which are async-signal-safe; it allocates nothing and touches no
+    // locks.
     unsafe {
         cmd.pre_exec(move || {
+            // Die with the worker (the death of the lane thread that forked us, which outlives
+            // the job: lanes end only between jobs). If the worker died before this line, our
+            // parent is already someone else: die now.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != worker_pid {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
             if progress_fd == 3 {
                 // dup2(3, 3) would keep FD_CLOEXEC set: clear it instead.
                 if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
@@ -106,10 +131,14 @@ pub fn run(
             Ok(())
         });
     }
-    let spawned = cmd.spawn();
+    let spawned = crate::reaper::spawn(&mut cmd);
     drop(progress_write);
-    let mut child =
-        spawned.map_err(|e| JobError::new(format!("cannot start {}: {e}", exe.display())))?;
+    let mut child = spawned.map_err(|e| {
+        start_error(
+            format!("cannot start {}: {e}", exe.display()),
+            e.raw_os_error().unwrap_or(0),
+        )
+    })?;
     let pgid = child.id() as i32;
     children.add(pgid);
     let outcome = drive(&mut child, job, progress_read, timeout, max_output);
@@ -117,7 +146,11 @@ pub fn run(
     // group id cannot have been reused by an unrelated process.
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     let status = child.wait();
+    crate::reaper::forget(child.id());
     children.remove(pgid);
+    if let Some(ended) = &children.ended {
+        ended.notify();
+    }
 
     let out = outcome?;
     let status =
@@ -149,6 +182,15 @@ pub fn run(
             )))
         }
         (None, None) => Err(JobError::new(format!("ended with {status}"))),
+    }
+}
+
+/// A job that could not be started: transient if for want of a resource that comes back.
+fn start_error(message: String, errno: i32) -> JobError {
+    if [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM].contains(&errno) {
+        JobError::transient(message)
+    } else {
+        JobError::new(message)
     }
 }
 

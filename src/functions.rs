@@ -19,13 +19,30 @@ pub type JobResult = Result<Vec<u8>, JobError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobError {
     pub message: String,
+    /// The job could not be started for want of a resource (descriptors, processes, memory):
+    /// it is run again after a pause, not failed.
+    transient: bool,
 }
 
 impl JobError {
     pub fn new(message: impl Into<String>) -> JobError {
         JobError {
             message: message.into(),
+            transient: false,
         }
+    }
+
+    /// A failure to *start* the job for want of a resource (EMFILE, EAGAIN, ENOMEM): the
+    /// worker pauses and runs the job again instead of failing it.
+    pub fn transient(message: impl Into<String>) -> JobError {
+        JobError {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.transient
     }
 }
 

@@ -40,6 +40,7 @@ pub mod logging;
 pub mod notify;
 pub mod pidfile;
 pub mod privilege;
+pub mod reaper;
 pub mod reexec;
 pub mod safefs;
 pub mod signals;

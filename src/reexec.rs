@@ -39,6 +39,9 @@ pub struct Inherited {
     pub reason: String,
     pub completed: u64,
     pub failed: u64,
+    /// Spool entries rejected so far.
+    #[serde(default)]
+    pub rejected: u64,
     pub restarts: u64,
     pub refusals: u64,
     pub last_refused: Option<Refusal>,

@@ -39,6 +39,12 @@ pub trait Lane: Send {
     fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()>;
     /// Called between jobs before the lane is dropped for a restart or stop.
     fn close(&mut self) -> Result<()>;
+    /// Gives back a claimed job that was never run (the worker is stopping while it cannot
+    /// start it), without counting an attempt. Sources that cannot return a job say false,
+    /// and the lane keeps trying to run it.
+    fn release(&mut self, _job: &Claimed) -> bool {
+        false
+    }
 }
 
 /// An opened job source.
@@ -52,7 +58,10 @@ impl Source {
     /// each lane, so a worker starts even when servers are down).
     pub fn open(config: &Config, generation: u64) -> Result<Source> {
         match &config.source {
-            SourceConfig::Spool(cfg) => Ok(Source::Spool(Arc::new(SpoolSource::open(cfg)?))),
+            SourceConfig::Spool(cfg) => Ok(Source::Spool(Arc::new(SpoolSource::open(
+                cfg,
+                config.worker.max_payload_bytes,
+            )?))),
             SourceConfig::Gearman(cfg) => Ok(Source::Gearman(GearmanSource::new(cfg, generation))),
         }
     }

@@ -19,7 +19,8 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -34,9 +35,20 @@ use crate::functions::{JobResult, Progress};
 use crate::privilege::Target;
 use crate::safefs::{Dir, Open};
 use crate::source::{Claimed, Lane};
+use sha2::{Digest, Sha256};
 
-const JOB_MAGIC: &str = "GSJ1";
-const RECORD_MAGIC: &str = "GSR1";
+/// The file formats: version 2 carries the body's length and sha256 (truncation and corruption
+/// are detected); version 1 files (no length, no checksum) are still read.
+const JOB_MAGIC: &str = "GSJ2";
+const RECORD_MAGIC: &str = "GSR2";
+const JOB_MAGIC_V1: &str = "GSJ1";
+const RECORD_MAGIC_V1: &str = "GSR1";
+/// Room for a job file's header beyond its payload.
+const HEADER_ROOM: u64 = 64 * 1024;
+/// Unlocked files in `tmp/` older than this were abandoned by a killed writer.
+const TMP_ABANDONED: Duration = Duration::from_secs(5);
+/// How often the worker looks for abandoned files in `tmp/` (and for results to prune).
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 /// The spool's subdirectories (`rejected/` holds entries set aside as unusable).
 const SUBDIRS: [&str; 6] = ["tmp", "new", "cur", "done", "failed", "rejected"];
@@ -145,14 +157,27 @@ impl Spool {
         let tmp = self.dir("tmp").join(&name);
         let tmp_dir = self.opened("tmp")?;
         let mut f = tmp_dir.create_new(&name, 0o640)?;
-        if let Some((uid, gid)) = self.give_to {
-            crate::safefs::chown_file(&f, &tmp, uid, gid)?;
-        }
-        f.write_all(bytes).at("writing", &tmp)?;
-        if self.fsync {
-            f.sync_all().at("syncing", &tmp)?;
-        }
+        // Held until the file is renamed away: the worker's clean-up of abandoned files in
+        // tmp/ never touches one whose writer is alive.
+        // SAFETY: flock takes a descriptor we own and an operation; it touches no memory.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        let written = (|| {
+            if let Some((uid, gid)) = self.give_to {
+                crate::safefs::chown_file(&f, &tmp, uid, gid)?;
+            }
+            f.write_all(bytes).at("writing", &tmp)?;
+            if self.fsync {
+                f.sync_all().at("syncing", &tmp)?;
+            }
+            Ok(())
+        })();
         drop(f);
+        if let Err(e) = written {
+            // A failed write or fsync (a full disk, EIO) leaves nothing behind; a retry writes
+            // the bytes again, from memory, into a new file (never trusting a repeated fsync).
+            let _ = tmp_dir.remove(&name);
+            return Err(e);
+        }
         let dest_dir = self.opened(sub)?;
         if let Err(e) = tmp_dir.rename_into(&name, dest_dir, id) {
             let _ = tmp_dir.remove(&name);
@@ -206,7 +231,7 @@ impl Spool {
     fn read_finished(&self, id: &str) -> Result<Option<Record>> {
         for sub in ["done", "failed"] {
             let path = self.dir(sub).join(id);
-            match read_entry(&path) {
+            match read_entry(&path, u64::MAX) {
                 Ok(bytes) => {
                     return decode_record(id, &bytes).map(Some).map_err(|why| {
                         Error::Msg(format!(
@@ -309,12 +334,15 @@ pub struct SpoolSource {
     pending: Mutex<VecDeque<String>>,
     waker: Arc<Waker>,
     next_prune: Mutex<Instant>,
+    next_housekeeping: Mutex<Instant>,
+    /// The largest entry accepted as a job: max_payload_bytes plus header room.
+    max_entry: u64,
     _lock: Flock<File>,
 }
 
 impl SpoolSource {
     /// Takes the spool's consumer lock, recovers interrupted jobs, and starts watching `new/`.
-    pub fn open(cfg: &SpoolConfig) -> Result<SpoolSource> {
+    pub fn open(cfg: &SpoolConfig, max_payload: usize) -> Result<SpoolSource> {
         let spool = Spool::from_config(cfg)?;
         let lock_path = spool.root.join(".lock");
         // Read-only is enough for flock, and works on a .lock another user (say, root before a
@@ -359,6 +387,8 @@ impl SpoolSource {
             pending: Mutex::new(VecDeque::new()),
             waker,
             next_prune: Mutex::new(Instant::now()),
+            next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
+            max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: lock,
         };
         source.recover()?;
@@ -367,71 +397,149 @@ impl SpoolSource {
     }
 
     /// Puts jobs left in `cur/` by a killed worker back in the queue, or fails them for good once
-    /// `max_attempts` runs were interrupted.
+    /// `max_attempts` runs were interrupted. One bad entry never stops the recovery: it is set
+    /// aside in `rejected/`; a job that cannot be moved now (say, the disk is full) stays in
+    /// `cur/` for the next start.
     fn recover(&self) -> Result<()> {
         let cur = self.spool.dir("cur");
-        for id in list(&cur)? {
-            let path = cur.join(&id);
-            if self.spool.read_finished(&id)?.is_some() {
-                // Killed after storing the outcome but before leaving cur/: it is done.
-                remove(&path)?;
+        for name in list_raw(&cur)? {
+            let Some(id) = name.to_str().filter(|n| valid_id(n)).map(str::to_string) else {
+                self.reject_raw("cur", &name, "not a job id");
                 continue;
-            }
-            let bytes = match read_entry(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    self.reject(&id, &e.to_string())?;
-                    continue;
-                }
             };
-            let mut job = match decode_job(&bytes) {
-                Ok(job) => job,
-                Err(why) => {
-                    self.store_corrupt(&id, &why)?;
-                    continue;
-                }
-            };
-            job.attempts = job.attempts.saturating_add(1);
-            if job.attempts >= self.max_attempts {
-                log::warn!(
-                    "job {id}: interrupted {} times; failing it (max_attempts = {})",
-                    job.attempts,
-                    self.max_attempts
+            if let Err(e) = self.recover_one(&id) {
+                log::error!(
+                    "job {id}: cannot recover it now ({e}); it stays in cur/ for the next start"
                 );
-                let record = Record {
-                    id: id.clone(),
-                    outcome: Outcome::Failed,
-                    function: job.function,
-                    attempts: job.attempts,
-                    submitted_ms: job.submitted_ms,
-                    started_ms: 0,
-                    finished_ms: now_ms(),
-                    error: Some(format!(
-                        "interrupted {} times (the worker stopped while running it); max_attempts = {}",
-                        job.attempts, self.max_attempts
-                    )),
-                    result: Vec::new(),
-                };
-                self.spool.publish(&encode_record(&record), &id, "failed")?;
-            } else {
-                log::info!(
-                    "job {id}: requeued after an interrupted run (attempt {} of {})",
-                    job.attempts.saturating_add(1),
-                    self.max_attempts
-                );
-                self.spool.publish(&encode_job(&job), &id, "new")?;
             }
-            remove(&path)?;
         }
         Ok(())
     }
 
-    /// Removes temp files abandoned by killed submitters (an hour old: no live writer is that slow).
+    fn recover_one(&self, id: &str) -> Result<()> {
+        let path = self.spool.dir("cur").join(id);
+        match self.spool.read_finished(id) {
+            Ok(Some(_)) => {
+                // Killed after storing the outcome but before leaving cur/: it is done.
+                return remove(&path);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // A damaged result record: set it aside and run the job again.
+                for sub in ["done", "failed"] {
+                    self.reject_raw(sub, std::ffi::OsStr::new(id), &e.to_string());
+                }
+            }
+        }
+        let mut job = match self.read_job(id) {
+            Ok(job) => job,
+            Err(Ok(why)) => {
+                self.reject(id, &why);
+                return Ok(());
+            }
+            Err(Err(e)) => return Err(e),
+        };
+        job.attempts = job.attempts.saturating_add(1);
+        if job.attempts >= self.max_attempts {
+            log::warn!(
+                "job {id}: interrupted {} times; failing it (max_attempts = {})",
+                job.attempts,
+                self.max_attempts
+            );
+            let record = Record {
+                id: id.to_string(),
+                outcome: Outcome::Failed,
+                function: job.function,
+                attempts: job.attempts,
+                submitted_ms: job.submitted_ms,
+                started_ms: 0,
+                finished_ms: now_ms(),
+                error: Some(format!(
+                    "interrupted {} times (the worker stopped while running it); max_attempts = {}",
+                    job.attempts, self.max_attempts
+                )),
+                result: Vec::new(),
+            };
+            self.spool.publish(&encode_record(&record), id, "failed")?;
+        } else {
+            log::info!(
+                "job {id}: requeued after an interrupted run (attempt {} of {})",
+                job.attempts.saturating_add(1),
+                self.max_attempts
+            );
+            self.spool.publish(&encode_job(&job), id, "new")?;
+        }
+        remove(&path)
+    }
+
+    /// Reads and decodes `cur/ID`: never through a link, never blocking, within the size bound.
+    /// `Err(Ok(why))`: the entry is no job; `Err(Err(e))`: storage or resources fail now (the
+    /// entry may be fine).
+    fn read_job(
+        &self,
+        id: &str,
+    ) -> std::result::Result<JobFile, std::result::Result<String, Error>> {
+        let path = self.spool.dir("cur").join(id);
+        let bytes = read_entry(&path, self.max_entry).map_err(|e| match e.raw_os_error() {
+            Some(errno) if crate::error::is_transient_errno(errno) => {
+                Err(Error::io_path("reading", &path, e))
+            }
+            _ => Ok(e.to_string()),
+        })?;
+        decode_job(&bytes).map_err(Ok)
+    }
+
+    /// Removes files in `tmp/` abandoned by killed writers: unlocked (a live writer holds an
+    /// flock on its file until the rename) and older than [`TMP_ABANDONED`] (the moment between
+    /// a writer's create and its flock). Anything that is not a regular file goes to
+    /// `rejected/`.
     fn clean_tmp(&self) {
         let tmp = self.spool.dir("tmp");
-        let cutoff = SystemTime::now() - Duration::from_secs(3600);
-        prune_older(&tmp, cutoff);
+        let Ok(names) = list_raw(&tmp) else { return };
+        let cutoff = SystemTime::now() - TMP_ABANDONED;
+        for name in names {
+            let path = tmp.join(&name);
+            let Ok(f) = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+            else {
+                self.reject_raw("tmp", &name, "not a regular file");
+                continue;
+            };
+            let Ok(meta) = f.metadata() else { continue };
+            if !meta.is_file() {
+                drop(f);
+                self.reject_raw("tmp", &name, "not a regular file");
+                continue;
+            }
+            if meta.modified().is_ok_and(|t| t > cutoff) {
+                continue;
+            }
+            // SAFETY: flock on a descriptor we own; it touches no memory.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                log::info!(
+                    "removing {:?} from tmp/: abandoned by its writer ({} bytes)",
+                    name,
+                    meta.size()
+                );
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Every [`HOUSEKEEPING`]: abandoned temp files; results past their retention.
+    fn housekeeping(&self) {
+        let Ok(mut next) = self.next_housekeeping.lock() else {
+            return;
+        };
+        if Instant::now() < *next {
+            return;
+        }
+        *next = Instant::now() + HOUSEKEEPING;
+        drop(next);
+        self.clean_tmp();
+        self.prune();
     }
 
     fn prune(&self) {
@@ -453,38 +561,40 @@ impl SpoolSource {
     }
 
     /// Sets aside `cur/ID`, which cannot be used as a job at all, in `rejected/`.
-    fn reject(&self, id: &str, why: &str) -> Result<()> {
-        let from = self.spool.dir("cur").join(id);
-        let to = self.spool.dir("rejected").join(id);
-        log::error!(
-            "job {id}: {why}; rejected: set aside as \"{}\"",
-            to.display()
-        );
+    fn reject(&self, id: &str, why: &str) {
+        self.reject_raw("cur", std::ffi::OsStr::new(id), why);
+    }
+
+    /// Moves the entry `sub/name` (whatever it is) into `rejected/`, with the reason in the log
+    /// and the count in `status`. Never fails the caller: at worst it says it could not.
+    fn reject_raw(&self, sub: &str, name: &std::ffi::OsStr, why: &str) {
+        let from = self.spool.dir(sub).join(name);
+        let mut to = self.spool.dir("rejected").join(name);
+        if fs::symlink_metadata(&to).is_ok() {
+            let mut renamed = name.to_os_string();
+            renamed.push(format!(".{}", new_id()));
+            to = self.spool.dir("rejected").join(renamed);
+        }
         match fs::rename(&from, &to) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io_path("setting aside", &from, e)),
+            Ok(()) => {
+                crate::status::REJECTED.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "{sub}/{}: {why}; rejected: set aside as \"{}\"",
+                    name.to_string_lossy(),
+                    to.display()
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::error!(
+                "{sub}/{}: {why}; and it cannot be set aside ({e}): remove it",
+                name.to_string_lossy()
+            ),
         }
     }
 
-    fn store_corrupt(&self, id: &str, why: &str) -> Result<()> {
-        log::error!("job {id}: corrupt job file ({why}); moved to failed");
-        let record = Record {
-            id: id.to_string(),
-            outcome: Outcome::Failed,
-            function: String::new(),
-            attempts: 0,
-            submitted_ms: 0,
-            started_ms: 0,
-            finished_ms: now_ms(),
-            error: Some(format!("corrupt job file: {why}")),
-            result: Vec::new(),
-        };
-        self.spool.publish(&encode_record(&record), id, "failed")?;
-        remove(&self.spool.dir("cur").join(id))
-    }
-
-    /// Claims the oldest queued job, or returns None when the queue is empty.
+    /// Claims the oldest queued job, or returns None when the queue is empty. An entry that
+    /// is not a job (a bad name, a link, a FIFO, a directory, too large, truncated, corrupt) is
+    /// set aside in `rejected/` and the next one is tried.
     fn claim(&self) -> Result<Option<Claimed>> {
         loop {
             let id = {
@@ -494,7 +604,13 @@ impl SpoolSource {
                     .map_err(|_| Error::Msg("spool queue lock poisoned".into()))?;
                 loop {
                     if pending.is_empty() {
-                        let mut ids = list(&self.spool.dir("new"))?;
+                        let mut ids = Vec::new();
+                        for name in list_raw(&self.spool.dir("new"))? {
+                            match name.to_str().filter(|n| valid_id(n)) {
+                                Some(id) => ids.push(id.to_string()),
+                                None => self.reject_raw("new", &name, "not a job id"),
+                            }
+                        }
                         ids.sort_unstable();
                         pending.extend(ids);
                     }
@@ -509,15 +625,7 @@ impl SpoolSource {
                     }
                 }
             };
-            let path = self.spool.dir("cur").join(&id);
-            let bytes = match read_entry(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.reject(&id, &e.to_string())?;
-                    continue;
-                }
-            };
-            match decode_job(&bytes) {
+            match self.read_job(&id) {
                 Ok(job) => {
                     return Ok(Some(Claimed {
                         id,
@@ -528,7 +636,16 @@ impl SpoolSource {
                         submitted_ms: job.submitted_ms,
                     }))
                 }
-                Err(why) => self.store_corrupt(&id, &why)?,
+                Err(Ok(why)) => self.reject(&id, &why),
+                Err(Err(e)) => {
+                    // Not the entry's fault: give it back, unclaimed, and let the lane back off.
+                    let cur = self.spool.dir("cur").join(&id);
+                    let _ = fs::rename(&cur, self.spool.dir("new").join(&id));
+                    if let Ok(mut pending) = self.pending.lock() {
+                        pending.push_front(id);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -648,7 +765,7 @@ impl Lane for SpoolLane {
                 return Ok(None);
             }
             let seen = self.source.waker.current();
-            self.source.prune();
+            self.source.housekeeping();
             if let Some(job) = self.source.claim()? {
                 self.started_ms = now_ms();
                 self.job.clone_from(&job.id);
@@ -658,7 +775,7 @@ impl Lane for SpoolLane {
             if stop.load(Ordering::Acquire) {
                 return Ok(None);
             }
-            self.source.waker.wait_past(seen);
+            self.source.waker.wait_past(seen, HOUSEKEEPING);
         }
     }
 
@@ -680,6 +797,21 @@ impl Lane for SpoolLane {
 
     fn close(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    fn release(&mut self, job: &Claimed) -> bool {
+        let from = self.source.spool.dir("cur").join(&job.id);
+        let to = self.source.spool.dir("new").join(&job.id);
+        match fs::rename(&from, &to) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "job {}: cannot give it back ({e}); it runs again at the next start",
+                    job.id
+                );
+                false
+            }
+        }
     }
 }
 
@@ -737,9 +869,10 @@ impl Waker {
     pub fn current(&self) -> u64 {
         self.seq.lock().map_or(0, |s| *s)
     }
-    pub fn wait_past(&self, seen: u64) {
+    /// Sleeps until the sequence moves past `seen`, or `limit` passes (housekeeping).
+    pub fn wait_past(&self, seen: u64, limit: Duration) {
         let Ok(guard) = self.seq.lock() else { return };
-        drop(self.cv.wait_while(guard, |s| *s == seen));
+        drop(self.cv.wait_timeout_while(guard, limit, |s| *s == seen));
     }
 }
 
@@ -762,14 +895,13 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn list(dir: &Path) -> Result<Vec<String>> {
+/// Every entry of `dir` but dot files, names as they are (not necessarily UTF-8).
+fn list_raw(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).at("listing", dir)? {
-        let entry = entry.at("listing", dir)?;
-        if let Some(name) = entry.file_name().to_str() {
-            if !name.starts_with('.') {
-                out.push(name.to_string());
-            }
+        let name = entry.at("listing", dir)?.file_name();
+        if !name.as_encoded_bytes().starts_with(b".") {
+            out.push(name);
         }
     }
     Ok(out)
@@ -797,29 +929,56 @@ fn prune_older(dir: &Path, cutoff: SystemTime) {
     }
 }
 
-/// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file.
-fn read_entry(path: &Path) -> io::Result<Vec<u8>> {
+/// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file of
+/// at most `max` bytes (checked with fstat before reading, and bounded while reading).
+fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other("a symbolic link, not a job file")
+            } else {
+                e
+            }
+        })?;
     let meta = f.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::other(format!(
-            "\"{}\" is not a regular file",
-            path.display()
+            "not a regular file ({})",
+            if meta.is_dir() {
+                "a directory"
+            } else {
+                "a FIFO, socket or device"
+            }
+        )));
+    }
+    if meta.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, over max_payload_bytes plus {HEADER_ROOM} bytes of header",
+            meta.len()
         )));
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut buf)?;
+    f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::other(
+            "grew over max_payload_bytes while being read",
+        ));
+    }
     Ok(buf)
 }
 
 fn encode_job(job: &JobFile) -> Vec<u8> {
     let mut out = format!(
-        "{JOB_MAGIC}\nfunction={}\nsubmitted={}\nattempts={}\n\n",
-        job.function, job.submitted_ms, job.attempts
+        "{JOB_MAGIC}\nfunction={}\nsubmitted={}\nattempts={}\nlength={}\nsha256={}\n\n",
+        job.function,
+        job.submitted_ms,
+        job.attempts,
+        job.payload.len(),
+        crate::config::hex(&Sha256::digest(&job.payload))
     )
     .into_bytes();
     out.extend_from_slice(&job.payload);
@@ -827,7 +986,7 @@ fn encode_job(job: &JobFile) -> Vec<u8> {
 }
 
 fn decode_job(bytes: &[u8]) -> std::result::Result<JobFile, String> {
-    let (fields, payload) = split_header(bytes, JOB_MAGIC)?;
+    let (fields, payload) = split_header(bytes, &[JOB_MAGIC, JOB_MAGIC_V1])?;
     Ok(JobFile {
         function: field(&fields, "function")?.to_string(),
         submitted_ms: number(&fields, "submitted")?,
@@ -842,8 +1001,14 @@ fn encode_record(r: &Record) -> Vec<u8> {
         Outcome::Failed => "failed",
     };
     let mut out = format!(
-        "{RECORD_MAGIC}\noutcome={outcome}\nfunction={}\nattempts={}\nsubmitted={}\nstarted={}\nfinished={}\n",
-        r.function, r.attempts, r.submitted_ms, r.started_ms, r.finished_ms
+        "{RECORD_MAGIC}\noutcome={outcome}\nfunction={}\nattempts={}\nsubmitted={}\nstarted={}\nfinished={}\nlength={}\nsha256={}\n",
+        r.function,
+        r.attempts,
+        r.submitted_ms,
+        r.started_ms,
+        r.finished_ms,
+        r.result.len(),
+        crate::config::hex(&Sha256::digest(&r.result))
     );
     if let Some(e) = &r.error {
         out.push_str("error=");
@@ -857,7 +1022,7 @@ fn encode_record(r: &Record) -> Vec<u8> {
 }
 
 fn decode_record(id: &str, bytes: &[u8]) -> std::result::Result<Record, String> {
-    let (fields, body) = split_header(bytes, RECORD_MAGIC)?;
+    let (fields, body) = split_header(bytes, &[RECORD_MAGIC, RECORD_MAGIC_V1])?;
     let outcome = match field(&fields, "outcome")? {
         "done" => Outcome::Done,
         "failed" => Outcome::Failed,
@@ -879,16 +1044,20 @@ fn decode_record(id: &str, bytes: &[u8]) -> std::result::Result<Record, String> 
 /// A file's header fields and its body.
 type Parts<'a> = (Vec<(&'a str, &'a str)>, &'a [u8]);
 
-/// Splits `MAGIC\nkey=value\n...\n\nbody` into its fields and body.
-fn split_header<'a>(bytes: &'a [u8], magic: &str) -> std::result::Result<Parts<'a>, String> {
-    let end = bytes
+/// Splits `MAGIC\nkey=value\n...\n\nbody` into its fields and body. `magics[0]` is the
+/// current format, whose `length` and `sha256` fields are checked against the body; the others
+/// are older formats without them.
+fn split_header<'a>(bytes: &'a [u8], magics: &[&str]) -> std::result::Result<Parts<'a>, String> {
+    let head_len = bytes.len().min(HEADER_ROOM as usize);
+    let end = bytes[..head_len]
         .windows(2)
         .position(|w| w == b"\n\n")
-        .ok_or("no end of header")?;
+        .ok_or("no end of header (truncated or not a job file)")?;
     let head = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
     let mut lines = head.lines();
-    if lines.next() != Some(magic) {
-        return Err(format!("not a {magic} file"));
+    let magic = lines.next().unwrap_or_default();
+    if !magics.contains(&magic) {
+        return Err(format!("not a {} file", magics.join(" or ")));
     }
     let fields = lines
         .map(|l| {
@@ -896,7 +1065,23 @@ fn split_header<'a>(bytes: &'a [u8], magic: &str) -> std::result::Result<Parts<'
                 .ok_or_else(|| format!("bad header line {l:?}"))
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((fields, &bytes[end + 2..]))
+    let body = &bytes[end + 2..];
+    if Some(&magic) == magics.first() {
+        let length = number(&fields, "length")?;
+        if (body.len() as u64) < length {
+            return Err(format!("truncated: {} of {length} bytes", body.len()));
+        }
+        if body.len() as u64 > length {
+            return Err(format!(
+                "{} bytes where its header says {length}",
+                body.len()
+            ));
+        }
+        if crate::config::hex(&Sha256::digest(body)) != field(&fields, "sha256")? {
+            return Err("checksum mismatch: the content is corrupt".into());
+        }
+    }
+    Ok((fields, body))
 }
 
 fn field<'a>(fields: &[(&str, &'a str)], key: &str) -> std::result::Result<&'a str, String> {
@@ -994,12 +1179,40 @@ mod tests {
         ] {
             assert!(decode_job(bad).is_err(), "{bad:?}");
         }
+        // Version 1 (no length, no checksum) is still read.
+        let v1 = b"GSJ1\nfunction=f\nsubmitted=1\nattempts=0\n\npay";
+        assert_eq!(decode_job(v1).expect("v1").payload, b"pay");
+        // Version 2 detects truncation, extra bytes and corruption.
+        let whole = encode_job(&job);
+        let cut = decode_job(&whole[..whole.len() - 1])
+            .err()
+            .unwrap_or_default();
+        assert!(cut.starts_with("truncated: 4 of 5 bytes"), "{cut}");
+        let mut longer = whole.clone();
+        longer.push(b'!');
+        assert!(decode_job(&longer).is_err());
+        let mut flipped = whole.clone();
+        *flipped.last_mut().unwrap_or(&mut 0) ^= 1;
+        let e = decode_job(&flipped).err().unwrap_or_default();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        let done = Record {
+            outcome: Outcome::Done,
+            error: None,
+            result: b"xyz".to_vec(),
+            ..rec
+        };
+        let bytes = encode_record(&done);
+        assert_eq!(decode_record("x", &bytes).expect("record").result, b"xyz");
+        let e = decode_record("x", &bytes[..bytes.len() - 1])
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("truncated"), "{e}");
     }
 
     #[test]
     fn submit_claim_finish_lookup() {
         let dir = tempdir("flow");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         let spool = Spool::open(&dir, false).expect("open");
         let a = spool.submit("echo", b"one").expect("submit");
         let b = spool.submit("echo", b"two").expect("submit");
@@ -1046,12 +1259,12 @@ mod tests {
         let id = spool.submit("echo", b"x").expect("submit");
         let stop = AtomicBool::new(false);
         for round in 1..=3 {
-            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
             let job = src.lane().next(&stop).expect("next").expect("job");
             assert_eq!(job.attempt, round);
             // Dropping the source without finishing is what a kill -9 leaves behind.
         }
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         assert!(src
             .lane()
             .next(&AtomicBool::new(true))
@@ -1081,7 +1294,7 @@ mod tests {
         let spool = Spool::open(&dir, false).expect("open");
         let id = spool.submit("echo", b"x").expect("submit");
         {
-            let src = Arc::new(SpoolSource::open(&c).expect("open"));
+            let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
             let mut lane = src.lane();
             let job = lane
                 .next(&AtomicBool::new(false))
@@ -1091,7 +1304,7 @@ mod tests {
         }
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
         // Within the retention period: kept.
-        let src = Arc::new(SpoolSource::open(&c).expect("open"));
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
         assert!(src
             .lane()
             .next(&AtomicBool::new(true))
@@ -1101,7 +1314,7 @@ mod tests {
         drop(src);
         std::thread::sleep(Duration::from_millis(20));
         c.retain_results = Duration::from_millis(10);
-        let src = Arc::new(SpoolSource::open(&c).expect("open"));
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
         // Pruning runs in a lane before it claims or sleeps; a stopped lane returns first.
         src.prune();
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Unknown)));
@@ -1115,7 +1328,7 @@ mod tests {
     fn lookups_racing_the_consumer_always_find_the_job() {
         let dir = tempdir("race");
         let spool = Spool::open(&dir, false).expect("open");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         let ids: Vec<String> = (0..1000)
             .map(|i| {
                 spool
@@ -1159,7 +1372,7 @@ mod tests {
             .collect();
         let stop = AtomicBool::new(false);
         let fd = {
-            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
             let mut lane = src.lane();
             let first = lane.next(&stop).expect("next").expect("job");
             lane.finish(&first, &Ok(Vec::new())).expect("finish");
@@ -1167,7 +1380,7 @@ mod tests {
         };
         // A job claimed meanwhile by someone else is skipped, not an error.
         fs::remove_file(dir.join("new").join(&ids[2])).expect("rm");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3)).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         src.take_over(fd.into_raw_fd());
         let mut lane = src.lane();
         let mut got = Vec::new();
@@ -1185,8 +1398,8 @@ mod tests {
     #[test]
     fn second_consumer_is_refused() {
         let dir = tempdir("lock");
-        let _a = SpoolSource::open(&cfg(&dir, 3)).expect("open");
-        let err = SpoolSource::open(&cfg(&dir, 3))
+        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open");
+        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20)
             .err()
             .expect("refused")
             .to_string();

@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::reexec::Refusal;
 
+/// Spool entries set aside in `rejected/` since the first start (carried across re-exec).
+pub static REJECTED: AtomicU64 = AtomicU64::new(0);
+
 /// Live state of this worker, shared by the control loop, worker threads and the status server.
 pub struct State {
     pub pid: u32,
@@ -52,6 +55,9 @@ pub struct Inner {
     pub binary_sha256: Option<String>,
     pub last_refused_deploy: Option<crate::deploy::Refused>,
     pub last_rollback: Option<crate::deploy::Rollback>,
+    /// Storage that fails (a full disk, no descriptors): the OS error and since when (unix
+    /// ms). While set, lanes claim nothing new and the state is `degraded`.
+    pub storage: Option<(String, u64)>,
 }
 
 impl State {
@@ -91,9 +97,18 @@ impl State {
         // first (Acquire) so a reader that sees the claim also sees the pause.
         let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
+        let state = if i.phase == "running" && i.storage.is_some() {
+            "degraded"
+        } else {
+            i.phase
+        };
         json!({
             "pid": self.pid,
-            "state": i.phase,
+            "state": state,
+            "storage": i.storage.as_ref().map(|(error, since)| json!({
+                "error": error, "since": rfc3339_ms(*since),
+            })),
+            "rejected": REJECTED.load(Ordering::Relaxed),
             "generation": self.generation,
             "started_at": rfc3339_ms(self.started_at_ms),
             "restarted_at": opt_time(self.restarted_at_ms),

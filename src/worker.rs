@@ -270,6 +270,13 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     drop(layout);
     crate::privilege::settle(&plan.config)?;
+    crate::reaper::become_subreaper();
+    if boot.inherited.is_none() {
+        // We hold the pidfile lock: whatever still carries our mark was left by a killed
+        // predecessor, and must not run next to the jobs we are about to recover.
+        crate::reaper::kill_leftovers(&plan.config.worker.state_dir);
+    }
+    crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let source = Arc::new(Source::open(&plan.config, generation)?);
     if let Some(fd) = boot
         .inherited
@@ -314,9 +321,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             binary_sha256: inherited.binary.as_ref().map(|k| k.sha256.clone()),
             last_refused_deploy: inherited.last_refused_deploy.clone(),
             last_rollback: None,
+            storage: None,
         }),
     });
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
+    let reaper = crate::reaper::Reaper::start(Arc::clone(&state))?;
+    let plan_state_dir = plan.config.worker.state_dir.clone();
 
     let (touch_tx, touch_rx) = bounded::<Touched>(64);
     let inotify = boot
@@ -390,6 +400,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         i.last_rollback = last_rollback.clone();
     }
     let mut ctl = Control {
+        health: Arc::new(Health::default()),
         deploy,
         last_rollback,
         limits: Arc::new(Limits::new(&plan.config.worker)),
@@ -402,7 +413,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         plan,
         source,
         state,
-        children: Children::default(),
+        children: Children::new(&plan_state_dir, Some(reaper.handle())),
         stop: Arc::new(AtomicBool::new(false)),
         lanes: Vec::new(),
         requested_mono_us: inherited.requested_mono_us,
@@ -435,6 +446,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 }
 
 struct Control {
+    health: Arc<Health>,
     deploy: Option<Deploy>,
     last_rollback: Option<crate::deploy::Rollback>,
     limits: Arc<Limits>,
@@ -509,7 +521,14 @@ impl Control {
                 (None, true) => after(POLL_FALLBACK),
                 (None, false) => never(),
             };
+            // A fault clears only after a quiet second, maybe when no job is left to notice.
+            let health_timer = if self.health.degraded.load(Ordering::Acquire) {
+                after(Duration::from_millis(250))
+            } else {
+                never()
+            };
             select! {
+                recv(health_timer) -> _ => self.health.recovered(&self.state),
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
                 recv(age) -> _ => {
                     age = never();
@@ -738,6 +757,7 @@ impl Control {
             reason: reason.to_string(),
             completed: self.state.completed.load(Ordering::Relaxed),
             failed: self.state.failed.load(Ordering::Relaxed),
+            rejected: crate::status::REJECTED.load(Ordering::Relaxed),
             restarts: self.state.restarts + 1,
             refusals,
             last_refused,
@@ -857,6 +877,7 @@ impl Control {
                 requested_mono_us: self.requested_mono_us,
                 limits: Arc::clone(&self.limits),
                 recycle: self.recycle_tx.clone(),
+                health: Arc::clone(&self.health),
             };
             let done = done_tx.clone();
             let t = std::thread::Builder::new()
@@ -954,6 +975,71 @@ struct LaneContext {
     requested_mono_us: u64,
     limits: Arc<Limits>,
     recycle: Sender<&'static str>,
+    health: Arc<Health>,
+}
+
+/// Storage and resource health, shared by the lanes of a generation.
+#[derive(Default)]
+struct Health {
+    /// Lanes holding an outcome they could not store yet.
+    holding: std::sync::atomic::AtomicUsize,
+    /// A fault is recorded in `status` (spares the lock on every job when all is well).
+    degraded: AtomicBool,
+    /// When the last fault was met (unix ms): the fault is cleared only after a quiet second,
+    /// so a condition that comes and goes is said once, not once per job.
+    last_failure_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How long no fault must be met before the worker says it works again.
+const HEALTHY_AFTER_MS: u64 = 1000;
+
+fn error_errno(e: &Error) -> Option<i32> {
+    match e {
+        Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
+impl Health {
+    /// Records a failure: true if it is a storage or resource fault (then the worker is
+    /// degraded, said once in the log, and shown in `status`), false for any other error.
+    /// `errno` None: the caller already knows it is a resource fault.
+    fn failed(&self, state: &State, message: &str, errno: Option<i32>) -> bool {
+        if errno.is_some_and(|e| !crate::error::is_transient_errno(e)) {
+            return false;
+        }
+        if let Ok(mut i) = state.inner.lock() {
+            self.degraded.store(true, Ordering::Release);
+            self.last_failure_ms.store(now_ms(), Ordering::Release);
+            if i.storage.is_none() {
+                log::error!(
+                    "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
+                );
+                i.storage = Some((message.to_string(), now_ms()));
+            }
+        }
+        true
+    }
+
+    /// Clears the fault once whatever failed works again (and no lane still holds a result).
+    fn recovered(&self, state: &State) {
+        if !self.degraded.load(Ordering::Acquire)
+            || self.holding.load(Ordering::Acquire) > 0
+            || now_ms().saturating_sub(self.last_failure_ms.load(Ordering::Acquire))
+                < HEALTHY_AFTER_MS
+        {
+            return;
+        }
+        self.degraded.store(false, Ordering::Release);
+        if let Ok(mut i) = state.inner.lock() {
+            if let Some((error, since)) = i.storage.take() {
+                log::info!(
+                    "storage works again after {:.1}s ({error}); serving",
+                    now_ms().saturating_sub(since) as f64 / 1000.0
+                );
+            }
+        }
+    }
 }
 
 impl LaneContext {
@@ -983,11 +1069,23 @@ impl LaneContext {
         let mut last_rss_check = Instant::now() - Duration::from_secs(1);
         let mut backoff = Duration::from_millis(100);
         loop {
+            // Storage fails and another lane holds a result it cannot store yet: claim
+            // nothing more until that result is stored.
+            while self.health.holding.load(Ordering::Acquire) > 0
+                && !self.stop.load(Ordering::Acquire)
+            {
+                self.pause(Duration::from_millis(100));
+            }
             let job = match lane.next(&self.stop) {
                 Ok(Some(job)) => job,
                 Ok(None) => break,
                 Err(e) => {
-                    log::error!("{e}; retrying in {} ms", backoff.as_millis());
+                    if !self
+                        .health
+                        .failed(&self.state, &e.to_string(), error_errno(&e))
+                    {
+                        log::error!("{e}; retrying in {} ms", backoff.as_millis());
+                    }
                     self.pause(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -1018,19 +1116,18 @@ impl LaneContext {
             self.state
                 .set_running(self.index, Some((&job.id, &job.function)));
             let started = Instant::now();
-            let outcome = self.execute(&job, lane.progress());
+            let Some(outcome) = self.run_job(&job, lane.as_mut()) else {
+                // Given back unrun (stopping while it could not be started).
+                self.state.set_running(self.index, None);
+                self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            };
             let took = started.elapsed();
             match &outcome {
                 Ok(_) => log::debug!("job {} {}: done in {took:?}", job.id, job.function),
                 Err(e) => log::warn!("job {} {}: failed in {took:?}: {e}", job.id, job.function),
             }
-            if let Err(e) = lane.finish(&job, &outcome) {
-                log::error!(
-                    "job {} {}: could not report its outcome: {e}",
-                    job.id,
-                    job.function
-                );
-            }
+            self.store_outcome(&job, &outcome, lane.as_mut());
             let counter = if outcome.is_ok() {
                 &self.state.completed
             } else {
@@ -1044,6 +1141,71 @@ impl LaneContext {
         if let Err(e) = lane.close() {
             log::warn!("closing lane: {e}");
         }
+    }
+
+    /// Runs the job; a start that fails for want of a resource (descriptors, processes) is
+    /// retried after a pause, not failed. None: the job was given back unrun, because the
+    /// worker stops meanwhile.
+    fn run_job(&self, job: &Claimed, lane: &mut dyn Lane) -> Option<JobResult> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let outcome = self.execute(job, lane.progress());
+            match &outcome {
+                Err(e) if e.is_transient() => {
+                    self.health.failed(&self.state, &e.message, None);
+                    if self.stop.load(Ordering::Acquire) && lane.release(job) {
+                        return None;
+                    }
+                    self.pause_always(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                _ => {
+                    self.health.recovered(&self.state);
+                    return Some(outcome);
+                }
+            }
+        }
+    }
+
+    /// Stores the outcome. A result that cannot be stored for a storage fault (a full disk, no
+    /// descriptors, an I/O error) is never thrown away: it is kept and written again, from
+    /// memory into a new file, with backoff, while the other lanes claim nothing; the fault is
+    /// shown in `status` and said once in the log. A second TERM still exits at once (the job
+    /// then runs again at the next start).
+    fn store_outcome(&self, job: &Claimed, outcome: &JobResult, lane: &mut dyn Lane) {
+        let mut backoff = Duration::from_millis(100);
+        let mut holding = false;
+        loop {
+            match lane.finish(job, outcome) {
+                Ok(()) => break,
+                Err(e) => {
+                    let errno = error_errno(&e);
+                    if !self.health.failed(&self.state, &e.to_string(), errno) {
+                        log::error!(
+                            "job {} {}: could not report its outcome: {e}",
+                            job.id,
+                            job.function
+                        );
+                        break;
+                    }
+                    if !holding {
+                        holding = true;
+                        self.health.holding.fetch_add(1, Ordering::AcqRel);
+                    }
+                    self.pause_always(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if holding {
+            self.health.holding.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.health.recovered(&self.state);
+    }
+
+    /// Sleeps `d` whatever the stop flag says (a result waiting to be stored is not dropped).
+    fn pause_always(&self, d: Duration) {
+        std::thread::sleep(d);
     }
 
     /// Sleeps up to `d`, returning early when the lane is asked to stop.

@@ -1,0 +1,501 @@
+//! Faults: full disks, descriptor exhaustion, hostile spool entries, killed workers, runaway job
+//! processes and hostile numbers. Each case loses nothing and stalls nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// A tmpfs of `size` mounted at `dir`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (CI runs as root): {}",
+            text(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Fills the file system with `filler` until writes fail.
+    fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn count(dir: &Path) -> usize {
+    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .is_some_and(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+fn read_pid(path: &Path) -> i32 {
+    let mut pid = 0;
+    eventually(Duration::from_secs(20), "a pid file from the job", || {
+        pid = fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        pid > 0
+    });
+    pid
+}
+
+#[test]
+fn a_full_disk_degrades_the_worker_and_it_recovers_by_itself() {
+    let sb = Sandbox::new("full-disk");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let payload = "x".repeat(20_000);
+    let ids: Vec<String> = (0..20).map(|_| sb.submit("echo", &payload)).collect();
+    let filler = fsys.fill();
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    let storage = &s["storage"];
+    assert!(
+        storage["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{s}"
+    );
+    assert!(storage["since"].is_string(), "{s}");
+    // Lanes stop claiming: at most one job per lane is held, the rest stay queued.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        count(&sb.path("spool/cur")) <= 2,
+        "{:?}",
+        fs::read_dir(sb.path("spool/cur")).unwrap().count()
+    );
+    assert!(count(&sb.path("spool/new")) >= 18);
+    assert_eq!(count(&sb.path("spool/failed")), 0);
+    fs::remove_file(filler).unwrap();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(outcomes.iter().all(|(ok, r, _)| *ok && *r == payload));
+    let s = w.wait_for(Duration::from_secs(10), "running", |s| {
+        s["state"] == "running"
+    });
+    assert_eq!(s["generation"], 1, "recovered without a restart");
+    assert!(s["storage"].is_null(), "{s}");
+    let log = w.log_text();
+    let said = log.matches("No space left on device").count();
+    assert!(
+        (1..=3).contains(&said),
+        "said once per condition, not per job ({said} times):\n{log}"
+    );
+    assert!(log.contains("storage works again"), "{log}");
+}
+
+#[test]
+fn start_on_a_full_disk_says_so() {
+    let sb = Sandbox::new("full-start");
+    let fsys = Tmpfs::mount(&sb.path("state"), "1m");
+    fsys.fill();
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains("the file system is full"),
+        "{err}"
+    );
+}
+
+#[test]
+fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
+    let sb = Sandbox::new("emfile");
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("concurrency = 2", "concurrency = 16");
+    fs::write(sb.config(), cfg).unwrap();
+    sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let ids: Vec<String> = (0..200)
+        .map(|i| sb.submit("up", &format!("job{i}")))
+        .collect();
+    let log = sb.path("worker.log");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "ulimit -n 40; exec \"{}\" -c \"{}\" run",
+            sb.bin.display(),
+            sb.config().display()
+        ),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(&log).unwrap());
+    let _w = Worker {
+        child: spawn(&mut cmd),
+        socket: sb.path("state/worker/gearshift.sock"),
+        log,
+    };
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    for (i, (ok, r, _)) in outcomes.iter().enumerate() {
+        assert!(*ok, "job {i} failed: {r}");
+        assert_eq!(*r, format!("JOB{i}"));
+    }
+    assert_eq!(count(&sb.path("spool/cur")), 0);
+    assert_eq!(count(&sb.path("spool/failed")), 0);
+}
+
+#[test]
+fn hostile_spool_entries_are_quarantined_and_never_stall_the_worker() {
+    let sb = Sandbox::new("hostile");
+    let new = sb.path("spool/new");
+    let cur = sb.path("spool/cur");
+    // Create the spool, and one job that we then cut short.
+    let truncated = sb.submit("echo", &"y".repeat(1000));
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(new.join(&truncated))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 10).unwrap();
+    drop(f);
+    let id = |n: u32| format!("00000000000000{n:02}-1-1");
+    fs::create_dir(new.join(id(1))).unwrap();
+    nix::unistd::mkfifo(
+        &new.join(id(2)),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", new.join(id(3))).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", new.join(id(4))).unwrap();
+    fs::write(new.join("notes.txt"), "not a job").unwrap();
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"bad-\xff-name");
+        fs::write(new.join(name), "GSJ1\nfunction=echo\n\nx").unwrap();
+    }
+    // Recovery at start meets the same in cur/.
+    fs::create_dir(cur.join(id(5))).unwrap();
+    nix::unistd::mkfifo(
+        &cur.join(id(6)),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    // An oversized entry (max_payload_bytes is 1000 below).
+    fs::write(new.join(id(7)), vec![b'z'; 200_000]).unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap().replace(
+        "allow_root = true",
+        "allow_root = true\nmax_payload_bytes = 100000",
+    );
+    fs::write(sb.config(), cfg).unwrap();
+
+    let mut w = sb.start();
+    let good = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "ok"]);
+    assert_eq!(text(&good.stdout), "ko", "{}", text(&good.stderr));
+    let s = w.wait_for(Duration::from_secs(10), "the rejections", |s| {
+        s["rejected"].as_u64() == Some(10)
+    });
+    assert_eq!(s["in_flight"], 0, "{s}");
+    assert_eq!(
+        count(&new),
+        0,
+        "{:?}",
+        fs::read_dir(&new).unwrap().collect::<Vec<_>>()
+    );
+    assert_eq!(count(&cur), 0);
+    assert_eq!(count(&sb.path("spool/rejected")), 10);
+    let log = w.log_text();
+    for what in [
+        "not a regular file",
+        "symbolic link",
+        "not a job id",
+        "truncated",
+        "over max_payload_bytes",
+    ] {
+        assert!(log.contains(what), "{what}:\n{log}");
+    }
+    let out = sb.run(&["result", &truncated]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a quarantined job is not a result"
+    );
+    // Reload and a graceful stop are not blocked by anything planted.
+    let out = sb.run(&["reload", "--timeout", "20s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
+    let sb = Sandbox::new("tmp-clean");
+    sb.submit("echo", "create the spool");
+    let tmp = sb.path("spool/tmp");
+    let abandoned = tmp.join("0000000000000001-1-1.0000000000000001-1-1");
+    fs::write(&abandoned, vec![0u8; 1 << 20]).unwrap();
+    let busy = tmp.join("0000000000000002-1-1.0000000000000002-1-1");
+    fs::write(&busy, b"being written").unwrap();
+    let mut holder = Command::new("flock")
+        .arg(&busy)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(5), "the writer's lock", || {
+        fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {} ", holder.id()))
+    });
+    let w = sb.start();
+    eventually(
+        Duration::from_secs(20),
+        "the abandoned file removed",
+        || !abandoned.exists(),
+    );
+    // A file abandoned while the worker runs is found too, not only at start.
+    let later = tmp.join("0000000000000003-1-1.0000000000000003-1-1");
+    fs::write(&later, b"x").unwrap();
+    eventually(Duration::from_secs(30), "the later file removed", || {
+        !later.exists()
+    });
+    assert!(
+        busy.exists(),
+        "a locked (in progress) file is never removed"
+    );
+    drop(w);
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+#[test]
+fn the_progress_channel_is_bounded() {
+    let sb = Sandbox::new("progress-bound");
+    sb.job(
+        "noisy.sh",
+        "#!/bin/sh\nhead -c 30000000 /dev/zero | tr '\\0' a >&3\necho >&3\n\
+         i=0; while [ $i -lt 20000 ]; do echo \"warning w$i\"; i=$((i+1)); done >&3\n\
+         echo 'status 1 2' >&3\necho done\n",
+    );
+    let w = sb.start();
+    let out = sb.run(&["submit", "--wait", "--timeout", "50s", "noisy", ""]);
+    assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+    let log = w.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.iter().all(|l| l.len() < 8192),
+        "a log line of {} bytes",
+        lines.iter().map(|l| l.len()).max().unwrap_or(0)
+    );
+    let warnings = lines.iter().filter(|l| l.contains("job warning")).count();
+    assert!(warnings <= 20, "{warnings} warning lines logged");
+    assert!(log.contains("progress lines not logged"), "{log}");
+    assert!(log.contains("over 65536 bytes"), "{log}");
+}
+
+#[test]
+fn numbers_that_check_accepts_never_crash_the_worker() {
+    let sb = Sandbox::new("numbers");
+    let cases = [
+        ("[worker]", "recycle_splay = nan"),
+        ("[worker]", "recycle_splay = inf"),
+        ("[worker]", "recycle_splay = -1.0"),
+        ("[worker]", "max_age = 1.8e19\nmax_jobs = 1"),
+        ("[worker]", "max_age = \"200000000000000d\""),
+        ("[worker]", "max_rss_mb = 18446744073709551615"),
+        ("[worker]", "max_jobs = 18446744073709551615"),
+        ("[worker]", "max_payload_bytes = 18446744073709551615"),
+        ("[functions.sleep]", "timeout = 1e19"),
+        ("[functions.sleep]", "timeout = \"200000000000000d\""),
+        ("[functions.sleep]", "timeout = 0"),
+        ("[source]", "retain_results = 1e300"),
+        ("[source]", "max_attempts = 4294967295"),
+    ];
+    for (section, line) in cases {
+        let base = sb.config_text("");
+        let text_cfg = match section {
+            "[worker]" => base.replace("allow_root = true", &format!("allow_root = true\n{line}")),
+            "[source]" => base.replace("fsync = false", &format!("fsync = false\n{line}")),
+            _ => format!("{base}\n{section}\n{line}\n"),
+        };
+        fs::write(sb.config(), &text_cfg).unwrap();
+        let check = sb.run(&["check"]);
+        if !check.status.success() {
+            let err = text(&check.stderr);
+            assert!(
+                err.contains("config.toml:"),
+                "{line}: a located error: {err}"
+            );
+            continue;
+        }
+        let w = sb.start();
+        let out = sb.run(&["submit", "--wait", "--timeout", "20s", "sleep", "1"]);
+        assert_eq!(
+            (out.status.code(), text(&out.stdout)),
+            (Some(0), "1".to_string()),
+            "{line}: {}\n{}",
+            text(&out.stderr),
+            w.log_text()
+        );
+        let s = w.status();
+        assert!(
+            s["state"] == "running" || s["state"] == "draining",
+            "{line}: {s}"
+        );
+        drop(w);
+    }
+}
+
+#[test]
+fn job_processes_die_with_the_worker_and_never_run_twice_at_once() {
+    let sb = Sandbox::new("pdeath");
+    let marks = sb.path("marks");
+    fs::create_dir(&marks).unwrap();
+    // The job leaves a child in its group and a grandchild in a session of its own, and
+    // records a run; the lock shows whether two copies ever run at once.
+    sb.job(
+        "long.sh",
+        &format!(
+            "#!/bin/sh\nm={m}\nexec 9>>$m/lock\nflock -n 9 || echo twice >> $m/overlap\n\
+             echo $$ >> $m/leaders\nsleep 60 & echo $! >> $m/children\n\
+             setsid sleep 60 & echo $! >> $m/escaped\nsleep 2\necho ok\n",
+            m = marks.display()
+        ),
+    );
+    let mut w = sb.start();
+    let id = sb.submit("long", "");
+    let leader = read_pid(&marks.join("leaders"));
+    let child = read_pid(&marks.join("children"));
+    let escaped = read_pid(&marks.join("escaped"));
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(10));
+    eventually(
+        Duration::from_secs(5),
+        "the leader dies with the worker",
+        || !process_alive(leader),
+    );
+    let w = sb.start();
+    eventually(
+        Duration::from_secs(10),
+        "leftovers killed at the next start",
+        || !process_alive(child) && !process_alive(escaped),
+    );
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(30));
+    assert!(out[0].0 && out[0].1 == "ok\n", "{out:?}");
+    assert!(!marks.join("overlap").exists(), "two copies ran at once");
+    drop(w);
+}
+
+#[test]
+fn escaped_descendants_die_when_their_job_ends_or_times_out() {
+    let sb = Sandbox::new("subreaper");
+    sb.write_config("[functions.slow]\ntimeout = \"1s\"\n");
+    let marks = sb.path("marks");
+    fs::create_dir(&marks).unwrap();
+    for (name, tail) in [("quick.sh", "exit 0"), ("slow.sh", "sleep 30")] {
+        sb.job(
+            name,
+            &format!(
+                "#!/bin/sh\nsetsid sleep 60 & echo $! > {}/{name}.pid\n{tail}\n",
+                marks.display()
+            ),
+        );
+    }
+    let w = sb.start();
+    let out = sb.run(&["submit", "--wait", "quick", ""]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let gc = read_pid(&marks.join("quick.sh.pid"));
+    eventually(
+        Duration::from_secs(5),
+        "the quick job's escapee killed",
+        || !process_alive(gc),
+    );
+    let out = sb.run(&["submit", "--wait", "slow", ""]);
+    assert_eq!(out.status.code(), Some(1), "timed out");
+    let gc = read_pid(&marks.join("slow.sh.pid"));
+    eventually(
+        Duration::from_secs(5),
+        "the slow job's escapee killed",
+        || !process_alive(gc),
+    );
+    drop(w);
+}
+
+#[test]
+fn kill_9_chaos_loses_nothing() {
+    let sb = Sandbox::new("chaos");
+    sb.write_config("");
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("fsync = false", "fsync = false\nmax_attempts = 1000");
+    fs::write(sb.config(), cfg).unwrap();
+    let marks = sb.path("marks");
+    fs::create_dir(&marks).unwrap();
+    // Each run holds a lock named after its job: a second copy at once is recorded.
+    sb.job(
+        "rev.sh",
+        &format!(
+            "#!/bin/sh\nm={}\nexec 9>>$m/$GEARSHIFT_JOB_ID\nflock -n 9 || echo $GEARSHIFT_JOB_ID >> $m/overlap\n\
+             sleep 0.0$(( $$ % 5 ))\nrev\n",
+            marks.display()
+        ),
+    );
+    let ids: Vec<String> = (0..300)
+        .map(|i| sb.submit("rev", &format!("payload-{i}")))
+        .collect();
+    let mut kills = 0;
+    let started = Instant::now();
+    while kills < 30 && started.elapsed() < Duration::from_secs(120) {
+        let mut w = sb.start();
+        std::thread::sleep(Duration::from_millis(150 + (kills % 4) * 50));
+        w.signal(Signal::SIGKILL);
+        w.wait_exit(Duration::from_secs(10));
+        kills += 1;
+    }
+    let _w = sb.start();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    for (i, (ok, r, attempts)) in outcomes.iter().enumerate() {
+        assert!(*ok, "job {i} failed: {r}");
+        let want: String = format!("payload-{i}").chars().rev().collect();
+        assert_eq!(r.trim_end(), want, "job {i}");
+        assert!(*attempts <= 1000);
+    }
+    let overlap = fs::read_to_string(marks.join("overlap")).unwrap_or_default();
+    assert!(overlap.is_empty(), "jobs ran twice at once: {overlap}");
+    assert_eq!(kills, 30);
+    let _ = fs::set_permissions(&marks, fs::Permissions::from_mode(0o755));
+}
