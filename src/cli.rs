@@ -45,7 +45,7 @@ struct SubmitArgs {
     /// Spool: wait for the job to finish and print its result (exit 1 if it failed).
     #[arg(long)]
     wait: bool,
-    /// Spool, with --wait: give up after this long (exit 3), e.g. "30s".
+    /// Spool, with --wait; gearman, foreground: give up after this long (exit 3), e.g. "30s".
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Gearman: submit as a background job and print its handle.
@@ -140,7 +140,7 @@ pub fn main(functions: Functions) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("gearshift: {e}");
-            ExitCode::from(if matches!(e, Error::NotRunning) {
+            ExitCode::from(if matches!(e, Error::NotRunning | Error::TimedOut(_)) {
                 NOT_RUNNING
             } else {
                 1
@@ -267,6 +267,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
         PriorityArg::High => Priority::High,
     };
     let mut c = Client::connect(&cfg.servers, cfg.max_packet_bytes)?;
+    c.set_deadline(args.timeout.map(|t| Instant::now() + t));
     if args.background {
         println!(
             "{}",
@@ -423,6 +424,28 @@ fn status(path: &Path, json: bool) -> Result<u8> {
         field("config"),
         field("config_sha256")
     );
+    if let Some(servers) = s["servers"].as_array().filter(|a| !a.is_empty()) {
+        println!("  servers:");
+        for v in servers {
+            let get = |k: &str| match &v[k] {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            println!(
+                "    {} {} since {} ({} lane(s) connected, {} reconnects){}",
+                get("address"),
+                get("state"),
+                get("since"),
+                get("lanes_connected"),
+                get("reconnects"),
+                v["last_error"]
+                    .as_str()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     if let Some(r) = s["last_refused_reload"].as_object() {
         let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
         println!(

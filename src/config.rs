@@ -79,6 +79,11 @@ pub struct GearmanConfig {
     pub exceptions: bool,
     /// Largest packet accepted from a server; a bigger one drops the connection.
     pub max_packet_bytes: usize,
+    /// A server that leaves a request (connect, handshake, GRAB, ECHO, a write) unanswered
+    /// this long is dropped and backed off.
+    pub io_timeout: Duration,
+    /// The longest pause between reconnects (backoff doubles from 100 ms up to this).
+    pub reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +253,26 @@ impl Config {
                     servers: s.servers.into_inner(),
                     client_id: s.client_id,
                     exceptions: s.exceptions,
+                    io_timeout: {
+                        let t = s.io_timeout.into_inner().0;
+                        if t < Duration::from_millis(100) {
+                            return Err(located(
+                                None,
+                                "[source] io_timeout must be at least 100ms",
+                            ));
+                        }
+                        t
+                    },
+                    reconnect_max: {
+                        let t = s.reconnect_max.into_inner().0;
+                        if t < Duration::from_millis(100) {
+                            return Err(located(
+                                None,
+                                "[source] reconnect_max must be at least 100ms",
+                            ));
+                        }
+                        t
+                    },
                     max_packet_bytes: match &s.max_packet_bytes {
                         None => (worker.max_payload_bytes + 4096).max(1 << 20),
                         Some(b) => {
@@ -567,6 +592,8 @@ struct RawSource {
     client_id: Option<String>,
     exceptions: bool,
     max_packet_bytes: Option<Spanned<u64>>,
+    io_timeout: Spanned<Dur>,
+    reconnect_max: Spanned<Dur>,
 }
 
 impl Default for RawSource {
@@ -581,6 +608,8 @@ impl Default for RawSource {
             client_id: None,
             exceptions: false,
             max_packet_bytes: None,
+            io_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
+            reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
         }
     }
 }

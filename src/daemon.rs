@@ -40,6 +40,13 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
             pid,
         });
     }
+    if let crate::config::Source::Gearman(g) = &cfg.source {
+        if let Err(errors) = crate::gearman::client::probe(&g.servers) {
+            eprintln!(
+                "gearshift: warning: no gearman server is reachable ({errors}); starting anyway, the worker keeps trying (see `gearshift status`)"
+            );
+        }
+    }
     let exe = crate::reexec::first_start_exe(std::env::args_os().next().as_deref());
     let log_file = cfg
         .log

@@ -16,6 +16,8 @@ pub enum Error {
     Locked { what: PathBuf, pid: Option<i32> },
     /// The worker is not running (for `status`, `reload`, `stop`).
     NotRunning,
+    /// Waiting for something took longer than allowed (exit code 3, like "not finished").
+    TimedOut(String),
     /// Anything else that has a complete, user-facing message.
     Msg(String),
 }
@@ -41,7 +43,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) | Error::Msg(msg) => f.write_str(msg),
+            Error::Config(msg) | Error::Msg(msg) | Error::TimedOut(msg) => f.write_str(msg),
             Error::Io { about, source } => {
                 write!(f, "{about}: {source}")?;
                 match source.raw_os_error() {

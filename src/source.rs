@@ -56,13 +56,19 @@ pub enum Source {
 impl Source {
     /// Opens the configured source for `generation` (a network source connects lazily, in
     /// each lane, so a worker starts even when servers are down).
-    pub fn open(config: &Config, generation: u64) -> Result<Source> {
+    pub fn open(
+        config: &Config,
+        generation: u64,
+        views: crate::status::ServerViews,
+    ) -> Result<Source> {
         match &config.source {
             SourceConfig::Spool(cfg) => Ok(Source::Spool(Arc::new(SpoolSource::open(
                 cfg,
                 config.worker.max_payload_bytes,
             )?))),
-            SourceConfig::Gearman(cfg) => Ok(Source::Gearman(GearmanSource::new(cfg, generation))),
+            SourceConfig::Gearman(cfg) => {
+                Ok(Source::Gearman(GearmanSource::new(cfg, generation, views)))
+            }
         }
     }
 

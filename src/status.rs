@@ -15,6 +15,21 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::reexec::Refusal;
 
+/// One lane's connection to one Gearman server, for `status`.
+#[derive(Debug, Clone, Default)]
+pub struct ServerView {
+    /// `connected`, `connecting` (connect or handshake under way) or `backing off`.
+    pub state: &'static str,
+    pub since_ms: u64,
+    pub last_error: Option<String>,
+    pub last_error_ms: u64,
+    pub reconnects: u64,
+}
+
+/// Per server address, per lane: written by the Gearman lanes, read by `status`.
+pub type ServerViews =
+    Arc<Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<usize, ServerView>>>>;
+
 /// Spool entries set aside in `rejected/` since the first start (carried across re-exec).
 pub static REJECTED: AtomicU64 = AtomicU64::new(0);
 
@@ -40,6 +55,8 @@ pub struct State {
     /// Per lane: (running?, id, function); the strings are reused, so no allocation per job.
     pub running: Mutex<Vec<(bool, String, String)>>,
     pub inner: Mutex<Inner>,
+    /// Gearman connections (empty for the spool).
+    pub servers: ServerViews,
 }
 
 /// The parts of [`State`] that change rarely.
@@ -80,6 +97,48 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Each server: the best state over the lanes (connected > connecting > backing off),
+    /// since when, how many lanes are connected, the latest error, reconnects.
+    fn servers_json(&self) -> Value {
+        let Ok(views) = self.servers.lock() else {
+            return Value::Null;
+        };
+        let rank = |s: &str| match s {
+            "connected" => 0,
+            "connecting" => 1,
+            _ => 2,
+        };
+        views
+            .iter()
+            .map(|(addr, lanes)| {
+                let best = lanes
+                    .values()
+                    .map(|v| v.state)
+                    .min_by_key(|s| rank(s))
+                    .unwrap_or("connecting");
+                let since = lanes
+                    .values()
+                    .filter(|v| v.state == best)
+                    .map(|v| v.since_ms)
+                    .min()
+                    .unwrap_or(0);
+                let err = lanes
+                    .values()
+                    .filter(|v| v.last_error.is_some())
+                    .max_by_key(|v| v.last_error_ms);
+                json!({
+                    "address": addr,
+                    "state": best,
+                    "since": rfc3339_ms(since),
+                    "lanes_connected": lanes.values().filter(|v| v.state == "connected").count(),
+                    "last_error": err.and_then(|v| v.last_error.clone()),
+                    "last_error_at": err.map(|v| rfc3339_ms(v.last_error_ms)),
+                    "reconnects": lanes.values().map(|v| v.reconnects).sum::<u64>(),
+                })
+            })
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -138,6 +197,7 @@ impl State {
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "functions": i.functions,
             "supervisor": crate::supervisor::from_env(),
+            "servers": self.servers_json(),
             "running_jobs": self.running.lock().map(|r| r.iter().filter(|s| s.0)
                 .map(|(_, id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
         })

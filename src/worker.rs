@@ -277,7 +277,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         crate::reaper::kill_leftovers(&plan.config.worker.state_dir);
     }
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
-    let source = Arc::new(Source::open(&plan.config, generation)?);
+    let views = crate::status::ServerViews::default();
+    let source = Arc::new(Source::open(&plan.config, generation, Arc::clone(&views))?);
     if let Some(fd) = boot
         .inherited
         .as_ref()
@@ -323,6 +324,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             last_rollback: None,
             storage: None,
         }),
+        servers: views,
     });
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
     let reaper = crate::reaper::Reaper::start(Arc::clone(&state))?;
@@ -1076,7 +1078,7 @@ impl LaneContext {
             {
                 self.pause(Duration::from_millis(100));
             }
-            let job = match lane.next(&self.stop) {
+            let mut job = match lane.next(&self.stop) {
                 Ok(Some(job)) => job,
                 Ok(None) => break,
                 Err(e) => {
@@ -1122,6 +1124,9 @@ impl LaneContext {
                 self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
                 continue;
             };
+            // The payload is no longer needed: free it before the result is encoded, so a
+            // lane holds at most about twice a large payload (result + its packet).
+            job.payload = Vec::new();
             let took = started.elapsed();
             match &outcome {
                 Ok(_) => log::debug!("job {} {}: done in {took:?}", job.id, job.function),

@@ -108,11 +108,16 @@ fn executable_progress_reaches_a_foreground_client() {
     _w.wait_generation(2);
     sb.gearman_config(&[gm.addr()], "exceptions = true\n");
     _w.wait_generation(3);
-    let outcome = c.submit("bad", "", b"", Priority::Normal, |_| {}).unwrap();
-    assert_eq!(
-        outcome,
-        Outcome::Exception(b"exit status 4: no good".to_vec())
-    );
+    let mut warnings = Vec::new();
+    let outcome = c
+        .submit("bad", "", b"", Priority::Normal, |u| {
+            if let Update::Warning(w) = u {
+                warnings.push(text(w));
+            }
+        })
+        .unwrap();
+    assert_eq!(outcome, Outcome::Fail);
+    assert_eq!(warnings, ["exit status 4: no good"]);
 }
 
 #[test]
@@ -123,12 +128,14 @@ fn late_result_after_can_do_timeout_keeps_the_connection() {
     sb.gearman_config(&[gm.addr()], "[functions.slow]\ntimeout = \"1s\"\n");
     let w = sb.start();
     let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
-    // gearmand silently requeues the job after 1 s (whatever -j says, it keeps reassigning a
-    // timed-out job); our result at 1.5 s is rejected with JOB_NOT_FOUND.
-    c.submit_background("slow", "", b"1500", Priority::Normal)
+    // A 1 s timeout is advertised to gearmand as 6 s (the local kill must win; see
+    // `server_timeout_ms`). This Rust function ignores its deadline: gearmand silently requeues
+    // the job after 6 s (whatever -j says, it keeps reassigning a timed-out job), and our result
+    // at 6.5 s is rejected with JOB_NOT_FOUND.
+    c.submit_background("slow", "", b"6500", Priority::Normal)
         .unwrap();
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "the rejection to be logged",
         || w.log_text().contains("JOB_NOT_FOUND"),
     );

@@ -47,7 +47,11 @@ pub enum Outcome {
 pub struct Client {
     conn: Conn,
     addr: String,
+    deadline: Option<Instant>,
 }
+
+/// How long connecting and the first exchange may take.
+const HANDSHAKE: Duration = Duration::from_secs(3);
 
 fn conn_err(addr: &str) -> impl Fn(ConnError) -> Error + '_ {
     move |e| Error::Msg(format!("gearman {addr}: {e}"))
@@ -59,35 +63,53 @@ impl Client {
     pub fn connect(servers: &[String], max_packet: usize) -> Result<Client> {
         let mut errors = Vec::new();
         for addr in servers {
-            match Conn::connect(addr, Duration::from_secs(3), p::RES, max_packet) {
-                Ok(conn) => {
-                    let mut c = Client {
-                        conn,
-                        addr: addr.clone(),
-                    };
-                    c.conn.queue(p::OPTION_REQ, &[b"exceptions"]);
-                    c.conn.flush().map_err(conn_err(addr))?;
-                    loop {
-                        let pkt = c.conn.recv().map_err(conn_err(addr))?;
-                        match pkt.kind {
-                            p::OPTION_RES => break,
-                            p::ERROR => {
-                                return Err(Error::Msg(format!(
-                                    "gearman {addr}: refused option exceptions"
-                                )))
-                            }
-                            _ => {}
-                        }
-                    }
-                    return Ok(c);
-                }
-                Err(e) => errors.push(format!("{addr}: {e}")),
+            match Client::handshake(addr, max_packet) {
+                Ok(c) => return Ok(c),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         Err(Error::Msg(format!(
             "no gearman server reachable ({})",
             errors.join("; ")
         )))
+    }
+
+    /// Connects to `addr` and asks for exceptions, within a few seconds: a server that does not
+    /// answer, or answers garbage, is skipped for the next one.
+    fn handshake(addr: &str, max_packet: usize) -> Result<Client> {
+        let conn = Conn::connect(addr, HANDSHAKE, p::RES, max_packet)
+            .map_err(|e| Error::Msg(format!("{addr}: {e}")))?;
+        let mut c = Client {
+            conn,
+            addr: addr.to_string(),
+            deadline: None,
+        };
+        c.conn
+            .set_read_timeout(Some(HANDSHAKE))
+            .map_err(|e| Error::io(format!("gearman {addr}"), e))?;
+        c.conn.queue(p::OPTION_REQ, &[b"exceptions"]);
+        c.conn.flush().map_err(conn_err(addr))?;
+        loop {
+            let pkt = c.conn.recv().map_err(conn_err(addr))?;
+            match pkt.kind {
+                p::OPTION_RES => break,
+                p::ERROR => {
+                    return Err(Error::Msg(format!(
+                        "gearman {addr}: refused option exceptions"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        c.conn
+            .set_read_timeout(Some(super::connection::IO_TIMEOUT))
+            .map_err(|e| Error::io(format!("gearman {addr}"), e))?;
+        Ok(c)
+    }
+
+    /// Gives up waiting for a foreground job at `deadline` (`submit --timeout`).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// Submits a background job and returns its handle.
@@ -131,7 +153,28 @@ impl Client {
         self.conn.flush().map_err(conn_err(&addr))?;
         let mut handle: Option<Vec<u8>> = None;
         loop {
-            let pkt = self.conn.recv().map_err(conn_err(&addr))?;
+            if let Some(d) = self.deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::TimedOut(format!(
+                        "no result for {function} from gearman {addr} in time: is a worker registered for it? (gearadmin --status)"
+                    )));
+                }
+                let _ = self.conn.set_read_timeout(Some(left));
+            }
+            let pkt = match self.conn.recv() {
+                Ok(pkt) => pkt,
+                Err(ConnError::Io(e))
+                    if self.deadline.is_some_and(|d| Instant::now() >= d)
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(conn_err(&addr)(e)),
+            };
             match pkt.kind {
                 p::JOB_CREATED => handle = Some(pkt.data.to_vec()),
                 p::ERROR => return Err(server_error(&addr, pkt.data)),
@@ -165,6 +208,30 @@ impl Client {
 fn server_error(addr: &str, data: &[u8]) -> Error {
     let text = String::from_utf8_lossy(data).replace('\0', ": ");
     Error::Msg(format!("gearman {addr}: server error {text}"))
+}
+
+/// Tries a TCP connect to each server (1 s each): Ok if one answers, else every error.
+pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let mut errors = Vec::new();
+    for addr in servers {
+        let sa = match addr.to_socket_addrs() {
+            Ok(mut a) => a.next(),
+            Err(e) => {
+                errors.push(format!("{addr}: cannot resolve: {e}"));
+                continue;
+            }
+        };
+        let Some(sa) = sa else {
+            errors.push(format!("{addr}: cannot resolve: no address"));
+            continue;
+        };
+        match std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1)) {
+            Ok(_) => return Ok(()),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
 }
 
 /// The outcome of a load run.

@@ -1,8 +1,14 @@
 //! One TCP connection to a Gearman server: buffered packet reads and writes with bounded sizes.
+//!
+//! Two modes. The client (`submit`) uses it blocking, with socket timeouts. Worker lanes use
+//! it non-blocking: [`Conn::start`] begins a connect without waiting, [`Conn::flush_some`]
+//! writes what the socket takes, [`Conn::read_some`] reads what is there, and
+//! [`Conn::next_owned`] hands out complete packets; the lane's poll loop puts a deadline on
+//! every exchange, so a slow server costs only its own connection.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use super::protocol::{self, DecodeError, Packet};
@@ -43,9 +49,20 @@ pub struct Conn {
     consumed: usize,
     filled: usize,
     pub wbuf: Vec<u8>,
+    /// Bytes of `wbuf` already written (non-blocking mode).
+    wpos: usize,
     magic: [u8; 4],
     max: usize,
 }
+
+/// A packet that owns its data (a large payload is moved out of the read buffer, not copied).
+pub struct OwnedPacket {
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// The read buffer's resting size; it grows for a larger packet and shrinks back after it.
+const RBUF: usize = 64 * 1024;
 
 impl Conn {
     /// Connects (bounded by `timeout`) with TCP_NODELAY: without it a lock-step worker manages
@@ -58,20 +75,139 @@ impl Conn {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(IO_TIMEOUT))?;
                     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-                    return Ok(Conn {
-                        stream,
-                        rbuf: vec![0; 64 * 1024],
-                        consumed: 0,
-                        filled: 0,
-                        wbuf: Vec::with_capacity(4096),
-                        magic,
-                        max,
-                    });
+                    return Ok(Conn::over(stream, magic, max));
                 }
                 Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    fn over(stream: TcpStream, magic: [u8; 4], max: usize) -> Conn {
+        Conn {
+            stream,
+            rbuf: vec![0; RBUF],
+            consumed: 0,
+            filled: 0,
+            wbuf: Vec::with_capacity(4096),
+            wpos: 0,
+            magic,
+            max,
+        }
+    }
+
+    /// Begins a non-blocking connect to `addr` (name resolution itself blocks). Poll the
+    /// descriptor for writability, then call [`Conn::connected`].
+    pub fn start(addr: &str, magic: [u8; 4], max: usize) -> io::Result<Conn> {
+        use nix::sys::socket::{
+            connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+        };
+        let sa = addr
+            .to_socket_addrs()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("cannot resolve {addr}: no address"),
+                )
+            })?;
+        let family = if sa.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(sa)) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let stream = TcpStream::from(fd);
+        stream.set_nodelay(true)?;
+        Ok(Conn::over(stream, magic, max))
+    }
+
+    /// After a non-blocking connect became writable: Ok if it succeeded.
+    pub fn connected(&self) -> io::Result<()> {
+        match self.stream.take_error()? {
+            Some(e) => Err(e),
+            None => self.stream.peer_addr().map(drop),
+        }
+    }
+
+    /// Bytes queued and not yet written (non-blocking mode).
+    pub fn pending(&self) -> bool {
+        self.wpos < self.wbuf.len()
+    }
+
+    /// Writes what the socket takes now; true once everything queued is written.
+    pub fn flush_some(&mut self) -> Result<bool, ConnError> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        if self.wbuf.capacity() > RBUF * 16 {
+            // A large result went out: do not keep its buffer.
+            self.wbuf = Vec::with_capacity(4096);
+        }
+        Ok(true)
+    }
+
+    /// Reads what is there without blocking (non-blocking mode).
+    pub fn read_some(&mut self) -> Result<(), ConnError> {
+        match self.fill() {
+            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The next complete packet already read, owning its data. A packet over 1 MiB takes the
+    /// read buffer with it (no copy) and a fresh small buffer replaces it.
+    pub fn next_owned(&mut self) -> Result<Option<OwnedPacket>, ConnError> {
+        let (kind, len) =
+            match protocol::decode(&self.rbuf[self.consumed..self.filled], self.magic, self.max) {
+                Ok(Some((p, used))) => (p.kind, used),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ConnError::Protocol(e)),
+            };
+        let start = self.consumed + protocol::HEADER;
+        let end = self.consumed + len;
+        if len > 1 << 20 {
+            let mut fresh = vec![0; RBUF.max(self.filled - end)];
+            let rest = self.filled - end;
+            fresh[..rest].copy_from_slice(&self.rbuf[end..self.filled]);
+            let mut data = std::mem::replace(&mut self.rbuf, fresh);
+            data.truncate(end);
+            data.drain(..start);
+            self.consumed = 0;
+            self.filled = rest;
+            return Ok(Some(OwnedPacket { kind, data }));
+        }
+        let data = self.rbuf[start..end].to_vec();
+        self.consumed = end;
+        if self.consumed == self.filled && self.rbuf.len() > RBUF {
+            self.rbuf = vec![0; RBUF];
+            self.consumed = 0;
+            self.filled = 0;
+        }
+        Ok(Some(OwnedPacket { kind, data }))
+    }
+
+    /// Blocking mode: how long a read may wait.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(t)
     }
 
     /// Queues a request; it is sent by the next [`Conn::flush`].

@@ -1,0 +1,403 @@
+//! The Gearman source where deployments fail: slow, silent, trickling and garbage servers,
+//! timeouts against gearmand's own CAN_DO_TIMEOUT, exceptions to the stock CLI, servers that
+//! come back, large payloads, and seeing the connections.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use gearshift::gearman::client::{Client, Outcome, Priority};
+use nix::sys::signal::Signal;
+
+/// A fake server: accepts connections and hands each to `serve` on its own thread, until the
+/// returned flag is set. Counts connections.
+fn fake_server(
+    serve: impl Fn(std::net::TcpStream, Arc<AtomicBool>) + Send + Sync + 'static,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c, s) = (Arc::clone(&count), Arc::clone(&stop));
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            if s.load(Ordering::Acquire) {
+                break;
+            }
+            let Ok(conn) = conn else { continue };
+            c.fetch_add(1, Ordering::AcqRel);
+            let (serve, s) = (Arc::clone(&serve), Arc::clone(&s));
+            std::thread::spawn(move || serve(conn, s));
+        }
+    });
+    (addr, count, stop)
+}
+
+/// Never answers; keeps the connection open.
+fn silent(mut c: std::net::TcpStream, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    while !stop.load(Ordering::Acquire) {
+        if let Ok(0) = c.read(&mut buf) {
+            return;
+        }
+    }
+}
+
+/// Answers everything with a NOOP packet, one byte a second.
+fn trickle(mut c: std::net::TcpStream, stop: Arc<AtomicBool>) {
+    let noop = b"\0RES\0\0\0\x06\0\0\0\0";
+    let _ = c.set_nonblocking(true);
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Acquire) {
+        for b in noop {
+            let _ = c.read(&mut buf);
+            if c.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Seconds to run `n` foreground jobs through a pipelined client (4 connections).
+fn load_secs(sb: &Sandbox, addr: &str, n: u64) -> f64 {
+    let started = Instant::now();
+    let r =
+        gearshift::gearman::client::load(&[addr.to_string()], "echo", b"x", n, 4, false, 1 << 20)
+            .unwrap();
+    assert_eq!(r.completed, n, "{r:?}");
+    let _ = sb;
+    started.elapsed().as_secs_f64()
+}
+
+#[test]
+fn slow_silent_and_trickling_servers_cost_only_their_own_connections() {
+    let sb = Sandbox::new("gm-slow");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let (silent_addr, _, stop1) = fake_server(silent);
+    let (trickle_addr, _, stop2) = fake_server(trickle);
+
+    // The healthy server alone, then next to a silent and a trickling one; alternating runs,
+    // best of each, so the shared machine's noise hits both sides alike.
+    let mut alone = f64::MAX;
+    let mut mixed = f64::MAX;
+    for _ in 0..3 {
+        sb.gearman_config(&[gm.addr()], "io_timeout = \"2s\"\n");
+        let w = sb.start();
+        alone = alone.min(load_secs(&sb, &gm.addr(), 600));
+        drop(w);
+        sb.gearman_config(
+            &[silent_addr.clone(), trickle_addr.clone(), gm.addr()],
+            "io_timeout = \"2s\"\n",
+        );
+        let w = sb.start();
+        mixed = mixed.min(load_secs(&sb, &gm.addr(), 600));
+        drop(w);
+    }
+    eprintln!("600 jobs: healthy server alone {alone:.3}s, next to a silent and a trickling one {mixed:.3}s");
+    assert!(
+        mixed <= alone * 1.10 + 0.05,
+        "healthy rate fell: alone {alone:.3}s, with bad servers {mixed:.3}s"
+    );
+
+    // Signals are honoured at once, whatever the bad servers do.
+    let mut w = sb.start();
+    std::thread::sleep(Duration::from_millis(2500));
+    let hup = Instant::now();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    assert!(
+        hup.elapsed() < Duration::from_secs(1),
+        "HUP took {:?}",
+        hup.elapsed()
+    );
+    let s = w.status();
+    let servers = s["servers"].as_array().unwrap();
+    let silent_view = servers
+        .iter()
+        .find(|v| v["address"] == silent_addr.as_str())
+        .unwrap();
+    assert_ne!(silent_view["state"], "connected", "{silent_view}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = w.status();
+    let silent_view = s["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["address"] == silent_addr.as_str())
+        .cloned()
+        .unwrap();
+    assert!(
+        silent_view["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{silent_view}"
+    );
+    let term = Instant::now();
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(5)).success());
+    assert!(
+        term.elapsed() < Duration::from_secs(1),
+        "TERM took {:?}",
+        term.elapsed()
+    );
+    stop1.store(true, Ordering::Release);
+    stop2.store(true, Ordering::Release);
+}
+
+#[test]
+fn a_timed_out_job_fails_exactly_once_and_promptly() {
+    let sb = Sandbox::new("gm-timeout-once");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let runs = sb.path("runs");
+    sb.job(
+        "slow.sh",
+        &format!(
+            "#!/bin/sh\necho run >> {}\nsleep 3\necho late\n",
+            runs.display()
+        ),
+    );
+    sb.gearman_config(&[gm.addr()], "[functions.slow]\ntimeout = \"1s\"\n");
+    let _w = sb.start();
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    c.submit_background("slow", "", b"", Priority::Normal)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    let n = std::fs::read_to_string(&runs)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(n, 1, "the background job ran {n} times");
+    // A foreground client hears the failure promptly.
+    let started = Instant::now();
+    let out = sb.run(&["submit", "--timeout", "20s", "slow", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // gearmand holds nothing of it afterwards.
+    let status = Command::new("gearadmin")
+        .args(["-p", &gm.port.to_string(), "--status"])
+        .output()
+        .unwrap();
+    let line = text(&status.stdout)
+        .lines()
+        .find(|l| l.starts_with("slow\t"))
+        .map(String::from)
+        .unwrap_or_default();
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(
+        fields.get(1..3),
+        Some(&["0", "0"][..]),
+        "queued, running: {line:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap().lines().count(),
+        2,
+        "each job ran once"
+    );
+}
+
+#[test]
+fn exceptions_reach_the_stock_cli_and_clients_that_asked() {
+    let sb = Sandbox::new("gm-exc");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.job("bad.sh", "#!/bin/sh\necho no good >&2\nexit 4\n");
+    sb.gearman_config(&[gm.addr()], "exceptions = true\n");
+    let _w = sb.start();
+    let mut cli = Command::new("gearman")
+        .args(["-p", &gm.port.to_string(), "-f", "bad", "x"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut cli, Duration::from_secs(15));
+    assert!(
+        status.is_some(),
+        "the stock gearman CLI hung on a failing job"
+    );
+    assert_eq!(status.unwrap().code(), Some(1));
+    let mut out = String::new();
+    cli.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    cli.stderr.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(
+        out.contains("exit status 4: no good"),
+        "the text reaches the CLI: {out}"
+    );
+    // A client that asked for exceptions (ours does) gets the failure and its text too.
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    let mut warnings = Vec::new();
+    let outcome = c
+        .submit("bad", "", b"", Priority::Normal, |u| {
+            if let gearshift::gearman::client::Update::Warning(w) = u {
+                warnings.push(text(w));
+            }
+        })
+        .unwrap();
+    assert_eq!(outcome, Outcome::Fail);
+    assert_eq!(warnings, ["exit status 4: no good"]);
+}
+
+#[test]
+fn a_garbage_server_is_retried_on_the_backoff_schedule() {
+    let sb = Sandbox::new("gm-storm");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let (garbage_addr, connects, stop) = fake_server(|mut c, _| {
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    sb.gearman_config(&[garbage_addr, gm.addr()], "");
+    let w = sb.start();
+    std::thread::sleep(Duration::from_secs(6));
+    let n = connects.load(Ordering::Acquire);
+    // Two lanes; backoff 100 ms doubling to the 3 s default: about 7 connects each in 6 s.
+    assert!(n <= 20, "{n} connects in 6 s");
+    assert!(n >= 2, "{n} connects");
+    let out = sb.run(&["submit", "reverse", "ok"]);
+    assert_eq!(text(&out.stdout), "ko");
+    drop(w);
+    stop.store(true, Ordering::Release);
+}
+
+#[test]
+fn a_server_that_comes_back_is_served_within_the_reconnect_bound() {
+    let sb = Sandbox::new("gm-back");
+    let mut gm = Gearmand::start(&sb.dir, &[]);
+    let port = gm.port;
+    sb.gearman_config(&[gm.addr()], "");
+    let w = sb.start();
+    gm.kill();
+    std::thread::sleep(Duration::from_secs(10));
+    let _gm2 = Gearmand::start_on(&sb.dir, port, &[]);
+    let back = Instant::now();
+    let mut c = Client::connect(&[format!("127.0.0.1:{port}")], 1 << 20).unwrap();
+    let outcome = c
+        .submit("reverse", "", b"two", Priority::Normal, |_| {})
+        .unwrap();
+    assert_eq!(outcome, Outcome::Complete(b"owt".to_vec()));
+    // reconnect_max (3 s) plus 25% jitter, plus the handshake.
+    assert!(
+        back.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        back.elapsed()
+    );
+    assert_eq!(w.status()["generation"], 1);
+}
+
+#[test]
+fn connections_are_visible_with_their_os_errors() {
+    let sb = Sandbox::new("gm-visible");
+    let refused = format!("127.0.0.1:{}", free_port());
+    sb.gearman_config(
+        &[refused.clone(), "no-such-host.invalid:4730".to_string()],
+        "",
+    );
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("no gearman server is reachable"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    let mut s = serde_json::Value::Null;
+    eventually(Duration::from_secs(10), "server states", || {
+        s = serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default();
+        s["servers"].as_array().is_some_and(|a| {
+            a.len() == 2 && a.iter().all(|v| v["reconnects"].as_u64().unwrap_or(0) >= 1)
+        })
+    });
+    let servers = s["servers"].as_array().unwrap();
+    let get = |addr: &str| {
+        servers
+            .iter()
+            .find(|v| v["address"] == addr)
+            .unwrap()
+            .clone()
+    };
+    let r = get(&refused);
+    assert_eq!(r["state"], "backing off", "{r}");
+    assert!(
+        r["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("Connection refused"),
+        "{r}"
+    );
+    assert!(r["since"].is_string(), "{r}");
+    let u = get("no-such-host.invalid:4730");
+    assert!(
+        u["last_error"].as_str().unwrap().contains("cannot resolve"),
+        "{u}"
+    );
+    let human = text(&sb.run(&["status"]).stdout);
+    assert!(
+        human.contains(&refused) && human.contains("backing off"),
+        "{human}"
+    );
+    let log = std::fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(log.contains("Connection refused"), "{log}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+#[test]
+fn large_payloads_cost_about_twice_their_size() {
+    let sb = Sandbox::new("gm-large");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "");
+    let cfg = std::fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("concurrency = 2", "concurrency = 1");
+    std::fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let mut c = Client::connect(&[gm.addr()], 64 << 20).unwrap();
+    assert_eq!(
+        c.submit("echo", "", b"warm", Priority::Normal, |_| {})
+            .unwrap(),
+        Outcome::Complete(b"warm".to_vec())
+    );
+    let kib = |key: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let before = kib("VmRSS:");
+    let payload = vec![b'p'; 16 << 20];
+    let outcome = c
+        .submit("echo", "", &payload, Priority::Normal, |_| {})
+        .unwrap();
+    assert!(matches!(&outcome, Outcome::Complete(r) if r.len() == payload.len()));
+    let peak = kib("VmHWM:");
+    let grown = (peak.saturating_sub(before)) as f64 / (16 * 1024) as f64;
+    eprintln!("peak RSS grew by {grown:.2}x the payload");
+    assert!(grown <= 2.5, "peak RSS grew by {grown:.2}x the payload");
+}
+
+#[test]
+fn submit_with_no_worker_for_the_function_times_out_with_exit_3() {
+    let sb = Sandbox::new("gm-submit-timeout");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "");
+    let started = Instant::now();
+    let out = sb.run(&["submit", "--timeout", "1s", "nosuchfunction", "x"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nosuchfunction"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
