@@ -16,6 +16,14 @@ use common::*;
 use gearshift::gearman::client::{Client, Outcome, Priority};
 use nix::sys::signal::Signal;
 
+/// The tests of this file run one at a time: one of them compares rates, and the others' load
+/// would be noise in it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A fake server: accepts connections and hands each to `serve` on its own thread, until the
 /// returned flag is set. Counts connections.
 fn fake_server(
@@ -81,6 +89,7 @@ fn load_secs(sb: &Sandbox, addr: &str, n: u64) -> f64 {
 
 #[test]
 fn slow_silent_and_trickling_servers_cost_only_their_own_connections() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-slow");
     let gm = Gearmand::start(&sb.dir, &[]);
     let (silent_addr, _, stop1) = fake_server(silent);
@@ -93,19 +102,19 @@ fn slow_silent_and_trickling_servers_cost_only_their_own_connections() {
     for _ in 0..3 {
         sb.gearman_config(&[gm.addr()], "io_timeout = \"2s\"\n");
         let w = sb.start();
-        alone = alone.min(load_secs(&sb, &gm.addr(), 600));
+        alone = alone.min(load_secs(&sb, &gm.addr(), 20_000));
         drop(w);
         sb.gearman_config(
             &[silent_addr.clone(), trickle_addr.clone(), gm.addr()],
             "io_timeout = \"2s\"\n",
         );
         let w = sb.start();
-        mixed = mixed.min(load_secs(&sb, &gm.addr(), 600));
+        mixed = mixed.min(load_secs(&sb, &gm.addr(), 20_000));
         drop(w);
     }
-    eprintln!("600 jobs: healthy server alone {alone:.3}s, next to a silent and a trickling one {mixed:.3}s");
+    eprintln!("20000 jobs: healthy server alone {alone:.3}s, next to a silent and a trickling one {mixed:.3}s");
     assert!(
-        mixed <= alone * 1.10 + 0.05,
+        mixed <= alone * 1.10,
         "healthy rate fell: alone {alone:.3}s, with bad servers {mixed:.3}s"
     );
 
@@ -157,6 +166,7 @@ fn slow_silent_and_trickling_servers_cost_only_their_own_connections() {
 
 #[test]
 fn a_timed_out_job_fails_exactly_once_and_promptly() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-timeout-once");
     let gm = Gearmand::start(&sb.dir, &[]);
     let runs = sb.path("runs");
@@ -212,6 +222,7 @@ fn a_timed_out_job_fails_exactly_once_and_promptly() {
 
 #[test]
 fn exceptions_reach_the_stock_cli_and_clients_that_asked() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-exc");
     let gm = Gearmand::start(&sb.dir, &[]);
     sb.job("bad.sh", "#!/bin/sh\necho no good >&2\nexit 4\n");
@@ -252,6 +263,7 @@ fn exceptions_reach_the_stock_cli_and_clients_that_asked() {
 
 #[test]
 fn a_garbage_server_is_retried_on_the_backoff_schedule() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-storm");
     let gm = Gearmand::start(&sb.dir, &[]);
     let (garbage_addr, connects, stop) = fake_server(|mut c, _| {
@@ -272,6 +284,7 @@ fn a_garbage_server_is_retried_on_the_backoff_schedule() {
 
 #[test]
 fn a_server_that_comes_back_is_served_within_the_reconnect_bound() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-back");
     let mut gm = Gearmand::start(&sb.dir, &[]);
     let port = gm.port;
@@ -297,6 +310,7 @@ fn a_server_that_comes_back_is_served_within_the_reconnect_bound() {
 
 #[test]
 fn connections_are_visible_with_their_os_errors() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-visible");
     let refused = format!("127.0.0.1:{}", free_port());
     sb.gearman_config(
@@ -351,6 +365,7 @@ fn connections_are_visible_with_their_os_errors() {
 
 #[test]
 fn large_payloads_cost_about_twice_their_size() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-large");
     let gm = Gearmand::start(&sb.dir, &[]);
     sb.gearman_config(&[gm.addr()], "");
@@ -388,6 +403,7 @@ fn large_payloads_cost_about_twice_their_size() {
 
 #[test]
 fn submit_with_no_worker_for_the_function_times_out_with_exit_3() {
+    let _serial = serial();
     let sb = Sandbox::new("gm-submit-timeout");
     let gm = Gearmand::start(&sb.dir, &[]);
     sb.gearman_config(&[gm.addr()], "");
