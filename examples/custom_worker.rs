@@ -54,5 +54,7 @@ fn main() -> std::process::ExitCode {
         let leaked: &'static mut [u8] = Box::leak(vec![1u8; mib << 20].into_boxed_slice());
         Ok(format!("leaked {} MiB", leaked.len() >> 20).into_bytes())
     });
-    gearshift::cli::main(functions)
+    // Our own name and version in `--version`, `status` and the log (cli::main would say
+    // "gearshift" and the library's version).
+    gearshift::cli::main_as("custom-worker", "1.0.0-example", functions)
 }

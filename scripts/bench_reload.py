@@ -156,6 +156,26 @@ def anchor_throughput(fsync):
     return JOBS / (time.monotonic() - t0)
 
 
+def bench_submit_latency(n=200):
+    """Submit-to-result latency for an instant job (`submit --wait echo`), fsync on, beside a
+    plain `submit` (the CLI's own start and the durable enqueue, no waiting)."""
+    d = tempfile.mkdtemp(prefix="gs-bench-wait-")
+    cfg = write_config(d, concurrency=1)
+    p = start(d, cfg)
+    wait_status(d, lambda s: s["state"] == "running")
+    waits, plain = [], []
+    for _ in range(n):
+        t0 = time.monotonic_ns()
+        out = subprocess.run([BIN, "-c", cfg, "submit", "--wait", "echo", "x"], capture_output=True, check=True)
+        waits.append((time.monotonic_ns() - t0) // 1000)
+        assert out.stdout == b"x", out
+        t0 = time.monotonic_ns()
+        subprocess.run([BIN, "-c", cfg, "submit", "echo", "y"], capture_output=True, check=True)
+        plain.append((time.monotonic_ns() - t0) // 1000)
+    stop(p)
+    return waits, plain
+
+
 def bench_idle():
     d = tempfile.mkdtemp(prefix="gs-bench-idle-")
     cfg = write_config(d, concurrency=1)
@@ -201,6 +221,14 @@ def main():
         c1 = bench_throughput(1, fsync)
         c2 = bench_throughput(2, fsync)
         print(f"| {'on' if fsync else 'off'} | {a:.0f} jobs/s | {c1:.0f} jobs/s | {c1/a:.2f}x | {c2:.0f} jobs/s | {c2/a:.2f}x |")
+
+    waits, plain = bench_submit_latency()
+    print(f"## Submit to result, instant job ({len(waits)} runs, fsync on, worker idle)\n")
+    print("| measure | p50 | p99 |")
+    print("|---|---|---|")
+    print(f"| `submit --wait echo x` (submit, run, result durable, printed) | {pct(waits,50)/1000:.2f} ms | {pct(waits,99)/1000:.2f} ms |")
+    print(f"| anchor: plain `submit echo y` (enqueue only) | {pct(plain,50)/1000:.2f} ms | {pct(plain,99)/1000:.2f} ms |")
+    print(f"\nRatio p50: {pct(waits,50)/pct(plain,50):.2f}x a plain submit\n")
 
     used, rss_kb, threads = bench_idle()
     print("\n## Idle worker (concurrency 1, empty queue)\n")

@@ -79,12 +79,14 @@ enum PriorityArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker in the foreground (for a terminal, systemd or another supervisor).
+    /// Exit codes: 0 after a graceful stop, 1 on a start-up error or a forced stop.
     Run {
         /// Log to this file instead of stderr (what a daemon from `start` re-execs with).
         #[arg(long)]
         log_file: Option<PathBuf>,
     },
-    /// Start the worker as a daemon; exits 0 once it serves, or prints its error and exits 1.
+    /// Start the worker as a daemon; returns once it serves, or prints its error.
+    /// Exit codes: 0 started, 1 failed or already running.
     Start {
         /// Keep a supervisor process that restarts the worker when it dies abnormally.
         #[arg(long)]
@@ -93,7 +95,8 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         max_restarts: usize,
     },
-    /// Stop (if running), then start.
+    /// Stop (if running), then start (with its supervisor, if it had one).
+    /// Exit codes: as `start`; 1 if the stop timed out.
     Restart {
         /// Give up waiting for the stop after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
@@ -101,25 +104,32 @@ enum Command {
     },
     /// Submit a job. Spool: prints its id (with --wait, its result). Gearman: runs it in the
     /// foreground and prints its result (streaming WORK_DATA), unless --background.
+    /// Exit codes: 0 submitted (or done, when waiting), 1 failed, 3 not finished within
+    /// --timeout, or no worker is running (spool --wait).
     Submit(SubmitArgs),
-    /// Print a job's result: exit 0 done, 1 failed, 2 unknown id, 3 not finished yet.
+    /// Print a job's result.
+    /// Exit codes: 0 done, 1 failed, 2 unknown id, 3 not finished yet (queued, running, or
+    /// interrupted and waiting for a worker).
     Result {
         /// The id printed by `submit`.
         job_id: String,
     },
-    /// Is the worker running? Exit 0 if so, 3 if not.
+    /// Is the worker running, and how? Works even while config.toml is invalid.
+    /// Exit codes: 0 running, 3 not running, 4 unknown.
     Status {
         /// Print the full status as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Ask the worker to restart in place (SIGHUP) and wait until it has, or has refused.
+    /// Exit codes: 0 reloaded, 1 refused (the reason is printed), 3 not running.
     Reload {
         /// Give up waiting after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
         timeout: Duration,
     },
     /// Stop the worker gracefully (SIGTERM): running jobs finish first.
+    /// Exit codes: 0 stopped or not running, 1 still running after the timeout.
     Stop {
         /// Give up waiting after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
@@ -129,16 +139,35 @@ enum Command {
         force: bool,
     },
     /// Validate the config and jobs_dir, like `nginx -t`.
+    /// Exit codes: 0 valid, 1 invalid.
     Check,
 }
 
 /// Parses the command line, runs the command, and maps the outcome to an exit code.
 pub fn main(functions: Functions) -> ExitCode {
-    let cli = Cli::parse();
+    main_as("gearshift", crate::VERSION, functions)
+}
+
+/// [`main`] for a user's own binary: `name` and `version` are what `--version`, `status` and
+/// the log report (e.g. `main_as("mailer", env!("CARGO_PKG_VERSION"), functions)`).
+pub fn main_as(name: &'static str, version: &'static str, functions: Functions) -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    crate::set_identity(name, version);
+    let matches = Cli::command().name(name).version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     crate::logging::init(log::LevelFilter::Info);
     match dispatch(cli, functions) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // A generation that fails to start writes to the log file, not only to a stderr
+            // nobody reads.
+            if crate::logging::has_file() {
+                log::error!("{e}");
+                log::logger().flush();
+            }
             eprintln!("gearshift: {e}");
             ExitCode::from(if matches!(e, Error::NotRunning | Error::TimedOut(_)) {
                 NOT_RUNNING
@@ -164,8 +193,14 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             max_restarts,
         } => crate::daemon::start(path, functions, supervise.then_some(max_restarts)),
         Command::Restart { timeout } => {
+            // A worker started with --supervise is started again with its supervisor.
+            let supervised = running(path).ok().and_then(|(pid, socket, _)| {
+                crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
+                    .ok()
+                    .and_then(|s| s["supervisor"]["max_restarts"].as_u64())
+            });
             stop(path, timeout, false)?;
-            crate::daemon::start(path, functions, None)
+            crate::daemon::start(path, functions, supervised.map(|m| m as usize))
         }
         Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),
@@ -205,12 +240,14 @@ fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
         )));
     }
     match &config.source {
-        SourceConfig::Spool(s) => submit_spool(&Spool::from_config(s)?, &args, &payload),
+        SourceConfig::Spool(s) => {
+            submit_spool(&Spool::from_config(s)?, &args, &payload, &config.pidfile())
+        }
         SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
     }
 }
 
-fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
+fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8], pidfile: &Path) -> Result<u8> {
     let function = &args.function;
     if args.count != 1 {
         let started = Instant::now();
@@ -231,7 +268,45 @@ fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8]) -> Result<u8> 
         return Ok(0);
     }
     eprintln!("{id}");
-    print_lookup(&id, spool.wait(&id, args.timeout)?)
+    print_lookup(&id, wait_for_result(spool, &id, args.timeout, pidfile)?)
+}
+
+/// How long `submit --wait` waits for a worker to appear before saying there is none.
+const NO_WORKER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Waits for job `id`, saying so (exit 3) when no worker has been running for a moment.
+fn wait_for_result(
+    spool: &Spool,
+    id: &str,
+    timeout: Option<Duration>,
+    pidfile: &Path,
+) -> Result<Lookup> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut absent_since: Option<Instant> = None;
+    loop {
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(500)),
+            None => Duration::from_millis(500),
+        };
+        let lookup = spool.wait(id, Some(slice))?;
+        if matches!(lookup, Lookup::Finished(_) | Lookup::Unknown)
+            || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            return Ok(lookup);
+        }
+        if pidfile::probe(pidfile).ok() == Some(Probe::NotRunning) {
+            let since = *absent_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= NO_WORKER_PATIENCE {
+                return Err(Error::TimedOut(format!(
+                    "job {id} is queued, but no worker is running (start one: gearshift start)"
+                )));
+            }
+        } else {
+            absent_since = None;
+        }
+    }
 }
 
 fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
@@ -309,7 +384,16 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
 
 fn result(path: &Path, id: &str) -> Result<u8> {
     let config = Config::load(path)?;
-    print_lookup(id, spool(&config)?.lookup(id)?)
+    let lookup = spool(&config)?.lookup(id)?;
+    if matches!(lookup, Lookup::Running)
+        && pidfile::probe(&config.pidfile()).ok() == Some(Probe::NotRunning)
+    {
+        eprintln!(
+            "job {id}: interrupted: the worker stopped while it ran; it runs again (attempt counted) when a worker starts"
+        );
+        return Ok(3);
+    }
+    print_lookup(id, lookup)
 }
 
 fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
@@ -344,12 +428,32 @@ fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
     }
 }
 
+/// Where the worker keeps its state, even when config.toml does not parse right now (the
+/// worker serves on its last good config meanwhile): then `[worker] state_dir` is read
+/// leniently from the file, with a warning, so `status`, `reload` and `stop` still find it.
+fn state_dir_of(path: &Path) -> Result<PathBuf> {
+    match Config::load(path) {
+        Ok(c) => Ok(c.worker.state_dir),
+        Err(Error::Config(msg)) => {
+            let dir = crate::config::lenient_state_dir(path)?;
+            eprintln!("gearshift: warning: the config file is invalid: {msg}");
+            eprintln!(
+                "gearshift: warning: looking for the running worker in state_dir \"{}\"",
+                dir.display()
+            );
+            Ok(dir)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The running worker's pid and status socket, decided by the pidfile lock.
 fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
-    let config = Config::load(path)?;
-    let pidfile = config.pidfile();
+    let state_dir = state_dir_of(path)?;
+    let pidfile = state_dir.join(crate::layout::PIDFILE);
+    let socket = crate::layout::worker_dir(&state_dir).join(crate::layout::SOCKET);
     match pidfile::probe(&pidfile)? {
-        Probe::Running(Some(pid)) => Ok((pid, config.status_socket(), pidfile)),
+        Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
         Probe::Running(None) => Err(Error::Msg(format!(
             "\"{}\" is locked but holds no pid",
             pidfile.display()
@@ -445,6 +549,39 @@ fn status(path: &Path, json: bool) -> Result<u8> {
                     .unwrap_or_default()
             );
         }
+    }
+    if let Some(st) = s["storage"].as_object() {
+        let get = |k: &str| st.get(k).and_then(Value::as_str).unwrap_or("-");
+        println!("  storage failing since {}: {}", get("since"), get("error"));
+    }
+    if s["rejected"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  spool entries rejected (set aside in rejected/): {}",
+            field("rejected")
+        );
+    }
+    if let Some(sv) = s["supervisor"].as_object() {
+        println!(
+            "  supervisor pid {}, {} crash(es){}",
+            sv.get("pid").map(Value::to_string).unwrap_or_default(),
+            sv.get("crashes").map(Value::to_string).unwrap_or_default(),
+            sv.get("last_exit")
+                .and_then(Value::as_str)
+                .map(|e| format!(", last: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for w in s["warnings"].as_array().into_iter().flatten() {
+        println!("  warning: {}", w.as_str().unwrap_or_default());
+    }
+    if let Some(r) = s["last_refused_deploy"].as_object() {
+        let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
+        println!(
+            "  last refused deploy at {} (sha256 {}): {}",
+            get("at"),
+            crate::deploy::short(get("sha256")),
+            get("error")
+        );
     }
     if let Some(r) = s["last_refused_reload"].as_object() {
         let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");

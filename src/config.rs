@@ -330,6 +330,48 @@ impl Config {
     }
 }
 
+/// `[worker] state_dir` read leniently from a config file that does not validate: from the TOML
+/// if it still parses as TOML, else from a `state_dir = "..."` line under `[worker]`, else the
+/// default. Relative to the file's directory, as always.
+pub fn lenient_state_dir(path: &Path) -> Result<PathBuf> {
+    let abs = absolute(path)?;
+    let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let text = std::fs::read_to_string(&abs).unwrap_or_default();
+    if let Ok(table) = text.parse::<toml::Table>() {
+        let dir = table
+            .get("worker")
+            .and_then(|w| w.get("state_dir"))
+            .and_then(|d| d.as_str())
+            .unwrap_or("state");
+        return Ok(base.join(dir));
+    }
+    let mut section = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            section = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+            continue;
+        }
+        if section != "worker" {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once('=') {
+            let value = value.split('#').next().unwrap_or("").trim();
+            if key.trim() == "state_dir"
+                && value.len() >= 2
+                && value.starts_with('"')
+                && value.ends_with('"')
+            {
+                return Ok(base.join(&value[1..value.len() - 1]));
+            }
+        }
+    }
+    Ok(base.join("state"))
+}
+
 /// Function names travel in file names, environment variables and protocol packets: keep them
 /// to a safe alphabet.
 pub fn check_function_name(name: &str) -> std::result::Result<(), String> {

@@ -46,7 +46,13 @@ pub fn worker_dir(state_dir: &Path) -> PathBuf {
 /// and gives `worker/` to the user we will drop to. As root, a `state_dir` left to the worker's
 /// user by an older version is taken back (through its descriptor).
 pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
+    let existed = state_dir.exists();
     let dir = Dir::create(state_dir, 0o755)?;
+    if !existed && target.is_some() {
+        // Made just now, under the worker's umask (027 by default): the dropped user must still
+        // be able to reach worker/ inside it.
+        dir.chmod(0o755)?;
+    }
     let (owner, _) = dir.owner();
     let me = geteuid();
     if me.is_root() && !owner.is_root() {
@@ -68,6 +74,20 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
             dir.mode(),
             state_dir.display()
         )));
+    }
+    if let Some(t) = target.filter(|_| me.is_root()) {
+        // The dropped user must be able to pass through state_dir to reach worker/ (say after
+        // a switch from allow_root, whose umask made it 0750).
+        let (_, gid) = dir.owner();
+        let searchable = dir.mode() & 0o001 != 0 || (gid == t.gid && dir.mode() & 0o010 != 0);
+        if !searchable {
+            log::info!(
+                "state_dir \"{}\": letting user {} pass through it (o+x)",
+                state_dir.display(),
+                t.name
+            );
+            dir.chmod(dir.mode() | 0o001)?;
+        }
     }
     // Re-open: the checks above may have changed what fstat says.
     let dir = Dir::open(dir.path())?;

@@ -56,3 +56,15 @@ pub use functions::{Functions, Job, JobError, JobFunction, JobResult, Progress};
 
 /// The crate version, with the git revision it was built from when known.
 pub const VERSION: &str = env!("GEARSHIFT_VERSION");
+
+static IDENTITY: std::sync::OnceLock<(&'static str, &'static str)> = std::sync::OnceLock::new();
+
+/// Sets the program name and version a user's own binary reports (see [`cli::main_as`]).
+pub fn set_identity(name: &'static str, version: &'static str) {
+    let _ = IDENTITY.set((name, version));
+}
+
+/// The program's name and version: `gearshift` and [`VERSION`] unless a binary set its own.
+pub fn identity() -> (&'static str, &'static str) {
+    IDENTITY.get().copied().unwrap_or(("gearshift", VERSION))
+}

@@ -70,6 +70,11 @@ pub fn set_file(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<()> {
     Ok(())
 }
 
+/// Whether log lines go to a file (rather than stderr).
+pub fn has_file() -> bool {
+    SINK.lock().map(|s| s.is_some()).unwrap_or(false)
+}
+
 /// Reopens the log file at its path (after logrotate moved it). Returns the path, or None when
 /// logging to stderr.
 pub fn reopen() -> crate::Result<Option<PathBuf>> {

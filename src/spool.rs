@@ -266,6 +266,11 @@ impl Spool {
         };
         let mut buf = vec![0u8; 4096];
         loop {
+            // The result record lands in done/ or failed/ a moment before the job leaves cur/:
+            // look for it first, so the answer comes with the event, not with a recheck.
+            if let Some(r) = self.read_finished(id)? {
+                return Ok(Lookup::Finished(r));
+            }
             match self.lookup(id)? {
                 Lookup::Unknown => return Ok(Lookup::Unknown),
                 l @ Lookup::Finished(_) => return Ok(l),

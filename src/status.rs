@@ -75,6 +75,8 @@ pub struct Inner {
     /// Storage that fails (a full disk, no descriptors): the OS error and since when (unix
     /// ms). While set, lanes claim nothing new and the state is `degraded`.
     pub storage: Option<(String, u64)>,
+    /// This generation's non-fatal findings (files in jobs_dir that are no function, ...).
+    pub warnings: Vec<String>,
 }
 
 impl State {
@@ -190,7 +192,9 @@ impl State {
             "last_refused_deploy": i.last_refused_deploy.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
             })),
-            "version": crate::VERSION,
+            "name": crate::identity().0,
+            "version": crate::identity().1,
+            "warnings": i.warnings,
             "source": i.source,
             "jobs_completed": self.completed.load(Ordering::Relaxed),
             "jobs_failed": self.failed.load(Ordering::Relaxed),

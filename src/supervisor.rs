@@ -30,6 +30,9 @@ pub struct Info {
     pub pid: u32,
     pub crashes: u64,
     pub last_exit: Option<String>,
+    /// The `--max-restarts` it was started with (so `restart` can start it the same way).
+    #[serde(default)]
+    pub max_restarts: usize,
 }
 
 pub const ENV: &str = "GEARSHIFT_SUPERVISOR";
@@ -87,6 +90,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         pid: std::process::id(),
         crashes: 0,
         last_exit: None,
+        max_restarts: settings.max_restarts,
     };
     let mut ready = Some(ready);
     let mut recent: VecDeque<Instant> = VecDeque::new();

@@ -158,8 +158,13 @@ fn config_dirs(path: &Path) -> Vec<PathBuf> {
 /// The job executables of `dir` by function name, with a digest of the directory's state
 /// (names, modes, contents) for change detection. Hidden files and editor leftovers are skipped;
 /// two files with the same function name are an error.
-pub fn scan_jobs(dir: &Path) -> Result<(BTreeMap<String, PathBuf>, String)> {
+/// The executables of `jobs_dir` by function name (the file name without its last extension),
+/// a digest of the directory, and warnings (files that are not functions, and why). A file
+/// that is executable but could not run without a shell (no `#!`, not ELF), or two files for
+/// one name, make the whole directory invalid.
+pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
     let mut found = BTreeMap::new();
+    let mut warnings = Vec::new();
     let mut digest = Sha256::new();
     let mut entries: Vec<_> = fs::read_dir(dir)
         .map_err(|e| Error::io_path("reading jobs_dir", dir, e))?
@@ -189,9 +194,27 @@ pub fn scan_jobs(dir: &Path) -> Result<(BTreeMap<String, PathBuf>, String)> {
             Err(e) => return Err(Error::io_path("reading job", &path, e)),
         }
         if mode & 0o111 == 0 {
+            warnings.push(format!(
+                "\"{}\" is not executable, so it is no job function (chmod +x it, or move it out of jobs_dir)",
+                path.display()
+            ));
             continue;
         }
-        let name = file.split('.').next().unwrap_or(&file).to_string();
+        let mut head = [0u8; 4];
+        let n = fs::File::open(&path)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .unwrap_or(0);
+        if !(head[..n].starts_with(b"#!") || head[..n] == *b"\x7fELF") {
+            return Err(Error::Msg(format!(
+                "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
+                path.display()
+            )));
+        }
+        let name = Path::new(&file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(&file)
+            .to_string();
         crate::config::check_function_name(&name)
             .map_err(|why| Error::Msg(format!("{}: {why}", path.display())))?;
         if let Some(other) = found.insert(name.clone(), path.clone()) {
@@ -202,7 +225,19 @@ pub fn scan_jobs(dir: &Path) -> Result<(BTreeMap<String, PathBuf>, String)> {
             )));
         }
     }
-    Ok((found, hex(&digest.finalize())))
+    Ok(Jobs {
+        functions: found,
+        digest: hex(&digest.finalize()),
+        warnings,
+    })
+}
+
+/// What [`scan_jobs`] found.
+#[derive(Debug)]
+pub struct Jobs {
+    pub functions: BTreeMap<String, PathBuf>,
+    pub digest: String,
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]
@@ -222,17 +257,38 @@ mod tests {
         write("wc.sh", "#!/bin/sh\nwc -w\n", 0o755);
         write("notes.txt", "not a job", 0o644);
         write(".hidden", "x", 0o755);
-        let (found, d1) = scan_jobs(&dir).expect("scan");
-        assert_eq!(found.keys().collect::<Vec<_>>(), ["wc"]);
+        let jobs = scan_jobs(&dir).expect("scan");
+        assert_eq!(jobs.functions.keys().collect::<Vec<_>>(), ["wc"]);
+        assert!(
+            jobs.warnings[0].contains("notes.txt\" is not executable"),
+            "{:?}",
+            jobs.warnings
+        );
+        let d1 = jobs.digest;
 
         write("wc.sh", "#!/bin/sh\nwc -l\n", 0o755);
-        let (_, d2) = scan_jobs(&dir).expect("scan");
+        let d2 = scan_jobs(&dir).expect("scan").digest;
         assert_ne!(d1, d2, "content change must change the digest");
 
-        write("notes.txt", "not a job", 0o755);
-        let (found, d3) = scan_jobs(&dir).expect("scan");
-        assert_ne!(d2, d3, "mode change must change the digest");
-        assert!(found.contains_key("notes"));
+        write("notes.txt", "#!/bin/sh\n", 0o755);
+        let jobs = scan_jobs(&dir).expect("scan");
+        assert_ne!(d2, jobs.digest, "mode change must change the digest");
+        assert!(jobs.functions.contains_key("notes"));
+        // The name is the file name without its last extension.
+        write("my.job.sh", "#!/bin/sh\n", 0o755);
+        assert!(scan_jobs(&dir)
+            .expect("scan")
+            .functions
+            .contains_key("my.job"));
+        fs::remove_file(dir.join("my.job.sh")).expect("rm");
+        // Executable but no #! and not ELF: it would run through /bin/sh; refused.
+        write("bare", "echo hi\n", 0o755);
+        let err = scan_jobs(&dir)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("no #! line"), "{err}");
+        fs::remove_file(dir.join("bare")).expect("rm");
 
         write("wc.py", "#!/usr/bin/env python3\n", 0o755);
         let err = scan_jobs(&dir).expect_err("duplicate").to_string();

@@ -80,7 +80,8 @@ impl Plan {
                 jobs_dir.display()
             )));
         }
-        let (exes, jobs_sha256) = watch::scan_jobs(jobs_dir)?;
+        let scanned = watch::scan_jobs(jobs_dir)?;
+        let (exes, jobs_sha256) = (scanned.functions, scanned.digest);
         if config.worker.strict_modes {
             let owner = crate::privilege::owner_uid(&config)?;
             crate::privilege::check_file(&config.path, "config", owner)?;
@@ -126,7 +127,7 @@ impl Plan {
             let timeout = config.timeout(&name);
             table.insert(name, Runner::Executable(path), timeout);
         }
-        let warnings = config
+        let mut warnings: Vec<String> = config
             .functions
             .keys()
             .filter(|name| !table.contains(name))
@@ -137,6 +138,7 @@ impl Plan {
                 )
             })
             .collect();
+        warnings.extend(scanned.warnings);
         Ok(Plan {
             config,
             table,
@@ -323,6 +325,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             last_refused_deploy: inherited.last_refused_deploy.clone(),
             last_rollback: None,
             storage: None,
+            warnings: plan.warnings.clone(),
         }),
         servers: views,
     });
@@ -430,8 +433,9 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     };
     if generation == 1 {
         log::info!(
-            "gearshift {} started (pid {}), {} lane(s) on {}: {}",
-            crate::VERSION,
+            "{} {} started (pid {}), {} lane(s) on {}: {}",
+            crate::identity().0,
+            crate::identity().1,
             std::process::id(),
             ctl.plan.config.worker.concurrency,
             ctl.plan.config.source.kind(),
@@ -648,17 +652,20 @@ impl Control {
         let cfg = std::fs::read(&self.config_path)
             .ok()
             .map(|b| crate::config::hex(&sha2::Sha256::digest(&b)));
-        let jobs = watch::scan_jobs(&self.plan.config.worker.jobs_dir)
-            .ok()
-            .map(|(_, d)| d);
+        // A jobs_dir that does not scan (two files for one name, a file without #!) is a
+        // change too: it is refused below, visibly, rather than ignored.
+        let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {
+            Ok(j) => j.digest,
+            Err(e) => format!("invalid: {e}"),
+        };
         let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
-        let jobs_changed = jobs.as_ref().is_some_and(|d| *d != self.plan.jobs_sha256);
+        let jobs_changed = jobs != self.plan.jobs_sha256;
         let reason = match (config_changed, jobs_changed) {
             (true, _) => "config changed",
             (false, true) => "jobs changed",
             (false, false) => return None,
         };
-        let digest = format!("{}/{}", cfg.unwrap_or_default(), jobs.unwrap_or_default());
+        let digest = format!("{}/{jobs}", cfg.unwrap_or_default());
         if self.refused_digest.as_deref() == Some(digest.as_str()) {
             return None;
         }
@@ -743,11 +750,11 @@ impl Control {
             Err(e) => return self.refuse(reason, &e.to_string()),
         };
         self.state.set_phase("restarting");
-        let (refusals, last_refused) = self
+        let refusals = self
             .state
             .inner
             .lock()
-            .map(|i| (i.refusals, i.last_refused.clone()))
+            .map(|i| i.refusals)
             .unwrap_or_default();
         let next = Inherited {
             generation: self.state.generation,
@@ -762,7 +769,8 @@ impl Control {
             rejected: crate::status::REJECTED.load(Ordering::Relaxed),
             restarts: self.state.restarts + 1,
             refusals,
-            last_refused,
+            // This restart succeeds: an older refusal is history (the count keeps it).
+            last_refused: None,
             requested_mono_us,
             // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
             config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
