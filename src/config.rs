@@ -151,6 +151,17 @@ impl Config {
                 &format!("concurrency must be between 1 and 1024, not {concurrency}"),
             ));
         }
+        let at_least_100ms = |v: &Spanned<Dur>, key: &str| {
+            let t = v.get_ref().0;
+            if t < Duration::from_millis(100) {
+                Err(located(
+                    Some(v.span()),
+                    &format!("{key} must be at least 100ms"),
+                ))
+            } else {
+                Ok(t)
+            }
+        };
         let in_range = |v: &Spanned<u64>, key: &str, min: u64, max: u64| {
             let n = *v.get_ref();
             if (min..=max).contains(&n) {
@@ -253,26 +264,8 @@ impl Config {
                     servers: s.servers.into_inner(),
                     client_id: s.client_id,
                     exceptions: s.exceptions,
-                    io_timeout: {
-                        let t = s.io_timeout.into_inner().0;
-                        if t < Duration::from_millis(100) {
-                            return Err(located(
-                                None,
-                                "[source] io_timeout must be at least 100ms",
-                            ));
-                        }
-                        t
-                    },
-                    reconnect_max: {
-                        let t = s.reconnect_max.into_inner().0;
-                        if t < Duration::from_millis(100) {
-                            return Err(located(
-                                None,
-                                "[source] reconnect_max must be at least 100ms",
-                            ));
-                        }
-                        t
-                    },
+                    io_timeout: at_least_100ms(&s.io_timeout, "io_timeout")?,
+                    reconnect_max: at_least_100ms(&s.reconnect_max, "reconnect_max")?,
                     max_packet_bytes: match &s.max_packet_bytes {
                         None => (worker.max_payload_bytes + 4096).max(1 << 20),
                         Some(b) => {

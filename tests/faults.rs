@@ -153,24 +153,7 @@ fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
     let ids: Vec<String> = (0..200)
         .map(|i| sb.submit("up", &format!("job{i}")))
         .collect();
-    let log = sb.path("worker.log");
-    let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!(
-            "ulimit -n 40; exec \"{}\" -c \"{}\" run",
-            sb.bin.display(),
-            sb.config().display()
-        ),
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(fs::File::create(&log).unwrap());
-    let _w = Worker {
-        child: spawn(&mut cmd),
-        socket: sb.path("state/worker/gearshift.sock"),
-        log,
-    };
+    let _w = sb.start_under_shell("ulimit -n 40");
     let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
     for (i, (ok, r, _)) in outcomes.iter().enumerate() {
         assert!(*ok, "job {i} failed: {r}");

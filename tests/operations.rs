@@ -174,9 +174,7 @@ fn result_of_a_job_interrupted_by_a_forced_stop_says_so() {
 #[test]
 fn switching_from_allow_root_to_a_user_keeps_the_spool() {
     let mut sb = Sandbox::new("ops-switch-user");
-    fs::create_dir_all(sb.path("bin")).unwrap();
-    fs::copy(BIN, sb.path("bin/gearshift")).unwrap();
-    sb.bin = sb.path("bin/gearshift");
+    sb.own_binary();
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     // First as root (allow_root): the spool, its .lock and a queued job are root's.
     let w = sb.start();

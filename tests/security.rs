@@ -28,10 +28,7 @@ fn privsep(name: &str) -> Sandbox {
         "CI runs as root; these tests check the root side"
     );
     let mut sb = Sandbox::new(name);
-    fs::create_dir_all(sb.path("bin")).unwrap();
-    let bin = sb.path("bin/gearshift");
-    fs::copy(BIN, &bin).unwrap();
-    sb.bin = bin;
+    sb.own_binary();
     let cfg = sb
         .config_text("")
         .replace("allow_root = true", "user = \"nobody\"");
@@ -333,26 +330,7 @@ fn root_submits_files_the_worker_can_read_and_unreadable_entries_are_set_aside()
 #[test]
 fn the_umask_applies_under_run_too() {
     let sb = Sandbox::new("sec-umask");
-    let w = {
-        let log = sb.path("worker.log");
-        let mut cmd = Command::new("sh");
-        cmd.args([
-            "-c",
-            &format!(
-                "umask 022; exec \"{}\" -c \"{}\" run",
-                sb.bin.display(),
-                sb.config().display()
-            ),
-        ]);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap());
-        common::Worker {
-            child: spawn(&mut cmd),
-            socket: sb.path("state/worker/gearshift.sock"),
-            log,
-        }
-    };
+    let w = sb.start_under_shell("umask 022");
     w.wait_for(Duration::from_secs(20), "start", |_| true);
     let out = sb.run(&["submit", "--wait", "echo", "m"]);
     assert_eq!(text(&out.stdout), "m");

@@ -165,6 +165,40 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Starts `gearshift run` through `sh -c "PREFIX; exec gearshift run"` (a ulimit, a umask),
+    /// logging to `worker.log`; returns at once.
+    pub fn start_under_shell(&self, prefix: &str) -> Worker {
+        let log = self.dir.join("worker.log");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!(
+                "{prefix}; exec \"{}\" -c \"{}\" run",
+                self.bin.display(),
+                self.config().display()
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+        Worker {
+            child: spawn(&mut cmd),
+            socket: self.dir.join("state/worker/gearshift.sock"),
+            log,
+        }
+    }
+
+    /// Runs from its own copy of the binary (in `bin/`), which a dropped user can reach and a
+    /// test may replace.
+    pub fn own_binary(&mut self) {
+        fs::create_dir_all(self.path("bin")).unwrap();
+        let bin = self.path("bin/gearshift");
+        fs::copy(BIN, &bin).unwrap();
+        self.bin = bin;
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if !std::thread::panicking() {
