@@ -312,9 +312,11 @@ fn root_submits_files_the_worker_can_read_and_unreadable_entries_are_set_aside()
     );
     // A job file nobody but root can read, dropped into new/ by hand: set aside, not fatal.
     let id = "0000000000000-00000000-bad";
-    let planted = sb.path(&format!("spool/new/{id}"));
-    fs::write(&planted, "GSJ1 whatever").unwrap();
-    fs::set_permissions(&planted, fs::Permissions::from_mode(0o600)).unwrap();
+    // Made whole (0600) first, then moved in: the worker may claim it the moment it appears.
+    let staged = sb.path("staged");
+    fs::write(&staged, "GSJ1 whatever").unwrap();
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(&staged, sb.path(&format!("spool/new/{id}"))).unwrap();
     eventually(Duration::from_secs(10), "the entry set aside", || {
         sb.path(&format!("spool/rejected/{id}")).exists()
     });
