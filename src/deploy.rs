@@ -250,24 +250,21 @@ impl Deploy {
         if running.is_none() {
             let slot = Arc::clone(&known);
             let path = path.to_path_buf();
-            let _ = std::thread::Builder::new()
-                .name("hash-self".into())
-                .spawn(move || {
-                    // /proc/self/exe is the image we run, even if the path was replaced since.
-                    if let Ok(sha) = hash_file(Path::new("/proc/self/exe")) {
-                        let before = Ident::of(&path);
-                        let same =
-                            before.filter(|_| hash_file(&path).ok().as_deref() == Some(&sha));
-                        let same = same.filter(|i| Ident::of(&path) == Some(*i));
-                        publish(&sha);
-                        if let Ok(mut k) = slot.lock() {
-                            *k = Some(Known {
-                                ident: same,
-                                sha256: sha,
-                            });
-                        }
+            let _ = crate::signals::spawn_helper("hash-self", move || {
+                // /proc/self/exe is the image we run, even if the path was replaced since.
+                if let Ok(sha) = hash_file(Path::new("/proc/self/exe")) {
+                    let before = Ident::of(&path);
+                    let same = before.filter(|_| hash_file(&path).ok().as_deref() == Some(&sha));
+                    let same = same.filter(|i| Ident::of(&path) == Some(*i));
+                    publish(&sha);
+                    if let Ok(mut k) = slot.lock() {
+                        *k = Some(Known {
+                            ident: same,
+                            sha256: sha,
+                        });
                     }
-                });
+                }
+            });
         }
         Deploy {
             path: path.to_path_buf(),
@@ -344,28 +341,26 @@ impl Deploy {
         let (tx, rx) = bounded(1);
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
         let bad = self.known_bad.clone();
-        let _ = std::thread::Builder::new()
-            .name("preflight".into())
-            .spawn(move || {
-                let outcome = match hash_file(&path) {
-                    Err(e) => Outcome::Unreadable(e.to_string()),
-                    Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
-                    Ok(sha) if Some(&sha) == bad.as_ref() => Outcome::Checked(
-                        sha,
-                        Err("this binary was rolled back: it died during start-up".into()),
-                    ),
-                    Ok(sha) => {
-                        log::info!(
-                            "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
-                            path.display(),
-                            short(&sha)
-                        );
-                        let result = preflight(&path, &config);
-                        Outcome::Checked(sha, result)
-                    }
-                };
-                let _ = tx.send(outcome);
-            });
+        let _ = crate::signals::spawn_helper("preflight", move || {
+            let outcome = match hash_file(&path) {
+                Err(e) => Outcome::Unreadable(e.to_string()),
+                Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+                Ok(sha) if Some(&sha) == bad.as_ref() => Outcome::Checked(
+                    sha,
+                    Err("this binary was rolled back: it died during start-up".into()),
+                ),
+                Ok(sha) => {
+                    log::info!(
+                        "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
+                        path.display(),
+                        short(&sha)
+                    );
+                    let result = preflight(&path, &config);
+                    Outcome::Checked(sha, result)
+                }
+            };
+            let _ = tx.send(outcome);
+        });
         self.preflight = Some((ident, rx));
         Step::CheckIn(Duration::from_millis(50))
     }

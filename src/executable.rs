@@ -652,14 +652,43 @@ mod tests {
     #[test]
     fn timeout_kills_the_whole_group() {
         let started = Instant::now();
-        // A grandchild holding stdout open would keep a naive reader waiting forever.
-        let (r, _) = exec("sleep 30 & sleep 30", b"", Some(Duration::from_millis(300)));
+        let marks = tempdir("group-marks");
+        let pidfile = marks.join("grandchild");
+        // A grandchild holding stdout open would keep a naive reader waiting forever; and it
+        // must die with the group, not only the leader.
+        let (r, _) = exec(
+            &format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display()),
+            b"",
+            Some(Duration::from_millis(300)),
+        );
         assert!(
             r.as_ref()
                 .is_err_and(|e| e.message.starts_with("timed out after 300ms")),
             "{r:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("grandchild pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    !s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        };
+        while alive() {
+            assert!(
+                Instant::now() < deadline,
+                "grandchild {pid} outlived the timeout"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir_all(&marks);
     }
 
     #[test]

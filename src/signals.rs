@@ -74,7 +74,60 @@ pub fn block() -> Result<()> {
         .map_err(|e| Error::io("blocking signals", e.into()))
 }
 
+/// Spawns a helper thread that never takes a handled signal, whatever the caller's mask: the
+/// handled signals are blocked around the spawn (the new thread inherits that mask) and the
+/// caller's mask is restored. Every helper thread is spawned through this, so "helper threads
+/// never take a signal" holds by construction, also for threads spawned while serving.
+pub fn spawn_helper<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let mut old = SigSet::empty();
+    let blocked =
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), Some(&mut old)).is_ok();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    if blocked {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    spawned
+}
+
 /// Undoes [`block`] (when execve failed and we keep running).
 pub fn unblock() {
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_set()), None);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Only thread masks change here (no process-wide signal state): a helper spawned from a
+    /// thread that takes every signal still has the handled ones blocked, and the spawning
+    /// thread's mask is as before.
+    #[test]
+    fn helpers_are_spawned_with_the_handled_signals_blocked() {
+        std::thread::spawn(|| {
+            clear_mask().unwrap();
+            let helper = spawn_helper("test-helper", || {
+                let mut mask = SigSet::empty();
+                pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut mask)).unwrap();
+                HANDLED.iter().all(|s| mask.contains(*s))
+            })
+            .unwrap();
+            assert!(
+                helper.join().unwrap(),
+                "the helper must have every handled signal blocked"
+            );
+            let mut mine = SigSet::empty();
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, None, Some(&mut mine)).unwrap();
+            assert!(
+                !mine.contains(Signal::SIGHUP),
+                "the caller's mask is restored"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -533,7 +533,7 @@ impl SpoolSource {
         }
     }
 
-    /// Every [`HOUSEKEEPING`]: abandoned temp files; results past their retention.
+    /// Every [`HOUSEKEEPING`]: abandoned temp files.
     fn housekeeping(&self) {
         let Ok(mut next) = self.next_housekeeping.lock() else {
             return;
@@ -544,7 +544,6 @@ impl SpoolSource {
         *next = Instant::now() + HOUSEKEEPING;
         drop(next);
         self.clean_tmp();
-        self.prune();
     }
 
     fn prune(&self) {
@@ -770,6 +769,9 @@ impl Lane for SpoolLane {
                 return Ok(None);
             }
             let seen = self.source.waker.current();
+            // Results past retention go at start and every tenth of the period; abandoned
+            // temp files every few seconds.
+            self.source.prune();
             self.source.housekeeping();
             if let Some(job) = self.source.claim()? {
                 self.started_ms = now_ms();
@@ -1320,9 +1322,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         c.retain_results = Duration::from_millis(10);
         let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
-        // Pruning runs in a lane before it claims or sleeps; a stopped lane returns first.
-        src.prune();
-        assert!(matches!(spool.lookup(&id), Ok(Lookup::Unknown)));
+        // A lane prunes as it starts, before it claims or sleeps: run one on an empty queue.
+        let stop = Arc::new(AtomicBool::new(false));
+        let lane = {
+            let (src, stop) = (Arc::clone(&src), Arc::clone(&stop));
+            std::thread::spawn(move || src.lane().next(&stop).map(|j| j.is_none()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(spool.lookup(&id), Ok(Lookup::Unknown)) {
+            assert!(Instant::now() < deadline, "not pruned at the lane's start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Release);
+        src.wake();
+        assert!(
+            lane.join().expect("lane").expect("next"),
+            "stopped with no job"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -1353,7 +1369,13 @@ mod tests {
             })
         };
         let mut finished = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
         while finished < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{finished} of {} finished in 60 s",
+                ids.len()
+            );
             finished = 0;
             for id in &ids {
                 match spool.lookup(id).expect("lookup") {

@@ -51,6 +51,9 @@ pub struct State {
     pub first_claim_mono_us: AtomicU64,
     /// Jobs finished by this generation (for `max_jobs`).
     pub generation_jobs: AtomicU64,
+    /// Times this generation looked at config.toml and jobs_dir for a change (tests wait for
+    /// it to grow: "seen and judged", instead of sleeping).
+    pub file_checks: AtomicU64,
     /// The job each lane is running (id, function), for `status` and `stop --force`.
     /// Per lane: (running?, id, function); the strings are reused, so no allocation per job.
     pub running: Mutex<Vec<(bool, String, String)>>,
@@ -77,6 +80,8 @@ pub struct Inner {
     pub storage: Option<(String, u64)>,
     /// This generation's non-fatal findings (files in jobs_dir that are no function, ...).
     pub warnings: Vec<String>,
+    /// None while inotify reports changes; else how changes are found instead, and why.
+    pub watch: Option<String>,
 }
 
 impl State {
@@ -178,6 +183,7 @@ impl State {
             "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
             "first_claim_monotonic_us": first_claim,
             "generation_jobs": self.generation_jobs.load(Ordering::Relaxed),
+            "file_checks": self.file_checks.load(Ordering::Relaxed),
             "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
                 "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
             })),
@@ -195,6 +201,7 @@ impl State {
             "name": crate::identity().0,
             "version": crate::identity().1,
             "warnings": i.warnings,
+            "watch": i.watch.as_deref().unwrap_or("inotify"),
             "source": i.source,
             "jobs_completed": self.completed.load(Ordering::Relaxed),
             "jobs_failed": self.failed.load(Ordering::Relaxed),
@@ -224,22 +231,20 @@ impl Server {
             .map_err(|e| Error::io_path("binding status socket", path, e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new()
-            .name("status".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::Acquire) {
-                        break;
-                    }
-                    if let Ok(mut c) = conn {
-                        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-                        let mut body = state.to_json().to_string();
-                        body.push('\n');
-                        let _ = c.write_all(body.as_bytes());
-                    }
+        let thread = crate::signals::spawn_helper("status", move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Acquire) {
+                    break;
                 }
-            })
-            .map_err(|e| Error::io("spawning status thread", e))?;
+                if let Ok(mut c) = conn {
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                    let mut body = state.to_json().to_string();
+                    body.push('\n');
+                    let _ = c.write_all(body.as_bytes());
+                }
+            }
+        })
+        .map_err(|e| Error::io("spawning status thread", e))?;
         Ok(Server {
             path: path.to_path_buf(),
             stop,

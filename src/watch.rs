@@ -23,11 +23,13 @@ use crate::error::{Error, Result};
 use crate::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Touched {
     Config,
     Jobs,
     Binary,
+    /// The watch itself failed (the reason): nothing more will be reported; poll instead.
+    Lost(String),
 }
 
 const CONFIG: u8 = 1;
@@ -86,41 +88,39 @@ pub fn start(
     }
 
     let ino = Arc::clone(inotify);
-    std::thread::Builder::new()
-        .name("watch".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let events = match ino.wait(None, &mut buf) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        log::error!("reading inotify: {e}; file changes are no longer seen");
-                        return;
-                    }
+    crate::signals::spawn_helper("watch", move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let events = match ino.wait(None, &mut buf) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = touch_tx.send(Touched::Lost(format!("reading inotify: {e}")));
+                    return;
+                }
+            };
+            let mut bits = 0u8;
+            for e in events {
+                bits |= match e {
+                    Event::Overflow => CONFIG | JOBS | QUEUE | BINARY,
+                    // Watches of earlier generations that this one no longer routes.
+                    Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
                 };
-                let mut bits = 0u8;
-                for e in events {
-                    bits |= match e {
-                        Event::Overflow => CONFIG | JOBS | QUEUE | BINARY,
-                        // Watches of earlier generations that this one no longer routes.
-                        Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
-                    };
-                }
-                if bits & QUEUE != 0 {
-                    on_queue();
-                }
-                if bits & CONFIG != 0 {
-                    let _ = touch_tx.try_send(Touched::Config);
-                }
-                if bits & JOBS != 0 {
-                    let _ = touch_tx.try_send(Touched::Jobs);
-                }
-                if bits & BINARY != 0 {
-                    let _ = touch_tx.try_send(Touched::Binary);
-                }
             }
-        })
-        .map_err(|e| Error::io("spawning the watch thread", e))?;
+            if bits & QUEUE != 0 {
+                on_queue();
+            }
+            if bits & CONFIG != 0 {
+                let _ = touch_tx.try_send(Touched::Config);
+            }
+            if bits & JOBS != 0 {
+                let _ = touch_tx.try_send(Touched::Jobs);
+            }
+            if bits & BINARY != 0 {
+                let _ = touch_tx.try_send(Touched::Binary);
+            }
+        }
+    })
+    .map_err(|e| Error::io("spawning the watch thread", e))?;
     Ok(unwatched)
 }
 

@@ -309,6 +309,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
         generation_jobs: 0.into(),
+        file_checks: 0.into(),
         running: std::sync::Mutex::new(vec![
             (false, String::new(), String::new());
             plan.config.worker.concurrency
@@ -326,6 +327,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             last_rollback: None,
             storage: None,
             warnings: plan.warnings.clone(),
+            watch: None,
         }),
         servers: views,
     });
@@ -359,6 +361,9 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
                     POLL_FALLBACK.as_secs()
                 );
                 poll_fallback = true;
+                if let Ok(mut i) = state.inner.lock() {
+                    i.watch = Some(format!("polling: {e}"));
+                }
             }
             if let Some(e) = unwatched.queue {
                 log::warn!("{e}; checking for new jobs every second instead");
@@ -371,6 +376,9 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
                 POLL_FALLBACK.as_secs()
             );
             poll_fallback = true;
+            if let Ok(mut i) = state.inner.lock() {
+                i.watch = Some(format!("polling: no inotify ({e})"));
+            }
             poll_queue(&source)?;
         }
     }
@@ -511,6 +519,7 @@ impl Control {
             None => never(),
         };
         let mut phase = Phase::Running;
+        let mut touch = touch_rx.clone();
         // Look once right away: the files may have changed between our exec and the watch.
         let mut check_at: Option<Instant> = Some(Instant::now());
         let mut first_touch: Option<Instant> = None;
@@ -594,9 +603,24 @@ impl Control {
                         self.request_restart(&mut phase, "binary changed");
                     }
                 }
-                recv(touch_rx) -> touched => {
-                    if touched == Ok(Touched::Binary) {
-                        binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                recv(touch) -> touched => {
+                    let lost = match touched {
+                        Ok(Touched::Binary) => {
+                            binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                            continue;
+                        }
+                        Ok(Touched::Lost(why)) => Some(why),
+                        Err(_) => {
+                            // Closed: it would be ready at once, forever.
+                            touch = never();
+                            Some("the watch thread ended".to_string())
+                        }
+                        Ok(_) => None,
+                    };
+                    if let Some(why) = lost {
+                        if !self.poll_fallback {
+                            self.watch_lost(&why);
+                        }
                         continue;
                     }
                     let now = Instant::now();
@@ -647,8 +671,25 @@ impl Control {
         }
     }
 
+    /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
+    /// from now on, and say so in the log and in `status`.
+    fn watch_lost(&mut self, why: &str) {
+        log::error!(
+            "{why}; checking files every {}s and the queue every second instead",
+            POLL_FALLBACK.as_secs()
+        );
+        self.poll_fallback = true;
+        if let Err(e) = poll_queue(&self.source) {
+            log::error!("{e}");
+        }
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.watch = Some(format!("polling: {why}"));
+        }
+    }
+
     /// Which watched state differs from the running one and is valid, if any.
     fn changed_on_disk(&mut self) -> Option<&'static str> {
+        self.state.file_checks.fetch_add(1, Ordering::Release);
         let cfg = std::fs::read(&self.config_path)
             .ok()
             .map(|b| crate::config::hex(&sha2::Sha256::digest(&b)));
@@ -953,17 +994,15 @@ fn resident_bytes() -> Option<u64> {
 /// Wakes idle lanes every second, for a queue that cannot be watched.
 fn poll_queue(source: &Arc<Source>) -> Result<()> {
     let weak = Arc::downgrade(source);
-    std::thread::Builder::new()
-        .name("queue-poll".into())
-        .spawn(move || {
-            while let Some(s) = weak.upgrade() {
-                s.wake();
-                drop(s);
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
-        .map(drop)
-        .map_err(|e| Error::io("spawning the queue poll thread", e))
+    crate::signals::spawn_helper("queue-poll", move || {
+        while let Some(s) = weak.upgrade() {
+            s.wake();
+            drop(s);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+    .map(drop)
+    .map_err(|e| Error::io("spawning the queue poll thread", e))
 }
 
 struct DoneGuard(Sender<()>);

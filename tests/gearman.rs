@@ -144,7 +144,9 @@ fn late_result_after_can_do_timeout_keeps_the_connection() {
         .submit("reverse", "", b"abc", Priority::Normal, |_| {})
         .unwrap();
     assert_eq!(outcome, Outcome::Complete(b"cba".to_vec()));
-    assert!(!w.log_text().contains("reconnecting"), "{}", w.log_text());
+    let s = w.status();
+    assert_eq!(s["servers"][0]["reconnects"], 0, "{s}");
+    assert_eq!(s["servers"][0]["state"], "connected", "{s}");
 }
 
 #[test]
@@ -157,8 +159,8 @@ fn worker_reconnects_after_gearmand_restarts() {
     let out = sb.run(&["submit", "reverse", "one"]);
     assert_eq!(text(&out.stdout), "eno");
     gm.kill();
-    eventually(Duration::from_secs(10), "the worker to notice", || {
-        w.log_text().contains("reconnecting")
+    w.wait_for(Duration::from_secs(10), "the worker to notice", |s| {
+        s["servers"][0]["state"] != "connected"
     });
     let _gm2 = Gearmand::start_on(&sb.dir, port, &[]);
     let mut c = Client::connect(&[format!("127.0.0.1:{port}")], 1 << 20).unwrap();

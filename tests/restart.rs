@@ -62,10 +62,13 @@ fn config_edits_in_place_and_by_rename_each_restart_once() {
     fs::write(sb.config(), sb.config_text("# edit 1\n")).unwrap();
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "config changed");
-    std::thread::sleep(Duration::from_millis(800));
+    // The new generation looks at the files as it starts (events of the edit that arrived
+    // during the restart included): seen and judged, no second restart.
+    let s = w.wait_for(Duration::from_secs(10), "the new generation's look", |s| {
+        s["file_checks"].as_u64().unwrap_or(0) >= 1
+    });
     assert_eq!(
-        w.generation(),
-        2,
+        s["generation"], 2,
         "exactly one restart for one in-place edit"
     );
 
@@ -75,13 +78,19 @@ fn config_edits_in_place_and_by_rename_each_restart_once() {
     fs::rename(&tmp, sb.config()).unwrap();
     let s = w.wait_generation(3);
     assert_eq!(s["last_restart_reason"], "config changed");
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(w.generation(), 3, "exactly one restart for one rename");
+    let s = w.wait_for(Duration::from_secs(10), "the new generation's look", |s| {
+        s["file_checks"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(s["generation"], 3, "exactly one restart for one rename");
 
-    // Touching the file without changing its bytes is not a change.
+    // Touching the file without changing its bytes is not a change: once the worker has
+    // looked at it (the check count grows), the generation is the same.
+    let before = s["file_checks"].as_u64().unwrap();
     fs::write(sb.config(), sb.config_text("# edit 2\n")).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(w.generation(), 3, "same content, no restart");
+    let s = w.wait_for(Duration::from_secs(10), "the touch seen", |s| {
+        s["file_checks"].as_u64().unwrap_or(0) > before
+    });
+    assert_eq!(s["generation"], 3, "same content, no restart");
     assert_eq!(w.status()["pid"], w.pid());
 }
 
