@@ -24,6 +24,7 @@ use crossbeam_channel::{bounded, Receiver};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::carried::{Ident, Known, Refused, Rollback};
 use crate::config::hex;
 use crate::layout;
 use crate::safefs::Dir;
@@ -33,44 +34,6 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 /// How long a pre-flight may take.
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A file's identity: any write, rename or chmod changes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ident {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    mode: u32,
-}
-
-impl Ident {
-    pub fn of(path: &Path) -> Option<Ident> {
-        let m = std::fs::metadata(path).ok()?;
-        Some(Ident {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            mode: m.permissions().mode(),
-        })
-    }
-}
-
-/// A binary we know: where its identity came from, and its digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Known {
-    pub ident: Option<Ident>,
-    pub sha256: String,
-}
-
-/// A refused candidate, for `status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Refused {
-    pub at_ms: u64,
-    pub sha256: String,
-    pub error: String,
-}
-
 /// Written (by the worker, into its own `state_dir/worker/`) before switching to a new
 /// binary, removed once a generation serves. Found by a fresh start whose own image is
 /// `to_sha`, it means that binary died during start-up: roll back. It is data from the worker's
@@ -79,15 +42,6 @@ pub struct Refused {
 pub struct Marker {
     pub from_sha: String,
     pub to_sha: String,
-    pub at_ms: u64,
-}
-
-/// A rollback that happened, for `status` and the log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Rollback {
-    pub from_sha: String,
-    pub to_sha: String,
-    pub reason: String,
     pub at_ms: u64,
 }
 
@@ -130,7 +84,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
             return None;
         }
     };
-    let reason = match crate::supervisor::from_env().and_then(|i| i.last_exit) {
+    let reason = match crate::carried::from_env().and_then(|i| i.last_exit) {
         Some(exit) => format!("the new binary {exit} before it was serving"),
         None => "the new binary died before it was serving".to_string(),
     };
@@ -138,7 +92,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
         from_sha: marker.to_sha.clone(),
         to_sha: marker.from_sha.clone(),
         reason,
-        at_ms: crate::spool::now_ms(),
+        at_ms: crate::clock::now_ms(),
     };
     Some((last_good, rollback))
 }
@@ -426,7 +380,7 @@ impl Deploy {
         log::error!("deploy: refused \"{}\": {error}", self.path.display());
         self.refused = Some(ident);
         self.last_refused = Some(Refused {
-            at_ms: crate::spool::now_ms(),
+            at_ms: crate::clock::now_ms(),
             sha256: sha,
             error,
         });

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use nix::unistd::{geteuid, Gid, Uid};
 
 use crate::error::{Error, Result};
-use crate::privilege::Target;
 use crate::safefs::Dir;
 
 /// The worker's own subdirectory of `state_dir`.
@@ -30,6 +29,14 @@ pub const SOCKET: &str = "gearshift.sock";
 pub const DEFAULT_LOG: &str = "gearshift.log";
 pub const LAST_GOOD: &str = "last-good";
 pub const MARKER: &str = "deploy-pending.json";
+
+/// The user (and group) the worker drops to: who owns `state_dir/worker/` and the spool.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+}
 
 /// `state_dir` and its worker subdirectory, opened and checked.
 pub struct State {

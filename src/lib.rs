@@ -26,7 +26,9 @@
 //! }
 //! ```
 
+pub mod carried;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod deploy;
@@ -35,6 +37,7 @@ pub mod executable;
 pub mod functions;
 pub mod gearman;
 pub mod inotify;
+pub mod lane;
 pub mod layout;
 pub mod logging;
 pub mod notify;

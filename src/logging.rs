@@ -105,7 +105,7 @@ pub fn init(default: log::LevelFilter) {
     }
     b.format(|buf, record| {
         let g = GENERATION.load(Ordering::Relaxed);
-        let ts = crate::status::rfc3339_ms(crate::spool::now_ms());
+        let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
         let gen = if g == 0 {
             String::new()
         } else {

@@ -14,18 +14,12 @@ use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use nix::unistd::{geteuid, initgroups, setgid, setuid, Gid, Group, Uid, User};
+use nix::unistd::{geteuid, initgroups, setgid, setuid, Group, Uid, User};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 
-/// The user (and group) to run as.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub name: String,
-    pub uid: Uid,
-    pub gid: Gid,
-}
+pub use crate::layout::Target;
 
 /// Resolves `[worker] user` / `group`, if set.
 pub fn target(cfg: &Config) -> Result<Option<Target>> {

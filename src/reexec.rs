@@ -14,62 +14,11 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
+use crate::carried::{Inherited, ENV_PREFIX};
 use crate::error::Error;
 
-/// Prefix of the environment variables that carry state across exec; stripped from jobs.
-pub const ENV_PREFIX: &str = "GEARSHIFT_INHERIT";
 const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
 const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
-
-/// State carried from one generation to the next.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Inherited {
-    pub generation: u64,
-    pub pidfile_fd: i32,
-    /// The inotify instance handed over (-1: none).
-    #[serde(default = "no_fd")]
-    pub inotify_fd: i32,
-    /// The source's state handed over (the spool's queue listing; -1: none).
-    #[serde(default = "no_fd")]
-    pub source_fd: i32,
-    pub started_at_ms: u64,
-    pub restarted_at_ms: u64,
-    pub reason: String,
-    pub completed: u64,
-    pub failed: u64,
-    /// Spool entries rejected so far.
-    #[serde(default)]
-    pub rejected: u64,
-    pub restarts: u64,
-    pub refusals: u64,
-    pub last_refused: Option<Refusal>,
-    /// CLOCK_MONOTONIC (µs) when the restart was requested: the new image measures its pause.
-    pub requested_mono_us: u64,
-    /// The config text the old image validated (None: too large, read the file).
-    #[serde(default)]
-    pub config_text: Option<String>,
-    /// The binary the old image exec'd (None: unknown, hash it).
-    #[serde(default)]
-    pub binary: Option<crate::deploy::Known>,
-    #[serde(default)]
-    pub last_refused_deploy: Option<crate::deploy::Refused>,
-    #[serde(default)]
-    pub last_rollback: Option<crate::deploy::Rollback>,
-}
-
-fn no_fd() -> i32 {
-    -1
-}
-
-/// A reload (or deploy) that was refused, and why.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Refusal {
-    pub at_ms: u64,
-    pub reason: String,
-    pub error: String,
-}
 
 /// How this image came to be.
 pub struct Boot {
@@ -148,13 +97,6 @@ pub fn close_inherited_on_exec() {
     }
 }
 
-/// CLOCK_MONOTONIC in microseconds: the same clock before and after execve.
-pub fn monotonic_us() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
-    })
-}
-
 /// Replaces this process image with `exe argv`, carrying `state`. Returns only on failure.
 /// The caller has joined the worker threads, blocked signals and cleared FD_CLOEXEC on the
 /// pidfile.
@@ -179,7 +121,7 @@ pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> E
 pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
 
 /// A fresh start of `exe` (no carried state) telling it about a rollback.
-pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::deploy::Rollback) -> Error {
+pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::carried::Rollback) -> Error {
     match serde_json::to_string(rollback) {
         Ok(json) => exec_with(exe, argv, &[(ENV_ROLLBACK, json.into())]),
         Err(e) => Error::Msg(format!("cannot encode rollback: {e}")),
@@ -187,7 +129,7 @@ pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::deploy::Ro
 }
 
 /// The rollback a previous image performed, if this image was started by one.
-pub fn rollback_from_env() -> Option<crate::deploy::Rollback> {
+pub fn rollback_from_env() -> Option<crate::carried::Rollback> {
     serde_json::from_str(&std::env::var(ENV_ROLLBACK).ok()?).ok()
 }
 

@@ -2,50 +2,14 @@
 //! runs it, reports the outcome, and only then asks for the next one. Between those calls a
 //! lane holds no job, which is what makes a restart between jobs safe.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::error::Result;
-use crate::functions::{JobResult, Progress};
 use crate::gearman::GearmanSource;
+pub use crate::lane::{Claimed, Lane};
 use crate::spool::SpoolSource;
-
-/// A claimed job.
-#[derive(Debug, Clone)]
-pub struct Claimed {
-    /// Spool id or Gearman job handle.
-    pub id: String,
-    pub function: String,
-    /// The client's unique id (Gearman); empty for the spool.
-    pub unique: String,
-    pub payload: Vec<u8>,
-    /// Which run this is (1 for the first).
-    pub attempt: u32,
-    /// When the job was submitted (unix ms), when known.
-    pub submitted_ms: u64,
-}
-
-/// One worker thread's connection to a source.
-pub trait Lane: Send {
-    /// Blocks until a job is claimed, or returns None once `stop` is set (the source's
-    /// `interrupt` wakes a blocked lane for that).
-    fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>>;
-    /// Where the running job's progress goes.
-    fn progress(&mut self) -> &mut dyn Progress;
-    /// Reports the outcome. When this returns Ok the outcome is durable (spool) or has been
-    /// handed to the server (Gearman).
-    fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()>;
-    /// Called between jobs before the lane is dropped for a restart or stop.
-    fn close(&mut self) -> Result<()>;
-    /// Gives back a claimed job that was never run (the worker is stopping while it cannot
-    /// start it), without counting an attempt. Sources that cannot return a job say false,
-    /// and the lane keeps trying to run it.
-    fn release(&mut self, _job: &Claimed) -> bool {
-        false
-    }
-}
 
 /// An opened job source.
 pub enum Source {

@@ -29,12 +29,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{geteuid, Gid, Uid};
 
+use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::functions::{JobResult, Progress};
+use crate::lane::{Claimed, Lane};
 use crate::privilege::Target;
 use crate::safefs::{Dir, Open};
-use crate::source::{Claimed, Lane};
 use sha2::{Digest, Sha256};
 
 /// The file formats: version 2 carries the body's length and sha256 (truncation and corruption
@@ -894,12 +895,6 @@ fn new_id() -> String {
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Every entry of `dir` but dot files, names as they are (not necessarily UTF-8).

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::carried::Refusal;
 use crate::error::{Error, Result};
-use crate::reexec::Refusal;
 
 /// One lane's connection to one Gearman server, for `status`.
 #[derive(Debug, Clone, Default)]
@@ -73,8 +73,8 @@ pub struct Inner {
     pub config_sha256: String,
     pub source: &'static str,
     pub binary_sha256: Option<String>,
-    pub last_refused_deploy: Option<crate::deploy::Refused>,
-    pub last_rollback: Option<crate::deploy::Rollback>,
+    pub last_refused_deploy: Option<crate::carried::Refused>,
+    pub last_rollback: Option<crate::carried::Rollback>,
     /// Storage that fails (a full disk, no descriptors): the OS error and since when (unix
     /// ms). While set, lanes claim nothing new and the state is `degraded`.
     pub storage: Option<(String, u64)>,
@@ -138,10 +138,10 @@ impl State {
                 json!({
                     "address": addr,
                     "state": best,
-                    "since": rfc3339_ms(since),
+                    "since": crate::clock::rfc3339_ms(since),
                     "lanes_connected": lanes.values().filter(|v| v.state == "connected").count(),
                     "last_error": err.and_then(|v| v.last_error.clone()),
-                    "last_error_at": err.map(|v| rfc3339_ms(v.last_error_ms)),
+                    "last_error_at": err.map(|v| crate::clock::rfc3339_ms(v.last_error_ms)),
                     "reconnects": lanes.values().map(|v| v.reconnects).sum::<u64>(),
                 })
             })
@@ -156,7 +156,7 @@ impl State {
             if ms == 0 {
                 Value::Null
             } else {
-                Value::from(rfc3339_ms(ms))
+                Value::from(crate::clock::rfc3339_ms(ms))
             }
         };
         // The pause is stored before the first claim is published (Release): load the claim
@@ -172,11 +172,11 @@ impl State {
             "pid": self.pid,
             "state": state,
             "storage": i.storage.as_ref().map(|(error, since)| json!({
-                "error": error, "since": rfc3339_ms(*since),
+                "error": error, "since": crate::clock::rfc3339_ms(*since),
             })),
             "rejected": REJECTED.load(Ordering::Relaxed),
             "generation": self.generation,
-            "started_at": rfc3339_ms(self.started_at_ms),
+            "started_at": crate::clock::rfc3339_ms(self.started_at_ms),
             "restarted_at": opt_time(self.restarted_at_ms),
             "restarts": self.restarts,
             "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
@@ -185,7 +185,7 @@ impl State {
             "generation_jobs": self.generation_jobs.load(Ordering::Relaxed),
             "file_checks": self.file_checks.load(Ordering::Relaxed),
             "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
-                "at": rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
+                "at": crate::clock::rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
             })),
             "reload_refusals": i.refusals,
             "config": i.config_path,
@@ -193,10 +193,10 @@ impl State {
             "binary": self.binary,
             "binary_sha256": i.binary_sha256,
             "last_rollback": i.last_rollback.as_ref().map(|r| json!({
-                "at": rfc3339_ms(r.at_ms), "from_sha256": r.from_sha, "to_sha256": r.to_sha, "reason": r.reason,
+                "at": crate::clock::rfc3339_ms(r.at_ms), "from_sha256": r.from_sha, "to_sha256": r.to_sha, "reason": r.reason,
             })),
             "last_refused_deploy": i.last_refused_deploy.as_ref().map(|r| json!({
-                "at": rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
+                "at": crate::clock::rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
             })),
             "name": crate::identity().0,
             "version": crate::identity().1,
@@ -207,7 +207,7 @@ impl State {
             "jobs_failed": self.failed.load(Ordering::Relaxed),
             "in_flight": self.in_flight.load(Ordering::Relaxed),
             "functions": i.functions,
-            "supervisor": crate::supervisor::from_env(),
+            "supervisor": crate::carried::from_env(),
             "servers": self.servers_json(),
             "running_jobs": self.running.lock().map(|r| r.iter().filter(|s| s.0)
                 .map(|(_, id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
@@ -305,53 +305,6 @@ pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Res
             Ok(v) => return Ok(v),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
-/// `2026-11-24T09:51:28.123Z` for unix milliseconds.
-pub fn rfc3339_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, m, d) = civil_from_days((secs / 86400) as i64);
-    let s = secs % 86400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        ms % 1000
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps() {
-        let cases = [
-            (0, "1970-01-01T00:00:00.000Z"),
-            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
-            (1_795_513_888_123, "2026-11-24T09:51:28.123Z"),
-            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
-        ];
-        for (ms, want) in cases {
-            assert_eq!(rfc3339_ms(ms), want, "{ms}");
         }
     }
 }

@@ -17,25 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::carried::{Info, SUPERVISOR_ENV as ENV};
+use crate::error::{Error, Result};
 use crossbeam_channel::{after, bounded, select};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-
-use crate::error::{Error, Result};
-
-/// What the worker is told about its supervisor.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Info {
-    pub pid: u32,
-    pub crashes: u64,
-    pub last_exit: Option<String>,
-    /// The `--max-restarts` it was started with (so `restart` can start it the same way).
-    #[serde(default)]
-    pub max_restarts: usize,
-}
-
-pub const ENV: &str = "GEARSHIFT_SUPERVISOR";
 
 /// How the supervisor runs the worker.
 pub struct Settings {
@@ -258,11 +244,6 @@ fn describe(status: Option<ExitStatus>) -> String {
             _ => format!("ended ({s})"),
         },
     }
-}
-
-/// What the running worker shows in `status` about its supervisor, if it has one.
-pub fn from_env() -> Option<Info> {
-    serde_json::from_str(&std::env::var(ENV).ok()?).ok()
 }
 
 /// Settings from the config and the `start` options.

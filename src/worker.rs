@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use nix::sys::signal::Signal;
 
+use crate::carried::{Inherited, Refusal};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::deploy::{Deploy, Step};
 use crate::error::{Error, Result};
@@ -27,10 +29,9 @@ use crate::functions::{Functions, Job, JobError, JobResult, Runner, Table};
 use crate::inotify::Inotify;
 use crate::notify::Notifier;
 use crate::pidfile::Pidfile;
-use crate::reexec::{self, Boot, Inherited, Refusal};
+use crate::reexec::{self, Boot};
 use crate::signals::{self, Signals};
 use crate::source::{Claimed, Lane, Source};
-use crate::spool::now_ms;
 use crate::status::{self, Inner, State};
 use crate::watch::{self, Touched};
 
@@ -462,7 +463,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 struct Control {
     health: Arc<Health>,
     deploy: Option<Deploy>,
-    last_rollback: Option<crate::deploy::Rollback>,
+    last_rollback: Option<crate::carried::Rollback>,
     limits: Arc<Limits>,
     recycle_tx: Sender<&'static str>,
     recycle_rx: Receiver<&'static str>,
@@ -729,7 +730,7 @@ impl Control {
             }
             Phase::Stopping => return,
         }
-        let requested = reexec::monotonic_us();
+        let requested = crate::clock::monotonic_us();
         if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
             self.refuse(reason, &e.to_string());
             return;
@@ -745,7 +746,7 @@ impl Control {
         self.state.set_phase("draining");
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
-            reexec::monotonic_us()
+            crate::clock::monotonic_us()
         ));
         self.halt_lanes();
     }
@@ -1144,7 +1145,7 @@ impl LaneContext {
             if self.state.first_claim_mono_us.load(Ordering::Relaxed) == 0 {
                 // The pause is stored before the first claim is published, so a reader that
                 // sees the claim also sees the pause.
-                let now = reexec::monotonic_us();
+                let now = crate::clock::monotonic_us();
                 if self.requested_mono_us != 0 {
                     let pause = now.saturating_sub(self.requested_mono_us).max(1);
                     let _ = self.state.restart_pause_us.compare_exchange(

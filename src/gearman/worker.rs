@@ -29,7 +29,7 @@ use super::protocol::{self as p, Packet};
 use crate::config::GearmanConfig;
 use crate::error::{Error, Result};
 use crate::functions::{JobResult, Progress};
-use crate::source::{Claimed, Lane};
+use crate::lane::{Claimed, Lane};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A connection silent for this long gets an ECHO round trip to prove it is alive.
@@ -199,11 +199,11 @@ impl GearmanLane {
             .or_default();
         if v.state != state {
             v.state = state;
-            v.since_ms = crate::spool::now_ms();
+            v.since_ms = crate::clock::now_ms();
         }
         if let Some(e) = error {
             v.last_error = Some(e);
-            v.last_error_ms = crate::spool::now_ms();
+            v.last_error_ms = crate::clock::now_ms();
         }
     }
 

@@ -1,0 +1,126 @@
+//! What crosses an execve or a process boundary as plain data: the state one generation hands
+//! the next (`GEARSHIFT_INHERIT_*`), what a supervisor tells its worker, the deploy facts both
+//! carry. A leaf module: it depends on nothing else in the crate, so the modules that produce and
+//! consume this data (restart, deploy, status, supervisor) need not know each other.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that carry state across exec; stripped from jobs.
+pub const ENV_PREFIX: &str = "GEARSHIFT_INHERIT";
+
+/// State carried from one generation to the next.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Inherited {
+    pub generation: u64,
+    pub pidfile_fd: i32,
+    /// The inotify instance handed over (-1: none).
+    #[serde(default = "no_fd")]
+    pub inotify_fd: i32,
+    /// The source's state handed over (the spool's queue listing; -1: none).
+    #[serde(default = "no_fd")]
+    pub source_fd: i32,
+    pub started_at_ms: u64,
+    pub restarted_at_ms: u64,
+    pub reason: String,
+    pub completed: u64,
+    pub failed: u64,
+    /// Spool entries rejected so far.
+    #[serde(default)]
+    pub rejected: u64,
+    pub restarts: u64,
+    pub refusals: u64,
+    pub last_refused: Option<Refusal>,
+    /// CLOCK_MONOTONIC (µs) when the restart was requested: the new image measures its pause.
+    pub requested_mono_us: u64,
+    /// The config text the old image validated (None: too large, read the file).
+    #[serde(default)]
+    pub config_text: Option<String>,
+    /// The binary the old image exec'd (None: unknown, hash it).
+    #[serde(default)]
+    pub binary: Option<Known>,
+    #[serde(default)]
+    pub last_refused_deploy: Option<Refused>,
+    #[serde(default)]
+    pub last_rollback: Option<Rollback>,
+}
+
+fn no_fd() -> i32 {
+    -1
+}
+
+/// A reload (or deploy) that was refused, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refusal {
+    pub at_ms: u64,
+    pub reason: String,
+    pub error: String,
+}
+
+/// A file's identity: any write, rename or chmod changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ident {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    pub mode: u32,
+}
+
+impl Ident {
+    pub fn of(path: &Path) -> Option<Ident> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Ident {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            mode: m.permissions().mode(),
+        })
+    }
+}
+
+/// A binary we know: where its identity came from, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known {
+    pub ident: Option<Ident>,
+    pub sha256: String,
+}
+
+/// A refused candidate, for `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refused {
+    pub at_ms: u64,
+    pub sha256: String,
+    pub error: String,
+}
+
+/// A rollback that happened, for `status` and the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollback {
+    pub from_sha: String,
+    pub to_sha: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// What the worker is told about its supervisor.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Info {
+    pub pid: u32,
+    pub crashes: u64,
+    pub last_exit: Option<String>,
+    /// The `--max-restarts` it was started with (so `restart` can start it the same way).
+    #[serde(default)]
+    pub max_restarts: usize,
+}
+
+/// The variable a supervisor sets for its worker (an [`Info`] as JSON).
+pub const SUPERVISOR_ENV: &str = "GEARSHIFT_SUPERVISOR";
+
+/// What the running worker shows in `status` about its supervisor, if it has one.
+pub fn from_env() -> Option<Info> {
+    serde_json::from_str(&std::env::var(SUPERVISOR_ENV).ok()?).ok()
+}
