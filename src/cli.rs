@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 use crate::config::{parse_duration, Config, GearmanConfig, Source as SourceConfig};
 use crate::error::{Error, Result};
@@ -197,7 +196,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             let supervised = running(path).ok().and_then(|(pid, socket, _)| {
                 crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
                     .ok()
-                    .and_then(|s| s["supervisor"]["max_restarts"].as_u64())
+                    .and_then(|s| s.supervisor.map(|sv| sv.max_restarts as u64))
             });
             stop(path, timeout, false)?;
             crate::daemon::start(path, functions, supervised.map(|m| m as usize))
@@ -486,134 +485,117 @@ fn status(path: &Path, json: bool) -> Result<u8> {
         }
     };
     if json {
-        println!("{s}");
+        println!(
+            "{}",
+            serde_json::to_string(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?
+        );
         return Ok(0);
     }
-    let field = |k: &str| match &s[k] {
-        Value::String(v) => v.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
+    print_status(&s);
+    Ok(0)
+}
+
+/// The human `status`.
+fn print_status(s: &crate::status::Doc) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     println!(
         "gearshift is {} (pid {}), generation {}, {} source",
-        field("state"),
-        field("pid"),
-        field("generation"),
-        field("source")
+        s.state, s.pid, s.generation, s.source
     );
     println!(
         "  started {}, restarts {}, last {} ({})",
-        field("started_at"),
-        field("restarts"),
-        field("restarted_at"),
-        field("last_restart_reason")
+        s.started_at,
+        s.restarts,
+        or_dash(&s.restarted_at),
+        or_dash(&s.last_restart_reason)
     );
     println!(
         "  jobs: {} completed, {} failed, {} running",
-        field("jobs_completed"),
-        field("jobs_failed"),
-        field("in_flight")
+        s.jobs_completed, s.jobs_failed, s.in_flight
     );
-    let functions: Vec<String> = s["functions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| f.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    println!("  functions: {}", functions.join(", "));
+    println!("  functions: {}", s.functions.join(", "));
     println!(
         "  config {} (sha256 {})",
-        field("config"),
-        field("config_sha256")
+        s.config.display(),
+        s.config_sha256
     );
-    if let Some(servers) = s["servers"].as_array().filter(|a| !a.is_empty()) {
+    if !s.servers.is_empty() {
         println!("  servers:");
-        for v in servers {
-            let get = |k: &str| match &v[k] {
-                Value::String(s) => s.clone(),
-                Value::Null => "-".into(),
-                other => other.to_string(),
-            };
+        for v in &s.servers {
             println!(
                 "    {} {} since {} ({} lane(s) connected, {} reconnects){}",
-                get("address"),
-                get("state"),
-                get("since"),
-                get("lanes_connected"),
-                get("reconnects"),
-                v["last_error"]
-                    .as_str()
+                v.address,
+                v.state,
+                v.since,
+                v.lanes_connected,
+                v.reconnects,
+                v.last_error
+                    .as_ref()
                     .map(|e| format!("; last error: {e}"))
                     .unwrap_or_default()
             );
         }
     }
-    if let Some(st) = s["storage"].as_object() {
-        let get = |k: &str| st.get(k).and_then(Value::as_str).unwrap_or("-");
-        println!("  storage failing since {}: {}", get("since"), get("error"));
+    if let Some(st) = &s.storage {
+        println!("  storage failing since {}: {}", st.since, st.error);
     }
-    if s["rejected"].as_u64().unwrap_or(0) > 0 {
+    if s.rejected > 0 {
         println!(
             "  spool entries rejected (set aside in rejected/): {}",
-            field("rejected")
+            s.rejected
         );
     }
-    if let Some(sv) = s["supervisor"].as_object() {
+    if s.watch != "inotify" {
+        println!("  file watch: {}", s.watch);
+    }
+    if let Some(sv) = &s.supervisor {
         println!(
             "  supervisor pid {}, {} crash(es){}",
-            sv.get("pid").map(Value::to_string).unwrap_or_default(),
-            sv.get("crashes").map(Value::to_string).unwrap_or_default(),
-            sv.get("last_exit")
-                .and_then(Value::as_str)
+            sv.pid,
+            sv.crashes,
+            sv.last_exit
+                .as_ref()
                 .map(|e| format!(", last: {e}"))
                 .unwrap_or_default()
         );
     }
-    for w in s["warnings"].as_array().into_iter().flatten() {
-        println!("  warning: {}", w.as_str().unwrap_or_default());
+    for w in &s.warnings {
+        println!("  warning: {w}");
     }
-    if let Some(r) = s["last_refused_deploy"].as_object() {
-        let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
+    if let Some(r) = &s.last_refused_deploy {
         println!(
             "  last refused deploy at {} (sha256 {}): {}",
-            get("at"),
-            crate::deploy::short(get("sha256")),
-            get("error")
+            r.at,
+            crate::deploy::short(&r.sha256),
+            r.error
         );
     }
-    if let Some(r) = s["last_refused_reload"].as_object() {
-        let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("-");
+    if let Some(r) = &s.last_refused_reload {
         println!(
             "  last refused reload at {} ({}): {}",
-            get("at"),
-            get("reason"),
-            get("error")
+            r.at, r.reason, r.error
         );
     }
-    Ok(0)
 }
 
 fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     let (pid, socket, _) = running(path)?;
     let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
-    let generation = before["generation"].as_u64().unwrap_or(0);
-    let refusals = before["reload_refusals"].as_u64().unwrap_or(0);
+    let (generation, refusals) = (before.generation, before.reload_refusals);
     kill(Pid::from_raw(pid), Signal::SIGHUP)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(now) = crate::status::query(&socket, Some(pid)) {
-            let g = now["generation"].as_u64().unwrap_or(0);
+            let g = now.generation;
             if g > generation {
                 println!("reloaded: generation {g} (pid {pid})");
                 return Ok(0);
             }
-            if now["reload_refusals"].as_u64().unwrap_or(0) > refusals {
-                let why = now["last_refused_reload"]["error"]
-                    .as_str()
-                    .unwrap_or("unknown reason");
+            if now.reload_refusals > refusals {
+                let why = now
+                    .last_refused_reload
+                    .map_or_else(|| "unknown reason".to_string(), |r| r.error);
                 eprintln!("reload refused, still generation {g}: {why}");
                 return Ok(1);
             }
@@ -643,7 +625,7 @@ fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     while pidfile::probe(&pidfile)? != Probe::NotRunning {
         if !said && started.elapsed() > Duration::from_secs(1) {
             if let Ok(s) = crate::status::query(&socket, Some(pid)) {
-                println!("waiting for {} running job(s) to finish", s["in_flight"]);
+                println!("waiting for {} running job(s) to finish", s.in_flight);
             }
             said = true;
         }
@@ -654,17 +636,10 @@ fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
                 )));
             }
             let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
-                .ok()
-                .and_then(|s| s["running_jobs"].as_array().cloned())
+                .map(|s| s.running_jobs)
                 .unwrap_or_default()
                 .iter()
-                .map(|j| {
-                    format!(
-                        "{} ({})",
-                        j["id"].as_str().unwrap_or("?"),
-                        j["function"].as_str().unwrap_or("?")
-                    )
-                })
+                .map(|j| format!("{} ({})", j.id, j.function))
                 .collect();
             // Job processes run in their own process groups: the worker's death does not end
             // them, and a spool job would otherwise run twice at once. Find them while they

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::rfc3339_ms;
 
 use crate::carried::Refusal;
 use crate::error::{Error, Result};
@@ -108,9 +110,9 @@ impl State {
 
     /// Each server: the best state over the lanes (connected > connecting > backing off),
     /// since when, how many lanes are connected, the latest error, reconnects.
-    fn servers_json(&self) -> Value {
+    fn servers_doc(&self) -> Vec<ServerDoc> {
         let Ok(views) = self.servers.lock() else {
-            return Value::Null;
+            return Vec::new();
         };
         let rank = |s: &str| match s {
             "connected" => 0,
@@ -135,30 +137,28 @@ impl State {
                     .values()
                     .filter(|v| v.last_error.is_some())
                     .max_by_key(|v| v.last_error_ms);
-                json!({
-                    "address": addr,
-                    "state": best,
-                    "since": crate::clock::rfc3339_ms(since),
-                    "lanes_connected": lanes.values().filter(|v| v.state == "connected").count(),
-                    "last_error": err.and_then(|v| v.last_error.clone()),
-                    "last_error_at": err.map(|v| crate::clock::rfc3339_ms(v.last_error_ms)),
-                    "reconnects": lanes.values().map(|v| v.reconnects).sum::<u64>(),
-                })
+                ServerDoc {
+                    address: addr.clone(),
+                    state: best.to_string(),
+                    since: rfc3339_ms(since),
+                    lanes_connected: lanes.values().filter(|v| v.state == "connected").count(),
+                    last_error: err.and_then(|v| v.last_error.clone()),
+                    last_error_at: err.map(|v| rfc3339_ms(v.last_error_ms)),
+                    reconnects: lanes.values().map(|v| v.reconnects).sum(),
+                }
             })
             .collect()
     }
 
-    pub fn to_json(&self) -> Value {
+    /// The status document, as the socket serves it.
+    pub fn doc(&self) -> Doc {
         let Ok(i) = self.inner.lock() else {
-            return json!({"error": "status lock poisoned"});
+            return Doc {
+                state: "status lock poisoned".into(),
+                ..Doc::default()
+            };
         };
-        let opt_time = |ms: u64| {
-            if ms == 0 {
-                Value::Null
-            } else {
-                Value::from(crate::clock::rfc3339_ms(ms))
-            }
-        };
+        let opt_time = |ms: u64| (ms != 0).then(|| rfc3339_ms(ms));
         // The pause is stored before the first claim is published (Release): load the claim
         // first (Acquire) so a reader that sees the claim also sees the pause.
         let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
@@ -168,51 +168,163 @@ impl State {
         } else {
             i.phase
         };
-        json!({
-            "pid": self.pid,
-            "state": state,
-            "storage": i.storage.as_ref().map(|(error, since)| json!({
-                "error": error, "since": crate::clock::rfc3339_ms(*since),
-            })),
-            "rejected": REJECTED.load(Ordering::Relaxed),
-            "generation": self.generation,
-            "started_at": crate::clock::rfc3339_ms(self.started_at_ms),
-            "restarted_at": opt_time(self.restarted_at_ms),
-            "restarts": self.restarts,
-            "last_restart_reason": if self.last_restart_reason.is_empty() { Value::Null } else { Value::from(self.last_restart_reason.as_str()) },
-            "last_restart_pause_us": if pause == 0 { Value::Null } else { Value::from(pause) },
-            "first_claim_monotonic_us": first_claim,
-            "generation_jobs": self.generation_jobs.load(Ordering::Relaxed),
-            "file_checks": self.file_checks.load(Ordering::Relaxed),
-            "last_refused_reload": i.last_refused.as_ref().map(|r| json!({
-                "at": crate::clock::rfc3339_ms(r.at_ms), "reason": r.reason, "error": r.error,
-            })),
-            "reload_refusals": i.refusals,
-            "config": i.config_path,
-            "config_sha256": i.config_sha256,
-            "binary": self.binary,
-            "binary_sha256": i.binary_sha256,
-            "last_rollback": i.last_rollback.as_ref().map(|r| json!({
-                "at": crate::clock::rfc3339_ms(r.at_ms), "from_sha256": r.from_sha, "to_sha256": r.to_sha, "reason": r.reason,
-            })),
-            "last_refused_deploy": i.last_refused_deploy.as_ref().map(|r| json!({
-                "at": crate::clock::rfc3339_ms(r.at_ms), "sha256": r.sha256, "error": r.error,
-            })),
-            "name": crate::identity().0,
-            "version": crate::identity().1,
-            "warnings": i.warnings,
-            "watch": i.watch.as_deref().unwrap_or("inotify"),
-            "source": i.source,
-            "jobs_completed": self.completed.load(Ordering::Relaxed),
-            "jobs_failed": self.failed.load(Ordering::Relaxed),
-            "in_flight": self.in_flight.load(Ordering::Relaxed),
-            "functions": i.functions,
-            "supervisor": crate::carried::from_env(),
-            "servers": self.servers_json(),
-            "running_jobs": self.running.lock().map(|r| r.iter().filter(|s| s.0)
-                .map(|(_, id, f)| json!({"id": id, "function": f})).collect::<Vec<_>>()).unwrap_or_default(),
-        })
+        Doc {
+            pid: self.pid,
+            state: state.to_string(),
+            storage: i.storage.as_ref().map(|(error, since)| StorageDoc {
+                error: error.clone(),
+                since: rfc3339_ms(*since),
+            }),
+            rejected: REJECTED.load(Ordering::Relaxed),
+            generation: self.generation,
+            started_at: rfc3339_ms(self.started_at_ms),
+            restarted_at: opt_time(self.restarted_at_ms),
+            restarts: self.restarts,
+            last_restart_reason: (!self.last_restart_reason.is_empty())
+                .then(|| self.last_restart_reason.clone()),
+            last_restart_pause_us: (pause != 0).then_some(pause),
+            first_claim_monotonic_us: first_claim,
+            generation_jobs: self.generation_jobs.load(Ordering::Relaxed),
+            file_checks: self.file_checks.load(Ordering::Relaxed),
+            last_refused_reload: i.last_refused.as_ref().map(|r| RefusalDoc {
+                at: rfc3339_ms(r.at_ms),
+                reason: r.reason.clone(),
+                error: r.error.clone(),
+            }),
+            reload_refusals: i.refusals,
+            config: i.config_path.clone(),
+            config_sha256: i.config_sha256.clone(),
+            binary: self.binary.clone(),
+            binary_sha256: i.binary_sha256.clone(),
+            last_rollback: i.last_rollback.as_ref().map(|r| RollbackDoc {
+                at: rfc3339_ms(r.at_ms),
+                from_sha256: r.from_sha.clone(),
+                to_sha256: r.to_sha.clone(),
+                reason: r.reason.clone(),
+            }),
+            last_refused_deploy: i.last_refused_deploy.as_ref().map(|r| RefusedDeployDoc {
+                at: rfc3339_ms(r.at_ms),
+                sha256: r.sha256.clone(),
+                error: r.error.clone(),
+            }),
+            name: crate::identity().0.to_string(),
+            version: crate::identity().1.to_string(),
+            warnings: i.warnings.clone(),
+            watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),
+            source: i.source.to_string(),
+            jobs_completed: self.completed.load(Ordering::Relaxed),
+            jobs_failed: self.failed.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            functions: i.functions.clone(),
+            supervisor: crate::carried::from_env(),
+            servers: self.servers_doc(),
+            running_jobs: self
+                .running
+                .lock()
+                .map(|r| {
+                    r.iter()
+                        .filter(|s| s.0)
+                        .map(|(_, id, f)| RunningJob {
+                            id: id.clone(),
+                            function: f.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
     }
+}
+
+/// The status document: served by the worker's socket, read by the CLI and the supervisor.
+/// One type for both sides, so a renamed field cannot silently break a reader. Every field is
+/// described in README ("Status").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Doc {
+    pub pid: u32,
+    pub state: String,
+    pub storage: Option<StorageDoc>,
+    pub rejected: u64,
+    pub generation: u64,
+    pub started_at: String,
+    pub restarted_at: Option<String>,
+    pub restarts: u64,
+    pub last_restart_reason: Option<String>,
+    pub last_restart_pause_us: Option<u64>,
+    pub first_claim_monotonic_us: u64,
+    pub generation_jobs: u64,
+    pub file_checks: u64,
+    pub last_refused_reload: Option<RefusalDoc>,
+    pub reload_refusals: u64,
+    pub config: PathBuf,
+    pub config_sha256: String,
+    pub binary: PathBuf,
+    pub binary_sha256: Option<String>,
+    pub last_rollback: Option<RollbackDoc>,
+    pub last_refused_deploy: Option<RefusedDeployDoc>,
+    pub name: String,
+    pub version: String,
+    pub warnings: Vec<String>,
+    pub watch: String,
+    pub source: String,
+    pub jobs_completed: u64,
+    pub jobs_failed: u64,
+    pub in_flight: u64,
+    pub functions: Vec<String>,
+    pub supervisor: Option<crate::carried::Info>,
+    pub servers: Vec<ServerDoc>,
+    pub running_jobs: Vec<RunningJob>,
+}
+
+/// `status.storage`: what fails, since when.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StorageDoc {
+    pub error: String,
+    pub since: String,
+}
+
+/// `status.last_refused_reload`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefusalDoc {
+    pub at: String,
+    pub reason: String,
+    pub error: String,
+}
+
+/// `status.last_rollback`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RollbackDoc {
+    pub at: String,
+    pub from_sha256: String,
+    pub to_sha256: String,
+    pub reason: String,
+}
+
+/// `status.last_refused_deploy`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefusedDeployDoc {
+    pub at: String,
+    pub sha256: String,
+    pub error: String,
+}
+
+/// One of `status.servers`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerDoc {
+    pub address: String,
+    pub state: String,
+    pub since: String,
+    pub lanes_connected: usize,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub reconnects: u64,
+}
+
+/// One of `status.running_jobs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunningJob {
+    pub id: String,
+    pub function: String,
 }
 
 /// The status socket's accept loop.
@@ -238,7 +350,7 @@ impl Server {
                 }
                 if let Ok(mut c) = conn {
                     let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-                    let mut body = state.to_json().to_string();
+                    let mut body = serde_json::to_string(&state.doc()).unwrap_or_default();
                     body.push('\n');
                     let _ = c.write_all(body.as_bytes());
                 }
@@ -269,7 +381,7 @@ const MAX_STATUS: u64 = 1 << 20;
 /// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
 /// user writes, so with `pid` the answer is taken only from that process (the kernel's
 /// SO_PEERCRED), never from whatever else a planted socket or link leads to.
-pub fn query(path: &Path, pid: Option<i32>) -> Result<Value> {
+pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
     let c = UnixStream::connect(path)
         .map_err(|e| Error::io_path("connecting to status socket", path, e))?;
     if let Some(pid) = pid {
@@ -298,7 +410,7 @@ pub fn query(path: &Path, pid: Option<i32>) -> Result<Value> {
 }
 
 /// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
-pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Value> {
+pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Doc> {
     let deadline = std::time::Instant::now() + patience;
     loop {
         match query(path, pid) {
