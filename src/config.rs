@@ -439,25 +439,10 @@ fn explain(message: &str) -> String {
 fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
-        .map(|c| (edit_distance(got, c), *c))
+        .map(|c| (strsim::levenshtein(got, c), *c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
@@ -801,7 +786,6 @@ mod tests {
             Some("concurrency")
         );
         assert_eq!(closest("zzzzzz", &["concurrency", "jobs_dir"]), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
