@@ -56,7 +56,7 @@ pub fn write_marker(state_dir: &Path, marker: &Marker) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(layout::MARKER))
 }
 
-/// Reads the marker as untrusted data: never through a link, at most [`MAX_MARKER`] bytes.
+/// Reads the marker as untrusted data: never through a link, at most 4 KiB.
 pub fn read_marker(state_dir: &Path) -> Option<Marker> {
     let dir = Dir::open(&layout::worker_dir(state_dir)).ok()?;
     let bytes = dir.read_small(layout::MARKER, MAX_MARKER).ok()??;

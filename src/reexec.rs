@@ -56,7 +56,7 @@ impl Boot {
     }
 }
 
-/// The absolute path this program was started as: argv[0] made absolute, or looked up in PATH;
+/// The absolute path this program was started as: `argv[0]` made absolute, or looked up in PATH;
 /// `/proc/self/exe` only as a last resort.
 pub fn first_start_exe(argv0: Option<&OsStr>) -> PathBuf {
     if let Some(a) = argv0.filter(|a| !a.is_empty()) {
