@@ -552,13 +552,18 @@ impl Control {
                 }
                 recv(recycle) -> reason => {
                     if let Ok(reason) = reason {
-                        self.request_restart(&mut phase, reason);
+                        if !self.request_restart(&mut phase, reason) {
+                            self.limits.refused.store(true, Ordering::Release);
+                        }
+                        self.limits.asked.store(false, Ordering::Release);
                     }
                 }
                 recv(sig_rx) -> sig => {
                     let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
                     match sig {
-                        Signal::SIGHUP => self.request_restart(&mut phase, "sighup"),
+                        Signal::SIGHUP => {
+                            self.request_restart(&mut phase, "sighup");
+                        }
                         Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
                             terms += 1;
                             if terms > 1 {
@@ -721,19 +726,20 @@ impl Control {
         }
     }
 
-    fn request_restart(&mut self, phase: &mut Phase, reason: &str) {
+    /// Starts a restart unless the new state is invalid (then refused: false).
+    fn request_restart(&mut self, phase: &mut Phase, reason: &str) -> bool {
         match phase {
             Phase::Running => {}
             Phase::Draining { .. } => {
                 log::debug!("{reason}: a restart is already under way");
-                return;
+                return true;
             }
-            Phase::Stopping => return,
+            Phase::Stopping => return true,
         }
         let requested = crate::clock::monotonic_us();
         if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
             self.refuse(reason, &e.to_string());
-            return;
+            return false;
         }
         log::info!(
             "{reason}: restarting after {} running job(s) finish",
@@ -749,6 +755,7 @@ impl Control {
             crate::clock::monotonic_us()
         ));
         self.halt_lanes();
+        true
     }
 
     /// Tells the service manager (if any) `message`, with a STATUS line.
@@ -953,6 +960,12 @@ struct Limits {
     max_jobs: u64,
     max_rss_bytes: u64,
     max_age: Option<Duration>,
+    /// A lane reached a limit and asked the control loop to recycle; lanes claim nothing
+    /// until it has decided (it drains, or it refused).
+    asked: AtomicBool,
+    /// The control loop refused a recycle in this generation (the files on disk are invalid):
+    /// the limits are not asked about again until the next generation.
+    refused: AtomicBool,
 }
 
 impl Limits {
@@ -972,6 +985,8 @@ impl Limits {
             max_age: w
                 .max_age
                 .map(|a| a.mul_f64(1.0 + w.recycle_splay * random_fraction())),
+            asked: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
         }
     }
 }
@@ -1107,11 +1122,15 @@ impl LaneContext {
                 reason = Some("max_rss");
             }
         }
+        // Only the control loop decides; lanes ask once, and claim nothing until it has
+        // (the control loop validates before it drains; lanes would run past the limit
+        // meanwhile).
         if let Some(reason) = reason {
-            // Stop claiming now: the control loop validates before it drains, and lanes would
-            // run past the limit meanwhile. If the restart is refused, it starts lanes again.
-            self.stop.store(true, Ordering::Release);
-            let _ = self.recycle.try_send(reason);
+            if !self.limits.refused.load(Ordering::Acquire)
+                && !self.limits.asked.swap(true, Ordering::AcqRel)
+            {
+                let _ = self.recycle.try_send(reason);
+            }
         }
     }
 
@@ -1119,6 +1138,10 @@ impl LaneContext {
         let mut last_rss_check = Instant::now() - Duration::from_secs(1);
         let mut backoff = Duration::from_millis(100);
         loop {
+            // A recycle was asked for: wait for the control loop's decision.
+            while self.limits.asked.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             // Storage fails and another lane holds a result it cannot store yet: claim
             // nothing more until that result is stored.
             while self.health.holding.load(Ordering::Acquire) > 0

@@ -76,3 +76,29 @@ fn max_age_recycles_an_old_generation() {
     let s = w.wait_generation(3);
     assert_eq!(s["last_restart_reason"], "max_age");
 }
+
+/// With a bad config on disk, a recycle is refused once, and the worker serves on: lanes do not
+/// ask again for every later job (they once did, each time restarting every lane).
+#[test]
+fn a_refused_recycle_is_asked_once_and_serving_goes_on() {
+    let sb = Sandbox::new("recycle-refused");
+    sb.write_worker_config("max_jobs = 5\nrecycle_splay = 0.0\nwatch_config = false");
+    let w = sb.start();
+    let good = std::fs::read_to_string(sb.config()).unwrap();
+    std::fs::write(sb.config(), format!("{good}\nnot toml at all\n")).unwrap();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = (0..30)
+        .map(|i| spool.submit("echo", format!("r{i}").as_bytes()).unwrap())
+        .collect();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
+    assert!(outcomes.iter().all(|(done, _, _)| *done));
+    let s = w.wait_for(Duration::from_secs(10), "all counted", |s| {
+        s["jobs_completed"] == 30
+    });
+    assert_eq!(s["generation"], 1, "{s}");
+    assert_eq!(
+        s["reload_refusals"], 1,
+        "refused once, not once per job: {s}"
+    );
+    assert_eq!(s["last_refused_reload"]["reason"], "max_jobs");
+}
