@@ -124,3 +124,43 @@ pub const SUPERVISOR_ENV: &str = "GEARSHIFT_SUPERVISOR";
 pub fn from_env() -> Option<Info> {
     serde_json::from_str(&std::env::var(SUPERVISOR_ENV).ok()?).ok()
 }
+
+/// Why a generation restarts (carried to the next, shown in `status` and the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartReason {
+    #[serde(rename = "sighup")]
+    Sighup,
+    #[serde(rename = "config changed")]
+    ConfigChanged,
+    #[serde(rename = "jobs changed")]
+    JobsChanged,
+    #[serde(rename = "binary changed")]
+    BinaryChanged,
+    #[serde(rename = "max_jobs")]
+    MaxJobs,
+    #[serde(rename = "max_rss")]
+    MaxRss,
+    #[serde(rename = "max_age")]
+    MaxAge,
+}
+
+impl RestartReason {
+    /// The name in `status` and the log (`last_restart_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Sighup => "sighup",
+            RestartReason::ConfigChanged => "config changed",
+            RestartReason::JobsChanged => "jobs changed",
+            RestartReason::BinaryChanged => "binary changed",
+            RestartReason::MaxJobs => "max_jobs",
+            RestartReason::MaxRss => "max_rss",
+            RestartReason::MaxAge => "max_age",
+        }
+    }
+}
+
+impl std::fmt::Display for RestartReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use nix::sys::signal::Signal;
 
-use crate::carried::{Inherited, Refusal};
+use crate::carried::{Inherited, Refusal, RestartReason};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::deploy::{Deploy, Step};
@@ -154,7 +154,7 @@ enum Phase {
     Running,
     /// Waiting for lanes to finish their jobs before re-exec.
     Draining {
-        reason: String,
+        reason: RestartReason,
         requested_mono_us: u64,
     },
     /// Waiting for lanes to finish their jobs before exit.
@@ -405,7 +405,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     });
     signals::clear_mask()?;
 
-    let (recycle_tx, recycle_rx) = bounded::<&'static str>(16);
+    let (recycle_tx, recycle_rx) = bounded::<RestartReason>(16);
     let mut deploy = deploy;
     if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
         d.mark_bad(&rb.from_sha);
@@ -465,8 +465,8 @@ struct Control {
     deploy: Option<Deploy>,
     last_rollback: Option<crate::carried::Rollback>,
     limits: Arc<Limits>,
-    recycle_tx: Sender<&'static str>,
-    recycle_rx: Receiver<&'static str>,
+    recycle_tx: Sender<RestartReason>,
+    recycle_rx: Receiver<RestartReason>,
     started: Instant,
     boot: Boot,
     functions: Functions,
@@ -548,7 +548,7 @@ impl Control {
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
                 recv(age) -> _ => {
                     age = never();
-                    self.request_restart(&mut phase, "max_age");
+                    self.request_restart(&mut phase, RestartReason::MaxAge);
                 }
                 recv(recycle) -> reason => {
                     if let Ok(reason) = reason {
@@ -562,7 +562,7 @@ impl Control {
                     let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
                     match sig {
                         Signal::SIGHUP => {
-                            self.request_restart(&mut phase, "sighup");
+                            self.request_restart(&mut phase, RestartReason::Sighup);
                         }
                         Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
                             terms += 1;
@@ -606,7 +606,7 @@ impl Control {
                         }
                     }
                     if approved {
-                        self.request_restart(&mut phase, "binary changed");
+                        self.request_restart(&mut phase, RestartReason::BinaryChanged);
                     }
                 }
                 recv(touch) -> touched => {
@@ -662,7 +662,7 @@ impl Control {
                             std::process::exit(0);
                         }
                         Phase::Draining { reason, requested_mono_us } => {
-                            self.restart(&reason, requested_mono_us);
+                            self.restart(reason, requested_mono_us);
                             // Still here: the restart was refused or execve failed.
                             self.notify("READY=1");
                         }
@@ -694,7 +694,7 @@ impl Control {
     }
 
     /// Which watched state differs from the running one and is valid, if any.
-    fn changed_on_disk(&mut self) -> Option<&'static str> {
+    fn changed_on_disk(&mut self) -> Option<RestartReason> {
         self.state.file_checks.fetch_add(1, Ordering::Release);
         let cfg = std::fs::read(&self.config_path)
             .ok()
@@ -708,8 +708,8 @@ impl Control {
         let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
         let jobs_changed = jobs != self.plan.jobs_sha256;
         let reason = match (config_changed, jobs_changed) {
-            (true, _) => "config changed",
-            (false, true) => "jobs changed",
+            (true, _) => RestartReason::ConfigChanged,
+            (false, true) => RestartReason::JobsChanged,
             (false, false) => return None,
         };
         let digest = format!("{}/{jobs}", cfg.unwrap_or_default());
@@ -727,7 +727,7 @@ impl Control {
     }
 
     /// Starts a restart unless the new state is invalid (then refused: false).
-    fn request_restart(&mut self, phase: &mut Phase, reason: &str) -> bool {
+    fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
         match phase {
             Phase::Running => {}
             Phase::Draining { .. } => {
@@ -746,7 +746,7 @@ impl Control {
             self.state.in_flight.load(Ordering::Relaxed)
         );
         *phase = Phase::Draining {
-            reason: reason.to_string(),
+            reason,
             requested_mono_us: requested,
         };
         self.state.set_phase("draining");
@@ -772,7 +772,7 @@ impl Control {
         }
     }
 
-    fn refuse(&self, reason: &str, error: &str) {
+    fn refuse(&self, reason: impl std::fmt::Display, error: &str) {
         log::error!(
             "{reason}: reload refused, keeping generation {}: {error}",
             self.state.generation
@@ -793,7 +793,7 @@ impl Control {
     }
 
     /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
-    fn restart(&mut self, reason: &str, requested_mono_us: u64) {
+    fn restart(&mut self, reason: RestartReason, requested_mono_us: u64) {
         let plan = match Plan::prepare(&self.config_path, &self.functions) {
             Ok(p) => p,
             Err(e) => return self.refuse(reason, &e.to_string()),
@@ -1039,7 +1039,7 @@ struct LaneContext {
     max_payload: usize,
     requested_mono_us: u64,
     limits: Arc<Limits>,
-    recycle: Sender<&'static str>,
+    recycle: Sender<RestartReason>,
     health: Arc<Health>,
 }
 
@@ -1114,12 +1114,12 @@ impl LaneContext {
         let done = self.state.generation_jobs.fetch_add(1, Ordering::Relaxed) + 1;
         let mut reason = None;
         if self.limits.max_jobs > 0 && done >= self.limits.max_jobs {
-            reason = Some("max_jobs");
+            reason = Some(RestartReason::MaxJobs);
         }
         if self.limits.max_rss_bytes > 0 && last_rss_check.elapsed() >= Duration::from_millis(200) {
             *last_rss_check = Instant::now();
             if resident_bytes().is_some_and(|rss| rss > self.limits.max_rss_bytes) {
-                reason = Some("max_rss");
+                reason = Some(RestartReason::MaxRss);
             }
         }
         // Only the control loop decides; lanes ask once, and claim nothing until it has
