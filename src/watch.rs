@@ -189,10 +189,12 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         let mode = meta.permissions().mode();
         digest.update(file.as_bytes());
         digest.update(mode.to_le_bytes());
-        match fs::read(&path) {
-            Ok(bytes) => digest.update(Sha256::digest(&bytes)),
-            Err(e) => return Err(Error::io_path("reading job", &path, e)),
-        }
+        // Streamed: a job file may be large, and root reads it at `check` and `start`.
+        let mut content = Sha256::new();
+        fs::File::open(&path)
+            .and_then(|mut f| std::io::copy(&mut f, &mut content))
+            .map_err(|e| Error::io_path("reading job", &path, e))?;
+        digest.update(content.finalize());
         if mode & 0o111 == 0 {
             warnings.push(format!(
                 "\"{}\" is not executable, so it is no job function (chmod +x it, or move it out of jobs_dir)",
