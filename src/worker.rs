@@ -198,6 +198,13 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             boot.argv = argv;
         }
     }
+    // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
+    // an error in its start-up reaches the file, not only a stderr nobody reads.
+    if boot.inherited.is_some() {
+        if let Some(file) = &opts.log_file {
+            let _ = crate::logging::set_file(file, None);
+        }
+    }
     let (sig_tx, sig_rx) = bounded::<Signal>(1024);
     let signal_thread = Signals::install(sig_tx)?;
 
