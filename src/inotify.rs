@@ -12,7 +12,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// Directory events that may mean "something in here changed".
@@ -53,14 +52,9 @@ impl Inotify {
     /// Takes back the instance a previous generation handed over as `fd`, if that descriptor
     /// really is an inotify instance; sets FD_CLOEXEC again.
     pub fn adopt(fd: RawFd) -> Option<Inotify> {
-        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-        if link.as_os_str().as_bytes() != b"anon_inode:inotify" {
-            return None;
-        }
-        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
-        // SAFETY: the previous image handed us this open inotify descriptor (checked above) and
-        // nothing else in this image owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = crate::handover::adopt(fd, |what| {
+            what.as_os_str().as_bytes() == b"anon_inode:inotify"
+        })?;
         Some(Inotify { fd })
     }
 
@@ -83,14 +77,12 @@ impl Inotify {
 
     /// Lets the descriptor survive execve (just before it).
     pub fn keep_across_exec(&self) -> io::Result<()> {
-        fcntl(self.fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-            .map(drop)
-            .map_err(io::Error::from)
+        crate::handover::keep(self.fd.as_fd())
     }
 
     /// Undoes [`Inotify::keep_across_exec`] (execve failed).
     pub fn close_on_exec(&self) {
-        let _ = fcntl(self.fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        crate::handover::release(self.fd.as_fd());
     }
 
     /// Waits up to `timeout` (None: for ever) for events and returns them (empty on timeout).

@@ -36,6 +36,7 @@ pub mod error;
 pub mod executable;
 pub mod functions;
 pub mod gearman;
+pub mod handover;
 pub mod inotify;
 pub mod lane;
 pub mod layout;

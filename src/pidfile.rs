@@ -11,13 +11,12 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 use nix::unistd::geteuid;
 
@@ -96,20 +95,14 @@ impl Pidfile {
     /// Takes back the lock inherited across execve as descriptor `fd`, if it still is the
     /// pidfile at `path`; None means it is not (the caller then acquires afresh).
     pub fn adopt(fd: RawFd, path: &Path) -> Option<Pidfile> {
-        // Only adopt a descriptor that is open; from_raw_fd on a closed number would later close
-        // someone else's descriptor.
-        fcntl(fd, FcntlArg::F_GETFD).ok()?;
-        // SAFETY: the previous image of this process handed us `fd` (checked open just above)
-        // through the environment and nothing else in this image owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let same = match (file.metadata(), std::fs::metadata(path)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        };
-        if !same || flock(fd, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+        let want = std::fs::metadata(path).ok()?;
+        let file = File::from(crate::handover::adopt(fd, |_| true)?);
+        let same = file
+            .metadata()
+            .is_ok_and(|a| a.dev() == want.dev() && a.ino() == want.ino());
+        if !same || flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_err() {
             return None;
         }
-        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
         Some(Pidfile { file })
     }
 
@@ -124,14 +117,13 @@ impl Pidfile {
 
     /// Lets the descriptor survive execve (just before it).
     pub fn keep_across_exec(&self) -> Result<()> {
-        fcntl(self.fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-            .map(drop)
-            .map_err(|e| Error::io("clearing FD_CLOEXEC on the pidfile", e.into()))
+        crate::handover::keep(self.file.as_fd())
+            .map_err(|e| Error::io("clearing FD_CLOEXEC on the pidfile", e))
     }
 
     /// Undoes [`Pidfile::keep_across_exec`] (execve failed).
     pub fn close_on_exec(&self) {
-        let _ = fcntl(self.fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        crate::handover::release(self.file.as_fd());
     }
 }
 

@@ -79,24 +79,6 @@ pub fn first_start_exe(argv0: Option<&OsStr>) -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
 }
 
-/// Marks every descriptor above stderr close-on-exec: whatever our launcher leaked to us (a
-/// jobserver pipe, a terminal) then reaches neither job processes nor the next generation. Ours
-/// are all opened close-on-exec already; the pidfile's is cleared on purpose just before exec.
-pub fn close_inherited_on_exec() {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
-    for fd in fds {
-        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-    }
-}
-
 /// Replaces this process image with `exe argv`, carrying `state`. Returns only on failure.
 /// The caller has joined the worker threads, blocked signals and cleared FD_CLOEXEC on the
 /// pidfile.

@@ -720,18 +720,13 @@ impl SpoolSource {
 
     /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
     pub fn take_over(&self, fd: std::os::fd::RawFd) {
-        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+        let Some(fd) = crate::handover::adopt(fd, |what| {
+            what.to_string_lossy()
+                .starts_with("/memfd:gearshift-pending")
+        }) else {
             return;
         };
-        if !link
-            .to_string_lossy()
-            .starts_with("/memfd:gearshift-pending")
-        {
-            return;
-        }
-        // SAFETY: the previous image handed us this memfd (checked above by its name) and
-        // nothing else in this image owns it.
-        let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut file = File::from(fd);
         let mut text = String::new();
         use std::io::{Read, Seek};
         if file.seek(std::io::SeekFrom::Start(0)).is_err()

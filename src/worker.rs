@@ -188,7 +188,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
-    reexec::close_inherited_on_exec();
+    crate::handover::close_inherited();
     let mut boot = Boot::detect();
     if boot.inherited.is_none() {
         if let Some(exe) = opts.exe.take() {
@@ -292,8 +292,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if let Some(fd) = boot
         .inherited
         .as_ref()
-        .map(|i| i.source_fd)
-        .filter(|&fd| fd >= 0)
+        .and_then(|i| crate::handover::carried(i.source_fd))
     {
         source.take_over(fd);
     }
@@ -887,13 +886,8 @@ impl Control {
         // Handed over as an open descriptor (closed again here if the exec fails).
         let handed = self.source.hand_over();
         if let Some(fd) = &handed {
-            use std::os::fd::AsRawFd;
-            if nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )
-            .is_ok()
-            {
+            use std::os::fd::{AsFd, AsRawFd};
+            if crate::handover::keep(fd.as_fd()).is_ok() {
                 next.source_fd = fd.as_raw_fd();
             }
         }

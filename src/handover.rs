@@ -1,0 +1,89 @@
+//! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
+//! (its lock), the inotify instance (its queued events), the spool's queue listing (a memfd).
+//!
+//! Every other descriptor is close-on-exec. These three have FD_CLOEXEC cleared just before
+//! execve ([`keep`]), their numbers carried in the environment, and are adopted by the new
+//! image ([`adopt`]) only after checking what they are (so a stale or reused number is never
+//! taken for ours), which sets FD_CLOEXEC again: job processes never inherit them. If execve
+//! fails, [`release`] undoes [`keep`].
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+/// Lets `fd` survive the coming execve.
+pub fn keep(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+        .map(drop)
+        .map_err(std::io::Error::from)
+}
+
+/// Undoes [`keep`] (execve failed and we carry on).
+pub fn release(fd: BorrowedFd<'_>) {
+    let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+}
+
+/// A carried descriptor number (negative: none was carried).
+pub fn carried(fd: RawFd) -> Option<RawFd> {
+    (fd >= 0).then_some(fd)
+}
+
+/// Takes ownership of descriptor `fd` handed over by the previous image, if it is open and
+/// `is_ours` accepts what `/proc/self/fd/N` says it is; sets FD_CLOEXEC again. None: leave it
+/// alone (not ours to close).
+pub fn adopt(fd: RawFd, is_ours: impl FnOnce(&PathBuf) -> bool) -> Option<OwnedFd> {
+    let fd = carried(fd)?;
+    fcntl(fd, FcntlArg::F_GETFD).ok()?;
+    let what = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    if !is_ours(&what) {
+        return None;
+    }
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    // SAFETY: the previous image of this process handed us `fd` through the environment; it is
+    // open (F_GETFD above), it is what we expect (checked above), and nothing else in this image
+    // owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Marks every descriptor above stderr close-on-exec: whatever our launcher leaked to us (a
+/// jobserver pipe, a terminal) then reaches neither job processes nor the next generation. Ours
+/// are all opened close-on-exec already; the pidfile's is cleared on purpose just before exec.
+pub fn close_inherited() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, IntoRawFd};
+
+    #[test]
+    fn adoption_checks_what_the_descriptor_is() {
+        assert!(adopt(-1, |_| true).is_none(), "none carried");
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        keep(file.as_fd()).unwrap();
+        let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFD).unwrap();
+        assert_eq!(flags & FdFlag::FD_CLOEXEC.bits(), 0, "kept across exec");
+        let raw = file.into_raw_fd();
+        assert!(adopt(raw, |p| p.ends_with("no-such-thing")).is_none());
+        let owned = adopt(raw, |_| true).unwrap();
+        let flags = fcntl(owned.as_raw_fd(), FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & FdFlag::FD_CLOEXEC.bits(),
+            0,
+            "close-on-exec again once adopted"
+        );
+    }
+}
