@@ -1,0 +1,539 @@
+//! The control loop: the main thread receives signals, file events, recycling requests and
+//! lane exits, and owns every decision (restart, stop, deploy); lanes only run jobs.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use nix::sys::signal::Signal;
+
+use crate::carried::{Inherited, Refusal, RestartReason};
+use crate::clock::now_ms;
+use crate::deploy::{Deploy, Step};
+use crate::error::{Error, Result};
+use crate::executable::Children;
+use crate::functions::Functions;
+use crate::inotify::Inotify;
+use crate::notify::Notifier;
+use crate::pidfile::Pidfile;
+use crate::reexec::{self, Boot};
+use crate::signals::{self, Signals};
+use crate::source::Source;
+use crate::status::{self, State};
+use crate::watch::{self, Touched};
+
+use super::lane::{DoneGuard, Health, LaneContext, Limits};
+use super::plan::Plan;
+use super::poll_queue;
+
+/// How long file events must be quiet before the change is looked at.
+pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often digests are checked when a directory cannot be watched.
+pub(super) const POLL_FALLBACK: Duration = Duration::from_secs(2);
+
+/// What the control loop is doing.
+pub(super) enum Phase {
+    Running,
+    /// Waiting for lanes to finish their jobs before re-exec.
+    Draining {
+        reason: RestartReason,
+        requested_mono_us: u64,
+    },
+    /// Waiting for lanes to finish their jobs before exit.
+    Stopping,
+}
+
+pub(super) struct Control {
+    pub(super) health: Arc<Health>,
+    pub(super) deploy: Option<Deploy>,
+    pub(super) last_rollback: Option<crate::carried::Rollback>,
+    pub(super) limits: Arc<Limits>,
+    pub(super) recycle_tx: Sender<RestartReason>,
+    pub(super) recycle_rx: Receiver<RestartReason>,
+    pub(super) started: Instant,
+    pub(super) boot: Boot,
+    pub(super) functions: Functions,
+    pub(super) config_path: PathBuf,
+    pub(super) plan: Plan,
+    pub(super) source: Arc<Source>,
+    pub(super) state: Arc<State>,
+    pub(super) children: Children,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) lanes: Vec<JoinHandle<()>>,
+    pub(super) requested_mono_us: u64,
+    /// Digest of a config or jobs state already refused, so the same bad file is reported once.
+    pub(super) refused_digest: Option<String>,
+    pub(super) pidfile: Pidfile,
+    pub(super) status_server: Option<status::Server>,
+    pub(super) _signals: Signals,
+    pub(super) inotify: Option<Arc<Inotify>>,
+    pub(super) poll_fallback: bool,
+    pub(super) notifier: Option<Notifier>,
+    pub(super) ready: Option<std::fs::File>,
+}
+
+impl Control {
+    pub(super) fn control_loop(
+        &mut self,
+        sig_rx: &Receiver<Signal>,
+        touch_rx: &Receiver<Touched>,
+    ) -> Result<i32> {
+        let (done_tx, done_rx) = bounded::<()>(1024);
+        let recycle = self.recycle_rx.clone();
+        // The binary's sha is computed in the background: look once it may be known, and for a
+        // candidate dropped while we were starting.
+        let mut binary_at: Option<Instant> = self
+            .deploy
+            .as_ref()
+            .map(|_| Instant::now() + Duration::from_millis(200));
+        let mut age = match self.limits.max_age {
+            Some(a) => after(a.saturating_sub(self.started.elapsed())),
+            None => never(),
+        };
+        self.spawn_lanes(&done_tx)?;
+        self.notify("READY=1");
+        // Serving: a deploy that switched to this binary has succeeded.
+        crate::deploy::clear_marker(&self.plan.config.worker.state_dir);
+        if let Some(mut f) = self.ready.take() {
+            use std::io::Write;
+            let _ = writeln!(f, "ready {}", std::process::id());
+        }
+        let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
+            Some(every) => crossbeam_channel::tick(every),
+            None => never(),
+        };
+        let mut phase = Phase::Running;
+        let mut touch = touch_rx.clone();
+        // Look once right away: the files may have changed between our exec and the watch.
+        let mut check_at: Option<Instant> = Some(Instant::now());
+        let mut first_touch: Option<Instant> = None;
+        let mut live = self.lanes.len();
+        let mut terms = 0;
+
+        loop {
+            let binary_timer = match binary_at {
+                Some(t) => after(t.saturating_duration_since(Instant::now())),
+                None => never(),
+            };
+            let timer = match (check_at, self.poll_fallback) {
+                (Some(t), _) => after(t.saturating_duration_since(Instant::now())),
+                (None, true) => after(POLL_FALLBACK),
+                (None, false) => never(),
+            };
+            // A fault clears only after a quiet second, maybe when no job is left to notice.
+            let health_timer = if self.health.degraded.load(Ordering::Acquire) {
+                after(Duration::from_millis(250))
+            } else {
+                never()
+            };
+            select! {
+                recv(health_timer) -> _ => self.health.recovered(&self.state),
+                recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
+                recv(age) -> _ => {
+                    age = never();
+                    self.request_restart(&mut phase, RestartReason::MaxAge);
+                }
+                recv(recycle) -> reason => {
+                    if let Ok(reason) = reason {
+                        if !self.request_restart(&mut phase, reason) {
+                            self.limits.refused.store(true, Ordering::Release);
+                        }
+                        self.limits.asked.store(false, Ordering::Release);
+                    }
+                }
+                recv(sig_rx) -> sig => {
+                    let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
+                    match sig {
+                        Signal::SIGHUP => {
+                            self.request_restart(&mut phase, RestartReason::Sighup);
+                        }
+                        Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
+                            terms += 1;
+                            if terms > 1 {
+                                let running = self.state.in_flight.load(Ordering::Relaxed);
+                                log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
+                                self.children.kill_all();
+                                log::logger().flush();
+                                std::process::exit(1);
+                            }
+                            log::info!(
+                                "{}: stopping after {} running job(s) finish (send it again to stop now)",
+                                sig.as_str(),
+                                self.state.in_flight.load(Ordering::Relaxed)
+                            );
+                            phase = Phase::Stopping;
+                            self.state.set_phase("stopping");
+                            self.notify("STOPPING=1");
+                            self.halt_lanes();
+                        }
+                        Signal::SIGUSR1 => match crate::logging::reopen() {
+                            Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
+                            Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+                            Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
+                        },
+                        other => log::info!("{}: ignored", other.as_str()),
+                    }
+                }
+                recv(binary_timer) -> _ => {
+                    binary_at = None;
+                    let mut approved = false;
+                    if let Some(d) = self.deploy.as_mut() {
+                        match d.check() {
+                            Step::Nothing => {}
+                            Step::CheckIn(after) => binary_at = Some(Instant::now() + after),
+                            Step::Approved => approved = true,
+                        }
+                        if let Ok(mut i) = self.state.inner.lock() {
+                            i.last_refused_deploy = d.last_refused.clone();
+                            i.binary_sha256 = d.running_sha();
+                        }
+                    }
+                    if approved {
+                        self.request_restart(&mut phase, RestartReason::BinaryChanged);
+                    }
+                }
+                recv(touch) -> touched => {
+                    let lost = match touched {
+                        Ok(Touched::Binary) => {
+                            binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                            continue;
+                        }
+                        Ok(Touched::Lost(why)) => Some(why),
+                        Err(_) => {
+                            // Closed: it would be ready at once, forever.
+                            touch = never();
+                            Some("the watch thread ended".to_string())
+                        }
+                        Ok(_) => None,
+                    };
+                    if let Some(why) = lost {
+                        if !self.poll_fallback {
+                            self.watch_lost(&why);
+                        }
+                        continue;
+                    }
+                    let now = Instant::now();
+                    let first = *first_touch.get_or_insert(now);
+                    // Debounce, but never postpone by more than a second under a stream of events.
+                    check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
+                }
+                recv(timer) -> _ => {
+                    check_at = None;
+                    first_touch = None;
+                    if matches!(phase, Phase::Running) {
+                        if let Some(reason) = self.changed_on_disk() {
+                            self.request_restart(&mut phase, reason);
+                        }
+                    }
+                }
+                recv(done_rx) -> _ => {
+                    live -= 1;
+                    if live > 0 {
+                        continue;
+                    }
+                    for t in self.lanes.drain(..) {
+                        let _ = t.join();
+                    }
+                    match std::mem::replace(&mut phase, Phase::Running) {
+                        Phase::Stopping => {
+                            log::info!("stopped");
+                            // Keep the pidfile lock until the process is gone (the spool lock
+                            // and job processes go with it): `stop` returns when the lock is
+                            // free, and a `start` right after must find nothing of ours left.
+                            self.pidfile.clear();
+                            log::logger().flush();
+                            std::process::exit(0);
+                        }
+                        Phase::Draining { reason, requested_mono_us } => {
+                            self.restart(reason, requested_mono_us);
+                            // Still here: the restart was refused or execve failed.
+                            self.notify("READY=1");
+                        }
+                        Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
+                    }
+                    self.state.set_phase("running");
+                    self.stop.store(false, Ordering::Release);
+                    self.spawn_lanes(&done_tx)?;
+                    live = self.lanes.len();
+                }
+            }
+        }
+    }
+
+    /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
+    /// from now on, and say so in the log and in `status`.
+    fn watch_lost(&mut self, why: &str) {
+        log::error!(
+            "{why}; checking files every {}s and the queue every second instead",
+            POLL_FALLBACK.as_secs()
+        );
+        self.poll_fallback = true;
+        if let Err(e) = poll_queue(&self.source) {
+            log::error!("{e}");
+        }
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.watch = Some(format!("polling: {why}"));
+        }
+    }
+
+    /// Which watched state differs from the running one and is valid, if any.
+    fn changed_on_disk(&mut self) -> Option<RestartReason> {
+        self.state.file_checks.fetch_add(1, Ordering::Release);
+        let cfg = std::fs::read(&self.config_path)
+            .ok()
+            .map(|b| crate::config::hex(&sha2::Sha256::digest(&b)));
+        // A jobs_dir that does not scan (two files for one name, a file without #!) is a
+        // change too: it is refused below, visibly, rather than ignored.
+        let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {
+            Ok(j) => j.digest,
+            Err(e) => format!("invalid: {e}"),
+        };
+        let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
+        let jobs_changed = jobs != self.plan.jobs_sha256;
+        let reason = match (config_changed, jobs_changed) {
+            (true, _) => RestartReason::ConfigChanged,
+            (false, true) => RestartReason::JobsChanged,
+            (false, false) => return None,
+        };
+        let digest = format!("{}/{jobs}", cfg.unwrap_or_default());
+        if self.refused_digest.as_deref() == Some(digest.as_str()) {
+            return None;
+        }
+        match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(_) => Some(reason),
+            Err(e) => {
+                self.refused_digest = Some(digest);
+                self.refuse(reason, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Starts a restart unless the new state is invalid (then refused: false).
+    fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
+        match phase {
+            Phase::Running => {}
+            Phase::Draining { .. } => {
+                log::debug!("{reason}: a restart is already under way");
+                return true;
+            }
+            Phase::Stopping => return true,
+        }
+        let requested = crate::clock::monotonic_us();
+        if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
+            self.refuse(reason, &e.to_string());
+            return false;
+        }
+        log::info!(
+            "{reason}: restarting after {} running job(s) finish",
+            self.state.in_flight.load(Ordering::Relaxed)
+        );
+        *phase = Phase::Draining {
+            reason,
+            requested_mono_us: requested,
+        };
+        self.state.set_phase("draining");
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::clock::monotonic_us()
+        ));
+        self.halt_lanes();
+        true
+    }
+
+    /// Tells the service manager (if any) `message`, with a STATUS line.
+    fn notify(&self, message: &str) {
+        if let Some(n) = &self.notifier {
+            let s = &self.state;
+            n.send(&format!(
+                "{message}\nSTATUS=generation {}, {} jobs completed, {} failed, {} running",
+                s.generation,
+                s.completed.load(Ordering::Relaxed),
+                s.failed.load(Ordering::Relaxed),
+                s.in_flight.load(Ordering::Relaxed)
+            ));
+        }
+    }
+
+    fn refuse(&self, reason: impl std::fmt::Display, error: &str) {
+        log::error!(
+            "{reason}: reload refused, keeping generation {}: {error}",
+            self.state.generation
+        );
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.refusals += 1;
+            i.last_refused = Some(Refusal {
+                at_ms: now_ms(),
+                reason: reason.to_string(),
+                error: error.to_string(),
+            });
+        }
+    }
+
+    fn halt_lanes(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.source.wake();
+    }
+
+    /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
+    fn restart(&mut self, reason: RestartReason, requested_mono_us: u64) {
+        let plan = match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(reason, &e.to_string()),
+        };
+        self.state.set_phase("restarting");
+        let refusals = self
+            .state
+            .inner
+            .lock()
+            .map(|i| i.refusals)
+            .unwrap_or_default();
+        let next = Inherited {
+            generation: self.state.generation,
+            pidfile_fd: self.pidfile.fd(),
+            inotify_fd: self.inotify.as_ref().map_or(-1, |i| i.fd()),
+            source_fd: -1,
+            started_at_ms: self.state.started_at_ms,
+            restarted_at_ms: now_ms(),
+            reason: reason.to_string(),
+            completed: self.state.completed.load(Ordering::Relaxed),
+            failed: self.state.failed.load(Ordering::Relaxed),
+            rejected: crate::status::REJECTED.load(Ordering::Relaxed),
+            restarts: self.state.restarts + 1,
+            refusals,
+            // This restart succeeds: an older refusal is history (the count keeps it).
+            last_refused: None,
+            requested_mono_us,
+            // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
+            config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
+            binary: None,
+            last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
+            last_rollback: self.last_rollback.clone(),
+        };
+        let mut next = next;
+        // Exec the path only if it holds a validated binary; else this very image again.
+        let exe = match &self.deploy {
+            Some(d) => {
+                let (exe, known) = d.exec_target();
+                let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
+                if switching {
+                    let state_dir = &plan.config.worker.state_dir;
+                    match (crate::deploy::save_last_good(state_dir), d.running_sha(), &known) {
+                        (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
+                            log::info!("deploy: the running binary is kept as {}", last_good.display());
+                            let marker = crate::deploy::Marker {
+                                from_sha,
+                                to_sha: to.sha256.clone(),
+                                at_ms: now_ms(),
+                            };
+                            if let Err(e) = crate::deploy::write_marker(state_dir, &marker) {
+                                log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
+                            }
+                        }
+                        (Ok(None), _, _) => {
+                            log::warn!("deploy: no last-good binary in state_dir: no rollback possible")
+                        }
+                        (Err(e), _, _) => {
+                            log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")
+                        }
+                        _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
+                    }
+                }
+                next.binary = known;
+                exe
+            }
+            None => self.boot.exe.clone(),
+        };
+        drop(plan);
+        log::info!(
+            "{reason}: re-exec \"{}\" as generation {}",
+            exe.display(),
+            self.state.generation + 1
+        );
+        log::logger().flush();
+        if let Some(s) = self.status_server.take() {
+            s.stop();
+        }
+        let inherit_inotify = || match &self.inotify {
+            Some(i) => i
+                .keep_across_exec()
+                .map_err(|e| Error::io("keeping inotify across exec", e)),
+            None => Ok(()),
+        };
+        // Handed over as an open descriptor (closed again here if the exec fails).
+        let handed = self.source.hand_over();
+        if let Some(fd) = &handed {
+            use std::os::fd::{AsFd, AsRawFd};
+            if crate::handover::keep(fd.as_fd()).is_ok() {
+                next.source_fd = fd.as_raw_fd();
+            }
+        }
+        let err = match signals::block()
+            .and_then(|()| self.pidfile.keep_across_exec())
+            .and_then(|()| inherit_inotify())
+        {
+            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
+            Err(e) => e,
+        };
+        // execve failed: carry on as we were.
+        self.pidfile.close_on_exec();
+        if let Some(i) = &self.inotify {
+            i.close_on_exec();
+        }
+        self.refuse(reason, &err.to_string());
+        self.resume_helpers();
+    }
+
+    /// Brings back the status server and signal thread after a failed execve.
+    fn resume_helpers(&mut self) {
+        match status::Server::start(&self.plan.config.status_socket(), Arc::clone(&self.state)) {
+            Ok(s) => self.status_server = Some(s),
+            Err(e) => log::error!("status socket: {e}"),
+        }
+        if let Err(e) = signals::clear_mask() {
+            log::error!("{e}");
+        }
+    }
+
+    fn spawn_lanes(&mut self, done_tx: &Sender<()>) -> Result<()> {
+        let names: Vec<(String, Option<Duration>)> = self
+            .plan
+            .table
+            .iter()
+            .map(|(name, (_, timeout))| (name.clone(), *timeout))
+            .collect();
+        for index in 0..self.plan.config.worker.concurrency {
+            let lane = self.source.lane(index, &names)?;
+            let ctx = LaneContext {
+                index,
+                table: self.plan.table.clone(),
+                state: Arc::clone(&self.state),
+                stop: Arc::clone(&self.stop),
+                children: self.children.clone(),
+                max_payload: self.plan.config.worker.max_payload_bytes,
+                requested_mono_us: self.requested_mono_us,
+                limits: Arc::clone(&self.limits),
+                recycle: self.recycle_tx.clone(),
+                health: Arc::clone(&self.health),
+            };
+            let done = done_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("lane-{index}"))
+                .spawn(move || {
+                    // Reports the exit even if the lane panics, so a drain never waits forever.
+                    let _done = DoneGuard(done);
+                    ctx.serve(lane);
+                })
+                .map_err(|e| Error::io("spawning a lane thread", e))?;
+            self.lanes.push(t);
+        }
+        // Only the first claim after a re-exec measures the restart pause.
+        self.requested_mono_us = 0;
+        Ok(())
+    }
+}
+
+use sha2::Digest as _;

@@ -1,0 +1,489 @@
+//! Lanes: one thread per unit of concurrency, claiming, running and reporting jobs; recycling
+//! limits; storage and resource health shared by a generation's lanes.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::carried::RestartReason;
+use crate::clock::now_ms;
+use crate::error::Error;
+use crate::executable::{self, Children};
+use crate::functions::{Job, JobError, JobResult, Runner, Table};
+use crate::source::{Claimed, Lane};
+use crate::status::State;
+
+/// This generation's recycling limits, each raised by its own random splay.
+pub(super) struct Limits {
+    pub(super) max_jobs: u64,
+    pub(super) max_rss_bytes: u64,
+    pub(super) max_age: Option<Duration>,
+    /// A lane reached a limit and asked the control loop to recycle; lanes claim nothing
+    /// until it has decided (it drains, or it refused).
+    pub(super) asked: AtomicBool,
+    /// The control loop refused a recycle in this generation (the files on disk are invalid):
+    /// the limits are not asked about again until the next generation.
+    pub(super) refused: AtomicBool,
+}
+
+impl Limits {
+    pub(super) fn new(w: &crate::config::Worker) -> Limits {
+        let splay = |x: f64| x * (1.0 + w.recycle_splay * random_fraction());
+        Limits {
+            max_jobs: if w.max_jobs == 0 {
+                0
+            } else {
+                splay(w.max_jobs as f64).round() as u64
+            },
+            max_rss_bytes: if w.max_rss_mb == 0 {
+                0
+            } else {
+                splay((w.max_rss_mb << 20) as f64) as u64
+            },
+            max_age: w
+                .max_age
+                .map(|a| a.mul_f64(1.0 + w.recycle_splay * random_fraction())),
+            asked: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A number in [0, 1) that differs between processes and calls (splay; not for secrets).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Resident memory of this process, from /proc/self/statm.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+pub(super) struct DoneGuard(pub(super) Sender<()>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// What a lane thread needs to run jobs.
+pub(super) struct LaneContext {
+    pub(super) index: usize,
+    pub(super) table: Table,
+    pub(super) state: Arc<State>,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) children: Children,
+    pub(super) max_payload: usize,
+    pub(super) requested_mono_us: u64,
+    pub(super) limits: Arc<Limits>,
+    pub(super) recycle: Sender<RestartReason>,
+    pub(super) health: Arc<Health>,
+}
+
+/// Storage and resource health, shared by the lanes of a generation.
+#[derive(Default)]
+pub(super) struct Health {
+    /// Lanes holding an outcome they could not store yet.
+    pub(super) holding: std::sync::atomic::AtomicUsize,
+    /// A fault is recorded in `status` (spares the lock on every job when all is well).
+    pub(super) degraded: AtomicBool,
+    /// When the last fault was met (unix ms): the fault is cleared only after a quiet second,
+    /// so a condition that comes and goes is said once, not once per job.
+    pub(super) last_failure_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How long no fault must be met before the worker says it works again.
+const HEALTHY_AFTER_MS: u64 = 1000;
+
+fn error_errno(e: &Error) -> Option<i32> {
+    match e {
+        Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
+impl Health {
+    /// Records a failure: true if it is a storage or resource fault (then the worker is
+    /// degraded, said once in the log, and shown in `status`), false for any other error.
+    /// `errno` None: the caller already knows it is a resource fault.
+    pub(super) fn failed(&self, state: &State, message: &str, errno: Option<i32>) -> bool {
+        if errno.is_some_and(|e| !crate::error::is_transient_errno(e)) {
+            return false;
+        }
+        if let Ok(mut i) = state.inner.lock() {
+            self.degraded.store(true, Ordering::Release);
+            self.last_failure_ms.store(now_ms(), Ordering::Release);
+            if i.storage.is_none() {
+                log::error!(
+                    "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
+                );
+                i.storage = Some((message.to_string(), now_ms()));
+            }
+        }
+        true
+    }
+
+    /// Clears the fault once whatever failed works again (and no lane still holds a result).
+    pub(super) fn recovered(&self, state: &State) {
+        if !self.degraded.load(Ordering::Acquire)
+            || self.holding.load(Ordering::Acquire) > 0
+            || now_ms().saturating_sub(self.last_failure_ms.load(Ordering::Acquire))
+                < HEALTHY_AFTER_MS
+        {
+            return;
+        }
+        self.degraded.store(false, Ordering::Release);
+        if let Ok(mut i) = state.inner.lock() {
+            if let Some((error, since)) = i.storage.take() {
+                log::info!(
+                    "storage works again after {:.1}s ({error}); serving",
+                    now_ms().saturating_sub(since) as f64 / 1000.0
+                );
+            }
+        }
+    }
+}
+
+impl LaneContext {
+    /// Between jobs: asks for a recycle when this generation has run `max_jobs` jobs or the
+    /// process has grown over `max_rss_mb` (read at most every 200 ms per lane).
+    fn check_limits(&self, last_rss_check: &mut Instant) {
+        let done = self.state.generation_jobs.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut reason = None;
+        if self.limits.max_jobs > 0 && done >= self.limits.max_jobs {
+            reason = Some(RestartReason::MaxJobs);
+        }
+        if self.limits.max_rss_bytes > 0 && last_rss_check.elapsed() >= Duration::from_millis(200) {
+            *last_rss_check = Instant::now();
+            if resident_bytes().is_some_and(|rss| rss > self.limits.max_rss_bytes) {
+                reason = Some(RestartReason::MaxRss);
+            }
+        }
+        // Only the control loop decides; lanes ask once, and claim nothing until it has
+        // (the control loop validates before it drains; lanes would run past the limit
+        // meanwhile).
+        if let Some(reason) = reason {
+            if !self.limits.refused.load(Ordering::Acquire)
+                && !self.limits.asked.swap(true, Ordering::AcqRel)
+            {
+                let _ = self.recycle.try_send(reason);
+            }
+        }
+    }
+
+    pub(super) fn serve(&self, mut lane: Box<dyn Lane>) {
+        let mut last_rss_check = Instant::now() - Duration::from_secs(1);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            // A recycle was asked for: wait for the control loop's decision.
+            while self.limits.asked.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // Storage fails and another lane holds a result it cannot store yet: claim
+            // nothing more until that result is stored.
+            while self.health.holding.load(Ordering::Acquire) > 0
+                && !self.stop.load(Ordering::Acquire)
+            {
+                self.pause(Duration::from_millis(100));
+            }
+            let mut job = match lane.next(&self.stop) {
+                Ok(Some(job)) => job,
+                Ok(None) => break,
+                Err(e) => {
+                    if !self
+                        .health
+                        .failed(&self.state, &e.to_string(), error_errno(&e))
+                    {
+                        log::error!("{e}; retrying in {} ms", backoff.as_millis());
+                    }
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if self.state.first_claim_mono_us.load(Ordering::Relaxed) == 0 {
+                // The pause is stored before the first claim is published, so a reader that
+                // sees the claim also sees the pause.
+                let now = crate::clock::monotonic_us();
+                if self.requested_mono_us != 0 {
+                    let pause = now.saturating_sub(self.requested_mono_us).max(1);
+                    let _ = self.state.restart_pause_us.compare_exchange(
+                        0,
+                        pause,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                let _ = self.state.first_claim_mono_us.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                );
+            }
+            self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.state
+                .set_running(self.index, Some((&job.id, &job.function)));
+            let started = Instant::now();
+            let Some(outcome) = self.run_job(&job, lane.as_mut()) else {
+                // Given back unrun (stopping while it could not be started).
+                self.state.set_running(self.index, None);
+                self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            };
+            // The payload is no longer needed: free it before the result is encoded, so a
+            // lane holds at most about twice a large payload (result + its packet).
+            job.payload = Vec::new();
+            let took = started.elapsed();
+            match &outcome {
+                Ok(_) => log::debug!("job {} {}: done in {took:?}", job.id, job.function),
+                Err(e) => log::warn!("job {} {}: failed in {took:?}: {e}", job.id, job.function),
+            }
+            self.store_outcome(&job, &outcome, lane.as_mut());
+            let counter = if outcome.is_ok() {
+                &self.state.completed
+            } else {
+                &self.state.failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            self.state.set_running(self.index, None);
+            self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.check_limits(&mut last_rss_check);
+        }
+        if let Err(e) = lane.close() {
+            log::warn!("closing lane: {e}");
+        }
+    }
+
+    /// Runs the job; a start that fails for want of a resource (descriptors, processes) is
+    /// retried after a pause, not failed. None: the job was given back unrun, because the
+    /// worker stops meanwhile.
+    fn run_job(&self, job: &Claimed, lane: &mut dyn Lane) -> Option<JobResult> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let outcome = self.execute(job, lane.progress());
+            match &outcome {
+                Err(e) if e.is_transient() => {
+                    self.health.failed(&self.state, &e.message, None);
+                    if self.stop.load(Ordering::Acquire) && lane.release(job) {
+                        return None;
+                    }
+                    self.pause_always(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                _ => {
+                    self.health.recovered(&self.state);
+                    return Some(outcome);
+                }
+            }
+        }
+    }
+
+    /// Stores the outcome. A result that cannot be stored for a storage fault (a full disk, no
+    /// descriptors, an I/O error) is never thrown away: it is kept and written again, from
+    /// memory into a new file, with backoff, while the other lanes claim nothing; the fault is
+    /// shown in `status` and said once in the log. A second TERM still exits at once (the job
+    /// then runs again at the next start).
+    fn store_outcome(&self, job: &Claimed, outcome: &JobResult, lane: &mut dyn Lane) {
+        let mut backoff = Duration::from_millis(100);
+        let mut holding = false;
+        loop {
+            match lane.finish(job, outcome) {
+                Ok(()) => break,
+                Err(e) => {
+                    let errno = error_errno(&e);
+                    if !self.health.failed(&self.state, &e.to_string(), errno) {
+                        log::error!(
+                            "job {} {}: could not report its outcome: {e}",
+                            job.id,
+                            job.function
+                        );
+                        break;
+                    }
+                    if !holding {
+                        holding = true;
+                        self.health.holding.fetch_add(1, Ordering::AcqRel);
+                    }
+                    self.pause_always(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if holding {
+            self.health.holding.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.health.recovered(&self.state);
+    }
+
+    /// Sleeps `d` whatever the stop flag says (a result waiting to be stored is not dropped).
+    fn pause_always(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+
+    /// Sleeps up to `d`, returning early when the lane is asked to stop.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(
+                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
+    }
+
+    fn execute(
+        &self,
+        claimed: &Claimed,
+        progress: &mut dyn crate::functions::Progress,
+    ) -> JobResult {
+        if claimed.payload.len() > self.max_payload {
+            return Err(JobError::new(format!(
+                "payload is {} bytes, over max_payload_bytes ({})",
+                claimed.payload.len(),
+                self.max_payload
+            )));
+        }
+        let Some((runner, timeout)) = self.table.get(&claimed.function) else {
+            return Err(JobError::new(format!(
+                "unknown function \"{}\" (this worker has: {})",
+                claimed.function,
+                self.table.names().join(", ")
+            )));
+        };
+        let mut job = Job {
+            id: &claimed.id,
+            function: &claimed.function,
+            unique: &claimed.unique,
+            payload: &claimed.payload,
+            deadline: timeout.map(|t| Instant::now() + t),
+            progress,
+        };
+        match runner {
+            Runner::Rust(f) => match catch_unwind(AssertUnwindSafe(|| f.call(&mut job))) {
+                Ok(r) => r,
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(JobError::new(format!("function panicked: {msg}")))
+                }
+            },
+            Runner::Executable(path) => {
+                executable::run(path, &mut job, *timeout, self.max_payload, &self.children)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// A property test over hostile numbers: whatever `Config::parse` accepts, the time and
+    /// size arithmetic a generation does with it (splayed limits, deadlines, the age timer)
+    /// must not panic. Values are drawn from edge cases and a seeded generator.
+    #[test]
+    fn accepted_numbers_never_break_the_arithmetic() {
+        let edges = [
+            "0",
+            "1",
+            "-1",
+            "0.5",
+            "1e19",
+            "1.8e19",
+            "1e300",
+            "nan",
+            "inf",
+            "-inf",
+            "18446744073709551615",
+            "9223372036854775807",
+            "4294967295",
+            "\"0s\"",
+            "\"1ms\"",
+            "\"3650d\"",
+            "\"3651d\"",
+            "\"200000000000000d\"",
+            "\"1e19s\"",
+            "\"0.0001ms\"",
+        ];
+        let keys = [
+            ("worker", "max_jobs"),
+            ("worker", "max_rss_mb"),
+            ("worker", "max_age"),
+            ("worker", "recycle_splay"),
+            ("worker", "max_payload_bytes"),
+            ("source", "retain_results"),
+            ("source", "max_attempts"),
+            ("functions.f", "timeout"),
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut accepted = 0;
+        for round in 0..2000 {
+            let mut sections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for (section, key) in keys {
+                if next() % 3 != 0 {
+                    continue;
+                }
+                let value = if round % 2 == 0 {
+                    edges[(next() % edges.len() as u64) as usize].to_string()
+                } else {
+                    match next() % 5 {
+                        0 => (1 + next() % 10_000).to_string(),
+                        1 => (next() >> (next() % 64)).to_string(),
+                        2 => format!("{:.3}", (next() % 2000) as f64 / 1000.0),
+                        3 => format!("{:e}", f64::from_bits(next() >> 2)),
+                        _ => format!("\"{}s\"", 1 + next() % 400_000_000),
+                    }
+                };
+                sections
+                    .entry(section)
+                    .or_default()
+                    .push(format!("{key} = {value}"));
+            }
+            let text: String = sections
+                .iter()
+                .map(|(s, lines)| format!("[{s}]\n{}\n", lines.join("\n")))
+                .collect();
+            let Ok(cfg) = Config::parse(Path::new("/gs/config.toml"), text.as_bytes()) else {
+                continue;
+            };
+            accepted += 1;
+            let limits = Limits::new(&cfg.worker);
+            if let Some(a) = limits.max_age {
+                let _ = crossbeam_channel::after(a.saturating_sub(Duration::from_millis(1)));
+            }
+            for f in cfg.functions.values() {
+                if let Some(t) = f.timeout {
+                    let _ = Instant::now() + t;
+                }
+            }
+            let _ = limits.max_rss_bytes.saturating_add(limits.max_jobs);
+        }
+        assert!(
+            accepted > 100,
+            "the generator should produce valid configs too ({accepted})"
+        );
+    }
+}

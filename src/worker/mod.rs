@@ -1,0 +1,361 @@
+//! The worker: a control loop on the main thread and `concurrency` lane threads. This file is
+//! the start-up of a generation (`run_with`); `control.rs` is the control loop, `lane.rs` the
+//! lanes (with recycling limits and storage health), `plan.rs` one validated generation.
+//!
+//! Lane threads claim a job, run it, report its outcome, and look at the shared stop flag only
+//! between jobs. The main thread owns every decision: it receives signals, file-watch events and
+//! lane exits over channels, and when a restart is due it validates the new state, sets the stop
+//! flag, waits for every lane to finish its job and exit, validates again, and re-execs.
+//!
+//! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
+//! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use nix::sys::signal::Signal;
+
+use crate::carried::RestartReason;
+use crate::clock::now_ms;
+use crate::deploy::Deploy;
+use crate::error::{Error, Result};
+use crate::executable::Children;
+use crate::functions::Functions;
+use crate::inotify::Inotify;
+use crate::notify::Notifier;
+use crate::pidfile::Pidfile;
+use crate::reexec::{self, Boot};
+use crate::signals::{self, Signals};
+use crate::source::Source;
+use crate::status::{self, Inner, State};
+use crate::watch::{self, Touched};
+
+mod control;
+mod lane;
+mod plan;
+
+use control::{Control, POLL_FALLBACK};
+use lane::{Health, Limits};
+pub use plan::{describe, Plan};
+
+/// How [`run_with`] was reached, for a daemon started by `gearshift start`.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Gets one line `ready PID` once the worker holds the pidfile and serves.
+    pub ready: Option<std::fs::File>,
+    /// The executable, resolved before the daemon changed directory.
+    pub exe: Option<PathBuf>,
+    /// The argv for the next generation (a daemon re-execs as `run`, never as `start`).
+    pub argv: Option<Vec<std::ffi::OsString>>,
+    /// Log to this file (overrides `[log] file`).
+    pub log_file: Option<PathBuf>,
+}
+
+/// Runs the worker in the foreground until it is stopped. Re-execs in place on SIGHUP and on
+/// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
+/// process (exit 0 when graceful), so that the pidfile lock is the last thing released.
+pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
+    run_with(config_path, functions, RunOptions::default())
+}
+
+/// [`run`] with options.
+pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) -> Result<i32> {
+    // Signals stay blocked in this thread until the handlers are in place and every helper
+    // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
+    // this thread or a lane thread, and none is in flight to a helper when we exec.
+    signals::block()?;
+    // Descriptors inherited from whatever started us must not leak into job processes.
+    crate::handover::close_inherited();
+    let mut boot = Boot::detect();
+    if boot.inherited.is_none() {
+        if let Some(exe) = opts.exe.take() {
+            boot.exe = exe;
+        }
+        if let Some(argv) = opts.argv.take() {
+            boot.argv = argv;
+        }
+    }
+    // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
+    // an error in its start-up reaches the file, not only a stderr nobody reads.
+    if boot.inherited.is_some() {
+        if let Some(file) = &opts.log_file {
+            let _ = crate::logging::set_file(file, None);
+        }
+    }
+    let (sig_tx, sig_rx) = bounded::<Signal>(1024);
+    let signal_thread = Signals::install(sig_tx)?;
+
+    let inherited = boot.inherited.clone().unwrap_or_default();
+    let generation = inherited.generation + 1;
+    crate::logging::set_generation(generation);
+    let config_path = crate::config::absolute(config_path)?;
+    // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
+    // since then are picked up by the check right after start-up, validated like any other.
+    let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
+    let plan = Plan::prepare_from(&config_path, &functions, inherited_text.as_deref())?;
+    if boot.inherited.is_none() {
+        // A fresh start of a binary that a deploy switched to, whose marker is still there:
+        // that binary died before serving (and a supervisor or systemd started it again).
+        if let Some((last_good, rb)) = crate::deploy::rollback_needed(&plan.config.worker.state_dir)
+        {
+            log::error!(
+                "rolled back from {} to {}: {}",
+                crate::deploy::short(&rb.from_sha),
+                crate::deploy::short(&rb.to_sha),
+                rb.reason
+            );
+            crate::deploy::clear_marker(&plan.config.worker.state_dir);
+            log::logger().flush();
+            // The descriptor stays open until the exec, so the file checked is the file run.
+            use std::os::fd::AsRawFd;
+            let path = PathBuf::from(format!("/proc/self/fd/{}", last_good.as_raw_fd()));
+            return Err(reexec::exec_rollback(&path, &boot.argv, &rb));
+        }
+    }
+    #[cfg(gearshift_crash_on_run)]
+    {
+        log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");
+        log::logger().flush();
+        std::process::abort();
+    }
+    let last_rollback = reexec::rollback_from_env().or_else(|| inherited.last_rollback.clone());
+    crate::logging::set_level(plan.config.log.level);
+    // Every file this process creates from here on, in every mode (not only under `start`).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        plan.config.worker.umask,
+    ));
+    // As root with a user to drop to: what that user will need is prepared through
+    // descriptors, never by path (see `safefs` and `layout`), then privileges are dropped
+    // before anything else is opened.
+    let target = crate::privilege::dropping_to(&plan.config)?;
+    let owner = target.as_ref().map(|t| (t.uid, t.gid));
+    if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
+        crate::logging::set_file(file, owner)?;
+    }
+    for w in &plan.warnings {
+        log::warn!("{w}");
+    }
+    let state_dir = &plan.config.worker.state_dir;
+    let layout = crate::layout::prepare(state_dir, target.as_ref())?;
+    let pidfile = match boot
+        .inherited
+        .as_ref()
+        .and_then(|i| Pidfile::adopt(i.pidfile_fd, &plan.config.pidfile()))
+    {
+        Some(p) => p,
+        None => Pidfile::acquire(&layout.dir)?,
+    };
+    if target.is_some() && plan.config.worker.watch_binary {
+        // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
+        // a rollback after a deploy the worker switches to.
+        if let Err(e) = crate::deploy::save_last_good(state_dir) {
+            log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
+        }
+    }
+    if let (crate::config::Source::Spool(spool), Some(t)) = (&plan.config.source, &target) {
+        crate::spool::hand_to(spool, t)?;
+    }
+    drop(layout);
+    crate::privilege::settle(&plan.config)?;
+    crate::reaper::become_subreaper();
+    if boot.inherited.is_none() {
+        // We hold the pidfile lock: whatever still carries our mark was left by a killed
+        // predecessor, and must not run next to the jobs we are about to recover.
+        crate::reaper::kill_leftovers(&plan.config.worker.state_dir);
+    }
+    crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
+    let views = crate::status::ServerViews::default();
+    let source = Arc::new(Source::open(&plan.config, generation, Arc::clone(&views))?);
+    if let Some(fd) = boot
+        .inherited
+        .as_ref()
+        .and_then(|i| crate::handover::carried(i.source_fd))
+    {
+        source.take_over(fd);
+    }
+
+    let now = now_ms();
+    let state = Arc::new(State {
+        pid: std::process::id(),
+        generation,
+        started_at_ms: if inherited.started_at_ms == 0 {
+            now
+        } else {
+            inherited.started_at_ms
+        },
+        restarted_at_ms: inherited.restarted_at_ms,
+        last_restart_reason: inherited.reason.clone(),
+        restarts: inherited.restarts,
+        binary: boot.exe.clone(),
+        completed: inherited.completed.into(),
+        failed: inherited.failed.into(),
+        in_flight: 0.into(),
+        restart_pause_us: 0.into(),
+        first_claim_mono_us: 0.into(),
+        generation_jobs: 0.into(),
+        file_checks: 0.into(),
+        running: std::sync::Mutex::new(vec![
+            (false, String::new(), String::new());
+            plan.config.worker.concurrency
+        ]),
+        inner: std::sync::Mutex::new(Inner {
+            phase: "running",
+            refusals: inherited.refusals,
+            last_refused: inherited.last_refused.clone(),
+            functions: plan.table.names(),
+            config_path: plan.config.path.clone(),
+            config_sha256: plan.config.sha256.clone(),
+            source: plan.config.source.kind(),
+            binary_sha256: inherited.binary.as_ref().map(|k| k.sha256.clone()),
+            last_refused_deploy: inherited.last_refused_deploy.clone(),
+            last_rollback: None,
+            storage: None,
+            warnings: plan.warnings.clone(),
+            watch: None,
+        }),
+        servers: views,
+    });
+    let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
+    let reaper = crate::reaper::Reaper::start(Arc::clone(&state))?;
+    let plan_state_dir = plan.config.worker.state_dir.clone();
+
+    let (touch_tx, touch_rx) = bounded::<Touched>(64);
+    let inotify = boot
+        .inherited
+        .as_ref()
+        .and_then(|i| Inotify::adopt(i.inotify_fd))
+        .map(Ok)
+        .unwrap_or_else(Inotify::new)
+        .map(Arc::new);
+    let mut poll_fallback = false;
+    match &inotify {
+        Ok(ino) => {
+            let w = &plan.config.worker;
+            let targets = watch::Targets {
+                config: w.watch_config.then_some(plan.config.path.as_path()),
+                jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
+                queue: source.queue_dirs(),
+                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
+            };
+            let waker = Arc::clone(&source);
+            let unwatched = watch::start(ino, &targets, touch_tx, move || waker.wake())?;
+            for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
+                log::warn!(
+                    "{e}; checking for changes every {}s instead",
+                    POLL_FALLBACK.as_secs()
+                );
+                poll_fallback = true;
+                if let Ok(mut i) = state.inner.lock() {
+                    i.watch = Some(format!("polling: {e}"));
+                }
+            }
+            if let Some(e) = unwatched.queue {
+                log::warn!("{e}; checking for new jobs every second instead");
+                poll_queue(&source)?;
+            }
+        }
+        Err(e) => {
+            log::warn!(
+                "no inotify ({e}); checking files every {}s and the queue every second",
+                POLL_FALLBACK.as_secs()
+            );
+            poll_fallback = true;
+            if let Ok(mut i) = state.inner.lock() {
+                i.watch = Some(format!("polling: no inotify ({e})"));
+            }
+            poll_queue(&source)?;
+        }
+    }
+    // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
+    let deploy = plan.config.worker.watch_binary.then(|| {
+        let state = Arc::clone(&state);
+        let worker_uid = crate::privilege::target(&plan.config)
+            .ok()
+            .flatten()
+            .map(|t| t.uid.as_raw());
+        Deploy::new(
+            &boot.exe,
+            &plan.config.path,
+            inherited.binary.clone(),
+            inherited.last_refused_deploy.clone(),
+            worker_uid,
+            move |sha| {
+                if let Ok(mut i) = state.inner.lock() {
+                    i.binary_sha256 = Some(sha.to_string());
+                }
+            },
+        )
+    });
+    signals::clear_mask()?;
+
+    let (recycle_tx, recycle_rx) = bounded::<RestartReason>(16);
+    let mut deploy = deploy;
+    if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
+        d.mark_bad(&rb.from_sha);
+    }
+    if let Ok(mut i) = state.inner.lock() {
+        i.last_rollback = last_rollback.clone();
+    }
+    let mut ctl = Control {
+        health: Arc::new(Health::default()),
+        deploy,
+        last_rollback,
+        limits: Arc::new(Limits::new(&plan.config.worker)),
+        recycle_tx,
+        recycle_rx,
+        started: Instant::now(),
+        boot,
+        functions,
+        config_path,
+        plan,
+        source,
+        state,
+        children: Children::new(&plan_state_dir, Some(reaper.handle())),
+        stop: Arc::new(AtomicBool::new(false)),
+        lanes: Vec::new(),
+        requested_mono_us: inherited.requested_mono_us,
+        refused_digest: None,
+        pidfile,
+        status_server: Some(status_server),
+        _signals: signal_thread,
+        inotify: inotify.ok(),
+        poll_fallback,
+        notifier: Notifier::from_env(),
+        ready: opts.ready.take(),
+    };
+    if generation == 1 {
+        log::info!(
+            "{} {} started (pid {}), {} lane(s) on {}: {}",
+            crate::identity().0,
+            crate::identity().1,
+            std::process::id(),
+            ctl.plan.config.worker.concurrency,
+            ctl.plan.config.source.kind(),
+            ctl.plan.table.names().join(", ")
+        );
+    } else {
+        log::info!(
+            "generation {generation} serving ({}): {}",
+            inherited.reason,
+            ctl.plan.table.names().join(", ")
+        );
+    }
+    ctl.control_loop(&sig_rx, &touch_rx)
+}
+
+/// Wakes idle lanes every second, for a queue that cannot be watched.
+pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
+    let weak = Arc::downgrade(source);
+    crate::signals::spawn_helper("queue-poll", move || {
+        while let Some(s) = weak.upgrade() {
+            s.wake();
+            drop(s);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+    .map(drop)
+    .map_err(|e| Error::io("spawning the queue poll thread", e))
+}

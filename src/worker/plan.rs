@@ -1,0 +1,137 @@
+//! One generation, validated before it is used: the config, `jobs_dir` and the functions
+//! table. A config that fails here never replaces the running one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::functions::{Functions, Runner, Table};
+use crate::watch::{self};
+
+/// Everything one generation needs, built and checked before it is used: a config that fails
+/// here never replaces the running one.
+pub struct Plan {
+    pub config: Config,
+    pub table: Table,
+    pub jobs_sha256: String,
+    /// Non-fatal findings, e.g. a `[functions.x]` section for a function that does not exist.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Reads and validates the config at `path` and the executables of its `jobs_dir`.
+    pub fn prepare(path: &Path, functions: &Functions) -> Result<Plan> {
+        Plan::prepare_from(path, functions, None)
+    }
+
+    /// Like [`Plan::prepare`], from config text already read (`None`: read the file).
+    pub fn prepare_from(path: &Path, functions: &Functions, text: Option<&str>) -> Result<Plan> {
+        let config = match text {
+            Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
+            None => Config::load(path)?,
+        };
+        if config.text.trim().is_empty() {
+            // An editor or `>` truncates before it writes: an empty file is far more likely a
+            // half-written config than a wish for every default.
+            return Err(Error::Config(format!(
+                "{}: the file is empty (half-written?); refusing it",
+                config.path.display()
+            )));
+        }
+        // Who we would run as is part of the config's validity: refuse before exec what the
+        // new image could not run with.
+        crate::privilege::check_policy(&config)?;
+        let jobs_dir = &config.worker.jobs_dir;
+        if !jobs_dir.is_dir() {
+            return Err(Error::Config(format!(
+                "{}: jobs_dir \"{}\" is not a directory (create it, or set [worker] jobs_dir)",
+                config.path.display(),
+                jobs_dir.display()
+            )));
+        }
+        let scanned = watch::scan_jobs(jobs_dir)?;
+        let (exes, jobs_sha256) = (scanned.functions, scanned.digest);
+        if config.worker.strict_modes {
+            let owner = crate::privilege::owner_uid(&config)?;
+            crate::privilege::check_file(&config.path, "config", owner)?;
+            crate::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
+            for exe in exes.values() {
+                crate::privilege::check_file(exe, "job executable", owner)?;
+            }
+        }
+        if let Some(t) = crate::privilege::dropping_to(&config)? {
+            // Root can read everything; the user it drops to must too, or every reload fails.
+            use crate::privilege::{check_access, Need};
+            check_access(&config.path, "config", &t, Need::Read)?;
+            check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
+            for exe in exes.values() {
+                check_access(exe, "job executable", &t, Need::ReadExec)?;
+            }
+            if let Ok(bin) = std::env::current_exe() {
+                check_access(
+                    &bin,
+                    "the gearshift binary (it re-execs itself)",
+                    &t,
+                    Need::Exec,
+                )?;
+            }
+        }
+        let mut table = Table::default();
+        for name in functions.names() {
+            if let Some(f) = functions.get(name) {
+                table.insert(
+                    name.to_string(),
+                    Runner::Rust(Arc::clone(f)),
+                    config.timeout(name),
+                );
+            }
+        }
+        for (name, path) in exes {
+            if table.contains(&name) {
+                return Err(Error::Config(format!(
+                    "\"{}\" would define function \"{name}\", which is already a built-in or Rust function (rename the file)",
+                    path.display()
+                )));
+            }
+            let timeout = config.timeout(&name);
+            table.insert(name, Runner::Executable(path), timeout);
+        }
+        let mut warnings: Vec<String> = config
+            .functions
+            .keys()
+            .filter(|name| !table.contains(name))
+            .map(|name| {
+                format!(
+                    "{}: [functions.{name}] names no known function",
+                    config.path.display()
+                )
+            })
+            .collect();
+        warnings.extend(scanned.warnings);
+        Ok(Plan {
+            config,
+            table,
+            jobs_sha256,
+            warnings,
+        })
+    }
+}
+
+/// The functions table as a map of name to description, for `check`.
+pub fn describe(table: &Table) -> BTreeMap<String, String> {
+    table
+        .iter()
+        .map(|(name, (runner, timeout))| {
+            let what = match runner {
+                Runner::Rust(_) => "rust".to_string(),
+                Runner::Executable(p) => p.display().to_string(),
+            };
+            let t = timeout
+                .map(|t| format!(" (timeout {t:?})"))
+                .unwrap_or_default();
+            (name.clone(), format!("{what}{t}"))
+        })
+        .collect()
+}
