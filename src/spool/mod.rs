@@ -1,0 +1,716 @@
+//! The embedded durable queue: a maildir-style directory.
+//!
+//! ```text
+//! dir/tmp/     files being written (never read by the worker)
+//! dir/new/     queued jobs, named by id; ids sort by submit time
+//! dir/cur/     jobs a worker has claimed (by rename from new/)
+//! dir/done/    result records of succeeded jobs
+//! dir/failed/  result records of failed jobs
+//! dir/.lock    flock held by the one worker consuming this spool
+//! ```
+//!
+//! A job is written to `tmp/`, fsynced and renamed into `new/` (then `new/` is fsynced), so a
+//! submit that returned is on disk. A worker claims a job by renaming it into `cur/`; its result
+//! record is written to `tmp/`, fsynced and renamed into `done/` or `failed/` before the job
+//! leaves `cur/`. A job found in `cur/` when a worker starts was interrupted (the worker was
+//! killed): it goes back to `new/` with one more attempt counted, or to `failed/` once
+//! `max_attempts` runs were interrupted. Nothing is ever lost, whatever is killed when.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::unistd::{geteuid, Gid, Uid};
+
+use crate::clock::now_ms;
+use crate::config::SpoolConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::privilege::Target;
+use crate::safefs::{Dir, Open};
+
+mod format;
+mod source;
+
+use format::*;
+pub use source::{SpoolSource, Waker};
+
+/// Room for a job file's header beyond its payload.
+pub(super) const HEADER_ROOM: u64 = 64 * 1024;
+/// Unlocked files in `tmp/` older than this were abandoned by a killed writer.
+pub(super) const TMP_ABANDONED: Duration = Duration::from_secs(5);
+/// How often the worker looks for abandoned files in `tmp/` (and for results to prune).
+pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+/// The spool's subdirectories (`rejected/` holds entries set aside as unusable).
+pub(super) const SUBDIRS: [&str; 6] = ["tmp", "new", "cur", "done", "failed", "rejected"];
+
+/// The spool's directories. Cheap to open; used by submitters, `result`, and the worker.
+pub struct Spool {
+    pub(super) root: PathBuf,
+    pub(super) fsync: bool,
+    /// Run as root in a spool another user owns (the worker's): what we create is given to
+    /// that user, through its descriptor, so the worker can read it.
+    pub(super) give_to: Option<(Uid, Gid)>,
+    /// The subdirectories, opened once (in [`SUBDIRS`] order): files are created and moved
+    /// relative to these descriptors, so a link planted in place of one is never followed.
+    pub(super) dirs: Vec<Dir>,
+}
+
+/// Whether a job succeeded or failed, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed,
+}
+
+/// A finished job's stored outcome.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub id: String,
+    pub outcome: Outcome,
+    pub function: String,
+    /// How many runs were started (interrupted runs included).
+    pub attempts: u32,
+    pub submitted_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub error: Option<String>,
+    /// The result bytes (empty for a failure).
+    pub result: Vec<u8>,
+}
+
+/// Where a job is now.
+#[derive(Debug)]
+pub enum Lookup {
+    Finished(Record),
+    Queued,
+    Running,
+    Unknown,
+}
+
+impl Spool {
+    /// Opens the spool at `dir`, creating its directories when missing.
+    /// Each subdirectory must be a real directory: a link or anything else planted in its
+    /// place is refused with its path.
+    pub fn open(dir: &Path, fsync: bool) -> Result<Spool> {
+        let root = Dir::create(dir, 0o750)?;
+        let (uid, gid) = root.owner();
+        let give_to = (geteuid().is_root() && !uid.is_root()).then_some((uid, gid));
+        let mut dirs = Vec::with_capacity(SUBDIRS.len());
+        for sub in SUBDIRS {
+            let d = root.sub(sub, Some(0o750))?;
+            if let Some((uid, gid)) = give_to.filter(|_| d.owner().0.is_root()) {
+                d.chown(uid, gid)?;
+            }
+            dirs.push(d);
+        }
+        Ok(Spool {
+            root: dir.to_path_buf(),
+            fsync,
+            give_to,
+            dirs,
+        })
+    }
+
+    pub fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
+        Spool::open(&cfg.dir, cfg.fsync)
+    }
+
+    fn dir(&self, sub: &str) -> PathBuf {
+        self.root.join(sub)
+    }
+
+    /// Enqueues a job durably and returns its id.
+    pub fn submit(&self, function: &str, payload: &[u8]) -> Result<String> {
+        crate::config::check_function_name(function).map_err(Error::Msg)?;
+        let id = new_id();
+        let job = JobFile {
+            function: function.to_string(),
+            submitted_ms: now_ms(),
+            attempts: 0,
+            payload: payload.to_vec(),
+        };
+        self.publish(&encode_job(&job), &id, "new")?;
+        Ok(id)
+    }
+
+    /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
+    fn publish(&self, bytes: &[u8], id: &str, sub: &str) -> Result<()> {
+        let name = format!("{id}.{}", new_id());
+        let tmp = self.dir("tmp").join(&name);
+        let tmp_dir = self.opened("tmp")?;
+        let mut f = tmp_dir.create_new(&name, 0o640)?;
+        // Held until the file is renamed away: the worker's clean-up of abandoned files in
+        // tmp/ never touches one whose writer is alive.
+        // SAFETY: flock takes a descriptor we own and an operation; it touches no memory.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        let written = (|| {
+            if let Some((uid, gid)) = self.give_to {
+                crate::safefs::chown_file(&f, &tmp, uid, gid)?;
+            }
+            f.write_all(bytes).at("writing", &tmp)?;
+            if self.fsync {
+                f.sync_all().at("syncing", &tmp)?;
+            }
+            Ok(())
+        })();
+        drop(f);
+        if let Err(e) = written {
+            // A failed write or fsync (a full disk, EIO) leaves nothing behind; a retry writes
+            // the bytes again, from memory, into a new file (never trusting a repeated fsync).
+            let _ = tmp_dir.remove(&name);
+            return Err(e);
+        }
+        let dest_dir = self.opened(sub)?;
+        if let Err(e) = tmp_dir.rename_into(&name, dest_dir, id) {
+            let _ = tmp_dir.remove(&name);
+            let dest = self.dir(sub).join(id);
+            return Err(Error::io(
+                format!("renaming \"{}\" to \"{}\"", tmp.display(), dest.display()),
+                e,
+            ));
+        }
+        if self.fsync {
+            dest_dir.sync()?;
+        }
+        Ok(())
+    }
+
+    /// The opened subdirectory `sub`.
+    fn opened(&self, sub: &str) -> Result<&Dir> {
+        SUBDIRS
+            .iter()
+            .position(|s| *s == sub)
+            .and_then(|i| self.dirs.get(i))
+            .ok_or_else(|| Error::Msg(format!("no spool directory \"{sub}\"")))
+    }
+
+    /// Where job `id` is now.
+    pub fn lookup(&self, id: &str) -> Result<Lookup> {
+        if !valid_id(id) {
+            return Ok(Lookup::Unknown);
+        }
+        // A job only moves forward, new -> cur -> done|failed, and is always in at least one of
+        // them (a rename moves it; `finish` stores the record before it leaves cur/). Looking in
+        // that same order cannot miss one that moves while we look: wherever it was not, it had
+        // already left. (Looking backwards could: new/ checked just after the claim, cur/ just
+        // before it.) The last look at new/ covers start-up recovery moving cur/ back to new/.
+        if self.dir("new").join(id).exists() {
+            return Ok(Lookup::Queued);
+        }
+        if self.dir("cur").join(id).exists() {
+            return Ok(Lookup::Running);
+        }
+        if let Some(r) = self.read_finished(id)? {
+            return Ok(Lookup::Finished(r));
+        }
+        Ok(if self.dir("new").join(id).exists() {
+            Lookup::Queued
+        } else {
+            Lookup::Unknown
+        })
+    }
+
+    fn read_finished(&self, id: &str) -> Result<Option<Record>> {
+        for sub in ["done", "failed"] {
+            let path = self.dir(sub).join(id);
+            match read_entry(&path, u64::MAX) {
+                Ok(bytes) => {
+                    return decode_record(id, &bytes).map(Some).map_err(|why| {
+                        Error::Msg(format!(
+                            "corrupt result record \"{}\": {why}",
+                            path.display()
+                        ))
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io_path("reading", &path, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks until job `id` has finished (or `timeout` passed), woken by inotify on done/ and
+    /// failed/.
+    pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let watch = crate::inotify::Inotify::new().and_then(|ino| {
+            ino.add(&self.dir("done"))?;
+            ino.add(&self.dir("failed"))?;
+            Ok(ino)
+        });
+        if let Err(e) = &watch {
+            log::debug!("no inotify for waiting ({e}); checking every 100 ms");
+        }
+        let recheck = if watch.is_ok() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            // The result record lands in done/ or failed/ a moment before the job leaves cur/:
+            // look for it first, so the answer comes with the event, not with a recheck.
+            if let Some(r) = self.read_finished(id)? {
+                return Ok(Lookup::Finished(r));
+            }
+            match self.lookup(id)? {
+                Lookup::Unknown => return Ok(Lookup::Unknown),
+                l @ Lookup::Finished(_) => return Ok(l),
+                pending => {
+                    let wait = match deadline {
+                        Some(d) if Instant::now() >= d => return Ok(pending),
+                        Some(d) => d.saturating_duration_since(Instant::now()).min(recheck),
+                        None => recheck,
+                    };
+                    match &watch {
+                        Ok(ino) => drop(ino.wait(Some(wait), &mut buf)),
+                        Err(_) => std::thread::sleep(wait),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Started as root with `[worker] user`: gives the spool to that user before the drop. A spool
+/// the user already owns is left alone (root touches nothing the worker can write). A spool
+/// root owns (say, `submit` ran first) is root's own ground: its known entries are handed over
+/// through descriptors, then the directory itself.
+pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
+    let root = Dir::create(&cfg.dir, 0o750)?;
+    if root.owner().0 == t.uid {
+        return Ok(());
+    }
+    if !root.trusted() {
+        return Err(Error::Msg(format!(
+            "spool \"{}\" is owned by uid {} (mode {:o}), neither root nor user \"{}\"; fix: chown -R {} \"{}\"",
+            cfg.dir.display(),
+            root.owner().0,
+            root.mode(),
+            t.name,
+            t.name,
+            cfg.dir.display()
+        )));
+    }
+    for sub in SUBDIRS {
+        let d = root.sub(sub, Some(0o750))?;
+        if let Ok(entries) = fs::read_dir(d.path()) {
+            for name in entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+            {
+                if let Ok(o) = d.file(&name, Open::READ) {
+                    crate::safefs::chown_file(&o.file, &d.path().join(&name), t.uid, t.gid)?;
+                }
+            }
+        }
+        d.chown(t.uid, t.gid)?;
+    }
+    if let Ok(o) = root.file(".lock", Open::READ) {
+        crate::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
+    }
+    root.chown(t.uid, t.gid)
+}
+
+pub(super) fn new_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:016x}-{:x}-{seq:x}", std::process::id())
+}
+
+pub(super) fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// Every entry of `dir` but dot files, names as they are (not necessarily UTF-8).
+pub(super) fn list_raw(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).at("listing", dir)? {
+        let name = entry.at("listing", dir)?.file_name();
+        if !name.as_encoded_bytes().starts_with(b".") {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io_path("removing", path, e)),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn prune_older(dir: &Path, cutoff: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < cutoff);
+        if old {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file of
+/// at most `max` bytes (checked with fstat before reading, and bounded while reading).
+pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other("a symbolic link, not a job file")
+            } else {
+                e
+            }
+        })?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "not a regular file ({})",
+            if meta.is_dir() {
+                "a directory"
+            } else {
+                "a FIFO, socket or device"
+            }
+        )));
+    }
+    if meta.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, over max_payload_bytes plus {HEADER_ROOM} bytes of header",
+            meta.len()
+        )));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::other(
+            "grew over max_payload_bytes while being read",
+        ));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format::*;
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gs-spool-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn cfg(dir: &Path, max_attempts: u32) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_attempts,
+            retain_results: Duration::from_secs(3600),
+            fsync: false,
+        }
+    }
+
+    #[test]
+    fn codecs_round_trip() {
+        let job = JobFile {
+            function: "f".into(),
+            submitted_ms: 5,
+            attempts: 2,
+            payload: b"a\n\nb\0".to_vec(),
+        };
+        let back = decode_job(&encode_job(&job)).expect("decode");
+        assert_eq!(
+            (back.function.as_str(), back.submitted_ms, back.attempts),
+            ("f", 5, 2)
+        );
+        assert_eq!(back.payload, job.payload);
+
+        let rec = Record {
+            id: "x".into(),
+            outcome: Outcome::Failed,
+            function: "f".into(),
+            attempts: 1,
+            submitted_ms: 1,
+            started_ms: 2,
+            finished_ms: 3,
+            error: Some("line one\nline \\two".into()),
+            result: Vec::new(),
+        };
+        let back = decode_record("x", &encode_record(&rec)).expect("decode");
+        assert_eq!(back.error.as_deref(), Some("line one\nline \\two"));
+        assert_eq!(back.outcome, Outcome::Failed);
+
+        for bad in [
+            &b""[..],
+            b"GSJ1\nfunction=f\n",
+            b"XXXX\n\n",
+            b"GSJ1\nfunction=f\nsubmitted=x\nattempts=0\n\n",
+        ] {
+            assert!(decode_job(bad).is_err(), "{bad:?}");
+        }
+        // Version 1 (no length, no checksum) is still read.
+        let v1 = b"GSJ1\nfunction=f\nsubmitted=1\nattempts=0\n\npay";
+        assert_eq!(decode_job(v1).expect("v1").payload, b"pay");
+        // Version 2 detects truncation, extra bytes and corruption.
+        let whole = encode_job(&job);
+        let cut = decode_job(&whole[..whole.len() - 1])
+            .err()
+            .unwrap_or_default();
+        assert!(cut.starts_with("truncated: 4 of 5 bytes"), "{cut}");
+        let mut longer = whole.clone();
+        longer.push(b'!');
+        assert!(decode_job(&longer).is_err());
+        let mut flipped = whole.clone();
+        *flipped.last_mut().unwrap_or(&mut 0) ^= 1;
+        let e = decode_job(&flipped).err().unwrap_or_default();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        let done = Record {
+            outcome: Outcome::Done,
+            error: None,
+            result: b"xyz".to_vec(),
+            ..rec
+        };
+        let bytes = encode_record(&done);
+        assert_eq!(decode_record("x", &bytes).expect("record").result, b"xyz");
+        let e = decode_record("x", &bytes[..bytes.len() - 1])
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("truncated"), "{e}");
+    }
+
+    #[test]
+    fn submit_claim_finish_lookup() {
+        let dir = tempdir("flow");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+        let spool = Spool::open(&dir, false).expect("open");
+        let a = spool.submit("echo", b"one").expect("submit");
+        let b = spool.submit("echo", b"two").expect("submit");
+        assert!(matches!(spool.lookup(&a), Ok(Lookup::Queued)));
+        assert!(matches!(spool.lookup("ffff-1-1"), Ok(Lookup::Unknown)));
+        assert!(matches!(spool.lookup("../etc/passwd"), Ok(Lookup::Unknown)));
+
+        let mut lane = src.lane();
+        let stop = AtomicBool::new(false);
+        let job = lane.next(&stop).expect("next").expect("a job");
+        assert_eq!(
+            (job.id.as_str(), job.payload.as_slice(), job.attempt),
+            (a.as_str(), &b"one"[..], 1)
+        );
+        assert!(matches!(spool.lookup(&a), Ok(Lookup::Running)));
+        lane.finish(&job, &Ok(b"ONE".to_vec())).expect("finish");
+        match spool.lookup(&a).expect("lookup") {
+            Lookup::Finished(r) => assert_eq!(
+                (r.outcome, r.result.as_slice()),
+                (Outcome::Done, &b"ONE"[..])
+            ),
+            other => panic!("{other:?}"),
+        }
+        let job = lane.next(&stop).expect("next").expect("b");
+        assert_eq!(job.id, b);
+        lane.finish(&job, &Err(crate::JobError::new("nope")))
+            .expect("finish");
+        match spool.lookup(&b).expect("lookup") {
+            Lookup::Finished(r) => assert_eq!(
+                (r.outcome, r.error.as_deref()),
+                (Outcome::Failed, Some("nope"))
+            ),
+            other => panic!("{other:?}"),
+        }
+        stop.store(true, Ordering::Release);
+        assert!(lane.next(&stop).expect("next").is_none());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn interrupted_jobs_are_requeued_then_failed() {
+        let dir = tempdir("recover");
+        let spool = Spool::open(&dir, false).expect("open");
+        let id = spool.submit("echo", b"x").expect("submit");
+        let stop = AtomicBool::new(false);
+        for round in 1..=3 {
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+            let job = src.lane().next(&stop).expect("next").expect("job");
+            assert_eq!(job.attempt, round);
+            // Dropping the source without finishing is what a kill -9 leaves behind.
+        }
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+        assert!(src
+            .lane()
+            .next(&AtomicBool::new(true))
+            .expect("next")
+            .is_none());
+        match spool.lookup(&id).expect("lookup") {
+            Lookup::Finished(r) => {
+                assert_eq!(r.outcome, Outcome::Failed);
+                assert_eq!(r.attempts, 3);
+                assert!(
+                    r.error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("interrupted 3 times")),
+                    "{:?}",
+                    r.error
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn old_results_are_pruned_at_start() {
+        let dir = tempdir("retain");
+        let mut c = cfg(&dir, 3);
+        let spool = Spool::open(&dir, false).expect("open");
+        let id = spool.submit("echo", b"x").expect("submit");
+        {
+            let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
+            let mut lane = src.lane();
+            let job = lane
+                .next(&AtomicBool::new(false))
+                .expect("next")
+                .expect("job");
+            lane.finish(&job, &Ok(b"x".to_vec())).expect("finish");
+        }
+        assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
+        // Within the retention period: kept.
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
+        assert!(src
+            .lane()
+            .next(&AtomicBool::new(true))
+            .expect("next")
+            .is_none());
+        assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
+        drop(src);
+        std::thread::sleep(Duration::from_millis(20));
+        c.retain_results = Duration::from_millis(10);
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
+        // A lane prunes as it starts, before it claims or sleeps: run one on an empty queue.
+        let stop = Arc::new(AtomicBool::new(false));
+        let lane = {
+            let (src, stop) = (Arc::clone(&src), Arc::clone(&stop));
+            std::thread::spawn(move || src.lane().next(&stop).map(|j| j.is_none()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(spool.lookup(&id), Ok(Lookup::Unknown)) {
+            assert!(Instant::now() < deadline, "not pruned at the lane's start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Release);
+        src.wake();
+        assert!(
+            lane.join().expect("lane").expect("next"),
+            "stopped with no job"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Lookups racing a consumer never lose sight of a job (they once did: looking at cur/ then
+    /// new/ could fall between the claim's rename and miss it, and `submit --wait` answered
+    /// "unknown id").
+    #[test]
+    fn lookups_racing_the_consumer_always_find_the_job() {
+        let dir = tempdir("race");
+        let spool = Spool::open(&dir, false).expect("open");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+        let ids: Vec<String> = (0..1000)
+            .map(|i| {
+                spool
+                    .submit("echo", i.to_string().as_bytes())
+                    .expect("submit")
+            })
+            .collect();
+        let consumer = {
+            let src = Arc::clone(&src);
+            std::thread::spawn(move || {
+                let mut lane = src.lane();
+                let stop = AtomicBool::new(false);
+                for _ in 0..1000 {
+                    let job = lane.next(&stop).expect("next").expect("job");
+                    lane.finish(&job, &Ok(Vec::new())).expect("finish");
+                }
+            })
+        };
+        let mut finished = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while finished < ids.len() {
+            assert!(
+                Instant::now() < deadline,
+                "{finished} of {} finished in 60 s",
+                ids.len()
+            );
+            finished = 0;
+            for id in &ids {
+                match spool.lookup(id).expect("lookup") {
+                    Lookup::Unknown => panic!("job {id} lost sight of while it moved"),
+                    Lookup::Finished(_) => finished += 1,
+                    _ => {}
+                }
+            }
+        }
+        consumer.join().expect("consumer");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_queue_listing_is_handed_over() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempdir("handover");
+        let spool = Spool::open(&dir, false).expect("open");
+        let ids: Vec<String> = (0..5)
+            .map(|i| spool.submit("echo", &[i]).expect("submit"))
+            .collect();
+        let stop = AtomicBool::new(false);
+        let fd = {
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+            let mut lane = src.lane();
+            let first = lane.next(&stop).expect("next").expect("job");
+            lane.finish(&first, &Ok(Vec::new())).expect("finish");
+            src.hand_over().expect("a listing to hand over")
+        };
+        // A job claimed meanwhile by someone else is skipped, not an error.
+        fs::remove_file(dir.join("new").join(&ids[2])).expect("rm");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+        src.take_over(fd.into_raw_fd());
+        let mut lane = src.lane();
+        let mut got = Vec::new();
+        while let Some(job) = {
+            let stop_now = AtomicBool::new(src.pending.lock().expect("lock").is_empty());
+            lane.next(&stop_now).expect("next")
+        } {
+            got.push(job.id.clone());
+            lane.finish(&job, &Ok(Vec::new())).expect("finish");
+        }
+        assert_eq!(got, [ids[1].clone(), ids[3].clone(), ids[4].clone()]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn second_consumer_is_refused() {
+        let dir = tempdir("lock");
+        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open");
+        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("in use by another worker"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
