@@ -14,9 +14,9 @@ use nix::unistd::Pid;
 
 use crate::config::{parse_duration, Config, GearmanConfig, Source as SourceConfig};
 use crate::error::{Error, Result};
-use crate::functions::Functions;
-use crate::pidfile::{self, Probe};
-use crate::spool::{Lookup, Outcome, Spool};
+use crate::jobs::functions::Functions;
+use crate::ops::pidfile::{self, Probe};
+use crate::source::spool::{Lookup, Outcome, Spool};
 use crate::worker::{self, Plan};
 
 /// LSB exit code: program is not running.
@@ -157,13 +157,13 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    crate::logging::init(log::LevelFilter::Info);
+    crate::ops::logging::init(log::LevelFilter::Info);
     match dispatch(cli, functions) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // A generation that fails to start writes to the log file, not only to a stderr
             // nobody reads.
-            if crate::logging::has_file() {
+            if crate::ops::logging::has_file() {
                 log::error!("{e}");
                 log::logger().flush();
             }
@@ -190,7 +190,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Start {
             supervise,
             max_restarts,
-        } => crate::daemon::start(path, functions, supervise.then_some(max_restarts)),
+        } => crate::ops::daemon::start(path, functions, supervise.then_some(max_restarts)),
         Command::Restart { timeout } => {
             // A worker started with --supervise is started again with its supervisor.
             let supervised = running(path).ok().and_then(|(pid, socket, _)| {
@@ -199,7 +199,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
                     .and_then(|s| s.supervisor.map(|sv| sv.max_restarts as u64))
             });
             stop(path, timeout, false)?;
-            crate::daemon::start(path, functions, supervised.map(|m| m as usize))
+            crate::ops::daemon::start(path, functions, supervised.map(|m| m as usize))
         }
         Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),
@@ -309,7 +309,7 @@ fn wait_for_result(
 }
 
 fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
-    use crate::gearman::client::{self, Client, Outcome, Priority, Update};
+    use crate::source::gearman::client::{self, Client, Outcome, Priority, Update};
     if args.count != 1 {
         let r = client::load(
             &cfg.servers,
@@ -449,8 +449,8 @@ fn state_dir_of(path: &Path) -> Result<PathBuf> {
 /// The running worker's pid and status socket, decided by the pidfile lock.
 fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
     let state_dir = state_dir_of(path)?;
-    let pidfile = state_dir.join(crate::layout::PIDFILE);
-    let socket = crate::layout::worker_dir(&state_dir).join(crate::layout::SOCKET);
+    let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
+    let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
     match pidfile::probe(&pidfile)? {
         Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
         Probe::Running(None) => Err(Error::Msg(format!(
@@ -566,7 +566,7 @@ fn print_status(s: &crate::status::Doc) {
         println!(
             "  last refused deploy at {} (sha256 {}): {}",
             r.at,
-            crate::deploy::short(&r.sha256),
+            crate::restart::deploy::short(&r.sha256),
             r.error
         );
     }

@@ -314,12 +314,12 @@ impl Config {
 
     /// Where the worker's pidfile lives.
     pub fn pidfile(&self) -> PathBuf {
-        self.worker.state_dir.join(crate::layout::PIDFILE)
+        self.worker.state_dir.join(crate::ops::layout::PIDFILE)
     }
 
     /// Where the worker answers `status`.
     pub fn status_socket(&self) -> PathBuf {
-        crate::layout::worker_dir(&self.worker.state_dir).join(crate::layout::SOCKET)
+        crate::ops::layout::worker_dir(&self.worker.state_dir).join(crate::ops::layout::SOCKET)
     }
 }
 

@@ -1,16 +1,21 @@
 //! gearshift: a job worker for Gearman-style queues that restarts itself in place, between
 //! jobs, without dropping or interrupting a job.
 //!
-//! Layout (one module per concept):
-//! - [`cli`]: the command line (`run`, `submit`, `result`, `status`, `reload`, `stop`, `check`);
-//!   a user's own binary calls [`cli::main`] with its own [`Functions`].
-//! - [`worker`]: the control loop and the lane threads that run jobs; restart decisions.
-//! - [`source`], [`spool`], [`gearman`]: where jobs come from: the embedded durable queue, or
-//!   Gearman servers over the binary protocol.
-//! - [`functions`], [`executable`]: Rust job functions and job executables from `jobs_dir`.
-//! - [`config`]: `config.toml`, with `file:line:col` errors.
-//! - [`signals`], [`watch`], [`inotify`], [`reexec`], [`pidfile`], [`status`], [`logging`],
-//!   [`notify`]: the daemon's parts.
+//! Layout (a directory per part of the architecture, a file per concept):
+//! - [`cli`]: the command line; a user's own binary calls [`cli::main`] (or
+//!   [`cli::main_as`]) with its own [`Functions`].
+//! - [`worker`]: one generation: start-up, the control loop that owns every decision, the lane
+//!   threads that run jobs, the validated [`worker::Plan`].
+//! - [`source`]: where jobs come from: the [`source::lane`] interface, the embedded durable
+//!   [`source::spool`], or Gearman servers ([`source::gearman`]).
+//! - [`jobs`]: Rust job functions, job executables, and keeping their processes in check.
+//! - [`restart`]: re-exec in place: the state carried across execve, the descriptors handed
+//!   over, the exec, deploys of a new binary.
+//! - [`ops`]: the daemon's operating parts: `start`, the supervisor, the pidfile, privileges
+//!   and the files root trusts, signals, logging, systemd notify.
+//! - [`watch`]: file changes (config, `jobs_dir`, the binary, the queue) over one inotify.
+//! - [`status`], [`config`], [`clock`], [`error`]: the status document, `config.toml` (with
+//!   `file:line:col` errors), time, errors.
 //!
 //! ```no_run
 //! use gearshift::{Functions, Job, JobResult};
@@ -26,37 +31,20 @@
 //! }
 //! ```
 
-pub mod carried;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod daemon;
-pub mod deploy;
 pub mod error;
-pub mod executable;
-pub mod functions;
-pub mod gearman;
-pub mod handover;
-pub mod inotify;
-pub mod lane;
-pub mod layout;
-pub mod logging;
-pub mod notify;
-pub mod pidfile;
-pub mod privilege;
-pub mod reaper;
-pub mod reexec;
-pub mod safefs;
-pub mod signals;
+pub mod jobs;
+pub mod ops;
+pub mod restart;
 pub mod source;
-pub mod spool;
 pub mod status;
-pub mod supervisor;
 pub mod watch;
 pub mod worker;
 
 pub use error::{Error, Result};
-pub use functions::{Functions, Job, JobError, JobFunction, JobResult, Progress};
+pub use jobs::functions::{Functions, Job, JobError, JobFunction, JobResult, Progress};
 
 /// The crate version, with the git revision it was built from when known.
 pub const VERSION: &str = env!("GEARSHIFT_VERSION");

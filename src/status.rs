@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::rfc3339_ms;
 
-use crate::carried::Refusal;
 use crate::error::{Error, Result};
+use crate::restart::carried::Refusal;
 
 /// One lane's connection to one Gearman server, for `status`.
 #[derive(Debug, Clone, Default)]
@@ -75,8 +75,8 @@ pub struct Inner {
     pub config_sha256: String,
     pub source: &'static str,
     pub binary_sha256: Option<String>,
-    pub last_refused_deploy: Option<crate::carried::Refused>,
-    pub last_rollback: Option<crate::carried::Rollback>,
+    pub last_refused_deploy: Option<crate::restart::carried::Refused>,
+    pub last_rollback: Option<crate::restart::carried::Rollback>,
     /// Storage that fails (a full disk, no descriptors): the OS error and since when (unix
     /// ms). While set, lanes claim nothing new and the state is `degraded`.
     pub storage: Option<(String, u64)>,
@@ -216,7 +216,7 @@ impl State {
             jobs_failed: self.failed.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             functions: i.functions.clone(),
-            supervisor: crate::carried::from_env(),
+            supervisor: crate::restart::carried::from_env(),
             servers: self.servers_doc(),
             running_jobs: self
                 .running
@@ -271,7 +271,7 @@ pub struct Doc {
     pub jobs_failed: u64,
     pub in_flight: u64,
     pub functions: Vec<String>,
-    pub supervisor: Option<crate::carried::Info>,
+    pub supervisor: Option<crate::restart::carried::Info>,
     pub servers: Vec<ServerDoc>,
     pub running_jobs: Vec<RunningJob>,
 }
@@ -343,7 +343,7 @@ impl Server {
             .map_err(|e| Error::io_path("binding status socket", path, e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let thread = crate::signals::spawn_helper("status", move || {
+        let thread = crate::ops::signals::spawn_helper("status", move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::Acquire) {
                     break;

@@ -50,7 +50,7 @@ fn crashing_build() -> PathBuf {
 }
 
 fn sha(path: &Path) -> String {
-    gearshift::deploy::hash_file(path).unwrap()
+    gearshift::restart::deploy::hash_file(path).unwrap()
 }
 
 /// Drops `content` at `dest` the recommended way: temp file in the same directory, then rename.

@@ -10,19 +10,19 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use nix::sys::signal::Signal;
 
-use crate::carried::{Inherited, Refusal, RestartReason};
 use crate::clock::now_ms;
-use crate::deploy::{Deploy, Step};
 use crate::error::{Error, Result};
-use crate::executable::Children;
-use crate::functions::Functions;
-use crate::inotify::Inotify;
-use crate::notify::Notifier;
-use crate::pidfile::Pidfile;
-use crate::reexec::{self, Boot};
-use crate::signals::{self, Signals};
+use crate::jobs::executable::Children;
+use crate::jobs::functions::Functions;
+use crate::ops::notify::Notifier;
+use crate::ops::pidfile::Pidfile;
+use crate::ops::signals::{self, Signals};
+use crate::restart::carried::{Inherited, Refusal, RestartReason};
+use crate::restart::deploy::{Deploy, Step};
+use crate::restart::reexec::{self, Boot};
 use crate::source::Source;
 use crate::status::{self, State};
+use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
 use super::lane::{DoneGuard, Health, LaneContext, Limits};
@@ -49,7 +49,7 @@ pub(super) enum Phase {
 pub(super) struct Control {
     pub(super) health: Arc<Health>,
     pub(super) deploy: Option<Deploy>,
-    pub(super) last_rollback: Option<crate::carried::Rollback>,
+    pub(super) last_rollback: Option<crate::restart::carried::Rollback>,
     pub(super) limits: Arc<Limits>,
     pub(super) recycle_tx: Sender<RestartReason>,
     pub(super) recycle_rx: Receiver<RestartReason>,
@@ -96,7 +96,7 @@ impl Control {
         self.spawn_lanes(&done_tx)?;
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
-        crate::deploy::clear_marker(&self.plan.config.worker.state_dir);
+        crate::restart::deploy::clear_marker(&self.plan.config.worker.state_dir);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
             let _ = writeln!(f, "ready {}", std::process::id());
@@ -169,7 +169,7 @@ impl Control {
                             self.notify("STOPPING=1");
                             self.halt_lanes();
                         }
-                        Signal::SIGUSR1 => match crate::logging::reopen() {
+                        Signal::SIGUSR1 => match crate::ops::logging::reopen() {
                             Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
                             Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
                             Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
@@ -421,15 +421,15 @@ impl Control {
                 let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
                 if switching {
                     let state_dir = &plan.config.worker.state_dir;
-                    match (crate::deploy::save_last_good(state_dir), d.running_sha(), &known) {
+                    match (crate::restart::deploy::save_last_good(state_dir), d.running_sha(), &known) {
                         (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
                             log::info!("deploy: the running binary is kept as {}", last_good.display());
-                            let marker = crate::deploy::Marker {
+                            let marker = crate::restart::deploy::Marker {
                                 from_sha,
                                 to_sha: to.sha256.clone(),
                                 at_ms: now_ms(),
                             };
-                            if let Err(e) = crate::deploy::write_marker(state_dir, &marker) {
+                            if let Err(e) = crate::restart::deploy::write_marker(state_dir, &marker) {
                                 log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
                             }
                         }
@@ -467,7 +467,7 @@ impl Control {
         let handed = self.source.hand_over();
         if let Some(fd) = &handed {
             use std::os::fd::{AsFd, AsRawFd};
-            if crate::handover::keep(fd.as_fd()).is_ok() {
+            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
                 next.source_fd = fd.as_raw_fd();
             }
         }

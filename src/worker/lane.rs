@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::carried::RestartReason;
 use crate::clock::now_ms;
 use crate::error::Error;
-use crate::executable::{self, Children};
-use crate::functions::{Job, JobError, JobResult, Runner, Table};
+use crate::jobs::executable::{self, Children};
+use crate::jobs::functions::{Job, JobError, JobResult, Runner, Table};
+use crate::restart::carried::RestartReason;
 use crate::source::{Claimed, Lane};
 use crate::status::State;
 
@@ -344,7 +344,7 @@ impl LaneContext {
     fn execute(
         &self,
         claimed: &Claimed,
-        progress: &mut dyn crate::functions::Progress,
+        progress: &mut dyn crate::jobs::functions::Progress,
     ) -> JobResult {
         if claimed.payload.len() > self.max_payload {
             return Err(JobError::new(format!(

@@ -18,19 +18,19 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use nix::sys::signal::Signal;
 
-use crate::carried::RestartReason;
 use crate::clock::now_ms;
-use crate::deploy::Deploy;
 use crate::error::{Error, Result};
-use crate::executable::Children;
-use crate::functions::Functions;
-use crate::inotify::Inotify;
-use crate::notify::Notifier;
-use crate::pidfile::Pidfile;
-use crate::reexec::{self, Boot};
-use crate::signals::{self, Signals};
+use crate::jobs::executable::Children;
+use crate::jobs::functions::Functions;
+use crate::ops::notify::Notifier;
+use crate::ops::pidfile::Pidfile;
+use crate::ops::signals::{self, Signals};
+use crate::restart::carried::RestartReason;
+use crate::restart::deploy::Deploy;
+use crate::restart::reexec::{self, Boot};
 use crate::source::Source;
 use crate::status::{self, Inner, State};
+use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
 mod control;
@@ -68,7 +68,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
-    crate::handover::close_inherited();
+    crate::restart::handover::close_inherited();
     let mut boot = Boot::detect();
     if boot.inherited.is_none() {
         if let Some(exe) = opts.exe.take() {
@@ -82,7 +82,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // an error in its start-up reaches the file, not only a stderr nobody reads.
     if boot.inherited.is_some() {
         if let Some(file) = &opts.log_file {
-            let _ = crate::logging::set_file(file, None);
+            let _ = crate::ops::logging::set_file(file, None);
         }
     }
     let (sig_tx, sig_rx) = bounded::<Signal>(1024);
@@ -90,7 +90,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 
     let inherited = boot.inherited.clone().unwrap_or_default();
     let generation = inherited.generation + 1;
-    crate::logging::set_generation(generation);
+    crate::ops::logging::set_generation(generation);
     let config_path = crate::config::absolute(config_path)?;
     // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
     // since then are picked up by the check right after start-up, validated like any other.
@@ -99,15 +99,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if boot.inherited.is_none() {
         // A fresh start of a binary that a deploy switched to, whose marker is still there:
         // that binary died before serving (and a supervisor or systemd started it again).
-        if let Some((last_good, rb)) = crate::deploy::rollback_needed(&plan.config.worker.state_dir)
+        if let Some((last_good, rb)) =
+            crate::restart::deploy::rollback_needed(&plan.config.worker.state_dir)
         {
             log::error!(
                 "rolled back from {} to {}: {}",
-                crate::deploy::short(&rb.from_sha),
-                crate::deploy::short(&rb.to_sha),
+                crate::restart::deploy::short(&rb.from_sha),
+                crate::restart::deploy::short(&rb.to_sha),
                 rb.reason
             );
-            crate::deploy::clear_marker(&plan.config.worker.state_dir);
+            crate::restart::deploy::clear_marker(&plan.config.worker.state_dir);
             log::logger().flush();
             // The descriptor stays open until the exec, so the file checked is the file run.
             use std::os::fd::AsRawFd;
@@ -122,7 +123,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         std::process::abort();
     }
     let last_rollback = reexec::rollback_from_env().or_else(|| inherited.last_rollback.clone());
-    crate::logging::set_level(plan.config.log.level);
+    crate::ops::logging::set_level(plan.config.log.level);
     // Every file this process creates from here on, in every mode (not only under `start`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
         plan.config.worker.umask,
@@ -130,16 +131,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // As root with a user to drop to: what that user will need is prepared through
     // descriptors, never by path (see `safefs` and `layout`), then privileges are dropped
     // before anything else is opened.
-    let target = crate::privilege::dropping_to(&plan.config)?;
+    let target = crate::ops::privilege::dropping_to(&plan.config)?;
     let owner = target.as_ref().map(|t| (t.uid, t.gid));
     if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
-        crate::logging::set_file(file, owner)?;
+        crate::ops::logging::set_file(file, owner)?;
     }
     for w in &plan.warnings {
         log::warn!("{w}");
     }
     let state_dir = &plan.config.worker.state_dir;
-    let layout = crate::layout::prepare(state_dir, target.as_ref())?;
+    let layout = crate::ops::layout::prepare(state_dir, target.as_ref())?;
     let pidfile = match boot
         .inherited
         .as_ref()
@@ -151,20 +152,20 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if target.is_some() && plan.config.worker.watch_binary {
         // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
         // a rollback after a deploy the worker switches to.
-        if let Err(e) = crate::deploy::save_last_good(state_dir) {
+        if let Err(e) = crate::restart::deploy::save_last_good(state_dir) {
             log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
         }
     }
     if let (crate::config::Source::Spool(spool), Some(t)) = (&plan.config.source, &target) {
-        crate::spool::hand_to(spool, t)?;
+        crate::source::spool::hand_to(spool, t)?;
     }
     drop(layout);
-    crate::privilege::settle(&plan.config)?;
-    crate::reaper::become_subreaper();
+    crate::ops::privilege::settle(&plan.config)?;
+    crate::jobs::reaper::become_subreaper();
     if boot.inherited.is_none() {
         // We hold the pidfile lock: whatever still carries our mark was left by a killed
         // predecessor, and must not run next to the jobs we are about to recover.
-        crate::reaper::kill_leftovers(&plan.config.worker.state_dir);
+        crate::jobs::reaper::kill_leftovers(&plan.config.worker.state_dir);
     }
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let views = crate::status::ServerViews::default();
@@ -172,7 +173,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if let Some(fd) = boot
         .inherited
         .as_ref()
-        .and_then(|i| crate::handover::carried(i.source_fd))
+        .and_then(|i| crate::restart::handover::carried(i.source_fd))
     {
         source.take_over(fd);
     }
@@ -219,7 +220,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         servers: views,
     });
     let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
-    let reaper = crate::reaper::Reaper::start(Arc::clone(&state))?;
+    let reaper = crate::jobs::reaper::Reaper::start(Arc::clone(&state))?;
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
     let (touch_tx, touch_rx) = bounded::<Touched>(64);
@@ -272,7 +273,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
     let deploy = plan.config.worker.watch_binary.then(|| {
         let state = Arc::clone(&state);
-        let worker_uid = crate::privilege::target(&plan.config)
+        let worker_uid = crate::ops::privilege::target(&plan.config)
             .ok()
             .flatten()
             .map(|t| t.uid.as_raw());
@@ -349,7 +350,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 /// Wakes idle lanes every second, for a queue that cannot be watched.
 pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
     let weak = Arc::downgrade(source);
-    crate::signals::spawn_helper("queue-poll", move || {
+    crate::ops::signals::spawn_helper("queue-poll", move || {
         while let Some(s) = weak.upgrade() {
             s.wake();
             drop(s);

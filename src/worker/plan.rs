@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::functions::{Functions, Runner, Table};
+use crate::jobs::functions::{Functions, Runner, Table};
 use crate::watch::{self};
 
 /// Everything one generation needs, built and checked before it is used: a config that fails
@@ -42,7 +42,7 @@ impl Plan {
         }
         // Who we would run as is part of the config's validity: refuse before exec what the
         // new image could not run with.
-        crate::privilege::check_policy(&config)?;
+        crate::ops::privilege::check_policy(&config)?;
         let jobs_dir = &config.worker.jobs_dir;
         if !jobs_dir.is_dir() {
             return Err(Error::Config(format!(
@@ -54,16 +54,16 @@ impl Plan {
         let scanned = watch::scan_jobs(jobs_dir)?;
         let (exes, jobs_sha256) = (scanned.functions, scanned.digest);
         if config.worker.strict_modes {
-            let owner = crate::privilege::owner_uid(&config)?;
-            crate::privilege::check_file(&config.path, "config", owner)?;
-            crate::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
+            let owner = crate::ops::privilege::owner_uid(&config)?;
+            crate::ops::privilege::check_file(&config.path, "config", owner)?;
+            crate::ops::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
             for exe in exes.values() {
-                crate::privilege::check_file(exe, "job executable", owner)?;
+                crate::ops::privilege::check_file(exe, "job executable", owner)?;
             }
         }
-        if let Some(t) = crate::privilege::dropping_to(&config)? {
+        if let Some(t) = crate::ops::privilege::dropping_to(&config)? {
             // Root can read everything; the user it drops to must too, or every reload fails.
-            use crate::privilege::{check_access, Need};
+            use crate::ops::privilege::{check_access, Need};
             check_access(&config.path, "config", &t, Need::Read)?;
             check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
             for exe in exes.values() {

@@ -380,10 +380,10 @@ pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// The stored outcome of a job: Some((done?, result or error, attempts)) once finished.
-pub fn outcome(spool: &gearshift::spool::Spool, id: &str) -> Option<(bool, String, u32)> {
+pub fn outcome(spool: &gearshift::source::spool::Spool, id: &str) -> Option<(bool, String, u32)> {
     match spool.lookup(id).unwrap() {
-        gearshift::spool::Lookup::Finished(r) => Some((
-            r.outcome == gearshift::spool::Outcome::Done,
+        gearshift::source::spool::Lookup::Finished(r) => Some((
+            r.outcome == gearshift::source::spool::Outcome::Done,
             r.error
                 .unwrap_or_else(|| String::from_utf8_lossy(&r.result).into_owned()),
             r.attempts,
@@ -392,8 +392,8 @@ pub fn outcome(spool: &gearshift::spool::Spool, id: &str) -> Option<(bool, Strin
     }
 }
 
-pub fn open_spool(sb: &Sandbox) -> gearshift::spool::Spool {
-    gearshift::spool::Spool::open(&sb.path("spool"), false).unwrap()
+pub fn open_spool(sb: &Sandbox) -> gearshift::source::spool::Spool {
+    gearshift::source::spool::Spool::open(&sb.path("spool"), false).unwrap()
 }
 
 /// Waits until every id has finished and returns their outcomes.

@@ -19,7 +19,7 @@ use nix::unistd::{geteuid, initgroups, setgid, setuid, Group, Uid, User};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
-pub use crate::layout::Target;
+pub use crate::ops::layout::Target;
 
 /// Resolves `[worker] user` / `group`, if set.
 pub fn target(cfg: &Config) -> Result<Option<Target>> {
@@ -79,7 +79,7 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
 }
 
 /// Decides who we run as, and drops privileges if we must. What the dropped user needs was
-/// prepared beforehand, through descriptors ([`crate::layout::prepare`], the log, the spool).
+/// prepared beforehand, through descriptors ([`crate::ops::layout::prepare`], the log, the spool).
 pub fn settle(cfg: &Config) -> Result<()> {
     match target(cfg)? {
         Some(t) if geteuid().is_root() => drop_to(&t),

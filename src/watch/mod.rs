@@ -7,7 +7,9 @@
 //! between jobs, and restarts only if the content digest really differs.
 //!
 //! All watches of a generation (config, jobs_dir, the spool queue) share one inotify instance,
-//! read by one thread; see [`crate::inotify`] for why that instance outlives the generation.
+//! read by one thread; see [`crate::watch::inotify`] for why that instance outlives the generation.
+
+pub mod inotify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -20,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::hex;
 use crate::error::{Error, Result};
-use crate::inotify::{Event, Inotify};
+use crate::watch::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +90,7 @@ pub fn start(
     }
 
     let ino = Arc::clone(inotify);
-    crate::signals::spawn_helper("watch", move || {
+    crate::ops::signals::spawn_helper("watch", move || {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let events = match ino.wait(None, &mut buf) {

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::carried::{Info, SUPERVISOR_ENV as ENV};
 use crate::error::{Error, Result};
+use crate::restart::carried::{Info, SUPERVISOR_ENV as ENV};
 use crossbeam_channel::{after, bounded, select};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -70,7 +70,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         return fail(Some(ready), &format!("supervisor: {e}"));
     }
     // The mask inherited from `start` had these blocked until now.
-    let _ = crate::signals::clear_mask();
+    let _ = crate::ops::signals::clear_mask();
 
     let mut info = Info {
         pid: std::process::id(),

@@ -7,7 +7,7 @@
 //! processes never inherit it). No second instance can slip in during a reload. `status` and
 //! `stop` test the lock, never `kill(pid, 0)`: PIDs are reused, locks die with their holder. And
 //! they signal only the lock's owner as the kernel reports it in `/proc/locks`, never a pid read
-//! from the file alone. The pidfile lives in root's `state_dir` (see [`crate::layout`]).
+//! from the file alone. The pidfile lives in root's `state_dir` (see [`crate::ops::layout`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -21,8 +21,8 @@ use nix::errno::Errno;
 use nix::unistd::geteuid;
 
 use crate::error::{Error, IoContext, Result};
-use crate::layout::PIDFILE;
-use crate::safefs::{Dir, Open};
+use crate::ops::layout::PIDFILE;
+use crate::ops::safefs::{Dir, Open};
 
 /// A held pidfile lock.
 pub struct Pidfile {
@@ -96,7 +96,7 @@ impl Pidfile {
     /// pidfile at `path`; None means it is not (the caller then acquires afresh).
     pub fn adopt(fd: RawFd, path: &Path) -> Option<Pidfile> {
         let want = std::fs::metadata(path).ok()?;
-        let file = File::from(crate::handover::adopt(fd, |_| true)?);
+        let file = File::from(crate::restart::handover::adopt(fd, |_| true)?);
         let same = file
             .metadata()
             .is_ok_and(|a| a.dev() == want.dev() && a.ino() == want.ino());
@@ -117,13 +117,13 @@ impl Pidfile {
 
     /// Lets the descriptor survive execve (just before it).
     pub fn keep_across_exec(&self) -> Result<()> {
-        crate::handover::keep(self.file.as_fd())
+        crate::restart::handover::keep(self.file.as_fd())
             .map_err(|e| Error::io("clearing FD_CLOEXEC on the pidfile", e))
     }
 
     /// Undoes [`Pidfile::keep_across_exec`] (execve failed).
     pub fn close_on_exec(&self) {
-        crate::handover::release(self.file.as_fd());
+        crate::restart::handover::release(self.file.as_fd());
     }
 }
 

@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::functions::{Job, JobError, JobResult};
+use crate::jobs::functions::{Job, JobError, JobResult};
 
 /// How much of stderr is kept for the error message.
 const STDERR_TAIL: usize = 2048;
@@ -37,14 +37,14 @@ const EXIT_GRACE: Duration = Duration::from_millis(200);
 #[derive(Default, Clone)]
 pub struct Children {
     groups: Arc<Mutex<HashSet<i32>>>,
-    /// `GEARSHIFT_WORKER` for job processes (see [`crate::reaper`]).
+    /// `GEARSHIFT_WORKER` for job processes (see [`crate::jobs::reaper`]).
     worker_key: Arc<OsString>,
-    ended: Option<crate::reaper::JobEnded>,
+    ended: Option<crate::jobs::reaper::JobEnded>,
 }
 
 impl Children {
     /// Job processes will carry `worker_key`; `ended` hears of every job's end.
-    pub fn new(worker_key: &Path, ended: Option<crate::reaper::JobEnded>) -> Children {
+    pub fn new(worker_key: &Path, ended: Option<crate::jobs::reaper::JobEnded>) -> Children {
         Children {
             groups: Arc::default(),
             worker_key: Arc::new(worker_key.as_os_str().to_os_string()),
@@ -75,7 +75,7 @@ impl Children {
 /// Environment variables gearshift itself uses across re-exec; they are not passed to jobs.
 pub fn is_internal_var(key: &OsString) -> bool {
     key.to_str()
-        .is_some_and(|k| k.starts_with(crate::carried::ENV_PREFIX))
+        .is_some_and(|k| k.starts_with(crate::restart::carried::ENV_PREFIX))
 }
 
 /// Runs `exe` for `job` and returns its stdout (bounded by `max_output`) or the failure.
@@ -97,8 +97,11 @@ pub fn run(
         .process_group(0)
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !is_internal_var(k)))
-        .env(crate::reaper::ENV_JOB, job.id())
-        .env(crate::reaper::ENV_WORKER, children.worker_key.as_os_str())
+        .env(crate::jobs::reaper::ENV_JOB, job.id())
+        .env(
+            crate::jobs::reaper::ENV_WORKER,
+            children.worker_key.as_os_str(),
+        )
         .env("GEARSHIFT_FUNCTION", job.function())
         .env("GEARSHIFT_UNIQUE", job.unique())
         .env("GEARSHIFT_PROGRESS_FD", "3");
@@ -131,7 +134,7 @@ pub fn run(
             Ok(())
         });
     }
-    let spawned = crate::reaper::spawn(&mut cmd);
+    let spawned = crate::jobs::reaper::spawn(&mut cmd);
     drop(progress_write);
     let mut child = spawned.map_err(|e| {
         start_error(
@@ -146,7 +149,7 @@ pub fn run(
     // group id cannot have been reused by an unrelated process.
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     let status = child.wait();
-    crate::reaper::forget(child.id());
+    crate::jobs::reaper::forget(child.id());
     children.remove(pgid);
     if let Some(ended) = &children.ended {
         ended.notify();
@@ -563,7 +566,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::Progress;
+    use crate::jobs::functions::Progress;
     use std::os::unix::fs::PermissionsExt;
 
     #[derive(Default)]

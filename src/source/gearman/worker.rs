@@ -28,8 +28,8 @@ use super::connection::{Conn, OwnedPacket};
 use super::protocol::{self as p, Packet};
 use crate::config::GearmanConfig;
 use crate::error::{Error, Result};
-use crate::functions::{JobResult, Progress};
-use crate::lane::{Claimed, Lane};
+use crate::jobs::functions::{JobResult, Progress};
+use crate::source::lane::{Claimed, Lane};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A connection silent for this long gets an ECHO round trip to prove it is alive.

@@ -29,8 +29,8 @@ use nix::unistd::{geteuid, Gid, Uid};
 use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 use crate::error::{Error, IoContext, Result};
-use crate::privilege::Target;
-use crate::safefs::{Dir, Open};
+use crate::ops::privilege::Target;
+use crate::ops::safefs::{Dir, Open};
 
 mod format;
 mod source;
@@ -150,7 +150,7 @@ impl Spool {
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
         let written = (|| {
             if let Some((uid, gid)) = self.give_to {
-                crate::safefs::chown_file(&f, &tmp, uid, gid)?;
+                crate::ops::safefs::chown_file(&f, &tmp, uid, gid)?;
             }
             f.write_all(bytes).at("writing", &tmp)?;
             if self.fsync {
@@ -238,7 +238,7 @@ impl Spool {
     /// failed/.
     pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let watch = crate::inotify::Inotify::new().and_then(|ino| {
+        let watch = crate::watch::inotify::Inotify::new().and_then(|ino| {
             ino.add(&self.dir("done"))?;
             ino.add(&self.dir("failed"))?;
             Ok(ino)
@@ -305,14 +305,14 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
                 .filter_map(|e| e.file_name().into_string().ok())
             {
                 if let Ok(o) = d.file(&name, Open::READ) {
-                    crate::safefs::chown_file(&o.file, &d.path().join(&name), t.uid, t.gid)?;
+                    crate::ops::safefs::chown_file(&o.file, &d.path().join(&name), t.uid, t.gid)?;
                 }
             }
         }
         d.chown(t.uid, t.gid)?;
     }
     if let Ok(o) = root.file(".lock", Open::READ) {
-        crate::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
+        crate::ops::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
     }
     root.chown(t.uid, t.gid)
 }

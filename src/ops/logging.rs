@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use nix::unistd::{Gid, Uid};
 
-use crate::safefs::{Dir, Open};
+use crate::ops::safefs::{Dir, Open};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -38,7 +38,7 @@ impl Write for Sink {
 }
 
 /// Opens the log file for appending (creating it 0640), never through a planted link, FIFO or
-/// hard link (see [`crate::safefs`]). `owner`: give the file to the user we will drop to,
+/// hard link (see [`crate::ops::safefs`]). `owner`: give the file to the user we will drop to,
 /// through its descriptor, so later generations can reopen it.
 pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
@@ -56,7 +56,7 @@ pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
         },
     )?;
     if let Some((uid, gid)) = owner {
-        crate::safefs::chown_file(&opened.file, path, uid, gid)?;
+        crate::ops::safefs::chown_file(&opened.file, path, uid, gid)?;
     }
     Ok(opened.file)
 }

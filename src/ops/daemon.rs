@@ -21,19 +21,19 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{dup2, fork, setsid, ForkResult};
 
 use crate::error::{Error, Result};
-use crate::functions::Functions;
-use crate::pidfile::{self, Probe};
+use crate::jobs::functions::Functions;
+use crate::ops::pidfile::{self, Probe};
 use crate::worker::{self, Plan, RunOptions};
 
 /// Starts the worker as a daemon; returns the exit code for the `start` command.
 /// With `supervise = Some(max_restarts)`, the daemon is a supervisor running the worker as its
-/// child (see [`crate::supervisor`]).
+/// child (see [`crate::ops::supervisor`]).
 pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>) -> Result<u8> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
-    let target = crate::privilege::dropping_to(cfg)?;
-    crate::layout::prepare(&cfg.worker.state_dir, target.as_ref())?;
+    let target = crate::ops::privilege::dropping_to(cfg)?;
+    crate::ops::layout::prepare(&cfg.worker.state_dir, target.as_ref())?;
     if let Probe::Running(pid) = pidfile::probe(&cfg.pidfile())? {
         return Err(Error::Locked {
             what: cfg.pidfile(),
@@ -41,19 +41,19 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
         });
     }
     if let crate::config::Source::Gearman(g) = &cfg.source {
-        if let Err(errors) = crate::gearman::client::probe(&g.servers) {
+        if let Err(errors) = crate::source::gearman::client::probe(&g.servers) {
             eprintln!(
                 "gearshift: warning: no gearman server is reachable ({errors}); starting anyway, the worker keeps trying (see `gearshift status`)"
             );
         }
     }
-    let exe = crate::reexec::first_start_exe(std::env::args_os().next().as_deref());
+    let exe = crate::restart::reexec::first_start_exe(std::env::args_os().next().as_deref());
     let log_file = cfg
         .log
         .file
         .clone()
-        .unwrap_or_else(|| cfg.worker.state_dir.join(crate::layout::DEFAULT_LOG));
-    let log = crate::logging::open_log(&log_file, target.as_ref().map(|t| (t.uid, t.gid)))?;
+        .unwrap_or_else(|| cfg.worker.state_dir.join(crate::ops::layout::DEFAULT_LOG));
+    let log = crate::ops::logging::open_log(&log_file, target.as_ref().map(|t| (t.uid, t.gid)))?;
     let argv: Vec<OsString> = vec![
         exe.clone().into_os_string(),
         "-c".into(),
@@ -79,8 +79,9 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
             let code = match daemonize(umask, &log) {
                 Ok(()) if supervise.is_some() => {
                     let max = supervise.unwrap_or(5);
-                    let settings = crate::supervisor::settings(&exe, &plan.config, &log_file, max);
-                    crate::supervisor::run(&settings, File::from(ready_w))
+                    let settings =
+                        crate::ops::supervisor::settings(&exe, &plan.config, &log_file, max);
+                    crate::ops::supervisor::run(&settings, File::from(ready_w))
                 }
                 Ok(()) => {
                     let ready = File::from(ready_w);

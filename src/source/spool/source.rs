@@ -16,8 +16,8 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 use crate::error::{Error, Result};
-use crate::functions::{JobResult, Progress};
-use crate::lane::{Claimed, Lane};
+use crate::jobs::functions::{JobResult, Progress};
+use crate::source::lane::{Claimed, Lane};
 
 use super::format::*;
 use super::*;
@@ -411,7 +411,7 @@ impl SpoolSource {
 
     /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
     pub fn take_over(&self, fd: std::os::fd::RawFd) {
-        let Some(fd) = crate::handover::adopt(fd, |what| {
+        let Some(fd) = crate::restart::handover::adopt(fd, |what| {
             what.to_string_lossy()
                 .starts_with("/memfd:gearshift-pending")
         }) else {

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicBool;
 
 use crate::error::Result;
-use crate::functions::{JobResult, Progress};
+use crate::jobs::functions::{JobResult, Progress};
 
 /// A claimed job.
 #[derive(Debug, Clone)]

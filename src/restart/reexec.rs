@@ -14,8 +14,8 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::carried::{Inherited, ENV_PREFIX};
 use crate::error::Error;
+use crate::restart::carried::{Inherited, ENV_PREFIX};
 
 const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
 const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
@@ -103,7 +103,11 @@ pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> E
 pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
 
 /// A fresh start of `exe` (no carried state) telling it about a rollback.
-pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::carried::Rollback) -> Error {
+pub fn exec_rollback(
+    exe: &Path,
+    argv: &[OsString],
+    rollback: &crate::restart::carried::Rollback,
+) -> Error {
     match serde_json::to_string(rollback) {
         Ok(json) => exec_with(exe, argv, &[(ENV_ROLLBACK, json.into())]),
         Err(e) => Error::Msg(format!("cannot encode rollback: {e}")),
@@ -111,7 +115,7 @@ pub fn exec_rollback(exe: &Path, argv: &[OsString], rollback: &crate::carried::R
 }
 
 /// The rollback a previous image performed, if this image was started by one.
-pub fn rollback_from_env() -> Option<crate::carried::Rollback> {
+pub fn rollback_from_env() -> Option<crate::restart::carried::Rollback> {
     serde_json::from_str(&std::env::var(ENV_ROLLBACK).ok()?).ok()
 }
 

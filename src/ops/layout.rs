@@ -13,14 +13,14 @@
 //! Architecture invariant: nothing the worker's user can write decides what root opens, chowns,
 //! signals or executes. The pidfile and `last-good` sit where only root can write; what the
 //! worker writes lives in `worker/` (and the spool), and root reads it only as bounded data
-//! through [`crate::safefs`].
+//! through [`crate::ops::safefs`].
 
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{geteuid, Gid, Uid};
 
 use crate::error::{Error, Result};
-use crate::safefs::Dir;
+use crate::ops::safefs::Dir;
 
 /// The worker's own subdirectory of `state_dir`.
 pub const WORKER_DIR: &str = "worker";

@@ -82,7 +82,7 @@ impl Reaper {
     /// Starts the sweeper thread (spawn it while signals are blocked, like every helper).
     pub fn start(state: Arc<State>) -> crate::Result<Reaper> {
         let (tx, rx) = bounded::<()>(64);
-        crate::signals::spawn_helper("reaper", move || sweeper(&rx, &state))
+        crate::ops::signals::spawn_helper("reaper", move || sweeper(&rx, &state))
             .map_err(|e| crate::Error::io("spawning the reaper thread", e))?;
         Ok(Reaper { tx })
     }

@@ -24,10 +24,10 @@ use crossbeam_channel::{bounded, Receiver};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::carried::{Ident, Known, Refused, Rollback};
 use crate::config::hex;
-use crate::layout;
-use crate::safefs::Dir;
+use crate::ops::layout;
+use crate::ops::safefs::Dir;
+use crate::restart::carried::{Ident, Known, Refused, Rollback};
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -84,7 +84,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
             return None;
         }
     };
-    let reason = match crate::carried::from_env().and_then(|i| i.last_exit) {
+    let reason = match crate::restart::carried::from_env().and_then(|i| i.last_exit) {
         Some(exit) => format!("the new binary {exit} before it was serving"),
         None => "the new binary died before it was serving".to_string(),
     };
@@ -106,7 +106,9 @@ fn open_last_good(state_dir: &Path) -> crate::Result<File> {
             state_dir.display()
         )));
     }
-    let file = dir.file(layout::LAST_GOOD, crate::safefs::Open::READ)?.file;
+    let file = dir
+        .file(layout::LAST_GOOD, crate::ops::safefs::Open::READ)?
+        .file;
     let meta = file
         .metadata()
         .map_err(|e| crate::Error::io_path("checking", &state_dir.join(layout::LAST_GOOD), e))?;
@@ -128,7 +130,7 @@ pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
     let dir = Dir::open(state_dir)?;
     if dir.owner().0 != nix::unistd::geteuid() {
         return Ok(dir
-            .file(layout::LAST_GOOD, crate::safefs::Open::READ)
+            .file(layout::LAST_GOOD, crate::ops::safefs::Open::READ)
             .ok()
             .map(|_| state_dir.join(layout::LAST_GOOD)));
     }
@@ -137,7 +139,7 @@ pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
     let mut out = dir
         .file(
             &tmp,
-            crate::safefs::Open {
+            crate::ops::safefs::Open {
                 write: true,
                 append: false,
                 create: Some(0o700),
@@ -204,7 +206,7 @@ impl Deploy {
         if running.is_none() {
             let slot = Arc::clone(&known);
             let path = path.to_path_buf();
-            let _ = crate::signals::spawn_helper("hash-self", move || {
+            let _ = crate::ops::signals::spawn_helper("hash-self", move || {
                 // /proc/self/exe is the image we run, even if the path was replaced since.
                 if let Ok(sha) = hash_file(Path::new("/proc/self/exe")) {
                     let before = Ident::of(&path);
@@ -295,7 +297,7 @@ impl Deploy {
         let (tx, rx) = bounded(1);
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
         let bad = self.known_bad.clone();
-        let _ = crate::signals::spawn_helper("preflight", move || {
+        let _ = crate::ops::signals::spawn_helper("preflight", move || {
             let outcome = match hash_file(&path) {
                 Err(e) => Outcome::Unreadable(e.to_string()),
                 Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
@@ -449,15 +451,15 @@ fn preflight(candidate: &Path, config: &Path) -> Result<(), String> {
         .arg(config)
         .arg("check")
         .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| !crate::executable::is_internal_var(k)))
+        .envs(std::env::vars_os().filter(|(k, _)| !crate::jobs::executable::is_internal_var(k)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child =
-        crate::reaper::spawn(&mut cmd).map_err(|e| format!("cannot run the candidate: {e}"))?;
+    let mut child = crate::jobs::reaper::spawn(&mut cmd)
+        .map_err(|e| format!("cannot run the candidate: {e}"))?;
     let pid = child.id();
     let result = wait_preflight(&mut child);
-    crate::reaper::forget(pid);
+    crate::jobs::reaper::forget(pid);
     result
 }
 

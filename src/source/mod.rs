@@ -2,14 +2,18 @@
 //! runs it, reports the outcome, and only then asks for the next one. Between those calls a
 //! lane holds no job, which is what makes a restart between jobs safe.
 
+pub mod gearman;
+pub mod lane;
+pub mod spool;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::error::Result;
-use crate::gearman::GearmanSource;
-pub use crate::lane::{Claimed, Lane};
-use crate::spool::SpoolSource;
+use crate::source::gearman::GearmanSource;
+pub use crate::source::lane::{Claimed, Lane};
+use crate::source::spool::SpoolSource;
 
 /// An opened job source.
 pub enum Source {

@@ -1,0 +1,6 @@
+//! Job functions: Rust functions and the built-ins (`functions`), job executables
+//! (`executable`), and keeping their processes from outliving them (`reaper`).
+
+pub mod executable;
+pub mod functions;
+pub mod reaper;
