@@ -8,7 +8,6 @@
 
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use signal_hook::iterator::Signals as Iter;
 
@@ -42,7 +41,7 @@ impl Signals {
     /// Installs handlers for [`HANDLED`] and forwards each delivery to `tx`. Call with the
     /// signals blocked ([`block`]) and clear the mask ([`clear_mask`]) once the helper threads
     /// are spawned: they inherit the blocked mask and so never take a signal themselves.
-    pub fn install(tx: Sender<Signal>) -> Result<Signals> {
+    pub fn install(deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
         let mut iter = Iter::new(&raw).map_err(|e| Error::io("installing signal handlers", e))?;
         let thread = std::thread::Builder::new()
@@ -50,7 +49,7 @@ impl Signals {
             .spawn(move || {
                 for raw in iter.forever() {
                     if let Ok(sig) = Signal::try_from(raw) {
-                        if tx.send(sig).is_err() {
+                        if !deliver(sig) {
                             break;
                         }
                     }

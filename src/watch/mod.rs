@@ -17,7 +17,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
 use sha2::{Digest, Sha256};
 
 use crate::config::hex;
@@ -58,11 +57,11 @@ pub struct Unwatched {
 }
 
 /// Adds the watches for `targets` to `inotify` and starts the thread that reads it: config and
-/// jobs events become [`Touched`] on `touch_tx`; queue events call `on_queue`.
+/// jobs events are reported as [`Touched`]; queue events call `on_queue`.
 pub fn start(
     inotify: &Arc<Inotify>,
     targets: &Targets<'_>,
-    touch_tx: Sender<Touched>,
+    report: impl Fn(Touched) + Send + 'static,
     on_queue: impl Fn() + Send + 'static,
 ) -> Result<Unwatched> {
     let mut routes: HashMap<i32, u8> = HashMap::new();
@@ -96,7 +95,7 @@ pub fn start(
             let events = match ino.wait(None, &mut buf) {
                 Ok(e) => e,
                 Err(e) => {
-                    let _ = touch_tx.send(Touched::Lost(format!("reading inotify: {e}")));
+                    report(Touched::Lost(format!("reading inotify: {e}")));
                     return;
                 }
             };
@@ -112,13 +111,13 @@ pub fn start(
                 on_queue();
             }
             if bits & CONFIG != 0 {
-                let _ = touch_tx.try_send(Touched::Config);
+                report(Touched::Config);
             }
             if bits & JOBS != 0 {
-                let _ = touch_tx.try_send(Touched::Jobs);
+                report(Touched::Jobs);
             }
             if bits & BINARY != 0 {
-                let _ = touch_tx.try_send(Touched::Binary);
+                report(Touched::Binary);
             }
         }
     })

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
+use crossbeam_channel::{after, never, select, Receiver, Sender};
 use nix::sys::signal::Signal;
 
 use crate::clock::now_ms;
@@ -34,6 +34,19 @@ pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often digests are checked when a directory cannot be watched.
 pub(super) const POLL_FALLBACK: Duration = Duration::from_secs(2);
 
+/// Everything other threads tell the control loop, on one channel: the loop owns every
+/// decision, the others only report.
+pub(super) enum Event {
+    /// A handled signal arrived (the signal thread).
+    Signal(Signal),
+    /// Something changed on disk, or the watch itself failed (the watch thread).
+    Touched(Touched),
+    /// A lane reached a recycling limit.
+    Recycle(RestartReason),
+    /// A lane thread ended.
+    LaneDone,
+}
+
 /// What the control loop is doing.
 pub(super) enum Phase {
     Running,
@@ -51,8 +64,8 @@ pub(super) struct Control {
     pub(super) deploy: Option<Deploy>,
     pub(super) last_rollback: Option<crate::restart::carried::Rollback>,
     pub(super) limits: Arc<Limits>,
-    pub(super) recycle_tx: Sender<RestartReason>,
-    pub(super) recycle_rx: Receiver<RestartReason>,
+    /// For lanes: their recycling requests and their ends reach the loop on this.
+    pub(super) events: Sender<Event>,
     pub(super) started: Instant,
     pub(super) boot: Boot,
     pub(super) functions: Functions,
@@ -76,13 +89,7 @@ pub(super) struct Control {
 }
 
 impl Control {
-    pub(super) fn control_loop(
-        &mut self,
-        sig_rx: &Receiver<Signal>,
-        touch_rx: &Receiver<Touched>,
-    ) -> Result<i32> {
-        let (done_tx, done_rx) = bounded::<()>(1024);
-        let recycle = self.recycle_rx.clone();
+    pub(super) fn control_loop(&mut self, events: &Receiver<Event>) -> Result<i32> {
         // The binary's sha is computed in the background: look once it may be known, and for a
         // candidate dropped while we were starting.
         let mut binary_at: Option<Instant> = self
@@ -93,7 +100,7 @@ impl Control {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
             None => never(),
         };
-        self.spawn_lanes(&done_tx)?;
+        self.spawn_lanes()?;
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
         crate::restart::deploy::clear_marker(&self.plan.config.worker.state_dir);
@@ -106,7 +113,6 @@ impl Control {
             None => never(),
         };
         let mut phase = Phase::Running;
-        let mut touch = touch_rx.clone();
         // Look once right away: the files may have changed between our exec and the watch.
         let mut check_at: Option<Instant> = Some(Instant::now());
         let mut first_touch: Option<Instant> = None;
@@ -136,45 +142,105 @@ impl Control {
                     age = never();
                     self.request_restart(&mut phase, RestartReason::MaxAge);
                 }
-                recv(recycle) -> reason => {
-                    if let Ok(reason) = reason {
+                recv(events) -> event => match event {
+                    Ok(Event::Recycle(reason)) => {
                         if !self.request_restart(&mut phase, reason) {
                             self.limits.refused.store(true, Ordering::Release);
                         }
                         self.limits.asked.store(false, Ordering::Release);
                     }
-                }
-                recv(sig_rx) -> sig => {
-                    let Ok(sig) = sig else { return Err(Error::Msg("signal thread ended".into())) };
-                    match sig {
-                        Signal::SIGHUP => {
-                            self.request_restart(&mut phase, RestartReason::Sighup);
-                        }
-                        Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
-                            terms += 1;
-                            if terms > 1 {
-                                let running = self.state.in_flight.load(Ordering::Relaxed);
-                                log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
-                                self.children.kill_all();
-                                log::logger().flush();
-                                std::process::exit(1);
+                    Ok(Event::Signal(sig)) => {
+                        match sig {
+                            Signal::SIGHUP => {
+                                self.request_restart(&mut phase, RestartReason::Sighup);
                             }
-                            log::info!(
-                                "{}: stopping after {} running job(s) finish (send it again to stop now)",
-                                sig.as_str(),
-                                self.state.in_flight.load(Ordering::Relaxed)
-                            );
-                            phase = Phase::Stopping;
-                            self.state.set_phase("stopping");
-                            self.notify("STOPPING=1");
-                            self.halt_lanes();
+                            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
+                                terms += 1;
+                                if terms > 1 {
+                                    let running = self.state.in_flight.load(Ordering::Relaxed);
+                                    log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
+                                    self.children.kill_all();
+                                    log::logger().flush();
+                                    std::process::exit(1);
+                                }
+                                log::info!(
+                                    "{}: stopping after {} running job(s) finish (send it again to stop now)",
+                                    sig.as_str(),
+                                    self.state.in_flight.load(Ordering::Relaxed)
+                                );
+                                phase = Phase::Stopping;
+                                self.state.set_phase("stopping");
+                                self.notify("STOPPING=1");
+                                self.halt_lanes();
+                            }
+                            Signal::SIGUSR1 => match crate::ops::logging::reopen() {
+                                Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
+                                Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+                                Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
+                            },
+                            other => log::info!("{}: ignored", other.as_str()),
                         }
-                        Signal::SIGUSR1 => match crate::ops::logging::reopen() {
-                            Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
-                            Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
-                            Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
-                        },
-                        other => log::info!("{}: ignored", other.as_str()),
+                    }
+                    Ok(Event::Touched(touched)) => {
+                        let lost = match touched {
+                            Touched::Binary => {
+                                binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+                                continue;
+                            }
+                            Touched::Lost(why) => Some(why),
+                            _ => None,
+                        };
+                        if let Some(why) = lost {
+                            if !self.poll_fallback {
+                                self.watch_lost(&why);
+                            }
+                            continue;
+                        }
+                        let now = Instant::now();
+                        let first = *first_touch.get_or_insert(now);
+                        // Debounce, but never postpone by more than a second under a stream of events.
+                        check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
+                    }
+                    Ok(Event::LaneDone) => {
+                        live -= 1;
+                        if live > 0 {
+                            continue;
+                        }
+                        for t in self.lanes.drain(..) {
+                            let _ = t.join();
+                        }
+                        match std::mem::replace(&mut phase, Phase::Running) {
+                            Phase::Stopping => {
+                                log::info!("stopped");
+                                // Keep the pidfile lock until the process is gone (the spool lock
+                                // and job processes go with it): `stop` returns when the lock is
+                                // free, and a `start` right after must find nothing of ours left.
+                                self.pidfile.clear();
+                                log::logger().flush();
+                                std::process::exit(0);
+                            }
+                            Phase::Draining { reason, requested_mono_us } => {
+                                self.restart(reason, requested_mono_us);
+                                // Still here: the restart was refused or execve failed.
+                                self.notify("READY=1");
+                            }
+                            Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
+                        }
+                        self.state.set_phase("running");
+                        self.stop.store(false, Ordering::Release);
+                        self.spawn_lanes()?;
+                        live = self.lanes.len();
+                    }
+                    // Never: the loop holds a sender itself.
+                    Err(_) => return Err(Error::Msg("the control loop's channel closed".into())),
+                },
+                recv(timer) -> _ => {
+                    check_at = None;
+                    first_touch = None;
+                    if matches!(phase, Phase::Running) {
+                        if let Some(reason) = self.changed_on_disk() {
+                            self.request_restart(&mut phase, reason);
+                        }
                     }
                 }
                 recv(binary_timer) -> _ => {
@@ -194,70 +260,6 @@ impl Control {
                     if approved {
                         self.request_restart(&mut phase, RestartReason::BinaryChanged);
                     }
-                }
-                recv(touch) -> touched => {
-                    let lost = match touched {
-                        Ok(Touched::Binary) => {
-                            binary_at.get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
-                            continue;
-                        }
-                        Ok(Touched::Lost(why)) => Some(why),
-                        Err(_) => {
-                            // Closed: it would be ready at once, forever.
-                            touch = never();
-                            Some("the watch thread ended".to_string())
-                        }
-                        Ok(_) => None,
-                    };
-                    if let Some(why) = lost {
-                        if !self.poll_fallback {
-                            self.watch_lost(&why);
-                        }
-                        continue;
-                    }
-                    let now = Instant::now();
-                    let first = *first_touch.get_or_insert(now);
-                    // Debounce, but never postpone by more than a second under a stream of events.
-                    check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
-                }
-                recv(timer) -> _ => {
-                    check_at = None;
-                    first_touch = None;
-                    if matches!(phase, Phase::Running) {
-                        if let Some(reason) = self.changed_on_disk() {
-                            self.request_restart(&mut phase, reason);
-                        }
-                    }
-                }
-                recv(done_rx) -> _ => {
-                    live -= 1;
-                    if live > 0 {
-                        continue;
-                    }
-                    for t in self.lanes.drain(..) {
-                        let _ = t.join();
-                    }
-                    match std::mem::replace(&mut phase, Phase::Running) {
-                        Phase::Stopping => {
-                            log::info!("stopped");
-                            // Keep the pidfile lock until the process is gone (the spool lock
-                            // and job processes go with it): `stop` returns when the lock is
-                            // free, and a `start` right after must find nothing of ours left.
-                            self.pidfile.clear();
-                            log::logger().flush();
-                            std::process::exit(0);
-                        }
-                        Phase::Draining { reason, requested_mono_us } => {
-                            self.restart(reason, requested_mono_us);
-                            // Still here: the restart was refused or execve failed.
-                            self.notify("READY=1");
-                        }
-                        Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
-                    }
-                    self.state.set_phase("running");
-                    self.stop.store(false, Ordering::Release);
-                    self.spawn_lanes(&done_tx)?;
-                    live = self.lanes.len();
                 }
             }
         }
@@ -498,7 +500,7 @@ impl Control {
         }
     }
 
-    fn spawn_lanes(&mut self, done_tx: &Sender<()>) -> Result<()> {
+    fn spawn_lanes(&mut self) -> Result<()> {
         let names: Vec<(String, Option<Duration>)> = self
             .plan
             .table
@@ -516,10 +518,10 @@ impl Control {
                 max_payload: self.plan.config.worker.max_payload_bytes,
                 requested_mono_us: self.requested_mono_us,
                 limits: Arc::clone(&self.limits),
-                recycle: self.recycle_tx.clone(),
+                events: self.events.clone(),
                 health: Arc::clone(&self.health),
             };
-            let done = done_tx.clone();
+            let done = self.events.clone();
             let t = std::thread::Builder::new()
                 .name(format!("lane-{index}"))
                 .spawn(move || {

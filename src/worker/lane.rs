@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::control::Event;
+
 use crossbeam_channel::Sender;
 
 use crate::clock::now_ms;
@@ -68,11 +70,11 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
-pub(super) struct DoneGuard(pub(super) Sender<()>);
+pub(super) struct DoneGuard(pub(super) Sender<Event>);
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        let _ = self.0.send(());
+        let _ = self.0.send(Event::LaneDone);
     }
 }
 
@@ -86,7 +88,7 @@ pub(super) struct LaneContext {
     pub(super) max_payload: usize,
     pub(super) requested_mono_us: u64,
     pub(super) limits: Arc<Limits>,
-    pub(super) recycle: Sender<RestartReason>,
+    pub(super) events: Sender<Event>,
     pub(super) health: Arc<Health>,
 }
 
@@ -176,7 +178,7 @@ impl LaneContext {
             if !self.limits.refused.load(Ordering::Acquire)
                 && !self.limits.asked.swap(true, Ordering::AcqRel)
             {
-                let _ = self.recycle.try_send(reason);
+                let _ = self.events.try_send(Event::Recycle(reason));
             }
         }
     }

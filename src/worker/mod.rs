@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use nix::sys::signal::Signal;
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
@@ -25,7 +24,6 @@ use crate::jobs::functions::Functions;
 use crate::ops::notify::Notifier;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
-use crate::restart::carried::RestartReason;
 use crate::restart::deploy::Deploy;
 use crate::restart::reexec::{self, Boot};
 use crate::source::Source;
@@ -37,7 +35,7 @@ mod control;
 mod lane;
 mod plan;
 
-use control::{Control, POLL_FALLBACK};
+use control::{Control, Event, POLL_FALLBACK};
 use lane::{Health, Limits};
 pub use plan::{describe, Plan};
 
@@ -85,8 +83,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             let _ = crate::ops::logging::set_file(file, None);
         }
     }
-    let (sig_tx, sig_rx) = bounded::<Signal>(1024);
-    let signal_thread = Signals::install(sig_tx)?;
+    // One channel into the control loop for everything other threads report.
+    let (events_tx, events_rx) = bounded::<Event>(1024);
+    let signal_thread = {
+        let tx = events_tx.clone();
+        Signals::install(move |sig| tx.send(Event::Signal(sig)).is_ok())?
+    };
 
     let inherited = boot.inherited.clone().unwrap_or_default();
     let generation = inherited.generation + 1;
@@ -223,7 +225,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let reaper = crate::jobs::reaper::Reaper::start(Arc::clone(&state))?;
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
-    let (touch_tx, touch_rx) = bounded::<Touched>(64);
     let inotify = boot
         .inherited
         .as_ref()
@@ -242,7 +243,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
                 binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
             };
             let waker = Arc::clone(&source);
-            let unwatched = watch::start(ino, &targets, touch_tx, move || waker.wake())?;
+            let tx = events_tx.clone();
+            let report = move |t: Touched| {
+                // A lost event would be a change unseen: wait for room rather than drop one.
+                let _ = tx.send(Event::Touched(t));
+            };
+            let unwatched = watch::start(ino, &targets, report, move || waker.wake())?;
             for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
                 log::warn!(
                     "{e}; checking for changes every {}s instead",
@@ -292,7 +298,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     });
     signals::clear_mask()?;
 
-    let (recycle_tx, recycle_rx) = bounded::<RestartReason>(16);
     let mut deploy = deploy;
     if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
         d.mark_bad(&rb.from_sha);
@@ -305,8 +310,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         deploy,
         last_rollback,
         limits: Arc::new(Limits::new(&plan.config.worker)),
-        recycle_tx,
-        recycle_rx,
+        events: events_tx.clone(),
         started: Instant::now(),
         boot,
         functions,
@@ -344,7 +348,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             ctl.plan.table.names().join(", ")
         );
     }
-    ctl.control_loop(&sig_rx, &touch_rx)
+    ctl.control_loop(&events_rx)
 }
 
 /// Wakes idle lanes every second, for a queue that cannot be watched.
