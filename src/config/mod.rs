@@ -5,17 +5,22 @@
 //! the directory of the config file, so a config works the same from any working directory.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::error::{Error, IoContext, Result};
+
+mod duration;
+mod messages;
+mod raw;
+
+pub use duration::{parse_duration, Dur, MAX_DURATION, MAX_PAYLOAD};
+use messages::{explain, line_col};
+use raw::*;
 
 /// A validated configuration with absolute paths.
 #[derive(Debug, Clone)]
@@ -399,265 +404,9 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// 1-based line and column (in characters) of byte offset `at`.
-fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
-    let before = &bytes[..at.min(bytes.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |p| p + 1);
-    let col = String::from_utf8_lossy(&before[line_start..])
-        .chars()
-        .count()
-        + 1;
-    (line, col)
-}
-
-/// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
-fn explain(message: &str) -> String {
-    let message = message.trim();
-    for (prefix, what) in [("unknown field `", "key"), ("unknown variant `", "value")] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            let Some((got, tail)) = rest.split_once('`') else {
-                break;
-            };
-            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
-            return match closest(got, &expected) {
-                Some(best) => format!("unknown {what} \"{got}\" (did you mean \"{best}\"?)"),
-                None if expected.is_empty() => format!("unknown {what} \"{got}\""),
-                None => format!(
-                    "unknown {what} \"{got}\" (expected one of: {})",
-                    expected.join(", ")
-                ),
-            };
-        }
-    }
-    message.replace('\n', "; ")
-}
-
-fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (strsim::levenshtein(got, c), *c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
-}
-
-/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Dur, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"30s\", \"500ms\", \"5m\" or a number of seconds")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Dur, E> {
-                let secs =
-                    u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
-                bounded(Duration::from_secs(secs), &v.to_string())
-                    .map(Dur)
-                    .map_err(E::custom)
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Dur, E> {
-                Duration::try_from_secs_f64(v)
-                    .map_err(|_| E::custom(format!("{v} is not a valid number of seconds")))
-                    .and_then(|d| bounded(d, &v.to_string()).map_err(E::custom))
-                    .map(Dur)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Dur, E> {
-                parse_duration(v).map(Dur).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
-pub const MAX_PAYLOAD: u64 = 1 << 30;
-
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\")"))?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)"
-            ))
-        }
-    };
-    let d =
-        Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))?;
-    bounded(d, s)
-}
-
-/// The longest duration anything accepts: time arithmetic on it (deadlines, splay) can then
-/// never overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86400);
-
-fn bounded(d: Duration, written: &str) -> std::result::Result<Duration, String> {
-    if d > MAX_DURATION {
-        Err(format!(
-            "duration \"{written}\" is over the maximum of 3650d"
-        ))
-    } else {
-        Ok(d)
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Level(log::LevelFilter);
-
-impl<'de> Deserialize<'de> for Level {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Level, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map(Level).map_err(|_| {
-            de::Error::custom(format!(
-                "unknown log level \"{s}\" (use off, error, warn, info, debug or trace)"
-            ))
-        })
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    worker: RawWorker,
-    #[serde(default)]
-    source: RawSource,
-    #[serde(default)]
-    functions: BTreeMap<Spanned<String>, RawFunction>,
-    #[serde(default)]
-    log: RawLog,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawWorker {
-    concurrency: Spanned<i64>,
-    jobs_dir: PathBuf,
-    state_dir: PathBuf,
-    max_payload_bytes: Spanned<u64>,
-    watch_config: bool,
-    watch_jobs: bool,
-    watch_binary: bool,
-    max_jobs: u64,
-    max_rss_mb: Spanned<u64>,
-    max_age: Option<Spanned<Dur>>,
-    recycle_splay: Spanned<f64>,
-    umask: String,
-    user: Option<String>,
-    group: Option<String>,
-    allow_root: bool,
-    strict_modes: bool,
-}
-
-impl Default for RawWorker {
-    fn default() -> Self {
-        RawWorker {
-            concurrency: Spanned::new(0..0, 1),
-            jobs_dir: "jobs".into(),
-            state_dir: "state".into(),
-            max_payload_bytes: Spanned::new(0..0, 16 << 20),
-            watch_config: true,
-            watch_jobs: true,
-            watch_binary: true,
-            max_jobs: 0,
-            max_rss_mb: Spanned::new(0..0, 0),
-            max_age: None,
-            recycle_splay: Spanned::new(0..0, 0.1),
-            umask: "027".into(),
-            user: None,
-            group: None,
-            allow_root: false,
-            strict_modes: true,
-        }
-    }
-}
-
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "lowercase")]
-enum SourceKind {
-    Spool,
-    Gearman,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawSource {
-    kind: SourceKind,
-    dir: PathBuf,
-    max_attempts: Spanned<u32>,
-    retain_results: Dur,
-    fsync: bool,
-    servers: Spanned<Vec<String>>,
-    client_id: Option<String>,
-    exceptions: bool,
-    max_packet_bytes: Option<Spanned<u64>>,
-    io_timeout: Spanned<Dur>,
-    reconnect_max: Spanned<Dur>,
-}
-
-impl Default for RawSource {
-    fn default() -> Self {
-        RawSource {
-            kind: SourceKind::Spool,
-            dir: "spool".into(),
-            max_attempts: Spanned::new(0..0, 3),
-            retain_results: Dur(Duration::from_secs(7 * 86400)),
-            fsync: true,
-            servers: Spanned::new(0..0, Vec::new()),
-            client_id: None,
-            exceptions: false,
-            max_packet_bytes: None,
-            io_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
-            reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
-        }
-    }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawFunction {
-    timeout: Option<Spanned<Dur>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawLog {
-    level: Spanned<Level>,
-    file: Option<PathBuf>,
-}
-
-impl Default for RawLog {
-    fn default() -> Self {
-        RawLog {
-            level: Spanned::new(0..0, Level(log::LevelFilter::Info)),
-            file: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::messages::closest;
     use super::*;
 
     fn parse(text: &str) -> std::result::Result<Config, String> {

@@ -1,0 +1,85 @@
+//! Durations as config.toml and the command line write them, bounded so that time arithmetic
+//! on them cannot overflow.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Dur, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"30s\", \"500ms\", \"5m\" or a number of seconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Dur, E> {
+                let secs =
+                    u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+                bounded(Duration::from_secs(secs), &v.to_string())
+                    .map(Dur)
+                    .map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Dur, E> {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| E::custom(format!("{v} is not a valid number of seconds")))
+                    .and_then(|d| bounded(d, &v.to_string()).map_err(E::custom))
+                    .map(Dur)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Dur, E> {
+                parse_duration(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
+pub const MAX_PAYLOAD: u64 = 1 << 30;
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\")"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    let d =
+        Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))?;
+    bounded(d, s)
+}
+
+/// The longest duration anything accepts: time arithmetic on it (deadlines, splay) can then
+/// never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86400);
+
+pub(super) fn bounded(d: Duration, written: &str) -> std::result::Result<Duration, String> {
+    if d > MAX_DURATION {
+        Err(format!(
+            "duration \"{written}\" is over the maximum of 3650d"
+        ))
+    } else {
+        Ok(d)
+    }
+}

@@ -1,0 +1,47 @@
+//! Error messages a user can act on: `file:line:col` positions and "did you mean" hints.
+
+/// 1-based line and column (in characters) of byte offset `at`.
+pub(super) fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
+    let before = &bytes[..at.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, col)
+}
+
+/// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
+pub(super) fn explain(message: &str) -> String {
+    let message = message.trim();
+    for (prefix, what) in [("unknown field `", "key"), ("unknown variant `", "value")] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let Some((got, tail)) = rest.split_once('`') else {
+                break;
+            };
+            let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            return match closest(got, &expected) {
+                Some(best) => format!("unknown {what} \"{got}\" (did you mean \"{best}\"?)"),
+                None if expected.is_empty() => format!("unknown {what} \"{got}\""),
+                None => format!(
+                    "unknown {what} \"{got}\" (expected one of: {})",
+                    expected.join(", ")
+                ),
+            };
+        }
+    }
+    message.replace('\n', "; ")
+}
+
+pub(super) fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::levenshtein(got, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}

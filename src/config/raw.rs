@@ -1,0 +1,145 @@
+//! The file as serde reads it: raw sections with their defaults and spans, before validation.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::*;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Level(pub(super) log::LevelFilter);
+
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Level, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Level).map_err(|_| {
+            de::Error::custom(format!(
+                "unknown log level \"{s}\" (use off, error, warn, info, debug or trace)"
+            ))
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) worker: RawWorker,
+    #[serde(default)]
+    pub(super) source: RawSource,
+    #[serde(default)]
+    pub(super) functions: BTreeMap<Spanned<String>, RawFunction>,
+    #[serde(default)]
+    pub(super) log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawWorker {
+    pub(super) concurrency: Spanned<i64>,
+    pub(super) jobs_dir: PathBuf,
+    pub(super) state_dir: PathBuf,
+    pub(super) max_payload_bytes: Spanned<u64>,
+    pub(super) watch_config: bool,
+    pub(super) watch_jobs: bool,
+    pub(super) watch_binary: bool,
+    pub(super) max_jobs: u64,
+    pub(super) max_rss_mb: Spanned<u64>,
+    pub(super) max_age: Option<Spanned<Dur>>,
+    pub(super) recycle_splay: Spanned<f64>,
+    pub(super) umask: String,
+    pub(super) user: Option<String>,
+    pub(super) group: Option<String>,
+    pub(super) allow_root: bool,
+    pub(super) strict_modes: bool,
+}
+
+impl Default for RawWorker {
+    fn default() -> Self {
+        RawWorker {
+            concurrency: Spanned::new(0..0, 1),
+            jobs_dir: "jobs".into(),
+            state_dir: "state".into(),
+            max_payload_bytes: Spanned::new(0..0, 16 << 20),
+            watch_config: true,
+            watch_jobs: true,
+            watch_binary: true,
+            max_jobs: 0,
+            max_rss_mb: Spanned::new(0..0, 0),
+            max_age: None,
+            recycle_splay: Spanned::new(0..0, 0.1),
+            umask: "027".into(),
+            user: None,
+            group: None,
+            allow_root: false,
+            strict_modes: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum SourceKind {
+    Spool,
+    Gearman,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSource {
+    pub(super) kind: SourceKind,
+    pub(super) dir: PathBuf,
+    pub(super) max_attempts: Spanned<u32>,
+    pub(super) retain_results: Dur,
+    pub(super) fsync: bool,
+    pub(super) servers: Spanned<Vec<String>>,
+    pub(super) client_id: Option<String>,
+    pub(super) exceptions: bool,
+    pub(super) max_packet_bytes: Option<Spanned<u64>>,
+    pub(super) io_timeout: Spanned<Dur>,
+    pub(super) reconnect_max: Spanned<Dur>,
+}
+
+impl Default for RawSource {
+    fn default() -> Self {
+        RawSource {
+            kind: SourceKind::Spool,
+            dir: "spool".into(),
+            max_attempts: Spanned::new(0..0, 3),
+            retain_results: Dur(Duration::from_secs(7 * 86400)),
+            fsync: true,
+            servers: Spanned::new(0..0, Vec::new()),
+            client_id: None,
+            exceptions: false,
+            max_packet_bytes: None,
+            io_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
+            reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFunction {
+    pub(super) timeout: Option<Spanned<Dur>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLog {
+    pub(super) level: Spanned<Level>,
+    pub(super) file: Option<PathBuf>,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: Spanned::new(0..0, Level(log::LevelFilter::Info)),
+            file: None,
+        }
+    }
+}
