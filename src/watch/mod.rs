@@ -190,10 +190,16 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         let mode = meta.permissions().mode();
         digest.update(file.as_bytes());
         digest.update(mode.to_le_bytes());
-        // Streamed: a job file may be large, and root reads it at `check` and `start`.
+        // Root reads these at `check` and `start`, and jobs_dir may be the worker's user's:
+        // opened without blocking (a FIFO swapped in after the metadata look cannot hang us),
+        // the type checked on the open descriptor, the content hashed as a stream.
+        let mut opened = open_job(&path)?;
+        let mut head = [0u8; 4];
+        let n = std::io::Read::read(&mut opened, &mut head)
+            .map_err(|e| Error::io_path("reading job", &path, e))?;
         let mut content = Sha256::new();
-        fs::File::open(&path)
-            .and_then(|mut f| std::io::copy(&mut f, &mut content))
+        content.update(&head[..n]);
+        std::io::copy(&mut opened, &mut content)
             .map_err(|e| Error::io_path("reading job", &path, e))?;
         digest.update(content.finalize());
         if mode & 0o111 == 0 {
@@ -203,10 +209,6 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             ));
             continue;
         }
-        let mut head = [0u8; 4];
-        let n = fs::File::open(&path)
-            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-            .unwrap_or(0);
         if !(head[..n].starts_with(b"#!") || head[..n] == *b"\x7fELF") {
             return Err(Error::Msg(format!(
                 "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
@@ -233,6 +235,27 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         digest: hex(&digest.finalize()),
         warnings,
     })
+}
+
+/// Opens a job file for reading: following links (jobs may point at a versioned directory),
+/// never blocking, and only a regular file as fstat sees it on the open descriptor.
+fn open_job(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io_path("reading job", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io_path("reading job", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Msg(format!(
+            "\"{}\" changed into something that is not a regular file while it was read: refusing jobs_dir (look at it)",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// What [`scan_jobs`] found.
