@@ -11,9 +11,19 @@ pub enum Error {
     /// The configuration is malformed or invalid; the message carries `file:line:col`.
     Config(String),
     /// An I/O operation failed; `about` says on what, e.g. `creating spool directory "/x"`.
-    Io { about: String, source: io::Error },
+    Io {
+        /// What we were doing.
+        about: String,
+        /// The error the system returned.
+        source: io::Error,
+    },
     /// Another instance holds the lock (pidfile or spool).
-    Locked { what: PathBuf, pid: Option<i32> },
+    Locked {
+        /// The locked file.
+        what: PathBuf,
+        /// The holder, when known.
+        pid: Option<i32>,
+    },
     /// The worker is not running (for `status`, `reload`, `stop`).
     NotRunning,
     /// Waiting for something took longer than allowed (exit code 3, like "not finished").

@@ -1,21 +1,15 @@
+#![warn(missing_docs)]
 //! gearshift: a job worker for Gearman-style queues that restarts itself in place, between
 //! jobs, without dropping or interrupting a job.
 //!
-//! Layout (a directory per part of the architecture, a file per concept):
-//! - [`cli`]: the command line; a user's own binary calls [`cli::main`] (or
-//!   [`cli::main_as`]) with its own [`Functions`].
-//! - [`worker`]: one generation: start-up, the control loop that owns every decision, the lane
-//!   threads that run jobs, the validated [`worker::Plan`].
-//! - [`source`]: where jobs come from: the [`source::lane`] interface, the embedded durable
-//!   [`source::spool`], or Gearman servers ([`source::gearman`]).
-//! - [`jobs`]: Rust job functions, job executables, and keeping their processes in check.
-//! - [`restart`]: re-exec in place: the state carried across execve, the descriptors handed
-//!   over, the exec, deploys of a new binary.
-//! - [`ops`]: the daemon's operating parts: `start`, the supervisor, the pidfile, privileges
-//!   and the files root trusts, signals, logging, systemd notify.
-//! - [`watch`]: file changes (config, `jobs_dir`, the binary, the queue) over one inotify.
-//! - [`status`], [`config`], [`clock`], [`error`]: the status document, `config.toml` (with
-//!   `file:line:col` errors), time, errors.
+//! What a binary of your own needs (the rest of the crate is private; ARCHITECTURE.md maps it):
+//! - [`Functions`] with your [`JobFunction`]s (closures work), each given a [`Job`] and
+//!   returning a [`JobResult`] or a [`JobError`];
+//! - [`cli::main`] (or [`cli::main_as`], with your program's name and version): the whole
+//!   gearshift command line (`run`, `start`, `stop`, `reload`, `status`, `submit`, ...) with your
+//!   functions beside the built-ins and the executables in `jobs/`;
+//! - [`client`]: submitting jobs from Rust, to the embedded spool or to Gearman servers;
+//! - [`NoProgress`] and [`Job::new`] to unit-test a job function without a worker.
 //!
 //! ```no_run
 //! use gearshift::{Functions, Job, JobResult};
@@ -32,19 +26,21 @@
 //! ```
 
 pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod error;
-pub mod jobs;
-pub mod ops;
-pub mod restart;
-pub mod source;
-pub mod status;
-pub mod watch;
-pub mod worker;
+pub mod client;
+mod clock;
+mod config;
+mod error;
+mod jobs;
+mod ops;
+mod restart;
+mod shutdown;
+mod source;
+mod status;
+mod watch;
+mod worker;
 
 pub use error::{Error, Result};
-pub use jobs::functions::{Functions, Job, JobError, JobFunction, JobResult, Progress};
+pub use jobs::functions::{Functions, Job, JobError, JobFunction, JobResult, NoProgress, Progress};
 
 /// The crate version, with the git revision it was built from when known.
 pub const VERSION: &str = env!("GEARSHIFT_VERSION");

@@ -129,7 +129,7 @@ fn stop_waits_for_the_running_job_and_force_kills_after_timeout() {
     eventually(Duration::from_secs(10), "the job to run", || {
         open_spool(&sb)
             .lookup(&id)
-            .is_ok_and(|l| matches!(l, gearshift::source::spool::Lookup::Running))
+            .is_ok_and(|l| matches!(l, gearshift::client::spool::Lookup::Running))
     });
     let out = sb.run(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -146,7 +146,7 @@ fn stop_waits_for_the_running_job_and_force_kills_after_timeout() {
     eventually(Duration::from_secs(10), "the job to run", || {
         open_spool(&sb)
             .lookup(&id)
-            .is_ok_and(|l| matches!(l, gearshift::source::spool::Lookup::Running))
+            .is_ok_and(|l| matches!(l, gearshift::client::spool::Lookup::Running))
     });
     let out = sb.run(&["stop", "--timeout", "500ms", "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -333,11 +333,11 @@ fn pidfile_lock_is_held_through_100_reexecs() {
         std::thread::spawn(move || {
             let mut probes = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                let p = gearshift::ops::pidfile::probe(&pidfile).unwrap();
-                assert!(
-                    matches!(p, gearshift::ops::pidfile::Probe::Running(_)),
-                    "lock free after {probes} probes"
-                );
+                // The lock is free exactly when we could take it (and then it is ours).
+                let file = fs::File::open(&pidfile).unwrap();
+                let taken =
+                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock);
+                assert!(taken.is_err(), "lock free after {probes} probes");
                 probes += 1;
             }
             probes

@@ -129,6 +129,15 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
     );
     assert!(rotate.contains("/var/log/gearshift/*.log"));
     assert!(unit.contains("/etc/gearshift/config.toml"));
-    gearshift::config::Config::parse(Path::new("/etc/gearshift/config.toml"), cfg.as_bytes())
+    let out = Command::new(env!("CARGO_BIN_EXE_gearshift"))
+        .args([
+            "-c",
+            "scripts/config.production.toml",
+            "check",
+            "--config-only",
+        ])
+        .current_dir(repo)
+        .output()
         .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -482,3 +482,48 @@ fn kill_9_chaos_loses_nothing() {
     assert_eq!(kills, 30);
     let _ = fs::set_permissions(&marks, fs::Permissions::from_mode(0o755));
 }
+
+/// Without inotify (no instance to be had, or no watch) the worker polls: `status` says so, a
+/// submitted job is still picked up and a config edit still restarts the worker. The limits are
+/// a user namespace's own (`/proc/sys/user/max_inotify_*`), so nothing outside the test changes.
+#[test]
+fn without_inotify_the_worker_polls_and_says_so() {
+    if !Command::new("unshare")
+        .args(["-U", "-r", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: no user namespaces here");
+        return;
+    }
+    for (limit, expect) in [
+        ("max_inotify_instances", "no inotify"),
+        ("max_inotify_watches", "polling"),
+    ] {
+        let sb = Sandbox::new(&format!("no-inotify-{limit}"));
+        let w = sb.start_under(
+            &["unshare", "-U", "-r"],
+            &format!("echo 0 > /proc/sys/user/{limit}"),
+        );
+        let s = w.wait_for(Duration::from_secs(10), "serving", |s| {
+            s["state"] == "running"
+        });
+        let watch = s["watch"].as_str().unwrap_or_default().to_string();
+        assert!(
+            watch.starts_with("polling") && watch.contains(expect),
+            "{limit}: status watch {watch:?}"
+        );
+        let id = sb.submit("echo", "polled");
+        let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+        assert_eq!(out[0], (true, "polled".to_string(), 1), "{limit}");
+        let before = w.generation();
+        let cfg = fs::read_to_string(sb.config()).unwrap();
+        fs::write(sb.config(), format!("{cfg}\n# edited\n")).unwrap();
+        let s = w.wait_generation(before + 1);
+        assert_eq!(s["last_restart_reason"], "config changed", "{limit}");
+        assert!(s["watch"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("polling"));
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gearshift::source::gearman::client::{Client, Outcome, Priority, Update};
+use gearshift::client::gearman::{Client, Outcome, Priority, Update};
 use nix::sys::signal::Signal;
 
 fn gearman_cli(port: u16, args: &[&str]) -> std::process::Output {

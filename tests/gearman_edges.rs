@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gearshift::source::gearman::client::{Client, Outcome, Priority};
+use gearshift::client::gearman::{Client, Outcome, Priority};
 use nix::sys::signal::Signal;
 
 /// The tests of this file run one at a time: one of them compares rates, and the others' load
@@ -79,16 +79,9 @@ fn trickle(mut c: std::net::TcpStream, stop: Arc<AtomicBool>) {
 /// Seconds to run `n` foreground jobs through a pipelined client (4 connections).
 fn load_secs(sb: &Sandbox, addr: &str, n: u64) -> f64 {
     let started = Instant::now();
-    let r = gearshift::source::gearman::client::load(
-        &[addr.to_string()],
-        "echo",
-        b"x",
-        n,
-        4,
-        false,
-        1 << 20,
-    )
-    .unwrap();
+    let r =
+        gearshift::client::gearman::load(&[addr.to_string()], "echo", b"x", n, 4, false, 1 << 20)
+            .unwrap();
     assert_eq!(r.completed, n, "{r:?}");
     let _ = sb;
     started.elapsed().as_secs_f64()
@@ -267,7 +260,7 @@ fn exceptions_reach_the_stock_cli_and_clients_that_asked() {
     let mut warnings = Vec::new();
     let outcome = c
         .submit("bad", "", b"", Priority::Normal, |u| {
-            if let gearshift::source::gearman::client::Update::Warning(w) = u {
+            if let gearshift::client::gearman::Update::Warning(w) = u {
                 warnings.push(text(w));
             }
         })

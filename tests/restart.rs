@@ -206,7 +206,7 @@ fn hup_storm_under_load_loses_nothing() {
     let submitter = {
         let spool_dir = sb.path("spool");
         std::thread::spawn(move || {
-            let spool = gearshift::source::spool::Spool::open(&spool_dir, false).unwrap();
+            let spool = gearshift::client::spool::Spool::open(&spool_dir, false).unwrap();
             (0..400)
                 .map(|i| {
                     if i % 4 == 0 {

@@ -18,7 +18,7 @@ mod duration;
 mod messages;
 mod raw;
 
-pub use duration::{parse_duration, Dur, MAX_DURATION, MAX_PAYLOAD};
+pub use duration::{parse_duration, Dur, MAX_PAYLOAD};
 use messages::{explain, line_col};
 use raw::*;
 

@@ -159,7 +159,7 @@ pub fn run(
     let status =
         status.map_err(|e| JobError::new(format!("waiting for {}: {e}", exe.display())))?;
     if let Some(limit) = out.timed_out {
-        return Err(JobError::new(format!(
+        return Err(JobError::timed_out(format!(
             "timed out after {} (process group killed){}",
             fmt_duration(limit),
             tail_suffix(&out.stderr)

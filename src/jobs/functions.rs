@@ -18,17 +18,27 @@ pub type JobResult = Result<Vec<u8>, JobError>;
 /// or a Gearman client that asked for exceptions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobError {
+    /// What went wrong, as the waiting client sees it.
     pub message: String,
-    /// The job could not be started for want of a resource (descriptors, processes, memory):
-    /// it is run again after a pause, not failed.
-    transient: bool,
+    kind: Kind,
+}
+
+/// What kind of failure a [`JobError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Failed,
+    /// Could not be started for want of a resource: run again after a pause, not failed.
+    Transient,
+    /// Killed at its timeout (counted apart in the metrics).
+    TimedOut,
 }
 
 impl JobError {
+    /// A failure with this message.
     pub fn new(message: impl Into<String>) -> JobError {
         JobError {
             message: message.into(),
-            transient: false,
+            kind: Kind::Failed,
         }
     }
 
@@ -37,12 +47,21 @@ impl JobError {
     pub fn transient(message: impl Into<String>) -> JobError {
         JobError {
             message: message.into(),
-            transient: true,
+            kind: Kind::Transient,
         }
     }
 
+    /// Whether this was made by [`JobError::transient`].
     pub fn is_transient(&self) -> bool {
-        self.transient
+        self.kind == Kind::Transient
+    }
+
+    /// The job was stopped at its timeout.
+    pub(crate) fn timed_out(message: impl Into<String>) -> JobError {
+        JobError {
+            message: message.into(),
+            kind: Kind::TimedOut,
+        }
     }
 }
 
@@ -61,12 +80,16 @@ impl<E: std::error::Error> From<E> for JobError {
 /// Where a running job's progress goes: Gearman sends WORK_STATUS / WORK_DATA / WORK_WARNING,
 /// the spool logs it. Implemented by each job source.
 pub trait Progress {
+    /// Progress as numerator and denominator.
     fn status(&mut self, numerator: u64, denominator: u64);
+    /// A piece of the result sent before the end.
     fn data(&mut self, data: &[u8]);
+    /// A warning for whoever waits for the job.
     fn warning(&mut self, data: &[u8]);
 }
 
-/// A progress sink that drops everything (for tests and sources without a progress channel).
+/// A progress sink that drops everything: for unit tests of your own job functions
+/// (`Job::new("1", "shout", b"hi", &mut NoProgress)`).
 pub struct NoProgress;
 
 impl Progress for NoProgress {
@@ -87,6 +110,17 @@ pub struct Job<'a> {
 
 impl<'a> Job<'a> {
     /// Builds a job by hand: for unit tests of job functions and for embedding.
+    ///
+    /// ```
+    /// use gearshift::{Job, JobResult, NoProgress};
+    ///
+    /// fn shout(job: &mut Job<'_>) -> JobResult {
+    ///     Ok(job.payload().to_ascii_uppercase())
+    /// }
+    ///
+    /// let out = shout(&mut Job::new("1", "shout", b"hi", &mut NoProgress));
+    /// assert_eq!(out.unwrap(), b"HI");
+    /// ```
     pub fn new(
         id: &'a str,
         function: &'a str,
@@ -107,6 +141,7 @@ impl<'a> Job<'a> {
     pub fn id(&self) -> &'a str {
         self.id
     }
+    /// The function the job asked for.
     pub fn function(&self) -> &'a str {
         self.function
     }
@@ -140,6 +175,7 @@ impl<'a> Job<'a> {
 
 /// A job function written in Rust. Closures `Fn(&mut Job) -> JobResult` implement it.
 pub trait JobFunction: Send + Sync + 'static {
+    /// Runs the job: its result bytes, or why it failed.
     fn call(&self, job: &mut Job<'_>) -> JobResult;
 }
 
@@ -194,6 +230,7 @@ impl Functions {
         self
     }
 
+    /// The names of the Rust functions registered.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.rust.keys().map(String::as_str)
     }

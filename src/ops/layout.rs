@@ -38,10 +38,9 @@ pub struct Target {
     pub gid: Gid,
 }
 
-/// `state_dir` and its worker subdirectory, opened and checked.
+/// `state_dir`, opened and checked (its worker subdirectory made and given away).
 pub struct State {
     pub dir: Dir,
-    pub worker: Dir,
 }
 
 /// The worker subdirectory of `state_dir`.
@@ -98,15 +97,14 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     }
     // Re-open: the checks above may have changed what fstat says.
     let dir = Dir::open(dir.path())?;
-    let worker = if owner == me || me.is_root() {
+    if owner == me || me.is_root() {
         let w = dir.sub(WORKER_DIR, Some(0o750))?;
         if let Some(t) = target.filter(|_| me.is_root()) {
             w.chown(t.uid, t.gid)?;
         }
-        w
     } else {
         // A generation that already dropped its privileges: root made worker/ for us.
-        dir.sub(WORKER_DIR, None)?
-    };
-    Ok(State { dir, worker })
+        dir.sub(WORKER_DIR, None)?;
+    }
+    Ok(State { dir })
 }

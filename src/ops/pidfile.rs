@@ -94,7 +94,7 @@ impl Pidfile {
 
     /// Takes back the lock inherited across execve as descriptor `fd`, if it still is the
     /// pidfile at `path`; None means it is not (the caller then acquires afresh).
-    pub fn adopt(fd: RawFd, path: &Path) -> Option<Pidfile> {
+    pub fn adopt(fd: Option<RawFd>, path: &Path) -> Option<Pidfile> {
         let want = std::fs::metadata(path).ok()?;
         let file = File::from(crate::restart::handover::adopt(fd, |_| true)?);
         let same = file

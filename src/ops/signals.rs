@@ -92,11 +92,6 @@ where
     spawned
 }
 
-/// Undoes [`block`] (when execve failed and we keep running).
-pub fn unblock() {
-    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_set()), None);
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

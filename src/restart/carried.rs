@@ -15,13 +15,15 @@ pub const ENV_PREFIX: &str = "GEARSHIFT_INHERIT";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Inherited {
     pub generation: u64,
-    pub pidfile_fd: i32,
-    /// The inotify instance handed over (-1: none).
-    #[serde(default = "no_fd")]
-    pub inotify_fd: i32,
-    /// The source's state handed over (the spool's queue listing; -1: none).
-    #[serde(default = "no_fd")]
-    pub source_fd: i32,
+    /// The pidfile, its lock held.
+    #[serde(default, with = "fd_or_none")]
+    pub pidfile_fd: Option<i32>,
+    /// The inotify instance handed over.
+    #[serde(default, with = "fd_or_none")]
+    pub inotify_fd: Option<i32>,
+    /// The source's state handed over (the spool's queue listing).
+    #[serde(default, with = "fd_or_none")]
+    pub source_fd: Option<i32>,
     pub started_at_ms: u64,
     pub restarted_at_ms: u64,
     pub reason: String,
@@ -47,8 +49,18 @@ pub struct Inherited {
     pub last_rollback: Option<Rollback>,
 }
 
-fn no_fd() -> i32 {
-    -1
+/// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads
+/// it (a rollback execs an older binary with what we carry).
+mod fd_or_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(fd: &Option<i32>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(fd.unwrap_or(-1))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+        Ok(Some(i32::deserialize(d)?).filter(|fd| *fd >= 0))
+    }
 }
 
 /// A reload (or deploy) that was refused, and why.
@@ -162,5 +174,33 @@ impl RestartReason {
 impl std::fmt::Display for RestartReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Older images write -1 for "no descriptor" and read it back so: a rollback hands them
+    /// what we carry, and we adopt what they carried.
+    #[test]
+    fn descriptors_cross_the_wire_as_older_images_write_them() {
+        let mine = Inherited {
+            pidfile_fd: Some(3),
+            inotify_fd: None,
+            ..Inherited::default()
+        };
+        let json = serde_json::to_value(&mine).unwrap();
+        assert_eq!(json["pidfile_fd"], 3);
+        assert_eq!(json["inotify_fd"], -1);
+        assert_eq!(json["source_fd"], -1);
+        let old: Inherited =
+            serde_json::from_str(r#"{"generation":4,"pidfile_fd":5,"inotify_fd":-1,"started_at_ms":0,"restarted_at_ms":0,"reason":"sighup","completed":0,"failed":0,"restarts":0,"refusals":0,"last_refused":null,"requested_mono_us":0}"#)
+                .unwrap();
+        assert_eq!(
+            (old.pidfile_fd, old.inotify_fd, old.source_fd),
+            (Some(5), None, None)
+        );
     }
 }

@@ -241,10 +241,6 @@ impl Deploy {
         self.known_bad = Some(sha.to_string());
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn running_sha(&self) -> Option<String> {
         self.running
             .lock()

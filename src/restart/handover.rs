@@ -24,16 +24,11 @@ pub fn release(fd: BorrowedFd<'_>) {
     let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
 }
 
-/// A carried descriptor number (negative: none was carried).
-pub fn carried(fd: RawFd) -> Option<RawFd> {
-    (fd >= 0).then_some(fd)
-}
-
 /// Takes ownership of descriptor `fd` handed over by the previous image, if it is open and
 /// `is_ours` accepts what `/proc/self/fd/N` says it is; sets FD_CLOEXEC again. None: leave it
 /// alone (not ours to close).
-pub fn adopt(fd: RawFd, is_ours: impl FnOnce(&PathBuf) -> bool) -> Option<OwnedFd> {
-    let fd = carried(fd)?;
+pub fn adopt(fd: Option<RawFd>, is_ours: impl FnOnce(&PathBuf) -> bool) -> Option<OwnedFd> {
+    let fd = fd?;
     fcntl(fd, FcntlArg::F_GETFD).ok()?;
     let what = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
     if !is_ours(&what) {
@@ -71,14 +66,14 @@ mod tests {
 
     #[test]
     fn adoption_checks_what_the_descriptor_is() {
-        assert!(adopt(-1, |_| true).is_none(), "none carried");
+        assert!(adopt(None, |_| true).is_none(), "none carried");
         let file = std::fs::File::open("/proc/self/exe").unwrap();
         keep(file.as_fd()).unwrap();
         let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFD).unwrap();
         assert_eq!(flags & FdFlag::FD_CLOEXEC.bits(), 0, "kept across exec");
         let raw = file.into_raw_fd();
-        assert!(adopt(raw, |p| p.ends_with("no-such-thing")).is_none());
-        let owned = adopt(raw, |_| true).unwrap();
+        assert!(adopt(Some(raw), |p| p.ends_with("no-such-thing")).is_none());
+        let owned = adopt(Some(raw), |_| true).unwrap();
         let flags = fcntl(owned.as_raw_fd(), FcntlArg::F_GETFD).unwrap();
         assert_ne!(
             flags & FdFlag::FD_CLOEXEC.bits(),

@@ -2,7 +2,7 @@
 //! claim / progress / finish calls. A leaf module, so the sources (`spool`, `gearman`) and
 //! the `source` module that opens them do not import each other.
 
-use std::sync::atomic::AtomicBool;
+use crate::shutdown::Shutdown;
 
 use crate::error::Result;
 use crate::jobs::functions::{JobResult, Progress};
@@ -26,7 +26,7 @@ pub struct Claimed {
 pub trait Lane: Send {
     /// Blocks until a job is claimed, or returns None once `stop` is set (the source's
     /// `interrupt` wakes a blocked lane for that).
-    fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>>;
+    fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>>;
     /// Where the running job's progress goes.
     fn progress(&mut self) -> &mut dyn Progress;
     /// Reports the outcome. When this returns Ok the outcome is durable (spool) or has been

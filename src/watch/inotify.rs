@@ -51,7 +51,7 @@ impl Inotify {
 
     /// Takes back the instance a previous generation handed over as `fd`, if that descriptor
     /// really is an inotify instance; sets FD_CLOEXEC again.
-    pub fn adopt(fd: RawFd) -> Option<Inotify> {
+    pub fn adopt(fd: Option<RawFd>) -> Option<Inotify> {
         let fd = crate::restart::handover::adopt(fd, |what| {
             what.as_os_str().as_bytes() == b"anon_inode:inotify"
         })?;
@@ -182,7 +182,7 @@ mod tests {
         // Adoption: the same instance, through its descriptor number.
         let raw = ino.fd();
         std::mem::forget(ino);
-        let ino = Inotify::adopt(raw).expect("adopt");
+        let ino = Inotify::adopt(Some(raw)).expect("adopt");
         std::fs::remove_file(dir.join("b")).expect("rm");
         assert_eq!(
             ino.wait(Some(Duration::from_secs(5)), &mut buf)
@@ -191,7 +191,7 @@ mod tests {
         );
         let file = std::fs::File::open(&dir).expect("open");
         assert!(
-            Inotify::adopt(file.as_raw_fd()).is_none(),
+            Inotify::adopt(Some(file.as_raw_fd())).is_none(),
             "not an inotify descriptor"
         );
         let _ = std::fs::remove_dir_all(&dir);

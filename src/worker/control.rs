@@ -1,8 +1,9 @@
 //! The control loop: the main thread receives signals, file events, recycling requests and
 //! lane exits, and owns every decision (restart, stop, deploy); lanes only run jobs.
 
+use crate::shutdown::Switch;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,7 +75,7 @@ pub(super) struct Control {
     pub(super) source: Arc<Source>,
     pub(super) state: Arc<State>,
     pub(super) children: Children,
-    pub(super) stop: Arc<AtomicBool>,
+    pub(super) stop: Switch,
     pub(super) lanes: Vec<JoinHandle<()>>,
     pub(super) requested_mono_us: u64,
     /// Digest of a config or jobs state already refused, so the same bad file is reported once.
@@ -227,7 +228,7 @@ impl Control {
                             Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
                         }
                         self.state.set_phase("running");
-                        self.stop.store(false, Ordering::Release);
+                        self.stop.reset();
                         self.spawn_lanes()?;
                         live = self.lanes.len();
                     }
@@ -376,7 +377,7 @@ impl Control {
     }
 
     fn halt_lanes(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.trigger();
         self.source.wake();
     }
 
@@ -395,9 +396,9 @@ impl Control {
             .unwrap_or_default();
         let next = Inherited {
             generation: self.state.generation,
-            pidfile_fd: self.pidfile.fd(),
-            inotify_fd: self.inotify.as_ref().map_or(-1, |i| i.fd()),
-            source_fd: -1,
+            pidfile_fd: Some(self.pidfile.fd()),
+            inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
+            source_fd: None,
             started_at_ms: self.state.started_at_ms,
             restarted_at_ms: now_ms(),
             reason: reason.to_string(),
@@ -470,7 +471,7 @@ impl Control {
         if let Some(fd) = &handed {
             use std::os::fd::{AsFd, AsRawFd};
             if crate::restart::handover::keep(fd.as_fd()).is_ok() {
-                next.source_fd = fd.as_raw_fd();
+                next.source_fd = Some(fd.as_raw_fd());
             }
         }
         let err = match signals::block()
@@ -513,7 +514,7 @@ impl Control {
                 index,
                 table: self.plan.table.clone(),
                 state: Arc::clone(&self.state),
-                stop: Arc::clone(&self.stop),
+                stop: self.stop.handle(),
                 children: self.children.clone(),
                 max_payload: self.plan.config.worker.max_payload_bytes,
                 requested_mono_us: self.requested_mono_us,

@@ -1,6 +1,7 @@
 //! Lanes: one thread per unit of concurrency, claiming, running and reporting jobs; recycling
 //! limits; storage and resource health shared by a generation's lanes.
 
+use crate::shutdown::Shutdown;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -83,7 +84,7 @@ pub(super) struct LaneContext {
     pub(super) index: usize,
     pub(super) table: Table,
     pub(super) state: Arc<State>,
-    pub(super) stop: Arc<AtomicBool>,
+    pub(super) stop: Shutdown,
     pub(super) children: Children,
     pub(super) max_payload: usize,
     pub(super) requested_mono_us: u64,
@@ -188,14 +189,12 @@ impl LaneContext {
         let mut backoff = Duration::from_millis(100);
         loop {
             // A recycle was asked for: wait for the control loop's decision.
-            while self.limits.asked.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            while self.limits.asked.load(Ordering::Acquire) && !self.stop.is_set() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             // Storage fails and another lane holds a result it cannot store yet: claim
             // nothing more until that result is stored.
-            while self.health.holding.load(Ordering::Acquire) > 0
-                && !self.stop.load(Ordering::Acquire)
-            {
+            while self.health.holding.load(Ordering::Acquire) > 0 && !self.stop.is_set() {
                 self.pause(Duration::from_millis(100));
             }
             let mut job = match lane.next(&self.stop) {
@@ -278,7 +277,7 @@ impl LaneContext {
             match &outcome {
                 Err(e) if e.is_transient() => {
                     self.health.failed(&self.state, &e.message, None);
-                    if self.stop.load(Ordering::Acquire) && lane.release(job) {
+                    if self.stop.is_set() && lane.release(job) {
                         return None;
                     }
                     self.pause_always(backoff);
@@ -336,7 +335,7 @@ impl LaneContext {
     /// Sleeps up to `d`, returning early when the lane is asked to stop.
     fn pause(&self, d: Duration) {
         let until = Instant::now() + d;
-        while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+        while Instant::now() < until && !self.stop.is_set() {
             std::thread::sleep(
                 Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
             );

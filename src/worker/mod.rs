@@ -10,8 +10,9 @@
 //! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
 //! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
 
+use crate::shutdown::Switch;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,11 +56,6 @@ pub struct RunOptions {
 /// Runs the worker in the foreground until it is stopped. Re-execs in place on SIGHUP and on
 /// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
 /// process (exit 0 when graceful), so that the pidfile lock is the last thing released.
-pub fn run(config_path: &Path, functions: Functions) -> Result<i32> {
-    run_with(config_path, functions, RunOptions::default())
-}
-
-/// [`run`] with options.
 pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) -> Result<i32> {
     // Signals stay blocked in this thread until the handlers are in place and every helper
     // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
@@ -172,11 +168,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let views = crate::status::ServerViews::default();
     let source = Arc::new(Source::open(&plan.config, generation, Arc::clone(&views))?);
-    if let Some(fd) = boot
-        .inherited
-        .as_ref()
-        .and_then(|i| crate::restart::handover::carried(i.source_fd))
-    {
+    if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
         source.take_over(fd);
     }
 
@@ -221,7 +213,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         }),
         servers: views,
     });
-    let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
     let reaper = crate::jobs::reaper::Reaper::start(Arc::clone(&state))?;
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
@@ -276,6 +267,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             poll_queue(&source)?;
         }
     }
+    // Serves status once what it reports is known (how files are watched among it).
+    let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
     // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
     let deploy = plan.config.worker.watch_binary.then(|| {
         let state = Arc::clone(&state);
@@ -319,7 +312,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         source,
         state,
         children: Children::new(&plan_state_dir, Some(reaper.handle())),
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Switch::default(),
         lanes: Vec::new(),
         requested_mono_us: inherited.requested_mono_us,
         refused_digest: None,

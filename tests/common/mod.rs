@@ -169,8 +169,20 @@ impl Sandbox {
     /// Starts `gearshift run` through `sh -c "PREFIX; exec gearshift run"` (a ulimit, a umask),
     /// logging to `worker.log`; returns at once.
     pub fn start_under_shell(&self, prefix: &str) -> Worker {
+        self.start_under(&[], prefix)
+    }
+
+    /// [`Sandbox::start_under_shell`] with the shell itself run by `outer` (e.g. `unshare -U -r`).
+    pub fn start_under(&self, outer: &[&str], prefix: &str) -> Worker {
         let log = self.dir.join("worker.log");
-        let mut cmd = Command::new("sh");
+        let mut cmd = match outer.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg("sh");
+                c
+            }
+            None => Command::new("sh"),
+        };
         cmd.args([
             "-c",
             &format!(
@@ -380,10 +392,10 @@ pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// The stored outcome of a job: Some((done?, result or error, attempts)) once finished.
-pub fn outcome(spool: &gearshift::source::spool::Spool, id: &str) -> Option<(bool, String, u32)> {
+pub fn outcome(spool: &gearshift::client::spool::Spool, id: &str) -> Option<(bool, String, u32)> {
     match spool.lookup(id).unwrap() {
-        gearshift::source::spool::Lookup::Finished(r) => Some((
-            r.outcome == gearshift::source::spool::Outcome::Done,
+        gearshift::client::spool::Lookup::Finished(r) => Some((
+            r.outcome == gearshift::client::spool::Outcome::Done,
             r.error
                 .unwrap_or_else(|| String::from_utf8_lossy(&r.result).into_owned()),
             r.attempts,
@@ -392,8 +404,8 @@ pub fn outcome(spool: &gearshift::source::spool::Spool, id: &str) -> Option<(boo
     }
 }
 
-pub fn open_spool(sb: &Sandbox) -> gearshift::source::spool::Spool {
-    gearshift::source::spool::Spool::open(&sb.path("spool"), false).unwrap()
+pub fn open_spool(sb: &Sandbox) -> gearshift::client::spool::Spool {
+    gearshift::client::spool::Spool::open(&sb.path("spool"), false).unwrap()
 }
 
 /// Waits until every id has finished and returns their outcomes.

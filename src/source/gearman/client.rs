@@ -10,9 +10,12 @@ use crate::error::{Error, Result};
 /// Job priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Priority {
+    /// `SUBMIT_JOB`, `SUBMIT_JOB_BG`.
     #[default]
     Normal,
+    /// `SUBMIT_JOB_HIGH`, `SUBMIT_JOB_HIGH_BG`: ahead of normal jobs.
     High,
+    /// `SUBMIT_JOB_LOW`, `SUBMIT_JOB_LOW_BG`: after normal jobs.
     Low,
 }
 
@@ -30,16 +33,22 @@ fn submit_type(priority: Priority, background: bool) -> u32 {
 /// What a running foreground job sends before its end.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Update<'a> {
+    /// `WORK_DATA`: a piece of the result sent early.
     Data(&'a [u8]),
+    /// `WORK_WARNING`: a warning (an executable's stderr, a job's `warning`).
     Warning(&'a [u8]),
+    /// `WORK_STATUS`: progress as numerator and denominator.
     Status(u64, u64),
 }
 
 /// How a foreground job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// `WORK_COMPLETE` with the result.
     Complete(Vec<u8>),
+    /// `WORK_FAIL`: the job failed (no message in the protocol).
     Fail,
+    /// `WORK_EXCEPTION` with the failure's message (the client asked for exceptions).
     Exception(Vec<u8>),
 }
 
@@ -237,9 +246,13 @@ pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
 /// The outcome of a load run.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
+    /// Jobs the servers accepted (`JOB_CREATED`).
     pub submitted: u64,
+    /// Jobs that ended with a result (foreground) or were created (background).
     pub completed: u64,
+    /// Foreground jobs that failed or ended with an exception.
     pub failed: u64,
+    /// Wall time of the whole run.
     pub elapsed: Duration,
 }
 

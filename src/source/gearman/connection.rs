@@ -228,14 +228,6 @@ impl Conn {
         Ok(())
     }
 
-    /// True if a complete packet is already buffered.
-    pub fn has_packet(&self) -> bool {
-        matches!(
-            protocol::decode(&self.rbuf[self.consumed..], self.magic, self.max),
-            Ok(Some(_))
-        )
-    }
-
     /// Returns the next packet, reading (blocking, up to [`IO_TIMEOUT`]) as needed. The packet
     /// borrows the read buffer until the next call.
     pub fn recv(&mut self) -> Result<Packet<'_>, ConnError> {
@@ -294,17 +286,6 @@ impl Conn {
         }
         self.filled += n;
         Ok(())
-    }
-
-    /// Reads whatever is available without blocking (after poll said readable).
-    pub fn fill_nonblocking(&mut self) -> Result<(), ConnError> {
-        self.stream.set_nonblocking(true)?;
-        let r = self.fill();
-        self.stream.set_nonblocking(false)?;
-        match r {
-            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            other => other,
-        }
     }
 }
 

@@ -17,8 +17,9 @@
 //! The result of a job is queued, and written together with the next GRAB_JOB_UNIQ in one
 //! write: one syscall and one round trip per job.
 
+use crate::shutdown::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -632,11 +633,11 @@ fn note_async(addr: &str, kind: u32, data: &[u8]) -> std::result::Result<(), Str
 }
 
 impl Lane for GearmanLane {
-    fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>> {
+    fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
         let mut first = self.job_server.take();
         let mut stop_seen: Option<Instant> = None;
         loop {
-            let stopping = stop.load(Ordering::Acquire);
+            let stopping = stop.is_set();
             if stopping {
                 let since = *stop_seen.get_or_insert_with(Instant::now);
                 let grabbing: Vec<usize> = (0..self.servers.len())

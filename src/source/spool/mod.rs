@@ -36,7 +36,7 @@ mod format;
 mod source;
 
 use format::*;
-pub use source::{SpoolSource, Waker};
+pub use source::SpoolSource;
 
 /// Room for a job file's header beyond its payload.
 pub(super) const HEADER_ROOM: u64 = 64 * 1024;
@@ -63,21 +63,30 @@ pub struct Spool {
 /// Whether a job succeeded or failed, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// The function returned a result.
     Done,
+    /// The function failed (or timed out); [`Record::error`] says why.
     Failed,
 }
 
 /// A finished job's stored outcome.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// The job's id, as [`Spool::submit`] returned it.
     pub id: String,
+    /// Done or failed.
     pub outcome: Outcome,
+    /// The function that was asked for.
     pub function: String,
     /// How many runs were started (interrupted runs included).
     pub attempts: u32,
+    /// When the job was submitted (milliseconds since the Unix epoch).
     pub submitted_ms: u64,
+    /// When its last run started (milliseconds since the Unix epoch).
     pub started_ms: u64,
+    /// When it ended (milliseconds since the Unix epoch).
     pub finished_ms: u64,
+    /// Why it failed.
     pub error: Option<String>,
     /// The result bytes (empty for a failure).
     pub result: Vec<u8>,
@@ -86,9 +95,13 @@ pub struct Record {
 /// Where a job is now.
 #[derive(Debug)]
 pub enum Lookup {
+    /// It ended; here is its stored outcome.
     Finished(Record),
+    /// Waiting for a worker.
     Queued,
+    /// A worker is running it.
     Running,
+    /// No such job (never submitted, or its result was pruned).
     Unknown,
 }
 
@@ -116,7 +129,7 @@ impl Spool {
         })
     }
 
-    pub fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
+    pub(crate) fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
         Spool::open(&cfg.dir, cfg.fsync)
     }
 
@@ -410,7 +423,7 @@ pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 mod tests {
     use super::format::*;
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use crate::shutdown::{Shutdown, Switch};
     use std::sync::Arc;
 
     fn tempdir(name: &str) -> PathBuf {
@@ -508,8 +521,8 @@ mod tests {
         assert!(matches!(spool.lookup("../etc/passwd"), Ok(Lookup::Unknown)));
 
         let mut lane = src.lane();
-        let stop = AtomicBool::new(false);
-        let job = lane.next(&stop).expect("next").expect("a job");
+        let stop = Switch::default();
+        let job = lane.next(&stop.handle()).expect("next").expect("a job");
         assert_eq!(
             (job.id.as_str(), job.payload.as_slice(), job.attempt),
             (a.as_str(), &b"one"[..], 1)
@@ -523,7 +536,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        let job = lane.next(&stop).expect("next").expect("b");
+        let job = lane.next(&stop.handle()).expect("next").expect("b");
         assert_eq!(job.id, b);
         lane.finish(&job, &Err(crate::JobError::new("nope")))
             .expect("finish");
@@ -534,8 +547,8 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        stop.store(true, Ordering::Release);
-        assert!(lane.next(&stop).expect("next").is_none());
+        stop.trigger();
+        assert!(lane.next(&stop.handle()).expect("next").is_none());
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -544,17 +557,17 @@ mod tests {
         let dir = tempdir("recover");
         let spool = Spool::open(&dir, false).expect("open");
         let id = spool.submit("echo", b"x").expect("submit");
-        let stop = AtomicBool::new(false);
+        let stop = Switch::default();
         for round in 1..=3 {
             let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
-            let job = src.lane().next(&stop).expect("next").expect("job");
+            let job = src.lane().next(&stop.handle()).expect("next").expect("job");
             assert_eq!(job.attempt, round);
             // Dropping the source without finishing is what a kill -9 leaves behind.
         }
         let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         assert!(src
             .lane()
-            .next(&AtomicBool::new(true))
+            .next(&Shutdown::fixed(true))
             .expect("next")
             .is_none());
         match spool.lookup(&id).expect("lookup") {
@@ -584,7 +597,7 @@ mod tests {
             let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
             let mut lane = src.lane();
             let job = lane
-                .next(&AtomicBool::new(false))
+                .next(&Shutdown::fixed(false))
                 .expect("next")
                 .expect("job");
             lane.finish(&job, &Ok(b"x".to_vec())).expect("finish");
@@ -594,7 +607,7 @@ mod tests {
         let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
         assert!(src
             .lane()
-            .next(&AtomicBool::new(true))
+            .next(&Shutdown::fixed(true))
             .expect("next")
             .is_none());
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
@@ -603,9 +616,9 @@ mod tests {
         c.retain_results = Duration::from_millis(10);
         let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
         // A lane prunes as it starts, before it claims or sleeps: run one on an empty queue.
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Switch::default();
         let lane = {
-            let (src, stop) = (Arc::clone(&src), Arc::clone(&stop));
+            let (src, stop) = (Arc::clone(&src), stop.handle());
             std::thread::spawn(move || src.lane().next(&stop).map(|j| j.is_none()))
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -613,7 +626,7 @@ mod tests {
             assert!(Instant::now() < deadline, "not pruned at the lane's start");
             std::thread::sleep(Duration::from_millis(5));
         }
-        stop.store(true, Ordering::Release);
+        stop.trigger();
         src.wake();
         assert!(
             lane.join().expect("lane").expect("next"),
@@ -641,9 +654,9 @@ mod tests {
             let src = Arc::clone(&src);
             std::thread::spawn(move || {
                 let mut lane = src.lane();
-                let stop = AtomicBool::new(false);
+                let stop = Switch::default();
                 for _ in 0..1000 {
-                    let job = lane.next(&stop).expect("next").expect("job");
+                    let job = lane.next(&stop.handle()).expect("next").expect("job");
                     lane.finish(&job, &Ok(Vec::new())).expect("finish");
                 }
             })
@@ -677,11 +690,11 @@ mod tests {
         let ids: Vec<String> = (0..5)
             .map(|i| spool.submit("echo", &[i]).expect("submit"))
             .collect();
-        let stop = AtomicBool::new(false);
+        let stop = Switch::default();
         let fd = {
             let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
             let mut lane = src.lane();
-            let first = lane.next(&stop).expect("next").expect("job");
+            let first = lane.next(&stop.handle()).expect("next").expect("job");
             lane.finish(&first, &Ok(Vec::new())).expect("finish");
             src.hand_over().expect("a listing to hand over")
         };
@@ -692,7 +705,7 @@ mod tests {
         let mut lane = src.lane();
         let mut got = Vec::new();
         while let Some(job) = {
-            let stop_now = AtomicBool::new(src.pending.lock().expect("lock").is_empty());
+            let stop_now = Shutdown::fixed(src.pending.lock().expect("lock").is_empty());
             lane.next(&stop_now).expect("next")
         } {
             got.push(job.id.clone());

@@ -1,13 +1,14 @@
 //! The consuming side of the spool: claiming, finishing, recovery, quarantine, housekeeping,
 //! the lanes and their waker.
 
+use crate::shutdown::Shutdown;
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -411,7 +412,7 @@ impl SpoolSource {
 
     /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
     pub fn take_over(&self, fd: std::os::fd::RawFd) {
-        let Some(fd) = crate::restart::handover::adopt(fd, |what| {
+        let Some(fd) = crate::restart::handover::adopt(Some(fd), |what| {
             what.to_string_lossy()
                 .starts_with("/memfd:gearshift-pending")
         }) else {
@@ -450,9 +451,9 @@ pub(super) struct SpoolLane {
 pub(super) const PROGRESS_LOG_LINES: u64 = 10;
 
 impl Lane for SpoolLane {
-    fn next(&mut self, stop: &AtomicBool) -> Result<Option<Claimed>> {
+    fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
         loop {
-            if stop.load(Ordering::Acquire) {
+            if stop.is_set() {
                 return Ok(None);
             }
             let seen = self.source.waker.current();
@@ -466,7 +467,7 @@ impl Lane for SpoolLane {
                 self.progress_lines = 0;
                 return Ok(Some(job));
             }
-            if stop.load(Ordering::Acquire) {
+            if stop.is_set() {
                 return Ok(None);
             }
             self.source.waker.wait_past(seen, HOUSEKEEPING);
