@@ -5,8 +5,11 @@ worker and a php-gearman worker, all in one run on one gearmand.
 For each worker and concurrency (1 and 4): preload JOBS background `reverse` jobs, start the
 worker(s), and time until gearmand reports the queue empty. Concurrency 4 means four lanes in one
 gearshift process, and four processes of the C and PHP workers. Reports jobs/s, the ratio to the
-C worker at the same concurrency, resident memory, and CPU time per job.
+C worker at the same concurrency, resident memory, and CPU time per job. "gearshift +metrics"
+is the same worker with `[metrics]` on and its endpoint scraped every 100 ms.
 """
+import threading
+import urllib.request
 import os
 import signal
 import socket
@@ -58,10 +61,12 @@ def run(kind, concurrency, port, workdir):
     addr = f"127.0.0.1:{port}"
     cfg = os.path.join(workdir, "config.toml")
     os.makedirs(os.path.join(workdir, "jobs"), exist_ok=True)
+    metrics = f"127.0.0.1:{free_port()}" if kind == "gearshift +metrics" else None
     with open(cfg, "w") as f:
         f.write(
-            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind}-{concurrency}\"\nallow_root = true\n"
+            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind.replace(' ', '')}-{concurrency}\"\nallow_root = true\n"
             f"[source]\nkind = \"gearman\"\nservers = [\"{addr}\"]\n[log]\nlevel = \"warn\"\n"
+            + (f"[metrics]\nlisten = \"{metrics}\"\n" if metrics else "")
         )
     subprocess.run(
         [GEARSHIFT, "-c", cfg, "submit", "--background", "--count", str(JOBS), "--concurrency", "4", "reverse", "x" * 100],
@@ -69,7 +74,7 @@ def run(kind, concurrency, port, workdir):
         stdout=subprocess.DEVNULL,
     )
     assert admin_status(port) == JOBS, "preload"
-    if kind == "gearshift":
+    if kind.startswith("gearshift"):
         cmds = [[GEARSHIFT, "-c", cfg, "run"]]
     elif kind == "C libgearman":
         cmds = [[CWORKER, "127.0.0.1", str(port)]] * concurrency
@@ -77,12 +82,28 @@ def run(kind, concurrency, port, workdir):
         cmds = [["php", PHPWORKER, "127.0.0.1", str(port)]] * concurrency
     t0 = time.monotonic()
     procs = [subprocess.Popen(c, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds]
+    done = threading.Event()
+
+    def scrape():
+        while not done.wait(0.1):
+            try:
+                with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=2) as r:
+                    r.read()
+            except OSError:
+                pass
+
+    scraper = threading.Thread(target=scrape, daemon=True) if metrics else None
+    if scraper:
+        scraper.start()
     deadline = t0 + 600
     while admin_status(port) > 0:
         if time.monotonic() > deadline:
             raise SystemExit(f"{kind} did not drain the queue")
         time.sleep(0.01)
     secs = time.monotonic() - t0
+    done.set()
+    if scraper:
+        scraper.join()
     ticks, rss = 0, 0
     for p in procs:
         t, r = proc_stats(p.pid)
@@ -120,7 +141,7 @@ def main():
         print("|---|---|---|---|---|---|")
         for concurrency in (1, 4):
             results = {}
-            for kind in ("C libgearman", "gearshift", "PHP php-gearman"):
+            for kind in ("C libgearman", "gearshift", "gearshift +metrics", "PHP php-gearman"):
                 best = None
                 for _ in range(ROUNDS):
                     r = run(kind, concurrency, port, workdir)

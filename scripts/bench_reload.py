@@ -10,7 +10,12 @@ machine, so the ratios mean something on a shared, noisy host.
   the same durable file operations per job (claim rename, read, write+fsync result, rename,
   fsync dir, unlink), i.e. what the filesystem costs with no worker at all.
 - idle: CPU ticks over 10 s with an empty queue, and resident memory.
+- metrics on vs off: spool throughput and restart pause with `[metrics]` on and the endpoint
+  scraped every 100 ms (as the observability test's Prometheus does), against the same with
+  metrics off, in the same run.
 """
+import threading
+import urllib.request
 import json
 import os
 import signal
@@ -29,7 +34,7 @@ JOBS = int(os.environ.get("JOBS", "5000"))
 DEPTH = int(os.environ.get("DEPTH", "5000"))
 
 
-def write_config(d, concurrency=1, fsync=True, name="config.toml"):
+def write_config(d, concurrency=1, fsync=True, name="config.toml", metrics=None):
     os.makedirs(os.path.join(d, "jobs"), exist_ok=True)
     path = os.path.join(d, name)
     with open(path, "w") as f:
@@ -37,8 +42,40 @@ def write_config(d, concurrency=1, fsync=True, name="config.toml"):
             f"[worker]\nconcurrency = {concurrency}\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n"
             f"[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = {'true' if fsync else 'false'}\n"
             "[log]\nlevel = \"warn\"\n"
+            + (f"[metrics]\nlisten = \"{metrics}\"\n" if metrics else "")
         )
     return path
+
+
+def free_addr():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+class Scraper:
+    """GETs /metrics every 100 ms until stopped; counts answers and failures."""
+
+    def __init__(self, addr):
+        self.addr, self.ok, self.failed = addr, 0, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.done.wait(0.1):
+            try:
+                with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=2) as r:
+                    r.read()
+                self.ok += 1
+            except OSError:
+                self.failed += 1
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
 
 
 def status(d):
@@ -46,6 +83,7 @@ def status(d):
     s.settimeout(2)
     try:
         s.connect(os.path.join(d, "state", "worker", "gearshift.sock"))
+        s.sendall(b"status\n")
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -91,13 +129,14 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def bench_restart():
+def bench_restart(reloads=RELOADS, metrics=None):
     d = tempfile.mkdtemp(prefix="gs-bench-reload-")
-    cfg = write_config(d, concurrency=1, fsync=True)
+    cfg = write_config(d, concurrency=1, fsync=True, metrics=metrics)
     preload(d, "echo", "x", DEPTH)
     p = start(d, cfg)
+    scraper = Scraper(metrics) if metrics else None
     pauses, internal = [], []
-    for _ in range(RELOADS):
+    for _ in range(reloads):
         g = wait_status(d, lambda s: s["state"] == "running" and s["first_claim_monotonic_us"] > 0)["generation"]
         t0 = time.monotonic_ns() // 1000
         os.kill(p.pid, signal.SIGHUP)
@@ -107,7 +146,12 @@ def bench_restart():
     final = status(d)
     assert final["pid"] == p.pid
     left = len(os.listdir(os.path.join(d, "spool", "new")))
+    if scraper:
+        scraper.stop()
+        assert scraper.failed == 0, f"{scraper.failed} scrapes failed"
     stop(p)
+    if metrics:
+        return pauses
     # Anchor: a bare start of the same binary.
     spawns = []
     for _ in range(RELOADS):
@@ -117,16 +161,32 @@ def bench_restart():
     return pauses, internal, spawns, left
 
 
-def bench_throughput(concurrency, fsync):
+def bench_throughput(concurrency, fsync, metrics=None):
     d = tempfile.mkdtemp(prefix="gs-bench-tput-")
-    cfg = write_config(d, concurrency=concurrency, fsync=fsync)
+    cfg = write_config(d, concurrency=concurrency, fsync=fsync, metrics=metrics)
     preload(d, "reverse", "x" * 100, JOBS)
     t0 = time.monotonic()
     p = start(d, cfg)
+    scraper = Scraper(metrics) if metrics else None
     wait_status(d, lambda s: s["jobs_completed"] >= JOBS, limit=600)
     secs = time.monotonic() - t0
+    if scraper:
+        scraper.stop()
     stop(p)
     return JOBS / secs
+
+
+def bench_metrics_cost():
+    """Metrics off vs on (scraped every 100 ms), alternated to spread the machine's drift."""
+    rounds = int(os.environ.get("METRICS_ROUNDS", "3"))
+    off, on = [], []
+    for _ in range(rounds):
+        off.append(bench_throughput(1, False))
+        on.append(bench_throughput(1, False, metrics=free_addr()))
+    reloads = max(20, RELOADS // 4)
+    p_off = bench_restart(reloads)[0]
+    p_on = bench_restart(reloads, metrics=free_addr())
+    return statistics.median(off), statistics.median(on), pct(p_off, 50), pct(p_on, 50), reloads
 
 
 def anchor_throughput(fsync):
@@ -229,6 +289,14 @@ def main():
     print(f"| `submit --wait echo x` (submit, run, result durable, printed) | {pct(waits,50)/1000:.2f} ms | {pct(waits,99)/1000:.2f} ms |")
     print(f"| anchor: plain `submit echo y` (enqueue only) | {pct(plain,50)/1000:.2f} ms | {pct(plain,99)/1000:.2f} ms |")
     print(f"\nRatio p50: {pct(waits,50)/pct(plain,50):.2f}x a plain submit\n")
+
+    t_off, t_on, p_off, p_on, reloads = bench_metrics_cost()
+    print("## Metrics on vs off (on: `[metrics]` listening and scraped every 100 ms)\n")
+    print("| measure | metrics off | metrics on | on / off |")
+    print("|---|---|---|---|")
+    print(f"| spool throughput, c=1, fsync off (median of rounds) | {t_off:.0f} jobs/s | {t_on:.0f} jobs/s | {t_on/t_off:.2f}x |")
+    print(f"| per job | {1e6/t_off:.1f} µs | {1e6/t_on:.1f} µs | +{1e6/t_on - 1e6/t_off:.1f} µs |")
+    print(f"| restart pause p50 ({reloads} reloads, queue {DEPTH}) | {p_off/1000:.2f} ms | {p_on/1000:.2f} ms | {p_on/p_off:.2f}x |\n")
 
     used, rss_kb, threads = bench_idle()
     print("\n## Idle worker (concurrency 1, empty queue)\n")

@@ -31,6 +31,7 @@ mod clock;
 mod config;
 mod error;
 mod jobs;
+mod metrics;
 mod ops;
 mod restart;
 mod shutdown;

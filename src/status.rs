@@ -1,6 +1,8 @@
 //! The running worker's status: counters updated by worker threads (atomics, no I/O on the job
-//! path) and a unix socket in `state_dir` that answers every connection with one JSON document.
-//! `gearshift status`, `reload` and `stop` are clients of it.
+//! path) and a unix socket in `state_dir/worker/`. A client writes one request line
+//! (`status` or `metrics`) and reads the answer: the JSON status document, or the Prometheus
+//! text. A client that writes nothing gets the status after [`REQUEST_WAIT`] (older clients).
+//! `gearshift status`, `reload`, `stop`, `metrics` and `top` are clients of it.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -58,10 +60,21 @@ pub struct State {
     pub file_checks: AtomicU64,
     /// The job each lane is running (id, function), for `status` and `stop --force`.
     /// Per lane: (running?, id, function); the strings are reused, so no allocation per job.
-    pub running: Mutex<Vec<(bool, String, String)>>,
+    pub running: Mutex<Vec<LaneSlot>>,
     pub inner: Mutex<Inner>,
     /// Gearman connections (empty for the spool).
     pub servers: ServerViews,
+    /// Counters and histograms for `/metrics` (carried across exec).
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// What one lane runs (the strings are reused: no allocation per job).
+#[derive(Debug, Clone, Default)]
+pub struct LaneSlot {
+    pub busy: bool,
+    pub id: String,
+    pub function: String,
+    pub since_ms: u64,
 }
 
 /// The parts of [`State`] that change rarely.
@@ -84,6 +97,8 @@ pub struct Inner {
     pub warnings: Vec<String>,
     /// None while inotify reports changes; else how changes are found instead, and why.
     pub watch: Option<String>,
+    /// The address `/metrics` is served on.
+    pub metrics: Option<String>,
 }
 
 impl State {
@@ -97,12 +112,13 @@ impl State {
     pub fn set_running(&self, lane: usize, job: Option<(&str, &str)>) {
         if let Ok(mut r) = self.running.lock() {
             if let Some(slot) = r.get_mut(lane) {
-                slot.0 = job.is_some();
+                slot.busy = job.is_some();
                 if let Some((id, f)) = job {
-                    slot.1.clear();
-                    slot.1.push_str(id);
-                    slot.2.clear();
-                    slot.2.push_str(f);
+                    slot.id.clear();
+                    slot.id.push_str(id);
+                    slot.function.clear();
+                    slot.function.push_str(f);
+                    slot.since_ms = crate::clock::now_ms();
                 }
             }
         }
@@ -148,6 +164,60 @@ impl State {
                 }
             })
             .collect()
+    }
+
+    /// This generation's reconnects per Gearman server (to carry across exec).
+    pub fn reconnects(&self) -> std::collections::BTreeMap<String, u64> {
+        let Ok(views) = self.servers.lock() else {
+            return Default::default();
+        };
+        views
+            .iter()
+            .map(|(addr, lanes)| (addr.clone(), lanes.values().map(|v| v.reconnects).sum()))
+            .collect()
+    }
+
+    /// The Prometheus text exposition; `queue`: the spool's queue right now.
+    pub fn metrics_text(&self, queue: Option<crate::metrics::QueueStats>) -> String {
+        let (degraded, refusals, source) = self
+            .inner
+            .lock()
+            .map(|i| (i.storage.is_some(), i.refusals, i.source))
+            .unwrap_or((false, 0, ""));
+        let servers = self
+            .servers
+            .lock()
+            .map(|views| {
+                views
+                    .iter()
+                    .map(|(addr, lanes)| {
+                        let count =
+                            |s: &str| lanes.values().filter(|v| v.state == s).count() as u64;
+                        crate::metrics::ServerGauge {
+                            address: addr.clone(),
+                            connected: count("connected"),
+                            connecting: count("connecting"),
+                            backing_off: count("backing off"),
+                            reconnects: lanes.values().map(|v| v.reconnects).sum(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let lanes = self.running.lock().map(|r| r.len() as u64).unwrap_or(0);
+        self.metrics.render(&crate::metrics::Gauges {
+            name: crate::identity().0.to_string(),
+            version: crate::identity().1.to_string(),
+            source,
+            generation: self.generation,
+            lanes,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            degraded,
+            refusals,
+            rejected: REJECTED.load(Ordering::Relaxed),
+            queue,
+            servers,
+        })
     }
 
     /// The status document, as the socket serves it.
@@ -211,6 +281,7 @@ impl State {
             version: crate::identity().1.to_string(),
             warnings: i.warnings.clone(),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),
+            metrics: i.metrics.clone(),
             source: i.source.to_string(),
             jobs_completed: self.completed.load(Ordering::Relaxed),
             jobs_failed: self.failed.load(Ordering::Relaxed),
@@ -222,15 +293,21 @@ impl State {
                 .running
                 .lock()
                 .map(|r| {
+                    let now = crate::clock::now_ms();
                     r.iter()
-                        .filter(|s| s.0)
-                        .map(|(_, id, f)| RunningJob {
-                            id: id.clone(),
-                            function: f.clone(),
+                        .enumerate()
+                        .filter(|(_, s)| s.busy)
+                        .map(|(lane, s)| RunningJob {
+                            id: s.id.clone(),
+                            function: s.function.clone(),
+                            lane,
+                            since: rfc3339_ms(s.since_ms),
+                            running_ms: now.saturating_sub(s.since_ms),
                         })
                         .collect()
                 })
                 .unwrap_or_default(),
+            lanes: self.running.lock().map(|r| r.len()).unwrap_or(0),
         }
     }
 }
@@ -266,6 +343,9 @@ pub struct Doc {
     pub version: String,
     pub warnings: Vec<String>,
     pub watch: String,
+    /// Where `/metrics` is served (the bound address), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
     pub source: String,
     pub jobs_completed: u64,
     pub jobs_failed: u64,
@@ -274,6 +354,9 @@ pub struct Doc {
     pub supervisor: Option<crate::restart::carried::Info>,
     pub servers: Vec<ServerDoc>,
     pub running_jobs: Vec<RunningJob>,
+    /// Lanes of the running generation.
+    #[serde(default)]
+    pub lanes: usize,
 }
 
 /// `status.storage`: what fails, since when.
@@ -325,6 +408,15 @@ pub struct ServerDoc {
 pub struct RunningJob {
     pub id: String,
     pub function: String,
+    /// The lane (0-based) that runs it.
+    #[serde(default)]
+    pub lane: usize,
+    /// When it started.
+    #[serde(default)]
+    pub since: String,
+    /// For how long it has run.
+    #[serde(default)]
+    pub running_ms: u64,
 }
 
 /// The status socket's accept loop.
@@ -336,8 +428,12 @@ pub struct Server {
 
 impl Server {
     /// Binds `path` (replacing a leftover socket file: we hold the pidfile lock, so no live
-    /// worker owns it) and serves `state` on a thread.
-    pub fn start(path: &Path, state: Arc<State>) -> Result<Server> {
+    /// worker owns it) and serves `state` (and `metrics`, the exposition) on a thread.
+    pub fn start(
+        path: &Path,
+        state: Arc<State>,
+        metrics: crate::metrics::http::Render,
+    ) -> Result<Server> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
             .map_err(|e| Error::io_path("binding status socket", path, e))?;
@@ -350,8 +446,14 @@ impl Server {
                 }
                 if let Ok(mut c) = conn {
                     let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-                    let mut body = serde_json::to_string(&state.doc()).unwrap_or_default();
-                    body.push('\n');
+                    let body = match read_request(&mut c) {
+                        Request::Metrics => metrics(),
+                        Request::Status => {
+                            let mut b = serde_json::to_string(&state.doc()).unwrap_or_default();
+                            b.push('\n');
+                            b
+                        }
+                    };
                     let _ = c.write_all(body.as_bytes());
                 }
             }
@@ -377,12 +479,41 @@ impl Server {
 
 /// Largest status document a client reads.
 const MAX_STATUS: u64 = 1 << 20;
+/// Largest metrics text a client reads.
+const MAX_METRICS: u64 = 64 << 20;
+/// How long the server waits for a request line before answering with the status.
+pub const REQUEST_WAIT: Duration = Duration::from_millis(100);
 
-/// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
-/// user writes, so with `pid` the answer is taken only from that process (the kernel's
-/// SO_PEERCRED), never from whatever else a planted socket or link leads to.
-pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
-    let c = UnixStream::connect(path)
+enum Request {
+    Status,
+    Metrics,
+}
+
+/// The client's request line (at most 16 bytes); none within [`REQUEST_WAIT`]: status.
+fn read_request(c: &mut UnixStream) -> Request {
+    let _ = c.set_read_timeout(Some(REQUEST_WAIT));
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while n < buf.len() {
+        match c.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                n += k;
+                if buf[..n].contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    match buf[..n].split(|b| *b == b'\n').next() {
+        Some(b"metrics") => Request::Metrics,
+        _ => Request::Status,
+    }
+}
+
+/// Connects to the worker's socket, checking who serves it (see [`query`]), and asks `request`.
+fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<String> {
+    let mut c = UnixStream::connect(path)
         .map_err(|e| Error::io_path("connecting to status socket", path, e))?;
     if let Some(pid) = pid {
         let peer = nix::sys::socket::getsockopt(&c, nix::sys::socket::sockopt::PeerCredentials)
@@ -397,10 +528,31 @@ pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
     }
     c.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| Error::io("status socket", e))?;
+    // A worker too old to read requests answers with its status all the same.
+    let _ = c.write_all(format!("{request}\n").as_bytes());
     let mut body = String::new();
-    c.take(MAX_STATUS)
+    c.take(limit)
         .read_to_string(&mut body)
         .map_err(|e| Error::io_path("reading status socket", path, e))?;
+    Ok(body)
+}
+
+/// The worker's metrics text, through its status socket (see [`query`] for `pid`).
+pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
+    let body = ask(path, pid, "metrics", MAX_METRICS)?;
+    if body.starts_with('{') {
+        return Err(Error::Msg(
+            "the running worker is too old to serve metrics: reload it to run this version".into(),
+        ));
+    }
+    Ok(body)
+}
+
+/// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
+/// user writes, so with `pid` the answer is taken only from that process (the kernel's
+/// SO_PEERCRED), never from whatever else a planted socket or link leads to.
+pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
+    let body = ask(path, pid, "status", MAX_STATUS)?;
     serde_json::from_str(&body).map_err(|e| {
         Error::Msg(format!(
             "unreadable status from \"{}\": {e}",

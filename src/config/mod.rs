@@ -36,6 +36,14 @@ pub struct Config {
     pub source: Source,
     pub functions: BTreeMap<String, FunctionConfig>,
     pub log: Log,
+    /// The Prometheus endpoint, if any.
+    pub metrics: Option<Metrics>,
+}
+
+/// `[metrics]`: where `/metrics` is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +119,10 @@ pub struct Log {
     pub level: log::LevelFilter,
     /// Log to this file (appending; reopened on SIGUSR1) instead of stderr.
     pub file: Option<PathBuf>,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+    /// A line per finished job at info level (id, function, duration, outcome).
+    pub jobs: bool,
 }
 
 impl Source {
@@ -296,6 +308,29 @@ impl Config {
             functions.insert(name.into_inner(), FunctionConfig { timeout });
         }
 
+        let metrics = match raw.metrics.listen {
+            None => None,
+            Some(listen) => {
+                let addr: std::net::SocketAddr = listen.get_ref().parse().map_err(|_| {
+                    located(
+                        Some(listen.span()),
+                        &format!(
+                            "listen \"{}\" is not an address:port such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                            listen.get_ref()
+                        ),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !raw.metrics.allow_remote {
+                    return Err(located(
+                        Some(listen.span()),
+                        &format!(
+                            "listen \"{addr}\" is not a loopback address: metrics would be open to the network; set [metrics] allow_remote = true if that is meant"
+                        ),
+                    ));
+                }
+                Some(Metrics { listen: addr })
+            }
+        };
         let level = raw.log.level.into_inner().0;
         let log_file = raw.log.file.map(|f| base.join(f));
         Ok(Config {
@@ -308,7 +343,10 @@ impl Config {
             log: Log {
                 level,
                 file: log_file,
+                json: raw.log.format == RawLogFormat::Json,
+                jobs: raw.log.jobs,
             },
+            metrics,
         })
     }
 

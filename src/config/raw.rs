@@ -35,6 +35,23 @@ pub(super) struct RawConfig {
     pub(super) functions: BTreeMap<Spanned<String>, RawFunction>,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawMetrics {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) allow_remote: bool,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawLogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +150,8 @@ pub(super) struct RawFunction {
 pub(super) struct RawLog {
     pub(super) level: Spanned<Level>,
     pub(super) file: Option<PathBuf>,
+    pub(super) format: RawLogFormat,
+    pub(super) jobs: bool,
 }
 
 impl Default for RawLog {
@@ -140,6 +159,8 @@ impl Default for RawLog {
         RawLog {
             level: Spanned::new(0..0, Level(log::LevelFilter::Info)),
             file: None,
+            format: RawLogFormat::Text,
+            jobs: false,
         }
     }
 }

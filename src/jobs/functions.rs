@@ -56,6 +56,11 @@ impl JobError {
         self.kind == Kind::Transient
     }
 
+    /// Whether the job was stopped at its timeout.
+    pub(crate) fn is_timeout(&self) -> bool {
+        self.kind == Kind::TimedOut
+    }
+
     /// The job was stopped at its timeout.
     pub(crate) fn timed_out(message: impl Into<String>) -> JobError {
         JobError {

@@ -143,7 +143,7 @@ fn sweep(state: &State) -> bool {
     let running: Vec<String> = state
         .running
         .lock()
-        .map(|r| r.iter().filter(|s| s.0).map(|s| s.1.clone()).collect())
+        .map(|r| r.iter().filter(|s| s.busy).map(|s| s.id.clone()).collect())
         .unwrap_or_default();
     let me = std::process::id() as i32;
     // Held for the whole sweep: a child spawned meanwhile is registered before we can see it.

@@ -47,6 +47,44 @@ pub struct Inherited {
     pub last_refused_deploy: Option<Refused>,
     #[serde(default)]
     pub last_rollback: Option<Rollback>,
+    /// The metrics' counters and histograms, as JSON in a memfd (they can outgrow an
+    /// environment variable).
+    #[serde(default, with = "fd_or_none")]
+    pub metrics_fd: Option<i32>,
+    /// The `/metrics` listening socket.
+    #[serde(default, with = "fd_or_none")]
+    pub metrics_listen_fd: Option<i32>,
+}
+
+/// A histogram's counts: observations per bucket (the last one: above every bound), their sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramCounts {
+    /// Upper bounds of the buckets, in microseconds.
+    pub bounds_us: Vec<u64>,
+    /// Per bucket, not cumulative; one more than `bounds_us`.
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+/// One function's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCounts {
+    pub done: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    pub duration: HistogramCounts,
+}
+
+/// The metrics' counters, carried across execve so that they only go up for the life of the
+/// process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsCarried {
+    pub functions: std::collections::BTreeMap<String, FunctionCounts>,
+    pub restarts: std::collections::BTreeMap<String, u64>,
+    pub restart_pause: HistogramCounts,
+    pub deploys: std::collections::BTreeMap<String, u64>,
+    /// Gearman reconnects per server address.
+    pub reconnects: std::collections::BTreeMap<String, u64>,
 }
 
 /// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads
@@ -157,6 +195,17 @@ pub enum RestartReason {
 }
 
 impl RestartReason {
+    /// Every reason, for metrics that show each one from the start.
+    pub const ALL: [RestartReason; 7] = [
+        RestartReason::Sighup,
+        RestartReason::ConfigChanged,
+        RestartReason::JobsChanged,
+        RestartReason::BinaryChanged,
+        RestartReason::MaxJobs,
+        RestartReason::MaxRss,
+        RestartReason::MaxAge,
+    ];
+
     /// The name in `status` and the log (`last_restart_reason`).
     pub fn as_str(self) -> &'static str {
         match self {

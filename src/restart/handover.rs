@@ -1,7 +1,9 @@
 //! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
-//! (its lock), the inotify instance (its queued events), the spool's queue listing (a memfd).
+//! (its lock), the inotify instance (its queued events), the `/metrics` listening socket (its
+//! accept queue), and data too large for the environment in memfds ([`memfd`]: the spool's
+//! queue listing, the metrics' counters).
 //!
-//! Every other descriptor is close-on-exec. These three have FD_CLOEXEC cleared just before
+//! Every other descriptor is close-on-exec. These have FD_CLOEXEC cleared just before
 //! execve ([`keep`]), their numbers carried in the environment, and are adopted by the new
 //! image ([`adopt`]) only after checking what they are (so a stale or reused number is never
 //! taken for ours), which sets FD_CLOEXEC again: job processes never inherit them. If execve
@@ -39,6 +41,36 @@ pub fn adopt(fd: Option<RawFd>, is_ours: impl FnOnce(&PathBuf) -> bool) -> Optio
     // open (F_GETFD above), it is what we expect (checked above), and nothing else in this image
     // owns it.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A memfd named `gearshift-<name>` holding `data`, to hand over with [`keep`]; None if the
+/// kernel refuses one (the data is then not handed over).
+pub fn memfd(name: &str, data: &[u8]) -> Option<OwnedFd> {
+    use std::io::Write;
+    let cname = std::ffi::CString::new(format!("gearshift-{name}")).ok()?;
+    let fd = nix::sys::memfd::memfd_create(
+        cname.as_c_str(),
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .ok()?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(data).ok()?;
+    Some(OwnedFd::from(file))
+}
+
+/// Adopts a memfd made by [`memfd`] with the same `name` and reads it, up to `limit` bytes.
+pub fn read_memfd(fd: Option<RawFd>, name: &str, limit: u64) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let expect = format!("/memfd:gearshift-{name} ");
+    let fd = adopt(fd, |what| {
+        // The kernel shows "/memfd:NAME (deleted)".
+        format!("{} ", what.to_string_lossy()).starts_with(&expect)
+    })?;
+    let mut file = std::fs::File::from(fd);
+    file.seek(std::io::SeekFrom::Start(0)).ok()?;
+    let mut data = Vec::new();
+    file.take(limit).read_to_end(&mut data).ok()?;
+    Some(data)
 }
 
 /// Marks every descriptor above stderr close-on-exec: whatever our launcher leaked to us (a

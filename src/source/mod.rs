@@ -75,6 +75,14 @@ impl Source {
         }
     }
 
+    /// The spool's queue now (None for Gearman: the server holds its queue).
+    pub fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
+        match self {
+            Source::Spool(s) => Some(s.queue_stats()),
+            Source::Gearman(_) => None,
+        }
+    }
+
     /// Directories whose events mean new jobs may be waiting (none for network sources).
     pub fn queue_dirs(&self) -> Vec<std::path::PathBuf> {
         match self {

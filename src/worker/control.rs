@@ -82,6 +82,9 @@ pub(super) struct Control {
     pub(super) refused_digest: Option<String>,
     pub(super) pidfile: Pidfile,
     pub(super) status_server: Option<status::Server>,
+    pub(super) metrics_server: Option<crate::metrics::http::Server>,
+    /// The metrics text, for the status socket and `/metrics`.
+    pub(super) render: crate::metrics::http::Render,
     pub(super) _signals: Signals,
     pub(super) inotify: Option<Arc<Inotify>>,
     pub(super) poll_fallback: bool,
@@ -101,7 +104,13 @@ impl Control {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
             None => never(),
         };
+        // From the request (a HUP, a change, a limit) until this generation serves.
+        let requested = self.requested_mono_us;
         self.spawn_lanes()?;
+        if requested != 0 {
+            let us = crate::clock::monotonic_us().saturating_sub(requested);
+            self.state.metrics.restart_pause(Duration::from_micros(us));
+        }
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
         crate::restart::deploy::clear_marker(&self.plan.config.worker.state_dir);
@@ -254,6 +263,12 @@ impl Control {
                             Step::Approved => approved = true,
                         }
                         if let Ok(mut i) = self.state.inner.lock() {
+                            if d.last_refused.is_some()
+                                && d.last_refused.as_ref().map(|r| r.at_ms)
+                                    != i.last_refused_deploy.as_ref().map(|r| r.at_ms)
+                            {
+                                self.state.metrics.deploy("refused");
+                            }
                             i.last_refused_deploy = d.last_refused.clone();
                             i.binary_sha256 = d.running_sha();
                         }
@@ -415,6 +430,8 @@ impl Control {
             binary: None,
             last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
             last_rollback: self.last_rollback.clone(),
+            metrics_fd: None,
+            metrics_listen_fd: None,
         };
         let mut next = next;
         // Exec the path only if it holds a validated binary; else this very image again.
@@ -466,12 +483,28 @@ impl Control {
                 .map_err(|e| Error::io("keeping inotify across exec", e)),
             None => Ok(()),
         };
-        // Handed over as an open descriptor (closed again here if the exec fails).
+        // Handed over as open descriptors (closed again here if the exec fails).
+        use std::os::fd::{AsFd, AsRawFd};
         let handed = self.source.hand_over();
         if let Some(fd) = &handed {
-            use std::os::fd::{AsFd, AsRawFd};
             if crate::restart::handover::keep(fd.as_fd()).is_ok() {
                 next.source_fd = Some(fd.as_raw_fd());
+            }
+        }
+        // Every lane has ended: the counters are final for this generation.
+        let counters = serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects()))
+            .ok()
+            .and_then(|data| crate::restart::handover::memfd("metrics", &data));
+        if let Some(fd) = &counters {
+            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
+                next.metrics_fd = Some(fd.as_raw_fd());
+            }
+        }
+        if let Some(m) = self.metrics_server.as_mut() {
+            // Scrapes from now on wait in the accept queue for the next image.
+            m.pause();
+            if crate::restart::handover::keep(m.socket()).is_ok() {
+                next.metrics_listen_fd = Some(m.fd());
             }
         }
         let err = match signals::block()
@@ -483,6 +516,12 @@ impl Control {
         };
         // execve failed: carry on as we were.
         self.pidfile.close_on_exec();
+        if let Some(m) = self.metrics_server.as_mut() {
+            crate::restart::handover::release(m.socket());
+            if let Err(e) = m.resume(Arc::clone(&self.render)) {
+                log::error!("metrics: {e}");
+            }
+        }
         if let Some(i) = &self.inotify {
             i.close_on_exec();
         }
@@ -492,7 +531,11 @@ impl Control {
 
     /// Brings back the status server and signal thread after a failed execve.
     fn resume_helpers(&mut self) {
-        match status::Server::start(&self.plan.config.status_socket(), Arc::clone(&self.state)) {
+        match status::Server::start(
+            &self.plan.config.status_socket(),
+            Arc::clone(&self.state),
+            Arc::clone(&self.render),
+        ) {
             Ok(s) => self.status_server = Some(s),
             Err(e) => log::error!("status socket: {e}"),
         }

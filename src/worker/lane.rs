@@ -1,6 +1,7 @@
 //! Lanes: one thread per unit of concurrency, claiming, running and reporting jobs; recycling
 //! limits; storage and resource health shared by a generation's lanes.
 
+use crate::metrics::Outcome;
 use crate::shutdown::Shutdown;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,11 +248,34 @@ impl LaneContext {
             // lane holds at most about twice a large payload (result + its packet).
             job.payload = Vec::new();
             let took = started.elapsed();
+            let kind = match &outcome {
+                Ok(_) => Outcome::Done,
+                Err(e) if e.is_timeout() => Outcome::TimedOut,
+                Err(_) => Outcome::Failed,
+            };
+            let ms = took.as_secs_f64() * 1000.0;
+            let (id, function, result) = (job.id.as_str(), job.function.as_str(), kind.as_str());
             match &outcome {
-                Ok(_) => log::debug!("job {} {}: done in {took:?}", job.id, job.function),
-                Err(e) => log::warn!("job {} {}: failed in {took:?}: {e}", job.id, job.function),
+                Ok(_) => log::log!(
+                    if crate::ops::logging::job_lines() { log::Level::Info } else { log::Level::Debug },
+                    job = id, function = function, duration_ms = ms, outcome = result;
+                    "job {id} {function}: done in {took:?}"
+                ),
+                Err(e) => log::warn!(
+                    job = id, function = function, duration_ms = ms, outcome = result;
+                    "job {id} {function}: failed in {took:?}: {e}"
+                ),
             }
             self.store_outcome(&job, &outcome, lane.as_mut());
+            // Names from whoever submits never become label values: only this worker's own.
+            let key = if self.table.get(function).is_some() {
+                function
+            } else {
+                crate::metrics::UNKNOWN_FUNCTION
+            };
+            if let Some(stats) = self.state.metrics.function(key) {
+                stats.record(kind, took);
+            }
             let counter = if outcome.is_ok() {
                 &self.state.completed
             } else {

@@ -10,6 +10,7 @@
 //! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
 //! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
 
+use crate::restart::carried::{Inherited, RestartReason};
 use crate::shutdown::Switch;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -120,8 +121,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         log::logger().flush();
         std::process::abort();
     }
-    let last_rollback = reexec::rollback_from_env().or_else(|| inherited.last_rollback.clone());
+    let fresh_rollback = reexec::rollback_from_env();
+    let last_rollback = fresh_rollback
+        .clone()
+        .or_else(|| inherited.last_rollback.clone());
     crate::ops::logging::set_level(plan.config.log.level);
+    crate::ops::logging::set_format(plan.config.log.json, plan.config.log.jobs);
     // Every file this process creates from here on, in every mode (not only under `start`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
         plan.config.worker.umask,
@@ -147,6 +152,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         Some(p) => p,
         None => Pidfile::acquire(&layout.dir)?,
     };
+    // Bound before privileges drop (a port under 1024 needs root), and once: the socket is
+    // handed across every re-exec.
+    let mut start_warnings = Vec::new();
+    let metrics_listener = metrics_listener(&plan, boot.inherited.as_ref(), &mut start_warnings)?;
     if target.is_some() && plan.config.worker.watch_binary {
         // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
         // a rollback after a deploy the worker switches to.
@@ -193,7 +202,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         generation_jobs: 0.into(),
         file_checks: 0.into(),
         running: std::sync::Mutex::new(vec![
-            (false, String::new(), String::new());
+            status::LaneSlot::default();
             plan.config.worker.concurrency
         ]),
         inner: std::sync::Mutex::new(Inner {
@@ -210,9 +219,23 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             storage: None,
             warnings: plan.warnings.clone(),
             watch: None,
+            metrics: metrics_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string()),
         }),
         servers: views,
+        metrics: crate::metrics::Metrics::default(),
     });
+    count_start(
+        &state,
+        &plan,
+        boot.inherited.as_ref(),
+        fresh_rollback.is_some(),
+    );
+    if let Ok(mut i) = state.inner.lock() {
+        i.warnings.extend(start_warnings);
+    }
     let reaper = crate::jobs::reaper::Reaper::start(Arc::clone(&state))?;
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
@@ -268,7 +291,19 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         }
     }
     // Serves status once what it reports is known (how files are watched among it).
-    let status_server = status::Server::start(&plan.config.status_socket(), Arc::clone(&state))?;
+    let render: crate::metrics::http::Render = {
+        let (state, source) = (Arc::clone(&state), Arc::clone(&source));
+        Arc::new(move || state.metrics_text(source.queue_stats()))
+    };
+    let status_server = status::Server::start(
+        &plan.config.status_socket(),
+        Arc::clone(&state),
+        Arc::clone(&render),
+    )?;
+    let metrics_server = match metrics_listener {
+        Some(l) => Some(crate::metrics::http::Server::start(l, Arc::clone(&render))?),
+        None => None,
+    };
     // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
     let deploy = plan.config.worker.watch_binary.then(|| {
         let state = Arc::clone(&state);
@@ -318,6 +353,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         refused_digest: None,
         pidfile,
         status_server: Some(status_server),
+        metrics_server,
+        render,
         _signals: signal_thread,
         inotify: inotify.ok(),
         poll_fallback,
@@ -356,4 +393,50 @@ pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
     })
     .map(drop)
     .map_err(|e| Error::io("spawning the queue poll thread", e))
+}
+
+/// The `/metrics` listening socket: the one handed over, or a new one. A reload that switches
+/// metrics off closes it; one whose address cannot be bound runs without (a first start fails).
+fn metrics_listener(
+    plan: &Plan,
+    inherited: Option<&Inherited>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<std::net::TcpListener>> {
+    let carried = inherited.and_then(|i| i.metrics_listen_fd);
+    let Some(m) = &plan.config.metrics else {
+        drop(crate::restart::handover::adopt(carried, |what| {
+            what.to_string_lossy().starts_with("socket:")
+        }));
+        return Ok(None);
+    };
+    match crate::metrics::http::listener(m.listen, carried) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if inherited.is_none() => Err(e),
+        Err(e) => {
+            log::error!("{e}; no metrics in this generation");
+            warnings.push(format!("{e}; no metrics in this generation"));
+            Ok(None)
+        }
+    }
+}
+
+/// Takes over the counters the previous generation carried, and counts this start: a restart
+/// by its reason, a deploy that switched or was rolled back.
+fn count_start(state: &State, plan: &Plan, inherited: Option<&Inherited>, rolled_back: bool) {
+    let metrics = &state.metrics;
+    if let Some(i) = inherited {
+        let carried = crate::restart::handover::read_memfd(i.metrics_fd, "metrics", 256 << 20)
+            .and_then(|data| serde_json::from_slice(&data).ok());
+        if let Some(c) = carried {
+            metrics.restore(&c);
+        }
+        metrics.restarted(&i.reason);
+        if i.reason == RestartReason::BinaryChanged.as_str() {
+            metrics.deploy("switched");
+        }
+    }
+    if rolled_back {
+        metrics.deploy("rolled_back");
+    }
+    metrics.declare(plan.table.names());
 }

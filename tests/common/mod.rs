@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -239,6 +239,7 @@ impl Worker {
     pub fn try_status(&self) -> Option<Value> {
         let mut c = UnixStream::connect(&self.socket).ok()?;
         c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"status\n").ok()?;
         let mut s = String::new();
         c.read_to_string(&mut s).ok()?;
         serde_json::from_str(&s).ok()

@@ -330,6 +330,40 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
     root.chown(t.uid, t.gid)
 }
 
+impl Spool {
+    /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (its
+    /// id starts with its submission time). One directory read each; at most a million
+    /// entries are looked at.
+    pub(crate) fn queue_stats(&self) -> crate::metrics::QueueStats {
+        const LIMIT: usize = 1_000_000;
+        let names = |sub: &str| {
+            std::fs::read_dir(self.dir(sub))
+                .into_iter()
+                .flatten()
+                .take(LIMIT)
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| valid_id(n))
+        };
+        let mut depth = 0u64;
+        let mut oldest_ns: Option<u64> = None;
+        for name in names("new") {
+            depth += 1;
+            if let Some(ns) = name.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                oldest_ns = Some(oldest_ns.map_or(ns, |o| o.min(ns)));
+            }
+        }
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        crate::metrics::QueueStats {
+            depth,
+            running: names("cur").count() as u64,
+            oldest_age_us: oldest_ns.map_or(0, |o| now_ns.saturating_sub(o) / 1000),
+        }
+    }
+}
+
 pub(super) fn new_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()

@@ -4,7 +4,7 @@
 use crate::shutdown::Shutdown;
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -397,35 +397,26 @@ impl SpoolSource {
         if pending.is_empty() {
             return None;
         }
-        let name = c"gearshift-pending";
-        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .ok()?;
-        let mut file = File::from(fd);
         let mut text = String::with_capacity(pending.len() * 32);
         for id in pending.iter() {
             text.push_str(id);
             text.push('\n');
         }
-        file.write_all(text.as_bytes()).ok()?;
-        Some(std::os::fd::OwnedFd::from(file))
+        crate::restart::handover::memfd("pending", text.as_bytes())
+    }
+
+    /// The queue now, for the metrics.
+    pub fn queue_stats(&self) -> crate::metrics::QueueStats {
+        self.spool.queue_stats()
     }
 
     /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
     pub fn take_over(&self, fd: std::os::fd::RawFd) {
-        let Some(fd) = crate::restart::handover::adopt(Some(fd), |what| {
-            what.to_string_lossy()
-                .starts_with("/memfd:gearshift-pending")
-        }) else {
+        // Ids are at most 64 bytes: a listing of a million of them fits.
+        let Some(data) = crate::restart::handover::read_memfd(Some(fd), "pending", 80 << 20) else {
             return;
         };
-        let mut file = File::from(fd);
-        let mut text = String::new();
-        use std::io::{Read, Seek};
-        if file.seek(std::io::SeekFrom::Start(0)).is_err()
-            || file.read_to_string(&mut text).is_err()
-        {
-            return;
-        }
+        let text = String::from_utf8_lossy(&data);
         if let Ok(mut pending) = self.pending.lock() {
             if pending.is_empty() {
                 pending.extend(text.lines().filter(|l| valid_id(l)).map(String::from));

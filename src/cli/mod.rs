@@ -20,6 +20,8 @@ use crate::source::spool::{Lookup, Outcome, Spool};
 use crate::worker::{self, Plan};
 
 /// LSB exit code: program is not running.
+mod top;
+
 const NOT_RUNNING: u8 = 3;
 /// LSB exit code: status unknown.
 const UNKNOWN: u8 = 4;
@@ -120,6 +122,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the worker's metrics in the Prometheus text format, through its status socket
+    /// (for node_exporter's textfile collector or a quick look).
+    /// Exit codes: 0 printed, 3 not running, 4 unknown.
+    Metrics,
+    /// A live view of the worker: lanes and what each runs, per-function rate, failures and
+    /// latency, restarts, servers; refreshed every second. `q` quits.
+    Top {
+        /// Refresh this often.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+    },
     /// Ask the worker to restart in place (SIGHUP) and wait until it has, or has refused.
     /// Exit codes: 0 reloaded, 1 refused (the reason is printed), 3 not running.
     Reload {
@@ -209,6 +222,8 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Submit(args) => submit(path, args),
         Command::Result { job_id } => result(path, &job_id),
         Command::Status { json } => status(path, json),
+        Command::Metrics => metrics(path),
+        Command::Top { interval } => top::run(path, interval),
         Command::Reload { timeout } => reload(path, timeout),
         Command::Stop { timeout, force } => stop(path, timeout, force),
         Command::Check { config_only: true } => {
@@ -471,6 +486,27 @@ fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
     }
 }
 
+fn metrics(path: &Path) -> Result<u8> {
+    let (pid, socket) = match running(path) {
+        Ok((pid, socket, _)) => (pid, socket),
+        Err(Error::NotRunning) => {
+            eprintln!("gearshift is not running");
+            return Ok(NOT_RUNNING);
+        }
+        Err(e) => {
+            eprintln!("gearshift: {e}");
+            return Ok(UNKNOWN);
+        }
+    };
+    let text = crate::status::query_metrics(&socket, Some(pid))?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::io("writing metrics", e))?;
+    Ok(0)
+}
+
 fn status(path: &Path, json: bool) -> Result<u8> {
     let (pid, socket) = match running(path) {
         Ok((pid, socket, _)) => (pid, socket),
@@ -554,6 +590,9 @@ fn print_status(s: &crate::status::Doc) {
             "  spool entries rejected (set aside in rejected/): {}",
             s.rejected
         );
+    }
+    if let Some(m) = &s.metrics {
+        println!("  metrics: http://{m}/metrics");
     }
     if s.watch != "inotify" {
         println!("  file watch: {}", s.watch);

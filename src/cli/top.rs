@@ -1,0 +1,395 @@
+//! `gearshift top`: a live view of the running worker, drawn from its status document and its
+//! metrics (both through the status socket) once per interval. Rates, failures and latency
+//! are the differences between two samples, so they describe the last interval. `q` (or
+//! Ctrl-C, Esc) quits; the terminal is restored however the view ends.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
+
+use crate::error::{Error, Result};
+use crate::status::Doc;
+
+/// One function's counters in a sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Counts {
+    done: f64,
+    failed: f64,
+    timed_out: f64,
+    duration_sum: f64,
+    duration_count: f64,
+}
+
+/// What one refresh read.
+struct Sample {
+    at: Instant,
+    doc: Doc,
+    functions: BTreeMap<String, Counts>,
+    deploys: BTreeMap<String, f64>,
+    queue: Option<(f64, f64)>,
+}
+
+pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
+    let (pid, socket) = match super::running(path) {
+        Ok((pid, socket, _)) => (pid, socket),
+        Err(Error::NotRunning) => {
+            eprintln!("gearshift is not running");
+            return Ok(super::NOT_RUNNING);
+        }
+        Err(e) => return Err(e),
+    };
+    let interval = interval.max(Duration::from_millis(100));
+    let _screen = Screen::enter()?;
+    let mut before: Option<Sample> = None;
+    loop {
+        let sample = match read_sample(&socket, pid) {
+            Ok(s) => s,
+            Err(e) => {
+                drop(_screen);
+                eprintln!("gearshift top: {e}");
+                return Ok(super::NOT_RUNNING);
+            }
+        };
+        let frame = draw(&sample, before.as_ref());
+        let mut out = std::io::stdout().lock();
+        // Home, draw, clear what is left of the previous frame.
+        let _ = write!(out, "\x1b[H{}\x1b[J", frame.replace('\n', "\x1b[K\r\n"));
+        let _ = out.flush();
+        drop(out);
+        before = Some(sample);
+        if quit_pressed(interval)? {
+            return Ok(0);
+        }
+    }
+}
+
+/// Waits up to `d` for a key; true for `q`, Esc or Ctrl-C.
+fn quit_pressed(d: Duration) -> Result<bool> {
+    let deadline = Instant::now() + d;
+    let stdin = std::io::stdin();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(Error::io("reading keys", e.into())),
+        }
+        let mut buf = [0u8; 64];
+        match nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&stdin), &mut buf) {
+            // End of input: nobody can press q any more.
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                if buf[..n]
+                    .iter()
+                    .any(|b| matches!(b, b'q' | b'Q' | 0x1b | 0x03))
+                {
+                    return Ok(true);
+                }
+            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(Error::io("reading keys", e.into())),
+        }
+    }
+}
+
+fn read_sample(socket: &Path, pid: i32) -> Result<Sample> {
+    // The socket is briefly away while the worker re-execs.
+    let doc = crate::status::query_patiently(socket, Some(pid), Duration::from_secs(3))?;
+    let text = crate::status::query_metrics(socket, Some(pid)).unwrap_or_default();
+    let mut functions: BTreeMap<String, Counts> = BTreeMap::new();
+    let mut deploys = BTreeMap::new();
+    let (mut depth, mut oldest) = (None, 0.0);
+    for (name, labels, value) in text.lines().filter_map(parse_line) {
+        let label = |k: &str| {
+            labels
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        match name {
+            "gearshift_jobs_total" => {
+                let c = functions.entry(label("function")).or_default();
+                match label("outcome").as_str() {
+                    "done" => c.done = value,
+                    "failed" => c.failed = value,
+                    "timed_out" => c.timed_out = value,
+                    _ => {}
+                }
+            }
+            "gearshift_job_duration_seconds_sum" => {
+                functions.entry(label("function")).or_default().duration_sum = value
+            }
+            "gearshift_job_duration_seconds_count" => {
+                functions
+                    .entry(label("function"))
+                    .or_default()
+                    .duration_count = value
+            }
+            "gearshift_deploys_total" => {
+                deploys.insert(label("result"), value);
+            }
+            "gearshift_spool_queue_depth" => depth = Some(value),
+            "gearshift_spool_oldest_job_age_seconds" => oldest = value,
+            _ => {}
+        }
+    }
+    Ok(Sample {
+        at: Instant::now(),
+        doc,
+        functions,
+        deploys,
+        queue: depth.map(|d| (d, oldest)),
+    })
+}
+
+/// A sample's labels, in order.
+type Labels = Vec<(String, String)>;
+
+/// `name{k="v",...} value` (our own exposition: no timestamps); comments give None.
+fn parse_line(line: &str) -> Option<(&str, Labels, f64)> {
+    if line.starts_with('#') || line.is_empty() {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let Some((name, rest)) = series.split_once('{') else {
+        return Some((series, Vec::new(), value));
+    };
+    let mut labels = Vec::new();
+    let mut chars = rest.strip_suffix('}')?.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next() != Some('"') {
+            return None;
+        }
+        let mut v = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => v.push('\n'),
+                    Some(o) => v.push(o),
+                    None => return None,
+                },
+                '"' => break,
+                c => v.push(c),
+            }
+        }
+        labels.push((key, v));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some((name, labels, value))
+}
+
+/// Milliseconds as `850ms`, `12.3s`, `4m05s`, `2h10m`.
+fn human_ms(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60),
+    }
+}
+
+fn draw(now: &Sample, before: Option<&Sample>) -> String {
+    let d = &now.doc;
+    let mut f = String::new();
+    let _ = writeln!(
+        f,
+        "{} {} pid {}  generation {}  {}  source {}  {}",
+        d.name,
+        d.version,
+        d.pid,
+        d.generation,
+        d.state,
+        d.source,
+        crate::clock::rfc3339_ms(crate::clock::now_ms())
+    );
+    let deploy = |k: &str| now.deploys.get(k).copied().unwrap_or(0.0);
+    let _ = writeln!(
+        f,
+        "restarts {} (last: {} {})  refused reloads {}  deploys {}/{}/{} (switched/refused/rolled back)",
+        d.restarts,
+        d.last_restart_reason.as_deref().unwrap_or("-"),
+        d.restarted_at.as_deref().unwrap_or(""),
+        d.reload_refusals,
+        deploy("switched"),
+        deploy("refused"),
+        deploy("rolled_back"),
+    );
+    let queue = match now.queue {
+        Some((depth, oldest)) => format!("  queue {depth} (oldest {oldest:.1}s)"),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        f,
+        "jobs {} done, {} failed  in flight {}/{}{queue}",
+        d.jobs_completed,
+        d.jobs_failed,
+        d.running_jobs.len(),
+        d.lanes
+    );
+    if let Some(s) = &d.storage {
+        let _ = writeln!(f, "DEGRADED: {} (since {})", s.error, s.since);
+    }
+    let _ = writeln!(
+        f,
+        "\n{:<5} {:<34} {:<24} {:>9}",
+        "LANE", "JOB", "FUNCTION", "RUNNING"
+    );
+    for lane in 0..d.lanes {
+        match d.running_jobs.iter().find(|j| j.lane == lane) {
+            Some(j) => {
+                let _ = writeln!(
+                    f,
+                    "{lane:<5} {:<34} {:<24} {:>9}",
+                    clip(&j.id, 34),
+                    clip(&j.function, 24),
+                    human_ms(j.running_ms)
+                );
+            }
+            None => {
+                let _ = writeln!(f, "{lane:<5} {:<34}", "idle");
+            }
+        }
+    }
+    let _ = writeln!(
+        f,
+        "\n{:<24} {:>8} {:>10} {:>8} {:>9} {:>12}",
+        "FUNCTION", "RATE/s", "DONE", "FAILED", "TIMEDOUT", "LATENCY"
+    );
+    for (name, c) in &now.functions {
+        let prev = before.and_then(|b| b.functions.get(name).map(|p| (b.at, *p)));
+        let (rate, latency) = match prev {
+            Some((at, p)) => {
+                let secs = now.at.duration_since(at).as_secs_f64().max(1e-3);
+                let ended = (c.done + c.failed + c.timed_out) - (p.done + p.failed + p.timed_out);
+                let n = c.duration_count - p.duration_count;
+                let lat = if n > 0.0 {
+                    human_ms(((c.duration_sum - p.duration_sum) / n * 1000.0).round() as u64)
+                } else {
+                    "-".into()
+                };
+                (format!("{:.1}", ended.max(0.0) / secs), lat)
+            }
+            None => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            f,
+            "{:<24} {:>8} {:>10} {:>8} {:>9} {:>12}",
+            clip(name, 24),
+            rate,
+            c.done,
+            c.failed,
+            c.timed_out,
+            latency
+        );
+    }
+    if !d.servers.is_empty() {
+        let _ = writeln!(
+            f,
+            "\n{:<28} {:<12} {:>6} {:>10}  LAST ERROR",
+            "SERVER", "STATE", "LANES", "RECONNECTS"
+        );
+        for s in &d.servers {
+            let _ = writeln!(
+                f,
+                "{:<28} {:<12} {:>6} {:>10}  {}",
+                clip(&s.address, 28),
+                s.state,
+                s.lanes_connected,
+                s.reconnects,
+                s.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(f, "\nq: quit");
+    f
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(n.saturating_sub(1)).collect();
+        c.push('~');
+        c
+    }
+}
+
+/// The terminal in raw mode on the alternate screen, restored when dropped.
+struct Screen {
+    saved: Option<Termios>,
+}
+
+impl Screen {
+    fn enter() -> Result<Screen> {
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(stdin.as_fd()).ok();
+        if let Some(t) = &saved {
+            let mut raw = t.clone();
+            // Keys one by one, unechoed; Ctrl-C arrives as a byte (and quits).
+            raw.local_flags
+                .remove(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG);
+            termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw)
+                .map_err(|e| Error::io("setting the terminal", e.into()))?;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "\x1b[?1049h\x1b[?25l\x1b[2J");
+        let _ = out.flush();
+        Ok(Screen { saved })
+    }
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "\x1b[?25h\x1b[?1049l");
+        let _ = out.flush();
+        if let Some(t) = &self.saved {
+            let _ = termios::tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, t);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lines_are_read_back() {
+        let (name, labels, v) =
+            parse_line(r#"gearshift_jobs_total{function="a\"b",outcome="done"} 42"#).unwrap();
+        assert_eq!(name, "gearshift_jobs_total");
+        assert_eq!(labels[0], ("function".into(), "a\"b".into()));
+        assert_eq!(labels[1], ("outcome".into(), "done".into()));
+        assert_eq!(v, 42.0);
+        assert_eq!(parse_line("process_open_fds 9").unwrap().2, 9.0);
+        assert!(parse_line("# HELP x y").is_none());
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_ms(850), "850ms");
+        assert_eq!(human_ms(12_300), "12.3s");
+        assert_eq!(human_ms(245_000), "4m05s");
+        assert_eq!(human_ms(7_800_000), "2h10m");
+    }
+}

@@ -1,0 +1,679 @@
+//! Prometheus metrics: the counters and histograms the lanes and the control loop update
+//! (atomics; a job costs a map lookup under a read lock and four atomic adds), carried across
+//! every re-exec so they only go up for the life of the process, and their text exposition.
+//!
+//! - [`http`]: the `/metrics` endpoint, whose listening socket is handed across exec.
+//! - [`process`]: the standard `process_*` metrics, read from `/proc/self`.
+//!
+//! Written by hand rather than with prometheus-client: its `Histogram` can only be observed,
+//! not restored, and carrying the buckets across execve is the point here (ARCHITECTURE.md).
+
+pub mod http;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::restart::carried::{FunctionCounts, HistogramCounts, MetricsCarried, RestartReason};
+
+/// Bounds of the job duration histogram (µs): 1 ms to 1 h.
+const JOB_BOUNDS_US: &[u64] = &[
+    1_000,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+    900_000_000,
+    3_600_000_000,
+];
+
+/// Bounds of the restart pause histogram (µs): 0.5 ms to 10 s.
+const PAUSE_BOUNDS_US: &[u64] = &[
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// Label for jobs that asked for a function this worker does not have: their names come from
+/// whoever submits, so they never become label values.
+pub const UNKNOWN_FUNCTION: &str = "(unknown)";
+
+/// At most this many function label values; the rest are counted together.
+const MAX_FUNCTIONS: usize = 10_000;
+const OTHER_FUNCTIONS: &str = "(other)";
+
+/// Deploy outcomes, each shown from the start.
+pub const DEPLOY_RESULTS: [&str; 3] = ["switched", "refused", "rolled_back"];
+
+/// A histogram with fixed bounds.
+pub struct Histogram {
+    bounds_us: &'static [u64],
+    counts: Box<[AtomicU64]>,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds_us: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds_us,
+            counts: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = self
+            .bounds_us
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(self.bounds_us.len());
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> HistogramCounts {
+        HistogramCounts {
+            bounds_us: self.bounds_us.to_vec(),
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds carried counts; refused (false) when the bounds differ (another build's layout).
+    fn restore(&self, h: &HistogramCounts) -> bool {
+        if h.bounds_us != self.bounds_us || h.counts.len() != self.counts.len() {
+            return h.counts.iter().all(|c| *c == 0);
+        }
+        for (c, n) in self.counts.iter().zip(&h.counts) {
+            c.fetch_add(*n, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(h.sum_us, Ordering::Relaxed);
+        true
+    }
+}
+
+/// One function's counters.
+pub struct FunctionStats {
+    done: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    duration: Histogram,
+}
+
+/// How a job ended, for `gearshift_jobs_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed,
+    TimedOut,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+        }
+    }
+}
+
+impl FunctionStats {
+    fn new() -> FunctionStats {
+        FunctionStats {
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            duration: Histogram::new(JOB_BOUNDS_US),
+        }
+    }
+
+    /// Records a finished job.
+    pub fn record(&self, outcome: Outcome, took: Duration) {
+        let c = match outcome {
+            Outcome::Done => &self.done,
+            Outcome::Failed => &self.failed,
+            Outcome::TimedOut => &self.timed_out,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        self.duration.observe(took);
+    }
+}
+
+/// Every counter and histogram of this process.
+pub struct Metrics {
+    functions: RwLock<BTreeMap<String, Arc<FunctionStats>>>,
+    restart_pause: Histogram,
+    /// Rare events (restarts, deploys) and the reconnects of earlier generations.
+    rare: Mutex<Rare>,
+}
+
+#[derive(Default)]
+struct Rare {
+    restarts: BTreeMap<String, u64>,
+    deploys: BTreeMap<String, u64>,
+    reconnects: BTreeMap<String, u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            functions: RwLock::new(BTreeMap::new()),
+            restart_pause: Histogram::new(PAUSE_BOUNDS_US),
+            rare: Mutex::new(Rare::default()),
+        }
+    }
+}
+
+impl Metrics {
+    /// The counters of `function` (created on first use; bounded in number).
+    pub fn function(&self, function: &str) -> Option<Arc<FunctionStats>> {
+        if let Some(s) = self.functions.read().ok()?.get(function) {
+            return Some(Arc::clone(s));
+        }
+        let mut map = self.functions.write().ok()?;
+        let key = if map.len() >= MAX_FUNCTIONS && !map.contains_key(function) {
+            OTHER_FUNCTIONS
+        } else {
+            function
+        };
+        Some(Arc::clone(
+            map.entry(key.to_string())
+                .or_insert_with(|| Arc::new(FunctionStats::new())),
+        ))
+    }
+
+    /// Makes every function of a generation show up (at 0) before its first job.
+    pub fn declare(&self, functions: impl IntoIterator<Item = impl AsRef<str>>) {
+        for f in functions {
+            let _ = self.function(f.as_ref());
+        }
+    }
+
+    /// A restart that happened (counted by the new generation).
+    pub fn restarted(&self, reason: &str) {
+        if let Ok(mut r) = self.rare.lock() {
+            *r.restarts.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The time from a restart's request until the new generation serves.
+    pub fn restart_pause(&self, d: Duration) {
+        self.restart_pause.observe(d);
+    }
+
+    /// A deploy that switched, was refused or was rolled back.
+    pub fn deploy(&self, result: &str) {
+        if let Ok(mut r) = self.rare.lock() {
+            *r.deploys.entry(result.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The carried state plus what this generation counted; `reconnects_now`: this
+    /// generation's reconnects per server.
+    pub fn carry(&self, reconnects_now: &BTreeMap<String, u64>) -> MetricsCarried {
+        let functions = self
+            .functions
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(name, s)| {
+                        (
+                            name.clone(),
+                            FunctionCounts {
+                                done: s.done.load(Ordering::Relaxed),
+                                failed: s.failed.load(Ordering::Relaxed),
+                                timed_out: s.timed_out.load(Ordering::Relaxed),
+                                duration: s.duration.counts(),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (restarts, deploys, mut reconnects) = self
+            .rare
+            .lock()
+            .map(|r| (r.restarts.clone(), r.deploys.clone(), r.reconnects.clone()))
+            .unwrap_or_default();
+        for (server, n) in reconnects_now {
+            *reconnects.entry(server.clone()).or_default() += n;
+        }
+        MetricsCarried {
+            functions,
+            restarts,
+            restart_pause: self.restart_pause.counts(),
+            deploys,
+            reconnects,
+        }
+    }
+
+    /// Takes over what the previous generation carried. Histograms of another layout (an
+    /// older or newer build) start again; that is logged.
+    pub fn restore(&self, carried: &MetricsCarried) {
+        let mut lost = false;
+        for (name, c) in &carried.functions {
+            if let Some(s) = self.function(name) {
+                s.done.fetch_add(c.done, Ordering::Relaxed);
+                s.failed.fetch_add(c.failed, Ordering::Relaxed);
+                s.timed_out.fetch_add(c.timed_out, Ordering::Relaxed);
+                lost |= !s.duration.restore(&c.duration);
+            }
+        }
+        lost |= !self.restart_pause.restore(&carried.restart_pause);
+        if let Ok(mut r) = self.rare.lock() {
+            r.restarts = carried.restarts.clone();
+            r.deploys = carried.deploys.clone();
+            r.reconnects = carried.reconnects.clone();
+        }
+        if lost {
+            log::warn!("metrics: histograms of another build's layout were not carried over");
+        }
+    }
+
+    /// This process's text exposition (Prometheus text format 0.0.4).
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(8192);
+        let w = &mut out;
+        let (restarts, deploys, reconnects_before) = self
+            .rare
+            .lock()
+            .map(|r| (r.restarts.clone(), r.deploys.clone(), r.reconnects.clone()))
+            .unwrap_or_default();
+
+        header(
+            w,
+            "gearshift_info",
+            "gauge",
+            "The worker's name and version.",
+        );
+        let _ = writeln!(
+            w,
+            "gearshift_info{{name=\"{}\",version=\"{}\",source=\"{}\"}} 1",
+            escape(&g.name),
+            escape(&g.version),
+            g.source
+        );
+        gauge(
+            w,
+            "gearshift_generation",
+            "Generation of the running image (1 at start, +1 per re-exec).",
+            g.generation,
+        );
+        gauge(
+            w,
+            "gearshift_lanes",
+            "Lanes (job threads) of the running generation.",
+            g.lanes,
+        );
+        gauge(
+            w,
+            "gearshift_jobs_in_flight",
+            "Jobs running now.",
+            g.in_flight,
+        );
+        gauge(
+            w,
+            "gearshift_degraded",
+            "1 while a result cannot be stored (a full disk, no descriptors).",
+            u64::from(g.degraded),
+        );
+
+        header(
+            w,
+            "gearshift_jobs_total",
+            "counter",
+            "Jobs that ended, by function and outcome (done, failed, timed_out).",
+        );
+        let functions: Vec<(String, Arc<FunctionStats>)> = self
+            .functions
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect())
+            .unwrap_or_default();
+        for (name, s) in &functions {
+            let f = escape(name);
+            for (outcome, c) in [
+                (Outcome::Done, &s.done),
+                (Outcome::Failed, &s.failed),
+                (Outcome::TimedOut, &s.timed_out),
+            ] {
+                let _ = writeln!(
+                    w,
+                    "gearshift_jobs_total{{function=\"{f}\",outcome=\"{}\"}} {}",
+                    outcome.as_str(),
+                    c.load(Ordering::Relaxed)
+                );
+            }
+        }
+        header(
+            w,
+            "gearshift_job_duration_seconds",
+            "histogram",
+            "How long jobs ran, by function.",
+        );
+        for (name, s) in &functions {
+            histogram(
+                w,
+                "gearshift_job_duration_seconds",
+                &format!("function=\"{}\"", escape(name)),
+                &s.duration.counts(),
+            );
+        }
+
+        header(
+            w,
+            "gearshift_restarts_total",
+            "counter",
+            "Re-execs in place, by reason.",
+        );
+        for reason in RestartReason::ALL {
+            let n = restarts.get(reason.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(
+                w,
+                "gearshift_restarts_total{{reason=\"{}\"}} {n}",
+                reason.as_str()
+            );
+        }
+        header(
+            w,
+            "gearshift_restart_pause_seconds",
+            "histogram",
+            "From a restart's request until the new generation serves.",
+        );
+        histogram(
+            w,
+            "gearshift_restart_pause_seconds",
+            "",
+            &self.restart_pause.counts(),
+        );
+        header(
+            w,
+            "gearshift_reload_refusals_total",
+            "counter",
+            "Reloads refused because the new config, jobs_dir or binary was invalid.",
+        );
+        let _ = writeln!(w, "gearshift_reload_refusals_total {}", g.refusals);
+        header(
+            w,
+            "gearshift_deploys_total",
+            "counter",
+            "Deploys of a new binary, by result (switched, refused, rolled_back).",
+        );
+        for result in DEPLOY_RESULTS {
+            let n = deploys.get(result).copied().unwrap_or(0);
+            let _ = writeln!(w, "gearshift_deploys_total{{result=\"{result}\"}} {n}");
+        }
+
+        if let Some(q) = &g.queue {
+            gauge(
+                w,
+                "gearshift_spool_queue_depth",
+                "Spool jobs waiting for a lane.",
+                q.depth,
+            );
+            gauge(
+                w,
+                "gearshift_spool_running",
+                "Spool jobs claimed by a lane (cur/).",
+                q.running,
+            );
+            header(
+                w,
+                "gearshift_spool_oldest_job_age_seconds",
+                "gauge",
+                "Age of the oldest waiting spool job (0: none waiting).",
+            );
+            let _ = writeln!(
+                w,
+                "gearshift_spool_oldest_job_age_seconds {}",
+                seconds(q.oldest_age_us)
+            );
+            header(
+                w,
+                "gearshift_spool_rejected_total",
+                "counter",
+                "Spool entries set aside in rejected/.",
+            );
+            let _ = writeln!(w, "gearshift_spool_rejected_total {}", g.rejected);
+        }
+
+        if !g.servers.is_empty() {
+            header(
+                w,
+                "gearshift_gearman_server_up",
+                "gauge",
+                "1 while at least one lane is connected to the server.",
+            );
+            for s in &g.servers {
+                let _ = writeln!(
+                    w,
+                    "gearshift_gearman_server_up{{server=\"{}\"}} {}",
+                    escape(&s.address),
+                    u64::from(s.connected > 0)
+                );
+            }
+            header(
+                w,
+                "gearshift_gearman_connections",
+                "gauge",
+                "Lanes' connections to each server, by state.",
+            );
+            for s in &g.servers {
+                for (state, n) in [
+                    ("connected", s.connected),
+                    ("connecting", s.connecting),
+                    ("backing_off", s.backing_off),
+                ] {
+                    let _ = writeln!(
+                        w,
+                        "gearshift_gearman_connections{{server=\"{}\",state=\"{state}\"}} {n}",
+                        escape(&s.address)
+                    );
+                }
+            }
+            header(
+                w,
+                "gearshift_gearman_reconnects_total",
+                "counter",
+                "Connections to each server lost and made again.",
+            );
+            let mut all: BTreeMap<&str, u64> = BTreeMap::new();
+            for (server, n) in &reconnects_before {
+                *all.entry(server).or_default() += n;
+            }
+            for s in &g.servers {
+                *all.entry(&s.address).or_default() += s.reconnects;
+            }
+            for (server, n) in all {
+                let _ = writeln!(
+                    w,
+                    "gearshift_gearman_reconnects_total{{server=\"{}\"}} {n}",
+                    escape(server)
+                );
+            }
+        }
+        process::render(w);
+        out
+    }
+}
+
+/// The spool's queue, at the moment of a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub running: u64,
+    /// Age of the oldest waiting job in µs (0: none).
+    pub oldest_age_us: u64,
+}
+
+/// One Gearman server as the lanes see it.
+#[derive(Debug, Clone, Default)]
+pub struct ServerGauge {
+    pub address: String,
+    pub connected: u64,
+    pub connecting: u64,
+    pub backing_off: u64,
+    /// This generation's reconnects.
+    pub reconnects: u64,
+}
+
+/// The values read at scrape time from the rest of the worker.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub name: String,
+    pub version: String,
+    pub source: &'static str,
+    pub generation: u64,
+    pub lanes: u64,
+    pub in_flight: u64,
+    pub degraded: bool,
+    pub refusals: u64,
+    pub rejected: u64,
+    pub queue: Option<QueueStats>,
+    pub servers: Vec<ServerGauge>,
+}
+
+fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn gauge(w: &mut String, name: &str, help: &str, value: u64) {
+    header(w, name, "gauge", help);
+    let _ = writeln!(w, "{name} {value}");
+}
+
+/// Microseconds as seconds, exactly (no float noise: "0.0025", "1", "3600").
+fn seconds(us: u64) -> String {
+    let (s, frac) = (us / 1_000_000, us % 1_000_000);
+    if frac == 0 {
+        s.to_string()
+    } else {
+        let f = format!("{frac:06}");
+        format!("{s}.{}", f.trim_end_matches('0'))
+    }
+}
+
+fn histogram(w: &mut String, name: &str, labels: &str, h: &HistogramCounts) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0u64;
+    for (i, c) in h.counts.iter().enumerate() {
+        cumulative += c;
+        let le = h
+            .bounds_us
+            .get(i)
+            .map_or_else(|| "+Inf".to_string(), |b| seconds(*b));
+        let _ = writeln!(w, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(w, "{name}_sum{braces} {}", seconds(h.sum_us));
+    let _ = writeln!(w, "{name}_count{braces} {cumulative}");
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_exact() {
+        let m = Metrics::default();
+        let f = m.function("resize").unwrap();
+        f.record(Outcome::Done, Duration::from_micros(800));
+        f.record(Outcome::Done, Duration::from_millis(3));
+        f.record(Outcome::TimedOut, Duration::from_secs(7200));
+        let text = m.render(&Gauges::default());
+        assert!(text.contains(
+            "gearshift_job_duration_seconds_bucket{function=\"resize\",le=\"0.001\"} 1\n"
+        ));
+        assert!(text.contains(
+            "gearshift_job_duration_seconds_bucket{function=\"resize\",le=\"0.005\"} 2\n"
+        ));
+        assert!(text.contains(
+            "gearshift_job_duration_seconds_bucket{function=\"resize\",le=\"+Inf\"} 3\n"
+        ));
+        assert!(
+            text.contains("gearshift_job_duration_seconds_sum{function=\"resize\"} 7200.0038\n")
+        );
+        assert!(
+            text.contains("gearshift_jobs_total{function=\"resize\",outcome=\"timed_out\"} 1\n")
+        );
+    }
+
+    #[test]
+    fn carried_counters_add_up_and_foreign_layouts_are_dropped() {
+        let a = Metrics::default();
+        a.function("f")
+            .unwrap()
+            .record(Outcome::Failed, Duration::from_millis(2));
+        a.restarted("sighup");
+        a.deploy("refused");
+        let mut carried = a.carry(&BTreeMap::from([("s:1".to_string(), 2)]));
+        let b = Metrics::default();
+        b.restore(&carried);
+        b.restarted("sighup");
+        let again = b.carry(&BTreeMap::from([("s:1".to_string(), 1)]));
+        assert_eq!(again.functions["f"].failed, 1);
+        assert_eq!(again.functions["f"].duration.counts.iter().sum::<u64>(), 1);
+        assert_eq!(again.restarts["sighup"], 2);
+        assert_eq!(again.deploys["refused"], 1);
+        assert_eq!(again.reconnects["s:1"], 3);
+        // Another build's buckets: the counters carry, the histogram starts again.
+        carried.functions.get_mut("f").unwrap().duration.bounds_us = vec![1];
+        carried.functions.get_mut("f").unwrap().duration.counts = vec![1, 0];
+        let c = Metrics::default();
+        c.restore(&carried);
+        let got = c.carry(&BTreeMap::new());
+        assert_eq!(got.functions["f"].failed, 1);
+        assert_eq!(got.functions["f"].duration.counts.iter().sum::<u64>(), 0);
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_bounded() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let m = Metrics::default();
+        for i in 0..MAX_FUNCTIONS + 5 {
+            m.function(&format!("f{i}"));
+        }
+        assert_eq!(m.functions.read().unwrap().len(), MAX_FUNCTIONS + 1);
+        assert!(m.functions.read().unwrap().contains_key(OTHER_FUNCTIONS));
+    }
+
+    #[test]
+    fn seconds_are_printed_exactly() {
+        assert_eq!(seconds(2_500), "0.0025");
+        assert_eq!(seconds(1_000_000), "1");
+        assert_eq!(seconds(3_600_000_001), "3600.000001");
+    }
+}

@@ -1,0 +1,563 @@
+//! Observability: the Prometheus endpoint (its socket and counters carried across every
+//! re-exec), `gearshift metrics`, JSON log lines, and `gearshift top` in a real terminal (tmux).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// A GET over a fresh connection: (status code, body).
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    let code = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {out:?}")))?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((code, body.to_string()));
+    }
+    // Chunked (Prometheus' larger answers): size line, data, CRLF; a 0 size ends it.
+    let (mut rest, mut data) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        data.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    Ok((code, data))
+}
+
+/// `name{labels}` -> value, from an exposition.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn metrics_config(sb: &Sandbox, extra: &str) {
+    sb.write_config(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[functions.slow]\ntimeout = \"300ms\"\n\n{extra}"
+    ));
+    sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    sb.job("bad.sh", "#!/bin/sh\necho broken >&2\nexit 3\n");
+    sb.job("slow.sh", "#!/bin/sh\nexec sleep 5\n");
+}
+
+fn metrics_addr(w: &Worker) -> String {
+    let s = w.wait_for(Duration::from_secs(10), "metrics address", |s| {
+        s["metrics"].is_string()
+    });
+    s["metrics"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn metrics_count_every_outcome_pass_promtool_and_match_the_cli() {
+    let sb = Sandbox::new("metrics-basic");
+    metrics_config(&sb, "");
+    let w = sb.start();
+    let addr = metrics_addr(&w);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(sb.submit("up", &format!("a{i}")));
+    }
+    ids.push(sb.submit("bad", "x"));
+    ids.push(sb.submit("slow", "x"));
+    ids.push(sb.submit("nosuchfunction", "x"));
+    all_outcomes(&sb, &ids, Duration::from_secs(30));
+    let (code, body) = http_get(&addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let m = samples(&body);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing in\n{body}"));
+    assert_eq!(
+        get(r#"gearshift_jobs_total{function="up",outcome="done"}"#),
+        5.0
+    );
+    assert_eq!(
+        get(r#"gearshift_jobs_total{function="bad",outcome="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"gearshift_jobs_total{function="slow",outcome="timed_out"}"#),
+        1.0
+    );
+    // A name from whoever submits never becomes a label value.
+    assert_eq!(
+        get(r#"gearshift_jobs_total{function="(unknown)",outcome="failed"}"#),
+        1.0
+    );
+    assert!(!body.contains("nosuchfunction"));
+    assert_eq!(
+        get(r#"gearshift_job_duration_seconds_count{function="up"}"#),
+        5.0
+    );
+    assert!(get(r#"gearshift_job_duration_seconds_sum{function="slow"}"#) >= 0.3);
+    assert_eq!(get("gearshift_generation"), 1.0);
+    assert_eq!(get("gearshift_lanes"), 2.0);
+    assert_eq!(get("gearshift_spool_queue_depth"), 0.0);
+    assert!(get("process_resident_memory_bytes") > 1e6);
+    assert!(get("process_open_fds") > 3.0);
+    assert_eq!(http_get(&addr, "/").unwrap().0, 404);
+
+    // The same text through the status socket.
+    let out = sb.run(&["metrics"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cli = samples(&text(&out.stdout));
+    assert_eq!(
+        cli[r#"gearshift_jobs_total{function="up",outcome="done"}"#],
+        5.0
+    );
+    assert_eq!(
+        cli.keys().filter(|k| k.starts_with("gearshift_")).count(),
+        m.keys().filter(|k| k.starts_with("gearshift_")).count()
+    );
+
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut p) => {
+            p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+            let out = p.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!("skipped promtool ({e}): install Debian's prometheus package"),
+    }
+}
+
+#[test]
+fn a_queue_shows_its_depth_and_the_age_of_its_oldest_job() {
+    let sb = Sandbox::new("metrics-queue");
+    metrics_config(&sb, "");
+    // One lane, busy for a while with the first job: the others wait.
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("concurrency = 2", "concurrency = 1");
+    fs::write(sb.config(), cfg).unwrap();
+    sb.submit("sleep", "3000");
+    for i in 0..7 {
+        sb.submit("up", &format!("q{i}"));
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    let w = sb.start();
+    let addr = metrics_addr(&w);
+    let m = samples(&http_get(&addr, "/metrics").unwrap().1);
+    let depth = m["gearshift_spool_queue_depth"];
+    assert!((6.0..=8.0).contains(&depth), "depth {depth}");
+    assert!(m["gearshift_spool_oldest_job_age_seconds"] >= 1.0, "{m:?}");
+}
+
+#[test]
+fn reloads_keep_the_socket_and_the_counters_and_no_scrape_is_refused() {
+    let sb = Sandbox::new("metrics-reloads");
+    metrics_config(&sb, "");
+    let w = sb.start();
+    let addr = metrics_addr(&w);
+    // A client scraping as fast as it can for the whole storm.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed, mut last_done) = (0u64, Vec::new(), 0.0);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                match http_get(&addr, "/metrics") {
+                    Ok((200, body)) => {
+                        ok += 1;
+                        let done = samples(&body)
+                            .get(r#"gearshift_jobs_total{function="up",outcome="done"}"#)
+                            .copied()
+                            .unwrap_or(0.0);
+                        assert!(
+                            done >= last_done,
+                            "counter went down: {last_done} -> {done}"
+                        );
+                        last_done = done;
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut ids = Vec::new();
+    for round in 0..30 {
+        ids.push(sb.submit("up", &format!("r{round}")));
+        let g = w.generation();
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g + 1);
+    }
+    all_outcomes(&sb, &ids, Duration::from_secs(30));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (ok, failed) = scraper.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} scrapes failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 30, "only {ok} scrapes");
+    let m = samples(&http_get(&addr, "/metrics").unwrap().1);
+    assert_eq!(
+        m[r#"gearshift_jobs_total{function="up",outcome="done"}"#],
+        30.0
+    );
+    assert_eq!(m[r#"gearshift_restarts_total{reason="sighup"}"#], 30.0);
+    assert_eq!(m["gearshift_restart_pause_seconds_count"], 30.0);
+    assert_eq!(m["gearshift_generation"], 31.0);
+    assert_eq!(
+        m[r#"gearshift_job_duration_seconds_count{function="up"}"#],
+        30.0
+    );
+
+    // A reload that moves the endpoint closes the old port; one that drops [metrics] closes it.
+    let moved = format!("127.0.0.1:{}", free_port());
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("127.0.0.1:0", &moved);
+    fs::write(sb.config(), &cfg).unwrap();
+    let s = w.wait_for(Duration::from_secs(10), "moved", |s| {
+        s["metrics"] == moved.as_str()
+    });
+    assert_eq!(s["last_restart_reason"], "config changed");
+    assert!(http_get(&addr, "/metrics").is_err(), "old port still open");
+    let m = samples(&http_get(&moved, "/metrics").unwrap().1);
+    assert_eq!(
+        m[r#"gearshift_jobs_total{function="up",outcome="done"}"#], 30.0,
+        "counters carried"
+    );
+    let g = w.generation();
+    fs::write(
+        sb.config(),
+        cfg.replace(&format!("[metrics]\nlisten = \"{moved}\""), ""),
+    )
+    .unwrap();
+    let s = w.wait_generation(g + 1);
+    assert!(s["metrics"].is_null(), "{s}");
+    assert!(
+        http_get(&moved, "/metrics").is_err(),
+        "port still open without [metrics]"
+    );
+}
+
+#[test]
+fn a_non_loopback_listen_address_is_refused_unless_allowed() {
+    let sb = Sandbox::new("metrics-remote");
+    sb.write_config("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    let out = sb.run(&["check"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    // file:line:col pointing at the value.
+    let line = sb
+        .config_text("[metrics]\nlisten = \"0.0.0.0:9464\"\n")
+        .lines()
+        .count();
+    assert!(
+        err.contains(&format!("config.toml:{line}:10:")) && err.contains("allow_remote"),
+        "{err}"
+    );
+    sb.write_config("[metrics]\nlisten = \"localhost:9464\"\n");
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(err.contains("is not an address:port"), "{err}");
+    sb.write_config("[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n");
+    let out = sb.run(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn json_log_lines_carry_the_job_fields() {
+    let sb = Sandbox::new("json-log");
+    metrics_config(&sb, "[log]\nformat = \"json\"\njobs = true\n");
+    let w = sb.start();
+    let ids = vec![sb.submit("up", "j"), sb.submit("bad", "j")];
+    all_outcomes(&sb, &ids, Duration::from_secs(20));
+    let g = w.generation();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(g + 1);
+    let log = w.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l["time"].is_string() && l["level"].is_string() && l["message"].is_string(),
+            "{l}"
+        );
+    }
+    let job = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["job"] == id)
+            .unwrap_or_else(|| panic!("no line for job {id} in\n{log}"))
+            .clone()
+    };
+    let done = job(&ids[0]);
+    assert_eq!(
+        (
+            done["level"].as_str(),
+            done["function"].as_str(),
+            done["outcome"].as_str()
+        ),
+        (Some("info"), Some("up"), Some("done"))
+    );
+    assert!(done["duration_ms"].as_f64().is_some() && done["generation"] == 1);
+    let failed = job(&ids[1]);
+    assert_eq!(
+        (failed["level"].as_str(), failed["outcome"].as_str()),
+        (Some("warn"), Some("failed"))
+    );
+    assert!(
+        lines.iter().any(|l| l["generation"] == 2),
+        "the new generation logs JSON too"
+    );
+}
+
+#[test]
+fn top_shows_lanes_functions_and_quits_on_q() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipped: no tmux");
+        return;
+    }
+    let sb = Sandbox::new("top");
+    metrics_config(&sb, "");
+    let w = sb.start();
+    let _ = metrics_addr(&w);
+    let ids: Vec<String> = (0..4).map(|i| sb.submit("up", &format!("t{i}"))).collect();
+    all_outcomes(&sb, &ids, Duration::from_secs(20));
+    let long = sb.submit("sleep", "20000");
+    let server = format!("gs-top-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cmd = format!(
+        "{} -c {} top --interval 200ms",
+        sb.bin.display(),
+        sb.config().display()
+    );
+    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
+        .status
+        .success());
+    let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        last = screen();
+        // The running job with its function on a lane line, and the `up` row with its count.
+        let lane_busy = last
+            .lines()
+            .any(|l| l.contains(&long) && l.contains("sleep"));
+        let up_row = last.lines().any(|l| {
+            l.split_whitespace().next() == Some("up") && l.split_whitespace().nth(2) == Some("4")
+        });
+        if lane_busy && up_row && last.contains("generation 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        last.contains(&long) && last.contains("q: quit"),
+        "screen:\n{last}"
+    );
+    tmux(&["send-keys", "-t", "0", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tmux(&["has-session"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "top did not quit on q:\n{}",
+            screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real Prometheus (Debian's package), started on a loopback port, scraping every 100 ms.
+struct Prometheus {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(sb: &Sandbox, target: &str) -> Option<Prometheus> {
+        Command::new("prometheus").arg("--version").output().ok()?;
+        let cfg = sb.path("prometheus.yml");
+        fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 100ms\n  scrape_timeout: 100ms\n\
+                 scrape_configs:\n  - job_name: gearshift\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = spawn(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", cfg.display()))
+                .arg(format!("--storage.tsdb.path={}", sb.path("tsdb").display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(sb.path("prometheus.log")).unwrap()),
+        );
+        let p = Prometheus { child, addr };
+        eventually(Duration::from_secs(30), "prometheus ready", || {
+            http_get(&p.addr, "/-/ready").is_ok_and(|(c, _)| c == 200)
+        });
+        Some(p)
+    }
+
+    /// An instant query's result vector.
+    fn query(&self, q: &str) -> Vec<Value> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (code, body) = http_get(&self.addr, &format!("/api/v1/query?query={enc}")).unwrap();
+        assert_eq!(code, 200, "{q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The single value of a query that yields one series.
+    fn value(&self, q: &str) -> f64 {
+        let r = self.query(q);
+        assert_eq!(r.len(), 1, "{q}: {r:?}");
+        r[0]["value"][1].as_str().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scraping_every_100ms_through_50_reloads_sees_up_and_no_counter_reset() {
+    let sb = Sandbox::new("prometheus");
+    metrics_config(&sb, "");
+    let w = sb.start();
+    let target = metrics_addr(&w);
+    let Some(prom) = Prometheus::start(&sb, &target) else {
+        eprintln!("skipped: no prometheus (Debian's prometheus package)");
+        return;
+    };
+    eventually(Duration::from_secs(30), "first scrapes", || {
+        prom.query("count_over_time(up[1m]) >= 5").len() == 1
+    });
+    let before = prom.value("count_over_time(up[5m])");
+    // Jobs flow while the worker re-execs 50 times.
+    let mut ids = Vec::new();
+    for round in 0..50 {
+        ids.push(sb.submit("up", &format!("p{round}")));
+        let g = w.generation();
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g + 1);
+    }
+    all_outcomes(&sb, &ids, Duration::from_secs(30));
+    // Scrapes of the last generation, then the end of the storm is in the database.
+    std::thread::sleep(Duration::from_millis(1000));
+    eventually(
+        Duration::from_secs(10),
+        "the last generation scraped",
+        || {
+            prom.query("max_over_time(gearshift_generation[5m]) == 51")
+                .len()
+                == 1
+        },
+    );
+    let samples = prom.value("count_over_time(up[5m])");
+    assert!(
+        samples - before >= 20.0,
+        "only {} scrapes during the storm",
+        samples - before
+    );
+    assert_eq!(prom.value("min_over_time(up[5m])"), 1.0, "a scrape failed");
+    // No counter, histogram count or bucket ever went down, in any series.
+    let (_, names) = http_get(&prom.addr, "/api/v1/label/__name__/values").unwrap();
+    let names: Value = serde_json::from_str(&names).unwrap();
+    let counters: Vec<&str> = names["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .filter(|n| {
+            (n.starts_with("gearshift_")
+                && (n.ends_with("_total") || n.ends_with("_count") || n.ends_with("_bucket")))
+                || *n == "process_cpu_seconds_total"
+        })
+        .collect();
+    assert!(counters.len() >= 8, "counters stored: {counters:?}");
+    for name in counters {
+        let reset = prom.query(&format!("resets({name}[5m]) > 0"));
+        assert!(
+            reset.is_empty(),
+            "{name} went down in {} series: {}",
+            reset.len(),
+            reset[0]["metric"]
+        );
+    }
+    assert_eq!(
+        prom.value(r#"gearshift_jobs_total{function="up",outcome="done"}"#),
+        50.0
+    );
+    assert_eq!(
+        prom.value(r#"gearshift_restarts_total{reason="sighup"}"#),
+        50.0
+    );
+}
+
+/// A client that sends no request (an older `gearshift`) still gets the status document.
+#[test]
+fn a_client_that_asks_nothing_gets_the_status() {
+    let sb = Sandbox::new("status-legacy");
+    let w = sb.start();
+    w.status();
+    let mut c = std::os::unix::net::UnixStream::connect(&w.socket).unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    let doc: Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(doc["pid"], w.pid());
+}
