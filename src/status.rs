@@ -99,6 +99,8 @@ pub struct Inner {
     pub watch: Option<String>,
     /// The address `/metrics` is served on.
     pub metrics: Option<String>,
+    /// A restart delayed by `restart_splay`: why, and when (unix ms).
+    pub restart_pending: Option<(String, u64)>,
 }
 
 impl State {
@@ -282,6 +284,10 @@ impl State {
             warnings: i.warnings.clone(),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),
             metrics: i.metrics.clone(),
+            restart_pending: i.restart_pending.as_ref().map(|(reason, at)| PendingDoc {
+                reason: reason.clone(),
+                at: rfc3339_ms(*at),
+            }),
             source: i.source.to_string(),
             jobs_completed: self.completed.load(Ordering::Relaxed),
             jobs_failed: self.failed.load(Ordering::Relaxed),
@@ -346,6 +352,9 @@ pub struct Doc {
     /// Where `/metrics` is served (the bound address), if anywhere.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// A restart delayed by `[worker] restart_splay`.
+    #[serde(default)]
+    pub restart_pending: Option<PendingDoc>,
     pub source: String,
     pub jobs_completed: u64,
     pub jobs_failed: u64,
@@ -401,6 +410,13 @@ pub struct ServerDoc {
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub reconnects: u64,
+}
+
+/// `status.restart_pending`: a restart waiting out its splay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PendingDoc {
+    pub reason: String,
+    pub at: String,
 }
 
 /// One of `status.running_jobs`.

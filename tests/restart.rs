@@ -369,3 +369,52 @@ fn reload_command_reports_the_new_generation() {
     assert_eq!(sb.run(&["status"]).status.code(), Some(3));
     assert_eq!(sb.run(&["reload"]).status.code(), Some(3));
 }
+
+/// `restart_splay` delays a restart caused by a change (which may reach a whole fleet at once)
+/// by a random fraction of it; the worker serves meanwhile. A HUP is never delayed, and takes
+/// the pending restart along.
+#[test]
+fn change_restarts_are_splayed_and_a_hup_is_not() {
+    let sb = Sandbox::new("splay");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    let w = sb.start();
+    let text = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{text}# edit 1\n")).unwrap();
+    let s = w.wait_for(Duration::from_secs(10), "a pending restart", |s| {
+        s["restart_pending"]["reason"] == "config changed"
+    });
+    assert_eq!(s["generation"], 1, "not restarted at once");
+    // Still serving while the restart waits.
+    let id = sb.submit("echo", "served");
+    assert_eq!(
+        all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10))[0].1,
+        "served"
+    );
+    w.signal(Signal::SIGHUP);
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "sighup");
+    assert!(s["restart_pending"].is_null(), "{s}");
+    assert_eq!(s["config_sha256"].as_str().map(str::len), Some(64));
+
+    // A short splay: the restart comes, not before the time it said.
+    let text = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("restart_splay = \"1h\"", "restart_splay = \"1500ms\"");
+    fs::write(sb.config(), &text).unwrap();
+    // That edit itself restarts with the old splay (1h) pending: push it with a HUP.
+    w.wait_for(Duration::from_secs(10), "pending", |s| {
+        s["restart_pending"].is_object()
+    });
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(3);
+    fs::write(sb.config(), format!("{text}# edit 2\n")).unwrap();
+    let pending = w.wait_for(Duration::from_secs(10), "a pending restart", |s| {
+        s["restart_pending"].is_object()
+    });
+    let at = pending["restart_pending"]["at"].as_str().unwrap().to_string();
+    let s = w.wait_generation(4);
+    assert_eq!(s["last_restart_reason"], "config changed");
+    let restarted = s["restarted_at"].as_str().unwrap();
+    // RFC 3339 UTC with milliseconds: lexical order is time order.
+    assert!(restarted >= at.as_str(), "restarted {restarted}, due {at}");
+}

@@ -74,6 +74,9 @@ pub struct Worker {
     /// Each limit is raised by a random fraction up to this (0.1 = up to 10%), so a fleet
     /// started together does not recycle all at once.
     pub recycle_splay: f64,
+    /// Delay a restart caused by a config, jobs_dir or binary change by a random fraction of
+    /// this (a fleet that gets the change at once does not reconnect at once). None: off.
+    pub restart_splay: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +100,10 @@ pub struct GearmanConfig {
     pub io_timeout: Duration,
     /// The longest pause between reconnects (backoff doubles from 100 ms up to this).
     pub reconnect_max: Duration,
+    /// A connection whose peer stops answering (a host gone, a link down: no FIN, no RST) is
+    /// noticed within about this long: TCP keepalive while idle, TCP_USER_TIMEOUT while
+    /// data is unacknowledged.
+    pub dead_peer_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +217,16 @@ impl Config {
                 "max_age must be at least 1s (or left out)",
             ));
         }
+        if let Some(s) = w
+            .restart_splay
+            .as_ref()
+            .filter(|s| s.get_ref().0 > Duration::from_secs(86400))
+        {
+            return Err(located(
+                Some(s.span()),
+                "restart_splay is at most \"24h\" (a restart delayed longer is a stale worker)",
+            ));
+        }
         let worker = Worker {
             concurrency: concurrency as usize,
             jobs_dir: base.join(w.jobs_dir),
@@ -238,6 +255,10 @@ impl Config {
             max_rss_mb,
             max_age: w.max_age.map(|d| d.into_inner().0),
             recycle_splay: splay,
+            restart_splay: w
+                .restart_splay
+                .map(|s| s.into_inner().0)
+                .filter(|s| !s.is_zero()),
         };
 
         let s = raw.source;
@@ -283,6 +304,16 @@ impl Config {
                     exceptions: s.exceptions,
                     io_timeout: at_least_100ms(&s.io_timeout, "io_timeout")?,
                     reconnect_max: at_least_100ms(&s.reconnect_max, "reconnect_max")?,
+                    dead_peer_timeout: {
+                        let d = s.dead_peer_timeout.get_ref().0;
+                        if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {
+                            return Err(located(
+                                Some(s.dead_peer_timeout.span()),
+                                "dead_peer_timeout must be between \"2s\" and \"1h\"",
+                            ));
+                        }
+                        d
+                    },
                     max_packet_bytes: match &s.max_packet_bytes {
                         None => (worker.max_payload_bytes + 4096).max(1 << 20),
                         Some(b) => {

@@ -68,6 +68,7 @@ pub(super) struct RawWorker {
     pub(super) max_rss_mb: Spanned<u64>,
     pub(super) max_age: Option<Spanned<Dur>>,
     pub(super) recycle_splay: Spanned<f64>,
+    pub(super) restart_splay: Option<Spanned<Dur>>,
     pub(super) umask: String,
     pub(super) user: Option<String>,
     pub(super) group: Option<String>,
@@ -89,6 +90,7 @@ impl Default for RawWorker {
             max_rss_mb: Spanned::new(0..0, 0),
             max_age: None,
             recycle_splay: Spanned::new(0..0, 0.1),
+            restart_splay: None,
             umask: "027".into(),
             user: None,
             group: None,
@@ -119,6 +121,7 @@ pub(super) struct RawSource {
     pub(super) max_packet_bytes: Option<Spanned<u64>>,
     pub(super) io_timeout: Spanned<Dur>,
     pub(super) reconnect_max: Spanned<Dur>,
+    pub(super) dead_peer_timeout: Spanned<Dur>,
 }
 
 impl Default for RawSource {
@@ -135,6 +138,7 @@ impl Default for RawSource {
             max_packet_bytes: None,
             io_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
             reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
+            dead_peer_timeout: Spanned::new(0..0, Dur(Duration::from_secs(15))),
         }
     }
 }

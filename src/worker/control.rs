@@ -128,6 +128,8 @@ impl Control {
         let mut first_touch: Option<Instant> = None;
         let mut live = self.lanes.len();
         let mut terms = 0;
+        // A change-triggered restart waiting out `restart_splay`.
+        let mut splayed: Option<(Instant, RestartReason)> = None;
 
         loop {
             let binary_timer = match binary_at {
@@ -140,6 +142,10 @@ impl Control {
                 (None, false) => never(),
             };
             // A fault clears only after a quiet second, maybe when no job is left to notice.
+            let splay_timer = match splayed {
+                Some((t, _)) => after(t.saturating_duration_since(Instant::now())),
+                None => never(),
+            };
             let health_timer = if self.health.degraded.load(Ordering::Acquire) {
                 after(Duration::from_millis(250))
             } else {
@@ -147,6 +153,19 @@ impl Control {
             };
             select! {
                 recv(health_timer) -> _ => self.health.recovered(&self.state),
+                recv(splay_timer) -> _ => {
+                    if let Some((_, reason)) = splayed.take() {
+                        self.set_pending(None);
+                        // A config or jobs change may have been undone meanwhile.
+                        let still = match reason {
+                            RestartReason::BinaryChanged => Some(reason),
+                            _ => self.changed_on_disk(),
+                        };
+                        if let Some(reason) = still.filter(|_| matches!(phase, Phase::Running)) {
+                            self.request_restart(&mut phase, reason);
+                        }
+                    }
+                }
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
                 recv(age) -> _ => {
                     age = never();
@@ -162,6 +181,10 @@ impl Control {
                     Ok(Event::Signal(sig)) => {
                         match sig {
                             Signal::SIGHUP => {
+                                // Asked for by hand: never splayed, and it takes a pending one along.
+                                if splayed.take().is_some() {
+                                    self.set_pending(None);
+                                }
                                 self.request_restart(&mut phase, RestartReason::Sighup);
                             }
                             Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
@@ -247,9 +270,9 @@ impl Control {
                 recv(timer) -> _ => {
                     check_at = None;
                     first_touch = None;
-                    if matches!(phase, Phase::Running) {
+                    if matches!(phase, Phase::Running) && splayed.is_none() {
                         if let Some(reason) = self.changed_on_disk() {
-                            self.request_restart(&mut phase, reason);
+                            self.restart_or_splay(&mut phase, &mut splayed, reason);
                         }
                     }
                 }
@@ -273,8 +296,8 @@ impl Control {
                             i.binary_sha256 = d.running_sha();
                         }
                     }
-                    if approved {
-                        self.request_restart(&mut phase, RestartReason::BinaryChanged);
+                    if approved && splayed.is_none() {
+                        self.restart_or_splay(&mut phase, &mut splayed, RestartReason::BinaryChanged);
                     }
                 }
             }
@@ -327,6 +350,34 @@ impl Control {
                 self.refuse(reason, &e.to_string());
                 None
             }
+        }
+    }
+
+    /// A restart caused by a change that may have reached every host at once: delayed by a
+    /// random fraction of `restart_splay` when set (the worker serves on meanwhile).
+    fn restart_or_splay(
+        &mut self,
+        phase: &mut Phase,
+        splayed: &mut Option<(Instant, RestartReason)>,
+        reason: RestartReason,
+    ) {
+        let Some(max) = self.plan.config.worker.restart_splay else {
+            self.request_restart(phase, reason);
+            return;
+        };
+        let delay = max.mul_f64(super::lane::random_fraction());
+        log::info!(
+            "{reason}: restarting in {} ms (restart_splay {} ms)",
+            delay.as_millis(),
+            max.as_millis()
+        );
+        *splayed = Some((Instant::now() + delay, reason));
+        self.set_pending(Some((reason, now_ms() + delay.as_millis() as u64)));
+    }
+
+    fn set_pending(&self, pending: Option<(RestartReason, u64)>) {
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.restart_pending = pending.map(|(r, at)| (r.to_string(), at));
         }
     }
 

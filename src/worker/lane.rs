@@ -57,7 +57,7 @@ impl Limits {
 }
 
 /// A number in [0, 1) that differs between processes and calls (splay; not for secrets).
-fn random_fraction() -> f64 {
+pub(super) fn random_fraction() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());

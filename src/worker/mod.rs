@@ -219,6 +219,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             storage: None,
             warnings: plan.warnings.clone(),
             watch: None,
+            restart_pending: None,
             metrics: metrics_listener
                 .as_ref()
                 .and_then(|l| l.local_addr().ok())

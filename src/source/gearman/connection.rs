@@ -132,6 +132,24 @@ impl Conn {
         Ok(Conn::over(stream, magic, max))
     }
 
+    /// Notices a peer that stopped answering within about `within`: keepalive probes after
+    /// half of it idle, three of them a sixth apart; TCP_USER_TIMEOUT for data left
+    /// unacknowledged that long. Without it a lane asleep on a half-open connection (a host
+    /// or link gone: no FIN, no RST) would wait for a NOOP forever.
+    pub fn detect_dead_peer(&self, within: Duration) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let secs = within.as_secs().max(2);
+        let idle = u32::try_from(secs.div_ceil(2)).unwrap_or(u32::MAX);
+        let interval = u32::try_from((secs / 6).max(1)).unwrap_or(u32::MAX);
+        let ms = u32::try_from(within.as_millis()).unwrap_or(u32::MAX);
+        setsockopt(&self.stream, sockopt::KeepAlive, &true)?;
+        setsockopt(&self.stream, sockopt::TcpKeepIdle, &idle)?;
+        setsockopt(&self.stream, sockopt::TcpKeepInterval, &interval)?;
+        setsockopt(&self.stream, sockopt::TcpKeepCount, &3)?;
+        setsockopt(&self.stream, sockopt::TcpUserTimeout, &ms)?;
+        Ok(())
+    }
+
     /// After a non-blocking connect became writable: Ok if it succeeded.
     pub fn connected(&self) -> io::Result<()> {
         match self.stream.take_error()? {

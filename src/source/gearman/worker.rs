@@ -104,6 +104,7 @@ impl GearmanSource {
             max_packet: self.cfg.max_packet_bytes,
             io_timeout: self.cfg.io_timeout,
             reconnect_max: self.cfg.reconnect_max,
+            dead_peer: self.cfg.dead_peer_timeout,
             wake,
             job_server: None,
             handle: Vec::new(),
@@ -169,6 +170,7 @@ struct GearmanLane {
     max_packet: usize,
     io_timeout: Duration,
     reconnect_max: Duration,
+    dead_peer: Duration,
     wake: Arc<OwnedFd>,
     /// Server of the job in hand (or whose result is queued), if any.
     job_server: Option<usize>,
@@ -261,7 +263,9 @@ impl GearmanLane {
             if s.failures > 0 {
                 self.count_reconnect(s);
             }
-            match Conn::start(&s.addr, p::RES, self.max_packet) {
+            let started = Conn::start(&s.addr, p::RES, self.max_packet)
+                .and_then(|c| c.detect_dead_peer(self.dead_peer).map(|()| c));
+            match started {
                 Ok(conn) => {
                     let io = self.io_timeout;
                     let s = &mut self.servers[i];
