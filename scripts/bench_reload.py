@@ -86,7 +86,11 @@ def status(d):
         s.sendall(b"status\n")
         data = b""
         while True:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                # An older worker closes with our request unread, after its answer.
+                break
             if not chunk:
                 break
             data += chunk

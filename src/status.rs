@@ -544,13 +544,17 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
     }
     c.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| Error::io("status socket", e))?;
-    // A worker too old to read requests answers with its status all the same.
+    // A worker too old to read requests answers with its status all the same, and closes
+    // with our request unread: the kernel then resets the connection after its answer.
     let _ = c.write_all(format!("{request}\n").as_bytes());
-    let mut body = String::new();
-    c.take(limit)
-        .read_to_string(&mut body)
-        .map_err(|e| Error::io_path("reading status socket", path, e))?;
-    Ok(body)
+    let mut body = Vec::new();
+    match c.take(limit).read_to_end(&mut body) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !body.is_empty() => {}
+        Err(e) => return Err(Error::io_path("reading status socket", path, e)),
+    }
+    String::from_utf8(body)
+        .map_err(|_| Error::Msg(format!("\"{}\" answered with non-UTF-8", path.display())))
 }
 
 /// The worker's metrics text, through its status socket (see [`query`] for `pid`).

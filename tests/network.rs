@@ -43,11 +43,20 @@ impl Host {
             outside: outside.clone(),
             addr: format!("198.18.{n}.2"),
         };
-        let ok = ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside])
-            && ip(&["link", "set", &inside, "netns", &ns])
+        let ok = ip(&[
+            "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+        ]) && ip(&["link", "set", &inside, "netns", &ns])
             && ip(&["addr", "add", &format!("198.18.{n}.1/24"), "dev", &outside])
             && ip(&["link", "set", &outside, "up"])
-            && ip(&["-n", &ns, "addr", "add", &format!("{}/24", h.addr), "dev", &inside])
+            && ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.addr),
+                "dev",
+                &inside,
+            ])
             && ip(&["-n", &ns, "link", "set", &inside, "up"])
             && ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ok.then_some(h)
@@ -61,7 +70,12 @@ impl Host {
     }
 
     fn link(&self, up: bool) {
-        assert!(ip(&["link", "set", &self.outside, if up { "up" } else { "down" }]));
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.outside,
+            if up { "up" } else { "down" }
+        ]));
     }
 }
 
@@ -117,7 +131,15 @@ fn a_half_open_connection_is_noticed_within_the_dead_peer_timeout() {
     // And it serves: a job submitted from inside the server's host.
     let out = host
         .command(sb.bin.to_str().unwrap())
-        .args(["-c", sb.config().to_str().unwrap(), "submit", "--timeout", "10s", "reverse", "abc"])
+        .args([
+            "-c",
+            sb.config().to_str().unwrap(),
+            "submit",
+            "--timeout",
+            "10s",
+            "reverse",
+            "abc",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -411,7 +411,10 @@ fn change_restarts_are_splayed_and_a_hup_is_not() {
     let pending = w.wait_for(Duration::from_secs(10), "a pending restart", |s| {
         s["restart_pending"].is_object()
     });
-    let at = pending["restart_pending"]["at"].as_str().unwrap().to_string();
+    let at = pending["restart_pending"]["at"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let s = w.wait_generation(4);
     assert_eq!(s["last_restart_reason"], "config changed");
     let restarted = s["restarted_at"].as_str().unwrap();
