@@ -6,7 +6,9 @@ For each worker and concurrency (1 and 4): preload JOBS background `reverse` job
 worker(s), and time until gearmand reports the queue empty. Concurrency 4 means four lanes in one
 gearshift process, and four processes of the C and PHP workers. Reports jobs/s, the ratio to the
 C worker at the same concurrency, resident memory, and CPU time per job. "gearshift +metrics"
-is the same worker with `[metrics]` on and its endpoint scraped every 100 ms.
+is the same worker with `[metrics]` on and its endpoint scraped every 100 ms; "gearshift TLS"
+reaches the same gearmand through stunnel (TLS 1.3, certificates made with openssl), as a
+`tls://` server.
 """
 import threading
 import urllib.request
@@ -57,15 +59,45 @@ def proc_stats(pid):
     return ticks, rss
 
 
+TLS = {}
+
+
+def tls_setup(workdir, port):
+    """A CA and a server certificate, and stunnel on a free port in front of gearmand."""
+    def ossl(*a):
+        subprocess.run(["openssl", *a], cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=bench-ca")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "s.key", "-out", "s.csr", "-subj", "/CN=127.0.0.1")
+    with open(os.path.join(workdir, "s.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "s.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "s.crt", "-days", "2", "-extfile", "s.ext")
+    tport = free_port()
+    conf = os.path.join(workdir, "stunnel.conf")
+    with open(conf, "w") as f:
+        f.write(f"foreground = yes\npid =\noutput = {workdir}/stunnel.log\n[g]\naccept = 127.0.0.1:{tport}\n"
+                f"connect = 127.0.0.1:{port}\ncert = {workdir}/s.crt\nkey = {workdir}/s.key\n")
+    p = subprocess.Popen(["stunnel4", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", tport), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    TLS.update(port=tport, ca=os.path.join(workdir, "ca.crt"), proc=p)
+
+
 def run(kind, concurrency, port, workdir):
     addr = f"127.0.0.1:{port}"
     cfg = os.path.join(workdir, "config.toml")
     os.makedirs(os.path.join(workdir, "jobs"), exist_ok=True)
     metrics = f"127.0.0.1:{free_port()}" if kind == "gearshift +metrics" else None
+    server = f"tls://127.0.0.1:{TLS['port']}" if kind == "gearshift TLS" else addr
     with open(cfg, "w") as f:
         f.write(
             f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind.replace(' ', '')}-{concurrency}\"\nallow_root = true\n"
-            f"[source]\nkind = \"gearman\"\nservers = [\"{addr}\"]\n[log]\nlevel = \"warn\"\n"
+            f"[source]\nkind = \"gearman\"\nservers = [\"{server}\"]\n"
+            + (f"[source.tls]\nca_file = \"{TLS['ca']}\"\n" if kind == "gearshift TLS" else "")
+            + "[log]\nlevel = \"warn\"\n"
             + (f"[metrics]\nlisten = \"{metrics}\"\n" if metrics else "")
         )
     subprocess.run(
@@ -136,12 +168,13 @@ def main():
                 break
             except OSError:
                 time.sleep(0.05)
+        tls_setup(workdir, port)
         print(f"# Gearman workers draining {JOBS} background `reverse` jobs (100-byte payloads), one gearmand (-t 2), {os.cpu_count()} CPUs\n")
         print("| worker | concurrency | jobs/s | vs C | RSS | CPU per job |")
         print("|---|---|---|---|---|---|")
         for concurrency in (1, 4):
             results = {}
-            for kind in ("C libgearman", "gearshift", "gearshift +metrics", "PHP php-gearman"):
+            for kind in ("C libgearman", "gearshift", "gearshift +metrics", "gearshift TLS", "PHP php-gearman"):
                 best = None
                 for _ in range(ROUNDS):
                     r = run(kind, concurrency, port, workdir)
@@ -152,6 +185,8 @@ def main():
             for kind, (rate, rss, cpu_us) in results.items():
                 print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / c_rate:.2f}x | {rss / 1024:.1f} MiB | {cpu_us:.1f} µs |")
     finally:
+        if "proc" in TLS:
+            TLS["proc"].kill()
         gm.send_signal(signal.SIGTERM)
         gm.wait(timeout=10)
 

@@ -336,14 +336,13 @@ fn wait_for_result(
 fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
     use crate::source::gearman::client::{self, Client, Outcome, Priority, Update};
     if args.count != 1 {
-        let r = client::load(
+        let r = client::load_with(
             &cfg.servers,
             &args.function,
             payload,
-            args.count,
-            args.concurrency,
-            args.background,
+            (args.count, args.concurrency, args.background),
             cfg.max_packet_bytes,
+            cfg.tls.as_ref(),
         )?;
         let secs = r.elapsed.as_secs_f64();
         println!(
@@ -365,7 +364,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
         PriorityArg::Normal => Priority::Normal,
         PriorityArg::High => Priority::High,
     };
-    let mut c = Client::connect(&cfg.servers, cfg.max_packet_bytes)?;
+    let mut c = Client::connect_with(&cfg.servers, cfg.max_packet_bytes, cfg.tls.as_ref())?;
     c.set_deadline(args.timeout.map(|t| Instant::now() + t));
     if args.background {
         println!(

@@ -104,6 +104,21 @@ pub struct GearmanConfig {
     /// noticed within about this long: TCP keepalive while idle, TCP_USER_TIMEOUT while
     /// data is unacknowledged.
     pub dead_peer_timeout: Duration,
+    /// `[source.tls]`: for `tls://` servers.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[source.tls]`: the files a TLS connection to gearmand uses (read when a generation is
+/// prepared, so a bad file refuses the reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate(s) the server's chain must lead to (PEM).
+    pub ca_file: PathBuf,
+    /// A client certificate chain and its key (PEM), for servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry, instead of the host in `servers`.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -287,23 +302,52 @@ impl Config {
                 }
                 for server in s.servers.get_ref() {
                     let ok = server
+                        .strip_prefix("tls://")
+                        .unwrap_or(server)
                         .rsplit_once(':')
                         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                     if !ok {
                         return Err(located(
                             Some(s.servers.span()),
                             &format!(
-                                "server \"{server}\" is not host:port (e.g. \"127.0.0.1:4730\")"
+                                "server \"{server}\" is not host:port or tls://host:port (e.g. \"127.0.0.1:4730\")"
                             ),
                         ));
                     }
                 }
+                let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
+                let tls = match s.tls {
+                    None if wants_tls => {
+                        return Err(located(
+                            Some(s.servers.span()),
+                            "a tls:// server needs a [source.tls] table with ca_file (the CA that signed the server's certificate)",
+                        ))
+                    }
+                    None => None,
+                    Some(t) => {
+                        let span = t.span();
+                        let t = t.into_inner();
+                        if t.cert_file.is_some() != t.key_file.is_some() {
+                            return Err(located(
+                                Some(span),
+                                "[source.tls] cert_file and key_file go together (a client certificate and its key)",
+                            ));
+                        }
+                        Some(TlsFiles {
+                            ca_file: base.join(t.ca_file),
+                            cert_file: t.cert_file.map(|f| base.join(f)),
+                            key_file: t.key_file.map(|f| base.join(f)),
+                            server_name: t.server_name,
+                        })
+                    }
+                };
                 Source::Gearman(GearmanConfig {
                     servers: s.servers.into_inner(),
                     client_id: s.client_id,
                     exceptions: s.exceptions,
                     io_timeout: at_least_100ms(&s.io_timeout, "io_timeout")?,
                     reconnect_max: at_least_100ms(&s.reconnect_max, "reconnect_max")?,
+                    tls,
                     dead_peer_timeout: {
                         let d = s.dead_peer_timeout.get_ref().0;
                         if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {

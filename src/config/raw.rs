@@ -122,6 +122,16 @@ pub(super) struct RawSource {
     pub(super) io_timeout: Spanned<Dur>,
     pub(super) reconnect_max: Spanned<Dur>,
     pub(super) dead_peer_timeout: Spanned<Dur>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca_file: PathBuf,
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) server_name: Option<String>,
 }
 
 impl Default for RawSource {
@@ -139,6 +149,7 @@ impl Default for RawSource {
             io_timeout: Spanned::new(0..0, Dur(Duration::from_secs(10))),
             reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
             dead_peer_timeout: Spanned::new(0..0, Dur(Duration::from_secs(15))),
+            tls: None,
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::source::spool::SpoolSource;
 /// An opened job source.
 pub enum Source {
     Spool(Arc<SpoolSource>),
-    Gearman(GearmanSource),
+    Gearman(Box<GearmanSource>),
 }
 
 impl Source {
@@ -34,9 +34,9 @@ impl Source {
                 cfg,
                 config.worker.max_payload_bytes,
             )?))),
-            SourceConfig::Gearman(cfg) => {
-                Ok(Source::Gearman(GearmanSource::new(cfg, generation, views)))
-            }
+            SourceConfig::Gearman(cfg) => Ok(Source::Gearman(Box::new(GearmanSource::open(
+                cfg, generation, views,
+            )?))),
         }
     }
 

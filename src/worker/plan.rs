@@ -51,6 +51,10 @@ impl Plan {
                 jobs_dir.display()
             )));
         }
+        if let crate::config::Source::Gearman(g) = &config.source {
+            // Certificate files are part of what a reload must validate.
+            crate::source::gearman::tls::targets(&g.servers, g.tls.as_ref())?;
+        }
         let scanned = watch::scan_jobs(jobs_dir)?;
         let (exes, jobs_sha256) = (scanned.functions, scanned.digest);
         if config.worker.strict_modes {

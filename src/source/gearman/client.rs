@@ -69,10 +69,39 @@ fn conn_err(addr: &str) -> impl Fn(ConnError) -> Error + '_ {
 impl Client {
     /// Connects to the first of `servers` that answers, asking for exceptions (so a worker's
     /// WORK_EXCEPTION text reaches us).
+    /// `tls://` servers need [`Client::connect_tls`].
     pub fn connect(servers: &[String], max_packet: usize) -> Result<Client> {
+        Client::connect_with(servers, max_packet, None)
+    }
+
+    /// [`Client::connect`] where `tls://` servers are verified against `ca_file` (PEM), with
+    /// an optional client certificate and key and a name to verify instead of the host.
+    pub fn connect_tls(
+        servers: &[String],
+        max_packet: usize,
+        ca_file: &std::path::Path,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+        server_name: Option<&str>,
+    ) -> Result<Client> {
+        let files = crate::config::TlsFiles {
+            ca_file: ca_file.to_path_buf(),
+            cert_file: client_cert.map(|c| c.0.to_path_buf()),
+            key_file: client_cert.map(|c| c.1.to_path_buf()),
+            server_name: server_name.map(str::to_string),
+        };
+        Client::connect_with(servers, max_packet, Some(&files))
+    }
+
+    /// Connects with the configured `[source.tls]` (the `submit` command).
+    pub(crate) fn connect_with(
+        servers: &[String],
+        max_packet: usize,
+        tls: Option<&crate::config::TlsFiles>,
+    ) -> Result<Client> {
+        let targets = super::tls::targets(servers, tls)?;
         let mut errors = Vec::new();
-        for addr in servers {
-            match Client::handshake(addr, max_packet) {
+        for (addr, (target, tls)) in servers.iter().zip(&targets) {
+            match Client::handshake(addr, target, tls.as_ref(), max_packet) {
                 Ok(c) => return Ok(c),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -85,8 +114,13 @@ impl Client {
 
     /// Connects to `addr` and asks for exceptions, within a few seconds: a server that does not
     /// answer, or answers garbage, is skipped for the next one.
-    fn handshake(addr: &str, max_packet: usize) -> Result<Client> {
-        let conn = Conn::connect(addr, HANDSHAKE, p::RES, max_packet)
+    fn handshake(
+        addr: &str,
+        target: &str,
+        tls: Option<&super::connection::TlsTarget>,
+        max_packet: usize,
+    ) -> Result<Client> {
+        let conn = Conn::connect(target, HANDSHAKE, p::RES, max_packet, tls)
             .map_err(|e| Error::Msg(format!("{addr}: {e}")))?;
         let mut c = Client {
             conn,
@@ -223,7 +257,8 @@ fn server_error(addr: &str, data: &[u8]) -> Error {
 pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
     use std::net::ToSocketAddrs;
     let mut errors = Vec::new();
-    for addr in servers {
+    for server in servers {
+        let addr = server.strip_prefix(super::tls::SCHEME).unwrap_or(server);
         let sa = match addr.to_socket_addrs() {
             Ok(mut a) => a.next(),
             Err(e) => {
@@ -267,17 +302,39 @@ pub fn load(
     background: bool,
     max_packet: usize,
 ) -> Result<LoadReport> {
+    load_with(
+        servers,
+        function,
+        payload,
+        (count, connections, background),
+        max_packet,
+        None,
+    )
+}
+
+/// [`load`] with the configured `[source.tls]` (the `submit --count` command).
+pub(crate) fn load_with(
+    servers: &[String],
+    function: &str,
+    payload: &[u8],
+    (count, connections, background): (u64, usize, bool),
+    max_packet: usize,
+    tls: Option<&crate::config::TlsFiles>,
+) -> Result<LoadReport> {
     let started = Instant::now();
     let connections = connections.max(1) as u64;
     let threads: Vec<_> = (0..connections)
         .map(|c| {
             let share = count / connections + u64::from(c < count % connections);
-            let (servers, function, payload) =
-                (servers.to_vec(), function.to_string(), payload.to_vec());
+            let (servers, function, payload, tls) = (
+                servers.to_vec(),
+                function.to_string(),
+                payload.to_vec(),
+                tls.cloned(),
+            );
             std::thread::spawn(move || {
-                load_one(
-                    &servers, &function, &payload, share, c, background, max_packet,
-                )
+                let mut client = Client::connect_with(&servers, max_packet, tls.as_ref())?;
+                load_one(&mut client, &function, &payload, share, c, background)
             })
         })
         .collect();
@@ -295,16 +352,14 @@ pub fn load(
 }
 
 fn load_one(
-    servers: &[String],
+    client: &mut Client,
     function: &str,
     payload: &[u8],
     count: u64,
     index: u64,
     background: bool,
-    max_packet: usize,
 ) -> Result<LoadReport> {
     const WINDOW: u64 = 256;
-    let mut client = Client::connect(servers, max_packet)?;
     let addr = client.addr.clone();
     let kind = submit_type(Priority::Normal, background);
     let pid = std::process::id();

@@ -12,6 +12,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use super::protocol::{self, DecodeError, Packet};
+use super::tls::Transport;
+
+/// TLS for a connection: the client configuration and the name the certificate must carry.
+pub type TlsTarget = (
+    std::sync::Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
 
 /// How long a server may take to answer a request before the connection is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,7 +50,7 @@ impl From<io::Error> for ConnError {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Transport,
     /// Read buffer, allocated once; `rbuf[consumed..filled]` holds bytes not yet handed out.
     rbuf: Vec<u8>,
     consumed: usize,
@@ -67,7 +74,13 @@ const RBUF: usize = 64 * 1024;
 impl Conn {
     /// Connects (bounded by `timeout`) with TCP_NODELAY: without it a lock-step worker manages
     /// about 23 jobs/s (Nagle plus delayed ACK).
-    pub fn connect(addr: &str, timeout: Duration, magic: [u8; 4], max: usize) -> io::Result<Conn> {
+    pub fn connect(
+        addr: &str,
+        timeout: Duration,
+        magic: [u8; 4],
+        max: usize,
+        tls: Option<&TlsTarget>,
+    ) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
         for sa in addr.to_socket_addrs()? {
             match TcpStream::connect_timeout(&sa, timeout) {
@@ -75,7 +88,7 @@ impl Conn {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(IO_TIMEOUT))?;
                     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-                    return Ok(Conn::over(stream, magic, max));
+                    return Conn::over(stream, magic, max, tls);
                 }
                 Err(e) => last = e,
             }
@@ -83,8 +96,17 @@ impl Conn {
         Err(last)
     }
 
-    fn over(stream: TcpStream, magic: [u8; 4], max: usize) -> Conn {
-        Conn {
+    fn over(
+        stream: TcpStream,
+        magic: [u8; 4],
+        max: usize,
+        tls: Option<&TlsTarget>,
+    ) -> io::Result<Conn> {
+        let stream = match tls {
+            None => Transport::Plain(stream),
+            Some((config, name)) => Transport::tls(stream, config, name.clone())?,
+        };
+        Ok(Conn {
             stream,
             rbuf: vec![0; RBUF],
             consumed: 0,
@@ -93,12 +115,17 @@ impl Conn {
             wpos: 0,
             magic,
             max,
-        }
+        })
     }
 
     /// Begins a non-blocking connect to `addr` (name resolution itself blocks). Poll the
     /// descriptor for writability, then call [`Conn::connected`].
-    pub fn start(addr: &str, magic: [u8; 4], max: usize) -> io::Result<Conn> {
+    pub fn start(
+        addr: &str,
+        magic: [u8; 4],
+        max: usize,
+        tls: Option<&TlsTarget>,
+    ) -> io::Result<Conn> {
         use nix::sys::socket::{
             connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
         };
@@ -129,7 +156,7 @@ impl Conn {
         }
         let stream = TcpStream::from(fd);
         stream.set_nodelay(true)?;
-        Ok(Conn::over(stream, magic, max))
+        Conn::over(stream, magic, max, tls)
     }
 
     /// Notices a peer that stopped answering within about `within`: keepalive probes after a
@@ -144,25 +171,31 @@ impl Conn {
         let idle = u32::try_from(secs.div_ceil(3)).unwrap_or(u32::MAX);
         let interval = u32::try_from((secs / 9).max(1)).unwrap_or(u32::MAX);
         let ms = u32::try_from(within.as_millis() * 2 / 3).unwrap_or(u32::MAX);
-        setsockopt(&self.stream, sockopt::KeepAlive, &true)?;
-        setsockopt(&self.stream, sockopt::TcpKeepIdle, &idle)?;
-        setsockopt(&self.stream, sockopt::TcpKeepInterval, &interval)?;
-        setsockopt(&self.stream, sockopt::TcpKeepCount, &3)?;
-        setsockopt(&self.stream, sockopt::TcpUserTimeout, &ms)?;
+        let tcp = self.stream.tcp();
+        setsockopt(tcp, sockopt::KeepAlive, &true)?;
+        setsockopt(tcp, sockopt::TcpKeepIdle, &idle)?;
+        setsockopt(tcp, sockopt::TcpKeepInterval, &interval)?;
+        setsockopt(tcp, sockopt::TcpKeepCount, &3)?;
+        setsockopt(tcp, sockopt::TcpUserTimeout, &ms)?;
         Ok(())
     }
 
     /// After a non-blocking connect became writable: Ok if it succeeded.
     pub fn connected(&self) -> io::Result<()> {
-        match self.stream.take_error()? {
+        match self.stream.tcp().take_error()? {
             Some(e) => Err(e),
-            None => self.stream.peer_addr().map(drop),
+            None => self.stream.tcp().peer_addr().map(drop),
         }
     }
 
-    /// Bytes queued and not yet written (non-blocking mode).
+    /// Bytes queued and not yet written (non-blocking mode), TLS records included.
     pub fn pending(&self) -> bool {
-        self.wpos < self.wbuf.len()
+        self.wpos < self.wbuf.len() || self.stream.wants_write()
+    }
+
+    /// Bytes received and decrypted but not yet read: read again without waiting for poll.
+    pub fn buffered(&mut self) -> bool {
+        self.stream.buffered()
     }
 
     /// Writes what the socket takes now; true once everything queued is written.
@@ -182,7 +215,7 @@ impl Conn {
             // A large result went out: do not keep its buffer.
             self.wbuf = Vec::with_capacity(4096);
         }
-        Ok(true)
+        Ok(self.stream.flush_tls()?)
     }
 
     /// Reads what is there without blocking (non-blocking mode).
@@ -227,7 +260,7 @@ impl Conn {
 
     /// Blocking mode: how long a read may wait.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.stream.set_read_timeout(t)
+        self.stream.tcp().set_read_timeout(t)
     }
 
     /// Queues a request; it is sent by the next [`Conn::flush`].
@@ -245,6 +278,7 @@ impl Conn {
             self.stream.write_all(&self.wbuf)?;
             self.wbuf.clear();
         }
+        self.stream.flush()?;
         Ok(())
     }
 
@@ -311,6 +345,6 @@ impl Conn {
 
 impl AsFd for Conn {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+        self.stream.tcp().as_fd()
     }
 }

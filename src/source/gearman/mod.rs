@@ -2,12 +2,14 @@
 //!
 //! - [`protocol`]: packet framing, the hardened decoder.
 //! - [`connection`]: one buffered TCP connection.
+//! - [`tls`]: `tls://` servers: certificates, and TLS over the same non-blocking socket.
 //! - [`worker`]: the lanes that take jobs (the worker side).
 //! - [`client`]: submitting jobs (the `submit` command and the load generator).
 
 pub mod client;
 pub mod connection;
 pub mod protocol;
+pub mod tls;
 pub mod worker;
 
 pub use worker::GearmanSource;

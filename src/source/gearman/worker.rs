@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::connection::{Conn, OwnedPacket};
+use super::connection::{Conn, OwnedPacket, TlsTarget};
 use super::protocol::{self as p, Packet};
 use crate::config::GearmanConfig;
 use crate::error::{Error, Result};
@@ -44,19 +44,23 @@ pub use crate::status::ServerViews as Views;
 /// The configured Gearman servers, shared by this generation's lanes.
 pub struct GearmanSource {
     cfg: GearmanConfig,
+    /// Per configured server: where to connect, and TLS for a `tls://` one.
+    targets: Vec<(String, Option<TlsTarget>)>,
     generation: u64,
     wakers: Mutex<Vec<Weak<OwnedFd>>>,
     views: Views,
 }
 
 impl GearmanSource {
-    pub fn new(cfg: &GearmanConfig, generation: u64, views: Views) -> GearmanSource {
-        GearmanSource {
+    /// The configured servers (reading `[source.tls]` files once); lanes connect lazily.
+    pub fn open(cfg: &GearmanConfig, generation: u64, views: Views) -> Result<GearmanSource> {
+        Ok(GearmanSource {
+            targets: super::tls::targets(&cfg.servers, cfg.tls.as_ref())?,
             cfg: cfg.clone(),
             generation,
             wakers: Mutex::new(Vec::new()),
             views,
-        }
+        })
     }
 
     /// A lane for worker thread `index`, registering `functions` (name, timeout) on each server.
@@ -83,8 +87,11 @@ impl GearmanSource {
             .cfg
             .servers
             .iter()
-            .map(|addr| Server {
+            .zip(&self.targets)
+            .map(|(addr, (target, tls))| Server {
                 addr: addr.clone(),
+                target: target.clone(),
+                tls: tls.clone(),
                 conn: None,
                 phase: Phase::Down,
                 deadline: None,
@@ -146,7 +153,11 @@ enum Phase {
 }
 
 struct Server {
+    /// As configured (`tls://` kept): the name in status and the log.
     addr: String,
+    /// `host:port` to connect to.
+    target: String,
+    tls: Option<TlsTarget>,
     conn: Option<Conn>,
     phase: Phase,
     /// When the exchange under way must be answered (connect, handshake, GRAB, ECHO, write).
@@ -263,7 +274,7 @@ impl GearmanLane {
             if s.failures > 0 {
                 self.count_reconnect(s);
             }
-            let started = Conn::start(&s.addr, p::RES, self.max_packet)
+            let started = Conn::start(&s.target, p::RES, self.max_packet, s.tls.as_ref())
                 .and_then(|c| c.detect_dead_peer(self.dead_peer).map(|()| c));
             match started {
                 Ok(conn) => {
@@ -486,6 +497,20 @@ impl GearmanLane {
 
     /// Reads from server `i` and handles every complete packet.
     fn read_from(&mut self, i: usize) -> Option<Claimed> {
+        let mut job = None;
+        // TLS may hold decrypted bytes poll cannot see: read until none is left.
+        while self.servers[i].conn.is_some() {
+            if let Some(j) = self.read_once(i) {
+                job = Some(j);
+            }
+            if !self.servers[i].conn.as_mut().is_some_and(Conn::buffered) {
+                break;
+            }
+        }
+        job
+    }
+
+    fn read_once(&mut self, i: usize) -> Option<Claimed> {
         let conn = self.servers[i].conn.as_mut()?;
         if let Err(e) = conn.read_some() {
             self.fail(i, &e.to_string());

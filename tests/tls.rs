@@ -1,0 +1,312 @@
+//! TLS to gearmand: `tls://` servers verified against `[source.tls] ca_file`, through stunnel in
+//! front of a real gearmand (Debian's gearmand accepts `--ssl` but does not speak TLS).
+//! Certificates are made by `openssl` per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A CA (`NAME-ca.crt`) and a certificate it signed for 127.0.0.1 (`NAME.crt`, `NAME.key`),
+/// valid for `days` (negative: already expired).
+fn certs(dir: &Path, name: &str, days: i32) -> (PathBuf, PathBuf, PathBuf) {
+    let ca = format!("{name}-ca");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+            "-days",
+            "30",
+            "-subj",
+            &format!("/CN={ca}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    fs::write(
+        dir.join(format!("{name}.ext")),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            &days.to_string(),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+    (
+        dir.join(format!("{ca}.crt")),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+/// stunnel terminating TLS on a free port in front of `backend`; `verify_ca`: require a client
+/// certificate signed by it.
+struct Stunnel {
+    child: Child,
+    port: u16,
+}
+
+impl Stunnel {
+    fn start(
+        sb: &Sandbox,
+        name: &str,
+        backend: &str,
+        cert: &Path,
+        key: &Path,
+        verify_ca: Option<&Path>,
+    ) -> Option<Stunnel> {
+        let bin = ["stunnel4", "stunnel"].into_iter().find(|b| {
+            Command::new(b)
+                .arg("-version")
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .is_ok()
+        })?;
+        let port = free_port();
+        let verify = verify_ca.map_or(String::new(), |ca| {
+            format!("verifyChain = yes\nCAfile = {}\n", ca.display())
+        });
+        let conf = sb.path(&format!("stunnel-{name}.conf"));
+        fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\noutput = {}\n[gearman]\naccept = 127.0.0.1:{port}\nconnect = {backend}\ncert = {}\nkey = {}\n{verify}",
+                sb.path(&format!("stunnel-{name}.log")).display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let child = spawn(
+            Command::new(bin)
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        eventually(Duration::from_secs(10), "stunnel to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Stunnel { child, port })
+    }
+
+    fn addr(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server<'a>(s: &'a Value, addr: &str) -> &'a Value {
+    s["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["address"] == addr)
+        .unwrap_or_else(|| panic!("no {addr} in {}", s["servers"]))
+}
+
+#[test]
+fn jobs_flow_over_tls_and_bad_servers_are_clear_errors_beside_a_good_one() {
+    let sb = Sandbox::new("tls");
+    let dir = sb.path("");
+    let (ca, cert, key) = certs(&dir, "good", 30);
+    let (_other_ca, other_cert, other_key) = certs(&dir, "other", 30);
+    let (_, expired_cert, expired_key) = certs(&dir, "expired", -1);
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let Some(good) = Stunnel::start(&sb, "good", &gm.addr(), &cert, &key, None) else {
+        eprintln!("skipped: no stunnel (Debian's stunnel4)");
+        return;
+    };
+    let wrong_ca =
+        Stunnel::start(&sb, "wrong-ca", &gm.addr(), &other_cert, &other_key, None).unwrap();
+    let expired = Stunnel::start(
+        &sb,
+        "expired",
+        &gm.addr(),
+        &expired_cert,
+        &expired_key,
+        None,
+    )
+    .unwrap();
+    let plain = format!("tls://{}", gm.addr());
+    let servers = [good.addr(), wrong_ca.addr(), expired.addr(), plain.clone()];
+    sb.gearman_config(
+        &servers,
+        &format!(
+            "io_timeout = \"2s\"\nreconnect_max = \"1s\"\n\n[source.tls]\nca_file = \"{}\"\n",
+            ca.display()
+        ),
+    );
+    let w = sb.start();
+    let s = w.wait_for(
+        Duration::from_secs(20),
+        "the good server connected, the bad ones failed",
+        |s| {
+            server(s, &good.addr())["state"] == "connected"
+                && [&wrong_ca.addr(), &expired.addr(), &plain]
+                    .iter()
+                    .all(|a| server(s, a)["last_error"].is_string())
+        },
+    );
+    let err = |a: &str| server(&s, a)["last_error"].as_str().unwrap().to_string();
+    assert!(
+        err(&wrong_ca.addr()).contains("UnknownIssuer"),
+        "{}",
+        err(&wrong_ca.addr())
+    );
+    assert!(
+        err(&expired.addr()).contains("Expired"),
+        "{}",
+        err(&expired.addr())
+    );
+    assert!(
+        err(&plain).contains("TLS") || err(&plain).contains("closed"),
+        "{}",
+        err(&plain)
+    );
+    for a in [&wrong_ca.addr(), &expired.addr(), &plain] {
+        assert_ne!(server(&s, a)["state"], "connected", "{a}");
+    }
+    // Jobs flow through the good server, submitted over TLS too (the client goes to the
+    // first server that answers: the good one is listed first).
+    for i in 0..20 {
+        let out = sb.run(&["submit", "--timeout", "10s", "reverse", &format!("tls{i}")]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let want: String = format!("tls{i}").chars().rev().collect();
+        assert_eq!(text(&out.stdout).trim(), want);
+    }
+    let log = w.log_text();
+    assert!(
+        log.contains("UnknownIssuer") && log.contains("Expired"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_server_that_asks_for_a_client_certificate_gets_one() {
+    let sb = Sandbox::new("tls-client-cert");
+    let dir = sb.path("");
+    let (ca, cert, key) = certs(&dir, "server", 30);
+    let (client_ca, client_cert, client_key) = certs(&dir, "client", 30);
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let Some(tunnel) = Stunnel::start(&sb, "mtls", &gm.addr(), &cert, &key, Some(&client_ca))
+    else {
+        eprintln!("skipped: no stunnel (Debian's stunnel4)");
+        return;
+    };
+    let tls = |with_cert: bool| {
+        let mut t = format!("\n[source.tls]\nca_file = \"{}\"\n", ca.display());
+        if with_cert {
+            t.push_str(&format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                client_cert.display(),
+                client_key.display()
+            ));
+        }
+        t
+    };
+    sb.gearman_config(std::slice::from_ref(&tunnel.addr()), &tls(false));
+    let out = sb.run(&["submit", "--timeout", "5s", "reverse", "abc"]);
+    assert!(!out.status.success(), "served without a client certificate");
+    sb.gearman_config(std::slice::from_ref(&tunnel.addr()), &tls(true));
+    let _w = sb.start();
+    let out = sb.run(&["submit", "--timeout", "10s", "reverse", "abc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "cba");
+}
+
+#[test]
+fn tls_settings_are_checked_with_file_line_col_and_file_names() {
+    let sb = Sandbox::new("tls-config");
+    sb.gearman_config(&["tls://127.0.0.1:4731".to_string()], "");
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(
+        err.contains("config.toml:") && err.contains("[source.tls]"),
+        "{err}"
+    );
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        "\n[source.tls]\nca_file = \"nope.pem\"\n",
+    );
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(err.contains("nope.pem"), "{err}");
+    fs::write(sb.path("junk.pem"), "not a certificate\n").unwrap();
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        "\n[source.tls]\nca_file = \"junk.pem\"\ncert_file = \"junk.pem\"\n",
+    );
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(err.contains("cert_file and key_file go together"), "{err}");
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        "\n[source.tls]\nca_file = \"junk.pem\"\n",
+    );
+    let err = text(&sb.run(&["check"]).stderr);
+    assert!(
+        err.contains("junk.pem") && err.contains("no certificate"),
+        "{err}"
+    );
+}
