@@ -14,8 +14,6 @@ machine, so the ratios mean something on a shared, noisy host.
   scraped every 100 ms (as the observability test's Prometheus does), against the same with
   metrics off, in the same run.
 """
-import threading
-import urllib.request
 import json
 import os
 import signal
@@ -24,7 +22,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gsstatus  # noqa: E402
 
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release/gearshift")
 RELOADS = int(os.environ.get("RELOADS", "200"))
@@ -79,26 +82,7 @@ class Scraper:
 
 
 def status(d):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(2)
-    try:
-        s.connect(os.path.join(d, "state", "worker", "gearshift.sock"))
-        s.sendall(b"status\n")
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                # An older worker closes with our request unread, after its answer.
-                break
-            if not chunk:
-                break
-            data += chunk
-        return json.loads(data)
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
+    return gsstatus.query(os.path.join(d, "state"))
 
 
 def wait_status(d, pred, limit=60.0):

@@ -32,6 +32,9 @@ import threading
 import time
 import zlib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gsstatus  # noqa: E402
+
 PREFIX = "gsf"
 NET = "198.18.0"
 PORT = 4730
@@ -354,27 +357,7 @@ class Fleet:
         return None
 
     def status(self, w):
-        path = os.path.join(self.worker_dir(w), "state", "worker", "gearshift.sock")
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(2)
-        try:
-            s.connect(path)
-            s.sendall(b"status\n")
-            data = b""
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except ConnectionResetError:
-                    # An older worker closes with our request unread, after its answer.
-                    break
-                if not chunk:
-                    break
-                data += chunk
-            return json.loads(data)
-        except (OSError, ValueError):
-            return None
-        finally:
-            s.close()
+        return gsstatus.query(os.path.join(self.worker_dir(w), "state"))
 
     def connected(self, w, addr=None):
         st = self.status(w)

@@ -314,3 +314,29 @@ fn a_users_own_binary_adds_rust_functions() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(w.status()["binary"], sb.bin.display().to_string());
 }
+
+/// A job whose executable is open for writing at that moment (a deploy writing it in place:
+/// exec says ETXTBSY) waits for the writer instead of failing, and runs once it is closed.
+#[test]
+fn an_executable_being_written_is_waited_for_not_failed() {
+    let sb = Sandbox::new("etxtbsy");
+    let exe = sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let w = sb.start();
+    w.status();
+    // The writer: open for writing, content unchanged (the watch sees no new digest).
+    let writer = fs::OpenOptions::new().write(true).open(&exe).unwrap();
+    let id = sb.submit("up", "busy");
+    let spool = open_spool(&sb);
+    // The job has been tried (the log says so) and is still not failed.
+    eventually(Duration::from_secs(10), "the busy executable seen", || {
+        w.log_text().contains("Text file busy")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        outcome(&spool, &id).is_none(),
+        "failed while the file was busy"
+    );
+    drop(writer);
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    assert_eq!(out[0], (true, "BUSY".to_string(), 1));
+}

@@ -192,6 +192,8 @@ pub fn run(
 fn start_error(message: String, errno: i32) -> JobError {
     if [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM].contains(&errno) {
         JobError::transient(message)
+    } else if errno == libc::ETXTBSY {
+        JobError::busy(message)
     } else {
         JobError::new(message)
     }

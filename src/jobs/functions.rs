@@ -31,6 +31,8 @@ enum Kind {
     Transient,
     /// Killed at its timeout (counted apart in the metrics).
     TimedOut,
+    /// The executable is being written (ETXTBSY): run it again in a moment.
+    Busy,
 }
 
 impl JobError {
@@ -54,6 +56,20 @@ impl JobError {
     /// Whether this was made by [`JobError::transient`].
     pub fn is_transient(&self) -> bool {
         self.kind == Kind::Transient
+    }
+
+    /// The job's executable is open for writing right now (a deploy in progress): the job
+    /// is started again in a moment instead of failing.
+    pub(crate) fn busy(message: impl Into<String>) -> JobError {
+        JobError {
+            message: message.into(),
+            kind: Kind::Busy,
+        }
+    }
+
+    /// Whether this was made by [`JobError::busy`].
+    pub(crate) fn is_busy(&self) -> bool {
+        self.kind == Kind::Busy
     }
 
     /// Whether the job was stopped at its timeout.

@@ -106,6 +106,9 @@ pub(super) struct Health {
     pub(super) last_failure_ms: std::sync::atomic::AtomicU64,
 }
 
+/// How long a job waits for its executable to be closed by whoever writes it (ETXTBSY).
+const BUSY_LIMIT: Duration = Duration::from_secs(10);
+
 /// How long no fault must be met before the worker says it works again.
 const HEALTHY_AFTER_MS: u64 = 1000;
 
@@ -296,9 +299,27 @@ impl LaneContext {
     /// worker stops meanwhile.
     fn run_job(&self, job: &Claimed, lane: &mut dyn Lane) -> Option<JobResult> {
         let mut backoff = Duration::from_millis(50);
+        let mut busy_until: Option<Instant> = None;
         loop {
             let outcome = self.execute(job, lane.progress());
             match &outcome {
+                // The executable is being written (a deploy in progress): once it is closed it
+                // runs; a writer that holds it longer than BUSY_LIMIT fails the job.
+                Err(e) if e.is_busy() && busy_until.is_none_or(|t| Instant::now() < t) => {
+                    if busy_until.is_none() {
+                        log::info!(
+                            "job {} {}: {}; trying again shortly",
+                            job.id,
+                            job.function,
+                            e.message
+                        );
+                    }
+                    busy_until.get_or_insert_with(|| Instant::now() + BUSY_LIMIT);
+                    if self.stop.is_set() && lane.release(job) {
+                        return None;
+                    }
+                    self.pause_always(Duration::from_millis(20));
+                }
                 Err(e) if e.is_transient() => {
                     self.health.failed(&self.state, &e.message, None);
                     if self.stop.is_set() && lane.release(job) {
