@@ -238,6 +238,31 @@ fn jobs_flow_over_tls_and_bad_servers_are_clear_errors_beside_a_good_one() {
         let want: String = format!("tls{i}").chars().rev().collect();
         assert_eq!(text(&out.stdout).trim(), want);
     }
+    // A payload and result of 3 MiB: hundreds of TLS records each way, through rustls'
+    // buffers and the lane's read loop.
+    let big: String = (0..3 << 20)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let mut child = sb
+        .cmd(&["submit", "--timeout", "30s", "reverse"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(big.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want: String = big.chars().rev().collect();
+    assert!(
+        out.stdout.as_slice() == want.as_bytes(),
+        "3 MiB result differs ({} bytes)",
+        out.stdout.len()
+    );
     let log = w.log_text();
     assert!(
         log.contains("UnknownIssuer") && log.contains("Expired"),
