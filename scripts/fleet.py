@@ -44,6 +44,7 @@ FUNCTION = "work"
 # The client (runs inside the client namespace: `fleet.py client ...`).
 
 SUBMIT_JOB, JOB_CREATED, WORK_STATUS, WORK_COMPLETE, WORK_FAIL = 7, 8, 12, 13, 14
+SUBMIT_JOB_BG = 18
 WORK_EXCEPTION, WORK_DATA, WORK_WARNING, ERROR = 25, 28, 29, 19
 
 
@@ -87,6 +88,16 @@ def submit_once(server, unique, payload, timeout):
                 raise ConnectionError(f"server error: {data!r}")
 
 
+def submit_background(server, unique, payload):
+    """One background submission: True once the server said JOB_CREATED (it holds the job)."""
+    host, port = server.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        s.settimeout(5)
+        s.sendall(packet(SUBMIT_JOB_BG, FUNCTION.encode(), unique.encode(), payload.encode()))
+        kind, _ = read_packet(s)
+        return kind == JOB_CREATED
+
+
 def client_main(args):
     servers = args.servers.split(",")
     results = {}
@@ -110,6 +121,21 @@ def client_main(args):
             unique = f"{args.run}-{i}"
             payload = f"job-{args.run}-{i}"
             first = zlib.crc32(unique.encode()) % len(servers)
+            if args.background_every and i % args.background_every == 0:
+                # A background job: handed to one server, the client does not wait for it.
+                unique = f"bg-{unique}"
+                created = None
+                for k in range(len(servers)):
+                    server = servers[(first + k) % len(servers)]
+                    try:
+                        if submit_background(server, unique, payload):
+                            created = server
+                            break
+                    except (OSError, ConnectionError):
+                        time.sleep(0.05)
+                with lock:
+                    results[i] = {"unique": unique, "background": True, "created": created}
+                continue
             t0 = time.monotonic()
             outcome, attempts, errors = None, 0, []
             deadline = t0 + args.deadline
@@ -393,7 +419,7 @@ class Fleet:
             "c", sys.executable, os.path.abspath(__file__), "client",
             "--servers", ",".join(self.addrs), "--jobs", str(jobs), "--run", run,
             "--concurrency", str(self.args.client_concurrency), "--timeout", "15",
-            "--deadline", "120", "--out", out, "--until", until,
+            "--deadline", "120", "--out", out, "--until", until, "--background-every", "10",
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.root, f"client-{run}.log"), "ab"),
         )
         extra = during() if during else None
@@ -403,18 +429,30 @@ class Fleet:
         p.wait(timeout=600)
         with open(out) as f:
             results = json.load(f)
-        jobs = len(results)
-        runs = {}
-        for w in self.workers:
-            try:
-                with open(os.path.join(self.worker_dir(w), "runs.log")) as f:
-                    for line in f:
-                        u = line.strip()
-                        if u.startswith(run + "-"):
-                            runs[u] = runs.get(u, 0) + 1
-            except FileNotFoundError:
-                pass
-        rows = list(results.values())
+        background = [r for r in results.values() if r.get("background")]
+        rows = [r for r in results.values() if not r.get("background")]
+        jobs = len(rows)
+
+        def runs_of(prefix):
+            runs = {}
+            for w in self.workers:
+                try:
+                    with open(os.path.join(self.worker_dir(w), "runs.log")) as f:
+                        for line in f:
+                            u = line.strip()
+                            if u.startswith(prefix):
+                                runs[u] = runs.get(u, 0) + 1
+                except FileNotFoundError:
+                    pass
+            return runs
+
+        # Background jobs still queued drain within seconds; those a server lost never run.
+        created = {r["unique"] for r in background if r["created"]}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not created <= set(runs_of("bg-" + run + "-")):
+            time.sleep(0.2)
+        bg_runs = runs_of("bg-" + run + "-")
+        runs = runs_of(run + "-")
         correct = sum(1 for r in rows if r["outcome"] == "done" and r["result"] == r["expected"])
         return {
             "jobs": jobs,
@@ -424,6 +462,13 @@ class Fleet:
             "wrong": sum(1 for r in rows if r["outcome"] == "done" and r["result"] != r["expected"]),
             "duplicated": sum(1 for n in runs.values() if n > 1),
             "retried": sum(1 for r in rows if r["attempts"] > 1),
+            "background": {
+                "submitted": len(background),
+                "refused": sum(1 for r in background if not r["created"]),
+                "ran": sum(1 for u in created if u in bg_runs),
+                "lost": sum(1 for u in created if u not in bg_runs),
+                "twice": sum(1 for n in bg_runs.values() if n > 1),
+            },
             "extra": extra,
         }
 
@@ -454,18 +499,28 @@ class Fleet:
 
 
 def row(name, r, recover, bound, met, note=""):
+    bg = r.get("background")
+    if bg:
+        bg_note = (f"background: {bg['submitted']} submitted, {bg['ran']} ran, {bg['lost']} lost by a server, "
+                   f"{bg['twice']} ran twice, {bg['refused']} not accepted")
+        note = f"{note}; {bg_note}" if note else bg_note
     return {"scenario": name, **{k: r.get(k, "-") for k in ("jobs", "correct", "lost", "duplicated", "failed")},
-            "recover": recover, "bound": bound, "met": met, "note": note}
+            "recover": recover, "bound": bound, "met": met, "note": note, "bg": bg}
 
 
 def clean(r):
     return r["lost"] == 0 and r["failed"] == 0 and r["wrong"] == 0 and r["correct"] == r["jobs"]
 
 
+def bg_clean(r):
+    """Every background job a server accepted ran (where no server died)."""
+    return r["background"]["lost"] == 0
+
+
 def steady(f, jobs):
     r = f.run_clients("steady", jobs)
-    return row("steady state", r, "-", "all correct, none lost, none run twice",
-               clean(r) and r["duplicated"] == 0)
+    return row("steady state", r, "-", "all correct, none lost, none run twice (background too)",
+               clean(r) and r["duplicated"] == 0 and bg_clean(r) and r["background"]["twice"] == 0)
 
 
 def server_killed(f, jobs):
@@ -510,7 +565,7 @@ def link_down(f, jobs):
     r = f.run_clients("link-down", jobs, during)
     rec, noticed = marks.get("reconnect"), marks.get("noticed")
     ok = r["lost"] == 0 and r["wrong"] == 0 and r["failed"] == 0 and rec is not None and rec <= 3.0 \
-        and noticed is not None and noticed <= 5.0
+        and noticed is not None and noticed <= 5.0 and bg_clean(r)
     note = (f"dead peer noticed after {noticed:.1f} s (dead_peer_timeout 4 s); " if noticed is not None else
             "dead peer not noticed in 10 s; ") + f"{r['retried']} jobs resubmitted by the client, {r['duplicated']} run twice"
     return row(f"worker {w} link down 10 s", r, f"{rec:.2f} s" if rec is not None else "never",
@@ -567,7 +622,7 @@ def latency(f, jobs):
                 p.wait()
             f.wait_all_connected(30)
     per_lane = r["correct"] / secs / (len(f.workers) * f.args.lanes)
-    return row(name, r, "-", "none lost, none failed", clean(r),
+    return row(name, r, "-", "none lost, none failed", clean(r) and bg_clean(r),
                f"{per_lane:.1f} jobs/s per lane ({how}; a job sleeps 50 ms, a lane needs a round trip per job)")
 
 
@@ -597,7 +652,7 @@ def deploy(f, jobs, splay):
     sw = marks.get("switched")
     time.sleep(1.5)
     peak, total, spread = f.connects_per_second(marks["wall"])
-    ok = clean(r) and sw is not None
+    ok = clean(r) and bg_clean(r) and sw is not None
     name = f"fleet deploy, restart_splay {splay or 'off'}"
     return row(name, r, f"{sw:.2f} s" if sw is not None else "never",
                "every host switches, none lost" + (", connects spread over the splay" if splay else ""),
@@ -616,7 +671,7 @@ def config_change(f, jobs):
     sw = marks.get("switched")
     return row(f"fleet config change, restart_splay {f.splay or 'off'}", r,
                f"{sw:.2f} s" if sw is not None else "never", "every host reloads, none lost",
-               clean(r) and sw is not None)
+               clean(r) and bg_clean(r) and sw is not None)
 
 
 def main():
@@ -631,6 +686,7 @@ def main():
     c.add_argument("--deadline", type=float, default=120)
     c.add_argument("--out", required=True)
     c.add_argument("--until", help="keep submitting until this file exists")
+    c.add_argument("--background-every", type=int, default=0, help="every Nth job is a background job")
     rl = sub.add_parser("relay")
     rl.add_argument("--listen", required=True)
     rl.add_argument("--to", required=True)
