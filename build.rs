@@ -29,6 +29,13 @@ fn main() {
     if std::env::var_os("GEARSHIFT_CRASH_ON_RUN").is_some() {
         println!("cargo:rustc-cfg=gearshift_crash_on_run");
     }
+    // Fault injection for the watch test only: the watch thread's first read after a file
+    // event fails, as a failing inotify read would.
+    println!("cargo::rustc-check-cfg=cfg(gearshift_fault_watch)");
+    println!("cargo:rerun-if-env-changed=GEARSHIFT_FAULT_WATCH");
+    if std::env::var_os("GEARSHIFT_FAULT_WATCH").is_some() {
+        println!("cargo:rustc-cfg=gearshift_fault_watch");
+    }
     println!("cargo:rerun-if-env-changed=GEARSHIFT_VERSION_SUFFIX");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");

@@ -13,31 +13,11 @@ use std::time::Duration;
 
 use common::*;
 
-/// Builds gearshift into its own target dir with `env` set at build time (once per run).
-fn build(target: &str, env: (&str, &str)) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("target").join(target);
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
-        .arg(&dir)
-        .env(env.0, env.1)
-        .env("GEARSHIFT_VERSION_SUFFIX", target)
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building {target}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.join("debug/gearshift")
-}
-
 /// A second build of gearshift whose version says "deploy-test".
 fn second_build() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| build("deploy-test", ("GEARSHIFT_UNUSED", "")))
+        .get_or_init(|| build_variant("deploy-test", ("GEARSHIFT_UNUSED", "")))
         .clone()
 }
 
@@ -45,7 +25,7 @@ fn second_build() -> PathBuf {
 fn crashing_build() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| build("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1")))
+        .get_or_init(|| build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1")))
         .clone()
 }
 

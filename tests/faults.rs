@@ -527,3 +527,38 @@ fn without_inotify_the_worker_polls_and_says_so() {
             .starts_with("polling"));
     }
 }
+
+/// The watch thread's read failing while the worker runs (a build that injects that fault):
+/// the worker says so in `status`, falls back to polling, and a later config edit is still
+/// picked up.
+#[test]
+fn a_watch_that_fails_while_running_falls_back_to_polling() {
+    let mut sb = Sandbox::new("watch-read-fault");
+    sb.bin = build_variant("fault-watch", ("GEARSHIFT_FAULT_WATCH", "1"));
+    let w = sb.start();
+    // Any event in a watched directory makes the (injected) read fail: the worker's own first
+    // writes in the sandbox (watched as the config's directory) already do, and so does this.
+    fs::write(sb.path("unrelated.txt"), "x").unwrap();
+    let s = w.wait_for(Duration::from_secs(10), "the failed watch said", |s| {
+        s["watch"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("polling")
+    });
+    assert!(
+        s["watch"].as_str().unwrap().contains("injected fault"),
+        "{}",
+        s["watch"]
+    );
+    assert_eq!(s["generation"], 1);
+    assert!(
+        w.log_text().contains("checking files every"),
+        "{}",
+        w.log_text()
+    );
+    // Polling sees the edit the watch no longer can.
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{cfg}\n# edited\n")).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+}

@@ -92,7 +92,15 @@ pub fn start(
     crate::ops::signals::spawn_helper("watch", move || {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let events = match ino.wait(None, &mut buf) {
+            let waited = ino.wait(None, &mut buf);
+            // A fault-injection build (tests only): the first events read become a failed read.
+            #[cfg(gearshift_fault_watch)]
+            let waited = waited.and_then(|_| {
+                Err::<Vec<_>, _>(std::io::Error::other(
+                    "injected fault (gearshift_fault_watch build)",
+                ))
+            });
+            let events = match waited {
                 Ok(e) => e,
                 Err(e) => {
                     report(Touched::Lost(format!("reading inotify: {e}")));

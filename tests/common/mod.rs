@@ -549,3 +549,24 @@ pub fn pid_of(sb: &Sandbox) -> i32 {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Builds gearshift into its own target dir (`target/TARGET`) with `env` set at build time,
+/// its version suffixed with TARGET: a second build for deploys, or a fault-injection build.
+pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target").join(target);
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
+        .arg(&dir)
+        .env(env.0, env.1)
+        .env("GEARSHIFT_VERSION_SUFFIX", target)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("debug/gearshift")
+}
