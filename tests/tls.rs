@@ -335,3 +335,39 @@ fn tls_settings_are_checked_with_file_line_col_and_file_names() {
         "{err}"
     );
 }
+
+/// Root reads the certificate files at `check` and `start`: a FIFO or a link planted in their
+/// place is refused, never opened blocking or followed.
+#[test]
+fn planted_certificate_files_are_refused_not_read() {
+    let sb = Sandbox::new("tls-planted");
+    let fifo = sb.path("ca.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        "\n[source.tls]\nca_file = \"ca.pem\"\n",
+    );
+    let mut child = spawn(
+        sb.cmd(&["check"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let status = wait_child(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("check hung opening a FIFO planted as ca_file");
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ca.pem") && err.contains("not a regular file"),
+        "{err}"
+    );
+    fs::remove_file(&fifo).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", &fifo).unwrap();
+    let out = sb.run(&["check"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("ca.pem"), "{err}");
+}

@@ -61,8 +61,18 @@ impl Endpoint {
     }
 }
 
+/// Reads a certificate or key file: through `safefs` (root reads these at `check` and
+/// `start`), so a link or FIFO planted in a directory another user can write is refused.
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io_path(what, path, e))?;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(Error::Msg(format!(
+            "{what}: bad path \"{}\"",
+            path.display()
+        )));
+    };
+    let file = crate::ops::safefs::Dir::open(dir)?
+        .file(name, crate::ops::safefs::Open::READ)?
+        .file;
     let mut data = Vec::new();
     file.take(MAX_PEM + 1)
         .read_to_end(&mut data)
