@@ -28,8 +28,23 @@ pub enum Error {
     NotRunning,
     /// Waiting for something took longer than allowed (exit code 3, like "not finished").
     TimedOut(String),
+    /// The peer or the job is gone (a connection lost, a job the server took back): nothing to
+    /// retry and nothing wrong here; the caller moves on.
+    Gone(String),
     /// Anything else that has a complete, user-facing message.
     Msg(String),
+}
+
+/// How a caller takes an error, decided by its type (never by whether an errno is present).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Storage or resources fail now and may come back (a full disk, no descriptors): retry
+    /// later, keep what is held.
+    Transient,
+    /// This operation cannot succeed (bad data, a refused request): fail it, report it.
+    Permanent,
+    /// The peer or the job is gone: nothing to retry, move on.
+    Gone,
 }
 
 impl Error {
@@ -50,10 +65,25 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The error's [`Tier`].
+    pub fn tier(&self) -> Tier {
+        match self {
+            Error::Gone(_) => Tier::Gone,
+            Error::Io { source, .. } if source.raw_os_error().is_some_and(is_transient_errno) => {
+                Tier::Transient
+            }
+            _ => Tier::Permanent,
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) | Error::Msg(msg) | Error::TimedOut(msg) => f.write_str(msg),
+            Error::Config(msg) | Error::Msg(msg) | Error::TimedOut(msg) | Error::Gone(msg) => {
+                f.write_str(msg)
+            }
             Error::Io { about, source } => {
                 write!(f, "{about}: {source}")?;
                 match source.raw_os_error() {

@@ -37,6 +37,7 @@ mod restart;
 mod shutdown;
 mod source;
 mod status;
+mod text;
 mod watch;
 mod worker;
 

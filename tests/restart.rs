@@ -250,7 +250,12 @@ fn no_descriptor_leaks_over_100_reexecs() {
     let w = sb.start();
     w.signal(Signal::SIGHUP);
     w.wait_generation(2);
+    // The binary is hashed in the background (its descriptor open meanwhile): sample after.
+    w.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
+        s["binary_sha256"].is_string()
+    });
     let before = w.fd_count();
+    let before_list = w.fd_list();
     for g in 3..=102 {
         w.signal(Signal::SIGHUP);
         w.wait_generation(g);
@@ -259,7 +264,7 @@ fn no_descriptor_leaks_over_100_reexecs() {
     assert_eq!(
         before,
         after,
-        "descriptors before and after 100 re-execs:\n{}",
+        "descriptors before and after 100 re-execs:\n{before_list}\n---\n{}",
         w.fd_list()
     );
     assert_eq!(w.status()["pid"], w.pid());

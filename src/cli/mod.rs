@@ -197,6 +197,12 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
 
 fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     let path = &cli.config;
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::Start { .. } | Command::Restart { .. }
+    ) {
+        crate::ops::signals::default_sigpipe();
+    }
     match cli.command {
         Command::Run { log_file } => {
             let opts = worker::RunOptions {
@@ -383,7 +389,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
             Update::Data(d) => {
                 let _ = out.write_all(d).and_then(|()| out.flush());
             }
-            Update::Warning(w) => eprintln!("warning: {}", String::from_utf8_lossy(w)),
+            Update::Warning(w) => eprintln!("warning: {}", crate::text::escape_bytes(w)),
             Update::Status(n, d) => eprintln!("status: {n}/{d}"),
         },
     )?;
@@ -399,7 +405,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
             Ok(1)
         }
         Outcome::Exception(text) => {
-            eprintln!("job failed: {}", String::from_utf8_lossy(&text));
+            eprintln!("job failed: {}", crate::text::escape_bytes(&text));
             Ok(1)
         }
     }
@@ -422,8 +428,15 @@ fn result(path: &Path, id: &str) -> Result<u8> {
 fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
     match lookup {
         Lookup::Finished(r) if r.outcome == Outcome::Done => {
+            use std::io::IsTerminal;
             let mut out = std::io::stdout().lock();
-            out.write_all(&r.result)
+            // Raw bytes for a pipe or a file; escaped for a person at a terminal.
+            let shown = if out.is_terminal() {
+                std::borrow::Cow::Owned(crate::text::escape_bytes(&r.result).into_bytes())
+            } else {
+                std::borrow::Cow::Borrowed(&r.result[..])
+            };
+            out.write_all(&shown)
                 .and_then(|()| out.flush())
                 .map_err(|e| Error::io("writing result", e))?;
             Ok(0)
@@ -432,7 +445,7 @@ fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
             eprintln!(
                 "job {id} failed after {} attempt(s): {}",
                 r.attempts,
-                r.error.unwrap_or_default()
+                crate::text::escape(&r.error.unwrap_or_default())
             );
             Ok(1)
         }
@@ -536,7 +549,7 @@ fn status(path: &Path, json: bool) -> Result<u8> {
         );
         return Ok(0);
     }
-    print_status(&s);
+    print_status(&s.for_terminal());
     Ok(0)
 }
 
@@ -627,13 +640,19 @@ fn print_status(s: &crate::status::Doc) {
 }
 
 fn reload(path: &Path, timeout: Duration) -> Result<u8> {
-    let (pid, socket, _) = running(path)?;
+    let (pid, socket, pidfile) = running(path)?;
     let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
     let (generation, refusals) = (before.generation, before.reload_refusals);
     kill(Pid::from_raw(pid), Signal::SIGHUP)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     let deadline = Instant::now() + timeout;
     loop {
+        if pidfile::probe(&pidfile).is_ok_and(|p| p == Probe::NotRunning) {
+            eprintln!(
+                "reload failed: the worker (pid {pid}) exited before a new generation served"
+            );
+            return Ok(NOT_RUNNING);
+        }
         if let Ok(now) = crate::status::query(&socket, Some(pid)) {
             let g = now.generation;
             if g > generation {
@@ -641,9 +660,10 @@ fn reload(path: &Path, timeout: Duration) -> Result<u8> {
                 return Ok(0);
             }
             if now.reload_refusals > refusals {
-                let why = now
-                    .last_refused_reload
-                    .map_or_else(|| "unknown reason".to_string(), |r| r.error);
+                let why = now.last_refused_reload.map_or_else(
+                    || "unknown reason".to_string(),
+                    |r| crate::text::escape(&r.error).into_owned(),
+                );
                 eprintln!("reload refused, still generation {g}: {why}");
                 return Ok(1);
             }
@@ -747,7 +767,7 @@ fn job_groups(pid: i32) -> Vec<i32> {
 fn check(path: &Path, functions: &Functions) -> Result<u8> {
     let plan = Plan::prepare(path, functions)?;
     for w in &plan.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", crate::text::escape(w));
     }
     println!(
         "{}: ok (sha256 {})",
@@ -755,6 +775,7 @@ fn check(path: &Path, functions: &Functions) -> Result<u8> {
         plan.config.sha256
     );
     for (name, what) in worker::describe(&plan.table) {
+        let (name, what) = (crate::text::escape(&name), crate::text::escape(&what));
         println!("  {name}: {what}");
     }
     Ok(0)

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -45,6 +47,18 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
         Err(e) => return Err(e),
     };
     let interval = interval.max(Duration::from_millis(100));
+    // A signal that would end us (a closed terminal's HUP, a TERM) ends the loop instead, so
+    // the screen is restored on the way out; the handler only sets the flag.
+    let ended = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGQUIT,
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(&ended))
+            .map_err(|e| Error::io("installing signal handlers", e))?;
+    }
     let _screen = Screen::enter()?;
     let mut before: Option<Sample> = None;
     loop {
@@ -63,17 +77,21 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
         let _ = out.flush();
         drop(out);
         before = Some(sample);
-        if quit_pressed(interval)? {
+        if quit_pressed(interval, &ended)? {
             return Ok(0);
         }
     }
 }
 
-/// Waits up to `d` for a key; true for `q`, Esc or Ctrl-C.
-fn quit_pressed(d: Duration) -> Result<bool> {
+/// Waits up to `d` for a key; true for `q`, Esc or Ctrl-C, or once a signal set `ended`.
+fn quit_pressed(d: Duration, ended: &AtomicBool) -> Result<bool> {
     let deadline = Instant::now() + d;
     let stdin = std::io::stdin();
     loop {
+        if ended.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        // A signal interrupts poll (EINTR); the flag is looked at again then.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(false);
@@ -105,7 +123,8 @@ fn quit_pressed(d: Duration) -> Result<bool> {
 
 fn read_sample(socket: &Path, pid: i32) -> Result<Sample> {
     // The socket is briefly away while the worker re-execs.
-    let doc = crate::status::query_patiently(socket, Some(pid), Duration::from_secs(3))?;
+    let doc =
+        crate::status::query_patiently(socket, Some(pid), Duration::from_secs(3))?.for_terminal();
     let text = crate::status::query_metrics(socket, Some(pid)).unwrap_or_default();
     let mut functions: BTreeMap<String, Counts> = BTreeMap::new();
     let mut deploys = BTreeMap::new();
@@ -115,7 +134,7 @@ fn read_sample(socket: &Path, pid: i32) -> Result<Sample> {
             labels
                 .iter()
                 .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
+                .map(|(_, v)| crate::text::escape(v).into_owned())
                 .unwrap_or_default()
         };
         match name {

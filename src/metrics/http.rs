@@ -26,6 +26,8 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// How long answers under way may take to finish when the endpoint stops (before an exec).
 pub const DRAIN: Duration = Duration::from_millis(500);
 const MAX_HEAD: usize = 8 * 1024;
+/// How long a client has to send its whole request head.
+const HEAD_WAIT: Duration = Duration::from_secs(2);
 
 /// What produces the exposition text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -189,9 +191,8 @@ fn accept_loop(
 /// Reads one request head and answers it; the connection is then closed.
 fn answer(mut stream: TcpStream, render: &Render) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let Some(head) = read_head(&mut stream) else {
+    let Some(head) = read_head(&mut stream, Instant::now() + HEAD_WAIT) else {
         return;
     };
     let (status, body, head_only) = route(&head, render);
@@ -211,11 +212,18 @@ fn answer(mut stream: TcpStream, render: &Render) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-/// The request head, up to the blank line; None when it is too long, too slow or cut short.
-fn read_head(stream: &mut TcpStream) -> Option<String> {
+/// The request head, up to the blank line; None when it is too long, cut short, or not all
+/// there by `deadline` (one deadline for the whole head: a client trickling a byte at a time
+/// cannot hold a slot longer than that).
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> Option<String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).ok()?;
         let n = stream.read(&mut chunk).ok()?;
         if n == 0 {
             return None;

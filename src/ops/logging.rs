@@ -119,7 +119,15 @@ pub fn init(default: log::LevelFilter) {
         } else {
             format!(" g{g}")
         };
-        writeln!(buf, "{ts} {:<5}{gen} {}", record.level(), record.args())
+        // One record, one line: text from outside (a server's error, a job's, a file name)
+        // cannot forge a line or reach a terminal's escape sequences.
+        let message = record.args().to_string();
+        writeln!(
+            buf,
+            "{ts} {:<5}{gen} {}",
+            record.level(),
+            crate::text::escape(&message)
+        )
     });
     b.target(env_logger::Target::Pipe(Box::new(Sink)));
     if b.try_init().is_ok() && spec.is_none() {

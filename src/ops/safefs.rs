@@ -235,6 +235,35 @@ impl Dir {
         }
     }
 
+    /// Opens the unix socket `name` here as an `O_PATH` descriptor, never through a link, and
+    /// only if it is owned by the directory's owner, root or us: connecting through
+    /// `/proc/self/fd/N` of it then reaches that socket, whatever is renamed over the path
+    /// meanwhile.
+    pub fn socket(&self, name: &str) -> Result<OwnedFd> {
+        let here = self.path.join(name);
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(Some(self.fd.as_raw_fd()), name, flags, Mode::empty())
+            .map_err(|e| Error::io_path("opening", &here, e.into()))?;
+        // SAFETY: openat just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat(fd.as_raw_fd()).map_err(|e| Error::io_path("checking", &here, e.into()))?;
+        if !is(&st, SFlag::S_IFSOCK) {
+            return Err(Error::Msg(format!(
+                "\"{}\" is {}, not a socket: ignoring it",
+                here.display(),
+                kind(&st)
+            )));
+        }
+        if ![self.st.st_uid, 0, geteuid().as_raw()].contains(&st.st_uid) {
+            return Err(Error::Msg(format!(
+                "\"{}\" is owned by uid {}, not by the owner of its directory: ignoring it",
+                here.display(),
+                st.st_uid
+            )));
+        }
+        Ok(fd)
+    }
+
     /// Opens the file `name` here: never through a link, never blocking on a FIFO; only a
     /// regular file with one link, and in a directory others can write, only one owned by the
     /// directory's owner or by us.

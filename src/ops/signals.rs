@@ -73,6 +73,16 @@ pub fn block() -> Result<()> {
         .map_err(|e| Error::io("blocking signals", e.into()))
 }
 
+/// Gives SIGPIPE its default action back, for a CLI command that only prints: writing to a
+/// closed pipe (`gearshift status | head -1`) then ends it quietly, as it ends any Unix tool,
+/// instead of a panic in `println!`. Never for the worker, whose sockets must see EPIPE.
+pub fn default_sigpipe() {
+    // SAFETY: installs the default disposition (no handler code of ours runs); called on the
+    // main thread before the command does anything else.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+}
+
 /// Spawns a helper thread that never takes a handled signal, whatever the caller's mask: the
 /// handled signals are blocked around the spawn (the new thread inherits that mask) and the
 /// caller's mask is restored. Every helper thread is spawned through this, so "helper threads

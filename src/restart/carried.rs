@@ -54,6 +54,9 @@ pub struct Inherited {
     /// The `/metrics` listening socket.
     #[serde(default, with = "fd_or_none")]
     pub metrics_listen_fd: Option<i32>,
+    /// `jobs_dir` as the old image validated it just before the exec, as JSON in a memfd.
+    #[serde(default, with = "fd_or_none")]
+    pub jobs_fd: Option<i32>,
 }
 
 /// A histogram's counts: observations per bucket (the last one: above every bound), their sum.

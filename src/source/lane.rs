@@ -20,6 +20,9 @@ pub struct Claimed {
     pub attempt: u32,
     /// When the job was submitted (unix ms), when known.
     pub submitted_ms: u64,
+    /// The payload was too large to be read (its length): `payload` is empty and the job is
+    /// failed without running.
+    pub oversized: Option<usize>,
 }
 
 /// One worker thread's connection to a source.

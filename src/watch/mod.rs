@@ -266,8 +266,9 @@ fn open_job(path: &Path) -> Result<fs::File> {
     Ok(file)
 }
 
-/// What [`scan_jobs`] found.
-#[derive(Debug)]
+/// What [`scan_jobs`] found; handed to the next generation as validated (see
+/// [`crate::worker::Plan`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Jobs {
     pub functions: BTreeMap<String, PathBuf>,
     pub digest: String,

@@ -483,6 +483,7 @@ impl Control {
             last_rollback: self.last_rollback.clone(),
             metrics_fd: None,
             metrics_listen_fd: None,
+            jobs_fd: None,
         };
         let mut next = next;
         // Exec the path only if it holds a validated binary; else this very image again.
@@ -516,9 +517,16 @@ impl Control {
                 next.binary = known;
                 exe
             }
-            None => self.boot.exe.clone(),
+            // Without the binary watch nothing has checked what is at the path now: exec the
+            // running image itself (the kernel's link to its inode), never the path.
+            None => {
+                log::info!(
+                    "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
+                    self.boot.exe.display()
+                );
+                PathBuf::from("/proc/self/exe")
+            }
         };
-        drop(plan);
         log::info!(
             "{reason}: re-exec \"{}\" as generation {}",
             exe.display(),
@@ -540,6 +548,16 @@ impl Control {
         if let Some(fd) = &handed {
             if crate::restart::handover::keep(fd.as_fd()).is_ok() {
                 next.source_fd = Some(fd.as_raw_fd());
+            }
+        }
+        // What was just validated is what the next generation serves on.
+        let jobs = serde_json::to_vec(&plan.jobs)
+            .ok()
+            .and_then(|data| crate::restart::handover::memfd("jobs", &data));
+        drop(plan);
+        if let Some(fd) = &jobs {
+            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
+                next.jobs_fd = Some(fd.as_raw_fd());
             }
         }
         // Every lane has ended: the counters are final for this generation.

@@ -13,7 +13,7 @@ use super::control::Event;
 use crossbeam_channel::Sender;
 
 use crate::clock::now_ms;
-use crate::error::Error;
+use crate::error::Tier;
 use crate::jobs::executable::{self, Children};
 use crate::jobs::functions::{Job, JobError, JobResult, Runner, Table};
 use crate::restart::carried::RestartReason;
@@ -112,21 +112,10 @@ const BUSY_LIMIT: Duration = Duration::from_secs(10);
 /// How long no fault must be met before the worker says it works again.
 const HEALTHY_AFTER_MS: u64 = 1000;
 
-fn error_errno(e: &Error) -> Option<i32> {
-    match e {
-        Error::Io { source, .. } => source.raw_os_error(),
-        _ => None,
-    }
-}
-
 impl Health {
-    /// Records a failure: true if it is a storage or resource fault (then the worker is
-    /// degraded, said once in the log, and shown in `status`), false for any other error.
-    /// `errno` None: the caller already knows it is a resource fault.
-    pub(super) fn failed(&self, state: &State, message: &str, errno: Option<i32>) -> bool {
-        if errno.is_some_and(|e| !crate::error::is_transient_errno(e)) {
-            return false;
-        }
+    /// Records a storage or resource fault ([`Tier::Transient`]): the worker is degraded, says
+    /// so once in the log, and shows it in `status`.
+    pub(super) fn failed(&self, state: &State, message: &str) {
         if let Ok(mut i) = state.inner.lock() {
             self.degraded.store(true, Ordering::Release);
             self.last_failure_ms.store(now_ms(), Ordering::Release);
@@ -137,7 +126,6 @@ impl Health {
                 i.storage = Some((message.to_string(), now_ms()));
             }
         }
-        true
     }
 
     /// Clears the fault once whatever failed works again (and no lane still holds a result).
@@ -205,10 +193,9 @@ impl LaneContext {
                 Ok(Some(job)) => job,
                 Ok(None) => break,
                 Err(e) => {
-                    if !self
-                        .health
-                        .failed(&self.state, &e.to_string(), error_errno(&e))
-                    {
+                    if e.tier() == Tier::Transient {
+                        self.health.failed(&self.state, &e.to_string());
+                    } else {
                         log::error!("{e}; retrying in {} ms", backoff.as_millis());
                     }
                     self.pause(backoff);
@@ -321,7 +308,7 @@ impl LaneContext {
                     self.pause_always(Duration::from_millis(20));
                 }
                 Err(e) if e.is_transient() => {
-                    self.health.failed(&self.state, &e.message, None);
+                    self.health.failed(&self.state, &e.message);
                     if self.stop.is_set() && lane.release(job) {
                         return None;
                     }
@@ -348,14 +335,24 @@ impl LaneContext {
             match lane.finish(job, outcome) {
                 Ok(()) => break,
                 Err(e) => {
-                    let errno = error_errno(&e);
-                    if !self.health.failed(&self.state, &e.to_string(), errno) {
-                        log::error!(
-                            "job {} {}: could not report its outcome: {e}",
-                            job.id,
-                            job.function
-                        );
-                        break;
+                    match e.tier() {
+                        Tier::Transient => self.health.failed(&self.state, &e.to_string()),
+                        Tier::Gone => {
+                            log::warn!(
+                                "job {} {}: outcome not reported: {e}",
+                                job.id,
+                                job.function
+                            );
+                            break;
+                        }
+                        Tier::Permanent => {
+                            log::error!(
+                                "job {} {}: could not report its outcome: {e}",
+                                job.id,
+                                job.function
+                            );
+                            break;
+                        }
                     }
                     if !holding {
                         holding = true;
@@ -392,6 +389,11 @@ impl LaneContext {
         claimed: &Claimed,
         progress: &mut dyn crate::jobs::functions::Progress,
     ) -> JobResult {
+        if let Some(len) = claimed.oversized {
+            return Err(JobError::new(format!(
+                "payload is {len} bytes, over max_packet_bytes: read past and discarded unrun"
+            )));
+        }
         if claimed.payload.len() > self.max_payload {
             return Err(JobError::new(format!(
                 "payload is {} bytes, over max_payload_bytes ({})",

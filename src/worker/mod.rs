@@ -94,7 +94,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
     // since then are picked up by the check right after start-up, validated like any other.
     let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
-    let plan = Plan::prepare_from(&config_path, &functions, inherited_text.as_deref())?;
+    // And the jobs_dir it validated: files being written there meanwhile are looked at once
+    // serving, never a reason for this generation to fail at start-up.
+    let handed_jobs = crate::restart::handover::read_memfd(inherited.jobs_fd, "jobs", 64 << 20)
+        .and_then(|data| serde_json::from_slice::<crate::watch::Jobs>(&data).ok());
+    let plan = Plan::prepare_from(
+        &config_path,
+        &functions,
+        inherited_text.as_deref(),
+        handed_jobs,
+    )?;
     if boot.inherited.is_none() {
         // A fresh start of a binary that a deploy switched to, whose marker is still there:
         // that binary died before serving (and a supervisor or systemd started it again).

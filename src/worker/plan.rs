@@ -16,6 +16,8 @@ pub struct Plan {
     pub config: Config,
     pub table: Table,
     pub jobs_sha256: String,
+    /// `jobs_dir` as validated: what a restart hands the next generation.
+    pub jobs: watch::Jobs,
     /// Non-fatal findings, e.g. a `[functions.x]` section for a function that does not exist.
     pub warnings: Vec<String>,
 }
@@ -23,11 +25,20 @@ pub struct Plan {
 impl Plan {
     /// Reads and validates the config at `path` and the executables of its `jobs_dir`.
     pub fn prepare(path: &Path, functions: &Functions) -> Result<Plan> {
-        Plan::prepare_from(path, functions, None)
+        Plan::prepare_from(path, functions, None, None)
     }
 
-    /// Like [`Plan::prepare`], from config text already read (`None`: read the file).
-    pub fn prepare_from(path: &Path, functions: &Functions, text: Option<&str>) -> Result<Plan> {
+    /// Like [`Plan::prepare`], from config text already read (`None`: read the file) and, in a
+    /// re-exec'd generation, the `jobs_dir` its predecessor validated just before the exec
+    /// (`None`: scan and check it). What was handed over is used as it is: a deploy writing
+    /// into `jobs_dir` meanwhile cannot make a new generation fail what the last one passed;
+    /// the change is looked at once serving, like any other.
+    pub fn prepare_from(
+        path: &Path,
+        functions: &Functions,
+        text: Option<&str>,
+        handed: Option<watch::Jobs>,
+    ) -> Result<Plan> {
         let config = match text {
             Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
             None => Config::load(path)?,
@@ -43,36 +54,18 @@ impl Plan {
         // Who we would run as is part of the config's validity: refuse before exec what the
         // new image could not run with.
         crate::ops::privilege::check_policy(&config)?;
-        let jobs_dir = &config.worker.jobs_dir;
-        if !jobs_dir.is_dir() {
-            return Err(Error::Config(format!(
-                "{}: jobs_dir \"{}\" is not a directory (create it, or set [worker] jobs_dir)",
-                config.path.display(),
-                jobs_dir.display()
-            )));
-        }
         if let crate::config::Source::Gearman(g) = &config.source {
             // Certificate files are part of what a reload must validate.
             crate::source::gearman::tls::targets(&g.servers, g.tls.as_ref())?;
         }
-        let scanned = watch::scan_jobs(jobs_dir)?;
-        let (exes, jobs_sha256) = (scanned.functions, scanned.digest);
-        if config.worker.strict_modes {
-            let owner = crate::ops::privilege::owner_uid(&config)?;
-            crate::ops::privilege::check_file(&config.path, "config", owner)?;
-            crate::ops::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
-            for exe in exes.values() {
-                crate::ops::privilege::check_file(exe, "job executable", owner)?;
-            }
-        }
+        let scanned = match handed {
+            Some(jobs) => jobs,
+            None => check_jobs_dir(&config)?,
+        };
         if let Some(t) = crate::ops::privilege::dropping_to(&config)? {
             // Root can read everything; the user it drops to must too, or every reload fails.
             use crate::ops::privilege::{check_access, Need};
             check_access(&config.path, "config", &t, Need::Read)?;
-            check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
-            for exe in exes.values() {
-                check_access(exe, "job executable", &t, Need::ReadExec)?;
-            }
             if let Ok(bin) = std::env::current_exe() {
                 check_access(
                     &bin,
@@ -92,7 +85,7 @@ impl Plan {
                 );
             }
         }
-        for (name, path) in exes {
+        for (name, path) in scanned.functions.clone() {
             if table.contains(&name) {
                 return Err(Error::Config(format!(
                     "\"{}\" would define function \"{name}\", which is already a built-in or Rust function (rename the file)",
@@ -113,14 +106,45 @@ impl Plan {
                 )
             })
             .collect();
-        warnings.extend(scanned.warnings);
+        warnings.extend(scanned.warnings.iter().cloned());
         Ok(Plan {
             config,
             table,
-            jobs_sha256,
+            jobs_sha256: scanned.digest.clone(),
+            jobs: scanned,
             warnings,
         })
     }
+}
+
+/// Scans `jobs_dir` and checks every executable in it: modes and owners (`strict_modes`), and
+/// that the user the worker drops to can run them.
+fn check_jobs_dir(config: &Config) -> Result<watch::Jobs> {
+    let jobs_dir = &config.worker.jobs_dir;
+    if !jobs_dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{}: jobs_dir \"{}\" is not a directory (create it, or set [worker] jobs_dir)",
+            config.path.display(),
+            jobs_dir.display()
+        )));
+    }
+    let scanned = watch::scan_jobs(jobs_dir)?;
+    if config.worker.strict_modes {
+        let owner = crate::ops::privilege::owner_uid(config)?;
+        crate::ops::privilege::check_file(&config.path, "config", owner)?;
+        crate::ops::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
+        for exe in scanned.functions.values() {
+            crate::ops::privilege::check_file(exe, "job executable", owner)?;
+        }
+    }
+    if let Some(t) = crate::ops::privilege::dropping_to(config)? {
+        use crate::ops::privilege::{check_access, Need};
+        check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
+        for exe in scanned.functions.values() {
+            check_access(exe, "job executable", &t, Need::ReadExec)?;
+        }
+    }
+    Ok(scanned)
 }
 
 /// The functions table as a map of name to description, for `check`.

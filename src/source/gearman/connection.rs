@@ -60,13 +60,30 @@ pub struct Conn {
     wpos: usize,
     magic: [u8; 4],
     max: usize,
+    /// A job over `max` being read past: its first bytes are kept, the rest discarded.
+    skip: Option<Skip>,
 }
 
 /// A packet that owns its data (a large payload is moved out of the read buffer, not copied).
 pub struct OwnedPacket {
     pub kind: u32,
     pub data: Vec<u8>,
+    /// Set for a job assignment over `max_packet_bytes`: its full data length. `data` then
+    /// holds only its first bytes (the handle, function and unique id, without the payload),
+    /// so the job can be failed by its handle without the payload ever being held.
+    pub oversized: Option<usize>,
 }
+
+/// An oversized job assignment being read past.
+struct Skip {
+    kind: u32,
+    len: usize,
+    left: usize,
+    head: Vec<u8>,
+}
+
+/// How much of an oversized job is kept: enough for handle, function and unique id.
+const SKIP_HEAD: usize = 4096;
 
 /// The read buffer's resting size; it grows for a larger packet and shrinks back after it.
 const RBUF: usize = 64 * 1024;
@@ -115,6 +132,7 @@ impl Conn {
             wpos: 0,
             magic,
             max,
+            skip: None,
         })
     }
 
@@ -229,10 +247,28 @@ impl Conn {
     /// The next complete packet already read, owning its data. A packet over 1 MiB takes the
     /// read buffer with it (no copy) and a fresh small buffer replaces it.
     pub fn next_owned(&mut self) -> Result<Option<OwnedPacket>, ConnError> {
+        if self.skip.is_some() {
+            return Ok(self.skip_some());
+        }
         let (kind, len) =
             match protocol::decode(&self.rbuf[self.consumed..self.filled], self.magic, self.max) {
                 Ok(Some((p, used))) => (p.kind, used),
                 Ok(None) => return Ok(None),
+                // A job too large for us is read past, not buffered, so that it can be failed
+                // once and the connection kept; any other oversized packet ends it.
+                Err(DecodeError::TooLarge { len, .. })
+                    if self.magic == protocol::RES
+                        && self.packet_kind() == Some(protocol::JOB_ASSIGN_UNIQ) =>
+                {
+                    self.consumed += protocol::HEADER;
+                    self.skip = Some(Skip {
+                        kind: protocol::JOB_ASSIGN_UNIQ,
+                        len,
+                        left: len,
+                        head: Vec::new(),
+                    });
+                    return Ok(self.skip_some());
+                }
                 Err(e) => return Err(ConnError::Protocol(e)),
             };
         let start = self.consumed + protocol::HEADER;
@@ -246,7 +282,11 @@ impl Conn {
             data.drain(..start);
             self.consumed = 0;
             self.filled = rest;
-            return Ok(Some(OwnedPacket { kind, data }));
+            return Ok(Some(OwnedPacket {
+                kind,
+                data,
+                oversized: None,
+            }));
         }
         let data = self.rbuf[start..end].to_vec();
         self.consumed = end;
@@ -255,7 +295,42 @@ impl Conn {
             self.consumed = 0;
             self.filled = 0;
         }
-        Ok(Some(OwnedPacket { kind, data }))
+        Ok(Some(OwnedPacket {
+            kind,
+            data,
+            oversized: None,
+        }))
+    }
+
+    /// The type of the packet whose header is at the read position, once its header is here.
+    fn packet_kind(&self) -> Option<u32> {
+        let b = self.rbuf.get(self.consumed + 4..self.consumed + 8)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Discards what has arrived of an oversized packet, keeping its first [`SKIP_HEAD`] bytes;
+    /// the packet (head only) once all of it has been read past.
+    fn skip_some(&mut self) -> Option<OwnedPacket> {
+        let skip = self.skip.as_mut()?;
+        let take = (self.filled - self.consumed).min(skip.left);
+        let keep = take.min(SKIP_HEAD.saturating_sub(skip.head.len()));
+        skip.head
+            .extend_from_slice(&self.rbuf[self.consumed..self.consumed + keep]);
+        self.consumed += take;
+        skip.left -= take;
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        }
+        if skip.left > 0 {
+            return None;
+        }
+        let done = self.skip.take()?;
+        Some(OwnedPacket {
+            kind: done.kind,
+            data: done.head,
+            oversized: Some(done.len),
+        })
     }
 
     /// Blocking mode: how long a read may wait.

@@ -609,6 +609,7 @@ impl GearmanLane {
 
 /// Parses JOB_ASSIGN_UNIQ (handle, function, unique, payload), moving the payload out.
 fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Claimed, String> {
+    let oversized = pkt.oversized;
     let mut data = pkt.data;
     let mut fields = Vec::with_capacity(3);
     let mut at = 0;
@@ -626,6 +627,9 @@ fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Cla
     let (id, function, unique) = (text(fields[0]), text(fields[1]), text(fields[2]));
     // The payload is the rest: shift it down in place (no second copy of a large payload).
     data.drain(..at);
+    if oversized.is_some() {
+        data = Vec::new();
+    }
     Ok(Claimed {
         id,
         function,
@@ -633,6 +637,7 @@ fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Cla
         payload: data,
         attempt: 1,
         submitted_ms: 0,
+        oversized: oversized.map(|len| len.saturating_sub(at)),
     })
 }
 
@@ -703,14 +708,14 @@ impl Lane for GearmanLane {
 
     fn finish(&mut self, _job: &Claimed, outcome: &JobResult) -> Result<()> {
         let Some(i) = self.job_server else {
-            return Err(Error::Msg(
+            return Err(Error::Gone(
                 "gearman: the connection the job came from was lost while it ran; the server requeues it".into(),
             ));
         };
         let exceptions = self.exceptions;
         let s = &mut self.servers[i];
         let Some(conn) = s.conn.as_mut() else {
-            return Err(Error::Msg(format!(
+            return Err(Error::Gone(format!(
                 "gearman {}: connection lost while the job ran; the server requeues it",
                 s.addr
             )));

@@ -331,6 +331,7 @@ impl SpoolSource {
                         payload: job.payload,
                         attempt: job.attempts.saturating_add(1),
                         submitted_ms: job.submitted_ms,
+                        oversized: None,
                     }))
                 }
                 Err(Ok(why)) => self.reject(&id, &why),

@@ -1,23 +1,40 @@
 //! The running worker's status: counters updated by worker threads (atomics, no I/O on the job
-//! path) and a unix socket in `state_dir/worker/`. A client writes one request line
-//! (`status` or `metrics`) and reads the answer: the JSON status document, or the Prometheus
-//! text. A client that writes nothing gets the status after [`REQUEST_WAIT`] (older clients).
-//! `gearshift status`, `reload`, `stop`, `metrics` and `top` are clients of it.
+//! path), the status document built from them, and a unix socket in `state_dir/worker/`
+//! ([`server`]) that `gearshift status`, `reload`, `stop`, `metrics` and `top` ask through
+//! [`client`].
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::rfc3339_ms;
 
-use crate::error::{Error, Result};
 use crate::restart::carried::Refusal;
+
+pub mod client;
+pub mod server;
+
+pub use client::{query, query_metrics, query_patiently};
+pub use server::Server;
+
+/// Warnings listed in the status document; more are counted, not listed, so the document stays
+/// far below what a client reads (a jobs_dir of 12,000 stray files would otherwise pass 1 MiB).
+const MAX_LISTED_WARNINGS: usize = 100;
+
+/// At most [`MAX_LISTED_WARNINGS`] of `all`, and a last line saying how many more there are.
+fn summarised(all: &[String]) -> Vec<String> {
+    if all.len() <= MAX_LISTED_WARNINGS {
+        return all.to_vec();
+    }
+    let mut list = all[..MAX_LISTED_WARNINGS - 1].to_vec();
+    list.push(format!(
+        "... and {} more warnings (see the log, or `check`)",
+        all.len() - list.len()
+    ));
+    list
+}
 
 /// One lane's connection to one Gearman server, for `status`.
 #[derive(Debug, Clone, Default)]
@@ -281,7 +298,7 @@ impl State {
             }),
             name: crate::identity().0.to_string(),
             version: crate::identity().1.to_string(),
-            warnings: i.warnings.clone(),
+            warnings: summarised(&i.warnings),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),
             metrics: i.metrics.clone(),
             restart_pending: i.restart_pending.as_ref().map(|(reason, at)| PendingDoc {
@@ -368,6 +385,51 @@ pub struct Doc {
     pub lanes: usize,
 }
 
+impl Doc {
+    /// The document with every text that came from outside (server errors, job ids and
+    /// function names, file names, refusal reasons) escaped for a terminal: for `status`
+    /// printed for people and for `top`. (JSON output escapes control characters itself.)
+    pub fn for_terminal(mut self) -> Doc {
+        fn esc(s: &mut String) {
+            if let std::borrow::Cow::Owned(e) = crate::text::escape(s) {
+                *s = e;
+            }
+        }
+        esc(&mut self.state);
+        self.warnings.iter_mut().for_each(esc);
+        self.functions.iter_mut().for_each(esc);
+        for s in &mut self.servers {
+            esc(&mut s.address);
+            esc(&mut s.state);
+            s.last_error.as_mut().map(esc);
+        }
+        for j in &mut self.running_jobs {
+            esc(&mut j.id);
+            esc(&mut j.function);
+        }
+        if let Some(r) = &mut self.last_refused_reload {
+            esc(&mut r.reason);
+            esc(&mut r.error);
+        }
+        if let Some(r) = &mut self.last_refused_deploy {
+            esc(&mut r.error);
+        }
+        if let Some(r) = &mut self.last_rollback {
+            esc(&mut r.reason);
+        }
+        if let Some(s) = &mut self.storage {
+            esc(&mut s.error);
+        }
+        if let Some(p) = &mut self.restart_pending {
+            esc(&mut p.reason);
+        }
+        if let Some(sv) = &mut self.supervisor {
+            sv.last_exit.as_mut().map(esc);
+        }
+        self
+    }
+}
+
 /// `status.storage`: what fails, since when.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StorageDoc {
@@ -433,162 +495,4 @@ pub struct RunningJob {
     /// For how long it has run.
     #[serde(default)]
     pub running_ms: u64,
-}
-
-/// The status socket's accept loop.
-pub struct Server {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Binds `path` (replacing a leftover socket file: we hold the pidfile lock, so no live
-    /// worker owns it) and serves `state` (and `metrics`, the exposition) on a thread.
-    pub fn start(
-        path: &Path,
-        state: Arc<State>,
-        metrics: crate::metrics::http::Render,
-    ) -> Result<Server> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::io_path("binding status socket", path, e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = crate::ops::signals::spawn_helper("status", move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::Acquire) {
-                    break;
-                }
-                if let Ok(mut c) = conn {
-                    let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-                    let body = match read_request(&mut c) {
-                        Request::Metrics => metrics(),
-                        Request::Status => {
-                            let mut b = serde_json::to_string(&state.doc()).unwrap_or_default();
-                            b.push('\n');
-                            b
-                        }
-                    };
-                    let _ = c.write_all(body.as_bytes());
-                }
-            }
-        })
-        .map_err(|e| Error::io("spawning status thread", e))?;
-        Ok(Server {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops answering and joins the thread (before execve, so no reply is cut short).
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Largest status document a client reads.
-const MAX_STATUS: u64 = 1 << 20;
-/// Largest metrics text a client reads.
-const MAX_METRICS: u64 = 64 << 20;
-/// How long the server waits for a request line before answering with the status.
-pub const REQUEST_WAIT: Duration = Duration::from_millis(100);
-
-enum Request {
-    Status,
-    Metrics,
-}
-
-/// The client's request line (at most 16 bytes); none within [`REQUEST_WAIT`]: status.
-fn read_request(c: &mut UnixStream) -> Request {
-    let _ = c.set_read_timeout(Some(REQUEST_WAIT));
-    let mut buf = [0u8; 16];
-    let mut n = 0;
-    while n < buf.len() {
-        match c.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => {
-                n += k;
-                if buf[..n].contains(&b'\n') {
-                    break;
-                }
-            }
-        }
-    }
-    match buf[..n].split(|b| *b == b'\n').next() {
-        Some(b"metrics") => Request::Metrics,
-        _ => Request::Status,
-    }
-}
-
-/// Connects to the worker's socket, checking who serves it (see [`query`]), and asks `request`.
-fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<String> {
-    let mut c = UnixStream::connect(path)
-        .map_err(|e| Error::io_path("connecting to status socket", path, e))?;
-    if let Some(pid) = pid {
-        let peer = nix::sys::socket::getsockopt(&c, nix::sys::socket::sockopt::PeerCredentials)
-            .map_err(|e| Error::io_path("checking status socket", path, e.into()))?;
-        if peer.pid() != pid {
-            return Err(Error::Msg(format!(
-                "\"{}\" is served by pid {}, not the worker (pid {pid}): ignoring it",
-                path.display(),
-                peer.pid()
-            )));
-        }
-    }
-    c.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| Error::io("status socket", e))?;
-    // A worker too old to read requests answers with its status all the same, and closes
-    // with our request unread: the kernel then resets the connection after its answer.
-    let _ = c.write_all(format!("{request}\n").as_bytes());
-    let mut body = Vec::new();
-    match c.take(limit).read_to_end(&mut body) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !body.is_empty() => {}
-        Err(e) => return Err(Error::io_path("reading status socket", path, e)),
-    }
-    String::from_utf8(body)
-        .map_err(|_| Error::Msg(format!("\"{}\" answered with non-UTF-8", path.display())))
-}
-
-/// The worker's metrics text, through its status socket (see [`query`] for `pid`).
-pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
-    let body = ask(path, pid, "metrics", MAX_METRICS)?;
-    if body.starts_with('{') {
-        return Err(Error::Msg(
-            "the running worker is too old to serve metrics: reload it to run this version".into(),
-        ));
-    }
-    Ok(body)
-}
-
-/// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
-/// user writes, so with `pid` the answer is taken only from that process (the kernel's
-/// SO_PEERCRED), never from whatever else a planted socket or link leads to.
-pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
-    let body = ask(path, pid, "status", MAX_STATUS)?;
-    serde_json::from_str(&body).map_err(|e| {
-        Error::Msg(format!(
-            "unreadable status from \"{}\": {e}",
-            path.display()
-        ))
-    })
-}
-
-/// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
-pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Doc> {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        match query(path, pid) {
-            Ok(v) => return Ok(v),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
 }

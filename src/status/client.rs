@@ -1,0 +1,164 @@
+//! Asking a running worker through its status socket: what `status`, `reload`, `stop`,
+//! `metrics`, `top` and the supervisor use.
+//!
+//! The socket lives in `state_dir/worker/`, where the worker's user (and so every job) writes.
+//! So the client opens the socket file without following a link and only if the directory's
+//! owner owns it, connects through that descriptor (nothing renamed over the path meanwhile
+//! is reached), never waits for a connection the server does not accept, takes the answer only
+//! from the worker's own pid (SO_PEERCRED), and bounds the whole exchange in time and size.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use super::Doc;
+use crate::error::{Error, Result};
+
+/// Largest status document a client reads.
+const MAX_STATUS: u64 = 1 << 20;
+/// Largest metrics text a client reads.
+const MAX_METRICS: u64 = 64 << 20;
+/// The longest a connect waits for the server to accept.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// The longest a whole answer takes to arrive.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+
+/// Connects to the socket at `path` as described above, within [`CONNECT_WAIT`].
+fn connect(path: &Path) -> Result<UnixStream> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(Error::Msg(format!(
+            "bad status socket path \"{}\"",
+            path.display()
+        )));
+    };
+    let target = crate::ops::safefs::Dir::open(dir)?.socket(name)?;
+    let addr = UnixAddr::new(format!("/proc/self/fd/{}", target.as_raw_fd()).as_str())
+        .map_err(|e| Error::io("status socket address", e.into()))?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::io("status socket", e.into()))?;
+    let deadline = Instant::now() + CONNECT_WAIT;
+    loop {
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            // The server's backlog is full: it is busy, or it is no server at all.
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(Errno::EAGAIN) => {
+                return Err(Error::Msg(format!(
+                    "\"{}\" accepted no connection within {CONNECT_WAIT:?}",
+                    path.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::io_path(
+                    "connecting to status socket",
+                    path,
+                    e.into(),
+                ))
+            }
+        }
+    }
+    drop(target);
+    let stream = UnixStream::from(fd);
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| Error::io("status socket", e))?;
+    Ok(stream)
+}
+
+/// Connects to the worker's socket, checking who serves it (see [`query`]), and asks `request`.
+fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<String> {
+    let mut c = connect(path)?;
+    if let Some(pid) = pid {
+        let peer = socket::getsockopt(&c, socket::sockopt::PeerCredentials)
+            .map_err(|e| Error::io_path("checking status socket", path, e.into()))?;
+        if peer.pid() != pid {
+            return Err(Error::Msg(format!(
+                "\"{}\" is served by pid {}, not the worker (pid {pid}): ignoring it",
+                path.display(),
+                peer.pid()
+            )));
+        }
+    }
+    let deadline = Instant::now() + ANSWER_WAIT;
+    c.set_write_timeout(Some(ANSWER_WAIT))
+        .map_err(|e| Error::io("status socket", e))?;
+    // A worker too old to read requests answers with its status all the same, and closes
+    // with our request unread: the kernel then resets the connection after its answer.
+    let _ = c.write_all(format!("{request}\n").as_bytes());
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Msg(format!(
+                "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
+                path.display()
+            )));
+        }
+        c.set_read_timeout(Some(left))
+            .map_err(|e| Error::io("status socket", e))?;
+        match c.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) if (body.len() + n) as u64 > limit => {
+                return Err(Error::Msg(format!(
+                    "\"{}\" answered with more than {limit} bytes: ignoring it",
+                    path.display()
+                )))
+            }
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !body.is_empty() => break,
+            Err(e) => return Err(Error::io_path("reading status socket", path, e)),
+        }
+    }
+    String::from_utf8(body)
+        .map_err(|_| Error::Msg(format!("\"{}\" answered with non-UTF-8", path.display())))
+}
+
+/// The worker's metrics text, through its status socket (see [`query`] for `pid`).
+pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
+    let body = ask(path, pid, "metrics", MAX_METRICS)?;
+    if body.starts_with('{') {
+        return Err(Error::Msg(
+            "the running worker is too old to serve metrics: reload it to run this version".into(),
+        ));
+    }
+    Ok(body)
+}
+
+/// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
+/// user writes, so with `pid` the answer is taken only from that process (the kernel's
+/// SO_PEERCRED), never from whatever else a planted socket or link leads to.
+pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
+    let body = ask(path, pid, "status", MAX_STATUS)?;
+    serde_json::from_str(&body).map_err(|e| {
+        Error::Msg(format!(
+            "unreadable status from \"{}\": {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
+pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Doc> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match query(path, pid) {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}

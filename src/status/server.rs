@@ -1,0 +1,237 @@
+//! The status socket's server. A client writes one request line (`status` or `metrics`) and
+//! reads the answer: the JSON status document, or the Prometheus text. A client that writes
+//! nothing gets the status after [`REQUEST_WAIT`] (older clients).
+//!
+//! Nothing a client does can hold the worker: the accept thread waits on the socket and on a
+//! pipe only we hold (never on the socket's path, which the worker's user, and so every job,
+//! can remove or replace), each client is answered on its own thread within [`CLIENT_BUDGET`]
+//! in all, at most [`MAX_CLIENTS`] at once, and stopping waits for those answers at most that
+//! long.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::State;
+use crate::error::{Error, Result};
+
+/// How long the server waits for a request line before answering with the status.
+pub const REQUEST_WAIT: Duration = Duration::from_millis(100);
+/// Everything one client gets: its request and our whole answer.
+const CLIENT_BUDGET: Duration = Duration::from_secs(1);
+/// Clients answered at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 8;
+
+/// The status socket's accept loop.
+pub struct Server {
+    /// Writing a byte here (or closing it) ends the accept loop.
+    wake: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    answering: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Binds `path` and serves `state` (and `metrics`, the exposition) on a thread. A leftover
+    /// socket file is replaced (we hold the pidfile lock, so no live worker owns it); anything
+    /// else in the way (a directory a job made) is moved aside, and said so.
+    pub fn start(
+        path: &Path,
+        state: Arc<State>,
+        metrics: crate::metrics::http::Render,
+    ) -> Result<Server> {
+        clear_the_way(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::io_path("binding status socket", path, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io_path("status socket", path, e))?;
+        let (wake_rx, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
+        let answering = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::clone(&answering);
+        let thread = crate::ops::signals::spawn_helper("status", move || {
+            accept_loop(&listener, &wake_rx, &busy, &state, &metrics)
+        })
+        .map_err(|e| Error::io("spawning status thread", e))?;
+        Ok(Server {
+            wake: Some(wake_tx),
+            thread: Some(thread),
+            answering,
+        })
+    }
+
+    /// Stops answering and joins the accept thread; answers under way get at most
+    /// [`CLIENT_BUDGET`] to finish (before execve, so no reply is cut short by it).
+    pub fn stop(mut self) {
+        // Closing the write end makes the read end readable (EOF): the loop wakes.
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let deadline = Instant::now() + CLIENT_BUDGET;
+        while self.answering.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Removes a stale socket at `path`, or moves aside whatever else is there.
+fn clear_the_way(path: &Path) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    let aside = path.with_extension(format!("in-the-way.{}", crate::clock::now_ms()));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => log::warn!(
+            "status socket: a directory was in its place; moved to \"{}\"",
+            aside.display()
+        ),
+        Err(e) => log::error!(
+            "status socket: cannot move \"{}\" aside: {e}",
+            path.display()
+        ),
+    }
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    wake: &OwnedFd,
+    answering: &Arc<AtomicUsize>,
+    state: &Arc<State>,
+    metrics: &crate::metrics::http::Render,
+) {
+    loop {
+        let room = answering.load(Ordering::Acquire) < MAX_CLIENTS;
+        let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+        if room {
+            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+        }
+        // Full: look again soon (an answer ends within its budget).
+        let timeout = if room {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::from(10u8)
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("status socket: poll: {e}; no more status answers in this generation");
+                return;
+            }
+        }
+        if fds[0].any().unwrap_or(true) {
+            return;
+        }
+        if !room {
+            continue;
+        }
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of descriptors, say: back off rather than spin.
+                log::warn!("status socket: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        answering.fetch_add(1, Ordering::AcqRel);
+        let guard = Answering(Arc::clone(answering));
+        let (state, metrics) = (Arc::clone(state), Arc::clone(metrics));
+        let spawned = crate::ops::signals::spawn_helper("status-client", move || {
+            let _guard = guard;
+            answer(conn, &state, &metrics);
+        });
+        if let Err(e) = spawned {
+            // The closure (and the guard in it) is dropped: the count goes back down.
+            log::warn!("status socket: cannot spawn a thread for a client: {e}");
+        }
+    }
+}
+
+/// Counts a client being answered; uncounts it however the answer ends.
+struct Answering(Arc<AtomicUsize>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn answer(mut c: UnixStream, state: &State, metrics: &crate::metrics::http::Render) {
+    let deadline = Instant::now() + CLIENT_BUDGET;
+    if c.set_nonblocking(false).is_err() {
+        return;
+    }
+    let body = match read_request(&mut c) {
+        Request::Metrics => metrics(),
+        Request::Status => {
+            let mut b = serde_json::to_string(&state.doc()).unwrap_or_default();
+            b.push('\n');
+            b
+        }
+    };
+    let _ = write_by(&mut c, body.as_bytes(), deadline);
+}
+
+/// Writes `data` unless `deadline` passes first (a client that does not read).
+fn write_by(c: &mut UnixStream, mut data: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        c.set_write_timeout(Some(left))?;
+        match c.write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+enum Request {
+    Status,
+    Metrics,
+}
+
+/// The client's request line (at most 16 bytes); none within [`REQUEST_WAIT`] in all: status.
+fn read_request(c: &mut UnixStream) -> Request {
+    let deadline = Instant::now() + REQUEST_WAIT;
+    let mut buf = [0u8; 16];
+    let mut n = 0;
+    while n < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || c.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match c.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                n += k;
+                if buf[..n].contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    match buf[..n].split(|b| *b == b'\n').next() {
+        Some(b"metrics") => Request::Metrics,
+        _ => Request::Status,
+    }
+}

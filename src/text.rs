@@ -1,0 +1,73 @@
+//! Text that came from outside (a server's error, a job's error or output, a file name in a
+//! directory the worker's user writes) made safe for where a person or a log parser reads it:
+//! control characters (C0, DEL, C1) and the Unicode bidirectional overrides are written as
+//! escapes, so such text cannot forge a log line, move a terminal's cursor, set its title or
+//! reorder what is shown. Raw bytes go only where raw bytes were asked for (a pipe, a result
+//! file). A leaf module.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// `s` with every character that could act on a terminal or split a line escaped (`\n`, `\r`,
+/// `\t`, `\e`, `\xNN`, `\u{NNNN}`); borrowed when there is nothing to escape.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !needs_escape(c) {
+            out.push(c);
+            continue;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\x1b' => out.push_str("\\e"),
+            c if (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Bytes (not necessarily UTF-8) as escaped text: invalid UTF-8 is replaced, then [`escape`]d.
+pub fn escape_bytes(b: &[u8]) -> String {
+    escape(&String::from_utf8_lossy(b)).into_owned()
+}
+
+fn needs_escape(c: char) -> bool {
+    let u = c as u32;
+    u < 0x20
+        || (0x7f..=0x9f).contains(&u)
+        || (0x202a..=0x202e).contains(&u)
+        || (0x2066..=0x2069).contains(&u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_acts_on_a_terminal_or_a_log() {
+        let cases = [
+            ("plain text, ünïcode", "plain text, ünïcode"),
+            ("two\nlines", "two\\nlines"),
+            ("\x1b]0;owned\x07title", "\\e]0;owned\\x07title"),
+            ("\x1b[2J\r", "\\e[2J\\r"),
+            ("del\x7f c1\u{9b}", "del\\x7f c1\\x9b"),
+            ("bidi \u{202e}txt.exe", "bidi \\u{202e}txt.exe"),
+            ("tab\there", "tab\\there"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(escape(input), want, "{input:?}");
+        }
+        assert!(matches!(escape("nothing"), Cow::Borrowed(_)));
+        assert_eq!(escape_bytes(b"bad \xff\n"), "bad \u{fffd}\\n");
+    }
+}

@@ -1,0 +1,548 @@
+//! Never stuck: what a hostile job, a dying worker or a careless operator did to wedge the worker
+//! or the CLI for good (issue 18). Each test reproduces one reported wedge; every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Runs `args` in the background and returns the child (stdout and stderr piped).
+fn cli_bg(sb: &Sandbox, args: &[&str]) -> std::process::Child {
+    spawn(sb.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()))
+}
+
+/// A job (as the worker's user would) removes the status socket or puts a directory in its
+/// place: a HUP must still restart, and queued jobs still run.
+#[test]
+fn status_socket_removed_or_replaced_does_not_wedge_a_restart() {
+    let sb = Sandbox::new("sock-gone");
+    let w = sb.start();
+    let sock = sb.path("state/worker/gearshift.sock");
+
+    fs::remove_file(&sock).unwrap();
+    w.signal(Signal::SIGHUP);
+    let id = sb.submit("echo", "after-remove");
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(15));
+    assert!(out[0].0, "{out:?}\n{}", w.log_text());
+    w.wait_generation(2);
+
+    fs::remove_file(&sock).unwrap();
+    fs::create_dir(&sock).unwrap();
+    fs::write(sock.join("x"), "in the way").unwrap();
+    w.signal(Signal::SIGHUP);
+    let id = sb.submit("echo", "after-dir");
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(15));
+    assert!(out[0].0, "{out:?}\n{}", w.log_text());
+    // The next generation serves status again (it moved what was in the way).
+    w.wait_generation(3);
+}
+
+/// 200 idle clients and 10 that never read an answer larger than a socket buffer must not make
+/// `status` unavailable; a document with 12,000 warnings stays readable (summarised).
+#[test]
+fn status_serves_while_clients_idle_or_never_read() {
+    let sb = Sandbox::new("sock-crowd");
+    for i in 0..12_000 {
+        fs::write(sb.path(&format!("jobs/not-exec-{i:05}")), "x").unwrap();
+    }
+    let w = sb.start();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(c) = UnixStream::connect(&w.socket) {
+            idle.push(c);
+        }
+    }
+    for _ in 0..10 {
+        if let Ok(mut c) = UnixStream::connect(&w.socket) {
+            let _ = c.write_all(b"status\n");
+            idle.push(c);
+        }
+    }
+    let started = Instant::now();
+    let out = sb.run(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status failed after {:?}: {}",
+        started.elapsed(),
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "status took {:?} behind idle clients",
+        started.elapsed()
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = doc["warnings"].as_array().unwrap();
+    assert!(warnings.len() <= 101, "{} warnings", warnings.len());
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("more")),
+        "the summary says how many more: {warnings:?}"
+    );
+    drop(idle);
+}
+
+/// `gearshift status | head -0`: the CLI must not panic on a closed pipe.
+#[test]
+fn cli_output_to_a_closed_pipe_does_not_panic() {
+    let sb = Sandbox::new("epipe");
+    let _w = sb.start();
+    let script = format!(
+        "\"{}\" -c \"{}\" status --json | head -c0; echo ${{PIPESTATUS[0]}}",
+        sb.bin.display(),
+        sb.config().display()
+    );
+    for _ in 0..5 {
+        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+        let code = text(&out.stdout).trim().to_string();
+        assert!(
+            code == "0" || code == "141",
+            "exit {code}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// `reload` and `stop` notice at once that the worker died while they waited.
+#[test]
+fn reload_and_stop_notice_a_dead_worker_at_once() {
+    let sb = Sandbox::new("died-waiting");
+    sb.job("hold.sh", "#!/bin/sh\nsleep 60\n");
+    for cmd in ["reload", "stop"] {
+        let mut w = sb.start();
+        sb.submit("hold", "");
+        w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+            s["in_flight"].as_u64() == Some(1)
+        });
+        let mut waiting = cli_bg(&sb, &[cmd]);
+        w.wait_for(Duration::from_secs(10), "draining", |s| {
+            s["state"] == "draining" || s["state"] == "stopping"
+        });
+        w.signal(Signal::SIGKILL);
+        w.wait_exit(Duration::from_secs(5));
+        let died = Instant::now();
+        let status = wait_child(&mut waiting, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("`{cmd}` still waits 10 s after the worker died"));
+        assert!(
+            died.elapsed() < Duration::from_secs(5),
+            "`{cmd}` took {:?}",
+            died.elapsed()
+        );
+        let mut err = String::new();
+        use std::io::Read;
+        waiting
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        if cmd == "reload" {
+            assert_eq!(status.code(), Some(3), "{err}");
+            assert!(err.contains("exited"), "{err}");
+        }
+        // The job left behind by the killed worker runs again on the next start: clean up.
+        let _ = fs::remove_dir_all(sb.path("spool"));
+    }
+}
+
+/// `watch_binary = false`, a broken file dropped over the binary's path, then HUP: the worker
+/// re-execs the running image, never the unchecked file.
+#[test]
+fn hup_without_watch_binary_never_execs_an_unchecked_file() {
+    let mut sb = Sandbox::new("hup-broken-bin");
+    sb.own_binary();
+    sb.write_worker_config("watch_binary = false");
+    let w = sb.start();
+    let tmp = sb.path("bin/.new");
+    fs::write(&tmp, "#!/bin/sh\necho broken deploy >&2\nexit 7\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, sb.path("bin/gearshift")).unwrap();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    // The CLI from the build: the sandbox's own copy is the broken file now.
+    sb.bin = std::path::PathBuf::from(BIN);
+    let id = sb.submit("echo", "still here");
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(10));
+    assert_eq!(out[0].1, "still here");
+    assert!(
+        w.log_text().contains("running image"),
+        "the log says what was exec'd:\n{}",
+        w.log_text()
+    );
+}
+
+/// A listening socket with a full accept queue planted where the status socket was: root's
+/// `stop` must not hang on it, and returns once the worker is gone.
+#[test]
+fn a_planted_socket_with_a_full_backlog_does_not_hang_stop() {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let sb = Sandbox::new("full-backlog");
+    sb.job("short.sh", "#!/bin/sh\nsleep 3\necho done\n");
+    let mut w = sb.start();
+    sb.submit("short", "");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"].as_u64() == Some(1)
+    });
+    fs::remove_file(&w.socket).unwrap();
+    let planted = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let addr = UnixAddr::new(&w.socket).unwrap();
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&planted), &addr).unwrap();
+    socket::listen(&planted, socket::Backlog::new(0).unwrap()).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let c = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let _ = socket::connect(std::os::fd::AsRawFd::as_raw_fd(&c), &addr);
+        fillers.push(c);
+    }
+    let mut stop = cli_bg(&sb, &["stop", "--timeout", "30s"]);
+    let status =
+        wait_child(&mut stop, Duration::from_secs(20)).expect("`stop` hung on a planted socket");
+    assert!(status.success(), "stop: {status}");
+    w.wait_exit(Duration::from_secs(5));
+    drop(fillers);
+}
+
+/// A link planted in place of the status socket, to a socket in a directory only root can
+/// reach: root's `status` never connects through it.
+#[test]
+fn a_planted_link_to_a_root_only_socket_is_not_followed() {
+    let sb = Sandbox::new("sock-link");
+    let w = sb.start();
+    let private = sb.path("private");
+    fs::create_dir(&private).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let target = std::os::unix::net::UnixListener::bind(private.join("root.sock")).unwrap();
+    target.set_nonblocking(true).unwrap();
+    fs::remove_file(&w.socket).unwrap();
+    std::os::unix::fs::symlink(private.join("root.sock"), &w.socket).unwrap();
+    let out = sb.run(&["status"]);
+    assert!(
+        target.accept().is_err(),
+        "root's status connected through the planted link"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("socket") || err.contains("link"), "{err}");
+}
+
+fn gearman_bg(port: u16, function: &str, payload: &str) {
+    let out = Command::new("gearman")
+        .args(["-p", &port.to_string(), "-b", "-f", function, payload])
+        .output()
+        .expect("gearman CLI (gearman-tools)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// gearmand dies while a job reports progress on fd 3: the lost connection is the peer gone,
+/// not a storage fault. The worker is not degraded, serves the server once it is back, reloads
+/// and stops.
+#[test]
+fn gearmand_killed_while_a_job_reports_progress_wedges_nothing() {
+    let sb = Sandbox::new("gm-progress-lost");
+    let mut gm = Gearmand::start(&sb.dir, &[]);
+    let port = gm.port;
+    let ran = sb.path("ran");
+    sb.job(
+        "chatty.sh",
+        &format!(
+            "#!/bin/sh\necho \"$1\" >> {}\ni=0\nwhile [ $i -lt 30 ]; do echo \"status $i 30\" >&3; i=$((i+1)); sleep 0.1; done\ncat\n",
+            ran.display()
+        ),
+    );
+    sb.gearman_config(&[gm.addr()], "reconnect_max = \"200ms\"");
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(10), "connected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    gearman_bg(port, "chatty", "first");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"].as_u64() == Some(1)
+    });
+    gm.kill();
+    // The job finishes (about 3 s) with its server gone.
+    w.wait_for(Duration::from_secs(15), "the job to end", |s| {
+        s["in_flight"].as_u64() == Some(0)
+    });
+    let gm2 = Gearmand::start_on(&sb.dir, port, &[]);
+    let s = w.wait_for(Duration::from_secs(15), "reconnected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    assert_ne!(s["state"], "degraded", "{s}");
+    let out = Command::new("gearman")
+        .args(["-p", &gm2.port.to_string(), "-f", "reverse", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "cba", "{}", w.log_text());
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// A Gearman job larger than `max_packet_bytes` fails once (WORK_FAIL, a clear reason); the
+/// connection stays up and nothing loops.
+#[test]
+fn an_oversized_gearman_job_fails_once_and_the_connection_stays() {
+    let sb = Sandbox::new("gm-oversized");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "max_packet_bytes = 1048576");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(10), "connected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    let big = "x".repeat(2 << 20);
+    let mut child = Command::new("gearman")
+        .args(["-p", &gm.port.to_string(), "-f", "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(big.as_bytes())
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(20)).expect("the client got no answer");
+    assert!(!status.success(), "an oversized job must fail");
+    let s = w.wait_for(Duration::from_secs(10), "the failure counted", |s| {
+        s["jobs_failed"].as_u64() == Some(1)
+    });
+    assert_eq!(s["servers"][0]["reconnects"].as_u64(), Some(0), "{s}");
+    assert!(
+        w.log_text().contains("max_packet_bytes"),
+        "{}",
+        w.log_text()
+    );
+    let out = Command::new("gearman")
+        .args(["-p", &gm.port.to_string(), "-f", "reverse", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "cba");
+}
+
+/// Reloads while a deploy writes a file in `jobs_dir` in place (it flips between absent and an
+/// executable without `#!`): a new generation serves on what its predecessor validated and
+/// handed over, never exits.
+#[test]
+fn reloads_while_jobs_dir_flips_never_exit() {
+    let sb = Sandbox::new("jobs-flip");
+    sb.job("ok.sh", "#!/bin/sh\ncat\n");
+    let mut w = sb.start();
+    let flip = sb.path("jobs/flip");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (flip, stop) = (flip.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            use std::os::unix::fs::PermissionsExt;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if fs::write(&flip, "echo no interpreter line\n").is_ok() {
+                    let _ = fs::set_permissions(&flip, fs::Permissions::from_mode(0o755));
+                }
+                std::thread::sleep(Duration::from_micros(300));
+                let _ = fs::remove_file(&flip);
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        })
+    };
+    for _ in 0..30 {
+        w.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = w.child.try_wait().unwrap() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            panic!("the worker exited ({status}):\n{}", w.log_text());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    let _ = fs::remove_file(&flip);
+    let id = sb.submit("ok", "still serving");
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(20));
+    assert_eq!(out[0].1, "still serving", "{}", w.log_text());
+    assert!(w.child.try_wait().unwrap().is_none(), "{}", w.log_text());
+}
+
+/// `/metrics` slowloris: 8 clients trickling a byte every 1.5 s must not hold every slot; the
+/// head has one deadline in all, so a real scrape gets through within a few seconds.
+#[test]
+fn metrics_slowloris_does_not_hold_every_slot() {
+    let sb = Sandbox::new("slowloris");
+    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let w = sb.start();
+    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tricklers = Vec::new();
+    for _ in 0..8 {
+        let (addr, stop) = (addr.clone(), std::sync::Arc::clone(&stop));
+        tricklers.push(std::thread::spawn(move || {
+            let Ok(mut c) = std::net::TcpStream::connect(&addr) else {
+                return;
+            };
+            for b in b"GET /metrics HTTP/1.1\r\n".iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut served = false;
+    while started.elapsed() < Duration::from_secs(8) && !served {
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            use std::io::Read;
+            let _ = c.read_to_string(&mut body);
+            served = body.starts_with("HTTP/1.1 200");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        served,
+        "no scrape served within 8 s behind 8 trickling clients"
+    );
+    for t in tricklers {
+        t.join().unwrap();
+    }
+}
+
+/// A job's error text and a file name in `jobs_dir` carrying escape sequences and newlines reach
+/// the log, `result`, `status` and `check` escaped: no forged log line, no raw ESC.
+#[test]
+fn outside_text_is_escaped_for_people_and_log_parsers() {
+    let sb = Sandbox::new("escape");
+    sb.job(
+        "evil.sh",
+        "#!/bin/sh\nprintf 'boom\\033]0;pwned\\007\\nFORGED ERROR line\\n' >&2\nexit 3\n",
+    );
+    fs::write(sb.path("jobs/odd\x1b[2Jname"), "not executable").unwrap();
+    let w = sb.start();
+    let id = sb.submit("evil", "x");
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    assert!(!out[0].0);
+    let log = w.log_text();
+    assert!(!log.contains('\x1b'), "raw ESC in the log:\n{log:?}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a forged log line:\n{log}"
+    );
+    let res = sb.run(&["result", &id]);
+    assert_eq!(res.status.code(), Some(1));
+    assert!(
+        !text(&res.stderr).contains('\x1b'),
+        "{:?}",
+        text(&res.stderr)
+    );
+    assert!(
+        text(&res.stderr).contains("FORGED"),
+        "{:?}",
+        text(&res.stderr)
+    );
+    let st = sb.run(&["status"]);
+    assert!(!text(&st.stdout).contains('\x1b'), "{:?}", text(&st.stdout));
+    assert!(
+        text(&st.stdout).contains("odd\\e[2Jname"),
+        "{}",
+        text(&st.stdout)
+    );
+    let check = sb.run(&["check"]);
+    assert!(
+        !text(&check.stderr).contains('\x1b'),
+        "{:?}",
+        text(&check.stderr)
+    );
+    assert!(
+        !text(&check.stdout).contains('\x1b'),
+        "{:?}",
+        text(&check.stdout)
+    );
+}
+
+/// `gearshift top` killed by SIGTERM or SIGHUP leaves the terminal as it found it: main
+/// screen, cursor shown.
+#[test]
+fn top_restores_the_terminal_on_term_and_hup() {
+    let sb = Sandbox::new("top-signals");
+    let _w = sb.start();
+    for (k, sig) in ["TERM", "HUP"].iter().enumerate() {
+        let server = format!("gs-topsig-{}-{k}", std::process::id());
+        let tmux = |args: &[&str]| {
+            Command::new("tmux")
+                .args(["-L", &server])
+                .args(args)
+                .output()
+                .expect("tmux")
+        };
+        let cmd = format!(
+            "\"{}\" -c \"{}\" top --interval 200ms; sleep 30",
+            sb.bin.display(),
+            sb.config().display()
+        );
+        assert!(tmux(&["new-session", "-d", "-x", "100", "-y", "30", &cmd])
+            .status
+            .success());
+        let shown =
+            || text(&tmux(&["display", "-p", "-t", "0", "#{alternate_on} #{cursor_flag}"]).stdout);
+        let top_pid = || {
+            let out = Command::new("pgrep")
+                .args(["-f", &format!("{} top --interval", sb.config().display())])
+                .output()
+                .unwrap();
+            text(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<i32>().ok())
+        };
+        eventually(
+            Duration::from_secs(10),
+            "top on the alternate screen",
+            || shown().starts_with('1') && top_pid().is_some(),
+        );
+        let pid = top_pid().unwrap();
+        let out = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        eventually(Duration::from_secs(5), "top to exit", || {
+            top_pid().is_none()
+        });
+        let state = shown();
+        let _ = tmux(&["kill-server"]);
+        assert_eq!(
+            state.trim(),
+            "0 1",
+            "SIG{sig}: alternate screen, cursor flag"
+        );
+    }
+}
