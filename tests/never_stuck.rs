@@ -546,3 +546,24 @@ fn top_restores_the_terminal_on_term_and_hup() {
         );
     }
 }
+
+/// With `umask = "022"` the pidfile must still be readable (and so lockable) by nobody else: a
+/// lock another user takes would make root's `start` say "already running" and `stop` signal
+/// whatever process holds that pid later.
+#[test]
+fn the_pidfile_is_never_lockable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new("pidfile-mode");
+    sb.write_worker_config("umask = \"022\"");
+    let mut w = sb.start();
+    let pidfile = sb.path("state/gearshift.pid");
+    let mode = fs::metadata(&pidfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o077, 0, "pidfile mode {mode:o}");
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+    // An older pidfile left world-readable is tightened at the next start.
+    fs::set_permissions(&pidfile, fs::Permissions::from_mode(0o644)).unwrap();
+    let _w = sb.start();
+    let mode = fs::metadata(&pidfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o077, 0, "pidfile mode {mode:o} after a restart");
+}

@@ -46,7 +46,7 @@ impl Pidfile {
         let how = Open {
             write: true,
             append: false,
-            create: Some(0o644),
+            create: Some(0o600),
         };
         let mut replaced = false;
         let mut file = loop {
@@ -84,6 +84,14 @@ impl Pidfile {
                 }
                 Err(e) => return Err(Error::io_path("locking pidfile", &path, e.into())),
             }
+        }
+        // Nobody else may open it: a reader could flock it too, and a lock held by another
+        // user would pass for a running worker (then `stop` signals whatever gets that pid).
+        // Whatever the umask, and also for a file an older version left readable.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .at("restricting pidfile", &path)?;
         }
         // Truncate only while holding the lock.
         file.set_len(0).at("truncating pidfile", &path)?;
