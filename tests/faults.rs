@@ -562,3 +562,27 @@ fn a_watch_that_fails_while_running_falls_back_to_polling() {
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "config changed");
 }
+
+/// A job interrupted by a killed worker, found in `cur/` by a start on a full disk, cannot be
+/// requeued then; once space is freed it must run, without another start.
+#[test]
+fn recovery_on_a_full_disk_is_retried_once_space_is_freed() {
+    let sb = Sandbox::new("full-recover");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let id = sb.submit("echo", "interrupted");
+    // As a killed worker leaves it: claimed, in cur/.
+    fs::rename(
+        sb.path(&format!("spool/new/{id}")),
+        sb.path(&format!("spool/cur/{id}")),
+    )
+    .unwrap();
+    let filler = fsys.fill();
+    let w = sb.start();
+    eventually(Duration::from_secs(20), "the recovery to fail", || {
+        w.log_text().contains("cannot recover it now")
+    });
+    fs::remove_file(filler).unwrap();
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(30));
+    assert_eq!(out[0], (true, "interrupted".into(), 2), "{}", w.log_text());
+    assert_eq!(w.generation(), 1, "without a restart");
+}

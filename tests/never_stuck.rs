@@ -567,3 +567,80 @@ fn the_pidfile_is_never_lockable_by_other_users() {
     let mode = fs::metadata(&pidfile).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode & 0o077, 0, "pidfile mode {mode:o} after a restart");
 }
+
+/// Drops an executable script over the sandbox's own binary (temp file, then rename).
+fn drop_script(sb: &Sandbox, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = sb.path("bin/gearshift.new");
+    fs::write(&tmp, body).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+}
+
+/// Pids of processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// A pre-flight that prints more than a pipe holds is judged on its exit, not timed out.
+#[test]
+fn a_talkative_preflight_is_judged_not_timed_out() {
+    let mut sb = Sandbox::new("preflight-talk");
+    sb.own_binary();
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    // 200 KiB on stderr, then a last line and a refusal.
+    drop_script(
+        &sb,
+        "#!/bin/sh\nhead -c 204800 /dev/zero | tr '\\0' x >&2\necho >&2\necho 'the last word' >&2\nexit 1\n",
+    );
+    let s = w.wait_for(Duration::from_secs(30), "the refusal", |s| {
+        s["last_refused_deploy"].is_object()
+    });
+    let err = s["last_refused_deploy"]["error"].as_str().unwrap();
+    assert!(err.contains("`check` failed"), "{err}");
+    assert!(err.contains("the last word"), "{err}");
+    assert!(err.len() < 4096, "the tail only: {} bytes", err.len());
+}
+
+/// A pre-flight that hangs (and leaves a child behind) dies with the worker: `stop` ends both.
+#[test]
+fn a_hanging_preflight_does_not_outlive_stop() {
+    let mut sb = Sandbox::new("preflight-hang");
+    sb.own_binary();
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    let tag = format!("{}", 900_000 + std::process::id() % 90_000);
+    drop_script(&sb, &format!("#!/bin/sh\nsleep {tag}1 &\nsleep {tag}2\n"));
+    eventually(Duration::from_secs(20), "the pre-flight to run", || {
+        pids_with(&format!("sleep {tag}2")).len() == 1
+    });
+    // The CLI is the stock binary: the sandbox's own is the script just dropped.
+    let out = Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .args(["stop", "--timeout", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_exit(Duration::from_secs(5));
+    eventually(Duration::from_secs(3), "no pre-flight process left", || {
+        pids_with(&format!("sleep {tag}")).is_empty()
+    });
+}

@@ -193,6 +193,7 @@ impl Control {
                                     let running = self.state.in_flight.load(Ordering::Relaxed);
                                     log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
                                     self.children.kill_all();
+                                    crate::restart::deploy::kill_preflight();
                                     log::logger().flush();
                                     std::process::exit(1);
                                 }
@@ -249,6 +250,7 @@ impl Control {
                                 // and job processes go with it): `stop` returns when the lock is
                                 // free, and a `start` right after must find nothing of ours left.
                                 self.pidfile.clear();
+                                crate::restart::deploy::kill_preflight();
                                 log::logger().flush();
                                 std::process::exit(0);
                             }
@@ -576,6 +578,7 @@ impl Control {
                 next.metrics_listen_fd = Some(m.fd());
             }
         }
+        crate::restart::deploy::kill_preflight();
         let err = match signals::block()
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())

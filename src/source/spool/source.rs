@@ -33,6 +33,9 @@ pub struct SpoolSource {
     pub(super) waker: Arc<Waker>,
     pub(super) next_prune: Mutex<Instant>,
     pub(super) next_housekeeping: Mutex<Instant>,
+    /// Interrupted jobs the start-up recovery could not move (say, on a full disk): retried
+    /// with the housekeeping until they are.
+    pub(super) unrecovered: Mutex<Vec<String>>,
     /// The largest entry accepted as a job: max_payload_bytes plus header room.
     pub(super) max_entry: u64,
     pub(super) _lock: Flock<File>,
@@ -86,6 +89,7 @@ impl SpoolSource {
             waker,
             next_prune: Mutex::new(Instant::now()),
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
+            unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: lock,
         };
@@ -97,9 +101,10 @@ impl SpoolSource {
     /// Puts jobs left in `cur/` by a killed worker back in the queue, or fails them for good once
     /// `max_attempts` runs were interrupted. One bad entry never stops the recovery: it is set
     /// aside in `rejected/`; a job that cannot be moved now (say, the disk is full) stays in
-    /// `cur/` for the next start.
+    /// `cur/` and is tried again with every housekeeping until it moves.
     fn recover(&self) -> Result<()> {
         let cur = self.spool.dir("cur");
+        let mut left = Vec::new();
         for name in list_raw(&cur)? {
             let Some(id) = name.to_str().filter(|n| valid_id(n)).map(str::to_string) else {
                 self.reject_raw("cur", &name, "not a job id");
@@ -107,11 +112,39 @@ impl SpoolSource {
             };
             if let Err(e) = self.recover_one(&id) {
                 log::error!(
-                    "job {id}: cannot recover it now ({e}); it stays in cur/ for the next start"
+                    "job {id}: cannot recover it now ({e}); it stays in cur/ and is tried again every {}s",
+                    HOUSEKEEPING.as_secs()
                 );
+                left.push(id);
             }
         }
+        if let Ok(mut u) = self.unrecovered.lock() {
+            *u = left;
+        }
         Ok(())
+    }
+
+    /// Tries again the interrupted jobs the start-up recovery could not move. Only those: any
+    /// other entry in `cur/` is a job this worker runs now.
+    fn retry_recovery(&self) {
+        let Ok(mut left) = self.unrecovered.lock() else {
+            return;
+        };
+        let before = left.len();
+        left.retain(|id| match self.recover_one(id) {
+            Ok(()) => false,
+            Err(e) => {
+                log::debug!("job {id}: still cannot recover it ({e})");
+                true
+            }
+        });
+        if left.len() < before {
+            log::info!(
+                "recovered {} interrupted job(s) left in cur/ at start-up",
+                before - left.len()
+            );
+            self.wake();
+        }
     }
 
     fn recover_one(&self, id: &str) -> Result<()> {
@@ -226,7 +259,7 @@ impl SpoolSource {
         }
     }
 
-    /// Every [`HOUSEKEEPING`]: abandoned temp files.
+    /// Every [`HOUSEKEEPING`]: abandoned temp files, interrupted jobs not yet recovered.
     fn housekeeping(&self) {
         let Ok(mut next) = self.next_housekeeping.lock() else {
             return;
@@ -237,6 +270,7 @@ impl SpoolSource {
         *next = Instant::now() + HOUSEKEEPING;
         drop(next);
         self.clean_tmp();
+        self.retry_recovery();
     }
 
     fn prune(&self) {
