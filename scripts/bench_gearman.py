@@ -94,7 +94,7 @@ def run(kind, concurrency, port, workdir):
     server = f"tls://127.0.0.1:{TLS['port']}" if kind == "gearshift TLS" else addr
     with open(cfg, "w") as f:
         f.write(
-            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind.replace(' ', '')}-{concurrency}\"\nallow_root = true\n"
+            f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind.replace(' ', '')}-{concurrency}\"\nallow_root = true\nbuiltins = true\n"
             f"[source]\nkind = \"gearman\"\nservers = [\"{server}\"]\n"
             + (f"[source.tls]\nca_file = \"{TLS['ca']}\"\n" if kind == "gearshift TLS" else "")
             + "[log]\nlevel = \"warn\"\n"

@@ -644,3 +644,60 @@ fn a_hanging_preflight_does_not_outlive_stop() {
         pids_with(&format!("sleep {tag}")).is_empty()
     });
 }
+
+/// Built-ins answer whoever can submit: a network source offers them only when asked for, and no
+/// function runs unbounded without an explicit choice (`sleep` of u64::MAX ms is cut by the
+/// default `job_timeout`).
+#[test]
+fn builtins_are_opt_in_for_gearman_and_nothing_runs_unbounded() {
+    let sb = Sandbox::new("gm-builtins");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    // The harness's gearman config turns built-ins on: write this one by hand.
+    fs::write(
+        sb.config(),
+        format!(
+            "[worker]\nconcurrency = 1\nallow_root = true\n\n[source]\nkind = \"gearman\"\nservers = [\"{}\"]\n",
+            gm.addr()
+        ),
+    )
+    .unwrap();
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(10), "connected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    let functions: Vec<&str> = s["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert_eq!(
+        functions,
+        ["up"],
+        "no built-in on a network source by default"
+    );
+    drop(w);
+
+    // Asked for, with a short default limit: an endless sleep is cut, and the lane serves again.
+    let sb2 = Sandbox::new("gm-builtins-on");
+    fs::write(
+        sb2.config(),
+        format!(
+            "[worker]\nconcurrency = 1\nallow_root = true\nbuiltins = true\njob_timeout = \"1s\"\n\n[source]\nkind = \"gearman\"\nservers = [\"{}\"]\n",
+            gm.addr()
+        ),
+    )
+    .unwrap();
+    let w = sb2.start();
+    w.wait_for(Duration::from_secs(10), "connected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    gearman_bg(gm.port, "sleep", "18446744073709551615");
+    let out = Command::new("gearman")
+        .args(["-p", &gm.port.to_string(), "-f", "reverse", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "cba", "{}", w.log_text());
+    assert!(w.log_text().contains("timed out"), "{}", w.log_text());
+}

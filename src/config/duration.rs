@@ -40,6 +40,36 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A time limit: a duration as [`Dur`] writes it, or `"none"` for no limit at all (an explicit
+/// choice: nothing runs unbounded by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Limit, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Limit;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"30s\" or \"5m\", or \"none\" for no limit")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Limit, E> {
+                Dur::deserialize(de::value::I64Deserializer::<E>::new(v)).map(|d| Limit(Some(d.0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<Limit, E> {
+                Dur::deserialize(de::value::F64Deserializer::<E>::new(v)).map(|d| Limit(Some(d.0)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Limit, E> {
+                if v.trim() == "none" {
+                    return Ok(Limit(None));
+                }
+                parse_duration(v).map(|d| Limit(Some(d))).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
 pub const MAX_PAYLOAD: u64 = 1 << 30;
 

@@ -18,7 +18,10 @@ mod duration;
 mod messages;
 mod raw;
 
-pub use duration::{parse_duration, Dur, MAX_PAYLOAD};
+pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
+
+/// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 use messages::{explain, line_col};
 use raw::*;
 
@@ -77,6 +80,13 @@ pub struct Worker {
     /// Delay a restart caused by a config, jobs_dir or binary change by a random fraction of
     /// this (a fleet that gets the change at once does not reconnect at once). None: off.
     pub restart_splay: Option<Duration>,
+    /// Offer the binary's built-in functions (`echo`, `reverse`, `sha256`, `sleep`). Default:
+    /// yes for the spool (local submitters only), no for a network source, where any client
+    /// of a shared server could send them.
+    pub builtins: bool,
+    /// The time limit of a function without its own `[functions.NAME] timeout`; None only
+    /// when written as `"none"`.
+    pub job_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +211,15 @@ impl Config {
                 Ok(t)
             }
         };
+        let nonzero_limit = |v: &Spanned<Limit>| {
+            match v.get_ref().0 {
+            Some(t) if t.is_zero() => Err(located(
+                Some(v.span()),
+                "a timeout of 0 would fail every job: give a duration such as \"30s\" (or \"none\" for no limit)",
+            )),
+            t => Ok(t),
+        }
+        };
         let in_range = |v: &Spanned<u64>, key: &str, min: u64, max: u64| {
             let n = *v.get_ref();
             if (min..=max).contains(&n) {
@@ -242,7 +261,7 @@ impl Config {
                 "restart_splay is at most \"24h\" (a restart delayed longer is a stale worker)",
             ));
         }
-        let worker = Worker {
+        let mut worker = Worker {
             concurrency: concurrency as usize,
             jobs_dir: base.join(w.jobs_dir),
             state_dir: base.join(w.state_dir),
@@ -274,7 +293,10 @@ impl Config {
                 .restart_splay
                 .map(|s| s.into_inner().0)
                 .filter(|s| !s.is_zero()),
+            builtins: true,
+            job_timeout: nonzero_limit(&w.job_timeout)?,
         };
+        let builtins_written = w.builtins;
 
         let s = raw.source;
         let source = match s.kind {
@@ -368,18 +390,18 @@ impl Config {
             }
         };
 
+        // Built-ins answer whoever can submit: on a network source, only when asked for.
+        worker.builtins = builtins_written.unwrap_or(matches!(source, Source::Spool(_)));
+
         let mut functions = BTreeMap::new();
         for (name, f) in raw.functions {
             if let Err(why) = check_function_name(name.get_ref()) {
                 return Err(located(Some(name.span()), &why));
             }
-            if let Some(t) = f.timeout.as_ref().filter(|t| t.get_ref().0.is_zero()) {
-                return Err(located(
-                    Some(t.span()),
-                    "a timeout of 0 would fail every job: give a duration such as \"30s\" (or leave it out)",
-                ));
-            }
-            let timeout = f.timeout.map(|t| t.into_inner().0);
+            let timeout = match &f.timeout {
+                Some(t) => nonzero_limit(t)?,
+                None => worker.job_timeout,
+            };
             functions.insert(name.into_inner(), FunctionConfig { timeout });
         }
 
@@ -425,9 +447,13 @@ impl Config {
         })
     }
 
-    /// The timeout configured for `function`, if any.
+    /// The time limit of `function`: its own `[functions.NAME] timeout`, else `[worker]
+    /// job_timeout`; None only where `"none"` was written.
     pub fn timeout(&self, function: &str) -> Option<Duration> {
-        self.functions.get(function).and_then(|f| f.timeout)
+        match self.functions.get(function) {
+            Some(f) => f.timeout,
+            None => self.worker.job_timeout,
+        }
     }
 
     /// Where the worker's pidfile lives.
@@ -618,7 +644,28 @@ mod tests {
             .expect("valid");
         assert_eq!(c.timeout("sleep"), Some(Duration::from_secs(3)));
         assert_eq!(c.timeout("wc"), Some(Duration::from_millis(250)));
-        assert_eq!(c.timeout("echo"), None);
+        assert_eq!(
+            c.timeout("echo"),
+            Some(DEFAULT_JOB_TIMEOUT),
+            "bounded by default"
+        );
+        assert!(c.worker.builtins, "the spool offers the built-ins");
+        let c = parse("[worker]\njob_timeout = \"none\"\n[functions.wc]\ntimeout = \"none\"\n[functions.up]\n")
+            .expect("valid");
+        assert_eq!(c.timeout("echo"), None, "unbounded only when written");
+        assert_eq!(c.timeout("wc"), None);
+        assert_eq!(c.timeout("up"), None);
+        let c = parse("[worker]\njob_timeout = \"5m\"\n[functions.wc]\ntimeout = \"none\"\n")
+            .expect("valid");
+        assert_eq!(c.timeout("echo"), Some(Duration::from_secs(300)));
+        assert_eq!(c.timeout("wc"), None);
+        let err = parse("[worker]\njob_timeout = \"forever\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:15:") && err.contains("invalid duration"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -631,6 +678,14 @@ mod tests {
         };
         assert_eq!(g.servers, ["127.0.0.1:4730", "gm2:4731"]);
         assert!(g.max_packet_bytes > c.worker.max_payload_bytes);
+        assert!(
+            !c.worker.builtins,
+            "no built-ins on a network source unless asked"
+        );
+        let c =
+            parse("[worker]\nbuiltins = true\n[source]\nkind = \"gearman\"\nservers = [\"h:1\"]\n")
+                .expect("valid");
+        assert!(c.worker.builtins);
         let err = parse("[source]\nkind = \"gearman\"\n").expect_err("no servers");
         assert!(err.contains("needs at least one server"), "{err}");
         let err = parse("[source]\nkind = \"gearman\"\nservers = [\"localhost\"]\n")

@@ -74,6 +74,8 @@ pub(super) struct RawWorker {
     pub(super) group: Option<String>,
     pub(super) allow_root: bool,
     pub(super) strict_modes: bool,
+    pub(super) builtins: Option<bool>,
+    pub(super) job_timeout: Spanned<Limit>,
 }
 
 impl Default for RawWorker {
@@ -96,6 +98,8 @@ impl Default for RawWorker {
             group: None,
             allow_root: false,
             strict_modes: true,
+            builtins: None,
+            job_timeout: Spanned::new(0..0, Limit(Some(DEFAULT_JOB_TIMEOUT))),
         }
     }
 }
@@ -157,7 +161,7 @@ impl Default for RawSource {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFunction {
-    pub(super) timeout: Option<Spanned<Dur>>,
+    pub(super) timeout: Option<Spanned<Limit>>,
 }
 
 #[derive(Deserialize)]

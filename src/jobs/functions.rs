@@ -214,6 +214,8 @@ where
 #[derive(Clone, Default)]
 pub struct Functions {
     rust: BTreeMap<String, Arc<dyn JobFunction>>,
+    /// Which of them are the stock built-ins (offered only where `[worker] builtins` allows).
+    builtin: std::collections::BTreeSet<String>,
 }
 
 impl Functions {
@@ -235,6 +237,7 @@ impl Functions {
             Ok(hex(&Sha256::digest(job.payload())).into_bytes())
         });
         f.register("sleep", sleep);
+        f.builtin = f.rust.keys().cloned().collect();
         f
     }
 
@@ -248,7 +251,14 @@ impl Functions {
             panic!("Functions::register: {why}");
         }
         self.rust.insert(name.to_string(), Arc::new(function));
+        // The binary's own function of that name now: no longer a built-in.
+        self.builtin.remove(name);
         self
+    }
+
+    /// Whether `name` is one of the stock built-ins (and not replaced by the binary's own).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(name)
     }
 
     /// The names of the Rust functions registered.

@@ -77,6 +77,9 @@ impl Plan {
         }
         let mut table = Table::default();
         for name in functions.names() {
+            if functions.is_builtin(name) && !config.worker.builtins {
+                continue;
+            }
             if let Some(f) = functions.get(name) {
                 table.insert(
                     name.to_string(),

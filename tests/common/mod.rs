@@ -514,7 +514,7 @@ impl Sandbox {
         fs::write(
             self.config(),
             format!(
-                "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
+                "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\nbuiltins = true\n\n\
                  [source]\nkind = \"gearman\"\nservers = [{list}]\n{extra}"
             ),
         )
