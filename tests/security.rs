@@ -458,3 +458,69 @@ fn the_binary_watch_refuses_a_binary_the_worker_can_write() {
     assert_eq!(status()["generation"], 1, "not switched");
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// Deploys A -> B -> C under a privilege drop: `last-good` is the binary root copied at the fresh
+/// start (A), so C dying at start-up rolls back to A, and that is what `status` and the log say.
+#[test]
+fn a_rollback_reports_the_binary_it_runs() {
+    let crashing = build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1"));
+    let sb = privsep("sec-rollback");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let sha_of = |p: &std::path::Path| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(fs::read(p).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let a = sha_of(&sb.bin);
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The CLI is the stock binary: the sandbox's own is what the test drops.
+    let status = || -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("-c")
+            .arg(sb.config())
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    eventually(Duration::from_secs(30), "A's sha", || {
+        status()["binary_sha256"] == a.as_str()
+    });
+    let drop_bin = |bytes: &[u8]| {
+        let tmp = sb.path("bin/.gearshift.new");
+        fs::write(&tmp, bytes).unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&tmp, &sb.bin).unwrap();
+    };
+    // B: A's bytes and one more (a trailing byte does not stop an ELF from running).
+    let mut b_bytes = fs::read(&sb.bin).unwrap();
+    b_bytes.push(0);
+    drop_bin(&b_bytes);
+    let b = sha_of(&sb.bin);
+    eventually(Duration::from_secs(30), "the switch to B", || {
+        status()["binary_sha256"] == b.as_str()
+    });
+    drop_bin(&fs::read(&crashing).unwrap());
+    let c = sha_of(&sb.bin);
+    eventually(Duration::from_secs(60), "the rollback", || {
+        let s = status();
+        s["last_rollback"].is_object() && s["binary_sha256"].is_string()
+    });
+    let s = status();
+    assert_eq!(s["binary_sha256"], a.as_str(), "last-good is A: {s}");
+    assert_eq!(s["last_rollback"]["from_sha256"], c.as_str());
+    assert_eq!(s["last_rollback"]["to_sha256"], a.as_str(), "{s}");
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(
+        log.contains(&format!("rolled back from {} to {}", &c[..12], &a[..12])),
+        "{log}"
+    );
+    let _ = Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("stop")
+        .output();
+}

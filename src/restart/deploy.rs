@@ -85,8 +85,14 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     if me != marker.to_sha {
         return None;
     }
-    let last_good = match open_last_good(state_dir) {
-        Ok(f) => f,
+    let (last_good, to_sha) = match open_last_good(state_dir).and_then(|f| {
+        // What runs is that file, whatever the marker says it came from (after A -> B -> C under
+        // a privilege drop, last-good is still the A root copied at the fresh start).
+        let sha = hash_reader(&mut &f)
+            .map_err(|e| crate::Error::io_path("reading", &state_dir.join(layout::LAST_GOOD), e))?;
+        Ok((f, sha))
+    }) {
+        Ok(found) => found,
         Err(e) => {
             log::error!("the deploy marker asks for a rollback, but {e}");
             return None;
@@ -98,7 +104,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     };
     let rollback = Rollback {
         from_sha: marker.to_sha.clone(),
-        to_sha: marker.from_sha.clone(),
+        to_sha,
         reason,
         at_ms: crate::clock::now_ms(),
     };
@@ -435,7 +441,11 @@ pub fn short(sha: &str) -> &str {
 }
 
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
+    hash_reader(&mut std::fs::File::open(path)?)
+}
+
+/// The hex sha256 of everything `f` yields.
+fn hash_reader(f: &mut impl Read) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
