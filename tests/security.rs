@@ -524,3 +524,47 @@ fn a_rollback_reports_the_binary_it_runs() {
         .arg("stop")
         .output();
 }
+
+/// Strict modes follow a job link's whole path: a root-owned file inside a directory another
+/// user owns (or on a path through a link in such a directory) can be swapped by that user.
+#[test]
+fn strict_modes_check_every_directory_on_a_job_links_path() {
+    let sb = Sandbox::new("sec-linkpath");
+    let other = nix::unistd::Uid::from_raw(54321);
+    let theirs = sb.path("theirs");
+    fs::create_dir(&theirs).unwrap();
+    let target = theirs.join("up.sh");
+    fs::write(&target, "#!/bin/sh\ntr a-z A-Z\n").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(&theirs, Some(other), None).unwrap();
+    std::os::unix::fs::symlink(&target, sb.path("jobs/up")).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&theirs.display().to_string()) && err.contains("uid 54321"),
+        "{err}"
+    );
+
+    // Two hops: the job links to a root-owned directory's link, which sits in their directory.
+    fs::remove_file(sb.path("jobs/up")).unwrap();
+    let safe = sb.path("safe");
+    fs::create_dir(&safe).unwrap();
+    let real = safe.join("up.sh");
+    fs::copy(&target, &real).unwrap();
+    std::os::unix::fs::symlink(&real, theirs.join("hop")).unwrap();
+    std::os::unix::fs::symlink(theirs.join("hop"), sb.path("jobs/up")).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("uid 54321"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A link straight to the root-owned copy is fine.
+    fs::remove_file(sb.path("jobs/up")).unwrap();
+    std::os::unix::fs::symlink(&real, sb.path("jobs/up")).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

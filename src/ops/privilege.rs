@@ -8,7 +8,9 @@
 //!
 //! Strict modes (like sshd's): config.toml, `jobs_dir` and every job executable must be owned by
 //! root or the worker's user and not writable by group or others; otherwise whoever can write
-//! them can run code as the worker. A reload that would load such a file is refused.
+//! them can run code as the worker. The same holds for every directory on the path to them, as
+//! written and through every link (a root-owned file in a directory another user owns is that
+//! user's to swap). A reload that would load such a file is refused.
 
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -191,6 +193,93 @@ fn drop_to(t: &Target) -> Result<()> {
     }
     log::info!("running as user {} (uid {}, gid {})", t.name, t.uid, t.gid);
     Ok(())
+}
+
+/// How many symbolic links one path may go through (the kernel's own limit).
+const MAX_LINKS: usize = 40;
+
+/// Strict modes for `path` and everything its meaning depends on: the file itself
+/// ([`check_file`]) and every directory walked to reach it, through every symbolic link. A
+/// directory must be owned by root or `owner`; one writable by group or others is accepted only
+/// if sticky (`/tmp`) and the entry in it is owned by root or `owner` (nobody else can then
+/// rename it away).
+pub fn check_path(path: &Path, what: &str, owner: Uid) -> Result<()> {
+    use std::collections::VecDeque;
+    use std::path::{Component, PathBuf};
+    /// One step of the walk, owned (a link's target is spliced in front of what is left).
+    enum Step {
+        Root,
+        Up,
+        Name(std::ffi::OsString),
+    }
+    fn steps(p: &Path) -> impl DoubleEndedIterator<Item = Step> + '_ {
+        p.components().filter_map(|c| match c {
+            Component::RootDir => Some(Step::Root),
+            Component::ParentDir => Some(Step::Up),
+            Component::Normal(n) => Some(Step::Name(n.to_os_string())),
+            Component::CurDir | Component::Prefix(_) => None,
+        })
+    }
+    let absolute = std::path::absolute(path).map_err(|e| Error::io_path("checking", path, e))?;
+    let mut todo: VecDeque<Step> = steps(&absolute).collect();
+    let mut here = PathBuf::from("/");
+    let mut links = 0;
+    let trusted_owner = |uid: u32| uid == 0 || uid == owner.as_raw();
+    while let Some(step) = todo.pop_front() {
+        let name = match step {
+            Step::Root => {
+                here = PathBuf::from("/");
+                continue;
+            }
+            Step::Up => {
+                here.pop();
+                continue;
+            }
+            Step::Name(name) => name,
+        };
+        let dir = std::fs::metadata(&here).map_err(|e| Error::io_path("checking", &here, e))?;
+        let entry = here.join(name);
+        let meta =
+            std::fs::symlink_metadata(&entry).map_err(|e| Error::io_path("checking", &entry, e))?;
+        let why = if !trusted_owner(dir.uid()) {
+            Some(format!("is owned by uid {}", dir.uid()))
+        } else if dir.mode() & 0o022 != 0
+            && !(dir.mode() & 0o1000 != 0 && trusted_owner(meta.uid()))
+        {
+            Some(format!(
+                "is writable by group or others (mode {:o})",
+                dir.mode() & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::Config(format!(
+                "{what} \"{}\": the directory \"{}\" on its path {why} (only root and the worker's user, uid {owner}, may write there): whoever can write it can swap \"{}\"; fix: keep job files in directories only root can write, or chown root and chmod go-w \"{}\"",
+                crate::text::escape(&path.display().to_string()),
+                crate::text::escape(&here.display().to_string()),
+                crate::text::escape(&entry.display().to_string()),
+                crate::text::escape(&here.display().to_string()),
+            )));
+        }
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(Error::Config(format!(
+                    "{what} \"{}\": more than {MAX_LINKS} symbolic links on its path",
+                    crate::text::escape(&path.display().to_string())
+                )));
+            }
+            let target = std::fs::read_link(&entry)
+                .map_err(|e| Error::io_path("reading link", &entry, e))?;
+            for step in steps(&target).rev() {
+                todo.push_front(step);
+            }
+            continue;
+        }
+        here = entry;
+    }
+    check_file(path, what, owner)
 }
 
 /// Strict modes for one file or directory.

@@ -134,10 +134,10 @@ fn check_jobs_dir(config: &Config) -> Result<watch::Jobs> {
     let scanned = watch::scan_jobs(jobs_dir)?;
     if config.worker.strict_modes {
         let owner = crate::ops::privilege::owner_uid(config)?;
-        crate::ops::privilege::check_file(&config.path, "config", owner)?;
-        crate::ops::privilege::check_file(jobs_dir, "jobs_dir", owner)?;
+        crate::ops::privilege::check_path(&config.path, "config", owner)?;
+        crate::ops::privilege::check_path(jobs_dir, "jobs_dir", owner)?;
         for exe in scanned.functions.values() {
-            crate::ops::privilege::check_file(exe, "job executable", owner)?;
+            crate::ops::privilege::check_path(exe, "job executable", owner)?;
         }
     }
     if let Some(t) = crate::ops::privilege::dropping_to(config)? {
