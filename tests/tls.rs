@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -370,4 +371,48 @@ fn planted_certificate_files_are_refused_not_read() {
     let out = sb.run(&["check"]);
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("ca.pem"), "{err}");
+}
+
+/// Under a privilege drop, `check` reads the TLS files as the worker's user will: a key only root
+/// can read is a clear error naming the file and the user (not a bare "Permission denied" after
+/// `start`), and a key that user can read (so every job can) is warned about.
+#[test]
+fn tls_files_are_checked_for_the_workers_user() {
+    let mut sb = Sandbox::new("tls-user");
+    sb.own_binary();
+    let (ca, cert, key) = certs(&sb.dir, "client", 30);
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        &format!(
+            "\n[source.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("allow_root = true", "user = \"nobody\"");
+    fs::write(sb.config(), cfg).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = sb.run(&["check"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        err.contains("key_file")
+            && err.contains(&key.display().to_string())
+            && err.contains("nobody"),
+        "{err}"
+    );
+
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    nix::unistd::chown(&key, None, Some(nobody.gid)).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains("key_file") && said.contains("by every job"),
+        "{said}"
+    );
 }

@@ -158,6 +158,14 @@ pub struct Log {
 }
 
 impl Source {
+    /// The TLS files a network source reads, if any.
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        match self {
+            Source::Gearman(g) => g.tls.as_ref(),
+            Source::Spool(_) => None,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Source::Spool(_) => "spool",

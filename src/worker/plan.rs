@@ -62,15 +62,28 @@ impl Plan {
             Some(jobs) => jobs,
             None => check_jobs_dir(&config)?,
         };
-        if let Some(t) = crate::ops::privilege::dropping_to(&config)? {
+        let dropping = crate::ops::privilege::dropping_to(&config)?;
+        if let Some(t) = &dropping {
             // Root can read everything; the user it drops to must too, or every reload fails.
             use crate::ops::privilege::{check_access, Need};
-            check_access(&config.path, "config", &t, Need::Read)?;
+            check_access(&config.path, "config", t, Need::Read)?;
+            if let Some(tls) = config.source.tls() {
+                let files = [
+                    (Some(&tls.ca_file), "[source.tls] ca_file"),
+                    (tls.cert_file.as_ref(), "[source.tls] cert_file"),
+                    (tls.key_file.as_ref(), "[source.tls] key_file"),
+                ];
+                for (file, what) in files {
+                    if let Some(file) = file {
+                        check_access(file, what, t, Need::Read)?;
+                    }
+                }
+            }
             if let Ok(bin) = std::env::current_exe() {
                 check_access(
                     &bin,
                     "the gearshift binary (it re-execs itself)",
-                    &t,
+                    t,
                     Need::Exec,
                 )?;
             }
@@ -110,6 +123,18 @@ impl Plan {
             })
             .collect();
         warnings.extend(scanned.warnings.iter().cloned());
+        if let Some(key) = config.source.tls().and_then(|t| t.key_file.as_ref()) {
+            // The worker reads it at every reload, as the user every job runs as.
+            let user = dropping
+                .as_ref()
+                .map_or("the worker's user".to_string(), |t| {
+                    format!("user \"{}\"", t.name)
+                });
+            warnings.push(format!(
+                "[source.tls] key_file \"{}\" is readable by {user}, so by every job it runs: a job can copy the client key (give this worker a certificate of its own, one you can revoke)",
+                key.display()
+            ));
+        }
         Ok(Plan {
             config,
             table,
