@@ -701,3 +701,71 @@ fn builtins_are_opt_in_for_gearman_and_nothing_runs_unbounded() {
     assert_eq!(text(&out.stdout).trim(), "cba", "{}", w.log_text());
     assert!(w.log_text().contains("timed out"), "{}", w.log_text());
 }
+
+/// Submits under `faketime OFFSET` (the wall clock stepped; monotonic clocks untouched, as a
+/// real step leaves them). Needs faketime (libfaketime).
+fn submit_stepped(sb: &Sandbox, offset: &str, function: &str, payload: &str) -> String {
+    let out = Command::new("faketime")
+        .args(["-f", offset])
+        .arg(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .args(["submit", function, payload])
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .expect("faketime (apt-get install faketime)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// A wall-clock step back between submissions neither reorders the spool nor makes a job that
+/// waited two seconds look an hour old.
+#[test]
+fn spool_order_and_ages_ignore_wall_clock_steps() {
+    let sb = Sandbox::new("clock-step");
+    let order = sb.path("order");
+    sb.job(
+        "note.sh",
+        &format!(
+            "#!/bin/sh\ncat >> {}\necho >> {}\n",
+            order.display(),
+            order.display()
+        ),
+    );
+    sb.write_worker_config("");
+    let cfg = fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("concurrency = 2", "concurrency = 1");
+    fs::write(sb.config(), cfg).unwrap();
+    let ids = [
+        sb.submit("note", "first"),
+        submit_stepped(&sb, "-1h", "note", "second"),
+        sb.submit("note", "third"),
+    ];
+    let w = sb.start();
+    all_outcomes(&sb, &ids, Duration::from_secs(20));
+    assert_eq!(
+        fs::read_to_string(&order).unwrap(),
+        "first\nsecond\nthird\n"
+    );
+
+    // One job holds the lane; the next waits while its wall-clock stamp is an hour off.
+    let hold = sb.submit("sleep", "3000");
+    w.wait_for(Duration::from_secs(10), "the hold to run", |s| {
+        s["in_flight"] == 1
+    });
+    let waiting = submit_stepped(&sb, "+1h", "echo", "waits");
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    let age: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gearshift_spool_oldest_job_age_seconds "))
+        .expect("the age metric")
+        .parse()
+        .unwrap();
+    assert!(
+        age > 0.1 && age < 60.0,
+        "a job that waited 0.5 s is {age} s old"
+    );
+    all_outcomes(&sb, &[hold, waiting], Duration::from_secs(20));
+}

@@ -2,11 +2,12 @@
 //!
 //! ```text
 //! dir/tmp/     files being written (never read by the worker)
-//! dir/new/     queued jobs, named by id; ids sort by submit time
+//! dir/new/     queued jobs, named by id; ids sort by submit time (order.rs)
 //! dir/cur/     jobs a worker has claimed (by rename from new/)
 //! dir/done/    result records of succeeded jobs
 //! dir/failed/  result records of failed jobs
 //! dir/.lock    flock held by the one worker consuming this spool
+//! dir/.epoch   how many boots have submitted here (ids sort by it, then by boot time)
 //! ```
 //!
 //! A job is written to `tmp/`, fsynced and renamed into `new/` (then `new/` is fsynced), so a
@@ -21,7 +22,6 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::{geteuid, Gid, Uid};
@@ -33,6 +33,7 @@ use crate::ops::privilege::Target;
 use crate::ops::safefs::{Dir, Open};
 
 mod format;
+mod order;
 mod source;
 
 use format::*;
@@ -58,6 +59,10 @@ pub struct Spool {
     /// The subdirectories, opened once (in [`SUBDIRS`] order): files are created and moved
     /// relative to these descriptors, so a link planted in place of one is never followed.
     pub(super) dirs: Vec<Dir>,
+    /// The spool directory itself (for `.epoch`).
+    pub(super) top: Dir,
+    /// This boot's epoch, once a submit has needed it.
+    pub(super) epoch: std::sync::OnceLock<u32>,
 }
 
 /// Whether a job succeeded or failed, as stored.
@@ -126,6 +131,8 @@ impl Spool {
             fsync,
             give_to,
             dirs,
+            top: root,
+            epoch: std::sync::OnceLock::new(),
         })
     }
 
@@ -140,7 +147,7 @@ impl Spool {
     /// Enqueues a job durably and returns its id.
     pub fn submit(&self, function: &str, payload: &[u8]) -> Result<String> {
         crate::config::check_function_name(function).map_err(Error::Msg)?;
-        let id = new_id();
+        let id = self.new_id()?;
         let job = JobFile {
             function: function.to_string(),
             submitted_ms: now_ms(),
@@ -153,7 +160,7 @@ impl Spool {
 
     /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
     fn publish(&self, bytes: &[u8], id: &str, sub: &str) -> Result<()> {
-        let name = format!("{id}.{}", new_id());
+        let name = format!("{id}.{}", order::unique());
         let tmp = self.dir("tmp").join(&name);
         let tmp_dir = self.opened("tmp")?;
         let mut f = tmp_dir.create_new(&name, 0o640)?;
@@ -191,6 +198,18 @@ impl Spool {
             dest_dir.sync()?;
         }
         Ok(())
+    }
+
+    /// A new job id, after every id made before it here (see `order.rs`).
+    fn new_id(&self) -> Result<String> {
+        if let Some(e) = self.epoch.get() {
+            return Ok(order::job_id(*e));
+        }
+        let e = order::advance(&self.top, self.fsync, |f, name| match self.give_to {
+            Some((uid, gid)) => crate::ops::safefs::chown_file(f, &self.root.join(name), uid, gid),
+            None => Ok(()),
+        })?;
+        Ok(order::job_id(*self.epoch.get_or_init(|| e)))
     }
 
     /// The opened subdirectory `sub`.
@@ -331,8 +350,8 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
 }
 
 impl Spool {
-    /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (its
-    /// id starts with its submission time). One directory read each; at most a million
+    /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (by
+    /// the clock its id carries, see `order.rs`). One directory read each; at most a million
     /// entries are looked at.
     pub(crate) fn queue_stats(&self) -> crate::metrics::QueueStats {
         const LIMIT: usize = 1_000_000;
@@ -345,32 +364,27 @@ impl Spool {
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| valid_id(n))
         };
+        // Ids sort by submission: the smallest is the oldest waiting job.
         let mut depth = 0u64;
-        let mut oldest_ns: Option<u64> = None;
+        let mut oldest: Option<String> = None;
         for name in names("new") {
             depth += 1;
-            if let Some(ns) = name.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()) {
-                oldest_ns = Some(oldest_ns.map_or(ns, |o| o.min(ns)));
+            if oldest.as_ref().is_none_or(|o| name < *o) {
+                oldest = Some(name);
             }
         }
         let now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
+        let epoch = order::this_boot(&self.top);
         crate::metrics::QueueStats {
             depth,
             running: names("cur").count() as u64,
-            oldest_age_us: oldest_ns.map_or(0, |o| now_ns.saturating_sub(o) / 1000),
+            oldest_age_us: oldest
+                .and_then(|o| order::age_us(&o, epoch, now_ns))
+                .unwrap_or(0),
         }
     }
-}
-
-pub(super) fn new_id() -> String {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{nanos:016x}-{:x}-{seq:x}", std::process::id())
 }
 
 pub(super) fn valid_id(id: &str) -> bool {

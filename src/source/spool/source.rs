@@ -303,7 +303,7 @@ impl SpoolSource {
         let mut to = self.spool.dir("rejected").join(name);
         if fs::symlink_metadata(&to).is_ok() {
             let mut renamed = name.to_os_string();
-            renamed.push(format!(".{}", new_id()));
+            renamed.push(format!(".{}", order::unique()));
             to = self.spool.dir("rejected").join(renamed);
         }
         match fs::rename(&from, &to) {
