@@ -29,12 +29,13 @@ fn main() {
     if std::env::var_os("GEARSHIFT_CRASH_ON_RUN").is_some() {
         println!("cargo:rustc-cfg=gearshift_crash_on_run");
     }
-    // Fault injection for the watch test only: the watch thread's first read after a file
-    // event fails, as a failing inotify read would.
-    println!("cargo::rustc-check-cfg=cfg(gearshift_fault_watch)");
-    println!("cargo:rerun-if-env-changed=GEARSHIFT_FAULT_WATCH");
-    if std::env::var_os("GEARSHIFT_FAULT_WATCH").is_some() {
-        println!("cargo:rustc-cfg=gearshift_fault_watch");
+    // Fault injection for tests only: the watch thread's first read after a file event fails,
+    // as a failing inotify read would; a lane or the reaper panics after a job whose result is
+    // `fault:panic-lane` or `fault:panic-helper`.
+    println!("cargo::rustc-check-cfg=cfg(gearshift_faults)");
+    println!("cargo:rerun-if-env-changed=GEARSHIFT_FAULTS");
+    if std::env::var_os("GEARSHIFT_FAULTS").is_some() {
+        println!("cargo:rustc-cfg=gearshift_faults");
     }
     println!("cargo:rerun-if-env-changed=GEARSHIFT_VERSION_SUFFIX");
     println!("cargo:rerun-if-changed=.git/HEAD");

@@ -534,7 +534,7 @@ fn without_inotify_the_worker_polls_and_says_so() {
 #[test]
 fn a_watch_that_fails_while_running_falls_back_to_polling() {
     let mut sb = Sandbox::new("watch-read-fault");
-    sb.bin = build_variant("fault-watch", ("GEARSHIFT_FAULT_WATCH", "1"));
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
     let w = sb.start();
     // Any event in a watched directory makes the (injected) read fail: the worker's own first
     // writes in the sandbox (watched as the config's directory) already do, and so does this.

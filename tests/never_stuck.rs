@@ -769,3 +769,70 @@ fn spool_order_and_ages_ignore_wall_clock_steps() {
     );
     all_outcomes(&sb, &[hold, waiting], Duration::from_secs(20));
 }
+
+/// A lane that panics (outside a job function) and a helper thread that panics are noticed:
+/// logged, and the generation is replaced, so the worker serves with every lane and helper
+/// again. In JSON mode every line of the log, the supervisor's and the panics' included, is
+/// one JSON object.
+#[test]
+fn dead_threads_are_noticed_and_every_json_line_is_json() {
+    let mut sb = Sandbox::new("thread-death");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    sb.write_config("[log]\nformat = \"json\"\n");
+    // An executable: the reaper sweeps after those.
+    sb.job("say.sh", "#!/bin/sh\ncat\n");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status = || -> serde_json::Value {
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    let pid = status()["pid"].clone();
+
+    // A lane dies after its job is stored: the generation is replaced, nothing is lost.
+    let id = sb.submit("echo", "fault:panic-lane");
+    assert!(all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(20))[0].0);
+    eventually(Duration::from_secs(20), "generation 2", || {
+        status()["generation"] == 2
+    });
+    let s = status();
+    assert_eq!(s["pid"], pid, "replaced in place");
+    assert_eq!(s["last_restart_reason"], "thread died");
+    assert_eq!(s["lanes"], 2);
+
+    // A helper (the reaper) dies: the same.
+    let id = sb.submit("say", "fault:panic-helper");
+    assert!(all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(20))[0].0);
+    eventually(Duration::from_secs(20), "generation 3", || {
+        status()["generation"] == 3
+    });
+    let ids: Vec<String> = (0..4)
+        .map(|i| sb.submit("echo", &format!("after {i}")))
+        .collect();
+    assert!(all_outcomes(&sb, &ids, Duration::from_secs(20))
+        .iter()
+        .all(|o| o.0));
+
+    // A start-up error of a worker the supervisor starts: config broken, worker killed.
+    fs::write(sb.config(), "[worker\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid.as_i64().unwrap() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let log_path = sb.path("state/gearshift.log");
+    eventually(Duration::from_secs(20), "the start-up error", || {
+        fs::read_to_string(&log_path).is_ok_and(|l| l.contains("expected"))
+    });
+    let log = fs::read_to_string(&log_path).unwrap();
+    let mut seen = (false, false, false);
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\n{log}"));
+        let m = v["message"].as_str().unwrap_or_default();
+        seen.0 |= m.contains("supervisor");
+        seen.1 |= m.contains("panic in thread 'lane-") && v["panic"] == true;
+        seen.2 |= m.contains("panic in thread 'reaper'");
+    }
+    assert_eq!(seen, (true, true, true), "{log}");
+}

@@ -176,16 +176,22 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
         Err(e) => e.exit(),
     };
     crate::ops::logging::init(log::LevelFilter::Info);
+    crate::ops::logging::install_panic_hook();
     match dispatch(cli, functions) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // A generation that fails to start writes to the log file, not only to a stderr
-            // nobody reads.
-            if crate::ops::logging::has_file() {
+            // nobody reads. In JSON mode, the error is a log line (to the file, or to stderr)
+            // and plain text only for a person at a terminal.
+            use std::io::IsTerminal;
+            let json = crate::ops::logging::is_json();
+            if crate::ops::logging::has_file() || json {
                 log::error!("{e}");
                 log::logger().flush();
             }
-            eprintln!("gearshift: {e}");
+            if !json || (crate::ops::logging::has_file() && std::io::stderr().is_terminal()) {
+                eprintln!("gearshift: {e}");
+            }
             ExitCode::from(if matches!(e, Error::NotRunning | Error::TimedOut(_)) {
                 NOT_RUNNING
             } else {

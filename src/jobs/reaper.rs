@@ -40,6 +40,11 @@ pub const ENV_WORKER: &str = "GEARSHIFT_WORKER";
 /// Names the job in its processes' environment.
 pub const ENV_JOB: &str = "GEARSHIFT_JOB_ID";
 
+/// A fault-injection build (tests only): the sweeper panics at its next sweep.
+#[cfg(gearshift_faults)]
+pub static PANIC_NEXT_SWEEP: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Pids of the children this process spawned itself and will wait for.
 static TRACKED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 
@@ -82,7 +87,7 @@ impl Reaper {
     /// Starts the sweeper thread (spawn it while signals are blocked, like every helper).
     pub fn start(state: Arc<State>) -> crate::Result<Reaper> {
         let (tx, rx) = bounded::<()>(64);
-        crate::ops::signals::spawn_helper("reaper", move || sweeper(&rx, &state))
+        crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &state))
             .map_err(|e| crate::Error::io("spawning the reaper thread", e))?;
         Ok(Reaper { tx })
     }
@@ -126,10 +131,15 @@ fn sweeper(rx: &Receiver<()>, state: &State) {
                 if msg.is_err() {
                     return;
                 }
+
                 let now = Instant::now();
                 due.extend(FOLLOW_UPS.iter().map(|d| now + *d));
             }
             recv(timer) -> _ => {
+                #[cfg(gearshift_faults)]
+                if PANIC_NEXT_SWEEP.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    panic!("injected reaper panic");
+                }
                 let now = Instant::now();
                 due.retain(|t| *t > now);
                 strays = sweep(state);

@@ -102,7 +102,7 @@ impl Server {
             Arc::clone(&self.stop),
             Arc::clone(&self.active),
         );
-        let thread = crate::ops::signals::spawn_helper("metrics", move || {
+        let thread = crate::ops::signals::spawn_essential("metrics", move || {
             accept_loop(&listener, &wake_r, &stop, &active, &render)
         })
         .map_err(|e| Error::io("spawning metrics thread", e))?;

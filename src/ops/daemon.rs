@@ -32,6 +32,9 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
+    // The daemon, its supervisor and every worker they start write the configured format from
+    // their first line.
+    crate::ops::logging::set_format(cfg.log.json, cfg.log.jobs);
     let target = crate::ops::privilege::dropping_to(cfg)?;
     crate::ops::layout::prepare(&cfg.worker.state_dir, target.as_ref())?;
     if let Probe::Running(pid) = pidfile::probe(&cfg.pidfile())? {

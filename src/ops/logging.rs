@@ -6,6 +6,11 @@
 //!
 //! The log file is opened for appending and reopened on SIGUSR1, so logrotate can move it away
 //! without `copytruncate` (the nginx and Unicorn convention).
+//!
+//! In JSON mode every line is one JSON object, from the first: `start` and every exec (the
+//! supervisor's worker, a re-exec'd generation, a rollback) pass [`ENV_FORMAT`] on, so a line
+//! written before the config is read (a start-up error) is JSON too; panics reach the log
+//! through [`install_panic_hook`], not as the runtime's plain text on stderr.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -16,6 +21,10 @@ use std::sync::Mutex;
 use nix::unistd::{Gid, Uid};
 
 use crate::ops::safefs::{Dir, Open};
+
+/// Set (to `json`) in the environment of every process this one execs while in JSON mode.
+/// Under the internal prefix: never passed to jobs.
+pub const ENV_FORMAT: &str = "GEARSHIFT_INHERIT_LOG_FORMAT";
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static JSON: AtomicBool = AtomicBool::new(false);
@@ -104,6 +113,9 @@ pub fn init(default: log::LevelFilter) {
     // The builder's own filter lets everything through; log::max_level does the filtering, so
     // the level can change once the config has been read.
     b.filter_level(log::LevelFilter::Trace);
+    if std::env::var_os(ENV_FORMAT).is_some_and(|v| v == "json") {
+        JSON.store(true, Ordering::Relaxed);
+    }
     let spec = std::env::var("GEARSHIFT_LOG").ok();
     if let Some(spec) = &spec {
         b.parse_filters(spec);
@@ -141,6 +153,66 @@ pub fn init(default: log::LevelFilter) {
 pub fn set_format(json: bool, job_lines: bool) {
     JSON.store(json, Ordering::Relaxed);
     JOB_LINES.store(job_lines, Ordering::Relaxed);
+}
+
+/// Whether lines are JSON objects (`[log] format = "json"`).
+pub fn is_json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// Routes panics to the log (a JSON object in JSON mode, an escaped line otherwise) instead of
+/// the runtime's plain text on stderr: thread, location and message. Writes directly to the
+/// sink without waiting for its lock (a panic inside the logger cannot deadlock here).
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = format!("panic in thread '{name}'{at}: {what}");
+        let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
+        let g = GENERATION.load(Ordering::Relaxed);
+        let line = if JSON.load(Ordering::Relaxed) {
+            let mut o = serde_json::Map::new();
+            o.insert("time".into(), ts.into());
+            o.insert("level".into(), "error".into());
+            if g != 0 {
+                o.insert("generation".into(), g.into());
+            }
+            o.insert("message".into(), message.into());
+            o.insert("panic".into(), true.into());
+            serde_json::Value::Object(o).to_string()
+        } else {
+            let gen = if g == 0 {
+                String::new()
+            } else {
+                format!(" g{g}")
+            };
+            format!("{ts} ERROR{gen} {}", crate::text::escape(&message))
+        };
+        let line = format!("{line}\n");
+        match SINK.try_lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some((_, file)) => {
+                    let _ = file.write_all(line.as_bytes());
+                }
+                None => {
+                    let _ = io::stderr().write_all(line.as_bytes());
+                }
+            },
+            Err(_) => {
+                let _ = io::stderr().write_all(line.as_bytes());
+            }
+        }
+    }));
 }
 
 /// Whether a finished job is logged at info level (else debug; failures always warn).

@@ -44,18 +44,16 @@ impl Signals {
     pub fn install(deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
         let mut iter = Iter::new(&raw).map_err(|e| Error::io("installing signal handlers", e))?;
-        let thread = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for raw in iter.forever() {
-                    if let Ok(sig) = Signal::try_from(raw) {
-                        if !deliver(sig) {
-                            break;
-                        }
+        let thread = spawn_essential("signals", move || {
+            for raw in iter.forever() {
+                if let Ok(sig) = Signal::try_from(raw) {
+                    if !deliver(sig) {
+                        break;
                     }
                 }
-            })
-            .map_err(|e| Error::io("spawning signal thread", e))?;
+            }
+        })
+        .map_err(|e| Error::io("spawning signal thread", e))?;
         Ok(Signals { _thread: thread })
     }
 }
@@ -100,6 +98,48 @@ where
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     }
     spawned
+}
+
+/// Called with a thread's name when an essential helper dies (set by the control loop).
+type DeathCallback = Box<dyn Fn(&str) + Send>;
+static ON_DEATH: std::sync::Mutex<Option<DeathCallback>> = std::sync::Mutex::new(None);
+
+/// Tells `report` about every essential helper that dies from now on (the control loop then
+/// replaces the generation).
+pub fn on_thread_death(report: impl Fn(&str) + Send + 'static) {
+    let mut slot = ON_DEATH.lock().unwrap_or_else(|p| p.into_inner());
+    *slot = Some(Box::new(report));
+}
+
+/// Reports its thread's death when dropped by a panic's unwinding.
+struct Watchdog(String);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The panic itself is in the log already (the panic hook).
+            if let Ok(slot) = ON_DEATH.try_lock() {
+                if let Some(report) = slot.as_ref() {
+                    report(&self.0);
+                }
+            }
+        }
+    }
+}
+
+/// [`spawn_helper`] for a thread the worker cannot do without (signals, watch, status, metrics,
+/// reaper, queue poll): if it dies by a panic, the control loop hears of it
+/// ([`on_thread_death`]) and replaces the generation, or exits for the supervisor.
+pub fn spawn_essential<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let watchdog = Watchdog(name.to_string());
+    spawn_helper(name, move || {
+        let _watchdog = watchdog;
+        f()
+    })
 }
 
 #[cfg(test)]

@@ -182,7 +182,12 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
         "--log-file".into(),
         s.log_file.clone().into(),
     ];
-    let mut child = Command::new(&s.exe)
+    let mut cmd = Command::new(&s.exe);
+    if crate::ops::logging::is_json() {
+        // JSON from the worker's first line, a start-up error included.
+        cmd.env(crate::ops::logging::ENV_FORMAT, "json");
+    }
+    let mut child = cmd
         .args(args)
         .env(ENV, json)
         .stdin(Stdio::null())

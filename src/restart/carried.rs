@@ -195,11 +195,14 @@ pub enum RestartReason {
     MaxRss,
     #[serde(rename = "max_age")]
     MaxAge,
+    /// A lane or an essential helper thread died (a panic): the generation is replaced.
+    #[serde(rename = "thread died")]
+    ThreadDied,
 }
 
 impl RestartReason {
     /// Every reason, for metrics that show each one from the start.
-    pub const ALL: [RestartReason; 7] = [
+    pub const ALL: [RestartReason; 8] = [
         RestartReason::Sighup,
         RestartReason::ConfigChanged,
         RestartReason::JobsChanged,
@@ -207,6 +210,7 @@ impl RestartReason {
         RestartReason::MaxJobs,
         RestartReason::MaxRss,
         RestartReason::MaxAge,
+        RestartReason::ThreadDied,
     ];
 
     /// The name in `status` and the log (`last_restart_reason`).
@@ -219,6 +223,7 @@ impl RestartReason {
             RestartReason::MaxJobs => "max_jobs",
             RestartReason::MaxRss => "max_rss",
             RestartReason::MaxAge => "max_age",
+            RestartReason::ThreadDied => "thread died",
         }
     }
 }

@@ -124,6 +124,10 @@ fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)]) -> Error
         .filter(|(k, _)| !k.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
         .collect();
     env.extend(extra.iter().map(|(k, v)| (OsString::from(k), v.clone())));
+    if crate::ops::logging::is_json() {
+        // JSON from the next image's first line (see `logging`).
+        env.push((crate::ops::logging::ENV_FORMAT.into(), "json".into()));
+    }
 
     let cstr = |bytes: Vec<u8>| {
         CString::new(bytes).map_err(|_| Error::Msg("NUL byte in argv or environment".into()))

@@ -56,7 +56,7 @@ impl Server {
             .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
         let answering = Arc::new(AtomicUsize::new(0));
         let busy = Arc::clone(&answering);
-        let thread = crate::ops::signals::spawn_helper("status", move || {
+        let thread = crate::ops::signals::spawn_essential("status", move || {
             accept_loop(&listener, &wake_rx, &busy, &state, &metrics)
         })
         .map_err(|e| Error::io("spawning status thread", e))?;

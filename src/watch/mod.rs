@@ -89,15 +89,15 @@ pub fn start(
     }
 
     let ino = Arc::clone(inotify);
-    crate::ops::signals::spawn_helper("watch", move || {
+    crate::ops::signals::spawn_essential("watch", move || {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let waited = ino.wait(None, &mut buf);
             // A fault-injection build (tests only): the first events read become a failed read.
-            #[cfg(gearshift_fault_watch)]
+            #[cfg(gearshift_faults)]
             let waited = waited.and_then(|_| {
                 Err::<Vec<_>, _>(std::io::Error::other(
-                    "injected fault (gearshift_fault_watch build)",
+                    "injected fault (gearshift_faults build)",
                 ))
             });
             let events = match waited {

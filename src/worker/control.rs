@@ -44,8 +44,10 @@ pub(super) enum Event {
     Touched(Touched),
     /// A lane reached a recycling limit.
     Recycle(RestartReason),
-    /// A lane thread ended.
-    LaneDone,
+    /// A lane thread ended (`true`: by a panic).
+    LaneDone(bool),
+    /// An essential helper thread died by a panic (its name).
+    ThreadDied(String),
 }
 
 /// What the control loop is doing.
@@ -90,6 +92,8 @@ pub(super) struct Control {
     pub(super) poll_fallback: bool,
     pub(super) notifier: Option<Notifier>,
     pub(super) ready: Option<std::fs::File>,
+    /// A thread died and no new generation could be made: exit 1 once the lanes are done.
+    pub(super) exit_for_supervisor: bool,
 }
 
 impl Control {
@@ -235,8 +239,16 @@ impl Control {
                         // Debounce, but never postpone by more than a second under a stream of events.
                         check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
                     }
-                    Ok(Event::LaneDone) => {
+                    Ok(Event::ThreadDied(name)) => {
+                        log::error!("the {name} thread died; replacing this generation");
+                        self.replace_generation(&mut phase);
+                    }
+                    Ok(Event::LaneDone(panicked)) => {
                         live -= 1;
+                        if panicked {
+                            log::error!("a lane died (a panic); replacing this generation after the other lanes' jobs finish");
+                            self.replace_generation(&mut phase);
+                        }
                         if live > 0 {
                             continue;
                         }
@@ -244,6 +256,13 @@ impl Control {
                             let _ = t.join();
                         }
                         match std::mem::replace(&mut phase, Phase::Running) {
+                            Phase::Stopping if self.exit_for_supervisor => {
+                                log::error!("exiting (status 1) for the supervisor to start the worker afresh");
+                                self.pidfile.clear();
+                                crate::restart::deploy::kill_preflight();
+                                log::logger().flush();
+                                std::process::exit(1);
+                            }
                             Phase::Stopping => {
                                 log::info!("stopped");
                                 // Keep the pidfile lock until the process is gone (the spool lock
@@ -257,6 +276,13 @@ impl Control {
                             Phase::Draining { reason, requested_mono_us } => {
                                 self.restart(reason, requested_mono_us);
                                 // Still here: the restart was refused or execve failed.
+                                if reason == RestartReason::ThreadDied {
+                                    // Serving on without that thread is not an option.
+                                    log::error!("exiting (status 1) for the supervisor to start the worker afresh");
+                                    self.pidfile.clear();
+                                    log::logger().flush();
+                                    std::process::exit(1);
+                                }
                                 self.notify("READY=1");
                             }
                             Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
@@ -384,6 +410,20 @@ impl Control {
     }
 
     /// Starts a restart unless the new state is invalid (then refused: false).
+    /// A thread of this generation died: re-exec once the running jobs finish; if the restart
+    /// is refused (the config on disk is invalid now), stop after them and exit 1, so the
+    /// supervisor (or systemd) starts the worker afresh.
+    fn replace_generation(&mut self, phase: &mut Phase) {
+        if !self.request_restart(phase, RestartReason::ThreadDied)
+            && matches!(phase, Phase::Running)
+        {
+            self.exit_for_supervisor = true;
+            *phase = Phase::Stopping;
+            self.state.set_phase("stopping");
+            self.halt_lanes();
+        }
+    }
+
     fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
         match phase {
             Phase::Running => {}

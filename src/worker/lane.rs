@@ -76,7 +76,7 @@ pub(super) struct DoneGuard(pub(super) Sender<Event>);
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        let _ = self.0.send(Event::LaneDone);
+        let _ = self.0.send(Event::LaneDone(std::thread::panicking()));
     }
 }
 
@@ -275,6 +275,16 @@ impl LaneContext {
             self.state.set_running(self.index, None);
             self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.check_limits(&mut last_rss_check);
+            // A fault-injection build (tests only): a lane, or the reaper, dies by a panic
+            // after a job whose result says so.
+            #[cfg(gearshift_faults)]
+            match &outcome {
+                Ok(r) if r == b"fault:panic-lane" => panic!("injected lane panic"),
+                Ok(r) if r == b"fault:panic-helper" => {
+                    crate::jobs::reaper::PANIC_NEXT_SWEEP.store(true, Ordering::Release)
+                }
+                _ => {}
+            }
         }
         if let Err(e) = lane.close() {
             log::warn!("closing lane: {e}");

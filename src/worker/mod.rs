@@ -82,6 +82,13 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     // One channel into the control loop for everything other threads report.
     let (events_tx, events_rx) = bounded::<Event>(1024);
+    {
+        // A helper thread that dies is noticed (the control loop replaces the generation).
+        let tx = events_tx.clone();
+        signals::on_thread_death(move |name| {
+            let _ = tx.try_send(Event::ThreadDied(name.to_string()));
+        });
+    }
     let signal_thread = {
         let tx = events_tx.clone();
         Signals::install(move |sig| tx.send(Event::Signal(sig)).is_ok())?
@@ -104,6 +111,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         inherited_text.as_deref(),
         handed_jobs,
     )?;
+    crate::ops::logging::set_level(plan.config.log.level);
+    crate::ops::logging::set_format(plan.config.log.json, plan.config.log.jobs);
     if boot.inherited.is_none() {
         // A fresh start of a binary that a deploy switched to, whose marker is still there:
         // that binary died before serving (and a supervisor or systemd started it again).
@@ -134,8 +143,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let last_rollback = fresh_rollback
         .clone()
         .or_else(|| inherited.last_rollback.clone());
-    crate::ops::logging::set_level(plan.config.log.level);
-    crate::ops::logging::set_format(plan.config.log.json, plan.config.log.jobs);
     // Every file this process creates from here on, in every mode (not only under `start`).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
         plan.config.worker.umask,
@@ -370,6 +377,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         poll_fallback,
         notifier: Notifier::from_env(),
         ready: opts.ready.take(),
+        exit_for_supervisor: false,
     };
     if generation == 1 {
         log::info!(
@@ -394,7 +402,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 /// Wakes idle lanes every second, for a queue that cannot be watched.
 pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
     let weak = Arc::downgrade(source);
-    crate::ops::signals::spawn_helper("queue-poll", move || {
+    crate::ops::signals::spawn_essential("queue-poll", move || {
         while let Some(s) = weak.upgrade() {
             s.wake();
             drop(s);
