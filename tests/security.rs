@@ -568,3 +568,58 @@ fn strict_modes_check_every_directory_on_a_job_links_path() {
     let out = sb.run(&["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// A lock holder counts as the worker only if it runs as root or the worker's user: a process of
+/// another user holding the pidfile's lock (handed a descriptor, say) is not "running", and is
+/// never signalled.
+#[test]
+fn a_lock_held_by_another_user_is_not_the_worker() {
+    let sb = privsep("sec-holder");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    // Make the state directory and pidfile exist, as after a worker that stopped.
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    let pidfile = sb.path("state/gearshift.pid");
+    let file = fs::File::open(&pidfile).unwrap();
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    // uid 54321: neither root nor the worker's user (nobody).
+    let mut holder = Command::new("setpriv")
+        .args(["--reuid=54321", "--regid=54321", "--clear-groups"])
+        .args([
+            "perl",
+            "-e",
+            &format!("use Fcntl qw(:flock); open(my $f, '<&=', {fd}) or die; flock($f, LOCK_EX) or die; sleep 60"),
+        ])
+        .spawn()
+        .unwrap();
+    drop(file);
+    let hpid = holder.id() as i32;
+    eventually(Duration::from_secs(5), "the planted lock", || {
+        fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {hpid} "))
+    });
+    fs::write(&pidfile, format!("{hpid}\n")).unwrap();
+    let out = sb.run(&["status"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("uid 54321"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sb.run(&["stop", "--timeout", "1s"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the holder was signalled"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -170,7 +170,28 @@ pub fn probe(path: &Path) -> Result<Probe> {
         Err(e) => return Err(Error::io_path("testing the pidfile lock", path, e.into())),
     }
     let written = read_pid(&mut file);
-    match (lock_holder(&file), written) {
+    let holder = lock_holder(&file);
+    if let Some(h) = holder {
+        // Only root or the worker's user can be the worker: the file's owner (root, or the user
+        // who runs their own worker) or the owner of `state_dir/worker/` (the user it drops to).
+        let file_owner = file.metadata().map(|m| m.uid()).ok();
+        let worker_user = dir
+            .sub(crate::ops::layout::WORKER_DIR, None)
+            .ok()
+            .map(|d| d.owner().0.as_raw());
+        match process_euid(h) {
+            Some(uid) if uid == 0 || Some(uid) == file_owner || Some(uid) == worker_user => {}
+            Some(uid) => {
+                return Err(Error::Msg(format!(
+                    "\"{}\" is locked by pid {h} of uid {uid}, which is neither root nor the worker's user: not a gearshift worker of this state_dir; not signalling it (find out what it is)",
+                    path.display()
+                )))
+            }
+            // Gone meanwhile (or /proc hides it): the checks below decide.
+            None => {}
+        }
+    }
+    match (holder, written) {
         // Empty: the worker is starting or exiting; the kernel's word is enough.
         (Some(holder), None) => Ok(Probe::Running(Some(holder))),
         (Some(holder), Some(pid)) if holder == pid => Ok(Probe::Running(Some(pid))),
@@ -213,6 +234,13 @@ pub fn lock_holder(file: &File) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(2));
     }
     None
+}
+
+/// The effective uid of process `pid` (from `/proc/PID/status`), if it still exists.
+fn process_euid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// Finds the holder of a granted FLOCK on `key` (`maj:min:inode`) in /proc/locks text.
