@@ -586,3 +586,117 @@ fn recovery_on_a_full_disk_is_retried_once_space_is_freed() {
     assert_eq!(out[0], (true, "interrupted".into(), 2), "{}", w.log_text());
     assert_eq!(w.generation(), 1, "without a restart");
 }
+
+/// Sends TERM, checks the worker is still finishing (a first TERM waits for running jobs), then
+/// TERM again: it must be gone within 2 s, whatever it was doing.
+fn second_term_ends_it(w: &mut Worker, state: &str) {
+    w.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "{state}: the first TERM waits for the running job"
+    );
+    let sent = Instant::now();
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "{state}: the second TERM took {took:?}\n{}",
+        w.log_text()
+    );
+    assert!(
+        !status.success(),
+        "{state}: jobs were interrupted: not a clean stop"
+    );
+}
+
+/// In every state (serving, draining, degraded, a restart pending, a deploy pre-flight running)
+/// a second SIGTERM ends the worker within 2 s; `stop --force` ends it within its timeout.
+#[test]
+fn a_second_term_ends_the_worker_within_two_seconds_in_every_state() {
+    // Serving: a long job runs.
+    let sb = Sandbox::new("term-serving");
+    let mut w = sb.start();
+    sb.submit("sleep", "60000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    second_term_ends_it(&mut w, "serving");
+
+    // Draining: a HUP waits for the long job.
+    let sb = Sandbox::new("term-draining");
+    let mut w = sb.start();
+    sb.submit("sleep", "60000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(10), "draining", |s| {
+        s["state"] == "draining"
+    });
+    second_term_ends_it(&mut w, "draining");
+
+    // Degraded: the spool's disk is full while a job's result waits to be stored.
+    let sb = Sandbox::new("term-degraded");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    sb.submit("sleep", "60000");
+    for _ in 0..20 {
+        sb.submit("echo", &"x".repeat(20_000));
+    }
+    let _filler = fsys.fill();
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    second_term_ends_it(&mut w, "degraded");
+
+    // A restart pending: a config change waits out its splay while a job runs.
+    let sb = Sandbox::new("term-pending");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    let mut w = sb.start();
+    sb.submit("sleep", "60000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{cfg}\n# changed\n")).unwrap();
+    w.wait_for(Duration::from_secs(10), "the restart pending", |s| {
+        s["restart_pending"].is_object()
+    });
+    second_term_ends_it(&mut w, "restart pending");
+
+    // A deploy pre-flight hangs.
+    let mut sb = Sandbox::new("term-preflight");
+    sb.own_binary();
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    sb.submit("sleep", "60000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let tag = 800_000 + std::process::id() % 90_000;
+    let tmp = sb.path("bin/gearshift.new");
+    fs::write(&tmp, format!("#!/bin/sh\nsleep {tag}\n")).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    eventually(Duration::from_secs(20), "the pre-flight", || {
+        Command::new("pgrep")
+            .args(["-f", &format!("sleep {tag}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    second_term_ends_it(&mut w, "deploy pre-flight");
+    eventually(Duration::from_secs(3), "the pre-flight gone", || {
+        Command::new("pgrep")
+            .args(["-f", &format!("sleep {tag}")])
+            .output()
+            .is_ok_and(|o| !o.status.success())
+    });
+
+    // stop --force: gone within its timeout (plus the kill).
+    let sb = Sandbox::new("term-force");
+    let mut w = sb.start();
+    sb.submit("sleep", "60000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let sent = Instant::now();
+    let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+    let took = sent.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(3), "stop --force took {took:?}");
+    w.wait_exit(Duration::from_secs(2));
+}
