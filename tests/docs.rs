@@ -104,8 +104,10 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
         .output()
         .is_err()
     {
-        // CI installs systemd (.ci/run); a developer machine without it skips, and says so.
-        eprintln!("systemd-analyze is not installed: not verifying the units");
+        skip(
+            "docs::the_shipped_units_pass_systemd_analyze_verify",
+            "systemd-analyze is not installed (Debian's systemd)",
+        );
         return;
     }
     let (ok, out) = verify("gearshift.service");
@@ -140,4 +142,51 @@ fn the_shipped_units_pass_systemd_analyze_verify() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A test that cannot run for a missing tool is listed (scripts/test prints the list at the end
+/// of the run), and under CI it fails instead.
+#[test]
+fn a_skip_is_listed_and_a_failure_under_ci() {
+    let sb = Sandbox::new("skips");
+    let list = sb.path("skipped.txt");
+    skip_to(&list, "some::test", "no frobnicator", false);
+    assert_eq!(
+        std::fs::read_to_string(&list).unwrap(),
+        "some::test: no frobnicator\n"
+    );
+    let under_ci =
+        std::panic::catch_unwind(|| skip_to(&list, "some::test", "no frobnicator", true));
+    assert!(under_ci.is_err(), "under CI a skip is a failure");
+    // scripts/test prints the list.
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test"))
+            .unwrap();
+    assert!(script.contains("skipped-tests.txt"), "{script}");
+}
+
+/// On a machine without the tools, scripts/deps (run by scripts/test) names the packages and
+/// stops when it cannot install them (not root).
+#[test]
+fn the_test_setup_names_missing_packages_when_it_cannot_install() {
+    let empty = Sandbox::new("deps");
+    let out = Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg("/bin/bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps"))
+        .env_clear()
+        .env("PATH", empty.path(""))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    for pkg in [
+        "gearman-tools",
+        "stunnel4",
+        "faketime",
+        "tmux",
+        "prometheus",
+    ] {
+        assert!(err.contains(pkg), "{pkg} not named: {err}");
+    }
 }

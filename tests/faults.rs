@@ -493,7 +493,10 @@ fn without_inotify_the_worker_polls_and_says_so() {
         .status()
         .is_ok_and(|s| s.success())
     {
-        eprintln!("skipped: no user namespaces here");
+        skip(
+            "faults::without_inotify_the_worker_polls_and_says_so",
+            "no user namespaces here",
+        );
         return;
     }
     for (limit, expect) in [

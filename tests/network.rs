@@ -91,7 +91,10 @@ impl Drop for Host {
 #[test]
 fn a_half_open_connection_is_noticed_within_the_dead_peer_timeout() {
     let Some(host) = Host::new() else {
-        eprintln!("skipped: cannot make network namespaces here (needs root)");
+        skip(
+            "network::a_half_open_connection_is_noticed_within_the_dead_peer_timeout",
+            "cannot make network namespaces here (needs root)",
+        );
         return;
     };
     let sb = Sandbox::new("dead-peer");

@@ -154,7 +154,10 @@ fn metrics_count_every_outcome_pass_promtool_and_match_the_cli() {
                 text(&out.stderr)
             );
         }
-        Err(e) => eprintln!("skipped promtool ({e}): install Debian's prometheus package"),
+        Err(e) => skip(
+            "observability: promtool check metrics",
+            &format!("no promtool ({e}): install Debian's prometheus package"),
+        ),
     }
 }
 
@@ -349,7 +352,10 @@ fn json_log_lines_carry_the_job_fields() {
 #[test]
 fn top_shows_lanes_functions_and_quits_on_q() {
     if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("skipped: no tmux");
+        skip(
+            "observability::top_shows_lanes_functions_and_quits_on_q",
+            "no tmux",
+        );
         return;
     }
     let sb = Sandbox::new("top");
@@ -481,7 +487,10 @@ fn prometheus_scraping_every_100ms_through_50_reloads_sees_up_and_no_counter_res
     let w = sb.start();
     let target = metrics_addr(&w);
     let Some(prom) = Prometheus::start(&sb, &target) else {
-        eprintln!("skipped: no prometheus (Debian's prometheus package)");
+        skip(
+            "observability::prometheus_scraping_every_100ms_through_50_reloads_sees_up_and_no_counter_reset",
+            "no prometheus (Debian's prometheus package)",
+        );
         return;
     };
     eventually(Duration::from_secs(30), "first scrapes", || {

@@ -178,7 +178,10 @@ fn jobs_flow_over_tls_and_bad_servers_are_clear_errors_beside_a_good_one() {
     let (_, expired_cert, expired_key) = certs(&dir, "expired", -1);
     let gm = Gearmand::start(&sb.dir, &[]);
     let Some(good) = Stunnel::start(&sb, "good", &gm.addr(), &cert, &key, None) else {
-        eprintln!("skipped: no stunnel (Debian's stunnel4)");
+        skip(
+            "tls::jobs_flow_over_tls_and_bad_servers_are_clear_errors_beside_a_good_one",
+            "no stunnel (Debian's stunnel4)",
+        );
         return;
     };
     let wrong_ca =
@@ -280,7 +283,10 @@ fn a_server_that_asks_for_a_client_certificate_gets_one() {
     let gm = Gearmand::start(&sb.dir, &[]);
     let Some(tunnel) = Stunnel::start(&sb, "mtls", &gm.addr(), &cert, &key, Some(&client_ca))
     else {
-        eprintln!("skipped: no stunnel (Debian's stunnel4)");
+        skip(
+            "tls::a_server_that_asks_for_a_client_certificate_gets_one",
+            "no stunnel (Debian's stunnel4)",
+        );
         return;
     };
     let tls = |with_cert: bool| {

@@ -570,3 +570,33 @@ pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
     );
     dir.join("debug/gearshift")
 }
+
+/// Where skipped tests are listed (`scripts/test` prints the list at the end of the run).
+pub fn skip_list() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/skipped-tests.txt")
+}
+
+/// A test that cannot run here for want of `why` (a tool, namespaces). Under CI (`CI=true`)
+/// that is a failure; elsewhere the skip is written to [`skip_list`] (the harness hides a
+/// passing test's output, so `scripts/test` lists them at the end) and to stderr.
+pub fn skip(test: &str, why: &str) {
+    skip_to(
+        &skip_list(),
+        test,
+        why,
+        std::env::var("CI").is_ok_and(|v| v == "true"),
+    );
+}
+
+/// [`skip`], with the list and CI decided by the caller.
+pub fn skip_to(list: &Path, test: &str, why: &str, ci: bool) {
+    if ci {
+        panic!("{test}: cannot run: {why} (under CI=true a missing tool is a failure)");
+    }
+    use std::io::Write;
+    let line = format!("{test}: {why}\n");
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(list) {
+        let _ = f.write_all(line.as_bytes());
+    }
+    eprint!("skipped: {line}");
+}
