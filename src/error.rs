@@ -26,8 +26,11 @@ pub enum Error {
     },
     /// The worker is not running (for `status`, `reload`, `stop`).
     NotRunning,
-    /// Waiting for something took longer than allowed (exit code 3, like "not finished").
+    /// Waiting for something took longer than allowed (the CLI's exit code 5, "not done yet").
     TimedOut(String),
+    /// The worker's state cannot be told: the config cannot say where it is, or the pidfile's
+    /// lock holder cannot be proven to be it (the CLI's exit code 4, "unknown").
+    Unknown(String),
     /// The peer or the job is gone (a connection lost, a job the server took back): nothing to
     /// retry and nothing wrong here; the caller moves on.
     Gone(String),
@@ -81,9 +84,11 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(msg) | Error::Msg(msg) | Error::TimedOut(msg) | Error::Gone(msg) => {
-                f.write_str(msg)
-            }
+            Error::Config(msg)
+            | Error::Msg(msg)
+            | Error::TimedOut(msg)
+            | Error::Gone(msg)
+            | Error::Unknown(msg) => f.write_str(msg),
             Error::Io { about, source } => {
                 write!(f, "{about}: {source}")?;
                 match source.raw_os_error() {

@@ -410,14 +410,14 @@ fn large_payloads_cost_about_twice_their_size() {
 }
 
 #[test]
-fn submit_with_no_worker_for_the_function_times_out_with_exit_3() {
+fn submit_with_no_worker_for_the_function_times_out_with_exit_5() {
     let _serial = serial();
     let sb = Sandbox::new("gm-submit-timeout");
     let gm = Gearmand::start(&sb.dir, &[]);
     sb.gearman_config(&[gm.addr()], "");
     let started = Instant::now();
     let out = sb.run(&["submit", "--timeout", "1s", "nosuchfunction", "x"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("nosuchfunction"),
         "{}",

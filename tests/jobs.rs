@@ -47,14 +47,14 @@ fn result_exit_codes() {
     // No worker yet: the job stays queued.
     let queued = sb.submit("echo", "x");
     let out = sb.run(&["result", &queued]);
-    assert_eq!(out.status.code(), Some(3), "queued: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "queued: {}", text(&out.stderr));
     let out = sb.run(&["result", "0123abcd-1-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("unknown id"));
     let out = sb.run(&["submit", "--wait", "--timeout", "200ms", "echo", "y"]);
     assert_eq!(
         out.status.code(),
-        Some(3),
+        Some(5),
         "--wait --timeout with no worker"
     );
 

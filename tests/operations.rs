@@ -170,7 +170,7 @@ fn result_of_a_job_interrupted_by_a_forced_stop_says_so() {
     let out = sb.run(&["stop", "--timeout", "200ms", "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = sb.run(&["result", &id]);
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.status.code(), Some(5));
     assert!(
         text(&out.stderr).contains("interrupted"),
         "{}",

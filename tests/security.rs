@@ -258,7 +258,7 @@ fn stop_signals_only_the_proven_lock_holder() {
         })
         .unwrap();
     let out = sb.run(&["stop", "--timeout", "2s"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(out.status.code(), Some(4), "unknown: {}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains(&format!("the lock is held by pid {worker}")),
         "{}",
@@ -270,8 +270,9 @@ fn stop_signals_only_the_proven_lock_holder() {
     );
     assert!(Path::new(&format!("/proc/{worker}")).exists());
     let out = sb.run(&["reload"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("the lock is held by pid"),
         "{}",

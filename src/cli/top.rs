@@ -38,11 +38,11 @@ struct Sample {
 }
 
 pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
-    let (pid, socket) = match super::running(path) {
+    let (pid, socket) = match super::control::running(path) {
         Ok((pid, socket, _)) => (pid, socket),
         Err(Error::NotRunning) => {
             eprintln!("gearshift is not running");
-            return Ok(super::NOT_RUNNING);
+            return Ok(super::exit::NOT_RUNNING);
         }
         Err(e) => return Err(e),
     };
@@ -67,7 +67,7 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
             Err(e) => {
                 drop(_screen);
                 eprintln!("gearshift top: {e}");
-                return Ok(super::NOT_RUNNING);
+                return Ok(super::exit::NOT_RUNNING);
             }
         };
         let frame = draw(&sample, before.as_ref());

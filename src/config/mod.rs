@@ -477,19 +477,21 @@ impl Config {
 
 /// `[worker] state_dir` read leniently from a config file that does not validate: from the TOML
 /// if it still parses as TOML, else from a `state_dir = "..."` line under `[worker]`, else the
-/// default. Relative to the file's directory, as always.
-pub fn lenient_state_dir(path: &Path) -> Result<PathBuf> {
+/// default. Relative to the file's directory, as always. The flag says whether the file can
+/// tell for certain (its TOML syntax holds), or this is a guess.
+pub fn lenient_state_dir(path: &Path) -> Result<(PathBuf, bool)> {
     let abs = absolute(path)?;
     let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
     let text = std::fs::read_to_string(&abs).unwrap_or_default();
     if let Ok(table) = text.parse::<toml::Table>() {
-        let dir = table
-            .get("worker")
-            .and_then(|w| w.get("state_dir"))
-            .and_then(|d| d.as_str())
-            .unwrap_or("state");
-        return Ok(base.join(dir));
+        // The syntax holds: what it says (or the default, when it says nothing) is certain,
+        // unless the key is there with a value of the wrong type.
+        let value = table.get("worker").and_then(|w| w.get("state_dir"));
+        let dir = value.and_then(|d| d.as_str()).unwrap_or("state");
+        let certain = value.is_none_or(|v| v.is_str());
+        return Ok((base.join(dir), certain));
     }
+    // Broken syntax: a guess from the lines that look like `[worker]`'s `state_dir = "..."`.
     let mut section = String::new();
     for line in text.lines() {
         let line = line.trim();
@@ -510,11 +512,11 @@ pub fn lenient_state_dir(path: &Path) -> Result<PathBuf> {
                 && value.starts_with('"')
                 && value.ends_with('"')
             {
-                return Ok(base.join(&value[1..value.len() - 1]));
+                return Ok((base.join(&value[1..value.len() - 1]), false));
             }
         }
     }
-    Ok(base.join("state"))
+    Ok((base.join("state"), false))
 }
 
 /// Function names travel in file names, environment variables and protocol packets: keep them

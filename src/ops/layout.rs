@@ -108,3 +108,47 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     }
     Ok(State { dir })
 }
+
+/// Where root records, per config file, the `state_dir` a worker started with: so `status`,
+/// `stop` and `reload` find the worker while the config cannot say (its syntax is broken).
+/// Only root writes here, and only root's CLI trusts it.
+const RECORDS: &str = "/run/gearshift/state-dirs";
+
+/// The record's name for a config path: the first 32 hex digits of its sha256.
+fn record_name(config: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(config.as_os_str().as_encoded_bytes());
+    crate::config::hex(&digest[..16])
+}
+
+/// Records `state_dir` for `config` (both absolute), as root at a worker's fresh start.
+/// Best effort: without the record the CLI still finds a worker whose config parses.
+pub fn record_state_dir(config: &Path, state_dir: &Path) {
+    if !geteuid().is_root() {
+        return;
+    }
+    let written = (|| -> Result<()> {
+        let dir = Dir::create(Path::new(RECORDS), 0o755)?;
+        let name = record_name(config);
+        let tmp = format!("{name}.{}.tmp", std::process::id());
+        let _ = dir.remove(&tmp);
+        let mut f = dir.create_new(&tmp, 0o644)?;
+        std::io::Write::write_all(&mut f, state_dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| Error::io("writing the state_dir record", e))?;
+        dir.rename(&tmp, &name)
+    })();
+    if let Err(e) = written {
+        log::debug!("cannot record state_dir for `status` ({e})");
+    }
+}
+
+/// The `state_dir` recorded for `config`, if root recorded one (and only root could have).
+pub fn recorded_state_dir(config: &Path) -> Option<PathBuf> {
+    let dir = Dir::open(Path::new(RECORDS)).ok()?;
+    if !dir.trusted() || !dir.owner().0.is_root() {
+        return None;
+    }
+    let bytes = dir.read_small(&record_name(config), 4096).ok()??;
+    let text = String::from_utf8(bytes).ok()?;
+    Some(PathBuf::from(text)).filter(|p| p.is_absolute())
+}

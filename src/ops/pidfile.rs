@@ -182,7 +182,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         match process_euid(h) {
             Some(uid) if uid == 0 || Some(uid) == file_owner || Some(uid) == worker_user => {}
             Some(uid) => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Unknown(format!(
                     "\"{}\" is locked by pid {h} of uid {uid}, which is neither root nor the worker's user: not a gearshift worker of this state_dir; not signalling it (find out what it is)",
                     path.display()
                 )))
@@ -195,7 +195,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         // Empty: the worker is starting or exiting; the kernel's word is enough.
         (Some(holder), None) => Ok(Probe::Running(Some(holder))),
         (Some(holder), Some(pid)) if holder == pid => Ok(Probe::Running(Some(pid))),
-        (Some(holder), Some(pid)) => Err(Error::Msg(format!(
+        (Some(holder), Some(pid)) => Err(Error::Unknown(format!(
             "\"{}\" says pid {pid}, but the lock is held by pid {holder}: not signalling either (fix the pidfile, or stop pid {holder} yourself)",
             path.display()
         ))),
@@ -203,7 +203,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         (None, _) if flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB).is_ok() => {
             Ok(Probe::NotRunning)
         }
-        (None, _) => Err(Error::Msg(format!(
+        (None, _) => Err(Error::Unknown(format!(
             "\"{}\" is locked, but /proc/locks names no holder for it",
             path.display()
         ))),

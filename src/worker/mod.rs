@@ -160,6 +160,9 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     let state_dir = &plan.config.worker.state_dir;
     let layout = crate::ops::layout::prepare(state_dir, target.as_ref())?;
+    if boot.inherited.is_none() {
+        crate::ops::layout::record_state_dir(&config_path, state_dir);
+    }
     let pidfile = match boot
         .inherited
         .as_ref()

@@ -1,0 +1,335 @@
+//! Commands that find the running worker by its pidfile lock and act on it: `status`,
+//! `metrics`, `reload`, `stop`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ops::pidfile::{self, Probe};
+
+use super::exit;
+
+/// Where the worker keeps its state, even when config.toml does not validate right now (the
+/// worker serves on its last good config meanwhile), and whether that is certain: the valid
+/// config; or, with a warning, the `state_dir` root recorded at the worker's start; or `[worker]
+/// state_dir` read leniently from the file (certain only if its TOML syntax holds).
+fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
+    match Config::load(path) {
+        Ok(c) => Ok((c.worker.state_dir, true)),
+        Err(Error::Config(msg)) => {
+            eprintln!("gearshift: warning: the config file is invalid: {msg}");
+            let recorded = crate::config::absolute(path)
+                .ok()
+                .and_then(|p| crate::ops::layout::recorded_state_dir(&p));
+            let (dir, certain, how) = match recorded {
+                Some(dir) => (dir, true, "recorded at the worker's start"),
+                None => {
+                    let (dir, certain) = crate::config::lenient_state_dir(path)?;
+                    let how = if certain {
+                        "from the file"
+                    } else {
+                        "a guess: the file's syntax is broken"
+                    };
+                    (dir, certain, how)
+                }
+            };
+            eprintln!(
+                "gearshift: warning: looking for the running worker in state_dir \"{}\" ({how})",
+                dir.display()
+            );
+            Ok((dir, certain))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The running worker's pid and status socket, decided by the pidfile lock. When the config
+/// cannot tell for certain where the worker is, finding none there is "unknown", not "not
+/// running" (a script would start a second worker).
+pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
+    let (state_dir, certain) = state_dir_of(path)?;
+    let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
+    let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
+    match pidfile::probe(&pidfile)? {
+        Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
+        Probe::Running(None) => Err(Error::Unknown(format!(
+            "\"{}\" is locked but holds no pid",
+            pidfile.display()
+        ))),
+        Probe::NotRunning if certain => Err(Error::NotRunning),
+        Probe::NotRunning => Err(Error::Unknown(format!(
+            "no worker runs in state_dir \"{}\", but the invalid config cannot say for certain that this is its state_dir; fix the config and ask again",
+            state_dir.display()
+        ))),
+    }
+}
+
+pub(super) fn metrics(path: &Path) -> Result<u8> {
+    let (pid, socket) = match running(path) {
+        Ok((pid, socket, _)) => (pid, socket),
+        Err(Error::NotRunning) => {
+            eprintln!("gearshift is not running");
+            return Ok(exit::NOT_RUNNING);
+        }
+        Err(e) => {
+            eprintln!("gearshift: {e}");
+            return Ok(exit::UNKNOWN);
+        }
+    };
+    let text = crate::status::query_metrics(&socket, Some(pid))?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::io("writing metrics", e))?;
+    Ok(0)
+}
+
+pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
+    let (pid, socket) = match running(path) {
+        Ok((pid, socket, _)) => (pid, socket),
+        Err(Error::NotRunning) => {
+            if json {
+                println!("{}", serde_json::json!({"running": false}));
+            } else {
+                println!("gearshift is not running");
+            }
+            return Ok(exit::NOT_RUNNING);
+        }
+        Err(e) => {
+            eprintln!("gearshift: {e}");
+            return Ok(exit::UNKNOWN);
+        }
+    };
+    let s = match crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gearshift is running (pid {pid}) but its status is unavailable: {e}");
+            return Ok(0);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?
+        );
+        return Ok(0);
+    }
+    print_status(&s.for_terminal());
+    Ok(0)
+}
+
+/// The human `status`.
+fn print_status(s: &crate::status::Doc) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!(
+        "gearshift is {} (pid {}), generation {}, {} source",
+        s.state, s.pid, s.generation, s.source
+    );
+    println!(
+        "  started {}, restarts {}, last {} ({})",
+        s.started_at,
+        s.restarts,
+        or_dash(&s.restarted_at),
+        or_dash(&s.last_restart_reason)
+    );
+    println!(
+        "  jobs: {} completed, {} failed, {} running",
+        s.jobs_completed, s.jobs_failed, s.in_flight
+    );
+    println!("  functions: {}", s.functions.join(", "));
+    println!(
+        "  config {} (sha256 {})",
+        s.config.display(),
+        s.config_sha256
+    );
+    if !s.servers.is_empty() {
+        println!("  servers:");
+        for v in &s.servers {
+            println!(
+                "    {} {} since {} ({} lane(s) connected, {} reconnects){}",
+                v.address,
+                v.state,
+                v.since,
+                v.lanes_connected,
+                v.reconnects,
+                v.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(st) = &s.storage {
+        println!("  storage failing since {}: {}", st.since, st.error);
+    }
+    if s.rejected > 0 {
+        println!(
+            "  spool entries rejected (set aside in rejected/): {}",
+            s.rejected
+        );
+    }
+    if let Some(m) = &s.metrics {
+        println!("  metrics: http://{m}/metrics");
+    }
+    if s.watch != "inotify" {
+        println!("  file watch: {}", s.watch);
+    }
+    if let Some(sv) = &s.supervisor {
+        println!(
+            "  supervisor pid {}, {} crash(es){}",
+            sv.pid,
+            sv.crashes,
+            sv.last_exit
+                .as_ref()
+                .map(|e| format!(", last: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for w in &s.warnings {
+        println!("  warning: {w}");
+    }
+    if let Some(r) = &s.last_refused_deploy {
+        println!(
+            "  last refused deploy at {} (sha256 {}): {}",
+            r.at,
+            crate::restart::deploy::short(&r.sha256),
+            r.error
+        );
+    }
+    if let Some(r) = &s.last_refused_reload {
+        println!(
+            "  last refused reload at {} ({}): {}",
+            r.at, r.reason, r.error
+        );
+    }
+}
+
+pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
+    let (pid, socket, pidfile) = running(path)?;
+    let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
+    let (generation, refusals) = (before.generation, before.reload_refusals);
+    kill(Pid::from_raw(pid), Signal::SIGHUP)
+        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pidfile::probe(&pidfile).is_ok_and(|p| p == Probe::NotRunning) {
+            eprintln!(
+                "reload failed: the worker (pid {pid}) exited before a new generation served"
+            );
+            return Ok(exit::NOT_RUNNING);
+        }
+        if let Ok(now) = crate::status::query(&socket, Some(pid)) {
+            let g = now.generation;
+            if g > generation {
+                println!("reloaded: generation {g} (pid {pid})");
+                return Ok(0);
+            }
+            if now.reload_refusals > refusals {
+                let why = now.last_refused_reload.map_or_else(
+                    || "unknown reason".to_string(),
+                    |r| crate::text::escape(&r.error).into_owned(),
+                );
+                eprintln!("reload refused, still generation {g}: {why}");
+                return Ok(exit::FAILED);
+            }
+        }
+        if Instant::now() >= deadline {
+            eprintln!("no new generation after {timeout:?} (jobs still running?)");
+            return Ok(exit::NOT_YET);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
+    let (pid, socket, pidfile) = match running(path) {
+        Err(Error::NotRunning) => {
+            println!("gearshift is not running");
+            return Ok(0);
+        }
+        other => other?,
+    };
+    let target = Pid::from_raw(pid);
+    kill(target, Signal::SIGTERM)
+        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    let started = Instant::now();
+    let mut said = false;
+    while pidfile::probe(&pidfile)? != Probe::NotRunning {
+        if !said && started.elapsed() > Duration::from_secs(1) {
+            if let Ok(s) = crate::status::query(&socket, Some(pid)) {
+                println!("waiting for {} running job(s) to finish", s.in_flight);
+            }
+            said = true;
+        }
+        if started.elapsed() >= timeout {
+            if !force {
+                eprintln!(
+                    "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it"
+                );
+                return Ok(exit::NOT_YET);
+            }
+            let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
+                .map(|s| s.running_jobs)
+                .unwrap_or_default()
+                .iter()
+                .map(|j| format!("{} ({})", j.id, j.function))
+                .collect();
+            // Job processes run in their own process groups: the worker's death does not end
+            // them, and a spool job would otherwise run twice at once. Find them while they
+            // are still the worker's children, then kill the worker, then them.
+            let groups = job_groups(pid);
+            kill(target, Signal::SIGKILL)
+                .map_err(|e| Error::io(format!("killing pid {pid}"), e.into()))?;
+            for g in groups {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
+            }
+            while pidfile::probe(&pidfile)? != Probe::NotRunning {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if jobs.is_empty() {
+                println!("killed (pid {pid}) after {timeout:?}; no job was running");
+            } else {
+                println!(
+                    "killed (pid {pid}) after {timeout:?}; these jobs will run again: {}",
+                    jobs.join(", ")
+                );
+            }
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("stopped (pid {pid})");
+    Ok(0)
+}
+
+/// The process groups led by children of `pid` (its running job executables).
+fn job_groups(pid: i32) -> Vec<i32> {
+    let mut groups = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        // Fields after the command: state, ppid, pgrp.
+        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid)
+            && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(child)
+        {
+            groups.push(child);
+        }
+    }
+    groups
+}

@@ -1,0 +1,242 @@
+//! `submit` and `result`: queueing a job (spool or Gearman) and reading its outcome.
+
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, GearmanConfig, Source as SourceConfig};
+use crate::error::{Error, Result};
+use crate::ops::pidfile::{self, Probe};
+use crate::source::spool::{Lookup, Outcome, Spool};
+
+use super::exit;
+use super::{PriorityArg, SubmitArgs};
+
+fn spool(config: &Config) -> Result<Spool> {
+    match &config.source {
+        SourceConfig::Spool(s) => Spool::from_config(s),
+        SourceConfig::Gearman(_) => Err(Error::Msg(
+            "results are stored by the spool only; with gearman, `submit` prints the result".into(),
+        )),
+    }
+}
+
+pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
+    let config = Config::load(path)?;
+    let payload = match &args.payload {
+        Some(p) => p.as_bytes().to_vec(),
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::io("reading payload from stdin", e))?;
+            buf
+        }
+    };
+    if payload.len() > config.worker.max_payload_bytes {
+        eprintln!(
+            "gearshift: refused: the payload is {} bytes, over max_payload_bytes ({})",
+            payload.len(),
+            config.worker.max_payload_bytes
+        );
+        return Ok(exit::FAILED);
+    }
+    match &config.source {
+        SourceConfig::Spool(s) => {
+            submit_spool(&Spool::from_config(s)?, &args, &payload, &config.pidfile())
+        }
+        SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
+    }
+}
+
+fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8], pidfile: &Path) -> Result<u8> {
+    let function = &args.function;
+    if args.count != 1 {
+        let started = Instant::now();
+        for _ in 0..args.count {
+            spool.submit(function, payload)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "submitted {} jobs in {secs:.3}s ({:.0} jobs/s)",
+            args.count,
+            args.count as f64 / secs.max(1e-9)
+        );
+        return Ok(0);
+    }
+    let id = spool.submit(function, payload)?;
+    if !args.wait {
+        println!("{id}");
+        return Ok(0);
+    }
+    eprintln!("{id}");
+    match wait_for_result(spool, &id, args.timeout, pidfile)? {
+        Some(lookup) => print_lookup(&id, lookup),
+        None => Ok(exit::NOT_RUNNING),
+    }
+}
+
+/// How long `submit --wait` waits for a worker to appear before saying there is none.
+const NO_WORKER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Waits for job `id`; None (having said so) when no worker has been running for a moment.
+fn wait_for_result(
+    spool: &Spool,
+    id: &str,
+    timeout: Option<Duration>,
+    pidfile: &Path,
+) -> Result<Option<Lookup>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut absent_since: Option<Instant> = None;
+    loop {
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(500)),
+            None => Duration::from_millis(500),
+        };
+        let lookup = spool.wait(id, Some(slice))?;
+        if matches!(lookup, Lookup::Finished(_) | Lookup::Unknown)
+            || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            return Ok(Some(lookup));
+        }
+        if pidfile::probe(pidfile).ok() == Some(Probe::NotRunning) {
+            let since = *absent_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= NO_WORKER_PATIENCE {
+                eprintln!(
+                    "job {id} is queued, but no worker is running (start one: gearshift start)"
+                );
+                return Ok(None);
+            }
+        } else {
+            absent_since = None;
+        }
+    }
+}
+
+fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
+    use crate::source::gearman::client::{self, Client, Outcome, Priority, Update};
+    if args.count != 1 {
+        let r = client::load_with(
+            &cfg.servers,
+            &args.function,
+            payload,
+            (args.count, args.concurrency, args.background),
+            cfg.max_packet_bytes,
+            cfg.tls.as_ref(),
+        )?;
+        let secs = r.elapsed.as_secs_f64();
+        println!(
+            "{} jobs: {} {}, {} failed in {secs:.3}s ({:.0} jobs/s)",
+            r.submitted,
+            r.completed,
+            if args.background {
+                "queued"
+            } else {
+                "completed"
+            },
+            r.failed,
+            (r.completed + r.failed) as f64 / secs.max(1e-9)
+        );
+        return Ok(if r.failed > 0 { exit::FAILED } else { exit::OK });
+    }
+    let priority = match args.priority {
+        PriorityArg::Low => Priority::Low,
+        PriorityArg::Normal => Priority::Normal,
+        PriorityArg::High => Priority::High,
+    };
+    let mut c = Client::connect_with(&cfg.servers, cfg.max_packet_bytes, cfg.tls.as_ref())?;
+    c.set_deadline(args.timeout.map(|t| Instant::now() + t));
+    if args.background {
+        println!(
+            "{}",
+            c.submit_background(&args.function, &args.unique, payload, priority)?
+        );
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    let outcome = c.submit(
+        &args.function,
+        &args.unique,
+        payload,
+        priority,
+        |u| match u {
+            Update::Data(d) => {
+                let _ = out.write_all(d).and_then(|()| out.flush());
+            }
+            Update::Warning(w) => eprintln!("warning: {}", crate::text::escape_bytes(w)),
+            Update::Status(n, d) => eprintln!("status: {n}/{d}"),
+        },
+    )?;
+    match outcome {
+        Outcome::Complete(result) => {
+            out.write_all(&result)
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::io("writing result", e))?;
+            Ok(0)
+        }
+        Outcome::Fail => {
+            eprintln!("job failed");
+            Ok(exit::FAILED)
+        }
+        Outcome::Exception(text) => {
+            eprintln!("job failed: {}", crate::text::escape_bytes(&text));
+            Ok(exit::FAILED)
+        }
+    }
+}
+
+pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
+    let config = Config::load(path)?;
+    let lookup = spool(&config)?.lookup(id)?;
+    if matches!(lookup, Lookup::Running)
+        && pidfile::probe(&config.pidfile()).ok() == Some(Probe::NotRunning)
+    {
+        eprintln!(
+            "job {id}: interrupted: the worker stopped while it ran; it runs again (attempt counted) when a worker starts"
+        );
+        return Ok(exit::NOT_YET);
+    }
+    print_lookup(id, lookup)
+}
+
+fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
+    match lookup {
+        Lookup::Finished(r) if r.outcome == Outcome::Done => {
+            use std::io::IsTerminal;
+            let mut out = std::io::stdout().lock();
+            // Raw bytes for a pipe or a file; escaped for a person at a terminal.
+            let shown = if out.is_terminal() {
+                std::borrow::Cow::Owned(crate::text::escape_bytes(&r.result).into_bytes())
+            } else {
+                std::borrow::Cow::Borrowed(&r.result[..])
+            };
+            out.write_all(&shown)
+                .and_then(|()| out.flush())
+                .map_err(|e| Error::io("writing result", e))?;
+            Ok(0)
+        }
+        Lookup::Finished(r) => {
+            eprintln!(
+                "job {id} failed after {} attempt(s): {}",
+                r.attempts,
+                crate::text::escape(&r.error.unwrap_or_default())
+            );
+            Ok(exit::FAILED)
+        }
+        Lookup::Unknown => {
+            eprintln!("job {id}: unknown id");
+            Ok(exit::USAGE)
+        }
+        Lookup::Queued => {
+            eprintln!("job {id}: queued, not finished yet");
+            Ok(exit::NOT_YET)
+        }
+        Lookup::Running => {
+            eprintln!("job {id}: running, not finished yet");
+            Ok(exit::NOT_YET)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Operators (issue 19): the CLI never lies: where the config cannot tell, one exit code per
+//! meaning, and what a stop will cost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+/// The record root keeps of a config's state_dir (see `layout::record_state_dir`).
+fn record_of(sb: &Sandbox) -> std::path::PathBuf {
+    use sha2::Digest;
+    let config = fs::canonicalize(sb.config()).unwrap();
+    let digest = sha2::Sha256::digest(config.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    std::path::Path::new("/run/gearshift/state-dirs").join(hex)
+}
+
+/// A config whose syntax broke while the worker runs elsewhere than the default state_dir:
+/// `status` finds it through root's record, and without the record says "unknown" (4), never
+/// "not running" (a script would start a second worker).
+#[test]
+fn status_with_a_broken_config_finds_the_worker_or_says_unknown() {
+    let sb = Sandbox::new("op-broken");
+    let cfg = sb
+        .config_text("")
+        .replace("state_dir = \"state\"", "state_dir = \"elsewhere\"");
+    fs::write(sb.config(), &cfg).unwrap();
+    let child = spawn(
+        sb.cmd(&["run"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let mut w = Worker {
+        child,
+        socket: sb.path("elsewhere/worker/gearshift.sock"),
+        log: sb.path("worker.log"),
+    };
+    w.wait_for(Duration::from_secs(10), "running", |s| {
+        s["state"] == "running"
+    });
+    fs::write(
+        sb.config(),
+        cfg.replace("[worker]", "[worker")
+            .replace("\"elsewhere\"", "'elsewhere'"),
+    )
+    .unwrap();
+
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(text(&out.stdout).contains("running"), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("recorded at the worker's start"),
+        "{}",
+        text_of(&out)
+    );
+
+    fs::remove_file(record_of(&sb)).unwrap();
+    for cmd in [&["status"][..], &["stop"], &["reload"]] {
+        let out = sb.run(cmd);
+        assert_eq!(out.status.code(), Some(4), "{cmd:?}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains("cannot say for certain"),
+            "{}",
+            text_of(&out)
+        );
+    }
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "still running, untouched"
+    );
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// One meaning per exit code, for every command (the table is in README and every --help).
+#[test]
+fn exit_codes_have_one_meaning_each() {
+    let sb = Sandbox::new("op-codes");
+    // 3: not running.
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+    assert_eq!(sb.run(&["reload"]).status.code(), Some(3));
+    // 2: unknown id; 5: not finished yet.
+    assert_eq!(sb.run(&["result", "0123abcd"]).status.code(), Some(2));
+    let id = sb.submit("echo", "x");
+    assert_eq!(sb.run(&["result", &id]).status.code(), Some(5));
+    let mut w = sb.start();
+    all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    assert_eq!(sb.run(&["result", &id]).status.code(), Some(0));
+    // 1: a refused reload (a job runs meanwhile).
+    sb.submit("sleep", "5000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let good = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), "[worker]\nconcurrency = 0\n").unwrap();
+    let out = sb.run(&["reload", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    fs::write(sb.config(), good).unwrap();
+    // 5: no new generation within reload's timeout; still running after stop's.
+    let out = sb.run(&["reload", "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    let out = sb.run(&["stop", "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    // 6: could not act (the config cannot be read at all).
+    let out = std::process::Command::new(BIN)
+        .args(["-c", "/nonexistent/config.toml", "stop"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", text_of(&out));
+    // 2: bad arguments (clap).
+    assert_eq!(
+        sb.run(&["stop", "--timeout", "soon"]).status.code(),
+        Some(2)
+    );
+    for cmd in [
+        "stop", "status", "submit", "result", "reload", "top", "check",
+    ] {
+        let out = sb.run(&[cmd, "--help"]);
+        assert!(
+            text(&out.stdout).contains("Exit codes: 0 done; 1 refused or failed"),
+            "{cmd} --help: {}",
+            text(&out.stdout)
+        );
+    }
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
+}
