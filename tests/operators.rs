@@ -136,3 +136,49 @@ fn exit_codes_have_one_meaning_each() {
     w.signal(nix::sys::signal::Signal::SIGTERM);
     w.wait_exit(Duration::from_secs(10));
 }
+
+/// `status` says what is wrong in its state: every gearmand unreachable is "running, no server
+/// reachable" (exit 0: it runs; documented), and the human form shows what JSON shows: running
+/// jobs, a pending restart, the program's own name.
+#[test]
+fn status_says_no_server_reachable_and_shows_jobs_and_a_pending_restart() {
+    let sb = Sandbox::new("op-unreachable");
+    let port = free_port();
+    sb.gearman_config(
+        &[format!("127.0.0.1:{port}")],
+        "reconnect_max = \"200ms\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(10), "unreachable", |s| {
+        s["state"] == "no server reachable"
+    });
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).starts_with("gearshift is running, no server reachable (pid"),
+        "{}",
+        text_of(&out)
+    );
+    drop(w);
+
+    let mut sb = Sandbox::new("op-human");
+    sb.bin = example("custom_worker");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    let w = sb.start();
+    let id = sb.submit("sleep", "3000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{cfg}\n# touched\n")).unwrap();
+    w.wait_for(Duration::from_secs(10), "pending", |s| {
+        s["restart_pending"].is_object()
+    });
+    let out = sb.run(&["status"]);
+    let said = text(&out.stdout);
+    assert!(said.starts_with("custom-worker is running"), "{said}");
+    assert!(
+        said.contains(&format!("lane 0: {id} (sleep)"))
+            || said.contains(&format!("lane 1: {id} (sleep)")),
+        "{said}"
+    );
+    assert!(said.contains("restart pending (config changed)"), "{said}");
+}

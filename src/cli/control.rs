@@ -126,9 +126,19 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
 /// The human `status`.
 fn print_status(s: &crate::status::Doc) {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let name = if s.name.is_empty() {
+        "gearshift"
+    } else {
+        &s.name
+    };
+    let state = match s.state.as_str() {
+        // Running all the same: the word says what is wrong.
+        "no server reachable" => "running, no server reachable".to_string(),
+        other => other.to_string(),
+    };
     println!(
-        "gearshift is {} (pid {}), generation {}, {} source",
-        s.state, s.pid, s.generation, s.source
+        "{name} is {state} (pid {}), generation {}, {} source",
+        s.pid, s.generation, s.source
     );
     println!(
         "  started {}, restarts {}, last {} ({})",
@@ -141,6 +151,27 @@ fn print_status(s: &crate::status::Doc) {
         "  jobs: {} completed, {} failed, {} running",
         s.jobs_completed, s.jobs_failed, s.in_flight
     );
+    for j in &s.running_jobs {
+        println!(
+            "    lane {}: {} ({}) for {:.1}s",
+            j.lane,
+            j.id,
+            j.function,
+            j.running_ms as f64 / 1000.0
+        );
+    }
+    if let Some(p) = &s.restart_pending {
+        println!("  restart pending ({}) at {}", p.reason, p.at);
+    }
+    if let Some(r) = &s.last_rollback {
+        println!(
+            "  rolled back at {} from {} to {}: {}",
+            r.at,
+            crate::restart::deploy::short(&r.from_sha256),
+            crate::restart::deploy::short(&r.to_sha256),
+            r.reason
+        );
+    }
     println!("  functions: {}", s.functions.join(", "));
     println!(
         "  config {} (sha256 {})",

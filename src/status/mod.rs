@@ -252,8 +252,13 @@ impl State {
         // first (Acquire) so a reader that sees the claim also sees the pause.
         let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
+        let servers = self.servers_doc();
+        // Running, but every server has been tried and is backed off from: say so.
+        let unreachable = !servers.is_empty() && servers.iter().all(|v| v.state == "backing off");
         let state = if i.phase == "running" && i.storage.is_some() {
             "degraded"
+        } else if i.phase == "running" && unreachable {
+            "no server reachable"
         } else {
             i.phase
         };
@@ -311,7 +316,7 @@ impl State {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             functions: i.functions.clone(),
             supervisor: crate::restart::carried::from_env(),
-            servers: self.servers_doc(),
+            servers,
             running_jobs: self
                 .running
                 .lock()
