@@ -182,3 +182,30 @@ fn status_says_no_server_reachable_and_shows_jobs_and_a_pending_restart() {
     );
     assert!(said.contains("restart pending (config changed)"), "{said}");
 }
+
+/// A second plain `stop` (while a first one waits for the running job) means "exit now": it
+/// names the jobs that will run again, as `--force` does.
+#[test]
+fn a_second_stop_names_the_jobs_that_will_run_again() {
+    let sb = Sandbox::new("op-second-stop");
+    let mut w = sb.start();
+    let id = sb.submit("sleep", "30000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let mut first = spawn(
+        sb.cmd(&["stop"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    w.wait_for(Duration::from_secs(10), "stopping", |s| {
+        s["state"] == "stopping"
+    });
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("will run again") && said.contains(&id),
+        "{said}"
+    );
+    w.wait_exit(Duration::from_secs(5));
+    wait_child(&mut first, Duration::from_secs(10)).expect("the first stop returns");
+}

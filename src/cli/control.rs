@@ -286,6 +286,12 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         other => other?,
     };
     let target = Pid::from_raw(pid);
+    // A worker already stopping (an earlier `stop` waits for its jobs) takes this TERM as "exit
+    // now": the jobs it runs are interrupted and run again. Say which.
+    let interrupted: Option<Vec<String>> = crate::status::query(&socket, Some(pid))
+        .ok()
+        .filter(|s| s.state == "stopping")
+        .map(|s| running_job_names(&s));
     kill(target, Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     let started = Instant::now();
@@ -305,11 +311,8 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
                 return Ok(exit::NOT_YET);
             }
             let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
-                .map(|s| s.running_jobs)
-                .unwrap_or_default()
-                .iter()
-                .map(|j| format!("{} ({})", j.id, j.function))
-                .collect();
+                .map(|s| running_job_names(&s))
+                .unwrap_or_default();
             // Job processes run in their own process groups: the worker's death does not end
             // them, and a spool job would otherwise run twice at once. Find them while they
             // are still the worker's children, then kill the worker, then them.
@@ -334,8 +337,28 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("stopped (pid {pid})");
+    match interrupted {
+        Some(jobs) if !jobs.is_empty() => println!(
+            "stopped (pid {pid}) at once: it was already stopping, and a second TERM interrupts; these jobs will run again: {}",
+            jobs.join(", ")
+        ),
+        _ => println!("stopped (pid {pid})"),
+    }
     Ok(0)
+}
+
+/// `ID (function)` of each job the worker runs, escaped for a terminal.
+fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
+    s.running_jobs
+        .iter()
+        .map(|j| {
+            format!(
+                "{} ({})",
+                crate::text::escape(&j.id),
+                crate::text::escape(&j.function)
+            )
+        })
+        .collect()
 }
 
 /// The process groups led by children of `pid` (its running job executables).
