@@ -624,3 +624,55 @@ fn a_lock_held_by_another_user_is_not_the_worker() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// Members of the worker's group may query it (README): `status` and `metrics` work for them
+/// without the root-only pidfile, through the status socket.
+#[test]
+fn the_workers_group_can_query_status_and_metrics() {
+    let sb = privsep("sec-group");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let gid = nobody().gid;
+    let as_member = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=54321", &format!("--regid={gid}"), "--clear-groups"])
+            .arg(&sb.bin)
+            .arg("-c")
+            .arg(sb.config())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_member(&["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("is running"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = as_member(&["metrics"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("gearshift_generation"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Not a member: no answer (the worker's directory is 0750).
+    let out = Command::new("setpriv")
+        .args(["--reuid=54321", "--regid=54321", "--clear-groups"])
+        .arg(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

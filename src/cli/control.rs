@@ -54,7 +54,33 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
     let (state_dir, certain) = state_dir_of(path)?;
     let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
     let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
-    match pidfile::probe(&pidfile)? {
+    let probed = match pidfile::probe(&pidfile) {
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            // A member of the worker's group: the pidfile is root's alone, the status socket
+            // is the group's. Whoever answers on it is the worker (it holds the lock while it
+            // binds there); nobody answering is "not running". Read-only: such a caller can
+            // query, not signal.
+            return match crate::status::query_patiently(&socket, None, Duration::from_secs(2)) {
+                Ok(doc) => Ok((doc.pid as i32, socket, pidfile)),
+                Err(Error::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    Err(Error::NotRunning)
+                }
+                Err(e) => Err(Error::Unknown(format!(
+                    "the pidfile is root's, and the status socket does not answer: {e}"
+                ))),
+            };
+        }
+        other => other?,
+    };
+    match probed {
         Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
         Probe::Running(None) => Err(Error::Unknown(format!(
             "\"{}\" is locked but holds no pid",

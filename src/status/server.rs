@@ -49,6 +49,12 @@ impl Server {
         clear_the_way(path);
         let listener = UnixListener::bind(path)
             .map_err(|e| Error::io_path("binding status socket", path, e))?;
+        // The worker's group may query (connecting needs write permission on the socket),
+        // others may not even reach it (its directory is 0750).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770));
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io_path("status socket", path, e))?;
