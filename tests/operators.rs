@@ -209,3 +209,84 @@ fn a_second_stop_names_the_jobs_that_will_run_again() {
     w.wait_exit(Duration::from_secs(5));
     wait_child(&mut first, Duration::from_secs(10)).expect("the first stop returns");
 }
+
+/// `submit --count` (Gearman load mode) honours `--timeout`, `--priority` and `--unique`; and a
+/// foreground `--timeout` says what the server knows of the job (running on a worker, or
+/// queued with nobody to take it), not a guess.
+#[test]
+fn gearman_submit_options_hold_in_load_mode_and_timeouts_say_what_is_known() {
+    let sb = Sandbox::new("op-load");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "");
+    let started = std::time::Instant::now();
+    let out = sb.run(&[
+        "submit",
+        "--count",
+        "3",
+        "--timeout",
+        "1s",
+        "nobody_does_this",
+        "x",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("3 not finished within --timeout"),
+        "{}",
+        text_of(&out)
+    );
+
+    let out = sb.run(&[
+        "submit",
+        "--count",
+        "2",
+        "--background",
+        "--priority",
+        "high",
+        "--unique",
+        "abc",
+        "queued_only",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let port = gm.port.to_string();
+    let admin = |arg: &str| {
+        text(
+            &std::process::Command::new("gearadmin")
+                .args(["-p", &port, arg])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    };
+    assert!(
+        admin("--priority-status").contains("queued_only\t2\t0\t0"),
+        "{}",
+        admin("--priority-status")
+    );
+    let uniques = admin("--show-unique-jobs");
+    assert!(
+        uniques.contains("abc-0-0") && uniques.contains("abc-0-1"),
+        "{uniques}"
+    );
+
+    let out = sb.run(&["submit", "--timeout", "1s", "nobody_does_this", "x"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("no worker took it"),
+        "{}",
+        text_of(&out)
+    );
+    let _w = sb.start();
+    let out = sb.run(&["submit", "--timeout", "1s", "sleep", "3000"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("is running on a worker"),
+        "{}",
+        text_of(&out)
+    );
+}

@@ -117,19 +117,37 @@ fn wait_for_result(
 }
 
 fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
-    use crate::source::gearman::client::{self, Client, Outcome, Priority, Update};
+    use crate::source::gearman::client::{self, Client, LoadOptions, Outcome, Priority, Update};
+    let priority = match args.priority {
+        PriorityArg::Low => Priority::Low,
+        PriorityArg::Normal => Priority::Normal,
+        PriorityArg::High => Priority::High,
+    };
     if args.count != 1 {
+        let opts = LoadOptions {
+            count: args.count,
+            connections: args.concurrency,
+            background: args.background,
+            priority,
+            unique: args.unique.clone(),
+            timeout: args.timeout,
+        };
         let r = client::load_with(
             &cfg.servers,
             &args.function,
             payload,
-            (args.count, args.concurrency, args.background),
+            &opts,
             cfg.max_packet_bytes,
             cfg.tls.as_ref(),
         )?;
         let secs = r.elapsed.as_secs_f64();
+        let unfinished = if r.unfinished > 0 {
+            format!(", {} not finished within --timeout", r.unfinished)
+        } else {
+            String::new()
+        };
         println!(
-            "{} jobs: {} {}, {} failed in {secs:.3}s ({:.0} jobs/s)",
+            "{} jobs: {} {}, {} failed{unfinished} in {secs:.3}s ({:.0} jobs/s)",
             r.submitted,
             r.completed,
             if args.background {
@@ -140,13 +158,14 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
             r.failed,
             (r.completed + r.failed) as f64 / secs.max(1e-9)
         );
-        return Ok(if r.failed > 0 { exit::FAILED } else { exit::OK });
+        return Ok(if r.failed > 0 {
+            exit::FAILED
+        } else if r.unfinished > 0 {
+            exit::NOT_YET
+        } else {
+            exit::OK
+        });
     }
-    let priority = match args.priority {
-        PriorityArg::Low => Priority::Low,
-        PriorityArg::Normal => Priority::Normal,
-        PriorityArg::High => Priority::High,
-    };
     let mut c = Client::connect_with(&cfg.servers, cfg.max_packet_bytes, cfg.tls.as_ref())?;
     c.set_deadline(args.timeout.map(|t| Instant::now() + t));
     if args.background {

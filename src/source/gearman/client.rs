@@ -199,9 +199,9 @@ impl Client {
             if let Some(d) = self.deadline {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(Error::TimedOut(format!(
-                        "no result for {function} from gearman {addr} in time: is a worker registered for it? (gearadmin --status)"
-                    )));
+                    return Err(Error::TimedOut(
+                        self.what_is_known(function, handle.as_deref()),
+                    ));
                 }
                 let _ = self.conn.set_read_timeout(Some(left));
             }
@@ -248,6 +248,59 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Why a foreground job has no result yet, as far as the server says: asked with
+    /// GET_STATUS (1 s at most) once the deadline has passed.
+    fn what_is_known(&mut self, function: &str, handle: Option<&[u8]>) -> String {
+        let addr = self.addr.clone();
+        let Some(handle) = handle else {
+            return format!(
+                "no result for {function} from gearman {addr} in time: the server did not even acknowledge the job"
+            );
+        };
+        let shown = crate::text::escape_bytes(handle);
+        let asked = (|| -> Option<(bool, bool, String, String)> {
+            self.conn.queue(p::GET_STATUS, &[handle]);
+            self.conn.flush().ok()?;
+            let until = Instant::now() + Duration::from_secs(1);
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                let _ = self.conn.set_read_timeout(Some(left));
+                let pkt = self.conn.recv().ok()?;
+                if pkt.kind != p::STATUS_RES {
+                    continue;
+                }
+                let [h, known, running, n, d] = pkt.args::<5>()?;
+                if h != handle {
+                    continue;
+                }
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                return Some((known == b"1", running == b"1", text(n), text(d)));
+            }
+        })();
+        match asked {
+            Some((_, true, n, d)) if n != "0" || d != "0" => format!(
+                "job {shown} ({function}) is running on a worker (status {n}/{d}) but did not finish in time"
+            ),
+            Some((_, true, _, _)) => format!(
+                "job {shown} ({function}) is running on a worker but did not finish in time"
+            ),
+            Some((true, false, _, _)) => format!(
+                "job {shown} ({function}) is queued on gearman {addr}; no worker took it in time: is one registered for {function}? (gearadmin --status)"
+            ),
+            Some((false, _, _, _)) => format!(
+                "job {shown} ({function}) is no longer known to gearman {addr} (it ended, or the server restarted)"
+            ),
+            None => format!(
+                "no result for {function} (job {shown}) from gearman {addr} in time, and it did not answer GET_STATUS"
+            ),
+        }
+    }
+}
+
 fn server_error(addr: &str, data: &[u8]) -> Error {
     let text = String::from_utf8_lossy(data).replace('\0', ": ");
     Error::Msg(format!("gearman {addr}: server error {text}"))
@@ -278,6 +331,34 @@ pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
     Err(errors.join("; "))
 }
 
+/// How a load run submits: how many jobs over how many connections, as what.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub count: u64,
+    pub connections: usize,
+    /// Background jobs (counted when created) instead of foreground (counted when they end).
+    pub background: bool,
+    pub priority: Priority,
+    /// Each job's unique id is `UNIQUE-CONNECTION-N` (default: the pid for UNIQUE), so jobs
+    /// are never coalesced with each other.
+    pub unique: String,
+    /// Stop waiting after this long; jobs not finished by then are reported as such.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            count: 1,
+            connections: 1,
+            background: false,
+            priority: Priority::Normal,
+            unique: String::new(),
+            timeout: None,
+        }
+    }
+}
+
 /// The outcome of a load run.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
@@ -287,6 +368,8 @@ pub struct LoadReport {
     pub completed: u64,
     /// Foreground jobs that failed or ended with an exception.
     pub failed: u64,
+    /// Jobs without an outcome when the timeout passed.
+    pub unfinished: u64,
     /// Wall time of the whole run.
     pub elapsed: Duration,
 }
@@ -306,35 +389,42 @@ pub fn load(
         servers,
         function,
         payload,
-        (count, connections, background),
+        &LoadOptions {
+            count,
+            connections,
+            background,
+            ..LoadOptions::default()
+        },
         max_packet,
         None,
     )
 }
 
-/// [`load`] with the configured `[source.tls]` (the `submit --count` command).
+/// [`load`] with every option and the configured `[source.tls]` (the `submit --count` command).
 pub(crate) fn load_with(
     servers: &[String],
     function: &str,
     payload: &[u8],
-    (count, connections, background): (u64, usize, bool),
+    opts: &LoadOptions,
     max_packet: usize,
     tls: Option<&crate::config::TlsFiles>,
 ) -> Result<LoadReport> {
     let started = Instant::now();
-    let connections = connections.max(1) as u64;
+    let deadline = opts.timeout.map(|t| started + t);
+    let (count, connections) = (opts.count, opts.connections.max(1) as u64);
     let threads: Vec<_> = (0..connections)
         .map(|c| {
             let share = count / connections + u64::from(c < count % connections);
-            let (servers, function, payload, tls) = (
+            let (servers, function, payload, tls, opts) = (
                 servers.to_vec(),
                 function.to_string(),
                 payload.to_vec(),
                 tls.cloned(),
+                opts.clone(),
             );
             std::thread::spawn(move || {
                 let mut client = Client::connect_with(&servers, max_packet, tls.as_ref())?;
-                load_one(&mut client, &function, &payload, share, c, background)
+                load_one(&mut client, &function, &payload, share, c, &opts, deadline)
             })
         })
         .collect();
@@ -346,6 +436,7 @@ pub(crate) fn load_with(
         report.submitted += r.submitted;
         report.completed += r.completed;
         report.failed += r.failed;
+        report.unfinished += r.unfinished;
     }
     report.elapsed = started.elapsed();
     Ok(report)
@@ -357,17 +448,22 @@ fn load_one(
     payload: &[u8],
     count: u64,
     index: u64,
-    background: bool,
+    opts: &LoadOptions,
+    deadline: Option<Instant>,
 ) -> Result<LoadReport> {
     const WINDOW: u64 = 256;
     let addr = client.addr.clone();
-    let kind = submit_type(Priority::Normal, background);
-    let pid = std::process::id();
+    let kind = submit_type(opts.priority, opts.background);
+    let prefix = if opts.unique.is_empty() {
+        std::process::id().to_string()
+    } else {
+        opts.unique.clone()
+    };
     let mut r = LoadReport::default();
     let mut outstanding = 0u64;
     while r.completed + r.failed < count {
         while r.submitted < count && outstanding < WINDOW {
-            let unique = format!("{pid}-{index}-{}", r.submitted);
+            let unique = format!("{prefix}-{index}-{}", r.submitted);
             client
                 .conn
                 .queue(kind, &[function.as_bytes(), unique.as_bytes(), payload]);
@@ -375,8 +471,28 @@ fn load_one(
             outstanding += 1;
         }
         client.conn.flush().map_err(conn_err(&addr))?;
-        let pkt = client.conn.recv().map_err(conn_err(&addr))?;
-        match (pkt.kind, background) {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                r.unfinished = count - r.completed - r.failed;
+                return Ok(r);
+            }
+            let _ = client.conn.set_read_timeout(Some(left));
+        }
+        let pkt = match client.conn.recv() {
+            Ok(pkt) => pkt,
+            // A read timeout: the deadline decides, or (without one) we keep waiting.
+            Err(ConnError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(conn_err(&addr)(e)),
+        };
+        match (pkt.kind, opts.background) {
             (p::JOB_CREATED, true) | (p::WORK_COMPLETE, false) => {
                 r.completed += 1;
                 outstanding -= 1;
