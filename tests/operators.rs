@@ -290,3 +290,63 @@ fn gearman_submit_options_hold_in_load_mode_and_timeouts_say_what_is_known() {
         text_of(&out)
     );
 }
+
+/// `check` finds everything `start` would reject, naming the key.
+#[test]
+fn check_finds_what_start_would_reject() {
+    let sb = Sandbox::new("op-check");
+    let base = sb.config_text("");
+    let gearman = |servers: &str, extra: &str| {
+        format!(
+            "[worker]\nallow_root = true\n\n[source]\nkind = \"gearman\"\nservers = [{servers}]\n{extra}"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (
+            base.replace("state_dir = \"state\"", "state_dir = \"/proc/gearshift\""),
+            "[worker] state_dir \"/proc/gearshift\" is on a pseudo file system",
+        ),
+        (
+            format!("{base}[log]\nfile = \"/nonexistent/dir/gearshift.log\"\n"),
+            "[log] file \"/nonexistent/dir/gearshift.log\": its directory",
+        ),
+        (
+            gearman("\"http://127.0.0.1:4730\"", ""),
+            "is no scheme gearshift speaks",
+        ),
+        (
+            gearman("\"tsl://127.0.0.1:4730\"", ""),
+            "\"tsl://\" is no scheme",
+        ),
+        (
+            gearman("\"127.0.0.1:4730\", \"127.0.0.1:4730\"", ""),
+            "is listed twice",
+        ),
+        (
+            gearman("\"127.0.0.1:4730\"", "client_id = \"my worker\"\n"),
+            ":7:13: [source] client_id \"my worker\" must be",
+        ),
+    ];
+    for (config, want) in cases {
+        fs::write(sb.config(), &config).unwrap();
+        let out = sb.run(&["check"]);
+        assert_eq!(out.status.code(), Some(1), "{config}\n{}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains(want),
+            "{want:?} not in {}",
+            text_of(&out)
+        );
+        let out = sb.run(&["start"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "start: {config}\n{}",
+            text_of(&out)
+        );
+        assert!(
+            text(&out.stderr).contains(want),
+            "start: {want:?} not in {}",
+            text_of(&out)
+        );
+    }
+}

@@ -330,17 +330,48 @@ impl Config {
                         "kind = \"gearman\" needs at least one server, e.g. servers = [\"127.0.0.1:4730\"]",
                     ));
                 }
+                let mut seen = std::collections::BTreeSet::new();
                 for server in s.servers.get_ref() {
-                    let ok = server
-                        .strip_prefix("tls://")
-                        .unwrap_or(server)
-                        .rsplit_once(':')
-                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                    let bare = server.strip_prefix("tls://").unwrap_or(server);
+                    let ok = bare.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty()
+                            && p.parse::<u16>().is_ok_and(|p| p != 0)
+                            && !h.contains('/')
+                            && !h.chars().any(|c| c.is_whitespace() || c.is_control())
+                    });
                     if !ok {
+                        let hint = match server.split_once("://") {
+                            Some((scheme, _)) if scheme != "tls" => format!(
+                                " (\"{scheme}://\" is no scheme gearshift speaks: plain host:port, or tls://)"
+                            ),
+                            _ => String::new(),
+                        };
                         return Err(located(
                             Some(s.servers.span()),
                             &format!(
-                                "server \"{server}\" is not host:port or tls://host:port (e.g. \"127.0.0.1:4730\")"
+                                "server \"{}\" is not host:port or tls://host:port (e.g. \"127.0.0.1:4730\"){hint}",
+                                crate::text::escape(server)
+                            ),
+                        ));
+                    }
+                    if !seen.insert(bare.to_ascii_lowercase()) {
+                        return Err(located(
+                            Some(s.servers.span()),
+                            &format!(
+                                "server \"{}\" is listed twice (every lane would hold two connections to it, and take its jobs twice as often)",
+                                crate::text::escape(server)
+                            ),
+                        ));
+                    }
+                }
+                if let Some(spanned) = &s.client_id {
+                    let id = spanned.get_ref();
+                    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
+                        return Err(located(
+                            Some(spanned.span()),
+                            &format!(
+                                "[source] client_id \"{}\" must be 1 to 64 printable characters without spaces (gearadmin --workers separates fields with spaces)",
+                                crate::text::escape(id)
                             ),
                         ));
                     }
@@ -373,7 +404,7 @@ impl Config {
                 };
                 Source::Gearman(GearmanConfig {
                     servers: s.servers.into_inner(),
-                    client_id: s.client_id,
+                    client_id: s.client_id.map(|c| c.into_inner()),
                     exceptions: s.exceptions,
                     io_timeout: at_least_100ms(&s.io_timeout, "io_timeout")?,
                     reconnect_max: at_least_100ms(&s.reconnect_max, "reconnect_max")?,

@@ -120,7 +120,7 @@ pub(super) struct RawSource {
     pub(super) retain_results: Dur,
     pub(super) fsync: bool,
     pub(super) servers: Spanned<Vec<String>>,
-    pub(super) client_id: Option<String>,
+    pub(super) client_id: Option<Spanned<String>>,
     pub(super) exceptions: bool,
     pub(super) max_packet_bytes: Option<Spanned<u64>>,
     pub(super) io_timeout: Spanned<Dur>,

@@ -54,6 +54,7 @@ impl Plan {
         // Who we would run as is part of the config's validity: refuse before exec what the
         // new image could not run with.
         crate::ops::privilege::check_policy(&config)?;
+        check_places(&config)?;
         if let crate::config::Source::Gearman(g) = &config.source {
             // Certificate files are part of what a reload must validate.
             crate::source::gearman::tls::targets(&g.servers, g.tls.as_ref())?;
@@ -143,6 +144,42 @@ impl Plan {
             warnings,
         })
     }
+}
+
+/// The places the config names that `start` would only find wrong later: a `state_dir` on a
+/// pseudo file system (/proc, /sys) or that is not a directory, a `[log] file` whose directory
+/// does not exist. Said with the key, so `check` finds what `start` would.
+fn check_places(config: &Config) -> Result<()> {
+    let at = config.path.display();
+    let state = &config.worker.state_dir;
+    if let Some(existing) = state.ancestors().find(|p| p.exists()) {
+        use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC, SYSFS_MAGIC};
+        let kind = statfs(existing).ok().map(|s| s.filesystem_type());
+        if kind == Some(PROC_SUPER_MAGIC) || kind == Some(SYSFS_MAGIC) {
+            return Err(Error::Config(format!(
+                "{at}: [worker] state_dir \"{}\" is on a pseudo file system ({}): choose a directory on a real one, e.g. /var/lib/gearshift",
+                state.display(),
+                if kind == Some(PROC_SUPER_MAGIC) { "procfs" } else { "sysfs" }
+            )));
+        }
+        if existing == state.as_path() && !state.is_dir() {
+            return Err(Error::Config(format!(
+                "{at}: [worker] state_dir \"{}\" exists and is not a directory",
+                state.display()
+            )));
+        }
+    }
+    if let Some(file) = &config.log.file {
+        let dir = file.parent().unwrap_or(Path::new("/"));
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "{at}: [log] file \"{}\": its directory \"{}\" does not exist (create it, or choose another file)",
+                file.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Scans `jobs_dir` and checks every executable in it: modes and owners (`strict_modes`), and
