@@ -615,3 +615,79 @@ fn status_reads_a_worker_that_does_not_read_requests() {
     assert_eq!(got["pid"], std::process::id());
     drop(lock);
 }
+
+/// `top` follows the worker: when it stops, top says so at once (no frozen frame, no raw socket
+/// error) and waits; when a worker starts again (a new pid), top shows it. Without a terminal on
+/// stdout it refuses (2) instead of drawing escapes into a pipe.
+#[test]
+fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        skip(
+            "observability::top_follows_the_worker_across_a_stop_and_a_fresh_start",
+            "no tmux",
+        );
+        return;
+    }
+    let sb = Sandbox::new("top-follow");
+    let out = sb.run(&["top"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("terminal"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut w = sb.start();
+    let server = format!("gs-topf-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cmd = format!(
+        "{} -c {} top --interval 200ms",
+        sb.bin.display(),
+        sb.config().display()
+    );
+    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
+        .status
+        .success());
+    let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
+    let wait_screen = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = screen();
+            if ok(&s) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = w.pid();
+    wait_screen("the first worker", &|s| {
+        s.contains(&format!("pid {first} "))
+    });
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
+    let stopped = Instant::now();
+    wait_screen("the worker gone", &|s| {
+        s.contains("is gone") && s.contains("Waiting")
+    });
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let w2 = sb.start();
+    let second = w2.pid();
+    wait_screen("the new worker", &|s| s.contains(&format!("pid {second} ")));
+    tmux(&["send-keys", "-t", "0", "q"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tmux(&["has-session"]).status.success() {
+        assert!(Instant::now() < deadline, "top did not quit:\n{}", screen());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

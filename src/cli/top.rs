@@ -38,8 +38,17 @@ struct Sample {
 }
 
 pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
-    let (pid, socket) = match super::control::running(path) {
-        Ok((pid, socket, _)) => (pid, socket),
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        eprintln!(
+            "gearshift top draws on a terminal; for a pipe or a file use `status --json` or `metrics`"
+        );
+        return Ok(super::exit::USAGE);
+    }
+    // Without a terminal on stdin there are no keys: only a signal ends it.
+    let keys = std::io::stdin().is_terminal();
+    let mut target = match super::control::running(path) {
+        Ok((pid, socket, pidfile)) => Some((pid, socket, pidfile)),
         Err(Error::NotRunning) => {
             eprintln!("gearshift is not running");
             return Ok(super::exit::NOT_RUNNING);
@@ -59,32 +68,53 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
         signal_hook::flag::register(sig, Arc::clone(&ended))
             .map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    let _screen = Screen::enter()?;
+    let _screen = Screen::enter(keys)?;
     let mut before: Option<Sample> = None;
+    let mut gone: Option<(i32, String)> = None;
     loop {
-        let sample = match read_sample(&socket, pid) {
-            Ok(s) => s,
-            Err(e) => {
-                drop(_screen);
-                eprintln!("gearshift top: {e}");
-                return Ok(super::exit::NOT_RUNNING);
-            }
+        let frame = match &target {
+            Some((pid, socket, pidfile)) => match read_sample(socket, *pid, pidfile) {
+                Ok(sample) => {
+                    let frame = draw(&sample, before.as_ref());
+                    before = Some(sample);
+                    frame
+                }
+                Err(e) => {
+                    // Stopped (or crashed): wait for a worker to start again, and follow it.
+                    gone = Some((*pid, crate::text::escape(&e.to_string()).into_owned()));
+                    target = None;
+                    before = None;
+                    continue;
+                }
+            },
+            None => match super::control::running(path) {
+                Ok(found) => {
+                    target = Some(found);
+                    continue;
+                }
+                Err(e) => {
+                    let (pid, why) = gone.clone().unwrap_or((0, e.to_string()));
+                    format!(
+                        "gearshift top: the worker (pid {pid}) is gone ({why}).\nWaiting for a worker to start; it is followed when one does.\n\n{}",
+                        if keys { "q: quit" } else { "Ctrl-C or a TERM: quit" }
+                    )
+                }
+            },
         };
-        let frame = draw(&sample, before.as_ref());
         let mut out = std::io::stdout().lock();
         // Home, draw, clear what is left of the previous frame.
         let _ = write!(out, "\x1b[H{}\x1b[J", frame.replace('\n', "\x1b[K\r\n"));
         let _ = out.flush();
         drop(out);
-        before = Some(sample);
-        if quit_pressed(interval, &ended)? {
-            return Ok(0);
+        if quit_pressed(interval, &ended, keys)? {
+            return Ok(super::exit::OK);
         }
     }
 }
 
-/// Waits up to `d` for a key; true for `q`, Esc or Ctrl-C, or once a signal set `ended`.
-fn quit_pressed(d: Duration, ended: &AtomicBool) -> Result<bool> {
+/// Waits up to `d` for a key (if `keys`); true for `q`, Esc or Ctrl-C, or once a signal set
+/// `ended`.
+fn quit_pressed(d: Duration, ended: &AtomicBool, keys: bool) -> Result<bool> {
     let deadline = Instant::now() + d;
     let stdin = std::io::stdin();
     loop {
@@ -95,6 +125,10 @@ fn quit_pressed(d: Duration, ended: &AtomicBool) -> Result<bool> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(false);
+        }
+        if !keys {
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+            continue;
         }
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
@@ -121,10 +155,20 @@ fn quit_pressed(d: Duration, ended: &AtomicBool) -> Result<bool> {
     }
 }
 
-fn read_sample(socket: &Path, pid: i32) -> Result<Sample> {
-    // The socket is briefly away while the worker re-execs.
-    let doc =
-        crate::status::query_patiently(socket, Some(pid), Duration::from_secs(3))?.for_terminal();
+fn read_sample(socket: &Path, pid: i32, pidfile: &Path) -> Result<Sample> {
+    // The socket is briefly away while the worker re-execs; a worker whose lock is gone is not
+    // waited for.
+    let doc = match crate::status::query(socket, Some(pid)) {
+        Ok(doc) => doc,
+        Err(_)
+            if crate::ops::pidfile::probe(pidfile).ok()
+                == Some(crate::ops::pidfile::Probe::NotRunning) =>
+        {
+            return Err(Error::Msg("it stopped".into()))
+        }
+        Err(_) => crate::status::query_patiently(socket, Some(pid), Duration::from_secs(2))?,
+    }
+    .for_terminal();
     let text = crate::status::query_metrics(socket, Some(pid)).unwrap_or_default();
     let mut functions: BTreeMap<String, Counts> = BTreeMap::new();
     let mut deploys = BTreeMap::new();
@@ -358,9 +402,13 @@ struct Screen {
 }
 
 impl Screen {
-    fn enter() -> Result<Screen> {
+    fn enter(keys: bool) -> Result<Screen> {
         let stdin = std::io::stdin();
-        let saved = termios::tcgetattr(stdin.as_fd()).ok();
+        let saved = if keys {
+            termios::tcgetattr(stdin.as_fd()).ok()
+        } else {
+            None
+        };
         if let Some(t) = &saved {
             let mut raw = t.clone();
             // Keys one by one, unechoed; Ctrl-C arrives as a byte (and quits).
