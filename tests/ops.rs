@@ -138,3 +138,44 @@ fn usr1_reopens_a_log_file_that_was_moved() {
         .unwrap();
     assert!(line.contains(" WARN  g1 job "), "{line}");
 }
+
+/// The shipped logrotate postrotate line works for a `gearshift start` daemon (no systemd): the
+/// CLI finds the worker by its lock and asks it to reopen; with no worker the line succeeds.
+#[test]
+fn the_shipped_postrotate_line_reopens_a_start_daemons_log() {
+    let sb = Sandbox::new("postrotate");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let snippet = std::fs::read_to_string(repo.join("scripts/gearshift.logrotate")).unwrap();
+    let line = snippet
+        .lines()
+        .skip_while(|l| l.trim() != "postrotate")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .replace("/usr/local/bin/gearshift", &sb.bin.display().to_string())
+        .replace(
+            "/etc/gearshift/config.toml",
+            &sb.config().display().to_string(),
+        );
+    let postrotate = || {
+        std::process::Command::new("sh")
+            .args(["-c", &line])
+            .status()
+            .unwrap()
+    };
+    assert!(
+        postrotate().success(),
+        "no worker: nothing to reopen, and no error"
+    );
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let log = sb.path("state/gearshift.log");
+    eventually(Duration::from_secs(5), "the log", || log.exists());
+    std::fs::rename(&log, sb.path("state/gearshift.log.1")).unwrap();
+    assert!(postrotate().success(), "{line}");
+    eventually(Duration::from_secs(5), "a new log file", || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("reopened log file"))
+    });
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

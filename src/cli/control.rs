@@ -373,6 +373,21 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     Ok(0)
 }
 
+/// Asks the worker to reopen its log file: SIGUSR1, only to the proven lock holder.
+pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
+    let (pid, _, _) = match running(path) {
+        Err(Error::NotRunning) => {
+            eprintln!("gearshift is not running");
+            return Ok(exit::NOT_RUNNING);
+        }
+        other => other?,
+    };
+    kill(Pid::from_raw(pid), Signal::SIGUSR1)
+        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    println!("asked pid {pid} to reopen its log file");
+    Ok(exit::OK)
+}
+
 /// `ID (function)` of each job the worker runs, escaped for a terminal.
 fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
     s.running_jobs

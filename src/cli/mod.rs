@@ -143,6 +143,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask the worker to reopen its log file (SIGUSR1 to the proven holder of the pidfile
+    /// lock), after logrotate moved it away: one postrotate line for systemd units and `start`
+    /// daemons alike.
+    /// Exit codes: 0 asked, 3 not running, 4 unknown.
+    ReopenLogs,
     /// Validate the config and jobs_dir, like `nginx -t`.
     /// Exit codes: 0 valid, 1 invalid.
     Check {
@@ -250,6 +255,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Top { interval } => top::run(path, interval),
         Command::Reload { timeout } => control::reload(path, timeout),
         Command::Stop { timeout, force } => control::stop(path, timeout, force),
+        Command::ReopenLogs => control::reopen_logs(path),
         Command::Check { config_only: true } => {
             let config = Config::load(path)?;
             println!("{}: ok (sha256 {})", config.path.display(), config.sha256);
