@@ -17,6 +17,17 @@ pub fn monotonic_us() -> u64 {
     })
 }
 
+/// `7d`, `3h`, `90s`: a whole number of seconds in the largest unit that divides it.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// `2026-11-24T09:51:28.123Z` for unix milliseconds.
 pub fn rfc3339_ms(ms: u64) -> String {
     let secs = ms / 1000;

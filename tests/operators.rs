@@ -350,3 +350,133 @@ fn check_finds_what_start_would_reject() {
         );
     }
 }
+
+/// The paper cuts of the first week (issue 19, item 12): each message says what to do.
+#[test]
+fn messages_say_what_is_wrong_and_where() {
+    let sb = Sandbox::new("op-msgs");
+    // GEARSHIFT_LOG with no level in it.
+    let out = sb
+        .cmd(&["status"])
+        .env("GEARSHIFT_LOG", "bogus")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("GEARSHIFT_LOG: \"bogus\" is not a level"),
+        "{}",
+        text_of(&out)
+    );
+    // Types in TOML words; positions for umask and group.
+    let cases = [
+        (
+            "max_jobs = \"2\"",
+            "expected a whole number (written without quotes)",
+        ),
+        ("umask = \"999\"", ":6:9: [worker] umask \"999\""),
+    ];
+    for (line, want) in cases {
+        fs::write(
+            sb.config(),
+            sb.config_text("")
+                .replace("allow_root = true", &format!("allow_root = true\n{line}")),
+        )
+        .unwrap();
+        let out = sb.run(&["check"]);
+        assert!(
+            text(&out.stderr).contains(want),
+            "{want:?}: {}",
+            text_of(&out)
+        );
+    }
+    fs::write(
+        sb.config(),
+        sb.config_text("").replace(
+            "allow_root = true",
+            "user = \"nobody\"\ngroup = \"no_such_group_here\"",
+        ),
+    )
+    .unwrap();
+    let out = sb.run(&["check"]);
+    assert!(
+        text(&out.stderr).contains(":6:9: [worker] group \"no_such_group_here\" does not exist"),
+        "{}",
+        text_of(&out)
+    );
+
+    // state_dir made by `run` is 0755 whatever the umask; JSON durations carry no float noise.
+    sb.write_config("[log]\nformat = \"json\"\njobs = true\n");
+    let w = sb.start();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(sb.path("state")).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    let id = sb.submit("echo", "x");
+    all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    eventually(Duration::from_secs(5), "the job line", || {
+        w.log_text().contains(&id)
+    });
+    let line = w
+        .log_text()
+        .lines()
+        .find(|l| l.contains(&id) && l.contains("duration_ms"))
+        .unwrap()
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ms = v["duration_ms"].to_string();
+    assert!(ms.split('.').nth(1).is_none_or(|d| d.len() <= 3), "{ms}");
+
+    // A refused reload is forgotten once the file is back as it runs.
+    let good = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), "[worker]\nconcurrency = 0\n").unwrap();
+    w.wait_for(Duration::from_secs(10), "the refusal", |s| {
+        s["last_refused_reload"].is_object()
+    });
+    fs::write(sb.config(), &good).unwrap();
+    w.wait_for(Duration::from_secs(10), "the refusal forgotten", |s| {
+        s["last_refused_reload"].is_null()
+    });
+
+    // A HUP folded into a restart under way says so.
+    sb.submit("sleep", "1000");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(10), "draining", |s| {
+        s["state"] == "draining"
+    });
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "the folded HUP", || {
+        w.log_text().contains("folded into it")
+    });
+
+    // An unknown id may be an expired one: say both.
+    let out = sb.run(&["result", "0123abcd-1-1"]);
+    assert!(
+        text(&out.stderr)
+            .contains("or its result expired (results are kept for retain_results = 7d"),
+        "{}",
+        text_of(&out)
+    );
+}
+
+/// A server taken out of the config leaves no metric series behind after the reload.
+#[test]
+fn a_removed_server_leaves_no_metric_series() {
+    let sb = Sandbox::new("op-series");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let dead = format!("127.0.0.1:{}", free_port());
+    sb.gearman_config(&[gm.addr(), dead.clone()], "reconnect_max = \"200ms\"\n");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(10), "both tried", |s| {
+        s["servers"].as_array().is_some_and(|v| v.len() == 2)
+    });
+    eventually(Duration::from_secs(10), "a reconnect counted", || {
+        text(&sb.run(&["metrics"]).stdout).contains(&format!(
+            "gearshift_gearman_reconnects_total{{server=\"{dead}\"}}"
+        ))
+    });
+    sb.gearman_config(&[gm.addr()], "reconnect_max = \"200ms\"\n");
+    w.wait_generation(2);
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    assert!(!metrics.contains(&dead), "{metrics}");
+}

@@ -422,3 +422,69 @@ fn tls_files_are_checked_for_the_workers_user() {
         "{said}"
     );
 }
+
+/// A v1 client certificate (no extensions) is named with its file and what to do, not as
+/// `Other(OtherError(UnsupportedCertVersion))`.
+#[test]
+fn a_v1_client_certificate_is_explained() {
+    let sb = Sandbox::new("tls-v1");
+    let dir = sb.path("");
+    let (ca, _, _) = certs(&dir, "server", 30);
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "v1.key",
+            "-out",
+            "v1.csr",
+            "-subj",
+            "/CN=client",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "v1.csr",
+            "-CA",
+            "server-ca.crt",
+            "-CAkey",
+            "server-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "v1.crt",
+            "-days",
+            "30",
+        ],
+    );
+    sb.gearman_config(
+        &["tls://127.0.0.1:4731".to_string()],
+        &format!(
+            "\n[source.tls]\nca_file = \"{}\"\ncert_file = \"v1.crt\"\nkey_file = \"v1.key\"\n",
+            ca.display()
+        ),
+    );
+    let out = sb.run(&["check"]);
+    let err = text(&out.stderr);
+    let made = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.join("v1.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        text(&made.stdout).contains("Version: 1 (0x0)"),
+        "openssl made no v1 certificate here: {}",
+        text(&made.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("v1.crt") && err.contains("X.509 v1 certificate"),
+        "{err}"
+    );
+}

@@ -218,6 +218,18 @@ pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
         );
         return Ok(exit::NOT_YET);
     }
+    if matches!(lookup, Lookup::Unknown) {
+        let retain = match &config.source {
+            SourceConfig::Spool(s) => s.retain_results.as_secs(),
+            SourceConfig::Gearman(_) => 0,
+        };
+        eprintln!(
+            "job {}: unknown id: never submitted to this spool, or its result expired (results are kept for retain_results = {}; the worker logs what it prunes)",
+            crate::text::escape(id),
+            crate::clock::human_secs(retain)
+        );
+        return Ok(exit::USAGE);
+    }
     print_lookup(id, lookup)
 }
 
@@ -228,7 +240,12 @@ fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
             let mut out = std::io::stdout().lock();
             // Raw bytes for a pipe or a file; escaped for a person at a terminal.
             let shown = if out.is_terminal() {
-                std::borrow::Cow::Owned(crate::text::escape_bytes(&r.result).into_bytes())
+                // For a person: escaped, and the prompt on a line of its own.
+                let mut text = crate::text::escape_bytes(&r.result);
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                std::borrow::Cow::Owned(text.into_bytes())
             } else {
                 std::borrow::Cow::Borrowed(&r.result[..])
             };

@@ -34,6 +34,26 @@ pub(super) fn explain(message: &str) -> String {
             };
         }
     }
+    // Rust type names mean nothing to someone writing TOML.
+    let message = message
+        .replace(
+            "expected i64",
+            "expected a whole number (written without quotes)",
+        )
+        .replace(
+            "expected u64",
+            "expected a whole number (written without quotes)",
+        )
+        .replace(
+            "expected u32",
+            "expected a whole number (written without quotes)",
+        )
+        .replace("expected f64", "expected a number (written without quotes)")
+        .replace(
+            "expected a boolean",
+            "expected true or false (without quotes)",
+        )
+        .replace("expected a string", "expected a string (in quotes)");
     message.replace('\n', "; ")
 }
 

@@ -62,6 +62,9 @@ pub struct Worker {
     /// Drop to this user (and group) when started as root.
     pub user: Option<String>,
     pub group: Option<String>,
+    /// `file:line:col` of `user` and `group`, for the errors of looking them up.
+    pub user_at: Option<String>,
+    pub group_at: Option<String>,
     /// Allow running as root without `user`.
     pub allow_root: bool,
     /// Refuse config and job files writable by group/others or owned by another user.
@@ -192,6 +195,11 @@ impl Config {
                 path.display()
             ))
         })?;
+        // `file:line:col` of a key's value, for errors found later (a user that does not exist).
+        let where_is = |span: Range<usize>| {
+            let (line, col) = line_col(bytes, span.start);
+            format!("{}:{line}:{col}", path.display())
+        };
         let located = |span: Option<Range<usize>>, msg: &str| {
             let (line, col) = span.map_or((1, 1), |s| line_col(bytes, s.start));
             Error::Config(format!("{}:{line}:{col}: {msg}", path.display()))
@@ -276,20 +284,22 @@ impl Config {
             max_payload_bytes: max_payload_bytes as usize,
             watch_config: w.watch_config,
             watch_jobs: w.watch_jobs,
-            umask: u32::from_str_radix(&w.umask, 8)
+            umask: u32::from_str_radix(w.umask.get_ref(), 8)
                 .ok()
                 .filter(|m| *m <= 0o777)
                 .ok_or_else(|| {
                     located(
-                        None,
+                        Some(w.umask.span()),
                         &format!(
                             "[worker] umask \"{}\" is not an octal mode like \"027\"",
-                            w.umask
+                            w.umask.get_ref()
                         ),
                     )
                 })?,
-            user: w.user,
-            group: w.group,
+            user_at: w.user.as_ref().map(|u| where_is(u.span())),
+            group_at: w.group.as_ref().map(|g| where_is(g.span())),
+            user: w.user.map(|u| u.into_inner()),
+            group: w.group.map(|g| g.into_inner()),
             allow_root: w.allow_root,
             strict_modes: w.strict_modes,
             watch_binary: w.watch_binary,

@@ -499,8 +499,12 @@ impl Metrics {
                 "Connections to each server lost and made again.",
             );
             let mut all: BTreeMap<&str, u64> = BTreeMap::new();
+            // Earlier generations' counts, for the servers this one still has: a server taken
+            // out of the config leaves no series behind.
             for (server, n) in &reconnects_before {
-                *all.entry(server).or_default() += n;
+                if g.servers.iter().any(|s| s.address == *server) {
+                    *all.entry(server).or_default() += n;
+                }
             }
             for s in &g.servers {
                 *all.entry(&s.address).or_default() += s.reconnects;

@@ -54,9 +54,9 @@ pub fn worker_dir(state_dir: &Path) -> PathBuf {
 pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     let existed = state_dir.exists();
     let dir = Dir::create(state_dir, 0o755)?;
-    if !existed && target.is_some() {
-        // Made just now, under the worker's umask (027 by default): the dropped user must still
-        // be able to reach worker/ inside it.
+    if !existed {
+        // Made just now, under the worker's umask (027 by default): 0755 as documented, so the
+        // dropped user (and the worker's group, for `status`) can reach worker/ inside it.
         dir.chmod(0o755)?;
     }
     let (owner, _) = dir.owner();

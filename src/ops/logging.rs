@@ -118,6 +118,13 @@ pub fn init(default: log::LevelFilter) {
     }
     let spec = std::env::var("GEARSHIFT_LOG").ok();
     if let Some(spec) = &spec {
+        // env_logger takes any word as a module name: say so for what is no level at all.
+        for bad in unknown_directives(spec) {
+            eprintln!(
+                "gearshift: warning: GEARSHIFT_LOG: \"{}\" is not a level (off, error, warn, info, debug, trace) nor module=level; it is taken as a module name and so changes nothing here",
+                crate::text::escape(&bad)
+            );
+        }
         b.parse_filters(spec);
     }
     b.format(|buf, record| {
@@ -145,6 +152,24 @@ pub fn init(default: log::LevelFilter) {
     if b.try_init().is_ok() && spec.is_none() {
         log::set_max_level(default);
     }
+}
+
+/// The directives of a `GEARSHIFT_LOG` spec that set no level: neither `LEVEL` nor
+/// `module=LEVEL` (nor a gearshift module path alone).
+fn unknown_directives(spec: &str) -> Vec<String> {
+    let level = |s: &str| s.trim().parse::<log::LevelFilter>().is_ok();
+    spec.split('/')
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| match d.split_once('=') {
+            Some((_, l)) => !level(l),
+            None => !level(d) && !d.starts_with("gearshift"),
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// Applies the configured level (after the config is read); `GEARSHIFT_LOG` still wins.

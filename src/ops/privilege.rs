@@ -32,8 +32,8 @@ pub fn target(cfg: &Config) -> Result<Option<Target>> {
         .map_err(|e| Error::Msg(format!("looking up user \"{name}\": {e}")))?
         .ok_or_else(|| {
             Error::Config(format!(
-                "{}: [worker] user \"{name}\" does not exist",
-                cfg.path.display()
+                "{}: [worker] user \"{name}\" does not exist (create it, e.g. useradd --system {name})",
+                cfg.worker.user_at.clone().unwrap_or_else(|| cfg.path.display().to_string())
             ))
         })?;
     let gid = match &cfg.worker.group {
@@ -43,8 +43,8 @@ pub fn target(cfg: &Config) -> Result<Option<Target>> {
                 .map_err(|e| Error::Msg(format!("looking up group \"{g}\": {e}")))?
                 .ok_or_else(|| {
                     Error::Config(format!(
-                        "{}: [worker] group \"{g}\" does not exist",
-                        cfg.path.display()
+                        "{}: [worker] group \"{g}\" does not exist (leave it out to use the user's own group)",
+                        cfg.worker.group_at.clone().unwrap_or_else(|| cfg.path.display().to_string())
                     ))
                 })?
                 .gid

@@ -186,7 +186,8 @@ impl Control {
                         match sig {
                             Signal::SIGHUP => {
                                 // Asked for by hand: never splayed, and it takes a pending one along.
-                                if splayed.take().is_some() {
+                                if let Some((_, pending)) = splayed.take() {
+                                    log::info!("SIGHUP: restarting now; the pending restart ({pending}) is taken along");
                                     self.set_pending(None);
                                 }
                                 self.request_restart(&mut phase, RestartReason::Sighup);
@@ -365,7 +366,17 @@ impl Control {
         let reason = match (config_changed, jobs_changed) {
             (true, _) => RestartReason::ConfigChanged,
             (false, true) => RestartReason::JobsChanged,
-            (false, false) => return None,
+            (false, false) => {
+                // Put back as it runs: a refusal of what is no longer there is history.
+                if self.refused_digest.take().is_some() {
+                    if let Ok(mut i) = self.state.inner.lock() {
+                        if i.last_refused.take().is_some() {
+                            log::info!("config.toml and jobs_dir are back to what this generation runs: the last refusal no longer applies");
+                        }
+                    }
+                }
+                return None;
+            }
         };
         let digest = format!("{}/{jobs}", cfg.unwrap_or_default());
         if self.refused_digest.as_deref() == Some(digest.as_str()) {
@@ -427,8 +438,10 @@ impl Control {
     fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
         match phase {
             Phase::Running => {}
-            Phase::Draining { .. } => {
-                log::debug!("{reason}: a restart is already under way");
+            Phase::Draining {
+                reason: under_way, ..
+            } => {
+                log::info!("{reason}: a restart ({under_way}) is already under way; this one is folded into it");
                 return true;
             }
             Phase::Stopping => return true,

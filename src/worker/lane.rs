@@ -243,7 +243,8 @@ impl LaneContext {
                 Err(e) if e.is_timeout() => Outcome::TimedOut,
                 Err(_) => Outcome::Failed,
             };
-            let ms = took.as_secs_f64() * 1000.0;
+            // Whole microseconds, in ms: no float noise in a JSON log line.
+            let ms = took.as_micros() as f64 / 1000.0;
             let (id, function, result) = (job.id.as_str(), job.function.as_str(), kind.as_str());
             match &outcome {
                 Ok(_) => log::log!(

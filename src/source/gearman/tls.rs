@@ -126,12 +126,26 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
                 .map_err(|e| {
                     Error::Msg(format!("{}: not a PEM certificate: {e}", cert.display()))
                 })?;
+            let key_path = key;
             let key_pem = read_pem(key, "reading [source.tls] key_file")?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem)
                 .map_err(|e| Error::Msg(format!("{}: no private key in it: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::Msg(format!("[source.tls] client certificate: {e}")))?
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                let why = match format!("{e:?}") {
+                    d if d.contains("UnsupportedCertVersion") => {
+                        "an X.509 v1 certificate, which TLS clients refuse: issue a v3 one (openssl x509 -req ... -extfile with any extension)".to_string()
+                    }
+                    d if d.contains("KeyMismatch") || d.contains("InconsistentKeys") => {
+                        "the key does not belong to the certificate".to_string()
+                    }
+                    _ => e.to_string(),
+                };
+                Error::Config(format!(
+                    "[source.tls] cert_file \"{}\" with key_file \"{}\": {why}",
+                    cert.display(),
+                    key_path.display()
+                ))
+            })?
         }
         _ => builder.with_no_client_auth(),
     };

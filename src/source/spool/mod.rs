@@ -410,19 +410,21 @@ pub(super) fn remove(path: &Path) -> Result<()> {
     }
 }
 
-pub(super) fn prune_older(dir: &Path, cutoff: SystemTime) {
+pub(super) fn prune_older(dir: &Path, cutoff: SystemTime) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
-        return;
+        return 0;
     };
+    let mut pruned = 0;
     for entry in entries.flatten() {
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|t| t < cutoff);
-        if old {
-            let _ = fs::remove_file(entry.path());
+        if old && fs::remove_file(entry.path()).is_ok() {
+            pruned += 1;
         }
     }
+    pruned
 }
 
 /// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file of

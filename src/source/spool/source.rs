@@ -286,8 +286,15 @@ impl SpoolSource {
         let cutoff = SystemTime::now()
             .checked_sub(self.retain)
             .unwrap_or(UNIX_EPOCH);
-        for sub in ["done", "failed"] {
-            prune_older(&self.spool.dir(sub), cutoff);
+        let pruned: usize = ["done", "failed"]
+            .iter()
+            .map(|sub| prune_older(&self.spool.dir(sub), cutoff))
+            .sum();
+        if pruned > 0 {
+            log::info!(
+                "pruned {pruned} result(s) older than retain_results ({}s): `gearshift result` no longer knows them",
+                self.retain.as_secs()
+            );
         }
     }
 
