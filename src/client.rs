@@ -4,11 +4,13 @@
 /// The embedded durable spool queue, seen from a client: submit a job, look up or wait for its
 /// result. A worker (`gearshift run`) with the same `[spool] dir` runs the jobs.
 pub mod spool {
-    pub use crate::source::spool::{Lookup, Outcome, Record, Spool};
+    pub use crate::source::spool::{Lookup, Outcome, Record, Spool, SpoolOptions};
 }
 
 /// A Gearman client: foreground and background submissions over the binary protocol, and a
 /// pipelined load generator.
 pub mod gearman {
-    pub use crate::source::gearman::client::{load, Client, LoadReport, Outcome, Priority, Update};
+    pub use crate::source::gearman::client::{
+        load, Client, LoadOptions, LoadReport, Outcome, Priority, Update,
+    };
 }

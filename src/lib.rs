@@ -11,6 +11,17 @@
 //! - [`client`]: submitting jobs from Rust, to the embedded spool or to Gearman servers;
 //! - [`NoProgress`] and [`Job::new`] to unit-test a job function without a worker.
 //!
+//! What your binary must know (README "Job functions" says more):
+//! - function names are 1 to 128 bytes of ASCII letters, digits, `_`, `-`, `.`, `:`
+//!   ([`Functions::try_register`] returns the reason for a bad one, `register` panics);
+//! - keep `panic = "unwind"`: with `panic = "abort"` a panicking function ends the worker
+//!   instead of failing its job;
+//! - copy `[profile.dev.package.sha2] opt-level = 3` into your Cargo.toml (deploys hash the
+//!   binary; profiles are the final binary's);
+//! - [`Job::data`] is part of the result for libgearman clients;
+//! - a deploy rolls back only a binary that reaches [`cli::main`]: do your own set-up lazily,
+//!   not before it (one that dies earlier is restarted, not rolled back).
+//!
 //! ```no_run
 //! use gearshift::{Functions, Job, JobResult};
 //!

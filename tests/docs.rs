@@ -190,3 +190,25 @@ fn the_test_setup_names_missing_packages_when_it_cannot_install() {
         assert!(err.contains(pkg), "{pkg} not named: {err}");
     }
 }
+
+/// What a library user must know is said where they read (README "Job functions"), and the
+/// names in it exist in the code.
+#[test]
+fn library_users_are_told_the_rules_and_the_limits() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(repo.join("README.md")).unwrap();
+    for said in [
+        "try_register",
+        "Keep `panic = \"unwind\"`",
+        "[profile.dev.package.sha2]",
+        "is part of the result for libgearman clients",
+        "Rollback needs `cli::main` to be reached",
+        "SpoolOptions",
+    ] {
+        assert!(readme.contains(said), "README does not say {said:?}");
+    }
+    let cargo = fs::read_to_string(repo.join("Cargo.toml")).unwrap();
+    assert!(cargo.contains("[profile.dev.package.sha2]"));
+    let _ = gearshift::client::spool::SpoolOptions::default();
+    let _ = gearshift::client::gearman::LoadOptions::default();
+}

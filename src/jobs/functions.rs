@@ -184,7 +184,11 @@ impl<'a> Job<'a> {
     pub fn status(&mut self, numerator: u64, denominator: u64) {
         self.progress.status(numerator, denominator);
     }
-    /// Streams partial output (Gearman WORK_DATA).
+    /// Streams partial output (Gearman WORK_DATA). Note for Gearman clients built on
+    /// libgearman (the `gearman` CLI, php-gearman, Python's and Perl's libgearman bindings):
+    /// they append every WORK_DATA chunk to the result they return, so what you stream here
+    /// becomes part of the job's result for them (the final result follows it). On the spool it
+    /// is logged at debug level, not stored.
     pub fn data(&mut self, data: &[u8]) {
         self.progress.data(data);
     }
@@ -243,6 +247,14 @@ impl Functions {
 
     /// Adds (or replaces) a Rust function.
     ///
+    /// A function name is 1 to 128 bytes of ASCII letters, digits, `_`, `-`, `.` and `:`, and
+    /// does not start with `.` (it travels in file names, environment variables and protocol
+    /// packets). For names that come from outside, use [`Functions::try_register`].
+    ///
+    /// A panic in a function fails its job (with the panic's message) and the lane goes on,
+    /// unless your binary is built with `panic = "abort"` in its profile: then a panic ends the
+    /// worker (the job runs again after the restart). Keep the default `panic = "unwind"`.
+    ///
     /// # Panics
     /// If `name` is not a valid function name: that is a programming error in the binary, found
     /// on its first run.
@@ -254,6 +266,16 @@ impl Functions {
         // The binary's own function of that name now: no longer a built-in.
         self.builtin.remove(name);
         self
+    }
+
+    /// [`Functions::register`] for a name that may be invalid: the reason instead of a panic.
+    pub fn try_register(
+        &mut self,
+        name: &str,
+        function: impl JobFunction,
+    ) -> std::result::Result<&mut Functions, String> {
+        check_function_name(name)?;
+        Ok(self.register(name, function))
     }
 
     /// Whether `name` is one of the stock built-ins (and not replaced by the binary's own).
@@ -354,6 +376,17 @@ mod tests {
         );
         assert_eq!(call("sleep", b"1").as_deref(), Ok(&b"1"[..]));
         assert!(call("sleep", b"soon").is_err());
+    }
+
+    #[test]
+    fn try_register_says_why_a_name_is_refused() {
+        let mut f = Functions::empty();
+        let err = f.try_register("bad name", |_: &mut Job<'_>| Ok(Vec::new()));
+        assert!(err.is_err_and(|e| e.contains("use letters, digits")));
+        assert!(f
+            .try_register("good.name-1", |_: &mut Job<'_>| Ok(Vec::new()))
+            .is_ok());
+        assert!(f.get("good.name-1").is_some());
     }
 
     #[test]

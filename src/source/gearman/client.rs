@@ -334,10 +334,13 @@ pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
 /// How a load run submits: how many jobs over how many connections, as what.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Jobs to submit in all.
     pub count: u64,
+    /// Client connections, each with its share of the jobs (256 in flight each).
     pub connections: usize,
     /// Background jobs (counted when created) instead of foreground (counted when they end).
     pub background: bool,
+    /// The jobs' priority.
     pub priority: Priority,
     /// Each job's unique id is `UNIQUE-CONNECTION-N` (default: the pid for UNIQUE), so jobs
     /// are never coalesced with each other.

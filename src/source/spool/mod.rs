@@ -110,8 +110,29 @@ pub enum Lookup {
     Unknown,
 }
 
+/// How a [`Spool`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolOptions {
+    /// fsync every job and result file and the directory it is renamed into, so a submit that
+    /// returned survives a crash or a power cut (the default, and what the worker's config
+    /// says unless `[source] fsync = false`). Off only for a benchmark or a throwaway queue.
+    pub fsync: bool,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions { fsync: true }
+    }
+}
+
 impl Spool {
-    /// Opens the spool at `dir`, creating its directories when missing.
+    /// Opens the spool at `dir` as [`SpoolOptions`] say (`SpoolOptions::default()`: durable).
+    pub fn open_with(dir: &Path, options: &SpoolOptions) -> Result<Spool> {
+        Spool::open(dir, options.fsync)
+    }
+
+    /// Opens the spool at `dir`, creating its directories when missing. `fsync`: see
+    /// [`SpoolOptions::fsync`] (prefer [`Spool::open_with`], which names it).
     /// Each subdirectory must be a real directory: a link or anything else planted in its
     /// place is refused with its path.
     pub fn open(dir: &Path, fsync: bool) -> Result<Spool> {
