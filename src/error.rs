@@ -69,7 +69,7 @@ impl Error {
 }
 
 impl Error {
-    /// The error's [`Tier`].
+    /// The error's tier: how a caller takes it (retry, fail, move on).
     pub fn tier(&self) -> Tier {
         match self {
             Error::Gone(_) => Tier::Gone,
