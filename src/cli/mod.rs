@@ -234,7 +234,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Start {
             supervise,
             max_restarts,
-        } => crate::ops::daemon::start(path, functions, supervise.then_some(max_restarts)),
+        } => crate::daemon::start(path, functions, supervise.then_some(max_restarts)),
         Command::Restart { timeout } => {
             // A worker started with --supervise is started again with its supervisor.
             let supervised = control::running(path).ok().and_then(|(pid, socket, _)| {
@@ -246,7 +246,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             if stopped != exit::OK {
                 return Ok(stopped);
             }
-            crate::ops::daemon::start(path, functions, supervised.map(|m| m as usize))
+            crate::daemon::start(path, functions, supervised.map(|m| m as usize))
         }
         Command::Submit(args) => submit::submit(path, args),
         Command::Result { job_id } => submit::result(path, &job_id),

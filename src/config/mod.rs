@@ -187,7 +187,7 @@ impl Config {
 
     /// Parses and validates config bytes as if read from `path` (which must be absolute).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config> {
-        let sha256 = hex(&Sha256::digest(bytes));
+        let sha256 = crate::text::hex(&Sha256::digest(bytes));
         let text = std::str::from_utf8(bytes).map_err(|e| {
             let (line, col) = line_col(bytes, e.valid_up_to());
             Error::Config(format!(
@@ -582,16 +582,6 @@ pub fn check_function_name(name: &str) -> std::result::Result<(), String> {
 /// config, as in a Kubernetes ConfigMap, must be re-resolved on every read).
 pub fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).at("resolving", path)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

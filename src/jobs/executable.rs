@@ -75,7 +75,7 @@ impl Children {
 /// Environment variables gearshift itself uses across re-exec; they are not passed to jobs.
 pub fn is_internal_var(key: &OsString) -> bool {
     key.to_str()
-        .is_some_and(|k| k.starts_with(crate::restart::carried::ENV_PREFIX))
+        .is_some_and(|k| k.starts_with(crate::ops::handover::ENV_PREFIX))
 }
 
 /// Runs `exe` for `job` and returns its stdout (bounded by `max_output`) or the failure.

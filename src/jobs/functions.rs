@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{check_function_name, hex};
+use crate::config::check_function_name;
+use crate::text::hex;
 
 /// What a function returns: the result bytes, or why the job failed.
 pub type JobResult = Result<Vec<u8>, JobError>;

@@ -25,15 +25,13 @@ use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-
-use crate::status::State;
 
 /// Names the worker (its `state_dir`) in every job process's environment.
 pub const ENV_WORKER: &str = "GEARSHIFT_WORKER";
@@ -85,9 +83,10 @@ pub struct Reaper {
 
 impl Reaper {
     /// Starts the sweeper thread (spawn it while signals are blocked, like every helper).
-    pub fn start(state: Arc<State>) -> crate::Result<Reaper> {
+    /// `running` names the jobs running now (their processes are not strays).
+    pub fn start(running: impl Fn() -> Vec<String> + Send + 'static) -> crate::Result<Reaper> {
         let (tx, rx) = bounded::<()>(64);
-        crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &state))
+        crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &running))
             .map_err(|e| crate::Error::io("spawning the reaper thread", e))?;
         Ok(Reaper { tx })
     }
@@ -108,7 +107,7 @@ impl JobEnded {
     }
 }
 
-fn sweeper(rx: &Receiver<()>, state: &State) {
+fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
     // After a job ends, its group's members die and their children are re-parented to us a
     // moment later: look again a few times.
     const FOLLOW_UPS: [Duration; 4] = [
@@ -142,19 +141,15 @@ fn sweeper(rx: &Receiver<()>, state: &State) {
                 }
                 let now = Instant::now();
                 due.retain(|t| *t > now);
-                strays = sweep(state);
+                strays = sweep(running);
             }
         }
     }
 }
 
 /// One sweep; true if strays are still alive.
-fn sweep(state: &State) -> bool {
-    let running: Vec<String> = state
-        .running
-        .lock()
-        .map(|r| r.iter().filter(|s| s.busy).map(|s| s.id.clone()).collect())
-        .unwrap_or_default();
+fn sweep(running: &dyn Fn() -> Vec<String>) -> bool {
+    let running = running();
     let me = std::process::id() as i32;
     // Held for the whole sweep: a child spawned meanwhile is registered before we can see it.
     let tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());

@@ -36,7 +36,7 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// a listening TCP socket on that address, else a new one (an address changed by a reload is
 /// bound anew and the old socket closed).
 pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener> {
-    if let Some(fd) = crate::restart::handover::adopt(carried, |what| {
+    if let Some(fd) = crate::ops::handover::adopt(carried, |what| {
         what.to_string_lossy().starts_with("socket:")
     }) {
         let l = TcpListener::from(fd);

@@ -8,6 +8,7 @@
 //! Written by hand rather than with prometheus-client: its `Histogram` can only be observed,
 //! not restored, and carrying the buckets across execve is the point here (ARCHITECTURE.md).
 
+pub mod carry;
 pub mod http;
 pub mod process;
 
@@ -17,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::restart::carried::{FunctionCounts, HistogramCounts, MetricsCarried, RestartReason};
+use crate::kinds::RestartReason;
+use carry::{FunctionCounts, HistogramCounts, MetricsCarried};
 
 /// Bounds of the job duration histogram (µs): 1 ms to 1 h.
 const JOB_BOUNDS_US: &[u64] = &[

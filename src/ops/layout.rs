@@ -118,7 +118,7 @@ const RECORDS: &str = "/run/gearshift/state-dirs";
 fn record_name(config: &Path) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(config.as_os_str().as_encoded_bytes());
-    crate::config::hex(&digest[..16])
+    crate::text::hex(&digest[..16])
 }
 
 /// Records `state_dir` for `config` (both absolute), as root at a worker's fresh start.

@@ -1,8 +1,9 @@
-//! Running as a proper Unix daemon: `start` (`daemon`), the optional `supervisor`, the
-//! `pidfile` lock, `privilege` drop and the files it trusts (`layout`, `safefs`), `signals`,
-//! `logging` and the systemd `notify` protocol.
+//! The system helpers a Unix daemon stands on: the `pidfile` lock, `privilege` drop and the
+//! files it trusts (`layout`, `safefs`), descriptors handed across exec (`handover`),
+//! `signals`, `logging` and the systemd `notify` protocol. The process managers that use them
+//! (`start` and its supervisor) are in `crate::daemon`, a layer above the worker.
 
-pub mod daemon;
+pub mod handover;
 pub mod layout;
 pub mod logging;
 pub mod notify;
@@ -10,4 +11,3 @@ pub mod pidfile;
 pub mod privilege;
 pub mod safefs;
 pub mod signals;
-pub mod supervisor;

@@ -104,7 +104,7 @@ impl Pidfile {
     /// pidfile at `path`; None means it is not (the caller then acquires afresh).
     pub fn adopt(fd: Option<RawFd>, path: &Path) -> Option<Pidfile> {
         let want = std::fs::metadata(path).ok()?;
-        let file = File::from(crate::restart::handover::adopt(fd, |_| true)?);
+        let file = File::from(crate::ops::handover::adopt(fd, |_| true)?);
         let same = file
             .metadata()
             .is_ok_and(|a| a.dev() == want.dev() && a.ino() == want.ino());
@@ -125,13 +125,13 @@ impl Pidfile {
 
     /// Lets the descriptor survive execve (just before it).
     pub fn keep_across_exec(&self) -> Result<()> {
-        crate::restart::handover::keep(self.file.as_fd())
+        crate::ops::handover::keep(self.file.as_fd())
             .map_err(|e| Error::io("clearing FD_CLOEXEC on the pidfile", e))
     }
 
     /// Undoes [`Pidfile::keep_across_exec`] (execve failed).
     pub fn close_on_exec(&self) {
-        crate::restart::handover::release(self.file.as_fd());
+        crate::ops::handover::release(self.file.as_fd());
     }
 }
 

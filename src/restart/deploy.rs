@@ -32,10 +32,11 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::hex;
 use crate::ops::layout;
 use crate::ops::safefs::Dir;
-use crate::restart::carried::{Ident, Known, Refused, Rollback};
+use crate::restart::carried::{Ident, Known};
+use crate::status::records::{Refused, Rollback};
+use crate::text::hex;
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -98,7 +99,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
             return None;
         }
     };
-    let reason = match crate::restart::carried::from_env().and_then(|i| i.last_exit) {
+    let reason = match crate::status::records::from_env().and_then(|i| i.last_exit) {
         Some(exit) => format!("the new binary {exit} before it was serving"),
         None => "the new binary died before it was serving".to_string(),
     };

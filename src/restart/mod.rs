@@ -3,5 +3,4 @@
 
 pub mod carried;
 pub mod deploy;
-pub mod handover;
 pub mod reexec;

@@ -15,7 +15,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
-use crate::restart::carried::{Inherited, ENV_PREFIX};
+use crate::ops::handover::ENV_PREFIX;
+use crate::restart::carried::Inherited;
 
 const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
 const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
@@ -106,7 +107,7 @@ pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
 pub fn exec_rollback(
     exe: &Path,
     argv: &[OsString],
-    rollback: &crate::restart::carried::Rollback,
+    rollback: &crate::status::records::Rollback,
 ) -> Error {
     match serde_json::to_string(rollback) {
         Ok(json) => exec_with(exe, argv, &[(ENV_ROLLBACK, json.into())]),
@@ -115,7 +116,7 @@ pub fn exec_rollback(
 }
 
 /// The rollback a previous image performed, if this image was started by one.
-pub fn rollback_from_env() -> Option<crate::restart::carried::Rollback> {
+pub fn rollback_from_env() -> Option<crate::status::records::Rollback> {
     serde_json::from_str(&std::env::var(ENV_ROLLBACK).ok()?).ok()
 }
 

@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::rfc3339_ms;
 
-use crate::restart::carried::Refusal;
+use crate::status::records::Refusal;
 
 pub mod client;
+pub mod records;
 pub mod server;
 
 pub use client::{query, query_metrics, query_patiently};
@@ -105,8 +106,8 @@ pub struct Inner {
     pub config_sha256: String,
     pub source: &'static str,
     pub binary_sha256: Option<String>,
-    pub last_refused_deploy: Option<crate::restart::carried::Refused>,
-    pub last_rollback: Option<crate::restart::carried::Rollback>,
+    pub last_refused_deploy: Option<crate::status::records::Refused>,
+    pub last_rollback: Option<crate::status::records::Rollback>,
     /// Storage that fails (a full disk, no descriptors): the OS error and since when (unix
     /// ms). While set, lanes claim nothing new and the state is `degraded`.
     pub storage: Option<(String, u64)>,
@@ -183,6 +184,14 @@ impl State {
                 }
             })
             .collect()
+    }
+
+    /// The ids of the jobs running now.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .map(|r| r.iter().filter(|s| s.busy).map(|s| s.id.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// This generation's reconnects per Gearman server (to carry across exec).
@@ -315,7 +324,7 @@ impl State {
             jobs_failed: self.failed.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             functions: i.functions.clone(),
-            supervisor: crate::restart::carried::from_env(),
+            supervisor: crate::status::records::from_env(),
             servers,
             running_jobs: self
                 .running
@@ -382,7 +391,7 @@ pub struct Doc {
     pub jobs_failed: u64,
     pub in_flight: u64,
     pub functions: Vec<String>,
-    pub supervisor: Option<crate::restart::carried::Info>,
+    pub supervisor: Option<crate::status::records::Info>,
     pub servers: Vec<ServerDoc>,
     pub running_jobs: Vec<RunningJob>,
     /// Lanes of the running generation.

@@ -52,7 +52,7 @@ impl Inotify {
     /// Takes back the instance a previous generation handed over as `fd`, if that descriptor
     /// really is an inotify instance; sets FD_CLOEXEC again.
     pub fn adopt(fd: Option<RawFd>) -> Option<Inotify> {
-        let fd = crate::restart::handover::adopt(fd, |what| {
+        let fd = crate::ops::handover::adopt(fd, |what| {
             what.as_os_str().as_bytes() == b"anon_inode:inotify"
         })?;
         Some(Inotify { fd })
@@ -77,12 +77,12 @@ impl Inotify {
 
     /// Lets the descriptor survive execve (just before it).
     pub fn keep_across_exec(&self) -> io::Result<()> {
-        crate::restart::handover::keep(self.fd.as_fd())
+        crate::ops::handover::keep(self.fd.as_fd())
     }
 
     /// Undoes [`Inotify::keep_across_exec`] (execve failed).
     pub fn close_on_exec(&self) {
-        crate::restart::handover::release(self.fd.as_fd());
+        crate::ops::handover::release(self.fd.as_fd());
     }
 
     /// Waits up to `timeout` (None: for ever) for events and returns them (empty on timeout).

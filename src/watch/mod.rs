@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::hex;
 use crate::error::{Error, Result};
+use crate::text::hex;
 use crate::watch::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.

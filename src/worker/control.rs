@@ -15,40 +15,27 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
+use crate::kinds::RestartReason;
 use crate::ops::notify::Notifier;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
-use crate::restart::carried::{Inherited, Refusal, RestartReason};
+use crate::restart::carried::Inherited;
 use crate::restart::deploy::{Deploy, Step};
 use crate::restart::reexec::{self, Boot};
 use crate::source::Source;
+use crate::status::records::Refusal;
 use crate::status::{self, State};
 use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
+use super::event::Event;
 use super::lane::{DoneGuard, Health, LaneContext, Limits};
 use super::plan::Plan;
-use super::poll_queue;
 
 /// How long file events must be quiet before the change is looked at.
 pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often digests are checked when a directory cannot be watched.
 pub(super) const POLL_FALLBACK: Duration = Duration::from_secs(2);
-
-/// Everything other threads tell the control loop, on one channel: the loop owns every
-/// decision, the others only report.
-pub(super) enum Event {
-    /// A handled signal arrived (the signal thread).
-    Signal(Signal),
-    /// Something changed on disk, or the watch itself failed (the watch thread).
-    Touched(Touched),
-    /// A lane reached a recycling limit.
-    Recycle(RestartReason),
-    /// A lane thread ended (`true`: by a panic).
-    LaneDone(bool),
-    /// An essential helper thread died by a panic (its name).
-    ThreadDied(String),
-}
 
 /// What the control loop is doing.
 pub(super) enum Phase {
@@ -65,7 +52,7 @@ pub(super) enum Phase {
 pub(super) struct Control {
     pub(super) health: Arc<Health>,
     pub(super) deploy: Option<Deploy>,
-    pub(super) last_rollback: Option<crate::restart::carried::Rollback>,
+    pub(super) last_rollback: Option<crate::status::records::Rollback>,
     pub(super) limits: Arc<Limits>,
     /// For lanes: their recycling requests and their ends reach the loop on this.
     pub(super) events: Sender<Event>,
@@ -354,7 +341,7 @@ impl Control {
         self.state.file_checks.fetch_add(1, Ordering::Release);
         let cfg = std::fs::read(&self.config_path)
             .ok()
-            .map(|b| crate::config::hex(&sha2::Sha256::digest(&b)));
+            .map(|b| crate::text::hex(&sha2::Sha256::digest(&b)));
         // A jobs_dir that does not scan (two files for one name, a file without #!) is a
         // change too: it is refused below, visibly, rather than ignored.
         let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {
@@ -601,33 +588,33 @@ impl Control {
         use std::os::fd::{AsFd, AsRawFd};
         let handed = self.source.hand_over();
         if let Some(fd) = &handed {
-            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
                 next.source_fd = Some(fd.as_raw_fd());
             }
         }
         // What was just validated is what the next generation serves on.
         let jobs = serde_json::to_vec(&plan.jobs)
             .ok()
-            .and_then(|data| crate::restart::handover::memfd("jobs", &data));
+            .and_then(|data| crate::ops::handover::memfd("jobs", &data));
         drop(plan);
         if let Some(fd) = &jobs {
-            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
                 next.jobs_fd = Some(fd.as_raw_fd());
             }
         }
         // Every lane has ended: the counters are final for this generation.
         let counters = serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects()))
             .ok()
-            .and_then(|data| crate::restart::handover::memfd("metrics", &data));
+            .and_then(|data| crate::ops::handover::memfd("metrics", &data));
         if let Some(fd) = &counters {
-            if crate::restart::handover::keep(fd.as_fd()).is_ok() {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
                 next.metrics_fd = Some(fd.as_raw_fd());
             }
         }
         if let Some(m) = self.metrics_server.as_mut() {
             // Scrapes from now on wait in the accept queue for the next image.
             m.pause();
-            if crate::restart::handover::keep(m.socket()).is_ok() {
+            if crate::ops::handover::keep(m.socket()).is_ok() {
                 next.metrics_listen_fd = Some(m.fd());
             }
         }
@@ -642,7 +629,7 @@ impl Control {
         // execve failed: carry on as we were.
         self.pidfile.close_on_exec();
         if let Some(m) = self.metrics_server.as_mut() {
-            crate::restart::handover::release(m.socket());
+            crate::ops::handover::release(m.socket());
             if let Err(e) = m.resume(Arc::clone(&self.render)) {
                 log::error!("metrics: {e}");
             }
@@ -708,3 +695,17 @@ impl Control {
 }
 
 use sha2::Digest as _;
+
+/// Wakes idle lanes every second, for a queue that cannot be watched.
+pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
+    let weak = Arc::downgrade(source);
+    crate::ops::signals::spawn_essential("queue-poll", move || {
+        while let Some(s) = weak.upgrade() {
+            s.wake();
+            drop(s);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+    .map(drop)
+    .map_err(|e| Error::io("spawning the queue poll thread", e))
+}

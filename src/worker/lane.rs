@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::control::Event;
+use super::event::Event;
 
 use crossbeam_channel::Sender;
 
@@ -16,7 +16,7 @@ use crate::clock::now_ms;
 use crate::error::Tier;
 use crate::jobs::executable::{self, Children};
 use crate::jobs::functions::{Job, JobError, JobResult, Runner, Table};
-use crate::restart::carried::RestartReason;
+use crate::kinds::RestartReason;
 use crate::source::{Claimed, Lane};
 use crate::status::State;
 

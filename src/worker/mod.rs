@@ -10,17 +10,18 @@
 //! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
 //! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
 
-use crate::restart::carried::{Inherited, RestartReason};
+use crate::kinds::RestartReason;
+use crate::restart::carried::Inherited;
 use crate::shutdown::Switch;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
 use crate::clock::now_ms;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
 use crate::ops::notify::Notifier;
@@ -34,10 +35,12 @@ use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
 mod control;
+mod event;
 mod lane;
 mod plan;
 
-use control::{Control, Event, POLL_FALLBACK};
+use control::{poll_queue, Control, POLL_FALLBACK};
+use event::Event;
 use lane::{Health, Limits};
 pub use plan::{describe, Plan};
 
@@ -63,7 +66,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
-    crate::restart::handover::close_inherited();
+    crate::ops::handover::close_inherited();
     let mut boot = Boot::detect();
     if boot.inherited.is_none() {
         if let Some(exe) = opts.exe.take() {
@@ -103,7 +106,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
     // And the jobs_dir it validated: files being written there meanwhile are looked at once
     // serving, never a reason for this generation to fail at start-up.
-    let handed_jobs = crate::restart::handover::read_memfd(inherited.jobs_fd, "jobs", 64 << 20)
+    let handed_jobs = crate::ops::handover::read_memfd(inherited.jobs_fd, "jobs", 64 << 20)
         .and_then(|data| serde_json::from_slice::<crate::watch::Jobs>(&data).ok());
     let plan = Plan::prepare_from(
         &config_path,
@@ -256,7 +259,10 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if let Ok(mut i) = state.inner.lock() {
         i.warnings.extend(start_warnings);
     }
-    let reaper = crate::jobs::reaper::Reaper::start(Arc::clone(&state))?;
+    let reaper = {
+        let state = Arc::clone(&state);
+        crate::jobs::reaper::Reaper::start(move || state.running_ids())?
+    };
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
     let inotify = boot
@@ -402,20 +408,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     ctl.control_loop(&events_rx)
 }
 
-/// Wakes idle lanes every second, for a queue that cannot be watched.
-pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
-    let weak = Arc::downgrade(source);
-    crate::ops::signals::spawn_essential("queue-poll", move || {
-        while let Some(s) = weak.upgrade() {
-            s.wake();
-            drop(s);
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    })
-    .map(drop)
-    .map_err(|e| Error::io("spawning the queue poll thread", e))
-}
-
 /// The `/metrics` listening socket: the one handed over, or a new one. A reload that switches
 /// metrics off closes it; one whose address cannot be bound runs without (a first start fails).
 fn metrics_listener(
@@ -425,7 +417,7 @@ fn metrics_listener(
 ) -> Result<Option<std::net::TcpListener>> {
     let carried = inherited.and_then(|i| i.metrics_listen_fd);
     let Some(m) = &plan.config.metrics else {
-        drop(crate::restart::handover::adopt(carried, |what| {
+        drop(crate::ops::handover::adopt(carried, |what| {
             what.to_string_lossy().starts_with("socket:")
         }));
         return Ok(None);
@@ -446,7 +438,7 @@ fn metrics_listener(
 fn count_start(state: &State, plan: &Plan, inherited: Option<&Inherited>, rolled_back: bool) {
     let metrics = &state.metrics;
     if let Some(i) = inherited {
-        let carried = crate::restart::handover::read_memfd(i.metrics_fd, "metrics", 256 << 20)
+        let carried = crate::ops::handover::read_memfd(i.metrics_fd, "metrics", 256 << 20)
             .and_then(|data| serde_json::from_slice(&data).ok());
         if let Some(c) = carried {
             metrics.restore(&c);

@@ -117,7 +117,7 @@ impl Client {
     fn handshake(
         addr: &str,
         target: &str,
-        tls: Option<&super::connection::TlsTarget>,
+        tls: Option<&super::tls::TlsTarget>,
         max_packet: usize,
     ) -> Result<Client> {
         let conn = Conn::connect(target, HANDSHAKE, p::RES, max_packet, tls)

@@ -12,13 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use super::protocol::{self, DecodeError, Packet};
-use super::tls::Transport;
-
-/// TLS for a connection: the client configuration and the name the certificate must carry.
-pub type TlsTarget = (
-    std::sync::Arc<rustls::ClientConfig>,
-    rustls::pki_types::ServerName<'static>,
-);
+use super::tls::{TlsTarget, Transport};
 
 /// How long a server may take to answer a request before the connection is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);

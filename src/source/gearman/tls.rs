@@ -14,6 +14,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::config::TlsFiles;
+
+/// TLS for a connection: the client configuration and the name the certificate must carry.
+pub type TlsTarget = (
+    std::sync::Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
 use crate::error::{Error, Result};
 
 /// Largest certificate or key file read.
@@ -157,7 +163,7 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
 pub fn targets(
     servers: &[String],
     files: Option<&TlsFiles>,
-) -> Result<Vec<(String, Option<super::connection::TlsTarget>)>> {
+) -> Result<Vec<(String, Option<TlsTarget>)>> {
     let config = match files {
         Some(f) if servers.iter().any(|s| s.starts_with(SCHEME)) => Some(client_config(f)?),
         _ => None,

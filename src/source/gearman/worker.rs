@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::connection::{Conn, OwnedPacket, TlsTarget};
+use super::connection::{Conn, OwnedPacket};
 use super::protocol::{self as p, Packet};
+use super::tls::TlsTarget;
 use crate::config::GearmanConfig;
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, Progress};

@@ -27,7 +27,7 @@ pub(super) fn encode_job(job: &JobFile) -> Vec<u8> {
         job.submitted_ms,
         job.attempts,
         job.payload.len(),
-        crate::config::hex(&Sha256::digest(&job.payload))
+        crate::text::hex(&Sha256::digest(&job.payload))
     )
     .into_bytes();
     out.extend_from_slice(&job.payload);
@@ -57,7 +57,7 @@ pub(super) fn encode_record(r: &Record) -> Vec<u8> {
         r.started_ms,
         r.finished_ms,
         r.result.len(),
-        crate::config::hex(&Sha256::digest(&r.result))
+        crate::text::hex(&Sha256::digest(&r.result))
     );
     if let Some(e) = &r.error {
         out.push_str("error=");
@@ -129,7 +129,7 @@ pub(super) fn split_header<'a>(
                 body.len()
             ));
         }
-        if crate::config::hex(&Sha256::digest(body)) != field(&fields, "sha256")? {
+        if crate::text::hex(&Sha256::digest(body)) != field(&fields, "sha256")? {
             return Err("checksum mismatch: the content is corrupt".into());
         }
     }

@@ -444,7 +444,7 @@ impl SpoolSource {
             text.push_str(id);
             text.push('\n');
         }
-        crate::restart::handover::memfd("pending", text.as_bytes())
+        crate::ops::handover::memfd("pending", text.as_bytes())
     }
 
     /// The queue now, for the metrics.
@@ -455,7 +455,7 @@ impl SpoolSource {
     /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
     pub fn take_over(&self, fd: std::os::fd::RawFd) {
         // Ids are at most 64 bytes: a listing of a million of them fits.
-        let Some(data) = crate::restart::handover::read_memfd(Some(fd), "pending", 80 << 20) else {
+        let Some(data) = crate::ops::handover::read_memfd(Some(fd), "pending", 80 << 20) else {
             return;
         };
         let text = String::from_utf8_lossy(&data);

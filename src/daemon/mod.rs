@@ -25,9 +25,11 @@ use crate::jobs::functions::Functions;
 use crate::ops::pidfile::{self, Probe};
 use crate::worker::{self, Plan, RunOptions};
 
+pub mod supervisor;
+
 /// Starts the worker as a daemon; returns the exit code for the `start` command.
 /// With `supervise = Some(max_restarts)`, the daemon is a supervisor running the worker as its
-/// child (see [`crate::ops::supervisor`]).
+/// child (see [`crate::daemon::supervisor`]).
 pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>) -> Result<u8> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
@@ -83,8 +85,8 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
                 Ok(()) if supervise.is_some() => {
                     let max = supervise.unwrap_or(5);
                     let settings =
-                        crate::ops::supervisor::settings(&exe, &plan.config, &log_file, max);
-                    crate::ops::supervisor::run(&settings, File::from(ready_w))
+                        crate::daemon::supervisor::settings(&exe, &plan.config, &log_file, max);
+                    crate::daemon::supervisor::run(&settings, File::from(ready_w))
                 }
                 Ok(()) => {
                     let ready = File::from(ready_w);

@@ -14,6 +14,9 @@ use std::path::PathBuf;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
+/// Prefix of the environment variables that carry state across exec; stripped from jobs.
+pub const ENV_PREFIX: &str = "GEARSHIFT_INHERIT";
+
 /// Lets `fd` survive the coming execve.
 pub fn keep(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))

@@ -18,7 +18,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::restart::carried::{Info, SUPERVISOR_ENV as ENV};
+use crate::status::records::{Info, SUPERVISOR_ENV as ENV};
 use crossbeam_channel::{after, bounded, select};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -1,0 +1,59 @@
+//! Words every layer shares, as types rather than strings: why a generation restarts. A leaf.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a generation restarts (carried to the next, shown in `status` and the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartReason {
+    #[serde(rename = "sighup")]
+    Sighup,
+    #[serde(rename = "config changed")]
+    ConfigChanged,
+    #[serde(rename = "jobs changed")]
+    JobsChanged,
+    #[serde(rename = "binary changed")]
+    BinaryChanged,
+    #[serde(rename = "max_jobs")]
+    MaxJobs,
+    #[serde(rename = "max_rss")]
+    MaxRss,
+    #[serde(rename = "max_age")]
+    MaxAge,
+    /// A lane or an essential helper thread died (a panic): the generation is replaced.
+    #[serde(rename = "thread died")]
+    ThreadDied,
+}
+
+impl RestartReason {
+    /// Every reason, for metrics that show each one from the start.
+    pub const ALL: [RestartReason; 8] = [
+        RestartReason::Sighup,
+        RestartReason::ConfigChanged,
+        RestartReason::JobsChanged,
+        RestartReason::BinaryChanged,
+        RestartReason::MaxJobs,
+        RestartReason::MaxRss,
+        RestartReason::MaxAge,
+        RestartReason::ThreadDied,
+    ];
+
+    /// The name in `status` and the log (`last_restart_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Sighup => "sighup",
+            RestartReason::ConfigChanged => "config changed",
+            RestartReason::JobsChanged => "jobs changed",
+            RestartReason::BinaryChanged => "binary changed",
+            RestartReason::MaxJobs => "max_jobs",
+            RestartReason::MaxRss => "max_rss",
+            RestartReason::MaxAge => "max_age",
+            RestartReason::ThreadDied => "thread died",
+        }
+    }
+}
+
+impl std::fmt::Display for RestartReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
