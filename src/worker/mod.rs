@@ -29,7 +29,6 @@ use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
 use crate::restart::deploy::Deploy;
 use crate::restart::reexec::{self, Boot};
-use crate::source::Source;
 use crate::status::{self, Inner, State};
 use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
@@ -198,7 +197,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let views = crate::status::ServerViews::default();
-    let source = Arc::new(Source::open(&plan.config, generation, Arc::clone(&views))?);
+    let source = crate::source::open(&plan.config, generation, Arc::clone(&views))?;
     if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
         source.take_over(fd);
     }
@@ -279,7 +278,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             let targets = watch::Targets {
                 config: w.watch_config.then_some(plan.config.path.as_path()),
                 jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
-                queue: source.queue_dirs(),
+                queue: source.watch_dirs(),
                 binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
             };
             let waker = Arc::clone(&source);

@@ -65,7 +65,7 @@ impl GearmanSource {
     }
 
     /// A lane for worker thread `index`, registering `functions` (name, timeout) on each server.
-    pub fn lane(
+    fn lane_for(
         &self,
         index: usize,
         functions: &[(String, Option<Duration>)],
@@ -127,13 +127,29 @@ impl GearmanSource {
     }
 
     /// Wakes every sleeping lane.
-    pub fn wake(&self) {
+    fn wake_all(&self) {
         if let Ok(w) = self.wakers.lock() {
             for fd in w.iter().filter_map(Weak::upgrade) {
                 let one = 1u64.to_ne_bytes();
                 let _ = nix::unistd::write(fd.as_fd(), &one);
             }
         }
+    }
+}
+
+/// Gearman as the worker sees every source: the servers keep the queue, nothing is watched or
+/// handed over.
+impl crate::source::JobSource for GearmanSource {
+    fn lane(
+        &self,
+        index: usize,
+        functions: &[(String, Option<Duration>)],
+    ) -> Result<Box<dyn Lane>> {
+        self.lane_for(index, functions)
+    }
+
+    fn wake(&self) {
+        self.wake_all();
     }
 }
 

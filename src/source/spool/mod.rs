@@ -495,6 +495,7 @@ mod tests {
     use super::format::*;
     use super::*;
     use crate::shutdown::{Shutdown, Switch};
+    use crate::source::JobSource;
     use std::sync::Arc;
 
     fn tempdir(name: &str) -> PathBuf {

@@ -429,12 +429,27 @@ impl SpoolSource {
     pub fn wake(&self) {
         self.waker.bump();
     }
+}
+
+/// The spool as the worker sees every source.
+impl crate::source::JobSource for Arc<SpoolSource> {
+    fn lane(
+        &self,
+        _index: usize,
+        _functions: &[(String, Option<Duration>)],
+    ) -> Result<Box<dyn Lane>> {
+        Ok(SpoolSource::lane(self))
+    }
+
+    fn wake(&self) {
+        SpoolSource::wake(self);
+    }
 
     /// Writes the sorted list of queued ids this worker already knows into a memfd for the next
     /// generation, which then claims at once instead of listing `new/` (about 1 µs per queued
     /// job). Only a hint: an id that is gone by then is skipped at claim, and jobs queued later
     /// are found by the next listing, in order.
-    pub fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
+    fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
         let pending = self.pending.lock().ok()?;
         if pending.is_empty() {
             return None;
@@ -447,13 +462,8 @@ impl SpoolSource {
         crate::ops::handover::memfd("pending", text.as_bytes())
     }
 
-    /// The queue now, for the metrics.
-    pub fn queue_stats(&self) -> crate::metrics::QueueStats {
-        self.spool.queue_stats()
-    }
-
-    /// Takes the list a previous generation handed over (see [`SpoolSource::hand_over`]).
-    pub fn take_over(&self, fd: std::os::fd::RawFd) {
+    /// Takes the list a previous generation handed over.
+    fn take_over(&self, fd: std::os::fd::RawFd) {
         // Ids are at most 64 bytes: a listing of a million of them fits.
         let Some(data) = crate::ops::handover::read_memfd(Some(fd), "pending", 80 << 20) else {
             return;
@@ -466,9 +476,13 @@ impl SpoolSource {
         }
     }
 
-    /// The directory whose events mean "new jobs" (the worker watches it).
-    pub fn queue_dir(&self) -> PathBuf {
-        self.spool.dir("new")
+    fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
+        Some(self.spool.queue_stats())
+    }
+
+    /// `new/`: its events mean "new jobs".
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        vec![self.spool.dir("new")]
     }
 }
 
