@@ -1,6 +1,9 @@
-//! Restarting in place: the state carried across execve (`carried`), the descriptors handed
-//! over (`handover`), the exec itself (`reexec`), and deploys of a new binary (`deploy`).
+//! Restarting in place: the state carried across execve (`carried`), the exec itself
+//! (`reexec`), deploys of a new binary (`deploy`: candidates; `preflight`: their `check`;
+//! `rollback`: the marker and `last-good`).
 
 pub mod carried;
 pub mod deploy;
+pub mod preflight;
 pub mod reexec;
+pub mod rollback;

@@ -104,7 +104,7 @@ impl Control {
         }
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
-        crate::restart::deploy::clear_marker(&self.plan.config.worker.state_dir);
+        crate::restart::rollback::clear_marker(&self.plan.config.worker.state_dir);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
             let _ = writeln!(f, "ready {}", std::process::id());
@@ -185,7 +185,7 @@ impl Control {
                                     let running = self.state.in_flight.load(Ordering::Relaxed);
                                     log::warn!("{} again: exiting now; {running} interrupted job(s) will run again", sig.as_str());
                                     self.children.kill_all();
-                                    crate::restart::deploy::kill_preflight();
+                                    crate::restart::preflight::kill_preflight();
                                     log::logger().flush();
                                     std::process::exit(1);
                                 }
@@ -247,7 +247,7 @@ impl Control {
                             Phase::Stopping if self.exit_for_supervisor => {
                                 log::error!("exiting (status 1) for the supervisor to start the worker afresh");
                                 self.pidfile.clear();
-                                crate::restart::deploy::kill_preflight();
+                                crate::restart::preflight::kill_preflight();
                                 log::logger().flush();
                                 std::process::exit(1);
                             }
@@ -257,7 +257,7 @@ impl Control {
                                 // and job processes go with it): `stop` returns when the lock is
                                 // free, and a `start` right after must find nothing of ours left.
                                 self.pidfile.clear();
-                                crate::restart::deploy::kill_preflight();
+                                crate::restart::preflight::kill_preflight();
                                 log::logger().flush();
                                 std::process::exit(0);
                             }
@@ -535,15 +535,15 @@ impl Control {
                 let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
                 if switching {
                     let state_dir = &plan.config.worker.state_dir;
-                    match (crate::restart::deploy::save_last_good(state_dir), d.running_sha(), &known) {
+                    match (crate::restart::rollback::save_last_good(state_dir), d.running_sha(), &known) {
                         (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
                             log::info!("deploy: the running binary is kept as {}", last_good.display());
-                            let marker = crate::restart::deploy::Marker {
+                            let marker = crate::restart::rollback::Marker {
                                 from_sha,
                                 to_sha: to.sha256.clone(),
                                 at_ms: now_ms(),
                             };
-                            if let Err(e) = crate::restart::deploy::write_marker(state_dir, &marker) {
+                            if let Err(e) = crate::restart::rollback::write_marker(state_dir, &marker) {
                                 log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
                             }
                         }
@@ -618,7 +618,7 @@ impl Control {
                 next.metrics_listen_fd = Some(m.fd());
             }
         }
-        crate::restart::deploy::kill_preflight();
+        crate::restart::preflight::kill_preflight();
         let err = match signals::block()
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())

@@ -119,7 +119,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         // A fresh start of a binary that a deploy switched to, whose marker is still there:
         // that binary died before serving (and a supervisor or systemd started it again).
         if let Some((last_good, rb)) =
-            crate::restart::deploy::rollback_needed(&plan.config.worker.state_dir)
+            crate::restart::rollback::rollback_needed(&plan.config.worker.state_dir)
         {
             log::error!(
                 "rolled back from {} to {}: {}",
@@ -127,7 +127,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
                 crate::restart::deploy::short(&rb.to_sha),
                 rb.reason
             );
-            crate::restart::deploy::clear_marker(&plan.config.worker.state_dir);
+            crate::restart::rollback::clear_marker(&plan.config.worker.state_dir);
             log::logger().flush();
             // The descriptor stays open until the exec, so the file checked is the file run.
             use std::os::fd::AsRawFd;
@@ -180,7 +180,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if target.is_some() && plan.config.worker.watch_binary {
         // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
         // a rollback after a deploy the worker switches to.
-        if let Err(e) = crate::restart::deploy::save_last_good(state_dir) {
+        if let Err(e) = crate::restart::rollback::save_last_good(state_dir) {
             log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
         }
     }

@@ -1,0 +1,160 @@
+//! A deploy's pre-flight: `CANDIDATE -c CONFIG check`, run with a timeout and a clean
+//! environment, its output read while it runs (the tail kept), in a process group of its own
+//! that dies with the worker.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// How long a pre-flight may take.
+pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The process group of the pre-flight under way (0: none), killed when the worker exits or
+/// re-execs: a hanging pre-flight and whatever it started never outlive the worker.
+static PREFLIGHT_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// How much of a pre-flight's output is kept (its tail) for the log and `status`.
+const KEEP_OUTPUT: usize = 1000;
+
+/// SIGKILLs the pre-flight under way, if any, with its whole process group.
+pub fn kill_preflight() {
+    let pgid = PREFLIGHT_GROUP.swap(0, Ordering::AcqRel);
+    if pgid > 0 {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+/// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else the tail of its
+/// output. Its stdout and stderr share one pipe, read while it runs (a pre-flight that prints
+/// more than a pipe holds is not mistaken for a hanging one). It runs in a process group of its
+/// own and dies with the thread that started it (`PR_SET_PDEATHSIG`), so neither it nor its
+/// children outlive the worker.
+pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), String> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .map_err(|e| format!("cannot create a pipe for the candidate: {e}"))?;
+    let write2 = write
+        .try_clone()
+        .map_err(|e| format!("cannot create a pipe for the candidate: {e}"))?;
+    // The candidate's end must block like any stdout.
+    let _ = nix::fcntl::fcntl(
+        write.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
+    );
+    let mut cmd = Command::new(candidate);
+    cmd.arg("-c")
+        .arg(config)
+        .arg("check")
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| !crate::jobs::executable::is_internal_var(k)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(write2))
+        .process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid,
+    // getpid and kill, which are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let spawned = crate::jobs::reaper::spawn(&mut cmd);
+    // Our copies of the write end go with the command: EOF comes when the candidate's close.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| format!("cannot run the candidate: {e}"))?;
+    let pid = child.id();
+    PREFLIGHT_GROUP.store(pid as i32, Ordering::Release);
+    let result = wait_preflight(&mut child, read);
+    let _ = PREFLIGHT_GROUP.compare_exchange(pid as i32, 0, Ordering::AcqRel, Ordering::Acquire);
+    crate::jobs::reaper::forget(pid);
+    result
+}
+
+/// Reads the pre-flight's output while waiting for it (bounded by [`PREFLIGHT_TIMEOUT`]) and
+/// judges it. Its group is killed once the leader has exited (while the leader is still a
+/// zombie, so the group id cannot have been reused) or at the deadline.
+fn wait_preflight(child: &mut std::process::Child, out: OwnedFd) -> Result<(), String> {
+    let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut tail = Vec::new();
+    let mut eof = false;
+    let timed_out = loop {
+        eof = eof || drain(&out, &mut tail);
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(pid), flags) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => break false,
+            Err(e) => return Err(format!("waiting for the candidate: {e}")),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break true;
+        }
+        let nap = left.min(Duration::from_millis(20));
+        if eof {
+            std::thread::sleep(nap);
+        } else {
+            let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+            let ms = u16::try_from(nap.as_millis()).unwrap_or(20);
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+        }
+    };
+    let _ = killpg(pid, Signal::SIGKILL);
+    let status = child.wait();
+    if !eof {
+        drain(&out, &mut tail);
+    }
+    let said = String::from_utf8_lossy(&tail);
+    let said = said.trim();
+    if timed_out {
+        return Err(format!(
+            "`check` did not finish within {}s: {said}",
+            PREFLIGHT_TIMEOUT.as_secs()
+        ));
+    }
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("`check` failed ({s}): {said}")),
+        Err(e) => Err(format!("waiting for the candidate: {e}")),
+    }
+}
+
+/// Reads what `fd` (non-blocking) holds now, keeping the last [`KEEP_OUTPUT`] bytes in `tail`.
+/// True at end of file.
+fn drain(fd: &OwnedFd, tail: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => return true,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * KEEP_OUTPUT {
+                    tail.drain(..tail.len() - KEEP_OUTPUT);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => {
+                // EAGAIN (nothing more for now) or an error that reading again will not fix.
+                if tail.len() > KEEP_OUTPUT {
+                    tail.drain(..tail.len() - KEEP_OUTPUT);
+                }
+                return false;
+            }
+        }
+    }
+}

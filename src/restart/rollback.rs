@@ -1,0 +1,142 @@
+//! Rollback: the deploy marker (`state_dir/worker/deploy-pending.json`, the worker's data, read
+//! as untrusted) and `state_dir/last-good` (root's, exec'd through its checked descriptor).
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::deploy::{hash_file, hash_reader};
+use crate::ops::layout;
+use crate::ops::safefs::Dir;
+use crate::status::records::Rollback;
+
+/// Written (by the worker, into its own `state_dir/worker/`) before switching to a new
+/// binary, removed once a generation serves. Found by a fresh start whose own image is
+/// `to_sha`, it means that binary died during start-up: roll back. It is data from the worker's
+/// user: it names no path, and root compares it with its own digest only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Marker {
+    pub from_sha: String,
+    pub to_sha: String,
+    pub at_ms: u64,
+}
+
+/// Largest deploy marker root agrees to read.
+const MAX_MARKER: u64 = 4096;
+
+pub fn write_marker(state_dir: &Path, marker: &Marker) -> std::io::Result<()> {
+    let json = serde_json::to_vec(marker).map_err(std::io::Error::other)?;
+    let dir = layout::worker_dir(state_dir);
+    let tmp = dir.join(format!("{}.tmp", layout::MARKER));
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, dir.join(layout::MARKER))
+}
+
+/// Reads the marker as untrusted data: never through a link, at most 4 KiB.
+pub fn read_marker(state_dir: &Path) -> Option<Marker> {
+    let dir = Dir::open(&layout::worker_dir(state_dir)).ok()?;
+    let bytes = dir.read_small(layout::MARKER, MAX_MARKER).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn clear_marker(state_dir: &Path) {
+    let _ = std::fs::remove_file(layout::worker_dir(state_dir).join(layout::MARKER));
+}
+
+/// On a fresh start: if this image is the binary a deploy switched to and the marker is still
+/// there, that binary died before serving. Returns the rollback to perform: exec the returned
+/// descriptor of `state_dir/last-good`, which only the owner of `state_dir` (root, under a
+/// privilege drop) can have written. The marker decides only *whether*, never *what*.
+pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
+    let marker = read_marker(state_dir)?;
+    let me = hash_file(Path::new("/proc/self/exe")).ok()?;
+    if me != marker.to_sha {
+        return None;
+    }
+    let (last_good, to_sha) = match open_last_good(state_dir).and_then(|f| {
+        // What runs is that file, whatever the marker says it came from (after A -> B -> C under
+        // a privilege drop, last-good is still the A root copied at the fresh start).
+        let sha = hash_reader(&mut &f)
+            .map_err(|e| crate::Error::io_path("reading", &state_dir.join(layout::LAST_GOOD), e))?;
+        Ok((f, sha))
+    }) {
+        Ok(found) => found,
+        Err(e) => {
+            log::error!("the deploy marker asks for a rollback, but {e}");
+            return None;
+        }
+    };
+    let reason = match crate::status::records::from_env().and_then(|i| i.last_exit) {
+        Some(exit) => format!("the new binary {exit} before it was serving"),
+        None => "the new binary died before it was serving".to_string(),
+    };
+    let rollback = Rollback {
+        from_sha: marker.to_sha.clone(),
+        to_sha,
+        reason,
+        at_ms: crate::clock::now_ms(),
+    };
+    Some((last_good, rollback))
+}
+
+/// Opens `state_dir/last-good` for exec, only if nobody but us (or root) could have written it.
+fn open_last_good(state_dir: &Path) -> crate::Result<File> {
+    let dir = Dir::open(state_dir)?;
+    if !dir.trusted() {
+        return Err(crate::Error::Msg(format!(
+            "\"{}\" can be written by others: not running its last-good",
+            state_dir.display()
+        )));
+    }
+    let file = dir
+        .file(layout::LAST_GOOD, crate::ops::safefs::Open::READ)?
+        .file;
+    let meta = file
+        .metadata()
+        .map_err(|e| crate::Error::io_path("checking", &state_dir.join(layout::LAST_GOOD), e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
+        return Err(crate::Error::Msg(format!(
+            "\"{}\" is owned by uid {} (mode {:o}): not running it",
+            state_dir.join(layout::LAST_GOOD).display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(file)
+}
+
+/// Keeps a copy of the running image as `state_dir/last-good`, if `state_dir` is ours to write
+/// (under a privilege drop it is root's: root made the copy at the fresh start).
+pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
+    let dir = Dir::open(state_dir)?;
+    if dir.owner().0 != nix::unistd::geteuid() {
+        return Ok(dir
+            .file(layout::LAST_GOOD, crate::ops::safefs::Open::READ)
+            .ok()
+            .map(|_| state_dir.join(layout::LAST_GOOD)));
+    }
+    let tmp = format!("{}.tmp", layout::LAST_GOOD);
+    dir.remove(&tmp)?;
+    let mut out = dir
+        .file(
+            &tmp,
+            crate::ops::safefs::Open {
+                write: true,
+                append: false,
+                create: Some(0o700),
+            },
+        )?
+        .file;
+    let path = state_dir.join(layout::LAST_GOOD);
+    let mut exe =
+        File::open("/proc/self/exe").map_err(|e| crate::Error::io("opening /proc/self/exe", e))?;
+    std::io::copy(&mut exe, &mut out).map_err(|e| crate::Error::io_path("writing", &path, e))?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| crate::Error::io_path("chmod", &path, e))?;
+    drop(out);
+    dir.rename(&tmp, layout::LAST_GOOD)?;
+    Ok(Some(path))
+}
