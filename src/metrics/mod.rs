@@ -11,14 +11,13 @@
 pub mod carry;
 pub mod http;
 pub mod process;
+mod render;
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::kinds::RestartReason;
 use carry::{FunctionCounts, HistogramCounts, MetricsCarried};
 
 /// Bounds of the job duration histogram (µs): 1 ms to 1 h.
@@ -293,235 +292,6 @@ impl Metrics {
             log::warn!("metrics: histograms of another build's layout were not carried over");
         }
     }
-
-    /// This process's text exposition (Prometheus text format 0.0.4).
-    pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::with_capacity(8192);
-        let w = &mut out;
-        let (restarts, deploys, reconnects_before) = self
-            .rare
-            .lock()
-            .map(|r| (r.restarts.clone(), r.deploys.clone(), r.reconnects.clone()))
-            .unwrap_or_default();
-
-        header(
-            w,
-            "gearshift_info",
-            "gauge",
-            "The worker's name and version.",
-        );
-        let _ = writeln!(
-            w,
-            "gearshift_info{{name=\"{}\",version=\"{}\",source=\"{}\"}} 1",
-            escape(&g.name),
-            escape(&g.version),
-            g.source
-        );
-        gauge(
-            w,
-            "gearshift_generation",
-            "Generation of the running image (1 at start, +1 per re-exec).",
-            g.generation,
-        );
-        gauge(
-            w,
-            "gearshift_lanes",
-            "Lanes (job threads) of the running generation.",
-            g.lanes,
-        );
-        gauge(
-            w,
-            "gearshift_jobs_in_flight",
-            "Jobs running now.",
-            g.in_flight,
-        );
-        gauge(
-            w,
-            "gearshift_degraded",
-            "1 while a result cannot be stored (a full disk, no descriptors).",
-            u64::from(g.degraded),
-        );
-
-        header(
-            w,
-            "gearshift_jobs_total",
-            "counter",
-            "Jobs that ended, by function and outcome (done, failed, timed_out).",
-        );
-        let functions: Vec<(String, Arc<FunctionStats>)> = self
-            .functions
-            .read()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect())
-            .unwrap_or_default();
-        for (name, s) in &functions {
-            let f = escape(name);
-            for (outcome, c) in [
-                (Outcome::Done, &s.done),
-                (Outcome::Failed, &s.failed),
-                (Outcome::TimedOut, &s.timed_out),
-            ] {
-                let _ = writeln!(
-                    w,
-                    "gearshift_jobs_total{{function=\"{f}\",outcome=\"{}\"}} {}",
-                    outcome.as_str(),
-                    c.load(Ordering::Relaxed)
-                );
-            }
-        }
-        header(
-            w,
-            "gearshift_job_duration_seconds",
-            "histogram",
-            "How long jobs ran, by function.",
-        );
-        for (name, s) in &functions {
-            histogram(
-                w,
-                "gearshift_job_duration_seconds",
-                &format!("function=\"{}\"", escape(name)),
-                &s.duration.counts(),
-            );
-        }
-
-        header(
-            w,
-            "gearshift_restarts_total",
-            "counter",
-            "Re-execs in place, by reason.",
-        );
-        for reason in RestartReason::ALL {
-            let n = restarts.get(reason.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(
-                w,
-                "gearshift_restarts_total{{reason=\"{}\"}} {n}",
-                reason.as_str()
-            );
-        }
-        header(
-            w,
-            "gearshift_restart_pause_seconds",
-            "histogram",
-            "From a restart's request until the new generation serves.",
-        );
-        histogram(
-            w,
-            "gearshift_restart_pause_seconds",
-            "",
-            &self.restart_pause.counts(),
-        );
-        header(
-            w,
-            "gearshift_reload_refusals_total",
-            "counter",
-            "Reloads refused because the new config, jobs_dir or binary was invalid.",
-        );
-        let _ = writeln!(w, "gearshift_reload_refusals_total {}", g.refusals);
-        header(
-            w,
-            "gearshift_deploys_total",
-            "counter",
-            "Deploys of a new binary, by result (switched, refused, rolled_back).",
-        );
-        for result in DEPLOY_RESULTS {
-            let n = deploys.get(result).copied().unwrap_or(0);
-            let _ = writeln!(w, "gearshift_deploys_total{{result=\"{result}\"}} {n}");
-        }
-
-        if let Some(q) = &g.queue {
-            gauge(
-                w,
-                "gearshift_spool_queue_depth",
-                "Spool jobs waiting for a lane.",
-                q.depth,
-            );
-            gauge(
-                w,
-                "gearshift_spool_running",
-                "Spool jobs claimed by a lane (cur/).",
-                q.running,
-            );
-            header(
-                w,
-                "gearshift_spool_oldest_job_age_seconds",
-                "gauge",
-                "Age of the oldest waiting spool job (0: none waiting).",
-            );
-            let _ = writeln!(
-                w,
-                "gearshift_spool_oldest_job_age_seconds {}",
-                seconds(q.oldest_age_us)
-            );
-            header(
-                w,
-                "gearshift_spool_rejected_total",
-                "counter",
-                "Spool entries set aside in rejected/.",
-            );
-            let _ = writeln!(w, "gearshift_spool_rejected_total {}", g.rejected);
-        }
-
-        if !g.servers.is_empty() {
-            header(
-                w,
-                "gearshift_gearman_server_up",
-                "gauge",
-                "1 while at least one lane is connected to the server.",
-            );
-            for s in &g.servers {
-                let _ = writeln!(
-                    w,
-                    "gearshift_gearman_server_up{{server=\"{}\"}} {}",
-                    escape(&s.address),
-                    u64::from(s.connected > 0)
-                );
-            }
-            header(
-                w,
-                "gearshift_gearman_connections",
-                "gauge",
-                "Lanes' connections to each server, by state.",
-            );
-            for s in &g.servers {
-                for (state, n) in [
-                    ("connected", s.connected),
-                    ("connecting", s.connecting),
-                    ("backing_off", s.backing_off),
-                ] {
-                    let _ = writeln!(
-                        w,
-                        "gearshift_gearman_connections{{server=\"{}\",state=\"{state}\"}} {n}",
-                        escape(&s.address)
-                    );
-                }
-            }
-            header(
-                w,
-                "gearshift_gearman_reconnects_total",
-                "counter",
-                "Connections to each server lost and made again.",
-            );
-            let mut all: BTreeMap<&str, u64> = BTreeMap::new();
-            // Earlier generations' counts, for the servers this one still has: a server taken
-            // out of the config leaves no series behind.
-            for (server, n) in &reconnects_before {
-                if g.servers.iter().any(|s| s.address == *server) {
-                    *all.entry(server).or_default() += n;
-                }
-            }
-            for s in &g.servers {
-                *all.entry(&s.address).or_default() += s.reconnects;
-            }
-            for (server, n) in all {
-                let _ = writeln!(
-                    w,
-                    "gearshift_gearman_reconnects_total{{server=\"{}\"}} {n}",
-                    escape(server)
-                );
-            }
-        }
-        process::render(w);
-        out
-    }
 }
 
 /// The spool's queue, at the moment of a scrape.
@@ -560,56 +330,10 @@ pub struct Gauges {
     pub servers: Vec<ServerGauge>,
 }
 
-fn header(w: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn gauge(w: &mut String, name: &str, help: &str, value: u64) {
-    header(w, name, "gauge", help);
-    let _ = writeln!(w, "{name} {value}");
-}
-
-/// Microseconds as seconds, exactly (no float noise: "0.0025", "1", "3600").
-fn seconds(us: u64) -> String {
-    let (s, frac) = (us / 1_000_000, us % 1_000_000);
-    if frac == 0 {
-        s.to_string()
-    } else {
-        let f = format!("{frac:06}");
-        format!("{s}.{}", f.trim_end_matches('0'))
-    }
-}
-
-fn histogram(w: &mut String, name: &str, labels: &str, h: &HistogramCounts) {
-    let sep = if labels.is_empty() { "" } else { "," };
-    let mut cumulative = 0u64;
-    for (i, c) in h.counts.iter().enumerate() {
-        cumulative += c;
-        let le = h
-            .bounds_us
-            .get(i)
-            .map_or_else(|| "+Inf".to_string(), |b| seconds(*b));
-        let _ = writeln!(w, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
-    }
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(w, "{name}_sum{braces} {}", seconds(h.sum_us));
-    let _ = writeln!(w, "{name}_count{braces} {cumulative}");
-}
-
-/// A label value with `\`, `"` and newlines escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::render::{escape, seconds};
     use super::*;
 
     #[test]
