@@ -10,7 +10,6 @@ pub mod spool {
 /// A Gearman client: foreground and background submissions over the binary protocol, and a
 /// pipelined load generator.
 pub mod gearman {
-    pub use crate::source::gearman::client::{
-        load, Client, LoadOptions, LoadReport, Outcome, Priority, Update,
-    };
+    pub use crate::source::gearman::client::{Client, Outcome, Priority, Update};
+    pub use crate::source::gearman::load::{load, LoadOptions, LoadReport};
 }

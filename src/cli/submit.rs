@@ -117,7 +117,8 @@ fn wait_for_result(
 }
 
 fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
-    use crate::source::gearman::client::{self, Client, LoadOptions, Outcome, Priority, Update};
+    use crate::source::gearman::client::{Client, Outcome, Priority, Update};
+    use crate::source::gearman::load::{self, LoadOptions};
     let priority = match args.priority {
         PriorityArg::Low => Priority::Low,
         PriorityArg::Normal => Priority::Normal,
@@ -132,7 +133,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
             unique: args.unique.clone(),
             timeout: args.timeout,
         };
-        let r = client::load_with(
+        let r = load::load_with(
             &cfg.servers,
             &args.function,
             payload,

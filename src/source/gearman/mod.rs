@@ -4,10 +4,12 @@
 //! - [`connection`]: one buffered TCP connection.
 //! - [`tls`]: `tls://` servers: certificates, and TLS over the same non-blocking socket.
 //! - [`worker`]: the lanes that take jobs (the worker side).
-//! - [`client`]: submitting jobs (the `submit` command and the load generator).
+//! - [`client`]: submitting jobs (the `submit` command).
+//! - [`load`]: the pipelined load generator (`submit --count`).
 
 pub mod client;
 pub mod connection;
+pub mod load;
 pub mod protocol;
 pub mod tls;
 pub mod worker;
