@@ -1,0 +1,169 @@
+//! The status document: one typed schema for the worker that serves it and the CLI and
+//! supervisor that read it (so a renamed field cannot silently break a reader), and its form
+//! for a terminal (outside text escaped).
+
+use serde::{Deserialize, Serialize};
+
+use std::path::PathBuf;
+
+/// The status document: served by the worker's socket, read by the CLI and the supervisor.
+/// One type for both sides, so a renamed field cannot silently break a reader. Every field is
+/// described in README ("Status").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Doc {
+    pub pid: u32,
+    pub state: String,
+    pub storage: Option<StorageDoc>,
+    pub rejected: u64,
+    pub generation: u64,
+    pub started_at: String,
+    pub restarted_at: Option<String>,
+    pub restarts: u64,
+    pub last_restart_reason: Option<String>,
+    pub last_restart_pause_us: Option<u64>,
+    pub first_claim_monotonic_us: u64,
+    pub generation_jobs: u64,
+    pub file_checks: u64,
+    pub last_refused_reload: Option<RefusalDoc>,
+    pub reload_refusals: u64,
+    pub config: PathBuf,
+    pub config_sha256: String,
+    pub binary: PathBuf,
+    pub binary_sha256: Option<String>,
+    pub last_rollback: Option<RollbackDoc>,
+    pub last_refused_deploy: Option<RefusedDeployDoc>,
+    pub name: String,
+    pub version: String,
+    pub warnings: Vec<String>,
+    pub watch: String,
+    /// Where `/metrics` is served (the bound address), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// A restart delayed by `[worker] restart_splay`.
+    #[serde(default)]
+    pub restart_pending: Option<PendingDoc>,
+    pub source: String,
+    pub jobs_completed: u64,
+    pub jobs_failed: u64,
+    pub in_flight: u64,
+    pub functions: Vec<String>,
+    pub supervisor: Option<crate::status::records::Info>,
+    pub servers: Vec<ServerDoc>,
+    pub running_jobs: Vec<RunningJob>,
+    /// Lanes of the running generation.
+    #[serde(default)]
+    pub lanes: usize,
+}
+
+impl Doc {
+    /// The document with every text that came from outside (server errors, job ids and
+    /// function names, file names, refusal reasons) escaped for a terminal: for `status`
+    /// printed for people and for `top`. (JSON output escapes control characters itself.)
+    pub fn for_terminal(mut self) -> Doc {
+        fn esc(s: &mut String) {
+            if let std::borrow::Cow::Owned(e) = crate::text::escape(s) {
+                *s = e;
+            }
+        }
+        esc(&mut self.state);
+        self.warnings.iter_mut().for_each(esc);
+        self.functions.iter_mut().for_each(esc);
+        for s in &mut self.servers {
+            esc(&mut s.address);
+            esc(&mut s.state);
+            s.last_error.as_mut().map(esc);
+        }
+        for j in &mut self.running_jobs {
+            esc(&mut j.id);
+            esc(&mut j.function);
+        }
+        if let Some(r) = &mut self.last_refused_reload {
+            esc(&mut r.reason);
+            esc(&mut r.error);
+        }
+        if let Some(r) = &mut self.last_refused_deploy {
+            esc(&mut r.error);
+        }
+        if let Some(r) = &mut self.last_rollback {
+            esc(&mut r.reason);
+        }
+        if let Some(s) = &mut self.storage {
+            esc(&mut s.error);
+        }
+        if let Some(p) = &mut self.restart_pending {
+            esc(&mut p.reason);
+        }
+        if let Some(sv) = &mut self.supervisor {
+            sv.last_exit.as_mut().map(esc);
+        }
+        self
+    }
+}
+
+/// `status.storage`: what fails, since when.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StorageDoc {
+    pub error: String,
+    pub since: String,
+}
+
+/// `status.last_refused_reload`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefusalDoc {
+    pub at: String,
+    pub reason: String,
+    pub error: String,
+}
+
+/// `status.last_rollback`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RollbackDoc {
+    pub at: String,
+    pub from_sha256: String,
+    pub to_sha256: String,
+    pub reason: String,
+}
+
+/// `status.last_refused_deploy`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefusedDeployDoc {
+    pub at: String,
+    pub sha256: String,
+    pub error: String,
+}
+
+/// One of `status.servers`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerDoc {
+    pub address: String,
+    pub state: String,
+    pub since: String,
+    pub lanes_connected: usize,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub reconnects: u64,
+}
+
+/// `status.restart_pending`: a restart waiting out its splay.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PendingDoc {
+    pub reason: String,
+    pub at: String,
+}
+
+/// One of `status.running_jobs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunningJob {
+    pub id: String,
+    pub function: String,
+    /// The lane (0-based) that runs it.
+    #[serde(default)]
+    pub lane: usize,
+    /// When it started.
+    #[serde(default)]
+    pub since: String,
+    /// For how long it has run.
+    #[serde(default)]
+    pub running_ms: u64,
+}
