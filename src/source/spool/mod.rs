@@ -34,6 +34,7 @@ use crate::ops::safefs::{Dir, Open};
 
 mod format;
 mod order;
+mod recover;
 mod source;
 
 use format::*;

@@ -1,0 +1,251 @@
+//! Keeping the spool sound: recovery of jobs a killed worker left in `cur/` (retried while the
+//! disk is full), quarantine of entries that are no jobs (`rejected/`), abandoned temp files,
+//! and pruning results past `retain_results`.
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+
+use super::format::*;
+use super::source::SpoolSource;
+use super::*;
+
+impl SpoolSource {
+    /// Puts jobs left in `cur/` by a killed worker back in the queue, or fails them for good once
+    /// `max_attempts` runs were interrupted. One bad entry never stops the recovery: it is set
+    /// aside in `rejected/`; a job that cannot be moved now (say, the disk is full) stays in
+    /// `cur/` and is tried again with every housekeeping until it moves.
+    pub(super) fn recover(&self) -> Result<()> {
+        let cur = self.spool.dir("cur");
+        let mut left = Vec::new();
+        for name in list_raw(&cur)? {
+            let Some(id) = name.to_str().filter(|n| valid_id(n)).map(str::to_string) else {
+                self.reject_raw("cur", &name, "not a job id");
+                continue;
+            };
+            if let Err(e) = self.recover_one(&id) {
+                log::error!(
+                    "job {id}: cannot recover it now ({e}); it stays in cur/ and is tried again every {}s",
+                    HOUSEKEEPING.as_secs()
+                );
+                left.push(id);
+            }
+        }
+        if let Ok(mut u) = self.unrecovered.lock() {
+            *u = left;
+        }
+        Ok(())
+    }
+
+    /// Tries again the interrupted jobs the start-up recovery could not move. Only those: any
+    /// other entry in `cur/` is a job this worker runs now.
+    pub(super) fn retry_recovery(&self) {
+        let Ok(mut left) = self.unrecovered.lock() else {
+            return;
+        };
+        let before = left.len();
+        left.retain(|id| match self.recover_one(id) {
+            Ok(()) => false,
+            Err(e) => {
+                log::debug!("job {id}: still cannot recover it ({e})");
+                true
+            }
+        });
+        if left.len() < before {
+            log::info!(
+                "recovered {} interrupted job(s) left in cur/ at start-up",
+                before - left.len()
+            );
+            self.wake();
+        }
+    }
+
+    pub(super) fn recover_one(&self, id: &str) -> Result<()> {
+        let path = self.spool.dir("cur").join(id);
+        match self.spool.read_finished(id) {
+            Ok(Some(_)) => {
+                // Killed after storing the outcome but before leaving cur/: it is done.
+                return remove(&path);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // A damaged result record: set it aside and run the job again.
+                for sub in ["done", "failed"] {
+                    self.reject_raw(sub, std::ffi::OsStr::new(id), &e.to_string());
+                }
+            }
+        }
+        let mut job = match self.read_job(id) {
+            Ok(job) => job,
+            Err(Ok(why)) => {
+                self.reject(id, &why);
+                return Ok(());
+            }
+            Err(Err(e)) => return Err(e),
+        };
+        job.attempts = job.attempts.saturating_add(1);
+        if job.attempts >= self.max_attempts {
+            log::warn!(
+                "job {id}: interrupted {} times; failing it (max_attempts = {})",
+                job.attempts,
+                self.max_attempts
+            );
+            let record = Record {
+                id: id.to_string(),
+                outcome: Outcome::Failed,
+                function: job.function,
+                attempts: job.attempts,
+                submitted_ms: job.submitted_ms,
+                started_ms: 0,
+                finished_ms: now_ms(),
+                error: Some(format!(
+                    "interrupted {} times (the worker stopped while running it); max_attempts = {}",
+                    job.attempts, self.max_attempts
+                )),
+                result: Vec::new(),
+            };
+            self.spool.publish(&encode_record(&record), id, "failed")?;
+        } else {
+            log::info!(
+                "job {id}: requeued after an interrupted run (attempt {} of {})",
+                job.attempts.saturating_add(1),
+                self.max_attempts
+            );
+            self.spool.publish(&encode_job(&job), id, "new")?;
+        }
+        remove(&path)
+    }
+
+    /// Reads and decodes `cur/ID`: never through a link, never blocking, within the size bound.
+    /// `Err(Ok(why))`: the entry is no job; `Err(Err(e))`: storage or resources fail now (the
+    /// entry may be fine).
+    pub(super) fn read_job(
+        &self,
+        id: &str,
+    ) -> std::result::Result<JobFile, std::result::Result<String, Error>> {
+        let path = self.spool.dir("cur").join(id);
+        let bytes = read_entry(&path, self.max_entry).map_err(|e| match e.raw_os_error() {
+            Some(errno) if crate::error::is_transient_errno(errno) => {
+                Err(Error::io_path("reading", &path, e))
+            }
+            _ => Ok(e.to_string()),
+        })?;
+        decode_job(&bytes).map_err(Ok)
+    }
+
+    /// Removes files in `tmp/` abandoned by killed writers: unlocked (a live writer holds an
+    /// flock on its file until the rename) and older than [`TMP_ABANDONED`] (the moment between
+    /// a writer's create and its flock). Anything that is not a regular file goes to
+    /// `rejected/`.
+    pub(super) fn clean_tmp(&self) {
+        let tmp = self.spool.dir("tmp");
+        let Ok(names) = list_raw(&tmp) else { return };
+        let cutoff = SystemTime::now() - TMP_ABANDONED;
+        for name in names {
+            let path = tmp.join(&name);
+            let Ok(f) = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+            else {
+                self.reject_raw("tmp", &name, "not a regular file");
+                continue;
+            };
+            let Ok(meta) = f.metadata() else { continue };
+            if !meta.is_file() {
+                drop(f);
+                self.reject_raw("tmp", &name, "not a regular file");
+                continue;
+            }
+            if meta.modified().is_ok_and(|t| t > cutoff) {
+                continue;
+            }
+            // SAFETY: flock on a descriptor we own; it touches no memory.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                log::info!(
+                    "removing {:?} from tmp/: abandoned by its writer ({} bytes)",
+                    name,
+                    meta.size()
+                );
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Every [`HOUSEKEEPING`]: abandoned temp files, interrupted jobs not yet recovered.
+    pub(super) fn housekeeping(&self) {
+        let Ok(mut next) = self.next_housekeeping.lock() else {
+            return;
+        };
+        if Instant::now() < *next {
+            return;
+        }
+        *next = Instant::now() + HOUSEKEEPING;
+        drop(next);
+        self.clean_tmp();
+        self.retry_recovery();
+    }
+
+    pub(super) fn prune(&self) {
+        let Ok(mut next) = self.next_prune.lock() else {
+            return;
+        };
+        if Instant::now() < *next {
+            return;
+        }
+        *next = Instant::now()
+            + (self.retain / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        drop(next);
+        let cutoff = SystemTime::now()
+            .checked_sub(self.retain)
+            .unwrap_or(UNIX_EPOCH);
+        let pruned: usize = ["done", "failed"]
+            .iter()
+            .map(|sub| prune_older(&self.spool.dir(sub), cutoff))
+            .sum();
+        if pruned > 0 {
+            log::info!(
+                "pruned {pruned} result(s) older than retain_results ({}s): `gearshift result` no longer knows them",
+                self.retain.as_secs()
+            );
+        }
+    }
+
+    /// Sets aside `cur/ID`, which cannot be used as a job at all, in `rejected/`.
+    pub(super) fn reject(&self, id: &str, why: &str) {
+        self.reject_raw("cur", std::ffi::OsStr::new(id), why);
+    }
+
+    /// Moves the entry `sub/name` (whatever it is) into `rejected/`, with the reason in the log
+    /// and the count in `status`. Never fails the caller: at worst it says it could not.
+    pub(super) fn reject_raw(&self, sub: &str, name: &std::ffi::OsStr, why: &str) {
+        let from = self.spool.dir(sub).join(name);
+        let mut to = self.spool.dir("rejected").join(name);
+        if fs::symlink_metadata(&to).is_ok() {
+            let mut renamed = name.to_os_string();
+            renamed.push(format!(".{}", order::unique()));
+            to = self.spool.dir("rejected").join(renamed);
+        }
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                crate::status::REJECTED.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "{sub}/{}: {why}; rejected: set aside as \"{}\"",
+                    name.to_string_lossy(),
+                    to.display()
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::error!(
+                "{sub}/{}: {why}; and it cannot be set aside ({e}): remove it",
+                name.to_string_lossy()
+            ),
+        }
+    }
+}
