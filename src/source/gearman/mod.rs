@@ -3,14 +3,17 @@
 //! - [`protocol`]: packet framing, the hardened decoder.
 //! - [`connection`]: one buffered TCP connection.
 //! - [`tls`]: `tls://` servers: certificates, and TLS over the same non-blocking socket.
-//! - [`worker`]: the lanes that take jobs (the worker side).
+//! - [`worker`]: the worker side: the source, its design (safe points, deadlines).
+//! - [`lane`]: a lane taking jobs from any server; [`servers`]: its connections, backoff.
 //! - [`client`]: submitting jobs (the `submit` command).
 //! - [`load`]: the pipelined load generator (`submit --count`).
 
 pub mod client;
 pub mod connection;
+pub mod lane;
 pub mod load;
 pub mod protocol;
+pub mod servers;
 pub mod tls;
 pub mod worker;
 
