@@ -37,6 +37,7 @@ mod control;
 mod event;
 mod lane;
 mod plan;
+mod restart;
 
 use control::{poll_queue, Control, POLL_FALLBACK};
 use event::Event;

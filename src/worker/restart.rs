@@ -1,0 +1,324 @@
+//! The restart state machine's decisions: is there a valid change, restart now or after a
+//! splay, refuse, and the restart itself (hand over, then exec).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sha2::Digest;
+
+use super::control::{Control, Phase};
+use super::plan::Plan;
+use crate::clock::now_ms;
+use crate::error::Error;
+use crate::kinds::RestartReason;
+use crate::ops::signals;
+use crate::restart::carried::Inherited;
+use crate::restart::reexec;
+use crate::status;
+use crate::status::records::Refusal;
+use crate::watch;
+
+impl Control {
+    /// Which watched state differs from the running one and is valid, if any.
+    pub(super) fn changed_on_disk(&mut self) -> Option<RestartReason> {
+        self.state.file_checks.fetch_add(1, Ordering::Release);
+        let cfg = std::fs::read(&self.config_path)
+            .ok()
+            .map(|b| crate::text::hex(&sha2::Sha256::digest(&b)));
+        // A jobs_dir that does not scan (two files for one name, a file without #!) is a
+        // change too: it is refused below, visibly, rather than ignored.
+        let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {
+            Ok(j) => j.digest,
+            Err(e) => format!("invalid: {e}"),
+        };
+        let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
+        let jobs_changed = jobs != self.plan.jobs_sha256;
+        let reason = match (config_changed, jobs_changed) {
+            (true, _) => RestartReason::ConfigChanged,
+            (false, true) => RestartReason::JobsChanged,
+            (false, false) => {
+                // Put back as it runs: a refusal of what is no longer there is history.
+                if self.refused_digest.take().is_some() {
+                    if let Ok(mut i) = self.state.inner.lock() {
+                        if i.last_refused.take().is_some() {
+                            log::info!("config.toml and jobs_dir are back to what this generation runs: the last refusal no longer applies");
+                        }
+                    }
+                }
+                return None;
+            }
+        };
+        let digest = format!("{}/{jobs}", cfg.unwrap_or_default());
+        if self.refused_digest.as_deref() == Some(digest.as_str()) {
+            return None;
+        }
+        match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(_) => Some(reason),
+            Err(e) => {
+                self.refused_digest = Some(digest);
+                self.refuse(reason, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A restart caused by a change that may have reached every host at once: delayed by a
+    /// random fraction of `restart_splay` when set (the worker serves on meanwhile).
+    pub(super) fn restart_or_splay(
+        &mut self,
+        phase: &mut Phase,
+        splayed: &mut Option<(Instant, RestartReason)>,
+        reason: RestartReason,
+    ) {
+        let Some(max) = self.plan.config.worker.restart_splay else {
+            self.request_restart(phase, reason);
+            return;
+        };
+        let delay = max.mul_f64(super::lane::random_fraction());
+        log::info!(
+            "{reason}: restarting in {} ms (restart_splay {} ms)",
+            delay.as_millis(),
+            max.as_millis()
+        );
+        *splayed = Some((Instant::now() + delay, reason));
+        self.set_pending(Some((reason, now_ms() + delay.as_millis() as u64)));
+    }
+
+    pub(super) fn set_pending(&self, pending: Option<(RestartReason, u64)>) {
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.restart_pending = pending.map(|(r, at)| (r.to_string(), at));
+        }
+    }
+
+    /// Starts a restart unless the new state is invalid (then refused: false).
+    /// A thread of this generation died: re-exec once the running jobs finish; if the restart
+    /// is refused (the config on disk is invalid now), stop after them and exit 1, so the
+    /// supervisor (or systemd) starts the worker afresh.
+    pub(super) fn replace_generation(&mut self, phase: &mut Phase) {
+        if !self.request_restart(phase, RestartReason::ThreadDied)
+            && matches!(phase, Phase::Running)
+        {
+            self.exit_for_supervisor = true;
+            *phase = Phase::Stopping;
+            self.state.set_phase("stopping");
+            self.halt_lanes();
+        }
+    }
+
+    pub(super) fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
+        match phase {
+            Phase::Running => {}
+            Phase::Draining {
+                reason: under_way, ..
+            } => {
+                log::info!("{reason}: a restart ({under_way}) is already under way; this one is folded into it");
+                return true;
+            }
+            Phase::Stopping => return true,
+        }
+        let requested = crate::clock::monotonic_us();
+        if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
+            self.refuse(reason, &e.to_string());
+            return false;
+        }
+        log::info!(
+            "{reason}: restarting after {} running job(s) finish",
+            self.state.in_flight.load(Ordering::Relaxed)
+        );
+        *phase = Phase::Draining {
+            reason,
+            requested_mono_us: requested,
+        };
+        self.state.set_phase("draining");
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::clock::monotonic_us()
+        ));
+        self.halt_lanes();
+        true
+    }
+
+    pub(super) fn refuse(&self, reason: impl std::fmt::Display, error: &str) {
+        log::error!(
+            "{reason}: reload refused, keeping generation {}: {error}",
+            self.state.generation
+        );
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.refusals += 1;
+            i.last_refused = Some(Refusal {
+                at_ms: now_ms(),
+                reason: reason.to_string(),
+                error: error.to_string(),
+            });
+        }
+    }
+
+    /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
+    pub(super) fn restart(&mut self, reason: RestartReason, requested_mono_us: u64) {
+        let plan = match Plan::prepare(&self.config_path, &self.functions) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(reason, &e.to_string()),
+        };
+        self.state.set_phase("restarting");
+        let refusals = self
+            .state
+            .inner
+            .lock()
+            .map(|i| i.refusals)
+            .unwrap_or_default();
+        let next = Inherited {
+            generation: self.state.generation,
+            pidfile_fd: Some(self.pidfile.fd()),
+            inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
+            source_fd: None,
+            started_at_ms: self.state.started_at_ms,
+            restarted_at_ms: now_ms(),
+            reason: reason.to_string(),
+            completed: self.state.completed.load(Ordering::Relaxed),
+            failed: self.state.failed.load(Ordering::Relaxed),
+            rejected: crate::status::REJECTED.load(Ordering::Relaxed),
+            restarts: self.state.restarts + 1,
+            refusals,
+            // This restart succeeds: an older refusal is history (the count keeps it).
+            last_refused: None,
+            requested_mono_us,
+            // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
+            config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
+            binary: None,
+            last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
+            last_rollback: self.last_rollback.clone(),
+            metrics_fd: None,
+            metrics_listen_fd: None,
+            jobs_fd: None,
+        };
+        let mut next = next;
+        // Exec the path only if it holds a validated binary; else this very image again.
+        let exe = match &self.deploy {
+            Some(d) => {
+                let (exe, known) = d.exec_target();
+                let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
+                if switching {
+                    let state_dir = &plan.config.worker.state_dir;
+                    match (crate::restart::rollback::save_last_good(state_dir), d.running_sha(), &known) {
+                        (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
+                            log::info!("deploy: the running binary is kept as {}", last_good.display());
+                            let marker = crate::restart::rollback::Marker {
+                                from_sha,
+                                to_sha: to.sha256.clone(),
+                                at_ms: now_ms(),
+                            };
+                            if let Err(e) = crate::restart::rollback::write_marker(state_dir, &marker) {
+                                log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
+                            }
+                        }
+                        (Ok(None), _, _) => {
+                            log::warn!("deploy: no last-good binary in state_dir: no rollback possible")
+                        }
+                        (Err(e), _, _) => {
+                            log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")
+                        }
+                        _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
+                    }
+                }
+                next.binary = known;
+                exe
+            }
+            // Without the binary watch nothing has checked what is at the path now: exec the
+            // running image itself (the kernel's link to its inode), never the path.
+            None => {
+                log::info!(
+                    "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
+                    self.boot.exe.display()
+                );
+                PathBuf::from("/proc/self/exe")
+            }
+        };
+        log::info!(
+            "{reason}: re-exec \"{}\" as generation {}",
+            exe.display(),
+            self.state.generation + 1
+        );
+        log::logger().flush();
+        if let Some(s) = self.status_server.take() {
+            s.stop();
+        }
+        let inherit_inotify = || match &self.inotify {
+            Some(i) => i
+                .keep_across_exec()
+                .map_err(|e| Error::io("keeping inotify across exec", e)),
+            None => Ok(()),
+        };
+        // Handed over as open descriptors (closed again here if the exec fails).
+        use std::os::fd::{AsFd, AsRawFd};
+        let handed = self.source.hand_over();
+        if let Some(fd) = &handed {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
+                next.source_fd = Some(fd.as_raw_fd());
+            }
+        }
+        // What was just validated is what the next generation serves on.
+        let jobs = serde_json::to_vec(&plan.jobs)
+            .ok()
+            .and_then(|data| crate::ops::handover::memfd("jobs", &data));
+        drop(plan);
+        if let Some(fd) = &jobs {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
+                next.jobs_fd = Some(fd.as_raw_fd());
+            }
+        }
+        // Every lane has ended: the counters are final for this generation.
+        let counters = serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects()))
+            .ok()
+            .and_then(|data| crate::ops::handover::memfd("metrics", &data));
+        if let Some(fd) = &counters {
+            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
+                next.metrics_fd = Some(fd.as_raw_fd());
+            }
+        }
+        if let Some(m) = self.metrics_server.as_mut() {
+            // Scrapes from now on wait in the accept queue for the next image.
+            m.pause();
+            if crate::ops::handover::keep(m.socket()).is_ok() {
+                next.metrics_listen_fd = Some(m.fd());
+            }
+        }
+        crate::restart::preflight::kill_preflight();
+        let err = match signals::block()
+            .and_then(|()| self.pidfile.keep_across_exec())
+            .and_then(|()| inherit_inotify())
+        {
+            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
+            Err(e) => e,
+        };
+        // execve failed: carry on as we were.
+        self.pidfile.close_on_exec();
+        if let Some(m) = self.metrics_server.as_mut() {
+            crate::ops::handover::release(m.socket());
+            if let Err(e) = m.resume(Arc::clone(&self.render)) {
+                log::error!("metrics: {e}");
+            }
+        }
+        if let Some(i) = &self.inotify {
+            i.close_on_exec();
+        }
+        self.refuse(reason, &err.to_string());
+        self.resume_helpers();
+    }
+
+    /// Brings back the status server and signal thread after a failed execve.
+    pub(super) fn resume_helpers(&mut self) {
+        match status::Server::start(
+            &self.plan.config.status_socket(),
+            Arc::clone(&self.state),
+            Arc::clone(&self.render),
+        ) {
+            Ok(s) => self.status_server = Some(s),
+            Err(e) => log::error!("status socket: {e}"),
+        }
+        if let Err(e) = signals::clear_mask() {
+            log::error!("{e}");
+        }
+    }
+}
