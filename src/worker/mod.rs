@@ -10,8 +10,6 @@
 //! Architecture invariant: a reload never interrupts a job. The only ways a running job ends
 //! early are its own timeout and a second SIGTERM/SIGINT (an operator's "now").
 
-use crate::kinds::RestartReason;
-use crate::restart::carried::Inherited;
 use crate::shutdown::Switch;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -20,29 +18,29 @@ use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
-use crate::clock::now_ms;
 use crate::error::Result;
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
 use crate::ops::notify::Notifier;
-use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
-use crate::restart::deploy::Deploy;
-use crate::restart::reexec::{self, Boot};
-use crate::status::{self, Inner, State};
-use crate::watch::inotify::Inotify;
-use crate::watch::{self, Touched};
+use crate::restart::reexec::{self};
+use crate::status::{self};
 
 mod control;
 mod event;
 mod lane;
 mod plan;
 mod restart;
+mod startup;
 
-use control::{poll_queue, Control, POLL_FALLBACK};
+use control::Control;
 use event::Event;
 use lane::{Health, Limits};
 pub use plan::{describe, Plan};
+use startup::{
+    count_start, detect_boot, log_start, new_deploy, new_state, prepare_plan, roll_back_if_needed,
+    settle_as_root, start_watch,
+};
 
 /// How [`run_with`] was reached, for a daemon started by `gearshift start`.
 #[derive(Default)]
@@ -61,28 +59,7 @@ pub struct RunOptions {
 /// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
 /// process (exit 0 when graceful), so that the pidfile lock is the last thing released.
 pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) -> Result<i32> {
-    // Signals stay blocked in this thread until the handlers are in place and every helper
-    // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
-    // this thread or a lane thread, and none is in flight to a helper when we exec.
-    signals::block()?;
-    // Descriptors inherited from whatever started us must not leak into job processes.
-    crate::ops::handover::close_inherited();
-    let mut boot = Boot::detect();
-    if boot.inherited.is_none() {
-        if let Some(exe) = opts.exe.take() {
-            boot.exe = exe;
-        }
-        if let Some(argv) = opts.argv.take() {
-            boot.argv = argv;
-        }
-    }
-    // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
-    // an error in its start-up reaches the file, not only a stderr nobody reads.
-    if boot.inherited.is_some() {
-        if let Some(file) = &opts.log_file {
-            let _ = crate::ops::logging::set_file(file, None);
-        }
-    }
+    let boot = detect_boot(&mut opts)?;
     // One channel into the control loop for everything other threads report.
     let (events_tx, events_rx) = bounded::<Event>(1024);
     {
@@ -101,41 +78,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let generation = inherited.generation + 1;
     crate::ops::logging::set_generation(generation);
     let config_path = crate::config::absolute(config_path)?;
-    // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
-    // since then are picked up by the check right after start-up, validated like any other.
-    let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
-    // And the jobs_dir it validated: files being written there meanwhile are looked at once
-    // serving, never a reason for this generation to fail at start-up.
-    let handed_jobs = crate::ops::handover::read_memfd(inherited.jobs_fd, "jobs", 64 << 20)
-        .and_then(|data| serde_json::from_slice::<crate::watch::Jobs>(&data).ok());
-    let plan = Plan::prepare_from(
-        &config_path,
-        &functions,
-        inherited_text.as_deref(),
-        handed_jobs,
-    )?;
-    crate::ops::logging::set_level(plan.config.log.level);
-    crate::ops::logging::set_format(plan.config.log.json, plan.config.log.jobs);
-    if boot.inherited.is_none() {
-        // A fresh start of a binary that a deploy switched to, whose marker is still there:
-        // that binary died before serving (and a supervisor or systemd started it again).
-        if let Some((last_good, rb)) =
-            crate::restart::rollback::rollback_needed(&plan.config.worker.state_dir)
-        {
-            log::error!(
-                "rolled back from {} to {}: {}",
-                crate::restart::deploy::short(&rb.from_sha),
-                crate::restart::deploy::short(&rb.to_sha),
-                rb.reason
-            );
-            crate::restart::rollback::clear_marker(&plan.config.worker.state_dir);
-            log::logger().flush();
-            // The descriptor stays open until the exec, so the file checked is the file run.
-            use std::os::fd::AsRawFd;
-            let path = PathBuf::from(format!("/proc/self/fd/{}", last_good.as_raw_fd()));
-            return Err(reexec::exec_rollback(&path, &boot.argv, &rb));
-        }
-    }
+    let plan = prepare_plan(&boot, &inherited, &config_path, &functions)?;
+    roll_back_if_needed(&plan, &boot)?;
     #[cfg(gearshift_crash_on_run)]
     {
         log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");
@@ -146,56 +90,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let last_rollback = fresh_rollback
         .clone()
         .or_else(|| inherited.last_rollback.clone());
-    // Every file this process creates from here on, in every mode (not only under `start`).
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
-        plan.config.worker.umask,
-    ));
-    // As root with a user to drop to: what that user will need is prepared through
-    // descriptors, never by path (see `safefs` and `layout`), then privileges are dropped
-    // before anything else is opened.
-    let target = crate::ops::privilege::dropping_to(&plan.config)?;
-    let owner = target.as_ref().map(|t| (t.uid, t.gid));
-    if let Some(file) = opts.log_file.as_ref().or(plan.config.log.file.as_ref()) {
-        crate::ops::logging::set_file(file, owner)?;
-    }
-    for w in &plan.warnings {
-        log::warn!("{w}");
-    }
-    let state_dir = &plan.config.worker.state_dir;
-    let layout = crate::ops::layout::prepare(state_dir, target.as_ref())?;
-    if boot.inherited.is_none() {
-        crate::ops::layout::record_state_dir(&config_path, state_dir);
-    }
-    let pidfile = match boot
-        .inherited
-        .as_ref()
-        .and_then(|i| Pidfile::adopt(i.pidfile_fd, &plan.config.pidfile()))
-    {
-        Some(p) => p,
-        None => Pidfile::acquire(&layout.dir)?,
-    };
-    // Bound before privileges drop (a port under 1024 needs root), and once: the socket is
-    // handed across every re-exec.
-    let mut start_warnings = Vec::new();
-    let metrics_listener = metrics_listener(&plan, boot.inherited.as_ref(), &mut start_warnings)?;
-    if target.is_some() && plan.config.worker.watch_binary {
-        // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
-        // a rollback after a deploy the worker switches to.
-        if let Err(e) = crate::restart::rollback::save_last_good(state_dir) {
-            log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
-        }
-    }
-    if let (crate::config::Source::Spool(spool), Some(t)) = (&plan.config.source, &target) {
-        crate::source::spool::hand_to(spool, t)?;
-    }
-    drop(layout);
-    crate::ops::privilege::settle(&plan.config)?;
-    crate::jobs::reaper::become_subreaper();
-    if boot.inherited.is_none() {
-        // We hold the pidfile lock: whatever still carries our mark was left by a killed
-        // predecessor, and must not run next to the jobs we are about to recover.
-        crate::jobs::reaper::kill_leftovers(&plan.config.worker.state_dir);
-    }
+    let (pidfile, metrics_listener, start_warnings) =
+        settle_as_root(&plan, &boot, opts.log_file.as_deref(), &config_path)?;
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let views = crate::status::ServerViews::default();
     let source = crate::source::open(&plan.config, generation, Arc::clone(&views))?;
@@ -203,53 +99,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         source.take_over(fd);
     }
 
-    let now = now_ms();
-    let state = Arc::new(State {
-        pid: std::process::id(),
-        generation,
-        started_at_ms: if inherited.started_at_ms == 0 {
-            now
-        } else {
-            inherited.started_at_ms
-        },
-        restarted_at_ms: inherited.restarted_at_ms,
-        last_restart_reason: inherited.reason.clone(),
-        restarts: inherited.restarts,
-        binary: boot.exe.clone(),
-        completed: inherited.completed.into(),
-        failed: inherited.failed.into(),
-        in_flight: 0.into(),
-        restart_pause_us: 0.into(),
-        first_claim_mono_us: 0.into(),
-        generation_jobs: 0.into(),
-        file_checks: 0.into(),
-        running: std::sync::Mutex::new(vec![
-            status::LaneSlot::default();
-            plan.config.worker.concurrency
-        ]),
-        inner: std::sync::Mutex::new(Inner {
-            phase: "running",
-            refusals: inherited.refusals,
-            last_refused: inherited.last_refused.clone(),
-            functions: plan.table.names(),
-            config_path: plan.config.path.clone(),
-            config_sha256: plan.config.sha256.clone(),
-            source: plan.config.source.kind(),
-            binary_sha256: inherited.binary.as_ref().map(|k| k.sha256.clone()),
-            last_refused_deploy: inherited.last_refused_deploy.clone(),
-            last_rollback: None,
-            storage: None,
-            warnings: plan.warnings.clone(),
-            watch: None,
-            restart_pending: None,
-            metrics: metrics_listener
-                .as_ref()
-                .and_then(|l| l.local_addr().ok())
-                .map(|a| a.to_string()),
-        }),
-        servers: views,
-        metrics: crate::metrics::Metrics::default(),
-    });
+    let state = new_state(&plan, &boot, &inherited, metrics_listener.as_ref(), views);
     count_start(
         &state,
         &plan,
@@ -265,57 +115,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     };
     let plan_state_dir = plan.config.worker.state_dir.clone();
 
-    let inotify = boot
-        .inherited
-        .as_ref()
-        .and_then(|i| Inotify::adopt(i.inotify_fd))
-        .map(Ok)
-        .unwrap_or_else(Inotify::new)
-        .map(Arc::new);
-    let mut poll_fallback = false;
-    match &inotify {
-        Ok(ino) => {
-            let w = &plan.config.worker;
-            let targets = watch::Targets {
-                config: w.watch_config.then_some(plan.config.path.as_path()),
-                jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
-                queue: source.watch_dirs(),
-                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
-            };
-            let waker = Arc::clone(&source);
-            let tx = events_tx.clone();
-            let report = move |t: Touched| {
-                // A lost event would be a change unseen: wait for room rather than drop one.
-                let _ = tx.send(Event::Touched(t));
-            };
-            let unwatched = watch::start(ino, &targets, report, move || waker.wake())?;
-            for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
-                log::warn!(
-                    "{e}; checking for changes every {}s instead",
-                    POLL_FALLBACK.as_secs()
-                );
-                poll_fallback = true;
-                if let Ok(mut i) = state.inner.lock() {
-                    i.watch = Some(format!("polling: {e}"));
-                }
-            }
-            if let Some(e) = unwatched.queue {
-                log::warn!("{e}; checking for new jobs every second instead");
-                poll_queue(&source)?;
-            }
-        }
-        Err(e) => {
-            log::warn!(
-                "no inotify ({e}); checking files every {}s and the queue every second",
-                POLL_FALLBACK.as_secs()
-            );
-            poll_fallback = true;
-            if let Ok(mut i) = state.inner.lock() {
-                i.watch = Some(format!("polling: no inotify ({e})"));
-            }
-            poll_queue(&source)?;
-        }
-    }
+    let (inotify, poll_fallback) = start_watch(&plan, &boot, &source, &state, &events_tx)?;
     // Serves status once what it reports is known (how files are watched among it).
     let render: crate::metrics::http::Render = {
         let (state, source) = (Arc::clone(&state), Arc::clone(&source));
@@ -331,25 +131,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         None => None,
     };
     // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
-    let deploy = plan.config.worker.watch_binary.then(|| {
-        let state = Arc::clone(&state);
-        let worker_uid = crate::ops::privilege::target(&plan.config)
-            .ok()
-            .flatten()
-            .map(|t| t.uid.as_raw());
-        Deploy::new(
-            &boot.exe,
-            &plan.config.path,
-            inherited.binary.clone(),
-            inherited.last_refused_deploy.clone(),
-            worker_uid,
-            move |sha| {
-                if let Ok(mut i) = state.inner.lock() {
-                    i.binary_sha256 = Some(sha.to_string());
-                }
-            },
-        )
-    });
+    let deploy = new_deploy(&plan, &boot, &inherited, &state);
     signals::clear_mask()?;
 
     let mut deploy = deploy;
@@ -382,74 +164,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         metrics_server,
         render,
         _signals: signal_thread,
-        inotify: inotify.ok(),
+        inotify,
         poll_fallback,
         notifier: Notifier::from_env(),
         ready: opts.ready.take(),
         exit_for_supervisor: false,
     };
-    if generation == 1 {
-        log::info!(
-            "{} {} started (pid {}), {} lane(s) on {}: {}",
-            crate::identity().0,
-            crate::identity().1,
-            std::process::id(),
-            ctl.plan.config.worker.concurrency,
-            ctl.plan.config.source.kind(),
-            ctl.plan.table.names().join(", ")
-        );
-    } else {
-        log::info!(
-            "generation {generation} serving ({}): {}",
-            inherited.reason,
-            ctl.plan.table.names().join(", ")
-        );
-    }
+    log_start(&ctl.plan, generation, &inherited.reason);
     ctl.control_loop(&events_rx)
-}
-
-/// The `/metrics` listening socket: the one handed over, or a new one. A reload that switches
-/// metrics off closes it; one whose address cannot be bound runs without (a first start fails).
-fn metrics_listener(
-    plan: &Plan,
-    inherited: Option<&Inherited>,
-    warnings: &mut Vec<String>,
-) -> Result<Option<std::net::TcpListener>> {
-    let carried = inherited.and_then(|i| i.metrics_listen_fd);
-    let Some(m) = &plan.config.metrics else {
-        drop(crate::ops::handover::adopt(carried, |what| {
-            what.to_string_lossy().starts_with("socket:")
-        }));
-        return Ok(None);
-    };
-    match crate::metrics::http::listener(m.listen, carried) {
-        Ok(l) => Ok(Some(l)),
-        Err(e) if inherited.is_none() => Err(e),
-        Err(e) => {
-            log::error!("{e}; no metrics in this generation");
-            warnings.push(format!("{e}; no metrics in this generation"));
-            Ok(None)
-        }
-    }
-}
-
-/// Takes over the counters the previous generation carried, and counts this start: a restart
-/// by its reason, a deploy that switched or was rolled back.
-fn count_start(state: &State, plan: &Plan, inherited: Option<&Inherited>, rolled_back: bool) {
-    let metrics = &state.metrics;
-    if let Some(i) = inherited {
-        let carried = crate::ops::handover::read_memfd(i.metrics_fd, "metrics", 256 << 20)
-            .and_then(|data| serde_json::from_slice(&data).ok());
-        if let Some(c) = carried {
-            metrics.restore(&c);
-        }
-        metrics.restarted(&i.reason);
-        if i.reason == RestartReason::BinaryChanged.as_str() {
-            metrics.deploy("switched");
-        }
-    }
-    if rolled_back {
-        metrics.deploy("rolled_back");
-    }
-    metrics.declare(plan.table.names());
 }
