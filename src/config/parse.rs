@@ -1,0 +1,318 @@
+//! Validating the raw sections into a [`Config`]: one function per section, each error with
+//! `file:line:col` (through [`Cx`]) and a hint.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::messages::line_col;
+use super::raw::*;
+use super::*;
+use crate::error::{Error, Result};
+
+/// What every check needs to say where: the file, its bytes, its directory (relative paths).
+pub(super) struct Cx<'a> {
+    pub(super) path: &'a Path,
+    pub(super) bytes: &'a [u8],
+    pub(super) base: &'a Path,
+}
+
+impl Cx<'_> {
+    /// `file:line:col` of a key's value, for errors found later (a user that does not exist).
+    pub(super) fn where_is(&self, span: Range<usize>) -> String {
+        let (line, col) = line_col(self.bytes, span.start);
+        format!("{}:{line}:{col}", self.path.display())
+    }
+
+    /// A config error at `span` (1:1 when none).
+    pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
+        let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
+        Error::Config(format!("{}:{line}:{col}: {msg}", self.path.display()))
+    }
+
+    pub(super) fn at_least_100ms(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {
+        let t = v.get_ref().0;
+        if t < Duration::from_millis(100) {
+            Err(self.located(Some(v.span()), &format!("{key} must be at least 100ms")))
+        } else {
+            Ok(t)
+        }
+    }
+
+    pub(super) fn nonzero_limit(&self, v: &Spanned<Limit>) -> Result<Option<Duration>> {
+        match v.get_ref().0 {
+            Some(t) if t.is_zero() => Err(self.located(
+                Some(v.span()),
+                "a timeout of 0 would fail every job: give a duration such as \"30s\" (or \"none\" for no limit)",
+            )),
+            t => Ok(t),
+        }
+    }
+
+    pub(super) fn in_range(&self, v: &Spanned<u64>, key: &str, min: u64, max: u64) -> Result<u64> {
+        let n = *v.get_ref();
+        if (min..=max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.located(
+                Some(v.span()),
+                &format!("{key} must be between {min} and {max}, not {n}"),
+            ))
+        }
+    }
+}
+
+/// `[worker]`, checked (`builtins` is decided with the source, see [`parse`]).
+pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
+    let concurrency = *w.concurrency.get_ref();
+    if !(1..=1024).contains(&concurrency) {
+        return Err(cx.located(
+            Some(w.concurrency.span()),
+            &format!("concurrency must be between 1 and 1024, not {concurrency}"),
+        ));
+    }
+    let max_payload_bytes =
+        cx.in_range(&w.max_payload_bytes, "max_payload_bytes", 1, MAX_PAYLOAD)?;
+    let max_rss_mb = cx.in_range(&w.max_rss_mb, "max_rss_mb", 0, 1 << 24)?;
+    let splay = *w.recycle_splay.get_ref();
+    if !(0.0..=1.0).contains(&splay) {
+        return Err(cx.located(
+            Some(w.recycle_splay.span()),
+            &format!("recycle_splay must be a fraction between 0 and 1, not {splay}"),
+        ));
+    }
+    if let Some(a) = w
+        .max_age
+        .as_ref()
+        .filter(|a| a.get_ref().0 < Duration::from_secs(1))
+    {
+        return Err(cx.located(Some(a.span()), "max_age must be at least 1s (or left out)"));
+    }
+    if let Some(s) = w
+        .restart_splay
+        .as_ref()
+        .filter(|s| s.get_ref().0 > Duration::from_secs(86400))
+    {
+        return Err(cx.located(
+            Some(s.span()),
+            "restart_splay is at most \"24h\" (a restart delayed longer is a stale worker)",
+        ));
+    }
+    let worker = Worker {
+        concurrency: concurrency as usize,
+        jobs_dir: cx.base.join(w.jobs_dir),
+        state_dir: cx.base.join(w.state_dir),
+        max_payload_bytes: max_payload_bytes as usize,
+        watch_config: w.watch_config,
+        watch_jobs: w.watch_jobs,
+        umask: u32::from_str_radix(w.umask.get_ref(), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                cx.located(
+                    Some(w.umask.span()),
+                    &format!(
+                        "[worker] umask \"{}\" is not an octal mode like \"027\"",
+                        w.umask.get_ref()
+                    ),
+                )
+            })?,
+        user_at: w.user.as_ref().map(|u| cx.where_is(u.span())),
+        group_at: w.group.as_ref().map(|g| cx.where_is(g.span())),
+        user: w.user.map(|u| u.into_inner()),
+        group: w.group.map(|g| g.into_inner()),
+        allow_root: w.allow_root,
+        strict_modes: w.strict_modes,
+        watch_binary: w.watch_binary,
+        max_jobs: w.max_jobs,
+        max_rss_mb,
+        max_age: w.max_age.map(|d| d.into_inner().0),
+        recycle_splay: splay,
+        restart_splay: w
+            .restart_splay
+            .map(|s| s.into_inner().0)
+            .filter(|s| !s.is_zero()),
+        builtins: true,
+        job_timeout: cx.nonzero_limit(&w.job_timeout)?,
+    };
+    Ok(worker)
+}
+
+/// `[source]`, checked.
+pub(super) fn source(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
+    let source = match s.kind {
+        SourceKind::Spool => {
+            let attempts = *s.max_attempts.get_ref();
+            if !(1..=1_000_000).contains(&attempts) {
+                return Err(cx.located(
+                    Some(s.max_attempts.span()),
+                    &format!("max_attempts must be between 1 and 1000000, not {attempts}"),
+                ));
+            }
+            Source::Spool(SpoolConfig {
+                dir: cx.base.join(s.dir),
+                max_attempts: attempts,
+                retain_results: s.retain_results.0,
+                fsync: s.fsync,
+            })
+        }
+        SourceKind::Gearman => gearman(cx, s, worker)?,
+    };
+    Ok(source)
+}
+
+/// `[functions.NAME]`: valid names, and each one's time limit (else `[worker] job_timeout`).
+pub(super) fn functions(
+    cx: &Cx<'_>,
+    raw: BTreeMap<Spanned<String>, RawFunction>,
+    worker: &Worker,
+) -> Result<BTreeMap<String, FunctionConfig>> {
+    let mut functions = BTreeMap::new();
+    for (name, f) in raw {
+        if let Err(why) = check_function_name(name.get_ref()) {
+            return Err(cx.located(Some(name.span()), &why));
+        }
+        let timeout = match &f.timeout {
+            Some(t) => cx.nonzero_limit(t)?,
+            None => worker.job_timeout,
+        };
+        functions.insert(name.into_inner(), FunctionConfig { timeout });
+    }
+    Ok(functions)
+}
+
+/// `[metrics]`: the listen address, loopback unless `allow_remote`.
+pub(super) fn metrics(cx: &Cx<'_>, raw: RawMetrics) -> Result<Option<Metrics>> {
+    let metrics = match raw.listen {
+        None => None,
+        Some(listen) => {
+            let addr: std::net::SocketAddr = listen.get_ref().parse().map_err(|_| {
+                cx.located(
+                    Some(listen.span()),
+                    &format!(
+                        "listen \"{}\" is not an address:port such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                        listen.get_ref()
+                    ),
+                )
+            })?;
+            if !addr.ip().is_loopback() && !raw.allow_remote {
+                return Err(cx.located(
+                    Some(listen.span()),
+                    &format!(
+                        "listen \"{addr}\" is not a loopback address: metrics would be open to the network; set [metrics] allow_remote = true if that is meant"
+                    ),
+                ));
+            }
+            Some(Metrics { listen: addr })
+        }
+    };
+    Ok(metrics)
+}
+
+/// `[source]` of `kind = "gearman"`: servers (schemes, duplicates), client id, TLS files,
+/// timeouts, packet bound.
+fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
+    if s.servers.get_ref().is_empty() {
+        return Err(cx.located(
+            Some(s.servers.span()),
+            "kind = \"gearman\" needs at least one server, e.g. servers = [\"127.0.0.1:4730\"]",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for server in s.servers.get_ref() {
+        let bare = server.strip_prefix("tls://").unwrap_or(server);
+        let ok = bare.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty()
+                && p.parse::<u16>().is_ok_and(|p| p != 0)
+                && !h.contains('/')
+                && !h.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+        if !ok {
+            let hint = match server.split_once("://") {
+                Some((scheme, _)) if scheme != "tls" => format!(
+                    " (\"{scheme}://\" is no scheme gearshift speaks: plain host:port, or tls://)"
+                ),
+                _ => String::new(),
+            };
+            return Err(cx.located(
+                Some(s.servers.span()),
+                &format!(
+                    "server \"{}\" is not host:port or tls://host:port (e.g. \"127.0.0.1:4730\"){hint}",
+                    crate::text::escape(server)
+                ),
+            ));
+        }
+        if !seen.insert(bare.to_ascii_lowercase()) {
+            return Err(cx.located(
+                Some(s.servers.span()),
+                &format!(
+                    "server \"{}\" is listed twice (every lane would hold two connections to it, and take its jobs twice as often)",
+                    crate::text::escape(server)
+                ),
+            ));
+        }
+    }
+    if let Some(spanned) = &s.client_id {
+        let id = spanned.get_ref();
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(cx.located(
+                Some(spanned.span()),
+                &format!(
+                    "[source] client_id \"{}\" must be 1 to 64 printable characters without spaces (gearadmin --workers separates fields with spaces)",
+                    crate::text::escape(id)
+                ),
+            ));
+        }
+    }
+    let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
+    let tls = match s.tls {
+        None if wants_tls => {
+            return Err(cx.located(
+                Some(s.servers.span()),
+                "a tls:// server needs a [source.tls] table with ca_file (the CA that signed the server's certificate)",
+            ))
+        }
+        None => None,
+        Some(t) => {
+            let span = t.span();
+            let t = t.into_inner();
+            if t.cert_file.is_some() != t.key_file.is_some() {
+                return Err(cx.located(
+                    Some(span),
+                    "[source.tls] cert_file and key_file go together (a client certificate and its key)",
+                ));
+            }
+            Some(TlsFiles {
+                ca_file: cx.base.join(t.ca_file),
+                cert_file: t.cert_file.map(|f| cx.base.join(f)),
+                key_file: t.key_file.map(|f| cx.base.join(f)),
+                server_name: t.server_name,
+            })
+        }
+    };
+    Ok(Source::Gearman(GearmanConfig {
+        servers: s.servers.into_inner(),
+        client_id: s.client_id.map(|c| c.into_inner()),
+        exceptions: s.exceptions,
+        io_timeout: cx.at_least_100ms(&s.io_timeout, "io_timeout")?,
+        reconnect_max: cx.at_least_100ms(&s.reconnect_max, "reconnect_max")?,
+        tls,
+        dead_peer_timeout: {
+            let d = s.dead_peer_timeout.get_ref().0;
+            if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {
+                return Err(cx.located(
+                    Some(s.dead_peer_timeout.span()),
+                    "dead_peer_timeout must be between \"2s\" and \"1h\"",
+                ));
+            }
+            d
+        },
+        max_packet_bytes: match &s.max_packet_bytes {
+            None => (worker.max_payload_bytes + 4096).max(1 << 20),
+            Some(b) => cx.in_range(b, "max_packet_bytes", 64, MAX_PAYLOAD + 65536)? as usize,
+        },
+    }))
+}
