@@ -3,4 +3,5 @@
 
 pub mod executable;
 pub mod functions;
+pub mod pipes;
 pub mod reaper;
