@@ -213,9 +213,9 @@ fn tail_suffix(stderr: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
     use crate::jobs::functions::Progress;
     use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
 
     #[derive(Default)]
     struct Seen(Vec<String>);

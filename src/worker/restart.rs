@@ -162,13 +162,59 @@ impl Control {
             Err(e) => return self.refuse(reason, &e.to_string()),
         };
         self.state.set_phase("restarting");
+        let mut next = self.carried(&plan, reason, requested_mono_us);
+        let (exe, known) = self.exec_target(&plan, reason);
+        next.binary = known;
+        log::info!(
+            "{reason}: re-exec \"{}\" as generation {}",
+            exe.display(),
+            self.state.generation + 1
+        );
+        log::logger().flush();
+        if let Some(s) = self.status_server.take() {
+            s.stop();
+        }
+        // Open until the exec (or its failure): what the next generation adopts.
+        let _handed = self.hand_over(&mut next, &plan);
+        drop(plan);
+        crate::restart::preflight::kill_preflight();
+        let inherit_inotify = || match &self.inotify {
+            Some(i) => i
+                .keep_across_exec()
+                .map_err(|e| Error::io("keeping inotify across exec", e)),
+            None => Ok(()),
+        };
+        let err = match signals::block()
+            .and_then(|()| self.pidfile.keep_across_exec())
+            .and_then(|()| inherit_inotify())
+        {
+            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
+            Err(e) => e,
+        };
+        // execve failed: carry on as we were.
+        self.pidfile.close_on_exec();
+        if let Some(m) = self.metrics_server.as_mut() {
+            crate::ops::handover::release(m.socket());
+            if let Err(e) = m.resume(Arc::clone(&self.render)) {
+                log::error!("metrics: {e}");
+            }
+        }
+        if let Some(i) = &self.inotify {
+            i.close_on_exec();
+        }
+        self.refuse(reason, &err.to_string());
+        self.resume_helpers();
+    }
+
+    /// What this generation hands the next in the environment.
+    fn carried(&self, plan: &Plan, reason: RestartReason, requested_mono_us: u64) -> Inherited {
         let refusals = self
             .state
             .inner
             .lock()
             .map(|i| i.refusals)
             .unwrap_or_default();
-        let next = Inherited {
+        Inherited {
             generation: self.state.generation,
             pidfile_fd: Some(self.pidfile.fd()),
             inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
@@ -192,10 +238,18 @@ impl Control {
             metrics_fd: None,
             metrics_listen_fd: None,
             jobs_fd: None,
-        };
-        let mut next = next;
+        }
+    }
+
+    /// What to exec: the path only if it holds a validated binary (a deploy switching keeps
+    /// the running one as last-good and writes the rollback marker); else this very image.
+    fn exec_target(
+        &self,
+        plan: &Plan,
+        reason: RestartReason,
+    ) -> (PathBuf, Option<crate::restart::carried::Known>) {
         // Exec the path only if it holds a validated binary; else this very image again.
-        let exe = match &self.deploy {
+        match &self.deploy {
             Some(d) => {
                 let (exe, known) = d.exec_target();
                 let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
@@ -222,8 +276,7 @@ impl Control {
                         _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
                     }
                 }
-                next.binary = known;
-                exe
+                (exe, known)
             }
             // Without the binary watch nothing has checked what is at the path now: exec the
             // running image itself (the kernel's link to its inode), never the path.
@@ -232,24 +285,15 @@ impl Control {
                     "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
                     self.boot.exe.display()
                 );
-                PathBuf::from("/proc/self/exe")
+                (PathBuf::from("/proc/self/exe"), None)
             }
-        };
-        log::info!(
-            "{reason}: re-exec \"{}\" as generation {}",
-            exe.display(),
-            self.state.generation + 1
-        );
-        log::logger().flush();
-        if let Some(s) = self.status_server.take() {
-            s.stop();
         }
-        let inherit_inotify = || match &self.inotify {
-            Some(i) => i
-                .keep_across_exec()
-                .map_err(|e| Error::io("keeping inotify across exec", e)),
-            None => Ok(()),
-        };
+    }
+
+    /// Hands over, as open descriptors noted in `next`: the source's state, the validated
+    /// `jobs_dir`, the metrics' counts, the `/metrics` socket (paused). The descriptors
+    /// returned must stay open until the exec.
+    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan) -> Vec<std::os::fd::OwnedFd> {
         // Handed over as open descriptors (closed again here if the exec fails).
         use std::os::fd::{AsFd, AsRawFd};
         let handed = self.source.hand_over();
@@ -262,7 +306,6 @@ impl Control {
         let jobs = serde_json::to_vec(&plan.jobs)
             .ok()
             .and_then(|data| crate::ops::handover::memfd("jobs", &data));
-        drop(plan);
         if let Some(fd) = &jobs {
             if crate::ops::handover::keep(fd.as_fd()).is_ok() {
                 next.jobs_fd = Some(fd.as_raw_fd());
@@ -284,27 +327,7 @@ impl Control {
                 next.metrics_listen_fd = Some(m.fd());
             }
         }
-        crate::restart::preflight::kill_preflight();
-        let err = match signals::block()
-            .and_then(|()| self.pidfile.keep_across_exec())
-            .and_then(|()| inherit_inotify())
-        {
-            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
-            Err(e) => e,
-        };
-        // execve failed: carry on as we were.
-        self.pidfile.close_on_exec();
-        if let Some(m) = self.metrics_server.as_mut() {
-            crate::ops::handover::release(m.socket());
-            if let Err(e) = m.resume(Arc::clone(&self.render)) {
-                log::error!("metrics: {e}");
-            }
-        }
-        if let Some(i) = &self.inotify {
-            i.close_on_exec();
-        }
-        self.refuse(reason, &err.to_string());
-        self.resume_helpers();
+        [handed, jobs, counters].into_iter().flatten().collect()
     }
 
     /// Brings back the status server and signal thread after a failed execve.
