@@ -37,38 +37,10 @@ pub struct Settings {
 /// Runs the supervisor until the worker stops cleanly (exit 0) or it gives up (exit 1).
 /// `ready` gets the line `start` waits for once the first worker serves.
 pub fn run(settings: &Settings, ready: File) -> i32 {
-    let (sig_tx, sig_rx) = bounded::<Signal>(64);
-    let raw: Vec<i32> = [
-        Signal::SIGHUP,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-    ]
-    .iter()
-    .map(|s| *s as i32)
-    .collect();
-    let mut signals = match signal_hook::iterator::Signals::new(&raw) {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                Some(ready),
-                &format!("supervisor: installing signal handlers: {e}"),
-            )
-        }
+    let sig_rx = match forward_signals() {
+        Ok(rx) => rx,
+        Err(e) => return fail(Some(ready), &format!("supervisor: {e}")),
     };
-    let forwarder = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for s in signals.forever() {
-                if let Ok(sig) = Signal::try_from(s) {
-                    let _ = sig_tx.send(sig);
-                }
-            }
-        });
-    if let Err(e) = forwarder {
-        return fail(Some(ready), &format!("supervisor: {e}"));
-    }
     // The mask inherited from `start` had these blocked until now.
     let _ = crate::ops::signals::clear_mask();
 
@@ -124,15 +96,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         }
         info.crashes += 1;
         info.last_exit = Some(reason.clone());
-        let now = Instant::now();
-        recent.push_back(now);
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            recent.pop_front();
-        }
-        if recent.len() > settings.max_restarts {
+        if too_many(&mut recent, settings.max_restarts) {
             log::error!(
                 "supervisor {}: worker pid {pid} {reason}; {} crashes within a minute, over the limit of {}: giving up",
                 info.pid,
@@ -147,20 +111,65 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
             info.crashes,
             backoff.as_millis()
         );
-        // Back off, but let a TERM during the wait stop us.
-        let wake = after(backoff);
-        loop {
-            select! {
-                recv(sig_rx) -> sig => {
-                    if matches!(sig, Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)) {
-                        log::info!("supervisor {}: stopped while waiting to restart", info.pid);
-                        return 0;
-                    }
-                }
-                recv(wake) -> _ => break,
-            }
+        if !wait_out(backoff, &sig_rx) {
+            log::info!("supervisor {}: stopped while waiting to restart", info.pid);
+            return 0;
         }
         backoff = (backoff * 2).min(settings.backoff_max);
+    }
+}
+
+/// Handled signals, forwarded to a channel by a thread of their own.
+fn forward_signals() -> std::io::Result<crossbeam_channel::Receiver<Signal>> {
+    let (sig_tx, sig_rx) = bounded::<Signal>(64);
+    let raw: Vec<i32> = [
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ]
+    .iter()
+    .map(|s| *s as i32)
+    .collect();
+    let mut signals = signal_hook::iterator::Signals::new(&raw)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if let Ok(sig) = Signal::try_from(s) {
+                    let _ = sig_tx.send(sig);
+                }
+            }
+        })?;
+    Ok(sig_rx)
+}
+
+/// Notes a crash now; true if more than `max` happened within the last minute.
+fn too_many(recent: &mut VecDeque<Instant>, max: usize) -> bool {
+    let now = Instant::now();
+    recent.push_back(now);
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+    {
+        recent.pop_front();
+    }
+    recent.len() > max
+}
+
+/// Waits `backoff` before a restart; false if a TERM (or INT, QUIT) came meanwhile.
+fn wait_out(backoff: Duration, sig_rx: &crossbeam_channel::Receiver<Signal>) -> bool {
+    let wake = after(backoff);
+    loop {
+        select! {
+            recv(sig_rx) -> sig => {
+                if matches!(sig, Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)) {
+                    return false;
+                }
+            }
+            recv(wake) -> _ => return true,
+        }
     }
 }
 
