@@ -88,29 +88,21 @@ impl Sandbox {
         c
     }
 
-    /// Runs a CLI command to completion (bounded).
+    /// Runs a CLI command to completion (bounded). Its pipes are read while it runs (a thread
+    /// waits for the output), so a command that prints more than a pipe holds cannot deadlock.
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut child = spawn(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()));
-        let status =
-            wait_child(&mut child, Duration::from_secs(60)).expect("CLI command timed out");
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_end(&mut stdout)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_end(&mut stderr)
-            .unwrap();
-        Output {
-            status,
-            stdout,
-            stderr,
+        let child = spawn(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()));
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                panic!("CLI command {args:?} timed out");
+            }
         }
     }
 
@@ -498,9 +490,23 @@ impl Drop for Gearmand {
     }
 }
 
+/// A loopback port nobody listens on. Not the kernel's next ephemeral port (bind to 0, close,
+/// reuse: two tests of one process can be handed the same one): ports are taken in turn from a
+/// range above the ephemeral ones (Linux: 32768-60999), starting where this process's id
+/// points, each checked free by binding it.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 61_000;
+    const SPAN: u32 = 4_000;
+    let base = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 impl Sandbox {
