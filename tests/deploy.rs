@@ -72,6 +72,11 @@ fn a_binary_dropped_by_rename_is_switched_to_between_jobs() {
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "binary changed");
     assert_eq!(s["pid"], w.pid(), "same PID");
+    assert!(
+        w.log_text().contains("binary changed: re-exec \"/proc/self/fd/"),
+        "the checked descriptor is exec'd, not the path:\n{}",
+        w.log_text()
+    );
     assert_eq!(s["binary_sha256"], sha(&v2));
     assert!(
         s["version"].as_str().unwrap().ends_with("deploy-test"),

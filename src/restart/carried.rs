@@ -83,14 +83,22 @@ pub struct Ident {
 
 impl Ident {
     pub fn of(path: &Path) -> Option<Ident> {
-        let m = std::fs::metadata(path).ok()?;
-        Some(Ident {
+        Some(Ident::of_meta(&std::fs::metadata(path).ok()?))
+    }
+
+    /// The identity of an open file (the one that was checked is the one exec'd).
+    pub fn of_file(file: &std::fs::File) -> Option<Ident> {
+        Some(Ident::of_meta(&file.metadata().ok()?))
+    }
+
+    fn of_meta(m: &std::fs::Metadata) -> Ident {
+        Ident {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
             mode: m.permissions().mode(),
-        })
+        }
     }
 }
 

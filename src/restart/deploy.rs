@@ -12,6 +12,7 @@
 //! if it still holds the running image or the approved candidate (same identity); otherwise the
 //! running image itself is exec'd through `/proc/self/exe`.
 
+use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,9 @@ enum Outcome {
     /// The same bytes as the running image (a touch, or a copy of the same build).
     Same(String),
     Unreadable(String),
-    Checked(String, Result<(), String>),
+    /// Its digest, the pre-flight's verdict, and the file that was hashed (kept open: what is
+    /// exec'd is this descriptor, never the path again).
+    Checked(String, Result<(), String>, Option<File>),
 }
 
 /// What the control loop should do next about the binary.
@@ -52,6 +55,8 @@ pub struct Deploy {
     last_seen: Option<(Ident, Instant)>,
     refused: Option<Ident>,
     approved: Option<Known>,
+    /// The approved candidate, open: exec'd through `/proc/self/fd/N`.
+    approved_file: Option<File>,
     preflight: Option<(Ident, Receiver<Outcome>)>,
     pub last_refused: Option<Refused>,
     /// A binary that was rolled back from: refused on sight.
@@ -99,6 +104,7 @@ impl Deploy {
             last_seen: None,
             refused: None,
             approved: None,
+            approved_file: None,
             preflight: None,
             last_refused,
             known_bad: None,
@@ -164,21 +170,33 @@ impl Deploy {
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
         let bad = self.known_bad.clone();
         let _ = crate::ops::signals::spawn_helper("preflight", move || {
-            let outcome = match hash_file(&path) {
+            // Hashed through one descriptor, which must be the file that settled; that
+            // descriptor is what a switch execs.
+            let opened = File::open(&path).and_then(|f| {
+                if Ident::of_file(&f) == Some(ident) {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other(
+                        "the file changed while it was opened",
+                    ))
+                }
+            });
+            let outcome = match opened.and_then(|mut f| hash_reader(&mut f).map(|sha| (sha, f))) {
                 Err(e) => Outcome::Unreadable(e.to_string()),
-                Ok(sha) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
-                Ok(sha) if Some(&sha) == bad.as_ref() => Outcome::Checked(
+                Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+                Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
                     sha,
                     Err("this binary was rolled back: it died during start-up".into()),
+                    None,
                 ),
-                Ok(sha) => {
+                Ok((sha, file)) => {
                     log::info!(
                         "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
                         path.display(),
                         short(&sha)
                     );
                     let result = super::preflight::run(&path, &config);
-                    Outcome::Checked(sha, result)
+                    Outcome::Checked(sha, result, Some(file))
                 }
             };
             let _ = tx.send(outcome);
@@ -218,10 +236,14 @@ impl Deploy {
                 self.last_seen = None;
                 return Some(Step::CheckIn(SETTLE));
             }
-            Outcome::Checked(sha, result) => (sha, result),
+            Outcome::Checked(sha, result, file) => (
+                sha,
+                result
+                    .and_then(|()| file.ok_or_else(|| "the checked file was not kept".to_string())),
+            ),
         };
         match result {
-            Ok(()) => {
+            Ok(file) => {
                 log::info!(
                     "deploy: candidate sha256 {} passed its pre-flight",
                     short(&sha)
@@ -230,6 +252,7 @@ impl Deploy {
                     ident: Some(ident),
                     sha256: sha,
                 });
+                self.approved_file = Some(file);
                 Some(Step::Approved)
             }
             Err(e) if e.contains("Text file busy") => {
@@ -257,9 +280,13 @@ impl Deploy {
     /// What to exec for the next generation, and what that image is.
     pub fn exec_target(&self) -> (PathBuf, Option<Known>) {
         let now = Ident::of(&self.path);
-        if let Some(a) = &self.approved {
+        if let (Some(a), Some(file)) = (&self.approved, &self.approved_file) {
+            // The path still names what was approved (else a newer file awaits its own
+            // check): exec the descriptor that was hashed, whatever the path holds by now.
             if now.is_some() && a.ident == now {
-                return (self.path.clone(), Some(a.clone()));
+                use std::os::fd::AsRawFd;
+                let fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                return (fd, Some(a.clone()));
             }
         }
         let running = self.running.lock().ok().and_then(|k| k.clone());
