@@ -1,5 +1,6 @@
 //! Time as the daemon reads and prints it: wall-clock milliseconds for records and status,
-//! CLOCK_MONOTONIC microseconds for measuring pauses, RFC 3339 for people. A leaf module.
+//! CLOCK_MONOTONIC microseconds for measuring pauses, RFC 3339 for people, and the jitter that
+//! spreads timers out. A leaf module.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,6 +27,15 @@ pub fn human_secs(secs: u64) -> String {
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
+}
+
+/// A random fraction in [0, 1), for splay and backoff jitter (not for secrets): each call
+/// draws from the standard library's per-process random keys.
+pub fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(monotonic_us());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// `2026-11-24T09:51:28.123Z` for unix milliseconds.

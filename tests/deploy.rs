@@ -73,7 +73,8 @@ fn a_binary_dropped_by_rename_is_switched_to_between_jobs() {
     assert_eq!(s["last_restart_reason"], "binary changed");
     assert_eq!(s["pid"], w.pid(), "same PID");
     assert!(
-        w.log_text().contains("binary changed: re-exec \"/proc/self/fd/"),
+        w.log_text()
+            .contains("binary changed: re-exec \"/proc/self/fd/"),
         "the checked descriptor is exec'd, not the path:\n{}",
         w.log_text()
     );

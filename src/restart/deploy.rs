@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use sha2::{Digest, Sha256};
 
+use super::preflight::NotPassed;
 use crate::restart::carried::{Ident, Known};
 use crate::status::records::Refused;
 use crate::text::hex;
@@ -35,7 +36,7 @@ enum Outcome {
     Unreadable(String),
     /// Its digest, the pre-flight's verdict, and the file that was hashed (kept open: what is
     /// exec'd is this descriptor, never the path again).
-    Checked(String, Result<(), String>, Option<File>),
+    Checked(String, Result<(), NotPassed>, Option<File>),
 }
 
 /// What the control loop should do next about the binary.
@@ -186,7 +187,9 @@ impl Deploy {
                 Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
                 Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
                     sha,
-                    Err("this binary was rolled back: it died during start-up".into()),
+                    Err(NotPassed::Failed(
+                        "this binary was rolled back: it died during start-up".into(),
+                    )),
                     None,
                 ),
                 Ok((sha, file)) => {
@@ -238,8 +241,9 @@ impl Deploy {
             }
             Outcome::Checked(sha, result, file) => (
                 sha,
-                result
-                    .and_then(|()| file.ok_or_else(|| "the checked file was not kept".to_string())),
+                result.and_then(|()| {
+                    file.ok_or_else(|| NotPassed::Failed("the checked file was not kept".into()))
+                }),
             ),
         };
         match result {
@@ -255,12 +259,12 @@ impl Deploy {
                 self.approved_file = Some(file);
                 Some(Step::Approved)
             }
-            Err(e) if e.contains("Text file busy") => {
+            Err(NotPassed::Busy) => {
                 // Still open for writing somewhere: not whole yet.
                 self.last_seen = None;
                 Some(Step::CheckIn(SETTLE))
             }
-            Err(e) => {
+            Err(NotPassed::Failed(e)) => {
                 self.refuse(ident, sha, e);
                 Some(Step::Nothing)
             }

@@ -33,17 +33,25 @@ pub fn kill_preflight() {
     }
 }
 
+/// Why a pre-flight did not pass.
+pub(super) enum NotPassed {
+    /// The file is still open for writing somewhere (ETXTBSY): not whole yet, look again.
+    Busy,
+    /// It ran and said no (or could not run): the reason, with the tail of its output.
+    Failed(String),
+}
+
 /// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else the tail of its
 /// output. Its stdout and stderr share one pipe, read while it runs (a pre-flight that prints
 /// more than a pipe holds is not mistaken for a hanging one). It runs in a process group of its
 /// own and dies with the thread that started it (`PR_SET_PDEATHSIG`), so neither it nor its
 /// children outlive the worker.
-pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), String> {
+pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .map_err(|e| format!("cannot create a pipe for the candidate: {e}"))?;
+        .map_err(|e| NotPassed::Failed(format!("cannot create a pipe for the candidate: {e}")))?;
     let write2 = write
         .try_clone()
-        .map_err(|e| format!("cannot create a pipe for the candidate: {e}"))?;
+        .map_err(|e| NotPassed::Failed(format!("cannot create a pipe for the candidate: {e}")))?;
     // The candidate's end must block like any stdout.
     let _ = nix::fcntl::fcntl(
         write.as_raw_fd(),
@@ -76,13 +84,16 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), String> {
     let spawned = crate::jobs::reaper::spawn(&mut cmd);
     // Our copies of the write end go with the command: EOF comes when the candidate's close.
     drop(cmd);
-    let mut child = spawned.map_err(|e| format!("cannot run the candidate: {e}"))?;
+    let mut child = spawned.map_err(|e| match e.raw_os_error() {
+        Some(libc::ETXTBSY) => NotPassed::Busy,
+        _ => NotPassed::Failed(format!("cannot run the candidate: {e}")),
+    })?;
     let pid = child.id();
     PREFLIGHT_GROUP.store(pid as i32, Ordering::Release);
     let result = wait_preflight(&mut child, read);
     let _ = PREFLIGHT_GROUP.compare_exchange(pid as i32, 0, Ordering::AcqRel, Ordering::Acquire);
     crate::jobs::reaper::forget(pid);
-    result
+    result.map_err(NotPassed::Failed)
 }
 
 /// Reads the pre-flight's output while waiting for it (bounded by [`PREFLIGHT_TIMEOUT`]) and

@@ -35,7 +35,7 @@ pub(super) struct Limits {
 
 impl Limits {
     pub(super) fn new(w: &crate::config::Worker) -> Limits {
-        let splay = |x: f64| x * (1.0 + w.recycle_splay * random_fraction());
+        let splay = |x: f64| x * (1.0 + w.recycle_splay * crate::clock::random_fraction());
         Limits {
             max_jobs: if w.max_jobs == 0 {
                 0
@@ -49,19 +49,11 @@ impl Limits {
             },
             max_age: w
                 .max_age
-                .map(|a| a.mul_f64(1.0 + w.recycle_splay * random_fraction())),
+                .map(|a| a.mul_f64(1.0 + w.recycle_splay * crate::clock::random_fraction())),
             asked: AtomicBool::new(false),
             refused: AtomicBool::new(false),
         }
     }
-}
-
-/// A number in [0, 1) that differs between processes and calls (splay; not for secrets).
-pub(super) fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Resident memory of this process, from /proc/self/statm.

@@ -76,7 +76,7 @@ impl Control {
             self.request_restart(phase, reason);
             return;
         };
-        let delay = max.mul_f64(super::lane::random_fraction());
+        let delay = max.mul_f64(crate::clock::random_fraction());
         log::info!(
             "{reason}: restarting in {} ms (restart_splay {} ms)",
             delay.as_millis(),

@@ -2,7 +2,6 @@
 //! deadlines and backoff, and what `status` shows of it. Taking jobs is in `lane.rs`.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,19 +28,6 @@ pub fn server_timeout_ms(local: Duration) -> Option<u64> {
     let margin = (local / 2).max(Duration::from_secs(5));
     let ms = (local + margin).as_millis().max(1000);
     u64::try_from(ms).ok().filter(|ms| *ms <= i32::MAX as u64)
-}
-
-/// A cheap, varying number for backoff jitter (no randomness dependency needed for that).
-pub(super) fn jitter_seed() -> u64 {
-    static STATE: AtomicU64 = AtomicU64::new(0x2545_f491_4f6c_dd1d);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let mut x = STATE.fetch_add(u64::from(nanos) | 1, Ordering::Relaxed);
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }
 
 /// Where one connection is in its life.
@@ -152,7 +138,7 @@ impl GearmanLane {
         }
         s.logged.clear();
         s.logged.push_str(why);
-        let jitter = 0.75 + 0.5 * (jitter_seed() as f64 / u64::MAX as f64);
+        let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
         s.retry_at = Instant::now() + s.backoff.mul_f64(jitter);
         s.backoff = (s.backoff * 2).min(self.reconnect_max);
         if self.job_server == Some(i) {
