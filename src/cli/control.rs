@@ -404,27 +404,9 @@ fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
 
 /// The process groups led by children of `pid` (its running job executables).
 fn job_groups(pid: i32) -> Vec<i32> {
-    let mut groups = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return groups;
-    };
-    for e in entries.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
-        // Fields after the command: state, ppid, pgrp.
-        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(pid)
-            && fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(child)
-        {
-            groups.push(child);
-        }
-    }
-    groups
+    crate::ops::procfs::children_of(pid)
+        .into_iter()
+        .filter(|(child, stat)| stat.pgrp == *child)
+        .map(|(child, _)| child)
+        .collect()
 }

@@ -154,7 +154,8 @@ fn sweep(running: &dyn Fn() -> Vec<String>) -> bool {
     // Held for the whole sweep: a child spawned meanwhile is registered before we can see it.
     let tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
     let mut alive = false;
-    for (pid, zombie) in children_of(me) {
+    for (pid, stat) in crate::ops::procfs::children_of(me) {
+        let zombie = stat.state == 'Z';
         if tracked.as_ref().is_some_and(|t| t.contains(&pid)) {
             continue;
         }
@@ -185,11 +186,11 @@ pub fn kill_leftovers(key: &Path) {
     let me = std::process::id() as i32;
     let want = key.as_os_str().as_encoded_bytes();
     let mut killed = Vec::new();
-    for pid in all_pids() {
+    for pid in crate::ops::procfs::pids() {
         if pid == me {
             continue;
         }
-        if env_var_bytes(pid, ENV_WORKER).as_deref() == Some(want) {
+        if crate::ops::procfs::env_var(pid, ENV_WORKER).as_deref() == Some(want) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             killed.push(pid);
         }
@@ -202,55 +203,11 @@ pub fn kill_leftovers(key: &Path) {
         killed.len()
     );
     let deadline = Instant::now() + Duration::from_secs(1);
-    while killed.iter().any(|p| is_alive(*p)) && Instant::now() < deadline {
+    while killed.iter().any(|p| crate::ops::procfs::Stat::alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// (pid, is a zombie) of the processes whose parent is `parent`.
-fn children_of(parent: i32) -> Vec<(i32, bool)> {
-    all_pids()
-        .into_iter()
-        .filter_map(|pid| {
-            let (ppid, state) = stat(pid)?;
-            (ppid == parent).then_some((pid, state == 'Z'))
-        })
-        .collect()
-}
-
-/// (ppid, state) from /proc/PID/stat.
-fn stat(pid: i32) -> Option<(i32, char)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut rest = text.rsplit_once(')')?.1.split_whitespace();
-    let state = rest.next()?.chars().next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-fn is_alive(pid: i32) -> bool {
-    stat(pid).is_some_and(|(_, s)| s != 'Z')
-}
-
 fn env_var(pid: i32, key: &str) -> Option<String> {
-    env_var_bytes(pid, key).map(|v| String::from_utf8_lossy(&v).into_owned())
-}
-
-/// A variable from /proc/PID/environ (readable for processes of our own user).
-fn env_var_bytes(pid: i32, key: &str) -> Option<Vec<u8>> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|b| *b == 0).find_map(|kv| {
-        kv.strip_prefix(key.as_bytes())
-            .and_then(|rest| rest.strip_prefix(b"="))
-            .map(<[u8]>::to_vec)
-    })
+    crate::ops::procfs::env_var(pid, key).map(|v| String::from_utf8_lossy(&v).into_owned())
 }

@@ -16,7 +16,7 @@ pub fn render(w: &mut String) {
         .flatten()
         .filter(|p| *p > 0)
         .unwrap_or(4096) as u64;
-    if let Some(stat) = read_stat() {
+    if let Some(stat) = crate::ops::procfs::Stat::of(None) {
         let cpu = (stat.utime + stat.stime) as f64 / ticks;
         metric(
             w,
@@ -81,35 +81,6 @@ fn metric(w: &mut String, name: &str, kind: &str, help: &str, value: &str) {
     );
 }
 
-struct Stat {
-    utime: u64,
-    stime: u64,
-    starttime: u64,
-    vsize: u64,
-    rss_pages: u64,
-}
-
-/// `/proc/self/stat`: fields after the command name (which may hold spaces and parentheses,
-/// so the split is at the last `)`).
-fn read_stat() -> Option<Stat> {
-    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
-    parse_stat(&text)
-}
-
-fn parse_stat(text: &str) -> Option<Stat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    // Field 3 (state) is rest's first; field N is at index N - 3.
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
-    Some(Stat {
-        utime: num(14)?,
-        stime: num(15)?,
-        starttime: num(22)?,
-        vsize: num(23)?,
-        rss_pages: num(24)?,
-    })
-}
-
 /// Boot time (seconds since the epoch), from `/proc/stat`'s `btime`.
 fn boot_time() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
@@ -126,7 +97,7 @@ mod tests {
     #[test]
     fn stat_survives_a_hostile_command_name() {
         let line = "42 (a) b) (c) S 1 2 3 4 5 6 7 8 9 10 110 20 0 0 20 0 3 0 5000 123456 77 18446744073709551615 0 0";
-        let s = parse_stat(line).unwrap();
+        let s = crate::ops::procfs::Stat::parse(line).unwrap();
         assert_eq!((s.utime, s.stime), (110, 20));
         assert_eq!((s.starttime, s.vsize, s.rss_pages), (5000, 123456, 77));
     }

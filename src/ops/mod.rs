@@ -9,5 +9,6 @@ pub mod logging;
 pub mod notify;
 pub mod pidfile;
 pub mod privilege;
+pub mod procfs;
 pub mod safefs;
 pub mod signals;

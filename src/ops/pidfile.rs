@@ -179,7 +179,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
             .sub(crate::ops::layout::WORKER_DIR, None)
             .ok()
             .map(|d| d.owner().0.as_raw());
-        match process_euid(h) {
+        match crate::ops::procfs::euid(h) {
             Some(uid) if uid == 0 || Some(uid) == file_owner || Some(uid) == worker_user => {}
             Some(uid) => {
                 return Err(Error::Unknown(format!(
@@ -234,13 +234,6 @@ pub fn lock_holder(file: &File) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(2));
     }
     None
-}
-
-/// The effective uid of process `pid` (from `/proc/PID/status`), if it still exists.
-fn process_euid(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// Finds the holder of a granted FLOCK on `key` (`maj:min:inode`) in /proc/locks text.

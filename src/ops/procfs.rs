@@ -1,0 +1,119 @@
+//! Reading `/proc`, in one place: a process's `stat` line (its command name may hold spaces and
+//! parentheses, so fields are split after the last `)`), its effective uid, one variable of its
+//! environment, and the processes whose parent is a given one.
+
+/// The fields of `/proc/PID/stat` gearshift uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// R, S, D, Z, ...
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    /// Clock ticks in user and system mode.
+    pub utime: u64,
+    pub stime: u64,
+    /// Clock ticks after boot when it started.
+    pub starttime: u64,
+    /// Virtual memory in bytes, resident set in pages.
+    pub vsize: u64,
+    pub rss_pages: u64,
+}
+
+impl Stat {
+    /// `pid`'s stat, or ours (`None`).
+    pub fn of(pid: Option<i32>) -> Option<Stat> {
+        let path = match pid {
+            Some(p) => format!("/proc/{p}/stat"),
+            None => "/proc/self/stat".to_string(),
+        };
+        Stat::parse(&std::fs::read_to_string(path).ok()?)
+    }
+
+    /// Parses a stat line (field N of proc(5) is at index N - 3 after the command name).
+    pub fn parse(text: &str) -> Option<Stat> {
+        let rest = &text[text.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+        let int = |n: usize| f.get(n - 3)?.parse::<i32>().ok();
+        Some(Stat {
+            state: f.first()?.chars().next()?,
+            ppid: int(4)?,
+            pgrp: int(5)?,
+            utime: num(14)?,
+            stime: num(15)?,
+            starttime: num(22)?,
+            vsize: num(23)?,
+            rss_pages: num(24)?,
+        })
+    }
+
+    /// Running (or sleeping): neither gone nor a zombie.
+    pub fn alive(pid: i32) -> bool {
+        Stat::of(Some(pid)).is_some_and(|s| s.state != 'Z')
+    }
+}
+
+/// Every process id in `/proc` now.
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The processes whose parent is `parent`, with their stat.
+pub fn children_of(parent: i32) -> Vec<(i32, Stat)> {
+    pids()
+        .into_iter()
+        .filter_map(|pid| {
+            Stat::of(Some(pid))
+                .filter(|s| s.ppid == parent)
+                .map(|s| (pid, s))
+        })
+        .collect()
+}
+
+/// The effective uid of process `pid` (`/proc/PID/status`), if it still exists.
+pub fn euid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// A variable of `pid`'s environment (`/proc/PID/environ`: readable for our own user's
+/// processes, and root's).
+pub fn env_var(pid: i32, key: &str) -> Option<Vec<u8>> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| {
+        kv.strip_prefix(key.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"="))
+            .map(<[u8]>::to_vec)
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_name_with_spaces_and_parentheses_is_skipped() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194304 1 0 0 0 7 3 0 0 20 0 1 0 1234 5678 99 18446744073709551615";
+        let s = Stat::parse(line).unwrap();
+        assert_eq!((s.state, s.ppid, s.pgrp), ('S', 1, 42));
+        assert_eq!(
+            (s.utime, s.stime, s.starttime, s.vsize, s.rss_pages),
+            (7, 3, 1234, 5678, 99)
+        );
+        let me = Stat::of(None).unwrap();
+        assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
+        assert!(Stat::alive(std::process::id() as i32));
+        assert_eq!(
+            euid(std::process::id() as i32),
+            Some(nix::unistd::geteuid().as_raw())
+        );
+    }
+}
