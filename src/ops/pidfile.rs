@@ -22,7 +22,7 @@ use nix::unistd::geteuid;
 
 use crate::error::{Error, IoContext, Result};
 use crate::ops::layout::PIDFILE;
-use crate::ops::safefs::{Dir, Open};
+use crate::ops::safefs::{flock, Dir, Open};
 
 /// A held pidfile lock.
 pub struct Pidfile {
@@ -252,19 +252,6 @@ fn read_pid(file: &mut File) -> Option<i32> {
     file.seek(SeekFrom::Start(0)).ok()?;
     file.read_to_string(&mut s).ok()?;
     s.trim().parse().ok()
-}
-
-/// flock(2) on a descriptor we keep. nix's `Flock` wrapper owns the file and unlocks on drop,
-/// which is not what a lock handed across execve needs.
-fn flock(fd: RawFd, op: i32) -> std::result::Result<(), Errno> {
-    // SAFETY: flock takes a descriptor and an operation and touches no memory of ours; an
-    // invalid descriptor is reported as EBADF.
-    let r = unsafe { libc::flock(fd, op) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(Errno::last())
-    }
 }
 
 #[cfg(test)]

@@ -475,6 +475,21 @@ fn components(path: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
+/// flock(2) on a descriptor we keep: the one way gearshift locks a file (the pidfile, the
+/// spool's consumer lock, a job file being written). The lock lives as long as the open file
+/// description (nix's `Flock` wrapper unlocks on drop, which a lock handed across execve must
+/// not).
+pub fn flock(fd: RawFd, op: i32) -> std::result::Result<(), Errno> {
+    // SAFETY: flock takes a descriptor and an operation and touches no memory of ours; an
+    // invalid descriptor is reported as EBADF.
+    let r = unsafe { libc::flock(fd, op) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -188,8 +188,8 @@ impl Spool {
         let mut f = tmp_dir.create_new(&name, 0o640)?;
         // Held until the file is renamed away: the worker's clean-up of abandoned files in
         // tmp/ never touches one whose writer is alive.
-        // SAFETY: flock takes a descriptor we own and an operation; it touches no memory.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        crate::ops::safefs::flock(f.as_raw_fd(), libc::LOCK_EX)
+            .map_err(|e| Error::io_path("locking", &tmp, e.into()))?;
         let written = (|| {
             if let Some((uid, gid)) = self.give_to {
                 crate::ops::safefs::chown_file(&f, &tmp, uid, gid)?;

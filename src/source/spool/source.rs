@@ -10,8 +10,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
-
 use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 use crate::error::{Error, Result};
@@ -36,7 +34,8 @@ pub struct SpoolSource {
     pub(super) unrecovered: Mutex<Vec<String>>,
     /// The largest entry accepted as a job: max_payload_bytes plus header room.
     pub(super) max_entry: u64,
-    pub(super) _lock: Flock<File>,
+    /// The consumer lock (flock, held while this is open).
+    pub(super) _lock: File,
 }
 
 impl SpoolSource {
@@ -61,23 +60,21 @@ impl SpoolSource {
         // A worker that just released the pidfile may still be exiting with this lock held:
         // wait a little before calling the spool busy.
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut file = file;
-        let lock = loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => break lock,
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    file = f;
+        loop {
+            match crate::ops::safefs::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::EWOULDBLOCK) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                Err(nix::errno::Errno::EWOULDBLOCK) => {
                     return Err(Error::Msg(format!(
                         "spool \"{}\" is in use by another worker (its .lock is held)",
                         spool.root.display()
                     )))
                 }
-                Err((_, errno)) => return Err(Error::io_path("locking", &lock_path, errno.into())),
+                Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
             }
-        };
+        }
         let waker = Arc::new(Waker::default());
         let source = SpoolSource {
             spool,
@@ -89,7 +86,7 @@ impl SpoolSource {
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
             unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
-            _lock: lock,
+            _lock: file,
         };
         source.recover()?;
         source.clean_tmp();
