@@ -50,6 +50,8 @@ mod restart;
 mod shutdown;
 mod source;
 mod status;
+#[cfg(test)]
+mod testutil;
 mod text;
 mod watch;
 mod worker;

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("clock", 0),
     ("shutdown", 0),
     ("kinds", 0),
+    ("testutil", 0),
     // System helpers: files, descriptors, signals, logging, the on-disk layout.
     ("ops", 1),
     // The configuration, and the policy it implies for privileges.

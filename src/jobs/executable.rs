@@ -240,15 +240,9 @@ mod tests {
         p
     }
 
-    fn tempdir(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("gs-exec-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("mkdir");
-        d
-    }
-
     fn exec(body: &str, payload: &[u8], timeout: Option<Duration>) -> (JobResult, Vec<String>) {
-        let dir = tempdir(&format!("{:x}", body.len() * 7919 + payload.len()));
+        let dir =
+            crate::testutil::tempdir("exec", &format!("{:x}", body.len() * 7919 + payload.len()));
         let exe = script(&dir, body);
         let mut seen = Seen::default();
         let mut job = Job::new("id1", "job", payload, &mut seen);
@@ -303,7 +297,7 @@ mod tests {
     #[test]
     fn timeout_kills_the_whole_group() {
         let started = Instant::now();
-        let marks = tempdir("group-marks");
+        let marks = crate::testutil::tempdir("exec", "group-marks");
         let pidfile = marks.join("grandchild");
         // A grandchild holding stdout open would keep a naive reader waiting forever; and it
         // must die with the group, not only the leader.

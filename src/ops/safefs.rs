@@ -496,17 +496,9 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("gs-safefs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    }
-
     #[test]
     fn links_are_followed_only_in_trusted_directories() {
-        let d = tempdir("links");
+        let d = crate::testutil::tempdir("safefs", "links");
         std::fs::create_dir(d.join("real")).unwrap();
         std::os::unix::fs::symlink("real", d.join("trusted-link")).unwrap();
         let opened = Dir::open(&d.join("trusted-link")).unwrap();
@@ -531,7 +523,7 @@ mod tests {
 
     #[test]
     fn files_must_be_regular_unlinked_and_not_links() {
-        let d = tempdir("files");
+        let d = crate::testutil::tempdir("safefs", "files");
         let dir = Dir::create(&d.join("a/b"), 0o755).unwrap();
         let o = dir
             .file(

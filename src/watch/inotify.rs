@@ -150,9 +150,7 @@ mod tests {
 
     #[test]
     fn sees_creates_renames_and_survives_adoption() {
-        let dir = std::env::temp_dir().join(format!("gs-inotify-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let dir = crate::testutil::tempdir("inotify", "adoption");
         let ino = Inotify::new().expect("inotify");
         let wd = ino.add(&dir).expect("watch");
         assert_eq!(

@@ -281,9 +281,7 @@ mod tests {
 
     #[test]
     fn scan_finds_executables_and_notices_changes() {
-        let dir = std::env::temp_dir().join(format!("gs-scan-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("mkdir");
+        let dir = crate::testutil::tempdir("scan", "jobs");
         let write = |name: &str, body: &str, mode: u32| {
             let p = dir.join(name);
             fs::write(&p, body).expect("write");

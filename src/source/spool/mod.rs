@@ -499,12 +499,6 @@ mod tests {
     use crate::source::JobSource;
     use std::sync::Arc;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("gs-spool-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
     fn cfg(dir: &Path, max_attempts: u32) -> SpoolConfig {
         SpoolConfig {
             dir: dir.to_path_buf(),
@@ -584,7 +578,7 @@ mod tests {
 
     #[test]
     fn submit_claim_finish_lookup() {
-        let dir = tempdir("flow");
+        let dir = crate::testutil::tempdir("spool", "flow");
         let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         let spool = Spool::open(&dir, false).expect("open");
         let a = spool.submit("echo", b"one").expect("submit");
@@ -627,7 +621,7 @@ mod tests {
 
     #[test]
     fn interrupted_jobs_are_requeued_then_failed() {
-        let dir = tempdir("recover");
+        let dir = crate::testutil::tempdir("spool", "recover");
         let spool = Spool::open(&dir, false).expect("open");
         let id = spool.submit("echo", b"x").expect("submit");
         let stop = Switch::default();
@@ -662,7 +656,7 @@ mod tests {
 
     #[test]
     fn old_results_are_pruned_at_start() {
-        let dir = tempdir("retain");
+        let dir = crate::testutil::tempdir("spool", "retain");
         let mut c = cfg(&dir, 3);
         let spool = Spool::open(&dir, false).expect("open");
         let id = spool.submit("echo", b"x").expect("submit");
@@ -713,7 +707,7 @@ mod tests {
     /// "unknown id").
     #[test]
     fn lookups_racing_the_consumer_always_find_the_job() {
-        let dir = tempdir("race");
+        let dir = crate::testutil::tempdir("spool", "race");
         let spool = Spool::open(&dir, false).expect("open");
         let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
         let ids: Vec<String> = (0..1000)
@@ -758,7 +752,7 @@ mod tests {
     #[test]
     fn the_queue_listing_is_handed_over() {
         use std::os::fd::IntoRawFd;
-        let dir = tempdir("handover");
+        let dir = crate::testutil::tempdir("spool", "handover");
         let spool = Spool::open(&dir, false).expect("open");
         let ids: Vec<String> = (0..5)
             .map(|i| spool.submit("echo", &[i]).expect("submit"))
@@ -790,7 +784,7 @@ mod tests {
 
     #[test]
     fn second_consumer_is_refused() {
-        let dir = tempdir("lock");
+        let dir = crate::testutil::tempdir("spool", "lock");
         let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open");
         let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20)
             .err()
