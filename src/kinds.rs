@@ -1,4 +1,5 @@
-//! Words every layer shares, as types rather than strings: why a generation restarts. A leaf.
+//! Words every layer shares, as types rather than strings: why a generation restarts, what the
+//! worker is doing, how a deploy ended. A leaf.
 
 use serde::{Deserialize, Serialize};
 
@@ -55,5 +56,53 @@ impl RestartReason {
 impl std::fmt::Display for RestartReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What the worker is doing (the status document's `state`, before health is considered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerPhase {
+    Running,
+    /// Waiting for running jobs before a re-exec.
+    Draining,
+    /// Handing over and exec'ing.
+    Restarting,
+    /// Waiting for running jobs before exiting.
+    Stopping,
+}
+
+impl WorkerPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerPhase::Running => "running",
+            WorkerPhase::Draining => "draining",
+            WorkerPhase::Restarting => "restarting",
+            WorkerPhase::Stopping => "stopping",
+        }
+    }
+}
+
+/// How a deploy of a new binary ended (the `result` label of `gearshift_deploys_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployResult {
+    Switched,
+    Refused,
+    RolledBack,
+}
+
+impl DeployResult {
+    /// Every result, for metrics that show each one from the start.
+    pub const ALL: [DeployResult; 3] = [
+        DeployResult::Switched,
+        DeployResult::Refused,
+        DeployResult::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployResult::Switched => "switched",
+            DeployResult::Refused => "refused",
+            DeployResult::RolledBack => "rolled_back",
+        }
     }
 }

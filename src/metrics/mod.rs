@@ -55,9 +55,6 @@ pub const UNKNOWN_FUNCTION: &str = "(unknown)";
 const MAX_FUNCTIONS: usize = 10_000;
 const OTHER_FUNCTIONS: &str = "(other)";
 
-/// Deploy outcomes, each shown from the start.
-pub const DEPLOY_RESULTS: [&str; 3] = ["switched", "refused", "rolled_back"];
-
 /// A histogram with fixed bounds.
 pub struct Histogram {
     bounds_us: &'static [u64],
@@ -225,9 +222,9 @@ impl Metrics {
     }
 
     /// A deploy that switched, was refused or was rolled back.
-    pub fn deploy(&self, result: &str) {
+    pub fn deploy(&self, result: crate::kinds::DeployResult) {
         if let Ok(mut r) = self.rare.lock() {
-            *r.deploys.entry(result.to_string()).or_default() += 1;
+            *r.deploys.entry(result.as_str().to_string()).or_default() += 1;
         }
     }
 
@@ -368,7 +365,7 @@ mod tests {
             .unwrap()
             .record(Outcome::Failed, Duration::from_millis(2));
         a.restarted("sighup");
-        a.deploy("refused");
+        a.deploy(crate::kinds::DeployResult::Refused);
         let mut carried = a.carry(&BTreeMap::from([("s:1".to_string(), 2)]));
         let b = Metrics::default();
         b.restore(&carried);

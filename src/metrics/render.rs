@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::carry::HistogramCounts;
-use super::{process, FunctionStats, Gauges, Metrics, Outcome, QueueStats, DEPLOY_RESULTS};
+use super::{process, FunctionStats, Gauges, Metrics, Outcome, QueueStats};
+use crate::kinds::DeployResult;
 use crate::kinds::RestartReason;
 
 impl Metrics {
@@ -123,7 +124,7 @@ impl Metrics {
             "counter",
             "Deploys of a new binary, by result (switched, refused, rolled_back).",
         );
-        for result in DEPLOY_RESULTS {
+        for result in DeployResult::ALL.map(DeployResult::as_str) {
             let n = deploys.get(result).copied().unwrap_or(0);
             let _ = writeln!(w, "gearshift_deploys_total{{result=\"{result}\"}} {n}");
         }

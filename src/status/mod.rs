@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::clock::rfc3339_ms;
+use crate::kinds::WorkerPhase;
 
 use crate::status::records::Refusal;
 
@@ -100,7 +101,7 @@ pub struct LaneSlot {
 /// The parts of [`State`] that change rarely.
 pub struct Inner {
     /// running, draining, stopping, restarting.
-    pub phase: &'static str,
+    pub phase: crate::kinds::WorkerPhase,
     pub refusals: u64,
     pub last_refused: Option<Refusal>,
     pub functions: Vec<String>,
@@ -124,7 +125,7 @@ pub struct Inner {
 }
 
 impl State {
-    pub fn set_phase(&self, phase: &'static str) {
+    pub fn set_phase(&self, phase: crate::kinds::WorkerPhase) {
         if let Ok(mut i) = self.inner.lock() {
             i.phase = phase;
         }
@@ -266,12 +267,12 @@ impl State {
         let servers = self.servers_doc();
         // Running, but every server has been tried and is backed off from: say so.
         let unreachable = !servers.is_empty() && servers.iter().all(|v| v.state == "backing off");
-        let state = if i.phase == "running" && i.storage.is_some() {
+        let state = if i.phase == WorkerPhase::Running && i.storage.is_some() {
             "degraded"
-        } else if i.phase == "running" && unreachable {
+        } else if i.phase == WorkerPhase::Running && unreachable {
             "no server reachable"
         } else {
-            i.phase
+            i.phase.as_str()
         };
         Doc {
             pid: self.pid,

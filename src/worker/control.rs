@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use crate::error::{Error, Result};
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
-use crate::kinds::RestartReason;
+use crate::kinds::{DeployResult, RestartReason, WorkerPhase};
 use crate::ops::notify::Notifier;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::Signals;
@@ -236,7 +236,7 @@ impl Control {
                     self.state.in_flight.load(Ordering::Relaxed)
                 );
                 lp.phase = Phase::Stopping;
-                self.state.set_phase("stopping");
+                self.state.set_phase(WorkerPhase::Stopping);
                 self.notify("STOPPING=1");
                 self.halt_lanes();
             }
@@ -298,7 +298,7 @@ impl Control {
             }
             Phase::Running => log::error!("all lanes ended unexpectedly; starting them again"),
         }
-        self.state.set_phase("running");
+        self.state.set_phase(WorkerPhase::Running);
         self.stop.reset();
         self.spawn_lanes()?;
         lp.live = self.lanes.len();
@@ -356,7 +356,7 @@ impl Control {
                     && d.last_refused.as_ref().map(|r| r.at_ms)
                         != i.last_refused_deploy.as_ref().map(|r| r.at_ms)
                 {
-                    self.state.metrics.deploy("refused");
+                    self.state.metrics.deploy(DeployResult::Refused);
                 }
                 i.last_refused_deploy = d.last_refused.clone();
                 i.binary_sha256 = d.running_sha();

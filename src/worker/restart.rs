@@ -12,7 +12,7 @@ use super::control::{Control, Phase};
 use super::plan::Plan;
 use crate::clock::now_ms;
 use crate::error::Error;
-use crate::kinds::RestartReason;
+use crate::kinds::{RestartReason, WorkerPhase};
 use crate::ops::signals;
 use crate::restart::carried::Inherited;
 use crate::restart::reexec;
@@ -102,7 +102,7 @@ impl Control {
         {
             self.exit_for_supervisor = true;
             *phase = Phase::Stopping;
-            self.state.set_phase("stopping");
+            self.state.set_phase(WorkerPhase::Stopping);
             self.halt_lanes();
         }
     }
@@ -131,7 +131,7 @@ impl Control {
             reason,
             requested_mono_us: requested,
         };
-        self.state.set_phase("draining");
+        self.state.set_phase(WorkerPhase::Draining);
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::clock::monotonic_us()
@@ -161,7 +161,7 @@ impl Control {
             Ok(p) => p,
             Err(e) => return self.refuse(reason, &e.to_string()),
         };
-        self.state.set_phase("restarting");
+        self.state.set_phase(WorkerPhase::Restarting);
         let mut next = self.carried(&plan, reason, requested_mono_us);
         let (exe, known) = self.exec_target(&plan, reason);
         next.binary = known;

@@ -203,7 +203,7 @@ pub(super) fn new_state(
             plan.config.worker.concurrency
         ]),
         inner: std::sync::Mutex::new(Inner {
-            phase: "running",
+            phase: crate::kinds::WorkerPhase::Running,
             refusals: inherited.refusals,
             last_refused: inherited.last_refused.clone(),
             functions: plan.table.names(),
@@ -381,11 +381,11 @@ pub(super) fn count_start(
         }
         metrics.restarted(&i.reason);
         if i.reason == RestartReason::BinaryChanged.as_str() {
-            metrics.deploy("switched");
+            metrics.deploy(crate::kinds::DeployResult::Switched);
         }
     }
     if rolled_back {
-        metrics.deploy("rolled_back");
+        metrics.deploy(crate::kinds::DeployResult::RolledBack);
     }
     metrics.declare(plan.table.names());
 }
