@@ -349,6 +349,28 @@ fn json_log_lines_carry_the_job_fields() {
     );
 }
 
+/// Starts `gearshift top --interval 200ms` in a detached tmux session of its own server
+/// (120x40); returns a runner of tmux commands on that server.
+fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Output {
+    let server = format!("{name}-{}", std::process::id());
+    let tmux = move |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cmd = format!(
+        "{} -c {} top --interval 200ms",
+        sb.bin.display(),
+        sb.config().display()
+    );
+    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
+        .status
+        .success());
+    tmux
+}
+
 #[test]
 fn top_shows_lanes_functions_and_quits_on_q() {
     if Command::new("tmux").arg("-V").output().is_err() {
@@ -365,22 +387,7 @@ fn top_shows_lanes_functions_and_quits_on_q() {
     let ids: Vec<String> = (0..4).map(|i| sb.submit("up", &format!("t{i}"))).collect();
     all_outcomes(&sb, &ids, Duration::from_secs(20));
     let long = sb.submit("sleep", "20000");
-    let server = format!("gs-top-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &server])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let cmd = format!(
-        "{} -c {} top --interval 200ms",
-        sb.bin.display(),
-        sb.config().display()
-    );
-    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
-        .status
-        .success());
+    let tmux = top_in_tmux(&sb, "gs-top");
     let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut last = String::new();
@@ -638,22 +645,7 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
     );
 
     let mut w = sb.start();
-    let server = format!("gs-topf-{}", std::process::id());
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .args(["-L", &server])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let cmd = format!(
-        "{} -c {} top --interval 200ms",
-        sb.bin.display(),
-        sb.config().display()
-    );
-    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
-        .status
-        .success());
+    let tmux = top_in_tmux(&sb, "gs-topf");
     let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
     let wait_screen = |what: &str, ok: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(10);
