@@ -63,7 +63,7 @@ pub fn memfd(name: &str, data: &[u8]) -> Option<OwnedFd> {
 
 /// Adopts a memfd made by [`memfd`] with the same `name` and reads it, up to `limit` bytes.
 pub fn read_memfd(fd: Option<RawFd>, name: &str, limit: u64) -> Option<Vec<u8>> {
-    use std::io::{Read, Seek};
+    use std::io::Seek;
     let expect = format!("/memfd:gearshift-{name} ");
     let fd = adopt(fd, |what| {
         // The kernel shows "/memfd:NAME (deleted)".
@@ -71,9 +71,8 @@ pub fn read_memfd(fd: Option<RawFd>, name: &str, limit: u64) -> Option<Vec<u8>> 
     })?;
     let mut file = std::fs::File::from(fd);
     file.seek(std::io::SeekFrom::Start(0)).ok()?;
-    let mut data = Vec::new();
-    file.take(limit).read_to_end(&mut data).ok()?;
-    Some(data)
+    // Over the limit is no hand-over of ours: start without it.
+    crate::ops::safefs::read_bounded(file, limit).ok().flatten()
 }
 
 /// Marks every descriptor above stderr close-on-exec: whatever our launcher leaked to us (a

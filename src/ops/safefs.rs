@@ -361,17 +361,15 @@ impl Dir {
             }
             Err(e) => return Err(e),
         };
-        let mut buf = Vec::new();
-        f.take(max + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::io_path("reading", &self.path.join(name), e))?;
-        if buf.len() as u64 > max {
-            return Err(Error::Msg(format!(
+        match read_bounded(f, max)
+            .map_err(|e| Error::io_path("reading", &self.path.join(name), e))?
+        {
+            Some(buf) => Ok(Some(buf)),
+            None => Err(Error::Msg(format!(
                 "\"{}\" is over {max} bytes: refusing it",
                 self.path.join(name).display()
-            )));
+            ))),
         }
-        Ok(Some(buf))
     }
 
     /// Creates the new file `name` for writing (failing if anything is there, a link included).
@@ -473,6 +471,14 @@ fn components(path: &Path) -> VecDeque<OsString> {
         })
         .filter(|c| !c.as_bytes().is_empty())
         .collect()
+}
+
+/// Reads everything `r` yields if it is at most `max` bytes; None if there is more (the one
+/// bounded reader: a file or descriptor from outside is never read unbounded).
+pub fn read_bounded(r: impl Read, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    r.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= max).then_some(buf))
 }
 
 /// flock(2) on a descriptor we keep: the one way gearshift locks a file (the pidfile, the

@@ -79,17 +79,14 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     let file = crate::ops::safefs::Dir::open(dir)?
         .file(name, crate::ops::safefs::Open::READ)?
         .file;
-    let mut data = Vec::new();
-    file.take(MAX_PEM + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| Error::io_path(what, path, e))?;
-    if data.len() as u64 > MAX_PEM {
-        return Err(Error::Msg(format!(
-            "{what} \"{}\" is larger than 1 MiB",
-            path.display()
-        )));
-    }
-    Ok(data)
+    crate::ops::safefs::read_bounded(file, MAX_PEM)
+        .map_err(|e| Error::io_path(what, path, e))?
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "{what} \"{}\" is larger than 1 MiB",
+                path.display()
+            ))
+        })
 }
 
 /// Reads the CA (and client certificate and key) and builds the client configuration. Every

@@ -452,7 +452,6 @@ pub(super) fn prune_older(dir: &Path, cutoff: SystemTime) -> usize {
 /// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file of
 /// at most `max` bytes (checked with fstat before reading, and bounded while reading).
 pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -481,14 +480,8 @@ pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
             meta.len()
         )));
     }
-    let mut buf = Vec::with_capacity(meta.len() as usize);
-    f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
-    if buf.len() as u64 > max {
-        return Err(io::Error::other(
-            "grew over max_payload_bytes while being read",
-        ));
-    }
-    Ok(buf)
+    crate::ops::safefs::read_bounded(f, max)?
+        .ok_or_else(|| io::Error::other("grew over max_payload_bytes while being read"))
 }
 
 #[cfg(test)]
