@@ -1,5 +1,5 @@
 //! `gearshift top`: a live view of the running worker, drawn from its status document and its
-//! metrics (both through the status socket) once per interval. Rates, failures and latency
+//! counters as data (`counts`; both through the status socket) once per interval. Rates, failures and latency
 //! are the differences between two samples, so they describe the last interval. `q` (or
 //! Ctrl-C, Esc) quits; the terminal is restored however the view ends.
 
@@ -169,95 +169,39 @@ fn read_sample(socket: &Path, pid: i32, pidfile: &Path) -> Result<Sample> {
         Err(_) => crate::status::query_patiently(socket, Some(pid), Duration::from_secs(2))?,
     }
     .for_terminal();
-    let text = crate::status::query_metrics(socket, Some(pid)).unwrap_or_default();
-    let mut functions: BTreeMap<String, Counts> = BTreeMap::new();
-    let mut deploys = BTreeMap::new();
-    let (mut depth, mut oldest) = (None, 0.0);
-    for (name, labels, value) in text.lines().filter_map(parse_line) {
-        let label = |k: &str| {
-            labels
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| crate::text::escape(v).into_owned())
-                .unwrap_or_default()
-        };
-        match name {
-            "gearshift_jobs_total" => {
-                let c = functions.entry(label("function")).or_default();
-                match label("outcome").as_str() {
-                    "done" => c.done = value,
-                    "failed" => c.failed = value,
-                    "timed_out" => c.timed_out = value,
-                    _ => {}
-                }
-            }
-            "gearshift_job_duration_seconds_sum" => {
-                functions.entry(label("function")).or_default().duration_sum = value
-            }
-            "gearshift_job_duration_seconds_count" => {
-                functions
-                    .entry(label("function"))
-                    .or_default()
-                    .duration_count = value
-            }
-            "gearshift_deploys_total" => {
-                deploys.insert(label("result"), value);
-            }
-            "gearshift_spool_queue_depth" => depth = Some(value),
-            "gearshift_spool_oldest_job_age_seconds" => oldest = value,
-            _ => {}
-        }
-    }
+    // The counters as data (no exposition to parse back); an older worker has none to give.
+    let counts = crate::status::query_counts(socket, Some(pid)).unwrap_or_default();
+    let functions: BTreeMap<String, Counts> = counts
+        .metrics
+        .functions
+        .iter()
+        .map(|(name, f)| {
+            let c = Counts {
+                done: f.done as f64,
+                failed: f.failed as f64,
+                timed_out: f.timed_out as f64,
+                duration_sum: f.duration.sum_us as f64 / 1e6,
+                duration_count: f.duration.counts.iter().sum::<u64>() as f64,
+            };
+            (crate::text::escape(name).into_owned(), c)
+        })
+        .collect();
+    let deploys = counts
+        .metrics
+        .deploys
+        .iter()
+        .map(|(k, v)| (k.clone(), *v as f64))
+        .collect();
+    let queue = counts
+        .queue
+        .map(|q| (q.depth as f64, q.oldest_age_us as f64 / 1e6));
     Ok(Sample {
         at: Instant::now(),
         doc,
         functions,
         deploys,
-        queue: depth.map(|d| (d, oldest)),
+        queue,
     })
-}
-
-/// A sample's labels, in order.
-type Labels = Vec<(String, String)>;
-
-/// `name{k="v",...} value` (our own exposition: no timestamps); comments give None.
-fn parse_line(line: &str) -> Option<(&str, Labels, f64)> {
-    if line.starts_with('#') || line.is_empty() {
-        return None;
-    }
-    let (series, value) = line.rsplit_once(' ')?;
-    let value: f64 = value.parse().ok()?;
-    let Some((name, rest)) = series.split_once('{') else {
-        return Some((series, Vec::new(), value));
-    };
-    let mut labels = Vec::new();
-    let mut chars = rest.strip_suffix('}')?.chars().peekable();
-    loop {
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if key.is_empty() {
-            break;
-        }
-        if chars.next() != Some('"') {
-            return None;
-        }
-        let mut v = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => v.push('\n'),
-                    Some(o) => v.push(o),
-                    None => return None,
-                },
-                '"' => break,
-                c => v.push(c),
-            }
-        }
-        labels.push((key, v));
-        if chars.peek() == Some(&',') {
-            chars.next();
-        }
-    }
-    Some((name, labels, value))
 }
 
 /// Milliseconds as `850ms`, `12.3s`, `4m05s`, `2h10m`.
@@ -439,18 +383,6 @@ impl Drop for Screen {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exposition_lines_are_read_back() {
-        let (name, labels, v) =
-            parse_line(r#"gearshift_jobs_total{function="a\"b",outcome="done"} 42"#).unwrap();
-        assert_eq!(name, "gearshift_jobs_total");
-        assert_eq!(labels[0], ("function".into(), "a\"b".into()));
-        assert_eq!(labels[1], ("outcome".into(), "done".into()));
-        assert_eq!(v, 42.0);
-        assert_eq!(parse_line("process_open_fds 9").unwrap().2, 9.0);
-        assert!(parse_line("# HELP x y").is_none());
-    }
 
     #[test]
     fn durations_read_well() {

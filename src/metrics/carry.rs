@@ -33,3 +33,12 @@ pub struct MetricsCarried {
     /// Gearman reconnects per server address.
     pub reconnects: std::collections::BTreeMap<String, u64>,
 }
+
+/// The counters as data, for `gearshift top` (the status socket's `counts` request): what the
+/// exposition renders, without a text format to parse back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counts {
+    pub metrics: MetricsCarried,
+    /// The spool's queue now (None for a network source).
+    pub queue: Option<super::QueueStats>,
+}

@@ -292,7 +292,7 @@ impl Metrics {
 }
 
 /// The spool's queue, at the moment of a scrape.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     pub depth: u64,
     pub running: u64,

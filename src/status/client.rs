@@ -138,6 +138,14 @@ pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
     Ok(body)
 }
 
+/// Asks the worker for its counters as data (`top`): what the exposition renders, as JSON.
+pub fn query_counts(path: &Path, pid: Option<i32>) -> Result<crate::metrics::carry::Counts> {
+    let body = ask(path, pid, "counts", MAX_METRICS)?;
+    serde_json::from_str(&body).map_err(|_| {
+        Error::Msg("the running worker does not serve counts (an older version): reload it".into())
+    })
+}
+
 /// Asks the worker whose socket is `path` for its status. The socket lives where the worker's
 /// user writes, so with `pid` the answer is taken only from that process (the kernel's
 /// SO_PEERCRED), never from whatever else a planted socket or link leads to.

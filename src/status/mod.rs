@@ -17,7 +17,7 @@ pub mod doc;
 pub mod records;
 pub mod server;
 
-pub use client::{query, query_metrics, query_patiently};
+pub use client::{query, query_counts, query_metrics, query_patiently};
 pub use doc::{
     Doc, PendingDoc, RefusalDoc, RefusedDeployDoc, RollbackDoc, RunningJob, ServerDoc, StorageDoc,
 };

@@ -1,5 +1,6 @@
-//! The status socket's server. A client writes one request line (`status` or `metrics`) and
-//! reads the answer: the JSON status document, or the Prometheus text. A client that writes
+//! The status socket's server. A client writes one request line (`status`, `metrics` or
+//! `counts`) and reads the answer: the JSON status document, the Prometheus text, or the
+//! counters as JSON (for `top`). A client that writes
 //! nothing gets the status after [`REQUEST_WAIT`] (older clients).
 //!
 //! Nothing a client does can hold the worker: the accept thread waits on the socket and on a
@@ -41,11 +42,7 @@ impl Server {
     /// Binds `path` and serves `state` (and `metrics`, the exposition) on a thread. A leftover
     /// socket file is replaced (we hold the pidfile lock, so no live worker owns it); anything
     /// else in the way (a directory a job made) is moved aside, and said so.
-    pub fn start(
-        path: &Path,
-        state: Arc<State>,
-        metrics: crate::metrics::http::Render,
-    ) -> Result<Server> {
+    pub fn start(path: &Path, state: Arc<State>, answers: Answers) -> Result<Server> {
         clear_the_way(path);
         let listener = UnixListener::bind(path)
             .map_err(|e| Error::io_path("binding status socket", path, e))?;
@@ -63,7 +60,7 @@ impl Server {
         let answering = Arc::new(AtomicUsize::new(0));
         let busy = Arc::clone(&answering);
         let thread = crate::ops::signals::spawn_essential("status", move || {
-            accept_loop(&listener, &wake_rx, &busy, &state, &metrics)
+            accept_loop(&listener, &wake_rx, &busy, &state, &answers)
         })
         .map_err(|e| Error::io("spawning status thread", e))?;
         Ok(Server {
@@ -110,12 +107,20 @@ fn clear_the_way(path: &Path) {
     }
 }
 
+/// What the socket answers besides the status document: the exposition (`metrics`) and the
+/// counters as JSON (`counts`), each rendered when asked.
+#[derive(Clone)]
+pub struct Answers {
+    pub metrics: crate::metrics::http::Render,
+    pub counts: crate::metrics::http::Render,
+}
+
 fn accept_loop(
     listener: &UnixListener,
     wake: &OwnedFd,
     answering: &Arc<AtomicUsize>,
     state: &Arc<State>,
-    metrics: &crate::metrics::http::Render,
+    answers: &Answers,
 ) {
     loop {
         let room = answering.load(Ordering::Acquire) < MAX_CLIENTS;
@@ -156,10 +161,10 @@ fn accept_loop(
         };
         answering.fetch_add(1, Ordering::AcqRel);
         let guard = Answering(Arc::clone(answering));
-        let (state, metrics) = (Arc::clone(state), Arc::clone(metrics));
+        let (state, answers) = (Arc::clone(state), answers.clone());
         let spawned = crate::ops::signals::spawn_helper("status-client", move || {
             let _guard = guard;
-            answer(conn, &state, &metrics);
+            answer(conn, &state, &answers);
         });
         if let Err(e) = spawned {
             // The closure (and the guard in it) is dropped: the count goes back down.
@@ -177,13 +182,14 @@ impl Drop for Answering {
     }
 }
 
-fn answer(mut c: UnixStream, state: &State, metrics: &crate::metrics::http::Render) {
+fn answer(mut c: UnixStream, state: &State, answers: &Answers) {
     let deadline = Instant::now() + CLIENT_BUDGET;
     if c.set_nonblocking(false).is_err() {
         return;
     }
     let body = match read_request(&mut c) {
-        Request::Metrics => metrics(),
+        Request::Metrics => (answers.metrics)(),
+        Request::Counts => (answers.counts)(),
         Request::Status => {
             let mut b = serde_json::to_string(&state.doc()).unwrap_or_default();
             b.push('\n');
@@ -214,6 +220,8 @@ fn write_by(c: &mut UnixStream, mut data: &[u8], deadline: Instant) -> std::io::
 enum Request {
     Status,
     Metrics,
+    /// The counters as JSON (`metrics::carry::Counts`), for `top`.
+    Counts,
 }
 
 /// The client's request line (at most 16 bytes); none within [`REQUEST_WAIT`] in all: status.
@@ -238,6 +246,7 @@ fn read_request(c: &mut UnixStream) -> Request {
     }
     match buf[..n].split(|b| *b == b'\n').next() {
         Some(b"metrics") => Request::Metrics,
+        Some(b"counts") => Request::Counts,
         _ => Request::Status,
     }
 }

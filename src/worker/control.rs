@@ -87,6 +87,8 @@ pub(super) struct Control {
     pub(super) metrics_server: Option<crate::metrics::http::Server>,
     /// The metrics text, for the status socket and `/metrics`.
     pub(super) render: crate::metrics::http::Render,
+    /// The counters as JSON, for the status socket's `counts` (`top`).
+    pub(super) counts: crate::metrics::http::Render,
     pub(super) _signals: Signals,
     pub(super) inotify: Option<Arc<Inotify>>,
     pub(super) poll_fallback: bool,

@@ -121,10 +121,23 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         let (state, source) = (Arc::clone(&state), Arc::clone(&source));
         Arc::new(move || state.metrics_text(source.queue_stats()))
     };
+    let counts: crate::metrics::http::Render = {
+        let (state, source) = (Arc::clone(&state), Arc::clone(&source));
+        Arc::new(move || {
+            let counts = crate::metrics::carry::Counts {
+                metrics: state.metrics.carry(&state.reconnects()),
+                queue: source.queue_stats(),
+            };
+            serde_json::to_string(&counts).unwrap_or_default()
+        })
+    };
     let status_server = status::Server::start(
         &plan.config.status_socket(),
         Arc::clone(&state),
-        Arc::clone(&render),
+        status::server::Answers {
+            metrics: Arc::clone(&render),
+            counts: Arc::clone(&counts),
+        },
     )?;
     let metrics_server = match metrics_listener {
         Some(l) => Some(crate::metrics::http::Server::start(l, Arc::clone(&render))?),
@@ -163,6 +176,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         status_server: Some(status_server),
         metrics_server,
         render,
+        counts,
         _signals: signal_thread,
         inotify,
         poll_fallback,

@@ -332,10 +332,14 @@ impl Control {
 
     /// Brings back the status server and signal thread after a failed execve.
     pub(super) fn resume_helpers(&mut self) {
+        let answers = status::server::Answers {
+            metrics: Arc::clone(&self.render),
+            counts: Arc::clone(&self.counts),
+        };
         match status::Server::start(
             &self.plan.config.status_socket(),
             Arc::clone(&self.state),
-            Arc::clone(&self.render),
+            answers,
         ) {
             Ok(s) => self.status_server = Some(s),
             Err(e) => log::error!("status socket: {e}"),
