@@ -157,6 +157,19 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
         );
     }
     assert_eq!(refusals, 4);
+    // Each refusal counted once (the stock binary asks: the sandbox's own is the last drop).
+    let out = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("metrics")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("gearshift_deploys_total{result=\"refused\"} 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A HUP now must not exec the refused file at the path: the running image is run again.
     w.signal(nix::sys::signal::Signal::SIGHUP);
     let s = w.wait_generation(2);

@@ -60,6 +60,8 @@ pub struct Deploy {
     approved_file: Option<File>,
     preflight: Option<(Ident, Receiver<Outcome>)>,
     pub last_refused: Option<Refused>,
+    /// Candidates refused and not yet counted (see [`Deploy::take_refusals`]).
+    refusals: u64,
     /// A binary that was rolled back from: refused on sight.
     known_bad: Option<String>,
     /// Under a privilege drop, the worker's uid: a candidate that user could have written
@@ -108,6 +110,7 @@ impl Deploy {
             approved_file: None,
             preflight: None,
             last_refused,
+            refusals: 0,
             known_bad: None,
             worker_uid,
         }
@@ -274,11 +277,17 @@ impl Deploy {
     fn refuse(&mut self, ident: Ident, sha: String, error: String) {
         log::error!("deploy: refused \"{}\": {error}", self.path.display());
         self.refused = Some(ident);
+        self.refusals += 1;
         self.last_refused = Some(Refused {
             at_ms: crate::clock::now_ms(),
             sha256: sha,
             error,
         });
+    }
+
+    /// Refusals since the last call (each is counted once in the metrics).
+    pub fn take_refusals(&mut self) -> u64 {
+        std::mem::take(&mut self.refusals)
     }
 
     /// What to exec for the next generation, and what that image is.

@@ -353,13 +353,10 @@ impl Control {
                 Step::CheckIn(after) => lp.binary_at = Some(Instant::now() + after),
                 Step::Approved => approved = true,
             }
+            for _ in 0..d.take_refusals() {
+                self.state.metrics.deploy(DeployResult::Refused);
+            }
             if let Ok(mut i) = self.state.inner.lock() {
-                if d.last_refused.is_some()
-                    && d.last_refused.as_ref().map(|r| r.at_ms)
-                        != i.last_refused_deploy.as_ref().map(|r| r.at_ms)
-                {
-                    self.state.metrics.deploy(DeployResult::Refused);
-                }
                 i.last_refused_deploy = d.last_refused.clone();
                 i.binary_sha256 = d.running_sha();
             }
