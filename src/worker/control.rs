@@ -168,7 +168,12 @@ impl Control {
         let requested = self.requested_mono_us;
         self.spawn_lanes()?;
         if requested != 0 {
-            let us = crate::clock::monotonic_us().saturating_sub(requested);
+            // The restart pause, one definition for status and the histogram: from the request
+            // until this generation's lanes claim (a job waiting is claimed right after).
+            let us = crate::clock::monotonic_us()
+                .saturating_sub(requested)
+                .max(1);
+            self.state.restart_pause_us.store(us, Ordering::Relaxed);
             self.state.metrics.restart_pause(Duration::from_micros(us));
         }
         self.notify("READY=1");
@@ -417,7 +422,6 @@ impl Control {
                 stop: self.stop.handle(),
                 children: self.children.clone(),
                 max_payload: self.plan.config.worker.max_payload_bytes,
-                requested_mono_us: self.requested_mono_us,
                 limits: Arc::clone(&self.limits),
                 events: self.events.clone(),
                 health: Arc::clone(&self.health),

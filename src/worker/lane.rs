@@ -80,7 +80,6 @@ pub(super) struct LaneContext {
     pub(super) stop: Shutdown,
     pub(super) children: Children,
     pub(super) max_payload: usize,
-    pub(super) requested_mono_us: u64,
     pub(super) limits: Arc<Limits>,
     pub(super) events: Sender<Event>,
     pub(super) health: Arc<Health>,
@@ -197,18 +196,8 @@ impl LaneContext {
             };
             backoff = Duration::from_millis(100);
             if self.state.first_claim_mono_us.load(Ordering::Relaxed) == 0 {
-                // The pause is stored before the first claim is published, so a reader that
-                // sees the claim also sees the pause.
+                // When this generation's first job was claimed (for measuring from outside).
                 let now = crate::clock::monotonic_us();
-                if self.requested_mono_us != 0 {
-                    let pause = now.saturating_sub(self.requested_mono_us).max(1);
-                    let _ = self.state.restart_pause_us.compare_exchange(
-                        0,
-                        pause,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
                 let _ = self.state.first_claim_mono_us.compare_exchange(
                     0,
                     now,
