@@ -1,5 +1,5 @@
 //! Words every layer shares, as types rather than strings: why a generation restarts, what the
-//! worker is doing, how a deploy ended. A leaf.
+//! worker is doing, how a deploy ended, where a connection to a server is. A leaf.
 
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +103,28 @@ impl DeployResult {
             DeployResult::Switched => "switched",
             DeployResult::Refused => "refused",
             DeployResult::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Where one lane's connection to a network server is (status and metrics), best first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConnState {
+    Connected,
+    /// A connect or handshake under way.
+    #[default]
+    Connecting,
+    /// Failed; waiting out the backoff.
+    BackingOff,
+}
+
+impl ConnState {
+    /// As `status` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connected => "connected",
+            ConnState::Connecting => "connecting",
+            ConnState::BackingOff => "backing off",
         }
     }
 }

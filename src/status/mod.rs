@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::clock::rfc3339_ms;
-use crate::kinds::WorkerPhase;
+use crate::kinds::{ConnState, WorkerPhase};
 
 use crate::status::records::Refusal;
 
@@ -43,8 +43,7 @@ fn summarised(all: &[String]) -> Vec<String> {
 /// One lane's connection to one Gearman server, for `status`.
 #[derive(Debug, Clone, Default)]
 pub struct ServerView {
-    /// `connected`, `connecting` (connect or handshake under way) or `backing off`.
-    pub state: &'static str,
+    pub state: crate::kinds::ConnState,
     pub since_ms: u64,
     pub last_error: Option<String>,
     pub last_error_ms: u64,
@@ -153,19 +152,14 @@ impl State {
         let Ok(views) = self.servers.lock() else {
             return Vec::new();
         };
-        let rank = |s: &str| match s {
-            "connected" => 0,
-            "connecting" => 1,
-            _ => 2,
-        };
         views
             .iter()
             .map(|(addr, lanes)| {
                 let best = lanes
                     .values()
                     .map(|v| v.state)
-                    .min_by_key(|s| rank(s))
-                    .unwrap_or("connecting");
+                    .min()
+                    .unwrap_or(ConnState::Connecting);
                 let since = lanes
                     .values()
                     .filter(|v| v.state == best)
@@ -178,9 +172,12 @@ impl State {
                     .max_by_key(|v| v.last_error_ms);
                 ServerDoc {
                     address: addr.clone(),
-                    state: best.to_string(),
+                    state: best.as_str().to_string(),
                     since: rfc3339_ms(since),
-                    lanes_connected: lanes.values().filter(|v| v.state == "connected").count(),
+                    lanes_connected: lanes
+                        .values()
+                        .filter(|v| v.state == ConnState::Connected)
+                        .count(),
                     last_error: err.and_then(|v| v.last_error.clone()),
                     last_error_at: err.map(|v| rfc3339_ms(v.last_error_ms)),
                     reconnects: lanes.values().map(|v| v.reconnects).sum(),
@@ -223,12 +220,12 @@ impl State {
                     .iter()
                     .map(|(addr, lanes)| {
                         let count =
-                            |s: &str| lanes.values().filter(|v| v.state == s).count() as u64;
+                            |s: ConnState| lanes.values().filter(|v| v.state == s).count() as u64;
                         crate::metrics::ServerGauge {
                             address: addr.clone(),
-                            connected: count("connected"),
-                            connecting: count("connecting"),
-                            backing_off: count("backing off"),
+                            connected: count(ConnState::Connected),
+                            connecting: count(ConnState::Connecting),
+                            backing_off: count(ConnState::BackingOff),
                             reconnects: lanes.values().map(|v| v.reconnects).sum(),
                         }
                     })
@@ -266,7 +263,10 @@ impl State {
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
         let servers = self.servers_doc();
         // Running, but every server has been tried and is backed off from: say so.
-        let unreachable = !servers.is_empty() && servers.iter().all(|v| v.state == "backing off");
+        let unreachable = !servers.is_empty()
+            && servers
+                .iter()
+                .all(|v| v.state == ConnState::BackingOff.as_str());
         let state = if i.phase == WorkerPhase::Running && i.storage.is_some() {
             "degraded"
         } else if i.phase == WorkerPhase::Running && unreachable {

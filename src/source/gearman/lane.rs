@@ -54,7 +54,7 @@ impl GearmanLane {
                 s.failures = 0;
                 log::info!("gearman {}: connected as {}", s.addr, self.client_id);
                 let s = &self.servers[i];
-                self.view(s, "connected", None);
+                self.view(s, crate::kinds::ConnState::Connected, None);
                 Ok(None)
             }
             (Phase::Grabbing, p::NO_JOB) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::connection::Conn;
 use super::protocol as p;
 use super::tls::TlsTarget;
+use crate::kinds::ConnState;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -87,7 +88,7 @@ pub(super) struct GearmanLane {
 }
 
 impl GearmanLane {
-    pub(super) fn view(&self, s: &Server, state: &'static str, error: Option<String>) {
+    pub(super) fn view(&self, s: &Server, state: ConnState, error: Option<String>) {
         let Ok(mut views) = self.views.lock() else {
             return;
         };
@@ -96,7 +97,8 @@ impl GearmanLane {
             .or_default()
             .entry(self.index)
             .or_default();
-        if v.state != state {
+        // A new view (since 0) takes its first state like any change.
+        if v.state != state || v.since_ms == 0 {
             v.state = state;
             v.since_ms = crate::clock::now_ms();
         }
@@ -145,7 +147,7 @@ impl GearmanLane {
             self.job_server = None;
         }
         let s = &self.servers[i];
-        self.view(s, "backing off", Some(why.to_string()));
+        self.view(s, ConnState::BackingOff, Some(why.to_string()));
     }
 
     /// Starts connects for servers whose retry time has come.
@@ -169,7 +171,7 @@ impl GearmanLane {
                     s.phase = Phase::Connecting;
                     s.deadline = Some(now + io);
                     let s = &self.servers[i];
-                    self.view(s, "connecting", None);
+                    self.view(s, ConnState::Connecting, None);
                 }
                 Err(e) => self.fail(i, &format!("cannot connect: {e}")),
             }

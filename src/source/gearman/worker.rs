@@ -107,7 +107,7 @@ impl GearmanSource {
             views: Arc::clone(&self.views),
         };
         for s in &lane.servers {
-            lane.view(s, "connecting", None);
+            lane.view(s, crate::kinds::ConnState::Connecting, None);
         }
         Ok(Box::new(lane))
     }
