@@ -202,6 +202,22 @@ impl Metrics {
         ))
     }
 
+    /// Jobs ended for the life of the process: (done, failed or timed out). The one count of
+    /// jobs: `status` shows these, the exposition their per-function parts.
+    pub fn totals(&self) -> (u64, u64) {
+        self.functions
+            .read()
+            .map(|m| {
+                m.values().fold((0, 0), |(d, f), s| {
+                    (
+                        d + s.done.load(Ordering::Relaxed),
+                        f + s.failed.load(Ordering::Relaxed) + s.timed_out.load(Ordering::Relaxed),
+                    )
+                })
+            })
+            .unwrap_or_default()
+    }
+
     /// Makes every function of a generation show up (at 0) before its first job.
     pub fn declare(&self, functions: impl IntoIterator<Item = impl AsRef<str>>) {
         for f in functions {

@@ -66,10 +66,8 @@ pub struct State {
     pub last_restart_reason: String,
     pub restarts: u64,
     pub binary: PathBuf,
-    pub completed: AtomicU64,
-    pub failed: AtomicU64,
     pub in_flight: AtomicU64,
-    /// µs from the restart request to the first job claimed by this generation.
+    /// The last restart's pause in µs: from its request until this generation's lanes claim.
     pub restart_pause_us: AtomicU64,
     /// CLOCK_MONOTONIC (µs) when this generation claimed its first job (0: not yet).
     pub first_claim_mono_us: AtomicU64,
@@ -323,8 +321,8 @@ impl State {
                 at: rfc3339_ms(*at),
             }),
             source: i.source.to_string(),
-            jobs_completed: self.completed.load(Ordering::Relaxed),
-            jobs_failed: self.failed.load(Ordering::Relaxed),
+            jobs_completed: self.metrics.totals().0,
+            jobs_failed: self.metrics.totals().1,
             in_flight: self.in_flight.load(Ordering::Relaxed),
             functions: i.functions.clone(),
             supervisor: crate::status::records::from_env(),

@@ -394,8 +394,8 @@ impl Control {
             n.send(&format!(
                 "{message}\nSTATUS=generation {}, {} jobs completed, {} failed, {} running",
                 s.generation,
-                s.completed.load(Ordering::Relaxed),
-                s.failed.load(Ordering::Relaxed),
+                s.metrics.totals().0,
+                s.metrics.totals().1,
                 s.in_flight.load(Ordering::Relaxed)
             ));
         }

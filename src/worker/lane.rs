@@ -248,12 +248,6 @@ impl LaneContext {
             if let Some(stats) = self.state.metrics.function(key) {
                 stats.record(kind, took);
             }
-            let counter = if outcome.is_ok() {
-                &self.state.completed
-            } else {
-                &self.state.failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
             self.state.set_running(self.index, None);
             self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.check_limits(&mut last_rss_check);

@@ -222,8 +222,9 @@ impl Control {
             started_at_ms: self.state.started_at_ms,
             restarted_at_ms: now_ms(),
             reason: reason.to_string(),
-            completed: self.state.completed.load(Ordering::Relaxed),
-            failed: self.state.failed.load(Ordering::Relaxed),
+            // Read by older images only (a rollback): the counts travel with the metrics.
+            completed: self.state.metrics.totals().0,
+            failed: self.state.metrics.totals().1,
             rejected: crate::status::REJECTED.load(Ordering::Relaxed),
             restarts: self.state.restarts + 1,
             refusals,

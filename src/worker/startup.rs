@@ -191,8 +191,6 @@ pub(super) fn new_state(
         last_restart_reason: inherited.reason.clone(),
         restarts: inherited.restarts,
         binary: boot.exe.clone(),
-        completed: inherited.completed.into(),
-        failed: inherited.failed.into(),
         in_flight: 0.into(),
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
