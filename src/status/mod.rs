@@ -40,6 +40,19 @@ fn summarised(all: &[String]) -> Vec<String> {
     list
 }
 
+/// One server, aggregated over the lanes' views (see [`State::server_summaries`]).
+struct ServerSummary {
+    address: String,
+    best: ConnState,
+    since_ms: u64,
+    connected: u64,
+    connecting: u64,
+    backing_off: u64,
+    /// The latest error, and when.
+    last_error: Option<(String, u64)>,
+    reconnects: u64,
+}
+
 /// One lane's connection to one Gearman server, for `status`.
 #[derive(Debug, Clone, Default)]
 pub struct ServerView {
@@ -144,42 +157,58 @@ impl State {
         }
     }
 
-    /// Each server: the best state over the lanes (connected > connecting > backing off),
-    /// since when, how many lanes are connected, the latest error, reconnects.
-    fn servers_doc(&self) -> Vec<ServerDoc> {
+    /// Each server, aggregated once over its lanes' views: what both `status` and the metrics
+    /// show of it.
+    fn server_summaries(&self) -> Vec<ServerSummary> {
         let Ok(views) = self.servers.lock() else {
             return Vec::new();
         };
         views
             .iter()
             .map(|(addr, lanes)| {
+                let count = |s: ConnState| lanes.values().filter(|v| v.state == s).count() as u64;
+                // The best state over the lanes (connected > connecting > backing off).
                 let best = lanes
                     .values()
                     .map(|v| v.state)
                     .min()
                     .unwrap_or(ConnState::Connecting);
-                let since = lanes
-                    .values()
-                    .filter(|v| v.state == best)
-                    .map(|v| v.since_ms)
-                    .min()
-                    .unwrap_or(0);
                 let err = lanes
                     .values()
                     .filter(|v| v.last_error.is_some())
                     .max_by_key(|v| v.last_error_ms);
-                ServerDoc {
+                ServerSummary {
                     address: addr.clone(),
-                    state: best.as_str().to_string(),
-                    since: rfc3339_ms(since),
-                    lanes_connected: lanes
+                    best,
+                    since_ms: lanes
                         .values()
-                        .filter(|v| v.state == ConnState::Connected)
-                        .count(),
-                    last_error: err.and_then(|v| v.last_error.clone()),
-                    last_error_at: err.map(|v| rfc3339_ms(v.last_error_ms)),
+                        .filter(|v| v.state == best)
+                        .map(|v| v.since_ms)
+                        .min()
+                        .unwrap_or(0),
+                    connected: count(ConnState::Connected),
+                    connecting: count(ConnState::Connecting),
+                    backing_off: count(ConnState::BackingOff),
+                    last_error: err
+                        .and_then(|v| v.last_error.clone().map(|e| (e, v.last_error_ms))),
                     reconnects: lanes.values().map(|v| v.reconnects).sum(),
                 }
+            })
+            .collect()
+    }
+
+    /// Each server as `status` shows it.
+    fn servers_doc(&self) -> Vec<ServerDoc> {
+        self.server_summaries()
+            .into_iter()
+            .map(|s| ServerDoc {
+                address: s.address,
+                state: s.best.as_str().to_string(),
+                since: rfc3339_ms(s.since_ms),
+                lanes_connected: s.connected as usize,
+                last_error_at: s.last_error.as_ref().map(|(_, at)| rfc3339_ms(*at)),
+                last_error: s.last_error.map(|(e, _)| e),
+                reconnects: s.reconnects,
             })
             .collect()
     }
@@ -194,12 +223,9 @@ impl State {
 
     /// This generation's reconnects per Gearman server (to carry across exec).
     pub fn reconnects(&self) -> std::collections::BTreeMap<String, u64> {
-        let Ok(views) = self.servers.lock() else {
-            return Default::default();
-        };
-        views
-            .iter()
-            .map(|(addr, lanes)| (addr.clone(), lanes.values().map(|v| v.reconnects).sum()))
+        self.server_summaries()
+            .into_iter()
+            .map(|s| (s.address, s.reconnects))
             .collect()
     }
 
@@ -211,25 +237,16 @@ impl State {
             .map(|i| (i.storage.is_some(), i.refusals, i.source))
             .unwrap_or((false, 0, ""));
         let servers = self
-            .servers
-            .lock()
-            .map(|views| {
-                views
-                    .iter()
-                    .map(|(addr, lanes)| {
-                        let count =
-                            |s: ConnState| lanes.values().filter(|v| v.state == s).count() as u64;
-                        crate::metrics::ServerGauge {
-                            address: addr.clone(),
-                            connected: count(ConnState::Connected),
-                            connecting: count(ConnState::Connecting),
-                            backing_off: count(ConnState::BackingOff),
-                            reconnects: lanes.values().map(|v| v.reconnects).sum(),
-                        }
-                    })
-                    .collect()
+            .server_summaries()
+            .into_iter()
+            .map(|s| crate::metrics::ServerGauge {
+                address: s.address,
+                connected: s.connected,
+                connecting: s.connecting,
+                backing_off: s.backing_off,
+                reconnects: s.reconnects,
             })
-            .unwrap_or_default();
+            .collect();
         let lanes = self.running.lock().map(|r| r.len() as u64).unwrap_or(0);
         self.metrics.render(&crate::metrics::Gauges {
             name: crate::identity().0.to_string(),
