@@ -40,6 +40,22 @@ fn summarised(all: &[String]) -> Vec<String> {
     list
 }
 
+/// Each server as `status` shows it.
+fn servers_doc(summaries: Vec<ServerSummary>) -> Vec<ServerDoc> {
+    summaries
+        .into_iter()
+        .map(|s| ServerDoc {
+            address: s.address,
+            state: s.best.as_str().to_string(),
+            since: rfc3339_ms(s.since_ms),
+            lanes_connected: s.connected as usize,
+            last_error_at: s.last_error.as_ref().map(|(_, at)| rfc3339_ms(*at)),
+            last_error: s.last_error.map(|(e, _)| e),
+            reconnects: s.reconnects,
+        })
+        .collect()
+}
+
 /// One server, aggregated over the lanes' views (see [`State::server_summaries`]).
 struct ServerSummary {
     address: String,
@@ -197,22 +213,6 @@ impl State {
             .collect()
     }
 
-    /// Each server as `status` shows it.
-    fn servers_doc(&self) -> Vec<ServerDoc> {
-        self.server_summaries()
-            .into_iter()
-            .map(|s| ServerDoc {
-                address: s.address,
-                state: s.best.as_str().to_string(),
-                since: rfc3339_ms(s.since_ms),
-                lanes_connected: s.connected as usize,
-                last_error_at: s.last_error.as_ref().map(|(_, at)| rfc3339_ms(*at)),
-                last_error: s.last_error.map(|(e, _)| e),
-                reconnects: s.reconnects,
-            })
-            .collect()
-    }
-
     /// The ids of the jobs running now.
     pub fn running_ids(&self) -> Vec<String> {
         self.running
@@ -276,12 +276,12 @@ impl State {
         // first (Acquire) so a reader that sees the claim also sees the pause.
         let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
-        let servers = self.servers_doc();
+        let summaries = self.server_summaries();
         // Running, but every server has been tried and is backed off from: say so.
-        let unreachable = !servers.is_empty()
-            && servers
-                .iter()
-                .all(|v| v.state == ConnState::BackingOff.as_str());
+        let unreachable =
+            !summaries.is_empty() && summaries.iter().all(|v| v.best == ConnState::BackingOff);
+        let servers = servers_doc(summaries);
+        let (jobs_completed, jobs_failed) = self.metrics.totals();
         let state = if i.phase == WorkerPhase::Running && i.storage.is_some() {
             "degraded"
         } else if i.phase == WorkerPhase::Running && unreachable {
@@ -338,8 +338,8 @@ impl State {
                 at: rfc3339_ms(*at),
             }),
             source: i.source.to_string(),
-            jobs_completed: self.metrics.totals().0,
-            jobs_failed: self.metrics.totals().1,
+            jobs_completed,
+            jobs_failed,
             in_flight: self.in_flight.load(Ordering::Relaxed),
             functions: i.functions.clone(),
             supervisor: crate::status::records::from_env(),

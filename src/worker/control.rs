@@ -391,11 +391,12 @@ impl Control {
     pub(super) fn notify(&self, message: &str) {
         if let Some(n) = &self.notifier {
             let s = &self.state;
+            let (completed, failed) = s.metrics.totals();
             n.send(&format!(
                 "{message}\nSTATUS=generation {}, {} jobs completed, {} failed, {} running",
                 s.generation,
-                s.metrics.totals().0,
-                s.metrics.totals().1,
+                completed,
+                failed,
                 s.in_flight.load(Ordering::Relaxed)
             ));
         }

@@ -214,6 +214,7 @@ impl Control {
             .lock()
             .map(|i| i.refusals)
             .unwrap_or_default();
+        let (completed, failed) = self.state.metrics.totals();
         Inherited {
             generation: self.state.generation,
             pidfile_fd: Some(self.pidfile.fd()),
@@ -223,8 +224,8 @@ impl Control {
             restarted_at_ms: now_ms(),
             reason: reason.to_string(),
             // Read by older images only (a rollback): the counts travel with the metrics.
-            completed: self.state.metrics.totals().0,
-            failed: self.state.metrics.totals().1,
+            completed,
+            failed,
             rejected: crate::status::REJECTED.load(Ordering::Relaxed),
             restarts: self.state.restarts + 1,
             refusals,
