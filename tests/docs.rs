@@ -212,3 +212,13 @@ fn library_users_are_told_the_rules_and_the_limits() {
     let _ = gearshift::client::spool::SpoolOptions::default();
     let _ = gearshift::client::gearman::LoadOptions::default();
 }
+
+/// The demo cleans up after itself: its scratch directory is removed on exit (KEEP=1 keeps it).
+/// (A text check: running the demo needs a release build, too slow for the suite.)
+#[test]
+fn the_demo_removes_its_scratch_directory() {
+    let demo =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo")).unwrap();
+    assert!(demo.contains("trap cleanup EXIT"), "{demo}");
+    assert!(demo.contains("rm -rf \"$work\""), "{demo}");
+}

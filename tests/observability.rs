@@ -683,3 +683,47 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `result` at a terminal ends the result with a newline, so the prompt (or the next command's
+/// output) starts on a line of its own; to a pipe the bytes stay as stored (checked elsewhere).
+#[test]
+fn a_result_at_a_terminal_ends_its_line() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        skip(
+            "observability::a_result_at_a_terminal_ends_its_line",
+            "no tmux",
+        );
+        return;
+    }
+    let sb = Sandbox::new("result-tty");
+    let id = sb.submit("echo", "no newline here");
+    let _w = sb.start();
+    all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    let server = format!("gs-result-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &server])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cmd = format!(
+        "{} -c {} result {id}; echo NEXT-LINE; sleep 30",
+        sb.bin.display(),
+        sb.config().display()
+    );
+    assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "10", &cmd])
+        .status
+        .success());
+    let mut screen = String::new();
+    eventually(Duration::from_secs(10), "the output", || {
+        screen = text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
+        screen.contains("NEXT-LINE")
+    });
+    let _ = tmux(&["kill-server"]);
+    assert!(
+        screen.lines().any(|l| l.trim_end() == "no newline here")
+            && screen.lines().any(|l| l.trim_end() == "NEXT-LINE"),
+        "{screen}"
+    );
+}
