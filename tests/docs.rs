@@ -170,12 +170,20 @@ fn a_skip_is_listed_and_a_failure_under_ci() {
 #[test]
 fn the_test_setup_names_missing_packages_when_it_cannot_install() {
     let empty = Sandbox::new("deps");
+    // A copy where nobody can read it (the checkout may be in a directory only root can enter).
+    let deps = empty.path("deps");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps"),
+        &deps,
+    )
+    .unwrap();
+    fs::create_dir(empty.path("bin")).unwrap();
     let out = Command::new("/usr/bin/setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg("/bin/bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps"))
+        .arg(&deps)
         .env_clear()
-        .env("PATH", empty.path(""))
+        .env("PATH", empty.path("bin"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
