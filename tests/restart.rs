@@ -426,3 +426,38 @@ fn change_restarts_are_splayed_and_a_hup_is_not() {
     // RFC 3339 UTC with milliseconds: lexical order is time order.
     assert!(restarted >= at.as_str(), "restarted {restarted}, due {at}");
 }
+
+/// A generation that shows its first claim also shows its restart pause (the pause is stored
+/// before the lanes start): across 20 reloads with jobs queued, never a claim without a pause.
+#[test]
+fn a_claim_after_a_restart_always_comes_with_its_pause() {
+    let sb = Sandbox::new("pause-order");
+    // Many lanes: spawning them takes a while, and the first claims meanwhile.
+    sb.write_worker_config("");
+    let cfg = std::fs::read_to_string(sb.config())
+        .unwrap()
+        .replace("concurrency = 2", "concurrency = 32");
+    std::fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    for g in 2..=21u64 {
+        // Jobs waiting (20 ms each: the old generation cannot drain them before it stops
+        // claiming), so the new generation claims at once.
+        for _ in 0..200 {
+            let _ = spool.submit("sleep", b"20");
+        }
+        w.signal(nix::sys::signal::Signal::SIGHUP);
+        let s = w.wait_for(
+            Duration::from_secs(10),
+            "the new generation's first claim",
+            |s| {
+                s["generation"].as_u64() >= Some(g)
+                    && s["first_claim_monotonic_us"].as_u64() > Some(0)
+            },
+        );
+        assert!(
+            s["last_restart_pause_us"].as_u64().is_some_and(|p| p > 0),
+            "generation {g}: a claim without its pause: {s}"
+        );
+    }
+}

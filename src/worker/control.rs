@@ -166,16 +166,17 @@ impl Control {
     fn start_serving(&mut self) -> Result<()> {
         // From the request (a HUP, a change, a limit) until this generation serves.
         let requested = self.requested_mono_us;
-        self.spawn_lanes()?;
         if requested != 0 {
             // The restart pause, one definition for status and the histogram: from the request
-            // until this generation's lanes claim (a job waiting is claimed right after).
+            // until this generation's lanes claim. Stored before the lanes start, so a reader
+            // that sees their first claim (published with Release) also sees the pause.
             let us = crate::clock::monotonic_us()
                 .saturating_sub(requested)
                 .max(1);
             self.state.restart_pause_us.store(us, Ordering::Relaxed);
             self.state.metrics.restart_pause(Duration::from_micros(us));
         }
+        self.spawn_lanes()?;
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
         crate::restart::rollback::clear_marker(&self.plan.config.worker.state_dir);
