@@ -343,10 +343,16 @@ class Fleet:
         d = self.worker_dir(w)
         os.makedirs(os.path.join(d, "jobs"), exist_ok=True)
         job = os.path.join(d, "jobs", f"{FUNCTION}.sh")
-        with open(job, "w") as f:
-            # Each run leaves the job's unique id behind, so a job run twice is counted.
-            f.write(f"#!/bin/sh\necho \"$GEARSHIFT_UNIQUE\" >> {d}/runs.log\nsleep 0.05\ntr a-z A-Z\n")
-        os.chmod(job, 0o755)
+        # Each run leaves the job's unique id behind, so a job run twice is counted.
+        text = f"#!/bin/sh\necho \"$GEARSHIFT_UNIQUE\" >> {d}/runs.log\nsleep 0.05\ntr a-z A-Z\n"
+        # Written once, by rename: /bin/sh reads its script after exec, so a script truncated in
+        # place while jobs run it runs empty (exit 0, no output: a wrong result, measured here).
+        if not os.path.exists(job) or open(job).read() != text:
+            tmp = os.path.join(d, "jobs", f".{FUNCTION}.sh.tmp")  # hidden: never a function
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, job)
         servers = ", ".join(f'"{a}"' for a in self.addrs)
         splay = f'restart_splay = "{self.splay}"\n' if self.splay else ""
         with open(os.path.join(d, "config.toml"), "w") as f:
