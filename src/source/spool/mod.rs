@@ -44,6 +44,15 @@ pub use source::SpoolSource;
 pub(super) const HEADER_ROOM: u64 = 64 * 1024;
 /// Unlocked files in `tmp/` older than this were abandoned by a killed writer.
 pub(super) const TMP_ABANDONED: Duration = Duration::from_secs(5);
+/// Queued ids a generation hands to the next (see `SpoolSource::hand_over`).
+pub(super) const HANDOVER_HEAD: usize = 1024;
+/// Fewer queued ids than this left of a hand-over: the rest of `new/` is listed (in the
+/// background).
+pub(super) const HANDOVER_LOW: usize = 256;
+/// No sweep of old results in a generation's first second (its first claims come first).
+pub(super) const PRUNE_SETTLE: Duration = Duration::from_secs(1);
+/// The spool's file whose mtime says when old results were last looked for.
+pub(super) const PRUNED: &str = ".pruned";
 /// How often the worker looks for abandoned files in `tmp/` (and for results to prune).
 pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
@@ -648,7 +657,7 @@ mod tests {
     }
 
     #[test]
-    fn old_results_are_pruned_at_start() {
+    fn old_results_are_pruned_after_start_once_per_period_across_restarts() {
         let dir = crate::testutil::tempdir("spool", "retain");
         let mut c = cfg(&dir, 3);
         let spool = Spool::open(&dir, false).expect("open");
@@ -675,7 +684,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         c.retain_results = Duration::from_millis(10);
         let src = Arc::new(SpoolSource::open(&c, 1 << 20).expect("open"));
-        // A lane prunes as it starts, before it claims or sleeps: run one on an empty queue.
+        // A lane starts the sweep (in its own thread) once the generation's first second is
+        // over: run one on an empty queue.
         let stop = Switch::default();
         let lane = {
             let (src, stop) = (Arc::clone(&src), stop.handle());
@@ -683,7 +693,7 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(spool.lookup(&id), Ok(Lookup::Unknown)) {
-            assert!(Instant::now() < deadline, "not pruned at the lane's start");
+            assert!(Instant::now() < deadline, "not pruned soon after the start");
             std::thread::sleep(Duration::from_millis(5));
         }
         stop.trigger();
@@ -692,6 +702,9 @@ mod tests {
             lane.join().expect("lane").expect("next"),
             "stopped with no job"
         );
+        // The sweep is remembered: the next generation does not sweep again for a period.
+        let next = SpoolSource::first_prune(&src.spool, src.prune_every());
+        assert!(next > Instant::now() + Duration::from_secs(50));
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -772,6 +785,55 @@ mod tests {
             lane.finish(&job, &Ok(Vec::new())).expect("finish");
         }
         assert_eq!(got, [ids[1].clone(), ids[3].clone(), ids[4].clone()]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A deep queue: only its head crosses the exec (reading it costs the same at any depth),
+    /// the rest is listed in the background, and every job is claimed once, in order.
+    #[test]
+    fn a_deep_queue_hands_over_its_head_and_the_rest_is_listed_behind_it() {
+        use std::os::fd::IntoRawFd;
+        let dir = crate::testutil::tempdir("spool", "deep");
+        let spool = Spool::open(&dir, false).expect("open");
+        let n = HANDOVER_HEAD + 300;
+        let mut ids: Vec<String> = (0..n)
+            .map(|i| {
+                spool
+                    .submit("echo", i.to_string().as_bytes())
+                    .expect("submit")
+            })
+            .collect();
+        ids.sort();
+        let stop = Switch::default();
+        let fd = {
+            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+            let mut lane = src.lane();
+            let first = lane.next(&stop.handle()).expect("next").expect("job");
+            lane.finish(&first, &Ok(Vec::new())).expect("finish");
+            src.hand_over().expect("a listing to hand over")
+        };
+        let size = fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .expect("memfd")
+            .len();
+        let text = fs::read_to_string(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("read");
+        assert_eq!(text.lines().count(), HANDOVER_HEAD + 1, "{size} bytes");
+        assert_eq!(text.lines().last(), Some("+"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20).expect("open"));
+        src.take_over(fd.into_raw_fd());
+        assert!(src.pending.lock().expect("lock").len() <= HANDOVER_HEAD);
+        let mut lane = src.lane();
+        let mut got = Vec::new();
+        loop {
+            // Stops (instead of waiting for more) once nothing is queued.
+            let empty = fs::read_dir(dir.join("new")).expect("new").count() == 0;
+            let Some(job) = lane.next(&Shutdown::fixed(empty)).expect("next") else {
+                break;
+            };
+            got.push(job.id.clone());
+            lane.finish(&job, &Ok(Vec::new())).expect("finish");
+        }
+        assert_eq!(got, ids[1..], "every job once, in order");
+        assert_eq!(fs::read_dir(dir.join("new")).expect("new").count(), 0);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::now_ms;
@@ -192,28 +193,74 @@ impl SpoolSource {
         self.retry_recovery();
     }
 
-    pub(super) fn prune(&self) {
+    /// Deletes results past `retain_results`: at start and every tenth of the period, in a
+    /// helper thread, so no claim ever waits for a sweep of every stored result.
+    pub(super) fn prune(self: &Arc<Self>) {
         let Ok(mut next) = self.next_prune.lock() else {
             return;
         };
-        if Instant::now() < *next {
+        if Instant::now() < *next || self.pruning.swap(true, Ordering::AcqRel) {
             return;
         }
-        *next = Instant::now()
-            + (self.retain / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        *next = Instant::now() + self.prune_every();
         drop(next);
-        let cutoff = SystemTime::now()
-            .checked_sub(self.retain)
-            .unwrap_or(UNIX_EPOCH);
-        let pruned: usize = ["done", "failed"]
-            .iter()
-            .map(|sub| prune_older(&self.spool.dir(sub), cutoff))
-            .sum();
-        if pruned > 0 {
-            log::info!(
-                "pruned {pruned} result(s) older than retain_results ({}s): `gearshift result` no longer knows them",
-                self.retain.as_secs()
-            );
+        // Marked when it starts: a sweep cut short by a re-exec is not started again by every
+        // generation of a restart storm, but one period later.
+        self.mark_pruned();
+        let dirs = [self.spool.dir("done"), self.spool.dir("failed")];
+        let (retain, running) = (self.retain, Arc::clone(&self.pruning));
+        let spawned = crate::ops::signals::spawn_helper("spool-prune", move || {
+            let cutoff = SystemTime::now().checked_sub(retain).unwrap_or(UNIX_EPOCH);
+            let pruned: usize = dirs.iter().map(|d| prune_older(d, cutoff)).sum();
+            running.store(false, Ordering::Release);
+            if pruned > 0 {
+                log::info!(
+                    "pruned {pruned} result(s) older than retain_results ({}s): `gearshift result` no longer knows them",
+                    retain.as_secs()
+                );
+            }
+        });
+        if let Err(e) = spawned {
+            self.pruning.store(false, Ordering::Release);
+            log::warn!("cannot start the sweep of old results ({e}); trying again later");
+        }
+    }
+
+    /// How often old results are looked for: a tenth of `retain_results`, 1 min .. 1 h.
+    pub(super) fn prune_every(&self) -> Duration {
+        (self.retain / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600))
+    }
+
+    /// When the next sweep is due: a period after the last one (the mtime of `.pruned`, so
+    /// restarts do not sweep again), and never in a generation's first [`PRUNE_SETTLE`].
+    pub(super) fn first_prune(spool: &Spool, every: Duration) -> Instant {
+        let now = Instant::now();
+        let last = spool
+            .top
+            .file(PRUNED, crate::ops::safefs::Open::READ)
+            .ok()
+            .and_then(|o| o.file.metadata().ok())
+            .and_then(|m| m.modified().ok());
+        let wait = last
+            .and_then(|t| (t + every).duration_since(SystemTime::now()).ok())
+            .map_or(Duration::ZERO, |d| d.min(every));
+        now + wait.max(PRUNE_SETTLE)
+    }
+
+    /// Records that a sweep started now.
+    fn mark_pruned(&self) {
+        let how = crate::ops::safefs::Open {
+            write: true,
+            append: false,
+            create: Some(0o640),
+        };
+        let marked = self.spool.top.file(PRUNED, how).and_then(|o| {
+            o.file
+                .set_modified(SystemTime::now())
+                .map_err(|e| Error::io("marking the sweep of old results", e))
+        });
+        if let Err(e) = marked {
+            log::debug!("{PRUNED}: {e}");
         }
     }
 

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,15 @@ pub struct SpoolSource {
     pub(super) max_attempts: u32,
     pub(super) retain: Duration,
     pub(super) pending: Mutex<VecDeque<String>>,
+    /// How many times a lane listed `new/` itself: a listing made in the background meanwhile
+    /// is older than the lane's and is dropped.
+    pub(super) listed: AtomicU64,
+    /// `new/` holds more than `pending` (a hand-over's head): listed once the head runs low.
+    pub(super) more: AtomicBool,
+    /// The last id of the handed-over head (see `list_in_background`).
+    pub(super) head_last: Mutex<Option<String>>,
+    /// A sweep of old results is running (in its own thread, never on a lane).
+    pub(super) pruning: Arc<AtomicBool>,
     pub(super) waker: Arc<Waker>,
     pub(super) next_prune: Mutex<Instant>,
     pub(super) next_housekeeping: Mutex<Instant>,
@@ -81,6 +91,10 @@ impl SpoolSource {
             max_attempts: cfg.max_attempts,
             retain: cfg.retain_results,
             pending: Mutex::new(VecDeque::new()),
+            listed: AtomicU64::new(0),
+            more: AtomicBool::new(false),
+            head_last: Mutex::new(None),
+            pruning: Arc::new(AtomicBool::new(false)),
             waker,
             next_prune: Mutex::new(Instant::now()),
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
@@ -88,6 +102,9 @@ impl SpoolSource {
             max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: file,
         };
+        if let Ok(mut next) = source.next_prune.lock() {
+            *next = SpoolSource::first_prune(&source.spool, source.prune_every());
+        }
         source.recover()?;
         source.clean_tmp();
         Ok(source)
@@ -96,7 +113,7 @@ impl SpoolSource {
     /// Claims the oldest queued job, or returns None when the queue is empty. An entry that
     /// is not a job (a bad name, a link, a FIFO, a directory, too large, truncated, corrupt) is
     /// set aside in `rejected/` and the next one is tried.
-    fn claim(&self) -> Result<Option<Claimed>> {
+    fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
         loop {
             let id = {
                 let mut pending = self
@@ -104,7 +121,17 @@ impl SpoolSource {
                     .lock()
                     .map_err(|_| Error::Msg("spool queue lock poisoned".into()))?;
                 loop {
+                    if pending.len() < HANDOVER_LOW && self.more.load(Ordering::Acquire) {
+                        // Once per hand-over: `more` is cleared when a listing is installed.
+                        if let Ok(mut last) = self.head_last.lock() {
+                            if let Some(head_last) = last.take() {
+                                self.list_in_background(head_last);
+                            }
+                        }
+                    }
                     if pending.is_empty() {
+                        self.listed.fetch_add(1, Ordering::AcqRel);
+                        self.more.store(false, Ordering::Release);
                         let mut ids = Vec::new();
                         for name in list_raw(&self.spool.dir("new"))? {
                             match name.to_str().filter(|n| valid_id(n)) {
@@ -178,6 +205,46 @@ impl SpoolSource {
         remove(&self.spool.dir("cur").join(&job.id))
     }
 
+    /// Lists `new/` in a helper thread and installs the sorted listing behind what is left of
+    /// the handed-over head (`head_last` is its last id): the lanes claim from the head
+    /// meanwhile. Ids up to `head_last` that are no longer pending were claimed already and are
+    /// left out (a job given back below it is found by the next listing). If a lane ran out
+    /// and listed `new/` itself meanwhile, its listing is newer and this one is dropped. If the
+    /// thread cannot start or the listing fails, the lanes list when the head runs out.
+    fn list_in_background(self: &Arc<Self>, head_last: String) {
+        let weak = Arc::downgrade(self);
+        let listed = self.listed.load(Ordering::Acquire);
+        let spawned = crate::ops::signals::spawn_helper("spool-list", move || {
+            let Some(src) = weak.upgrade() else { return };
+            let Ok(names) = list_raw(&src.spool.dir("new")) else {
+                return;
+            };
+            // Entries that are no job ids are left to the lanes' own listing (it sets them aside).
+            let mut ids: Vec<String> = names
+                .into_iter()
+                .filter_map(|n| n.into_string().ok())
+                .filter(|n| valid_id(n))
+                .collect();
+            ids.sort_unstable();
+            let Ok(mut pending) = src.pending.lock() else {
+                return;
+            };
+            if src.listed.load(Ordering::Acquire) != listed {
+                return;
+            }
+            let from = pending.front().cloned();
+            ids.retain(|id| match &from {
+                Some(front) => id >= front,
+                None => *id > head_last,
+            });
+            *pending = ids.into();
+            src.more.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot list the queue in the background ({e}); the lanes will");
+        }
+    }
+
     /// A lane (one per worker thread) over this spool.
     pub fn lane(self: &Arc<Self>) -> Box<dyn Lane> {
         Box::new(SpoolLane {
@@ -208,34 +275,49 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         SpoolSource::wake(self);
     }
 
-    /// Writes the sorted list of queued ids this worker already knows into a memfd for the next
-    /// generation, which then claims at once instead of listing `new/` (about 1 µs per queued
-    /// job). Only a hint: an id that is gone by then is skipped at claim, and jobs queued later
-    /// are found by the next listing, in order.
+    /// Writes the head of the sorted list of queued ids this worker knows (at most
+    /// [`HANDOVER_HEAD`], and a `+` line if there are more) into a memfd for the next
+    /// generation, which claims from it at once and lists `new/` in the background: reading the
+    /// hand-over costs the same at any queue depth. Only a hint: an id that is gone by then is
+    /// skipped at claim, and jobs queued later are found by the next listing, in order.
     fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
         let pending = self.pending.lock().ok()?;
         if pending.is_empty() {
             return None;
         }
-        let mut text = String::with_capacity(pending.len() * 32);
-        for id in pending.iter() {
+        let mut text = String::with_capacity(pending.len().min(HANDOVER_HEAD) * 32 + 2);
+        for id in pending.iter().take(HANDOVER_HEAD) {
             text.push_str(id);
             text.push('\n');
+        }
+        if pending.len() > HANDOVER_HEAD || self.more.load(Ordering::Acquire) {
+            text.push_str("+\n");
         }
         crate::ops::handover::memfd("pending", text.as_bytes())
     }
 
-    /// Takes the list a previous generation handed over.
+    /// Takes the head a previous generation handed over (the rest is listed when it runs low).
     fn take_over(&self, fd: std::os::fd::RawFd) {
-        // Ids are at most 64 bytes: a listing of a million of them fits.
-        let Some(data) = crate::ops::handover::read_memfd(Some(fd), "pending", 80 << 20) else {
+        // HANDOVER_HEAD ids of at most 64 bytes, each on a line, and the `+` line.
+        let cap = (HANDOVER_HEAD * 65 + 2) as u64;
+        let Some(data) = crate::ops::handover::read_memfd(Some(fd), "pending", cap) else {
             return;
         };
         let text = String::from_utf8_lossy(&data);
-        if let Ok(mut pending) = self.pending.lock() {
-            if pending.is_empty() {
-                pending.extend(text.lines().filter(|l| valid_id(l)).map(String::from));
+        let more = text.lines().last() == Some("+");
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        if !pending.is_empty() {
+            return;
+        }
+        pending.extend(text.lines().filter(|l| valid_id(l)).map(String::from));
+        if more {
+            // Listed when the head runs low (a restart storm lists nothing).
+            if let Ok(mut last) = self.head_last.lock() {
+                *last = pending.back().cloned();
             }
+            self.more.store(true, Ordering::Release);
         }
     }
 
