@@ -9,7 +9,13 @@ C worker at the same concurrency, resident memory, and CPU time per job. "gearsh
 is the same worker with `[metrics]` on and its endpoint scraped every 100 ms; "gearshift TLS"
 reaches the same gearmand through stunnel (TLS 1.3, certificates made with openssl), as a
 `tls://` server.
+
+Then the restart pause with Gearman, from outside: two foreground clients keep `reverse` jobs
+flowing to a gearshift worker (concurrency 1); after each HUP, the largest gap between two
+completed jobs until the new generation has claimed one (RELOADS times, default 50), beside a
+bare fork+exec+exit of the same binary. ONLY=pause runs that part alone.
 """
+import struct
 import threading
 import urllib.request
 import os
@@ -153,6 +159,97 @@ def run(kind, concurrency, port, workdir):
     return JOBS / secs, rss, ticks / hz / JOBS * 1e6
 
 
+SUBMIT_JOB, JOB_CREATED, WORK_COMPLETE = 7, 8, 13
+
+
+def foreground(port, stop, times):
+    """Submits `reverse` jobs one after another on one connection; notes each completion."""
+    def read(sock, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        data = b"\0".join([b"reverse", b"", b"abc"])
+        req = b"\0REQ" + struct.pack(">II", SUBMIT_JOB, len(data)) + data
+        while not stop.is_set():
+            s.sendall(req)
+            while True:
+                kind, size = struct.unpack(">II", read(s, 12)[4:])
+                read(s, size)
+                if kind == WORK_COMPLETE:
+                    times.append(time.monotonic_ns())
+                    break
+
+
+def gs_status(state_dir):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gsstatus
+    return gsstatus.query(state_dir)
+
+
+def pause(port, workdir):
+    """HUP -> next job completed by the new generation, as clients see it (largest gap)."""
+    reloads = int(os.environ.get("RELOADS", "50"))
+    cfg = os.path.join(workdir, "pause.toml")
+    state = os.path.join(workdir, "state-pause")
+    os.makedirs(os.path.join(workdir, "jobs"), exist_ok=True)
+    with open(cfg, "w") as f:
+        f.write(
+            f"[worker]\nconcurrency = 1\nstate_dir = \"{state}\"\nallow_root = true\nbuiltins = true\n"
+            f"[source]\nkind = \"gearman\"\nservers = [\"127.0.0.1:{port}\"]\n[log]\nlevel = \"warn\"\n"
+        )
+    p = subprocess.Popen([GEARSHIFT, "-c", cfg, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait(pred, limit=30):
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            st = gs_status(state)
+            if st and pred(st):
+                return st
+            time.sleep(0.0005)
+        raise SystemExit("gearshift did not get there")
+
+    wait(lambda s: s.get("state") == "running")
+    stop, times = threading.Event(), []
+    clients = [threading.Thread(target=foreground, args=(port, stop, times), daemon=True) for _ in range(2)]
+    for c in clients:
+        c.start()
+    gaps = []
+    try:
+        for _ in range(reloads):
+            g = wait(lambda s: s["state"] == "running" and s["first_claim_monotonic_us"] > 0)["generation"]
+            time.sleep(0.02)
+            t0 = time.monotonic_ns()
+            p.send_signal(signal.SIGHUP)
+            wait(lambda s: s["generation"] > g and s["first_claim_monotonic_us"] > 0)
+            time.sleep(0.005)  # the claimed job's completion reaches its client
+            seen = time.monotonic_ns()
+            marks = [t0] + sorted(t for t in list(times) if t0 <= t <= seen)
+            gaps.append(max((b - a for a, b in zip(marks, marks[1:])), default=seen - t0) // 1000)
+    finally:
+        stop.set()
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    spawns = []
+    for _ in range(reloads):
+        t = time.monotonic_ns()
+        subprocess.run([GEARSHIFT, "--version"], stdout=subprocess.DEVNULL, check=True)
+        spawns.append((time.monotonic_ns() - t) // 1000)
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+    a = pct(spawns, 50)
+    print(f"\n## Restart pause with Gearman ({reloads} reloads, concurrency 1, two foreground clients)\n")
+    print("| measure | p50 | p99 | max |")
+    print("|---|---|---|---|")
+    print(f"| largest gap between completed jobs, HUP -> new generation serving | {pct(gaps, 50)/1000:.2f} ms | {pct(gaps, 99)/1000:.2f} ms | {max(gaps)/1000:.2f} ms |")
+    print(f"| anchor: `gearshift --version` fork+exec+exit | {a/1000:.2f} ms | {pct(spawns, 99)/1000:.2f} ms | {max(spawns)/1000:.2f} ms |")
+    print(f"\nRatios to the anchor's p50: p50 {pct(gaps, 50)/a:.2f}x, p99 {pct(gaps, 99)/a:.2f}x\n")
+
+
 def main():
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="gs-bench-gearman-")
@@ -168,6 +265,9 @@ def main():
                 break
             except OSError:
                 time.sleep(0.05)
+        if os.environ.get("ONLY") == "pause":
+            pause(port, workdir)
+            return
         tls_setup(workdir, port)
         print(f"# Gearman workers draining {JOBS} background `reverse` jobs (100-byte payloads), one gearmand (-t 2), {os.cpu_count()} CPUs\n")
         print("| worker | concurrency | jobs/s | vs C | RSS | CPU per job |")
@@ -184,6 +284,7 @@ def main():
             c_rate = results["C libgearman"][0]
             for kind, (rate, rss, cpu_us) in results.items():
                 print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / c_rate:.2f}x | {rss / 1024:.1f} MiB | {cpu_us:.1f} µs |")
+        pause(port, workdir)
     finally:
         if "proc" in TLS:
             TLS["proc"].kill()

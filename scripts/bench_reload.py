@@ -172,6 +172,30 @@ def prepare_restart(d, depth=DEPTH, stored=STORED):
     preload(d, "echo", "x", depth)
 
 
+class TopUp:
+    """Keeps about `depth` jobs queued while the worker drains them (a busy worker with steady
+    inflow): submits a batch whenever the queue is a batch short, going by the worker's count of
+    finished jobs."""
+
+    def __init__(self, d, depth, batch=4000):
+        self.d, self.depth, self.batch = d, depth, batch
+        self.submitted = depth
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while not self.done.wait(0.05):
+            st = status(self.d)
+            if st and self.submitted - st.get("jobs_completed", 0) < self.depth - self.batch:
+                preload(self.d, "echo", "x", self.batch)
+                self.submitted += self.batch
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+
+
 def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
     d = tempfile.mkdtemp(prefix="gs-bench-reload-")
     cfg = write_config(d, concurrency=1, fsync=True, metrics=metrics)
@@ -179,6 +203,7 @@ def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
     p = start(d, cfg)
     claims = Claims(os.path.join(d, "spool", "cur"))
     scraper = Scraper(metrics) if metrics else None
+    topup = TopUp(d, depth)
     pauses, internal = [], []
     for _ in range(reloads):
         g = wait_status(d, lambda s: s["state"] == "running" and s["first_claim_monotonic_us"] > 0)["generation"]
@@ -191,6 +216,7 @@ def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
         marks = [t0] + [t for t in claims.since(t0) if t <= seen]
         pauses.append(max((b - a for a, b in zip(marks, marks[1:])), default=seen - t0) // 1000)
         internal.append(st["first_claim_monotonic_us"] - t0 // 1000)
+    topup.stop()
     final = status(d)
     assert final["pid"] == p.pid
     left = len(os.listdir(os.path.join(d, "spool", "new")))
@@ -218,7 +244,13 @@ def bench_throughput(concurrency, fsync, metrics=None):
     t0 = time.monotonic()
     p = start(d, cfg)
     scraper = Scraper(metrics) if metrics else None
-    wait_status(d, lambda s: s["jobs_completed"] >= JOBS, limit=600)
+    # Until every result is stored: a result file appears in done/ only once it is durable.
+    done = os.path.join(d, "spool", "done")
+    deadline = time.monotonic() + 600
+    while len(os.listdir(done)) < JOBS:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {JOBS} results in {done}")
+        time.sleep(0.002)
     secs = time.monotonic() - t0
     if scraper:
         scraper.stop()
@@ -264,6 +296,34 @@ def anchor_throughput(fsync):
             os.close(dfd)
         os.unlink(os.path.join(cur, name))
     return JOBS / (time.monotonic() - t0)
+
+
+def bench_batch_submit(n=20000):
+    """`submit --count` with fsync on (through the journal, one sync per 512 jobs), beside the
+    per-job durable submit (write, fsync, rename, fsync the directory) in a Python loop."""
+    d = tempfile.mkdtemp(prefix="gs-bench-batch-")
+    cfg = write_config(d, fsync=True)
+    t0 = time.monotonic()
+    subprocess.run([BIN, "-c", cfg, "submit", "--count", str(n), "echo", "x" * 100], check=True, stdout=subprocess.DEVNULL)
+    batch = n / (time.monotonic() - t0)
+    spool = os.path.join(d, "anchor")
+    tmp, new = os.path.join(spool, "tmp"), os.path.join(spool, "new")
+    os.makedirs(tmp)
+    os.makedirs(new)
+    dfd = os.open(new, os.O_RDONLY)
+    m = 2000
+    t0 = time.monotonic()
+    for i in range(m):
+        name = f"job-{i}"
+        fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, b"GSJ2\nfunction=echo\n\n" + b"x" * 100)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(os.path.join(tmp, name), os.path.join(new, name))
+        os.fsync(dfd)
+    single = m / (time.monotonic() - t0)
+    os.close(dfd)
+    return batch, single
 
 
 def bench_submit_latency(n=200):
@@ -317,8 +377,8 @@ def main():
     tenth = max(1, len(pauses) // 10)
     first, last = statistics.median(pauses[:tenth]), statistics.median(pauses[-tenth:])
     print(f"## Restart pause over {RELOADS} consecutive reloads (largest gap between two claims, seen from outside)\n")
-    print(f"{DEPTH} jobs queued and {STORED} results kept at the start; {left} queued and {kept} kept at the end; "
-          "concurrency 1, fsync on, instant jobs.\n")
+    print(f"{DEPTH} jobs queued and {STORED} results kept at the start, the queue kept near {DEPTH} by a submitter; "
+          f"{left} queued and {kept} kept at the end; concurrency 1, fsync on, instant jobs.\n")
     print("| measure | p50 | p99 | max |")
     print("|---|---|---|---|")
     print(f"| gearshift restart pause (from outside: inotify on `cur/`) | {p50/1000:.2f} ms | {p99/1000:.2f} ms | {mx/1000:.2f} ms |")
@@ -337,6 +397,14 @@ def main():
         c1 = bench_throughput(1, fsync)
         c2 = bench_throughput(2, fsync)
         print(f"| {'on' if fsync else 'off'} | {a:.0f} jobs/s | {c1:.0f} jobs/s | {c1/a:.2f}x | {c2:.0f} jobs/s | {c2/a:.2f}x |")
+
+    batch, single = bench_batch_submit()
+    print("## Durable batch submit\n")
+    print("| measure | jobs/s |")
+    print("|---|---|")
+    print(f"| `submit --count 20000`, fsync on (journal: one sync per 512 jobs) | {batch:.0f} |")
+    print(f"| anchor: one durable submit per job (write, fsync, rename, fsync dir) in Python | {single:.0f} |")
+    print(f"\nRatio: {batch/single:.1f}x\n")
 
     waits, plain = bench_submit_latency()
     print(f"## Submit to result, instant job ({len(waits)} runs, fsync on, worker idle)\n")

@@ -34,6 +34,9 @@ pub trait JobSource: Send + Sync {
     }
     /// Takes what the previous generation handed over.
     fn take_over(&self, _fd: RawFd) {}
+    /// Every lane has ended, before an exec or (`exiting`) the end of the process: make
+    /// durable and tidy what the source still holds.
+    fn settle(&self, _exiting: bool) {}
     /// The queue this source keeps itself, if it keeps one (a network server keeps its own).
     fn queue_stats(&self) -> Option<QueueStats> {
         None
@@ -48,15 +51,18 @@ pub trait JobSource: Send + Sync {
 pub type Source = dyn JobSource;
 
 /// Opens the configured source for `generation`: the one place that knows every kind.
+/// `resumed`: this process is a re-exec of a worker that left its source in order.
 pub fn open(
     config: &Config,
     generation: u64,
+    resumed: bool,
     views: crate::status::ServerViews,
 ) -> Result<Arc<Source>> {
     Ok(match &config.source {
         SourceConfig::Spool(cfg) => Arc::new(Arc::new(spool::SpoolSource::open(
             cfg,
             config.worker.max_payload_bytes,
+            resumed,
         )?)),
         SourceConfig::Gearman(cfg) => {
             Arc::new(gearman::GearmanSource::open(cfg, generation, views)?)

@@ -25,6 +25,13 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF;
 
+/// An entry appeared (written in place or renamed in), or the directory itself went.
+pub const ARRIVALS: u32 = libc::IN_CREATE
+    | libc::IN_CLOSE_WRITE
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF;
+
 /// One inotify instance.
 pub struct Inotify {
     fd: OwnedFd,
@@ -62,12 +69,23 @@ impl Inotify {
         self.fd.as_raw_fd()
     }
 
-    /// Watches directory `dir` (adding it again returns the same watch id).
+    /// Watches directory `dir` for every change (adding it again returns the same watch id).
     pub fn add(&self, dir: &Path) -> io::Result<i32> {
+        self.add_masked(dir, MASK)
+    }
+
+    /// Watches directory `dir` only for entries arriving in it ([`ARRIVALS`]): a queue, where
+    /// each job leaving (a claim) would otherwise wake the reader too. Replaces the mask of a
+    /// watch on the same directory.
+    pub fn add_arrivals(&self, dir: &Path) -> io::Result<i32> {
+        self.add_masked(dir, ARRIVALS)
+    }
+
+    fn add_masked(&self, dir: &Path, mask: u32) -> io::Result<i32> {
         let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
         // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-        let wd = unsafe { libc::inotify_add_watch(self.fd(), c.as_ptr(), MASK) };
+        let wd = unsafe { libc::inotify_add_watch(self.fd(), c.as_ptr(), mask) };
         if wd < 0 {
             Err(io::Error::last_os_error())
         } else {

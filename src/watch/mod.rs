@@ -66,12 +66,21 @@ pub fn start(
 ) -> Result<Unwatched> {
     let mut routes: HashMap<i32, u8> = HashMap::new();
     let mut unwatched = Unwatched::default();
+    let mut watched: Vec<PathBuf> = Vec::new();
     let mut add = |dirs: &[PathBuf], bit: u8| -> Option<Error> {
         for dir in dirs {
-            match inotify.add(dir) {
+            // A queue is watched for arrivals only (its claims would wake us at the job rate),
+            // unless the same directory is watched for everything already.
+            let added = if bit == QUEUE && !watched.contains(dir) {
+                inotify.add_arrivals(dir)
+            } else {
+                inotify.add(dir)
+            };
+            match added {
                 Ok(wd) => *routes.entry(wd).or_default() |= bit,
                 Err(e) => return Some(Error::io_path("watching", dir, e)),
             }
+            watched.push(dir.clone());
         }
         None
     };

@@ -282,6 +282,9 @@ impl Control {
         for t in self.lanes.drain(..) {
             let _ = t.join();
         }
+        if matches!(lp.phase, Phase::Stopping) {
+            self.source.settle(true);
+        }
         match std::mem::replace(&mut lp.phase, Phase::Running) {
             Phase::Stopping if self.exit_for_supervisor => {
                 log::error!("exiting (status 1) for the supervisor to start the worker afresh");

@@ -94,7 +94,8 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         settle_as_root(&plan, &boot, opts.log_file.as_deref(), &config_path)?;
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let views = crate::status::ServerViews::default();
-    let source = crate::source::open(&plan.config, generation, Arc::clone(&views))?;
+    let resumed = boot.inherited.is_some();
+    let source = crate::source::open(&plan.config, generation, resumed, Arc::clone(&views))?;
     if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
         source.take_over(fd);
     }

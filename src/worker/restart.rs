@@ -174,6 +174,8 @@ impl Control {
         if let Some(s) = self.status_server.take() {
             s.stop();
         }
+        // Every lane has ended: what the source holds is made durable before the exec.
+        self.source.settle(false);
         // Open until the exec (or its failure): what the next generation adopts.
         let _handed = self.hand_over(&mut next, &plan);
         drop(plan);

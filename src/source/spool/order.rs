@@ -28,8 +28,25 @@ fn boot_id() -> Result<String> {
     Ok(id.trim().to_string())
 }
 
+/// This boot's identity in 8 hex digits (cached), or "0" if the kernel cannot say.
+pub(super) fn boot_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        boot_id()
+            .ok()
+            .map(|id| {
+                id.chars()
+                    .filter(|c| c.is_ascii_hexdigit())
+                    .take(8)
+                    .collect()
+            })
+            .filter(|t: &String| t.len() == 8)
+            .unwrap_or_else(|| "0".into())
+    })
+}
+
 /// `CLOCK_BOOTTIME` in nanoseconds: monotonic, counting suspend, reset only by a boot.
-fn boottime_ns() -> u64 {
+pub(super) fn boottime_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
         (t.tv_sec() as u64)
             .saturating_mul(1_000_000_000)

@@ -36,6 +36,11 @@ pub struct SpoolSource {
     pub(super) head_last: Mutex<Option<String>>,
     /// A sweep of old results is running (in its own thread, never on a lane).
     pub(super) pruning: Arc<AtomicBool>,
+    /// The group commit of outcomes (with `fsync`; without, they are written directly).
+    pub(super) committer: Option<super::commit::Committer>,
+    /// A checkpoint of the journal is running, and when the next is due.
+    pub(super) checkpointing: Arc<AtomicBool>,
+    pub(super) next_checkpoint: Mutex<Instant>,
     pub(super) waker: Arc<Waker>,
     pub(super) next_prune: Mutex<Instant>,
     pub(super) next_housekeeping: Mutex<Instant>,
@@ -49,8 +54,10 @@ pub struct SpoolSource {
 }
 
 impl SpoolSource {
-    /// Takes the spool's consumer lock, recovers interrupted jobs, and starts watching `new/`.
-    pub fn open(cfg: &SpoolConfig, max_payload: usize) -> Result<SpoolSource> {
+    /// Takes the spool's consumer lock, replays the journal (unless `resumed`: a re-exec of a
+    /// worker that left everything in place), recovers interrupted jobs, and starts the
+    /// group commit.
+    pub fn open(cfg: &SpoolConfig, max_payload: usize, resumed: bool) -> Result<SpoolSource> {
         let spool = Spool::from_config(cfg)?;
         let lock_path = spool.root.join(".lock");
         // Read-only is enough for flock, and works on a .lock another user (say, root before a
@@ -85,6 +92,20 @@ impl SpoolSource {
                 Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
             }
         }
+        if !resumed {
+            // Before anything looks at cur/: a job whose result is only in the journal is done.
+            let (segments, written) = super::journal::checkpoint(&spool, true)?;
+            if written > 0 {
+                log::info!(
+                    "journal: {written} file(s) written again from {segments} segment(s) a crash left behind"
+                );
+            }
+        }
+        let committer = if cfg.fsync {
+            Some(super::commit::Committer::start(Spool::from_config(cfg)?)?)
+        } else {
+            None
+        };
         let waker = Arc::new(Waker::default());
         let source = SpoolSource {
             spool,
@@ -95,6 +116,9 @@ impl SpoolSource {
             more: AtomicBool::new(false),
             head_last: Mutex::new(None),
             pruning: Arc::new(AtomicBool::new(false)),
+            committer,
+            checkpointing: Arc::new(AtomicBool::new(false)),
+            next_checkpoint: Mutex::new(Instant::now() + super::commit::SEGMENT_AGE),
             waker,
             next_prune: Mutex::new(Instant::now()),
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
@@ -181,14 +205,9 @@ impl SpoolSource {
 
     /// Stores a job's outcome durably, then releases it from `cur/`.
     fn finish(&self, job: &Claimed, outcome: &JobResult, started_ms: u64) -> Result<()> {
-        let (kind, sub, error, result) = match outcome {
-            Ok(r) => (Outcome::Done, "done", None, r.clone()),
-            Err(e) => (
-                Outcome::Failed,
-                "failed",
-                Some(e.message.clone()),
-                Vec::new(),
-            ),
+        let (kind, error, result) = match outcome {
+            Ok(r) => (Outcome::Done, None, r.clone()),
+            Err(e) => (Outcome::Failed, Some(e.message.clone()), Vec::new()),
         };
         let record = Record {
             id: job.id.clone(),
@@ -201,8 +220,45 @@ impl SpoolSource {
             error,
             result,
         };
-        self.spool.publish(&encode_record(&record), &job.id, sub)?;
-        remove(&self.spool.dir("cur").join(&job.id))
+        let entry = super::journal::Entry {
+            kind: match kind {
+                Outcome::Done => super::journal::Kind::Done,
+                Outcome::Failed => super::journal::Kind::Failed,
+            },
+            id: job.id.clone(),
+            body: encode_record(&record),
+        };
+        match &self.committer {
+            // Durable with the next group commit; the lane goes on meanwhile.
+            Some(c) => c.submit(entry),
+            None => super::journal::materialize(&self.spool, &entry),
+        }
+    }
+
+    /// Every [`super::commit::SEGMENT_AGE`]: makes what the sealed journal segments hold
+    /// durable in the files (one syncfs) and deletes them, in a helper thread.
+    fn checkpoint(self: &Arc<Self>) {
+        let Ok(mut next) = self.next_checkpoint.lock() else {
+            return;
+        };
+        if Instant::now() < *next || self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *next = Instant::now() + super::commit::SEGMENT_AGE;
+        drop(next);
+        let (weak, running) = (Arc::downgrade(self), Arc::clone(&self.checkpointing));
+        let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
+            if let Some(src) = weak.upgrade() {
+                if let Err(e) = super::journal::checkpoint(&src.spool, false) {
+                    log::warn!("journal checkpoint: {e}; trying again later");
+                }
+            }
+            running.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            self.checkpointing.store(false, Ordering::Release);
+            log::warn!("cannot start the journal checkpoint ({e}); trying again later");
+        }
     }
 
     /// Lists `new/` in a helper thread and installs the sorted listing behind what is left of
@@ -325,6 +381,23 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         Some(self.spool.queue_stats())
     }
 
+    /// Seals the journal; when the process ends, also checkpoints it (so the next start has
+    /// nothing to replay).
+    fn settle(&self, exiting: bool) {
+        if let Some(c) = &self.committer {
+            if let Err(e) = c.seal() {
+                log::error!("{e}");
+            }
+            let (syncs, records) = c.batches();
+            log::debug!("group commit: {records} outcome(s) in {syncs} sync(s)");
+        }
+        if exiting {
+            if let Err(e) = super::journal::checkpoint(&self.spool, false) {
+                log::warn!("journal checkpoint at exit: {e}; the next start replays it");
+            }
+        }
+    }
+
     /// `new/`: its events mean "new jobs".
     fn watch_dirs(&self) -> Vec<PathBuf> {
         vec![self.spool.dir("new")]
@@ -353,6 +426,11 @@ impl Lane for SpoolLane {
             // temp files every few seconds.
             self.source.prune();
             self.source.housekeeping();
+            self.source.checkpoint();
+            // Results cannot be stored now: claim nothing until they can.
+            if let Some(e) = self.source.committer.as_ref().and_then(|c| c.failing()) {
+                return Err(e);
+            }
             if let Some(job) = self.source.claim()? {
                 self.started_ms = now_ms();
                 self.job.clone_from(&job.id);
@@ -382,8 +460,12 @@ impl Lane for SpoolLane {
         self.source.finish(job, outcome, self.started_ms)
     }
 
+    /// Returns once every outcome this generation's lanes handed over is durable and in place.
     fn close(&mut self) -> Result<()> {
-        Ok(())
+        match &self.source.committer {
+            Some(c) => c.flush(),
+            None => Ok(()),
+        }
     }
 
     fn release(&mut self, job: &Claimed) -> bool {

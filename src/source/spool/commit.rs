@@ -1,0 +1,301 @@
+//! Group commit: lanes hand their outcomes here and go on to claim the next job; one thread
+//! appends whatever has gathered (from every lane) to the journal with one sync, then writes
+//! each result file and takes its job out of `cur/`. A result is never visible in `done/` or
+//! `failed/` before its record is durable, and a job leaves `cur/` only after that: a crash at
+//! any point reruns the job or replays its result, never loses it.
+//!
+//! While the journal cannot be written (a full disk, EIO), the batch is kept in memory and
+//! tried again with backoff; [`Committer::failing`] says why, and the lanes claim nothing
+//! meanwhile (the worker shows `degraded`).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::journal::{self, Entry, Segment};
+use super::*;
+
+/// Records appended with one sync at most (a larger gathering is split).
+const MAX_BATCH: usize = 16;
+/// Outcomes waiting for their sync at most (besides the batch being synced): a lane that would
+/// exceed it waits. It bounds how many finished jobs a failing disk leaves held in `cur/`.
+const MAX_QUEUED: usize = 16;
+/// A segment is sealed once this old (so a fresh start replays at most a few seconds).
+pub(super) const SEGMENT_AGE: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Entry>,
+    /// Entries ever queued, and how many of them are durable and in place (in queue order).
+    queued: u64,
+    done: u64,
+    /// Why the journal cannot be written now: the message and the errno, if any.
+    failing: Option<(String, Option<i32>)>,
+    /// Seals asked for and done.
+    seal_asked: u64,
+    sealed: u64,
+    /// The thread is gone (a panic): nothing queued will be stored.
+    dead: bool,
+    stop: bool,
+    /// Batch sizes, for status: how many syncs, how many records.
+    syncs: u64,
+    records: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `ready` holds or the thread is dead.
+    fn wait_until<'a>(
+        &self,
+        mut s: MutexGuard<'a, State>,
+        ready: impl Fn(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        while !ready(&s) && !s.dead {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        s
+    }
+}
+
+/// The worker's committer (one per spool source, with `fsync` on).
+pub(super) struct Committer {
+    shared: Arc<Shared>,
+}
+
+/// Marks the committer dead if its thread unwinds.
+struct DeathNotice(Arc<Shared>);
+
+impl Drop for DeathNotice {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().dead = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+impl Committer {
+    /// Starts the committing thread over its own handle on the spool.
+    pub(super) fn start(spool: Spool) -> Result<Committer> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let inner = Arc::clone(&shared);
+        crate::ops::signals::spawn_essential("spool-commit", move || {
+            let _notice = DeathNotice(Arc::clone(&inner));
+            run(&spool, &inner);
+        })
+        .map_err(|e| Error::io("spawning the spool's commit thread", e))?;
+        Ok(Committer { shared })
+    }
+
+    /// Queues an outcome; returns at once (waits only while [`MAX_QUEUED`] are queued).
+    pub(super) fn submit(&self, e: Entry) -> Result<()> {
+        let mut s = self
+            .shared
+            .wait_until(self.shared.lock(), |s| s.queue.len() < MAX_QUEUED);
+        if s.dead {
+            return Err(dead());
+        }
+        s.queue.push(e);
+        s.queued += 1;
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until everything queued so far is durable and in place (or the thread is dead).
+    pub(super) fn flush(&self) -> Result<()> {
+        let s = self.shared.lock();
+        let target = s.queued;
+        let s = self.shared.wait_until(s, |s| s.done >= target);
+        if s.done < target {
+            return Err(dead());
+        }
+        Ok(())
+    }
+
+    /// Flushes, then seals the open segment (before an exec or an exit).
+    pub(super) fn seal(&self) -> Result<()> {
+        self.flush()?;
+        let mut s = self.shared.lock();
+        s.seal_asked += 1;
+        let target = s.seal_asked;
+        self.shared.changed.notify_all();
+        drop(self.shared.wait_until(s, |s| s.sealed >= target));
+        Ok(())
+    }
+
+    /// Why outcomes cannot be stored now, if they cannot: an error of the right tier for the
+    /// lanes (a full disk is transient).
+    pub(super) fn failing(&self) -> Option<Error> {
+        let s = self.shared.lock();
+        if s.dead {
+            return Some(dead());
+        }
+        s.failing.as_ref().map(|(about, errno)| match errno {
+            Some(n) => Error::Io {
+                about: about.clone(),
+                source: std::io::Error::from_raw_os_error(*n),
+            },
+            None => Error::Msg(about.clone()),
+        })
+    }
+
+    /// Syncs so far and records committed by them.
+    pub(super) fn batches(&self) -> (u64, u64) {
+        let s = self.shared.lock();
+        (s.syncs, s.records)
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+fn dead() -> Error {
+    Error::Msg("the spool's commit thread died: results are not being stored".into())
+}
+
+/// Splits an error into what `failing` keeps.
+fn kept(e: &Error) -> (String, Option<i32>) {
+    match e {
+        Error::Io { about, source } => (about.clone(), source.raw_os_error()),
+        other => (other.to_string(), None),
+    }
+}
+
+/// The committing thread.
+fn run(spool: &Spool, shared: &Shared) {
+    let mut segment: Option<(Segment, Instant)> = None;
+    loop {
+        let (batch, seal) = {
+            let mut s = shared.lock();
+            while s.queue.is_empty() && s.seal_asked == s.sealed && !s.stop {
+                // An open segment is sealed once old, busy or idle: a crash then replays
+                // at most a few seconds, and the checkpoint can delete it.
+                let Some((_, opened)) = &segment else {
+                    s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                };
+                let left = SEGMENT_AGE.saturating_sub(opened.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                s = shared
+                    .changed
+                    .wait_timeout(s, left)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if s.stop && s.queue.is_empty() {
+                break;
+            }
+            let n = s.queue.len().min(MAX_BATCH);
+            let batch: Vec<Entry> = s.queue.drain(..n).collect();
+            (batch, s.seal_asked)
+        };
+        if !batch.is_empty() {
+            if !store(spool, shared, &mut segment, &batch) {
+                return; // stopping with the disk failing: the jobs stay in cur/ and run again
+            }
+            let mut s = shared.lock();
+            s.done += batch.len() as u64;
+            s.syncs += 1;
+            s.records += batch.len() as u64;
+            shared.changed.notify_all();
+        }
+        let aged = segment.as_ref().is_some_and(|(seg, t)| {
+            seg.size >= journal::SEGMENT_BYTES || t.elapsed() >= SEGMENT_AGE
+        });
+        let mut s = shared.lock();
+        if (seal > s.sealed && s.queue.is_empty()) || aged {
+            drop(s);
+            if let Some((seg, _)) = segment.take() {
+                seg.seal(spool);
+            }
+            s = shared.lock();
+            if seal > s.sealed && s.queue.is_empty() {
+                s.sealed = seal;
+            }
+            shared.changed.notify_all();
+        }
+    }
+    if let Some((seg, _)) = segment.take() {
+        seg.seal(spool);
+    }
+}
+
+/// Appends `batch` with one sync and puts each file in place, retrying with backoff while the
+/// storage fails. False if told to stop meanwhile.
+fn store(
+    spool: &Spool,
+    shared: &Shared,
+    segment: &mut Option<(Segment, Instant)>,
+    batch: &[Entry],
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    let mut appended = false;
+    let mut placed = 0;
+    loop {
+        let step = (|| {
+            if !appended {
+                if segment.is_none() {
+                    *segment = Some((Segment::create(spool, "w")?, Instant::now()));
+                }
+                if let Some((seg, _)) = segment.as_mut() {
+                    if let Err(e) = seg.append(batch) {
+                        // Its tail may be torn: never appended to again. What it held before
+                        // is in place, so it is sealed.
+                        if let Some((seg, _)) = segment.take() {
+                            seg.seal(spool);
+                        }
+                        return Err(e);
+                    }
+                }
+                appended = true;
+            }
+            while placed < batch.len() {
+                journal::materialize(spool, &batch[placed])?;
+                placed += 1;
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) => {
+                let mut s = shared.lock();
+                if s.failing.take().is_some() {
+                    log::info!("results are being stored again");
+                }
+                return true;
+            }
+            Err(e) => {
+                let mut s = shared.lock();
+                if s.failing.is_none() {
+                    log::error!("cannot store results now ({e}); keeping them and trying again");
+                }
+                s.failing = Some(kept(&e));
+                if s.stop {
+                    return false;
+                }
+                drop(s);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

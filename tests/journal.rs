@@ -1,0 +1,135 @@
+//! The durable spool (`fsync = true`): batch submits and group-committed results through the
+//! journal, across a HUP storm, kill -9 and a clean stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use std::collections::HashMap;
+use std::fs;
+use std::time::Duration;
+
+fn durable(sb: &Sandbox) {
+    let text = sb.config_text("").replace("fsync = false", "fsync = true");
+    fs::write(sb.config(), text).unwrap();
+}
+
+/// Results stored when the worker was killed: id -> (result, attempts).
+fn stored(sb: &Sandbox) -> HashMap<String, (String, u32)> {
+    let spool = open_spool(sb);
+    fs::read_dir(sb.path("spool/done"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|id| {
+            outcome(&spool, &id).map(|(ok, result, attempts)| {
+                assert!(ok, "{id}: {result}");
+                (id, (result, attempts))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn durable_spool_through_a_hup_storm_and_kill_9_loses_nothing_and_reruns_little() {
+    let sb = Sandbox::new("journal-storm");
+    durable(&sb);
+    let mut w = sb.start();
+    let submitter = {
+        let dir = sb.path("spool");
+        std::thread::spawn(move || {
+            let spool = gearshift::client::spool::Spool::open(&dir, true).unwrap();
+            let payloads: Vec<String> = (0..3000).map(|i| format!("job{i}")).collect();
+            let mut ids = Vec::new();
+            for chunk in payloads.chunks(100) {
+                let jobs: Vec<(&str, &[u8])> =
+                    chunk.iter().map(|p| ("reverse", p.as_bytes())).collect();
+                ids.extend(spool.submit_batch(&jobs).unwrap());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            ids
+        })
+    };
+    for _ in 0..60 {
+        w.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ids = submitter.join().unwrap();
+    assert_eq!(ids.len(), 3000);
+    // Killed mid-drain, with outcomes waiting for their sync.
+    eventually(Duration::from_secs(60), "a third of the results", || {
+        fs::read_dir(sb.path("spool/done")).unwrap().count() >= 1000
+    });
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(5));
+    let before = stored(&sb);
+    assert!(
+        before.len() >= 1000 && before.len() < 3000,
+        "{}",
+        before.len()
+    );
+    let mut w = sb.start();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    let mut reruns = 0;
+    for (i, (id, (done, result, attempts))) in ids.iter().zip(&outcomes).enumerate() {
+        let want: String = format!("job{i}").chars().rev().collect();
+        assert!(done, "job {i}: {result}");
+        assert_eq!(result, &want, "job {i}");
+        if let Some(kept) = before.get(id) {
+            assert_eq!(
+                kept,
+                &(result.clone(), *attempts),
+                "a stored result changed: {id}"
+            );
+        }
+        if *attempts > 1 {
+            reruns += 1;
+        }
+    }
+    // Only what was running or waiting for its sync at the kill runs again.
+    assert!(reruns <= 2 + 32, "{reruns} jobs ran again");
+    let out = sb.run(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_exit(Duration::from_secs(10));
+    // A clean stop leaves nothing to replay.
+    let left: Vec<_> = fs::read_dir(sb.path("spool/journal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `submit --count` goes through the journal: one sync per batch, every job whole, and the
+/// worker's first checkpoint removes the segments.
+#[test]
+fn batch_submits_are_whole_and_the_worker_checkpoints_them_away() {
+    let sb = Sandbox::new("journal-batch");
+    durable(&sb);
+    let out = sb.run(&["submit", "--count", "1500", "echo", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("submitted 1500 jobs"),
+        "{}",
+        text(&out.stdout)
+    );
+    let segments = || fs::read_dir(sb.path("spool/journal")).unwrap().count();
+    assert!(segments() >= 1);
+    let queued: Vec<String> = fs::read_dir(sb.path("spool/new"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    assert_eq!(queued.len(), 1500);
+    let w = sb.start();
+    assert!(all_outcomes(&sb, &queued, Duration::from_secs(60))
+        .iter()
+        .all(|o| o == &(true, "hello".to_string(), 1)));
+    eventually(
+        Duration::from_secs(20),
+        "the journal to be checkpointed",
+        || segments() == 0,
+    );
+    drop(w);
+}
