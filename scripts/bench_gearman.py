@@ -164,14 +164,8 @@ SUBMIT_JOB, JOB_CREATED, WORK_COMPLETE = 7, 8, 13
 
 def foreground(port, stop, times):
     """Submits `reverse` jobs one after another on one connection; notes each completion."""
-    def read(sock, n):
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fleet import read_exact as read
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         data = b"\0".join([b"reverse", b"", b"abc"])
