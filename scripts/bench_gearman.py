@@ -26,17 +26,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port  # noqa: E402
+
 GEARSHIFT, CWORKER, PHPWORKER = sys.argv[1:4]
 JOBS = int(os.environ.get("JOBS", "50000"))
 ROUNDS = int(os.environ.get("ROUNDS", "1"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def admin_status(port):

@@ -128,3 +128,37 @@ impl ConnState {
         }
     }
 }
+
+/// What a message-ingesting source (ZeroMQ) has done, shared with status and metrics, and
+/// carried across exec (counters never go back).
+#[derive(Debug, Default)]
+pub struct Ingress {
+    /// The endpoints listened on (none: no such source).
+    pub bound: std::sync::Mutex<Vec<String>>,
+    /// Messages made durable jobs, and messages refused with an error reply.
+    pub accepted: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+    /// Syncs that made accepted messages durable, and the most messages one covered.
+    pub batches: std::sync::atomic::AtomicU64,
+    pub largest_batch: std::sync::atomic::AtomicU64,
+}
+
+impl Ingress {
+    /// (accepted, rejected, batches), to carry across exec.
+    pub fn counts(&self) -> [u64; 3] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.accepted.load(Relaxed),
+            self.rejected.load(Relaxed),
+            self.batches.load(Relaxed),
+        ]
+    }
+
+    /// Takes over what the previous generation counted.
+    pub fn resume(&self, counts: [u64; 3]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.accepted.store(counts[0], Relaxed);
+        self.rejected.store(counts[1], Relaxed);
+        self.batches.store(counts[2], Relaxed);
+    }
+}

@@ -194,6 +194,7 @@ fn the_test_setup_names_missing_packages_when_it_cannot_install() {
         "faketime",
         "tmux",
         "prometheus",
+        "php-zmq",
     ] {
         assert!(err.contains(pkg), "{pkg} not named: {err}");
     }

@@ -347,7 +347,11 @@ fn connections_are_visible_with_their_os_errors() {
             .clone()
     };
     let r = get(&refused);
-    assert_eq!(r["state"], "backing off", "{r}");
+    // Between its retries a refused server is backing off; it may be caught retrying.
+    assert!(
+        r["state"] == "backing off" || r["state"] == "connecting",
+        "{r}"
+    );
     assert!(
         r["last_error"]
             .as_str()

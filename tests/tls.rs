@@ -247,19 +247,10 @@ fn jobs_flow_over_tls_and_bad_servers_are_clear_errors_beside_a_good_one() {
     let big: String = (0..3 << 20)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
-    let mut child = sb
-        .cmd(&["submit", "--timeout", "30s", "reverse"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(big.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        &mut sb.cmd(&["submit", "--timeout", "30s", "reverse"]),
+        big.as_bytes(),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let want: String = big.chars().rev().collect();
     assert!(

@@ -17,6 +17,7 @@ mod control;
 mod exit;
 mod submit;
 mod top;
+mod zeromq;
 
 #[derive(Parser)]
 #[command(name = "gearshift", version = crate::VERSION, about = "A job worker that restarts itself in place, between jobs")]

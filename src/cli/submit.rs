@@ -14,9 +14,9 @@ use super::exit;
 use super::{PriorityArg, SubmitArgs};
 
 fn spool(config: &Config) -> Result<Spool> {
-    match &config.source {
-        SourceConfig::Spool(s) => Spool::from_config(s),
-        SourceConfig::Gearman(_) => Err(Error::Msg(
+    match config.source.spool() {
+        Some(s) => Spool::from_config(s),
+        None => Err(Error::Msg(
             "results are stored by the spool only; with gearman, `submit` prints the result".into(),
         )),
     }
@@ -47,6 +47,7 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
             submit_spool(&Spool::from_config(s)?, &args, &payload, &config.pidfile())
         }
         SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
+        SourceConfig::Zeromq(z) => submit_zeromq(z, &args, &payload, &config.pidfile()),
     }
 }
 
@@ -79,6 +80,33 @@ fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8], pidfile: &Path
     eprintln!("{id}");
     match wait_for_result(spool, &id, args.timeout, pidfile)? {
         Some(lookup) => print_lookup(&id, lookup),
+        None => Ok(exit::NOT_RUNNING),
+    }
+}
+
+/// To a ZeroMQ source: the answer printed, or (`--wait`, `reply = "id"`) the job's result.
+fn submit_zeromq(
+    cfg: &crate::config::ZeromqConfig,
+    args: &SubmitArgs,
+    payload: &[u8],
+    pidfile: &Path,
+) -> Result<u8> {
+    let answer = match super::zeromq::send(cfg, args, payload)? {
+        super::zeromq::Sent::Exit(code) => return Ok(code),
+        super::zeromq::Sent::Answer(a) => a,
+    };
+    if !args.wait {
+        println!("{answer}");
+        return Ok(exit::OK);
+    }
+    eprintln!("{answer}");
+    match wait_for_result(
+        &Spool::from_config(&cfg.spool)?,
+        &answer,
+        args.timeout,
+        pidfile,
+    )? {
+        Some(lookup) => print_lookup(&answer, lookup),
         None => Ok(exit::NOT_RUNNING),
     }
 }
@@ -226,10 +254,10 @@ pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
         return Ok(exit::NOT_YET);
     }
     if matches!(lookup, Lookup::Unknown) {
-        let retain = match &config.source {
-            SourceConfig::Spool(s) => s.retain_results.as_secs(),
-            SourceConfig::Gearman(_) => 0,
-        };
+        let retain = config
+            .source
+            .spool()
+            .map_or(0, |s| s.retain_results.as_secs());
         eprintln!(
             "job {}: unknown id: never submitted to this spool, or its result expired (results are kept for retain_results = {}; the worker logs what it prunes)",
             crate::text::escape(id),

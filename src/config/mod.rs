@@ -96,6 +96,101 @@ pub struct Worker {
 pub enum Source {
     Spool(SpoolConfig),
     Gearman(GearmanConfig),
+    Zeromq(ZeromqConfig),
+}
+
+/// `kind = "zeromq"`: jobs arrive on ZeroMQ sockets and are kept in the embedded spool.
+#[derive(Debug, Clone)]
+pub struct ZeromqConfig {
+    /// Where accepted jobs are kept (and results stored).
+    pub spool: SpoolConfig,
+    /// `tcp://host:port` and `ipc:///path` endpoints, bound once and kept across restarts.
+    pub bind: Vec<Endpoint>,
+    /// The function of single-frame messages (none: every message must name one).
+    pub function: Option<String>,
+    /// What a client is told once its job is durable.
+    pub reply: ZeromqReply,
+}
+
+/// Where a ZeroMQ source listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `tcp://host:port` (`*` for every address).
+    Tcp { host: String, port: u16 },
+    /// `ipc:///absolute/path` (a Unix socket).
+    Ipc(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `tcp://host:port` or `ipc:///absolute/path`; the error says what is wrong.
+    pub fn parse(text: &str) -> std::result::Result<Endpoint, String> {
+        let shown = crate::text::escape(text);
+        if let Some(rest) = text.strip_prefix("tcp://") {
+            let parsed = rest.rsplit_once(':').and_then(|(h, p)| {
+                let host = h.trim_start_matches('[').trim_end_matches(']');
+                let port = p.parse::<u16>().ok().filter(|p| *p != 0)?;
+                let ok = !host.is_empty()
+                    && !host.contains('/')
+                    && !host.chars().any(|c| c.is_whitespace() || c.is_control());
+                ok.then(|| Endpoint::Tcp {
+                    host: host.to_string(),
+                    port,
+                })
+            });
+            return parsed.ok_or_else(|| {
+                format!(
+                    "endpoint \"{shown}\" is not tcp://host:port (e.g. \"tcp://127.0.0.1:5555\")"
+                )
+            });
+        }
+        if let Some(path) = text.strip_prefix("ipc://") {
+            let path = Path::new(path);
+            // sun_path holds 108 bytes with its NUL.
+            if !path.is_absolute() || path.as_os_str().len() > 107 {
+                return Err(format!(
+                    "endpoint \"{shown}\" is not ipc:// and an absolute path of at most 107 bytes (e.g. \"ipc:///run/gearshift/jobs.sock\")"
+                ));
+            }
+            return Ok(Endpoint::Ipc(path.to_path_buf()));
+        }
+        Err(format!(
+            "endpoint \"{shown}\" is neither tcp://host:port nor ipc:///path (gearshift binds these two transports)"
+        ))
+    }
+
+    /// Whether only this host can reach it (a loopback address, or a Unix socket).
+    pub fn is_local(&self) -> bool {
+        match self {
+            Endpoint::Ipc(_) => true,
+            Endpoint::Tcp { host, .. } => {
+                host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp://[{host}]:{port}")
+            }
+            Endpoint::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Endpoint::Ipc(p) => write!(f, "ipc://{}", p.display()),
+        }
+    }
+}
+
+/// The reply to an accepted message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeromqReply {
+    /// `TRUE`, as the PHP daemons answer.
+    True,
+    /// The job id (for `gearshift result ID`).
+    Id,
 }
 
 #[derive(Debug, Clone)]
@@ -165,7 +260,16 @@ impl Source {
     pub fn tls(&self) -> Option<&TlsFiles> {
         match self {
             Source::Gearman(g) => g.tls.as_ref(),
-            Source::Spool(_) => None,
+            Source::Spool(_) | Source::Zeromq(_) => None,
+        }
+    }
+
+    /// The spool this source keeps its jobs in, if it keeps them itself.
+    pub fn spool(&self) -> Option<&SpoolConfig> {
+        match self {
+            Source::Spool(s) => Some(s),
+            Source::Zeromq(z) => Some(&z.spool),
+            Source::Gearman(_) => None,
         }
     }
 
@@ -173,6 +277,7 @@ impl Source {
         match self {
             Source::Spool(_) => "spool",
             Source::Gearman(_) => "gearman",
+            Source::Zeromq(_) => "zeromq",
         }
     }
 }
@@ -206,7 +311,8 @@ impl Config {
         let mut worker = worker(&cx, raw.worker)?;
         let source = source(&cx, raw.source, &worker)?;
         // Built-ins answer whoever can submit: on a network source, only when asked for.
-        worker.builtins = builtins_written.unwrap_or(matches!(source, Source::Spool(_)));
+        worker.builtins =
+            builtins_written.unwrap_or(matches!(source, Source::Spool(_) | Source::Zeromq(_)));
         let functions = functions(&cx, raw.functions, &worker)?;
         let metrics = metrics(&cx, raw.metrics)?;
         Ok(Config {

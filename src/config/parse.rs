@@ -144,24 +144,84 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
 /// `[source]`, checked.
 pub(super) fn source(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
     let source = match s.kind {
-        SourceKind::Spool => {
-            let attempts = *s.max_attempts.get_ref();
-            if !(1..=1_000_000).contains(&attempts) {
-                return Err(cx.located(
-                    Some(s.max_attempts.span()),
-                    &format!("max_attempts must be between 1 and 1000000, not {attempts}"),
-                ));
-            }
-            Source::Spool(SpoolConfig {
-                dir: cx.base.join(s.dir),
-                max_attempts: attempts,
-                retain_results: s.retain_results.0,
-                fsync: s.fsync,
-            })
-        }
+        SourceKind::Spool => Source::Spool(spool(cx, &s)?),
         SourceKind::Gearman => gearman(cx, s, worker)?,
+        SourceKind::Zeromq => zeromq(cx, s)?,
     };
     Ok(source)
+}
+
+/// The spool's keys (of `kind = "spool"`, and of `kind = "zeromq"`, which keeps its jobs there).
+fn spool(cx: &Cx<'_>, s: &RawSource) -> Result<SpoolConfig> {
+    let attempts = *s.max_attempts.get_ref();
+    if !(1..=1_000_000).contains(&attempts) {
+        return Err(cx.located(
+            Some(s.max_attempts.span()),
+            &format!("max_attempts must be between 1 and 1000000, not {attempts}"),
+        ));
+    }
+    Ok(SpoolConfig {
+        dir: cx.base.join(&s.dir),
+        max_attempts: attempts,
+        retain_results: s.retain_results.0,
+        fsync: s.fsync,
+    })
+}
+
+/// `[source]` of `kind = "zeromq"`: endpoints (tcp:// host:port, ipc:// absolute path, each
+/// once), the function of single-frame messages, the reply, and the spool.
+fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
+    use super::{ZeromqConfig, ZeromqReply};
+    let span = s.bind.span();
+    let span = || Some(span.clone());
+    if s.bind.get_ref().is_empty() {
+        return Err(cx.located(
+            span(),
+            "kind = \"zeromq\" needs at least one endpoint, e.g. bind = [\"tcp://127.0.0.1:5555\"]",
+        ));
+    }
+    let mut bind: Vec<super::Endpoint> = Vec::new();
+    for text in s.bind.get_ref() {
+        let ep = super::Endpoint::parse(text).map_err(|why| cx.located(span(), &why))?;
+        if bind.contains(&ep) {
+            return Err(cx.located(span(), &format!("endpoint \"{ep}\" is listed twice")));
+        }
+        if !ep.is_local() && !s.allow_remote {
+            return Err(cx.located(
+                span(),
+                &format!(
+                    "endpoint \"{ep}\" is not a loopback address: anyone who can reach it could submit jobs; set [source] allow_remote = true if that is meant"
+                ),
+            ));
+        }
+        bind.push(ep);
+    }
+    let function = match &s.function {
+        Some(f) => {
+            check_function_name(f.get_ref()).map_err(|why| cx.located(Some(f.span()), &why))?;
+            Some(f.get_ref().clone())
+        }
+        None => None,
+    };
+    let reply = match s.reply.get_ref().as_str() {
+        "true" => ZeromqReply::True,
+        "id" => ZeromqReply::Id,
+        other => {
+            return Err(cx.located(
+                Some(s.reply.span()),
+                &format!(
+                    "reply \"{}\" is not \"true\" (answer TRUE, as the PHP daemons do) or \"id\" (answer the job id)",
+                    crate::text::escape(other)
+                ),
+            ))
+        }
+    };
+    Ok(Source::Zeromq(ZeromqConfig {
+        spool: spool(cx, &s)?,
+        bind,
+        function,
+        reply,
+    }))
 }
 
 /// `[functions.NAME]`: valid names, and each one's time limit (else `[worker] job_timeout`).

@@ -109,6 +109,7 @@ impl Default for RawWorker {
 pub(super) enum SourceKind {
     Spool,
     Gearman,
+    Zeromq,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +128,10 @@ pub(super) struct RawSource {
     pub(super) reconnect_max: Spanned<Dur>,
     pub(super) dead_peer_timeout: Spanned<Dur>,
     pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) bind: Spanned<Vec<String>>,
+    pub(super) function: Option<Spanned<String>>,
+    pub(super) reply: Spanned<String>,
+    pub(super) allow_remote: bool,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +159,10 @@ impl Default for RawSource {
             reconnect_max: Spanned::new(0..0, Dur(Duration::from_secs(3))),
             dead_peer_timeout: Spanned::new(0..0, Dur(Duration::from_secs(15))),
             tls: None,
+            bind: Spanned::new(0..0, Vec::new()),
+            function: None,
+            reply: Spanned::new(0..0, "true".into()),
+            allow_remote: false,
         }
     }
 }

@@ -103,7 +103,7 @@ pub fn run(
     }
     let worker_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid,
-    // dup2, fcntl and kill, which are async-signal-safe; it allocates nothing and touches no
+    // dup2, fcntl, close_range and kill, which are async-signal-safe; it allocates nothing and touches no
     // locks.
     unsafe {
         cmd.pre_exec(move || {
@@ -124,6 +124,16 @@ pub fn run(
             } else if libc::dup2(progress_fd, 3) == -1 {
                 return Err(io::Error::last_os_error());
             }
+            // The job gets 0-3 and nothing else of ours, even a descriptor a library made
+            // without close-on-exec (libzmq's): all above 3 become close-on-exec (marked, not
+            // closed: std's pipe that reports a failed exec must stay open until the exec). A
+            // kernel without CLOSE_RANGE_CLOEXEC (before 5.11) leaves it to the flags we set.
+            libc::syscall(
+                libc::SYS_close_range,
+                4u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

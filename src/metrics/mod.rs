@@ -341,6 +341,16 @@ pub struct Gauges {
     pub rejected: u64,
     pub queue: Option<QueueStats>,
     pub servers: Vec<ServerGauge>,
+    /// A ZeroMQ source's counts: accepted, rejected, batches.
+    pub ingress: Option<IngressGauge>,
+}
+
+/// A ZeroMQ source's counts, for the exposition.
+#[derive(Debug, Clone, Default)]
+pub struct IngressGauge {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub batches: u64,
 }
 
 #[cfg(test)]

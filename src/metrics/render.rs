@@ -29,6 +29,9 @@ impl Metrics {
         if !g.servers.is_empty() {
             render_servers(w, g, &reconnects_before);
         }
+        if let Some(i) = &g.ingress {
+            render_ingress(w, i);
+        }
         process::render(w);
         out
     }
@@ -204,6 +207,29 @@ fn render_queue(w: &mut String, g: &Gauges, q: &QueueStats) {
         "Spool entries set aside in rejected/.",
     );
     let _ = writeln!(w, "gearshift_spool_rejected_total {}", g.rejected);
+}
+
+/// What a ZeroMQ source did with the messages it received.
+fn render_ingress(w: &mut String, i: &super::IngressGauge) {
+    header(
+        w,
+        "gearshift_zeromq_messages_total",
+        "counter",
+        "Messages received on the ZeroMQ sockets: accepted (durable jobs) or rejected (answered with an error).",
+    );
+    for (outcome, n) in [("accepted", i.accepted), ("rejected", i.rejected)] {
+        let _ = writeln!(
+            w,
+            "gearshift_zeromq_messages_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    header(
+        w,
+        "gearshift_zeromq_batches_total",
+        "counter",
+        "Syncs that made accepted messages durable (messages per sync = accepted / batches).",
+    );
+    let _ = writeln!(w, "gearshift_zeromq_batches_total {}", i.batches);
 }
 
 /// Each Gearman server's connections and reconnects (earlier generations' included).

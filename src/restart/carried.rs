@@ -55,6 +55,12 @@ pub struct Inherited {
     /// `jobs_dir` as the old image validated it just before the exec, as JSON in a memfd.
     #[serde(default, with = "fd_or_none")]
     pub jobs_fd: Option<i32>,
+    /// A network source's listening sockets, by endpoint (ZeroMQ's `bind`).
+    #[serde(default)]
+    pub listen_fds: Vec<(String, i32)>,
+    /// A message-ingesting source's counters: accepted, rejected, batches.
+    #[serde(default)]
+    pub ingress_counts: [u64; 3],
 }
 
 /// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads

@@ -9,6 +9,7 @@
 pub mod gearman;
 pub mod lane;
 pub mod spool;
+pub mod zeromq;
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ pub trait JobSource: Send + Sync {
     /// Every lane has ended, before an exec or (`exiting`) the end of the process: make
     /// durable and tidy what the source still holds.
     fn settle(&self, _exiting: bool) {}
+    /// Listening sockets to hand to the next generation, by endpoint.
+    fn listeners(&self) -> Vec<(String, RawFd)> {
+        Vec::new()
+    }
     /// The queue this source keeps itself, if it keeps one (a network server keeps its own).
     fn queue_stats(&self) -> Option<QueueStats> {
         None
@@ -51,19 +56,41 @@ pub trait JobSource: Send + Sync {
 pub type Source = dyn JobSource;
 
 /// Opens the configured source for `generation`: the one place that knows every kind.
-/// `resumed`: this process is a re-exec of a worker that left its source in order.
-pub fn open(
-    config: &Config,
-    generation: u64,
-    resumed: bool,
-    views: crate::status::ServerViews,
-) -> Result<Arc<Source>> {
+/// What a generation starts a source with.
+pub struct Opening<'a> {
+    pub generation: u64,
+    /// This process is a re-exec of a worker that left its source in order.
+    pub resumed: bool,
+    /// Listening sockets the previous generation handed over, by endpoint.
+    pub listeners: &'a [(String, RawFd)],
+    /// Where Gearman lanes show their connections.
+    pub views: crate::status::ServerViews,
+    /// Where an ingesting source counts its messages.
+    pub ingress: Arc<crate::kinds::Ingress>,
+}
+
+/// Opens the configured source for a generation.
+pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
+    let Opening {
+        generation,
+        resumed,
+        listeners,
+        views,
+        ingress,
+    } = o;
     Ok(match &config.source {
         SourceConfig::Spool(cfg) => Arc::new(Arc::new(spool::SpoolSource::open(
             cfg,
             config.worker.max_payload_bytes,
             resumed,
         )?)),
+        SourceConfig::Zeromq(cfg) => Arc::new(zeromq::ZeromqSource::open(
+            cfg,
+            config.worker.max_payload_bytes,
+            resumed,
+            listeners,
+            ingress,
+        )?),
         SourceConfig::Gearman(cfg) => {
             Arc::new(gearman::GearmanSource::open(cfg, generation, views)?)
         }

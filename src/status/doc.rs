@@ -54,6 +54,20 @@ pub struct Doc {
     /// Lanes of the running generation.
     #[serde(default)]
     pub lanes: usize,
+    /// A ZeroMQ source's endpoints and counts.
+    #[serde(default)]
+    pub zeromq: Option<IngressDoc>,
+}
+
+/// `status.zeromq`: where jobs are accepted and what came of the messages (counted since the
+/// first start; `largest_batch` in this generation).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct IngressDoc {
+    pub bound: Vec<String>,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub batches: u64,
+    pub largest_batch: u64,
 }
 
 impl Doc {

@@ -19,7 +19,8 @@ pub mod server;
 
 pub use client::{query, query_counts, query_metrics, query_patiently};
 pub use doc::{
-    Doc, PendingDoc, RefusalDoc, RefusedDeployDoc, RollbackDoc, RunningJob, ServerDoc, StorageDoc,
+    Doc, IngressDoc, PendingDoc, RefusalDoc, RefusedDeployDoc, RollbackDoc, RunningJob, ServerDoc,
+    StorageDoc,
 };
 pub use server::Server;
 
@@ -111,6 +112,8 @@ pub struct State {
     pub inner: Mutex<Inner>,
     /// Gearman connections (empty for the spool).
     pub servers: ServerViews,
+    /// A ZeroMQ source's endpoints and counts (no endpoints for the others).
+    pub ingress: Arc<crate::kinds::Ingress>,
     /// Counters and histograms for `/metrics` (carried across exec).
     pub metrics: crate::metrics::Metrics,
 }
@@ -260,6 +263,28 @@ impl State {
             rejected: REJECTED.load(Ordering::Relaxed),
             queue,
             servers,
+            ingress: self.ingress_doc().map(|d| crate::metrics::IngressGauge {
+                accepted: d.accepted,
+                rejected: d.rejected,
+                batches: d.batches,
+            }),
+        })
+    }
+
+    /// The ZeroMQ ingress, if there is one.
+    pub fn ingress_doc(&self) -> Option<IngressDoc> {
+        let bound = self
+            .ingress
+            .bound
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        (!bound.is_empty()).then(|| IngressDoc {
+            bound,
+            accepted: self.ingress.accepted.load(Ordering::Relaxed),
+            rejected: self.ingress.rejected.load(Ordering::Relaxed),
+            batches: self.ingress.batches.load(Ordering::Relaxed),
+            largest_batch: self.ingress.largest_batch.load(Ordering::Relaxed),
         })
     }
 
@@ -363,6 +388,7 @@ impl State {
                 })
                 .unwrap_or_default(),
             lanes: self.running.lock().map(|r| r.len()).unwrap_or(0),
+            zeromq: self.ingress_doc(),
         }
     }
 }

@@ -38,8 +38,8 @@ use event::Event;
 use lane::{Health, Limits};
 pub use plan::{describe, Plan};
 use startup::{
-    count_start, detect_boot, log_start, new_deploy, new_state, prepare_plan, roll_back_if_needed,
-    settle_as_root, start_watch,
+    answers, count_start, detect_boot, log_start, new_deploy, new_state, open_source, prepare_plan,
+    roll_back_if_needed, settle_as_root, start_watch,
 };
 
 /// How [`run_with`] was reached, for a daemon started by `gearshift start`.
@@ -93,14 +93,16 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let (pidfile, metrics_listener, start_warnings) =
         settle_as_root(&plan, &boot, opts.log_file.as_deref(), &config_path)?;
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
-    let views = crate::status::ServerViews::default();
-    let resumed = boot.inherited.is_some();
-    let source = crate::source::open(&plan.config, generation, resumed, Arc::clone(&views))?;
-    if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
-        source.take_over(fd);
-    }
+    let (source, views, ingress) = open_source(&plan, &boot, &inherited, generation)?;
 
-    let state = new_state(&plan, &boot, &inherited, metrics_listener.as_ref(), views);
+    let state = new_state(
+        &plan,
+        &boot,
+        &inherited,
+        metrics_listener.as_ref(),
+        views,
+        ingress,
+    );
     count_start(
         &state,
         &plan,
@@ -118,20 +120,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
 
     let (inotify, poll_fallback) = start_watch(&plan, &boot, &source, &state, &events_tx)?;
     // Serves status once what it reports is known (how files are watched among it).
-    let render: crate::metrics::http::Render = {
-        let (state, source) = (Arc::clone(&state), Arc::clone(&source));
-        Arc::new(move || state.metrics_text(source.queue_stats()))
-    };
-    let counts: crate::metrics::http::Render = {
-        let (state, source) = (Arc::clone(&state), Arc::clone(&source));
-        Arc::new(move || {
-            let counts = crate::metrics::carry::Counts {
-                metrics: state.metrics.carry(&state.reconnects()),
-                queue: source.queue_stats(),
-            };
-            serde_json::to_string(&counts).unwrap_or_default()
-        })
-    };
+    let (render, counts) = answers(&state, &source);
     let status_server = status::Server::start(
         &plan.config.status_socket(),
         Arc::clone(&state),

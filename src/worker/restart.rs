@@ -195,6 +195,10 @@ impl Control {
         };
         // execve failed: carry on as we were.
         self.pidfile.close_on_exec();
+        for (_, fd) in self.source.listeners() {
+            // SAFETY: the source owns `fd` and keeps it open.
+            crate::ops::handover::release(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+        }
         if let Some(m) = self.metrics_server.as_mut() {
             crate::ops::handover::release(m.socket());
             if let Err(e) = m.resume(Arc::clone(&self.render)) {
@@ -242,6 +246,8 @@ impl Control {
             metrics_fd: None,
             metrics_listen_fd: None,
             jobs_fd: None,
+            listen_fds: Vec::new(),
+            ingress_counts: self.state.ingress.counts(),
         }
     }
 
@@ -322,6 +328,14 @@ impl Control {
         if let Some(fd) = &counters {
             if crate::ops::handover::keep(fd.as_fd()).is_ok() {
                 next.metrics_fd = Some(fd.as_raw_fd());
+            }
+        }
+        // A network source's listening sockets: connects wait in their accept queues.
+        for (endpoint, fd) in self.source.listeners() {
+            // SAFETY: the source owns `fd` and keeps it open until the exec (or its failure).
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            if crate::ops::handover::keep(borrowed).is_ok() {
+                next.listen_fds.push((endpoint, fd));
             }
         }
         if let Some(m) = self.metrics_server.as_mut() {

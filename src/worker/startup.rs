@@ -156,7 +156,7 @@ pub(super) fn settle_as_root(
             log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
         }
     }
-    if let (crate::config::Source::Spool(spool), Some(t)) = (&plan.config.source, &target) {
+    if let (Some(spool), Some(t)) = (plan.config.source.spool(), &target) {
         crate::source::spool::hand_to(spool, t)?;
     }
     drop(layout);
@@ -177,6 +177,7 @@ pub(super) fn new_state(
     inherited: &Inherited,
     metrics_listener: Option<&std::net::TcpListener>,
     views: crate::status::ServerViews,
+    ingress: Arc<crate::kinds::Ingress>,
 ) -> Arc<State> {
     let now = now_ms();
     Arc::new(State {
@@ -220,8 +221,62 @@ pub(super) fn new_state(
                 .map(|a| a.to_string()),
         }),
         servers: views,
+        ingress,
         metrics: crate::metrics::Metrics::default(),
     })
+}
+
+/// Opens the source, with what the previous generation handed over (listening sockets, the
+/// queue listing) and the shared views status shows (Gearman servers, the ZeroMQ ingress).
+pub(super) fn open_source(
+    plan: &Plan,
+    boot: &Boot,
+    inherited: &Inherited,
+    generation: u64,
+) -> Result<(
+    Arc<crate::source::Source>,
+    crate::status::ServerViews,
+    Arc<crate::kinds::Ingress>,
+)> {
+    let views = crate::status::ServerViews::default();
+    let ingress = Arc::new(crate::kinds::Ingress::default());
+    ingress.resume(inherited.ingress_counts);
+    let source = crate::source::open(
+        &plan.config,
+        crate::source::Opening {
+            generation,
+            resumed: boot.inherited.is_some(),
+            listeners: &inherited.listen_fds,
+            views: Arc::clone(&views),
+            ingress: Arc::clone(&ingress),
+        },
+    )?;
+    if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
+        source.take_over(fd);
+    }
+    Ok((source, views, ingress))
+}
+
+/// What `/metrics` and the status socket's `metrics` and `counts` requests answer.
+pub(super) fn answers(
+    state: &Arc<State>,
+    source: &Arc<crate::source::Source>,
+) -> (crate::metrics::http::Render, crate::metrics::http::Render) {
+    let render: crate::metrics::http::Render = {
+        let (state, source) = (Arc::clone(state), Arc::clone(source));
+        Arc::new(move || state.metrics_text(source.queue_stats()))
+    };
+    let counts: crate::metrics::http::Render = {
+        let (state, source) = (Arc::clone(state), Arc::clone(source));
+        Arc::new(move || {
+            let counts = crate::metrics::carry::Counts {
+                metrics: state.metrics.carry(&state.reconnects()),
+                queue: source.queue_stats(),
+            };
+            serde_json::to_string(&counts).unwrap_or_default()
+        })
+    };
+    (render, counts)
 }
 
 /// Starts the file watch (the inotify instance handed over, or a new one): config.toml,

@@ -352,6 +352,21 @@ pub fn example(name: &str) -> PathBuf {
 
 /// Spawns, retrying briefly on ETXTBSY: a binary a test just copied can be held open for
 /// writing by a fork another test thread made at that moment (until that child execs).
+/// Runs `cmd` with `input` on its standard input (any size: not through argv) and collects
+/// its output.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A child that exits early (an error) closes its end: what it printed says why.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    child.wait_with_output().unwrap()
+}
+
 pub fn spawn(cmd: &mut Command) -> Child {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

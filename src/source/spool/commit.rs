@@ -11,7 +11,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::journal::{self, Entry, Segment};
+use super::journal::{self, Entry, Segment, SEGMENT_AGE};
 use super::*;
 
 /// Records appended with one sync at most (a larger gathering is split).
@@ -19,8 +19,6 @@ const MAX_BATCH: usize = 16;
 /// Outcomes waiting for their sync at most (besides the batch being synced): a lane that would
 /// exceed it waits. It bounds how many finished jobs a failing disk leaves held in `cur/`.
 const MAX_QUEUED: usize = 16;
-/// A segment is sealed once this old (so a fresh start replays at most a few seconds).
-pub(super) const SEGMENT_AGE: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct State {

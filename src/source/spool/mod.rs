@@ -22,7 +22,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::unistd::{geteuid, Gid, Uid};
 
@@ -35,11 +35,13 @@ use crate::ops::safefs::{Dir, Open};
 mod commit;
 mod format;
 mod journal;
+mod lane;
 mod order;
 mod recover;
 mod source;
 
 use format::*;
+pub use journal::BatchWriter;
 pub use source::SpoolSource;
 
 /// Room for a job file's header beyond its payload.
@@ -190,58 +192,6 @@ impl Spool {
         };
         self.publish(&encode_job(&job), &id, "new")?;
         Ok(id)
-    }
-
-    /// Enqueues several jobs, durable together with one sync (through the journal, see
-    /// `journal.rs`), and returns their ids in order: at least ten times the rate of one
-    /// [`Spool::submit`] each. Without fsync, the jobs are simply written.
-    pub fn submit_batch(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<String>> {
-        let mut entries = Vec::with_capacity(jobs.len());
-        for (function, payload) in jobs {
-            crate::config::check_function_name(function).map_err(Error::Msg)?;
-            let job = JobFile {
-                function: function.to_string(),
-                submitted_ms: now_ms(),
-                attempts: 0,
-                payload: payload.to_vec(),
-            };
-            entries.push(journal::Entry {
-                kind: journal::Kind::Job,
-                id: self.new_id()?,
-                body: encode_job(&job),
-            });
-        }
-        self.commit(&entries, "s")?;
-        Ok(entries.into_iter().map(|e| e.id).collect())
-    }
-
-    /// Makes `entries` durable with one sync in a new journal segment of `role`, materializes
-    /// them, and seals the segment. Without fsync: materializes them only.
-    fn commit(&self, entries: &[journal::Entry], role: &str) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        if !self.fsync {
-            return entries
-                .iter()
-                .try_for_each(|e| journal::materialize(self, e));
-        }
-        let mut segment = journal::Segment::create(self, role)?;
-        if let Err(e) = segment.append(entries) {
-            // Nothing in it was acknowledged: it must never be replayed.
-            segment.discard(self);
-            return Err(e);
-        }
-        // Durable from here on: a file that cannot be written now is written by the worker's
-        // next checkpoint, which replays a segment left unsealed.
-        match entries
-            .iter()
-            .try_for_each(|e| journal::materialize(self, e))
-        {
-            Ok(()) => segment.seal(self),
-            Err(e) => log::warn!("accepted, but not all in place yet ({e}): the worker's next checkpoint writes the rest"),
-        }
-        Ok(())
     }
 
     /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
@@ -442,44 +392,6 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
         crate::ops::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
     }
     root.chown(t.uid, t.gid)
-}
-
-impl Spool {
-    /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (by
-    /// the clock its id carries, see `order.rs`). One directory read each; at most a million
-    /// entries are looked at.
-    pub(crate) fn queue_stats(&self) -> crate::metrics::QueueStats {
-        const LIMIT: usize = 1_000_000;
-        let names = |sub: &str| {
-            std::fs::read_dir(self.dir(sub))
-                .into_iter()
-                .flatten()
-                .take(LIMIT)
-                .flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| valid_id(n))
-        };
-        // Ids sort by submission: the smallest is the oldest waiting job.
-        let mut depth = 0u64;
-        let mut oldest: Option<String> = None;
-        for name in names("new") {
-            depth += 1;
-            if oldest.as_ref().is_none_or(|o| name < *o) {
-                oldest = Some(name);
-            }
-        }
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let epoch = order::this_boot(&self.top);
-        crate::metrics::QueueStats {
-            depth,
-            running: names("cur").count() as u64,
-            oldest_age_us: oldest
-                .and_then(|o| order::age_us(&o, epoch, now_ns))
-                .unwrap_or(0),
-        }
-    }
 }
 
 pub(super) fn valid_id(id: &str) -> bool {

@@ -155,6 +155,43 @@ pub(super) fn age_us(id: &str, epoch: Option<u32>, now_wall_ns: u64) -> Option<u
     Some(now_wall_ns.saturating_sub(ns) / 1000)
 }
 
+/// The queue's depth and the age of its oldest job, as metrics show them.
+impl super::Spool {
+    /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (by
+    /// the clock its id carries, see `order.rs`). One directory read each; at most a million
+    /// entries are looked at.
+    pub(crate) fn queue_stats(&self) -> crate::metrics::QueueStats {
+        const LIMIT: usize = 1_000_000;
+        let names = |sub: &str| {
+            std::fs::read_dir(self.dir(sub))
+                .into_iter()
+                .flatten()
+                .take(LIMIT)
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| super::valid_id(n))
+        };
+        // Ids sort by submission: the smallest is the oldest waiting job.
+        let mut depth = 0u64;
+        let mut oldest: Option<String> = None;
+        for name in names("new") {
+            depth += 1;
+            if oldest.as_ref().is_none_or(|o| name < *o) {
+                oldest = Some(name);
+            }
+        }
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let epoch = this_boot(&self.top);
+        crate::metrics::QueueStats {
+            depth,
+            running: names("cur").count() as u64,
+            oldest_age_us: oldest.and_then(|o| age_us(&o, epoch, now_ns)).unwrap_or(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,6 @@
 //! are in `recover.rs`),
 //! the lanes and their waker.
 
-use crate::shutdown::Shutdown;
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io;
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::clock::now_ms;
 use crate::config::SpoolConfig;
 use crate::error::{Error, Result};
-use crate::jobs::functions::{JobResult, Progress};
+use crate::jobs::functions::JobResult;
 use crate::source::lane::{Claimed, Lane};
 
 use super::format::*;
@@ -118,7 +117,7 @@ impl SpoolSource {
             pruning: Arc::new(AtomicBool::new(false)),
             committer,
             checkpointing: Arc::new(AtomicBool::new(false)),
-            next_checkpoint: Mutex::new(Instant::now() + super::commit::SEGMENT_AGE),
+            next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
             next_prune: Mutex::new(Instant::now()),
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
@@ -137,7 +136,7 @@ impl SpoolSource {
     /// Claims the oldest queued job, or returns None when the queue is empty. An entry that
     /// is not a job (a bad name, a link, a FIFO, a directory, too large, truncated, corrupt) is
     /// set aside in `rejected/` and the next one is tried.
-    fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
+    pub(super) fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
         loop {
             let id = {
                 let mut pending = self
@@ -204,7 +203,7 @@ impl SpoolSource {
     }
 
     /// Stores a job's outcome durably, then releases it from `cur/`.
-    fn finish(&self, job: &Claimed, outcome: &JobResult, started_ms: u64) -> Result<()> {
+    pub(super) fn finish(&self, job: &Claimed, outcome: &JobResult, started_ms: u64) -> Result<()> {
         let (kind, error, result) = match outcome {
             Ok(r) => (Outcome::Done, None, r.clone()),
             Err(e) => (Outcome::Failed, Some(e.message.clone()), Vec::new()),
@@ -235,16 +234,16 @@ impl SpoolSource {
         }
     }
 
-    /// Every [`super::commit::SEGMENT_AGE`]: makes what the sealed journal segments hold
+    /// Every [`super::journal::SEGMENT_AGE`]: makes what the sealed journal segments hold
     /// durable in the files (one syncfs) and deletes them, in a helper thread.
-    fn checkpoint(self: &Arc<Self>) {
+    pub(super) fn checkpoint(self: &Arc<Self>) {
         let Ok(mut next) = self.next_checkpoint.lock() else {
             return;
         };
         if Instant::now() < *next || self.checkpointing.swap(true, Ordering::AcqRel) {
             return;
         }
-        *next = Instant::now() + super::commit::SEGMENT_AGE;
+        *next = Instant::now() + super::journal::SEGMENT_AGE;
         drop(next);
         let (weak, running) = (Arc::downgrade(self), Arc::clone(&self.checkpointing));
         let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
@@ -299,16 +298,6 @@ impl SpoolSource {
         if let Err(e) = spawned {
             log::warn!("cannot list the queue in the background ({e}); the lanes will");
         }
-    }
-
-    /// A lane (one per worker thread) over this spool.
-    pub fn lane(self: &Arc<Self>) -> Box<dyn Lane> {
-        Box::new(SpoolLane {
-            source: Arc::clone(self),
-            started_ms: 0,
-            job: String::new(),
-            progress_lines: 0,
-        })
     }
 
     /// Wakes every idle lane: to look for new jobs, or to notice the stop flag.
@@ -402,122 +391,6 @@ impl crate::source::JobSource for Arc<SpoolSource> {
     fn watch_dirs(&self) -> Vec<PathBuf> {
         vec![self.spool.dir("new")]
     }
-}
-
-pub(super) struct SpoolLane {
-    source: Arc<SpoolSource>,
-    started_ms: u64,
-    /// The current job's id and progress lines logged so far (a job may write millions).
-    job: String,
-    progress_lines: u64,
-}
-
-/// Progress lines of one job that reach the log; the rest are counted and summarised.
-pub(super) const PROGRESS_LOG_LINES: u64 = 10;
-
-impl Lane for SpoolLane {
-    fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
-        loop {
-            if stop.is_set() {
-                return Ok(None);
-            }
-            let seen = self.source.waker.current();
-            // Results past retention go at start and every tenth of the period; abandoned
-            // temp files every few seconds.
-            self.source.prune();
-            self.source.housekeeping();
-            self.source.checkpoint();
-            // Results cannot be stored now: claim nothing until they can.
-            if let Some(e) = self.source.committer.as_ref().and_then(|c| c.failing()) {
-                return Err(e);
-            }
-            if let Some(job) = self.source.claim()? {
-                self.started_ms = now_ms();
-                self.job.clone_from(&job.id);
-                self.progress_lines = 0;
-                return Ok(Some(job));
-            }
-            if stop.is_set() {
-                return Ok(None);
-            }
-            self.source.waker.wait_past(seen, HOUSEKEEPING);
-        }
-    }
-
-    fn progress(&mut self) -> &mut dyn Progress {
-        self
-    }
-
-    fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()> {
-        if self.progress_lines > PROGRESS_LOG_LINES {
-            log::info!(
-                "job {}: {} more progress lines not logged",
-                job.id,
-                self.progress_lines - PROGRESS_LOG_LINES
-            );
-        }
-        self.progress_lines = 0;
-        self.source.finish(job, outcome, self.started_ms)
-    }
-
-    /// Returns once every outcome this generation's lanes handed over is durable and in place.
-    fn close(&mut self) -> Result<()> {
-        match &self.source.committer {
-            Some(c) => c.flush(),
-            None => Ok(()),
-        }
-    }
-
-    fn release(&mut self, job: &Claimed) -> bool {
-        let from = self.source.spool.dir("cur").join(&job.id);
-        let to = self.source.spool.dir("new").join(&job.id);
-        match fs::rename(&from, &to) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "job {}: cannot give it back ({e}); it runs again at the next start",
-                    job.id
-                );
-                false
-            }
-        }
-    }
-}
-
-impl SpoolLane {
-    /// Whether one more progress line of this job may be logged.
-    fn may_log(&mut self) -> bool {
-        self.progress_lines += 1;
-        self.progress_lines <= PROGRESS_LOG_LINES
-    }
-}
-
-impl Progress for SpoolLane {
-    fn status(&mut self, n: u64, d: u64) {
-        if self.may_log() {
-            log::debug!("job {}: progress {n}/{d}", self.job);
-        }
-    }
-    fn data(&mut self, data: &[u8]) {
-        if self.may_log() {
-            log::debug!("job {}: data {:?}", self.job, lossy_prefix(data));
-        }
-    }
-    fn warning(&mut self, data: &[u8]) {
-        if self.may_log() {
-            log::warn!("job {}: job warning: {}", self.job, lossy_prefix(data));
-        }
-    }
-}
-
-/// At most 1 KiB of `data` as text, for a log line.
-pub(super) fn lossy_prefix(data: &[u8]) -> String {
-    let cut = &data[..data.len().min(1024)];
-    let mut s = String::from_utf8_lossy(cut).into_owned();
-    if data.len() > cut.len() {
-        s.push_str(&format!("... ({} bytes)", data.len()));
-    }
-    s
 }
 
 /// A sequence number with a condition variable: idle lanes sleep until it moves past what they

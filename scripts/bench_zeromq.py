@@ -1,0 +1,112 @@
+#!/usr/bin/python3
+"""ZeroMQ ingest benchmark (driven by scripts/bench-zeromq).
+
+Each row: CLIENTS REQ clients (separate processes, pyzmq) send MESSAGES [function, payload]
+requests in all, as fast as the answers come, to one server; the rate is messages answered per
+second. Servers: gearshift's zeromq source with fsync on (every answer means the job is durable:
+journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, send 'TRUE',
+stores nothing); the same loop appending and fsyncing each message before it answers.
+"""
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port  # noqa: E402
+
+import zmq
+
+GEARSHIFT, PHP_LOOP = sys.argv[1:3]
+MESSAGES = int(os.environ.get("MESSAGES", "20000"))
+
+
+def client(endpoint, n, start):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.REQ)
+    s.connect(endpoint)
+    start.wait()
+    for i in range(n):
+        s.send_multipart([b"echo", b"ticket,login,%d" % i])
+        s.recv()
+    s.close()
+
+
+def drive(endpoint, clients):
+    start = multiprocessing.Event()
+    per = MESSAGES // clients
+    procs = [multiprocessing.Process(target=client, args=(endpoint, per, start)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    start.set()
+    for p in procs:
+        p.join()
+    return per * clients / (time.monotonic() - t0)
+
+
+def wait_port(port):
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def gearshift(clients, fsync, workdir):
+    port = free_port()
+    d = tempfile.mkdtemp(dir=workdir)
+    os.makedirs(os.path.join(d, "jobs"))
+    cfg = os.path.join(d, "config.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n"
+            f"[source]\nkind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\"]\ndir = \"spool\"\n"
+            f"fsync = {'true' if fsync else 'false'}\n[log]\nlevel = \"warn\"\n"
+        )
+    p = subprocess.Popen([GEARSHIFT, "-c", cfg, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        time.sleep(0.3)
+        return drive(f"tcp://127.0.0.1:{port}", clients)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+
+
+def php(clients, fsync, workdir):
+    port = free_port()
+    args = ["php", PHP_LOOP, f"tcp://127.0.0.1:{port}"]
+    if fsync:
+        args.append(os.path.join(tempfile.mkdtemp(dir=workdir), "messages.log"))
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return drive(f"tcp://127.0.0.1:{port}", clients)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def main():
+    workdir = tempfile.mkdtemp(prefix="gs-bench-zeromq-", dir="/var/tmp")
+    print(f"# ZeroMQ ingest: {MESSAGES} REQ requests per row, {os.cpu_count()} CPUs\n")
+    print("| clients | PHP REP loop (stores nothing) | REP loop, fsync per message | gearshift, fsync on | vs PHP | vs fsync loop | gearshift, fsync off | vs PHP |")
+    print("|---|---|---|---|---|---|---|---|")
+    for clients in (1, 8):
+        plain = php(clients, False, workdir)
+        synced = php(clients, True, workdir)
+        on = gearshift(clients, True, workdir)
+        off = gearshift(clients, False, workdir)
+        print(f"| {clients} | {plain:,.0f}/s | {synced:,.0f}/s | {on:,.0f}/s | {on / plain:.2f}x | {on / synced:.2f}x | {off:,.0f}/s | {off / plain:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+//! The ZeroMQ ingress: one ROUTER socket on every configured endpoint (so it serves REQ and
+//! DEALER clients, many at once), read in batches; each batch is made durable in the spool with
+//! one sync, and only then is each message answered: `TRUE` or its job id, or `ERROR <why>`
+//! for a message that is not a job. A message received but not yet durable when the worker
+//! stops or restarts is never answered, so a resending client (the lazy pirate pattern) sends
+//! it again; nothing answered is ever lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::ZeromqReply;
+use crate::error::{Error, Result};
+use crate::kinds::Ingress as Stats;
+use crate::source::spool::{BatchWriter, Spool};
+
+use super::listen::{dup_for_zmq, Listener};
+
+/// Messages read before one sync at most.
+const BATCH: usize = 256;
+/// How long a reply may wait to be sent when the socket closes (a restart or a stop).
+const LINGER_MS: i32 = 1000;
+/// Messages a peer may have waiting, each way, before libzmq stops reading from it.
+const HWM: i32 = 1000;
+/// Frames in a routing envelope at most (a REQ client's: identity and delimiter).
+const MAX_ENVELOPE: usize = 32;
+
+/// What the ingress needs to decide about a message.
+pub struct Rules {
+    /// The function of single-frame messages.
+    pub function: Option<String>,
+    pub reply: ZeromqReply,
+    pub max_payload: usize,
+    /// The functions this worker serves (set by the lanes as they start).
+    pub served: Arc<RwLock<Vec<String>>>,
+}
+
+/// The running ingress thread.
+pub struct Ingress {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ingress {
+    /// Binds a ROUTER socket on `listeners` (through duplicates of their descriptors) and
+    /// starts reading.
+    pub fn start(
+        listeners: &[Listener],
+        spool: Spool,
+        rules: Rules,
+        stats: Arc<Stats>,
+    ) -> Result<Ingress> {
+        let ctx = zmq::Context::new();
+        let socket = router(&ctx, listeners, &rules)?;
+        // The vendored libzmq makes descriptors without close-on-exec (its epoll instances):
+        // none may reach a job process or the next image.
+        crate::ops::handover::close_inherited();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = crate::ops::signals::spawn_essential("zeromq", move || {
+            let mut writer = spool.batch_writer();
+            serve(&socket, &mut writer, &rules, &stats, &flag);
+            drop(writer);
+            // Answers already queued get up to LINGER_MS to leave; then the context ends.
+            drop(socket);
+            drop(ctx);
+        })
+        .map_err(|e| Error::io("spawning the ZeroMQ ingress thread", e))?;
+        Ok(Ingress {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops reading, answers the batch in hand, closes the socket (bounded by its linger) and
+    /// ends the context. Returns once that is done.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Ingress {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<zmq::Socket> {
+    let zerr = |what: &str, e: zmq::Error| Error::Msg(format!("zeromq: {what}: {e}"));
+    let mut socket = ctx
+        .socket(zmq::ROUTER)
+        .map_err(|e| zerr("creating a ROUTER socket", e))?;
+    // Room for a message a little over the limit, so it gets an error reply; one far over it
+    // is cut by libzmq, which drops that peer's connection.
+    let max = rules.max_payload as i64 + 64 * 1024;
+    socket
+        .set_maxmsgsize(max)
+        .and_then(|()| socket.set_rcvhwm(HWM))
+        .and_then(|()| socket.set_sndhwm(HWM))
+        .and_then(|()| socket.set_linger(LINGER_MS))
+        .map_err(|e| zerr("setting socket options", e))?;
+    for l in listeners {
+        let fd = dup_for_zmq(&l.fd)?;
+        let value: libc::c_int = fd;
+        // SAFETY: the socket pointer is live (we own `socket`); ZMQ_USE_FD takes an int, passed
+        // by pointer with its size, read before the call returns.
+        let rc = unsafe {
+            zmq_sys::zmq_setsockopt(
+                socket.as_mut_ptr(),
+                zmq_sys::ZMQ_USE_FD as libc::c_int,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>(),
+            )
+        };
+        if rc != 0 {
+            let _ = nix::unistd::close(fd);
+            return Err(Error::Msg(format!(
+                "zeromq: ZMQ_USE_FD for {}: {}",
+                l.endpoint,
+                std::io::Error::last_os_error()
+            )));
+        }
+        socket
+            .bind(&l.endpoint.to_string())
+            .map_err(|e| zerr(&format!("binding {}", l.endpoint), e))?;
+    }
+    Ok(socket)
+}
+
+fn serve(
+    socket: &zmq::Socket,
+    writer: &mut BatchWriter,
+    rules: &Rules,
+    stats: &Stats,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Acquire) {
+        // Files of jobs already answered: written while no message waits (or retried).
+        if writer.pending() {
+            if let Err(e) = writer.place() {
+                log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
+            }
+        }
+        match socket.poll(zmq::POLLIN, 100) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => {
+                log::error!("zeromq: polling: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => batch.push(frames),
+                Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
+                Err(e) => {
+                    log::warn!("zeromq: receiving: {e}");
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            answer(socket, writer, rules, stats, batch);
+        }
+    }
+}
+
+/// A message split into the routing envelope (sent back with the answer) and the body.
+fn split(mut frames: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    // A REQ client's envelope ends with an empty delimiter frame; a DEALER may send none.
+    let delimiter = frames
+        .iter()
+        .take(MAX_ENVELOPE)
+        .position(|f| f.is_empty())
+        .filter(|&i| i > 0 && i + 1 < frames.len());
+    let at = delimiter.map_or(1.min(frames.len()), |i| i + 1);
+    let body = frames.split_off(at);
+    (frames, body)
+}
+
+/// Checks a message body: Ok((function, payload)) or the error to answer.
+fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8>), String> {
+    let mut body = body.into_iter();
+    let (function, payload) =
+        match (body.next(), body.next(), body.next()) {
+            (Some(payload), None, None) => match &rules.function {
+                Some(f) => (f.clone(), payload),
+                None => return Err(
+                    "one frame, and this source has no [source] function: send [function, payload]"
+                        .into(),
+                ),
+            },
+            (Some(function), Some(payload), None) => {
+                let name = String::from_utf8(function)
+                    .map_err(|_| "the function name is not UTF-8".to_string())?;
+                (name, payload)
+            }
+            (None, _, _) => {
+                return Err("an empty message: send [payload] or [function, payload]".into())
+            }
+            _ => {
+                return Err(format!(
+                    "{} frames: send [payload] or [function, payload]",
+                    3 + body.len()
+                ))
+            }
+        };
+    let shown = || crate::text::escape(&function.chars().take(64).collect::<String>()).to_string();
+    crate::config::check_function_name(&function)
+        .map_err(|_| format!("\"{}\" is no function name", shown()))?;
+    if !rules
+        .served
+        .read()
+        .map(|s| s.contains(&function))
+        .unwrap_or(false)
+    {
+        return Err(format!("unknown function \"{}\"", shown()));
+    }
+    if payload.len() > rules.max_payload {
+        return Err(format!(
+            "payload is {} bytes, over max_payload_bytes ({})",
+            payload.len(),
+            rules.max_payload
+        ));
+    }
+    Ok((function, payload))
+}
+
+/// Makes the batch's jobs durable with one sync, then answers every message of it.
+fn answer(
+    socket: &zmq::Socket,
+    writer: &mut BatchWriter,
+    rules: &Rules,
+    stats: &Stats,
+    batch: Vec<Vec<Vec<u8>>>,
+) {
+    // Each message's envelope, and the index of its job or why it is none.
+    type Reply = (Vec<Vec<u8>>, std::result::Result<usize, String>);
+    let mut replies: Vec<Reply> = Vec::new();
+    let mut jobs: Vec<(String, Vec<u8>)> = Vec::new();
+    for frames in batch {
+        let (envelope, body) = split(frames);
+        match job(body, rules) {
+            Ok(j) => {
+                jobs.push(j);
+                replies.push((envelope, Ok(jobs.len() - 1)));
+            }
+            Err(why) => replies.push((envelope, Err(why))),
+        }
+    }
+    let refs: Vec<(&str, &[u8])> = jobs.iter().map(|(f, p)| (f.as_str(), &p[..])).collect();
+    let stored = if refs.is_empty() {
+        Ok(Vec::new())
+    } else {
+        writer.accept(&refs)
+    };
+    let ids = match stored {
+        Ok(ids) => {
+            stats
+                .accepted
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            if !ids.is_empty() {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .largest_batch
+                    .fetch_max(ids.len() as u64, Ordering::Relaxed);
+            }
+            Some(ids)
+        }
+        Err(e) => {
+            log::error!("zeromq: {} job(s) not stored: {e}", refs.len());
+            None
+        }
+    };
+    // An id answered must be found by `gearshift result` at once: its file goes in place
+    // first. `TRUE` gives nothing to look up: it goes out first, the files right after.
+    if rules.reply == ZeromqReply::Id && ids.is_some() {
+        if let Err(e) = writer.place() {
+            log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
+        }
+    }
+    for (mut envelope, outcome) in replies {
+        let text: Vec<u8> = match (&outcome, &ids) {
+            (Ok(i), Some(ids)) => match rules.reply {
+                ZeromqReply::True => b"TRUE".to_vec(),
+                ZeromqReply::Id => ids
+                    .get(*i)
+                    .map(|id| id.as_bytes().to_vec())
+                    .unwrap_or_default(),
+            },
+            (Ok(_), None) => {
+                b"ERROR not stored, try again: the spool cannot take jobs now".to_vec()
+            }
+            (Err(why), _) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                format!("ERROR {why}").into_bytes()
+            }
+        };
+        envelope.push(text);
+        // A peer gone, or over its high-water mark, just misses its answer (it resends).
+        if let Err(e) = socket.send_multipart(envelope, zmq::DONTWAIT) {
+            log::debug!("zeromq: answering: {e}");
+        }
+    }
+    if let Err(e) = writer.place() {
+        log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            function: Some("ingest".into()),
+            reply: ZeromqReply::True,
+            max_payload: 10,
+            served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
+        }
+    }
+
+    fn frames(parts: &[&[u8]]) -> Vec<Vec<u8>> {
+        parts.iter().map(|p| p.to_vec()).collect()
+    }
+
+    #[test]
+    fn envelopes_of_req_and_dealer_clients_are_split_off() {
+        // REQ: identity, delimiter, body.
+        let (env, body) = split(frames(&[b"id", b"", b"echo", b"x"]));
+        assert_eq!((env.len(), body), (2, frames(&[b"echo", b"x"])));
+        // DEALER without a delimiter: identity, body (an empty payload is not a delimiter).
+        let (env, body) = split(frames(&[b"id", b"echo", b""]));
+        assert_eq!((env, body), (frames(&[b"id"]), frames(&[b"echo", b""])));
+    }
+
+    #[test]
+    fn messages_that_are_no_jobs_get_reasons() {
+        let r = rules();
+        assert_eq!(
+            job(frames(&[b"p"]), &r),
+            Ok(("ingest".into(), b"p".to_vec()))
+        );
+        assert_eq!(
+            job(frames(&[b"echo", b"p"]), &r),
+            Ok(("echo".into(), b"p".to_vec()))
+        );
+        let err = |b: &[&[u8]]| job(frames(b), &r).err().unwrap_or_default();
+        assert!(err(&[]).contains("empty message"));
+        assert!(err(&[b"a", b"b", b"c"]).starts_with("3 frames"));
+        assert!(err(&[b"nope", b"p"]).contains("unknown function \"nope\""));
+        assert!(err(&[b"", b"p"]).contains("no function name"));
+        assert!(err(&[b"\x1b[2J", b"p"]).contains("\\e[2J"), "escaped");
+        assert!(err(&[b"echo", b"12345678901"]).contains("over max_payload_bytes"));
+        let none = Rules {
+            function: None,
+            ..rules()
+        };
+        assert!(job(frames(&[b"p"]), &none).is_err_and(|e| e.contains("no [source] function")));
+    }
+}

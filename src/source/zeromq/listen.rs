@@ -1,0 +1,93 @@
+//! The ZeroMQ source's listening sockets: bound by us, not by libzmq, so they outlive every
+//! exec. libzmq gets a duplicate of each through `ZMQ_USE_FD` (and closes that duplicate when
+//! its socket closes); the original is handed to the next generation, so a client connecting
+//! during a restart waits in the kernel's accept queue instead of being refused.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+
+use crate::config::Endpoint;
+use crate::error::{Error, Result};
+
+/// One endpoint's listening socket.
+pub struct Listener {
+    pub endpoint: Endpoint,
+    pub fd: OwnedFd,
+}
+
+/// The listening sockets for `bind`: those the previous generation handed over (`carried`, by
+/// endpoint), else new ones. A carried socket whose endpoint is no longer configured is closed.
+pub fn open(bind: &[Endpoint], carried: &[(String, RawFd)]) -> Result<Vec<Listener>> {
+    let mut adopted: Vec<(String, OwnedFd)> = carried
+        .iter()
+        .filter_map(|(ep, fd)| {
+            let owned = crate::ops::handover::adopt(Some(*fd), |what| {
+                what.to_string_lossy().starts_with("socket:")
+            })?;
+            Some((ep.clone(), owned))
+        })
+        .collect();
+    let mut out = Vec::with_capacity(bind.len());
+    for ep in bind {
+        let name = ep.to_string();
+        let fd = match adopted.iter().position(|(e, _)| *e == name) {
+            Some(i) => adopted.swap_remove(i).1,
+            None => bind_new(ep)?,
+        };
+        out.push(Listener {
+            endpoint: ep.clone(),
+            fd,
+        });
+    }
+    // What is left of `adopted` is dropped here: endpoints no longer configured are closed.
+    Ok(out)
+}
+
+fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
+    match ep {
+        Endpoint::Tcp { host, port } => {
+            use std::net::ToSocketAddrs;
+            let host = if host == "*" {
+                "0.0.0.0"
+            } else {
+                host.as_str()
+            };
+            let addr = (host, *port)
+                .to_socket_addrs()
+                .map_err(|e| Error::io(format!("resolving {ep}"), e))?
+                .next()
+                .ok_or_else(|| Error::Msg(format!("{ep}: the host has no address")))?;
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| Error::io(format!("binding {ep}"), e))?;
+            Ok(OwnedFd::from(l))
+        }
+        Endpoint::Ipc(path) => {
+            // A socket file left by a worker that is gone is replaced; one a live process
+            // listens on, or anything that is not a socket, is not touched.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.file_type().is_socket() {
+                    return Err(Error::Msg(format!(
+                        "{ep}: \"{}\" exists and is not a socket; remove it or choose another path",
+                        path.display()
+                    )));
+                }
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(Error::Msg(format!(
+                        "{ep}: another process listens on \"{}\"",
+                        path.display()
+                    )));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| Error::io(format!("binding {ep}"), e))?;
+            Ok(OwnedFd::from(l))
+        }
+    }
+}
+
+/// A close-on-exec duplicate of `fd`, for libzmq to own.
+pub fn dup_for_zmq(fd: &OwnedFd) -> Result<RawFd> {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(|e| Error::io("duplicating a listening socket", e.into()))
+}

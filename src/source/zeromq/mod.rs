@@ -1,0 +1,141 @@
+//! The ZeroMQ source: jobs arrive as messages on ZeroMQ sockets (the PHP daemons' REP socket,
+//! served by a ROUTER), are made durable in the embedded spool before they are answered, and
+//! run on the lanes like any spool job. The listening sockets are ours and cross every exec
+//! (`listen.rs`); the ingress thread (`ingress.rs`) stops before an exec and starts again in
+//! the new image.
+
+pub mod ingress;
+pub mod listen;
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::config::ZeromqConfig;
+use crate::error::Result;
+use crate::kinds::Ingress as Stats;
+use crate::metrics::QueueStats;
+use crate::source::lane::Lane;
+use crate::source::spool::{Spool, SpoolSource};
+use crate::source::JobSource;
+
+/// A spool fed by a ZeroMQ ingress.
+pub struct ZeromqSource {
+    spool: Arc<SpoolSource>,
+    cfg: ZeromqConfig,
+    max_payload: usize,
+    listeners: Vec<listen::Listener>,
+    /// The ingress, started with the first lane (once the served functions are known).
+    ingress: Mutex<Option<ingress::Ingress>>,
+    served: Arc<RwLock<Vec<String>>>,
+    stats: Arc<Stats>,
+}
+
+impl ZeromqSource {
+    /// Opens the spool and the listening sockets (`carried` by the previous generation, or
+    /// new); the ingress starts with the first lane.
+    pub fn open(
+        cfg: &ZeromqConfig,
+        max_payload: usize,
+        resumed: bool,
+        carried: &[(String, RawFd)],
+        stats: Arc<Stats>,
+    ) -> Result<ZeromqSource> {
+        let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed)?);
+        let listeners = listen::open(&cfg.bind, carried)?;
+        if let Ok(mut bound) = stats.bound.lock() {
+            *bound = cfg.bind.iter().map(|e| e.to_string()).collect();
+        }
+        Ok(ZeromqSource {
+            spool,
+            cfg: cfg.clone(),
+            max_payload,
+            listeners,
+            ingress: Mutex::new(None),
+            served: Arc::new(RwLock::new(Vec::new())),
+            stats,
+        })
+    }
+
+    fn start_ingress(&self) -> Result<()> {
+        let mut slot = self
+            .ingress
+            .lock()
+            .map_err(|_| crate::error::Error::Msg("zeromq ingress lock poisoned".into()))?;
+        if slot.is_some() {
+            return Ok(());
+        }
+        let rules = ingress::Rules {
+            function: self.cfg.function.clone(),
+            reply: self.cfg.reply,
+            max_payload: self.max_payload,
+            served: Arc::clone(&self.served),
+        };
+        let spool = Spool::from_config(&self.cfg.spool)?;
+        *slot = Some(ingress::Ingress::start(
+            &self.listeners,
+            spool,
+            rules,
+            Arc::clone(&self.stats),
+        )?);
+        let bound: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| l.endpoint.to_string())
+            .collect();
+        log::info!("zeromq: accepting jobs on {}", bound.join(", "));
+        Ok(())
+    }
+}
+
+impl JobSource for ZeromqSource {
+    fn lane(
+        &self,
+        index: usize,
+        functions: &[(String, Option<Duration>)],
+    ) -> Result<Box<dyn Lane>> {
+        if let Ok(mut served) = self.served.write() {
+            *served = functions.iter().map(|(f, _)| f.clone()).collect();
+        }
+        self.start_ingress()?;
+        JobSource::lane(&self.spool, index, functions)
+    }
+
+    fn wake(&self) {
+        JobSource::wake(&self.spool);
+    }
+
+    fn hand_over(&self) -> Option<OwnedFd> {
+        JobSource::hand_over(&self.spool)
+    }
+
+    fn take_over(&self, fd: RawFd) {
+        JobSource::take_over(&self.spool, fd);
+    }
+
+    /// Stops the ingress first (answering what it holds), then settles the spool.
+    fn settle(&self, exiting: bool) {
+        if let Ok(mut slot) = self.ingress.lock() {
+            if let Some(mut i) = slot.take() {
+                i.stop();
+            }
+        }
+        JobSource::settle(&self.spool, exiting);
+    }
+
+    fn listeners(&self) -> Vec<(String, RawFd)> {
+        self.listeners
+            .iter()
+            .map(|l| (l.endpoint.to_string(), l.fd.as_raw_fd()))
+            .collect()
+    }
+
+    fn queue_stats(&self) -> Option<QueueStats> {
+        JobSource::queue_stats(&self.spool)
+    }
+
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        JobSource::watch_dirs(&self.spool)
+    }
+}

@@ -1,0 +1,276 @@
+//! The ZeroMQ source against clients nobody here wrote: php-zmq's `ZMQSocket` REQ client (as the
+//! PHP daemons use it) and pyzmq's REQ and DEALER; restarts under load with a prober counting
+//! refused connects; kill -9 during ingest; malformed and oversized messages; descriptors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+/// pyzmq and php-zmq are there (scripts/deps installs them), else the test is skipped (a
+/// failure under CI).
+fn clients_available(test: &str) -> bool {
+    let py = Command::new(PYTHON)
+        .args(["-c", "import zmq"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let php = Command::new("php")
+        .args(["-r", "exit(class_exists('ZMQSocket') ? 0 : 1);"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(py && php) {
+        skip(
+            test,
+            "needs python3-zmq and php-zmq (scripts/deps installs them)",
+        );
+    }
+    py && php
+}
+
+struct Zmq {
+    sb: Sandbox,
+    tcp: String,
+    ipc: String,
+}
+
+fn setup(name: &str, extra_source: &str) -> Zmq {
+    let sb = Sandbox::new(name);
+    let port = free_port();
+    let ipc = sb.path("jobs.sock");
+    let text = format!(
+        "[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
+         [source]\nkind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\", \"ipc://{}\"]\n\
+         function = \"reverse\"\nreply = \"id\"\ndir = \"spool\"\nfsync = true\n{extra_source}",
+        ipc.display()
+    );
+    fs::write(sb.config(), text).unwrap();
+    Zmq {
+        sb,
+        tcp: format!("tcp://127.0.0.1:{port}"),
+        ipc: format!("ipc://{}", ipc.display()),
+    }
+}
+
+/// One request with pyzmq (`kind` REQ or DEALER); returns the answer's frames as text.
+fn pyzmq(kind: &str, endpoint: &str, frames: &[&str]) -> Vec<String> {
+    let script = format!(
+        "import zmq, sys, json\nc = zmq.Context()\ns = c.socket(zmq.{kind})\ns.setsockopt(zmq.LINGER, 0)\n\
+         s.connect(sys.argv[1])\nframes = [f.encode() for f in json.load(sys.stdin)]\n\
+         if zmq.{kind} == zmq.DEALER: frames = [b''] + frames\ns.send_multipart(frames)\n\
+         print(json.dumps([f.decode(errors='replace') for f in s.recv_multipart()]) if s.poll(5000) else 'null')\n"
+    );
+    let out = output_with_stdin(
+        Command::new(PYTHON).args(["-c", &script, endpoint]),
+        serde_json::to_string(frames).unwrap().as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .map(|a| a.iter().map(|f| f.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// One request with php-zmq's REQ socket, as the PHP daemons' clients send it.
+fn php_req(endpoint: &str, frames: &[&str]) -> String {
+    let script = "$c = new ZMQContext(); $s = $c->getSocket(ZMQ::SOCKET_REQ); \
+                  $s->connect($argv[1]); $s->sendmulti(array_slice($argv, 2)); echo $s->recv();";
+    let out = Command::new("php")
+        .arg("-r")
+        .arg(script)
+        .arg("--")
+        .arg(endpoint)
+        .args(frames)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn load_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/zmq_load.py")
+}
+
+/// Every acknowledged job has its right result (the payload reversed).
+fn check_acked(sb: &Sandbox, report: &Value) -> usize {
+    let acked = report["acked"].as_array().unwrap();
+    let ids: Vec<String> = acked
+        .iter()
+        .map(|a| a[0].as_str().unwrap().to_string())
+        .collect();
+    let outcomes = all_outcomes(sb, &ids, Duration::from_secs(120));
+    for (a, (ok, result, _)) in acked.iter().zip(&outcomes) {
+        let want: String = a[1].as_str().unwrap().chars().rev().collect();
+        assert!(ok, "{a}: {result}");
+        assert_eq!(result, &want, "{a}");
+    }
+    acked.len()
+}
+
+#[test]
+fn php_req_and_pyzmq_req_and_dealer_clients_get_durable_jobs() {
+    if !clients_available("php_req_and_pyzmq_req_and_dealer_clients_get_durable_jobs") {
+        return;
+    }
+    let z = setup("zmq-clients", "");
+    let w = z.sb.start();
+    // The PHP daemons' client: one frame, the configured function.
+    let id_php = php_req(&z.tcp, &["from php"]);
+    let id_req = pyzmq("REQ", &z.tcp, &["echo", "from pyzmq"]);
+    let id_dealer = pyzmq("DEALER", &z.ipc, &["reverse", "dealer"]);
+    assert_eq!(id_dealer.len(), 2, "the envelope comes back: {id_dealer:?}");
+    let ids = [id_php.clone(), id_req[0].clone(), id_dealer[1].clone()];
+    assert_eq!(
+        all_outcomes(&z.sb, &ids, Duration::from_secs(30)),
+        [
+            (true, "php morf".to_string(), 1),
+            (true, "from pyzmq".to_string(), 1),
+            (true, "relaed".to_string(), 1)
+        ]
+    );
+    // `gearshift submit` speaks to it too, and --wait gets the result.
+    let out = z.sb.run(&["submit", "--wait", "reverse", "cli"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ilc");
+    let s = w.status();
+    assert_eq!(s["zeromq"]["accepted"], 4, "{s}");
+    assert_eq!(s["zeromq"]["bound"][0], z.tcp.as_str(), "{s}");
+    let metrics = text(&z.sb.run(&["metrics"]).stdout);
+    assert!(
+        metrics.contains("gearshift_zeromq_messages_total{outcome=\"accepted\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn malformed_unknown_and_oversized_messages_get_error_answers() {
+    if !clients_available("malformed_unknown_and_oversized_messages_get_error_answers") {
+        return;
+    }
+    let z = setup("zmq-bad", "");
+    let text_cfg = fs::read_to_string(z.sb.config()).unwrap().replace(
+        "allow_root = true",
+        "allow_root = true\nmax_payload_bytes = 1000",
+    );
+    fs::write(z.sb.config(), text_cfg).unwrap();
+    let w = z.sb.start();
+    let ask = |frames: &[&str]| pyzmq("REQ", &z.tcp, frames).join("");
+    assert!(ask(&["a", "b", "c"]).starts_with("ERROR 3 frames"));
+    assert!(ask(&["nope", "x"]).starts_with("ERROR unknown function \"nope\""));
+    assert!(ask(&["", "x"]).starts_with("ERROR \"\" is no function name"));
+    assert_eq!(
+        ask(&["\u{1b}[2Jevil", "x"]),
+        "ERROR \"\\e[2Jevil\" is no function name",
+        "escaped"
+    );
+    let big = "x".repeat(5000);
+    assert!(ask(&["reverse", &big]).contains("over max_payload_bytes (1000)"));
+    // Far over the limit: libzmq drops that connection; the client gets nothing.
+    let huge = "x".repeat(200_000);
+    assert!(pyzmq("REQ", &z.tcp, &["reverse", &huge]).is_empty());
+    // And the worker serves on.
+    let id = ask(&["fine"]);
+    assert_eq!(
+        all_outcomes(&z.sb, &[id], Duration::from_secs(20))[0].1,
+        "enif"
+    );
+    assert_eq!(w.status()["zeromq"]["rejected"], 5);
+    assert!(w.log_text().contains("accepting jobs on"));
+}
+
+#[test]
+fn restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged() {
+    if !clients_available("restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged") {
+        return;
+    }
+    let z = setup("zmq-storm", "");
+    let w = z.sb.start();
+    let probe = z.tcp.trim_start_matches("tcp://").to_string();
+    let load = Command::new(PYTHON)
+        .args([load_script().to_str().unwrap(), &z.tcp, "4", "150", &probe])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(50));
+        w.signal(Signal::SIGHUP);
+    }
+    let out = load.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    assert_eq!(report["refused"], 0, "refused connects: {report}");
+    assert!(report["probes"].as_u64().unwrap() > 100, "{report}");
+    assert_eq!(check_acked(&z.sb, &report), 600);
+    let s = w.status();
+    assert!(s["generation"].as_u64().unwrap() >= 10, "{s}");
+    assert_eq!(s["pid"], w.pid());
+}
+
+#[test]
+fn kill_9_during_ingest_loses_no_acknowledged_job() {
+    if !clients_available("kill_9_during_ingest_loses_no_acknowledged_job") {
+        return;
+    }
+    let z = setup("zmq-kill9", "");
+    let mut w = z.sb.start();
+    let load = Command::new(PYTHON)
+        .args([load_script().to_str().unwrap(), &z.tcp, "4", "200"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(30), "jobs accepted", || {
+        w.try_status()
+            .is_some_and(|s| s["zeromq"]["accepted"].as_u64().unwrap_or(0) >= 100)
+    });
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(5));
+    // The clients resend what was not answered; a new worker takes over the port.
+    let _w = z.sb.start();
+    let out = load.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+    assert_eq!(check_acked(&z.sb, &report), 800);
+}
+
+#[test]
+fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
+    if !clients_available("no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads") {
+        return;
+    }
+    let z = setup("zmq-fds", "");
+    z.sb.job(
+        "fds.py",
+        "#!/usr/bin/env python3\nimport os\nfds = []\nfor fd in sorted(int(f) for f in os.listdir('/proc/self/fd')):\n    try:\n        os.readlink(f'/proc/self/fd/{fd}')\n        fds.append(str(fd))\n    except OSError:\n        pass\nprint(' '.join(fds), end='')\n",
+    );
+    let w = z.sb.start();
+    let id = pyzmq("REQ", &z.tcp, &["fds", ""]).join("");
+    assert_eq!(
+        all_outcomes(&z.sb, &[id], Duration::from_secs(20))[0].1,
+        "0 1 2 3",
+        "a job sees its stdio and the progress channel only"
+    );
+    // The committer's open journal segment comes and goes with the traffic: not counted.
+    let fds = || {
+        let list = w.fd_list();
+        let kept: Vec<&str> = list.lines().filter(|l| !l.contains("/journal/")).collect();
+        (kept.len(), list)
+    };
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    let (before, _) = fds();
+    for g in 3..=22 {
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g);
+        // Each generation serves before the next HUP.
+        assert!(!pyzmq("REQ", &z.tcp, &["echo", "x"]).is_empty());
+    }
+    let (after, list) = fds();
+    assert_eq!(after, before, "{list}");
+}
