@@ -337,7 +337,7 @@ impl Spool {
         Ok(entries.into_iter().map(|e| e.id).collect())
     }
 
-    /// A writer that keeps one journal segment open across batches (see [`BatchWriter`]).
+    /// A writer that keeps one journal segment open across batches (see `BatchWriter`).
     pub fn batch_writer(self) -> BatchWriter {
         BatchWriter::new(self)
     }
