@@ -721,3 +721,48 @@ fn a_second_term_ends_the_worker_within_two_seconds_in_every_state() {
     assert!(took < Duration::from_secs(3), "stop --force took {took:?}");
     w.wait_exit(Duration::from_secs(2));
 }
+
+/// The supervisor's signal thread dying (a build that injects it on USR1) is noticed: the
+/// supervisor does not spin on the dead channel, and a TERM to it still stops it and the worker.
+#[test]
+fn a_supervisor_whose_signal_thread_dies_neither_spins_nor_ignores_term() {
+    let mut sb = Sandbox::new("supervisor-signals");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let worker = read_pid(&sb.path("state/gearshift.pid"));
+    // The supervisor is the worker's parent (the field after the state in /proc/PID/stat).
+    let stat = fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
+    let sup: i32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(sup, 1);
+    let ticks = |pid: i32| -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGUSR1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = ticks(sup);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = ticks(sup) - before;
+    assert!(
+        used < 20,
+        "the supervisor used {used} ticks in a second: it spins"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(10), "both to exit", || {
+        !process_alive(sup) && !process_alive(worker)
+    });
+}

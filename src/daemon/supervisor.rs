@@ -37,7 +37,7 @@ pub struct Settings {
 /// Runs the supervisor until the worker stops cleanly (exit 0) or it gives up (exit 1).
 /// `ready` gets the line `start` waits for once the first worker serves.
 pub fn run(settings: &Settings, ready: File) -> i32 {
-    let sig_rx = match forward_signals() {
+    let mut sig_rx = match forward_signals() {
         Ok(rx) => rx,
         Err(e) => return fail(Some(ready), &format!("supervisor: {e}")),
     };
@@ -77,7 +77,10 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         let status = loop {
             select! {
                 recv(sig_rx) -> sig => {
-                    let Ok(sig) = sig else { continue };
+                    let Ok(sig) = sig else {
+                        sig_rx = signals_lost(info.pid);
+                        continue;
+                    };
                     if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
                         stopping = true;
                     }
@@ -111,7 +114,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
             info.crashes,
             backoff.as_millis()
         );
-        if !wait_out(backoff, &sig_rx) {
+        if !wait_out(backoff, &mut sig_rx, info.pid) {
             log::info!("supervisor {}: stopped while waiting to restart", info.pid);
             return 0;
         }
@@ -137,6 +140,11 @@ fn forward_signals() -> std::io::Result<crossbeam_channel::Receiver<Signal>> {
         .name("signals".into())
         .spawn(move || {
             for s in signals.forever() {
+                // A fault-injection build (tests only): USR1 kills this thread.
+                #[cfg(gearshift_faults)]
+                if s == libc::SIGUSR1 {
+                    panic!("injected fault: the supervisor's signal thread dies");
+                }
                 if let Ok(sig) = Signal::try_from(s) {
                     let _ = sig_tx.send(sig);
                 }
@@ -159,16 +167,46 @@ fn too_many(recent: &mut VecDeque<Instant>, max: usize) -> bool {
 }
 
 /// Waits `backoff` before a restart; false if a TERM (or INT, QUIT) came meanwhile.
-fn wait_out(backoff: Duration, sig_rx: &crossbeam_channel::Receiver<Signal>) -> bool {
+fn wait_out(
+    backoff: Duration,
+    sig_rx: &mut crossbeam_channel::Receiver<Signal>,
+    me: u32,
+) -> bool {
     let wake = after(backoff);
     loop {
         select! {
-            recv(sig_rx) -> sig => {
-                if matches!(sig, Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)) {
-                    return false;
-                }
-            }
+            recv(sig_rx) -> sig => match sig {
+                Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => return false,
+                Ok(_) => {}
+                Err(_) => *sig_rx = signals_lost(me),
+            },
             recv(wake) -> _ => return true,
+        }
+    }
+}
+
+/// The signal thread died (its channel is closed): noticed, said, and replaced by a new one,
+/// so signals are forwarded again (a closed channel would otherwise be "ready" forever: a spin,
+/// and a TERM nobody acts on). If no new thread can start, TERM, INT and QUIT get their default
+/// action back, so they still end the supervisor.
+fn signals_lost(me: u32) -> crossbeam_channel::Receiver<Signal> {
+    match forward_signals() {
+        Ok(rx) => {
+            log::error!("supervisor {me}: its signal thread died; a new one forwards signals");
+            rx
+        }
+        Err(e) => {
+            log::error!(
+                "supervisor {me}: its signal thread died and cannot be replaced ({e}); TERM, INT and QUIT now end the supervisor at once"
+            );
+            for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+                // SAFETY: restoring the default action installs no handler; nothing runs in
+                // signal context.
+                let _ = unsafe {
+                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)
+                };
+            }
+            crossbeam_channel::never()
         }
     }
 }
