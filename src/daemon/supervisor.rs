@@ -167,11 +167,7 @@ fn too_many(recent: &mut VecDeque<Instant>, max: usize) -> bool {
 }
 
 /// Waits `backoff` before a restart; false if a TERM (or INT, QUIT) came meanwhile.
-fn wait_out(
-    backoff: Duration,
-    sig_rx: &mut crossbeam_channel::Receiver<Signal>,
-    me: u32,
-) -> bool {
+fn wait_out(backoff: Duration, sig_rx: &mut crossbeam_channel::Receiver<Signal>, me: u32) -> bool {
     let wake = after(backoff);
     loop {
         select! {
@@ -202,9 +198,8 @@ fn signals_lost(me: u32) -> crossbeam_channel::Receiver<Signal> {
             for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
                 // SAFETY: restoring the default action installs no handler; nothing runs in
                 // signal context.
-                let _ = unsafe {
-                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)
-                };
+                let _ =
+                    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
             }
             crossbeam_channel::never()
         }
