@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port  # noqa: E402
+from benchlib import free_port, memory_kb  # noqa: E402
 
 GEARSHIFT, CWORKER, PHPWORKER = sys.argv[1:4]
 JOBS = int(os.environ.get("JOBS", "50000"))
@@ -55,9 +55,7 @@ def proc_stats(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-    return ticks, rss
+    return (ticks, *memory_kb(pid))
 
 
 TLS = {}
@@ -137,11 +135,12 @@ def run(kind, concurrency, port, workdir):
     done.set()
     if scraper:
         scraper.join()
-    ticks, rss = 0, 0
+    ticks, rss, dirty = 0, 0, 0
     for p in procs:
-        t, r = proc_stats(p.pid)
+        t, r, d = proc_stats(p.pid)
         ticks += t
         rss += r
+        dirty += d
     for p in procs:
         p.send_signal(signal.SIGTERM)
     for p in procs:
@@ -151,7 +150,7 @@ def run(kind, concurrency, port, workdir):
             p.kill()
             p.wait()
     hz = os.sysconf("SC_CLK_TCK")
-    return JOBS / secs, rss, ticks / hz / JOBS * 1e6
+    return JOBS / secs, rss, dirty, ticks / hz / JOBS * 1e6
 
 
 SUBMIT_JOB, JOB_CREATED, WORK_COMPLETE = 7, 8, 13
@@ -259,8 +258,8 @@ def main():
             return
         tls_setup(workdir, port)
         print(f"# Gearman workers draining {JOBS} background `reverse` jobs (100-byte payloads), one gearmand (-t 2), {os.cpu_count()} CPUs\n")
-        print("| worker | concurrency | jobs/s | vs C | RSS | CPU per job |")
-        print("|---|---|---|---|---|---|")
+        print("| worker | concurrency | jobs/s | vs C | RSS | private dirty | CPU per job |")
+        print("|---|---|---|---|---|---|---|")
         for concurrency in (1, 4):
             results = {}
             for kind in ("C libgearman", "gearshift", "gearshift +metrics", "gearshift TLS", "PHP php-gearman"):
@@ -271,8 +270,8 @@ def main():
                         best = r
                 results[kind] = best
             c_rate = results["C libgearman"][0]
-            for kind, (rate, rss, cpu_us) in results.items():
-                print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / c_rate:.2f}x | {rss / 1024:.1f} MiB | {cpu_us:.1f} µs |")
+            for kind, (rate, rss, dirty, cpu_us) in results.items():
+                print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / c_rate:.2f}x | {rss / 1024:.1f} MiB | {dirty / 1024:.1f} MiB | {cpu_us:.1f} µs |")
         pause(port, workdir)
     finally:
         if "proc" in TLS:

@@ -30,6 +30,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsstatus  # noqa: E402
+from benchlib import memory_kb  # noqa: E402
 
 BIN = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release/gearshift")
 RELOADS = int(os.environ.get("RELOADS", "100"))
@@ -362,11 +363,10 @@ def bench_idle():
     before = ticks()
     time.sleep(10)
     used = ticks() - before
-    with open(f"/proc/{p.pid}/status") as f:
-        rss_kb = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    rss_kb, dirty_kb = memory_kb(p.pid)
     threads = len(os.listdir(f"/proc/{p.pid}/task"))
     stop(p)
-    return used, rss_kb, threads
+    return used, rss_kb, dirty_kb, threads
 
 
 def main():
@@ -422,10 +422,10 @@ def main():
     print(f"| per job | {1e6/t_off:.1f} µs | {1e6/t_on:.1f} µs | +{1e6/t_on - 1e6/t_off:.1f} µs |")
     print(f"| restart pause p50 ({reloads} reloads, queue 5000) | {p_off/1000:.2f} ms | {p_on/1000:.2f} ms | {p_on/p_off:.2f}x |\n")
 
-    used, rss_kb, threads = bench_idle()
+    used, rss_kb, dirty_kb, threads = bench_idle()
     print("\n## Idle worker (concurrency 1, empty queue)\n")
     print(f"- CPU over 10 s: {used} ticks")
-    print(f"- RSS: {rss_kb/1024:.1f} MiB, threads: {threads}")
+    print(f"- RSS: {rss_kb/1024:.1f} MiB (private dirty {dirty_kb/1024:.1f} MiB), threads: {threads}")
 
 
 if __name__ == "__main__":

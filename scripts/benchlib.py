@@ -9,3 +9,17 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def memory_kb(pid):
+    """(resident, private dirty) memory of `pid` in KiB: RSS counts shared library pages too;
+    private dirty is what this process alone costs the machine."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    dirty = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            dirty = sum(int(l.split()[1]) for l in f if l.startswith("Private_Dirty:"))
+    except OSError:
+        pass
+    return rss, dirty
