@@ -141,6 +141,8 @@ pub struct Ingress {
     /// Syncs that made accepted messages durable, and the most messages one covered.
     pub batches: std::sync::atomic::AtomicU64,
     pub largest_batch: std::sync::atomic::AtomicU64,
+    /// Clients connected now (libzmq's monitor: accepted minus disconnected).
+    pub peers: std::sync::atomic::AtomicU64,
 }
 
 impl Ingress {

@@ -185,6 +185,33 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     assert!(w.log_text().contains("accepting jobs on"));
 }
 
+/// Connected clients show in `status` and the metrics, and go when they disconnect.
+#[test]
+fn connected_peers_are_counted() {
+    if !clients_available("connected_peers_are_counted") {
+        return;
+    }
+    let z = setup("zmq-peers", "");
+    let w = z.sb.start();
+    let script = "import zmq, sys, time\nc = zmq.Context()\nss = [c.socket(zmq.DEALER) for _ in range(3)]\n\
+                  [s.connect(sys.argv[1]) for s in ss]\nsys.stdin.read()\n[s.close(0) for s in ss]\n";
+    let mut holder = Command::new(PYTHON)
+        .args(["-c", script, &z.tcp])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    w.wait_for(Duration::from_secs(10), "3 peers", |s| {
+        s["zeromq"]["peers"] == 3
+    });
+    let metrics = text(&z.sb.run(&["metrics"]).stdout);
+    assert!(metrics.contains("gearshift_zeromq_peers 3"), "{metrics}");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    w.wait_for(Duration::from_secs(10), "no peers", |s| {
+        s["zeromq"]["peers"] == 0
+    });
+}
+
 #[test]
 fn restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged() {
     if !clients_available("restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged") {

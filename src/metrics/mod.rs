@@ -351,6 +351,7 @@ pub struct IngressGauge {
     pub accepted: u64,
     pub rejected: u64,
     pub batches: u64,
+    pub peers: u64,
 }
 
 #[cfg(test)]

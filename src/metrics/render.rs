@@ -230,6 +230,13 @@ fn render_ingress(w: &mut String, i: &super::IngressGauge) {
         "Syncs that made accepted messages durable (messages per sync = accepted / batches).",
     );
     let _ = writeln!(w, "gearshift_zeromq_batches_total {}", i.batches);
+    header(
+        w,
+        "gearshift_zeromq_peers",
+        "gauge",
+        "Clients connected to the ZeroMQ sockets now.",
+    );
+    let _ = writeln!(w, "gearshift_zeromq_peers {}", i.peers);
 }
 
 /// Each Gearman server's connections and reconnects (earlier generations' included).

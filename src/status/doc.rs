@@ -68,6 +68,9 @@ pub struct IngressDoc {
     pub rejected: u64,
     pub batches: u64,
     pub largest_batch: u64,
+    /// Clients connected now.
+    #[serde(default)]
+    pub peers: u64,
 }
 
 impl Doc {

@@ -267,6 +267,7 @@ impl State {
                 accepted: d.accepted,
                 rejected: d.rejected,
                 batches: d.batches,
+                peers: d.peers,
             }),
         })
     }
@@ -285,6 +286,7 @@ impl State {
             rejected: self.ingress.rejected.load(Ordering::Relaxed),
             batches: self.ingress.batches.load(Ordering::Relaxed),
             largest_batch: self.ingress.largest_batch.load(Ordering::Relaxed),
+            peers: self.ingress.peers.load(Ordering::Relaxed),
         })
     }
 

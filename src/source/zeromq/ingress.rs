@@ -24,6 +24,8 @@ const LINGER_MS: i32 = 1000;
 const HWM: i32 = 1000;
 /// Frames in a routing envelope at most (a REQ client's: identity and delimiter).
 const MAX_ENVELOPE: usize = 32;
+/// Where libzmq reports the ROUTER socket's connections (accepted, disconnected).
+const MONITOR: &str = "inproc://gearshift-zeromq-monitor";
 
 /// What the ingress needs to decide about a message.
 pub struct Rules {
@@ -52,6 +54,7 @@ impl Ingress {
     ) -> Result<Ingress> {
         let ctx = zmq::Context::new();
         let socket = router(&ctx, listeners, &rules)?;
+        let monitor = peers_monitor(&ctx, &socket)?;
         // The vendored libzmq makes descriptors without close-on-exec (its epoll instances):
         // none may reach a job process or the next image.
         crate::ops::handover::close_inherited();
@@ -59,10 +62,12 @@ impl Ingress {
         let flag = Arc::clone(&stop);
         let thread = crate::ops::signals::spawn_essential("zeromq", move || {
             let mut writer = spool.batch_writer();
-            serve(&socket, &mut writer, &rules, &stats, &flag);
+            serve(&socket, &monitor, &mut writer, &rules, &stats, &flag);
             drop(writer);
             // Answers already queued get up to LINGER_MS to leave; then the context ends.
             drop(socket);
+            drop(monitor);
+            stats.peers.store(0, Ordering::Relaxed);
             drop(ctx);
         })
         .map_err(|e| Error::io("spawning the ZeroMQ ingress thread", e))?;
@@ -130,8 +135,39 @@ fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<z
     Ok(socket)
 }
 
+/// A PAIR socket receiving the ROUTER socket's connection events.
+fn peers_monitor(ctx: &zmq::Context, socket: &zmq::Socket) -> Result<zmq::Socket> {
+    let zerr = |e: zmq::Error| Error::Msg(format!("zeromq: monitoring connections: {e}"));
+    let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
+    socket.monitor(MONITOR, i32::from(events)).map_err(zerr)?;
+    let monitor = ctx.socket(zmq::PAIR).map_err(zerr)?;
+    monitor.connect(MONITOR).map_err(zerr)?;
+    Ok(monitor)
+}
+
+/// Counts connections from the monitor's events (each: a 6-byte frame, the event first).
+fn count_peers(monitor: &zmq::Socket, stats: &Stats) {
+    while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
+        let Some(event) = frames.first().filter(|f| f.len() >= 2) else {
+            continue;
+        };
+        match zmq::SocketEvent::from_raw(u16::from_le_bytes([event[0], event[1]])) {
+            zmq::SocketEvent::ACCEPTED => {
+                stats.peers.fetch_add(1, Ordering::Relaxed);
+            }
+            zmq::SocketEvent::DISCONNECTED => {
+                let _ = stats
+                    .peers
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn serve(
     socket: &zmq::Socket,
+    monitor: &zmq::Socket,
     writer: &mut BatchWriter,
     rules: &Rules,
     stats: &Stats,
@@ -144,9 +180,20 @@ fn serve(
                 log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
             }
         }
-        match socket.poll(zmq::POLLIN, 100) {
+        let mut items = [
+            socket.as_poll_item(zmq::POLLIN),
+            monitor.as_poll_item(zmq::POLLIN),
+        ];
+        match zmq::poll(&mut items, 100) {
             Ok(0) => continue,
-            Ok(_) => {}
+            Ok(_) => {
+                if items[1].is_readable() {
+                    count_peers(monitor, stats);
+                }
+                if !items[0].is_readable() {
+                    continue;
+                }
+            }
             Err(zmq::Error::EINTR) => continue,
             Err(e) => {
                 log::error!("zeromq: polling: {e}");
