@@ -11,6 +11,10 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// How long the control thread waits for the seal before an exec or exit: it must stay able to
+/// act on a second TERM. An unsealed segment is replayed by the next checkpoint.
+pub(super) const SETTLE_WAIT: Duration = Duration::from_millis(500);
+
 use super::journal::{self, Entry, Segment, SEGMENT_AGE};
 use super::*;
 
@@ -49,13 +53,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until `ready` holds or the thread is dead.
+    /// Waits until `ready` holds, the thread is dead, or `deadline` (if any) passed.
     fn wait_until<'a>(
         &self,
         mut s: MutexGuard<'a, State>,
         ready: impl Fn(&State) -> bool,
+        deadline: Option<Instant>,
     ) -> MutexGuard<'a, State> {
-        while !ready(&s) && !s.dead {
+        while !ready(&s) && !s.dead && deadline.is_none_or(|d| Instant::now() < d) {
             s = self
                 .changed
                 .wait_timeout(s, Duration::from_millis(100))
@@ -101,9 +106,9 @@ impl Committer {
 
     /// Queues an outcome; returns at once (waits only while [`MAX_QUEUED`] are queued).
     pub(super) fn submit(&self, e: Entry) -> Result<()> {
-        let mut s = self
-            .shared
-            .wait_until(self.shared.lock(), |s| s.queue.len() < MAX_QUEUED);
+        let mut s =
+            self.shared
+                .wait_until(self.shared.lock(), |s| s.queue.len() < MAX_QUEUED, None);
         if s.dead {
             return Err(dead());
         }
@@ -117,21 +122,28 @@ impl Committer {
     pub(super) fn flush(&self) -> Result<()> {
         let s = self.shared.lock();
         let target = s.queued;
-        let s = self.shared.wait_until(s, |s| s.done >= target);
+        let s = self.shared.wait_until(s, |s| s.done >= target, None);
         if s.done < target {
             return Err(dead());
         }
         Ok(())
     }
 
-    /// Flushes, then seals the open segment (before an exec or an exit).
+    /// Seals the open segment once everything queued is in place (before an exec or an
+    /// exit), waiting at most [`SETTLE_WAIT`] (the lanes have flushed already).
     pub(super) fn seal(&self) -> Result<()> {
-        self.flush()?;
+        let deadline = Some(Instant::now() + SETTLE_WAIT);
         let mut s = self.shared.lock();
         s.seal_asked += 1;
         let target = s.seal_asked;
         self.shared.changed.notify_all();
-        drop(self.shared.wait_until(s, |s| s.sealed >= target));
+        let s = self.shared.wait_until(s, |s| s.sealed >= target, deadline);
+        if s.sealed < target {
+            return Err(Error::Msg(format!(
+                "the journal was not sealed within {} ms (a slow or failing disk); the next checkpoint replays it",
+                SETTLE_WAIT.as_millis()
+            )));
+        }
         Ok(())
     }
 

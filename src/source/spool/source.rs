@@ -381,8 +381,18 @@ impl crate::source::JobSource for Arc<SpoolSource> {
             log::debug!("group commit: {records} outcome(s) in {syncs} sync(s)");
         }
         if exiting {
-            if let Err(e) = super::journal::checkpoint(&self.spool, false) {
-                log::warn!("journal checkpoint at exit: {e}; the next start replays it");
+            // In a helper, waited for a little: a slow syncfs must not hold up the exit (or a
+            // second TERM); what is left is checkpointed at the next start.
+            let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+            let src = Arc::clone(self);
+            let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
+                if let Err(e) = super::journal::checkpoint(&src.spool, false) {
+                    log::warn!("journal checkpoint at exit: {e}; the next start does it");
+                }
+                let _ = done_tx.send(());
+            });
+            if spawned.is_ok() && done_rx.recv_timeout(super::commit::SETTLE_WAIT).is_err() {
+                log::info!("journal checkpoint at exit unfinished; the next start does it");
             }
         }
     }

@@ -19,7 +19,14 @@ use super::listen::{dup_for_zmq, Listener};
 /// Messages read before one sync at most.
 const BATCH: usize = 256;
 /// How long a reply may wait to be sent when the socket closes (a restart or a stop).
-const LINGER_MS: i32 = 1000;
+const LINGER_MS: i32 = 500;
+/// How long a stop waits for the thread (its poll, the batch in hand, the linger): the control
+/// thread must stay able to act on a second TERM.
+const STOP_WAIT: Duration = Duration::from_millis(700);
+/// Bytes of messages read before one sync at most (besides the message count).
+const BATCH_BYTES: usize = 64 << 20;
+/// Bytes a peer may have waiting in libzmq at most (the high-water mark counts messages).
+const PEER_BYTES: i64 = 256 << 20;
 /// Messages a peer may have waiting, each way, before libzmq stops reading from it.
 const HWM: i32 = 1000;
 /// Frames in a routing envelope at most (a REQ client's: identity and delimiter).
@@ -82,7 +89,19 @@ impl Ingress {
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + STOP_WAIT;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                // Stuck in a sync on a slow disk: nothing it holds was answered yet.
+                log::warn!(
+                    "zeromq: the ingress did not stop within {} ms; going on without it",
+                    STOP_WAIT.as_millis()
+                );
+            }
         }
     }
 }
@@ -101,9 +120,11 @@ fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<z
     // Room for a message a little over the limit, so it gets an error reply; one far over it
     // is cut by libzmq, which drops that peer's connection.
     let max = rules.max_payload as i64 + 64 * 1024;
+    // At most HWM messages, and at most about PEER_BYTES of the largest, wait per peer.
+    let hwm = (PEER_BYTES / max).clamp(1, i64::from(HWM)) as i32;
     socket
         .set_maxmsgsize(max)
-        .and_then(|()| socket.set_rcvhwm(HWM))
+        .and_then(|()| socket.set_rcvhwm(hwm))
         .and_then(|()| socket.set_sndhwm(HWM))
         .and_then(|()| socket.set_linger(LINGER_MS))
         .map_err(|e| zerr("setting socket options", e))?;
@@ -202,9 +223,13 @@ fn serve(
             }
         }
         let mut batch = Vec::new();
-        while batch.len() < BATCH {
+        let mut bytes = 0;
+        while batch.len() < BATCH && bytes < BATCH_BYTES {
             match socket.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => batch.push(frames),
+                Ok(frames) => {
+                    bytes += frames.iter().map(Vec::len).sum::<usize>();
+                    batch.push(frames);
+                }
                 Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
                 Err(e) => {
                     log::warn!("zeromq: receiving: {e}");
