@@ -1,4 +1,4 @@
-//! What one generation hands the next across execve (`GEARSHIFT_INHERIT_*`), and the identity
+//! What one generation hands the next across execve (in the restart parcel, `parcel.rs`), and the identity
 //! of the binary it runs. The records it carries belong to their owners: the status records
 //! (`status::records`), the metrics' counts (`metrics::carry`), the restart reason (`kinds`).
 
@@ -19,7 +19,8 @@ pub struct Inherited {
     /// The inotify instance handed over.
     #[serde(default, with = "fd_or_none")]
     pub inotify_fd: Option<i32>,
-    /// The source's state handed over (the spool's queue listing).
+    /// The earlier form's memfd with the source's hand-over (read, never written: the parts
+    /// travel in the parcel now).
     #[serde(default, with = "fd_or_none")]
     pub source_fd: Option<i32>,
     pub started_at_ms: u64,
@@ -45,14 +46,13 @@ pub struct Inherited {
     pub last_refused_deploy: Option<Refused>,
     #[serde(default)]
     pub last_rollback: Option<Rollback>,
-    /// The metrics' counters and histograms, as JSON in a memfd (they can outgrow an
-    /// environment variable).
+    /// The earlier form's memfd with the metrics' counts (read, never written).
     #[serde(default, with = "fd_or_none")]
     pub metrics_fd: Option<i32>,
     /// The `/metrics` listening socket.
     #[serde(default, with = "fd_or_none")]
     pub metrics_listen_fd: Option<i32>,
-    /// `jobs_dir` as the old image validated it just before the exec, as JSON in a memfd.
+    /// The earlier form's memfd with the validated `jobs_dir` (read, never written).
     #[serde(default, with = "fd_or_none")]
     pub jobs_fd: Option<i32>,
     /// A network source's listening sockets, by endpoint (ZeroMQ's `bind`).

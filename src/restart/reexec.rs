@@ -3,8 +3,8 @@
 //! Architecture invariant: `execve` is called only in this module, only from the main thread,
 //! and only after every worker thread has been joined (no job is running).
 //!
-//! What crosses the exec: the pidfile descriptor (its lock), and a small JSON state in the
-//! environment (generation, counters, why we restarted). The path we exec is the absolute path
+//! What crosses the exec: the pidfile descriptor (its lock) and the other handed-over
+//! descriptors, and one memfd with the carried state and parts (`parcel`). The path we exec is the absolute path
 //! the program was first started as, carried in the environment too: `/proc/self/exe` would
 //! name the old, deleted inode after a deploy replaced the binary. The new environment is built
 //! explicitly (`std::env::set_var` is unsound once threads exist), and we call execve directly
@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::error::Error;
 use crate::ops::handover::ENV_PREFIX;
 use crate::restart::carried::Inherited;
+use crate::restart::parcel::{self, Parts};
 
 const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
 const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
@@ -29,6 +30,8 @@ pub struct Boot {
     pub argv: Vec<OsString>,
     /// Set when we were re-exec'd by a previous generation.
     pub inherited: Option<Inherited>,
+    /// The parts it handed over beside the state.
+    pub parts: Parts,
 }
 
 impl Boot {
@@ -36,15 +39,10 @@ impl Boot {
     /// path on a first start (before anything could change the working directory).
     pub fn detect() -> Boot {
         let argv: Vec<OsString> = std::env::args_os().collect();
-        let inherited = std::env::var(ENV_STATE).ok().and_then(|s| {
-            match serde_json::from_str::<Inherited>(&s) {
-                Ok(i) => Some(i),
-                Err(e) => {
-                    log::warn!("ignoring unreadable {ENV_STATE} ({e}); starting as generation 1");
-                    None
-                }
-            }
-        });
+        let (inherited, parts) = match carried() {
+            Some((i, p)) => (Some(i), p),
+            None => (None, Parts::default()),
+        };
         let exe = match (&inherited, std::env::var_os(ENV_EXE)) {
             (Some(_), Some(exe)) => PathBuf::from(exe),
             _ => first_start_exe(argv.first().map(OsString::as_os_str)),
@@ -53,6 +51,26 @@ impl Boot {
             exe,
             argv,
             inherited,
+            parts,
+        }
+    }
+}
+
+/// What a previous generation handed over: the parcel, else the earlier form (the state in the
+/// environment, each part in its own memfd).
+fn carried() -> Option<(Inherited, Parts)> {
+    if let Ok(fd) = std::env::var(parcel::ENV_FD) {
+        return fd.parse().ok().and_then(parcel::read);
+    }
+    let text = std::env::var(ENV_STATE).ok()?;
+    match serde_json::from_str::<Inherited>(&text) {
+        Ok(i) => {
+            let parts = parcel::legacy_parts(&i);
+            Some((i, parts))
+        }
+        Err(e) => {
+            log::warn!("ignoring unreadable {ENV_STATE} ({e}); starting as generation 1");
+            None
         }
     }
 }
@@ -80,13 +98,33 @@ pub fn first_start_exe(argv0: Option<&OsStr>) -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
 }
 
-/// Replaces this process image with `exe argv`, carrying `state`. Returns only on failure.
-/// The caller has joined the worker threads, blocked signals and cleared FD_CLOEXEC on the
-/// pidfile.
+/// Replaces this process image with `exe argv`, carrying `state` and `parts` in the parcel.
+/// Returns only on failure. The caller has joined the worker threads, blocked signals and
+/// cleared FD_CLOEXEC on the descriptors `state` names.
 /// `carry` is the path the next generation should consider its own (and watch for deploys):
 /// the first-start path, even when `exe` is `/proc/self/exe`.
-pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> Error {
-    let json = match serde_json::to_string(state) {
+pub fn exec(
+    exe: &Path,
+    carry: &Path,
+    argv: &[OsString],
+    state: &Inherited,
+    parts: &Parts,
+) -> Error {
+    use std::os::fd::{AsFd, AsRawFd};
+    let parcel = match parcel::write(state, parts) {
+        Ok(fd) => fd,
+        Err(e) => return e,
+    };
+    if let Err(e) = crate::ops::handover::keep(parcel.as_fd()) {
+        return Error::io("keeping the restart parcel across exec", e);
+    }
+    // For an image of the earlier form (a deploy back to it): the state alone, so it keeps the
+    // pidfile lock and counts on; it re-reads what the parts held.
+    let legacy = Inherited {
+        config_text: state.config_text.clone().filter(|t| t.len() <= 64 * 1024),
+        ..state.clone()
+    };
+    let json = match serde_json::to_string(&legacy) {
         Ok(j) => j,
         Err(e) => return Error::Msg(format!("cannot encode restart state: {e}")),
     };
@@ -94,6 +132,7 @@ pub fn exec(exe: &Path, carry: &Path, argv: &[OsString], state: &Inherited) -> E
         exe,
         argv,
         &[
+            (parcel::ENV_FD, parcel.as_raw_fd().to_string().into()),
             (ENV_STATE, json.into()),
             (ENV_EXE, carry.as_os_str().to_owned()),
         ],

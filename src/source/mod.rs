@@ -11,7 +11,7 @@ pub mod lane;
 pub mod spool;
 pub mod zeromq;
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +29,13 @@ pub trait JobSource: Send + Sync {
         -> Result<Box<dyn Lane>>;
     /// Wakes every idle lane: to look for new jobs, or to notice its stop flag.
     fn wake(&self);
-    /// State worth handing to the next generation, as a descriptor (the spool's sorted queue).
-    fn hand_over(&self) -> Option<OwnedFd> {
+    /// State worth handing to the next generation (the spool's sorted queue); it crosses the
+    /// exec in the restart parcel, bounded to 1 MiB.
+    fn hand_over(&self) -> Option<Vec<u8>> {
         None
     }
-    /// Takes what the previous generation handed over.
-    fn take_over(&self, _fd: RawFd) {}
+    /// Takes what the previous generation handed over (bytes from outside this image: check).
+    fn take_over(&self, _data: &[u8]) {}
     /// Every lane has ended, before an exec or (`exiting`) the end of the process: make
     /// durable and tidy what the source still holds.
     fn settle(&self, _exiting: bool) {}

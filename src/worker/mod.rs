@@ -78,7 +78,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let generation = inherited.generation + 1;
     crate::ops::logging::set_generation(generation);
     let config_path = crate::config::absolute(config_path)?;
-    let plan = prepare_plan(&boot, &inherited, &config_path, &functions)?;
+    let plan = prepare_plan(&boot, &config_path, &functions)?;
     roll_back_if_needed(&plan, &boot)?;
     #[cfg(gearshift_crash_on_run)]
     {
@@ -107,6 +107,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         &state,
         &plan,
         boot.inherited.as_ref(),
+        &boot.parts,
         fresh_rollback.is_some(),
     );
     if let Ok(mut i) = state.inner.lock() {

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::kinds::{RestartReason, WorkerPhase};
 use crate::ops::signals;
 use crate::restart::carried::Inherited;
+use crate::restart::parcel::Parts;
 use crate::restart::reexec;
 use crate::status;
 use crate::status::records::Refusal;
@@ -176,8 +177,7 @@ impl Control {
         }
         // Every lane has ended: what the source holds is made durable before the exec.
         self.source.settle(false);
-        // Open until the exec (or its failure): what the next generation adopts.
-        let _handed = self.hand_over(&mut next, &plan);
+        let parts = self.hand_over(&mut next, &plan);
         drop(plan);
         crate::restart::preflight::kill_preflight();
         let inherit_inotify = || match &self.inotify {
@@ -190,7 +190,7 @@ impl Control {
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())
         {
-            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next),
+            Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next, &parts),
             Err(e) => e,
         };
         // execve failed: carry on as we were.
@@ -238,8 +238,7 @@ impl Control {
             // This restart succeeds: an older refusal is history (the count keeps it).
             last_refused: None,
             requested_mono_us,
-            // Small enough for the environment (MAX_ARG_STRLEN is 128 KiB); else re-read.
-            config_text: (plan.config.text.len() <= 64 * 1024).then(|| plan.config.text.clone()),
+            config_text: Some(plan.config.text.clone()),
             binary: None,
             last_refused_deploy: self.deploy.as_ref().and_then(|d| d.last_refused.clone()),
             last_rollback: self.last_rollback.clone(),
@@ -300,36 +299,17 @@ impl Control {
         }
     }
 
-    /// Hands over, as open descriptors noted in `next`: the source's state, the validated
-    /// `jobs_dir`, the metrics' counts, the `/metrics` socket (paused). The descriptors
-    /// returned must stay open until the exec.
-    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan) -> Vec<std::os::fd::OwnedFd> {
-        // Handed over as open descriptors (closed again here if the exec fails).
-        use std::os::fd::{AsFd, AsRawFd};
-        let handed = self.source.hand_over();
-        if let Some(fd) = &handed {
-            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
-                next.source_fd = Some(fd.as_raw_fd());
-            }
-        }
-        // What was just validated is what the next generation serves on.
-        let jobs = serde_json::to_vec(&plan.jobs)
-            .ok()
-            .and_then(|data| crate::ops::handover::memfd("jobs", &data));
-        if let Some(fd) = &jobs {
-            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
-                next.jobs_fd = Some(fd.as_raw_fd());
-            }
-        }
-        // Every lane has ended: the counters are final for this generation.
-        let counters = serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects()))
-            .ok()
-            .and_then(|data| crate::ops::handover::memfd("metrics", &data));
-        if let Some(fd) = &counters {
-            if crate::ops::handover::keep(fd.as_fd()).is_ok() {
-                next.metrics_fd = Some(fd.as_raw_fd());
-            }
-        }
+    /// Hands over the source's state, the validated `jobs_dir` and the metrics' counts (as
+    /// the parcel's parts), and, as open descriptors noted in `next`, the listening sockets and
+    /// the `/metrics` socket (paused).
+    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan) -> Parts {
+        let parts = Parts {
+            source: self.source.hand_over(),
+            // What was just validated is what the next generation serves on.
+            jobs: serde_json::to_vec(&plan.jobs).ok(),
+            // Every lane has ended: the counters are final for this generation.
+            metrics: serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects())).ok(),
+        };
         // A network source's listening sockets: connects wait in their accept queues.
         for (endpoint, fd) in self.source.listeners() {
             // SAFETY: the source owns `fd` and keeps it open until the exec (or its failure).
@@ -345,7 +325,7 @@ impl Control {
                 next.metrics_listen_fd = Some(m.fd());
             }
         }
-        [handed, jobs, counters].into_iter().flatten().collect()
+        parts
     }
 
     /// Brings back the status server and signal thread after a failed execve.

@@ -53,19 +53,14 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
 /// The plan this generation serves: a re-exec'd image runs exactly the config text and the
 /// `jobs_dir` its predecessor validated (changes on disk since then are looked at once
 /// serving, validated like any other); a fresh start reads and checks them.
-pub(super) fn prepare_plan(
-    boot: &Boot,
-    inherited: &Inherited,
-    config_path: &Path,
-    functions: &Functions,
-) -> Result<Plan> {
+pub(super) fn prepare_plan(boot: &Boot, config_path: &Path, functions: &Functions) -> Result<Plan> {
     // A re-exec'd image runs exactly the config text its predecessor validated; changes on disk
     // since then are picked up by the check right after start-up, validated like any other.
     let inherited_text = boot.inherited.as_ref().and_then(|i| i.config_text.clone());
     // And the jobs_dir it validated: files being written there meanwhile are looked at once
     // serving, never a reason for this generation to fail at start-up.
-    let handed_jobs = crate::ops::handover::read_memfd(inherited.jobs_fd, "jobs", 64 << 20)
-        .and_then(|data| serde_json::from_slice::<crate::watch::Jobs>(&data).ok());
+    let handed_jobs = (boot.parts.jobs.as_deref())
+        .and_then(|data| serde_json::from_slice::<crate::watch::Jobs>(data).ok());
     let plan = Plan::prepare_from(
         config_path,
         functions,
@@ -251,8 +246,8 @@ pub(super) fn open_source(
             ingress: Arc::clone(&ingress),
         },
     )?;
-    if let Some(fd) = boot.inherited.as_ref().and_then(|i| i.source_fd) {
-        source.take_over(fd);
+    if let Some(data) = boot.parts.source.as_deref() {
+        source.take_over(data);
     }
     Ok((source, views, ingress))
 }
@@ -423,12 +418,12 @@ pub(super) fn count_start(
     state: &State,
     plan: &Plan,
     inherited: Option<&Inherited>,
+    parts: &crate::restart::parcel::Parts,
     rolled_back: bool,
 ) {
     let metrics = &state.metrics;
     if let Some(i) = inherited {
-        let carried = crate::ops::handover::read_memfd(i.metrics_fd, "metrics", 256 << 20)
-            .and_then(|data| serde_json::from_slice(&data).ok());
+        let carried = (parts.metrics.as_deref()).and_then(|data| serde_json::from_slice(data).ok());
         if let Some(c) = carried {
             metrics.restore(&c);
         }

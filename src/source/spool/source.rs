@@ -321,11 +321,10 @@ impl crate::source::JobSource for Arc<SpoolSource> {
     }
 
     /// Writes the head of the sorted list of queued ids this worker knows (at most
-    /// [`HANDOVER_HEAD`], and a `+` line if there are more) into a memfd for the next
-    /// generation, which claims from it at once and lists `new/` in the background: reading the
+    /// [`HANDOVER_HEAD`], and a `+` line if there are more) for the next generation, which claims from it at once and lists `new/` in the background: reading the
     /// hand-over costs the same at any queue depth. Only a hint: an id that is gone by then is
     /// skipped at claim, and jobs queued later are found by the next listing, in order.
-    fn hand_over(&self) -> Option<std::os::fd::OwnedFd> {
+    fn hand_over(&self) -> Option<Vec<u8>> {
         let pending = self.pending.lock().ok()?;
         if pending.is_empty() {
             return None;
@@ -338,17 +337,16 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         if pending.len() > HANDOVER_HEAD || self.more.load(Ordering::Acquire) {
             text.push_str("+\n");
         }
-        crate::ops::handover::memfd("pending", text.as_bytes())
+        Some(text.into_bytes())
     }
 
     /// Takes the head a previous generation handed over (the rest is listed when it runs low).
-    fn take_over(&self, fd: std::os::fd::RawFd) {
+    fn take_over(&self, data: &[u8]) {
         // HANDOVER_HEAD ids of at most 64 bytes, each on a line, and the `+` line.
-        let cap = (HANDOVER_HEAD * 65 + 2) as u64;
-        let Some(data) = crate::ops::handover::read_memfd(Some(fd), "pending", cap) else {
+        if data.len() > HANDOVER_HEAD * 65 + 2 {
             return;
-        };
-        let text = String::from_utf8_lossy(&data);
+        }
+        let text = String::from_utf8_lossy(data);
         let more = text.lines().last() == Some("+");
         let Ok(mut pending) = self.pending.lock() else {
             return;

@@ -7,7 +7,7 @@
 pub mod ingress;
 pub mod listen;
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -106,12 +106,12 @@ impl JobSource for ZeromqSource {
         JobSource::wake(&self.spool);
     }
 
-    fn hand_over(&self) -> Option<OwnedFd> {
+    fn hand_over(&self) -> Option<Vec<u8>> {
         JobSource::hand_over(&self.spool)
     }
 
-    fn take_over(&self, fd: RawFd) {
-        JobSource::take_over(&self.spool, fd);
+    fn take_over(&self, data: &[u8]) {
+        JobSource::take_over(&self.spool, data);
     }
 
     /// Stops the ingress first (answering what it holds), then settles the spool.
