@@ -34,6 +34,18 @@ pub enum Error {
     /// The peer or the job is gone (a connection lost, a job the server took back): nothing to
     /// retry and nothing wrong here; the caller moves on.
     Gone(String),
+    /// A file, directory or socket refused because it is not what it must be or someone else
+    /// could change it (a link, a foreign owner, a group-writable directory): fix it, then retry.
+    Unsafe(String),
+    /// Data that cannot be used as it is: a corrupt record, a file that cannot be a job, a
+    /// certificate that does not parse. Retrying the same data fails the same way.
+    Invalid(String),
+    /// A peer broke its protocol or answered with an error (a Gearman server, a ZeroMQ peer,
+    /// the worker's status socket).
+    Peer(String),
+    /// An internal failure: a lock poisoned, a thread that died. Logged; the caller restarts or
+    /// stops what it was doing.
+    Internal(String),
     /// Anything else that has a complete, user-facing message.
     Msg(String),
 }
@@ -86,6 +98,10 @@ impl fmt::Display for Error {
         match self {
             Error::Config(msg)
             | Error::Msg(msg)
+            | Error::Unsafe(msg)
+            | Error::Invalid(msg)
+            | Error::Peer(msg)
+            | Error::Internal(msg)
             | Error::TimedOut(msg)
             | Error::Gone(msg)
             | Error::Unknown(msg) => f.write_str(msg),

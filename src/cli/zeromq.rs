@@ -33,7 +33,7 @@ fn request(
     frames: &[&[u8]],
     wait: Duration,
 ) -> Result<Option<Vec<u8>>> {
-    let zerr = |e: zmq::Error| Error::Msg(format!("zeromq {to}: {e}"));
+    let zerr = |e: zmq::Error| Error::Peer(format!("zeromq {to}: {e}"));
     for _ in 0..TRIES {
         let socket = ctx.socket(zmq::REQ).map_err(zerr)?;
         socket.set_linger(0).map_err(zerr)?;

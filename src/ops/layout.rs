@@ -69,12 +69,12 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         dir.chown(Uid::from_raw(0), Gid::from_raw(0))?;
         dir.chmod(dir.mode() & !0o022)?;
     } else if !me.is_root() && owner != me && !owner.is_root() {
-        return Err(Error::Msg(format!(
+        return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is owned by uid {owner}, neither root nor us (uid {me})",
             state_dir.display()
         )));
     } else if dir.mode() & 0o022 != 0 {
-        return Err(Error::Msg(format!(
+        return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is writable by group or others (mode {:o}); fix: chmod go-w \"{}\"",
             state_dir.display(),
             dir.mode(),

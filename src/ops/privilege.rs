@@ -180,13 +180,13 @@ fn user_groups(t: &Target) -> Vec<u32> {
 
 fn drop_to(t: &Target) -> Result<()> {
     let name =
-        CString::new(t.name.as_bytes()).map_err(|_| Error::Msg("NUL in user name".into()))?;
+        CString::new(t.name.as_bytes()).map_err(|_| Error::Invalid("NUL in user name".into()))?;
     initgroups(&name, t.gid)
         .map_err(|e| Error::io(format!("initgroups for {}", t.name), e.into()))?;
     setgid(t.gid).map_err(|e| Error::io(format!("setgid {}", t.gid), e.into()))?;
     setuid(t.uid).map_err(|e| Error::io(format!("setuid {}", t.uid), e.into()))?;
     if setuid(Uid::from_raw(0)).is_ok() {
-        return Err(Error::Msg(format!(
+        return Err(Error::Unsafe(format!(
             "dropped to user \"{}\" but could become root again; refusing to run",
             t.name
         )));

@@ -122,7 +122,7 @@ impl Dir {
                 Ok(fd) => cur = Dir::from_fd(fd, &here)?,
                 Err(Errno::ELOOP) | Err(Errno::ENOTDIR) if cur.is_link(&name) => {
                     if !cur.trusted() {
-                        return Err(Error::Msg(format!(
+                        return Err(Error::Unsafe(format!(
                             "\"{}\" is a symbolic link in \"{}\", a directory that a user other than root can write: not following it (use the real path, or remove the link)",
                             here.display(),
                             cur.path.display()
@@ -225,7 +225,7 @@ impl Dir {
                     )
                     .map(|st| kind(&st))
                     .unwrap_or("not a directory");
-                    return Err(Error::Msg(format!(
+                    return Err(Error::Unsafe(format!(
                         "\"{}\" is {what}, not a directory: refusing it (remove it)",
                         here.display()
                     )));
@@ -248,14 +248,14 @@ impl Dir {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let st = fstat(fd.as_raw_fd()).map_err(|e| Error::io_path("checking", &here, e.into()))?;
         if !is(&st, SFlag::S_IFSOCK) {
-            return Err(Error::Msg(format!(
+            return Err(Error::Unsafe(format!(
                 "\"{}\" is {}, not a socket: ignoring it",
                 here.display(),
                 kind(&st)
             )));
         }
         if ![self.st.st_uid, 0, geteuid().as_raw()].contains(&st.st_uid) {
-            return Err(Error::Msg(format!(
+            return Err(Error::Unsafe(format!(
                 "\"{}\" is owned by uid {}, not by the owner of its directory: ignoring it",
                 here.display(),
                 st.st_uid
@@ -296,7 +296,7 @@ impl Dir {
         let fd = match fd {
             Ok(fd) => owned(fd),
             Err(Errno::ELOOP) => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Unsafe(format!(
                     "\"{}\" is a symbolic link: refusing to follow it (remove it)",
                     path.display()
                 )))
@@ -306,7 +306,7 @@ impl Dir {
                 let st =
                     nix::sys::stat::fstatat(dirfd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
                 if let Some(st) = st.ok().filter(|st| !is(st, SFlag::S_IFREG)) {
-                    return Err(Error::Msg(format!(
+                    return Err(Error::Unsafe(format!(
                         "\"{}\" is not a regular file (it is {}): refusing it (remove it)",
                         path.display(),
                         kind(&st)
@@ -317,7 +317,7 @@ impl Dir {
         };
         let st = fstat(fd.as_raw_fd()).map_err(|e| Error::io_path("checking", &path, e.into()))?;
         if !is(&st, SFlag::S_IFREG) {
-            return Err(Error::Msg(format!(
+            return Err(Error::Unsafe(format!(
                 "\"{}\" is not a regular file (it is {}): refusing it (remove it)",
                 path.display(),
                 kind(&st)
@@ -325,7 +325,7 @@ impl Dir {
         }
         if !created {
             if st.st_nlink != 1 {
-                return Err(Error::Msg(format!(
+                return Err(Error::Unsafe(format!(
                     "\"{}\" has {} hard links: refusing it (remove it)",
                     path.display(),
                     st.st_nlink
@@ -333,7 +333,7 @@ impl Dir {
             }
             let ok_owner = st.st_uid == geteuid().as_raw() || st.st_uid == self.st.st_uid;
             if !self.trusted() && !ok_owner {
-                return Err(Error::Msg(format!(
+                return Err(Error::Unsafe(format!(
                     "\"{}\" is owned by uid {}, in a directory owned by uid {}: refusing it (remove it)",
                     path.display(),
                     st.st_uid,
@@ -365,7 +365,7 @@ impl Dir {
             .map_err(|e| Error::io_path("reading", &self.path.join(name), e))?
         {
             Some(buf) => Ok(Some(buf)),
-            None => Err(Error::Msg(format!(
+            None => Err(Error::Invalid(format!(
                 "\"{}\" is over {max} bytes: refusing it",
                 self.path.join(name).display()
             ))),

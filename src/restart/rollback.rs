@@ -85,7 +85,7 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
 fn open_last_good(state_dir: &Path) -> crate::Result<File> {
     let dir = Dir::open(state_dir)?;
     if !dir.trusted() {
-        return Err(crate::Error::Msg(format!(
+        return Err(crate::Error::Unsafe(format!(
             "\"{}\" can be written by others: not running its last-good",
             state_dir.display()
         )));
@@ -98,7 +98,7 @@ fn open_last_good(state_dir: &Path) -> crate::Result<File> {
         .map_err(|e| crate::Error::io_path("checking", &state_dir.join(layout::LAST_GOOD), e))?;
     let me = nix::unistd::geteuid().as_raw();
     if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
-        return Err(crate::Error::Msg(format!(
+        return Err(crate::Error::Unsafe(format!(
             "\"{}\" is owned by uid {} (mode {:o}): not running it",
             state_dir.join(layout::LAST_GOOD).display(),
             meta.uid(),

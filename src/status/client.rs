@@ -31,7 +31,7 @@ const ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// Connects to the socket at `path` as described above, within [`CONNECT_WAIT`].
 fn connect(path: &Path) -> Result<UnixStream> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(Error::Msg(format!(
+        return Err(Error::Invalid(format!(
             "bad status socket path \"{}\"",
             path.display()
         )));
@@ -55,7 +55,7 @@ fn connect(path: &Path) -> Result<UnixStream> {
                 std::thread::sleep(Duration::from_millis(10))
             }
             Err(Errno::EAGAIN) => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Peer(format!(
                     "\"{}\" accepted no connection within {CONNECT_WAIT:?}",
                     path.display()
                 )))
@@ -84,7 +84,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
         let peer = socket::getsockopt(&c, socket::sockopt::PeerCredentials)
             .map_err(|e| Error::io_path("checking status socket", path, e.into()))?;
         if peer.pid() != pid {
-            return Err(Error::Msg(format!(
+            return Err(Error::Unsafe(format!(
                 "\"{}\" is served by pid {}, not the worker (pid {pid}): ignoring it",
                 path.display(),
                 peer.pid()
@@ -102,7 +102,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Msg(format!(
+            return Err(Error::Peer(format!(
                 "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
                 path.display()
             )));
@@ -112,7 +112,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
         match c.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) if (body.len() + n) as u64 > limit => {
-                return Err(Error::Msg(format!(
+                return Err(Error::Peer(format!(
                     "\"{}\" answered with more than {limit} bytes: ignoring it",
                     path.display()
                 )))
@@ -124,14 +124,14 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
         }
     }
     String::from_utf8(body)
-        .map_err(|_| Error::Msg(format!("\"{}\" answered with non-UTF-8", path.display())))
+        .map_err(|_| Error::Peer(format!("\"{}\" answered with non-UTF-8", path.display())))
 }
 
 /// The worker's metrics text, through its status socket (see [`query`] for `pid`).
 pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
     let body = ask(path, pid, "metrics", MAX_METRICS)?;
     if body.starts_with('{') {
-        return Err(Error::Msg(
+        return Err(Error::Peer(
             "the running worker is too old to serve metrics: reload it to run this version".into(),
         ));
     }
@@ -142,7 +142,7 @@ pub fn query_metrics(path: &Path, pid: Option<i32>) -> Result<String> {
 pub fn query_counts(path: &Path, pid: Option<i32>) -> Result<crate::metrics::carry::Counts> {
     let body = ask(path, pid, "counts", MAX_METRICS)?;
     serde_json::from_str(&body).map_err(|_| {
-        Error::Msg("the running worker does not serve counts (an older version): reload it".into())
+        Error::Peer("the running worker does not serve counts (an older version): reload it".into())
     })
 }
 
@@ -152,7 +152,7 @@ pub fn query_counts(path: &Path, pid: Option<i32>) -> Result<crate::metrics::car
 pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
     let body = ask(path, pid, "status", MAX_STATUS)?;
     serde_json::from_str(&body).map_err(|e| {
-        Error::Msg(format!(
+        Error::Peer(format!(
             "unreadable status from \"{}\": {e}",
             path.display()
         ))

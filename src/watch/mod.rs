@@ -227,7 +227,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             continue;
         }
         if !(head[..n].starts_with(b"#!") || head[..n] == *b"\x7fELF") {
-            return Err(Error::Msg(format!(
+            return Err(Error::Invalid(format!(
                 "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
                 path.display()
             )));
@@ -238,9 +238,9 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             .unwrap_or(&file)
             .to_string();
         crate::config::check_function_name(&name)
-            .map_err(|why| Error::Msg(format!("{}: {why}", path.display())))?;
+            .map_err(|why| Error::Invalid(format!("{}: {why}", path.display())))?;
         if let Some(other) = found.insert(name.clone(), path.clone()) {
-            return Err(Error::Msg(format!(
+            return Err(Error::Invalid(format!(
                 "function \"{name}\" is defined twice in jobs_dir: \"{}\" and \"{}\" (rename one)",
                 other.display(),
                 path.display()
@@ -267,7 +267,7 @@ fn open_job(path: &Path) -> Result<fs::File> {
         .metadata()
         .map_err(|e| Error::io_path("reading job", path, e))?;
     if !meta.is_file() {
-        return Err(Error::Msg(format!(
+        return Err(Error::Unsafe(format!(
             "\"{}\" changed into something that is not a regular file while it was read: refusing jobs_dir (look at it)",
             path.display()
         )));

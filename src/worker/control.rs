@@ -153,7 +153,7 @@ impl Control {
                 recv(events) -> event => match event {
                     Ok(event) => self.on_event(event, &mut lp)?,
                     // Never: the loop holds a sender itself.
-                    Err(_) => return Err(Error::Msg("the control loop's channel closed".into())),
+                    Err(_) => return Err(Error::Internal("the control loop's channel closed".into())),
                 },
                 recv(timer) -> _ => self.look_at_files(&mut lp),
                 recv(binary_timer) -> _ => self.look_at_binary(&mut lp),

@@ -63,7 +63,7 @@ pub struct Client {
 const HANDSHAKE: Duration = Duration::from_secs(3);
 
 pub(super) fn conn_err(addr: &str) -> impl Fn(ConnError) -> Error + '_ {
-    move |e| Error::Msg(format!("gearman {addr}: {e}"))
+    move |e| Error::Peer(format!("gearman {addr}: {e}"))
 }
 
 impl Client {
@@ -121,7 +121,7 @@ impl Client {
         max_packet: usize,
     ) -> Result<Client> {
         let conn = Conn::connect(target, HANDSHAKE, p::RES, max_packet, tls)
-            .map_err(|e| Error::Msg(format!("{addr}: {e}")))?;
+            .map_err(|e| Error::Peer(format!("{addr}: {e}")))?;
         let mut c = Client {
             conn,
             addr: addr.to_string(),
@@ -137,7 +137,7 @@ impl Client {
             match pkt.kind {
                 p::OPTION_RES => break,
                 p::ERROR => {
-                    return Err(Error::Msg(format!(
+                    return Err(Error::Peer(format!(
                         "gearman {addr}: refused option exceptions"
                     )))
                 }
@@ -303,7 +303,7 @@ impl Client {
 
 pub(super) fn server_error(addr: &str, data: &[u8]) -> Error {
     let text = String::from_utf8_lossy(data).replace('\0', ": ");
-    Error::Msg(format!("gearman {addr}: server error {text}"))
+    Error::Peer(format!("gearman {addr}: server error {text}"))
 }
 
 /// Tries a TCP connect to each server (1 s each): Ok if one answers, else every error.

@@ -111,7 +111,7 @@ pub(crate) fn load_with(
     for t in threads {
         let r = t
             .join()
-            .map_err(|_| Error::Msg("load thread panicked".into()))??;
+            .map_err(|_| Error::Internal("load thread panicked".into()))??;
         report.submitted += r.submitted;
         report.completed += r.completed;
         report.failed += r.failed;

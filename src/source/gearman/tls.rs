@@ -82,7 +82,7 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     crate::ops::safefs::read_bounded(file, MAX_PEM)
         .map_err(|e| Error::io_path(what, path, e))?
         .ok_or_else(|| {
-            Error::Msg(format!(
+            Error::Invalid(format!(
                 "{what} \"{}\" is larger than 1 MiB",
                 path.display()
             ))
@@ -97,13 +97,13 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
     let mut found = 0;
     for cert in CertificateDer::pem_slice_iter(&ca) {
         let cert = cert.map_err(|e| {
-            Error::Msg(format!(
+            Error::Invalid(format!(
                 "{}: not a PEM certificate: {e}",
                 files.ca_file.display()
             ))
         })?;
         roots.add(cert).map_err(|e| {
-            Error::Msg(format!(
+            Error::Invalid(format!(
                 "{}: unusable CA certificate: {e}",
                 files.ca_file.display()
             ))
@@ -111,7 +111,7 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
         found += 1;
     }
     if found == 0 {
-        return Err(Error::Msg(format!(
+        return Err(Error::Invalid(format!(
             "{}: no certificate in it (PEM, \"-----BEGIN CERTIFICATE-----\")",
             files.ca_file.display()
         )));
@@ -127,12 +127,13 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
             let chain = CertificateDer::pem_slice_iter(&pem)
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| {
-                    Error::Msg(format!("{}: not a PEM certificate: {e}", cert.display()))
+                    Error::Invalid(format!("{}: not a PEM certificate: {e}", cert.display()))
                 })?;
             let key_path = key;
             let key_pem = read_pem(key, "reading [source.tls] key_file")?;
-            let key = PrivateKeyDer::from_pem_slice(&key_pem)
-                .map_err(|e| Error::Msg(format!("{}: no private key in it: {e}", key.display())))?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                Error::Invalid(format!("{}: no private key in it: {e}", key.display()))
+            })?;
             builder.with_client_auth_cert(chain, key).map_err(|e| {
                 let why = match format!("{e:?}") {
                     d if d.contains("UnsupportedCertVersion") => {

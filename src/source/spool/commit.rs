@@ -139,7 +139,7 @@ impl Committer {
         self.shared.changed.notify_all();
         let s = self.shared.wait_until(s, |s| s.sealed >= target, deadline);
         if s.sealed < target {
-            return Err(Error::Msg(format!(
+            return Err(Error::TimedOut(format!(
                 "the journal was not sealed within {} ms (a slow or failing disk); the next checkpoint replays it",
                 SETTLE_WAIT.as_millis()
             )));
@@ -178,7 +178,7 @@ impl Drop for Committer {
 }
 
 fn dead() -> Error {
-    Error::Msg("the spool's commit thread died: results are not being stored".into())
+    Error::Internal("the spool's commit thread died: results are not being stored".into())
 }
 
 /// Splits an error into what `failing` keeps.

@@ -263,7 +263,7 @@ impl Spool {
             .iter()
             .position(|s| *s == sub)
             .and_then(|i| self.dirs.get(i))
-            .ok_or_else(|| Error::Msg(format!("no spool directory \"{sub}\"")))
+            .ok_or_else(|| Error::Internal(format!("no spool directory \"{sub}\"")))
     }
 
     /// Where job `id` is now.
@@ -298,7 +298,7 @@ impl Spool {
             match read_entry(&path, u64::MAX) {
                 Ok(bytes) => {
                     return decode_record(id, &bytes).map(Some).map_err(|why| {
-                        Error::Msg(format!(
+                        Error::Invalid(format!(
                             "corrupt result record \"{}\": {why}",
                             path.display()
                         ))
@@ -364,7 +364,7 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
         return Ok(());
     }
     if !root.trusted() {
-        return Err(Error::Msg(format!(
+        return Err(Error::Unsafe(format!(
             "spool \"{}\" is owned by uid {} (mode {:o}), neither root nor user \"{}\"; fix: chown -R {} \"{}\"",
             cfg.dir.display(),
             root.owner().0,

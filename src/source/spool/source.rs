@@ -142,7 +142,7 @@ impl SpoolSource {
                 let mut pending = self
                     .pending
                     .lock()
-                    .map_err(|_| Error::Msg("spool queue lock poisoned".into()))?;
+                    .map_err(|_| Error::Internal("spool queue lock poisoned".into()))?;
                 loop {
                     if pending.len() < HANDOVER_LOW && self.more.load(Ordering::Acquire) {
                         // Once per hand-over: `more` is cleared when a listing is installed.

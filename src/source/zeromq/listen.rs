@@ -66,7 +66,7 @@ fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
             // listens on, or anything that is not a socket, is not touched.
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if !meta.file_type().is_socket() {
-                    return Err(Error::Msg(format!(
+                    return Err(Error::Unsafe(format!(
                         "{ep}: \"{}\" exists and is not a socket; remove it or choose another path",
                         path.display()
                     )));

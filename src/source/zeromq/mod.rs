@@ -62,7 +62,7 @@ impl ZeromqSource {
         let mut slot = self
             .ingress
             .lock()
-            .map_err(|_| crate::error::Error::Msg("zeromq ingress lock poisoned".into()))?;
+            .map_err(|_| crate::error::Error::Internal("zeromq ingress lock poisoned".into()))?;
         if slot.is_some() {
             return Ok(());
         }
