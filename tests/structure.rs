@@ -1,6 +1,7 @@
-//! The structure ARCHITECTURE.md promises, checked: no import circle between files, and no
-//! module importing from a layer above its own. Reads `src/` as text (comments and test
-//! modules left out); the layer table below is the specification.
+//! The structure ARCHITECTURE.md promises, checked: no import circle between files, no
+//! module importing from a layer above its own, and the sizes (a file at most 500 lines before
+//! its tests, a function at most 120 lines and 5 blocks deep). Reads `src/` as text (comments
+//! and test modules left out); the layer table below is the specification.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -260,4 +261,101 @@ fn no_import_circles_between_files() {
         "import circles:\n  {}",
         shown.join("\n  ")
     );
+}
+
+/// Strips string and char literals (their braces are not blocks).
+fn without_literals(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    let mut in_str = false;
+    while let Some(c) = chars.next() {
+        match (in_str, c) {
+            (true, '\\') => {
+                chars.next();
+            }
+            (true, '"') => in_str = false,
+            (true, _) => {}
+            (false, '"') => in_str = true,
+            (false, '\'') => {
+                // A char literal such as '{' (a lifetime has no closing quote two chars on).
+                let mut ahead = chars.clone();
+                let first = ahead.next();
+                let skip = if first == Some('\\') { 3 } else { 2 };
+                let mut probe = chars.clone();
+                if probe.nth(skip - 1) == Some('\'') {
+                    for _ in 0..skip {
+                        chars.next();
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            (false, _) => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn files_functions_and_nesting_stay_small() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut over = Vec::new();
+    for file in &files {
+        let text = fs::read_to_string(file).unwrap();
+        let code = code(&text);
+        let name = file.strip_prefix(&src).unwrap().display().to_string();
+        let lines = code.lines().count();
+        if lines > 500 {
+            over.push(format!(
+                "{name}: {lines} lines before its tests (at most 500)"
+            ));
+        }
+        // (function name, its depth, its first line, the deepest block in it)
+        let mut depth = 0usize;
+        let mut functions: Vec<(String, usize, usize, usize)> = Vec::new();
+        for (n, line) in code.lines().enumerate() {
+            let line = without_literals(line);
+            if let Some(at) = line.find("fn ") {
+                let starts = at == 0 || !line.as_bytes()[at - 1].is_ascii_alphanumeric();
+                let name: String = line[at + 3..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if starts && !name.is_empty() && line.contains('{') {
+                    functions.push((name, depth, n, 0));
+                }
+            }
+            for c in line.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        if let Some(f) = functions.last_mut() {
+                            f.3 = f.3.max(depth - f.1 - 1);
+                        }
+                    }
+                    '}' => {
+                        depth = depth.saturating_sub(1);
+                        while functions.last().is_some_and(|f| depth <= f.1) {
+                            let (fname, _, first, deepest) = functions.pop().unwrap();
+                            let len = n + 1 - first;
+                            if len > 120 {
+                                over.push(format!(
+                                    "{name}: fn {fname} is {len} lines (at most 120)"
+                                ));
+                            }
+                            if deepest > 5 {
+                                over.push(format!(
+                                    "{name}: fn {fname} nests {deepest} blocks deep (at most 5)"
+                                ));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(over.is_empty(), "{}", over.join("\n"));
 }

@@ -89,24 +89,13 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
                     crate::daemon::supervisor::run(&settings, File::from(ready_w))
                 }
                 Ok(()) => {
-                    let ready = File::from(ready_w);
-                    let mut report = ready.try_clone().ok();
                     let opts = RunOptions {
-                        ready: Some(ready),
+                        ready: Some(File::from(ready_w)),
                         exe: Some(exe),
                         argv: Some(argv),
                         log_file: Some(log_file),
                     };
-                    match worker::run_with(&config_path, functions, opts) {
-                        Ok(code) => code,
-                        Err(e) => {
-                            log::error!("{e}");
-                            if let Some(r) = report.as_mut() {
-                                let _ = writeln!(r, "error {e}");
-                            }
-                            1
-                        }
-                    }
+                    run_daemon(&config_path, functions, opts)
                 }
                 Err(e) => {
                     let _ = writeln!(File::from(ready_w), "error {e}");
@@ -114,6 +103,21 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
                 }
             };
             std::process::exit(code)
+        }
+    }
+}
+
+/// The daemon's worker: runs it, and reports a start-up error on the ready pipe too.
+fn run_daemon(config_path: &Path, functions: Functions, opts: RunOptions) -> i32 {
+    let mut report = opts.ready.as_ref().and_then(|r| r.try_clone().ok());
+    match worker::run_with(config_path, functions, opts) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e}");
+            if let Some(r) = report.as_mut() {
+                let _ = writeln!(r, "error {e}");
+            }
+            1
         }
     }
 }

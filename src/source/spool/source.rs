@@ -138,43 +138,8 @@ impl SpoolSource {
     /// set aside in `rejected/` and the next one is tried.
     pub(super) fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
         loop {
-            let id = {
-                let mut pending = self
-                    .pending
-                    .lock()
-                    .map_err(|_| Error::Internal("spool queue lock poisoned".into()))?;
-                loop {
-                    if pending.len() < HANDOVER_LOW && self.more.load(Ordering::Acquire) {
-                        // Once per hand-over: `more` is cleared when a listing is installed.
-                        if let Ok(mut last) = self.head_last.lock() {
-                            if let Some(head_last) = last.take() {
-                                self.list_in_background(head_last);
-                            }
-                        }
-                    }
-                    if pending.is_empty() {
-                        self.listed.fetch_add(1, Ordering::AcqRel);
-                        self.more.store(false, Ordering::Release);
-                        let mut ids = Vec::new();
-                        for name in list_raw(&self.spool.dir("new"))? {
-                            match name.to_str().filter(|n| valid_id(n)) {
-                                Some(id) => ids.push(id.to_string()),
-                                None => self.reject_raw("new", &name, "not a job id"),
-                            }
-                        }
-                        ids.sort_unstable();
-                        pending.extend(ids);
-                    }
-                    let Some(id) = pending.pop_front() else {
-                        return Ok(None);
-                    };
-                    let from = self.spool.dir("new").join(&id);
-                    match fs::rename(&from, self.spool.dir("cur").join(&id)) {
-                        Ok(()) => break id,
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(Error::io_path("claiming", &from, e)),
-                    }
-                }
+            let Some(id) = self.take_next()? else {
+                return Ok(None);
             };
             match self.read_job(&id) {
                 Ok(job) => {
@@ -198,6 +163,47 @@ impl SpoolSource {
                     }
                     return Err(e);
                 }
+            }
+        }
+    }
+
+    /// Moves the next queued id from `new/` to `cur/` (listing `new/` when the known queue is
+    /// empty, and the rest of a hand-over in the background when it runs low); None: nothing
+    /// queued.
+    fn take_next(self: &Arc<Self>) -> Result<Option<String>> {
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| Error::Internal("spool queue lock poisoned".into()))?;
+        loop {
+            if pending.len() < HANDOVER_LOW && self.more.load(Ordering::Acquire) {
+                // Once per hand-over: `more` is cleared when a listing is installed.
+                let head_last = self.head_last.lock().ok().and_then(|mut last| last.take());
+                if let Some(head_last) = head_last {
+                    self.list_in_background(head_last);
+                }
+            }
+            if pending.is_empty() {
+                self.listed.fetch_add(1, Ordering::AcqRel);
+                self.more.store(false, Ordering::Release);
+                let mut ids = Vec::new();
+                for name in list_raw(&self.spool.dir("new"))? {
+                    match name.to_str().filter(|n| valid_id(n)) {
+                        Some(id) => ids.push(id.to_string()),
+                        None => self.reject_raw("new", &name, "not a job id"),
+                    }
+                }
+                ids.sort_unstable();
+                pending.extend(ids);
+            }
+            let Some(id) = pending.pop_front() else {
+                return Ok(None);
+            };
+            let from = self.spool.dir("new").join(&id);
+            match fs::rename(&from, self.spool.dir("cur").join(&id)) {
+                Ok(()) => return Ok(Some(id)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io_path("claiming", &from, e)),
             }
         }
     }
