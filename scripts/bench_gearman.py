@@ -8,7 +8,9 @@ gearshift process, and four processes of the C and PHP workers. Reports jobs/s, 
 C worker at the same concurrency, resident memory, and CPU time per job. "gearshift +metrics"
 is the same worker with `[metrics]` on and its endpoint scraped every 100 ms; "gearshift TLS"
 reaches the same gearmand through stunnel (TLS 1.3, certificates made with openssl), as a
-`tls://` server.
+`tls://` server. "gearshift +bad servers" is configured with a silent server (accepts, never
+answers) and a trickling one (a byte a second) before the real one: the healthy server's rate
+next to them (they must cost only their own connections).
 
 Then the restart pause with Gearman, from outside: two foreground clients keep `reverse` jobs
 flowing to a gearshift worker (concurrency 1); after each HUP, the largest gap between two
@@ -85,22 +87,66 @@ def tls_setup(workdir, port):
     TLS.update(port=tport, ca=os.path.join(workdir, "ca.crt"), proc=p)
 
 
+def bad_servers():
+    """A silent server (accepts, never answers) and a trickling one (a NOOP, one byte a second),
+    on loopback ports, served by daemon threads for the rest of the run."""
+    noop = b"\0RES\0\0\0\x06\0\0\0\0"
+
+    def serve(listener, talk):
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=talk, args=(conn,), daemon=True).start()
+
+    def silent(conn):
+        held.append(conn)
+
+    def trickle(conn):
+        try:
+            while True:
+                for b in noop:
+                    conn.send(bytes([b]))
+                    time.sleep(1)
+        except OSError:
+            pass
+
+    held, addrs = [], []
+    for talk in (silent, trickle):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        threading.Thread(target=serve, args=(listener, talk), daemon=True).start()
+        addrs.append(f"127.0.0.1:{listener.getsockname()[1]}")
+    return addrs
+
+
+BAD = []
+
+
 def run(kind, concurrency, port, workdir):
     addr = f"127.0.0.1:{port}"
     cfg = os.path.join(workdir, "config.toml")
     os.makedirs(os.path.join(workdir, "jobs"), exist_ok=True)
     metrics = f"127.0.0.1:{free_port()}" if kind == "gearshift +metrics" else None
     server = f"tls://127.0.0.1:{TLS['port']}" if kind == "gearshift TLS" else addr
+    if kind == "gearshift +bad servers":
+        if not BAD:
+            BAD.extend(bad_servers())
+        servers = ", ".join(f'"{a}"' for a in BAD + [server]) + ']\nio_timeout = "2s"'
+    else:
+        servers = f'"{server}"]'
     with open(cfg, "w") as f:
         f.write(
             f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{kind.replace(' ', '')}-{concurrency}\"\nallow_root = true\nbuiltins = true\n"
-            f"[source]\nkind = \"gearman\"\nservers = [\"{server}\"]\n"
+            f"[source]\nkind = \"gearman\"\nservers = [{servers}\n"
             + (f"[source.tls]\nca_file = \"{TLS['ca']}\"\n" if kind == "gearshift TLS" else "")
             + "[log]\nlevel = \"warn\"\n"
             + (f"[metrics]\nlisten = \"{metrics}\"\n" if metrics else "")
         )
+    preload = cfg + ".preload"
+    with open(preload, "w") as f:
+        f.write(f"[source]\nkind = \"gearman\"\nservers = [\"{addr}\"]\n")
     subprocess.run(
-        [GEARSHIFT, "-c", cfg, "submit", "--background", "--count", str(JOBS), "--concurrency", "4", "reverse", "x" * 100],
+        [GEARSHIFT, "-c", preload, "submit", "--background", "--count", str(JOBS), "--concurrency", "4", "reverse", "x" * 100],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -262,7 +308,7 @@ def main():
         print("|---|---|---|---|---|---|---|")
         for concurrency in (1, 4):
             results = {}
-            for kind in ("C libgearman", "gearshift", "gearshift +metrics", "gearshift TLS", "PHP php-gearman"):
+            for kind in ("C libgearman", "gearshift", "gearshift +metrics", "gearshift TLS", "gearshift +bad servers", "PHP php-gearman"):
                 best = None
                 for _ in range(ROUNDS):
                     r = run(kind, concurrency, port, workdir)

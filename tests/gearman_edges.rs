@@ -92,39 +92,23 @@ fn slow_silent_and_trickling_servers_cost_only_their_own_connections() {
     let _serial = serial();
     let sb = Sandbox::new("gm-slow");
     let gm = Gearmand::start(&sb.dir, &[]);
-    let (silent_addr, _, stop1) = fake_server(silent);
-    let (trickle_addr, _, stop2) = fake_server(trickle);
+    let (silent_addr, silent_connects, stop1) = fake_server(silent);
+    let (trickle_addr, trickle_connects, stop2) = fake_server(trickle);
 
-    // The healthy server alone, then next to a silent and a trickling one; alternating runs,
-    // and the median of each side, so the shared machine's noise hits both sides alike.
-    let (mut alone, mut mixed) = (Vec::new(), Vec::new());
-    for _ in 0..8 {
-        sb.gearman_config(&[gm.addr()], "io_timeout = \"2s\"\n");
-        let w = sb.start();
-        alone.push(load_secs(&sb, &gm.addr(), 10_000));
-        drop(w);
-        sb.gearman_config(
-            &[silent_addr.clone(), trickle_addr.clone(), gm.addr()],
-            "io_timeout = \"2s\"\n",
-        );
-        let w = sb.start();
-        mixed.push(load_secs(&sb, &gm.addr(), 10_000));
-        drop(w);
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (alone, mixed) = (median(&mut alone), median(&mut mixed));
-    eprintln!("10000 jobs, median of 8: healthy server alone {alone:.3}s, next to a silent and a trickling one {mixed:.3}s");
-    // Before the fix the healthy server served nothing at all next to a trickling one; the
-    // medians here agree within the machine's noise (about 10% between runs on this shared
-    // host; README gives measured pairs). The bound catches any real stall without failing on
-    // noise: performance figures belong to benchmarks, not to assertions.
-    assert!(
-        mixed <= alone * 1.5,
-        "healthy rate fell: alone {alone:.3}s, with bad servers {mixed:.3}s"
+    // Next to a silent and a trickling server, the healthy one serves every job (before the
+    // fix it served nothing). How fast, beside the same server alone, is a benchmark's question:
+    // `scripts/bench-gearman`'s "gearshift +bad servers" row.
+    sb.gearman_config(
+        &[silent_addr.clone(), trickle_addr.clone(), gm.addr()],
+        "io_timeout = \"2s\"\n",
     );
+    let w = sb.start();
+    let secs = load_secs(&sb, &gm.addr(), 2_000);
+    eprintln!("2000 jobs next to a silent and a trickling server: {secs:.3}s");
+    assert!(
+        silent_connects.load(Ordering::Acquire) > 0 && trickle_connects.load(Ordering::Acquire) > 0
+    );
+    drop(w);
 
     // Signals are honoured at once, whatever the bad servers do.
     let mut w = sb.start();
@@ -186,11 +170,15 @@ fn a_timed_out_job_fails_exactly_once_and_promptly() {
         ),
     );
     sb.gearman_config(&[gm.addr()], "[functions.slow]\ntimeout = \"1s\"\n");
-    let _w = sb.start();
+    let w = sb.start();
     let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
     c.submit_background("slow", "", b"", Priority::Normal)
         .unwrap();
-    std::thread::sleep(Duration::from_secs(7));
+    // Timed out once (after 1 s); then a window in which a retry would have started.
+    w.wait_for(Duration::from_secs(10), "the job timed out", |s| {
+        s["jobs_failed"].as_u64() >= Some(1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
     let n = std::fs::read_to_string(&runs)
         .unwrap_or_default()
         .lines()
