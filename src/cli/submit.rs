@@ -48,6 +48,39 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
         }
         SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
         SourceConfig::Zeromq(z) => submit_zeromq(z, &args, &payload, &config.pidfile()),
+        SourceConfig::Amqp(a) => submit_amqp(a, &args, &payload),
+    }
+}
+
+/// To an AMQP source: published (persistent, confirmed); with `--wait`, as an RPC whose answer
+/// is printed.
+fn submit_amqp(cfg: &crate::config::AmqpConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
+    use crate::source::amqp::client;
+    if !args.wait {
+        let started = Instant::now();
+        client::submit(cfg, &args.function, payload, args.count)?;
+        if args.count == 1 {
+            println!("published");
+        } else {
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "published {} jobs in {secs:.3}s ({:.0} jobs/s)",
+                args.count,
+                args.count as f64 / secs.max(1e-9)
+            );
+        }
+        return Ok(exit::OK);
+    }
+    let wait = args.timeout.unwrap_or(Duration::from_secs(30));
+    match client::call(cfg, &args.function, payload, wait)? {
+        Some(answer) => {
+            print_bytes(&answer.body, answer.done)?;
+            Ok(if answer.done { exit::OK } else { exit::FAILED })
+        }
+        None => {
+            eprintln!("gearshift: no answer within {wait:?} (the job stays queued or running)");
+            Ok(exit::NOT_YET)
+        }
     }
 }
 
@@ -268,25 +301,34 @@ pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
     print_lookup(id, lookup)
 }
 
+/// A result on stdout: raw bytes for a pipe or a file; escaped for a person at a terminal. A
+/// failure's text goes to stderr, escaped.
+fn print_bytes(bytes: &[u8], done: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    if !done {
+        eprintln!("job failed: {}", crate::text::escape_bytes(bytes));
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let shown = if out.is_terminal() {
+        // For a person: escaped, and the prompt on a line of its own.
+        let mut text = crate::text::escape_bytes(bytes);
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        std::borrow::Cow::Owned(text.into_bytes())
+    } else {
+        std::borrow::Cow::Borrowed(bytes)
+    };
+    out.write_all(&shown)
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::io("writing result", e))
+}
+
 fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
     match lookup {
         Lookup::Finished(r) if r.outcome == Outcome::Done => {
-            use std::io::IsTerminal;
-            let mut out = std::io::stdout().lock();
-            // Raw bytes for a pipe or a file; escaped for a person at a terminal.
-            let shown = if out.is_terminal() {
-                // For a person: escaped, and the prompt on a line of its own.
-                let mut text = crate::text::escape_bytes(&r.result);
-                if !text.ends_with('\n') {
-                    text.push('\n');
-                }
-                std::borrow::Cow::Owned(text.into_bytes())
-            } else {
-                std::borrow::Cow::Borrowed(&r.result[..])
-            };
-            out.write_all(&shown)
-                .and_then(|()| out.flush())
-                .map_err(|e| Error::io("writing result", e))?;
+            print_bytes(&r.result, true)?;
             Ok(0)
         }
         Lookup::Finished(r) => {

@@ -12,11 +12,14 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 
+mod amqp;
+mod cx;
 mod duration;
 mod messages;
 mod parse;
 mod raw;
 
+pub use amqp::{AmqpConfig, AmqpUrl};
 pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
@@ -97,6 +100,7 @@ pub enum Source {
     Spool(SpoolConfig),
     Gearman(GearmanConfig),
     Zeromq(ZeromqConfig),
+    Amqp(AmqpConfig),
 }
 
 /// `kind = "zeromq"`: jobs arrive on ZeroMQ sockets and are kept in the embedded spool.
@@ -260,6 +264,7 @@ impl Source {
     pub fn tls(&self) -> Option<&TlsFiles> {
         match self {
             Source::Gearman(g) => g.tls.as_ref(),
+            Source::Amqp(a) => a.tls.as_ref(),
             Source::Spool(_) | Source::Zeromq(_) => None,
         }
     }
@@ -269,7 +274,7 @@ impl Source {
         match self {
             Source::Spool(s) => Some(s),
             Source::Zeromq(z) => Some(&z.spool),
-            Source::Gearman(_) => None,
+            Source::Gearman(_) | Source::Amqp(_) => None,
         }
     }
 
@@ -278,6 +283,7 @@ impl Source {
             Source::Spool(_) => "spool",
             Source::Gearman(_) => "gearman",
             Source::Zeromq(_) => "zeromq",
+            Source::Amqp(_) => "amqp",
         }
     }
 }

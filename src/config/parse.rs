@@ -2,68 +2,14 @@
 //! `file:line:col` (through [`Cx`]) and a hint.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
-use std::path::Path;
 use std::time::Duration;
 
 use toml::Spanned;
 
-use super::messages::line_col;
+pub(super) use super::cx::Cx;
 use super::raw::*;
 use super::*;
-use crate::error::{Error, Result};
-
-/// What every check needs to say where: the file, its bytes, its directory (relative paths).
-pub(super) struct Cx<'a> {
-    pub(super) path: &'a Path,
-    pub(super) bytes: &'a [u8],
-    pub(super) base: &'a Path,
-}
-
-impl Cx<'_> {
-    /// `file:line:col` of a key's value, for errors found later (a user that does not exist).
-    pub(super) fn where_is(&self, span: Range<usize>) -> String {
-        let (line, col) = line_col(self.bytes, span.start);
-        format!("{}:{line}:{col}", self.path.display())
-    }
-
-    /// A config error at `span` (1:1 when none).
-    pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
-        let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
-        Error::Config(format!("{}:{line}:{col}: {msg}", self.path.display()))
-    }
-
-    pub(super) fn at_least_100ms(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {
-        let t = v.get_ref().0;
-        if t < Duration::from_millis(100) {
-            Err(self.located(Some(v.span()), &format!("{key} must be at least 100ms")))
-        } else {
-            Ok(t)
-        }
-    }
-
-    pub(super) fn nonzero_limit(&self, v: &Spanned<Limit>) -> Result<Option<Duration>> {
-        match v.get_ref().0 {
-            Some(t) if t.is_zero() => Err(self.located(
-                Some(v.span()),
-                "a timeout of 0 would fail every job: give a duration such as \"30s\" (or \"none\" for no limit)",
-            )),
-            t => Ok(t),
-        }
-    }
-
-    pub(super) fn in_range(&self, v: &Spanned<u64>, key: &str, min: u64, max: u64) -> Result<u64> {
-        let n = *v.get_ref();
-        if (min..=max).contains(&n) {
-            Ok(n)
-        } else {
-            Err(self.located(
-                Some(v.span()),
-                &format!("{key} must be between {min} and {max}, not {n}"),
-            ))
-        }
-    }
-}
+use crate::error::Result;
 
 /// `[worker]`, checked (`builtins` is decided with the source, see [`parse`]).
 pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
@@ -142,11 +88,15 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
 }
 
 /// `[source]`, checked.
-pub(super) fn source(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
+pub(super) fn source(cx: &Cx<'_>, mut s: RawSource, worker: &Worker) -> Result<Source> {
     let source = match s.kind {
         SourceKind::Spool => Source::Spool(spool(cx, &s)?),
         SourceKind::Gearman => gearman(cx, s, worker)?,
         SourceKind::Zeromq => zeromq(cx, s)?,
+        SourceKind::Amqp => {
+            let tls = super::amqp::tls_files(cx, s.tls.take(), None)?;
+            super::amqp::amqp(cx, s, tls)?
+        }
     };
     Ok(source)
 }
@@ -328,31 +278,16 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         }
     }
     let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
-    let tls = match s.tls {
-        None if wants_tls => {
-            return Err(cx.located(
-                Some(s.servers.span()),
+    let tls = super::amqp::tls_files(
+        cx,
+        s.tls,
+        wants_tls.then(|| {
+            (
+                s.servers.span(),
                 "a tls:// server needs a [source.tls] table with ca_file (the CA that signed the server's certificate)",
-            ))
-        }
-        None => None,
-        Some(t) => {
-            let span = t.span();
-            let t = t.into_inner();
-            if t.cert_file.is_some() != t.key_file.is_some() {
-                return Err(cx.located(
-                    Some(span),
-                    "[source.tls] cert_file and key_file go together (a client certificate and its key)",
-                ));
-            }
-            Some(TlsFiles {
-                ca_file: cx.base.join(t.ca_file),
-                cert_file: t.cert_file.map(|f| cx.base.join(f)),
-                key_file: t.key_file.map(|f| cx.base.join(f)),
-                server_name: t.server_name,
-            })
-        }
-    };
+            )
+        }),
+    )?;
     Ok(Source::Gearman(GearmanConfig {
         servers: s.servers.into_inner(),
         client_id: s.client_id.map(|c| c.into_inner()),

@@ -110,6 +110,7 @@ pub(super) enum SourceKind {
     Spool,
     Gearman,
     Zeromq,
+    Amqp,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +133,14 @@ pub(super) struct RawSource {
     pub(super) function: Option<Spanned<String>>,
     pub(super) reply: Spanned<String>,
     pub(super) allow_remote: bool,
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) urls: Spanned<Vec<Spanned<String>>>,
+    pub(super) queue: Option<Spanned<String>>,
+    pub(super) prefetch: Spanned<u64>,
+    pub(super) heartbeat: Spanned<Dur>,
+    pub(super) declare: Option<Spanned<RawDeclare>>,
+    pub(super) dedupe_ids: Spanned<u64>,
+    pub(super) consumer_timeout: Spanned<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +172,14 @@ impl Default for RawSource {
             function: None,
             reply: Spanned::new(0..0, "true".into()),
             allow_remote: false,
+            url: None,
+            urls: Spanned::new(0..0, Vec::new()),
+            queue: None,
+            prefetch: Spanned::new(0..0, 1),
+            heartbeat: Spanned::new(0..0, Dur(Duration::from_secs(60))),
+            declare: None,
+            dedupe_ids: Spanned::new(0..0, 0),
+            consumer_timeout: Spanned::new(0..0, CONSUMER_TIMEOUT),
         }
     }
 }
@@ -192,3 +209,18 @@ impl Default for RawLog {
         }
     }
 }
+
+/// The raw `[source.declare]` table.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeclare {
+    pub(super) exchange: Option<String>,
+    #[serde(rename = "type")]
+    pub(super) kind: Option<String>,
+    pub(super) routing_key: Option<String>,
+    pub(super) dead_letter_exchange: Option<String>,
+    pub(super) queue_type: Option<String>,
+}
+
+/// Dur's default for a key: the broker's consumer_timeout (30 min since RabbitMQ 3.8.17).
+pub(super) const CONSUMER_TIMEOUT: Dur = Dur(Duration::from_secs(30 * 60));

@@ -6,6 +6,7 @@
 //! and metrics know only that trait. Adding a source is its folder, an impl of the trait, and
 //! one arm in [`open`] (with its `[source] kind` in the config).
 
+pub mod amqp;
 pub mod gearman;
 pub mod lane;
 pub mod spool;
@@ -95,5 +96,12 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
         SourceConfig::Gearman(cfg) => {
             Arc::new(gearman::GearmanSource::open(cfg, generation, views)?)
         }
+        SourceConfig::Amqp(cfg) => Arc::new(amqp::AmqpSource::open(
+            cfg,
+            &config.worker.state_dir,
+            config.worker.max_payload_bytes,
+            generation,
+            views,
+        )?),
     })
 }

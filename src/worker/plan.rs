@@ -136,6 +136,9 @@ impl Plan {
                 key.display()
             ));
         }
+        if let crate::config::Source::Amqp(a) = &config.source {
+            warnings.extend(consumer_timeout_warnings(&table, a.consumer_timeout));
+        }
         Ok(Plan {
             config,
             table,
@@ -144,6 +147,28 @@ impl Plan {
             warnings,
         })
     }
+}
+
+/// Functions allowed to run longer than the broker's `consumer_timeout`: RabbitMQ closes the
+/// channel of a delivery unacknowledged that long (406) and redelivers the job while it runs.
+fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<String> {
+    let long: Vec<String> = table
+        .names()
+        .into_iter()
+        .filter(|name| {
+            table
+                .get(name)
+                .is_some_and(|(_, t)| t.is_none_or(|t| t > limit))
+        })
+        .collect();
+    if long.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "functions {} may run longer than the broker's consumer_timeout ({}): RabbitMQ would close the lane's channel and deliver the job again while it runs; give them a shorter [functions.NAME] timeout (or [worker] job_timeout), or raise consumer_timeout in rabbitmq.conf and [source] consumer_timeout to match",
+        long.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+        crate::clock::human_secs(limit.as_secs())
+    )]
 }
 
 /// The places the config names that `start` would only find wrong later: a `state_dir` on a

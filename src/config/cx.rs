@@ -1,0 +1,63 @@
+//! Where a config error is: the file, its bytes, its directory, for `file:line:col` and hints.
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::messages::line_col;
+use super::{Dur, Limit};
+use crate::error::{Error, Result};
+
+/// What every check needs to say where: the file, its bytes, its directory (relative paths).
+pub(super) struct Cx<'a> {
+    pub(super) path: &'a Path,
+    pub(super) bytes: &'a [u8],
+    pub(super) base: &'a Path,
+}
+
+impl Cx<'_> {
+    /// `file:line:col` of a key's value, for errors found later (a user that does not exist).
+    pub(super) fn where_is(&self, span: Range<usize>) -> String {
+        let (line, col) = line_col(self.bytes, span.start);
+        format!("{}:{line}:{col}", self.path.display())
+    }
+
+    /// A config error at `span` (1:1 when none).
+    pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
+        let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
+        Error::Config(format!("{}:{line}:{col}: {msg}", self.path.display()))
+    }
+
+    pub(super) fn at_least_100ms(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {
+        let t = v.get_ref().0;
+        if t < Duration::from_millis(100) {
+            Err(self.located(Some(v.span()), &format!("{key} must be at least 100ms")))
+        } else {
+            Ok(t)
+        }
+    }
+
+    pub(super) fn nonzero_limit(&self, v: &Spanned<Limit>) -> Result<Option<Duration>> {
+        match v.get_ref().0 {
+            Some(t) if t.is_zero() => Err(self.located(
+                Some(v.span()),
+                "a timeout of 0 would fail every job: give a duration such as \"30s\" (or \"none\" for no limit)",
+            )),
+            t => Ok(t),
+        }
+    }
+
+    pub(super) fn in_range(&self, v: &Spanned<u64>, key: &str, min: u64, max: u64) -> Result<u64> {
+        let n = *v.get_ref();
+        if (min..=max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.located(
+                Some(v.span()),
+                &format!("{key} must be between {min} and {max}, not {n}"),
+            ))
+        }
+    }
+}

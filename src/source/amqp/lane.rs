@@ -1,0 +1,445 @@
+//! One lane's connection, channel and consumer, and the job it holds.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::RecvTimeoutError;
+use futures_lite::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::BasicProperties;
+
+use super::link::{bounded, drop_link, Link};
+use super::{Msg, Setup, CLOSE_WAIT};
+use crate::error::{Error, Result};
+use crate::jobs::functions::{JobResult, NoProgress, Progress};
+use crate::kinds::ConnState;
+use crate::shutdown::Shutdown;
+use crate::source::lane::{Claimed, Lane};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The header a reply carries: `done` or `failed`.
+pub const OUTCOME_HEADER: &str = "x-gearshift-outcome";
+
+/// The delivery a claimed job came from.
+struct InHand {
+    id: String,
+    tag: u64,
+    epoch: u64,
+    reply_to: Option<ShortString>,
+    correlation_id: Option<ShortString>,
+    message_id: Option<ShortString>,
+}
+
+pub(super) struct AmqpLane {
+    s: Setup,
+    link: Option<Link>,
+    epoch: u64,
+    next_url: usize,
+    backoff: Duration,
+    retry_at: Instant,
+    logged: String,
+    in_hand: Option<InHand>,
+    progress: NoProgress,
+}
+
+impl AmqpLane {
+    pub(super) fn new(s: Setup) -> AmqpLane {
+        let lane = AmqpLane {
+            next_url: s.index % s.cfg.urls.len().max(1),
+            s,
+            link: None,
+            epoch: 0,
+            backoff: BACKOFF_MIN,
+            retry_at: Instant::now(),
+            logged: String::new(),
+            in_hand: None,
+            progress: NoProgress,
+        };
+        for u in &lane.s.cfg.urls {
+            lane.view(&u.shown, ConnState::Connecting, None);
+        }
+        lane
+    }
+
+    fn view(&self, addr: &str, state: ConnState, error: Option<String>) {
+        let Ok(mut views) = self.s.views.lock() else {
+            return;
+        };
+        let v = views
+            .entry(addr.to_string())
+            .or_default()
+            .entry(self.s.index)
+            .or_default();
+        if v.state != state || v.since_ms == 0 {
+            v.state = state;
+            v.since_ms = crate::clock::now_ms();
+        }
+        if let Some(e) = error {
+            v.last_error = Some(e);
+            v.last_error_ms = crate::clock::now_ms();
+        }
+    }
+
+    /// Connects to the next broker in turn: channel, confirms, qos, declarations, consumer.
+    fn connect(&mut self) -> Result<()> {
+        let url = self.s.cfg.urls[self.next_url].clone();
+        self.view(&url.shown, ConnState::Connecting, None);
+        self.epoch += 1;
+        self.link = Some(super::link::open(&self.s, &url, self.epoch)?);
+        self.backoff = BACKOFF_MIN;
+        if !self.logged.is_empty() {
+            log::info!("amqp {}: connected", url.shown);
+            self.logged.clear();
+        }
+        self.view(&url.shown, ConnState::Connected, None);
+        Ok(())
+    }
+
+    /// Drops the link and schedules a reconnect (to the next broker) with backoff and jitter.
+    fn fail(&mut self, why: &str) {
+        let url = self.s.cfg.urls[self.next_url].shown.clone();
+        if let Some(link) = self.link.take() {
+            // Whatever it held goes back to the broker when the connection closes.
+            drop_link(&self.s.runtime, link);
+        }
+        if self.logged != why {
+            log::warn!(
+                "amqp {url}: {why}; retrying with backoff (up to {:?})",
+                self.s.cfg.reconnect_max
+            );
+            self.logged = why.to_string();
+        }
+        self.view(&url, ConnState::BackingOff, Some(why.to_string()));
+        if let Ok(mut views) = self.s.views.lock() {
+            if let Some(v) = views.get_mut(&url).and_then(|l| l.get_mut(&self.s.index)) {
+                v.reconnects += 1;
+            }
+        }
+        let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
+        self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
+        self.backoff = (self.backoff * 2).min(self.s.cfg.reconnect_max);
+        self.next_url = (self.next_url + 1) % self.s.cfg.urls.len().max(1);
+    }
+
+    /// A delivery as a claimed job, or None when it needs no run (a redelivery of a job that
+    /// already succeeded, acknowledged here).
+    fn claim(&mut self, epoch: u64, d: lapin::message::Delivery) -> Result<Option<Claimed>> {
+        let p = &d.properties;
+        let message_id = p.message_id().clone();
+        if d.redelivered {
+            let done = message_id.as_ref().is_some_and(|id| {
+                self.s
+                    .dedupe
+                    .lock()
+                    .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
+            });
+            if done {
+                log::info!(
+                    "amqp: redelivered message {} already succeeded: acknowledged without running it",
+                    crate::text::escape(message_id.as_ref().map_or("", |m| m.as_str()))
+                );
+                self.ack(d.delivery_tag, true)?;
+                return Ok(None);
+            }
+        }
+        let function = match p.kind() {
+            Some(t) => t.as_str().to_string(),
+            None => self.s.cfg.function.clone().unwrap_or_default(),
+        };
+        let attempt = if d.redelivered { 2 } else { 1 };
+        let id = match &message_id {
+            Some(m) if !m.as_str().is_empty() => crate::text::escape(m.as_str()).into_owned(),
+            _ => format!("amqp-{}-{}-{}", self.s.index, epoch, d.delivery_tag),
+        };
+        let oversized = (d.data.len() > self.s.max_payload).then_some(d.data.len());
+        self.in_hand = Some(InHand {
+            id: id.clone(),
+            tag: d.delivery_tag,
+            epoch,
+            reply_to: p.reply_to().clone().filter(|r| !r.as_str().is_empty()),
+            correlation_id: p.correlation_id().clone(),
+            message_id,
+        });
+        Ok(Some(Claimed {
+            id,
+            function,
+            unique: String::new(),
+            payload: if oversized.is_some() {
+                Vec::new()
+            } else {
+                d.data
+            },
+            attempt,
+            submitted_ms: p.timestamp().map_or(0, |t| t.saturating_mul(1000)),
+            oversized,
+        }))
+    }
+
+    /// `basic.ack` (done) or `basic.nack` without requeue (failed: dead-lettered if the queue
+    /// has a dead-letter exchange).
+    fn ack(&mut self, tag: u64, done: bool) -> Result<()> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| Error::Gone("no connection".into()))?;
+        let r = if done {
+            bounded(
+                &self.s.runtime,
+                self.s.cfg.io_timeout,
+                "basic.ack",
+                link.channel.basic_ack(tag, BasicAckOptions::default()),
+            )
+        } else {
+            bounded(
+                &self.s.runtime,
+                self.s.cfg.io_timeout,
+                "basic.nack",
+                link.channel.basic_nack(tag, BasicNackOptions::default()),
+            )
+        };
+        if let Err(e) = &r {
+            let why = e.to_string();
+            self.fail(&why);
+        }
+        r
+    }
+
+    /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm.
+    /// While the broker blocks publishing (`connection.blocked`), it waits.
+    fn reply(&mut self, hand: &InHand, outcome: &JobResult) -> Result<()> {
+        let Some(reply_to) = &hand.reply_to else {
+            return Ok(());
+        };
+        self.wait_unblocked();
+        let (body, word) = match outcome {
+            Ok(r) => (r.clone(), "done"),
+            Err(e) => (e.message.clone().into_bytes(), "failed"),
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(OUTCOME_HEADER.into(), AMQPValue::LongString(word.into()));
+        let mut props = BasicProperties::default().with_headers(headers);
+        if let Some(c) = &hand.correlation_id {
+            props = props.with_correlation_id(c.clone());
+        }
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| Error::Gone("no connection".into()))?;
+        let publish = async {
+            link.channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?
+                .await
+        };
+        match bounded(
+            &self.s.runtime,
+            self.s.cfg.io_timeout,
+            "publishing the reply",
+            publish,
+        ) {
+            Ok(c) if c.is_nack() => Err(Error::Peer("the broker refused the reply (nack)".into())),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let why = e.to_string();
+                self.fail(&why);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits while the broker blocks publishing on this connection (memory or disk alarm).
+    fn wait_unblocked(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let mut said = false;
+        loop {
+            // Take every event already there.
+            while let Some(Some(ev)) =
+                futures_lite::future::block_on(futures_lite::future::poll_once(link.events.next()))
+            {
+                match ev {
+                    lapin::Event::ConnectionBlocked(why) => link.blocked = Some(why),
+                    lapin::Event::ConnectionUnblocked => link.blocked = None,
+                    _ => {}
+                }
+            }
+            let Some(why) = link.blocked.clone() else {
+                return;
+            };
+            if !said {
+                log::warn!(
+                    "amqp: the broker blocks publishing ({}): the reply waits",
+                    crate::text::escape(&why)
+                );
+                said = true;
+            }
+            let next = async {
+                futures_lite::future::or(async { link.events.next().await }, async {
+                    async_rs::traits::Reactor::sleep(&self.s.runtime, Duration::from_secs(1)).await;
+                    None
+                })
+                .await
+            };
+            match self.s.runtime_block_on(next) {
+                Some(lapin::Event::ConnectionUnblocked) => link.blocked = None,
+                Some(lapin::Event::ConnectionBlocked(w)) => link.blocked = Some(w),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Setup {
+    fn runtime_block_on<T>(&self, fut: impl Future<Output = T>) -> T {
+        async_rs::traits::Executor::block_on(&self.runtime, fut)
+    }
+}
+
+impl Lane for AmqpLane {
+    fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
+        loop {
+            if stop.is_set() {
+                return Ok(None);
+            }
+            if self.link.is_none() {
+                let wait = self.retry_at.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    match self.s.rx.recv_timeout(wait) {
+                        Ok(Msg::Delivery(..) | Msg::Broken(..) | Msg::Wake) => continue,
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(Error::Internal("the lane's channel closed".into()))
+                        }
+                    }
+                }
+                if let Err(e) = self.connect() {
+                    self.fail(&e.to_string());
+                }
+                continue;
+            }
+            let msg = self
+                .s
+                .rx
+                .recv()
+                .map_err(|_| Error::Internal("the lane's channel closed".into()))?;
+            let current = self.link.as_ref().map_or(0, |l| l.epoch);
+            match msg {
+                Msg::Wake => {}
+                Msg::Broken(epoch, why) if epoch == current => {
+                    self.fail(&crate::text::escape(&why));
+                }
+                Msg::Delivery(epoch, d) if epoch == current => {
+                    if let Some(job) = self.claim(epoch, *d)? {
+                        return Ok(Some(job));
+                    }
+                }
+                // From a link already dropped: the broker has taken it back.
+                Msg::Broken(..) | Msg::Delivery(..) => {}
+            }
+        }
+    }
+
+    fn progress(&mut self) -> &mut dyn Progress {
+        &mut self.progress
+    }
+
+    fn finish(&mut self, job: &Claimed, outcome: &JobResult) -> Result<()> {
+        let Some(hand) = self.in_hand.take().filter(|h| h.id == job.id) else {
+            return Err(Error::Internal(format!(
+                "amqp: job {} is not in hand",
+                job.id
+            )));
+        };
+        if self.link.as_ref().map(|l| l.epoch) != Some(hand.epoch) {
+            return Err(Error::Gone(format!(
+                "amqp: the connection that delivered job {} is gone: the broker delivers it again",
+                hand.id
+            )));
+        }
+        self.reply(&hand, outcome)?;
+        let done = outcome.is_ok();
+        if done {
+            if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {
+                set.record(id.as_str().as_bytes());
+            }
+        }
+        self.ack(hand.tag, done)
+    }
+
+    /// Cancels the consumer, gives back what arrived but did not start, closes the channel and
+    /// the connection (each step bounded; the broker requeues whatever is left either way).
+    fn close(&mut self) -> Result<()> {
+        let Some(link) = self.link.take() else {
+            return Ok(());
+        };
+        let rt = &self.s.runtime;
+        let _ = bounded(
+            rt,
+            CLOSE_WAIT,
+            "basic.cancel",
+            link.channel
+                .basic_cancel(link.consumer_tag.clone(), BasicCancelOptions::default()),
+        );
+        let mut given_back = 0;
+        while let Ok(msg) = self.s.rx.try_recv() {
+            if let Msg::Delivery(epoch, d) = msg {
+                if epoch == link.epoch {
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    if bounded(
+                        rt,
+                        CLOSE_WAIT,
+                        "basic.nack",
+                        link.channel.basic_nack(d.delivery_tag, requeue),
+                    )
+                    .is_ok()
+                    {
+                        given_back += 1;
+                    }
+                }
+            }
+        }
+        if given_back > 0 {
+            log::info!("amqp: gave back {given_back} delivery(ies) that had not started");
+        }
+        let _ = bounded(
+            rt,
+            CLOSE_WAIT,
+            "channel.close",
+            link.channel.close(200, "restart".into()),
+        );
+        drop_link(rt, link);
+        Ok(())
+    }
+
+    fn release(&mut self, job: &Claimed) -> bool {
+        let Some(hand) = self.in_hand.take().filter(|h| h.id == job.id) else {
+            return false;
+        };
+        let Some(link) = self.link.as_ref().filter(|l| l.epoch == hand.epoch) else {
+            // Its connection is gone: the broker has it again.
+            return true;
+        };
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let _ = bounded(
+            &self.s.runtime,
+            CLOSE_WAIT,
+            "basic.nack",
+            link.channel.basic_nack(hand.tag, requeue),
+        );
+        true
+    }
+}

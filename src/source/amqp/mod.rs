@@ -1,0 +1,195 @@
+//! The AMQP 0-9-1 source (RabbitMQ), consuming as the PHP daemons do: a durable queue (bound to
+//! a durable exchange when `[source.declare]` says so), `basic.qos(prefetch)` per lane, and a
+//! manual ack only once the job's outcome is known (after its reply, when the message asked for
+//! one, is confirmed by the broker).
+//!
+//! Each lane has its own connection and channel (a broken connection costs only its lane, as a
+//! Gearman connection does); lapin serves the connection (heartbeats) from its own threads while
+//! the lane runs a job. Every exchange with the broker is bounded by `io_timeout`; a broker that
+//! misses one is dropped and retried with backoff, across `urls` in turn.
+//!
+//! A restart cancels the consumers, gives back deliveries that arrived but did not start
+//! (`basic.nack(requeue)`), closes channels and connections, and execs: an AMQP session cannot
+//! cross execve. The new generation consumes afresh; nothing acknowledged is run again, and
+//! nothing unacknowledged is lost (the broker holds it).
+
+pub mod client;
+mod dedupe;
+mod lane;
+mod link;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::AmqpConfig;
+use crate::error::{Error, Result};
+use crate::source::lane::Lane;
+use crate::source::JobSource;
+pub use crate::status::ServerViews as Views;
+use dedupe::Dedupe;
+
+/// What a lane's channel hears: from its consumer, or [`JobSource::wake`].
+enum Msg {
+    /// A delivery on the link of this epoch.
+    Delivery(u64, Box<lapin::message::Delivery>),
+    /// The link of this epoch broke (the channel or connection closed, the consumer was
+    /// cancelled by the broker).
+    Broken(u64, String),
+    /// Look at the stop flag.
+    Wake,
+}
+
+/// How long closing a link may take before it is dropped (the broker then requeues).
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What a lane is made of.
+struct Setup {
+    cfg: AmqpConfig,
+    runtime: Runtime,
+    tls: lapin::tcp::OwnedTLSConfig,
+    max_payload: usize,
+    name: String,
+    index: usize,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
+    views: Views,
+    dedupe: Arc<Mutex<Dedupe>>,
+}
+
+/// The executor lapin's connections run on (its threads serve heartbeats while lanes run jobs).
+type Runtime = async_rs::AGERuntime;
+
+/// The configured brokers, shared by this generation's lanes.
+pub struct AmqpSource {
+    cfg: AmqpConfig,
+    runtime: Runtime,
+    tls: lapin::tcp::OwnedTLSConfig,
+    max_payload: usize,
+    generation: u64,
+    wakers: Mutex<Vec<Sender<Msg>>>,
+    views: Views,
+    dedupe: Arc<Mutex<dedupe::Dedupe>>,
+}
+
+impl AmqpSource {
+    /// The configured brokers (reading `[source.tls]` files once); lanes connect lazily.
+    pub fn open(
+        cfg: &AmqpConfig,
+        state_dir: &std::path::Path,
+        max_payload: usize,
+        generation: u64,
+        views: Views,
+    ) -> Result<AmqpSource> {
+        let tls = match &cfg.tls {
+            None => lapin::tcp::OwnedTLSConfig::default(),
+            Some(files) => tls_config(files)?,
+        };
+        let dedupe = dedupe::Dedupe::open(
+            &crate::ops::layout::worker_dir(state_dir).join(dedupe::FILE),
+            cfg.dedupe_ids,
+        );
+        Ok(AmqpSource {
+            cfg: cfg.clone(),
+            runtime: async_rs::Runtime::async_global_executor(),
+            tls,
+            max_payload,
+            generation,
+            wakers: Mutex::new(Vec::new()),
+            views,
+            dedupe: Arc::new(Mutex::new(dedupe)),
+        })
+    }
+}
+
+/// `[source.tls]` as lapin takes it: the CA chain (PEM) and a client identity (PEM + PKCS#8).
+pub(super) fn tls_config(files: &crate::config::TlsFiles) -> Result<lapin::tcp::OwnedTLSConfig> {
+    let read = |path: &std::path::Path, what: &str| -> Result<Vec<u8>> {
+        crate::ops::safefs::read_bounded(
+            std::fs::File::open(path)
+                .map_err(|e| Error::io_path(&format!("opening {what}"), path, e))?,
+            1 << 20,
+        )
+        .map_err(|e| Error::io_path(&format!("reading {what}"), path, e))?
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{what} \"{}\" is larger than 1 MiB",
+                path.display()
+            ))
+        })
+    };
+    let pem = |bytes: Vec<u8>, path: &std::path::Path| {
+        String::from_utf8(bytes)
+            .map_err(|_| Error::Invalid(format!("\"{}\" is not PEM text", path.display())))
+    };
+    let cert_chain = Some(pem(read(&files.ca_file, "ca_file")?, &files.ca_file)?);
+    let identity = match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => {
+            let key_pem = read(key, "key_file")?;
+            check_key(&key_pem, key)?;
+            Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: read(cert, "cert_file")?,
+                key: key_pem,
+            })
+        }
+        _ => None,
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+/// A PEM file holds a private key (lapin would say so only at the first connect).
+fn check_key(pem: &[u8], path: &std::path::Path) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(pem)
+        .map(drop)
+        .map_err(|e| Error::Invalid(format!("{}: no private key in it: {e:?}", path.display())))
+}
+
+impl JobSource for AmqpSource {
+    fn lane(
+        &self,
+        index: usize,
+        _functions: &[(String, Option<Duration>)],
+    ) -> Result<Box<dyn Lane>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        if let Ok(mut w) = self.wakers.lock() {
+            w.push(tx.clone());
+        }
+        Ok(Box::new(lane::AmqpLane::new(Setup {
+            cfg: self.cfg.clone(),
+            runtime: self.runtime.clone(),
+            tls: self.tls.clone(),
+            max_payload: self.max_payload,
+            name: format!(
+                "gearshift {}:{}:{} lane {index}",
+                hostname(),
+                std::process::id(),
+                self.generation
+            ),
+            index,
+            tx,
+            rx,
+            views: Arc::clone(&self.views),
+            dedupe: Arc::clone(&self.dedupe),
+        })))
+    }
+
+    fn wake(&self) {
+        if let Ok(w) = self.wakers.lock() {
+            for tx in w.iter() {
+                let _ = tx.send(Msg::Wake);
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
