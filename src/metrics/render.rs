@@ -239,25 +239,27 @@ fn render_ingress(w: &mut String, i: &super::IngressGauge) {
     let _ = writeln!(w, "gearshift_zeromq_peers {}", i.peers);
 }
 
-/// Each Gearman server's connections and reconnects (earlier generations' included).
+/// Each server's connections and reconnects (earlier generations' included), named by the
+/// source's kind: `gearshift_gearman_*` for gearmand, `gearshift_amqp_*` for AMQP brokers.
 fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<String, u64>) {
+    let kind = g.source;
     header(
         w,
-        "gearshift_gearman_server_up",
+        &format!("gearshift_{kind}_server_up"),
         "gauge",
         "1 while at least one lane is connected to the server.",
     );
     for s in &g.servers {
         let _ = writeln!(
             w,
-            "gearshift_gearman_server_up{{server=\"{}\"}} {}",
+            "gearshift_{kind}_server_up{{server=\"{}\"}} {}",
             escape(&s.address),
             u64::from(s.connected > 0)
         );
     }
     header(
         w,
-        "gearshift_gearman_connections",
+        &format!("gearshift_{kind}_connections"),
         "gauge",
         "Lanes' connections to each server, by state.",
     );
@@ -269,14 +271,14 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
         ] {
             let _ = writeln!(
                 w,
-                "gearshift_gearman_connections{{server=\"{}\",state=\"{state}\"}} {n}",
+                "gearshift_{kind}_connections{{server=\"{}\",state=\"{state}\"}} {n}",
                 escape(&s.address)
             );
         }
     }
     header(
         w,
-        "gearshift_gearman_reconnects_total",
+        &format!("gearshift_{kind}_reconnects_total"),
         "counter",
         "Connections to each server lost and made again.",
     );
@@ -294,7 +296,7 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
     for (server, n) in all {
         let _ = writeln!(
             w,
-            "gearshift_gearman_reconnects_total{{server=\"{}\"}} {n}",
+            "gearshift_{kind}_reconnects_total{{server=\"{}\"}} {n}",
             escape(server)
         );
     }

@@ -15,6 +15,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+pub mod rabbit;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_gearshift");
 
 /// A test's private directory, removed at the end unless the test failed.

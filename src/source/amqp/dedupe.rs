@@ -1,6 +1,7 @@
-//! The `message_id`s of the last N jobs that succeeded (`[source] dedupe_ids`), so a redelivery
-//! of one (the broker redelivers what was not acknowledged when a worker died or a connection
-//! broke) is acknowledged without running it again.
+//! The `message_id`s of the last N jobs that succeeded (`[source] dedupe_ids`), so a message
+//! carrying one of them is acknowledged without running it again: a redelivery (the broker
+//! redelivers what was not acknowledged when a worker died or a connection broke) or a
+//! publisher's retry (a confirm lost, the message sent again).
 //!
 //! The window: the last N succeeded ids, across restarts and a killed worker (each id is
 //! appended to `state_dir/worker/amqp-done-ids` before its ack, without fsync: it survives the

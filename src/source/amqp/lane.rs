@@ -82,11 +82,11 @@ impl AmqpLane {
     }
 
     /// Connects to the next broker in turn: channel, confirms, qos, declarations, consumer.
-    fn connect(&mut self) -> Result<()> {
+    fn connect(&mut self, stop: &Shutdown) -> Result<()> {
         let url = self.s.cfg.urls[self.next_url].clone();
         self.view(&url.shown, ConnState::Connecting, None);
         self.epoch += 1;
-        self.link = Some(super::link::open(&self.s, &url, self.epoch)?);
+        self.link = Some(super::link::open(&self.s, &url, self.epoch, stop)?);
         self.backoff = BACKOFF_MIN;
         if !self.logged.is_empty() {
             log::info!("amqp {}: connected", url.shown);
@@ -127,21 +127,20 @@ impl AmqpLane {
     fn claim(&mut self, epoch: u64, d: lapin::message::Delivery) -> Result<Option<Claimed>> {
         let p = &d.properties;
         let message_id = p.message_id().clone();
-        if d.redelivered {
-            let done = message_id.as_ref().is_some_and(|id| {
-                self.s
-                    .dedupe
-                    .lock()
-                    .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
-            });
-            if done {
-                log::info!(
-                    "amqp: redelivered message {} already succeeded: acknowledged without running it",
-                    crate::text::escape(message_id.as_ref().map_or("", |m| m.as_str()))
-                );
-                self.ack(d.delivery_tag, true)?;
-                return Ok(None);
-            }
+        // A redelivery, or a publisher's retry, of a job that already succeeded.
+        let done = message_id.as_ref().is_some_and(|id| {
+            self.s
+                .dedupe
+                .lock()
+                .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
+        });
+        if done {
+            log::info!(
+                "amqp: message {} already succeeded: acknowledged without running it again",
+                crate::text::escape(message_id.as_ref().map_or("", |m| m.as_str()))
+            );
+            self.ack(d.delivery_tag, true)?;
+            return Ok(None);
         }
         let function = match p.kind() {
             Some(t) => t.as_str().to_string(),
@@ -320,7 +319,10 @@ impl Lane for AmqpLane {
                         }
                     }
                 }
-                if let Err(e) = self.connect() {
+                if let Err(e) = self.connect(stop) {
+                    if stop.is_set() {
+                        return Ok(None);
+                    }
                     self.fail(&e.to_string());
                 }
                 continue;

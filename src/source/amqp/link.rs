@@ -14,6 +14,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use super::{Msg, Runtime, Setup, CLOSE_WAIT};
 use crate::config::AmqpUrl;
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 
 /// A connection with this lane's channel and consumer.
 pub(super) struct Link {
@@ -28,7 +29,7 @@ pub(super) struct Link {
 
 /// Connects to `url` and starts this lane's consumer; its deliveries reach the lane tagged
 /// with `epoch`.
-pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64) -> Result<Link> {
+pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64, stop: &Shutdown) -> Result<Link> {
     let mut uri: lapin::uri::AMQPUri = url
         .url
         .parse()
@@ -38,40 +39,35 @@ pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64) -> Result<Link> {
     uri.query.frame_max = Some((s.max_payload + 4096).clamp(8192, 1 << 20) as u32);
     uri.query.connection_timeout = Some(s.cfg.io_timeout.as_millis() as u64);
     let props = ConnectionProperties::default().with_connection_name(s.name.clone().into());
-    let conn = bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
+    let conn = step(
+        s,
+        stop,
         "connecting",
         Connection::connect_uri_with_config(uri, props, s.tls.clone(), s.runtime.clone()),
     )?;
     let events = Box::pin(conn.events_listener());
-    let channel = bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
-        "opening a channel",
-        conn.create_channel(),
-    )?;
-    bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
+    let channel = step(s, stop, "opening a channel", conn.create_channel())?;
+    step(
+        s,
+        stop,
         "confirm.select",
         channel.confirm_select(ConfirmSelectOptions::default()),
     )?;
-    bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
+    step(
+        s,
+        stop,
         "basic.qos",
         channel.basic_qos(s.cfg.prefetch, BasicQosOptions::default()),
     )?;
-    declare(s, &channel)?;
+    declare(s, &channel, stop)?;
     let consumer_tag: ShortString = format!("{} {}", s.name, epoch)
         .chars()
         .take(250)
         .collect::<String>()
         .into();
-    let consumer = bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
+    let consumer = step(
+        s,
+        stop,
         "basic.consume",
         channel.basic_consume(
             s.cfg.queue.as_str().into(),
@@ -101,7 +97,7 @@ pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64) -> Result<Link> {
 }
 
 /// `[source.declare]`: the durable exchange, the durable queue, the binding.
-fn declare(s: &Setup, channel: &Channel) -> Result<()> {
+fn declare(s: &Setup, channel: &Channel, stop: &Shutdown) -> Result<()> {
     let Some(d) = &s.cfg.declare else {
         return Ok(());
     };
@@ -123,9 +119,9 @@ fn declare(s: &Setup, channel: &Channel) -> Result<()> {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    bounded(
-        &s.runtime,
-        s.cfg.io_timeout,
+    step(
+        s,
+        stop,
         "queue.declare",
         channel.queue_declare(queue.into(), durable, args),
     )?;
@@ -140,9 +136,9 @@ fn declare(s: &Setup, channel: &Channel) -> Result<()> {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        bounded(
-            &s.runtime,
-            s.cfg.io_timeout,
+        step(
+            s,
+            stop,
             "exchange.declare",
             channel.exchange_declare(
                 exchange.as_str().into(),
@@ -151,9 +147,9 @@ fn declare(s: &Setup, channel: &Channel) -> Result<()> {
                 FieldTable::default(),
             ),
         )?;
-        bounded(
-            &s.runtime,
-            s.cfg.io_timeout,
+        step(
+            s,
+            stop,
             "queue.bind",
             channel.queue_bind(
                 queue.into(),
@@ -174,7 +170,13 @@ fn lapin_error(what: &str, e: &lapin::Error) -> Error {
     match e.kind() {
         lapin::ErrorKind::InvalidConnectionState(_)
         | lapin::ErrorKind::InvalidChannelState(..)
-        | lapin::ErrorKind::IOError(_) => Error::Gone(format!("{what}: {text}")),
+        | lapin::ErrorKind::IOError(_)
+        | lapin::ErrorKind::MissingHeartbeatError => Error::Gone(format!("{what}: {text}")),
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
+            Error::Peer(format!(
+                "{what}: the server does not speak AMQP 0-9-1 as a broker should ({text})"
+            ))
+        }
         _ => Error::Peer(format!("{what}: {text}")),
     }
 }
@@ -196,6 +198,37 @@ pub(crate) fn bounded<T>(
         Some(Err(e)) => Err(lapin_error(what, &e)),
         None => Err(Error::TimedOut(format!(
             "{what}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+/// A step of opening a link: bounded by `io_timeout`, and given up as soon as the lane is
+/// asked to stop (a restart does not wait for a broker that does not answer).
+fn step<T>(
+    s: &Setup,
+    stop: &Shutdown,
+    what: &str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    let stopped = async {
+        while !stop.is_set() {
+            async_rs::traits::Reactor::sleep(&s.runtime, Duration::from_millis(50)).await;
+        }
+        Some(Err(Error::Gone(format!("{what}: the lane is stopping"))))
+    };
+    let timed = futures_lite::future::or(
+        async { Some(fut.await.map_err(|e| lapin_error(what, &e))) },
+        stopped,
+    );
+    let timed = futures_lite::future::or(timed, async {
+        async_rs::traits::Reactor::sleep(&s.runtime, s.cfg.io_timeout).await;
+        None
+    });
+    match async_rs::traits::Executor::block_on(&s.runtime, timed) {
+        Some(r) => r,
+        None => Err(Error::TimedOut(format!(
+            "{what}: no answer within {:?}",
+            s.cfg.io_timeout
         ))),
     }
 }

@@ -1,0 +1,549 @@
+//! The AMQP source against a real RabbitMQ (a private node per test) and clients nobody here
+//! wrote: php-amqp (the PECL API the PHP daemons use) publishing into their topology, and
+//! python3-pika as an RPC client. Restarts under load, kill -9 mid-job, a broker killed and
+//! started again, dead-lettering, heartbeats through a long job, duplicates by message_id, a
+//! hostile broker, TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::rabbit::Rabbit;
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::fs;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn client(name: &str) -> String {
+    format!("{}/tests/clients/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes an amqp config: `source` lines after `kind = "amqp"`, `more` after the source.
+fn amqp_config(sb: &Sandbox, concurrency: u32, source: &str, more: &str) {
+    fs::write(
+        sb.config(),
+        format!(
+            "[worker]\nconcurrency = {concurrency}\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\nbuiltins = true\njob_timeout = \"20m\"\n\n\
+             [source]\nkind = \"amqp\"\nio_timeout = \"2s\"\nreconnect_max = \"1s\"\n{source}\n{more}"
+        ),
+    )
+    .unwrap();
+}
+
+/// php-amqp publishes `count` messages into the PHP daemons' topology (exchange, queue and
+/// routing key `email`), persistent, message ids `prefix-i` (or `id` for all).
+fn php_publish(r: &Rabbit, count: usize, prefix: &str, kind: &str, id: &str) {
+    php_publish_to(r, "email", count, prefix, kind, id);
+}
+
+/// [`php_publish`] declaring `queue` (`-`: the queue is the worker's to declare).
+fn php_publish_to(r: &Rabbit, queue: &str, count: usize, prefix: &str, kind: &str, id: &str) {
+    let out = Command::new("php")
+        .arg(client("amqp_publish.php"))
+        .args([
+            &r.port.to_string(),
+            "email",
+            queue,
+            "email",
+            &count.to_string(),
+            prefix,
+            kind,
+            id,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn connected(s: &Value) -> bool {
+    s["servers"]
+        .as_array()
+        .is_some_and(|v| v.iter().all(|x| x["state"] == "connected"))
+}
+
+/// The job the PHP daemons run: here an executable appending its payload to a file.
+fn mail_job(sb: &Sandbox) -> std::path::PathBuf {
+    let sent = sb.path("sent.txt");
+    sb.job(
+        "send_mail",
+        &format!("#!/bin/sh\nread -r p\necho \"$p\" >> {}\n", sent.display()),
+    );
+    sent
+}
+
+#[test]
+fn the_php_daemons_topology_is_declared_and_consumed() {
+    if !Rabbit::available("the_php_daemons_topology_is_declared_and_consumed") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-php");
+    let r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        2,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\nprefetch = 1\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\ntype = \"direct\"\nrouting_key = \"email\"\n",
+    );
+    let out = sb.run(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish(&r, 200, "mail", "", "");
+    eventually(Duration::from_secs(30), "200 mails sent", || {
+        lines(&sent).len() >= 200
+    });
+    let mut got = lines(&sent);
+    got.sort();
+    let mut want: Vec<String> = (0..200).map(|i| format!("mail-{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "each message once");
+    eventually(
+        Duration::from_secs(10),
+        "the queue drained and acked",
+        || r.depth("email") == (0, 0),
+    );
+    let s = w.status();
+    assert_eq!(s["jobs_completed"], 200, "{s}");
+    assert_eq!(s["source"], "amqp");
+    // The password never reaches status.
+    assert!(!s.to_string().contains("guest:guest"), "{s}");
+}
+
+#[test]
+fn rpc_jobs_through_a_hup_storm_are_all_answered_right() {
+    if !Rabbit::available("rpc_jobs_through_a_hup_storm_are_all_answered_right") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-rpc");
+    let r = Rabbit::start(&sb.dir, "");
+    amqp_config(
+        &sb,
+        2,
+        &format!("url = \"{}\"\nqueue = \"rpc\"\n", r.url()),
+        "[source.declare]\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let mut rpc = Command::new(PYTHON)
+        .arg(client("amqp_rpc.py"))
+        .args([&r.url(), "rpc", "reverse", "2000", "120"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // 25 HUPs while the requests are served.
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(150));
+        w.signal(Signal::SIGHUP);
+    }
+    let mut out = String::new();
+    rpc.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(rpc.wait().unwrap().success());
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["answered"], 2000, "{report}");
+    assert_eq!(report["wrong"], 0, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    let s = w.wait_for(Duration::from_secs(10), "the storm's restarts", |s| {
+        s["generation"].as_u64() >= Some(2)
+    });
+    assert_eq!(s["pid"], w.pid(), "same process");
+    eprintln!(
+        "2000 RPC jobs through 25 HUPs: {report}, generation {}",
+        s["generation"]
+    );
+    assert_eq!(r.depth("rpc"), (0, 0));
+}
+
+#[test]
+fn kill_9_mid_job_loses_nothing_and_the_job_is_redelivered() {
+    if !Rabbit::available("kill_9_mid_job_loses_nothing_and_the_job_is_redelivered") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-kill");
+    let r = Rabbit::start(&sb.dir, "");
+    let log = sb.path("runs.txt");
+    sb.job(
+        "slow",
+        &format!(
+            "#!/bin/sh\nread -r p\necho \"start $p\" >> {0}\nsleep 2\necho \"end $p\" >> {0}\n",
+            log.display()
+        ),
+    );
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"slow\"\n",
+            r.url()
+        ),
+        "",
+    );
+    php_publish(&r, 1, "k", "", "");
+    let mut w = sb.start();
+    eventually(Duration::from_secs(20), "the job to start", || {
+        lines(&log).iter().any(|l| l.starts_with("start"))
+    });
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(5));
+    // The broker holds it: unacknowledged until the connection closes, then ready again.
+    eventually(
+        Duration::from_secs(10),
+        "the message back in the queue",
+        || r.depth("email").0 == 1,
+    );
+    let _w = sb.start();
+    eventually(Duration::from_secs(20), "the job to end", || {
+        lines(&log).iter().any(|l| l.starts_with("end"))
+    });
+    let runs = lines(&log);
+    assert_eq!(
+        runs,
+        ["start k-0", "start k-0", "end k-0"],
+        "run again once, ended once"
+    );
+    eventually(Duration::from_secs(10), "acked", || {
+        r.depth("email") == (0, 0)
+    });
+}
+
+#[test]
+fn a_broker_killed_and_started_again_is_reconnected_and_nothing_is_lost() {
+    if !Rabbit::available("a_broker_killed_and_started_again_is_reconnected_and_nothing_is_lost") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-broker");
+    let mut r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        2,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish(&r, 50, "before", "", "");
+    eventually(Duration::from_secs(20), "50 sent", || {
+        lines(&sent).len() >= 50
+    });
+    r.kill();
+    let s = w.wait_for(Duration::from_secs(20), "the broker seen gone", |s| {
+        !connected(s)
+    });
+    eprintln!("broker down: {}", s["servers"]);
+    r.boot();
+    w.wait_for(Duration::from_secs(30), "reconnected", connected);
+    php_publish(&r, 50, "after", "", "");
+    eventually(Duration::from_secs(30), "100 sent", || {
+        lines(&sent).len() >= 100
+    });
+    let got = lines(&sent);
+    for i in 0..50 {
+        assert!(got.contains(&format!("before-{i}")) && got.contains(&format!("after-{i}")));
+    }
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "a reconnect, not a restart");
+    let reconnects: u64 = s["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["reconnects"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(reconnects >= 1, "{s}");
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    assert!(
+        metrics.contains("gearshift_amqp_server_up{server=\"amqp://guest@127.0.0.1:"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn failures_unknown_functions_and_oversized_bodies_are_dead_lettered_once() {
+    if !Rabbit::available("failures_unknown_functions_and_oversized_bodies_are_dead_lettered_once")
+    {
+        return;
+    }
+    let sb = Sandbox::new("amqp-dlx");
+    let r = Rabbit::start(&sb.dir, "");
+    let runs = sb.path("runs.txt");
+    sb.job(
+        "fails",
+        &format!(
+            "#!/bin/sh\necho run >> {}\necho 'no such mailbox' >&2\nexit 3\n",
+            runs.display()
+        ),
+    );
+    // The dead-letter exchange and its queue, as an operator would declare them.
+    let setup = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             ch.exchange_declare('dlx','fanout',durable=True); ch.queue_declare('dead',durable=True); \
+             ch.queue_bind('dead','dlx'); c.close()",
+            &r.url(),
+        ])
+        .status()
+        .unwrap();
+    assert!(setup.success());
+    amqp_config(
+        &sb,
+        1,
+        &format!("url = \"{}\"\nqueue = \"email\"\nfunction = \"fails\"\n", r.url()),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\ndead_letter_exchange = \"dlx\"\n",
+    );
+    fs::write(
+        sb.config(),
+        fs::read_to_string(sb.config()).unwrap().replace(
+            "job_timeout = \"20m\"",
+            "job_timeout = \"20m\"\nmax_payload_bytes = 1024",
+        ),
+    )
+    .unwrap();
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish_to(&r, "-", 3, "fail", "", "");
+    php_publish_to(&r, "-", 2, "nofn", "no_such_function", "");
+    let big = "x".repeat(5000);
+    php_publish_to(&r, "-", 1, &big, "", "big");
+    eventually(Duration::from_secs(20), "6 dead-lettered", || {
+        r.depth("dead").0 == 6
+    });
+    assert_eq!(lines(&runs).len(), 3, "each failing job ran once");
+    assert_eq!(r.depth("email"), (0, 0));
+    let s = w.status();
+    assert_eq!(s["jobs_failed"], 6, "{s}");
+    assert_eq!(s["generation"], 1);
+}
+
+#[test]
+fn heartbeats_are_answered_through_a_long_job() {
+    if !Rabbit::available("heartbeats_are_answered_through_a_long_job") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-heartbeat");
+    let r = Rabbit::start(&sb.dir, "");
+    let log = sb.path("runs.txt");
+    sb.job(
+        "long",
+        &format!(
+            "#!/bin/sh\necho start >> {0}\nsleep 12\necho end >> {0}\n",
+            log.display()
+        ),
+    );
+    // A 2 s heartbeat: a connection nobody served for 4 s would be closed by the broker.
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"long\"\nheartbeat = \"2s\"\n",
+            r.url()
+        ),
+        "",
+    );
+    php_publish(&r, 1, "h", "", "");
+    let w = sb.start();
+    eventually(Duration::from_secs(40), "the long job to end", || {
+        lines(&log).contains(&"end".to_string())
+    });
+    eventually(Duration::from_secs(10), "acked", || {
+        r.depth("email") == (0, 0)
+    });
+    assert_eq!(lines(&log), ["start", "end"], "ran once, not redelivered");
+    let s = w.status();
+    let reconnects = s["servers"][0]["reconnects"].as_u64().unwrap_or(0);
+    assert_eq!(reconnects, 0, "the connection lived through the job: {s}");
+    assert!(
+        r.ctl(&["-q", "list_connections", "timeout"]).contains('2'),
+        "the broker agreed to a 2 s heartbeat"
+    );
+}
+
+#[test]
+fn a_message_id_that_succeeded_is_not_run_again() {
+    if !Rabbit::available("a_message_id_that_succeeded_is_not_run_again") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-dedupe");
+    let r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 1000\n",
+            r.url()
+        ),
+        "",
+    );
+    // The same message id three times (a publisher retrying), then another.
+    php_publish(&r, 3, "same", "", "order-17");
+    php_publish(&r, 1, "other", "", "order-18");
+    let mut w = sb.start();
+    eventually(Duration::from_secs(20), "all four handled", || {
+        r.depth("email") == (0, 0) && !lines(&sent).is_empty()
+    });
+    w.wait_for(Duration::from_secs(10), "two jobs", |s| {
+        s["jobs_completed"] == 2
+    });
+    assert_eq!(lines(&sent), ["same-0", "other-0"]);
+    // Remembered across a restart and a killed worker.
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(Duration::from_secs(5));
+    let _w = sb.start();
+    php_publish(&r, 1, "again", "", "order-17");
+    php_publish(&r, 1, "new", "", "order-19");
+    eventually(Duration::from_secs(20), "the new one", || {
+        lines(&sent).contains(&"new-0".to_string())
+    });
+    eventually(Duration::from_secs(10), "drained", || {
+        r.depth("email") == (0, 0)
+    });
+    assert_eq!(lines(&sent), ["same-0", "other-0", "new-0"]);
+}
+
+/// A server that answers the AMQP header with `reply` (or nothing), for each connection.
+fn hostile_broker(
+    reply: &'static [u8],
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let c2 = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut s in l.incoming().flatten() {
+            c2.fetch_add(1, Ordering::Relaxed);
+            let mut header = [0u8; 8];
+            let _ = s.read_exact(&mut header);
+            let _ = s.write_all(reply);
+            held.push(s);
+        }
+    });
+    (format!("amqp://guest:guest@{addr}/%2f"), count)
+}
+
+#[test]
+fn a_hostile_broker_is_a_clear_error_and_never_a_hang() {
+    let sb = Sandbox::new("amqp-hostile");
+    let (garbage, garbage_connects) = hostile_broker(b"HTTP/1.1 400 Bad Request\r\n\r\n\x01\x00");
+    let (silent, _) = hostile_broker(b"");
+    for (url, what) in [(garbage, "garbage"), (silent, "silence")] {
+        amqp_config(
+            &sb,
+            2,
+            &format!("url = \"{url}\"\nqueue = \"email\"\nfunction = \"echo\"\n"),
+            "",
+        );
+        let mut w = sb.start();
+        let s = w.wait_for(Duration::from_secs(15), "an error shown", |s| {
+            s["servers"][0]["last_error"].is_string()
+        });
+        eprintln!("{what}: {}", s["servers"][0]);
+        assert_ne!(s["servers"][0]["state"], "connected", "{what}");
+        // Signals are acted on whatever the broker does.
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(2);
+        let asked = Instant::now();
+        w.signal(Signal::SIGTERM);
+        w.wait_exit(Duration::from_secs(5));
+        assert!(
+            asked.elapsed() < Duration::from_secs(4),
+            "{what}: TERM took {:?}",
+            asked.elapsed()
+        );
+    }
+    assert!(
+        garbage_connects.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "retried with backoff"
+    );
+}
+
+#[test]
+fn amqps_through_rabbitmqs_own_tls_listener() {
+    if !Rabbit::available("amqps_through_rabbitmqs_own_tls_listener") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-tls");
+    let certs = sb.path("certs");
+    fs::create_dir_all(&certs).unwrap();
+    let sh = format!(
+        "set -e; cd {0}; \
+         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca 2>/dev/null; \
+         openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null; \
+         printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext; \
+         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext 2>/dev/null; \
+         chmod 644 server.key",
+        certs.display()
+    );
+    assert!(Command::new("sh")
+        .args(["-c", &sh])
+        .status()
+        .unwrap()
+        .success());
+    let r = Rabbit::start_tls(
+        &sb.dir,
+        &certs.join("server.pem"),
+        &certs.join("server.key"),
+        &certs.join("ca.pem"),
+    );
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"amqps://guest:guest@localhost:{}/%2f\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+            r.tls_port.unwrap()
+        ),
+        &format!(
+            "[source.tls]\nca_file = \"{}\"\n[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
+            certs.join("ca.pem").display()
+        ),
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected over TLS", connected);
+    php_publish(&r, 20, "tls", "", "");
+    eventually(Duration::from_secs(20), "20 sent", || {
+        lines(&sent).len() >= 20
+    });
+    let conns = r.ctl(&["-q", "list_connections", "ssl", "ssl_protocol"]);
+    assert!(
+        conns.contains("true"),
+        "the worker's connection is TLS: {conns}"
+    );
+    drop(w);
+    // A CA that did not sign the broker's certificate: refused, said in status.
+    fs::write(
+        sb.config(),
+        fs::read_to_string(sb.config())
+            .unwrap()
+            .replace("ca.pem", "server.pem"),
+    )
+    .unwrap();
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(20), "a TLS error", |s| {
+        s["servers"][0]["last_error"].is_string()
+    });
+    assert_ne!(s["servers"][0]["state"], "connected", "{s}");
+}
