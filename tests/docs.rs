@@ -195,6 +195,7 @@ fn the_test_setup_names_missing_packages_when_it_cannot_install() {
         "tmux",
         "prometheus",
         "php-zmq",
+        "php-amqp",
     ] {
         assert!(err.contains(pkg), "{pkg} not named: {err}");
     }

@@ -23,7 +23,6 @@ pub struct Answer {
 
 /// A client connection to the first broker that answers.
 struct Client {
-    runtime: super::Runtime,
     conn: Connection,
     channel: lapin::Channel,
     io_timeout: Duration,
@@ -45,26 +44,19 @@ impl Client {
             let props =
                 ConnectionProperties::default().with_connection_name("gearshift submit".into());
             match bounded(
-                &runtime,
                 cfg.io_timeout,
                 "connecting",
                 Connection::connect_uri_with_config(uri, props, tls.clone(), runtime.clone()),
             ) {
                 Ok(conn) => {
-                    let channel = bounded(
-                        &runtime,
-                        cfg.io_timeout,
-                        "opening a channel",
-                        conn.create_channel(),
-                    )?;
+                    let channel =
+                        bounded(cfg.io_timeout, "opening a channel", conn.create_channel())?;
                     bounded(
-                        &runtime,
                         cfg.io_timeout,
                         "confirm.select",
                         channel.confirm_select(ConfirmSelectOptions::default()),
                     )?;
                     return Ok(Client {
-                        runtime,
                         conn,
                         channel,
                         io_timeout: cfg.io_timeout,
@@ -130,7 +122,7 @@ impl Client {
                 Ok(nacked)
             };
             let wait = self.io_timeout + Duration::from_millis(n);
-            let nacked = bounded(&self.runtime, wait, "publishing", batch)?;
+            let nacked = bounded(wait, "publishing", batch)?;
             if nacked > 0 {
                 return Err(Error::Peer(format!(
                     "the broker refused {nacked} of the messages (nack)"
@@ -143,7 +135,6 @@ impl Client {
 
     fn close(self) {
         let _ = bounded(
-            &self.runtime,
             Duration::from_secs(1),
             "closing",
             self.conn.close(200, "done".into()),
@@ -198,7 +189,6 @@ fn call_on(
         ..QueueDeclareOptions::default()
     };
     let queue = bounded(
-        &client.runtime,
         client.io_timeout,
         "declaring a reply queue",
         client
@@ -206,7 +196,6 @@ fn call_on(
             .queue_declare("".into(), exclusive, FieldTable::default()),
     )?;
     let mut replies = bounded(
-        &client.runtime,
         client.io_timeout,
         "consuming replies",
         client.channel.basic_consume(
@@ -240,7 +229,7 @@ fn call_on(
         }
         Ok(None)
     };
-    match bounded(&client.runtime, wait, "waiting for the answer", answer) {
+    match bounded(wait, "waiting for the answer", answer) {
         Err(Error::TimedOut(_)) => Ok(None),
         other => other,
     }

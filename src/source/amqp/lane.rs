@@ -1,16 +1,14 @@
 //! One lane's connection, channel and consumer, and the job it holds.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::RecvTimeoutError;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 
 use super::link::{bounded, drop_link, Link};
-use super::{Msg, Setup, CLOSE_WAIT};
+use super::{Setup, CLOSE_WAIT};
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, NoProgress, Progress};
 use crate::kinds::ConnState;
@@ -35,7 +33,8 @@ pub(super) struct AmqpLane {
     s: Setup,
     link: Option<Link>,
     epoch: u64,
-    next_url: usize,
+    /// The broker of the last link (for `status`).
+    url: usize,
     backoff: Duration,
     retry_at: Instant,
     logged: String,
@@ -46,7 +45,7 @@ pub(super) struct AmqpLane {
 impl AmqpLane {
     pub(super) fn new(s: Setup) -> AmqpLane {
         let lane = AmqpLane {
-            next_url: s.index % s.cfg.urls.len().max(1),
+            url: 0,
             s,
             link: None,
             epoch: 0,
@@ -81,31 +80,46 @@ impl AmqpLane {
         }
     }
 
-    /// Connects to the next broker in turn: channel, confirms, qos, declarations, consumer.
+    /// Opens this lane's channel and consumer on the generation's connection (made now if
+    /// there is none).
     fn connect(&mut self, stop: &Shutdown) -> Result<()> {
-        let url = self.s.cfg.urls[self.next_url].clone();
-        self.view(&url.shown, ConnState::Connecting, None);
+        let shared = self.s.broker.connection(&self.s, stop).inspect_err(|_| {
+            self.url = self.s.broker.next_url() % self.s.cfg.urls.len().max(1);
+        })?;
+        self.url = shared.url;
         self.epoch += 1;
-        self.link = Some(super::link::open(&self.s, &url, self.epoch, stop)?);
+        let shown = self.s.cfg.urls[shared.url].shown.clone();
+        self.view(&shown, ConnState::Connecting, None);
+        let epoch = shared.epoch;
+        match super::link::open(&self.s, shared, self.epoch, stop) {
+            Ok(link) => self.link = Some(link),
+            Err(e) => {
+                self.s.broker.failed_if_closed(epoch);
+                return Err(e);
+            }
+        }
         self.backoff = BACKOFF_MIN;
         if !self.logged.is_empty() {
-            log::info!("amqp {}: connected", url.shown);
+            log::info!("amqp {shown}: lane {} consuming again", self.s.index);
             self.logged.clear();
         }
-        self.view(&url.shown, ConnState::Connected, None);
+        self.view(&shown, ConnState::Connected, None);
         Ok(())
     }
 
-    /// Drops the link and schedules a reconnect (to the next broker) with backoff and jitter.
+    /// Drops the link (its channel; the connection too if it is the one that failed) and
+    /// schedules a new one with backoff and jitter.
     fn fail(&mut self, why: &str) {
-        let url = self.s.cfg.urls[self.next_url].shown.clone();
+        let url = self.s.cfg.urls[self.url].shown.clone();
         if let Some(link) = self.link.take() {
-            // Whatever it held goes back to the broker when the connection closes.
-            drop_link(&self.s.runtime, link);
+            self.s.broker.failed_if_closed(link.shared.epoch);
+            // Whatever it held goes back to the queue when the channel closes.
+            drop_link(link);
         }
         if self.logged != why {
             log::warn!(
-                "amqp {url}: {why}; retrying with backoff (up to {:?})",
+                "amqp {url}: lane {}: {why}; retrying with backoff (up to {:?})",
+                self.s.index,
                 self.s.cfg.reconnect_max
             );
             self.logged = why.to_string();
@@ -119,7 +133,6 @@ impl AmqpLane {
         let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
         self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
         self.backoff = (self.backoff * 2).min(self.s.cfg.reconnect_max);
-        self.next_url = (self.next_url + 1) % self.s.cfg.urls.len().max(1);
     }
 
     /// A delivery as a claimed job, or None when it needs no run (a redelivery of a job that
@@ -176,32 +189,36 @@ impl AmqpLane {
     }
 
     /// `basic.ack` (done) or `basic.nack` without requeue (failed: dead-lettered if the queue
-    /// has a dead-letter exchange).
+    /// has a dead-letter exchange). The frame is queued for lapin's I/O thread and not waited
+    /// for: the broker does not answer an ack anyway, and if the connection breaks before it is
+    /// written, the broker delivers the job again (the next delivery shows the break).
     fn ack(&mut self, tag: u64, done: bool) -> Result<()> {
         let link = self
             .link
             .as_ref()
             .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let r = if done {
-            bounded(
-                &self.s.runtime,
-                self.s.cfg.io_timeout,
-                "basic.ack",
+        let now = Some(Instant::now());
+        let first = if done {
+            super::wait::run_until(
                 link.channel.basic_ack(tag, BasicAckOptions::default()),
+                now,
+                None,
             )
         } else {
-            bounded(
-                &self.s.runtime,
-                self.s.cfg.io_timeout,
-                "basic.nack",
+            super::wait::run_until(
                 link.channel.basic_nack(tag, BasicNackOptions::default()),
+                now,
+                None,
             )
         };
-        if let Err(e) = &r {
-            let why = e.to_string();
-            self.fail(&why);
+        match first {
+            Some(Err(e)) => {
+                let e = super::link::lapin_error(if done { "basic.ack" } else { "basic.nack" }, &e);
+                self.fail(&e.to_string());
+                Err(e)
+            }
+            _ => Ok(()),
         }
-        r
     }
 
     /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm.
@@ -237,12 +254,7 @@ impl AmqpLane {
                 .await?
                 .await
         };
-        match bounded(
-            &self.s.runtime,
-            self.s.cfg.io_timeout,
-            "publishing the reply",
-            publish,
-        ) {
+        match bounded(self.s.cfg.io_timeout, "publishing the reply", publish) {
             Ok(c) if c.is_nack() => Err(Error::Peer("the broker refused the reply (nack)".into())),
             Ok(_) => Ok(()),
             Err(e) => {
@@ -253,71 +265,39 @@ impl AmqpLane {
         }
     }
 
-    /// Waits while the broker blocks publishing on this connection (memory or disk alarm).
-    fn wait_unblocked(&mut self) {
-        let Some(link) = self.link.as_mut() else {
+    /// Waits while the broker blocks publishing on this connection (memory or disk alarm),
+    /// as long as the connection lives.
+    fn wait_unblocked(&self) {
+        let Some(link) = self.link.as_ref() else {
             return;
         };
+        let status = link.shared.conn.status();
         let mut said = false;
-        loop {
-            // Take every event already there.
-            while let Some(Some(ev)) =
-                futures_lite::future::block_on(futures_lite::future::poll_once(link.events.next()))
-            {
-                match ev {
-                    lapin::Event::ConnectionBlocked(why) => link.blocked = Some(why),
-                    lapin::Event::ConnectionUnblocked => link.blocked = None,
-                    _ => {}
-                }
-            }
-            let Some(why) = link.blocked.clone() else {
-                return;
-            };
+        while status.blocked() && status.connected() {
             if !said {
                 log::warn!(
-                    "amqp: the broker blocks publishing ({}): the reply waits",
-                    crate::text::escape(&why)
+                    "amqp: the broker blocks publishing (a resource alarm): the reply waits"
                 );
                 said = true;
             }
-            let next = async {
-                futures_lite::future::or(async { link.events.next().await }, async {
-                    async_rs::traits::Reactor::sleep(&self.s.runtime, Duration::from_secs(1)).await;
-                    None
-                })
-                .await
-            };
-            match self.s.runtime_block_on(next) {
-                Some(lapin::Event::ConnectionUnblocked) => link.blocked = None,
-                Some(lapin::Event::ConnectionBlocked(w)) => link.blocked = Some(w),
-                _ => {}
-            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-    }
-}
-
-impl Setup {
-    fn runtime_block_on<T>(&self, fut: impl Future<Output = T>) -> T {
-        async_rs::traits::Executor::block_on(&self.runtime, fut)
     }
 }
 
 impl Lane for AmqpLane {
     fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
         loop {
+            // Listening before looking at the flag: a wake in between is not lost.
+            let woken = self.s.wake.listen();
             if stop.is_set() {
                 return Ok(None);
             }
-            if self.link.is_none() {
+            let Some(link) = self.link.as_mut() else {
                 let wait = self.retry_at.saturating_duration_since(Instant::now());
                 if !wait.is_zero() {
-                    match self.s.rx.recv_timeout(wait) {
-                        Ok(Msg::Delivery(..) | Msg::Broken(..) | Msg::Wake) => continue,
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(Error::Internal("the lane's channel closed".into()))
-                        }
-                    }
+                    super::wait::run_until(woken, Some(Instant::now() + wait), None);
+                    continue;
                 }
                 if let Err(e) = self.connect(stop) {
                     if stop.is_set() {
@@ -326,25 +306,25 @@ impl Lane for AmqpLane {
                     self.fail(&e.to_string());
                 }
                 continue;
-            }
-            let msg = self
-                .s
-                .rx
-                .recv()
-                .map_err(|_| Error::Internal("the lane's channel closed".into()))?;
-            let current = self.link.as_ref().map_or(0, |l| l.epoch);
-            match msg {
-                Msg::Wake => {}
-                Msg::Broken(epoch, why) if epoch == current => {
-                    self.fail(&crate::text::escape(&why));
-                }
-                Msg::Delivery(epoch, d) if epoch == current => {
-                    if let Some(job) = self.claim(epoch, *d)? {
+            };
+            let epoch = link.epoch;
+            let got = super::wait::run(futures_lite::future::or(
+                async { Some(link.consumer.next().await) },
+                async {
+                    woken.await;
+                    None
+                },
+            ));
+            match got {
+                // Woken: look at the stop flag.
+                None => {}
+                Some(Some(Ok(d))) => {
+                    if let Some(job) = self.claim(epoch, d)? {
                         return Ok(Some(job));
                     }
                 }
-                // From a link already dropped: the broker has taken it back.
-                Msg::Broken(..) | Msg::Delivery(..) => {}
+                Some(Some(Err(e))) => self.fail(&crate::text::escape(&e.to_string())),
+                Some(None) => self.fail("the broker cancelled the consumer"),
             }
         }
     }
@@ -382,45 +362,37 @@ impl Lane for AmqpLane {
         let Some(link) = self.link.take() else {
             return Ok(());
         };
-        let rt = &self.s.runtime;
         let _ = bounded(
-            rt,
             CLOSE_WAIT,
             "basic.cancel",
             link.channel
                 .basic_cancel(link.consumer_tag.clone(), BasicCancelOptions::default()),
         );
         let mut given_back = 0;
-        while let Ok(msg) = self.s.rx.try_recv() {
-            if let Msg::Delivery(epoch, d) = msg {
-                if epoch == link.epoch {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    };
-                    if bounded(
-                        rt,
-                        CLOSE_WAIT,
-                        "basic.nack",
-                        link.channel.basic_nack(d.delivery_tag, requeue),
-                    )
-                    .is_ok()
-                    {
-                        given_back += 1;
-                    }
-                }
+        let mut link = link;
+        // Deliveries that arrived and did not start: back to the queue, not to wait for the
+        // channel's close.
+        while let Some(Some(Ok(d))) =
+            futures_lite::future::block_on(futures_lite::future::poll_once(link.consumer.next()))
+        {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if bounded(
+                CLOSE_WAIT,
+                "basic.nack",
+                link.channel.basic_nack(d.delivery_tag, requeue),
+            )
+            .is_ok()
+            {
+                given_back += 1;
             }
         }
         if given_back > 0 {
             log::info!("amqp: gave back {given_back} delivery(ies) that had not started");
         }
-        let _ = bounded(
-            rt,
-            CLOSE_WAIT,
-            "channel.close",
-            link.channel.close(200, "restart".into()),
-        );
-        drop_link(rt, link);
+        drop_link(link);
         Ok(())
     }
 
@@ -437,7 +409,6 @@ impl Lane for AmqpLane {
             ..BasicNackOptions::default()
         };
         let _ = bounded(
-            &self.s.runtime,
             CLOSE_WAIT,
             "basic.nack",
             link.channel.basic_nack(hand.tag, requeue),

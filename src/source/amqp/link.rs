@@ -2,51 +2,34 @@
 //! topology and the consumer, each step bounded by `io_timeout`.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::Channel;
 
-use super::{Msg, Runtime, Setup, CLOSE_WAIT};
-use crate::config::AmqpUrl;
+use super::broker::Shared;
+use super::{Setup, CLOSE_WAIT};
 use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
 
-/// A connection with this lane's channel and consumer.
+/// This lane's channel and consumer on the shared connection.
 pub(super) struct Link {
-    pub(super) conn: Connection,
+    pub(super) shared: Shared,
     pub(super) channel: Channel,
+    /// Deliveries, polled by the lane itself (no hop through an executor task).
+    pub(super) consumer: lapin::Consumer,
     pub(super) consumer_tag: ShortString,
-    pub(super) events: std::pin::Pin<Box<dyn futures_lite::Stream<Item = lapin::Event> + Send>>,
-    /// The broker's `connection.blocked` reason while publishing is blocked.
-    pub(super) blocked: Option<String>,
+    /// Tells this link from the lane's earlier ones.
     pub(super) epoch: u64,
 }
 
-/// Connects to `url` and starts this lane's consumer; its deliveries reach the lane tagged
-/// with `epoch`.
-pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64, stop: &Shutdown) -> Result<Link> {
-    let mut uri: lapin::uri::AMQPUri = url
-        .url
-        .parse()
-        .map_err(|e| Error::Config(format!("{}: {e}", url.shown)))?;
-    uri.query.heartbeat = Some(s.cfg.heartbeat.as_secs().min(u64::from(u16::MAX)) as u16);
-    // Frames no larger than a job needs (the broker may ask for smaller ones).
-    uri.query.frame_max = Some((s.max_payload + 4096).clamp(8192, 1 << 20) as u32);
-    uri.query.connection_timeout = Some(s.cfg.io_timeout.as_millis() as u64);
-    let props = ConnectionProperties::default().with_connection_name(s.name.clone().into());
-    let conn = step(
-        s,
-        stop,
-        "connecting",
-        Connection::connect_uri_with_config(uri, props, s.tls.clone(), s.runtime.clone()),
-    )?;
-    let events = Box::pin(conn.events_listener());
-    let channel = step(s, stop, "opening a channel", conn.create_channel())?;
+/// Opens this lane's channel on `shared`: confirms, qos, `[source.declare]`, the consumer.
+pub(super) fn open(s: &Setup, shared: Shared, epoch: u64, stop: &Shutdown) -> Result<Link> {
+    let channel = step(s, stop, "opening a channel", shared.conn.create_channel())?;
     step(
         s,
         stop,
@@ -60,7 +43,7 @@ pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64, stop: &Shutdown) -> Res
         channel.basic_qos(s.cfg.prefetch, BasicQosOptions::default()),
     )?;
     declare(s, &channel, stop)?;
-    let consumer_tag: ShortString = format!("{} {}", s.name, epoch)
+    let consumer_tag: ShortString = format!("{} lane {} {}", s.name, s.index, epoch)
         .chars()
         .take(250)
         .collect::<String>()
@@ -76,22 +59,11 @@ pub(super) fn open(s: &Setup, url: &AmqpUrl, epoch: u64, stop: &Shutdown) -> Res
             FieldTable::default(),
         ),
     )?;
-    let tx = s.tx.clone();
-    consumer.set_delegate(move |delivery: lapin::message::DeliveryResult| {
-        let msg = match delivery {
-            Ok(Some(d)) => Msg::Delivery(epoch, Box::new(d)),
-            Ok(None) => Msg::Broken(epoch, "the broker cancelled the consumer".into()),
-            Err(e) => Msg::Broken(epoch, e.to_string()),
-        };
-        let _ = tx.send(msg);
-        std::future::ready(())
-    });
     Ok(Link {
-        conn,
+        shared,
         channel,
+        consumer,
         consumer_tag,
-        events,
-        blocked: None,
         epoch,
     })
 }
@@ -165,7 +137,7 @@ fn declare(s: &Setup, channel: &Channel, stop: &Shutdown) -> Result<()> {
 
 /// A lapin error as ours: a closed connection or channel means the peer is gone (whatever the
 /// lane held is the broker's again); anything else is the broker misbehaving.
-fn lapin_error(what: &str, e: &lapin::Error) -> Error {
+pub(super) fn lapin_error(what: &str, e: &lapin::Error) -> Error {
     let text = crate::text::escape(&e.to_string()).into_owned();
     match e.kind() {
         lapin::ErrorKind::InvalidConnectionState(_)
@@ -184,16 +156,11 @@ fn lapin_error(what: &str, e: &lapin::Error) -> Error {
 /// Runs `fut` for at most `limit`; a lapin error is an [`Error`], the time running out
 /// [`Error::TimedOut`].
 pub(crate) fn bounded<T>(
-    runtime: &Runtime,
     limit: Duration,
     what: &str,
     fut: impl Future<Output = lapin::Result<T>>,
 ) -> Result<T> {
-    let timed = futures_lite::future::or(async { Some(fut.await) }, async {
-        async_rs::traits::Reactor::sleep(runtime, limit).await;
-        None
-    });
-    match async_rs::traits::Executor::block_on(runtime, timed) {
+    match super::wait::run_until(fut, Some(Instant::now() + limit), None) {
         Some(Ok(v)) => Ok(v),
         Some(Err(e)) => Err(lapin_error(what, &e)),
         None => Err(Error::TimedOut(format!(
@@ -204,28 +171,17 @@ pub(crate) fn bounded<T>(
 
 /// A step of opening a link: bounded by `io_timeout`, and given up as soon as the lane is
 /// asked to stop (a restart does not wait for a broker that does not answer).
-fn step<T>(
+pub(super) fn step<T>(
     s: &Setup,
     stop: &Shutdown,
     what: &str,
     fut: impl Future<Output = lapin::Result<T>>,
 ) -> Result<T> {
-    let stopped = async {
-        while !stop.is_set() {
-            async_rs::traits::Reactor::sleep(&s.runtime, Duration::from_millis(50)).await;
-        }
-        Some(Err(Error::Gone(format!("{what}: the lane is stopping"))))
-    };
-    let timed = futures_lite::future::or(
-        async { Some(fut.await.map_err(|e| lapin_error(what, &e))) },
-        stopped,
-    );
-    let timed = futures_lite::future::or(timed, async {
-        async_rs::traits::Reactor::sleep(&s.runtime, s.cfg.io_timeout).await;
-        None
-    });
-    match async_rs::traits::Executor::block_on(&s.runtime, timed) {
-        Some(r) => r,
+    let stopping = || stop.is_set();
+    let deadline = Some(Instant::now() + s.cfg.io_timeout);
+    match super::wait::run_until(fut, deadline, Some((Duration::from_millis(50), &stopping))) {
+        Some(r) => r.map_err(|e| lapin_error(what, &e)),
+        None if stop.is_set() => Err(Error::Gone(format!("{what}: the lane is stopping"))),
         None => Err(Error::TimedOut(format!(
             "{what}: no answer within {:?}",
             s.cfg.io_timeout
@@ -233,12 +189,11 @@ fn step<T>(
     }
 }
 
-/// Closes a link without waiting long: the broker requeues what it held either way.
-pub(super) fn drop_link(runtime: &Runtime, link: Link) {
+/// Closes a link's channel without waiting long: the broker requeues what it held.
+pub(super) fn drop_link(link: Link) {
     let _ = bounded(
-        runtime,
         CLOSE_WAIT,
-        "closing",
-        link.conn.close(320, "gearshift".into()),
+        "channel.close",
+        link.channel.close(200, "gearshift".into()),
     );
 }

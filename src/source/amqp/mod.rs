@@ -13,15 +13,15 @@
 //! cross execve. The new generation consumes afresh; nothing acknowledged is run again, and
 //! nothing unacknowledged is lost (the broker holds it).
 
+mod broker;
 pub mod client;
 mod dedupe;
 mod lane;
 mod link;
+mod wait;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::AmqpConfig;
 use crate::error::{Error, Result};
@@ -29,17 +29,6 @@ use crate::source::lane::Lane;
 use crate::source::JobSource;
 pub use crate::status::ServerViews as Views;
 use dedupe::Dedupe;
-
-/// What a lane's channel hears: from its consumer, or [`JobSource::wake`].
-enum Msg {
-    /// A delivery on the link of this epoch.
-    Delivery(u64, Box<lapin::message::Delivery>),
-    /// The link of this epoch broke (the channel or connection closed, the consumer was
-    /// cancelled by the broker).
-    Broken(u64, String),
-    /// Look at the stop flag.
-    Wake,
-}
 
 /// How long closing a link may take before it is dropped (the broker then requeues).
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -52,10 +41,11 @@ struct Setup {
     max_payload: usize,
     name: String,
     index: usize,
-    tx: Sender<Msg>,
-    rx: Receiver<Msg>,
+    /// Notified by [`JobSource::wake`]: lanes waiting for a delivery look at their stop flag.
+    wake: Arc<event_listener::Event>,
     views: Views,
     dedupe: Arc<Mutex<Dedupe>>,
+    broker: Arc<broker::Broker>,
 }
 
 /// The executor lapin's connections run on (its threads serve heartbeats while lanes run jobs).
@@ -68,9 +58,10 @@ pub struct AmqpSource {
     tls: lapin::tcp::OwnedTLSConfig,
     max_payload: usize,
     generation: u64,
-    wakers: Mutex<Vec<Sender<Msg>>>,
+    wake: Arc<event_listener::Event>,
     views: Views,
     dedupe: Arc<Mutex<dedupe::Dedupe>>,
+    broker: Arc<broker::Broker>,
 }
 
 impl AmqpSource {
@@ -96,9 +87,10 @@ impl AmqpSource {
             tls,
             max_payload,
             generation,
-            wakers: Mutex::new(Vec::new()),
+            wake: Arc::new(event_listener::Event::new()),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
+            broker: Arc::default(),
         })
     }
 }
@@ -155,35 +147,32 @@ impl JobSource for AmqpSource {
         index: usize,
         _functions: &[(String, Option<Duration>)],
     ) -> Result<Box<dyn Lane>> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        if let Ok(mut w) = self.wakers.lock() {
-            w.push(tx.clone());
-        }
         Ok(Box::new(lane::AmqpLane::new(Setup {
             cfg: self.cfg.clone(),
             runtime: self.runtime.clone(),
             tls: self.tls.clone(),
             max_payload: self.max_payload,
             name: format!(
-                "gearshift {}:{}:{} lane {index}",
+                "gearshift {}:{}:{}",
                 hostname(),
                 std::process::id(),
                 self.generation
             ),
             index,
-            tx,
-            rx,
+            wake: Arc::clone(&self.wake),
             views: Arc::clone(&self.views),
             dedupe: Arc::clone(&self.dedupe),
+            broker: Arc::clone(&self.broker),
         })))
     }
 
     fn wake(&self) {
-        if let Ok(w) = self.wakers.lock() {
-            for tx in w.iter() {
-                let _ = tx.send(Msg::Wake);
-            }
-        }
+        self.wake.notify(usize::MAX);
+    }
+
+    /// Every lane has closed its channel: close the connection (at most 1 s).
+    fn settle(&self, _exiting: bool) {
+        self.broker.close(CLOSE_WAIT);
     }
 }
 
