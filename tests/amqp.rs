@@ -464,7 +464,9 @@ fn a_hostile_broker_is_a_clear_error_and_never_a_hang() {
         assert_ne!(s["servers"][0]["state"], "connected", "{what}");
         // Signals are acted on whatever the broker does.
         w.signal(Signal::SIGHUP);
-        w.wait_generation(2);
+        w.wait_for(Duration::from_secs(10), "generation 2", |s| {
+            s["generation"] == 2 && s["state"] == "no server reachable"
+        });
         let asked = Instant::now();
         w.signal(Signal::SIGTERM);
         w.wait_exit(Duration::from_secs(5));

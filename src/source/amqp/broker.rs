@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lapin::{Connection, ConnectionProperties};
 
-use super::link::step;
+use super::wait::step;
 use super::Setup;
 use crate::config::AmqpUrl;
 use crate::error::{Error, Result};
@@ -132,7 +132,7 @@ impl Broker {
             .ok()
             .and_then(|mut slot| slot.current.take());
         if let Some(c) = current {
-            let _ = super::link::bounded(
+            let _ = super::wait::bounded(
                 limit,
                 "closing the connection",
                 c.conn.close(200, "gearshift restarting or stopping".into()),

@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use super::lane::OUTCOME_HEADER;
-use super::link::bounded;
+use super::wait::bounded;
 use crate::config::AmqpConfig;
 use crate::error::{Error, Result};
 

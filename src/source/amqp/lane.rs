@@ -7,7 +7,8 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, Basi
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 
-use super::link::{bounded, drop_link, Link};
+use super::link::{drop_link, Link};
+use super::wait::bounded;
 use super::{Setup, CLOSE_WAIT};
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, NoProgress, Progress};
@@ -213,7 +214,7 @@ impl AmqpLane {
         };
         match first {
             Some(Err(e)) => {
-                let e = super::link::lapin_error(if done { "basic.ack" } else { "basic.nack" }, &e);
+                let e = super::wait::lapin_error(if done { "basic.ack" } else { "basic.nack" }, &e);
                 self.fail(&e.to_string());
                 Err(e)
             }

@@ -1,9 +1,6 @@
 //! One lane's link to a broker: the connection, its channel (confirms, qos), the declared
 //! topology and the consumer, each step bounded by `io_timeout`.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
-
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -12,8 +9,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Channel;
 
 use super::broker::Shared;
+use super::wait::{bounded, step};
 use super::{Setup, CLOSE_WAIT};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::shutdown::Shutdown;
 
 /// This lane's channel and consumer on the shared connection.
@@ -133,60 +131,6 @@ fn declare(s: &Setup, channel: &Channel, stop: &Shutdown) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// A lapin error as ours: a closed connection or channel means the peer is gone (whatever the
-/// lane held is the broker's again); anything else is the broker misbehaving.
-pub(super) fn lapin_error(what: &str, e: &lapin::Error) -> Error {
-    let text = crate::text::escape(&e.to_string()).into_owned();
-    match e.kind() {
-        lapin::ErrorKind::InvalidConnectionState(_)
-        | lapin::ErrorKind::InvalidChannelState(..)
-        | lapin::ErrorKind::IOError(_)
-        | lapin::ErrorKind::MissingHeartbeatError => Error::Gone(format!("{what}: {text}")),
-        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
-            Error::Peer(format!(
-                "{what}: the server does not speak AMQP 0-9-1 as a broker should ({text})"
-            ))
-        }
-        _ => Error::Peer(format!("{what}: {text}")),
-    }
-}
-
-/// Runs `fut` for at most `limit`; a lapin error is an [`Error`], the time running out
-/// [`Error::TimedOut`].
-pub(crate) fn bounded<T>(
-    limit: Duration,
-    what: &str,
-    fut: impl Future<Output = lapin::Result<T>>,
-) -> Result<T> {
-    match super::wait::run_until(fut, Some(Instant::now() + limit), None) {
-        Some(Ok(v)) => Ok(v),
-        Some(Err(e)) => Err(lapin_error(what, &e)),
-        None => Err(Error::TimedOut(format!(
-            "{what}: no answer within {limit:?}"
-        ))),
-    }
-}
-
-/// A step of opening a link: bounded by `io_timeout`, and given up as soon as the lane is
-/// asked to stop (a restart does not wait for a broker that does not answer).
-pub(super) fn step<T>(
-    s: &Setup,
-    stop: &Shutdown,
-    what: &str,
-    fut: impl Future<Output = lapin::Result<T>>,
-) -> Result<T> {
-    let stopping = || stop.is_set();
-    let deadline = Some(Instant::now() + s.cfg.io_timeout);
-    match super::wait::run_until(fut, deadline, Some((Duration::from_millis(50), &stopping))) {
-        Some(r) => r.map_err(|e| lapin_error(what, &e)),
-        None if stop.is_set() => Err(Error::Gone(format!("{what}: the lane is stopping"))),
-        None => Err(Error::TimedOut(format!(
-            "{what}: no answer within {:?}",
-            s.cfg.io_timeout
-        ))),
-    }
 }
 
 /// Closes a link's channel without waiting long: the broker requeues what it held.

@@ -9,6 +9,10 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use super::Setup;
+use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
+
 struct Unpark(Thread);
 
 impl Wake for Unpark {
@@ -64,5 +68,59 @@ pub(super) fn run<T>(fut: impl Future<Output = T>) -> T {
             return v;
         }
         std::thread::park();
+    }
+}
+
+/// A lapin error as ours: a closed connection or channel means the peer is gone (whatever the
+/// lane held is the broker's again); anything else is the broker misbehaving.
+pub(super) fn lapin_error(what: &str, e: &lapin::Error) -> Error {
+    let text = crate::text::escape(&e.to_string()).into_owned();
+    match e.kind() {
+        lapin::ErrorKind::InvalidConnectionState(_)
+        | lapin::ErrorKind::InvalidChannelState(..)
+        | lapin::ErrorKind::IOError(_)
+        | lapin::ErrorKind::MissingHeartbeatError => Error::Gone(format!("{what}: {text}")),
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
+            Error::Peer(format!(
+                "{what}: the server does not speak AMQP 0-9-1 as a broker should ({text})"
+            ))
+        }
+        _ => Error::Peer(format!("{what}: {text}")),
+    }
+}
+
+/// Runs `fut` for at most `limit`; a lapin error is an [`Error`], the time running out
+/// [`Error::TimedOut`].
+pub(super) fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    match run_until(fut, Some(Instant::now() + limit), None) {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(lapin_error(what, &e)),
+        None => Err(Error::TimedOut(format!(
+            "{what}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+/// A step of opening a link: bounded by `io_timeout`, and given up as soon as the lane is
+/// asked to stop (a restart does not wait for a broker that does not answer).
+pub(super) fn step<T>(
+    s: &Setup,
+    stop: &Shutdown,
+    what: &str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    let stopping = || stop.is_set();
+    let deadline = Some(Instant::now() + s.cfg.io_timeout);
+    match run_until(fut, deadline, Some((Duration::from_millis(50), &stopping))) {
+        Some(r) => r.map_err(|e| lapin_error(what, &e)),
+        None if stop.is_set() => Err(Error::Gone(format!("{what}: the lane is stopping"))),
+        None => Err(Error::TimedOut(format!(
+            "{what}: no answer within {:?}",
+            s.cfg.io_timeout
+        ))),
     }
 }
