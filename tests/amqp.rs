@@ -549,3 +549,77 @@ fn amqps_through_rabbitmqs_own_tls_listener() {
     });
     assert_ne!(s["servers"][0]["state"], "connected", "{s}");
 }
+
+#[test]
+fn a_reply_waits_while_the_broker_blocks_publishing() {
+    if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-blocked");
+    let r = Rabbit::start(&sb.dir, "");
+    let started = sb.path("started");
+    sb.job(
+        "slow",
+        &format!("#!/bin/sh\ntouch {}\nsleep 2\ncat\n", started.display()),
+    );
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
+            r.url()
+        ),
+        "[source.declare]\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    // One RPC request; the client prints the answer and when it came.
+    let mut rpc = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys,time; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             q=ch.queue_declare('',exclusive=True).method.queue; \
+             ch.basic_publish('','rpc',b'ping',pika.BasicProperties(reply_to=q,correlation_id='1')); \
+             got=[]; ch.basic_consume(q, lambda a,b,p,body: got.append(body), auto_ack=True); \
+             deadline=time.monotonic()+60\n\
+             while not got and time.monotonic()<deadline: c.process_data_events(time_limit=0.1)\n\
+             print(got[0].decode() if got else 'none', time.time())",
+            &r.url(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(20), "the job to start", || {
+        started.exists()
+    });
+    // A memory alarm: the broker blocks every publishing connection.
+    r.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        r.depth("rpc"),
+        (0, 1),
+        "held, unacknowledged, while the reply waits"
+    );
+    let lifted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    r.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    let mut out = String::new();
+    rpc.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let _ = rpc.wait();
+    let mut f = out.split_whitespace();
+    assert_eq!(f.next(), Some("ping"), "{out}");
+    let at: f64 = f.next().unwrap().parse().unwrap();
+    assert!(at >= lifted, "answered before the alarm ended: {out}");
+    eventually(Duration::from_secs(10), "acked", || {
+        r.depth("rpc") == (0, 0)
+    });
+    let s = w.status();
+    assert_eq!(s["jobs_completed"], 1, "{s}");
+    assert!(
+        w.log_text().contains("blocks publishing"),
+        "{}",
+        w.log_text()
+    );
+}

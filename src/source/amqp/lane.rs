@@ -228,7 +228,6 @@ impl AmqpLane {
         let Some(reply_to) = &hand.reply_to else {
             return Ok(());
         };
-        self.wait_unblocked();
         let (body, word) = match outcome {
             Ok(r) => (r.clone(), "done"),
             Err(e) => (e.message.clone().into_bytes(), "failed"),
@@ -239,23 +238,8 @@ impl AmqpLane {
         if let Some(c) = &hand.correlation_id {
             props = props.with_correlation_id(c.clone());
         }
-        let link = self
-            .link
-            .as_ref()
-            .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let publish = async {
-            link.channel
-                .basic_publish(
-                    "".into(),
-                    reply_to.clone(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await?
-                .await
-        };
-        match bounded(self.s.cfg.io_timeout, "publishing the reply", publish) {
+        let answer = self.publish_reply(hand, reply_to, &body, props);
+        match answer {
             Ok(c) if c.is_nack() => Err(Error::Peer("the broker refused the reply (nack)".into())),
             Ok(_) => Ok(()),
             Err(e) => {
@@ -266,22 +250,54 @@ impl AmqpLane {
         }
     }
 
-    /// Waits while the broker blocks publishing on this connection (memory or disk alarm),
-    /// as long as the connection lives.
-    fn wait_unblocked(&self) {
-        let Some(link) = self.link.as_ref() else {
-            return;
-        };
+    /// Publishes a reply and waits for its confirm.
+    fn publish_reply(
+        &self,
+        hand: &InHand,
+        reply_to: &ShortString,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<lapin::Confirmation> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| Error::Gone("no connection".into()))?;
         let status = link.shared.conn.status();
         let mut said = false;
-        while status.blocked() && status.connected() {
-            if !said {
-                log::warn!(
-                    "amqp: the broker blocks publishing (a resource alarm): the reply waits"
-                );
-                said = true;
+        let mut publish = std::pin::pin!(async {
+            link.channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        });
+        // While the broker blocks publishing (`connection.blocked`: a memory or disk alarm) the
+        // confirm waits for the alarm to end, as long as the connection lives; otherwise for
+        // `io_timeout`.
+        loop {
+            let deadline = Some(Instant::now() + self.s.cfg.io_timeout);
+            match super::wait::run_until(publish.as_mut(), deadline, None) {
+                Some(r) => {
+                    break r.map_err(|e| super::wait::lapin_error("publishing the reply", &e))
+                }
+                None if status.blocked() && status.connected() => {
+                    if !said {
+                        log::warn!("amqp: the broker blocks publishing (a resource alarm): job {}'s reply waits", hand.id);
+                        said = true;
+                    }
+                }
+                None => {
+                    break Err(Error::TimedOut(format!(
+                        "publishing the reply: no confirm within {:?}",
+                        self.s.cfg.io_timeout
+                    )))
+                }
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
