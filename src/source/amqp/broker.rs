@@ -34,6 +34,8 @@ struct Slot {
     current: Option<Shared>,
     epochs: u64,
     next_url: usize,
+    /// The broker of the last connect tried (for the lanes' views).
+    tried: usize,
     backoff: Duration,
     retry_at: Option<Instant>,
     last_error: String,
@@ -48,6 +50,17 @@ pub(super) struct Broker {
 }
 
 impl Broker {
+    /// A slot whose first connect tries broker `first` (a fleet started together spreads over
+    /// the brokers instead of all connecting to the first one listed).
+    pub fn starting_at(first: usize) -> Broker {
+        Broker {
+            slot: Mutex::new(Slot {
+                next_url: first,
+                ..Slot::default()
+            }),
+        }
+    }
+
     /// The live connection, made now if there is none (Err: none can be had now, and why).
     pub fn connection(&self, s: &Setup, stop: &Shutdown) -> Result<Shared> {
         let mut slot = self
@@ -64,6 +77,7 @@ impl Broker {
             return Err(Error::Gone(slot.last_error.clone()));
         }
         let url = slot.next_url % s.cfg.urls.len().max(1);
+        slot.tried = url;
         match connect(s, &s.cfg.urls[url], stop) {
             Ok(conn) => {
                 slot.epochs += 1;
@@ -119,9 +133,12 @@ impl Broker {
         }
     }
 
-    /// The broker the next connect tries.
-    pub fn next_url(&self) -> usize {
-        self.slot.lock().map(|s| s.next_url).unwrap_or(0)
+    /// The broker of the last connect tried, or of the live connection.
+    pub fn tried(&self) -> usize {
+        self.slot
+            .lock()
+            .map(|s| s.current.as_ref().map_or(s.tried, |c| c.url))
+            .unwrap_or(0)
     }
 
     /// Closes the connection (every lane has ended), waiting at most `limit`.

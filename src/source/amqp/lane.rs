@@ -85,7 +85,7 @@ impl AmqpLane {
     /// there is none).
     fn connect(&mut self, stop: &Shutdown) -> Result<()> {
         let shared = self.s.broker.connection(&self.s, stop).inspect_err(|_| {
-            self.url = self.s.broker.next_url() % self.s.cfg.urls.len().max(1);
+            self.url = self.s.broker.tried() % self.s.cfg.urls.len().max(1);
         })?;
         self.url = shared.url;
         self.epoch += 1;

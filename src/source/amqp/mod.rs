@@ -90,7 +90,9 @@ impl AmqpSource {
             wake: Arc::new(event_listener::Event::new()),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
-            broker: Arc::default(),
+            broker: Arc::new(broker::Broker::starting_at(
+                std::process::id() as usize % cfg.urls.len().max(1),
+            )),
         })
     }
 }
