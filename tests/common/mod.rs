@@ -573,11 +573,20 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Builds gearshift into its own target dir (`target/TARGET`) with `env` set at build time,
-/// its version suffixed with TARGET: a second build for deploys, or a fault-injection build.
+/// Builds gearshift with `env` set at build time, its version suffixed with TARGET (a second
+/// build for deploys, or a fault-injection build), in `target/variants`, and returns a copy of
+/// it (`target/variants/gearshift-TARGET`).
 pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
+    use std::os::fd::AsRawFd;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("target").join(target);
+    // One target directory for every variant: their dependencies are built once (a variant
+    // differs only in gearshift's own crate). Its output path is shared, so one build and copy
+    // at a time, under a lock.
+    let dir = root.join("target").join("variants");
+    fs::create_dir_all(&dir).unwrap();
+    let lock = fs::File::create(dir.join(".lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when `lock` is closed.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
         .arg(&dir)
@@ -591,7 +600,12 @@ pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
         "building {target}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    dir.join("debug/gearshift")
+    let copy = dir.join(format!("gearshift-{target}"));
+    let tmp = dir.join(format!(".gearshift-{target}.tmp"));
+    fs::copy(dir.join("debug/gearshift"), &tmp).unwrap();
+    fs::rename(&tmp, &copy).unwrap();
+    drop(lock);
+    copy
 }
 
 /// Where skipped tests are listed (`scripts/test` prints the list at the end of the run).
