@@ -1,5 +1,5 @@
-//! Restarting in place: the state carried across execve (`carried`), the exec itself
-//! (`reexec`), deploys of a new binary (`deploy`: candidates; `preflight`: their `check`;
+//! Restarting in place: the state carried across execve (`carried`, in one versioned memfd:
+//! `parcel`), the exec itself (`reexec`), deploys of a new binary (`deploy`: candidates; `preflight`: their `check`;
 //! `rollback`: the marker and `last-good`).
 
 pub mod carried;
