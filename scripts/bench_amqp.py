@@ -19,7 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, memory_kb  # noqa: E402
+from benchlib import free_port, proc_stats  # noqa: E402
 
 import pika
 
@@ -75,12 +75,8 @@ class Broker:
 def stats(pids):
     ticks = rss = dirty = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-        r, d = memory_kb(pid)
-        rss += r
-        dirty += d
+        t, r, d = proc_stats(pid)
+        ticks, rss, dirty = ticks + t, rss + r, dirty + d
     return ticks, rss, dirty
 
 

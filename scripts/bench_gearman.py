@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import free_port, memory_kb  # noqa: E402
+from benchlib import free_port, proc_stats  # noqa: E402
 
 GEARSHIFT, CWORKER, PHPWORKER = sys.argv[1:4]
 JOBS = int(os.environ.get("JOBS", "50000"))
@@ -51,13 +51,6 @@ def admin_status(port):
         if parts[0] == "reverse":
             return int(parts[1])
     return 0
-
-
-def proc_stats(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return (ticks, *memory_kb(pid))
 
 
 TLS = {}

@@ -23,3 +23,11 @@ def memory_kb(pid):
     except OSError:
         pass
     return rss, dirty
+
+
+def proc_stats(pid):
+    """(CPU ticks, resident KiB, private dirty KiB) of `pid`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return (ticks, *memory_kb(pid))

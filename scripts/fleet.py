@@ -246,10 +246,42 @@ def sh(*cmd, check=True):
     return r
 
 
-def leftovers():
-    """Namespaces and links of an earlier run (ours only: the gsf- prefix)."""
-    ns = [l.split()[0] for l in sh("ip", "netns", "list", check=False).stdout.splitlines() if l.startswith(PREFIX + "-")]
+def leftovers(prefix=PREFIX):
+    """Namespaces of an earlier run (ours only: those named with `prefix`)."""
+    ns = [l.split()[0] for l in sh("ip", "netns", "list", check=False).stdout.splitlines() if l.startswith(prefix + "-")]
     return ns
+
+
+def make_hosts(prefix, ips):
+    """A namespace PREFIX-HOST per host in `ips` (host -> address), each joined by a veth pair
+    to a bridge in a namespace of its own (PREFIX-net): the machine's own network is untouched."""
+    net = f"{prefix}-net"
+    sh("ip", "netns", "add", net)
+    sh("ip", "-n", net, "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", net, "link", "set", "br0", "up")
+    for h, ip in ips.items():
+        ns = f"{prefix}-{h}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"{prefix}{h}a", "type", "veth", "peer", "name", f"{prefix}{h}b")
+        sh("ip", "link", "set", f"{prefix}{h}a", "netns", ns)
+        sh("ip", "link", "set", f"{prefix}{h}b", "netns", net)
+        sh("ip", "-n", ns, "link", "set", f"{prefix}{h}a", "name", "eth0")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", net, "link", "set", f"{prefix}{h}b", "master", "br0")
+        sh("ip", "-n", net, "link", "set", f"{prefix}{h}b", "up")
+
+
+def remove_hosts(prefix):
+    """Every namespace named with `prefix`, and anything still running in one (a job process)."""
+    for ns in leftovers(prefix):
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        sh("ip", "netns", "del", ns, check=False)
 
 
 class Fleet:
@@ -272,21 +304,7 @@ class Fleet:
     # -- set-up and tear-down --
 
     def up(self):
-        sh("ip", "netns", "add", self.ns("net"))
-        sh("ip", "-n", self.ns("net"), "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.ns("net"), "link", "set", "br0", "up")
-        for h in self.hosts:
-            ns = self.ns(h)
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", f"{PREFIX}{h}a", "type", "veth", "peer", "name", f"{PREFIX}{h}b")
-            sh("ip", "link", "set", f"{PREFIX}{h}a", "netns", ns)
-            sh("ip", "link", "set", f"{PREFIX}{h}b", "netns", self.ns("net"))
-            sh("ip", "-n", ns, "link", "set", f"{PREFIX}{h}a", "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip[h]}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", self.ns("net"), "link", "set", f"{PREFIX}{h}b", "master", "br0")
-            sh("ip", "-n", self.ns("net"), "link", "set", f"{PREFIX}{h}b", "up")
+        make_hosts(PREFIX, self.ip)
         os.makedirs(self.bin_dir)
         shutil.copy(self.args.bin, os.path.join(self.bin_dir, "gearshift"))
         for s in self.servers:
@@ -304,15 +322,7 @@ class Fleet:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
-        for ns in leftovers():
-            # Anything still running in it (a job process) goes with it.
-            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+        remove_hosts(PREFIX)
 
     def exec_in(self, host, *cmd, **kw):
         return subprocess.Popen(["ip", "netns", "exec", self.ns(host), *cmd], **kw)
@@ -478,35 +488,33 @@ class Fleet:
             "extra": extra,
         }
 
+    def log_matches(self, w, pattern, since_wall):
+        """(time, match) of each line of worker `w`'s log matching `pattern` after `since_wall`."""
+        pat = re.compile(r"^(\S+Z) " + pattern)
+        found = []
+        with open(os.path.join(self.worker_dir(w), "worker.log"), errors="replace") as f:
+            for line in f:
+                m = pat.match(line)
+                if m:
+                    t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                        tzinfo=datetime.timezone.utc).timestamp()
+                    if t >= since_wall:
+                        found.append((t, m))
+        return found
+
     def splay_draws(self, since_wall):
         """The delay (ms) each worker drew for its binary-changed restart after `since_wall`."""
-        pat = re.compile(r"^(\S+Z) INFO .* binary changed: restarting in (\d+) ms")
         draws = []
         for w in self.workers:
-            with open(os.path.join(self.worker_dir(w), "worker.log"), errors="replace") as f:
-                for line in f:
-                    m = pat.match(line)
-                    if m:
-                        t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                            tzinfo=datetime.timezone.utc).timestamp()
-                        if t >= since_wall:
-                            draws.append(int(m.group(2)))
-                            break
+            found = self.log_matches(w, r"INFO .* binary changed: restarting in (\d+) ms", since_wall)
+            if found:
+                draws.append(int(found[0][1].group(2)))
         return draws
 
     def connects_per_second(self, since_wall):
         """Peak connections made to the servers in any one-second window after `since_wall`."""
-        stamps = []
-        pat = re.compile(r"^(\S+Z) INFO .* gearman \S+: connected as")
-        for w in self.workers:
-            with open(os.path.join(self.worker_dir(w), "worker.log"), errors="replace") as f:
-                for line in f:
-                    m = pat.match(line)
-                    if m:
-                        t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                            tzinfo=datetime.timezone.utc).timestamp()
-                        if t >= since_wall:
-                            stamps.append(t)
+        stamps = [t for w in self.workers
+                  for t, _ in self.log_matches(w, r"INFO .* gearman \S+: connected as", since_wall)]
         stamps.sort()
         peak, j = 0, 0
         for i, t in enumerate(stamps):

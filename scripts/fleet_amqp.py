@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsstatus  # noqa: E402
+from fleet import make_hosts, remove_hosts, sh  # noqa: E402
 
 PREFIX = "gsq"
 NET = "198.18.1"
@@ -39,15 +40,6 @@ QUEUE = "work"
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 COOKIE = "GEARSHIFTFLEETCOOKIE"
-
-
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def leftovers():
-    out = sh("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{PREFIX}-")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,21 +124,7 @@ class Fleet:
         return subprocess.Popen(["ip", "netns", "exec", self.ns(host), *cmd], **kw)
 
     def up(self):
-        sh("ip", "netns", "add", self.ns("net"))
-        sh("ip", "-n", self.ns("net"), "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.ns("net"), "link", "set", "br0", "up")
-        for h in self.hosts:
-            ns = self.ns(h)
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", f"{PREFIX}{h}a", "type", "veth", "peer", "name", f"{PREFIX}{h}b")
-            sh("ip", "link", "set", f"{PREFIX}{h}a", "netns", ns)
-            sh("ip", "link", "set", f"{PREFIX}{h}b", "netns", self.ns("net"))
-            sh("ip", "-n", ns, "link", "set", f"{PREFIX}{h}a", "name", "eth0")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip[h]}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", self.ns("net"), "link", "set", f"{PREFIX}{h}b", "master", "br0")
-            sh("ip", "-n", self.ns("net"), "link", "set", f"{PREFIX}{h}b", "up")
+        make_hosts(PREFIX, self.ip)
         shutil.copy(self.args.bin, self.bin)
         for n in self.nodes:
             self.start_node(n)
@@ -169,13 +147,7 @@ class Fleet:
                     os.killpg(p.pid, signal.SIGKILL)
                 except OSError:
                     p.kill()
-        for ns in leftovers():
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+        remove_hosts(PREFIX)
 
     # -- the broker nodes --
 
@@ -402,8 +374,7 @@ def main():
     if os.geteuid() != 0:
         print("the AMQP fleet needs root (network namespaces)", file=sys.stderr)
         return 2
-    for ns in leftovers():
-        sh("ip", "netns", "del", ns, check=False)
+    remove_hosts(PREFIX)
     root = tempfile.mkdtemp(prefix="gs-fleet-amqp-")
     f = Fleet(args, root)
     rows = []

@@ -6,7 +6,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::cx::Cx;
-use super::raw::{RawDeclare, RawSource, RawTls};
+use super::raw::{RawDeclare, RawSource};
 use super::{check_function_name, Source, TlsFiles};
 use crate::error::Result;
 
@@ -210,34 +210,4 @@ fn declare(cx: &Cx<'_>, d: Spanned<RawDeclare>, queue: &str) -> Result<Declare> 
         dead_letter_exchange: d.dead_letter_exchange,
         queue_type: d.queue_type,
     })
-}
-
-/// `[source.tls]`, checked: required for `tls://` Gearman servers, cert and key together.
-pub(super) fn tls_files(
-    cx: &Cx<'_>,
-    raw: Option<Spanned<RawTls>>,
-    required: Option<(std::ops::Range<usize>, &str)>,
-) -> Result<Option<TlsFiles>> {
-    match raw {
-        None => match required {
-            Some((span, why)) => Err(cx.located(Some(span), why)),
-            None => Ok(None),
-        },
-        Some(t) => {
-            let span = t.span();
-            let t = t.into_inner();
-            if t.cert_file.is_some() != t.key_file.is_some() {
-                return Err(cx.located(
-                    Some(span),
-                    "[source.tls] cert_file and key_file go together (a client certificate and its key)",
-                ));
-            }
-            Ok(Some(TlsFiles {
-                ca_file: cx.base.join(t.ca_file),
-                cert_file: t.cert_file.map(|f| cx.base.join(f)),
-                key_file: t.key_file.map(|f| cx.base.join(f)),
-                server_name: t.server_name,
-            }))
-        }
-    }
 }

@@ -94,7 +94,7 @@ pub(super) fn source(cx: &Cx<'_>, mut s: RawSource, worker: &Worker) -> Result<S
         SourceKind::Gearman => gearman(cx, s, worker)?,
         SourceKind::Zeromq => zeromq(cx, s)?,
         SourceKind::Amqp => {
-            let tls = super::amqp::tls_files(cx, s.tls.take(), None)?;
+            let tls = tls_files(cx, s.tls.take(), None)?;
             super::amqp::amqp(cx, s, tls)?
         }
     };
@@ -278,7 +278,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         }
     }
     let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
-    let tls = super::amqp::tls_files(
+    let tls = tls_files(
         cx,
         s.tls,
         wants_tls.then(|| {
@@ -310,4 +310,34 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
             Some(b) => cx.in_range(b, "max_packet_bytes", 64, MAX_PAYLOAD + 65536)? as usize,
         },
     }))
+}
+
+/// `[source.tls]`, checked: required for `tls://` Gearman servers, cert and key together.
+fn tls_files(
+    cx: &Cx<'_>,
+    raw: Option<Spanned<RawTls>>,
+    required: Option<(std::ops::Range<usize>, &str)>,
+) -> Result<Option<TlsFiles>> {
+    match raw {
+        None => match required {
+            Some((span, why)) => Err(cx.located(Some(span), why)),
+            None => Ok(None),
+        },
+        Some(t) => {
+            let span = t.span();
+            let t = t.into_inner();
+            if t.cert_file.is_some() != t.key_file.is_some() {
+                return Err(cx.located(
+                    Some(span),
+                    "[source.tls] cert_file and key_file go together (a client certificate and its key)",
+                ));
+            }
+            Ok(Some(TlsFiles {
+                ca_file: cx.base.join(t.ca_file),
+                cert_file: t.cert_file.map(|f| cx.base.join(f)),
+                key_file: t.key_file.map(|f| cx.base.join(f)),
+                server_name: t.server_name,
+            }))
+        }
+    }
 }

@@ -84,6 +84,45 @@ pub struct ServerView {
 pub type ServerViews =
     Arc<Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<usize, ServerView>>>>;
 
+/// Shows lane `lane`'s connection to `addr` as `state` (and its latest error, if any).
+pub fn show_server(
+    views: &ServerViews,
+    addr: &str,
+    lane: usize,
+    state: crate::kinds::ConnState,
+    error: Option<String>,
+) {
+    let Ok(mut views) = views.lock() else {
+        return;
+    };
+    let v = views
+        .entry(addr.to_string())
+        .or_default()
+        .entry(lane)
+        .or_default();
+    // A new view (since 0) takes its first state like any change.
+    if v.state != state || v.since_ms == 0 {
+        v.state = state;
+        v.since_ms = crate::clock::now_ms();
+    }
+    if let Some(e) = error {
+        v.last_error = Some(e);
+        v.last_error_ms = crate::clock::now_ms();
+    }
+}
+
+/// Counts a reconnect of lane `lane` to `addr`.
+pub fn count_reconnect(views: &ServerViews, addr: &str, lane: usize) {
+    if let Ok(mut views) = views.lock() {
+        views
+            .entry(addr.to_string())
+            .or_default()
+            .entry(lane)
+            .or_default()
+            .reconnects += 1;
+    }
+}
+
 /// Spool entries set aside in `rejected/` since the first start (carried across re-exec).
 pub static REJECTED: AtomicU64 = AtomicU64::new(0);
 

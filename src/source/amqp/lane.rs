@@ -63,22 +63,7 @@ impl AmqpLane {
     }
 
     fn view(&self, addr: &str, state: ConnState, error: Option<String>) {
-        let Ok(mut views) = self.s.views.lock() else {
-            return;
-        };
-        let v = views
-            .entry(addr.to_string())
-            .or_default()
-            .entry(self.s.index)
-            .or_default();
-        if v.state != state || v.since_ms == 0 {
-            v.state = state;
-            v.since_ms = crate::clock::now_ms();
-        }
-        if let Some(e) = error {
-            v.last_error = Some(e);
-            v.last_error_ms = crate::clock::now_ms();
-        }
+        crate::status::show_server(&self.s.views, addr, self.s.index, state, error);
     }
 
     /// Opens this lane's channel and consumer on the generation's connection (made now if
@@ -126,11 +111,7 @@ impl AmqpLane {
             self.logged = why.to_string();
         }
         self.view(&url, ConnState::BackingOff, Some(why.to_string()));
-        if let Ok(mut views) = self.s.views.lock() {
-            if let Some(v) = views.get_mut(&url).and_then(|l| l.get_mut(&self.s.index)) {
-                v.reconnects += 1;
-            }
-        }
+        crate::status::count_reconnect(&self.s.views, &url, self.s.index);
         let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
         self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
         self.backoff = (self.backoff * 2).min(self.s.cfg.reconnect_max);
@@ -142,12 +123,13 @@ impl AmqpLane {
         let p = &d.properties;
         let message_id = p.message_id().clone();
         // A redelivery, or a publisher's retry, of a job that already succeeded.
-        let done = message_id.as_ref().is_some_and(|id| {
-            self.s
-                .dedupe
-                .lock()
-                .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
-        });
+        let done = self.s.cfg.dedupe_ids > 0
+            && message_id.as_ref().is_some_and(|id| {
+                self.s
+                    .dedupe
+                    .lock()
+                    .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
+            });
         if done {
             log::info!(
                 "amqp: message {} already succeeded: acknowledged without running it again",
@@ -365,7 +347,7 @@ impl Lane for AmqpLane {
         }
         self.reply(&hand, outcome)?;
         let done = outcome.is_ok();
-        if done {
+        if done && self.s.cfg.dedupe_ids > 0 {
             if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {
                 set.record(id.as_str().as_bytes());
             }

@@ -99,25 +99,15 @@ impl AmqpSource {
 
 /// `[source.tls]` as lapin takes it: the CA chain (PEM) and a client identity (PEM + PKCS#8).
 pub(super) fn tls_config(files: &crate::config::TlsFiles) -> Result<lapin::tcp::OwnedTLSConfig> {
-    let read = |path: &std::path::Path, what: &str| -> Result<Vec<u8>> {
-        crate::ops::safefs::read_bounded(
-            std::fs::File::open(path)
-                .map_err(|e| Error::io_path(&format!("opening {what}"), path, e))?,
-            1 << 20,
-        )
-        .map_err(|e| Error::io_path(&format!("reading {what}"), path, e))?
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{what} \"{}\" is larger than 1 MiB",
-                path.display()
-            ))
-        })
+    // Through safefs, as for Gearman: root reads these at `check` and `submit`.
+    let read = |path: &std::path::Path, what: &str| {
+        crate::source::gearman::tls::read_pem(path, &format!("reading [source.tls] {what}"))
     };
-    let pem = |bytes: Vec<u8>, path: &std::path::Path| {
-        String::from_utf8(bytes)
-            .map_err(|_| Error::Invalid(format!("\"{}\" is not PEM text", path.display())))
-    };
-    let cert_chain = Some(pem(read(&files.ca_file, "ca_file")?, &files.ca_file)?);
+    let cert_chain = Some(
+        String::from_utf8(read(&files.ca_file, "ca_file")?).map_err(|_| {
+            Error::Invalid(format!("\"{}\" is not PEM text", files.ca_file.display()))
+        })?,
+    );
     let identity = match (&files.cert_file, &files.key_file) {
         (Some(cert), Some(key)) => {
             let key_pem = read(key, "key_file")?;

@@ -89,34 +89,11 @@ pub(super) struct GearmanLane {
 
 impl GearmanLane {
     pub(super) fn view(&self, s: &Server, state: ConnState, error: Option<String>) {
-        let Ok(mut views) = self.views.lock() else {
-            return;
-        };
-        let v = views
-            .entry(s.addr.clone())
-            .or_default()
-            .entry(self.index)
-            .or_default();
-        // A new view (since 0) takes its first state like any change.
-        if v.state != state || v.since_ms == 0 {
-            v.state = state;
-            v.since_ms = crate::clock::now_ms();
-        }
-        if let Some(e) = error {
-            v.last_error = Some(e);
-            v.last_error_ms = crate::clock::now_ms();
-        }
+        crate::status::show_server(&self.views, &s.addr, self.index, state, error);
     }
 
     pub(super) fn count_reconnect(&self, s: &Server) {
-        if let Ok(mut views) = self.views.lock() {
-            views
-                .entry(s.addr.clone())
-                .or_default()
-                .entry(self.index)
-                .or_default()
-                .reconnects += 1;
-        }
+        crate::status::count_reconnect(&self.views, &s.addr, self.index);
     }
 
     /// Drops server `i`'s connection and schedules a reconnect with exponential backoff and

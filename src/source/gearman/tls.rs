@@ -69,7 +69,7 @@ impl Endpoint {
 
 /// Reads a certificate or key file: through `safefs` (root reads these at `check` and
 /// `start`), so a link or FIFO planted in a directory another user can write is refused.
-fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+pub(crate) fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Err(Error::Msg(format!(
             "{what}: bad path \"{}\"",
