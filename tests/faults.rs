@@ -766,3 +766,38 @@ fn a_supervisor_whose_signal_thread_dies_neither_spins_nor_ignores_term() {
         !process_alive(sup) && !process_alive(worker)
     });
 }
+
+/// An exec that fails after the outcomes waiting for their sync were kept for the next
+/// generation: this generation commits them itself and serves on, every job once; the next
+/// HUP, with the fault gone, restarts as usual.
+#[test]
+fn outcomes_kept_for_a_failed_exec_are_committed_by_the_same_generation() {
+    let mut sb = Sandbox::new("exec-fault-carry");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let text = sb.config_text("").replace("fsync = false", "fsync = true");
+    fs::write(sb.config(), text).unwrap();
+    let spool = open_spool(&sb);
+    let payloads: Vec<String> = (0..3000).map(|i| format!("job{i}")).collect();
+    let jobs: Vec<(&str, &[u8])> = payloads.iter().map(|p| ("reverse", p.as_bytes())).collect();
+    let ids = spool.submit_batch(&jobs).unwrap();
+    let marker = sb.path("fail-exec");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_EXEC", marker.to_str().unwrap())]);
+    for n in 1..=5 {
+        w.signal(Signal::SIGHUP);
+        eventually(Duration::from_secs(10), "the injected exec failure", || {
+            w.log_text().matches("injected fault").count() >= n
+        });
+    }
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
+    for (i, (done, result, attempts)) in outcomes.iter().enumerate() {
+        let want: String = format!("job{i}").chars().rev().collect();
+        assert!(done, "job {i}: {result}");
+        assert_eq!(result, &want, "job {i}");
+        assert_eq!(*attempts, 1, "job {i} ran again");
+    }
+    assert_eq!(w.status()["generation"], 1);
+    fs::remove_file(&marker).unwrap();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+}

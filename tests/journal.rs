@@ -133,3 +133,44 @@ fn batch_submits_are_whole_and_the_worker_checkpoints_them_away() {
     );
     drop(w);
 }
+
+/// A restart does not wait for the group commit: outcomes still waiting for their sync cross
+/// the exec and the next generation commits them. No job runs twice for it (its recovery
+/// leaves their jobs in `cur/` alone), every result is right, and nothing is left to replay.
+#[test]
+fn outcomes_waiting_for_their_sync_cross_the_exec_and_no_job_runs_twice() {
+    let sb = Sandbox::new("journal-carry");
+    durable(&sb);
+    let config = fs::read_to_string(sb.config()).unwrap() + "\n[log]\nlevel = \"debug\"\n";
+    fs::write(sb.config(), config).unwrap();
+    let spool = open_spool(&sb);
+    let payloads: Vec<String> = (0..4000).map(|i| format!("job{i}")).collect();
+    let jobs: Vec<(&str, &[u8])> = payloads.iter().map(|p| ("reverse", p.as_bytes())).collect();
+    let ids = spool.submit_batch(&jobs).unwrap();
+    let mut w = sb.start();
+    let mut hups = 0;
+    while fs::read_dir(sb.path("spool/new")).unwrap().count() > 500 && hups < 200 {
+        let g = w.generation();
+        w.signal(Signal::SIGHUP);
+        hups += 1;
+        w.wait_generation(g + 1);
+    }
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    for (i, (done, result, attempts)) in outcomes.iter().enumerate() {
+        let want: String = format!("job{i}").chars().rev().collect();
+        assert!(done, "job {i}: {result}");
+        assert_eq!(result, &want, "job {i}");
+        assert_eq!(*attempts, 1, "job {i} ran again after {hups} restarts");
+    }
+    let log = w.log_text();
+    assert!(
+        log.contains("outcome(s) cross the exec"),
+        "no restart of {hups} carried outcomes:\n{log}"
+    );
+    assert!(fs::read_dir(sb.path("spool/cur")).unwrap().count() == 0);
+    let out = sb.run(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_exit(Duration::from_secs(10));
+    let left = fs::read_dir(sb.path("spool/journal")).unwrap().count();
+    assert_eq!(left, 0, "journal segments left after a clean stop");
+}

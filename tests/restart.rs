@@ -441,11 +441,11 @@ fn a_claim_after_a_restart_always_comes_with_its_pause() {
     let w = sb.start();
     let spool = open_spool(&sb);
     for g in 2..=21u64 {
-        // Jobs waiting (20 ms each: the old generation cannot drain them before it stops
-        // claiming), so the new generation claims at once.
-        for _ in 0..200 {
-            let _ = spool.submit("sleep", b"20");
-        }
+        // Jobs waiting (200 ms each: the old generation cannot drain them before it stops
+        // claiming, even when a busy disk makes the submit slow), so the new generation
+        // claims at once.
+        let jobs = vec![("sleep", &b"200"[..]); 100];
+        spool.submit_batch(&jobs).unwrap();
         w.signal(nix::sys::signal::Signal::SIGHUP);
         let s = w.wait_for(
             Duration::from_secs(10),

@@ -111,6 +111,15 @@ pub fn exec(
     parts: &Parts,
 ) -> Error {
     use std::os::fd::{AsFd, AsRawFd};
+    // A fault-injection build (tests only): every exec fails while the file this variable
+    // names exists, as an execve refused for want of memory would.
+    #[cfg(gearshift_faults)]
+    if std::env::var_os("GEARSHIFT_FAULT_EXEC").is_some_and(|p| Path::new(&p).exists()) {
+        return Error::io(
+            "execve (injected fault)",
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+        );
+    }
     let parcel = match parcel::write(state, parts) {
         Ok(fd) => fd,
         Err(e) => return e,

@@ -35,11 +35,15 @@ pub trait JobSource: Send + Sync {
     fn hand_over(&self) -> Option<Vec<u8>> {
         None
     }
-    /// Takes what the previous generation handed over (bytes from outside this image: check).
-    fn take_over(&self, _data: &[u8]) {}
+    /// The lanes are about to be stopped: for a re-exec (`for_restart`), or for good. A source
+    /// may then leave to `settle(false)` what it would make durable as each lane closes.
+    fn stopping(&self, _for_restart: bool) {}
     /// Every lane has ended, before an exec or (`exiting`) the end of the process: make
-    /// durable and tidy what the source still holds.
+    /// durable and tidy what the source still holds (or, before an exec, keep it for
+    /// [`JobSource::hand_over`]).
     fn settle(&self, _exiting: bool) {}
+    /// The exec after `settle(false)` failed: serve on with what the source holds.
+    fn unsettle(&self) {}
     /// Listening sockets to hand to the next generation, by endpoint.
     fn listeners(&self) -> Vec<(String, RawFd)> {
         Vec::new()
@@ -65,6 +69,9 @@ pub struct Opening<'a> {
     pub resumed: bool,
     /// Listening sockets the previous generation handed over, by endpoint.
     pub listeners: &'a [(String, RawFd)],
+    /// What the previous generation's [`JobSource::hand_over`] gave (bytes from outside this
+    /// image: check).
+    pub handed: Option<&'a [u8]>,
     /// Where Gearman lanes show their connections.
     pub views: crate::status::ServerViews,
     /// Where an ingesting source counts its messages.
@@ -77,6 +84,7 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
         generation,
         resumed,
         listeners,
+        handed,
         views,
         ingress,
     } = o;
@@ -85,11 +93,13 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
             cfg,
             config.worker.max_payload_bytes,
             resumed,
+            handed,
         )?)),
         SourceConfig::Zeromq(cfg) => Arc::new(zeromq::ZeromqSource::open(
             cfg,
             config.worker.max_payload_bytes,
             resumed,
+            handed,
             listeners,
             ingress,
         )?),

@@ -13,8 +13,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ pub struct Server {
     /// Writing a byte here (or closing it) ends the accept loop.
     wake: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
-    answering: Arc<AtomicUsize>,
+    answering: Arc<InFlight>,
 }
 
 impl Server {
@@ -57,7 +56,7 @@ impl Server {
             .map_err(|e| Error::io_path("status socket", path, e))?;
         let (wake_rx, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
-        let answering = Arc::new(AtomicUsize::new(0));
+        let answering = Arc::new(InFlight::default());
         let busy = Arc::clone(&answering);
         let thread = crate::ops::signals::spawn_essential("status", move || {
             accept_loop(&listener, &wake_rx, &busy, &state, &answers)
@@ -78,10 +77,15 @@ impl Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let deadline = Instant::now() + CLIENT_BUDGET;
-        while self.answering.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        // Woken by the last answer's end, not by polling: a restart waits no longer than the
+        // answers under way take.
+        let Ok(count) = self.answering.count.lock() else {
+            return;
+        };
+        let _ = self
+            .answering
+            .idle
+            .wait_timeout_while(count, CLIENT_BUDGET, |n| *n > 0);
     }
 }
 
@@ -118,12 +122,12 @@ pub struct Answers {
 fn accept_loop(
     listener: &UnixListener,
     wake: &OwnedFd,
-    answering: &Arc<AtomicUsize>,
+    answering: &Arc<InFlight>,
     state: &Arc<State>,
     answers: &Answers,
 ) {
     loop {
-        let room = answering.load(Ordering::Acquire) < MAX_CLIENTS;
+        let room = answering.count.lock().is_ok_and(|n| *n < MAX_CLIENTS);
         let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
         if room {
             fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
@@ -159,8 +163,7 @@ fn accept_loop(
                 continue;
             }
         };
-        answering.fetch_add(1, Ordering::AcqRel);
-        let guard = Answering(Arc::clone(answering));
+        let guard = Answering::begin(answering);
         let (state, answers) = (Arc::clone(state), answers.clone());
         let spawned = crate::ops::signals::spawn_helper("status-client", move || {
             let _guard = guard;
@@ -173,12 +176,33 @@ fn accept_loop(
     }
 }
 
+/// The clients being answered, and a condition signalled when there are none.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
 /// Counts a client being answered; uncounts it however the answer ends.
-struct Answering(Arc<AtomicUsize>);
+struct Answering(Arc<InFlight>);
+
+impl Answering {
+    fn begin(answers: &Arc<InFlight>) -> Answering {
+        if let Ok(mut n) = answers.count.lock() {
+            *n += 1;
+        }
+        Answering(Arc::clone(answers))
+    }
+}
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Ok(mut n) = self.0.count.lock() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.idle.notify_all();
+            }
+        }
     }
 }
 

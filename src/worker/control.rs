@@ -246,6 +246,7 @@ impl Control {
                 lp.phase = Phase::Stopping;
                 self.state.set_phase(WorkerPhase::Stopping);
                 self.notify("STOPPING=1");
+                self.source.stopping(false);
                 self.halt_lanes();
             }
             Signal::SIGUSR1 => match crate::ops::logging::reopen() {

@@ -104,6 +104,7 @@ impl Control {
             self.exit_for_supervisor = true;
             *phase = Phase::Stopping;
             self.state.set_phase(WorkerPhase::Stopping);
+            self.source.stopping(false);
             self.halt_lanes();
         }
     }
@@ -133,6 +134,7 @@ impl Control {
             requested_mono_us: requested,
         };
         self.state.set_phase(WorkerPhase::Draining);
+        self.source.stopping(true);
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::clock::monotonic_us()
@@ -175,7 +177,8 @@ impl Control {
         if let Some(s) = self.status_server.take() {
             s.stop();
         }
-        // Every lane has ended: what the source holds is made durable before the exec.
+        // Every lane has ended: what the source holds is made durable before the exec, or
+        // kept for the hand-over.
         self.source.settle(false);
         let parts = self.hand_over(&mut next, &plan);
         drop(plan);
@@ -194,6 +197,7 @@ impl Control {
             Err(e) => e,
         };
         // execve failed: carry on as we were.
+        self.source.unsettle();
         self.pidfile.close_on_exec();
         for (_, fd) in self.source.listeners() {
             // SAFETY: the source owns `fd` and keeps it open.

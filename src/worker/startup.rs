@@ -242,13 +242,11 @@ pub(super) fn open_source(
             generation,
             resumed: boot.inherited.is_some(),
             listeners: &inherited.listen_fds,
+            handed: boot.parts.source.as_deref(),
             views: Arc::clone(&views),
             ingress: Arc::clone(&ingress),
         },
     )?;
-    if let Some(data) = boot.parts.source.as_deref() {
-        source.take_over(data);
-    }
     Ok((source, views, ingress))
 }
 

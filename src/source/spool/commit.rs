@@ -35,6 +35,10 @@ struct State {
     /// Seals asked for and done.
     seal_asked: u64,
     sealed: u64,
+    /// A hand-over to the next generation is asked: the thread parks between batches (see
+    /// [`Committer::park`]), and says so.
+    park: bool,
+    parked: bool,
     /// The thread is gone (a panic): nothing queued will be stored.
     dead: bool,
     stop: bool,
@@ -147,6 +151,32 @@ impl Committer {
         Ok(())
     }
 
+    /// Before an exec: lets the batch being synced and placed finish, seals the segment, and
+    /// parks the thread; returns the outcomes still waiting (not yet durable), for the next
+    /// generation to commit. None if the thread did not park by `wait` (a slow or failing
+    /// disk) or is dead: then nothing is parked.
+    pub(super) fn park(&self, wait: Duration) -> Option<Vec<Entry>> {
+        let deadline = Some(Instant::now() + wait);
+        let mut s = self.shared.lock();
+        s.park = true;
+        self.shared.changed.notify_all();
+        s = self.shared.wait_until(s, |s| s.parked, deadline);
+        if s.parked && !s.dead {
+            return Some(s.queue.clone());
+        }
+        s.park = false;
+        self.shared.changed.notify_all();
+        None
+    }
+
+    /// The exec after [`Committer::park`] failed, or the waiting outcomes are stored here after
+    /// all: the thread goes on with them.
+    pub(super) fn unpark(&self) {
+        let mut s = self.shared.lock();
+        s.park = false;
+        self.shared.changed.notify_all();
+    }
+
     /// Why outcomes cannot be stored now, if they cannot: an error of the right tier for the
     /// lanes (a full disk is transient).
     pub(super) fn failing(&self) -> Option<Error> {
@@ -195,7 +225,23 @@ fn run(spool: &Spool, shared: &Shared) {
     loop {
         let (batch, seal) = {
             let mut s = shared.lock();
-            while s.queue.is_empty() && s.seal_asked == s.sealed && !s.stop {
+            if s.park && !s.stop {
+                // Between batches: everything appended is in place, so the segment is sealed;
+                // what is queued is handed over, or committed here if the exec fails.
+                drop(s);
+                if let Some((seg, _)) = segment.take() {
+                    seg.seal(spool);
+                }
+                s = shared.lock();
+                s.parked = true;
+                shared.changed.notify_all();
+                while s.park && !s.stop {
+                    s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+                s.parked = false;
+                continue;
+            }
+            while s.queue.is_empty() && s.seal_asked == s.sealed && !s.stop && !s.park {
                 // An open segment is sealed once old, busy or idle: a crash then replays
                 // at most a few seconds, and the checkpoint can delete it.
                 let Some((_, opened)) = &segment else {
@@ -214,6 +260,9 @@ fn run(spool: &Spool, shared: &Shared) {
             }
             if s.stop && s.queue.is_empty() {
                 break;
+            }
+            if s.park && !s.stop {
+                continue;
             }
             let n = s.queue.len().min(MAX_BATCH);
             let batch: Vec<Entry> = s.queue.drain(..n).collect();

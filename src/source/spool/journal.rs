@@ -106,6 +106,22 @@ fn encode(e: &Entry, out: &mut Vec<u8>) {
     out.extend_from_slice(&checksum(e.kind.byte(), id, &e.body));
 }
 
+/// `entries` as records, to cross an exec (see [`decode_all`]).
+pub(super) fn encode_all(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.iter().map(|e| e.body.len() + 96).sum());
+    for e in entries {
+        encode(e, &mut out);
+    }
+    out
+}
+
+/// The records in `data` (bytes from outside this image: each is bounded and checksummed),
+/// up to the first torn or corrupt one.
+pub(super) fn decode_all(data: &[u8]) -> Vec<Entry> {
+    let mut r = data;
+    std::iter::from_fn(|| next_record(&mut r)).collect()
+}
+
 /// Reads the next record, None at the end or at a torn or corrupt one (the rest of the
 /// segment was never acknowledged).
 fn next_record(r: &mut impl Read) -> Option<Entry> {
@@ -176,10 +192,7 @@ impl Segment {
     /// crash. On an error the segment must not be appended to again (its tail may be torn):
     /// seal it and begin another.
     pub(super) fn append(&mut self, entries: &[Entry]) -> Result<()> {
-        let mut buf = Vec::with_capacity(entries.iter().map(|e| e.body.len() + 96).sum());
-        for e in entries {
-            encode(e, &mut buf);
-        }
+        let buf = encode_all(entries);
         let what = || format!("journal segment \"{}.wal\"", self.name);
         self.file
             .write_all(&buf)

@@ -67,9 +67,11 @@ impl Lane for SpoolLane {
         self.source.finish(job, outcome, self.started_ms)
     }
 
-    /// Returns once every outcome this generation's lanes handed over is durable and in place.
+    /// Returns once every outcome this generation's lanes handed over is durable and in place;
+    /// at once when the worker re-execs (they cross the exec: `carry.rs`).
     fn close(&mut self) -> Result<()> {
         match &self.source.committer {
+            Some(_) if self.source.handing_over() => Ok(()),
             Some(c) => c.flush(),
             None => Ok(()),
         }
@@ -130,6 +132,8 @@ pub(super) fn lossy_prefix(data: &[u8]) -> String {
 impl SpoolSource {
     /// A lane (one per worker thread) over this spool.
     pub fn lane(self: &Arc<Self>) -> Box<dyn Lane> {
+        // New lanes (a restart called off after the drain): they wait for their outcomes.
+        self.keep_outcomes();
         Box::new(SpoolLane {
             source: Arc::clone(self),
             started_ms: 0,

@@ -32,6 +32,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::ops::privilege::Target;
 use crate::ops::safefs::{Dir, Open};
 
+mod carry;
 mod commit;
 mod format;
 mod journal;
@@ -557,7 +558,7 @@ mod tests {
     #[test]
     fn submit_claim_finish_lookup() {
         let dir = crate::testutil::tempdir("spool", "flow");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         let spool = Spool::open(&dir, false).expect("open");
         let a = spool.submit("echo", b"one").expect("submit");
         let b = spool.submit("echo", b"two").expect("submit");
@@ -604,12 +605,13 @@ mod tests {
         let id = spool.submit("echo", b"x").expect("submit");
         let stop = Switch::default();
         for round in 1..=3 {
-            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+            let src =
+                Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
             let job = src.lane().next(&stop.handle()).expect("next").expect("job");
             assert_eq!(job.attempt, round);
             // Dropping the source without finishing is what a kill -9 leaves behind.
         }
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         assert!(src
             .lane()
             .next(&Shutdown::fixed(true))
@@ -639,7 +641,7 @@ mod tests {
         let spool = Spool::open(&dir, false).expect("open");
         let id = spool.submit("echo", b"x").expect("submit");
         {
-            let src = Arc::new(SpoolSource::open(&c, 1 << 20, false).expect("open"));
+            let src = Arc::new(SpoolSource::open(&c, 1 << 20, false, None).expect("open"));
             let mut lane = src.lane();
             let job = lane
                 .next(&Shutdown::fixed(false))
@@ -649,7 +651,7 @@ mod tests {
         }
         assert!(matches!(spool.lookup(&id), Ok(Lookup::Finished(_))));
         // Within the retention period: kept.
-        let src = Arc::new(SpoolSource::open(&c, 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20, false, None).expect("open"));
         assert!(src
             .lane()
             .next(&Shutdown::fixed(true))
@@ -659,7 +661,7 @@ mod tests {
         drop(src);
         std::thread::sleep(Duration::from_millis(20));
         c.retain_results = Duration::from_millis(10);
-        let src = Arc::new(SpoolSource::open(&c, 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&c, 1 << 20, false, None).expect("open"));
         // A lane starts the sweep (in its own thread) once the generation's first second is
         // over: run one on an empty queue.
         let stop = Switch::default();
@@ -691,7 +693,7 @@ mod tests {
     fn lookups_racing_the_consumer_always_find_the_job() {
         let dir = crate::testutil::tempdir("spool", "race");
         let spool = Spool::open(&dir, false).expect("open");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         let ids: Vec<String> = (0..1000)
             .map(|i| {
                 spool
@@ -740,7 +742,8 @@ mod tests {
             .collect();
         let stop = Switch::default();
         let handed = {
-            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+            let src =
+                Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
             let mut lane = src.lane();
             let first = lane.next(&stop.handle()).expect("next").expect("job");
             lane.finish(&first, &Ok(Vec::new())).expect("finish");
@@ -748,7 +751,7 @@ mod tests {
         };
         // A job claimed meanwhile by someone else is skipped, not an error.
         fs::remove_file(dir.join("new").join(&ids[2])).expect("rm");
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         src.take_over(&handed);
         let mut lane = src.lane();
         let mut got = Vec::new();
@@ -780,7 +783,8 @@ mod tests {
         ids.sort();
         let stop = Switch::default();
         let handed = {
-            let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+            let src =
+                Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
             let mut lane = src.lane();
             let first = lane.next(&stop.handle()).expect("next").expect("job");
             lane.finish(&first, &Ok(Vec::new())).expect("finish");
@@ -794,7 +798,7 @@ mod tests {
             handed.len()
         );
         assert_eq!(text.lines().last(), Some("+"));
-        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         src.take_over(&handed);
         assert!(src.pending.lock().expect("lock").len() <= HANDOVER_HEAD);
         let mut lane = src.lane();
@@ -849,7 +853,7 @@ mod tests {
             "{:?}",
             segments(&dir)
         );
-        let src = Arc::new(SpoolSource::open(&durable(&dir), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&durable(&dir), 1 << 20, false, None).expect("open"));
         assert!(
             segments(&dir).is_empty(),
             "a fresh start checkpoints what it finds"
@@ -940,7 +944,7 @@ mod tests {
                 fs::rename(journal.join(&name), journal.join(parts.join("-"))).expect("rename");
             }
         }
-        let src = Arc::new(SpoolSource::open(&durable(&dir), 1 << 20, false).expect("open"));
+        let src = Arc::new(SpoolSource::open(&durable(&dir), 1 << 20, false, None).expect("open"));
         assert!(segments(&dir).is_empty(), "{:?}", segments(&dir));
         match spool.lookup(&ids[0]).expect("lookup") {
             Lookup::Finished(r) => assert_eq!(r.result, b"A"),
@@ -971,8 +975,8 @@ mod tests {
     #[test]
     fn second_consumer_is_refused() {
         let dir = crate::testutil::tempdir("spool", "lock");
-        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false).expect("open");
-        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false)
+        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open");
+        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None)
             .err()
             .expect("refused")
             .to_string();

@@ -22,7 +22,8 @@ impl SpoolSource {
     /// `max_attempts` runs were interrupted. One bad entry never stops the recovery: it is set
     /// aside in `rejected/`; a job that cannot be moved now (say, the disk is full) stays in
     /// `cur/` and is tried again with every housekeeping until it moves.
-    pub(super) fn recover(&self) -> Result<()> {
+    /// Jobs in `carried` finished in the previous generation: their outcomes are committed now.
+    pub(super) fn recover(&self, carried: &std::collections::HashSet<String>) -> Result<()> {
         let cur = self.spool.dir("cur");
         let mut left = Vec::new();
         for name in list_raw(&cur)? {
@@ -30,6 +31,9 @@ impl SpoolSource {
                 self.reject_raw("cur", &name, "not a job id");
                 continue;
             };
+            if carried.contains(&id) {
+                continue;
+            }
             if let Err(e) = self.recover_one(&id) {
                 log::error!(
                     "job {id}: cannot recover it now ({e}); it stays in cur/ and is tried again every {}s",

@@ -37,6 +37,9 @@ pub struct SpoolSource {
     pub(super) pruning: Arc<AtomicBool>,
     /// The group commit of outcomes (with `fsync`; without, they are written directly).
     pub(super) committer: Option<super::commit::Committer>,
+    /// The lanes stop for a re-exec: outcomes not yet durable cross it (`carry.rs`).
+    pub(super) handing_over: AtomicBool,
+    pub(super) carried: Mutex<Option<Vec<u8>>>,
     /// A checkpoint of the journal is running, and when the next is due.
     pub(super) checkpointing: Arc<AtomicBool>,
     pub(super) next_checkpoint: Mutex<Instant>,
@@ -54,9 +57,15 @@ pub struct SpoolSource {
 
 impl SpoolSource {
     /// Takes the spool's consumer lock, replays the journal (unless `resumed`: a re-exec of a
-    /// worker that left everything in place), recovers interrupted jobs, and starts the
-    /// group commit.
-    pub fn open(cfg: &SpoolConfig, max_payload: usize, resumed: bool) -> Result<SpoolSource> {
+    /// worker that left everything in place), recovers interrupted jobs, starts the group
+    /// commit, and takes what the previous generation `handed` over: its waiting outcomes
+    /// (committed first; their jobs are not interrupted ones) and the queue's head.
+    pub fn open(
+        cfg: &SpoolConfig,
+        max_payload: usize,
+        resumed: bool,
+        handed: Option<&[u8]>,
+    ) -> Result<SpoolSource> {
         let spool = Spool::from_config(cfg)?;
         let lock_path = spool.root.join(".lock");
         // Read-only is enough for flock, and works on a .lock another user (say, root before a
@@ -116,6 +125,8 @@ impl SpoolSource {
             head_last: Mutex::new(None),
             pruning: Arc::new(AtomicBool::new(false)),
             committer,
+            handing_over: AtomicBool::new(false),
+            carried: Mutex::new(None),
             checkpointing: Arc::new(AtomicBool::new(false)),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
@@ -128,7 +139,7 @@ impl SpoolSource {
         if let Ok(mut next) = source.next_prune.lock() {
             *next = SpoolSource::first_prune(&source.spool, source.prune_every());
         }
-        source.recover()?;
+        source.start_from(handed.unwrap_or_default())?;
         source.clean_tmp();
         Ok(source)
     }
@@ -326,14 +337,17 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         SpoolSource::wake(self);
     }
 
-    /// Writes the head of the sorted list of queued ids this worker knows (at most
-    /// [`HANDOVER_HEAD`], and a `+` line if there are more) for the next generation, which claims from it at once and lists `new/` in the background: reading the
-    /// hand-over costs the same at any queue depth. Only a hint: an id that is gone by then is
-    /// skipped at claim, and jobs queued later are found by the next listing, in order.
+    /// Writes the outcomes not yet durable (see `carry.rs`), then the head of the sorted list of
+    /// queued ids this worker knows (at most [`HANDOVER_HEAD`], and a `+` line if there are
+    /// more) for the next generation, which claims from it at once and lists `new/` in the
+    /// background: reading the hand-over costs the same at any queue depth. The listing is only
+    /// a hint: an id that is gone by then is skipped at claim, and jobs queued later are found
+    /// by the next listing, in order.
     fn hand_over(&self) -> Option<Vec<u8>> {
+        let carried = self.carried_part();
         let pending = self.pending.lock().ok()?;
         if pending.is_empty() {
-            return None;
+            return carried;
         }
         let mut text = String::with_capacity(pending.len().min(HANDOVER_HEAD) * 32 + 2);
         for id in pending.iter().take(HANDOVER_HEAD) {
@@ -343,11 +357,42 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         if pending.len() > HANDOVER_HEAD || self.more.load(Ordering::Acquire) {
             text.push_str("+\n");
         }
-        Some(text.into_bytes())
+        let mut out = carried.unwrap_or_default();
+        out.extend_from_slice(text.as_bytes());
+        Some(out)
     }
 
+    fn stopping(&self, for_restart: bool) {
+        self.set_handing_over(for_restart);
+    }
+
+    fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
+        Some(self.spool.queue_stats())
+    }
+
+    /// Before an exec, the outcomes still waiting are carried across it if they can be (see
+    /// `carry.rs`); else, and before an exit, the journal is sealed once they are in place; at
+    /// an exit also checkpointed (so the next start has nothing to replay).
+    fn settle(&self, exiting: bool) {
+        if !exiting && self.carry_outcomes() {
+            return;
+        }
+        self.settle_here(exiting);
+    }
+
+    fn unsettle(&self) {
+        self.keep_outcomes();
+    }
+
+    /// `new/`: its events mean "new jobs".
+    fn watch_dirs(&self) -> Vec<PathBuf> {
+        vec![self.spool.dir("new")]
+    }
+}
+
+impl SpoolSource {
     /// Takes the head a previous generation handed over (the rest is listed when it runs low).
-    fn take_over(&self, data: &[u8]) {
+    pub(super) fn take_over(&self, data: &[u8]) {
         // HANDOVER_HEAD ids of at most 64 bytes, each on a line, and the `+` line.
         if data.len() > HANDOVER_HEAD * 65 + 2 {
             return;
@@ -370,13 +415,9 @@ impl crate::source::JobSource for Arc<SpoolSource> {
         }
     }
 
-    fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
-        Some(self.spool.queue_stats())
-    }
-
-    /// Seals the journal; when the process ends, also checkpoints it (so the next start has
-    /// nothing to replay).
-    fn settle(&self, exiting: bool) {
+    /// Seals the journal once what is queued is in place; when the process ends, also
+    /// checkpoints it.
+    fn settle_here(self: &Arc<Self>, exiting: bool) {
         if let Some(c) = &self.committer {
             if let Err(e) = c.seal() {
                 log::error!("{e}");
@@ -399,11 +440,6 @@ impl crate::source::JobSource for Arc<SpoolSource> {
                 log::info!("journal checkpoint at exit unfinished; the next start does it");
             }
         }
-    }
-
-    /// `new/`: its events mean "new jobs".
-    fn watch_dirs(&self) -> Vec<PathBuf> {
-        vec![self.spool.dir("new")]
     }
 }
 

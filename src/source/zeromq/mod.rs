@@ -39,10 +39,11 @@ impl ZeromqSource {
         cfg: &ZeromqConfig,
         max_payload: usize,
         resumed: bool,
+        handed: Option<&[u8]>,
         carried: &[(String, RawFd)],
         stats: Arc<Stats>,
     ) -> Result<ZeromqSource> {
-        let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed)?);
+        let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed, handed)?);
         let listeners = listen::open(&cfg.bind, carried)?;
         if let Ok(mut bound) = stats.bound.lock() {
             *bound = cfg.bind.iter().map(|e| e.to_string()).collect();
@@ -110,8 +111,12 @@ impl JobSource for ZeromqSource {
         JobSource::hand_over(&self.spool)
     }
 
-    fn take_over(&self, data: &[u8]) {
-        JobSource::take_over(&self.spool, data);
+    fn stopping(&self, for_restart: bool) {
+        JobSource::stopping(&self.spool, for_restart);
+    }
+
+    fn unsettle(&self) {
+        JobSource::unsettle(&self.spool);
     }
 
     /// Stops the ingress first (answering what it holds), then settles the spool.

@@ -1,0 +1,209 @@
+//! Outcomes that cross an exec: a restart does not wait for the group commit.
+//!
+//! The lanes of a generation being replaced stop without waiting for their outcomes' sync; the
+//! commit thread finishes the batch in hand (synced, placed, its segment sealed) and parks; the
+//! outcomes still waiting (finished jobs whose results are not durable yet, their jobs still in
+//! `cur/`) travel in the restart parcel, ahead of the queue's head. The next generation commits
+//! them first thing, and its start-up recovery leaves their jobs in `cur/` alone. If the exec
+//! fails, the commit thread goes on with them. If they never arrive (a crash during the exec, an
+//! older image that does not read them, a config that moved the spool), their jobs are still in
+//! `cur/` and run again: at least once, as after a kill. Nothing is reported stored before its
+//! sync, in either generation.
+
+use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use super::journal::{self, Entry};
+use super::source::SpoolSource;
+use crate::error::Result;
+
+/// Outcomes carried at most (bytes of records); more are stored before the exec instead.
+const CARRY_BUDGET: usize = 768 << 10;
+/// The first line of a hand-over that carries outcomes: the tag, the records' length and the
+/// spool's root (hex), then the records, then the queue's head as before.
+const TAG: &[u8] = b"#outcomes ";
+
+/// What a previous generation handed over, split.
+pub(super) struct Handed<'a> {
+    /// Outcomes to commit first (for this spool only).
+    pub(super) outcomes: Vec<Entry>,
+    /// The queue's head listing.
+    pub(super) listing: &'a [u8],
+}
+
+impl SpoolSource {
+    /// The lanes are being stopped for a re-exec (`true`) or for good: with a re-exec they
+    /// leave their outcomes to [`SpoolSource::carry_outcomes`] instead of waiting for them.
+    pub(super) fn set_handing_over(&self, yes: bool) {
+        self.handing_over.store(yes, Ordering::Release);
+    }
+
+    pub(super) fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Acquire)
+    }
+
+    /// Before an exec: parks the commit thread and keeps the outcomes still waiting for the
+    /// hand-over. False if that cannot be done (not asked, too many bytes, the thread did not
+    /// park in time): then the caller stores them here as before.
+    pub(super) fn carry_outcomes(&self) -> bool {
+        let Some(c) = &self.committer else {
+            return false;
+        };
+        if !self.handing_over() {
+            return false;
+        }
+        let Some(entries) = c.park(super::commit::SETTLE_WAIT) else {
+            return false;
+        };
+        let records = journal::encode_all(&entries);
+        if records.len() > CARRY_BUDGET {
+            c.unpark();
+            return false;
+        }
+        let mut head = TAG.to_vec();
+        head.extend_from_slice(format!("{} {}\n", records.len(), hex(&self.spool.root)).as_bytes());
+        head.extend_from_slice(&records);
+        match self.carried.lock() {
+            Ok(mut slot) => {
+                log::debug!("{} outcome(s) cross the exec", entries.len());
+                *slot = Some(head);
+                true
+            }
+            Err(_) => {
+                c.unpark();
+                false
+            }
+        }
+    }
+
+    /// The exec failed (or the restart was called off): the commit thread goes on with what
+    /// it holds, and lanes wait for their outcomes again when they stop.
+    pub(super) fn keep_outcomes(&self) {
+        self.set_handing_over(false);
+        if let Ok(mut slot) = self.carried.lock() {
+            *slot = None;
+        }
+        if let Some(c) = &self.committer {
+            c.unpark();
+        }
+    }
+
+    /// The carried outcomes, as the hand-over's first part.
+    pub(super) fn carried_part(&self) -> Option<Vec<u8>> {
+        self.carried.lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// Recovers the jobs a killed worker left in `cur/` but those whose outcomes were `handed`
+    /// over, commits those outcomes first thing, and takes the queue's head.
+    pub(super) fn start_from(&self, handed: &[u8]) -> Result<()> {
+        let handed = split(&self.spool.root, handed);
+        let finished: HashSet<String> = handed.outcomes.iter().map(|e| e.id.clone()).collect();
+        self.recover(&finished)?;
+        self.recommit(handed.outcomes)?;
+        self.take_over(handed.listing);
+        Ok(())
+    }
+
+    /// Commits outcomes a previous generation handed over: with the group commit, or written
+    /// directly without `fsync`. Their jobs stay in `cur/` until then.
+    fn recommit(&self, outcomes: Vec<Entry>) -> Result<()> {
+        for e in outcomes {
+            match &self.committer {
+                Some(c) => c.submit(e)?,
+                None => journal::materialize(&self.spool, &e)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a hand-over (bytes from outside this image) into the outcomes carried for the spool
+/// at `root` and the queue's head listing. Outcomes for another spool, or a part that does not
+/// parse, are dropped (their jobs run again).
+fn split<'a>(root: &Path, data: &'a [u8]) -> Handed<'a> {
+    let plain = Handed {
+        outcomes: Vec::new(),
+        listing: data,
+    };
+    let Some(rest) = data.strip_prefix(TAG) else {
+        return plain;
+    };
+    let Some(eol) = rest.iter().position(|&b| b == b'\n') else {
+        return plain;
+    };
+    let line = String::from_utf8_lossy(&rest[..eol]);
+    let mut words = line.split(' ');
+    let (Some(len), Some(dir)) = (
+        words.next().and_then(|n| n.parse::<usize>().ok()),
+        words.next(),
+    ) else {
+        return plain;
+    };
+    let body = &rest[eol + 1..];
+    if len > CARRY_BUDGET || len > body.len() {
+        return Handed {
+            outcomes: Vec::new(),
+            listing: &[],
+        };
+    }
+    let outcomes = if dir == hex(root) {
+        journal::decode_all(&body[..len])
+            .into_iter()
+            .filter(|e| e.kind != journal::Kind::Job)
+            .collect()
+    } else {
+        log::warn!("outcomes handed over for another spool directory are dropped (their jobs run again there)");
+        Vec::new()
+    };
+    Handed {
+        outcomes,
+        listing: &body[len..],
+    }
+}
+
+fn hex(path: &Path) -> String {
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(id: &str) -> Entry {
+        Entry {
+            kind: journal::Kind::Done,
+            id: id.into(),
+            body: b"GSR2 result".to_vec(),
+        }
+    }
+
+    #[test]
+    fn carried_outcomes_are_read_back_only_for_the_same_spool() {
+        let root = Path::new("/srv/spool");
+        let records =
+            journal::encode_all(&[done("0000000000000001-01"), done("0000000000000002-01")]);
+        let mut data = TAG.to_vec();
+        data.extend_from_slice(format!("{} {}\n", records.len(), hex(root)).as_bytes());
+        data.extend_from_slice(&records);
+        data.extend_from_slice(b"0000000000000003-01\n+\n");
+        let h = split(root, &data);
+        assert_eq!(h.outcomes.len(), 2);
+        assert_eq!(h.listing, b"0000000000000003-01\n+\n");
+        let other = split(Path::new("/srv/other"), &data);
+        assert!(other.outcomes.is_empty());
+        assert_eq!(other.listing, b"0000000000000003-01\n+\n");
+        // A listing from an image that carries no outcomes is read as it always was.
+        assert_eq!(split(root, b"x\n").listing, b"x\n");
+        // A length past the end, or over the budget: nothing is taken from it.
+        let mut bad = TAG.to_vec();
+        bad.extend_from_slice(format!("{} {}\n", 1 << 30, hex(root)).as_bytes());
+        let h = split(root, &bad);
+        assert!(h.outcomes.is_empty() && h.listing.is_empty());
+    }
+}
