@@ -195,22 +195,45 @@ def run(kind, concurrency, port, workdir):
 SUBMIT_JOB, JOB_CREATED, WORK_COMPLETE = 7, 8, 13
 
 
-def foreground(port, stop, times):
-    """Submits `reverse` jobs one after another on one connection; notes each completion."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from fleet import read_exact as read
+# A foreground client is a process of its own: a thread of this one would stamp a completion
+# only once it got the GIL back (up to Python's 5 ms switch interval late).
+CLIENT = r"""
+import ctypes, ctypes.util, socket, struct, sys, time
+ctypes.CDLL(ctypes.util.find_library("c")).prctl(1, 9)  # dies with the benchmark
+def read(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise SystemExit(0)
+        buf += chunk
+    return buf
+out = open(1, "w", buffering=1)
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as s:
+    data = b"\0".join([b"reverse", b"", b"abc"])
+    req = b"\0REQ" + struct.pack(">II", 7, len(data)) + data
+    while True:
+        s.sendall(req)
+        while True:
+            kind, size = struct.unpack(">II", read(s, 12)[4:])
+            read(s, size)
+            if kind == 13:
+                out.write("%d\n" % time.monotonic_ns())
+                break
+"""
 
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        data = b"\0".join([b"reverse", b"", b"abc"])
-        req = b"\0REQ" + struct.pack(">II", SUBMIT_JOB, len(data)) + data
-        while not stop.is_set():
-            s.sendall(req)
-            while True:
-                kind, size = struct.unpack(">II", read(s, 12)[4:])
-                read(s, size)
-                if kind == WORK_COMPLETE:
-                    times.append(time.monotonic_ns())
-                    break
+
+def foreground(port, times):
+    """Starts a client process that submits `reverse` jobs one after another on one connection;
+    a thread here collects the time of each completion (stamped by the client)."""
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(port)], stdout=subprocess.PIPE, text=True)
+
+    def collect():
+        for line in proc.stdout:
+            times.append(int(line))
+
+    threading.Thread(target=collect, daemon=True).start()
+    return proc
 
 
 def gs_status(state_dir):
@@ -232,20 +255,18 @@ def pause(port, workdir):
         )
     p = subprocess.Popen([GEARSHIFT, "-c", cfg, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def wait(pred, limit=30):
+    def wait(pred, limit=30, every=0.0005):
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             st = gs_status(state)
             if st and pred(st):
                 return st
-            time.sleep(0.0005)
+            time.sleep(every)
         raise SystemExit("gearshift did not get there")
 
     wait(lambda s: s.get("state") == "running")
-    stop, times = threading.Event(), []
-    clients = [threading.Thread(target=foreground, args=(port, stop, times), daemon=True) for _ in range(2)]
-    for c in clients:
-        c.start()
+    times = []
+    clients = [foreground(port, times) for _ in range(2)]
     gaps = []
     try:
         for _ in range(reloads):
@@ -253,13 +274,22 @@ def pause(port, workdir):
             time.sleep(0.02)
             t0 = time.monotonic_ns()
             p.send_signal(signal.SIGHUP)
-            wait(lambda s: s["generation"] > g and s["first_claim_monotonic_us"] > 0)
-            time.sleep(0.005)  # the claimed job's completion reaches its client
-            seen = time.monotonic_ns()
-            marks = [t0] + sorted(t for t in list(times) if t0 <= t <= seen)
-            gaps.append(max((b - a for a, b in zip(marks, marks[1:])), default=seen - t0) // 1000)
+            # Not a word to the worker while it restarts: look after 25 ms, then every 2 ms.
+            time.sleep(0.025)
+            st = wait(lambda s: s["generation"] > g and s["first_claim_monotonic_us"] > 0, every=0.002)
+            # The new generation's first job (GRAB answered, as the worker stamped it); the
+            # window ends at its completion, as its client stamped it.
+            first = st["first_claim_monotonic_us"] * 1000
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not any(t >= first for t in list(times)):
+                time.sleep(0.002)
+            done = sorted(t for t in list(times) if t >= t0)
+            cut = next((i for i, t in enumerate(done) if t >= first), len(done) - 1)
+            marks = [t0] + done[:cut + 1]
+            gaps.append(max((b - a for a, b in zip(marks, marks[1:])), default=first - t0) // 1000)
     finally:
-        stop.set()
+        for c in clients:
+            c.kill()
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
     spawns = []

@@ -1,9 +1,9 @@
 //! Outcomes that cross an exec: a restart does not wait for the group commit.
 //!
 //! The lanes of a generation being replaced stop without waiting for their outcomes' sync; the
-//! commit thread finishes the batch in hand (synced, placed, its segment sealed) and parks; the
-//! outcomes still waiting (finished jobs whose results are not durable yet, their jobs still in
-//! `cur/`) travel in the restart parcel, ahead of the queue's head. The next generation commits
+//! commit thread finishes the sync under way and parks (what it has not placed yet goes back to
+//! its queue; its segment is sealed); the outcomes not yet in place (their jobs still in `cur/`)
+//! travel in the restart parcel, ahead of the queue's head. The next generation commits
 //! them first thing, and its start-up recovery leaves their jobs in `cur/` alone. If the exec
 //! fails, the commit thread goes on with them. If they never arrive (a crash during the exec, an
 //! older image that does not read them, a config that moved the spool), their jobs are still in
@@ -109,13 +109,12 @@ impl SpoolSource {
     /// Commits outcomes a previous generation handed over: with the group commit, or written
     /// directly without `fsync`. Their jobs stay in `cur/` until then.
     fn recommit(&self, outcomes: Vec<Entry>) -> Result<()> {
-        for e in outcomes {
-            match &self.committer {
-                Some(c) => c.submit(e)?,
-                None => journal::materialize(&self.spool, &e)?,
-            }
+        match &self.committer {
+            Some(c) => c.submit_all(outcomes),
+            None => outcomes
+                .iter()
+                .try_for_each(|e| journal::materialize(&self.spool, e)),
         }
-        Ok(())
     }
 }
 

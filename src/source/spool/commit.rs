@@ -122,6 +122,20 @@ impl Committer {
         Ok(())
     }
 
+    /// Queues outcomes at once, however many are queued: those a previous generation handed
+    /// over (the first claim must not wait for a sync), and a lane's last before an exec (it
+    /// crosses the exec; the lanes' number bounds what this adds).
+    pub(super) fn submit_all(&self, entries: Vec<Entry>) -> Result<()> {
+        let mut s = self.shared.lock();
+        if s.dead {
+            return Err(dead());
+        }
+        s.queued += entries.len() as u64;
+        s.queue.extend(entries);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
     /// Waits until everything queued so far is durable and in place (or the thread is dead).
     pub(super) fn flush(&self) -> Result<()> {
         let s = self.shared.lock();
@@ -151,9 +165,9 @@ impl Committer {
         Ok(())
     }
 
-    /// Before an exec: lets the batch being synced and placed finish, seals the segment, and
-    /// parks the thread; returns the outcomes still waiting (not yet durable), for the next
-    /// generation to commit. None if the thread did not park by `wait` (a slow or failing
+    /// Before an exec: lets the sync under way finish, seals the segment, and parks the thread;
+    /// returns the outcomes not yet in place (waiting for their sync, or synced but not yet
+    /// written as files), for the next generation to commit. None if the thread did not park by `wait` (a slow or failing
     /// disk) or is dead: then nothing is parked.
     pub(super) fn park(&self, wait: Duration) -> Option<Vec<Entry>> {
         let deadline = Some(Instant::now() + wait);
@@ -226,8 +240,11 @@ fn run(spool: &Spool, shared: &Shared) {
         let (batch, seal) = {
             let mut s = shared.lock();
             if s.park && !s.stop {
-                // Between batches: everything appended is in place, so the segment is sealed;
-                // what is queued is handed over, or committed here if the exec fails.
+                // Between batches: what the segment holds is in place, or back at the front of
+                // the queue (synced, not yet placed: parked mid-batch). The segment is sealed
+                // (never replayed in this boot); the queue is handed over, or committed here if
+                // the exec fails. Lost with the process before the next generation commits
+                // them, their jobs are still in cur/ and run again: at least once.
                 drop(s);
                 if let Some((seg, _)) = segment.take() {
                     seg.seal(spool);
@@ -269,13 +286,17 @@ fn run(spool: &Spool, shared: &Shared) {
             (batch, s.seal_asked)
         };
         if !batch.is_empty() {
-            if !store(spool, shared, &mut segment, &batch) {
+            let Some(placed) = store(spool, shared, &mut segment, &batch) else {
                 return; // stopping with the disk failing: the jobs stay in cur/ and run again
-            }
+            };
             let mut s = shared.lock();
-            s.done += batch.len() as u64;
+            s.done += placed as u64;
             s.syncs += 1;
             s.records += batch.len() as u64;
+            // Parked before all were placed (an exec is waiting): the rest, durable already,
+            // goes back to the front of the queue, to be handed over or placed after all.
+            let rest = batch.get(placed..).unwrap_or_default();
+            s.queue.splice(0..0, rest.iter().cloned());
             shared.changed.notify_all();
         }
         let aged = segment.as_ref().is_some_and(|(seg, t)| {
@@ -300,13 +321,14 @@ fn run(spool: &Spool, shared: &Shared) {
 }
 
 /// Appends `batch` with one sync and puts each file in place, retrying with backoff while the
-/// storage fails. False if told to stop meanwhile.
+/// storage fails. Returns how many were placed: all, or fewer once synced if a park is asked
+/// (an exec waits; the rest cross it); None if told to stop meanwhile.
 fn store(
     spool: &Spool,
     shared: &Shared,
     segment: &mut Option<(Segment, Instant)>,
     batch: &[Entry],
-) -> bool {
+) -> Option<usize> {
     let mut backoff = Duration::from_millis(100);
     let mut appended = false;
     let mut placed = 0;
@@ -329,6 +351,9 @@ fn store(
                 appended = true;
             }
             while placed < batch.len() {
+                if shared.lock().park {
+                    break;
+                }
                 journal::materialize(spool, &batch[placed])?;
                 placed += 1;
             }
@@ -340,7 +365,7 @@ fn store(
                 if s.failing.take().is_some() {
                     log::info!("results are being stored again");
                 }
-                return true;
+                return Some(placed);
             }
             Err(e) => {
                 let mut s = shared.lock();
@@ -349,7 +374,7 @@ fn store(
                 }
                 s.failing = Some(kept(&e));
                 if s.stop {
-                    return false;
+                    return None;
                 }
                 drop(s);
                 std::thread::sleep(backoff);

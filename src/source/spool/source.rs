@@ -245,6 +245,8 @@ impl SpoolSource {
             body: encode_record(&record),
         };
         match &self.committer {
+            // The lanes stop for an exec: the outcome crosses it, no room to wait for.
+            Some(c) if self.handing_over() => c.submit_all(vec![entry]),
             // Durable with the next group commit; the lane goes on meanwhile.
             Some(c) => c.submit(entry),
             None => super::journal::materialize(&self.spool, &entry),
