@@ -2,7 +2,7 @@
 //! wrote: php-amqp (the PECL API the PHP daemons use) publishing into their topology, and
 //! python3-pika as an RPC client. Restarts under load, kill -9 mid-job, a broker killed and
 //! started again, dead-lettering, heartbeats through a long job, duplicates by message_id, a
-//! hostile broker, TLS.
+//! hostile broker, TLS, a second TERM in every state.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -622,4 +622,44 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         "{}",
         w.log_text()
     );
+}
+
+/// In every state of an AMQP worker (a job running, draining for a restart, the broker frozen
+/// mid-job), a first SIGTERM waits for the running job and a second ends the worker within 2 s.
+/// One broker serves the three: the message a killed worker held is delivered to the next.
+#[test]
+fn a_second_term_ends_an_amqp_worker_within_two_seconds_in_every_state() {
+    if !Rabbit::available("a_second_term_ends_an_amqp_worker_within_two_seconds_in_every_state") {
+        return;
+    }
+    let home = Sandbox::new("amqp-term");
+    let r = Rabbit::start(&home.dir, "");
+    php_publish(&r, 1, "t", "", "");
+    for state in ["serving", "draining", "broker frozen"] {
+        let sb = Sandbox::new(&format!("amqp-term-{}", state.replace(' ', "-")));
+        sb.job("send_mail", "#!/bin/sh\nsleep 60\n");
+        amqp_config(
+            &sb,
+            1,
+            &format!(
+                "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+                r.url()
+            ),
+            "",
+        );
+        let mut w = sb.start();
+        w.wait_for(Duration::from_secs(30), "the job", |s| s["in_flight"] == 1);
+        match state {
+            "draining" => {
+                w.signal(Signal::SIGHUP);
+                w.wait_for(Duration::from_secs(10), "draining", |s| {
+                    s["state"] == "draining"
+                });
+            }
+            "broker frozen" => r.freeze(true),
+            _ => {}
+        }
+        second_term_ends_it(&mut w, state);
+        r.freeze(false);
+    }
 }

@@ -608,30 +608,6 @@ fn recovery_on_a_full_disk_is_retried_once_space_is_freed() {
     assert_eq!(w.generation(), 1, "without a restart");
 }
 
-/// Sends TERM, checks the worker is still finishing (a first TERM waits for running jobs), then
-/// TERM again: it must be gone within 2 s, whatever it was doing.
-fn second_term_ends_it(w: &mut Worker, state: &str) {
-    w.signal(Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        w.child.try_wait().unwrap().is_none(),
-        "{state}: the first TERM waits for the running job"
-    );
-    let sent = Instant::now();
-    w.signal(Signal::SIGTERM);
-    let status = w.wait_exit(Duration::from_secs(10));
-    let took = sent.elapsed();
-    assert!(
-        took < Duration::from_secs(2),
-        "{state}: the second TERM took {took:?}\n{}",
-        w.log_text()
-    );
-    assert!(
-        !status.success(),
-        "{state}: jobs were interrupted: not a clean stop"
-    );
-}
-
 /// In every state (serving, draining, degraded, a restart pending, a deploy pre-flight running)
 /// a second SIGTERM ends the worker within 2 s; `stop --force` ends it within its timeout.
 #[test]

@@ -397,6 +397,30 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Sends TERM, checks the worker is still finishing (a first TERM waits for running jobs), then
+/// TERM again: it must be gone within 2 s, whatever it was doing.
+pub fn second_term_ends_it(w: &mut Worker, state: &str) {
+    w.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "{state}: the first TERM waits for the running job"
+    );
+    let sent = Instant::now();
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "{state}: the second TERM took {took:?}\n{}",
+        w.log_text()
+    );
+    assert!(
+        !status.success(),
+        "{state}: jobs were interrupted: not a clean stop"
+    );
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -156,6 +156,19 @@ impl Rabbit {
         }
     }
 
+    /// Stops (`frozen`) or continues the node's processes (SIGSTOP / SIGCONT to its process
+    /// group): a broker that holds its connections open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            };
+            let _ = killpg(Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
     /// `rabbitmqctl` against this node.
     pub fn ctl(&self, args: &[&str]) -> String {
         let mut cmd = Command::new(CTL);
