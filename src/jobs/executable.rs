@@ -30,6 +30,9 @@ use crate::jobs::functions::{Job, JobError, JobResult};
 #[derive(Default, Clone)]
 pub struct Children {
     groups: Arc<Mutex<HashSet<i32>>>,
+    /// Set by [`Children::kill_all`]: the worker exits now, and the jobs it kills are
+    /// interrupted, not failed (their outcomes are never reported: they run again).
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
     /// `GEARSHIFT_WORKER` for job processes (see [`crate::jobs::reaper`]).
     worker_key: Arc<OsString>,
     ended: Option<crate::jobs::reaper::JobEnded>,
@@ -40,6 +43,7 @@ impl Children {
     pub fn new(worker_key: &Path, ended: Option<crate::jobs::reaper::JobEnded>) -> Children {
         Children {
             groups: Arc::default(),
+            abandoned: Arc::default(),
             worker_key: Arc::new(worker_key.as_os_str().to_os_string()),
             ended,
         }
@@ -55,13 +59,23 @@ impl Children {
             g.remove(&pgid);
         }
     }
-    /// SIGKILLs every running job's process group (on a forced stop).
+    /// SIGKILLs every running job's process group (on a forced stop). From now on
+    /// [`Children::abandoned`] holds: a lane must not report what a killed job did.
     pub fn kill_all(&self) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(g) = self.groups.lock() {
             for &pgid in g.iter() {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
         }
+    }
+}
+
+impl Children {
+    /// The worker is exiting at once (a second TERM): outcomes are no longer reported.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -215,6 +215,12 @@ impl LaneContext {
                 self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
                 continue;
             };
+            if self.children.abandoned() {
+                // A second TERM killed the job and the worker exits now: the job was
+                // interrupted, not failed. Nothing is reported (no failure stored, no nack):
+                // it runs again, as the exit's log line says.
+                return;
+            }
             // The payload is no longer needed: free it before the result is encoded, so a
             // lane holds at most about twice a large payload (result + its packet).
             job.payload = Vec::new();

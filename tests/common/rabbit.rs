@@ -197,12 +197,29 @@ impl Rabbit {
 }
 
 impl Drop for Rabbit {
+    /// Kills the node, then its epmd (a daemon outside the node's process group). epmd refuses
+    /// `-kill` while it still lists the node, which it drops only once it notices the killed
+    /// node's connection closed: asked again for up to 2 s.
     fn drop(&mut self) {
         self.kill();
-        let _ = Command::new("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let port = self.epmd_port.to_string();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let killed = Command::new("epmd")
+                .args(["-port", &port, "-kill"])
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Killed"));
+            let gone = !Command::new("epmd")
+                .args(["-port", &port, "-names"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if killed || gone || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
