@@ -283,10 +283,20 @@ fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
         "0 1 2 3",
         "a job sees its stdio and the progress channel only"
     );
-    // The committer's open journal segment comes and goes with the traffic: not counted.
+    // The spool's descriptors are counted apart: the committer's open journal segment comes
+    // and goes with the traffic, and its own handles on the spool's directories open with its
+    // first commit in a generation (outcomes carried across an exec make that the first thing
+    // a generation does, or not). Three handles on each of the spool's 9 entries at most (the
+    // source's, the committer's, the ingress's batch writer's); a leak across 20 exec's would
+    // pass that by far.
     let fds = || {
         let list = w.fd_list();
-        let kept: Vec<&str> = list.lines().filter(|l| !l.contains("/journal/")).collect();
+        let spool = list
+            .lines()
+            .filter(|l| l.contains("/spool") && !l.contains("/journal/"))
+            .count();
+        assert!(spool <= 27, "{spool} descriptors on the spool:\n{list}");
+        let kept: Vec<&str> = list.lines().filter(|l| !l.contains("/spool")).collect();
         (kept.len(), list)
     };
     w.signal(Signal::SIGHUP);
@@ -299,5 +309,10 @@ fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
         assert!(!pyzmq("REQ", &z.tcp, &["echo", "x"]).is_empty());
     }
     let (after, list) = fds();
-    assert_eq!(after, before, "{list}");
+    // A connection being answered or closed at the moment of looking (a status query, a
+    // client's) may show: two at most. One descriptor left by each exec would be twenty.
+    assert!(
+        after <= before + 2,
+        "{before} before, {after} after:\n{list}"
+    );
 }
