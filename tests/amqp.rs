@@ -67,10 +67,15 @@ fn lines(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// Every broker listed, and every lane on it connected (an empty list, before the lanes start,
+/// is not).
 fn connected(s: &Value) -> bool {
-    s["servers"]
-        .as_array()
-        .is_some_and(|v| v.iter().all(|x| x["state"] == "connected"))
+    let lanes = s["lanes"].as_u64().unwrap_or(0);
+    s["servers"].as_array().is_some_and(|v| {
+        !v.is_empty()
+            && v.iter()
+                .all(|x| x["state"] == "connected" && x["lanes_connected"].as_u64() == Some(lanes))
+    })
 }
 
 /// The job the PHP daemons run: here an executable appending its payload to a file.
@@ -123,6 +128,67 @@ fn the_php_daemons_topology_is_declared_and_consumed() {
     assert_eq!(s["source"], "amqp");
     // The password never reaches status.
     assert!(!s.to_string().contains("guest:guest"), "{s}");
+}
+
+/// `gearshift submit` to an AMQP source: `--count` publishes durably (confirmed), `--wait`
+/// makes it an RPC and prints the answer, a failed job is exit 1, a frame larger than the broker
+/// takes is cut into body frames.
+#[test]
+fn submit_publishes_with_confirms_and_waits_for_answers() {
+    if !Rabbit::available("submit_publishes_with_confirms_and_waits_for_answers") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-submit");
+    let r = Rabbit::start(&sb.dir, "");
+    sb.job(
+        "fail",
+        "#!/bin/sh
+echo nope >&2
+exit 3
+",
+    );
+    amqp_config(
+        &sb,
+        2,
+        &format!("url = \"{}\"\nqueue = \"work\"\n", r.url()),
+        "[source.declare]\n",
+    );
+    // No queue yet (the worker declares it): said, not lost in silence.
+    let out = sb.run(&["submit", "--count", "3", "echo", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("3 of 3 message(s) were not taken: no queue \"work\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    w.signal(Signal::SIGSTOP);
+    let out = sb.run(&["submit", "--count", "2500", "echo", "x"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (ready, unacked) = r.depth("work");
+    assert_eq!(
+        ready + unacked,
+        2500,
+        "all confirmed before submit returned"
+    );
+    w.signal(Signal::SIGCONT);
+    w.wait_for(Duration::from_secs(60), "2500 done", |s| {
+        s["jobs_completed"] == 2500
+    });
+    let big = "y".repeat(300 * 1024);
+    let out = output_with_stdin(
+        &mut sb.cmd(&["submit", "--wait", "reverse"]),
+        format!("abc{big}").as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim_end(), format!("{big}cba"));
+    let out = sb.run(&["submit", "--wait", "fail", "p"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    w.wait_for(Duration::from_secs(10), "acked", |s| s["jobs_failed"] == 1);
+    eventually(Duration::from_secs(10), "drained", || {
+        r.depth("work") == (0, 0)
+    });
 }
 
 #[test]

@@ -47,6 +47,12 @@ pub struct AmqpUrl {
     /// Shown in `status`, metrics and logs: without the password.
     pub shown: String,
     pub tls: bool,
+    /// The host (without brackets for IPv6), port, credentials and vhost, percent-decoded.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
 }
 
 /// `[source.declare]`.
@@ -75,31 +81,116 @@ fn amqp_name(text: &str, what: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Parses one URL; the error says what is wrong.
+/// Parses one URL (`amqp[s]://[user[:password]@]host[:port][/vhost][?query]`, the RabbitMQ
+/// URI spec: guest/guest, port 5672 or 5671 and vhost `/` by default; the query is accepted and
+/// ignored, `[source]` says the rest); the error says what is wrong.
 fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
     let shown_raw = crate::text::escape(text);
-    let uri: lapin::uri::AMQPUri = text.parse().map_err(|e| {
-        format!("url \"{shown_raw}\" is not an AMQP URL such as \"amqp://user:password@127.0.0.1:5672/%2f\" ({e})")
-    })?;
-    let tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
-    let host = &uri.authority.host;
-    let host = if host.contains(':') {
+    let bad = |why: &str| {
+        format!("url \"{shown_raw}\" is not an AMQP URL such as \"amqp://user:password@127.0.0.1:5672/%2f\" ({why})")
+    };
+    let (tls, rest) = if let Some(r) = text.strip_prefix("amqps://") {
+        (true, r)
+    } else if let Some(r) = text.strip_prefix("amqp://") {
+        (false, r)
+    } else {
+        return Err(bad("the scheme must be amqp:// or amqps://"));
+    };
+    let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        None => ("guest".to_string(), "guest".to_string()),
+        Some(u) => {
+            let (name, pass) = u.split_once(':').unwrap_or((u, ""));
+            (
+                decode(name).map_err(|e| bad(&e))?,
+                decode(pass).map_err(|e| bad(&e))?,
+            )
+        }
+    };
+    let (host, port) = if let Some(r) = hostport.strip_prefix('[') {
+        let (h, after) = r
+            .split_once(']')
+            .ok_or_else(|| bad("an unclosed [ in the host"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (hostport.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = match port {
+        None | Some("") => {
+            if tls {
+                5671
+            } else {
+                5672
+            }
+        }
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| bad(&format!("port \"{p}\"")))?,
+    };
+    let vhost = if path.is_empty() {
+        "/".to_string()
+    } else {
+        decode(path).map_err(|e| bad(&e))?
+    };
+    for (what, v) in [("user", &user), ("password", &password), ("vhost", &vhost)] {
+        if v.len() > 255 || v.chars().any(char::is_control) {
+            return Err(bad(&format!(
+                "the {what} is longer than 255 bytes or has control characters"
+            )));
+        }
+    }
+    let shown_host = if host.contains(':') {
         format!("[{host}]")
     } else {
         host.clone()
     };
     let shown = format!(
-        "{}://{}@{host}:{}/{}",
+        "{}://{user}@{shown_host}:{port}/{}",
         if tls { "amqps" } else { "amqp" },
-        uri.authority.userinfo.username,
-        uri.authority.port,
-        uri.vhost.replace('/', "%2f")
+        vhost.replace('/', "%2f")
     );
     Ok(AmqpUrl {
         url: text.to_string(),
         shown: crate::text::escape(&shown).into_owned(),
         tls,
+        host,
+        port,
+        user,
+        password,
+        vhost,
     })
+}
+
+/// Percent-decoding of one URL part (UTF-8 after decoding).
+fn decode(part: &str) -> std::result::Result<String, String> {
+    let b = part.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = part
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("a bad %-escape in \"{}\"", crate::text::escape(part)))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a %-escape that is not UTF-8".to_string())
 }
 
 /// `[source]` of `kind = "amqp"`.
@@ -210,4 +301,50 @@ fn declare(cx: &Cx<'_>, d: Spanned<RawDeclare>, queue: &str) -> Result<Declare> 
         dead_letter_exchange: d.dead_letter_exchange,
         queue_type: d.queue_type,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::url;
+
+    #[test]
+    fn urls_are_read_as_rabbitmq_reads_them_and_shown_without_the_password() {
+        let u = url("amqp://guest:s%40cret@127.0.0.1:5673/%2f").unwrap();
+        assert_eq!(
+            (
+                u.host.as_str(),
+                u.port,
+                u.user.as_str(),
+                u.password.as_str()
+            ),
+            ("127.0.0.1", 5673, "guest", "s@cret")
+        );
+        assert_eq!(u.vhost, "/");
+        assert_eq!(u.shown, "amqp://guest@127.0.0.1:5673/%2f");
+        let d = url("amqps://rabbit.example").unwrap();
+        assert_eq!(
+            (d.port, d.user.as_str(), d.vhost.as_str(), d.tls),
+            (5671, "guest", "/", true)
+        );
+        let v6 = url("amqp://u:p@[::1]/jobs?heartbeat=10").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.port, v6.vhost.as_str()),
+            ("::1", 5672, "jobs")
+        );
+        assert_eq!(v6.shown, "amqp://u@[::1]:5672/jobs");
+        for bad in [
+            "http://h/",
+            "amqp://",
+            "amqp://h:99999/",
+            "amqp://h:x/",
+            "amqp://u:p@[::1/",
+            "amqp://h/%zz",
+            "amqp://h/%ff",
+            "amqp://h/a%0ab",
+        ] {
+            let e = url(bad).unwrap_err();
+            assert!(e.contains("is not an AMQP URL"), "{bad}: {e}");
+        }
+    }
 }

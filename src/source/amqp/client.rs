@@ -1,19 +1,16 @@
 //! Publishing jobs to the configured queue (`gearshift submit` to an AMQP source), and the RPC
 //! form: a reply queue of the client's own, `reply_to` and `correlation_id`, the answer awaited.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_lite::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-
+use super::conn::{Conn, Event, Options, CHANNEL};
 use super::lane::OUTCOME_HEADER;
-use super::wait::bounded;
+use super::wire::{self, Props};
 use crate::config::AmqpConfig;
 use crate::error::{Error, Result};
+
+/// Publishes in flight before their confirms are awaited.
+const WINDOW: u64 = 1000;
 
 /// A job's answer, for `submit --wait`.
 pub struct Answer {
@@ -21,125 +18,142 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// A client connection to the first broker that answers.
-struct Client {
-    conn: Connection,
-    channel: lapin::Channel,
-    io_timeout: Duration,
-}
-
-impl Client {
-    fn connect(cfg: &AmqpConfig) -> Result<Client> {
-        let runtime = async_rs::Runtime::async_global_executor();
-        let tls = match &cfg.tls {
-            None => lapin::tcp::OwnedTLSConfig::default(),
-            Some(files) => super::tls_config(files)?,
-        };
-        let mut errors = Vec::new();
-        for url in &cfg.urls {
-            let Ok(mut uri) = url.url.parse::<lapin::uri::AMQPUri>() else {
-                continue;
-            };
-            uri.query.connection_timeout = Some(cfg.io_timeout.as_millis() as u64);
-            let props =
-                ConnectionProperties::default().with_connection_name("gearshift submit".into());
-            match bounded(
-                cfg.io_timeout,
-                "connecting",
-                Connection::connect_uri_with_config(uri, props, tls.clone(), runtime.clone()),
-            ) {
-                Ok(conn) => {
-                    let channel =
-                        bounded(cfg.io_timeout, "opening a channel", conn.create_channel())?;
-                    bounded(
-                        cfg.io_timeout,
-                        "confirm.select",
-                        channel.confirm_select(ConfirmSelectOptions::default()),
-                    )?;
-                    return Ok(Client {
-                        conn,
-                        channel,
-                        io_timeout: cfg.io_timeout,
-                    });
-                }
-                Err(e) => errors.push(format!("{}: {e}", url.shown)),
-            }
-        }
-        Err(Error::Peer(format!(
-            "no AMQP broker reachable ({})",
-            errors.join("; ")
-        )))
-    }
-
-    /// Publishes `count` persistent messages and waits for every confirm (1,000 in flight).
-    fn publish(
-        &self,
-        cfg: &AmqpConfig,
-        function: &str,
-        payload: &[u8],
-        count: u64,
-        props: &BasicProperties,
-    ) -> Result<()> {
-        let (exchange, key): (ShortString, ShortString) = match &cfg.declare {
-            Some(d) if d.exchange.is_some() => (
-                d.exchange.clone().unwrap_or_default().as_str().into(),
-                d.routing_key.as_str().into(),
-            ),
-            _ => ("".into(), cfg.queue.as_str().into()),
-        };
-        let kind = ShortString::try_new(function.to_string())
-            .map_err(|_| Error::Msg("a function name is at most 255 bytes".into()))?;
-        let mut left = count;
-        while left > 0 {
-            let n = left.min(1000);
-            let batch = async {
-                let mut confirms = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    let p = props
-                        .clone()
-                        .with_type(kind.clone())
-                        .with_timestamp(crate::clock::now_ms() / 1000)
-                        .with_delivery_mode(2)
-                        .with_message_id(message_id().into());
-                    confirms.push(
-                        self.channel
-                            .basic_publish(
-                                exchange.clone(),
-                                key.clone(),
-                                BasicPublishOptions::default(),
-                                payload,
-                                p,
-                            )
-                            .await?,
-                    );
-                }
-                let mut nacked = 0u64;
-                for c in confirms {
-                    if c.await?.is_nack() {
-                        nacked += 1;
+/// A connection to the first broker that answers, with publisher confirms on.
+fn connect(cfg: &AmqpConfig) -> Result<Conn> {
+    let tls = super::tls_config(cfg)?;
+    let opts = Options {
+        name: "gearshift submit",
+        heartbeat: Duration::ZERO,
+        frame_max: 128 * 1024,
+        max_body: usize::try_from(crate::config::MAX_PAYLOAD).unwrap_or(usize::MAX),
+        io_timeout: cfg.io_timeout,
+    };
+    let mut errors = Vec::new();
+    for url in &cfg.urls {
+        let target = match (&tls, url.tls) {
+            (Some(c), true) => {
+                let host = cfg
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.server_name.clone())
+                    .unwrap_or_else(|| url.host.clone());
+                match rustls::pki_types::ServerName::try_from(host) {
+                    Ok(name) => Some((std::sync::Arc::clone(c), name)),
+                    Err(e) => {
+                        errors.push(format!("{}: {e}", url.shown));
+                        continue;
                     }
                 }
-                Ok(nacked)
-            };
-            let wait = self.io_timeout + Duration::from_millis(n);
-            let nacked = bounded(wait, "publishing", batch)?;
-            if nacked > 0 {
-                return Err(Error::Peer(format!(
-                    "the broker refused {nacked} of the messages (nack)"
-                )));
             }
-            left -= n;
+            _ => None,
+        };
+        let opened = Conn::open(url, target.as_ref(), &opts, None).and_then(|mut c| {
+            c.confirm_select()?;
+            Ok(c)
+        });
+        match opened {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{}: {e}", url.shown)),
         }
-        Ok(())
     }
+    Err(Error::Peer(format!(
+        "no AMQP broker reachable ({})",
+        errors.join("; ")
+    )))
+}
 
-    fn close(self) {
-        let _ = bounded(
-            Duration::from_secs(1),
-            "closing",
-            self.conn.close(200, "done".into()),
-        );
+/// Publishes `count` persistent messages (`mandatory`: one no queue takes comes back) and waits
+/// for every confirm ([`WINDOW`] in flight).
+fn publish(
+    conn: &mut Conn,
+    cfg: &AmqpConfig,
+    function: &str,
+    payload: &[u8],
+    count: u64,
+    props: &Props,
+) -> Result<()> {
+    if function.len() > 255 {
+        return Err(Error::Msg("a function name is at most 255 bytes".into()));
     }
+    let (exchange, key) = match &cfg.declare {
+        Some(d) if d.exchange.is_some() => (
+            d.exchange.clone().unwrap_or_default(),
+            d.routing_key.clone(),
+        ),
+        _ => (String::new(), cfg.queue.clone()),
+    };
+    let frame_max = conn.frame_max();
+    let last = conn.published + count;
+    let mut confirmed = conn.published;
+    let mut nacked = 0u64;
+    let mut returned = 0u64;
+    while confirmed < last {
+        let batch = (last - conn.published).min(WINDOW.saturating_sub(conn.published - confirmed));
+        if batch > 0 {
+            conn.send(|b| {
+                for _ in 0..batch {
+                    let p = Props {
+                        kind: Some(function.as_bytes().to_vec()),
+                        timestamp: Some(crate::clock::now_ms() / 1000),
+                        delivery_mode: Some(2),
+                        message_id: Some(message_id().into_bytes()),
+                        ..props.clone()
+                    };
+                    wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
+                        a.u16(0)
+                            .short(exchange.as_bytes())
+                            .short(key.as_bytes())
+                            .bits(&[true, false]);
+                    });
+                    wire::content(b, CHANNEL, &p, payload, frame_max);
+                }
+            })?;
+            conn.published += batch;
+        }
+        let deadline = Instant::now() + cfg.io_timeout;
+        match conn.next(Some(deadline))? {
+            Event::Confirm { tag, multiple, ack } => {
+                let upto = tag.min(conn.published);
+                let n = if multiple {
+                    upto.saturating_sub(confirmed)
+                } else {
+                    u64::from(tag > confirmed)
+                };
+                if !ack {
+                    nacked += n;
+                }
+                confirmed = confirmed.max(upto);
+            }
+            Event::TimedOut => {
+                return Err(Error::TimedOut(format!(
+                    "publishing: {} of {count} message(s) unconfirmed after {:?}",
+                    last - confirmed,
+                    cfg.io_timeout
+                )))
+            }
+            Event::Returned => returned += 1,
+            // An answer (`call`) can come before the confirm of its request.
+            Event::Delivery(d) => conn.pending.push_back(d),
+            _ => {}
+        }
+    }
+    if returned > 0 {
+        let to = match &cfg.declare {
+            Some(d) if d.exchange.is_some() => {
+                format!("exchange \"{exchange}\" with routing key \"{key}\" reaches no queue")
+            }
+            _ => format!("no queue \"{key}\" exists"),
+        };
+        return Err(Error::Peer(format!(
+            "{returned} of {count} message(s) were not taken: {to} (start the worker once to declare [source.declare], or declare it)"
+        )));
+    }
+    if nacked > 0 {
+        return Err(Error::Peer(format!(
+            "the broker refused {nacked} of the messages (nack)"
+        )));
+    }
+    Ok(())
 }
 
 /// A message id unique enough for deduplication: time, pid and a counter.
@@ -156,9 +170,9 @@ fn message_id() -> String {
 
 /// Publishes `count` copies of the job (durably: persistent, confirmed).
 pub fn submit(cfg: &AmqpConfig, function: &str, payload: &[u8], count: u64) -> Result<()> {
-    let client = Client::connect(cfg)?;
-    let r = client.publish(cfg, function, payload, count, &BasicProperties::default());
-    client.close();
+    let mut conn = connect(cfg)?;
+    let r = publish(&mut conn, cfg, function, payload, count, &Props::default());
+    conn.close(Duration::from_secs(1));
     r
 }
 
@@ -170,67 +184,78 @@ pub fn call(
     payload: &[u8],
     wait: Duration,
 ) -> Result<Option<Answer>> {
-    let client = Client::connect(cfg)?;
-    let r = call_on(&client, cfg, function, payload, wait);
-    client.close();
+    let mut conn = connect(cfg)?;
+    let r = call_on(&mut conn, cfg, function, payload, wait);
+    conn.close(Duration::from_secs(1));
     r
 }
 
 fn call_on(
-    client: &Client,
+    conn: &mut Conn,
     cfg: &AmqpConfig,
     function: &str,
     payload: &[u8],
     wait: Duration,
 ) -> Result<Option<Answer>> {
-    let exclusive = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = bounded(
-        client.io_timeout,
+    // passive, durable, exclusive, auto-delete, nowait
+    let ok = conn.call(
+        wire::QUEUE_DECLARE,
+        |a| {
+            a.u16(0)
+                .short(b"")
+                .bits(&[false, false, true, true, false])
+                .table(&[]);
+        },
+        wire::QUEUE_DECLARE_OK,
         "declaring a reply queue",
-        client
-            .channel
-            .queue_declare("".into(), exclusive, FieldTable::default()),
     )?;
-    let mut replies = bounded(
-        client.io_timeout,
+    let queue = wire::Reader::new(&ok)
+        .short()
+        .map_err(|e| Error::Peer(format!("queue.declare-ok: {e}")))?
+        .to_vec();
+    // no-local, no-ack, exclusive, nowait
+    conn.call(
+        wire::BASIC_CONSUME,
+        |a| {
+            a.u16(0)
+                .short(&queue)
+                .short(b"")
+                .bits(&[false, true, false, false])
+                .table(&[]);
+        },
+        wire::BASIC_CONSUME_OK,
         "consuming replies",
-        client.channel.basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        ),
     )?;
     let correlation = message_id();
-    let props = BasicProperties::default()
-        .with_reply_to(queue.name().clone())
-        .with_correlation_id(correlation.as_str().into());
-    client.publish(cfg, function, payload, 1, &props)?;
-    let answer = async {
-        while let Some(d) = replies.next().await {
-            let d = d?;
-            if d.properties.correlation_id().as_ref().map(|c| c.as_str()) != Some(&correlation) {
-                continue;
-            }
-            let done = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(OUTCOME_HEADER).cloned())
-                .is_none_or(|v| matches!(v, AMQPValue::LongString(s) if s.as_bytes() == b"done"));
-            return Ok(Some(Answer { done, body: d.data }));
-        }
-        Ok(None)
+    let props = Props {
+        reply_to: Some(queue),
+        correlation_id: Some(correlation.clone().into_bytes()),
+        ..Props::default()
     };
-    match bounded(wait, "waiting for the answer", answer) {
-        Err(Error::TimedOut(_)) => Ok(None),
-        other => other,
+    publish(conn, cfg, function, payload, 1, &props)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let next = match conn.pending.pop_front() {
+            Some(d) => Event::Delivery(d),
+            None => conn.next(Some(deadline))?,
+        };
+        match next {
+            Event::Delivery(d)
+                if d.props.correlation_id.as_deref() == Some(correlation.as_bytes()) =>
+            {
+                let done = match d
+                    .props
+                    .headers
+                    .as_deref()
+                    .map(|h| wire::table_get(h, OUTCOME_HEADER))
+                {
+                    Some(Ok(Some(v))) => v == b"done",
+                    _ => true,
+                };
+                return Ok(Some(Answer { done, body: d.body }));
+            }
+            Event::TimedOut => return Ok(None),
+            _ => {}
+        }
     }
 }

@@ -2,13 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::BasicProperties;
-
-use super::link::{drop_link, Link};
-use super::wait::bounded;
+use super::conn::{Delivery, Event, CHANNEL};
+use super::link::Link;
+use super::wire::{self, Props, Value};
 use super::{Setup, CLOSE_WAIT};
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, NoProgress, Progress};
@@ -25,16 +21,16 @@ struct InHand {
     id: String,
     tag: u64,
     epoch: u64,
-    reply_to: Option<ShortString>,
-    correlation_id: Option<ShortString>,
-    message_id: Option<ShortString>,
+    reply_to: Option<Vec<u8>>,
+    correlation_id: Option<Vec<u8>>,
+    message_id: Option<Vec<u8>>,
 }
 
 pub(super) struct AmqpLane {
     s: Setup,
     link: Option<Link>,
     epoch: u64,
-    /// The broker of the last link (for `status`).
+    /// The broker of the last link, or of the next try.
     url: usize,
     backoff: Duration,
     retry_at: Instant,
@@ -46,7 +42,9 @@ pub(super) struct AmqpLane {
 impl AmqpLane {
     pub(super) fn new(s: Setup) -> AmqpLane {
         let lane = AmqpLane {
-            url: 0,
+            // A fleet started together spreads over the brokers instead of all connecting to
+            // the first one listed.
+            url: std::process::id() as usize % s.cfg.urls.len().max(1),
             s,
             link: None,
             epoch: 0,
@@ -66,24 +64,12 @@ impl AmqpLane {
         crate::status::show_server(&self.s.views, addr, self.s.index, state, error);
     }
 
-    /// Opens this lane's channel and consumer on the generation's connection (made now if
-    /// there is none).
-    fn connect(&mut self, stop: &Shutdown) -> Result<()> {
-        let shared = self.s.broker.connection(&self.s, stop).inspect_err(|_| {
-            self.url = self.s.broker.tried() % self.s.cfg.urls.len().max(1);
-        })?;
-        self.url = shared.url;
+    /// Connects to the current broker and opens this lane's consumer.
+    fn connect(&mut self) -> Result<()> {
         self.epoch += 1;
-        let shown = self.s.cfg.urls[shared.url].shown.clone();
+        let shown = self.s.cfg.urls[self.url].shown.clone();
         self.view(&shown, ConnState::Connecting, None);
-        let epoch = shared.epoch;
-        match super::link::open(&self.s, shared, self.epoch, stop) {
-            Ok(link) => self.link = Some(link),
-            Err(e) => {
-                self.s.broker.failed_if_closed(epoch);
-                return Err(e);
-            }
-        }
+        self.link = Some(super::link::open(&self.s, self.url, self.epoch)?);
         self.backoff = BACKOFF_MIN;
         if !self.logged.is_empty() {
             log::info!("amqp {shown}: lane {} consuming again", self.s.index);
@@ -93,15 +79,11 @@ impl AmqpLane {
         Ok(())
     }
 
-    /// Drops the link (its channel; the connection too if it is the one that failed) and
-    /// schedules a new one with backoff and jitter.
+    /// Drops the link (the broker requeues whatever it held) and schedules a new one, on the
+    /// next broker, with backoff and jitter.
     fn fail(&mut self, why: &str) {
         let url = self.s.cfg.urls[self.url].shown.clone();
-        if let Some(link) = self.link.take() {
-            self.s.broker.failed_if_closed(link.shared.epoch);
-            // Whatever it held goes back to the queue when the channel closes.
-            drop_link(link);
-        }
+        self.link = None;
         if self.logged != why {
             log::warn!(
                 "amqp {url}: lane {}: {why}; retrying with backoff (up to {:?})",
@@ -115,93 +97,74 @@ impl AmqpLane {
         let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
         self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
         self.backoff = (self.backoff * 2).min(self.s.cfg.reconnect_max);
+        self.url = (self.url + 1) % self.s.cfg.urls.len().max(1);
     }
 
     /// A delivery as a claimed job, or None when it needs no run (a redelivery of a job that
     /// already succeeded, acknowledged here).
-    fn claim(&mut self, epoch: u64, d: lapin::message::Delivery) -> Result<Option<Claimed>> {
-        let p = &d.properties;
-        let message_id = p.message_id().clone();
+    fn claim(&mut self, epoch: u64, d: Delivery) -> Result<Option<Claimed>> {
+        let p = d.props;
+        let message_id = p.message_id.filter(|m| !m.is_empty());
         // A redelivery, or a publisher's retry, of a job that already succeeded.
         let done = self.s.cfg.dedupe_ids > 0
-            && message_id.as_ref().is_some_and(|id| {
-                self.s
-                    .dedupe
-                    .lock()
-                    .is_ok_and(|set| set.seen(id.as_str().as_bytes()))
-            });
+            && message_id
+                .as_ref()
+                .is_some_and(|id| self.s.dedupe.lock().is_ok_and(|set| set.seen(id)));
         if done {
             log::info!(
                 "amqp: message {} already succeeded: acknowledged without running it again",
-                crate::text::escape(message_id.as_ref().map_or("", |m| m.as_str()))
+                escape(message_id.as_deref().unwrap_or_default())
             );
-            self.ack(d.delivery_tag, true)?;
+            self.ack(d.tag, true)?;
             return Ok(None);
         }
-        let function = match p.kind() {
-            Some(t) => t.as_str().to_string(),
+        let function = match &p.kind {
+            Some(t) => String::from_utf8_lossy(t).into_owned(),
             None => self.s.cfg.function.clone().unwrap_or_default(),
         };
-        let attempt = if d.redelivered { 2 } else { 1 };
         let id = match &message_id {
-            Some(m) if !m.as_str().is_empty() => crate::text::escape(m.as_str()).into_owned(),
-            _ => format!("amqp-{}-{}-{}", self.s.index, epoch, d.delivery_tag),
+            Some(m) => escape(m),
+            None => format!("amqp-{}-{}-{}", self.s.index, epoch, d.tag),
         };
-        let oversized = (d.data.len() > self.s.max_payload).then_some(d.data.len());
         self.in_hand = Some(InHand {
             id: id.clone(),
-            tag: d.delivery_tag,
+            tag: d.tag,
             epoch,
-            reply_to: p.reply_to().clone().filter(|r| !r.as_str().is_empty()),
-            correlation_id: p.correlation_id().clone(),
+            reply_to: p.reply_to.filter(|r| !r.is_empty()),
+            correlation_id: p.correlation_id,
             message_id,
         });
         Ok(Some(Claimed {
             id,
             function,
             unique: String::new(),
-            payload: if oversized.is_some() {
-                Vec::new()
-            } else {
-                d.data
-            },
-            attempt,
-            submitted_ms: p.timestamp().map_or(0, |t| t.saturating_mul(1000)),
-            oversized,
+            payload: d.body,
+            attempt: if d.redelivered { 2 } else { 1 },
+            submitted_ms: p.timestamp.map_or(0, |t| t.saturating_mul(1000)),
+            oversized: d.oversized,
         }))
     }
 
     /// `basic.ack` (done) or `basic.nack` without requeue (failed: dead-lettered if the queue
-    /// has a dead-letter exchange). The frame is queued for lapin's I/O thread and not waited
-    /// for: the broker does not answer an ack anyway, and if the connection breaks before it is
-    /// written, the broker delivers the job again (the next delivery shows the break).
+    /// has a dead-letter exchange). One write; the broker does not answer it. If the
+    /// connection breaks before the broker reads it, the broker delivers the job again.
     fn ack(&mut self, tag: u64, done: bool) -> Result<()> {
         let link = self
             .link
             .as_ref()
             .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let now = Some(Instant::now());
-        let first = if done {
-            super::wait::run_until(
-                link.channel.basic_ack(tag, BasicAckOptions::default()),
-                now,
-                None,
-            )
-        } else {
-            super::wait::run_until(
-                link.channel.basic_nack(tag, BasicNackOptions::default()),
-                now,
-                None,
-            )
-        };
-        match first {
-            Some(Err(e)) => {
-                let e = super::wait::lapin_error(if done { "basic.ack" } else { "basic.nack" }, &e);
-                self.fail(&e.to_string());
-                Err(e)
+        let sent = link.conn.send(|b| {
+            if done {
+                wire::method(b, CHANNEL, wire::BASIC_ACK, |a| {
+                    a.u64(tag).bits(&[false]);
+                })
+            } else {
+                wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
+                    a.u64(tag).bits(&[false, false]);
+                })
             }
-            _ => Ok(()),
-        }
+        });
+        sent.inspect_err(|e| self.fail(&e.to_string()))
     }
 
     /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm.
@@ -211,94 +174,115 @@ impl AmqpLane {
             return Ok(());
         };
         let (body, word) = match outcome {
-            Ok(r) => (r.clone(), "done"),
-            Err(e) => (e.message.clone().into_bytes(), "failed"),
+            Ok(r) => (r.as_slice(), "done"),
+            Err(e) => (e.message.as_bytes(), "failed"),
         };
-        let mut headers = FieldTable::default();
-        headers.insert(OUTCOME_HEADER.into(), AMQPValue::LongString(word.into()));
-        let mut props = BasicProperties::default().with_headers(headers);
-        if let Some(c) = &hand.correlation_id {
-            props = props.with_correlation_id(c.clone());
-        }
-        let answer = self.publish_reply(hand, reply_to, &body, props);
-        match answer {
-            Ok(c) if c.is_nack() => Err(Error::Peer("the broker refused the reply (nack)".into())),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let why = e.to_string();
-                self.fail(&why);
-                Err(e)
-            }
-        }
+        let props = Props {
+            headers: Some(wire::table_bytes(&[(
+                OUTCOME_HEADER,
+                Value::Str(word.as_bytes()),
+            )])),
+            correlation_id: hand.correlation_id.clone(),
+            ..Props::default()
+        };
+        self.publish_reply(hand, reply_to, body, &props)
+            .inspect_err(|e| {
+                if !matches!(e, Error::Peer(m) if m.contains("(nack)")) {
+                    self.fail(&e.to_string());
+                }
+            })
     }
 
     /// Publishes a reply and waits for its confirm.
     fn publish_reply(
-        &self,
+        &mut self,
         hand: &InHand,
-        reply_to: &ShortString,
+        reply_to: &[u8],
         body: &[u8],
-        props: BasicProperties,
-    ) -> Result<lapin::Confirmation> {
+        props: &Props,
+    ) -> Result<()> {
         let link = self
             .link
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let status = link.shared.conn.status();
+        let frame_max = link.conn.frame_max();
+        link.conn.send(|b| {
+            wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
+                a.u16(0).short(b"").short(reply_to).bits(&[false, false]);
+            });
+            wire::content(b, CHANNEL, props, body, frame_max);
+        })?;
+        link.conn.published += 1;
+        let seq = link.conn.published;
+        let io_timeout = self.s.cfg.io_timeout;
         let mut said = false;
-        let mut publish = std::pin::pin!(async {
-            link.channel
-                .basic_publish(
-                    "".into(),
-                    reply_to.clone(),
-                    BasicPublishOptions::default(),
-                    body,
-                    props,
-                )
-                .await?
-                .await
-        });
-        // While the broker blocks publishing (`connection.blocked`: a memory or disk alarm) the
-        // confirm waits for the alarm to end, as long as the connection lives; otherwise for
-        // `io_timeout`.
+        let mut deadline = Instant::now() + io_timeout;
         loop {
-            let deadline = Some(Instant::now() + self.s.cfg.io_timeout);
-            match super::wait::run_until(publish.as_mut(), deadline, None) {
-                Some(r) => {
-                    break r.map_err(|e| super::wait::lapin_error("publishing the reply", &e))
+            match link.conn.next(Some(deadline))? {
+                Event::Confirm { tag, multiple, ack } if tag == seq || (multiple && tag > seq) => {
+                    return if ack {
+                        Ok(())
+                    } else {
+                        Err(Error::Peer("the broker refused the reply (nack)".into()))
+                    };
                 }
-                None if status.blocked() && status.connected() => {
+                Event::Delivery(d) => link.conn.pending.push_back(d),
+                // The job is finishing whatever else happens: the stop is looked at after.
+                Event::Woken | Event::Confirm { .. } | Event::Method(..) | Event::Returned => {}
+                Event::Cancelled => {
+                    return Err(Error::Gone("the broker cancelled the consumer".into()))
+                }
+                // A resource alarm (`connection.blocked`): the confirm waits for its end, as
+                // long as the connection lives.
+                Event::TimedOut if link.conn.blocked => {
                     if !said {
                         log::warn!("amqp: the broker blocks publishing (a resource alarm): job {}'s reply waits", hand.id);
                         said = true;
                     }
+                    deadline = Instant::now() + io_timeout;
                 }
-                None => {
-                    break Err(Error::TimedOut(format!(
-                        "publishing the reply: no confirm within {:?}",
-                        self.s.cfg.io_timeout
+                Event::TimedOut => {
+                    return Err(Error::TimedOut(format!(
+                        "publishing the reply: no confirm within {io_timeout:?}"
                     )))
                 }
             }
         }
     }
+
+    /// Waits until the next try at connecting, or a wake-up.
+    fn pause(&self) {
+        use std::os::fd::AsFd;
+        let left = self.retry_at.saturating_duration_since(Instant::now());
+        let ms = left.as_micros().div_ceil(1000).min(60_000) as i32;
+        let mut fds = [nix::poll::PollFd::new(
+            self.s.wake.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let timeout = nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
+        if let Ok(1) = nix::poll::poll(&mut fds, timeout) {
+            let mut b = [0u8; 8];
+            let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&*self.s.wake), &mut b);
+        }
+    }
+}
+
+fn escape(b: &[u8]) -> String {
+    crate::text::escape(&String::from_utf8_lossy(b)).into_owned()
 }
 
 impl Lane for AmqpLane {
     fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
         loop {
-            // Listening before looking at the flag: a wake in between is not lost.
-            let woken = self.s.wake.listen();
             if stop.is_set() {
                 return Ok(None);
             }
             let Some(link) = self.link.as_mut() else {
-                let wait = self.retry_at.saturating_duration_since(Instant::now());
-                if !wait.is_zero() {
-                    super::wait::run_until(woken, Some(Instant::now() + wait), None);
+                if Instant::now() < self.retry_at {
+                    self.pause();
                     continue;
                 }
-                if let Err(e) = self.connect(stop) {
+                if let Err(e) = self.connect() {
                     if stop.is_set() {
                         return Ok(None);
                     }
@@ -307,23 +291,23 @@ impl Lane for AmqpLane {
                 continue;
             };
             let epoch = link.epoch;
-            let got = super::wait::run(futures_lite::future::or(
-                async { Some(link.consumer.next().await) },
-                async {
-                    woken.await;
-                    None
-                },
-            ));
+            let got = match link.conn.pending.pop_front() {
+                Some(d) => Ok(Event::Delivery(d)),
+                None => link.conn.next(None),
+            };
             match got {
-                // Woken: look at the stop flag.
-                None => {}
-                Some(Some(Ok(d))) => {
+                Ok(Event::Delivery(d)) => {
                     if let Some(job) = self.claim(epoch, d)? {
                         return Ok(Some(job));
                     }
                 }
-                Some(Some(Err(e))) => self.fail(&crate::text::escape(&e.to_string())),
-                Some(None) => self.fail("the broker cancelled the consumer"),
+                // Woken: look at the stop flag.
+                Ok(Event::Woken | Event::TimedOut | Event::Confirm { .. } | Event::Returned) => {}
+                Ok(Event::Cancelled) => self.fail("the broker cancelled the consumer"),
+                Ok(Event::Method(id, _)) => self.fail(&format!(
+                    "the broker sent method {id:?}, which a consumer does not expect"
+                )),
+                Err(e) => self.fail(&e.to_string()),
             }
         }
     }
@@ -349,49 +333,21 @@ impl Lane for AmqpLane {
         let done = outcome.is_ok();
         if done && self.s.cfg.dedupe_ids > 0 {
             if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {
-                set.record(id.as_str().as_bytes());
+                set.record(id);
             }
         }
         self.ack(hand.tag, done)
     }
 
-    /// Cancels the consumer, gives back what arrived but did not start, closes the channel and
-    /// the connection (each step bounded; the broker requeues whatever is left either way).
+    /// Cancels the consumer, gives back what arrived but did not start, closes the connection
+    /// (each step bounded; the broker requeues whatever is left either way).
     fn close(&mut self) -> Result<()> {
-        let Some(link) = self.link.take() else {
-            return Ok(());
-        };
-        let _ = bounded(
-            CLOSE_WAIT,
-            "basic.cancel",
-            link.channel
-                .basic_cancel(link.consumer_tag.clone(), BasicCancelOptions::default()),
-        );
-        let mut given_back = 0;
-        let mut link = link;
-        // Deliveries that arrived and did not start: back to the queue, not to wait for the
-        // channel's close.
-        while let Some(Some(Ok(d))) =
-            futures_lite::future::block_on(futures_lite::future::poll_once(link.consumer.next()))
-        {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            if bounded(
-                CLOSE_WAIT,
-                "basic.nack",
-                link.channel.basic_nack(d.delivery_tag, requeue),
-            )
-            .is_ok()
-            {
-                given_back += 1;
+        if let Some(link) = self.link.take() {
+            let given_back = super::link::close(link, CLOSE_WAIT);
+            if given_back > 0 {
+                log::info!("amqp: gave back {given_back} delivery(ies) that had not started");
             }
         }
-        if given_back > 0 {
-            log::info!("amqp: gave back {given_back} delivery(ies) that had not started");
-        }
-        drop_link(link);
         Ok(())
     }
 
@@ -403,15 +359,11 @@ impl Lane for AmqpLane {
             // Its connection is gone: the broker has it again.
             return true;
         };
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        let _ = bounded(
-            CLOSE_WAIT,
-            "basic.nack",
-            link.channel.basic_nack(hand.tag, requeue),
-        );
+        let _ = link.conn.send(|b| {
+            wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
+                a.u64(hand.tag).bits(&[false, true]);
+            })
+        });
         true
     }
 }

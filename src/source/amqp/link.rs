@@ -1,143 +1,192 @@
-//! One lane's link to a broker: the connection, its channel (confirms, qos), the declared
-//! topology and the consumer, each step bounded by `io_timeout`.
+//! One lane's link to a broker: its own connection and channel (confirms, qos), the declared
+//! topology and the consumer, each step bounded by `io_timeout` and given up when the lane is
+//! woken to stop.
 
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::Channel;
+use std::time::Duration;
 
-use super::broker::Shared;
-use super::wait::{bounded, step};
-use super::{Setup, CLOSE_WAIT};
+use super::conn::{Conn, Options};
+use super::wire::{self, Value};
+use super::Setup;
 use crate::error::Result;
-use crate::shutdown::Shutdown;
 
-/// This lane's channel and consumer on the shared connection.
+/// This lane's connection and consumer.
 pub(super) struct Link {
-    pub(super) shared: Shared,
-    pub(super) channel: Channel,
-    /// Deliveries, polled by the lane itself (no hop through an executor task).
-    pub(super) consumer: lapin::Consumer,
-    pub(super) consumer_tag: ShortString,
+    pub(super) conn: Conn,
+    pub(super) consumer_tag: String,
     /// Tells this link from the lane's earlier ones.
     pub(super) epoch: u64,
 }
 
-/// Opens this lane's channel on `shared`: confirms, qos, `[source.declare]`, the consumer.
-pub(super) fn open(s: &Setup, shared: Shared, epoch: u64, stop: &Shutdown) -> Result<Link> {
-    let channel = step(s, stop, "opening a channel", shared.conn.create_channel())?;
-    step(
-        s,
-        stop,
-        "confirm.select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )?;
-    step(
-        s,
-        stop,
+/// Connects to broker `url` and opens this lane's consumer: confirms, qos,
+/// `[source.declare]`, `basic.consume`.
+pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
+    let u = &s.cfg.urls[url];
+    let tls = if u.tls {
+        s.tls
+            .as_ref()
+            .map(|c| (std::sync::Arc::clone(c), server_name(s, url)))
+    } else {
+        None
+    };
+    let tls = match tls {
+        Some((c, Ok(name))) => Some((c, name)),
+        Some((_, Err(e))) => return Err(e),
+        None => None,
+    };
+    let opts = Options {
+        name: &s.name,
+        heartbeat: s.cfg.heartbeat,
+        // Frames no larger than a job needs (the broker may ask for smaller ones).
+        frame_max: (s.max_payload + 4096).clamp(8192, 1 << 20),
+        max_body: s.max_payload,
+        io_timeout: s.cfg.io_timeout,
+    };
+    let mut conn = Conn::open(u, tls.as_ref(), &opts, Some(std::sync::Arc::clone(&s.wake)))?;
+    s.beats.add(conn.io());
+    conn.confirm_select()?;
+    conn.call(
+        wire::BASIC_QOS,
+        |a| {
+            a.u32(0).u16(s.cfg.prefetch).bits(&[false]);
+        },
+        wire::BASIC_QOS_OK,
         "basic.qos",
-        channel.basic_qos(s.cfg.prefetch, BasicQosOptions::default()),
     )?;
-    declare(s, &channel, stop)?;
-    let consumer_tag: ShortString = format!("{} lane {} {}", s.name, s.index, epoch)
+    declare(s, &mut conn)?;
+    let consumer_tag: String = format!("{} lane {} {}", s.name, s.index, epoch)
         .chars()
         .take(250)
-        .collect::<String>()
-        .into();
-    let consumer = step(
-        s,
-        stop,
+        .collect();
+    conn.call(
+        wire::BASIC_CONSUME,
+        |a| {
+            a.u16(0)
+                .short(s.cfg.queue.as_bytes())
+                .short(consumer_tag.as_bytes())
+                .bits(&[false, false, false, false])
+                .table(&[]);
+        },
+        wire::BASIC_CONSUME_OK,
         "basic.consume",
-        channel.basic_consume(
-            s.cfg.queue.as_str().into(),
-            consumer_tag.clone(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
     )?;
     Ok(Link {
-        shared,
-        channel,
-        consumer,
+        conn,
         consumer_tag,
         epoch,
     })
 }
 
-/// `[source.declare]`: the durable exchange, the durable queue, the binding.
-fn declare(s: &Setup, channel: &Channel, stop: &Shutdown) -> Result<()> {
+/// The name a broker's certificate must carry: `[source.tls] server_name`, else the URL's host.
+fn server_name(s: &Setup, url: usize) -> Result<rustls::pki_types::ServerName<'static>> {
+    let host = s
+        .cfg
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_name.clone())
+        .unwrap_or_else(|| s.cfg.urls[url].host.clone());
+    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+        crate::error::Error::Config(format!(
+            "\"{}\" is not a valid TLS server name",
+            crate::text::escape(&host)
+        ))
+    })
+}
+
+/// `[source.declare]`: the durable queue, the durable exchange, the binding.
+fn declare(s: &Setup, conn: &mut Conn) -> Result<()> {
     let Some(d) = &s.cfg.declare else {
         return Ok(());
     };
-    let queue = s.cfg.queue.as_str();
-    let mut args = FieldTable::default();
+    let queue = s.cfg.queue.as_bytes();
+    let mut args = Vec::new();
     if let Some(dlx) = &d.dead_letter_exchange {
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dlx.as_str().into()),
-        );
+        args.push(("x-dead-letter-exchange", Value::Str(dlx.as_bytes())));
     }
     if let Some(t) = &d.queue_type {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(t.as_str().into()),
-        );
+        args.push(("x-queue-type", Value::Str(t.as_bytes())));
     }
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    step(
-        s,
-        stop,
+    // passive, durable, exclusive, auto-delete, nowait
+    conn.call(
+        wire::QUEUE_DECLARE,
+        |a| {
+            a.u16(0)
+                .short(queue)
+                .bits(&[false, true, false, false, false])
+                .table(&args);
+        },
+        wire::QUEUE_DECLARE_OK,
         "queue.declare",
-        channel.queue_declare(queue.into(), durable, args),
     )?;
     if let Some(exchange) = &d.exchange {
-        let kind = match d.kind.as_str() {
-            "fanout" => lapin::ExchangeKind::Fanout,
-            "topic" => lapin::ExchangeKind::Topic,
-            "headers" => lapin::ExchangeKind::Headers,
-            _ => lapin::ExchangeKind::Direct,
-        };
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        step(
-            s,
-            stop,
+        // passive, durable, auto-delete, internal, nowait
+        conn.call(
+            wire::EXCHANGE_DECLARE,
+            |a| {
+                a.u16(0)
+                    .short(exchange.as_bytes())
+                    .short(d.kind.as_bytes())
+                    .bits(&[false, true, false, false, false])
+                    .table(&[]);
+            },
+            wire::EXCHANGE_DECLARE_OK,
             "exchange.declare",
-            channel.exchange_declare(
-                exchange.as_str().into(),
-                kind,
-                durable,
-                FieldTable::default(),
-            ),
         )?;
-        step(
-            s,
-            stop,
+        conn.call(
+            wire::QUEUE_BIND,
+            |a| {
+                a.u16(0)
+                    .short(queue)
+                    .short(exchange.as_bytes())
+                    .short(d.routing_key.as_bytes())
+                    .bits(&[false])
+                    .table(&[]);
+            },
+            wire::QUEUE_BIND_OK,
             "queue.bind",
-            channel.queue_bind(
-                queue.into(),
-                exchange.as_str().into(),
-                d.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            ),
         )?;
     }
     Ok(())
 }
 
-/// Closes a link's channel without waiting long: the broker requeues what it held.
-pub(super) fn drop_link(link: Link) {
-    let _ = bounded(
-        CLOSE_WAIT,
-        "channel.close",
-        link.channel.close(200, "gearshift".into()),
-    );
+/// Cancels the consumer, gives back the deliveries that arrived and did not start
+/// (`basic.nack(requeue)`), and closes the connection, within about `limit` in all.
+pub(super) fn close(mut link: Link, limit: Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    let tag = link.consumer_tag.clone();
+    let cancelled = link.conn.send(|b| {
+        wire::method(b, super::conn::CHANNEL, wire::BASIC_CANCEL, |a| {
+            a.short(tag.as_bytes()).bits(&[false]);
+        })
+    });
+    if cancelled.is_ok() {
+        // Deliveries sent before the cancel arrive first, then its answer.
+        while let Ok(ev) = link.conn.next(Some(deadline)) {
+            match ev {
+                super::conn::Event::Delivery(d) => link.conn.pending.push_back(d),
+                super::conn::Event::Method(wire::BASIC_CANCEL_OK, _)
+                | super::conn::Event::TimedOut => break,
+                _ => {}
+            }
+        }
+    }
+    let tags: Vec<u64> = link.conn.pending.drain(..).map(|d| d.tag).collect();
+    let given = if tags.is_empty() {
+        0
+    } else {
+        let sent = link.conn.send(|b| {
+            for t in &tags {
+                wire::method(b, super::conn::CHANNEL, wire::BASIC_NACK, |a| {
+                    a.u64(*t).bits(&[false, true]);
+                });
+            }
+        });
+        if sent.is_ok() {
+            tags.len()
+        } else {
+            0
+        }
+    };
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    link.conn.close(left.max(Duration::from_millis(100)));
+    given
 }

@@ -4,27 +4,30 @@
 //! one, is confirmed by the broker).
 //!
 //! Each lane has its own connection and channel (a broken connection costs only its lane, as a
-//! Gearman connection does); lapin serves the connection (heartbeats) from its own threads while
-//! the lane runs a job. Every exchange with the broker is bounded by `io_timeout`; a broker that
-//! misses one is dropped and retried with backoff, across `urls` in turn.
+//! Gearman connection does), read and written by the lane's own thread ([`conn`]: a synchronous
+//! client, no I/O thread); the source's heartbeat thread ([`beat`]) keeps them alive while jobs
+//! run. Every exchange with the broker is bounded by `io_timeout`; a broker that misses one is
+//! dropped and retried with backoff, across `urls` in turn.
 //!
 //! A restart cancels the consumers, gives back deliveries that arrived but did not start
 //! (`basic.nack(requeue)`), closes channels and connections, and execs: an AMQP session cannot
 //! cross execve. The new generation consumes afresh; nothing acknowledged is run again, and
 //! nothing unacknowledged is lost (the broker holds it).
 
-mod broker;
+mod beat;
 pub mod client;
+mod conn;
 mod dedupe;
 mod lane;
 mod link;
-mod wait;
+mod wire;
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use crate::config::AmqpConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::source::lane::Lane;
 use crate::source::JobSource;
 pub use crate::status::ServerViews as Views;
@@ -36,32 +39,28 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// What a lane is made of.
 struct Setup {
     cfg: AmqpConfig,
-    runtime: Runtime,
-    tls: lapin::tcp::OwnedTLSConfig,
+    /// For `amqps://` brokers.
+    tls: Option<Arc<rustls::ClientConfig>>,
     max_payload: usize,
     name: String,
     index: usize,
-    /// Notified by [`JobSource::wake`]: lanes waiting for a delivery look at their stop flag.
-    wake: Arc<event_listener::Event>,
+    /// Written by [`JobSource::wake`]: the lane, waiting in poll(2), looks at its stop flag.
+    wake: Arc<OwnedFd>,
     views: Views,
     dedupe: Arc<Mutex<Dedupe>>,
-    broker: Arc<broker::Broker>,
+    beats: Arc<beat::Beats>,
 }
-
-/// The executor lapin's connections run on (its threads serve heartbeats while lanes run jobs).
-type Runtime = async_rs::AGERuntime;
 
 /// The configured brokers, shared by this generation's lanes.
 pub struct AmqpSource {
     cfg: AmqpConfig,
-    runtime: Runtime,
-    tls: lapin::tcp::OwnedTLSConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
     max_payload: usize,
     generation: u64,
-    wake: Arc<event_listener::Event>,
+    wakers: Mutex<Vec<Weak<OwnedFd>>>,
     views: Views,
     dedupe: Arc<Mutex<dedupe::Dedupe>>,
-    broker: Arc<broker::Broker>,
+    beats: Arc<beat::Beats>,
 }
 
 impl AmqpSource {
@@ -73,64 +72,48 @@ impl AmqpSource {
         generation: u64,
         views: Views,
     ) -> Result<AmqpSource> {
-        let tls = match &cfg.tls {
-            None => lapin::tcp::OwnedTLSConfig::default(),
-            Some(files) => tls_config(files)?,
-        };
         let dedupe = dedupe::Dedupe::open(
             &crate::ops::layout::worker_dir(state_dir).join(dedupe::FILE),
             cfg.dedupe_ids,
         );
         Ok(AmqpSource {
             cfg: cfg.clone(),
-            runtime: async_rs::Runtime::async_global_executor(),
-            tls,
+            tls: tls_config(cfg)?,
             max_payload,
             generation,
-            wake: Arc::new(event_listener::Event::new()),
+            wakers: Mutex::new(Vec::new()),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
-            broker: Arc::new(broker::Broker::starting_at(
-                std::process::id() as usize % cfg.urls.len().max(1),
-            )),
+            beats: Arc::new(beat::Beats::default()),
         })
     }
 }
 
-/// `[source.tls]` as lapin takes it: the CA chain (PEM) and a client identity (PEM + PKCS#8).
-pub(super) fn tls_config(files: &crate::config::TlsFiles) -> Result<lapin::tcp::OwnedTLSConfig> {
-    // Through safefs, as for Gearman: root reads these at `check` and `submit`.
-    let read = |path: &std::path::Path, what: &str| {
-        crate::source::gearman::tls::read_pem(path, &format!("reading [source.tls] {what}"))
-    };
-    let cert_chain = Some(
-        String::from_utf8(read(&files.ca_file, "ca_file")?).map_err(|_| {
-            Error::Invalid(format!("\"{}\" is not PEM text", files.ca_file.display()))
-        })?,
-    );
-    let identity = match (&files.cert_file, &files.key_file) {
-        (Some(cert), Some(key)) => {
-            let key_pem = read(key, "key_file")?;
-            check_key(&key_pem, key)?;
-            Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                pem: read(cert, "cert_file")?,
-                key: key_pem,
-            })
-        }
-        _ => None,
-    };
-    Ok(lapin::tcp::OwnedTLSConfig {
-        identity,
-        cert_chain,
-    })
-}
+/// Where Debian (and RHEL) keep the system's CA certificates.
+const SYSTEM_ROOTS: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
 
-/// A PEM file holds a private key (lapin would say so only at the first connect).
-fn check_key(pem: &[u8], path: &std::path::Path) -> Result<()> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::PrivateKeyDer::from_pem_slice(pem)
-        .map(drop)
-        .map_err(|e| Error::Invalid(format!("{}: no private key in it: {e:?}", path.display())))
+/// TLS for `amqps://` brokers (None when no URL asks for it): the system's CA certificates and
+/// `[source.tls] ca_file`, and its client certificate if it names one.
+pub(super) fn tls_config(cfg: &AmqpConfig) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    if !cfg.urls.iter().any(|u| u.tls) {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for path in SYSTEM_ROOTS {
+        let path = std::path::Path::new(path);
+        if path.exists() {
+            if let Err(e) = crate::source::gearman::tls::add_roots(&mut roots, path) {
+                log::warn!("amqp: the system's CA certificates: {e}");
+            }
+        }
+    }
+    if let Some(files) = &cfg.tls {
+        crate::source::gearman::tls::add_roots(&mut roots, &files.ca_file)?;
+    }
+    crate::source::gearman::tls::with_roots(roots, cfg.tls.as_ref()).map(Some)
 }
 
 impl JobSource for AmqpSource {
@@ -139,9 +122,13 @@ impl JobSource for AmqpSource {
         index: usize,
         _functions: &[(String, Option<Duration>)],
     ) -> Result<Box<dyn Lane>> {
+        let wake = Arc::new(crate::source::gearman::worker::eventfd()?);
+        if let Ok(mut w) = self.wakers.lock() {
+            w.retain(|w| w.strong_count() > 0);
+            w.push(Arc::downgrade(&wake));
+        }
         Ok(Box::new(lane::AmqpLane::new(Setup {
             cfg: self.cfg.clone(),
-            runtime: self.runtime.clone(),
             tls: self.tls.clone(),
             max_payload: self.max_payload,
             name: format!(
@@ -151,20 +138,19 @@ impl JobSource for AmqpSource {
                 self.generation
             ),
             index,
-            wake: Arc::clone(&self.wake),
+            wake,
             views: Arc::clone(&self.views),
             dedupe: Arc::clone(&self.dedupe),
-            broker: Arc::clone(&self.broker),
+            beats: Arc::clone(&self.beats),
         })))
     }
 
     fn wake(&self) {
-        self.wake.notify(usize::MAX);
-    }
-
-    /// Every lane has closed its channel: close the connection (at most 1 s).
-    fn settle(&self, _exiting: bool) {
-        self.broker.close(CLOSE_WAIT);
+        if let Ok(w) = self.wakers.lock() {
+            for fd in w.iter().filter_map(Weak::upgrade) {
+                let _ = nix::unistd::write(fd.as_ref(), &1u64.to_ne_bytes());
+            }
+        }
     }
 }
 

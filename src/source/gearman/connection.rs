@@ -82,6 +82,27 @@ const SKIP_HEAD: usize = 4096;
 /// The read buffer's resting size; it grows for a larger packet and shrinks back after it.
 const RBUF: usize = 64 * 1024;
 
+/// A non-blocking, close-on-exec TCP socket whose connect to `sa` has begun (EINPROGRESS);
+/// poll it for writability, then look at `SO_ERROR`.
+pub fn start_connect(sa: std::net::SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if sa.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(sa)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(fd),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Conn {
     /// Connects (bounded by `timeout`) with TCP_NODELAY: without it a lock-step worker manages
     /// about 23 jobs/s (Nagle plus delayed ACK).
@@ -138,9 +159,6 @@ impl Conn {
         max: usize,
         tls: Option<&TlsTarget>,
     ) -> io::Result<Conn> {
-        use nix::sys::socket::{
-            connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
-        };
         let sa = addr
             .to_socket_addrs()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
@@ -151,21 +169,7 @@ impl Conn {
                     format!("cannot resolve {addr}: no address"),
                 )
             })?;
-        let family = if sa.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let fd = socket(
-            family,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        match connect(fd.as_raw_fd(), &SockaddrStorage::from(sa)) {
-            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
-            Err(e) => return Err(e.into()),
-        }
+        let fd = start_connect(sa)?;
         let stream = TcpStream::from(fd);
         stream.set_nodelay(true)?;
         Conn::over(stream, magic, max, tls)

@@ -92,37 +92,43 @@ pub(crate) fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Reads the CA (and client certificate and key) and builds the client configuration. Every
 /// error names the file.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
-    let ca = read_pem(&files.ca_file, "reading [source.tls] ca_file")?;
     let mut roots = RootCertStore::empty();
+    add_roots(&mut roots, &files.ca_file)?;
+    with_roots(roots, Some(files))
+}
+
+/// Adds the certificates of a PEM file to `roots`; a file without one is an error.
+pub fn add_roots(roots: &mut RootCertStore, path: &Path) -> Result<usize> {
+    let ca = read_pem(path, "reading [source.tls] ca_file")?;
     let mut found = 0;
     for cert in CertificateDer::pem_slice_iter(&ca) {
         let cert = cert.map_err(|e| {
-            Error::Invalid(format!(
-                "{}: not a PEM certificate: {e}",
-                files.ca_file.display()
-            ))
+            Error::Invalid(format!("{}: not a PEM certificate: {e}", path.display()))
         })?;
         roots.add(cert).map_err(|e| {
-            Error::Invalid(format!(
-                "{}: unusable CA certificate: {e}",
-                files.ca_file.display()
-            ))
+            Error::Invalid(format!("{}: unusable CA certificate: {e}", path.display()))
         })?;
         found += 1;
     }
     if found == 0 {
         return Err(Error::Invalid(format!(
             "{}: no certificate in it (PEM, \"-----BEGIN CERTIFICATE-----\")",
-            files.ca_file.display()
+            path.display()
         )));
     }
+    Ok(found)
+}
+
+/// The client configuration trusting `roots`, with `files`' client certificate if it has one.
+pub fn with_roots(roots: RootCertStore, files: Option<&TlsFiles>) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Msg(format!("TLS: {e}")))?
         .with_root_certificates(roots);
-    let config = match (&files.cert_file, &files.key_file) {
-        (Some(cert), Some(key)) => {
+    let client = files.map(|f| (&f.cert_file, &f.key_file));
+    let config = match client {
+        Some((Some(cert), Some(key))) => {
             let pem = read_pem(cert, "reading [source.tls] cert_file")?;
             let chain = CertificateDer::pem_slice_iter(&pem)
                 .collect::<std::result::Result<Vec<_>, _>>()

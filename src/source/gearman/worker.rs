@@ -139,7 +139,7 @@ impl crate::source::JobSource for GearmanSource {
     }
 }
 
-pub(super) fn eventfd() -> Result<OwnedFd> {
+pub(crate) fn eventfd() -> Result<OwnedFd> {
     use nix::sys::eventfd::{EfdFlags, EventFd};
     let fd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
         .map_err(|e| Error::io("creating an eventfd", e.into()))?;

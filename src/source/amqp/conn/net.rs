@@ -1,0 +1,96 @@
+//! The socket: a non-blocking connect, and waiting in poll(2) for it or the wake-up eventfd.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::gone;
+use crate::config::AmqpUrl;
+use crate::error::{Error, Result};
+
+/// A non-blocking connect to `host:port`, bounded by `deadline` and given up when `wake` is
+/// written.
+pub(super) fn connect(
+    url: &AmqpUrl,
+    deadline: Instant,
+    wake: Option<&Arc<OwnedFd>>,
+) -> Result<TcpStream> {
+    let addr = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|e| Error::Gone(format!("cannot resolve {}: {e}", url.host)))?
+        .next()
+        .ok_or_else(|| Error::Gone(format!("cannot resolve {}: no address", url.host)))?;
+    let fd = crate::source::gearman::connection::start_connect(addr).map_err(gone)?;
+    match wait_fd(fd.as_fd(), PollFlags::POLLOUT, Some(deadline), wake)? {
+        Ready::Yes => {}
+        Ready::Woken => return Err(Error::Gone("connecting: the lane is stopping".into())),
+        Ready::TimedOut => {
+            return Err(Error::TimedOut(format!(
+                "connecting to {}:{}: no answer",
+                url.host, url.port
+            )))
+        }
+    }
+    let stream = TcpStream::from(fd);
+    if let Some(e) = stream.take_error().map_err(gone)? {
+        return Err(gone(e));
+    }
+    stream.set_nodelay(true).map_err(gone)?;
+    Ok(stream)
+}
+
+pub(super) enum Ready {
+    Yes,
+    Woken,
+    TimedOut,
+}
+
+/// Waits for `fd` to be ready for `what`, the deadline, or the wake-up eventfd (drained).
+pub(super) fn wait_fd(
+    fd: BorrowedFd<'_>,
+    what: PollFlags,
+    deadline: Option<Instant>,
+    wake: Option<&Arc<OwnedFd>>,
+) -> Result<Ready> {
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Ready::TimedOut);
+                }
+                // Rounded up: a wait never ends just before its deadline.
+                PollTimeout::try_from((left.as_micros().div_ceil(1000)).min(60_000) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = vec![PollFd::new(fd, what)];
+        if let Some(w) = wake {
+            fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("poll", e.into())),
+        }
+        let woken = fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty());
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(Ready::Yes);
+        }
+        if woken {
+            if let Some(w) = wake {
+                let mut b = [0u8; 8];
+                let _ = nix::unistd::read(w.as_raw_fd(), &mut b);
+            }
+            return Ok(Ready::Woken);
+        }
+    }
+}
