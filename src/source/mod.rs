@@ -42,7 +42,8 @@ pub trait JobSource: Send + Sync {
     /// durable and tidy what the source still holds (or, before an exec, keep it for
     /// [`JobSource::hand_over`]).
     fn settle(&self, _exiting: bool) {}
-    /// The exec after `settle(false)` failed: serve on with what the source holds.
+    /// The restart did not happen (refused after the drain, or the exec after `settle(false)`
+    /// failed): serve on with what the source holds, as before `stopping(true)`.
     fn unsettle(&self) {}
     /// Listening sockets to hand to the next generation, by endpoint.
     fn listeners(&self) -> Vec<(String, RawFd)> {

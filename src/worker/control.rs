@@ -300,7 +300,9 @@ impl Control {
                 requested_mono_us,
             } => {
                 self.restart(reason, requested_mono_us);
-                // Still here: the restart was refused or execve failed.
+                // Still here: the restart was refused or execve failed. The source serves on
+                // as before the drain (the spool's lanes wait for their outcomes again).
+                self.source.unsettle();
                 if reason == RestartReason::ThreadDied {
                     // Serving on without that thread is not an option.
                     log::error!("exiting (status 1) for the supervisor to start the worker afresh");

@@ -196,8 +196,7 @@ impl Control {
             Ok(()) => reexec::exec(&exe, &self.boot.exe, &self.boot.argv, &next, &parts),
             Err(e) => e,
         };
-        // execve failed: carry on as we were.
-        self.source.unsettle();
+        // execve failed: carry on as we were (the source too: the caller unsettles it).
         self.pidfile.close_on_exec();
         for (_, fd) in self.source.listeners() {
             // SAFETY: the source owns `fd` and keeps it open.

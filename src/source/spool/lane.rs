@@ -132,8 +132,6 @@ pub(super) fn lossy_prefix(data: &[u8]) -> String {
 impl SpoolSource {
     /// A lane (one per worker thread) over this spool.
     pub fn lane(self: &Arc<Self>) -> Box<dyn Lane> {
-        // New lanes (a restart called off after the drain): they wait for their outcomes.
-        self.keep_outcomes();
         Box::new(SpoolLane {
             source: Arc::clone(self),
             started_ms: 0,
