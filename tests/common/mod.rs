@@ -611,6 +611,19 @@ pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
     let lock = fs::File::create(dir.join(".lock")).unwrap();
     // SAFETY: flock on a descriptor this function owns; released when `lock` is closed.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let copy = dir.join(format!("gearshift-{target}"));
+    // Built since the binary under test was (cargo rebuilds that one whenever a source
+    // changes, before any test runs): the same sources, no need to build it again. The
+    // variants share one target directory, so building them in turn rebuilds each every time.
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(main)) = (
+        mtime(&copy),
+        mtime(Path::new(env!("CARGO_BIN_EXE_gearshift"))),
+    ) {
+        if built > main {
+            return copy;
+        }
+    }
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--quiet", "--bin", "gearshift", "--target-dir"])
         .arg(&dir)
@@ -624,7 +637,6 @@ pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
         "building {target}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let copy = dir.join(format!("gearshift-{target}"));
     let tmp = dir.join(format!(".gearshift-{target}.tmp"));
     fs::copy(dir.join("debug/gearshift"), &tmp).unwrap();
     fs::rename(&tmp, &copy).unwrap();
