@@ -414,6 +414,8 @@ def main():
     print(f"| anchor: `gearshift --version` fork+exec+exit | {s50/1000:.2f} ms | {pct(spawns,99)/1000:.2f} ms | {max(spawns)/1000:.2f} ms |")
     print(f"\nRatios to the anchor's p50: pause p50 {p50/s50:.2f}x, p99 {p99/s50:.2f}x. "
           f"Growth: median of the first {tenth} reloads {first/1000:.2f} ms, of the last {tenth} {last/1000:.2f} ms ({last/first:.2f}x).\n")
+    tenths = [statistics.median(pauses[i * tenth:(i + 1) * tenth]) / 1000 for i in range(len(pauses) // tenth)]
+    print("Median of each tenth of the reloads, in order: " + ", ".join(f"{t:.2f}" for t in tenths) + " ms.\n")
 
     if os.environ.get("ONLY") == "restart":
         return
