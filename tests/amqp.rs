@@ -443,6 +443,52 @@ fn heartbeats_are_answered_through_a_long_job() {
     );
 }
 
+/// A broker that stops answering (frozen: SIGSTOP, its sockets open) is noticed by its missing
+/// heartbeats, said in status, and consumed from again once it answers; nothing is lost.
+#[test]
+fn a_frozen_broker_is_noticed_by_its_missing_heartbeats() {
+    if !Rabbit::available("a_frozen_broker_is_noticed_by_its_missing_heartbeats") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-frozen");
+    let r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\nheartbeat = \"2s\"\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    r.freeze(true);
+    let frozen = Instant::now();
+    let s = w.wait_for(Duration::from_secs(20), "the loss noticed", |s| {
+        s["servers"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no heartbeat from the broker"))
+    });
+    r.freeze(false);
+    eprintln!(
+        "noticed after {:?}: {}",
+        frozen.elapsed(),
+        s["servers"][0]["last_error"]
+    );
+    // Two heartbeats (4 s) and the second's grace, not the TCP timeouts' minutes.
+    assert!(frozen.elapsed() < Duration::from_secs(12), "{s}");
+    w.wait_for(Duration::from_secs(30), "connected again", connected);
+    php_publish(&r, 20, "after", "", "");
+    eventually(Duration::from_secs(20), "20 sent", || {
+        lines(&sent).len() >= 20
+    });
+    eventually(Duration::from_secs(10), "drained", || {
+        r.depth("email") == (0, 0)
+    });
+}
+
 #[test]
 fn a_message_id_that_succeeded_is_not_run_again() {
     if !Rabbit::available("a_message_id_that_succeeded_is_not_run_again") {
