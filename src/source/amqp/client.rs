@@ -84,11 +84,12 @@ fn publish(
     };
     let frame_max = conn.frame_max();
     let last = conn.published + count;
-    let mut confirmed = conn.published;
+    // The publishes not confirmed yet: confirms may come out of order, one or many at a time.
+    let mut waiting = std::collections::BTreeSet::new();
     let mut nacked = 0u64;
     let mut returned = 0u64;
-    while confirmed < last {
-        let batch = (last - conn.published).min(WINDOW.saturating_sub(conn.published - confirmed));
+    while conn.published < last || !waiting.is_empty() {
+        let batch = (last - conn.published).min(WINDOW.saturating_sub(waiting.len() as u64));
         if batch > 0 {
             conn.send(|b| {
                 for _ in 0..batch {
@@ -108,26 +109,28 @@ fn publish(
                     wire::content(b, CHANNEL, &p, payload, frame_max);
                 }
             })?;
+            waiting.extend(conn.published + 1..=conn.published + batch);
             conn.published += batch;
         }
         let deadline = Instant::now() + cfg.io_timeout;
         match conn.next(Some(deadline))? {
             Event::Confirm { tag, multiple, ack } => {
-                let upto = tag.min(conn.published);
-                let n = if multiple {
-                    upto.saturating_sub(confirmed)
+                let done: Vec<u64> = if multiple {
+                    waiting.range(..=tag).copied().collect()
                 } else {
-                    u64::from(tag > confirmed)
+                    waiting.get(&tag).copied().into_iter().collect()
                 };
-                if !ack {
-                    nacked += n;
+                for t in &done {
+                    waiting.remove(t);
                 }
-                confirmed = confirmed.max(upto);
+                if !ack {
+                    nacked += done.len() as u64;
+                }
             }
             Event::TimedOut => {
                 return Err(Error::TimedOut(format!(
                     "publishing: {} of {count} message(s) unconfirmed after {:?}",
-                    last - confirmed,
+                    waiting.len() as u64 + (last - conn.published),
                     cfg.io_timeout
                 )))
             }
