@@ -534,6 +534,59 @@ fn a_message_id_that_succeeded_is_not_run_again() {
     assert_eq!(lines(&sent), ["same-0", "other-0", "new-0"]);
 }
 
+/// A refused login (a wrong password) and a vhost that does not exist are the broker's own
+/// words in status and in `submit`'s error, never the password; the worker keeps trying.
+#[test]
+fn a_refused_login_is_said_plainly() {
+    if !Rabbit::available("a_refused_login_is_said_plainly") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-login");
+    let r = Rabbit::start(&sb.dir, "");
+    let wrong = r.url().replace("guest:guest", "guest:s3cret-wrong");
+    amqp_config(
+        &sb,
+        1,
+        &format!("url = \"{wrong}\"\nqueue = \"email\"\nfunction = \"echo\"\n"),
+        "",
+    );
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(20), "the refusal", |s| {
+        s["servers"][0]["last_error"].is_string()
+    });
+    let err = s["servers"][0]["last_error"].as_str().unwrap();
+    eprintln!("status: {err}");
+    assert!(
+        err.contains("403") && err.contains("ACCESS_REFUSED"),
+        "{err}"
+    );
+    assert!(!s.to_string().contains("s3cret-wrong"), "{s}");
+    let out = sb.run(&["submit", "echo", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("ACCESS_REFUSED"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stderr).contains("s3cret-wrong"));
+    drop(w);
+    let novhost = r.url().replace("/%2f", "/nowhere");
+    amqp_config(
+        &sb,
+        1,
+        &format!("url = \"{novhost}\"\nqueue = \"email\"\nfunction = \"echo\"\n"),
+        "",
+    );
+    let out = sb.run(&["submit", "echo", "x"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    eprintln!("submit: {err}");
+    assert!(
+        err.contains("NOT_ALLOWED") || err.contains("nowhere"),
+        "{err}"
+    );
+}
+
 /// A server that answers the AMQP header with `reply` (or nothing), for each connection.
 fn hostile_broker(
     reply: &'static [u8],
