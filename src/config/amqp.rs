@@ -39,6 +39,15 @@ pub struct AmqpConfig {
     pub tls: Option<TlsFiles>,
 }
 
+#[cfg(test)]
+impl AmqpConfig {
+    /// A broker URL as the config reads it (for tests of the client).
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn url_for_test(text: &str) -> AmqpUrl {
+        url(text).unwrap()
+    }
+}
+
 /// One broker URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpUrl {

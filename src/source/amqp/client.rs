@@ -27,6 +27,8 @@ fn connect(cfg: &AmqpConfig) -> Result<Conn> {
         frame_max: 128 * 1024,
         max_body: usize::try_from(crate::config::MAX_PAYLOAD).unwrap_or(usize::MAX),
         io_timeout: cfg.io_timeout,
+        // Answers on the client's own reply queue: one is awaited.
+        max_pending: 1000,
     };
     let mut errors = Vec::new();
     for url in &cfg.urls {
@@ -136,7 +138,7 @@ fn publish(
             }
             Event::Returned => returned += 1,
             // An answer (`call`) can come before the confirm of its request.
-            Event::Delivery(d) => conn.pending.push_back(d),
+            Event::Delivery(d) => conn.keep(d)?,
             _ => {}
         }
     }

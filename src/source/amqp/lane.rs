@@ -226,7 +226,7 @@ impl AmqpLane {
                         Err(Error::Peer("the broker refused the reply (nack)".into()))
                     };
                 }
-                Event::Delivery(d) => link.conn.pending.push_back(d),
+                Event::Delivery(d) => link.conn.keep(d)?,
                 // The job is finishing whatever else happens: the stop is looked at after.
                 Event::Woken | Event::Confirm { .. } | Event::Method(..) | Event::Returned => {}
                 Event::Cancelled => {

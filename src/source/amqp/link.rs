@@ -40,6 +40,8 @@ pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
         frame_max: (s.max_payload + 4096).clamp(8192, 1 << 20),
         max_body: s.max_payload,
         io_timeout: s.cfg.io_timeout,
+        // The prefetch, and as many again in flight while a cancel is answered.
+        max_pending: usize::from(s.cfg.prefetch) * 2 + 1,
     };
     let mut conn = Conn::open(u, tls.as_ref(), &opts, Some(std::sync::Arc::clone(&s.wake)))?;
     s.beats.add(conn.io());
@@ -161,11 +163,14 @@ pub(super) fn close(mut link: Link, limit: Duration) -> usize {
     if cancelled.is_ok() {
         // Deliveries sent before the cancel arrive first, then its answer.
         while let Ok(ev) = link.conn.next(Some(deadline)) {
-            match ev {
-                super::conn::Event::Delivery(d) => link.conn.pending.push_back(d),
+            let done = match ev {
+                super::conn::Event::Delivery(d) => link.conn.keep(d).is_err(),
                 super::conn::Event::Method(wire::BASIC_CANCEL_OK, _)
-                | super::conn::Event::TimedOut => break,
-                _ => {}
+                | super::conn::Event::TimedOut => true,
+                _ => false,
+            };
+            if done {
+                break;
             }
         }
     }

@@ -41,6 +41,9 @@ pub struct Options<'a> {
     /// A delivery's body larger than this is not kept (only its size).
     pub max_body: usize,
     pub io_timeout: Duration,
+    /// Deliveries kept aside (arrived while something else was awaited) at most: more than
+    /// the prefetch allows is a broker misbehaving, not a reason to grow without end.
+    pub max_pending: usize,
 }
 
 /// A message delivered to this connection's consumer.
@@ -147,8 +150,9 @@ pub struct Conn {
     max_body: usize,
     io_timeout: Duration,
     partial: Option<Partial>,
-    /// Deliveries that arrived while something else was awaited.
+    /// Deliveries that arrived while something else was awaited (see [`Conn::keep`]).
     pub pending: VecDeque<Delivery>,
+    max_pending: usize,
     /// `connection.blocked`: the broker reads nothing we publish until it is lifted.
     pub blocked: bool,
     last_recv: Instant,
@@ -205,6 +209,7 @@ impl Conn {
             io_timeout: opts.io_timeout,
             partial: None,
             pending: VecDeque::new(),
+            max_pending: opts.max_pending,
             blocked: false,
             last_recv: now,
             heartbeat: Duration::ZERO,
@@ -363,6 +368,20 @@ impl Conn {
         self.expect(reply, what)
     }
 
+    /// Keeps a delivery that arrived while something else was awaited; more than
+    /// `max_pending` of them is an error (the broker ignores the prefetch).
+    pub fn keep(&mut self, d: Delivery) -> Result<()> {
+        if self.pending.len() >= self.max_pending {
+            self.lock().broken = true;
+            return Err(peer(format!(
+                "more than {} deliveries unacknowledged: the broker ignores the prefetch",
+                self.max_pending
+            )));
+        }
+        self.pending.push_back(d);
+        Ok(())
+    }
+
     /// Publisher confirms on the channel (`confirm.select`).
     pub fn confirm_select(&mut self) -> Result<()> {
         self.call(
@@ -391,7 +410,7 @@ impl Conn {
         loop {
             match self.next(Some(deadline))? {
                 Event::Method(id, args) => return Ok((id, args)),
-                Event::Delivery(d) => self.pending.push_back(d),
+                Event::Delivery(d) => self.keep(d)?,
                 Event::Confirm { .. } | Event::Returned => {}
                 Event::Cancelled => {
                     return Err(Error::Gone(format!(
@@ -428,5 +447,174 @@ impl Conn {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A scripted broker's side: reads whole frames, answers with what `reply` builds.
+    struct Peer {
+        sock: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Peer {
+        /// The next method's id.
+        fn method(&mut self) -> Id {
+            loop {
+                if let Some((kind, _, payload, used)) =
+                    wire::parse_frame(&self.buf, 1 << 20).unwrap()
+                {
+                    let id = (
+                        u16::from_be_bytes([payload[0], payload[1]]),
+                        u16::from_be_bytes([payload[2], payload[3]]),
+                    );
+                    self.buf.drain(..used);
+                    if kind == wire::FRAME_METHOD {
+                        return id;
+                    }
+                    continue;
+                }
+                let mut b = [0u8; 4096];
+                let n = self.sock.read(&mut b).unwrap();
+                assert!(n > 0, "the client closed");
+                self.buf.extend_from_slice(&b[..n]);
+            }
+        }
+
+        fn send(&mut self, build: impl FnOnce(&mut Vec<u8>)) {
+            let mut out = Vec::new();
+            build(&mut out);
+            self.sock.write_all(&out).unwrap();
+        }
+    }
+
+    /// Accepts one client, speaks the handshake as RabbitMQ does, then runs `after`.
+    fn broker(after: impl FnOnce(&mut Peer) + Send + 'static) -> AmqpUrl {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (sock, _) = l.accept().unwrap();
+            let mut p = Peer {
+                sock,
+                buf: Vec::new(),
+            };
+            let mut header = [0u8; 8];
+            p.sock.read_exact(&mut header).unwrap();
+            assert_eq!(&header, wire::PROTOCOL_HEADER);
+            p.send(|b| {
+                wire::method(b, 0, wire::CONNECTION_START, |a| {
+                    a.u8(0)
+                        .u8(9)
+                        .table(&[])
+                        .long(b"AMQPLAIN PLAIN")
+                        .long(b"en_US");
+                })
+            });
+            assert_eq!(p.method(), wire::CONNECTION_START_OK);
+            p.send(|b| {
+                wire::method(b, 0, wire::CONNECTION_TUNE, |a| {
+                    a.u16(2047).u32(131_072).u16(60);
+                })
+            });
+            assert_eq!(p.method(), wire::CONNECTION_TUNE_OK);
+            assert_eq!(p.method(), wire::CONNECTION_OPEN);
+            p.send(|b| {
+                wire::method(b, 0, wire::CONNECTION_OPEN_OK, |a| {
+                    a.short(b"");
+                })
+            });
+            assert_eq!(p.method(), wire::CHANNEL_OPEN);
+            p.send(|b| {
+                wire::method(b, CHANNEL, wire::CHANNEL_OPEN_OK, |a| {
+                    a.long(b"");
+                })
+            });
+            after(&mut p);
+            // Held open until the client is done with it.
+            let _ = p.sock.read(&mut [0u8; 1]);
+        });
+        crate::config::AmqpConfig::url_for_test(&format!("amqp://u:p@127.0.0.1:{port}/%2f"))
+    }
+
+    fn options(max_pending: usize) -> Options<'static> {
+        Options {
+            name: "test",
+            heartbeat: Duration::from_secs(30),
+            frame_max: 1 << 20,
+            max_body: 1024,
+            io_timeout: Duration::from_secs(5),
+            max_pending,
+        }
+    }
+
+    /// Deliveries far beyond the prefetch while an answer is awaited: an error, not memory
+    /// without end; a body over `max_body` is not kept; the agreed frame size and heartbeat
+    /// are the smaller of the two sides'.
+    #[test]
+    fn a_broker_ignoring_the_prefetch_is_an_error_and_bodies_are_bounded() {
+        let url = broker(|p| {
+            assert_eq!(p.method(), wire::BASIC_QOS);
+            for tag in 1..=50u64 {
+                p.send(|b| {
+                    wire::method(b, CHANNEL, wire::BASIC_DELIVER, |a| {
+                        a.short(b"ctag")
+                            .u64(tag)
+                            .bits(&[false])
+                            .short(b"")
+                            .short(b"q");
+                    });
+                    wire::content(b, CHANNEL, &Props::default(), &[b'x'; 2000], 4096);
+                });
+            }
+        });
+        let mut c = Conn::open(&url, None, &options(5), None).unwrap();
+        assert_eq!(
+            (c.frame_max(), c.heartbeat),
+            (131_072, Duration::from_secs(30))
+        );
+        let err = c
+            .call(
+                wire::BASIC_QOS,
+                |a| {
+                    a.u32(0).u16(1).bits(&[false]);
+                },
+                wire::BASIC_QOS_OK,
+                "basic.qos",
+            )
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("ignores the prefetch"), "{err}");
+        assert_eq!(c.pending.len(), 5);
+        assert!(c
+            .pending
+            .iter()
+            .all(|d| d.body.is_empty() && d.oversized == Some(2000)));
+    }
+
+    /// The broker's own close (a refused login, a missing vhost) is its words in the error.
+    #[test]
+    fn the_brokers_close_is_said_in_its_words() {
+        let url = broker(|p| {
+            assert_eq!(p.method(), wire::CONFIRM_SELECT);
+            p.send(|b| {
+                wire::method(b, CHANNEL, wire::CHANNEL_CLOSE, |a| {
+                    a.u16(406)
+                        .short(b"PRECONDITION_FAILED - \x1b[31mred")
+                        .u16(85)
+                        .u16(10);
+                })
+            });
+            assert_eq!(p.method(), wire::CHANNEL_CLOSE_OK);
+        });
+        let mut c = Conn::open(&url, None, &options(5), None).unwrap();
+        let err = c.confirm_select().err().unwrap().to_string();
+        assert!(err.contains("406 PRECONDITION_FAILED"), "{err}");
+        assert!(!err.contains('\x1b'), "escaped: {err}");
     }
 }
