@@ -715,6 +715,84 @@ fn amqps_through_rabbitmqs_own_tls_listener() {
     assert_ne!(s["servers"][0]["state"], "connected", "{s}");
 }
 
+/// A broker that asks for a client certificate: refused without one (said in status), served
+/// with `[source.tls] cert_file` and `key_file`.
+#[test]
+fn amqps_with_a_client_certificate() {
+    if !Rabbit::available("amqps_with_a_client_certificate") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-mtls");
+    let certs = sb.path("certs");
+    fs::create_dir_all(&certs).unwrap();
+    let sh = format!(
+        "set -e; cd {0}; \
+         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca 2>/dev/null; \
+         printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext; \
+         for who in server client; do \
+           openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null; \
+           openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 2 -extfile ext 2>/dev/null; \
+         done; chmod 644 server.key client.key",
+        certs.display()
+    );
+    assert!(Command::new("sh")
+        .args(["-c", &sh])
+        .status()
+        .unwrap()
+        .success());
+    let r = Rabbit::start_tls_verifying(
+        &sb.dir,
+        &certs.join("server.pem"),
+        &certs.join("server.key"),
+        &certs.join("ca.pem"),
+        true,
+    );
+    let sent = mail_job(&sb);
+    let config = |client: &str| {
+        amqp_config(
+            &sb,
+            1,
+            &format!(
+                "url = \"amqps://guest:guest@localhost:{}/%2f\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+                r.tls_port.unwrap()
+            ),
+            &format!(
+                "[source.tls]\nca_file = \"{}\"\n{client}[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
+                certs.join("ca.pem").display()
+            ),
+        )
+    };
+    config("");
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(20), "a refusal", |s| {
+        s["servers"][0]["last_error"].is_string()
+    });
+    assert_ne!(s["servers"][0]["state"], "connected", "{s}");
+    let err = s["servers"][0]["last_error"].as_str().unwrap();
+    assert!(err.contains("cert_file and key_file"), "a hint: {err}");
+    drop(w);
+    config(&format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        certs.join("client.pem").display(),
+        certs.join("client.key").display()
+    ));
+    let w = sb.start();
+    w.wait_for(
+        Duration::from_secs(20),
+        "connected with a certificate",
+        connected,
+    );
+    php_publish(&r, 5, "mtls", "", "");
+    eventually(Duration::from_secs(20), "5 sent", || {
+        lines(&sent).len() >= 5
+    });
+    let conns = r.ctl(&["-q", "list_connections", "ssl", "peer_cert_subject"]);
+    assert!(
+        conns.contains("CN=client"),
+        "the broker saw our certificate: {conns}"
+    );
+}
+
 #[test]
 fn a_reply_waits_while_the_broker_blocks_publishing() {
     if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {

@@ -68,9 +68,25 @@ impl Rabbit {
 
     /// A node that also listens for TLS with `cert`, `key` and `ca` (PEM files).
     pub fn start_tls(dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Rabbit {
+        Rabbit::start_tls_verifying(dir, cert, key, ca, false)
+    }
+
+    /// [`Rabbit::start_tls`]; with `clients`, a client must show a certificate `ca` signed.
+    pub fn start_tls_verifying(
+        dir: &Path,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        clients: bool,
+    ) -> Rabbit {
         let tls_port = free_port();
+        let (verify, require) = if clients {
+            ("verify_peer", "true")
+        } else {
+            ("verify_none", "false")
+        };
         let extra = format!(
-            "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+            "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = {verify}\nssl_options.fail_if_no_peer_cert = {require}\n",
             ca.display(),
             cert.display(),
             key.display()

@@ -277,9 +277,15 @@ impl Read for Transport {
             if let Err(e) = conn.process_new_packets() {
                 // Send the alert that says why, if the socket takes it.
                 let _ = conn.write_tls(sock);
+                let hint = match e {
+                    rustls::Error::AlertReceived(
+                        rustls::AlertDescription::CertificateRequired,
+                    ) => " (the server asks for a client certificate: [source.tls] cert_file and key_file)",
+                    _ => "",
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("TLS: {e}"),
+                    format!("TLS: {e}{hint}"),
                 ));
             }
             // The handshake may have something to say back.
