@@ -647,28 +647,38 @@ fn a_hostile_broker_is_a_clear_error_and_never_a_hang() {
     );
 }
 
-#[test]
-fn amqps_through_rabbitmqs_own_tls_listener() {
-    if !Rabbit::available("amqps_through_rabbitmqs_own_tls_listener") {
-        return;
-    }
-    let sb = Sandbox::new("amqp-tls");
+/// A test CA (`ca.pem`) and, for each of `who`, a certificate it signed (`WHO.pem`, `WHO.key`,
+/// v3, for localhost and 127.0.0.1), in the sandbox's `certs/`.
+fn make_certs(sb: &Sandbox, who: &[&str]) -> std::path::PathBuf {
     let certs = sb.path("certs");
     fs::create_dir_all(&certs).unwrap();
     let sh = format!(
         "set -e; cd {0}; \
          openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca 2>/dev/null; \
-         openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null; \
          printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext; \
-         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext 2>/dev/null; \
-         chmod 644 server.key",
-        certs.display()
+         for who in {1}; do \
+           openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null; \
+           openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 2 -extfile ext 2>/dev/null; \
+           chmod 644 $who.key; \
+         done",
+        certs.display(),
+        who.join(" ")
     );
     assert!(Command::new("sh")
         .args(["-c", &sh])
         .status()
         .unwrap()
         .success());
+    certs
+}
+
+#[test]
+fn amqps_through_rabbitmqs_own_tls_listener() {
+    if !Rabbit::available("amqps_through_rabbitmqs_own_tls_listener") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-tls");
+    let certs = make_certs(&sb, &["server"]);
     let r = Rabbit::start_tls(
         &sb.dir,
         &certs.join("server.pem"),
@@ -723,23 +733,7 @@ fn amqps_with_a_client_certificate() {
         return;
     }
     let sb = Sandbox::new("amqp-mtls");
-    let certs = sb.path("certs");
-    fs::create_dir_all(&certs).unwrap();
-    let sh = format!(
-        "set -e; cd {0}; \
-         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca 2>/dev/null; \
-         printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > ext; \
-         for who in server client; do \
-           openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null; \
-           openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 2 -extfile ext 2>/dev/null; \
-         done; chmod 644 server.key client.key",
-        certs.display()
-    );
-    assert!(Command::new("sh")
-        .args(["-c", &sh])
-        .status()
-        .unwrap()
-        .success());
+    let certs = make_certs(&sb, &["server", "client"]);
     let r = Rabbit::start_tls_verifying(
         &sb.dir,
         &certs.join("server.pem"),
