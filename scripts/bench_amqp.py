@@ -69,7 +69,15 @@ class Broker:
         except OSError:
             pass
         self.proc.wait()
-        subprocess.run(["epmd", "-port", str(self.epmd), "-kill"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # epmd refuses -kill while it still lists the node just killed: ask again for up to 2 s
+        # (once was not enough: every run left an epmd daemon behind).
+        deadline = time.monotonic() + 2
+        while True:
+            out = subprocess.run(["epmd", "-port", str(self.epmd), "-kill"], capture_output=True, text=True)
+            said = out.stdout + out.stderr
+            if "Killed" in said or "Cannot connect" in said or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
 
 
 def stats(pids):
