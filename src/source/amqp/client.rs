@@ -32,22 +32,12 @@ fn connect(cfg: &AmqpConfig) -> Result<Conn> {
     };
     let mut errors = Vec::new();
     for url in &cfg.urls {
-        let target = match (&tls, url.tls) {
-            (Some(c), true) => {
-                let host = cfg
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.server_name.clone())
-                    .unwrap_or_else(|| url.host.clone());
-                match rustls::pki_types::ServerName::try_from(host) {
-                    Ok(name) => Some((std::sync::Arc::clone(c), name)),
-                    Err(e) => {
-                        errors.push(format!("{}: {e}", url.shown));
-                        continue;
-                    }
-                }
+        let target = match super::tls_target(cfg, tls.as_ref(), url) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{}: {e}", url.shown));
+                continue;
             }
-            _ => None,
         };
         let opened = Conn::open(url, target.as_ref(), &opts, None).and_then(|mut c| {
             c.confirm_select()?;

@@ -252,18 +252,7 @@ impl AmqpLane {
 
     /// Waits until the next try at connecting, or a wake-up.
     fn pause(&self) {
-        use std::os::fd::AsFd;
-        let left = self.retry_at.saturating_duration_since(Instant::now());
-        let ms = left.as_micros().div_ceil(1000).min(60_000) as i32;
-        let mut fds = [nix::poll::PollFd::new(
-            self.s.wake.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let timeout = nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX);
-        if let Ok(1) = nix::poll::poll(&mut fds, timeout) {
-            let mut b = [0u8; 8];
-            let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&*self.s.wake), &mut b);
-        }
+        super::conn::sleep_until(self.retry_at, &self.s.wake);
     }
 }
 

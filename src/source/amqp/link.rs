@@ -21,18 +21,7 @@ pub(super) struct Link {
 /// `[source.declare]`, `basic.consume`.
 pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
     let u = &s.cfg.urls[url];
-    let tls = if u.tls {
-        s.tls
-            .as_ref()
-            .map(|c| (std::sync::Arc::clone(c), server_name(s, url)))
-    } else {
-        None
-    };
-    let tls = match tls {
-        Some((c, Ok(name))) => Some((c, name)),
-        Some((_, Err(e))) => return Err(e),
-        None => None,
-    };
+    let tls = super::tls_target(&s.cfg, s.tls.as_ref(), u)?;
     let opts = Options {
         name: &s.name,
         heartbeat: s.cfg.heartbeat,
@@ -75,22 +64,6 @@ pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
         conn,
         consumer_tag,
         epoch,
-    })
-}
-
-/// The name a broker's certificate must carry: `[source.tls] server_name`, else the URL's host.
-fn server_name(s: &Setup, url: usize) -> Result<rustls::pki_types::ServerName<'static>> {
-    let host = s
-        .cfg
-        .tls
-        .as_ref()
-        .and_then(|t| t.server_name.clone())
-        .unwrap_or_else(|| s.cfg.urls[url].host.clone());
-    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
-        crate::error::Error::Config(format!(
-            "\"{}\" is not a valid TLS server name",
-            crate::text::escape(&host)
-        ))
     })
 }
 

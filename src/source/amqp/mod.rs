@@ -89,6 +89,31 @@ impl AmqpSource {
     }
 }
 
+/// What TLS broker `url` is reached with (None: plain `amqp://`): `config` (from
+/// [`tls_config`]) and the name its certificate must carry, `[source.tls] server_name`, else the
+/// URL's host.
+pub(super) fn tls_target(
+    cfg: &AmqpConfig,
+    config: Option<&Arc<rustls::ClientConfig>>,
+    url: &crate::config::AmqpUrl,
+) -> Result<Option<crate::source::gearman::tls::TlsTarget>> {
+    let Some(config) = config.filter(|_| url.tls) else {
+        return Ok(None);
+    };
+    let host = cfg
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_name.clone())
+        .unwrap_or_else(|| url.host.clone());
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+        crate::error::Error::Config(format!(
+            "\"{}\" is not a valid TLS server name",
+            crate::text::escape(&host)
+        ))
+    })?;
+    Ok(Some((Arc::clone(config), name)))
+}
+
 /// Where Debian (and RHEL) keep the system's CA certificates.
 const SYSTEM_ROOTS: [&str; 2] = [
     "/etc/ssl/certs/ca-certificates.crt",

@@ -11,6 +11,8 @@
 mod net;
 mod read;
 
+pub use net::sleep_until;
+
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -68,11 +68,17 @@ pub(super) fn wait_fd(
                     .unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = vec![PollFd::new(fd, what)];
-        if let Some(w) = wake {
-            fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, timeout) {
+        // No allocation: this is on every job's path.
+        let mut all = [PollFd::new(fd, what), PollFd::new(fd, PollFlags::empty())];
+        let n = match wake {
+            Some(w) => {
+                all[1] = PollFd::new(w.as_fd(), PollFlags::POLLIN);
+                2
+            }
+            None => 1,
+        };
+        let fds = &mut all[..n];
+        match poll(fds, timeout) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -87,10 +93,23 @@ pub(super) fn wait_fd(
         }
         if woken {
             if let Some(w) = wake {
-                let mut b = [0u8; 8];
-                let _ = nix::unistd::read(w.as_raw_fd(), &mut b);
+                drain(w);
             }
             return Ok(Ready::Woken);
         }
     }
+}
+
+/// Sleeps until `until` or until `wake` is written (drained): a lane backing off.
+pub fn sleep_until(until: Instant, wake: &Arc<OwnedFd>) {
+    // The eventfd itself is what is waited for: readable means woken.
+    if let Ok(Ready::Yes) = wait_fd(wake.as_fd(), PollFlags::POLLIN, Some(until), None) {
+        drain(wake);
+    }
+}
+
+/// Empties the wake-up eventfd (it stays readable until read).
+fn drain(wake: &OwnedFd) {
+    let mut b = [0u8; 8];
+    let _ = nix::unistd::read(wake.as_raw_fd(), &mut b);
 }

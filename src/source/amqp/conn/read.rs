@@ -103,14 +103,21 @@ impl Conn {
         else {
             return Ok(None);
         };
-        let payload = payload.to_vec();
+        let at = self.rstart + (used - payload.len() - 1);
+        let range = at..at + payload.len();
         self.rstart += used;
-        match kind {
-            wire::FRAME_METHOD => self.method(channel, &payload).map(Some),
-            wire::FRAME_HEADER => self.header(&payload).map(Some),
-            wire::FRAME_BODY => self.body(payload).map(Some),
-            _ => Ok(Some(None)),
-        }
+        // The payload is read where it lies: the buffer is lent out for the frame's handling
+        // (a body is copied once, into its delivery).
+        let rbuf = std::mem::take(&mut self.rbuf);
+        let payload = &rbuf[range];
+        let handled = match kind {
+            wire::FRAME_METHOD => self.method(channel, payload),
+            wire::FRAME_HEADER => self.header(payload),
+            wire::FRAME_BODY => self.body(payload),
+            _ => Ok(None),
+        };
+        self.rbuf = rbuf;
+        handled.map(Some)
     }
 
     fn method(&mut self, channel: u16, payload: &[u8]) -> Result<Option<Event>> {
@@ -199,7 +206,7 @@ impl Conn {
         Ok(self.complete())
     }
 
-    fn body(&mut self, payload: Vec<u8>) -> Result<Option<Event>> {
+    fn body(&mut self, payload: &[u8]) -> Result<Option<Event>> {
         let max_body = self.max_body as u64;
         let Some(p) = self.partial.as_mut() else {
             return Err(peer("a body frame without a delivery".into()));
@@ -212,7 +219,7 @@ impl Conn {
             return Err(peer(format!("{} body bytes where {size} were said", p.got)));
         }
         if *size <= max_body && !p.returned {
-            p.body.extend_from_slice(&payload);
+            p.body.extend_from_slice(payload);
         }
         Ok(self.complete())
     }
