@@ -3,13 +3,14 @@
 
     zmq_load.py ENDPOINT CLIENTS MESSAGES [PROBE_HOST:PORT]
 
-CLIENTS REQ clients each send MESSAGES [function, payload] requests ("reverse", a unique
-payload), the lazy pirate way: wait up to 2 s for the answer, else close the socket, open a new
+CLIENTS REQ clients each send MESSAGES [function, payload] requests ("reverse", or the
+function in $ZMQ_FUNCTION; a unique payload), the lazy pirate way: wait up to 2 s for the answer, else close the socket, open a new
 one and send again (up to 30 tries). With PROBE_HOST:PORT, a prober opens a TCP connection there
 every 2 ms and counts refusals. Prints JSON: {"acked": [[answer, payload], ...], "errors": [...],
 "refused": N, "probes": N, "resent": N}.
 """
 import json
+import os
 import socket
 import sys
 import threading
@@ -19,6 +20,7 @@ import zmq
 
 endpoint, clients, messages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 probe = sys.argv[4] if len(sys.argv) > 4 else None
+function = os.environ.get("ZMQ_FUNCTION", "reverse").encode()
 ctx = zmq.Context()
 lock = threading.Lock()
 acked, errors = [], []
@@ -36,7 +38,7 @@ def client(n):
                 sock = ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(endpoint)
-            sock.send_multipart([b"reverse", payload])
+            sock.send_multipart([function, payload])
             if sock.poll(2000, zmq.POLLIN):
                 answer = sock.recv_multipart()[-1].decode()
                 with lock:

@@ -175,11 +175,7 @@ mod tests {
     use super::*;
 
     fn done(id: &str) -> Entry {
-        Entry {
-            kind: journal::Kind::Done,
-            id: id.into(),
-            body: b"GSR2 result".to_vec(),
-        }
+        Entry::new(journal::Kind::Done, id.into(), b"GSR2 result".to_vec())
     }
 
     #[test]

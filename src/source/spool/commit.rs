@@ -23,6 +23,10 @@ const MAX_BATCH: usize = 16;
 /// Outcomes waiting for their sync at most (besides the batch being synced): a lane that would
 /// exceed it waits. It bounds how many finished jobs a failing disk leaves held in `cur/`.
 const MAX_QUEUED: usize = 16;
+/// Syncs start at least this far apart while outcomes keep coming (an idle committer syncs at
+/// once): the disk's syncs (a few thousand a second here) are shared with the ZeroMQ ingress,
+/// whose clients wait for theirs; a lane waits only once [`MAX_QUEUED`] are queued.
+const SYNC_GAP: Duration = Duration::from_millis(1);
 
 #[derive(Default)]
 struct State {
@@ -57,6 +61,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits for a change, at most `left`.
+    fn wait_for<'a>(&self, s: MutexGuard<'a, State>, left: Duration) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_timeout(s, left)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0)
+    }
+
     /// Waits until `ready` holds, the thread is dead, or `deadline` (if any) passed.
     fn wait_until<'a>(
         &self,
@@ -65,11 +77,7 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> MutexGuard<'a, State> {
         while !ready(&s) && !s.dead && deadline.is_none_or(|d| Instant::now() < d) {
-            s = self
-                .changed
-                .wait_timeout(s, Duration::from_millis(100))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            s = self.wait_for(s, Duration::from_millis(100));
         }
         s
     }
@@ -236,6 +244,7 @@ fn kept(e: &Error) -> (String, Option<i32>) {
 /// The committing thread.
 fn run(spool: &Spool, shared: &Shared) {
     let mut segment: Option<(Segment, Instant)> = None;
+    let mut last_sync: Option<Instant> = None;
     loop {
         let (batch, seal) = {
             let mut s = shared.lock();
@@ -269,14 +278,21 @@ fn run(spool: &Spool, shared: &Shared) {
                 if left.is_zero() {
                     break;
                 }
-                s = shared
-                    .changed
-                    .wait_timeout(s, left)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                s = shared.wait_for(s, left);
             }
             if s.stop && s.queue.is_empty() {
                 break;
+            }
+            // Busy: let more outcomes gather, up to a batch, for at most the gap.
+            if let Some(last) = last_sync {
+                let until = last + SYNC_GAP;
+                while s.queue.len() < MAX_BATCH && !s.stop && !s.park && s.seal_asked == s.sealed {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    s = shared.wait_for(s, left);
+                }
             }
             if s.park && !s.stop {
                 continue;
@@ -286,7 +302,9 @@ fn run(spool: &Spool, shared: &Shared) {
             (batch, s.seal_asked)
         };
         if !batch.is_empty() {
-            let Some(placed) = store(spool, shared, &mut segment, &batch) else {
+            last_sync = Some(Instant::now());
+            let mut batch = batch;
+            let Some(placed) = store(spool, shared, &mut segment, &mut batch) else {
                 return; // stopping with the disk failing: the jobs stay in cur/ and run again
             };
             let mut s = shared.lock();
@@ -295,8 +313,8 @@ fn run(spool: &Spool, shared: &Shared) {
             s.records += batch.len() as u64;
             // Parked before all were placed (an exec is waiting): the rest, durable already,
             // goes back to the front of the queue, to be handed over or placed after all.
-            let rest = batch.get(placed..).unwrap_or_default();
-            s.queue.splice(0..0, rest.iter().cloned());
+            let rest: Vec<Entry> = batch.into_iter().skip(placed).collect();
+            s.queue.splice(0..0, rest);
             shared.changed.notify_all();
         }
         let aged = segment.as_ref().is_some_and(|(seg, t)| {
@@ -327,7 +345,7 @@ fn store(
     spool: &Spool,
     shared: &Shared,
     segment: &mut Option<(Segment, Instant)>,
-    batch: &[Entry],
+    batch: &mut [Entry],
 ) -> Option<usize> {
     let mut backoff = Duration::from_millis(100);
     let mut appended = false;
@@ -355,6 +373,10 @@ fn store(
                     break;
                 }
                 journal::materialize(spool, &batch[placed])?;
+                // A job that came without a file no longer needs its journal record.
+                if let Some(hold) = batch[placed].hold.take() {
+                    hold.release();
+                }
                 placed += 1;
             }
             Ok(())

@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::format::{decode_job, decode_record};
+use super::direct::Hold;
+use super::format::{decode_job, decode_record, JobFile};
 use super::*;
 
 /// A segment is sealed once this old (so a fresh start replays at most a few seconds), and
@@ -76,11 +77,32 @@ impl Kind {
 }
 
 /// One record: a file to be, by its id.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Entry {
     pub(super) kind: Kind,
     pub(super) id: String,
     pub(super) body: Vec<u8>,
+    /// A job that came to the lanes without a file (`direct.rs`): its journal segment, held
+    /// until this outcome is in place.
+    pub(super) hold: Option<Hold>,
+}
+
+impl Entry {
+    pub(super) fn new(kind: Kind, id: String, body: Vec<u8>) -> Entry {
+        Entry {
+            kind,
+            id,
+            body,
+            hold: None,
+        }
+    }
+}
+
+/// A copy holds nothing: only the original releases its segment.
+impl Clone for Entry {
+    fn clone(&self) -> Entry {
+        Entry::new(self.kind, self.id.clone(), self.body.clone())
+    }
 }
 
 fn checksum(kind: u8, id: &[u8], body: &[u8]) -> [u8; 8] {
@@ -146,11 +168,11 @@ fn next_record(r: &mut impl Read) -> Option<Entry> {
     if checksum(kind, id.as_bytes(), body) != buf[body_end..] || !valid_id(id) {
         return None;
     }
-    Some(Entry {
-        kind: Kind::from_byte(kind)?,
-        id: id.to_string(),
-        body: body.to_vec(),
-    })
+    Some(Entry::new(
+        Kind::from_byte(kind)?,
+        id.to_string(),
+        body.to_vec(),
+    ))
 }
 
 /// A writer's open segment.
@@ -192,14 +214,22 @@ impl Segment {
     /// crash. On an error the segment must not be appended to again (its tail may be torn):
     /// seal it and begin another.
     pub(super) fn append(&mut self, entries: &[Entry]) -> Result<()> {
+        self.append_with(entries, true)
+    }
+
+    /// [`Segment::append`], syncing only with `sync` (without, the records survive the
+    /// process, as the files of an unsynced spool do, not the machine).
+    pub(super) fn append_with(&mut self, entries: &[Entry], sync: bool) -> Result<()> {
         let buf = encode_all(entries);
         let what = || format!("journal segment \"{}.wal\"", self.name);
         self.file
             .write_all(&buf)
             .map_err(|e| Error::io(format!("appending to {}", what()), e))?;
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(format!("syncing {}", what()), e))?;
+        if sync {
+            self.file
+                .sync_data()
+                .map_err(|e| Error::io(format!("syncing {}", what()), e))?;
+        }
         self.size += buf.len() as u64;
         Ok(())
     }
@@ -227,7 +257,8 @@ impl Segment {
 /// the job out of `cur/`, after its record is in place.
 pub(super) fn materialize(spool: &Spool, e: &Entry) -> Result<()> {
     spool.publish_with(&e.body, &e.id, e.kind.sub(), false)?;
-    if e.kind != Kind::Job {
+    // A job that came without a file has none in cur/.
+    if e.kind != Kind::Job && e.hold.is_none() {
         remove(&spool.dir("cur").join(&e.id))?;
     }
     Ok(())
@@ -247,10 +278,12 @@ fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
 /// Replays one record: writes its file unless it is there and sound (or, for a job, unless it
 /// moved on: claimed or finished). Returns whether anything was written.
 fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
-    let finished = sound(spool, "done", &e.id) || sound(spool, "failed", &e.id);
+    let finished = || sound(spool, "done", &e.id) || sound(spool, "failed", &e.id);
     match e.kind {
         Kind::Job => {
-            if finished || sound(spool, "new", &e.id) || sound(spool, "cur", &e.id) {
+            // Looked for in the order a job moves (new, cur, then its outcome), as `lookup`
+            // does: a job a lane claims and finishes meanwhile is found in one of them.
+            if sound(spool, "new", &e.id) || sound(spool, "cur", &e.id) || finished() {
                 return Ok(false);
             }
             // A torn copy in cur/ (its claim survived, its bytes did not) goes; the job is
@@ -259,7 +292,7 @@ fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
             materialize(spool, e).map(|()| true)
         }
         Kind::Done | Kind::Failed => {
-            if finished {
+            if finished() {
                 for sub in ["cur", "new"] {
                     remove(&spool.dir(sub).join(&e.id))?;
                 }
@@ -350,29 +383,29 @@ impl Spool {
         Ok(entries.into_iter().map(|e| e.id).collect())
     }
 
-    /// A writer that keeps one journal segment open across batches (see `BatchWriter`).
-    pub fn batch_writer(self) -> BatchWriter {
-        BatchWriter::new(self)
-    }
-
-    /// Journal records for new jobs, with their ids.
-    pub(super) fn job_entries(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<Entry>> {
-        let mut entries = Vec::with_capacity(jobs.len());
+    /// New jobs (checked, with their ids), in order.
+    pub(super) fn new_jobs(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<(String, JobFile)>> {
+        let mut out = Vec::with_capacity(jobs.len());
         for (function, payload) in jobs {
             crate::config::check_function_name(function).map_err(Error::Msg)?;
-            let job = super::format::JobFile {
+            let job = JobFile {
                 function: function.to_string(),
                 submitted_ms: crate::clock::now_ms(),
                 attempts: 0,
                 payload: payload.to_vec(),
             };
-            entries.push(Entry {
-                kind: Kind::Job,
-                id: self.new_id()?,
-                body: super::format::encode_job(&job),
-            });
+            out.push((self.new_id()?, job));
         }
-        Ok(entries)
+        Ok(out)
+    }
+
+    /// Journal records for new jobs, with their ids.
+    fn job_entries(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<Entry>> {
+        Ok(self
+            .new_jobs(jobs)?
+            .into_iter()
+            .map(|(id, job)| job_entry(id, &job))
+            .collect())
     }
 
     /// Makes `entries` durable with one sync in a new journal segment of `role`, materializes
@@ -403,99 +436,9 @@ impl Spool {
     }
 }
 
-/// Accepts batches of jobs into the spool for a long-lived writer (the ZeroMQ ingress): each
-/// [`BatchWriter::accept`] appends to one open segment and syncs once; [`BatchWriter::place`]
-/// then writes the job files, so an answer can go out between the two. The segment is sealed
-/// once old or large and everything in it is in place.
-pub struct BatchWriter {
-    spool: Spool,
-    segment: Option<(Segment, std::time::Instant)>,
-    /// Accepted jobs whose files are not in place yet.
-    unplaced: Vec<Entry>,
-}
-
-impl BatchWriter {
-    pub(super) fn new(spool: Spool) -> BatchWriter {
-        BatchWriter {
-            spool,
-            segment: None,
-            unplaced: Vec::new(),
-        }
-    }
-
-    /// Makes `jobs` durable (one sync with `fsync`) and returns their ids; their files follow
-    /// with [`BatchWriter::place`].
-    pub fn accept(&mut self, jobs: &[(&str, &[u8])]) -> Result<Vec<String>> {
-        let entries = self.spool.job_entries(jobs)?;
-        if self.spool.fsync {
-            if self.segment.is_none() {
-                self.segment = Some((
-                    Segment::create(&self.spool, "z")?,
-                    std::time::Instant::now(),
-                ));
-            }
-            if let Some((seg, _)) = self.segment.as_mut() {
-                if let Err(e) = seg.append(&entries) {
-                    // A torn tail is never appended to: what came before is kept (sealed once
-                    // placed), nothing of this batch was acknowledged.
-                    if let Some((seg, _)) = self.segment.take() {
-                        if self.unplaced.is_empty() {
-                            seg.seal(&self.spool);
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let ids = entries.iter().map(|e| e.id.clone()).collect();
-        self.unplaced.extend(entries);
-        Ok(ids)
-    }
-
-    /// Writes the files of what was accepted; what fails now is tried again with the next
-    /// call (the journal holds it meanwhile). Seals the segment once old or large.
-    pub fn place(&mut self) -> Result<()> {
-        let mut placed = 0;
-        let mut failure = None;
-        for e in &self.unplaced {
-            if let Err(err) = materialize(&self.spool, e) {
-                failure = Some(err);
-                break;
-            }
-            placed += 1;
-        }
-        self.unplaced.drain(..placed);
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let old = self
-            .segment
-            .as_ref()
-            .is_some_and(|(seg, at)| seg.size >= SEGMENT_BYTES || at.elapsed() >= SEGMENT_AGE);
-        if old {
-            if let Some((seg, _)) = self.segment.take() {
-                seg.seal(&self.spool);
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether jobs are accepted but not yet in place.
-    pub fn pending(&self) -> bool {
-        !self.unplaced.is_empty()
-    }
-}
-
-impl Drop for BatchWriter {
-    fn drop(&mut self) {
-        let _ = self.place();
-        if self.unplaced.is_empty() {
-            if let Some((seg, _)) = self.segment.take() {
-                seg.seal(&self.spool);
-            }
-        }
-        // Else the segment stays unsealed: the next checkpoint or start replays it.
-    }
+/// The journal record of a new job.
+pub(super) fn job_entry(id: String, job: &JobFile) -> Entry {
+    Entry::new(Kind::Job, id, super::format::encode_job(job))
 }
 
 #[cfg(test)]
@@ -503,11 +446,7 @@ mod tests {
     use super::*;
 
     fn entry(kind: Kind, id: &str, body: &[u8]) -> Entry {
-        Entry {
-            kind,
-            id: id.into(),
-            body: body.to_vec(),
-        }
+        Entry::new(kind, id.into(), body.to_vec())
     }
 
     #[test]

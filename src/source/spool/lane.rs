@@ -1,4 +1,4 @@
-//! A spool lane (one per worker thread) and the `Waker` idle lanes sleep on.
+//! A spool lane (one per worker thread).
 
 use std::sync::Arc;
 
@@ -78,6 +78,9 @@ impl Lane for SpoolLane {
     }
 
     fn release(&mut self, job: &Claimed) -> bool {
+        if let Some(hold) = self.source.direct.finished(&job.id) {
+            return spill_claimed(&self.source, job, hold);
+        }
         let from = self.source.spool.dir("cur").join(&job.id);
         let to = self.source.spool.dir("new").join(&job.id);
         match fs::rename(&from, &to) {
@@ -115,6 +118,33 @@ impl Progress for SpoolLane {
     fn warning(&mut self, data: &[u8]) {
         if self.may_log() {
             log::warn!("job {}: job warning: {}", self.job, lossy_prefix(data));
+        }
+    }
+}
+
+/// Gives back a job that came without a file (`direct.rs`): it is written to `new/`.
+fn spill_claimed(src: &SpoolSource, job: &Claimed, hold: super::direct::Hold) -> bool {
+    let file = JobFile {
+        function: job.function.clone(),
+        submitted_ms: job.submitted_ms,
+        attempts: job.attempt.saturating_sub(1),
+        payload: job.payload.clone(),
+    };
+    match super::journal::materialize(
+        &src.spool,
+        &super::journal::job_entry(job.id.clone(), &file),
+    ) {
+        Ok(()) => {
+            hold.release();
+            true
+        }
+        Err(e) => {
+            // Its segment stays held, unsealed: the next start queues it again.
+            log::error!(
+                "job {}: cannot give it back ({e}); it runs again at the next start",
+                job.id
+            );
+            false
         }
     }
 }

@@ -34,15 +34,18 @@ use crate::ops::safefs::{Dir, Open};
 
 mod carry;
 mod commit;
+mod direct;
 mod format;
+mod ingest;
 mod journal;
 mod lane;
 mod order;
 mod recover;
 mod source;
 
+pub use direct::Feed;
 use format::*;
-pub use journal::BatchWriter;
+pub use ingest::BatchWriter;
 pub use source::SpoolSource;
 
 /// Room for a job file's header beyond its payload.
@@ -922,11 +925,11 @@ mod tests {
             result: b"A".to_vec(),
         };
         let mut seg = journal::Segment::create(&spool, "w").expect("segment");
-        seg.append(&[journal::Entry {
-            kind: journal::Kind::Done,
-            id: ids[0].clone(),
-            body: encode_record(&record),
-        }])
+        seg.append(&[journal::Entry::new(
+            journal::Kind::Done,
+            ids[0].clone(),
+            encode_record(&record),
+        )])
         .expect("append");
         drop(seg); // the writer died: its flock is free, the segment unsealed
                    // A reboot lost the page cache since the batch: its segment is one of an earlier boot

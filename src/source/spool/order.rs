@@ -160,7 +160,12 @@ impl super::Spool {
     /// Jobs waiting (`new/`) and running (`cur/`), and the age of the oldest waiting one (by
     /// the clock its id carries, see `order.rs`). One directory read each; at most a million
     /// entries are looked at.
-    pub(crate) fn queue_stats(&self) -> crate::metrics::QueueStats {
+    /// The queue's depth, running jobs and oldest age, with what `direct` (queued, running,
+    /// oldest queued id) holds besides the files.
+    pub(crate) fn queue_stats(
+        &self,
+        direct: (u64, u64, Option<String>),
+    ) -> crate::metrics::QueueStats {
         const LIMIT: usize = 1_000_000;
         let names = |sub: &str| {
             std::fs::read_dir(self.dir(sub))
@@ -172,8 +177,7 @@ impl super::Spool {
                 .filter(|n| super::valid_id(n))
         };
         // Ids sort by submission: the smallest is the oldest waiting job.
-        let mut depth = 0u64;
-        let mut oldest: Option<String> = None;
+        let (mut depth, direct_running, mut oldest) = direct;
         for name in names("new") {
             depth += 1;
             if oldest.as_ref().is_none_or(|o| name < *o) {
@@ -186,7 +190,7 @@ impl super::Spool {
         let epoch = this_boot(&self.top);
         crate::metrics::QueueStats {
             depth,
-            running: names("cur").count() as u64,
+            running: names("cur").count() as u64 + direct_running,
             oldest_age_us: oldest.and_then(|o| age_us(&o, epoch, now_ns)).unwrap_or(0),
         }
     }

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::clock::now_ms;
@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::jobs::functions::JobResult;
 use crate::source::lane::{Claimed, Lane};
 
+use super::direct::Waker;
 use super::format::*;
 use super::*;
 
@@ -44,6 +45,8 @@ pub struct SpoolSource {
     pub(super) checkpointing: Arc<AtomicBool>,
     pub(super) next_checkpoint: Mutex<Instant>,
     pub(super) waker: Arc<Waker>,
+    /// Jobs the ZeroMQ ingress hands over without a file (`direct.rs`).
+    pub(super) direct: Arc<super::direct::Direct>,
     pub(super) next_prune: Mutex<Instant>,
     pub(super) next_housekeeping: Mutex<Instant>,
     /// Interrupted jobs the start-up recovery could not move (say, on a full disk): retried
@@ -130,6 +133,7 @@ impl SpoolSource {
             checkpointing: Arc::new(AtomicBool::new(false)),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
+            direct: Arc::default(),
             next_prune: Mutex::new(Instant::now()),
             next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
             unrecovered: Mutex::new(Vec::new()),
@@ -149,21 +153,13 @@ impl SpoolSource {
     /// set aside in `rejected/` and the next one is tried.
     pub(super) fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
         loop {
-            let Some(id) = self.take_next()? else {
-                return Ok(None);
+            let id = match self.take_next()? {
+                None => return Ok(None),
+                Some(Taken::Direct(id, job)) => return Ok(Some(claimed(id, job))),
+                Some(Taken::File(id)) => id,
             };
             match self.read_job(&id) {
-                Ok(job) => {
-                    return Ok(Some(Claimed {
-                        id,
-                        function: job.function,
-                        unique: String::new(),
-                        payload: job.payload,
-                        attempt: job.attempts.saturating_add(1),
-                        submitted_ms: job.submitted_ms,
-                        oversized: None,
-                    }))
-                }
+                Ok(job) => return Ok(Some(claimed(id, job))),
                 Err(Ok(why)) => self.reject(&id, &why),
                 Err(Err(e)) => {
                     // Not the entry's fault: give it back, unclaimed, and let the lane back off.
@@ -178,10 +174,10 @@ impl SpoolSource {
         }
     }
 
-    /// Moves the next queued id from `new/` to `cur/` (listing `new/` when the known queue is
-    /// empty, and the rest of a hand-over in the background when it runs low); None: nothing
-    /// queued.
-    fn take_next(self: &Arc<Self>) -> Result<Option<String>> {
+    /// Takes the oldest job: one handed over without a file (`direct.rs`), or the next queued
+    /// id, moved from `new/` to `cur/` (listing `new/` when the known queue is empty, and the
+    /// rest of a hand-over in the background when it runs low); None: nothing queued.
+    fn take_next(self: &Arc<Self>) -> Result<Option<Taken>> {
         let mut pending = self
             .pending
             .lock()
@@ -194,7 +190,7 @@ impl SpoolSource {
                     self.list_in_background(head_last);
                 }
             }
-            if pending.is_empty() {
+            if pending.is_empty() && self.direct.should_list() {
                 self.listed.fetch_add(1, Ordering::AcqRel);
                 self.more.store(false, Ordering::Release);
                 let mut ids = Vec::new();
@@ -207,12 +203,15 @@ impl SpoolSource {
                 ids.sort_unstable();
                 pending.extend(ids);
             }
+            if let Some((id, job)) = self.direct.take(pending.front().map(String::as_str)) {
+                return Ok(Some(Taken::Direct(id, job)));
+            }
             let Some(id) = pending.pop_front() else {
                 return Ok(None);
             };
             let from = self.spool.dir("new").join(&id);
             match fs::rename(&from, self.spool.dir("cur").join(&id)) {
-                Ok(()) => return Ok(Some(id)),
+                Ok(()) => return Ok(Some(Taken::File(id))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io_path("claiming", &from, e)),
             }
@@ -236,20 +235,27 @@ impl SpoolSource {
             error,
             result,
         };
-        let entry = super::journal::Entry {
-            kind: match kind {
+        let mut entry = super::journal::Entry::new(
+            match kind {
                 Outcome::Done => super::journal::Kind::Done,
                 Outcome::Failed => super::journal::Kind::Failed,
             },
-            id: job.id.clone(),
-            body: encode_record(&record),
-        };
+            job.id.clone(),
+            encode_record(&record),
+        );
+        entry.hold = self.direct.finished(&job.id);
         match &self.committer {
             // The lanes stop for an exec: the outcome crosses it, no room to wait for.
             Some(c) if self.handing_over() => c.submit_all(vec![entry]),
             // Durable with the next group commit; the lane goes on meanwhile.
             Some(c) => c.submit(entry),
-            None => super::journal::materialize(&self.spool, &entry),
+            None => {
+                super::journal::materialize(&self.spool, &entry)?;
+                if let Some(hold) = entry.hold.take() {
+                    hold.release();
+                }
+                Ok(())
+            }
         }
     }
 
@@ -321,7 +327,16 @@ impl SpoolSource {
 
     /// Wakes every idle lane: to look for new jobs, or to notice the stop flag.
     pub fn wake(&self) {
+        self.direct.mark_dirty();
         self.waker.bump();
+    }
+
+    /// What the ZeroMQ ingress needs to hand jobs to this source's lanes without files.
+    pub fn feed(&self) -> super::Feed {
+        super::Feed {
+            direct: Arc::clone(&self.direct),
+            waker: Arc::clone(&self.waker),
+        }
     }
 }
 
@@ -366,10 +381,13 @@ impl crate::source::JobSource for Arc<SpoolSource> {
 
     fn stopping(&self, for_restart: bool) {
         self.set_handing_over(for_restart);
+        // The lanes claim no more: jobs accepted from now on go to new/ (the ingress writes
+        // out what is queued when it stops).
+        self.direct.set_open(false);
     }
 
     fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
-        Some(self.spool.queue_stats())
+        Some(self.spool.queue_stats(self.direct.counts()))
     }
 
     /// Before an exec, the outcomes still waiting are carried across it if they can be (see
@@ -445,27 +463,23 @@ impl SpoolSource {
     }
 }
 
-/// A sequence number with a condition variable: idle lanes sleep until it moves past what they
-/// saw, so a wake-up between "queue looked empty" and "go to sleep" is never lost.
-#[derive(Default)]
-pub struct Waker {
-    seq: Mutex<u64>,
-    cv: Condvar,
+/// A job taken by [`SpoolSource::take_next`].
+enum Taken {
+    /// Handed over without a file.
+    Direct(String, JobFile),
+    /// Moved to `cur/`, to be read.
+    File(String),
 }
 
-impl Waker {
-    pub fn bump(&self) {
-        if let Ok(mut s) = self.seq.lock() {
-            *s += 1;
-            self.cv.notify_all();
-        }
-    }
-    pub fn current(&self) -> u64 {
-        self.seq.lock().map_or(0, |s| *s)
-    }
-    /// Sleeps until the sequence moves past `seen`, or `limit` passes (housekeeping).
-    pub fn wait_past(&self, seen: u64, limit: Duration) {
-        let Ok(guard) = self.seq.lock() else { return };
-        drop(self.cv.wait_timeout_while(guard, limit, |s| *s == seen));
+/// A lane's view of a job.
+fn claimed(id: String, job: JobFile) -> Claimed {
+    Claimed {
+        id,
+        function: job.function,
+        unique: String::new(),
+        payload: job.payload,
+        attempt: job.attempts.saturating_add(1),
+        submitted_ms: job.submitted_ms,
+        oversized: None,
     }
 }

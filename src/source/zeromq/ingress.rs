@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::config::ZeromqReply;
 use crate::error::{Error, Result};
 use crate::kinds::Ingress as Stats;
-use crate::source::spool::{BatchWriter, Spool};
+use crate::source::spool::{BatchWriter, Feed, Spool};
 
 use super::listen::{dup_for_zmq, Listener};
 
@@ -52,10 +52,11 @@ pub struct Ingress {
 
 impl Ingress {
     /// Binds a ROUTER socket on `listeners` (through duplicates of their descriptors) and
-    /// starts reading.
+    /// starts reading. With a `feed`, accepted jobs go to the lanes without a file each.
     pub fn start(
         listeners: &[Listener],
         spool: Spool,
+        feed: Option<Feed>,
         rules: Rules,
         stats: Arc<Stats>,
     ) -> Result<Ingress> {
@@ -69,6 +70,9 @@ impl Ingress {
         let flag = Arc::clone(&stop);
         let thread = crate::ops::signals::spawn_essential("zeromq", move || {
             let mut writer = spool.batch_writer();
+            if let Some(feed) = feed {
+                writer.feed(feed);
+            }
             serve(&socket, &monitor, &mut writer, &rules, &stats, &flag);
             drop(writer);
             // Answers already queued get up to LINGER_MS to leave; then the context ends.

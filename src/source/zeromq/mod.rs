@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::config::ZeromqConfig;
+use crate::config::{ZeromqConfig, ZeromqReply};
 use crate::error::Result;
 use crate::kinds::Ingress as Stats;
 use crate::metrics::QueueStats;
@@ -74,9 +74,13 @@ impl ZeromqSource {
             served: Arc::clone(&self.served),
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
+        // Answering TRUE, a job needs no file until the lanes fall behind (there is no id to
+        // look up); answering its id, the file is in place first.
+        let feed = (self.cfg.reply == ZeromqReply::True).then(|| self.spool.feed());
         *slot = Some(ingress::Ingress::start(
             &self.listeners,
             spool,
+            feed,
             rules,
             Arc::clone(&self.stats),
         )?);
