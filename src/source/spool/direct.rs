@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 
 use super::format::JobFile;
 
-/// Jobs queued here at most; more go to `new/` as files (the lanes are behind).
-const MAX_JOBS: usize = 1024;
+/// Jobs queued here at most; more go to `new/` as files (the lanes are behind). It also bounds
+/// what a restart writes out before its exec (about 15 µs a job).
+const MAX_JOBS: usize = 256;
 /// Payload bytes queued here at most.
-const MAX_BYTES: usize = 64 << 20;
+const MAX_BYTES: usize = 16 << 20;
 /// A job still queued this long after its segment was closed is spilled to `new/`, so the
 /// segment can be sealed.
 pub(super) const SPILL_AFTER: Duration = Duration::from_secs(2);
