@@ -314,21 +314,40 @@ fn storm(test: &str, reply: &str) {
 
 #[test]
 fn kill_9_during_ingest_loses_no_acknowledged_job() {
-    kill_9("kill_9_during_ingest_loses_no_acknowledged_job", "id");
+    kill_9("kill_9_during_ingest_loses_no_acknowledged_job", "id", "");
 }
 
 /// The same with jobs handed to the lanes without files: those the worker held in memory only
 /// (queued, running, finished but not stored) come back from the journal.
 #[test]
 fn kill_9_during_ingest_loses_no_job_answered_true() {
-    kill_9("kill_9_during_ingest_loses_no_job_answered_true", "true");
+    kill_9(
+        "kill_9_during_ingest_loses_no_job_answered_true",
+        "true",
+        "",
+    );
 }
 
-fn kill_9(test: &str, reply: &str) {
+/// Without fsync the journal is written and never synced: a kill -9 (not a power loss) still
+/// loses nothing answered.
+#[test]
+fn kill_9_without_fsync_loses_no_job_answered_true() {
+    kill_9(
+        "kill_9_without_fsync_loses_no_job_answered_true",
+        "true",
+        "fsync = false",
+    );
+}
+
+fn kill_9(test: &str, reply: &str, change: &str) {
     if !clients_available(test) {
         return;
     }
     let z = setup_reply(&format!("zmq-kill9-{reply}"), "", reply);
+    if !change.is_empty() {
+        let cfg = fs::read_to_string(z.sb.config()).unwrap();
+        fs::write(z.sb.config(), cfg.replace("fsync = true", change)).unwrap();
+    }
     // A job that takes a few milliseconds (a process each): the lanes fall behind the clients,
     // so at the kill many acknowledged jobs are queued, some in memory only.
     z.sb.job(

@@ -359,9 +359,14 @@ pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
     if closed.is_empty() {
         return Ok((0, written));
     }
-    let root = spool.opened("journal")?;
-    nix::unistd::syncfs(root.as_raw_fd())
-        .map_err(|e| Error::io_path("syncing the filesystem of", &dir, e.into()))?;
+    // Without fsync nothing promises more than surviving the process (the ZeroMQ ingress's
+    // unsynced segments): no sync of the whole filesystem for them, unless a replay wrote
+    // files (a segment may have been written with fsync on).
+    if spool.fsync || written > 0 {
+        let root = spool.opened("journal")?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|e| Error::io_path("syncing the filesystem of", &dir, e.into()))?;
+    }
     for path in &closed {
         if let Err(e) = fs::remove_file(path) {
             if e.kind() != io::ErrorKind::NotFound {

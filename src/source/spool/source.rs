@@ -402,6 +402,7 @@ impl crate::source::JobSource for Arc<SpoolSource> {
 
     fn unsettle(&self) {
         self.keep_outcomes();
+        self.direct.set_open(true);
     }
 
     /// `new/`: its events mean "new jobs".
