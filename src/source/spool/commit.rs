@@ -117,12 +117,23 @@ impl Committer {
     }
 
     /// Queues an outcome; returns at once (waits only while [`MAX_QUEUED`] are queued).
-    pub(super) fn submit(&self, e: Entry) -> Result<()> {
-        let mut s =
-            self.shared
-                .wait_until(self.shared.lock(), |s| s.queue.len() < MAX_QUEUED, None);
+    /// While the storage fails and the queue is full, the outcome comes back with the failure:
+    /// the lane keeps it, shows the fault (`degraded`) and tries again, instead of waiting
+    /// unseen.
+    pub(super) fn submit(&self, e: Entry) -> std::result::Result<(), (Error, Entry)> {
+        let mut s = self.shared.wait_until(
+            self.shared.lock(),
+            |s| s.queue.len() < MAX_QUEUED || s.failing.is_some(),
+            None,
+        );
         if s.dead {
-            return Err(dead());
+            return Err((dead(), e));
+        }
+        if s.queue.len() >= MAX_QUEUED {
+            // Read under the same lock as the wait's condition: it is set.
+            if let Some(why) = failure(&s) {
+                return Err((why, e));
+            }
         }
         s.queue.push(e);
         s.queued += 1;
@@ -206,13 +217,7 @@ impl Committer {
         if s.dead {
             return Some(dead());
         }
-        s.failing.as_ref().map(|(about, errno)| match errno {
-            Some(n) => Error::Io {
-                about: about.clone(),
-                source: std::io::Error::from_raw_os_error(*n),
-            },
-            None => Error::Msg(about.clone()),
-        })
+        failure(&s)
     }
 
     /// Syncs so far and records committed by them.
@@ -231,6 +236,18 @@ impl Drop for Committer {
 
 fn dead() -> Error {
     Error::Internal("the spool's commit thread died: results are not being stored".into())
+}
+
+/// Why the journal cannot be written now, as an error of the right tier (a full disk is
+/// transient).
+fn failure(s: &State) -> Option<Error> {
+    s.failing.as_ref().map(|(about, errno)| match errno {
+        Some(n) => Error::Io {
+            about: about.clone(),
+            source: std::io::Error::from_raw_os_error(*n),
+        },
+        None => Error::Msg(about.clone()),
+    })
 }
 
 /// Splits an error into what `failing` keeps.
@@ -354,7 +371,7 @@ fn store(
         let step = (|| {
             if !appended {
                 if segment.is_none() {
-                    *segment = Some((Segment::create(spool, "w")?, Instant::now()));
+                    *segment = Some((Segment::create_long(spool, "w")?, Instant::now()));
                 }
                 if let Some((seg, _)) = segment.as_mut() {
                     if let Err(e) = seg.append(batch) {

@@ -181,6 +181,11 @@ impl Direct {
         self.lock().running.remove(id)
     }
 
+    /// Job `id`'s outcome could not be handed on: it is running again until it can.
+    pub(super) fn unfinish(&self, id: String, hold: Hold) {
+        self.lock().running.insert(id, hold);
+    }
+
     /// Takes the queued jobs `pick` chooses, to be written to `new/`.
     pub(super) fn spill(&self, pick: impl Fn(&DirectJob) -> bool) -> Vec<DirectJob> {
         let mut s = self.lock();

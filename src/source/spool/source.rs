@@ -248,7 +248,13 @@ impl SpoolSource {
             // The lanes stop for an exec: the outcome crosses it, no room to wait for.
             Some(c) if self.handing_over() => c.submit_all(vec![entry]),
             // Durable with the next group commit; the lane goes on meanwhile.
-            Some(c) => c.submit(entry),
+            Some(c) => c.submit(entry).map_err(|(e, entry)| {
+                // Kept by the lane, to be handed over again.
+                if let Some(hold) = entry.hold {
+                    self.direct.unfinish(entry.id, hold);
+                }
+                e
+            }),
             None => {
                 super::journal::materialize(&self.spool, &entry)?;
                 if let Some(hold) = entry.hold.take() {
