@@ -16,8 +16,10 @@ machine, so the ratios mean something on a shared, noisy host.
   scraped every 100 ms (as the observability test's Prometheus does), against the same with
   metrics off, in the same run.
 """
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -96,6 +98,16 @@ class Claims:
     def close(self):
         self.proc.kill()
         self.proc.wait()
+
+
+# Every run's directories (a queue of 40,000 and 100,000 results are most of a gigabyte) go
+# under one scratch directory, removed at exit.
+WORK = tempfile.mkdtemp(prefix="gs-bench-reload-")
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
+
+
+def scratch(prefix):
+    return tempfile.mkdtemp(prefix=prefix, dir=WORK)
 
 
 def write_config(d, concurrency=1, fsync=True, name="config.toml", metrics=None):
@@ -215,7 +227,7 @@ class TopUp:
 
 
 def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
-    d = tempfile.mkdtemp(prefix="gs-bench-reload-")
+    d = scratch("gs-bench-reload-")
     cfg = write_config(d, concurrency=1, fsync=True, metrics=metrics)
     prepare_restart(d, depth, stored)
     p = start(d, cfg)
@@ -267,7 +279,7 @@ def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
 
 
 def bench_throughput(concurrency, fsync, metrics=None):
-    d = tempfile.mkdtemp(prefix="gs-bench-tput-")
+    d = scratch("gs-bench-tput-")
     cfg = write_config(d, concurrency=concurrency, fsync=fsync, metrics=metrics)
     preload(d, "reverse", "x" * 100, JOBS)
     t0 = time.monotonic()
@@ -302,7 +314,7 @@ def bench_metrics_cost():
 
 def anchor_throughput(fsync):
     """The spool's per-job file operations, in plain Python, with no worker."""
-    d = tempfile.mkdtemp(prefix="gs-bench-anchor-")
+    d = scratch("gs-bench-anchor-")
     preload(d, "reverse", "x" * 100, JOBS)
     spool = os.path.join(d, "spool")
     new, cur, tmp, done = (os.path.join(spool, s) for s in ("new", "cur", "tmp", "done"))
@@ -330,7 +342,7 @@ def anchor_throughput(fsync):
 def bench_batch_submit(n=20000):
     """`submit --count` with fsync on (through the journal, one sync per 512 jobs), beside the
     per-job durable submit (write, fsync, rename, fsync the directory) in a Python loop."""
-    d = tempfile.mkdtemp(prefix="gs-bench-batch-")
+    d = scratch("gs-bench-batch-")
     cfg = write_config(d, fsync=True)
     t0 = time.monotonic()
     subprocess.run([BIN, "-c", cfg, "submit", "--count", str(n), "echo", "x" * 100], check=True, stdout=subprocess.DEVNULL)
@@ -358,7 +370,7 @@ def bench_batch_submit(n=20000):
 def bench_submit_latency(n=200):
     """Submit-to-result latency for an instant job (`submit --wait echo`), fsync on, beside a
     plain `submit` (the CLI's own start and the durable enqueue, no waiting)."""
-    d = tempfile.mkdtemp(prefix="gs-bench-wait-")
+    d = scratch("gs-bench-wait-")
     cfg = write_config(d, concurrency=1)
     p = start(d, cfg)
     wait_status(d, lambda s: s["state"] == "running")
@@ -376,7 +388,7 @@ def bench_submit_latency(n=200):
 
 
 def bench_idle():
-    d = tempfile.mkdtemp(prefix="gs-bench-idle-")
+    d = scratch("gs-bench-idle-")
     cfg = write_config(d, concurrency=1)
     preload(d, "reverse", "x" * 100, 100)
     p = start(d, cfg)

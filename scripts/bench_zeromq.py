@@ -9,6 +9,7 @@ stores nothing); the same loop appending and fsyncing each message before it ans
 """
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,6 +98,13 @@ def php(clients, fsync, workdir):
 
 def main():
     workdir = tempfile.mkdtemp(prefix="gs-bench-zeromq-", dir="/var/tmp")
+    try:
+        table(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def table(workdir):
     print(f"# ZeroMQ ingest: {MESSAGES} REQ requests per row, {os.cpu_count()} CPUs\n")
     print("| clients | PHP REP loop (stores nothing) | REP loop, fsync per message | gearshift, fsync on | vs PHP | vs fsync loop | gearshift, fsync off | vs PHP |")
     print("|---|---|---|---|---|---|---|---|")
