@@ -21,6 +21,8 @@
 //!
 //! Jobs queued here are invisible to `gearshift result` until they finish: the ingress feeds
 //! only a source that answers `TRUE` (no id to look up).
+//!
+//! The [`Waker`] idle lanes sleep on lives here too: the ingress wakes them through it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
