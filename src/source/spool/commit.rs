@@ -422,3 +422,38 @@ fn store(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outcomes meet a full queue while the journal cannot be written: the one that finds no
+    /// room comes back with the failure (the lane then shows `degraded`, keeps it and tries
+    /// again) instead of waiting for room that never comes.
+    #[test]
+    fn a_full_queue_on_a_failing_journal_gives_the_outcome_back() {
+        let dir = crate::testutil::tempdir("spool", "commit-fails");
+        let committer = Committer::start(Spool::open(&dir, true).expect("open")).expect("start");
+        // The journal's directory goes away under the committer's open handle on it: every
+        // segment it begins fails (ENOENT).
+        std::fs::remove_dir(dir.join("journal")).expect("rmdir");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            for i in 0..(MAX_BATCH + MAX_QUEUED + 8) {
+                let e = Entry::new(journal::Kind::Done, format!("f1-1-{i}"), b"r".to_vec());
+                if let Err((why, back)) = committer.submit(e) {
+                    let _ = tx.send(Some((why.to_string(), back.id)));
+                    return;
+                }
+            }
+            let _ = tx.send(None);
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a lane waited for room for ever");
+        let (why, id) = got.expect("every outcome was queued: the queue is unbounded");
+        assert!(why.contains("No such file or directory"), "{why}");
+        assert!(id.starts_with("f1-1-"), "the outcome came back: {id}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
