@@ -108,8 +108,10 @@ impl Health {
     /// so once in the log, and shows it in `status`.
     pub(super) fn failed(&self, state: &State, message: &str) {
         if let Ok(mut i) = state.inner.lock() {
-            self.degraded.store(true, Ordering::Release);
+            // The time first: `recovered` reads `degraded` first, and must then see this
+            // failure's time, not an older one (it once declared recovery 0.0 s after a fault).
             self.last_failure_ms.store(now_ms(), Ordering::Release);
+            self.degraded.store(true, Ordering::Release);
             if i.storage.is_none() {
                 log::error!(
                     "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
@@ -327,6 +329,12 @@ impl LaneContext {
             match lane.finish(job, outcome) {
                 Ok(()) => break,
                 Err(e) => {
+                    // Counted as held before the fault is reported: no other lane may call
+                    // storage healthy in between.
+                    if !holding {
+                        holding = true;
+                        self.health.holding.fetch_add(1, Ordering::AcqRel);
+                    }
                     match e.tier() {
                         Tier::Transient => self.health.failed(&self.state, &e.to_string()),
                         Tier::Gone => {
@@ -345,10 +353,6 @@ impl LaneContext {
                             );
                             break;
                         }
-                    }
-                    if !holding {
-                        holding = true;
-                        self.health.holding.fetch_add(1, Ordering::AcqRel);
                     }
                     self.pause_always(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
