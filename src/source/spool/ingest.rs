@@ -194,6 +194,14 @@ impl BatchWriter {
                 }
             }
         }
+        // On every batch's path: nothing to rebuild unless a segment is free.
+        if !self
+            .closed
+            .iter()
+            .any(|c| c.held.load(Ordering::Acquire) == 0)
+        {
+            return;
+        }
         let (free, held): (Vec<Open>, Vec<Open>) = std::mem::take(&mut self.closed)
             .into_iter()
             .partition(|c| c.held.load(Ordering::Acquire) == 0);
