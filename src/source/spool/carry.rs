@@ -38,6 +38,9 @@ impl SpoolSource {
     /// leave their outcomes to [`SpoolSource::carry_outcomes`] instead of waiting for them.
     pub(super) fn set_handing_over(&self, yes: bool) {
         self.handing_over.store(yes, Ordering::Release);
+        if let Some(c) = &self.committer {
+            c.set_handing_over(yes);
+        }
     }
 
     pub(super) fn handing_over(&self) -> bool {

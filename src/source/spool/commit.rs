@@ -43,6 +43,8 @@ struct State {
     /// [`Committer::park`]), and says so.
     park: bool,
     parked: bool,
+    /// The lanes are stopping for an exec: their outcomes cross it, so none waits for room.
+    handing_over: bool,
     /// The thread is gone (a panic): nothing queued will be stored.
     dead: bool,
     stop: bool,
@@ -123,13 +125,13 @@ impl Committer {
     pub(super) fn submit(&self, e: Entry) -> std::result::Result<(), (Error, Entry)> {
         let mut s = self.shared.wait_until(
             self.shared.lock(),
-            |s| s.queue.len() < MAX_QUEUED || s.failing.is_some(),
+            |s| s.queue.len() < MAX_QUEUED || s.failing.is_some() || s.handing_over,
             None,
         );
         if s.dead {
             return Err((dead(), e));
         }
-        if s.queue.len() >= MAX_QUEUED {
+        if s.queue.len() >= MAX_QUEUED && !s.handing_over {
             // Read under the same lock as the wait's condition: it is set.
             if let Some(why) = failure(&s) {
                 return Err((why, e));
@@ -139,6 +141,13 @@ impl Committer {
         s.queued += 1;
         self.shared.changed.notify_all();
         Ok(())
+    }
+
+    /// The lanes are stopping for an exec (`true`; their outcomes cross it, so a lane waiting
+    /// for room goes on at once: the number of lanes bounds what this adds), or not any more.
+    pub(super) fn set_handing_over(&self, yes: bool) {
+        self.shared.lock().handing_over = yes;
+        self.shared.changed.notify_all();
     }
 
     /// Queues outcomes at once, however many are queued: those a previous generation handed
@@ -454,6 +463,38 @@ mod tests {
         let (why, id) = got.expect("every outcome was queued: the queue is unbounded");
         assert!(why.contains("No such file or directory"), "{why}");
         assert!(id.starts_with("f1-1-"), "the outcome came back: {id}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lane that waits for room in the queue when the lanes are told to stop for an exec
+    /// goes on at once: its outcome crosses the exec, it must not wait for a sync (or, as
+    /// here, for a thread parked for the hand-over).
+    #[test]
+    fn a_hand_over_frees_a_lane_waiting_for_room() {
+        let dir = crate::testutil::tempdir("spool", "commit-hand-over");
+        let committer =
+            Arc::new(Committer::start(Spool::open(&dir, true).expect("open")).expect("start"));
+        assert!(committer.park(Duration::from_secs(5)).is_some(), "parked");
+        for i in 0..MAX_QUEUED {
+            let e = Entry::new(journal::Kind::Done, format!("f1-1-{i}"), b"r".to_vec());
+            assert!(committer.submit(e).is_ok());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let lane = Arc::clone(&committer);
+        std::thread::spawn(move || {
+            let e = Entry::new(journal::Kind::Done, "f1-1-last".into(), b"r".to_vec());
+            let _ = tx.send(lane.submit(e).is_ok());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the queue is full and the thread parked: the lane waits"
+        );
+        committer.set_handing_over(true);
+        let queued = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the lane still waits for room after the hand-over began");
+        assert!(queued, "its outcome was queued");
+        committer.unpark();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
