@@ -15,6 +15,7 @@ use crate::worker::{self, Plan};
 
 mod control;
 mod exit;
+mod rerun;
 mod submit;
 mod top;
 mod zeromq;
@@ -169,6 +170,18 @@ pub fn main(functions: Functions) -> ExitCode {
 pub fn main_as(name: &'static str, version: &'static str, functions: Functions) -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
     crate::set_identity(name, version);
+    if std::env::var_os(crate::restart::parcel::ENV_FD).is_some() {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        if let Some(run) = rerun::parse(&args) {
+            let cli = Cli {
+                config: run.config,
+                command: Command::Run {
+                    log_file: run.log_file,
+                },
+            };
+            return execute(cli, functions);
+        }
+    }
     let matches = Cli::command()
         .name(name)
         .version(version)
@@ -179,6 +192,11 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    execute(cli, functions)
+}
+
+/// Runs the parsed command and maps the outcome to an exit code.
+fn execute(cli: Cli, functions: Functions) -> ExitCode {
     crate::ops::logging::init(log::LevelFilter::Info);
     crate::ops::logging::install_panic_hook();
     // What an error means depends on the command: for those that start or check a worker it is
