@@ -39,6 +39,7 @@ mod format;
 mod ingest;
 mod journal;
 mod lane;
+mod listing;
 mod order;
 mod recover;
 mod source;

@@ -34,6 +34,10 @@ pub struct SpoolSource {
     pub(super) more: AtomicBool,
     /// The last id of the handed-over head (see `list_in_background`).
     pub(super) head_last: Mutex<Option<String>>,
+    /// Something arrived in `new/` since it was last listed; a listing runs in the background
+    /// (`listing.rs`).
+    pub(super) arrived: AtomicBool,
+    pub(super) listing: Arc<AtomicBool>,
     /// A sweep of old results is running (in its own thread, never on a lane).
     pub(super) pruning: Arc<AtomicBool>,
     /// The group commit of outcomes (with `fsync`; without, they are written directly).
@@ -125,6 +129,8 @@ impl SpoolSource {
             pending: Mutex::new(VecDeque::new()),
             listed: AtomicU64::new(0),
             more: AtomicBool::new(false),
+            arrived: AtomicBool::new(false),
+            listing: Arc::new(AtomicBool::new(false)),
             head_last: Mutex::new(None),
             pruning: Arc::new(AtomicBool::new(false)),
             committer,
@@ -187,12 +193,14 @@ impl SpoolSource {
                 // Once per hand-over: `more` is cleared when a listing is installed.
                 let head_last = self.head_last.lock().ok().and_then(|mut last| last.take());
                 if let Some(head_last) = head_last {
-                    self.list_in_background(head_last);
+                    self.list_in_background(&pending, head_last);
                 }
             }
+            self.refresh_before_dry(&pending);
             if pending.is_empty() && self.direct.should_list() {
                 self.listed.fetch_add(1, Ordering::AcqRel);
                 self.more.store(false, Ordering::Release);
+                self.arrived.store(false, Ordering::Release);
                 let mut ids = Vec::new();
                 for name in list_raw(&self.spool.dir("new"))? {
                     match name.to_str().filter(|n| valid_id(n)) {
@@ -291,48 +299,9 @@ impl SpoolSource {
         }
     }
 
-    /// Lists `new/` in a helper thread and installs the sorted listing behind what is left of
-    /// the handed-over head (`head_last` is its last id): the lanes claim from the head
-    /// meanwhile. Ids up to `head_last` that are no longer pending were claimed already and are
-    /// left out (a job given back below it is found by the next listing). If a lane ran out
-    /// and listed `new/` itself meanwhile, its listing is newer and this one is dropped. If the
-    /// thread cannot start or the listing fails, the lanes list when the head runs out.
-    fn list_in_background(self: &Arc<Self>, head_last: String) {
-        let weak = Arc::downgrade(self);
-        let listed = self.listed.load(Ordering::Acquire);
-        let spawned = crate::ops::signals::spawn_helper("spool-list", move || {
-            let Some(src) = weak.upgrade() else { return };
-            let Ok(names) = list_raw(&src.spool.dir("new")) else {
-                return;
-            };
-            // Entries that are no job ids are left to the lanes' own listing (it sets them aside).
-            let mut ids: Vec<String> = names
-                .into_iter()
-                .filter_map(|n| n.into_string().ok())
-                .filter(|n| valid_id(n))
-                .collect();
-            ids.sort_unstable();
-            let Ok(mut pending) = src.pending.lock() else {
-                return;
-            };
-            if src.listed.load(Ordering::Acquire) != listed {
-                return;
-            }
-            let from = pending.front().cloned();
-            ids.retain(|id| match &from {
-                Some(front) => id >= front,
-                None => *id > head_last,
-            });
-            *pending = ids.into();
-            src.more.store(false, Ordering::Release);
-        });
-        if let Err(e) = spawned {
-            log::warn!("cannot list the queue in the background ({e}); the lanes will");
-        }
-    }
-
     /// Wakes every idle lane: to look for new jobs, or to notice the stop flag.
     pub fn wake(&self) {
+        self.arrived.store(true, Ordering::Release);
         self.direct.mark_dirty();
         self.waker.bump();
     }
