@@ -294,6 +294,23 @@ fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
     eventually(Duration::from_secs(30), "the later file removed", || {
         !later.exists()
     });
+    // One abandoned before a re-exec: the new generation finds it at its first housekeeping
+    // (a re-exec does not list `tmp/` before its first claim).
+    let before_exec = tmp.join("0000000000000004-1-1.0000000000000004-1-1");
+    fs::write(&before_exec, b"x").unwrap();
+    let touched = Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .arg(&before_exec)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let out = sb.run(&["reload", "--timeout", "20s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    eventually(
+        Duration::from_secs(10),
+        "the file abandoned before the re-exec removed",
+        || !before_exec.exists(),
+    );
     assert!(
         busy.exists(),
         "a locked (in progress) file is never removed"

@@ -64,6 +64,9 @@ pub(super) const PRUNE_SETTLE: Duration = Duration::from_secs(1);
 pub(super) const PRUNED: &str = ".pruned";
 /// How often the worker looks for abandoned files in `tmp/` (and for results to prune).
 pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(5);
+/// A re-exec'd generation's first housekeeping: soon, but after its first claims (only
+/// restarts more often than this for as long as they last put it off).
+pub(super) const RESUMED_HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 /// The spool's subdirectories (`rejected/` holds entries set aside as unusable).
 pub(super) const SUBDIRS: [&str; 7] =

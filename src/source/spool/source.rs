@@ -141,7 +141,14 @@ impl SpoolSource {
             waker,
             direct: Arc::default(),
             next_prune: Mutex::new(Instant::now()),
-            next_housekeeping: Mutex::new(Instant::now() + HOUSEKEEPING),
+            next_housekeeping: Mutex::new(
+                Instant::now()
+                    + if resumed {
+                        RESUMED_HOUSEKEEPING
+                    } else {
+                        HOUSEKEEPING
+                    },
+            ),
             unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: file,
@@ -150,7 +157,11 @@ impl SpoolSource {
             *next = SpoolSource::first_prune(&source.spool, source.prune_every());
         }
         source.start_from(handed.unwrap_or_default())?;
-        source.clean_tmp();
+        if !resumed {
+            // A re-exec leaves it to the first housekeeping (a quarter second in): listing
+            // `tmp/` while a submitter writes there took 0.1-0.4 ms of the restart pause.
+            source.clean_tmp();
+        }
         Ok(source)
     }
 
