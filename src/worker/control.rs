@@ -119,7 +119,7 @@ impl Control {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
             None => never(),
         };
-        self.announce_serving();
+        self.start_serving()?;
         lp.live = self.lanes.len();
         let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
             Some(every) => crossbeam_channel::tick(every),
@@ -163,9 +163,7 @@ impl Control {
 
     /// The lanes start; the pause since the restart's request is measured; the service manager,
     /// a waiting `start` and a pending deploy hear that this generation serves.
-    /// Starts this generation's lanes (before the watch, the status socket and the other
-    /// helpers: the restart pause ends at their first claim), and records the pause.
-    pub(super) fn start_lanes(&mut self) -> Result<()> {
+    fn start_serving(&mut self) -> Result<()> {
         // From the request (a HUP, a change, a limit) until this generation serves.
         let requested = self.requested_mono_us;
         if requested != 0 {
@@ -178,12 +176,7 @@ impl Control {
             self.state.restart_pause_us.store(us, Ordering::Relaxed);
             self.state.metrics.restart_pause(Duration::from_micros(us));
         }
-        self.spawn_lanes()
-    }
-
-    /// Says the worker serves: to systemd, to `start`'s ready pipe, to a deploy's rollback
-    /// marker. Once the status socket answers too.
-    fn announce_serving(&mut self) {
+        self.spawn_lanes()?;
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
         crate::restart::rollback::clear_marker(&self.plan.config.worker.state_dir);
@@ -191,6 +184,7 @@ impl Control {
             use std::io::Write;
             let _ = writeln!(f, "ready {}", std::process::id());
         }
+        Ok(())
     }
 
     fn on_event(&mut self, event: Event, lp: &mut Loop) -> Result<()> {

@@ -118,13 +118,36 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         crate::jobs::reaper::Reaper::start(move || state.running_ids())?
     };
     let plan_state_dir = plan.config.worker.state_dir.clone();
+
+    let (inotify, poll_fallback) = start_watch(&plan, &boot, &source, &state, &events_tx)?;
+    // Serves status once what it reports is known (how files are watched among it).
     let (render, counts) = answers(&state, &source);
+    let status_server = status::Server::start(
+        &plan.config.status_socket(),
+        Arc::clone(&state),
+        status::server::Answers {
+            metrics: Arc::clone(&render),
+            counts: Arc::clone(&counts),
+        },
+    )?;
+    let metrics_server = match metrics_listener {
+        Some(l) => Some(crate::metrics::http::Server::start(l, Arc::clone(&render))?),
+        None => None,
+    };
+    // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
+    let deploy = new_deploy(&plan, &boot, &inherited, &state);
+    signals::clear_mask()?;
+
+    let mut deploy = deploy;
+    if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
+        d.mark_bad(&rb.from_sha);
+    }
     if let Ok(mut i) = state.inner.lock() {
         i.last_rollback = last_rollback.clone();
     }
     let mut ctl = Control {
         health: Arc::new(Health::default()),
-        deploy: None,
+        deploy,
         last_rollback,
         limits: Arc::new(Limits::new(&plan.config.worker)),
         events: events_tx.clone(),
@@ -141,65 +164,17 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         requested_mono_us: inherited.requested_mono_us,
         refused_digest: None,
         pidfile,
-        status_server: None,
-        metrics_server: None,
+        status_server: Some(status_server),
+        metrics_server,
         render,
         counts,
         _signals: signal_thread,
-        inotify: None,
-        poll_fallback: false,
+        inotify,
+        poll_fallback,
         notifier: Notifier::from_env(),
         ready: opts.ready.take(),
         exit_for_supervisor: false,
     };
-    // The lanes first: the restart pause ends at their first claim. The watch, the status
-    // socket (bound in state_dir: a busy disk's journal can hold it for a millisecond or more)
-    // and the other helpers start while they claim. Signals are still blocked in this thread,
-    // so the lanes and the helpers inherit a blocked mask. If a helper cannot start, the lanes
-    // stop claiming and the error ends the process (their jobs in flight run again, as after
-    // a crash).
-    ctl.start_lanes()?;
-    if let Err(e) = start_helpers(&mut ctl, metrics_listener, &inherited, &events_tx) {
-        ctl.halt_lanes();
-        return Err(e);
-    }
-    signals::clear_mask()?;
     log_start(&ctl.plan, generation, &inherited.reason);
     ctl.control_loop(&events_rx)
-}
-
-/// What starts once the lanes claim: the file watch, the status socket, the metrics endpoint,
-/// the deploy watch (its hashing thread spawned with signals still blocked, like every helper).
-fn start_helpers(
-    ctl: &mut Control,
-    metrics_listener: Option<std::net::TcpListener>,
-    inherited: &crate::restart::carried::Inherited,
-    events_tx: &crossbeam_channel::Sender<Event>,
-) -> Result<()> {
-    let (inotify, poll_fallback) =
-        start_watch(&ctl.plan, &ctl.boot, &ctl.source, &ctl.state, events_tx)?;
-    // A job that arrived between the lanes' first look and the watch is not left waiting.
-    ctl.source.wake();
-    ctl.inotify = inotify;
-    ctl.poll_fallback = poll_fallback;
-    // Serves status once what it reports is known (how files are watched among it).
-    ctl.status_server = Some(status::Server::start(
-        &ctl.plan.config.status_socket(),
-        Arc::clone(&ctl.state),
-        status::server::Answers {
-            metrics: Arc::clone(&ctl.render),
-            counts: Arc::clone(&ctl.counts),
-        },
-    )?);
-    if let Some(l) = metrics_listener {
-        ctl.metrics_server = Some(crate::metrics::http::Server::start(
-            l,
-            Arc::clone(&ctl.render),
-        )?);
-    }
-    ctl.deploy = new_deploy(&ctl.plan, &ctl.boot, inherited, &ctl.state);
-    if let (Some(d), Some(rb)) = (ctl.deploy.as_mut(), &ctl.last_rollback) {
-        d.mark_bad(&rb.from_sha);
-    }
-    Ok(())
 }

@@ -25,10 +25,9 @@ use super::{Plan, RunOptions};
 /// Who we are: a fresh start or a re-exec'd generation (with what it carried), signals
 /// blocked, inherited descriptors closed, and (re-exec'd) the log file from the first line.
 pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
-    // Signals stay blocked in this thread until the handlers are in place and the lanes and
-    // every helper thread are spawned, so they inherit a blocked mask: a signal is then only
-    // ever taken by this thread (or a lane started again later), and none is in flight to a
-    // helper when we exec.
+    // Signals stay blocked in this thread until the handlers are in place and every helper
+    // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
+    // this thread or a lane thread, and none is in flight to a helper when we exec.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
     crate::ops::handover::close_inherited();
