@@ -32,12 +32,21 @@ impl Drop for Running {
 }
 
 impl SpoolSource {
-    /// Called with the queue's lock held, before a claim: starts a listing in the background if
-    /// the listed ids run low while more arrived (and no hand-over's listing is due instead).
-    pub(super) fn refresh_before_dry(self: &Arc<Self>, pending: &VecDeque<String>) {
+    /// Called with the queue's lock held, before a claim: starts a listing in the background
+    /// when a handed-over head runs low (once: `more` is cleared when a listing is installed),
+    /// or when the listed ids run low while more arrived.
+    pub(super) fn list_ahead(self: &Arc<Self>, pending: &VecDeque<String>) {
+        if self.more.load(Ordering::Acquire) {
+            if pending.len() < HANDOVER_LOW {
+                let head_last = self.head_last.lock().ok().and_then(|mut last| last.take());
+                if let Some(head_last) = head_last {
+                    self.list_in_background(pending, head_last);
+                }
+            }
+            return;
+        }
         if pending.is_empty()
             || pending.len() >= REFRESH_LOW
-            || self.more.load(Ordering::Acquire)
             || !self.arrived.load(Ordering::Acquire)
             || self.listing.load(Ordering::Acquire)
         {
@@ -47,6 +56,21 @@ impl SpoolSource {
         if let Some(last) = pending.back() {
             self.list_in_background(pending, last.clone());
         }
+    }
+
+    /// The job ids in `new/`, sorted. Entries that are no job ids are set aside in
+    /// `rejected/` when `reject` (a lane's own listing), else left to the lanes.
+    pub(super) fn queued_ids(&self, reject: bool) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for name in list_raw(&self.spool.dir("new"))? {
+            match name.to_str().filter(|n| valid_id(n)) {
+                Some(id) => ids.push(id.to_string()),
+                None if reject => self.reject_raw("new", &name, "not a job id"),
+                None => {}
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Lists `new/` in a helper thread and installs the sorted listing behind what is left of
@@ -74,16 +98,9 @@ impl SpoolSource {
         let spawned = crate::ops::signals::spawn_helper("spool-list", move || {
             let _running = running;
             let Some(src) = weak.upgrade() else { return };
-            let Ok(names) = list_raw(&src.spool.dir("new")) else {
+            let Ok(mut ids) = src.queued_ids(false) else {
                 return;
             };
-            // Entries that are no job ids are left to the lanes' own listing (it sets them aside).
-            let mut ids: Vec<String> = names
-                .into_iter()
-                .filter_map(|n| n.into_string().ok())
-                .filter(|n| valid_id(n))
-                .collect();
-            ids.sort_unstable();
             let Ok(mut pending) = src.pending.lock() else {
                 return;
             };
@@ -153,7 +170,12 @@ mod tests {
         let job = lane.next(&go).expect("next").expect("a job");
         lane.finish(&job, &Ok(Vec::new())).expect("finish");
         claimed.push(job.id.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while src.listing.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background listing did not end"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         while !src.pending.lock().expect("lock").is_empty() {

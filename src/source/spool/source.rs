@@ -192,35 +192,20 @@ impl SpoolSource {
     }
 
     /// Takes the oldest job: one handed over without a file (`direct.rs`), or the next queued
-    /// id, moved from `new/` to `cur/` (listing `new/` when the known queue is empty, and the
-    /// rest of a hand-over in the background when it runs low); None: nothing queued.
+    /// id, moved from `new/` to `cur/` (listing `new/` when the known queue is empty; in the
+    /// background before it runs dry, `listing.rs`); None: nothing queued.
     fn take_next(self: &Arc<Self>) -> Result<Option<Taken>> {
         let mut pending = self
             .pending
             .lock()
             .map_err(|_| Error::Internal("spool queue lock poisoned".into()))?;
         loop {
-            if pending.len() < HANDOVER_LOW && self.more.load(Ordering::Acquire) {
-                // Once per hand-over: `more` is cleared when a listing is installed.
-                let head_last = self.head_last.lock().ok().and_then(|mut last| last.take());
-                if let Some(head_last) = head_last {
-                    self.list_in_background(&pending, head_last);
-                }
-            }
-            self.refresh_before_dry(&pending);
+            self.list_ahead(&pending);
             if pending.is_empty() && self.direct.should_list() {
                 self.listed.fetch_add(1, Ordering::AcqRel);
                 self.more.store(false, Ordering::Release);
                 self.arrived.store(false, Ordering::Release);
-                let mut ids = Vec::new();
-                for name in list_raw(&self.spool.dir("new"))? {
-                    match name.to_str().filter(|n| valid_id(n)) {
-                        Some(id) => ids.push(id.to_string()),
-                        None => self.reject_raw("new", &name, "not a job id"),
-                    }
-                }
-                ids.sort_unstable();
-                pending.extend(ids);
+                pending.extend(self.queued_ids(true)?);
             }
             if let Some((id, job)) = self.direct.take(pending.front().map(String::as_str)) {
                 return Ok(Some(Taken::Direct(id, job)));
