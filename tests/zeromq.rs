@@ -135,16 +135,22 @@ fn check_acked(sb: &Sandbox, report: &Value) -> usize {
     acked.len()
 }
 
-/// Every stored result of a succeeded job, as text.
+/// Every stored result of a succeeded job, as text: the files in `done/` and the outcomes in
+/// the results logs (jobs answered `TRUE` have no file of their own).
 fn stored_results(sb: &Sandbox) -> std::collections::HashSet<String> {
     let spool = open_spool(sb);
-    fs::read_dir(sb.path("spool/done"))
+    let files = fs::read_dir(sb.path("spool/done"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|id| outcome(&spool, &id))
         .filter(|(ok, _, _)| *ok)
-        .map(|(_, result, _)| result)
-        .collect()
+        .map(|(_, result, _)| result);
+    let logged = spool
+        .logged_outcomes()
+        .into_iter()
+        .filter(|(_, r)| r.outcome == gearshift::client::spool::Outcome::Done)
+        .map(|(_, r)| String::from_utf8_lossy(&r.result).into_owned());
+    files.chain(logged).collect()
 }
 
 /// Once idle, the journal is emptied: no job holds a segment for ever (sealed, checkpointed).
@@ -396,16 +402,20 @@ fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
     // The spool's descriptors are counted apart: the committer's open journal segment comes
     // and goes with the traffic, and its own handles on the spool's directories open with its
     // first commit in a generation (outcomes carried across an exec make that the first thing
-    // a generation does, or not). Three handles on each of the spool's 9 entries at most (the
-    // source's, the committer's, the ingress's batch writer's); a leak across 20 exec's would
-    // pass that by far.
+    // a generation does, or not). Three handles on each of the spool's 10 entries at most (the
+    // source's, the committer's, the ingress's batch writer's), and each handle's results log
+    // (`results/`, opened with its first outcome); a leak across 20 exec's would pass that by
+    // far.
     let fds = || {
         let list = w.fd_list();
         let spool = list
             .lines()
             .filter(|l| l.contains("/spool") && !l.contains("/journal/"))
             .count();
-        assert!(spool <= 27, "{spool} descriptors on the spool:\n{list}");
+        assert!(
+            spool <= 3 * 10 + 3,
+            "{spool} descriptors on the spool:\n{list}"
+        );
         let kept: Vec<&str> = list.lines().filter(|l| !l.contains("/spool")).collect();
         (kept.len(), list)
     };

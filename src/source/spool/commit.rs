@@ -398,7 +398,7 @@ fn store(
                 if shared.lock().park {
                     break;
                 }
-                journal::materialize(spool, &batch[placed])?;
+                spool.place(&batch[placed])?;
                 // A job that came without a file no longer needs its journal record.
                 if let Some(hold) = batch[placed].hold.take() {
                     hold.release();

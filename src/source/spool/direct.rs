@@ -5,8 +5,9 @@
 //! a second. So the ingress appends a batch of jobs to its journal segment (synced with
 //! `fsync`), answers, and offers the jobs here instead of writing `new/ID` for each (a
 //! [`super::BatchWriter`] with a [`Feed`]). A lane claims the oldest job, here or in `new/`
-//! (ids sort by submission), and stores its outcome as for any job (the group commit, a record
-//! in `done/` or `failed/`); such a job never has a `cur/` file.
+//! (ids sort by submission), and stores its outcome through the group commit as for any job,
+//! but in a results log instead of a file in `done/` or `failed/` (`results.rs`); such a job
+//! never has a `cur/` file.
 //!
 //! Until its outcome is in place, the journal record is the job's only durable copy: each job
 //! holds its segment ([`Hold`]), and the writer seals a segment (a checkpoint then deletes it)

@@ -5,7 +5,8 @@
 //! worker's committer, a batch submit) appends a batch of records to its own segment
 //! `journal/NAME.wal`, holding an flock on it, syncs it once, and only then *materializes* each
 //! record as the file it stands for (`new/ID`, `done/ID`, `failed/ID`, through `tmp/` and a
-//! rename, as always, so a reader never sees half a file), without syncing those. A sealed
+//! rename, as always, so a reader never sees half a file), without syncing those; the outcome of
+//! a job that never had a file goes to a results log instead (`results.rs`). A sealed
 //! segment, all of it materialized, is renamed to `NAME.done`.
 //!
 //! The worker's checkpoint (every few seconds, in a helper thread: no commit waits for it)
@@ -146,7 +147,7 @@ pub(super) fn decode_all(data: &[u8]) -> Vec<Entry> {
 
 /// Reads the next record, None at the end or at a torn or corrupt one (the rest of the
 /// segment was never acknowledged).
-fn next_record(r: &mut impl Read) -> Option<Entry> {
+pub(super) fn next_record(r: &mut impl Read) -> Option<Entry> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).ok()?;
     let len = u32::from_le_bytes(len);
@@ -357,9 +358,12 @@ fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
 fn replay(spool: &Spool, path: &Path) -> Result<usize> {
     let file = File::open(path).map_err(|e| Error::io_path("opening", path, e))?;
     let mut r = io::BufReader::new(file);
+    let entries: Vec<Entry> = std::iter::from_fn(|| next_record(&mut r)).collect();
+    // A job whose outcome is in a results log is finished, though it has no file anywhere.
+    let logged = spool.logged_among(&entries);
     let mut written = 0;
-    while let Some(e) = next_record(&mut r) {
-        if replay_one(spool, &e)? {
+    for e in entries.iter().filter(|e| !logged.contains(&e.id)) {
+        if replay_one(spool, e)? {
             written += 1;
         }
     }

@@ -42,6 +42,7 @@ mod lane;
 mod listing;
 mod order;
 mod recover;
+mod results;
 mod source;
 
 pub use direct::Feed;
@@ -68,9 +69,11 @@ pub(super) const HOUSEKEEPING: Duration = Duration::from_secs(5);
 /// restarts more often than this for as long as they last put it off).
 pub(super) const RESUMED_HOUSEKEEPING: Duration = Duration::from_millis(250);
 
-/// The spool's subdirectories (`rejected/` holds entries set aside as unusable).
-pub(super) const SUBDIRS: [&str; 7] =
-    ["tmp", "new", "cur", "done", "failed", "rejected", "journal"];
+/// The spool's subdirectories (`rejected/` holds entries set aside as unusable, `results/` the
+/// outcomes of jobs that never had a file: `results.rs`).
+pub(super) const SUBDIRS: [&str; 8] = [
+    "tmp", "new", "cur", "done", "failed", "rejected", "journal", "results",
+];
 
 /// The spool's directories. Cheap to open; used by submitters, `result`, and the worker.
 pub struct Spool {
@@ -86,6 +89,8 @@ pub struct Spool {
     pub(super) top: Dir,
     /// This boot's epoch, once a submit has needed it.
     pub(super) epoch: std::sync::OnceLock<u32>,
+    /// Where this handle appends the outcomes of jobs without a file (`results.rs`).
+    results: results::Log,
 }
 
 /// Whether a job succeeded or failed, as stored.
@@ -177,6 +182,7 @@ impl Spool {
             dirs,
             top: root,
             epoch: std::sync::OnceLock::new(),
+            results: results::Log::default(),
         })
     }
 
@@ -292,6 +298,14 @@ impl Spool {
         }
         if let Some(r) = self.read_finished(id)? {
             return Ok(Lookup::Finished(r));
+        }
+        // A job that never had a file (`results.rs`); only looked for once it is nowhere else.
+        if let Some(bytes) = results::find(self, id) {
+            return decode_record(id, &bytes)
+                .map(Lookup::Finished)
+                .map_err(|why| {
+                    Error::Invalid(format!("corrupt result record of {id} in results/: {why}"))
+                });
         }
         Ok(if self.dir("new").join(id).exists() {
             Lookup::Queued

@@ -211,7 +211,7 @@ impl SpoolSource {
         // Marked when it starts: a sweep cut short by a re-exec is not started again by every
         // generation of a restart storm, but one period later.
         self.mark_pruned();
-        let dirs = [self.spool.dir("done"), self.spool.dir("failed")];
+        let dirs = ["done", "failed", "results"].map(|d| self.spool.dir(d));
         let (retain, running) = (self.retain, Arc::clone(&self.pruning));
         let spawned = crate::ops::signals::spawn_helper("spool-prune", move || {
             let cutoff = SystemTime::now().checked_sub(retain).unwrap_or(UNIX_EPOCH);

@@ -260,7 +260,7 @@ impl SpoolSource {
                 e
             }),
             None => {
-                super::journal::materialize(&self.spool, &entry)?;
+                self.spool.place(&entry)?;
                 if let Some(hold) = entry.hold.take() {
                     hold.release();
                 }
