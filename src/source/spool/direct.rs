@@ -81,6 +81,8 @@ struct State {
     /// Offers are taken (not while the worker stops).
     open: bool,
     listed_at: Instant,
+    /// The last listing of `new/` found jobs there (or none was made yet).
+    new_had_jobs: bool,
 }
 
 /// The queue between the ingress and the lanes (one per spool source).
@@ -101,6 +103,7 @@ impl Default for Direct {
                 running: HashMap::new(),
                 open: true,
                 listed_at: Instant::now(),
+                new_had_jobs: true,
             }),
             dirty: AtomicBool::new(true),
             used: AtomicBool::new(false),
@@ -158,17 +161,28 @@ impl Direct {
         Some((job.id, job.job))
     }
 
-    /// Whether a lane with nothing listed should list `new/`: always when nothing is queued
-    /// here, else when something arrived there or a while passed.
+    /// Whether a lane with nothing listed should list `new/`: when something arrived there or
+    /// a while passed; and when nothing is queued here, unless an ingress feeds this queue and
+    /// the last listing found `new/` empty (arrivals there wake the lanes and mark it dirty,
+    /// through the file watch or the poller: listing an empty `new/` each time a lane ran out of
+    /// fed jobs took two fifths of the lanes' time under a busy ingress).
     pub(super) fn should_list(&self) -> bool {
         let mut s = self.lock();
-        let due = s.queue.is_empty()
-            || self.dirty.swap(false, Ordering::AcqRel)
-            || s.listed_at.elapsed() >= LIST_EVERY;
+        let fed = self.used.load(Ordering::Relaxed);
+        // Taken whatever else decides: any listing made now covers it.
+        let dirty = self.dirty.swap(false, Ordering::AcqRel);
+        let due = dirty
+            || s.listed_at.elapsed() >= LIST_EVERY
+            || (s.queue.is_empty() && (!fed || s.new_had_jobs));
         if due {
             s.listed_at = Instant::now();
         }
         due
+    }
+
+    /// What the listing [`Direct::should_list`] asked for found in `new/`.
+    pub(super) fn listed(&self, found_jobs: bool) {
+        self.lock().new_had_jobs = found_jobs;
     }
 
     /// Something arrived in `new/` (or might have).
@@ -300,11 +314,25 @@ mod tests {
     #[test]
     fn the_lanes_list_new_when_told_or_after_a_while() {
         let d = Direct::default();
-        assert!(d.should_list(), "nothing queued here");
+        assert!(d.should_list(), "nothing queued here, and dirty at first");
         let seg = Arc::new(AtomicUsize::new(0));
         assert!(d.offer(job("f1-1-1", &seg, 0)).is_ok());
-        assert!(d.should_list(), "dirty at first");
+        assert!(
+            !d.should_list(),
+            "jobs queued here, nothing arrived in new/"
+        );
+        d.mark_dirty();
+        assert!(d.should_list());
+        // Fed and run dry: an empty new/ is not listed again until something arrives there.
+        d.listed(false);
+        assert!(d.take(None).is_some());
         assert!(!d.should_list());
+        d.listed(true);
+        assert!(
+            d.should_list(),
+            "the last listing found jobs: there may be more"
+        );
+        d.listed(false);
         d.mark_dirty();
         assert!(d.should_list());
     }

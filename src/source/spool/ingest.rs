@@ -287,6 +287,30 @@ mod tests {
         (dir, src, w)
     }
 
+    /// A lane that runs out of fed jobs lists an empty new/ once, not each time; a job that
+    /// arrives there (the file watch wakes the lanes) is still found at once.
+    #[test]
+    fn an_empty_new_is_listed_once_not_for_every_fed_batch() {
+        let (dir, src, mut w) = fed("fed-list", false);
+        for _ in 0..5 {
+            assert!(src.claim().expect("claim").is_none(), "nothing queued");
+            w.accept(&[("echo", b"a")]).expect("accept");
+            w.place().expect("place");
+            let job = src.claim().expect("claim").expect("a fed job");
+            src.finish(&job, &Ok(Vec::new()), 0).expect("finish");
+        }
+        assert_eq!(src.listed.load(std::sync::atomic::Ordering::Acquire), 1);
+        let file_id = Spool::open(&dir, false)
+            .expect("spool")
+            .submit("echo", b"f")
+            .expect("submit");
+        src.wake();
+        let job = src.claim().expect("claim").expect("the file job");
+        assert_eq!(job.id, file_id);
+        drop(w);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// Fed jobs reach the lanes without a file in new/ or cur/, in id order with jobs
     /// submitted as files; one given back is written to new/; what is queued when the writer
     /// stops is written to new/; each segment is sealed once nothing holds it.

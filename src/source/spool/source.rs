@@ -206,6 +206,7 @@ impl SpoolSource {
                 self.more.store(false, Ordering::Release);
                 self.arrived.store(false, Ordering::Release);
                 pending.extend(self.queued_ids(true)?);
+                self.direct.listed(!pending.is_empty());
             }
             if let Some((id, job)) = self.direct.take(pending.front().map(String::as_str)) {
                 return Ok(Some(Taken::Direct(id, job)));
