@@ -127,39 +127,39 @@ fn logs(spool: &Spool, since: Option<SystemTime>) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Calls `each` with every outcome record of the log at `path` until it returns false, up to
-/// the first torn or corrupt record. Never through a link, never a FIFO.
-fn scan(path: &Path, mut each: impl FnMut(Entry) -> bool) -> io::Result<()> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    let mut r = io::BufReader::new(file);
-    while let Some(e) = next_record(&mut r) {
-        if e.kind != Kind::Job && !each(e) {
-            break;
+/// Calls `each` with every outcome record in the logs written since `since` (all: None), the
+/// newest logs first, until it returns false; a log's reading ends at its first torn or corrupt
+/// record. Never through a link, never a FIFO.
+fn each_logged(spool: &Spool, since: Option<SystemTime>, mut each: impl FnMut(Entry) -> bool) {
+    for path in logs(spool, since) {
+        let Ok(file) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        else {
+            continue;
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let mut r = io::BufReader::new(file);
+        while let Some(e) = next_record(&mut r) {
+            if e.kind != Kind::Job && !each(e) {
+                return;
+            }
         }
     }
-    Ok(())
 }
 
 /// The stored bytes of job `id`'s outcome, if a log holds it (the newest logs first).
 pub(super) fn find(spool: &Spool, id: &str) -> Option<Vec<u8>> {
     let mut found = None;
-    for path in logs(spool, None) {
-        let _ = scan(&path, |e| {
-            if e.id == id {
-                found = Some(e.body);
-            }
-            found.is_none()
-        });
-        if found.is_some() {
-            break;
+    each_logged(spool, None, |e| {
+        if e.id == id {
+            found = Some(e.body);
         }
-    }
+        found.is_none()
+    });
     found
 }
 
@@ -175,9 +175,28 @@ impl Spool {
     }
 
     /// Which of the job records in `entries` (a journal segment being replayed) have an
-    /// outcome in a log: those are finished and must not be queued again.
+    /// outcome in a log: those are finished and must not be queued again. Reads only the logs
+    /// written since the oldest of those jobs was submitted, and none without job records.
     pub(super) fn logged_among(&self, entries: &[Entry]) -> HashSet<String> {
-        finished_among(self, entries)
+        let jobs: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::Job).collect();
+        let Some(oldest) = jobs
+            .iter()
+            .filter_map(|e| decode_job(&e.body).ok())
+            .map(|j| j.submitted_ms)
+            .min()
+        else {
+            return HashSet::new();
+        };
+        let wanted: HashSet<&str> = jobs.iter().map(|e| e.id.as_str()).collect();
+        let since = (UNIX_EPOCH + Duration::from_millis(oldest)).checked_sub(CLOCK_SLACK);
+        let mut found = HashSet::new();
+        each_logged(self, Some(since.unwrap_or(UNIX_EPOCH)), |e| {
+            if wanted.contains(e.id.as_str()) {
+                found.insert(e.id);
+            }
+            true
+        });
+        found
     }
 
     /// Every outcome kept in the results logs (jobs that never had a file of their own: the
@@ -185,42 +204,14 @@ impl Spool {
     /// does not decode is left out (its log's checksum passed: written by another version).
     pub fn logged_outcomes(&self) -> Vec<(String, Record)> {
         let mut out = Vec::new();
-        for path in logs(self, None) {
-            let _ = scan(&path, |e| {
-                if let Ok(r) = decode_record(&e.id, &e.body) {
-                    out.push((e.id, r));
-                }
-                true
-            });
-        }
-        out
-    }
-}
-
-/// [`Spool::logged_among`]: reads only the logs written since the oldest of those jobs was
-/// submitted, and none when there are no job records.
-fn finished_among(spool: &Spool, entries: &[Entry]) -> HashSet<String> {
-    let jobs: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::Job).collect();
-    let Some(oldest) = jobs
-        .iter()
-        .filter_map(|e| decode_job(&e.body).ok())
-        .map(|j| j.submitted_ms)
-        .min()
-    else {
-        return HashSet::new();
-    };
-    let wanted: HashSet<&str> = jobs.iter().map(|e| e.id.as_str()).collect();
-    let since = (UNIX_EPOCH + Duration::from_millis(oldest)).checked_sub(CLOCK_SLACK);
-    let mut found = HashSet::new();
-    for path in logs(spool, Some(since.unwrap_or(UNIX_EPOCH))) {
-        let _ = scan(&path, |e| {
-            if wanted.contains(e.id.as_str()) {
-                found.insert(e.id);
+        each_logged(self, None, |e| {
+            if let Ok(r) = decode_record(&e.id, &e.body) {
+                out.push((e.id, r));
             }
             true
         });
+        out
     }
-    found
 }
 
 #[cfg(test)]
