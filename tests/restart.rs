@@ -461,3 +461,66 @@ fn a_claim_after_a_restart_always_comes_with_its_pause() {
         );
     }
 }
+
+/// A re-exec'd generation claims before its helper threads start (issue 21). One whose status
+/// socket then cannot be bound (a mount point in its place: nobody can move it aside) lets the
+/// jobs its lanes took finish, loses none, and exits 1 for the supervisor, saying why; before,
+/// a start-up error ended it as any other (exit 6).
+#[test]
+fn a_restarted_generation_whose_helpers_cannot_start_finishes_its_jobs_and_exits_1() {
+    let sb = Sandbox::new("helpers-fail");
+    let mut w = sb.start();
+    let sock = sb.path("state/worker/gearshift.sock");
+    let long = sb.submit("sleep", "1500");
+    w.wait_for(Duration::from_secs(10), "the sleep job to run", |s| {
+        s["in_flight"] == 1
+    });
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = (0..20)
+        .map(|i| spool.submit("echo", format!("q{i}").as_bytes()).unwrap())
+        .collect();
+    fs::remove_file(&sock).unwrap();
+    fs::create_dir(&sock).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "gearshift-test", &sock.to_string_lossy()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        skip(
+            "a_restarted_generation_whose_helpers_cannot_start_finishes_its_jobs_and_exits_1",
+            "cannot mount a tmpfs (needs root)",
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(sock.clone());
+    w.signal(Signal::SIGHUP);
+    let status = w.wait_exit(Duration::from_secs(30));
+    let log = w.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("binding status socket"), "{log}");
+    assert!(
+        log.contains("stopping after the running jobs finish"),
+        "{log}"
+    );
+    let long = all_outcomes(&sb, &[long], Duration::from_secs(5));
+    assert_eq!(long[0], (true, "1500".to_string(), 1), "not interrupted");
+    // Every queued job is either done (once) or still queued: none lost, none cut short.
+    let queued = fs::read_dir(sb.path("spool/new")).unwrap().count();
+    let done = ids
+        .iter()
+        .filter_map(|id| outcome(&spool, id))
+        .inspect(|(ok, _, attempts)| assert!(*ok && *attempts == 1))
+        .count();
+    assert_eq!(done + queued, ids.len(), "{log}");
+    assert_eq!(
+        fs::read_dir(sb.path("spool/cur")).unwrap().count(),
+        0,
+        "{log}"
+    );
+}

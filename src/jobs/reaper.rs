@@ -79,16 +79,30 @@ pub fn become_subreaper() {
 /// The sweeper: reaps and kills strays after every job, and while strays remain.
 pub struct Reaper {
     tx: Sender<()>,
+    rx: Option<Receiver<()>>,
 }
 
 impl Reaper {
-    /// Starts the sweeper thread (spawn it while signals are blocked, like every helper).
-    /// `running` names the jobs running now (their processes are not strays).
-    pub fn start(running: impl Fn() -> Vec<String> + Send + 'static) -> crate::Result<Reaper> {
+    /// The sweeper's channel, without its thread yet: lanes may report job ends (they wait in
+    /// the channel) before [`Reaper::start`] runs, so a restarted generation's lanes need not
+    /// wait for this thread.
+    pub fn new() -> Reaper {
         let (tx, rx) = bounded::<()>(64);
+        Reaper { tx, rx: Some(rx) }
+    }
+
+    /// Starts the sweeper thread, once (spawned with the handled signals blocked, like every
+    /// helper). `running` names the jobs running now (their processes are not strays).
+    pub fn start(
+        &mut self,
+        running: impl Fn() -> Vec<String> + Send + 'static,
+    ) -> crate::Result<()> {
+        let Some(rx) = self.rx.take() else {
+            return Ok(());
+        };
         crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &running))
             .map_err(|e| crate::Error::io("spawning the reaper thread", e))?;
-        Ok(Reaper { tx })
+        Ok(())
     }
 
     /// A handle for lanes to say "a job ended".

@@ -39,8 +39,8 @@ pub struct Signals {
 
 impl Signals {
     /// Installs handlers for [`HANDLED`] and forwards each delivery to `tx`. Call with the
-    /// signals blocked ([`block`]) and clear the mask ([`clear_mask`]) once the helper threads
-    /// are spawned: they inherit the blocked mask and so never take a signal themselves.
+    /// signals blocked ([`block`]) and clear the mask ([`clear_mask`]) once this is in place:
+    /// what arrived meanwhile stays pending until then, and reaches the handlers.
     pub fn install(deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
         let mut iter = Iter::new(&raw).map_err(|e| Error::io("installing signal handlers", e))?;
@@ -83,8 +83,9 @@ pub fn default_sigpipe() {
 
 /// Spawns a helper thread that never takes a handled signal, whatever the caller's mask: the
 /// handled signals are blocked around the spawn (the new thread inherits that mask) and the
-/// caller's mask is restored. Every helper thread is spawned through this, so "helper threads
-/// never take a signal" holds by construction, also for threads spawned while serving.
+/// caller's mask is restored. Every thread but the main one (helpers and lanes) is spawned
+/// through this, so "only the main thread takes a signal" holds by construction, also for
+/// threads spawned while serving.
 pub fn spawn_helper<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,

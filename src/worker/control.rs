@@ -89,7 +89,8 @@ pub(super) struct Control {
     pub(super) render: crate::metrics::http::Render,
     /// The counters as JSON, for the status socket's `counts` (`top`).
     pub(super) counts: crate::metrics::http::Render,
-    pub(super) _signals: Signals,
+    /// The signal thread (from the helpers' start).
+    pub(super) signals: Option<Signals>,
     pub(super) inotify: Option<Arc<Inotify>>,
     pub(super) poll_fallback: bool,
     pub(super) notifier: Option<Notifier>,
@@ -99,7 +100,13 @@ pub(super) struct Control {
 }
 
 impl Control {
-    pub(super) fn control_loop(&mut self, events: &Receiver<Event>) -> Result<i32> {
+    /// Runs until the process ends. `failed`: the helpers of a generation whose lanes already
+    /// serve could not start; it stops after their jobs, for the supervisor (exit 1).
+    pub(super) fn control_loop(
+        &mut self,
+        events: &Receiver<Event>,
+        failed: Option<Error>,
+    ) -> Result<i32> {
         let mut lp = Loop {
             // The binary's sha is computed in the background: look once it may be known, and
             // for a candidate dropped while we were starting.
@@ -111,7 +118,7 @@ impl Control {
             // Look once right away: the files may have changed between our exec and the watch.
             check_at: Some(Instant::now()),
             first_touch: None,
-            live: 0,
+            live: self.lanes.len(),
             terms: 0,
             splayed: None,
         };
@@ -119,8 +126,17 @@ impl Control {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
             None => never(),
         };
-        self.start_serving()?;
-        lp.live = self.lanes.len();
+        match failed {
+            None => self.announce(),
+            Some(e) => {
+                log::error!("{e}; stopping after the running jobs finish");
+                self.exit_for_supervisor = true;
+                lp.phase = Phase::Stopping;
+                self.state.set_phase(WorkerPhase::Stopping);
+                self.source.stopping(false);
+                self.halt_lanes();
+            }
+        }
         let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
             Some(every) => crossbeam_channel::tick(every),
             None => never(),
@@ -161,9 +177,8 @@ impl Control {
         }
     }
 
-    /// The lanes start; the pause since the restart's request is measured; the service manager,
-    /// a waiting `start` and a pending deploy hear that this generation serves.
-    fn start_serving(&mut self) -> Result<()> {
+    /// The lanes start; the pause since the restart's request is measured.
+    pub(super) fn start_lanes(&mut self) -> Result<()> {
         // From the request (a HUP, a change, a limit) until this generation serves.
         let requested = self.requested_mono_us;
         if requested != 0 {
@@ -176,7 +191,12 @@ impl Control {
             self.state.restart_pause_us.store(us, Ordering::Relaxed);
             self.state.metrics.restart_pause(Duration::from_micros(us));
         }
-        self.spawn_lanes()?;
+        self.spawn_lanes()
+    }
+
+    /// The service manager, a waiting `start` and a pending deploy hear that this generation
+    /// serves (its lanes and helpers run).
+    fn announce(&mut self) {
         self.notify("READY=1");
         // Serving: a deploy that switched to this binary has succeeded.
         crate::restart::rollback::clear_marker(&self.plan.config.worker.state_dir);
@@ -184,7 +204,6 @@ impl Control {
             use std::io::Write;
             let _ = writeln!(f, "ready {}", std::process::id());
         }
-        Ok(())
     }
 
     fn on_event(&mut self, event: Event, lp: &mut Loop) -> Result<()> {
@@ -435,14 +454,14 @@ impl Control {
                 health: Arc::clone(&self.health),
             };
             let done = self.events.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("lane-{index}"))
-                .spawn(move || {
-                    // Reports the exit even if the lane panics, so a drain never waits forever.
-                    let _done = DoneGuard(done);
-                    ctx.serve(lane);
-                })
-                .map_err(|e| Error::io("spawning a lane thread", e))?;
+            // Signals blocked, as in every thread but this one: whenever lanes start (before
+            // or after this thread takes signals), none is delivered to a lane.
+            let t = crate::ops::signals::spawn_helper(&format!("lane-{index}"), move || {
+                // Reports the exit even if the lane panics, so a drain never waits forever.
+                let _done = DoneGuard(done);
+                ctx.serve(lane);
+            })
+            .map_err(|e| Error::io("spawning a lane thread", e))?;
             self.lanes.push(t);
         }
         // Only the first claim after a re-exec measures the restart pause.

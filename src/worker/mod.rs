@@ -22,9 +22,8 @@ use crate::error::Result;
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
 use crate::ops::notify::Notifier;
-use crate::ops::signals::{self, Signals};
+use crate::ops::signals;
 use crate::restart::reexec::{self};
-use crate::status::{self};
 
 mod control;
 mod event;
@@ -38,8 +37,8 @@ use event::Event;
 use lane::{Health, Limits};
 pub use plan::{describe, Plan};
 use startup::{
-    answers, count_start, detect_boot, log_start, new_deploy, new_state, open_source, prepare_plan,
-    roll_back_if_needed, settle_as_root, start_watch,
+    answers, count_start, detect_boot, log_start, new_state, open_source, prepare_plan,
+    roll_back_if_needed, settle_as_root,
 };
 
 /// How [`run_with`] was reached, for a daemon started by `gearshift start`.
@@ -69,11 +68,6 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
             let _ = tx.try_send(Event::ThreadDied(name.to_string()));
         });
     }
-    let signal_thread = {
-        let tx = events_tx.clone();
-        Signals::install(move |sig| tx.send(Event::Signal(sig)).is_ok())?
-    };
-
     let inherited = boot.inherited.clone().unwrap_or_default();
     let generation = inherited.generation + 1;
     crate::ops::logging::set_generation(generation);
@@ -113,41 +107,18 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if let Ok(mut i) = state.inner.lock() {
         i.warnings.extend(start_warnings);
     }
-    let reaper = {
-        let state = Arc::clone(&state);
-        crate::jobs::reaper::Reaper::start(move || state.running_ids())?
-    };
     let plan_state_dir = plan.config.worker.state_dir.clone();
-
-    let (inotify, poll_fallback) = start_watch(&plan, &boot, &source, &state, &events_tx)?;
-    // Serves status once what it reports is known (how files are watched among it).
+    let inotify = startup::inotify(&boot);
+    let reaper = crate::jobs::reaper::Reaper::new();
     let (render, counts) = answers(&state, &source);
-    let status_server = status::Server::start(
-        &plan.config.status_socket(),
-        Arc::clone(&state),
-        status::server::Answers {
-            metrics: Arc::clone(&render),
-            counts: Arc::clone(&counts),
-        },
-    )?;
-    let metrics_server = match metrics_listener {
-        Some(l) => Some(crate::metrics::http::Server::start(l, Arc::clone(&render))?),
-        None => None,
-    };
-    // Spawns the hashing thread on a first start: before the mask is cleared, like every helper.
-    let deploy = new_deploy(&plan, &boot, &inherited, &state);
-    signals::clear_mask()?;
-
-    let mut deploy = deploy;
-    if let (Some(d), Some(rb)) = (deploy.as_mut(), &last_rollback) {
-        d.mark_bad(&rb.from_sha);
-    }
     if let Ok(mut i) = state.inner.lock() {
         i.last_rollback = last_rollback.clone();
     }
+    let resumed = boot.inherited.is_some();
+    let reason = inherited.reason.clone();
     let mut ctl = Control {
         health: Arc::new(Health::default()),
-        deploy,
+        deploy: None,
         last_rollback,
         limits: Arc::new(Limits::new(&plan.config.worker)),
         events: events_tx.clone(),
@@ -164,17 +135,35 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         requested_mono_us: inherited.requested_mono_us,
         refused_digest: None,
         pidfile,
-        status_server: Some(status_server),
-        metrics_server,
+        status_server: None,
+        metrics_server: None,
         render,
         counts,
-        _signals: signal_thread,
-        inotify,
-        poll_fallback,
+        signals: None,
+        inotify: None,
+        poll_fallback: false,
         notifier: Notifier::from_env(),
         ready: opts.ready.take(),
         exit_for_supervisor: false,
     };
-    log_start(&ctl.plan, generation, &inherited.reason);
-    ctl.control_loop(&events_rx)
+    let helpers = startup::Helpers {
+        reaper,
+        inotify,
+        metrics_listener,
+        inherited,
+    };
+    // A re-exec'd generation claims first and starts its helpers while the lanes serve.
+    if resumed {
+        ctl.start_lanes()?;
+    }
+    let failed = match startup::start_helpers(&mut ctl, helpers) {
+        Ok(()) => None,
+        Err(e) if !resumed => return Err(e),
+        Err(e) => Some(e),
+    };
+    if !resumed {
+        ctl.start_lanes()?;
+    }
+    log_start(&ctl.plan, generation, &reason);
+    ctl.control_loop(&events_rx, failed)
 }

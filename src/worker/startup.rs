@@ -18,16 +18,17 @@ use crate::status::{self, Inner, State};
 use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
-use super::control::{poll_queue, POLL_FALLBACK};
+use super::control::{poll_queue, Control, POLL_FALLBACK};
 use super::event::Event;
 use super::{Plan, RunOptions};
+use crate::jobs::reaper::Reaper;
 
 /// Who we are: a fresh start or a re-exec'd generation (with what it carried), signals
 /// blocked, inherited descriptors closed, and (re-exec'd) the log file from the first line.
 pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
-    // Signals stay blocked in this thread until the handlers are in place and every helper
-    // thread is spawned, so helpers inherit a blocked mask: a signal is then only ever taken by
-    // this thread or a lane thread, and none is in flight to a helper when we exec.
+    // Signals stay blocked in this thread until the handlers are in place (`start_helpers`):
+    // what arrives meanwhile, during a re-exec too, stays pending and reaches them then. Every
+    // other thread is spawned with them blocked: only this thread ever takes one.
     signals::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
     crate::ops::handover::close_inherited();
@@ -272,23 +273,83 @@ pub(super) fn answers(
     (render, counts)
 }
 
+/// What a generation starts beside its lanes (see [`start_helpers`]).
+pub(super) struct Helpers {
+    pub(super) reaper: Reaper,
+    pub(super) inotify: std::io::Result<Arc<Inotify>>,
+    pub(super) metrics_listener: Option<std::net::TcpListener>,
+    pub(super) inherited: Inherited,
+}
+
+/// The inotify instance handed over, or a new one (taken before the lanes start, like every
+/// descriptor carried across the exec).
+pub(super) fn inotify(boot: &Boot) -> std::io::Result<Arc<Inotify>> {
+    boot.inherited
+        .as_ref()
+        .and_then(|i| Inotify::adopt(i.inotify_fd))
+        .map(Ok)
+        .unwrap_or_else(Inotify::new)
+        .map(Arc::new)
+}
+
+/// Starts the helper threads: the signal thread, the reaper, the file watch, the status
+/// socket, `/metrics`, the deploy watch; then this thread takes signals (also after a failure:
+/// a second SIGTERM must end a generation whose lanes are finishing their jobs). None of it is
+/// needed for a claim: a re-exec'd generation starts its lanes first, since every thread
+/// spawned before them would lengthen the restart pause; a fresh start starts them after, so
+/// that a start-up error still comes before any job.
+pub(super) fn start_helpers(ctl: &mut Control, h: Helpers) -> Result<()> {
+    let started = start_each(ctl, h);
+    started.and(signals::clear_mask())
+}
+
+fn start_each(ctl: &mut Control, mut h: Helpers) -> Result<()> {
+    let tx = ctl.events.clone();
+    ctl.signals = Some(signals::Signals::install(move |sig| {
+        tx.send(Event::Signal(sig)).is_ok()
+    })?);
+    let state = Arc::clone(&ctl.state);
+    h.reaper.start(move || state.running_ids())?;
+    let (inotify, poll_fallback) = start_watch(
+        h.inotify,
+        &ctl.plan,
+        &ctl.boot,
+        &ctl.source,
+        &ctl.state,
+        &ctl.events,
+    )?;
+    (ctl.inotify, ctl.poll_fallback) = (inotify, poll_fallback);
+    ctl.status_server = Some(status::Server::start(
+        &ctl.plan.config.status_socket(),
+        Arc::clone(&ctl.state),
+        status::server::Answers {
+            metrics: Arc::clone(&ctl.render),
+            counts: Arc::clone(&ctl.counts),
+        },
+    )?);
+    if let Some(l) = h.metrics_listener {
+        let render = Arc::clone(&ctl.render);
+        ctl.metrics_server = Some(crate::metrics::http::Server::start(l, render)?);
+    }
+    // Spawns the hashing thread on a first start.
+    ctl.deploy = new_deploy(&ctl.plan, &ctl.boot, &h.inherited, &ctl.state);
+    if let (Some(d), Some(rb)) = (ctl.deploy.as_mut(), &ctl.last_rollback) {
+        d.mark_bad(&rb.from_sha);
+    }
+    Ok(())
+}
+
 /// Starts the file watch (the inotify instance handed over, or a new one): config.toml,
 /// `jobs_dir`, the queue's directories, the binary's directory. Where something cannot be
 /// watched, polls instead and says so. Returns the instance and whether files are polled.
-pub(super) fn start_watch(
+fn start_watch(
+    inotify: std::io::Result<Arc<Inotify>>,
     plan: &Plan,
     boot: &Boot,
     source: &Arc<crate::source::Source>,
     state: &Arc<State>,
     events_tx: &crossbeam_channel::Sender<Event>,
 ) -> Result<(Option<Arc<Inotify>>, bool)> {
-    let inotify = boot
-        .inherited
-        .as_ref()
-        .and_then(|i| Inotify::adopt(i.inotify_fd))
-        .map(Ok)
-        .unwrap_or_else(Inotify::new)
-        .map(Arc::new);
     let mut poll_fallback = false;
     match &inotify {
         Ok(ino) => {
