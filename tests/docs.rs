@@ -41,8 +41,11 @@ fn the_readme_manual_steps_work_as_written() {
         .filter(|l| !l.starts_with("cargo build"))
         .map(|l| format!("{l}\n"))
         .collect();
+    // A step failing leaves `run &` behind holding our stdout: killed, so the test fails
+    // instead of waiting forever.
+    let guard = "trap 'kill -9 $(jobs -p) 2>/dev/null || true' EXIT";
     let out = Command::new("bash")
-        .args(["-c", &format!("set -e\n{script}")])
+        .args(["-c", &format!("set -e\n{guard}\n{script}")])
         .current_dir(&sb.dir)
         .env_remove("GEARSHIFT_LOG")
         .output()

@@ -676,3 +676,36 @@ fn the_workers_group_can_query_status_and_metrics() {
     assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// Root's `submit` before the worker's first start, as the README's manual steps do (`run &`,
+/// then `submit --wait` at once): the start gives the spool to the worker's user, and a job file
+/// root created after that hand-over looked at `new/` stayed root's, unreadable, and was set
+/// aside (seen in CI: `submit --wait` never got its answer). Root's files are now the worker
+/// user's from their creation, whenever the hand-over happens.
+#[test]
+fn root_submits_before_the_first_start_write_files_the_worker_owns() {
+    let sb = privsep("sec-submit-first");
+    let out = sb.run(&["submit", "echo", "early"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let queued: Vec<_> = fs::read_dir(sb.path("spool/new"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(queued.len(), 1);
+    let m = queued[0].metadata().unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (nobody().uid.as_raw(), nobody().gid.as_raw()),
+        "root's job file belongs to the worker's user from the start"
+    );
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "ab"]);
+    assert_eq!(text(&out.stdout), "ba", "{}", text(&out.stderr));
+    eventually(Duration::from_secs(10), "the early job done", || {
+        fs::read_dir(sb.path("spool/done")).unwrap().count() == 2
+    });
+    assert_eq!(fs::read_dir(sb.path("spool/rejected")).unwrap().count(), 0);
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

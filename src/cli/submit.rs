@@ -44,7 +44,10 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     }
     match &config.source {
         SourceConfig::Spool(s) => {
-            submit_spool(&Spool::from_config(s)?, &args, &payload, &config.pidfile())
+            // A worker user that cannot be looked up: the worker cannot start either.
+            let user = crate::ops::privilege::target(&config).ok().flatten();
+            let spool = Spool::for_submit(s, user.as_ref())?;
+            submit_spool(&spool, &args, &payload, &config.pidfile())
         }
         SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
         SourceConfig::Zeromq(z) => submit_zeromq(z, &args, &payload, &config.pidfile()),

@@ -59,6 +59,18 @@ impl Spool {
             feed: None,
         }
     }
+
+    /// The spool for root's `submit`: every file it writes into a spool still root's belongs to
+    /// `user` (the config's `[worker] user`) from its creation. The worker's first start hands
+    /// the spool over to that user; a file root made after the hand-over looked at `new/`
+    /// would stay root's, unreadable by the worker, and be set aside.
+    pub(crate) fn for_submit(cfg: &SpoolConfig, user: Option<&Target>) -> Result<Spool> {
+        let mut spool = Spool::from_config(cfg)?;
+        if spool.give_to.is_none() && geteuid().is_root() {
+            spool.give_to = user.map(|t| (t.uid, t.gid)).filter(|(u, _)| !u.is_root());
+        }
+        Ok(spool)
+    }
 }
 
 impl BatchWriter {
