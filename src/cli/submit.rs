@@ -44,8 +44,12 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     }
     match &config.source {
         SourceConfig::Spool(s) => {
-            // A worker user that cannot be looked up: the worker cannot start either.
-            let user = crate::ops::privilege::target(&config).ok().flatten();
+            // Looked up only by root, the one whose files need an owner; a worker user that
+            // cannot be looked up: the worker cannot start either.
+            let root = nix::unistd::geteuid().is_root();
+            let user = root
+                .then(|| crate::ops::privilege::target(&config).ok().flatten())
+                .flatten();
             let spool = Spool::for_submit(s, user.as_ref())?;
             submit_spool(&spool, &args, &payload, &config.pidfile())
         }
