@@ -76,6 +76,114 @@ fn gearadmin_shows_client_id_and_functions() {
     }
 }
 
+/// The functions gearadmin's `--workers` lists for the connection registered as `id`.
+fn registered(port: u16, id: &str) -> Option<Vec<String>> {
+    let out = Command::new("gearadmin")
+        .args(["-p", &port.to_string(), "--workers"])
+        .output()
+        .unwrap();
+    text(&out.stdout).lines().find_map(|l| {
+        let (head, functions) = l
+            .split_once(" : ")
+            .or_else(|| Some((l.strip_suffix(" :")?, "")))?;
+        (head.split_whitespace().nth(2) == Some(id))
+            .then(|| functions.split_whitespace().map(str::to_string).collect())
+    })
+}
+
+/// The local ports of `pid`'s TCP connections to `port` on loopback.
+fn connections_to(pid: i32, port: u16) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            let link = link.to_string_lossy();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    let mut ports: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let remote = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+            let ours = inodes.iter().any(|i| Some(&i.as_str()) == f.get(9));
+            (remote == port && ours).then(|| f[1].to_string())
+        })
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// A reload hands each lane's connection to the next generation (the same TCP connections, no
+/// new one), registered afresh: a function added or removed by the reload is advertised or
+/// withdrawn on it. Over many reloads no connection or descriptor leaks.
+#[test]
+fn reloads_keep_the_gearman_connections_and_register_the_new_functions() {
+    let sb = Sandbox::new("gm-keep");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "client_id = \"keep\"\n");
+    let w = sb.start();
+    let has =
+        |lane: &str, f: &str| registered(gm.port, lane).is_some_and(|l| l.iter().any(|x| x == f));
+    eventually(Duration::from_secs(10), "both lanes registered", || {
+        has("keep:0", "reverse") && has("keep:1", "reverse")
+    });
+    let before = connections_to(w.pid(), gm.port);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    sb.job("fresh.sh", "#!/bin/sh\necho fresh\n");
+    w.wait_generation(2);
+    eventually(
+        Duration::from_secs(10),
+        "fresh registered on both lanes",
+        || has("keep:0", "fresh") && has("keep:1", "fresh"),
+    );
+    assert_eq!(
+        before,
+        connections_to(w.pid(), gm.port),
+        "the same connections, taken over"
+    );
+    let out = gearman_cli(gm.port, &["-f", "fresh", "x"]);
+    assert_eq!(text(&out.stdout).trim(), "fresh", "{}", text(&out.stderr));
+
+    std::fs::remove_file(sb.dir.join("jobs/fresh.sh")).unwrap();
+    w.wait_generation(3);
+    eventually(Duration::from_secs(10), "fresh withdrawn", || {
+        !has("keep:0", "fresh") && !has("keep:1", "fresh")
+    });
+    assert!(has("keep:0", "reverse") && has("keep:1", "reverse"));
+    assert_eq!(
+        before,
+        connections_to(w.pid(), gm.port),
+        "still the same connections"
+    );
+
+    let descriptors = w.fd_count();
+    for g in 4..=23 {
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g);
+    }
+    let out = gearman_cli(gm.port, &["-f", "reverse", "kept"]);
+    assert_eq!(text(&out.stdout).trim(), "tpek", "{}", text(&out.stderr));
+    assert_eq!(
+        before,
+        connections_to(w.pid(), gm.port),
+        "after 20 more reloads"
+    );
+    assert_eq!(descriptors, w.fd_count(), "{}", w.fd_list());
+    let s = w.status();
+    assert_eq!(s["servers"][0]["state"], "connected", "{s}");
+    assert_eq!(s["servers"][0]["lanes_connected"], 2, "{s}");
+    assert_eq!(s["servers"][0]["reconnects"], 0, "{s}");
+}
+
 #[test]
 fn executable_progress_reaches_a_foreground_client() {
     let sb = Sandbox::new("gm-progress");

@@ -1,6 +1,7 @@
 //! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
 //! (its lock), the inotify instance (its queued events), the `/metrics` listening socket (its
-//! accept queue), and data too large for the environment in memfds ([`memfd`]: the spool's
+//! accept queue), a source's sockets (ZeroMQ's listening sockets, Gearman connections parked at
+//! a safe point), and data too large for the environment in memfds ([`memfd`]: the spool's
 //! queue listing, the metrics' counters).
 //!
 //! Every other descriptor is close-on-exec. These have FD_CLOEXEC cleared just before
@@ -44,6 +45,20 @@ pub fn adopt(fd: Option<RawFd>, is_ours: impl FnOnce(&PathBuf) -> bool) -> Optio
     // open (F_GETFD above), it is what we expect (checked above), and nothing else in this image
     // owns it.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The sockets (by key) the previous image handed over, each checked to be a socket and made
+/// close-on-exec again; a number that is not one of ours is left alone.
+pub fn adopt_sockets(carried: &[(String, RawFd)]) -> Vec<(String, OwnedFd)> {
+    carried
+        .iter()
+        .filter_map(|(key, fd)| {
+            let owned = adopt(Some(*fd), |what| {
+                what.to_string_lossy().starts_with("socket:")
+            })?;
+            Some((key.clone(), owned))
+        })
+        .collect()
 }
 
 /// A memfd named `gearshift-<name>` holding `data`, to hand over with [`keep`]; None if the

@@ -12,7 +12,7 @@ pub mod lane;
 pub mod spool;
 pub mod zeromq;
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +45,9 @@ pub trait JobSource: Send + Sync {
     /// The restart did not happen (refused after the drain, or the exec after `settle(false)`
     /// failed): serve on with what the source holds, as before `stopping(true)`.
     fn unsettle(&self) {}
-    /// Listening sockets to hand to the next generation, by endpoint.
+    /// Sockets to hand to the next generation, by key: listening sockets (by endpoint), and
+    /// connections parked at a safe point (Gearman). The source keeps them open until the
+    /// exec, or its failure (`unsettle`).
     fn listeners(&self) -> Vec<(String, RawFd)> {
         Vec::new()
     }
@@ -68,8 +70,10 @@ pub struct Opening<'a> {
     pub generation: u64,
     /// This process is a re-exec of a worker that left its source in order.
     pub resumed: bool,
-    /// Listening sockets the previous generation handed over, by endpoint.
-    pub listeners: &'a [(String, RawFd)],
+    /// Sockets the previous generation handed over, by key (listening sockets by endpoint,
+    /// Gearman connections by lane and server), already checked to be sockets and
+    /// close-on-exec again. The source takes what it can use; the rest is closed.
+    pub listeners: Vec<(String, OwnedFd)>,
     /// What the previous generation's [`JobSource::hand_over`] gave (bytes from outside this
     /// image: check).
     pub handed: Option<&'a [u8]>,
@@ -104,9 +108,13 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
             listeners,
             ingress,
         )?),
-        SourceConfig::Gearman(cfg) => {
-            Arc::new(gearman::GearmanSource::open(cfg, generation, views)?)
-        }
+        SourceConfig::Gearman(cfg) => Arc::new(gearman::GearmanSource::open(
+            cfg,
+            generation,
+            views,
+            config.worker.concurrency,
+            listeners,
+        )?),
         SourceConfig::Amqp(cfg) => Arc::new(amqp::AmqpSource::open(
             cfg,
             &config.worker.state_dir,

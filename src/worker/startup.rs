@@ -242,7 +242,7 @@ pub(super) fn open_source(
         crate::source::Opening {
             generation,
             resumed: boot.inherited.is_some(),
-            listeners: &inherited.listen_fds,
+            listeners: crate::ops::handover::adopt_sockets(&inherited.listen_fds),
             handed: boot.parts.source.as_deref(),
             views: Arc::clone(&views),
             ingress: Arc::clone(&ingress),

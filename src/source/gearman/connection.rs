@@ -151,6 +151,33 @@ impl Conn {
         })
     }
 
+    /// Whether the socket can be handed to the next generation across exec: plain TCP (a TLS
+    /// session's state lives in this image) and at a boundary (everything queued written,
+    /// nothing read and not yet handed out, no oversized job being read past).
+    pub fn detachable(&self) -> bool {
+        matches!(self.stream, Transport::Plain(_))
+            && !self.pending()
+            && self.consumed == self.filled
+            && self.skip.is_none()
+    }
+
+    /// The socket, for [`Conn::detachable`] connections (None for TLS).
+    pub fn into_fd(self) -> Option<std::os::fd::OwnedFd> {
+        match self.stream {
+            Transport::Plain(stream) => Some(stream.into()),
+            Transport::Tls { .. } => None,
+        }
+    }
+
+    /// A connection over a socket a previous generation handed over ([`Conn::into_fd`]): non-blocking,
+    /// already connected and registered.
+    pub fn adopt(fd: std::os::fd::OwnedFd, magic: [u8; 4], max: usize) -> io::Result<Conn> {
+        let stream = TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        stream.peer_addr()?;
+        Conn::over(stream, magic, max, None)
+    }
+
     /// Begins a non-blocking connect to `addr` (name resolution itself blocks). Poll the
     /// descriptor for writability, then call [`Conn::connected`].
     pub fn start(

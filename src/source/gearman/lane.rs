@@ -1,6 +1,7 @@
 //! A Gearman lane taking jobs: from any of its servers (GRAB_JOB_UNIQ / PRE_SLEEP / NOOP), one
 //! at a time, progress and the outcome on the job's own connection. Its state and connections
-//! are in `servers.rs`.
+//! are in `servers.rs`; the connections it parks for a re-exec, or takes up after one, wait in
+//! `handover.rs`.
 
 use crate::shutdown::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
@@ -10,9 +11,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::connection::{Conn, OwnedPacket};
 use super::protocol::{self as p, Packet};
-use super::servers::{GearmanLane, Phase, BACKOFF_MIN, IDLE_CHECK, STOP_GRACE};
+use super::servers::{register, GearmanLane, Phase, BACKOFF_MIN, IDLE_CHECK, STOP_GRACE};
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, Progress};
+use crate::kinds::ConnState;
 use crate::source::lane::{Claimed, Lane};
 
 impl GearmanLane {
@@ -353,6 +355,8 @@ impl Lane for GearmanLane {
     }
 
     fn close(&mut self) -> Result<()> {
+        // For a re-exec, the next generation takes the connections over (`handover.rs`).
+        self.park();
         // Bounded: one ECHO round trip on each healthy connection proves our results arrived.
         let deadline = Instant::now() + STOP_GRACE.min(self.io_timeout);
         for i in 0..self.servers.len() {
@@ -384,6 +388,72 @@ impl Lane for GearmanLane {
             s.phase = Phase::Down;
         }
         Ok(())
+    }
+}
+
+/// Connections kept across a re-exec (`handover.rs`).
+impl GearmanLane {
+    /// Stopping for a re-exec: parks every connection at a safe point for the next
+    /// generation. What cannot be parked is left to the bye in `close`.
+    pub(super) fn park(&mut self) {
+        if !self.handover.restarting() {
+            return;
+        }
+        for i in 0..self.servers.len() {
+            let key = super::handover::key(self.index, self.exceptions, &self.servers[i].addr);
+            let s = &mut self.servers[i];
+            if !matches!(s.phase, Phase::Idle { .. }) || s.tls.is_some() {
+                continue;
+            }
+            // The last result must be written whole; a full socket keeps the bye path.
+            let ready = s
+                .conn
+                .as_mut()
+                .is_some_and(|c| matches!(c.flush_some(), Ok(true)) && c.detachable());
+            if let Some(fd) = s.conn.take_if(|_| ready).and_then(Conn::into_fd) {
+                s.phase = Phase::Down;
+                self.handover.park(key, fd);
+            }
+        }
+    }
+
+    /// Takes up the connections the previous generation parked for this lane and registers
+    /// them afresh; the first GRAB follows in the same write.
+    pub(super) fn take_up(&mut self) {
+        for i in 0..self.servers.len() {
+            let s = &self.servers[i];
+            if s.tls.is_some() {
+                continue;
+            }
+            let key = super::handover::key(self.index, self.exceptions, &s.addr);
+            let Some(fd) = self.handover.take(&key) else {
+                continue;
+            };
+            let conn = match Conn::adopt(fd, p::RES, self.max_packet) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!(
+                        "gearman {}: the handed-over connection is unusable ({e}); connecting anew",
+                        s.addr
+                    );
+                    continue;
+                }
+            };
+            let s = &mut self.servers[i];
+            let conn = s.conn.insert(conn);
+            conn.queue(p::RESET_ABILITIES, &[]);
+            register(conn, &self.client_id, &self.functions);
+            // Written with the first GRAB (`grab_next` flushes).
+            s.phase = Phase::Idle { awake: true };
+            s.backoff = BACKOFF_MIN;
+            s.last_io = Instant::now();
+            let s = &self.servers[i];
+            log::debug!(
+                "gearman {}: connection taken over from the previous generation",
+                s.addr
+            );
+            self.view(s, ConnState::Connected, None);
+        }
     }
 }
 

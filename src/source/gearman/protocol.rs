@@ -14,6 +14,7 @@ pub const HEADER: usize = 12;
 
 // Packet types (see ../shared/gearman-worker-protocol.md).
 pub const CAN_DO: u32 = 1;
+pub const RESET_ABILITIES: u32 = 3;
 pub const PRE_SLEEP: u32 = 4;
 pub const NOOP: u32 = 6;
 pub const SUBMIT_JOB: u32 = 7;

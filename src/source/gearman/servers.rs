@@ -31,6 +31,21 @@ pub fn server_timeout_ms(local: Duration) -> Option<u64> {
     u64::try_from(ms).ok().filter(|ms| *ms <= i32::MAX as u64)
 }
 
+/// Queues our name and a CAN_DO (or CAN_DO_TIMEOUT) for each function.
+pub(super) fn register(conn: &mut Conn, client_id: &str, functions: &[(String, Option<Duration>)]) {
+    conn.queue(p::SET_CLIENT_ID, &[client_id.as_bytes()]);
+    for (name, timeout) in functions {
+        match timeout.and_then(server_timeout_ms) {
+            // gearmand (>= 1.1.19) takes milliseconds, with a floor of 1000.
+            Some(ms) => {
+                let ms = ms.to_string();
+                conn.queue(p::CAN_DO_TIMEOUT, &[name.as_bytes(), ms.as_bytes()]);
+            }
+            None => conn.queue(p::CAN_DO, &[name.as_bytes()]),
+        }
+    }
+}
+
 /// Where one connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -85,6 +100,8 @@ pub(super) struct GearmanLane {
     pub(super) next_server: usize,
     pub(super) index: usize,
     pub(super) views: Views,
+    /// Connections kept across a re-exec (`handover.rs`).
+    pub(super) handover: Arc<super::handover::Handover>,
 }
 
 impl GearmanLane {
@@ -163,17 +180,7 @@ impl GearmanLane {
         if let Err(e) = conn.connected() {
             return self.fail(i, &format!("cannot connect: {e}"));
         }
-        conn.queue(p::SET_CLIENT_ID, &[self.client_id.as_bytes()]);
-        for (name, timeout) in &self.functions {
-            match timeout.and_then(server_timeout_ms) {
-                // gearmand (>= 1.1.19) takes milliseconds, with a floor of 1000.
-                Some(ms) => {
-                    let ms = ms.to_string();
-                    conn.queue(p::CAN_DO_TIMEOUT, &[name.as_bytes(), ms.as_bytes()]);
-                }
-                None => conn.queue(p::CAN_DO, &[name.as_bytes()]),
-            }
-        }
+        register(conn, &self.client_id, &self.functions);
         if self.exceptions {
             conn.queue(p::OPTION_REQ, &[b"exceptions"]);
         }

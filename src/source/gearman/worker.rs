@@ -10,17 +10,20 @@
 //! result was written and before the next GRAB_JOB_UNIQ, and while asleep after PRE_SLEEP. The
 //! lane stops only there. A GRAB is always answered (NO_JOB or JOB_ASSIGN_UNIQ) before the lane
 //! stops, unless the server leaves it unanswered for a second after the stop was asked: then
-//! that connection is dropped (gearmand requeues whatever it may have assigned). CANT_DO /
-//! RESET_ABILITIES are never sent (gearmand would requeue a held job). Before a lane is
-//! dropped, an ECHO round trip (bounded) proves every result it wrote has been processed.
+//! that connection is dropped (gearmand requeues whatever it may have assigned). CANT_DO is
+//! never sent, RESET_ABILITIES only on a connection taken over at a safe point (gearmand would
+//! requeue a held job). A lane stopping for a re-exec parks its plain connections for the next
+//! generation (`handover.rs`); before any other connection is dropped, an ECHO round trip
+//! (bounded) proves every result it wrote has been processed.
 //!
 //! The result of a job is queued, and written together with the next GRAB_JOB_UNIQ in one
 //! write: one syscall and one round trip per job.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use super::handover::{self, Handover};
 use super::servers::GearmanLane;
 use super::servers::{Phase, Server, Views, BACKOFF_MIN};
 use super::tls::TlsTarget;
@@ -36,13 +39,33 @@ pub struct GearmanSource {
     generation: u64,
     wakers: Mutex<Vec<Weak<OwnedFd>>>,
     views: Views,
+    handover: Arc<Handover>,
 }
 
 impl GearmanSource {
-    /// The configured servers (reading `[source.tls]` files once); lanes connect lazily.
-    pub fn open(cfg: &GearmanConfig, generation: u64, views: Views) -> Result<GearmanSource> {
+    /// The configured servers (reading `[source.tls]` files once); lanes connect lazily, or
+    /// take up the connections the previous generation parked for them (`carried`, by key;
+    /// those no lane of `lanes` can use are closed).
+    pub fn open(
+        cfg: &GearmanConfig,
+        generation: u64,
+        views: Views,
+        lanes: usize,
+        carried: Vec<(String, OwnedFd)>,
+    ) -> Result<GearmanSource> {
+        let targets = super::tls::targets(&cfg.servers, cfg.tls.as_ref())?;
+        let usable: Vec<String> = (0..lanes)
+            .flat_map(|i| {
+                cfg.servers
+                    .iter()
+                    .zip(&targets)
+                    .filter(|(_, (_, tls))| tls.is_none())
+                    .map(move |(addr, _)| handover::key(i, cfg.exceptions, addr))
+            })
+            .collect();
         Ok(GearmanSource {
-            targets: super::tls::targets(&cfg.servers, cfg.tls.as_ref())?,
+            handover: Arc::new(Handover::new(carried, |k| usable.iter().any(|u| u == k))),
+            targets,
             cfg: cfg.clone(),
             generation,
             wakers: Mutex::new(Vec::new()),
@@ -90,7 +113,7 @@ impl GearmanSource {
                 logged: String::new(),
             })
             .collect();
-        let lane = GearmanLane {
+        let mut lane = GearmanLane {
             servers,
             functions: functions.to_vec(),
             client_id,
@@ -105,10 +128,12 @@ impl GearmanSource {
             next_server: index,
             index,
             views: Arc::clone(&self.views),
+            handover: Arc::clone(&self.handover),
         };
         for s in &lane.servers {
             lane.view(s, crate::kinds::ConnState::Connecting, None);
         }
+        lane.take_up();
         Ok(Box::new(lane))
     }
 
@@ -123,8 +148,8 @@ impl GearmanSource {
     }
 }
 
-/// Gearman as the worker sees every source: the servers keep the queue, nothing is watched or
-/// handed over.
+/// Gearman as the worker sees every source: the servers keep the queue, nothing is watched;
+/// the connections are handed over across a re-exec.
 impl crate::source::JobSource for GearmanSource {
     fn lane(
         &self,
@@ -136,6 +161,18 @@ impl crate::source::JobSource for GearmanSource {
 
     fn wake(&self) {
         self.wake_all();
+    }
+
+    fn stopping(&self, for_restart: bool) {
+        self.handover.set_restarting(for_restart);
+    }
+
+    fn unsettle(&self) {
+        self.handover.set_restarting(false);
+    }
+
+    fn listeners(&self) -> Vec<(String, RawFd)> {
+        self.handover.parked()
     }
 }
 

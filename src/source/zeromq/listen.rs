@@ -17,16 +17,8 @@ pub struct Listener {
 
 /// The listening sockets for `bind`: those the previous generation handed over (`carried`, by
 /// endpoint), else new ones. A carried socket whose endpoint is no longer configured is closed.
-pub fn open(bind: &[Endpoint], carried: &[(String, RawFd)]) -> Result<Vec<Listener>> {
-    let mut adopted: Vec<(String, OwnedFd)> = carried
-        .iter()
-        .filter_map(|(ep, fd)| {
-            let owned = crate::ops::handover::adopt(Some(*fd), |what| {
-                what.to_string_lossy().starts_with("socket:")
-            })?;
-            Some((ep.clone(), owned))
-        })
-        .collect();
+pub fn open(bind: &[Endpoint], carried: Vec<(String, OwnedFd)>) -> Result<Vec<Listener>> {
+    let mut adopted = carried;
     let mut out = Vec::with_capacity(bind.len());
     for ep in bind {
         let name = ep.to_string();

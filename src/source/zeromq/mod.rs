@@ -7,7 +7,7 @@
 pub mod ingress;
 pub mod listen;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -40,7 +40,7 @@ impl ZeromqSource {
         max_payload: usize,
         resumed: bool,
         handed: Option<&[u8]>,
-        carried: &[(String, RawFd)],
+        carried: Vec<(String, OwnedFd)>,
         stats: Arc<Stats>,
     ) -> Result<ZeromqSource> {
         let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed, handed)?);
