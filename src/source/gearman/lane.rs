@@ -418,8 +418,11 @@ impl GearmanLane {
     }
 
     /// Takes up the connections the previous generation parked for this lane and registers
-    /// them afresh; the first GRAB follows in the same write.
+    /// them afresh, with the first GRAB in the same write: sent now, from the thread creating
+    /// the lane, so gearmand answers while the lane's thread starts (`next` waits for that
+    /// answer like any GRAB's, a stop included).
     pub(super) fn take_up(&mut self) {
+        let mut taken = Vec::new();
         for i in 0..self.servers.len() {
             let s = &self.servers[i];
             if s.tls.is_some() {
@@ -443,7 +446,6 @@ impl GearmanLane {
             let conn = s.conn.insert(conn);
             conn.queue(p::RESET_ABILITIES, &[]);
             register(conn, &self.client_id, &self.functions);
-            // Written with the first GRAB (`grab_next` flushes).
             s.phase = Phase::Idle { awake: true };
             s.backoff = BACKOFF_MIN;
             s.last_io = Instant::now();
@@ -453,6 +455,13 @@ impl GearmanLane {
                 s.addr
             );
             self.view(s, ConnState::Connected, None);
+            taken.push(i);
+        }
+        if let Some(&first) = taken.first() {
+            self.grab_next(Some(first));
+        }
+        for i in taken.into_iter().skip(1) {
+            self.flush(i);
         }
     }
 }
