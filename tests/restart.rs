@@ -281,6 +281,35 @@ fn no_descriptor_leaks_over_100_reexecs() {
     assert_eq!(fds.trim(), "0 1 2 3", "descriptors a job inherits");
 }
 
+/// The exec uses the plan validated at the HUP only while no file was touched since: a job
+/// added while the restart drains is served by the very next generation (looked at again before
+/// the exec), not one restart later.
+#[test]
+fn a_job_added_during_the_drain_is_served_by_the_next_generation() {
+    let sb = Sandbox::new("drain-edit");
+    let w = sb.start();
+    let id = sb.submit("sleep", "1500");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(10), "draining", |s| {
+        s["state"] == "draining"
+    });
+    sb.job("late.sh", "#!/bin/sh\necho late\n");
+    let s = w.wait_generation(2);
+    let functions = s["functions"].as_array().unwrap();
+    assert!(
+        functions.iter().any(|f| f == "late"),
+        "generation 2 serves late: {s}"
+    );
+    assert_eq!(s["restarts"], 1, "{s}");
+    let late = sb.submit("late", "");
+    let outcomes = all_outcomes(&sb, &[id, late], Duration::from_secs(10));
+    assert!(outcomes.iter().all(|(done, _, _)| *done), "{outcomes:?}");
+    assert_eq!(outcomes[1].1.trim(), "late");
+}
+
 #[test]
 fn term_lets_the_running_job_finish_then_exits_0() {
     let sb = Sandbox::new("term");

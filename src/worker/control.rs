@@ -82,6 +82,9 @@ pub(super) struct Control {
     pub(super) requested_mono_us: u64,
     /// Digest of a config or jobs state already refused, so the same bad file is reported once.
     pub(super) refused_digest: Option<String>,
+    /// The plan validated when the restart under way was asked for, while no file event has
+    /// come since: the exec needs no second look at the files (`restart`).
+    pub(super) prepared: Option<Plan>,
     pub(super) pidfile: Pidfile,
     pub(super) status_server: Option<status::Server>,
     pub(super) metrics_server: Option<crate::metrics::http::Server>,
@@ -278,6 +281,8 @@ impl Control {
     }
 
     fn on_touched(&mut self, touched: Touched, lp: &mut Loop) {
+        // What was validated for a restart under way may be stale now: look again before it.
+        self.prepared = None;
         match touched {
             Touched::Binary => {
                 lp.binary_at

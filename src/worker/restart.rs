@@ -121,9 +121,13 @@ impl Control {
             Phase::Stopping => return true,
         }
         let requested = crate::clock::monotonic_us();
-        if let Err(e) = Plan::prepare(&self.config_path, &self.functions) {
-            self.refuse(reason, &e.to_string());
-            return false;
+        match Plan::prepare(&self.config_path, &self.functions) {
+            // Kept for the exec while the files are watched and stay untouched.
+            Ok(plan) => self.prepared = Some(plan).filter(|_| !self.poll_fallback),
+            Err(e) => {
+                self.refuse(reason, &e.to_string());
+                return false;
+            }
         }
         log::info!(
             "{reason}: restarting after {} running job(s) finish",
@@ -158,11 +162,17 @@ impl Control {
         }
     }
 
-    /// Every lane has exited: validate once more and re-exec. Returns only if that failed.
+    /// Every lane has exited: validate once more (unless no file was touched since the
+    /// restart was asked for) and re-exec. Returns only if that failed.
     pub(super) fn restart(&mut self, reason: RestartReason, requested_mono_us: u64) {
-        let plan = match Plan::prepare(&self.config_path, &self.functions) {
-            Ok(p) => p,
-            Err(e) => return self.refuse(reason, &e.to_string()),
+        // Not looked at again: a change whose event had not reached us by now is seen by the
+        // next generation's first look at the files (the inotify queue crosses the exec).
+        let plan = match self.prepared.take() {
+            Some(p) => p,
+            None => match Plan::prepare(&self.config_path, &self.functions) {
+                Ok(p) => p,
+                Err(e) => return self.refuse(reason, &e.to_string()),
+            },
         };
         self.state.set_phase(WorkerPhase::Restarting);
         let mut next = self.carried(&plan, reason, requested_mono_us);
