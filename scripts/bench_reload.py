@@ -7,7 +7,9 @@ machine, so the ratios mean something on a shared, noisy host.
   through inotify) from the HUP until the new generation has claimed, at a realistic depth
   (DEPTH jobs queued, STORED results kept), and how it grows over the run. Beside it the
   worker's own figure (HUP -> first claim, from `status`). Anchor: one fork+exec+exit of the
-  same binary (`gearshift --version`), the floor for anything that re-execs.
+  same binary (`gearshift --version`), the floor for anything that re-execs. Counterpart: the
+  same worker serving STEADY seconds with no restart, the same largest gap taken from random
+  instants over a window as long as a restart: what the disk's own stalls put in that window.
 - spool throughput: preloaded `reverse` jobs drained by the worker. Anchor: a Python loop doing
   the same durable file operations per job (claim rename, read, write+fsync result, rename,
   fsync dir, unlink), i.e. what the filesystem costs with no worker at all.
@@ -17,8 +19,10 @@ machine, so the ratios mean something on a shared, noisy host.
   metrics off, in the same run.
 """
 import atexit
+import bisect
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,6 +45,8 @@ JOBS = int(os.environ.get("JOBS", "5000"))
 # nothing proportional to either may happen between the exec and the first claim.
 DEPTH = int(os.environ.get("DEPTH", "40000"))
 STORED = int(os.environ.get("STORED", "100000"))
+# Seconds of serving without a restart, for the pause's counterpart (0: skip).
+STEADY_SECONDS = int(os.environ.get("STEADY", "10"))
 
 # The claim watcher runs in a process of its own: a thread of this one would stamp an event only
 # once it got the GIL back from the polling loop (up to Python's 5 ms switch interval late).
@@ -226,7 +232,7 @@ class TopUp:
         self.thread.join()
 
 
-def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
+def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED, steady_s=None):
     d = scratch("gs-bench-reload-")
     cfg = write_config(d, concurrency=1, fsync=True, metrics=metrics)
     prepare_restart(d, depth, stored)
@@ -257,6 +263,8 @@ def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
         marks = [t0] + seen[:cut + 1]
         pauses.append(max((b - a for a, b in zip(marks, marks[1:])), default=first - t0) // 1000)
         internal.append(st["first_claim_monotonic_us"] - t0 // 1000)
+    steady_s = STEADY_SECONDS if steady_s is None else steady_s
+    steady = steady_gaps(claims, pct(internal, 50) * 1000, steady_s) if steady_s and not metrics else []
     topup.stop()
     final = status(d)
     assert final["pid"] == p.pid
@@ -275,7 +283,28 @@ def bench_restart(reloads=RELOADS, metrics=None, depth=DEPTH, stored=STORED):
         t0 = time.monotonic_ns()
         subprocess.run([BIN, "--version"], stdout=subprocess.DEVNULL, check=True)
         spawns.append((time.monotonic_ns() - t0) // 1000)
-    return pauses, internal, spawns, left, kept
+    return pauses, internal, spawns, left, kept, steady
+
+
+def steady_gaps(claims, window_ns, seconds=STEADY_SECONDS, samples=5000):
+    """The same worker with no restart: from random instants over `seconds` of serving, the
+    largest gap between claims up to the first claim `window_ns` (a restart's length) later,
+    as the pause is measured from the HUP. What this disk's stalls alone make of that window."""
+    time.sleep(0.5)
+    t0 = time.monotonic_ns()
+    time.sleep(seconds)
+    ts = claims.since(t0)
+    out = []
+    if len(ts) < 2:
+        return out
+    rng = random.Random(1)
+    for _ in range(samples):
+        s = rng.randint(ts[0], max(ts[0], ts[-1] - window_ns - 1))
+        i = bisect.bisect_left(ts, s)
+        j = min(len(ts) - 1, bisect.bisect_left(ts, s + window_ns))
+        marks = [s] + ts[i:j + 1]
+        out.append(max(b - a for a, b in zip(marks, marks[1:])) // 1000 if len(marks) > 1 else window_ns // 1000)
+    return out
 
 
 def bench_throughput(concurrency, fsync, metrics=None):
@@ -307,7 +336,7 @@ def bench_metrics_cost():
         off.append(bench_throughput(1, False))
         on.append(bench_throughput(1, False, metrics=free_addr()))
     reloads = max(20, RELOADS // 4)
-    p_off = bench_restart(reloads, depth=5000, stored=0)[0]
+    p_off = bench_restart(reloads, depth=5000, stored=0, steady_s=0)[0]
     p_on = bench_restart(reloads, metrics=free_addr(), depth=5000, stored=0)
     return statistics.median(off), statistics.median(on), pct(p_off, 50), pct(p_on, 50), reloads
 
@@ -411,7 +440,7 @@ def bench_idle():
 
 def main():
     print(f"# gearshift core benchmark ({BIN}, {os.cpu_count()} CPUs)\n")
-    pauses, internal, spawns, left, kept = bench_restart()
+    pauses, internal, spawns, left, kept, steady = bench_restart()
     p50, p99, mx = pct(pauses, 50), pct(pauses, 99), max(pauses)
     s50 = pct(spawns, 50)
     tenth = max(1, len(pauses) // 10)
@@ -424,6 +453,8 @@ def main():
     print(f"| gearshift restart pause (from outside: inotify on `cur/`) | {p50/1000:.2f} ms | {p99/1000:.2f} ms | {mx/1000:.2f} ms |")
     print(f"| (HUP sent -> first claim, as the worker reports it) | {pct(internal,50)/1000:.2f} ms | {pct(internal,99)/1000:.2f} ms | {max(internal)/1000:.2f} ms |")
     print(f"| anchor: `gearshift --version` fork+exec+exit | {s50/1000:.2f} ms | {pct(spawns,99)/1000:.2f} ms | {max(spawns)/1000:.2f} ms |")
+    if steady:
+        print(f"| no restart, {STEADY_SECONDS} s of the same worker serving: largest gap from a random instant to the first claim {pct(internal,50)/1000:.2f} ms later | {pct(steady,50)/1000:.2f} ms | {pct(steady,99)/1000:.2f} ms | {max(steady)/1000:.2f} ms |")
     print(f"\nRatios to the anchor's p50: pause p50 {p50/s50:.2f}x, p99 {p99/s50:.2f}x. "
           f"Growth: median of the first {tenth} reloads {first/1000:.2f} ms, of the last {tenth} {last/1000:.2f} ms ({last/first:.2f}x).\n")
     tenths = [statistics.median(pauses[i * tenth:(i + 1) * tenth]) / 1000 for i in range(len(pauses) // tenth)]
