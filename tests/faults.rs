@@ -794,3 +794,58 @@ fn outcomes_kept_for_a_failed_exec_are_committed_by_the_same_generation() {
     w.signal(Signal::SIGHUP);
     w.wait_generation(2);
 }
+
+/// A failed exec after the Gearman lanes parked their connections for the next generation: this
+/// generation closes them and connects anew, and serves on; gearmand (`-j 1`: any requeue is a
+/// failure) sees no job assigned twice, every foreground client gets its own result.
+#[test]
+fn gearman_connections_parked_for_a_failed_exec_are_replaced() {
+    use gearshift::client::gearman::{Client, Outcome, Priority};
+    let mut sb = Sandbox::new("exec-fault-gearman");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let gm = Gearmand::start(&sb.dir, &["-j", "1"]);
+    sb.gearman_config(&[gm.addr()], "");
+    let marker = sb.path("fail-exec");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_EXEC", marker.to_str().unwrap())]);
+    w.wait_for(Duration::from_secs(10), "both lanes connected", |s| {
+        s["servers"][0]["lanes_connected"] == 2
+    });
+    let descriptors = w.fd_count();
+    let addr = gm.addr();
+    let client = std::thread::spawn(move || {
+        let mut c = Client::connect(&[addr], 1 << 20).unwrap();
+        let mut wrong = Vec::new();
+        for i in 0..600 {
+            let payload = format!("job{i}");
+            let want: Vec<u8> = payload.bytes().rev().collect();
+            match c.submit("reverse", "", payload.as_bytes(), Priority::Normal, |_| {}) {
+                Ok(Outcome::Complete(got)) if got == want => {}
+                other => wrong.push(format!("{payload}: {other:?}")),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        wrong
+    });
+    for n in 1..=5 {
+        w.signal(Signal::SIGHUP);
+        eventually(Duration::from_secs(10), "the injected exec failure", || {
+            w.log_text().matches("injected fault").count() >= n
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wrong = client.join().unwrap();
+    assert!(wrong.is_empty(), "{wrong:?}");
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "{s}");
+    assert_eq!(s["servers"][0]["lanes_connected"], 2, "{s}");
+    // The parked connections were closed, not kept beside the new ones (kept, 5 failed execs
+    // would leave 10 more; a status query's own socket may come and go).
+    assert!(w.fd_count() <= descriptors, "{}", w.fd_list());
+    fs::remove_file(&marker).unwrap();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    let mut c = Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    let out = c.submit("reverse", "", b"after", Priority::Normal, |_| {});
+    assert_eq!(out.unwrap(), Outcome::Complete(b"retfa".to_vec()));
+}
