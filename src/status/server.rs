@@ -69,11 +69,17 @@ impl Server {
         })
     }
 
+    /// Stops taking connections: the accept thread ends on its own while the caller goes on
+    /// ([`Server::stop`] then waits for it).
+    pub fn close(&mut self) {
+        // Closing the write end makes the read end readable (EOF): the loop wakes.
+        drop(self.wake.take());
+    }
+
     /// Stops answering and joins the accept thread; answers under way get at most
     /// [`CLIENT_BUDGET`] to finish (before execve, so no reply is cut short by it).
     pub fn stop(mut self) {
-        // Closing the write end makes the read end readable (EOF): the loop wakes.
-        drop(self.wake.take());
+        self.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

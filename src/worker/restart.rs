@@ -184,13 +184,18 @@ impl Control {
             self.state.generation + 1
         );
         log::logger().flush();
-        if let Some(s) = self.status_server.take() {
-            s.stop();
+        // The status thread ends while the source settles (the spool's commit thread finishing
+        // its sync under way); joined after.
+        if let Some(s) = self.status_server.as_mut() {
+            s.close();
         }
         // Every lane has ended: what the source holds is made durable before the exec, or
         // kept for the hand-over.
         self.source.settle(false);
         let parts = self.hand_over(&mut next, &plan);
+        if let Some(s) = self.status_server.take() {
+            s.stop();
+        }
         drop(plan);
         crate::restart::preflight::kill_preflight();
         let inherit_inotify = || match &self.inotify {
