@@ -432,7 +432,10 @@ impl GearmanLane {
             let Some(fd) = self.handover.take(&key) else {
                 continue;
             };
-            let conn = match Conn::adopt(fd, p::RES, self.max_packet) {
+            // The dead-peer settings again: the reload may have changed them.
+            let adopted = Conn::adopt(fd, p::RES, self.max_packet)
+                .and_then(|c| c.detect_dead_peer(self.dead_peer).map(|()| c));
+            let conn = match adopted {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!(
