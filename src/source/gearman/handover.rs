@@ -31,8 +31,8 @@ pub(super) struct Handover {
 }
 
 impl Handover {
-    /// Keeps what the previous generation handed over for a lane that will exist (`lanes`)
-    /// with a `usable` key; closes the rest.
+    /// Keeps what the previous generation handed over under a `usable` key (a lane that will
+    /// exist, a plain server still configured, the same `exceptions`); closes the rest.
     pub(super) fn new(carried: Vec<(String, OwnedFd)>, usable: impl Fn(&str) -> bool) -> Self {
         let adopted = carried.into_iter().filter(|(k, _)| usable(k)).collect();
         Handover {
