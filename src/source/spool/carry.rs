@@ -3,9 +3,8 @@
 //! The lanes of a generation being replaced stop without waiting for their outcomes' sync; the
 //! commit thread finishes the sync under way and parks (what it has not placed yet goes back to
 //! its queue; its segment is sealed); the outcomes not yet in place (their jobs still in `cur/`)
-//! travel in the restart parcel, ahead of the queue's head. The next generation hands them to
-//! its commit thread right after its first claim (or before it settles, if it never claims),
-//! and its start-up recovery leaves their jobs in `cur/` alone. If the exec
+//! travel in the restart parcel, ahead of the queue's head. The next generation commits
+//! them first thing, and its start-up recovery leaves their jobs in `cur/` alone. If the exec
 //! fails, the commit thread goes on with them. If they never arrive (a crash during the exec, an
 //! older image that does not read them, a config that moved the spool), their jobs are still in
 //! `cur/` and run again: at least once, as after a kill. Nothing is reported stored before its
@@ -110,38 +109,14 @@ impl SpoolSource {
         Ok(())
     }
 
-    /// Commits outcomes a previous generation handed over: with the group commit, queued at
-    /// the first claim ([`SpoolSource::recommit_now`]: the commit thread's sync started
-    /// beside the lanes' start delayed the first claim by 0.4 ms here), or written directly
-    /// without `fsync`. Their jobs stay in `cur/` until then.
+    /// Commits outcomes a previous generation handed over: with the group commit, or written
+    /// directly without `fsync`. Their jobs stay in `cur/` until then.
     fn recommit(&self, outcomes: Vec<Entry>) -> Result<()> {
         match &self.committer {
-            Some(_) if outcomes.is_empty() => Ok(()),
-            Some(_) => {
-                if let Ok(mut waiting) = self.recommit.lock() {
-                    *waiting = outcomes;
-                    self.recommit_due.store(true, Ordering::Release);
-                }
-                Ok(())
-            }
+            Some(c) => c.submit_all(outcomes),
             None => outcomes
                 .iter()
                 .try_for_each(|e| journal::materialize(&self.spool, e)),
-        }
-    }
-
-    /// Queues the handed-over outcomes for the commit thread, once: after a lane's first
-    /// claim, or before this generation settles (so that a restart or stop before any claim
-    /// carries or commits them all the same).
-    pub(super) fn recommit_now(&self) {
-        if !self.recommit_due.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let outcomes = self.recommit.lock().map(|mut w| std::mem::take(&mut *w));
-        if let (Some(c), Ok(outcomes)) = (&self.committer, outcomes) {
-            if let Err(e) = c.submit_all(outcomes) {
-                log::error!("{e}: the outcomes handed over are not stored; their jobs run again at the next start");
-            }
         }
     }
 }

@@ -45,10 +45,6 @@ pub struct SpoolSource {
     /// The lanes stop for a re-exec: outcomes not yet durable cross it (`carry.rs`).
     pub(super) handing_over: AtomicBool,
     pub(super) carried: Mutex<Option<Vec<u8>>>,
-    /// Outcomes a previous generation handed over, queued for the commit thread at the first
-    /// claim (`carry.rs`), and whether there are any.
-    pub(super) recommit: Mutex<Vec<super::journal::Entry>>,
-    pub(super) recommit_due: AtomicBool,
     /// A checkpoint of the journal is running, and when the next is due.
     pub(super) checkpointing: Arc<AtomicBool>,
     pub(super) next_checkpoint: Mutex<Instant>,
@@ -140,8 +136,6 @@ impl SpoolSource {
             committer,
             handing_over: AtomicBool::new(false),
             carried: Mutex::new(None),
-            recommit: Mutex::new(Vec::new()),
-            recommit_due: AtomicBool::new(false),
             checkpointing: Arc::new(AtomicBool::new(false)),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
@@ -175,12 +169,6 @@ impl SpoolSource {
     /// is not a job (a bad name, a link, a FIFO, a directory, too large, truncated, corrupt) is
     /// set aside in `rejected/` and the next one is tried.
     pub(super) fn claim(self: &Arc<Self>) -> Result<Option<Claimed>> {
-        let claimed = self.claim_oldest();
-        self.recommit_now();
-        claimed
-    }
-
-    fn claim_oldest(self: &Arc<Self>) -> Result<Option<Claimed>> {
         loop {
             let id = match self.take_next()? {
                 None => return Ok(None),
@@ -378,7 +366,6 @@ impl crate::source::JobSource for Arc<SpoolSource> {
     /// `carry.rs`); else, and before an exit, the journal is sealed once they are in place; at
     /// an exit also checkpointed (so the next start has nothing to replay).
     fn settle(&self, exiting: bool) {
-        self.recommit_now();
         if !exiting && self.carry_outcomes() {
             return;
         }
