@@ -140,8 +140,6 @@ pub struct State {
     pub restart_pause_us: AtomicU64,
     /// CLOCK_MONOTONIC (µs) when this generation claimed its first job (0: not yet).
     pub first_claim_mono_us: AtomicU64,
-    /// The thread waiting for that first claim ([`State::wait_first_claim`]), if any.
-    pub first_claim_waiter: Mutex<Option<std::thread::Thread>>,
     /// Jobs finished by this generation (for `max_jobs`).
     pub generation_jobs: AtomicU64,
     /// Times this generation looked at config.toml and jobs_dir for a change (tests wait for
@@ -195,47 +193,6 @@ pub struct Inner {
 }
 
 impl State {
-    /// Notes a claim by a lane: the generation's first is stamped (for measuring from
-    /// outside) and wakes [`State::wait_first_claim`].
-    pub fn note_claim(&self) {
-        if self.first_claim_mono_us.load(Ordering::Relaxed) != 0 {
-            return;
-        }
-        let now = crate::clock::monotonic_us();
-        let first = self
-            .first_claim_mono_us
-            .compare_exchange(0, now, Ordering::Release, Ordering::Relaxed)
-            .is_ok();
-        if first {
-            if let Some(t) = self
-                .first_claim_waiter
-                .lock()
-                .ok()
-                .and_then(|mut w| w.take())
-            {
-                t.unpark();
-            }
-        }
-    }
-
-    /// Waits until a lane claims this generation's first job, at most `limit`.
-    pub fn wait_first_claim(&self, limit: std::time::Duration) {
-        let deadline = std::time::Instant::now() + limit;
-        if let Ok(mut w) = self.first_claim_waiter.lock() {
-            *w = Some(std::thread::current());
-        }
-        while self.first_claim_mono_us.load(Ordering::Acquire) == 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            std::thread::park_timeout(left);
-        }
-        if let Ok(mut w) = self.first_claim_waiter.lock() {
-            *w = None;
-        }
-    }
-
     pub fn set_phase(&self, phase: crate::kinds::WorkerPhase) {
         if let Ok(mut i) = self.inner.lock() {
             i.phase = phase;

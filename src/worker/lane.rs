@@ -197,7 +197,16 @@ impl LaneContext {
                 }
             };
             backoff = Duration::from_millis(100);
-            self.state.note_claim();
+            if self.state.first_claim_mono_us.load(Ordering::Relaxed) == 0 {
+                // When this generation's first job was claimed (for measuring from outside).
+                let now = crate::clock::monotonic_us();
+                let _ = self.state.first_claim_mono_us.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                );
+            }
             self.state.in_flight.fetch_add(1, Ordering::Relaxed);
             self.state
                 .set_running(self.index, Some((&job.id, &job.function)));

@@ -14,7 +14,7 @@ use crate::shutdown::Switch;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::bounded;
 
@@ -53,9 +53,6 @@ pub struct RunOptions {
     /// Log to this file (overrides `[log] file`).
     pub log_file: Option<PathBuf>,
 }
-
-/// How long a re-exec'd generation lets its lanes have the first claim to themselves.
-const FIRST_CLAIM_WAIT: Duration = Duration::from_millis(3);
 
 /// Runs the worker in the foreground until it is stopped. Re-execs in place on SIGHUP and on
 /// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
@@ -156,12 +153,9 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         metrics_listener,
         inherited,
     };
-    // A re-exec'd generation claims first and starts its helpers while the lanes serve: once
-    // a lane claimed, or after FIRST_CLAIM_WAIT (nothing queued), so that their start does
-    // not compete with the first claim for the two cores (signals wait, pending, meanwhile).
+    // A re-exec'd generation claims first and starts its helpers while the lanes serve.
     if resumed {
         ctl.start_lanes()?;
-        ctl.state.wait_first_claim(FIRST_CLAIM_WAIT);
     }
     let failed = match startup::start_helpers(&mut ctl, helpers) {
         Ok(()) => None,

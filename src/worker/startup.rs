@@ -191,7 +191,6 @@ pub(super) fn new_state(
         in_flight: 0.into(),
         restart_pause_us: 0.into(),
         first_claim_mono_us: 0.into(),
-        first_claim_waiter: Default::default(),
         generation_jobs: 0.into(),
         file_checks: 0.into(),
         running: std::sync::Mutex::new(vec![
