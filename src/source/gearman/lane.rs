@@ -402,10 +402,11 @@ impl GearmanLane {
         for i in 0..self.servers.len() {
             let key = super::handover::key(self.index, self.exceptions, &self.servers[i].addr);
             let s = &mut self.servers[i];
-            if !matches!(s.phase, Phase::Idle { .. }) || s.tls.is_some() {
+            if !matches!(s.phase, Phase::Idle { .. }) {
                 continue;
             }
-            // The last result must be written whole; a full socket keeps the bye path.
+            // The last result must be written whole (a full socket keeps the bye path), and
+            // TLS never parks (`detachable`).
             let ready = s
                 .conn
                 .as_mut()
