@@ -160,25 +160,56 @@ fn start_on_a_full_disk_says_so() {
     );
 }
 
-#[test]
-fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
-    let sb = Sandbox::new("emfile");
+/// A worker of 16 lanes under `ulimit -n 40` (each job's spawn takes pipes), with `jobs`
+/// jobs queued for an executable that upper-cases its payload.
+fn short_of_descriptors(name: &str, jobs: usize) -> (Sandbox, Vec<String>, Worker) {
+    let sb = Sandbox::new(name);
     let cfg = fs::read_to_string(sb.config())
         .unwrap()
         .replace("concurrency = 2", "concurrency = 16");
     fs::write(sb.config(), cfg).unwrap();
     sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
-    let ids: Vec<String> = (0..200)
+    let ids: Vec<String> = (0..jobs)
         .map(|i| sb.submit("up", &format!("job{i}")))
         .collect();
-    let _w = sb.start_under_shell("ulimit -n 40");
-    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    let w = sb.start_under_shell("ulimit -n 40");
+    (sb, ids, w)
+}
+
+/// Every job done once, its payload upper-cased.
+fn all_upper_cased(sb: &Sandbox, ids: &[String]) {
+    let outcomes = all_outcomes(sb, ids, Duration::from_secs(120));
     for (i, (ok, r, _)) in outcomes.iter().enumerate() {
         assert!(*ok, "job {i} failed: {r}");
         assert_eq!(*r, format!("JOB{i}"));
     }
+}
+
+#[test]
+fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
+    let (sb, ids, _w) = short_of_descriptors("emfile", 200);
+    all_upper_cased(&sb, &ids);
     assert_eq!(count(&sb.path("spool/cur")), 0);
     assert_eq!(count(&sb.path("spool/failed")), 0);
+}
+
+/// Restarts while the lanes use up the descriptors: a restarted generation takes what its
+/// helpers need (the status socket, their pipes) before its lanes start, so none of them fails
+/// for want of one and the worker goes on serving (before, a helper started after the lanes
+/// could hit EMFILE, and that generation stopped and exited 1 for a supervisor).
+#[test]
+fn reloads_while_descriptors_run_out_keep_the_worker_serving() {
+    let (sb, ids, mut w) = short_of_descriptors("emfile-reload", 300);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(w.child.try_wait().unwrap().is_none(), "{}", w.log_text());
+        w.signal(Signal::SIGHUP);
+    }
+    all_upper_cased(&sb, &ids);
+    let log = w.log_text();
+    assert!(w.child.try_wait().unwrap().is_none(), "{log}");
+    assert!(!log.contains("for the supervisor"), "{log}");
+    assert!(log.contains("generation 2 serving"), "{log}");
 }
 
 #[test]

@@ -281,6 +281,60 @@ fn no_descriptor_leaks_over_100_reexecs() {
     assert_eq!(fds.trim(), "0 1 2 3", "descriptors a job inherits");
 }
 
+/// The status socket is bound once and handed across every exec: a query sent while the worker
+/// restarts waits in its backlog and is answered by the next generation, never refused (before,
+/// each generation bound it anew, and a query in between found no listener).
+#[test]
+fn status_queries_during_restarts_are_all_answered() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sb = Sandbox::new("status-carried");
+    let w = sb.start();
+    w.status();
+    let ident = || {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(&w.socket).unwrap();
+        (m.dev(), m.ino())
+    };
+    let first = ident();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let asker = {
+        let (stop, socket) = (std::sync::Arc::clone(&stop), w.socket.clone());
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let asked = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    c.write_all(b"counts\n")?;
+                    let mut body = Vec::new();
+                    c.read_to_end(&mut body)?;
+                    Ok(body)
+                });
+                match asked {
+                    Ok(body) if body.starts_with(b"{") => answered += 1,
+                    Ok(body) => failed.push(format!("answer {:?}", String::from_utf8_lossy(&body))),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (answered, failed)
+        })
+    };
+    for g in 2..=21 {
+        w.signal(Signal::SIGHUP);
+        w.wait_generation(g);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failed) = asker.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} queries failed: {failed:?}",
+        failed.len(),
+        answered as usize + failed.len()
+    );
+    assert!(answered > 20, "{answered} queries answered");
+    assert_eq!(ident(), first, "the socket bound at the first start");
+}
+
 /// The exec uses the plan validated at the HUP only while no file was touched since: a job
 /// added while the restart drains is served by the very next generation (looked at again before
 /// the exec), not one restart later.

@@ -71,31 +71,40 @@ pub struct Server {
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     wake: Option<OwnedFd>,
+    /// The wake-up pipe's read end, made with the server, until its loop starts.
+    woken: Option<OwnedFd>,
     active: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Serves `render` on `listener` from a helper thread.
-    pub fn start(listener: TcpListener, render: Render) -> Result<Server> {
+    /// Takes every descriptor the server needs (the wake-up pipe), without its thread yet.
+    pub fn prepare(listener: TcpListener) -> Result<Server> {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io("metrics socket", e))?;
-        let mut server = Server {
+        let (woken, wake) = wake_pipe()?;
+        Ok(Server {
             listener: Arc::new(listener),
             stop: Arc::new(AtomicBool::new(false)),
-            wake: None,
+            wake: Some(wake),
+            woken: Some(woken),
             active: Arc::new(AtomicUsize::new(0)),
             thread: None,
-        };
-        server.resume(render)?;
-        Ok(server)
+        })
     }
 
-    /// Starts accepting again after [`Server::pause`] (an execve that failed).
+    /// Starts accepting: after [`Server::prepare`], or again after [`Server::pause`] (an
+    /// execve that failed).
     pub fn resume(&mut self, render: Render) -> Result<()> {
-        let (wake_r, wake_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("metrics wake pipe", e.into()))?;
+        let wake_r = match self.woken.take() {
+            Some(r) => r,
+            None => {
+                let (r, w) = wake_pipe()?;
+                self.wake = Some(w);
+                r
+            }
+        };
         self.stop.store(false, Ordering::Release);
         let (listener, stop, active) = (
             Arc::clone(&self.listener),
@@ -106,7 +115,6 @@ impl Server {
             accept_loop(&listener, &wake_r, &stop, &active, &render)
         })
         .map_err(|e| Error::io("spawning metrics thread", e))?;
-        self.wake = Some(wake_w);
         self.thread = Some(thread);
         Ok(())
     }
@@ -136,6 +144,11 @@ impl Server {
     pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
         self.listener.as_fd()
     }
+}
+
+fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("metrics wake pipe", e.into()))
 }
 
 fn accept_loop(
@@ -271,7 +284,8 @@ mod tests {
     fn answers_get_head_and_refuses_the_rest() {
         let l = listener("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = l.local_addr().unwrap();
-        let mut server = Server::start(l, Arc::new(|| "up 1\n".to_string())).unwrap();
+        let mut server = Server::prepare(l).unwrap();
+        server.resume(Arc::new(|| "up 1\n".to_string())).unwrap();
         let ok = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("Content-Length: 5\r\n") && ok.ends_with("\r\n\r\nup 1\n"));
@@ -292,7 +306,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let fd = server.socket().try_clone_to_owned().unwrap();
         let again = listener(addr, Some(std::os::fd::IntoRawFd::into_raw_fd(fd))).unwrap();
-        let _server2 = Server::start(again, Arc::new(|| "up 2\n".to_string())).unwrap();
+        let mut server2 = Server::prepare(again).unwrap();
+        server2.resume(Arc::new(|| "up 2\n".to_string())).unwrap();
         assert!(waiting.join().unwrap().ends_with("up 2\n"));
     }
 }

@@ -1,6 +1,6 @@
 //! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
-//! (its lock), the inotify instance (its queued events), the `/metrics` listening socket (its
-//! accept queue), a source's sockets (ZeroMQ's listening sockets, Gearman connections parked at
+//! (its lock), the inotify instance (its queued events), the status socket and the `/metrics`
+//! listening socket (their accept queues), a source's sockets (ZeroMQ's listening sockets, Gearman connections parked at
 //! a safe point), and data too large for the environment in memfds ([`memfd`]: the spool's
 //! queue listing, the metrics' counters).
 //!

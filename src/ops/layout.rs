@@ -6,7 +6,7 @@
 //!   gearshift.log              the daemon's default log (given to the worker, so it can reopen it)
 //!   last-good                  the binary to roll back to; written only by whoever owns state_dir
 //!   worker/                    the worker's own: 0750, owned by [worker] user
-//!     gearshift.sock           status socket (bound by every generation)
+//!     gearshift.sock           status socket (bound at a fresh start, handed across every exec)
 //!     deploy-pending.json      deploy marker (data only: root reads one field, never a path)
 //! ```
 //!

@@ -37,13 +37,26 @@ pub struct Signals {
     _thread: JoinHandle<()>,
 }
 
+/// The handlers installed and their descriptors taken, not yet forwarded (see
+/// [`Installed::forward`]): a restarted generation takes every descriptor before its lanes.
+pub struct Installed(Iter);
+
 impl Signals {
-    /// Installs handlers for [`HANDLED`] and forwards each delivery to `tx`. Call with the
-    /// signals blocked ([`block`]) and clear the mask ([`clear_mask`]) once this is in place:
-    /// what arrived meanwhile stays pending until then, and reaches the handlers.
-    pub fn install(deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
+    /// Installs handlers for [`HANDLED`]. Call with the signals blocked ([`block`]), start
+    /// forwarding ([`Installed::forward`]) and then clear the mask ([`clear_mask`]): what
+    /// arrived meanwhile stays pending until then, and reaches the handlers.
+    pub fn install() -> Result<Installed> {
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
-        let mut iter = Iter::new(&raw).map_err(|e| Error::io("installing signal handlers", e))?;
+        Iter::new(&raw)
+            .map(Installed)
+            .map_err(|e| Error::io("installing signal handlers", e))
+    }
+}
+
+impl Installed {
+    /// Forwards each delivery to `deliver`, on a thread of its own.
+    pub fn forward(self, deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
+        let mut iter = self.0;
         let thread = spawn_essential("signals", move || {
             for raw in iter.forever() {
                 if let Ok(sig) = Signal::try_from(raw) {

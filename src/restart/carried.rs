@@ -55,6 +55,13 @@ pub struct Inherited {
     /// The earlier form's memfd with the validated `jobs_dir` (read, never written).
     #[serde(default, with = "fd_or_none")]
     pub jobs_fd: Option<i32>,
+    /// The status socket, listening (bound by the first generation).
+    #[serde(default, with = "fd_or_none")]
+    pub status_listen_fd: Option<i32>,
+    /// The status socket file's (device, inode) when it was bound: adopted only while the path
+    /// still names it.
+    #[serde(default)]
+    pub status_socket: Option<(u64, u64)>,
     /// A network source's listening sockets, by endpoint (ZeroMQ's `bind`).
     #[serde(default)]
     pub listen_fds: Vec<(String, i32)>,

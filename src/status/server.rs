@@ -10,7 +10,7 @@
 //! long.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,42 +31,83 @@ const MAX_CLIENTS: usize = 8;
 
 /// The status socket's accept loop.
 pub struct Server {
+    /// Bound once per worker and handed across every exec (a query sent while the worker
+    /// restarts waits in its backlog for the next generation).
+    listener: Arc<UnixListener>,
+    /// The socket file's identity when it was bound: a next generation adopts the socket only
+    /// while the path still names it (a job may remove or replace the file).
+    ident: (u64, u64),
     /// Writing a byte here (or closing it) ends the accept loop.
     wake: Option<OwnedFd>,
+    /// The read end, until the loop starts ([`Server::prepare`] makes the pair, [`Server::start`]
+    /// uses it: a restarted generation takes every descriptor before its lanes start).
+    woken: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     answering: Arc<InFlight>,
 }
 
 impl Server {
-    /// Binds `path` and serves `state` (and `metrics`, the exposition) on a thread. A leftover
-    /// socket file is replaced (we hold the pidfile lock, so no live worker owns it); anything
-    /// else in the way (a directory a job made) is moved aside, and said so.
-    pub fn start(path: &Path, state: Arc<State>, answers: Answers) -> Result<Server> {
-        clear_the_way(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| Error::io_path("binding status socket", path, e))?;
-        // The worker's group may query (connecting needs write permission on the socket),
-        // others may not even reach it (its directory is 0750).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770));
-        }
+    /// Takes everything the server needs, without its thread: the listening socket handed over
+    /// (`carried`: its descriptor and the file's identity) while `path` still names it, else
+    /// `path` bound anew (a leftover socket file is replaced: we hold the pidfile lock, so no
+    /// live worker owns it; anything else in the way, a directory a job made, is moved aside,
+    /// and said so); and the wake-up pipe.
+    pub fn prepare(path: &Path, carried: Option<(i32, (u64, u64))>) -> Result<Server> {
+        let adopted = carried.and_then(|(fd, ident)| {
+            let owned = crate::ops::handover::adopt(Some(fd), |what| {
+                what.to_string_lossy().starts_with("socket:")
+            })?;
+            let listener = UnixListener::from(owned);
+            let same_path = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p == path))
+                .unwrap_or(false);
+            (same_path && socket_ident(path) == Some(ident)).then_some((listener, ident))
+        });
+        let (listener, ident) = match adopted {
+            Some(a) => a,
+            None => bind(path)?,
+        };
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io_path("status socket", path, e))?;
-        let (wake_rx, wake_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        let (woken, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
-        let answering = Arc::new(InFlight::default());
-        let busy = Arc::clone(&answering);
+        Ok(Server {
+            listener: Arc::new(listener),
+            ident,
+            wake: Some(wake),
+            woken: Some(woken),
+            thread: None,
+            answering: Arc::new(InFlight::default()),
+        })
+    }
+
+    /// Serves `state` (and `answers`) on a thread, from a [`Server::prepare`] or after a
+    /// [`Server::stop`] (an execve that failed: a new wake-up pipe).
+    pub fn start(&mut self, state: Arc<State>, answers: Answers) -> Result<()> {
+        let woken = match self.woken.take() {
+            Some(w) => w,
+            None => {
+                let (woken, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
+                self.wake = Some(wake);
+                woken
+            }
+        };
+        let (listener, busy) = (Arc::clone(&self.listener), Arc::clone(&self.answering));
         let thread = crate::ops::signals::spawn_essential("status", move || {
-            accept_loop(&listener, &wake_rx, &busy, &state, &answers)
+            accept_loop(&listener, &woken, &busy, &state, &answers)
         })
         .map_err(|e| Error::io("spawning status thread", e))?;
-        Ok(Server {
-            wake: Some(wake_tx),
-            thread: Some(thread),
-            answering,
-        })
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// The listening socket and the file's identity, for the hand-over.
+    pub fn handed(&self) -> (BorrowedFd<'_>, (u64, u64)) {
+        (self.listener.as_fd(), self.ident)
     }
 
     /// Stops taking connections: the accept thread ends on its own while the caller goes on
@@ -77,8 +118,9 @@ impl Server {
     }
 
     /// Stops answering and joins the accept thread; answers under way get at most
-    /// [`CLIENT_BUDGET`] to finish (before execve, so no reply is cut short by it).
-    pub fn stop(mut self) {
+    /// [`CLIENT_BUDGET`] to finish (before execve, so no reply is cut short by it). The socket
+    /// stays open: connections wait in its backlog.
+    pub fn stop(&mut self) {
         self.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -93,6 +135,28 @@ impl Server {
             .idle
             .wait_timeout_while(count, CLIENT_BUDGET, |n| *n > 0);
     }
+}
+
+/// Binds `path` (see [`Server::prepare`]): the socket and the file's identity.
+fn bind(path: &Path) -> Result<(UnixListener, (u64, u64))> {
+    clear_the_way(path);
+    let listener =
+        UnixListener::bind(path).map_err(|e| Error::io_path("binding status socket", path, e))?;
+    // The worker's group may query (connecting needs write permission on the socket), others
+    // may not even reach it (its directory is 0750).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770));
+    }
+    let ident = socket_ident(path).unwrap_or_default();
+    Ok((listener, ident))
+}
+
+/// The (device, inode) of the socket file at `path`, if a socket is there.
+fn socket_ident(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.file_type().is_socket().then(|| (m.dev(), m.ino()))
 }
 
 /// Removes a stale socket at `path`, or moves aside whatever else is there.

@@ -27,6 +27,7 @@ use crate::restart::reexec::{self};
 
 mod control;
 mod event;
+mod helpers;
 mod lane;
 mod plan;
 mod restart;
@@ -108,7 +109,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         i.warnings.extend(start_warnings);
     }
     let plan_state_dir = plan.config.worker.state_dir.clone();
-    let inotify = startup::inotify(&boot);
+    let inotify = helpers::inotify(&boot);
     let reaper = crate::jobs::reaper::Reaper::new();
     let (render, counts) = answers(&state, &source);
     if let Ok(mut i) = state.inner.lock() {
@@ -147,17 +148,20 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         ready: opts.ready.take(),
         exit_for_supervisor: false,
     };
-    let helpers = startup::Helpers {
+    let mut helpers = helpers::Helpers {
         reaper,
         inotify,
         metrics_listener,
         inherited,
+        signals: None,
     };
-    // A re-exec'd generation claims first and starts its helpers while the lanes serve.
+    let prepared = helpers::prepare_helpers(&mut ctl, &mut helpers);
+    // A re-exec'd generation claims first and starts its helper threads while the lanes serve
+    // (their descriptors are taken above: lanes short of descriptors cannot starve them).
     if resumed {
         ctl.start_lanes()?;
     }
-    let failed = match startup::start_helpers(&mut ctl, helpers) {
+    let failed = match helpers::start_helpers(&mut ctl, helpers, prepared) {
         Ok(()) => None,
         Err(e) if !resumed => return Err(e),
         Err(e) => Some(e),

@@ -193,7 +193,7 @@ impl Control {
         // kept for the hand-over.
         self.source.settle(false);
         let parts = self.hand_over(&mut next, &plan);
-        if let Some(s) = self.status_server.take() {
+        if let Some(s) = self.status_server.as_mut() {
             s.stop();
         }
         drop(plan);
@@ -216,6 +216,9 @@ impl Control {
         for (_, fd) in self.source.listeners() {
             // SAFETY: the source owns `fd` and keeps it open.
             crate::ops::handover::release(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+        }
+        if let Some(s) = &self.status_server {
+            crate::ops::handover::release(s.handed().0);
         }
         if let Some(m) = self.metrics_server.as_mut() {
             crate::ops::handover::release(m.socket());
@@ -263,6 +266,8 @@ impl Control {
             metrics_fd: None,
             metrics_listen_fd: None,
             jobs_fd: None,
+            status_listen_fd: None,
+            status_socket: None,
             listen_fds: Vec::new(),
             ingress_counts: self.state.ingress.counts(),
         }
@@ -336,6 +341,14 @@ impl Control {
                 next.listen_fds.push((endpoint, fd));
             }
         }
+        if let Some(s) = &self.status_server {
+            // Queries from now on wait in its backlog for the next image.
+            let (fd, ident) = s.handed();
+            if crate::ops::handover::keep(fd).is_ok() {
+                next.status_listen_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&fd));
+                next.status_socket = Some(ident);
+            }
+        }
         if let Some(m) = self.metrics_server.as_mut() {
             // Scrapes from now on wait in the accept queue for the next image.
             m.pause();
@@ -352,13 +365,10 @@ impl Control {
             metrics: Arc::clone(&self.render),
             counts: Arc::clone(&self.counts),
         };
-        match status::Server::start(
-            &self.plan.config.status_socket(),
-            Arc::clone(&self.state),
-            answers,
-        ) {
-            Ok(s) => self.status_server = Some(s),
-            Err(e) => log::error!("status socket: {e}"),
+        if let Some(s) = self.status_server.as_mut() {
+            if let Err(e) = s.start(Arc::clone(&self.state), answers) {
+                log::error!("status socket: {e}");
+            }
         }
         if let Err(e) = signals::clear_mask() {
             log::error!("{e}");

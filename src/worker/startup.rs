@@ -1,6 +1,6 @@
 //! A generation's start-up, step by step (what `run_with` calls in order): who we are, the
-//! plan, a rollback, the root side and the privilege drop, the live state, the file watch,
-//! the deploy state, the first log line.
+//! plan, a rollback, the root side and the privilege drop, the live state, the source, the
+//! first log line. The helper threads beside the lanes are `helpers`'.
 
 use crate::kinds::RestartReason;
 use crate::restart::carried::Inherited;
@@ -12,16 +12,10 @@ use crate::error::Result;
 use crate::jobs::functions::Functions;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals;
-use crate::restart::deploy::Deploy;
 use crate::restart::reexec::{self, Boot};
 use crate::status::{self, Inner, State};
-use crate::watch::inotify::Inotify;
-use crate::watch::{self, Touched};
 
-use super::control::{poll_queue, Control, POLL_FALLBACK};
-use super::event::Event;
 use super::{Plan, RunOptions};
-use crate::jobs::reaper::Reaper;
 
 /// Who we are: a fresh start or a re-exec'd generation (with what it carried), signals
 /// blocked, inherited descriptors closed, and (re-exec'd) the log file from the first line.
@@ -271,158 +265,6 @@ pub(super) fn answers(
         })
     };
     (render, counts)
-}
-
-/// What a generation starts beside its lanes (see [`start_helpers`]).
-pub(super) struct Helpers {
-    pub(super) reaper: Reaper,
-    pub(super) inotify: std::io::Result<Arc<Inotify>>,
-    pub(super) metrics_listener: Option<std::net::TcpListener>,
-    pub(super) inherited: Inherited,
-}
-
-/// The inotify instance handed over, or a new one (taken before the lanes start, like every
-/// descriptor carried across the exec).
-pub(super) fn inotify(boot: &Boot) -> std::io::Result<Arc<Inotify>> {
-    boot.inherited
-        .as_ref()
-        .and_then(|i| Inotify::adopt(i.inotify_fd))
-        .map(Ok)
-        .unwrap_or_else(Inotify::new)
-        .map(Arc::new)
-}
-
-/// Starts the helper threads: the signal thread, the reaper, the file watch, the status
-/// socket, `/metrics`, the deploy watch; then this thread takes signals (also after a failure:
-/// a second SIGTERM must end a generation whose lanes are finishing their jobs). None of it is
-/// needed for a claim: a re-exec'd generation starts its lanes first, since every thread
-/// spawned before them would lengthen the restart pause; a fresh start starts them after, so
-/// that a start-up error still comes before any job.
-pub(super) fn start_helpers(ctl: &mut Control, h: Helpers) -> Result<()> {
-    let started = start_each(ctl, h);
-    started.and(signals::clear_mask())
-}
-
-fn start_each(ctl: &mut Control, mut h: Helpers) -> Result<()> {
-    let tx = ctl.events.clone();
-    ctl.signals = Some(signals::Signals::install(move |sig| {
-        tx.send(Event::Signal(sig)).is_ok()
-    })?);
-    let state = Arc::clone(&ctl.state);
-    h.reaper.start(move || state.running_ids())?;
-    let (inotify, poll_fallback) = start_watch(
-        h.inotify,
-        &ctl.plan,
-        &ctl.boot,
-        &ctl.source,
-        &ctl.state,
-        &ctl.events,
-    )?;
-    (ctl.inotify, ctl.poll_fallback) = (inotify, poll_fallback);
-    ctl.status_server = Some(status::Server::start(
-        &ctl.plan.config.status_socket(),
-        Arc::clone(&ctl.state),
-        status::server::Answers {
-            metrics: Arc::clone(&ctl.render),
-            counts: Arc::clone(&ctl.counts),
-        },
-    )?);
-    if let Some(l) = h.metrics_listener {
-        let render = Arc::clone(&ctl.render);
-        ctl.metrics_server = Some(crate::metrics::http::Server::start(l, render)?);
-    }
-    // Spawns the hashing thread on a first start.
-    ctl.deploy = new_deploy(&ctl.plan, &ctl.boot, &h.inherited, &ctl.state);
-    if let (Some(d), Some(rb)) = (ctl.deploy.as_mut(), &ctl.last_rollback) {
-        d.mark_bad(&rb.from_sha);
-    }
-    Ok(())
-}
-
-/// Starts the file watch (the inotify instance handed over, or a new one): config.toml,
-/// `jobs_dir`, the queue's directories, the binary's directory. Where something cannot be
-/// watched, polls instead and says so. Returns the instance and whether files are polled.
-fn start_watch(
-    inotify: std::io::Result<Arc<Inotify>>,
-    plan: &Plan,
-    boot: &Boot,
-    source: &Arc<crate::source::Source>,
-    state: &Arc<State>,
-    events_tx: &crossbeam_channel::Sender<Event>,
-) -> Result<(Option<Arc<Inotify>>, bool)> {
-    let mut poll_fallback = false;
-    match &inotify {
-        Ok(ino) => {
-            let w = &plan.config.worker;
-            let targets = watch::Targets {
-                config: w.watch_config.then_some(plan.config.path.as_path()),
-                jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
-                queue: source.watch_dirs(),
-                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
-            };
-            let waker = Arc::clone(source);
-            let tx = events_tx.clone();
-            let report = move |t: Touched| {
-                // A lost event would be a change unseen: wait for room rather than drop one.
-                let _ = tx.send(Event::Touched(t));
-            };
-            let unwatched = watch::start(ino, &targets, report, move || waker.wake())?;
-            for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
-                log::warn!(
-                    "{e}; checking for changes every {}s instead",
-                    POLL_FALLBACK.as_secs()
-                );
-                poll_fallback = true;
-                if let Ok(mut i) = state.inner.lock() {
-                    i.watch = Some(format!("polling: {e}"));
-                }
-            }
-            if let Some(e) = unwatched.queue {
-                log::warn!("{e}; checking for new jobs every second instead");
-                poll_queue(source)?;
-            }
-        }
-        Err(e) => {
-            log::warn!(
-                "no inotify ({e}); checking files every {}s and the queue every second",
-                POLL_FALLBACK.as_secs()
-            );
-            poll_fallback = true;
-            if let Ok(mut i) = state.inner.lock() {
-                i.watch = Some(format!("polling: no inotify ({e})"));
-            }
-            poll_queue(source)?;
-        }
-    }
-    Ok((inotify.ok(), poll_fallback))
-}
-
-/// The binary watch's deploy state (`[worker] watch_binary`), from what the predecessor knew.
-pub(super) fn new_deploy(
-    plan: &Plan,
-    boot: &Boot,
-    inherited: &Inherited,
-    state: &Arc<State>,
-) -> Option<Deploy> {
-    plan.config.worker.watch_binary.then(|| {
-        let state = Arc::clone(state);
-        let worker_uid = crate::ops::privilege::target(&plan.config)
-            .ok()
-            .flatten()
-            .map(|t| t.uid.as_raw());
-        Deploy::new(
-            &boot.exe,
-            &plan.config.path,
-            inherited.binary.clone(),
-            inherited.last_refused_deploy.clone(),
-            worker_uid,
-            move |sha| {
-                if let Ok(mut i) = state.inner.lock() {
-                    i.binary_sha256 = Some(sha.to_string());
-                }
-            },
-        )
-    })
 }
 
 /// The first line of a generation: what runs, on what.

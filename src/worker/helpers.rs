@@ -1,0 +1,192 @@
+//! The helper threads a generation starts beside its lanes: the signal thread, the reaper,
+//! the file watch, the status socket, `/metrics`, the deploy watch. Their descriptors are taken
+//! first ([`prepare_helpers`]), their threads after ([`start_helpers`]): a re-exec'd generation
+//! starts its lanes in between.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::jobs::reaper::Reaper;
+use crate::ops::signals;
+use crate::restart::carried::Inherited;
+use crate::restart::deploy::Deploy;
+use crate::restart::reexec::Boot;
+use crate::status::{self, State};
+use crate::watch::inotify::Inotify;
+use crate::watch::{self, Touched};
+
+use super::control::{poll_queue, Control, POLL_FALLBACK};
+use super::event::Event;
+use super::Plan;
+
+/// What a generation starts beside its lanes (see [`start_helpers`]).
+pub(super) struct Helpers {
+    pub(super) reaper: Reaper,
+    pub(super) inotify: std::io::Result<Arc<Inotify>>,
+    pub(super) metrics_listener: Option<std::net::TcpListener>,
+    pub(super) inherited: Inherited,
+    /// The signal handlers, once installed ([`prepare_helpers`]).
+    pub(super) signals: Option<signals::Installed>,
+}
+
+/// The inotify instance handed over, or a new one (taken before the lanes start, like every
+/// descriptor carried across the exec).
+pub(super) fn inotify(boot: &Boot) -> std::io::Result<Arc<Inotify>> {
+    boot.inherited
+        .as_ref()
+        .and_then(|i| Inotify::adopt(i.inotify_fd))
+        .map(Ok)
+        .unwrap_or_else(Inotify::new)
+        .map(Arc::new)
+}
+
+/// Takes every descriptor the helpers need, without their threads: the signal handlers' pipe,
+/// the status socket (the one handed over, or bound) and its wake-up pipe, `/metrics`' wake-up
+/// pipe. A re-exec'd generation does this before its lanes start, so that lanes short of
+/// descriptors (a low `ulimit -n`) can never leave a helper without one.
+pub(super) fn prepare_helpers(ctl: &mut Control, h: &mut Helpers) -> Result<()> {
+    h.signals = Some(signals::Signals::install()?);
+    let carried = h.inherited.status_listen_fd.zip(h.inherited.status_socket);
+    ctl.status_server = Some(status::Server::prepare(
+        &ctl.plan.config.status_socket(),
+        carried,
+    )?);
+    if let Some(l) = h.metrics_listener.take() {
+        ctl.metrics_server = Some(crate::metrics::http::Server::prepare(l)?);
+    }
+    Ok(())
+}
+
+/// Starts the helper threads: the signal thread, the reaper, the file watch, the status
+/// socket, `/metrics`, the deploy watch; then this thread takes signals (also after a failure:
+/// a second SIGTERM must end a generation whose lanes are finishing their jobs). None of it is
+/// needed for a claim: a re-exec'd generation starts its lanes first, since every thread
+/// spawned before them would lengthen the restart pause; a fresh start starts them after, so
+/// that a start-up error still comes before any job. `prepared`: how [`prepare_helpers`] went.
+pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<()>) -> Result<()> {
+    let tx = ctl.events.clone();
+    let forwarding = match h.signals.take() {
+        Some(installed) => installed
+            .forward(move |sig| tx.send(Event::Signal(sig)).is_ok())
+            .map(|s| ctl.signals = Some(s)),
+        None => Ok(()),
+    };
+    let started = forwarding.and(prepared).and_then(|()| start_each(ctl, h));
+    started.and(signals::clear_mask())
+}
+
+fn start_each(ctl: &mut Control, mut h: Helpers) -> Result<()> {
+    let state = Arc::clone(&ctl.state);
+    h.reaper.start(move || state.running_ids())?;
+    let (inotify, poll_fallback) = start_watch(
+        h.inotify,
+        &ctl.plan,
+        &ctl.boot,
+        &ctl.source,
+        &ctl.state,
+        &ctl.events,
+    )?;
+    (ctl.inotify, ctl.poll_fallback) = (inotify, poll_fallback);
+    let answers = status::server::Answers {
+        metrics: Arc::clone(&ctl.render),
+        counts: Arc::clone(&ctl.counts),
+    };
+    if let Some(s) = ctl.status_server.as_mut() {
+        s.start(Arc::clone(&ctl.state), answers)?;
+    }
+    if let Some(m) = ctl.metrics_server.as_mut() {
+        m.resume(Arc::clone(&ctl.render))?;
+    }
+    // Spawns the hashing thread on a first start.
+    ctl.deploy = new_deploy(&ctl.plan, &ctl.boot, &h.inherited, &ctl.state);
+    if let (Some(d), Some(rb)) = (ctl.deploy.as_mut(), &ctl.last_rollback) {
+        d.mark_bad(&rb.from_sha);
+    }
+    Ok(())
+}
+
+/// Starts the file watch (the inotify instance handed over, or a new one): config.toml,
+/// `jobs_dir`, the queue's directories, the binary's directory. Where something cannot be
+/// watched, polls instead and says so. Returns the instance and whether files are polled.
+fn start_watch(
+    inotify: std::io::Result<Arc<Inotify>>,
+    plan: &Plan,
+    boot: &Boot,
+    source: &Arc<crate::source::Source>,
+    state: &Arc<State>,
+    events_tx: &crossbeam_channel::Sender<Event>,
+) -> Result<(Option<Arc<Inotify>>, bool)> {
+    let mut poll_fallback = false;
+    match &inotify {
+        Ok(ino) => {
+            let w = &plan.config.worker;
+            let targets = watch::Targets {
+                config: w.watch_config.then_some(plan.config.path.as_path()),
+                jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
+                queue: source.watch_dirs(),
+                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
+            };
+            let waker = Arc::clone(source);
+            let tx = events_tx.clone();
+            let report = move |t: Touched| {
+                // A lost event would be a change unseen: wait for room rather than drop one.
+                let _ = tx.send(Event::Touched(t));
+            };
+            let unwatched = watch::start(ino, &targets, report, move || waker.wake())?;
+            for e in [&unwatched.config, &unwatched.jobs].into_iter().flatten() {
+                log::warn!(
+                    "{e}; checking for changes every {}s instead",
+                    POLL_FALLBACK.as_secs()
+                );
+                poll_fallback = true;
+                if let Ok(mut i) = state.inner.lock() {
+                    i.watch = Some(format!("polling: {e}"));
+                }
+            }
+            if let Some(e) = unwatched.queue {
+                log::warn!("{e}; checking for new jobs every second instead");
+                poll_queue(source)?;
+            }
+        }
+        Err(e) => {
+            log::warn!(
+                "no inotify ({e}); checking files every {}s and the queue every second",
+                POLL_FALLBACK.as_secs()
+            );
+            poll_fallback = true;
+            if let Ok(mut i) = state.inner.lock() {
+                i.watch = Some(format!("polling: no inotify ({e})"));
+            }
+            poll_queue(source)?;
+        }
+    }
+    Ok((inotify.ok(), poll_fallback))
+}
+
+/// The binary watch's deploy state (`[worker] watch_binary`), from what the predecessor knew.
+pub(super) fn new_deploy(
+    plan: &Plan,
+    boot: &Boot,
+    inherited: &Inherited,
+    state: &Arc<State>,
+) -> Option<Deploy> {
+    plan.config.worker.watch_binary.then(|| {
+        let state = Arc::clone(state);
+        let worker_uid = crate::ops::privilege::target(&plan.config)
+            .ok()
+            .flatten()
+            .map(|t| t.uid.as_raw());
+        Deploy::new(
+            &boot.exe,
+            &plan.config.path,
+            inherited.binary.clone(),
+            inherited.last_refused_deploy.clone(),
+            worker_uid,
+            move |sha| {
+                if let Ok(mut i) = state.inner.lock() {
+                    i.binary_sha256 = Some(sha.to_string());
+                }
+            },
+        )
+    })
+}
