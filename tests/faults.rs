@@ -766,21 +766,11 @@ fn a_supervisor_whose_signal_thread_dies_neither_spins_nor_ignores_term() {
         .parse()
         .unwrap();
     assert_ne!(sup, 1);
-    let ticks = |pid: i32| -> u64 {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGUSR1).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let before = ticks(sup);
+    let before = cpu_ticks(sup);
     std::thread::sleep(Duration::from_secs(1));
-    let used = ticks(sup) - before;
+    let used = cpu_ticks(sup) - before;
     assert!(
         used < 20,
         "the supervisor used {used} ticks in a second: it spins"

@@ -121,6 +121,9 @@ impl JobEnded {
     }
 }
 
+/// The grid follow-up looks are put on: at most one sweep per this, however many jobs end.
+const COALESCE: Duration = Duration::from_millis(50);
+
 fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
     // After a job ends, its group's members die and their children are re-parented to us a
     // moment later: look again a few times.
@@ -130,6 +133,7 @@ fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
         Duration::from_millis(500),
         Duration::from_secs(2),
     ];
+    let epoch = Instant::now();
     let mut due: Vec<Instant> = Vec::new();
     let mut strays = false;
     loop {
@@ -145,8 +149,20 @@ fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
                     return;
                 }
 
-                let now = Instant::now();
-                due.extend(FOLLOW_UPS.iter().map(|d| now + *d));
+                // Each look is put off to the next tick of a COALESCE grid, where one look
+                // serves every job that ended in that tick: jobs ending in a stream make at
+                // most one sweep per tick, not four per job (each sweep lists /proc).
+                let since = epoch.elapsed();
+                for d in FOLLOW_UPS {
+                    let ticks = (since + d).as_nanos().div_ceil(COALESCE.as_nanos());
+                    let t = u32::try_from(ticks)
+                        .ok()
+                        .and_then(|n| epoch.checked_add(COALESCE * n))
+                        .unwrap_or(epoch + since + d);
+                    if !due.contains(&t) {
+                        due.push(t);
+                    }
+                }
             }
             recv(timer) -> _ => {
                 #[cfg(gearshift_faults)]

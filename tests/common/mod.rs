@@ -584,6 +584,18 @@ impl Drop for Reaper {
 }
 
 /// The pid a daemon wrote into the sandbox's pidfile.
+/// The CPU time (user + system, in clock ticks) process `pid` has used so far.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
 pub fn pid_of(sb: &Sandbox) -> i32 {
     fs::read_to_string(sb.path("state/gearshift.pid"))
         .unwrap()
