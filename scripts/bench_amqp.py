@@ -6,7 +6,7 @@ Each row: JOBS persistent messages are published into a durable queue (`gearshif
 --count`, confirmed), then the consumer(s) start and the time until the broker reports no
 message ready is the drain time (the last in-flight deliveries, at most one per consumer, are
 not waited for). gearshift: the amqp source, prefetch 1, the built-in `echo` function, one
-process with 1 or 4 lanes. PHP: the PHP daemons' consumer (php-amqp, qos 1, manual ack), 1 or 4
+process with 1 or 4 lanes, with `busy_poll` at its default and off. PHP: the PHP daemons' consumer (php-amqp, qos 1, manual ack), 1 or 4
 processes. Reports jobs/s, the ratio to PHP at the same concurrency, CPU time per job (all the
 consumer's processes) and memory. Best of ROUNDS (default 2) per row.
 """
@@ -96,12 +96,13 @@ def run(kind, concurrency, broker, workdir, n):
         f.write(f"[worker]\nconcurrency = {concurrency}\nstate_dir = \"state-{queue}\"\nallow_root = true\n"
                 f"builtins = true\njob_timeout = \"20m\"\n[log]\nlevel = \"warn\"\n"
                 f"[source]\nkind = \"amqp\"\nurl = \"{broker.url()}\"\nqueue = \"{queue}\"\nfunction = \"echo\"\n"
-                f"[source.declare]\n")
+                + ("busy_poll = \"0\"\n" if "busy_poll" in kind else "")
+                + "[source.declare]\n")
     broker.ch.queue_declare(queue, durable=True)
     subprocess.run([GEARSHIFT, "-c", cfg, "submit", "--count", str(JOBS), "echo", "ticket,login,42"],
                    check=True, stdout=subprocess.DEVNULL)
     assert broker.ready(queue) == JOBS, "preload"
-    if kind == "gearshift":
+    if kind.startswith("gearshift"):
         cmds = [[GEARSHIFT, "-c", cfg, "run"]]
     else:
         cmds = [["php", PHP_CONSUMER, str(broker.port), queue]] * concurrency
@@ -138,7 +139,7 @@ def main():
         for concurrency in (1, 4):
             results = {}
             for _ in range(ROUNDS):
-                for kind in ("PHP php-amqp", "gearshift"):
+                for kind in ("PHP php-amqp", "gearshift", "gearshift, busy_poll off"):
                     n += 1
                     r = run(kind, concurrency, broker, workdir, n)
                     if kind not in results or r[0] > results[kind][0]:

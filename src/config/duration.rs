@@ -73,7 +73,7 @@ impl<'de> Deserialize<'de> for Limit {
 /// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
 pub const MAX_PAYLOAD: u64 = 1 << 30;
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
+/// Parses `"100us"`, `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -84,6 +84,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\")"))?;
     let scale = match unit.trim() {
+        "us" | "µs" => 0.000_001,
         "ms" => 0.001,
         "" | "s" => 1.0,
         "m" => 60.0,
@@ -91,7 +92,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "d" => 86400.0,
         other => {
             return Err(format!(
-                "unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)"
+                "unknown duration unit \"{other}\" in \"{s}\" (use us, ms, s, m, h or d)"
             ))
         }
     };

@@ -468,7 +468,7 @@ mod tests {
             ("[wrker]\n", "/etc/gs/config.toml:1:2: unknown key \"wrker\" (did you mean \"worker\"?)"),
             (
                 "[functions.sleep]\ntimeout = \"5 parsecs\"\n",
-                "/etc/gs/config.toml:2:11: unknown duration unit \"parsecs\" in \"5 parsecs\" (use ms, s, m, h or d)",
+                "/etc/gs/config.toml:2:11: unknown duration unit \"parsecs\" in \"5 parsecs\" (use us, ms, s, m, h or d)",
             ),
             (
                 "[functions.\"a b\"]\n",
@@ -506,10 +506,32 @@ mod tests {
         assert!(!got.contains('\n'), "one line: {got}");
     }
 
+    /// `busy_poll` (amqp): 100 µs unless set, "0" turns it off, over 1 ms is refused where
+    /// it is written.
+    #[test]
+    fn amqp_busy_poll() {
+        let base = "[source]\nkind = \"amqp\"\nurl = \"amqp://127.0.0.1/%2f\"\nqueue = \"q\"\n";
+        let poll = |extra: &str| match parse(&format!("{base}{extra}")).map(|c| c.source) {
+            Ok(Source::Amqp(a)) => Ok(a.busy_poll),
+            Ok(_) => Err("not amqp".to_string()),
+            Err(e) => Err(e),
+        };
+        assert_eq!(poll(""), Ok(Duration::from_micros(100)));
+        assert_eq!(poll("busy_poll = \"0\"\n"), Ok(Duration::ZERO));
+        assert_eq!(
+            poll("busy_poll = \"250us\"\n"),
+            Ok(Duration::from_micros(250))
+        );
+        let err = poll("busy_poll = \"5ms\"\n").expect_err("over 1ms");
+        assert!(err.starts_with("/etc/gs/config.toml:5:"), "{err}");
+        assert!(err.contains("busy_poll is at most"), "{err}");
+    }
+
     #[test]
     fn durations() {
         let ok: &[(&str, Duration)] = &[
             ("500ms", Duration::from_millis(500)),
+            ("100us", Duration::from_micros(100)),
             ("30s", Duration::from_secs(30)),
             ("30", Duration::from_secs(30)),
             ("1.5s", Duration::from_millis(1500)),

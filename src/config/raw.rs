@@ -141,6 +141,7 @@ pub(super) struct RawSource {
     pub(super) declare: Option<Spanned<RawDeclare>>,
     pub(super) dedupe_ids: Spanned<u64>,
     pub(super) consumer_timeout: Spanned<Dur>,
+    pub(super) busy_poll: Spanned<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +181,7 @@ impl Default for RawSource {
             declare: None,
             dedupe_ids: Spanned::new(0..0, 0),
             consumer_timeout: Spanned::new(0..0, CONSUMER_TIMEOUT),
+            busy_poll: Spanned::new(0..0, Dur(BUSY_POLL)),
         }
     }
 }
@@ -224,3 +226,6 @@ pub(super) struct RawDeclare {
 
 /// Dur's default for a key: the broker's consumer_timeout (30 min since RabbitMQ 3.8.17).
 pub(super) const CONSUMER_TIMEOUT: Dur = Dur(Duration::from_secs(30 * 60));
+
+/// `[source] busy_poll`'s default (amqp): longer than this VM's broker round trip at prefetch 1.
+const BUSY_POLL: Duration = Duration::from_micros(100);

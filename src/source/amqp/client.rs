@@ -29,6 +29,7 @@ fn connect(cfg: &AmqpConfig) -> Result<Conn> {
         io_timeout: cfg.io_timeout,
         // Answers on the client's own reply queue: one is awaited.
         max_pending: 1000,
+        busy_poll: std::time::Duration::ZERO,
     };
     let mut errors = Vec::new();
     for url in &cfg.urls {

@@ -31,6 +31,7 @@ pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
         io_timeout: s.cfg.io_timeout,
         // The prefetch, and as many again in flight while a cancel is answered.
         max_pending: usize::from(s.cfg.prefetch) * 2 + 1,
+        busy_poll: s.cfg.busy_poll,
     };
     let mut conn = Conn::open(u, tls.as_ref(), &opts, Some(std::sync::Arc::clone(&s.wake)))?;
     s.beats.add(conn.io());

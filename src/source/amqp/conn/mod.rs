@@ -10,6 +10,7 @@
 
 mod net;
 mod read;
+mod spin;
 
 pub use net::sleep_until;
 
@@ -46,6 +47,8 @@ pub struct Options<'a> {
     /// Deliveries kept aside (arrived while something else was awaited) at most: more than
     /// the prefetch allows is a broker misbehaving, not a reason to grow without end.
     pub max_pending: usize,
+    /// How long a wait for input first polls without sleeping (`spin`; zero: never).
+    pub busy_poll: Duration,
 }
 
 /// A message delivered to this connection's consumer.
@@ -161,6 +164,8 @@ pub struct Conn {
     heartbeat: Duration,
     /// The sequence number of the last publish (publisher confirms).
     pub published: u64,
+    /// Busy-polling before a wait sleeps (`[source] busy_poll`).
+    spin: spin::Spin,
 }
 
 fn gone(e: io::Error) -> Error {
@@ -216,6 +221,7 @@ impl Conn {
             last_recv: now,
             heartbeat: Duration::ZERO,
             published: 0,
+            spin: spin::Spin::new(opts.busy_poll),
         };
         conn.handshake(url, opts)?;
         Ok(conn)
@@ -552,6 +558,7 @@ mod tests {
             max_body: 1024,
             io_timeout: Duration::from_secs(5),
             max_pending,
+            busy_poll: Duration::ZERO,
         }
     }
 

@@ -68,9 +68,12 @@ impl Conn {
             if !first {
                 // SAFETY: `self.fd` is the socket `self.io` owns, open as long as `self` is.
                 let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
-                match wait_fd(fd, PollFlags::POLLIN, until, self.wake.as_ref())? {
-                    Ready::Yes => {}
-                    other => return Ok(other),
+                let _waiting = super::spin::Waiting::enter();
+                if !self.spin.wait(fd) {
+                    match wait_fd(fd, PollFlags::POLLIN, until, self.wake.as_ref())? {
+                        Ready::Yes => {}
+                        other => return Ok(other),
+                    }
                 }
             }
             first = false;

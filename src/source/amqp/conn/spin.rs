@@ -1,0 +1,160 @@
+//! Busy-polling: a lane about to sleep in poll(2) for the next delivery first polls its socket
+//! without sleeping, for a short window (`[source] busy_poll`). On this kind of VM a thread
+//! woken from poll(2) by the broker's packet starts 40-60 µs later (a wake-up across CPUs of a
+//! nested guest), as long as RabbitMQ's own work for a delivery: at prefetch 1, where every job
+//! waits for one round trip, the window halves that round trip.
+//!
+//! It must not take the CPU the broker (or another lane) needs, so it spins only where that
+//! pays: only while no other lane of the worker waits too (several lanes waiting at once means
+//! the broker's CPU is the limit, and a spinning lane would take from it), at most one lane per
+//! CPU beyond the first, and a lane stops spinning once most of its windows end empty
+//! (deliveries come slower than the window: the queue is empty, or the broker is slow), trying
+//! again every [`RETRY_AFTER`] waits. An idle worker spins a few windows after its last job,
+//! then sleeps.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// Waits without a spin before a lane that stopped spinning tries one again.
+const RETRY_AFTER: u8 = 32;
+/// Empty windows a lane may have in hand (each costs one, each delivery seen earns one): it
+/// spins on while at least half its windows see a delivery.
+const MAX_CREDIT: u8 = 8;
+
+/// Lanes spinning right now, in this process.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+/// Lanes waiting for input right now (spinning or asleep), in this process.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a lane as waiting for input while it lives.
+pub(super) struct Waiting(());
+
+impl Waiting {
+    pub(super) fn enter() -> Waiting {
+        WAITING.fetch_add(1, Ordering::AcqRel);
+        Waiting(())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How many lanes may spin at once: one per CPU beyond the first (none on one CPU).
+fn spinners() -> usize {
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1))
+            .unwrap_or(0)
+    })
+}
+
+/// One connection's busy-poll state.
+pub(super) struct Spin {
+    window: Duration,
+    /// Empty windows still allowed before this lane stops spinning.
+    credit: u8,
+    /// Waits since it stopped.
+    skipped: u8,
+}
+
+impl Spin {
+    pub(super) fn new(window: Duration) -> Spin {
+        Spin {
+            window,
+            credit: MAX_CREDIT,
+            skipped: 0,
+        }
+    }
+
+    /// Polls `fd` for input without sleeping, for up to the window, if spinning pays lately,
+    /// no other lane waits (the caller holds a [`Waiting`]) and a CPU is left for others.
+    /// True: input is there.
+    pub(super) fn wait(&mut self, fd: BorrowedFd<'_>) -> bool {
+        if self.window.is_zero() || WAITING.load(Ordering::Acquire) > 1 || !self.worth_it() {
+            return false;
+        }
+        if SPINNING.fetch_add(1, Ordering::AcqRel) >= spinners() {
+            SPINNING.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let start = Instant::now();
+        let mut came = false;
+        while !came && start.elapsed() < self.window {
+            let mut one = [PollFd::new(fd, PollFlags::POLLIN)];
+            came = poll(&mut one, PollTimeout::ZERO).is_ok_and(|n| n > 0);
+            std::hint::spin_loop();
+        }
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+        self.credit = if came {
+            self.credit.saturating_add(1).min(MAX_CREDIT)
+        } else {
+            self.credit.saturating_sub(1)
+        };
+        came
+    }
+
+    /// Whether to spin this time: while credit is left, and once every RETRY_AFTER waits.
+    fn worth_it(&mut self) -> bool {
+        if self.credit > 0 {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped < RETRY_AFTER {
+            return false;
+        }
+        self.skipped = 0;
+        self.credit = 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    /// Input that comes within the window is seen without sleeping; windows that end empty
+    /// stop the spinning, which is tried again after RETRY_AFTER waits; a zero window never
+    /// spins.
+    #[test]
+    fn spins_while_it_pays_and_stops_when_it_does_not() {
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let _waiting = Waiting::enter();
+        let mut spin = Spin::new(Duration::from_micros(200));
+        if spinners() == 0 {
+            assert!(!spin.wait(rx.as_fd()), "one CPU: never spins");
+            return;
+        }
+        tx.write_all(b"x").unwrap_or_else(|e| panic!("{e}"));
+        assert!(spin.wait(rx.as_fd()));
+        assert_eq!(spin.credit, MAX_CREDIT);
+        {
+            let _another = Waiting::enter();
+            let t = Instant::now();
+            assert!(!spin.wait(rx.as_fd()), "another lane waits: no spin");
+            assert!(t.elapsed() < Duration::from_micros(200));
+        }
+        let mut buf = [0u8; 1];
+        std::io::Read::read(&mut &rx, &mut buf).unwrap_or_else(|e| panic!("{e}"));
+        for left in (0..MAX_CREDIT).rev() {
+            assert!(!spin.wait(rx.as_fd()), "nothing came");
+            assert_eq!(spin.credit, left);
+        }
+        let spun = (0..RETRY_AFTER).filter(|_| {
+            let t = Instant::now();
+            spin.wait(rx.as_fd());
+            t.elapsed() >= Duration::from_micros(200)
+        });
+        assert_eq!(spun.count(), 1, "one retry in RETRY_AFTER waits");
+        assert!(!Spin::new(Duration::ZERO).wait(rx.as_fd()));
+    }
+}
