@@ -37,12 +37,10 @@ pub struct AmqpConfig {
     pub consumer_timeout: Duration,
     /// `[source.tls]`, for `amqps://` brokers with a private CA or a client certificate.
     pub tls: Option<TlsFiles>,
-    /// How long a lane waiting for a delivery first polls without sleeping (zero: never).
+    /// How long a lane waiting for a delivery first polls without sleeping (zero: never;
+    /// `source::spin`).
     pub busy_poll: Duration,
 }
-
-/// The longest `busy_poll`: a window longer than a round trip only burns CPU.
-const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
 #[cfg(test)]
 impl AmqpConfig {
@@ -255,13 +253,7 @@ pub(super) fn amqp(cx: &Cx<'_>, s: RawSource, tls: Option<TlsFiles>) -> Result<S
             "heartbeat is whole seconds up to \"1h\" (\"0s\" asks the broker for none)",
         ));
     }
-    let busy_poll = s.busy_poll.get_ref().0;
-    if busy_poll > MAX_BUSY_POLL {
-        return Err(cx.located(
-            Some(s.busy_poll.span()),
-            "busy_poll is at most \"1ms\" (\"0\" turns it off; the default is \"100us\")",
-        ));
-    }
+    let busy_poll = cx.busy_poll(&s.busy_poll)?;
     let declare = match s.declare {
         None => None,
         Some(d) => Some(declare(cx, d, queue.get_ref())?),

@@ -49,6 +49,18 @@ impl Cx<'_> {
         }
     }
 
+    /// `[source] busy_poll`: at most 1 ms (a window longer than a round trip only burns CPU).
+    pub(super) fn busy_poll(&self, v: &Spanned<Dur>) -> Result<Duration> {
+        let t = v.get_ref().0;
+        if t > Duration::from_millis(1) {
+            return Err(self.located(
+                Some(v.span()),
+                "busy_poll is at most \"1ms\" (\"0\" turns it off; the default is \"100us\")",
+            ));
+        }
+        Ok(t)
+    }
+
     pub(super) fn in_range(&self, v: &Spanned<u64>, key: &str, min: u64, max: u64) -> Result<u64> {
         let n = *v.get_ref();
         if (min..=max).contains(&n) {

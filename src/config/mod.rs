@@ -216,6 +216,9 @@ pub struct GearmanConfig {
     /// noticed within about this long: TCP keepalive while idle, TCP_USER_TIMEOUT while
     /// data is unacknowledged.
     pub dead_peer_timeout: Duration,
+    /// How long a lane waiting for gearmand's answer to a GRAB first polls without sleeping
+    /// (zero: never; `source::spin`).
+    pub busy_poll: Duration,
     /// `[source.tls]`: for `tls://` servers.
     pub tls: Option<TlsFiles>,
 }
@@ -522,6 +525,11 @@ mod tests {
             poll("busy_poll = \"250us\"\n"),
             Ok(Duration::from_micros(250))
         );
+        let gearman = "[source]\nkind = \"gearman\"\nservers = [\"127.0.0.1:4730\"]\n";
+        match parse(&format!("{gearman}busy_poll = \"50us\"\n")).map(|c| c.source) {
+            Ok(Source::Gearman(g)) => assert_eq!(g.busy_poll, Duration::from_micros(50)),
+            other => panic!("{other:?}"),
+        }
         let err = poll("busy_poll = \"5ms\"\n").expect_err("over 1ms");
         assert!(err.starts_with("/etc/gs/config.toml:5:"), "{err}");
         assert!(err.contains("busy_poll is at most"), "{err}");

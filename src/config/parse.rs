@@ -305,6 +305,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
             }
             d
         },
+        busy_poll: cx.busy_poll(&s.busy_poll)?,
         max_packet_bytes: match &s.max_packet_bytes {
             None => (worker.max_payload_bytes + 4096).max(1 << 20),
             Some(b) => cx.in_range(b, "max_packet_bytes", 64, MAX_PAYLOAD + 65536)? as usize,

@@ -136,7 +136,11 @@ impl GearmanLane {
                     fds.push(PollFd::new(c.as_fd(), ev));
                 }
             }
-            match poll(&mut fds, timeout) {
+            // A GRAB out: its answer comes within a round trip; poll briefly before sleeping.
+            let grabbing = self.servers.iter().any(|s| s.phase == Phase::Grabbing);
+            let _waiting = grabbing.then(crate::source::spin::Waiting::enter);
+            let spun = grabbing && self.spin.wait(&mut fds);
+            match if spun { Ok(1) } else { poll(&mut fds, timeout) } {
                 Ok(_) => fds
                     .iter()
                     .map(|f| f.revents().unwrap_or(PollFlags::empty()))

@@ -93,6 +93,8 @@ pub(super) struct GearmanLane {
     pub(super) reconnect_max: Duration,
     pub(super) dead_peer: Duration,
     pub(super) wake: Arc<OwnedFd>,
+    /// Busy-polling for a GRAB's answer (`[source] busy_poll`).
+    pub(super) spin: crate::source::spin::Spin,
     /// Server of the job in hand (or whose result is queued), if any.
     pub(super) job_server: Option<usize>,
     /// Handle of the job in hand, for progress packets.

@@ -123,6 +123,7 @@ impl GearmanSource {
             reconnect_max: self.cfg.reconnect_max,
             dead_peer: self.cfg.dead_peer_timeout,
             wake,
+            spin: crate::source::spin::Spin::new(self.cfg.busy_poll),
             job_server: None,
             handle: Vec::new(),
             next_server: index,

@@ -10,7 +10,6 @@
 
 mod net;
 mod read;
-mod spin;
 
 pub use net::sleep_until;
 
@@ -28,6 +27,7 @@ use super::wire::{self, Id, Props, Reader};
 use crate::config::AmqpUrl;
 use crate::error::{Error, Result};
 use crate::source::gearman::tls::{TlsTarget, Transport};
+use crate::source::spin::Spin;
 
 /// The channel every connection uses.
 pub const CHANNEL: u16 = 1;
@@ -165,7 +165,7 @@ pub struct Conn {
     /// The sequence number of the last publish (publisher confirms).
     pub published: u64,
     /// Busy-polling before a wait sleeps (`[source] busy_poll`).
-    spin: spin::Spin,
+    spin: Spin,
 }
 
 fn gone(e: io::Error) -> Error {
@@ -221,7 +221,7 @@ impl Conn {
             last_recv: now,
             heartbeat: Duration::ZERO,
             published: 0,
-            spin: spin::Spin::new(opts.busy_poll),
+            spin: Spin::new(opts.busy_poll),
         };
         conn.handshake(url, opts)?;
         Ok(conn)

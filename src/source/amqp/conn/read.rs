@@ -5,7 +5,7 @@ use std::io::{self, Read};
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-use nix::poll::PollFlags;
+use nix::poll::{PollFd, PollFlags};
 
 use super::net::{wait_fd, Ready};
 use super::{gone, peer, Conn, Delivery, Event, Partial};
@@ -68,8 +68,8 @@ impl Conn {
             if !first {
                 // SAFETY: `self.fd` is the socket `self.io` owns, open as long as `self` is.
                 let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
-                let _waiting = super::spin::Waiting::enter();
-                if !self.spin.wait(fd) {
+                let _waiting = crate::source::spin::Waiting::enter();
+                if !self.spin.wait(&mut [PollFd::new(fd, PollFlags::POLLIN)]) {
                     match wait_fd(fd, PollFlags::POLLIN, until, self.wake.as_ref())? {
                         Ready::Yes => {}
                         other => return Ok(other),

@@ -1,23 +1,22 @@
-//! Busy-polling: a lane about to sleep in poll(2) for the next delivery first polls its socket
-//! without sleeping, for a short window (`[source] busy_poll`). On this kind of VM a thread
-//! woken from poll(2) by the broker's packet starts 40-60 µs later (a wake-up across CPUs of a
-//! nested guest), as long as RabbitMQ's own work for a delivery: at prefetch 1, where every job
-//! waits for one round trip, the window halves that round trip.
+//! Busy-polling: a lane about to sleep in poll(2) for its next job (an AMQP delivery, gearmand's
+//! answer to a GRAB) first polls its sockets without sleeping, for a short window (`[source]
+//! busy_poll`). On this kind of VM a thread woken from poll(2) by a peer's packet starts 40-60
+//! µs later (a wake-up across CPUs of a nested guest), as long as RabbitMQ's own work for a
+//! delivery: where every job waits for one round trip, the window takes most of that out.
 //!
 //! It must not take the CPU the broker (or another lane) needs, so it spins only where that
 //! pays: only while no other lane of the worker waits too (several lanes waiting at once means
-//! the broker's CPU is the limit, and a spinning lane would take from it), at most one lane per
+//! the server's CPU is the limit, and a spinning lane would take from it), at most one lane per
 //! CPU beyond the first, and a lane stops spinning once most of its windows end empty
-//! (deliveries come slower than the window: the queue is empty, or the broker is slow), trying
+//! (jobs come slower than the window: the queue is empty, or the server is slow), trying
 //! again every [`RETRY_AFTER`] waits. An idle worker spins a few windows after its last job,
 //! then sleeps.
 
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{poll, PollFd, PollTimeout};
 
 /// Waits without a spin before a lane that stopped spinning tries one again.
 const RETRY_AFTER: u8 = 32;
@@ -31,10 +30,10 @@ static SPINNING: AtomicUsize = AtomicUsize::new(0);
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts a lane as waiting for input while it lives.
-pub(super) struct Waiting(());
+pub(crate) struct Waiting(());
 
 impl Waiting {
-    pub(super) fn enter() -> Waiting {
+    pub(crate) fn enter() -> Waiting {
         WAITING.fetch_add(1, Ordering::AcqRel);
         Waiting(())
     }
@@ -56,8 +55,8 @@ fn spinners() -> usize {
     })
 }
 
-/// One connection's busy-poll state.
-pub(super) struct Spin {
+/// One lane's busy-poll state.
+pub(crate) struct Spin {
     window: Duration,
     /// Empty windows still allowed before this lane stops spinning.
     credit: u8,
@@ -66,7 +65,7 @@ pub(super) struct Spin {
 }
 
 impl Spin {
-    pub(super) fn new(window: Duration) -> Spin {
+    pub(crate) fn new(window: Duration) -> Spin {
         Spin {
             window,
             credit: MAX_CREDIT,
@@ -74,10 +73,10 @@ impl Spin {
         }
     }
 
-    /// Polls `fd` for input without sleeping, for up to the window, if spinning pays lately,
-    /// no other lane waits (the caller holds a [`Waiting`]) and a CPU is left for others.
-    /// True: input is there.
-    pub(super) fn wait(&mut self, fd: BorrowedFd<'_>) -> bool {
+    /// Polls `fds` without sleeping, for up to the window, if spinning pays lately, no other
+    /// lane waits (the caller holds a [`Waiting`]) and a CPU is left for others. True: one of
+    /// them has events (their `revents` are set, as a poll(2) would).
+    pub(crate) fn wait(&mut self, fds: &mut [PollFd<'_>]) -> bool {
         if self.window.is_zero() || WAITING.load(Ordering::Acquire) > 1 || !self.worth_it() {
             return false;
         }
@@ -88,8 +87,7 @@ impl Spin {
         let start = Instant::now();
         let mut came = false;
         while !came && start.elapsed() < self.window {
-            let mut one = [PollFd::new(fd, PollFlags::POLLIN)];
-            came = poll(&mut one, PollTimeout::ZERO).is_ok_and(|n| n > 0);
+            came = poll(fds, PollTimeout::ZERO).is_ok_and(|n| n > 0);
             std::hint::spin_loop();
         }
         SPINNING.fetch_sub(1, Ordering::AcqRel);
@@ -119,8 +117,13 @@ impl Spin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::poll::PollFlags;
     use std::io::Write;
     use std::os::fd::AsFd;
+
+    fn input(spin: &mut Spin, rx: &std::os::unix::net::UnixStream) -> bool {
+        spin.wait(&mut [PollFd::new(rx.as_fd(), PollFlags::POLLIN)])
+    }
 
     /// Input that comes within the window is seen without sleeping; windows that end empty
     /// stop the spinning, which is tried again after RETRY_AFTER waits; a zero window never
@@ -131,30 +134,30 @@ mod tests {
         let _waiting = Waiting::enter();
         let mut spin = Spin::new(Duration::from_micros(200));
         if spinners() == 0 {
-            assert!(!spin.wait(rx.as_fd()), "one CPU: never spins");
+            assert!(!input(&mut spin, &rx), "one CPU: never spins");
             return;
         }
         tx.write_all(b"x").unwrap_or_else(|e| panic!("{e}"));
-        assert!(spin.wait(rx.as_fd()));
+        assert!(input(&mut spin, &rx));
         assert_eq!(spin.credit, MAX_CREDIT);
         {
             let _another = Waiting::enter();
             let t = Instant::now();
-            assert!(!spin.wait(rx.as_fd()), "another lane waits: no spin");
+            assert!(!input(&mut spin, &rx), "another lane waits: no spin");
             assert!(t.elapsed() < Duration::from_micros(200));
         }
         let mut buf = [0u8; 1];
         std::io::Read::read(&mut &rx, &mut buf).unwrap_or_else(|e| panic!("{e}"));
         for left in (0..MAX_CREDIT).rev() {
-            assert!(!spin.wait(rx.as_fd()), "nothing came");
+            assert!(!input(&mut spin, &rx), "nothing came");
             assert_eq!(spin.credit, left);
         }
         let spun = (0..RETRY_AFTER).filter(|_| {
             let t = Instant::now();
-            spin.wait(rx.as_fd());
+            input(&mut spin, &rx);
             t.elapsed() >= Duration::from_micros(200)
         });
         assert_eq!(spun.count(), 1, "one retry in RETRY_AFTER waits");
-        assert!(!Spin::new(Duration::ZERO).wait(rx.as_fd()));
+        assert!(!input(&mut Spin::new(Duration::ZERO), &rx));
     }
 }
