@@ -211,6 +211,25 @@ fn php_req_and_pyzmq_req_and_dealer_clients_get_durable_jobs() {
         metrics.contains("gearshift_zeromq_messages_total{outcome=\"accepted\"} 4"),
         "{metrics}"
     );
+    // One client's stream of messages, one at a time: the ingress busy-polls for the next
+    // (busy_poll, on by default), and sleeps once they stop.
+    let out = Command::new(PYTHON)
+        .arg(load_script())
+        .args([z.tcp.as_str(), "1", "300"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["acked"].as_array().map(Vec::len),
+        Some(300),
+        "{report}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(w.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(w.pid()) - before;
+    assert!(used <= 4, "an idle worker used {used} ticks in 2 s");
 }
 
 #[test]

@@ -114,6 +114,9 @@ pub struct ZeromqConfig {
     pub function: Option<String>,
     /// What a client is told once its job is durable.
     pub reply: ZeromqReply,
+    /// How long the ingress, after a message that came alone, first polls for the next without
+    /// sleeping (zero: never; `source::spin`).
+    pub busy_poll: Duration,
 }
 
 /// Where a ZeroMQ source listens.

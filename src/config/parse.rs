@@ -171,6 +171,7 @@ fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
         bind,
         function,
         reply,
+        busy_poll: cx.busy_poll(&s.busy_poll)?,
     }))
 }
 

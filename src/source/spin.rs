@@ -77,6 +77,11 @@ impl Spin {
     /// lane waits (the caller holds a [`Waiting`]) and a CPU is left for others. True: one of
     /// them has events (their `revents` are set, as a poll(2) would).
     pub(crate) fn wait(&mut self, fds: &mut [PollFd<'_>]) -> bool {
+        self.wait_for(|| poll(fds, PollTimeout::ZERO).is_ok_and(|n| n > 0))
+    }
+
+    /// [`Spin::wait`] for whatever `ready` looks at without sleeping (a ZeroMQ poll, say).
+    pub(crate) fn wait_for(&mut self, mut ready: impl FnMut() -> bool) -> bool {
         if self.window.is_zero() || WAITING.load(Ordering::Acquire) > 1 || !self.worth_it() {
             return false;
         }
@@ -87,7 +92,7 @@ impl Spin {
         let start = Instant::now();
         let mut came = false;
         while !came && start.elapsed() < self.window {
-            came = poll(fds, PollTimeout::ZERO).is_ok_and(|n| n > 0);
+            came = ready();
             std::hint::spin_loop();
         }
         SPINNING.fetch_sub(1, Ordering::AcqRel);

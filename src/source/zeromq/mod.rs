@@ -71,6 +71,7 @@ impl ZeromqSource {
             function: self.cfg.function.clone(),
             reply: self.cfg.reply,
             max_payload: self.max_payload,
+            busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
