@@ -64,9 +64,11 @@ pub fn pids() -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// The processes whose parent is `parent`, with their stat.
+/// The processes whose parent is `parent`, with their stat: the ones its threads' `children`
+/// files name (a few reads), or, where the kernel has no such file, every process's stat read.
 pub fn children_of(parent: i32) -> Vec<(i32, Stat)> {
-    pids()
+    let candidates = listed_children(parent).unwrap_or_else(pids);
+    candidates
         .into_iter()
         .filter_map(|pid| {
             Stat::of(Some(pid))
@@ -74,6 +76,28 @@ pub fn children_of(parent: i32) -> Vec<(i32, Stat)> {
                 .map(|s| (pid, s))
         })
         .collect()
+}
+
+/// The children `/proc/PARENT/task/*/children` name (each lists the children of one thread: an
+/// orphan re-parented to a subreaper goes to one of its threads). None: the kernel keeps no
+/// such file (`CONFIG_PROC_CHILDREN`), or `parent` is gone.
+fn listed_children(parent: i32) -> Option<Vec<i32>> {
+    static KEPT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*KEPT.get_or_init(|| std::path::Path::new("/proc/thread-self/children").exists()) {
+        return None;
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).ok()?;
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        // A thread that ended meanwhile has no file any more: its children went to another.
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    Some(children)
 }
 
 /// The effective uid of process `pid` (`/proc/PID/status`), if it still exists.
@@ -109,6 +133,24 @@ mod tests {
             (7, 3, 1234, 5678, 99)
         );
         let me = Stat::of(None).unwrap();
+        // A child, found through the threads' children files and by the full scan alike.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me_pid = std::process::id() as i32;
+        let found = children_of(me_pid);
+        let scanned: Vec<i32> = pids()
+            .into_iter()
+            .filter(|p| Stat::of(Some(*p)).is_some_and(|s| s.ppid == me_pid))
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            found.iter().any(|(p, _)| *p == child.id() as i32),
+            "{found:?}"
+        );
+        assert!(scanned.contains(&(child.id() as i32)));
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
         assert!(Stat::alive(std::process::id() as i32));
         assert_eq!(
