@@ -1,6 +1,6 @@
 //! Busy-polling: a lane about to sleep in poll(2) for its next job (an AMQP delivery, gearmand's
-//! answer to a GRAB) first polls its sockets without sleeping, for a short window (`[source]
-//! busy_poll`). On this kind of VM a thread woken from poll(2) by a peer's packet starts 40-60
+//! answer to a GRAB), or the ZeroMQ ingress for its next message, first polls its sockets
+//! without sleeping, for a short window (`[source] busy_poll`). On this kind of VM a thread woken from poll(2) by a peer's packet starts 40-60
 //! µs later (a wake-up across CPUs of a nested guest), as long as RabbitMQ's own work for a
 //! delivery: where every job waits for one round trip, the window takes most of that out.
 //!
