@@ -1,16 +1,17 @@
 //! Busy-polling: a lane about to sleep in poll(2) for its next job (an AMQP delivery, gearmand's
 //! answer to a GRAB), or the ZeroMQ ingress for its next message, first polls its sockets
-//! without sleeping, for a short window (`[source] busy_poll`). On this kind of VM a thread woken from poll(2) by a peer's packet starts 40-60
-//! µs later (a wake-up across CPUs of a nested guest), as long as RabbitMQ's own work for a
-//! delivery: where every job waits for one round trip, the window takes most of that out.
+//! without sleeping, for a short window (`[source] busy_poll`). On this kind of VM a thread
+//! woken from poll(2) by a peer's packet starts 40-60 µs later (a wake-up across CPUs of a
+//! nested guest), as long as RabbitMQ's own work for a delivery: where every job waits for one
+//! round trip, the window takes most of that out.
 //!
 //! It must not take the CPU the broker (or another lane) needs, so it spins only where that
 //! pays: only while no other lane of the worker waits too (several lanes waiting at once means
-//! the server's CPU is the limit, and a spinning lane would take from it), at most one lane per
-//! CPU beyond the first, and a lane stops spinning once most of its windows end empty
-//! (jobs come slower than the window: the queue is empty, or the server is slow), trying
-//! again every [`RETRY_AFTER`] waits. An idle worker spins a few windows after its last job,
-//! then sleeps.
+//! the server's CPU is the limit, and a spinning lane would take from it; so one lane at most
+//! spins), never on a machine of one CPU, and a lane stops spinning once most of its windows
+//! end empty (jobs come slower than the window: the queue is empty, or the server is slow),
+//! trying again every [`RETRY_AFTER`] waits. An idle worker spins a few windows after its last
+//! job, then sleeps.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -24,8 +25,6 @@ const RETRY_AFTER: u8 = 32;
 /// spins on while at least half its windows see a delivery.
 const MAX_CREDIT: u8 = 8;
 
-/// Lanes spinning right now, in this process.
-static SPINNING: AtomicUsize = AtomicUsize::new(0);
 /// Lanes waiting for input right now (spinning or asleep), in this process.
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 
@@ -45,14 +44,10 @@ impl Drop for Waiting {
     }
 }
 
-/// How many lanes may spin at once: one per CPU beyond the first (none on one CPU).
-fn spinners() -> usize {
-    static CAP: OnceLock<usize> = OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1))
-            .unwrap_or(0)
-    })
+/// Whether this process may use more than one CPU (a spinning lane then leaves one to others).
+fn several_cpus() -> bool {
+    static SEVERAL: OnceLock<bool> = OnceLock::new();
+    *SEVERAL.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 /// One lane's busy-poll state.
@@ -82,11 +77,12 @@ impl Spin {
 
     /// [`Spin::wait`] for whatever `ready` looks at without sleeping (a ZeroMQ poll, say).
     pub(crate) fn wait_for(&mut self, mut ready: impl FnMut() -> bool) -> bool {
-        if self.window.is_zero() || WAITING.load(Ordering::Acquire) > 1 || !self.worth_it() {
-            return false;
-        }
-        if SPINNING.fetch_add(1, Ordering::AcqRel) >= spinners() {
-            SPINNING.fetch_sub(1, Ordering::AcqRel);
+        // Every waiting lane holds a Waiting first: of lanes waiting at once, none sees 1.
+        if self.window.is_zero()
+            || !several_cpus()
+            || WAITING.load(Ordering::Acquire) > 1
+            || !self.worth_it()
+        {
             return false;
         }
         let start = Instant::now();
@@ -95,7 +91,6 @@ impl Spin {
             came = ready();
             std::hint::spin_loop();
         }
-        SPINNING.fetch_sub(1, Ordering::AcqRel);
         self.credit = if came {
             self.credit.saturating_add(1).min(MAX_CREDIT)
         } else {
@@ -138,7 +133,7 @@ mod tests {
         let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
         let _waiting = Waiting::enter();
         let mut spin = Spin::new(Duration::from_micros(200));
-        if spinners() == 0 {
+        if !several_cpus() {
             assert!(!input(&mut spin, &rx), "one CPU: never spins");
             return;
         }

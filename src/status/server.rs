@@ -72,8 +72,7 @@ impl Server {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io_path("status socket", path, e))?;
-        let (woken, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
+        let (woken, wake) = wake_pipe()?;
         Ok(Server {
             listener: Arc::new(listener),
             ident,
@@ -90,8 +89,7 @@ impl Server {
         let woken = match self.woken.take() {
             Some(w) => w,
             None => {
-                let (woken, wake) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(|e| Error::io("status socket wake-up pipe", e.into()))?;
+                let (woken, wake) = wake_pipe()?;
                 self.wake = Some(wake);
                 woken
             }
@@ -135,6 +133,12 @@ impl Server {
             .idle
             .wait_timeout_while(count, CLIENT_BUDGET, |n| *n > 0);
     }
+}
+
+/// The accept loop's wake-up pipe: (read end, write end).
+fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("status socket wake-up pipe", e.into()))
 }
 
 /// Binds `path` (see [`Server::prepare`]): the socket and the file's identity.

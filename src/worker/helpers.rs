@@ -139,9 +139,7 @@ fn start_watch(
                     POLL_FALLBACK.as_secs()
                 );
                 poll_fallback = true;
-                if let Ok(mut i) = state.inner.lock() {
-                    i.watch = Some(format!("polling: {e}"));
-                }
+                polling(state, &e.to_string());
             }
             if let Some(e) = unwatched.queue {
                 log::warn!("{e}; checking for new jobs every second instead");
@@ -154,13 +152,18 @@ fn start_watch(
                 POLL_FALLBACK.as_secs()
             );
             poll_fallback = true;
-            if let Ok(mut i) = state.inner.lock() {
-                i.watch = Some(format!("polling: no inotify ({e})"));
-            }
+            polling(state, &format!("no inotify ({e})"));
             poll_queue(source)?;
         }
     }
     Ok((inotify.ok(), poll_fallback))
+}
+
+/// Says in `status` why files are polled instead of watched.
+fn polling(state: &State, why: &str) {
+    if let Ok(mut i) = state.inner.lock() {
+        i.watch = Some(format!("polling: {why}"));
+    }
 }
 
 /// The binary watch's deploy state (`[worker] watch_binary`), from what the predecessor knew.

@@ -596,6 +596,14 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// The CPU ticks process `pid` uses in 2 s, from 300 ms from now (a worker that should idle).
+pub fn idle_ticks(pid: i32) -> u64 {
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    cpu_ticks(pid) - before
+}
+
 pub fn pid_of(sb: &Sandbox) -> i32 {
     fs::read_to_string(sb.path("state/gearshift.pid"))
         .unwrap()
