@@ -24,6 +24,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::jobs::functions::{Job, JobError, JobResult};
+use crate::jobs::starts::Starts;
 
 /// Process groups of running executables, so a forced stop can kill them all; and what every
 /// job process is told about its worker.
@@ -36,6 +37,8 @@ pub struct Children {
     /// `GEARSHIFT_WORKER` for job processes (see [`crate::jobs::reaper`]).
     worker_key: Arc<OsString>,
     ended: Option<crate::jobs::reaper::JobEnded>,
+    /// Starts take turns while resources run short (`starts.rs`).
+    starts: Arc<Starts>,
 }
 
 impl Children {
@@ -46,7 +49,20 @@ impl Children {
             abandoned: Arc::default(),
             worker_key: Arc::new(worker_key.as_os_str().to_os_string()),
             ended,
+            starts: Arc::default(),
         }
+    }
+
+    /// A start failed: if for want of a resource, starts take turns for a while.
+    fn ran_short_if(&self, e: &JobError) {
+        if e.is_transient() {
+            self.starts.ran_short();
+        }
+    }
+
+    /// How this generation's job starts share what a start needs.
+    pub fn starts(&self) -> &Starts {
+        &self.starts
     }
 
     fn add(&self, pgid: i32) {
@@ -93,8 +109,12 @@ pub fn run(
     max_output: usize,
     children: &Children,
 ) -> JobResult {
+    // While resources run short, one start at a time (until the spawn has closed what the
+    // child took).
+    let turn = children.starts.turn();
     let (progress_read, progress_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32))?;
+        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32))
+        .inspect_err(|e| children.ran_short_if(e))?;
     let progress_fd = progress_write.as_raw_fd();
 
     let mut cmd = Command::new(exe);
@@ -153,12 +173,15 @@ pub fn run(
     }
     let spawned = crate::jobs::reaper::spawn(&mut cmd);
     drop(progress_write);
-    let mut child = spawned.map_err(|e| {
-        start_error(
-            format!("cannot start {}: {e}", exe.display()),
-            e.raw_os_error().unwrap_or(0),
-        )
-    })?;
+    drop(turn);
+    let mut child = spawned
+        .map_err(|e| {
+            start_error(
+                format!("cannot start {}: {e}", exe.display()),
+                e.raw_os_error().unwrap_or(0),
+            )
+        })
+        .inspect_err(|e| children.ran_short_if(e))?;
     let pgid = child.id() as i32;
     children.add(pgid);
     let outcome = super::pipes::drive(&mut child, job, progress_read, timeout, max_output);
@@ -167,7 +190,10 @@ pub fn run(
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     let status = child.wait();
     crate::jobs::reaper::forget(child.id());
+    drop(child);
     children.remove(pgid);
+    // Its descriptors are closed: a start waiting for room tries again.
+    children.starts.job_ended();
     if let Some(ended) = &children.ended {
         ended.notify();
     }

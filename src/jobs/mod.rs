@@ -5,3 +5,4 @@ pub mod executable;
 pub mod functions;
 pub mod pipes;
 pub mod reaper;
+pub mod starts;

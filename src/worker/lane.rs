@@ -282,6 +282,7 @@ impl LaneContext {
         let mut backoff = Duration::from_millis(50);
         let mut busy_until: Option<Instant> = None;
         loop {
+            let ended = self.children.starts().ended();
             let outcome = self.execute(job, lane.progress());
             match &outcome {
                 // The executable is being written (a deploy in progress): once it is closed it
@@ -306,7 +307,9 @@ impl LaneContext {
                     if self.stop.is_set() && lane.release(job) {
                         return None;
                     }
-                    self.pause_always(backoff);
+                    // Tried again once a job ends and gives back what it held, or after
+                    // the backoff (`jobs::starts`).
+                    self.children.starts().wait_for_room(ended, backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 _ => {
