@@ -67,8 +67,9 @@ impl Ingress {
         let ctx = zmq::Context::new();
         let socket = router(&ctx, listeners, &rules)?;
         let monitor = peers_monitor(&ctx, &socket)?;
-        // The vendored libzmq makes descriptors without close-on-exec (its epoll instances):
-        // none may reach a job process or the next image.
+        // libzmq is built to make its descriptors close-on-exec (`.cargo/config.toml`); a build
+        // without those flags (a CXXFLAGS of the builder's own wins) would not: none may reach
+        // a job process or the next image, so they are marked here too.
         crate::ops::handover::close_inherited();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
