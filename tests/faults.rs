@@ -228,6 +228,35 @@ fn lanes_short_of_descriptors_take_turns_and_keep_up() {
     }
 }
 
+/// A look at the files that fails for want of descriptors (or memory, or for an I/O error) is
+/// no refusal of what they hold: it is looked at again until it can be read, and then served.
+/// Before, the change was refused ("Too many open files") and, its digest remembered as
+/// refused, never looked at again: a job added meanwhile waited for another change or a HUP.
+#[test]
+fn a_change_seen_while_descriptors_run_out_is_served_once_they_are_back() {
+    let mut sb = Sandbox::new("emfile-look");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    sb.write_config("");
+    let marker = sb.path("fail-look");
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_EMFILE", marker.to_str().unwrap())]);
+    fs::write(&marker, "").unwrap();
+    // A real change: a new job executable (this build's watch fails at its first event and
+    // the files are polled instead, every 2 s).
+    sb.job("down.sh", "#!/bin/sh\ntr A-Z a-z\n");
+    eventually(Duration::from_secs(20), "a failed look", || {
+        w.log_text().contains("injected fault")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(w.generation(), 1, "{}", w.log_text());
+    fs::remove_file(&marker).unwrap();
+    w.wait_generation(2);
+    let log = w.log_text();
+    assert!(!log.contains("reload refused"), "{log}");
+    let id = sb.submit("down", "SHOUT");
+    let outcomes = all_outcomes(&sb, &[id], Duration::from_secs(20));
+    assert_eq!(outcomes[0].1, "shout");
+}
+
 /// Restarts while the lanes use up the descriptors: a restarted generation takes what its
 /// helpers need (the status socket, their pipes) before its lanes start, so none of them fails
 /// for want of one and the worker goes on serving (before, a helper started after the lanes

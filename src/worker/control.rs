@@ -33,6 +33,8 @@ use super::plan::Plan;
 pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often digests are checked when a directory cannot be watched.
 pub(super) const POLL_FALLBACK: Duration = Duration::from_secs(2);
+/// A look at the files that failed for want of a resource is tried again this soon.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 /// What the control loop is doing.
 pub(super) enum Phase {
@@ -82,6 +84,8 @@ pub(super) struct Control {
     pub(super) requested_mono_us: u64,
     /// Digest of a config or jobs state already refused, so the same bad file is reported once.
     pub(super) refused_digest: Option<String>,
+    /// The last look at the files failed for want of a resource: looked at again shortly.
+    pub(super) look_failing: bool,
     /// The plan validated when the restart under way was asked for, while no file event has
     /// come since: the exec needs no second look at the files (`restart`).
     pub(super) prepared: Option<Plan>,
@@ -375,6 +379,9 @@ impl Control {
         if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
             if let Some(reason) = self.changed_on_disk() {
                 self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
+            }
+            if self.look_failing {
+                lp.check_at = Some(Instant::now() + LOOK_AGAIN);
             }
         }
     }

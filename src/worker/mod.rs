@@ -135,6 +135,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         lanes: Vec::new(),
         requested_mono_us: inherited.requested_mono_us,
         refused_digest: None,
+        look_failing: false,
         prepared: None,
         pidfile,
         status_server: None,

@@ -39,6 +39,18 @@ impl Plan {
         text: Option<&str>,
         handed: Option<watch::Jobs>,
     ) -> Result<Plan> {
+        // A fault-injection build (tests only): reading the config from disk fails with EMFILE
+        // while the file GEARSHIFT_FAULT_EMFILE names exists.
+        #[cfg(gearshift_faults)]
+        if text.is_none()
+            && std::env::var_os("GEARSHIFT_FAULT_EMFILE").is_some_and(|p| Path::new(&p).exists())
+        {
+            return Err(Error::io_path(
+                "reading config (injected fault, gearshift_faults build)",
+                path,
+                std::io::Error::from_raw_os_error(libc::EMFILE),
+            ));
+        }
         let config = match text {
             Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
             None => Config::load(path)?,

@@ -11,7 +11,7 @@ use sha2::Digest;
 use super::control::{Control, Phase};
 use super::plan::Plan;
 use crate::clock::now_ms;
-use crate::error::Error;
+use crate::error::{Error, Tier};
 use crate::kinds::{RestartReason, WorkerPhase};
 use crate::ops::signals;
 use crate::restart::carried::Inherited;
@@ -25,6 +25,7 @@ impl Control {
     /// Which watched state differs from the running one and is valid, if any.
     pub(super) fn changed_on_disk(&mut self) -> Option<RestartReason> {
         self.state.file_checks.fetch_add(1, Ordering::Release);
+        let was_failing = std::mem::take(&mut self.look_failing);
         let cfg = std::fs::read(&self.config_path)
             .ok()
             .map(|b| crate::text::hex(&sha2::Sha256::digest(&b)));
@@ -32,6 +33,7 @@ impl Control {
         // change too: it is refused below, visibly, rather than ignored.
         let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {
             Ok(j) => j.digest,
+            Err(e) if e.tier() == Tier::Transient => return self.look_failed(&e, was_failing),
             Err(e) => format!("invalid: {e}"),
         };
         let config_changed = cfg.as_ref().is_some_and(|d| *d != self.plan.config.sha256);
@@ -57,12 +59,26 @@ impl Control {
         }
         match Plan::prepare(&self.config_path, &self.functions) {
             Ok(_) => Some(reason),
+            Err(e) if e.tier() == Tier::Transient => self.look_failed(&e, was_failing),
             Err(e) => {
                 self.refused_digest = Some(digest);
                 self.refuse(reason, &e.to_string());
                 None
             }
         }
+    }
+
+    /// The files could not be looked at for want of descriptors or memory, or for an I/O
+    /// error: that says nothing about what they hold, so it is no refusal; they are looked at
+    /// again shortly (`look_at_files`), and the log says so once.
+    fn look_failed(&mut self, e: &Error, was_failing: bool) -> Option<RestartReason> {
+        if !was_failing {
+            log::warn!(
+                "cannot look at config.toml and jobs_dir now ({e}); looking again until it works"
+            );
+        }
+        self.look_failing = true;
+        None
     }
 
     /// A restart caused by a change that may have reached every host at once: delayed by a
