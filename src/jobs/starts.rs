@@ -4,11 +4,11 @@
 //! A start takes about ten descriptors at once (four pipes and std's exec-error pipe) and keeps
 //! five while the job runs. Lanes starting at the same time each take a few of the last ones
 //! and all fail; tried again on their own timers they keep colliding: sixteen lanes with room
-//! for one start took 13-23 s for 200 jobs that run in about 1 s one after another. So once a
-//! start has failed for want of a resource, starts take turns for a while ([`Starts::turn`]), and a
-//! lane whose start failed tries again as soon as a job ends and gives its resources back
-//! ([`Starts::wait_for_room`]), not only after its backoff: the jobs run one after another at
-//! the pace the resources allow.
+//! for one start took 13-23 s for 200 jobs that run in about 1 s one after another. So once
+//! a start has failed for want of a resource, starts take turns for a while
+//! ([`Starts::turn`]), and a lane whose start failed tries again as soon as a job ends and
+//! gives its resources back ([`Starts::wait_for_room`]), not only after its backoff: the jobs
+//! run one after another at the pace the resources allow.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -24,7 +24,7 @@ const SHORT_FOR: Duration = Duration::from_secs(10);
 pub struct Starts {
     /// Held across a start while resources are short.
     turn: Mutex<()>,
-    /// Until when (CLOCK_MONOTONIC µs) starts take turns; 0: they do not.
+    /// Until when (CLOCK_MONOTONIC µs) starts take turns (past: they do not).
     short_until_us: AtomicU64,
     /// Jobs ended so far, for lanes waiting for room.
     ended: Mutex<u64>,
