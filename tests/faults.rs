@@ -226,13 +226,27 @@ fn lanes_short_of_descriptors_take_turns_and_keep_up() {
     let ids: Vec<String> = (0..400)
         .map(|i| sb.submit("up", &format!("job{i}")))
         .collect();
-    let _w = sb.start_under_shell(&format!("ulimit -n {}", idle + 10));
+    let w = sb.start_under_shell(&format!("ulimit -n {}", idle + 10));
     // A liveness bound, not a benchmark: the crawl took 19 s and more for these 400.
     let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(15));
     for (i, (ok, r, _)) in outcomes.iter().enumerate() {
         assert!(*ok, "job {i} failed: {r}");
         assert_eq!(*r, format!("JOB{i}"));
     }
+    // The log says what the fault stops and, once a job starts after a quiet second, that
+    // starts work again (not "storage", which never failed here).
+    let log = w.log_text();
+    assert!(log.contains("starting jobs one at a time"), "{log}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let id = sb.submit("up", "last");
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(10))[0].1,
+        "LAST"
+    );
+    eventually(Duration::from_secs(5), "the fault cleared", || {
+        w.log_text().contains("job starts work again after")
+    });
+    assert!(!w.log_text().contains("storage works again"));
 }
 
 /// A look at the files that fails for want of descriptors (or memory, or for an I/O error) is

@@ -95,6 +95,15 @@ pub(super) struct Health {
     /// When the last fault was met (unix ms): the fault is cleared only after a quiet second,
     /// so a condition that comes and goes is said once, not once per job.
     pub(super) last_failure_ms: std::sync::atomic::AtomicU64,
+    /// The fault recorded is a job start's (not storage's): said so when it clears.
+    starts_fault: AtomicBool,
+}
+
+/// What a fault stopped: storing (outcomes, claims) or starting job processes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    Storage,
+    Starts,
 }
 
 /// How long a job waits for its executable to be closed by whoever writes it (ETXTBSY).
@@ -106,16 +115,23 @@ const HEALTHY_AFTER_MS: u64 = 1000;
 impl Health {
     /// Records a storage or resource fault ([`Tier::Transient`]): the worker is degraded, says
     /// so once in the log, and shows it in `status`.
-    pub(super) fn failed(&self, state: &State, message: &str) {
+    pub(super) fn failed(&self, state: &State, message: &str, fault: Fault) {
         if let Ok(mut i) = state.inner.lock() {
             // The time first: `recovered` reads `degraded` first, and must then see this
             // failure's time, not an older one (it once declared recovery 0.0 s after a fault).
             self.last_failure_ms.store(now_ms(), Ordering::Release);
             self.degraded.store(true, Ordering::Release);
             if i.storage.is_none() {
-                log::error!(
-                    "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
-                );
+                match fault {
+                    Fault::Storage => log::error!(
+                        "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
+                    ),
+                    Fault::Starts => log::error!(
+                        "degraded: {message}; starting jobs one at a time, each tried again as others end, until it works"
+                    ),
+                }
+                self.starts_fault
+                    .store(fault == Fault::Starts, Ordering::Release);
                 i.storage = Some((message.to_string(), now_ms()));
             }
         }
@@ -133,8 +149,13 @@ impl Health {
         self.degraded.store(false, Ordering::Release);
         if let Ok(mut i) = state.inner.lock() {
             if let Some((error, since)) = i.storage.take() {
+                let what = if self.starts_fault.load(Ordering::Acquire) {
+                    "job starts work"
+                } else {
+                    "storage works"
+                };
                 log::info!(
-                    "storage works again after {:.1}s ({error}); serving",
+                    "{what} again after {:.1}s ({error}); serving",
                     now_ms().saturating_sub(since) as f64 / 1000.0
                 );
             }
@@ -187,7 +208,8 @@ impl LaneContext {
                 Ok(None) => break,
                 Err(e) => {
                     if e.tier() == Tier::Transient {
-                        self.health.failed(&self.state, &e.to_string());
+                        self.health
+                            .failed(&self.state, &e.to_string(), Fault::Storage);
                     } else {
                         log::error!("{e}; retrying in {} ms", backoff.as_millis());
                     }
@@ -303,7 +325,7 @@ impl LaneContext {
                     self.pause_always(Duration::from_millis(20));
                 }
                 Err(e) if e.is_transient() => {
-                    self.health.failed(&self.state, &e.message);
+                    self.health.failed(&self.state, &e.message, Fault::Starts);
                     if self.stop.is_set() && lane.release(job) {
                         return None;
                     }
@@ -339,7 +361,10 @@ impl LaneContext {
                         self.health.holding.fetch_add(1, Ordering::AcqRel);
                     }
                     match e.tier() {
-                        Tier::Transient => self.health.failed(&self.state, &e.to_string()),
+                        Tier::Transient => {
+                            self.health
+                                .failed(&self.state, &e.to_string(), Fault::Storage)
+                        }
                         Tier::Gone => {
                             log::warn!(
                                 "job {} {}: outcome not reported: {e}",
