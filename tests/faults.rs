@@ -210,13 +210,9 @@ fn lanes_short_of_descriptors_take_turns_and_keep_up() {
     // once its helpers are surely up).
     let idle = {
         let mut w = sb.start();
-        let n = (0..3)
-            .map(|_| {
-                std::thread::sleep(Duration::from_millis(200));
-                fs::read_dir(format!("/proc/{}/fd", w.pid()))
-                    .unwrap()
-                    .count()
-            })
+        let n = w
+            .fd_samples(3, Duration::from_millis(200))
+            .into_iter()
             .max()
             .unwrap();
         w.signal(Signal::SIGTERM);

@@ -26,8 +26,10 @@ pub struct Starts {
     turn: Mutex<()>,
     /// Until when (CLOCK_MONOTONIC µs) starts take turns (past: they do not).
     short_until_us: AtomicU64,
-    /// Jobs ended so far, for lanes waiting for room.
-    ended: Mutex<u64>,
+    /// Jobs ended so far, for lanes waiting for room (read on every job: no lock).
+    ended: AtomicU64,
+    /// Taken to change `ended` and to wait for it to change.
+    room_lock: Mutex<()>,
     room: Condvar,
 }
 
@@ -48,26 +50,26 @@ impl Starts {
 
     /// A job ended and gave back what it held: lanes waiting for room try again.
     pub fn job_ended(&self) {
-        let mut n = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        *n = n.wrapping_add(1);
+        let _g = self.room_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.ended.fetch_add(1, Ordering::AcqRel);
         self.room.notify_all();
     }
 
     /// How many jobs have ended so far (read before the start that may fail).
     pub fn ended(&self) -> u64 {
-        *self.ended.lock().unwrap_or_else(|p| p.into_inner())
+        self.ended.load(Ordering::Acquire)
     }
 
     /// Waits until a job ends after `seen` (see [`Starts::ended`]), or `limit` passes.
     pub fn wait_for_room(&self, seen: u64, limit: Duration) {
         let deadline = Instant::now() + limit;
-        let mut n = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        while *n == seen {
+        let mut g = self.room_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.ended.load(Ordering::Acquire) == seen {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            n = match self.room.wait_timeout(n, left) {
+            g = match self.room.wait_timeout(g, left) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };

@@ -315,15 +315,22 @@ impl Worker {
     /// Open descriptors, the least of a few samples: a lane scanning the spool holds a
     /// directory descriptor for a moment, a leak holds one for good.
     pub fn fd_count(&self) -> usize {
-        (0..5)
+        self.fd_samples(5, Duration::from_millis(20))
+            .into_iter()
+            .min()
+            .unwrap()
+    }
+
+    /// `n` counts of the open descriptors, each after `gap`.
+    pub fn fd_samples(&self, n: usize, gap: Duration) -> Vec<usize> {
+        (0..n)
             .map(|_| {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(gap);
                 fs::read_dir(format!("/proc/{}/fd", self.pid()))
                     .unwrap()
                     .count()
             })
-            .min()
-            .unwrap()
+            .collect()
     }
 }
 
