@@ -265,6 +265,57 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     assert!(w.log_text().contains("accepting jobs on"));
 }
 
+/// Jobs answered `TRUE` reach the lanes without files (`direct.rs`), and slow jobs that came
+/// in one batch run side by side: however the ingress wakes idle lanes (waking fewer of them
+/// per batch was measured: README, "The ZeroMQ source"), none may sleep while a job waits.
+#[test]
+fn jobs_fed_in_one_batch_run_side_by_side() {
+    if !clients_available("jobs_fed_in_one_batch_run_side_by_side") {
+        return;
+    }
+    let z = setup_reply("zmq-side-by-side", "", "true");
+    let stamps = z.sb.path("stamps");
+    z.sb.job(
+        "nap",
+        &format!(
+            "#!/bin/sh\necho \"start $(date +%s%N)\" >> {0}\nsleep 1\necho \"end $(date +%s%N)\" >> {0}\n",
+            stamps.display()
+        ),
+    );
+    let _w = z.sb.start();
+    // Two messages sent back to back by one DEALER: one batch, as a rule.
+    let script = "import zmq, sys\nc = zmq.Context()\ns = c.socket(zmq.DEALER)\n\
+                  s.setsockopt(zmq.LINGER, 0)\ns.connect(sys.argv[1])\n\
+                  for p in (b'a', b'b'): s.send_multipart([b'', b'nap', p])\n\
+                  print(' '.join(s.recv_multipart()[-1].decode() for _ in range(2) if s.poll(5000)))\n";
+    let out = Command::new(PYTHON)
+        .args(["-c", script, &z.tcp])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "TRUE TRUE");
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(20), "both jobs ran", || {
+        lines = fs::read_to_string(&stamps)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.len() == 4
+    });
+    let at = |what: &str| -> Vec<u128> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+            .collect()
+    };
+    let (starts, ends) = (at("start"), at("end"));
+    assert!(
+        starts.iter().max() < ends.iter().min(),
+        "the two jobs ran one after the other: {lines:?}"
+    );
+}
+
 /// Connected clients show in `status` and the metrics, and go when they disconnect.
 #[test]
 fn connected_peers_are_counted() {
