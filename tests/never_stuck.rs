@@ -836,3 +836,76 @@ fn dead_threads_are_noticed_and_every_json_line_is_json() {
     }
     assert_eq!(seen, (true, true, true), "{log}");
 }
+
+/// Out of descriptors, the status socket and `/metrics` cannot take a client waiting in their
+/// backlog: the accept fails at once each time it is tried. That is said once (and how often
+/// it failed, when it lasts), not 10-20 lines a second for as long as it lasts (a scraper's
+/// connection alone kept it up); both answer again once descriptors are back.
+#[test]
+fn accepts_short_of_descriptors_are_said_once_not_in_a_flood() {
+    let sb = Sandbox::new("emfile-accept");
+    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let w = sb.start();
+    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let pid = w.pid().to_string();
+    // No descriptor can be made: the limit is the lowest number free (a new descriptor takes
+    // the lowest free number), among those the worker holds for good (in every one of a few
+    // looks: a lane's listing holds one for a moment).
+    let held = (0..5)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(30));
+            fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect::<std::collections::HashSet<u32>>()
+        })
+        .reduce(|a, b| a.intersection(&b).copied().collect())
+        .unwrap();
+    let lowest_free = (0..).find(|n| !held.contains(n)).unwrap();
+    // The soft limit only: raising it back needs no privilege.
+    let prlimit = |set: Option<&str>| {
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid])
+            .arg(set.map_or("--nofile".to_string(), |n| format!("--nofile={n}:")))
+            .args(["--output", "SOFT", "--noheadings"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let before = prlimit(None);
+    prlimit(Some(&lowest_free.to_string()));
+    let _waiting = UnixStream::connect(&w.socket).unwrap();
+    let _scrape = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let said = |what: &str| {
+        w.log_text()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains("accept"))
+            .count()
+    };
+    let (status_lines, metrics_lines) = (said("status socket"), said("metrics"));
+    assert!(
+        (1..=2).contains(&status_lines) && (1..=2).contains(&metrics_lines),
+        "{status_lines} status and {metrics_lines} metrics lines in 3 s:\n{}",
+        w.log_text()
+    );
+    prlimit(Some(&before));
+    assert!(w.status()["pid"].as_u64().is_some());
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    use std::io::Read;
+    let _ = c.read_to_string(&mut body);
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    eventually(
+        Duration::from_secs(5),
+        "accepting works again, said",
+        || {
+            let log = w.log_text();
+            log.contains("status socket: accepting clients again after")
+                && log.contains("metrics: accepting connections again after")
+        },
+    );
+}

@@ -158,6 +158,10 @@ fn accept_loop(
     active: &Arc<AtomicUsize>,
     render: &Render,
 ) {
+    let mut accepting = crate::ops::logging::Recurring::new(
+        "metrics: cannot accept a connection",
+        "metrics: accepting connections again",
+    );
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -175,6 +179,7 @@ fn accept_loop(
         loop {
             match listener.accept() {
                 Ok((stream, _)) => {
+                    accepting.worked();
                     if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
                         continue; // dropped: closed at once
                     }
@@ -191,8 +196,9 @@ fn accept_loop(
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // EMFILE and the like: the connection stays queued; try again shortly.
-                    log::warn!("metrics: accept: {e}");
+                    // EMFILE and the like: the connection stays queued; try again shortly
+                    // (and say so once, not every time).
+                    accepting.failed(&e);
                     std::thread::sleep(Duration::from_millis(100));
                     break;
                 }

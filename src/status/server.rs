@@ -200,6 +200,10 @@ fn accept_loop(
     state: &Arc<State>,
     answers: &Answers,
 ) {
+    let mut accepting = crate::ops::logging::Recurring::new(
+        "status socket: cannot accept a client",
+        "status socket: accepting clients again",
+    );
     loop {
         let room = answering.count.lock().is_ok_and(|n| *n < MAX_CLIENTS);
         let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
@@ -227,12 +231,16 @@ fn accept_loop(
             continue;
         }
         let conn = match listener.accept() {
-            Ok((c, _)) => c,
+            Ok((c, _)) => {
+                accepting.worked();
+                c
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // Out of descriptors, say: back off rather than spin.
-                log::warn!("status socket: accept: {e}");
+                // Out of descriptors, say: the client waits in the backlog; back off rather
+                // than spin, and say it once, not every time.
+                accepting.failed(&e);
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
