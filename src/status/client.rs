@@ -102,10 +102,19 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Peer(format!(
-                "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
-                path.display()
-            )));
+            return Err(Error::Peer(if body.is_empty() {
+                // Waiting in the backlog: a worker that cannot accept (its log says why, e.g.
+                // out of descriptors), or one too busy to.
+                format!(
+                    "\"{}\" gave no answer within {ANSWER_WAIT:?} (the worker's log may say why)",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
+                    path.display()
+                )
+            }));
         }
         c.set_read_timeout(Some(left))
             .map_err(|e| Error::io("status socket", e))?;
@@ -119,6 +128,12 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
             }
             Ok(n) => body.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The time is up: said above.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !body.is_empty() => break,
             Err(e) => return Err(Error::io_path("reading status socket", path, e)),
         }
