@@ -95,6 +95,10 @@ pub(super) struct Health {
     /// When the last fault was met (unix ms): the fault is cleared only after a quiet second,
     /// so a condition that comes and goes is said once, not once per job.
     pub(super) last_failure_ms: std::sync::atomic::AtomicU64,
+    /// How long after the last fault no other may come before it is cleared: a quiet second
+    /// after the failed step was due to be tried again (a lane backing off 5 s is quiet for 5 s
+    /// without anything working again; that was once said to be a recovery).
+    quiet_ms: std::sync::atomic::AtomicU64,
     /// The fault recorded is a job start's (not storage's): said so when it clears.
     starts_fault: AtomicBool,
 }
@@ -113,10 +117,12 @@ const BUSY_LIMIT: Duration = Duration::from_secs(10);
 const HEALTHY_AFTER_MS: u64 = 1000;
 
 impl Health {
-    /// Records a storage or resource fault ([`Tier::Transient`]): the worker is degraded, says
-    /// so once in the log, and shows it in `status`.
-    pub(super) fn failed(&self, state: &State, message: &str, fault: Fault) {
+    /// Records a storage or resource fault ([`Tier::Transient`]), to be tried again after
+    /// `retry`: the worker is degraded, says so once in the log, and shows it in `status`.
+    pub(super) fn failed(&self, state: &State, message: &str, fault: Fault, retry: Duration) {
         if let Ok(mut i) = state.inner.lock() {
+            let quiet = HEALTHY_AFTER_MS.saturating_add(retry.as_millis() as u64);
+            self.quiet_ms.store(quiet, Ordering::Release);
             // The time first: `recovered` reads `degraded` first, and must then see this
             // failure's time, not an older one (it once declared recovery 0.0 s after a fault).
             self.last_failure_ms.store(now_ms(), Ordering::Release);
@@ -142,7 +148,7 @@ impl Health {
         if !self.degraded.load(Ordering::Acquire)
             || self.holding.load(Ordering::Acquire) > 0
             || now_ms().saturating_sub(self.last_failure_ms.load(Ordering::Acquire))
-                < HEALTHY_AFTER_MS
+                < self.quiet_ms.load(Ordering::Acquire).max(HEALTHY_AFTER_MS)
         {
             return;
         }
@@ -209,7 +215,7 @@ impl LaneContext {
                 Err(e) => {
                     if e.tier() == Tier::Transient {
                         self.health
-                            .failed(&self.state, &e.to_string(), Fault::Storage);
+                            .failed(&self.state, &e.to_string(), Fault::Storage, backoff);
                     } else {
                         log::error!("{e}; retrying in {} ms", backoff.as_millis());
                     }
@@ -325,7 +331,8 @@ impl LaneContext {
                     self.pause_always(Duration::from_millis(20));
                 }
                 Err(e) if e.is_transient() => {
-                    self.health.failed(&self.state, &e.message, Fault::Starts);
+                    self.health
+                        .failed(&self.state, &e.message, Fault::Starts, backoff);
                     if self.stop.is_set() && lane.release(job) {
                         return None;
                     }
@@ -363,7 +370,7 @@ impl LaneContext {
                     match e.tier() {
                         Tier::Transient => {
                             self.health
-                                .failed(&self.state, &e.to_string(), Fault::Storage)
+                                .failed(&self.state, &e.to_string(), Fault::Storage, backoff)
                         }
                         Tier::Gone => {
                             log::warn!(

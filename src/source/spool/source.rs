@@ -47,6 +47,8 @@ pub struct SpoolSource {
     pub(super) carried: Mutex<Option<Vec<u8>>>,
     /// A checkpoint of the journal is running, and when the next is due.
     pub(super) checkpointing: Arc<AtomicBool>,
+    /// A checkpoint that keeps failing is said once (then once a minute), not every time.
+    checkpoint_failing: Mutex<crate::ops::logging::Recurring>,
     pub(super) next_checkpoint: Mutex<Instant>,
     pub(super) waker: Arc<Waker>,
     /// Jobs the ZeroMQ ingress hands over without a file (`direct.rs`).
@@ -137,6 +139,10 @@ impl SpoolSource {
             handing_over: AtomicBool::new(false),
             carried: Mutex::new(None),
             checkpointing: Arc::new(AtomicBool::new(false)),
+            checkpoint_failing: Mutex::new(crate::ops::logging::Recurring::new(
+                "journal checkpoint failed",
+                "journal checkpoint works again",
+            )),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
             direct: Arc::default(),
@@ -205,7 +211,15 @@ impl SpoolSource {
                 self.listed.fetch_add(1, Ordering::AcqRel);
                 self.more.store(false, Ordering::Release);
                 self.arrived.store(false, Ordering::Release);
-                pending.extend(self.queued_ids(true)?);
+                match self.queued_ids(true) {
+                    Ok(ids) => pending.extend(ids),
+                    Err(e) => {
+                        // Not listed: the lane's next try (after its backoff) lists again.
+                        self.arrived.store(true, Ordering::Release);
+                        self.direct.mark_dirty();
+                        return Err(e);
+                    }
+                }
                 self.direct.listed(!pending.is_empty());
             }
             if let Some((id, job)) = self.direct.take(pending.front().map(String::as_str)) {
@@ -284,8 +298,12 @@ impl SpoolSource {
         let (weak, running) = (Arc::downgrade(self), Arc::clone(&self.checkpointing));
         let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
             if let Some(src) = weak.upgrade() {
-                if let Err(e) = super::journal::checkpoint(&src.spool, false) {
-                    log::warn!("journal checkpoint: {e}; trying again later");
+                let done = super::journal::checkpoint(&src.spool, false);
+                if let Ok(mut said) = src.checkpoint_failing.lock() {
+                    match done {
+                        Ok(_) => said.worked(),
+                        Err(e) => said.failed(&e),
+                    }
                 }
             }
             running.store(false, Ordering::Release);
