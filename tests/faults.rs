@@ -146,6 +146,48 @@ fn full_disk(durable: bool) {
     assert!(log.contains("storage works again"), "{log}");
 }
 
+/// The ZeroMQ ingress on a full disk: a job whose journal record fits (segments keep room
+/// written ahead) is durable and answered, but its file in `new/` cannot be written. That is
+/// said once, not every time the ingress tries again (10 lines a second), and every such job
+/// runs once the disk has room.
+#[test]
+fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later() {
+    let sb = Sandbox::new("zmq-full");
+    let port = free_port();
+    let cfg = sb
+        .config_text("")
+        .replace(
+            "kind = \"spool\"",
+            &format!("kind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\"]\nreply = \"id\""),
+        )
+        .replace("fsync = false", "fsync = true");
+    fs::write(sb.config(), cfg).unwrap();
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let w = sb.start();
+    let mut ids = vec![sb.submit("reverse", "first")];
+    let filler = fsys.fill();
+    for p in ["second", "third"] {
+        let out = sb.run(&["submit", "reverse", p]);
+        if out.status.success() {
+            ids.push(text(&out.stdout).trim().to_string());
+        }
+    }
+    assert!(ids.len() > 1, "no job answered on the full disk");
+    std::thread::sleep(Duration::from_secs(3));
+    let log = w.log_text();
+    let said = log.matches("not in place").count();
+    assert!((1..=2).contains(&said), "said {said} times:\n{log}");
+    fs::remove_file(filler).unwrap();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    let want = ["tsrif", "dnoces", "driht"];
+    for (o, w) in outcomes.iter().zip(want) {
+        assert_eq!((o.0, o.1.as_str()), (true, w));
+    }
+    eventually(Duration::from_secs(10), "in place again, said", || {
+        w.log_text().contains("in place again")
+    });
+}
+
 #[test]
 fn start_on_a_full_disk_says_so() {
     let sb = Sandbox::new("full-start");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::ZeromqReply;
 use crate::error::{Error, Result};
 use crate::kinds::Ingress as Stats;
+use crate::ops::logging::Recurring;
 use crate::source::spool::{BatchWriter, Feed, Spool};
 
 use super::listen::{dup_for_zmq, Listener};
@@ -209,12 +210,14 @@ fn serve(
     // CPUs busy, which a spinning ingress would take from them (measured: 8 REQ clients
     // 10-25% slower when it spun after every single message).
     let mut singles = 0u32;
+    let mut placing = Recurring::new(
+        "zeromq: accepted jobs not in place yet (their journal records keep them)",
+        "zeromq: accepted jobs in place again",
+    );
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
         if writer.pending() {
-            if let Err(e) = writer.place() {
-                log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
-            }
+            place(writer, &mut placing);
         }
         let mut items = [
             socket.as_poll_item(zmq::POLLIN),
@@ -265,7 +268,7 @@ fn serve(
             0
         };
         if !batch.is_empty() {
-            answer(socket, writer, rules, stats, batch);
+            answer(socket, writer, &mut placing, rules, stats, batch);
         }
     }
 }
@@ -335,6 +338,7 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
 fn answer(
     socket: &zmq::Socket,
     writer: &mut BatchWriter,
+    placing: &mut Recurring,
     rules: &Rules,
     stats: &Stats,
     batch: Vec<Vec<Vec<u8>>>,
@@ -380,9 +384,7 @@ fn answer(
     // An id answered must be found by `gearshift result` at once: its file goes in place
     // first. `TRUE` gives nothing to look up: it goes out first, the files right after.
     if rules.reply == ZeromqReply::Id && ids.is_some() {
-        if let Err(e) = writer.place() {
-            log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
-        }
+        place(writer, placing);
     }
     for (mut envelope, outcome) in replies {
         let text: Vec<u8> = match (&outcome, &ids) {
@@ -407,8 +409,15 @@ fn answer(
             log::debug!("zeromq: answering: {e}");
         }
     }
-    if let Err(e) = writer.place() {
-        log::error!("zeromq: accepted jobs not in place yet ({e}); trying again");
+    place(writer, placing);
+}
+
+/// Places what was accepted (files in `new/`, or jobs handed to the lanes); a failure that
+/// lasts (a full disk) is said once, not at every try.
+fn place(writer: &mut BatchWriter, placing: &mut Recurring) {
+    match writer.place() {
+        Ok(()) => placing.worked(),
+        Err(e) => placing.failed(&e),
     }
 }
 
