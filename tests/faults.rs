@@ -148,8 +148,9 @@ fn full_disk(durable: bool) {
 
 /// The ZeroMQ ingress on a full disk: a job whose journal record fits (segments keep room
 /// written ahead) is durable and answered, but its file in `new/` cannot be written. That is
-/// said once, not every time the ingress tries again (10 lines a second), and every such job
-/// runs once the disk has room.
+/// said once, not every time the ingress tries again (10 lines a second); `result` finds such
+/// a job queued (it said "unknown id: never submitted"); and every such job runs once the disk
+/// has room.
 #[test]
 fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later() {
     let sb = Sandbox::new("zmq-full");
@@ -173,6 +174,11 @@ fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later(
         }
     }
     assert!(ids.len() > 1, "no job answered on the full disk");
+    // Answered, so durable: `result` finds them queued (in the journal), not unknown.
+    for id in &ids[1..] {
+        let out = sb.run(&["result", id]);
+        assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    }
     std::thread::sleep(Duration::from_secs(3));
     let log = w.log_text();
     let said = log.matches("not in place").count();

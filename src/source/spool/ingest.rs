@@ -15,8 +15,23 @@ use std::time::{Duration, Instant};
 
 use super::direct::{DirectJob, Feed, Hold, SPILL_AFTER};
 use super::format::JobFile;
-use super::journal::{job_entry, materialize, Entry, Segment, SEGMENT_AGE, SEGMENT_BYTES};
+use super::journal::{job_entry, materialize, Entry, Kind, Segment, SEGMENT_AGE, SEGMENT_BYTES};
 use super::*;
+
+/// Whether job `id` was accepted but is not placed yet: its record is in a journal segment not
+/// sealed yet (on a full disk a batch stays there, durable and answered, until its files can
+/// be written). Read only for an id found nowhere else.
+pub(super) fn journaled(spool: &Spool, id: &str) -> bool {
+    let dir = spool.dir("journal");
+    list_raw(&dir).is_ok_and(|names| {
+        names
+            .iter()
+            .filter(|n| n.as_encoded_bytes().ends_with(b".wal"))
+            .any(|n| {
+                super::results::records(&dir.join(n)).any(|e| e.kind == Kind::Job && e.id == id)
+            })
+    })
+}
 
 /// A fed writer closes its segment this often: what an exec leaves unsealed (the jobs whose
 /// outcomes cross it) is replayed by the next generation, so it is kept small.

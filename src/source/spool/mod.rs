@@ -307,11 +307,15 @@ impl Spool {
                     Error::Invalid(format!("corrupt result record of {id} in results/: {why}"))
                 });
         }
-        Ok(if self.dir("new").join(id).exists() {
-            Lookup::Queued
-        } else {
-            Lookup::Unknown
-        })
+        // Accepted and answered, its file not written yet (a full disk): looked at before
+        // new/, where placing it would put it.
+        Ok(
+            if ingest::journaled(self, id) || self.dir("new").join(id).exists() {
+                Lookup::Queued
+            } else {
+                Lookup::Unknown
+            },
+        )
     }
 
     fn read_finished(&self, id: &str) -> Result<Option<Record>> {

@@ -132,23 +132,25 @@ fn logs(spool: &Spool, since: Option<SystemTime>) -> Vec<PathBuf> {
 /// record. Never through a link, never a FIFO.
 fn each_logged(spool: &Spool, since: Option<SystemTime>, mut each: impl FnMut(Entry) -> bool) {
     for path in logs(spool, since) {
-        let Ok(file) = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-        else {
-            continue;
-        };
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let mut r = io::BufReader::new(file);
-        while let Some(e) = next_record(&mut r) {
+        for e in records(&path) {
             if e.kind != Kind::Job && !each(e) {
                 return;
             }
         }
     }
+}
+
+/// The records of the log or journal segment at `path`, up to the first torn or corrupt one;
+/// none if it is no regular file (never through a link: the worker's user writes there).
+pub(super) fn records(path: &Path) -> impl Iterator<Item = Entry> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+    let mut r = file.map(io::BufReader::new);
+    std::iter::from_fn(move || next_record(r.as_mut()?))
 }
 
 /// The stored bytes of job `id`'s outcome, if a log holds it (the newest logs first).
