@@ -254,19 +254,7 @@ fn lanes_short_of_descriptors_take_turns_and_keep_up() {
         .replace("concurrency = 2", "concurrency = 16");
     fs::write(sb.config(), cfg).unwrap();
     sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
-    // What the worker holds when idle, counted on the worker itself (the most of a few looks,
-    // once its helpers are surely up).
-    let idle = {
-        let mut w = sb.start();
-        let n = w
-            .fd_samples(3, Duration::from_millis(200))
-            .into_iter()
-            .max()
-            .unwrap();
-        w.signal(Signal::SIGTERM);
-        assert!(w.wait_exit(Duration::from_secs(10)).success());
-        n
-    };
+    let idle = sb.idle_fds();
     let ids: Vec<String> = (0..400)
         .map(|i| sb.submit("up", &format!("job{i}")))
         .collect();

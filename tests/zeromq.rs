@@ -343,6 +343,52 @@ fn connected_peers_are_counted() {
     });
 }
 
+/// A flood of connections that never say a word (or a slowloris): each held a descriptor of
+/// the worker, without bound, until none was left for a job's pipes, the status socket or the
+/// spool, and libzmq's I/O thread then spun at 100% of a CPU retrying its accept. Now peers
+/// over `max_connections` are closed as soon as libzmq accepts them: the worker's descriptors
+/// stay bounded, jobs run, and clients get in again once the flood ends. No client library
+/// needed: raw TCP connections, the spool and `gearshift submit`.
+#[test]
+fn a_connection_flood_is_capped_and_wedges_nothing() {
+    let z = setup_reply("zmq-flood", "max_connections = 20\n", "id");
+    z.sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let idle = z.sb.idle_fds();
+    // Room for the idle worker, 20 peers and a few jobs; not for 300 peers.
+    let w = z.sb.start_under_shell(&format!("ulimit -n {}", idle + 60));
+    w.status();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let flood: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    assert!(
+        flood.len() > 100,
+        "the kernel's backlog took only {}",
+        flood.len()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let held = w.fd_count();
+    assert!(held <= idle + 30, "{held} descriptors held (idle: {idle})");
+    // Jobs still start (each needs a few descriptors) and the worker does not spin.
+    let id = open_spool(&z.sb).submit("up", b"flooded").unwrap();
+    assert_eq!(
+        all_outcomes(&z.sb, &[id], Duration::from_secs(20))[0].1,
+        "FLOODED"
+    );
+    let used = idle_ticks(w.pid());
+    assert!(
+        used <= 40,
+        "the worker used {used} ticks in 2 s under the flood"
+    );
+    assert!(w.status()["zeromq"]["peers"].as_u64().unwrap() <= 20);
+    assert!(w.log_text().contains("max_connections"), "{}", w.log_text());
+    drop(flood);
+    // Once it ends, clients get in again.
+    eventually(Duration::from_secs(20), "a client served again", || {
+        z.sb.run(&["submit", "up", "after"]).status.success()
+    });
+}
+
 #[test]
 fn restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged() {
     storm(

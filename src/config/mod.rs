@@ -117,6 +117,9 @@ pub struct ZeromqConfig {
     /// How long the ingress, after a message that came alone, first polls for the next without
     /// sleeping (zero: never; `source::spin`).
     pub busy_poll: Duration,
+    /// Clients connected at once at most; those over it are closed as soon as libzmq accepts
+    /// them. None: from the descriptor limit at start (`zeromq::peer_cap`).
+    pub max_connections: Option<u64>,
 }
 
 /// Where a ZeroMQ source listens.
@@ -536,6 +539,22 @@ mod tests {
         let err = poll("busy_poll = \"5ms\"\n").expect_err("over 1ms");
         assert!(err.starts_with("/etc/gs/config.toml:5:"), "{err}");
         assert!(err.contains("busy_poll is at most"), "{err}");
+    }
+
+    /// `max_connections` (zeromq): unset is derived at start; 0 is refused where it is written.
+    #[test]
+    fn zeromq_max_connections() {
+        let base = "[source]\nkind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:5555\"]\n";
+        let cap = |extra: &str| match parse(&format!("{base}{extra}")).map(|c| c.source) {
+            Ok(Source::Zeromq(z)) => Ok(z.max_connections),
+            Ok(_) => Err("not zeromq".to_string()),
+            Err(e) => Err(e),
+        };
+        assert_eq!(cap(""), Ok(None));
+        assert_eq!(cap("max_connections = 64\n"), Ok(Some(64)));
+        let err = cap("max_connections = 0\n").expect_err("0");
+        assert!(err.starts_with("/etc/gs/config.toml:4:"), "{err}");
+        assert!(err.contains("max_connections must be between 1"), "{err}");
     }
 
     #[test]

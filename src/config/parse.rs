@@ -172,6 +172,11 @@ fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
         function,
         reply,
         busy_poll: cx.busy_poll(&s.busy_poll)?,
+        max_connections: s
+            .max_connections
+            .as_ref()
+            .map(|m| cx.in_range(m, "max_connections", 1, 1_000_000))
+            .transpose()?,
     }))
 }
 

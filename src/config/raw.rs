@@ -142,6 +142,7 @@ pub(super) struct RawSource {
     pub(super) dedupe_ids: Spanned<u64>,
     pub(super) consumer_timeout: Spanned<Dur>,
     pub(super) busy_poll: Spanned<Dur>,
+    pub(super) max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +183,7 @@ impl Default for RawSource {
             dedupe_ids: Spanned::new(0..0, 0),
             consumer_timeout: Spanned::new(0..0, CONSUMER_TIMEOUT),
             busy_poll: Spanned::new(0..0, Dur(BUSY_POLL)),
+            max_connections: None,
         }
     }
 }

@@ -108,6 +108,7 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
             handed,
             listeners,
             ingress,
+            config.worker.concurrency,
         )?),
         SourceConfig::Gearman(cfg) => Arc::new(gearman::GearmanSource::open(
             cfg,

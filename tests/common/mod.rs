@@ -118,6 +118,20 @@ impl Sandbox {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// The descriptors a worker of this sandbox holds when idle: started, counted on the worker
+    /// itself (the most of a few looks, once its helpers are surely up), stopped.
+    pub fn idle_fds(&self) -> usize {
+        let mut w = self.start();
+        let n = w
+            .fd_samples(3, Duration::from_millis(200))
+            .into_iter()
+            .max()
+            .unwrap();
+        w.signal(Signal::SIGTERM);
+        assert!(w.wait_exit(Duration::from_secs(10)).success());
+        n
+    }
+
     /// Starts `gearshift run` and waits until it answers status.
     pub fn start(&self) -> Worker {
         self.start_env(&[])

@@ -16,6 +16,7 @@ use crate::ops::logging::Recurring;
 use crate::source::spool::{BatchWriter, Feed, Spool};
 
 use super::listen::{dup_for_zmq, Listener};
+use super::peers::{count_peers, peers_monitor, Peers};
 
 /// Messages read before one sync at most.
 const BATCH: usize = 256;
@@ -34,8 +35,6 @@ const HWM: i32 = 1000;
 const MAX_ENVELOPE: usize = 32;
 /// Batches of one message in a row before the ingress busy-polls for the next.
 const SINGLES_TO_SPIN: u32 = 16;
-/// Where libzmq reports the ROUTER socket's connections (accepted, disconnected).
-const MONITOR: &str = "inproc://gearshift-zeromq-monitor";
 
 /// What the ingress needs to decide about a message.
 pub struct Rules {
@@ -47,6 +46,8 @@ pub struct Rules {
     pub busy_poll: Duration,
     /// The functions this worker serves (set by the lanes as they start).
     pub served: Arc<RwLock<Vec<String>>>,
+    /// Clients connected at once at most (`max_connections`).
+    pub max_peers: u64,
 }
 
 /// The running ingress thread.
@@ -68,6 +69,7 @@ impl Ingress {
         let ctx = zmq::Context::new();
         let socket = router(&ctx, listeners, &rules)?;
         let monitor = peers_monitor(&ctx, &socket)?;
+        let mut peers = Peers::new(rules.max_peers, listeners);
         // libzmq is built to make its descriptors close-on-exec (`.cargo/config.toml`); a build
         // without those flags (a CXXFLAGS of the builder's own wins) would not: none may reach
         // a job process or the next image, so they are marked here too.
@@ -79,7 +81,15 @@ impl Ingress {
             if let Some(feed) = feed {
                 writer.feed(feed);
             }
-            serve(&socket, &monitor, &mut writer, &rules, &stats, &flag);
+            serve(
+                &socket,
+                &monitor,
+                &mut writer,
+                &rules,
+                &stats,
+                &flag,
+                &mut peers,
+            );
             drop(writer);
             // Answers already queued get up to LINGER_MS to leave; then the context ends.
             drop(socket);
@@ -166,36 +176,6 @@ fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<z
     Ok(socket)
 }
 
-/// A PAIR socket receiving the ROUTER socket's connection events.
-fn peers_monitor(ctx: &zmq::Context, socket: &zmq::Socket) -> Result<zmq::Socket> {
-    let zerr = |e: zmq::Error| Error::Msg(format!("zeromq: monitoring connections: {e}"));
-    let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
-    socket.monitor(MONITOR, i32::from(events)).map_err(zerr)?;
-    let monitor = ctx.socket(zmq::PAIR).map_err(zerr)?;
-    monitor.connect(MONITOR).map_err(zerr)?;
-    Ok(monitor)
-}
-
-/// Counts connections from the monitor's events (each: a 6-byte frame, the event first).
-fn count_peers(monitor: &zmq::Socket, stats: &Stats) {
-    while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
-        let Some(event) = frames.first().filter(|f| f.len() >= 2) else {
-            continue;
-        };
-        match zmq::SocketEvent::from_raw(u16::from_le_bytes([event[0], event[1]])) {
-            zmq::SocketEvent::ACCEPTED => {
-                stats.peers.fetch_add(1, Ordering::Relaxed);
-            }
-            zmq::SocketEvent::DISCONNECTED => {
-                let _ = stats
-                    .peers
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            }
-            _ => {}
-        }
-    }
-}
-
 fn serve(
     socket: &zmq::Socket,
     monitor: &zmq::Socket,
@@ -203,6 +183,7 @@ fn serve(
     rules: &Rules,
     stats: &Stats,
     stop: &AtomicBool,
+    peers: &mut Peers,
 ) {
     let mut spin = crate::source::spin::Spin::new(rules.busy_poll);
     // Batches of one message in a row: messages coming one at a time mean clients wait on our
@@ -234,7 +215,7 @@ fn serve(
             Ok(0) => continue,
             Ok(_) => {
                 if items[1].is_readable() {
-                    count_peers(monitor, stats);
+                    count_peers(monitor, stats, peers);
                 }
                 if !items[0].is_readable() {
                     continue;
@@ -432,6 +413,7 @@ mod tests {
             max_payload: 10,
             busy_poll: Duration::ZERO,
             served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
+            max_peers: 1,
         }
     }
 

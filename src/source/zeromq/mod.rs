@@ -6,6 +6,7 @@
 
 pub mod ingress;
 pub mod listen;
+mod peers;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -30,6 +31,28 @@ pub struct ZeromqSource {
     ingress: Mutex<Option<ingress::Ingress>>,
     served: Arc<RwLock<Vec<String>>>,
     stats: Arc<Stats>,
+    /// Clients connected at once at most ([`peer_cap`]).
+    max_peers: u64,
+}
+
+/// Descriptors kept for all but the clients: what the idle worker holds (about 50 here) and
+/// room to spare.
+const RESERVED_FDS: u64 = 96;
+/// Descriptors kept for each lane's job (a start takes about ten at once, keeps five).
+const FDS_PER_LANE: u64 = 16;
+/// The fewest clients a derived cap allows.
+const MIN_PEERS: u64 = 16;
+
+/// `max_connections`, or what the descriptor limit leaves once the worker and its lanes have
+/// what they need: each connection holds a descriptor, and a flood of them once took every
+/// one (no job could start, libzmq spun on its accept).
+pub fn peer_cap(configured: Option<u64>, concurrency: usize) -> u64 {
+    configured.unwrap_or_else(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        soft.saturating_sub(RESERVED_FDS + FDS_PER_LANE * concurrency as u64)
+            .max(MIN_PEERS)
+    })
 }
 
 impl ZeromqSource {
@@ -42,6 +65,7 @@ impl ZeromqSource {
         handed: Option<&[u8]>,
         carried: Vec<(String, OwnedFd)>,
         stats: Arc<Stats>,
+        concurrency: usize,
     ) -> Result<ZeromqSource> {
         let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed, handed)?);
         let listeners = listen::open(&cfg.bind, carried)?;
@@ -56,6 +80,7 @@ impl ZeromqSource {
             ingress: Mutex::new(None),
             served: Arc::new(RwLock::new(Vec::new())),
             stats,
+            max_peers: peer_cap(cfg.max_connections, concurrency),
         })
     }
 
@@ -73,6 +98,7 @@ impl ZeromqSource {
             max_payload: self.max_payload,
             busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
+            max_peers: self.max_peers,
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
         // Answering TRUE, a job needs no file until the lanes fall behind (there is no id to
@@ -90,7 +116,11 @@ impl ZeromqSource {
             .iter()
             .map(|l| l.endpoint.to_string())
             .collect();
-        log::info!("zeromq: accepting jobs on {}", bound.join(", "));
+        log::info!(
+            "zeromq: accepting jobs on {} (at most {} clients at once: max_connections)",
+            bound.join(", "),
+            self.max_peers
+        );
         Ok(())
     }
 }
