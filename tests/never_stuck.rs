@@ -850,34 +850,7 @@ fn out_of_descriptors_each_fault_is_said_once_and_no_false_recovery() {
     sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let w = sb.start();
     let addr = w.status()["metrics"].as_str().unwrap().to_string();
-    let pid = w.pid().to_string();
-    // No descriptor can be made: the limit is the lowest number free (a new descriptor takes
-    // the lowest free number), among those the worker holds for good (in every one of a few
-    // looks: a lane's listing holds one for a moment).
-    let held = (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(30));
-            fs::read_dir(format!("/proc/{pid}/fd"))
-                .unwrap()
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect::<std::collections::HashSet<u32>>()
-        })
-        .reduce(|a, b| a.intersection(&b).copied().collect())
-        .unwrap();
-    let lowest_free = (0..).find(|n| !held.contains(n)).unwrap();
-    // The soft limit only: raising it back needs no privilege.
-    let prlimit = |set: Option<&str>| {
-        let out = Command::new("prlimit")
-            .args(["--pid", &pid])
-            .arg(set.map_or("--nofile".to_string(), |n| format!("--nofile={n}:")))
-            .args(["--output", "SOFT", "--noheadings"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        text(&out.stdout).trim().to_string()
-    };
-    let before = prlimit(None);
-    prlimit(Some(&lowest_free.to_string()));
+    let before = w.run_out_of_fds();
     let _waiting = UnixStream::connect(&w.socket).unwrap();
     let _scrape = std::net::TcpStream::connect(&addr).unwrap();
     // The CLI's own query waits in the backlog too, and says so plainly.
@@ -909,7 +882,7 @@ fn out_of_descriptors_each_fault_is_said_once_and_no_false_recovery() {
     assert_eq!(log.matches("degraded: listing").count(), 1, "{log}");
     assert!(!log.contains("works again"), "{log}");
     assert!(log.matches("journal checkpoint").count() <= 1, "{log}");
-    prlimit(Some(&before));
+    w.set_fd_limit(&before);
     assert!(w.status()["pid"].as_u64().is_some());
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

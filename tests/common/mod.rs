@@ -326,6 +326,42 @@ impl Worker {
         out
     }
 
+    /// Leaves the worker no descriptor to make: its soft limit becomes the lowest number free
+    /// (a new descriptor takes the lowest free number) among those it holds for good (in every
+    /// one of a few looks: a lane's listing holds one for a moment). Returns the limit before.
+    pub fn run_out_of_fds(&self) -> String {
+        let held = (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(30));
+                fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                    .unwrap()
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect::<std::collections::HashSet<u32>>()
+            })
+            .reduce(|a, b| a.intersection(&b).copied().collect())
+            .unwrap();
+        let lowest_free = (0..).find(|n| !held.contains(n)).unwrap();
+        let before = self.prlimit(None);
+        self.prlimit(Some(&lowest_free.to_string()));
+        before
+    }
+
+    /// Sets the worker's soft descriptor limit (raising it back needs no privilege).
+    pub fn set_fd_limit(&self, soft: &str) {
+        self.prlimit(Some(soft));
+    }
+
+    fn prlimit(&self, set: Option<&str>) -> String {
+        let out = Command::new("prlimit")
+            .args(["--pid", &self.pid().to_string()])
+            .arg(set.map_or("--nofile".to_string(), |n| format!("--nofile={n}:")))
+            .args(["--output", "SOFT", "--noheadings"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    }
+
     /// Open descriptors, the least of a few samples: a lane scanning the spool holds a
     /// directory descriptor for a moment, a leak holds one for good.
     pub fn fd_count(&self) -> usize {

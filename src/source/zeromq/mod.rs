@@ -46,13 +46,25 @@ const MIN_PEERS: u64 = 16;
 /// `max_connections`, or what the descriptor limit leaves once the worker and its lanes have
 /// what they need: each connection holds a descriptor, and a flood of them once took every
 /// one (no job could start, libzmq spun on its accept).
+/// A cap set above that is warned about: libzmq retries an accept that fails for want of
+/// descriptors at once, at 100% of a CPU, for as long as a client waits (its own to-do).
 pub fn peer_cap(configured: Option<u64>, concurrency: usize) -> u64 {
-    configured.unwrap_or_else(|| {
-        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_or(1024, |(soft, _)| soft);
-        soft.saturating_sub(RESERVED_FDS + FDS_PER_LANE * concurrency as u64)
-            .max(MIN_PEERS)
-    })
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let room = soft
+        .saturating_sub(RESERVED_FDS + FDS_PER_LANE * concurrency as u64)
+        .max(MIN_PEERS);
+    match configured {
+        Some(n) if n > room => {
+            log::warn!(
+                "zeromq: max_connections = {n} leaves too few descriptors under ulimit -n {soft} \
+                 (at most {room} with {concurrency} lane(s)): raise the limit or lower it"
+            );
+            n
+        }
+        Some(n) => n,
+        None => room,
+    }
 }
 
 impl ZeromqSource {
@@ -177,5 +189,25 @@ impl JobSource for ZeromqSource {
 
     fn watch_dirs(&self) -> Vec<PathBuf> {
         JobSource::watch_dirs(&self.spool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_the_worker_and_its_lanes_their_descriptors() {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let derived = peer_cap(None, 4);
+        assert_eq!(
+            derived,
+            soft.saturating_sub(RESERVED_FDS + 4 * FDS_PER_LANE)
+                .max(MIN_PEERS)
+        );
+        assert!(peer_cap(None, 64) < derived, "more lanes, fewer clients");
+        assert_eq!(peer_cap(Some(5), 4), 5, "as configured");
+        assert_eq!(peer_cap(Some(u64::MAX), 4), u64::MAX, "warned about, kept");
     }
 }
