@@ -143,6 +143,8 @@ pub struct Ingress {
     pub largest_batch: std::sync::atomic::AtomicU64,
     /// Clients connected now (libzmq's monitor: accepted minus disconnected).
     pub peers: std::sync::atomic::AtomicU64,
+    /// Clients connected at once at most (`max_connections`, or derived).
+    pub max_peers: std::sync::atomic::AtomicU64,
 }
 
 impl Ingress {

@@ -380,7 +380,14 @@ fn a_connection_flood_is_capped_and_wedges_nothing() {
         used <= 40,
         "the worker used {used} ticks in 2 s under the flood"
     );
-    assert!(w.status()["zeromq"]["peers"].as_u64().unwrap() <= 20);
+    let s = w.status();
+    assert!(s["zeromq"]["peers"].as_u64().unwrap() <= 20, "{s}");
+    assert_eq!(s["zeromq"]["max_connections"], 20, "{s}");
+    let metrics = text(&z.sb.run(&["metrics"]).stdout);
+    assert!(
+        metrics.contains("gearshift_zeromq_max_connections 20"),
+        "{metrics}"
+    );
     assert!(
         w.log_text()
             .contains("a client over max_connections was closed"),

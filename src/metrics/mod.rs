@@ -352,6 +352,7 @@ pub struct IngressGauge {
     pub rejected: u64,
     pub batches: u64,
     pub peers: u64,
+    pub max_peers: u64,
 }
 
 #[cfg(test)]

@@ -237,6 +237,13 @@ fn render_ingress(w: &mut String, i: &super::IngressGauge) {
         "Clients connected to the ZeroMQ sockets now.",
     );
     let _ = writeln!(w, "gearshift_zeromq_peers {}", i.peers);
+    header(
+        w,
+        "gearshift_zeromq_max_connections",
+        "gauge",
+        "Clients connected at once at most; one over it is closed as soon as it is accepted.",
+    );
+    let _ = writeln!(w, "gearshift_zeromq_max_connections {}", i.max_peers);
 }
 
 /// Each server's connections and reconnects (earlier generations' included), named by the

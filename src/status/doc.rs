@@ -71,6 +71,9 @@ pub struct IngressDoc {
     /// Clients connected now.
     #[serde(default)]
     pub peers: u64,
+    /// Clients connected at once at most (`max_connections`, or what `ulimit -n` leaves).
+    #[serde(default)]
+    pub max_connections: u64,
 }
 
 impl Doc {

@@ -307,6 +307,7 @@ impl State {
                 rejected: d.rejected,
                 batches: d.batches,
                 peers: d.peers,
+                max_peers: d.max_connections,
             }),
         })
     }
@@ -326,6 +327,7 @@ impl State {
             batches: self.ingress.batches.load(Ordering::Relaxed),
             largest_batch: self.ingress.largest_batch.load(Ordering::Relaxed),
             peers: self.ingress.peers.load(Ordering::Relaxed),
+            max_connections: self.ingress.max_peers.load(Ordering::Relaxed),
         })
     }
 

@@ -84,6 +84,10 @@ impl ZeromqSource {
         if let Ok(mut bound) = stats.bound.lock() {
             *bound = cfg.bind.iter().map(|e| e.to_string()).collect();
         }
+        let max_peers = peer_cap(cfg.max_connections, concurrency);
+        stats
+            .max_peers
+            .store(max_peers, std::sync::atomic::Ordering::Relaxed);
         Ok(ZeromqSource {
             spool,
             cfg: cfg.clone(),
@@ -92,7 +96,7 @@ impl ZeromqSource {
             ingress: Mutex::new(None),
             served: Arc::new(RwLock::new(Vec::new())),
             stats,
-            max_peers: peer_cap(cfg.max_connections, concurrency),
+            max_peers,
         })
     }
 
