@@ -843,7 +843,7 @@ fn dead_threads_are_noticed_and_every_json_line_is_json() {
 /// connection alone kept it up); both answer again once descriptors are back. And the lanes,
 /// which cannot list the spool, say "degraded" once and "storage works again" only once it
 /// does: it was said whenever their backoff outgrew a quiet second, then "degraded" again;
-/// the journal checkpoint, tried every 5 s, says its failure once too.
+/// the journal checkpoint, tried every few seconds, says its failure once too.
 #[test]
 fn out_of_descriptors_each_fault_is_said_once_and_no_false_recovery() {
     let sb = Sandbox::new("emfile-accept");

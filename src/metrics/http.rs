@@ -159,7 +159,7 @@ fn accept_loop(
     render: &Render,
 ) {
     let mut accepting = crate::ops::logging::Recurring::new(
-        "metrics: cannot accept a connection",
+        "metrics: cannot accept a connection, trying again",
         "metrics: accepting connections again",
     );
     loop {

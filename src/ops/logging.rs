@@ -132,7 +132,7 @@ impl Recurring {
         match &mut self.since {
             None => {
                 log::warn!(
-                    "{}: {e}; trying again (said once a minute while it lasts)",
+                    "{}: {e} (said again once a minute while it lasts)",
                     self.failing
                 );
                 self.since = Some((now, 1, now));
@@ -155,7 +155,7 @@ impl Recurring {
     pub fn worked(&mut self) {
         if let Some((since, n, _)) = self.since.take() {
             log::info!(
-                "{} after {n} failed tries in {} s",
+                "{} after {n} time(s) in {} s",
                 self.again,
                 since.elapsed().as_secs()
             );

@@ -201,7 +201,7 @@ fn accept_loop(
     answers: &Answers,
 ) {
     let mut accepting = crate::ops::logging::Recurring::new(
-        "status socket: cannot accept a client",
+        "status socket: cannot accept a client, trying again",
         "status socket: accepting clients again",
     );
     loop {

@@ -140,7 +140,7 @@ impl SpoolSource {
             carried: Mutex::new(None),
             checkpointing: Arc::new(AtomicBool::new(false)),
             checkpoint_failing: Mutex::new(crate::ops::logging::Recurring::new(
-                "journal checkpoint failed",
+                "journal checkpoint failed, trying again later",
                 "journal checkpoint works again",
             )),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),

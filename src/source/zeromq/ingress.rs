@@ -192,7 +192,7 @@ fn serve(
     // 10-25% slower when it spun after every single message).
     let mut singles = 0u32;
     let mut placing = Recurring::new(
-        "zeromq: accepted jobs not in place yet (their journal records keep them)",
+        "zeromq: accepted jobs not in place yet (their journal records keep them), trying again",
         "zeromq: accepted jobs in place again",
     );
     while !stop.load(Ordering::Acquire) {
