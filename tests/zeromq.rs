@@ -401,6 +401,36 @@ fn a_connection_flood_is_capped_and_wedges_nothing() {
     });
 }
 
+/// Out of descriptors (a tight `ulimit -n`, jobs holding pipes), libzmq cannot accept a
+/// waiting client, and its I/O thread retried at once for as long as it lasted: 100% of a CPU
+/// taken from the jobs. Now the endpoints are unbound after 0.1 s of that and bound again after
+/// a pause growing to 5 s (clients wait in the backlog); said once in the log.
+#[test]
+fn a_client_that_cannot_be_accepted_costs_no_spinning() {
+    let z = setup_reply("zmq-emfile", "", "id");
+    let w = z.sb.start();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let before = w.run_out_of_fds();
+    let _waiting = std::net::TcpStream::connect(&addr).unwrap();
+    // The first pauses are short (0.25 s, 0.5 s, 1 s ...): look once they have grown.
+    std::thread::sleep(Duration::from_secs(2));
+    let used = idle_ticks(w.pid());
+    assert!(used <= 40, "the worker used {used} ticks in 2 s");
+    let log = w.log_text();
+    assert_eq!(
+        log.matches("zeromq: cannot accept clients").count(),
+        1,
+        "{log}"
+    );
+    w.set_fd_limit(&before);
+    eventually(Duration::from_secs(20), "a client served again", || {
+        z.sb.run(&["submit", "reverse", "after"]).status.success()
+    });
+    eventually(Duration::from_secs(10), "accepting again, said", || {
+        w.log_text().contains("zeromq: accepting clients again")
+    });
+}
+
 #[test]
 fn restarts_under_load_refuse_no_connect_and_lose_nothing_acknowledged() {
     storm(

@@ -15,9 +15,11 @@ use crate::kinds::Ingress as Stats;
 use crate::ops::logging::Recurring;
 use crate::source::spool::{BatchWriter, Feed, Spool};
 
-use super::listen::{dup_for_zmq, Listener};
+use super::listen::Listener;
 use super::peers::{count_peers, peers_monitor, Peers};
 
+/// How long one poll for messages lasts at most (the stop flag is looked at in between).
+const POLL_MS: i64 = 100;
 /// Messages read before one sync at most.
 const BATCH: usize = 256;
 /// How long a reply may wait to be sent when the socket closes (a restart or a stop).
@@ -67,9 +69,10 @@ impl Ingress {
         stats: Arc<Stats>,
     ) -> Result<Ingress> {
         let ctx = zmq::Context::new();
-        let socket = router(&ctx, listeners, &rules)?;
+        let mut socket = router(&ctx, &rules)?;
         let monitor = peers_monitor(&ctx, &socket)?;
-        let mut peers = Peers::new(rules.max_peers, listeners);
+        let mut peers = Peers::new(rules.max_peers, listeners)?;
+        peers.doors.open(&mut socket)?;
         // libzmq is built to make its descriptors close-on-exec (`.cargo/config.toml`); a build
         // without those flags (a CXXFLAGS of the builder's own wins) would not: none may reach
         // a job process or the next image, so they are marked here too.
@@ -82,7 +85,7 @@ impl Ingress {
                 writer.feed(feed);
             }
             serve(
-                &socket,
+                &mut socket,
                 &monitor,
                 &mut writer,
                 &rules,
@@ -132,9 +135,9 @@ impl Drop for Ingress {
     }
 }
 
-fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<zmq::Socket> {
+fn router(ctx: &zmq::Context, rules: &Rules) -> Result<zmq::Socket> {
     let zerr = |what: &str, e: zmq::Error| Error::Msg(format!("zeromq: {what}: {e}"));
-    let mut socket = ctx
+    let socket = ctx
         .socket(zmq::ROUTER)
         .map_err(|e| zerr("creating a ROUTER socket", e))?;
     // Room for a message a little over the limit, so it gets an error reply; one far over it
@@ -148,36 +151,11 @@ fn router(ctx: &zmq::Context, listeners: &[Listener], rules: &Rules) -> Result<z
         .and_then(|()| socket.set_sndhwm(HWM))
         .and_then(|()| socket.set_linger(LINGER_MS))
         .map_err(|e| zerr("setting socket options", e))?;
-    for l in listeners {
-        let fd = dup_for_zmq(&l.fd)?;
-        let value: libc::c_int = fd;
-        // SAFETY: the socket pointer is live (we own `socket`); ZMQ_USE_FD takes an int, passed
-        // by pointer with its size, read before the call returns.
-        let rc = unsafe {
-            zmq_sys::zmq_setsockopt(
-                socket.as_mut_ptr(),
-                zmq_sys::ZMQ_USE_FD as libc::c_int,
-                std::ptr::from_ref(&value).cast(),
-                std::mem::size_of::<libc::c_int>(),
-            )
-        };
-        if rc != 0 {
-            let _ = nix::unistd::close(fd);
-            return Err(Error::Msg(format!(
-                "zeromq: ZMQ_USE_FD for {}: {}",
-                l.endpoint,
-                std::io::Error::last_os_error()
-            )));
-        }
-        socket
-            .bind(&l.endpoint.to_string())
-            .map_err(|e| zerr(&format!("binding {}", l.endpoint), e))?;
-    }
     Ok(socket)
 }
 
 fn serve(
-    socket: &zmq::Socket,
+    socket: &mut zmq::Socket,
     monitor: &zmq::Socket,
     writer: &mut BatchWriter,
     rules: &Rules,
@@ -200,6 +178,10 @@ fn serve(
         if writer.pending() {
             place(writer, &mut placing);
         }
+        let timeout = peers
+            .doors
+            .tick(socket)
+            .map_or(POLL_MS, |d| (d.as_millis() as i64).clamp(1, POLL_MS));
         let mut items = [
             socket.as_poll_item(zmq::POLLIN),
             monitor.as_poll_item(zmq::POLLIN),
@@ -207,26 +189,25 @@ fn serve(
         let _waiting = crate::source::spin::Waiting::enter();
         let spun = singles >= SINGLES_TO_SPIN
             && spin.wait_for(|| zmq::poll(&mut items, 0).is_ok_and(|n| n > 0));
-        match if spun {
+        let (messages, events) = match if spun {
             Ok(1)
         } else {
-            zmq::poll(&mut items, 100)
+            zmq::poll(&mut items, timeout)
         } {
             Ok(0) => continue,
-            Ok(_) => {
-                if items[1].is_readable() {
-                    count_peers(monitor, stats, peers);
-                }
-                if !items[0].is_readable() {
-                    continue;
-                }
-            }
+            Ok(_) => (items[0].is_readable(), items[1].is_readable()),
             Err(zmq::Error::EINTR) => continue,
             Err(e) => {
                 log::error!("zeromq: polling: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
+        };
+        if events {
+            count_peers(monitor, socket, stats, peers);
+        }
+        if !messages {
+            continue;
         }
         let mut batch = Vec::new();
         let mut bytes = 0;

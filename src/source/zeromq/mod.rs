@@ -4,6 +4,7 @@
 //! (`listen.rs`); the ingress thread (`ingress.rs`) stops before an exec and starts again in
 //! the new image.
 
+mod doors;
 pub mod ingress;
 pub mod listen;
 mod peers;
@@ -46,8 +47,8 @@ const MIN_PEERS: u64 = 16;
 /// `max_connections`, or what the descriptor limit leaves once the worker and its lanes have
 /// what they need: each connection holds a descriptor, and a flood of them once took every
 /// one (no job could start, libzmq spun on its accept).
-/// A cap set above that is warned about: libzmq retries an accept that fails for want of
-/// descriptors at once, at 100% of a CPU, for as long as a client waits (its own to-do).
+/// A cap set above that is warned about: out of descriptors, clients cannot be accepted, and the
+/// endpoints are paused (`doors.rs`).
 pub fn peer_cap(configured: Option<u64>, concurrency: usize) -> u64 {
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);

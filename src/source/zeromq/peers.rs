@@ -2,13 +2,15 @@
 //! disconnected), and capped. A connection over `max_connections` is shut down as soon as
 //! libzmq accepted it (libzmq then closes it and says DISCONNECTED), so a flood of connections
 //! holds a handful of descriptors for a moment, not one each for good: it once took every
-//! descriptor of the worker, no job could start, and libzmq spun on its failing accept.
+//! descriptor of the worker, no job could start, and libzmq spun on its failing accept. The
+//! monitor also says when an accept fails, for `doors.rs`.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use nix::sys::socket::{getsockname, shutdown, Shutdown, SockaddrStorage};
 
+use super::doors::Doors;
 use super::listen::Listener;
 use crate::error::{Error, Result};
 use crate::kinds::Ingress as Stats;
@@ -20,7 +22,9 @@ const MONITOR: &str = "inproc://gearshift-zeromq-monitor";
 /// A PAIR socket receiving the ROUTER socket's connection events.
 pub(super) fn peers_monitor(ctx: &zmq::Context, socket: &zmq::Socket) -> Result<zmq::Socket> {
     let zerr = |e: zmq::Error| Error::Msg(format!("zeromq: monitoring connections: {e}"));
-    let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
+    let events = zmq::SocketEvent::ACCEPTED.to_raw()
+        | zmq::SocketEvent::ACCEPT_FAILED.to_raw()
+        | zmq::SocketEvent::DISCONNECTED.to_raw();
     socket.monitor(MONITOR, i32::from(events)).map_err(zerr)?;
     let monitor = ctx.socket(zmq::PAIR).map_err(zerr)?;
     // No event may be dropped (libzmq drops them past the pipe's high-water mark): each
@@ -31,8 +35,14 @@ pub(super) fn peers_monitor(ctx: &zmq::Context, socket: &zmq::Socket) -> Result<
 }
 
 /// Counts connections from the monitor's events (each: a 6-byte frame, the event first, then
-/// its value: for ACCEPTED the connection's descriptor), and closes those over the cap.
-pub(super) fn count_peers(monitor: &zmq::Socket, stats: &Stats, peers: &mut Peers) {
+/// its value: for ACCEPTED the connection's descriptor, for ACCEPT_FAILED the errno), closes
+/// those over the cap, and pauses the endpoints while accepts fail (`doors.rs`).
+pub(super) fn count_peers(
+    monitor: &zmq::Socket,
+    socket: &mut zmq::Socket,
+    stats: &Stats,
+    peers: &mut Peers,
+) {
     while let Ok(frames) = monitor.recv_multipart(zmq::DONTWAIT) {
         let Some(event) = frames.first().filter(|f| f.len() >= 6) else {
             continue;
@@ -41,7 +51,12 @@ pub(super) fn count_peers(monitor: &zmq::Socket, stats: &Stats, peers: &mut Peer
             zmq::SocketEvent::ACCEPTED => {
                 let n = stats.peers.fetch_add(1, Ordering::Relaxed) + 1;
                 let fd = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+                peers.doors.accepted();
                 peers.accepted(n, fd);
+            }
+            zmq::SocketEvent::ACCEPT_FAILED => {
+                let errno = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+                peers.doors.accept_failed(socket, errno);
             }
             zmq::SocketEvent::DISCONNECTED => {
                 let _ = stats
@@ -62,22 +77,24 @@ pub(super) struct Peers {
     /// accepted on one of them (the event is read a little after it happened).
     ours: Vec<SockaddrStorage>,
     over: Recurring,
+    pub(super) doors: Doors,
 }
 
 impl Peers {
-    pub(super) fn new(max: u64, listeners: &[Listener]) -> Peers {
+    pub(super) fn new(max: u64, listeners: &[Listener]) -> Result<Peers> {
         let ours = listeners
             .iter()
             .filter_map(|l| getsockname::<SockaddrStorage>(l.fd.as_raw_fd()).ok())
             .collect();
-        Peers {
+        Ok(Peers {
             max,
             ours,
             over: Recurring::new(
                 "zeromq: a client over max_connections was closed",
                 "zeromq: clients within max_connections again",
             ),
-        }
+            doors: Doors::new(listeners)?,
+        })
     }
 
     /// Connection `fd` was accepted; `n` are connected with it.
