@@ -388,6 +388,8 @@ fn a_connection_flood_is_capped_and_wedges_nothing() {
         metrics.contains("gearshift_zeromq_max_connections 20"),
         "{metrics}"
     );
+    let shown = text(&z.sb.run(&["status"]).stdout);
+    assert!(shown.contains("(at most 20)"), "{shown}");
     assert!(
         w.log_text()
             .contains("a client over max_connections was closed"),

@@ -221,6 +221,16 @@ fn print_status(s: &crate::status::Doc) {
             );
         }
     }
+    if let Some(z) = &s.zeromq {
+        println!(
+            "  zeromq on {}: {} accepted, {} rejected, {} client(s) connected (at most {})",
+            z.bound.join(", "),
+            z.accepted,
+            z.rejected,
+            z.peers,
+            z.max_connections
+        );
+    }
     if let Some(st) = &s.storage {
         println!("  storage failing since {}: {}", st.since, st.error);
     }

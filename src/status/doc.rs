@@ -117,6 +117,9 @@ impl Doc {
         if let Some(sv) = &mut self.supervisor {
             sv.last_exit.as_mut().map(esc);
         }
+        if let Some(z) = &mut self.zeromq {
+            z.bound.iter_mut().for_each(esc);
+        }
         self
     }
 }

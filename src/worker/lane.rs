@@ -99,8 +99,9 @@ pub(super) struct Health {
     /// after the failed step was due to be tried again (a lane backing off 5 s is quiet for 5 s
     /// without anything working again; that was once said to be a recovery).
     quiet_ms: std::sync::atomic::AtomicU64,
-    /// The fault recorded is a job start's (not storage's): said so when it clears.
-    starts_fault: AtomicBool,
+    /// The kinds of fault said since the worker was last healthy ([`Fault::bit`]): each is
+    /// said once (a start fault after a storage fault too), and the recovery names them.
+    said: std::sync::atomic::AtomicU8,
 }
 
 /// What a fault stopped: storing (outcomes, claims) or starting job processes.
@@ -108,6 +109,15 @@ pub(super) struct Health {
 pub(super) enum Fault {
     Storage,
     Starts,
+}
+
+impl Fault {
+    fn bit(self) -> u8 {
+        match self {
+            Fault::Storage => 1,
+            Fault::Starts => 2,
+        }
+    }
 }
 
 /// How long a job waits for its executable to be closed by whoever writes it (ETXTBSY).
@@ -127,7 +137,7 @@ impl Health {
             // failure's time, not an older one (it once declared recovery 0.0 s after a fault).
             self.last_failure_ms.store(now_ms(), Ordering::Release);
             self.degraded.store(true, Ordering::Release);
-            if i.storage.is_none() {
+            if self.said.fetch_or(fault.bit(), Ordering::AcqRel) & fault.bit() == 0 {
                 match fault {
                     Fault::Storage => log::error!(
                         "degraded: {message}; claiming no new jobs, keeping what is held and retrying until it works"
@@ -136,8 +146,9 @@ impl Health {
                         "degraded: {message}; starting jobs one at a time, each tried again as others end, until it works"
                     ),
                 }
-                self.starts_fault
-                    .store(fault == Fault::Starts, Ordering::Release);
+            }
+            // `status` shows the first fault.
+            if i.storage.is_none() {
                 i.storage = Some((message.to_string(), now_ms()));
             }
         }
@@ -154,14 +165,15 @@ impl Health {
         }
         self.degraded.store(false, Ordering::Release);
         if let Ok(mut i) = state.inner.lock() {
+            let said = self.said.swap(0, Ordering::AcqRel);
             if let Some((error, since)) = i.storage.take() {
-                let what = if self.starts_fault.load(Ordering::Acquire) {
-                    "job starts work"
-                } else {
-                    "storage works"
+                let what = match said {
+                    2 => "job starts work",
+                    3 => "storage and job starts work",
+                    _ => "storage works",
                 };
                 log::info!(
-                    "{what} again after {:.1}s ({error}); serving",
+                    "{what} again after {:.1}s (it was: {error}); serving",
                     now_ms().saturating_sub(since) as f64 / 1000.0
                 );
             }
