@@ -149,6 +149,20 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
     Ok(0)
 }
 
+/// The human `status`'s ZeroMQ line, for a ZeroMQ source.
+fn print_zeromq(s: &crate::status::Doc) {
+    if let Some(z) = &s.zeromq {
+        println!(
+            "  zeromq on {}: {} accepted, {} rejected, {} client(s) connected (at most {})",
+            z.bound.join(", "),
+            z.accepted,
+            z.rejected,
+            z.peers,
+            z.max_connections
+        );
+    }
+}
+
 /// The human `status`.
 fn print_status(s: &crate::status::Doc) {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -221,16 +235,7 @@ fn print_status(s: &crate::status::Doc) {
             );
         }
     }
-    if let Some(z) = &s.zeromq {
-        println!(
-            "  zeromq on {}: {} accepted, {} rejected, {} client(s) connected (at most {})",
-            z.bound.join(", "),
-            z.accepted,
-            z.rejected,
-            z.peers,
-            z.max_connections
-        );
-    }
+    print_zeromq(s);
     if let Some(st) = &s.storage {
         println!("  storage failing since {}: {}", st.since, st.error);
     }
