@@ -22,6 +22,9 @@ use crate::ops::logging::Recurring;
 /// How long accepts must keep failing before the endpoints are paused (a job ending frees
 /// descriptors within that, as a rule).
 const FAILING_FOR: Duration = Duration::from_millis(100);
+/// Failures further apart than this are not one run of them (libzmq's retries come
+/// microseconds apart): a failure now and another one minutes later pause nothing.
+const FAILING_GAP: Duration = Duration::from_millis(20);
 /// The first pause, and the longest.
 const FIRST_PAUSE: Duration = Duration::from_millis(250);
 const LONGEST_PAUSE: Duration = Duration::from_secs(5);
@@ -32,8 +35,8 @@ pub(super) struct Doors {
     listeners: Vec<(OwnedFd, String)>,
     /// The endpoints as libzmq names them once bound (to unbind them).
     bound: Vec<String>,
-    /// Since when accepts fail for want of descriptors.
-    failing_since: Option<Instant>,
+    /// Accepts failing for want of descriptors, without a pause between them.
+    failing: Run,
     /// Unbound until then.
     paused_until: Option<Instant>,
     pause: Duration,
@@ -53,7 +56,7 @@ impl Doors {
         Ok(Doors {
             listeners,
             bound: Vec::new(),
-            failing_since: None,
+            failing: Run::default(),
             paused_until: None,
             pause: FIRST_PAUSE,
             said: Recurring::new(
@@ -106,8 +109,7 @@ impl Doors {
         {
             return;
         }
-        let since = *self.failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < FAILING_FOR {
+        if !self.failing.lasted(Instant::now(), FAILING_FOR) {
             return;
         }
         self.said.failed(&e);
@@ -116,14 +118,14 @@ impl Doors {
                 log::warn!("zeromq: unbinding {endpoint}: {e}");
             }
         }
-        self.failing_since = None;
+        self.failing = Run::default();
         self.paused_until = Some(Instant::now() + self.pause);
         self.pause = (self.pause * 2).min(LONGEST_PAUSE);
     }
 
     /// A client was accepted: accepts work.
     pub(super) fn accepted(&mut self) {
-        self.failing_since = None;
+        self.failing = Run::default();
         self.pause = FIRST_PAUSE;
         self.said.worked();
     }
@@ -147,5 +149,48 @@ impl Doors {
             return Some(self.pause);
         }
         None
+    }
+}
+
+/// A run of events each at most [`FAILING_GAP`] after the one before.
+#[derive(Default)]
+struct Run {
+    /// When the run began, and its last event.
+    span: Option<(Instant, Instant)>,
+}
+
+impl Run {
+    /// One more event at `now`: whether the run it belongs to has lasted `long`.
+    fn lasted(&mut self, now: Instant, long: Duration) -> bool {
+        let began = match self.span {
+            Some((began, last)) if now.saturating_duration_since(last) <= FAILING_GAP => began,
+            _ => now,
+        };
+        self.span = Some((began, now));
+        now.saturating_duration_since(began) >= long
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_run_of_failures_pauses_the_endpoints() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut run = Run::default();
+        // Every 1 ms for 100 ms: a run.
+        assert!((0..100).all(|i| !run.lasted(ms(i), FAILING_FOR)));
+        assert!(run.lasted(ms(100), FAILING_FOR));
+        // Two failures minutes apart are no run.
+        let mut run = Run::default();
+        assert!(!run.lasted(ms(0), FAILING_FOR));
+        assert!(!run.lasted(ms(120_000), FAILING_FOR));
+        // A gap over FAILING_GAP starts a new run.
+        let mut run = Run::default();
+        assert!((0..60).all(|i| !run.lasted(ms(i), FAILING_FOR)));
+        assert!((90..189).all(|i| !run.lasted(ms(i), FAILING_FOR)));
+        assert!(run.lasted(ms(190), FAILING_FOR));
     }
 }
