@@ -48,8 +48,6 @@ pub struct Rules {
     pub busy_poll: Duration,
     /// The functions this worker serves (set by the lanes as they start).
     pub served: Arc<RwLock<Vec<String>>>,
-    /// Clients connected at once at most (`max_connections`).
-    pub max_peers: u64,
 }
 
 /// The running ingress thread.
@@ -71,7 +69,7 @@ impl Ingress {
         let ctx = zmq::Context::new();
         let mut socket = router(&ctx, &rules)?;
         let monitor = peers_monitor(&ctx, &socket)?;
-        let mut peers = Peers::new(rules.max_peers, listeners)?;
+        let mut peers = Peers::new(stats.max_peers.load(Ordering::Relaxed), listeners)?;
         peers.doors.open(&mut socket)?;
         // libzmq is built to make its descriptors close-on-exec (`.cargo/config.toml`); a build
         // without those flags (a CXXFLAGS of the builder's own wins) would not: none may reach
@@ -394,7 +392,6 @@ mod tests {
             max_payload: 10,
             busy_poll: Duration::ZERO,
             served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
-            max_peers: 1,
         }
     }
 

@@ -31,9 +31,8 @@ pub struct ZeromqSource {
     /// The ingress, started with the first lane (once the served functions are known).
     ingress: Mutex<Option<ingress::Ingress>>,
     served: Arc<RwLock<Vec<String>>>,
+    /// Its counts, and the cap on connected clients ([`peer_cap`]) as `max_peers`.
     stats: Arc<Stats>,
-    /// Clients connected at once at most ([`peer_cap`]).
-    max_peers: u64,
 }
 
 /// Descriptors kept for all but the clients: what the idle worker holds (about 50 here) and
@@ -85,10 +84,10 @@ impl ZeromqSource {
         if let Ok(mut bound) = stats.bound.lock() {
             *bound = cfg.bind.iter().map(|e| e.to_string()).collect();
         }
-        let max_peers = peer_cap(cfg.max_connections, concurrency);
-        stats
-            .max_peers
-            .store(max_peers, std::sync::atomic::Ordering::Relaxed);
+        stats.max_peers.store(
+            peer_cap(cfg.max_connections, concurrency),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(ZeromqSource {
             spool,
             cfg: cfg.clone(),
@@ -97,7 +96,6 @@ impl ZeromqSource {
             ingress: Mutex::new(None),
             served: Arc::new(RwLock::new(Vec::new())),
             stats,
-            max_peers,
         })
     }
 
@@ -115,7 +113,6 @@ impl ZeromqSource {
             max_payload: self.max_payload,
             busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
-            max_peers: self.max_peers,
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
         // Answering TRUE, a job needs no file until the lanes fall behind (there is no id to
@@ -136,7 +133,9 @@ impl ZeromqSource {
         log::info!(
             "zeromq: accepting jobs on {} (at most {} clients at once: max_connections)",
             bound.join(", "),
-            self.max_peers
+            self.stats
+                .max_peers
+                .load(std::sync::atomic::Ordering::Relaxed)
         );
         Ok(())
     }
