@@ -709,3 +709,37 @@ fn root_submits_before_the_first_start_write_files_the_worker_owns() {
     assert_eq!(fs::read_dir(sb.path("spool/rejected")).unwrap().count(), 0);
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+#[test]
+fn root_reads_a_planted_result_only_as_large_as_a_worker_writes() {
+    let sb = privsep("sec-bigresult");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    start_and_stop(&sb);
+    // A sparse file far larger than any outcome a worker stores (max_payload_bytes is at most
+    // 1 GiB), named like a finished job, planted by the worker's user.
+    let id = "0000000a-1-1";
+    let plant = as_worker(&sb, &format!("truncate -s 64G spool/done/{id}"));
+    assert!(plant.status.success(), "{}", text(&plant.stderr));
+    // Under an address-space limit, so that reading it all fails fast instead of taking this
+    // machine's memory.
+    let out = Command::new("prlimit")
+        .arg("--as=3221225472")
+        .arg("--")
+        .arg(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .args(["result", id])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "a clear error, not a crash: {err}"
+    );
+    assert!(
+        err.contains(&format!("spool/done/{id}")) && err.contains("68719476736 bytes"),
+        "names the file and its size: {err}"
+    );
+}

@@ -22,14 +22,15 @@ use super::*;
 /// sealed yet (on a full disk a batch stays there, durable and answered, until its files can
 /// be written). Read only for an id found nowhere else.
 pub(super) fn journaled(spool: &Spool, id: &str) -> bool {
-    let dir = spool.dir("journal");
-    list_raw(&dir).is_ok_and(|names| {
+    let Ok(dir) = spool.opened("journal") else {
+        return false;
+    };
+    dir.entries().is_ok_and(|names| {
         names
             .iter()
-            .filter(|n| n.as_encoded_bytes().ends_with(b".wal"))
-            .any(|n| {
-                super::results::records(&dir.join(n)).any(|e| e.kind == Kind::Job && e.id == id)
-            })
+            .filter_map(|(n, st)| n.to_str().filter(|_| crate::ops::safefs::is_file(st)))
+            .filter(|n| n.ends_with(".wal"))
+            .any(|n| super::results::records(dir, n).any(|e| e.kind == Kind::Job && e.id == id))
     })
 }
 

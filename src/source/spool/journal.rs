@@ -314,7 +314,7 @@ pub(super) fn materialize(spool: &Spool, e: &Entry) -> Result<()> {
 
 /// Whether the file `sub/id` is there and sound.
 fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
-    let Ok(bytes) = read_entry(&spool.dir(sub).join(id), u64::MAX) else {
+    let Ok(bytes) = read_entry(&spool.dir(sub).join(id), MAX_ENTRY) else {
         return false;
     };
     match sub {

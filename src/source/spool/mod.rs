@@ -52,6 +52,9 @@ pub use source::SpoolSource;
 
 /// Room for a job file's header beyond its payload.
 pub(super) const HEADER_ROOM: u64 = 64 * 1024;
+/// The largest file any worker writes in the spool (a record of the largest payload or result
+/// `max_payload_bytes` allows): nothing larger is read.
+pub(super) const MAX_ENTRY: u64 = crate::config::MAX_PAYLOAD + HEADER_ROOM;
 /// Unlocked files in `tmp/` older than this were abandoned by a killed writer.
 pub(super) const TMP_ABANDONED: Duration = Duration::from_secs(5);
 /// Queued ids a generation hands to the next (see `SpoolSource::hand_over`).
@@ -290,10 +293,10 @@ impl Spool {
         // that same order cannot miss one that moves while we look: wherever it was not, it had
         // already left. (Looking backwards could: new/ checked just after the claim, cur/ just
         // before it.) The last look at new/ covers start-up recovery moving cur/ back to new/.
-        if self.dir("new").join(id).exists() {
+        if self.opened("new")?.has(id) {
             return Ok(Lookup::Queued);
         }
-        if self.dir("cur").join(id).exists() {
+        if self.opened("cur")?.has(id) {
             return Ok(Lookup::Running);
         }
         if let Some(r) = self.read_finished(id)? {
@@ -310,7 +313,7 @@ impl Spool {
         // Accepted and answered, its file not written yet (a full disk): looked at before
         // new/, where placing it would put it.
         Ok(
-            if ingest::journaled(self, id) || self.dir("new").join(id).exists() {
+            if ingest::journaled(self, id) || self.opened("new")?.has(id) {
                 Lookup::Queued
             } else {
                 Lookup::Unknown
@@ -319,19 +322,15 @@ impl Spool {
     }
 
     fn read_finished(&self, id: &str) -> Result<Option<Record>> {
+        // Through the directories' descriptors, bounded: root reads here for `result`.
         for sub in ["done", "failed"] {
-            let path = self.dir(sub).join(id);
-            match read_entry(&path, u64::MAX) {
-                Ok(bytes) => {
-                    return decode_record(id, &bytes).map(Some).map_err(|why| {
-                        Error::Invalid(format!(
-                            "corrupt result record \"{}\": {why}",
-                            path.display()
-                        ))
-                    })
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io_path("reading", &path, e)),
+            if let Some(bytes) = self.opened(sub)?.read_small(id, MAX_ENTRY)? {
+                return decode_record(id, &bytes).map(Some).map_err(|why| {
+                    Error::Invalid(format!(
+                        "corrupt result record \"{}\": {why}",
+                        self.dir(sub).join(id).display()
+                    ))
+                });
             }
         }
         Ok(None)

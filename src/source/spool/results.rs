@@ -21,8 +21,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -111,28 +110,39 @@ impl Open {
     }
 }
 
-/// The logs, with their last write, newest first; only those written since `since`.
-fn logs(spool: &Spool, since: Option<SystemTime>) -> Vec<PathBuf> {
-    let dir = spool.dir("results");
-    let Ok(entries) = fs::read_dir(&dir) else {
+/// The logs' names, newest write first; only those written since `since`.
+fn logs(spool: &Spool, since: Option<SystemTime>) -> Vec<String> {
+    let Ok(entries) = spool.opened("results").and_then(|d| d.entries()) else {
         return Vec::new();
     };
-    let mut found: Vec<(SystemTime, PathBuf)> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".log")))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .filter(|(t, _)| since.is_none_or(|s| *t >= s))
+    let mut found: Vec<((i64, i64), String)> = entries
+        .into_iter()
+        .filter(|(_, st)| crate::ops::safefs::is_file(st))
+        .filter_map(|(name, st)| Some(((st.st_mtime, st.st_mtime_nsec), name.into_string().ok()?)))
+        .filter(|(_, n)| n.ends_with(".log"))
+        .filter(|(t, _)| since.is_none_or(|s| since_epoch(*t) >= s))
         .collect();
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    found.into_iter().map(|(_, p)| p).collect()
+    found.into_iter().map(|(_, n)| n).collect()
+}
+
+fn since_epoch((secs, nanos): (i64, i64)) -> SystemTime {
+    let at = Duration::new(
+        secs.max(0).unsigned_abs(),
+        nanos.clamp(0, 999_999_999) as u32,
+    );
+    UNIX_EPOCH + at
 }
 
 /// Calls `each` with every outcome record in the logs written since `since` (all: None), the
 /// newest logs first, until it returns false; a log's reading ends at its first torn or corrupt
 /// record. Never through a link, never a FIFO.
 fn each_logged(spool: &Spool, since: Option<SystemTime>, mut each: impl FnMut(Entry) -> bool) {
-    for path in logs(spool, since) {
-        for e in records(&path) {
+    let Ok(dir) = spool.opened("results") else {
+        return;
+    };
+    for name in logs(spool, since) {
+        for e in records(dir, &name) {
             if e.kind != Kind::Job && !each(e) {
                 return;
             }
@@ -140,15 +150,14 @@ fn each_logged(spool: &Spool, since: Option<SystemTime>, mut each: impl FnMut(En
     }
 }
 
-/// The records of the log or journal segment at `path`, up to the first torn or corrupt one;
-/// none if it is no regular file (never through a link: the worker's user writes there).
-pub(super) fn records(path: &Path) -> impl Iterator<Item = Entry> {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
+/// The records of the log or journal segment `name` in `dir`, up to the first torn or corrupt
+/// one; none if it is no regular file of the directory's owner (never through a link: the
+/// worker's user writes there, and root reads here for `result`).
+pub(super) fn records(dir: &Dir, name: &str) -> impl Iterator<Item = Entry> {
+    let file = dir
+        .file(name, crate::ops::safefs::Open::READ)
         .ok()
-        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+        .map(|o| o.file);
     let mut r = file.map(io::BufReader::new);
     std::iter::from_fn(move || next_record(r.as_mut()?))
 }
@@ -252,8 +261,9 @@ mod tests {
         e
     }
 
-    fn logs_in(spool: &Spool) -> Vec<PathBuf> {
-        logs(spool, None)
+    fn logs_in(spool: &Spool) -> Vec<std::path::PathBuf> {
+        let dir = spool.dir("results");
+        logs(spool, None).iter().map(|n| dir.join(n)).collect()
     }
 
     #[test]
