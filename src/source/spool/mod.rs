@@ -340,9 +340,14 @@ impl Spool {
     /// failed/.
     pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Watched through the directories' descriptors (`/proc/self/fd/N` names the open
+        // directory itself): a link renamed over a path since the spool was opened is never
+        // followed, by root either.
         let watch = crate::watch::inotify::Inotify::new().and_then(|ino| {
-            ino.add_arrivals(&self.dir("done"))?;
-            ino.add_arrivals(&self.dir("failed"))?;
+            for sub in ["done", "failed"] {
+                let dir = self.opened(sub).map_err(io::Error::other)?;
+                ino.add_arrivals(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())))?;
+            }
             Ok(ino)
         });
         if let Err(e) = &watch {
