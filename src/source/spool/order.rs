@@ -11,7 +11,8 @@
 //! The leading `f` sorts these ids after the older wall-clock ids (16 hex digits of Unix
 //! nanoseconds, `1...` until the 2100s), so a spool upgraded with jobs queued keeps its order.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Once;
 
 use crate::error::{Error, Result};
 use crate::ops::safefs::Dir;
@@ -129,7 +130,31 @@ pub(super) fn job_id(epoch: u32) -> String {
 pub(super) fn unique() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}-{seq:x}", std::process::id())
+    format!("{:x}-{seq:x}", pid())
+}
+
+/// This process's id, asked of the kernel once: glibc does not cache `getpid`, and the ZeroMQ
+/// ingress makes an id for every message (a system call each). A forked child forgets it (it
+/// has its own), so two processes never share one.
+fn pid() -> u32 {
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static FORGET: Once = Once::new();
+    extern "C" fn forget() {
+        PID.store(0, Ordering::Relaxed);
+    }
+    FORGET.call_once(|| {
+        // SAFETY: registers, for the child side of every later fork, a handler that only
+        // stores to an atomic (async-signal-safe); no memory of ours is handed over.
+        unsafe { libc::pthread_atfork(None, None, Some(forget)) };
+    });
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
 }
 
 /// How long ago job `id` was submitted, in µs, by the clock its id carries: this boot's
@@ -199,6 +224,25 @@ impl super::Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pid_in_names_is_each_processs_own_after_a_fork() {
+        assert_eq!(pid(), std::process::id());
+        // SAFETY: the child only asks for pids and leaves with _exit (no allocation, no lock).
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let own = pid() == std::process::id() && pid() != 0;
+                // SAFETY: ends the child at once, without running the test harness's exit.
+                unsafe { libc::_exit(if own { 0 } else { 1 }) }
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                let status = nix::sys::wait::waitpid(child, None).expect("wait");
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+            Err(e) => panic!("fork: {e}"),
+        }
+        assert_eq!(pid(), std::process::id());
+    }
 
     #[test]
     fn ids_sort_by_epoch_then_boot_time_and_after_old_ids() {
