@@ -398,12 +398,16 @@ fn store(
                 if shared.lock().park {
                     break;
                 }
-                spool.place(&batch[placed])?;
+                // Outcomes of jobs that came without a file, one after another, go to the
+                // results log with one write.
+                let run = spool.place_run(&batch[placed..])?;
                 // A job that came without a file no longer needs its journal record.
-                if let Some(hold) = batch[placed].hold.take() {
-                    hold.release();
+                for e in &mut batch[placed..placed + run] {
+                    if let Some(hold) = e.hold.take() {
+                        hold.release();
+                    }
                 }
-                placed += 1;
+                placed += run;
             }
             Ok(())
         })();

@@ -52,8 +52,8 @@ struct Open {
 }
 
 impl Log {
-    /// Appends the outcome `e` (not synced: see the module's note).
-    pub(super) fn append(&self, spool: &Spool, e: &Entry) -> Result<()> {
+    /// Appends the outcomes `entries` with one write (not synced: see the module's note).
+    pub(super) fn append(&self, spool: &Spool, entries: &[Entry]) -> Result<()> {
         let mut open = self
             .0
             .lock()
@@ -65,7 +65,7 @@ impl Log {
             Some(o) => o,
             None => Open::create(spool)?,
         };
-        let buf = encode_all(std::slice::from_ref(e));
+        let buf = encode_all(entries);
         // On an error the log is left (its tail may be torn); the next outcome begins another.
         o.file
             .write_all_at(&buf, o.size)
@@ -178,10 +178,19 @@ impl Spool {
     /// Puts an outcome where it is kept: the outcome of a job that came without a file (it
     /// holds its journal segment) in this handle's results log, any other as its file.
     pub(super) fn place(&self, e: &Entry) -> Result<()> {
-        if e.kind != Kind::Job && e.hold.is_some() {
-            self.results.append(self, e)
-        } else {
-            super::journal::materialize(self, e)
+        self.place_run(std::slice::from_ref(e)).map(drop)
+    }
+
+    /// Places the first of `entries`, and with it every outcome after it that goes to the
+    /// results log too (one write for all of them); how many were placed.
+    pub(super) fn place_run(&self, entries: &[Entry]) -> Result<usize> {
+        let logged = |e: &Entry| e.kind != Kind::Job && e.hold.is_some();
+        match entries.iter().take_while(|e| logged(e)).count() {
+            0 => match entries.first() {
+                Some(e) => super::journal::materialize(self, e).map(|()| 1),
+                None => Ok(0),
+            },
+            run => self.results.append(self, &entries[..run]).map(|()| run),
         }
     }
 
@@ -331,6 +340,31 @@ mod tests {
             .place(&held(d, Outcome::Done, b"4", &count))
             .expect("append");
         assert_eq!(found(d), Some((Outcome::Done, b"4".to_vec())));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Outcomes of jobs without a file one after another go to the log in one write; the run
+    /// ends at an outcome that gets a file of its own.
+    #[test]
+    fn a_run_of_logged_outcomes_is_placed_with_one_write() {
+        let dir = crate::testutil::tempdir("spool", "results-run");
+        let spool = Spool::open(&dir, false).expect("open");
+        let count = Arc::new(AtomicUsize::new(0));
+        let mut own = held("f1-3-d", Outcome::Done, b"own", &count);
+        own.hold = None;
+        let batch = [
+            held("f1-3-a", Outcome::Done, b"1", &count),
+            held("f1-3-b", Outcome::Failed, b"", &count),
+            held("f1-3-c", Outcome::Done, b"3", &count),
+            own,
+        ];
+        assert_eq!(spool.place_run(&batch).expect("run"), 3);
+        assert_eq!(logs_in(&spool).len(), 1);
+        assert_eq!(spool.logged_outcomes().len(), 3);
+        assert_eq!(fs::read_dir(spool.dir("done")).expect("done").count(), 0);
+        assert_eq!(spool.place_run(&batch[3..]).expect("own file"), 1);
+        assert_eq!(fs::read_dir(spool.dir("done")).expect("done").count(), 1);
+        assert_eq!(spool.place_run(&[]).expect("nothing"), 0);
         let _ = fs::remove_dir_all(&dir);
     }
 
