@@ -7,8 +7,10 @@ Each row: JOBS persistent messages are published into a durable queue (`gearshif
 message ready is the drain time (the last in-flight deliveries, at most one per consumer, are
 not waited for). gearshift: the amqp source, prefetch 1, the built-in `echo` function, one
 process with 1 or 4 lanes, with `busy_poll` at its default and off. PHP: the PHP daemons' consumer (php-amqp, qos 1, manual ack), 1 or 4
-processes. Reports jobs/s, the ratio to PHP at the same concurrency, CPU time per job (all the
-consumer's processes) and memory. Best of ROUNDS (default 2) per row.
+processes; at 4, also one PHP process with one connection and 4 channels (qos 1 each), which
+the daemons do not run: it shows what a shared connection saves the broker. Reports jobs/s,
+the ratio to PHP at the same concurrency, CPU time per job (all the consumer's processes, and
+the broker's) and memory. Best of ROUNDS (default 2) per row.
 """
 import os
 import shutil
@@ -80,6 +82,20 @@ class Broker:
             time.sleep(0.1)
 
 
+def broker_ticks(broker):
+    """CPU ticks of every process of the broker's session (beam.smp and its helpers)."""
+    sid, ticks = os.getsid(broker.proc.pid), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def stats(pids):
     ticks = rss = dirty = 0
     for pid in pids:
@@ -104,8 +120,11 @@ def run(kind, concurrency, broker, workdir, n):
     assert broker.ready(queue) == JOBS, "preload"
     if kind.startswith("gearshift"):
         cmds = [[GEARSHIFT, "-c", cfg, "run"]]
+    elif "one connection" in kind:
+        cmds = [["php", PHP_CONSUMER, str(broker.port), queue, str(concurrency)]]
     else:
         cmds = [["php", PHP_CONSUMER, str(broker.port), queue]] * concurrency
+    b0 = broker_ticks(broker)
     t0 = time.monotonic()
     procs = [subprocess.Popen(c, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds]
     deadline = t0 + 600
@@ -114,6 +133,7 @@ def run(kind, concurrency, broker, workdir, n):
             raise SystemExit(f"{kind} did not drain the queue")
         time.sleep(0.01)
     secs = time.monotonic() - t0
+    bticks = broker_ticks(broker) - b0
     ticks, rss, dirty = stats([p.pid for p in procs])
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -125,7 +145,7 @@ def run(kind, concurrency, broker, workdir, n):
             p.wait()
     broker.ch.queue_delete(queue)
     hz = os.sysconf("SC_CLK_TCK")
-    return JOBS / secs, rss, dirty, ticks / hz / JOBS * 1e6
+    return JOBS / secs, rss, dirty, ticks / hz / JOBS * 1e6, bticks / hz / JOBS * 1e6
 
 
 def main():
@@ -133,20 +153,23 @@ def main():
     broker = Broker(workdir)
     try:
         print(f"# AMQP consumers draining {JOBS} persistent messages (prefetch 1, manual ack), one RabbitMQ node, {os.cpu_count()} CPUs\n")
-        print("| consumer | concurrency | jobs/s | vs PHP | CPU per job | RSS | private dirty |")
-        print("|---|---|---|---|---|---|---|")
+        print("| consumer | concurrency | jobs/s | vs PHP | CPU per job | the broker's CPU per job | RSS | private dirty |")
+        print("|---|---|---|---|---|---|---|---|")
         n = 0
         for concurrency in (1, 4):
             results = {}
             for _ in range(ROUNDS):
-                for kind in ("PHP php-amqp", "gearshift", "gearshift, busy_poll off"):
+                kinds = ["PHP php-amqp", "gearshift", "gearshift, busy_poll off"]
+                if concurrency > 1:
+                    kinds.append("PHP php-amqp, one process, one connection, a channel each")
+                for kind in kinds:
                     n += 1
                     r = run(kind, concurrency, broker, workdir, n)
                     if kind not in results or r[0] > results[kind][0]:
                         results[kind] = r
             php = results["PHP php-amqp"][0]
-            for kind, (rate, rss, dirty, cpu_us) in results.items():
-                print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / php:.2f}x | {cpu_us:.0f} µs | {rss / 1024:.1f} MiB | {dirty / 1024:.1f} MiB |")
+            for kind, (rate, rss, dirty, cpu_us, broker_us) in results.items():
+                print(f"| {kind} | {concurrency} | {rate:,.0f} | {rate / php:.2f}x | {cpu_us:.0f} µs | {broker_us:.0f} µs | {rss / 1024:.1f} MiB | {dirty / 1024:.1f} MiB |")
     finally:
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
