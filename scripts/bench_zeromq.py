@@ -6,6 +6,11 @@ requests in all, as fast as the answers come, to one server; the rate is message
 second. Servers: gearshift's zeromq source with fsync on (every answer means the job is durable:
 journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, send 'TRUE',
 stores nothing); the same loop appending and fsyncing each message before it answers.
+A second table says where each server's CPU went: per message, in all and by thread (from
+/proc/PID/task: a thread's name as the kernel has it), with the context switches. In
+gearshift, libzmq's I/O thread carries the process's own name ("gearshift"; the main thread,
+which shares it, sleeps); "zeromq" is the ingress, "lane-N" the lanes, "spool-commit" the group
+commit.
 """
 import multiprocessing
 import os
@@ -51,6 +56,38 @@ def drive(endpoint, clients):
     return per * clients / (time.monotonic() - t0)
 
 
+def threads(pid):
+    """{thread name: (CPU ticks, context switches)} of process `pid`, summed by name."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                switches = sum(int(l.split()[1]) for l in f if "ctxt_switches" in l)
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks, n = out.get(name, (0, 0))
+        out[name] = (ticks + int(fields[11]) + int(fields[12]), n + switches)
+    return out
+
+
+def measured(pid, endpoint, clients):
+    """The rate, and where the server's CPU went per message (see threads)."""
+    before = threads(pid)
+    rate = drive(endpoint, clients)
+    after = threads(pid)
+    hz, n = os.sysconf("SC_CLK_TCK"), MESSAGES // clients * clients
+    per = {k: ((v[0] - before.get(k, (0, 0))[0]) / hz / n * 1e6, (v[1] - before.get(k, (0, 0))[1]) / n)
+           for k, v in after.items()}
+    return rate, {k: v for k, v in per.items() if v[0] > 0.05 or v[1] > 0.01}
+
+
+CPU = []
+
+
 def wait_port(port):
     for _ in range(200):
         try:
@@ -76,7 +113,9 @@ def gearshift(clients, fsync, workdir):
     try:
         wait_port(port)
         time.sleep(0.3)
-        return drive(f"tcp://127.0.0.1:{port}", clients)
+        rate, per = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
+        CPU.append((clients, f"gearshift, fsync {'on' if fsync else 'off'}", per))
+        return rate
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -90,7 +129,9 @@ def php(clients, fsync, workdir):
     p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        return drive(f"tcp://127.0.0.1:{port}", clients)
+        rate, per = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
+        CPU.append((clients, "REP loop, fsync per message" if fsync else "PHP REP loop", per))
+        return rate
     finally:
         p.kill()
         p.wait()
@@ -114,6 +155,12 @@ def table(workdir):
         on = gearshift(clients, True, workdir)
         off = gearshift(clients, False, workdir)
         print(f"| {clients} | {plain:,.0f}/s | {synced:,.0f}/s | {on:,.0f}/s | {on / plain:.2f}x | {on / synced:.2f}x | {off:,.0f}/s | {off / plain:.2f}x |")
+    print("\n| clients | server | CPU per message | context switches per message | by thread: CPU µs (switches) per message |")
+    print("|---|---|---|---|---|")
+    for clients, server, per in CPU:
+        cpu, switches = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        by = ", ".join(f"{k} {v[0]:.1f} ({v[1]:.2f})" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0]))
+        print(f"| {clients} | {server} | {cpu:.1f} µs | {switches:.2f} | {by} |")
 
 
 if __name__ == "__main__":
