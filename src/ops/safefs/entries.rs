@@ -1,7 +1,7 @@
 //! Files in a [`Dir`]: opened, read (bounded), listed, created, moved and removed relative to
 //! its descriptor, never through a link.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -81,8 +81,7 @@ impl Dir {
             }
             Err(e) => {
                 // A FIFO opened for writing with nobody reading says ENXIO: say what it is.
-                let st =
-                    nix::sys::stat::fstatat(dirfd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+                let st = self.lstat(OsStr::new(name));
                 if let Some(st) = st.ok().filter(|st| !is(st, SFlag::S_IFREG)) {
                     return Err(Error::Unsafe(format!(
                         "\"{}\" is not a regular file (it is {}): refusing it (remove it)",
@@ -163,12 +162,7 @@ impl Dir {
 
     /// Whether anything (a link included, never followed) is named `name` here.
     pub fn has(&self, name: &str) -> bool {
-        nix::sys::stat::fstatat(
-            Some(self.fd.as_raw_fd()),
-            name,
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .is_ok()
+        self.lstat(OsStr::new(name)).is_ok()
     }
 
     /// The names here, but dot files, each with its entry's type and modification time (not
@@ -186,12 +180,7 @@ impl Dir {
             if name.as_encoded_bytes().starts_with(b".") {
                 continue;
             }
-            let st = nix::sys::stat::fstatat(
-                Some(self.fd.as_raw_fd()),
-                name.as_os_str(),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            );
-            match st {
+            match self.lstat(&name) {
                 Ok(st) => out.push((name, st)),
                 Err(Errno::ENOENT) => {} // gone since listed
                 Err(e) => return Err(err(e)),

@@ -153,13 +153,17 @@ impl Dir {
         })
     }
 
-    fn is_link(&self, name: &OsStr) -> bool {
+    /// What `name` here is, never through a link (lstat relative to this descriptor).
+    fn lstat(&self, name: &OsStr) -> nix::Result<FileStat> {
         nix::sys::stat::fstatat(
             Some(self.fd.as_raw_fd()),
             name,
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
-        .is_ok_and(|st| is(&st, SFlag::S_IFLNK))
+    }
+
+    fn is_link(&self, name: &OsStr) -> bool {
+        self.lstat(name).is_ok_and(|st| is(&st, SFlag::S_IFLNK))
     }
 
     /// The directory's path, as walked.
@@ -199,13 +203,10 @@ impl Dir {
                     }
                 }
                 Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
-                    let what = nix::sys::stat::fstatat(
-                        Some(self.fd.as_raw_fd()),
-                        name,
-                        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                    )
-                    .map(|st| kind(&st))
-                    .unwrap_or("not a directory");
+                    let what = self
+                        .lstat(OsStr::new(name))
+                        .map(|st| kind(&st))
+                        .unwrap_or("not a directory");
                     return Err(Error::Unsafe(format!(
                         "\"{}\" is {what}, not a directory: refusing it (remove it)",
                         here.display()

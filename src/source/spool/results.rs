@@ -110,9 +110,10 @@ impl Open {
     }
 }
 
-/// The logs' names, newest write first; only those written since `since`.
-fn logs(spool: &Spool, since: Option<SystemTime>) -> Vec<String> {
-    let Ok(entries) = spool.opened("results").and_then(|d| d.entries()) else {
+/// The names of the logs in `dir` (`results/`), newest write first; only those written since
+/// `since`.
+fn logs(dir: &Dir, since: Option<SystemTime>) -> Vec<String> {
+    let Ok(entries) = dir.entries() else {
         return Vec::new();
     };
     let mut found: Vec<((i64, i64), String)> = entries
@@ -141,7 +142,7 @@ fn each_logged(spool: &Spool, since: Option<SystemTime>, mut each: impl FnMut(En
     let Ok(dir) = spool.opened("results") else {
         return;
     };
-    for name in logs(spool, since) {
+    for name in logs(dir, since) {
         for e in records(dir, &name) {
             if e.kind != Kind::Job && !each(e) {
                 return;
@@ -271,8 +272,8 @@ mod tests {
     }
 
     fn logs_in(spool: &Spool) -> Vec<std::path::PathBuf> {
-        let dir = spool.dir("results");
-        logs(spool, None).iter().map(|n| dir.join(n)).collect()
+        let dir = spool.opened("results").expect("results/");
+        logs(dir, None).iter().map(|n| dir.path().join(n)).collect()
     }
 
     #[test]
