@@ -134,6 +134,92 @@ fn the_php_daemons_topology_is_declared_and_consumed() {
     assert!(used <= 4, "an idle worker used {used} ticks in 2 s");
 }
 
+/// The lanes share one connection, one channel and one consumer whose prefetch is `prefetch`
+/// for each lane: four lanes hold four deliveries and run four jobs at once, each job once,
+/// and a restart while they run gives nothing back twice.
+#[test]
+fn four_lanes_share_one_connection_and_run_four_jobs_at_once() {
+    if !Rabbit::available("four_lanes_share_one_connection_and_run_four_jobs_at_once") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-shared");
+    let r = Rabbit::start(&sb.dir, "");
+    let log = sb.path("runs.txt");
+    let go = sb.path("go");
+    sb.job(
+        "hold",
+        &format!(
+            "#!/bin/sh\nread -r p\necho \"start $p\" >> {0}\n\
+             i=0; while [ ! -e {1} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done\n\
+             echo \"end $p\" >> {0}\n",
+            log.display(),
+            go.display()
+        ),
+    );
+    amqp_config(
+        &sb,
+        4,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"hold\"\nprefetch = 1\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\ntype = \"direct\"\nrouting_key = \"email\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish(&r, 10, "m", "", "");
+    eventually(Duration::from_secs(20), "four jobs running", || {
+        lines(&log).len() >= 4
+    });
+    // Four at once, and no more: the broker holds the rest.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lines(&log).len(), 4, "{:?}", lines(&log));
+    assert_eq!(r.depth("email"), (6, 4));
+    let conns = r.ctl(&["-q", "list_connections", "name"]);
+    // (The first line names the column.)
+    let conns_n = conns.lines().filter(|l| l.contains("->")).count();
+    assert_eq!(conns_n, 1, "one connection: {conns}");
+    let consumers = r.ctl(&["-q", "list_consumers", "queue_name", "prefetch_count"]);
+    let rows: Vec<Vec<&str>> = consumers
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.first() == Some(&"email"))
+        .collect();
+    assert_eq!(
+        rows,
+        [["email", "4"]],
+        "one consumer, prefetch 4: {consumers}"
+    );
+    // A restart while the four run: they finish and are acknowledged, nothing runs twice.
+    w.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    fs::write(&go, "").unwrap();
+    eventually(Duration::from_secs(30), "ten jobs ended", || {
+        lines(&log).iter().filter(|l| l.starts_with("end")).count() >= 10
+    });
+    let mut ended: Vec<String> = lines(&log)
+        .into_iter()
+        .filter(|l| l.starts_with("end"))
+        .collect();
+    ended.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("end m-{i}")).collect();
+    want.sort();
+    assert_eq!(ended, want, "each once");
+    assert_eq!(
+        lines(&log).len(),
+        20,
+        "started once each: {:?}",
+        lines(&log)
+    );
+    let s = w.wait_for(Duration::from_secs(20), "the restart", |s| {
+        s["generation"].as_u64() >= Some(2) && connected(s)
+    });
+    assert_eq!(s["pid"], w.pid());
+    eventually(Duration::from_secs(10), "acked", || {
+        r.depth("email") == (0, 0)
+    });
+}
+
 /// `gearshift submit` to an AMQP source: `--count` publishes durably (confirmed), `--wait`
 /// makes it an RPC and prints the answer, a failed job is exit 1, a frame larger than the broker
 /// takes is cut into body frames.

@@ -123,6 +123,7 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
             config.worker.max_payload_bytes,
             generation,
             views,
+            config.worker.concurrency,
         )?),
     })
 }

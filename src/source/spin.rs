@@ -11,7 +11,9 @@
 //! spins), never on a machine of one CPU, and a lane stops spinning once most of its windows
 //! end empty (jobs come slower than the window: the queue is empty, or the server is slow),
 //! trying again every [`RETRY_AFTER`] waits. An idle worker spins a few windows after its last
-//! job, then sleeps.
+//! job, then sleeps. (AMQP lanes share one connection and take turns reading it: only the lane
+//! holding the reader waits for input, the others wait for their turn and are not counted, so
+//! the reader spins; on one connection the broker leaves it the CPU.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

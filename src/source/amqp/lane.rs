@@ -1,108 +1,61 @@
-//! One lane's connection, channel and consumer, and the job it holds.
+//! A lane: the job it holds, taken from the connection the lanes share ([`super::shared`]).
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use super::conn::{Delivery, Event, CHANNEL};
-use super::link::Link;
+use super::conn::{Writer, CHANNEL};
+use super::shared::{Got, Shared};
 use super::wire::{self, Props, Value};
-use super::{Setup, CLOSE_WAIT};
+use super::Setup;
 use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, NoProgress, Progress};
-use crate::kinds::ConnState;
 use crate::shutdown::Shutdown;
 use crate::source::lane::{Claimed, Lane};
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The header a reply carries: `done` or `failed`.
 pub const OUTCOME_HEADER: &str = "x-gearshift-outcome";
 
-/// The delivery a claimed job came from.
+/// The delivery a claimed job came from, and the link that delivered it.
 struct InHand {
     id: String,
     tag: u64,
     epoch: u64,
+    writer: Writer,
     reply_to: Option<Vec<u8>>,
     correlation_id: Option<Vec<u8>>,
     message_id: Option<Vec<u8>>,
 }
 
 pub(super) struct AmqpLane {
-    s: Setup,
-    link: Option<Link>,
-    epoch: u64,
-    /// The broker of the last link, or of the next try.
-    url: usize,
-    backoff: Duration,
-    retry_at: Instant,
-    logged: String,
+    s: Arc<Setup>,
+    shared: Arc<Shared>,
+    index: usize,
     in_hand: Option<InHand>,
     progress: NoProgress,
+    /// Closed: no longer counted among the connection's lanes.
+    left: bool,
 }
 
 impl AmqpLane {
-    pub(super) fn new(s: Setup) -> AmqpLane {
-        let lane = AmqpLane {
-            // A fleet started together spreads over the brokers instead of all connecting to
-            // the first one listed.
-            url: std::process::id() as usize % s.cfg.urls.len().max(1),
+    pub(super) fn new(s: Arc<Setup>, shared: Arc<Shared>, index: usize) -> AmqpLane {
+        shared.join(index);
+        AmqpLane {
             s,
-            link: None,
-            epoch: 0,
-            backoff: BACKOFF_MIN,
-            retry_at: Instant::now(),
-            logged: String::new(),
+            shared,
+            index,
             in_hand: None,
             progress: NoProgress,
-        };
-        for u in &lane.s.cfg.urls {
-            lane.view(&u.shown, ConnState::Connecting, None);
+            left: false,
         }
-        lane
-    }
-
-    fn view(&self, addr: &str, state: ConnState, error: Option<String>) {
-        crate::status::show_server(&self.s.views, addr, self.s.index, state, error);
-    }
-
-    /// Connects to the current broker and opens this lane's consumer.
-    fn connect(&mut self) -> Result<()> {
-        self.epoch += 1;
-        let shown = self.s.cfg.urls[self.url].shown.clone();
-        self.view(&shown, ConnState::Connecting, None);
-        self.link = Some(super::link::open(&self.s, self.url, self.epoch)?);
-        self.backoff = BACKOFF_MIN;
-        if !self.logged.is_empty() {
-            log::info!("amqp {shown}: lane {} consuming again", self.s.index);
-            self.logged.clear();
-        }
-        self.view(&shown, ConnState::Connected, None);
-        Ok(())
-    }
-
-    /// Drops the link (the broker requeues whatever it held) and schedules a new one, on the
-    /// next broker, with backoff and jitter.
-    fn fail(&mut self, why: &str) {
-        let url = self.s.cfg.urls[self.url].shown.clone();
-        self.link = None;
-        if self.logged != why {
-            log::warn!(
-                "amqp {url}: lane {}: {why}; retrying with backoff (up to {:?})",
-                self.s.index,
-                self.s.cfg.reconnect_max
-            );
-            self.logged = why.to_string();
-        }
-        self.view(&url, ConnState::BackingOff, Some(why.to_string()));
-        crate::status::count_reconnect(&self.s.views, &url, self.s.index);
-        let jitter = 0.75 + 0.5 * crate::clock::random_fraction();
-        self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
-        self.backoff = (self.backoff * 2).min(self.s.cfg.reconnect_max);
-        self.url = (self.url + 1) % self.s.cfg.urls.len().max(1);
     }
 
     /// A delivery as a claimed job, or None when it needs no run (a redelivery of a job that
     /// already succeeded, acknowledged here).
-    fn claim(&mut self, epoch: u64, d: Delivery) -> Result<Option<Claimed>> {
+    fn claim(&mut self, got: Got) -> Result<Option<Claimed>> {
+        let Got {
+            delivery: d,
+            writer,
+            epoch,
+        } = got;
         let p = d.props;
         let message_id = p.message_id.filter(|m| !m.is_empty());
         // A redelivery, or a publisher's retry, of a job that already succeeded.
@@ -115,7 +68,7 @@ impl AmqpLane {
                 "amqp: message {} already succeeded: acknowledged without running it again",
                 escape(message_id.as_deref().unwrap_or_default())
             );
-            self.ack(d.tag, true)?;
+            ack(&writer, d.tag, true)?;
             return Ok(None);
         }
         let function = match &p.kind {
@@ -124,12 +77,13 @@ impl AmqpLane {
         };
         let id = match &message_id {
             Some(m) => escape(m),
-            None => format!("amqp-{}-{}-{}", self.s.index, epoch, d.tag),
+            None => format!("amqp-{}-{}-{}", self.index, epoch, d.tag),
         };
         self.in_hand = Some(InHand {
             id: id.clone(),
             tag: d.tag,
             epoch,
+            writer,
             reply_to: p.reply_to.filter(|r| !r.is_empty()),
             correlation_id: p.correlation_id,
             message_id,
@@ -145,31 +99,8 @@ impl AmqpLane {
         }))
     }
 
-    /// `basic.ack` (done) or `basic.nack` without requeue (failed: dead-lettered if the queue
-    /// has a dead-letter exchange). One write; the broker does not answer it. If the
-    /// connection breaks before the broker reads it, the broker delivers the job again.
-    fn ack(&mut self, tag: u64, done: bool) -> Result<()> {
-        let link = self
-            .link
-            .as_ref()
-            .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let sent = link.conn.send(|b| {
-            if done {
-                wire::method(b, CHANNEL, wire::BASIC_ACK, |a| {
-                    a.u64(tag).bits(&[false]);
-                })
-            } else {
-                wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
-                    a.u64(tag).bits(&[false, false]);
-                })
-            }
-        });
-        sent.inspect_err(|e| self.fail(&e.to_string()))
-    }
-
     /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm.
-    /// While the broker blocks publishing (`connection.blocked`), it waits.
-    fn reply(&mut self, hand: &InHand, outcome: &JobResult) -> Result<()> {
+    fn reply(&self, hand: &InHand, outcome: &JobResult) -> Result<()> {
         let Some(reply_to) = &hand.reply_to else {
             return Ok(());
         };
@@ -185,75 +116,34 @@ impl AmqpLane {
             correlation_id: hand.correlation_id.clone(),
             ..Props::default()
         };
-        self.publish_reply(hand, reply_to, body, &props)
-            .inspect_err(|e| {
-                if !matches!(e, Error::Peer(m) if m.contains("(nack)")) {
-                    self.fail(&e.to_string());
-                }
+        let frame_max = hand.writer.frame_max();
+        self.shared
+            .publish(&hand.writer, hand.epoch, &hand.id, |b| {
+                wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
+                    a.u16(0).short(b"").short(reply_to).bits(&[false, false]);
+                });
+                wire::content(b, CHANNEL, &props, body, frame_max);
             })
     }
+}
 
-    /// Publishes a reply and waits for its confirm.
-    fn publish_reply(
-        &mut self,
-        hand: &InHand,
-        reply_to: &[u8],
-        body: &[u8],
-        props: &Props,
-    ) -> Result<()> {
-        let link = self
-            .link
-            .as_mut()
-            .ok_or_else(|| Error::Gone("no connection".into()))?;
-        let frame_max = link.conn.frame_max();
-        link.conn.send(|b| {
-            wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
-                a.u16(0).short(b"").short(reply_to).bits(&[false, false]);
-            });
-            wire::content(b, CHANNEL, props, body, frame_max);
-        })?;
-        link.conn.published += 1;
-        let seq = link.conn.published;
-        let io_timeout = self.s.cfg.io_timeout;
-        let mut said = false;
-        let mut deadline = Instant::now() + io_timeout;
-        loop {
-            match link.conn.next(Some(deadline))? {
-                Event::Confirm { tag, multiple, ack } if tag == seq || (multiple && tag > seq) => {
-                    return if ack {
-                        Ok(())
-                    } else {
-                        Err(Error::Peer("the broker refused the reply (nack)".into()))
-                    };
-                }
-                Event::Delivery(d) => link.conn.keep(d)?,
-                // The job is finishing whatever else happens: the stop is looked at after.
-                Event::Woken | Event::Confirm { .. } | Event::Method(..) | Event::Returned => {}
-                Event::Cancelled => {
-                    return Err(Error::Gone("the broker cancelled the consumer".into()))
-                }
-                // A resource alarm (`connection.blocked`): the confirm waits for its end, as
-                // long as the connection lives.
-                Event::TimedOut if link.conn.blocked => {
-                    if !said {
-                        log::warn!("amqp: the broker blocks publishing (a resource alarm): job {}'s reply waits", hand.id);
-                        said = true;
-                    }
-                    deadline = Instant::now() + io_timeout;
-                }
-                Event::TimedOut => {
-                    return Err(Error::TimedOut(format!(
-                        "publishing the reply: no confirm within {io_timeout:?}"
-                    )))
-                }
-            }
+/// `basic.ack` (done) or `basic.nack` without requeue (failed: dead-lettered if the queue has a
+/// dead-letter exchange). One write; the broker does not answer it. If the connection breaks
+/// before the broker reads it, the broker delivers the job again; a write that fails gives the
+/// connection up (the lane reading it then connects again).
+fn ack(writer: &Writer, tag: u64, done: bool) -> Result<()> {
+    let sent = writer.send(|b| {
+        if done {
+            wire::method(b, CHANNEL, wire::BASIC_ACK, |a| {
+                a.u64(tag).bits(&[false]);
+            })
+        } else {
+            wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
+                a.u64(tag).bits(&[false, false]);
+            })
         }
-    }
-
-    /// Waits until the next try at connecting, or a wake-up.
-    fn pause(&self) {
-        super::conn::sleep_until(self.retry_at, &self.s.wake);
-    }
+    });
+    sent.inspect_err(|_| writer.cut())
 }
 
 fn escape(b: &[u8]) -> String {
@@ -266,37 +156,11 @@ impl Lane for AmqpLane {
             if stop.is_set() {
                 return Ok(None);
             }
-            let Some(link) = self.link.as_mut() else {
-                if Instant::now() < self.retry_at {
-                    self.pause();
-                    continue;
+            // None: woken, or the connection failed (and a new one waits for its turn).
+            if let Some(got) = self.shared.next(stop) {
+                if let Some(job) = self.claim(got)? {
+                    return Ok(Some(job));
                 }
-                if let Err(e) = self.connect() {
-                    if stop.is_set() {
-                        return Ok(None);
-                    }
-                    self.fail(&e.to_string());
-                }
-                continue;
-            };
-            let epoch = link.epoch;
-            let got = match link.conn.pending.pop_front() {
-                Some(d) => Ok(Event::Delivery(d)),
-                None => link.conn.next(None),
-            };
-            match got {
-                Ok(Event::Delivery(d)) => {
-                    if let Some(job) = self.claim(epoch, d)? {
-                        return Ok(Some(job));
-                    }
-                }
-                // Woken: look at the stop flag.
-                Ok(Event::Woken | Event::TimedOut | Event::Confirm { .. } | Event::Returned) => {}
-                Ok(Event::Cancelled) => self.fail("the broker cancelled the consumer"),
-                Ok(Event::Method(id, _)) => self.fail(&format!(
-                    "the broker sent method {id:?}, which a consumer does not expect"
-                )),
-                Err(e) => self.fail(&e.to_string()),
             }
         }
     }
@@ -312,7 +176,7 @@ impl Lane for AmqpLane {
                 job.id
             )));
         };
-        if self.link.as_ref().map(|l| l.epoch) != Some(hand.epoch) {
+        if !self.shared.current(hand.epoch) {
             return Err(Error::Gone(format!(
                 "amqp: the connection that delivered job {} is gone: the broker delivers it again",
                 hand.id
@@ -325,14 +189,16 @@ impl Lane for AmqpLane {
                 set.record(id);
             }
         }
-        self.ack(hand.tag, done)
+        ack(&hand.writer, hand.tag, done)
     }
 
-    /// Cancels the consumer, gives back what arrived but did not start, closes the connection
-    /// (each step bounded; the broker requeues whatever is left either way).
+    /// Leaves the connection: the first lane to close cancels the consumer, the last gives
+    /// back what arrived but did not start and closes the connection (each step bounded; the
+    /// broker requeues whatever is left either way).
     fn close(&mut self) -> Result<()> {
-        if let Some(link) = self.link.take() {
-            let given_back = super::link::close(link, CLOSE_WAIT);
+        if !self.left {
+            self.left = true;
+            let given_back = self.shared.leave();
             if given_back > 0 {
                 log::info!("amqp: gave back {given_back} delivery(ies) that had not started");
             }
@@ -344,15 +210,22 @@ impl Lane for AmqpLane {
         let Some(hand) = self.in_hand.take().filter(|h| h.id == job.id) else {
             return false;
         };
-        let Some(link) = self.link.as_ref().filter(|l| l.epoch == hand.epoch) else {
-            // Its connection is gone: the broker has it again.
-            return true;
-        };
-        let _ = link.conn.send(|b| {
-            wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
-                a.u64(hand.tag).bits(&[false, true]);
-            })
-        });
+        // Its connection gone, the broker has it again.
+        if self.shared.current(hand.epoch) {
+            let _ = hand.writer.send(|b| {
+                wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
+                    a.u64(hand.tag).bits(&[false, true]);
+                })
+            });
+        }
         true
+    }
+}
+
+impl Drop for AmqpLane {
+    /// A lane that ends without closing (its thread panicked) no longer counts among the
+    /// connection's lanes, so the last one still closes it.
+    fn drop(&mut self) {
+        let _ = self.close();
     }
 }

@@ -1,25 +1,26 @@
-//! One lane's link to a broker: its own connection and channel (confirms, qos), the declared
-//! topology and the consumer, each step bounded by `io_timeout` and given up when the lane is
-//! woken to stop.
+//! The worker's link to a broker: its connection and channel (confirms, qos for every lane),
+//! the declared topology and the consumer, each step bounded by `io_timeout` and given up when
+//! the lanes are woken to stop.
 
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::conn::{Conn, Options};
+use super::conn::{Conn, Event, Options, CHANNEL};
 use super::wire::{self, Value};
 use super::Setup;
 use crate::error::Result;
 
-/// This lane's connection and consumer.
+/// The connection and its consumer.
 pub(super) struct Link {
     pub(super) conn: Conn,
     pub(super) consumer_tag: String,
-    /// Tells this link from the lane's earlier ones.
-    pub(super) epoch: u64,
 }
 
-/// Connects to broker `url` and opens this lane's consumer: confirms, qos,
-/// `[source.declare]`, `basic.consume`.
-pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
+/// Connects to broker `url` and opens the consumer: confirms, qos, `[source.declare]`,
+/// `basic.consume`. `epoch` tells this link from the source's earlier ones; `wake` gives up
+/// any wait.
+pub(super) fn open(s: &Setup, url: usize, epoch: u64, wake: &Arc<OwnedFd>) -> Result<Link> {
     let u = &s.cfg.urls[url];
     let tls = super::tls_target(&s.cfg, s.tls.as_ref(), u)?;
     let opts = Options {
@@ -30,25 +31,22 @@ pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
         max_body: s.max_payload,
         io_timeout: s.cfg.io_timeout,
         // The prefetch, and as many again in flight while a cancel is answered.
-        max_pending: usize::from(s.cfg.prefetch) * 2 + 1,
+        max_pending: usize::from(s.prefetch) * 2 + 1,
         busy_poll: s.cfg.busy_poll,
     };
-    let mut conn = Conn::open(u, tls.as_ref(), &opts, Some(std::sync::Arc::clone(&s.wake)))?;
+    let mut conn = Conn::open(u, tls.as_ref(), &opts, Some(Arc::clone(wake)))?;
     s.beats.add(conn.io());
     conn.confirm_select()?;
     conn.call(
         wire::BASIC_QOS,
         |a| {
-            a.u32(0).u16(s.cfg.prefetch).bits(&[false]);
+            a.u32(0).u16(s.prefetch).bits(&[false]);
         },
         wire::BASIC_QOS_OK,
         "basic.qos",
     )?;
     declare(s, &mut conn)?;
-    let consumer_tag: String = format!("{} lane {} {}", s.name, s.index, epoch)
-        .chars()
-        .take(250)
-        .collect();
+    let consumer_tag: String = format!("{} {}", s.name, epoch).chars().take(250).collect();
     conn.call(
         wire::BASIC_CONSUME,
         |a| {
@@ -61,11 +59,7 @@ pub(super) fn open(s: &Setup, url: usize, epoch: u64) -> Result<Link> {
         wire::BASIC_CONSUME_OK,
         "basic.consume",
     )?;
-    Ok(Link {
-        conn,
-        consumer_tag,
-        epoch,
-    })
+    Ok(Link { conn, consumer_tag })
 }
 
 /// `[source.declare]`: the durable queue, the durable exchange, the binding.
@@ -124,23 +118,26 @@ fn declare(s: &Setup, conn: &mut Conn) -> Result<()> {
     Ok(())
 }
 
-/// Cancels the consumer, gives back the deliveries that arrived and did not start
-/// (`basic.nack(requeue)`), and closes the connection, within about `limit` in all.
-pub(super) fn close(mut link: Link, limit: Duration) -> usize {
+/// Appends `basic.cancel` of consumer `tag` (the broker delivers nothing new after its answer).
+pub(super) fn cancel(buf: &mut Vec<u8>, tag: &str) {
+    wire::method(buf, CHANNEL, wire::BASIC_CANCEL, |a| {
+        a.short(tag.as_bytes()).bits(&[false]);
+    })
+}
+
+/// Cancels the consumer (unless `sent` already; `answered`: the broker said so), gives back
+/// the deliveries that arrived and did not start (`basic.nack(requeue)`), and closes the
+/// connection, within about `limit` in all. Returns how many it gave back.
+pub(super) fn close(mut link: Link, limit: Duration, sent: bool, answered: bool) -> usize {
     let deadline = std::time::Instant::now() + limit;
     let tag = link.consumer_tag.clone();
-    let cancelled = link.conn.send(|b| {
-        wire::method(b, super::conn::CHANNEL, wire::BASIC_CANCEL, |a| {
-            a.short(tag.as_bytes()).bits(&[false]);
-        })
-    });
-    if cancelled.is_ok() {
+    let sent = sent || link.conn.send(|b| cancel(b, &tag)).is_ok();
+    if sent && !answered {
         // Deliveries sent before the cancel arrive first, then its answer.
         while let Ok(ev) = link.conn.next(Some(deadline)) {
             let done = match ev {
-                super::conn::Event::Delivery(d) => link.conn.keep(d).is_err(),
-                super::conn::Event::Method(wire::BASIC_CANCEL_OK, _)
-                | super::conn::Event::TimedOut => true,
+                Event::Delivery(d) => link.conn.keep(d).is_err(),
+                Event::Method(wire::BASIC_CANCEL_OK, _) | Event::TimedOut => true,
                 _ => false,
             };
             if done {
@@ -154,7 +151,7 @@ pub(super) fn close(mut link: Link, limit: Duration) -> usize {
     } else {
         let sent = link.conn.send(|b| {
             for t in &tags {
-                wire::method(b, super::conn::CHANNEL, wire::BASIC_NACK, |a| {
+                wire::method(b, CHANNEL, wire::BASIC_NACK, |a| {
                     a.u64(*t).bits(&[false, true]);
                 });
             }

@@ -3,16 +3,16 @@
 //! manual ack only once the job's outcome is known (after its reply, when the message asked for
 //! one, is confirmed by the broker).
 //!
-//! Each lane has its own connection and channel (a broken connection costs only its lane, as a
-//! Gearman connection does), read and written by the lane's own thread ([`conn`]: a synchronous
-//! client, no I/O thread); the source's heartbeat thread ([`beat`]) keeps them alive while jobs
-//! run. Every exchange with the broker is bounded by `io_timeout`; a broker that misses one is
-//! dropped and retried with backoff, across `urls` in turn.
+//! The lanes share one connection, channel and consumer ([`shared`]: the broker spends half the
+//! CPU per job it spends on a connection per lane), read and written by the lanes' own threads
+//! ([`conn`]: a synchronous client, no I/O thread); the source's heartbeat thread ([`beat`])
+//! keeps it alive while jobs run. Every exchange with the broker is bounded by `io_timeout`; a
+//! broker that misses one is dropped and retried with backoff, across `urls` in turn.
 //!
-//! A restart cancels the consumers, gives back deliveries that arrived but did not start
-//! (`basic.nack(requeue)`), closes channels and connections, and execs: an AMQP session cannot
-//! cross execve. The new generation consumes afresh; nothing acknowledged is run again, and
-//! nothing unacknowledged is lost (the broker holds it).
+//! A restart cancels the consumer, gives back deliveries that arrived but did not start
+//! (`basic.nack(requeue)`), closes the channel and connection, and execs: an AMQP session
+//! cannot cross execve. The new generation consumes afresh; nothing acknowledged is run again,
+//! and nothing unacknowledged is lost (the broker holds it).
 
 mod beat;
 pub mod client;
@@ -20,10 +20,10 @@ mod conn;
 mod dedupe;
 mod lane;
 mod link;
+mod shared;
 mod wire;
 
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::AmqpConfig;
@@ -36,55 +36,60 @@ use dedupe::Dedupe;
 /// How long closing a link may take before it is dropped (the broker then requeues).
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// What a lane is made of.
+/// What the lanes share besides the connection.
 struct Setup {
     cfg: AmqpConfig,
     /// For `amqps://` brokers.
     tls: Option<Arc<rustls::ClientConfig>>,
     max_payload: usize,
+    /// The connection's name, as the broker shows it.
     name: String,
-    index: usize,
-    /// Written by [`JobSource::wake`]: the lane, waiting in poll(2), looks at its stop flag.
-    wake: Arc<OwnedFd>,
+    /// `basic.qos` of the one channel: `prefetch` for each lane.
+    prefetch: u16,
     views: Views,
     dedupe: Arc<Mutex<Dedupe>>,
     beats: Arc<beat::Beats>,
 }
 
-/// The configured brokers, shared by this generation's lanes.
+/// The configured brokers and the one connection this generation's lanes share.
 pub struct AmqpSource {
-    cfg: AmqpConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    max_payload: usize,
-    generation: u64,
-    wakers: Mutex<Vec<Weak<OwnedFd>>>,
-    views: Views,
-    dedupe: Arc<Mutex<dedupe::Dedupe>>,
-    beats: Arc<beat::Beats>,
+    setup: Arc<Setup>,
+    shared: Arc<shared::Shared>,
 }
 
 impl AmqpSource {
-    /// The configured brokers (reading `[source.tls]` files once); lanes connect lazily.
+    /// The configured brokers (reading `[source.tls]` files once), for `lanes` lanes; the
+    /// connection is made lazily, by the first lane that asks for a job.
     pub fn open(
         cfg: &AmqpConfig,
         state_dir: &std::path::Path,
         max_payload: usize,
         generation: u64,
         views: Views,
+        lanes: usize,
     ) -> Result<AmqpSource> {
         let dedupe = dedupe::Dedupe::open(
             &crate::ops::layout::worker_dir(state_dir).join(dedupe::FILE),
             cfg.dedupe_ids,
         );
-        Ok(AmqpSource {
+        let lanes = u16::try_from(lanes.max(1)).unwrap_or(u16::MAX);
+        let setup = Arc::new(Setup {
             cfg: cfg.clone(),
             tls: tls_config(cfg)?,
             max_payload,
-            generation,
-            wakers: Mutex::new(Vec::new()),
+            name: format!(
+                "gearshift {}:{}:{generation}",
+                hostname(),
+                std::process::id()
+            ),
+            prefetch: cfg.prefetch.saturating_mul(lanes),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
             beats: Arc::new(beat::Beats::default()),
+        });
+        Ok(AmqpSource {
+            shared: Arc::new(shared::Shared::new(Arc::clone(&setup))?),
+            setup,
         })
     }
 }
@@ -147,35 +152,15 @@ impl JobSource for AmqpSource {
         index: usize,
         _functions: &[(String, Option<Duration>)],
     ) -> Result<Box<dyn Lane>> {
-        let wake = Arc::new(crate::source::gearman::worker::eventfd()?);
-        if let Ok(mut w) = self.wakers.lock() {
-            w.retain(|w| w.strong_count() > 0);
-            w.push(Arc::downgrade(&wake));
-        }
-        Ok(Box::new(lane::AmqpLane::new(Setup {
-            cfg: self.cfg.clone(),
-            tls: self.tls.clone(),
-            max_payload: self.max_payload,
-            name: format!(
-                "gearshift {}:{}:{}",
-                hostname(),
-                std::process::id(),
-                self.generation
-            ),
+        Ok(Box::new(lane::AmqpLane::new(
+            Arc::clone(&self.setup),
+            Arc::clone(&self.shared),
             index,
-            wake,
-            views: Arc::clone(&self.views),
-            dedupe: Arc::clone(&self.dedupe),
-            beats: Arc::clone(&self.beats),
-        })))
+        )))
     }
 
     fn wake(&self) {
-        if let Ok(w) = self.wakers.lock() {
-            for fd in w.iter().filter_map(Weak::upgrade) {
-                let _ = nix::unistd::write(fd.as_ref(), &1u64.to_ne_bytes());
-            }
-        }
+        let _ = nix::unistd::write(self.shared.wake.as_ref(), &1u64.to_ne_bytes());
     }
 }
 

@@ -10,18 +10,18 @@
 
 mod net;
 mod read;
+mod write;
 
 pub use net::sleep_until;
+pub use write::{Io, Writer};
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::poll::PollFlags;
-
-use net::{connect, wait_fd, Ready};
+use net::connect;
 
 use super::wire::{self, Id, Props, Reader};
 use crate::config::AmqpUrl;
@@ -80,55 +80,6 @@ pub enum Event {
     Woken,
     /// The deadline passed.
     TimedOut,
-}
-
-/// The writing half (shared with the heartbeat thread) and the socket itself.
-pub struct Io {
-    stream: Transport,
-    wbuf: Vec<u8>,
-    wpos: usize,
-    pub(super) last_sent: Instant,
-    /// The heartbeat agreed (zero: none).
-    pub(super) heartbeat: Duration,
-    pub(super) broken: bool,
-}
-
-impl Io {
-    /// Writes what the socket takes now; true once everything queued is written.
-    fn write_some(&mut self) -> io::Result<bool> {
-        while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.wbuf.clear();
-        self.wpos = 0;
-        if self.wbuf.capacity() > 1 << 20 {
-            self.wbuf = Vec::new();
-        }
-        let done = self.stream.flush_tls()?;
-        if done {
-            self.last_sent = Instant::now();
-        }
-        Ok(done)
-    }
-
-    /// A heartbeat, sent now if the socket takes it (the heartbeat thread; never waits).
-    pub(super) fn beat(&mut self) {
-        if self.broken {
-            return;
-        }
-        if self.wpos == self.wbuf.len() {
-            wire::heartbeat(&mut self.wbuf);
-        }
-        if self.write_some().is_err() {
-            self.broken = true;
-        }
-    }
 }
 
 /// A partly received delivery.
@@ -204,6 +155,7 @@ impl Conn {
                 last_sent: now,
                 heartbeat: Duration::ZERO,
                 broken: false,
+                published: 0,
             })),
             fd,
             tls: tls.is_some(),
@@ -337,29 +289,16 @@ impl Conn {
     /// Queues the frames `build` appends and writes them, waiting at most `io_timeout` for a
     /// socket the broker does not read.
     pub fn send(&self, build: impl FnOnce(&mut Vec<u8>)) -> Result<()> {
-        let mut io = self.lock();
-        if io.broken {
-            return Err(Error::Gone("the connection is broken".into()));
-        }
-        build(&mut io.wbuf);
-        let deadline = Instant::now() + self.io_timeout;
-        loop {
-            match io.write_some() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => {
-                    io.broken = true;
-                    return Err(gone(e));
-                }
-            }
-            let fd = io.stream.tcp().as_fd();
-            if let Ready::TimedOut = wait_fd(fd, PollFlags::POLLOUT, Some(deadline), None)? {
-                io.broken = true;
-                return Err(Error::TimedOut(format!(
-                    "writing: the broker read nothing for {:?}",
-                    self.io_timeout
-                )));
-            }
+        self.writer().send(build)
+    }
+
+    /// The writing half, for the threads that write while another reads (a lane's ack while
+    /// another lane waits for a delivery).
+    pub fn writer(&self) -> Writer {
+        Writer {
+            io: Arc::clone(&self.io),
+            io_timeout: self.io_timeout,
+            frame_max: self.frame_max,
         }
     }
 
@@ -462,7 +401,7 @@ impl Conn {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
     /// A scripted broker's side: reads whole frames, answers with what `reply` builds.
