@@ -177,7 +177,7 @@ fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<S
         return Vec::new();
     }
     vec![format!(
-        "functions {} may run longer than the broker's consumer_timeout ({}): RabbitMQ would close the lane's channel and deliver the job again while it runs; give them a shorter [functions.NAME] timeout (or [worker] job_timeout), or raise consumer_timeout in rabbitmq.conf and [source] consumer_timeout to match",
+        "functions {} may run longer than the broker's consumer_timeout ({}): RabbitMQ would close the worker's channel and deliver the job (and every other lane's) again while it runs; give them a shorter [functions.NAME] timeout (or [worker] job_timeout), or raise consumer_timeout in rabbitmq.conf and [source] consumer_timeout to match",
         long.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
         crate::clock::human_secs(limit.as_secs())
     )]
