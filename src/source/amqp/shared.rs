@@ -138,7 +138,10 @@ impl Shared {
     /// Lane `index` starts: it is shown connecting to every broker, or connected.
     pub(super) fn join(&self, index: usize) {
         let mut b = self.board();
-        b.lanes.push(index);
+        // Lanes spawned again (a restart refused after the drain) keep their index.
+        if !b.lanes.contains(&index) {
+            b.lanes.push(index);
+        }
         b.open += 1;
         for u in &self.s.cfg.urls {
             crate::status::show_server(&self.s.views, &u.shown, index, ConnState::Connecting, None);
