@@ -329,7 +329,12 @@ impl Worker {
     /// Leaves the worker no descriptor to make: its soft limit becomes the lowest number free
     /// (a new descriptor takes the lowest free number) among those it holds for good (in every
     /// one of a few looks: a lane's listing holds one for a moment). Returns the limit before.
+    /// First waits for the binary's background hash (a start that does not know its binary
+    /// holds it open meanwhile; closed after, it would give the worker a descriptor back).
     pub fn run_out_of_fds(&self) -> String {
+        self.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
+            s["binary_sha256"].is_string()
+        });
         let held = (0..5)
             .map(|_| {
                 std::thread::sleep(Duration::from_millis(30));
