@@ -169,20 +169,13 @@ fn reloads_keep_the_gearman_connections_and_register_the_new_functions() {
         "still the same connections"
     );
 
-    // The binary is hashed in the background after a start that did not know it (its
-    // descriptor open meanwhile; a 90 MB debug build takes a while): counted after.
-    let hashed = |w: &Worker| {
-        w.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
-            s["binary_sha256"].is_string()
-        })
-    };
-    hashed(&w);
+    w.wait_hashed();
     let descriptors = w.fd_count();
     for g in 4..=23 {
         w.signal(Signal::SIGHUP);
         w.wait_generation(g);
     }
-    hashed(&w);
+    w.wait_hashed();
     let out = gearman_cli(gm.port, &["-f", "reverse", "kept"]);
     assert_eq!(text(&out.stdout).trim(), "tpek", "{}", text(&out.stderr));
     assert_eq!(

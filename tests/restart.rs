@@ -251,9 +251,7 @@ fn no_descriptor_leaks_over_100_reexecs() {
     w.signal(Signal::SIGHUP);
     w.wait_generation(2);
     // The binary is hashed in the background (its descriptor open meanwhile): sample after.
-    w.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_hashed();
     let before = w.fd_count();
     let before_list = w.fd_list();
     for g in 3..=102 {

@@ -326,15 +326,22 @@ impl Worker {
         out
     }
 
+    /// Waits until the worker knows its binary's sha256: a start that does not know it hashes
+    /// it in a helper, holding the binary open meanwhile (a 90 MB debug build takes a while),
+    /// so descriptors are counted or limited only after.
+    pub fn wait_hashed(&self) {
+        self.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
+            s["binary_sha256"].is_string()
+        });
+    }
+
     /// Leaves the worker no descriptor to make: its soft limit becomes the lowest number free
     /// (a new descriptor takes the lowest free number) among those it holds for good (in every
     /// one of a few looks: a lane's listing holds one for a moment). Returns the limit before.
     /// First waits for the binary's background hash (a start that does not know its binary
     /// holds it open meanwhile; closed after, it would give the worker a descriptor back).
     pub fn run_out_of_fds(&self) -> String {
-        self.wait_for(Duration::from_secs(30), "the binary's sha", |s| {
-            s["binary_sha256"].is_string()
-        });
+        self.wait_hashed();
         let held = (0..5)
             .map(|_| {
                 std::thread::sleep(Duration::from_millis(30));

@@ -125,14 +125,12 @@ pub(super) fn cancel(buf: &mut Vec<u8>, tag: &str) {
     })
 }
 
-/// Cancels the consumer (unless `sent` already; `answered`: the broker said so), gives back
-/// the deliveries that arrived and did not start (`basic.nack(requeue)`), and closes the
-/// connection, within about `limit` in all. Returns how many it gave back.
-pub(super) fn close(mut link: Link, limit: Duration, sent: bool, answered: bool) -> usize {
+/// After the consumer's cancel was sent (`answered`: the broker said so already): waits for its
+/// answer, gives back the deliveries that arrived and did not start (`basic.nack(requeue)`),
+/// and closes the connection, within about `limit` in all. Returns how many it gave back.
+pub(super) fn close(mut link: Link, limit: Duration, answered: bool) -> usize {
     let deadline = std::time::Instant::now() + limit;
-    let tag = link.consumer_tag.clone();
-    let sent = sent || link.conn.send(|b| cancel(b, &tag)).is_ok();
-    if sent && !answered {
+    if !answered {
         // Deliveries sent before the cancel arrive first, then its answer.
         while let Ok(ev) = link.conn.next(Some(deadline)) {
             let done = match ev {

@@ -433,7 +433,7 @@ impl Shared {
         let given = r
             .link
             .take()
-            .map_or(0, |l| link::close(l, CLOSE_WAIT, true, answered));
+            .map_or(0, |l| link::close(l, CLOSE_WAIT, answered));
         let mut b = self.board();
         b.writer = None;
         b.cancelled = false;
