@@ -8,9 +8,9 @@ journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, 
 stores nothing); the same loop appending and fsyncing each message before it answers.
 A second table says where each server's CPU went: per message, in all and by thread (from
 /proc/PID/task: a thread's name as the kernel has it), with the context switches. In
-gearshift, libzmq's I/O thread carries the process's own name ("gearshift"; the main thread,
-which shares it, sleeps); "zeromq" is the ingress, "lane-N" the lanes, "spool-commit" the group
-commit.
+gearshift, "zeromq" is the ingress (it reads the clients' sockets, stores and answers; the
+worker has no libzmq thread), "lane-N" the lanes, "spool-commit" the group commit; in the PHP
+loop, "ZMQbg/IO/0" is libzmq's I/O thread.
 """
 import multiprocessing
 import os

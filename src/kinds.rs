@@ -141,7 +141,7 @@ pub struct Ingress {
     /// Syncs that made accepted messages durable, and the most messages one covered.
     pub batches: std::sync::atomic::AtomicU64,
     pub largest_batch: std::sync::atomic::AtomicU64,
-    /// Clients connected now (libzmq's monitor: accepted minus disconnected).
+    /// Clients connected now (accepted and not closed, handshake done or not).
     pub peers: std::sync::atomic::AtomicU64,
     /// Clients connected at once at most (`max_connections`, or derived).
     pub max_peers: std::sync::atomic::AtomicU64,

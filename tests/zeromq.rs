@@ -252,7 +252,7 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     );
     let big = "x".repeat(5000);
     assert!(ask(&["reverse", &big]).contains("over max_payload_bytes (1000)"));
-    // Far over the limit: libzmq drops that connection; the client gets nothing.
+    // Far over the limit: the connection ends at its frame header; the client gets nothing.
     let huge = "x".repeat(200_000);
     assert!(pyzmq("REQ", &z.tcp, &["reverse", &huge]).is_empty());
     // And the worker serves on.
@@ -540,8 +540,8 @@ fn kill_9(test: &str, reply: &str, change: &str) {
 }
 
 #[test]
-fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
-    if !clients_available("no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads") {
+fn no_descriptor_of_the_ingress_leaks_into_jobs_or_across_reloads() {
+    if !clients_available("no_descriptor_of_the_ingress_leaks_into_jobs_or_across_reloads") {
         return;
     }
     let z = setup("zmq-fds", "");
@@ -586,7 +586,7 @@ fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
         assert!(!pyzmq("REQ", &z.tcp, &["echo", "x"]).is_empty());
     }
     // A connection being answered or closed at the moment of looking (a status query, a
-    // client's, which libzmq's I/O thread closes a moment after the client left) may show: two
+    // client's, which the ingress closes a moment after the client left) may show: two
     // at most, once those have had 3 s to go. One descriptor left by each exec would be twenty,
     // for good.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -601,4 +601,118 @@ fn no_descriptor_of_libzmq_leaks_into_jobs_or_across_reloads() {
         after <= before + 2,
         "{before} before, {after} after:\n{list}"
     );
+}
+
+/// Our greeting as a ZMTP 3 peer sends it (signature, version 3.0, `mechanism`).
+fn greeting(mechanism: &[u8]) -> Vec<u8> {
+    let mut g = vec![0u8; 64];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3;
+    g[12..12 + mechanism.len()].copy_from_slice(mechanism);
+    g
+}
+
+/// A READY command announcing `kind` as the socket type.
+fn ready(kind: &[u8]) -> Vec<u8> {
+    let mut body = vec![5];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&(kind.len() as u32).to_be_bytes());
+    body.extend_from_slice(kind);
+    let mut out = vec![0x04, body.len() as u8];
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Sends `bytes` on a raw TCP connection and reads until the worker closes it: how long that
+/// took, or None if it stayed open for `limit`.
+fn closed_after(addr: &str, bytes: &[u8], limit: Duration) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// The worker speaks ZMTP itself (`engine.rs`, `zmtp.rs`): whatever a peer sends is checked
+/// before anything is kept. Raw TCP peers that are not ZeroMQ, that ask for a security
+/// mechanism, that announce a frame of 2^62 bytes, or that never finish their handshake are
+/// closed (the last after 10 s), and the worker serves on; a real client's heartbeats (PING,
+/// ZMTP 3.1) are answered, so libzmq never drops its connection as dead.
+#[test]
+fn hostile_peers_are_closed_and_heartbeats_are_answered() {
+    if !clients_available("hostile_peers_are_closed_and_heartbeats_are_answered") {
+        return;
+    }
+    let z = setup("zmq-hostile", "");
+    let w = z.sb.start();
+    w.status();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let quick = Duration::from_secs(5);
+    assert!(
+        closed_after(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", quick).is_some(),
+        "an HTTP request stayed connected"
+    );
+    assert!(
+        closed_after(&addr, &greeting(b"CURVE"), quick).is_some(),
+        "a CURVE peer stayed connected"
+    );
+    let mut publisher = greeting(b"NULL");
+    publisher.extend_from_slice(&ready(b"PUB"));
+    assert!(
+        closed_after(&addr, &publisher, quick).is_some(),
+        "a PUB socket stayed connected"
+    );
+    let mut huge = greeting(b"NULL");
+    huge.extend_from_slice(&ready(b"REQ"));
+    huge.push(0x02);
+    huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    huge.extend_from_slice(&[0u8; 1000]);
+    assert!(
+        closed_after(&addr, &huge, quick).is_some(),
+        "a 2^62-byte frame kept its connection"
+    );
+    let silent = closed_after(&addr, b"", Duration::from_secs(20)).expect("a silent peer stayed");
+    assert!(
+        silent >= Duration::from_secs(8),
+        "closed after {silent:?}: a client gets 10 s for its handshake"
+    );
+    // A pyzmq REQ client with heartbeats every 100 ms, dead after 300 ms without an answer,
+    // stays connected over 1.5 s of silence, then is answered.
+    let script = "import zmq, zmq.utils.monitor, sys, time\nc = zmq.Context()\ns = c.socket(zmq.REQ)\n\
+                  s.setsockopt(zmq.HEARTBEAT_IVL, 100)\ns.setsockopt(zmq.HEARTBEAT_TIMEOUT, 300)\n\
+                  s.setsockopt(zmq.LINGER, 0)\nm = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)\n\
+                  s.connect(sys.argv[1])\ntime.sleep(1.5)\nevents = []\n\
+                  while m.poll(0):\n    events.append(zmq.utils.monitor.recv_monitor_message(m)['event'])\n\
+                  s.send_multipart([b'reverse', b'beat'])\nok = s.poll(5000)\n\
+                  print(events.count(zmq.EVENT_CONNECTED), events.count(zmq.EVENT_DISCONNECTED), s.recv() if ok else b'none')\n";
+    let out = Command::new(PYTHON)
+        .args(["-c", script, &z.tcp])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with("1 0 b'"),
+        "connected once, never dropped: {said}"
+    );
+    assert!(!said.contains("none"), "answered: {said}");
+    w.wait_for(Duration::from_secs(10), "no peers left", |s| {
+        s["zeromq"]["peers"] == 0
+    });
+    assert_eq!(w.status()["zeromq"]["rejected"], 0);
 }

@@ -117,8 +117,8 @@ pub struct ZeromqConfig {
     /// How long the ingress, after a message that came alone, first polls for the next without
     /// sleeping (zero: never; `source::spin`).
     pub busy_poll: Duration,
-    /// Clients connected at once at most; those over it are closed as soon as libzmq accepts
-    /// them. None: from the descriptor limit at start (`zeromq::peer_cap`).
+    /// Clients connected at once at most; those over it are closed as soon as they are
+    /// accepted. None: from the descriptor limit at start (`zeromq::peer_cap`).
     pub max_connections: Option<u64>,
 }
 

@@ -159,7 +159,7 @@ pub fn run(
                 return Err(io::Error::last_os_error());
             }
             // The job gets 0-3 and nothing else of ours, even a descriptor a library made
-            // without close-on-exec (libzmq's): all above 3 become close-on-exec (marked, not
+            // without close-on-exec (as the vendored libzmq once did): all above 3 become close-on-exec (marked, not
             // closed: std's pipe that reports a failed exec must stay open until the exec). A
             // kernel without CLOSE_RANGE_CLOEXEC (before 5.11) leaves it to the flags we set.
             libc::syscall(

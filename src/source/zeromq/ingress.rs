@@ -1,13 +1,14 @@
-//! The ZeroMQ ingress: one ROUTER socket on every configured endpoint (so it serves REQ and
-//! DEALER clients, many at once), read in batches; each batch is made durable in the spool with
-//! one sync, and only then is each message answered: `TRUE` or its job id, or `ERROR <why>`
-//! for a message that is not a job. A message received but not yet durable when the worker
-//! stops or restarts is never answered, so a resending client (the lazy pirate pattern) sends
-//! it again; nothing answered is ever lost.
+//! The ZeroMQ ingress: one thread serves every configured endpoint as a ROUTER socket would
+//! (REQ and DEALER clients, many at once; `engine.rs`), reads messages in batches; each batch
+//! is made durable in the spool with one sync, and only then is each message answered: `TRUE`
+//! or its job id, or `ERROR <why>` for a message that is not a job. A message received but not
+//! yet durable when the worker stops or restarts is never answered, so a resending client (the
+//! lazy pirate pattern) sends it again; nothing answered is ever lost.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::ZeromqReply;
 use crate::error::{Error, Result};
@@ -15,26 +16,25 @@ use crate::kinds::Ingress as Stats;
 use crate::ops::logging::Recurring;
 use crate::source::spool::{BatchWriter, Feed, Spool};
 
+use super::engine::{Engine, Received};
 use super::listen::Listener;
-use super::peers::{count_peers, peers_monitor, Peers};
+use super::zmtp::Limits;
 
-/// How long one poll for messages lasts at most (the stop flag is looked at in between).
-const POLL_MS: i64 = 100;
+/// How long one wait for messages lasts at most.
+const POLL: Duration = Duration::from_millis(100);
 /// Messages read before one sync at most.
 const BATCH: usize = 256;
-/// How long a reply may wait to be sent when the socket closes (a restart or a stop).
-const LINGER_MS: i32 = 500;
-/// How long a stop waits for the thread (its poll, the batch in hand, the linger): the control
-/// thread must stay able to act on a second TERM.
+/// How long answers may take to leave when the ingress stops (a restart or a stop).
+const LINGER: Duration = Duration::from_millis(500);
+/// How long a stop waits for the thread (the batch in hand, the linger): the control thread
+/// must stay able to act on a second TERM.
 const STOP_WAIT: Duration = Duration::from_millis(700);
 /// Bytes of messages read before one sync at most (besides the message count).
 const BATCH_BYTES: usize = 64 << 20;
-/// Bytes a peer may have waiting in libzmq at most (the high-water mark counts messages).
-const PEER_BYTES: i64 = 256 << 20;
-/// Messages a peer may have waiting, each way, before libzmq stops reading from it.
-const HWM: i32 = 1000;
-/// Frames in a routing envelope at most (a REQ client's: identity and delimiter).
+/// Frames in a routing envelope at most (a REQ client's: the delimiter).
 const MAX_ENVELOPE: usize = 32;
+/// Frames of one message at most; more end the connection.
+const MAX_FRAMES: usize = 64;
 /// Batches of one message in a row before the ingress busy-polls for the next.
 const SINGLES_TO_SPIN: u32 = 16;
 
@@ -53,12 +53,13 @@ pub struct Rules {
 /// The running ingress thread.
 pub struct Ingress {
     stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ingress {
-    /// Binds a ROUTER socket on `listeners` (through duplicates of their descriptors) and
-    /// starts reading. With a `feed`, accepted jobs go to the lanes without a file each.
+    /// Serves `listeners` (through duplicates of their descriptors) and starts reading. With a
+    /// `feed`, accepted jobs go to the lanes without a file each.
     pub fn start(
         listeners: &[Listener],
         spool: Spool,
@@ -66,15 +67,14 @@ impl Ingress {
         rules: Rules,
         stats: Arc<Stats>,
     ) -> Result<Ingress> {
-        let ctx = zmq::Context::new();
-        let mut socket = router(&ctx, &rules)?;
-        let monitor = peers_monitor(&ctx, &socket)?;
-        let mut peers = Peers::new(stats.max_peers.load(Ordering::Relaxed), listeners)?;
-        peers.doors.open(&mut socket)?;
-        // libzmq is built to make its descriptors close-on-exec (`.cargo/config.toml`); a build
-        // without those flags (a CXXFLAGS of the builder's own wins) would not: none may reach
-        // a job process or the next image, so they are marked here too.
-        crate::ops::handover::close_inherited();
+        // Room for a message a little over the limit, so it gets an error reply; one far over
+        // it ends that client's connection.
+        let limits = Limits {
+            message_bytes: rules.max_payload.saturating_add(64 * 1024),
+            frames: MAX_FRAMES,
+        };
+        let mut engine = Engine::new(listeners, limits, stats.max_peers.load(Ordering::Relaxed))?;
+        let wake = engine.waker();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = crate::ops::signals::spawn_essential("zeromq", move || {
@@ -82,37 +82,29 @@ impl Ingress {
             if let Some(feed) = feed {
                 writer.feed(feed);
             }
-            serve(
-                &mut socket,
-                &monitor,
-                &mut writer,
-                &rules,
-                &stats,
-                &flag,
-                &mut peers,
-            );
+            serve(&mut engine, &mut writer, &rules, &stats, &flag);
             drop(writer);
-            // Answers already queued get up to LINGER_MS to leave; then the context ends.
-            drop(socket);
-            drop(monitor);
+            // Answers already queued get up to LINGER to leave; then every connection closes.
+            engine.linger(Instant::now() + LINGER);
             stats.peers.store(0, Ordering::Relaxed);
-            drop(ctx);
         })
         .map_err(|e| Error::io("spawning the ZeroMQ ingress thread", e))?;
         Ok(Ingress {
             stop,
+            wake,
             thread: Some(thread),
         })
     }
 
-    /// Stops reading, answers the batch in hand, closes the socket (bounded by its linger) and
-    /// ends the context. Returns once that is done.
+    /// Stops reading, answers the batch in hand, lets the answers leave (bounded by the
+    /// linger) and closes every connection. Returns once that is done.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let _ = nix::unistd::write(self.wake.as_fd(), &1u64.to_ne_bytes());
         if let Some(t) = self.thread.take() {
-            let deadline = std::time::Instant::now() + STOP_WAIT;
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
+            let deadline = Instant::now() + STOP_WAIT;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
             }
             if t.is_finished() {
                 let _ = t.join();
@@ -133,33 +125,12 @@ impl Drop for Ingress {
     }
 }
 
-fn router(ctx: &zmq::Context, rules: &Rules) -> Result<zmq::Socket> {
-    let zerr = |what: &str, e: zmq::Error| Error::Msg(format!("zeromq: {what}: {e}"));
-    let socket = ctx
-        .socket(zmq::ROUTER)
-        .map_err(|e| zerr("creating a ROUTER socket", e))?;
-    // Room for a message a little over the limit, so it gets an error reply; one far over it
-    // is cut by libzmq, which drops that peer's connection.
-    let max = rules.max_payload as i64 + 64 * 1024;
-    // At most HWM messages, and at most about PEER_BYTES of the largest, wait per peer.
-    let hwm = (PEER_BYTES / max).clamp(1, i64::from(HWM)) as i32;
-    socket
-        .set_maxmsgsize(max)
-        .and_then(|()| socket.set_rcvhwm(hwm))
-        .and_then(|()| socket.set_sndhwm(HWM))
-        .and_then(|()| socket.set_linger(LINGER_MS))
-        .map_err(|e| zerr("setting socket options", e))?;
-    Ok(socket)
-}
-
 fn serve(
-    socket: &mut zmq::Socket,
-    monitor: &zmq::Socket,
+    engine: &mut Engine,
     writer: &mut BatchWriter,
     rules: &Rules,
     stats: &Stats,
     stop: &AtomicBool,
-    peers: &mut Peers,
 ) {
     let mut spin = crate::source::spin::Spin::new(rules.busy_poll);
     // Batches of one message in a row: messages coming one at a time mean clients wait on our
@@ -171,65 +142,42 @@ fn serve(
         "zeromq: accepted jobs not in place yet (their journal records keep them), trying again",
         "zeromq: accepted jobs in place again",
     );
+    let mut batch: Vec<Received> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
         if writer.pending() {
             place(writer, &mut placing);
         }
-        let timeout = peers
-            .doors
-            .tick(socket)
-            .map_or(POLL_MS, |d| (d.as_millis() as i64).clamp(1, POLL_MS));
-        let mut items = [
-            socket.as_poll_item(zmq::POLLIN),
-            monitor.as_poll_item(zmq::POLLIN),
-        ];
-        let _waiting = crate::source::spin::Waiting::enter();
-        let spun = singles >= SINGLES_TO_SPIN
-            && spin.wait_for(|| zmq::poll(&mut items, 0).is_ok_and(|n| n > 0));
-        let (messages, events) = match if spun {
-            Ok(1)
-        } else {
-            zmq::poll(&mut items, timeout)
-        } {
-            Ok(0) => continue,
-            Ok(_) => (items[0].is_readable(), items[1].is_readable()),
-            Err(zmq::Error::EINTR) => continue,
-            Err(e) => {
-                log::error!("zeromq: polling: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
+        let woken = {
+            let _waiting = crate::source::spin::Waiting::enter();
+            let spun = singles >= SINGLES_TO_SPIN
+                && !engine.has_pending()
+                && spin.wait_for(|| engine.poll_now());
+            let timeout = if spun {
+                Duration::ZERO
+            } else {
+                engine.timeout(POLL)
+            };
+            engine.wait(timeout, &mut batch, BATCH, BATCH_BYTES)
         };
-        if events {
-            count_peers(monitor, socket, stats, peers);
+        stats.peers.store(engine.peers() as u64, Ordering::Relaxed);
+        if woken && stop.load(Ordering::Acquire) {
+            // Read but not durable: never answered (the clients send them again).
+            break;
         }
-        if !messages {
-            continue;
+        match batch.len() {
+            0 => continue,
+            1 => singles = singles.saturating_add(1),
+            _ => singles = 0,
         }
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while batch.len() < BATCH && bytes < BATCH_BYTES {
-            match socket.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => {
-                    bytes += frames.iter().map(Vec::len).sum::<usize>();
-                    batch.push(frames);
-                }
-                Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => break,
-                Err(e) => {
-                    log::warn!("zeromq: receiving: {e}");
-                    break;
-                }
-            }
-        }
-        singles = if batch.len() == 1 {
-            singles.saturating_add(1)
-        } else {
-            0
-        };
-        if !batch.is_empty() {
-            answer(socket, writer, &mut placing, rules, stats, batch);
-        }
+        answer(
+            engine,
+            writer,
+            &mut placing,
+            rules,
+            stats,
+            std::mem::take(&mut batch),
+        );
     }
 }
 
@@ -240,8 +188,8 @@ fn split(mut frames: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         .iter()
         .take(MAX_ENVELOPE)
         .position(|f| f.is_empty())
-        .filter(|&i| i > 0 && i + 1 < frames.len());
-    let at = delimiter.map_or(1.min(frames.len()), |i| i + 1);
+        .filter(|&i| i + 1 < frames.len());
+    let at = delimiter.map_or(0, |i| i + 1);
     let body = frames.split_off(at);
     (frames, body)
 }
@@ -296,25 +244,25 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
 
 /// Makes the batch's jobs durable with one sync, then answers every message of it.
 fn answer(
-    socket: &zmq::Socket,
+    engine: &mut Engine,
     writer: &mut BatchWriter,
     placing: &mut Recurring,
     rules: &Rules,
     stats: &Stats,
-    batch: Vec<Vec<Vec<u8>>>,
+    batch: Vec<Received>,
 ) {
-    // Each message's envelope, and the index of its job or why it is none.
-    type Reply = (Vec<Vec<u8>>, std::result::Result<usize, String>);
+    // Each message's connection and envelope, and the index of its job or why it is none.
+    type Reply = (u64, Vec<Vec<u8>>, std::result::Result<usize, String>);
     let mut replies: Vec<Reply> = Vec::new();
     let mut jobs: Vec<(String, Vec<u8>)> = Vec::new();
-    for frames in batch {
+    for (conn, frames) in batch {
         let (envelope, body) = split(frames);
         match job(body, rules) {
             Ok(j) => {
                 jobs.push(j);
-                replies.push((envelope, Ok(jobs.len() - 1)));
+                replies.push((conn, envelope, Ok(jobs.len() - 1)));
             }
-            Err(why) => replies.push((envelope, Err(why))),
+            Err(why) => replies.push((conn, envelope, Err(why))),
         }
     }
     let refs: Vec<(&str, &[u8])> = jobs.iter().map(|(f, p)| (f.as_str(), &p[..])).collect();
@@ -346,7 +294,7 @@ fn answer(
     if rules.reply == ZeromqReply::Id && ids.is_some() {
         place(writer, placing);
     }
-    for (mut envelope, outcome) in replies {
+    for (conn, envelope, outcome) in replies {
         let text: Vec<u8> = match (&outcome, &ids) {
             (Ok(i), Some(ids)) => match rules.reply {
                 ZeromqReply::True => b"TRUE".to_vec(),
@@ -363,12 +311,12 @@ fn answer(
                 format!("ERROR {why}").into_bytes()
             }
         };
-        envelope.push(text);
-        // A peer gone, or over its high-water mark, just misses its answer (it resends).
-        if let Err(e) = socket.send_multipart(envelope, zmq::DONTWAIT) {
-            log::debug!("zeromq: answering: {e}");
-        }
+        let mut frames: Vec<&[u8]> = envelope.iter().map(Vec::as_slice).collect();
+        frames.push(&text);
+        // A client gone just misses its answer (it resends).
+        engine.answer(conn, &frames);
     }
+    engine.flush();
     place(writer, placing);
 }
 
@@ -401,12 +349,15 @@ mod tests {
 
     #[test]
     fn envelopes_of_req_and_dealer_clients_are_split_off() {
-        // REQ: identity, delimiter, body.
-        let (env, body) = split(frames(&[b"id", b"", b"echo", b"x"]));
-        assert_eq!((env.len(), body), (2, frames(&[b"echo", b"x"])));
-        // DEALER without a delimiter: identity, body (an empty payload is not a delimiter).
-        let (env, body) = split(frames(&[b"id", b"echo", b""]));
-        assert_eq!((env, body), (frames(&[b"id"]), frames(&[b"echo", b""])));
+        // REQ: delimiter, body.
+        let (env, body) = split(frames(&[b"", b"echo", b"x"]));
+        assert_eq!((env, body), (frames(&[b""]), frames(&[b"echo", b"x"])));
+        // DEALER without a delimiter: the body alone (an empty payload is not a delimiter).
+        let (env, body) = split(frames(&[b"echo", b""]));
+        assert_eq!((env, body), (vec![], frames(&[b"echo", b""])));
+        // An empty message from a REQ client: delimiter and one empty frame.
+        let (env, body) = split(frames(&[b"", b""]));
+        assert_eq!((env, body), (frames(&[b""]), frames(&[b""])));
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! The ZeroMQ source's listening sockets: bound by us, not by libzmq, so they outlive every
-//! exec. libzmq gets a duplicate of each through `ZMQ_USE_FD` (and closes that duplicate when
-//! its socket closes); the original is handed to the next generation, so a client connecting
-//! during a restart waits in the kernel's accept queue instead of being refused.
+//! The ZeroMQ source's listening sockets, bound once so they outlive every exec: the ingress's
+//! engine serves a duplicate of each (and closes it when it stops); the original is handed to
+//! the next generation, so a client connecting during a restart waits in the kernel's accept
+//! queue instead of being refused.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 
 use crate::config::Endpoint;
@@ -76,10 +76,4 @@ fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
             Ok(OwnedFd::from(l))
         }
     }
-}
-
-/// A close-on-exec duplicate of `fd`, for libzmq to own.
-pub fn dup_for_zmq(fd: &OwnedFd) -> Result<RawFd> {
-    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
-        .map_err(|e| Error::io("duplicating a listening socket", e.into()))
 }

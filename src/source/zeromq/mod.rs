@@ -1,13 +1,15 @@
-//! The ZeroMQ source: jobs arrive as messages on ZeroMQ sockets (the PHP daemons' REP socket,
-//! served by a ROUTER), are made durable in the embedded spool before they are answered, and
+//! The ZeroMQ source: jobs arrive as messages from ZeroMQ clients (the PHP daemons' REQ
+//! sockets, served as a ROUTER would; ZMTP spoken here: `zmtp.rs`, `engine.rs`), are made durable in the embedded spool before they are answered, and
 //! run on the lanes like any spool job. The listening sockets are ours and cross every exec
 //! (`listen.rs`); the ingress thread (`ingress.rs`) stops before an exec and starts again in
 //! the new image.
 
 mod doors;
+mod engine;
 pub mod ingress;
 pub mod listen;
-mod peers;
+mod sockets;
+mod zmtp;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -45,9 +47,9 @@ const MIN_PEERS: u64 = 16;
 
 /// `max_connections`, or what the descriptor limit leaves once the worker and its lanes have
 /// what they need: each connection holds a descriptor, and a flood of them once took every
-/// one (no job could start, libzmq spun on its accept).
+/// one (no job could start, and libzmq, which served this source then, spun on its accept).
 /// A cap set above that is warned about: out of descriptors, clients cannot be accepted, and the
-/// endpoints are paused (`doors.rs`).
+/// listening sockets are paused (`doors.rs`).
 pub fn peer_cap(configured: Option<u64>, concurrency: usize) -> u64 {
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);
