@@ -22,7 +22,6 @@ fn main() {
         }
     }
     println!("cargo:rustc-env=GEARSHIFT_VERSION={version}");
-    link_libstdcxx_statically();
     // Fault injection for the rollback test only: a build whose `run` dies during start-up
     // (after the point where a rollback is decided), while `check` passes.
     println!("cargo::rustc-check-cfg=cfg(gearshift_crash_on_run)");
@@ -41,31 +40,4 @@ fn main() {
     println!("cargo:rerun-if-env-changed=GEARSHIFT_VERSION_SUFFIX");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
-}
-
-/// The vendored libzmq is C++. Linked dynamically, libstdc++ cost every exec (so every
-/// restart) about 0.4 ms of loading and relocation (1.33x a bare start of the binary); linked
-/// statically, 1.05-1.12x. `.cargo/config.toml` sets `CXXSTDLIB=""` so the cc crate links none;
-/// here the static one is linked, from where the C++ compiler that built libzmq keeps it.
-fn link_libstdcxx_statically() {
-    println!("cargo:rerun-if-env-changed=CXXSTDLIB");
-    if std::env::var("CXXSTDLIB").map_or(true, |v| !v.is_empty()) {
-        return; // the cc crate links a C++ library itself
-    }
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let found = Command::new(&cxx)
-        .arg("-print-file-name=libstdc++.a")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| std::path::PathBuf::from(s.trim()))
-        .filter(|p| p.is_absolute() && p.exists());
-    match found.as_ref().and_then(|p| p.parent()) {
-        Some(dir) => {
-            println!("cargo:rustc-link-search=native={}", dir.display());
-            println!("cargo:rustc-link-lib=static=stdc++");
-        }
-        // No static library: the shared one, as the cc crate would have linked it.
-        None => println!("cargo:rustc-link-lib=dylib=stdc++"),
-    }
 }

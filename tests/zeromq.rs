@@ -716,3 +716,60 @@ fn hostile_peers_are_closed_and_heartbeats_are_answered() {
     });
     assert_eq!(w.status()["zeromq"]["rejected"], 0);
 }
+
+/// `gearshift submit` speaks ZMTP itself too: with no worker it tries 3 times (a refused
+/// connect is tried again until each try's timeout) and says so, exit 3; a server that is not
+/// ZeroMQ is a clear error at once, never a hang; and it is answered through the ipc endpoint.
+#[test]
+fn submit_without_a_worker_or_to_a_stranger_says_so() {
+    let z = setup("zmq-submit", "");
+    let started = std::time::Instant::now();
+    let out = z.sb.run(&["submit", "--timeout", "1", "reverse", "x"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no answer from tcp://127.0.0.1:"),
+        "{}",
+        text(&out.stderr)
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
+        "3 tries of 1 s took {took:?}"
+    );
+    // A stranger on the port: it answers the greeting with HTTP.
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let stranger = std::net::TcpListener::bind(&addr).unwrap();
+    let serve = std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut c, _)) = stranger.accept() {
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = z.sb.run(&["submit", "--timeout", "10", "reverse", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a ZeroMQ peer"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it waited for the timeout"
+    );
+    serve.join().unwrap();
+    // The worker, through the ipc endpoint first.
+    let cfg = fs::read_to_string(z.sb.config()).unwrap();
+    let ipc_first = cfg.replace(
+        &format!("bind = [\"{}\", \"{}\"]", z.tcp, z.ipc),
+        &format!("bind = [\"{}\", \"{}\"]", z.ipc, z.tcp),
+    );
+    assert_ne!(cfg, ipc_first);
+    fs::write(z.sb.config(), ipc_first).unwrap();
+    let w = z.sb.start();
+    let out = z.sb.run(&["submit", "--wait", "reverse", "over ipc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "cpi revo");
+    drop(w);
+}

@@ -1,11 +1,15 @@
-//! `gearshift submit` to a ZeroMQ source: a REQ client that resends with a timeout and a retry
-//! limit (the lazy pirate pattern), as a client must: a message the worker received but had
-//! not made durable when it restarted is never answered.
+//! `gearshift submit` to a ZeroMQ source: a REQ client (ZMTP spoken here, `zmtp.rs`) that
+//! resends with a timeout and a retry limit (the lazy pirate pattern), as a client must: a
+//! message the worker received but had not made durable when it restarted is never answered.
 
-use std::time::Duration;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use crate::config::{Endpoint, ZeromqConfig, ZeromqReply};
 use crate::error::{Error, Result};
+use crate::source::zeromq::zmtp;
 
 use super::exit;
 use super::SubmitArgs;
@@ -14,37 +18,164 @@ use super::SubmitArgs;
 const TRIES: u32 = 3;
 /// How long to wait for each answer unless `--timeout` says.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between connects refused (the worker not there yet).
+const RECONNECT: Duration = Duration::from_millis(100);
+/// Bounds on the worker's answer (an id, TRUE or ERROR with a reason).
+const ANSWER: zmtp::Limits = zmtp::Limits {
+    message_bytes: 64 * 1024,
+    frames: 8,
+    peers: zmtp::SERVERS,
+};
 
 /// Where a client on this host reaches the source.
-fn connect_to(ep: &Endpoint) -> String {
+fn connect_to(ep: &Endpoint) -> Endpoint {
     match ep {
-        Endpoint::Tcp { host, port } if host == "*" || host == "0.0.0.0" => {
-            format!("tcp://127.0.0.1:{port}")
+        Endpoint::Tcp { host, port } if host == "*" || host == "0.0.0.0" => Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: *port,
+        },
+        Endpoint::Tcp { host, port } if host == "::" => Endpoint::Tcp {
+            host: "::1".into(),
+            port: *port,
+        },
+        other => other.clone(),
+    }
+}
+
+/// A connection to the worker, as a REQ socket's.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Connects, trying again while refused, until `deadline`.
+    fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Conn> {
+        loop {
+            let tried = match to {
+                Endpoint::Tcp { host, port } => (host.as_str(), *port)
+                    .to_socket_addrs()?
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("the host has no address"))
+                    .and_then(|a| {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1)))
+                    })
+                    .map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Conn::Tcp(s)
+                    }),
+                Endpoint::Ipc(path) => UnixStream::connect(path).map(Conn::Unix),
+            };
+            match tried {
+                Err(e) if Instant::now() + RECONNECT < deadline => {
+                    if !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(RECONNECT);
+                }
+                other => return other,
+            }
         }
-        Endpoint::Tcp { host, port } if host == "::" => format!("tcp://[::1]:{port}"),
-        other => other.to_string(),
+    }
+
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        let t = Some(t.max(Duration::from_millis(1)));
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One try: connects, sends the message, and reads the answer's last frame until `deadline`.
+/// None: no answer by then (the connection is dropped; a new one resends).
+fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec<u8>>> {
+    let io = |e: std::io::Error| Error::Peer(format!("zeromq {to}: {e}"));
+    let mut conn = match Conn::open(to, deadline) {
+        Ok(c) => c,
+        Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    // Greeting, READY and the request (a REQ socket's: an empty delimiter first) at once; the
+    // worker takes them in order.
+    let mut hello = zmtp::greeting().to_vec();
+    hello.extend_from_slice(&zmtp::ready(b"REQ"));
+    let mut request: Vec<&[u8]> = vec![b""];
+    request.extend_from_slice(frames);
+    zmtp::put_message(&mut hello, &request);
+    if conn.write_all(&hello).is_err() {
+        return Ok(None); // gone while connecting (a restart): resent on a new connection
+    }
+    let mut peer = zmtp::Peer::new(ANSWER);
+    let mut input = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        conn.set_read_timeout(left).map_err(io)?;
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(None)
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(None),
+        }
+        let mut at = 0;
+        loop {
+            let (used, event) = peer
+                .step(&input[at..])
+                .map_err(|v| Error::Peer(format!("zeromq {to}: {v}")))?;
+            if used == 0 {
+                break;
+            }
+            at += used;
+            match event {
+                Some(zmtp::Event::Message(mut answer)) => return Ok(answer.pop()),
+                Some(zmtp::Event::Reply(pong)) => {
+                    let _ = conn.write_all(&pong);
+                }
+                None => {}
+            }
+        }
+        input.drain(..at);
     }
 }
 
 /// Sends one message and returns the answer; None if none came in `TRIES` tries.
-fn request(
-    ctx: &zmq::Context,
-    to: &str,
-    frames: &[&[u8]],
-    wait: Duration,
-) -> Result<Option<Vec<u8>>> {
-    let zerr = |e: zmq::Error| Error::Peer(format!("zeromq {to}: {e}"));
+fn request(to: &Endpoint, frames: &[&[u8]], wait: Duration) -> Result<Option<Vec<u8>>> {
     for _ in 0..TRIES {
-        let socket = ctx.socket(zmq::REQ).map_err(zerr)?;
-        socket.set_linger(0).map_err(zerr)?;
-        socket.connect(to).map_err(zerr)?;
-        socket.send_multipart(frames, 0).map_err(zerr)?;
-        let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-        if socket.poll(zmq::POLLIN, ms).map_err(zerr)? > 0 {
-            let mut answer = socket.recv_multipart(0).map_err(zerr)?;
-            return Ok(answer.pop());
+        if let Some(answer) = once(to, frames, Instant::now() + wait)? {
+            return Ok(Some(answer));
         }
-        // No answer: this socket is stuck waiting; a new one resends.
     }
     Ok(None)
 }
@@ -68,11 +199,10 @@ pub(super) fn send(cfg: &ZeromqConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     }
     let to = connect_to(ep);
     let wait = args.timeout.unwrap_or(ANSWER_TIMEOUT);
-    let ctx = zmq::Context::new();
     let frames: [&[u8]; 2] = [args.function.as_bytes(), payload];
     let mut last = Vec::new();
     for _ in 0..args.count {
-        match request(&ctx, &to, &frames, wait)? {
+        match request(&to, &frames, wait)? {
             Some(answer) if answer.starts_with(b"ERROR") => {
                 eprintln!(
                     "gearshift: refused: {}",

@@ -81,7 +81,7 @@ impl Engine {
         }
         // Our greeting and READY go at once; the client's are checked as they come.
         let mut hello = zmtp::greeting().to_vec();
-        hello.extend_from_slice(&zmtp::ready());
+        hello.extend_from_slice(&zmtp::ready(b"ROUTER"));
         let id = self.next;
         self.next += 1;
         let mut conn = Conn {

@@ -1,15 +1,15 @@
 //! The ZeroMQ source's sockets, served by the ingress thread itself: our listening sockets
 //! (duplicates of those that cross every exec), the clients' connections, one epoll. ZMTP is
-//! `zmtp.rs`'s; here are the bounds: connections over `max_connections` are closed as soon as
-//! they are accepted, one that has not finished its handshake within [`HANDSHAKE`] is closed,
-//! a peer whose answers are not read stops being read (at [`OUT_LIMIT`]), and while accepts
-//! fail for want of descriptors the listening sockets are left alone for a pause (0.25 s
+//! `zmtp.rs`'s; here are the bounds: a peer whose answers are not read stops being read (at
+//! [`OUT_LIMIT`]), and (`doors.rs`) connections over `max_connections` are closed as soon as
+//! they are accepted, one that has not finished its handshake within 10 s is closed, and while
+//! accepts fail for want of descriptors the listening sockets are left alone for a pause (0.25 s
 //! doubling to 5 s; clients wait in the kernel's backlog meanwhile, as during a restart).
 //!
 //! Why not libzmq (which served this source first, and still serves `gearshift submit`): its
-//! I/O thread cost 8-11 µs of CPU a message and a hand-off to ours; this one reads and answers
-//! in the thread that stores, measured at 6 µs a message for the transport alone against the
-//! PHP loop's 15 (README, "The ZeroMQ source").
+//! I/O thread cost 11-17 µs of CPU a message and a hand-off to ours each way; this one reads
+//! and answers in the thread that stores (a transport alone measured at 6 µs a message against
+//! the PHP loop's 15: README, "The ZeroMQ source").
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -393,6 +393,7 @@ mod tests {
         let limits = Limits {
             message_bytes: 1024,
             frames: 8,
+            peers: zmtp::CLIENTS,
         };
         let mut engine = Engine::new(&[listener], limits, 4).expect("engine");
         let mut client = UnixStream::connect(&path).expect("connect");

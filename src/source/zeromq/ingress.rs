@@ -18,7 +18,7 @@ use crate::source::spool::{BatchWriter, Feed, Spool};
 
 use super::engine::{Engine, Received};
 use super::listen::Listener;
-use super::zmtp::Limits;
+use super::zmtp::{self, Limits};
 
 /// How long one wait for messages lasts at most.
 const POLL: Duration = Duration::from_millis(100);
@@ -72,6 +72,7 @@ impl Ingress {
         let limits = Limits {
             message_bytes: rules.max_payload.saturating_add(64 * 1024),
             frames: MAX_FRAMES,
+            peers: zmtp::CLIENTS,
         };
         let mut engine = Engine::new(listeners, limits, stats.max_peers.load(Ordering::Relaxed))?;
         let wake = engine.waker();

@@ -9,7 +9,7 @@ mod engine;
 pub mod ingress;
 pub mod listen;
 mod sockets;
-mod zmtp;
+pub mod zmtp;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;

@@ -1,11 +1,11 @@
-//! ZMTP 3 (the ZeroMQ wire protocol, RFC 23 and 37), the server's half as a ROUTER socket
-//! speaks it to REQ and DEALER clients with the NULL mechanism: the 64-byte greeting, the READY
-//! handshake, frames, and PING answered with PONG. Pure: bytes in, messages and bytes out; the
-//! sockets are `engine.rs`'s. Every length from a peer is checked against a bound before
-//! anything is kept.
+//! ZMTP 3 (the ZeroMQ wire protocol, RFC 23 and 37) with the NULL mechanism: the 64-byte
+//! greeting, the READY handshake, frames, and PING answered with PONG; as the worker's ROUTER
+//! speaks it to REQ and DEALER clients (`engine.rs`), and as `gearshift submit`'s REQ client
+//! speaks it to the worker (`cli/zeromq.rs`). Pure: bytes in, messages and bytes out. Every
+//! length from a peer is checked against a bound before anything is kept.
 
 /// Our greeting: signature (0xFF, padding, 0x7F), version 3.0, mechanism NULL, not as-server.
-pub(super) fn greeting() -> [u8; 64] {
+pub fn greeting() -> [u8; 64] {
     let mut g = [0u8; 64];
     g[0] = 0xff;
     g[8] = 1;
@@ -15,10 +15,10 @@ pub(super) fn greeting() -> [u8; 64] {
     g
 }
 
-/// Our READY command: the socket type a ROUTER announces.
-pub(super) fn ready() -> Vec<u8> {
+/// Our READY command, announcing our socket type (`ROUTER`, `REQ`).
+pub fn ready(kind: &[u8]) -> Vec<u8> {
     let mut body = command_name(b"READY");
-    property(&mut body, b"Socket-Type", b"ROUTER");
+    property(&mut body, b"Socket-Type", kind);
     let mut out = Vec::with_capacity(body.len() + 2);
     frame_header(&mut out, 0x04, body.len());
     out.extend_from_slice(&body);
@@ -50,7 +50,7 @@ fn frame_header(out: &mut Vec<u8>, flags: u8, size: usize) {
 }
 
 /// Appends a message (its frames in order) to `out`.
-pub(super) fn put_message(out: &mut Vec<u8>, frames: &[&[u8]]) {
+pub fn put_message(out: &mut Vec<u8>, frames: &[&[u8]]) {
     for (i, f) in frames.iter().enumerate() {
         let more = if i + 1 < frames.len() { 0x01 } else { 0 };
         frame_header(out, more, f.len());
@@ -60,17 +60,25 @@ pub(super) fn put_message(out: &mut Vec<u8>, frames: &[&[u8]]) {
 
 /// Bounds on what one peer may send.
 #[derive(Clone, Copy)]
-pub(super) struct Limits {
+pub struct Limits {
     /// Bytes of one message's frames together; a larger one ends the connection (as libzmq's
     /// `ZMQ_MAXMSGSIZE` does).
     pub message_bytes: usize,
     /// Frames of one message.
     pub frames: usize,
+    /// The socket types a peer may announce: `REQ` and `DEALER` to a ROUTER, `ROUTER` (or
+    /// `REP`) to a REQ client.
+    pub peers: &'static [&'static [u8]],
 }
+
+/// What the worker's ROUTER serves.
+pub const CLIENTS: &[&[u8]] = &[b"REQ", b"DEALER"];
+/// What a REQ client may talk to.
+pub const SERVERS: &[&[u8]] = &[b"ROUTER", b"REP"];
 
 /// Why a peer is closed.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Violation {
+pub enum Violation {
     NotZmtp,
     Version(u8),
     Mechanism(String),
@@ -91,11 +99,13 @@ impl std::fmt::Display for Violation {
                 "security mechanism {} (only NULL is spoken here)",
                 crate::text::escape(m)
             ),
-            Violation::SocketType(t) => write!(
-                f,
-                "a {} socket (REQ and DEALER clients are served)",
-                crate::text::escape(t)
-            ),
+            Violation::SocketType(t) => {
+                write!(
+                    f,
+                    "a {} socket, which cannot talk to this one",
+                    crate::text::escape(t)
+                )
+            }
             Violation::Handshake(why) => write!(f, "handshake: {why}"),
             Violation::TooLarge(n) => write!(f, "a message of {n}+ bytes"),
             Violation::TooManyFrames => write!(f, "a message of too many frames"),
@@ -106,7 +116,7 @@ impl std::fmt::Display for Violation {
 
 /// What a peer's bytes amount to, as far as they go.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Event {
+pub enum Event {
     /// A whole message, its frames in order.
     Message(Vec<Vec<u8>>),
     /// Bytes to send back (a PONG).
@@ -121,7 +131,7 @@ enum Stage {
 }
 
 /// One peer's decoder.
-pub(super) struct Peer {
+pub struct Peer {
     stage: Stage,
     limits: Limits,
     /// The message being received: its frames so far and their bytes.
@@ -130,7 +140,7 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub(super) fn new(limits: Limits) -> Peer {
+    pub fn new(limits: Limits) -> Peer {
         Peer {
             stage: Stage::Greeting,
             limits,
@@ -140,13 +150,13 @@ impl Peer {
     }
 
     /// Whether the greeting and READY were exchanged.
-    pub(super) fn ready(&self) -> bool {
+    pub fn ready(&self) -> bool {
         self.stage == Stage::Traffic
     }
 
     /// Decodes what `buf` holds, one step at a time: the bytes used and what they were, or
     /// `(0, None)` when more bytes are needed.
-    pub(super) fn step(&mut self, buf: &[u8]) -> Result<(usize, Option<Event>), Violation> {
+    pub fn step(&mut self, buf: &[u8]) -> Result<(usize, Option<Event>), Violation> {
         if self.stage == Stage::Greeting {
             return self.greeting(buf).map(|used| (used, None));
         }
@@ -220,7 +230,7 @@ impl Peer {
         match (self.stage, name) {
             (Stage::Ready, b"READY") => {
                 let kind = socket_type(rest)?;
-                if !matches!(kind.as_slice(), b"REQ" | b"DEALER") {
+                if !self.limits.peers.contains(&kind.as_slice()) {
                     return Err(Violation::SocketType(
                         String::from_utf8_lossy(&kind).into_owned(),
                     ));
@@ -302,6 +312,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         message_bytes: 100,
         frames: 4,
+        peers: CLIENTS,
     };
 
     fn ready_from(kind: &[u8]) -> Vec<u8> {
@@ -356,7 +367,17 @@ mod tests {
                 Event::Message(vec![big]),
             ]
         );
-        assert!(ready().starts_with(&[0x04]));
+        assert!(ready(b"ROUTER").starts_with(&[0x04]));
+        // A REQ client's side: the ROUTER's handshake, then its answer.
+        let mut client = Peer::new(Limits {
+            peers: SERVERS,
+            ..LIMITS
+        });
+        let mut wire = greeting().to_vec();
+        wire.extend_from_slice(&ready(b"ROUTER"));
+        put_message(&mut wire, &[b"", b"TRUE"]);
+        let events = feed(&mut client, &wire).expect("sound");
+        assert_eq!(events, vec![Event::Message(vec![vec![], b"TRUE".to_vec()])]);
     }
 
     #[test]
