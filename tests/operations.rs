@@ -225,11 +225,11 @@ fn a_user_binary_reports_its_own_name_and_version() {
         (s["name"].as_str(), s["version"].as_str()),
         (Some("custom-worker"), Some("1.0.0-example"))
     );
-    assert!(
-        w.log_text().contains("custom-worker 1.0.0-example started"),
-        "{}",
-        w.log_text()
-    );
+    // The line is written once the helpers (the status server among them) have started: a
+    // status answer can come first.
+    eventually(Duration::from_secs(10), "the start logged by name", || {
+        w.log_text().contains("custom-worker 1.0.0-example started")
+    });
 }
 
 #[test]
