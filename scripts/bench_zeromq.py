@@ -6,17 +6,20 @@ requests in all, as fast as the answers come, to one server; the rate is message
 second. Servers: gearshift's zeromq source with fsync on (every answer means the job is durable:
 journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, send 'TRUE',
 stores nothing); the same loop appending and fsyncing each message before it answers.
-A second table says where each server's CPU went: per message, in all and by thread (from
+Last, the restart pause of an idle worker on a zeromq source (HUP -> its lanes serving, as the
+worker reports it in `status`). A second table says where each server's CPU went: per message, in all and by thread (from
 /proc/PID/task: a thread's name as the kernel has it), with the context switches. In
 gearshift, "zeromq" is the ingress (it reads the clients' sockets, stores and answers; the
 worker has no libzmq thread), "lane-N" the lanes, "spool-commit" the group commit; in the PHP
 loop, "ZMQbg/IO/0" is libzmq's I/O thread.
 """
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,8 @@ import zmq
 
 GEARSHIFT, PHP_LOOP = sys.argv[1:3]
 MESSAGES = int(os.environ.get("MESSAGES", "20000"))
+# HUPs of an idle worker for its restart pause.
+RESTARTS = int(os.environ.get("RESTARTS", "20"))
 
 
 def client(endpoint, n, start):
@@ -98,7 +103,8 @@ def wait_port(port):
     raise SystemExit(f"nothing listens on {port}")
 
 
-def gearshift(clients, fsync, workdir):
+def worker(fsync, workdir):
+    """A gearshift worker on a zeromq source in a scratch directory: (process, config, port)."""
     port = free_port()
     d = tempfile.mkdtemp(dir=workdir)
     os.makedirs(os.path.join(d, "jobs"))
@@ -110,12 +116,47 @@ def gearshift(clients, fsync, workdir):
             f"fsync = {'true' if fsync else 'false'}\n[log]\nlevel = \"warn\"\n"
         )
     p = subprocess.Popen([GEARSHIFT, "-c", cfg, "run"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return p, cfg, port
+
+
+def gearshift(clients, fsync, workdir):
+    p, _, port = worker(fsync, workdir)
     try:
-        wait_port(port)
         time.sleep(0.3)
         rate, per = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
         CPU.append((clients, f"gearshift, fsync {'on' if fsync else 'off'}", per))
         return rate
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+
+
+def idle_restarts(workdir, n=RESTARTS):
+    """The restart pause of an idle worker on a zeromq source, as it reports it (`status`:
+    from the HUP until the new generation's lanes serve), over `n` HUPs: (p50, max) in ms."""
+    p, cfg, _ = worker(True, workdir)
+
+    def status():
+        out = subprocess.run([GEARSHIFT, "-c", cfg, "status", "--json"], capture_output=True, text=True).stdout
+        return json.loads(out) if out.strip() else {}
+
+    try:
+        gen = status().get("generation", 1)
+        pauses = []
+        for _ in range(n):
+            time.sleep(0.3)
+            p.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            s = {}
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                s = status()
+                if s.get("generation") == gen + 1 and s.get("last_restart_pause_us"):
+                    break
+            gen += 1
+            pauses.append(s.get("last_restart_pause_us", 0) / 1000)
+        return statistics.median(pauses), max(pauses)
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -161,6 +202,8 @@ def table(workdir):
         cpu, switches = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         by = ", ".join(f"{k} {v[0]:.1f} ({v[1]:.2f})" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0]))
         print(f"| {clients} | {server} | {cpu:.1f} µs | {switches:.2f} | {by} |")
+    p50, worst = idle_restarts(workdir)
+    print(f"\nRestart pause of an idle worker (fsync on), HUP -> its lanes serving, as it reports it, {RESTARTS} HUPs: p50 {p50:.2f} ms, max {worst:.2f} ms")
 
 
 if __name__ == "__main__":
