@@ -428,6 +428,40 @@ mod tests {
         assert_eq!(feed(&mut peer, &wire), Err(Violation::TooManyFrames));
     }
 
+    /// Random bytes, before and after the handshake, never panic the decoder and never make
+    /// it claim more bytes than it was given (a deterministic generator: the same run each time).
+    #[test]
+    fn random_bytes_are_decoded_or_refused_never_a_panic() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20_000 {
+            let len = (next() % 300) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Mostly plausible frame flags, so the decoder gets past the first byte.
+            if let Some(first) = bytes.first_mut() {
+                *first &= 0x07;
+            }
+            let mut peer = if round % 4 == 0 {
+                Peer::new(LIMITS)
+            } else {
+                handshaken(b"DEALER")
+            };
+            let mut at = 0;
+            while let Ok((used, _)) = peer.step(&bytes[at..]) {
+                if used == 0 {
+                    break;
+                }
+                at += used;
+                assert!(at <= bytes.len(), "claimed {at} of {} bytes", bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn a_ping_is_answered_with_its_context() {
         let mut peer = handshaken(b"REQ");
