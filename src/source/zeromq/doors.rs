@@ -90,6 +90,7 @@ impl Engine {
             out: Vec::new(),
             interest: EpollFlags::EPOLLIN,
             gone: false,
+            dirty: false,
             stream,
         };
         match conn.stream.write(&hello) {

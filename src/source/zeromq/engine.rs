@@ -48,6 +48,8 @@ pub(super) struct Conn {
     pub(super) interest: EpollFlags,
     /// The socket said end-of-file or an error: closed once what it sent is taken.
     pub(super) gone: bool,
+    /// Listed in the engine's `dirty` (answers queued since the last flush).
+    pub(super) dirty: bool,
 }
 
 /// A message and the connection it came on (answered there, if it is still connected).
@@ -64,6 +66,8 @@ pub(super) struct Engine {
     pub(super) max_peers: u64,
     /// Connections that hold bytes not decoded yet (a batch filled up first).
     pub(super) pending: Vec<u64>,
+    /// Connections with answers queued since the last flush.
+    pub(super) dirty: Vec<u64>,
     /// Connections in accept order, with when their handshake must be done.
     pub(super) handshakes: VecDeque<(Instant, u64)>,
     pub(super) paused_until: Option<Instant>,
@@ -112,6 +116,7 @@ impl Engine {
             limits,
             max_peers,
             pending: Vec::new(),
+            dirty: Vec::new(),
             handshakes: VecDeque::new(),
             paused_until: None,
             pause: FIRST_PAUSE,
@@ -229,25 +234,28 @@ impl Engine {
     /// Queues an answer to connection `id` (gone: dropped; the client resends).
     pub(super) fn answer(&mut self, id: u64, frames: &[&[u8]]) {
         if let Some(c) = self.conns.get_mut(&id) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(id);
+            }
             zmtp::put_message(&mut c.out, frames);
         }
     }
 
-    /// Writes every queued answer that the sockets take now.
+    /// Writes the answers queued since the last flush, as far as the sockets take them now
+    /// (the rest when epoll says a socket can take more).
     pub(super) fn flush(&mut self) {
-        let ids: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.out.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for id in dirty.drain(..) {
             self.flush_one(id);
         }
+        self.dirty = dirty;
     }
 
     /// At a stop: answers queued get until `deadline` to leave; then every connection closes.
     pub(super) fn linger(&mut self, deadline: Instant) {
+        let mut count = [0u8; 8];
+        let _ = nix::unistd::read(self.wake.as_raw_fd(), &mut count);
         self.flush();
         while self.conns.values().any(|c| !c.out.is_empty() && !c.gone) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -257,7 +265,15 @@ impl Engine {
             let ms = EpollTimeout::try_from(left.min(Duration::from_millis(50)))
                 .unwrap_or(EpollTimeout::ZERO);
             let _ = self.epoll.wait(&mut self.events, ms);
-            self.flush();
+            let waiting: Vec<u64> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.out.is_empty())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in waiting {
+                self.flush_one(id);
+            }
         }
         self.conns.clear();
     }
@@ -333,6 +349,7 @@ impl Engine {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
+        c.dirty = false;
         while !c.out.is_empty() {
             match c.stream.write(&c.out) {
                 Ok(0) => break,
