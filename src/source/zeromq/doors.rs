@@ -16,12 +16,15 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// The longest pause of the listening sockets while accepts fail.
 const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+/// Clients accepted (or closed over the cap) per wake-up at most: a flood of connects must not
+/// keep the ingress from the messages (epoll says again that more wait).
+const ACCEPTS: usize = 64;
 
 impl Engine {
-    /// Accepts every client waiting on door `i`: closes those over the cap, pauses the doors
-    /// when out of descriptors.
+    /// Accepts the clients waiting on door `i` (up to [`ACCEPTS`]): closes those over the cap,
+    /// pauses the doors when out of descriptors.
     pub(super) fn accept(&mut self, i: usize) {
-        loop {
+        for _ in 0..ACCEPTS {
             let accepted = match self.doors.get(i) {
                 Some(Door::Tcp(d)) => d.accept().map(|(s, _)| {
                     let _ = s.set_nodelay(true);
