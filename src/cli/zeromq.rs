@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Endpoint, ZeromqConfig, ZeromqReply};
 use crate::error::{Error, Result};
+use crate::source::zeromq::sockets::Stream;
 use crate::source::zeromq::zmtp;
 
 use super::exit;
@@ -42,70 +43,33 @@ fn connect_to(ep: &Endpoint) -> Endpoint {
     }
 }
 
-/// A connection to the worker, as a REQ socket's.
-enum Conn {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Conn {
-    /// Connects, trying again while refused, until `deadline`.
-    fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Conn> {
-        loop {
-            let tried = match to {
-                Endpoint::Tcp { host, port } => (host.as_str(), *port)
-                    .to_socket_addrs()?
-                    .next()
-                    .ok_or_else(|| std::io::Error::other("the host has no address"))
-                    .and_then(|a| {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1)))
-                    })
-                    .map(|s| {
-                        let _ = s.set_nodelay(true);
-                        Conn::Tcp(s)
-                    }),
-                Endpoint::Ipc(path) => UnixStream::connect(path).map(Conn::Unix),
-            };
-            match tried {
-                Err(e) if Instant::now() + RECONNECT < deadline => {
-                    if !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) {
-                        return Err(e);
-                    }
-                    std::thread::sleep(RECONNECT);
+/// Connects to the worker, trying again while refused, until `deadline`.
+fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Stream> {
+    loop {
+        let tried = match to {
+            Endpoint::Tcp { host, port } => (host.as_str(), *port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::other("the host has no address"))
+                .and_then(|a| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1)))
+                })
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
+            Endpoint::Ipc(path) => UnixStream::connect(path).map(Stream::Unix),
+        };
+        match tried {
+            Err(e) if Instant::now() + RECONNECT < deadline => {
+                if !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) {
+                    return Err(e);
                 }
-                other => return other,
+                std::thread::sleep(RECONNECT);
             }
+            other => return other,
         }
-    }
-
-    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
-        let t = Some(t.max(Duration::from_millis(1)));
-        match self {
-            Conn::Tcp(s) => s.set_read_timeout(t),
-            Conn::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.write(buf),
-            Conn::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -113,7 +77,7 @@ impl Write for Conn {
 /// None: no answer by then (the connection is dropped; a new one resends).
 fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec<u8>>> {
     let io = |e: std::io::Error| Error::Peer(format!("zeromq {to}: {e}"));
-    let mut conn = match Conn::open(to, deadline) {
+    let mut conn = match open(to, deadline) {
         Ok(c) => c,
         Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
         Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => {
@@ -139,7 +103,7 @@ fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec
         if left.is_zero() {
             return Ok(None);
         }
-        conn.set_read_timeout(left).map_err(io)?;
+        conn.set_read_timeout(Some(left)).map_err(io)?;
         match conn.read(&mut chunk) {
             Ok(0) => return Ok(None),
             Ok(n) => input.extend_from_slice(&chunk[..n]),

@@ -2,7 +2,7 @@
 //! pausing the listening sockets while accepts fail for want of descriptors), and ending the
 //! handshakes that take too long.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
@@ -75,11 +75,7 @@ impl Engine {
     }
 
     fn admit(&mut self, stream: Stream) {
-        let nonblocking = match &stream {
-            Stream::Tcp(s) => s.set_nonblocking(true),
-            Stream::Unix(s) => s.set_nonblocking(true),
-        };
-        if nonblocking.is_err() {
+        if stream.set_nonblocking(true).is_err() {
             return;
         }
         // Our greeting and READY go at once; the client's are checked as they come.

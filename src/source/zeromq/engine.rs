@@ -12,7 +12,7 @@
 //! the PHP loop's 15: README, "The ZeroMQ source").
 
 use std::collections::{HashMap, VecDeque};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -196,8 +196,7 @@ impl Engine {
         for (token, flags) in events[..n].iter().map(|ev| (ev.data(), ev.events())) {
             match token {
                 WAKE => {
-                    let mut count = [0u8; 8];
-                    let _ = nix::unistd::read(self.wake.as_raw_fd(), &mut count);
+                    self.drain_wake();
                     woken = true;
                 }
                 t if t >= LISTENERS => self.accept((t - LISTENERS) as usize),
@@ -223,6 +222,12 @@ impl Engine {
             self.take(*id, batch, max, &mut bytes, max_bytes);
         }
         woken
+    }
+
+    /// Empties the wake-up eventfd (readable until read).
+    fn drain_wake(&self) {
+        let mut count = [0u8; 8];
+        let _ = nix::unistd::read(self.wake.as_raw_fd(), &mut count);
     }
 
     /// A look at the sockets without sleeping: whether any has something (busy-polling).
@@ -254,8 +259,9 @@ impl Engine {
 
     /// At a stop: answers queued get until `deadline` to leave; then every connection closes.
     pub(super) fn linger(&mut self, deadline: Instant) {
-        let mut count = [0u8; 8];
-        let _ = nix::unistd::read(self.wake.as_raw_fd(), &mut count);
+        // A stop seen through the flag leaves the eventfd readable: every wait below would
+        // return at once.
+        self.drain_wake();
         self.flush();
         while self.conns.values().any(|c| !c.out.is_empty() && !c.gone) {
             let left = deadline.saturating_duration_since(Instant::now());

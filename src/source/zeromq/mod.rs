@@ -8,7 +8,7 @@ mod doors;
 mod engine;
 pub mod ingress;
 pub mod listen;
-mod sockets;
+pub mod sockets;
 pub mod zmtp;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

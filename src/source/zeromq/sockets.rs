@@ -1,16 +1,18 @@
-//! The sockets the engine serves: listening (TCP or Unix) and connected.
+//! The sockets ZMTP is spoken over, TCP or Unix: the engine's listening and connected ones,
+//! and `gearshift submit`'s connection to the worker.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
 
 pub(super) enum Door {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
 
-pub(super) enum Stream {
+pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -22,17 +24,40 @@ impl Stream {
             Stream::Unix(s) => s.as_fd(),
         }
     }
-    pub(super) fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+
+    pub fn set_nonblocking(&self, yes: bool) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(yes),
+            Stream::Unix(s) => s.set_nonblocking(yes),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
         }
     }
-    pub(super) fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
         }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
