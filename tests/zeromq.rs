@@ -773,3 +773,71 @@ fn submit_without_a_worker_or_to_a_stranger_says_so() {
     assert_eq!(text(&out.stdout).trim(), "cpi revo");
     drop(w);
 }
+
+/// The worker's resident memory in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Each connection may hold one message in progress, up to `max_payload_bytes` (16 MiB by
+/// default): with nothing over all of them, 200 peers that each send all but the last byte of
+/// a 1 MiB message made the worker hold 200 MiB, and `max_connections` of them (thousands by
+/// default) as many times 16 MiB as they liked. Now what connections hold in unfinished
+/// messages is bounded in all (64 MiB here, 4 messages of the largest size if more): past it
+/// the connection holding the most is closed (it resends), and everyone else is served.
+#[test]
+fn unfinished_messages_of_many_peers_are_bounded_in_all() {
+    if !clients_available("unfinished_messages_of_many_peers_are_bounded_in_all") {
+        return;
+    }
+    let z = setup("zmq-unfinished", "max_connections = 400\n");
+    let cfg = fs::read_to_string(z.sb.config()).unwrap();
+    fs::write(
+        z.sb.config(),
+        cfg.replacen("[worker]\n", "[worker]\nmax_payload_bytes = 1048576\n", 1),
+    )
+    .unwrap();
+    let w = z.sb.start();
+    w.status();
+    let before = rss_kib(w.pid());
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let size: u64 = 1 << 20;
+    let mut head = greeting(b"NULL");
+    head.extend_from_slice(&ready(b"DEALER"));
+    head.push(0x02);
+    head.extend_from_slice(&size.to_be_bytes());
+    let body = vec![b'x'; size as usize - 1];
+    let peers: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            // A closed or unread connection ends the write; the next peer goes on.
+            s.set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let _ = s.write_all(&head).and_then(|()| s.write_all(&body));
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(w.pid()).saturating_sub(before);
+    assert!(
+        grown < 128 << 10,
+        "the worker grew by {} MiB for 200 unfinished messages",
+        grown >> 10
+    );
+    // Served as before, the log says why peers were closed, and nothing spins.
+    assert_eq!(pyzmq("REQ", &z.tcp, &["reverse", "abc"]).len(), 1);
+    assert!(
+        w.log_text().contains("unfinished messages"),
+        "{}",
+        w.log_text()
+    );
+    let used = idle_ticks(w.pid());
+    assert!(used <= 40, "the worker used {used} ticks in 2 s");
+    drop(peers);
+}

@@ -90,6 +90,7 @@ impl Engine {
             interest: EpollFlags::EPOLLIN,
             gone: false,
             dirty: false,
+            held: 0,
             stream,
         };
         match conn.stream.write(&hello) {

@@ -6,6 +6,7 @@
 
 mod doors;
 mod engine;
+mod held;
 pub mod ingress;
 pub mod listen;
 pub mod sockets;

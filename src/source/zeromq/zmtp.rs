@@ -149,6 +149,11 @@ impl Peer {
         }
     }
 
+    /// Bytes of the message in progress received so far (its frames before the last).
+    pub fn partial(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether the greeting and READY were exchanged.
     pub fn ready(&self) -> bool {
         self.stage == Stage::Traffic

@@ -1,0 +1,255 @@
+//! What the clients' connections hold, in all. Each may hold one message in progress up to
+//! `max_payload_bytes` (and one read beyond it) and 1 MiB of answers it has not read, and there
+//! may be `max_connections` of them: bounded each, that is thousands of times 16 MiB by
+//! default. So the engine counts what every connection holds (its buffers while they hold
+//! bytes, and the frames of its message so far) against one budget ([`Engine::budget_for`]); past it, the
+//! connection holding the most is closed (its client resends, or reconnects) until the total
+//! is back within it. A buffer is given back once a large message or answer has left it, so an
+//! idle client that once sent 16 MiB does not keep them.
+
+use super::engine::{Conn, Engine};
+
+/// Bytes held for unfinished messages in all at least (a batch's complete messages are
+/// bounded apart: `ingress.rs`).
+const FLOOR: usize = 64 << 20;
+
+/// An emptied buffer larger than this is given back; smaller ones are kept for the next
+/// message and not counted (at most this much a connection, as the kernel's own socket
+/// buffers are: `max_connections` bounds them).
+const KEEP: usize = 8 << 10;
+
+/// What connection `c` holds now: its buffers while they hold bytes (their whole capacity),
+/// and its message in progress.
+fn holding(c: &mut Conn) -> usize {
+    let mut held = c.peer.partial();
+    for buf in [&mut c.input, &mut c.out] {
+        if !buf.is_empty() {
+            held += buf.capacity();
+        } else if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+    }
+    held
+}
+
+impl Engine {
+    /// What all connections may hold: 64 MiB, or four messages of the largest size if more.
+    pub(super) fn budget_for(message_bytes: usize) -> usize {
+        message_bytes.saturating_mul(4).max(FLOOR)
+    }
+
+    /// Counts again what connection `id` holds (after bytes were read from it or written to
+    /// it), and closes the largest holders while the total is over the budget.
+    pub(super) fn recount(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let now = holding(c);
+        self.held = self.held - c.held + now;
+        c.held = now;
+        while self.held > self.budget {
+            let Some((largest, size)) = self
+                .conns
+                .iter()
+                .map(|(&id, c)| (id, c.held))
+                .max_by_key(|&(_, held)| held)
+            else {
+                break;
+            };
+            let total = self.held;
+            self.close(largest);
+            self.crowded.failed(&format_args!(
+                "{} MiB held for clients (unfinished messages, unread answers), over the {} MiB \
+                 they may hold; the connection holding the most ({} KiB) was closed",
+                total >> 20,
+                self.budget >> 20,
+                size >> 10
+            ));
+        }
+        if self.held <= self.budget / 2 {
+            self.crowded.worked();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Endpoint;
+    use crate::source::zeromq::engine::OUT_LIMIT;
+    use crate::source::zeromq::listen::Listener;
+    use crate::source::zeromq::zmtp::{self, Limits};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Duration;
+
+    /// An engine on a Unix socket taking messages up to `message_bytes`, and its path.
+    fn engine(name: &str, message_bytes: usize) -> (Engine, std::path::PathBuf) {
+        let dir = crate::testutil::tempdir("zeromq", name);
+        let path = dir.join("j.sock");
+        let listener = Listener {
+            endpoint: Endpoint::Ipc(path.clone()),
+            fd: OwnedFd::from(UnixListener::bind(&path).expect("bind")),
+        };
+        let limits = Limits {
+            message_bytes,
+            frames: 8,
+            peers: zmtp::CLIENTS,
+        };
+        (Engine::new(&[listener], limits, 16).expect("engine"), path)
+    }
+
+    /// A DEALER connected to `path`, its handshake sent, non-blocking.
+    fn dealer(path: &std::path::Path) -> UnixStream {
+        let mut c = UnixStream::connect(path).expect("connect");
+        let mut hello = zmtp::greeting().to_vec();
+        hello.extend_from_slice(&[0x04, 28, 5]);
+        hello.extend_from_slice(b"READY");
+        hello.push(11);
+        hello.extend_from_slice(b"Socket-Type");
+        hello.extend_from_slice(&6u32.to_be_bytes());
+        hello.extend_from_slice(b"DEALER");
+        c.write_all(&hello).expect("hello");
+        c.set_nonblocking(true).expect("nonblocking");
+        c
+    }
+
+    /// Writes as much of `bytes` as the socket takes now; returns what is left.
+    fn push<'a>(c: &mut UnixStream, mut bytes: &'a [u8]) -> &'a [u8] {
+        while !bytes.is_empty() {
+            match c.write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => return &[],
+            }
+        }
+        bytes
+    }
+
+    fn serve(engine: &mut Engine, batch: &mut Vec<(u64, Vec<Vec<u8>>)>) {
+        engine.wait(Duration::from_millis(5), batch, 256, usize::MAX);
+        engine.flush();
+    }
+
+    /// A large message's buffer is given back once the message is taken: an idle connection
+    /// holds nothing counted, and no more than a few KiB.
+    #[test]
+    fn a_buffer_is_given_back_once_its_message_left() {
+        let (mut engine, path) = engine("held-back", 1 << 20);
+        let mut client = dealer(&path);
+        let mut message = Vec::new();
+        zmtp::put_message(&mut message, &[&vec![b'x'; 600 << 10]]);
+        let mut left: &[u8] = &message;
+        let mut batch = Vec::new();
+        for _ in 0..2000 {
+            left = push(&mut client, left);
+            serve(&mut engine, &mut batch);
+            if !batch.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(batch.len(), 1, "the message taken");
+        assert_eq!(engine.held, 0);
+        let c = engine.conns.values().next().expect("still connected");
+        assert!(c.input.capacity() <= KEEP, "{} kept", c.input.capacity());
+    }
+
+    /// Over the budget the connection holding the most (an unfinished message) is closed; the
+    /// others are served on, and the total stays within the budget.
+    #[test]
+    fn the_largest_holder_is_closed_over_the_budget() {
+        let (mut engine, path) = engine("held-over", 1 << 20);
+        engine.budget = 512 << 10;
+        let mut hog = dealer(&path);
+        let mut head = vec![0x02];
+        head.extend_from_slice(&(900u64 << 10).to_be_bytes());
+        head.extend_from_slice(&vec![b'x'; 800 << 10]);
+        let mut left: &[u8] = &head;
+        let mut small = dealer(&path);
+        let mut request = Vec::new();
+        zmtp::put_message(&mut request, &[b"echo", b"hi"]);
+        let mut batch = Vec::new();
+        let mut closed = false;
+        let mut sink = [0u8; 4096];
+        for _ in 0..2000 {
+            left = push(&mut hog, left);
+            serve(&mut engine, &mut batch);
+            assert!(engine.held <= engine.budget, "{} held", engine.held);
+            closed = loop {
+                match hog.read(&mut sink) {
+                    Ok(0) => break true,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                    Err(_) => break true,
+                }
+            };
+            if closed {
+                break;
+            }
+        }
+        assert!(closed, "the hog was never closed");
+        assert!(push(&mut small, &request).is_empty());
+        for _ in 0..200 {
+            serve(&mut engine, &mut batch);
+            if !batch.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(batch.len(), 1, "the small client served");
+        assert_eq!(engine.conns.len(), 1);
+    }
+
+    /// A client that sends and never reads its answers: once [`OUT_LIMIT`] of them wait, it is
+    /// no longer read (so it cannot make the worker hold more), and once it reads, it is served
+    /// again.
+    #[test]
+    fn a_client_that_reads_no_answers_is_no_longer_read() {
+        let (mut engine, path) = engine("engine-slow", 1024);
+        let mut client = dealer(&path);
+        let mut request = Vec::new();
+        zmtp::put_message(&mut request, &[b"echo", b"x"]);
+        let answer = vec![b'a'; 4096];
+        let mut received = 0usize;
+        let mut serve = |engine: &mut Engine, rounds: usize| {
+            for _ in 0..rounds {
+                let mut batch = Vec::new();
+                engine.wait(Duration::from_millis(5), &mut batch, 256, usize::MAX);
+                for (id, _) in &batch {
+                    engine.answer(*id, &[&answer]);
+                }
+                engine.flush();
+                received += batch.len();
+            }
+            received
+        };
+        // The client sends as long as its socket takes it; the engine answers and never
+        // reads it past the limit, so sending stops.
+        let mut sent = 0usize;
+        for _ in 0..400 {
+            while client.write_all(&request).is_ok() {
+                sent += 1;
+            }
+            serve(&mut engine, 1);
+        }
+        let stalled = serve(&mut engine, 20);
+        assert!(
+            stalled < sent,
+            "every request read ({sent}): nothing held it back"
+        );
+        let held: usize = engine.conns.values().map(|c| c.out.len()).sum();
+        assert!(
+            held <= OUT_LIMIT + answer.len() * 256 + 64,
+            "{held} bytes of answers held"
+        );
+        // It reads: the rest is served.
+        let mut sink = vec![0u8; 1 << 16];
+        for _ in 0..2000 {
+            while client.read(&mut sink).is_ok_and(|n| n > 0) {}
+            if serve(&mut engine, 1) >= sent {
+                break;
+            }
+        }
+        assert_eq!(serve(&mut engine, 1), sent, "served again once it read");
+    }
+}
