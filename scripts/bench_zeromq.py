@@ -178,6 +178,26 @@ def php(clients, fsync, workdir):
         p.wait()
 
 
+def sync_latency(workdir, n=2000):
+    """The disk's floor under a durable answer: the median wall time of one small overwrite
+    and fdatasync of a file whose blocks are written already (as the worker's journal does)."""
+    path = os.path.join(workdir, "sync-probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"\0" * (n * 256 + 4096))
+        os.fsync(fd)
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            os.pwrite(fd, b"r" * 200, i * 256)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times)
+
+
 def main():
     workdir = tempfile.mkdtemp(prefix="gs-bench-zeromq-", dir="/var/tmp")
     try:
@@ -190,12 +210,20 @@ def table(workdir):
     print(f"# ZeroMQ ingest: {MESSAGES} REQ requests per row, {os.cpu_count()} CPUs\n")
     print("| clients | PHP REP loop (stores nothing) | REP loop, fsync per message | gearshift, fsync on | vs PHP | vs fsync loop | gearshift, fsync off | vs PHP |")
     print("|---|---|---|---|---|---|---|---|")
+    bounds = []
     for clients in (1, 8):
         plain = php(clients, False, workdir)
         synced = php(clients, True, workdir)
         on = gearshift(clients, True, workdir)
         off = gearshift(clients, False, workdir)
         print(f"| {clients} | {plain:,.0f}/s | {synced:,.0f}/s | {on:,.0f}/s | {on / plain:.2f}x | {on / synced:.2f}x | {off:,.0f}/s | {off / plain:.2f}x |")
+        bounds.append((clients, plain))
+    # Each client has one request out at a time, and a durable answer waits for at least one
+    # sync on top of a round trip as the PHP loop's: at most clients / (round trip + sync).
+    floor = sync_latency(workdir)
+    print(f"\nThe disk's sync (overwrite + fdatasync, median of 2000): {floor * 1e6:.0f} µs. A durable answer waits for one on top "
+          "of a round trip, so with each client's round trip as the PHP loop's the durable rate is at most: "
+          + "; ".join(f"{c} client(s) {c / (c / r + floor):,.0f}/s ({1 / (1 + floor * r / c):.2f}x the PHP loop)" for c, r in bounds))
     print("\n| clients | server | CPU per message | context switches per message | by thread: CPU µs (switches) per message |")
     print("|---|---|---|---|---|")
     for clients, server, per in CPU:
