@@ -315,7 +315,11 @@ fn run(spool: &Spool, shared: &Shared) {
                 // Not past what the lanes may queue: they wait for this sync then (a MAX_BATCH
                 // over MAX_QUEUED, tried once, held every sync for the whole gap: 30-40% fewer
                 // ZeroMQ messages a second).
-                while s.queue.len() < MAX_BATCH.min(MAX_QUEUED) && !s.stop && !s.park && s.seal_asked == s.sealed {
+                while s.queue.len() < MAX_BATCH.min(MAX_QUEUED)
+                    && !s.stop
+                    && !s.park
+                    && s.seal_asked == s.sealed
+                {
                     let left = until.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
