@@ -407,7 +407,7 @@ impl Engine {
 
     pub(super) fn close(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
-            self.held -= c.held;
+            self.held = self.held.saturating_sub(c.held);
             let _ = self.epoll.delete(c.stream.fd());
         }
     }

@@ -45,7 +45,7 @@ impl Engine {
             return;
         };
         let now = holding(c);
-        self.held = self.held - c.held + now;
+        self.held = self.held.saturating_sub(c.held) + now;
         c.held = now;
         while self.held > self.budget {
             let Some((largest, size)) = self
