@@ -346,7 +346,16 @@ impl Engine {
             {
                 break;
             }
-            match c.stream.read(&mut self.chunk) {
+            // A large frame gets a buffer of its size, and reads stop at its end: growing by
+            // doubling would hold up to twice what it needs (and count it: `held.rs`).
+            let mut room = READ_CHUNK;
+            if let Some(end) = c.peer.frame_len(&c.input).filter(|&n| n > READ_CHUNK) {
+                if end > c.input.len() {
+                    c.input.reserve_exact(end - c.input.len());
+                    room = room.min(end - c.input.len());
+                }
+            }
+            match c.stream.read(&mut self.chunk[..room]) {
                 Ok(0) => c.gone = true,
                 Ok(n) => c.input.extend_from_slice(&self.chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,

@@ -4,8 +4,9 @@
 //! default. So the engine counts what every connection holds (its buffers while they hold
 //! bytes, and the frames of its message so far) against one budget ([`Engine::budget_for`]); past it, the
 //! connection holding the most is closed (its client resends, or reconnects) until the total
-//! is back within it. A buffer is given back once a large message or answer has left it, so an
-//! idle client that once sent 16 MiB does not keep them.
+//! is back within it. A large frame is read into a buffer of its size (`engine.rs`), not one
+//! doubled as it grew; a buffer is given back once a large message or answer has left it, so
+//! an idle client that once sent 16 MiB does not keep them.
 
 use super::engine::{Conn, Engine};
 
@@ -153,6 +154,33 @@ mod tests {
         assert_eq!(engine.held, 0);
         let c = engine.conns.values().next().expect("still connected");
         assert!(c.input.capacity() <= KEEP, "{} kept", c.input.capacity());
+    }
+
+    /// A large frame's buffer is sized to the frame, not doubled as it grows: what is counted
+    /// for it is about what it holds.
+    #[test]
+    fn a_large_frame_is_held_in_a_buffer_of_its_size() {
+        let (mut engine, path) = engine("held-exact", 1 << 20);
+        let mut client = dealer(&path);
+        let mut head = vec![0x02];
+        head.extend_from_slice(&(900u64 << 10).to_be_bytes());
+        head.extend_from_slice(&vec![b'x'; 800 << 10]);
+        let mut left: &[u8] = &head;
+        let mut batch = Vec::new();
+        for _ in 0..2000 {
+            left = push(&mut client, left);
+            serve(&mut engine, &mut batch);
+            if left.is_empty() && engine.held >= 800 << 10 {
+                break;
+            }
+        }
+        let c = engine.conns.values().next().expect("connected");
+        assert_eq!(c.input.len(), head.len(), "all of it read");
+        assert!(
+            c.input.capacity() <= (900 << 10) + 9,
+            "{} bytes of buffer for a frame of 900 KiB",
+            c.input.capacity()
+        );
     }
 
     /// Over the budget the connection holding the most (an unfinished message) is closed; the

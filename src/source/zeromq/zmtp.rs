@@ -149,6 +149,20 @@ impl Peer {
         }
     }
 
+    /// The whole length (header and body) of the message frame `buf` begins with, once its
+    /// header is there and within the bounds (so a buffer can be sized to it).
+    pub fn frame_len(&self, buf: &[u8]) -> Option<usize> {
+        if self.stage != Stage::Traffic {
+            return None;
+        }
+        let (flags, header, size) = header(buf).ok()??;
+        let bound = self.limits.message_bytes.saturating_sub(self.bytes);
+        if flags & 0x04 != 0 || size > bound as u64 {
+            return None;
+        }
+        Some(header + size as usize)
+    }
+
     /// Bytes of the message in progress received so far (its frames before the last).
     pub fn partial(&self) -> usize {
         self.bytes
@@ -390,6 +404,22 @@ mod tests {
         let mut out = Vec::new();
         put_message(&mut out, &[&[1u8; 300]]);
         assert_eq!(&out[..9], &[0x02, 0, 0, 0, 0, 0, 0, 1, 44]);
+    }
+
+    /// A message frame's whole length is known from its header (to size a buffer), within
+    /// the bounds only, and only once the handshake is done.
+    #[test]
+    fn a_frame_length_is_told_from_its_header_within_the_bounds() {
+        assert_eq!(Peer::new(LIMITS).frame_len(&[0x00, 5]), None);
+        let peer = handshaken(b"DEALER");
+        assert_eq!(peer.frame_len(&[0x00, 5, b'a']), Some(7));
+        let mut long = vec![0x03];
+        long.extend_from_slice(&90u64.to_be_bytes());
+        assert_eq!(peer.frame_len(&long), Some(99));
+        assert_eq!(peer.frame_len(&long[..5]), None, "header not all there");
+        long[8] = 101;
+        assert_eq!(peer.frame_len(&long), None, "over the message's bound");
+        assert_eq!(peer.frame_len(&[0x04, 5]), None, "a command");
     }
 
     #[test]
