@@ -27,6 +27,12 @@ const MAX_QUEUED: usize = 16;
 /// once): the disk's syncs (a few thousand a second here) are shared with the ZeroMQ ingress,
 /// whose clients wait for theirs; a lane waits only once [`MAX_QUEUED`] are queued.
 const SYNC_GAP: Duration = Duration::from_millis(1);
+/// How much lower the commit thread's CPU priority is than the rest of the worker's (nice
+/// steps). Its work is in the background: no lane waits for it until [`MAX_QUEUED`] outcomes
+/// are queued, while the ZeroMQ ingress's clients wait for each answer. On two busy cores it
+/// took turns from the ingress; at +5, 8 ZeroMQ clients' durable rate was 17.8k/s against
+/// 15.9k/s (means of 6 alternating pairs), the spool's restart pause and throughput unchanged.
+const NICER: i32 = 5;
 
 #[derive(Default)]
 struct State {
@@ -112,6 +118,7 @@ impl Committer {
         let inner = Arc::clone(&shared);
         crate::ops::signals::spawn_essential("spool-commit", move || {
             let _notice = DeathNotice(Arc::clone(&inner));
+            lower_priority();
             run(&spool, &inner);
         })
         .map_err(|e| Error::io("spawning the spool's commit thread", e))?;
@@ -264,6 +271,26 @@ fn kept(e: &Error) -> (String, Option<i32>) {
     match e {
         Error::Io { about, source } => (about.clone(), source.raw_os_error()),
         other => (other.to_string(), None),
+    }
+}
+
+/// Lowers this thread's CPU priority by [`NICER`] from what it has (at most to 19, the
+/// lowest); a failure leaves it as it is (it costs only speed).
+fn lower_priority() {
+    let tid = nix::unistd::gettid().as_raw() as libc::id_t;
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority reads the nice value of thread `tid` (this one); it has no memory
+    // arguments. -1 is a valid value, so errno tells an error apart.
+    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+    if now == -1 && nix::errno::Errno::last_raw() != 0 {
+        return;
+    }
+    // SAFETY: setpriority sets the nice value of thread `tid` (this one); no memory arguments.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (now + NICER).min(19)) } != 0 {
+        log::debug!(
+            "spool commit: priority not lowered: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -446,6 +473,39 @@ fn store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The commit thread runs [`NICER`] nice steps below the thread that started it.
+    #[test]
+    fn the_commit_thread_runs_at_a_lower_priority() {
+        let nice = |task: &str| -> Option<i32> {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{task}/stat")).ok()?;
+            stat.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(16)?
+                .parse()
+                .ok()
+        };
+        let own = nice(&nix::unistd::gettid().to_string()).expect("own nice");
+        let dir = crate::testutil::tempdir("spool", "commit-nice");
+        let _committer = Committer::start(Spool::open(&dir, true).expect("open")).expect("start");
+        let want = (own + NICER).min(19);
+        let found = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            std::fs::read_dir("/proc/self/task")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|t| {
+                    std::fs::read_to_string(format!("/proc/self/task/{t}/comm"))
+                        .is_ok_and(|c| c.trim() == "spool-commit")
+                })
+                .any(|t| nice(&t) == Some(want))
+        });
+        assert!(found, "no spool-commit thread at nice {want} (own {own})");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Outcomes meet a full queue while the journal cannot be written: the one that finds no
     /// room comes back with the failure (the lane then shows `degraded`, keeps it and tries
