@@ -340,7 +340,7 @@ fn run(spool: &Spool, shared: &Shared) {
             if let Some(last) = last_sync {
                 let until = last + SYNC_GAP;
                 // Not past what the lanes may queue: they wait for this sync then (a MAX_BATCH
-                // over MAX_QUEUED, tried once, held every sync for the whole gap: 30-40% fewer
+                // over MAX_QUEUED, tried once, held every sync for the whole gap: 15-37% fewer
                 // ZeroMQ messages a second).
                 while s.queue.len() < MAX_BATCH.min(MAX_QUEUED)
                     && !s.stop
