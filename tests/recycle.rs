@@ -84,6 +84,13 @@ fn a_refused_recycle_is_asked_once_and_serving_goes_on() {
     let sb = Sandbox::new("recycle-refused");
     sb.write_worker_config("max_jobs = 5\nrecycle_splay = 0.0\nwatch_config = false");
     let w = sb.start();
+    // A generation looks at its files once as it starts serving: the bad config goes in after
+    // that look (a write before it was refused by the look too: 2 refusals, on a loaded CI).
+    w.wait_for(
+        Duration::from_secs(10),
+        "the first look at the files",
+        |s| s["file_checks"].as_u64().unwrap_or(0) >= 1,
+    );
     let good = std::fs::read_to_string(sb.config()).unwrap();
     std::fs::write(sb.config(), format!("{good}\nnot toml at all\n")).unwrap();
     let spool = open_spool(&sb);
