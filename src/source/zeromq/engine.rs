@@ -51,7 +51,8 @@ pub(super) struct Conn {
     pub(super) gone: bool,
     /// Listed in the engine's `dirty` (answers queued since the last flush).
     pub(super) dirty: bool,
-    /// Bytes it holds for its message in progress, as last counted (`held.rs`).
+    /// Bytes it holds (its message in progress, its buffers while they hold bytes), as last
+    /// counted (`held.rs`).
     pub(super) held: usize,
 }
 
@@ -77,7 +78,7 @@ pub(super) struct Engine {
     pub(super) pause: Duration,
     pub(super) cannot_accept: Recurring,
     pub(super) over: Recurring,
-    /// What all connections hold for unfinished messages, and the most they may (`held.rs`).
+    /// What all connections hold (the sum of their `held`), and the most they may (`held.rs`).
     pub(super) held: usize,
     pub(super) budget: usize,
     pub(super) crowded: Recurring,

@@ -2,9 +2,9 @@
 //! `max_payload_bytes` (and one read beyond it) and 1 MiB of answers it has not read, and there
 //! may be `max_connections` of them: bounded each, that is thousands of times 16 MiB by
 //! default. So the engine counts what every connection holds (its buffers while they hold
-//! bytes, and the frames of its message so far) against one budget ([`Engine::budget_for`]); past it, the
-//! connection holding the most is closed (its client resends, or reconnects) until the total
-//! is back within it. A large frame is read into a buffer of its size (`engine.rs`), not one
+//! bytes, and the frames of its message so far) against one budget ([`Engine::budget_for`]);
+//! past it, the connection holding the most is closed (its client resends, or reconnects)
+//! until the total is back within it (a connection holding nothing is never closed for it). A large frame is read into a buffer of its size (`engine.rs`), not one
 //! doubled as it grew; a buffer is given back once a large message or answer has left it, so
 //! an idle client that once sent 16 MiB does not keep them.
 
@@ -53,6 +53,7 @@ impl Engine {
                 .conns
                 .iter()
                 .map(|(&id, c)| (id, c.held))
+                .filter(|&(_, held)| held > 0)
                 .max_by_key(|&(_, held)| held)
             else {
                 break;
