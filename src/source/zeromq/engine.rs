@@ -314,6 +314,9 @@ impl Engine {
         };
         let mut failed = None;
         let mut at = 0;
+        // A read that filled less than it was offered emptied the socket: epoll (level-
+        // triggered) says when more comes, so no read is made only to be told "would block".
+        let mut drained = false;
         loop {
             // Decode what is there first; read more only once it is used up.
             loop {
@@ -343,7 +346,10 @@ impl Engine {
             }
             c.input.drain(..at);
             at = 0;
-            if failed.is_some() || c.gone || c.interest & EpollFlags::EPOLLIN != EpollFlags::EPOLLIN
+            if drained
+                || failed.is_some()
+                || c.gone
+                || c.interest & EpollFlags::EPOLLIN != EpollFlags::EPOLLIN
             {
                 break;
             }
@@ -358,7 +364,10 @@ impl Engine {
             }
             match c.stream.read(&mut self.chunk[..room]) {
                 Ok(0) => c.gone = true,
-                Ok(n) => c.input.extend_from_slice(&self.chunk[..n]),
+                Ok(n) => {
+                    drained = n < room;
+                    c.input.extend_from_slice(&self.chunk[..n]);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => c.gone = true,
