@@ -36,29 +36,42 @@ MESSAGES = int(os.environ.get("MESSAGES", "20000"))
 RESTARTS = int(os.environ.get("RESTARTS", "20"))
 
 
-def client(endpoint, n, start):
+def client(endpoint, n, start, spent):
     ctx = zmq.Context()
     s = ctx.socket(zmq.REQ)
     s.connect(endpoint)
     start.wait()
+    cpu = time.process_time()
     for i in range(n):
         s.send_multipart([b"echo", b"ticket,login,%d" % i])
         s.recv()
+    with spent.get_lock():
+        spent.value += time.process_time() - cpu
     s.close()
 
 
+def machine():
+    """(busy, all) CPU ticks of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
 def drive(endpoint, clients):
-    start = multiprocessing.Event()
+    """(messages answered per second, the clients' CPU seconds in their loops, the share of
+    the machine's CPU time busy meanwhile)."""
+    start, spent = multiprocessing.Event(), multiprocessing.Value("d", 0.0)
     per = MESSAGES // clients
-    procs = [multiprocessing.Process(target=client, args=(endpoint, per, start)) for _ in range(clients)]
+    procs = [multiprocessing.Process(target=client, args=(endpoint, per, start, spent)) for _ in range(clients)]
     for p in procs:
         p.start()
     time.sleep(0.5)
-    t0 = time.monotonic()
+    m0, t0 = machine(), time.monotonic()
     start.set()
     for p in procs:
         p.join()
-    return per * clients / (time.monotonic() - t0)
+    took, m1 = time.monotonic() - t0, machine()
+    return per * clients / took, spent.value, (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
 
 
 def threads(pid):
@@ -80,14 +93,15 @@ def threads(pid):
 
 
 def measured(pid, endpoint, clients):
-    """The rate, and where the server's CPU went per message (see threads)."""
+    """The rate, where the server's CPU went per message (see threads), the clients' CPU per
+    message (µs, in their loops) and how busy the machine was."""
     before = threads(pid)
-    rate = drive(endpoint, clients)
+    rate, spent, busy = drive(endpoint, clients)
     after = threads(pid)
     hz, n = os.sysconf("SC_CLK_TCK"), MESSAGES // clients * clients
     per = {k: ((v[0] - before.get(k, (0, 0))[0]) / hz / n * 1e6, (v[1] - before.get(k, (0, 0))[1]) / n)
            for k, v in after.items()}
-    return rate, {k: v for k, v in per.items() if v[0] > 0.05 or v[1] > 0.01}
+    return rate, {k: v for k, v in per.items() if v[0] > 0.05 or v[1] > 0.01}, spent / n * 1e6, busy
 
 
 CPU = []
@@ -124,8 +138,8 @@ def gearshift(clients, fsync, workdir):
     p, _, port = worker(fsync, workdir)
     try:
         time.sleep(0.3)
-        rate, per = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
-        CPU.append((clients, f"gearshift, fsync {'on' if fsync else 'off'}", per))
+        rate, per, own, busy = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
+        CPU.append((clients, f"gearshift, fsync {'on' if fsync else 'off'}", per, own, busy, rate))
         return rate
     finally:
         p.send_signal(signal.SIGTERM)
@@ -170,8 +184,8 @@ def php(clients, fsync, workdir):
     p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        rate, per = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
-        CPU.append((clients, "REP loop, fsync per message" if fsync else "PHP REP loop", per))
+        rate, per, own, busy = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
+        CPU.append((clients, "REP loop, fsync per message" if fsync else "PHP REP loop", per, own, busy, rate))
         return rate
     finally:
         p.kill()
@@ -180,22 +194,24 @@ def php(clients, fsync, workdir):
 
 def sync_latency(workdir, n=2000):
     """The disk's floor under a durable answer: the median wall time of one small overwrite
-    and fdatasync of a file whose blocks are written already (as the worker's journal does)."""
+    and fdatasync of a file whose blocks are written already (as the worker's journal does),
+    and the CPU time each took on average (on a VM the device's notifications cost CPU)."""
     path = os.path.join(workdir, "sync-probe")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, b"\0" * (n * 256 + 4096))
         os.fsync(fd)
-        times = []
+        times, cpu = [], time.process_time()
         for i in range(n):
             t = time.perf_counter()
             os.pwrite(fd, b"r" * 200, i * 256)
             os.fdatasync(fd)
             times.append(time.perf_counter() - t)
+        cpu = (time.process_time() - cpu) / n
     finally:
         os.close(fd)
         os.unlink(path)
-    return statistics.median(times)
+    return statistics.median(times), cpu
 
 
 def main():
@@ -210,26 +226,38 @@ def table(workdir):
     print(f"# ZeroMQ ingest: {MESSAGES} REQ requests per row, {os.cpu_count()} CPUs\n")
     print("| clients | PHP REP loop (stores nothing) | REP loop, fsync per message | gearshift, fsync on | vs PHP | vs fsync loop | gearshift, fsync off | vs PHP |")
     print("|---|---|---|---|---|---|---|---|")
-    bounds = []
     for clients in (1, 8):
         plain = php(clients, False, workdir)
         synced = php(clients, True, workdir)
         on = gearshift(clients, True, workdir)
         off = gearshift(clients, False, workdir)
         print(f"| {clients} | {plain:,.0f}/s | {synced:,.0f}/s | {on:,.0f}/s | {on / plain:.2f}x | {on / synced:.2f}x | {off:,.0f}/s | {off / plain:.2f}x |")
-        bounds.append((clients, plain))
-    # Each client has one request out at a time, and a durable answer waits for at least one
-    # sync on top of a round trip as the PHP loop's: at most clients / (round trip + sync).
-    floor = sync_latency(workdir)
-    print(f"\nThe disk's sync (overwrite + fdatasync, median of 2000): {floor * 1e6:.0f} µs. A durable answer waits for one on top "
-          "of a round trip, so with each client's round trip as the PHP loop's the durable rate is at most: "
-          + "; ".join(f"{c} client(s) {c / (c / r + floor):,.0f}/s ({1 / (1 + floor * r / c):.2f}x the PHP loop)" for c, r in bounds))
-    print("\n| clients | server | CPU per message | context switches per message | by thread: CPU µs (switches) per message |")
-    print("|---|---|---|---|---|")
-    for clients, server, per in CPU:
+    floor, sync_cpu = sync_latency(workdir)
+    print("\n| clients | server | CPU per message | context switches per message | by thread: CPU µs (switches) per message | clients' CPU per message | machine busy |")
+    print("|---|---|---|---|---|---|---|")
+    for clients, server, per, own, busy, _ in CPU:
         cpu, switches = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         by = ", ".join(f"{k} {v[0]:.1f} ({v[1]:.2f})" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0]))
-        print(f"| {clients} | {server} | {cpu:.1f} µs | {switches:.2f} | {by} |")
+        print(f"| {clients} | {server} | {cpu:.1f} µs | {switches:.2f} | {by} | {own:.1f} µs | {busy * 100:.0f}% |")
+    # Two ceilings on a durable rate. Time: each client has one request out, and its answer
+    # waits for at least one sync on top of the round trip it makes alone to the PHP loop.
+    # CPU: the clients' CPU and the server's per message, on every CPU with none ever idle.
+    plain = {c: r for c, s, _, _, _, r in CPU if s == "PHP REP loop"}
+    solo = 1 / plain[1]
+    print(f"\nThe disk's sync (overwrite + fdatasync, median of 2000): {floor * 1e6:.0f} µs, of which {sync_cpu * 1e6:.0f} µs of CPU "
+          "(mean; gearshift pays it once per batch, the fsync loop once per message). Ceilings on the durable rate, "
+          "the lower of: each client's round trip alone to the PHP loop plus one sync; and every CPU busy with the "
+          "clients' and gearshift's CPU per message as measured in its row (fsync on):")
+    for clients, server, per, own, busy, rate in CPU:
+        if server != "gearshift, fsync on":
+            continue
+        by_time = clients / (solo + floor)
+        by_cpu = os.cpu_count() / ((own + sum(v[0] for v in per.values())) / 1e6)
+        top = min(by_time, by_cpu)
+        print(f"- {clients} client(s): time {by_time:,.0f}/s, CPU {by_cpu:,.0f}/s: at most {top / plain[clients]:.2f}x the PHP loop; "
+              f"gearshift did {rate / top:.0%} of it, with the machine {busy:.0%} busy")
+    if RESTARTS == 0:
+        return
     p50, worst = idle_restarts(workdir)
     print(f"\nRestart pause of an idle worker (fsync on), HUP -> its lanes serving, as it reports it, {RESTARTS} HUPs: p50 {p50:.2f} ms, max {worst:.2f} ms")
 
