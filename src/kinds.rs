@@ -145,6 +145,41 @@ pub struct Ingress {
     pub peers: std::sync::atomic::AtomicU64,
     /// Clients connected at once at most (`max_connections`, or derived).
     pub max_peers: std::sync::atomic::AtomicU64,
+    /// Clients the ingress closed itself, by [`CloseReason`] (in `CloseReason::ALL`'s order).
+    pub closed: [std::sync::atomic::AtomicU64; 4],
+}
+
+/// Why the ingress closed a client itself (a client that closes or vanishes is not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// It broke ZMTP (not ZeroMQ, a security mechanism, a socket type that cannot send us
+    /// requests, a frame far over the limit).
+    Protocol,
+    /// It did not finish its handshake in time.
+    HandshakeTimeout,
+    /// It came while `max_connections` clients were connected.
+    MaxConnections,
+    /// It held the most while all clients together held more than their budget.
+    MemoryBudget,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 4] = [
+        CloseReason::Protocol,
+        CloseReason::HandshakeTimeout,
+        CloseReason::MaxConnections,
+        CloseReason::MemoryBudget,
+    ];
+
+    /// Its name in `status` and in the metrics' `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Protocol => "protocol",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::MaxConnections => "max_connections",
+            CloseReason::MemoryBudget => "memory_budget",
+        }
+    }
 }
 
 impl Ingress {
@@ -158,11 +193,19 @@ impl Ingress {
         ]
     }
 
+    /// The clients closed, by reason (`CloseReason::ALL`'s order), to carry across exec.
+    pub fn closed_counts(&self) -> [u64; 4] {
+        std::array::from_fn(|i| self.closed[i].load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Takes over what the previous generation counted.
-    pub fn resume(&self, counts: [u64; 3]) {
+    pub fn resume(&self, counts: [u64; 3], closed: [u64; 4]) {
         use std::sync::atomic::Ordering::Relaxed;
         self.accepted.store(counts[0], Relaxed);
         self.rejected.store(counts[1], Relaxed);
         self.batches.store(counts[2], Relaxed);
+        for (n, carried) in self.closed.iter().zip(closed) {
+            n.store(carried, Relaxed);
+        }
     }
 }

@@ -711,10 +711,78 @@ fn hostile_peers_are_closed_and_heartbeats_are_answered() {
         "connected once, never dropped: {said}"
     );
     assert!(!said.contains("none"), "answered: {said}");
-    w.wait_for(Duration::from_secs(10), "no peers left", |s| {
+    let s = w.wait_for(Duration::from_secs(10), "no peers left", |s| {
         s["zeromq"]["peers"] == 0
     });
-    assert_eq!(w.status()["zeromq"]["rejected"], 0);
+    assert_eq!(s["zeromq"]["rejected"], 0);
+    assert_eq!(s["zeromq"]["closed"]["protocol"], 4, "{s}");
+    assert_eq!(s["zeromq"]["closed"]["handshake_timeout"], 1, "{s}");
+}
+
+/// Clients the worker closes (for breaking the protocol, over `max_connections`, past the
+/// memory budget, a handshake not done in time) are counted by reason in `status` and the
+/// metrics, and the counts go on across restarts, so an operator can alert on a rate. No client
+/// library needed: raw TCP peers.
+#[test]
+fn closed_clients_are_counted_by_reason_across_restarts() {
+    use std::io::Write;
+    let z = setup("zmq-closed", "max_connections = 2\n");
+    let w = z.sb.start();
+    w.status();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let quick = Duration::from_secs(5);
+    let mut publisher = greeting(b"NULL");
+    publisher.extend_from_slice(&ready(b"PUB"));
+    for bytes in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &greeting(b"CURVE"),
+        &publisher,
+    ] {
+        assert!(closed_after(&addr, bytes, quick).is_some(), "kept open");
+    }
+    // Two real peers (handshake done) fill max_connections; a third is closed at once.
+    let mut hello = greeting(b"NULL");
+    hello.extend_from_slice(&ready(b"REQ"));
+    let peers: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(&hello).unwrap();
+            s
+        })
+        .collect();
+    w.wait_for(Duration::from_secs(10), "2 peers", |s| {
+        s["zeromq"]["peers"] == 2
+    });
+    assert!(
+        closed_after(&addr, &hello, quick).is_some(),
+        "a third peer stayed"
+    );
+    let counted = |what: &str| {
+        let s = w.wait_for(Duration::from_secs(10), what, |s| {
+            s["zeromq"]["closed"]["max_connections"] == 1
+        });
+        assert_eq!(s["zeromq"]["closed"]["protocol"], 3, "{what}: {s}");
+        assert_eq!(s["zeromq"]["closed"]["handshake_timeout"], 0, "{what}: {s}");
+        assert_eq!(s["zeromq"]["closed"]["memory_budget"], 0, "{what}: {s}");
+        let metrics = text(&z.sb.run(&["metrics"]).stdout);
+        for line in [
+            "gearshift_zeromq_closed_total{reason=\"protocol\"} 3",
+            "gearshift_zeromq_closed_total{reason=\"max_connections\"} 1",
+            "gearshift_zeromq_closed_total{reason=\"memory_budget\"} 0",
+        ] {
+            assert!(metrics.contains(line), "{what}: no {line} in\n{metrics}");
+        }
+        let shown = text(&z.sb.run(&["status"]).stdout);
+        assert!(
+            shown.contains("closed: 3 protocol, 1 max_connections"),
+            "{what}: {shown}"
+        );
+    };
+    counted("before a restart");
+    drop(peers);
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    counted("after a restart");
 }
 
 /// `gearshift submit` speaks ZMTP itself too: with no worker it tries 3 times (a refused
@@ -838,5 +906,10 @@ fn unfinished_messages_of_many_peers_are_bounded_in_all() {
     );
     let used = idle_ticks(w.pid());
     assert!(used <= 40, "the worker used {used} ticks in 2 s");
+    let s = w.status();
+    assert!(
+        s["zeromq"]["closed"]["memory_budget"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
     drop(peers);
 }

@@ -160,6 +160,15 @@ fn print_zeromq(s: &crate::status::Doc) {
             z.peers,
             z.max_connections
         );
+        let closed: Vec<String> = crate::kinds::CloseReason::ALL
+            .iter()
+            .zip(z.closed.counts())
+            .filter(|&(_, n)| n > 0)
+            .map(|(why, n)| format!("{n} {}", why.label()))
+            .collect();
+        if !closed.is_empty() {
+            println!("    clients closed: {}", closed.join(", "));
+        }
     }
 }
 

@@ -353,6 +353,8 @@ pub struct IngressGauge {
     pub batches: u64,
     pub peers: u64,
     pub max_peers: u64,
+    /// Clients closed by the worker, by reason (`kinds::CloseReason::ALL`'s order).
+    pub closed: [u64; 4],
 }
 
 #[cfg(test)]

@@ -244,6 +244,19 @@ fn render_ingress(w: &mut String, i: &super::IngressGauge) {
         "Clients connected at once at most; one over it is closed as soon as it is accepted.",
     );
     let _ = writeln!(w, "gearshift_zeromq_max_connections {}", i.max_peers);
+    header(
+        w,
+        "gearshift_zeromq_closed_total",
+        "counter",
+        "Clients the worker closed itself: broke the protocol, handshake not done in time, over max_connections, holding the most over the memory budget.",
+    );
+    for (why, n) in crate::kinds::CloseReason::ALL.iter().zip(i.closed) {
+        let _ = writeln!(
+            w,
+            "gearshift_zeromq_closed_total{{reason=\"{}\"}} {n}",
+            why.label()
+        );
+    }
 }
 
 /// Each server's connections and reconnects (earlier generations' included), named by the

@@ -68,6 +68,9 @@ pub struct Inherited {
     /// A message-ingesting source's counters: accepted, rejected, batches.
     #[serde(default)]
     pub ingress_counts: [u64; 3],
+    /// The clients it closed, by reason (`kinds::CloseReason::ALL`'s order).
+    #[serde(default)]
+    pub ingress_closed: [u64; 4],
 }
 
 /// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads

@@ -74,6 +74,39 @@ pub struct IngressDoc {
     /// Clients connected at once at most (`max_connections`, or what `ulimit -n` leaves).
     #[serde(default)]
     pub max_connections: u64,
+    /// Clients the worker closed itself, by reason (counted since the first start).
+    #[serde(default)]
+    pub closed: ClosedDoc,
+}
+
+/// `status.zeromq.closed`: one count per `kinds::CloseReason`, named by its label.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ClosedDoc {
+    pub protocol: u64,
+    pub handshake_timeout: u64,
+    pub max_connections: u64,
+    pub memory_budget: u64,
+}
+
+impl ClosedDoc {
+    pub fn from_counts(n: [u64; 4]) -> ClosedDoc {
+        ClosedDoc {
+            protocol: n[0],
+            handshake_timeout: n[1],
+            max_connections: n[2],
+            memory_budget: n[3],
+        }
+    }
+
+    /// The counts in `CloseReason::ALL`'s order.
+    pub fn counts(&self) -> [u64; 4] {
+        [
+            self.protocol,
+            self.handshake_timeout,
+            self.max_connections,
+            self.memory_budget,
+        ]
+    }
 }
 
 impl Doc {

@@ -308,6 +308,7 @@ impl State {
                 batches: d.batches,
                 peers: d.peers,
                 max_peers: d.max_connections,
+                closed: d.closed.counts(),
             }),
         })
     }
@@ -328,6 +329,7 @@ impl State {
             largest_batch: self.ingress.largest_batch.load(Ordering::Relaxed),
             peers: self.ingress.peers.load(Ordering::Relaxed),
             max_connections: self.ingress.max_peers.load(Ordering::Relaxed),
+            closed: doc::ClosedDoc::from_counts(self.ingress.closed_counts()),
         })
     }
 

@@ -286,6 +286,7 @@ impl Control {
             status_socket: None,
             listen_fds: Vec::new(),
             ingress_counts: self.state.ingress.counts(),
+            ingress_closed: self.state.ingress.closed_counts(),
         }
     }
 

@@ -10,6 +10,7 @@ use nix::sys::epoll::{EpollEvent, EpollFlags};
 use super::engine::{Conn, Engine, FIRST_PAUSE, LISTENERS};
 use super::sockets::{door_fd, Door, Stream};
 use super::zmtp::{self, Peer};
+use crate::kinds::CloseReason;
 
 /// How long a client has for its greeting and READY.
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -62,6 +63,7 @@ impl Engine {
             self.cannot_accept.worked();
             self.pause = FIRST_PAUSE;
             if self.conns.len() as u64 >= self.max_peers {
+                self.count_closed(CloseReason::MaxConnections);
                 self.over.failed(&format_args!(
                     "{} connected, max_connections is {}",
                     self.conns.len() + 1,
@@ -141,7 +143,7 @@ impl Engine {
                     "zeromq: a client did not finish its handshake in {} s: closed",
                     HANDSHAKE.as_secs()
                 );
-                self.close(id);
+                self.close_for(id, CloseReason::HandshakeTimeout);
             }
         }
     }

@@ -26,6 +26,7 @@ use super::sockets::{door_fd, Door, Stream};
 use super::zmtp::{self, Event, Limits, Peer};
 use crate::config::Endpoint;
 use crate::error::{Error, Result};
+use crate::kinds::CloseReason;
 use crate::ops::logging::Recurring;
 
 /// Bytes of answers waiting for a client at most before it is no longer read.
@@ -82,6 +83,8 @@ pub(super) struct Engine {
     pub(super) held: usize,
     pub(super) budget: usize,
     pub(super) crowded: Recurring,
+    /// Clients closed by the engine since the ingress last took the counts, by reason.
+    pub(super) closed: [u64; 4],
     pub(super) events: Vec<EpollEvent>,
     pub(super) chunk: Vec<u8>,
 }
@@ -143,6 +146,7 @@ impl Engine {
                 "zeromq: clients' unfinished messages over their budget",
                 "zeromq: clients' unfinished messages within their budget again",
             ),
+            closed: [0; 4],
             events: vec![EpollEvent::empty(); EVENTS],
             chunk: vec![0; READ_CHUNK],
         })
@@ -375,7 +379,7 @@ impl Engine {
         }
         if let Some(v) = failed {
             log::debug!("zeromq: a client closed: {v}");
-            self.close(id);
+            self.close_for(id, CloseReason::Protocol);
         } else if c.gone {
             self.close(id);
         } else if !c.out.is_empty() {
@@ -422,6 +426,24 @@ impl Engine {
             let _ = self.epoll.modify(c.stream.fd(), &mut ev);
         }
         self.recount(id);
+    }
+
+    /// Closes connection `id` for `why`, and counts it.
+    pub(super) fn close_for(&mut self, id: u64, why: CloseReason) {
+        if self.conns.contains_key(&id) {
+            self.count_closed(why);
+            self.close(id);
+        }
+    }
+
+    pub(super) fn count_closed(&mut self, why: CloseReason) {
+        let n = &mut self.closed[why as usize];
+        *n = n.saturating_add(1);
+    }
+
+    /// The clients closed since the last call, by reason (`CloseReason::ALL`'s order).
+    pub(super) fn take_closed(&mut self) -> [u64; 4] {
+        std::mem::take(&mut self.closed)
     }
 
     pub(super) fn close(&mut self, id: u64) {

@@ -9,6 +9,7 @@
 //! an idle client that once sent 16 MiB does not keep them.
 
 use super::engine::{Conn, Engine};
+use crate::kinds::CloseReason;
 
 /// Bytes held for unfinished messages in all at least (a batch's complete messages are
 /// bounded apart: `ingress.rs`).
@@ -59,7 +60,7 @@ impl Engine {
                 break;
             };
             let total = self.held;
-            self.close(largest);
+            self.close_for(largest, CloseReason::MemoryBudget);
             self.crowded.failed(&format_args!(
                 "{} MiB held for clients (unfinished messages, unread answers), over the {} MiB \
                  they may hold; the connection holding the most ({} KiB) was closed",

@@ -162,6 +162,11 @@ fn serve(
             engine.wait(timeout, &mut batch, BATCH, BATCH_BYTES)
         };
         stats.peers.store(engine.peers() as u64, Ordering::Relaxed);
+        for (n, more) in stats.closed.iter().zip(engine.take_closed()) {
+            if more > 0 {
+                n.fetch_add(more, Ordering::Relaxed);
+            }
+        }
         if woken && stop.load(Ordering::Acquire) {
             // Read but not durable: never answered (the clients send them again).
             break;
