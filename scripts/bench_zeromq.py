@@ -240,13 +240,13 @@ def table(workdir):
         by = ", ".join(f"{k} {v[0]:.1f} ({v[1]:.2f})" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0]))
         print(f"| {clients} | {server} | {cpu:.1f} µs | {switches:.2f} | {by} | {own:.1f} µs | {busy * 100:.0f}% |")
     # Two ceilings on a durable rate. Time: each client has one request out, and its answer
-    # waits for at least one sync on top of the round trip it makes alone to the PHP loop.
-    # CPU: the clients' CPU and the server's per message, on every CPU with none ever idle.
+    # waits for at least one sync on top of the round trip one client alone makes to gearshift
+    # without fsync. CPU: the clients' CPU and the server's per message, every CPU busy.
     plain = {c: r for c, s, _, _, _, r in CPU if s == "PHP REP loop"}
-    solo = 1 / plain[1]
+    solo = 1 / next(r for c, s, _, _, _, r in CPU if c == 1 and s == "gearshift, fsync off")
     print(f"\nThe disk's sync (overwrite + fdatasync, median of 2000): {floor * 1e6:.0f} µs, of which {sync_cpu * 1e6:.0f} µs of CPU "
           "(mean; gearshift pays it once per batch, the fsync loop once per message). Ceilings on the durable rate, "
-          "the lower of: each client's round trip alone to the PHP loop plus one sync; and every CPU busy with the "
+          "the lower of: each client's round trip alone to gearshift without fsync plus one sync; and every CPU busy with the "
           "clients' and gearshift's CPU per message as measured in its row (fsync on):")
     for clients, server, per, own, busy, rate in CPU:
         if server != "gearshift, fsync on":
