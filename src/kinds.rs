@@ -146,8 +146,11 @@ pub struct Ingress {
     /// Clients connected at once at most (`max_connections`, or derived).
     pub max_peers: std::sync::atomic::AtomicU64,
     /// Clients the ingress closed itself, by [`CloseReason`] (in `CloseReason::ALL`'s order).
-    pub closed: [std::sync::atomic::AtomicU64; 4],
+    pub closed: [std::sync::atomic::AtomicU64; CLOSE_REASONS],
 }
+
+/// How many [`CloseReason`]s there are.
+pub const CLOSE_REASONS: usize = 4;
 
 /// Why the ingress closed a client itself (a client that closes or vanishes is not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +167,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; CLOSE_REASONS] = [
         CloseReason::Protocol,
         CloseReason::HandshakeTimeout,
         CloseReason::MaxConnections,
@@ -194,12 +197,12 @@ impl Ingress {
     }
 
     /// The clients closed, by reason (`CloseReason::ALL`'s order), to carry across exec.
-    pub fn closed_counts(&self) -> [u64; 4] {
+    pub fn closed_counts(&self) -> [u64; CLOSE_REASONS] {
         std::array::from_fn(|i| self.closed[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Takes over what the previous generation counted.
-    pub fn resume(&self, counts: [u64; 3], closed: [u64; 4]) {
+    pub fn resume(&self, counts: [u64; 3], closed: [u64; CLOSE_REASONS]) {
         use std::sync::atomic::Ordering::Relaxed;
         self.accepted.store(counts[0], Relaxed);
         self.rejected.store(counts[1], Relaxed);

@@ -354,7 +354,7 @@ pub struct IngressGauge {
     pub peers: u64,
     pub max_peers: u64,
     /// Clients closed by the worker, by reason (`kinds::CloseReason::ALL`'s order).
-    pub closed: [u64; 4],
+    pub closed: [u64; crate::kinds::CLOSE_REASONS],
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ pub struct Inherited {
     pub ingress_counts: [u64; 3],
     /// The clients it closed, by reason (`kinds::CloseReason::ALL`'s order).
     #[serde(default)]
-    pub ingress_closed: [u64; 4],
+    pub ingress_closed: [u64; crate::kinds::CLOSE_REASONS],
 }
 
 /// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads

@@ -89,7 +89,7 @@ pub struct ClosedDoc {
 }
 
 impl ClosedDoc {
-    pub fn from_counts(n: [u64; 4]) -> ClosedDoc {
+    pub fn from_counts(n: [u64; crate::kinds::CLOSE_REASONS]) -> ClosedDoc {
         ClosedDoc {
             protocol: n[0],
             handshake_timeout: n[1],
@@ -99,7 +99,7 @@ impl ClosedDoc {
     }
 
     /// The counts in `CloseReason::ALL`'s order.
-    pub fn counts(&self) -> [u64; 4] {
+    pub fn counts(&self) -> [u64; crate::kinds::CLOSE_REASONS] {
         [
             self.protocol,
             self.handshake_timeout,

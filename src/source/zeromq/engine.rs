@@ -84,7 +84,7 @@ pub(super) struct Engine {
     pub(super) budget: usize,
     pub(super) crowded: Recurring,
     /// Clients closed by the engine since the ingress last took the counts, by reason.
-    pub(super) closed: [u64; 4],
+    pub(super) closed: [u64; crate::kinds::CLOSE_REASONS],
     pub(super) events: Vec<EpollEvent>,
     pub(super) chunk: Vec<u8>,
 }
@@ -146,7 +146,7 @@ impl Engine {
                 "zeromq: clients' unfinished messages over their budget",
                 "zeromq: clients' unfinished messages within their budget again",
             ),
-            closed: [0; 4],
+            closed: [0; crate::kinds::CLOSE_REASONS],
             events: vec![EpollEvent::empty(); EVENTS],
             chunk: vec![0; READ_CHUNK],
         })
@@ -442,7 +442,7 @@ impl Engine {
     }
 
     /// The clients closed since the last call, by reason (`CloseReason::ALL`'s order).
-    pub(super) fn take_closed(&mut self) -> [u64; 4] {
+    pub(super) fn take_closed(&mut self) -> [u64; crate::kinds::CLOSE_REASONS] {
         std::mem::take(&mut self.closed)
     }
 
