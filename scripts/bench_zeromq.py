@@ -8,7 +8,9 @@ journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, 
 stores nothing); the same loop appending and fsyncing each message before it answers.
 Last, the restart pause of an idle worker on a zeromq source (HUP -> its lanes serving, as the
 worker reports it in `status`). A second table says where each server's CPU went: per message, in all and by thread (from
-/proc/PID/task: a thread's name as the kernel has it), with the context switches. In
+/proc/PID/task: a thread's name as the kernel has it), with the context switches, the clients'
+own CPU per message (timed in their loops) and how busy the whole machine was meanwhile; then
+the disk's sync (wall and CPU) and two ceilings on the durable rate (from time and from CPU). In
 gearshift, "zeromq" is the ingress (it reads the clients' sockets, stores and answers; the
 worker has no libzmq thread), "lane-N" the lanes, "spool-commit" the group commit; in the PHP
 loop, "ZMQbg/IO/0" is libzmq's I/O thread.
