@@ -430,9 +430,8 @@ impl Engine {
 
     /// Closes connection `id` for `why`, and counts it.
     pub(super) fn close_for(&mut self, id: u64, why: CloseReason) {
-        if self.conns.contains_key(&id) {
+        if self.close(id) {
             self.count_closed(why);
-            self.close(id);
         }
     }
 
@@ -446,10 +445,13 @@ impl Engine {
         std::mem::take(&mut self.closed)
     }
 
-    pub(super) fn close(&mut self, id: u64) {
-        if let Some(c) = self.conns.remove(&id) {
-            self.held = self.held.saturating_sub(c.held);
-            let _ = self.epoll.delete(c.stream.fd());
-        }
+    /// Closes connection `id`; false if there was none.
+    pub(super) fn close(&mut self, id: u64) -> bool {
+        let Some(c) = self.conns.remove(&id) else {
+            return false;
+        };
+        self.held = self.held.saturating_sub(c.held);
+        let _ = self.epoll.delete(c.stream.fd());
+        true
     }
 }
