@@ -267,7 +267,7 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
 
 /// Jobs answered `TRUE` reach the lanes without files (`direct.rs`), and slow jobs that came
 /// in one batch run side by side: however the ingress wakes idle lanes (waking fewer of them
-/// per batch was measured: README, "The ZeroMQ source"), none may sleep while a job waits.
+/// per batch was measured: docs/measurements.md, "The ZeroMQ source"), none may sleep while a job waits.
 #[test]
 fn jobs_fed_in_one_batch_run_side_by_side() {
     if !clients_available("jobs_fed_in_one_batch_run_side_by_side") {

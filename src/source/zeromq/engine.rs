@@ -10,7 +10,7 @@
 //! Why not libzmq (which served this source first, and `gearshift submit` too): its I/O thread
 //! cost 11-17 µs of CPU a message and a hand-off to ours each way; this one reads and answers
 //! in the thread that stores (a transport alone measured at 6 µs a message against the PHP
-//! loop's 15: README, "The ZeroMQ source").
+//! loop's 15: docs/measurements.md, "The ZeroMQ source").
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
