@@ -112,6 +112,15 @@ impl Engine {
         }
         self.conns.insert(id, conn);
         self.handshakes.push_back((Instant::now() + HANDSHAKE, id));
+        // A connection closed before its deadline leaves its entry until then: a churn of
+        // short connections would keep one for every connect of the last 10 s. Past twice the
+        // connections alive, the entries of those gone or done are dropped (amortized: the
+        // list then holds at most the connections alive).
+        if self.handshakes.len() > 2 * (self.conns.len() + ACCEPTS) {
+            let conns = &self.conns;
+            self.handshakes
+                .retain(|(_, id)| conns.get(id).is_some_and(|c| !c.peer.ready()));
+        }
     }
 
     fn pause_doors(&mut self, e: &std::io::Error) {

@@ -230,6 +230,34 @@ mod tests {
         assert_eq!(engine.conns.len(), 1);
     }
 
+    /// A churn of clients that connect and leave before their handshake leaves no entry behind
+    /// in the handshake deadlines for long: they are bounded by the connections alive, not by
+    /// the connects of the last 10 s (thousands a second from one flooding peer).
+    #[test]
+    fn connections_gone_leave_no_handshake_deadlines_behind() {
+        let (mut engine, path) = engine("held-churn", 1024);
+        let mut batch = Vec::new();
+        for round in 0..40 {
+            let clients: Vec<UnixStream> = (0..50)
+                .map(|_| UnixStream::connect(&path).expect("connect"))
+                .collect();
+            for _ in 0..2 {
+                serve(&mut engine, &mut batch);
+            }
+            drop(clients);
+            for _ in 0..2 {
+                serve(&mut engine, &mut batch);
+            }
+            // At most 50 connections alive at once, against 2,000 connects in all.
+            assert!(
+                engine.handshakes.len() <= 2 * (50 + 64),
+                "round {round}: {} deadlines for {} connections",
+                engine.handshakes.len(),
+                engine.conns.len()
+            );
+        }
+    }
+
     /// A client that sends and never reads its answers: once [`OUT_LIMIT`] of them wait, it is
     /// no longer read (so it cannot make the worker hold more), and once it reads, it is served
     /// again.
