@@ -2,6 +2,7 @@
 //! pausing the listening sockets while accepts fail for want of descriptors), and ending the
 //! handshakes that take too long.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::time::{Duration, Instant};
 
@@ -118,8 +119,7 @@ impl Engine {
         // list then holds at most the connections alive).
         if self.handshakes.len() > 2 * (self.conns.len() + ACCEPTS) {
             let conns = &self.conns;
-            self.handshakes
-                .retain(|(_, id)| conns.get(id).is_some_and(|c| !c.peer.ready()));
+            self.handshakes.retain(|&(_, id)| handshaking(conns, id));
         }
     }
 
@@ -147,7 +147,7 @@ impl Engine {
                 break;
             }
             self.handshakes.pop_front();
-            if self.conns.get(&id).is_some_and(|c| !c.peer.ready()) {
+            if handshaking(&self.conns, id) {
                 log::debug!(
                     "zeromq: a client did not finish its handshake in {} s: closed",
                     HANDSHAKE.as_secs()
@@ -156,4 +156,9 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether connection `id` is still open and has not finished its handshake.
+fn handshaking(conns: &HashMap<u64, Conn>, id: u64) -> bool {
+    conns.get(&id).is_some_and(|c| !c.peer.ready())
 }

@@ -428,11 +428,13 @@ impl Engine {
         self.recount(id);
     }
 
-    /// Closes connection `id` for `why`, and counts it.
-    pub(super) fn close_for(&mut self, id: u64, why: CloseReason) {
-        if self.close(id) {
+    /// Closes connection `id` for `why`, and counts it; false if there was none.
+    pub(super) fn close_for(&mut self, id: u64, why: CloseReason) -> bool {
+        let closed = self.close(id);
+        if closed {
             self.count_closed(why);
         }
+        closed
     }
 
     pub(super) fn count_closed(&mut self, why: CloseReason) {

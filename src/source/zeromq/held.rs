@@ -77,8 +77,7 @@ impl Engine {
             if self.held <= target {
                 break;
             }
-            if self.close(id) {
-                self.count_closed(CloseReason::MemoryBudget);
+            if self.close_for(id, CloseReason::MemoryBudget) {
                 closed += 1;
             }
         }
