@@ -146,14 +146,9 @@ fn full_disk(durable: bool) {
     assert!(log.contains("storage works again"), "{log}");
 }
 
-/// The ZeroMQ ingress on a full disk: a job whose journal record fits (segments keep room
-/// written ahead) is durable and answered, but its file in `new/` cannot be written. That is
-/// said once, not every time the ingress tries again (10 lines a second); `result` finds such
-/// a job queued (it said "unknown id: never submitted"); and every such job runs once the disk
-/// has room.
-#[test]
-fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later() {
-    let sb = Sandbox::new("zmq-full");
+/// A sandbox serving a zeromq source (`reply = "id"`, fsync on) whose spool is a 2 MiB tmpfs.
+fn zeromq_on_a_small_disk(name: &str) -> (Sandbox, Tmpfs) {
+    let sb = Sandbox::new(name);
     let port = free_port();
     let cfg = sb
         .config_text("")
@@ -164,6 +159,17 @@ fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later(
         .replace("fsync = false", "fsync = true");
     fs::write(sb.config(), cfg).unwrap();
     let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    (sb, fsys)
+}
+
+/// The ZeroMQ ingress on a full disk: a job whose journal record fits (segments keep room
+/// written ahead) is durable and answered, but its file in `new/` cannot be written. That is
+/// said once, not every time the ingress tries again (10 lines a second); `result` finds such
+/// a job queued (it said "unknown id: never submitted"); and every such job runs once the disk
+/// has room.
+#[test]
+fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later() {
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-full");
     let w = sb.start();
     let mut ids = vec![sb.submit("reverse", "first")];
     let filler = fsys.fill();
@@ -192,6 +198,44 @@ fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later(
     eventually(Duration::from_secs(10), "in place again, said", || {
         w.log_text().contains("in place again")
     });
+}
+
+/// A message the full disk cannot take even in the journal (a payload larger than the room
+/// left) is answered `ERROR not stored, try again`, never TRUE or an id: `submit` says so and
+/// exits 1, the worker goes on serving and says why once (not once a batch: clients resending
+/// on a full disk would fill the log at their rate), and the same message sent again once
+/// there is room is stored and runs.
+#[test]
+fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_room() {
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-nospace");
+    let w = sb.start();
+    let first = sb.submit("reverse", "first");
+    let filler = fsys.fill();
+    let big = "x".repeat(100 * 1024);
+    let out = sb.run(&["submit", "reverse", &big]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("ERROR not stored, try again"),
+        "{}",
+        text(&out.stderr)
+    );
+    for _ in 0..5 {
+        let out = sb.run(&["submit", "reverse", &big]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    }
+    // Still serving: a status, and the log says why once.
+    assert_eq!(sb.run(&["status"]).status.code(), Some(0));
+    let log = w.log_text();
+    let said = log.lines().filter(|l| l.contains("not stored")).count();
+    assert_eq!(said, 1, "said {said} times:\n{log}");
+    fs::remove_file(filler).unwrap();
+    let again = sb.submit("reverse", &big);
+    eventually(Duration::from_secs(10), "storing again, said", || {
+        w.log_text().contains("jobs stored again")
+    });
+    let outcomes = all_outcomes(&sb, &[first, again], Duration::from_secs(30));
+    assert_eq!((outcomes[0].0, outcomes[0].1.as_str()), (true, "tsrif"));
+    assert_eq!((outcomes[1].0, outcomes[1].1.len()), (true, big.len()));
 }
 
 #[test]

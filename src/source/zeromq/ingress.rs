@@ -143,6 +143,11 @@ fn serve(
         "zeromq: accepted jobs not in place yet (their journal records keep them), trying again",
         "zeromq: accepted jobs in place again",
     );
+    // Said once while it lasts: the clients resend what is refused, at their own rate.
+    let mut storing = Recurring::new(
+        "zeromq: messages not stored, answered \"ERROR not stored, try again\"",
+        "zeromq: jobs stored again",
+    );
     let mut batch: Vec<Received> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
@@ -179,7 +184,7 @@ fn serve(
         answer(
             engine,
             writer,
-            &mut placing,
+            [&mut placing, &mut storing],
             rules,
             stats,
             std::mem::take(&mut batch),
@@ -248,11 +253,12 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
     Ok((function, payload))
 }
 
-/// Makes the batch's jobs durable with one sync, then answers every message of it.
+/// Makes the batch's jobs durable with one sync, then answers every message of it. `said`:
+/// how placing and storing fail, each said once while it lasts.
 fn answer(
     engine: &mut Engine,
     writer: &mut BatchWriter,
-    placing: &mut Recurring,
+    said: [&mut Recurring; 2],
     rules: &Rules,
     stats: &Stats,
     batch: Vec<Received>,
@@ -277,8 +283,12 @@ fn answer(
     } else {
         writer.accept(&refs)
     };
+    let [placing, storing] = said;
     let ids = match stored {
         Ok(ids) => {
+            if !ids.is_empty() {
+                storing.worked();
+            }
             stats
                 .accepted
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -291,7 +301,7 @@ fn answer(
             Some(ids)
         }
         Err(e) => {
-            log::error!("zeromq: {} job(s) not stored: {e}", refs.len());
+            storing.failed(&e);
             None
         }
     };
