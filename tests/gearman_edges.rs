@@ -418,3 +418,73 @@ fn submit_with_no_worker_for_the_function_times_out_with_exit_5() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Answers the handshake's ECHO, then sends `n` unsolicited `ERROR JOB_NOT_FOUND` packets (as
+/// if rejecting results never sent) and answers every GRAB with NO_JOB.
+fn job_not_found_flood(mut c: std::net::TcpStream, stop: Arc<AtomicBool>, n: usize) {
+    let packet = |kind: u32, data: &[u8]| {
+        let mut p = b"\0RES".to_vec();
+        p.extend_from_slice(&kind.to_be_bytes());
+        p.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        p.extend_from_slice(data);
+        p
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut input = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut flooded = false;
+    while !stop.load(Ordering::Acquire) {
+        match c.read(&mut buf) {
+            Ok(0) => return,
+            Ok(k) => input.extend_from_slice(&buf[..k]),
+            Err(_) => {}
+        }
+        while input.len() >= 12 {
+            let kind = u32::from_be_bytes(input[4..8].try_into().unwrap());
+            let size = u32::from_be_bytes(input[8..12].try_into().unwrap()) as usize;
+            if input.len() < 12 + size {
+                break;
+            }
+            let data: Vec<u8> = input.drain(..12 + size).skip(12).collect();
+            let answer = match kind {
+                16 => packet(17, &data),   // ECHO_REQ -> ECHO_RES
+                9 | 30 => packet(10, b""), // GRAB_JOB(_UNIQ) -> NO_JOB
+                _ => continue,
+            };
+            if c.write_all(&answer).is_err() {
+                return;
+            }
+            if kind == 16 && !flooded {
+                flooded = true;
+                let error = packet(19, b"JOB_NOT_FOUND\0Job given in work result not found");
+                for _ in 0..n {
+                    if c.write_all(&error).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A server that rejects results over and over (or a hostile one sending the rejection
+/// unasked) is said once in the log while it lasts, not once a packet: thousands of packets
+/// must not become thousands of lines.
+#[test]
+fn a_flood_of_rejected_results_is_said_once() {
+    let _serial = serial();
+    let sb = Sandbox::new("gm-notfound");
+    let (addr, _, stop) = fake_server(|c, s| job_not_found_flood(c, s, 2000));
+    sb.gearman_config(&[addr], "");
+    let w = sb.start();
+    eventually(Duration::from_secs(10), "the rejection said", || {
+        w.log_text().contains("JOB_NOT_FOUND")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let log = w.log_text();
+    let said = log.lines().filter(|l| l.contains("JOB_NOT_FOUND")).count();
+    assert!(said <= 2, "said {said} times");
+    assert!(w.status()["state"].is_string(), "the worker still answers");
+    drop(w);
+    stop.store(true, Ordering::Release);
+}

@@ -91,7 +91,7 @@ impl GearmanLane {
                 }
                 Ok(None)
             }
-            (_, kind) => note_async(&s.addr, kind, &pkt.data).map(|()| None),
+            (_, kind) => note_async(&s.addr, &mut s.rejected, kind, &pkt.data).map(|()| None),
         }
     }
 
@@ -265,7 +265,12 @@ fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Cla
 /// CAN_DO_TIMEOUT requeue, or a result on a connection that no longer owns the job) is logged and
 /// the connection kept: the server rejected one result, nothing else is wrong. Any other ERROR
 /// drops the connection, which is then opened again with backoff.
-fn note_async(addr: &str, kind: u32, data: &[u8]) -> std::result::Result<(), String> {
+fn note_async(
+    addr: &str,
+    rejected: &mut crate::ops::logging::Recurring,
+    kind: u32,
+    data: &[u8],
+) -> std::result::Result<(), String> {
     match kind {
         p::NOOP | p::ECHO_RES | p::OPTION_RES => Ok(()),
         p::ERROR => {
@@ -273,7 +278,7 @@ fn note_async(addr: &str, kind: u32, data: &[u8]) -> std::result::Result<(), Str
             let [code, text] = pkt.args::<2>().unwrap_or([data, b""]);
             let (code, text) = (String::from_utf8_lossy(code), String::from_utf8_lossy(text));
             if code.contains("JOB_NOT_FOUND") {
-                log::warn!("gearman {addr}: server rejected a result: {code}: {text}");
+                rejected.failed(&format_args!("{addr}: {code}: {text}"));
                 Ok(())
             } else {
                 Err(format!("server error {code}: {text}"))

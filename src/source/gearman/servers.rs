@@ -81,6 +81,9 @@ pub(super) struct Server {
     pub(super) failures: u64,
     /// The last failure logged: the same failure again is only counted (it is in `status`).
     pub(super) logged: String,
+    /// Results it rejected (`ERROR JOB_NOT_FOUND`): said once a minute at most, however many
+    /// packets say it.
+    pub(super) rejected: crate::ops::logging::Recurring,
 }
 
 pub(super) struct GearmanLane {

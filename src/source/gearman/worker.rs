@@ -111,6 +111,11 @@ impl GearmanSource {
                 echo_out: false,
                 failures: 0,
                 logged: String::new(),
+                // Never said to be over: Gearman acknowledges no result that it takes.
+                rejected: crate::ops::logging::Recurring::new(
+                    "gearman: the server rejected results (jobs it no longer knows, as after its own timeout)",
+                    "",
+                ),
             })
             .collect();
         let mut lane = GearmanLane {
