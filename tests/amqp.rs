@@ -990,3 +990,46 @@ fn a_second_term_ends_an_amqp_worker_within_two_seconds_in_every_state() {
         r.freeze(false);
     }
 }
+
+/// With the file of done ids on a full disk, every job that succeeds is still acknowledged (its
+/// id kept in memory), and the log says once that ids are not recorded, not once a job (nor
+/// once a job more for the rewrite that a small `dedupe_ids` asks at every record), and once
+/// more when they are recorded again.
+#[test]
+fn done_ids_that_cannot_be_recorded_are_said_once() {
+    if !Rabbit::available("done_ids_that_cannot_be_recorded_are_said_once") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-ids-full");
+    let fsys = common::tmpfs::Tmpfs::mount(&sb.path("state/worker"), "1m");
+    let r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 5\n",
+            r.url()
+        ),
+        "",
+    );
+    php_publish(&r, 0, "none", "", ""); // the topology only
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let filler = fsys.fill();
+    php_publish(&r, 40, "m", "", "");
+    eventually(Duration::from_secs(30), "all forty run", || {
+        lines(&sent).len() == 40
+    });
+    eventually(Duration::from_secs(10), "all acknowledged", || {
+        r.depth("email") == (0, 0)
+    });
+    let log = w.log_text();
+    let said = log.lines().filter(|l| l.contains("amqp-done-ids")).count();
+    assert!((1..=2).contains(&said), "said {said} times:\n{log}");
+    fs::remove_file(filler).unwrap();
+    php_publish(&r, 1, "after", "", "");
+    eventually(Duration::from_secs(20), "recorded again, said", || {
+        w.log_text().contains("done ids recorded again")
+    });
+}

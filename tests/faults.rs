@@ -6,55 +6,13 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::tmpfs::Tmpfs;
 use common::*;
 use nix::sys::signal::Signal;
-
-/// A tmpfs of `size` mounted at `dir`, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs (CI runs as root): {}",
-            text(&out.stderr)
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-
-    /// Fills the file system with `filler` until writes fail.
-    fn fill(&self) -> PathBuf {
-        let filler = self.0.join("filler");
-        let _ = Command::new("dd")
-            .args(["if=/dev/zero", "bs=4096"])
-            .arg(format!("of={}", filler.display()))
-            .stderr(Stdio::null())
-            .status();
-        filler
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn count(dir: &Path) -> usize {
     fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)

@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 pub mod rabbit;
+pub mod tmpfs;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gearshift");
 

@@ -14,6 +14,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::ops::logging::Recurring;
+
 /// The file's name, in the worker's directory.
 pub const FILE: &str = "amqp-done-ids";
 /// The most of the file read at start (a longer file is cut to its tail by the next rewrite).
@@ -28,6 +30,8 @@ pub struct Dedupe {
     file: Option<File>,
     /// Lines in the file (rewritten to the last `cap` when it reaches twice that).
     lines: usize,
+    /// The file cannot be written (a full disk): said once while it lasts, not once a job.
+    failing: Recurring,
 }
 
 impl Dedupe {
@@ -40,6 +44,10 @@ impl Dedupe {
             path: path.to_path_buf(),
             file: None,
             lines: 0,
+            failing: Recurring::new(
+                "amqp: done ids not recorded (each is remembered until the worker stops)",
+                "amqp: done ids recorded again",
+            ),
         };
         if cap == 0 {
             return d;
@@ -78,11 +86,12 @@ impl Dedupe {
         if self.lines >= self.cap.saturating_mul(2) {
             self.rewrite();
         }
-        if let Err(e) = self.append(&id) {
-            log::warn!(
-                "amqp: cannot record a done id in \"{}\" ({e}): it is remembered until the worker stops",
+        match self.append(&id) {
+            Ok(()) => self.failing.worked(),
+            Err(e) => self.failing.failed(&format_args!(
+                "appending to \"{}\": {e}",
                 self.path.display()
-            );
+            )),
         }
     }
 
@@ -137,7 +146,9 @@ impl Dedupe {
                 self.file = None;
                 self.lines = self.order.len();
             }
-            Err(e) => log::warn!("amqp: cannot rewrite \"{}\": {e}", self.path.display()),
+            Err(e) => self
+                .failing
+                .failed(&format_args!("rewriting \"{}\": {e}", self.path.display())),
         }
     }
 }
