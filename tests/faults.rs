@@ -104,15 +104,15 @@ fn full_disk(durable: bool) {
     assert!(log.contains("storage works again"), "{log}");
 }
 
-/// A sandbox serving a zeromq source (`reply = "id"`, fsync on) whose spool is a 2 MiB tmpfs.
-fn zeromq_on_a_small_disk(name: &str) -> (Sandbox, Tmpfs) {
+/// A sandbox serving a zeromq source (`reply` as given, fsync on) whose spool is a 2 MiB tmpfs.
+fn zeromq_on_a_small_disk(name: &str, reply: &str) -> (Sandbox, Tmpfs) {
     let sb = Sandbox::new(name);
     let port = free_port();
     let cfg = sb
         .config_text("")
         .replace(
             "kind = \"spool\"",
-            &format!("kind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\"]\nreply = \"id\""),
+            &format!("kind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\"]\nreply = \"{reply}\""),
         )
         .replace("fsync = false", "fsync = true");
     fs::write(sb.config(), cfg).unwrap();
@@ -127,7 +127,7 @@ fn zeromq_on_a_small_disk(name: &str) -> (Sandbox, Tmpfs) {
 /// has room.
 #[test]
 fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later() {
-    let (sb, fsys) = zeromq_on_a_small_disk("zmq-full");
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-full", "id");
     let w = sb.start();
     let mut ids = vec![sb.submit("reverse", "first")];
     let filler = fsys.fill();
@@ -165,7 +165,7 @@ fn zeromq_jobs_that_cannot_be_placed_on_a_full_disk_are_said_once_and_run_later(
 /// there is room is stored and runs.
 #[test]
 fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_room() {
-    let (sb, fsys) = zeromq_on_a_small_disk("zmq-nospace");
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-nospace", "id");
     let w = sb.start();
     let first = sb.submit("reverse", "first");
     let filler = fsys.fill();
@@ -194,6 +194,39 @@ fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_r
     let outcomes = all_outcomes(&sb, &[first, again], Duration::from_secs(30));
     assert_eq!((outcomes[0].0, outcomes[0].1.as_str()), (true, "tsrif"));
     assert_eq!((outcomes[1].0, outcomes[1].1.len()), (true, big.len()));
+}
+
+/// Jobs answered `TRUE` wait in memory for a lane (no file each); those of a journal segment
+/// closed a while ago are written to `new/`. When the full disk refuses that, the log says so
+/// once while it lasts (the ingress tries at every turn, ten times a second when idle), and
+/// every job runs once there is room.
+#[test]
+fn zeromq_jobs_that_cannot_be_spilled_on_a_full_disk_are_said_once_and_run_later() {
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-spill", "true");
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        cfg.replace("concurrency = 2", "concurrency = 1"),
+    )
+    .unwrap();
+    let w = sb.start();
+    // The lane busy for 5 s; four more wait in memory behind it.
+    assert_eq!(sb.submit("sleep", "5000"), "TRUE");
+    for p in ["a", "b", "c", "d"] {
+        assert_eq!(sb.submit("reverse", p), "TRUE");
+    }
+    let filler = fsys.fill();
+    std::thread::sleep(Duration::from_secs(4));
+    let log = w.log_text();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("not written to new/"))
+        .count();
+    assert!((1..=2).contains(&said), "said {said} times:\n{log}");
+    fs::remove_file(filler).unwrap();
+    w.wait_for(Duration::from_secs(30), "all five run", |s| {
+        s["jobs_completed"] == 5
+    });
 }
 
 #[test]

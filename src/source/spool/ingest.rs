@@ -17,6 +17,7 @@ use super::direct::{DirectJob, Feed, Hold, SPILL_AFTER};
 use super::format::JobFile;
 use super::journal::{job_entry, materialize, Entry, Kind, Segment, SEGMENT_AGE, SEGMENT_BYTES};
 use super::*;
+use crate::ops::logging::Recurring;
 
 /// Whether job `id` was accepted but is not placed yet: its record is in a journal segment not
 /// sealed yet (on a full disk a batch stays there, durable and answered, until its files can
@@ -62,6 +63,9 @@ pub struct BatchWriter {
     closed: Vec<Open>,
     unplaced: Vec<Unplaced>,
     feed: Option<Feed>,
+    /// Queued jobs cannot be written to `new/` (a full disk): said once while it lasts, not
+    /// at every turn of the ingress.
+    spilling: Recurring,
 }
 
 impl Spool {
@@ -73,6 +77,10 @@ impl Spool {
             closed: Vec::new(),
             unplaced: Vec::new(),
             feed: None,
+            spilling: Recurring::new(
+                "zeromq: queued jobs not written to new/ yet (their journal records keep them), trying again",
+                "zeromq: queued jobs written to new/ again",
+            ),
         }
     }
 
@@ -216,8 +224,11 @@ impl BatchWriter {
                 let waited = c.closed.is_some_and(|t| t.elapsed() >= SPILL_AFTER);
                 if waited && c.held.load(Ordering::Acquire) > 0 {
                     let jobs = feed.direct.spill(|j| j.hold.of(&c.held));
-                    if let Err(e) = spill(&self.spool, feed, jobs) {
-                        log::warn!("zeromq: queued jobs not written to new/ yet ({e})");
+                    let some = !jobs.is_empty();
+                    match spill(&self.spool, feed, jobs) {
+                        Ok(()) if some => self.spilling.worked(),
+                        Ok(()) => {}
+                        Err(e) => self.spilling.failed(&e),
                     }
                 }
             }
