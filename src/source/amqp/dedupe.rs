@@ -32,6 +32,8 @@ pub struct Dedupe {
     lines: usize,
     /// The file cannot be written (a full disk): said once while it lasts, not once a job.
     failing: Recurring,
+    /// An append failed: the file may end in part of an id, which the next append ends first.
+    torn: bool,
 }
 
 impl Dedupe {
@@ -48,6 +50,7 @@ impl Dedupe {
                 "amqp: done ids not recorded (each is remembered until the worker stops)",
                 "amqp: done ids recorded again",
             ),
+            torn: false,
         };
         if cap == 0 {
             return d;
@@ -118,7 +121,17 @@ impl Dedupe {
             );
         }
         if let Some(f) = self.file.as_mut() {
-            f.write_all(format!("{id}\n").as_bytes())?;
+            // An empty line is no id: after a torn append, the newline ends the part left.
+            let line = if self.torn {
+                format!("\n{id}\n")
+            } else {
+                format!("{id}\n")
+            };
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                self.torn = true;
+                return Err(e);
+            }
+            self.torn = false;
             self.lines += 1;
         }
         Ok(())
@@ -145,6 +158,7 @@ impl Dedupe {
             Ok(()) => {
                 self.file = None;
                 self.lines = self.order.len();
+                self.torn = false;
             }
             Err(e) => self
                 .failing
@@ -183,6 +197,30 @@ fn read_tail(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An append that failed part way (a full disk) leaves part of an id at the end of the
+    /// file; the next id must not be glued to it.
+    #[test]
+    fn an_id_after_a_torn_append_is_read_back_whole() {
+        let dir = crate::testutil::tempdir("amqp", "dedupe-torn");
+        let path = dir.join(FILE);
+        let mut d = Dedupe::open(&path, 10);
+        d.record(b"a");
+        // As a write cut short by ENOSPC leaves it: part of the next id, no newline; and the
+        // append itself failing (here through a read-only handle).
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(b"6"))
+            .expect("tear");
+        d.file = Some(File::open(&path).expect("read-only"));
+        d.record(b"b");
+        d.file = None;
+        d.record(b"c");
+        let again = Dedupe::open(&path, 10);
+        assert!(again.seen(b"a") && again.seen(b"c"), "{:?}", again.order);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_window_holds_the_last_ids_across_a_reopen() {
