@@ -320,6 +320,7 @@ fn answer(
                     .unwrap_or_default(),
             },
             (Ok(_), None) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
                 b"ERROR not stored, try again: the spool cannot take jobs now".to_vec()
             }
             (Err(why), _) => {
