@@ -147,6 +147,9 @@ pub struct Ingress {
     pub max_peers: std::sync::atomic::AtomicU64,
     /// Clients the ingress closed itself, by [`CloseReason`] (in `CloseReason::ALL`'s order).
     pub closed: [std::sync::atomic::AtomicU64; CLOSE_REASONS],
+    /// Why messages cannot be stored now (a full disk), and since when (ms since the epoch);
+    /// None while they can. The worker is `degraded` meanwhile.
+    pub not_stored: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 /// How many [`CloseReason`]s there are.
@@ -194,6 +197,22 @@ impl Ingress {
             self.rejected.load(Relaxed),
             self.batches.load(Relaxed),
         ]
+    }
+
+    /// Messages cannot be stored (`Some((why, now))`, now in ms since the epoch), or can again
+    /// (`None`). A failure that goes on keeps the time it began.
+    pub fn storing(&self, failure: Option<(String, u64)>) {
+        if let Ok(mut n) = self.not_stored.lock() {
+            *n = match (failure, n.take()) {
+                (Some((why, _)), Some((_, since))) => Some((why, since)),
+                (failure, _) => failure,
+            };
+        }
+    }
+
+    /// Why messages cannot be stored now, and since when, if they cannot.
+    pub fn not_stored(&self) -> Option<(String, u64)> {
+        self.not_stored.lock().ok().and_then(|n| n.clone())
     }
 
     /// The clients closed, by reason (`CloseReason::ALL`'s order), to carry across exec.

@@ -181,9 +181,13 @@ fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_r
         let out = sb.run(&["submit", "reverse", &big]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     }
-    // Still serving: a status, which counts the six as rejected (answered with an error), and
-    // the log says why once.
-    assert_eq!(w.status()["zeromq"]["rejected"], 6, "{}", w.status());
+    // Still serving: a status, which counts the six as rejected (answered with an error) and
+    // says the worker is degraded, and why; the log says it once.
+    let st = w.status();
+    assert_eq!(st["zeromq"]["rejected"], 6, "{st}");
+    assert_eq!(st["state"], "degraded", "{st}");
+    let why = st["storage"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("No space left"), "{st}");
     let log = w.log_text();
     let said = log.lines().filter(|l| l.contains("not stored")).count();
     assert_eq!(said, 1, "said {said} times:\n{log}");
@@ -191,6 +195,9 @@ fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_r
     let again = sb.submit("reverse", &big);
     eventually(Duration::from_secs(10), "storing again, said", || {
         w.log_text().contains("jobs stored again")
+    });
+    w.wait_for(Duration::from_secs(10), "running again", |s| {
+        s["state"] == "running" && s["storage"].is_null()
     });
     let outcomes = all_outcomes(&sb, &[first, again], Duration::from_secs(30));
     assert_eq!((outcomes[0].0, outcomes[0].1.as_str()), (true, "tsrif"));

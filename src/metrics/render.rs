@@ -170,7 +170,7 @@ fn render_worker(w: &mut String, g: &Gauges) {
     gauge(
         w,
         "gearshift_degraded",
-        "1 while a result cannot be stored (a full disk, no descriptors).",
+        "1 while a result or an accepted message cannot be stored (a full disk, no descriptors).",
         u64::from(g.degraded),
     );
 }

@@ -278,6 +278,7 @@ impl State {
             .lock()
             .map(|i| (i.storage.is_some(), i.refusals, i.source))
             .unwrap_or((false, 0, ""));
+        let degraded = degraded || self.ingress.not_stored().is_some();
         let servers = self
             .server_summaries()
             .into_iter()
@@ -352,7 +353,9 @@ impl State {
             !summaries.is_empty() && summaries.iter().all(|v| v.best == ConnState::BackingOff);
         let servers = servers_doc(summaries);
         let (jobs_completed, jobs_failed) = self.metrics.totals();
-        let state = if i.phase == WorkerPhase::Running && i.storage.is_some() {
+        // A result that cannot be stored, or (ZeroMQ) messages that cannot.
+        let storage = i.storage.clone().or_else(|| self.ingress.not_stored());
+        let state = if i.phase == WorkerPhase::Running && storage.is_some() {
             "degraded"
         } else if i.phase == WorkerPhase::Running && unreachable {
             "no server reachable"
@@ -362,9 +365,9 @@ impl State {
         Doc {
             pid: self.pid,
             state: state.to_string(),
-            storage: i.storage.as_ref().map(|(error, since)| StorageDoc {
-                error: error.clone(),
-                since: rfc3339_ms(*since),
+            storage: storage.map(|(error, since)| StorageDoc {
+                error,
+                since: rfc3339_ms(since),
             }),
             rejected: REJECTED.load(Ordering::Relaxed),
             generation: self.generation,

@@ -288,6 +288,7 @@ fn answer(
         Ok(ids) => {
             if !ids.is_empty() {
                 storing.worked();
+                stats.storing(None);
             }
             stats
                 .accepted
@@ -302,6 +303,10 @@ fn answer(
         }
         Err(e) => {
             storing.failed(&e);
+            stats.storing(Some((
+                format!("zeromq: messages not stored: {e}"),
+                crate::clock::now_ms(),
+            )));
             None
         }
     };
