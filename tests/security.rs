@@ -38,16 +38,20 @@ fn privsep(name: &str) -> Sandbox {
 
 /// Runs `script` with sh as the worker's user, in the sandbox.
 fn as_worker(sb: &Sandbox, script: &str) -> Output {
+    worker_sh(sb, script).output().unwrap()
+}
+
+/// `script` for sh as the worker's user, in the sandbox.
+fn worker_sh(sb: &Sandbox, script: &str) -> Command {
     let n = nobody();
-    Command::new("setpriv")
-        .arg(format!("--reuid={}", n.uid))
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={}", n.uid))
         .arg(format!("--regid={}", n.gid))
         .arg("--clear-groups")
         .args(["sh", "-c", script])
         .current_dir(&sb.dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null());
+    c
 }
 
 /// A root-owned file outside everything the worker may touch.
@@ -742,4 +746,49 @@ fn root_reads_a_planted_result_only_as_large_as_a_worker_writes() {
         err.contains(&format!("spool/done/{id}")) && err.contains("68719476736 bytes"),
         "names the file and its size: {err}"
     );
+}
+
+/// Jobs of the worker's user can use up that user's processes (`RLIMIT_NPROC`), and one of
+/// them connect to the status socket again and again: each client that finds no thread to
+/// answer it is closed, and the log says so once while it lasts, not once a connection (a flood
+/// that would fill the disk).
+#[test]
+fn status_clients_that_find_no_thread_are_said_once() {
+    let sb = privsep("sec-nproc");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    // The worker's limit on its user's processes and threads (root's start is not held to it).
+    let out = Command::new("prlimit")
+        .arg("--nproc=400")
+        .arg(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("start")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // As many of nobody's processes as that: not one thread more for the worker.
+    let mut hog = worker_sh(&sb, "for i in $(seq 400); do sleep 30 & done; wait")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let socket = sb.path("state/worker/gearshift.sock");
+    for _ in 0..50 {
+        let _ = std::os::unix::net::UnixStream::connect(&socket);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-u", &nobody().uid.to_string(), "-x", "sleep"])
+        .status();
+    let _ = hog.kill();
+    let _ = hog.wait();
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("cannot spawn a thread"))
+        .count();
+    assert!((1..=2).contains(&said), "said {said} times:\n{log}");
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

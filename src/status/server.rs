@@ -204,6 +204,10 @@ fn accept_loop(
         "status socket: cannot accept a client, trying again",
         "status socket: accepting clients again",
     );
+    let mut spawning = crate::ops::logging::Recurring::new(
+        "status socket: cannot spawn a thread for a client (closed unanswered)",
+        "status socket: answering clients again",
+    );
     loop {
         let room = answering.count.lock().is_ok_and(|n| *n < MAX_CLIENTS);
         let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
@@ -251,9 +255,12 @@ fn accept_loop(
             let _guard = guard;
             answer(conn, &state, &answers);
         });
-        if let Err(e) = spawned {
-            // The closure (and the guard in it) is dropped: the count goes back down.
-            log::warn!("status socket: cannot spawn a thread for a client: {e}");
+        match spawned {
+            Ok(_) => spawning.worked(),
+            // The closure (and the guard in it) is dropped: the count goes back down. Said
+            // once while it lasts: a client (a job of the worker's user, say) may connect
+            // again and again while its user's processes are used up.
+            Err(e) => spawning.failed(&e),
         }
     }
 }
