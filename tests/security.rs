@@ -748,15 +748,27 @@ fn root_reads_a_planted_result_only_as_large_as_a_worker_writes() {
     );
 }
 
-/// Jobs of the worker's user can use up that user's processes (`RLIMIT_NPROC`), and one of
-/// them connect to the status socket again and again: each client that finds no thread to
-/// answer it is closed, and the log says so once while it lasts, not once a connection (a flood
-/// that would fill the disk).
-#[test]
-fn status_clients_that_find_no_thread_are_said_once() {
-    let sb = privsep("sec-nproc");
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    // The worker's limit on its user's processes and threads (root's start is not held to it).
+/// The tests that use up nobody's processes run one at a time: one's hog would keep the
+/// other's worker from starting.
+static OUT_OF_PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Nobody's processes, as many as the worker's limit allows its user: not one thread more for
+/// the worker. Killed when dropped.
+struct Hog(std::process::Child);
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &nobody().uid.to_string(), "-x", "sleep"])
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the sandbox's worker with a limit of 400 on its user's processes and threads
+/// (`RLIMIT_NPROC`; root's start is not held to it), then uses them up.
+fn start_out_of_processes(sb: &Sandbox) -> Hog {
     let out = Command::new("prlimit")
         .arg("--nproc=400")
         .arg(&sb.bin)
@@ -766,10 +778,22 @@ fn status_clients_that_find_no_thread_are_said_once() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    // As many of nobody's processes as that: not one thread more for the worker.
-    let mut hog = worker_sh(&sb, "for i in $(seq 400); do sleep 30 & done; wait")
+    let hog = worker_sh(sb, "for i in $(seq 400); do sleep 30 & done; wait")
         .spawn()
         .unwrap();
+    Hog(hog)
+}
+
+/// Jobs of the worker's user can use up that user's processes (`RLIMIT_NPROC`), and one of
+/// them connect to the status socket again and again: each client that finds no thread to
+/// answer it is closed, and the log says so once while it lasts, not once a connection (a flood
+/// that would fill the disk).
+#[test]
+fn status_clients_that_find_no_thread_are_said_once() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let hog = start_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(2));
     let socket = sb.path("state/worker/gearshift.sock");
     for _ in 0..50 {
@@ -777,11 +801,7 @@ fn status_clients_that_find_no_thread_are_said_once() {
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let _ = Command::new("pkill")
-        .args(["-KILL", "-u", &nobody().uid.to_string(), "-x", "sleep"])
-        .status();
-    let _ = hog.kill();
-    let _ = hog.wait();
+    drop(hog);
     let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
     let said = log
         .lines()
@@ -790,5 +810,38 @@ fn status_clients_that_find_no_thread_are_said_once() {
     assert!((1..=2).contains(&said), "said {said} times:\n{log}");
     let out = sb.run(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// While the worker's user is out of processes, a durable spool worker keeps serving (its
+/// built-in jobs need no process), and the helpers it cannot start (the background listing of
+/// `new/`, the journal's checkpoint) are said once while it lasts, not at every claim or every
+/// two seconds.
+#[test]
+fn helpers_that_cannot_start_are_said_once() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc-spool");
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), cfg.replace("fsync = false", "fsync = true")).unwrap();
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let hog = start_out_of_processes(&sb);
+    std::thread::sleep(Duration::from_secs(2));
+    // Jobs arriving while the worker claims: each batch wakes the listing.
+    for _ in 0..6 {
+        let out = sb.run(&["submit", "--count", "5000", "echo", "x"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    drop(hog);
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    for what in [
+        "cannot list the queue",
+        "helper thread",
+        "journal checkpoint",
+    ] {
+        let said = log.lines().filter(|l| l.contains(what)).count();
+        assert!(said <= 2, "\"{what}\" said {said} times:\n{log}");
+    }
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

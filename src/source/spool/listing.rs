@@ -118,10 +118,8 @@ impl SpoolSource {
             *pending = ids.into();
             src.more.store(false, Ordering::Release);
         });
-        if let Err(e) = spawned {
-            // The closure (and its `Running`) is dropped: the flag is clear again.
-            log::warn!("cannot list the queue in the background ({e}); the lanes will");
-        }
+        // On an error the closure (and its `Running`) is dropped: the flag is clear again.
+        self.helper_started("the listing of new/", spawned.map(drop));
     }
 }
 

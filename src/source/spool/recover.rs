@@ -224,10 +224,10 @@ impl SpoolSource {
                 );
             }
         });
-        if let Err(e) = spawned {
+        if spawned.is_err() {
             self.pruning.store(false, Ordering::Release);
-            log::warn!("cannot start the sweep of old results ({e}); trying again later");
         }
+        self.helper_started("the sweep of old results", spawned.map(drop));
     }
 
     /// How often old results are looked for: a tenth of `retain_results`, 1 min .. 1 h.

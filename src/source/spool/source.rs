@@ -49,6 +49,9 @@ pub struct SpoolSource {
     pub(super) checkpointing: Arc<AtomicBool>,
     /// A checkpoint that keeps failing is said once (then once a minute), not every time.
     checkpoint_failing: Mutex<crate::ops::logging::Recurring>,
+    /// Helper threads (the background listing, the checkpoint, the sweep) that cannot start
+    /// (the worker's user out of processes): said once while it lasts, not at every claim.
+    helpers_failing: Mutex<crate::ops::logging::Recurring>,
     pub(super) next_checkpoint: Mutex<Instant>,
     pub(super) waker: Arc<Waker>,
     /// Jobs the ZeroMQ ingress hands over without a file (`direct.rs`).
@@ -142,6 +145,10 @@ impl SpoolSource {
             checkpoint_failing: Mutex::new(crate::ops::logging::Recurring::new(
                 "journal checkpoint failed, trying again later",
                 "journal checkpoint works again",
+            )),
+            helpers_failing: Mutex::new(crate::ops::logging::Recurring::new(
+                "spool: cannot start a helper thread (the lanes list new/ themselves; the checkpoint and the sweep are tried again later)",
+                "spool: helper threads start again",
             )),
             next_checkpoint: Mutex::new(Instant::now() + super::journal::SEGMENT_AGE),
             waker,
@@ -308,9 +315,20 @@ impl SpoolSource {
             }
             running.store(false, Ordering::Release);
         });
-        if let Err(e) = spawned {
+        if spawned.is_err() {
             self.checkpointing.store(false, Ordering::Release);
-            log::warn!("cannot start the journal checkpoint ({e}); trying again later");
+        }
+        self.helper_started("the journal checkpoint", spawned.map(drop));
+    }
+
+    /// Says, once while it lasts, that a helper thread could not start (and when they start
+    /// again).
+    pub(super) fn helper_started(&self, what: &str, spawned: std::io::Result<()>) {
+        if let Ok(mut said) = self.helpers_failing.lock() {
+            match spawned {
+                Ok(()) => said.worked(),
+                Err(e) => said.failed(&format_args!("{what}: {e}")),
+            }
         }
     }
 
