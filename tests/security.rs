@@ -845,3 +845,66 @@ fn helpers_that_cannot_start_are_said_once() {
     }
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// [`start_out_of_processes`], then a HUP to the worker: its pid and the hog.
+fn reload_out_of_processes(sb: &Sandbox) -> (nix::unistd::Pid, Hog) {
+    let hog = start_out_of_processes(sb);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = fs::read_to_string(sb.path("state/gearshift.pid")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    (pid, hog)
+}
+
+/// A reload while the worker's user is out of processes (a job's fork bomb up to the limit):
+/// the new generation cannot start its threads at once; it must not exit and leave no worker,
+/// but serve once processes are back.
+#[test]
+fn a_reload_while_out_of_processes_keeps_a_worker() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc-reload");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let (pid, hog) = reload_out_of_processes(&sb);
+    std::thread::sleep(Duration::from_secs(3));
+    let alive = nix::sys::signal::kill(pid, None).is_ok();
+    drop(hog);
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    assert!(
+        alive,
+        "the worker exited on a reload while out of processes:\n{log}"
+    );
+    assert!(log.contains("trying again"), "{log}");
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "abc"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "cba",
+        "{}\n{log}",
+        text(&out.stderr)
+    );
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    assert!(log.contains("thread started"), "{log}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A TERM while a reloaded generation waits for threads ends the worker within 2 s.
+#[test]
+fn a_term_while_waiting_for_threads_ends_the_worker_within_two_seconds() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc-term");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let (pid, hog) = reload_out_of_processes(&sb);
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let asked = std::time::Instant::now();
+    while nix::sys::signal::kill(pid, None).is_ok() && asked.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = asked.elapsed();
+    drop(hog);
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    assert!(log.contains("trying again"), "{log}");
+    assert!(
+        took < Duration::from_secs(2),
+        "ended after {took:?}:\n{log}"
+    );
+}

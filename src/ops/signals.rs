@@ -6,7 +6,10 @@
 //! first ([`Signals::install`]) and only then unblocks. A HUP sent during the exec is held
 //! pending and delivered once it is safe: it simply asks for one more reload.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use signal_hook::iterator::Signals as Iter;
@@ -143,17 +146,90 @@ impl Drop for Watchdog {
 
 /// [`spawn_helper`] for a thread the worker cannot do without (signals, watch, status, metrics,
 /// reaper, queue poll): if it dies by a panic, the control loop hears of it
-/// ([`on_thread_death`]) and replaces the generation, or exits for the supervisor.
-pub fn spawn_essential<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+/// ([`on_thread_death`]) and replaces the generation, or exits for the supervisor. While a
+/// generation starts, a thread that cannot be had for now is waited for ([`spawn_starting`]).
+pub fn spawn_essential<F>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
 where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
+    F: FnOnce() + Send + 'static,
 {
     let watchdog = Watchdog(name.to_string());
-    spawn_helper(name, move || {
+    spawn_starting(name, move || {
         let _watchdog = watchdog;
         f()
     })
+}
+
+/// Set until the generation's control loop runs ([`started`]).
+static STARTING: AtomicBool = AtomicBool::new(true);
+
+/// How long a starting generation waits for threads at most.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The generation has started: from now on a thread that cannot be had is an error at once
+/// (the caller tries again in its own time), never a wait.
+pub fn started() {
+    STARTING.store(false, Ordering::Release);
+}
+
+/// [`spawn_helper`]; while the generation starts, a thread refused for now (`EAGAIN`: the
+/// user's processes or the system's threads used up, say by a job's fork bomb, or what is left
+/// of one being reaped) is tried again, up to [`PATIENCE`] and until a TERM or INT is pending,
+/// instead of failing the start and leaving no worker. Said once.
+pub fn spawn_starting<F>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    // Each try gets the closure through this, so a failed spawn (which drops what it was given)
+    // leaves it here for the next.
+    let carrier = Arc::new(Mutex::new(Some(f)));
+    let deadline = Instant::now() + PATIENCE;
+    let mut pause = Duration::from_millis(10);
+    let mut said = false;
+    loop {
+        let mine = Arc::clone(&carrier);
+        let spawned = spawn_helper(name, move || {
+            let f = mine.lock().ok().and_then(|mut f| f.take());
+            if let Some(f) = f {
+                f();
+            }
+        });
+        match spawned {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EAGAIN)
+                    && STARTING.load(Ordering::Acquire)
+                    && Instant::now() < deadline
+                    && !stop_pending() =>
+            {
+                if !said {
+                    log::warn!(
+                        "cannot start the {name} thread now ({e}: the worker's user out of processes?); trying again for up to {} s",
+                        PATIENCE.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => {
+                if said && other.is_ok() {
+                    log::info!("the {name} thread started");
+                }
+                return other;
+            }
+        }
+    }
+}
+
+/// Whether a TERM or INT waits to be taken (signals are blocked while a generation starts).
+fn stop_pending() -> bool {
+    // SAFETY: `set` is a plain sigset_t, emptied before use; sigpending only writes it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set) == 0
+            && (libc::sigismember(&set, libc::SIGTERM) == 1
+                || libc::sigismember(&set, libc::SIGINT) == 1)
+    }
 }
 
 #[cfg(test)]

@@ -417,7 +417,7 @@ impl Control {
             POLL_FALLBACK.as_secs()
         );
         self.poll_fallback = true;
-        if let Err(e) = poll_queue(&self.source) {
+        if let Err(e) = super::lane::poll_queue(&self.source) {
             log::error!("{e}");
         }
         if let Ok(mut i) = self.state.inner.lock() {
@@ -468,30 +468,29 @@ impl Control {
             let done = self.events.clone();
             // Signals blocked, as in every thread but this one: whenever lanes start (before
             // or after this thread takes signals), none is delivered to a lane.
-            let t = crate::ops::signals::spawn_helper(&format!("lane-{index}"), move || {
-                // Reports the exit even if the lane panics, so a drain never waits forever.
-                let _done = DoneGuard(done);
-                ctx.serve(lane);
-            })
-            .map_err(|e| Error::io("spawning a lane thread", e))?;
-            self.lanes.push(t);
+            let spawned =
+                crate::ops::signals::spawn_starting(&format!("lane-{index}"), move || {
+                    // Reports the exit even if the lane panics, so a drain never waits forever.
+                    let _done = DoneGuard(done);
+                    ctx.serve(lane);
+                });
+            match spawned {
+                Ok(t) => self.lanes.push(t),
+                Err(e) if self.lanes.is_empty() => {
+                    return Err(Error::io("spawning a lane thread", e));
+                }
+                // Those that run go on serving (a stop asked meanwhile lets their jobs finish).
+                Err(e) => {
+                    log::error!(
+                        "spawning a lane thread: {e}; serving with {} lane(s) until the next restart",
+                        self.lanes.len()
+                    );
+                    break;
+                }
+            }
         }
         // Only the first claim after a re-exec measures the restart pause.
         self.requested_mono_us = 0;
         Ok(())
     }
-}
-
-/// Wakes idle lanes every second, for a queue that cannot be watched.
-pub(super) fn poll_queue(source: &Arc<Source>) -> Result<()> {
-    let weak = Arc::downgrade(source);
-    crate::ops::signals::spawn_essential("queue-poll", move || {
-        while let Some(s) = weak.upgrade() {
-            s.wake();
-            drop(s);
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    })
-    .map(drop)
-    .map_err(|e| Error::io("spawning the queue poll thread", e))
 }

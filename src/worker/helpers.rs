@@ -1,5 +1,6 @@
 //! The helper threads a generation starts beside its lanes: the signal thread, the reaper,
-//! the file watch, the status socket, `/metrics`, the deploy watch. Their descriptors are taken
+//! the file watch (or the queue poll that stands in for it, `lane.rs`), the status socket, `/metrics`, the
+//! deploy watch. Their descriptors are taken
 //! first ([`prepare_helpers`]), their threads after ([`start_helpers`]): a re-exec'd generation
 //! starts its lanes in between.
 
@@ -15,7 +16,7 @@ use crate::status::{self, State};
 use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
-use super::control::{poll_queue, Control, POLL_FALLBACK};
+use super::control::{Control, POLL_FALLBACK};
 use super::event::Event;
 use super::Plan;
 
@@ -143,7 +144,7 @@ fn start_watch(
             }
             if let Some(e) = unwatched.queue {
                 log::warn!("{e}; checking for new jobs every second instead");
-                poll_queue(source)?;
+                super::lane::poll_queue(source)?;
             }
         }
         Err(e) => {
@@ -153,7 +154,7 @@ fn start_watch(
             );
             poll_fallback = true;
             polling(state, &format!("no inotify ({e})"));
-            poll_queue(source)?;
+            super::lane::poll_queue(source)?;
         }
     }
     Ok((inotify.ok(), poll_fallback))

@@ -478,6 +478,20 @@ impl LaneContext {
     }
 }
 
+/// Wakes idle lanes every second, for a queue that cannot be watched.
+pub(super) fn poll_queue(source: &Arc<crate::source::Source>) -> crate::error::Result<()> {
+    let weak = Arc::downgrade(source);
+    crate::ops::signals::spawn_essential("queue-poll", move || {
+        while let Some(s) = weak.upgrade() {
+            s.wake();
+            drop(s);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    })
+    .map(drop)
+    .map_err(|e| crate::error::Error::io("spawning the queue poll thread", e))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

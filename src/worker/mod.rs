@@ -171,5 +171,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         ctl.start_lanes()?;
     }
     log_start(&ctl.plan, generation, &reason);
+    // Threads refused from now on are errors at once, never waits (`spawn_starting`).
+    crate::ops::signals::started();
     ctl.control_loop(&events_rx, failed)
 }
