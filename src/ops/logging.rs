@@ -151,6 +151,11 @@ impl Recurring {
         }
     }
 
+    /// Whether it failed last.
+    pub fn failing(&self) -> bool {
+        self.since.is_some()
+    }
+
     /// It worked: says so if it had failed.
     pub fn worked(&mut self) {
         if let Some((since, n, _)) = self.since.take() {

@@ -286,7 +286,8 @@ fn answer(
     let [placing, storing] = said;
     let ids = match stored {
         Ok(ids) => {
-            if !ids.is_empty() {
+            // Nothing locked on a batch's path unless it had failed.
+            if !ids.is_empty() && storing.failing() {
                 storing.worked();
                 stats.storing(None);
             }
