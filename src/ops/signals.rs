@@ -62,6 +62,9 @@ impl Installed {
         let mut iter = self.0;
         let thread = spawn_essential("signals", move || {
             for raw in iter.forever() {
+                if raw == libc::SIGTERM || raw == libc::SIGINT {
+                    STOP_ASKED.store(true, Ordering::Release);
+                }
                 if let Ok(sig) = Signal::try_from(raw) {
                     if !deliver(sig) {
                         break;
@@ -173,7 +176,7 @@ pub fn started() {
 
 /// [`spawn_helper`]; while the generation starts, a thread refused for now (`EAGAIN`: the
 /// user's processes or the system's threads used up, say by a job's fork bomb, or what is left
-/// of one being reaped) is tried again, up to [`PATIENCE`] and until a TERM or INT is pending,
+/// of one being reaped) is tried again, up to [`PATIENCE`] and until a TERM or INT is asked,
 /// instead of failing the start and leaving no worker. Said once.
 pub fn spawn_starting<F>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
 where
@@ -220,8 +223,15 @@ where
     }
 }
 
-/// Whether a TERM or INT waits to be taken (signals are blocked while a generation starts).
+/// A TERM or INT reached the forwarding thread (the control loop may not run yet to act on it).
+static STOP_ASKED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a TERM or INT was asked: taken by the forwarding thread, or pending (signals are
+/// blocked until it runs).
 fn stop_pending() -> bool {
+    if STOP_ASKED.load(Ordering::Acquire) {
+        return true;
+    }
     // SAFETY: `set` is a plain sigset_t, emptied before use; sigpending only writes it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -1,8 +1,7 @@
 //! The helper threads a generation starts beside its lanes: the signal thread, the reaper,
-//! the file watch (or the queue poll that stands in for it, `lane.rs`), the status socket, `/metrics`, the
-//! deploy watch. Their descriptors are taken
-//! first ([`prepare_helpers`]), their threads after ([`start_helpers`]): a re-exec'd generation
-//! starts its lanes in between.
+//! the file watch (or the queue poll that stands in for it, `lane.rs`), the status socket,
+//! `/metrics`, the deploy watch. Their descriptors are taken first ([`prepare_helpers`]), their
+//! threads after ([`start_helpers`]): a re-exec'd generation starts its lanes in between.
 
 use std::sync::Arc;
 

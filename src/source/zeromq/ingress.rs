@@ -139,20 +139,21 @@ fn serve(
     // CPUs busy, which a spinning ingress would take from them (measured: 8 REQ clients
     // 10-25% slower when it spun after every single message).
     let mut singles = 0u32;
-    let mut placing = Recurring::new(
-        "zeromq: accepted jobs not in place yet (their journal records keep them), trying again",
-        "zeromq: accepted jobs in place again",
-    );
-    // Said once while it lasts: the clients resend what is refused, at their own rate.
-    let mut storing = Recurring::new(
-        "zeromq: messages not stored, answered \"ERROR not stored, try again\"",
-        "zeromq: jobs stored again",
-    );
+    let mut said = Said {
+        placing: Recurring::new(
+            "zeromq: accepted jobs not in place yet (their journal records keep them), trying again",
+            "zeromq: accepted jobs in place again",
+        ),
+        storing: Recurring::new(
+            "zeromq: messages not stored, answered \"ERROR not stored, try again\"",
+            "zeromq: jobs stored again",
+        ),
+    };
     let mut batch: Vec<Received> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
         if writer.pending() {
-            place(writer, &mut placing);
+            place(writer, &mut said.placing);
         }
         let woken = {
             let _waiting = crate::source::spin::Waiting::enter();
@@ -184,7 +185,7 @@ fn serve(
         answer(
             engine,
             writer,
-            [&mut placing, &mut storing],
+            &mut said,
             rules,
             stats,
             std::mem::take(&mut batch),
@@ -253,12 +254,20 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
     Ok((function, payload))
 }
 
-/// Makes the batch's jobs durable with one sync, then answers every message of it. `said`:
-/// how placing and storing fail, each said once while it lasts.
+/// What keeps failing while it lasts (a full disk), said once then, not at every batch: the
+/// clients resend what is refused, at their own rate.
+struct Said {
+    /// Files of accepted jobs that cannot be written.
+    placing: Recurring,
+    /// Batches the journal cannot take.
+    storing: Recurring,
+}
+
+/// Makes the batch's jobs durable with one sync, then answers every message of it.
 fn answer(
     engine: &mut Engine,
     writer: &mut BatchWriter,
-    said: [&mut Recurring; 2],
+    said: &mut Said,
     rules: &Rules,
     stats: &Stats,
     batch: Vec<Received>,
@@ -283,12 +292,11 @@ fn answer(
     } else {
         writer.accept(&refs)
     };
-    let [placing, storing] = said;
     let ids = match stored {
         Ok(ids) => {
             // Nothing locked on a batch's path unless it had failed.
-            if !ids.is_empty() && storing.failing() {
-                storing.worked();
+            if !ids.is_empty() && said.storing.failing() {
+                said.storing.worked();
                 stats.storing(None);
             }
             stats
@@ -303,7 +311,7 @@ fn answer(
             Some(ids)
         }
         Err(e) => {
-            storing.failed(&e);
+            said.storing.failed(&e);
             stats.storing(Some((
                 format!("zeromq: messages not stored: {e}"),
                 crate::clock::now_ms(),
@@ -314,7 +322,7 @@ fn answer(
     // An id answered must be found by `gearshift result` at once: its file goes in place
     // first. `TRUE` gives nothing to look up: it goes out first, the files right after.
     if rules.reply == ZeromqReply::Id && ids.is_some() {
-        place(writer, placing);
+        place(writer, &mut said.placing);
     }
     for (conn, envelope, outcome) in replies {
         let text: Vec<u8> = match (&outcome, &ids) {
@@ -340,7 +348,7 @@ fn answer(
         engine.answer(conn, &frames);
     }
     engine.flush();
-    place(writer, placing);
+    place(writer, &mut said.placing);
 }
 
 /// Places what was accepted (files in `new/`, or jobs handed to the lanes); a failure that
