@@ -194,7 +194,7 @@ fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_r
     fs::remove_file(filler).unwrap();
     let again = sb.submit("reverse", &big);
     eventually(Duration::from_secs(10), "storing again, said", || {
-        w.log_text().contains("jobs stored again")
+        w.log_text().contains("the spool takes jobs again")
     });
     w.wait_for(Duration::from_secs(10), "running again", |s| {
         s["state"] == "running" && s["storage"].is_null()
@@ -202,6 +202,44 @@ fn zeromq_messages_a_full_disk_cannot_take_are_refused_and_taken_once_there_is_r
     let outcomes = all_outcomes(&sb, &[first, again], Duration::from_secs(30));
     assert_eq!((outcomes[0].0, outcomes[0].1.as_str()), (true, "tsrif"));
     assert_eq!((outcomes[1].0, outcomes[1].1.len()), (true, big.len()));
+}
+
+/// The worker refused messages on a full disk and says `degraded`; once the disk has room it
+/// says `running` again by itself, with no client sending anything (it said `degraded`, and
+/// `gearshift_degraded` stayed 1, until some client's batch was stored: an alert that fires on
+/// a quiet source long after the disk was freed).
+#[test]
+fn a_zeromq_source_is_running_again_once_the_disk_has_room_with_no_message_sent() {
+    let (sb, fsys) = zeromq_on_a_small_disk("zmq-room", "true");
+    let w = sb.start();
+    let filler = fsys.fill();
+    let big = "x".repeat(100 * 1024);
+    let out = sb.run(&["submit", "reverse", &big]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    w.wait_for(Duration::from_secs(10), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    // Still full: still degraded (the worker's own looks do not clear it).
+    std::thread::sleep(Duration::from_secs(3));
+    let st = w.status();
+    assert_eq!(st["state"], "degraded", "{st}");
+    // Those looks leave no segment behind each (one a second).
+    let segments = fs::read_dir(sb.path("spool/journal"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("z-"))
+        .count();
+    assert!(segments <= 1, "{segments} ingress segments");
+    fs::remove_file(filler).unwrap();
+    w.wait_for(Duration::from_secs(10), "running again", |s| {
+        s["state"] == "running" && s["storage"].is_null()
+    });
+    assert!(
+        w.log_text().contains("the spool takes jobs again"),
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(w.status()["zeromq"]["accepted"], 0);
 }
 
 /// Jobs answered `TRUE` wait in memory for a lane (no file each); those of a journal segment

@@ -39,6 +39,10 @@ pub(super) fn journaled(spool: &Spool, id: &str) -> bool {
 /// outcomes cross it) is replayed by the next generation, so it is kept small.
 const FED_SEGMENT_AGE: Duration = Duration::from_millis(250);
 
+/// Room a [`BatchWriter::ready`] probe writes ahead in the open segment (a batch of a few
+/// small jobs).
+const PROBE_BYTES: u64 = 4096;
+
 /// A segment and the jobs holding it.
 struct Open {
     segment: Segment,
@@ -113,20 +117,8 @@ impl BatchWriter {
             .map(|(id, job)| job_entry(id.clone(), job))
             .collect();
         // Without fsync and without a feed, the files themselves are the record.
-        if self.spool.fsync || self.feed.is_some() {
-            if self.open.is_none() {
-                self.open = Some(Open {
-                    // Zeros ahead speed up syncs only: none without fsync.
-                    segment: if self.spool.fsync {
-                        Segment::create_long(&self.spool, "z")?
-                    } else {
-                        Segment::create(&self.spool, "z")?
-                    },
-                    opened: Instant::now(),
-                    held: Arc::new(AtomicUsize::new(0)),
-                    closed: None,
-                });
-            }
+        if self.journaled() {
+            self.open_segment()?;
             if let Some(open) = self.open.as_mut() {
                 if let Err(e) = open.segment.append_with(&entries, self.spool.fsync) {
                     // A torn tail is never appended to: what came before is kept (sealed once
@@ -151,6 +143,47 @@ impl BatchWriter {
                 }),
         );
         Ok(ids)
+    }
+
+    /// Whether accepted jobs go to the journal (without fsync and without a feed, the files
+    /// themselves are the record).
+    fn journaled(&self) -> bool {
+        self.spool.fsync || self.feed.is_some()
+    }
+
+    /// Opens a segment for the next batch if none is open.
+    fn open_segment(&mut self) -> Result<()> {
+        if self.open.is_none() {
+            self.open = Some(Open {
+                // Zeros ahead speed up syncs only: none without fsync.
+                segment: if self.spool.fsync {
+                    Segment::create_long(&self.spool, "z")?
+                } else {
+                    Segment::create(&self.spool, "z")?
+                },
+                opened: Instant::now(),
+                held: Arc::new(AtomicUsize::new(0)),
+                closed: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a batch could be made durable now, found by doing what one does without a job:
+    /// the spool's epoch for this boot (written with its first job), and [`PROBE_BYTES`] of
+    /// room in the open journal segment (opened for it if none is, and kept for the next
+    /// batch), synced with `fsync`. For a writer whose batches were refused (a full disk)
+    /// while no message comes: a larger batch may still find too little room.
+    pub fn ready(&mut self) -> Result<()> {
+        self.spool.new_id()?;
+        if !self.journaled() {
+            return Ok(());
+        }
+        self.open_segment()?;
+        match self.open.as_mut() {
+            Some(open) => open.segment.reserve(PROBE_BYTES, self.spool.fsync),
+            None => Ok(()),
+        }
     }
 
     /// Places what was accepted (to the lanes, or as files); what fails now is tried again
@@ -416,7 +449,7 @@ mod tests {
         while !names(&dir, "journal").is_empty() {
             assert!(std::time::Instant::now() < deadline, "not checkpointed");
             std::thread::sleep(Duration::from_millis(50));
-            let _ = super::super::journal::checkpoint(&src.spool, false);
+            let _ = super::super::replay::checkpoint(&src.spool, false);
         }
         let _ = fs::remove_dir_all(&dir);
     }

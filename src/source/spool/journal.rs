@@ -20,15 +20,14 @@
 //! file's bytes), and the first 8 bytes of the sha256 of kind, id and body. A torn or corrupt
 //! record ends a segment's replay there: nothing after it was acknowledged.
 
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::direct::Hold;
-use super::format::{decode_job, decode_record, JobFile};
+use super::format::JobFile;
 use super::*;
 
 /// A segment is sealed once this old (so a fresh start replays at most a few seconds), and
@@ -255,31 +254,51 @@ impl Segment {
     /// [`Segment::append`], syncing only with `sync` (without, the records survive the
     /// process, as the files of an unsynced spool do, not the machine).
     pub(super) fn append_with(&mut self, entries: &[Entry], sync: bool) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         let buf = encode_all(entries);
-        let records = buf.len() as u64;
-        let what = || format!("journal segment \"{}.wal\"", self.name);
-        self.file
-            .write_all_at(&buf, self.size)
-            .map_err(|e| Error::io(format!("appending to {}", what()), e))?;
-        let written = self.size + records;
-        if written > self.end && self.ahead > 0 {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &buf, self.size)
+            .map_err(|e| Error::io(format!("appending to {}", self.what()), e))?;
+        let written = self.size + buf.len() as u64;
+        let crossed = written > self.end;
+        self.end = self.end.max(written);
+        if crossed && self.ahead > 0 {
             // The zeros are only a help: on a disk too full for them the records still go in
             // (a short run of zeros is as good; the next crossing append tries again).
-            let zeros = vec![0u8; self.ahead];
-            self.end = match self.file.write_all_at(&zeros, written) {
-                Ok(()) => written + zeros.len() as u64,
-                Err(_) => written,
-            };
+            let _ = self.zeros_to(written + self.ahead as u64);
         }
-        self.end = self.end.max(written);
-        if sync {
-            self.file
-                .sync_data()
-                .map_err(|e| Error::io(format!("syncing {}", what()), e))?;
-        }
-        self.size += records;
+        self.sync_if(sync)?;
+        self.size = written;
         Ok(())
+    }
+
+    /// Room for `bytes` of records after those appended (zeros written unless the file reaches
+    /// that far), synced with `sync`: a probe of the disk (an append of that size would find
+    /// its room). A failure leaves the records as they were.
+    pub(super) fn reserve(&mut self, bytes: u64, sync: bool) -> Result<()> {
+        self.zeros_to(self.size + bytes)
+            .map_err(|e| Error::io(format!("writing ahead in {}", self.what()), e))?;
+        self.sync_if(sync)
+    }
+
+    /// Writes zeros from where the file is written up to `to`, if it is not that far yet.
+    fn zeros_to(&mut self, to: u64) -> std::io::Result<()> {
+        if self.end < to {
+            let zeros = vec![0u8; (to - self.end) as usize];
+            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeros, self.end)?;
+            self.end = to;
+        }
+        Ok(())
+    }
+
+    fn sync_if(&self, sync: bool) -> Result<()> {
+        if sync {
+            (self.file.sync_data())
+                .map_err(|e| Error::io(format!("syncing {}", self.what()), e))?;
+        }
+        Ok(())
+    }
+
+    fn what(&self) -> String {
+        format!("journal segment \"{}.wal\"", self.name)
     }
 
     /// Deletes the segment: nothing in it was acknowledged.
@@ -310,122 +329,6 @@ pub(super) fn materialize(spool: &Spool, e: &Entry) -> Result<()> {
         remove(&spool.dir("cur").join(&e.id))?;
     }
     Ok(())
-}
-
-/// Whether the file `sub/id` is there and sound.
-fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
-    let Ok(bytes) = read_entry(&spool.dir(sub).join(id), MAX_ENTRY) else {
-        return false;
-    };
-    match sub {
-        "new" | "cur" => decode_job(&bytes).is_ok(),
-        _ => decode_record(id, &bytes).is_ok(),
-    }
-}
-
-/// Replays one record: writes its file unless it is there and sound (or, for a job, unless it
-/// moved on: claimed or finished). Returns whether anything was written.
-fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
-    let finished = || sound(spool, "done", &e.id) || sound(spool, "failed", &e.id);
-    match e.kind {
-        Kind::Job => {
-            // Looked for in the order a job moves (new, cur, then its outcome), as `lookup`
-            // does: a job a lane claims and finishes meanwhile is found in one of them.
-            if sound(spool, "new", &e.id) || sound(spool, "cur", &e.id) || finished() {
-                return Ok(false);
-            }
-            // A torn copy in cur/ (its claim survived, its bytes did not) goes; the job is
-            // queued again whole.
-            remove(&spool.dir("cur").join(&e.id))?;
-            materialize(spool, e).map(|()| true)
-        }
-        Kind::Done | Kind::Failed => {
-            if finished() {
-                for sub in ["cur", "new"] {
-                    remove(&spool.dir(sub).join(&e.id))?;
-                }
-                return Ok(false);
-            }
-            // A claim (new/ -> cur/) lost with the page cache leaves the job in new/.
-            materialize(spool, e)?;
-            remove(&spool.dir("new").join(&e.id))?;
-            Ok(true)
-        }
-    }
-}
-
-/// Replays the segment at `path`; returns how many files it wrote.
-fn replay(spool: &Spool, path: &Path) -> Result<usize> {
-    let file = File::open(path).map_err(|e| Error::io_path("opening", path, e))?;
-    let mut r = io::BufReader::new(file);
-    let entries: Vec<Entry> = std::iter::from_fn(|| next_record(&mut r)).collect();
-    // A job whose outcome is in a results log is finished, though it has no file anywhere.
-    let logged = spool.logged_among(&entries);
-    let mut written = 0;
-    for e in entries.iter().filter(|e| !logged.contains(&e.id)) {
-        if replay_one(spool, e)? {
-            written += 1;
-        }
-    }
-    Ok(written)
-}
-
-/// Whether `path`'s writer is gone (its flock is free).
-fn abandoned(path: &Path) -> bool {
-    match File::open(path) {
-        Ok(f) => crate::ops::safefs::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// Makes what the closed segments hold durable in the files and deletes them: replays every
-/// segment whose writer died, and with `all` (a fresh start) the sealed ones of an earlier
-/// boot too (their files were in place, but only in a page cache a reboot lost; a sealed
-/// segment of this boot had its files written, and a crash of a process does not undo that);
-/// then one `syncfs`; then the deletes. A live writer's segment is left alone. Returns
-/// (segments deleted, files written by replay).
-pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
-    let dir = spool.dir("journal");
-    let mut names: Vec<String> = list_raw(&dir)?
-        .into_iter()
-        .filter_map(|n| n.into_string().ok())
-        .collect();
-    // Replayed in the order written (a segment's name begins with its boot-time stamp).
-    names.sort_by(|a, b| a.get(2..).cmp(&b.get(2..)));
-    let mut closed: Vec<PathBuf> = Vec::new();
-    let mut written = 0;
-    for name in names {
-        let path = dir.join(&name);
-        if name.ends_with(".done") {
-            let this_boot = name.split('-').nth(2) == Some(order::boot_tag());
-            if all && !this_boot {
-                written += replay(spool, &path)?;
-            }
-            closed.push(path);
-        } else if name.ends_with(".wal") && abandoned(&path) {
-            written += replay(spool, &path)?;
-            closed.push(path);
-        }
-    }
-    if closed.is_empty() {
-        return Ok((0, written));
-    }
-    // Without fsync nothing promises more than surviving the process (the ZeroMQ ingress's
-    // unsynced segments): no sync of the whole filesystem for them, unless a replay wrote
-    // files (a segment may have been written with fsync on).
-    if spool.fsync || written > 0 {
-        let root = spool.opened("journal")?;
-        nix::unistd::syncfs(root.as_raw_fd())
-            .map_err(|e| Error::io_path("syncing the filesystem of", &dir, e.into()))?;
-    }
-    for path in &closed {
-        if let Err(e) = fs::remove_file(path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!("removing journal segment \"{}\": {e}", path.display());
-            }
-        }
-    }
-    Ok((closed.len(), written))
 }
 
 /// The batch API: many jobs durable with one sync.
@@ -566,6 +469,28 @@ mod tests {
             records.last().map(|e| e.id.as_str()),
             Some(&*format!("f1-1-{}4", n - 1))
         );
+        drop(seg);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Room reserved by a probe is zeros past the records: the records appended after it
+    /// overwrite them and read back whole, and reading stops where they end.
+    #[test]
+    fn room_reserved_ahead_is_overwritten_by_the_next_records() {
+        let dir = crate::testutil::tempdir("spool", "reserve");
+        let spool = Spool::open(&dir, true).expect("open");
+        let mut seg = Segment::create(&spool, "z").expect("segment");
+        seg.reserve(4096, true).expect("reserve");
+        let path = spool.dir("journal").join(format!("{}.wal", seg.name));
+        assert_eq!(fs::read(&path).expect("read"), vec![0u8; 4096]);
+        seg.append(&[entry(Kind::Job, "f1-1-1", b"one")])
+            .expect("append");
+        seg.reserve(4096, false).expect("reserve after records");
+        let bytes = fs::read(&path).expect("read");
+        assert_eq!(bytes.len() as u64, seg.size + 4096);
+        let records = decode_all(&bytes);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].body, b"one");
         drop(seg);
         let _ = fs::remove_dir_all(&dir);
     }

@@ -42,6 +42,7 @@ mod lane;
 mod listing;
 mod order;
 mod recover;
+mod replay;
 mod results;
 mod source;
 
@@ -59,8 +60,7 @@ pub(super) const MAX_ENTRY: u64 = crate::config::MAX_PAYLOAD + HEADER_ROOM;
 pub(super) const TMP_ABANDONED: Duration = Duration::from_secs(5);
 /// Queued ids a generation hands to the next (see `SpoolSource::hand_over`).
 pub(super) const HANDOVER_HEAD: usize = 1024;
-/// Fewer queued ids than this left of a hand-over: the rest of `new/` is listed (in the
-/// background).
+/// Fewer queued ids than this left of a hand-over: the rest of `new/` is listed (a helper).
 pub(super) const HANDOVER_LOW: usize = 256;
 /// No sweep of old results in a generation's first second (its first claims come first).
 pub(super) const PRUNE_SETTLE: Duration = Duration::from_secs(1);

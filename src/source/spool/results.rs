@@ -242,7 +242,7 @@ mod tests {
 
     use super::super::direct::Hold;
     use super::super::format::JobFile;
-    use super::super::journal::{self, job_entry, Segment};
+    use super::super::journal::{job_entry, Segment};
     use super::*;
 
     fn record(id: &str, outcome: Outcome, result: &[u8]) -> Record {
@@ -398,7 +398,8 @@ mod tests {
             .expect("log");
         // Its writer dies: the segment is abandoned (its lock is free).
         drop(segment);
-        let (segments, written) = journal::checkpoint(&spool, true).expect("checkpoint");
+        let (segments, written) =
+            super::super::replay::checkpoint(&spool, true).expect("checkpoint");
         assert_eq!((segments, written), (1, 1));
         let queued_now: Vec<String> = fs::read_dir(spool.dir("new"))
             .expect("new")

@@ -114,7 +114,7 @@ impl SpoolSource {
         }
         if !resumed {
             // Before anything looks at cur/: a job whose result is only in the journal is done.
-            let (segments, written) = super::journal::checkpoint(&spool, true)?;
+            let (segments, written) = super::replay::checkpoint(&spool, true)?;
             if written > 0 {
                 log::info!(
                     "journal: {written} file(s) written again from {segments} segment(s) a crash left behind"
@@ -305,7 +305,7 @@ impl SpoolSource {
         let (weak, running) = (Arc::downgrade(self), Arc::clone(&self.checkpointing));
         let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
             if let Some(src) = weak.upgrade() {
-                let done = super::journal::checkpoint(&src.spool, false);
+                let done = super::replay::checkpoint(&src.spool, false);
                 if let Ok(mut said) = src.checkpoint_failing.lock() {
                     match done {
                         Ok(_) => said.worked(),
@@ -460,7 +460,7 @@ impl SpoolSource {
             let (done_tx, done_rx) = crossbeam_channel::bounded(1);
             let src = Arc::clone(self);
             let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
-                if let Err(e) = super::journal::checkpoint(&src.spool, false) {
+                if let Err(e) = super::replay::checkpoint(&src.spool, false) {
                     log::warn!("journal checkpoint at exit: {e}; the next start does it");
                 }
                 let _ = done_tx.send(());

@@ -35,6 +35,9 @@ const BATCH_BYTES: usize = 64 << 20;
 const MAX_ENVELOPE: usize = 32;
 /// Frames of one message at most; more end the connection.
 const MAX_FRAMES: usize = 64;
+/// How often an idle ingress whose batches were refused looks whether the spool takes jobs
+/// again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Batches of one message in a row before the ingress busy-polls for the next.
 const SINGLES_TO_SPIN: u32 = 16;
 
@@ -146,9 +149,10 @@ fn serve(
         ),
         storing: Recurring::new(
             "zeromq: messages not stored, answered \"ERROR not stored, try again\"",
-            "zeromq: jobs stored again",
+            "zeromq: the spool takes jobs again",
         ),
     };
+    let mut probed = Instant::now();
     let mut batch: Vec<Received> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
@@ -176,6 +180,15 @@ fn serve(
         if woken && stop.load(Ordering::Acquire) {
             // Read but not durable: never answered (the clients send them again).
             break;
+        }
+        if batch.is_empty() && said.storing.failing() && probed.elapsed() >= PROBE_EVERY {
+            // Refused batches leave the worker degraded; with no client sending, nothing else
+            // would find out that the disk has room again.
+            probed = Instant::now();
+            if writer.ready().is_ok() {
+                said.storing.worked();
+                stats.storing(None);
+            }
         }
         match batch.len() {
             0 => continue,

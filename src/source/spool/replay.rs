@@ -1,0 +1,129 @@
+//! The journal's checkpoint and replay (see `journal.rs` for the segments and their records):
+//! what the closed segments hold is made durable in the files with one `syncfs`, replaying
+//! the segments whose writer died (and, at a fresh start, those of an earlier boot), and the
+//! segments are deleted.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::format::{decode_job, decode_record};
+use super::journal::{materialize, next_record, Entry, Kind};
+use super::*;
+
+/// Whether the file `sub/id` is there and sound.
+fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
+    let Ok(bytes) = read_entry(&spool.dir(sub).join(id), MAX_ENTRY) else {
+        return false;
+    };
+    match sub {
+        "new" | "cur" => decode_job(&bytes).is_ok(),
+        _ => decode_record(id, &bytes).is_ok(),
+    }
+}
+
+/// Replays one record: writes its file unless it is there and sound (or, for a job, unless it
+/// moved on: claimed or finished). Returns whether anything was written.
+fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
+    let finished = || sound(spool, "done", &e.id) || sound(spool, "failed", &e.id);
+    match e.kind {
+        Kind::Job => {
+            // Looked for in the order a job moves (new, cur, then its outcome), as `lookup`
+            // does: a job a lane claims and finishes meanwhile is found in one of them.
+            if sound(spool, "new", &e.id) || sound(spool, "cur", &e.id) || finished() {
+                return Ok(false);
+            }
+            // A torn copy in cur/ (its claim survived, its bytes did not) goes; the job is
+            // queued again whole.
+            remove(&spool.dir("cur").join(&e.id))?;
+            materialize(spool, e).map(|()| true)
+        }
+        Kind::Done | Kind::Failed => {
+            if finished() {
+                for sub in ["cur", "new"] {
+                    remove(&spool.dir(sub).join(&e.id))?;
+                }
+                return Ok(false);
+            }
+            // A claim (new/ -> cur/) lost with the page cache leaves the job in new/.
+            materialize(spool, e)?;
+            remove(&spool.dir("new").join(&e.id))?;
+            Ok(true)
+        }
+    }
+}
+
+/// Replays the segment at `path`; returns how many files it wrote.
+fn replay(spool: &Spool, path: &Path) -> Result<usize> {
+    let file = File::open(path).map_err(|e| Error::io_path("opening", path, e))?;
+    let mut r = io::BufReader::new(file);
+    let entries: Vec<Entry> = std::iter::from_fn(|| next_record(&mut r)).collect();
+    // A job whose outcome is in a results log is finished, though it has no file anywhere.
+    let logged = spool.logged_among(&entries);
+    let mut written = 0;
+    for e in entries.iter().filter(|e| !logged.contains(&e.id)) {
+        if replay_one(spool, e)? {
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
+/// Whether `path`'s writer is gone (its flock is free).
+fn abandoned(path: &Path) -> bool {
+    match File::open(path) {
+        Ok(f) => crate::ops::safefs::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Makes what the closed segments hold durable in the files and deletes them: replays every
+/// segment whose writer died, and with `all` (a fresh start) the sealed ones of an earlier
+/// boot too (their files were in place, but only in a page cache a reboot lost; a sealed
+/// segment of this boot had its files written, and a crash of a process does not undo that);
+/// then one `syncfs`; then the deletes. A live writer's segment is left alone. Returns
+/// (segments deleted, files written by replay).
+pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
+    let dir = spool.dir("journal");
+    let mut names: Vec<String> = list_raw(&dir)?
+        .into_iter()
+        .filter_map(|n| n.into_string().ok())
+        .collect();
+    // Replayed in the order written (a segment's name begins with its boot-time stamp).
+    names.sort_by(|a, b| a.get(2..).cmp(&b.get(2..)));
+    let mut closed: Vec<PathBuf> = Vec::new();
+    let mut written = 0;
+    for name in names {
+        let path = dir.join(&name);
+        if name.ends_with(".done") {
+            let this_boot = name.split('-').nth(2) == Some(order::boot_tag());
+            if all && !this_boot {
+                written += replay(spool, &path)?;
+            }
+            closed.push(path);
+        } else if name.ends_with(".wal") && abandoned(&path) {
+            written += replay(spool, &path)?;
+            closed.push(path);
+        }
+    }
+    if closed.is_empty() {
+        return Ok((0, written));
+    }
+    // Without fsync nothing promises more than surviving the process (the ZeroMQ ingress's
+    // unsynced segments): no sync of the whole filesystem for them, unless a replay wrote
+    // files (a segment may have been written with fsync on).
+    if spool.fsync || written > 0 {
+        let root = spool.opened("journal")?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|e| Error::io_path("syncing the filesystem of", &dir, e.into()))?;
+    }
+    for path in &closed {
+        if let Err(e) = fs::remove_file(path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("removing journal segment \"{}\": {e}", path.display());
+            }
+        }
+    }
+    Ok((closed.len(), written))
+}
