@@ -913,3 +913,79 @@ fn unfinished_messages_of_many_peers_are_bounded_in_all() {
     );
     drop(peers);
 }
+
+/// In the ZeroMQ source's own states a second SIGTERM ends the worker within 2 s: under load
+/// with both lanes on long jobs and hundreds of jobs answered `TRUE` waiting in memory (a stop
+/// writes them out to `new/`), and on a full disk where every batch is refused while clients
+/// resend. Nothing answered is lost: the jobs queued at the stop run at the next start.
+#[test]
+fn a_second_term_ends_a_zeromq_worker_within_two_seconds_in_every_state() {
+    if !clients_available("a_second_term_ends_a_zeromq_worker_within_two_seconds_in_every_state") {
+        return;
+    }
+    // Under load, the lanes busy, jobs in memory.
+    let z = setup_reply("zmq-term-load", "", "true");
+    let mut w = z.sb.start();
+    for _ in 0..2 {
+        assert_eq!(z.sb.submit("sleep", "60000"), "TRUE");
+    }
+    w.wait_for(Duration::from_secs(10), "both lanes busy", |s| {
+        s["in_flight"] == 2
+    });
+    let load = Command::new(PYTHON)
+        .args([load_script().to_str().unwrap(), &z.tcp, "4", "100000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut load = Killed(load);
+    w.wait_for(Duration::from_secs(20), "jobs waiting", |s| {
+        s["zeromq"]["accepted"].as_u64().unwrap_or(0) >= 300
+    });
+    let accepted_before_stop = w.status()["zeromq"]["accepted"].as_u64().unwrap();
+    second_term_ends_it(&mut w, "under load");
+    let _ = load.0.kill();
+    // What was answered and not run is queued, and runs at the next start (the two sleeps were
+    // interrupted: they run again, on two of four lanes; only the reversals are counted).
+    let cfg = fs::read_to_string(z.sb.config()).unwrap();
+    fs::write(
+        z.sb.config(),
+        cfg.replace("concurrency = 2", "concurrency = 4"),
+    )
+    .unwrap();
+    let w = z.sb.start();
+    w.wait_for(Duration::from_secs(60), "the answered jobs run", |s| {
+        s["jobs_completed"].as_u64().unwrap_or(0) + 2 >= accepted_before_stop
+    });
+    drop(w);
+
+    // A full disk: batches refused while the clients resend.
+    let z = setup_reply("zmq-term-full", "", "true");
+    let fsys = common::tmpfs::Tmpfs::mount(&z.sb.path("spool"), "2m");
+    let mut w = z.sb.start();
+    assert_eq!(z.sb.submit("sleep", "60000"), "TRUE");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    let _filler = fsys.fill();
+    let load = Command::new(PYTHON)
+        .args([load_script().to_str().unwrap(), &z.tcp, "4", "100000"])
+        .env("ZMQ_FUNCTION", "reverse")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _load = Killed(load);
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    second_term_ends_it(&mut w, "a full disk");
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
