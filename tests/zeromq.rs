@@ -989,3 +989,84 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A process (the worker's own user can make one) listening on an ipc endpoint's path without
+/// ever accepting, its backlog full: the start's look at whether that path is a live socket or
+/// one left by a dead worker was a blocking connect, which waits for room in the backlog for
+/// ever, with signals still blocked (no TERM ended it). Now that look cannot block: the start
+/// fails at once, saying another process listens there.
+#[test]
+fn an_ipc_path_held_by_a_listener_that_never_accepts_is_a_clear_error_not_a_hang() {
+    use nix::sys::socket::{
+        bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::AsRawFd;
+    let z = setup_reply("zmq-ipc-held", "", "id");
+    let path = z.ipc.trim_start_matches("ipc://").to_string();
+    let addr = UnixAddr::new(path.as_str()).unwrap();
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(listener.as_raw_fd(), &addr).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    // Connections nobody accepts, until the backlog is full.
+    let mut waiting = Vec::new();
+    for _ in 0..8 {
+        let s = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        let full = connect(s.as_raw_fd(), &addr).is_err();
+        waiting.push(s);
+        if full {
+            break;
+        }
+    }
+    let mut child =
+        z.sb.cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    let status = status.expect("the start hung on the held ipc path");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another process listens") && err.contains(&path),
+        "{err}"
+    );
+    // `gearshift submit` to that path (its connect blocked for ever the same way) gives up in
+    // its tries, as with a worker that does not answer.
+    let cfg = fs::read_to_string(z.sb.config()).unwrap();
+    fs::write(z.sb.config(), cfg.replace(&format!("\"{}\", ", z.tcp), "")).unwrap();
+    let sent = std::time::Instant::now();
+    let out = z.sb.run(&["submit", "--timeout", "1s", "reverse", "abc"]);
+    let took = sent.elapsed();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no answer"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(10), "submit took {took:?}");
+    drop(waiting);
+}

@@ -4,7 +4,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::config::{Endpoint, ZeromqConfig, ZeromqReply};
@@ -59,11 +58,17 @@ fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Stream> {
                     let _ = s.set_nodelay(true);
                     Stream::Tcp(s)
                 }),
-            Endpoint::Ipc(path) => UnixStream::connect(path).map(Stream::Unix),
+            Endpoint::Ipc(path) => (crate::source::zeromq::sockets::connect_unix(path))
+                .map(Stream::Unix)
+                .map_err(std::io::Error::from),
         };
         match tried {
             Err(e) if Instant::now() + RECONNECT < deadline => {
-                if !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) {
+                // A full backlog (`WouldBlock`) is waited out like a refusal.
+                if !matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionRefused | ErrorKind::NotFound | ErrorKind::WouldBlock
+                ) {
                     return Err(e);
                 }
                 std::thread::sleep(RECONNECT);
@@ -80,7 +85,12 @@ fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec
     let mut conn = match open(to, deadline) {
         Ok(c) => c,
         Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
-        Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::NotFound | ErrorKind::WouldBlock
+            ) =>
+        {
             return Ok(None)
         }
         Err(e) => return Err(io(e)),

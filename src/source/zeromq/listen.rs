@@ -6,6 +6,8 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 
+use nix::errno::Errno;
+
 use crate::config::Endpoint;
 use crate::error::{Error, Result};
 
@@ -63,11 +65,22 @@ fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
                         path.display()
                     )));
                 }
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(Error::Msg(format!(
-                        "{ep}: another process listens on \"{}\"",
-                        path.display()
-                    )));
+                // A connect that cannot block (see `connect_unix`); a full backlog is a
+                // listener too.
+                match super::sockets::connect_unix(path) {
+                    Ok(_) | Err(Errno::EAGAIN) => {
+                        return Err(Error::Msg(format!(
+                            "{ep}: another process listens on \"{}\"",
+                            path.display()
+                        )))
+                    }
+                    Err(Errno::ECONNREFUSED | Errno::ENOENT) => {}
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("{ep}: telling whether a process listens on it"),
+                            e.into(),
+                        ))
+                    }
                 }
                 let _ = std::fs::remove_file(path);
             }

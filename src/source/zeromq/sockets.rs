@@ -67,3 +67,25 @@ pub(super) fn door_fd(d: &Door) -> BorrowedFd<'_> {
         Door::Unix(l) => l.as_fd(),
     }
 }
+
+/// Connects to the Unix socket at `path` without blocking: a blocking connect to a listener
+/// whose backlog is full waits for room for ever (anyone who can write the socket's directory
+/// can set that up). `EAGAIN`: the listener is there but its backlog is full. The stream
+/// returned blocks as usual.
+pub fn connect_unix(path: &std::path::Path) -> nix::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(path)?;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(sock.as_raw_fd(), &addr)?;
+    let stream = UnixStream::from(sock);
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(stream)
+}
