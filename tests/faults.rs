@@ -492,6 +492,69 @@ fn hostile_spool_entries_are_quarantined_and_never_stall_the_worker() {
     assert!(w.wait_exit(Duration::from_secs(20)).success());
 }
 
+/// What the worker's user (any job) can plant in the journal's directory: a FIFO named like a
+/// segment made the checkpoint's open block for ever (at a fresh start, on the main thread
+/// with signals still blocked: no start and no TERM; while serving, the checkpoint thread);
+/// links and directories named like segments, likewise never followed or read. Each is set
+/// aside in `rejected/` with its reason, and the worker starts, serves, reloads and stops.
+#[test]
+fn hostile_journal_entries_are_set_aside_and_never_block_the_worker() {
+    let sb = Sandbox::new("hostile-journal");
+    let cfg = sb.config_text("").replace("fsync = false", "fsync = true");
+    fs::write(sb.config(), cfg).unwrap();
+    let first = sb.submit("reverse", "before");
+    let journal = sb.path("spool/journal");
+    let fifo = |name: &str| {
+        nix::unistd::mkfifo(
+            &journal.join(name),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap()
+    };
+    // Named as a dead writer's segment, and as a sealed one of an earlier boot.
+    fifo("w-0000000000000001-00000000-1-1.wal");
+    fifo("w-0000000000000002-00000000-1-2.done");
+    std::os::unix::fs::symlink(
+        "/dev/zero",
+        journal.join("w-0000000000000003-00000000-1-3.wal"),
+    )
+    .unwrap();
+    fs::create_dir(journal.join("w-0000000000000004-00000000-1-4.wal")).unwrap();
+    let mut w = sb.start_under_shell("true");
+    let started = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        w.try_status().is_some_and(|s| s["state"] == "running")
+    });
+    assert!(
+        started,
+        "the worker did not start: blocked on the planted journal entries"
+    );
+    // A FIFO planted while it serves, for the checkpoint thread.
+    fifo("w-0000000000000005-00000000-1-5.wal");
+    let good = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "ok"]);
+    assert_eq!(text(&good.stdout), "ko", "{}", text(&good.stderr));
+    assert_eq!(
+        all_outcomes(&sb, &[first], Duration::from_secs(20))[0].1,
+        "erofeb"
+    );
+    eventually(Duration::from_secs(20), "all five set aside", || {
+        fs::read_dir(&journal)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .all(|e| {
+                !e.file_name()
+                    .to_string_lossy()
+                    .starts_with("w-000000000000000")
+            })
+    });
+    let log = w.log_text();
+    assert!(log.contains("not a regular file"), "{log}");
+    let out = sb.run(&["reload", "--timeout", "20s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+}
+
 #[test]
 fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
     let sb = Sandbox::new("tmp-clean");

@@ -65,7 +65,7 @@ impl SpoolSource {
         for name in list_raw(&self.spool.dir("new"))? {
             match name.to_str().filter(|n| valid_id(n)) {
                 Some(id) => ids.push(id.to_string()),
-                None if reject => self.reject_raw("new", &name, "not a job id"),
+                None if reject => self.spool.reject_raw("new", &name, "not a job id"),
                 None => {}
             }
         }

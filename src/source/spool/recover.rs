@@ -28,7 +28,7 @@ impl SpoolSource {
         let mut left = Vec::new();
         for name in list_raw(&cur)? {
             let Some(id) = name.to_str().filter(|n| valid_id(n)).map(str::to_string) else {
-                self.reject_raw("cur", &name, "not a job id");
+                self.spool.reject_raw("cur", &name, "not a job id");
                 continue;
             };
             if carried.contains(&id) {
@@ -82,7 +82,8 @@ impl SpoolSource {
             Err(e) => {
                 // A damaged result record: set it aside and run the job again.
                 for sub in ["done", "failed"] {
-                    self.reject_raw(sub, std::ffi::OsStr::new(id), &e.to_string());
+                    self.spool
+                        .reject_raw(sub, std::ffi::OsStr::new(id), &e.to_string());
                 }
             }
         }
@@ -159,13 +160,13 @@ impl SpoolSource {
                 .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&path)
             else {
-                self.reject_raw("tmp", &name, "not a regular file");
+                self.spool.reject_raw("tmp", &name, "not a regular file");
                 continue;
             };
             let Ok(meta) = f.metadata() else { continue };
             if !meta.is_file() {
                 drop(f);
-                self.reject_raw("tmp", &name, "not a regular file");
+                self.spool.reject_raw("tmp", &name, "not a regular file");
                 continue;
             }
             if meta.modified().is_ok_and(|t| t > cutoff) {
@@ -270,18 +271,20 @@ impl SpoolSource {
 
     /// Sets aside `cur/ID`, which cannot be used as a job at all, in `rejected/`.
     pub(super) fn reject(&self, id: &str, why: &str) {
-        self.reject_raw("cur", std::ffi::OsStr::new(id), why);
+        self.spool.reject_raw("cur", std::ffi::OsStr::new(id), why);
     }
+}
 
+impl Spool {
     /// Moves the entry `sub/name` (whatever it is) into `rejected/`, with the reason in the log
     /// and the count in `status`. Never fails the caller: at worst it says it could not.
     pub(super) fn reject_raw(&self, sub: &str, name: &std::ffi::OsStr, why: &str) {
-        let from = self.spool.dir(sub).join(name);
-        let mut to = self.spool.dir("rejected").join(name);
+        let from = self.dir(sub).join(name);
+        let mut to = self.dir("rejected").join(name);
         if fs::symlink_metadata(&to).is_ok() {
             let mut renamed = name.to_os_string();
             renamed.push(format!(".{}", order::unique()));
-            to = self.spool.dir("rejected").join(renamed);
+            to = self.dir("rejected").join(renamed);
         }
         match fs::rename(&from, &to) {
             Ok(()) => {

@@ -6,7 +6,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::format::{decode_job, decode_record};
 use super::journal::{materialize, next_record, Entry, Kind};
@@ -54,9 +54,8 @@ fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
     }
 }
 
-/// Replays the segment at `path`; returns how many files it wrote.
-fn replay(spool: &Spool, path: &Path) -> Result<usize> {
-    let file = File::open(path).map_err(|e| Error::io_path("opening", path, e))?;
+/// Replays the segment `file`; returns how many files it wrote.
+fn replay(spool: &Spool, file: File) -> Result<usize> {
     let mut r = io::BufReader::new(file);
     let entries: Vec<Entry> = std::iter::from_fn(|| next_record(&mut r)).collect();
     // A job whose outcome is in a results log is finished, though it has no file anywhere.
@@ -70,12 +69,28 @@ fn replay(spool: &Spool, path: &Path) -> Result<usize> {
     Ok(written)
 }
 
-/// Whether `path`'s writer is gone (its flock is free).
-fn abandoned(path: &Path) -> bool {
-    match File::open(path) {
-        Ok(f) => crate::ops::safefs::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_ok(),
-        Err(_) => false,
+/// The segment `name`, opened as the spool opens what others may have planted: never through
+/// a link, never blocking on a FIFO, only a regular file (`Dir::file`). None if it is gone; an
+/// entry that is no segment at all is set aside in `rejected/`.
+fn segment(spool: &Spool, name: &str) -> Result<Option<File>> {
+    match spool
+        .opened("journal")?
+        .file(name, crate::ops::safefs::Open::READ)
+    {
+        Ok(o) => Ok(Some(o.file)),
+        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e @ Error::Unsafe(_)) => {
+            spool.reject_raw("journal", std::ffi::OsStr::new(name), &e.to_string());
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
+}
+
+/// Whether the writer of the segment open as `file` is gone (its flock is free; taken now, it
+/// is held while `file` is open).
+fn abandoned(file: &File) -> bool {
+    crate::ops::safefs::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_ok()
 }
 
 /// Makes what the closed segments hold durable in the files and deletes them: replays every
@@ -96,14 +111,31 @@ pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
     let mut written = 0;
     for name in names {
         let path = dir.join(&name);
-        if name.ends_with(".done") {
-            let this_boot = name.split('-').nth(2) == Some(order::boot_tag());
-            if all && !this_boot {
-                written += replay(spool, &path)?;
-            }
+        let sealed = name.ends_with(".done");
+        if !sealed && !name.ends_with(".wal") {
+            continue;
+        }
+        // Anything but a regular file under a segment's name was planted (the worker's user
+        // can write here): set aside, never opened (a FIFO would block the open for ever).
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            spool.reject_raw(
+                "journal",
+                std::ffi::OsStr::new(&name),
+                "not a regular file, not a journal segment",
+            );
+            continue;
+        }
+        // A sealed segment is replayed only at a fresh start, and only of an earlier boot.
+        let replay_sealed = all && name.split('-').nth(2) != Some(order::boot_tag());
+        if sealed && !replay_sealed {
             closed.push(path);
-        } else if name.ends_with(".wal") && abandoned(&path) {
-            written += replay(spool, &path)?;
+            continue;
+        }
+        let Some(file) = segment(spool, &name)? else {
+            continue;
+        };
+        if sealed || abandoned(&file) {
+            written += replay(spool, file)?;
             closed.push(path);
         }
     }
