@@ -1033,3 +1033,54 @@ fn done_ids_that_cannot_be_recorded_are_said_once() {
         w.log_text().contains("done ids recorded again")
     });
 }
+
+/// The done-ids file is in the worker's own directory, which its user (any job) can write: a
+/// FIFO planted there in its place made the first record's open block for ever (an open for
+/// writing waits for a reader), so the lane never acknowledged its job and a reload waited for
+/// it for ever. Now the open cannot block: the ids are kept in memory, said once, and the
+/// worker serves and reloads. The same for the rewrite's temporary file.
+#[test]
+fn a_fifo_planted_as_the_done_ids_file_blocks_nothing() {
+    if !Rabbit::available("a_fifo_planted_as_the_done_ids_file_blocks_nothing") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-ids-fifo");
+    let r = Rabbit::start(&sb.dir, "");
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 2\n",
+            r.url()
+        ),
+        "",
+    );
+    php_publish(&r, 0, "none", "", ""); // the topology only
+    fs::create_dir_all(sb.path("state/worker")).unwrap();
+    for name in ["amqp-done-ids", "amqp-done-ids.tmp"] {
+        nix::unistd::mkfifo(
+            &sb.path(&format!("state/worker/{name}")),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+    }
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish(&r, 5, "m", "", "");
+    eventually(Duration::from_secs(30), "all five run", || {
+        lines(&sent).len() == 5
+    });
+    eventually(Duration::from_secs(10), "all acknowledged", || {
+        r.depth("email") == (0, 0)
+    });
+    let out = sb.run(&["reload", "--timeout", "20s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let log = w.log_text();
+    assert!(log.contains("not a regular file (a FIFO)"), "{log}");
+    let said = log
+        .lines()
+        .filter(|l| l.contains("done ids not recorded"))
+        .count();
+    assert_eq!(said, 1, "{log}");
+}

@@ -111,14 +111,10 @@ impl Dedupe {
 
     fn append(&mut self, id: &str) -> std::io::Result<()> {
         if self.file.is_none() {
-            self.file = Some(
-                OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&self.path)?,
-            );
+            self.file = Some(regular(
+                OpenOptions::new().append(true).create(true),
+                &self.path,
+            )?);
         }
         if let Some(f) = self.file.as_mut() {
             // An empty line is no id: after a torn append, the newline ends the part left.
@@ -145,15 +141,12 @@ impl Dedupe {
             text.push_str(id);
             text.push('\n');
         }
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        let written = regular(
+            OpenOptions::new().write(true).create(true).truncate(true),
+            &tmp,
+        )
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &self.path));
         match written {
             Ok(()) => {
                 self.file = None;
@@ -165,6 +158,26 @@ impl Dedupe {
                 .failed(&format_args!("rewriting \"{}\": {e}", self.path.display())),
         }
     }
+}
+
+/// Opens `path` for writing as `how` says (mode 0600 if created), only a regular file: never
+/// through a link, and never blocking (the worker's user can put a FIFO in its place, whose
+/// open for writing waits for a reader for ever). O_NONBLOCK changes nothing for a regular
+/// file's writes.
+fn regular(how: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
+    let f = how
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // What a FIFO with no reader answers.
+            Some(libc::ENXIO) => std::io::Error::other("not a regular file (a FIFO)"),
+            _ => e,
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 fn is_hex_id(line: &str) -> bool {
