@@ -901,3 +901,44 @@ fn out_of_descriptors_each_fault_is_said_once_and_no_false_recovery() {
         },
     );
 }
+
+/// An operator's tool (or a mistake) leaves `config.toml` as a FIFO nobody writes: the control
+/// thread's look at the changed file opened it and waited for a writer for ever, so no TERM,
+/// however many, ended the worker, and `gearshift status`, `check` and a new start waited the
+/// same way. Now the file is opened without blocking and must be a regular file: the change is
+/// refused with a clear error, the worker serves on and stops on a TERM, and the CLI answers.
+#[test]
+fn a_config_replaced_by_a_fifo_wedges_neither_the_worker_nor_the_cli() {
+    let sb = Sandbox::new("config-fifo");
+    let mut w = sb.start();
+    let cfg = sb.config();
+    fs::remove_file(&cfg).unwrap();
+    nix::unistd::mkfifo(&cfg, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    w.wait_for(Duration::from_secs(10), "the change refused", |s| {
+        s["last_refused_reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a regular file"))
+    });
+    let id = open_spool(&sb).submit("echo", b"still serving").unwrap();
+    assert!(all_outcomes(&sb, &[id], Duration::from_secs(10))[0].0);
+    for args in [&["status"][..], &["check"], &["run"]] {
+        let mut c = cli_bg(&sb, args);
+        let done = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            c.try_wait().unwrap().is_some()
+        });
+        let _ = c.kill();
+        let out = c.wait_with_output().unwrap();
+        assert!(done, "`{}` hung on the FIFO", args[0]);
+        if args[0] != "status" {
+            assert!(
+                text(&out.stderr).contains("not a regular file"),
+                "{}: {}",
+                args[0],
+                text(&out.stderr)
+            );
+        }
+    }
+    w.signal(Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
+}

@@ -301,7 +301,7 @@ impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config> {
         let path = absolute(path)?;
-        let bytes = std::fs::read(&path).at("reading config", &path)?;
+        let bytes = read_file(&path)?;
         Config::parse(&path, &bytes)
     }
 
@@ -367,6 +367,28 @@ impl Config {
     }
 }
 
+/// The most of a config file read: anything larger is no config.
+const MAX_FILE: u64 = 16 << 20;
+
+/// The bytes of the config file at `path`: a regular file (a FIFO or a device in its place is
+/// never waited on) of at most 16 MiB. What is no config file at all is `Error::Config`; an I/O
+/// error is `Error::Io`.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let file = match crate::ops::safefs::open_regular(path, "reading config") {
+        Err(Error::Unsafe(why)) => return Err(Error::Config(why)),
+        other => other?,
+    };
+    crate::ops::safefs::read_bounded(file, MAX_FILE)
+        .at("reading config", path)?
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "\"{}\" is larger than {} MiB: not a config file",
+                path.display(),
+                MAX_FILE >> 20
+            ))
+        })
+}
+
 /// `[worker] state_dir` read leniently from a config file that does not validate: from the TOML
 /// if it still parses as TOML, else from a `state_dir = "..."` line under `[worker]`, else the
 /// default. Relative to the file's directory, as always. The flag says whether the file can
@@ -374,7 +396,9 @@ impl Config {
 pub fn lenient_state_dir(path: &Path) -> Result<(PathBuf, bool)> {
     let abs = absolute(path)?;
     let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let text = std::fs::read_to_string(&abs).unwrap_or_default();
+    let text = read_file(&abs)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     if let Ok(table) = text.parse::<toml::Table>() {
         // The syntax holds: what it says (or the default, when it says nothing) is certain,
         // unless the key is there with a value of the wrong type.

@@ -176,7 +176,7 @@ impl Deploy {
         let _ = crate::ops::signals::spawn_helper("preflight", move || {
             // Hashed through one descriptor, which must be the file that settled; that
             // descriptor is what a switch execs.
-            let opened = File::open(&path).and_then(|f| {
+            let opened = open_binary(&path).and_then(|f| {
                 if Ident::of_file(&f) == Some(ident) {
                     Ok(f)
                 } else {
@@ -337,7 +337,16 @@ pub fn short(sha: &str) -> &str {
 }
 
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
-    hash_reader(&mut std::fs::File::open(path)?)
+    hash_reader(&mut open_binary(path)?)
+}
+
+/// A binary to hash or run, opened only as a regular file and never blocking (a FIFO put in
+/// its place would hold the thread for ever).
+fn open_binary(path: &Path) -> std::io::Result<File> {
+    crate::ops::safefs::open_regular(path, "opening").map_err(|e| match e {
+        crate::Error::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    })
 }
 
 /// The hex sha256 of everything `f` yields.

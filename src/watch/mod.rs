@@ -210,7 +210,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         // Root reads these at `check` and `start`, and jobs_dir may be the worker's user's:
         // opened without blocking (a FIFO swapped in after the metadata look cannot hang us),
         // the type checked on the open descriptor, the content hashed as a stream.
-        let mut opened = open_job(&path)?;
+        let mut opened = crate::ops::safefs::open_regular(&path, "reading job")?;
         let mut head = [0u8; 4];
         let n = std::io::Read::read(&mut opened, &mut head)
             .map_err(|e| Error::io_path("reading job", &path, e))?;
@@ -252,27 +252,6 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         digest: hex(&digest.finalize()),
         warnings,
     })
-}
-
-/// Opens a job file for reading: following links (jobs may point at a versioned directory),
-/// never blocking, and only a regular file as fstat sees it on the open descriptor.
-fn open_job(path: &Path) -> Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io_path("reading job", path, e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io_path("reading job", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::Unsafe(format!(
-            "\"{}\" changed into something that is not a regular file while it was read: refusing jobs_dir (look at it)",
-            path.display()
-        )));
-    }
-    Ok(file)
 }
 
 /// What [`scan_jobs`] found; handed to the next generation as validated (see

@@ -26,9 +26,13 @@ impl Control {
     pub(super) fn changed_on_disk(&mut self) -> Option<RestartReason> {
         self.state.file_checks.fetch_add(1, Ordering::Release);
         let was_failing = std::mem::take(&mut self.look_failing);
-        let cfg = std::fs::read(&self.config_path)
-            .ok()
-            .map(|b| crate::text::hex(&sha2::Sha256::digest(&b)));
+        let cfg = match crate::config::read_file(&self.config_path) {
+            Ok(b) => Some(crate::text::hex(&sha2::Sha256::digest(&b))),
+            // No config at all in its place (a FIFO, a device, a huge file): a change, refused
+            // below with why.
+            Err(e @ Error::Config(_)) => Some(format!("invalid: {e}")),
+            Err(_) => None,
+        };
         // A jobs_dir that does not scan (two files for one name, a file without #!) is a
         // change too: it is refused below, visibly, rather than ignored.
         let jobs = match watch::scan_jobs(&self.plan.config.worker.jobs_dir) {

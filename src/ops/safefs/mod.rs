@@ -27,7 +27,7 @@ use nix::unistd::{geteuid, Gid, Uid};
 use crate::error::{Error, Result};
 
 mod entries;
-pub use entries::{chown_file, read_bounded, Open};
+pub use entries::{chown_file, open_regular, read_bounded, Open};
 
 /// How many symbolic links one walk may follow (the kernel's own limit).
 const MAX_LINKS: usize = 40;
