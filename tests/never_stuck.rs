@@ -942,3 +942,36 @@ fn a_config_replaced_by_a_fifo_wedges_neither_the_worker_nor_the_cli() {
     w.signal(Signal::SIGTERM);
     w.wait_exit(Duration::from_secs(10));
 }
+
+/// Whatever wedges the control thread (a system call that never returns on some file or
+/// device nobody foresaw; here injected in a fault build: its next look at the files sleeps
+/// for ever), a second TERM still ends the worker within 2 s, and kills its job processes: the
+/// signal thread, which forwards every signal to the control thread, exits itself once the
+/// control thread has not acted on a second TERM within 1.5 s. Before, no TERM ended it.
+#[test]
+fn a_wedged_control_thread_still_ends_on_a_second_term_with_its_jobs() {
+    let mut sb = Sandbox::new("wedged-control");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let tag = 700_000 + std::process::id() % 90_000;
+    // A grandchild in the job's process group: only the kill of the group ends it.
+    sb.job("hang.sh", &format!("#!/bin/sh\nsleep {tag} &\nwait\n"));
+    let marker = sb.path("wedge");
+    let mut w = sb.start_env(&[("GEARSHIFT_FAULT_WEDGE", marker.to_str().unwrap())]);
+    sb.submit("hang", "");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    fs::write(&marker, "").unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{cfg}\n# changed\n")).unwrap();
+    eventually(Duration::from_secs(10), "the control thread wedged", || {
+        w.log_text().contains("wedging the control thread")
+    });
+    second_term_ends_it(&mut w, "a wedged control thread");
+    assert!(
+        w.log_text().contains("did not act on the second"),
+        "{}",
+        w.log_text()
+    );
+    eventually(Duration::from_secs(3), "the job process gone", || {
+        pids_with(&format!("sleep {tag}")).is_empty()
+    });
+}

@@ -57,10 +57,14 @@ impl Signals {
 }
 
 impl Installed {
-    /// Forwards each delivery to `deliver`, on a thread of its own.
+    /// Forwards each delivery to `deliver` (false: nobody listens any more), on a thread of
+    /// its own. A second TERM, INT or QUIT that the control thread has not acted on within
+    /// [`FORCED_AFTER`] (it is wedged, or `deliver` could not reach it) ends the process from
+    /// here ([`forced_exit`]).
     pub fn forward(self, deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
         let mut iter = self.0;
         let thread = spawn_essential("signals", move || {
+            let mut stops = 0u32;
             for raw in iter.forever() {
                 if raw == libc::SIGTERM || raw == libc::SIGINT {
                     STOP_ASKED.store(true, Ordering::Release);
@@ -69,12 +73,54 @@ impl Installed {
                     if !deliver(sig) {
                         break;
                     }
+                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
+                        stops += 1;
+                        if stops >= 2 {
+                            // The control thread exits at once on it; still here after
+                            // this, it never will.
+                            std::thread::sleep(FORCED_AFTER);
+                            forced_exit(sig);
+                        }
+                    }
                 }
             }
         })
         .map_err(|e| Error::io("spawning signal thread", e))?;
         Ok(Signals { _thread: thread })
     }
+}
+
+/// How long the control thread has to act on a second TERM, INT or QUIT (it exits at once on
+/// one) before the signal thread ends the process itself: within the 2 s an operator is owed.
+pub const FORCED_AFTER: Duration = Duration::from_millis(1500);
+
+/// What to do before a forced exit (kill the job processes; set by the control loop).
+type ForcedHook = Box<dyn Fn() + Send>;
+static ON_FORCED_EXIT: Mutex<Option<ForcedHook>> = Mutex::new(None);
+
+/// Runs `before` when the signal thread ends the process itself (see [`Installed::forward`]).
+pub fn on_forced_exit(before: impl Fn() + Send + 'static) {
+    let mut slot = ON_FORCED_EXIT.lock().unwrap_or_else(|p| p.into_inner());
+    *slot = Some(Box::new(before));
+}
+
+/// Ends the process from the signal thread, as the control thread would have on the second
+/// stop signal: the hook (the job processes killed), the log flushed, exit 1. `_exit`, not
+/// `exit`: the wedged thread may hold locks that exit handlers and destructors would wait for.
+fn forced_exit(sig: Signal) -> ! {
+    log::error!(
+        "{} again, and the control thread did not act on the second within {} ms (it is wedged): exiting from the signal thread; interrupted jobs will run again",
+        sig.as_str(),
+        FORCED_AFTER.as_millis()
+    );
+    if let Ok(slot) = ON_FORCED_EXIT.try_lock() {
+        if let Some(before) = slot.as_ref() {
+            before();
+        }
+    }
+    log::logger().flush();
+    // SAFETY: _exit ends the process at once; it takes no pointers and never returns.
+    unsafe { libc::_exit(1) }
 }
 
 /// Empties the calling thread's signal mask: neither the mask carried across our own re-exec

@@ -65,9 +65,23 @@ pub(super) fn prepare_helpers(ctl: &mut Control, h: &mut Helpers) -> Result<()> 
 /// that a start-up error still comes before any job. `prepared`: how [`prepare_helpers`] went.
 pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<()>) -> Result<()> {
     let tx = ctl.events.clone();
+    // What the control loop does on a second TERM, for the signal thread to do if the control
+    // loop is wedged (`signals::forward`).
+    let children = ctl.children.clone();
+    signals::on_forced_exit(move || {
+        children.kill_all();
+        crate::restart::preflight::kill_preflight();
+    });
     let forwarding = match h.signals.take() {
         Some(installed) => installed
-            .forward(move |sig| tx.send(Event::Signal(sig)).is_ok())
+            // Bounded: a control loop that takes no event for a second is wedged, and the
+            // signal thread must go on to count a second TERM (see `forward`).
+            .forward(move |sig| {
+                !matches!(
+                    tx.send_timeout(Event::Signal(sig), std::time::Duration::from_secs(1)),
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_))
+                )
+            })
             .map(|s| ctl.signals = Some(s)),
         None => Ok(()),
     };

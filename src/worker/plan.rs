@@ -51,6 +51,17 @@ impl Plan {
                 std::io::Error::from_raw_os_error(libc::EMFILE),
             ));
         }
+        // A fault-injection build (tests only): the control thread's look at the files never
+        // returns while the file GEARSHIFT_FAULT_WEDGE names exists (a wedged system call).
+        #[cfg(gearshift_faults)]
+        if text.is_none()
+            && std::env::var_os("GEARSHIFT_FAULT_WEDGE").is_some_and(|p| Path::new(&p).exists())
+        {
+            log::warn!("wedging the control thread (injected fault, gearshift_faults build)");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+        }
         let config = match text {
             Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
             None => Config::load(path)?,
