@@ -947,7 +947,7 @@ fn a_config_replaced_by_a_fifo_wedges_neither_the_worker_nor_the_cli() {
 /// device nobody foresaw; here injected in a fault build: its next look at the files sleeps
 /// for ever), a second TERM still ends the worker within 2 s, and kills its job processes: the
 /// signal thread, which forwards every signal to the control thread, exits itself once the
-/// control thread has not acted on a second TERM within 1.5 s. Before, no TERM ended it.
+/// control thread has not acted on a second TERM within 1.2 s. Before, no TERM ended it.
 #[test]
 fn a_wedged_control_thread_still_ends_on_a_second_term_with_its_jobs() {
     let mut sb = Sandbox::new("wedged-control");
@@ -974,4 +974,62 @@ fn a_wedged_control_thread_still_ends_on_a_second_term_with_its_jobs() {
     eventually(Duration::from_secs(3), "the job process gone", || {
         pids_with(&format!("sleep {tag}")).is_empty()
     });
+}
+
+/// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
+/// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
+/// A second TERM still ends the worker within 2 s, its job processes with it: the signal
+/// thread's own last word is said from a thread it does not wait for long.
+#[test]
+fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::new("stderr-full");
+    let tag = 600_000 + std::process::id() % 90_000;
+    sb.job("hang.sh", &format!("#!/bin/sh\nsleep {tag} &\nwait\n"));
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    // SAFETY: F_SETPIPE_SZ on a pipe this test owns; the smallest a pipe can be (a page).
+    unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    let child = spawn(
+        sb.cmd(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(write_end)),
+    );
+    let mut w = Worker {
+        child,
+        socket: sb.path("state/worker/gearshift.sock"),
+        log: sb.path("no-log-file"),
+    };
+    eventually(Duration::from_secs(20), "serving", || {
+        w.try_status().is_some()
+    });
+    sb.submit("hang", "");
+    w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
+    // Log lines until the pipe is full: each USR2 is one ("USR2: ignored").
+    for _ in 0..200 {
+        w.signal(Signal::SIGUSR2);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    w.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "the first TERM waits"
+    );
+    let sent = Instant::now();
+    w.signal(Signal::SIGTERM);
+    let status = wait_child(&mut w.child, Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert!(
+        status.is_some(),
+        "the worker did not end on the second TERM"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the second TERM took {took:?}"
+    );
+    eventually(Duration::from_secs(3), "the job process gone", || {
+        pids_with(&format!("sleep {tag}")).is_empty()
+    });
+    drop(read_end);
 }

@@ -92,7 +92,7 @@ impl Installed {
 
 /// How long the control thread has to act on a second TERM, INT or QUIT (it exits at once on
 /// one) before the signal thread ends the process itself: within the 2 s an operator is owed.
-pub const FORCED_AFTER: Duration = Duration::from_millis(1500);
+pub const FORCED_AFTER: Duration = Duration::from_millis(1200);
 
 /// What to do before a forced exit (kill the job processes; set by the control loop).
 type ForcedHook = Box<dyn Fn() + Send>;
@@ -105,23 +105,36 @@ pub fn on_forced_exit(before: impl Fn() + Send + 'static) {
 }
 
 /// Ends the process from the signal thread, as the control thread would have on the second
-/// stop signal: the hook (the job processes killed), the log flushed, exit 1. `_exit`, not
-/// `exit`: the wedged thread may hold locks that exit handlers and destructors would wait for.
+/// stop signal: the hook (the job processes killed), a last word in the log, exit 1. The log
+/// line is written by a thread of its own, waited for at most [`LAST_WORD`]: a writer stuck on
+/// a full pipe or a stalled disk (maybe what wedged the control thread) must not keep the
+/// process alive. `_exit`, not `exit`: the wedged thread may hold locks that exit handlers and
+/// destructors would wait for.
 fn forced_exit(sig: Signal) -> ! {
-    log::error!(
-        "{} again, and the control thread did not act on the second within {} ms (it is wedged): exiting from the signal thread; interrupted jobs will run again",
-        sig.as_str(),
-        FORCED_AFTER.as_millis()
-    );
     if let Ok(slot) = ON_FORCED_EXIT.try_lock() {
         if let Some(before) = slot.as_ref() {
             before();
         }
     }
-    log::logger().flush();
+    let (said, heard) = std::sync::mpsc::channel();
+    let spoke = spawn_helper("forced-exit", move || {
+        log::error!(
+            "{} again, and the control thread did not act on the second within {} ms (it is wedged): exiting from the signal thread; interrupted jobs will run again",
+            sig.as_str(),
+            FORCED_AFTER.as_millis()
+        );
+        log::logger().flush();
+        let _ = said.send(());
+    });
+    if spoke.is_ok() {
+        let _ = heard.recv_timeout(LAST_WORD);
+    }
     // SAFETY: _exit ends the process at once; it takes no pointers and never returns.
     unsafe { libc::_exit(1) }
 }
+
+/// How long a forced exit waits for its log line at most.
+const LAST_WORD: Duration = Duration::from_millis(250);
 
 /// Empties the calling thread's signal mask: neither the mask carried across our own re-exec
 /// nor one inherited from whatever launched us may keep signals blocked.

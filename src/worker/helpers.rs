@@ -74,11 +74,12 @@ pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<
     });
     let forwarding = match h.signals.take() {
         Some(installed) => installed
-            // Bounded: a control loop that takes no event for a second is wedged, and the
-            // signal thread must go on to count a second TERM (see `forward`).
+            // Bounded: a control loop that takes no event for a quarter second is wedged,
+            // and the signal thread must go on to count a second TERM (see `forward`; the
+            // bound, the wait for the control thread and its last word make under 2 s).
             .forward(move |sig| {
                 !matches!(
-                    tx.send_timeout(Event::Signal(sig), std::time::Duration::from_secs(1)),
+                    tx.send_timeout(Event::Signal(sig), std::time::Duration::from_millis(250)),
                     Err(crossbeam_channel::SendTimeoutError::Disconnected(_))
                 )
             })
