@@ -1010,24 +1010,7 @@ fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
         w.signal(Signal::SIGUSR2);
         std::thread::sleep(Duration::from_millis(2));
     }
-    w.signal(Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        w.child.try_wait().unwrap().is_none(),
-        "the first TERM waits"
-    );
-    let sent = Instant::now();
-    w.signal(Signal::SIGTERM);
-    let status = wait_child(&mut w.child, Duration::from_secs(10));
-    let took = sent.elapsed();
-    assert!(
-        status.is_some(),
-        "the worker did not end on the second TERM"
-    );
-    assert!(
-        took < Duration::from_secs(2),
-        "the second TERM took {took:?}"
-    );
+    second_term_ends_it(&mut w, "a stderr nobody reads");
     eventually(Duration::from_secs(3), "the job process gone", || {
         pids_with(&format!("sleep {tag}")).is_empty()
     });
