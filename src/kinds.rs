@@ -23,11 +23,14 @@ pub enum RestartReason {
     /// A lane or an essential helper thread died (a panic): the generation is replaced.
     #[serde(rename = "thread died")]
     ThreadDied,
+    /// The spool's directory was removed or replaced while the worker ran: opened again.
+    #[serde(rename = "spool replaced")]
+    SpoolReplaced,
 }
 
 impl RestartReason {
     /// Every reason, for metrics that show each one from the start.
-    pub const ALL: [RestartReason; 8] = [
+    pub const ALL: [RestartReason; 9] = [
         RestartReason::Sighup,
         RestartReason::ConfigChanged,
         RestartReason::JobsChanged,
@@ -36,6 +39,7 @@ impl RestartReason {
         RestartReason::MaxRss,
         RestartReason::MaxAge,
         RestartReason::ThreadDied,
+        RestartReason::SpoolReplaced,
     ];
 
     /// The name in `status` and the log (`last_restart_reason`).
@@ -49,6 +53,7 @@ impl RestartReason {
             RestartReason::MaxRss => "max_rss",
             RestartReason::MaxAge => "max_age",
             RestartReason::ThreadDied => "thread died",
+            RestartReason::SpoolReplaced => "spool replaced",
         }
     }
 }

@@ -1016,3 +1016,36 @@ fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
     });
     drop(read_end);
 }
+
+/// An operator clears the queue with `rm -rf spool` while the worker runs (or the spool's file
+/// system is remounted): the worker went on with the directories it had open, now deleted, so
+/// a job submitted afterwards (`submit` creates the spool again) was never seen, and an outcome
+/// could never be stored ("cannot store results now ... trying again", for ever). Now the
+/// housekeeping notices that the spool at its path is no longer the one it opened, and the
+/// worker restarts in place to open it again: the job runs and its result is found.
+#[test]
+fn a_spool_removed_while_the_worker_runs_is_opened_again() {
+    let sb = Sandbox::new("spool-removed");
+    let cfg = sb.config_text("").replace("fsync = false", "fsync = true");
+    fs::write(sb.config(), cfg).unwrap();
+    let w = sb.start();
+    let before = sb.submit("reverse", "before");
+    assert!(all_outcomes(&sb, &[before], Duration::from_secs(10))[0].0);
+    fs::remove_dir_all(sb.path("spool")).unwrap();
+    let out = sb.run(&["submit", "--wait", "--timeout", "30s", "reverse", "after"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "retfa"),
+        "{}\n{}",
+        text(&out.stderr),
+        w.log_text()
+    );
+    let s = w.status();
+    assert_eq!(s["last_restart_reason"], "spool replaced", "{s}");
+    assert_eq!(s["pid"], w.pid());
+    assert!(
+        w.log_text().contains("no longer the one"),
+        "{}",
+        w.log_text()
+    );
+}

@@ -72,6 +72,11 @@ pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<
         children.kill_all();
         crate::restart::preflight::kill_preflight();
     });
+    // The spool's directories removed or replaced under the worker: a restart opens them again.
+    let events = ctl.events.clone();
+    crate::source::spool::recover::on_replaced(move || {
+        let _ = events.try_send(Event::Recycle(crate::kinds::RestartReason::SpoolReplaced));
+    });
     let forwarding = match h.signals.take() {
         Some(installed) => installed
             // Bounded: a control loop that takes no event for a quarter second is wedged,

@@ -176,6 +176,17 @@ impl Dir {
         (Uid::from_raw(self.st.st_uid), Gid::from_raw(self.st.st_gid))
     }
 
+    /// Whether the directory at `path` (links followed) is still this one: false once it was
+    /// removed, or replaced by another (a new directory, a remount). A look that fails for
+    /// another reason (no memory, no permission for now) tells nothing: true.
+    pub fn still_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => m.dev() == self.st.st_dev && m.ino() == self.st.st_ino,
+            Err(e) => !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)),
+        }
+    }
+
     /// Permission bits when the directory was opened.
     pub fn mode(&self) -> u32 {
         self.st.st_mode & 0o7777
@@ -318,6 +329,22 @@ mod tests {
             .unwrap()
             .path()
             .ends_with("real"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A directory opened once is told apart from what is at its path later: itself, nothing
+    /// (removed), or another directory put in its place.
+    #[test]
+    fn a_directory_knows_whether_it_is_still_at_its_path() {
+        let d = crate::testutil::tempdir("safefs", "still");
+        let path = d.join("spool");
+        let dir = Dir::create(&path, 0o750).unwrap();
+        assert!(dir.still_at(&path));
+        std::fs::rename(&path, d.join("old")).unwrap();
+        assert!(!dir.still_at(&path), "removed");
+        std::fs::create_dir(&path).unwrap();
+        assert!(!dir.still_at(&path), "another in its place");
+        assert!(dir.still_at(&d.join("old")));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

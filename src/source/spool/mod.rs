@@ -41,7 +41,7 @@ mod journal;
 mod lane;
 mod listing;
 mod order;
-mod recover;
+pub(crate) mod recover;
 mod replay;
 mod results;
 mod source;

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::now_ms;
@@ -194,6 +194,18 @@ impl SpoolSource {
         }
         *next = Instant::now() + HOUSEKEEPING;
         drop(next);
+        if let Some(gone) = self.spool.replaced() {
+            if !self.replaced.swap(true, Ordering::AcqRel) {
+                log::error!(
+                    "the spool directory \"{}\" is no longer the one this worker opened (removed or replaced while it ran): restarting to open it again",
+                    gone.display()
+                );
+                if let Some(then) = ON_REPLACED.lock().ok().as_ref().and_then(|s| s.as_ref()) {
+                    then();
+                }
+            }
+            return;
+        }
         self.clean_tmp();
         self.retry_recovery();
     }
@@ -275,7 +287,30 @@ impl SpoolSource {
     }
 }
 
+/// Told when the spool's directories are found removed or replaced (see `housekeeping`).
+type ReplacedHook = Box<dyn Fn() + Send>;
+static ON_REPLACED: Mutex<Option<ReplacedHook>> = Mutex::new(None);
+
+/// Calls `then` when the housekeeping finds the spool at its path no longer the one this
+/// worker opened (the worker then restarts to open it again).
+pub fn on_replaced(then: impl Fn() + Send + 'static) {
+    let mut slot = ON_REPLACED.lock().unwrap_or_else(|p| p.into_inner());
+    *slot = Some(Box::new(then));
+}
+
 impl Spool {
+    /// The first of the spool's directories that is no longer the one at its path (an
+    /// operator's `rm -rf`, a directory put in its place, a remount), if any: this handle then
+    /// reads and writes where nobody else looks.
+    pub(super) fn replaced(&self) -> Option<PathBuf> {
+        if !self.top.still_at(&self.root) {
+            return Some(self.root.clone());
+        }
+        let mut subs = SUBDIRS.iter().zip(&self.dirs);
+        subs.find(|(sub, d)| !d.still_at(&self.dir(sub)))
+            .map(|(sub, _)| self.dir(sub))
+    }
+
     /// Moves the entry `sub/name` (whatever it is) into `rejected/`, with the reason in the log
     /// and the count in `status`. Never fails the caller: at worst it says it could not.
     pub(super) fn reject_raw(&self, sub: &str, name: &std::ffi::OsStr, why: &str) {

@@ -58,6 +58,8 @@ pub struct SpoolSource {
     pub(super) direct: Arc<super::direct::Direct>,
     pub(super) next_prune: Mutex<Instant>,
     pub(super) next_housekeeping: Mutex<Instant>,
+    /// The spool's directories were found removed or replaced (said once; see `housekeeping`).
+    pub(super) replaced: AtomicBool,
     /// Interrupted jobs the start-up recovery could not move (say, on a full disk): retried
     /// with the housekeeping until they are.
     pub(super) unrecovered: Mutex<Vec<String>>,
@@ -162,6 +164,7 @@ impl SpoolSource {
                         HOUSEKEEPING
                     },
             ),
+            replaced: AtomicBool::new(false),
             unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: file,
