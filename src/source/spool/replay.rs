@@ -70,21 +70,25 @@ fn replay(spool: &Spool, file: File) -> Result<usize> {
 }
 
 /// The segment `name`, opened as the spool opens what others may have planted: never through
-/// a link, never blocking on a FIFO, only a regular file (`Dir::file`). None if it is gone; an
-/// entry that is no segment at all is set aside in `rejected/`.
+/// a link, never blocking on a FIFO, only a regular file (whoever wrote it: a `submit` of
+/// another user allowed to write the spool too). None if it is gone; an entry that is no
+/// segment at all is set aside in `rejected/`.
 fn segment(spool: &Spool, name: &str) -> Result<Option<File>> {
-    match spool
-        .opened("journal")?
-        .file(name, crate::ops::safefs::Open::READ)
-    {
-        Ok(o) => Ok(Some(o.file)),
-        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e @ Error::Unsafe(_)) => {
-            spool.reject_raw("journal", std::ffi::OsStr::new(name), &e.to_string());
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = spool.dir("journal").join(name);
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path);
+    let why = match opened {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => return Ok(Some(f)),
+        Ok(_) => "not a regular file, not a journal segment",
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => "a symbolic link, not a journal segment",
+        Err(e) => return Err(Error::io_path("opening", &path, e)),
+    };
+    spool.reject_raw("journal", std::ffi::OsStr::new(name), why);
+    Ok(None)
 }
 
 /// Whether the writer of the segment open as `file` is gone (its flock is free; taken now, it
