@@ -176,3 +176,39 @@ pub(super) fn unescape(s: &str) -> String {
     }
     out
 }
+/// Opens a spool entry (or journal segment) that others may have planted: never through a
+/// link, never blocking on a FIFO, only a regular file (as fstat sees it on the descriptor).
+pub(super) fn open_entry(path: &Path) -> io::Result<(std::fs::File, std::fs::Metadata)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::other("a symbolic link, not a spool file"),
+            _ => e,
+        })?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "a FIFO, socket or device"
+        };
+        return Err(io::Error::other(format!("not a regular file ({what})")));
+    }
+    Ok((f, meta))
+}
+
+/// Reads a spool entry ([`open_entry`]) of at most `max` bytes (checked with fstat before
+/// reading, and bounded while reading).
+pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let (f, meta) = open_entry(path)?;
+    if meta.len() > max {
+        return Err(io::Error::other(format!(
+            "{} bytes, over max_payload_bytes plus {HEADER_ROOM} bytes of header",
+            meta.len()
+        )));
+    }
+    crate::ops::safefs::read_bounded(f, max)?
+        .ok_or_else(|| io::Error::other("grew over max_payload_bytes while being read"))
+}

@@ -464,41 +464,6 @@ pub(super) fn prune_older(dir: &Path, cutoff: SystemTime) -> usize {
     pruned
 }
 
-/// Reads a spool entry: never through a link, never blocking on a FIFO, only a regular file of
-/// at most `max` bytes (checked with fstat before reading, and bounded while reading).
-pub(super) fn read_entry(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                io::Error::other("a symbolic link, not a job file")
-            } else {
-                e
-            }
-        })?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::other(format!(
-            "not a regular file ({})",
-            if meta.is_dir() {
-                "a directory"
-            } else {
-                "a FIFO, socket or device"
-            }
-        )));
-    }
-    if meta.len() > max {
-        return Err(io::Error::other(format!(
-            "{} bytes, over max_payload_bytes plus {HEADER_ROOM} bytes of header",
-            meta.len()
-        )));
-    }
-    crate::ops::safefs::read_bounded(f, max)?
-        .ok_or_else(|| io::Error::other("grew over max_payload_bytes while being read"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::format::*;

@@ -5,7 +5,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -155,20 +155,15 @@ impl SpoolSource {
         let cutoff = SystemTime::now() - TMP_ABANDONED;
         for name in names {
             let path = tmp.join(&name);
-            let Ok(f) = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)
-            else {
-                self.spool.reject_raw("tmp", &name, "not a regular file");
-                continue;
+            let (f, meta) = match open_entry(&path) {
+                Ok(opened) => opened,
+                // Renamed into place by its writer meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.spool.reject_raw("tmp", &name, &e.to_string());
+                    continue;
+                }
             };
-            let Ok(meta) = f.metadata() else { continue };
-            if !meta.is_file() {
-                drop(f);
-                self.spool.reject_raw("tmp", &name, "not a regular file");
-                continue;
-            }
             if meta.modified().is_ok_and(|t| t > cutoff) {
                 continue;
             }

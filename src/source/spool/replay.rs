@@ -69,26 +69,21 @@ fn replay(spool: &Spool, file: File) -> Result<usize> {
     Ok(written)
 }
 
-/// The segment `name`, opened as the spool opens what others may have planted: never through
-/// a link, never blocking on a FIFO, only a regular file (whoever wrote it: a `submit` of
-/// another user allowed to write the spool too). None if it is gone; an entry that is no
-/// segment at all is set aside in `rejected/`.
+/// The segment `name`, opened as any spool file others may have planted ([`open_entry`]),
+/// whoever wrote it (a `submit` of another user allowed to write the spool too). None if it is
+/// gone; an entry that is no segment at all is set aside in `rejected/`.
 fn segment(spool: &Spool, name: &str) -> Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = spool.dir("journal").join(name);
-    let opened = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&path);
-    let why = match opened {
-        Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => return Ok(Some(f)),
-        Ok(_) => "not a regular file, not a journal segment",
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => "a symbolic link, not a journal segment",
-        Err(e) => return Err(Error::io_path("opening", &path, e)),
-    };
-    spool.reject_raw("journal", std::ffi::OsStr::new(name), why);
-    Ok(None)
+    match open_entry(&path) {
+        Ok((f, _)) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::Other => {
+            let why = format!("{e}, not a journal segment");
+            spool.reject_raw("journal", std::ffi::OsStr::new(name), &why);
+            Ok(None)
+        }
+        Err(e) => Err(Error::io_path("opening", &path, e)),
+    }
 }
 
 /// Whether the writer of the segment open as `file` is gone (its flock is free; taken now, it
