@@ -4,6 +4,7 @@
 //! (`start` and its supervisor) are in `crate::daemon`, a layer above the worker.
 
 pub mod handover;
+pub mod hook;
 pub mod layout;
 pub mod logging;
 pub mod notify;

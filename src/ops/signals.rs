@@ -15,6 +15,7 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use signal_hook::iterator::Signals as Iter;
 
 use crate::error::{Error, Result};
+use crate::ops::hook::Hook;
 
 /// The signals gearshift acts on.
 pub const HANDLED: [Signal; 6] = [
@@ -95,13 +96,11 @@ impl Installed {
 pub const FORCED_AFTER: Duration = Duration::from_millis(1200);
 
 /// What to do before a forced exit (kill the job processes; set by the control loop).
-type ForcedHook = Box<dyn Fn() + Send>;
-static ON_FORCED_EXIT: Mutex<Option<ForcedHook>> = Mutex::new(None);
+static ON_FORCED_EXIT: Hook<()> = Hook::new();
 
 /// Runs `before` when the signal thread ends the process itself (see [`Installed::forward`]).
 pub fn on_forced_exit(before: impl Fn() + Send + 'static) {
-    let mut slot = ON_FORCED_EXIT.lock().unwrap_or_else(|p| p.into_inner());
-    *slot = Some(Box::new(before));
+    ON_FORCED_EXIT.set(move |()| before());
 }
 
 /// Ends the process from the signal thread, as the control thread would have on the second
@@ -111,11 +110,7 @@ pub fn on_forced_exit(before: impl Fn() + Send + 'static) {
 /// process alive. `_exit`, not `exit`: the wedged thread may hold locks that exit handlers and
 /// destructors would wait for.
 fn forced_exit(sig: Signal) -> ! {
-    if let Ok(slot) = ON_FORCED_EXIT.try_lock() {
-        if let Some(before) = slot.as_ref() {
-            before();
-        }
-    }
+    ON_FORCED_EXIT.call(());
     let (said, heard) = std::sync::mpsc::channel();
     let spoke = spawn_helper("forced-exit", move || {
         log::error!(
@@ -180,14 +175,12 @@ where
 }
 
 /// Called with a thread's name when an essential helper dies (set by the control loop).
-type DeathCallback = Box<dyn Fn(&str) + Send>;
-static ON_DEATH: std::sync::Mutex<Option<DeathCallback>> = std::sync::Mutex::new(None);
+static ON_DEATH: Hook<String> = Hook::new();
 
 /// Tells `report` about every essential helper that dies from now on (the control loop then
 /// replaces the generation).
 pub fn on_thread_death(report: impl Fn(&str) + Send + 'static) {
-    let mut slot = ON_DEATH.lock().unwrap_or_else(|p| p.into_inner());
-    *slot = Some(Box::new(report));
+    ON_DEATH.set(move |name: String| report(&name));
 }
 
 /// Reports its thread's death when dropped by a panic's unwinding.
@@ -197,11 +190,7 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // The panic itself is in the log already (the panic hook).
-            if let Ok(slot) = ON_DEATH.try_lock() {
-                if let Some(report) = slot.as_ref() {
-                    report(&self.0);
-                }
-            }
+            ON_DEATH.call(self.0.clone());
         }
     }
 }

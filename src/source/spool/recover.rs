@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::now_ms;
@@ -195,9 +195,7 @@ impl SpoolSource {
                     "the spool directory \"{}\" is no longer the one this worker opened (removed or replaced while it ran): restarting to open it again",
                     gone.display()
                 );
-                if let Some(then) = ON_REPLACED.lock().ok().as_ref().and_then(|s| s.as_ref()) {
-                    then();
-                }
+                ON_REPLACED.call(());
             }
             return;
         }
@@ -283,14 +281,12 @@ impl SpoolSource {
 }
 
 /// Told when the spool's directories are found removed or replaced (see `housekeeping`).
-type ReplacedHook = Box<dyn Fn() + Send>;
-static ON_REPLACED: Mutex<Option<ReplacedHook>> = Mutex::new(None);
+static ON_REPLACED: crate::ops::hook::Hook<()> = crate::ops::hook::Hook::new();
 
 /// Calls `then` when the housekeeping finds the spool at its path no longer the one this
 /// worker opened (the worker then restarts to open it again).
 pub fn on_replaced(then: impl Fn() + Send + 'static) {
-    let mut slot = ON_REPLACED.lock().unwrap_or_else(|p| p.into_inner());
-    *slot = Some(Box::new(then));
+    ON_REPLACED.set(move |()| then());
 }
 
 impl Spool {
