@@ -310,9 +310,15 @@ fn json_log_lines_carry_the_job_fields() {
     let g = w.generation();
     w.signal(Signal::SIGHUP);
     w.wait_generation(g + 1);
+    // Status says "running" once the helpers are up, a moment before the new generation's
+    // "serving" line is written: wait for that line, and read only whole lines.
+    eventually(Duration::from_secs(10), "a line of generation 2", || {
+        w.log_text().contains("\"generation\":2")
+    });
     let log = w.log_text();
     let lines: Vec<Value> = log
-        .lines()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     for l in &lines {
