@@ -976,6 +976,93 @@ fn a_wedged_control_thread_still_ends_on_a_second_term_with_its_jobs() {
     });
 }
 
+/// The control thread falls behind for a while (a slow disk under its look at the files;
+/// here a stall injected in a fault build) while signals keep coming, so its queue of events
+/// fills (1,024). A TERM sent then is still acted on once the control thread goes on: the worker
+/// stops. Before, the signal thread gave up on a signal after a quarter second of a full queue:
+/// the TERM was lost and the worker served on.
+#[test]
+fn a_term_sent_while_the_control_thread_is_behind_is_never_lost() {
+    let mut sb = Sandbox::new("term-behind");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let marker = sb.path("stall");
+    let mut w = sb.start_env(&[("GEARSHIFT_FAULT_WEDGE", marker.to_str().unwrap())]);
+    fs::write(&marker, "").unwrap();
+    // Invalid: once the stall ends, the look refuses it and the worker serves on.
+    fs::write(sb.config(), "[worker\n").unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the control thread stalled",
+        || w.log_text().contains("wedging the control thread"),
+    );
+    // Each USR2 taken apart is one event: well over the queue's room.
+    for _ in 0..2500 {
+        w.signal(Signal::SIGUSR2);
+        std::thread::sleep(Duration::from_micros(800));
+    }
+    w.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_secs(1));
+    fs::remove_file(&marker).unwrap();
+    let status = w.wait_exit(Duration::from_secs(20));
+    let log = w.log_text();
+    assert!(log.contains("reload refused"), "{log}");
+    assert!(log.contains("SIGTERM: stopping"), "{log}");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        log.matches("SIGUSR2: ignored").count() >= 1024,
+        "the queue was not filled: {} USR2 lines",
+        log.matches("SIGUSR2: ignored").count()
+    );
+}
+
+/// A signal that comes while a restart is under way, once the lanes have ended (the control
+/// thread stalled there, injected in a fault build, at two points: as it turns to the restart,
+/// and just before the exec): a TERM stops the worker, a USR1 (reopen the log file after a
+/// rotation) is acted on by the next generation. Neither is lost in the exec. Before, both
+/// waited in the control loop's queue, the exec dropped the queue, and the new generation
+/// served on (and wrote on to a rotated log file).
+#[test]
+fn a_signal_that_comes_as_a_restart_execs_is_acted_on() {
+    for (point, sig) in [
+        ("GEARSHIFT_FAULT_STALL_DRAINED", Signal::SIGTERM),
+        ("GEARSHIFT_FAULT_STALL_EXEC", Signal::SIGTERM),
+        ("GEARSHIFT_FAULT_STALL_EXEC", Signal::SIGUSR1),
+    ] {
+        let mut sb = Sandbox::new("signal-at-exec");
+        sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+        let marker = sb.path("stall");
+        let mut w = sb.start_env(&[(point, marker.to_str().unwrap())]);
+        fs::write(&marker, "").unwrap();
+        w.signal(Signal::SIGHUP);
+        eventually(
+            Duration::from_secs(10),
+            "the control thread stalled",
+            || w.log_text().contains("(injected fault"),
+        );
+        w.signal(sig);
+        std::thread::sleep(Duration::from_millis(500));
+        fs::remove_file(&marker).unwrap();
+        if sig == Signal::SIGTERM {
+            let status = w.wait_exit(Duration::from_secs(20));
+            let log = w.log_text();
+            assert!(status.success(), "{point}: {status:?}\n{log}");
+            assert!(log.contains("stopped"), "{point}: {log}");
+            if point.ends_with("DRAINED") {
+                // Seen before the exec: no generation is started only to stop.
+                assert!(!log.contains("generation 2 serving"), "{log}");
+            }
+        } else {
+            w.wait_generation(2);
+            // This sandbox logs to stderr: the USR1 finds no file to reopen, and says so.
+            eventually(Duration::from_secs(10), "the USR1 acted on", || {
+                w.log_text().contains("g2 SIGUSR1: ")
+            });
+            w.signal(Signal::SIGTERM);
+            w.wait_exit(Duration::from_secs(20));
+        }
+    }
+}
+
 /// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
 /// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
 /// A second TERM still ends the worker within 2 s, its job processes with it: the signal

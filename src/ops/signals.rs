@@ -4,10 +4,12 @@
 //! fall back to their default actions, and SIGHUP's default kills. So the self re-exec blocks
 //! every signal we handle just before execve ([`block`]); the new image installs its handlers
 //! first ([`Signals::install`]) and only then unblocks. A HUP sent during the exec is held
-//! pending and delivered once it is safe: it simply asks for one more reload.
+//! pending and delivered once it is safe: it simply asks for one more reload. A signal a
+//! handler took before the mask was set, still waiting in the forwarding thread or the control
+//! loop's queue, is raised again before the exec ([`carry_unacted`]) to wait the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -50,6 +52,10 @@ impl Signals {
     /// forwarding ([`Installed::forward`]) and then clear the mask ([`clear_mask`]): what
     /// arrived meanwhile stays pending until then, and reaches the handlers.
     pub fn install() -> Result<Installed> {
+        for (sig, flag) in UNACTED.iter() {
+            signal_hook::flag::register(*sig as i32, Arc::clone(flag))
+                .map_err(|e| Error::io("installing signal handlers", e))?;
+        }
         let raw: Vec<i32> = HANDLED.iter().map(|s| *s as i32).collect();
         Iter::new(&raw)
             .map(Installed)
@@ -57,32 +63,60 @@ impl Signals {
     }
 }
 
+/// What became of a signal handed to the control loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Taken: the control loop will act on it.
+    Taken,
+    /// No room for it yet (the control loop is behind): it is held and offered again.
+    Full,
+    /// Nobody listens any more.
+    Gone,
+}
+
 impl Installed {
-    /// Forwards each delivery to `deliver` (false: nobody listens any more), on a thread of
-    /// its own. A second TERM, INT or QUIT that the control thread has not acted on within
-    /// [`FORCED_AFTER`] (it is wedged, or `deliver` could not reach it) ends the process from
-    /// here ([`forced_exit`]).
-    pub fn forward(self, deliver: impl Fn(Signal) -> bool + Send + 'static) -> Result<Signals> {
+    /// Forwards each delivery to `deliver`, on a thread of its own. A signal the control loop
+    /// has no room for is held (a HUP, USR1 or USR2 already held is not held twice) and offered
+    /// again, never dropped, while the thread goes on counting what arrives. A second TERM,
+    /// INT or QUIT that the control thread has not acted on within [`FORCED_AFTER`] (it is
+    /// wedged, or could not be reached) ends the process from here ([`forced_exit`]).
+    pub fn forward(self, deliver: impl Fn(Signal) -> Delivery + Send + 'static) -> Result<Signals> {
         let mut iter = self.0;
         let thread = spawn_essential("signals", move || {
-            let mut stops = 0u32;
-            for raw in iter.forever() {
-                if raw == libc::SIGTERM || raw == libc::SIGINT {
-                    STOP_ASKED.store(true, Ordering::Release);
+            let mut held: Vec<Signal> = Vec::new();
+            let (mut stops, mut last_stop) = (0u32, Signal::SIGTERM);
+            loop {
+                let arrived: Vec<i32> = if held.is_empty() {
+                    iter.wait().collect()
+                } else {
+                    iter.pending().collect()
+                };
+                for raw in arrived {
+                    let Ok(sig) = Signal::try_from(raw) else {
+                        continue;
+                    };
+                    let stop = is_stop(sig);
+                    if stop {
+                        (stops, last_stop) = (stops + 1, sig);
+                    }
+                    if stop || !held.contains(&sig) {
+                        held.push(sig);
+                    }
                 }
-                if let Ok(sig) = Signal::try_from(raw) {
-                    if !deliver(sig) {
-                        break;
-                    }
-                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
-                        stops += 1;
-                        if stops >= 2 {
-                            // The control thread exits at once on it; still here after
-                            // this, it never will.
-                            std::thread::sleep(FORCED_AFTER);
-                            forced_exit(sig);
+                while let Some(&sig) = held.first() {
+                    match deliver(sig) {
+                        Delivery::Taken => {
+                            held.remove(0);
                         }
+                        Delivery::Full => break,
+                        Delivery::Gone => return,
                     }
+                }
+                if stops >= 2 {
+                    // The control thread exits at once on the second; still here after this,
+                    // it never will.
+                    std::thread::sleep(FORCED_AFTER);
+                    forced_exit(last_stop);
                 }
             }
         })
@@ -249,7 +283,7 @@ where
                 if e.raw_os_error() == Some(libc::EAGAIN)
                     && STARTING.load(Ordering::Acquire)
                     && Instant::now() < deadline
-                    && !stop_pending() =>
+                    && !stop_asked() =>
             {
                 if !said {
                     log::warn!(
@@ -271,13 +305,34 @@ where
     }
 }
 
-/// A TERM or INT reached the forwarding thread (the control loop may not run yet to act on it).
-static STOP_ASKED: AtomicBool = AtomicBool::new(false);
+/// One flag for each handled signal, set by the handler itself at every delivery, before
+/// the signal thread or the control loop hear of it: what a handler took is known to be taken
+/// even while it waits in the signal thread or the control loop's queue, both of which an exec
+/// drops. The control loop clears a flag as it acts on the signal ([`acting_on`]); a stop's
+/// stays set (a stop is never taken back).
+static UNACTED: LazyLock<[(Signal, Arc<AtomicBool>); 6]> =
+    LazyLock::new(|| HANDLED.map(|s| (s, Arc::new(AtomicBool::new(false)))));
 
-/// Whether a TERM or INT was asked: taken by the forwarding thread, or pending (signals are
-/// blocked until it runs).
-fn stop_pending() -> bool {
-    if STOP_ASKED.load(Ordering::Acquire) {
+fn is_stop(sig: Signal) -> bool {
+    matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
+}
+
+/// The control loop is about to act on `sig`: a delivery from now on is a new one.
+pub fn acting_on(sig: Signal) {
+    if !is_stop(sig) {
+        if let Some((_, flag)) = UNACTED.iter().find(|(s, _)| *s == sig) {
+            flag.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Whether a TERM, INT or QUIT was delivered (whether or not the control loop has acted on it
+/// yet) or is pending (signals are blocked until the handlers run).
+pub fn stop_asked() -> bool {
+    if UNACTED
+        .iter()
+        .any(|(s, flag)| is_stop(*s) && flag.load(Ordering::Acquire))
+    {
         return true;
     }
     // SAFETY: `set` is a plain sigset_t, emptied before use; sigpending only writes it.
@@ -285,8 +340,27 @@ fn stop_pending() -> bool {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigpending(&mut set) == 0
-            && (libc::sigismember(&set, libc::SIGTERM) == 1
-                || libc::sigismember(&set, libc::SIGINT) == 1)
+            && [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT]
+                .iter()
+                .any(|s| libc::sigismember(&set, *s) == 1)
+    }
+}
+
+/// Just before execve, with the handled signals blocked ([`block`]): every signal a handler
+/// took and the control loop has not acted on is raised again, to wait pending across the exec
+/// for the next image's handlers (a TERM then stops the next generation, a USR1 reopens its
+/// log, a HUP asks it for one more reload). Without this the exec would drop them with the
+/// queues they wait in.
+pub fn carry_unacted() {
+    for (sig, flag) in UNACTED.iter() {
+        if flag.load(Ordering::Acquire) {
+            if let Err(e) = nix::sys::signal::raise(*sig) {
+                log::error!(
+                    "{} taken but not acted on, and cannot be carried across the exec: {e}",
+                    sig.as_str()
+                );
+            }
+        }
     }
 }
 

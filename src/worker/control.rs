@@ -17,7 +17,7 @@ use crate::jobs::functions::Functions;
 use crate::kinds::{DeployResult, RestartReason, WorkerPhase};
 use crate::ops::notify::Notifier;
 use crate::ops::pidfile::Pidfile;
-use crate::ops::signals::Signals;
+use crate::ops::signals::{self, Signals};
 use crate::restart::deploy::{Deploy, Step};
 use crate::restart::reexec::Boot;
 use crate::source::Source;
@@ -242,6 +242,7 @@ impl Control {
     }
 
     fn on_signal(&mut self, sig: Signal, lp: &mut Loop) {
+        signals::acting_on(sig);
         match sig {
             Signal::SIGHUP => {
                 // Asked for by hand: never splayed, and it takes a pending one along.
@@ -311,6 +312,7 @@ impl Control {
         for t in self.lanes.drain(..) {
             let _ = t.join();
         }
+        self.stop_instead(&mut lp.phase);
         if matches!(lp.phase, Phase::Stopping) {
             self.source.settle(true);
         }

@@ -79,14 +79,17 @@ pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<
     });
     let forwarding = match h.signals.take() {
         Some(installed) => installed
-            // Bounded: a control loop that takes no event for a quarter second is wedged,
-            // and the signal thread must go on to count a second TERM (see `forward`; the
-            // bound, the wait for the control thread and its last word make under 2 s).
+            // Bounded: a signal the control loop has no room for within a quarter second is
+            // held and offered again, while the signal thread goes on to count a second TERM
+            // (see `forward`; the bound, the wait for the control thread and its last word
+            // make under 2 s).
             .forward(move |sig| {
-                !matches!(
-                    tx.send_timeout(Event::Signal(sig), std::time::Duration::from_millis(250)),
-                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_))
-                )
+                use crossbeam_channel::SendTimeoutError;
+                match tx.send_timeout(Event::Signal(sig), std::time::Duration::from_millis(250)) {
+                    Ok(()) => signals::Delivery::Taken,
+                    Err(SendTimeoutError::Timeout(_)) => signals::Delivery::Full,
+                    Err(SendTimeoutError::Disconnected(_)) => signals::Delivery::Gone,
+                }
             })
             .map(|s| ctl.signals = Some(s)),
         None => Ok(()),

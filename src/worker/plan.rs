@@ -51,16 +51,12 @@ impl Plan {
                 std::io::Error::from_raw_os_error(libc::EMFILE),
             ));
         }
-        // A fault-injection build (tests only): the control thread's look at the files never
-        // returns while the file GEARSHIFT_FAULT_WEDGE names exists (a wedged system call).
+        // A fault-injection build (tests only): the control thread's look at the files does
+        // not return while the file GEARSHIFT_FAULT_WEDGE names exists (a wedged or stalled
+        // system call).
         #[cfg(gearshift_faults)]
-        if text.is_none()
-            && std::env::var_os("GEARSHIFT_FAULT_WEDGE").is_some_and(|p| Path::new(&p).exists())
-        {
-            log::warn!("wedging the control thread (injected fault, gearshift_faults build)");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(60));
-            }
+        if text.is_none() {
+            stall_while("GEARSHIFT_FAULT_WEDGE", "wedging the control thread");
         }
         let config = match text {
             Some(t) => Config::parse(&crate::config::absolute(path)?, t.as_bytes())?,
@@ -275,4 +271,20 @@ pub fn describe(table: &Table) -> BTreeMap<String, String> {
             (name.clone(), format!("{what}{t}"))
         })
         .collect()
+}
+
+/// A fault-injection build (tests only): the calling thread stalls while the file the
+/// environment variable `var` names exists (a system call stalled by a slow disk, or wedged).
+#[cfg(gearshift_faults)]
+pub(super) fn stall_while(var: &str, what: &str) {
+    let Some(p) = std::env::var_os(var) else {
+        return;
+    };
+    if Path::new(&p).exists() {
+        log::warn!("{what} (injected fault, gearshift_faults build)");
+        while Path::new(&p).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        log::warn!("the control thread goes on (injected fault, gearshift_faults build)");
+    }
 }

@@ -182,6 +182,21 @@ impl Control {
         }
     }
 
+    /// Every lane has ended for a restart: a stop asked meanwhile (its TERM still waiting in
+    /// the queue behind the lanes' ends) makes it a stop, with no exec of a generation that
+    /// would only stop.
+    pub(super) fn stop_instead(&self, phase: &mut Phase) {
+        if let Phase::Draining { reason, .. } = *phase {
+            #[cfg(gearshift_faults)]
+            super::plan::stall_while("GEARSHIFT_FAULT_STALL_DRAINED", "stalling once drained");
+            if signals::stop_asked() {
+                log::info!("{reason}: a stop was asked meanwhile; stopping instead");
+                *phase = Phase::Stopping;
+                self.state.set_phase(WorkerPhase::Stopping);
+            }
+        }
+    }
+
     /// Every lane has exited: validate once more (unless no file was touched since the
     /// restart was asked for) and re-exec. Returns only if that failed.
     pub(super) fn restart(&mut self, reason: RestartReason, requested_mono_us: u64) {
@@ -224,7 +239,10 @@ impl Control {
                 .map_err(|e| Error::io("keeping inotify across exec", e)),
             None => Ok(()),
         };
+        #[cfg(gearshift_faults)]
+        super::plan::stall_while("GEARSHIFT_FAULT_STALL_EXEC", "stalling before the exec");
         let err = match signals::block()
+            .map(|()| signals::carry_unacted())
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())
         {
