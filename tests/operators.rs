@@ -373,6 +373,16 @@ fn messages_say_what_is_wrong_and_where() {
             "expected a whole number (written without quotes)",
         ),
         ("umask = \"999\"", ":6:9: [worker] umask \"999\""),
+        // The owner's own bits masked: the worker could not use the spool it makes (it failed
+        // at start with "opening directory .../spool/tmp: Permission denied").
+        (
+            "umask = \"777\"",
+            ":6:9: [worker] umask \"777\" takes the worker's own permissions",
+        ),
+        (
+            "umask = \"0200\"",
+            ":6:9: [worker] umask \"0200\" takes the worker's own permissions",
+        ),
     ];
     for (line, want) in cases {
         fs::write(

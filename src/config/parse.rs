@@ -54,18 +54,7 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
         max_payload_bytes: max_payload_bytes as usize,
         watch_config: w.watch_config,
         watch_jobs: w.watch_jobs,
-        umask: u32::from_str_radix(w.umask.get_ref(), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                cx.located(
-                    Some(w.umask.span()),
-                    &format!(
-                        "[worker] umask \"{}\" is not an octal mode like \"027\"",
-                        w.umask.get_ref()
-                    ),
-                )
-            })?,
+        umask: umask(cx, &w.umask)?,
         user_at: w.user.as_ref().map(|u| cx.where_is(u.span())),
         group_at: w.group.as_ref().map(|g| cx.where_is(g.span())),
         user: w.user.map(|u| u.into_inner()),
@@ -346,5 +335,22 @@ fn tls_files(
                 server_name: t.server_name,
             }))
         }
+    }
+}
+
+/// `[worker] umask`: an octal mode that leaves the owner's own bits alone (with them masked,
+/// the worker could not read or enter the spool and state it makes).
+fn umask(cx: &Cx<'_>, m: &Spanned<String>) -> Result<u32> {
+    let text = m.get_ref();
+    match u32::from_str_radix(text, 8).ok().filter(|m| *m <= 0o777) {
+        None => Err(cx.located(
+            Some(m.span()),
+            &format!("[worker] umask \"{text}\" is not an octal mode like \"027\""),
+        )),
+        Some(mask) if mask & 0o700 != 0 => Err(cx.located(
+            Some(m.span()),
+            &format!("[worker] umask \"{text}\" takes the worker's own permissions: it could not read or write the spool and state it makes; mask only group and others' bits, as \"027\" or \"077\" do"),
+        )),
+        Some(mask) => Ok(mask),
     }
 }
