@@ -51,8 +51,8 @@ impl AmqpConfig {
     }
 }
 
-/// One broker URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One broker URL. Its `Debug` shows `shown`, never the URL as written or the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AmqpUrl {
     /// As written (it may hold a password: never shown).
     pub url: String,
@@ -65,6 +65,12 @@ pub struct AmqpUrl {
     pub user: String,
     pub password: String,
     pub vhost: String,
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AmqpUrl").field(&self.shown).finish()
+    }
 }
 
 /// `[source.declare]`.
@@ -97,7 +103,7 @@ fn amqp_name(text: &str, what: &str) -> std::result::Result<(), String> {
 /// URI spec: guest/guest, port 5672 or 5671 and vhost `/` by default; the query is accepted and
 /// ignored, `[source]` says the rest); the error says what is wrong.
 fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
-    let shown_raw = crate::text::escape(text);
+    let shown_raw = crate::text::escape(&without_password(text)).into_owned();
     let bad = |why: &str| {
         format!("url \"{shown_raw}\" is not an AMQP URL such as \"amqp://user:password@127.0.0.1:5672/%2f\" ({why})")
     };
@@ -120,7 +126,7 @@ fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
             let (name, pass) = u.split_once(':').unwrap_or((u, ""));
             (
                 decode(name).map_err(|e| bad(&e))?,
-                decode(pass).map_err(|e| bad(&e))?,
+                decode(pass).map_err(|_| bad("a bad %-escape in the password"))?,
             )
         }
     };
@@ -148,7 +154,9 @@ fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
         }
         Some(p) => p
             .parse::<u16>()
-            .map_err(|_| bad(&format!("port \"{p}\"")))?,
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad(&format!("port \"{p}\"")))?,
     };
     let vhost = if path.is_empty() {
         "/".to_string()
@@ -182,6 +190,28 @@ fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
         password,
         vhost,
     })
+}
+
+/// `text` as written, the password of its user part (if it has one) written `***`: for errors
+/// about a URL that may not parse, which a terminal, the log or `status` show.
+fn without_password(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if user.len() < userinfo.len() {
+                ":***"
+            } else {
+                ""
+            };
+            format!("{scheme}://{user}{masked}@{host}{tail}")
+        }
+        None => text.to_string(),
+    }
 }
 
 /// Percent-decoding of one URL part (UTF-8 after decoding).
@@ -351,6 +381,7 @@ mod tests {
             "http://h/",
             "amqp://",
             "amqp://h:99999/",
+            "amqp://h:0/",
             "amqp://h:x/",
             "amqp://u:p@[::1/",
             "amqp://h/%zz",
@@ -360,5 +391,30 @@ mod tests {
             let e = url(bad).unwrap_err();
             assert!(e.contains("is not an AMQP URL"), "{bad}: {e}");
         }
+    }
+
+    /// An error about a URL is read by whoever reads the terminal, the log or `status` (a
+    /// refused reload): the password in it is never shown, however the URL is broken.
+    #[test]
+    fn a_broken_url_is_shown_without_its_password() {
+        for bad in [
+            "amqp://u:s3cret@127.0.0.1:99999/%2f",
+            "amqps://u:s3cret@h:x/",
+            "amqp://u:s3cret@[::1/",
+            "amqp://u:s3cret@h/%zz",
+            "amqp://u:s3cret:more@h:0/",
+            "amqp://u:s3cret@@h:0/",
+            "amqp://u:s3cret@h:0?x=/",
+            "amqp://u:s3c%zzret@h/",
+            "htp://u:s3cret@h/",
+        ] {
+            let e = url(bad).unwrap_err();
+            assert!(!e.contains("s3cret"), "{bad}: {e}");
+            assert!(e.contains("is not an AMQP URL"), "{bad}: {e}");
+        }
+        let e = url("amqp://u:s3cret@h:0/").unwrap_err();
+        assert!(e.contains("\"amqp://u:***@h:0/\""), "{e}");
+        let ok = url("amqp://u:s3cret@h/").unwrap();
+        assert!(!format!("{ok:?}").contains("s3cret"), "{ok:?}");
     }
 }
