@@ -76,14 +76,6 @@ fn status_with_a_broken_config_finds_the_worker_or_says_unknown() {
     w.wait_exit(Duration::from_secs(10));
 }
 
-fn text_of(out: &std::process::Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
 /// One meaning per exit code, for every command (the table is in README and every --help).
 #[test]
 fn exit_codes_have_one_meaning_each() {

@@ -221,6 +221,51 @@ fn a_planted_spool_directory_link_is_never_chowned() {
     planted_or_refused(&plant, &out, "spool/done");
 }
 
+/// `[source] dir` naming a directory of root's that holds other things (a typo, a template's
+/// empty variable that made it the config's own directory, `/`): root gives a spool directory
+/// to the worker's user, and owning a directory means renaming what is in it, so the worker's
+/// user (every job) could have swapped root's files there. Before, the directory was chowned
+/// to the worker's user and the spool's subdirectories made in it. Now the start is refused,
+/// naming what does not belong, and nothing there changes; an empty `dir` is refused by check.
+#[test]
+fn a_spool_dir_that_holds_other_files_is_never_given_to_the_worker() {
+    let sb = privsep("sec-spoolforeign");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let etc = sb.path("etcish");
+    fs::create_dir(&etc).unwrap();
+    fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    fs::set_permissions(&etc, fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        cfg.replace("dir = \"spool\"", &format!("dir = \"{}\"", etc.display())),
+    )
+    .unwrap();
+    let out = sb.run(&["start"]);
+    assert!(!out.status.success(), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("\"passwd\"") && text(&out.stderr).contains("not a spool's"),
+        "{}",
+        text_of(&out)
+    );
+    let m = fs::metadata(&etc).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
+    let mut names: Vec<String> = fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["passwd"], "nothing made in it");
+    // The config's own directory, through an empty value.
+    fs::write(sb.config(), cfg.replace("dir = \"spool\"", "dir = \"\"")).unwrap();
+    let out = sb.run(&["check"]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("dir must not be empty"),
+        "{}",
+        text_of(&out)
+    );
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

@@ -1,7 +1,7 @@
 //! Where a config error is: the file, its bytes, its directory, for `file:line:col` and hints.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -28,6 +28,19 @@ impl Cx<'_> {
     pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
         let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
         Error::Config(format!("{}:{line}:{col}: {msg}", self.path.display()))
+    }
+
+    /// A directory key, relative to the config's directory. Not empty: that would be the
+    /// config's own directory (a template's unset variable), which root must not hand to the
+    /// worker's user or fill with the worker's files.
+    pub(super) fn dir(&self, v: &Spanned<PathBuf>, key: &str) -> Result<PathBuf> {
+        if v.get_ref().as_os_str().is_empty() {
+            return Err(self.located(
+                Some(v.span()),
+                &format!("{key} must not be empty (that would be the config's own directory): give it a directory of its own"),
+            ));
+        }
+        Ok(self.base.join(v.get_ref()))
     }
 
     pub(super) fn at_least_100ms(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {

@@ -49,8 +49,8 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
     }
     let worker = Worker {
         concurrency: concurrency as usize,
-        jobs_dir: cx.base.join(w.jobs_dir),
-        state_dir: cx.base.join(w.state_dir),
+        jobs_dir: cx.dir(&w.jobs_dir, "jobs_dir")?,
+        state_dir: cx.dir(&w.state_dir, "state_dir")?,
         max_payload_bytes: max_payload_bytes as usize,
         watch_config: w.watch_config,
         watch_jobs: w.watch_jobs,
@@ -100,7 +100,7 @@ fn spool(cx: &Cx<'_>, s: &RawSource) -> Result<SpoolConfig> {
         ));
     }
     Ok(SpoolConfig {
-        dir: cx.base.join(&s.dir),
+        dir: cx.dir(&s.dir, "dir")?,
         max_attempts: attempts,
         retain_results: s.retain_results.0,
         fsync: s.fsync,

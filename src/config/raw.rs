@@ -58,8 +58,8 @@ pub(super) enum RawLogFormat {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawWorker {
     pub(super) concurrency: Spanned<i64>,
-    pub(super) jobs_dir: PathBuf,
-    pub(super) state_dir: PathBuf,
+    pub(super) jobs_dir: Spanned<PathBuf>,
+    pub(super) state_dir: Spanned<PathBuf>,
     pub(super) max_payload_bytes: Spanned<u64>,
     pub(super) watch_config: bool,
     pub(super) watch_jobs: bool,
@@ -82,8 +82,8 @@ impl Default for RawWorker {
     fn default() -> Self {
         RawWorker {
             concurrency: Spanned::new(0..0, 1),
-            jobs_dir: "jobs".into(),
-            state_dir: "state".into(),
+            jobs_dir: Spanned::new(0..0, "jobs".into()),
+            state_dir: Spanned::new(0..0, "state".into()),
             max_payload_bytes: Spanned::new(0..0, 16 << 20),
             watch_config: true,
             watch_jobs: true,
@@ -117,7 +117,7 @@ pub(super) enum SourceKind {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawSource {
     pub(super) kind: SourceKind,
-    pub(super) dir: PathBuf,
+    pub(super) dir: Spanned<PathBuf>,
     pub(super) max_attempts: Spanned<u32>,
     pub(super) retain_results: Dur,
     pub(super) fsync: bool,
@@ -158,7 +158,7 @@ impl Default for RawSource {
     fn default() -> Self {
         RawSource {
             kind: SourceKind::Spool,
-            dir: "spool".into(),
+            dir: Spanned::new(0..0, "spool".into()),
             max_attempts: Spanned::new(0..0, 3),
             retain_results: Dur(Duration::from_secs(7 * 86400)),
             fsync: true,

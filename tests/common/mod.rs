@@ -491,6 +491,15 @@ pub fn second_term_ends_it(w: &mut Worker, state: &str) {
     );
 }
 
+/// A command's stdout and stderr, for an assertion's message.
+pub fn text_of(out: &std::process::Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

@@ -165,10 +165,8 @@ impl Dir {
         self.lstat(OsStr::new(name)).is_ok()
     }
 
-    /// The names here, but dot files, each with its entry's type and modification time (not
-    /// through links), read through this descriptor: whatever is renamed over the path
-    /// meanwhile is not what is listed.
-    pub fn entries(&self) -> Result<Vec<(OsString, FileStat)>> {
+    /// Every name here (dot files too, but `.` and `..`), read through this descriptor.
+    pub fn names(&self) -> Result<Vec<OsString>> {
         let err = |e: Errno| Error::io_path("listing", &self.path, e.into());
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
         let mut list = nix::dir::Dir::openat(Some(self.fd.as_raw_fd()), ".", flags, Mode::empty())
@@ -177,6 +175,20 @@ impl Dir {
         for entry in list.iter() {
             let name = entry.map_err(err)?.file_name().to_owned();
             let name = OsString::from_vec(name.into_bytes());
+            if name != "." && name != ".." {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The names here, but dot files, each with its entry's type and modification time (not
+    /// through links), read through this descriptor: whatever is renamed over the path
+    /// meanwhile is not what is listed.
+    pub fn entries(&self) -> Result<Vec<(OsString, FileStat)>> {
+        let err = |e: Errno| Error::io_path("listing", &self.path, e.into());
+        let mut out = Vec::new();
+        for name in self.names()? {
             if name.as_encoded_bytes().starts_with(b".") {
                 continue;
             }

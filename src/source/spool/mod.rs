@@ -404,6 +404,14 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
             cfg.dir.display()
         )));
     }
+    if let Some(name) = foreign_entry(&root)? {
+        return Err(Error::Unsafe(format!(
+            "spool \"{}\" holds \"{}\", which is not a spool's: giving the directory to user \"{}\" would let every job rename what is in it; point [source] dir at a directory of its own",
+            cfg.dir.display(),
+            crate::text::escape(&name.to_string_lossy()),
+            t.name
+        )));
+    }
     for sub in SUBDIRS {
         let d = root.sub(sub, Some(0o750))?;
         if let Ok(entries) = fs::read_dir(d.path()) {
@@ -422,6 +430,21 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
         crate::ops::safefs::chown_file(&o.file, &cfg.dir.join(".lock"), t.uid, t.gid)?;
     }
     root.chown(t.uid, t.gid)
+}
+
+/// The first entry of a spool directory root is about to give away that no spool has there
+/// (its subdirectories, `.lock`, `.epoch` and its temporary files; `lost+found` of a spool on
+/// a filesystem of its own).
+fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
+    let ours = |n: &str| {
+        SUBDIRS.contains(&n)
+            || [".lock", ".epoch", "lost+found"].contains(&n)
+            || (n.starts_with(".epoch.") && n.ends_with(".tmp"))
+    };
+    Ok(dir
+        .names()?
+        .into_iter()
+        .find(|n| !n.to_str().is_some_and(ours)))
 }
 
 pub(super) fn valid_id(id: &str) -> bool {
