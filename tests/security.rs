@@ -221,6 +221,16 @@ fn a_planted_spool_directory_link_is_never_chowned() {
     planted_or_refused(&plant, &out, "spool/done");
 }
 
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// `[source] dir` naming a directory of root's that holds other things (a typo, a template's
 /// empty variable that made it the config's own directory, `/`): root gives a spool directory
 /// to the worker's user, and owning a directory means renaming what is in it, so the worker's
@@ -250,12 +260,7 @@ fn a_spool_dir_that_holds_other_files_is_never_given_to_the_worker() {
     );
     let m = fs::metadata(&etc).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
-    let mut names: Vec<String> = fs::read_dir(&etc)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["passwd"], "nothing made in it");
+    assert_eq!(names_in(&etc), ["passwd"], "nothing made in it");
     // The config's own directory, through an empty value.
     fs::write(sb.config(), cfg.replace("dir = \"spool\"", "dir = \"\"")).unwrap();
     let out = sb.run(&["check"]);
@@ -264,6 +269,42 @@ fn a_spool_dir_that_holds_other_files_is_never_given_to_the_worker() {
         "{}",
         text_of(&out)
     );
+}
+
+/// `[worker] state_dir` naming a directory gearshift did not make (a typo: someone's home, a
+/// system directory): root changes neither its owner nor its mode. Before, one owned by another
+/// user was taken for root (chown root, go-w), and a root directory that nobody could pass got
+/// o+x, whatever else they held. Now the start is refused with why, and nothing changes.
+#[test]
+fn a_state_dir_gearshift_did_not_make_is_never_taken_or_opened_up() {
+    let sb = privsep("sec-statedir");
+    let _reaper = Reaper(sb.path("home/gearshift.pid"));
+    let home = sb.path("home");
+    fs::create_dir(&home).unwrap();
+    fs::write(home.join(".profile"), "alice's\n").unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        cfg.replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", home.display()),
+        ),
+    )
+    .unwrap();
+    // Another user's (not the worker's), then root's own with other files and no o+x.
+    for (uid, mode, want) in [
+        (4242, 0o700, "neither root nor"),
+        (0, 0o700, "\".profile\""),
+    ] {
+        nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+        fs::set_permissions(&home, fs::Permissions::from_mode(mode)).unwrap();
+        let out = sb.run(&["start"]);
+        assert!(!out.status.success(), "{uid}: {}", text_of(&out));
+        assert!(text(&out.stderr).contains(want), "{uid}: {}", text_of(&out));
+        let m = fs::metadata(&home).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (uid, mode), "untouched");
+        assert_eq!(names_in(&home), [".profile"], "nothing made in it");
+    }
 }
 
 #[test]

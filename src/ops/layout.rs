@@ -61,7 +61,13 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     }
     let (owner, _) = dir.owner();
     let me = geteuid();
-    if me.is_root() && !owner.is_root() {
+    if me.is_root() && !owner.is_root() && target.is_none_or(|t| t.uid != owner) {
+        // Not the worker's user of an older version: someone else's directory.
+        return Err(Error::Unsafe(format!(
+            "state_dir \"{}\" is owned by uid {owner}, neither root nor the worker's user: it is not gearshift's to take; point state_dir at a directory of its own (or chown root it if it is meant)",
+            state_dir.display()
+        )));
+    } else if me.is_root() && !owner.is_root() {
         log::warn!(
             "state_dir \"{}\" belonged to uid {owner}: taking it back for root (the worker's user keeps only \"{WORKER_DIR}/\")",
             state_dir.display()
@@ -86,6 +92,17 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         // a switch from allow_root, whose umask made it 0750).
         let (_, gid) = dir.owner();
         let searchable = dir.mode() & 0o001 != 0 || (gid == t.gid && dir.mode() & 0o010 != 0);
+        if !searchable && existed {
+            if let Some(name) = foreign_entry(&dir)? {
+                return Err(Error::Unsafe(format!(
+                    "state_dir \"{}\" (mode {:o}) does not let user {} pass and holds \"{}\", which is not gearshift's: it is not opened up for the worker (o+x); point state_dir at a directory of its own (or chmod o+x it if it is meant)",
+                    state_dir.display(),
+                    dir.mode(),
+                    t.name,
+                    crate::text::escape(&name.to_string_lossy())
+                )));
+            }
+        }
         if !searchable {
             log::info!(
                 "state_dir \"{}\": letting user {} pass through it (o+x)",
@@ -107,6 +124,20 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         dir.sub(WORKER_DIR, None)?;
     }
     Ok(State { dir })
+}
+
+/// The first entry of `state_dir` that gearshift does not keep there (its pidfile, its log and
+/// the log's rotations, `last-good` and its temporary file, `worker/`; `lost+found`).
+fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
+    let ours = |n: &str| {
+        n.starts_with("gearshift.")
+            || n.starts_with(LAST_GOOD)
+            || [WORKER_DIR, "lost+found"].contains(&n)
+    };
+    Ok(dir
+        .names()?
+        .into_iter()
+        .find(|n| !n.to_str().is_some_and(ours)))
 }
 
 /// Where root records, per config file, the `state_dir` a worker started with: so `status`,
