@@ -201,6 +201,39 @@ fn a_planted_log_link_is_never_followed() {
     );
 }
 
+/// `[log] file` naming a file of root's that gearshift did not make (`/etc/passwd` by a slip of
+/// the hand): root opened it for appending and gave it to the worker's user, so every job could
+/// have rewritten it. Now root gives away only a log file it makes itself or one already the
+/// user's; any other existing file is refused with the fix, and stays as it was.
+#[test]
+fn a_log_file_gearshift_did_not_make_is_never_given_to_the_worker() {
+    let sb = privsep("sec-logforeign");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let sys = sb.path("sys");
+    fs::create_dir(&sys).unwrap();
+    let passwd = sys.join("passwd");
+    let content = "root:x:0:0::/root:/bin/sh\n";
+    fs::write(&passwd, content).unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        format!("{cfg}[log]\nfile = \"{}\"\n", passwd.display()),
+    )
+    .unwrap();
+    for cmd in [&["start"][..], &["run"]] {
+        let out = sb.run(cmd);
+        assert!(!out.status.success(), "{cmd:?}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains("is root's") && text(&out.stderr).contains("chown"),
+            "{cmd:?}: {}",
+            text_of(&out)
+        );
+        let m = fs::metadata(&passwd).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{cmd:?}: still root's");
+        assert_eq!(fs::read_to_string(&passwd).unwrap(), content, "{cmd:?}");
+    }
+}
+
 #[test]
 fn a_planted_spool_directory_link_is_never_chowned() {
     let sb = privsep("sec-spoollink");

@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -70,6 +71,23 @@ pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
         },
     )?;
     if let Some((uid, gid)) = owner {
+        let held_by = opened
+            .file
+            .metadata()
+            .map_err(|e| crate::Error::io_path("checking", path, e))?
+            .uid();
+        // Root gives away only a log file it made just now, or one the user has already: any
+        // other (say `/etc/passwd` by a slip of the hand) every job could then rewrite.
+        if !opened.created && held_by != uid.as_raw() {
+            return Err(crate::Error::Unsafe(format!(
+                "log file \"{}\" is {}, and root gives the worker's user only a log file it makes itself or one already the user's; if it is gearshift's log: chown {}:{} \"{}\", else point [log] file at a file of its own",
+                path.display(),
+                if held_by == 0 { "root's".to_string() } else { format!("uid {held_by}'s") },
+                uid,
+                gid,
+                path.display()
+            )));
+        }
         crate::ops::safefs::chown_file(&opened.file, path, uid, gid)?;
     }
     Ok(opened.file)
