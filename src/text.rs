@@ -36,6 +36,15 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// [`escape`] line by line: the line breaks `s` was written with are kept (a message with a
+/// hint on a line of its own), every other control character escaped.
+pub fn escape_lines(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c != '\n' && needs_escape(c)) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.split('\n').map(escape).collect::<Vec<_>>().join("\n"))
+}
+
 /// Bytes (not necessarily UTF-8) as escaped text: invalid UTF-8 is replaced, then [`escape`]d.
 pub fn escape_bytes(b: &[u8]) -> String {
     escape(&String::from_utf8_lossy(b)).into_owned()
@@ -79,5 +88,16 @@ mod tests {
         }
         assert!(matches!(escape("nothing"), Cow::Borrowed(_)));
         assert_eq!(escape_bytes(b"bad \xff\n"), "bad \u{fffd}\\n");
+    }
+
+    #[test]
+    fn escape_lines_keeps_the_line_breaks_and_escapes_the_rest() {
+        assert_eq!(
+            escape_lines("error \x1b[2J\nhint:\ttry\r"),
+            "error \\e[2J\nhint:\\ttry\\r"
+        );
+        assert!(matches!(escape_lines("a\nb"), Cow::Borrowed(_)));
+        // Already escaped text stays as it is.
+        assert_eq!(escape_lines(&escape("\x1b")), "\\e");
     }
 }

@@ -486,6 +486,22 @@ fn outside_text_is_escaped_for_people_and_log_parsers() {
         "{:?}",
         text(&check.stdout)
     );
+    // An error the CLI prints itself (here a start refused for a log file path carrying an
+    // escape sequence, in a directory that does not exist) reaches the terminal escaped too.
+    fs::write(
+        sb.config(),
+        sb.config_text("[log]\nfile = \"no-such-dir/\\u001b]0;pwned\\u0007x.log\"\n"),
+    )
+    .unwrap();
+    for cmd in [&["start"][..], &["run"]] {
+        let out = sb.run(cmd);
+        assert!(!out.status.success(), "{cmd:?}: {}", text_of(&out));
+        assert!(
+            !text(&out.stderr).contains('\x1b') && text(&out.stderr).contains("\\e]0;pwned"),
+            "{cmd:?}: {:?}",
+            text(&out.stderr)
+        );
+    }
 }
 
 /// `gearshift top` killed by SIGTERM or SIGHUP leaves the terminal as it found it: main

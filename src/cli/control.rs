@@ -21,7 +21,10 @@ fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
     match Config::load(path) {
         Ok(c) => Ok((c.worker.state_dir, true)),
         Err(Error::Config(msg)) => {
-            eprintln!("gearshift: warning: the config file is invalid: {msg}");
+            eprintln!(
+                "gearshift: warning: the config file is invalid: {}",
+                crate::text::escape_lines(&msg)
+            );
             let recorded = crate::config::absolute(path)
                 .ok()
                 .and_then(|p| crate::ops::layout::recorded_state_dir(&p));
@@ -102,7 +105,7 @@ pub(super) fn metrics(path: &Path) -> Result<u8> {
             return Ok(exit::NOT_RUNNING);
         }
         Err(e) => {
-            eprintln!("gearshift: {e}");
+            eprintln!("gearshift: {}", crate::text::escape_lines(&e.to_string()));
             return Ok(exit::UNKNOWN);
         }
     };
@@ -127,14 +130,17 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
             return Ok(exit::NOT_RUNNING);
         }
         Err(e) => {
-            eprintln!("gearshift: {e}");
+            eprintln!("gearshift: {}", crate::text::escape_lines(&e.to_string()));
             return Ok(exit::UNKNOWN);
         }
     };
     let s = match crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("gearshift is running (pid {pid}) but its status is unavailable: {e}");
+            eprintln!(
+                "gearshift is running (pid {pid}) but its status is unavailable: {}",
+                crate::text::escape_lines(&e.to_string())
+            );
             return Ok(0);
         }
     };

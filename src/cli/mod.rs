@@ -221,7 +221,7 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
                 log::logger().flush();
             }
             if !json || (crate::ops::logging::has_file() && std::io::stderr().is_terminal()) {
-                eprintln!("gearshift: {e}");
+                eprintln!("gearshift: {}", crate::text::escape_lines(&e.to_string()));
             }
             ExitCode::from(match e {
                 Error::NotRunning => exit::NOT_RUNNING,

@@ -160,7 +160,7 @@ fn wait_ready(ready: OwnedFd, log_file: &Path) -> u8 {
         println!("started (pid {pid}), logging to {}", log_file.display());
         0
     } else if let Some(err) = line.strip_prefix("error ") {
-        eprintln!("gearshift: {err}");
+        eprintln!("gearshift: {}", crate::text::escape_lines(err));
         1
     } else {
         eprintln!(
