@@ -1079,6 +1079,39 @@ fn a_signal_that_comes_as_a_restart_execs_is_acted_on() {
     }
 }
 
+/// `gearshift start` waits for the daemon to serve. A daemon that cannot get there (its start-up
+/// stalled, as on a hung mount; injected in a fault build) held a deploy script's `start` for
+/// ever. Now `start --timeout` gives up waiting, says the daemon is still starting and where to
+/// look, and exits 5; the daemon goes on, and `status` and `stop` find it once it serves.
+#[test]
+fn start_gives_up_waiting_after_its_timeout_and_says_why() {
+    let mut sb = Sandbox::new("start-timeout");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let mut cmd = sb.cmd(&["start", "--timeout", "1s"]);
+    cmd.env("GEARSHIFT_FAULT_STALL_START", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd);
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    let _ = fs::remove_file(&marker);
+    let status = status.expect("start returned within 20 s");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(5), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("did not serve within 1s")
+            && text(&out.stderr).contains("still starting"),
+        "{}",
+        text_of(&out)
+    );
+    eventually(Duration::from_secs(20), "the daemon serving", || {
+        sb.run(&["status"]).status.success()
+    });
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 /// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
 /// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
 /// A second TERM still ends the worker within 2 s, its job processes with it: the signal

@@ -20,6 +20,9 @@ mod submit;
 mod top;
 mod zeromq;
 
+/// How long `restart` waits for the daemon it starts to serve (`start --timeout`'s default).
+const START_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Parser)]
 #[command(name = "gearshift", version = crate::VERSION, about = "A job worker that restarts itself in place, between jobs")]
 struct Cli {
@@ -81,7 +84,7 @@ enum Command {
         log_file: Option<PathBuf>,
     },
     /// Start the worker as a daemon; returns once it serves, or prints its error.
-    /// Exit codes: 0 started, 1 failed or already running.
+    /// Exit codes: 0 started, 1 failed or already running, 5 still starting after --timeout.
     Start {
         /// Keep a supervisor process that restarts the worker when it dies abnormally.
         #[arg(long)]
@@ -89,6 +92,9 @@ enum Command {
         /// With --supervise: give up after this many crashes within a minute.
         #[arg(long, default_value_t = 5)]
         max_restarts: usize,
+        /// Stop waiting for the daemon to serve after this long (exit 5): it goes on starting.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        timeout: Duration,
     },
     /// Stop (if running), then start (with its supervisor, if it had one).
     /// Exit codes: as `start`; 5 if the stop timed out.
@@ -253,7 +259,8 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Start {
             supervise,
             max_restarts,
-        } => crate::daemon::start(path, functions, supervise.then_some(max_restarts)),
+            timeout,
+        } => crate::daemon::start(path, functions, supervise.then_some(max_restarts), timeout),
         Command::Restart { timeout } => {
             // A worker started with --supervise is started again with its supervisor.
             let supervised = control::running(path).ok().and_then(|(pid, socket, _)| {
@@ -265,7 +272,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             if stopped != exit::OK {
                 return Ok(stopped);
             }
-            crate::daemon::start(path, functions, supervised.map(|m| m as usize))
+            crate::daemon::start(path, functions, supervised.map(|m| m as usize), START_WAIT)
         }
         Command::Submit(args) => submit::submit(path, args),
         Command::Result { job_id } => submit::result(path, &job_id),

@@ -12,8 +12,9 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -30,7 +31,12 @@ pub mod supervisor;
 /// Starts the worker as a daemon; returns the exit code for the `start` command.
 /// With `supervise = Some(max_restarts)`, the daemon is a supervisor running the worker as its
 /// child (see [`crate::daemon::supervisor`]).
-pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>) -> Result<u8> {
+pub fn start(
+    config_path: &Path,
+    functions: Functions,
+    supervise: Option<usize>,
+    wait: Duration,
+) -> Result<u8> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
@@ -77,7 +83,7 @@ pub fn start(config_path: &Path, functions: Functions, supervise: Option<usize>)
         ForkResult::Parent { child } => {
             drop(ready_w);
             let _ = waitpid(child, None);
-            Ok(wait_ready(ready_r, &log_file))
+            Ok(wait_ready(ready_r, &log_file, wait))
         }
         ForkResult::Child => {
             drop(ready_r);
@@ -152,7 +158,17 @@ fn daemonize(umask: u32, log: &File) -> Result<()> {
 }
 
 /// Reads the daemon's first line: `ready PID` or `error MESSAGE`; EOF means it died first.
-fn wait_ready(ready: OwnedFd, log_file: &Path) -> u8 {
+/// Waits `wait` at most: a daemon whose start-up stalls (a hung mount) goes on starting, and
+/// `start` says so (exit 5) instead of holding whatever script ran it.
+fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> u8 {
+    if !readable_within(&ready, wait) {
+        eprintln!(
+            "gearshift: the daemon did not serve within {wait:?}; it is still starting (see {}; `gearshift status` tells once it serves, `gearshift stop` stops it)",
+            log_file.display()
+        );
+        // `exit::NOT_YET`: not done yet.
+        return 5;
+    }
     let mut line = String::new();
     let _ = BufReader::new(File::from(ready)).read_line(&mut line);
     let line = line.trim_end();
@@ -168,5 +184,24 @@ fn wait_ready(ready: OwnedFd, log_file: &Path) -> u8 {
             log_file.display()
         );
         1
+    }
+}
+
+/// Whether `fd` has something to read (or its writers are gone) within `wait`.
+fn readable_within(fd: &OwnedFd, wait: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // At most a minute a turn (fits the u16 of milliseconds); the loop goes on past it.
+        let ms = PollTimeout::from(left.as_millis().min(60_000) as u16);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(n) if n > 0 => return true,
+            Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) if left.is_zero() => return false,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
     }
 }

@@ -285,6 +285,6 @@ pub(super) fn stall_while(var: &str, what: &str) {
         while Path::new(&p).exists() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        log::warn!("the control thread goes on (injected fault, gearshift_faults build)");
+        log::warn!("going on (injected fault, gearshift_faults build)");
     }
 }

@@ -28,6 +28,9 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     crate::ops::handover::close_inherited();
     let mut boot = Boot::detect();
     if boot.inherited.is_none() {
+        // A fault-injection build (tests only): a fresh start stalls here.
+        #[cfg(gearshift_faults)]
+        super::plan::stall_while("GEARSHIFT_FAULT_STALL_START", "stalling at start-up");
         if let Some(exe) = opts.exe.take() {
             boot.exe = exe;
         }
