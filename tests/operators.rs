@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -462,6 +463,36 @@ fn messages_say_what_is_wrong_and_where() {
 }
 
 /// A server taken out of the config leaves no metric series behind after the reload.
+/// A payload read from standard input is read only up to `max_payload_bytes`: an endless or
+/// huge input (`yes | gearshift submit f`, a wrong file piped in) is refused at once, with the
+/// limit, instead of being read into memory until the input ends or memory runs out (it ran
+/// until killed, growing). Nothing is queued.
+#[test]
+fn an_endless_payload_on_stdin_is_refused_at_the_limit() {
+    let sb = Sandbox::new("op-stdin");
+    sb.write_worker_config("max_payload_bytes = 1000");
+    let mut yes = spawn(Command::new("yes").stdout(Stdio::piped()));
+    let mut child = spawn(
+        sb.cmd(&["submit", "echo"])
+            .stdin(Stdio::from(yes.stdout.take().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let status = wait_child(&mut child, Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = yes.kill();
+    let _ = yes.wait();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("over max_payload_bytes (1000)"),
+        "{}",
+        text_of(&out)
+    );
+    let queued = fs::read_dir(sb.path("spool/new")).map_or(0, |d| d.count());
+    assert_eq!(queued, 0);
+}
+
 #[test]
 fn a_removed_server_leaves_no_metric_series() {
     let sb = Sandbox::new("op-series");

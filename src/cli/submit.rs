@@ -1,6 +1,6 @@
 //! `submit` and `result`: queueing a job (spool or Gearman) and reading its outcome.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,24 +24,26 @@ fn spool(config: &Config) -> Result<Spool> {
 
 pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     let config = Config::load(path)?;
+    let max = config.worker.max_payload_bytes;
+    // Standard input is read up to the limit only: an endless or huge input is refused at
+    // once, not read into memory until it ends.
     let payload = match &args.payload {
-        Some(p) => p.as_bytes().to_vec(),
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .map_err(|e| Error::io("reading payload from stdin", e))?;
-            buf
-        }
+        Some(p) => Some(p.as_bytes().to_vec()).filter(|p| p.len() <= max),
+        None => crate::ops::safefs::read_bounded(std::io::stdin().lock(), max as u64)
+            .map_err(|e| Error::io("reading payload from stdin", e))?,
     };
-    if payload.len() > config.worker.max_payload_bytes {
-        eprintln!(
-            "gearshift: refused: the payload is {} bytes, over max_payload_bytes ({})",
-            payload.len(),
-            config.worker.max_payload_bytes
-        );
+    let Some(payload) = payload else {
+        match &args.payload {
+            Some(p) => eprintln!(
+                "gearshift: refused: the payload is {} bytes, over max_payload_bytes ({max})",
+                p.len()
+            ),
+            None => eprintln!(
+                "gearshift: refused: the payload on standard input is over max_payload_bytes ({max}); nothing more of it was read"
+            ),
+        }
         return Ok(exit::FAILED);
-    }
+    };
     match &config.source {
         SourceConfig::Spool(s) => {
             // Looked up only by root, the one whose files need an owner; a worker user that
