@@ -110,11 +110,20 @@ fn exit_codes_have_one_meaning_each() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(6), "{}", text_of(&out));
-    // 2: bad arguments (clap).
+    // 2: bad arguments (clap's, and a function name no gearshift worker can serve).
     assert_eq!(
         sb.run(&["stop", "--timeout", "soon"]).status.code(),
         Some(2)
     );
+    for name in ["", "a b", "../x"] {
+        let out = sb.run(&["submit", name, "x"]);
+        assert_eq!(out.status.code(), Some(2), "{name:?}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains("invalid function name"),
+            "{}",
+            text_of(&out)
+        );
+    }
     for cmd in [
         "stop", "status", "submit", "result", "reload", "top", "check",
     ] {

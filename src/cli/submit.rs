@@ -24,6 +24,14 @@ fn spool(config: &Config) -> Result<Spool> {
 
 pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     let config = Config::load(path)?;
+    // A bad argument, for every source whose workers are gearshift's (a gearmand may have
+    // workers of its own that serve other names).
+    if !matches!(config.source, SourceConfig::Gearman(_)) {
+        if let Err(why) = crate::config::check_function_name(&args.function) {
+            eprintln!("gearshift: {}", crate::text::escape(&why));
+            return Ok(exit::USAGE);
+        }
+    }
     let max = config.worker.max_payload_bytes;
     // Standard input is read up to the limit only: an endless or huge input is refused at
     // once, not read into memory until it ends.
