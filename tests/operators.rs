@@ -328,6 +328,16 @@ fn check_finds_what_start_would_reject() {
             gearman("\"127.0.0.1:4730\"", "client_id = \"my worker\"\n"),
             ":7:13: [source] client_id \"my worker\" must be",
         ),
+        // Root as the user to drop to, or root's group for every job: no privilege drop
+        // (`run` refused the first only after it had started; `check` said ok to both).
+        (
+            base.replace("allow_root = true", "user = \"root\""),
+            ":5:8: [worker] user \"root\" is uid 0",
+        ),
+        (
+            base.replace("allow_root = true", "user = \"nobody\"\ngroup = \"root\""),
+            ":6:9: [worker] group \"root\" is gid 0",
+        ),
     ];
     for (config, want) in cases {
         fs::write(sb.config(), &config).unwrap();

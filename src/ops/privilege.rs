@@ -66,7 +66,25 @@ pub fn owner_uid(cfg: &Config) -> Result<Uid> {
 /// and we are root if we must switch to it, or may stay root.
 pub fn check_policy(cfg: &Config) -> Result<()> {
     let euid = geteuid();
+    let at = |where_: &Option<String>| {
+        where_
+            .clone()
+            .unwrap_or_else(|| cfg.path.display().to_string())
+    };
     match target(cfg)? {
+        Some(t) if t.uid.is_root() => Err(Error::Config(format!(
+            "{}: [worker] user \"{}\" is uid 0: no privilege drop (the worker would refuse to run after it); name an unprivileged user, or leave user out and set allow_root = true",
+            at(&cfg.worker.user_at),
+            t.name
+        ))),
+        Some(t) if t.gid.as_raw() == 0 && !cfg.worker.allow_root => Err(Error::Config(format!(
+            "{}: [worker] {} is gid 0: every job would run in root's group; name another group (or set allow_root = true if that is meant)",
+            at(if cfg.worker.group.is_some() { &cfg.worker.group_at } else { &cfg.worker.user_at }),
+            cfg.worker.group.as_ref().map_or_else(
+                || format!("user \"{}\"'s group", t.name),
+                |g| format!("group \"{g}\"")
+            )
+        ))),
         Some(t) if !euid.is_root() && t.uid != euid => Err(Error::Config(format!(
             "{}: cannot switch to user \"{}\": not started as root (running as uid {euid})",
             cfg.path.display(),
