@@ -187,6 +187,8 @@ def stop(p):
 
 
 def preload(d, function, payload, count):
+    if count <= 0:
+        return
     cfg = write_config(d, fsync=False, name="preload.toml")
     subprocess.run([BIN, "-c", cfg, "submit", "--count", str(count), function, payload], check=True, stdout=subprocess.DEVNULL)
 

@@ -115,6 +115,23 @@ fn exit_codes_have_one_meaning_each() {
         sb.run(&["stop", "--timeout", "soon"]).status.code(),
         Some(2)
     );
+    // Numbers a load run could not mean (a typo's 2^64 copies filled the disk until stopped).
+    for args in [
+        &["submit", "--count", "0", "echo", "x"][..],
+        &["submit", "--count", "18446744073709551615", "echo", "x"],
+        &[
+            "submit",
+            "--count",
+            "1000",
+            "--concurrency",
+            "100000",
+            "echo",
+            "x",
+        ],
+    ] {
+        let out = sb.run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text_of(&out));
+    }
     for name in ["", "a b", "../x"] {
         let out = sb.run(&["submit", name, "x"]);
         assert_eq!(out.status.code(), Some(2), "{name:?}: {}", text_of(&out));

@@ -55,12 +55,15 @@ struct SubmitArgs {
     /// Gearman: the unique id (jobs with the same unique id are coalesced by the server).
     #[arg(long, default_value = "")]
     unique: String,
-    /// Submit this many copies (load mode, pipelined); prints a summary, not the ids.
-    #[arg(long, default_value_t = 1, conflicts_with = "wait")]
+    /// Submit this many copies (load mode, pipelined; 1 to 100000000); prints a summary, not
+    /// the ids.
+    #[arg(long, default_value_t = 1, conflicts_with = "wait",
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     count: u64,
-    /// Gearman load mode: this many client connections.
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
+    /// Gearman load mode: this many client connections (1 to 1024).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: u16,
     /// The function to run.
     function: String,
     /// The payload; read from standard input when omitted.

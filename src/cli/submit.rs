@@ -211,7 +211,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     if args.count != 1 {
         let opts = LoadOptions {
             count: args.count,
-            connections: args.concurrency,
+            connections: usize::from(args.concurrency),
             background: args.background,
             priority,
             unique: args.unique.clone(),
