@@ -1112,6 +1112,43 @@ fn start_gives_up_waiting_after_its_timeout_and_says_why() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// A supervisor that gives up waiting for its first worker to serve (its start-up stalled;
+/// the wait shortened to 1 s in the fault build) stops that worker instead of leaving it to
+/// run on unsupervised. Before, the supervisor exited and the worker, once its start-up went
+/// on, served with nobody to restart it and `start` reporting a failure.
+#[test]
+fn a_supervisor_that_gives_up_on_its_worker_stops_it() {
+    let mut sb = Sandbox::new("supervise-unserved");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let mut cmd = sb.cmd(&["start", "--supervise"]);
+    cmd.env("GEARSHIFT_FAULT_STALL_START", &marker)
+        .env("GEARSHIFT_FAULT_SERVE_WAIT_MS", "1000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd);
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("did not serve within 1s; it was stopped"),
+        "{}",
+        text_of(&out)
+    );
+    // Its start-up free to go on now: nothing may come to serve.
+    fs::remove_file(&marker).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let st = sb.run(&["status"]);
+    assert_eq!(
+        st.status.code(),
+        Some(3),
+        "a worker serves: {}",
+        text_of(&st)
+    );
+}
+
 /// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
 /// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
 /// A second TERM still ends the worker within 2 s, its job processes with it: the signal

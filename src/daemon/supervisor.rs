@@ -71,7 +71,11 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                     let mut r = r;
                     let _ = writeln!(r, "ready {pid}");
                 }
-                Err(e) => return fail(Some(r), &e.to_string()),
+                Err(e) => {
+                    // Never left running unsupervised once the supervisor gives up on it.
+                    end_unserved(pid, &exited);
+                    return fail(Some(r), &e.to_string());
+                }
             }
         }
         let status = loop {
@@ -206,6 +210,23 @@ fn signals_lost(me: u32) -> crossbeam_channel::Receiver<Signal> {
     }
 }
 
+/// Ends a worker the supervisor gave up waiting for: TERM (it stops once its handlers run),
+/// then KILL after [`END_PATIENCE`] (a start-up stalled with its signals still blocked).
+fn end_unserved(pid: u32, exited: &crossbeam_channel::Receiver<ExitStatus>) {
+    let worker = Pid::from_raw(pid as i32);
+    if exited.try_recv().is_ok() {
+        return;
+    }
+    let _ = kill(worker, Signal::SIGTERM);
+    if exited.recv_timeout(END_PATIENCE).is_err() {
+        let _ = kill(worker, Signal::SIGKILL);
+        let _ = exited.recv_timeout(END_PATIENCE);
+    }
+}
+
+/// How long [`end_unserved`] waits after each signal.
+const END_PATIENCE: Duration = Duration::from_secs(5);
+
 fn fail(ready: Option<File>, message: &str) -> i32 {
     log::error!("{message}");
     if let Some(mut r) = ready {
@@ -255,7 +276,17 @@ fn wait_serving(
     pid: u32,
     exited: &crossbeam_channel::Receiver<ExitStatus>,
 ) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    #[allow(unused_mut)]
+    let mut patience = Duration::from_secs(60);
+    // A fault-injection build (tests only): a shorter wait.
+    #[cfg(gearshift_faults)]
+    if let Some(ms) = std::env::var("GEARSHIFT_FAULT_SERVE_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        patience = Duration::from_millis(ms);
+    }
+    let deadline = Instant::now() + patience;
     loop {
         // Answered by the child itself (peer credentials), not merely naming it.
         if crate::status::query(&s.status_socket, i32::try_from(pid).ok()).is_ok() {
@@ -270,7 +301,7 @@ fn wait_serving(
         }
         if Instant::now() >= deadline {
             return Err(Error::Msg(format!(
-                "the worker did not serve within 60 s; see {}",
+                "the worker did not serve within {patience:?}; it was stopped; see {}",
                 s.log_file.display()
             )));
         }
