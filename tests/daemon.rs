@@ -377,6 +377,17 @@ fn pidfile_lock_is_held_through_100_reexecs() {
     assert_eq!(w.status()["pid"], w.pid());
 }
 
+/// Waits until a worker other than `old` holds the pidfile and serves.
+fn serving_instead_of(sb: &Sandbox, old: i32, limit: Duration) {
+    eventually(limit, "a new worker serving", || {
+        fs::read_to_string(sb.path("state/gearshift.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .is_some_and(|p| p != old)
+            && sb.run(&["status"]).status.code() == Some(0)
+    });
+}
+
 fn supervisor_of(worker: i32) -> i32 {
     proc_field(worker, "PPid:").parse().unwrap()
 }
@@ -433,13 +444,7 @@ fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        eventually(Duration::from_secs(20), "a new worker", || {
-            fs::read_to_string(sb.path("state/gearshift.pid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-                .is_some_and(|p| p != last)
-                && sb.run(&["status"]).status.code() == Some(0)
-        });
+        serving_instead_of(&sb, last, Duration::from_secs(20));
         last = pid_of(&sb);
         assert_eq!(supervisor_of(last), sup);
         let s: serde_json::Value =
@@ -462,6 +467,42 @@ fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
         log.contains("3 crashes within a minute, over the limit of 2: giving up"),
         "{log}"
     );
+}
+
+/// A restarted generation that hangs before it serves (a new binary's start-up deadlocked, a
+/// hung mount; a stall injected in the fault build) must not wedge the worker for good: the new
+/// image arms an alarm first thing and cancels it once it serves, so SIGALRM ends it and the
+/// supervisor starts the worker afresh (after a deploy, the marker then rolls it back). The
+/// alarm is shortened to 2 s in the fault build. Before, the generation hung for ever.
+#[test]
+fn a_restarted_generation_that_hangs_before_serving_is_ended_for_its_supervisor() {
+    let mut sb = Sandbox::new("supervise-hang");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let marker = sb.path("stall");
+    let out = sb
+        .cmd(&["start", "--supervise"])
+        .env("GEARSHIFT_FAULT_STALL_RESUMED", &marker)
+        .env("GEARSHIFT_FAULT_SERVE_ALARM_S", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let first = pid_of(&sb);
+    let sup = supervisor_of(first);
+    fs::write(&marker, "").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    serving_instead_of(&sb, first, Duration::from_secs(30));
+    assert_eq!(supervisor_of(pid_of(&sb)), sup);
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["crashes"], 1, "{s}");
+    assert_eq!(s["supervisor"]["last_exit"], "was killed by SIGALRM", "{s}");
+    fs::remove_file(&marker).unwrap();
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
 #[test]

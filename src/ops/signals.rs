@@ -162,6 +162,29 @@ fn forced_exit(sig: Signal) -> ! {
     unsafe { libc::_exit(1) }
 }
 
+/// How long a re-exec'd generation has to serve before SIGALRM ends it (its default action:
+/// the process dies): a new image that hangs in its start-up (a deadlocked new binary, a hung
+/// mount) must not wedge the worker for good; its supervisor (or systemd) starts it afresh,
+/// and after a deploy the marker rolls it back. Longer than a start-up may wait for threads
+/// ([`PATIENCE`]).
+pub const SERVE_WITHIN: Duration = Duration::from_secs(120);
+
+/// Arms the alarm of [`SERVE_WITHIN`], first thing in a re-exec'd image. The image it guards
+/// arms it (alarms cross execve): the one before cannot know whether the next disarms it.
+pub fn arm_serve_alarm() {
+    #[allow(unused_mut)]
+    let mut secs = SERVE_WITHIN.as_secs() as u32;
+    // A fault-injection build (tests only): a shorter alarm.
+    #[cfg(gearshift_faults)]
+    if let Some(s) = std::env::var("GEARSHIFT_FAULT_SERVE_ALARM_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        secs = s;
+    }
+    let _ = nix::unistd::alarm::set(secs);
+}
+
 /// How long a forced exit waits for its log line at most.
 const LAST_WORD: Duration = Duration::from_millis(250);
 
@@ -254,6 +277,8 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// (the caller tries again in its own time), never a wait.
 pub fn started() {
     STARTING.store(false, Ordering::Release);
+    // Serving: a re-exec'd generation's alarm ([`arm_serve_alarm`]) is done with.
+    let _ = nix::unistd::alarm::cancel();
 }
 
 /// [`spawn_helper`]; while the generation starts, a thread refused for now (`EAGAIN`: the

@@ -41,9 +41,13 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
     // an error in its start-up reaches the file, not only a stderr nobody reads.
     if boot.inherited.is_some() {
+        signals::arm_serve_alarm();
         if let Some(file) = &opts.log_file {
             let _ = crate::ops::logging::set_file(file, None);
         }
+        // A fault-injection build (tests only): a re-exec'd generation stalls here.
+        #[cfg(gearshift_faults)]
+        super::plan::stall_while("GEARSHIFT_FAULT_STALL_RESUMED", "stalling at start-up");
     }
     Ok(boot)
 }
