@@ -529,6 +529,47 @@ fn an_endless_payload_on_stdin_is_refused_at_the_limit() {
     assert_eq!(queued, 0);
 }
 
+/// Every lane keeps a connection to every gearmand: `check` (and the start's log and `status`)
+/// warns when lanes x servers connections cannot fit the descriptor limit beside what the lanes'
+/// jobs need. Before, such a config was "ok" and the lanes then failed their connects with
+/// EMFILE, one by one, in the log.
+#[test]
+fn check_warns_when_the_lanes_connections_cannot_fit_the_descriptor_limit() {
+    let sb = Sandbox::new("op-fds");
+    let check = |servers: usize, lanes: usize| {
+        let list: Vec<String> = (0..servers)
+            .map(|i| format!("\"127.0.0.1:{}\"", 20_000 + i))
+            .collect();
+        fs::write(
+            sb.config(),
+            format!(
+                "[worker]\nallow_root = true\nconcurrency = {lanes}\n\n[source]\nkind = \"gearman\"\nservers = [{}]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let script = format!(
+            "ulimit -n 1024 && exec \"{}\" -c \"{}\" check",
+            sb.bin.display(),
+            sb.config().display()
+        );
+        Command::new("sh").args(["-c", &script]).output().unwrap()
+    };
+    let out = check(100, 16);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("100 server(s) x 16 lane(s) = 1600 connections"),
+        "{}",
+        text_of(&out)
+    );
+    let out = check(2, 4);
+    assert!(
+        !text(&out.stderr).contains("connections"),
+        "{}",
+        text_of(&out)
+    );
+}
+
 #[test]
 fn a_removed_server_leaves_no_metric_series() {
     let sb = Sandbox::new("op-series");

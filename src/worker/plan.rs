@@ -158,6 +158,12 @@ impl Plan {
         if let crate::config::Source::Amqp(a) = &config.source {
             warnings.extend(consumer_timeout_warnings(&table, a.consumer_timeout));
         }
+        if let crate::config::Source::Gearman(g) = &config.source {
+            warnings.extend(descriptor_warning(
+                g.servers.len(),
+                config.worker.concurrency,
+            ));
+        }
         Ok(Plan {
             config,
             table,
@@ -166,6 +172,24 @@ impl Plan {
             warnings,
         })
     }
+}
+
+/// Every lane keeps a connection to every gearmand: lanes x servers descriptors, beside those
+/// the worker and each lane's jobs need (as the ZeroMQ source reckons them), must fit the
+/// descriptor limit, or lanes fail their connects (EMFILE) one by one.
+fn descriptor_warning(servers: usize, lanes: usize) -> Option<String> {
+    use crate::source::zeromq::{FDS_PER_LANE, RESERVED_FDS};
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    let connections = (servers as u64).saturating_mul(lanes as u64);
+    let need = connections
+        .saturating_add(RESERVED_FDS)
+        .saturating_add(FDS_PER_LANE.saturating_mul(lanes as u64));
+    (need > soft).then(|| {
+        format!(
+            "[source] servers: {servers} server(s) x {lanes} lane(s) = {connections} connections, with what the worker and the lanes' jobs need about {need} descriptors, over ulimit -n {soft}: some lanes will fail to connect (raise the limit, e.g. LimitNOFILE=, or lower concurrency)"
+        )
+    })
 }
 
 /// Functions allowed to run longer than the broker's `consumer_timeout`: RabbitMQ closes the

@@ -40,9 +40,9 @@ pub struct ZeromqSource {
 
 /// Descriptors kept for all but the clients: what the idle worker holds (about 50 here) and
 /// room to spare.
-const RESERVED_FDS: u64 = 96;
+pub(crate) const RESERVED_FDS: u64 = 96;
 /// Descriptors kept for each lane's job (a start takes about ten at once, keeps five).
-const FDS_PER_LANE: u64 = 16;
+pub(crate) const FDS_PER_LANE: u64 = 16;
 /// The fewest clients a derived cap allows.
 const MIN_PEERS: u64 = 16;
 
