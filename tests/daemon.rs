@@ -392,14 +392,6 @@ fn supervisor_of(worker: i32) -> i32 {
     proc_field(worker, "PPid:").parse().unwrap()
 }
 
-fn alive(pid: i32) -> bool {
-    // A zombie still has a /proc entry; only count running processes.
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    })
-}
-
 #[test]
 fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
     let sb = Sandbox::new("supervise");
@@ -459,7 +451,7 @@ fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
     )
     .unwrap();
     eventually(Duration::from_secs(10), "the supervisor to give up", || {
-        !alive(sup)
+        !process_alive(sup)
     });
     assert_eq!(sb.run(&["status"]).status.code(), Some(3));
     let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
@@ -513,7 +505,7 @@ fn supervisor_does_not_restart_after_a_clean_stop() {
     let sup = supervisor_of(pid_of(&sb));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
     eventually(Duration::from_secs(10), "the supervisor to exit", || {
-        !alive(sup)
+        !process_alive(sup)
     });
     assert_eq!(
         sb.run(&["status"]).status.code(),
@@ -530,6 +522,6 @@ fn supervisor_does_not_restart_after_a_clean_stop() {
     )
     .unwrap();
     eventually(Duration::from_secs(10), "both to exit", || {
-        !alive(sup) && !alive(worker)
+        !process_alive(sup) && !process_alive(worker)
     });
 }

@@ -18,17 +18,6 @@ fn count(dir: &Path) -> usize {
     fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
-fn process_alive(pid: i32) -> bool {
-    // A zombie is dead for our purposes.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next())
-                .is_some_and(|state| state != "Z")
-        })
-        .unwrap_or(false)
-}
-
 fn read_pid(path: &Path) -> i32 {
     let mut pid = 0;
     eventually(Duration::from_secs(20), "a pid file from the job", || {

@@ -491,6 +491,16 @@ pub fn second_term_ends_it(w: &mut Worker, state: &str) {
     );
 }
 
+/// Whether `pid` runs: a zombie has exited (only its parent, often a slow init here, has yet
+/// to reap it).
+pub fn process_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
 /// A command's stdout and stderr, for an assertion's message.
 pub fn text_of(out: &std::process::Output) -> String {
     format!(
