@@ -888,12 +888,18 @@ impl Drop for Hog {
 /// Starts the sandbox's worker with a limit of 400 on its user's processes and threads
 /// (`RLIMIT_NPROC`; root's start is not held to it), then uses them up.
 fn start_out_of_processes(sb: &Sandbox) -> Hog {
+    start_out_of_processes_with(sb, &[])
+}
+
+/// [`start_out_of_processes`], the worker started with `env` too.
+fn start_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> Hog {
     let out = Command::new("prlimit")
         .arg("--nproc=400")
         .arg(&sb.bin)
         .arg("-c")
         .arg(sb.config())
         .arg("start")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -967,7 +973,12 @@ fn helpers_that_cannot_start_are_said_once() {
 
 /// [`start_out_of_processes`], then a HUP to the worker: its pid and the hog.
 fn reload_out_of_processes(sb: &Sandbox) -> (nix::unistd::Pid, Hog) {
-    let hog = start_out_of_processes(sb);
+    reload_out_of_processes_with(sb, &[])
+}
+
+/// [`reload_out_of_processes`], the worker started with `env` too.
+fn reload_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> (nix::unistd::Pid, Hog) {
+    let hog = start_out_of_processes_with(sb, env);
     std::thread::sleep(Duration::from_secs(2));
     let pid = fs::read_to_string(sb.path("state/gearshift.pid")).unwrap();
     let pid = nix::unistd::Pid::from_raw(pid.trim().parse().unwrap());
@@ -1002,6 +1013,33 @@ fn a_reload_while_out_of_processes_keeps_a_worker() {
     );
     let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
     assert!(log.contains("thread started"), "{log}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A restarted generation must serve within 120 s or its alarm ends it (a hang before serving
+/// must not wedge the worker), but waiting for threads while its user is out of processes is
+/// no hang: each such wait (bounded, said) pushes the alarm back. The alarm shortened to 2 s in
+/// the fault build; the processes come back after 3 s. Before, the alarm ended the waiting
+/// generation, and the jobs its lanes had claimed.
+#[test]
+fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc-alarm");
+    fs::copy(
+        build_variant("faults", ("GEARSHIFT_FAULTS", "1")),
+        sb.path("bin/gearshift"),
+    )
+    .unwrap();
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let (pid, hog) = reload_out_of_processes_with(&sb, &[("GEARSHIFT_FAULT_SERVE_ALARM_S", "2")]);
+    std::thread::sleep(Duration::from_secs(3));
+    let alive = process_alive(pid.as_raw());
+    drop(hog);
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    assert!(log.contains("trying again"), "{log}");
+    assert!(alive, "the waiting generation was ended:\n{log}");
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "abc"]);
+    assert_eq!(text(&out.stdout).trim(), "cba", "{}", text(&out.stderr));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 

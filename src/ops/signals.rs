@@ -185,6 +185,16 @@ pub fn arm_serve_alarm() {
     let _ = nix::unistd::alarm::set(secs);
 }
 
+/// An armed serve alarm ([`arm_serve_alarm`]) is given at least `wait` more than the alarm's
+/// own time: a bounded wait under way (threads refused for now) is no hang. Not armed (a fresh
+/// start, or serving): nothing is armed.
+fn push_back_serve_alarm(wait: Duration) {
+    if let Some(left) = nix::unistd::alarm::cancel() {
+        let wanted = (wait + SERVE_WITHIN).as_secs().min(u64::from(u32::MAX)) as u32;
+        let _ = nix::unistd::alarm::set(left.max(wanted));
+    }
+}
+
 /// How long a forced exit waits for its log line at most.
 const LAST_WORD: Duration = Duration::from_millis(250);
 
@@ -317,6 +327,8 @@ where
                     );
                     said = true;
                 }
+                // A bounded wait, said: no hang for the serve alarm to end.
+                push_back_serve_alarm(deadline.saturating_duration_since(Instant::now()));
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(200));
             }
