@@ -1149,6 +1149,54 @@ fn a_supervisor_that_gives_up_on_its_worker_stops_it() {
     );
 }
 
+/// A TERM sent to a supervisor while its first worker starts (the start-up stalled: a hung
+/// mount; injected in the fault build) is forwarded at once, as once the worker serves: the
+/// worker has it pending and stops as soon as it can act, and the supervisor with it. Before,
+/// the supervisor looked at no signal until the worker served.
+#[test]
+fn a_supervisor_forwards_a_term_while_its_worker_starts() {
+    let mut sb = Sandbox::new("supervise-term-start");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let out = sb
+        .cmd(&["start", "--supervise", "--timeout", "1s"])
+        .env("GEARSHIFT_FAULT_STALL_START", &marker)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    let config = sb.config().display().to_string();
+    let sup = pids_with(&format!("{config} start --supervise"));
+    let worker = pids_with(&format!("{config} run"));
+    assert_eq!((sup.len(), worker.len()), (1, 1), "{sup:?} {worker:?}");
+    let (sup, worker) = (sup[0], worker[0]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGTERM).unwrap();
+    // SIGTERM (15) is bit 14 of the pending masks.
+    let term_pending = || {
+        fs::read_to_string(format!("/proc/{worker}/status"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("ShdPnd:") || l.starts_with("SigPnd:"))
+            .any(|l| {
+                u64::from_str_radix(l.split_whitespace().nth(1).unwrap_or("0"), 16)
+                    .is_ok_and(|m| m & (1 << 14) != 0)
+            })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the TERM pending at the worker",
+        term_pending,
+    );
+    fs::remove_file(&marker).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the worker and the supervisor gone",
+        || !process_alive(worker) && !process_alive(sup),
+    );
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+}
+
 /// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
 /// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
 /// A second TERM still ends the worker within 2 s, its job processes with it: the signal

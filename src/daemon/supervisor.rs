@@ -66,7 +66,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         };
         log::info!("supervisor {}: worker pid {pid} started", info.pid);
         if let Some(r) = ready.take() {
-            match wait_serving(settings, pid, &exited) {
+            match wait_serving(settings, pid, &exited, &mut sig_rx, info.pid) {
                 Ok(()) => {
                     let mut r = r;
                     let _ = writeln!(r, "ready {pid}");
@@ -271,10 +271,15 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
 }
 
 /// Waits until worker `pid` answers status (it then holds the pidfile and serves).
+/// Waits for the first worker to serve; signals meanwhile are forwarded as they are once it
+/// serves (a TERM stops it as soon as its handlers are in place, and this wait ends with its
+/// exit).
 fn wait_serving(
     s: &Settings,
     pid: u32,
     exited: &crossbeam_channel::Receiver<ExitStatus>,
+    sig_rx: &mut crossbeam_channel::Receiver<Signal>,
+    me: u32,
 ) -> Result<()> {
     #[allow(unused_mut)]
     let mut patience = Duration::from_secs(60);
@@ -287,14 +292,18 @@ fn wait_serving(
         patience = Duration::from_millis(ms);
     }
     let deadline = Instant::now() + patience;
+    let mut stop_sent = None;
     loop {
         // Answered by the child itself (peer credentials), not merely naming it.
         if crate::status::query(&s.status_socket, i32::try_from(pid).ok()).is_ok() {
             return Ok(());
         }
         if let Ok(status) = exited.try_recv() {
+            let asked = stop_sent.map_or(String::new(), |sig: Signal| {
+                format!(" (stopped by {} as it started)", sig.as_str())
+            });
             return Err(Error::Msg(format!(
-                "the worker {} during start-up; see {}",
+                "the worker {} during start-up{asked}; see {}",
                 describe(Some(status)),
                 s.log_file.display()
             )));
@@ -305,7 +314,16 @@ fn wait_serving(
                 s.log_file.display()
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match sig_rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(sig) => {
+                if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
+                    stop_sent = Some(sig);
+                }
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => *sig_rx = signals_lost(me),
+        }
     }
 }
 
