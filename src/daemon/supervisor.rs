@@ -85,7 +85,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                         sig_rx = signals_lost(info.pid);
                         continue;
                     };
-                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
+                    if crate::ops::signals::is_stop(sig) {
                         stopping = true;
                     }
                     let _ = kill(Pid::from_raw(pid as i32), sig);
@@ -316,7 +316,7 @@ fn wait_serving(
         }
         match sig_rx.recv_timeout(Duration::from_millis(20)) {
             Ok(sig) => {
-                if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) {
+                if crate::ops::signals::is_stop(sig) {
                     stop_sent = Some(sig);
                 }
                 let _ = kill(Pid::from_raw(pid as i32), sig);

@@ -134,10 +134,7 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
             || n.starts_with(LAST_GOOD)
             || [WORKER_DIR, "lost+found"].contains(&n)
     };
-    Ok(dir
-        .names()?
-        .into_iter()
-        .find(|n| !n.to_str().is_some_and(ours)))
+    dir.first_name_not(ours)
 }
 
 /// Where root records, per config file, the `state_dir` a worker started with: so `status`,

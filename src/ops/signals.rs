@@ -350,7 +350,8 @@ where
 static UNACTED: LazyLock<[(Signal, Arc<AtomicBool>); 6]> =
     LazyLock::new(|| HANDLED.map(|s| (s, Arc::new(AtomicBool::new(false)))));
 
-fn is_stop(sig: Signal) -> bool {
+/// TERM, INT or QUIT: a stop (a second one: a stop now).
+pub fn is_stop(sig: Signal) -> bool {
     matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)
 }
 

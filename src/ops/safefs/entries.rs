@@ -182,6 +182,15 @@ impl Dir {
         Ok(out)
     }
 
+    /// The first name here (dot files too) that `ours` does not claim: what a directory root is
+    /// about to give away or open up holds that nobody made for it.
+    pub fn first_name_not(&self, ours: impl Fn(&str) -> bool) -> Result<Option<OsString>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .find(|n| !n.to_str().is_some_and(&ours)))
+    }
+
     /// The names here, but dot files, each with its entry's type and modification time (not
     /// through links), read through this descriptor: whatever is renamed over the path
     /// meanwhile is not what is listed.

@@ -441,10 +441,7 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
             || [".lock", ".epoch", "lost+found"].contains(&n)
             || (n.starts_with(".epoch.") && n.ends_with(".tmp"))
     };
-    Ok(dir
-        .names()?
-        .into_iter()
-        .find(|n| !n.to_str().is_some_and(ours)))
+    dir.first_name_not(ours)
 }
 
 pub(super) fn valid_id(id: &str) -> bool {
