@@ -341,6 +341,57 @@ fn a_state_dir_gearshift_did_not_make_is_never_taken_or_opened_up() {
 }
 
 #[test]
+fn a_worker_dir_gearshift_did_not_make_is_never_given_to_the_worker() {
+    // state_dir = "/home" by a slip, where a user called "worker" lives: root's state_dir is
+    // fine, but its worker/ is someone's home, and giving it away lets every job rename and
+    // remove what is in it.
+    let sb = privsep("sec-workerdir");
+    let _reaper = Reaper(sb.path("home/gearshift.pid"));
+    let home = sb.path("home");
+    let theirs = home.join("worker");
+    fs::create_dir_all(&theirs).unwrap();
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(theirs.join(".profile"), "worker's\n").unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        cfg.replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", home.display()),
+        ),
+    )
+    .unwrap();
+    // Another user's home, then root's own directory with files of its own.
+    for uid in [4242, 0] {
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
+        fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).unwrap();
+        let out = sb.run(&["start"]);
+        assert!(!out.status.success(), "{uid}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains("\".profile\""),
+            "{uid}: {}",
+            text_of(&out)
+        );
+        let m = fs::metadata(&theirs).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o7777), (uid, 0o700), "untouched");
+        assert_eq!(names_in(&theirs), [".profile"], "nothing made in it");
+    }
+    // An older install's worker/ (root's after an allow_root run, or the last user's) holding
+    // only gearshift's files is still taken over.
+    fs::remove_file(theirs.join(".profile")).unwrap();
+    fs::write(theirs.join("deploy-pending.json"), "{}").unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(
+        fs::metadata(&theirs).unwrap().uid(),
+        nobody().uid.as_raw(),
+        "given to the worker"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+#[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));

@@ -117,6 +117,9 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     if owner == me || me.is_root() {
         let w = dir.sub(WORKER_DIR, Some(0o750))?;
         if let Some(t) = target.filter(|_| me.is_root()) {
+            if w.owner().0 != t.uid {
+                refuse_foreign_worker_dir(&w, t)?;
+            }
             w.chown(t.uid, t.gid)?;
         }
     } else {
@@ -135,6 +138,24 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
             || [WORKER_DIR, "lost+found"].contains(&n)
     };
     dir.first_name_not(ours)
+}
+
+/// Refuses to give `worker/` (not the worker's user's yet) away if it holds anything but
+/// gearshift's files: one made just now is empty, an older install's (root's after an
+/// `allow_root` run, or a previous `user`'s) holds only its socket and deploy marker, but a
+/// `state_dir` pointed by a slip at, say, `/home` may find a real user's home there, every entry
+/// of which the worker's jobs could then rename or remove.
+fn refuse_foreign_worker_dir(w: &Dir, t: &Target) -> Result<()> {
+    let ours = |n: &str| n.starts_with(SOCKET) || n.starts_with(MARKER);
+    match w.first_name_not(ours)? {
+        None => Ok(()),
+        Some(name) => Err(Error::Unsafe(format!(
+            "\"{}\" holds \"{}\", which is not gearshift's: it is not given to user {} (every job could change what is in it); point state_dir at a directory of its own",
+            w.path().display(),
+            crate::text::escape(&name.to_string_lossy()),
+            t.name
+        ))),
+    }
 }
 
 /// Where root records, per config file, the `state_dir` a worker started with: so `status`,
