@@ -21,6 +21,16 @@ fn nobody() -> nix::unistd::User {
     nix::unistd::User::from_name("nobody").unwrap().unwrap()
 }
 
+/// Points the sandbox's `state_dir` at `dir`.
+fn set_state_dir(sb: &Sandbox, dir: &Path) {
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    let cfg = cfg.replace(
+        "state_dir = \"state\"",
+        &format!("state_dir = \"{}\"", dir.display()),
+    );
+    fs::write(sb.config(), cfg).unwrap();
+}
+
 /// A sandbox whose worker drops to nobody, running a copy of the binary nobody can reach.
 fn privsep(name: &str) -> Sandbox {
     assert!(
@@ -315,15 +325,7 @@ fn a_state_dir_gearshift_did_not_make_is_never_taken_or_opened_up() {
     let home = sb.path("home");
     fs::create_dir(&home).unwrap();
     fs::write(home.join(".profile"), "alice's\n").unwrap();
-    let cfg = fs::read_to_string(sb.config()).unwrap();
-    fs::write(
-        sb.config(),
-        cfg.replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = \"{}\"", home.display()),
-        ),
-    )
-    .unwrap();
+    set_state_dir(&sb, &home);
     // Another user's (not the worker's), then root's own with other files and no o+x.
     for (uid, mode, want) in [
         (4242, 0o700, "neither root nor"),
@@ -352,15 +354,7 @@ fn a_worker_dir_gearshift_did_not_make_is_never_given_to_the_worker() {
     fs::create_dir_all(&theirs).unwrap();
     fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(theirs.join(".profile"), "worker's\n").unwrap();
-    let cfg = fs::read_to_string(sb.config()).unwrap();
-    fs::write(
-        sb.config(),
-        cfg.replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = \"{}\"", home.display()),
-        ),
-    )
-    .unwrap();
+    set_state_dir(&sb, &home);
     // Another user's home, then root's own directory with files of its own.
     for uid in [4242, 0] {
         nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
