@@ -96,9 +96,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
             ))
         }
     };
-    let d =
-        Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration \"{s}\""))?;
-    bounded(d, s)
+    match Duration::try_from_secs_f64(n * scale) {
+        Ok(d) => bounded(d, s),
+        // Not negative, not NaN (only digits and dots were parsed): too large to hold.
+        Err(_) => Err(format!("duration \"{s}\" is over the maximum of 3650d")),
+    }
 }
 
 /// The longest duration anything accepts: time arithmetic on it (deadlines, splay) can then

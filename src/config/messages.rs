@@ -34,6 +34,9 @@ pub(super) fn explain(message: &str) -> String {
             };
         }
     }
+    if let Some(said) = out_of_range(message) {
+        return said;
+    }
     // Rust type names mean nothing to someone writing TOML.
     let message = message
         .replace(
@@ -55,6 +58,28 @@ pub(super) fn explain(message: &str) -> String {
         )
         .replace("expected a string", "expected a string (in quotes)");
     message.replace('\n', "; ")
+}
+
+/// serde's and toml's words for a whole number the key's type cannot hold, in ours: the
+/// number is whole, so "expected a whole number" would mislead.
+fn out_of_range(message: &str) -> Option<String> {
+    if message.starts_with("number too large to fit in target type") {
+        return Some("number too large (TOML's whole numbers stop at 9223372036854775807)".into());
+    }
+    let rest = message.strip_prefix("invalid value: integer `")?;
+    let (number, expected) = rest.split_once("`, expected ")?;
+    let max = match expected.trim() {
+        "u8" => u64::from(u8::MAX),
+        "u16" => u64::from(u16::MAX),
+        "u32" => u64::from(u32::MAX),
+        "u64" | "usize" => u64::MAX,
+        _ => return None,
+    };
+    Some(if number.starts_with('-') {
+        format!("{number} is negative: a whole number of 0 or more is expected")
+    } else {
+        format!("{number} is too large here (at most {max})")
+    })
 }
 
 pub(super) fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {

@@ -522,6 +522,23 @@ mod tests {
                 "/etc/gs/config.toml:2:21: max_payload_bytes must be between 1 and 1073741824, not 0",
             ),
             ("[functions.f]\ntimeout = 0\n", "/etc/gs/config.toml:2:11: a timeout of 0 would fail"),
+            // Out-of-range whole numbers say so, not "expected a whole number".
+            (
+                "[source]\nmax_attempts = 4294967296\n",
+                "/etc/gs/config.toml:2:16: 4294967296 is too large here (at most 4294967295)",
+            ),
+            (
+                "[worker]\nmax_jobs = -1\n",
+                "/etc/gs/config.toml:2:12: -1 is negative: a whole number of 0 or more is expected",
+            ),
+            (
+                "[worker]\nmax_jobs = 18446744073709551615\n",
+                "/etc/gs/config.toml:2:12: number too large (TOML's whole numbers stop at 9223372036854775807)",
+            ),
+            (
+                "[worker]\nmax_age = \"999999999999999d\"\n",
+                "/etc/gs/config.toml:2:11: duration \"999999999999999d\" is over the maximum of 3650d",
+            ),
         ];
         for (text, want) in cases {
             let got = parse(text).expect_err(text);
