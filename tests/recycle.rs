@@ -66,6 +66,41 @@ fn max_rss_recycles_a_leaking_worker() {
     );
 }
 
+/// A `max_rss_mb` below what a fresh generation uses (1 MiB, or 4 on a guess) made every
+/// job end in a re-exec: the new generation starts as large, so recycling cannot bring it under
+/// the limit. Now that limit is off for the generation, and said in the log and `status`.
+#[test]
+fn a_max_rss_below_a_fresh_generation_is_said_and_does_not_restart_after_every_job() {
+    let sb = Sandbox::new("max-rss-floor");
+    sb.write_worker_config("max_rss_mb = 1\nrecycle_splay = 0.0");
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = (0..20)
+        .map(|i| spool.submit("echo", format!("j{i}").as_bytes()).unwrap())
+        .collect();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
+    assert!(outcomes.iter().all(|(done, _, _)| *done), "{outcomes:?}");
+    let s = w.wait_for(Duration::from_secs(20), "all counted", |s| {
+        s["jobs_completed"] == 20 && s["state"] == "running"
+    });
+    assert_eq!(
+        s["generation"], 1,
+        "no recycle for a limit no generation can meet"
+    );
+    let warned = s["warnings"].as_array().unwrap();
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("max_rss_mb = 1 is below")),
+        "{warned:?}"
+    );
+    assert!(
+        w.log_text().contains("max_rss_mb = 1 is below"),
+        "{}",
+        w.log_text()
+    );
+}
+
 #[test]
 fn max_age_recycles_an_old_generation() {
     let sb = Sandbox::new("max-age");

@@ -1,5 +1,6 @@
-//! Lanes: one thread per unit of concurrency, claiming, running and reporting jobs; recycling
-//! limits; storage and resource health shared by a generation's lanes.
+//! Lanes: one thread per unit of concurrency, claiming, running and reporting jobs (asking for a
+//! recycle at the generation's limits); storage and resource health shared by a generation's
+//! lanes.
 
 use crate::metrics::Outcome;
 use crate::shutdown::Shutdown;
@@ -20,49 +21,8 @@ use crate::kinds::RestartReason;
 use crate::source::{Claimed, Lane};
 use crate::status::State;
 
-/// This generation's recycling limits, each raised by its own random splay.
-pub(super) struct Limits {
-    pub(super) max_jobs: u64,
-    pub(super) max_rss_bytes: u64,
-    pub(super) max_age: Option<Duration>,
-    /// A lane reached a limit and asked the control loop to recycle; lanes claim nothing
-    /// until it has decided (it drains, or it refused).
-    pub(super) asked: AtomicBool,
-    /// The control loop refused a recycle in this generation (the files on disk are invalid):
-    /// the limits are not asked about again until the next generation.
-    pub(super) refused: AtomicBool,
-}
-
-impl Limits {
-    pub(super) fn new(w: &crate::config::Worker) -> Limits {
-        let splay = |x: f64| x * (1.0 + w.recycle_splay * crate::clock::random_fraction());
-        Limits {
-            max_jobs: if w.max_jobs == 0 {
-                0
-            } else {
-                splay(w.max_jobs as f64).round() as u64
-            },
-            max_rss_bytes: if w.max_rss_mb == 0 {
-                0
-            } else {
-                splay((w.max_rss_mb << 20) as f64) as u64
-            },
-            max_age: w
-                .max_age
-                .map(|a| a.mul_f64(1.0 + w.recycle_splay * crate::clock::random_fraction())),
-            asked: AtomicBool::new(false),
-            refused: AtomicBool::new(false),
-        }
-    }
-}
-
-/// Resident memory of this process, from /proc/self/statm.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * u64::try_from(page).ok()?)
-}
+use super::limits::resident_bytes;
+pub(super) use super::limits::Limits;
 
 pub(super) struct DoneGuard(pub(super) Sender<Event>);
 

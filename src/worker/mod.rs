@@ -29,6 +29,7 @@ mod control;
 mod event;
 mod helpers;
 mod lane;
+mod limits;
 mod plan;
 mod restart;
 mod startup;
@@ -117,11 +118,12 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     }
     let resumed = boot.inherited.is_some();
     let reason = inherited.reason.clone();
+    let limits = Limits::for_generation(&plan.config.worker, &state);
     let mut ctl = Control {
         health: Arc::new(Health::default()),
         deploy: None,
         last_rollback,
-        limits: Arc::new(Limits::new(&plan.config.worker)),
+        limits: Arc::new(limits),
         events: events_tx.clone(),
         started: Instant::now(),
         boot,

@@ -1,0 +1,82 @@
+//! A generation's recycling limits (`max_jobs`, `max_rss_mb`, `max_age`), each raised by its
+//! own random splay so that a fleet started together does not recycle together.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+/// This generation's recycling limits, each raised by its own random splay.
+pub(super) struct Limits {
+    pub(super) max_jobs: u64,
+    pub(super) max_rss_bytes: u64,
+    pub(super) max_age: Option<Duration>,
+    /// A lane reached a limit and asked the control loop to recycle; lanes claim nothing
+    /// until it has decided (it drains, or it refused).
+    pub(super) asked: AtomicBool,
+    /// The control loop refused a recycle in this generation (the files on disk are invalid):
+    /// the limits are not asked about again until the next generation.
+    pub(super) refused: AtomicBool,
+    /// Why `max_rss_mb` is off for this generation, if it is (see [`Limits::new`]).
+    pub(super) rss_warning: Option<String>,
+}
+
+impl Limits {
+    /// A `max_rss_mb` this generation already exceeds as it starts is off for it, with a
+    /// warning: the next generation would start as large, so recycling for it would only
+    /// restart the worker after every job.
+    pub(super) fn new(w: &crate::config::Worker) -> Limits {
+        let splay = |x: f64| x * (1.0 + w.recycle_splay * crate::clock::random_fraction());
+        let mut max_rss_bytes = if w.max_rss_mb == 0 {
+            0
+        } else {
+            splay((w.max_rss_mb << 20) as f64) as u64
+        };
+        let mut rss_warning = None;
+        if let Some(rss) = resident_bytes().filter(|&r| max_rss_bytes > 0 && r >= max_rss_bytes) {
+            rss_warning = Some(format!(
+                "[worker] max_rss_mb = {} is below what a fresh generation already uses ({} MiB resident): recycling for it would restart after every job, so it is off until the limit is raised",
+                w.max_rss_mb,
+                rss.div_ceil(1 << 20)
+            ));
+            max_rss_bytes = 0;
+        }
+        Limits {
+            max_jobs: if w.max_jobs == 0 {
+                0
+            } else {
+                splay(w.max_jobs as f64).round() as u64
+            },
+            max_rss_bytes,
+            rss_warning,
+            max_age: w
+                .max_age
+                .map(|a| a.mul_f64(1.0 + w.recycle_splay * crate::clock::random_fraction())),
+            asked: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Resident memory of this process, from /proc/self/statm.
+pub(super) fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+impl Limits {
+    /// [`Limits::new`], its warning (if any) logged and shown by `status`.
+    pub(super) fn for_generation(
+        w: &crate::config::Worker,
+        state: &crate::status::State,
+    ) -> Limits {
+        let limits = Limits::new(w);
+        if let Some(warning) = &limits.rss_warning {
+            log::warn!("{warning}");
+            if let Ok(mut i) = state.inner.lock() {
+                i.warnings.push(warning.clone());
+            }
+        }
+        limits
+    }
+}
