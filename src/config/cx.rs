@@ -43,10 +43,15 @@ impl Cx<'_> {
         Ok(self.base.join(v.get_ref()))
     }
 
-    pub(super) fn at_least_100ms(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {
+    /// A network wait or backoff (`io_timeout`, `reconnect_max`): at least 100 ms, and at most
+    /// an hour, so that a slip ("30d" for "30s") cannot leave a lane days between reconnects.
+    pub(super) fn network_wait(&self, v: &Spanned<Dur>, key: &str) -> Result<Duration> {
         let t = v.get_ref().0;
-        if t < Duration::from_millis(100) {
-            Err(self.located(Some(v.span()), &format!("{key} must be at least 100ms")))
+        if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
+            Err(self.located(
+                Some(v.span()),
+                &format!("{key} must be between 100ms and 1h"),
+            ))
         } else {
             Ok(t)
         }

@@ -522,6 +522,15 @@ mod tests {
                 "/etc/gs/config.toml:2:21: max_payload_bytes must be between 1 and 1073741824, not 0",
             ),
             ("[functions.f]\ntimeout = 0\n", "/etc/gs/config.toml:2:11: a timeout of 0 would fail"),
+            // A typo of "30d" for "30s" would leave a lane 30 days between reconnects.
+            (
+                "[source]\nkind = \"gearman\"\nservers = [\"h:1\"]\nreconnect_max = \"30d\"\n",
+                "/etc/gs/config.toml:4:17: reconnect_max must be between 100ms and 1h",
+            ),
+            (
+                "[source]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\nqueue = \"q\"\nio_timeout = \"2h\"\n",
+                "/etc/gs/config.toml:5:14: io_timeout must be between 100ms and 1h",
+            ),
             // Out-of-range whole numbers say so, not "expected a whole number".
             (
                 "[source]\nmax_attempts = 4294967296\n",

@@ -287,8 +287,8 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         servers: s.servers.into_inner(),
         client_id: s.client_id.map(|c| c.into_inner()),
         exceptions: s.exceptions,
-        io_timeout: cx.at_least_100ms(&s.io_timeout, "io_timeout")?,
-        reconnect_max: cx.at_least_100ms(&s.reconnect_max, "reconnect_max")?,
+        io_timeout: cx.network_wait(&s.io_timeout, "io_timeout")?,
+        reconnect_max: cx.network_wait(&s.reconnect_max, "reconnect_max")?,
         tls,
         dead_peer_timeout: {
             let d = s.dead_peer_timeout.get_ref().0;
