@@ -385,6 +385,85 @@ fn a_worker_dir_gearshift_did_not_make_is_never_given_to_the_worker() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// A job runs as the worker's user. After a re-exec the worker was dumpable again (execve
+/// resets what the privilege drop set), so a job could list its descriptors, ptrace it or take
+/// any of them with `pidfd_getfd`; and the worker held root's pidfile open for writing: a job
+/// wrote "1" into it that way (reproduced). Now no image of the worker is dumpable, and the
+/// descriptor that holds the lock is read-only, so even one taken in the moment of an exec
+/// cannot write root's file.
+#[test]
+fn a_job_can_neither_reach_the_workers_descriptors_nor_write_roots_pidfile() {
+    let sb = privsep("sec-fds");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = pid_of(&sb);
+    let pidfile = fs::canonicalize(sb.path("state/gearshift.pid")).unwrap();
+    // Every descriptor of a file the worker's user does not own is open read-only.
+    let mut lock_fd = None;
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let Ok(meta) = fs::metadata(&target) else {
+            continue;
+        };
+        if !meta.is_file() || meta.uid() == nobody().uid.as_raw() {
+            continue;
+        }
+        let fd = entry.file_name().into_string().unwrap();
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        assert_eq!(
+            flags & 3,
+            0,
+            "{} open for writing (fd {fd})",
+            target.display()
+        );
+        if target == pidfile {
+            lock_fd = Some(fd);
+        }
+    }
+    let lock_fd = lock_fd.expect("the worker holds the pidfile");
+    // As a job would: list them, and take the pidfile's and write it.
+    let out = as_worker(&sb, &format!("ls /proc/{pid}/fd"));
+    assert!(!out.status.success(), "listed: {}", text_of(&out));
+    let steal = format!(
+        "import ctypes, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         p = libc.syscall(434, {pid}, 0)\n\
+         fd = libc.syscall(438, p, {lock_fd}, 0)\n\
+         assert fd >= 0, 'pidfd_getfd: ' + os.strerror(ctypes.get_errno())\n\
+         os.write(fd, b'1\\n')\n"
+    );
+    let out = worker_sh(&sb, "exec /usr/bin/python3 -")
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(steal.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "took and wrote it: {}",
+        text_of(&out)
+    );
+    assert_eq!(
+        fs::read_to_string(&pidfile).unwrap(),
+        format!("{pid}\n"),
+        "root's pidfile unchanged"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

@@ -69,11 +69,25 @@ impl Pidfile {
             state.remove(PIDFILE)?;
             replaced = true;
         };
+        // The lock is taken on a read-only descriptor of the same file, the one the worker keeps
+        // for its whole life: a descriptor a job could take from it (see
+        // `privilege::refuse_tracing`, and the moment of every exec) cannot write root's file.
+        let locked = state.file(PIDFILE, Open::READ)?.file;
+        let same = |a: &File, b: &File| match (a.metadata(), b.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if !same(&locked, &file) {
+            return Err(Error::Unsafe(format!(
+                "\"{}\" was replaced while it was being opened: is another worker starting?",
+                path.display()
+            )));
+        }
         // A `status` probing the lock holds it for microseconds: retry briefly before deciding
         // that another worker runs.
         let deadline = Instant::now() + Duration::from_millis(300);
         loop {
-            match flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+            match flock(locked.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
                 Ok(()) => break,
                 Err(Errno::EWOULDBLOCK) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
@@ -97,7 +111,7 @@ impl Pidfile {
         file.set_len(0).at("truncating pidfile", &path)?;
         file.seek(SeekFrom::Start(0)).at("writing pidfile", &path)?;
         writeln!(file, "{}", std::process::id()).at("writing pidfile", &path)?;
-        Ok(Pidfile { file })
+        Ok(Pidfile { file: locked })
     }
 
     /// Takes back the lock inherited across execve as descriptor `fd`, if it still is the
@@ -114,9 +128,15 @@ impl Pidfile {
         Some(Pidfile { file })
     }
 
-    /// Empties the file, keeping the lock (just before a clean exit).
+    /// Empties the file, keeping the lock (just before a clean exit): through a descriptor
+    /// opened for it, which the kernel grants only if this process may write the file (root's
+    /// pidfile stays as it is under a dropped worker; the pid in it then names a process that
+    /// holds no lock, as after a crash, and the next start writes its own).
     pub fn clear(&self) {
-        let _ = self.file.set_len(0);
+        let own = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(own) {
+            let _ = f.set_len(0);
+        }
     }
 
     pub fn fd(&self) -> RawFd {
@@ -139,7 +159,7 @@ impl Drop for Pidfile {
     fn drop(&mut self) {
         // Empty the file before the lock goes (with the descriptor): a reader then never sees a
         // stale pid next to a free lock for long.
-        let _ = self.file.set_len(0);
+        self.clear();
     }
 }
 

@@ -23,6 +23,22 @@ use crate::error::{Error, Result};
 
 pub use crate::ops::layout::Target;
 
+/// Makes this image of the worker not dumpable, first thing in every generation. Jobs run as the
+/// worker's user, and a process of that user may ptrace a dumpable one, or take any of its
+/// descriptors with `pidfd_getfd` or through `/proc/PID/fd`: the privilege drop leaves a fresh
+/// start not dumpable, but every execve makes the process dumpable again. (OpenSSH's privsep
+/// does the same; the cost is no core dump of the worker.) Best effort: a kernel that refuses
+/// it is said, and the worker runs on.
+pub fn refuse_tracing() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } == -1 {
+        log::warn!(
+            "could not make the worker undumpable ({}): a job could trace it",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Resolves `[worker] user` / `group`, if set.
 pub fn target(cfg: &Config) -> Result<Option<Target>> {
     let Some(name) = &cfg.worker.user else {
