@@ -959,6 +959,53 @@ fn a_config_replaced_by_a_fifo_wedges_neither_the_worker_nor_the_cli() {
     w.wait_exit(Duration::from_secs(10));
 }
 
+/// A job executable's whole content was hashed for the digest of `jobs_dir`, by root at `check`
+/// and `start`, and by the control thread at every look: a 1 TiB sparse file there (the
+/// worker's user may own `jobs_dir`, so a job can make one) held `check` for the better part of
+/// an hour and the control thread as long (no reload, no graceful stop; only the second TERM's
+/// fallback ended it). Now a scan hashes at most a bounded number of bytes, and a file past
+/// them is known by its size, inode and change time.
+#[test]
+fn a_huge_file_in_jobs_dir_wedges_neither_check_nor_the_control_thread() {
+    let sb = Sandbox::new("jobs-huge");
+    sb.job("up.sh", "#!/bin/sh\necho up\n");
+    let huge = sb.path("jobs/huge");
+    let sparse = |size: u64| {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&huge)
+            .and_then(|f| f.set_len(size))
+            .unwrap()
+    };
+    sparse(1 << 40);
+    let mut c = cli_bg(&sb, &["check"]);
+    let done = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        c.try_wait().unwrap().is_some()
+    });
+    let _ = c.kill();
+    let out = c.wait_with_output().unwrap();
+    assert!(done, "`check` still hashing after 30 s: {}", text_of(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    fs::remove_file(&huge).unwrap();
+    let mut w = sb.start();
+    sparse(1 << 40);
+    let out = sb.run(&["reload", "--timeout", "30s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    // A change to it is still a change of jobs_dir.
+    let g = w.status()["generation"].as_u64().unwrap();
+    sparse((1 << 40) + 4096);
+    w.wait_for(Duration::from_secs(30), "the change seen", |s| {
+        s["generation"].as_u64() > Some(g)
+    });
+    let out = sb.run(&["submit", "--wait", "up", ""]);
+    assert_eq!(text(&out.stdout), "up\n");
+    w.signal(Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
+}
+
 /// Whatever wedges the control thread (a system call that never returns on some file or
 /// device nobody foresaw; here injected in a fault build: its next look at the files sleeps
 /// for ever), a second TERM still ends the worker within 2 s, and kills its job processes: the
