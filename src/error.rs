@@ -146,11 +146,13 @@ impl std::error::Error for Error {
 }
 
 /// The OS errors that mean "storage or resources fail now, and may come back": a full disk or
-/// quota, an I/O error, a read-only remount, no descriptors, no memory. An operation that
-/// meets one is retried later; it says nothing about the file or job at hand.
+/// quota, a file size limit (a rotated log or a new segment is small again), an I/O error, a
+/// read-only remount, no descriptors, no memory. An operation that meets one is retried later;
+/// it says nothing about the file or job at hand.
 pub fn is_transient_errno(errno: i32) -> bool {
     [
         libc::ENOSPC,
+        libc::EFBIG,
         libc::EDQUOT,
         libc::EIO,
         libc::EROFS,

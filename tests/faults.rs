@@ -303,6 +303,52 @@ fn all_upper_cased(sb: &Sandbox, ids: &[String]) {
     }
 }
 
+/// A file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) killed the worker with SIGXFSZ the
+/// first time a write passed it (the journal's zeros written ahead at the first job, the log
+/// reaching the limit, a result larger than it): no graceful stop, and a supervisor
+/// restarting it into the same death. Now such a write fails (EFBIG): the zeros ahead are only
+/// a help, and a result that cannot be stored is a storage fault like a full disk, said (and
+/// the limit warned about at the start), the job kept, the worker answering and ending on a
+/// second TERM.
+#[test]
+fn a_file_size_limit_is_a_storage_fault_not_a_death() {
+    let sb = Sandbox::new("fsize");
+    // 200 blocks: 100 KiB or more, far below the journal's zeros ahead (256 KiB).
+    let mut w = sb.start_under_shell("ulimit -f 200");
+    let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("file size limit")),
+        "{s}"
+    );
+    assert_eq!(
+        sb.run(&["submit", "--wait", "echo", "small"]).stdout,
+        b"small"
+    );
+    let big = "x".repeat(300_000);
+    let id = open_spool(&sb).submit("echo", big.as_bytes()).unwrap();
+    w.wait_for(Duration::from_secs(20), "the fault said", |s| {
+        s["storage"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("File too large"))
+    });
+    assert!(w.child.try_wait().unwrap().is_none(), "{}", w.log_text());
+    // As on a full disk: the first TERM waits for the held result, a second ends it.
+    second_term_ends_it(&mut w, "a result past the file size limit");
+    // Without the limit, the job runs again and its result is stored.
+    let _w = sb.start();
+    let outcomes = all_outcomes(&sb, &[id], Duration::from_secs(20));
+    assert!(
+        outcomes[0].0 && outcomes[0].1 == big,
+        "the big job's result"
+    );
+}
+
 #[test]
 fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
     let (sb, ids, _w) = short_of_descriptors("emfile", 200);

@@ -63,6 +63,19 @@ impl Signals {
     }
 }
 
+/// Keeps a file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) from killing the worker:
+/// SIGXFSZ's default action ends the process the first time a write passes the limit (the log
+/// reaching it, a journal segment written ahead). With a handler installed that write fails
+/// with EFBIG instead, which is a storage fault like a full disk (`is_transient_errno`).
+/// Handlers go back to their defaults at every exec, so job processes keep SIGXFSZ's usual
+/// meaning, and each image of the worker installs it again, first thing.
+pub fn survive_file_size_limit() {
+    static PASSED: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+    if let Err(e) = signal_hook::flag::register(libc::SIGXFSZ, Arc::clone(&PASSED)) {
+        log::warn!("could not handle SIGXFSZ ({e}): a file size limit would end the worker");
+    }
+}
+
 /// What became of a signal handed to the control loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {

@@ -65,13 +65,14 @@ pub(super) fn resident_bytes() -> Option<u64> {
 }
 
 impl Limits {
-    /// [`Limits::new`], its warning (if any) logged and shown by `status`.
+    /// [`Limits::new`], its warning and the process's own limits' (if any) logged and shown by
+    /// `status`.
     pub(super) fn for_generation(
         w: &crate::config::Worker,
         state: &crate::status::State,
     ) -> Limits {
         let limits = Limits::new(w);
-        if let Some(warning) = &limits.rss_warning {
+        for warning in limits.rss_warning.iter().chain(file_size_warning().iter()) {
             log::warn!("{warning}");
             if let Ok(mut i) = state.inner.lock() {
                 i.warnings.push(warning.clone());
@@ -79,4 +80,17 @@ impl Limits {
         }
         limits
     }
+}
+
+/// A file size limit on the process (`ulimit -f`, systemd's `LimitFSIZE=`), said at every
+/// start: every write past it fails (see `signals::survive_file_size_limit`), which the worker
+/// then meets as a storage fault that lasts until the file is smaller.
+fn file_size_warning() -> Option<String> {
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE).ok()?;
+    (soft != libc::RLIM_INFINITY).then(|| {
+        format!(
+            "a file size limit of {soft} bytes is set (ulimit -f, LimitFSIZE=): any write past it fails (the log, the spool's files, its journal segments written 256 KiB ahead), and the worker waits as for a full disk; raise or remove it"
+        )
+    })
 }
