@@ -490,6 +490,77 @@ fn failures_unknown_functions_and_oversized_bodies_are_dead_lettered_once() {
     assert_eq!(s["generation"], 1);
 }
 
+/// A publisher's headers are outside input. Field arrays nested 26,000 deep (they fit a frame)
+/// were skipped recursively by the connection's reader, which ran out of stack: the worker
+/// aborted, the broker gave the message to the next worker, and so on. Now a message whose
+/// properties cannot be read is failed unrun and dead-lettered once, like an oversized one,
+/// and the messages behind it are served.
+#[test]
+fn a_message_whose_headers_cannot_be_read_is_dead_lettered_once() {
+    if !Rabbit::available("a_message_whose_headers_cannot_be_read_is_dead_lettered_once") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-nested");
+    let r = Rabbit::start(&sb.dir, "");
+    let runs = sb.path("runs.txt");
+    sb.job(
+        "mark",
+        &format!(
+            "#!/bin/sh\ncat >> {}\necho >> {}\n",
+            runs.display(),
+            runs.display()
+        ),
+    );
+    amqp_config(
+        &sb,
+        1,
+        &format!("url = \"{}\"\nqueue = \"email\"\nfunction = \"mark\"\n", r.url()),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\ndead_letter_exchange = \"dlx\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let pid = w.pid();
+    let publish = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika, sys, threading\n\
+             sys.setrecursionlimit(1000000)\n\
+             threading.stack_size(1 << 29)\n\
+             def go():\n\
+             \x20   c = pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch = c.channel()\n\
+             \x20   ch.exchange_declare('dlx', 'fanout', durable=True); ch.queue_declare('dead', durable=True)\n\
+             \x20   ch.queue_bind('dead', 'dlx')\n\
+             \x20   v = []\n\
+             \x20   for _ in range(26000): v = [v]\n\
+             \x20   ch.basic_publish('email', 'email', b'poison', pika.BasicProperties(headers={'x': v}))\n\
+             \x20   ch.basic_publish('email', 'email', b'after')\n\
+             \x20   c.close()\n\
+             t = threading.Thread(target=go); t.start(); t.join()\n",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(publish.status.success(), "{}", text_of(&publish));
+    eventually(Duration::from_secs(20), "the next message served", || {
+        lines(&runs) == ["after"]
+    });
+    eventually(Duration::from_secs(20), "1 dead-lettered", || {
+        r.depth("dead").0 == 1
+    });
+    assert_eq!(r.depth("email"), (0, 0));
+    let s = w.status();
+    assert_eq!(
+        (s["pid"].as_i64(), s["generation"].as_u64()),
+        (Some(pid.into()), Some(1))
+    );
+    assert_eq!(s["jobs_failed"], 1, "{s}");
+    assert!(
+        w.log_text().contains("message properties unreadable"),
+        "{}",
+        w.log_text()
+    );
+}
+
 #[test]
 fn heartbeats_are_answered_through_a_long_job() {
     if !Rabbit::available("heartbeats_are_answered_through_a_long_job") {

@@ -20,9 +20,9 @@ pub struct Claimed {
     pub attempt: u32,
     /// When the job was submitted (unix ms), when known.
     pub submitted_ms: u64,
-    /// The payload was too large to be read (its length): `payload` is empty and the job is
-    /// failed without running.
-    pub oversized: Option<usize>,
+    /// Why the job is failed without running, if it is: its payload was too large to be read
+    /// (`payload` is then empty), or its message could not be read.
+    pub unrun: Option<String>,
 }
 
 /// One worker thread's connection to a source.

@@ -392,10 +392,8 @@ impl LaneContext {
         claimed: &Claimed,
         progress: &mut dyn crate::jobs::functions::Progress,
     ) -> JobResult {
-        if let Some(len) = claimed.oversized {
-            return Err(JobError::new(format!(
-                "payload is {len} bytes, over max_packet_bytes: read past and discarded unrun"
-            )));
+        if let Some(why) = &claimed.unrun {
+            return Err(JobError::new(why.clone()));
         }
         if claimed.payload.len() > self.max_payload {
             return Err(JobError::new(format!(

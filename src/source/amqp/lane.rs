@@ -95,7 +95,11 @@ impl AmqpLane {
             payload: d.body,
             attempt: if d.redelivered { 2 } else { 1 },
             submitted_ms: p.timestamp.map_or(0, |t| t.saturating_mul(1000)),
-            oversized: d.oversized,
+            unrun: d.unreadable.or(d.oversized.map(|len| {
+                format!(
+                    "payload is {len} bytes, over max_payload_bytes: read past and discarded unrun"
+                )
+            })),
         }))
     }
 

@@ -87,7 +87,7 @@ pub(super) struct Got {
 
 /// What one read brought.
 enum Read {
-    Delivery(Delivery),
+    Delivery(Box<Delivery>),
     /// A method a consumer does not expect.
     Method(wire::Id),
     /// A confirm (recorded), a wake-up, a returned message.
@@ -189,11 +189,11 @@ impl Shared {
             return None;
         };
         let read = match link.conn.pending.pop_front() {
-            Some(d) => Ok(Read::Delivery(d)),
+            Some(d) => Ok(Read::Delivery(Box::new(d))),
             None => self.read(link, None),
         };
         let got = match read {
-            Ok(Read::Delivery(delivery)) => Some(delivery),
+            Ok(Read::Delivery(delivery)) => Some(*delivery),
             Ok(Read::Nothing | Read::TimedOut) => None,
             Ok(Read::Method(id)) => {
                 self.fail(
@@ -228,7 +228,7 @@ impl Shared {
         let mut b = self.board();
         b.blocked = blocked;
         match ev? {
-            Event::Delivery(d) => Ok(Read::Delivery(d)),
+            Event::Delivery(d) => Ok(Read::Delivery(Box::new(d))),
             Event::Confirm { tag, multiple, ack } => {
                 if multiple {
                     for (_, v) in b.confirms.range_mut(..=tag) {
@@ -399,7 +399,7 @@ impl Shared {
         };
         // The job is finishing whatever else happens: the stop flag is looked at after.
         let failed = match self.read(link, Some(deadline)) {
-            Ok(Read::Delivery(d)) => link.conn.keep(d).err(),
+            Ok(Read::Delivery(d)) => link.conn.keep(*d).err(),
             Ok(_) => None,
             Err(e) => Some(e),
         };

@@ -287,8 +287,13 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Skips one field value of type `tag` (the types RabbitMQ sends).
-fn skip_value(r: &mut Reader<'_>, tag: u8) -> WireResult<()> {
+/// How deep field arrays may nest in what gearshift reads (a publisher's headers are outside
+/// input: a frame of 128 KiB holds 26,000 levels, too many to skip recursively on a thread's
+/// stack).
+const MAX_NESTING: usize = 64;
+
+/// Skips one field value of type `tag` (the types RabbitMQ sends), `depth` arrays deep.
+fn skip_value(r: &mut Reader<'_>, tag: u8, depth: usize) -> WireResult<()> {
     let fixed = match tag {
         b't' | b'b' | b'B' => 1,
         b's' | b'u' => 2,
@@ -300,11 +305,14 @@ fn skip_value(r: &mut Reader<'_>, tag: u8) -> WireResult<()> {
             r.long()?;
             return Ok(());
         }
+        b'A' if depth >= MAX_NESTING => {
+            return Err(format!("field arrays nested more than {MAX_NESTING} deep"))
+        }
         b'A' => {
             let mut items = Reader::new(r.long()?);
             while !items.b.is_empty() {
                 let t = items.u8()?;
-                skip_value(&mut items, t)?;
+                skip_value(&mut items, t, depth + 1)?;
             }
             return Ok(());
         }
@@ -327,9 +335,17 @@ pub fn table_get<'a>(table: &'a [u8], name: &str) -> WireResult<Option<&'a [u8]>
         if key == name.as_bytes() && tag == b'S' {
             return Ok(Some(fields.long()?));
         }
-        skip_value(&mut fields, tag)?;
+        skip_value(&mut fields, tag, 0)?;
     }
     Ok(None)
+}
+
+/// The body's size a content header announces (read before its properties, which may not be).
+pub fn body_size(payload: &[u8]) -> WireResult<u64> {
+    let mut r = Reader::new(payload);
+    r.u16()?;
+    r.u16()?;
+    r.u64()
 }
 
 /// A content header: the body's size and the properties gearshift uses.
@@ -476,5 +492,37 @@ mod tests {
             let _ = table_get(&junk, "a");
             let _ = parse_frame(&junk, 16);
         }
+    }
+
+    /// A publisher's headers are outside input, and a field array may hold arrays: 26,000
+    /// levels fit a frame of 128 KiB (5 bytes a level), and skipping them recursively ran a
+    /// lane's reader thread out of stack (the process aborted, and the broker redelivered the
+    /// message to the next worker). Now refused past a depth, as an error like any other.
+    #[test]
+    fn deeply_nested_header_arrays_are_an_error_not_a_stack_overflow() {
+        let depth: u32 = 26_000;
+        let mut fields = vec![1, b'x'];
+        for level in (0..=depth).rev() {
+            fields.push(b'A');
+            fields.extend_from_slice(&(5 * level).to_be_bytes());
+        }
+        let mut table = (fields.len() as u32).to_be_bytes().to_vec();
+        table.extend_from_slice(&fields);
+        let got = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || table_get(&table, "y").map(|v| v.map(<[u8]>::to_vec)))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(got.is_err_and(|e| e.contains("nested")));
+        // A few levels are fine.
+        let mut fields = vec![1, b'x'];
+        for level in (0..=3u32).rev() {
+            fields.push(b'A');
+            fields.extend_from_slice(&(5 * level).to_be_bytes());
+        }
+        let mut table = (fields.len() as u32).to_be_bytes().to_vec();
+        table.extend_from_slice(&fields);
+        assert_eq!(table_get(&table, "y"), Ok(None));
     }
 }

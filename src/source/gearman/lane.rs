@@ -257,7 +257,12 @@ fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Cla
         payload: data,
         attempt: 1,
         submitted_ms: 0,
-        oversized: oversized.map(|len| len.saturating_sub(at)),
+        unrun: oversized.map(|len| {
+            format!(
+                "payload is {} bytes, over max_packet_bytes: read past and discarded unrun",
+                len.saturating_sub(at)
+            )
+        }),
     })
 }
 

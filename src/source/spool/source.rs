@@ -492,6 +492,6 @@ fn claimed(id: String, job: JobFile) -> Claimed {
         payload: job.payload,
         attempt: job.attempts.saturating_add(1),
         submitted_ms: job.submitted_ms,
-        oversized: None,
+        unrun: None,
     }
 }

@@ -59,6 +59,10 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// The body's size, when it is larger than allowed (the body is then dropped as it comes).
     pub oversized: Option<usize>,
+    /// Why the message's content header could not be read (a publisher's headers are outside
+    /// input): the message is then failed unrun, dead-lettered once, not a broken connection
+    /// that would bring it back for ever.
+    pub unreadable: Option<String>,
 }
 
 /// What reading brought.
@@ -89,6 +93,8 @@ struct Partial {
     /// A `basic.return`: read and dropped.
     returned: bool,
     header: Option<(u64, Props)>,
+    /// Why the content header could not be read (its body is then read past, not kept).
+    unreadable: Option<String>,
     body: Vec<u8>,
     got: u64,
 }

@@ -177,6 +177,7 @@ impl Conn {
                     redelivered,
                     returned,
                     header: None,
+                    unreadable: None,
                     body: Vec::new(),
                     got: 0,
                 });
@@ -201,8 +202,19 @@ impl Conn {
         let Some(p) = self.partial.as_mut().filter(|p| p.header.is_none()) else {
             return Err(peer("a content header without a delivery".into()));
         };
-        let (size, props) = wire::read_header(payload).map_err(peer)?;
-        if size as usize <= max_body {
+        let (size, props) = match wire::read_header(payload) {
+            Ok(read) => read,
+            // The properties (a publisher's headers: outside input) cannot be read, but the
+            // body's size can: the message is read past and failed unrun, once.
+            Err(why) => {
+                let size = wire::body_size(payload).map_err(peer)?;
+                p.unreadable = Some(format!(
+                    "message properties unreadable ({why}): discarded unrun"
+                ));
+                (size, wire::Props::default())
+            }
+        };
+        if size as usize <= max_body && p.unreadable.is_none() {
             p.body.reserve_exact(size as usize);
         }
         p.header = Some((size, props));
@@ -221,7 +233,7 @@ impl Conn {
         if p.got > *size {
             return Err(peer(format!("{} body bytes where {size} were said", p.got)));
         }
-        if *size <= max_body && !p.returned {
+        if *size <= max_body && !p.returned && p.unreadable.is_none() {
             p.body.extend_from_slice(payload);
         }
         Ok(self.complete())
@@ -248,6 +260,7 @@ impl Conn {
             props,
             body: p.body,
             oversized,
+            unreadable: p.unreadable,
         }))
     }
 }
