@@ -464,6 +464,31 @@ fn a_job_can_neither_reach_the_workers_descriptors_nor_write_roots_pidfile() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// Root keeps the binary it started as `state_dir/last-good` at every fresh start under a
+/// privilege drop. On a `state_dir` without room for it, the partial copy was left behind:
+/// its file system stayed full, so the worker's log there got not one line (the warning that
+/// no rollback is possible included). Now the partial copy is removed, and the warning said.
+#[test]
+fn a_last_good_copy_that_does_not_fit_is_removed_and_said() {
+    let sb = privsep("sec-lastgood");
+    // Mounted first, unmounted last: the reaper ends a worker left running before.
+    let _fs = common::tmpfs::Tmpfs::mount(&sb.path("state"), "2m");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let names = names_in(&sb.path("state"));
+    assert!(
+        !names.iter().any(|n| n.starts_with("last-good")),
+        "{names:?}"
+    );
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(
+        log.contains("could not keep this binary as last-good"),
+        "{log:?}"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

@@ -131,12 +131,21 @@ pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
         )?
         .file;
     let path = state_dir.join(layout::LAST_GOOD);
-    let mut exe =
-        File::open("/proc/self/exe").map_err(|e| crate::Error::io("opening /proc/self/exe", e))?;
-    std::io::copy(&mut exe, &mut out).map_err(|e| crate::Error::io_path("writing", &path, e))?;
-    out.set_permissions(std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| crate::Error::io_path("chmod", &path, e))?;
+    let copied = (|| {
+        let mut exe = File::open("/proc/self/exe")
+            .map_err(|e| crate::Error::io("opening /proc/self/exe", e))?;
+        std::io::copy(&mut exe, &mut out)
+            .map_err(|e| crate::Error::io_path("writing", &path, e))?;
+        out.set_permissions(std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| crate::Error::io_path("chmod", &path, e))
+    })();
     drop(out);
+    if let Err(e) = copied {
+        // A partial copy would keep state_dir's file system full (the log beside it then
+        // gets nothing, this failure's warning included).
+        let _ = dir.remove(&tmp);
+        return Err(e);
+    }
     dir.rename(&tmp, layout::LAST_GOOD)?;
     Ok(Some(path))
 }
