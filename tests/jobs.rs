@@ -8,6 +8,8 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 use common::*;
 
 /// After each job the reaper looks for what it left behind a few times (each look lists /proc):
@@ -192,6 +194,68 @@ fn crashing_hanging_and_noisy_executables_fail_cleanly() {
         .unwrap()
         .iter()
         .any(|f| f == "notexec"));
+}
+
+/// Ignored signals survive exec. A worker started by a launcher that ignores SIGCHLD (many a
+/// PHP or Python service manager does, to be rid of zombies) had its job processes reaped by
+/// the kernel: every executable job failed with "No child processes". And what else the
+/// launcher ignored (`sh` ignores INT and QUIT for a background command, `nohup` HUP) reached
+/// every job, and a SIGALRM ignored kept the re-exec'd generation's start-up alarm from ending a
+/// hang. Now every image of the worker gives each ignored signal its default action back, but
+/// SIGPIPE (which Rust ignores on purpose, and gives back to its children).
+#[test]
+fn signals_the_launcher_ignored_reach_neither_the_worker_nor_its_jobs() {
+    let sb = Sandbox::new("ignored-signals");
+    sb.job(
+        "sigs.sh",
+        "#!/bin/sh\ngrep -E '^SigIgn' /proc/self/status\n",
+    );
+    // A launcher that ignores them, then execs the worker.
+    let launcher = "import os, signal, sys\n\
+                    for s in ('SIGCHLD', 'SIGALRM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR2'):\n\
+                    \x20   signal.signal(getattr(signal, s), signal.SIG_IGN)\n\
+                    os.execv(sys.argv[1], sys.argv[1:])\n";
+    let log = sb.path("worker.log");
+    let mut w = Worker {
+        child: std::process::Command::new("/usr/bin/python3")
+            .args(["-c", launcher])
+            .arg(&sb.bin)
+            .arg("-c")
+            .arg(sb.config())
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        socket: sb.path("state/worker/gearshift.sock"),
+        log,
+    };
+    w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    for round in ["fresh", "re-exec'd"] {
+        let out = sb.run(&["submit", "--wait", "--timeout", "20s", "sigs", ""]);
+        assert!(out.status.success(), "{round}: {}", text_of(&out));
+        // The standard signals (1-31; what glibc reserves above them is not ours to change).
+        let ignored = |line: &str| {
+            let mask = line.trim().strip_prefix("SigIgn:").unwrap().trim();
+            u64::from_str_radix(mask, 16).unwrap() & 0x7fff_ffff
+        };
+        assert_eq!(ignored(&text(&out.stdout)), 0, "{round}: the job");
+        let status = fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("SigIgn:")).unwrap();
+        assert_eq!(
+            ignored(line),
+            1 << 12,
+            "{round}: the worker ignores SIGPIPE only"
+        );
+        if round == "fresh" {
+            assert_eq!(sb.run(&["reload"]).status.code(), Some(0));
+        }
+    }
+    w.signal(Signal::SIGTERM);
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
 #[test]

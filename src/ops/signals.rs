@@ -63,6 +63,36 @@ impl Signals {
     }
 }
 
+/// Gives every signal the launcher left ignored its default action back, but SIGPIPE (which
+/// Rust's runtime ignores on purpose, and gives back to the processes it spawns). Ignored
+/// signals survive exec: a launcher that ignores SIGCHLD (to be rid of zombies) had the kernel
+/// reap the worker's job processes, so every executable job failed with "No child processes";
+/// an ignored SIGALRM disarmed the start-up alarm of a re-exec'd generation; and whatever else
+/// was ignored (`nohup`'s HUP, a shell's INT and QUIT for a background command) reached every
+/// job. First thing in every image, before any handler is installed.
+pub fn restore_ignored() {
+    for sig in Signal::iterator() {
+        // The handled ones get handlers of their own (an ignored HUP until then is better
+        // than a default one that kills), which an exec resets to the defaults for jobs.
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE)
+            || HANDLED.contains(&sig)
+        {
+            continue;
+        }
+        // SAFETY: sigaction with a null new action only reads the current one into `old`, a
+        // zeroed plain C struct that outlives the call.
+        let ignored = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig as i32, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+        };
+        if ignored {
+            // SAFETY: SIG_DFL is no handler of ours: nothing runs in signal context.
+            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+        }
+    }
+}
+
 /// Keeps a file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) from killing the worker:
 /// SIGXFSZ's default action ends the process the first time a write passes the limit (the log
 /// reaching it, a journal segment written ahead). With a handler installed that write fails

@@ -60,8 +60,7 @@ pub struct RunOptions {
 /// changes to the config or `jobs_dir`. Returns only with a start-up error: a stop ends the
 /// process (exit 0 when graceful), so that the pidfile lock is the last thing released.
 pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) -> Result<i32> {
-    crate::ops::privilege::refuse_tracing();
-    signals::survive_file_size_limit();
+    startup::settle_process();
     let boot = detect_boot(&mut opts)?;
     // One channel into the control loop for everything other threads report.
     let (events_tx, events_rx) = bounded::<Event>(1024);
