@@ -497,6 +497,38 @@ fn a_restarted_generation_that_hangs_before_serving_is_ended_for_its_supervisor(
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// A supervisor started by a launcher that ignores SIGCHLD (ignored signals survive fork and
+/// exec) never saw its worker's exit status: the kernel reaped it first, so a clean stop
+/// read as "vanished (crash)" and the worker was started again right after `stop` said
+/// stopped. Now every gearshift process gives ignored signals their defaults back first.
+#[test]
+fn a_supervisor_launched_with_sigchld_ignored_still_sees_a_clean_stop() {
+    let sb = Sandbox::new("supervise-sigchld");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let launcher = "import os, signal, sys\n\
+                    signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n\
+                    os.execv(sys.argv[1], sys.argv[1:])\n";
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", launcher])
+        .arg(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .args(["start", "--supervise"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let sup = supervisor_of(pid_of(&sb));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    eventually(Duration::from_secs(10), "the supervisor to exit", || {
+        !process_alive(sup)
+    });
+    assert_eq!(
+        sb.run(&["status"]).status.code(),
+        Some(3),
+        "nothing was restarted"
+    );
+}
+
 #[test]
 fn supervisor_does_not_restart_after_a_clean_stop() {
     let sb = Sandbox::new("supervise-stop");

@@ -191,6 +191,11 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
             return execute(cli, functions);
         }
     }
+    // Signals a launcher left ignored stay ignored through fork and exec: a supervisor
+    // (`start --supervise`) with SIGCHLD ignored never saw its worker's exit status (the kernel
+    // reaped it), and took a clean stop for a crash to restart from. (A worker's image does
+    // this again itself, `worker::run_with`.)
+    crate::ops::signals::restore_ignored();
     let matches = Cli::command()
         .name(name)
         .version(version)
