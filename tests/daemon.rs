@@ -497,6 +497,19 @@ fn a_restarted_generation_that_hangs_before_serving_is_ended_for_its_supervisor(
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// `stop`, then the supervisor `sup` exits too and nothing is started again.
+fn stop_and_see_the_supervisor_go(sb: &Sandbox, sup: i32) {
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    eventually(Duration::from_secs(10), "the supervisor to exit", || {
+        !process_alive(sup)
+    });
+    assert_eq!(
+        sb.run(&["status"]).status.code(),
+        Some(3),
+        "nothing was restarted"
+    );
+}
+
 /// A supervisor started by a launcher that ignores SIGCHLD (ignored signals survive fork and
 /// exec) never saw its worker's exit status: the kernel reaped it first, so a clean stop
 /// read as "vanished (crash)" and the worker was started again right after `stop` said
@@ -518,15 +531,7 @@ fn a_supervisor_launched_with_sigchld_ignored_still_sees_a_clean_stop() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let sup = supervisor_of(pid_of(&sb));
-    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
-    eventually(Duration::from_secs(10), "the supervisor to exit", || {
-        !process_alive(sup)
-    });
-    assert_eq!(
-        sb.run(&["status"]).status.code(),
-        Some(3),
-        "nothing was restarted"
-    );
+    stop_and_see_the_supervisor_go(&sb, sup);
 }
 
 #[test]
@@ -535,15 +540,7 @@ fn supervisor_does_not_restart_after_a_clean_stop() {
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
     let sup = supervisor_of(pid_of(&sb));
-    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
-    eventually(Duration::from_secs(10), "the supervisor to exit", || {
-        !process_alive(sup)
-    });
-    assert_eq!(
-        sb.run(&["status"]).status.code(),
-        Some(3),
-        "nothing was restarted"
-    );
+    stop_and_see_the_supervisor_go(&sb, sup);
     // TERM to the supervisor itself stops both.
     assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
     let worker = pid_of(&sb);
