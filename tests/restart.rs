@@ -120,6 +120,30 @@ fn symlinked_config_swap_is_seen() {
     assert_eq!(s["last_restart_reason"], "config changed");
 }
 
+/// The config's directory replaced whole (moved away and made again, as deploy and config
+/// management tools do): the watch stayed on the old directory, so every later edit of the
+/// config went unnoticed, for the life of the generation. Now the watched directories are
+/// looked at again (on any event, and every 5 s): one that is not at its path any more is
+/// watched anew, and the config looked at.
+#[test]
+fn a_config_directory_replaced_whole_is_watched_anew() {
+    let sb = Sandbox::new("cfg-dir-swap");
+    let etc = sb.path("etc");
+    fs::create_dir(&etc).unwrap();
+    fs::write(etc.join("config.toml"), sb.config_text("")).unwrap();
+    fs::remove_file(sb.config()).unwrap();
+    std::os::unix::fs::symlink("etc/config.toml", sb.config()).unwrap();
+    let w = sb.start();
+    fs::rename(&etc, sb.path("etc.old")).unwrap();
+    fs::create_dir(&etc).unwrap();
+    fs::copy(sb.path("etc.old/config.toml"), etc.join("config.toml")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(w.generation(), 1, "the same content: no restart");
+    fs::write(etc.join("config.toml"), sb.config_text("# changed\n")).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+}
+
 #[test]
 fn invalid_config_is_refused_and_serving_goes_on() {
     let sb = Sandbox::new("cfg-bad");

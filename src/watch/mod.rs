@@ -97,11 +97,25 @@ pub fn start(
         }
     }
 
+    let mut anew = Rewatch {
+        config: targets.config.map(Path::to_path_buf),
+        others: [(targets.jobs_dir, JOBS), (targets.binary_dir, BINARY)]
+            .into_iter()
+            .filter_map(|(d, bit)| d.map(|d| (d.to_path_buf(), bit)))
+            .collect(),
+        seen: HashMap::new(),
+        last: std::time::Instant::now(),
+    };
+    anew.check(inotify, &mut routes);
     let ino = Arc::clone(inotify);
     crate::ops::signals::spawn_essential("watch", move || {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let waited = ino.wait(None, &mut buf);
+            let left = REWATCH_EVERY.saturating_sub(anew.last.elapsed());
+            let waited = ino.wait(
+                Some(left.max(std::time::Duration::from_millis(10))),
+                &mut buf,
+            );
             // A fault-injection build (tests only): the first events read become a failed read.
             #[cfg(gearshift_faults)]
             let waited = waited.and_then(|_| {
@@ -124,6 +138,9 @@ pub fn start(
                     Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
                 };
             }
+            if bits & !QUEUE != 0 || anew.last.elapsed() >= REWATCH_EVERY {
+                bits |= anew.check(&ino, &mut routes);
+            }
             if bits & QUEUE != 0 {
                 on_queue();
             }
@@ -140,6 +157,55 @@ pub fn start(
     })
     .map_err(|e| Error::io("spawning the watch thread", e))?;
     Ok(unwatched)
+}
+
+/// How often the watched directories are looked at again when no event came (see [`Rewatch`]).
+const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The directories of the config, `jobs_dir` and the binary, as their paths lead now. A watch
+/// follows a directory's inode: one moved away and made again at its path (deploy and config
+/// tools replace a directory whole) left the watch on the old one, and every later edit went
+/// unnoticed. So after any event there, and every [`REWATCH_EVERY`], each path is looked at
+/// again; a directory that is not the one watched is watched anew, and reported as touched.
+struct Rewatch {
+    config: Option<PathBuf>,
+    others: Vec<(PathBuf, u8)>,
+    /// The identity (device, inode) last watched at each path.
+    seen: HashMap<PathBuf, (u64, u64)>,
+    last: std::time::Instant,
+}
+
+impl Rewatch {
+    /// Watches what is new at the paths; returns the bits of the targets it touched.
+    fn check(&mut self, ino: &Inotify, routes: &mut HashMap<i32, u8>) -> u8 {
+        use std::os::unix::fs::MetadataExt;
+        self.last = std::time::Instant::now();
+        let mut dirs: Vec<(PathBuf, u8)> = self
+            .config
+            .as_deref()
+            .map(|c| config_dirs(c).into_iter().map(|d| (d, CONFIG)).collect())
+            .unwrap_or_default();
+        dirs.extend(self.others.iter().cloned());
+        let mut touched = 0;
+        for (dir, bit) in dirs {
+            let Ok(m) = fs::metadata(&dir) else {
+                continue; // Gone for now: watched once it is back.
+            };
+            let id = (m.dev(), m.ino());
+            if self.seen.get(&dir) == Some(&id) {
+                continue;
+            }
+            let first = !self.seen.contains_key(&dir);
+            if let Ok(wd) = ino.add(&dir) {
+                *routes.entry(wd).or_default() |= bit;
+                self.seen.insert(dir, id);
+                if !first {
+                    touched |= bit;
+                }
+            }
+        }
+        touched
+    }
 }
 
 /// The directories whose events may mean the config changed: the one holding the path we were
