@@ -45,9 +45,17 @@ pub fn escape_lines(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.split('\n').map(escape).collect::<Vec<_>>().join("\n"))
 }
 
-/// Bytes (not necessarily UTF-8) as escaped text: invalid UTF-8 is replaced, then [`escape`]d.
+/// Bytes (not necessarily UTF-8) as escaped text: the valid parts [`escape`]d, each byte of
+/// invalid UTF-8 as `\xNN` (so a file name can still be told from another, and typed).
 pub fn escape_bytes(b: &[u8]) -> String {
-    escape(&String::from_utf8_lossy(b)).into_owned()
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(&escape(chunk.valid()));
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
 }
 
 fn needs_escape(c: char) -> bool {
@@ -87,7 +95,7 @@ mod tests {
             assert_eq!(escape(input), want, "{input:?}");
         }
         assert!(matches!(escape("nothing"), Cow::Borrowed(_)));
-        assert_eq!(escape_bytes(b"bad \xff\n"), "bad \u{fffd}\\n");
+        assert_eq!(escape_bytes(b"bad \xff\n"), "bad \\xff\\n");
     }
 
     #[test]

@@ -263,6 +263,11 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let Some(file) = entry.file_name().to_str().map(str::to_string) else {
+            let name = entry.file_name();
+            warnings.push(format!(
+                "\"{}\" in jobs_dir has a name that is not UTF-8, so it is no job function (rename it)",
+                crate::text::escape_bytes(name.as_encoded_bytes())
+            ));
             continue;
         };
         if file.starts_with('.') || file.ends_with('~') || file.ends_with(".swp") {
@@ -356,6 +361,7 @@ pub struct Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn scan_finds_executables_and_notices_changes() {
@@ -404,6 +410,18 @@ mod tests {
         write("wc.py", "#!/usr/bin/env python3\n", 0o755);
         let err = scan_jobs(&dir).expect_err("duplicate").to_string();
         assert!(err.contains("defined twice"), "{err}");
+        fs::remove_file(dir.join("wc.py")).expect("rm");
+        // A name that is not UTF-8 is no function, and says so (it was skipped silently).
+        let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.sh");
+        fs::write(dir.join(odd), "#!/bin/sh\n").expect("write");
+        let jobs = scan_jobs(&dir).expect("scan");
+        assert!(
+            jobs.warnings
+                .iter()
+                .any(|w| w.contains("caf\\xe9.sh") && w.contains("not UTF-8")),
+            "{:?}",
+            jobs.warnings
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }
