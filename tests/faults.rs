@@ -349,6 +349,42 @@ fn a_file_size_limit_is_a_storage_fault_not_a_death() {
     );
 }
 
+/// The log's file system full: every line was lost without a word anywhere (status said
+/// nothing wrong while fifty failed jobs went unlogged). Now `status` warns that the log cannot
+/// be written, since when and how many lines were lost, and once it can be written again the
+/// log itself says how many lines are missing.
+#[test]
+fn a_log_that_cannot_be_written_is_said_in_status_and_then_in_the_log() {
+    let sb = Sandbox::new("log-full");
+    let logs = sb.path("logs");
+    let fsys = Tmpfs::mount(&logs, "64k");
+    sb.write_config("[log]\nfile = \"logs/gs.log\"\n");
+    let w = sb.start();
+    let filler = fsys.fill();
+    let ids: Vec<String> = (0..60)
+        .map(|_| sb.submit("sleep", "not-a-number"))
+        .collect();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(20));
+    assert!(outcomes.iter().all(|(done, _, _)| !done), "each failed");
+    let s = w.wait_for(Duration::from_secs(10), "the log's failure said", |s| {
+        s["warnings"].as_array().is_some_and(|ws| {
+            ws.iter().any(|w| {
+                w.as_str()
+                    .is_some_and(|w| w.contains("cannot be written") && w.contains("lines lost"))
+            })
+        })
+    });
+    assert_eq!(s["jobs_failed"], 60);
+    fs::remove_file(filler).unwrap();
+    let id = sb.submit("sleep", "again-not-a-number");
+    all_outcomes(&sb, &[id], Duration::from_secs(20));
+    let log = fs::read_to_string(logs.join("gs.log")).unwrap();
+    assert!(log.contains("log lines were lost"), "{log}");
+    w.wait_for(Duration::from_secs(10), "the warning gone", |s| {
+        !s["warnings"].to_string().contains("cannot be written")
+    });
+}
+
 #[test]
 fn descriptor_exhaustion_retries_jobs_instead_of_failing_them() {
     let (sb, ids, _w) = short_of_descriptors("emfile", 200);

@@ -37,11 +37,22 @@ static SINK: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 /// The writer env_logger writes each record to.
 struct Sink;
 
+/// What the log file could not take since it last could (see [`to_file`]).
+struct Lost {
+    since_ms: u64,
+    why: String,
+    lines: u64,
+}
+
+static LOST: Mutex<Option<Lost>> = Mutex::new(None);
+/// The last write to the file ended inside a line (the disk took only part of it).
+static TORN: AtomicBool = AtomicBool::new(false);
+
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match SINK.lock() {
             Ok(mut guard) => match guard.as_mut() {
-                Some((_, file)) => file.write(buf),
+                Some((_, file)) => to_file(file, buf),
                 None => io::stderr().write(buf),
             },
             Err(_) => io::stderr().write(buf),
@@ -50,6 +61,72 @@ impl Write for Sink {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Writes to the log file. A write that fails (a full disk, a file size limit) loses the line
+/// there; it goes to stderr instead (the journal, under systemd), is counted, and `status`
+/// says so ([`failing`]); the first line the file takes again is preceded by one saying how
+/// many were lost, and since when. Before, every line was lost without a word anywhere.
+fn to_file(file: &mut File, buf: &[u8]) -> io::Result<usize> {
+    let gap = LOST
+        .lock()
+        .ok()
+        .and_then(|l| l.as_ref().map(|l| (l.lines, l.since_ms, l.why.clone())));
+    let written = match gap {
+        Some((n, since, why)) => {
+            let mut note = own_line(
+                "warn",
+                &format!(
+                    "{n} log lines were lost: the log file could not be written from {} ({why})",
+                    crate::clock::rfc3339_ms(since)
+                ),
+                false,
+            );
+            if TORN.load(Ordering::Relaxed) {
+                note.insert(0, '\n');
+            }
+            file.write_all(note.as_bytes())
+                .and_then(|()| file.write(buf))
+        }
+        None => file.write(buf),
+    };
+    match written {
+        Ok(n) => {
+            if let Ok(mut l) = LOST.lock() {
+                *l = None;
+            }
+            TORN.store(
+                n < buf.len() || !buf[..n].ends_with(b"\n"),
+                Ordering::Relaxed,
+            );
+            Ok(n)
+        }
+        Err(e) => {
+            if let Ok(mut l) = LOST.lock() {
+                let l = l.get_or_insert_with(|| Lost {
+                    since_ms: crate::clock::now_ms(),
+                    why: e.to_string(),
+                    lines: 0,
+                });
+                l.lines += 1;
+            }
+            let _ = io::stderr().write_all(buf);
+            Err(e)
+        }
+    }
+}
+
+/// Why the log file cannot be written, and how many lines that has cost, while it lasts (for
+/// `status`).
+pub fn failing() -> Option<String> {
+    let l = LOST.lock().ok()?;
+    let l = l.as_ref()?;
+    Some(format!(
+        "the log file cannot be written since {} ({}): {} lines lost so far (on stderr instead)",
+        crate::clock::rfc3339_ms(l.since_ms),
+        l.why,
+        l.lines
+    ))
 }
 
 /// Opens the log file for appending (creating it 0640), never through a planted link, FIFO or
@@ -269,6 +346,37 @@ pub fn is_json() -> bool {
     JSON.load(Ordering::Relaxed)
 }
 
+/// A line the logger writes itself (not through `log`): a panic, or the lines a full disk
+/// cost. As the records look: a JSON object in JSON mode, else an escaped text line.
+fn own_line(level: &str, message: &str, panic: bool) -> String {
+    let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
+    let g = GENERATION.load(Ordering::Relaxed);
+    if JSON.load(Ordering::Relaxed) {
+        let mut o = serde_json::Map::new();
+        o.insert("time".into(), ts.into());
+        o.insert("level".into(), level.into());
+        if g != 0 {
+            o.insert("generation".into(), g.into());
+        }
+        o.insert("message".into(), message.into());
+        if panic {
+            o.insert("panic".into(), true.into());
+        }
+        format!("{}\n", serde_json::Value::Object(o))
+    } else {
+        let gen = if g == 0 {
+            String::new()
+        } else {
+            format!(" g{g}")
+        };
+        format!(
+            "{ts} {:<5}{gen} {}\n",
+            level.to_uppercase(),
+            crate::text::escape(message)
+        )
+    }
+}
+
 /// Routes panics to the log (a JSON object in JSON mode, an escaped line otherwise) instead of
 /// the runtime's plain text on stderr: thread, location and message. Writes directly to the
 /// sink without waiting for its lock (a panic inside the logger cannot deadlock here).
@@ -287,27 +395,7 @@ pub fn install_panic_hook() {
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         let message = format!("panic in thread '{name}'{at}: {what}");
-        let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
-        let g = GENERATION.load(Ordering::Relaxed);
-        let line = if JSON.load(Ordering::Relaxed) {
-            let mut o = serde_json::Map::new();
-            o.insert("time".into(), ts.into());
-            o.insert("level".into(), "error".into());
-            if g != 0 {
-                o.insert("generation".into(), g.into());
-            }
-            o.insert("message".into(), message.into());
-            o.insert("panic".into(), true.into());
-            serde_json::Value::Object(o).to_string()
-        } else {
-            let gen = if g == 0 {
-                String::new()
-            } else {
-                format!(" g{g}")
-            };
-            format!("{ts} ERROR{gen} {}", crate::text::escape(&message))
-        };
-        let line = format!("{line}\n");
+        let line = own_line("error", &message, true);
         match SINK.try_lock() {
             Ok(mut guard) => match guard.as_mut() {
                 Some((_, file)) => {

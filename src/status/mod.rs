@@ -403,7 +403,13 @@ impl State {
             }),
             name: crate::identity().0.to_string(),
             version: crate::identity().1.to_string(),
-            warnings: summarised(&i.warnings),
+            warnings: summarised(
+                &i.warnings
+                    .iter()
+                    .cloned()
+                    .chain(crate::ops::logging::failing())
+                    .collect::<Vec<_>>(),
+            ),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),
             metrics: i.metrics.clone(),
             restart_pending: i.restart_pending.as_ref().map(|(reason, at)| PendingDoc {
