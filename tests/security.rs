@@ -483,8 +483,20 @@ fn a_last_good_copy_that_does_not_fit_is_removed_and_said() {
     );
     let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
     assert!(
-        log.contains("could not keep this binary as last-good"),
+        log.contains("could not keep this binary as last-good")
+            && log.contains("cannot be rolled back"),
         "{log:?}"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    // With a last-good of an earlier start, the warning says which binary a rollback would run.
+    fs::write(sb.path("state/last-good"), "older\n").unwrap();
+    fs::write(sb.path("state/gearshift.log"), "").unwrap();
+    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(log.contains("roll back to the older last-good"), "{log:?}");
+    assert_eq!(
+        fs::read_to_string(sb.path("state/last-good")).unwrap(),
+        "older\n"
     );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

@@ -158,7 +158,15 @@ pub(super) fn settle_as_root(
         // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
         // a rollback after a deploy the worker switches to.
         if let Err(e) = crate::restart::rollback::save_last_good(state_dir) {
-            log::warn!("could not keep this binary as last-good ({e}): a failed deploy cannot be rolled back");
+            let older = state_dir.join(crate::ops::layout::LAST_GOOD).is_file();
+            log::warn!(
+                "could not keep this binary as last-good ({e}): {}",
+                if older {
+                    "a failed deploy would roll back to the older last-good, kept at an earlier start"
+                } else {
+                    "a failed deploy cannot be rolled back"
+                }
+            );
         }
     }
     if let (Some(spool), Some(t)) = (plan.config.source.spool(), &target) {
