@@ -956,9 +956,16 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     let sb = Sandbox::new("amqp-blocked");
     let r = Rabbit::start(&sb.dir, "");
     let started = sb.path("started");
+    // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
+    // can take longer than it on a busy machine: the reply then went before the alarm).
+    let go = sb.path("go");
     sb.job(
         "slow",
-        &format!("#!/bin/sh\ntouch {}\nsleep 2\ncat\n", started.display()),
+        &format!(
+            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\ncat\n",
+            started.display(),
+            go.display()
+        ),
     );
     amqp_config(
         &sb,
@@ -992,6 +999,7 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     });
     // A memory alarm: the broker blocks every publishing connection.
     r.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    fs::write(&go, "").unwrap();
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         r.depth("rpc"),
