@@ -1196,28 +1196,38 @@ fn a_supervisor_that_gives_up_on_its_worker_stops_it() {
     );
 }
 
+/// `start --supervise` of the fault build with its worker held at `var`'s stall (the marker
+/// file, returned, ends it): the sandbox, the marker, the supervisor's and the worker's pids.
+fn supervised_and_stalled(name: &str, var: &str) -> (Sandbox, std::path::PathBuf, i32, i32) {
+    let mut sb = Sandbox::new(name);
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let out = sb
+        .cmd(&["start", "--supervise", "--timeout", "1s"])
+        .env(var, &marker)
+        .output()
+        .unwrap();
+    if out.status.code() != Some(5) {
+        let _reaper = Reaper(sb.path("state/gearshift.pid"));
+        panic!("{}", text_of(&out));
+    }
+    let config = sb.config().display().to_string();
+    let sup = pids_with(&format!("{config} start --supervise"));
+    let worker = pids_with(&format!("{config} run"));
+    assert_eq!((sup.len(), worker.len()), (1, 1), "{sup:?} {worker:?}");
+    (sb, marker, sup[0], worker[0])
+}
+
 /// A TERM sent to a supervisor while its first worker starts (the start-up stalled: a hung
 /// mount; injected in the fault build) is forwarded at once, as once the worker serves: the
 /// worker has it pending and stops as soon as it can act, and the supervisor with it. Before,
 /// the supervisor looked at no signal until the worker served.
 #[test]
 fn a_supervisor_forwards_a_term_while_its_worker_starts() {
-    let mut sb = Sandbox::new("supervise-term-start");
-    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let (sb, marker, sup, worker) =
+        supervised_and_stalled("supervise-term-start", "GEARSHIFT_FAULT_STALL_START");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    let marker = sb.path("stall");
-    fs::write(&marker, "").unwrap();
-    let out = sb
-        .cmd(&["start", "--supervise", "--timeout", "1s"])
-        .env("GEARSHIFT_FAULT_STALL_START", &marker)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
-    let config = sb.config().display().to_string();
-    let sup = pids_with(&format!("{config} start --supervise"));
-    let worker = pids_with(&format!("{config} run"));
-    assert_eq!((sup.len(), worker.len()), (1, 1), "{sup:?} {worker:?}");
-    let (sup, worker) = (sup[0], worker[0]);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGTERM).unwrap();
     // SIGTERM (15) is bit 14 of the pending masks.
     let term_pending = || {
@@ -1242,6 +1252,38 @@ fn a_supervisor_forwards_a_term_while_its_worker_starts() {
         || !process_alive(worker) && !process_alive(sup),
     );
     assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+}
+
+/// The supervisor forwards what it is sent to its worker, also while the worker starts; but a
+/// worker's first moments, before it blocks its signals, gave a HUP (or USR1) its default
+/// action: the worker died, and the supervisor counted a crash and started another. Now the
+/// supervisor starts its worker with the handled signals blocked (the mask crosses exec), so
+/// what arrives before the handlers waits for them: here a HUP forwarded while the worker is
+/// held before it blocks them (in the fault build) becomes a reload of the same worker.
+#[test]
+fn a_hup_forwarded_to_a_worker_in_its_first_moments_is_a_reload_not_a_death() {
+    let (sb, marker, sup, worker) =
+        supervised_and_stalled("supervise-hup-first", "GEARSHIFT_FAULT_STALL_FIRST");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup), Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(process_alive(worker), "the forwarded HUP ended the worker");
+    fs::remove_file(&marker).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "a reload of the same worker",
+        || {
+            sb.run(&["status", "--json"]).status.code() == Some(0)
+                && serde_json::from_slice::<serde_json::Value>(
+                    &sb.run(&["status", "--json"]).stdout,
+                )
+                .is_ok_and(|s| s["pid"] == worker && s["generation"] == 2)
+        },
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["crashes"], 0, "{s}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
 /// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal

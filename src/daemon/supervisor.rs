@@ -250,6 +250,22 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
         // JSON from the worker's first line, a start-up error included.
         cmd.env(crate::ops::logging::ENV_FORMAT, "json");
     }
+    // The worker starts with the signals it handles blocked (the mask crosses exec): what this
+    // supervisor forwards in its first moments waits for its handlers, where a HUP or USR1
+    // took the default action before it could block them, and ended it.
+    let handled = crate::ops::signals::handled_set();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // pthread_sigmask, which is async-signal-safe, on a set built before the fork.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                Some(&handled),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
     let mut child = cmd
         .args(args)
         .env(ENV, json)

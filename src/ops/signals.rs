@@ -29,7 +29,8 @@ pub const HANDLED: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
-fn handled_set() -> SigSet {
+/// [`HANDLED`] as a set.
+pub fn handled_set() -> SigSet {
     let mut set = SigSet::empty();
     for s in HANDLED {
         set.add(s);

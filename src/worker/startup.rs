@@ -25,6 +25,12 @@ pub(super) fn settle_process() {
     crate::ops::privilege::refuse_tracing();
     crate::ops::signals::restore_ignored();
     crate::ops::signals::survive_file_size_limit();
+    // A fault-injection build (tests only): a new image stalls before it blocks its signals.
+    #[cfg(gearshift_faults)]
+    super::plan::stall_while(
+        "GEARSHIFT_FAULT_STALL_FIRST",
+        "stalling before blocking signals",
+    );
 }
 
 pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
