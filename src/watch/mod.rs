@@ -67,8 +67,12 @@ pub fn start(
     let mut routes: HashMap<i32, u8> = HashMap::new();
     let mut unwatched = Unwatched::default();
     let mut watched: Vec<PathBuf> = Vec::new();
+    // What each directory watched for config, jobs or the binary is now (see `Rewatch`).
+    let mut seen: HashMap<PathBuf, (u64, u64)> = HashMap::new();
     let mut add = |dirs: &[PathBuf], bit: u8| -> Option<Error> {
         for dir in dirs {
+            // Taken before the watch: a directory replaced in between is seen as new later.
+            let id = (bit != QUEUE).then(|| identity(dir)).flatten();
             // A queue is watched for arrivals only (its claims would wake us at the job rate),
             // unless the same directory is watched for everything already.
             let added = if bit == QUEUE && !watched.contains(dir) {
@@ -79,6 +83,9 @@ pub fn start(
             match added {
                 Ok(wd) => *routes.entry(wd).or_default() |= bit,
                 Err(e) => return Some(Error::io_path("watching", dir, e)),
+            }
+            if let Some(id) = id {
+                seen.insert(dir.clone(), id);
             }
             watched.push(dir.clone());
         }
@@ -103,10 +110,9 @@ pub fn start(
             .into_iter()
             .filter_map(|(d, bit)| d.map(|d| (d.to_path_buf(), bit)))
             .collect(),
-        seen: HashMap::new(),
+        seen,
         last: std::time::Instant::now(),
     };
-    anew.check(inotify, &mut routes);
     let ino = Arc::clone(inotify);
     crate::ops::signals::spawn_essential("watch", move || {
         let mut buf = vec![0u8; 16 * 1024];
@@ -178,7 +184,6 @@ struct Rewatch {
 impl Rewatch {
     /// Watches what is new at the paths; returns the bits of the targets it touched.
     fn check(&mut self, ino: &Inotify, routes: &mut HashMap<i32, u8>) -> u8 {
-        use std::os::unix::fs::MetadataExt;
         self.last = std::time::Instant::now();
         let mut dirs: Vec<(PathBuf, u8)> = self
             .config
@@ -188,24 +193,25 @@ impl Rewatch {
         dirs.extend(self.others.iter().cloned());
         let mut touched = 0;
         for (dir, bit) in dirs {
-            let Ok(m) = fs::metadata(&dir) else {
-                continue; // Gone for now: watched once it is back.
-            };
-            let id = (m.dev(), m.ino());
+            // Gone for now: watched once it is back.
+            let Some(id) = identity(&dir) else { continue };
             if self.seen.get(&dir) == Some(&id) {
                 continue;
             }
-            let first = !self.seen.contains_key(&dir);
             if let Ok(wd) = ino.add(&dir) {
                 *routes.entry(wd).or_default() |= bit;
                 self.seen.insert(dir, id);
-                if !first {
-                    touched |= bit;
-                }
+                touched |= bit;
             }
         }
         touched
     }
+}
+
+/// The device and inode of what `dir` leads to now.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The directories whose events may mean the config changed: the one holding the path we were
@@ -294,19 +300,18 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         // Contents are hashed up to a budget per scan: a file past it (a 1 TiB sparse file a
         // job made would hold root's `check` and the control thread for an hour) is known by
         // its identity instead, whose change time no user can set back.
-        let size = opened.metadata().map_or(u64::MAX, |m| m.len());
-        if size <= budget {
-            budget -= size;
+        let m = opened
+            .metadata()
+            .map_err(|e| Error::io_path("reading job", &path, e))?;
+        if m.len() <= budget {
+            budget -= m.len();
             let mut content = Sha256::new();
             content.update(&head[..n]);
-            std::io::copy(&mut std::io::Read::take(&mut opened, size), &mut content)
+            std::io::copy(&mut std::io::Read::take(&mut opened, m.len()), &mut content)
                 .map_err(|e| Error::io_path("reading job", &path, e))?;
             digest.update(content.finalize());
         } else {
             use std::os::unix::fs::MetadataExt;
-            let m = opened
-                .metadata()
-                .map_err(|e| Error::io_path("reading job", &path, e))?;
             for x in [m.dev(), m.ino(), m.len()] {
                 digest.update(x.to_le_bytes());
             }

@@ -31,7 +31,9 @@ impl Limits {
             splay((w.max_rss_mb << 20) as f64) as u64
         };
         let mut rss_warning = None;
-        if let Some(rss) = resident_bytes().filter(|&r| max_rss_bytes > 0 && r >= max_rss_bytes) {
+        // Read only when the limit is on: every generation's start would pay for it.
+        let rss = (max_rss_bytes > 0).then(resident_bytes).flatten();
+        if let Some(rss) = rss.filter(|&r| r >= max_rss_bytes) {
             rss_warning = Some(format!(
                 "[worker] max_rss_mb = {} is below what a fresh generation already uses ({} MiB resident): recycling for it would restart after every job, so it is off until the limit is raised",
                 w.max_rss_mb,
@@ -54,17 +56,7 @@ impl Limits {
             refused: AtomicBool::new(false),
         }
     }
-}
 
-/// Resident memory of this process, from /proc/self/statm.
-pub(super) fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * u64::try_from(page).ok()?)
-}
-
-impl Limits {
     /// [`Limits::new`], its warning and the process's own limits' (if any) logged and shown by
     /// `status`.
     pub(super) fn for_generation(
@@ -80,6 +72,14 @@ impl Limits {
         }
         limits
     }
+}
+
+/// Resident memory of this process, from /proc/self/statm.
+pub(super) fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// A file size limit on the process (`ulimit -f`, systemd's `LimitFSIZE=`), said at every

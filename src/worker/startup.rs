@@ -17,8 +17,6 @@ use crate::status::{self, Inner, State};
 
 use super::{Plan, RunOptions};
 
-/// Who we are: a fresh start or a re-exec'd generation (with what it carried), signals
-/// blocked, inherited descriptors closed, and (re-exec'd) the log file from the first line.
 /// First thing in every image of the worker, fresh or re-exec'd, before any thread: what the
 /// process inherits through exec that it must not keep (see each).
 pub(super) fn settle_process() {
@@ -33,6 +31,8 @@ pub(super) fn settle_process() {
     );
 }
 
+/// Who we are: a fresh start or a re-exec'd generation (with what it carried), signals
+/// blocked, inherited descriptors closed, and (re-exec'd) the log file from the first line.
 pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     // Signals stay blocked in this thread until the handlers are in place (`start_helpers`):
     // what arrives meanwhile, during a re-exec too, stays pending and reaches them then. Every
