@@ -244,6 +244,101 @@ fn a_log_file_gearshift_did_not_make_is_never_given_to_the_worker() {
     }
 }
 
+/// The status document of the daemon the sandbox started.
+fn daemon_status(sb: &Sandbox) -> serde_json::Value {
+    let out = sb.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The warnings in `status` that name the log file.
+fn log_warnings(sb: &Sandbox) -> Vec<String> {
+    daemon_status(sb)["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .filter(|w| w.contains("log file"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A log file in a directory only root may write (`/var/log/gearshift.log`, or the default
+/// `state_dir/gearshift.log`) that an operator deleted, or that a rotation moved away without
+/// making a new one: the next reload's image, already the worker's user, could not make it
+/// again and died ("reload failed: the worker exited"), taking the worker with it. Now the
+/// log's descriptor crosses every exec; a generation that cannot open the path writes on to
+/// the file it has and `status` says so until a SIGUSR1 opens the path again.
+#[test]
+fn a_log_file_that_was_deleted_or_moved_away_survives_reloads_and_is_said() {
+    let sb = privsep("sec-logmoved");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let logs = sb.path("log");
+    fs::create_dir(&logs).unwrap();
+    fs::set_permissions(&logs, fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        format!("{cfg}[log]\nfile = \"log/gearshift.log\"\n"),
+    )
+    .unwrap();
+    let log = logs.join("gearshift.log");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = pid_of(&sb);
+    assert!(log_warnings(&sb).is_empty());
+
+    // Deleted, then a reload: the same worker, a new generation, its lines in the file it has.
+    fs::remove_file(&log).unwrap();
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let status = daemon_status(&sb);
+    assert_eq!(status["pid"].as_i64(), Some(pid as i64));
+    assert_eq!(status["generation"].as_u64(), Some(2));
+    let said = log_warnings(&sb);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("gearshift.log") && said[0].contains("SIGUSR1"),
+        "{said:?}"
+    );
+    let written = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().ends_with("gearshift.log (deleted)"))
+        })
+        .map(|e| fs::read_to_string(e.path()).unwrap())
+        .expect("the deleted log file is still written");
+    assert!(written.contains(" g2 "), "{written}");
+
+    // Made again for the worker's user (logrotate's `create 0640 user group`), then reopened.
+    fs::write(&log, "").unwrap();
+    nix::unistd::chown(&log, Some(nobody().uid), Some(nobody().gid)).unwrap();
+    assert_eq!(sb.run(&["reopen-logs"]).status.code(), Some(0));
+    eventually(Duration::from_secs(10), "the log reopened", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains("SIGUSR1: reopened log file"))
+    });
+    assert!(log_warnings(&sb).is_empty(), "{:?}", log_warnings(&sb));
+
+    // Moved away with nothing made in its place: a SIGUSR1 cannot make it either, and says so
+    // where an operator looks; the lines go on into the moved file, and a reload keeps it.
+    let moved = logs.join("gearshift.log.1");
+    fs::rename(&log, &moved).unwrap();
+    assert_eq!(sb.run(&["reopen-logs"]).status.code(), Some(0));
+    eventually(Duration::from_secs(10), "the failed reopen said", || {
+        log_warnings(&sb).iter().any(|w| w.contains("SIGUSR1"))
+    });
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(daemon_status(&sb)["generation"].as_u64(), Some(3));
+    assert!(!log.exists());
+    let text = fs::read_to_string(&moved).unwrap();
+    assert!(text.contains(" g3 "), "{text}");
+    assert_eq!(log_warnings(&sb).len(), 1, "{:?}", log_warnings(&sb));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 #[test]
 fn a_planted_spool_directory_link_is_never_chowned() {
     let sb = privsep("sec-spoollink");

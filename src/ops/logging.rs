@@ -23,6 +23,8 @@ use nix::unistd::{Gid, Uid};
 
 use crate::ops::safefs::{Dir, Open};
 
+pub use super::recurring::Recurring;
+
 /// Set (to `json`) in the environment of every process this one execs while in JSON mode.
 /// Under the internal prefix: never passed to jobs.
 pub const ENV_FORMAT: &str = "GEARSHIFT_INHERIT_LOG_FORMAT";
@@ -193,74 +195,93 @@ pub fn reopen() -> crate::Result<Option<PathBuf>> {
     let Some((path, file)) = s.as_mut() else {
         return Ok(None);
     };
-    *file = open_log(path, None)?;
+    match open_log(path, None) {
+        Ok(f) => *file = f,
+        Err(e) => {
+            set_astray(path, &e, "a SIGUSR1 could not open it");
+            return Err(e);
+        }
+    }
+    set_unstray();
     Ok(Some(path.clone()))
 }
 
-/// How often a failure that lasts is said again.
-const SAY_AGAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Why lines go to a file the log's path no longer names, since when (for `status`).
+static ASTRAY: Mutex<Option<String>> = Mutex::new(None);
 
-/// A failure a loop may meet many times a second for as long as it lasts (an accept short of
-/// descriptors): said when it starts, again once a minute with how often it happened, and once
-/// when it ends. Each try is still made; only the lines are spared.
-pub struct Recurring {
-    failing: &'static str,
-    again: &'static str,
-    /// Since when it fails, how often it failed, and when that was last said.
-    since: Option<(std::time::Instant, u64, std::time::Instant)>,
+fn set_astray(path: &Path, e: &crate::Error, when: &str) {
+    if let Ok(mut a) = ASTRAY.lock() {
+        *a = Some(format!(
+            "log file \"{}\": {when} ({e}) at {}; lines go on to the file it had. Make it for the worker's user (logrotate's `create 0640 USER GROUP`) or give its directory to that user, then send SIGUSR1 (`gearshift reopen-logs`)",
+            path.display(),
+            crate::clock::rfc3339_ms(crate::clock::now_ms()),
+        ));
+    }
 }
 
-impl Recurring {
-    /// `failing`: what cannot be done ("status socket: cannot accept a client"); `again`: the
-    /// line for when it works again ("status socket: accepting clients again").
-    pub const fn new(failing: &'static str, again: &'static str) -> Recurring {
-        Recurring {
-            failing,
-            again,
-            since: None,
+fn set_unstray() {
+    if let Ok(mut a) = ASTRAY.lock() {
+        *a = None;
+    }
+}
+
+/// While the log's path names no file this worker can open: why, and what to do (`status`).
+pub fn astray() -> Option<String> {
+    ASTRAY.lock().ok()?.clone()
+}
+
+/// The log file's descriptor, kept open across the coming exec (see [`resume`]); undone by
+/// [`not_handed`] if the exec fails.
+pub fn handed() -> Option<i32> {
+    let s = SINK.lock().ok()?;
+    let (_, file) = s.as_ref()?;
+    crate::ops::handover::keep(std::os::fd::AsFd::as_fd(file)).ok()?;
+    Some(std::os::fd::AsRawFd::as_raw_fd(file))
+}
+
+/// Undoes [`handed`] (the exec failed and this image carries on).
+pub fn not_handed() {
+    if let Ok(s) = SINK.lock() {
+        if let Some((_, file)) = s.as_ref() {
+            crate::ops::handover::release(std::os::fd::AsFd::as_fd(file));
         }
     }
+}
 
-    /// One more failure.
-    pub fn failed(&mut self, e: &dyn std::fmt::Display) {
-        let now = std::time::Instant::now();
-        match &mut self.since {
-            None => {
-                log::warn!(
-                    "{}: {e} (said again once a minute while it lasts)",
-                    self.failing
-                );
-                self.since = Some((now, 1, now));
-            }
-            Some((since, n, said)) => {
-                *n += 1;
-                if now.duration_since(*said) >= SAY_AGAIN_EVERY {
-                    log::warn!(
-                        "{}: {e} ({n} times in {} s)",
-                        self.failing,
-                        now.duration_since(*since).as_secs()
-                    );
-                    *said = now;
-                }
-            }
-        }
+/// A re-exec'd generation's log: `path` opened again (so a rotation is picked up), or, when
+/// this image (its user's, not root's) cannot open it (deleted or moved away from a directory
+/// only root may write), the file the previous image wrote, `carried`, with a warning in
+/// `status` until a SIGUSR1 opens the path. Before, such a generation died at start, and the
+/// worker with it. The same path already set (by an earlier step of this start) is kept.
+pub fn resume(path: &Path, carried: Option<i32>) -> crate::Result<()> {
+    if SINK
+        .lock()
+        .is_ok_and(|s| s.as_ref().is_some_and(|(p, _)| p == path))
+    {
+        return Ok(());
     }
-
-    /// Whether it failed last.
-    pub fn failing(&self) -> bool {
-        self.since.is_some()
+    let carried = crate::ops::handover::adopt(carried, |_| true)
+        .map(File::from)
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+    let (file, astray) = match (open_log(path, None), carried) {
+        (Ok(file), _) => (file, None),
+        (Err(e), Some(file)) => (file, Some(e)),
+        (Err(e), None) => return Err(e),
+    };
+    if let Ok(mut s) = SINK.lock() {
+        *s = Some((path.to_path_buf(), file));
     }
-
-    /// It worked: says so if it had failed.
-    pub fn worked(&mut self) {
-        if let Some((since, n, _)) = self.since.take() {
-            log::info!(
-                "{} after {n} time(s) in {} s",
-                self.again,
-                since.elapsed().as_secs()
+    match astray {
+        Some(e) => {
+            set_astray(path, &e, "this generation could not open it");
+            log::warn!(
+                "log file \"{}\": cannot open it ({e}); writing on to the file the previous generation had",
+                path.display()
             );
         }
+        None => set_unstray(),
     }
+    Ok(())
 }
 
 /// Sets the generation shown in log lines.

@@ -11,5 +11,6 @@ pub mod notify;
 pub mod pidfile;
 pub mod privilege;
 pub mod procfs;
+pub mod recurring;
 pub mod safefs;
 pub mod signals;

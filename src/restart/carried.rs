@@ -16,6 +16,9 @@ pub struct Inherited {
     /// The pidfile, its lock held.
     #[serde(default, with = "fd_or_none")]
     pub pidfile_fd: Option<i32>,
+    /// The log file, open for appending (used when its path cannot be opened again).
+    #[serde(default, with = "fd_or_none")]
+    pub log_fd: Option<i32>,
     /// The inotify instance handed over.
     #[serde(default, with = "fd_or_none")]
     pub inotify_fd: Option<i32>,

@@ -408,6 +408,7 @@ impl State {
                     .iter()
                     .cloned()
                     .chain(crate::ops::logging::failing())
+                    .chain(crate::ops::logging::astray())
                     .collect::<Vec<_>>(),
             ),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),

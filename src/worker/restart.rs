@@ -251,6 +251,7 @@ impl Control {
         };
         // execve failed: carry on as we were (the source too: the caller unsettles it).
         self.pidfile.close_on_exec();
+        crate::ops::logging::not_handed();
         for (_, fd) in self.source.listeners() {
             // SAFETY: the source owns `fd` and keeps it open.
             crate::ops::handover::release(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
@@ -283,6 +284,7 @@ impl Control {
         Inherited {
             generation: self.state.generation,
             pidfile_fd: Some(self.pidfile.fd()),
+            log_fd: None,
             inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
             source_fd: None,
             started_at_ms: self.state.started_at_ms,
@@ -388,6 +390,8 @@ impl Control {
                 next.status_socket = Some(ident);
             }
         }
+        // The next image writes on to it if it cannot open the log's path.
+        next.log_fd = crate::ops::logging::handed();
         if let Some(m) = self.metrics_server.as_mut() {
             // Scrapes from now on wait in the accept queue for the next image.
             m.pause();

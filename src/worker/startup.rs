@@ -57,7 +57,8 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     if boot.inherited.is_some() {
         signals::arm_serve_alarm();
         if let Some(file) = &opts.log_file {
-            let _ = crate::ops::logging::set_file(file, None);
+            let carried = boot.inherited.as_ref().and_then(|i| i.log_fd);
+            let _ = crate::ops::logging::resume(file, carried);
         }
         // A fault-injection build (tests only): a re-exec'd generation stalls here.
         #[cfg(gearshift_faults)]
@@ -138,7 +139,11 @@ pub(super) fn settle_as_root(
     let target = crate::ops::privilege::dropping_to(&plan.config)?;
     let owner = target.as_ref().map(|t| (t.uid, t.gid));
     if let Some(file) = log_file.or(plan.config.log.file.as_deref()) {
-        crate::ops::logging::set_file(file, owner)?;
+        match &boot.inherited {
+            // Already the worker's user: the path, or the file the last generation wrote.
+            Some(i) => crate::ops::logging::resume(file, i.log_fd)?,
+            None => crate::ops::logging::set_file(file, owner)?,
+        }
     }
     for w in &plan.warnings {
         log::warn!("{w}");
