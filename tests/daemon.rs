@@ -554,3 +554,41 @@ fn supervisor_does_not_restart_after_a_clean_stop() {
         !process_alive(sup) && !process_alive(worker)
     });
 }
+
+/// The pidfile removed under a running daemon (an operator taking it for a stale one, a
+/// cleaner of old files): `status` said "not running" (a script's `status || start` then
+/// started a second worker), and `stop` said the same and left the worker running, with
+/// nothing to find it by. Now `status` and `stop` see the worker on its status socket and say
+/// so (exit 4, the pid named, nothing signalled), and the worker makes its pidfile again within
+/// seconds when it may write there, after which both find it as before.
+#[test]
+fn a_removed_pidfile_is_made_again_and_never_reads_as_not_running() {
+    let sb = Sandbox::new("pidfile-removed");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
+    let pid = pid_of(&sb);
+    let _killer = Reaper(sb.path("pid-copy"));
+    fs::write(sb.path("pid-copy"), pid.to_string()).unwrap();
+    fs::remove_file(sb.path("state/gearshift.pid")).unwrap();
+    let out = sb.run(&["status"]);
+    match out.status.code() {
+        // Already made again.
+        Some(0) => assert!(text(&out.stdout).contains(&format!("(pid {pid})"))),
+        _ => {
+            assert_eq!(out.status.code(), Some(4), "{}", text_of(&out));
+            assert!(
+                text_of(&out).contains(&format!("pid {pid}")),
+                "{}",
+                text_of(&out)
+            );
+        }
+    }
+    eventually(Duration::from_secs(15), "the pidfile made again", || {
+        fs::read_to_string(sb.path("state/gearshift.pid"))
+            .is_ok_and(|s| s.trim() == pid.to_string())
+            && sb.run(&["status"]).status.code() == Some(0)
+    });
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(!process_alive(pid));
+}

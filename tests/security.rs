@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use common::*;
 
 fn nobody() -> nix::unistd::User {
@@ -594,6 +597,58 @@ fn a_last_good_copy_that_does_not_fit_is_removed_and_said() {
         "older\n"
     );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// The pidfile removed under a worker that dropped its privileges: it cannot make root's file
+/// again. `status` and `stop` said "not running" while it ran (`stop` exited 0 and left it),
+/// and its next reload, unable to make the file, died. Now both CLI commands see it on its
+/// status socket and say so (exit 4, its pid named, nothing signalled), `start` refuses to
+/// start a second worker beside it, a reload keeps it, and its `status` says what happened.
+#[test]
+fn a_removed_pidfile_the_dropped_worker_cannot_make_again_is_said_and_survives_reloads() {
+    let sb = privsep("sec-pidremoved");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = pid_of(&sb);
+    let _killer = Reaper(sb.path("pid-copy"));
+    fs::write(sb.path("pid-copy"), pid.to_string()).unwrap();
+    fs::remove_file(sb.path("state/gearshift.pid")).unwrap();
+    for cmd in ["status", "stop", "start"] {
+        let out = sb.run(&[cmd]);
+        let expected = if cmd == "start" { 1 } else { 4 };
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "{cmd}: {}",
+            text_of(&out)
+        );
+        assert!(
+            text_of(&out).contains(&format!("pid {pid}")) && text_of(&out).contains("pidfile"),
+            "{cmd}: {}",
+            text_of(&out)
+        );
+        assert!(process_alive(pid), "{cmd}");
+    }
+    let socket = sb.path("state/worker/gearshift.sock");
+    let warned = |s: &serde_json::Value| {
+        s["warnings"].as_array().is_some_and(|w| {
+            w.iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("pidfile")))
+        })
+    };
+    eventually(Duration::from_secs(15), "status to say so", || {
+        status_at(&socket).is_some_and(|s| warned(&s))
+    });
+    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(15), "generation 2 serving", || {
+        status_at(&socket).is_some_and(|s| s["generation"] == 2 && s["state"] == "running")
+    });
+    assert!(status_at(&socket).is_some_and(|s| warned(&s) && s["pid"] == pid));
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(10), "the worker to stop", || {
+        !process_alive(pid)
+    });
 }
 
 #[test]

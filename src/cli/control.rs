@@ -89,7 +89,10 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
             "\"{}\" is locked but holds no pid",
             pidfile.display()
         ))),
-        Probe::NotRunning if certain => Err(Error::NotRunning),
+        Probe::NotRunning if certain => match crate::status::unlocked_worker(&socket) {
+            Some(pid) => Err(Error::Unknown(crate::status::unlocked_words(&pidfile, pid))),
+            None => Err(Error::NotRunning),
+        },
         Probe::NotRunning => Err(Error::Unknown(format!(
             "no worker runs in state_dir \"{}\", but the invalid config cannot say for certain that this is its state_dir; fix the config and ask again",
             state_dir.display()

@@ -51,6 +51,8 @@ pub fn start(
             pid,
         });
     }
+    // A worker whose pidfile was removed still answers on its socket: never a second beside it.
+    crate::status::refuse_beside_unlocked(&cfg.worker.state_dir)?;
     if let crate::config::Source::Gearman(g) = &cfg.source {
         if let Err(errors) = crate::source::gearman::client::probe(&g.servers) {
             eprintln!(

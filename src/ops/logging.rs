@@ -206,6 +206,15 @@ pub fn reopen() -> crate::Result<Option<PathBuf>> {
     Ok(Some(path.clone()))
 }
 
+/// SIGUSR1: [`reopen`], and what came of it said.
+pub fn on_usr1() {
+    match reopen() {
+        Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
+        Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
+        Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
+    }
+}
+
 /// Why lines go to a file the log's path no longer names, since when (for `status`).
 static ASTRAY: Mutex<Option<String>> = Mutex::new(None);
 

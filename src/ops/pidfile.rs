@@ -24,6 +24,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::ops::layout::PIDFILE;
 use crate::ops::safefs::{flock, Dir, Open};
 
+/// How often a serving worker looks at its pidfile's path (one `stat`).
+pub const LOOK_EVERY: Duration = Duration::from_secs(5);
+
 /// A held pidfile lock.
 pub struct Pidfile {
     file: File,
@@ -114,18 +117,70 @@ impl Pidfile {
         Ok(Pidfile { file: locked })
     }
 
-    /// Takes back the lock inherited across execve as descriptor `fd`, if it still is the
-    /// pidfile at `path`; None means it is not (the caller then acquires afresh).
-    pub fn adopt(fd: Option<RawFd>, path: &Path) -> Option<Pidfile> {
-        let want = std::fs::metadata(path).ok()?;
+    /// Takes back the lock inherited across execve as descriptor `fd`, whether or not the
+    /// pidfile's path still names it ([`Pidfile::keep_named`] looks at that); None: no lock of
+    /// ours came (the caller then acquires afresh).
+    pub fn adopt(fd: Option<RawFd>) -> Option<Pidfile> {
         let file = File::from(crate::ops::handover::adopt(fd, |_| true)?);
-        let same = file
-            .metadata()
-            .is_ok_and(|a| a.dev() == want.dev() && a.ino() == want.ino());
-        if !same || flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_err() {
+        if flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).is_err() {
             return None;
         }
         Some(Pidfile { file })
+    }
+
+    /// [`Pidfile::keep_named`] while serving, every [`LOOK_EVERY`]: another worker's pidfile
+    /// there is said (log, `status`), and there is nothing else to do about it.
+    pub fn look(&mut self, state_dir: &Path) {
+        let _ = self.keep_named(state_dir);
+    }
+
+    /// Whether `path` names the file this lock is held on.
+    pub fn names(&self, path: &Path) -> bool {
+        match (std::fs::symlink_metadata(path), self.file.metadata()) {
+            (Ok(at), Ok(ours)) => at.dev() == ours.dev() && at.ino() == ours.ino(),
+            _ => false,
+        }
+    }
+
+    /// Makes `state_dir`'s pidfile name this worker again if it no longer does (removed by an
+    /// operator who took it for a stale one, or by a cleaner): `status` and `stop` find a
+    /// worker only by it. A worker that may not write there (one that dropped its privileges
+    /// to a user other than `state_dir`'s owner) cannot: it says so in its log and `status`
+    /// ([`astray`]), and the CLI finds it by its status socket meanwhile. Another worker's lock
+    /// on a new pidfile there is said the same way, and returned for the caller to judge.
+    pub fn keep_named(&mut self, state_dir: &Path) -> Result<()> {
+        let path = state_dir.join(PIDFILE);
+        if self.names(&path) {
+            return Ok(());
+        }
+        match Dir::open(state_dir).and_then(|d| Pidfile::acquire(&d)) {
+            Ok(made) => {
+                *self = made;
+                log::warn!(
+                    "the pidfile \"{}\" had been removed or replaced: made it again",
+                    path.display()
+                );
+                set_astray(None);
+                Ok(())
+            }
+            Err(e) => {
+                let clash = matches!(e, Error::Locked { .. });
+                let said = if clash {
+                    format!("the pidfile \"{}\" was replaced by another worker's ({e}): two workers may run on this state_dir; stop one (`kill -TERM {}` stops this one)", path.display(), std::process::id())
+                } else {
+                    format!("the pidfile \"{}\" was removed or replaced and this worker cannot make it again ({e}): `gearshift status` and `stop` find it by its status socket, but cannot signal it; `kill -TERM {}` stops it, and its next fresh start makes the pidfile", path.display(), std::process::id())
+                };
+                if astray().as_ref() != Some(&said) {
+                    log::warn!("{said}");
+                }
+                set_astray(Some(said));
+                if clash {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 
     /// Empties the file, keeping the lock (just before a clean exit): through a descriptor
@@ -161,6 +216,20 @@ impl Drop for Pidfile {
         // stale pid next to a free lock for long.
         self.clear();
     }
+}
+
+/// Why the pidfile does not name this worker, while it does not (for `status`).
+static ASTRAY: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn set_astray(said: Option<String>) {
+    if let Ok(mut a) = ASTRAY.lock() {
+        *a = said;
+    }
+}
+
+/// While the pidfile's path does not name this worker's lock: why, and what to do.
+pub fn astray() -> Option<String> {
+    ASTRAY.lock().ok()?.clone()
 }
 
 /// Tests the lock on `path` without keeping it. A worker runs if the file is locked; its pid

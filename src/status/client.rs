@@ -174,6 +174,37 @@ pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
     })
 }
 
+/// A worker that answers on `socket` though no lock says one runs (its pidfile was removed):
+/// its pid, as its answer gives it and the kernel confirms (the socket's server is that
+/// process), never to be signalled on that word alone; None when nothing answers there (no
+/// socket, or one nobody listens on).
+pub fn unlocked_worker(socket: &Path) -> Option<i32> {
+    let pid = i32::try_from(query(socket, None).ok()?.pid).ok()?;
+    query(socket, Some(pid)).ok().map(|_| pid)
+}
+
+/// What the CLI says of [`unlocked_worker`]'s worker.
+pub fn unlocked_words(pidfile: &Path, pid: i32) -> String {
+    format!(
+        "no worker holds the pidfile \"{}\", but pid {pid} answers on its status socket: the pidfile was removed; the worker makes it again within seconds where it may write it (ask again), else `kill -TERM {pid}` stops it (not done here: a pid that only a socket gives is never signalled)",
+        pidfile.display()
+    )
+}
+
+/// Refuses a fresh start beside a worker of `state_dir` whose pidfile was removed (it still
+/// answers on its status socket): never a second worker on the same state.
+pub fn refuse_beside_unlocked(state_dir: &Path) -> crate::Result<()> {
+    use crate::ops::layout;
+    let socket = layout::worker_dir(state_dir).join(layout::SOCKET);
+    match unlocked_worker(&socket) {
+        Some(pid) => Err(crate::Error::Msg(unlocked_words(
+            &state_dir.join(layout::PIDFILE),
+            pid,
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Like [`query`], retrying for up to `patience` (the socket is briefly gone during a re-exec).
 pub fn query_patiently(path: &Path, pid: Option<i32>, patience: Duration) -> Result<Doc> {
     let deadline = Instant::now() + patience;

@@ -17,7 +17,10 @@ pub mod doc;
 pub mod records;
 pub mod server;
 
-pub use client::{query, query_counts, query_metrics, query_patiently};
+pub use client::{
+    query, query_counts, query_metrics, query_patiently, refuse_beside_unlocked, unlocked_words,
+    unlocked_worker,
+};
 pub use doc::{
     Doc, IngressDoc, PendingDoc, RefusalDoc, RefusedDeployDoc, RollbackDoc, RunningJob, ServerDoc,
     StorageDoc,
@@ -409,6 +412,7 @@ impl State {
                     .cloned()
                     .chain(crate::ops::logging::failing())
                     .chain(crate::ops::logging::astray())
+                    .chain(crate::ops::pidfile::astray())
                     .collect::<Vec<_>>(),
             ),
             watch: i.watch.clone().unwrap_or_else(|| "inotify".into()),

@@ -1,7 +1,6 @@
 //! The control loop: the main thread receives signals, file events, recycling requests and
 //! lane exits, and owns every decision (restart, stop, deploy); lanes only run jobs.
 
-use crate::shutdown::Switch;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
 use crate::restart::deploy::{Deploy, Step};
 use crate::restart::reexec::Boot;
+use crate::shutdown::Switch;
 use crate::source::Source;
 use crate::status::{self, State};
 use crate::watch::inotify::Inotify;
@@ -144,6 +144,8 @@ impl Control {
                 self.halt_lanes();
             }
         }
+        // The pidfile (how `status` and `stop` find this worker), made again if removed.
+        let pidfile_look = crossbeam_channel::tick(crate::ops::pidfile::LOOK_EVERY);
         let watchdog = match self.notifier.as_ref().and_then(Notifier::watchdog_interval) {
             Some(every) => crossbeam_channel::tick(every),
             None => never(),
@@ -169,6 +171,7 @@ impl Control {
                 recv(health_timer) -> _ => self.health.recovered(&self.state),
                 recv(splay_timer) -> _ => self.splay_over(&mut lp),
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
+                recv(pidfile_look) -> _ => self.pidfile.look(&self.plan.config.worker.state_dir),
                 recv(age) -> _ => {
                     age = never();
                     self.request_restart(&mut lp.phase, RestartReason::MaxAge);
@@ -276,11 +279,7 @@ impl Control {
                 self.source.stopping(false);
                 self.halt_lanes();
             }
-            Signal::SIGUSR1 => match crate::ops::logging::reopen() {
-                Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
-                Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
-                Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
-            },
+            Signal::SIGUSR1 => crate::ops::logging::on_usr1(),
             other => log::info!("{}: ignored", other.as_str()),
         }
     }

@@ -156,10 +156,19 @@ pub(super) fn settle_as_root(
     let pidfile = match boot
         .inherited
         .as_ref()
-        .and_then(|i| Pidfile::adopt(i.pidfile_fd, &plan.config.pidfile()))
+        .and_then(|i| Pidfile::adopt(i.pidfile_fd))
     {
-        Some(p) => p,
-        None => Pidfile::acquire(&layout.dir)?,
+        Some(mut p) => {
+            // Removed meanwhile: made again if we may; another worker's lock there (a
+            // `state_dir` changed to one in use) ends this start.
+            p.keep_named(state_dir)?;
+            p
+        }
+        None => {
+            // A worker whose pidfile was removed still answers on its socket: never a second.
+            crate::status::refuse_beside_unlocked(state_dir)?;
+            Pidfile::acquire(&layout.dir)?
+        }
     };
     // Bound before privileges drop (a port under 1024 needs root), and once: the socket is
     // handed across every re-exec.

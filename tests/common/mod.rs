@@ -246,17 +246,7 @@ impl Worker {
 
     /// The worker's status, or None while it cannot answer (e.g. mid re-exec).
     pub fn try_status(&self) -> Option<Value> {
-        let mut c = UnixStream::connect(&self.socket).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let _ = c.write_all(b"status\n");
-        let mut s = Vec::new();
-        match c.read_to_end(&mut s) {
-            Ok(_) => {}
-            // A worker that does not read requests resets the connection after its answer.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !s.is_empty() => {}
-            Err(_) => return None,
-        }
-        serde_json::from_slice(&s).ok()
+        status_at(&self.socket)
     }
 
     pub fn status(&self) -> Value {
@@ -493,6 +483,21 @@ pub fn second_term_ends_it(w: &mut Worker, state: &str) {
 
 /// Whether `pid` runs: a zombie has exited (only its parent, often a slow init here, has yet
 /// to reap it).
+/// The status document served on `socket`, or None while nothing answers there.
+pub fn status_at(socket: &Path) -> Option<Value> {
+    let mut c = UnixStream::connect(socket).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let _ = c.write_all(b"status\n");
+    let mut s = Vec::new();
+    match c.read_to_end(&mut s) {
+        Ok(_) => {}
+        // A worker that does not read requests resets the connection after its answer.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !s.is_empty() => {}
+        Err(_) => return None,
+    }
+    serde_json::from_slice(&s).ok()
+}
+
 pub fn process_alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(')')
