@@ -165,9 +165,10 @@ pub(super) fn settle_as_root(
             p
         }
         None => {
+            let p = Pidfile::acquire(&layout.dir)?;
             // A worker whose pidfile was removed still answers on its socket: never a second.
             crate::status::refuse_beside_unlocked(state_dir)?;
-            Pidfile::acquire(&layout.dir)?
+            p
         }
     };
     // Bound before privileges drop (a port under 1024 needs root), and once: the socket is
