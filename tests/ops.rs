@@ -107,6 +107,60 @@ fn watchdog_pings_continue_during_a_long_job() {
     assert!(sock2.recv(&mut buf).is_err(), "no datagram expected");
 }
 
+/// A job inherited the service manager's variables: `NOTIFY_SOCKET` (a job program that speaks
+/// sd_notify itself, or one that means harm, could tell systemd `STOPPING=1`, or, under
+/// `NotifyAccess=all`, `MAINPID=` another process, for the worker's whole service), the
+/// watchdog's and socket activation's. sd_notify(3) asks a service to keep them from its
+/// children; the worker keeps them for itself (its next image needs them) and no job sees them.
+#[test]
+fn the_service_managers_variables_never_reach_a_job() {
+    let sb = Sandbox::new("notify-env");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sb.job("env", "#!/bin/sh\nenv\n");
+    let mut w = sb.start_env(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "60000000"),
+        ("LISTEN_FDS", "0"),
+        ("LISTEN_PID", "1"),
+        ("LISTEN_FDNAMES", "none"),
+        ("GEARSHIFT_TEST_KEPT", "yes"),
+    ]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+    let out = sb.run(&["submit", "--wait", "env", "x"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let env = text(&out.stdout);
+    assert!(env.contains("GEARSHIFT_TEST_KEPT=yes"), "{env}");
+    for var in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        assert!(
+            !env.contains(&format!("{var}=")),
+            "{var} reached the job:\n{env}"
+        );
+    }
+    // The worker itself still speaks to the service manager, after a reload too.
+    w.signal(Signal::SIGHUP);
+    let msgs = read_until(&sock, "READY=1", Duration::from_secs(10));
+    assert!(
+        msgs.last().unwrap().contains("STATUS=generation 2,"),
+        "{msgs:?}"
+    );
+    let out = sb.run(&["submit", "--wait", "env", "x"]);
+    assert!(
+        !text(&out.stdout).contains("NOTIFY_SOCKET="),
+        "{}",
+        text(&out.stdout)
+    );
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+}
+
 #[test]
 fn usr1_reopens_a_log_file_that_was_moved() {
     let sb = Sandbox::new("logrotate");

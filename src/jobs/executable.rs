@@ -95,10 +95,14 @@ impl Children {
     }
 }
 
-/// Environment variables gearshift itself uses across re-exec; they are not passed to jobs.
-pub fn is_internal_var(key: &OsString) -> bool {
-    key.to_str()
-        .is_some_and(|k| k.starts_with(crate::ops::handover::ENV_PREFIX))
+/// Environment variables kept from the processes the worker starts (jobs, a pre-flight): those
+/// gearshift itself uses across re-exec, and the service manager's, which are the worker's alone
+/// (see [`crate::ops::notify::SERVICE_VARS`]).
+pub fn withheld_from_children(key: &OsString) -> bool {
+    key.to_str().is_some_and(|k| {
+        k.starts_with(crate::ops::handover::ENV_PREFIX)
+            || crate::ops::notify::SERVICE_VARS.contains(&k)
+    })
 }
 
 /// Runs `exe` for `job` and returns its stdout (bounded by `max_output`) or the failure.
@@ -123,7 +127,7 @@ pub fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| !is_internal_var(k)))
+        .envs(std::env::vars_os().filter(|(k, _)| !withheld_from_children(k)))
         .env(crate::jobs::reaper::ENV_JOB, job.id())
         .env(
             crate::jobs::reaper::ENV_WORKER,

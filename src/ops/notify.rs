@@ -10,6 +10,18 @@
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
+/// The service manager's variables: the worker's alone, kept from every process it starts
+/// (sd_notify(3): a child that inherits `NOTIFY_SOCKET` could speak for the service, say
+/// `STOPPING=1`, or under `NotifyAccess=all` name another `MAINPID`).
+pub const SERVICE_VARS: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
 /// A connection to the service manager, if we were started by one.
 pub struct Notifier {
     socket: UnixDatagram,

@@ -62,7 +62,10 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
         .arg(config)
         .arg("check")
         .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| !crate::jobs::executable::is_internal_var(k)))
+        .envs(
+            std::env::vars_os()
+                .filter(|(k, _)| !crate::jobs::executable::withheld_from_children(k)),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2))
