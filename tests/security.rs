@@ -651,6 +651,65 @@ fn a_removed_pidfile_the_dropped_worker_cannot_make_again_is_said_and_survives_r
     });
 }
 
+/// A worker given a capability the way systemd gives a `User=` service one
+/// (`AmbientCapabilities=CAP_NET_BIND_SERVICE`, which README suggests for a ZeroMQ port below
+/// 1024): the ambient set passes through every exec, so every job had it too. Now a job starts
+/// with none (the worker keeps its own, for a reload that binds a new port).
+#[test]
+fn a_job_gets_none_of_the_workers_ambient_capabilities() {
+    let sb = privsep("sec-ambient");
+    sb.job(
+        "caps",
+        "#!/bin/sh\ngrep -E '^Cap(Prm|Eff|Amb)' /proc/self/status\n",
+    );
+    let out = Command::new("chown")
+        .args(["-R", "nobody:"])
+        .arg(&sb.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    let n = nobody();
+    let (uid, gid) = (format!("--reuid={}", n.uid), format!("--regid={}", n.gid));
+    let as_service = [
+        "setpriv",
+        &uid,
+        &gid,
+        "--clear-groups",
+        "--inh-caps=+net_bind_service",
+        "--ambient-caps=+net_bind_service",
+    ];
+    let mut w = sb.start_under(&as_service, "true");
+    eventually(Duration::from_secs(20), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    let own = fs::read_to_string(format!("/proc/{}/status", w.status()["pid"])).unwrap();
+    assert!(own.contains("CapAmb:\t0000000000000400"), "{own}");
+    let out = worker_sh(
+        &sb,
+        &format!(
+            "{} -c {} submit --wait caps x",
+            sb.bin.display(),
+            sb.config().display()
+        ),
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let caps = text(&out.stdout);
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        assert!(
+            caps.contains(&format!("{set}:\t0000000000000000")),
+            "{set}: {caps}"
+        );
+    }
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        w.wait_exit(Duration::from_secs(10)).success(),
+        "{}",
+        w.log_text()
+    );
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

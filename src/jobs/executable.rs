@@ -154,6 +154,16 @@ pub fn run(
             if libc::getppid() != worker_pid {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }
+            // No capability of the worker's passes to the job (ambient ones, as systemd's
+            // `AmbientCapabilities=` gives a `User=` service, would pass through the exec).
+            // Fails only on a kernel without ambient capabilities (before 4.3): none to pass.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
             if progress_fd == 3 {
                 // dup2(3, 3) would keep FD_CLOEXEC set: clear it instead.
                 if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
