@@ -1163,3 +1163,35 @@ fn a_fifo_planted_as_the_done_ids_file_blocks_nothing() {
         .count();
     assert_eq!(said, 1, "{log}");
 }
+
+/// A broker named by a host name its resolver never answers (a DNS server cut off): the lane
+/// looked it up on its own thread, outside the connect's deadline and deaf to its wake-up, so a
+/// reload or a stop waited for the resolver's whole timeout (20 s here). Now the lookup runs
+/// beside the lane, which answers both at once.
+#[test]
+fn a_broker_name_the_resolver_never_answers_holds_neither_a_reload_nor_a_stop() {
+    if !nix::unistd::geteuid().is_root() {
+        skip(
+            "a_broker_name_the_resolver_never_answers_holds_neither_a_reload_nor_a_stop",
+            "needs root (a DNS port, a mount namespace)",
+        );
+        return;
+    }
+    let sb = Sandbox::new("amqp-dns");
+    let dns = DeafResolver::new(&sb, "127.0.0.3");
+    amqp_config(
+        &sb,
+        2,
+        "url = \"amqp://guest:guest@unanswered.gearshift-test.invalid:5672/\"\nqueue = \"email\"\nfunction = \"echo\"\n",
+        "",
+    );
+    let mut w = sb.start_under(&DeafResolver::OUTER, &dns.prefix());
+    eventually(Duration::from_secs(10), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    // The lanes are in their lookups now.
+    std::thread::sleep(Duration::from_millis(500));
+    w.acts_at_once(Signal::SIGHUP, Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(500));
+    w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
+}

@@ -488,3 +488,53 @@ fn a_flood_of_rejected_results_is_said_once() {
     drop(w);
     stop.store(true, Ordering::Release);
 }
+
+/// A server named by a host name its resolver never answers (a DNS server cut off: each
+/// lookup blocks for the resolver's timeout): the lanes resolved it on their own threads, so
+/// every attempt held the lane, and with it the healthy server's jobs, a reload and a stop,
+/// for the whole timeout (20 s here), again at every retry. Now names are looked up beside the
+/// lane; the healthy server serves, and signals are answered at once.
+#[test]
+fn a_server_name_the_resolver_never_answers_costs_only_its_own_connection() {
+    let _serial = serial();
+    if !nix::unistd::geteuid().is_root() {
+        skip(
+            "a_server_name_the_resolver_never_answers_costs_only_its_own_connection",
+            "needs root (a DNS port, a mount namespace)",
+        );
+        return;
+    }
+    let sb = Sandbox::new("gm-dns");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let dns = DeafResolver::new(&sb, "127.0.0.2");
+    let unanswered = "unanswered.gearshift-test.invalid:4730";
+    sb.gearman_config(
+        &[unanswered.to_string(), gm.addr()],
+        "io_timeout = \"2s\"\n",
+    );
+    // The worker alone sees that resolver: its own mount namespace.
+    let mut w = sb.start_under(&DeafResolver::OUTER, &dns.prefix());
+    eventually(Duration::from_secs(10), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    let started = Instant::now();
+    let secs = load_secs(&sb, &gm.addr(), 200);
+    eprintln!("200 jobs beside an unresolvable server: {secs:.3}s");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the healthy server waited for the resolver: {:?}",
+        started.elapsed()
+    );
+    w.acts_at_once(Signal::SIGHUP, Duration::from_secs(3));
+    let s = w.status();
+    let view = s["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["address"] == unanswered)
+        .cloned()
+        .unwrap();
+    assert_ne!(view["state"], "connected", "{view}");
+    w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
+    drop(dns);
+}

@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod gearman;
 pub mod lane;
+pub(crate) mod resolve;
 pub(crate) mod spin;
 pub mod spool;
 pub mod zeromq;

@@ -787,3 +787,58 @@ pub fn skip_to(list: &Path, test: &str, why: &str, ci: bool) {
     }
     eprint!("skipped: {line}");
 }
+
+/// A name server that takes every question and answers none (one cut off), and a resolv.conf
+/// naming it with a 20 s timeout, for a worker started in a mount namespace of its own
+/// ([`DeafResolver::OUTER`], [`DeafResolver::prefix`]); the rest of the machine keeps its own.
+/// Needs root (port 53, the bind mount).
+pub struct DeafResolver {
+    _socket: std::net::UdpSocket,
+    conf: PathBuf,
+}
+
+impl DeafResolver {
+    /// `ip`: a loopback address of its own (127.0.0.2, ...), one per test that may run at once.
+    pub fn new(sb: &Sandbox, ip: &str) -> DeafResolver {
+        let socket = std::net::UdpSocket::bind((ip, 53)).unwrap();
+        let conf = sb.path("resolv.conf");
+        fs::write(
+            &conf,
+            format!("nameserver {ip}\noptions timeout:20 attempts:1\n"),
+        )
+        .unwrap();
+        DeafResolver {
+            _socket: socket,
+            conf,
+        }
+    }
+
+    /// What runs the worker: in a mount namespace of its own.
+    pub const OUTER: [&'static str; 2] = ["unshare", "-m"];
+
+    /// The shell line before the worker's exec: this resolver in its namespace.
+    pub fn prefix(&self) -> String {
+        format!("mount --bind {} /etc/resolv.conf", self.conf.display())
+    }
+}
+
+impl Worker {
+    /// Sends `sig` (HUP: the next generation must serve; TERM: the worker must exit cleanly)
+    /// and asserts that it was acted on within `bound`.
+    pub fn acts_at_once(&mut self, sig: Signal, bound: Duration) {
+        let sent = Instant::now();
+        let next = (sig == Signal::SIGHUP).then(|| self.generation() + 1);
+        self.signal(sig);
+        match next {
+            Some(g) => {
+                self.wait_generation(g);
+            }
+            None => assert!(
+                self.wait_exit(Duration::from_secs(30)).success(),
+                "{}",
+                self.log_text()
+            ),
+        }
+        assert!(sent.elapsed() < bound, "{sig:?} took {:?}", sent.elapsed());
+    }
+}

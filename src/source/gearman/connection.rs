@@ -178,24 +178,15 @@ impl Conn {
         Conn::over(stream, magic, max, None)
     }
 
-    /// Begins a non-blocking connect to `addr` (name resolution itself blocks). Poll the
-    /// descriptor for writability, then call [`Conn::connected`].
+    /// Begins a non-blocking connect to `sa` (looked up beforehand: see
+    /// [`crate::source::resolve`]). Poll the descriptor for writability, then call
+    /// [`Conn::connected`].
     pub fn start(
-        addr: &str,
+        sa: std::net::SocketAddr,
         magic: [u8; 4],
         max: usize,
         tls: Option<&TlsTarget>,
     ) -> io::Result<Conn> {
-        let sa = addr
-            .to_socket_addrs()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
-            .next()
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("cannot resolve {addr}: no address"),
-                )
-            })?;
         let fd = start_connect(sa)?;
         let stream = TcpStream::from(fd);
         stream.set_nodelay(true)?;

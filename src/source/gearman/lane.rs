@@ -103,6 +103,8 @@ impl GearmanLane {
         let mut earliest = |t: Instant| wake_at = Some(wake_at.map_or(t, |w: Instant| w.min(t)));
         for s in &self.servers {
             match s.phase {
+                // A lookup under way wakes the lane itself when it is done.
+                Phase::Down if s.lookup.is_some() => {}
                 Phase::Down => earliest(s.retry_at),
                 _ => {
                     if let Some(d) = s.deadline {

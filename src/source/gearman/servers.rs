@@ -69,6 +69,8 @@ pub(super) struct Server {
     pub(super) target: String,
     pub(super) tls: Option<TlsTarget>,
     pub(super) conn: Option<Conn>,
+    /// Its name being looked up (while `Down`), beside the lane.
+    pub(super) lookup: Option<crate::source::resolve::Lookup>,
     pub(super) phase: Phase,
     /// When the exchange under way must be answered (connect, handshake, GRAB, ECHO, write).
     pub(super) deadline: Option<Instant>,
@@ -157,10 +159,20 @@ impl GearmanLane {
             if s.phase != Phase::Down || s.retry_at > now {
                 continue;
             }
-            if s.failures > 0 {
+            // An attempt begins (and is counted, once) with its lookup, or its connect.
+            if s.failures > 0 && s.lookup.is_none() {
                 self.count_reconnect(s);
             }
-            let started = Conn::start(&s.target, p::RES, self.max_packet, s.tls.as_ref())
+            let sa = match self.address_of(i) {
+                None => continue,
+                Some(Ok(sa)) => sa,
+                Some(Err(e)) => {
+                    self.fail(i, &format!("cannot connect: {e}"));
+                    continue;
+                }
+            };
+            let s = &self.servers[i];
+            let started = Conn::start(sa, p::RES, self.max_packet, s.tls.as_ref())
                 .and_then(|c| c.detect_dead_peer(self.dead_peer).map(|()| c));
             match started {
                 Ok(conn) => {
@@ -174,6 +186,30 @@ impl GearmanLane {
                 }
                 Err(e) => self.fail(i, &format!("cannot connect: {e}")),
             }
+        }
+    }
+
+    /// Server `i`'s address: at once if it is written as one, else from a lookup beside the
+    /// lane (None while it runs; one is started if none is), which wakes the lane when done.
+    fn address_of(&mut self, i: usize) -> Option<std::io::Result<std::net::SocketAddr>> {
+        use crate::source::resolve::{literal, Lookup};
+        let s = &mut self.servers[i];
+        if let Some(sa) = literal(&s.target) {
+            return Some(Ok(sa));
+        }
+        match &s.lookup {
+            Some(l) => {
+                let answer = l.answer()?;
+                s.lookup = None;
+                Some(answer)
+            }
+            None => match Lookup::start(&s.target, Arc::clone(&self.wake)) {
+                Ok(l) => {
+                    s.lookup = Some(l);
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            },
         }
     }
 

@@ -103,6 +103,7 @@ impl GearmanSource {
                 target: target.clone(),
                 tls: tls.clone(),
                 conn: None,
+                lookup: None,
                 phase: Phase::Down,
                 deadline: None,
                 backoff: BACKOFF_MIN,

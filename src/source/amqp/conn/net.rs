@@ -1,6 +1,6 @@
 //! The socket: a non-blocking connect, and waiting in poll(2) for it or the wake-up eventfd.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,11 +18,7 @@ pub(super) fn connect(
     deadline: Instant,
     wake: Option<&Arc<OwnedFd>>,
 ) -> Result<TcpStream> {
-    let addr = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(|e| Error::Gone(format!("cannot resolve {}: {e}", url.host)))?
-        .next()
-        .ok_or_else(|| Error::Gone(format!("cannot resolve {}: no address", url.host)))?;
+    let addr = address(url, deadline, wake)?;
     let fd = crate::source::gearman::connection::start_connect(addr).map_err(gone)?;
     match wait_fd(fd.as_fd(), PollFlags::POLLOUT, Some(deadline), wake)? {
         Ready::Yes => {}
@@ -40,6 +36,36 @@ pub(super) fn connect(
     }
     stream.set_nodelay(true).map_err(gone)?;
     Ok(stream)
+}
+
+/// The broker's address: at once if the URL gives one; else looked up beside this thread
+/// (see [`crate::source::resolve`]), waiting for the answer, the deadline or `wake`.
+fn address(url: &AmqpUrl, deadline: Instant, wake: Option<&Arc<OwnedFd>>) -> Result<SocketAddr> {
+    use crate::source::resolve::{first_address, literal, Lookup};
+    let target = if url.host.contains(':') {
+        format!("[{}]:{}", url.host, url.port)
+    } else {
+        format!("{}:{}", url.host, url.port)
+    };
+    if let Some(sa) = literal(&target) {
+        return Ok(sa);
+    }
+    let Some(wake) = wake else {
+        return first_address(&target).map_err(gone);
+    };
+    let done = Arc::new(crate::source::gearman::worker::eventfd()?);
+    let lookup = Lookup::start(&target, Arc::clone(&done)).map_err(gone)?;
+    match wait_fd(done.as_fd(), PollFlags::POLLIN, Some(deadline), Some(wake))? {
+        Ready::Yes => lookup
+            .answer()
+            .unwrap_or_else(|| Err(std::io::Error::other("no answer")))
+            .map_err(gone),
+        Ready::Woken => Err(Error::Gone("resolving: the lane is stopping".into())),
+        Ready::TimedOut => Err(Error::TimedOut(format!(
+            "resolving {}: no answer",
+            url.host
+        ))),
+    }
 }
 
 pub(super) enum Ready {
