@@ -710,6 +710,38 @@ fn a_job_gets_none_of_the_workers_ambient_capabilities() {
     );
 }
 
+/// `state_dir/worker/` removed under a worker that dropped its privileges (a clean-up of
+/// "stale" sockets): it cannot make that directory again in root's `state_dir`, and its next
+/// reload died at start (`opening directory ".../worker": No such file or directory`). Now the
+/// new generation serves on, on the status socket it was handed (which no path reaches until a
+/// fresh start makes the directory again), says so in its log, and `stop` still finds it.
+#[test]
+fn a_removed_worker_dir_neither_ends_a_dropped_worker_nor_its_reloads() {
+    let sb = privsep("sec-workerdir");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = pid_of(&sb);
+    fs::remove_dir_all(sb.path("state/worker")).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    let log = sb.path("state/gearshift.log");
+    eventually(Duration::from_secs(15), "generation 2 to serve", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains(" g2 ") && l.contains("started (pid"))
+            || !process_alive(pid)
+    });
+    assert!(process_alive(pid), "{}", fs::read_to_string(&log).unwrap());
+    let said = fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("worker") && said.contains("removed"),
+        "{said}"
+    );
+    let out = sb.run(&["submit", "--wait", "reverse", "abc"]);
+    assert_eq!(text(&out.stdout), "cba", "{}", text_of(&out));
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(!process_alive(pid));
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

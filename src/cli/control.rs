@@ -19,7 +19,12 @@ use super::exit;
 /// state_dir` read leniently from the file (certain only if its TOML syntax holds).
 fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
     match Config::load(path) {
-        Ok(c) => Ok((c.worker.state_dir, true)),
+        Ok(c) => {
+            if let Ok(Some(t)) = crate::ops::privilege::target(&c) {
+                pidfile::configured_user(t.uid.as_raw());
+            }
+            Ok((c.worker.state_dir, true))
+        }
         Err(Error::Config(msg)) => {
             eprintln!(
                 "gearshift: warning: the config file is invalid: {}",

@@ -123,8 +123,20 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
             w.chown(t.uid, t.gid)?;
         }
     } else {
-        // A generation that already dropped its privileges: root made worker/ for us.
-        dir.sub(WORKER_DIR, None)?;
+        // A generation that already dropped its privileges: root made worker/ for us. Removed
+        // since (a clean-up of "stale" sockets), we cannot make it again in root's directory:
+        // this generation serves on, on the status socket it was handed, which no path reaches
+        // until a fresh start makes the directory again.
+        match dir.sub(WORKER_DIR, None) {
+            Ok(_) => {}
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                log::warn!(
+                    "\"{}\" was removed and this worker, no longer root, cannot make it again: `gearshift status` cannot reach it (the next fresh start makes the directory again; `gearshift stop` still stops it)",
+                    worker_dir(dir.path()).display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(State { dir })
 }

@@ -232,6 +232,16 @@ pub fn astray() -> Option<String> {
     ASTRAY.lock().ok()?.clone()
 }
 
+/// The uid `[worker] user` names (0: none or not known), as the CLI read it from the config: a
+/// lock it holds is the worker's, also while `state_dir/worker/`, whose owner says so
+/// otherwise, is gone (removed under a worker that cannot make it again).
+static CONFIGURED_USER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Tells [`probe`] the uid `[worker] user` names.
+pub fn configured_user(uid: u32) {
+    CONFIGURED_USER.store(uid, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Tests the lock on `path` without keeping it. A worker runs if the file is locked; its pid
 /// is the lock's owner as the kernel reports it (`/proc/locks`) for the inode we opened, and
 /// the pid written in the file must agree: a pid read from a file alone is never signalled.
@@ -268,8 +278,13 @@ pub fn probe(path: &Path) -> Result<Probe> {
             .sub(crate::ops::layout::WORKER_DIR, None)
             .ok()
             .map(|d| d.owner().0.as_raw());
+        let configured = CONFIGURED_USER.load(std::sync::atomic::Ordering::Relaxed);
         match crate::ops::procfs::euid(h) {
-            Some(uid) if uid == 0 || Some(uid) == file_owner || Some(uid) == worker_user => {}
+            Some(uid)
+                if uid == 0
+                    || Some(uid) == file_owner
+                    || Some(uid) == worker_user
+                    || (uid == configured && configured != 0) => {}
             Some(uid) => {
                 return Err(Error::Unknown(format!(
                     "\"{}\" is locked by pid {h} of uid {uid}, which is neither root nor the worker's user: not a gearshift worker of this state_dir; not signalling it (find out what it is)",

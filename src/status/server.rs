@@ -63,11 +63,20 @@ impl Server {
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| p == path))
                 .unwrap_or(false);
-            (same_path && socket_ident(path) == Some(ident)).then_some((listener, ident))
+            Some((
+                listener,
+                ident,
+                same_path && socket_ident(path) == Some(ident),
+            ))
         });
         let (listener, ident) = match adopted {
-            Some(a) => a,
-            None => bind(path)?,
+            Some((listener, ident, true)) => (listener, ident),
+            // Its directory removed (see `layout::prepare`): the socket handed over, which no
+            // path reaches now, rather than no status server and so no generation at all.
+            Some((listener, ident, false)) if path.parent().is_some_and(|d| !d.exists()) => {
+                (listener, ident)
+            }
+            _ => bind(path)?,
         };
         listener
             .set_nonblocking(true)
