@@ -168,7 +168,7 @@ impl Pidfile {
                 let said = if clash {
                     format!("the pidfile \"{}\" was replaced by another worker's ({e}): two workers may run on this state_dir; stop one (`kill -TERM {}` stops this one)", path.display(), std::process::id())
                 } else {
-                    format!("the pidfile \"{}\" was removed or replaced and this worker cannot make it again ({e}): `gearshift status` and `stop` find it by its status socket, but cannot signal it; `kill -TERM {}` stops it, and its next fresh start makes the pidfile", path.display(), std::process::id())
+                    format!("the pidfile \"{}\" was removed or replaced and this worker cannot make it again ({e}): `gearshift status` and `stop` find it by its status socket (while that is there), but cannot signal it; `kill -TERM {}` stops it, and its next fresh start makes the pidfile", path.display(), std::process::id())
                 };
                 if astray().as_ref() != Some(&said) {
                     log::warn!("{said}");
