@@ -742,6 +742,31 @@ fn a_removed_worker_dir_neither_ends_a_dropped_worker_nor_its_reloads() {
     assert!(!process_alive(pid));
 }
 
+/// A reload of a worker that dropped its privileges looked its user up in the user database
+/// again (for the binary watch), though it already runs as that user: with the database hung
+/// (an LDAP or sssd server that does not answer; here `/etc/passwd` a FIFO nobody writes, in
+/// the worker's own mount namespace), the new generation never served. Now a generation that
+/// is already the worker's user takes its uid from the kernel.
+#[test]
+fn a_reload_never_waits_for_the_user_database() {
+    let sb = privsep("sec-nss");
+    let mut w = sb.start_under(&["unshare", "-m"], "true");
+    eventually(Duration::from_secs(20), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    let fifo = sb.path("passwd-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let out = Command::new("nsenter")
+        .args(["-t", &w.pid().to_string(), "-m", "mount", "--bind"])
+        .arg(&fifo)
+        .arg("/etc/passwd")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    w.acts_at_once(Signal::SIGHUP, Duration::from_secs(10));
+    w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

@@ -39,11 +39,52 @@ pub fn refuse_tracing() {
     }
 }
 
-/// Resolves `[worker] user` / `group`, if set.
+/// `[worker] user` / `group` as last resolved: (user, group, uid, gid). Carried across every
+/// exec in the restart parcel, so that a generation (already that user) validates a reload,
+/// and starts, without asking the user database again: an LDAP or sssd server that does not
+/// answer held every HUP's validation, and so the worker, for as long as it did not.
+pub type KnownUser = (String, Option<String>, u32, u32);
+
+static KNOWN: std::sync::Mutex<Option<KnownUser>> = std::sync::Mutex::new(None);
+
+/// What [`target`] last resolved, for the next image.
+pub fn known_user() -> Option<KnownUser> {
+    KNOWN.lock().ok()?.clone()
+}
+
+/// What the previous image resolved (a new image's first step).
+pub fn know_user(known: Option<KnownUser>) {
+    if let Ok(mut k) = KNOWN.lock() {
+        *k = known;
+    }
+}
+
+/// Resolves `[worker] user` / `group`, if set: as resolved before for the same names (in this
+/// process, or an earlier image of it), else from the user database.
 pub fn target(cfg: &Config) -> Result<Option<Target>> {
     let Some(name) = &cfg.worker.user else {
         return Ok(None);
     };
+    let known = known_user().filter(|(u, g, _, _)| u == name && *g == cfg.worker.group);
+    if let Some((_, _, uid, gid)) = known {
+        return Ok(Some(Target {
+            name: name.clone(),
+            uid: Uid::from_raw(uid),
+            gid: nix::unistd::Gid::from_raw(gid),
+        }));
+    }
+    let resolved = lookup(cfg, name)?;
+    know_user(Some((
+        name.clone(),
+        cfg.worker.group.clone(),
+        resolved.uid.as_raw(),
+        resolved.gid.as_raw(),
+    )));
+    Ok(Some(resolved))
+}
+
+/// `[worker] user` (`name`) and `group` from the user database.
+fn lookup(cfg: &Config, name: &str) -> Result<Target> {
     let user = User::from_name(name)
         .map_err(|e| Error::Msg(format!("looking up user \"{name}\": {e}")))?
         .ok_or_else(|| {
@@ -66,11 +107,11 @@ pub fn target(cfg: &Config) -> Result<Option<Target>> {
                 .gid
         }
     };
-    Ok(Some(Target {
-        name: name.clone(),
+    Ok(Target {
+        name: name.to_string(),
         uid: user.uid,
         gid,
-    }))
+    })
 }
 
 /// The uid files must belong to (besides root): the target user's, or ours.
@@ -126,7 +167,22 @@ pub fn settle(cfg: &Config) -> Result<()> {
 /// The target user when we are root and will drop to it: the one case in which files must be
 /// checked on that user's behalf.
 pub fn dropping_to(cfg: &Config) -> Result<Option<Target>> {
-    Ok(target(cfg)?.filter(|_| geteuid().is_root()))
+    // Not root: nothing to drop, and no reason to ask the user database (an LDAP or sssd server
+    // that does not answer would hold every reload's validation).
+    if !geteuid().is_root() {
+        return Ok(None);
+    }
+    target(cfg)
+}
+
+/// The uid of the user jobs run as when `[worker] user` is set: the kernel's word once we are
+/// that user (a generation after the drop asks no user database), else the database's.
+pub fn worker_uid(cfg: &Config) -> Option<u32> {
+    cfg.worker.user.as_ref()?;
+    if !geteuid().is_root() {
+        return Some(geteuid().as_raw());
+    }
+    target(cfg).ok().flatten().map(|t| t.uid.as_raw())
 }
 
 /// What a user needs of a file.

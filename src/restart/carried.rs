@@ -19,6 +19,9 @@ pub struct Inherited {
     /// The log file, open for appending (used when its path cannot be opened again).
     #[serde(default, with = "fd_or_none")]
     pub log_fd: Option<i32>,
+    /// `[worker] user` and `group` as resolved (see `privilege::known_user`).
+    #[serde(default)]
+    pub worker_user: Option<crate::ops::privilege::KnownUser>,
     /// The inotify instance handed over.
     #[serde(default, with = "fd_or_none")]
     pub inotify_fd: Option<i32>,

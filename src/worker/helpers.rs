@@ -198,10 +198,7 @@ pub(super) fn new_deploy(
 ) -> Option<Deploy> {
     plan.config.worker.watch_binary.then(|| {
         let state = Arc::clone(state);
-        let worker_uid = crate::ops::privilege::target(&plan.config)
-            .ok()
-            .flatten()
-            .map(|t| t.uid.as_raw());
+        let worker_uid = crate::ops::privilege::worker_uid(&plan.config);
         Deploy::new(
             &boot.exe,
             &plan.config.path,

@@ -285,6 +285,7 @@ impl Control {
             generation: self.state.generation,
             pidfile_fd: Some(self.pidfile.fd()),
             log_fd: None,
+            worker_user: crate::ops::privilege::known_user(),
             inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
             source_fd: None,
             started_at_ms: self.state.started_at_ms,

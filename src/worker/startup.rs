@@ -41,6 +41,9 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     // Descriptors inherited from whatever started us must not leak into job processes.
     crate::ops::handover::close_inherited();
     let mut boot = Boot::detect();
+    if let Some(i) = &boot.inherited {
+        crate::ops::privilege::know_user(i.worker_user.clone());
+    }
     if boot.inherited.is_none() {
         // A fault-injection build (tests only): a fresh start stalls here.
         #[cfg(gearshift_faults)]
