@@ -59,6 +59,21 @@ fn php_publish_to(r: &Rabbit, queue: &str, count: usize, prefix: &str, kind: &st
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// The dead-letter exchange `dlx` and its queue `dead`, as an operator would declare them.
+fn declare_dead_letters(r: &Rabbit) {
+    let setup = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             ch.exchange_declare('dlx','fanout',durable=True); ch.queue_declare('dead',durable=True); \
+             ch.queue_bind('dead','dlx'); c.close()",
+            &r.url(),
+        ])
+        .status()
+        .unwrap();
+    assert!(setup.success());
+}
+
 fn lines(path: &std::path::Path) -> Vec<String> {
     fs::read_to_string(path)
         .unwrap_or_default()
@@ -448,18 +463,7 @@ fn failures_unknown_functions_and_oversized_bodies_are_dead_lettered_once() {
             runs.display()
         ),
     );
-    // The dead-letter exchange and its queue, as an operator would declare them.
-    let setup = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
-             ch.exchange_declare('dlx','fanout',durable=True); ch.queue_declare('dead',durable=True); \
-             ch.queue_bind('dead','dlx'); c.close()",
-            &r.url(),
-        ])
-        .status()
-        .unwrap();
-    assert!(setup.success());
+    declare_dead_letters(&r);
     amqp_config(
         &sb,
         1,
@@ -1194,4 +1198,81 @@ fn a_broker_name_the_resolver_never_answers_holds_neither_a_reload_nor_a_stop() 
     w.acts_at_once(Signal::SIGHUP, Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(500));
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
+}
+
+/// A message that ends the worker (an in-process function that aborts, overflows its stack or
+/// is killed for its memory; here the fault build's `fault:abort`): the broker delivered it
+/// again after every restart, and it ended the worker again, for ever (a classic queue has no
+/// delivery limit). Now each lane marks the message it runs, a generation counts the runs the
+/// last one did not live through, and a redelivery past `max_attempts` of them is
+/// dead-lettered unrun; the messages behind it are served.
+#[test]
+fn a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts() {
+    if !Rabbit::available("a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts") {
+        return;
+    }
+    let mut sb = Sandbox::new("amqp-poison");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let r = Rabbit::start(&sb.dir, "");
+    declare_dead_letters(&r);
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"echo\"\nmax_attempts = 2\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\ndead_letter_exchange = \"dlx\"\n",
+    );
+    // The first worker declares the queue (with its dead-letter exchange), then the messages
+    // come: the poison first.
+    let mut first = Some(sb.start());
+    first
+        .as_ref()
+        .unwrap()
+        .wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish_to(&r, "-", 1, "fault:abort", "", "poison");
+    php_publish_to(&r, "-", 2, "good", "", "");
+    let mut deaths = 0;
+    let mut w = loop {
+        let mut w = first.take().unwrap_or_else(|| sb.start_under(&[], "true"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let died = loop {
+            if let Some(st) = w.child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if r.depth("dead").0 == 1 {
+                break None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither died nor dead-lettered:\n{}",
+                w.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match died {
+            Some(st) => {
+                assert!(!st.success(), "{st}");
+                deaths += 1;
+                assert!(
+                    deaths <= 2,
+                    "ended the worker {deaths} times:\n{}",
+                    w.log_text()
+                );
+            }
+            None => break w,
+        }
+    };
+    assert_eq!(deaths, 2, "{}", w.log_text());
+    eventually(Duration::from_secs(20), "the good messages served", || {
+        r.depth("email") == (0, 0) && w.try_status().is_some_and(|s| s["jobs_completed"] == 2)
+    });
+    assert!(
+        w.log_text().contains("max_attempts = 2"),
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(r.depth("dead").0, 1);
+    w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
 }

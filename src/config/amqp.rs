@@ -33,6 +33,8 @@ pub struct AmqpConfig {
     /// How many `message_id`s of succeeded jobs are remembered, so a redelivery of one is
     /// acknowledged without running it again (0: off).
     pub dedupe_ids: usize,
+    /// Runs of a message that ended the worker before it is dead-lettered unrun.
+    pub max_attempts: u32,
     /// The broker's `consumer_timeout`, to warn about longer function timeouts.
     pub consumer_timeout: Duration,
     /// `[source.tls]`, for `amqps://` brokers with a private CA or a client certificate.
@@ -237,6 +239,7 @@ fn decode(part: &str) -> std::result::Result<String, String> {
 
 /// `[source]` of `kind = "amqp"`.
 pub(super) fn amqp(cx: &Cx<'_>, s: RawSource, tls: Option<TlsFiles>) -> Result<Source> {
+    let max_attempts = super::parse::max_attempts(cx, &s)?;
     let mut texts: Vec<Spanned<String>> = s.urls.into_inner();
     if let Some(u) = s.url {
         texts.insert(0, u);
@@ -304,6 +307,7 @@ pub(super) fn amqp(cx: &Cx<'_>, s: RawSource, tls: Option<TlsFiles>) -> Result<S
         reconnect_max: cx.network_wait(&s.reconnect_max, "reconnect_max")?,
         declare,
         dedupe_ids: cx.in_range(&s.dedupe_ids, "dedupe_ids", 0, 1_000_000)? as usize,
+        max_attempts,
         consumer_timeout: s.consumer_timeout.get_ref().0,
         tls,
         busy_poll,

@@ -92,6 +92,17 @@ pub(super) fn source(cx: &Cx<'_>, mut s: RawSource, worker: &Worker) -> Result<S
 
 /// The spool's keys (of `kind = "spool"`, and of `kind = "zeromq"`, which keeps its jobs there).
 fn spool(cx: &Cx<'_>, s: &RawSource) -> Result<SpoolConfig> {
+    Ok(SpoolConfig {
+        dir: cx.dir(&s.dir, "dir")?,
+        max_attempts: max_attempts(cx, s)?,
+        retain_results: s.retain_results.0,
+        fsync: s.fsync,
+    })
+}
+
+/// `[source] max_attempts`: runs of a job interrupted by the worker's end before it is failed
+/// (the spool's and the ZeroMQ source's jobs, AMQP messages).
+pub(super) fn max_attempts(cx: &Cx<'_>, s: &RawSource) -> Result<u32> {
     let attempts = *s.max_attempts.get_ref();
     if !(1..=1_000_000).contains(&attempts) {
         return Err(cx.located(
@@ -99,12 +110,7 @@ fn spool(cx: &Cx<'_>, s: &RawSource) -> Result<SpoolConfig> {
             &format!("max_attempts must be between 1 and 1000000, not {attempts}"),
         ));
     }
-    Ok(SpoolConfig {
-        dir: cx.dir(&s.dir, "dir")?,
-        max_attempts: attempts,
-        retain_results: s.retain_results.0,
-        fsync: s.fsync,
-    })
+    Ok(attempts)
 }
 
 /// `[source]` of `kind = "zeromq"`: endpoints (tcp:// host:port, ipc:// absolute path, each

@@ -402,6 +402,12 @@ impl LaneContext {
                 self.max_payload
             )));
         }
+        // A fault-injection build (tests only): a job that ends the worker, as an in-process
+        // function that aborts or overflows its stack would.
+        #[cfg(gearshift_faults)]
+        if claimed.payload.starts_with(b"fault:abort") {
+            std::process::abort();
+        }
         let Some((runner, timeout)) = self.table.get(&claimed.function) else {
             return Err(JobError::new(format!(
                 "unknown function \"{}\" (this worker has: {})",

@@ -164,7 +164,7 @@ impl Dedupe {
 /// through a link, and never blocking (the worker's user can put a FIFO in its place, whose
 /// open for writing waits for a reader for ever). O_NONBLOCK changes nothing for a regular
 /// file's writes.
-fn regular(how: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
+pub(super) fn regular(how: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
     let f = how
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)

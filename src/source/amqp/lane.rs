@@ -23,6 +23,8 @@ struct InHand {
     reply_to: Option<Vec<u8>>,
     correlation_id: Option<Vec<u8>>,
     message_id: Option<Vec<u8>>,
+    /// Its key among the runs that ended the worker ([`super::attempts`]).
+    key: String,
 }
 
 pub(super) struct AmqpLane {
@@ -79,6 +81,22 @@ impl AmqpLane {
             Some(m) => escape(m),
             None => format!("amqp-{}-{}-{}", self.index, epoch, d.tag),
         };
+        let mut unrun = d.unreadable.or(d.oversized.map(|len| {
+            format!("payload is {len} bytes, over max_payload_bytes: read past and discarded unrun")
+        }));
+        let key = super::attempts::key(message_id.as_deref(), &d.body);
+        if let Ok(mut attempts) = self.s.attempts.lock() {
+            let cut = attempts.interrupted(&key);
+            let limit = self.s.cfg.max_attempts;
+            if d.redelivered && unrun.is_none() && cut >= limit {
+                unrun = Some(format!(
+                    "its last {cut} run(s) ended the worker (max_attempts = {limit}): dead-lettered unrun"
+                ));
+            }
+            if unrun.is_none() {
+                attempts.running(self.index, Some(&key));
+            }
+        }
         self.in_hand = Some(InHand {
             id: id.clone(),
             tag: d.tag,
@@ -87,6 +105,7 @@ impl AmqpLane {
             reply_to: p.reply_to.filter(|r| !r.is_empty()),
             correlation_id: p.correlation_id,
             message_id,
+            key,
         });
         Ok(Some(Claimed {
             id,
@@ -95,11 +114,7 @@ impl AmqpLane {
             payload: d.body,
             attempt: if d.redelivered { 2 } else { 1 },
             submitted_ms: p.timestamp.map_or(0, |t| t.saturating_mul(1000)),
-            unrun: d.unreadable.or(d.oversized.map(|len| {
-                format!(
-                    "payload is {len} bytes, over max_payload_bytes: read past and discarded unrun"
-                )
-            })),
+            unrun,
         }))
     }
 
@@ -180,6 +195,11 @@ impl Lane for AmqpLane {
                 job.id
             )));
         };
+        // The run ended, and the worker lived through it.
+        if let Ok(mut attempts) = self.s.attempts.lock() {
+            attempts.running(self.index, None);
+            attempts.ended(&hand.key);
+        }
         if !self.shared.current(hand.epoch) {
             return Err(Error::Gone(format!(
                 "amqp: the connection that delivered job {} is gone: the broker delivers it again",
@@ -214,6 +234,10 @@ impl Lane for AmqpLane {
         let Some(hand) = self.in_hand.take().filter(|h| h.id == job.id) else {
             return false;
         };
+        // Never run.
+        if let Ok(mut attempts) = self.s.attempts.lock() {
+            attempts.running(self.index, None);
+        }
         // Its connection gone, the broker has it again.
         if self.shared.current(hand.epoch) {
             let _ = hand.writer.send(|b| {

@@ -14,6 +14,7 @@
 //! cannot cross execve. The new generation consumes afresh; nothing acknowledged is run again,
 //! and nothing unacknowledged is lost (the broker holds it).
 
+mod attempts;
 mod beat;
 pub mod client;
 mod conn;
@@ -48,6 +49,8 @@ struct Setup {
     prefetch: u16,
     views: Views,
     dedupe: Arc<Mutex<Dedupe>>,
+    /// Runs that ended the worker (`max_attempts`).
+    attempts: Mutex<attempts::Attempts>,
     beats: Arc<beat::Beats>,
 }
 
@@ -85,6 +88,9 @@ impl AmqpSource {
             prefetch: cfg.prefetch.saturating_mul(lanes),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
+            attempts: Mutex::new(attempts::Attempts::open(&crate::ops::layout::worker_dir(
+                state_dir,
+            ))),
             beats: Arc::new(beat::Beats::default()),
         });
         Ok(AmqpSource {

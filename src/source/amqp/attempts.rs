@@ -1,0 +1,208 @@
+//! Runs of messages that ended the worker, and the limit on them (`[source] max_attempts`). A
+//! message that kills the worker (an in-process function that aborts, overflows its stack or is
+//! killed for its memory) was delivered again after every restart and killed the worker again,
+//! for ever: a classic queue has no delivery limit (a quorum queue's `delivery-limit` is the
+//! broker's own answer; this one works for both, and counts only runs that ended the worker).
+//!
+//! Each lane writes the key of the message it runs into its slot of
+//! `state_dir/worker/amqp-running` (64 bytes at its index: one `pwrite`, no sync, as it must
+//! survive the process, not the machine) and clears it when the run ends or the message is
+//! given back unrun. A slot still filled when a generation opens the source is a run the worker
+//! did not live through: its key's count goes up in `amqp-interrupted` (written only then). A
+//! redelivered message whose count has reached `max_attempts` is dead-lettered unrun; a run of
+//! it that ends forgets it.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ops::logging::Recurring;
+
+/// The lanes' slots.
+pub const RUNNING: &str = "amqp-running";
+/// The counts: `KEY COUNT` lines.
+pub const COUNTS: &str = "amqp-interrupted";
+/// One slot: a key (32 hex digits) and a newline, padded with zeros.
+const SLOT: usize = 64;
+/// The most slots read (lanes are at most 1,024).
+const MAX_SLOTS: usize = 4096;
+/// The most keys kept (the oldest are not told apart: any is dropped past it).
+const MAX_KEYS: usize = 4096;
+
+/// A message's key: the first 16 bytes of the sha256 of its `message_id` and body.
+pub fn key(message_id: Option<&[u8]>, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    let id = message_id.unwrap_or_default();
+    h.update((id.len() as u64).to_le_bytes());
+    h.update(id);
+    h.update(body);
+    crate::text::hex(&h.finalize()[..16])
+}
+
+fn is_key(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The slots and the counts of one generation.
+pub struct Attempts {
+    dir: PathBuf,
+    running: Option<File>,
+    counts: HashMap<String, u32>,
+    failing: Recurring,
+}
+
+impl Attempts {
+    /// Opens the files in the worker's directory `dir`, counting every run the last generation
+    /// did not live through (a worker that cannot read or write them runs without the limit,
+    /// and says so).
+    pub fn open(dir: &Path) -> Attempts {
+        let mut a = Attempts {
+            dir: dir.to_path_buf(),
+            running: None,
+            counts: read(&dir.join(COUNTS), MAX_KEYS * 48)
+                .lines()
+                .filter_map(|l| {
+                    let (k, n) = l.split_once(' ')?;
+                    Some((k.to_string(), n.parse().ok()?)).filter(|(k, _)| is_key(k))
+                })
+                .take(MAX_KEYS)
+                .collect(),
+            failing: Recurring::new(
+                "amqp: runs of messages cannot be recorded (max_attempts does not hold meanwhile)",
+                "amqp: runs of messages are recorded again",
+            ),
+        };
+        let slots = read(&dir.join(RUNNING), MAX_SLOTS * SLOT);
+        let cut: Vec<String> = slots
+            .as_bytes()
+            .chunks(SLOT)
+            .filter_map(|s| std::str::from_utf8(s.get(..32)?).ok())
+            .filter(|k| is_key(k))
+            .map(str::to_string)
+            .collect();
+        for k in &cut {
+            *a.counts.entry(k.clone()).or_default() += 1;
+        }
+        if !cut.is_empty() {
+            log::warn!(
+                "amqp: {} message(s) were being run when the worker ended: counted against max_attempts",
+                cut.len()
+            );
+            a.save();
+        }
+        match super::dedupe::regular(
+            OpenOptions::new().read(true).write(true).create(true),
+            &dir.join(RUNNING),
+        )
+        .and_then(|f| f.set_len(0).map(|()| f))
+        {
+            Ok(f) => a.running = Some(f),
+            Err(e) => a
+                .failing
+                .failed(&format_args!("opening \"{RUNNING}\": {e}")),
+        }
+        a
+    }
+
+    /// How many runs of the message with `key` the worker did not live through.
+    pub fn interrupted(&self, key: &str) -> u32 {
+        self.counts.get(key).copied().unwrap_or(0)
+    }
+
+    /// Lane `lane` runs the message with `key` (None: no longer runs one).
+    pub fn running(&mut self, lane: usize, key: Option<&str>) {
+        let Some(f) = self.running.as_ref() else {
+            return;
+        };
+        let mut slot = [0u8; SLOT];
+        if let Some(k) = key {
+            slot[..k.len().min(SLOT - 1)].copy_from_slice(&k.as_bytes()[..k.len().min(SLOT - 1)]);
+            slot[k.len().min(SLOT - 1)] = b'\n';
+        }
+        match f.write_all_at(&slot, (lane.min(MAX_SLOTS - 1) * SLOT) as u64) {
+            Ok(()) => self.failing.worked(),
+            Err(e) => self
+                .failing
+                .failed(&format_args!("writing \"{RUNNING}\": {e}")),
+        }
+    }
+
+    /// A run of the message with `key` ended: it is forgotten.
+    pub fn ended(&mut self, key: &str) {
+        if self.counts.remove(key).is_some() {
+            self.save();
+        }
+    }
+
+    /// Writes the counts (a new file renamed over the old).
+    fn save(&mut self) {
+        let path = self.dir.join(COUNTS);
+        let tmp = self.dir.join(format!("{COUNTS}.tmp"));
+        let text: String = self
+            .counts
+            .iter()
+            .take(MAX_KEYS)
+            .map(|(k, n)| format!("{k} {n}\n"))
+            .collect();
+        let saved = super::dedupe::regular(
+            OpenOptions::new().write(true).create(true).truncate(true),
+            &tmp,
+        )
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+        match saved {
+            Ok(()) => self.failing.worked(),
+            Err(e) => self
+                .failing
+                .failed(&format_args!("writing \"{COUNTS}\": {e}")),
+        }
+    }
+}
+
+/// Up to `limit` bytes of `path` as text; empty if it cannot be read (said, unless missing).
+fn read(path: &Path, limit: usize) -> String {
+    use std::io::Read;
+    let opened = super::dedupe::regular(OpenOptions::new().read(true), path);
+    let mut bytes = Vec::new();
+    match opened.and_then(|f| f.take(limit as u64).read_to_end(&mut bytes)) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!(
+            "amqp: cannot read \"{}\" ({e}): runs before this start are not counted",
+            path.display()
+        ),
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_left_in_their_slots_are_counted_and_a_run_that_ends_is_forgotten() {
+        let dir = std::env::temp_dir().join(format!("gs-attempts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (key(Some(b"m1"), b"x"), key(None, b"m1x"));
+        assert_ne!(a, b, "the id and the body are told apart");
+        let mut g1 = Attempts::open(&dir);
+        g1.running(0, Some(&a));
+        g1.running(3, Some(&b));
+        g1.running(3, None);
+        // g1 dies: lane 0's run of `a` was cut.
+        let mut g2 = Attempts::open(&dir);
+        assert_eq!((g2.interrupted(&a), g2.interrupted(&b)), (1, 0));
+        g2.running(1, Some(&a));
+        let g3 = Attempts::open(&dir);
+        assert_eq!(g3.interrupted(&a), 2);
+        let mut g4 = Attempts::open(&dir);
+        g4.ended(&a);
+        assert_eq!(Attempts::open(&dir).interrupted(&a), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
