@@ -5,17 +5,20 @@
 //! broker's own answer; this one works for both, and counts only runs that ended the worker).
 //!
 //! Each lane writes the key of the message it runs into its slot of
-//! `state_dir/worker/amqp-running` (64 bytes at its index: one `pwrite`, no sync, as it must
-//! survive the process, not the machine) and clears it when the run ends or the message is
-//! given back unrun. A slot still filled when a generation opens the source is a run the worker
-//! did not live through: its key's count goes up in `amqp-interrupted` (written only then). A
-//! redelivered message whose count has reached `max_attempts` is dead-lettered unrun; a run of
-//! it that ends forgets it.
+//! `state_dir/worker/amqp-running` (64 bytes at its index) and clears it when the run ends or
+//! the message is given back unrun. The file is mapped shared, so a slot is a store to memory
+//! that the page cache keeps when the process dies (it must survive the process, not the
+//! machine): a `pwrite` at each start and end cost the 4-lane drain about 10 µs of CPU a job
+//! (its rate 1.02x-1.04x the PHP consumer's against 1.18x-1.24x). A slot still filled when a
+//! generation opens the source is a run the worker did not live through: its key's count goes
+//! up in `amqp-interrupted` (written only then). A redelivered message whose count has reached
+//! `max_attempts` is dead-lettered unrun; a run of it that ends forgets it. (A process of the
+//! worker's user that truncates the file under the mapping ends the worker with SIGBUS, which it
+//! could do with a signal anyway.)
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -28,8 +31,8 @@ pub const RUNNING: &str = "amqp-running";
 pub const COUNTS: &str = "amqp-interrupted";
 /// One slot: a key (32 hex digits) and a newline, padded with zeros.
 const SLOT: usize = 64;
-/// The most slots read (lanes are at most 1,024).
-const MAX_SLOTS: usize = 4096;
+/// Slots: one for each lane (at most 1,024).
+const MAX_SLOTS: usize = 1024;
 /// The most keys kept (the oldest are not told apart: any is dropped past it).
 const MAX_KEYS: usize = 4096;
 
@@ -47,10 +50,63 @@ fn is_key(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// `amqp-running`, mapped shared: `MAX_SLOTS` slots of `SLOT` bytes.
+struct Slots {
+    base: std::ptr::NonNull<u8>,
+    _file: File,
+}
+
+// SAFETY: the mapping is owned by this value (unmapped only in its drop) and only written
+// through `&mut self` (the owning `Attempts` sits behind a mutex): moving it to another thread
+// cannot race.
+unsafe impl Send for Slots {}
+
+impl Slots {
+    fn map(file: File) -> std::io::Result<Slots> {
+        let len = MAX_SLOTS * SLOT;
+        file.set_len(0)?;
+        file.set_len(len as u64)?;
+        // SAFETY: a new shared mapping of `len` bytes of a regular file we hold open and just
+        // sized to `len`; the kernel picks the address; nothing else in this process maps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
+        Ok(Slots { base, _file: file })
+    }
+
+    fn write(&mut self, lane: usize, slot: &[u8; SLOT]) {
+        let at = lane.min(MAX_SLOTS - 1) * SLOT;
+        // SAFETY: `at + SLOT <= MAX_SLOTS * SLOT`, the mapping's length; `&mut self` is the
+        // only writer, and `slot` is our own memory, not the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(slot.as_ptr(), self.base.as_ptr().add(at), SLOT) }
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made, of that length, unmapped once.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), MAX_SLOTS * SLOT);
+        }
+    }
+}
+
 /// The slots and the counts of one generation.
 pub struct Attempts {
     dir: PathBuf,
-    running: Option<File>,
+    running: Option<Slots>,
     counts: HashMap<String, u32>,
     failing: Recurring,
 }
@@ -98,12 +154,12 @@ impl Attempts {
             OpenOptions::new().read(true).write(true).create(true),
             &dir.join(RUNNING),
         )
-        .and_then(|f| f.set_len(0).map(|()| f))
+        .and_then(Slots::map)
         {
-            Ok(f) => a.running = Some(f),
+            Ok(slots) => a.running = Some(slots),
             Err(e) => a
                 .failing
-                .failed(&format_args!("opening \"{RUNNING}\": {e}")),
+                .failed(&format_args!("mapping \"{RUNNING}\": {e}")),
         }
         a
     }
@@ -115,20 +171,16 @@ impl Attempts {
 
     /// Lane `lane` runs the message with `key` (None: no longer runs one).
     pub fn running(&mut self, lane: usize, key: Option<&str>) {
-        let Some(f) = self.running.as_ref() else {
+        let Some(slots) = self.running.as_mut() else {
             return;
         };
         let mut slot = [0u8; SLOT];
         if let Some(k) = key {
-            slot[..k.len().min(SLOT - 1)].copy_from_slice(&k.as_bytes()[..k.len().min(SLOT - 1)]);
-            slot[k.len().min(SLOT - 1)] = b'\n';
+            let n = k.len().min(SLOT - 1);
+            slot[..n].copy_from_slice(&k.as_bytes()[..n]);
+            slot[n] = b'\n';
         }
-        match f.write_all_at(&slot, (lane.min(MAX_SLOTS - 1) * SLOT) as u64) {
-            Ok(()) => self.failing.worked(),
-            Err(e) => self
-                .failing
-                .failed(&format_args!("writing \"{RUNNING}\": {e}")),
-        }
+        slots.write(lane, &slot);
     }
 
     /// A run of the message with `key` ended: it is forgotten.
