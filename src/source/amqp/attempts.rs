@@ -31,7 +31,7 @@ pub const RUNNING: &str = "amqp-running";
 pub const COUNTS: &str = "amqp-interrupted";
 /// One slot: a key (32 hex digits) and a newline, padded with zeros.
 const SLOT: usize = 64;
-/// Slots: one for each lane (at most 1,024).
+/// Slots: one for each lane (at most 1,024), the most read.
 const MAX_SLOTS: usize = 1024;
 /// The most keys kept (the oldest are not told apart: any is dropped past it).
 const MAX_KEYS: usize = 4096;
@@ -50,9 +50,10 @@ fn is_key(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// `amqp-running`, mapped shared: `MAX_SLOTS` slots of `SLOT` bytes.
+/// `amqp-running`, mapped shared: a slot of `SLOT` bytes for each lane.
 struct Slots {
     base: std::ptr::NonNull<u8>,
+    len: usize,
     _file: File,
 }
 
@@ -62,12 +63,16 @@ struct Slots {
 unsafe impl Send for Slots {}
 
 impl Slots {
-    fn map(file: File) -> std::io::Result<Slots> {
-        let len = MAX_SLOTS * SLOT;
+    /// Maps `file` with room for `lanes` slots. Its bytes are written (zeros) first, so a store
+    /// into the mapping never needs a block the file system does not have: a store into a hole
+    /// of a full file system is a SIGBUS (the test suite's full 1 MiB `worker/` found it).
+    fn map(file: File, lanes: usize) -> std::io::Result<Slots> {
+        let len = (lanes.clamp(1, MAX_SLOTS) * SLOT).next_multiple_of(4096);
         file.set_len(0)?;
-        file.set_len(len as u64)?;
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![0u8; len], 0)?;
         // SAFETY: a new shared mapping of `len` bytes of a regular file we hold open and just
-        // sized to `len`; the kernel picks the address; nothing else in this process maps it.
+        // wrote `len` bytes of; the kernel picks the address; nothing else in this process maps
+        // it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -83,13 +88,17 @@ impl Slots {
         }
         let base = std::ptr::NonNull::new(p.cast::<u8>())
             .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
-        Ok(Slots { base, _file: file })
+        Ok(Slots {
+            base,
+            len,
+            _file: file,
+        })
     }
 
     fn write(&mut self, lane: usize, slot: &[u8; SLOT]) {
-        let at = lane.min(MAX_SLOTS - 1) * SLOT;
-        // SAFETY: `at + SLOT <= MAX_SLOTS * SLOT`, the mapping's length; `&mut self` is the
-        // only writer, and `slot` is our own memory, not the mapping.
+        let at = lane.min(self.len / SLOT - 1) * SLOT;
+        // SAFETY: `at + SLOT <= self.len`, the mapping's length (a multiple of SLOT, at least
+        // one); `&mut self` is the only writer, and `slot` is our own memory, not the mapping.
         unsafe { std::ptr::copy_nonoverlapping(slot.as_ptr(), self.base.as_ptr().add(at), SLOT) }
     }
 }
@@ -98,7 +107,7 @@ impl Drop for Slots {
     fn drop(&mut self) {
         // SAFETY: the mapping `map` made, of that length, unmapped once.
         unsafe {
-            libc::munmap(self.base.as_ptr().cast(), MAX_SLOTS * SLOT);
+            libc::munmap(self.base.as_ptr().cast(), self.len);
         }
     }
 }
@@ -115,7 +124,7 @@ impl Attempts {
     /// Opens the files in the worker's directory `dir`, counting every run the last generation
     /// did not live through (a worker that cannot read or write them runs without the limit,
     /// and says so).
-    pub fn open(dir: &Path) -> Attempts {
+    pub fn open(dir: &Path, lanes: usize) -> Attempts {
         let mut a = Attempts {
             dir: dir.to_path_buf(),
             running: None,
@@ -154,7 +163,7 @@ impl Attempts {
             OpenOptions::new().read(true).write(true).create(true),
             &dir.join(RUNNING),
         )
-        .and_then(Slots::map)
+        .and_then(|f| Slots::map(f, lanes))
         {
             Ok(slots) => a.running = Some(slots),
             Err(e) => a
@@ -242,19 +251,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (a, b) = (key(Some(b"m1"), b"x"), key(None, b"m1x"));
         assert_ne!(a, b, "the id and the body are told apart");
-        let mut g1 = Attempts::open(&dir);
+        let mut g1 = Attempts::open(&dir, 4);
         g1.running(0, Some(&a));
         g1.running(3, Some(&b));
         g1.running(3, None);
         // g1 dies: lane 0's run of `a` was cut.
-        let mut g2 = Attempts::open(&dir);
+        let mut g2 = Attempts::open(&dir, 4);
         assert_eq!((g2.interrupted(&a), g2.interrupted(&b)), (1, 0));
         g2.running(1, Some(&a));
-        let g3 = Attempts::open(&dir);
+        let g3 = Attempts::open(&dir, 4);
         assert_eq!(g3.interrupted(&a), 2);
-        let mut g4 = Attempts::open(&dir);
+        let mut g4 = Attempts::open(&dir, 4);
         g4.ended(&a);
-        assert_eq!(Attempts::open(&dir).interrupted(&a), 0);
+        assert_eq!(Attempts::open(&dir, 4).interrupted(&a), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -88,9 +88,10 @@ impl AmqpSource {
             prefetch: cfg.prefetch.saturating_mul(lanes),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
-            attempts: Mutex::new(attempts::Attempts::open(&crate::ops::layout::worker_dir(
-                state_dir,
-            ))),
+            attempts: Mutex::new(attempts::Attempts::open(
+                &crate::ops::layout::worker_dir(state_dir),
+                usize::from(lanes),
+            )),
             beats: Arc::new(beat::Beats::default()),
         });
         Ok(AmqpSource {
