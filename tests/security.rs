@@ -767,6 +767,69 @@ fn a_reload_never_waits_for_the_user_database() {
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
 }
 
+/// `gearshift run` in a terminal (an operator trying it, a container started with `-t`), as
+/// root with `[worker] user`: every job was in the worker's session, so a job could open that
+/// terminal (`/dev/tty`), read what the operator types, write to it, or push input into root's
+/// shell with TIOCSTI (still allowed where `dev.tty.legacy_tiocsti` is 1, as here). Now each
+/// job starts a session of its own, with no terminal.
+#[test]
+fn a_job_never_has_the_workers_terminal() {
+    let sb = privsep("sec-tty");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    sb.job(
+        "tty_probe",
+        "#!/bin/sh\nif (: < /dev/tty) 2>/dev/null; then echo has-a-terminal; else echo no-terminal; fi\n",
+    );
+    // `script` runs the worker on a pseudo-terminal of its own, as its controlling terminal.
+    let w = sb.start_under(
+        &[],
+        &format!(
+            "exec script -qfec '{} -c {} run' /dev/null",
+            sb.bin.display(),
+            sb.config().display()
+        ),
+    );
+    eventually(Duration::from_secs(20), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    let out = sb.run(&["submit", "--wait", "tty_probe", "x"]);
+    assert_eq!(text(&out.stdout), "no-terminal\n", "{}", text_of(&out));
+    kill(Pid::from_raw(pid_of(&sb)), Signal::SIGTERM).unwrap();
+}
+
+/// Started as root with `[worker] user`, jobs ran as that user with root's `HOME` (and `USER`,
+/// `LOGNAME` if the launcher had them): a job's tools then looked for their configuration and
+/// caches in `/root` (denied, or, for a file root left readable, root's settings used by the
+/// worker's user). Now a job sees the user it runs as, as `su -` or sudo would give it.
+#[test]
+fn a_job_sees_the_home_and_name_of_the_user_it_runs_as() {
+    let sb = privsep("sec-env");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    sb.job(
+        "whoami_env",
+        "#!/bin/sh\necho \"$HOME $USER $LOGNAME $(id -un)\"\n",
+    );
+    let out = Command::new(&sb.bin)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("start")
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let n = nobody();
+    let want = format!("{} {} {} {}\n", n.dir.display(), n.name, n.name, n.name);
+    let out = sb.run(&["submit", "--wait", "whoami_env", "x"]);
+    assert_eq!(text(&out.stdout), want, "{}", text_of(&out));
+    // And after a reload (a re-exec'd generation, already that user).
+    assert_eq!(sb.run(&["reload"]).status.code(), Some(0));
+    let out = sb.run(&["submit", "--wait", "whoami_env", "x"]);
+    assert_eq!(text(&out.stdout), want, "{}", text_of(&out));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 #[test]
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");

@@ -1,8 +1,9 @@
 //! Running a job executable from `jobs_dir`: payload on stdin, result on stdout, exit 0 for
 //! success, the tail of stderr as the error otherwise. No shell is involved.
 //!
-//! The child runs in its own process group, so a Ctrl-C at the worker's terminal does not reach
-//! it (a graceful stop lets it finish) and a timeout can kill everything it started. Progress
+//! The child runs in a session of its own (so a process group of its own, and no controlling
+//! terminal), so a Ctrl-C at the worker's terminal does not reach it (a graceful stop lets it
+//! finish), it cannot open that terminal, and a timeout can kill everything it started. Progress
 //! lines written to fd 3 (`status N D`, `data TEXT`, `warning TEXT`) become Gearman
 //! WORK_STATUS / WORK_DATA / WORK_WARNING packets.
 //!
@@ -125,7 +126,6 @@ pub fn run(
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !withheld_from_children(k)))
         .env(crate::jobs::reaper::ENV_JOB, job.id())
@@ -135,13 +135,14 @@ pub fn run(
         )
         .env("GEARSHIFT_FUNCTION", job.function())
         .env("GEARSHIFT_UNIQUE", job.unique())
-        .env("GEARSHIFT_PROGRESS_FD", "3");
+        .env("GEARSHIFT_PROGRESS_FD", "3")
+        .envs(crate::ops::privilege::job_identity());
     if let Some(dir) = exe.parent() {
         cmd.current_dir(dir);
     }
     let worker_pid = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid,
-    // dup2, fcntl, close_range and kill, which are async-signal-safe; it allocates nothing and touches no
+    // setsid, dup2, fcntl, close_range and kill, which are async-signal-safe; it allocates nothing and touches no
     // locks.
     unsafe {
         cmd.pre_exec(move || {
@@ -153,6 +154,13 @@ pub fn run(
             }
             if libc::getppid() != worker_pid {
                 libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            // A session of its own, so a process group of its own too (its id the child's,
+            // what the worker kills the job's leftovers by), and no controlling terminal: under
+            // `run` in a terminal a job could open the worker's (`/dev/tty`), read what the
+            // operator types and push input into root's shell with TIOCSTI.
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
             }
             // No capability of the worker's passes to the job (ambient ones, as systemd's
             // `AmbientCapabilities=` gives a `User=` service, would pass through the exec).

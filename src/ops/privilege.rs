@@ -39,11 +39,20 @@ pub fn refuse_tracing() {
     }
 }
 
-/// `[worker] user` / `group` as last resolved: (user, group, uid, gid). Carried across every
-/// exec in the restart parcel, so that a generation (already that user) validates a reload,
-/// and starts, without asking the user database again: an LDAP or sssd server that does not
-/// answer held every HUP's validation, and so the worker, for as long as it did not.
-pub type KnownUser = (String, Option<String>, u32, u32);
+/// `[worker] user` / `group` as last resolved, with the user's home. Carried across every exec
+/// in the restart parcel, so that a generation (already that user) validates a reload, and
+/// starts, without asking the user database again: an LDAP or sssd server that does not answer
+/// held every HUP's validation, and so the worker, for as long as it did not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnownUser {
+    pub user: String,
+    pub group: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The user's home directory (a job's `HOME`).
+    #[serde(default)]
+    pub home: Option<std::path::PathBuf>,
+}
 
 static KNOWN: std::sync::Mutex<Option<KnownUser>> = std::sync::Mutex::new(None);
 
@@ -59,32 +68,47 @@ pub fn know_user(known: Option<KnownUser>) {
     }
 }
 
+/// What a job is told of the user it runs as, when this process runs as `[worker] user`:
+/// `HOME`, `USER` and `LOGNAME` as `su` sets them. Started as root, the worker's own are root's
+/// (or the launcher's), and jobs then looked for their settings and caches in `/root`.
+pub fn job_identity() -> Vec<(&'static str, std::ffi::OsString)> {
+    let Some(k) = known_user().filter(|k| k.uid == geteuid().as_raw()) else {
+        return Vec::new();
+    };
+    let mut env = vec![("USER", k.user.clone().into()), ("LOGNAME", k.user.into())];
+    if let Some(home) = k.home {
+        env.push(("HOME", home.into_os_string()));
+    }
+    env
+}
+
 /// Resolves `[worker] user` / `group`, if set: as resolved before for the same names (in this
 /// process, or an earlier image of it), else from the user database.
 pub fn target(cfg: &Config) -> Result<Option<Target>> {
     let Some(name) = &cfg.worker.user else {
         return Ok(None);
     };
-    let known = known_user().filter(|(u, g, _, _)| u == name && *g == cfg.worker.group);
-    if let Some((_, _, uid, gid)) = known {
+    let known = known_user().filter(|k| k.user == *name && k.group == cfg.worker.group);
+    if let Some(k) = known {
         return Ok(Some(Target {
             name: name.clone(),
-            uid: Uid::from_raw(uid),
-            gid: nix::unistd::Gid::from_raw(gid),
+            uid: Uid::from_raw(k.uid),
+            gid: nix::unistd::Gid::from_raw(k.gid),
         }));
     }
-    let resolved = lookup(cfg, name)?;
-    know_user(Some((
-        name.clone(),
-        cfg.worker.group.clone(),
-        resolved.uid.as_raw(),
-        resolved.gid.as_raw(),
-    )));
+    let (resolved, home) = lookup(cfg, name)?;
+    know_user(Some(KnownUser {
+        user: name.clone(),
+        group: cfg.worker.group.clone(),
+        uid: resolved.uid.as_raw(),
+        gid: resolved.gid.as_raw(),
+        home: Some(home),
+    }));
     Ok(Some(resolved))
 }
 
-/// `[worker] user` (`name`) and `group` from the user database.
-fn lookup(cfg: &Config, name: &str) -> Result<Target> {
+/// `[worker] user` (`name`) and `group` from the user database, and the user's home.
+fn lookup(cfg: &Config, name: &str) -> Result<(Target, std::path::PathBuf)> {
     let user = User::from_name(name)
         .map_err(|e| Error::Msg(format!("looking up user \"{name}\": {e}")))?
         .ok_or_else(|| {
@@ -107,11 +131,14 @@ fn lookup(cfg: &Config, name: &str) -> Result<Target> {
                 .gid
         }
     };
-    Ok(Target {
-        name: name.to_string(),
-        uid: user.uid,
-        gid,
-    })
+    Ok((
+        Target {
+            name: name.to_string(),
+            uid: user.uid,
+            gid,
+        },
+        user.dir,
+    ))
 }
 
 /// The uid files must belong to (besides root): the target user's, or ours.
