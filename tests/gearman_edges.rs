@@ -538,3 +538,79 @@ fn a_server_name_the_resolver_never_answers_costs_only_its_own_connection() {
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
     drop(dns);
 }
+
+/// A job that ends the worker (an in-process function that aborts, overflows its stack or is
+/// killed for its memory; here the fault build's `fault:abort`): gearmand gives a job back
+/// each time its worker's connection drops and, without `-j` (the default), for ever, so the
+/// job ended every worker that took it, again after every restart. Now a generation counts the
+/// runs the last one did not live through, and a job with `max_attempts` of them is failed
+/// unrun (WORK_FAIL, which gearmand never retries); the jobs behind it are served.
+#[test]
+fn a_job_that_ends_the_worker_is_failed_after_max_attempts() {
+    let _serial = serial();
+    let mut sb = Sandbox::new("gm-poison");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "max_attempts = 2\n");
+    // One lane: a job running beside the one that ends the worker is cut with it, and counted
+    // too (as every job in flight is, by the spool, gearmand's -j and RabbitMQ's delivery-limit).
+    let cfg = std::fs::read_to_string(sb.config()).unwrap();
+    std::fs::write(
+        sb.config(),
+        cfg.replace("concurrency = 2", "concurrency = 1"),
+    )
+    .unwrap();
+    let marks = sb.path("marks");
+    sb.job(
+        "mark",
+        &format!("#!/bin/sh\ncat >> {0}\necho >> {0}\n", marks.display()),
+    );
+    for payload in ["fault:abort", "good-1", "good-2"] {
+        let out = sb.run(&["submit", "--background", "mark", payload]);
+        assert!(out.status.success(), "{}", text_of(&out));
+    }
+    let served = |w: &Worker| {
+        let m = std::fs::read_to_string(&marks).unwrap_or_default();
+        m.contains("good-1")
+            && m.contains("good-2")
+            && w.try_status().is_some_and(|s| s["jobs_failed"] == 1)
+    };
+    let mut deaths = 0;
+    let w = loop {
+        let mut w = sb.start_under(&[], "true");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let died = loop {
+            if let Some(st) = w.child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if served(&w) {
+                break None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither died nor served:\n{}",
+                w.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match died {
+            Some(st) => {
+                assert!(!st.success(), "{st}");
+                deaths += 1;
+                assert!(
+                    deaths <= 2,
+                    "ended the worker {deaths} times:\n{}",
+                    w.log_text()
+                );
+            }
+            None => break w,
+        }
+    };
+    assert_eq!(deaths, 2, "{}", w.log_text());
+    assert!(
+        w.log_text().contains("max_attempts = 2"),
+        "{}",
+        w.log_text()
+    );
+    assert!(!std::fs::read_to_string(&marks).unwrap().contains("fault"));
+}

@@ -205,6 +205,8 @@ pub enum ZeromqReply {
 
 #[derive(Debug, Clone)]
 pub struct GearmanConfig {
+    /// Runs of a job that ended the worker before it is failed unrun (WORK_FAIL).
+    pub max_attempts: u32,
     /// `host:port` of each server; every lane keeps one connection to each.
     pub servers: Vec<String>,
     /// Prefix of the client id shown by `gearadmin --workers` (default `host:pid:generation`).

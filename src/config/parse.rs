@@ -278,6 +278,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
             ));
         }
     }
+    let max_attempts = max_attempts(cx, &s)?;
     let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
     let tls = tls_files(
         cx,
@@ -290,6 +291,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         }),
     )?;
     Ok(Source::Gearman(GearmanConfig {
+        max_attempts,
         servers: s.servers.into_inner(),
         client_id: s.client_id.map(|c| c.into_inner()),
         exceptions: s.exceptions,

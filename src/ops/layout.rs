@@ -154,13 +154,17 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
 
 /// Refuses to give `worker/` (not the worker's user's yet) away if it holds anything but
 /// gearshift's files: one made just now is empty, an older install's (root's after an
-/// `allow_root` run, or a previous `user`'s) holds only its socket, deploy marker and AMQP
-/// files, but a
+/// `allow_root` run, or a previous `user`'s) holds only its socket, deploy marker and the
+/// sources' files, but a
 /// `state_dir` pointed by a slip at, say, `/home` may find a real user's home there, every entry
 /// of which the worker's jobs could then rename or remove.
 fn refuse_foreign_worker_dir(w: &Dir, t: &Target) -> Result<()> {
-    // The AMQP source's files too (`amqp-done-ids`, `amqp-running`, `amqp-interrupted`).
-    let ours = |n: &str| n.starts_with(SOCKET) || n.starts_with(MARKER) || n.starts_with("amqp-");
+    // The sources' files too (`amqp-done-ids`, `attempts-running`, `attempts-interrupted`).
+    let ours = |n: &str| {
+        [SOCKET, MARKER, "amqp-", "attempts-"]
+            .iter()
+            .any(|p| n.starts_with(p))
+    };
     match w.first_name_not(ours)? {
         None => Ok(()),
         Some(name) => Err(Error::Unsafe(format!(

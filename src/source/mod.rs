@@ -7,6 +7,7 @@
 //! one arm in [`open`] (with its `[source] kind` in the config).
 
 pub mod amqp;
+pub(crate) mod attempts;
 pub mod gearman;
 pub mod lane;
 pub(crate) mod resolve;
@@ -113,6 +114,7 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
         )?),
         SourceConfig::Gearman(cfg) => Arc::new(gearman::GearmanSource::open(
             cfg,
+            &config.worker.state_dir,
             generation,
             views,
             config.worker.concurrency,

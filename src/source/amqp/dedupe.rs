@@ -15,6 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::ops::logging::Recurring;
+use crate::source::attempts::regular;
 
 /// The file's name, in the worker's directory.
 pub const FILE: &str = "amqp-done-ids";
@@ -158,26 +159,6 @@ impl Dedupe {
                 .failed(&format_args!("rewriting \"{}\": {e}", self.path.display())),
         }
     }
-}
-
-/// Opens `path` for writing as `how` says (mode 0600 if created), only a regular file: never
-/// through a link, and never blocking (the worker's user can put a FIFO in its place, whose
-/// open for writing waits for a reader for ever). O_NONBLOCK changes nothing for a regular
-/// file's writes.
-pub(super) fn regular(how: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
-    let f = how
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            // What a FIFO with no reader answers.
-            Some(libc::ENXIO) => std::io::Error::other("not a regular file (a FIFO)"),
-            _ => e,
-        })?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok(f)
 }
 
 fn is_hex_id(line: &str) -> bool {

@@ -23,7 +23,7 @@ struct InHand {
     reply_to: Option<Vec<u8>>,
     correlation_id: Option<Vec<u8>>,
     message_id: Option<Vec<u8>>,
-    /// Its key among the runs that ended the worker ([`super::attempts`]).
+    /// Its key among the runs that ended the worker ([`crate::source::attempts`]).
     key: String,
 }
 
@@ -84,7 +84,8 @@ impl AmqpLane {
         let mut unrun = d.unreadable.or(d.oversized.map(|len| {
             format!("payload is {len} bytes, over max_payload_bytes: read past and discarded unrun")
         }));
-        let key = super::attempts::key(message_id.as_deref(), &d.body);
+        let key =
+            crate::source::attempts::key(&[message_id.as_deref().unwrap_or_default(), &d.body]);
         if let Ok(mut attempts) = self.s.attempts.lock() {
             let cut = attempts.interrupted(&key);
             let limit = self.s.cfg.max_attempts;

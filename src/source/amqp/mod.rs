@@ -14,7 +14,6 @@
 //! cannot cross execve. The new generation consumes afresh; nothing acknowledged is run again,
 //! and nothing unacknowledged is lost (the broker holds it).
 
-mod attempts;
 mod beat;
 pub mod client;
 mod conn;
@@ -50,7 +49,7 @@ struct Setup {
     views: Views,
     dedupe: Arc<Mutex<Dedupe>>,
     /// Runs that ended the worker (`max_attempts`).
-    attempts: Mutex<attempts::Attempts>,
+    attempts: Mutex<crate::source::attempts::Attempts>,
     beats: Arc<beat::Beats>,
 }
 
@@ -88,7 +87,7 @@ impl AmqpSource {
             prefetch: cfg.prefetch.saturating_mul(lanes),
             views,
             dedupe: Arc::new(Mutex::new(dedupe)),
-            attempts: Mutex::new(attempts::Attempts::open(
+            attempts: Mutex::new(crate::source::attempts::Attempts::open(
                 &crate::ops::layout::worker_dir(state_dir),
                 usize::from(lanes),
             )),

@@ -1,7 +1,6 @@
-//! A Gearman lane taking jobs: from any of its servers (GRAB_JOB_UNIQ / PRE_SLEEP / NOOP), one
-//! at a time, progress and the outcome on the job's own connection. Its state and connections
-//! are in `servers.rs`; the connections it parks for a re-exec, or takes up after one, wait in
-//! `handover.rs`.
+//! A Gearman lane taking jobs from any of its servers (GRAB_JOB_UNIQ / PRE_SLEEP / NOOP), one at
+//! a time, progress and the outcome on the job's connection. Its state is in `servers.rs`; the
+//! connections it parks for a re-exec, or takes up after one, wait in `handover.rs`.
 
 use crate::shutdown::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
@@ -319,7 +318,7 @@ impl Lane for GearmanLane {
                     return Ok(None);
                 }
                 if let Some(job) = self.turn(Some(since + STOP_GRACE)) {
-                    return Ok(Some(job));
+                    return Ok(Some(self.marked(job)));
                 }
                 continue;
             }
@@ -329,7 +328,7 @@ impl Lane for GearmanLane {
                 self.grab_next(first.take());
             }
             if let Some(job) = self.turn(None) {
-                return Ok(Some(job));
+                return Ok(Some(self.marked(job)));
             }
         }
     }
@@ -339,6 +338,7 @@ impl Lane for GearmanLane {
     }
 
     fn finish(&mut self, _job: &Claimed, outcome: &JobResult) -> Result<()> {
+        self.run_ended();
         let Some(i) = self.job_server else {
             return Err(Error::Gone(
                 "gearman: the connection the job came from was lost while it ran; the server requeues it".into(),

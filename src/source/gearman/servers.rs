@@ -89,6 +89,10 @@ pub(super) struct Server {
 }
 
 pub(super) struct GearmanLane {
+    /// Runs that ended the worker, the limit, and the key of the job in hand.
+    pub(super) attempts: Arc<std::sync::Mutex<crate::source::attempts::Attempts>>,
+    pub(super) max_attempts: u32,
+    pub(super) run_key: Option<String>,
     pub(super) servers: Vec<Server>,
     pub(super) functions: Vec<(String, Option<Duration>)>,
     pub(super) client_id: String,
@@ -311,6 +315,43 @@ impl GearmanLane {
                 Ok(false) => return self.fail(i, "timed out writing progress (io_timeout)"),
                 Err(e) => return self.fail(i, &e.to_string()),
             }
+        }
+    }
+}
+
+impl GearmanLane {
+    /// A job as it is run: marked as running (see [`crate::source::attempts`]), or failed unrun
+    /// if its runs have ended the worker `max_attempts` times (gearmand gives a job back each
+    /// time its worker dies, for ever unless it runs with `-j`).
+    pub(super) fn marked(
+        &mut self,
+        mut job: crate::source::lane::Claimed,
+    ) -> crate::source::lane::Claimed {
+        let server = self
+            .job_server
+            .map_or("", |i| self.servers[i].addr.as_str());
+        let key = crate::source::attempts::key(&[server.as_bytes(), &self.handle]);
+        if let Ok(mut attempts) = self.attempts.lock() {
+            let cut = attempts.interrupted(&key);
+            if job.unrun.is_none() && cut >= self.max_attempts {
+                job.unrun = Some(format!(
+                    "its last {cut} run(s) ended the worker (max_attempts = {}): failed unrun",
+                    self.max_attempts
+                ));
+            }
+            if job.unrun.is_none() {
+                attempts.running(self.index, Some(&key));
+            }
+        }
+        self.run_key = Some(key);
+        job
+    }
+
+    /// The job in hand ended, and the worker lived through it.
+    pub(super) fn run_ended(&mut self) {
+        if let (Some(key), Ok(mut attempts)) = (self.run_key.take(), self.attempts.lock()) {
+            attempts.running(self.index, None);
+            attempts.ended(&key);
         }
     }
 }

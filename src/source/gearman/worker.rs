@@ -19,6 +19,7 @@
 //! The result of a job is queued, and written together with the next GRAB_JOB_UNIQ in one
 //! write: one syscall and one round trip per job.
 
+use crate::source::attempts::Attempts;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub struct GearmanSource {
     wakers: Mutex<Vec<Weak<OwnedFd>>>,
     views: Views,
     handover: Arc<Handover>,
+    /// Runs that ended the worker (`max_attempts`).
+    attempts: Arc<Mutex<Attempts>>,
 }
 
 impl GearmanSource {
@@ -48,6 +51,7 @@ impl GearmanSource {
     /// those no lane of `lanes` can use are closed).
     pub fn open(
         cfg: &GearmanConfig,
+        state_dir: &std::path::Path,
         generation: u64,
         views: Views,
         lanes: usize,
@@ -70,6 +74,10 @@ impl GearmanSource {
             generation,
             wakers: Mutex::new(Vec::new()),
             views,
+            attempts: Arc::new(Mutex::new(Attempts::open(
+                &crate::ops::layout::worker_dir(state_dir),
+                lanes,
+            ))),
         })
     }
 
@@ -136,6 +144,9 @@ impl GearmanSource {
             index,
             views: Arc::clone(&self.views),
             handover: Arc::clone(&self.handover),
+            attempts: Arc::clone(&self.attempts),
+            max_attempts: self.cfg.max_attempts,
+            run_key: None,
         };
         for s in &lane.servers {
             lane.view(s, crate::kinds::ConnState::Connecting, None);

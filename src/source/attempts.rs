@@ -1,20 +1,23 @@
-//! Runs of messages that ended the worker, and the limit on them (`[source] max_attempts`). A
-//! message that kills the worker (an in-process function that aborts, overflows its stack or is
-//! killed for its memory) was delivered again after every restart and killed the worker again,
-//! for ever: a classic queue has no delivery limit (a quorum queue's `delivery-limit` is the
-//! broker's own answer; this one works for both, and counts only runs that ended the worker).
+//! Runs of jobs that ended the worker, and the limit on them (`[source] max_attempts`), for the
+//! sources whose server gives a job back when the worker dies (AMQP, Gearman). A job that kills
+//! the worker (an in-process function that aborts, overflows its stack or is killed for its
+//! memory) came back after every restart and killed the worker again, for ever: a classic
+//! queue has no delivery limit, and gearmand's `-j` is 0 (none) by default (a quorum queue's
+//! `delivery-limit` and gearmand's `-j N` are the servers' own answers; this one works with
+//! both, and counts only runs that ended the worker).
 //!
-//! Each lane writes the key of the message it runs into its slot of
-//! `state_dir/worker/amqp-running` (64 bytes at its index) and clears it when the run ends or
-//! the message is given back unrun. The file is mapped shared, so a slot is a store to memory
+//! Each lane writes the key of the job it runs into its slot of
+//! `state_dir/worker/attempts-running` (64 bytes at its index) and clears it when the run ends
+//! or the job is given back unrun. The file is mapped shared, so a slot is a store to memory
 //! that the page cache keeps when the process dies (it must survive the process, not the
-//! machine): a `pwrite` at each start and end cost the 4-lane drain about 10 µs of CPU a job
-//! (its rate 1.02x-1.04x the PHP consumer's against 1.18x-1.24x). A slot still filled when a
-//! generation opens the source is a run the worker did not live through: its key's count goes
-//! up in `amqp-interrupted` (written only then). A redelivered message whose count has reached
-//! `max_attempts` is dead-lettered unrun; a run of it that ends forgets it. (A process of the
-//! worker's user that truncates the file under the mapping ends the worker with SIGBUS, which it
-//! could do with a signal anyway.)
+//! machine): a `pwrite` at each start and end cost the 4-lane AMQP drain about 10 µs of CPU a
+//! job (its rate 1.02x-1.04x the PHP consumer's against 1.18x-1.24x). A slot still filled when
+//! a generation opens the source is a run the worker did not live through: its key's count goes
+//! up in `attempts-interrupted` (written only then). A job whose count has reached
+//! `max_attempts` is failed unrun (AMQP: dead-lettered; Gearman: WORK_FAIL, which gearmand
+//! never retries); a run of it that ends forgets it. (A process of the worker's user that
+//! truncates the file under the mapping ends the worker with SIGBUS, which it could do with a
+//! signal anyway.)
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -26,9 +29,9 @@ use sha2::{Digest, Sha256};
 use crate::ops::logging::Recurring;
 
 /// The lanes' slots.
-pub const RUNNING: &str = "amqp-running";
+pub const RUNNING: &str = "attempts-running";
 /// The counts: `KEY COUNT` lines.
-pub const COUNTS: &str = "amqp-interrupted";
+pub const COUNTS: &str = "attempts-interrupted";
 /// One slot: a key (32 hex digits) and a newline, padded with zeros.
 const SLOT: usize = 64;
 /// Slots: one for each lane (at most 1,024), the most read.
@@ -36,13 +39,14 @@ const MAX_SLOTS: usize = 1024;
 /// The most keys kept (the oldest are not told apart: any is dropped past it).
 const MAX_KEYS: usize = 4096;
 
-/// A message's key: the first 16 bytes of the sha256 of its `message_id` and body.
-pub fn key(message_id: Option<&[u8]>, body: &[u8]) -> String {
+/// A job's key: the first 16 bytes of the sha256 of `parts` (each length-prefixed), which
+/// name the job as its server does (AMQP: `message_id` and body; Gearman: server and handle).
+pub fn key(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
-    let id = message_id.unwrap_or_default();
-    h.update((id.len() as u64).to_le_bytes());
-    h.update(id);
-    h.update(body);
+    for part in parts {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
     crate::text::hex(&h.finalize()[..16])
 }
 
@@ -50,7 +54,7 @@ fn is_key(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// `amqp-running`, mapped shared: a slot of `SLOT` bytes for each lane.
+/// `attempts-running`, mapped shared: a slot of `SLOT` bytes for each lane.
 struct Slots {
     base: std::ptr::NonNull<u8>,
     len: usize,
@@ -137,8 +141,8 @@ impl Attempts {
                 .take(MAX_KEYS)
                 .collect(),
             failing: Recurring::new(
-                "amqp: runs of messages cannot be recorded (max_attempts does not hold meanwhile)",
-                "amqp: runs of messages are recorded again",
+                "runs of jobs cannot be recorded (max_attempts does not hold meanwhile)",
+                "runs of jobs are recorded again",
             ),
         };
         let slots = read(&dir.join(RUNNING), MAX_SLOTS * SLOT);
@@ -154,12 +158,12 @@ impl Attempts {
         }
         if !cut.is_empty() {
             log::warn!(
-                "amqp: {} message(s) were being run when the worker ended: counted against max_attempts",
+                "{} job(s) were being run when the worker ended: counted against max_attempts",
                 cut.len()
             );
             a.save();
         }
-        match super::dedupe::regular(
+        match regular(
             OpenOptions::new().read(true).write(true).create(true),
             &dir.join(RUNNING),
         )
@@ -173,12 +177,12 @@ impl Attempts {
         a
     }
 
-    /// How many runs of the message with `key` the worker did not live through.
+    /// How many runs of the job with `key` the worker did not live through.
     pub fn interrupted(&self, key: &str) -> u32 {
         self.counts.get(key).copied().unwrap_or(0)
     }
 
-    /// Lane `lane` runs the message with `key` (None: no longer runs one).
+    /// Lane `lane` runs the job with `key` (None: no longer runs one).
     pub fn running(&mut self, lane: usize, key: Option<&str>) {
         let Some(slots) = self.running.as_mut() else {
             return;
@@ -192,7 +196,7 @@ impl Attempts {
         slots.write(lane, &slot);
     }
 
-    /// A run of the message with `key` ended: it is forgotten.
+    /// A run of the job with `key` ended: it is forgotten.
     pub fn ended(&mut self, key: &str) {
         if self.counts.remove(key).is_some() {
             self.save();
@@ -209,7 +213,7 @@ impl Attempts {
             .take(MAX_KEYS)
             .map(|(k, n)| format!("{k} {n}\n"))
             .collect();
-        let saved = super::dedupe::regular(
+        let saved = regular(
             OpenOptions::new().write(true).create(true).truncate(true),
             &tmp,
         )
@@ -227,17 +231,36 @@ impl Attempts {
 /// Up to `limit` bytes of `path` as text; empty if it cannot be read (said, unless missing).
 fn read(path: &Path, limit: usize) -> String {
     use std::io::Read;
-    let opened = super::dedupe::regular(OpenOptions::new().read(true), path);
+    let opened = regular(OpenOptions::new().read(true), path);
     let mut bytes = Vec::new();
     match opened.and_then(|f| f.take(limit as u64).read_to_end(&mut bytes)) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => log::warn!(
-            "amqp: cannot read \"{}\" ({e}): runs before this start are not counted",
+            "cannot read \"{}\" ({e}): runs before this start are not counted",
             path.display()
         ),
     }
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Opens `path` as `how` says, never through a link nor blocking on a FIFO, and only if it is a
+/// regular file (the worker's directory is the worker's user's, and so every job's).
+pub(crate) fn regular(how: &mut OpenOptions, path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = how
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // What a FIFO with no reader answers.
+            Some(libc::ENXIO) => std::io::Error::other("not a regular file (a FIFO)"),
+            _ => e,
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -249,7 +272,7 @@ mod tests {
     fn runs_left_in_their_slots_are_counted_and_a_run_that_ends_is_forgotten() {
         let dir = std::env::temp_dir().join(format!("gs-attempts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = (key(Some(b"m1"), b"x"), key(None, b"m1x"));
+        let (a, b) = (key(&[b"m1", b"x"]), key(&[b"", b"m1x"]));
         assert_ne!(a, b, "the id and the body are told apart");
         let mut g1 = Attempts::open(&dir, 4);
         g1.running(0, Some(&a));
