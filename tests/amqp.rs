@@ -1226,44 +1226,11 @@ fn a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts() {
     );
     // The first worker declares the queue (with its dead-letter exchange), then the messages
     // come: the poison first.
-    let mut first = Some(sb.start());
-    first
-        .as_ref()
-        .unwrap()
-        .wait_for(Duration::from_secs(20), "connected", connected);
+    let first = sb.start();
+    first.wait_for(Duration::from_secs(20), "connected", connected);
     php_publish_to(&r, "-", 1, "fault:abort", "", "poison");
     php_publish_to(&r, "-", 2, "good", "", "");
-    let mut deaths = 0;
-    let mut w = loop {
-        let mut w = first.take().unwrap_or_else(|| sb.start_under(&[], "true"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let died = loop {
-            if let Some(st) = w.child.try_wait().unwrap() {
-                break Some(st);
-            }
-            if r.depth("dead").0 == 1 {
-                break None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "neither died nor dead-lettered:\n{}",
-                w.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        match died {
-            Some(st) => {
-                assert!(!st.success(), "{st}");
-                deaths += 1;
-                assert!(
-                    deaths <= 2,
-                    "ended the worker {deaths} times:\n{}",
-                    w.log_text()
-                );
-            }
-            None => break w,
-        }
-    };
+    let (mut w, deaths) = restart_until(&sb, Some(first), 2, |_| r.depth("dead").0 == 1);
     assert_eq!(deaths, 2, "{}", w.log_text());
     eventually(Duration::from_secs(20), "the good messages served", || {
         r.depth("email") == (0, 0) && w.try_status().is_some_and(|s| s["jobs_completed"] == 2)

@@ -575,37 +575,7 @@ fn a_job_that_ends_the_worker_is_failed_after_max_attempts() {
             && m.contains("good-2")
             && w.try_status().is_some_and(|s| s["jobs_failed"] == 1)
     };
-    let mut deaths = 0;
-    let w = loop {
-        let mut w = sb.start_under(&[], "true");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let died = loop {
-            if let Some(st) = w.child.try_wait().unwrap() {
-                break Some(st);
-            }
-            if served(&w) {
-                break None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "neither died nor served:\n{}",
-                w.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        match died {
-            Some(st) => {
-                assert!(!st.success(), "{st}");
-                deaths += 1;
-                assert!(
-                    deaths <= 2,
-                    "ended the worker {deaths} times:\n{}",
-                    w.log_text()
-                );
-            }
-            None => break w,
-        }
-    };
+    let (w, deaths) = restart_until(&sb, None, 2, served);
     assert_eq!(deaths, 2, "{}", w.log_text());
     assert!(
         w.log_text().contains("max_attempts = 2"),

@@ -842,3 +842,40 @@ impl Worker {
         assert!(sent.elapsed() < bound, "{sig:?} took {:?}", sent.elapsed());
     }
 }
+
+/// Starts `gearshift run` again each time it dies (by a signal: a job that ends it), until
+/// `settled` holds of the living worker (each start given 30 s); `first`: a worker already
+/// started. Returns that worker and how many times it died, which must stay within `deaths`.
+pub fn restart_until(
+    sb: &Sandbox,
+    mut first: Option<Worker>,
+    deaths: usize,
+    settled: impl Fn(&Worker) -> bool,
+) -> (Worker, usize) {
+    let mut died = 0;
+    loop {
+        let mut w = first.take().unwrap_or_else(|| sb.start_under(&[], "true"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = w.child.try_wait().unwrap() {
+                assert!(!st.success(), "{st}");
+                died += 1;
+                assert!(
+                    died <= deaths,
+                    "ended the worker {died} times:\n{}",
+                    w.log_text()
+                );
+                break;
+            }
+            if settled(&w) {
+                return (w, died);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "neither died nor settled:\n{}",
+                w.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
