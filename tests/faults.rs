@@ -1202,3 +1202,110 @@ fn gearman_connections_parked_for_a_failed_exec_are_replaced() {
     let out = c.submit("reverse", "", b"after", Priority::Normal, |_| {});
     assert_eq!(out.unwrap(), Outcome::Complete(b"retfa".to_vec()));
 }
+
+/// A memory cgroup with a limit (v1's `memory` hierarchy, or v2 with the memory controller),
+/// removed again on drop once its processes are gone.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    /// The file whose `oom_kill N` line counts the kernel's kills in it.
+    events: &'static str,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, limit_bytes: u64) -> Option<MemoryCgroup> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let (dir, limit_file, events) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.join(name), "memory.limit_in_bytes", "memory.oom_control")
+        } else if fs::read_to_string(v2.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+        {
+            (v2.join(name), "memory.max", "memory.events")
+        } else {
+            return None;
+        };
+        let _ = fs::remove_dir(&dir);
+        fs::create_dir(&dir).ok()?;
+        fs::write(dir.join(limit_file), limit_bytes.to_string()).ok()?;
+        Some(MemoryCgroup { dir, events })
+    }
+
+    /// Kills the kernel's OOM killer made in this cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        fs::read_to_string(self.dir.join(self.events))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for pid in fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A job that runs its memory limit out (the service's `MemoryMax=`, a container's limit) in
+/// many processes, each smaller than the worker: the kernel's OOM killer took the worker, the
+/// largest process of the cgroup, and every job in flight with it (reproduced: the worker
+/// gone, killed, after one such job). Now every job starts with an `oom_score_adj` raised by
+/// `[worker] job_oom_score_adj` (500 by default), so the kernel takes the job's processes
+/// first, and the worker lives on and reports the job.
+#[test]
+fn a_job_that_runs_the_memory_out_never_gets_the_worker_killed() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip(
+            "a_job_that_runs_the_memory_out_never_gets_the_worker_killed",
+            "root (a memory cgroup)",
+        );
+    }
+    let Some(cg) = MemoryCgroup::new(&format!("gs-test-oom-{}", std::process::id()), 64 << 20)
+    else {
+        return skip(
+            "a_job_that_runs_the_memory_out_never_gets_the_worker_killed",
+            "a writable memory cgroup",
+        );
+    };
+    let sb = Sandbox::new("oom");
+    // Thirty processes of about 3 MiB each (tail holds its one endless line while more may
+    // come), each smaller than the worker; together past the limit.
+    sb.job(
+        "hog",
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 30 ]; do\n  { head -c 3000000 /dev/zero; sleep 3; } | tail -n1 >/dev/null &\n  i=$((i+1))\ndone\nwait\ncat /proc/self/oom_score_adj\n",
+    );
+    let w = sb.start_under_shell(&format!(
+        "echo $$ > {}",
+        cg.dir.join("cgroup.procs").display()
+    ));
+    w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    let out = sb.run(&["submit", "--wait", "--timeout", "60s", "hog", "x"]);
+    assert!(
+        cg.oom_kills() > 0,
+        "the job ran the cgroup out of memory: {out:?} {}",
+        w.log_text()
+    );
+    assert!(
+        process_alive(w.pid()),
+        "the worker outlived its job's memory: {}",
+        w.log_text()
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "500");
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "{s}");
+}

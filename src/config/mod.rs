@@ -93,6 +93,9 @@ pub struct Worker {
     /// The time limit of a function without its own `[functions.NAME] timeout`; None only
     /// when written as `"none"`.
     pub job_timeout: Option<Duration>,
+    /// Every job process starts with this `oom_score_adj` (never below the worker's own), so
+    /// the kernel's OOM killer takes a job's processes before the worker.
+    pub job_oom_score_adj: i32,
 }
 
 #[derive(Debug, Clone)]
@@ -545,6 +548,10 @@ mod tests {
             (
                 "[worker]\nmax_jobs = 18446744073709551615\n",
                 "/etc/gs/config.toml:2:12: number too large (TOML's whole numbers stop at 9223372036854775807)",
+            ),
+            (
+                "[worker]\njob_oom_score_adj = 1001\n",
+                "/etc/gs/config.toml:2:21: job_oom_score_adj must be between -1000 and 1000, not 1001",
             ),
             (
                 "[worker]\nmax_age = \"999999999999999d\"\n",

@@ -47,6 +47,13 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
             "restart_splay is at most \"24h\" (a restart delayed longer is a stale worker)",
         ));
     }
+    let oom = *w.job_oom_score_adj.get_ref();
+    if !(-1000..=1000).contains(&oom) {
+        return Err(cx.located(
+            Some(w.job_oom_score_adj.span()),
+            &format!("job_oom_score_adj must be between -1000 and 1000, not {oom}"),
+        ));
+    }
     let worker = Worker {
         concurrency: concurrency as usize,
         jobs_dir: cx.dir(&w.jobs_dir, "jobs_dir")?,
@@ -72,6 +79,7 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
             .filter(|s| !s.is_zero()),
         builtins: true,
         job_timeout: cx.nonzero_limit(&w.job_timeout)?,
+        job_oom_score_adj: oom as i32,
     };
     Ok(worker)
 }

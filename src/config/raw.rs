@@ -76,6 +76,7 @@ pub(super) struct RawWorker {
     pub(super) strict_modes: bool,
     pub(super) builtins: Option<bool>,
     pub(super) job_timeout: Spanned<Limit>,
+    pub(super) job_oom_score_adj: Spanned<i64>,
 }
 
 impl Default for RawWorker {
@@ -100,6 +101,7 @@ impl Default for RawWorker {
             strict_modes: true,
             builtins: None,
             job_timeout: Spanned::new(0..0, Limit(Some(DEFAULT_JOB_TIMEOUT))),
+            job_oom_score_adj: Spanned::new(0..0, 500),
         }
     }
 }

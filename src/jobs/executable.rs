@@ -11,13 +11,13 @@
 //! extra threads and no sleeps.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io::{self};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
@@ -40,17 +40,53 @@ pub struct Children {
     ended: Option<crate::jobs::reaper::JobEnded>,
     /// Starts take turns while resources run short (`starts.rs`).
     starts: Arc<Starts>,
+    /// What job processes write to their `oom_score_adj` (see [`OomScore`]).
+    oom_score: Arc<OomScore>,
+}
+
+/// `[worker] job_oom_score_adj`, as a job process writes it: never below the worker's own
+/// (lowering needs privilege), and nothing to write when it is the worker's own. The worker's
+/// is read at the first job, not on the restart path.
+#[derive(Default)]
+struct OomScore {
+    wanted: i32,
+    text: OnceLock<Option<CString>>,
+}
+
+impl OomScore {
+    fn text(&self) -> Option<CString> {
+        self.text
+            .get_or_init(|| {
+                let own = std::fs::read_to_string("/proc/self/oom_score_adj")
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                match own {
+                    Some(own) if own >= self.wanted => None,
+                    _ => CString::new(self.wanted.to_string()).ok(),
+                }
+            })
+            .clone()
+    }
 }
 
 impl Children {
-    /// Job processes will carry `worker_key`; `ended` hears of every job's end.
-    pub fn new(worker_key: &Path, ended: Option<crate::jobs::reaper::JobEnded>) -> Children {
+    /// Job processes will carry `worker_key` and start with `oom_score_adj` (see [`OomScore`]);
+    /// `ended` hears of every job's end.
+    pub fn new(
+        worker_key: &Path,
+        oom_score_adj: i32,
+        ended: Option<crate::jobs::reaper::JobEnded>,
+    ) -> Children {
         Children {
             groups: Arc::default(),
             abandoned: Arc::default(),
             worker_key: Arc::new(worker_key.as_os_str().to_os_string()),
             ended,
             starts: Arc::default(),
+            oom_score: Arc::new(OomScore {
+                wanted: oom_score_adj,
+                text: OnceLock::new(),
+            }),
         }
     }
 
@@ -141,9 +177,11 @@ pub fn run(
         cmd.current_dir(dir);
     }
     let worker_pid = std::process::id() as libc::pid_t;
+    let oom_score = children.oom_score.text();
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, getppid,
-    // setsid, dup2, fcntl, close_range and kill, which are async-signal-safe; it allocates nothing and touches no
-    // locks.
+    // setsid, open, write, close, dup2, fcntl, close_range and kill, which are
+    // async-signal-safe; it allocates nothing (`oom_score` was made before the fork) and
+    // touches no locks.
     unsafe {
         cmd.pre_exec(move || {
             // Die with the worker (the death of the lane thread that forked us, which outlives
@@ -161,6 +199,20 @@ pub fn run(
             // operator types and push input into root's shell with TIOCSTI.
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
+            }
+            // The kernel's OOM killer takes the job's processes before the worker (the largest
+            // process of a cgroup whose job runs in many small ones). Best effort: without
+            // /proc the job starts as the worker is.
+            if let Some(score) = &oom_score {
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    let bytes = score.as_bytes();
+                    libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+                    libc::close(fd);
+                }
             }
             // No capability of the worker's passes to the job (ambient ones, as systemd's
             // `AmbientCapabilities=` gives a `User=` service, would pass through the exec).
@@ -288,6 +340,29 @@ mod tests {
     use crate::jobs::functions::Progress;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
+
+    /// A job's score is the configured one, never below the worker's own, and nothing is
+    /// written when it would change nothing.
+    #[test]
+    fn a_jobs_oom_score_is_never_below_the_workers() {
+        let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let text = |wanted| {
+            OomScore {
+                wanted,
+                text: OnceLock::new(),
+            }
+            .text()
+        };
+        assert_eq!(text(own), None);
+        assert_eq!(text(-1000.min(own)), None);
+        if own < 1000 {
+            assert_eq!(text(1000), Some(CString::new("1000").unwrap()));
+        }
+    }
 
     #[derive(Default)]
     struct Seen(Vec<String>);

@@ -111,6 +111,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         i.warnings.extend(start_warnings);
     }
     let plan_state_dir = plan.config.worker.state_dir.clone();
+    let job_oom_score_adj = plan.config.worker.job_oom_score_adj;
     let inotify = helpers::inotify(&boot);
     let reaper = crate::jobs::reaper::Reaper::new();
     let (render, counts) = answers(&state, &source);
@@ -133,7 +134,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         plan,
         source,
         state,
-        children: Children::new(&plan_state_dir, Some(reaper.handle())),
+        children: Children::new(&plan_state_dir, job_oom_score_adj, Some(reaper.handle())),
         stop: Switch::default(),
         lanes: Vec::new(),
         requested_mono_us: inherited.requested_mono_us,
