@@ -539,6 +539,57 @@ fn a_server_name_the_resolver_never_answers_costs_only_its_own_connection() {
     drop(dns);
 }
 
+/// The CLI looked server names up itself, outside every bound it has: with a name server that
+/// never answers, `submit --timeout 2s` and `submit --background` waited the resolver's whole
+/// timeout (20 s here, 10 s by default, for each name) and `start` the same before it started
+/// anything. Now a lookup counts against the bound the command already has (`--timeout`, the
+/// 3 s handshake, `start`'s 1 s probe of each server), and says which name did not answer.
+#[test]
+fn the_cli_never_waits_for_a_name_server_past_its_bounds() {
+    let name = "the_cli_never_waits_for_a_name_server_past_its_bounds";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "needs root (a DNS port, a mount namespace)");
+    }
+    let sb = Sandbox::new("gm-dns-cli");
+    let dns = DeafResolver::new(&sb, "127.0.0.4");
+    sb.gearman_config(&["unanswered.gearshift-test.invalid:4730".to_string()], "");
+    for args in [
+        &["submit", "--timeout", "2s", "echo", "x"][..],
+        &["submit", "--background", "echo", "x"][..],
+    ] {
+        let (out, took) = dns.cli(&sb, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            err.contains("unanswered.gearshift-test.invalid") && err.contains("did not answer"),
+            "{args:?}: {err}"
+        );
+        assert!(took < Duration::from_secs(8), "{args:?} took {took:?}");
+    }
+    let (out, took) = dns.cli(&sb, &["start"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(took < Duration::from_secs(8), "start took {took:?}");
+    let stop = sb.run(&["stop"]);
+    assert!(stop.status.success(), "{stop:?}");
+    // The ZeroMQ client the same (`submit` to the first endpoint bound).
+    std::fs::write(
+        sb.config(),
+        "[worker]\nstate_dir = \"state\"\nallow_root = true\n[source]\nkind = \"zeromq\"\n\
+         bind = [\"tcp://unanswered.gearshift-test.invalid:5555\"]\nallow_remote = true\n",
+    )
+    .unwrap();
+    let (out, took) = dns.cli(&sb, &["submit", "--timeout", "2s", "echo", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("did not answer"),
+        "{out:?}"
+    );
+    assert!(took < Duration::from_secs(8), "zeromq submit took {took:?}");
+    drop(dns);
+}
+
 /// A job that ends the worker (an in-process function that aborts, overflows its stack or is
 /// killed for its memory; here the fault build's `fault:abort`): gearmand gives a job back
 /// each time its worker's connection drops and, without `-j` (the default), for ever, so the

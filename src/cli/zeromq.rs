@@ -3,11 +3,13 @@
 //! message the worker received but had not made durable when it restarted is never answered.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::{Endpoint, ZeromqConfig, ZeromqReply};
 use crate::error::{Error, Result};
+use crate::source::resolve;
 use crate::source::zeromq::sockets::Stream;
 use crate::source::zeromq::zmtp;
 
@@ -42,23 +44,41 @@ fn connect_to(ep: &Endpoint) -> Endpoint {
     }
 }
 
+/// Where a connect goes: a TCP endpoint's host is looked up once, within the first try's wait
+/// (a name server that does not answer is said as such, never taken for a worker that does not).
+enum Dest {
+    Tcp(SocketAddr),
+    Ipc(PathBuf),
+}
+
+fn destination(to: &Endpoint, wait: Duration) -> Result<Dest> {
+    match to {
+        Endpoint::Tcp { host, port } => {
+            resolve::addresses_by(&resolve::target(host, *port), Instant::now() + wait)
+                .and_then(|a| {
+                    a.into_iter()
+                        .next()
+                        .ok_or_else(|| std::io::Error::other("the host has no address"))
+                })
+                .map(Dest::Tcp)
+                .map_err(|e| Error::Peer(format!("zeromq {to}: {e}")))
+        }
+        Endpoint::Ipc(path) => Ok(Dest::Ipc(path.clone())),
+    }
+}
+
 /// Connects to the worker, trying again while refused, until `deadline`.
-fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Stream> {
+fn open(to: &Dest, deadline: Instant) -> std::io::Result<Stream> {
     loop {
         let tried = match to {
-            Endpoint::Tcp { host, port } => (host.as_str(), *port)
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| std::io::Error::other("the host has no address"))
-                .and_then(|a| {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1)))
-                })
-                .map(|s| {
+            Dest::Tcp(a) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                TcpStream::connect_timeout(a, left.max(Duration::from_millis(1))).map(|s| {
                     let _ = s.set_nodelay(true);
                     Stream::Tcp(s)
-                }),
-            Endpoint::Ipc(path) => (crate::source::zeromq::sockets::connect_unix(path))
+                })
+            }
+            Dest::Ipc(path) => (crate::source::zeromq::sockets::connect_unix(path))
                 .map(Stream::Unix)
                 .map_err(std::io::Error::from),
         };
@@ -80,9 +100,14 @@ fn open(to: &Endpoint, deadline: Instant) -> std::io::Result<Stream> {
 
 /// One try: connects, sends the message, and reads the answer's last frame until `deadline`.
 /// None: no answer by then (the connection is dropped; a new one resends).
-fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec<u8>>> {
+fn once(
+    to: &Endpoint,
+    dest: &Dest,
+    frames: &[&[u8]],
+    deadline: Instant,
+) -> Result<Option<Vec<u8>>> {
     let io = |e: std::io::Error| Error::Peer(format!("zeromq {to}: {e}"));
-    let mut conn = match open(to, deadline) {
+    let mut conn = match open(dest, deadline) {
         Ok(c) => c,
         Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
         Err(e)
@@ -145,9 +170,14 @@ fn once(to: &Endpoint, frames: &[&[u8]], deadline: Instant) -> Result<Option<Vec
 }
 
 /// Sends one message and returns the answer; None if none came in `TRIES` tries.
-fn request(to: &Endpoint, frames: &[&[u8]], wait: Duration) -> Result<Option<Vec<u8>>> {
+fn request(
+    to: &Endpoint,
+    dest: &Dest,
+    frames: &[&[u8]],
+    wait: Duration,
+) -> Result<Option<Vec<u8>>> {
     for _ in 0..TRIES {
-        if let Some(answer) = once(to, frames, Instant::now() + wait)? {
+        if let Some(answer) = once(to, dest, frames, Instant::now() + wait)? {
             return Ok(Some(answer));
         }
     }
@@ -173,10 +203,11 @@ pub(super) fn send(cfg: &ZeromqConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     }
     let to = connect_to(ep);
     let wait = args.timeout.unwrap_or(ANSWER_TIMEOUT);
+    let dest = destination(&to, wait)?;
     let frames: [&[u8]; 2] = [args.function.as_bytes(), payload];
     let mut last = Vec::new();
     for _ in 0..args.count {
-        match request(&to, &frames, wait)? {
+        match request(&to, &dest, &frames, wait)? {
             Some(answer) if answer.starts_with(b"ERROR") => {
                 eprintln!(
                     "gearshift: refused: {}",

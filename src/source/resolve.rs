@@ -10,12 +10,22 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 /// A lookup under way.
 pub(crate) struct Lookup {
     answer: Receiver<io::Result<SocketAddr>>,
+}
+
+/// `host:port` as a lookup takes it (an IPv6 address in brackets).
+pub(crate) fn target(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// `target` if it is written as an address (`127.0.0.1:4730`, `[::1]:4730`): no lookup.
@@ -25,16 +35,45 @@ pub(crate) fn literal(target: &str) -> Option<SocketAddr> {
 
 /// The first address of `target` (`host:port`), looked up here (this thread waits).
 pub(crate) fn first_address(target: &str) -> io::Result<SocketAddr> {
+    addresses(target)?.into_iter().next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("cannot resolve {target}: no address"),
+        )
+    })
+}
+
+fn addresses(target: &str) -> io::Result<Vec<SocketAddr>> {
     target
         .to_socket_addrs()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {target}: {e}")))?
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("cannot resolve {target}: no address"),
-            )
-        })
+        .map(Iterator::collect)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {target}: {e}")))
+}
+
+/// Every address of `target`, waiting for the lookup until `deadline` at most: for a caller
+/// with nothing else to do meanwhile (the CLI, which must keep its `--timeout`). A lookup that
+/// is late is left to end on its own thread.
+pub(crate) fn addresses_by(target: &str, deadline: Instant) -> io::Result<Vec<SocketAddr>> {
+    if let Some(sa) = literal(target) {
+        return Ok(vec![sa]);
+    }
+    let (tx, answer) = crossbeam_channel::bounded(1);
+    let name = target.to_string();
+    std::thread::Builder::new()
+        .name("resolve".into())
+        .spawn(move || {
+            let _ = tx.send(addresses(&name));
+        })?;
+    match answer.recv_deadline(deadline) {
+        Ok(a) => a,
+        Err(RecvTimeoutError::Timeout) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("cannot resolve {target}: the name server did not answer in time"),
+        )),
+        Err(RecvTimeoutError::Disconnected) => Err(io::Error::other(format!(
+            "cannot resolve {target}: the lookup's thread ended without an answer"
+        ))),
+    }
 }
 
 impl Lookup {

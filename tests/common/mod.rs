@@ -820,6 +820,39 @@ impl DeafResolver {
     pub fn prefix(&self) -> String {
         format!("mount --bind {} /etc/resolv.conf", self.conf.display())
     }
+
+    /// Runs the CLI command `args` of `sb` with this resolver (bounded: 60 s); its output and
+    /// how long it took.
+    pub fn cli(&self, sb: &Sandbox, args: &[&str]) -> (Output, Duration) {
+        let started = Instant::now();
+        let mut c = Command::new(Self::OUTER[0]);
+        c.args(&Self::OUTER[1..])
+            .args([
+                "sh",
+                "-c",
+                &format!("{}; exec \"$0\" \"$@\"", self.prefix()),
+            ])
+            .arg(&sb.bin)
+            .arg("-c")
+            .arg(sb.config())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = spawn(&mut c);
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                panic!("CLI command {args:?} under a deaf resolver did not end in 60 s");
+            });
+        (out.unwrap(), started.elapsed())
+    }
 }
 
 impl Worker {

@@ -308,14 +308,14 @@ pub(super) fn server_error(addr: &str, data: &[u8]) -> Error {
 
 /// Tries a TCP connect to each server (1 s each): Ok if one answers, else every error.
 pub fn probe(servers: &[String]) -> std::result::Result<(), String> {
-    use std::net::ToSocketAddrs;
     let mut errors = Vec::new();
     for server in servers {
         let addr = server.strip_prefix(super::tls::SCHEME).unwrap_or(server);
-        let sa = match addr.to_socket_addrs() {
-            Ok(mut a) => a.next(),
+        let by = std::time::Instant::now() + Duration::from_secs(1);
+        let sa = match crate::source::resolve::addresses_by(addr, by) {
+            Ok(a) => a.into_iter().next(),
             Err(e) => {
-                errors.push(format!("{addr}: cannot resolve: {e}"));
+                errors.push(e.to_string());
                 continue;
             }
         };

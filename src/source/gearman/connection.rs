@@ -7,7 +7,7 @@
 //! every exchange, so a slow server costs only its own connection.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
@@ -114,7 +114,8 @@ impl Conn {
         tls: Option<&TlsTarget>,
     ) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
-        for sa in addr.to_socket_addrs()? {
+        let by = std::time::Instant::now() + timeout;
+        for sa in crate::source::resolve::addresses_by(addr, by)? {
             match TcpStream::connect_timeout(&sa, timeout) {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;

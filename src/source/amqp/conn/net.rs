@@ -41,17 +41,19 @@ pub(super) fn connect(
 /// The broker's address: at once if the URL gives one; else looked up beside this thread
 /// (see [`crate::source::resolve`]), waiting for the answer, the deadline or `wake`.
 fn address(url: &AmqpUrl, deadline: Instant, wake: Option<&Arc<OwnedFd>>) -> Result<SocketAddr> {
-    use crate::source::resolve::{first_address, literal, Lookup};
-    let target = if url.host.contains(':') {
-        format!("[{}]:{}", url.host, url.port)
-    } else {
-        format!("{}:{}", url.host, url.port)
-    };
+    use crate::source::resolve::{addresses_by, literal, Lookup};
+    let target = crate::source::resolve::target(&url.host, url.port);
     if let Some(sa) = literal(&target) {
         return Ok(sa);
     }
     let Some(wake) = wake else {
-        return first_address(&target).map_err(gone);
+        return addresses_by(&target, deadline)
+            .and_then(|a| {
+                a.into_iter()
+                    .next()
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+            })
+            .map_err(gone);
     };
     let done = Arc::new(crate::source::gearman::worker::eventfd()?);
     let lookup = Lookup::start(&target, Arc::clone(&done)).map_err(gone)?;
