@@ -590,3 +590,64 @@ fn a_removed_server_leaves_no_metric_series() {
     let metrics = text(&sb.run(&["metrics"]).stdout);
     assert!(!metrics.contains(&dead), "{metrics}");
 }
+
+/// A worker stopped by SIGSTOP (Ctrl-Z at the terminal of a `run`, a debugger, a `kill -STOP`
+/// meant for another pid) acts on no signal: `stop` sent TERM and then waited out its whole
+/// `--timeout` (10 minutes by default) without a word, `reload` waited out its own and blamed
+/// running jobs, and `status` said only that the socket gave no answer. Now `stop` continues
+/// it after the TERM, as systemd does, and says so; `reload` and `status` say at once that it
+/// is stopped and how to continue it.
+#[test]
+fn a_stopped_worker_is_said_and_stop_still_ends_it() {
+    let sb = Sandbox::new("sigstop");
+    sb.write_config("");
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
+    eventually(Duration::from_secs(5), "the worker stopped", || {
+        fs::read_to_string(format!("/proc/{}/stat", w.pid())).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    });
+    let out = sb.run(&["status"]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("is stopped") && text.contains("kill -CONT"),
+        "{text}"
+    );
+    let started = std::time::Instant::now();
+    let out = sb.run(&["reload", "--timeout", "60s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        err.contains("is stopped") && err.contains("kill -CONT"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "reload took {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let out = sb.run(&["stop", "--timeout", "60s"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("was stopped"),
+        "{out:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        w.wait_exit(Duration::from_secs(10)).success(),
+        "{}",
+        w.log_text()
+    );
+}

@@ -142,6 +142,10 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
             return Ok(exit::UNKNOWN);
         }
     };
+    if let Some(why) = stopped(pid) {
+        eprintln!("gearshift is running, but {why}");
+        return Ok(0);
+    }
     let s = match crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => {
@@ -304,8 +308,23 @@ fn print_status(s: &crate::status::Doc) {
     }
 }
 
+/// What to say when `pid` is stopped (by SIGSTOP, or Ctrl-Z at the terminal of a `run`): it
+/// then acts on no signal (but SIGKILL) until continued, and its status socket answers nothing.
+fn stopped(pid: i32) -> Option<String> {
+    let state = crate::ops::procfs::Stat::of(Some(pid))?.state;
+    matches!(state, 'T' | 't').then(|| {
+        format!("pid {pid} is stopped (SIGSTOP, or Ctrl-Z at its terminal): it acts on no signal until it is continued: kill -CONT {pid}")
+    })
+}
+
 pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     let (pid, socket, pidfile) = running(path)?;
+    if let Some(why) = stopped(pid) {
+        kill(Pid::from_raw(pid), Signal::SIGHUP)
+            .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+        eprintln!("reload pending: {why} (the HUP is sent, and acted on then)");
+        return Ok(exit::NOT_YET);
+    }
     let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
     let (generation, refusals) = (before.generation, before.reload_refusals);
     kill(Pid::from_raw(pid), Signal::SIGHUP)
@@ -356,8 +375,14 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         .ok()
         .filter(|s| s.state == "stopping")
         .map(|s| running_job_names(&s));
+    let was_stopped = stopped(pid);
     kill(target, Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    // A stopped worker acts on no TERM: continue it, as systemd does after every TERM.
+    if was_stopped.is_some() {
+        let _ = kill(target, Signal::SIGCONT);
+        println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+    }
     let started = Instant::now();
     let mut said = false;
     while pidfile::probe(&pidfile)? != Probe::NotRunning {
