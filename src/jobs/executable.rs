@@ -246,6 +246,9 @@ pub fn run(
         });
     }
     let spawned = crate::jobs::reaper::spawn(&mut cmd);
+    if let (Ok(_), Some(events)) = (&spawned, &children.ended) {
+        events.started();
+    }
     drop(progress_write);
     drop(turn);
     let mut child = spawned

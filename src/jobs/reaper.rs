@@ -25,7 +25,8 @@ use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
@@ -78,8 +79,10 @@ pub fn become_subreaper() {
 
 /// The sweeper: reaps and kills strays after every job, and while strays remain.
 pub struct Reaper {
-    tx: Sender<()>,
-    rx: Option<Receiver<()>>,
+    tx: Sender<Event>,
+    rx: Option<Receiver<Event>>,
+    /// The sweeper looks for zombies every [`REAP_EVERY`] (so a job start need not say so).
+    ticking: Arc<AtomicBool>,
 }
 
 impl Reaper {
@@ -87,8 +90,12 @@ impl Reaper {
     /// the channel) before [`Reaper::start`] runs, so a restarted generation's lanes need not
     /// wait for this thread.
     pub fn new() -> Reaper {
-        let (tx, rx) = bounded::<()>(64);
-        Reaper { tx, rx: Some(rx) }
+        let (tx, rx) = bounded::<Event>(64);
+        Reaper {
+            tx,
+            rx: Some(rx),
+            ticking: Arc::default(),
+        }
     }
 
     /// Starts the sweeper thread, once (spawned with the handled signals blocked, like every
@@ -100,31 +107,53 @@ impl Reaper {
         let Some(rx) = self.rx.take() else {
             return Ok(());
         };
-        crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &running))
+        let ticking = Arc::clone(&self.ticking);
+        crate::ops::signals::spawn_essential("reaper", move || sweeper(&rx, &running, &ticking))
             .map_err(|e| crate::Error::io("spawning the reaper thread", e))?;
         Ok(())
     }
 
-    /// A handle for lanes to say "a job ended".
+    /// A handle for lanes to say "a job started" and "a job ended".
     pub fn handle(&self) -> JobEnded {
-        JobEnded(self.tx.clone())
+        JobEnded(self.tx.clone(), Arc::clone(&self.ticking))
     }
 }
 
-/// Tells the sweeper that a job ended (its strays are now fair game).
+/// What the sweeper hears of.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Event {
+    /// A job process started: its leftovers that exit are reaped while it runs.
+    Started,
+    /// A job ended: its strays are now fair game.
+    Ended,
+}
+
+/// Tells the sweeper that a job started or ended.
 #[derive(Clone)]
-pub struct JobEnded(Sender<()>);
+pub struct JobEnded(Sender<Event>, Arc<AtomicBool>);
 
 impl JobEnded {
     pub fn notify(&self) {
-        let _ = self.0.try_send(());
+        let _ = self.0.try_send(Event::Ended);
+    }
+
+    /// Said only when the sweeper is not looking for zombies already (no wake-up per job).
+    pub fn started(&self) {
+        if !self.1.swap(true, Ordering::AcqRel) {
+            let _ = self.0.try_send(Event::Started);
+        }
     }
 }
 
 /// The grid follow-up looks are put on: at most one sweep per this, however many jobs end.
 const COALESCE: Duration = Duration::from_millis(50);
 
-fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
+/// While jobs run, the zombies they leave are reaped this often (a look at our threads'
+/// children, nothing when there are none): a job that goes on leaving exited children behind
+/// holds at most what it leaves in this time.
+const REAP_EVERY: Duration = Duration::from_millis(200);
+
+fn sweeper(rx: &Receiver<Event>, running: &dyn Fn() -> Vec<String>, ticking: &AtomicBool) {
     // After a job ends, its group's members die and their children are re-parented to us a
     // moment later: look again a few times.
     const FOLLOW_UPS: [Duration; 4] = [
@@ -135,18 +164,24 @@ fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
     ];
     let epoch = Instant::now();
     let mut due: Vec<Instant> = Vec::new();
-    let mut strays = false;
+    // Strays still alive after a sweep: swept again a second later.
+    let mut strays: Option<Instant> = None;
+    // While jobs run: the next look for zombies only.
+    let mut reap: Option<Instant> = None;
     loop {
-        let next = due.iter().min().copied();
-        let timer = match (next, strays) {
-            (Some(t), _) => after(t.saturating_duration_since(Instant::now())),
-            (None, true) => after(Duration::from_secs(1)),
-            (None, false) => never(),
+        let timer = match due.iter().chain(&strays).chain(&reap).min() {
+            Some(t) => after(t.saturating_duration_since(Instant::now())),
+            None => never(),
         };
         select! {
             recv(rx) -> msg => {
-                if msg.is_err() {
-                    return;
+                match msg {
+                    Err(_) => return,
+                    Ok(Event::Started) => {
+                        reap.get_or_insert_with(|| Instant::now() + REAP_EVERY);
+                        continue;
+                    }
+                    Ok(Event::Ended) => {}
                 }
 
                 // Each look is put off to the next tick of a COALESCE grid, where one look
@@ -170,9 +205,43 @@ fn sweeper(rx: &Receiver<()>, running: &dyn Fn() -> Vec<String>) {
                     panic!("injected reaper panic");
                 }
                 let now = Instant::now();
-                due.retain(|t| *t > now);
-                strays = sweep(running);
+                let passed = |t: &Instant| *t <= now;
+                if due.iter().any(passed) || strays.as_ref().is_some_and(passed) {
+                    due.retain(|t| *t > now);
+                    strays = sweep(running).then(|| now + Duration::from_secs(1));
+                } else {
+                    reap_zombies();
+                }
+                if reap.as_ref().is_some_and(passed) {
+                    // Cleared first: a job starting meanwhile says so, or is in `running`.
+                    ticking.store(false, Ordering::Release);
+                    reap = (!running().is_empty()).then(|| {
+                        ticking.store(true, Ordering::Release);
+                        now + REAP_EVERY
+                    });
+                }
             }
+        }
+    }
+}
+
+/// A zombie we may reap: not a child someone waits for ([`spawn`]), nor one of the worker's
+/// own session (a process a Rust function started, which its function waits for): what a job
+/// left is in the job's session or one of its own, never in the worker's.
+fn unclaimed_zombie(pid: i32, stat: &crate::ops::procfs::Stat, tracked: &HashSet<i32>) -> bool {
+    stat.state == 'Z'
+        && !tracked.contains(&pid)
+        && nix::unistd::getsid(None).is_ok_and(|own| own.as_raw() != stat.session)
+}
+
+/// Reaps the zombies jobs left (see [`unclaimed_zombie`]), killing nothing.
+fn reap_zombies() {
+    let me = std::process::id() as i32;
+    let tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
+    let none = HashSet::new();
+    for (pid, stat) in crate::ops::procfs::children_of(me) {
+        if unclaimed_zombie(pid, &stat, tracked.as_ref().unwrap_or(&none)) {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         }
     }
 }
@@ -184,13 +253,15 @@ fn sweep(running: &dyn Fn() -> Vec<String>) -> bool {
     // Held for the whole sweep: a child spawned meanwhile is registered before we can see it.
     let tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
     let mut alive = false;
+    let none = HashSet::new();
     for (pid, stat) in crate::ops::procfs::children_of(me) {
-        let zombie = stat.state == 'Z';
         if tracked.as_ref().is_some_and(|t| t.contains(&pid)) {
             continue;
         }
-        if zombie {
-            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+        if stat.state == 'Z' {
+            if unclaimed_zombie(pid, &stat, tracked.as_ref().unwrap_or(&none)) {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            }
             continue;
         }
         let job = env_var(pid, ENV_JOB);
@@ -240,4 +311,44 @@ pub fn kill_leftovers(key: &Path) {
 
 fn env_var(pid: i32, key: &str) -> Option<String> {
     crate::ops::procfs::env_var(pid, key).map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn zombie(child: &Child) {
+        let pid = child.id() as i32;
+        let until = Instant::now() + Duration::from_secs(10);
+        while crate::ops::procfs::Stat::of(Some(pid)).is_some_and(|s| s.state != 'Z') {
+            assert!(Instant::now() < until, "pid {pid} never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A zombie of the worker's own session (a process a Rust function started) is left to
+    /// whoever started it; one in a session of its own (what a job leaves) is reaped.
+    #[test]
+    fn only_what_jobs_leave_is_reaped() {
+        let mut own = Command::new("true").spawn().unwrap();
+        let mut apart = Command::new("true");
+        // SAFETY: setsid is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            apart.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut apart = apart.spawn().unwrap();
+        zombie(&own);
+        zombie(&apart);
+        reap_zombies();
+        assert!(
+            own.wait().unwrap().success(),
+            "its owner still waits for it"
+        );
+        assert!(apart.wait().is_err(), "reaped already");
+    }
 }

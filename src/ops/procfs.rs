@@ -9,6 +9,7 @@ pub struct Stat {
     pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
+    pub session: i32,
     /// Clock ticks in user and system mode.
     pub utime: u64,
     pub stime: u64,
@@ -39,6 +40,7 @@ impl Stat {
             state: f.first()?.chars().next()?,
             ppid: int(4)?,
             pgrp: int(5)?,
+            session: int(6)?,
             utime: num(14)?,
             stime: num(15)?,
             starttime: num(22)?,
@@ -127,7 +129,7 @@ mod tests {
     fn a_command_name_with_spaces_and_parentheses_is_skipped() {
         let line = "42 (a (b) c) S 1 42 42 0 -1 4194304 1 0 0 0 7 3 0 0 20 0 1 0 1234 5678 99 18446744073709551615";
         let s = Stat::parse(line).unwrap();
-        assert_eq!((s.state, s.ppid, s.pgrp), ('S', 1, 42));
+        assert_eq!((s.state, s.ppid, s.pgrp, s.session), ('S', 1, 42, 42));
         assert_eq!(
             (s.utime, s.stime, s.starttime, s.vsize, s.rss_pages),
             (7, 3, 1234, 5678, 99)
