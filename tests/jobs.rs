@@ -196,6 +196,55 @@ fn crashing_hanging_and_noisy_executables_fail_cleanly() {
         .any(|f| f == "notexec"));
 }
 
+/// A job script whose `#!` interpreter is not there (a virtualenv path of another machine) or
+/// that was saved with Windows line endings (its interpreter then reads `/bin/sh\r`) failed
+/// with "cannot start jobs/NAME: No such file or directory" while the file was right there, and
+/// `check` said nothing. Now the failure names the interpreter and why, and `check`, the log and
+/// `status` warn about the line endings (read from the file, no lookup).
+#[test]
+fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
+    let sb = Sandbox::new("shebang");
+    sb.write_config("");
+    sb.job("py9", "#!/usr/bin/python9-gearshift-test -u\nprint(1)\n");
+    sb.job("dos", "#!/bin/sh\r\necho hi\r\n");
+    let check = sb.run(&["check"]);
+    let said = text(&check.stdout) + &text(&check.stderr);
+    assert!(
+        said.contains("Windows line endings") && said.contains("dos"),
+        "{said}"
+    );
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = ["py9", "dos"]
+        .iter()
+        .map(|f| spool.submit(f, b"x").unwrap())
+        .collect();
+    let o = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(
+        !o[0].0
+            && o[0]
+                .1
+                .contains("interpreter \"/usr/bin/python9-gearshift-test\"")
+            && o[0].1.contains("does not exist"),
+        "{:?}",
+        o[0]
+    );
+    assert!(
+        !o[1].0 && o[1].1.contains("Windows line endings") && o[1].1.contains("/bin/sh\\r"),
+        "{:?}",
+        o[1]
+    );
+    let s = w.status();
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("Windows line endings")),
+        "{s}"
+    );
+}
+
 /// Ignored signals survive exec. A worker started by a launcher that ignores SIGCHLD (many a
 /// PHP or Python service manager does, to be rid of zombies) had its job processes reaped by
 /// the kernel: every executable job failed with "No child processes". And what else the

@@ -253,8 +253,9 @@ pub fn run(
     drop(turn);
     let mut child = spawned
         .map_err(|e| {
+            let why = super::shebang::why_not_started(exe, &e).unwrap_or_else(|| e.to_string());
             start_error(
-                format!("cannot start {}: {e}", exe.display()),
+                format!("cannot start {}: {why}", exe.display()),
                 e.raw_os_error().unwrap_or(0),
             )
         })

@@ -294,7 +294,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         // opened without blocking (a FIFO swapped in after the metadata look cannot hang us),
         // the type checked on the open descriptor, the content hashed as a stream.
         let mut opened = crate::ops::safefs::open_regular(&path, "reading job")?;
-        let mut head = [0u8; 4];
+        let mut head = [0u8; crate::jobs::shebang::HEAD];
         let n = std::io::Read::read(&mut opened, &mut head)
             .map_err(|e| Error::io_path("reading job", &path, e))?;
         // Contents are hashed up to a budget per scan: a file past it (a 1 TiB sparse file a
@@ -326,12 +326,16 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             ));
             continue;
         }
-        if !(head[..n].starts_with(b"#!") || head[..n] == *b"\x7fELF") {
+        if !(head[..n].starts_with(b"#!") || head[..n].starts_with(b"\x7fELF")) {
             return Err(Error::Invalid(format!(
                 "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
                 path.display()
             )));
         }
+        warnings.extend(crate::jobs::shebang::line_endings_warning(
+            &path,
+            &head[..n],
+        ));
         let name = Path::new(&file)
             .file_stem()
             .and_then(|s| s.to_str())

@@ -1,0 +1,106 @@
+//! What a job script's `#!` line says, for the two mistakes that make it fail with a bare "No
+//! such file or directory" while the script is right there: an interpreter that is not on this
+//! machine (a virtualenv path of another), and Windows line endings (the kernel then looks for
+//! an interpreter whose name ends in a carriage return). Read from the file itself; the
+//! interpreter's path is looked at only after an exec has already failed on it.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// How much of a file the kernel reads for its `#!` line (`BINPRM_BUF_SIZE`).
+pub const HEAD: usize = 256;
+
+/// The first line after `#!`, if `head` (the start of a file) has one.
+fn line(head: &[u8]) -> Option<&[u8]> {
+    let rest = head.strip_prefix(b"#!")?;
+    Some(&rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())])
+}
+
+/// The interpreter a `#!` line names: its first word, as the kernel splits it (at spaces and
+/// tabs only: a carriage return is part of the name).
+pub fn interpreter(head: &[u8]) -> Option<&[u8]> {
+    let l = line(head)?;
+    let start = l.iter().position(|&b| b != b' ' && b != b'\t')?;
+    let l = &l[start..];
+    Some(
+        &l[..l
+            .iter()
+            .position(|&b| b == b' ' || b == b'\t')
+            .unwrap_or(l.len())],
+    )
+}
+
+/// Said of a script whose `#!` line ends in a carriage return (`check`, the log and `status`).
+pub fn line_endings_warning(path: &Path, head: &[u8]) -> Option<String> {
+    line(head)?.contains(&b'\r').then(|| {
+        format!(
+            "\"{}\" has Windows line endings: its #! line names \"{}\", and every job of it fails (convert it: dos2unix)",
+            path.display(),
+            crate::text::escape_bytes(line(head).unwrap_or_default().trim_ascii_start())
+        )
+    })
+}
+
+/// Why `exe` could not start when its exec failed with `err`, if its `#!` line says: its
+/// interpreter has a carriage return in its name, does not exist, or is not executable. None:
+/// the error says it as it is.
+pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
+    if !matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) {
+        return None;
+    }
+    let mut head = Vec::with_capacity(HEAD);
+    std::fs::File::open(exe)
+        .ok()?
+        .take(HEAD as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    let name = interpreter(&head)?;
+    let shown = crate::text::escape_bytes(name);
+    if line(&head)?.contains(&b'\r') {
+        return Some(format!(
+            "it has Windows line endings: its #! line names the interpreter \"{shown}\" (with a carriage return), which does not exist; convert it (dos2unix)"
+        ));
+    }
+    match std::fs::metadata(OsStr::from_bytes(name)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "its #! interpreter \"{shown}\" does not exist on this machine"
+        )),
+        Err(e) => Some(format!(
+            "its #! interpreter \"{shown}\" cannot be used: {e}"
+        )),
+        Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => Some(format!(
+            "its #! interpreter \"{shown}\" is not an executable file"
+        )),
+        Ok(_) => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interpreter_is_split_as_the_kernel_splits_it() {
+        assert_eq!(interpreter(b"#!/bin/sh\necho"), Some(&b"/bin/sh"[..]));
+        assert_eq!(
+            interpreter(b"#! /usr/bin/env python3 -u\n"),
+            Some(&b"/usr/bin/env"[..])
+        );
+        assert_eq!(
+            interpreter(b"#!/bin/sh\r\necho\r\n"),
+            Some(&b"/bin/sh\r"[..])
+        );
+        assert_eq!(interpreter(b"\x7fELF"), None);
+        assert_eq!(interpreter(b"#!"), None);
+        let w = line_endings_warning(Path::new("jobs/dos"), b"#!/bin/sh\r\n").unwrap();
+        assert!(w.contains("\"/bin/sh\\r\""), "{w}");
+        assert_eq!(
+            line_endings_warning(Path::new("jobs/ok"), b"#!/bin/sh\n"),
+            None
+        );
+    }
+}
