@@ -245,6 +245,33 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     );
 }
 
+/// Two more ways a deploy breaks a job script that `check` misread: a link in `jobs_dir` whose
+/// target is gone (a versioned directory removed) was skipped without a word, so its function
+/// vanished and its jobs failed as unknown; a script saved with a UTF-8 byte order mark before
+/// its `#!` (some Windows editors) made `jobs_dir` invalid as having "no #! line", which the
+/// file plainly has. Now the first is a warning naming the link's target, and the second says
+/// what is in front of the `#!`.
+#[test]
+fn a_link_to_nothing_and_a_byte_order_mark_in_jobs_dir_are_said() {
+    let sb = Sandbox::new("jobs-dir-deploys");
+    sb.write_config("");
+    std::os::unix::fs::symlink("/opt/gearshift-test-gone/resize", sb.path("jobs/resize")).unwrap();
+    let check = sb.run(&["check"]);
+    let said = text(&check.stdout) + &text(&check.stderr);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains("resize")
+            && said.contains("/opt/gearshift-test-gone/resize")
+            && said.contains("does not exist"),
+        "{said}"
+    );
+    sb.job("bom", "\u{feff}#!/bin/sh\necho hi\n");
+    let check = sb.run(&["check"]);
+    let said = text(&check.stdout) + &text(&check.stderr);
+    assert!(!check.status.success(), "{said}");
+    assert!(said.contains("byte order mark"), "{said}");
+}
+
 /// Ignored signals survive exec. A worker started by a launcher that ignores SIGCHLD (many a
 /// PHP or Python service manager does, to be rid of zombies) had its job processes reaped by
 /// the kernel: every executable job failed with "No child processes". And what else the

@@ -33,6 +33,24 @@ pub fn interpreter(head: &[u8]) -> Option<&[u8]> {
     )
 }
 
+/// Why an executable starting with `head` cannot run without a shell (it makes `jobs_dir`
+/// invalid): no `#!` line and no ELF header, or a byte order mark in front of the `#!`.
+pub fn cannot_run(path: &Path, head: &[u8]) -> Option<String> {
+    if head.starts_with(b"\xef\xbb\xbf#!") {
+        return Some(format!(
+            "\"{}\" starts with a UTF-8 byte order mark in front of its #! line (saved so by a Windows editor), so the kernel sees no #! line; remove the mark (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' \"{}\")",
+            path.display(),
+            path.display()
+        ));
+    }
+    (!(head.starts_with(b"#!") || head.starts_with(b"\x7fELF"))).then(|| {
+        format!(
+            "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
+            path.display()
+        )
+    })
+}
+
 /// Said of a script whose `#!` line ends in a carriage return (`check`, the log and `status`).
 pub fn line_endings_warning(path: &Path, head: &[u8]) -> Option<String> {
     line(head)?.contains(&b'\r').then(|| {

@@ -281,8 +281,12 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         }
         let path = entry.path();
         // Follow symlinks: a deploy may point jobs at a versioned directory.
-        let Ok(meta) = fs::metadata(&path) else {
-            continue;
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) => {
+                warnings.extend(link_to_nothing(&path, &e));
+                continue;
+            }
         };
         if !meta.is_file() {
             continue;
@@ -326,11 +330,8 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             ));
             continue;
         }
-        if !(head[..n].starts_with(b"#!") || head[..n].starts_with(b"\x7fELF")) {
-            return Err(Error::Invalid(format!(
-                "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
-                path.display()
-            )));
+        if let Some(why) = crate::jobs::shebang::cannot_run(&path, &head[..n]) {
+            return Err(Error::Invalid(why));
         }
         warnings.extend(crate::jobs::shebang::line_endings_warning(
             &path,
@@ -356,6 +357,22 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         digest: hex(&digest.finalize()),
         warnings,
     })
+}
+
+/// Said of a link in `jobs_dir` whose target is gone (a versioned directory removed): its
+/// function would vanish without a word. None: `path` is no link.
+fn link_to_nothing(path: &Path, e: &std::io::Error) -> Option<String> {
+    let target = fs::read_link(path).ok()?;
+    Some(format!(
+        "\"{}\" is a link to \"{}\", which {}, so it is no job function",
+        path.display(),
+        crate::text::escape_bytes(target.as_os_str().as_encoded_bytes()),
+        if e.kind() == std::io::ErrorKind::NotFound {
+            "does not exist".to_string()
+        } else {
+            format!("cannot be used ({e})")
+        }
+    ))
 }
 
 /// What [`scan_jobs`] found; handed to the next generation as validated (see
