@@ -207,6 +207,7 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     sb.write_config("");
     sb.job("py9", "#!/usr/bin/python9-gearshift-test -u\nprint(1)\n");
     sb.job("dos", "#!/bin/sh\r\necho hi\r\n");
+    sb.job("bare", "#!python3\nprint(1)\n");
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);
     assert!(
@@ -215,7 +216,7 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     );
     let w = sb.start();
     let spool = open_spool(&sb);
-    let ids: Vec<String> = ["py9", "dos"]
+    let ids: Vec<String> = ["py9", "dos", "bare"]
         .iter()
         .map(|f| spool.submit(f, b"x").unwrap())
         .collect();
@@ -233,6 +234,11 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
         !o[1].0 && o[1].1.contains("Windows line endings") && o[1].1.contains("/bin/sh\\r"),
         "{:?}",
         o[1]
+    );
+    assert!(
+        !o[2].0 && o[2].1.contains("#!/usr/bin/env python3"),
+        "{:?}",
+        o[2]
     );
     let s = w.status();
     assert!(

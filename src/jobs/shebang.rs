@@ -82,6 +82,11 @@ pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
             "it has Windows line endings: its #! line names the interpreter \"{shown}\" (with a carriage return), which does not exist; convert it (dos2unix)"
         ));
     }
+    if !name.starts_with(b"/") {
+        return Some(format!(
+            "its #! interpreter \"{shown}\" is no absolute path, and the kernel looks in no PATH for it (write #!/usr/bin/env {shown})"
+        ));
+    }
     match std::fs::metadata(OsStr::from_bytes(name)) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
             "its #! interpreter \"{shown}\" does not exist on this machine"
