@@ -424,13 +424,16 @@ fn a_broker_killed_and_started_again_is_reconnected_and_nothing_is_lost() {
     r.boot();
     w.wait_for(Duration::from_secs(30), "reconnected", connected);
     php_publish(&r, 50, "after", "", "");
-    eventually(Duration::from_secs(30), "100 sent", || {
-        lines(&sent).len() >= 100
+    // Every message, some of them twice: a broker killed with -9 may not have stored the acks
+    // of the last messages before it (24 of 50 once in CI), and delivers them again
+    // (at least once, as README says).
+    let all = |got: &Vec<String>| {
+        (0..50).all(|i| got.contains(&format!("before-{i}")) && got.contains(&format!("after-{i}")))
+    };
+    eventually(Duration::from_secs(30), "all 100 sent", || {
+        all(&lines(&sent))
     });
-    let got = lines(&sent);
-    for i in 0..50 {
-        assert!(got.contains(&format!("before-{i}")) && got.contains(&format!("after-{i}")));
-    }
+    eprintln!("{} lines for 100 messages", lines(&sent).len());
     let s = w.status();
     assert_eq!(s["generation"], 1, "a reconnect, not a restart");
     let reconnects: u64 = s["servers"]
