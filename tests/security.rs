@@ -764,6 +764,19 @@ fn a_reload_never_waits_for_the_user_database() {
         .unwrap();
     assert!(out.status.success(), "{}", text_of(&out));
     w.acts_at_once(Signal::SIGHUP, Duration::from_secs(10));
+    // A config naming another user: a worker that is not root can never switch to it, so the
+    // reload is refused at once, without asking the database (it waited for it).
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        cfg.replace("user = \"nobody\"", "user = \"daemon\""),
+    )
+    .unwrap();
+    w.wait_for(Duration::from_secs(10), "the reload refused", |s| {
+        s["last_refused_reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot switch to user \"daemon\""))
+    });
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
 }
 

@@ -155,6 +155,17 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
             .clone()
             .unwrap_or_else(|| cfg.path.display().to_string())
     };
+    // Not root, and already another user than the one named: no switch can follow, so the
+    // user database need not be asked (a hung one held such a reload's validation for ever).
+    if let (false, Some(name), Some(k)) = (euid.is_root(), &cfg.worker.user, known_user()) {
+        if k.user != *name && k.uid == euid.as_raw() {
+            return Err(Error::Config(format!(
+                "{}: cannot switch to user \"{name}\": not started as root (running as user \"{}\", uid {euid}); restart the worker as root to change users",
+                at(&cfg.worker.user_at),
+                k.user
+            )));
+        }
+    }
     match target(cfg)? {
         Some(t) if t.uid.is_root() => Err(Error::Config(format!(
             "{}: [worker] user \"{}\" is uid 0: no privilege drop (the worker would refuse to run after it); name an unprivileged user, or leave user out and set allow_root = true",
