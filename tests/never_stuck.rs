@@ -1286,16 +1286,9 @@ fn a_hup_forwarded_to_a_worker_in_its_first_moments_is_a_reload_not_a_death() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
-/// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
-/// paused with Ctrl-S): every thread that logs waits on the full pipe, the control thread too.
-/// A second TERM still ends the worker within 2 s, its job processes with it: the signal
-/// thread's own last word is said from a thread it does not wait for long.
-#[test]
-fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
+/// `run` with its stderr a pipe of one page, which the test holds the reading end of.
+fn run_with_small_stderr_pipe(sb: &Sandbox) -> (std::os::fd::OwnedFd, Worker) {
     use std::os::fd::AsRawFd;
-    let sb = Sandbox::new("stderr-full");
-    let tag = 600_000 + std::process::id() % 90_000;
-    sb.job("hang.sh", &format!("#!/bin/sh\nsleep {tag} &\nwait\n"));
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
     // SAFETY: F_SETPIPE_SZ on a pipe this test owns; the smallest a pipe can be (a page).
     unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
@@ -1305,11 +1298,25 @@ fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
             .stdout(Stdio::null())
             .stderr(Stdio::from(write_end)),
     );
-    let mut w = Worker {
+    let w = Worker {
         child,
         socket: sb.path("state/worker/gearshift.sock"),
         log: sb.path("no-log-file"),
     };
+    (read_end, w)
+}
+
+/// The worker logs to a stderr nobody reads any more (a pipe to a stalled consumer, a terminal
+/// paused with Ctrl-S): every thread that logged waited on the full pipe, the control thread
+/// too (no longer: see the next test). A second TERM still ends the worker within 2 s, its job
+/// processes with it: the signal thread's own last word is said from a thread it does not wait
+/// for long.
+#[test]
+fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
+    let sb = Sandbox::new("stderr-full");
+    let tag = 600_000 + std::process::id() % 90_000;
+    sb.job("hang.sh", &format!("#!/bin/sh\nsleep {tag} &\nwait\n"));
+    let (read_end, mut w) = run_with_small_stderr_pipe(&sb);
     eventually(Duration::from_secs(20), "serving", || {
         w.try_status().is_some()
     });
@@ -1325,6 +1332,61 @@ fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
         pids_with(&format!("sleep {tag}")).is_empty()
     });
     drop(read_end);
+}
+
+/// A stderr nobody reads (`gearshift run 2>&1 | less` left unread, a log shipper that stalls, a
+/// terminal paused with Ctrl-S, a journal that does not keep up) stopped the worker serving:
+/// every thread that logs waited on the full pipe, and with failing jobs each logging a line
+/// the lanes stood still after 304 of 2,000 (measured). Now a line stderr cannot take at once
+/// is counted, not waited for: the jobs are all served, `status` says how many lines were lost
+/// since when, and once stderr is read again the first line it takes says so.
+#[test]
+fn a_stderr_nobody_reads_never_stops_the_worker_serving() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::new("stderr-unread");
+    sb.write_config("");
+    sb.job(
+        "fail",
+        "#!/bin/sh\necho 'no such mailbox, a line long enough to fill a pipe soon' >&2\nexit 1\n",
+    );
+    let (read_end, w) = run_with_small_stderr_pipe(&sb);
+    eventually(Duration::from_secs(20), "serving", || {
+        w.try_status().is_some()
+    });
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = (0..300)
+        .map(|_| spool.submit("fail", b"x").unwrap())
+        .collect();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
+    assert!(
+        outcomes.iter().all(|o| !o.0),
+        "every job failed, and was served"
+    );
+    let s = w.status();
+    let said = s["warnings"].to_string();
+    assert!(said.contains("log lines") && said.contains("stderr"), "{s}");
+    // Read stderr again: what it takes next begins with how many lines it lost.
+    let mut r = std::fs::File::from(read_end);
+    nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let mut drained = Vec::new();
+    let _ = r.read_to_end(&mut drained);
+    let last = sb.submit("fail", "x");
+    assert!(!all_outcomes(&sb, &[last], Duration::from_secs(20))[0].0);
+    let mut after = Vec::new();
+    eventually(Duration::from_secs(20), "a line on stderr again", || {
+        let mut chunk = [0u8; 4096];
+        if let Ok(n) = r.read(&mut chunk) {
+            after.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&after).contains("no such mailbox")
+    });
+    let after = String::from_utf8_lossy(&after);
+    assert!(after.contains("log lines were lost"), "{after}");
 }
 
 /// An operator clears the queue with `rm -rf spool` while the worker runs (or the spool's file

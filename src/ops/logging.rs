@@ -52,12 +52,10 @@ static TORN: AtomicBool = AtomicBool::new(false);
 
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match SINK.lock() {
-            Ok(mut guard) => match guard.as_mut() {
-                Some((_, file)) => to_file(file, buf),
-                None => io::stderr().write(buf),
-            },
-            Err(_) => io::stderr().write(buf),
+        let mut guard = SINK.lock().ok();
+        match guard.as_mut().and_then(|g| g.as_mut()) {
+            Some((_, file)) => to_file(file, buf),
+            None => Ok(to_stderr(buf)),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -112,10 +110,16 @@ fn to_file(file: &mut File, buf: &[u8]) -> io::Result<usize> {
                 });
                 l.lines += 1;
             }
-            let _ = io::stderr().write_all(buf);
+            to_stderr(buf);
             Err(e)
         }
     }
+}
+
+/// A line to stderr, never waited for (see [`super::stderr`]); what it lost is said first once
+/// it takes lines again.
+fn to_stderr(buf: &[u8]) -> usize {
+    super::stderr::write_line(buf, |lost| own_line("warn", lost, false))
 }
 
 /// Why the log file cannot be written, and how many lines that has cost, while it lasts (for
@@ -426,17 +430,13 @@ pub fn install_panic_hook() {
             .unwrap_or_default();
         let message = format!("panic in thread '{name}'{at}: {what}");
         let line = own_line("error", &message, true);
-        match SINK.try_lock() {
-            Ok(mut guard) => match guard.as_mut() {
-                Some((_, file)) => {
-                    let _ = file.write_all(line.as_bytes());
-                }
-                None => {
-                    let _ = io::stderr().write_all(line.as_bytes());
-                }
-            },
-            Err(_) => {
-                let _ = io::stderr().write_all(line.as_bytes());
+        let mut guard = SINK.try_lock().ok();
+        match guard.as_mut().and_then(|g| g.as_mut()) {
+            Some((_, file)) => {
+                let _ = file.write_all(line.as_bytes());
+            }
+            None => {
+                to_stderr(line.as_bytes());
             }
         }
     }));

@@ -14,3 +14,4 @@ pub mod procfs;
 pub mod recurring;
 pub mod safefs;
 pub mod signals;
+pub mod stderr;

@@ -411,6 +411,7 @@ impl State {
                     .iter()
                     .cloned()
                     .chain(crate::ops::logging::failing())
+                    .chain(crate::ops::stderr::failing())
                     .chain(crate::ops::logging::astray())
                     .chain(crate::ops::pidfile::astray())
                     .collect::<Vec<_>>(),
