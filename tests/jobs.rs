@@ -208,6 +208,20 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     sb.job("py9", "#!/usr/bin/python9-gearshift-test -u\nprint(1)\n");
     sb.job("dos", "#!/bin/sh\r\necho hi\r\n");
     sb.job("bare", "#!python3\nprint(1)\n");
+    // A program whose dynamic loader is not here (built against musl, run on glibc): a copy of
+    // true(1) with its loader's path changed by one letter.
+    let elf = fs::read("/bin/true").unwrap();
+    let loader = b"/lib64/ld-linux-x86-64.so.2";
+    if let Some(at) = elf.windows(loader.len()).position(|w| w == loader) {
+        let mut patched = elf.clone();
+        patched[at + loader.len() - 1] = b'9';
+        fs::write(sb.path("jobs/musl"), patched).unwrap();
+        fs::set_permissions(
+            sb.path("jobs/musl"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);
     assert!(
@@ -216,7 +230,7 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     );
     let w = sb.start();
     let spool = open_spool(&sb);
-    let ids: Vec<String> = ["py9", "dos", "bare"]
+    let ids: Vec<String> = ["py9", "dos", "bare", "musl"]
         .iter()
         .map(|f| spool.submit(f, b"x").unwrap())
         .collect();
@@ -240,6 +254,16 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
         "{:?}",
         o[2]
     );
+    if sb.path("jobs/musl").exists() {
+        assert!(
+            !o[3].0
+                && o[3]
+                    .1
+                    .contains("dynamic loader \"/lib64/ld-linux-x86-64.so.9\""),
+            "{:?}",
+            o[3]
+        );
+    }
     let s = w.status();
     assert!(
         s["warnings"]

@@ -1,7 +1,8 @@
-//! What a job script's `#!` line says, for the two mistakes that make it fail with a bare "No
-//! such file or directory" while the script is right there: an interpreter that is not on this
-//! machine (a virtualenv path of another), and Windows line endings (the kernel then looks for
-//! an interpreter whose name ends in a carriage return). Read from the file itself; the
+//! What a job script's `#!` line says, for the mistakes that make it fail with a bare "No such
+//! file or directory" while the script is right there: an interpreter that is not on this
+//! machine (a virtualenv path of another), Windows line endings (the kernel then looks for an
+//! interpreter whose name ends in a carriage return); and the same for a program whose dynamic
+//! loader is not here (built against musl, run on glibc). Read from the file itself; the
 //! interpreter's path is looked at only after an exec has already failed on it.
 
 use std::ffi::OsStr;
@@ -75,6 +76,9 @@ pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
         .take(HEAD as u64)
         .read_to_end(&mut head)
         .ok()?;
+    if head.starts_with(b"\x7fELF") {
+        return elf_loader_missing(exe);
+    }
     let name = interpreter(&head)?;
     let shown = crate::text::escape_bytes(name);
     if line(&head)?.contains(&b'\r') {
@@ -101,6 +105,45 @@ pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
     }
 }
 
+/// An ELF program whose dynamic loader (its `PT_INTERP`) is not on this machine (built against
+/// musl and run on glibc, or for another distribution): the kernel says "No such file or
+/// directory" of the program. 64-bit little-endian ELF only; None for anything else.
+fn elf_loader_missing(exe: &Path) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(exe).ok()?;
+    let mut h = [0u8; 64];
+    f.read_exact_at(&mut h, 0).ok()?;
+    // EI_CLASS 2 (64-bit), EI_DATA 1 (little-endian).
+    if h[4] != 2 || h[5] != 1 {
+        return None;
+    }
+    let u64_at =
+        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let (phoff, phentsize, phnum) = (u64_at(&h, 32)?, u16_at(&h, 54)?, u16_at(&h, 56)?);
+    for i in 0..u64::from(phnum.min(64)) {
+        let mut ph = [0u8; 56];
+        f.read_exact_at(&mut ph, phoff.checked_add(i * u64::from(phentsize))?)
+            .ok()?;
+        // PT_INTERP: the loader's path, NUL-terminated.
+        if u32::from_le_bytes(ph[..4].try_into().ok()?) == 3 {
+            let (offset, size) = (u64_at(&ph, 8)?, u64_at(&ph, 32)?.min(4096));
+            let mut path = vec![0u8; usize::try_from(size).ok()?];
+            f.read_exact_at(&mut path, offset).ok()?;
+            let path = path.split(|&b| b == 0).next()?;
+            if Path::new(OsStr::from_bytes(path)).exists() {
+                return None;
+            }
+            return Some(format!(
+                "its dynamic loader \"{}\" does not exist on this machine (a program built for another C library or system: link it statically, or build it here)",
+                crate::text::escape_bytes(path)
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -125,5 +168,7 @@ mod tests {
             line_endings_warning(Path::new("jobs/ok"), b"#!/bin/sh\n"),
             None
         );
+        // A program whose loader is here is nothing to say.
+        assert_eq!(elf_loader_missing(Path::new("/bin/true")), None);
     }
 }
