@@ -1192,12 +1192,26 @@ fn a_broker_name_the_resolver_never_answers_holds_neither_a_reload_nor_a_stop() 
         "url = \"amqp://guest:guest@unanswered.gearshift-test.invalid:5672/\"\nqueue = \"email\"\nfunction = \"echo\"\n",
         "",
     );
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    let quick = cfg
+        .replace("io_timeout = \"2s\"", "io_timeout = \"200ms\"")
+        .replace("reconnect_max = \"1s\"", "reconnect_max = \"200ms\"");
+    assert_ne!(cfg, quick);
+    fs::write(sb.config(), quick).unwrap();
     let mut w = sb.start_under(&DeafResolver::OUTER, &dns.prefix());
     eventually(Duration::from_secs(10), "the worker to serve", || {
         w.try_status().is_some()
     });
-    // The lanes are in their lookups now.
-    std::thread::sleep(Duration::from_millis(500));
+    // Every connect attempt (here every 0.4 s or so) started a lookup of its own while the last
+    // one still waited for the resolver: threads piled up. Now an attempt takes over the one
+    // under way.
+    std::thread::sleep(Duration::from_secs(4));
+    let lookups = fs::read_dir(format!("/proc/{}/task", w.pid()))
+        .unwrap()
+        .flatten()
+        .filter(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "resolve"))
+        .count();
+    assert!(lookups <= 1, "{lookups} lookups of one name under way");
     w.acts_at_once(Signal::SIGHUP, Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(500));
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));

@@ -55,20 +55,44 @@ fn address(url: &AmqpUrl, deadline: Instant, wake: Option<&Arc<OwnedFd>>) -> Res
             })
             .map_err(gone);
     };
-    let done = Arc::new(crate::source::gearman::worker::eventfd()?);
-    let lookup = Lookup::start(&target, Arc::clone(&done)).map_err(gone)?;
-    match wait_fd(done.as_fd(), PollFlags::POLLIN, Some(deadline), Some(wake))? {
-        Ready::Yes => lookup
-            .answer()
-            .unwrap_or_else(|| Err(std::io::Error::other("no answer")))
-            .map_err(gone),
-        Ready::Woken => Err(Error::Gone("resolving: the lane is stopping".into())),
-        Ready::TimedOut => Err(Error::TimedOut(format!(
-            "resolving {}: no answer",
-            url.host
-        ))),
+    // A lookup an earlier attempt gave up waiting for is taken over, not started again: each
+    // attempt started its own, and with a resolver slower than `io_timeout` they piled up.
+    let under_way = PENDING
+        .lock()
+        .ok()
+        .and_then(|mut p| p.take())
+        .filter(|(t, ..)| *t == target);
+    let (lookup, done) = match under_way {
+        Some((_, lookup, done)) => (lookup, done),
+        None => {
+            let done = Arc::new(crate::source::gearman::worker::eventfd()?);
+            (
+                Lookup::start(&target, Arc::clone(&done)).map_err(gone)?,
+                done,
+            )
+        }
+    };
+    let ready = wait_fd(done.as_fd(), PollFlags::POLLIN, Some(deadline), Some(wake))?;
+    let failed = match ready {
+        Ready::Yes => {
+            return lookup
+                .answer()
+                .unwrap_or_else(|| Err(std::io::Error::other("no answer")))
+                .map_err(gone)
+        }
+        Ready::Woken => Error::Gone("resolving: the lane is stopping".into()),
+        Ready::TimedOut => Error::TimedOut(format!("resolving {}: no answer", url.host)),
+    };
+    if let Ok(mut p) = PENDING.lock() {
+        *p = Some((target, lookup, done));
     }
+    Err(failed)
 }
+
+/// The broker's lookup still under way when its attempt gave up: its name, the lookup and the
+/// eventfd it writes when done (the connection is one per worker, so one at most).
+type Pending = (String, crate::source::resolve::Lookup, Arc<OwnedFd>);
+static PENDING: std::sync::Mutex<Option<Pending>> = std::sync::Mutex::new(None);
 
 pub(super) enum Ready {
     Yes,
