@@ -596,7 +596,7 @@ fn a_removed_server_leaves_no_metric_series() {
 /// `--timeout` (10 minutes by default) without a word, `reload` waited out its own and blamed
 /// running jobs, and `status` said only that the socket gave no answer. Now `stop` continues
 /// it after the TERM, as systemd does, and says so; `reload` and `status` say at once that it
-/// is stopped and how to continue it.
+/// is stopped and how to continue it, and a `submit --wait` says so after 2 s.
 #[test]
 fn a_stopped_worker_is_said_and_stop_still_ends_it() {
     let sb = Sandbox::new("sigstop");
@@ -619,6 +619,14 @@ fn a_stopped_worker_is_said_and_stop_still_ends_it() {
     assert!(
         text.contains("is stopped") && text.contains("kill -CONT"),
         "{text}"
+    );
+    // A `submit --wait` meanwhile says why its job does not run (it waited without a word).
+    let out = sb.run(&["submit", "--wait", "--timeout", "4s", "echo", "x"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is stopped") && err.contains("kill -CONT"),
+        "{err}"
     );
     let started = std::time::Instant::now();
     let out = sb.run(&["reload", "--timeout", "60s"]);

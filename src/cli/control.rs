@@ -310,7 +310,7 @@ fn print_status(s: &crate::status::Doc) {
 
 /// What to say when `pid` is stopped (by SIGSTOP, or Ctrl-Z at the terminal of a `run`): it
 /// then acts on no signal (but SIGKILL) until continued, and its status socket answers nothing.
-fn stopped(pid: i32) -> Option<String> {
+pub(super) fn stopped(pid: i32) -> Option<String> {
     let state = crate::ops::procfs::Stat::of(Some(pid))?.state;
     matches!(state, 'T' | 't').then(|| {
         format!("pid {pid} is stopped (SIGSTOP, or Ctrl-Z at its terminal): it acts on no signal until it is continued: kill -CONT {pid}")

@@ -173,6 +173,7 @@ fn wait_for_result(
 ) -> Result<Option<Lookup>> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut absent_since: Option<Instant> = None;
+    let (mut stopped_since, mut said_stopped): (Option<Instant>, bool) = (None, false);
     loop {
         let slice = match deadline {
             Some(d) => d
@@ -186,7 +187,23 @@ fn wait_for_result(
         {
             return Ok(Some(lookup));
         }
-        if pidfile::probe(pidfile).ok() == Some(Probe::NotRunning) {
+        let probed = pidfile::probe(pidfile).ok();
+        // A worker stopped by SIGSTOP runs nothing until continued: said once, after 2 s.
+        match probed.as_ref().and_then(|p| match p {
+            Probe::Running(Some(pid)) => super::control::stopped(*pid),
+            _ => None,
+        }) {
+            Some(why) if !said_stopped => {
+                let since = *stopped_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= NO_WORKER_PATIENCE {
+                    eprintln!("job {id} is queued, but {why}");
+                    said_stopped = true;
+                }
+            }
+            Some(_) => {}
+            None => stopped_since = None,
+        }
+        if probed == Some(Probe::NotRunning) {
             let since = *absent_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= NO_WORKER_PATIENCE {
                 eprintln!(
