@@ -37,7 +37,7 @@ pub struct Children {
     abandoned: Arc<std::sync::atomic::AtomicBool>,
     /// `GEARSHIFT_WORKER` for job processes (see [`crate::jobs::reaper`]).
     worker_key: Arc<OsString>,
-    ended: Option<crate::jobs::reaper::JobEnded>,
+    ended: Option<crate::jobs::reaper::JobEvents>,
     /// Starts take turns while resources run short (`starts.rs`).
     starts: Arc<Starts>,
     /// What job processes write to their `oom_score_adj` (see [`OomScore`]).
@@ -75,7 +75,7 @@ impl Children {
     pub fn new(
         worker_key: &Path,
         oom_score_adj: i32,
-        ended: Option<crate::jobs::reaper::JobEnded>,
+        ended: Option<crate::jobs::reaper::JobEvents>,
     ) -> Children {
         Children {
             groups: Arc::default(),

@@ -114,8 +114,8 @@ impl Reaper {
     }
 
     /// A handle for lanes to say "a job started" and "a job ended".
-    pub fn handle(&self) -> JobEnded {
-        JobEnded(self.tx.clone(), Arc::clone(&self.ticking))
+    pub fn handle(&self) -> JobEvents {
+        JobEvents(self.tx.clone(), Arc::clone(&self.ticking))
     }
 }
 
@@ -130,9 +130,9 @@ enum Event {
 
 /// Tells the sweeper that a job started or ended.
 #[derive(Clone)]
-pub struct JobEnded(Sender<Event>, Arc<AtomicBool>);
+pub struct JobEvents(Sender<Event>, Arc<AtomicBool>);
 
-impl JobEnded {
+impl JobEvents {
     pub fn notify(&self) {
         let _ = self.0.try_send(Event::Ended);
     }
@@ -229,9 +229,14 @@ fn sweeper(rx: &Receiver<Event>, running: &dyn Fn() -> Vec<String>, ticking: &At
 /// own session (a process a Rust function started, which its function waits for): what a job
 /// left is in the job's session or one of its own, never in the worker's.
 fn unclaimed_zombie(pid: i32, stat: &crate::ops::procfs::Stat, tracked: &HashSet<i32>) -> bool {
-    stat.state == 'Z'
-        && !tracked.contains(&pid)
-        && nix::unistd::getsid(None).is_ok_and(|own| own.as_raw() != stat.session)
+    stat.state == 'Z' && !tracked.contains(&pid) && own_session().is_some_and(|s| s != stat.session)
+}
+
+/// The worker's session, asked once per image (it is set before any job runs: `start` makes
+/// it, `run` inherits it).
+fn own_session() -> Option<i32> {
+    static OWN: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| nix::unistd::getsid(None).ok().map(|s| s.as_raw()))
 }
 
 /// Reaps the zombies jobs left (see [`unclaimed_zombie`]), killing nothing.
