@@ -90,6 +90,62 @@ fn status_serves_while_clients_idle_or_never_read() {
     drop(idle);
 }
 
+/// Opens idle connections to `socket` (connected, nothing sent) until `stop`, keeping at most
+/// `keep` open: a crowd that a job of the worker's user, or a monitoring agent gone wrong, can
+/// make. Returns how many it opened.
+fn idle_crowd(
+    socket: std::path::PathBuf,
+    keep: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut held = std::collections::VecDeque::new();
+        let mut opened = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match UnixStream::connect(&socket) {
+                Ok(c) => {
+                    opened += 1;
+                    held.push_back(c);
+                    if held.len() > keep {
+                        held.pop_front();
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        opened
+    })
+}
+
+/// A crowd of clients that connect to the status socket and say nothing, thousands of them and
+/// more coming: `status`, `metrics` and `reload` are still answered (each client was answered
+/// in turn, eight at a time and a tenth of a second each, the operator's behind them all).
+#[test]
+fn a_crowd_of_idle_clients_on_the_status_socket_holds_neither_status_nor_reload() {
+    let sb = Sandbox::new("sock-idle-crowd");
+    let w = sb.start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let crowd = idle_crowd(w.socket.clone(), 3000, std::sync::Arc::clone(&stop));
+    std::thread::sleep(Duration::from_secs(1));
+    let mut failures = Vec::new();
+    for args in [&["status"][..], &["metrics"], &["reload"], &["status"]] {
+        let started = Instant::now();
+        let out = sb.run(args);
+        if !out.status.success() {
+            failures.push(format!(
+                "{args:?} failed after {:?}: {}",
+                started.elapsed(),
+                text(&out.stderr)
+            ));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = crowd.join().unwrap();
+    assert!(opened >= 3000, "the crowd opened only {opened} connections");
+    assert!(failures.is_empty(), "{failures:#?}\n{}", w.log_text());
+    w.wait_generation(2);
+}
+
 /// `gearshift status | head -0`: the CLI must not panic on a closed pipe.
 #[test]
 fn cli_output_to_a_closed_pipe_does_not_panic() {
@@ -434,6 +490,67 @@ fn metrics_slowloris_does_not_hold_every_slot() {
     for t in tricklers {
         t.join().unwrap();
     }
+}
+
+/// Sixteen slowloris clients that connect again whenever they are closed (each sends a byte of
+/// a request head now and then, never the end): every scrape is still served, each within
+/// seconds (eight of them held every slot for 2 s at a time, and a scrape that came while they
+/// did was closed unanswered).
+#[test]
+fn a_slowloris_that_connects_again_never_keeps_a_scrape_out() {
+    let sb = Sandbox::new("slowloris-again");
+    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let w = sb.start();
+    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tricklers = Vec::new();
+    for _ in 0..16 {
+        let (addr, stop) = (addr.clone(), std::sync::Arc::clone(&stop));
+        tricklers.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut c) = std::net::TcpStream::connect(&addr) else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                for b in b"GET /metrics HTTP/1.1\r\n".iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || c.write_all(&[*b]).is_err()
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut missed = Vec::new();
+    for scrape in 0..10 {
+        let started = Instant::now();
+        let mut body = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            use std::io::Read;
+            let _ = c.read_to_string(&mut body);
+        }
+        if !body.starts_with("HTTP/1.1 200") {
+            missed.push(format!(
+                "scrape {scrape}: {:?} after {:?}",
+                body.lines().next(),
+                started.elapsed()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tricklers {
+        t.join().unwrap();
+    }
+    assert!(
+        missed.is_empty(),
+        "scrapes not served behind 16 slowloris clients: {missed:#?}"
+    );
 }
 
 /// A job's error text and a file name in `jobs_dir` carrying escape sequences and newlines reach

@@ -6,28 +6,30 @@
 //! refused connection during a reload. Before exec the accept thread stops and the answers
 //! under way are given up to [`DRAIN`] to finish.
 //!
-//! Bounded: at most [`MAX_CONNECTIONS`] connections at once (more are closed at once), a
-//! request head of at most 8 KiB read within 2 s, a response written within 5 s.
+//! Bounded: at most [`MAX_CONNECTIONS`] connections held at once, all on one thread
+//! (`ops::serve`), a request head of at most 8 KiB read within 2 s, a response written within
+//! 5 s more. A slowloris, however many connections it opens and however often it comes back,
+//! holds no scrape up: a connection that has not sent its whole head makes way for a new one,
+//! and a scrape that sends its request at once is answered when it is accepted.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Connections answered at once.
-pub const MAX_CONNECTIONS: usize = 8;
+/// Connections held at once (descriptors: the worker keeps 96 for itself, see
+/// `source::zeromq`).
+pub const MAX_CONNECTIONS: usize = 16;
 /// How long answers under way may take to finish when the endpoint stops (before an exec).
 pub const DRAIN: Duration = Duration::from_millis(500);
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client has to send its whole request head.
 const HEAD_WAIT: Duration = Duration::from_secs(2);
+/// How long writing the response may take after that.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// What produces the exposition text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -69,11 +71,9 @@ pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener>
 /// The running endpoint.
 pub struct Server {
     listener: Arc<TcpListener>,
-    stop: Arc<AtomicBool>,
     wake: Option<OwnedFd>,
     /// The wake-up pipe's read end, made with the server, until its loop starts.
     woken: Option<OwnedFd>,
-    active: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -86,10 +86,8 @@ impl Server {
         let (woken, wake) = wake_pipe()?;
         Ok(Server {
             listener: Arc::new(listener),
-            stop: Arc::new(AtomicBool::new(false)),
             wake: Some(wake),
             woken: Some(woken),
-            active: Arc::new(AtomicUsize::new(0)),
             thread: None,
         })
     }
@@ -105,14 +103,28 @@ impl Server {
                 r
             }
         };
-        self.stop.store(false, Ordering::Release);
-        let (listener, stop, active) = (
-            Arc::clone(&self.listener),
-            Arc::clone(&self.stop),
-            Arc::clone(&self.active),
-        );
+        let listener = Arc::clone(&self.listener);
         let thread = crate::ops::signals::spawn_essential("metrics", move || {
-            accept_loop(&listener, &wake_r, &stop, &active, &render)
+            let mut accepting = crate::ops::logging::Recurring::new(
+                "metrics: cannot accept a connection, trying again",
+                "metrics: accepting connections again",
+            );
+            let limits = crate::ops::serve::Limits {
+                what: "metrics",
+                clients: MAX_CONNECTIONS,
+                request_bytes: MAX_HEAD,
+                request_wait: HEAD_WAIT,
+                budget: HEAD_WAIT + WRITE_WAIT,
+                drain: DRAIN,
+            };
+            let requests = Requests(&render);
+            crate::ops::serve::serve(
+                &*listener,
+                wake_r.as_fd(),
+                &limits,
+                &requests,
+                &mut accepting,
+            )
         })
         .map_err(|e| Error::io("spawning metrics thread", e))?;
         self.thread = Some(thread);
@@ -127,16 +139,11 @@ impl Server {
     /// Stops accepting (connections queue in the kernel meanwhile) and waits up to [`DRAIN`]
     /// for the answers under way. The socket stays open.
     pub fn pause(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(w) = self.wake.take() {
-            let _ = nix::unistd::write(&w, b"x");
-        }
+        // Closing the write end makes the read end readable (EOF): the loop wakes, answers
+        // what it holds for at most DRAIN, and ends.
+        drop(self.wake.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-        let deadline = Instant::now() + DRAIN;
-        while self.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -151,109 +158,36 @@ fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
         .map_err(|e| Error::io("metrics wake pipe", e.into()))
 }
 
-fn accept_loop(
-    listener: &TcpListener,
-    wake: &OwnedFd,
-    stop: &AtomicBool,
-    active: &Arc<AtomicUsize>,
-    render: &Render,
-) {
-    let mut accepting = crate::ops::logging::Recurring::new(
-        "metrics: cannot accept a connection, trying again",
-        "metrics: accepting connections again",
-    );
-    loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-        ];
-        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
-            if e != nix::errno::Errno::EINTR {
-                log::error!("metrics: poll: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    accepting.worked();
-                    if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-                        continue; // dropped: closed at once
-                    }
-                    active.fetch_add(1, Ordering::AcqRel);
-                    let (mine, render) = (Arc::clone(active), Arc::clone(render));
-                    let spawned = crate::ops::signals::spawn_helper("metrics-conn", move || {
-                        answer(stream, &render);
-                        mine.fetch_sub(1, Ordering::AcqRel);
-                    });
-                    if spawned.is_err() {
-                        active.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and the like: the connection stays queued; try again shortly
-                    // (and say so once, not every time).
-                    accepting.failed(&e);
-                    std::thread::sleep(Duration::from_millis(100));
-                    break;
-                }
-            }
-        }
-    }
-}
+/// HTTP requests: a head (up to the blank line) answered with the exposition; a head too
+/// long, cut short or not all there within [`HEAD_WAIT`] (one deadline for the whole head: a
+/// client trickling a byte at a time holds its slot no longer) closes unanswered.
+struct Requests<'a>(&'a Render);
 
-/// Reads one request head and answers it; the connection is then closed.
-fn answer(mut stream: TcpStream, render: &Render) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let Some(head) = read_head(&mut stream, Instant::now() + HEAD_WAIT) else {
-        return;
-    };
-    let (status, body, head_only) = route(&head, render);
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        if status.starts_with("200") {
-            "text/plain; version=0.0.4; charset=utf-8"
-        } else {
-            "text/plain; charset=utf-8"
-        },
-        body.len()
-    );
-    let _ = stream.write_all(reply.as_bytes());
-    if !head_only {
-        let _ = stream.write_all(body.as_bytes());
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-}
-
-/// The request head, up to the blank line; None when it is too long, cut short, or not all
-/// there by `deadline` (one deadline for the whole head: a client trickling a byte at a time
-/// cannot hold a slot longer than that).
-fn read_head(stream: &mut TcpStream, deadline: Instant) -> Option<String> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
+impl crate::ops::serve::Protocol for Requests<'_> {
+    fn answer(&self, got: &[u8], ended: bool) -> Option<Vec<u8>> {
+        let whole =
+            got.windows(4).any(|w| w == b"\r\n\r\n") || got.windows(2).any(|w| w == b"\n\n");
+        if !whole {
+            return ended.then(Vec::new);
         }
-        stream.set_read_timeout(Some(left)).ok()?;
-        let n = stream.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
+        let Ok(head) = std::str::from_utf8(got) else {
+            return Some(Vec::new());
+        };
+        let (status, body, head_only) = route(head, self.0);
+        let mut reply = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            if status.starts_with("200") {
+                "text/plain; version=0.0.4; charset=utf-8"
+            } else {
+                "text/plain; charset=utf-8"
+            },
+            body.len()
+        )
+        .into_bytes();
+        if !head_only {
+            reply.extend_from_slice(body.as_bytes());
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            return String::from_utf8(buf).ok();
-        }
-        if buf.len() > MAX_HEAD {
-            return None;
-        }
+        Some(reply)
     }
 }
 
@@ -277,6 +211,8 @@ fn route(head: &str, render: &Render) -> (&'static str, String, bool) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
 
     fn get(addr: SocketAddr, request: &[u8]) -> String {
         let mut c = TcpStream::connect(addr).unwrap();

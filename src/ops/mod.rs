@@ -13,5 +13,6 @@ pub mod privilege;
 pub mod procfs;
 pub mod recurring;
 pub mod safefs;
+pub mod serve;
 pub mod signals;
 pub mod stderr;

@@ -3,21 +3,20 @@
 //! counters as JSON (for `top`). A client that writes
 //! nothing gets the status after [`REQUEST_WAIT`] (older clients).
 //!
-//! Nothing a client does can hold the worker: the accept thread waits on the socket and on a
+//! Nothing a client does can hold the worker: the server's thread waits on the socket and on a
 //! pipe only we hold (never on the socket's path, which the worker's user, and so every job,
-//! can remove or replace), each client is answered on its own thread within [`CLIENT_BUDGET`]
-//! in all, at most [`MAX_CLIENTS`] at once, and stopping waits for those answers at most that
-//! long.
+//! can remove or replace), answers each client within [`CLIENT_BUDGET`] in all, at most
+//! [`MAX_CLIENTS`] held at once, and stopping waits for those answers at most that long. A
+//! crowd of clients that say nothing (a job of the worker's user can make thousands) holds
+//! nobody else up: each makes way for the next, and a client that sends its request at once,
+//! as the CLI does, is answered when it is accepted (`ops::serve`).
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::time::Duration;
 
 use super::State;
 use crate::error::{Error, Result};
@@ -26,8 +25,9 @@ use crate::error::{Error, Result};
 pub const REQUEST_WAIT: Duration = Duration::from_millis(100);
 /// Everything one client gets: its request and our whole answer.
 const CLIENT_BUDGET: Duration = Duration::from_secs(1);
-/// Clients answered at once; more wait in the listen backlog.
-const MAX_CLIENTS: usize = 8;
+/// Clients held at once (descriptors: the worker keeps 96 for itself, see
+/// `source::zeromq`); more wait in the listen backlog, or make way (`ops::serve`).
+const MAX_CLIENTS: usize = 16;
 
 /// The status socket's accept loop.
 pub struct Server {
@@ -43,7 +43,6 @@ pub struct Server {
     /// uses it: a restarted generation takes every descriptor before its lanes start).
     woken: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
-    answering: Arc<InFlight>,
 }
 
 impl Server {
@@ -88,7 +87,6 @@ impl Server {
             wake: Some(wake),
             woken: Some(woken),
             thread: None,
-            answering: Arc::new(InFlight::default()),
         })
     }
 
@@ -103,9 +101,31 @@ impl Server {
                 woken
             }
         };
-        let (listener, busy) = (Arc::clone(&self.listener), Arc::clone(&self.answering));
+        let listener = Arc::clone(&self.listener);
         let thread = crate::ops::signals::spawn_essential("status", move || {
-            accept_loop(&listener, &woken, &busy, &state, &answers)
+            let mut accepting = crate::ops::logging::Recurring::new(
+                "status socket: cannot accept a client, trying again",
+                "status socket: accepting clients again",
+            );
+            let limits = crate::ops::serve::Limits {
+                what: "status socket",
+                clients: MAX_CLIENTS,
+                request_bytes: 16,
+                request_wait: REQUEST_WAIT,
+                budget: CLIENT_BUDGET,
+                drain: CLIENT_BUDGET,
+            };
+            let requests = Requests {
+                state: &state,
+                answers: &answers,
+            };
+            crate::ops::serve::serve(
+                &*listener,
+                woken.as_fd(),
+                &limits,
+                &requests,
+                &mut accepting,
+            )
         })
         .map_err(|e| Error::io("spawning status thread", e))?;
         self.thread = Some(thread);
@@ -117,14 +137,14 @@ impl Server {
         (self.listener.as_fd(), self.ident)
     }
 
-    /// Stops taking connections: the accept thread ends on its own while the caller goes on
-    /// ([`Server::stop`] then waits for it).
+    /// Stops taking connections: the server's thread answers the clients it holds and ends
+    /// on its own while the caller goes on ([`Server::stop`] then waits for it).
     pub fn close(&mut self) {
         // Closing the write end makes the read end readable (EOF): the loop wakes.
         drop(self.wake.take());
     }
 
-    /// Stops answering and joins the accept thread; answers under way get at most
+    /// Stops answering and joins the server's thread; answers under way get at most
     /// [`CLIENT_BUDGET`] to finish (before execve, so no reply is cut short by it). The socket
     /// stays open: connections wait in its backlog.
     pub fn stop(&mut self) {
@@ -132,15 +152,6 @@ impl Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Woken by the last answer's end, not by polling: a restart waits no longer than the
-        // answers under way take.
-        let Ok(count) = self.answering.count.lock() else {
-            return;
-        };
-        let _ = self
-            .answering
-            .idle
-            .wait_timeout_while(count, CLIENT_BUDGET, |n| *n > 0);
     }
 }
 
@@ -202,173 +213,29 @@ pub struct Answers {
     pub counts: crate::metrics::http::Render,
 }
 
-fn accept_loop(
-    listener: &UnixListener,
-    wake: &OwnedFd,
-    answering: &Arc<InFlight>,
-    state: &Arc<State>,
-    answers: &Answers,
-) {
-    let mut accepting = crate::ops::logging::Recurring::new(
-        "status socket: cannot accept a client, trying again",
-        "status socket: accepting clients again",
-    );
-    let mut spawning = crate::ops::logging::Recurring::new(
-        "status socket: cannot spawn a thread for a client (closed unanswered)",
-        "status socket: answering clients again",
-    );
-    loop {
-        let room = answering.count.lock().is_ok_and(|n| *n < MAX_CLIENTS);
-        let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-        if room {
-            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
-        }
-        // Full: look again soon (an answer ends within its budget).
-        let timeout = if room {
-            PollTimeout::NONE
-        } else {
-            PollTimeout::from(10u8)
+/// The status socket's requests: a line (`status`, `metrics` or `counts`), or nothing within
+/// [`REQUEST_WAIT`] (older clients), which asks for the status.
+struct Requests<'a> {
+    state: &'a State,
+    answers: &'a Answers,
+}
+
+impl crate::ops::serve::Protocol for Requests<'_> {
+    fn answer(&self, got: &[u8], ended: bool) -> Option<Vec<u8>> {
+        let line = match got.iter().position(|b| *b == b'\n') {
+            Some(n) => &got[..n],
+            None if ended => got,
+            None => return None,
         };
-        match poll(&mut fds, timeout) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                log::error!("status socket: poll: {e}; no more status answers in this generation");
-                return;
-            }
-        }
-        if fds[0].any().unwrap_or(true) {
-            return;
-        }
-        if !room {
-            continue;
-        }
-        let conn = match listener.accept() {
-            Ok((c, _)) => {
-                accepting.worked();
-                c
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // Out of descriptors, say: the client waits in the backlog; back off rather
-                // than spin, and say it once, not every time.
-                accepting.failed(&e);
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
+        let body = match line {
+            b"metrics" => (self.answers.metrics)(),
+            b"counts" => (self.answers.counts)(),
+            _ => {
+                let mut b = serde_json::to_string(&self.state.doc()).unwrap_or_default();
+                b.push('\n');
+                b
             }
         };
-        let guard = Answering::begin(answering);
-        let (state, answers) = (Arc::clone(state), answers.clone());
-        let spawned = crate::ops::signals::spawn_helper("status-client", move || {
-            let _guard = guard;
-            answer(conn, &state, &answers);
-        });
-        match spawned {
-            Ok(_) => spawning.worked(),
-            // The closure (and the guard in it) is dropped: the count goes back down. Said
-            // once while it lasts: a client (a job of the worker's user, say) may connect
-            // again and again while its user's processes are used up.
-            Err(e) => spawning.failed(&e),
-        }
-    }
-}
-
-/// The clients being answered, and a condition signalled when there are none.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-}
-
-/// Counts a client being answered; uncounts it however the answer ends.
-struct Answering(Arc<InFlight>);
-
-impl Answering {
-    fn begin(answers: &Arc<InFlight>) -> Answering {
-        if let Ok(mut n) = answers.count.lock() {
-            *n += 1;
-        }
-        Answering(Arc::clone(answers))
-    }
-}
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        if let Ok(mut n) = self.0.count.lock() {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.0.idle.notify_all();
-            }
-        }
-    }
-}
-
-fn answer(mut c: UnixStream, state: &State, answers: &Answers) {
-    let deadline = Instant::now() + CLIENT_BUDGET;
-    if c.set_nonblocking(false).is_err() {
-        return;
-    }
-    let body = match read_request(&mut c) {
-        Request::Metrics => (answers.metrics)(),
-        Request::Counts => (answers.counts)(),
-        Request::Status => {
-            let mut b = serde_json::to_string(&state.doc()).unwrap_or_default();
-            b.push('\n');
-            b
-        }
-    };
-    let _ = write_by(&mut c, body.as_bytes(), deadline);
-}
-
-/// Writes `data` unless `deadline` passes first (a client that does not read).
-fn write_by(c: &mut UnixStream, mut data: &[u8], deadline: Instant) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        c.set_write_timeout(Some(left))?;
-        match c.write(data) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-enum Request {
-    Status,
-    Metrics,
-    /// The counters as JSON (`metrics::carry::Counts`), for `top`.
-    Counts,
-}
-
-/// The client's request line (at most 16 bytes); none within [`REQUEST_WAIT`] in all: status.
-fn read_request(c: &mut UnixStream) -> Request {
-    let deadline = Instant::now() + REQUEST_WAIT;
-    let mut buf = [0u8; 16];
-    let mut n = 0;
-    while n < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || c.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match c.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => {
-                n += k;
-                if buf[..n].contains(&b'\n') {
-                    break;
-                }
-            }
-        }
-    }
-    match buf[..n].split(|b| *b == b'\n').next() {
-        Some(b"metrics") => Request::Metrics,
-        Some(b"counts") => Request::Counts,
-        _ => Request::Status,
+        Some(body.into_bytes())
     }
 }
