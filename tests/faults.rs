@@ -1362,3 +1362,139 @@ fn what_a_running_job_leaves_behind_is_reaped_while_it_runs() {
     assert!(outcomes[0].0, "{outcomes:?}");
     eprintln!("{left} zombies when the job had left its children");
 }
+
+/// A freezer cgroup (v1 `freezer`, or v2 `cgroup.freeze`): a process in it that is frozen does
+/// not die of SIGKILL until it is thawed, as one in an uninterruptible wait (a hung disk or NFS
+/// server) does not. Thawed, emptied and removed when dropped.
+struct Freezer {
+    dir: std::path::PathBuf,
+    v1: bool,
+}
+
+impl Freezer {
+    fn new(name: &str) -> Option<Freezer> {
+        let v1 = Path::new("/sys/fs/cgroup/freezer");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let (dir, v1) = if v1.join("freezer.state").exists() || v1.join("tasks").exists() {
+            (v1.join(name), true)
+        } else if v2.join("cgroup.subtree_control").exists() {
+            (v2.join(name), false)
+        } else {
+            return None;
+        };
+        let _ = fs::remove_dir(&dir);
+        fs::create_dir(&dir).ok()?;
+        let f = Freezer { dir, v1 };
+        (f.dir.join(f.state_file()).exists()).then_some(f)
+    }
+
+    fn state_file(&self) -> &'static str {
+        if self.v1 {
+            "freezer.state"
+        } else {
+            "cgroup.freeze"
+        }
+    }
+
+    /// Shell lines that move the shell into the cgroup and freeze it (the shell with it).
+    fn enter_and_freeze(&self) -> String {
+        format!(
+            "echo $$ > {procs}\necho {frozen} > {state}\n",
+            procs = self.dir.join("cgroup.procs").display(),
+            frozen = if self.v1 { "FROZEN" } else { "1" },
+            state = self.dir.join(self.state_file()).display()
+        )
+    }
+
+    fn thaw(&self) {
+        let _ = fs::write(
+            self.dir.join(self.state_file()),
+            if self.v1 { "THAWED" } else { "0" },
+        );
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.thaw();
+        let until = Instant::now() + Duration::from_secs(10);
+        while fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A job past its timeout whose process does not die of SIGKILL (frozen here; a process in an
+/// uninterruptible wait on a hung disk or NFS server is the same): its lane waited for it for
+/// ever, and with it every reload and the first `stop` (reproduced: a job of `timeout = "2s"`
+/// running 21 s, until thawed, `reload` and `stop` timing out behind it). Now the job fails
+/// once its process has had a few seconds to die, saying so, the lane goes on, reloads and
+/// `stop` are not held, and the process is reaped when it does die.
+#[test]
+fn a_job_that_cannot_be_killed_holds_neither_its_lane_nor_a_reload() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip(
+            "a_job_that_cannot_be_killed_holds_neither_its_lane_nor_a_reload",
+            "root (a freezer cgroup)",
+        );
+    }
+    let Some(cg) = Freezer::new(&format!("gs-test-freeze-{}", std::process::id())) else {
+        return skip(
+            "a_job_that_cannot_be_killed_holds_neither_its_lane_nor_a_reload",
+            "a writable freezer cgroup",
+        );
+    };
+    let sb = Sandbox::new("unkillable");
+    sb.write_config("[functions.stuck]\ntimeout = \"2s\"\n");
+    sb.job(
+        "stuck",
+        &format!("#!/bin/sh\n{}echo thawed\n", cg.enter_and_freeze()),
+    );
+    let w = sb.start();
+    let stuck = sb.submit("stuck", "x");
+    eventually(Duration::from_secs(10), "the job frozen", || {
+        !cg.pids().is_empty()
+    });
+    let frozen = cg.pids();
+    let out = all_outcomes(&sb, &[stuck], Duration::from_secs(30));
+    assert!(!out[0].0, "{out:?}");
+    assert!(
+        out[0].1.contains("timed out after 2s") && out[0].1.contains("still there"),
+        "{out:?}"
+    );
+    // Both lanes serve, and a reload is not held by the process.
+    let ids: Vec<String> = (0..4)
+        .map(|i| sb.submit("echo", &format!("after-{i}")))
+        .collect();
+    let done = all_outcomes(&sb, &ids, Duration::from_secs(15));
+    assert!(done.iter().all(|o| o.0), "{done:?}");
+    let reload = sb.run(&["reload", "--timeout", "20s"]);
+    assert_eq!(reload.status.code(), Some(0), "{}", text(&reload.stderr));
+    assert_eq!(cg.pids(), frozen, "the process is still frozen");
+    // Thawed, it dies of the SIGKILL it was sent and is reaped.
+    cg.thaw();
+    eventually(Duration::from_secs(10), "the process reaped", || {
+        frozen
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+    });
+    let log = w.log_text();
+    let said = log
+        .lines()
+        .filter(|l| l.contains(&format!("pid {}", frozen[0])))
+        .count();
+    assert!(said <= 3, "said {said} times:\n{log}");
+    let stop = sb.run(&["stop", "--timeout", "20s"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+}

@@ -266,7 +266,8 @@ pub fn run(
     // Kill leftovers of the group while the leader is still a zombie (not yet reaped), so the
     // group id cannot have been reused by an unrelated process.
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-    let status = child.wait();
+    let reaped = super::pipes::reap_killed(&mut child);
+    // Waited for, or the reaper's from now on (it reaps the process once it can die).
     crate::jobs::reaper::forget(child.id());
     drop(child);
     children.remove(pgid);
@@ -277,8 +278,34 @@ pub fn run(
     }
 
     let out = outcome?;
-    let status =
-        status.map_err(|e| JobError::new(format!("waiting for {}: {e}", exe.display())))?;
+    let status = match reaped {
+        super::pipes::Reaped::Exited(status) => status,
+        super::pipes::Reaped::Failed(e) => {
+            return Err(JobError::new(format!("waiting for {}: {e}", exe.display())))
+        }
+        super::pipes::Reaped::Undying(state) => {
+            let what = out.timed_out.map_or_else(
+                || "process group killed".to_string(),
+                |limit| {
+                    format!(
+                        "timed out after {} (process group killed)",
+                        fmt_duration(limit)
+                    )
+                },
+            );
+            let error = if out.timed_out.is_some() {
+                JobError::timed_out
+            } else {
+                JobError::new
+            };
+            return Err(error(format!(
+                "{what}, but its process {pgid} is still there {:?} later, in state {state}: \
+                 the kernel holds it in a wait nothing interrupts (a hung disk or NFS server, \
+                 a frozen cgroup); it dies when that wait ends, and the lane goes on",
+                super::pipes::KILL_WAIT
+            )));
+        }
+    };
     if let Some(limit) = out.timed_out {
         return Err(JobError::timed_out(format!(
             "timed out after {} (process group killed){}",

@@ -19,6 +19,47 @@ const STDERR_TAIL: usize = 2048;
 /// hold them) before the rest of the process group is killed.
 const EXIT_GRACE: Duration = Duration::from_millis(200);
 
+/// How long the leader of a job whose group was sent SIGKILL gets to die before its lane goes
+/// on without it (dying can take a while: a process with gigabytes mapped frees them first).
+pub(super) const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// How the leader of a killed job ended ([`reap_killed`]).
+pub(super) enum Reaped {
+    Exited(std::process::ExitStatus),
+    Failed(io::Error),
+    /// Still there [`KILL_WAIT`] after SIGKILL, in this state (`/proc/PID/stat`): a process the
+    /// kernel holds in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup)
+    /// dies only once that wait ends. It is the reaper's then (`reaper::forget`).
+    Undying(char),
+}
+
+/// Waits for `child`, whose process group was just sent SIGKILL, at most [`KILL_WAIT`]: the
+/// lane must not wait for ever with a process that cannot die yet.
+pub(super) fn reap_killed(child: &mut Child) -> Reaped {
+    let pidfd = pidfd_open(child.id() as i32);
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Reaped::Exited(status),
+            Ok(None) => {}
+            Err(e) => return Reaped::Failed(e),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let state = crate::ops::procfs::Stat::of(Some(child.id() as i32));
+            return Reaped::Undying(state.map_or('?', |s| s.state));
+        }
+        match &pidfd {
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+            }
+            None => std::thread::sleep(left.min(Duration::from_millis(10))),
+        }
+    }
+}
+
 pub(super) struct Output {
     pub(super) stdout: Vec<u8>,
     pub(super) stderr: Vec<u8>,

@@ -163,11 +163,16 @@ fn sweeper(rx: &Receiver<Event>, running: &dyn Fn() -> Vec<String>, ticking: &At
         Duration::from_secs(2),
     ];
     let epoch = Instant::now();
-    let mut due: Vec<Instant> = Vec::new();
+    // A look at the start: what jobs of the image before left (a stray that had not died when
+    // it exec'd, a killed job's process that could not die yet) is this image's to sweep.
+    let mut due: Vec<Instant> = vec![epoch + COALESCE];
     // Strays still alive after a sweep: swept again a second later.
     let mut strays: Option<Instant> = None;
     // While jobs run: the next look for zombies only.
     let mut reap: Option<Instant> = None;
+    // The strays killed and said so: one that does not die at once (in a wait the kernel does
+    // not interrupt) is killed again at every sweep, and said once.
+    let mut told = HashSet::new();
     loop {
         let timer = match due.iter().chain(&strays).chain(&reap).min() {
             Some(t) => after(t.saturating_duration_since(Instant::now())),
@@ -208,7 +213,7 @@ fn sweeper(rx: &Receiver<Event>, running: &dyn Fn() -> Vec<String>, ticking: &At
                 let passed = |t: &Instant| *t <= now;
                 if due.iter().any(passed) || strays.as_ref().is_some_and(passed) {
                     due.retain(|t| *t > now);
-                    strays = sweep(running).then(|| now + Duration::from_secs(1));
+                    strays = sweep(running, &mut told).then(|| now + Duration::from_secs(1));
                 } else {
                     reap_zombies();
                 }
@@ -251,14 +256,16 @@ fn reap_zombies() {
     }
 }
 
-/// One sweep; true if strays are still alive.
-fn sweep(running: &dyn Fn() -> Vec<String>) -> bool {
+/// One sweep; true if strays are still alive. `told`: the strays already said to be killed
+/// (kept to those still alive).
+fn sweep(running: &dyn Fn() -> Vec<String>, told: &mut HashSet<i32>) -> bool {
     let running = running();
     let me = std::process::id() as i32;
     // Held for the whole sweep: a child spawned meanwhile is registered before we can see it.
     let tracked = TRACKED.lock().unwrap_or_else(|p| p.into_inner());
     let mut alive = false;
     let none = HashSet::new();
+    let mut still = HashSet::new();
     for (pid, stat) in crate::ops::procfs::children_of(me) {
         if tracked.as_ref().is_some_and(|t| t.contains(&pid)) {
             continue;
@@ -276,13 +283,17 @@ fn sweep(running: &dyn Fn() -> Vec<String>) -> bool {
         };
         if stale {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            log::info!(
-                "killed pid {pid}, left behind by {}",
-                job.map_or_else(|| "a job".to_string(), |j| format!("job {j}"))
-            );
+            if !told.contains(&pid) {
+                log::info!(
+                    "killed pid {pid}, left behind by {}",
+                    job.map_or_else(|| "a job".to_string(), |j| format!("job {j}"))
+                );
+            }
+            still.insert(pid);
         }
         alive = true;
     }
+    *told = still;
     alive
 }
 
