@@ -3,9 +3,9 @@
 //!
 //! Every client is held in one poll loop with deadlines (no thread per client), at most
 //! [`Limits::clients`] at once. A client is answered as soon as its request is whole, often in
-//! the round it is accepted; when the room is full, the client that has waited longest for a
-//! request of its own is closed to make room for a new one (never one accepted in the same
-//! round: its request may still be on its way). So idle or trickling clients, however many and
+//! the round it is accepted; when the room is full, the clients that have waited longest for a
+//! request of their own are closed to make room for the newest (after a last look at those: a
+//! request sent just after its connect is in by then). So idle or trickling clients, however many and
 //! however often they come back, cost a slot each for a moment, and a client that sends its
 //! request at once (the CLI, a Prometheus scrape) is answered behind none of them. A client that
 //! waited in the backlog while others were served had time to send its request: it is
@@ -67,15 +67,15 @@ impl Listen for std::os::unix::net::UnixListener {
     }
 }
 
-/// Connections accepted in one round at most (the others wait in the backlog for the next).
-const ACCEPT_ROUND: usize = 64;
+/// Connections accepted in one round at most (the others wait in the backlog for the next):
+/// a server holds at most [`Limits::clients`] and this many descriptors for a moment.
+const ACCEPT_ROUND: usize = 16;
 /// How long accepting rests after it failed (out of descriptors, say).
 const ACCEPT_REST: Duration = Duration::from_millis(50);
 
 struct Client<S> {
     stream: S,
     accepted: Instant,
-    round: u64,
     got: Vec<u8>,
     /// The answer, once the request is whole, and how much of it is written.
     out: Option<(Vec<u8>, usize)>,
@@ -166,9 +166,7 @@ pub fn serve<L: Listen>(
     let mut clients: VecDeque<Client<L::Stream>> = VecDeque::new();
     let mut stopping: Option<Instant> = None;
     let mut rest_until: Option<Instant> = None;
-    let mut round = 0u64;
     loop {
-        round += 1;
         let now = Instant::now();
         if let Some(until) = stopping {
             if clients.is_empty() || now >= until {
@@ -231,7 +229,7 @@ pub fn serve<L: Listen>(
             rest_until = None;
         }
         if acceptable {
-            rest_until = accept_round(listener, &mut clients, round, limits, proto, accepting);
+            rest_until = accept_round(listener, &mut clients, limits, proto, accepting);
         }
     }
 }
@@ -241,50 +239,56 @@ pub fn serve<L: Listen>(
 fn accept_round<L: Listen>(
     listener: &L,
     clients: &mut VecDeque<Client<L::Stream>>,
-    round: u64,
     limits: &Limits,
     proto: &impl Protocol,
     accepting: &mut crate::ops::logging::Recurring,
 ) -> Option<Instant> {
+    let mut rest = None;
+    let held = clients.len();
     for _ in 0..ACCEPT_ROUND {
         let stream = match listener.take() {
             Ok(s) => {
                 accepting.worked();
                 s
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
                 // Out of descriptors, say: the client waits in the backlog; rest rather than
                 // spin, and say it once, not every time.
                 accepting.failed(&e);
-                return Some(Instant::now() + ACCEPT_REST);
+                rest = Some(Instant::now() + ACCEPT_REST);
+                break;
             }
         };
         let now = Instant::now();
         let mut client = Client {
             stream,
             accepted: now,
-            round,
             got: Vec::new(),
             out: None,
         };
-        if let Next::Close = client.step(proto, limits, now) {
-            continue;
+        if let Next::Keep = client.step(proto, limits, now) {
+            clients.push_back(client);
         }
-        if clients.len() >= limits.clients {
-            // Room is made by the client that has waited longest for a request of its own,
-            // never one of this round; with none such, the newcomer goes.
-            match clients.iter().position(|c| c.reading() && c.round != round) {
-                Some(oldest) => drop(clients.remove(oldest)),
-                None if client.reading() => continue,
-                // An answer under way is finished, one over the room for a moment.
-                None => {}
-            }
-        }
-        clients.push_back(client);
     }
-    None
+    if clients.len() > limits.clients {
+        // A last look at this round's newcomers before any is closed.
+        let (now, mut i) = (Instant::now(), 0);
+        clients.retain_mut(|c| {
+            i += 1;
+            i <= held || !c.reading() || matches!(c.step(proto, limits, now), Next::Keep)
+        });
+    }
+    // The oldest first: the front of the queue. An answer under way is finished, over the room
+    // for a moment if it must.
+    while clients.len() > limits.clients {
+        match clients.iter().position(|c| c.reading()) {
+            Some(oldest) => drop(clients.remove(oldest)),
+            None => break,
+        }
+    }
+    rest
 }
 
 #[cfg(test)]
