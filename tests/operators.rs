@@ -659,3 +659,46 @@ fn a_stopped_worker_is_said_and_stop_still_ends_it() {
         w.log_text()
     );
 }
+
+/// A Rust function that runs past its timeout (it ignores `job.deadline()`; the worker cannot
+/// end a function on its thread): `status` said only "lane 1: ID (slow) for 6.0s", and a
+/// `reload` or `stop` held by it "no new generation after 3s (jobs still running?)". Now both
+/// name the job, say how far past its timeout it is and what can end the wait.
+#[test]
+fn a_rust_function_past_its_timeout_is_said_with_what_ends_the_wait() {
+    let mut sb = Sandbox::new("overdue");
+    sb.bin = example("custom_worker");
+    sb.write_config("[functions.slow]\ntimeout = \"1s\"\n");
+    let w = sb.start();
+    let id = sb.submit("slow", "30000");
+    w.wait_for(Duration::from_secs(10), "the job running", |s| {
+        s["running_jobs"][0]["running_ms"].as_u64() >= Some(2500)
+    });
+    let status = sb.run(&["status"]);
+    let said = text(&status.stdout);
+    assert!(
+        said.contains(&id)
+            && said.contains("past its 1s timeout")
+            && said.contains("job.deadline()"),
+        "{said}"
+    );
+    assert_eq!(w.status()["running_jobs"][0]["timeout_ms"], 1000);
+    let reload = sb.run(&["reload", "--timeout", "1s"]);
+    assert_eq!(reload.status.code(), Some(5));
+    let said = text(&reload.stderr);
+    assert!(
+        said.contains(&id) && said.contains("slow") && said.contains("past its 1s timeout"),
+        "{said}"
+    );
+    let stop = sb.run(&["stop", "--timeout", "2s"]);
+    assert_eq!(stop.status.code(), Some(5));
+    let said = format!("{}{}", text(&stop.stdout), text(&stop.stderr));
+    assert!(
+        said.contains(&id)
+            && said.contains("past its 1s timeout")
+            && said.contains("second `stop`"),
+        "{said}"
+    );
+    // The second stop ends it now (the job runs again after a start).
+    assert_eq!(sb.run(&["stop", "--timeout", "10s"]).status.code(), Some(0));
+}

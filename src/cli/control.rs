@@ -219,13 +219,7 @@ fn print_status(s: &crate::status::Doc) {
         s.jobs_completed, s.jobs_failed, s.in_flight
     );
     for j in &s.running_jobs {
-        println!(
-            "    lane {}: {} ({}) for {:.1}s",
-            j.lane,
-            j.id,
-            j.function,
-            j.running_ms as f64 / 1000.0
-        );
+        println!("    {}", j.describe());
     }
     if let Some(p) = &s.restart_pending {
         println!("  restart pending ({}) at {}", p.reason, p.at);
@@ -353,7 +347,10 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
             }
         }
         if Instant::now() >= deadline {
-            eprintln!("no new generation after {timeout:?} (jobs still running?)");
+            match waiting_for(&socket, pid) {
+                Some(jobs) => eprintln!("no new generation after {timeout:?}: waiting for{jobs}"),
+                None => eprintln!("no new generation after {timeout:?} (jobs still running?)"),
+            }
             return Ok(exit::NOT_YET);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -389,13 +386,17 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         if !said && started.elapsed() > Duration::from_secs(1) {
             if let Ok(s) = crate::status::query(&socket, Some(pid)) {
                 println!("waiting for {} running job(s) to finish", s.in_flight);
+                for j in &s.running_jobs {
+                    println!("  {}", j.describe());
+                }
             }
             said = true;
         }
         if started.elapsed() >= timeout {
             if !force {
+                let jobs = waiting_for(&socket, pid).unwrap_or_default();
                 eprintln!(
-                    "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it"
+                    "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it{jobs}"
                 );
                 return Ok(exit::NOT_YET);
             }
@@ -452,6 +453,15 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
 }
 
 /// `ID (function)` of each job the worker runs, escaped for a terminal.
+/// The jobs the worker runs, a line each ("\n  lane 0: ..."), if it says and runs any.
+fn waiting_for(socket: &Path, pid: i32) -> Option<String> {
+    let s = crate::status::query(socket, Some(pid)).ok()?;
+    let lines: String = (s.running_jobs.iter())
+        .map(|j| format!("\n  {}", j.describe()))
+        .collect();
+    (!lines.is_empty()).then_some(lines)
+}
+
 fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
     s.running_jobs
         .iter()

@@ -222,4 +222,43 @@ pub struct RunningJob {
     /// For how long it has run.
     #[serde(default)]
     pub running_ms: u64,
+    /// Its timeout, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// A Rust function (nothing can end it before it returns), not an executable.
+    #[serde(default)]
+    pub rust: bool,
+}
+
+impl RunningJob {
+    /// "lane 1: ID (slow) for 6.8s", and, past its timeout, by how much and what ends the wait
+    /// for it (for `status`, and a `reload` or `stop` that waits).
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "lane {}: {} ({}) for {:.1}s",
+            self.lane,
+            crate::text::escape(&self.id),
+            crate::text::escape(&self.function),
+            self.running_ms as f64 / 1000.0
+        );
+        if let Some(t) = self.timeout_ms.filter(|t| self.running_ms > *t) {
+            let limit = if t % 1000 == 0 {
+                format!("{}s", t / 1000)
+            } else {
+                format!("{t}ms")
+            };
+            s.push_str(&format!(
+                ", {:.1}s past its {limit} timeout {}",
+                (self.running_ms - t) as f64 / 1000.0,
+                if self.rust {
+                    "(a Rust function: nothing ends it before it returns, and it must return by \
+                     job.deadline(); a reload waits for it, a second `stop` ends the worker now \
+                     and the job runs again)"
+                } else {
+                    "(its processes were killed and have not all died yet)"
+                }
+            ));
+        }
+        s
+    }
 }

@@ -167,6 +167,18 @@ pub struct LaneSlot {
     pub id: String,
     pub function: String,
     pub since_ms: u64,
+    /// The job's timeout (0: none), and whether its function is a Rust one.
+    pub timeout_ms: u64,
+    pub rust: bool,
+}
+
+/// What a lane starts running, for `status`.
+pub struct Started<'a> {
+    pub id: &'a str,
+    pub function: &'a str,
+    pub timeout: Option<std::time::Duration>,
+    /// A Rust function (nothing can end it before it returns), not an executable.
+    pub rust: bool,
 }
 
 /// The parts of [`State`] that change rarely.
@@ -203,16 +215,18 @@ impl State {
     }
 
     /// Records what lane `lane` runs now (None: nothing).
-    pub fn set_running(&self, lane: usize, job: Option<(&str, &str)>) {
+    pub fn set_running(&self, lane: usize, job: Option<Started<'_>>) {
         if let Ok(mut r) = self.running.lock() {
             if let Some(slot) = r.get_mut(lane) {
                 slot.busy = job.is_some();
-                if let Some((id, f)) = job {
+                if let Some(job) = job {
                     slot.id.clear();
-                    slot.id.push_str(id);
+                    slot.id.push_str(job.id);
                     slot.function.clear();
-                    slot.function.push_str(f);
+                    slot.function.push_str(job.function);
                     slot.since_ms = crate::clock::now_ms();
+                    slot.timeout_ms = job.timeout.map_or(0, |t| t.as_millis() as u64);
+                    slot.rust = job.rust;
                 }
             }
         }
@@ -443,6 +457,8 @@ impl State {
                             lane,
                             since: rfc3339_ms(s.since_ms),
                             running_ms: now.saturating_sub(s.since_ms),
+                            timeout_ms: (s.timeout_ms > 0).then_some(s.timeout_ms),
+                            rust: s.rust,
                         })
                         .collect()
                 })

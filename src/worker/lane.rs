@@ -208,8 +208,16 @@ impl LaneContext {
                 );
             }
             self.state.in_flight.fetch_add(1, Ordering::Relaxed);
-            self.state
-                .set_running(self.index, Some((&job.id, &job.function)));
+            let entry = self.table.get(&job.function);
+            self.state.set_running(
+                self.index,
+                Some(crate::status::Started {
+                    id: &job.id,
+                    function: &job.function,
+                    timeout: entry.and_then(|e| e.1),
+                    rust: matches!(entry, Some((crate::jobs::functions::Runner::Rust(_), _))),
+                }),
+            );
             let started = Instant::now();
             let Some(outcome) = self.run_job(&job, lane.as_mut()) else {
                 // Given back unrun (stopping while it could not be started).
