@@ -635,3 +635,86 @@ fn a_job_that_ends_the_worker_is_failed_after_max_attempts() {
     );
     assert!(!std::fs::read_to_string(&marks).unwrap().contains("fault"));
 }
+
+/// A server whose job handle and error text carry a terminal's escape sequences (any byte but
+/// NUL may be in a handle): `status` printed the running job's handle raw, and `top` both the
+/// handle and a server's last error, so a server could retitle the operator's terminal, clear
+/// it or worse. Both now show them escaped.
+#[test]
+fn a_servers_escape_sequences_never_reach_the_operators_terminal() {
+    let _serial = serial();
+    let sb = Sandbox::new("gm-escapes");
+    sb.job("slowjob", "#!/bin/sh\nsleep 4\necho done\n");
+    let assigned = Arc::new(AtomicBool::new(false));
+    let given = Arc::clone(&assigned);
+    let (addr, _, stop) = fake_server(move |mut c, stop| {
+        let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+        let send = |c: &mut std::net::TcpStream, kind: u32, data: &[u8]| {
+            let mut p = b"\0RES".to_vec();
+            p.extend_from_slice(&kind.to_be_bytes());
+            p.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            p.extend_from_slice(data);
+            let _ = c.write_all(&p);
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !stop.load(Ordering::Acquire) {
+            match c.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => continue,
+            }
+            while buf.len() >= 12 {
+                let kind = u32::from_be_bytes(buf[4..8].try_into().unwrap());
+                let len = u32::from_be_bytes(buf[8..12].try_into().unwrap()) as usize;
+                if buf.len() < 12 + len {
+                    break;
+                }
+                let data: Vec<u8> = buf.drain(..12 + len).skip(12).collect();
+                match kind {
+                    16 => send(&mut c, 17, &data),
+                    26 => send(&mut c, 27, &data),
+                    30 if !given.swap(true, Ordering::AcqRel) => {
+                        send(&mut c, 31, b"H:\x1b]0;pwned\x07:1\0slowjob\0u1\0x")
+                    }
+                    30 => send(&mut c, 10, b""),
+                    _ => {}
+                }
+            }
+        }
+    });
+    sb.gearman_config(&[addr], "");
+    let w = sb.start();
+    eventually(Duration::from_secs(10), "the job running", || {
+        w.status()["running_jobs"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    });
+    let status = sb.run(&["status"]);
+    let shown = text(&status.stdout);
+    assert!(
+        !shown.contains('\x1b') && shown.contains("H:\\e]0;pwned"),
+        "{shown:?}"
+    );
+    // `top` in a terminal (script(1) gives it one), its screen as the terminal got it.
+    let screen = sb.path("top.screen");
+    let _ = Command::new("timeout")
+        .args(["-s", "INT", "2", "script", "-q", "-c"])
+        .arg(format!(
+            "{} -c {} top --interval 200ms",
+            sb.bin.display(),
+            sb.config().display()
+        ))
+        .arg(&screen)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let drawn = String::from_utf8_lossy(&std::fs::read(&screen).unwrap()).into_owned();
+    assert!(drawn.contains("slowjob"), "top drew no job: {drawn:?}");
+    assert!(
+        !drawn.contains("\x1b]0;pwned") && drawn.contains("\\e]0;pwned"),
+        "{drawn:?}"
+    );
+    stop.store(true, Ordering::Release);
+    drop(w);
+}
