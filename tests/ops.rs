@@ -233,3 +233,42 @@ fn the_shipped_postrotate_line_reopens_a_start_daemons_log() {
     });
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// A service manager that reads nothing (hung, stopped, or a `NOTIFY_SOCKET` nobody serves)
+/// while the worker sends `WATCHDOG=1` every 10 ms: once its queue was full, the control
+/// thread waited in the send for ever, so a reload never came and the first TERM was not acted
+/// on (reproduced: `reload` timed out, and only a second TERM, after 1.2 s, ended the worker,
+/// its jobs interrupted). Now a message the socket cannot take at once is dropped and said.
+#[test]
+fn a_notify_socket_nobody_reads_holds_neither_a_reload_nor_a_stop() {
+    let sb = Sandbox::new("notify-deaf");
+    let path = sb.path("notify.sock");
+    let _deaf = UnixDatagram::bind(&path).unwrap();
+    let mut w = sb.start_env(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "20000"),
+    ]);
+    // About 100 pings a second: the socket's queue is full within seconds.
+    std::thread::sleep(Duration::from_secs(8));
+    let reload = sb.run(&["reload", "--timeout", "10s"]);
+    assert_eq!(
+        reload.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&reload.stderr),
+        w.log_text()
+    );
+    w.signal(Signal::SIGTERM);
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(10)).code(),
+        Some(0),
+        "one TERM stops it gracefully: {}",
+        w.log_text()
+    );
+    let log = w.log_text();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("sd_notify") && l.contains("could not"))
+        .count();
+    assert!((1..=4).contains(&said), "said {said} times:\n{log}");
+}

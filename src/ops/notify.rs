@@ -6,6 +6,11 @@
 //! new image (same PID, so MAINPID stays right); `STOPPING=1`; `STATUS=` with the generation and
 //! job counts; `WATCHDOG=1` at half of `$WATCHDOG_USEC` from the control loop, which keeps
 //! running while lanes are busy with long jobs.
+//!
+//! A message is sent only if the socket takes it at once: a service manager that reads nothing
+//! (hung, stopped, or a socket nobody serves) would otherwise hold the control thread in the
+//! send once the socket's queue is full, and with it every reload and the first TERM. What
+//! cannot be sent is dropped and said once while it lasts.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -27,6 +32,7 @@ pub struct Notifier {
     socket: UnixDatagram,
     addr: SocketAddr,
     watchdog: Option<Duration>,
+    failing: std::sync::Mutex<crate::ops::recurring::Recurring>,
 }
 
 impl Notifier {
@@ -41,7 +47,10 @@ impl Notifier {
             }
             None => SocketAddr::from_pathname(&path).ok()?,
         };
-        let socket = match UnixDatagram::unbound() {
+        let socket = match UnixDatagram::unbound().and_then(|s| {
+            s.set_nonblocking(true)?;
+            Ok(s)
+        }) {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("NOTIFY_SOCKET is set but no datagram socket: {e}");
@@ -61,6 +70,11 @@ impl Notifier {
             socket,
             addr,
             watchdog,
+            failing: std::sync::Mutex::new(crate::ops::recurring::Recurring::new(
+                "sd_notify: the service manager's socket could not take a message at once \
+                 (does anything read it?); messages are dropped while it lasts",
+                "sd_notify: the service manager's socket takes messages again",
+            )),
         })
     }
 
@@ -70,8 +84,16 @@ impl Notifier {
     }
 
     pub fn send(&self, message: &str) {
-        if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.addr) {
-            log::warn!("sd_notify {message:?}: {e}");
+        let sent = self.socket.send_to_addr(message.as_bytes(), &self.addr);
+        let Ok(mut failing) = self.failing.lock() else {
+            return;
+        };
+        match sent {
+            Ok(_) => failing.worked(),
+            Err(e) => {
+                let first = message.lines().next().unwrap_or_default();
+                failing.failed(&format_args!("{e} (dropped: {first})"));
+            }
         }
     }
 }
