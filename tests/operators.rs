@@ -702,3 +702,45 @@ fn a_rust_function_past_its_timeout_is_said_with_what_ends_the_wait() {
     // The second stop ends it now (the job runs again after a start).
     assert_eq!(sb.run(&["stop", "--timeout", "10s"]).status.code(), Some(0));
 }
+
+/// `restart` with a config the new worker would refuse (a typo being edited in, a deploy's
+/// half-written file): the running worker was stopped first, and then nothing could start, so
+/// one command left no worker at all (reproduced: "stopped (pid N)", then the parse error, and
+/// `status` said "not running"). Now the config and `jobs_dir` are checked first, as `check`
+/// does, and the running worker is left as it is.
+fn status_json(sb: &Sandbox) -> serde_json::Value {
+    let out = sb.run(&["status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+#[test]
+fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
+    let sb = Sandbox::new("restart-invalid");
+    sb.write_config("");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = status_json(&sb)["pid"].as_i64().unwrap();
+    let good = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        format!("{good}\n[worker]\nconcurrency = \"two\"\n"),
+    )
+    .unwrap();
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("config.toml:") && said.contains("not restarted"),
+        "{said}"
+    );
+    assert_eq!(
+        status_json(&sb)["pid"].as_i64(),
+        Some(pid),
+        "the worker still runs"
+    );
+    fs::write(sb.config(), good).unwrap();
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_ne!(status_json(&sb)["pid"].as_i64(), Some(pid));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

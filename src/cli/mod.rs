@@ -270,6 +270,14 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             timeout,
         } => crate::daemon::start(path, functions, supervise.then_some(max_restarts), timeout),
         Command::Restart { timeout } => {
+            // What the new worker would refuse is said before the running one is stopped: a
+            // restart must not leave no worker at all.
+            if let Err(e) = Plan::prepare(path, &functions) {
+                return Err(Error::Msg(format!(
+                    "{e}\nnot restarted: the running worker, if any, is left as it is (`check` \
+                     says the same; fix it and restart again)"
+                )));
+            }
             // A worker started with --supervise is started again with its supervisor.
             let supervised = control::running(path).ok().and_then(|(pid, socket, _)| {
                 crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
