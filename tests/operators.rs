@@ -744,3 +744,56 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
     assert_ne!(status_json(&sb)["pid"].as_i64(), Some(pid));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// `[worker] state_dir` edited while the worker runs: `status`, `reload` and `stop` looked in
+/// the new directory and said "not running" of a worker that ran (a second `start` would have
+/// made two), and a HUP moved the running worker's pidfile there while its logs and socket
+/// stayed behind. Now the CLI finds the worker where it started (root's record) and says so, a
+/// reload that moves `state_dir` is refused (it moves at a fresh start), and `restart` moves it.
+#[test]
+fn a_state_dir_edited_under_a_running_worker_is_found_and_moved_by_restart_only() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip(
+            "a_state_dir_edited_under_a_running_worker_is_found_and_moved_by_restart_only",
+            "root (the state_dir record)",
+        );
+    }
+    let sb = Sandbox::new("state-moved");
+    sb.write_config("");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let pid = status_json(&sb)["pid"].as_i64().unwrap();
+    let text_before = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        text_before.replace("state_dir = \"state\"", "state_dir = \"state2\""),
+    )
+    .unwrap();
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains(&format!("pid {pid}"))
+            && text(&out.stderr).contains("state2")
+            && text(&out.stderr).contains("restart"),
+        "{}",
+        text_of(&out)
+    );
+    let out = sb.run(&["reload", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(text(&out.stderr).contains("state_dir"), "{}", text_of(&out));
+    assert!(!sb.path("state2/gearshift.pid").exists());
+    // No second worker beside it.
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains(&format!("already running (pid {pid})")),
+        "{}",
+        text_of(&out)
+    );
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let moved = status_json(&sb);
+    assert_ne!(moved["pid"].as_i64(), Some(pid));
+    assert!(sb.path("state2/gearshift.pid").exists());
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

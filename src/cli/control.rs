@@ -7,59 +7,16 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ops::pidfile::{self, Probe};
 
 use super::exit;
 
-/// Where the worker keeps its state, even when config.toml does not validate right now (the
-/// worker serves on its last good config meanwhile), and whether that is certain: the valid
-/// config; or, with a warning, the `state_dir` root recorded at the worker's start; or `[worker]
-/// state_dir` read leniently from the file (certain only if its TOML syntax holds).
-fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
-    match Config::load(path) {
-        Ok(c) => {
-            if let Ok(Some(t)) = crate::ops::privilege::target(&c) {
-                pidfile::configured_user(t.uid.as_raw());
-            }
-            Ok((c.worker.state_dir, true))
-        }
-        Err(Error::Config(msg)) => {
-            eprintln!(
-                "gearshift: warning: the config file is invalid: {}",
-                crate::text::escape_lines(&msg)
-            );
-            let recorded = crate::config::absolute(path)
-                .ok()
-                .and_then(|p| crate::ops::layout::recorded_state_dir(&p));
-            let (dir, certain, how) = match recorded {
-                Some(dir) => (dir, true, "recorded at the worker's start"),
-                None => {
-                    let (dir, certain) = crate::config::lenient_state_dir(path)?;
-                    let how = if certain {
-                        "from the file"
-                    } else {
-                        "a guess: the file's syntax is broken"
-                    };
-                    (dir, certain, how)
-                }
-            };
-            eprintln!(
-                "gearshift: warning: looking for the running worker in state_dir \"{}\" ({how})",
-                dir.display()
-            );
-            Ok((dir, certain))
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// The running worker's pid and status socket, decided by the pidfile lock. When the config
 /// cannot tell for certain where the worker is, finding none there is "unknown", not "not
 /// running" (a script would start a second worker).
 pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
-    let (state_dir, certain) = state_dir_of(path)?;
+    let (state_dir, certain) = super::locate::state_dir_of(path)?;
     let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
     let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
     let probed = match pidfile::probe(&pidfile) {

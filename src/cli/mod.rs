@@ -15,6 +15,7 @@ use crate::worker::{self, Plan};
 
 mod control;
 mod exit;
+mod locate;
 mod rerun;
 mod submit;
 mod top;
@@ -255,6 +256,9 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Run { .. } | Command::Start { .. } | Command::Restart { .. }
     ) {
         crate::ops::signals::default_sigpipe();
+    }
+    if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) {
+        locate::refuse_beside_elsewhere(path)?;
     }
     match cli.command {
         Command::Run { log_file } => {

@@ -22,6 +22,27 @@ use crate::status::records::Refusal;
 use crate::watch;
 
 impl Control {
+    /// The plan for the files as they are now; refused if it moves `state_dir`, which moves
+    /// only at a fresh start (its pidfile, status socket and log are made there; a HUP once
+    /// moved the pidfile alone, and the CLI looked for the worker where it was not).
+    fn prepare(&self) -> crate::Result<Plan> {
+        let plan = Plan::prepare(&self.config_path, &self.functions)?;
+        let (now, next) = (
+            &self.plan.config.worker.state_dir,
+            &plan.config.worker.state_dir,
+        );
+        if now != next {
+            return Err(Error::Config(format!(
+                "{}: [worker] state_dir changed from \"{}\" to \"{}\": a state_dir moves only at a fresh start (`gearshift restart`); this worker runs on in \"{}\"",
+                self.config_path.display(),
+                now.display(),
+                next.display(),
+                now.display()
+            )));
+        }
+        Ok(plan)
+    }
+
     /// Which watched state differs from the running one and is valid, if any.
     pub(super) fn changed_on_disk(&mut self) -> Option<RestartReason> {
         self.state.file_checks.fetch_add(1, Ordering::Release);
@@ -61,7 +82,7 @@ impl Control {
         if self.refused_digest.as_deref() == Some(digest.as_str()) {
             return None;
         }
-        match Plan::prepare(&self.config_path, &self.functions) {
+        match self.prepare() {
             Ok(_) => Some(reason),
             Err(e) if e.tier() == Tier::Transient => self.look_failed(&e, was_failing),
             Err(e) => {
@@ -141,7 +162,7 @@ impl Control {
             Phase::Stopping => return true,
         }
         let requested = crate::clock::monotonic_us();
-        match Plan::prepare(&self.config_path, &self.functions) {
+        match self.prepare() {
             // Kept for the exec while the files are watched and stay untouched.
             Ok(plan) => self.prepared = Some(plan).filter(|_| !self.poll_fallback),
             Err(e) => {
@@ -204,7 +225,7 @@ impl Control {
         // next generation's first look at the files (the inotify queue crosses the exec).
         let plan = match self.prepared.take() {
             Some(p) => p,
-            None => match Plan::prepare(&self.config_path, &self.functions) {
+            None => match self.prepare() {
                 Ok(p) => p,
                 Err(e) => return self.refuse(reason, &e.to_string()),
             },
