@@ -245,6 +245,12 @@ impl Control {
         if let Some(s) = self.status_server.as_mut() {
             s.close();
         }
+        // A next generation that serves another spool (or none) would drop the outcomes
+        // handed to it, and their jobs, done, would run again: they are stored here.
+        let spool_dir = |p: &Plan| p.config.source.spool().map(|s| s.dir.clone());
+        if spool_dir(&plan) != spool_dir(&self.plan) {
+            self.source.stopping(false);
+        }
         // Every lane has ended: what the source holds is made durable before the exec, or
         // kept for the hand-over.
         self.source.settle(false);

@@ -5,8 +5,9 @@
 //! its queue; its segment is sealed); the outcomes not yet in place (their jobs still in `cur/`)
 //! travel in the restart parcel, ahead of the queue's head. The next generation commits
 //! them first thing, and its start-up recovery leaves their jobs in `cur/` alone. If the exec
-//! fails, the commit thread goes on with them. If they never arrive (a crash during the exec, an
-//! older image that does not read them, a config that moved the spool), their jobs are still in
+//! fails, the commit thread goes on with them. A generation whose successor serves another
+//! spool stores them itself instead (`worker::restart`). If they never arrive (a crash during
+//! the exec, an older image that does not read them), their jobs are still in
 //! `cur/` and run again: at least once, as after a kill. Nothing is reported stored before its
 //! sync, in either generation.
 
