@@ -205,9 +205,20 @@ fn a_reload_that_moves_the_spool_stores_the_outcomes_of_the_old_one() {
                 s["in_flight"] == 2
             });
         }
+        if round == 0 {
+            // One more, queued behind them: it stays in the old spool, and that is said.
+            submitted.push((from, open(from).submit("echo", b"left").unwrap()));
+        }
         let g = w.generation();
         fs::write(sb.config(), at(to)).unwrap();
         w.wait_generation(g + 1);
+        if round == 0 {
+            let log = w.log_text();
+            assert!(
+                log.contains("1 job(s) queued in the spool"),
+                "the job left in {from} is said:\n{log}"
+            );
+        }
         // The spool served now: each of its jobs done, and run once.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         for (dir, id) in submitted.iter().filter(|(d, _)| *d == to) {

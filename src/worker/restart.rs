@@ -250,6 +250,18 @@ impl Control {
         let spool_dir = |p: &Plan| p.config.source.spool().map(|s| s.dir.clone());
         if spool_dir(&plan) != spool_dir(&self.plan) {
             self.source.stopping(false);
+            let (old, queued) = (spool_dir(&self.plan), self.source.queue_stats());
+            if let (Some(old), Some(q)) = (old, queued.filter(|q| q.depth > 0)) {
+                log::warn!(
+                    "{reason}: the next generation serves {}: {} job(s) queued in the spool \"{}\" stay there until a worker serves it again",
+                    spool_dir(&plan).map_or_else(
+                        || format!("a {} source", plan.config.source.kind()),
+                        |d| format!("the spool \"{}\"", d.display())
+                    ),
+                    q.depth,
+                    old.display()
+                );
+            }
         }
         // Every lane has ended: what the source holds is made durable before the exec, or
         // kept for the hand-over.
