@@ -777,6 +777,18 @@ fn a_reload_never_waits_for_the_user_database() {
             .as_str()
             .is_some_and(|e| e.contains("cannot switch to user \"daemon\""))
     });
+    // The same user with another group: no more possible without root, refused at once too
+    // (it asked the database, and then, had that answered, ran on in the old group unsaid).
+    fs::write(
+        sb.config(),
+        cfg.replace("user = \"nobody\"", "user = \"nobody\"\ngroup = \"daemon\""),
+    )
+    .unwrap();
+    w.wait_for(Duration::from_secs(10), "the group change refused", |s| {
+        s["last_refused_reload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot switch to group \"daemon\""))
+    });
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
 }
 

@@ -165,6 +165,20 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
                 k.user
             )));
         }
+        // The same user in another group: no more possible without root (it asked the
+        // database, and then ran on in the old group without a word).
+        if k.user == *name && k.group != cfg.worker.group && k.uid == euid.as_raw() {
+            let group = cfg.worker.group.as_deref().map_or_else(
+                || format!("user \"{name}\"'s own group"),
+                |g| format!("group \"{g}\""),
+            );
+            return Err(Error::Config(format!(
+                "{}: cannot switch to {group}: not started as root (running in {}, gid {}); restart the worker as root to change groups",
+                at(if cfg.worker.group.is_some() { &cfg.worker.group_at } else { &cfg.worker.user_at }),
+                k.group.as_deref().map_or_else(|| format!("user \"{}\"'s own group", k.user), |g| format!("group \"{g}\"")),
+                k.gid
+            )));
+        }
     }
     match target(cfg)? {
         Some(t) if t.uid.is_root() => Err(Error::Config(format!(
