@@ -1498,3 +1498,45 @@ fn a_job_that_cannot_be_killed_holds_neither_its_lane_nor_a_reload() {
     let stop = sb.run(&["stop", "--timeout", "20s"]);
     assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
 }
+
+/// A CPU time limit (`ulimit -t`, systemd's `LimitCPU=`) counts the worker's own CPU time
+/// since its first start (a reload does not reset it): once the soft limit was reached, SIGXCPU
+/// ended the worker at once (its default action), jobs in flight with it, unsaid. Now the limit
+/// is warned about at the start, and its soft limit reached makes the worker stop after its
+/// running jobs and exit (status 1) for its supervisor to start it afresh.
+#[test]
+fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
+    let sb = Sandbox::new("cpu-limit");
+    let mut w = sb.start_under_shell("ulimit -S -t 1");
+    let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("CPU time limit")),
+        "{s}"
+    );
+    // Jobs until the worker has spent its second of CPU.
+    let spool = open_spool(&sb);
+    let mut ids = Vec::new();
+    let started = Instant::now();
+    while w.child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(120) {
+        let jobs: Vec<(&str, &[u8])> = (0..2000).map(|_| ("sha256", &[7u8; 4096][..])).collect();
+        ids.extend(spool.submit_batch(&jobs).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = w.wait_exit(Duration::from_secs(30));
+    let log = w.log_text();
+    assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
+    assert!(log.contains("CPU time limit"), "{log}");
+    // Every job is done, or waits for the next worker: none was cut short.
+    let _w = sb.start();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));
+    assert!(
+        outcomes.iter().all(|o| o.0 && o.2 == 1),
+        "a job ran twice or failed"
+    );
+}

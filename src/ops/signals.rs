@@ -19,14 +19,16 @@ use signal_hook::iterator::Signals as Iter;
 use crate::error::{Error, Result};
 use crate::ops::hook::Hook;
 
-/// The signals gearshift acts on.
-pub const HANDLED: [Signal; 6] = [
+/// The signals gearshift acts on (SIGXCPU: the soft CPU time limit reached, whose default
+/// action would end the worker at once).
+pub const HANDLED: [Signal; 7] = [
     Signal::SIGHUP,
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
     Signal::SIGUSR1,
     Signal::SIGUSR2,
+    Signal::SIGXCPU,
 ];
 
 /// [`HANDLED`] as a set.
@@ -391,7 +393,7 @@ where
 /// even while it waits in the signal thread or the control loop's queue, both of which an exec
 /// drops. The control loop clears a flag as it acts on the signal ([`acting_on`]); a stop's
 /// stays set (a stop is never taken back).
-static UNACTED: LazyLock<[(Signal, Arc<AtomicBool>); 6]> =
+static UNACTED: LazyLock<[(Signal, Arc<AtomicBool>); HANDLED.len()]> =
     LazyLock::new(|| HANDLED.map(|s| (s, Arc::new(AtomicBool::new(false)))));
 
 /// TERM, INT or QUIT: a stop (a second one: a stop now).

@@ -280,6 +280,7 @@ impl Control {
                 self.halt_lanes();
             }
             Signal::SIGUSR1 => crate::ops::logging::on_usr1(),
+            Signal::SIGXCPU => self.cpu_time_spent(&mut lp.phase),
             other => log::info!("{}: ignored", other.as_str()),
         }
     }

@@ -64,7 +64,8 @@ impl Limits {
         state: &crate::status::State,
     ) -> Limits {
         let limits = Limits::new(w);
-        for warning in limits.rss_warning.iter().chain(file_size_warning().iter()) {
+        let rlimits = [file_size_warning(), cpu_time_warning()];
+        for warning in limits.rss_warning.iter().chain(rlimits.iter().flatten()) {
             log::warn!("{warning}");
             if let Ok(mut i) = state.inner.lock() {
                 i.warnings.push(warning.clone());
@@ -91,6 +92,30 @@ fn file_size_warning() -> Option<String> {
     (soft != libc::RLIM_INFINITY).then(|| {
         format!(
             "a file size limit of {soft} bytes is set (ulimit -f, LimitFSIZE=): any write past it fails (the log, the spool's files, its journal segments written 256 KiB ahead), and the worker waits as for a full disk; raise or remove it"
+        )
+    })
+}
+
+/// A CPU time limit on the process (`ulimit -t`, systemd's `LimitCPU=`), said at every start:
+/// it counts the worker's own CPU time since its first start, which no reload resets (the
+/// same process). Its soft limit reached (SIGXCPU), the worker stops after its running jobs and
+/// exits for its supervisor (`Control::cpu_time_spent`); its hard limit is a SIGKILL.
+fn cpu_time_warning() -> Option<String> {
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_CPU).ok()?;
+    (soft != libc::RLIM_INFINITY).then(|| {
+        let end = if hard == soft {
+            "the kernel kills it (jobs in flight with it: the hard limit is the same)".to_string()
+        } else {
+            let at_hard = if hard == libc::RLIM_INFINITY {
+                String::new()
+            } else {
+                format!(" (the kernel kills it at the hard limit, {hard} s)")
+            };
+            format!("it stops after its running jobs and exits (status 1) for its supervisor to start it afresh{at_hard}")
+        };
+        format!(
+            "a CPU time limit of {soft} s is set (ulimit -t, LimitCPU=): it counts the worker's own CPU time since its first start, which no reload resets; once it is reached, {end}; raise or remove it"
         )
     })
 }

@@ -150,6 +150,27 @@ impl Control {
         }
     }
 
+    /// The soft CPU time limit is reached (SIGXCPU, again every second of CPU after it): no
+    /// reload resets it, so stop after the running jobs and exit for the supervisor, before
+    /// the hard limit kills the worker with them (see `limits::cpu_time_warning`).
+    pub(super) fn cpu_time_spent(&mut self, phase: &mut Phase) {
+        if self.exit_for_supervisor {
+            return;
+        }
+        log::error!(
+            "the CPU time limit (ulimit -t, LimitCPU=) is reached: it counts the worker's CPU time since its first start, which no reload resets; stopping after {} running job(s) finish",
+            self.state.in_flight.load(Ordering::Relaxed)
+        );
+        self.exit_for_supervisor = true;
+        if matches!(phase, Phase::Stopping) {
+            return;
+        }
+        *phase = Phase::Stopping;
+        self.state.set_phase(WorkerPhase::Stopping);
+        self.source.stopping(false);
+        self.halt_lanes();
+    }
+
     pub(super) fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
         match phase {
             Phase::Running => {}
