@@ -1583,3 +1583,37 @@ fn a_term_while_waiting_for_threads_ends_the_worker_within_two_seconds() {
         "ended after {took:?}:\n{log}"
     );
 }
+
+/// Started as its user (not root) with a `[worker] group` that user is not running as: `check`
+/// said "ok" and the worker ran, its jobs in the user's own group, without a word (only root can
+/// switch groups). Now `check` and `run` refuse it, as they refuse another user.
+#[test]
+fn a_start_that_is_not_root_refuses_a_group_it_cannot_switch_to() {
+    let sb = Sandbox::new("sec-group");
+    let dir = sb.path("as-nobody");
+    fs::create_dir_all(dir.join("jobs")).unwrap();
+    fs::write(
+        dir.join("config.toml"),
+        "[worker]\njobs_dir = \"jobs\"\nuser = \"nobody\"\ngroup = \"daemon\"\n",
+    )
+    .unwrap();
+    fs::copy(&sb.bin, dir.join("gearshift")).unwrap();
+    let out = Command::new("chown")
+        .args(["-R", "nobody"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    for cmd in ["check", "run"] {
+        let out = as_worker(
+            &sb,
+            &format!("exec timeout 20 as-nobody/gearshift -c as-nobody/config.toml {cmd}"),
+        );
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains("cannot switch to group \"daemon\""),
+            "{cmd}: {}",
+            text_of(&out)
+        );
+    }
+}

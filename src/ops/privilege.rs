@@ -199,6 +199,16 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
             cfg.path.display(),
             t.name
         ))),
+        // The user's own, but not in the group named: only root can switch groups (it ran
+        // on in its own group, its jobs with it, without a word).
+        Some(t) if !euid.is_root() && cfg.worker.group.is_some() && t.gid != nix::unistd::getegid() => {
+            Err(Error::Config(format!(
+                "{}: cannot switch to group \"{}\": not started as root (running as gid {})",
+                at(&cfg.worker.group_at),
+                cfg.worker.group.as_deref().unwrap_or_default(),
+                nix::unistd::getegid()
+            )))
+        }
         None if euid.is_root() && !cfg.worker.allow_root => Err(Error::Config(format!(
             "{}: refusing to run as root: set [worker] user = \"...\" to drop privileges (or allow_root = true)",
             cfg.path.display()
