@@ -295,6 +295,19 @@ fn a_link_to_nothing_and_a_byte_order_mark_in_jobs_dir_are_said() {
             && said.contains("does not exist"),
         "{said}"
     );
+    // A FIFO (or a socket, a device) where a job was meant to be: no function, said.
+    nix::unistd::mkfifo(
+        &sb.path("jobs/convert"),
+        nix::sys::stat::Mode::from_bits_truncate(0o755),
+    )
+    .unwrap();
+    let check = sb.run(&["check"]);
+    let said = text(&check.stdout) + &text(&check.stderr);
+    assert!(
+        check.status.success() && said.contains("convert") && said.contains("FIFO"),
+        "{said}"
+    );
+    fs::remove_file(sb.path("jobs/convert")).unwrap();
     sb.job("bom", "\u{feff}#!/bin/sh\necho hi\n");
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);

@@ -245,6 +245,28 @@ fn config_dirs(path: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// What a file in `jobs_dir` that is neither a regular file nor a directory (which may hold a
+/// job's helpers) is said to be: no job function (it was skipped without a word).
+fn not_a_file(path: &Path, meta: &fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_dir() {
+        return None;
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "of an unknown type"
+    };
+    Some(format!(
+        "\"{}\" in jobs_dir is {what}, not a regular file, so it is no job function",
+        path.display()
+    ))
+}
+
 /// How many bytes of job executables one scan of `jobs_dir` hashes, in name order (about a
 /// quarter second here); the files past it enter the digest by identity (device, inode, size,
 /// modification and change times) instead of content.
@@ -289,6 +311,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             }
         };
         if !meta.is_file() {
+            warnings.extend(not_a_file(&path, &meta));
             continue;
         }
         let mode = meta.permissions().mode();
