@@ -1070,3 +1070,34 @@ fn an_ipc_path_held_by_a_listener_that_never_accepts_is_a_clear_error_not_a_hang
     assert!(took < Duration::from_secs(10), "submit took {took:?}");
     drop(waiting);
 }
+
+/// A `bind` naming a host (allowed with `allow_remote`) was looked up with a blocking
+/// `getaddrinfo`: with a name server that does not answer, a start (and a reload's new
+/// generation, which serves nothing meanwhile) waited the resolver's whole timeout, 20 s here.
+/// Now the lookup is bounded (3 s) and its failure said.
+#[test]
+fn a_bind_host_the_resolver_never_answers_holds_no_start() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip(
+            "a_bind_host_the_resolver_never_answers_holds_no_start",
+            "root (a name server on port 53, a bind mount)",
+        );
+    }
+    let sb = Sandbox::new("zmq-deaf-bind");
+    fs::write(
+        sb.config(),
+        "[worker]\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
+         [source]\nkind = \"zeromq\"\nbind = [\"tcp://gearshift-test.invalid:5599\"]\n\
+         allow_remote = true\nfunction = \"reverse\"\n",
+    )
+    .unwrap();
+    let dns = DeafResolver::new(&sb, "127.0.0.5");
+    let (out, took) = dns.cli(&sb, &["run"]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        said.contains("gearshift-test.invalid") && said.contains("did not answer"),
+        "{said}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}: {said}");
+}

@@ -37,18 +37,24 @@ pub fn open(bind: &[Endpoint], carried: Vec<(String, OwnedFd)>) -> Result<Vec<Li
     Ok(out)
 }
 
+/// How long the host of a `bind` endpoint may take to be looked up.
+const BIND_LOOKUP: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
     match ep {
         Endpoint::Tcp { host, port } => {
-            use std::net::ToSocketAddrs;
             let host = if host == "*" {
                 "0.0.0.0"
             } else {
                 host.as_str()
             };
-            let addr = (host, *port)
-                .to_socket_addrs()
+            // Bounded: a name server that does not answer held a start (and a reload's new
+            // generation, serving nothing) for the resolver's whole timeout.
+            let target = crate::source::resolve::target(host, *port);
+            let by = std::time::Instant::now() + BIND_LOOKUP;
+            let addr = crate::source::resolve::addresses_by(&target, by)
                 .map_err(|e| Error::io(format!("resolving {ep}"), e))?
+                .into_iter()
                 .next()
                 .ok_or_else(|| Error::Msg(format!("{ep}: the host has no address")))?;
             let l = std::net::TcpListener::bind(addr)
