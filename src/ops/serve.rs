@@ -94,7 +94,9 @@ impl<S: Read + Write + AsFd> Client<S> {
     /// Reads what arrived and answers once the request is whole; writes what the socket takes.
     fn step(&mut self, proto: &impl Protocol, limits: &Limits, now: Instant) -> Next {
         if self.reading() {
-            let mut ended = now >= self.accepted + limits.request_wait;
+            // What arrived is read even when the time is up: a request that came with the
+            // deadline is answered as asked.
+            let mut ended = false;
             let mut chunk = [0u8; 1024];
             while !ended && self.got.len() < limits.request_bytes {
                 let room = (limits.request_bytes - self.got.len()).min(chunk.len());
@@ -106,7 +108,8 @@ impl<S: Read + Write + AsFd> Client<S> {
                     Err(_) => return Next::Close,
                 }
             }
-            ended |= self.got.len() >= limits.request_bytes;
+            ended |= now >= self.accepted + limits.request_wait
+                || self.got.len() >= limits.request_bytes;
             match proto.answer(&self.got, ended) {
                 Some(answer) if answer.is_empty() => return Next::Close,
                 Some(answer) => self.out = Some((answer, 0)),
