@@ -1243,18 +1243,32 @@ impl MemoryCgroup {
 
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
-        for pid in fs::read_to_string(self.dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-        {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-        let until = Instant::now() + Duration::from_secs(10);
-        while fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        kill_cgroup(&self.dir);
+        remove_cgroup(&self.dir);
+    }
+}
+
+/// The processes in the cgroup at `dir`.
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// SIGKILLs every process in the cgroup at `dir`.
+fn kill_cgroup(dir: &Path) {
+    for pid in cgroup_pids(dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Removes the cgroup at `dir` once its processes are gone (bounded: 10 s).
+fn remove_cgroup(dir: &Path) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while fs::remove_dir(dir).is_err() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -1414,24 +1428,15 @@ impl Freezer {
     }
 
     fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(self.dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
+        cgroup_pids(&self.dir)
     }
 }
 
 impl Drop for Freezer {
     fn drop(&mut self) {
-        for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        kill_cgroup(&self.dir);
         self.thaw();
-        let until = Instant::now() + Duration::from_secs(10);
-        while fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        remove_cgroup(&self.dir);
     }
 }
 

@@ -347,7 +347,8 @@ fn start_error(message: String, errno: i32) -> JobError {
     }
 }
 
-fn fmt_duration(d: Duration) -> String {
+/// A timeout as the config writes it: whole seconds as `2s`, else milliseconds.
+pub(crate) fn fmt_duration(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())
     } else {

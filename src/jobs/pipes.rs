@@ -36,6 +36,12 @@ pub(super) enum Reaped {
 /// Waits for `child`, whose process group was just sent SIGKILL, at most [`KILL_WAIT`]: the
 /// lane must not wait for ever with a process that cannot die yet.
 pub(super) fn reap_killed(child: &mut Child) -> Reaped {
+    // Most jobs have exited by now: no pidfd for them.
+    match child.try_wait() {
+        Ok(Some(status)) => return Reaped::Exited(status),
+        Ok(None) => {}
+        Err(e) => return Reaped::Failed(e),
+    }
     let pidfd = pidfd_open(child.id() as i32);
     let deadline = Instant::now() + KILL_WAIT;
     loop {

@@ -242,11 +242,7 @@ impl RunningJob {
             self.running_ms as f64 / 1000.0
         );
         if let Some(t) = self.timeout_ms.filter(|t| self.running_ms > *t) {
-            let limit = if t % 1000 == 0 {
-                format!("{}s", t / 1000)
-            } else {
-                format!("{t}ms")
-            };
+            let limit = crate::jobs::executable::fmt_duration(std::time::Duration::from_millis(t));
             s.push_str(&format!(
                 ", {:.1}s past its {limit} timeout {}",
                 (self.running_ms - t) as f64 / 1000.0,

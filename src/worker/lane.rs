@@ -209,6 +209,7 @@ impl LaneContext {
             }
             self.state.in_flight.fetch_add(1, Ordering::Relaxed);
             let entry = self.table.get(&job.function);
+            let known = entry.is_some();
             self.state.set_running(
                 self.index,
                 Some(crate::status::Started {
@@ -256,7 +257,7 @@ impl LaneContext {
             }
             self.store_outcome(&job, &outcome, lane.as_mut());
             // Names from whoever submits never become label values: only this worker's own.
-            let key = if self.table.get(function).is_some() {
+            let key = if known {
                 function
             } else {
                 crate::metrics::UNKNOWN_FUNCTION

@@ -142,12 +142,21 @@ impl Control {
         if !self.request_restart(phase, RestartReason::ThreadDied)
             && matches!(phase, Phase::Running)
         {
-            self.exit_for_supervisor = true;
-            *phase = Phase::Stopping;
-            self.state.set_phase(WorkerPhase::Stopping);
-            self.source.stopping(false);
-            self.halt_lanes();
+            self.stop_for_supervisor(phase);
         }
+    }
+
+    /// Stops after the running jobs, then exits 1 for the supervisor (or systemd) to start
+    /// the worker afresh.
+    fn stop_for_supervisor(&mut self, phase: &mut Phase) {
+        self.exit_for_supervisor = true;
+        if matches!(phase, Phase::Stopping) {
+            return;
+        }
+        *phase = Phase::Stopping;
+        self.state.set_phase(WorkerPhase::Stopping);
+        self.source.stopping(false);
+        self.halt_lanes();
     }
 
     /// The soft CPU time limit is reached (SIGXCPU, again every second of CPU after it): no
@@ -161,14 +170,7 @@ impl Control {
             "the CPU time limit (ulimit -t, LimitCPU=) is reached: it counts the worker's CPU time since its first start, which no reload resets; stopping after {} running job(s) finish",
             self.state.in_flight.load(Ordering::Relaxed)
         );
-        self.exit_for_supervisor = true;
-        if matches!(phase, Phase::Stopping) {
-            return;
-        }
-        *phase = Phase::Stopping;
-        self.state.set_phase(WorkerPhase::Stopping);
-        self.source.stopping(false);
-        self.halt_lanes();
+        self.stop_for_supervisor(phase);
     }
 
     pub(super) fn request_restart(&mut self, phase: &mut Phase, reason: RestartReason) -> bool {
