@@ -63,6 +63,99 @@ fn sd_notify_messages_in_order_across_a_reload() {
     assert_eq!(w.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// The service manager's clock (CLOCK_MONOTONIC, as systemd stamps the reload it asks for).
+fn monotonic_us() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+}
+
+/// What systemd (>= 253) needs to end a `systemctl reload` of a Type=notify-reload unit: after
+/// its SIGHUP (stamped `since`), a `RELOADING=1` whose `MONOTONIC_USEC` is not older (an older
+/// one it ignores), then `READY=1` in a later datagram. Every line of every datagram is one of
+/// the protocol's assignments (nothing from outside forges another). Returns the READY=1
+/// datagram.
+fn reload_completed(sock: &UnixDatagram, since: u64, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut reloading = false;
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        for msg in read_until(sock, "READY=1", left.max(Duration::from_millis(1))) {
+            for line in msg.lines() {
+                assert!(
+                    [
+                        "RELOADING=",
+                        "MONOTONIC_USEC=",
+                        "READY=",
+                        "STATUS=",
+                        "WATCHDOG="
+                    ]
+                    .iter()
+                    .any(|k| line.starts_with(k)),
+                    "a line that is no sd_notify assignment of ours: {line:?} in {msg:?}"
+                );
+            }
+            if msg.starts_with("RELOADING=1") {
+                let usec: u64 = msg.lines().nth(1).unwrap()["MONOTONIC_USEC=".len()..]
+                    .parse()
+                    .unwrap();
+                reloading |= usec >= since;
+            }
+            let ready = msg.lines().any(|l| l == "READY=1");
+            seen.push(msg.clone());
+            if ready && reloading {
+                return msg;
+            }
+        }
+    }
+    panic!("no RELOADING=1 stamped after {since} followed by READY=1 within {limit:?}: {seen:?}");
+}
+
+/// `systemctl reload` of a Type=notify-reload unit sends SIGHUP and waits for RELOADING=1 (stamped
+/// after the signal) and READY=1. A reload the worker refused (an invalid config) sent neither,
+/// and a HUP that arrived while a restart was already under way (folded into it) found only the
+/// RELOADING=1 sent before it, which systemd ignores as older than its request: either way
+/// `systemctl reload` waited out TimeoutStartSec (90 s by default) and then said the reload
+/// failed by timing out, while the worker ran on.
+#[test]
+fn every_hup_gets_its_reloading_and_ready_even_refused_or_folded() {
+    let sb = Sandbox::new("notify-refused");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+
+    // Refused: the config no longer valid.
+    let good = std::fs::read_to_string(sb.config()).unwrap();
+    std::fs::write(sb.config(), format!("{good}\n[log]\nlevel = \"loud\"\n")).unwrap();
+    let since = monotonic_us();
+    w.signal(Signal::SIGHUP);
+    let ready = reload_completed(&sock, since, Duration::from_secs(5));
+    assert!(
+        ready.contains("STATUS=generation 1, ")
+            && ready.contains("; reload refused: ")
+            && ready.contains("loud"),
+        "the STATUS says the reload was refused and why: {ready:?}"
+    );
+    assert_eq!(w.status()["generation"], 1);
+
+    // Folded: a HUP while a restart waits for a running job.
+    std::fs::write(sb.config(), &good).unwrap();
+    sb.submit("sleep", "1500");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGHUP);
+    read_until(&sock, "RELOADING=1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(100));
+    let since = monotonic_us();
+    w.signal(Signal::SIGHUP);
+    let ready = reload_completed(&sock, since, Duration::from_secs(10));
+    assert!(ready.contains("STATUS=generation 2,"), "{ready:?}");
+    w.signal(Signal::SIGTERM);
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
 #[test]
 fn watchdog_pings_continue_during_a_long_job() {
     let sb = Sandbox::new("watchdog");

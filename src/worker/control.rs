@@ -427,21 +427,6 @@ impl Control {
         }
     }
 
-    /// Tells the service manager (if any) `message`, with a STATUS line.
-    pub(super) fn notify(&self, message: &str) {
-        if let Some(n) = &self.notifier {
-            let s = &self.state;
-            let (completed, failed) = s.metrics.totals();
-            n.send(&format!(
-                "{message}\nSTATUS=generation {}, {} jobs completed, {} failed, {} running",
-                s.generation,
-                completed,
-                failed,
-                s.in_flight.load(Ordering::Relaxed)
-            ));
-        }
-    }
-
     pub(super) fn halt_lanes(&self) {
         self.stop.trigger();
         self.source.wake();

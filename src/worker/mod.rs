@@ -30,6 +30,7 @@ mod event;
 mod helpers;
 mod lane;
 mod limits;
+mod manager;
 mod plan;
 mod restart;
 mod startup;

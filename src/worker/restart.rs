@@ -180,6 +180,12 @@ impl Control {
                 reason: under_way, ..
             } => {
                 log::info!("{reason}: a restart ({under_way}) is already under way; this one is folded into it");
+                if reason == RestartReason::Sighup {
+                    // systemd ignores a RELOADING=1 stamped before its SIGHUP: this reload
+                    // would wait for one until its timeout, though the next image's READY=1
+                    // ends it too.
+                    self.notify_reloading();
+                }
                 return true;
             }
             Phase::Stopping => return true,
@@ -190,6 +196,9 @@ impl Control {
             Ok(plan) => self.prepared = Some(plan).filter(|_| !self.poll_fallback),
             Err(e) => {
                 self.refuse(reason, &e.to_string());
+                if reason == RestartReason::Sighup {
+                    self.notify_refused(&e.to_string());
+                }
                 return false;
             }
         }
@@ -203,10 +212,7 @@ impl Control {
         };
         self.state.set_phase(WorkerPhase::Draining);
         self.source.stopping(true);
-        self.notify(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}",
-            crate::clock::monotonic_us()
-        ));
+        self.notify_reloading();
         self.halt_lanes();
         true
     }
