@@ -88,7 +88,8 @@ fn reload_completed(sock: &UnixDatagram, since: u64, limit: Duration) -> String 
                         "MONOTONIC_USEC=",
                         "READY=",
                         "STATUS=",
-                        "WATCHDOG="
+                        "WATCHDOG=",
+                        "EXTEND_TIMEOUT_USEC=",
                     ]
                     .iter()
                     .any(|k| line.starts_with(k)),
@@ -154,6 +155,88 @@ fn every_hup_gets_its_reloading_and_ready_even_refused_or_folded() {
     assert!(ready.contains("STATUS=generation 2,"), "{ready:?}");
     w.signal(Signal::SIGTERM);
     assert_eq!(w.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+/// Datagrams read until `limit` passes (each read bounded by what is left).
+fn read_for(sock: &UnixDatagram, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// The microseconds of an `EXTEND_TIMEOUT_USEC=` line, if `msg` has one.
+fn extension(msg: &str) -> Option<u64> {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        .map(|v| v.parse().unwrap())
+}
+
+/// systemd times a Type=notify-reload unit's reload with TimeoutStartSec (90 s by default): a
+/// restart that waited longer for a running job (an image, a report: minutes are common) made
+/// `systemctl reload` fail with a timeout while the worker went on to restart as asked. While a
+/// restart waits for jobs that are within their own timeouts the worker now extends systemd's
+/// (`EXTEND_TIMEOUT_USEC=`, again every few seconds); a job held past its timeout (a Rust
+/// function that ignores its deadline) gets no extension, and systemd's timeout decides.
+#[test]
+fn a_restart_that_waits_for_long_jobs_extends_the_service_managers_timeout() {
+    let mut sb = Sandbox::new("notify-extend");
+    sb.bin = example("custom_worker");
+    sb.write_config("[functions.slow]\ntimeout = \"1s\"\n");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+
+    // Within its timeout (none): extended until the job ends and the next image is ready.
+    sb.submit("sleep", "7000");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(Signal::SIGHUP);
+    let msgs = read_until(&sock, "READY=1", Duration::from_secs(15));
+    let reloading = msgs
+        .iter()
+        .position(|m| m.starts_with("RELOADING=1"))
+        .unwrap_or_else(|| panic!("{msgs:?}"));
+    let extended: Vec<u64> = msgs[reloading..]
+        .iter()
+        .filter_map(|m| extension(m))
+        .collect();
+    assert!(
+        extended.len() >= 2 && extended.iter().all(|&us| us >= 10_000_000),
+        "extended with RELOADING=1 and again while the 7 s job ran: {msgs:?}"
+    );
+    assert!(
+        msgs.last().unwrap().contains("STATUS=generation 2,"),
+        "{msgs:?}"
+    );
+
+    // Past its timeout (and the kill's wait after it): no extension.
+    sb.submit("slow", "30000");
+    w.wait_for(Duration::from_secs(20), "the job past its timeout", |s| {
+        s["running_jobs"][0]["running_ms"].as_u64() >= Some(7500)
+    });
+    w.signal(Signal::SIGHUP);
+    let msgs = read_for(&sock, Duration::from_secs(6));
+    assert!(
+        msgs.iter().any(|m| m.starts_with("RELOADING=1"))
+            && !msgs.iter().any(|m| extension(m).is_some()),
+        "{msgs:?}"
+    );
+    // The second TERM (its own: two sent at once can arrive as one) ends it now.
+    w.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal(Signal::SIGTERM);
+    w.wait_exit(Duration::from_secs(10));
 }
 
 #[test]

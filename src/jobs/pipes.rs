@@ -21,7 +21,7 @@ const EXIT_GRACE: Duration = Duration::from_millis(200);
 
 /// How long the leader of a job whose group was sent SIGKILL gets to die before its lane goes
 /// on without it (dying can take a while: a process with gigabytes mapped frees them first).
-pub(super) const KILL_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// How the leader of a killed job ended ([`reap_killed`]).
 pub(super) enum Reaped {

@@ -62,6 +62,9 @@ pub(super) struct Loop {
     binary_at: Option<Instant>,
     /// A change-triggered restart waiting out `restart_splay`.
     splayed: Option<(Instant, RestartReason)>,
+    /// While a restart waits for running jobs under a service manager: when to extend its
+    /// timeout again (`manager.rs`).
+    extend_at: Option<Instant>,
 }
 
 pub(super) struct Control {
@@ -128,6 +131,7 @@ impl Control {
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
+            extend_at: None,
         };
         let mut age = match self.limits.max_age {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
@@ -161,6 +165,8 @@ impl Control {
                 (t, _) => at(t),
             };
             let splay_timer = at(lp.splayed.map(|(t, _)| t));
+            lp.extend_at = self.extend_at(matches!(lp.phase, Phase::Draining { .. }), lp.extend_at);
+            let extend_timer = at(lp.extend_at);
             // A fault clears only after a quiet second, maybe when no job is left to notice.
             let health_timer = if self.health.degraded.load(Ordering::Acquire) {
                 after(Duration::from_millis(250))
@@ -171,6 +177,10 @@ impl Control {
                 recv(health_timer) -> _ => self.health.recovered(&self.state),
                 recv(splay_timer) -> _ => self.splay_over(&mut lp),
                 recv(watchdog) -> _ => self.notify("WATCHDOG=1"),
+                recv(extend_timer) -> _ => {
+                    lp.extend_at = None;
+                    self.extend_drain();
+                }
                 recv(pidfile_look) -> _ => self.pidfile.look(&self.plan.config.worker.state_dir),
                 recv(age) -> _ => {
                     age = never();

@@ -1,11 +1,21 @@
 //! What the worker tells its service manager (sd_notify, `crate::ops::notify`): each message
 //! with a STATUS line, and the reload protocol of a Type=notify-reload unit, where systemd
 //! waits after its SIGHUP for a `RELOADING=1` stamped after the signal (an older one it
-//! ignores), then for `READY=1`.
+//! ignores), then for `READY=1`, at most TimeoutStartSec (90 s by default) unless the service
+//! extends it: while a restart waits for running jobs within their own timeouts, it does.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::control::Control;
+
+/// How often a restart that waits for running jobs extends the service manager's timeout, and
+/// by how much (from now) each time.
+const EXTEND_EVERY: Duration = Duration::from_secs(5);
+const EXTEND_BY: Duration = Duration::from_secs(15);
+/// A job this long past its timeout is held (a Rust function that ignores its deadline, a
+/// process the SIGKILL has not ended): the wait for it is not extended.
+const HELD_PAST: Duration = crate::jobs::pipes::KILL_WAIT.saturating_add(Duration::from_secs(1));
 
 impl Control {
     /// Tells the service manager (if any) `message`, with a STATUS line.
@@ -28,10 +38,12 @@ impl Control {
         }
     }
 
-    /// `RELOADING=1`, stamped now.
+    /// `RELOADING=1`, stamped now, with the first extension of the manager's timeout if the
+    /// restart waits for running jobs.
     pub(super) fn notify_reloading(&self) {
+        let extension = self.extension().unwrap_or_default();
         self.notify(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}",
+            "RELOADING=1\nMONOTONIC_USEC={}{extension}",
             crate::clock::monotonic_us()
         ));
     }
@@ -40,8 +52,42 @@ impl Control {
     /// timeout, begun and over, the STATUS saying why nothing changed (systemd has no word for
     /// a failed reload).
     pub(super) fn notify_refused(&self, error: &str) {
-        self.notify_reloading();
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::clock::monotonic_us()
+        ));
         self.notify_with("READY=1", &refused_status(error));
+    }
+
+    /// When to extend the manager's timeout next: while `draining` (and there is a manager),
+    /// `due` or [`EXTEND_EVERY`] from now.
+    pub(super) fn extend_at(&self, draining: bool, due: Option<Instant>) -> Option<Instant> {
+        (draining && self.notifier.is_some())
+            .then(|| due.unwrap_or_else(|| Instant::now() + EXTEND_EVERY))
+    }
+
+    /// Every [`EXTEND_EVERY`] while a restart waits for running jobs: the manager's timeout
+    /// extended, unless a job is held past its own.
+    pub(super) fn extend_drain(&self) {
+        if let Some(extension) = self.extension() {
+            self.notify(extension.trim_start());
+        }
+    }
+
+    /// `\nEXTEND_TIMEOUT_USEC=...` while jobs run, each within its timeout (or without one),
+    /// and there is a service manager to tell.
+    fn extension(&self) -> Option<String> {
+        self.notifier.as_ref()?;
+        let now = crate::clock::now_ms();
+        let held = |since: u64, timeout: u64| {
+            timeout > 0 && now.saturating_sub(since) > timeout + HELD_PAST.as_millis() as u64
+        };
+        let running = self.state.running.lock().ok()?;
+        let busy = running.iter().filter(|s| s.busy);
+        if busy.clone().next().is_none() || busy.clone().any(|s| held(s.since_ms, s.timeout_ms)) {
+            return None;
+        }
+        Some(format!("\nEXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros()))
     }
 }
 
