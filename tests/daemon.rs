@@ -592,3 +592,45 @@ fn a_removed_pidfile_is_made_again_and_never_reads_as_not_running() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert!(!process_alive(pid));
 }
+
+/// A `state_dir` whose status socket path is longer than a unix socket address holds (107
+/// bytes: a project checked out a few directories deep, a long service name): `check` said
+/// "ok", and the worker then failed to start with "binding status socket ...: path must be
+/// shorter than SUN_LEN". The socket is now bound through its directory's descriptor, as the
+/// clients already connect through the socket file's.
+#[test]
+fn a_state_dir_deeper_than_a_socket_address_holds_still_serves() {
+    let sb = Sandbox::new("deep-state");
+    let deep = format!("{}/state", "d".repeat(120));
+    fs::write(
+        sb.config(),
+        sb.config_text("")
+            .replace("state_dir = \"state\"", &format!("state_dir = \"{deep}\"")),
+    )
+    .unwrap();
+    let pidfile = sb.path(&format!("{deep}/gearshift.pid"));
+    let _reaper = Reaper(pidfile.clone());
+    assert!(
+        sb.path(&format!("{deep}/worker/gearshift.sock"))
+            .as_os_str()
+            .len()
+            > 108
+    );
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let out = sb.run(&["submit", "--wait", "reverse", "deep"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(text(&out.stdout).trim(), "peed");
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("generation 2"),
+        "{}",
+        text_of(&out)
+    );
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(!pidfile.exists() || fs::read_to_string(&pidfile).unwrap().trim().is_empty());
+}

@@ -67,6 +67,30 @@ impl Listen for std::os::unix::net::UnixListener {
     }
 }
 
+/// The longest path a unix socket address holds (`sun_path`, less its terminating NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Binds a unix stream socket at `path`. A path longer than an address holds (a `state_dir`
+/// a few directories deep) is bound through its directory's descriptor, as
+/// `/proc/self/fd/N/NAME`; clients connect the same way (`status::client`).
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::net::UnixListener;
+    if path.as_os_str().len() <= SOCKET_PATH_MAX {
+        return UnixListener::bind(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixListener::bind(path);
+    };
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dir = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())?;
+    // SAFETY: open(2) just returned this descriptor and nothing else owns it.
+    let dir = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dir) };
+    let mut through = std::path::PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    through.push(name);
+    UnixListener::bind(through)
+}
+
 /// Connections accepted in one round at most (the others wait in the backlog for the next):
 /// a server holds at most [`Limits::clients`] and this many descriptors for a moment.
 const ACCEPT_ROUND: usize = 16;

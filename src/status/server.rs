@@ -164,8 +164,8 @@ fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// Binds `path` (see [`Server::prepare`]): the socket and the file's identity.
 fn bind(path: &Path) -> Result<(UnixListener, (u64, u64))> {
     clear_the_way(path);
-    let listener =
-        UnixListener::bind(path).map_err(|e| Error::io_path("binding status socket", path, e))?;
+    let listener = crate::ops::serve::bind_unix(path)
+        .map_err(|e| Error::io_path("binding status socket", path, e))?;
     // The worker's group may query (connecting needs write permission on the socket), others
     // may not even reach it (its directory is 0750).
     {
