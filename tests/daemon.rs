@@ -621,6 +621,11 @@ fn a_state_dir_deeper_than_a_socket_address_holds_still_serves() {
     let out = sb.run(&["submit", "--wait", "reverse", "deep"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert_eq!(text(&out.stdout).trim(), "peed");
+    // Handed across the exec as any status socket is (not bound again: a client waiting in
+    // its backlog meanwhile is answered by the next generation).
+    let socket = sb.path(&format!("{deep}/worker/gearshift.sock"));
+    let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(&socket).unwrap());
+    let before = inode();
     let out = sb.run(&["reload"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let out = sb.run(&["status"]);
@@ -629,6 +634,11 @@ fn a_state_dir_deeper_than_a_socket_address_holds_still_serves() {
         text(&out.stdout).contains("generation 2"),
         "{}",
         text_of(&out)
+    );
+    assert_eq!(
+        inode(),
+        before,
+        "the socket was bound again, not handed over"
     );
     let out = sb.run(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));

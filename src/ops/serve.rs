@@ -91,6 +91,22 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::
     UnixListener::bind(through)
 }
 
+/// Whether a listener's address `local` is what [`bind_unix`] binds for `path`: the path
+/// itself, or, for a path too long for an address, its name under a directory's descriptor.
+pub fn bound_at(local: &std::os::unix::net::SocketAddr, path: &std::path::Path) -> bool {
+    let Some(bound) = local.as_pathname() else {
+        return false;
+    };
+    if path.as_os_str().len() <= SOCKET_PATH_MAX {
+        return bound == path;
+    }
+    bound.file_name() == path.file_name()
+        && bound.parent().is_some_and(|d| {
+            d.strip_prefix("/proc/self/fd")
+                .is_ok_and(|n| n.to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+        })
+}
+
 /// Connections accepted in one round at most (the others wait in the backlog for the next):
 /// a server holds at most [`Limits::clients`] and this many descriptors for a moment.
 const ACCEPT_ROUND: usize = 16;
@@ -394,5 +410,24 @@ mod tests {
         assert_eq!(out, "2\n");
         drop(idle);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_path_longer_than_an_address_is_bound_and_known_again() {
+        let base = std::env::temp_dir().join(format!("gs-serve-long-{}", std::process::id()));
+        let dir = base.join("d".repeat(120));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, short) = (dir.join("s.sock"), base.join("s.sock"));
+        let listener = bind_unix(&path).unwrap();
+        let local = listener.local_addr().unwrap();
+        assert!(bound_at(&local, &path), "{local:?}");
+        assert!(!bound_at(&local, &dir.join("t.sock")));
+        let near = bind_unix(&short).unwrap().local_addr().unwrap();
+        assert!(bound_at(&near, &short) && !bound_at(&near, &path));
+        // A client reaches it through the file's descriptor, as `status::client` does.
+        let file = std::fs::File::open(&dir).unwrap();
+        let via = format!("/proc/self/fd/{}/s.sock", file.as_raw_fd());
+        drop(UnixStream::connect(via).unwrap());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -59,9 +59,7 @@ impl Server {
             let listener = UnixListener::from(owned);
             let same_path = listener
                 .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p == path))
-                .unwrap_or(false);
+                .is_ok_and(|a| crate::ops::serve::bound_at(&a, path));
             Some((
                 listener,
                 ident,
