@@ -1420,6 +1420,14 @@ impl Freezer {
         )
     }
 
+    fn freeze(&self) {
+        fs::write(
+            self.dir.join(self.state_file()),
+            if self.v1 { "FROZEN" } else { "1" },
+        )
+        .unwrap();
+    }
+
     fn thaw(&self) {
         let _ = fs::write(
             self.dir.join(self.state_file()),
@@ -1502,6 +1510,51 @@ fn a_job_that_cannot_be_killed_holds_neither_its_lane_nor_a_reload() {
     assert!(said <= 3, "said {said} times:\n{log}");
     let stop = sb.run(&["stop", "--timeout", "20s"]);
     assert_eq!(stop.status.code(), Some(0), "{}", text(&stop.stderr));
+}
+
+/// `stop --force` against a worker that SIGKILL cannot end yet (frozen here; a worker in an
+/// uninterruptible wait on a hung disk or NFS server holding its `state_dir` is the same): after
+/// the kill it waited for the pidfile lock to be released for ever, so a deploy script's stop
+/// hung with it (reproduced: still waiting 20 s later). Now it waits a few seconds, then says
+/// the process was killed but is still there, in which state, and exits 5.
+#[test]
+fn stop_force_on_a_worker_that_cannot_die_yet_says_so_and_returns() {
+    let name = "stop_force_on_a_worker_that_cannot_die_yet_says_so_and_returns";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "root (a freezer cgroup)");
+    }
+    let sb = Sandbox::new("unkillable-worker");
+    let mut w = sb.start();
+    // Made after the worker, so dropped (thawed) before it: a frozen worker cannot be waited for.
+    let Some(cg) = Freezer::new(&format!("gs-test-freeze-stop-{}", std::process::id())) else {
+        return skip(name, "a writable freezer cgroup");
+    };
+    fs::write(cg.dir.join("cgroup.procs"), w.pid().to_string()).unwrap();
+    cg.freeze();
+    let mut stop = sb
+        .cmd(&["stop", "--timeout", "1s", "--force"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut stop, Duration::from_secs(30));
+    if status.is_none() {
+        let _ = stop.kill();
+    }
+    let out = stop.wait_with_output().unwrap();
+    let said = text_of(&out);
+    assert!(
+        status.is_some(),
+        "`stop --force` still waiting after 30 s: {said}"
+    );
+    assert_eq!(status.unwrap().code(), Some(5), "{said}");
+    assert!(
+        said.contains(&format!("pid {}", w.pid())) && said.contains("still there"),
+        "{said}"
+    );
+    // Thawed, it dies of the SIGKILL it was sent.
+    cg.thaw();
+    w.wait_exit(Duration::from_secs(10));
 }
 
 /// A CPU time limit (`ulimit -t`, systemd's `LimitCPU=`) counts the worker's own CPU time

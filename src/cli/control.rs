@@ -369,7 +369,16 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
             for g in groups {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
             }
+            // The lock goes with the process, which one in an uninterruptible wait (its disk
+            // or NFS server hung, a frozen cgroup) leaves only once that wait ends.
+            let killed = Instant::now();
             while pidfile::probe(&pidfile)? != Probe::NotRunning {
+                let wait = crate::jobs::pipes::KILL_WAIT;
+                if killed.elapsed() >= wait {
+                    let state = crate::ops::procfs::Stat::of(Some(pid)).map_or('?', |s| s.state);
+                    eprintln!("killed pid {pid} after {timeout:?}, but it is still there {wait:?} later, in state {state}: a process in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup) dies only once that wait ends, and holds the pidfile lock until then");
+                    return Ok(exit::NOT_YET);
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             if jobs.is_empty() {

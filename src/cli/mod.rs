@@ -146,7 +146,7 @@ enum Command {
         timeout: Duration,
     },
     /// Stop the worker gracefully (SIGTERM): running jobs finish first.
-    /// Exit codes: 0 stopped or not running, 4 unknown, 5 still running after the timeout.
+    /// Exit codes: 0 stopped or not running, 4 unknown, 5 still running after the timeout (with --force: killed, and not gone 5 s later).
     Stop {
         /// Give up waiting after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
