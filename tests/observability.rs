@@ -377,6 +377,42 @@ fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Ou
     tmux
 }
 
+/// The screen of the tmux session `top_in_tmux` started.
+fn top_screen(tmux: &dyn Fn(&[&str]) -> std::process::Output) -> String {
+    text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout)
+}
+
+/// Waits up to `limit` for the screen to satisfy `ok` (else fails, showing it).
+fn wait_screen(
+    tmux: &dyn Fn(&[&str]) -> std::process::Output,
+    what: &str,
+    limit: Duration,
+    ok: &dyn Fn(&str) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = top_screen(tmux);
+        if ok(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Presses `q` and waits up to `limit` for top (its session) to end; false if it did not.
+fn quits_on_q(tmux: &dyn Fn(&[&str]) -> std::process::Output, limit: Duration) -> bool {
+    tmux(&["send-keys", "-t", "0", "q"]);
+    let deadline = Instant::now() + limit;
+    while tmux(&["has-session"]).status.success() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 #[test]
 fn top_shows_lanes_functions_and_quits_on_q() {
     if Command::new("tmux").arg("-V").output().is_err() {
@@ -415,16 +451,11 @@ fn top_shows_lanes_functions_and_quits_on_q() {
         last.contains(&long) && last.contains("q: quit"),
         "screen:\n{last}"
     );
-    tmux(&["send-keys", "-t", "0", "q"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while tmux(&["has-session"]).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "top did not quit on q:\n{}",
-            screen()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        quits_on_q(&tmux, Duration::from_secs(5)),
+        "top did not quit on q:\n{}",
+        screen()
+    );
 }
 
 /// A real Prometheus (Debian's package), started on a loopback port, scraping every 100 ms.
@@ -652,26 +683,15 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
 
     let mut w = sb.start();
     let tmux = top_in_tmux(&sb, "gs-topf");
-    let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
-    let wait_screen = |what: &str, ok: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = screen();
-            if ok(&s) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}:\n{s}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let ten = Duration::from_secs(10);
     let first = w.pid();
-    wait_screen("the first worker", &|s| {
+    wait_screen(&tmux, "the first worker", ten, &|s| {
         s.contains(&format!("pid {first} "))
     });
     w.signal(nix::sys::signal::Signal::SIGTERM);
-    w.wait_exit(Duration::from_secs(10));
+    w.wait_exit(ten);
     let stopped = Instant::now();
-    wait_screen("the worker gone", &|s| {
+    wait_screen(&tmux, "the worker gone", ten, &|s| {
         s.contains("is gone") && s.contains("Waiting")
     });
     assert!(
@@ -681,13 +701,49 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
     );
     let w2 = sb.start();
     let second = w2.pid();
-    wait_screen("the new worker", &|s| s.contains(&format!("pid {second} ")));
-    tmux(&["send-keys", "-t", "0", "q"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while tmux(&["has-session"]).status.success() {
-        assert!(Instant::now() < deadline, "top did not quit:\n{}", screen());
-        std::thread::sleep(Duration::from_millis(50));
+    wait_screen(&tmux, "the new worker", ten, &|s| {
+        s.contains(&format!("pid {second} "))
+    });
+    assert!(
+        quits_on_q(&tmux, Duration::from_secs(5)),
+        "top did not quit:\n{}",
+        top_screen(&tmux)
+    );
+}
+
+/// A worker that holds its lock but answers nothing (stopped with SIGSTOP, Ctrl-Z at the
+/// terminal of its `run`; wedged): `top` kept its last frame and asked again and again, and
+/// looked at no key and no signal meanwhile, so neither `q` nor Ctrl-C ended it. Now it says
+/// the worker does not answer (and that it is stopped, with `kill -CONT`), and quits on `q`.
+#[test]
+fn top_says_a_worker_that_answers_nothing_and_still_quits() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        skip(
+            "observability::top_says_a_worker_that_answers_nothing_and_still_quits",
+            "no tmux",
+        );
+        return;
     }
+    let sb = Sandbox::new("top-stopped");
+    let w = sb.start();
+    let tmux = top_in_tmux(&sb, "gs-tops");
+    let pid = w.pid();
+    wait_screen(&tmux, "the worker", Duration::from_secs(10), &|s| {
+        s.contains(&format!("pid {pid} "))
+    });
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
+    let said = |s: &str| s.contains("does not answer") && s.contains(&format!("kill -CONT {pid}"));
+    wait_screen(
+        &tmux,
+        "the worker said to answer nothing",
+        Duration::from_secs(15),
+        &said,
+    );
+    let quit = quits_on_q(&tmux, Duration::from_secs(8));
+    let last = top_screen(&tmux);
+    let _ = tmux(&["kill-server"]);
+    w.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(quit, "top did not quit on q:\n{last}");
 }
 
 /// `result` at a terminal ends the result with a newline, so the prompt (or the next command's

@@ -16,6 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 
 use crate::error::{Error, Result};
+use crate::ops::pidfile::Probe;
 use crate::status::Doc;
 
 /// One function's counters in a sample.
@@ -72,12 +73,26 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
     let mut before: Option<Sample> = None;
     let mut gone: Option<(i32, String)> = None;
     loop {
+        let quit_hint = if keys {
+            "q: quit"
+        } else {
+            "Ctrl-C or a TERM: quit"
+        };
         let frame = match &target {
+            // Stopped by SIGSTOP: it answers nothing until continued; not asked meanwhile.
+            Some((pid, _, _)) if super::control::stopped(*pid).is_some() => {
+                unanswered(*pid, super::control::stopped(*pid), quit_hint)
+            }
             Some((pid, socket, pidfile)) => match read_sample(socket, *pid, pidfile) {
                 Ok(sample) => {
                     let frame = draw(&sample, before.as_ref());
                     before = Some(sample);
                     frame
+                }
+                // It holds its lock but does not answer (wedged, or stopped just now): said,
+                // and asked again after the interval (keys and signals looked at meanwhile).
+                Err(e) if crate::ops::pidfile::probe(pidfile).ok() != Some(Probe::NotRunning) => {
+                    unanswered(*pid, Some(e.to_string()), quit_hint)
                 }
                 Err(e) => {
                     // Stopped (or crashed): wait for a worker to start again, and follow it.
@@ -95,8 +110,7 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
                 Err(e) => {
                     let (pid, why) = gone.clone().unwrap_or((0, e.to_string()));
                     format!(
-                        "gearshift top: the worker (pid {pid}) is gone ({why}).\nWaiting for a worker to start; it is followed when one does.\n\n{}",
-                        if keys { "q: quit" } else { "Ctrl-C or a TERM: quit" }
+                        "gearshift top: the worker (pid {pid}) is gone ({why}).\nWaiting for a worker to start; it is followed when one does.\n\n{quit_hint}"
                     )
                 }
             },
@@ -110,6 +124,14 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
             return Ok(super::exit::OK);
         }
     }
+}
+
+/// The frame for a worker that runs (holds its lock) but does not answer, and why.
+fn unanswered(pid: i32, why: Option<String>, quit_hint: &str) -> String {
+    let why = crate::text::escape(why.as_deref().unwrap_or("no answer")).into_owned();
+    format!(
+        "gearshift top: the worker (pid {pid}) runs but does not answer on its status socket: {why}\nAsking again; it is shown when it answers.\n\n{quit_hint}"
+    )
 }
 
 /// Waits up to `d` for a key (if `keys`); true for `q`, Esc or Ctrl-C, or once a signal set
