@@ -596,7 +596,8 @@ fn a_removed_server_leaves_no_metric_series() {
 /// `--timeout` (10 minutes by default) without a word, `reload` waited out its own and blamed
 /// running jobs, and `status` said only that the socket gave no answer. Now `stop` continues
 /// it after the TERM, as systemd does, and says so; `reload` and `status` say at once that it
-/// is stopped and how to continue it, and a `submit --wait` says so after 2 s.
+/// is stopped and how to continue it, so do `metrics` and `reopen-logs`, and a `submit --wait`
+/// says so after 2 s.
 #[test]
 fn a_stopped_worker_is_said_and_stop_still_ends_it() {
     let sb = Sandbox::new("sigstop");
@@ -619,6 +620,22 @@ fn a_stopped_worker_is_said_and_stop_still_ends_it() {
     assert!(
         text.contains("is stopped") && text.contains("kill -CONT"),
         "{text}"
+    );
+    // `metrics` says so at once (it waited 3 s and said "gave no answer", exit 6), and
+    // `reopen-logs` that the reopening waits until it is continued (it said "asked", no more).
+    let out = sb.run(&["metrics"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        err.contains("is stopped") && err.contains("kill -CONT"),
+        "{err}"
+    );
+    let out = sb.run(&["reopen-logs"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        err.contains("is stopped") && err.contains("kill -CONT"),
+        "{err}"
     );
     // A `submit --wait` meanwhile says why its job does not run (it waited without a word).
     let out = sb.run(&["submit", "--wait", "--timeout", "4s", "echo", "x"]);

@@ -74,6 +74,10 @@ pub(super) fn metrics(path: &Path) -> Result<u8> {
             return Ok(exit::UNKNOWN);
         }
     };
+    if let Some(why) = stopped(pid) {
+        eprintln!("gearshift is running, but {why}");
+        return Ok(exit::UNKNOWN);
+    }
     let text = crate::status::query_metrics(&socket, Some(pid))?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -415,6 +419,9 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     kill(Pid::from_raw(pid), Signal::SIGUSR1)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     println!("asked pid {pid} to reopen its log file");
+    if let Some(why) = stopped(pid) {
+        eprintln!("it reopens it once continued: {why}");
+    }
     Ok(exit::OK)
 }
 
