@@ -720,6 +720,35 @@ fn a_rust_function_past_its_timeout_is_said_with_what_ends_the_wait() {
     assert_eq!(sb.run(&["stop", "--timeout", "10s"]).status.code(), Some(0));
 }
 
+/// A `reload` while the worker stops (a TERM sent, its running jobs finishing): the HUP was
+/// taken without a word, and `reload` waited for a new generation that could not come until
+/// the worker exited (the whole drain: a deploy script held as long), then said "exited before
+/// a new generation served". Now it says at once that the worker is stopping, and exits 1.
+#[test]
+fn a_reload_while_the_worker_stops_says_so_at_once() {
+    let sb = Sandbox::new("reload-stopping");
+    let mut w = sb.start();
+    sb.submit("sleep", "6000");
+    w.wait_for(Duration::from_secs(10), "the job running", |s| {
+        s["in_flight"] == 1
+    });
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    w.wait_for(Duration::from_secs(10), "stopping", |s| {
+        s["state"] == "stopping"
+    });
+    let started = std::time::Instant::now();
+    let out = sb.run(&["reload", "--timeout", "30s"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(err.contains("stopping"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "reload took {:?}",
+        started.elapsed()
+    );
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+}
+
 /// `restart` with a config the new worker would refuse (a typo being edited in, a deploy's
 /// half-written file): the running worker was stopped first, and then nothing could start, so
 /// one command left no worker at all (reproduced: "stopped (pid N)", then the parse error, and

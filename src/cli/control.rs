@@ -281,6 +281,13 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
         return Ok(exit::NOT_YET);
     }
     let before = crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(5))?;
+    if before.state == "stopping" {
+        eprintln!(
+            "reload refused: the worker (pid {pid}) is stopping; it exits once its {} running job(s) finish",
+            before.in_flight
+        );
+        return Ok(exit::FAILED);
+    }
     let (generation, refusals) = (before.generation, before.reload_refusals);
     kill(Pid::from_raw(pid), Signal::SIGHUP)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;

@@ -188,7 +188,10 @@ impl Control {
                 }
                 return true;
             }
-            Phase::Stopping => return true,
+            Phase::Stopping => {
+                log::info!("{reason}: the worker is stopping; no restart");
+                return true;
+            }
         }
         let requested = crate::clock::monotonic_us();
         match self.prepare() {
