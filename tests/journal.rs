@@ -171,8 +171,24 @@ fn outcomes_waiting_for_their_sync_cross_the_exec_and_no_job_runs_twice() {
     let out = sb.run(&["stop"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     w.wait_exit(Duration::from_secs(10));
-    let left = fs::read_dir(sb.path("spool/journal")).unwrap().count();
-    assert_eq!(left, 0, "journal segments left after a clean stop");
+    let segments = || fs::read_dir(sb.path("spool/journal")).unwrap().count();
+    // The checkpoint at exit gets half a second (a slow disk must not hold up a stop); what
+    // it did not finish, said so, the next start does.
+    if segments() != 0 {
+        let log = w.log_text();
+        assert!(
+            log.contains("journal checkpoint at exit unfinished"),
+            "{} journal segments left after a clean stop, unsaid:\n{log}",
+            segments()
+        );
+        let again = sb.start();
+        eventually(
+            Duration::from_secs(30),
+            "the next start's checkpoint",
+            || segments() == 0,
+        );
+        drop(again);
+    }
 }
 
 /// A reload that moves the spool (`[source] dir` edited) while jobs run: the outcomes of the
