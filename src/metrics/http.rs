@@ -38,6 +38,7 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 /// a listening TCP socket on that address, else a new one (an address changed by a reload is
 /// bound anew and the old socket closed).
 pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener> {
+    let mut was = None;
     if let Some(fd) = crate::ops::handover::adopt(carried, |what| {
         what.to_string_lossy().starts_with("socket:")
     }) {
@@ -51,12 +52,9 @@ pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener>
         if listening && same {
             return Ok(l);
         }
-        log::info!(
-            "metrics: now listening on {addr} (was {:?})",
-            l.local_addr().ok()
-        );
+        was = l.local_addr().ok();
     }
-    TcpListener::bind(addr).map_err(|e| {
+    let bound = TcpListener::bind(addr).map_err(|e| {
         Error::Msg(format!(
             "[metrics] listen = \"{addr}\": cannot listen there: {e}{}",
             if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -65,7 +63,11 @@ pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener>
                 ""
             }
         ))
-    })
+    })?;
+    if let Some(was) = was {
+        log::info!("metrics: listening on {addr} now (was {was})");
+    }
+    Ok(bound)
 }
 
 /// The running endpoint.
