@@ -78,11 +78,10 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
         } else {
             "Ctrl-C or a TERM: quit"
         };
+        // Stopped by SIGSTOP: it answers nothing until continued; not asked meanwhile.
+        let halted = (target.as_ref()).and_then(|(pid, _, _)| super::control::stopped(*pid));
         let frame = match &target {
-            // Stopped by SIGSTOP: it answers nothing until continued; not asked meanwhile.
-            Some((pid, _, _)) if super::control::stopped(*pid).is_some() => {
-                unanswered(*pid, super::control::stopped(*pid), quit_hint)
-            }
+            Some((pid, _, _)) if halted.is_some() => unanswered(*pid, halted, quit_hint),
             Some((pid, socket, pidfile)) => match read_sample(socket, *pid, pidfile) {
                 Ok(sample) => {
                     let frame = draw(&sample, before.as_ref());

@@ -24,7 +24,7 @@ impl Control {
     }
 
     /// [`Self::notify`], the STATUS line ending with `more` (one line: escaped by the caller).
-    pub(super) fn notify_with(&self, message: &str, more: &str) {
+    fn notify_with(&self, message: &str, more: &str) {
         if let Some(n) = &self.notifier {
             let s = &self.state;
             let (completed, failed) = s.metrics.totals();
