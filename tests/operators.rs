@@ -791,6 +791,41 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// `restart --timeout` shorter than a running job: the TERM is sent, the worker stops once the
+/// job finishes, and nothing starts after it. `restart` said only what `stop` says ("--force
+/// kills it"), and nothing of the worker it did not start; running `restart` again (the obvious
+/// next step) sends a second TERM, which ends the job at once. Now it says it did not restart,
+/// that nothing starts after the stop, and that another stop or restart would end the jobs.
+#[test]
+fn a_restart_whose_stop_times_out_says_nothing_starts_after_it() {
+    let sb = Sandbox::new("restart-slow-stop");
+    sb.write_config("");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let id = sb.submit("sleep", "4000");
+    eventually(Duration::from_secs(10), "the job running", || {
+        status_json(&sb)["in_flight"] == 1
+    });
+    let out = sb.run(&["restart", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("not restarted")
+            && said.contains("nothing starts after it")
+            && said.contains("gearshift start"),
+        "{said}"
+    );
+    // The job is not interrupted; the worker stops after it, and stays stopped.
+    let spool = open_spool(&sb);
+    eventually(Duration::from_secs(15), "the job done", || {
+        outcome(&spool, &id).is_some()
+    });
+    assert_eq!(outcome(&spool, &id).unwrap().2, 1);
+    eventually(Duration::from_secs(10), "the worker gone", || {
+        sb.run(&["status"]).status.code() == Some(3)
+    });
+}
+
 /// `[worker] state_dir` edited while the worker runs: `status`, `reload` and `stop` looked in
 /// the new directory and said "not running" of a worker that ran (a second `start` would have
 /// made two), and a HUP moved the running worker's pidfile there while its logs and socket

@@ -289,6 +289,11 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
                     .and_then(|s| s.supervisor.map(|sv| sv.max_restarts as u64))
             });
             let stopped = control::stop(path, timeout, false)?;
+            if stopped == exit::NOT_YET {
+                eprintln!(
+                    "not restarted: the worker stops once its running jobs finish, and nothing starts after it; start it then with `gearshift start` (`gearshift status` says when it has stopped): another `stop` or `restart` now would end its jobs at once"
+                );
+            }
             if stopped != exit::OK {
                 return Ok(stopped);
             }
