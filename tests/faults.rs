@@ -93,6 +93,36 @@ fn full_disk(durable: bool) {
     assert!(log.contains("storage works again"), "{log}");
 }
 
+/// The wall clock stepped back an hour while the worker was degraded by a full disk (an NTP
+/// step, a VM resumed): the quiet second that clears the fault was reckoned on the wall clock,
+/// so the worker said `degraded` for the hour after room came back. Its faults are timed on
+/// the monotonic clock now.
+#[test]
+fn a_wall_clock_step_back_while_degraded_holds_no_recovery() {
+    let sb = Sandbox::new("degraded-clock");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let lib = wall_clock_shim(&sb);
+    let shift = sb.path("clock-shift");
+    fs::write(&shift, "0").unwrap();
+    let payload = "x".repeat(20_000);
+    let ids: Vec<String> = (0..20).map(|_| sb.submit("echo", &payload)).collect();
+    let filler = fsys.fill();
+    let w = sb.start_env(&[
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("GS_TEST_CLOCK_FILE", shift.to_str().unwrap()),
+    ]);
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    fs::write(&shift, "-3600").unwrap();
+    fs::remove_file(filler).unwrap();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(outcomes.iter().all(|(ok, r, _)| *ok && *r == payload));
+    w.wait_for(Duration::from_secs(10), "running again", |s| {
+        s["state"] == "running"
+    });
+}
+
 /// A sandbox serving a zeromq source (`reply` as given, fsync on) whose spool is a 2 MiB tmpfs.
 fn zeromq_on_a_small_disk(name: &str, reply: &str) -> (Sandbox, Tmpfs) {
     let sb = Sandbox::new(name);

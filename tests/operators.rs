@@ -791,6 +791,37 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// The wall clock stepped forward an hour while a job ran (an NTP step after a VM was paused,
+/// an operator's `date -s`): `status` said the job had run an hour and was far past its
+/// timeout (a Rust function "nothing ends"), and a restart waiting for it would get no
+/// extension from systemd. A job's running time is now the monotonic clock's.
+#[test]
+fn a_wall_clock_step_does_not_age_a_running_job() {
+    let sb = Sandbox::new("clock-step");
+    sb.write_config("[functions.sleep]\ntimeout = \"30s\"\n");
+    let lib = wall_clock_shim(&sb);
+    let shift = sb.path("clock-shift");
+    fs::write(&shift, "0").unwrap();
+    let w = sb.start_env(&[
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("GS_TEST_CLOCK_FILE", shift.to_str().unwrap()),
+    ]);
+    sb.submit("sleep", "4000");
+    w.wait_for(Duration::from_secs(10), "the job running", |s| {
+        s["in_flight"] == 1
+    });
+    fs::write(&shift, "3600").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = w.status();
+    let ms = s["running_jobs"][0]["running_ms"].as_u64().unwrap();
+    assert!(
+        ms < 10_000,
+        "running for {ms} ms after a step of the wall clock: {s}"
+    );
+    let said = text(&sb.run(&["status"]).stdout);
+    assert!(!said.contains("past its"), "{said}");
+}
+
 /// `restart --timeout` shorter than a running job: the TERM is sent, the worker stops once the
 /// job finishes, and nothing starts after it. `restart` said only what `stop` says ("--force
 /// kills it"), and nothing of the worker it did not start; running `restart` again (the obvious

@@ -167,9 +167,19 @@ pub struct LaneSlot {
     pub id: String,
     pub function: String,
     pub since_ms: u64,
+    /// When it started on the monotonic clock (µs): how long it has run, whatever the wall
+    /// clock does meanwhile (a step of it made a job look an hour old).
+    pub started_us: u64,
     /// The job's timeout (0: none), and whether its function is a Rust one.
     pub timeout_ms: u64,
     pub rust: bool,
+}
+
+impl LaneSlot {
+    /// How long its job has run at `now_us` (the monotonic clock, µs), in ms.
+    pub fn running_ms(&self, now_us: u64) -> u64 {
+        now_us.saturating_sub(self.started_us) / 1000
+    }
 }
 
 /// What a lane starts running, for `status`.
@@ -225,6 +235,7 @@ impl State {
                     slot.function.clear();
                     slot.function.push_str(job.function);
                     slot.since_ms = crate::clock::now_ms();
+                    slot.started_us = crate::clock::monotonic_us();
                     slot.timeout_ms = job.timeout.map_or(0, |t| t.as_millis() as u64);
                     slot.rust = job.rust;
                 }
@@ -447,7 +458,7 @@ impl State {
                 .running
                 .lock()
                 .map(|r| {
-                    let now = crate::clock::now_ms();
+                    let now_us = crate::clock::monotonic_us();
                     r.iter()
                         .enumerate()
                         .filter(|(_, s)| s.busy)
@@ -456,7 +467,7 @@ impl State {
                             function: s.function.clone(),
                             lane,
                             since: rfc3339_ms(s.since_ms),
-                            running_ms: now.saturating_sub(s.since_ms),
+                            running_ms: s.running_ms(now_us),
                             timeout_ms: (s.timeout_ms > 0).then_some(s.timeout_ms),
                             rust: s.rust,
                         })

@@ -52,9 +52,12 @@ pub(super) struct Health {
     pub(super) holding: std::sync::atomic::AtomicUsize,
     /// A fault is recorded in `status` (spares the lock on every job when all is well).
     pub(super) degraded: AtomicBool,
-    /// When the last fault was met (unix ms): the fault is cleared only after a quiet second,
-    /// so a condition that comes and goes is said once, not once per job.
-    pub(super) last_failure_ms: std::sync::atomic::AtomicU64,
+    /// When the last fault was met (ms on the monotonic clock: a step of the wall clock held
+    /// the recovery for as long as it stepped back): the fault is cleared only after a quiet
+    /// second, so a condition that comes and goes is said once, not once per job.
+    last_failure_ms: std::sync::atomic::AtomicU64,
+    /// When the first fault of this spell was met (monotonic ms), for the recovery's line.
+    first_failure_ms: std::sync::atomic::AtomicU64,
     /// How long after the last fault no other may come before it is cleared: a quiet second
     /// after the failed step was due to be tried again (a lane backing off 5 s is quiet for 5 s
     /// without anything working again; that was once said to be a recovery).
@@ -83,6 +86,11 @@ impl Fault {
 /// How long a job waits for its executable to be closed by whoever writes it (ETXTBSY).
 const BUSY_LIMIT: Duration = Duration::from_secs(10);
 
+/// The monotonic clock in ms.
+fn mono_ms() -> u64 {
+    crate::clock::monotonic_us() / 1000
+}
+
 /// How long no fault must be met before the worker says it works again.
 const HEALTHY_AFTER_MS: u64 = 1000;
 
@@ -95,7 +103,7 @@ impl Health {
             self.quiet_ms.store(quiet, Ordering::Release);
             // The time first: `recovered` reads `degraded` first, and must then see this
             // failure's time, not an older one (it once declared recovery 0.0 s after a fault).
-            self.last_failure_ms.store(now_ms(), Ordering::Release);
+            self.last_failure_ms.store(mono_ms(), Ordering::Release);
             self.degraded.store(true, Ordering::Release);
             if self.said.fetch_or(fault.bit(), Ordering::AcqRel) & fault.bit() == 0 {
                 match fault {
@@ -110,6 +118,7 @@ impl Health {
             // `status` shows the first fault.
             if i.storage.is_none() {
                 i.storage = Some((message.to_string(), now_ms()));
+                self.first_failure_ms.store(mono_ms(), Ordering::Release);
             }
         }
     }
@@ -118,7 +127,7 @@ impl Health {
     pub(super) fn recovered(&self, state: &State) {
         if !self.degraded.load(Ordering::Acquire)
             || self.holding.load(Ordering::Acquire) > 0
-            || now_ms().saturating_sub(self.last_failure_ms.load(Ordering::Acquire))
+            || mono_ms().saturating_sub(self.last_failure_ms.load(Ordering::Acquire))
                 < self.quiet_ms.load(Ordering::Acquire).max(HEALTHY_AFTER_MS)
         {
             return;
@@ -126,7 +135,7 @@ impl Health {
         self.degraded.store(false, Ordering::Release);
         if let Ok(mut i) = state.inner.lock() {
             let said = self.said.swap(0, Ordering::AcqRel);
-            if let Some((error, since)) = i.storage.take() {
+            if let Some((error, _)) = i.storage.take() {
                 let what = match said {
                     2 => "job starts work",
                     3 => "storage and job starts work",
@@ -134,7 +143,8 @@ impl Health {
                 };
                 log::info!(
                     "{what} again after {:.1}s (it was: {error}); serving",
-                    now_ms().saturating_sub(since) as f64 / 1000.0
+                    mono_ms().saturating_sub(self.first_failure_ms.load(Ordering::Acquire)) as f64
+                        / 1000.0
                 );
             }
         }

@@ -78,13 +78,13 @@ impl Control {
     /// and there is a service manager to tell.
     fn extension(&self) -> Option<String> {
         self.notifier.as_ref()?;
-        let now = crate::clock::now_ms();
-        let held = |since: u64, timeout: u64| {
-            timeout > 0 && now.saturating_sub(since) > timeout + HELD_PAST.as_millis() as u64
+        let now_us = crate::clock::monotonic_us();
+        let held = |s: &crate::status::LaneSlot| {
+            s.timeout_ms > 0 && s.running_ms(now_us) > s.timeout_ms + HELD_PAST.as_millis() as u64
         };
         let running = self.state.running.lock().ok()?;
         let busy = running.iter().filter(|s| s.busy);
-        if busy.clone().next().is_none() || busy.clone().any(|s| held(s.since_ms, s.timeout_ms)) {
+        if busy.clone().next().is_none() || busy.clone().any(held) {
             return None;
         }
         Some(format!("\nEXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros()))

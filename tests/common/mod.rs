@@ -912,3 +912,48 @@ pub fn restart_until(
         }
     }
 }
+
+/// A shared library that moves the wall clock (CLOCK_REALTIME) of the process that preloads it
+/// by the seconds written in the file `GS_TEST_CLOCK_FILE` names, read at every call: a clock
+/// step (NTP, a VM resumed, an operator's `date -s`) in one process, the monotonic clock left
+/// alone as a real step leaves it. Built with the system's C compiler (cargo links with it).
+pub fn wall_clock_shim(sb: &Sandbox) -> std::path::PathBuf {
+    let src = sb.path("clockshift.c");
+    fs::write(
+        &src,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static long shift(void) {
+    const char *p = getenv("GS_TEST_CLOCK_FILE");
+    char buf[32] = {0};
+    int fd = p ? open(p, O_RDONLY | O_CLOEXEC) : -1;
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n > 0 ? strtol(buf, 0, 10) : 0;
+}
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    static int (*real)(clockid_t, struct timespec *);
+    if (!real) real = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
+    int r = real(id, ts);
+    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += shift();
+    return r;
+}
+"#,
+    )
+    .unwrap();
+    let lib = sb.path("clockshift.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .arg("-ldl")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    lib
+}
