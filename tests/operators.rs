@@ -720,15 +720,10 @@ fn a_rust_function_past_its_timeout_is_said_with_what_ends_the_wait() {
     assert_eq!(sb.run(&["stop", "--timeout", "10s"]).status.code(), Some(0));
 }
 
-/// A `reload` while the worker stops (a TERM sent, its running jobs finishing): the HUP was
-/// taken without a word, and `reload` waited for a new generation that could not come until
-/// the worker exited (the whole drain: a deploy script held as long), then said "exited before
-/// a new generation served". Now it says at once that the worker is stopping, and exits 1.
-#[test]
-fn a_reload_while_the_worker_stops_says_so_at_once() {
-    let sb = Sandbox::new("reload-stopping");
-    let mut w = sb.start();
-    sb.submit("sleep", "6000");
+/// A worker of `sb` sent a TERM while a job of `ms` runs: stopping once that job ends.
+fn stopping_worker(sb: &Sandbox, ms: u32) -> Worker {
+    let w = sb.start();
+    sb.submit("sleep", &ms.to_string());
     w.wait_for(Duration::from_secs(10), "the job running", |s| {
         s["in_flight"] == 1
     });
@@ -736,6 +731,17 @@ fn a_reload_while_the_worker_stops_says_so_at_once() {
     w.wait_for(Duration::from_secs(10), "stopping", |s| {
         s["state"] == "stopping"
     });
+    w
+}
+
+/// A `reload` while the worker stops (a TERM sent, its running jobs finishing): the HUP was
+/// taken without a word, and `reload` waited for a new generation that could not come until
+/// the worker exited (the whole drain: a deploy script held as long), then said "exited before
+/// a new generation served". Now it says at once that the worker is stopping, and exits 1.
+#[test]
+fn a_reload_while_the_worker_stops_says_so_at_once() {
+    let sb = Sandbox::new("reload-stopping");
+    let mut w = stopping_worker(&sb, 6000);
     let started = std::time::Instant::now();
     let out = sb.run(&["reload", "--timeout", "30s"]);
     let err = text(&out.stderr);
@@ -747,6 +753,31 @@ fn a_reload_while_the_worker_stops_says_so_at_once() {
         started.elapsed()
     );
     assert!(w.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// `submit --wait` while the worker stops (its running jobs finishing, claiming nothing new):
+/// it waited the whole drain, then 2 s more, before it said that no worker runs. Now it says
+/// at once (after the same 2 s of patience) that the worker is stopping and the job runs when
+/// one starts, and exits 3; the job stays queued and runs after the next start.
+#[test]
+fn submit_wait_while_the_worker_stops_says_so_at_once() {
+    let sb = Sandbox::new("submit-stopping");
+    let mut w = stopping_worker(&sb, 8000);
+    let started = std::time::Instant::now();
+    let out = sb.run(&["submit", "--wait", "echo", "later"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
+    assert!(err.contains("is stopping"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "submit --wait took {:?}",
+        started.elapsed()
+    );
+    let id = err.lines().next().unwrap().trim().to_string();
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+    let _again = sb.start();
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(10));
+    assert_eq!(out[0], (true, "later".to_string(), 1));
 }
 
 /// `restart` with a config the new worker would refuse (a typo being edited in, a deploy's

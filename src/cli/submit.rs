@@ -61,10 +61,14 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
                 .then(|| crate::ops::privilege::target(&config).ok().flatten())
                 .flatten();
             let spool = Spool::for_submit(s, user.as_ref())?;
-            submit_spool(&spool, &args, &payload, &config.pidfile())
+            let (pidfile, socket) = (config.pidfile(), config.status_socket());
+            submit_spool(&spool, &args, &payload, (&pidfile, &socket))
         }
         SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
-        SourceConfig::Zeromq(z) => submit_zeromq(z, &args, &payload, &config.pidfile()),
+        SourceConfig::Zeromq(z) => {
+            let (pidfile, socket) = (config.pidfile(), config.status_socket());
+            submit_zeromq(z, &args, &payload, (&pidfile, &socket))
+        }
         SourceConfig::Amqp(a) => submit_amqp(a, &args, &payload),
     }
 }
@@ -101,7 +105,12 @@ fn submit_amqp(cfg: &crate::config::AmqpConfig, args: &SubmitArgs, payload: &[u8
     }
 }
 
-fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8], pidfile: &Path) -> Result<u8> {
+fn submit_spool(
+    spool: &Spool,
+    args: &SubmitArgs,
+    payload: &[u8],
+    worker: (&Path, &Path),
+) -> Result<u8> {
     let function = &args.function;
     if args.count != 1 {
         // Durable in batches: one sync per batch (see the spool's journal).
@@ -128,7 +137,7 @@ fn submit_spool(spool: &Spool, args: &SubmitArgs, payload: &[u8], pidfile: &Path
         return Ok(0);
     }
     eprintln!("{id}");
-    match wait_for_result(spool, &id, args.timeout, pidfile)? {
+    match wait_for_result(spool, &id, args.timeout, worker)? {
         Some(lookup) => print_lookup(&id, lookup),
         None => Ok(exit::NOT_RUNNING),
     }
@@ -139,7 +148,7 @@ fn submit_zeromq(
     cfg: &crate::config::ZeromqConfig,
     args: &SubmitArgs,
     payload: &[u8],
-    pidfile: &Path,
+    worker: (&Path, &Path),
 ) -> Result<u8> {
     let answer = match super::zeromq::send(cfg, args, payload)? {
         super::zeromq::Sent::Exit(code) => return Ok(code),
@@ -154,7 +163,7 @@ fn submit_zeromq(
         &Spool::from_config(&cfg.spool)?,
         &answer,
         args.timeout,
-        pidfile,
+        worker,
     )? {
         Some(lookup) => print_lookup(&answer, lookup),
         None => Ok(exit::NOT_RUNNING),
@@ -164,16 +173,49 @@ fn submit_zeromq(
 /// How long `submit --wait` waits for a worker to appear before saying there is none.
 const NO_WORKER_PATIENCE: Duration = Duration::from_secs(2);
 
+/// Whether the worker has been stopping (a TERM taken, claiming nothing new) for
+/// [`NO_WORKER_PATIENCE`], asked of its status socket at most once a second.
+#[derive(Default)]
+struct Stopping {
+    since: Option<Instant>,
+    asked: Option<Instant>,
+}
+
+impl Stopping {
+    fn for_a_while(&mut self, socket: &Path, pid: i32) -> bool {
+        if self
+            .asked
+            .is_some_and(|a| a.elapsed() < Duration::from_secs(1))
+        {
+            return self
+                .since
+                .is_some_and(|s| s.elapsed() >= NO_WORKER_PATIENCE);
+        }
+        self.asked = Some(Instant::now());
+        match crate::status::query(socket, Some(pid)) {
+            Ok(s) if s.state == "stopping" => {
+                let since = *self.since.get_or_insert_with(Instant::now);
+                since.elapsed() >= NO_WORKER_PATIENCE
+            }
+            _ => {
+                self.since = None;
+                false
+            }
+        }
+    }
+}
+
 /// Waits for job `id`; None (having said so) when no worker has been running for a moment.
 fn wait_for_result(
     spool: &Spool,
     id: &str,
     timeout: Option<Duration>,
-    pidfile: &Path,
+    (pidfile, socket): (&Path, &Path),
 ) -> Result<Option<Lookup>> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut absent_since: Option<Instant> = None;
     let (mut stopped_since, mut said_stopped): (Option<Instant>, bool) = (None, false);
+    let mut stopping = Stopping::default();
     loop {
         let slice = match deadline {
             Some(d) => d
@@ -202,6 +244,16 @@ fn wait_for_result(
             }
             Some(_) => {}
             None => stopped_since = None,
+        }
+        // Asked only of a worker that can answer (a stopped one is said above).
+        if let (Some(Probe::Running(Some(pid))), None) = (&probed, stopped_since) {
+            let pid = *pid;
+            if stopping.for_a_while(socket, pid) {
+                eprintln!(
+                    "job {id} is queued, but the worker (pid {pid}) is stopping: it claims nothing new, and the job runs when a worker starts (gearshift start)"
+                );
+                return Ok(None);
+            }
         }
         if probed == Some(Probe::NotRunning) {
             let since = *absent_since.get_or_insert_with(Instant::now);
