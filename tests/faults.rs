@@ -101,16 +101,10 @@ fn full_disk(durable: bool) {
 fn a_wall_clock_step_back_while_degraded_holds_no_recovery() {
     let sb = Sandbox::new("degraded-clock");
     let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
-    let lib = wall_clock_shim(&sb);
-    let shift = sb.path("clock-shift");
-    fs::write(&shift, "0").unwrap();
     let payload = "x".repeat(20_000);
     let ids: Vec<String> = (0..20).map(|_| sb.submit("echo", &payload)).collect();
     let filler = fsys.fill();
-    let w = sb.start_env(&[
-        ("LD_PRELOAD", lib.to_str().unwrap()),
-        ("GS_TEST_CLOCK_FILE", shift.to_str().unwrap()),
-    ]);
+    let (w, shift) = start_with_shifted_clock(&sb);
     w.wait_for(Duration::from_secs(20), "degraded", |s| {
         s["state"] == "degraded"
     });
@@ -333,6 +327,21 @@ fn all_upper_cased(sb: &Sandbox, ids: &[String]) {
     }
 }
 
+/// Waits for `w` to serve, with a warning in `status` that mentions `needle`.
+fn serving_with_warning(w: &Worker, needle: &str) {
+    let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains(needle)),
+        "{s}"
+    );
+}
+
 /// A file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) killed the worker with SIGXFSZ the
 /// first time a write passed it (the journal's zeros written ahead at the first job, the log
 /// reaching the limit, a result larger than it): no graceful stop, and a supervisor
@@ -345,17 +354,7 @@ fn a_file_size_limit_is_a_storage_fault_not_a_death() {
     let sb = Sandbox::new("fsize");
     // 200 blocks: 100 KiB or more, far below the journal's zeros ahead (256 KiB).
     let mut w = sb.start_under_shell("ulimit -f 200");
-    let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
-        s["state"] == "running"
-    });
-    assert!(
-        s["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w.as_str().unwrap().contains("file size limit")),
-        "{s}"
-    );
+    serving_with_warning(&w, "file size limit");
     assert_eq!(
         sb.run(&["submit", "--wait", "echo", "small"]).stdout,
         b"small"
@@ -1596,17 +1595,7 @@ fn stop_force_on_a_worker_that_cannot_die_yet_says_so_and_returns() {
 fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     let sb = Sandbox::new("cpu-limit");
     let mut w = sb.start_under_shell("ulimit -S -t 1");
-    let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
-        s["state"] == "running"
-    });
-    assert!(
-        s["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w.as_str().unwrap().contains("CPU time limit")),
-        "{s}"
-    );
+    serving_with_warning(&w, "CPU time limit");
     // Jobs until the worker has spent its second of CPU.
     let spool = open_spool(&sb);
     let mut ids = Vec::new();

@@ -830,13 +830,7 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
 fn a_wall_clock_step_does_not_age_a_running_job() {
     let sb = Sandbox::new("clock-step");
     sb.write_config("[functions.sleep]\ntimeout = \"30s\"\n");
-    let lib = wall_clock_shim(&sb);
-    let shift = sb.path("clock-shift");
-    fs::write(&shift, "0").unwrap();
-    let w = sb.start_env(&[
-        ("LD_PRELOAD", lib.to_str().unwrap()),
-        ("GS_TEST_CLOCK_FILE", shift.to_str().unwrap()),
-    ]);
+    let (w, shift) = start_with_shifted_clock(&sb);
     sb.submit("sleep", "4000");
     w.wait_for(Duration::from_secs(10), "the job running", |s| {
         s["in_flight"] == 1

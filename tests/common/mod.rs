@@ -917,7 +917,7 @@ pub fn restart_until(
 /// by the seconds written in the file `GS_TEST_CLOCK_FILE` names, read at every call: a clock
 /// step (NTP, a VM resumed, an operator's `date -s`) in one process, the monotonic clock left
 /// alone as a real step leaves it. Built with the system's C compiler (cargo links with it).
-pub fn wall_clock_shim(sb: &Sandbox) -> std::path::PathBuf {
+fn wall_clock_shim(sb: &Sandbox) -> std::path::PathBuf {
     let src = sb.path("clockshift.c");
     fs::write(
         &src,
@@ -956,4 +956,17 @@ int clock_gettime(clockid_t id, struct timespec *ts) {
         .unwrap();
     assert!(out.status.success(), "{}", text_of(&out));
     lib
+}
+
+/// Starts a worker of `sb` whose wall clock is stepped by the seconds written into the file
+/// returned (0 at first), through [`wall_clock_shim`].
+pub fn start_with_shifted_clock(sb: &Sandbox) -> (Worker, PathBuf) {
+    let lib = wall_clock_shim(sb);
+    let shift = sb.path("clock-shift");
+    fs::write(&shift, "0").unwrap();
+    let w = sb.start_env(&[
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("GS_TEST_CLOCK_FILE", shift.to_str().unwrap()),
+    ]);
+    (w, shift)
 }
