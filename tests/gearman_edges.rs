@@ -718,3 +718,77 @@ fn a_servers_escape_sequences_never_reach_the_operators_terminal() {
     stop.store(true, Ordering::Release);
     drop(w);
 }
+
+/// The first status answer of generation `generation` or later, asked as fast as the socket
+/// answers.
+fn first_answer_of(w: &Worker, generation: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = w.try_status() {
+            if s["generation"].as_u64() >= Some(generation) {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "no generation {generation}");
+    }
+}
+
+/// A server was listed by `status` only once a lane had begun to connect to it: a name the
+/// resolver had not answered yet was missing (for the resolver's whole timeout), and so was
+/// every server in the moment before the lanes ran (a CI run's TLS test found `servers: []`).
+/// Every configured server is listed from a generation's first answer.
+#[test]
+fn status_lists_every_server_from_its_first_answer() {
+    let _serial = serial();
+    let name = "status_lists_every_server_from_its_first_answer";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "needs root (a DNS port, a mount namespace)");
+    }
+    let sb = Sandbox::new("gm-first-answer");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    let dns = DeafResolver::new(&sb, "127.0.0.5");
+    let unanswered = "unanswered.gearshift-test.invalid:4730";
+    let refused = format!("127.0.0.1:{}", free_port());
+    sb.gearman_config(
+        &[gm.addr(), unanswered.to_string(), refused.clone()],
+        "io_timeout = \"2s\"\n",
+    );
+    let lists_them = |s: &serde_json::Value, generation: u64| {
+        let listed: Vec<&str> = s["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["address"].as_str())
+            .collect();
+        for want in [gm.addr().as_str(), unanswered, &refused] {
+            assert!(
+                listed.contains(&want),
+                "generation {generation}'s first answer lists {listed:?}, not {want}"
+            );
+        }
+        let view = s["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["address"] == unanswered)
+            .unwrap();
+        assert_ne!(view["state"], "connected", "{view}");
+        assert!(view["since"].is_string(), "{view}");
+    };
+    // A fresh start answers status before its lanes start: the moment is short, so it is
+    // tried 20 times (a third of the starts here showed `servers: []` before the fix).
+    for _ in 0..19 {
+        let mut w = sb.start_under(&DeafResolver::OUTER, &dns.prefix());
+        lists_them(&first_answer_of(&w, 1), 1);
+        w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
+    }
+    let mut w = sb.start_under(&DeafResolver::OUTER, &dns.prefix());
+    for generation in 1..=3 {
+        if generation > 1 {
+            w.signal(Signal::SIGHUP);
+        }
+        lists_them(&first_answer_of(&w, generation), generation);
+    }
+    w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
+    drop(dns);
+}

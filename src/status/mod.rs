@@ -16,6 +16,7 @@ pub mod client;
 pub mod doc;
 pub mod records;
 pub mod server;
+pub mod views;
 
 pub use client::{
     query, query_counts, query_metrics, query_patiently, refuse_beside_unlocked, unlocked_words,
@@ -26,6 +27,7 @@ pub use doc::{
     StorageDoc,
 };
 pub use server::Server;
+pub use views::{count_reconnect, show_configured, show_server, ServerViews};
 
 /// Warnings listed in the status document; more are counted, not listed, so the document stays
 /// far below what a client reads (a jobs_dir of 12,000 stray files would otherwise pass 1 MiB).
@@ -71,59 +73,6 @@ struct ServerSummary {
     /// The latest error, and when.
     last_error: Option<(String, u64)>,
     reconnects: u64,
-}
-
-/// One lane's connection to one Gearman server, for `status`.
-#[derive(Debug, Clone, Default)]
-pub struct ServerView {
-    pub state: crate::kinds::ConnState,
-    pub since_ms: u64,
-    pub last_error: Option<String>,
-    pub last_error_ms: u64,
-    pub reconnects: u64,
-}
-
-/// Per server address, per lane: written by the Gearman lanes, read by `status`.
-pub type ServerViews =
-    Arc<Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<usize, ServerView>>>>;
-
-/// Shows lane `lane`'s connection to `addr` as `state` (and its latest error, if any).
-pub fn show_server(
-    views: &ServerViews,
-    addr: &str,
-    lane: usize,
-    state: crate::kinds::ConnState,
-    error: Option<String>,
-) {
-    let Ok(mut views) = views.lock() else {
-        return;
-    };
-    let v = views
-        .entry(addr.to_string())
-        .or_default()
-        .entry(lane)
-        .or_default();
-    // A new view (since 0) takes its first state like any change.
-    if v.state != state || v.since_ms == 0 {
-        v.state = state;
-        v.since_ms = crate::clock::now_ms();
-    }
-    if let Some(e) = error {
-        v.last_error = Some(e);
-        v.last_error_ms = crate::clock::now_ms();
-    }
-}
-
-/// Counts a reconnect of lane `lane` to `addr`.
-pub fn count_reconnect(views: &ServerViews, addr: &str, lane: usize) {
-    if let Ok(mut views) = views.lock() {
-        views
-            .entry(addr.to_string())
-            .or_default()
-            .entry(lane)
-            .or_default()
-            .reconnects += 1;
-    }
 }
 
 /// Spool entries set aside in `rejected/` since the first start (carried across re-exec).

@@ -74,6 +74,7 @@ impl AmqpSource {
             &crate::ops::layout::worker_dir(state_dir).join(dedupe::FILE),
             cfg.dedupe_ids,
         );
+        crate::status::show_configured(&views, cfg.urls.iter().map(|u| u.shown.as_str()), lanes);
         let lanes = u16::try_from(lanes.max(1)).unwrap_or(u16::MAX);
         let setup = Arc::new(Setup {
             cfg: cfg.clone(),

@@ -67,6 +67,7 @@ impl GearmanSource {
                     .map(move |(addr, _)| handover::key(i, cfg.exceptions, addr))
             })
             .collect();
+        crate::status::show_configured(&views, cfg.servers.iter().map(String::as_str), lanes);
         Ok(GearmanSource {
             handover: Arc::new(Handover::new(carried, |k| usable.iter().any(|u| u == k))),
             targets,
