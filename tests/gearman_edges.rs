@@ -636,10 +636,30 @@ fn a_job_that_ends_the_worker_is_failed_after_max_attempts() {
     assert!(!std::fs::read_to_string(&marks).unwrap().contains("fault"));
 }
 
+/// Runs `gearshift ARGS` in a terminal that script(1) gives it, under timeout(1) with
+/// `timeout` (its arguments before the command): whether it succeeded, and all the terminal got.
+fn in_a_terminal(sb: &Sandbox, timeout: &[&str], args: &str) -> (bool, String) {
+    let screen = sb.path("terminal.screen");
+    let out = Command::new("timeout")
+        .args(timeout)
+        .args(["script", "-q", "-e", "-c"])
+        .arg(format!(
+            "{} -c {} {args}",
+            sb.bin.display(),
+            sb.config().display()
+        ))
+        .arg(&screen)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let drawn = String::from_utf8_lossy(&std::fs::read(&screen).unwrap()).into_owned();
+    (out.status.success(), drawn)
+}
+
 /// A server whose job handle and error text carry a terminal's escape sequences (any byte but
 /// NUL may be in a handle): `status` printed the running job's handle raw, and `top` both the
-/// handle and a server's last error, so a server could retitle the operator's terminal, clear
-/// it or worse. Both now show them escaped.
+/// handle and a server's last error, and `submit --background` the handle it was given, so a
+/// server could retitle the operator's terminal, clear it or worse. All now show them escaped.
 #[test]
 fn a_servers_escape_sequences_never_reach_the_operators_terminal() {
     let _serial = serial();
@@ -678,6 +698,7 @@ fn a_servers_escape_sequences_never_reach_the_operators_terminal() {
                         send(&mut c, 31, b"H:\x1b]0;pwned\x07:1\0slowjob\0u1\0x")
                     }
                     30 => send(&mut c, 10, b""),
+                    18 => send(&mut c, 8, b"H:\x1b]0;pwned-bg\x07:2"),
                     _ => {}
                 }
             }
@@ -696,20 +717,17 @@ fn a_servers_escape_sequences_never_reach_the_operators_terminal() {
         !shown.contains('\x1b') && shown.contains("H:\\e]0;pwned"),
         "{shown:?}"
     );
+    // The handle `submit --background` prints (for a person or a script: escaped either way;
+    // gearmand's own handles are plain text).
+    let bg = sb.run(&["submit", "--background", "slowjob", "x"]);
+    assert!(bg.status.success(), "{}", text(&bg.stderr));
+    let handle = text(&bg.stdout);
+    assert!(
+        !handle.contains('\x1b') && handle.contains("H:\\e]0;pwned-bg"),
+        "{handle:?}"
+    );
     // `top` in a terminal (script(1) gives it one), its screen as the terminal got it.
-    let screen = sb.path("top.screen");
-    let _ = Command::new("timeout")
-        .args(["-s", "INT", "2", "script", "-q", "-c"])
-        .arg(format!(
-            "{} -c {} top --interval 200ms",
-            sb.bin.display(),
-            sb.config().display()
-        ))
-        .arg(&screen)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let drawn = String::from_utf8_lossy(&std::fs::read(&screen).unwrap()).into_owned();
+    let (_, drawn) = in_a_terminal(&sb, &["-s", "INT", "2"], "top --interval 200ms");
     assert!(drawn.contains("slowjob"), "top drew no job: {drawn:?}");
     assert!(
         !drawn.contains("\x1b]0;pwned") && drawn.contains("\\e]0;pwned"),
@@ -791,4 +809,38 @@ fn status_lists_every_server_from_its_first_answer() {
     }
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(3));
     drop(dns);
+}
+
+/// `submit` to a Gearman source wrote the job's result and its partial data (WORK_DATA, a job's
+/// `data` lines on fd 3) to the operator's terminal as they came: a job (run as the worker's
+/// user) or anyone who can submit to the same function on a shared gearmand could retitle the
+/// terminal, clear it or worse. At a terminal they are escaped now, as `result` and the other
+/// sources' `submit` already did; to a pipe they stay the job's bytes.
+#[test]
+fn a_gearman_result_reaches_a_terminal_escaped_and_a_pipe_as_it_is() {
+    let _serial = serial();
+    let sb = Sandbox::new("gm-result-tty");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.gearman_config(&[gm.addr()], "");
+    sb.job(
+        "pwn",
+        "#!/bin/sh\nprintf 'data \\033]0;pwned-data\\007\\n' >&3\nprintf 'result \\033]0;pwned\\007'\n",
+    );
+    let _w = sb.start();
+    let piped = sb.run(&["submit", "--timeout", "10s", "pwn", "x"]);
+    assert!(piped.status.success(), "{}", text(&piped.stderr));
+    assert!(
+        piped.stdout.ends_with(b"result \x1b]0;pwned\x07"),
+        "{:?}",
+        text(&piped.stdout)
+    );
+    // At a terminal (script(1) gives it one), as the terminal got it.
+    let (ok, drawn) = in_a_terminal(&sb, &["20"], "submit --timeout 10s pwn x");
+    assert!(ok, "{drawn:?}");
+    assert!(drawn.contains("result \\e]0;pwned"), "{drawn:?}");
+    assert!(drawn.contains("\\e]0;pwned-data"), "{drawn:?}");
+    assert!(
+        !drawn.contains('\x1b') && !drawn.contains('\x07'),
+        "{drawn:?}"
+    );
 }

@@ -1,6 +1,6 @@
 //! `submit` and `result`: queueing a job (spool or Gearman) and reading its outcome.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -323,13 +323,13 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     let mut c = Client::connect_with(&cfg.servers, cfg.max_packet_bytes, cfg.tls.as_ref())?;
     c.set_deadline(args.timeout.map(|t| Instant::now() + t));
     if args.background {
-        println!(
-            "{}",
-            c.submit_background(&args.function, &args.unique, payload, priority)?
-        );
+        // The server's handle: text from outside.
+        let handle = c.submit_background(&args.function, &args.unique, payload, priority)?;
+        println!("{}", crate::text::escape(&handle));
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
+    let person = out.is_terminal();
     let outcome = c.submit(
         &args.function,
         &args.unique,
@@ -337,7 +337,9 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
         priority,
         |u| match u {
             Update::Data(d) => {
-                let _ = out.write_all(d).and_then(|()| out.flush());
+                let _ = out
+                    .write_all(&shown(d, person, false))
+                    .and_then(|()| out.flush());
             }
             Update::Warning(w) => eprintln!("warning: {}", crate::text::escape_bytes(w)),
             Update::Status(n, d) => eprintln!("status: {n}/{d}"),
@@ -345,7 +347,7 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     )?;
     match outcome {
         Outcome::Complete(result) => {
-            out.write_all(&result)
+            out.write_all(&shown(&result, person, true))
                 .and_then(|()| out.flush())
                 .map_err(|e| Error::io("writing result", e))?;
             Ok(0)
@@ -390,25 +392,29 @@ pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
 /// A result on stdout: raw bytes for a pipe or a file; escaped for a person at a terminal. A
 /// failure's text goes to stderr, escaped.
 fn print_bytes(bytes: &[u8], done: bool) -> Result<()> {
-    use std::io::IsTerminal;
     if !done {
         eprintln!("job failed: {}", crate::text::escape_bytes(bytes));
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
-    let shown = if out.is_terminal() {
-        // For a person: escaped, and the prompt on a line of its own.
-        let mut text = crate::text::escape_bytes(bytes);
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-        std::borrow::Cow::Owned(text.into_bytes())
-    } else {
-        std::borrow::Cow::Borrowed(bytes)
-    };
-    out.write_all(&shown)
+    let person = out.is_terminal();
+    out.write_all(&shown(bytes, person, true))
         .and_then(|()| out.flush())
         .map_err(|e| Error::io("writing result", e))
+}
+
+/// A job's bytes as stdout gets them: as they are for a pipe or a file; escaped for a `person`
+/// at a terminal (a job or another client could retitle or clear it), and for the whole result
+/// (`last`) the prompt on a line of its own.
+fn shown(bytes: &[u8], person: bool, last: bool) -> std::borrow::Cow<'_, [u8]> {
+    if !person {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut text = crate::text::escape_bytes(bytes);
+    if last && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    std::borrow::Cow::Owned(text.into_bytes())
 }
 
 fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
