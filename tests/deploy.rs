@@ -302,3 +302,105 @@ fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// A release deploy as deploy tools do it (Capistrano, Ansible's deploy_helper, a `current`
+/// link): the new release in a directory of its own, the `current` link swapped to it, then
+/// `gearshift reload`. The reload re-exec'd the old image (the file at the path had not passed
+/// a pre-flight yet) and said "reloaded"; the new binary came by itself seconds later, in a
+/// second restart, and a refused one only showed in `status`. Now a restart finds what is at
+/// the path: it waits for that candidate's pre-flight (begun at once, beside the jobs it waits
+/// for) and switches to it, and `reload` says when the candidate was refused (exit 1).
+#[test]
+fn a_reload_right_after_a_release_switch_runs_the_new_release() {
+    let v2 = second_build();
+    let mut sb = Sandbox::new("deploy-release");
+    for (release, from) in [("1", Path::new(BIN)), ("2", v2.as_path())] {
+        fs::create_dir_all(sb.path(&format!("app/releases/{release}"))).unwrap();
+        fs::copy(from, sb.path(&format!("app/releases/{release}/gearshift"))).unwrap();
+    }
+    fs::create_dir_all(sb.path("app/releases/3")).unwrap();
+    fs::write(
+        sb.path("app/releases/3/gearshift"),
+        "#!/bin/sh\necho 'release 3 says no' >&2\nexit 1\n",
+    )
+    .unwrap();
+    fs::set_permissions(
+        sb.path("app/releases/3/gearshift"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    // Beside the config's directory, not in it (the config's watch would see the swap).
+    let dir = sb.path("app");
+    let switch = |release: &str| {
+        let tmp = dir.join("current.new");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("releases/{release}"), &tmp).unwrap();
+        fs::rename(&tmp, dir.join("current")).unwrap();
+    };
+    switch("1");
+    sb.bin = sb.path("app/current/gearshift");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    // The stock binary asks (the sandbox's own is whatever `current` holds).
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .arg("-c")
+            .arg(sb.config())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    switch("2");
+    let out = cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = w.status();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(
+        s["binary_sha256"],
+        sha(&v2),
+        "the reload runs the new release"
+    );
+    assert!(
+        s["version"].as_str().unwrap().ends_with("deploy-test"),
+        "{s}"
+    );
+    assert_eq!(s["pid"], w.pid(), "same PID");
+
+    // A release that fails its pre-flight, while a job runs: the reload says so, and the
+    // running release serves on.
+    let job = sb.submit("sleep", "1000");
+    w.wait_for(Duration::from_secs(10), "the job to run", |s| {
+        s["in_flight"] == 1
+    });
+    switch("3");
+    let out = cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let said = text(&out.stderr);
+    assert!(said.contains("release 3 says no"), "{said}");
+    let s = w.status();
+    assert_eq!(s["generation"], 3, "{s}");
+    assert_eq!(s["binary_sha256"], sha(&v2), "{s}");
+    assert_eq!(
+        all_outcomes(&sb, &[job], Duration::from_secs(10))[0],
+        (true, "1000".into(), 1),
+        "the running job completed once"
+    );
+    // One restart each: the watch does not switch again once it sees the link changed, and
+    // the next generation does not judge the refused release again (it did, at its start:
+    // a second refusal in the log and the metrics for one file).
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(w.status()["generation"], 3, "{}", w.log_text());
+    let log = w.log_text();
+    assert_eq!(log.matches("release 3 says no").count(), 1, "{log}");
+    let metrics = text(&cli(&["metrics"]).stdout);
+    assert!(
+        metrics.contains("gearshift_deploys_total{result=\"refused\"} 1"),
+        "{metrics}"
+    );
+    // A reload by hand judges it again (what it refused may be mended: the config, a library).
+    let out = cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(w.log_text().matches("release 3 says no").count(), 2);
+}

@@ -303,7 +303,7 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
             let g = now.generation;
             if g > generation {
                 println!("reloaded: generation {g} (pid {pid})");
-                return Ok(0);
+                return Ok(deploy_refused(&before, &now));
             }
             if now.reload_refusals > refusals {
                 let why = now.last_refused_reload.map_or_else(
@@ -322,6 +322,28 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
             return Ok(exit::NOT_YET);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A restart judges a new binary at the path first (a release link swapped, then `reload`): a
+/// refusal since `before` is said, with exit 1 (the deploy did not happen); else 0.
+fn deploy_refused(before: &crate::status::Doc, now: &crate::status::Doc) -> u8 {
+    let refused = |d: &crate::status::Doc| {
+        d.last_refused_deploy
+            .as_ref()
+            .map(|r| (r.at.clone(), r.sha256.clone()))
+    };
+    match &now.last_refused_deploy {
+        Some(r) if refused(now) != refused(before) => {
+            eprintln!(
+                "the new binary at \"{}\" was refused, so generation {} runs the binary it ran before: {}",
+                crate::text::escape(&now.binary.to_string_lossy()),
+                now.generation,
+                crate::text::escape(&r.error)
+            );
+            exit::FAILED
+        }
+        _ => exit::OK,
     }
 }
 

@@ -33,6 +33,9 @@ pub const SETTLE: Duration = Duration::from_millis(500);
 enum Outcome {
     /// The same bytes as the running image (a touch, or a copy of the same build).
     Same(String),
+    /// The bytes an earlier generation refused (`last_refused_deploy`): refused again
+    /// without a word.
+    Refused,
     Unreadable(String),
     /// Its digest, the pre-flight's verdict, and the file that was hashed (kept open: what is
     /// exec'd is this descriptor, never the path again).
@@ -135,6 +138,40 @@ impl Deploy {
             .and_then(|k| k.as_ref().and_then(|k| k.ident))
     }
 
+    /// Whether `ident` is a file already judged: the running image, the refused or the
+    /// approved candidate.
+    fn judged(&self, ident: Ident) -> bool {
+        Some(ident) == self.running_ident()
+            || Some(ident) == self.refused
+            || self.approved.as_ref().and_then(|a| a.ident) == Some(ident)
+    }
+
+    /// A restart is asked for: a new file at the path (a release link swapped, then a reload)
+    /// is checked now, beside the jobs the restart waits for, without waiting for it to settle:
+    /// one still open for writing is found busy by its pre-flight and waits as before, and a
+    /// truncated one fails. `again`: a refused file is judged again too (a reload by hand or
+    /// a new config: what its pre-flight refused may be mended). Nothing while the running
+    /// image's own digest is not known yet.
+    pub fn hurry(&mut self, again: bool) {
+        if self.preflight.is_some() || self.running_sha().is_none() {
+            return;
+        }
+        let Some(ident) = Ident::of(&self.path) else {
+            return;
+        };
+        if again && Some(ident) == self.refused {
+            self.refused = None;
+        } else if self.judged(ident) {
+            return;
+        }
+        self.begin(ident, again);
+    }
+
+    /// A candidate's pre-flight is under way (a restart waits for its verdict).
+    pub fn deciding(&self) -> bool {
+        self.preflight.is_some()
+    }
+
     /// Looks at the file after an event or a timer.
     pub fn check(&mut self) -> Step {
         if let Some(step) = self.poll_preflight() {
@@ -143,10 +180,7 @@ impl Deploy {
         let Some(ident) = Ident::of(&self.path) else {
             return Step::Nothing;
         };
-        if Some(ident) == self.running_ident()
-            || Some(ident) == self.refused
-            || self.approved.as_ref().and_then(|a| a.ident) == Some(ident)
-        {
+        if self.judged(ident) {
             return Step::Nothing;
         }
         // Stable for SETTLE?
@@ -161,6 +195,13 @@ impl Deploy {
                 return Step::CheckIn(SETTLE);
             }
         }
+        self.begin(ident, false)
+    }
+
+    /// Judges `ident`, the file at the path: refused at once if it cannot be a binary of ours,
+    /// else hashed and pre-flighted on a thread of its own.
+    /// `again`: judged even if an earlier generation refused these bytes.
+    fn begin(&mut self, ident: Ident, again: bool) -> Step {
         if ident.mode & 0o111 == 0 {
             self.refuse(ident, String::new(), "the file is not executable".into());
             return Step::Nothing;
@@ -173,6 +214,10 @@ impl Deploy {
         let (tx, rx) = bounded(1);
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
         let bad = self.known_bad.clone();
+        let refused = (!again)
+            .then(|| self.last_refused.as_ref().map(|r| r.sha256.clone()))
+            .flatten()
+            .filter(|sha| !sha.is_empty());
         let _ = crate::ops::signals::spawn_helper("preflight", move || {
             // Hashed through one descriptor, which must be the file that settled; that
             // descriptor is what a switch execs.
@@ -188,6 +233,7 @@ impl Deploy {
             let outcome = match opened.and_then(|mut f| hash_reader(&mut f).map(|sha| (sha, f))) {
                 Err(e) => Outcome::Unreadable(e.to_string()),
                 Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+                Ok((sha, _)) if Some(&sha) == refused.as_ref() => Outcome::Refused,
                 Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
                     sha,
                     Err(NotPassed::Failed(
@@ -235,6 +281,10 @@ impl Deploy {
                         sha256: sha,
                     });
                 }
+                return Some(Step::Nothing);
+            }
+            Outcome::Refused => {
+                self.refused = Some(ident);
                 return Some(Step::Nothing);
             }
             Outcome::Unreadable(e) => {

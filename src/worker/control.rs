@@ -13,11 +13,11 @@ use nix::sys::signal::Signal;
 use crate::error::{Error, Result};
 use crate::jobs::executable::Children;
 use crate::jobs::functions::Functions;
-use crate::kinds::{DeployResult, RestartReason, WorkerPhase};
+use crate::kinds::{RestartReason, WorkerPhase};
 use crate::ops::notify::Notifier;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals::{self, Signals};
-use crate::restart::deploy::{Deploy, Step};
+use crate::restart::deploy::Deploy;
 use crate::restart::reexec::Boot;
 use crate::shutdown::Switch;
 use crate::source::Source;
@@ -50,7 +50,7 @@ pub(super) enum Phase {
 
 /// The control loop's own state between events.
 pub(super) struct Loop {
-    phase: Phase,
+    pub(super) phase: Phase,
     /// Lanes still running.
     live: usize,
     /// TERM/INT/QUIT received: the second one exits at once.
@@ -59,9 +59,12 @@ pub(super) struct Loop {
     check_at: Option<Instant>,
     first_touch: Option<Instant>,
     /// When to look at the binary's path.
-    binary_at: Option<Instant>,
+    pub(super) binary_at: Option<Instant>,
+    /// Every lane has ended for a restart, which waits since then for the verdict on a new
+    /// binary at the path (`candidate.rs`).
+    pub(super) awaiting: Option<Instant>,
     /// A change-triggered restart waiting out `restart_splay`.
-    splayed: Option<(Instant, RestartReason)>,
+    pub(super) splayed: Option<(Instant, RestartReason)>,
     /// While a restart waits for running jobs under a service manager: when to extend its
     /// timeout again (`manager.rs`).
     extend_at: Option<Instant>,
@@ -131,6 +134,7 @@ impl Control {
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
+            awaiting: None,
             extend_at: None,
         };
         let mut age = match self.limits.max_age {
@@ -193,6 +197,9 @@ impl Control {
                 },
                 recv(timer) -> _ => self.look_at_files(&mut lp),
                 recv(binary_timer) -> _ => self.look_at_binary(&mut lp),
+            }
+            if lp.awaiting.is_some() {
+                self.lanes_done(&mut lp)?;
             }
         }
     }
@@ -318,11 +325,14 @@ impl Control {
     }
 
     /// Every lane has ended: stop, restart, or (refused) serve on with new lanes.
-    fn lanes_done(&mut self, lp: &mut Loop) -> Result<()> {
+    pub(super) fn lanes_done(&mut self, lp: &mut Loop) -> Result<()> {
         for t in self.lanes.drain(..) {
             let _ = t.join();
         }
         self.stop_instead(&mut lp.phase);
+        if self.await_candidate(lp) {
+            return Ok(());
+        }
         if matches!(lp.phase, Phase::Stopping) {
             self.source.settle(true);
         }
@@ -395,29 +405,6 @@ impl Control {
             if self.look_failing {
                 lp.check_at = Some(Instant::now() + LOOK_AGAIN);
             }
-        }
-    }
-
-    /// A look at the binary's path: a candidate, its pre-flight, its approval.
-    fn look_at_binary(&mut self, lp: &mut Loop) {
-        lp.binary_at = None;
-        let mut approved = false;
-        if let Some(d) = self.deploy.as_mut() {
-            match d.check() {
-                Step::Nothing => {}
-                Step::CheckIn(after) => lp.binary_at = Some(Instant::now() + after),
-                Step::Approved => approved = true,
-            }
-            for _ in 0..d.take_refusals() {
-                self.state.metrics.deploy(DeployResult::Refused);
-            }
-            if let Ok(mut i) = self.state.inner.lock() {
-                i.last_refused_deploy = d.last_refused.clone();
-                i.binary_sha256 = d.running_sha();
-            }
-        }
-        if approved && lp.splayed.is_none() {
-            self.restart_or_splay(&mut lp.phase, &mut lp.splayed, RestartReason::BinaryChanged);
         }
     }
 

@@ -25,6 +25,7 @@ use crate::ops::notify::Notifier;
 use crate::ops::signals;
 use crate::restart::reexec::{self};
 
+mod candidate;
 mod control;
 mod event;
 mod helpers;

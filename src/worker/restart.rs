@@ -215,6 +215,7 @@ impl Control {
         };
         self.state.set_phase(WorkerPhase::Draining);
         self.source.stopping(true);
+        self.hurry_candidate(reason);
         self.notify_reloading();
         self.halt_lanes();
         true
