@@ -404,3 +404,43 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     assert_eq!(w.log_text().matches("release 3 says no").count(), 2);
 }
+
+/// A restart waiting for a candidate's pre-flight (one that takes its time) still stops at
+/// once on a TERM: no job runs, and the pre-flight goes with the worker.
+#[test]
+fn a_stop_while_a_restart_waits_for_a_pre_flight_is_not_held() {
+    let sb = sandbox("deploy-wait-stop");
+    let mut w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    let slow = sb.path("slow-check.sh");
+    let marker = sb.path("preflight-ran");
+    fs::write(
+        &slow,
+        format!("#!/bin/sh\ntouch {}\nexec sleep 9.4321\n", marker.display()),
+    )
+    .unwrap();
+    drop_by_rename(&slow, &sb.bin, 0o755);
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(Duration::from_secs(10), "the pre-flight to run", || {
+        marker.exists() && w.log_text().contains("waiting for the pre-flight")
+    });
+    let sent = std::time::Instant::now();
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}\n{}", w.log_text());
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    // Its process group was killed with it.
+    eventually(Duration::from_secs(3), "the pre-flight to be gone", || {
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", "sleep 9.4321"])
+            .output()
+            .unwrap();
+        left.stdout.is_empty()
+    });
+}
