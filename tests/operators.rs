@@ -934,3 +934,62 @@ fn a_state_dir_edited_under_a_running_worker_is_found_and_moved_by_restart_only(
     assert!(sb.path("state2/gearshift.pid").exists());
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// A worker in a pid namespace of its own (a container whose state_dir is a volume the host
+/// sees; `unshare --pid`): its pidfile holds its pid there (1), the kernel's lock names its pid
+/// here. The CLI outside said "says pid 1, but the lock is held by pid N: not signalling either
+/// (fix the pidfile, ...)" for `status`, `reload` and `stop`, though nothing was wrong. A lock
+/// holder whose pid in its own namespace is the pidfile's is the worker.
+#[test]
+fn a_worker_in_a_pid_namespace_of_its_own_is_served_from_outside() {
+    let name = "a_worker_in_a_pid_namespace_of_its_own_is_served_from_outside";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "needs root (a pid namespace)");
+    }
+    let sb = Sandbox::new("pidns");
+    let mut w = sb.start_under(
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        "true",
+    );
+    eventually(Duration::from_secs(20), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    assert_eq!(
+        fs::read_to_string(sb.path("state/gearshift.pid"))
+            .unwrap()
+            .trim(),
+        "1",
+        "its pid in its own namespace"
+    );
+    let status = sb.run(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text_of(&status));
+    let shown = text(&status.stdout);
+    assert!(
+        shown.contains(&format!("(pid {})", forked_by(w.child.id())))
+            && shown.contains("pid 1 in its own pid namespace"),
+        "{shown}"
+    );
+    let out = sb.run(&["submit", "--wait", "echo", "from outside"]);
+    assert_eq!(text(&out.stdout), "from outside", "{}", text_of(&out));
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("generation 2"),
+        "{}",
+        text_of(&out)
+    );
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The pid of the process `unshare` forked (the worker), as this pid namespace sees it.
+fn forked_by(unshare: u32) -> i32 {
+    fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

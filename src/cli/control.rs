@@ -117,6 +117,12 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
             return Ok(0);
         }
     };
+    // The pid to signal from here (a worker in a pid namespace of its own knows another).
+    let own = (i64::from(s.pid) != i64::from(pid)).then_some(s.pid);
+    let s = crate::status::Doc {
+        pid: u32::try_from(pid).unwrap_or(s.pid),
+        ..s
+    };
     if json {
         println!(
             "{}",
@@ -125,6 +131,9 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
         return Ok(0);
     }
     print_status(&s.for_terminal());
+    if let Some(own) = own {
+        println!("  pid {own} in its own pid namespace");
+    }
     Ok(0)
 }
 

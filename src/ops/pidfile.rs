@@ -299,6 +299,11 @@ pub fn probe(path: &Path) -> Result<Probe> {
         // Empty: the worker is starting or exiting; the kernel's word is enough.
         (Some(holder), None) => Ok(Probe::Running(Some(holder))),
         (Some(holder), Some(pid)) if holder == pid => Ok(Probe::Running(Some(pid))),
+        // A worker in a pid namespace of its own (a container whose state_dir this one sees)
+        // wrote its pid there; the lock names it as this namespace sees it.
+        (Some(holder), Some(pid)) if crate::ops::procfs::innermost_pid(holder) == Some(pid) => {
+            Ok(Probe::Running(Some(holder)))
+        }
         (Some(holder), Some(pid)) => Err(Error::Unknown(format!(
             "\"{}\" says pid {pid}, but the lock is held by pid {holder}: not signalling either (fix the pidfile, or stop pid {holder} yourself)",
             path.display()
@@ -348,6 +353,8 @@ fn holder_in(locks: &str, key: &str) -> Option<i32> {
         (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&key))
             .then(|| f.get(4).and_then(|p| p.parse().ok()))
             .flatten()
+            // 0: a holder this pid namespace cannot see (never a pid to signal).
+            .filter(|pid: &i32| *pid > 0)
     })
 }
 
@@ -371,5 +378,9 @@ mod tests {
         assert_eq!(holder_in(text, "fe:00:77"), Some(42));
         assert_eq!(holder_in(text, "08:01:9"), Some(44));
         assert_eq!(holder_in(text, "fe:00:7"), None);
+        // A holder in a pid namespace this one cannot see is shown as pid 0: signalling "pid
+        // 0" would signal the caller's own process group.
+        let hidden = "4: FLOCK  ADVISORY  WRITE 0 fe:00:78 0 EOF\n";
+        assert_eq!(holder_in(hidden, "fe:00:78"), None);
     }
 }

@@ -109,6 +109,14 @@ pub fn euid(pid: i32) -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// `pid`'s pid in its own (innermost) pid namespace: the last number of `NSpid:` in
+/// `/proc/PID/status` (a container's worker is 1 there), if it still exists.
+pub fn innermost_pid(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
 /// A variable of `pid`'s environment (`/proc/PID/environ`: readable for our own user's
 /// processes, and root's).
 pub fn env_var(pid: i32, key: &str) -> Option<Vec<u8>> {
