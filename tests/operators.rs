@@ -993,3 +993,49 @@ fn forked_by(unshare: u32) -> i32 {
         .parse()
         .unwrap()
 }
+
+/// A config (and so `state_dir`) under a directory whose name is not UTF-8 (Latin-1 from an
+/// old system, a tarball's bytes): the worker ran, but its status document could not be
+/// encoded, so `status` said "its status is unavailable", and `reload` failed before it sent
+/// its HUP ("unreadable status ... EOF while parsing"). Paths are shown with the bytes that
+/// are not UTF-8 escaped.
+#[test]
+fn a_worker_under_a_directory_whose_name_is_not_utf8_answers_and_reloads() {
+    use std::os::unix::ffi::OsStrExt;
+    let base = Sandbox::new("not-utf8");
+    let dir = base.dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    fs::create_dir_all(dir.join("jobs")).unwrap();
+    let sb = Sandbox {
+        dir,
+        bin: base.bin.clone(),
+    };
+    sb.write_config("");
+    let mut w = sb.start();
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("is running") && shown.contains("caf\\xe9"),
+        "{}",
+        text_of(&out)
+    );
+    let out = sb.run(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        doc["config"]
+            .as_str()
+            .unwrap()
+            .ends_with("caf\\xe9/config.toml"),
+        "{doc}"
+    );
+    let out = sb.run(&["submit", "--wait", "echo", "still here"]);
+    assert_eq!(text(&out.stdout), "still here", "{}", text_of(&out));
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("generation 2"),
+        "{}",
+        text_of(&out)
+    );
+    w.acts_at_once(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
+}

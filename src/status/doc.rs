@@ -27,8 +27,10 @@ pub struct Doc {
     pub file_checks: u64,
     pub last_refused_reload: Option<RefusalDoc>,
     pub reload_refusals: u64,
+    #[serde(serialize_with = "path_text")]
     pub config: PathBuf,
     pub config_sha256: String,
+    #[serde(serialize_with = "path_text")]
     pub binary: PathBuf,
     pub binary_sha256: Option<String>,
     pub last_rollback: Option<RollbackDoc>,
@@ -256,5 +258,24 @@ impl RunningJob {
             ));
         }
         s
+    }
+}
+
+/// A path as JSON text: a path that is not UTF-8 (a directory named in Latin-1) has those
+/// bytes written as `\xNN`; JSON has no room for them, and the whole document failed.
+fn path_text<S: serde::Serializer>(p: &std::path::Path, s: S) -> Result<S::Ok, S::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    match p.to_str() {
+        Some(text) => s.serialize_str(text),
+        None => {
+            let mut out = String::new();
+            for chunk in p.as_os_str().as_bytes().utf8_chunks() {
+                out.push_str(chunk.valid());
+                for byte in chunk.invalid() {
+                    out.push_str(&format!("\\x{byte:02x}"));
+                }
+            }
+            s.serialize_str(&out)
+        }
     }
 }

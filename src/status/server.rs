@@ -229,7 +229,12 @@ impl crate::ops::serve::Protocol for Requests<'_> {
             b"metrics" => (self.answers.metrics)(),
             b"counts" => (self.answers.counts)(),
             _ => {
-                let mut b = serde_json::to_string(&self.state.doc()).unwrap_or_default();
+                let mut b = serde_json::to_string(&self.state.doc()).unwrap_or_else(|e| {
+                    // Never an empty answer that reads as a broken worker: say why.
+                    log::error!("encoding the status document: {e}");
+                    serde_json::json!({ "error": format!("encoding the status document: {e}") })
+                        .to_string()
+                });
                 b.push('\n');
                 b
             }
