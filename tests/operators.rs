@@ -1037,5 +1037,18 @@ fn a_worker_under_a_directory_whose_name_is_not_utf8_answers_and_reloads() {
         "{}",
         text_of(&out)
     );
+    // With the config's syntax broken, root's record of where the worker started finds it
+    // (it could not be read back, and the CLI guessed).
+    if nix::unistd::geteuid().is_root() {
+        let good = fs::read_to_string(sb.config()).unwrap();
+        fs::write(sb.config(), format!("{good}\ngarbage [[[\n")).unwrap();
+        let out = sb.run(&["status"]);
+        assert!(
+            text(&out.stderr).contains("recorded at the worker's start"),
+            "{}",
+            text_of(&out)
+        );
+        fs::write(sb.config(), good).unwrap();
+    }
     w.acts_at_once(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
 }

@@ -15,6 +15,7 @@
 //! worker writes lives in `worker/` (and the spool), and root reads it only as bounded data
 //! through [`crate::ops::safefs`].
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{geteuid, Gid, Uid};
@@ -216,6 +217,7 @@ pub fn recorded_state_dir(config: &Path) -> Option<PathBuf> {
         return None;
     }
     let bytes = dir.read_small(&record_name(config), 4096).ok()??;
-    let text = String::from_utf8(bytes).ok()?;
-    Some(PathBuf::from(text)).filter(|p| p.is_absolute())
+    // Bytes, as written: a path need not be UTF-8.
+    let path = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+    Some(path).filter(|p| p.is_absolute())
 }
