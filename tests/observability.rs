@@ -358,6 +358,12 @@ fn json_log_lines_carry_the_job_fields() {
 /// Starts `gearshift top --interval 200ms` in a detached tmux session of its own server
 /// (120x40); returns a runner of tmux commands on that server.
 fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Output {
+    in_tmux(sb, name, "top --interval 200ms")
+}
+
+/// Starts `gearshift ARGS` in a detached tmux session of its own server (120x40); returns a
+/// runner of tmux commands on that server.
+fn in_tmux(sb: &Sandbox, name: &str, args: &str) -> impl Fn(&[&str]) -> std::process::Output {
     let server = format!("{name}-{}", std::process::id());
     let tmux = move |args: &[&str]| {
         Command::new("tmux")
@@ -366,11 +372,7 @@ fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Ou
             .output()
             .unwrap()
     };
-    let cmd = format!(
-        "{} -c {} top --interval 200ms",
-        sb.bin.display(),
-        sb.config().display()
-    );
+    let cmd = format!("{} -c {} {args}", sb.bin.display(), sb.config().display());
     assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
         .status
         .success());
@@ -788,4 +790,29 @@ fn a_result_at_a_terminal_ends_its_line() {
             && screen.lines().any(|l| l.trim_end() == "NEXT-LINE"),
         "{screen}"
     );
+}
+
+/// `submit` with no payload at a terminal (the payload forgotten, or to be typed) waited for
+/// standard input without a word, like a hang. It says where the payload comes from and how
+/// to end it, and what is typed is the payload.
+#[test]
+fn submit_at_a_terminal_without_a_payload_says_how_to_end_it() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        return skip(
+            "observability::submit_at_a_terminal_without_a_payload_says_how_to_end_it",
+            "no tmux",
+        );
+    }
+    let sb = Sandbox::new("submit-tty");
+    let _w = sb.start();
+    let tmux = in_tmux(&sb, "gs-submit-tty", "submit --wait reverse; sleep 30");
+    wait_screen(&tmux, "the hint", Duration::from_secs(10), &|s| {
+        s.contains("Ctrl-D")
+    });
+    tmux(&["send-keys", "-t", "0", "typed", "Enter"]);
+    tmux(&["send-keys", "-t", "0", "C-d"]);
+    wait_screen(&tmux, "the result", Duration::from_secs(10), &|s| {
+        s.contains("depyt")
+    });
+    let _ = tmux(&["kill-server"]);
 }

@@ -37,8 +37,15 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
     // once, not read into memory until it ends.
     let payload = match &args.payload {
         Some(p) => Some(p.as_bytes().to_vec()).filter(|p| p.len() <= max),
-        None => crate::ops::safefs::read_bounded(std::io::stdin().lock(), max as u64)
-            .map_err(|e| Error::io("reading payload from stdin", e))?,
+        None => {
+            let stdin = std::io::stdin().lock();
+            if stdin.is_terminal() {
+                // Else it looks like a hang: the payload forgotten, or to be typed.
+                eprintln!("gearshift: the payload is read from the terminal: type it, then Ctrl-D on a line of its own (or give it as an argument)");
+            }
+            crate::ops::safefs::read_bounded(stdin, max as u64)
+                .map_err(|e| Error::io("reading payload from stdin", e))?
+        }
     };
     let Some(payload) = payload else {
         match &args.payload {
