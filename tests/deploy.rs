@@ -444,3 +444,26 @@ fn a_stop_while_a_restart_waits_for_a_pre_flight_is_not_held() {
         left.stdout.is_empty()
     });
 }
+
+/// Something that is no file at the binary's path (a directory unpacked over it, a FIFO): it
+/// was "refused" in a warning and looked at again every second, a warning and a thread each
+/// time, for as long as it stayed. It is refused once, as any candidate that cannot run.
+#[test]
+fn a_directory_at_the_binarys_path_is_refused_once() {
+    let sb = sandbox("deploy-dir");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    fs::rename(&sb.bin, sb.path("bin/gearshift.old")).unwrap();
+    fs::create_dir(&sb.bin).unwrap();
+    let s = w.wait_for(Duration::from_secs(10), "the refusal", |s| {
+        s["last_refused_deploy"].is_object()
+    });
+    let err = s["last_refused_deploy"]["error"].as_str().unwrap();
+    assert!(err.contains("not a regular file"), "{err}");
+    std::thread::sleep(Duration::from_secs(3));
+    let log = w.log_text();
+    assert_eq!(log.matches("not a regular file").count(), 1, "{log}");
+    assert_eq!(w.status()["generation"], 1);
+}

@@ -1617,3 +1617,29 @@ fn a_start_that_is_not_root_refuses_a_group_it_cannot_switch_to() {
         );
     }
 }
+
+/// A binary dropped at the path that the worker's user cannot read (root's, mode 0711): the
+/// deploy watch, which runs as that user, warned "cannot read" and looked again every second,
+/// a warning each time, for as long as it stayed. Said once; still looked at (it may be a
+/// fault that passes).
+#[test]
+fn a_binary_the_worker_cannot_read_is_said_once() {
+    let sb = privsep("unreadable-binary");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
+        s["binary_sha256"].is_string()
+    });
+    let tmp = sb.path("bin/gearshift.new");
+    let mut bytes = fs::read(BIN).unwrap();
+    bytes.extend_from_slice(b"another build");
+    fs::write(&tmp, bytes).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o711)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    eventually(Duration::from_secs(10), "the warning", || {
+        w.log_text().contains("cannot read")
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let log = w.log_text();
+    assert_eq!(log.matches("cannot read").count(), 1, "{log}");
+    assert_eq!(w.status()["generation"], 1);
+}

@@ -67,6 +67,8 @@ pub struct Deploy {
     refusals: u64,
     /// A binary that was rolled back from: refused on sight.
     known_bad: Option<String>,
+    /// The file whose reading failed, said once.
+    unreadable_said: Option<Ident>,
     /// Under a privilege drop, the worker's uid: a candidate that user could have written
     /// would be run by root at the next fresh start, so it is refused.
     worker_uid: Option<u32>,
@@ -115,6 +117,7 @@ impl Deploy {
             last_refused,
             refusals: 0,
             known_bad: None,
+            unreadable_said: None,
             worker_uid,
         }
     }
@@ -202,6 +205,13 @@ impl Deploy {
     /// else hashed and pre-flighted on a thread of its own.
     /// `again`: judged even if an earlier generation refused these bytes.
     fn begin(&mut self, ident: Ident, again: bool) -> Step {
+        // No binary will ever be read from it (it was looked at again every second, a warning
+        // each time): refused until something else is there.
+        if ident.mode & libc::S_IFMT != libc::S_IFREG {
+            let what = crate::ops::safefs::kind_of(ident.mode);
+            self.refuse(ident, String::new(), format!("not a regular file ({what})"));
+            return Step::Nothing;
+        }
         if ident.mode & 0o111 == 0 {
             self.refuse(ident, String::new(), "the file is not executable".into());
             return Step::Nothing;
@@ -288,7 +298,10 @@ impl Deploy {
                 return Some(Step::Nothing);
             }
             Outcome::Unreadable(e) => {
-                log::warn!("deploy: cannot read \"{}\": {e}", self.path.display());
+                // Looked at again (it may be a fault that passes), said once per file.
+                if self.unreadable_said.replace(ident) != Some(ident) {
+                    log::warn!("deploy: cannot read \"{}\": {e}", self.path.display());
+                }
                 self.last_seen = None;
                 return Some(Step::CheckIn(SETTLE));
             }

@@ -47,7 +47,12 @@ fn owned(fd: RawFd) -> OwnedFd {
 }
 
 fn kind(st: &FileStat) -> &'static str {
-    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+    kind_of(st.st_mode)
+}
+
+/// What a file of `mode` (an `st_mode`, type bits included) is, in words.
+pub fn kind_of(mode: u32) -> &'static str {
+    match SFlag::from_bits_truncate(mode) & SFlag::S_IFMT {
         SFlag::S_IFDIR => "a directory",
         SFlag::S_IFLNK => "a symbolic link",
         SFlag::S_IFIFO => "a FIFO",
