@@ -971,6 +971,21 @@ fn a_worker_in_a_pid_namespace_of_its_own_is_served_from_outside() {
     );
     let out = sb.run(&["submit", "--wait", "echo", "from outside"]);
     assert_eq!(text(&out.stdout), "from outside", "{}", text_of(&out));
+    // Its pidfile removed (a cleaner of old files): the worker answering on its socket is
+    // named by its pid here, and no second worker starts beside it (it was "not running": the
+    // pid it gives, 1, is not the socket's server as this namespace sees it).
+    let host_pid = forked_by(w.child.id());
+    fs::remove_file(sb.path("state/gearshift.pid")).unwrap();
+    let out = sb.run(&["status"]);
+    assert!(
+        text(&out.stderr).contains(&format!("pid {host_pid} answers on its status socket")),
+        "{}",
+        text_of(&out)
+    );
+    assert_eq!(sb.run(&["start"]).status.code(), Some(1));
+    eventually(Duration::from_secs(15), "the pidfile made again", || {
+        sb.path("state/gearshift.pid").exists()
+    });
     let out = sb.run(&["reload"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert!(

@@ -179,8 +179,14 @@ pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
 /// process), never to be signalled on that word alone; None when nothing answers there (no
 /// socket, or one nobody listens on).
 pub fn unlocked_worker(socket: &Path) -> Option<i32> {
-    let pid = i32::try_from(query(socket, None).ok()?.pid).ok()?;
-    query(socket, Some(pid)).ok().map(|_| pid)
+    let said = i32::try_from(query(socket, None).ok()?.pid).ok()?;
+    // The kernel's word, as this pid namespace sees the server; a worker in a namespace of its
+    // own (a container) gives its pid there.
+    let server = socket::getsockopt(&connect(socket).ok()?, socket::sockopt::PeerCredentials)
+        .ok()?
+        .pid();
+    (server > 0 && (server == said || crate::ops::procfs::innermost_pid(server) == Some(said)))
+        .then_some(server)
 }
 
 /// What the CLI says of [`unlocked_worker`]'s worker.
