@@ -1067,3 +1067,25 @@ fn a_worker_under_a_directory_whose_name_is_not_utf8_answers_and_reloads() {
     }
     w.acts_at_once(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
 }
+
+/// The other way round: the CLI in a pid namespace of its own (a container that mounts the
+/// host's state_dir) cannot see the worker that holds the lock, and /proc/locks there lists
+/// no holder. It said only "locked, but /proc/locks names no holder"; it says where the holder
+/// is, and where to ask.
+#[test]
+fn a_cli_in_a_pid_namespace_of_its_own_says_the_worker_is_outside_it() {
+    let name = "a_cli_in_a_pid_namespace_of_its_own_says_the_worker_is_outside_it";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "needs root (a pid namespace)");
+    }
+    let sb = Sandbox::new("pidns-cli");
+    let mut w = sb.start();
+    let out = sb.run_under(&["unshare", "--pid", "--fork", "--mount-proc"], &["status"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("outside this pid namespace"),
+        "{}",
+        text_of(&out)
+    );
+    w.acts_at_once(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
+}

@@ -1272,15 +1272,12 @@ fn the_workers_group_can_query_status_and_metrics() {
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let gid = nobody().gid;
+    let regid = format!("--regid={gid}");
     let as_member = |args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=54321", &format!("--regid={gid}"), "--clear-groups"])
-            .arg(&sb.bin)
-            .arg("-c")
-            .arg(sb.config())
-            .args(args)
-            .output()
-            .unwrap()
+        sb.run_under(
+            &["setpriv", "--reuid=54321", &regid, "--clear-groups"],
+            args,
+        )
     };
     let out = as_member(&["status"]);
     assert_eq!(
@@ -1303,14 +1300,15 @@ fn the_workers_group_can_query_status_and_metrics() {
         text(&out.stdout)
     );
     // Not a member: no answer (the worker's directory is 0750).
-    let out = Command::new("setpriv")
-        .args(["--reuid=54321", "--regid=54321", "--clear-groups"])
-        .arg(&sb.bin)
-        .arg("-c")
-        .arg(sb.config())
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = sb.run_under(
+        &[
+            "setpriv",
+            "--reuid=54321",
+            "--regid=54321",
+            "--clear-groups",
+        ],
+        &["status"],
+    );
     assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

@@ -313,8 +313,13 @@ pub fn probe(path: &Path) -> Result<Probe> {
             Ok(Probe::NotRunning)
         }
         (None, _) => Err(Error::Unknown(format!(
-            "\"{}\" is locked, but /proc/locks names no holder for it",
-            path.display()
+            "\"{}\" is locked, but /proc/locks names no holder for it{}",
+            path.display(),
+            if crate::ops::procfs::in_nested_pid_namespace() {
+                ": the holder runs outside this pid namespace (this command runs in a container, the worker on the host or in another one): ask where the worker runs"
+            } else {
+                ""
+            }
         ))),
     }
 }

@@ -117,6 +117,14 @@ pub fn innermost_pid(pid: i32) -> Option<i32> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// Whether this process runs in a pid namespace below another (a container's): the initial
+/// one has a fixed inode (`PROC_PID_INIT_INO`); `NSpid:` cannot tell where `/proc` is the
+/// namespace's own.
+pub fn in_nested_pid_namespace() -> bool {
+    const INITIAL: &str = "pid:[4026531836]";
+    std::fs::read_link("/proc/self/ns/pid").is_ok_and(|l| l.as_os_str() != INITIAL)
+}
+
 /// A variable of `pid`'s environment (`/proc/PID/environ`: readable for our own user's
 /// processes, and root's).
 pub fn env_var(pid: i32, key: &str) -> Option<Vec<u8>> {

@@ -93,6 +93,18 @@ impl Sandbox {
 
     /// Runs a CLI command to completion (bounded). Its pipes are read while it runs (a thread
     /// waits for the output), so a command that prints more than a pipe holds cannot deadlock.
+    /// `gearshift -c CONFIG ARGS` run by `outer` (e.g. `setpriv ...`, `unshare ...`).
+    pub fn run_under(&self, outer: &[&str], args: &[&str]) -> Output {
+        Command::new(outer[0])
+            .args(&outer[1..])
+            .arg(&self.bin)
+            .arg("-c")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         let child = spawn(self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()));
         let pid = child.id() as i32;
