@@ -48,9 +48,16 @@ pub fn escape_lines(s: &str) -> Cow<'_, str> {
 /// Bytes (not necessarily UTF-8) as escaped text: the valid parts [`escape`]d, each byte of
 /// invalid UTF-8 as `\xNN` (so a file name can still be told from another, and typed).
 pub fn escape_bytes(b: &[u8]) -> String {
+    // The `\xNN` written for invalid bytes hold no character `escape` changes.
+    escape(&invalid_as_hex(b)).into_owned()
+}
+
+/// Bytes as text: the valid UTF-8 as it is, each byte of invalid UTF-8 as `\xNN` (for JSON,
+/// which escapes control characters by its own rules but cannot hold such bytes).
+pub fn invalid_as_hex(b: &[u8]) -> String {
     let mut out = String::with_capacity(b.len());
     for chunk in b.utf8_chunks() {
-        out.push_str(&escape(chunk.valid()));
+        out.push_str(chunk.valid());
         for byte in chunk.invalid() {
             let _ = write!(out, "\\x{byte:02x}");
         }

@@ -58,9 +58,7 @@ fn a_binary_dropped_by_rename_is_switched_to_between_jobs() {
     let v2 = second_build();
     let sb = sandbox("deploy");
     let w = sb.start();
-    let before = w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    let before = w.wait_running_sha();
     assert_eq!(before["binary_sha256"], sha(&sb.bin));
     assert!(!before["version"].as_str().unwrap().contains("deploy-test"));
 
@@ -105,9 +103,7 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
     // that name, so that binary rejects this config.
     sb.job("shout.sh", "#!/bin/sh\ntr a-z A-Z\n");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     let script = sb.path("fails.sh");
     fs::write(&script, "#!/bin/sh\necho 'candidate says no' >&2\nexit 1\n").unwrap();
     let truncated = sb.path("truncated");
@@ -189,9 +185,7 @@ fn a_slow_in_place_write_is_not_switched_to_before_it_is_whole() {
     let v2 = second_build();
     let sb = sandbox("deploy-slow");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     // The running image stays alive as a deleted inode; a new file is then written at the path
     // in two halves with a pause longer than the settle time between them.
     fs::remove_file(&sb.bin).unwrap();
@@ -340,9 +334,7 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
     switch("1");
     sb.bin = sb.path("app/current/gearshift");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     // The stock binary asks (the sandbox's own is whatever `current` holds).
     let cli = |args: &[&str]| {
         std::process::Command::new(BIN)
@@ -411,9 +403,7 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
 fn a_stop_while_a_restart_waits_for_a_pre_flight_is_not_held() {
     let sb = sandbox("deploy-wait-stop");
     let mut w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     let slow = sb.path("slow-check.sh");
     let marker = sb.path("preflight-ran");
     fs::write(
@@ -452,9 +442,7 @@ fn a_stop_while_a_restart_waits_for_a_pre_flight_is_not_held() {
 fn a_directory_at_the_binarys_path_is_refused_once() {
     let sb = sandbox("deploy-dir");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     fs::rename(&sb.bin, sb.path("bin/gearshift.old")).unwrap();
     fs::create_dir(&sb.bin).unwrap();
     let s = w.wait_for(Duration::from_secs(10), "the refusal", |s| {

@@ -1070,9 +1070,7 @@ fn a_second_term_ends_the_worker_within_two_seconds_in_every_state() {
     let mut sb = Sandbox::new("term-preflight");
     sb.own_binary();
     let mut w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     sb.submit("sleep", "60000");
     w.wait_for(Duration::from_secs(10), "the job", |s| s["in_flight"] == 1);
     let tag = 800_000 + std::process::id() % 90_000;

@@ -733,9 +733,7 @@ fn a_talkative_preflight_is_judged_not_timed_out() {
     let mut sb = Sandbox::new("preflight-talk");
     sb.own_binary();
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     // 200 KiB on stderr, then a last line and a refusal.
     drop_script(
         &sb,
@@ -756,9 +754,7 @@ fn a_hanging_preflight_does_not_outlive_stop() {
     let mut sb = Sandbox::new("preflight-hang");
     sb.own_binary();
     let mut w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     let tag = format!("{}", 900_000 + std::process::id() % 90_000);
     drop_script(&sb, &format!("#!/bin/sh\nsleep {tag}1 &\nsleep {tag}2\n"));
     eventually(Duration::from_secs(20), "the pre-flight to run", || {

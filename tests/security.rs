@@ -1624,9 +1624,7 @@ fn a_start_that_is_not_root_refuses_a_group_it_cannot_switch_to() {
 fn a_binary_the_worker_cannot_read_is_said_once() {
     let sb = privsep("unreadable-binary");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(30), "the running sha", |s| {
-        s["binary_sha256"].is_string()
-    });
+    w.wait_running_sha();
     let tmp = sb.path("bin/gearshift.new");
     let mut bytes = fs::read(BIN).unwrap();
     bytes.extend_from_slice(b"another build");

@@ -118,11 +118,9 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
         }
     };
     // The pid to signal from here (a worker in a pid namespace of its own knows another).
-    let own = (i64::from(s.pid) != i64::from(pid)).then_some(s.pid);
-    let s = crate::status::Doc {
-        pid: u32::try_from(pid).unwrap_or(s.pid),
-        ..s
-    };
+    let here = u32::try_from(pid).unwrap_or(s.pid);
+    let own = (here != s.pid).then_some(s.pid);
+    let s = crate::status::Doc { pid: here, ..s };
     if json {
         println!(
             "{}",

@@ -265,17 +265,5 @@ impl RunningJob {
 /// bytes written as `\xNN`; JSON has no room for them, and the whole document failed.
 fn path_text<S: serde::Serializer>(p: &std::path::Path, s: S) -> Result<S::Ok, S::Error> {
     use std::os::unix::ffi::OsStrExt;
-    match p.to_str() {
-        Some(text) => s.serialize_str(text),
-        None => {
-            let mut out = String::new();
-            for chunk in p.as_os_str().as_bytes().utf8_chunks() {
-                out.push_str(chunk.valid());
-                for byte in chunk.invalid() {
-                    out.push_str(&format!("\\x{byte:02x}"));
-                }
-            }
-            s.serialize_str(&out)
-        }
-    }
+    s.serialize_str(&crate::text::invalid_as_hex(p.as_os_str().as_bytes()))
 }

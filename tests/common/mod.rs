@@ -289,6 +289,14 @@ impl Worker {
         }
     }
 
+    /// Waits until the worker knows its own binary's sha256 (hashed in the background at a
+    /// fresh start: deploys are judged against it).
+    pub fn wait_running_sha(&self) -> Value {
+        self.wait_for(Duration::from_secs(30), "the running sha", |s| {
+            s["binary_sha256"].is_string()
+        })
+    }
+
     pub fn wait_generation(&self, at_least: u64) -> Value {
         self.wait_for(
             Duration::from_secs(30),
