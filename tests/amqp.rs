@@ -1,4 +1,5 @@
-//! The AMQP source against a real RabbitMQ (a private node per test) and clients nobody here
+//! The AMQP source against a real RabbitMQ (one node shared, a virtual host per test, and a
+//! private node for a test that kills, freezes or configures its broker) and clients nobody here
 //! wrote: php-amqp (the PECL API the PHP daemons use) publishing into their topology, and
 //! python3-pika as an RPC client. Restarts under load, kill -9 mid-job, a broker killed and
 //! started again, dead-lettering, heartbeats through a long job, duplicates by message_id, a
@@ -53,6 +54,7 @@ fn php_publish_to(r: &Rabbit, queue: &str, count: usize, prefix: &str, kind: &st
             prefix,
             kind,
             id,
+            &r.vhost,
         ])
         .output()
         .unwrap();
@@ -109,7 +111,7 @@ fn the_php_daemons_topology_is_declared_and_consumed() {
         return;
     }
     let sb = Sandbox::new("amqp-php");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let sent = mail_job(&sb);
     amqp_config(
         &sb,
@@ -158,7 +160,7 @@ fn four_lanes_share_one_connection_and_run_four_jobs_at_once() {
         return;
     }
     let sb = Sandbox::new("amqp-shared");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let log = sb.path("runs.txt");
     let go = sb.path("go");
     sb.job(
@@ -190,20 +192,13 @@ fn four_lanes_share_one_connection_and_run_four_jobs_at_once() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(lines(&log).len(), 4, "{:?}", lines(&log));
     assert_eq!(r.depth("email"), (6, 4));
-    let conns = r.ctl(&["-q", "list_connections", "name"]);
-    // (The first line names the column.)
-    let conns_n = conns.lines().filter(|l| l.contains("->")).count();
-    assert_eq!(conns_n, 1, "one connection: {conns}");
-    let consumers = r.ctl(&["-q", "list_consumers", "queue_name", "prefetch_count"]);
-    let rows: Vec<Vec<&str>> = consumers
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .filter(|f: &Vec<&str>| f.first() == Some(&"email"))
-        .collect();
+    let conns = r.list("connections", &["name"]);
+    assert_eq!(conns.len(), 1, "one connection: {conns:?}");
+    let consumers = r.list("consumers", &["queue_name", "prefetch_count"]);
     assert_eq!(
-        rows,
+        consumers,
         [["email", "4"]],
-        "one consumer, prefetch 4: {consumers}"
+        "one consumer, prefetch 4: {consumers:?}"
     );
     // A restart while the four run: they finish and are acknowledged, nothing runs twice.
     w.signal(Signal::SIGHUP);
@@ -244,7 +239,7 @@ fn submit_publishes_with_confirms_and_waits_for_answers() {
         return;
     }
     let sb = Sandbox::new("amqp-submit");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     sb.job(
         "fail",
         "#!/bin/sh
@@ -302,7 +297,7 @@ fn rpc_jobs_through_a_hup_storm_are_all_answered_right() {
         return;
     }
     let sb = Sandbox::new("amqp-rpc");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     amqp_config(
         &sb,
         2,
@@ -347,7 +342,7 @@ fn kill_9_mid_job_loses_nothing_and_the_job_is_redelivered() {
         return;
     }
     let sb = Sandbox::new("amqp-kill");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let log = sb.path("runs.txt");
     sb.job(
         "slow",
@@ -457,7 +452,7 @@ fn failures_unknown_functions_and_oversized_bodies_are_dead_lettered_once() {
         return;
     }
     let sb = Sandbox::new("amqp-dlx");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let runs = sb.path("runs.txt");
     sb.job(
         "fails",
@@ -508,7 +503,7 @@ fn a_message_whose_headers_cannot_be_read_is_dead_lettered_once() {
         return;
     }
     let sb = Sandbox::new("amqp-nested");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let runs = sb.path("runs.txt");
     sb.job(
         "mark",
@@ -574,7 +569,7 @@ fn heartbeats_are_answered_through_a_long_job() {
         return;
     }
     let sb = Sandbox::new("amqp-heartbeat");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let log = sb.path("runs.txt");
     sb.job(
         "long",
@@ -605,10 +600,8 @@ fn heartbeats_are_answered_through_a_long_job() {
     let s = w.status();
     let reconnects = s["servers"][0]["reconnects"].as_u64().unwrap_or(0);
     assert_eq!(reconnects, 0, "the connection lived through the job: {s}");
-    assert!(
-        r.ctl(&["-q", "list_connections", "timeout"]).contains('2'),
-        "the broker agreed to a 2 s heartbeat"
-    );
+    let timeouts = r.list("connections", &["timeout"]);
+    assert_eq!(timeouts, [["2"]], "the broker agreed to a 2 s heartbeat");
 }
 
 /// A broker that stops answering (frozen: SIGSTOP, its sockets open) is noticed by its missing
@@ -663,7 +656,7 @@ fn a_message_id_that_succeeded_is_not_run_again() {
         return;
     }
     let sb = Sandbox::new("amqp-dedupe");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let sent = mail_job(&sb);
     amqp_config(
         &sb,
@@ -710,7 +703,7 @@ fn a_refused_login_is_said_plainly() {
         return;
     }
     let sb = Sandbox::new("amqp-login");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let wrong = r.url().replace("guest:guest", "guest:s3cret-wrong");
     amqp_config(
         &sb,
@@ -738,7 +731,7 @@ fn a_refused_login_is_said_plainly() {
     );
     assert!(!text(&out.stderr).contains("s3cret-wrong"));
     drop(w);
-    let novhost = r.url().replace("/%2f", "/nowhere");
+    let novhost = format!("amqp://guest:guest@127.0.0.1:{}/nowhere", r.port);
     amqp_config(
         &sb,
         1,
@@ -1088,7 +1081,7 @@ fn done_ids_that_cannot_be_recorded_are_said_once() {
     }
     let sb = Sandbox::new("amqp-ids-full");
     let fsys = common::tmpfs::Tmpfs::mount(&sb.path("state/worker"), "1m");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let sent = mail_job(&sb);
     amqp_config(
         &sb,
@@ -1131,7 +1124,7 @@ fn a_fifo_planted_as_the_done_ids_file_blocks_nothing() {
         return;
     }
     let sb = Sandbox::new("amqp-ids-fifo");
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     let sent = mail_job(&sb);
     amqp_config(
         &sb,
@@ -1230,7 +1223,7 @@ fn a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts() {
     }
     let mut sb = Sandbox::new("amqp-poison");
     sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
-    let r = Rabbit::start(&sb.dir, "");
+    let r = Rabbit::shared();
     declare_dead_letters(&r);
     amqp_config(
         &sb,

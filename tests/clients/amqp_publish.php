@@ -2,11 +2,12 @@
 // Publishes as the PHP daemons' producers do, with php-amqp (the PECL AMQPConnection API):
 // declares the durable direct exchange and durable queue, binds them by the routing key, and
 // publishes COUNT persistent messages "PREFIX-<i>" (message_id "PREFIX-<i>", or ID for all).
-// usage: php amqp_publish.php PORT EXCHANGE QUEUE ROUTING_KEY COUNT PREFIX [TYPE] [ID]
+// usage: php amqp_publish.php PORT EXCHANGE QUEUE ROUTING_KEY COUNT PREFIX [TYPE] [ID] [VHOST]
 [$self, $port, $exchange, $queue, $key, $count, $prefix] = array_slice($argv, 0, 7);
 $type = $argv[7] ?? '';
 $id = $argv[8] ?? '';
-$conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => (int) $port, 'login' => 'guest', 'password' => 'guest']);
+$vhost = $argv[9] ?? '/';
+$conn = new AMQPConnection(['host' => '127.0.0.1', 'port' => (int) $port, 'vhost' => $vhost, 'login' => 'guest', 'password' => 'guest']);
 $conn->connect();
 $ch = new AMQPChannel($conn);
 $ex = new AMQPExchange($ch);

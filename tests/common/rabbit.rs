@@ -1,6 +1,8 @@
-//! A private RabbitMQ node per test: Debian's rabbitmq-server started without systemd, on free
-//! loopback ports, with its own HOME (Erlang cookie), mnesia and logs in the test's directory;
-//! killed (with its epmd) when dropped.
+//! RabbitMQ nodes for tests: Debian's rabbitmq-server started without systemd, on free loopback
+//! ports, with its own HOME (Erlang cookie), mnesia and logs. A test that kills, freezes or
+//! configures its broker starts a private node ([`Rabbit::start`], killed with its epmd when
+//! dropped); the others share one node per test binary ([`Rabbit::shared`]), each in a virtual
+//! host of its own, for a node's boot costs about 4 s of CPU here (the suite booted 21).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,14 @@ pub struct Rabbit {
     dist_port: u16,
     child: Option<Child>,
     extra: String,
+    /// The test's virtual host: `/` on a private node.
+    pub vhost: String,
+    /// One of the shared node's virtual hosts: dropping it leaves the node running.
+    shared: bool,
 }
+
+/// Virtual hosts the shared node is booted with (a definitions file), one per test that asks.
+const SHARED_VHOSTS: usize = 32;
 
 impl Rabbit {
     /// RabbitMQ is installed (scripts/deps installs it), else the test is skipped (a failure
@@ -60,9 +69,85 @@ impl Rabbit {
             dist_port: free_port(),
             child: None,
             extra: extra.to_string(),
+            vhost: "/".to_string(),
+            shared: false,
         };
         r.node = format!("gs{}@localhost", r.port);
         r.boot();
+        r
+    }
+
+    /// A virtual host of its own on the node this test binary shares (booted by the first test
+    /// that asks), for a test that neither stops, freezes nor reconfigures its broker. The node
+    /// outlives the tests: a shell beside it kills it (and its epmd) once this process's end
+    /// closes the pipe it reads.
+    pub fn shared() -> Rabbit {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Mutex, OnceLock};
+        static NODE: OnceLock<Mutex<Option<Rabbit>>> = OnceLock::new();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let mut node = NODE
+            .get_or_init(|| Mutex::new(None))
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let base = node.get_or_insert_with(Rabbit::boot_shared);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < SHARED_VHOSTS,
+            "more tests share the node than it has virtual hosts: raise SHARED_VHOSTS"
+        );
+        Rabbit {
+            dir: base.dir.clone(),
+            port: base.port,
+            tls_port: None,
+            node: base.node.clone(),
+            epmd_port: base.epmd_port,
+            dist_port: base.dist_port,
+            child: None,
+            extra: String::new(),
+            vhost: format!("t{n}"),
+            shared: true,
+        }
+    }
+
+    fn boot_shared() -> Rabbit {
+        let port = free_port();
+        let mut r = Rabbit {
+            dir: std::env::temp_dir().join(format!("gs-rabbit-{}-{port}", std::process::id())),
+            port,
+            tls_port: None,
+            node: format!("gs{port}@localhost"),
+            epmd_port: free_port(),
+            dist_port: free_port(),
+            child: None,
+            extra: String::new(),
+            vhost: "/".to_string(),
+            shared: true,
+        };
+        let _ = fs::remove_dir_all(&r.dir);
+        fs::create_dir_all(&r.dir).unwrap();
+        let defs = r.dir.join("definitions.json");
+        fs::write(&defs, shared_definitions()).unwrap();
+        r.extra = format!("load_definitions = {}\n", defs.display());
+        // The server in a session of its own ($! is its process group); on EOF (this process
+        // gone), that group killed, epmd told to go once it has noticed, the directory removed.
+        let keeper = "setsid \"$@\" & node=$!\n\
+            read -r _\n\
+            kill -9 -$node 2>/dev/null; wait\n\
+            for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do\n\
+              epmd -port \"$ERL_EPMD_PORT\" -kill 2>/dev/null | grep -q Killed && break\n\
+              epmd -port \"$ERL_EPMD_PORT\" -names >/dev/null 2>&1 || break\n\
+              sleep 0.1\n\
+            done\n\
+            rm -rf \"$HOME\"";
+        r.spawn_and_wait(|cmd| {
+            cmd.args(["-c", keeper, "sh", SERVER]);
+        });
+        // The pipe's write end, kept open until this process ends.
+        if let Some(mut child) = r.child.take() {
+            std::mem::forget(child.stdin.take());
+            std::mem::forget(child);
+        }
         r
     }
 
@@ -111,6 +196,16 @@ impl Rabbit {
     /// Starts the node (again, on the same ports and data after [`Rabbit::kill`]) and waits
     /// until it takes AMQP connections (60 s at most).
     pub fn boot(&mut self) {
+        assert!(
+            !self.shared,
+            "the shared node is never stopped nor started again"
+        );
+        self.spawn_and_wait(|_| {});
+    }
+
+    /// Writes the node's files and starts it: `SERVER` itself, or `sh` given its arguments by
+    /// `shell` (standard input a pipe, for [`Rabbit::shared`]'s keeper).
+    fn spawn_and_wait(&mut self, shell: impl FnOnce(&mut Command)) {
         fs::create_dir_all(&self.dir).unwrap();
         fs::write(self.dir.join("plugins"), "[].\n").unwrap();
         fs::write(
@@ -126,13 +221,18 @@ impl Rabbit {
             .append(true)
             .open(self.dir.join("out.log"))
             .unwrap();
-        let mut cmd = Command::new(SERVER);
+        let mut cmd = Command::new(if self.shared { "sh" } else { SERVER });
+        shell(&mut cmd);
         self.env(&mut cmd);
         use std::os::unix::process::CommandExt;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .process_group(0);
+        cmd.stdin(if self.shared {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0);
         self.child = Some(cmd.spawn().expect("rabbitmq-server"));
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
@@ -161,7 +261,12 @@ impl Rabbit {
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let vhost = if self.vhost == "/" {
+            "%2f"
+        } else {
+            &self.vhost
+        };
+        format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", self.port)
     }
 
     /// Kills the node at once (SIGKILL to its process group), like a crash.
@@ -193,17 +298,40 @@ impl Rabbit {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `rabbitmqctl list_<what>` of this test's virtual host (`queues`, `consumers`,
+    /// `connections`): a row of `columns` each.
+    pub fn list(&self, what: &str, columns: &[&str]) -> Vec<Vec<String>> {
+        let command = format!("list_{what}");
+        let mut args = vec!["-q", command.as_str()];
+        // Connections are listed for the whole node: by their virtual host, then.
+        let by_vhost = what == "connections";
+        if by_vhost {
+            args.push("vhost");
+        } else {
+            args.extend(["-p", self.vhost.as_str()]);
+        }
+        args.extend(columns);
+        self.ctl(&args)
+            .lines()
+            .skip(1) // the columns' names
+            .map(|l| l.split('\t').map(str::to_string).collect::<Vec<_>>())
+            .filter(|f| !by_vhost || f.first() == Some(&self.vhost))
+            .map(|mut f| {
+                if by_vhost {
+                    f.remove(0);
+                }
+                f
+            })
+            .collect()
+    }
+
     /// Messages ready and unacknowledged in `queue`.
     pub fn depth(&self, queue: &str) -> (u64, u64) {
-        let text = self.ctl(&[
-            "-q",
-            "list_queues",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
+        let rows = self.list(
+            "queues",
+            &["name", "messages_ready", "messages_unacknowledged"],
+        );
+        for f in rows {
             if f.len() == 3 && f[0] == queue {
                 return (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0));
             }
@@ -212,11 +340,65 @@ impl Rabbit {
     }
 }
 
+/// The shared node's definitions: the virtual hosts `t0`.. and the user guest (password guest),
+/// allowed everything in each (a node importing definitions at boot creates no default user).
+fn shared_definitions() -> String {
+    use sha2::{Digest, Sha256};
+    // rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++ password)).
+    let salt = [0x90u8, 0x8d, 0xc6, 0x0a];
+    let mut hashed = salt.to_vec();
+    hashed.extend(
+        Sha256::new()
+            .chain_update(salt)
+            .chain_update(b"guest")
+            .finalize(),
+    );
+    let vhosts: Vec<String> = (0..SHARED_VHOSTS)
+        .map(|n| format!("{{\"name\":\"t{n}\"}}"))
+        .collect();
+    let permissions: Vec<String> = (0..SHARED_VHOSTS)
+        .map(|n| {
+            format!(
+                "{{\"user\":\"guest\",\"vhost\":\"t{n}\",\"configure\":\".*\",\"write\":\".*\",\"read\":\".*\"}}"
+            )
+        })
+        .collect();
+    format!(
+        "{{\"users\":[{{\"name\":\"guest\",\"password_hash\":\"{}\",\"hashing_algorithm\":\"rabbit_password_hashing_sha256\",\"tags\":\"administrator\"}}],\
+         \"vhosts\":[{}],\"permissions\":[{}]}}",
+        base64(&hashed),
+        vhosts.join(","),
+        permissions.join(",")
+    )
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 impl Drop for Rabbit {
     /// Kills the node, then its epmd (a daemon outside the node's process group). epmd refuses
     /// `-kill` while it still lists the node, which it drops only once it notices the killed
     /// node's connection closed: asked again for up to 2 s.
     fn drop(&mut self) {
+        if self.shared {
+            return;
+        }
         self.kill();
         let port = self.epmd_port.to_string();
         let deadline = Instant::now() + Duration::from_secs(2);
