@@ -1089,3 +1089,46 @@ fn a_cli_in_a_pid_namespace_of_its_own_says_the_worker_is_outside_it() {
     );
     w.acts_at_once(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
 }
+
+/// A command run without `-c` where there is no config.toml (an operator in the wrong
+/// directory, `stop` from a home directory) says where it looked and how to name the worker's
+/// config, for every command; with `-c` naming a missing file, it says that file.
+#[test]
+fn a_command_run_away_from_its_config_says_how_to_name_it() {
+    let sb = Sandbox::new("no-config-here");
+    let away = sb.path("elsewhere");
+    fs::create_dir_all(&away).unwrap();
+    for args in [
+        &["status"][..],
+        &["stop"],
+        &["reload"],
+        &["run"],
+        &["submit", "echo", "x"],
+    ] {
+        let out = Command::new(&sb.bin)
+            .args(args)
+            .current_dir(&away)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("no config.toml in {}", away.display()))
+                && err.contains("-c PATH"),
+            "{args:?}: {err}"
+        );
+    }
+    let named = sb.path("gone.toml");
+    let out = Command::new(&sb.bin)
+        .arg("-c")
+        .arg(&named)
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&named.display().to_string()) && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!err.contains("-c PATH"), "it was named: {err}");
+}

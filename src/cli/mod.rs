@@ -35,6 +35,9 @@ struct Cli {
         default_value = "config.toml"
     )]
     config: PathBuf,
+    /// `-c` was given (else `config` is the default, in the current directory).
+    #[arg(skip)]
+    config_named: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -185,6 +188,7 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
         if let Some(run) = rerun::parse(&args) {
             let cli = Cli {
                 config: run.config,
+                config_named: true,
                 command: Command::Run {
                     log_file: run.log_file,
                 },
@@ -203,10 +207,12 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
         .after_help(exit::TABLE)
         .mut_subcommands(|c| c.after_help(exit::TABLE))
         .get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    cli.config_named =
+        matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
     execute(cli, functions)
 }
 
@@ -223,8 +229,26 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
             | Command::Restart { .. }
             | Command::Check { .. }
     );
-    match dispatch(cli, functions) {
-        Ok(code) => ExitCode::from(code),
+    let default_config = (!cli.config_named).then(|| cli.config.clone());
+    let outcome = dispatch(cli, functions);
+    // Said after the error (the command's own, or the one printed below).
+    let hint = || {
+        if let Some(hint) = default_config.and_then(|c| missing_default(&c)) {
+            if crate::ops::logging::is_json() {
+                log::warn!("{hint}");
+                log::logger().flush();
+            } else {
+                eprintln!("gearshift: {}", crate::text::escape_lines(&hint));
+            }
+        }
+    };
+    match outcome {
+        Ok(code) => {
+            if code != exit::OK {
+                hint();
+            }
+            ExitCode::from(code)
+        }
         Err(e) => {
             // A generation that fails to start writes to the log file, not only to a stderr
             // nobody reads. In JSON mode, the error is a log line (to the file, or to stderr)
@@ -237,6 +261,7 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
             }
             if !json || (crate::ops::logging::has_file() && std::io::stderr().is_terminal()) {
                 eprintln!("gearshift: {}", crate::text::escape_lines(&e.to_string()));
+                hint();
             }
             ExitCode::from(match e {
                 Error::NotRunning => exit::NOT_RUNNING,
@@ -247,6 +272,21 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
             })
         }
     }
+}
+
+/// What to say when the default config (`config.toml` in the current directory) is not there:
+/// most often a command run away from the worker's directory.
+fn missing_default(config: &std::path::Path) -> Option<String> {
+    let missing =
+        std::fs::symlink_metadata(config).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    let here = std::env::current_dir().ok()?;
+    missing.then(|| {
+        format!(
+            "no {} in {} (without -c, the config is looked for in the current directory): run gearshift where the worker's config is, or name it with -c PATH",
+            config.display(),
+            here.display()
+        )
+    })
 }
 
 fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
