@@ -72,7 +72,9 @@ impl Slots {
     /// of a full file system is a SIGBUS (the test suite's full 1 MiB `worker/` found it).
     fn map(file: File, lanes: usize) -> std::io::Result<Slots> {
         let len = (lanes.clamp(1, MAX_SLOTS) * SLOT).next_multiple_of(4096);
-        file.set_len(0)?;
+        if file.metadata()?.len() > len as u64 {
+            file.set_len(len as u64)?;
+        }
         std::os::unix::fs::FileExt::write_all_at(&file, &vec![0u8; len], 0)?;
         // SAFETY: a new shared mapping of `len` bytes of a regular file we hold open and just
         // wrote `len` bytes of; the kernel picks the address; nothing else in this process maps
@@ -145,7 +147,21 @@ impl Attempts {
                 "runs of jobs are recorded again",
             ),
         };
-        let slots = read(&dir.join(RUNNING), MAX_SLOTS * SLOT);
+        // One open for the last generation's slots and the new mapping (this is on the way to
+        // a new generation's first job).
+        let file = regular(
+            OpenOptions::new().read(true).write(true).create(true),
+            &dir.join(RUNNING),
+        );
+        let slots = match &file {
+            Ok(f) => read_from(f, MAX_SLOTS * SLOT).unwrap_or_else(|e| {
+                log::warn!(
+                    "cannot read \"{RUNNING}\" ({e}): runs before this start are not counted"
+                );
+                String::new()
+            }),
+            Err(_) => String::new(),
+        };
         let cut: Vec<String> = slots
             .as_bytes()
             .chunks(SLOT)
@@ -163,12 +179,7 @@ impl Attempts {
             );
             a.save();
         }
-        match regular(
-            OpenOptions::new().read(true).write(true).create(true),
-            &dir.join(RUNNING),
-        )
-        .and_then(|f| Slots::map(f, lanes))
-        {
+        match file.and_then(|f| Slots::map(f, lanes)) {
             Ok(slots) => a.running = Some(slots),
             Err(e) => a
                 .failing
@@ -230,18 +241,29 @@ impl Attempts {
 
 /// Up to `limit` bytes of `path` as text; empty if it cannot be read (said, unless missing).
 fn read(path: &Path, limit: usize) -> String {
-    use std::io::Read;
     let opened = regular(OpenOptions::new().read(true), path);
-    let mut bytes = Vec::new();
-    match opened.and_then(|f| f.take(limit as u64).read_to_end(&mut bytes)) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!(
-            "cannot read \"{}\" ({e}): runs before this start are not counted",
-            path.display()
-        ),
+    match opened.and_then(|f| read_from(&f, limit)) {
+        Ok(text) => text,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!(
+                    "cannot read \"{}\" ({e}): runs before this start are not counted",
+                    path.display()
+                );
+            }
+            String::new()
+        }
     }
-    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Up to `limit` bytes of `file` from its start, as text: room for its size made first, so
+/// that it is one read (and one that finds the end), not a read for every doubling.
+fn read_from(file: &File, limit: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let size = usize::try_from(file.metadata()?.len()).unwrap_or(limit);
+    let mut bytes = Vec::with_capacity(size.min(limit) + 1);
+    file.take(limit as u64).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Opens `path` as `how` says, never through a link nor blocking on a FIFO, and only if it is a
