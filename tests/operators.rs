@@ -412,6 +412,16 @@ fn messages_say_what_is_wrong_and_where() {
             "umask = \"0200\"",
             ":6:9: [worker] umask \"0200\" takes the worker's own permissions",
         ),
+        // A YAML habit, and a line that is no key at all: what TOML wants, not only what the
+        // parser expected next.
+        (
+            "max_jobs: 2",
+            ":6:9: expected `.`, `=` (`key: value` is YAML; TOML writes `key = value`)",
+        ),
+        (
+            "max jobs = 2",
+            ":6:5: expected `.`, `=` (TOML writes a key and its value as `key = value`, one to a line)",
+        ),
     ];
     for (line, want) in cases {
         fs::write(

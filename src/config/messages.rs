@@ -15,6 +15,27 @@ pub(super) fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// [`explain`] for an error at `span` of `text`: a key not followed by `=` also says how TOML
+/// writes one (a YAML `key: value`, a key with a space in it, a file that is no TOML at all).
+pub(super) fn explain_at(
+    message: &str,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> String {
+    let explained = explain(message);
+    if message.trim() != "expected `.`, `=`" {
+        return explained;
+    }
+    let at = span
+        .and_then(|s| text.get(s.start..))
+        .and_then(|t| t.chars().next());
+    if at == Some(':') {
+        format!("{explained} (`key: value` is YAML; TOML writes `key = value`)")
+    } else {
+        format!("{explained} (TOML writes a key and its value as `key = value`, one to a line)")
+    }
+}
+
 /// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
 pub(super) fn explain(message: &str) -> String {
     let message = message.trim();

@@ -24,7 +24,7 @@ pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-use messages::{explain, line_col};
+use messages::{explain_at, line_col};
 use parse::{functions, metrics, source, worker, Cx};
 use raw::*;
 
@@ -325,8 +325,8 @@ impl Config {
                 path.display()
             ))
         })?;
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| cx.located(e.span(), &explain(e.message())))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| cx.located(e.span(), &explain_at(e.message(), text, e.span())))?;
         let builtins_written = raw.worker.builtins;
         let mut worker = worker(&cx, raw.worker)?;
         let source = source(&cx, raw.source, &worker)?;
