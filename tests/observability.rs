@@ -816,3 +816,53 @@ fn submit_at_a_terminal_without_a_payload_says_how_to_end_it() {
     });
     let _ = tmux(&["kill-server"]);
 }
+
+/// `submit` at a terminal of a job for a function the running worker does not have (a typo)
+/// says so at once, with the functions it has: the job is queued all the same (a reload may
+/// bring the function), and it would fail only when claimed. A pipe is not asked (scripts are
+/// not slowed by the question), and a function the worker has is not said.
+#[test]
+fn submit_at_a_terminal_says_a_function_the_worker_does_not_have() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        return skip(
+            "observability::submit_at_a_terminal_says_a_function_the_worker_does_not_have",
+            "no tmux",
+        );
+    }
+    let sb = Sandbox::new("submit-typo");
+    let _w = sb.start();
+    let again = format!("{} -c {}", sb.bin.display(), sb.config().display());
+    let tmux = in_tmux(
+        &sb,
+        "gs-submit-typo",
+        &format!(
+            "submit revrese x; echo submitted=$?; {again} submit reverse y; echo again=$?; sleep 30"
+        ),
+    );
+    wait_screen(&tmux, "both submits", Duration::from_secs(10), &|s| {
+        s.contains("again=0")
+    });
+    let screen = top_screen(&tmux);
+    let _ = tmux(&["kill-server"]);
+    assert!(
+        screen.contains("submitted=0"),
+        "queued all the same:\n{screen}"
+    );
+    assert!(
+        screen.contains("no function \"revrese\"") && screen.contains("reverse, sha256"),
+        "{screen}"
+    );
+    assert_eq!(
+        screen.matches("no function").count(),
+        1,
+        "said of the typo only:\n{screen}"
+    );
+    // To a pipe: the id alone.
+    let out = sb.run(&["submit", "revrese", "x"]);
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stderr).contains("no function"),
+        "{}",
+        text_of(&out)
+    );
+}

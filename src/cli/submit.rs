@@ -119,6 +119,9 @@ fn submit_spool(
     worker: (&Path, &Path),
 ) -> Result<u8> {
     let function = &args.function;
+    if !args.wait {
+        say_if_unserved(function, worker);
+    }
     if args.count != 1 {
         // Durable in batches: one sync per batch (see the spool's journal).
         const BATCH: u64 = 512;
@@ -147,6 +150,32 @@ fn submit_spool(
     match wait_for_result(spool, &id, args.timeout, worker)? {
         Some(lookup) => print_lookup(&id, lookup),
         None => Ok(exit::NOT_RUNNING),
+    }
+}
+
+/// At a terminal, a job for a function the running worker does not have (a typo, most often)
+/// is said at once, with the functions it has: the job is queued all the same (a reload may
+/// bring the function) and fails when it is claimed. Only at a terminal: a script is not slowed
+/// by the question, and a worker stopped by SIGSTOP is not asked.
+fn say_if_unserved(function: &str, (pidfile, socket): (&Path, &Path)) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let Ok(Probe::Running(Some(pid))) = pidfile::probe(pidfile) else {
+        return;
+    };
+    if super::control::stopped(pid).is_some() {
+        return;
+    }
+    let Ok(s) = crate::status::query(socket, Some(pid)) else {
+        return;
+    };
+    if !s.functions.iter().any(|f| f == function) {
+        eprintln!(
+            "gearshift: warning: the running worker has no function \"{}\" (it has: {}): the job fails when it is claimed, unless a reload brings the function first",
+            crate::text::escape(function),
+            crate::text::escape(&s.functions.join(", "))
+        );
     }
 }
 
