@@ -21,6 +21,7 @@ import struct
 import threading
 import urllib.request
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -347,6 +348,8 @@ def main():
             TLS["proc"].kill()
         gm.send_signal(signal.SIGTERM)
         gm.wait(timeout=10)
+        # Each run left its directory (configs, logs, state) in /tmp.
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
