@@ -361,6 +361,15 @@ fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Ou
     in_tmux(sb, name, "top --interval 200ms")
 }
 
+/// tmux is missing: `test` is skipped (a failure under CI).
+fn no_tmux(test: &str) -> bool {
+    let missing = Command::new("tmux").arg("-V").output().is_err();
+    if missing {
+        skip(test, "no tmux");
+    }
+    missing
+}
+
 /// Starts `gearshift ARGS` in a detached tmux session of its own server (120x40); returns a
 /// runner of tmux commands on that server.
 fn in_tmux(sb: &Sandbox, name: &str, args: &str) -> impl Fn(&[&str]) -> std::process::Output {
@@ -417,11 +426,7 @@ fn quits_on_q(tmux: &dyn Fn(&[&str]) -> std::process::Output, limit: Duration) -
 
 #[test]
 fn top_shows_lanes_functions_and_quits_on_q() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        skip(
-            "observability::top_shows_lanes_functions_and_quits_on_q",
-            "no tmux",
-        );
+    if no_tmux("observability::top_shows_lanes_functions_and_quits_on_q") {
         return;
     }
     let sb = Sandbox::new("top");
@@ -667,11 +672,7 @@ fn status_reads_a_worker_that_does_not_read_requests() {
 /// stdout it refuses (2) instead of drawing escapes into a pipe.
 #[test]
 fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        skip(
-            "observability::top_follows_the_worker_across_a_stop_and_a_fresh_start",
-            "no tmux",
-        );
+    if no_tmux("observability::top_follows_the_worker_across_a_stop_and_a_fresh_start") {
         return;
     }
     let sb = Sandbox::new("top-follow");
@@ -719,11 +720,7 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
 /// the worker does not answer (and that it is stopped, with `kill -CONT`), and quits on `q`.
 #[test]
 fn top_says_a_worker_that_answers_nothing_and_still_quits() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        skip(
-            "observability::top_says_a_worker_that_answers_nothing_and_still_quits",
-            "no tmux",
-        );
+    if no_tmux("observability::top_says_a_worker_that_answers_nothing_and_still_quits") {
         return;
     }
     let sb = Sandbox::new("top-stopped");
@@ -752,11 +749,7 @@ fn top_says_a_worker_that_answers_nothing_and_still_quits() {
 /// output) starts on a line of its own; to a pipe the bytes stay as stored (checked elsewhere).
 #[test]
 fn a_result_at_a_terminal_ends_its_line() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        skip(
-            "observability::a_result_at_a_terminal_ends_its_line",
-            "no tmux",
-        );
+    if no_tmux("observability::a_result_at_a_terminal_ends_its_line") {
         return;
     }
     let sb = Sandbox::new("result-tty");
@@ -797,11 +790,8 @@ fn a_result_at_a_terminal_ends_its_line() {
 /// to end it, and what is typed is the payload.
 #[test]
 fn submit_at_a_terminal_without_a_payload_says_how_to_end_it() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        return skip(
-            "observability::submit_at_a_terminal_without_a_payload_says_how_to_end_it",
-            "no tmux",
-        );
+    if no_tmux("observability::submit_at_a_terminal_without_a_payload_says_how_to_end_it") {
+        return;
     }
     let sb = Sandbox::new("submit-tty");
     let _w = sb.start();
@@ -823,11 +813,8 @@ fn submit_at_a_terminal_without_a_payload_says_how_to_end_it() {
 /// not slowed by the question), and a function the worker has is not said.
 #[test]
 fn submit_at_a_terminal_says_a_function_the_worker_does_not_have() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        return skip(
-            "observability::submit_at_a_terminal_says_a_function_the_worker_does_not_have",
-            "no tmux",
-        );
+    if no_tmux("observability::submit_at_a_terminal_says_a_function_the_worker_does_not_have") {
+        return;
     }
     let sb = Sandbox::new("submit-typo");
     let _w = sb.start();

@@ -38,6 +38,9 @@ struct Cli {
     /// `-c` was given (else `config` is the default, in the current directory).
     #[arg(skip)]
     config_named: bool,
+    /// This process is a re-exec'd generation (a restart parcel is in its environment).
+    #[arg(skip)]
+    reexec: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,12 +186,14 @@ pub fn main(functions: Functions) -> ExitCode {
 pub fn main_as(name: &'static str, version: &'static str, functions: Functions) -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
     crate::set_identity(name, version);
-    if std::env::var_os(crate::restart::parcel::ENV_FD).is_some() {
+    let reexec = std::env::var_os(crate::restart::parcel::ENV_FD).is_some();
+    if reexec {
         let args: Vec<OsString> = std::env::args_os().collect();
         if let Some(run) = rerun::parse(&args) {
             let cli = Cli {
                 config: run.config,
                 config_named: true,
+                reexec,
                 command: Command::Run {
                     log_file: run.log_file,
                 },
@@ -213,6 +218,7 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
     };
     cli.config_named =
         matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+    cli.reexec = reexec;
     execute(cli, functions)
 }
 
@@ -300,8 +306,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     // A re-exec'd generation is the worker itself: it runs the plan its parcel carries, and
     // reading and parsing the config again here, with root's record looked up, put about 30
     // system calls in every restart pause.
-    let reexec = std::env::var_os(crate::restart::parcel::ENV_FD).is_some();
-    if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) && !reexec {
+    if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) && !cli.reexec {
         locate::refuse_beside_elsewhere(path)?;
     }
     match cli.command {

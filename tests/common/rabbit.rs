@@ -60,21 +60,30 @@ impl Rabbit {
 
     /// A node with `extra` lines in its rabbitmq.conf.
     pub fn start(dir: &Path, extra: &str) -> Rabbit {
-        let mut r = Rabbit {
-            dir: dir.join(format!("rabbit-{}", free_port())),
-            port: free_port(),
+        let mut r = Rabbit::unbooted(
+            dir.join(format!("rabbit-{}", free_port())),
+            extra.to_string(),
+            false,
+        );
+        r.boot();
+        r
+    }
+
+    /// A node's settings on free ports, not started.
+    fn unbooted(dir: PathBuf, extra: String, shared: bool) -> Rabbit {
+        let port = free_port();
+        Rabbit {
+            dir,
+            port,
             tls_port: None,
-            node: String::new(),
+            node: format!("gs{port}@localhost"),
             epmd_port: free_port(),
             dist_port: free_port(),
             child: None,
-            extra: extra.to_string(),
+            extra,
             vhost: "/".to_string(),
-            shared: false,
-        };
-        r.node = format!("gs{}@localhost", r.port);
-        r.boot();
-        r
+            shared,
+        }
     }
 
     /// A virtual host of its own on the node this test binary shares (booted by the first test
@@ -98,32 +107,20 @@ impl Rabbit {
         );
         Rabbit {
             dir: base.dir.clone(),
-            port: base.port,
-            tls_port: None,
             node: base.node.clone(),
-            epmd_port: base.epmd_port,
-            dist_port: base.dist_port,
             child: None,
             extra: String::new(),
             vhost: format!("t{n}"),
-            shared: true,
+            ..*base
         }
     }
 
     fn boot_shared() -> Rabbit {
-        let port = free_port();
-        let mut r = Rabbit {
-            dir: std::env::temp_dir().join(format!("gs-rabbit-{}-{port}", std::process::id())),
-            port,
-            tls_port: None,
-            node: format!("gs{port}@localhost"),
-            epmd_port: free_port(),
-            dist_port: free_port(),
-            child: None,
-            extra: String::new(),
-            vhost: "/".to_string(),
-            shared: true,
-        };
+        let mut r = Rabbit::unbooted(
+            std::env::temp_dir().join(format!("gs-rabbit-{}-{}", std::process::id(), free_port())),
+            String::new(),
+            true,
+        );
         let _ = fs::remove_dir_all(&r.dir);
         fs::create_dir_all(&r.dir).unwrap();
         let defs = r.dir.join("definitions.json");
@@ -140,9 +137,9 @@ impl Rabbit {
               sleep 0.1\n\
             done\n\
             rm -rf \"$HOME\"";
-        r.spawn_and_wait(|cmd| {
-            cmd.args(["-c", keeper, "sh", SERVER]);
-        });
+        let mut sh = Command::new("sh");
+        sh.args(["-c", keeper, "sh", SERVER]);
+        r.spawn_and_wait(sh, Stdio::piped());
         // The pipe's write end, kept open until this process ends.
         if let Some(mut child) = r.child.take() {
             std::mem::forget(child.stdin.take());
@@ -200,12 +197,12 @@ impl Rabbit {
             !self.shared,
             "the shared node is never stopped nor started again"
         );
-        self.spawn_and_wait(|_| {});
+        self.spawn_and_wait(Command::new(SERVER), Stdio::null());
     }
 
-    /// Writes the node's files and starts it: `SERVER` itself, or `sh` given its arguments by
-    /// `shell` (standard input a pipe, for [`Rabbit::shared`]'s keeper).
-    fn spawn_and_wait(&mut self, shell: impl FnOnce(&mut Command)) {
+    /// Writes the node's files and starts it with `cmd` (`SERVER`, or [`Rabbit::shared`]'s
+    /// keeper shell, whose standard input is a pipe).
+    fn spawn_and_wait(&mut self, mut cmd: Command, stdin: Stdio) {
         fs::create_dir_all(&self.dir).unwrap();
         fs::write(self.dir.join("plugins"), "[].\n").unwrap();
         fs::write(
@@ -221,18 +218,12 @@ impl Rabbit {
             .append(true)
             .open(self.dir.join("out.log"))
             .unwrap();
-        let mut cmd = Command::new(if self.shared { "sh" } else { SERVER });
-        shell(&mut cmd);
         self.env(&mut cmd);
         use std::os::unix::process::CommandExt;
-        cmd.stdin(if self.shared {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0);
+        cmd.stdin(stdin)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0);
         self.child = Some(cmd.spawn().expect("rabbitmq-server"));
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
