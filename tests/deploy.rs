@@ -455,3 +455,60 @@ fn a_directory_at_the_binarys_path_is_refused_once() {
     assert_eq!(log.matches("not a regular file").count(), 1, "{log}");
     assert_eq!(w.status()["generation"], 1);
 }
+
+/// Without a supervisor, a new binary that dies at start-up leaves no worker; the operator's
+/// next `start` (the bad binary still at the path) rolls back to the last good one. `start`
+/// says what runs: the worker it started, and that it is the rolled-back binary, not the
+/// binary at the path; and the worker holds its pidfile when `start` returns.
+#[test]
+fn start_after_a_deploy_that_died_says_it_rolled_back_and_runs() {
+    let bad = crashing_build();
+    let sb = sandbox("start-rollback");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let status = |sb: &Sandbox| -> serde_json::Value {
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    eventually(Duration::from_secs(30), "the running sha", || {
+        status(&sb)["binary_sha256"].is_string()
+    });
+    let good = status(&sb)["binary_sha256"].as_str().unwrap().to_string();
+    let pid: i32 = fs::read_to_string(sb.path("state/gearshift.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    drop_by_rename(&bad, &sb.bin, 0o755);
+    // The worker switches to it, and the new image dies before serving: no worker is left.
+    eventually(Duration::from_secs(60), "the worker to die", || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+    });
+
+    let out = sb.run(&["start"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("started (pid "), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "rolled back from {} to {}",
+            &sha(&bad)[..12],
+            &good[..12]
+        )),
+        "{stdout}{stderr}"
+    );
+    // Serving when `start` returned: no window in which `stop` would find nothing.
+    let s = status(&sb);
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["last_rollback"]["from_sha256"], sha(&bad), "{s}");
+    // The running image's digest is computed once it serves.
+    eventually(Duration::from_secs(30), "the last good sha", || {
+        status(&sb)["binary_sha256"] == good.as_str()
+    });
+    let out = sb.run(&["stop"]);
+    assert!(
+        text(&out.stdout).contains("stopped (pid"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -159,7 +159,8 @@ fn daemonize(umask: u32, log: &File) -> Result<()> {
     Ok(())
 }
 
-/// Reads the daemon's first line: `ready PID` or `error MESSAGE`; EOF means it died first.
+/// Reads the daemon's first line: `ready PID` (and what a rollback did, when the binary at the
+/// path died and the last good one serves) or `error MESSAGE`; EOF means it died first.
 /// Waits `wait` at most: a daemon whose start-up stalls (a hung mount) goes on starting, and
 /// `start` says so (exit 5) instead of holding whatever script ran it.
 fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> u8 {
@@ -174,8 +175,16 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> u8 {
     let mut line = String::new();
     let _ = BufReader::new(File::from(ready)).read_line(&mut line);
     let line = line.trim_end();
-    if let Some(pid) = line.strip_prefix("ready ") {
+    if let Some(ready) = line.strip_prefix("ready ") {
+        let (pid, rollback) = ready.split_once(' ').unwrap_or((ready, ""));
         println!("started (pid {pid}), logging to {}", log_file.display());
+        if !rollback.is_empty() {
+            eprintln!(
+                "gearshift: warning: {}; the worker runs that last good binary, not the one at \
+                 its path (`gearshift status` shows last_rollback)",
+                crate::text::escape_lines(rollback)
+            );
+        }
         0
     } else if let Some(err) = line.strip_prefix("error ") {
         eprintln!("gearshift: {}", crate::text::escape_lines(err));

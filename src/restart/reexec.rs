@@ -11,11 +11,12 @@
 //! because `std::process::Command` would reset the signal mask we rely on.
 
 use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
-use crate::ops::handover::ENV_PREFIX;
+use crate::ops::handover::{self, ENV_PREFIX};
 use crate::restart::carried::Inherited;
 use crate::restart::parcel::{self, Parts};
 
@@ -110,7 +111,7 @@ pub fn exec(
     state: &Inherited,
     parts: &Parts,
 ) -> Error {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsFd;
     // A fault-injection build (tests only): every exec fails while the file this variable
     // names exists, as an execve refused for want of memory would.
     #[cfg(gearshift_faults)]
@@ -151,16 +152,45 @@ pub fn exec(
 /// The environment variable a rollback exec carries (the new image starts afresh otherwise).
 pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
 
-/// A fresh start of `exe` (no carried state) telling it about a rollback.
+/// The environment variable naming the descriptor of a waiting `gearshift start`'s ready pipe
+/// across a rollback exec, so the binary rolled back to tells it that it serves.
+const ENV_READY: &str = "GEARSHIFT_INHERIT_READY";
+
+/// A fresh start of `exe` (no carried state) telling it about a rollback, and handing it the
+/// ready pipe of the `start` that waits for this process (when there is one).
 pub fn exec_rollback(
     exe: &Path,
     argv: &[OsString],
     rollback: &crate::status::records::Rollback,
+    ready: Option<BorrowedFd<'_>>,
 ) -> Error {
-    match serde_json::to_string(rollback) {
-        Ok(json) => exec_with(exe, argv, &[(ENV_ROLLBACK, json.into())]),
-        Err(e) => Error::Msg(format!("cannot encode rollback: {e}")),
+    let json = match serde_json::to_string(rollback) {
+        Ok(json) => json,
+        Err(e) => return Error::Msg(format!("cannot encode rollback: {e}")),
+    };
+    let mut extra = vec![(ENV_ROLLBACK, OsString::from(json))];
+    let ready = ready.filter(|fd| handover::keep(*fd).is_ok());
+    if let Some(fd) = ready {
+        extra.push((ENV_READY, fd.as_raw_fd().to_string().into()));
     }
+    let failed = exec_with(exe, argv, &extra);
+    if let Some(fd) = ready {
+        handover::release(fd);
+    }
+    failed
+}
+
+/// The ready pipe a rollback exec handed over (see [`exec_rollback`]): only in an image that a
+/// rollback started, only a pipe, never stdin, stdout or stderr.
+pub fn ready_from_env() -> Option<std::fs::File> {
+    std::env::var_os(ENV_ROLLBACK)?;
+    let fd = std::env::var(ENV_READY)
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|&fd| fd > 2)?;
+    let owned = handover::adopt(Some(fd), |what| what.to_string_lossy().starts_with("pipe:"))?;
+    Some(std::fs::File::from(owned))
 }
 
 /// The rollback a previous image performed, if this image was started by one.

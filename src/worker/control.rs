@@ -229,7 +229,22 @@ impl Control {
         crate::restart::rollback::clear_marker(&self.plan.config.worker.state_dir);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
-            let _ = writeln!(f, "ready {}", std::process::id());
+            // Only a fresh start holds the ready pipe, so a rollback known here is the one that
+            // started this image: `start` says the binary at the path is not what runs.
+            let note = self.last_rollback.as_ref().map(|rb| {
+                format!(
+                    " rolled back from {} to {}: {}",
+                    crate::restart::deploy::short(&rb.from_sha),
+                    crate::restart::deploy::short(&rb.to_sha),
+                    rb.reason
+                )
+            });
+            let _ = writeln!(
+                f,
+                "ready {}{}",
+                std::process::id(),
+                note.unwrap_or_default()
+            );
         }
     }
 

@@ -78,7 +78,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     crate::ops::logging::set_generation(generation);
     let config_path = crate::config::absolute(config_path)?;
     let plan = prepare_plan(&boot, &config_path, &functions)?;
-    roll_back_if_needed(&plan, &boot)?;
+    roll_back_if_needed(&plan, &boot, opts.ready.as_ref())?;
     #[cfg(gearshift_crash_on_run)]
     {
         log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");

@@ -54,6 +54,10 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
         if let Some(argv) = opts.argv.take() {
             boot.argv = argv;
         }
+        // Started by a rollback exec under a waiting `start`: its ready pipe came along.
+        if opts.ready.is_none() {
+            opts.ready = reexec::ready_from_env();
+        }
     }
     // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
     // an error in its start-up reaches the file, not only a stderr nobody reads.
@@ -95,7 +99,11 @@ pub(super) fn prepare_plan(boot: &Boot, config_path: &Path, functions: &Function
 /// A fresh start of a binary that a deploy switched to, whose marker is still there: that
 /// binary died before serving (and a supervisor or systemd started it again). Execs
 /// `last-good` (Err is what the exec returned); Ok when there is nothing to roll back.
-pub(super) fn roll_back_if_needed(plan: &Plan, boot: &Boot) -> Result<()> {
+pub(super) fn roll_back_if_needed(
+    plan: &Plan,
+    boot: &Boot,
+    ready: Option<&std::fs::File>,
+) -> Result<()> {
     if boot.inherited.is_some() {
         return Ok(());
     }
@@ -114,9 +122,10 @@ pub(super) fn roll_back_if_needed(plan: &Plan, boot: &Boot) -> Result<()> {
             crate::restart::rollback::clear_marker(&plan.config.worker.state_dir);
             log::logger().flush();
             // The descriptor stays open until the exec, so the file checked is the file run.
-            use std::os::fd::AsRawFd;
+            use std::os::fd::{AsFd, AsRawFd};
             let path = PathBuf::from(format!("/proc/self/fd/{}", last_good.as_raw_fd()));
-            return Err(reexec::exec_rollback(&path, &boot.argv, &rb));
+            let ready = ready.map(|f| f.as_fd());
+            return Err(reexec::exec_rollback(&path, &boot.argv, &rb, ready));
         }
     }
     Ok(())

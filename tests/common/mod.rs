@@ -697,7 +697,6 @@ impl Drop for Reaper {
     }
 }
 
-/// The pid a daemon wrote into the sandbox's pidfile.
 /// The CPU time (user + system, in clock ticks) process `pid` has used so far.
 pub fn cpu_ticks(pid: i32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

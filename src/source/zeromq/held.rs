@@ -104,12 +104,36 @@ mod tests {
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::Duration;
 
+    /// The socket's path; its directory is removed when the test ends.
+    struct Sock(std::path::PathBuf);
+
+    impl std::ops::Deref for Sock {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<std::path::Path> for Sock {
+        fn as_ref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Sock {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
     /// An engine on a Unix socket taking messages up to `message_bytes`, and its path.
-    fn engine(name: &str, message_bytes: usize) -> (Engine, std::path::PathBuf) {
+    fn engine(name: &str, message_bytes: usize) -> (Engine, Sock) {
         let dir = crate::testutil::tempdir("zeromq", name);
-        let path = dir.join("j.sock");
+        let path = Sock(dir.join("j.sock"));
         let listener = Listener {
-            endpoint: Endpoint::Ipc(path.clone()),
+            endpoint: Endpoint::Ipc(path.to_path_buf()),
             fd: OwnedFd::from(UnixListener::bind(&path).expect("bind")),
         };
         let limits = Limits {
