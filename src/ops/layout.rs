@@ -55,6 +55,8 @@ pub fn worker_dir(state_dir: &Path) -> PathBuf {
 pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     let existed = state_dir.exists();
     let dir = Dir::create(state_dir, 0o755)?;
+    // Whether the checks below change its mode or owner (then what fstat said is stale).
+    let mut changed = !existed;
     if !existed {
         // Made just now, under the worker's umask (027 by default): 0755 as documented, so the
         // dropped user (and the worker's group, for `status`) can reach worker/ inside it.
@@ -75,6 +77,7 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         );
         dir.chown(Uid::from_raw(0), Gid::from_raw(0))?;
         dir.chmod(dir.mode() & !0o022)?;
+        changed = true;
     } else if !me.is_root() && owner != me && !owner.is_root() {
         return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is owned by uid {owner}, neither root nor us (uid {me})",
@@ -111,10 +114,11 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
                 t.name
             );
             dir.chmod(dir.mode() | 0o001)?;
+            changed = true;
         }
     }
-    // Re-open: the checks above may have changed what fstat says.
-    let dir = Dir::open(dir.path())?;
+    // Re-open when the checks above changed what fstat says (not in a restart's pause).
+    let dir = if changed { Dir::open(dir.path())? } else { dir };
     if owner == me || me.is_root() {
         let w = dir.sub(WORKER_DIR, Some(0o750))?;
         if let Some(t) = target.filter(|_| me.is_root()) {

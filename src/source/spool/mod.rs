@@ -22,6 +22,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::unistd::{geteuid, Gid, Uid};
@@ -85,11 +86,11 @@ pub struct Spool {
     /// Run as root in a spool another user owns (the worker's): what we create is given to
     /// that user, through its descriptor, so the worker can read it.
     pub(super) give_to: Option<(Uid, Gid)>,
-    /// The subdirectories, opened once (in [`SUBDIRS`] order): files are created and moved
-    /// relative to these descriptors, so a link planted in place of one is never followed.
-    pub(super) dirs: Vec<Dir>,
+    /// The subdirectories, opened once (in [`SUBDIRS`] order, shared by [`Spool::share`]): files
+    /// are created and moved relative to them, so a link planted in place of one is never followed.
+    pub(super) dirs: Arc<[Dir]>,
     /// The spool directory itself (for `.epoch`).
-    pub(super) top: Dir,
+    pub(super) top: Arc<Dir>,
     /// This boot's epoch, once a submit has needed it.
     pub(super) epoch: std::sync::OnceLock<u32>,
     /// Where this handle appends the outcomes of jobs without a file (`results.rs`).
@@ -182,11 +183,25 @@ impl Spool {
             root: dir.to_path_buf(),
             fsync,
             give_to,
-            dirs,
-            top: root,
+            dirs: dirs.into(),
+            top: Arc::new(root),
             epoch: std::sync::OnceLock::new(),
             results: results::Log::default(),
         })
+    }
+
+    /// Another handle on the same opened directories (no system call: the group commit's, in
+    /// the restart pause), with its own results log and epoch.
+    pub(super) fn share(&self) -> Spool {
+        Spool {
+            root: self.root.clone(),
+            fsync: self.fsync,
+            give_to: self.give_to,
+            dirs: Arc::clone(&self.dirs),
+            top: Arc::clone(&self.top),
+            epoch: std::sync::OnceLock::new(),
+            results: results::Log::default(),
+        }
     }
 
     pub(crate) fn from_config(cfg: &SpoolConfig) -> Result<Spool> {

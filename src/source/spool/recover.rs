@@ -297,7 +297,7 @@ impl Spool {
         if !self.top.still_at(&self.root) {
             return Some(self.root.clone());
         }
-        let mut subs = SUBDIRS.iter().zip(&self.dirs);
+        let mut subs = SUBDIRS.iter().zip(self.dirs.iter());
         subs.find(|(sub, d)| !d.still_at(&self.dir(sub)))
             .map(|(sub, _)| self.dir(sub))
     }

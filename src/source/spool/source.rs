@@ -124,7 +124,7 @@ impl SpoolSource {
             }
         }
         let committer = if cfg.fsync {
-            Some(super::commit::Committer::start(Spool::from_config(cfg)?)?)
+            Some(super::commit::Committer::start(spool.share())?)
         } else {
             None
         };
