@@ -510,6 +510,41 @@ fn stop_and_see_the_supervisor_go(sb: &Sandbox, sup: i32) {
     );
 }
 
+/// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped
+/// worker whether it had a supervisor, got no answer within 2 s, and started the new worker
+/// without one. The stopped worker is continued first (the TERM that follows ends it anyway),
+/// and the new worker is supervised like the old.
+#[test]
+fn restart_of_a_stopped_supervised_worker_keeps_its_supervisor() {
+    let sb = Sandbox::new("supervise-sigstop");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let old = pid_of(&sb);
+    let old_sup = supervisor_of(old);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "the worker stopped", || {
+        proc_field(old, "State:").starts_with('T')
+    });
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let new = pid_of(&sb);
+    assert_ne!(new, old);
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert!(s["supervisor"].is_object(), "supervised again: {s}");
+    let sup = supervisor_of(new);
+    assert_ne!(sup, 1, "the new worker is a supervisor's child");
+    assert!(
+        !process_alive(old_sup),
+        "the old supervisor went with its worker"
+    );
+    stop_and_see_the_supervisor_go(&sb, sup);
+}
+
 /// A supervisor started by a launcher that ignores SIGCHLD (ignored signals survive fork and
 /// exec) never saw its worker's exit status: the kernel reaped it first, so a clean stop
 /// read as "vanished (crash)" and the worker was started again right after `stop` said

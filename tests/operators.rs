@@ -675,8 +675,10 @@ fn a_stopped_worker_is_said_and_stop_still_ends_it() {
         String::from_utf8_lossy(&out.stdout).contains("was stopped"),
         "{out:?}"
     );
+    // Within the bound a second TERM has: `stop` first spent 3 s asking the stopped worker's
+    // socket whether it was already stopping, a question it cannot answer until continued.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(2),
         "stop took {:?}",
         started.elapsed()
     );

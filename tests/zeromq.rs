@@ -842,6 +842,41 @@ fn submit_without_a_worker_or_to_a_stranger_says_so() {
     drop(w);
 }
 
+/// `submit` to a ZeroMQ worker stopped by SIGSTOP (Ctrl-Z at a `run`'s terminal): the kernel
+/// takes each connection and request, so `submit` waited out 3 tries, said "no answer ... is the
+/// worker running?" with exit 3 (not running), and the worker, once continued, read and ran
+/// all three requests it had been sent. Now `submit` says at once that the worker is stopped,
+/// with `kill -CONT`, sends nothing and exits 5 (not yet): continued, the worker ran nothing.
+#[test]
+fn submit_to_a_stopped_worker_says_so_and_sends_nothing() {
+    let z = setup("zmq-sigstop", "");
+    let w = z.sb.start();
+    w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    w.signal(Signal::SIGSTOP);
+    eventually(Duration::from_secs(5), "the worker stopped", || {
+        fs::read_to_string(format!("/proc/{}/stat", w.pid())).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('T'))
+        })
+    });
+    let out = z.sb.run(&["submit", "--timeout", "1", "reverse", "x"]);
+    let err = text(&out.stderr);
+    w.signal(Signal::SIGCONT);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("is stopped") && err.contains("kill -CONT"),
+        "{err}"
+    );
+    // Continued, it has nothing to read: no request reached it.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = w.status();
+    assert_eq!(s["zeromq"]["accepted"], 0, "{s}");
+    assert_eq!(s["jobs_completed"], 0, "{s}");
+}
+
 /// The worker's resident memory in KiB.
 fn rss_kib(pid: i32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))

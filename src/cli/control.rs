@@ -279,6 +279,14 @@ pub(super) fn stopped(pid: i32) -> Option<String> {
     })
 }
 
+/// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
+pub(super) fn continue_stopped(pid: i32) {
+    if stopped(pid).is_some() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+    }
+}
+
 pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     let (pid, socket, pidfile) = running(path)?;
     if let Some(why) = stopped(pid) {
@@ -365,17 +373,20 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     let target = Pid::from_raw(pid);
     // A worker already stopping (an earlier `stop` waits for its jobs) takes this TERM as "exit
     // now": the jobs it runs are interrupted and run again. Say which.
-    let interrupted: Option<Vec<String>> = crate::status::query(&socket, Some(pid))
-        .ok()
+    // A worker stopped by SIGSTOP answers nothing until continued: not asked (3 s for no
+    // answer).
+    let was_stopped = stopped(pid);
+    let interrupted: Option<Vec<String>> = was_stopped
+        .is_none()
+        .then(|| crate::status::query(&socket, Some(pid)).ok())
+        .flatten()
         .filter(|s| s.state == "stopping")
         .map(|s| running_job_names(&s));
-    let was_stopped = stopped(pid);
     kill(target, Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
     // A stopped worker acts on no TERM: continue it, as systemd does after every TERM.
     if was_stopped.is_some() {
-        let _ = kill(target, Signal::SIGCONT);
-        println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+        continue_stopped(pid);
     }
     let started = Instant::now();
     let mut said = false;

@@ -186,6 +186,14 @@ fn submit_zeromq(
     payload: &[u8],
     worker: (&Path, &Path),
 ) -> Result<u8> {
+    // A worker stopped by SIGSTOP answers nothing, but the kernel takes each try: sent three
+    // times, the message was run three times once the worker was continued. Nothing is sent.
+    if let Ok(Probe::Running(Some(pid))) = pidfile::probe(worker.0) {
+        if let Some(why) = super::control::stopped(pid) {
+            eprintln!("gearshift: not sent: {why}");
+            return Ok(exit::NOT_YET);
+        }
+    }
     let answer = match super::zeromq::send(cfg, args, payload)? {
         super::zeromq::Sent::Exit(code) => return Ok(code),
         super::zeromq::Sent::Answer(a) => a,
