@@ -1,12 +1,84 @@
 //! Where the running worker keeps its state, as the CLI finds it: from the config, or from
 //! root's record of where the worker started when the config cannot say (it does not validate
-//! now) or says otherwise (its `state_dir` was edited since: that moves only at a fresh start).
+//! now) or says otherwise (its `state_dir` was edited since: that moves only at a fresh start);
+//! and whether a worker runs there, and is stopped by SIGSTOP.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::ops::pidfile;
+use crate::ops::pidfile::{self, Probe};
+
+/// The running worker's pid and status socket, decided by the pidfile lock. When the config
+/// cannot tell for certain where the worker is, finding none there is "unknown", not "not
+/// running" (a script would start a second worker).
+pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
+    let (state_dir, certain) = super::locate::state_dir_of(path)?;
+    let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
+    let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
+    let probed = match pidfile::probe(&pidfile) {
+        Err(Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            // A member of the worker's group: the pidfile is root's alone, the status socket
+            // is the group's. Whoever answers on it is the worker (it holds the lock while it
+            // binds there); nobody answering is "not running". Read-only: such a caller can
+            // query, not signal.
+            return match crate::status::query_patiently(&socket, None, Duration::from_secs(2)) {
+                Ok(doc) => Ok((doc.pid as i32, socket, pidfile)),
+                Err(Error::Io { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    Err(Error::NotRunning)
+                }
+                Err(e) => Err(Error::Unknown(format!(
+                    "the pidfile is root's, and the status socket does not answer: {e}"
+                ))),
+            };
+        }
+        other => other?,
+    };
+    match probed {
+        Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
+        Probe::Running(None) => Err(Error::Unknown(format!(
+            "\"{}\" is locked but holds no pid",
+            pidfile.display()
+        ))),
+        Probe::NotRunning if certain => match crate::status::unlocked_worker(&socket) {
+            Some(pid) => Err(Error::Unknown(crate::status::unlocked_words(&pidfile, pid))),
+            None => Err(Error::NotRunning),
+        },
+        Probe::NotRunning => Err(Error::Unknown(format!(
+            "no worker runs in state_dir \"{}\", but the invalid config cannot say for certain that this is its state_dir; fix the config and ask again",
+            state_dir.display()
+        ))),
+    }
+}
+
+/// What to say when `pid` is stopped (by SIGSTOP, or Ctrl-Z at the terminal of a `run`): it
+/// then acts on no signal (but SIGKILL) until continued, and its status socket answers nothing.
+pub(super) fn stopped(pid: i32) -> Option<String> {
+    let state = crate::ops::procfs::Stat::of(Some(pid))?.state;
+    matches!(state, 'T' | 't').then(|| {
+        format!("pid {pid} is stopped (SIGSTOP, or Ctrl-Z at its terminal): it acts on no signal until it is continued: kill -CONT {pid}")
+    })
+}
+
+/// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
+pub(super) fn continue_stopped(pid: i32) {
+    if stopped(pid).is_some() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+    }
+}
 
 /// Where the worker keeps its state, even when config.toml does not validate right now (the
 /// worker serves on its last good config meanwhile), and whether that is certain: the valid

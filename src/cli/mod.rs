@@ -332,10 +332,10 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
                 )));
             }
             // A worker started with --supervise is started again with its supervisor.
-            let supervised = control::running(path).ok().and_then(|(pid, socket, _)| {
+            let supervised = locate::running(path).ok().and_then(|(pid, socket, _)| {
                 // Stopped by SIGSTOP, it would not answer, and the new worker would lose its
                 // supervisor: continued first (the TERM that follows ends it all the same).
-                control::continue_stopped(pid);
+                locate::continue_stopped(pid);
                 crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
                     .ok()
                     .and_then(|s| s.supervisor.map(|sv| sv.max_restarts as u64))

@@ -164,7 +164,7 @@ fn say_if_unserved(function: &str, (pidfile, socket): (&Path, &Path)) {
     let Ok(Probe::Running(Some(pid))) = pidfile::probe(pidfile) else {
         return;
     };
-    if super::control::stopped(pid).is_some() {
+    if super::locate::stopped(pid).is_some() {
         return;
     }
     let Ok(s) = crate::status::query(socket, Some(pid)) else {
@@ -189,7 +189,7 @@ fn submit_zeromq(
     // A worker stopped by SIGSTOP answers nothing, but the kernel takes each try: sent three
     // times, the message was run three times once the worker was continued. Nothing is sent.
     if let Ok(Probe::Running(Some(pid))) = pidfile::probe(worker.0) {
-        if let Some(why) = super::control::stopped(pid) {
+        if let Some(why) = super::locate::stopped(pid) {
             eprintln!("gearshift: not sent: {why}");
             return Ok(exit::NOT_YET);
         }
@@ -276,7 +276,7 @@ fn wait_for_result(
         let probed = pidfile::probe(pidfile).ok();
         // A worker stopped by SIGSTOP runs nothing until continued: said once, after 2 s.
         match probed.as_ref().and_then(|p| match p {
-            Probe::Running(Some(pid)) => super::control::stopped(*pid),
+            Probe::Running(Some(pid)) => super::locate::stopped(*pid),
             _ => None,
         }) {
             Some(why) if !said_stopped => {

@@ -48,7 +48,7 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
     }
     // Without a terminal on stdin there are no keys: only a signal ends it.
     let keys = std::io::stdin().is_terminal();
-    let mut target = match super::control::running(path) {
+    let mut target = match super::locate::running(path) {
         Ok((pid, socket, pidfile)) => Some((pid, socket, pidfile)),
         Err(Error::NotRunning) => {
             eprintln!("gearshift is not running");
@@ -79,7 +79,7 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
             "Ctrl-C or a TERM: quit"
         };
         // Stopped by SIGSTOP: it answers nothing until continued; not asked meanwhile.
-        let halted = (target.as_ref()).and_then(|(pid, _, _)| super::control::stopped(*pid));
+        let halted = (target.as_ref()).and_then(|(pid, _, _)| super::locate::stopped(*pid));
         let frame = match &target {
             Some((pid, _, _)) if halted.is_some() => unanswered(*pid, halted, quit_hint),
             Some((pid, socket, pidfile)) => match read_sample(socket, *pid, pidfile) {
@@ -101,7 +101,7 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
                     continue;
                 }
             },
-            None => match super::control::running(path) {
+            None => match super::locate::running(path) {
                 Ok(found) => {
                     target = Some(found);
                     continue;
