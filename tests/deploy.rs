@@ -505,6 +505,24 @@ fn start_after_a_deploy_that_died_says_it_rolled_back_and_runs() {
     eventually(Duration::from_secs(30), "the last good sha", || {
         status(&sb)["binary_sha256"] == good.as_str()
     });
+    // A reload re-execs the image that runs, not the bad binary still at the path, which it
+    // says it refused (exit 1: reloaded, but the binary at the path refused).
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("reloaded: generation 2"),
+        "{}",
+        text_of(&out)
+    );
+    assert!(
+        text(&out.stderr).contains("rolled back"),
+        "{}",
+        text_of(&out)
+    );
+    eventually(Duration::from_secs(30), "the reloaded sha", || {
+        let s = status(&sb);
+        s["generation"] == 2 && s["binary_sha256"] == good.as_str()
+    });
     let out = sb.run(&["stop"]);
     assert!(
         text(&out.stdout).contains("stopped (pid"),
