@@ -530,3 +530,56 @@ fn start_after_a_deploy_that_died_says_it_rolled_back_and_runs() {
         text(&out.stdout)
     );
 }
+
+/// `restart` after a binary that dies at start-up was put at the path (the binary watch off,
+/// or the restart quicker than it): the healthy worker was stopped, the new binary died, and
+/// `restart` left no worker at all (every later `start` died the same way). Now `restart`
+/// starts the last good binary (the one the stopped worker ran, `state_dir/last-good`), says
+/// so, and that worker refuses the bad binary while it stays at the path.
+#[test]
+fn a_restart_onto_a_binary_that_dies_at_start_up_runs_the_last_good_one() {
+    restart_onto_a_crashing_binary("restart-rollback", &["start"]);
+}
+
+/// The same under `start --supervise`: the supervisor said the worker crashed as it started,
+/// and gave up; the start again rolls back in the supervisor's worker.
+#[test]
+fn a_supervised_restart_onto_a_binary_that_dies_at_start_up_runs_the_last_good_one() {
+    restart_onto_a_crashing_binary("restart-rollback-sup", &["start", "--supervise"]);
+}
+
+fn restart_onto_a_crashing_binary(name: &str, start: &[&str]) {
+    let bad = crashing_build();
+    let sb = sandbox(name);
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    sb.write_worker_config("watch_binary = false");
+    assert_eq!(sb.run(start).status.code(), Some(0));
+    let status = |sb: &Sandbox| -> serde_json::Value {
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    // With the binary watch off, `status` hashes no binary: the good one is the sandbox's.
+    let good = sha(&sb.bin);
+    drop_by_rename(&bad, &sb.bin, 0o755);
+
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("died during start-up"), "{err}");
+    // Said by the worker on its ready line; a supervisor's ready line does not carry it.
+    if start.len() == 1 {
+        assert!(
+            err.contains(&format!(
+                "rolled back from {} to {}",
+                &sha(&bad)[..12],
+                &good[..12]
+            )),
+            "{err}"
+        );
+    }
+    let s = status(&sb);
+    assert_eq!(s["supervisor"].is_object(), start.len() == 2, "{s}");
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["last_rollback"]["from_sha256"], sha(&bad), "{s}");
+    assert_eq!(s["last_rollback"]["to_sha256"], good.as_str(), "{s}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

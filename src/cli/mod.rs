@@ -17,6 +17,7 @@ mod control;
 mod exit;
 mod locate;
 mod rerun;
+mod restart;
 mod submit;
 mod top;
 mod zeromq;
@@ -322,35 +323,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             max_restarts,
             timeout,
         } => crate::daemon::start(path, functions, supervise.then_some(max_restarts), timeout),
-        Command::Restart { timeout } => {
-            // What the new worker would refuse is said before the running one is stopped: a
-            // restart must not leave no worker at all.
-            if let Err(e) = Plan::prepare(path, &functions) {
-                return Err(Error::Msg(format!(
-                    "{e}\nnot restarted: the running worker, if any, is left as it is (`check` \
-                     says the same; fix it and restart again)"
-                )));
-            }
-            // A worker started with --supervise is started again with its supervisor.
-            let supervised = locate::running(path).ok().and_then(|(pid, socket, _)| {
-                // Stopped by SIGSTOP, it would not answer, and the new worker would lose its
-                // supervisor: continued first (the TERM that follows ends it all the same).
-                locate::continue_stopped(pid);
-                crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
-                    .ok()
-                    .and_then(|s| s.supervisor.map(|sv| sv.max_restarts as u64))
-            });
-            let stopped = control::stop(path, timeout, false)?;
-            if stopped == exit::NOT_YET {
-                eprintln!(
-                    "not restarted: the worker stops once its running jobs finish, and nothing starts after it; start it then with `gearshift start` (`gearshift status` says when it has stopped): another `stop` or `restart` now would end its jobs at once"
-                );
-            }
-            if stopped != exit::OK {
-                return Ok(stopped);
-            }
-            crate::daemon::start(path, functions, supervised.map(|m| m as usize), START_WAIT)
-        }
+        Command::Restart { timeout } => restart::restart(path, functions, timeout),
         Command::Submit(args) => submit::submit(path, args),
         Command::Result { job_id } => submit::result(path, &job_id),
         Command::Status { json } => control::status(path, json),

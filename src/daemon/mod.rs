@@ -37,6 +37,24 @@ pub fn start(
     supervise: Option<usize>,
     wait: Duration,
 ) -> Result<u8> {
+    start_with(config_path, functions, supervise, wait).map(|o| o.code)
+}
+
+/// How a start ended.
+pub struct Started {
+    /// The exit code for the `start` command.
+    pub code: u8,
+    /// The daemon died before it served, with no error of its own (a crash at start-up).
+    pub died: bool,
+}
+
+/// [`start`], saying whether the daemon died during start-up (`restart` then rolls back).
+pub fn start_with(
+    config_path: &Path,
+    functions: Functions,
+    supervise: Option<usize>,
+    wait: Duration,
+) -> Result<Started> {
     let config_path = crate::config::absolute(config_path)?;
     let plan = Plan::prepare(&config_path, &functions)?;
     let cfg = &plan.config;
@@ -160,17 +178,19 @@ fn daemonize(umask: u32, log: &File) -> Result<()> {
 }
 
 /// Reads the daemon's first line: `ready PID` (and what a rollback did, when the binary at the
-/// path died and the last good one serves) or `error MESSAGE`; EOF means it died first.
+/// path died and the last good one serves), `error MESSAGE`, or `died MESSAGE` (a supervisor's
+/// worker crashed as it started); EOF means the daemon died first.
 /// Waits `wait` at most: a daemon whose start-up stalls (a hung mount) goes on starting, and
 /// `start` says so (exit 5) instead of holding whatever script ran it.
-fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> u8 {
+fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> Started {
+    let done = |code| Started { code, died: false };
     if !readable_within(&ready, wait) {
         eprintln!(
             "gearshift: the daemon did not serve within {wait:?}; it is still starting (see {}; `gearshift status` tells once it serves, `gearshift stop` stops it)",
             log_file.display()
         );
         // `exit::NOT_YET`: not done yet.
-        return 5;
+        return done(5);
     }
     let mut line = String::new();
     let _ = BufReader::new(File::from(ready)).read_line(&mut line);
@@ -185,16 +205,26 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> u8 {
                 crate::text::escape_lines(rollback)
             );
         }
-        0
+        done(0)
     } else if let Some(err) = line.strip_prefix("error ") {
         eprintln!("gearshift: {}", crate::text::escape_lines(err));
-        1
+        done(1)
+    } else if let Some(crash) = line.strip_prefix("died ") {
+        // A supervisor's worker that crashed as it started.
+        eprintln!("gearshift: {}", crate::text::escape_lines(crash));
+        Started {
+            code: 1,
+            died: true,
+        }
     } else {
         eprintln!(
             "gearshift: the daemon exited during start-up; see {}",
             log_file.display()
         );
-        1
+        Started {
+            code: 1,
+            died: true,
+        }
     }
 }
 

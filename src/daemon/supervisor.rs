@@ -65,15 +65,20 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
             }
         };
         log::info!("supervisor {}: worker pid {pid} started", info.pid);
-        if let Some(r) = ready.take() {
+        if let Some(mut r) = ready.take() {
             match wait_serving(settings, pid, &exited, &mut sig_rx, info.pid) {
                 Ok(()) => {
-                    let mut r = r;
                     let _ = writeln!(r, "ready {pid}");
                 }
-                Err(e) => {
+                Err((e, crashed)) => {
                     // Never left running unsupervised once the supervisor gives up on it.
                     end_unserved(pid, &exited);
+                    if crashed {
+                        // `start` tells a crash from an error: `restart` rolls a crash back.
+                        log::error!("{e}");
+                        let _ = writeln!(r, "died {e}");
+                        return 1;
+                    }
                     return fail(Some(r), &e.to_string());
                 }
             }
@@ -296,7 +301,7 @@ fn wait_serving(
     exited: &crossbeam_channel::Receiver<ExitStatus>,
     sig_rx: &mut crossbeam_channel::Receiver<Signal>,
     me: u32,
-) -> Result<()> {
+) -> std::result::Result<(), (Error, bool)> {
     #[allow(unused_mut)]
     let mut patience = Duration::from_secs(60);
     // A fault-injection build (tests only): a shorter wait.
@@ -318,17 +323,21 @@ fn wait_serving(
             let asked = stop_sent.map_or(String::new(), |sig: Signal| {
                 format!(" (stopped by {} as it started)", sig.as_str())
             });
-            return Err(Error::Msg(format!(
+            // Killed by a signal it did not ask for: a crash (SIGSEGV, SIGABRT), not an error.
+            let crashed = stop_sent.is_none() && status.signal().is_some();
+            let e = Error::Msg(format!(
                 "the worker {} during start-up{asked}; see {}",
                 describe(Some(status)),
                 s.log_file.display()
-            )));
+            ));
+            return Err((e, crashed));
         }
         if Instant::now() >= deadline {
-            return Err(Error::Msg(format!(
+            let e = Error::Msg(format!(
                 "the worker did not serve within {patience:?}; it was stopped; see {}",
                 s.log_file.display()
-            )));
+            ));
+            return Err((e, false));
         }
         match sig_rx.recv_timeout(Duration::from_millis(20)) {
             Ok(sig) => {

@@ -55,13 +55,9 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     if me != marker.to_sha {
         return None;
     }
-    let (last_good, to_sha) = match open_last_good(state_dir).and_then(|f| {
-        // What runs is that file, whatever the marker says it came from (after A -> B -> C under
-        // a privilege drop, last-good is still the A root copied at the fresh start).
-        let sha = hash_reader(&mut &f)
-            .map_err(|e| crate::Error::io_path("reading", &state_dir.join(layout::LAST_GOOD), e))?;
-        Ok((f, sha))
-    }) {
+    // What runs is that file, whatever the marker says it came from (after A -> B -> C under a
+    // privilege drop, last-good is still the A root copied at the fresh start).
+    let (last_good, to_sha) = match last_good(state_dir) {
         Ok(found) => found,
         Err(e) => {
             log::error!("the deploy marker asks for a rollback, but {e}");
@@ -79,6 +75,54 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
         at_ms: crate::clock::now_ms(),
     };
     Some((last_good, rollback))
+}
+
+/// `state_dir/last-good`, opened for exec (see [`open_last_good`]), and its sha256.
+fn last_good(state_dir: &Path) -> crate::Result<(File, String)> {
+    let f = open_last_good(state_dir)?;
+    let sha = hash_reader(&mut &f)
+        .map_err(|e| crate::Error::io_path("reading", &state_dir.join(layout::LAST_GOOD), e))?;
+    Ok((f, sha))
+}
+
+/// After a `restart` whose start died before serving (a crash, with no error of its own): if
+/// `last-good` is another binary than this image (the one that died), writes the deploy marker
+/// that makes this image's next fresh start roll back to it, as after a deploy that died.
+/// Returns last-good's sha256; None when there is none or it is this same binary (it would die
+/// the same way). Root writes into the worker's own directory through its descriptor only: a
+/// new file (never through a link), given to the directory's owner, renamed into place.
+pub fn mark_died(state_dir: &Path) -> crate::Result<Option<String>> {
+    let (_, good) = match last_good(state_dir) {
+        Ok(found) => found,
+        Err(crate::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let me = hash_file(Path::new("/proc/self/exe"))
+        .map_err(|e| crate::Error::io("reading /proc/self/exe", e))?;
+    if me == good {
+        return Ok(None);
+    }
+    let marker = Marker {
+        from_sha: good.clone(),
+        to_sha: me,
+        at_ms: crate::clock::now_ms(),
+    };
+    let json = serde_json::to_vec(&marker).map_err(|e| crate::Error::Msg(e.to_string()))?;
+    let path = layout::worker_dir(state_dir);
+    let dir = Dir::open(&path)?;
+    let tmp = format!("{}.{}.tmp", layout::MARKER, std::process::id());
+    dir.remove(&tmp)?;
+    let mut file = dir.create_new(&tmp, 0o640)?;
+    let (uid, gid) = dir.owner();
+    if nix::unistd::geteuid().is_root() && !uid.is_root() {
+        crate::ops::safefs::chown_file(&file, &path.join(&tmp), uid, gid)?;
+    }
+    std::io::Write::write_all(&mut file, &json)
+        .map_err(|e| crate::Error::io_path("writing", &path.join(&tmp), e))?;
+    dir.rename(&tmp, layout::MARKER)?;
+    Ok(Some(good))
 }
 
 /// Opens `state_dir/last-good` for exec, only if nobody but us (or root) could have written it.
@@ -111,6 +155,55 @@ fn open_last_good(state_dir: &Path) -> crate::Result<File> {
 /// Keeps a copy of the running image as `state_dir/last-good`, if `state_dir` is ours to write
 /// (under a privilege drop it is root's: root made the copy at the fresh start).
 pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
+    keep_as_last_good(state_dir, || {
+        File::open("/proc/self/exe").map_err(|e| crate::Error::io("opening /proc/self/exe", e))
+    })
+}
+
+/// Before `restart` stops worker `pid`: keeps the binary it runs as `state_dir/last-good` when
+/// it is another file than this image (a new binary was put at the path), so that a new binary
+/// dying at start-up has something to roll back to ([`mark_died`]). Only a binary that nobody but
+/// root or us can write is kept; `state_dir` must be ours (as for [`save_last_good`]). Returns
+/// whether it was kept.
+pub fn keep_running(state_dir: &Path, pid: i32) -> crate::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = format!("/proc/{pid}/exe");
+    let (Ok(a), Ok(b)) = (
+        std::fs::metadata(&theirs),
+        std::fs::metadata("/proc/self/exe"),
+    ) else {
+        return Ok(false);
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    if (a.dev(), a.ino()) == (b.dev(), b.ino())
+        || (a.uid() != 0 && a.uid() != me)
+        || a.mode() & 0o022 != 0
+    {
+        return Ok(false);
+    }
+    let kept = keep_as_last_good(state_dir, || {
+        let f = File::open(&theirs)
+            .map_err(|e| crate::Error::io_path("opening", Path::new(&theirs), e))?;
+        // Checked again on what was opened: the file, not the name, is what gets copied.
+        let m = f
+            .metadata()
+            .map_err(|e| crate::Error::io_path("checking", Path::new(&theirs), e))?;
+        if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+            return Err(crate::Error::Unsafe(format!(
+                "{theirs} can be written by others"
+            )));
+        }
+        Ok(f)
+    })?;
+    Ok(kept.is_some())
+}
+
+/// Copies what `open` opens to `state_dir/last-good` (through a temporary file, then renamed),
+/// if `state_dir` is ours to write; else names the last-good root kept, if any.
+fn keep_as_last_good(
+    state_dir: &Path,
+    open: impl FnOnce() -> crate::Result<File>,
+) -> crate::Result<Option<PathBuf>> {
     let dir = Dir::open(state_dir)?;
     if dir.owner().0 != nix::unistd::geteuid() {
         return Ok(dir
@@ -132,8 +225,7 @@ pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
         .file;
     let path = state_dir.join(layout::LAST_GOOD);
     let copied = (|| {
-        let mut exe = File::open("/proc/self/exe")
-            .map_err(|e| crate::Error::io("opening /proc/self/exe", e))?;
+        let mut exe = open()?;
         std::io::copy(&mut exe, &mut out)
             .map_err(|e| crate::Error::io_path("writing", &path, e))?;
         out.set_permissions(std::fs::Permissions::from_mode(0o755))

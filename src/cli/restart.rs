@@ -1,0 +1,74 @@
+//! `gearshift restart`: `check`, `stop`, `start`, never leaving no worker that could run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::jobs::functions::Functions;
+use crate::worker::Plan;
+
+use super::{control, exit, locate, START_WAIT};
+
+/// Stops the running worker and starts it again (with its supervisor, if it had one). What
+/// the new worker would refuse is said first, and the running one left as it is; a new binary
+/// that dies during start-up is rolled back to the last good one.
+pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> Result<u8> {
+    let plan = match Plan::prepare(path, &functions) {
+        Ok(plan) => plan,
+        Err(e) => {
+            return Err(Error::Msg(format!(
+                "{e}\nnot restarted: the running worker, if any, is left as it is (`check` \
+                 says the same; fix it and restart again)"
+            )))
+        }
+    };
+    let state_dir = &plan.config.worker.state_dir;
+    // Whether this restart switches binaries: the running one is then kept, for a rollback if
+    // the new one (this image) dies as it starts.
+    let mut switching = false;
+    // A worker started with --supervise is started again with its supervisor.
+    let supervised = locate::running(path).ok().and_then(|(pid, socket, _)| {
+        match crate::restart::rollback::keep_running(state_dir, pid) {
+            Ok(kept) => switching = kept,
+            Err(e) => {
+                eprintln!("gearshift: warning: the running binary is not kept as last-good: {e}")
+            }
+        }
+        // Stopped by SIGSTOP, it would not answer, and the new worker would lose its
+        // supervisor: continued first (the TERM that follows ends it all the same).
+        locate::continue_stopped(pid);
+        crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2))
+            .ok()
+            .and_then(|s| s.supervisor.map(|sv| sv.max_restarts))
+    });
+    let stopped = control::stop(path, timeout, false)?;
+    if stopped == exit::NOT_YET {
+        eprintln!(
+            "not restarted: the worker stops once its running jobs finish, and nothing starts after it; start it then with `gearshift start` (`gearshift status` says when it has stopped): another `stop` or `restart` now would end its jobs at once"
+        );
+    }
+    if stopped != exit::OK {
+        return Ok(stopped);
+    }
+    let started = crate::daemon::start_with(path, functions.clone(), supervised, START_WAIT)?;
+    if !started.died || !switching {
+        return Ok(started.code);
+    }
+    // This binary (the daemon is a fork of it) died before it served: the stopped worker's is
+    // `last-good`. A deploy marker for this binary makes the next fresh start of it roll back,
+    // as after a deploy that died; under a supervisor, each start of the path does the same.
+    match crate::restart::rollback::mark_died(state_dir) {
+        Ok(Some(last_good)) => {
+            eprintln!(
+                "gearshift: the binary at this path died during start-up; starting again, which rolls back to the last good binary (sha256 {})",
+                crate::restart::deploy::short(&last_good)
+            );
+            crate::daemon::start(path, functions, supervised, START_WAIT)
+        }
+        Ok(None) => Ok(started.code),
+        Err(e) => {
+            eprintln!("gearshift: no rollback: {e}");
+            Ok(started.code)
+        }
+    }
+}
