@@ -288,6 +288,24 @@ fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ko", "serving");
+    // A later crash of the rolled-back worker (an OOM kill, say): the supervisor starts the path
+    // again, where the bad binary still is. It rolls back again, as the first time (the marker
+    // was removed once the rolled-back worker served, so it crashed at every start until the
+    // supervisor gave up, and no worker was left).
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(60), "the worker back", || {
+        let s = read(&sb);
+        s["pid"].as_i64().is_some_and(|p| p != pid as i64) && s["binary_sha256"] == good.as_str()
+    });
     let out = std::process::Command::new(BIN)
         .arg("-c")
         .arg(sb.config())

@@ -13,7 +13,8 @@ use crate::ops::safefs::Dir;
 use crate::status::records::Rollback;
 
 /// Written (by the worker, into its own `state_dir/worker/`) before switching to a new
-/// binary, removed once a generation serves. Found by a fresh start whose own image is
+/// binary (or by `restart`, see [`mark_died`]), removed once a generation serves, unless that
+/// generation rolled back from the binary it names. Found by a fresh start whose own image is
 /// `to_sha`, it means that binary died during start-up: roll back. It is data from the worker's
 /// user: it names no path, and root compares it with its own digest only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,8 +42,16 @@ pub fn read_marker(state_dir: &Path) -> Option<Marker> {
     serde_json::from_slice(&bytes).ok()
 }
 
-pub fn clear_marker(state_dir: &Path) {
+fn clear_marker(state_dir: &Path) {
     let _ = std::fs::remove_file(layout::worker_dir(state_dir).join(layout::MARKER));
+}
+
+/// [`clear_marker`], unless the marker names `keep` (the binary a rollback left).
+pub fn clear_marker_unless(state_dir: &Path, keep: Option<&str>) {
+    if keep.is_some_and(|sha| read_marker(state_dir).is_some_and(|m| m.to_sha == sha)) {
+        return;
+    }
+    clear_marker(state_dir);
 }
 
 /// On a fresh start: if this image is the binary a deploy switched to and the marker is still
@@ -58,6 +67,11 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     // What runs is that file, whatever the marker says it came from (after A -> B -> C under a
     // privilege drop, last-good is still the A root copied at the fresh start).
     let (last_good, to_sha) = match last_good(state_dir) {
+        Ok(found) if found.1 == me => {
+            // It would find the marker again, and exec itself for ever.
+            log::error!("the deploy marker asks for a rollback, but last-good is this same binary");
+            return None;
+        }
         Ok(found) => found,
         Err(e) => {
             log::error!("the deploy marker asks for a rollback, but {e}");

@@ -119,7 +119,8 @@ pub(super) fn roll_back_if_needed(
                 crate::restart::deploy::short(&rb.to_sha),
                 rb.reason
             );
-            crate::restart::rollback::clear_marker(&plan.config.worker.state_dir);
+            // The marker stays while that binary is at the path: every fresh start of it (a
+            // supervisor's after a later crash) rolls back again (see `announce`).
             log::logger().flush();
             // The descriptor stays open until the exec, so the file checked is the file run.
             use std::os::fd::{AsFd, AsRawFd};
