@@ -46,7 +46,9 @@ fn clear_marker(state_dir: &Path) {
     let _ = std::fs::remove_file(layout::worker_dir(state_dir).join(layout::MARKER));
 }
 
-/// [`clear_marker`], unless the marker names `keep` (the binary a rollback left).
+/// [`clear_marker`], unless the marker names `keep`, the binary a rollback left: it is still
+/// at the path, and a supervisor (or systemd) starting the path after a later crash of the
+/// rolled-back worker must roll back again.
 pub fn clear_marker_unless(state_dir: &Path, keep: Option<&str>) {
     if keep.is_some_and(|sha| read_marker(state_dir).is_some_and(|m| m.to_sha == sha)) {
         return;

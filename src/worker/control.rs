@@ -225,14 +225,10 @@ impl Control {
     /// serves (its lanes and helpers run).
     fn announce(&mut self) {
         self.notify("READY=1");
-        // Serving: a deploy that switched to this binary has succeeded. A marker naming the
-        // binary this worker rolled back from stays: that binary is still at the path, and a
-        // supervisor (or systemd) starting the path after a later crash must roll back again.
-        let rolled_from = self.last_rollback.as_ref().map(|rb| rb.from_sha.as_str());
-        crate::restart::rollback::clear_marker_unless(
-            &self.plan.config.worker.state_dir,
-            rolled_from,
-        );
+        // Serving: a deploy that switched to this binary has succeeded (a marker naming the
+        // binary this worker rolled back from stays: see `clear_marker_unless`).
+        let from = self.last_rollback.as_ref().map(|rb| rb.from_sha.as_str());
+        crate::restart::rollback::clear_marker_unless(&self.plan.config.worker.state_dir, from);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
             // Only a fresh start holds the ready pipe, so a rollback known here is the one that
