@@ -1639,3 +1639,39 @@ fn a_binary_the_worker_cannot_read_is_said_once() {
     assert_eq!(log.matches("cannot read").count(), 1, "{log}");
     assert_eq!(w.status()["generation"], 1);
 }
+
+/// `restart` right after a new binary was put at the path, under a privilege drop with the
+/// binary watch on (the defaults): root keeps `last-good` at every fresh start, so the new
+/// binary's start overwrote it with itself before it crashed, and `restart` then found nothing
+/// to roll back to: the healthy worker was stopped and none was left. `restart` now puts back
+/// the binary the stopped worker ran (it holds the copy it kept) before the start that rolls
+/// back. (Should the binary watch switch first, the worker dies on its own and `restart`'s start
+/// rolls back through the deploy's marker: the same end, which this test also accepts.)
+#[test]
+fn a_restart_onto_a_crashing_binary_rolls_back_under_a_privilege_drop() {
+    let crashing = build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1"));
+    let sb = privsep("sec-restart-rollback");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let good = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(fs::read(&sb.bin).unwrap());
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let tmp = sb.path("bin/.gearshift.new");
+    fs::copy(&crashing, &tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let status: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default();
+    assert_eq!(status["state"], "running", "{status}\n{}", text_of(&out));
+    assert_eq!(
+        status["last_rollback"]["to_sha256"],
+        good.as_str(),
+        "{status}"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

@@ -23,13 +23,13 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
         }
     };
     let state_dir = &plan.config.worker.state_dir;
-    // Whether this restart switches binaries: the running one is then kept, for a rollback if
-    // the new one (this image) dies as it starts.
-    let mut switching = false;
+    // When this restart switches binaries, the running one, kept for a rollback if the new one
+    // (this image) dies as it starts.
+    let mut kept = None;
     // A worker started with --supervise is started again with its supervisor.
     let supervised = locate::running(path).ok().and_then(|(pid, socket, _)| {
         match crate::restart::rollback::keep_running(state_dir, pid) {
-            Ok(kept) => switching = kept,
+            Ok(k) => kept = k,
             Err(e) => {
                 eprintln!("gearshift: warning: the running binary is not kept as last-good: {e}")
             }
@@ -51,13 +51,16 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
         return Ok(stopped);
     }
     let started = crate::daemon::start_with(path, functions.clone(), supervised, START_WAIT)?;
-    if !started.died || !switching {
+    let Some(kept) = kept.filter(|_| started.died) else {
         return Ok(started.code);
-    }
+    };
     // This binary (the daemon is a fork of it) died before it served: the stopped worker's is
-    // `last-good`. A deploy marker for this binary makes the next fresh start of it roll back,
-    // as after a deploy that died; under a supervisor, each start of the path does the same.
-    match crate::restart::rollback::mark_died(state_dir) {
+    // `last-good` again (the start may have kept itself there). A deploy marker for this binary
+    // makes the next fresh start of it roll back, as after a deploy that died; under a
+    // supervisor, each start of the path does the same.
+    let marked = crate::restart::rollback::put_back(state_dir, &kept)
+        .and_then(|()| crate::restart::rollback::mark_died(state_dir));
+    match marked {
         Ok(Some(last_good)) => {
             eprintln!(
                 "gearshift: the binary at this path died during start-up; starting again, which rolls back to the last good binary (sha256 {})",

@@ -179,25 +179,27 @@ pub fn save_last_good(state_dir: &Path) -> crate::Result<Option<PathBuf>> {
 /// Before `restart` stops worker `pid`: keeps the binary it runs as `state_dir/last-good` when
 /// it is another file than this image (a new binary was put at the path), so that a new binary
 /// dying at start-up has something to roll back to ([`mark_died`]). Only a binary that nobody but
-/// root or us can write is kept; `state_dir` must be ours (as for [`save_last_good`]). Returns
-/// whether it was kept.
-pub fn keep_running(state_dir: &Path, pid: i32) -> crate::Result<bool> {
+/// root or us can write is kept, and only in a `state_dir` of ours. Returns the copy, held open:
+/// the new binary's start may replace `last-good` with itself (root keeps it at every fresh
+/// start under a privilege drop) before it dies, and [`put_back`] then restores this one.
+pub fn keep_running(state_dir: &Path, pid: i32) -> crate::Result<Option<File>> {
     use std::os::unix::fs::MetadataExt;
     let theirs = format!("/proc/{pid}/exe");
     let (Ok(a), Ok(b)) = (
         std::fs::metadata(&theirs),
         std::fs::metadata("/proc/self/exe"),
     ) else {
-        return Ok(false);
+        return Ok(None);
     };
     let me = nix::unistd::geteuid().as_raw();
     if (a.dev(), a.ino()) == (b.dev(), b.ino())
         || (a.uid() != 0 && a.uid() != me)
         || a.mode() & 0o022 != 0
+        || Dir::open(state_dir)?.owner().0.as_raw() != me
     {
-        return Ok(false);
+        return Ok(None);
     }
-    let kept = keep_as_last_good(state_dir, || {
+    keep_as_last_good(state_dir, || {
         let f = File::open(&theirs)
             .map_err(|e| crate::Error::io_path("opening", Path::new(&theirs), e))?;
         // Checked again on what was opened: the file, not the name, is what gets copied.
@@ -211,7 +213,20 @@ pub fn keep_running(state_dir: &Path, pid: i32) -> crate::Result<bool> {
         }
         Ok(f)
     })?;
-    Ok(kept.is_some())
+    Ok(Some(open_last_good(state_dir)?))
+}
+
+/// Puts `kept` (from [`keep_running`]) back as `state_dir/last-good`.
+pub fn put_back(state_dir: &Path, kept: &File) -> crate::Result<()> {
+    keep_as_last_good(state_dir, || {
+        let mut f = kept
+            .try_clone()
+            .map_err(|e| crate::Error::io("duplicating the kept binary's descriptor", e))?;
+        std::io::Seek::rewind(&mut f)
+            .map_err(|e| crate::Error::io("rewinding the kept binary", e))?;
+        Ok(f)
+    })
+    .map(drop)
 }
 
 /// Copies what `open` opens to `state_dir/last-good` (through a temporary file, then renamed),

@@ -79,18 +79,13 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let config_path = crate::config::absolute(config_path)?;
     let plan = prepare_plan(&boot, &config_path, &functions)?;
     roll_back_if_needed(&plan, &boot, opts.ready.as_ref())?;
-    #[cfg(gearshift_crash_on_run)]
-    {
-        log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");
-        log::logger().flush();
-        std::process::abort();
-    }
     let fresh_rollback = reexec::rollback_from_env();
     let last_rollback = fresh_rollback
         .clone()
         .or_else(|| inherited.last_rollback.clone());
     let (pidfile, metrics_listener, start_warnings) =
         settle_as_root(&plan, &boot, opts.log_file.as_deref(), &config_path)?;
+    startup::crash_if_built_to();
     crate::status::REJECTED.store(inherited.rejected, Ordering::Relaxed);
     let (source, views, ingress) = open_source(&plan, &boot, &inherited, generation)?;
 

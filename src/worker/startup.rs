@@ -132,6 +132,17 @@ pub(super) fn roll_back_if_needed(
     Ok(())
 }
 
+/// A rollback-test build (`GEARSHIFT_CRASH_ON_RUN`, `build.rs`) dies here: after the root
+/// side (which keeps `last-good` under a privilege drop), before serving.
+pub(super) fn crash_if_built_to() {
+    #[cfg(gearshift_crash_on_run)]
+    {
+        log::error!("built with GEARSHIFT_CRASH_ON_RUN: dying during start-up (rollback test)");
+        log::logger().flush();
+        std::process::abort();
+    }
+}
+
 /// Everything done while still root (or whoever started us): umask, log file, `state_dir`,
 /// the pidfile lock, the `/metrics` socket (a port under 1024 needs root), `last-good`, the
 /// spool given to the worker's user; then privileges are dropped. Returns the pidfile, the
