@@ -313,6 +313,22 @@ fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    // Started again, the bad binary still at the path: the supervisor's worker rolls back, and
+    // `start --supervise` says so, as `start` does (it said only "started").
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "rolled back from {} to {}",
+            &sha(&bad)[..12],
+            &good[..12]
+        )),
+        "{err}"
+    );
+    assert_eq!(read(&sb)["supervisor"]["crashes"], 0);
+    let out = sb.run(&["stop"]);
+    assert!(out.status.success(), "{}", text_of(&out));
 }
 
 /// A release deploy as deploy tools do it (Capistrano, Ansible's deploy_helper, a `current`

@@ -68,7 +68,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         if let Some(mut r) = ready.take() {
             match wait_serving(settings, pid, &exited, &mut sig_rx, info.pid) {
                 Ok(()) => {
-                    let _ = writeln!(r, "ready {pid}");
+                    let _ = writeln!(r, "ready {pid}{}", rollback_note(settings, pid));
                 }
                 Err((e, crashed)) => {
                     // Never left running unsupervised once the supervisor gives up on it.
@@ -227,6 +227,23 @@ fn end_unserved(pid: u32, exited: &crossbeam_channel::Receiver<ExitStatus>) {
         let _ = kill(worker, Signal::SIGKILL);
         let _ = exited.recv_timeout(END_PATIENCE);
     }
+}
+
+/// What `start` says after the pid when the first worker rolled back as it started (the bad
+/// binary still at the path): as a worker under `start` says it on its own ready line. The
+/// worker's answer is text from outside: escaped, one line.
+fn rollback_note(s: &Settings, pid: u32) -> String {
+    let doc = crate::status::query(&s.status_socket, i32::try_from(pid).ok()).ok();
+    doc.and_then(|d| d.last_rollback)
+        .map_or(String::new(), |rb| {
+            let note = format!(
+                "rolled back from {} to {}: {}",
+                crate::restart::deploy::short(&rb.from_sha256),
+                crate::restart::deploy::short(&rb.to_sha256),
+                rb.reason
+            );
+            format!(" {}", crate::text::escape(&note))
+        })
 }
 
 /// How long [`end_unserved`] waits after each signal.

@@ -396,7 +396,8 @@ fn writable_by(path: &Path, uid: u32) -> Option<String> {
 
 /// First 12 hex digits, for log lines.
 pub fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
+    // By characters: a digest read from a worker's answer is text from outside, never a panic.
+    sha.char_indices().nth(12).map_or(sha, |(i, _)| &sha[..i])
 }
 
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
@@ -424,4 +425,17 @@ pub(super) fn hash_reader(f: &mut impl Read) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A digest as a worker's answer may give it: never a panic (it sliced bytes, and a
+    /// character across the twelfth byte panicked the CLI's `status` and the supervisor).
+    #[test]
+    fn short_digests_cut_on_characters() {
+        assert_eq!(super::short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(super::short("abc"), "abc");
+        let hostile = format!("a{}", "é".repeat(12));
+        assert_eq!(super::short(&hostile), format!("a{}", "é".repeat(11)));
+    }
 }
