@@ -683,7 +683,8 @@ impl Sandbox {
     }
 }
 
-/// Kills whatever daemon the sandbox's pidfile names when the test ends, pass or fail.
+/// Kills whatever daemon the sandbox's pidfile names when the test ends, pass or fail, and its
+/// supervisor first, if it has one (else the supervisor starts it again, and outlives the test).
 pub struct Reaper(pub PathBuf);
 
 impl Drop for Reaper {
@@ -692,6 +693,30 @@ impl Drop for Reaper {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
+            let parent = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                .filter(|&ppid: &i32| ppid > 1);
+            // A supervisor is a gearshift process started as `start --supervise` (or forked by
+            // a `restart` of a supervised worker), never this test process.
+            let supervisor = parent.filter(|&ppid| {
+                ppid != std::process::id() as i32
+                    && fs::read(format!("/proc/{ppid}/cmdline")).is_ok_and(|c| {
+                        let mut args = c.split(|&b| b == 0);
+                        args.next().is_some_and(|a| a.ends_with(b"gearshift"))
+                            && args.any(|a| a == b"--supervise" || a == b"restart")
+                    })
+            });
+            if let Some(sup) = supervisor {
+                let _ = kill(Pid::from_raw(sup), Signal::SIGKILL);
+            }
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
