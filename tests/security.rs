@@ -49,6 +49,15 @@ fn privsep(name: &str) -> Sandbox {
     sb
 }
 
+/// A file's sha256, as gearshift names binaries.
+fn sha_of(p: &std::path::Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(fs::read(p).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Runs `script` with sh as the worker's user, in the sandbox.
 fn as_worker(sb: &Sandbox, script: &str) -> Output {
     worker_sh(sb, script).output().unwrap()
@@ -587,7 +596,10 @@ fn a_last_good_copy_that_does_not_fit_is_removed_and_said() {
     );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
     // With a last-good of an earlier start, the warning says which binary a rollback would run.
+    // (Root keeps a binary other than last-good once it has served after a fresh start, which
+    // the worker records: written here as the worker would.)
     fs::write(sb.path("state/last-good"), "older\n").unwrap();
+    fs::write(sb.path("state/worker/served-sha256"), sha_of(&sb.bin)).unwrap();
     fs::write(sb.path("state/gearshift.log"), "").unwrap();
     assert_eq!(sb.run(&["start"]).status.code(), Some(0));
     let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
@@ -1105,13 +1117,6 @@ fn a_rollback_reports_the_binary_it_runs() {
     let crashing = build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1"));
     let sb = privsep("sec-rollback");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    let sha_of = |p: &std::path::Path| -> String {
-        use sha2::Digest;
-        sha2::Sha256::digest(fs::read(p).unwrap())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
     let a = sha_of(&sb.bin);
     let out = sb.run(&["start", "--supervise"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -1652,11 +1657,7 @@ fn a_restart_onto_a_crashing_binary_rolls_back_under_a_privilege_drop() {
     let crashing = build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1"));
     let sb = privsep("sec-restart-rollback");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    let good = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(fs::read(&sb.bin).unwrap());
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let good = sha_of(&sb.bin);
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let tmp = sb.path("bin/.gearshift.new");
@@ -1674,4 +1675,63 @@ fn a_restart_onto_a_crashing_binary_rolls_back_under_a_privilege_drop() {
         "{status}"
     );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A fresh start of a new binary that crashes as it starts, with no deploy marker: what
+/// `systemctl restart` right after copying the binary does (here `start`, twice, as systemd's
+/// `Restart=on-failure` would). Root kept every fresh start's binary as `last-good` before it
+/// served, so the crashing binary replaced the good one there, and every start crashed again.
+/// Now a fresh start of a binary other than `last-good` writes the marker naming itself (a
+/// start attempt, cleared once it serves) and leaves `last-good` alone until it has served: the
+/// next fresh start rolls back.
+#[test]
+fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
+    let crashing = build_variant("deploy-crash", ("GEARSHIFT_CRASH_ON_RUN", "1"));
+    let sb = privsep("sec-attempt");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let good = sha_of(&sb.bin);
+    // A first start that serves, and a second one (last-good is kept and promoted by then).
+    for _ in 0..2 {
+        let out = sb.run(&["start"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+        assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    }
+    let tmp = sb.path("bin/.gearshift.new");
+    fs::copy(&crashing, &tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    let bad = sha_of(&sb.bin);
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1), "it crashes: {}", text_of(&out));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default();
+    assert_eq!(s["last_rollback"]["from_sha256"], bad.as_str(), "{s}");
+    assert_eq!(s["last_rollback"]["to_sha256"], good.as_str(), "{s}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    // A good new binary (A's bytes and one more): its first fresh start leaves last-good as it
+    // is; once it has served, the next fresh start keeps it as last-good.
+    let mut newer = fs::read(sb.path("state/last-good")).unwrap();
+    newer.push(0);
+    fs::write(&tmp, &newer).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    let newer = sha_of(&sb.bin);
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    assert_eq!(
+        sha_of(&sb.path("state/last-good")),
+        good,
+        "not kept before it served"
+    );
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    assert_eq!(
+        sha_of(&sb.path("state/last-good")),
+        newer,
+        "kept once it served"
+    );
 }

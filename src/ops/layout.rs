@@ -8,6 +8,7 @@
 //!   worker/                    the worker's own: 0750, owned by [worker] user
 //!     gearshift.sock           status socket (bound at a fresh start, handed across every exec)
 //!     deploy-pending.json      deploy marker (data only: root reads one field, never a path)
+//!     served-sha256            the binary that served after a fresh start found it new (data)
 //! ```
 //!
 //! Architecture invariant: nothing the worker's user can write decides what root opens, chowns,
@@ -30,6 +31,8 @@ pub const SOCKET: &str = "gearshift.sock";
 pub const DEFAULT_LOG: &str = "gearshift.log";
 pub const LAST_GOOD: &str = "last-good";
 pub const MARKER: &str = "deploy-pending.json";
+/// The binary that last served after a fresh start found it new (the worker's data).
+pub const SERVED: &str = "served-sha256";
 
 /// The user (and group) the worker drops to: who owns `state_dir/worker/` and the spool.
 #[derive(Debug, Clone)]
@@ -166,7 +169,7 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
 fn refuse_foreign_worker_dir(w: &Dir, t: &Target) -> Result<()> {
     // The sources' files too (`amqp-done-ids`, `attempts-running`, `attempts-interrupted`).
     let ours = |n: &str| {
-        [SOCKET, MARKER, "amqp-", "attempts-"]
+        [SOCKET, MARKER, SERVED, "amqp-", "attempts-"]
             .iter()
             .any(|p| n.starts_with(p))
     };

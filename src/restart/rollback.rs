@@ -125,7 +125,14 @@ pub fn mark_died(state_dir: &Path) -> crate::Result<Option<String>> {
         to_sha: me,
         at_ms: crate::clock::now_ms(),
     };
-    let json = serde_json::to_vec(&marker).map_err(|e| crate::Error::Msg(e.to_string()))?;
+    put_marker(state_dir, &marker)?;
+    Ok(Some(good))
+}
+
+/// Writes `marker` as root may: into the worker's own directory through its descriptor only, a
+/// new file (never through a link), given to the directory's owner, renamed into place.
+fn put_marker(state_dir: &Path, marker: &Marker) -> crate::Result<()> {
+    let json = serde_json::to_vec(marker).map_err(|e| crate::Error::Msg(e.to_string()))?;
     let path = layout::worker_dir(state_dir);
     let dir = Dir::open(&path)?;
     let tmp = format!("{}.{}.tmp", layout::MARKER, std::process::id());
@@ -137,8 +144,76 @@ pub fn mark_died(state_dir: &Path) -> crate::Result<Option<String>> {
     }
     std::io::Write::write_all(&mut file, &json)
         .map_err(|e| crate::Error::io_path("writing", &path.join(&tmp), e))?;
-    dir.rename(&tmp, layout::MARKER)?;
-    Ok(Some(good))
+    dir.rename(&tmp, layout::MARKER)
+}
+
+/// This image's sha256 when its fresh start found it is not `last-good` (see [`note_attempt`]):
+/// the generation that serves records it as served.
+static ATTEMPT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// What a fresh start found about its own binary and `last-good`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// This binary is `last-good` (or it could not be told).
+    Known,
+    /// It served before (its `served` record names it): to be kept as `last-good` now.
+    Promoted,
+    /// It never served: the marker naming it is written (a start-up crash rolls back at the
+    /// next fresh start), and `last-good` is left as it is until it has served.
+    Unproven,
+    /// There is no `last-good` yet.
+    First,
+}
+
+/// A fresh start's look at its own binary (`systemctl restart` right after a new binary was
+/// copied runs it afresh, before any deploy marker could name it). The `served` record is the
+/// worker's data: it only decides whether root keeps the binary root itself runs.
+pub fn note_attempt(state_dir: &Path) -> Attempt {
+    // No last-good: nothing to roll back to, and root keeps this one (no digest needed).
+    let Ok((_, good)) = last_good(state_dir) else {
+        return Attempt::First;
+    };
+    let Ok(me) = hash_file(Path::new("/proc/self/exe")) else {
+        return Attempt::Known;
+    };
+    if good == me {
+        return Attempt::Known;
+    }
+    if served(state_dir).as_deref() == Some(me.as_str()) {
+        return Attempt::Promoted;
+    }
+    let _ = ATTEMPT.set(me.clone());
+    let marker = Marker {
+        from_sha: good,
+        to_sha: me,
+        at_ms: crate::clock::now_ms(),
+    };
+    if let Err(e) = put_marker(state_dir, &marker) {
+        log::warn!("could not mark this start of a new binary ({e}): a crash as it starts would not be rolled back");
+    }
+    Attempt::Unproven
+}
+
+/// Once a generation of a fresh start serves: records its binary as served, if its start
+/// found it new (written by the worker, into its own directory).
+pub fn record_served(state_dir: &Path) {
+    let Some(sha) = ATTEMPT.get() else {
+        return;
+    };
+    let dir = layout::worker_dir(state_dir);
+    let tmp = dir.join(format!("{}.tmp", layout::SERVED));
+    let written =
+        std::fs::write(&tmp, sha).and_then(|()| std::fs::rename(&tmp, dir.join(layout::SERVED)));
+    if let Err(e) = written {
+        log::warn!("could not record that this binary served ({e}): its next fresh start marks it new again");
+    }
+}
+
+/// The binary the worker last recorded as served (its data: at most a digest's length).
+fn served(state_dir: &Path) -> Option<String> {
+    let dir = Dir::open(&layout::worker_dir(state_dir)).ok()?;
+    let bytes = dir.read_small(layout::SERVED, 64).ok()??;
+    String::from_utf8(bytes).ok()
 }
 
 /// Opens `state_dir/last-good` for exec, only if nobody but us (or root) could have written it.

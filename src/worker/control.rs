@@ -229,6 +229,7 @@ impl Control {
         // binary this worker rolled back from stays: see `clear_marker_unless`).
         let from = self.last_rollback.as_ref().map(|rb| rb.from_sha.as_str());
         crate::restart::rollback::clear_marker_unless(&self.plan.config.worker.state_dir, from);
+        crate::restart::rollback::record_served(&self.plan.config.worker.state_dir);
         if let Some(mut f) = self.ready.take() {
             use std::io::Write;
             // Only a fresh start holds the ready pipe, so a rollback known here is the one that

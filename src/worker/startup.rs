@@ -199,9 +199,19 @@ pub(super) fn settle_as_root(
     // handed across every re-exec.
     let mut start_warnings = Vec::new();
     let metrics_listener = metrics_listener(plan, boot.inherited.as_ref(), &mut start_warnings)?;
-    if target.is_some() && plan.config.worker.watch_binary {
+    // A fresh start of a binary that is not last-good marks itself (see `note_attempt`).
+    let attempt = match (&boot.inherited, reexec::rollback_from_env()) {
+        (None, None) => crate::restart::rollback::note_attempt(state_dir),
+        _ => crate::restart::rollback::Attempt::Known,
+    };
+    use crate::restart::rollback::Attempt;
+    if target.is_some()
+        && plan.config.worker.watch_binary
+        && matches!(attempt, Attempt::First | Attempt::Promoted)
+    {
         // The dropped worker cannot write state_dir: root keeps the binary it trusts now, for
-        // a rollback after a deploy the worker switches to.
+        // a rollback after a deploy the worker switches to (a binary that has served since
+        // replaces it at a later fresh start: `note_attempt`).
         if let Err(e) = crate::restart::rollback::save_last_good(state_dir) {
             let older = state_dir.join(crate::ops::layout::LAST_GOOD).is_file();
             log::warn!(
