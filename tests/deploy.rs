@@ -29,6 +29,11 @@ fn crashing_build() -> PathBuf {
         .clone()
 }
 
+/// `status --json` of the sandbox's worker (null when it does not answer).
+fn status(sb: &Sandbox) -> serde_json::Value {
+    serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
+}
+
 /// Whether `text` says that `bad` was rolled back to `good` (a digest), as the log and `start`
 /// say it.
 fn rolled_back(text: &str, bad: &Path, good: &str) -> bool {
@@ -497,9 +502,6 @@ fn start_after_a_deploy_that_died_says_it_rolled_back_and_runs() {
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let status = |sb: &Sandbox| -> serde_json::Value {
-        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
-    };
     eventually(Duration::from_secs(30), "the running sha", || {
         status(&sb)["binary_sha256"].is_string()
     });
@@ -577,9 +579,6 @@ fn restart_onto_a_crashing_binary(name: &str, start: &[&str]) {
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     sb.write_worker_config("watch_binary = false");
     assert_eq!(sb.run(start).status.code(), Some(0));
-    let status = |sb: &Sandbox| -> serde_json::Value {
-        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default()
-    };
     // With the binary watch off, `status` hashes no binary: the good one is the sandbox's.
     let good = sha(&sb.bin);
     drop_by_rename(&bad, &sb.bin, 0o755);

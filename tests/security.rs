@@ -49,6 +49,14 @@ fn privsep(name: &str) -> Sandbox {
     sb
 }
 
+/// Puts `bytes` at the sandbox's binary path as a deploy does (a new file, 0755, renamed).
+fn put_binary(sb: &Sandbox, bytes: &[u8]) {
+    let tmp = sb.path("bin/.gearshift.new");
+    fs::write(&tmp, bytes).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+}
+
 /// A file's sha256, as gearshift names binaries.
 fn sha_of(p: &std::path::Path) -> String {
     use sha2::Digest;
@@ -1133,21 +1141,15 @@ fn a_rollback_reports_the_binary_it_runs() {
     eventually(Duration::from_secs(30), "A's sha", || {
         status()["binary_sha256"] == a.as_str()
     });
-    let drop_bin = |bytes: &[u8]| {
-        let tmp = sb.path("bin/.gearshift.new");
-        fs::write(&tmp, bytes).unwrap();
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::rename(&tmp, &sb.bin).unwrap();
-    };
     // B: A's bytes and one more (a trailing byte does not stop an ELF from running).
     let mut b_bytes = fs::read(&sb.bin).unwrap();
     b_bytes.push(0);
-    drop_bin(&b_bytes);
+    put_binary(&sb, &b_bytes);
     let b = sha_of(&sb.bin);
     eventually(Duration::from_secs(30), "the switch to B", || {
         status()["binary_sha256"] == b.as_str()
     });
-    drop_bin(&fs::read(&crashing).unwrap());
+    put_binary(&sb, &fs::read(&crashing).unwrap());
     let c = sha_of(&sb.bin);
     eventually(Duration::from_secs(60), "the rollback", || {
         let s = status();
@@ -1660,10 +1662,7 @@ fn a_restart_onto_a_crashing_binary_rolls_back_under_a_privilege_drop() {
     let good = sha_of(&sb.bin);
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let tmp = sb.path("bin/.gearshift.new");
-    fs::copy(&crashing, &tmp).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&tmp, &sb.bin).unwrap();
+    put_binary(&sb, &fs::read(&crashing).unwrap());
     let out = sb.run(&["restart"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let status: serde_json::Value =
@@ -1696,10 +1695,7 @@ fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
         assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
         assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
     }
-    let tmp = sb.path("bin/.gearshift.new");
-    fs::copy(&crashing, &tmp).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&tmp, &sb.bin).unwrap();
+    put_binary(&sb, &fs::read(&crashing).unwrap());
     let bad = sha_of(&sb.bin);
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(1), "it crashes: {}", text_of(&out));
@@ -1714,9 +1710,7 @@ fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
     // is; once it has served, the next fresh start keeps it as last-good.
     let mut newer = fs::read(sb.path("state/last-good")).unwrap();
     newer.push(0);
-    fs::write(&tmp, &newer).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&tmp, &sb.bin).unwrap();
+    put_binary(&sb, &newer);
     let newer = sha_of(&sb.bin);
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));

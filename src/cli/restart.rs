@@ -23,17 +23,19 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
         }
     };
     let state_dir = &plan.config.worker.state_dir;
+    let running = locate::running(path).ok();
     // When this restart switches binaries, the running one, kept for a rollback if the new one
     // (this image) dies as it starts.
-    let mut kept = None;
-    // A worker started with --supervise is started again with its supervisor.
-    let supervised = locate::running(path).ok().and_then(|(pid, socket, _)| {
-        match crate::restart::rollback::keep_running(state_dir, pid) {
-            Ok(k) => kept = k,
-            Err(e) => {
+    let kept = running.as_ref().and_then(|(pid, _, _)| {
+        crate::restart::rollback::keep_running(state_dir, *pid)
+            .map_err(|e| {
                 eprintln!("gearshift: warning: the running binary is not kept as last-good: {e}")
-            }
-        }
+            })
+            .ok()
+            .flatten()
+    });
+    // A worker started with --supervise is started again with its supervisor.
+    let supervised = running.and_then(|(pid, socket, _)| {
         // Stopped by SIGSTOP, it would not answer, and the new worker would lose its
         // supervisor: continued first (the TERM that follows ends it all the same).
         locate::continue_stopped(pid);

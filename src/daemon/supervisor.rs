@@ -236,12 +236,7 @@ fn rollback_note(s: &Settings, pid: u32) -> String {
     let doc = crate::status::query(&s.status_socket, i32::try_from(pid).ok()).ok();
     doc.and_then(|d| d.last_rollback)
         .map_or(String::new(), |rb| {
-            let note = format!(
-                "rolled back from {} to {}: {}",
-                crate::restart::deploy::short(&rb.from_sha256),
-                crate::restart::deploy::short(&rb.to_sha256),
-                rb.reason
-            );
+            let note = crate::restart::rollback::words(&rb.from_sha256, &rb.to_sha256, &rb.reason);
             format!(" {}", crate::text::escape(&note))
         })
 }

@@ -62,7 +62,7 @@ pub fn clear_marker_unless(state_dir: &Path, keep: Option<&str>) {
 /// privilege drop) can have written. The marker decides only *whether*, never *what*.
 pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     let marker = read_marker(state_dir)?;
-    let me = hash_file(Path::new("/proc/self/exe")).ok()?;
+    let me = own_sha().ok()?;
     if me != marker.to_sha {
         return None;
     }
@@ -93,6 +93,27 @@ pub fn rollback_needed(state_dir: &Path) -> Option<(File, Rollback)> {
     Some((last_good, rollback))
 }
 
+/// The sha256 of this process's image, hashed once (a fresh start asks for it twice: is there a
+/// rollback to do, and is this binary new).
+fn own_sha() -> crate::Result<String> {
+    static OWN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(sha) = OWN.get() {
+        return Ok(sha.clone());
+    }
+    let sha = hash_file(Path::new("/proc/self/exe"))
+        .map_err(|e| crate::Error::io("reading /proc/self/exe", e))?;
+    Ok(OWN.get_or_init(|| sha).clone())
+}
+
+/// How a rollback is said, the same in the log, to `start` and in `status`.
+pub fn words(from_sha: &str, to_sha: &str, reason: &str) -> String {
+    format!(
+        "rolled back from {} to {}: {reason}",
+        super::deploy::short(from_sha),
+        super::deploy::short(to_sha)
+    )
+}
+
 /// `state_dir/last-good`, opened for exec (see [`open_last_good`]), and its sha256.
 fn last_good(state_dir: &Path) -> crate::Result<(File, String)> {
     let f = open_last_good(state_dir)?;
@@ -115,8 +136,7 @@ pub fn mark_died(state_dir: &Path) -> crate::Result<Option<String>> {
         }
         Err(e) => return Err(e),
     };
-    let me = hash_file(Path::new("/proc/self/exe"))
-        .map_err(|e| crate::Error::io("reading /proc/self/exe", e))?;
+    let me = own_sha()?;
     if me == good {
         return Ok(None);
     }
@@ -173,7 +193,7 @@ pub fn note_attempt(state_dir: &Path) -> Attempt {
     let Ok((_, good)) = last_good(state_dir) else {
         return Attempt::First;
     };
-    let Ok(me) = hash_file(Path::new("/proc/self/exe")) else {
+    let Ok(me) = own_sha() else {
         return Attempt::Known;
     };
     if good == me {

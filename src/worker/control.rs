@@ -235,12 +235,8 @@ impl Control {
             // Only a fresh start holds the ready pipe, so a rollback known here is the one that
             // started this image: `start` says the binary at the path is not what runs.
             let note = self.last_rollback.as_ref().map(|rb| {
-                format!(
-                    " rolled back from {} to {}: {}",
-                    crate::restart::deploy::short(&rb.from_sha),
-                    crate::restart::deploy::short(&rb.to_sha),
-                    rb.reason
-                )
+                let words = crate::restart::rollback::words(&rb.from_sha, &rb.to_sha, &rb.reason);
+                format!(" {words}")
             });
             let _ = writeln!(
                 f,

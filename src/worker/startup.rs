@@ -114,10 +114,8 @@ pub(super) fn roll_back_if_needed(
             crate::restart::rollback::rollback_needed(&plan.config.worker.state_dir)
         {
             log::error!(
-                "rolled back from {} to {}: {}",
-                crate::restart::deploy::short(&rb.from_sha),
-                crate::restart::deploy::short(&rb.to_sha),
-                rb.reason
+                "{}",
+                crate::restart::rollback::words(&rb.from_sha, &rb.to_sha, &rb.reason)
             );
             // The marker stays while that binary is at the path: every fresh start of it (a
             // supervisor's after a later crash) rolls back again (see `announce`).
