@@ -430,3 +430,31 @@ fn reloads_under_load_requeue_nothing() {
         started.elapsed()
     );
 }
+
+/// The harness's own flake (a CI run, 2026-12-04): gearmand retries a port in use without a
+/// word, so a listener of another process on the port (another test run's) answered the start's
+/// probe, went away, and the test's client was refused before gearmand took the port. The
+/// helper now returns only once gearmand itself listens, and ports are reserved across test
+/// processes.
+#[test]
+fn the_gearmand_helper_returns_only_once_its_own_gearmand_listens() {
+    let sb = Sandbox::new("gm-helper");
+    let port = free_port();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(squatter);
+    });
+    let gm = Gearmand::start_on(&sb.dir, port, &[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", gm.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"version\n").unwrap();
+    let mut answer = [0u8; 64];
+    let n = s.read(&mut answer).unwrap_or(0);
+    assert!(
+        answer[..n].starts_with(b"OK "),
+        "the helper returned before gearmand listened: {:?}",
+        text(&answer[..n])
+    );
+    release.join().unwrap();
+}

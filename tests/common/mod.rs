@@ -618,9 +618,17 @@ impl Gearmand {
             )
             .spawn()
             .expect("gearmand is needed (apt-get install gearman-job-server)");
-        let g = Gearmand { child, port, log };
+        let mut g = Gearmand { child, port, log };
+        // Not "the port accepts": gearmand retries a port in use without a word, so another
+        // process's listener would answer that. Its own listening socket must be there.
         eventually(Duration::from_secs(10), "gearmand to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            if let Ok(Some(status)) = g.child.try_wait() {
+                panic!(
+                    "gearmand exited ({status}): {}",
+                    fs::read_to_string(&g.log).unwrap_or_default()
+                );
+            }
+            listens(g.child.id(), port)
         });
         g
     }
@@ -645,10 +653,66 @@ impl Drop for Gearmand {
     }
 }
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (from /proc/net/tcp and
+/// the process's descriptors).
+pub fn listens(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .map(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
+/// Holds the lock files of the ports this test process took, so that another test process (a
+/// second run, a CI clone beside a local run) skips them; the kernel drops the locks at exit.
+static PORT_LOCKS: std::sync::Mutex<Vec<nix::fcntl::Flock<fs::File>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Reserves `port` against other test processes: false if one holds it. Where the lock
+/// directory cannot be made, the bind check alone decides.
+fn reserve_port(port: u16) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = std::env::temp_dir().join("gearshift-test-ports");
+    let _ = fs::create_dir_all(&dir);
+    let Ok(file) = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            PORT_LOCKS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lock);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// A loopback port nobody listens on. Not the kernel's next ephemeral port (bind to 0, close,
 /// reuse: two tests of one process can be handed the same one): ports are taken in turn from a
 /// range above the ephemeral ones (Linux: 32768-60999), starting where this process's id
-/// points, each checked free by binding it.
+/// points, each checked free by binding it and reserved against other test processes.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -657,7 +721,7 @@ pub fn free_port() -> u16 {
     let base = std::process::id() % SPAN;
     for _ in 0..SPAN {
         let port = (LOW + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && reserve_port(port) {
             return port;
         }
     }
