@@ -187,14 +187,13 @@ fn submit_zeromq(
     worker: (&Path, &Path),
 ) -> Result<u8> {
     // A worker stopped by SIGSTOP answers nothing, but the kernel takes each try: sent three
-    // times, the message was run three times once the worker was continued. Nothing is sent.
-    if let Ok(Probe::Running(Some(pid))) = pidfile::probe(worker.0) {
-        if let Some(why) = super::locate::stopped(pid) {
-            eprintln!("gearshift: not sent: {why}");
-            return Ok(exit::NOT_YET);
-        }
-    }
-    let answer = match super::zeromq::send(cfg, args, payload)? {
+    // times, the message was run three times once the worker was continued. Asked before the
+    // first message and before every resend (a worker stopped after the first try).
+    let held = || match pidfile::probe(worker.0) {
+        Ok(Probe::Running(Some(pid))) => super::locate::stopped(pid),
+        _ => None,
+    };
+    let answer = match super::zeromq::send(cfg, args, payload, &held)? {
         super::zeromq::Sent::Exit(code) => return Ok(code),
         super::zeromq::Sent::Answer(a) => a,
     };

@@ -169,19 +169,44 @@ fn once(
     }
 }
 
-/// Sends one message and returns the answer; None if none came in `TRIES` tries.
+/// How one message went.
+#[derive(Debug, PartialEq)]
+enum Tried {
+    Answer(Vec<u8>),
+    /// No answer in `TRIES` tries.
+    Unanswered,
+    /// Not sent (again), for the reason given: the worker is stopped, and whatever reaches its
+    /// socket meanwhile is taken once it is continued (so each resend would be one more job).
+    Held {
+        why: String,
+        sent: bool,
+    },
+}
+
+/// Sends one message and returns the answer, trying `TRIES` times. `held` is asked before every
+/// resend, and before the first try if `first`: a message is never sent to a worker it says is
+/// stopped.
 fn request(
     to: &Endpoint,
     dest: &Dest,
     frames: &[&[u8]],
     wait: Duration,
-) -> Result<Option<Vec<u8>>> {
-    for _ in 0..TRIES {
+    (first, held): (bool, &dyn Fn() -> Option<String>),
+) -> Result<Tried> {
+    for attempt in 0..TRIES {
+        if first || attempt > 0 {
+            if let Some(why) = held() {
+                return Ok(Tried::Held {
+                    why,
+                    sent: attempt > 0,
+                });
+            }
+        }
         if let Some(answer) = once(to, dest, frames, Instant::now() + wait)? {
-            return Ok(Some(answer));
+            return Ok(Tried::Answer(answer));
         }
     }
-    Ok(None)
+    Ok(Tried::Unanswered)
 }
 
 /// What `submit` got: the last answer (`TRUE` or an id, escaped), or the exit code to end with.
@@ -191,7 +216,13 @@ pub(super) enum Sent {
 }
 
 /// Sends the message `args.count` times; the caller prints the answer or waits for the job.
-pub(super) fn send(cfg: &ZeromqConfig, args: &SubmitArgs, payload: &[u8]) -> Result<Sent> {
+/// `held` says whether the worker is stopped (asked before the first message and every resend).
+pub(super) fn send(
+    cfg: &ZeromqConfig,
+    args: &SubmitArgs,
+    payload: &[u8],
+    held: &dyn Fn() -> Option<String>,
+) -> Result<Sent> {
     let Some(ep) = cfg.bind.first() else {
         return Err(Error::Msg("the zeromq source binds nothing".into()));
     };
@@ -206,17 +237,27 @@ pub(super) fn send(cfg: &ZeromqConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     let dest = destination(&to, wait)?;
     let frames: [&[u8]; 2] = [args.function.as_bytes(), payload];
     let mut last = Vec::new();
-    for _ in 0..args.count {
-        match request(&to, &dest, &frames, wait)? {
-            Some(answer) if answer.starts_with(b"ERROR") => {
+    for n in 0..args.count {
+        match request(&to, &dest, &frames, wait, (n == 0, held))? {
+            Tried::Held { why, sent } => {
+                if sent {
+                    eprintln!(
+                        "gearshift: not sent again: {why} (the message already sent is run once it is continued)"
+                    );
+                } else {
+                    eprintln!("gearshift: not sent: {why}");
+                }
+                return Ok(Sent::Exit(exit::NOT_YET));
+            }
+            Tried::Answer(answer) if answer.starts_with(b"ERROR") => {
                 eprintln!(
                     "gearshift: refused: {}",
                     crate::text::escape(&String::from_utf8_lossy(&answer))
                 );
                 return Ok(Sent::Exit(exit::FAILED));
             }
-            Some(answer) => last = answer,
-            None => {
+            Tried::Answer(answer) => last = answer,
+            Tried::Unanswered => {
                 eprintln!(
                     "gearshift: no answer from {to} in {TRIES} tries of {} each: is the worker running?",
                     crate::clock::human_secs(wait.as_secs().max(1))
@@ -232,4 +273,71 @@ pub(super) fn send(cfg: &ZeromqConfig, args: &SubmitArgs, payload: &[u8]) -> Res
     Ok(Sent::Answer(
         crate::text::escape(&String::from_utf8_lossy(&last)).to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A listener that takes connections and what comes on them, and answers nothing (what a
+    /// stopped worker's socket does: the kernel accepts for it); counts the connections.
+    fn silent() -> (Endpoint, Dest, Arc<AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in l.incoming().flatten() {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(c);
+            }
+        });
+        let ep = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+        };
+        (ep, Dest::Tcp(addr), seen)
+    }
+
+    #[test]
+    fn a_worker_stopped_after_the_first_try_gets_no_resend() {
+        let (ep, dest, seen) = silent();
+        let asked = Cell::new(0);
+        let held = || {
+            asked.set(asked.get() + 1);
+            (asked.get() > 1).then(|| "pid 1 is stopped".to_string())
+        };
+        let wait = Duration::from_millis(200);
+        let tried = request(&ep, &dest, &[b"f", b"x"], wait, (true, &held)).unwrap();
+        assert_eq!(
+            tried,
+            Tried::Held {
+                why: "pid 1 is stopped".into(),
+                sent: true
+            }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "resent to a stopped worker");
+    }
+
+    #[test]
+    fn a_stopped_worker_gets_nothing_and_a_running_silent_one_every_try() {
+        let (ep, dest, seen) = silent();
+        let stopped = || Some("stopped".to_string());
+        let wait = Duration::from_millis(100);
+        let tried = request(&ep, &dest, &[b"x"], wait, (true, &stopped)).unwrap();
+        assert!(
+            matches!(tried, Tried::Held { sent: false, .. }),
+            "{tried:?}"
+        );
+        let running = || None;
+        let tried = request(&ep, &dest, &[b"x"], wait, (true, &running)).unwrap();
+        assert_eq!(tried, Tried::Unanswered);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(seen.load(Ordering::SeqCst), TRIES as usize);
+    }
 }
