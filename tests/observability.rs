@@ -357,7 +357,7 @@ fn json_log_lines_carry_the_job_fields() {
 
 /// Starts `gearshift top --interval 200ms` in a detached tmux session of its own server
 /// (120x40); returns a runner of tmux commands on that server.
-fn top_in_tmux(sb: &Sandbox, name: &str) -> impl Fn(&[&str]) -> std::process::Output {
+fn top_in_tmux(sb: &Sandbox, name: &str) -> (impl Fn(&[&str]) -> std::process::Output, TmuxServer) {
     in_tmux(sb, name, "top --interval 200ms")
 }
 
@@ -372,8 +372,14 @@ fn no_tmux(test: &str) -> bool {
 
 /// Starts `gearshift ARGS` in a detached tmux session of its own server (120x40); returns a
 /// runner of tmux commands on that server.
-fn in_tmux(sb: &Sandbox, name: &str, args: &str) -> impl Fn(&[&str]) -> std::process::Output {
+/// The guard kills that server when the test ends, pass or fail (a failing test left it running).
+fn in_tmux(
+    sb: &Sandbox,
+    name: &str,
+    args: &str,
+) -> (impl Fn(&[&str]) -> std::process::Output, TmuxServer) {
     let server = format!("{name}-{}", std::process::id());
+    let guard = TmuxServer(server.clone());
     let tmux = move |args: &[&str]| {
         Command::new("tmux")
             .args(["-L", &server])
@@ -385,7 +391,19 @@ fn in_tmux(sb: &Sandbox, name: &str, args: &str) -> impl Fn(&[&str]) -> std::pro
     assert!(tmux(&["new-session", "-d", "-x", "120", "-y", "40", &cmd])
         .status
         .success());
-    tmux
+    (tmux, guard)
+}
+
+/// Kills its tmux server when dropped.
+struct TmuxServer(String);
+
+impl Drop for TmuxServer {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .stderr(std::process::Stdio::null())
+            .output();
+    }
 }
 
 /// The screen of the tmux session `top_in_tmux` started.
@@ -436,7 +454,7 @@ fn top_shows_lanes_functions_and_quits_on_q() {
     let ids: Vec<String> = (0..4).map(|i| sb.submit("up", &format!("t{i}"))).collect();
     all_outcomes(&sb, &ids, Duration::from_secs(20));
     let long = sb.submit("sleep", "20000");
-    let tmux = top_in_tmux(&sb, "gs-top");
+    let (tmux, _server) = top_in_tmux(&sb, "gs-top");
     let screen = || text(&tmux(&["capture-pane", "-p", "-t", "0"]).stdout);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut last = String::new();
@@ -685,7 +703,7 @@ fn top_follows_the_worker_across_a_stop_and_a_fresh_start() {
     );
 
     let mut w = sb.start();
-    let tmux = top_in_tmux(&sb, "gs-topf");
+    let (tmux, _server) = top_in_tmux(&sb, "gs-topf");
     let ten = Duration::from_secs(10);
     let first = w.pid();
     wait_screen(&tmux, "the first worker", ten, &|s| {
@@ -725,7 +743,7 @@ fn top_says_a_worker_that_answers_nothing_and_still_quits() {
     }
     let sb = Sandbox::new("top-stopped");
     let w = sb.start();
-    let tmux = top_in_tmux(&sb, "gs-tops");
+    let (tmux, _server) = top_in_tmux(&sb, "gs-tops");
     let pid = w.pid();
     wait_screen(&tmux, "the worker", Duration::from_secs(10), &|s| {
         s.contains(&format!("pid {pid} "))
@@ -795,7 +813,7 @@ fn submit_at_a_terminal_without_a_payload_says_how_to_end_it() {
     }
     let sb = Sandbox::new("submit-tty");
     let _w = sb.start();
-    let tmux = in_tmux(&sb, "gs-submit-tty", "submit --wait reverse; sleep 30");
+    let (tmux, _server) = in_tmux(&sb, "gs-submit-tty", "submit --wait reverse; sleep 30");
     wait_screen(&tmux, "the hint", Duration::from_secs(10), &|s| {
         s.contains("Ctrl-D")
     });
@@ -819,7 +837,7 @@ fn submit_at_a_terminal_says_a_function_the_worker_does_not_have() {
     let sb = Sandbox::new("submit-typo");
     let _w = sb.start();
     let again = format!("{} -c {}", sb.bin.display(), sb.config().display());
-    let tmux = in_tmux(
+    let (tmux, _server) = in_tmux(
         &sb,
         "gs-submit-typo",
         &format!(
