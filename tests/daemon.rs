@@ -545,6 +545,41 @@ fn restart_of_a_stopped_supervised_worker_keeps_its_supervisor() {
     stop_and_see_the_supervisor_go(&sb, sup);
 }
 
+/// What `ps` shows for a supervisor: it kept the command line of the CLI it was forked from
+/// (`gearshift start --supervise`, without the config; `gearshift restart` for as long as it
+/// ran, which read as a restart that never ended). It now names itself and its config.
+#[test]
+fn a_supervisor_names_itself_and_its_config_in_ps() {
+    let sb = Sandbox::new("supervise-ps");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let cmdline = |pid: i32| {
+        fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let config = sb.config().display().to_string();
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    for round in ["start --supervise", "restart"] {
+        if round == "restart" {
+            let out = sb.run(&["restart"]);
+            assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+        }
+        let sup = supervisor_of(pid_of(&sb));
+        assert_ne!(sup, 1, "supervised after {round}");
+        let args = cmdline(sup);
+        assert!(
+            args.iter().any(|a| a == "supervise")
+                && args.iter().any(|a| a == &config)
+                && !args.iter().any(|a| a == "restart" || a == "start"),
+            "after {round}, the supervisor shows as {args:?}"
+        );
+    }
+    stop_and_see_the_supervisor_go(&sb, supervisor_of(pid_of(&sb)));
+}
+
 /// A supervisor started by a launcher that ignores SIGCHLD (ignored signals survive fork and
 /// exec) never saw its worker's exit status: the kernel reaped it first, so a clean stop
 /// read as "vanished (crash)" and the worker was started again right after `stop` said

@@ -1326,7 +1326,7 @@ fn supervised_and_stalled(name: &str, var: &str) -> (Sandbox, std::path::PathBuf
         panic!("{}", text_of(&out));
     }
     let config = sb.config().display().to_string();
-    let sup = pids_with(&format!("{config} start --supervise"));
+    let sup = pids_with(&format!("{config} supervise"));
     let worker = pids_with(&format!("{config} run"));
     assert_eq!((sup.len(), worker.len()), (1, 1), "{sup:?} {worker:?}");
     (sb, marker, sup[0], worker[0])

@@ -167,6 +167,19 @@ enum Command {
     /// daemons alike.
     /// Exit codes: 0 asked, 3 not running, 4 unknown.
     ReopenLogs,
+    /// The supervisor process `start --supervise` runs (an image of its own, so that `ps`
+    /// names it); not for use by hand.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        max_restarts: usize,
+        #[arg(long)]
+        log_file: PathBuf,
+        #[arg(long)]
+        status_socket: PathBuf,
+        #[arg(long)]
+        ready_fd: i32,
+    },
     /// Validate the config and jobs_dir, like `nginx -t`.
     /// Exit codes: 0 valid, 1 invalid.
     Check {
@@ -234,6 +247,7 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
         Command::Run { .. }
             | Command::Start { .. }
             | Command::Restart { .. }
+            | Command::Supervise { .. }
             | Command::Check { .. }
     );
     let default_config = (!cli.config_named).then(|| cli.config.clone());
@@ -300,7 +314,10 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     let path = &cli.config;
     if !matches!(
         cli.command,
-        Command::Run { .. } | Command::Start { .. } | Command::Restart { .. }
+        Command::Run { .. }
+            | Command::Start { .. }
+            | Command::Restart { .. }
+            | Command::Supervise { .. }
     ) {
         crate::ops::signals::default_sigpipe();
     }
@@ -324,6 +341,18 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
             timeout,
         } => crate::daemon::start(path, functions, supervise.then_some(max_restarts), timeout),
         Command::Restart { timeout } => restart::restart(path, functions, timeout),
+        Command::Supervise {
+            max_restarts,
+            log_file,
+            status_socket,
+            ready_fd,
+        } => Ok(crate::daemon::supervisor::main(
+            path,
+            log_file,
+            status_socket,
+            max_restarts,
+            ready_fd,
+        ) as u8),
         Command::Submit(args) => submit::submit(path, args),
         Command::Result { job_id } => submit::result(path, &job_id),
         Command::Status { json } => control::status(path, json),

@@ -112,7 +112,7 @@ pub fn start_with(
                     let max = supervise.unwrap_or(5);
                     let settings =
                         crate::daemon::supervisor::settings(&exe, &plan.config, &log_file, max);
-                    crate::daemon::supervisor::run(&settings, File::from(ready_w))
+                    crate::daemon::supervisor::exec_image(&settings, ready_w)
                 }
                 Ok(()) => {
                     let opts = RunOptions {

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -386,13 +387,72 @@ pub fn settings(
     log_file: &Path,
     max_restarts: usize,
 ) -> Settings {
-    Settings {
-        exe: exe.to_path_buf(),
-        config: config.path.clone(),
-        log_file: log_file.to_path_buf(),
-        status_socket: config.status_socket(),
+    Settings::new(
+        exe.to_path_buf(),
+        config.path.clone(),
+        log_file.to_path_buf(),
+        config.status_socket(),
         max_restarts,
-        backoff_min: Duration::from_millis(500),
-        backoff_max: Duration::from_secs(30),
+    )
+}
+
+impl Settings {
+    /// With the backoff of every supervisor: 0.5 s doubling to 30 s.
+    fn new(exe: PathBuf, config: PathBuf, log: PathBuf, socket: PathBuf, max: usize) -> Settings {
+        Settings {
+            exe,
+            config,
+            log_file: log,
+            status_socket: socket,
+            max_restarts: max,
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
     }
+}
+
+/// Becomes the supervisor's own image (`start`'s daemonized child execs it): `ps` then names a
+/// supervisor and its config, where it showed the command it was forked from for as long as it
+/// ran (`gearshift restart` read as a restart that never ended). The signals it forwards stay
+/// blocked across the exec, as `start` blocked them. Returns only on failure, said on `ready`.
+pub fn exec_image(s: &Settings, ready: OwnedFd) -> i32 {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let fd = ready.as_raw_fd();
+    if let Err(e) = fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())) {
+        return fail(Some(File::from(ready)), &format!("supervisor: {e}"));
+    }
+    let argv: Vec<OsString> = vec![
+        s.exe.clone().into_os_string(),
+        "-c".into(),
+        s.config.clone().into_os_string(),
+        "supervise".into(),
+        "--max-restarts".into(),
+        s.max_restarts.to_string().into(),
+        "--log-file".into(),
+        s.log_file.clone().into_os_string(),
+        "--status-socket".into(),
+        s.status_socket.clone().into_os_string(),
+        "--ready-fd".into(),
+        fd.to_string().into(),
+    ];
+    let e = crate::restart::reexec::exec_with(&s.exe, &argv, &[]);
+    fail(Some(File::from(ready)), &format!("supervisor: {e}"))
+}
+
+/// `gearshift supervise`, the image [`exec_image`] starts: adopts the ready pipe (only a pipe,
+/// never descriptors 0-2) and runs the supervisor.
+pub fn main(config: &Path, log_file: PathBuf, status_socket: PathBuf, max: usize, fd: i32) -> i32 {
+    let pipe = |what: &PathBuf| what.to_string_lossy().starts_with("pipe:");
+    let Some(ready) = (fd > 2)
+        .then(|| crate::ops::handover::adopt(Some(fd), pipe))
+        .flatten()
+    else {
+        eprintln!(
+            "gearshift: `supervise` is the supervisor `start --supervise` runs, not a command of its own"
+        );
+        return 2;
+    };
+    let exe = crate::restart::reexec::first_start_exe(std::env::args_os().next().as_deref());
+    let settings = Settings::new(exe, config.to_path_buf(), log_file, status_socket, max);
+    run(&settings, File::from(ready))
 }

@@ -198,7 +198,9 @@ pub fn rollback_from_env() -> Option<crate::status::records::Rollback> {
     serde_json::from_str(&std::env::var(ENV_ROLLBACK).ok()?).ok()
 }
 
-fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)]) -> Error {
+/// Replaces this process image with `exe argv` and this environment (less the variables a
+/// previous image handed over) plus `extra`. Returns only on failure.
+pub(crate) fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)]) -> Error {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !k.as_bytes().starts_with(ENV_PREFIX.as_bytes()))
         .collect();

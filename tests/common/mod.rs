@@ -768,14 +768,14 @@ impl Drop for Reaper {
                         .ok()
                 })
                 .filter(|&ppid: &i32| ppid > 1);
-            // A supervisor is a gearshift process started as `start --supervise` (or forked by
-            // a `restart` of a supervised worker), never this test process.
+            // A supervisor is a gearshift process running as `supervise` (what `start
+            // --supervise` and a `restart` of a supervised worker exec), never this test process.
             let supervisor = parent.filter(|&ppid| {
                 ppid != std::process::id() as i32
                     && fs::read(format!("/proc/{ppid}/cmdline")).is_ok_and(|c| {
                         let mut args = c.split(|&b| b == 0);
                         args.next().is_some_and(|a| a.ends_with(b"gearshift"))
-                            && args.any(|a| a == b"--supervise" || a == b"restart")
+                            && args.any(|a| a == b"supervise")
                     })
             });
             if let Some(sup) = supervisor {
