@@ -147,7 +147,7 @@ fn the_php_daemons_topology_is_declared_and_consumed() {
     assert!(!s.to_string().contains("guest:guest"), "{s}");
     // Lanes busy-poll for the next delivery (busy_poll, on by default) only while deliveries
     // come: an idle worker sleeps.
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(used <= 4, "an idle worker used {used} ticks in 2 s");
 }
 

@@ -55,7 +55,7 @@ fn jobs_from_the_gearman_cli_are_served() {
     assert_eq!(s["source"], "gearman");
     // A lane busy-polls for a GRAB's answer (busy_poll, on by default) only while one is out:
     // an idle worker sleeps.
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(used <= 4, "an idle worker used {used} ticks in 2 s");
 }
 

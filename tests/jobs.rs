@@ -26,7 +26,7 @@ fn a_worker_is_idle_soon_after_a_burst_of_jobs() {
         .collect();
     let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(60));
     assert!(outcomes.iter().all(|(ok, _, _)| *ok), "{outcomes:?}");
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(
         used <= 4,
         "the worker used {used} ticks in the 2 s after the burst"

@@ -225,7 +225,7 @@ fn php_req_and_pyzmq_req_and_dealer_clients_get_durable_jobs() {
         Some(300),
         "{report}"
     );
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(used <= 4, "an idle worker used {used} ticks in 2 s");
 }
 
@@ -375,7 +375,7 @@ fn a_connection_flood_is_capped_and_wedges_nothing() {
         all_outcomes(&z.sb, &[id], Duration::from_secs(20))[0].1,
         "FLOODED"
     );
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(
         used <= 40,
         "the worker used {used} ticks in 2 s under the flood"
@@ -416,7 +416,7 @@ fn a_client_that_cannot_be_accepted_costs_no_spinning() {
     let _waiting = std::net::TcpStream::connect(&addr).unwrap();
     // The first pauses are short (0.25 s, 0.5 s, 1 s ...): look once they have grown.
     std::thread::sleep(Duration::from_secs(2));
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(used <= 40, "the worker used {used} ticks in 2 s");
     let log = w.log_text();
     assert_eq!(
@@ -939,7 +939,7 @@ fn unfinished_messages_of_many_peers_are_bounded_in_all() {
         "{}",
         w.log_text()
     );
-    let used = idle_ticks(w.pid());
+    let used = idle_ticks(&w);
     assert!(used <= 40, "the worker used {used} ticks in 2 s");
     let s = w.status();
     assert!(

@@ -799,7 +799,19 @@ pub fn cpu_ticks(pid: i32) -> u64 {
 }
 
 /// The CPU ticks process `pid` uses in 2 s, from 300 ms from now (a worker that should idle).
-pub fn idle_ticks(pid: i32) -> u64 {
+pub fn idle_ticks(w: &Worker) -> u64 {
+    // Not before the start-up's background work is done: the binary's sha256 (a dozen ticks
+    // for a debug build; on a loaded machine it ran into the window, and a CI run failed).
+    // Without `watch_binary` it is never computed: then 30 s at most.
+    let hashed = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < hashed
+        && !w
+            .try_status()
+            .is_some_and(|s| s["binary_sha256"].is_string())
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = w.pid();
     std::thread::sleep(Duration::from_millis(300));
     let before = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(2));
