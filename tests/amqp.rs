@@ -1253,3 +1253,57 @@ fn a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts() {
     assert_eq!(r.depth("dead").0, 1);
     w.acts_at_once(Signal::SIGTERM, Duration::from_secs(10));
 }
+
+/// A restart abandons a Rust function that ignores its deadline once it is `abandon_after`
+/// past its timeout (tests/never_stuck.rs has the spool and Gearman cases): the AMQP session
+/// ends with the old image, so the broker delivers the unacknowledged job again, flagged
+/// `redelivered`, and the new generation runs it.
+#[test]
+fn an_amqp_job_abandoned_by_a_restart_is_delivered_again() {
+    if !Rabbit::available("an_amqp_job_abandoned_by_a_restart_is_delivered_again") {
+        return;
+    }
+    let mut sb = Sandbox::new("amqp-abandon");
+    sb.bin = example("custom_worker");
+    let r = Rabbit::shared();
+    let queue = format!("abandon-{}", std::process::id());
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"{queue}\"\nfunction = \"slow\"\n",
+            r.url()
+        ),
+        "[functions.slow]\ntimeout = \"1s\"\n",
+    );
+    let text = fs::read_to_string(sb.config()).unwrap().replace(
+        "allow_root = true",
+        "allow_root = true\nabandon_after = \"1s\"",
+    );
+    fs::write(sb.config(), text).unwrap();
+    let publish = format!(
+        "import pika\nc = pika.BlockingConnection(pika.URLParameters({:?}))\nch = c.channel()\n\
+         ch.queue_declare(queue={queue:?}, durable=True)\n\
+         ch.basic_publish('', {queue:?}, b'60000', pika.BasicProperties(delivery_mode=2))\nc.close()\n",
+        r.url()
+    );
+    let out = Command::new(PYTHON)
+        .args(["-c", &publish])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    let w = sb.start();
+    let first = w.wait_for(Duration::from_secs(20), "the job running", |s| {
+        s["running_jobs"].as_array().is_some_and(|r| r.len() == 1)
+    });
+    w.signal(Signal::SIGHUP);
+    w.wait_for(
+        Duration::from_secs(30),
+        "generation 2 running it again",
+        |s| s["generation"] == 2 && s["running_jobs"].as_array().is_some_and(|r| r.len() == 1),
+    );
+    assert_eq!(first["generation"], 1);
+    assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
+    // Still one message, held by the new session: nothing lost, nothing doubled.
+    assert_eq!(r.depth(&queue), (0, 1));
+}

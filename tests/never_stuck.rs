@@ -1534,3 +1534,108 @@ fn a_spool_removed_while_the_worker_runs_is_opened_again() {
         w.log_text()
     );
 }
+
+/// The config of a worker built from `examples/custom_worker` whose Rust function `slow`
+/// ignores its deadline (it sleeps the milliseconds it is given), with a 1 s timeout.
+fn stubborn_config(sb: &Sandbox, source: &str, abandon_after: &str) {
+    let text = sb
+        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
+        .replace(
+            "allow_root = true",
+            &format!("allow_root = true\nabandon_after = \"{abandon_after}\""),
+        );
+    let text = match source {
+        "" => text,
+        s => text.replace(
+            "[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = false\n",
+            s,
+        ),
+    };
+    fs::write(sb.config(), text).unwrap();
+}
+
+/// The one job running now: (id, lane), once there is one.
+fn running_job(w: &Worker) -> (String, u64) {
+    let s = w.wait_for(Duration::from_secs(10), "a running job", |s| {
+        s["running_jobs"].as_array().is_some_and(|r| r.len() == 1)
+    });
+    let j = &s["running_jobs"][0];
+    (
+        j["id"].as_str().unwrap().to_string(),
+        j["lane"].as_u64().unwrap(),
+    )
+}
+
+/// A Rust function that ignores its deadline (nothing can end it before it returns) held every
+/// reload for as long as it ran: config, jobs and binary changes never applied, for ever if it
+/// never returned. A restart now abandons it once it is `abandon_after` past its timeout: the
+/// image is replaced (its thread ends with it), and the job runs again in the new generation,
+/// as after a kill (an interrupted run, counted against `max_attempts`).
+#[test]
+fn a_rust_function_past_its_deadline_holds_a_reload_only_until_abandon_after() {
+    let mut sb = Sandbox::new("abandon");
+    sb.bin = example("custom_worker");
+    stubborn_config(&sb, "", "2s");
+    let w = sb.start();
+    let id = sb.submit("slow", "60000");
+    assert_eq!(running_job(&w).0, id);
+    w.signal(Signal::SIGHUP);
+    let s = w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+        s["generation"] == 2
+    });
+    assert_eq!(s["pid"], w.pid());
+    let (again, _) = running_job(&w);
+    assert_eq!(again, id, "the abandoned job runs again");
+    let log = w.log_text();
+    assert!(
+        log.contains(&format!("abandoning job {id}")),
+        "the log says so: {log}"
+    );
+    // With "none" a reload waits for it as before: no generation 3 while it runs.
+    stubborn_config(&sb, "", "none");
+    w.wait_for(Duration::from_secs(20), "generation 3 (the config)", |s| {
+        s["generation"] == 3
+    });
+    let (third, _) = running_job(&w);
+    assert_eq!(third, id, "abandoned at the config's reload too");
+    w.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        w.status()["generation"],
+        3,
+        "abandon_after = \"none\" waits"
+    );
+}
+
+/// The same on Gearman: the abandoned lane's connection is not handed over, so gearmand takes
+/// the job back when the old image's end closes it, and hands it out again.
+#[test]
+fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
+    let mut sb = Sandbox::new("abandon-gm");
+    sb.bin = example("custom_worker");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    stubborn_config(
+        &sb,
+        &format!(
+            "[source]\nkind = \"gearman\"\nservers = [\"{}\"]\n",
+            gm.addr()
+        ),
+        "1s",
+    );
+    let w = sb.start();
+    let mut c = gearshift::client::gearman::Client::connect(&[gm.addr()], 1 << 20).unwrap();
+    c.submit_background(
+        "slow",
+        "",
+        b"60000",
+        gearshift::client::gearman::Priority::Normal,
+    )
+    .unwrap();
+    let (handle, _) = running_job(&w);
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+        s["generation"] == 2
+    });
+    let (again, _) = running_job(&w);
+    assert_eq!(again, handle, "gearmand hands the same job out again");
+}

@@ -24,6 +24,9 @@ pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a restart waits past a Rust function's timeout before it abandons the job
+/// (`[worker] abandon_after`).
+pub const DEFAULT_ABANDON_AFTER: Duration = Duration::from_secs(60);
 use messages::{explain_at, line_col};
 use parse::{functions, metrics, source, worker, Cx};
 use raw::*;
@@ -96,6 +99,9 @@ pub struct Worker {
     /// Every job process starts with this `oom_score_adj` (never below the worker's own), so
     /// the kernel's OOM killer takes a job's processes before the worker.
     pub job_oom_score_adj: i32,
+    /// A restart that waits for a Rust function this long past its timeout abandons it (the
+    /// job runs again, as after a kill); None (`"none"`): it waits for it however long it runs.
+    pub abandon_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -649,6 +655,14 @@ mod tests {
         assert_eq!(c.timeout("echo"), None, "unbounded only when written");
         assert_eq!(c.timeout("wc"), None);
         assert_eq!(c.timeout("up"), None);
+        assert_eq!(c.worker.abandon_after, Some(DEFAULT_ABANDON_AFTER));
+        let c = parse("[worker]\nabandon_after = \"none\"\n").expect("valid");
+        assert_eq!(
+            c.worker.abandon_after, None,
+            "a restart waits for ever when written"
+        );
+        let c = parse("[worker]\nabandon_after = \"5s\"\n").expect("valid");
+        assert_eq!(c.worker.abandon_after, Some(Duration::from_secs(5)));
         let c = parse("[worker]\njob_timeout = \"5m\"\n[functions.wc]\ntimeout = \"none\"\n")
             .expect("valid");
         assert_eq!(c.timeout("echo"), Some(Duration::from_secs(300)));

@@ -80,6 +80,7 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
         builtins: true,
         job_timeout: cx.nonzero_limit(&w.job_timeout)?,
         job_oom_score_adj: oom as i32,
+        abandon_after: w.abandon_after.0,
     };
     Ok(worker)
 }

@@ -77,6 +77,7 @@ pub(super) struct RawWorker {
     pub(super) builtins: Option<bool>,
     pub(super) job_timeout: Spanned<Limit>,
     pub(super) job_oom_score_adj: Spanned<i64>,
+    pub(super) abandon_after: Limit,
 }
 
 impl Default for RawWorker {
@@ -102,6 +103,7 @@ impl Default for RawWorker {
             builtins: None,
             job_timeout: Spanned::new(0..0, Limit(Some(DEFAULT_JOB_TIMEOUT))),
             job_oom_score_adj: Spanned::new(0..0, 500),
+            abandon_after: Limit(Some(DEFAULT_ABANDON_AFTER)),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::watch::inotify::Inotify;
 use crate::watch::Touched;
 
 use super::event::Event;
-use super::lane::{DoneGuard, Health, LaneContext, Limits};
+use super::lane::{Health, Limits};
 use super::plan::Plan;
 
 /// How long file events must be quiet before the change is looked at.
@@ -52,7 +52,7 @@ pub(super) enum Phase {
 pub(super) struct Loop {
     pub(super) phase: Phase,
     /// Lanes still running.
-    live: usize,
+    pub(super) live: usize,
     /// TERM/INT/QUIT received: the second one exits at once.
     terms: u32,
     /// When to look at config.toml and `jobs_dir` (debounced file events).
@@ -68,6 +68,9 @@ pub(super) struct Loop {
     /// While a restart waits for running jobs under a service manager: when to extend its
     /// timeout again (`manager.rs`).
     extend_at: Option<Instant>,
+    /// While a restart waits for running jobs: when to look for Rust functions held past
+    /// `abandon_after` (`lanes.rs`).
+    pub(super) held_look: Option<Instant>,
 }
 
 pub(super) struct Control {
@@ -110,6 +113,9 @@ pub(super) struct Control {
     pub(super) ready: Option<std::fs::File>,
     /// A thread died and no new generation could be made: exit 1 once the lanes are done.
     pub(super) exit_for_supervisor: bool,
+    /// Lanes this restart abandoned (held by a Rust function past `abandon_after`): their
+    /// threads end with the image, so the restart must happen.
+    pub(super) abandoned: usize,
 }
 
 impl Control {
@@ -136,6 +142,7 @@ impl Control {
             splayed: None,
             awaiting: None,
             extend_at: None,
+            held_look: None,
         };
         let mut age = match self.limits.max_age {
             Some(a) => after(a.saturating_sub(self.started.elapsed())),
@@ -171,6 +178,7 @@ impl Control {
             let splay_timer = at(lp.splayed.map(|(t, _)| t));
             lp.extend_at = self.extend_at(matches!(lp.phase, Phase::Draining { .. }), lp.extend_at);
             let extend_timer = at(lp.extend_at);
+            let held_timer = at(self.held_look_at(&mut lp));
             // A fault clears only after a quiet second, maybe when no job is left to notice.
             let health_timer = if self.health.degraded.load(Ordering::Acquire) {
                 after(Duration::from_millis(250))
@@ -197,6 +205,7 @@ impl Control {
                 },
                 recv(timer) -> _ => self.look_at_files(&mut lp),
                 recv(binary_timer) -> _ => self.look_at_binary(&mut lp),
+                recv(held_timer) -> _ => self.abandon_held(&mut lp)?,
             }
             if lp.awaiting.is_some() {
                 self.lanes_done(&mut lp)?;
@@ -262,7 +271,8 @@ impl Control {
                 self.replace_generation(&mut lp.phase);
             }
             Event::LaneDone(panicked) => {
-                lp.live -= 1;
+                // After an abandon, an abandoned lane may end before the exec: not counted.
+                lp.live = lp.live.saturating_sub(1);
                 if panicked {
                     log::error!("a lane died (a panic); replacing this generation after the other lanes' jobs finish");
                     self.replace_generation(&mut lp.phase);
@@ -341,7 +351,10 @@ impl Control {
     /// Every lane has ended: stop, restart, or (refused) serve on with new lanes.
     pub(super) fn lanes_done(&mut self, lp: &mut Loop) -> Result<()> {
         for t in self.lanes.drain(..) {
-            let _ = t.join();
+            // An abandoned lane's thread runs on (until the exec): never joined.
+            if self.abandoned == 0 || t.is_finished() {
+                let _ = t.join();
+            }
         }
         self.stop_instead(&mut lp.phase);
         if self.await_candidate(lp) {
@@ -367,8 +380,9 @@ impl Control {
                 // Still here: the restart was refused or execve failed. The source serves on
                 // as before the drain (the spool's lanes wait for their outcomes again).
                 self.source.unsettle();
-                if reason == RestartReason::ThreadDied {
-                    // Serving on without that thread is not an option.
+                if reason == RestartReason::ThreadDied || self.abandoned > 0 {
+                    // Serving on without that thread (or beside an abandoned one, whose job
+                    // the next start runs again) is not an option.
                     log::error!("exiting (status 1) for the supervisor to start the worker afresh");
                     self.exit(1);
                 }
@@ -436,59 +450,5 @@ impl Control {
         if let Ok(mut i) = self.state.inner.lock() {
             i.watch = Some(format!("polling: {why}"));
         }
-    }
-
-    pub(super) fn halt_lanes(&self) {
-        self.stop.trigger();
-        self.source.wake();
-    }
-
-    pub(super) fn spawn_lanes(&mut self) -> Result<()> {
-        let names: Vec<(String, Option<Duration>)> = self
-            .plan
-            .table
-            .iter()
-            .map(|(name, (_, timeout))| (name.clone(), *timeout))
-            .collect();
-        for index in 0..self.plan.config.worker.concurrency {
-            let lane = self.source.lane(index, &names)?;
-            let ctx = LaneContext {
-                index,
-                table: self.plan.table.clone(),
-                state: Arc::clone(&self.state),
-                stop: self.stop.handle(),
-                children: self.children.clone(),
-                max_payload: self.plan.config.worker.max_payload_bytes,
-                limits: Arc::clone(&self.limits),
-                events: self.events.clone(),
-                health: Arc::clone(&self.health),
-            };
-            let done = self.events.clone();
-            // Signals blocked, as in every thread but this one: whenever lanes start (before
-            // or after this thread takes signals), none is delivered to a lane.
-            let spawned =
-                crate::ops::signals::spawn_starting(&format!("lane-{index}"), move || {
-                    // Reports the exit even if the lane panics, so a drain never waits forever.
-                    let _done = DoneGuard(done);
-                    ctx.serve(lane);
-                });
-            match spawned {
-                Ok(t) => self.lanes.push(t),
-                Err(e) if self.lanes.is_empty() => {
-                    return Err(Error::io("spawning a lane thread", e));
-                }
-                // Those that run go on serving (a stop asked meanwhile lets their jobs finish).
-                Err(e) => {
-                    log::error!(
-                        "spawning a lane thread: {e}; serving with {} lane(s) until the next restart",
-                        self.lanes.len()
-                    );
-                    break;
-                }
-            }
-        }
-        // Only the first claim after a re-exec measures the restart pause.
-        self.requested_mono_us = 0;
-        Ok(())
     }
 }

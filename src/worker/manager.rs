@@ -13,8 +13,9 @@ use super::control::Control;
 /// by how much (from now) each time.
 const EXTEND_EVERY: Duration = Duration::from_secs(5);
 const EXTEND_BY: Duration = Duration::from_secs(15);
-/// A job this long past its timeout is held (a Rust function that ignores its deadline, a
-/// process the SIGKILL has not ended): the wait for it is not extended.
+/// A job this long past its timeout is held (a process the SIGKILL has not ended, a Rust
+/// function that ignores its deadline where `abandon_after = "none"`): the wait for it is not
+/// extended.
 const HELD_PAST: Duration = crate::jobs::pipes::KILL_WAIT.saturating_add(Duration::from_secs(1));
 
 impl Control {
@@ -79,8 +80,12 @@ impl Control {
     fn extension(&self) -> Option<String> {
         self.notifier.as_ref()?;
         let now_us = crate::clock::monotonic_us();
+        // A Rust function is abandoned `abandon_after` past its timeout: the wait for it ends.
+        let abandons = self.plan.config.worker.abandon_after.is_some();
         let held = |s: &crate::status::LaneSlot| {
-            s.timeout_ms > 0 && s.running_ms(now_us) > s.timeout_ms + HELD_PAST.as_millis() as u64
+            s.timeout_ms > 0
+                && !(s.rust && abandons)
+                && s.running_ms(now_us) > s.timeout_ms + HELD_PAST.as_millis() as u64
         };
         let running = self.state.running.lock().ok()?;
         let busy = running.iter().filter(|s| s.busy);

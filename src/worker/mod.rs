@@ -30,6 +30,7 @@ mod control;
 mod event;
 mod helpers;
 mod lane;
+mod lanes;
 mod limits;
 mod manager;
 mod plan;
@@ -149,6 +150,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         notifier: Notifier::from_env(),
         ready: opts.ready.take(),
         exit_for_supervisor: false,
+        abandoned: 0,
     };
     let mut helpers = helpers::Helpers {
         reaper,
