@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -190,7 +191,14 @@ fn extension(msg: &str) -> Option<u64> {
 fn a_restart_that_waits_for_long_jobs_extends_the_service_managers_timeout() {
     let mut sb = Sandbox::new("notify-extend");
     sb.bin = example("custom_worker");
-    sb.write_config("[functions.slow]\ntimeout = \"1s\"\n");
+    // A Rust function held past its timeout is not waited for here (see the test below).
+    let text = sb
+        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
+        .replace(
+            "allow_root = true",
+            "allow_root = true\nabandon_after = \"none\"",
+        );
+    fs::write(sb.config(), text).unwrap();
     let path = sb.path("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let mut w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
@@ -237,6 +245,46 @@ fn a_restart_that_waits_for_long_jobs_extends_the_service_managers_timeout() {
     std::thread::sleep(Duration::from_millis(300));
     w.signal(Signal::SIGTERM);
     w.wait_exit(Duration::from_secs(10));
+}
+
+/// With `abandon_after` (60 s by default) a reload held by a Rust function past its timeout
+/// ends at the abandon, a bounded wait: the service manager's timeout is extended until then
+/// (past the 6 s after which a held job's wait is not extended), and the next image is ready.
+#[test]
+fn a_reload_held_by_a_rust_function_is_extended_until_its_abandon() {
+    let mut sb = Sandbox::new("notify-abandon");
+    sb.bin = example("custom_worker");
+    let text = sb
+        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
+        .replace(
+            "allow_root = true",
+            "allow_root = true\nabandon_after = \"12s\"",
+        );
+    fs::write(sb.config(), text).unwrap();
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+    sb.submit("slow", "60000");
+    w.wait_for(
+        Duration::from_secs(20),
+        "the job 8 s past its timeout",
+        |s| s["running_jobs"][0]["running_ms"].as_u64() >= Some(9000),
+    );
+    w.signal(Signal::SIGHUP);
+    let msgs = read_until(&sock, "READY=1", Duration::from_secs(20));
+    let reloading = msgs
+        .iter()
+        .position(|m| m.starts_with("RELOADING=1"))
+        .unwrap_or_else(|| panic!("{msgs:?}"));
+    assert!(
+        extension(&msgs[reloading]).is_some(),
+        "extended while the abandon is due: {msgs:?}"
+    );
+    assert!(
+        msgs.last().unwrap().contains("STATUS=generation 2,"),
+        "{msgs:?}"
+    );
 }
 
 #[test]
