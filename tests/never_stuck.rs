@@ -1639,3 +1639,42 @@ fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
     let (again, _) = running_job(&w);
     assert_eq!(again, handle, "gearmand hands the same job out again");
 }
+
+/// A config made invalid while a restart waits for a Rust function held past its deadline:
+/// the abandon would end in a refused restart, and the worker would have to exit (its thread
+/// given up). It waits instead, serving what it can, and abandons once the config is valid
+/// again.
+#[test]
+fn an_invalid_config_holds_the_abandon_until_it_is_valid_again() {
+    let mut sb = Sandbox::new("abandon-invalid");
+    sb.bin = example("custom_worker");
+    stubborn_config(&sb, "", "1s");
+    let good = fs::read_to_string(sb.config()).unwrap();
+    let w = sb.start();
+    let id = sb.submit("slow", "60000");
+    assert_eq!(running_job(&w).0, id);
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(10), "the restart waiting", |s| {
+        s["state"] == "draining"
+    });
+    fs::write(sb.config(), "[worker]\nconcurrency = 0\n").unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "{s}");
+    assert_eq!(s["state"], "draining", "{s}");
+    assert!(
+        w.log_text().contains("not abandoning"),
+        "said: {}",
+        w.log_text()
+    );
+    fs::write(
+        sb.config(),
+        good.replace("concurrency = 2", "concurrency = 3"),
+    )
+    .unwrap();
+    let s = w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+        s["generation"] == 2
+    });
+    assert_eq!(s["lanes"], 3, "{s}");
+    assert_eq!(running_job(&w).0, id, "the abandoned job runs again");
+}

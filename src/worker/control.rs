@@ -116,6 +116,8 @@ pub(super) struct Control {
     /// Lanes this restart abandoned (held by a Rust function past `abandon_after`): their
     /// threads end with the image, so the restart must happen.
     pub(super) abandoned: usize,
+    /// Why held Rust functions are not abandoned now (an invalid config), said once.
+    pub(super) abandon_held_by: Option<String>,
 }
 
 impl Control {

@@ -116,6 +116,25 @@ impl Control {
         if held.is_empty() || held.len() != lp.live {
             return Ok(());
         }
+        // Only for a restart that will happen: a refused one after the abandon would leave
+        // the worker beside a thread it gave up, so it would have to exit. It waits instead
+        // (a change to the files clears `prepared`: looked at again at the next look).
+        if self.prepared.is_none() {
+            match self.prepare() {
+                Ok(plan) => self.prepared = Some(plan),
+                Err(e) => {
+                    let said = e.to_string();
+                    if self.abandon_held_by.as_deref() != Some(said.as_str()) {
+                        log::warn!(
+                            "not abandoning the Rust function(s) held past their timeouts: the restart would be refused ({}); waiting until the files are valid again, or the jobs end",
+                            crate::text::escape_lines(&said)
+                        );
+                        self.abandon_held_by = Some(said);
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let ms = |ms: u64| crate::jobs::executable::fmt_duration(Duration::from_millis(ms));
         for (lane, id, function, ran, timeout) in &held {
             log::warn!(

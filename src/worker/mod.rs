@@ -151,6 +151,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         ready: opts.ready.take(),
         exit_for_supervisor: false,
         abandoned: 0,
+        abandon_held_by: None,
     };
     let mut helpers = helpers::Helpers {
         reaper,

@@ -25,7 +25,7 @@ impl Control {
     /// The plan for the files as they are now; refused if it moves `state_dir`, which moves
     /// only at a fresh start (its pidfile, status socket and log are made there; a HUP once
     /// moved the pidfile alone, and the CLI looked for the worker where it was not).
-    fn prepare(&self) -> crate::Result<Plan> {
+    pub(super) fn prepare(&self) -> crate::Result<Plan> {
         let plan = Plan::prepare(&self.config_path, &self.functions)?;
         let (now, next) = (
             &self.plan.config.worker.state_dir,
