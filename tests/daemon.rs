@@ -510,6 +510,44 @@ fn stop_and_see_the_supervisor_go(sb: &Sandbox, sup: i32) {
     );
 }
 
+/// `stop --force` and a second `stop` end a supervised worker's running jobs at once: the
+/// worker dies of the SIGKILL, or exits 1, and its supervisor, which had seen no TERM (`stop`
+/// signals the worker), took that for a crash and started the worker again: `stop` said
+/// "killed" and the worker was back, running the job again. `stop` now asks the supervisor,
+/// which forwards the TERM and knows it is a stop.
+#[test]
+fn a_forced_or_second_stop_of_a_supervised_worker_is_not_undone_by_its_supervisor() {
+    for second_stop in [false, true] {
+        let sb = Sandbox::new("supervise-force");
+        let _reaper = Reaper(sb.path("state/gearshift.pid"));
+        assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+        let worker = pid_of(&sb);
+        let sup = supervisor_of(worker);
+        sb.submit("sleep", "30000");
+        eventually(Duration::from_secs(10), "the job running", || {
+            text(&sb.run(&["status"]).stdout).contains("1 running")
+        });
+        let out = if second_stop {
+            let first = sb.run(&["stop", "--timeout", "1s"]);
+            assert_eq!(first.status.code(), Some(5), "{}", text_of(&first));
+            sb.run(&["stop", "--timeout", "10s"])
+        } else {
+            sb.run(&["stop", "--timeout", "1s", "--force"])
+        };
+        assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+        eventually(Duration::from_secs(10), "the supervisor to exit", || {
+            !process_alive(sup)
+        });
+        let st = sb.run(&["status"]);
+        assert_eq!(
+            st.status.code(),
+            Some(3),
+            "second stop {second_stop}: started again: {}",
+            text_of(&st)
+        );
+    }
+}
+
 /// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped
 /// worker whether it had a supervisor, got no answer within 2 s, and started the new worker
 /// without one. The stopped worker is continued first (the TERM that follows ends it anyway),

@@ -316,8 +316,11 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         .flatten()
         .filter(|s| s.state == "stopping")
         .map(|s| running_job_names(&s));
-    kill(target, Signal::SIGTERM)
-        .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
+    // A supervised worker is stopped through its supervisor, which forwards the TERM and
+    // takes what follows for a stop: a worker that then dies of `--force`, or exits 1 at a
+    // second `stop`, was started again as after a crash.
+    let via = super::locate::supervisor_of(pid, path).map_or(target, Pid::from_raw);
+    kill(via, Signal::SIGTERM).map_err(|e| Error::io(format!("signalling pid {via}"), e.into()))?;
     // A stopped worker acts on no TERM: continue it, as systemd does after every TERM.
     if was_stopped.is_some() {
         continue_stopped(pid);

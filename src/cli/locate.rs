@@ -72,6 +72,36 @@ pub(super) fn stopped(pid: i32) -> Option<String> {
     })
 }
 
+/// The supervisor of worker `pid` (`start --supervise`), if it has one: the worker's parent
+/// (the kernel's word: the worker's own status never chooses whom the CLI signals), owned by
+/// the caller, and running as `supervise` for this very config.
+pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let ppid = crate::ops::procfs::Stat::of(Some(pid))?.ppid;
+    if ppid <= 1 {
+        return None;
+    }
+    let owner = std::fs::metadata(format!("/proc/{ppid}")).ok()?.uid();
+    if owner != nix::unistd::geteuid().as_raw() {
+        return None;
+    }
+    let config = crate::config::absolute(config).ok()?;
+    let mut cmdline = Vec::new();
+    std::fs::File::open(format!("/proc/{ppid}/cmdline"))
+        .ok()?
+        .take(1 << 16)
+        .read_to_end(&mut cmdline)
+        .ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args.contains(&b"supervise".as_slice())
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"-c" && w[1] == config.as_os_str().as_bytes());
+    ours.then_some(ppid)
+}
+
 /// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
 pub(super) fn continue_stopped(pid: i32) {
     if stopped(pid).is_some() {
