@@ -548,6 +548,45 @@ fn a_forced_or_second_stop_of_a_supervised_worker_is_not_undone_by_its_superviso
     }
 }
 
+/// `reopen-logs` after logrotate moved a supervised worker's log away: the worker reopened its
+/// log, its supervisor did not (it was not asked), so what the supervisor says (a crash, a
+/// restart, giving up: the lines an operator looks for) went on into the moved file, and into
+/// nothing once that was compressed and deleted. The supervisor is asked now, and reopens its
+/// own before it passes the signal on.
+#[test]
+fn reopen_logs_reaches_a_supervisors_own_log_lines() {
+    let sb = Sandbox::new("supervise-logrotate");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let log = sb.path("state/gearshift.log");
+    let rotated = sb.path("state/gearshift.log.1");
+    fs::rename(&log, &rotated).unwrap();
+    let out = sb.run(&["reopen-logs"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    eventually(Duration::from_secs(5), "the worker's new log", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains("reopened log file"))
+    });
+    let worker = pid_of(&sb);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the supervisor's line in the new log",
+        || fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 1); restarting")),
+    );
+    assert!(
+        !fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("(crash 1); restarting"),
+        "the moved file got it"
+    );
+    serving_instead_of(&sb, worker, Duration::from_secs(20));
+    stop_and_see_the_supervisor_go(&sb, supervisor_of(pid_of(&sb)));
+}
+
 /// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped
 /// worker whether it had a supervisor, got no answer within 2 s, and started the new worker
 /// without one. The stopped worker is continued first (the TERM that follows ends it anyway),

@@ -1729,3 +1729,35 @@ fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
         "kept once it served"
     );
 }
+
+/// `reopen-logs` of a supervised worker under a privilege drop, the log in root's `state_dir`
+/// (where the worker's user cannot make a file): the supervisor (root) makes the new log first,
+/// gives it to the worker's user as `start` gave the first, and only then passes the signal on,
+/// so the worker reopens it too; the supervisor's own lines (a crash) reach it.
+#[test]
+fn a_supervised_workers_log_is_made_again_for_its_user_at_reopen() {
+    let sb = privsep("sec-sup-reopen");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start", "--supervise"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let log = sb.path("state/gearshift.log");
+    fs::rename(&log, sb.path("state/gearshift.log.1")).unwrap();
+    assert_eq!(sb.run(&["reopen-logs"]).status.code(), Some(0));
+    eventually(
+        Duration::from_secs(10),
+        "the worker's line in the new log",
+        || fs::read_to_string(&log).is_ok_and(|s| s.contains("SIGUSR1: reopened log file")),
+    );
+    assert_eq!(fs::metadata(&log).unwrap().uid(), nobody().uid.as_raw());
+    let worker = pid_of(&sb);
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the supervisor's line in the new log",
+        || fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 1); restarting")),
+    );
+    eventually(Duration::from_secs(20), "a new worker serving", || {
+        sb.run(&["status"]).status.code() == Some(0) && pid_of(&sb) != worker
+    });
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

@@ -400,9 +400,17 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
         }
         other => other?,
     };
-    kill(Pid::from_raw(pid), Signal::SIGUSR1)
+    // A supervisor reopens its own log and passes the signal on (asked only the worker, it
+    // went on writing into the moved file).
+    let via = super::locate::supervisor_of(pid, path);
+    kill(Pid::from_raw(via.unwrap_or(pid)), Signal::SIGUSR1)
         .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;
-    println!("asked pid {pid} to reopen its log file");
+    match via {
+        Some(sup) => {
+            println!("asked pid {pid} and its supervisor (pid {sup}) to reopen their log file")
+        }
+        None => println!("asked pid {pid} to reopen its log file"),
+    }
     if let Some(why) = stopped(pid) {
         eprintln!("it reopens it once continued: {why}");
     }

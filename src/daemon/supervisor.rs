@@ -94,7 +94,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                     if crate::ops::signals::is_stop(sig) {
                         stopping = true;
                     }
-                    let _ = kill(Pid::from_raw(pid as i32), sig);
+                    pass_on(settings, pid, sig);
                 }
                 recv(exited) -> status => break status.ok(),
             }
@@ -357,11 +357,44 @@ fn wait_serving(
                 if crate::ops::signals::is_stop(sig) {
                     stop_sent = Some(sig);
                 }
-                let _ = kill(Pid::from_raw(pid as i32), sig);
+                pass_on(s, pid, sig);
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => *sig_rx = signals_lost(me),
         }
+    }
+}
+
+/// Forwards `sig` to worker `pid`; SIGUSR1 (`reopen-logs`, after logrotate moved the log away)
+/// reopens the supervisor's own log first: its lines (a crash, a restart, giving up) went on
+/// into the moved file.
+fn pass_on(s: &Settings, pid: u32, sig: Signal) {
+    if sig == Signal::SIGUSR1 {
+        reopen_own_log(&s.log_file);
+    }
+    let _ = kill(Pid::from_raw(pid as i32), sig);
+}
+
+/// Makes stderr, where the supervisor's lines go, the log file at `path` again, given to the
+/// owner the old one had (the worker's user under a privilege drop, so that the worker can open
+/// it too, whichever of the two makes it first), through [`crate::ops::logging::open_log`].
+fn reopen_own_log(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let me = nix::unistd::geteuid();
+    let owner = nix::sys::stat::fstat(2)
+        .ok()
+        .map(|st| {
+            (
+                nix::unistd::Uid::from_raw(st.st_uid),
+                nix::unistd::Gid::from_raw(st.st_gid),
+            )
+        })
+        .filter(|(uid, _)| *uid != me);
+    match crate::ops::logging::open_log(path, owner)
+        .and_then(|f| nix::unistd::dup2(f.as_raw_fd(), 2).map_err(|e| Error::io("dup2", e.into())))
+    {
+        Ok(_) => log::info!("supervisor: SIGUSR1: reopened log file {}", path.display()),
+        Err(e) => log::error!("supervisor: SIGUSR1: {e}; still writing to the old file"),
     }
 }
 
