@@ -753,34 +753,37 @@ pub struct Reaper(pub PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
+        // Its supervisor first, found by its command line (`supervise -c` this sandbox's
+        // config): by the worker's parent it was missed when the worker had died already (a
+        // test that failed while its supervisor waited to start the next one).
+        let config = self
+            .0
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("config.toml"));
+        if let (Some(config), Ok(procs)) = (config, fs::read_dir("/proc")) {
+            let me = std::process::id() as i32;
+            for pid in procs
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            {
+                let Ok(c) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                    continue;
+                };
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                let ours = args.contains(&b"supervise".as_slice())
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"-c" && w[1] == config.as_os_str().as_encoded_bytes());
+                if ours && pid != me {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
         if let Some(pid) = fs::read_to_string(&self.0)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
-            let parent = fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                })
-                .filter(|&ppid: &i32| ppid > 1);
-            // A supervisor is a gearshift process running as `supervise` (what `start
-            // --supervise` and a `restart` of a supervised worker exec), never this test process.
-            let supervisor = parent.filter(|&ppid| {
-                ppid != std::process::id() as i32
-                    && fs::read(format!("/proc/{ppid}/cmdline")).is_ok_and(|c| {
-                        let mut args = c.split(|&b| b == 0);
-                        args.next().is_some_and(|a| a.ends_with(b"gearshift"))
-                            && args.any(|a| a == b"supervise")
-                    })
-            });
-            if let Some(sup) = supervisor {
-                let _ = kill(Pid::from_raw(sup), Signal::SIGKILL);
-            }
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
