@@ -1276,11 +1276,7 @@ fn an_amqp_job_abandoned_by_a_restart_is_delivered_again() {
         ),
         "[functions.slow]\ntimeout = \"1s\"\n",
     );
-    let text = fs::read_to_string(sb.config()).unwrap().replace(
-        "allow_root = true",
-        "allow_root = true\nabandon_after = \"1s\"",
-    );
-    fs::write(sb.config(), text).unwrap();
+    sb.add_worker_keys("abandon_after = \"1s\"");
     let publish = format!(
         "import pika\nc = pika.BlockingConnection(pika.URLParameters({:?}))\nch = c.channel()\n\
          ch.queue_declare(queue={queue:?}, durable=True)\n\

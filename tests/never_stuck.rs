@@ -1535,25 +1535,6 @@ fn a_spool_removed_while_the_worker_runs_is_opened_again() {
     );
 }
 
-/// The config of a worker built from `examples/custom_worker` whose Rust function `slow`
-/// ignores its deadline (it sleeps the milliseconds it is given), with a 1 s timeout.
-fn stubborn_config(sb: &Sandbox, source: &str, abandon_after: &str) {
-    let text = sb
-        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
-        .replace(
-            "allow_root = true",
-            &format!("allow_root = true\nabandon_after = \"{abandon_after}\""),
-        );
-    let text = match source {
-        "" => text,
-        s => text.replace(
-            "[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = false\n",
-            s,
-        ),
-    };
-    fs::write(sb.config(), text).unwrap();
-}
-
 /// The one job running now: (id, lane), once there is one.
 fn running_job(w: &Worker) -> (String, u64) {
     let s = w.wait_for(Duration::from_secs(10), "a running job", |s| {
@@ -1575,7 +1556,7 @@ fn running_job(w: &Worker) -> (String, u64) {
 fn a_rust_function_past_its_deadline_holds_a_reload_only_until_abandon_after() {
     let mut sb = Sandbox::new("abandon");
     sb.bin = example("custom_worker");
-    stubborn_config(&sb, "", "2s");
+    sb.write_stubborn_config("", "2s");
     let w = sb.start();
     let id = sb.submit("slow", "60000");
     assert_eq!(running_job(&w).0, id);
@@ -1592,7 +1573,7 @@ fn a_rust_function_past_its_deadline_holds_a_reload_only_until_abandon_after() {
         "the log says so: {log}"
     );
     // With "none" a reload waits for it as before: no generation 3 while it runs.
-    stubborn_config(&sb, "", "none");
+    sb.write_stubborn_config("", "none");
     w.wait_for(Duration::from_secs(20), "generation 3 (the config)", |s| {
         s["generation"] == 3
     });
@@ -1614,8 +1595,7 @@ fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
     let mut sb = Sandbox::new("abandon-gm");
     sb.bin = example("custom_worker");
     let gm = Gearmand::start(&sb.dir, &[]);
-    stubborn_config(
-        &sb,
+    sb.write_stubborn_config(
         &format!(
             "[source]\nkind = \"gearman\"\nservers = [\"{}\"]\n",
             gm.addr()
@@ -1648,7 +1628,7 @@ fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
 fn an_invalid_config_holds_the_abandon_until_it_is_valid_again() {
     let mut sb = Sandbox::new("abandon-invalid");
     sb.bin = example("custom_worker");
-    stubborn_config(&sb, "", "1s");
+    sb.write_stubborn_config("", "1s");
     let good = fs::read_to_string(sb.config()).unwrap();
     let w = sb.start();
     let id = sb.submit("slow", "60000");

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -192,13 +191,7 @@ fn a_restart_that_waits_for_long_jobs_extends_the_service_managers_timeout() {
     let mut sb = Sandbox::new("notify-extend");
     sb.bin = example("custom_worker");
     // A Rust function held past its timeout is not waited for here (see the test below).
-    let text = sb
-        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
-        .replace(
-            "allow_root = true",
-            "allow_root = true\nabandon_after = \"none\"",
-        );
-    fs::write(sb.config(), text).unwrap();
+    sb.write_stubborn_config("", "none");
     let path = sb.path("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let mut w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
@@ -254,13 +247,7 @@ fn a_restart_that_waits_for_long_jobs_extends_the_service_managers_timeout() {
 fn a_reload_held_by_a_rust_function_is_extended_until_its_abandon() {
     let mut sb = Sandbox::new("notify-abandon");
     sb.bin = example("custom_worker");
-    let text = sb
-        .config_text("[functions.slow]\ntimeout = \"1s\"\n")
-        .replace(
-            "allow_root = true",
-            "allow_root = true\nabandon_after = \"12s\"",
-        );
-    fs::write(sb.config(), text).unwrap();
+    sb.write_stubborn_config("", "12s");
     let path = sb.path("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let w = sb.start_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);

@@ -1149,11 +1149,7 @@ fn a_zeromq_job_abandoned_by_a_restart_runs_again() {
         "true",
     );
     z.sb.bin = example("custom_worker");
-    let config = fs::read_to_string(z.sb.config()).unwrap().replace(
-        "allow_root = true",
-        "allow_root = true\nabandon_after = \"1s\"",
-    );
-    fs::write(z.sb.config(), config).unwrap();
+    z.sb.add_worker_keys("abandon_after = \"1s\"");
     let w = z.sb.start();
     let out = z.sb.run(&["submit", "slow", "60000"]);
     assert_eq!(text(&out.stdout).trim(), "TRUE", "{}", text_of(&out));

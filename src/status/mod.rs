@@ -129,6 +129,13 @@ impl LaneSlot {
     pub fn running_ms(&self, now_us: u64) -> u64 {
         now_us.saturating_sub(self.started_us) / 1000
     }
+
+    /// Whether its job has a timeout and has run more than `by_ms` past it at `now_us`.
+    pub fn past_timeout(&self, now_us: u64, by_ms: u64) -> bool {
+        self.busy
+            && self.timeout_ms > 0
+            && self.running_ms(now_us) > self.timeout_ms.saturating_add(by_ms)
+    }
 }
 
 /// What a lane starts running, for `status`.

@@ -100,12 +100,7 @@ impl Control {
             Ok(running) => running
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| {
-                    s.busy
-                        && s.rust
-                        && s.timeout_ms > 0
-                        && s.running_ms(now_us) > s.timeout_ms.saturating_add(grace_ms)
-                })
+                .filter(|(_, s)| s.rust && s.past_timeout(now_us, grace_ms))
                 .map(|(lane, s)| {
                     let ran = s.running_ms(now_us);
                     (lane, s.id.clone(), s.function.clone(), ran, s.timeout_ms)

@@ -83,9 +83,7 @@ impl Control {
         // A Rust function is abandoned `abandon_after` past its timeout: the wait for it ends.
         let abandons = self.plan.config.worker.abandon_after.is_some();
         let held = |s: &crate::status::LaneSlot| {
-            s.timeout_ms > 0
-                && !(s.rust && abandons)
-                && s.running_ms(now_us) > s.timeout_ms + HELD_PAST.as_millis() as u64
+            !(s.rust && abandons) && s.past_timeout(now_us, HELD_PAST.as_millis() as u64)
         };
         let running = self.state.running.lock().ok()?;
         let busy = running.iter().filter(|s| s.busy);

@@ -59,11 +59,31 @@ impl Sandbox {
 
     /// Writes config.toml with extra keys in the [worker] section.
     pub fn write_worker_config(&self, worker_keys: &str) {
-        let text = self.config_text("").replace(
-            "allow_root = true",
-            &format!("allow_root = true\n{worker_keys}"),
-        );
+        let text = with_worker_keys(&self.config_text(""), worker_keys);
         fs::write(self.config(), text).unwrap();
+    }
+
+    /// Adds keys to the [worker] section of the config.toml written (after `allow_root`).
+    pub fn add_worker_keys(&self, worker_keys: &str) {
+        let text = fs::read_to_string(self.config()).unwrap();
+        fs::write(self.config(), with_worker_keys(&text, worker_keys)).unwrap();
+    }
+
+    /// The config of a worker built from `examples/custom_worker` (set `bin` to it), whose Rust
+    /// function `slow` ignores its deadline (it sleeps the milliseconds it is given), with a 1 s
+    /// timeout; `source` replaces the spool's section unless empty.
+    pub fn write_stubborn_config(&self, source: &str, abandon_after: &str) {
+        let text = self.config_text("[functions.slow]\ntimeout = \"1s\"\n");
+        let text = match source {
+            "" => text,
+            s => text.replace(
+                "[source]\nkind = \"spool\"\ndir = \"spool\"\nfsync = false\n",
+                s,
+            ),
+        };
+        let keys = format!("abandon_after = \"{abandon_after}\"");
+        // One write: a worker that reads the config may not see it half made.
+        fs::write(self.config(), with_worker_keys(&text, &keys)).unwrap();
     }
 
     pub fn config(&self) -> PathBuf {
@@ -577,6 +597,11 @@ pub fn all_outcomes(sb: &Sandbox, ids: &[String], limit: Duration) -> Vec<(bool,
             std::thread::sleep(Duration::from_millis(10));
         })
         .collect()
+}
+
+/// `text` (a config from [`Sandbox::config_text`]) with `keys` added to its [worker] section.
+pub fn with_worker_keys(text: &str, keys: &str) -> String {
+    text.replace("allow_root = true", &format!("allow_root = true\n{keys}"))
 }
 
 /// A real gearmand on a free loopback port, stopped (by pid, bounded) when dropped.
