@@ -510,6 +510,18 @@ fn stop_and_see_the_supervisor_go(sb: &Sandbox, sup: i32) {
     );
 }
 
+/// A worker started with `start --supervise` running a 30 s job: (worker, supervisor).
+fn supervised_with_a_long_job(sb: &Sandbox) -> (i32, i32) {
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let worker = pid_of(sb);
+    let sup = supervisor_of(worker);
+    sb.submit("sleep", "30000");
+    eventually(Duration::from_secs(10), "the job running", || {
+        text(&sb.run(&["status"]).stdout).contains("1 running")
+    });
+    (worker, sup)
+}
+
 /// `stop --force` and a second `stop` end a supervised worker's running jobs at once: the
 /// worker dies of the SIGKILL, or exits 1, and its supervisor, which had seen no TERM (`stop`
 /// signals the worker), took that for a crash and started the worker again: `stop` said
@@ -520,13 +532,7 @@ fn a_forced_or_second_stop_of_a_supervised_worker_is_not_undone_by_its_superviso
     for second_stop in [false, true] {
         let sb = Sandbox::new("supervise-force");
         let _reaper = Reaper(sb.path("state/gearshift.pid"));
-        assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
-        let worker = pid_of(&sb);
-        let sup = supervisor_of(worker);
-        sb.submit("sleep", "30000");
-        eventually(Duration::from_secs(10), "the job running", || {
-            text(&sb.run(&["status"]).stdout).contains("1 running")
-        });
+        let (_, sup) = supervised_with_a_long_job(&sb);
         let out = if second_stop {
             let first = sb.run(&["stop", "--timeout", "1s"]);
             assert_eq!(first.status.code(), Some(5), "{}", text_of(&first));
@@ -546,6 +552,33 @@ fn a_forced_or_second_stop_of_a_supervised_worker_is_not_undone_by_its_superviso
             text_of(&st)
         );
     }
+}
+
+/// Two TERMs sent to a supervised worker by hand (`kill -TERM PID` twice, `pkill -TERM` from a
+/// script, not through `stop`): the first is a graceful stop, and a worker that finishes its
+/// jobs exits 0 and is not restarted; the second ends it at once, and it exited 1, which its
+/// supervisor took for a crash: it started the worker again, which ran the interrupted job
+/// again. Under systemd's `Restart=on-failure` the same. A forced stop now ends the worker by
+/// the signal it was sent, as a shell expects (status 143), which a supervisor and systemd take
+/// for the stop it is.
+#[test]
+fn two_terms_sent_by_hand_to_a_supervised_worker_stop_it_for_good() {
+    let sb = Sandbox::new("supervise-two-terms");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let (worker, sup) = supervised_with_a_long_job(&sb);
+    let pid = nix::unistd::Pid::from_raw(worker);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(10), "the worker stopping", || {
+        text(&sb.run(&["status"]).stdout).contains("stopping")
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(10), "the supervisor to exit", || {
+        !process_alive(sup)
+    });
+    let st = sb.run(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "started again: {}", text_of(&st));
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(log.contains("not restarting"), "{log}");
 }
 
 /// `reopen-logs` after logrotate moved a supervised worker's log away: the worker reopened its

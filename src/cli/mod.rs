@@ -88,7 +88,8 @@ enum PriorityArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker in the foreground (for a terminal, systemd or another supervisor).
-    /// Exit codes: 0 after a graceful stop, 1 on a start-up error or a forced stop.
+    /// Exit codes: 0 after a graceful stop, 1 on a start-up error; a forced stop (a second TERM or
+    /// INT) ends it by that signal.
     Run {
         /// Log to this file instead of stderr (what a daemon from `start` re-execs with).
         #[arg(long)]

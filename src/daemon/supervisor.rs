@@ -3,7 +3,7 @@
 //!
 //! The supervisor runs the worker as its child (`run`), forwards HUP, TERM, INT, QUIT and USR1 to
 //! it, and restarts it when it dies abnormally (a signal or a non-zero exit), never after a clean
-//! stop. Restarts back off exponentially; more than `max_restarts` within a minute and the
+//! stop or a death by a stop signal (a forced stop). Restarts back off exponentially; more than `max_restarts` within a minute and the
 //! supervisor gives up loudly. The worker holds the pidfile, so `status`, `stop` and
 //! `kill -1 <worker pid>` work as without a supervisor; the worker learns about its supervisor
 //! (pid, crashes, last exit) from `GEARSHIFT_SUPERVISOR` and shows it in `status`.
@@ -100,7 +100,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
             }
         };
         let reason = describe(status);
-        if stopping || status.is_some_and(|s| s.success()) {
+        if stopping || status.is_some_and(|s| s.success() || stopped(s)) {
             log::info!(
                 "supervisor {}: worker pid {pid} {reason}; not restarting",
                 info.pid
@@ -337,7 +337,7 @@ fn wait_serving(
                 format!(" (stopped by {} as it started)", sig.as_str())
             });
             // Killed by a signal it did not ask for: a crash (SIGSEGV, SIGABRT), not an error.
-            let crashed = stop_sent.is_none() && status.signal().is_some();
+            let crashed = stop_sent.is_none() && status.signal().is_some() && !stopped(status);
             let e = Error::Msg(format!(
                 "the worker {} during start-up{asked}; see {}",
                 describe(Some(status)),
@@ -396,6 +396,15 @@ fn reopen_own_log(path: &Path) {
         Ok(_) => log::info!("supervisor: SIGUSR1: reopened log file {}", path.display()),
         Err(e) => log::error!("supervisor: SIGUSR1: {e}; still writing to the old file"),
     }
+}
+
+/// Ended by a stop signal, which a worker handles: a forced stop (`signals::die_by`), or one
+/// before its handlers were in place. Someone asked it to stop; it is not started again.
+fn stopped(status: ExitStatus) -> bool {
+    status
+        .signal()
+        .and_then(|n| Signal::try_from(n).ok())
+        .is_some_and(crate::ops::signals::is_stop)
 }
 
 fn describe(status: Option<ExitStatus>) -> String {

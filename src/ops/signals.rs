@@ -184,11 +184,11 @@ pub fn on_forced_exit(before: impl Fn() + Send + 'static) {
 }
 
 /// Ends the process from the signal thread, as the control thread would have on the second
-/// stop signal: the hook (the job processes killed), a last word in the log, exit 1. The log
-/// line is written by a thread of its own, waited for at most [`LAST_WORD`]: a writer stuck on
-/// a full pipe or a stalled disk (maybe what wedged the control thread) must not keep the
-/// process alive. `_exit`, not `exit`: the wedged thread may hold locks that exit handlers and
-/// destructors would wait for.
+/// stop signal: the hook (the job processes killed), a last word in the log, the end by that
+/// signal ([`die_by`]). The log line is written by a thread of its own, waited for at most
+/// [`LAST_WORD`]: a writer stuck on a full pipe or a stalled disk (maybe what wedged the
+/// control thread) must not keep the process alive. No exit handlers or destructors run: the
+/// wedged thread may hold locks they would wait for.
 fn forced_exit(sig: Signal) -> ! {
     ON_FORCED_EXIT.call(());
     let (said, heard) = std::sync::mpsc::channel();
@@ -204,6 +204,34 @@ fn forced_exit(sig: Signal) -> ! {
     if spoke.is_ok() {
         let _ = heard.recv_timeout(LAST_WORD);
     }
+    die_by(sig)
+}
+
+/// Ends the process by the stop signal it was sent a second time, once what a forced stop
+/// owes is done: a shell then shows 143 (130 for Ctrl-C), and a supervisor or systemd's
+/// `Restart=on-failure` takes the death for the stop an operator asked for, where an exit 1
+/// looked like a crash and the worker was started again, to run its interrupted jobs at once.
+/// SIGQUIT's default action dumps core, so a forced stop by QUIT ends by TERM. If the signal
+/// does not end the process (it cannot happen), it exits 1 as before.
+pub fn die_by(sig: Signal) -> ! {
+    let sig = if sig == Signal::SIGQUIT {
+        Signal::SIGTERM
+    } else {
+        sig
+    };
+    let default = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigDfl,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: installs the default disposition, which runs no code of ours, replacing the
+    // forwarding handler on the way out of the process.
+    let _ = unsafe { nix::sys::signal::sigaction(sig, &default) };
+    let mut set = SigSet::empty();
+    set.add(sig);
+    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+    // A signal raised by and unblocked in this thread is delivered before raise returns.
+    let _ = nix::sys::signal::raise(sig);
     // SAFETY: _exit ends the process at once; it takes no pointers and never returns.
     unsafe { libc::_exit(1) }
 }

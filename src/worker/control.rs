@@ -309,7 +309,8 @@ impl Control {
                         sig.as_str()
                     );
                     self.children.kill_all();
-                    self.exit(1);
+                    self.wind_up();
+                    signals::die_by(sig);
                 }
                 log::info!(
                     "{}: stopping after {} running job(s) finish (send it again to stop now)",
@@ -403,10 +404,15 @@ impl Control {
     /// job processes go with it): `stop` returns when the lock is free, and a `start` right
     /// after must find nothing of ours left.
     fn exit(&mut self, code: i32) -> ! {
+        self.wind_up();
+        std::process::exit(code)
+    }
+
+    /// What every way out of the process does first.
+    fn wind_up(&mut self) {
         self.pidfile.clear();
         crate::restart::preflight::kill_preflight();
         log::logger().flush();
-        std::process::exit(code)
     }
 
     /// A change-triggered restart has waited out its splay.
