@@ -57,7 +57,12 @@ fn the_readme_manual_steps_work_as_written() {
         text(&out.stderr)
     );
     assert!(stdout.contains("olleh"), "{stdout}");
-    assert!(stdout.contains("gearshift is running"), "{stdout}");
+    // `kill -1` does not wait for the restart (`reload` does): `status` right after it finds
+    // the worker serving, or still restarting (about one run in ten here).
+    assert!(
+        stdout.contains("gearshift is running") || stdout.contains("gearshift is restarting"),
+        "{stdout}"
+    );
     assert!(stdout.contains("stopped"), "{stdout}");
 }
 

@@ -1588,6 +1588,31 @@ fn a_rust_function_past_its_deadline_holds_a_reload_only_until_abandon_after() {
     );
 }
 
+/// A stop held the same way: TERM waited for the Rust function for as long as it ran (for
+/// ever, if it never returned), the worker claiming nothing and stopping never; `gearshift
+/// stop` gave up after its timeout and left it so. The stop abandons it `abandon_after` past
+/// its timeout too: the worker exits 0 and the job runs again at the next start.
+#[test]
+fn a_rust_function_past_its_deadline_holds_a_stop_only_until_abandon_after() {
+    let mut sb = Sandbox::new("abandon-stop");
+    sb.bin = example("custom_worker");
+    sb.write_stubborn_config("", "2s");
+    let mut w = sb.start();
+    let id = sb.submit("slow", "60000");
+    assert_eq!(running_job(&w).0, id);
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", w.log_text());
+    let log = w.log_text();
+    assert!(
+        log.contains(&format!("abandoning job {id}")) && log.contains("the stop goes on"),
+        "the log says so: {log}"
+    );
+    let w = sb.start();
+    let (again, _) = running_job(&w);
+    assert_eq!(again, id, "the abandoned job runs again");
+}
+
 /// The same on Gearman: the abandoned lane's connection is not handed over, so gearmand takes
 /// the job back when the old image's end closes it, and hands it out again.
 #[test]

@@ -24,8 +24,8 @@ pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
-/// How long a restart waits past a Rust function's timeout before it abandons the job
-/// (`[worker] abandon_after`).
+/// How long a restart or a stop waits past a Rust function's timeout before it abandons the
+/// job (`[worker] abandon_after`).
 pub const DEFAULT_ABANDON_AFTER: Duration = Duration::from_secs(60);
 use messages::{explain_at, line_col};
 use parse::{functions, metrics, source, worker, Cx};
@@ -99,8 +99,8 @@ pub struct Worker {
     /// Every job process starts with this `oom_score_adj` (never below the worker's own), so
     /// the kernel's OOM killer takes a job's processes before the worker.
     pub job_oom_score_adj: i32,
-    /// A restart that waits for a Rust function this long past its timeout abandons it (the
-    /// job runs again, as after a kill); None (`"none"`): it waits for it however long it runs.
+    /// A restart or a stop that waits for a Rust function this long past its timeout abandons
+    /// it (the job runs again, as after a kill); None (`"none"`): it waits however long it runs.
     pub abandon_after: Option<Duration>,
 }
 

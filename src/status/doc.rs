@@ -250,8 +250,9 @@ impl RunningJob {
                 (self.running_ms - t) as f64 / 1000.0,
                 if self.rust {
                     "(a Rust function: nothing ends it before it returns, and it must return by \
-                     job.deadline(); a reload abandons it `abandon_after` past its timeout, a \
-                     second `stop` ends the worker now, and either way the job runs again)"
+                     job.deadline(); a reload or a stop abandons it `abandon_after` past its \
+                     timeout, a second `stop` ends the worker now, and either way the job runs \
+                     again)"
                 } else {
                     "(its processes were killed and have not all died yet)"
                 }

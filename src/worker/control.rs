@@ -371,6 +371,13 @@ impl Control {
                 log::error!("exiting (status 1) for the supervisor to start the worker afresh");
                 self.exit(1);
             }
+            Phase::Stopping if self.abandoned > 0 => {
+                log::warn!(
+                    "stopped, leaving {} abandoned job(s) to run again at the next start",
+                    self.abandoned
+                );
+                self.exit(0);
+            }
             Phase::Stopping => {
                 log::info!("stopped");
                 self.exit(0);

@@ -1,8 +1,9 @@
-//! The lanes: spawning them, halting them, and what a restart does about a lane it cannot wait
-//! for. A Rust function cannot be ended before it returns; one that ignores `job.deadline()`
-//! held every restart for as long as it ran (for ever, if it never returned). A restart that
-//! waits only for such functions, each `abandon_after` past its timeout, abandons them: the exec
-//! goes on and their threads end with the image. What they held is given back as after a kill:
+//! The lanes: spawning them, halting them, and what a restart or a stop does about a lane it
+//! cannot wait for. A Rust function cannot be ended before it returns; one that ignores
+//! `job.deadline()` held every restart and every stop for as long as it ran (for ever, if it
+//! never returned). A restart or a stop that waits only for such functions, each
+//! `abandon_after` past its timeout, abandons them: the exec (or the exit) goes on and their
+//! threads end with the image. What they held is given back as after a kill:
 //! the spool's next generation finds the job in `cur/` and queues it again (an interrupted run,
 //! counted against `max_attempts`); a Gearman lane's connection is not handed over, so
 //! gearmand takes the job back when the exec closes it; an AMQP session ends at every exec,
@@ -15,8 +16,8 @@ use super::control::{Control, Loop, Phase};
 use super::lane::{DoneGuard, LaneContext};
 use crate::error::{Error, Result};
 
-/// How often a restart that waits for running jobs looks for Rust functions held past
-/// `abandon_after`.
+/// How often a restart or a stop that waits for running jobs looks for Rust functions held
+/// past `abandon_after`.
 const HELD_LOOK: Duration = Duration::from_secs(1);
 
 impl Control {
@@ -74,10 +75,10 @@ impl Control {
         Ok(())
     }
 
-    /// When to look for held Rust functions next: while a restart waits for running jobs and
-    /// `abandon_after` is set, once a second.
+    /// When to look for held Rust functions next: while a restart or a stop waits for running
+    /// jobs and `abandon_after` is set, once a second.
     pub(super) fn held_look_at(&self, lp: &mut Loop) -> Option<Instant> {
-        let waiting = matches!(lp.phase, Phase::Draining { .. }) && lp.live > 0;
+        let waiting = matches!(lp.phase, Phase::Draining { .. } | Phase::Stopping) && lp.live > 0;
         if !waiting || self.plan.config.worker.abandon_after.is_none() {
             lp.held_look = None;
         } else if lp.held_look.is_none() {
@@ -86,9 +87,9 @@ impl Control {
         lp.held_look
     }
 
-    /// Abandons the lanes a restart waits for if every one of them runs a Rust function held
-    /// `abandon_after` past its timeout (while any runs something else, that ends by itself,
-    /// the restart waits on), and goes on with the restart.
+    /// Abandons the lanes a restart or a stop waits for if every one of them runs a Rust
+    /// function held `abandon_after` past its timeout (while any runs something else, that ends
+    /// by itself, it waits on), and goes on with the restart or the stop.
     pub(super) fn abandon_held(&mut self, lp: &mut Loop) -> Result<()> {
         lp.held_look = None;
         let Some(grace) = self.plan.config.worker.abandon_after else {
@@ -114,7 +115,8 @@ impl Control {
         // Only for a restart that will happen: a refused one after the abandon would leave
         // the worker beside a thread it gave up, so it would have to exit. It waits instead
         // (a change to the files clears `prepared`: looked at again at the next look).
-        if self.prepared.is_none() {
+        let stopping = matches!(lp.phase, Phase::Stopping);
+        if !stopping && self.prepared.is_none() {
             match self.prepare() {
                 Ok(plan) => self.prepared = Some(plan),
                 Err(e) => {
@@ -131,9 +133,14 @@ impl Control {
             }
         }
         let ms = |ms: u64| crate::jobs::executable::fmt_duration(Duration::from_millis(ms));
+        let (what, when) = if stopping {
+            ("stop", "at the next start ")
+        } else {
+            ("restart", "")
+        };
         for (lane, id, function, ran, timeout) in &held {
             log::warn!(
-                "abandoning job {} ({}) on lane {lane}: the Rust function has run {}, {} past its {} timeout and abandon_after ({}); the restart goes on, its thread ends with this image, and the job runs again (an interrupted run)",
+                "abandoning job {} ({}) on lane {lane}: the Rust function has run {}, {} past its {} timeout and abandon_after ({}); the {what} goes on, its thread ends with this image, and the job runs again {when}(an interrupted run)",
                 crate::text::escape(id),
                 crate::text::escape(function),
                 ms(*ran),
