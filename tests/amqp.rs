@@ -1257,7 +1257,8 @@ fn a_message_that_ends_the_worker_is_dead_lettered_after_max_attempts() {
 /// A restart abandons a Rust function that ignores its deadline once it is `abandon_after`
 /// past its timeout (tests/never_stuck.rs has the spool and Gearman cases): the AMQP session
 /// ends with the old image, so the broker delivers the unacknowledged job again, flagged
-/// `redelivered`, and the new generation runs it.
+/// `redelivered`, and the new generation runs it. A stop abandons it too, and the next start
+/// runs it.
 #[test]
 fn an_amqp_job_abandoned_by_a_restart_is_delivered_again() {
     if !Rabbit::available("an_amqp_job_abandoned_by_a_restart_is_delivered_again") {
@@ -1301,5 +1302,16 @@ fn an_amqp_job_abandoned_by_a_restart_is_delivered_again() {
     assert_eq!(first["generation"], 1);
     assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
     // Still one message, held by the new session: nothing lost, nothing doubled.
+    assert_eq!(r.depth(&queue), (0, 1));
+    // A stop abandons it the same way: the worker exits, the broker gets the message back,
+    // and the next start runs it.
+    let mut w = w;
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", w.log_text());
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(30), "the next start running it", |s| {
+        s["running_jobs"].as_array().is_some_and(|r| r.len() == 1)
+    });
     assert_eq!(r.depth(&queue), (0, 1));
 }

@@ -1614,7 +1614,8 @@ fn a_rust_function_past_its_deadline_holds_a_stop_only_until_abandon_after() {
 }
 
 /// The same on Gearman: the abandoned lane's connection is not handed over, so gearmand takes
-/// the job back when the old image's end closes it, and hands it out again.
+/// the job back when the old image's end closes it, and hands it out again; after a stop, to
+/// the next start.
 #[test]
 fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
     let mut sb = Sandbox::new("abandon-gm");
@@ -1643,6 +1644,14 @@ fn a_gearman_job_abandoned_by_a_restart_is_handed_out_again() {
     });
     let (again, _) = running_job(&w);
     assert_eq!(again, handle, "gearmand hands the same job out again");
+    // A stop abandons it the same way: the exit closes the connection, and the next start
+    // gets the job.
+    let mut w = w;
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", w.log_text());
+    let w = sb.start();
+    assert_eq!(running_job(&w).0, handle, "handed out at the next start");
 }
 
 /// A config made invalid while a restart waits for a Rust function held past its deadline:

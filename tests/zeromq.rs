@@ -1140,29 +1140,41 @@ fn a_bind_host_the_resolver_never_answers_holds_no_start() {
 /// A restart abandons a Rust function that ignores its deadline once it is `abandon_after`
 /// past its timeout (tests/never_stuck.rs): a job the ingress handed straight to the lane
 /// (`reply = "true"`: no file, only its journal record) is queued again by the new generation
-/// from the segment the exec left unsealed, and runs again.
+/// from the segment the exec left unsealed, and runs again. A stop abandons it the same way,
+/// and the next start runs it again.
 #[test]
-fn a_zeromq_job_abandoned_by_a_restart_runs_again() {
-    let mut z = setup_reply(
-        "zmq-abandon",
-        "\n[functions.slow]\ntimeout = \"1s\"\n",
-        "true",
-    );
-    z.sb.bin = example("custom_worker");
-    z.sb.add_worker_keys("abandon_after = \"1s\"");
-    let w = z.sb.start();
-    let out = z.sb.run(&["submit", "slow", "60000"]);
-    assert_eq!(text(&out.stdout).trim(), "TRUE", "{}", text_of(&out));
-    let running = |s: &Value| {
-        s["running_jobs"]
-            .as_array()
-            .is_some_and(|r| r.len() == 1 && r[0]["function"] == "slow")
-    };
-    w.wait_for(Duration::from_secs(10), "the job running", running);
-    w.signal(Signal::SIGHUP);
-    w.wait_for(Duration::from_secs(20), "generation 2", |s| {
-        s["generation"] == 2
-    });
-    w.wait_for(Duration::from_secs(30), "the job running again", running);
-    assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
+fn a_zeromq_job_abandoned_by_a_restart_or_a_stop_runs_again() {
+    for stop in [false, true] {
+        let mut z = setup_reply(
+            "zmq-abandon",
+            "\n[functions.slow]\ntimeout = \"1s\"\n",
+            "true",
+        );
+        z.sb.bin = example("custom_worker");
+        z.sb.add_worker_keys("abandon_after = \"1s\"");
+        let mut w = z.sb.start();
+        let out = z.sb.run(&["submit", "slow", "60000"]);
+        assert_eq!(text(&out.stdout).trim(), "TRUE", "{}", text_of(&out));
+        let running = |s: &Value| {
+            s["running_jobs"]
+                .as_array()
+                .is_some_and(|r| r.len() == 1 && r[0]["function"] == "slow")
+        };
+        w.wait_for(Duration::from_secs(10), "the job running", running);
+        if stop {
+            w.signal(Signal::SIGTERM);
+            let status = w.wait_exit(Duration::from_secs(20));
+            assert_eq!(status.code(), Some(0), "{}", w.log_text());
+            assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
+            let w = z.sb.start();
+            w.wait_for(Duration::from_secs(30), "the job running again", running);
+            continue;
+        }
+        w.signal(Signal::SIGHUP);
+        w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+            s["generation"] == 2
+        });
+        w.wait_for(Duration::from_secs(30), "the job running again", running);
+        assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
+    }
 }
