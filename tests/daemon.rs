@@ -824,3 +824,83 @@ fn a_state_dir_deeper_than_a_socket_address_holds_still_serves() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert!(!pidfile.exists() || fs::read_to_string(&pidfile).unwrap().trim().is_empty());
 }
+
+/// A cgroup named like a systemd service, made for a test in the systemd hierarchy this
+/// kernel mounts (cgroup v1's `name=systemd`, else the unified one), removed at the end (its
+/// processes moved back to the root first).
+struct ServiceCgroup(std::path::PathBuf);
+
+impl ServiceCgroup {
+    fn make(name: &str) -> Option<ServiceCgroup> {
+        let root = [
+            "/sys/fs/cgroup/systemd",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup",
+        ]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|r| r.join("cgroup.procs").exists())?;
+        let dir = root
+            .join(format!("{name}.slice"))
+            .join(format!("{name}.service"));
+        fs::create_dir_all(&dir).ok()?;
+        Some(ServiceCgroup(dir))
+    }
+
+    fn take(&self, pid: i32) -> bool {
+        fs::write(self.0.join("cgroup.procs"), pid.to_string()).is_ok()
+    }
+}
+
+impl Drop for ServiceCgroup {
+    fn drop(&mut self) {
+        let root = self
+            .0
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|r| r.join("cgroup.procs"));
+        if let (Ok(procs), Some(root)) = (fs::read_to_string(self.0.join("cgroup.procs")), root) {
+            for p in procs.lines() {
+                let _ = fs::write(&root, p);
+            }
+        }
+        let _ = fs::remove_dir(&self.0);
+        if let Some(slice) = self.0.parent() {
+            let _ = fs::remove_dir(slice);
+        }
+    }
+}
+
+/// `stop --force` of a worker that is a systemd service's main process: the SIGKILL is a crash
+/// to systemd, and `Restart=on-failure` (as shipped) starts the worker again, which runs the
+/// killed jobs again at once, while `stop` said "killed". It still kills (it was asked to), and
+/// now says so, with `systemctl stop` for what stops the unit.
+#[test]
+fn stop_force_of_a_systemd_service_says_systemd_starts_it_again() {
+    const TEST: &str = "stop_force_of_a_systemd_service_says_systemd_starts_it_again";
+    let sb = Sandbox::new("systemd-force");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
+    let worker = pid_of(&sb);
+    if supervisor_of(worker) != 1 {
+        return skip(TEST, "the daemon's parent is a subreaper, not PID 1");
+    }
+    let name = format!("gs-test-{}", std::process::id());
+    let Some(cgroup) = ServiceCgroup::make(&name).filter(|c| c.take(worker)) else {
+        return skip(TEST, "no writable systemd cgroup hierarchy");
+    };
+    sb.submit("sleep", "30000");
+    eventually(Duration::from_secs(10), "the job running", || {
+        text(&sb.run(&["status"]).stdout).contains("1 running")
+    });
+    let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains(&format!("systemd unit {name}.service"))
+            && said.contains(&format!("systemctl stop {name}.service")),
+        "{said}"
+    );
+    assert!(!process_alive(worker));
+    drop(cgroup);
+}

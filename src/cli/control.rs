@@ -348,6 +348,16 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
             let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
                 .map(|s| running_job_names(&s))
                 .unwrap_or_default();
+            // A service's main process killed is a crash to systemd: its Restart= starts it
+            // again (a supervisor of ours, which had the TERM, takes it for the stop it is).
+            if via == target {
+                if let Some(unit) = super::locate::systemd_unit(pid) {
+                    let unit = crate::text::escape(&unit);
+                    eprintln!(
+                        "note: pid {pid} is the main process of systemd unit {unit}, which takes a SIGKILL for a crash: Restart=on-failure (as in scripts/gearshift.service) starts it again; `systemctl stop {unit}` stops the unit"
+                    );
+                }
+            }
             // Job processes run in their own process groups: the worker's death does not end
             // them, and a spool job would otherwise run twice at once. Find them while they
             // are still the worker's children, then kill the worker, then them.

@@ -102,6 +102,31 @@ pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
     ours.then_some(ppid)
 }
 
+/// The systemd service that runs worker `pid`, when it is one's main process as far as the
+/// kernel tells: a child of PID 1 in a `.service` cgroup (`Type=notify` running `run`, or a
+/// forking unit running `start`). A worker started from a shell or by `start --supervise` is
+/// not one.
+pub(super) fn systemd_unit(pid: i32) -> Option<String> {
+    if crate::ops::procfs::Stat::of(Some(pid))?.ppid != 1 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    unit_in(&text).map(str::to_string)
+}
+
+/// The deepest `.service` in the systemd hierarchy of a `/proc/PID/cgroup` text (the named
+/// v1 hierarchy, or the unified one).
+fn unit_in(cgroup: &str) -> Option<&str> {
+    let named = cgroup.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        rest.strip_prefix("name=systemd:")
+    });
+    let path = named.or_else(|| cgroup.lines().find_map(|l| l.strip_prefix("0::")))?;
+    path.split('/')
+        .rev()
+        .find(|c| c.len() > ".service".len() && c.ends_with(".service"))
+}
+
 /// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
 pub(super) fn continue_stopped(pid: i32) {
     if stopped(pid).is_some() {
@@ -186,4 +211,25 @@ fn running_elsewhere(config: &Path, configured: &Path) -> Option<PathBuf> {
     let recorded = crate::ops::layout::recorded_state_dir(config).filter(|r| r != configured)?;
     let probe = crate::ops::pidfile::probe(&recorded.join(crate::ops::layout::PIDFILE)).ok()?;
     matches!(probe, crate::ops::pidfile::Probe::Running(_)).then_some(recorded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unit_in;
+
+    #[test]
+    fn the_service_is_read_from_the_systemd_hierarchy() {
+        let hybrid = "9:name=systemd:/system.slice/gearshift.service\n8:pids:/system.slice\n0::/\n";
+        assert_eq!(unit_in(hybrid), Some("gearshift.service"));
+        let unified = "0::/system.slice/gearshift.service\n";
+        assert_eq!(unit_in(unified), Some("gearshift.service"));
+        let user = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/jobs.service\n";
+        assert_eq!(unit_in(user), Some("jobs.service"));
+        assert_eq!(
+            unit_in("0::/user.slice/user-1000.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(unit_in("9:name=systemd:/\n0::/\n"), None);
+        assert_eq!(unit_in("0::/x/.service\n"), None);
+    }
 }
