@@ -871,23 +871,43 @@ impl Drop for ServiceCgroup {
     }
 }
 
+/// A worker started as a systemd service's would be: by `start` with the `INVOCATION_ID`
+/// systemd gives its services, a child of PID 1, moved into a cgroup named like a service.
+/// None (the test skipped) where the daemon's parent is a subreaper or no cgroup can be made.
+fn service_worker(sb: &Sandbox, test: &str) -> Option<(i32, String, ServiceCgroup)> {
+    let out = sb
+        .cmd(&["start"])
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let worker = pid_of(sb);
+    if supervisor_of(worker) != 1 {
+        skip(test, "the daemon's parent is a subreaper, not PID 1");
+        return None;
+    }
+    // Named after the sandbox: the tests of this binary run at once.
+    let name = sb.dir.file_name().unwrap().to_string_lossy().into_owned();
+    let Some(cgroup) = ServiceCgroup::make(&name).filter(|c| c.take(worker)) else {
+        skip(test, "no writable systemd cgroup hierarchy");
+        return None;
+    };
+    Some((worker, format!("{name}.service"), cgroup))
+}
+
 /// `stop --force` of a worker that is a systemd service's main process: the SIGKILL is a crash
 /// to systemd, and `Restart=on-failure` (as shipped) starts the worker again, which runs the
 /// killed jobs again at once, while `stop` said "killed". It still kills (it was asked to), and
 /// now says so, with `systemctl stop` for what stops the unit.
 #[test]
 fn stop_force_of_a_systemd_service_says_systemd_starts_it_again() {
-    const TEST: &str = "stop_force_of_a_systemd_service_says_systemd_starts_it_again";
     let sb = Sandbox::new("systemd-force");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
-    let worker = pid_of(&sb);
-    if supervisor_of(worker) != 1 {
-        return skip(TEST, "the daemon's parent is a subreaper, not PID 1");
-    }
-    let name = format!("gs-test-{}", std::process::id());
-    let Some(cgroup) = ServiceCgroup::make(&name).filter(|c| c.take(worker)) else {
-        return skip(TEST, "no writable systemd cgroup hierarchy");
+    let Some((worker, unit, _cgroup)) = service_worker(
+        &sb,
+        "stop_force_of_a_systemd_service_says_systemd_starts_it_again",
+    ) else {
+        return;
     };
     sb.submit("sleep", "30000");
     eventually(Duration::from_secs(10), "the job running", || {
@@ -897,10 +917,60 @@ fn stop_force_of_a_systemd_service_says_systemd_starts_it_again() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let said = text(&out.stderr);
     assert!(
-        said.contains(&format!("systemd unit {name}.service"))
-            && said.contains(&format!("systemctl stop {name}.service")),
+        said.contains(&format!("systemd unit {unit}"))
+            && said.contains(&format!("systemctl stop {unit}")),
         "{said}"
     );
     assert!(!process_alive(worker));
-    drop(cgroup);
+}
+
+/// `restart` of a worker that is a systemd service's main process stopped the unit's worker
+/// (a clean exit: systemd leaves the unit stopped) and started the new one from the caller's
+/// shell, outside the unit: no `Restart=`, its log not in the journal, ended with the session.
+/// It is refused now, the worker left running, with what restarts it under systemd.
+#[test]
+fn restart_of_a_systemd_service_is_refused_and_says_what_restarts_it() {
+    let sb = Sandbox::new("systemd-restart");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let Some((worker, unit, _cgroup)) = service_worker(
+        &sb,
+        "restart_of_a_systemd_service_is_refused_and_says_what_restarts_it",
+    ) else {
+        return;
+    };
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains(&format!("systemctl restart {unit}")) && said.contains("gearshift reload"),
+        "{said}"
+    );
+    assert_eq!(pid_of(&sb), worker, "the worker runs on");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A worker that a deploy agent running as a service started (`start` from inside that
+/// service: a child of PID 1 with the service's `INVOCATION_ID`, in its cgroup) is not that
+/// service's main process, which is the agent: its `restart` goes on as anywhere else.
+#[test]
+fn a_worker_beside_another_service_process_restarts_as_usual() {
+    let sb = Sandbox::new("systemd-beside");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let Some((worker, _, cgroup)) = service_worker(
+        &sb,
+        "a_worker_beside_another_service_process_restarts_as_usual",
+    ) else {
+        return;
+    };
+    let mut agent = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    assert!(cgroup.take(agent.id() as i32));
+    let out = sb.run(&["restart"]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_ne!(pid_of(&sb), worker, "restarted");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

@@ -76,7 +76,6 @@ pub(super) fn stopped(pid: i32) -> Option<String> {
 /// (the kernel's word: the worker's own status never chooses whom the CLI signals), owned by
 /// the caller, and running as `supervise` for this very config.
 pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
-    use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let ppid = crate::ops::procfs::Stat::of(Some(pid))?.ppid;
@@ -88,12 +87,7 @@ pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
         return None;
     }
     let config = crate::config::absolute(config).ok()?;
-    let mut cmdline = Vec::new();
-    std::fs::File::open(format!("/proc/{ppid}/cmdline"))
-        .ok()?
-        .take(1 << 16)
-        .read_to_end(&mut cmdline)
-        .ok()?;
+    let cmdline = proc_list(ppid, "cmdline", 1 << 16)?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args.contains(&b"supervise".as_slice())
         && args
@@ -102,29 +96,100 @@ pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
     ours.then_some(ppid)
 }
 
-/// The systemd service that runs worker `pid`, when it is one's main process as far as the
-/// kernel tells: a child of PID 1 in a `.service` cgroup (`Type=notify` running `run`, or a
-/// forking unit running `start`). A worker started from a shell or by `start --supervise` is
-/// not one.
+/// The systemd service whose main process worker `pid` is, as far as the kernel tells: a
+/// child of PID 1, with the `INVOCATION_ID` systemd gives a service's processes, in a
+/// `.service` cgroup that holds nothing but it and its descendants (`Type=notify` running
+/// `run`, or a forking unit running `start`). Not one: a worker started from a shell, by
+/// `start --supervise`, by cron (in `cron.service`'s cgroup, with cron's environment), or by a
+/// deploy agent's service (in that service's cgroup, beside the agent, its main process).
 pub(super) fn systemd_unit(pid: i32) -> Option<String> {
     if crate::ops::procfs::Stat::of(Some(pid))?.ppid != 1 {
         return None;
     }
+    let environ = proc_list(pid, "environ", 1 << 20)?;
+    if !environ
+        .split(|b| *b == 0)
+        .any(|v| v.starts_with(b"INVOCATION_ID="))
+    {
+        return None;
+    }
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    unit_in(&text).map(str::to_string)
+    let (named, path) = systemd_path(&text)?;
+    let unit = unit_of(path)?;
+    let mount = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let dir = hierarchy(&mount, named)?.join(path.trim_start_matches('/'));
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let alone = procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .all(|p| descends(p, pid));
+    alone.then(|| unit.to_string())
 }
 
-/// The deepest `.service` in the systemd hierarchy of a `/proc/PID/cgroup` text (the named
-/// v1 hierarchy, or the unified one).
-fn unit_in(cgroup: &str) -> Option<&str> {
+/// `/proc/PID/NAME` (a list of NUL-ended strings: `cmdline`, `environ`), read up to `bound`.
+fn proc_list(pid: i32, name: &str, bound: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/{name}"))
+        .ok()?
+        .take(bound)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
+}
+
+/// The path in the systemd hierarchy of a `/proc/PID/cgroup` text: the named v1 hierarchy
+/// (true), else the unified one.
+fn systemd_path(cgroup: &str) -> Option<(bool, &str)> {
     let named = cgroup.lines().find_map(|l| {
         let (_, rest) = l.split_once(':')?;
         rest.strip_prefix("name=systemd:")
     });
-    let path = named.or_else(|| cgroup.lines().find_map(|l| l.strip_prefix("0::")))?;
+    match named {
+        Some(path) => Some((true, path)),
+        None => cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| (false, p)),
+    }
+}
+
+/// The deepest `.service` of a cgroup path.
+fn unit_of(path: &str) -> Option<&str> {
     path.split('/')
         .rev()
         .find(|c| c.len() > ".service".len() && c.ends_with(".service"))
+}
+
+/// Where the systemd hierarchy (`named`: cgroup v1's `name=systemd`, else cgroup2) is mounted
+/// with its root, from a `/proc/self/mountinfo` text.
+fn hierarchy(mountinfo: &str, named: bool) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let dash = fields.iter().position(|f| *f == "-")?;
+        let (fstype, opts) = (*fields.get(dash + 1)?, *fields.get(dash + 3)?);
+        let ours = if named {
+            fstype == "cgroup" && opts.split(',').any(|o| o == "name=systemd")
+        } else {
+            fstype == "cgroup2"
+        };
+        let mount = fields.get(4)?;
+        (ours && fields.get(3) == Some(&"/")).then(|| PathBuf::from(mount))
+    })
+}
+
+/// Whether `p` is `ancestor` or descends from it.
+fn descends(mut p: i32, ancestor: i32) -> bool {
+    for _ in 0..64 {
+        if p == ancestor {
+            return true;
+        }
+        match crate::ops::procfs::Stat::of(Some(p)) {
+            Some(s) if s.ppid > 1 => p = s.ppid,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
@@ -215,7 +280,11 @@ fn running_elsewhere(config: &Path, configured: &Path) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::unit_in;
+    use super::{hierarchy, systemd_path, unit_of};
+
+    fn unit_in(cgroup: &str) -> Option<&str> {
+        unit_of(systemd_path(cgroup)?.1)
+    }
 
     #[test]
     fn the_service_is_read_from_the_systemd_hierarchy() {
@@ -231,5 +300,25 @@ mod tests {
         );
         assert_eq!(unit_in("9:name=systemd:/\n0::/\n"), None);
         assert_eq!(unit_in("0::/x/.service\n"), None);
+    }
+
+    #[test]
+    fn the_hierarchy_is_found_where_it_is_mounted_with_its_root() {
+        let mountinfo =
+            "35 25 0:30 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd\n\
+             36 25 0:31 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+             37 25 0:32 /inner /mnt/cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            hierarchy(mountinfo, true),
+            Some("/sys/fs/cgroup/systemd".into())
+        );
+        assert_eq!(
+            hierarchy(mountinfo, false),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            hierarchy("37 25 0:32 /inner /mnt/cg rw - cgroup2 cgroup2 rw\n", false),
+            None
+        );
     }
 }
