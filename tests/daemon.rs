@@ -940,6 +940,11 @@ fn restart_of_a_systemd_service_is_refused_and_says_what_restarts_it() {
     ) else {
         return;
     };
+    let st = text(&sb.run(&["status"]).stdout);
+    assert!(
+        st.contains(&format!("main process of systemd unit {unit}")),
+        "{st}"
+    );
     let out = sb.run(&["restart"]);
     assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
     let said = text(&out.stderr);
@@ -969,6 +974,8 @@ fn a_worker_beside_another_service_process_restarts_as_usual() {
         .spawn()
         .unwrap();
     assert!(cgroup.take(agent.id() as i32));
+    let st = text(&sb.run(&["status"]).stdout);
+    assert!(!st.contains("systemd unit"), "{st}");
     let out = sb.run(&["restart"]);
     let _ = agent.kill();
     let _ = agent.wait();
