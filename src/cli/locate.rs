@@ -87,7 +87,7 @@ pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
         return None;
     }
     let config = crate::config::absolute(config).ok()?;
-    let cmdline = proc_list(ppid, "cmdline", 1 << 16)?;
+    let cmdline = read_bounded(format!("/proc/{ppid}/cmdline"), 1 << 16)?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let ours = args.contains(&b"supervise".as_slice())
         && args
@@ -106,31 +106,33 @@ pub(super) fn systemd_unit(pid: i32) -> Option<String> {
     if crate::ops::procfs::Stat::of(Some(pid))?.ppid != 1 {
         return None;
     }
-    let environ = proc_list(pid, "environ", 1 << 20)?;
+    let environ = read_bounded(format!("/proc/{pid}/environ"), 1 << 20)?;
     if !environ
         .split(|b| *b == 0)
         .any(|v| v.starts_with(b"INVOCATION_ID="))
     {
         return None;
     }
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    // Each read bounded: a text cut short finds nothing, and nothing is said.
+    let text = String::from_utf8(read_bounded(format!("/proc/{pid}/cgroup"), 1 << 16)?).ok()?;
     let (named, path) = systemd_path(&text)?;
     let unit = unit_of(path)?;
-    let mount = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount =
+        String::from_utf8_lossy(&read_bounded("/proc/self/mountinfo", 1 << 20)?).into_owned();
     let dir = hierarchy(&mount, named)?.join(path.trim_start_matches('/'));
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    let alone = procs
+    let procs = read_bounded(dir.join("cgroup.procs"), 1 << 20)?;
+    let alone = String::from_utf8_lossy(&procs)
         .lines()
         .filter_map(|l| l.trim().parse::<i32>().ok())
         .all(|p| descends(p, pid));
     alone.then(|| unit.to_string())
 }
 
-/// `/proc/PID/NAME` (a list of NUL-ended strings: `cmdline`, `environ`), read up to `bound`.
-fn proc_list(pid: i32, name: &str, bound: u64) -> Option<Vec<u8>> {
+/// A file the kernel writes (under `/proc`, a cgroup's), read up to `bound` bytes.
+fn read_bounded(path: impl AsRef<Path>, bound: u64) -> Option<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    std::fs::File::open(format!("/proc/{pid}/{name}"))
+    std::fs::File::open(path)
         .ok()?
         .take(bound)
         .read_to_end(&mut bytes)

@@ -25,14 +25,13 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
     let state_dir = &plan.config.worker.state_dir;
     let running = locate::running(path).ok();
     // A systemd service's worker stopped from here would be started again outside its unit.
-    if let Some(unit) = running
+    let unit = running
         .as_ref()
-        .and_then(|(pid, _, _)| locate::systemd_unit(*pid))
-    {
+        .and_then(|(pid, _, _)| locate::systemd_unit(*pid).map(|u| (*pid, u)));
+    if let Some((pid, unit)) = unit {
         let unit = crate::text::escape(&unit);
         return Err(Error::Msg(format!(
-            "not restarted: pid {} is the main process of systemd unit {unit}, and a restart from here would start the new worker outside it (no Restart=, its log not in the journal, ended with this session); `systemctl restart {unit}` restarts the unit, `gearshift reload` (or `systemctl reload {unit}`) restarts the worker in place",
-            running.as_ref().map_or(0, |r| r.0)
+            "not restarted: pid {pid} is the main process of systemd unit {unit}, and a restart from here would start the new worker outside it (no Restart=, its log not in the journal, ended with this session); `systemctl restart {unit}` restarts the unit, `gearshift reload` (or `systemctl reload {unit}`) restarts the worker in place"
         )));
     }
     // When this restart switches binaries, the running one, kept for a rollback if the new one

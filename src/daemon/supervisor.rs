@@ -3,10 +3,10 @@
 //!
 //! The supervisor runs the worker as its child (`run`), forwards HUP, TERM, INT, QUIT and USR1 to
 //! it, and restarts it when it dies abnormally (a signal or a non-zero exit), never after a clean
-//! stop or a death by a stop signal (a forced stop). Restarts back off exponentially; more than `max_restarts` within a minute and the
-//! supervisor gives up loudly. The worker holds the pidfile, so `status`, `stop` and
-//! `kill -1 <worker pid>` work as without a supervisor; the worker learns about its supervisor
-//! (pid, crashes, last exit) from `GEARSHIFT_SUPERVISOR` and shows it in `status`.
+//! stop or a death by a stop signal (a forced stop). Restarts back off exponentially; more than
+//! `max_restarts` within a minute and it gives up loudly. The worker holds the pidfile, so
+//! `status`, `stop` and `kill -1 <worker pid>` work as without a supervisor; it learns of its
+//! supervisor (pid, crashes, last exit) from `GEARSHIFT_SUPERVISOR`, shown in `status`.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
