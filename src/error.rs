@@ -5,6 +5,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::text::ShowPath;
+
 /// Everything that can go wrong outside a job (a failing job is a [`crate::JobError`], not this).
 #[derive(Debug)]
 pub enum Error {
@@ -74,7 +76,7 @@ impl Error {
     /// Wraps an I/O error about a path: `"{verb} \"{path}\""`.
     pub fn io_path(verb: &str, path: &Path, source: io::Error) -> Error {
         Error::Io {
-            about: format!("{verb} \"{}\"", path.display()),
+            about: format!("{verb} \"{}\"", path.shown()),
             source,
         }
     }
@@ -125,11 +127,11 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     "already running (pid {pid}): \"{}\" is locked",
-                    what.display()
+                    what.shown()
                 )
             }
             Error::Locked { what, pid: None } => {
-                write!(f, "already running: \"{}\" is locked", what.display())
+                write!(f, "already running: \"{}\" is locked", what.shown())
             }
             Error::NotRunning => f.write_str("not running"),
         }

@@ -6,7 +6,8 @@
 //! file). A leaf module.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::path::Path;
 
 /// `s` with every character that could act on a terminal or split a line escaped (`\n`, `\r`,
 /// `\t`, `\e`, `\xNN`, `\u{NNNN}`); borrowed when there is nothing to escape.
@@ -65,6 +66,29 @@ pub fn invalid_as_hex(b: &[u8]) -> String {
     out
 }
 
+/// A path as a message shows it: [`escape_bytes`] of its bytes. `Path::display` keeps line
+/// breaks and control characters (which the CLI's `escape_lines` keeps too, for messages with
+/// a hint on a line of their own) and shows invalid UTF-8 as U+FFFD.
+pub struct Shown<'a>(&'a Path);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escape_bytes(self.0.as_os_str().as_encoded_bytes()))
+    }
+}
+
+/// `.shown()` on a path, where a message would use `.display()`.
+pub trait ShowPath {
+    /// The path escaped for a person or a log parser (see [`Shown`]).
+    fn shown(&self) -> Shown<'_>;
+}
+
+impl ShowPath for Path {
+    fn shown(&self) -> Shown<'_> {
+        Shown(self)
+    }
+}
+
 fn needs_escape(c: char) -> bool {
     let u = c as u32;
     u < 0x20
@@ -86,6 +110,7 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn escapes_what_acts_on_a_terminal_or_a_log() {
@@ -103,6 +128,11 @@ mod tests {
         }
         assert!(matches!(escape("nothing"), Cow::Borrowed(_)));
         assert_eq!(escape_bytes(b"bad \xff\n"), "bad \\xff\\n");
+        let path = std::ffi::OsStr::from_bytes(b"/srv/a\nb\x1b[2J\xff.toml");
+        assert_eq!(
+            Path::new(path).shown().to_string(),
+            "/srv/a\\nb\\e[2J\\xff.toml"
+        );
     }
 
     #[test]

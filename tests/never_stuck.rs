@@ -554,7 +554,8 @@ fn a_slowloris_that_connects_again_never_keeps_a_scrape_out() {
 }
 
 /// A job's error text and a file name in `jobs_dir` carrying escape sequences and newlines reach
-/// the log, `result`, `status` and `check` escaped: no forged log line, no raw ESC.
+/// the log, `result`, `status` and `check` escaped: no forged log line, no raw ESC. So do paths
+/// the CLI names in its own errors (a line break in a file name forged a line of `check`'s).
 #[test]
 fn outside_text_is_escaped_for_people_and_log_parsers() {
     let sb = Sandbox::new("escape");
@@ -592,9 +593,17 @@ fn outside_text_is_escaped_for_people_and_log_parsers() {
         "{}",
         text(&st.stdout)
     );
+    // A name that is no function name, with a line break in it: refused, and named on one line.
+    sb.job("bad\nFORGED line", "#!/bin/sh\necho\n");
     let check = sb.run(&["check"]);
     assert!(
-        !text(&check.stderr).contains('\x1b'),
+        !text(&check.stderr).contains('\x1b')
+            && !text(&check.stderr).lines().any(|l| l.starts_with("FORGED")),
+        "{:?}",
+        text(&check.stderr)
+    );
+    assert!(
+        text(&check.stderr).contains("bad\\nFORGED line"),
         "{:?}",
         text(&check.stderr)
     );
@@ -607,14 +616,16 @@ fn outside_text_is_escaped_for_people_and_log_parsers() {
     // escape sequence, in a directory that does not exist) reaches the terminal escaped too.
     fs::write(
         sb.config(),
-        sb.config_text("[log]\nfile = \"no-such-dir/\\u001b]0;pwned\\u0007x.log\"\n"),
+        sb.config_text("[log]\nfile = \"no-such-dir/\\u001b]0;pwned\\u0007\\nFORGED x.log\"\n"),
     )
     .unwrap();
     for cmd in [&["start"][..], &["run"]] {
         let out = sb.run(cmd);
         assert!(!out.status.success(), "{cmd:?}: {}", text_of(&out));
         assert!(
-            !text(&out.stderr).contains('\x1b') && text(&out.stderr).contains("\\e]0;pwned"),
+            !text(&out.stderr).contains('\x1b')
+                && text(&out.stderr).contains("\\e]0;pwned")
+                && !text(&out.stderr).lines().any(|l| l.starts_with("FORGED")),
             "{cmd:?}: {:?}",
             text(&out.stderr)
         );

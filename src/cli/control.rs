@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 use crate::ops::pidfile::{self, Probe};
+use crate::text::ShowPath;
 
 use super::exit;
 use super::locate::{continue_stopped, running, stopped};
@@ -158,11 +159,7 @@ fn print_status(s: &crate::status::Doc) {
         );
     }
     println!("  functions: {}", s.functions.join(", "));
-    println!(
-        "  config {} (sha256 {})",
-        s.config.display(),
-        s.config_sha256
-    );
+    println!("  config {} (sha256 {})", s.config.shown(), s.config_sha256);
     if !s.servers.is_empty() {
         println!("  servers:");
         for v in &s.servers {

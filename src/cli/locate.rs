@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ops::pidfile::{self, Probe};
+use crate::text::ShowPath;
 
 /// The running worker's pid and status socket, decided by the pidfile lock. When the config
 /// cannot tell for certain where the worker is, finding none there is "unknown", not "not
@@ -50,7 +51,7 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
         Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
         Probe::Running(None) => Err(Error::Unknown(format!(
             "\"{}\" is locked but holds no pid",
-            pidfile.display()
+            pidfile.shown()
         ))),
         Probe::NotRunning if certain => match crate::status::unlocked_worker(&socket) {
             Some(pid) => Err(Error::Unknown(crate::status::unlocked_words(&pidfile, pid))),
@@ -58,7 +59,7 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
         },
         Probe::NotRunning => Err(Error::Unknown(format!(
             "no worker runs in state_dir \"{}\", but the invalid config cannot say for certain that this is its state_dir; fix the config and ask again",
-            state_dir.display()
+            state_dir.shown()
         ))),
     }
 }
@@ -215,7 +216,7 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
             let config = crate::config::absolute(path).unwrap_or_default();
             match running_elsewhere(&config, &c.worker.state_dir) {
                 Some(dir) => {
-                    eprintln!("gearshift: warning: config.toml names state_dir \"{}\", but the worker started with it runs in \"{}\" (a state_dir moves only at a fresh start: `gearshift restart`)", c.worker.state_dir.display(), dir.display());
+                    eprintln!("gearshift: warning: config.toml names state_dir \"{}\", but the worker started with it runs in \"{}\" (a state_dir moves only at a fresh start: `gearshift restart`)", c.worker.state_dir.shown(), dir.shown());
                     Ok((dir, true))
                 }
                 None => Ok((c.worker.state_dir, true)),
@@ -243,7 +244,7 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
             };
             eprintln!(
                 "gearshift: warning: looking for the running worker in state_dir \"{}\" ({how})",
-                dir.display()
+                dir.shown()
             );
             Ok((dir, certain))
         }

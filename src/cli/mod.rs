@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{parse_duration, Config};
 use crate::error::{Error, Result};
 use crate::jobs::functions::Functions;
+use crate::text::ShowPath;
 use crate::worker::{self, Plan};
 
 mod control;
@@ -305,8 +306,8 @@ fn missing_default(config: &std::path::Path) -> Option<String> {
     missing.then(|| {
         format!(
             "no {} in {} (without -c, the config is looked for in the current directory): run gearshift where the worker's config is, or name it with -c PATH",
-            config.display(),
-            here.display()
+            config.shown(),
+            here.shown()
         )
     })
 }
@@ -364,7 +365,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::ReopenLogs => control::reopen_logs(path),
         Command::Check { config_only: true } => {
             let config = Config::load(path)?;
-            println!("{}: ok (sha256 {})", config.path.display(), config.sha256);
+            println!("{}: ok (sha256 {})", config.path.shown(), config.sha256);
             Ok(0)
         }
         Command::Check { config_only: false } => check(path, &functions),
@@ -378,7 +379,7 @@ fn check(path: &Path, functions: &Functions) -> Result<u8> {
     }
     println!(
         "{}: ok (sha256 {})",
-        plan.config.path.display(),
+        plan.config.path.shown(),
         plan.config.sha256
     );
     for (name, what) in worker::describe(&plan.table) {

@@ -9,6 +9,7 @@ use toml::Spanned;
 use super::messages::line_col;
 use super::{Dur, Limit};
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// What every check needs to say where: the file, its bytes, its directory (relative paths).
 pub(super) struct Cx<'a> {
@@ -21,13 +22,13 @@ impl Cx<'_> {
     /// `file:line:col` of a key's value, for errors found later (a user that does not exist).
     pub(super) fn where_is(&self, span: Range<usize>) -> String {
         let (line, col) = line_col(self.bytes, span.start);
-        format!("{}:{line}:{col}", self.path.display())
+        format!("{}:{line}:{col}", self.path.shown())
     }
 
     /// A config error at `span` (1:1 when none).
     pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
         let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
-        Error::Config(format!("{}:{line}:{col}: {msg}", self.path.display()))
+        Error::Config(format!("{}:{line}:{col}: {msg}", self.path.shown()))
     }
 
     /// A directory key, relative to the config's directory. Not empty: that would be the

@@ -11,6 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
+use crate::text::ShowPath;
 
 mod amqp;
 mod cx;
@@ -328,7 +329,7 @@ impl Config {
             let (line, col) = line_col(bytes, e.valid_up_to());
             Error::Config(format!(
                 "{}:{line}:{col}: the file is not valid UTF-8",
-                path.display()
+                path.shown()
             ))
         })?;
         let raw: RawConfig = toml::from_str(text)
@@ -394,7 +395,7 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
         .ok_or_else(|| {
             Error::Config(format!(
                 "\"{}\" is larger than {} MiB: not a config file",
-                path.display(),
+                path.shown(),
                 MAX_FILE >> 20
             ))
         })
@@ -459,7 +460,8 @@ pub fn check_function_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid function name \"{name}\" (use letters, digits, '_', '-', '.', ':'; at most 128 bytes)"
+            "invalid function name \"{}\" (use letters, digits, '_', '-', '.', ':'; at most 128 bytes)",
+            crate::text::escape(name)
         ))
     }
 }

@@ -24,6 +24,7 @@ use nix::unistd::{dup2, fork, setsid, ForkResult};
 use crate::error::{Error, Result};
 use crate::jobs::functions::Functions;
 use crate::ops::pidfile::{self, Probe};
+use crate::text::ShowPath;
 use crate::worker::{self, Plan, RunOptions};
 
 pub mod supervisor;
@@ -187,7 +188,7 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> Started {
     if !readable_within(&ready, wait) {
         eprintln!(
             "gearshift: the daemon did not serve within {wait:?}; it is still starting (see {}; `gearshift status` tells once it serves, `gearshift stop` stops it)",
-            log_file.display()
+            log_file.shown()
         );
         // `exit::NOT_YET`: not done yet.
         return done(5);
@@ -197,7 +198,7 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> Started {
     let line = line.trim_end();
     if let Some(ready) = line.strip_prefix("ready ") {
         let (pid, rollback) = ready.split_once(' ').unwrap_or((ready, ""));
-        println!("started (pid {pid}), logging to {}", log_file.display());
+        println!("started (pid {pid}), logging to {}", log_file.shown());
         if !rollback.is_empty() {
             eprintln!(
                 "gearshift: warning: {}; the worker runs that last good binary, not the one at \
@@ -219,7 +220,7 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> Started {
     } else {
         eprintln!(
             "gearshift: the daemon exited during start-up; see {}",
-            log_file.display()
+            log_file.shown()
         );
         Started {
             code: 1,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::status::records::{Info, SUPERVISOR_ENV as ENV};
+use crate::text::ShowPath;
 use crossbeam_channel::{after, bounded, select};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -304,10 +305,9 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
     Ok((pid, rx))
 }
 
-/// Waits until worker `pid` answers status (it then holds the pidfile and serves).
-/// Waits for the first worker to serve; signals meanwhile are forwarded as they are once it
-/// serves (a TERM stops it as soon as its handlers are in place, and this wait ends with its
-/// exit).
+/// Waits until the first worker serves (answers status: it holds the pidfile); signals meanwhile
+/// are forwarded as they are once it serves (a TERM stops it as soon as its handlers are in
+/// place, and this wait ends with its exit).
 fn wait_serving(
     s: &Settings,
     pid: u32,
@@ -341,14 +341,14 @@ fn wait_serving(
             let e = Error::Msg(format!(
                 "the worker {} during start-up{asked}; see {}",
                 describe(Some(status)),
-                s.log_file.display()
+                s.log_file.shown()
             ));
             return Err((e, crashed));
         }
         if Instant::now() >= deadline {
             let e = Error::Msg(format!(
                 "the worker did not serve within {patience:?}; it was stopped; see {}",
-                s.log_file.display()
+                s.log_file.shown()
             ));
             return Err((e, false));
         }
@@ -393,7 +393,7 @@ fn reopen_own_log(path: &Path) {
     match crate::ops::logging::open_log(path, owner)
         .and_then(|f| nix::unistd::dup2(f.as_raw_fd(), 2).map_err(|e| Error::io("dup2", e.into())))
     {
-        Ok(_) => log::info!("supervisor: SIGUSR1: reopened log file {}", path.display()),
+        Ok(_) => log::info!("supervisor: SIGUSR1: reopened log file {}", path.shown()),
         Err(e) => log::error!("supervisor: SIGUSR1: {e}; still writing to the old file"),
     }
 }

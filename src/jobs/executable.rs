@@ -26,6 +26,7 @@ use nix::unistd::Pid;
 
 use crate::jobs::functions::{Job, JobError, JobResult};
 use crate::jobs::starts::Starts;
+use crate::text::ShowPath;
 
 /// Process groups of running executables, so a forced stop can kill them all; and what every
 /// job process is told about its worker.
@@ -255,7 +256,7 @@ pub fn run(
         .map_err(|e| {
             let why = super::shebang::why_not_started(exe, &e).unwrap_or_else(|| e.to_string());
             start_error(
-                format!("cannot start {}: {why}", exe.display()),
+                format!("cannot start {}: {why}", exe.shown()),
                 e.raw_os_error().unwrap_or(0),
             )
         })
@@ -281,7 +282,7 @@ pub fn run(
     let status = match reaped {
         super::pipes::Reaped::Exited(status) => status,
         super::pipes::Reaped::Failed(e) => {
-            return Err(JobError::new(format!("waiting for {}: {e}", exe.display())))
+            return Err(JobError::new(format!("waiting for {}: {e}", exe.shown())))
         }
         super::pipes::Reaped::Undying(state) => {
             let what = out.timed_out.map_or_else(

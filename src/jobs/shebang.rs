@@ -11,6 +11,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::text::ShowPath;
+
 /// How much of a file the kernel reads for its `#!` line (`BINPRM_BUF_SIZE`).
 pub const HEAD: usize = 256;
 
@@ -40,14 +42,14 @@ pub fn cannot_run(path: &Path, head: &[u8]) -> Option<String> {
     if head.starts_with(b"\xef\xbb\xbf#!") {
         return Some(format!(
             "\"{}\" starts with a UTF-8 byte order mark in front of its #! line (saved so by a Windows editor), so the kernel sees no #! line; remove the mark (e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' \"{}\")",
-            path.display(),
-            path.display()
+            path.shown(),
+            path.shown()
         ));
     }
     (!(head.starts_with(b"#!") || head.starts_with(b"\x7fELF"))).then(|| {
         format!(
             "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
-            path.display()
+            path.shown()
         )
     })
 }
@@ -57,7 +59,7 @@ pub fn line_endings_warning(path: &Path, head: &[u8]) -> Option<String> {
     line(head)?.contains(&b'\r').then(|| {
         format!(
             "\"{}\" has Windows line endings: its #! line names \"{}\", and every job of it fails (convert it: dos2unix)",
-            path.display(),
+            path.shown(),
             crate::text::escape_bytes(line(head).unwrap_or_default().trim_ascii_start())
         )
     })

@@ -23,6 +23,7 @@ use nix::unistd::{geteuid, Gid, Uid};
 
 use crate::error::{Error, Result};
 use crate::ops::safefs::Dir;
+use crate::text::ShowPath;
 
 /// The worker's own subdirectory of `state_dir`.
 pub const WORKER_DIR: &str = "worker";
@@ -71,12 +72,12 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         // Not the worker's user of an older version: someone else's directory.
         return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is owned by uid {owner}, neither root nor the worker's user: it is not gearshift's to take; point state_dir at a directory of its own (or chown root it if it is meant)",
-            state_dir.display()
+            state_dir.shown()
         )));
     } else if me.is_root() && !owner.is_root() {
         log::warn!(
             "state_dir \"{}\" belonged to uid {owner}: taking it back for root (the worker's user keeps only \"{WORKER_DIR}/\")",
-            state_dir.display()
+            state_dir.shown()
         );
         dir.chown(Uid::from_raw(0), Gid::from_raw(0))?;
         dir.chmod(dir.mode() & !0o022)?;
@@ -84,14 +85,14 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     } else if !me.is_root() && owner != me && !owner.is_root() {
         return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is owned by uid {owner}, neither root nor us (uid {me})",
-            state_dir.display()
+            state_dir.shown()
         )));
     } else if dir.mode() & 0o022 != 0 {
         return Err(Error::Unsafe(format!(
             "state_dir \"{}\" is writable by group or others (mode {:o}); fix: chmod go-w \"{}\"",
-            state_dir.display(),
+            state_dir.shown(),
             dir.mode(),
-            state_dir.display()
+            state_dir.shown()
         )));
     }
     if let Some(t) = target.filter(|_| me.is_root()) {
@@ -103,7 +104,7 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
             if let Some(name) = foreign_entry(&dir)? {
                 return Err(Error::Unsafe(format!(
                     "state_dir \"{}\" (mode {:o}) does not let user {} pass and holds \"{}\", which is not gearshift's: it is not opened up for the worker (o+x); point state_dir at a directory of its own (or chmod o+x it if it is meant)",
-                    state_dir.display(),
+                    state_dir.shown(),
                     dir.mode(),
                     t.name,
                     crate::text::escape(&name.to_string_lossy())
@@ -113,7 +114,7 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
         if !searchable {
             log::info!(
                 "state_dir \"{}\": letting user {} pass through it (o+x)",
-                state_dir.display(),
+                state_dir.shown(),
                 t.name
             );
             dir.chmod(dir.mode() | 0o001)?;
@@ -140,7 +141,7 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 log::warn!(
                     "\"{}\" was removed and this worker, no longer root, cannot make it again: `gearshift status` cannot reach it (the next fresh start makes the directory again; `gearshift stop` still stops it)",
-                    worker_dir(dir.path()).display()
+                    worker_dir(dir.path()).shown()
                 );
             }
             Err(e) => return Err(e),
@@ -177,7 +178,7 @@ fn refuse_foreign_worker_dir(w: &Dir, t: &Target) -> Result<()> {
         None => Ok(()),
         Some(name) => Err(Error::Unsafe(format!(
             "\"{}\" holds \"{}\", which is not gearshift's: it is not given to user {} (every job could change what is in it); point state_dir at a directory of its own",
-            w.path().display(),
+            w.path().shown(),
             crate::text::escape(&name.to_string_lossy()),
             t.name
         ))),

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use nix::unistd::{Gid, Uid};
 
 use crate::ops::safefs::{Dir, Open};
+use crate::text::ShowPath;
 
 pub use super::recurring::Recurring;
 
@@ -142,7 +143,7 @@ pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Err(crate::Error::Msg(format!(
             "bad log file path \"{}\"",
-            path.display()
+            path.shown()
         )));
     };
     let opened = Dir::open(dir)?.file(
@@ -164,11 +165,11 @@ pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
         if !opened.created && held_by != uid.as_raw() {
             return Err(crate::Error::Unsafe(format!(
                 "log file \"{}\" is {}, and root gives the worker's user only a log file it makes itself or one already the user's; if it is gearshift's log: chown {}:{} \"{}\", else point [log] file at a file of its own",
-                path.display(),
+                path.shown(),
                 if held_by == 0 { "root's".to_string() } else { format!("uid {held_by}'s") },
                 uid,
                 gid,
-                path.display()
+                path.shown()
             )));
         }
         crate::ops::safefs::chown_file(&opened.file, path, uid, gid)?;
@@ -213,7 +214,7 @@ pub fn reopen() -> crate::Result<Option<PathBuf>> {
 /// SIGUSR1: [`reopen`], and what came of it said.
 pub fn on_usr1() {
     match reopen() {
-        Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.display()),
+        Ok(Some(path)) => log::info!("SIGUSR1: reopened log file {}", path.shown()),
         Ok(None) => log::info!("SIGUSR1: logging to stderr, nothing to reopen"),
         Err(e) => log::error!("SIGUSR1: {e}; still writing to the old file"),
     }
@@ -226,7 +227,7 @@ fn set_astray(path: &Path, e: &crate::Error, when: &str) {
     if let Ok(mut a) = ASTRAY.lock() {
         *a = Some(format!(
             "log file \"{}\": {when} ({e}) at {}; lines go on to the file it had. Make it for the worker's user (logrotate's `create 0640 USER GROUP`) or give its directory to that user, then send SIGUSR1 (`gearshift reopen-logs`)",
-            path.display(),
+            path.shown(),
             crate::clock::rfc3339_ms(crate::clock::now_ms()),
         ));
     }
@@ -289,7 +290,7 @@ pub fn resume(path: &Path, carried: Option<i32>) -> crate::Result<()> {
             set_astray(path, &e, "this generation could not open it");
             log::warn!(
                 "log file \"{}\": cannot open it ({e}); writing on to the file the previous generation had",
-                path.display()
+                path.shown()
             );
         }
         None => set_unstray(),

@@ -23,6 +23,7 @@ use nix::unistd::geteuid;
 use crate::error::{Error, IoContext, Result};
 use crate::ops::layout::PIDFILE;
 use crate::ops::safefs::{flock, Dir, Open};
+use crate::text::ShowPath;
 
 /// How often a serving worker looks at its pidfile's path (one `stat`).
 pub const LOOK_EVERY: Duration = Duration::from_secs(5);
@@ -67,7 +68,7 @@ impl Pidfile {
             }
             log::warn!(
                 "replacing \"{}\", owned by uid {owner}, not us",
-                path.display()
+                path.shown()
             );
             state.remove(PIDFILE)?;
             replaced = true;
@@ -83,7 +84,7 @@ impl Pidfile {
         if !same(&locked, &file) {
             return Err(Error::Unsafe(format!(
                 "\"{}\" was replaced while it was being opened: is another worker starting?",
-                path.display()
+                path.shown()
             )));
         }
         // A `status` probing the lock holds it for microseconds: retry briefly before deciding
@@ -158,7 +159,7 @@ impl Pidfile {
                 *self = made;
                 log::warn!(
                     "the pidfile \"{}\" had been removed or replaced: made it again",
-                    path.display()
+                    path.shown()
                 );
                 set_astray(None);
                 Ok(())
@@ -166,9 +167,9 @@ impl Pidfile {
             Err(e) => {
                 let clash = matches!(e, Error::Locked { .. });
                 let said = if clash {
-                    format!("the pidfile \"{}\" was replaced by another worker's ({e}): two workers may run on this state_dir; stop one (`kill -TERM {}` stops this one)", path.display(), std::process::id())
+                    format!("the pidfile \"{}\" was replaced by another worker's ({e}): two workers may run on this state_dir; stop one (`kill -TERM {}` stops this one)", path.shown(), std::process::id())
                 } else {
-                    format!("the pidfile \"{}\" was removed or replaced and this worker cannot make it again ({e}): `gearshift status` and `stop` find it by its status socket (while that is there), but cannot signal it; `kill -TERM {}` stops it, and its next fresh start makes the pidfile", path.display(), std::process::id())
+                    format!("the pidfile \"{}\" was removed or replaced and this worker cannot make it again ({e}): `gearshift status` and `stop` find it by its status socket (while that is there), but cannot signal it; `kill -TERM {}` stops it, and its next fresh start makes the pidfile", path.shown(), std::process::id())
                 };
                 if astray().as_ref() != Some(&said) {
                     log::warn!("{said}");
@@ -247,10 +248,7 @@ pub fn configured_user(uid: u32) {
 /// the pid written in the file must agree: a pid read from a file alone is never signalled.
 pub fn probe(path: &Path) -> Result<Probe> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(Error::Msg(format!(
-            "bad pidfile path \"{}\"",
-            path.display()
-        )));
+        return Err(Error::Msg(format!("bad pidfile path \"{}\"", path.shown())));
     };
     let not_found = |e: &Error| matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
     let dir = match Dir::open(dir) {
@@ -288,7 +286,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
             Some(uid) => {
                 return Err(Error::Unknown(format!(
                     "\"{}\" is locked by pid {h} of uid {uid}, which is neither root nor the worker's user: not a gearshift worker of this state_dir; not signalling it (find out what it is)",
-                    path.display()
+                    path.shown()
                 )))
             }
             // Gone meanwhile (or /proc hides it): the checks below decide.
@@ -306,7 +304,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         }
         (Some(holder), Some(pid)) => Err(Error::Unknown(format!(
             "\"{}\" says pid {pid}, but the lock is held by pid {holder}: not signalling either (fix the pidfile, or stop pid {holder} yourself)",
-            path.display()
+            path.shown()
         ))),
         // The holder let go between our test and the look at /proc/locks.
         (None, _) if flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB).is_ok() => {
@@ -314,7 +312,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
         }
         (None, _) => Err(Error::Unknown(format!(
             "\"{}\" is locked, but /proc/locks names no holder for it{}",
-            path.display(),
+            path.shown(),
             if crate::ops::procfs::in_nested_pid_namespace() {
                 ": the holder runs outside this pid namespace (this command runs in a container, the worker on the host or in another one): ask where the worker runs"
             } else {

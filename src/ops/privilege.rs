@@ -20,6 +20,7 @@ use nix::unistd::{geteuid, initgroups, setgid, setuid, Group, Uid, User};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 pub use crate::ops::layout::Target;
 
@@ -114,7 +115,7 @@ fn lookup(cfg: &Config, name: &str) -> Result<(Target, std::path::PathBuf)> {
         .ok_or_else(|| {
             Error::Config(format!(
                 "{}: [worker] user \"{name}\" does not exist (create it, e.g. useradd --system {name})",
-                cfg.worker.user_at.clone().unwrap_or_else(|| cfg.path.display().to_string())
+                cfg.worker.user_at.clone().unwrap_or_else(|| cfg.path.shown().to_string())
             ))
         })?;
     let gid = match &cfg.worker.group {
@@ -125,7 +126,7 @@ fn lookup(cfg: &Config, name: &str) -> Result<(Target, std::path::PathBuf)> {
                 .ok_or_else(|| {
                     Error::Config(format!(
                         "{}: [worker] group \"{g}\" does not exist (leave it out to use the user's own group)",
-                        cfg.worker.group_at.clone().unwrap_or_else(|| cfg.path.display().to_string())
+                        cfg.worker.group_at.clone().unwrap_or_else(|| cfg.path.shown().to_string())
                     ))
                 })?
                 .gid
@@ -153,7 +154,7 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
     let at = |where_: &Option<String>| {
         where_
             .clone()
-            .unwrap_or_else(|| cfg.path.display().to_string())
+            .unwrap_or_else(|| cfg.path.shown().to_string())
     };
     // Not root, and already another user than the one named: no switch can follow, so the
     // user database need not be asked (a hung one held such a reload's validation for ever).
@@ -196,7 +197,7 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
         ))),
         Some(t) if !euid.is_root() && t.uid != euid => Err(Error::Config(format!(
             "{}: cannot switch to user \"{}\": not started as root (running as uid {euid})",
-            cfg.path.display(),
+            cfg.path.shown(),
             t.name
         ))),
         // The user's own, but not in the group named: only root can switch groups (it ran
@@ -211,7 +212,7 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
         }
         None if euid.is_root() && !cfg.worker.allow_root => Err(Error::Config(format!(
             "{}: refusing to run as root: set [worker] user = \"...\" to drop privileges (or allow_root = true)",
-            cfg.path.display()
+            cfg.path.shown()
         ))),
         _ => Ok(()),
     }
@@ -278,12 +279,12 @@ pub fn check_access(path: &Path, what: &str, t: &Target, need: Need) -> Result<(
         if !allows(&meta, 0o1) {
             return Err(Error::Config(format!(
                 "{what} \"{}\": user \"{}\" cannot search the directory \"{}\" above it (mode {:o}, owner uid {}); fix: chmod o+x \"{}\" (or give it to that user's group)",
-                path.display(),
+                path.shown(),
                 t.name,
-                dir.display(),
+                dir.shown(),
                 meta.permissions().mode() & 0o7777,
                 meta.uid(),
-                dir.display()
+                dir.shown()
             )));
         }
     }
@@ -299,13 +300,13 @@ pub fn check_access(path: &Path, what: &str, t: &Target, need: Need) -> Result<(
     }
     Err(Error::Config(format!(
         "{what} \"{}\" is not something user \"{}\" (the worker drops to it) can {verb}: mode {:o}, owner uid {}, group {}; fix: chgrp {} \"{}\" and chmod g+{} it, or chmod o+{} it",
-        path.display(),
+        path.shown(),
         t.name,
         meta.permissions().mode() & 0o7777,
         meta.uid(),
         meta.gid(),
         t.gid,
-        path.display(),
+        path.shown(),
         perm_letters(bits),
         perm_letters(bits)
     )))
@@ -408,10 +409,10 @@ pub fn check_path(path: &Path, what: &str, owner: Uid) -> Result<()> {
         if let Some(why) = why {
             return Err(Error::Config(format!(
                 "{what} \"{}\": the directory \"{}\" on its path {why} (only root and the worker's user, uid {owner}, may write there): whoever can write it can swap \"{}\"; fix: keep job files in directories only root can write, or chown root and chmod go-w \"{}\"",
-                crate::text::escape(&path.display().to_string()),
-                crate::text::escape(&here.display().to_string()),
-                crate::text::escape(&entry.display().to_string()),
-                crate::text::escape(&here.display().to_string()),
+                path.shown(),
+                here.shown(),
+                entry.shown(),
+                here.shown(),
             )));
         }
         if meta.file_type().is_symlink() {
@@ -419,7 +420,7 @@ pub fn check_path(path: &Path, what: &str, owner: Uid) -> Result<()> {
             if links > MAX_LINKS {
                 return Err(Error::Config(format!(
                     "{what} \"{}\": more than {MAX_LINKS} symbolic links on its path",
-                    crate::text::escape(&path.display().to_string())
+                    path.shown()
                 )));
             }
             let target = std::fs::read_link(&entry)
@@ -441,17 +442,17 @@ pub fn check_file(path: &Path, what: &str, owner: Uid) -> Result<()> {
     if mode & 0o022 != 0 {
         return Err(Error::Config(format!(
             "{what} \"{}\" is writable by group or others (mode {:o}); fix: chmod go-w \"{}\"",
-            path.display(),
+            path.shown(),
             mode & 0o777,
-            path.display()
+            path.shown()
         )));
     }
     if meta.uid() != 0 && meta.uid() != owner.as_raw() {
         return Err(Error::Config(format!(
             "{what} \"{}\" is owned by uid {}, not root or the worker's user (uid {owner}); fix: chown root \"{}\"",
-            path.display(),
+            path.shown(),
             meta.uid(),
-            path.display()
+            path.shown()
         )));
     }
     Ok(())

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use super::preflight::NotPassed;
 use crate::restart::carried::{Ident, Known};
 use crate::status::records::Refused;
-use crate::text::hex;
+use crate::text::{hex, ShowPath};
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
@@ -254,7 +254,7 @@ impl Deploy {
                 Ok((sha, file)) => {
                     log::info!(
                         "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
-                        path.display(),
+                        path.shown(),
                         short(&sha)
                     );
                     let result = super::preflight::run(&path, &config);
@@ -300,7 +300,7 @@ impl Deploy {
             Outcome::Unreadable(e) => {
                 // Looked at again (it may be a fault that passes), said once per file.
                 if self.unreadable_said.replace(ident) != Some(ident) {
-                    log::warn!("deploy: cannot read \"{}\": {e}", self.path.display());
+                    log::warn!("deploy: cannot read \"{}\": {e}", self.path.shown());
                 }
                 self.last_seen = None;
                 return Some(Step::CheckIn(SETTLE));
@@ -338,7 +338,7 @@ impl Deploy {
     }
 
     fn refuse(&mut self, ident: Ident, sha: String, error: String) {
-        log::error!("deploy: refused \"{}\": {error}", self.path.display());
+        log::error!("deploy: refused \"{}\": {error}", self.path.shown());
         self.refused = Some(ident);
         self.refusals += 1;
         self.last_refused = Some(Refused {
@@ -380,12 +380,12 @@ fn writable_by(path: &Path, uid: u32) -> Option<String> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     for (p, what) in [(path, "the binary"), (dir, "its directory")] {
         let Ok(m) = std::fs::metadata(p) else {
-            return Some(format!("cannot check \"{}\"", p.display()));
+            return Some(format!("cannot check \"{}\"", p.shown()));
         };
         if (m.uid() == uid && uid != 0) || m.mode() & 0o022 != 0 {
             return Some(format!(
                 "{what} \"{}\" is writable by the worker's user or by others (owner uid {}, mode {:o}): root would run it at the next fresh start; fix: chown root and chmod go-w",
-                p.display(),
+                p.shown(),
                 m.uid(),
                 m.mode() & 0o7777
             ));

@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::ops::handover::{self, ENV_PREFIX};
 use crate::restart::carried::Inherited;
 use crate::restart::parcel::{self, Parts};
+use crate::text::ShowPath;
 
 const ENV_STATE: &str = "GEARSHIFT_INHERIT_STATE";
 const ENV_EXE: &str = "GEARSHIFT_INHERIT_EXE";
@@ -235,7 +236,7 @@ pub(crate) fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)
         Err(e) => return e,
     };
     match nix::unistd::execve(&path, &args, &vars) {
-        Err(e) => Error::io(format!("execve \"{}\"", exe.display()), e.into()),
+        Err(e) => Error::io(format!("execve \"{}\"", exe.shown()), e.into()),
         Ok(never) => match never {},
     }
 }

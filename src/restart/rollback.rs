@@ -11,6 +11,7 @@ use super::deploy::{hash_file, hash_reader};
 use crate::ops::layout;
 use crate::ops::safefs::Dir;
 use crate::status::records::Rollback;
+use crate::text::ShowPath;
 
 /// Written (by the worker, into its own `state_dir/worker/`) before switching to a new
 /// binary (or by `restart`, see [`mark_died`]), removed once a generation serves, unless that
@@ -242,7 +243,7 @@ fn open_last_good(state_dir: &Path) -> crate::Result<File> {
     if !dir.trusted() {
         return Err(crate::Error::Unsafe(format!(
             "\"{}\" can be written by others: not running its last-good",
-            state_dir.display()
+            state_dir.shown()
         )));
     }
     let file = dir
@@ -255,7 +256,7 @@ fn open_last_good(state_dir: &Path) -> crate::Result<File> {
     if (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o022 != 0 {
         return Err(crate::Error::Unsafe(format!(
             "\"{}\" is owned by uid {} (mode {:o}): not running it",
-            state_dir.join(layout::LAST_GOOD).display(),
+            state_dir.join(layout::LAST_GOOD).shown(),
             meta.uid(),
             meta.mode() & 0o7777
         )));

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::ops::logging::Recurring;
+use crate::text::ShowPath;
 
 /// The lanes' slots.
 pub const RUNNING: &str = "attempts-running";
@@ -248,7 +249,7 @@ fn read(path: &Path, limit: usize) -> String {
             if e.kind() != std::io::ErrorKind::NotFound {
                 log::warn!(
                     "cannot read \"{}\" ({e}): runs before this start are not counted",
-                    path.display()
+                    path.shown()
                 );
             }
             String::new()

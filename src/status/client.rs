@@ -18,6 +18,7 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use super::Doc;
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// Largest status document a client reads.
 const MAX_STATUS: u64 = 1 << 20;
@@ -33,7 +34,7 @@ fn connect(path: &Path) -> Result<UnixStream> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Err(Error::Invalid(format!(
             "bad status socket path \"{}\"",
-            path.display()
+            path.shown()
         )));
     };
     let target = crate::ops::safefs::Dir::open(dir)?.socket(name)?;
@@ -57,7 +58,7 @@ fn connect(path: &Path) -> Result<UnixStream> {
             Err(Errno::EAGAIN) => {
                 return Err(Error::Peer(format!(
                     "\"{}\" accepted no connection within {CONNECT_WAIT:?}",
-                    path.display()
+                    path.shown()
                 )))
             }
             Err(e) => {
@@ -86,7 +87,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
         if peer.pid() != pid {
             return Err(Error::Unsafe(format!(
                 "\"{}\" is served by pid {}, not the worker (pid {pid}): ignoring it",
-                path.display(),
+                path.shown(),
                 peer.pid()
             )));
         }
@@ -107,12 +108,12 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
                 // out of descriptors), or one too busy to.
                 format!(
                     "\"{}\" gave no answer within {ANSWER_WAIT:?} (the worker's log may say why)",
-                    path.display()
+                    path.shown()
                 )
             } else {
                 format!(
                     "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
-                    path.display()
+                    path.shown()
                 )
             }));
         }
@@ -123,7 +124,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
             Ok(n) if (body.len() + n) as u64 > limit => {
                 return Err(Error::Peer(format!(
                     "\"{}\" answered with more than {limit} bytes: ignoring it",
-                    path.display()
+                    path.shown()
                 )))
             }
             Ok(n) => body.extend_from_slice(&chunk[..n]),
@@ -139,7 +140,7 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
         }
     }
     String::from_utf8(body)
-        .map_err(|_| Error::Peer(format!("\"{}\" answered with non-UTF-8", path.display())))
+        .map_err(|_| Error::Peer(format!("\"{}\" answered with non-UTF-8", path.shown())))
 }
 
 /// The worker's metrics text, through its status socket (see [`query`] for `pid`).
@@ -166,12 +167,8 @@ pub fn query_counts(path: &Path, pid: Option<i32>) -> Result<crate::metrics::car
 /// SO_PEERCRED), never from whatever else a planted socket or link leads to.
 pub fn query(path: &Path, pid: Option<i32>) -> Result<Doc> {
     let body = ask(path, pid, "status", MAX_STATUS)?;
-    serde_json::from_str(&body).map_err(|e| {
-        Error::Peer(format!(
-            "unreadable status from \"{}\": {e}",
-            path.display()
-        ))
-    })
+    serde_json::from_str(&body)
+        .map_err(|e| Error::Peer(format!("unreadable status from \"{}\": {e}", path.shown())))
 }
 
 /// A worker that answers on `socket` though no lock says one runs (its pidfile was removed):
@@ -193,7 +190,7 @@ pub fn unlocked_worker(socket: &Path) -> Option<i32> {
 pub fn unlocked_words(pidfile: &Path, pid: i32) -> String {
     format!(
         "no worker holds the pidfile \"{}\", but pid {pid} answers on its status socket: the pidfile was removed; the worker makes it again within seconds where it may write it (ask again), else `kill -TERM {pid}` stops it (not done here: a pid that only a socket gives is never signalled)",
-        pidfile.display()
+        pidfile.shown()
     )
 }
 

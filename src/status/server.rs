@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use super::State;
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// How long the server waits for a request line before answering with the status.
 pub const REQUEST_WAIT: Duration = Duration::from_millis(100);
@@ -194,12 +195,9 @@ fn clear_the_way(path: &Path) {
     match std::fs::rename(path, &aside) {
         Ok(()) => log::warn!(
             "status socket: a directory was in its place; moved to \"{}\"",
-            aside.display()
+            aside.shown()
         ),
-        Err(e) => log::error!(
-            "status socket: cannot move \"{}\" aside: {e}",
-            path.display()
-        ),
+        Err(e) => log::error!("status socket: cannot move \"{}\" aside: {e}", path.shown()),
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::text::hex;
+use crate::text::{hex, ShowPath};
 use crate::watch::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.
@@ -263,7 +263,7 @@ fn not_a_file(path: &Path, meta: &fs::Metadata) -> Option<String> {
     };
     Some(format!(
         "\"{}\" in jobs_dir is {what}, not a regular file, so it is no job function",
-        path.display()
+        path.shown()
     ))
 }
 
@@ -349,7 +349,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         if mode & 0o111 == 0 {
             warnings.push(format!(
                 "\"{}\" is not executable, so it is no job function (chmod +x it, or move it out of jobs_dir)",
-                path.display()
+                path.shown()
             ));
             continue;
         }
@@ -366,12 +366,12 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             .unwrap_or(&file)
             .to_string();
         crate::config::check_function_name(&name)
-            .map_err(|why| Error::Invalid(format!("{}: {why}", path.display())))?;
+            .map_err(|why| Error::Invalid(format!("{}: {why}", path.shown())))?;
         if let Some(other) = found.insert(name.clone(), path.clone()) {
             return Err(Error::Invalid(format!(
                 "function \"{name}\" is defined twice in jobs_dir: \"{}\" and \"{}\" (rename one)",
-                other.display(),
-                path.display()
+                other.shown(),
+                path.shown()
             )));
         }
     }
@@ -388,7 +388,7 @@ fn link_to_nothing(path: &Path, e: &std::io::Error) -> Option<String> {
     let target = fs::read_link(path).ok()?;
     Some(format!(
         "\"{}\" is a link to \"{}\", which {}, so it is no job function",
-        path.display(),
+        path.shown(),
         crate::text::escape_bytes(target.as_os_str().as_encoded_bytes()),
         if e.kind() == std::io::ErrorKind::NotFound {
             "does not exist".to_string()

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::jobs::functions::{Functions, Runner, Table};
+use crate::text::ShowPath;
 use crate::watch::{self};
 
 /// Everything one generation needs, built and checked before it is used: a config that fails
@@ -67,7 +68,7 @@ impl Plan {
             // half-written config than a wish for every default.
             return Err(Error::Config(format!(
                 "{}: the file is empty (half-written?); refusing it",
-                config.path.display()
+                config.path.shown()
             )));
         }
         // Who we would run as is part of the config's validity: refuse before exec what the
@@ -125,7 +126,7 @@ impl Plan {
             if table.contains(&name) {
                 return Err(Error::Config(format!(
                     "\"{}\" would define function \"{name}\", which is already a built-in or Rust function (rename the file)",
-                    path.display()
+                    path.shown()
                 )));
             }
             let timeout = config.timeout(&name);
@@ -138,7 +139,7 @@ impl Plan {
             .map(|name| {
                 format!(
                     "{}: [functions.{name}] names no known function",
-                    config.path.display()
+                    config.path.shown()
                 )
             })
             .collect();
@@ -152,7 +153,7 @@ impl Plan {
                 });
             warnings.push(format!(
                 "[source.tls] key_file \"{}\" is readable by {user}, so by every job it runs: a job can copy the client key (give this worker a certificate of its own, one you can revoke)",
-                key.display()
+                key.shown()
             ));
         }
         if let crate::config::Source::Amqp(a) = &config.source {
@@ -218,7 +219,7 @@ fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<S
 /// pseudo file system (/proc, /sys) or that is not a directory, a `[log] file` whose directory
 /// does not exist. Said with the key, so `check` finds what `start` would.
 fn check_places(config: &Config) -> Result<()> {
-    let at = config.path.display();
+    let at = config.path.shown();
     let state = &config.worker.state_dir;
     if let Some(existing) = state.ancestors().find(|p| p.exists()) {
         use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC, SYSFS_MAGIC};
@@ -226,14 +227,14 @@ fn check_places(config: &Config) -> Result<()> {
         if kind == Some(PROC_SUPER_MAGIC) || kind == Some(SYSFS_MAGIC) {
             return Err(Error::Config(format!(
                 "{at}: [worker] state_dir \"{}\" is on a pseudo file system ({}): choose a directory on a real one, e.g. /var/lib/gearshift",
-                state.display(),
+                state.shown(),
                 if kind == Some(PROC_SUPER_MAGIC) { "procfs" } else { "sysfs" }
             )));
         }
         if existing == state.as_path() && !state.is_dir() {
             return Err(Error::Config(format!(
                 "{at}: [worker] state_dir \"{}\" exists and is not a directory",
-                state.display()
+                state.shown()
             )));
         }
     }
@@ -242,8 +243,8 @@ fn check_places(config: &Config) -> Result<()> {
         if !dir.is_dir() {
             return Err(Error::Config(format!(
                 "{at}: [log] file \"{}\": its directory \"{}\" does not exist (create it, or choose another file)",
-                file.display(),
-                dir.display()
+                file.shown(),
+                dir.shown()
             )));
         }
     }
@@ -257,8 +258,8 @@ fn check_jobs_dir(config: &Config) -> Result<watch::Jobs> {
     if !jobs_dir.is_dir() {
         return Err(Error::Config(format!(
             "{}: jobs_dir \"{}\" is not a directory (create it, or set [worker] jobs_dir)",
-            config.path.display(),
-            jobs_dir.display()
+            config.path.shown(),
+            jobs_dir.shown()
         )));
     }
     let scanned = watch::scan_jobs(jobs_dir)?;
@@ -287,7 +288,7 @@ pub fn describe(table: &Table) -> BTreeMap<String, String> {
         .map(|(name, (runner, timeout))| {
             let what = match runner {
                 Runner::Rust(_) => "rust".to_string(),
-                Runner::Executable(p) => p.display().to_string(),
+                Runner::Executable(p) => p.shown().to_string(),
             };
             let t = timeout
                 .map(|t| format!(" (timeout {t:?})"))

@@ -19,6 +19,7 @@ use crate::restart::parcel::Parts;
 use crate::restart::reexec;
 use crate::status;
 use crate::status::records::Refusal;
+use crate::text::ShowPath;
 use crate::watch;
 
 impl Control {
@@ -34,10 +35,10 @@ impl Control {
         if now != next {
             return Err(Error::Config(format!(
                 "{}: [worker] state_dir changed from \"{}\" to \"{}\": a state_dir moves only at a fresh start (`gearshift restart`); this worker runs on in \"{}\"",
-                self.config_path.display(),
-                now.display(),
-                next.display(),
-                now.display()
+                self.config_path.shown(),
+                now.shown(),
+                next.shown(),
+                now.shown()
             )));
         }
         Ok(plan)
@@ -269,7 +270,7 @@ impl Control {
         next.binary = known;
         log::info!(
             "{reason}: re-exec \"{}\" as generation {}",
-            exe.display(),
+            exe.shown(),
             self.state.generation + 1
         );
         log::logger().flush();
@@ -289,10 +290,10 @@ impl Control {
                     "{reason}: the next generation serves {}: {} job(s) queued in the spool \"{}\" stay there until a worker serves it again",
                     spool_dir(&plan).map_or_else(
                         || format!("a {} source", plan.config.source.kind()),
-                        |d| format!("the spool \"{}\"", d.display())
+                        |d| format!("the spool \"{}\"", d.shown())
                     ),
                     q.depth,
-                    old.display()
+                    old.shown()
                 );
             }
         }
@@ -403,7 +404,7 @@ impl Control {
                     let state_dir = &plan.config.worker.state_dir;
                     match (crate::restart::rollback::save_last_good(state_dir), d.running_sha(), &known) {
                         (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
-                            log::info!("deploy: the running binary is kept as {}", last_good.display());
+                            log::info!("deploy: the running binary is kept as {}", last_good.shown());
                             let marker = crate::restart::rollback::Marker {
                                 from_sha,
                                 to_sha: to.sha256.clone(),
@@ -429,7 +430,7 @@ impl Control {
             None => {
                 log::info!(
                     "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
-                    self.boot.exe.display()
+                    self.boot.exe.shown()
                 );
                 (PathBuf::from("/proc/self/exe"), None)
             }

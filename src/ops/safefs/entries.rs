@@ -15,6 +15,7 @@ use nix::unistd::{fchown, geteuid, Gid, Uid};
 
 use super::{is, kind, owned, Dir};
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// How to open a file in a [`Dir`].
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +77,7 @@ impl Dir {
             Err(Errno::ELOOP) => {
                 return Err(Error::Unsafe(format!(
                     "\"{}\" is a symbolic link: refusing to follow it (remove it)",
-                    path.display()
+                    path.shown()
                 )))
             }
             Err(e) => {
@@ -85,7 +86,7 @@ impl Dir {
                 if let Some(st) = st.ok().filter(|st| !is(st, SFlag::S_IFREG)) {
                     return Err(Error::Unsafe(format!(
                         "\"{}\" is not a regular file (it is {}): refusing it (remove it)",
-                        path.display(),
+                        path.shown(),
                         kind(&st)
                     )));
                 }
@@ -96,7 +97,7 @@ impl Dir {
         if !is(&st, SFlag::S_IFREG) {
             return Err(Error::Unsafe(format!(
                 "\"{}\" is not a regular file (it is {}): refusing it (remove it)",
-                path.display(),
+                path.shown(),
                 kind(&st)
             )));
         }
@@ -104,7 +105,7 @@ impl Dir {
             if st.st_nlink != 1 {
                 return Err(Error::Unsafe(format!(
                     "\"{}\" has {} hard links: refusing it (remove it)",
-                    path.display(),
+                    path.shown(),
                     st.st_nlink
                 )));
             }
@@ -112,7 +113,7 @@ impl Dir {
             if !self.trusted() && !ok_owner {
                 return Err(Error::Unsafe(format!(
                     "\"{}\" is owned by uid {}, in a directory owned by uid {}: refusing it (remove it)",
-                    path.display(),
+                    path.shown(),
                     st.st_uid,
                     self.st.st_uid
                 )));
@@ -146,7 +147,7 @@ impl Dir {
         if size > max {
             return Err(Error::Invalid(format!(
                 "\"{}\" is {size} bytes, over {max}: refusing it",
-                self.path.join(name).display()
+                self.path.join(name).shown()
             )));
         }
         match read_bounded(f, max)
@@ -155,7 +156,7 @@ impl Dir {
             Some(buf) => Ok(Some(buf)),
             None => Err(Error::Invalid(format!(
                 "\"{}\" is over {max} bytes: refusing it",
-                self.path.join(name).display()
+                self.path.join(name).shown()
             ))),
         }
     }
@@ -297,7 +298,7 @@ pub fn open_regular(path: &Path, what: &str) -> Result<File> {
     if !is(&st, SFlag::S_IFREG) {
         return Err(Error::Unsafe(format!(
             "\"{}\" is not a regular file (it is {}): refusing it",
-            path.display(),
+            path.shown(),
             kind(&st)
         )));
     }

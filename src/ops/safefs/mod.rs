@@ -25,6 +25,7 @@ use nix::sys::stat::{fstat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{geteuid, Gid, Uid};
 
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 mod entries;
 pub use entries::{chown_file, open_regular, read_bounded, Open};
@@ -110,8 +111,8 @@ impl Dir {
                     if !cur.trusted() {
                         return Err(Error::Unsafe(format!(
                             "\"{}\" is a symbolic link in \"{}\", a directory that a user other than root can write: not following it (use the real path, or remove the link)",
-                            here.display(),
-                            cur.path.display()
+                            here.shown(),
+                            cur.path.shown()
                         )));
                     }
                     links += 1;
@@ -225,7 +226,7 @@ impl Dir {
                         .unwrap_or("not a directory");
                     return Err(Error::Unsafe(format!(
                         "\"{}\" is {what}, not a directory: refusing it (remove it)",
-                        here.display()
+                        here.shown()
                     )));
                 }
                 Err(e) => return Err(Error::io_path("opening directory", &here, e.into())),
@@ -248,14 +249,14 @@ impl Dir {
         if !is(&st, SFlag::S_IFSOCK) {
             return Err(Error::Unsafe(format!(
                 "\"{}\" is {}, not a socket: ignoring it",
-                here.display(),
+                here.shown(),
                 kind(&st)
             )));
         }
         if ![self.st.st_uid, 0, geteuid().as_raw()].contains(&st.st_uid) {
             return Err(Error::Unsafe(format!(
                 "\"{}\" is owned by uid {}, not by the owner of its directory: ignoring it",
-                here.display(),
+                here.shown(),
                 st.st_uid
             )));
         }

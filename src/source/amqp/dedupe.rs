@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ops::logging::Recurring;
 use crate::source::attempts::regular;
+use crate::text::ShowPath;
 
 /// The file's name, in the worker's directory.
 pub const FILE: &str = "amqp-done-ids";
@@ -66,7 +67,7 @@ impl Dedupe {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => log::warn!(
                 "amqp: cannot read \"{}\" ({e}): no redelivery is recognised as done before this start",
-                path.display()
+                path.shown()
             ),
         }
         d
@@ -92,10 +93,9 @@ impl Dedupe {
         }
         match self.append(&id) {
             Ok(()) => self.failing.worked(),
-            Err(e) => self.failing.failed(&format_args!(
-                "appending to \"{}\": {e}",
-                self.path.display()
-            )),
+            Err(e) => self
+                .failing
+                .failed(&format_args!("appending to \"{}\": {e}", self.path.shown())),
         }
     }
 
@@ -156,7 +156,7 @@ impl Dedupe {
             }
             Err(e) => self
                 .failing
-                .failed(&format_args!("rewriting \"{}\": {e}", self.path.display())),
+                .failed(&format_args!("rewriting \"{}\": {e}", self.path.shown())),
         }
     }
 }

@@ -21,6 +21,7 @@ pub type TlsTarget = (
     rustls::pki_types::ServerName<'static>,
 );
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// Largest certificate or key file read.
 const MAX_PEM: u64 = 1 << 20;
@@ -71,22 +72,14 @@ impl Endpoint {
 /// `start`), so a link or FIFO planted in a directory another user can write is refused.
 pub(crate) fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(Error::Msg(format!(
-            "{what}: bad path \"{}\"",
-            path.display()
-        )));
+        return Err(Error::Msg(format!("{what}: bad path \"{}\"", path.shown())));
     };
     let file = crate::ops::safefs::Dir::open(dir)?
         .file(name, crate::ops::safefs::Open::READ)?
         .file;
     crate::ops::safefs::read_bounded(file, MAX_PEM)
         .map_err(|e| Error::io_path(what, path, e))?
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{what} \"{}\" is larger than 1 MiB",
-                path.display()
-            ))
-        })
+        .ok_or_else(|| Error::Invalid(format!("{what} \"{}\" is larger than 1 MiB", path.shown())))
 }
 
 /// Reads the CA (and client certificate and key) and builds the client configuration. Every
@@ -102,18 +95,17 @@ pub fn add_roots(roots: &mut RootCertStore, path: &Path) -> Result<usize> {
     let ca = read_pem(path, "reading [source.tls] ca_file")?;
     let mut found = 0;
     for cert in CertificateDer::pem_slice_iter(&ca) {
-        let cert = cert.map_err(|e| {
-            Error::Invalid(format!("{}: not a PEM certificate: {e}", path.display()))
-        })?;
+        let cert = cert
+            .map_err(|e| Error::Invalid(format!("{}: not a PEM certificate: {e}", path.shown())))?;
         roots.add(cert).map_err(|e| {
-            Error::Invalid(format!("{}: unusable CA certificate: {e}", path.display()))
+            Error::Invalid(format!("{}: unusable CA certificate: {e}", path.shown()))
         })?;
         found += 1;
     }
     if found == 0 {
         return Err(Error::Invalid(format!(
             "{}: no certificate in it (PEM, \"-----BEGIN CERTIFICATE-----\")",
-            path.display()
+            path.shown()
         )));
     }
     Ok(found)
@@ -133,12 +125,12 @@ pub fn with_roots(roots: RootCertStore, files: Option<&TlsFiles>) -> Result<Arc<
             let chain = CertificateDer::pem_slice_iter(&pem)
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| {
-                    Error::Invalid(format!("{}: not a PEM certificate: {e}", cert.display()))
+                    Error::Invalid(format!("{}: not a PEM certificate: {e}", cert.shown()))
                 })?;
             let key_path = key;
             let key_pem = read_pem(key, "reading [source.tls] key_file")?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-                Error::Invalid(format!("{}: no private key in it: {e}", key.display()))
+                Error::Invalid(format!("{}: no private key in it: {e}", key.shown()))
             })?;
             builder.with_client_auth_cert(chain, key).map_err(|e| {
                 let why = match format!("{e:?}") {
@@ -152,8 +144,8 @@ pub fn with_roots(roots: RootCertStore, files: Option<&TlsFiles>) -> Result<Arc<
                 };
                 Error::Config(format!(
                     "[source.tls] cert_file \"{}\" with key_file \"{}\": {why}",
-                    cert.display(),
-                    key_path.display()
+                    cert.shown(),
+                    key_path.shown()
                 ))
             })?
         }

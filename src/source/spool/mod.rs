@@ -32,6 +32,7 @@ use crate::config::SpoolConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::ops::privilege::Target;
 use crate::ops::safefs::{Dir, Open};
+use crate::text::ShowPath;
 
 mod carry;
 mod commit;
@@ -267,7 +268,7 @@ impl Spool {
             let _ = tmp_dir.remove(&name);
             let dest = self.dir(sub).join(id);
             return Err(Error::io(
-                format!("renaming \"{}\" to \"{}\"", tmp.display(), dest.display()),
+                format!("renaming \"{}\" to \"{}\"", tmp.shown(), dest.shown()),
                 e,
             ));
         }
@@ -343,7 +344,7 @@ impl Spool {
                 return decode_record(id, &bytes).map(Some).map_err(|why| {
                     Error::Invalid(format!(
                         "corrupt result record \"{}\": {why}",
-                        self.dir(sub).join(id).display()
+                        self.dir(sub).join(id).shown()
                     ))
                 });
             }
@@ -351,8 +352,7 @@ impl Spool {
         Ok(None)
     }
 
-    /// Blocks until job `id` has finished (or `timeout` passed), woken by inotify on done/ and
-    /// failed/.
+    /// Blocks until job `id` has finished or `timeout` passed (inotify on done/ and failed/).
     pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
         let deadline = timeout.map(|t| Instant::now() + t);
         // Watched through the directories' descriptors (`/proc/self/fd/N` names the open
@@ -411,18 +411,18 @@ pub fn hand_to(cfg: &SpoolConfig, t: &Target) -> Result<()> {
     if !root.trusted() {
         return Err(Error::Unsafe(format!(
             "spool \"{}\" is owned by uid {} (mode {:o}), neither root nor user \"{}\"; fix: chown -R {} \"{}\"",
-            cfg.dir.display(),
+            cfg.dir.shown(),
             root.owner().0,
             root.mode(),
             t.name,
             t.name,
-            cfg.dir.display()
+            cfg.dir.shown()
         )));
     }
     if let Some(name) = foreign_entry(&root)? {
         return Err(Error::Unsafe(format!(
             "spool \"{}\" holds \"{}\", which is not a spool's: giving the directory to user \"{}\" would let every job rename what is in it; point [source] dir at a directory of its own",
-            cfg.dir.display(),
+            cfg.dir.shown(),
             crate::text::escape(&name.to_string_lossy()),
             t.name
         )));

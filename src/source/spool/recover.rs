@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 use super::format::*;
 use super::source::SpoolSource;
@@ -193,7 +194,7 @@ impl SpoolSource {
             if !self.replaced.swap(true, Ordering::AcqRel) {
                 log::error!(
                     "the spool directory \"{}\" is no longer the one this worker opened (removed or replaced while it ran): restarting to open it again",
-                    gone.display()
+                    gone.shown()
                 );
                 ON_REPLACED.call(());
             }
@@ -318,7 +319,7 @@ impl Spool {
                 log::error!(
                     "{sub}/{}: {why}; rejected: set aside as \"{}\"",
                     name.to_string_lossy(),
-                    to.display()
+                    to.shown()
                 );
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -12,6 +12,8 @@ use super::format::{decode_job, decode_record};
 use super::journal::{materialize, next_record, Entry, Kind};
 use super::*;
 
+use crate::text::ShowPath;
+
 /// Whether the file `sub/id` is there and sound.
 fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
     let Ok(bytes) = read_entry(&spool.dir(sub).join(id), MAX_ENTRY) else {
@@ -152,7 +154,7 @@ pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
     for path in &closed {
         if let Err(e) = fs::remove_file(path) {
             if e.kind() != io::ErrorKind::NotFound {
-                log::warn!("removing journal segment \"{}\": {e}", path.display());
+                log::warn!("removing journal segment \"{}\": {e}", path.shown());
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::config::SpoolConfig;
 use crate::error::{Error, Result};
 use crate::jobs::functions::JobResult;
 use crate::source::lane::{Claimed, Lane};
+use crate::text::ShowPath;
 
 use super::direct::Waker;
 use super::format::*;
@@ -108,7 +109,7 @@ impl SpoolSource {
                 Err(nix::errno::Errno::EWOULDBLOCK) => {
                     return Err(Error::Msg(format!(
                         "spool \"{}\" is in use by another worker (its .lock is held)",
-                        spool.root.display()
+                        spool.root.shown()
                     )))
                 }
                 Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),

@@ -10,6 +10,7 @@ use nix::errno::Errno;
 
 use crate::config::Endpoint;
 use crate::error::{Error, Result};
+use crate::text::ShowPath;
 
 /// One endpoint's listening socket.
 pub struct Listener {
@@ -68,7 +69,7 @@ fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
                 if !meta.file_type().is_socket() {
                     return Err(Error::Unsafe(format!(
                         "{ep}: \"{}\" exists and is not a socket; remove it or choose another path",
-                        path.display()
+                        path.shown()
                     )));
                 }
                 // A connect that cannot block (see `connect_unix`); a full backlog is a
@@ -77,7 +78,7 @@ fn bind_new(ep: &Endpoint) -> Result<OwnedFd> {
                     Ok(_) | Err(Errno::EAGAIN) => {
                         return Err(Error::Msg(format!(
                             "{ep}: another process listens on \"{}\"",
-                            path.display()
+                            path.shown()
                         )))
                     }
                     Err(Errno::ECONNREFUSED | Errno::ENOENT) => {}
