@@ -155,15 +155,26 @@ fn stop_waits_for_the_running_job_and_force_kills_after_timeout() {
         "{}",
         text(&out.stdout)
     );
+    // Ended by its own forced stop (a second TERM: a death that systemd and a supervisor take
+    // for the stop it is), not by a SIGKILL, which they take for a crash.
+    assert!(
+        text(&out.stdout).contains("by a second TERM"),
+        "{}",
+        text(&out.stdout)
+    );
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert!(log.contains("SIGTERM again: exiting now"), "{log}");
     assert!(outcome(&open_spool(&sb), &id).is_none());
+    no_process_runs(&sb.path("jobs/long.sh"));
+}
+
+/// Asserts that no process runs `path` (a job's processes were killed with the worker).
+fn no_process_runs(path: &std::path::Path) {
     let leftover = std::process::Command::new("pgrep")
-        .args(["-f", &sb.path("jobs/long.sh").display().to_string()])
+        .args(["-f", &path.display().to_string()])
         .output()
         .unwrap();
-    assert!(
-        leftover.stdout.is_empty(),
-        "the job's processes were killed too"
-    );
+    assert!(leftover.stdout.is_empty(), "{}", text(&leftover.stdout));
 }
 
 #[test]
@@ -897,33 +908,87 @@ fn service_worker(sb: &Sandbox, test: &str) -> Option<(i32, String, ServiceCgrou
     Some((worker, format!("{name}.service"), cgroup))
 }
 
-/// `stop --force` of a worker that is a systemd service's main process: the SIGKILL is a crash
-/// to systemd, and `Restart=on-failure` (as shipped) starts the worker again, which runs the
-/// killed jobs again at once, while `stop` said "killed". It still kills (it was asked to), and
-/// now says so, with `systemctl stop` for what stops the unit.
+/// `stop --force` of a worker that is a systemd service's main process: its SIGKILL is a crash
+/// to systemd, and `Restart=on-failure` (as shipped) started the worker again, which ran the
+/// killed jobs again at once, while `stop` said "killed". Now the worker's own forced stop (a
+/// second TERM: a death by SIGTERM, clean to systemd) ends it first, and the unit stays stopped.
+/// Only a worker that does not end so (here: held by a debugger) is killed, with a note that
+/// systemd starts it again and `systemctl stop` for what stops the unit.
 #[test]
-fn stop_force_of_a_systemd_service_says_systemd_starts_it_again() {
-    let sb = Sandbox::new("systemd-force");
+fn stop_force_of_a_systemd_service_ends_it_as_systemd_takes_a_stop() {
+    let test = "stop_force_of_a_systemd_service_ends_it_as_systemd_takes_a_stop";
+    for held in [false, true] {
+        let sb = Sandbox::new(if held {
+            "systemd-force-held"
+        } else {
+            "systemd-force"
+        });
+        let _reaper = Reaper(sb.path("state/gearshift.pid"));
+        let Some((worker, unit, _cgroup)) = service_worker(&sb, test) else {
+            return;
+        };
+        sb.submit("sleep", "30000");
+        eventually(Duration::from_secs(10), "the job running", || {
+            text(&sb.run(&["status"]).stdout).contains("1 running")
+        });
+        let traced = held.then(|| Traced::attach(worker));
+        let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+        drop(traced);
+        assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+        let said = text(&out.stderr);
+        let noted = said.contains(&format!("systemd unit {unit}"))
+            && said.contains(&format!("systemctl stop {unit}"));
+        assert_eq!(noted, held, "held by a debugger: {held}: {}", text_of(&out));
+        let how = if held {
+            "killed (pid"
+        } else {
+            "by a second TERM"
+        };
+        assert!(text(&out.stdout).contains(how), "{}", text_of(&out));
+        eventually(Duration::from_secs(5), "the worker gone", || {
+            !process_alive(worker)
+        });
+    }
+}
+
+/// A worker held by a debugger acts on no TERM: `stop --force` kills it (and its job
+/// processes) once its second TERM has not ended it, and says so (what it ran, it cannot say:
+/// held, it answers no status query).
+#[test]
+fn stop_force_kills_a_worker_that_its_second_term_does_not_end() {
+    let sb = Sandbox::new("stop-force-held");
+    if !nix::unistd::geteuid().is_root() {
+        return skip(
+            "stop_force_kills_a_worker_that_its_second_term_does_not_end",
+            "root (ptrace)",
+        );
+    }
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    let Some((worker, unit, _cgroup)) = service_worker(
-        &sb,
-        "stop_force_of_a_systemd_service_says_systemd_starts_it_again",
-    ) else {
-        return;
-    };
-    sb.submit("sleep", "30000");
-    eventually(Duration::from_secs(10), "the job running", || {
-        text(&sb.run(&["status"]).stdout).contains("1 running")
+    sb.job("long.sh", "#!/bin/sh\nsleep 30\necho done\n");
+    assert_eq!(sb.run(&["start"]).status.code(), Some(0));
+    let worker = pid_of(&sb);
+    let id = sb.submit("long", "");
+    eventually(Duration::from_secs(10), "the job to run", || {
+        open_spool(&sb)
+            .lookup(&id)
+            .is_ok_and(|l| matches!(l, gearshift::client::spool::Lookup::Running))
     });
-    let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+    let traced = Traced::attach(worker);
+    let out = sb.run(&["stop", "--timeout", "500ms", "--force"]);
+    drop(traced);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
-    let said = text(&out.stderr);
+    let said = text(&out.stdout);
     assert!(
-        said.contains(&format!("systemd unit {unit}"))
-            && said.contains(&format!("systemctl stop {unit}")),
-        "{said}"
+        said.contains(&format!("killed (pid {worker})"))
+            && said.contains("a second TERM did not end it")
+            && said.contains("the jobs it ran (it did not say which) will run again"),
+        "{}",
+        text_of(&out)
     );
-    assert!(!process_alive(worker));
+    eventually(Duration::from_secs(5), "the worker gone", || {
+        !process_alive(worker)
+    });
+    no_process_runs(&sb.path("jobs/long.sh"));
 }
 
 /// `restart` of a worker that is a systemd service's main process stopped the unit's worker

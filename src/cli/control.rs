@@ -347,11 +347,24 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
                 );
                 return Ok(exit::NOT_YET);
             }
-            let jobs: Vec<String> = crate::status::query(&socket, Some(pid))
-                .map(|s| running_job_names(&s))
-                .unwrap_or_default();
-            // A service's main process killed is a crash to systemd: its Restart= starts it
-            // again (a supervisor of ours, which had the TERM, takes it for the stop it is).
+            let jobs = match crate::status::query(&socket, Some(pid)).map(|s| running_job_names(&s))
+            {
+                Ok(jobs) if jobs.is_empty() => "no job was running".to_string(),
+                Ok(jobs) => format!("these jobs will run again: {}", jobs.join(", ")),
+                Err(_) => "the jobs it ran (it did not say which) will run again".to_string(),
+            };
+            // First the worker's own forced stop, which it promises within 2 s in every state:
+            // its job processes killed and its death by SIGTERM, which a supervisor and
+            // systemd take for the stop it is. A SIGKILL is a crash to them (systemd's
+            // Restart=on-failure started the worker again, to run the killed jobs at once).
+            let _ = kill(via, Signal::SIGTERM);
+            if gone_within(&pidfile, SECOND_TERM_WAIT)? {
+                println!("stopped (pid {pid}) after {timeout:?} by a second TERM; {jobs}");
+                return Ok(0);
+            }
+            // Still there (held by a debugger, or in the kernel): killed. A service's main
+            // process killed is a crash to systemd: its Restart= starts it again (a supervisor
+            // of ours, which had the TERM, takes it for the stop it is).
             if via == target {
                 if let Some(unit) = super::locate::systemd_unit(pid) {
                     let unit = crate::text::escape(&unit);
@@ -371,24 +384,15 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
             }
             // The lock goes with the process, which one in an uninterruptible wait (its disk
             // or NFS server hung, a frozen cgroup) leaves only once that wait ends.
-            let killed = Instant::now();
-            while pidfile::probe(&pidfile)? != Probe::NotRunning {
-                let wait = crate::jobs::pipes::KILL_WAIT;
-                if killed.elapsed() >= wait {
-                    let state = crate::ops::procfs::Stat::of(Some(pid)).map_or('?', |s| s.state);
-                    eprintln!("killed pid {pid} after {timeout:?}, but it is still there {wait:?} later, in state {state}: a process in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup) dies only once that wait ends, and holds the pidfile lock until then");
-                    return Ok(exit::NOT_YET);
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let wait = crate::jobs::pipes::KILL_WAIT;
+            if !gone_within(&pidfile, wait)? {
+                let state = crate::ops::procfs::Stat::of(Some(pid)).map_or('?', |s| s.state);
+                eprintln!("killed pid {pid} after {timeout:?}, but it is still there {wait:?} later, in state {state}: a process in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup) dies only once that wait ends, and holds the pidfile lock until then");
+                return Ok(exit::NOT_YET);
             }
-            if jobs.is_empty() {
-                println!("killed (pid {pid}) after {timeout:?}; no job was running");
-            } else {
-                println!(
-                    "killed (pid {pid}) after {timeout:?}; these jobs will run again: {}",
-                    jobs.join(", ")
-                );
-            }
+            println!(
+                "killed (pid {pid}) after {timeout:?}: a second TERM did not end it within {SECOND_TERM_WAIT:?}; {jobs}"
+            );
             return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -401,6 +405,22 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         _ => println!("stopped (pid {pid})"),
     }
     Ok(0)
+}
+
+/// How long `stop --force` gives the worker's forced stop (a second TERM), which it promises
+/// within 2 s, before it kills.
+const SECOND_TERM_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether the pidfile's lock is free within `wait` (its holder gone).
+fn gone_within(pidfile: &Path, wait: Duration) -> Result<bool> {
+    let since = Instant::now();
+    while pidfile::probe(pidfile)? != Probe::NotRunning {
+        if since.elapsed() >= wait {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(true)
 }
 
 /// Asks the worker to reopen its log file: SIGUSR1, only to the proven lock holder.

@@ -67,10 +67,11 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
 /// What to say when `pid` is stopped (by SIGSTOP, or Ctrl-Z at the terminal of a `run`): it
 /// then acts on no signal (but SIGKILL) until continued, and its status socket answers nothing.
 pub(super) fn stopped(pid: i32) -> Option<String> {
-    let state = crate::ops::procfs::Stat::of(Some(pid))?.state;
-    matches!(state, 'T' | 't').then(|| {
-        format!("pid {pid} is stopped (SIGSTOP, or Ctrl-Z at its terminal): it acts on no signal until it is continued: kill -CONT {pid}")
-    })
+    match crate::ops::procfs::Stat::of(Some(pid))?.state {
+        'T' => Some(format!("pid {pid} is stopped (SIGSTOP, or Ctrl-Z at its terminal): it acts on no signal until it is continued: kill -CONT {pid}")),
+        't' => Some(format!("pid {pid} is held by a debugger or tracer (TracerPid in /proc/{pid}/status): it acts on no signal but SIGKILL until that lets it go")),
+        _ => None,
+    }
 }
 
 /// The supervisor of worker `pid` (`start --supervise`), if it has one: the worker's parent
@@ -195,11 +196,18 @@ fn descends(mut p: i32, ancestor: i32) -> bool {
     false
 }
 
-/// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so.
+/// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so; one a debugger holds
+/// is said (a SIGCONT does not free it).
 pub(super) fn continue_stopped(pid: i32) {
-    if stopped(pid).is_some() {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-        println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+    match crate::ops::procfs::Stat::of(Some(pid)).map(|s| s.state) {
+        Some('T') => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            println!("pid {pid} was stopped (SIGSTOP, or Ctrl-Z at its terminal): continued, so that it can act on the TERM");
+        }
+        Some('t') => println!(
+            "pid {pid} is held by a debugger or tracer: it acts on the TERM once that lets it go"
+        ),
+        _ => {}
     }
 }
 

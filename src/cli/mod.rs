@@ -160,7 +160,8 @@ enum Command {
         /// Give up waiting after this long.
         #[arg(long, value_parser = parse_duration, default_value = "10m")]
         timeout: Duration,
-        /// After the timeout, SIGKILL the worker (its running jobs will run again).
+        /// After the timeout, stop now: a second TERM (its running jobs killed, to run again),
+        /// and SIGKILL if that has not ended the worker within 3 s.
         #[arg(long)]
         force: bool,
     },

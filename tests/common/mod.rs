@@ -550,6 +550,54 @@ pub fn process_alive(pid: i32) -> bool {
     })
 }
 
+/// Every thread of a process held by this test thread as a debugger holds it (`PTRACE_ATTACH`):
+/// it acts on no signal but SIGKILL until let go, which dropping this does (and reaps the
+/// threads' deaths the kernel reports to a tracer). Needs root (or `CAP_SYS_PTRACE`).
+pub struct Traced(Vec<i32>);
+
+impl Traced {
+    pub fn attach(pid: i32) -> Traced {
+        let mut tids = Vec::new();
+        for entry in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid: i32 = entry
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            // SAFETY: PTRACE_ATTACH takes no pointers (addr and data are ignored).
+            let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) };
+            assert_eq!(
+                r,
+                0,
+                "attaching to {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut status = 0;
+            // SAFETY: waits for the attach's stop of a thread this thread now traces; `status`
+            // is a valid place for the result.
+            unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+            tids.push(tid);
+        }
+        Traced(tids)
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        for &tid in &self.0 {
+            // SAFETY: PTRACE_DETACH with signal 0 takes no pointers; it fails harmlessly for a
+            // thread that is gone or not in a tracing stop.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+            let mut status = 0;
+            // SAFETY: reaps what the kernel still reports to this tracer about `tid`, without
+            // blocking; `status` is a valid place for the result.
+            unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        }
+    }
+}
+
 /// A command's stdout and stderr, for an assertion's message.
 pub fn text_of(out: &std::process::Output) -> String {
     format!(
