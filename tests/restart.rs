@@ -521,18 +521,25 @@ fn change_restarts_are_splayed_and_a_hup_is_not() {
     w.signal(Signal::SIGHUP);
     w.wait_generation(3);
     fs::write(sb.config(), format!("{text}# edit 2\n")).unwrap();
+    // A splay drawn shorter than a status query's round may be over before one sees it
+    // pending (CI once drew 3 ms of the 1500).
     let pending = w.wait_for(Duration::from_secs(10), "a pending restart", |s| {
-        s["restart_pending"].is_object()
+        s["restart_pending"].is_object() || s["generation"] == 4
     });
-    let at = pending["restart_pending"]["at"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let s = w.wait_generation(4);
     assert_eq!(s["last_restart_reason"], "config changed");
-    let restarted = s["restarted_at"].as_str().unwrap();
-    // RFC 3339 UTC with milliseconds: lexical order is time order.
-    assert!(restarted >= at.as_str(), "restarted {restarted}, due {at}");
+    match pending["restart_pending"]["at"].as_str() {
+        Some(at) => {
+            let restarted = s["restarted_at"].as_str().unwrap();
+            // RFC 3339 UTC with milliseconds: lexical order is time order.
+            assert!(restarted >= at, "restarted {restarted}, due {at}");
+        }
+        None => assert!(
+            w.log_text().contains("g3 config changed: restarting in "),
+            "{}",
+            w.log_text()
+        ),
+    }
 }
 
 /// A generation that shows its first claim also shows its restart pause (the pause is stored
