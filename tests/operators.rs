@@ -12,8 +12,12 @@ use common::*;
 
 /// The record root keeps of a config's state_dir (see `layout::record_state_dir`).
 fn record_of(sb: &Sandbox) -> std::path::PathBuf {
+    record_of_path(&fs::canonicalize(sb.config()).unwrap())
+}
+
+/// The record root keeps of the state_dir of the config at `config` (an absolute path).
+fn record_of_path(config: &std::path::Path) -> std::path::PathBuf {
     use sha2::Digest;
-    let config = fs::canonicalize(sb.config()).unwrap();
     let digest = sha2::Sha256::digest(config.as_os_str().as_encoded_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     std::path::Path::new("/run/gearshift/state-dirs").join(hex)
@@ -75,6 +79,50 @@ fn status_with_a_broken_config_finds_the_worker_or_says_unknown() {
     );
     w.signal(nix::sys::signal::Signal::SIGTERM);
     w.wait_exit(Duration::from_secs(10));
+}
+
+/// The config removed (or made unreadable) while the worker runs on its last good one: `status`,
+/// `reload` and `stop` said only "reading config: No such file" (exit 6), and nothing but a
+/// `kill` could stop the worker. They find it through root's record of where it started, as for
+/// a config that does not validate; without the record they still cannot.
+#[test]
+fn a_removed_config_still_lets_status_reload_and_stop_find_the_worker() {
+    let name = "a_removed_config_still_lets_status_reload_and_stop_find_the_worker";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "root (only root's record of a state_dir is trusted)");
+    }
+    let sb = Sandbox::new("op-removed");
+    let mut w = sb.start();
+    let kept = sb.path("config.toml.kept");
+    fs::rename(sb.config(), &kept).unwrap();
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains("is running")
+            && text(&out.stderr).contains("No such file")
+            && text(&out.stderr).contains("recorded at the worker's start"),
+        "{}",
+        text_of(&out)
+    );
+    // The worker cannot read it either: the reload is refused, and it serves on.
+    let out = sb.run(&["reload", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("No such file"),
+        "{}",
+        text_of(&out)
+    );
+    assert_eq!(w.generation(), 1);
+    // Without root's record it cannot be found: said, and nothing is touched.
+    let record = fs::read(record_of_path(&sb.config())).unwrap();
+    fs::remove_file(record_of_path(&sb.config())).unwrap();
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text_of(&out));
+    assert!(w.child.try_wait().unwrap().is_none(), "still running");
+    fs::write(record_of_path(&sb.config()), record).unwrap();
+    let out = sb.run(&["stop", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
 }
 
 /// One meaning per exit code, for every command (the table is in README and every --help).

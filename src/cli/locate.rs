@@ -211,10 +211,10 @@ pub(super) fn continue_stopped(pid: i32) {
     }
 }
 
-/// Where the worker keeps its state, even when config.toml does not validate right now (the
-/// worker serves on its last good config meanwhile), and whether that is certain: the valid
-/// config; or, with a warning, the `state_dir` root recorded at the worker's start; or `[worker]
-/// state_dir` read leniently from the file (certain only if its TOML syntax holds).
+/// Where the worker keeps its state, even when config.toml does not validate right now or cannot
+/// be read (the worker serves on its last good config meanwhile), and whether that is certain:
+/// the valid config; or, with a warning, the `state_dir` root recorded at the worker's start; or
+/// `[worker] state_dir` read leniently from the file (certain only if its TOML syntax holds).
 pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
     match Config::load(path) {
         Ok(c) => {
@@ -255,6 +255,22 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
                 dir.shown()
             );
             Ok((dir, certain))
+        }
+        // Not there or not readable (removed by a deploy while the worker serves on its last
+        // good config): root's record alone can tell where the worker runs.
+        Err(e @ Error::Io { .. }) => {
+            let recorded = crate::config::absolute(path)
+                .ok()
+                .and_then(|p| crate::ops::layout::recorded_state_dir(&p));
+            let Some(dir) = recorded else {
+                return Err(e);
+            };
+            eprintln!(
+                "gearshift: warning: {}; looking for the running worker in state_dir \"{}\" (recorded at the worker's start)",
+                crate::text::escape_lines(&e.to_string()),
+                dir.shown()
+            );
+            Ok((dir, true))
         }
         Err(e) => Err(e),
     }
