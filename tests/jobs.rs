@@ -519,6 +519,46 @@ fn a_users_own_binary_adds_rust_functions() {
     assert_eq!(w.status()["binary"], sb.bin.display().to_string());
 }
 
+/// A job whose executable is missing at that moment (a deploy that removes the file, or moves
+/// `jobs_dir` aside, before it puts the new one in place) failed at once, its result lost to
+/// the deploy's window: it is started again shortly, as a busy one is, and runs once the file
+/// is back. A missing `#!` interpreter (the file is there) still fails at once.
+#[test]
+fn an_executable_missing_for_a_moment_is_waited_for_not_failed() {
+    let sb = Sandbox::new("enoent");
+    sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    sb.job("gone.sh", "#!/no/such/interpreter\n");
+    // Not watched: the function stays while its file is away (watched, a restart would come
+    // too, which releases the waiting job to the next generation).
+    sb.write_worker_config("watch_jobs = false");
+    let w = sb.start();
+    fs::rename(sb.path("jobs"), sb.path("jobs.deploying")).unwrap();
+    let id = sb.submit("up", "moment");
+    let spool = open_spool(&sb);
+    eventually(
+        Duration::from_secs(10),
+        "the missing executable seen",
+        || w.log_text().contains("trying again shortly"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        outcome(&spool, &id).is_none(),
+        "failed while the file was away: {}",
+        w.log_text()
+    );
+    fs::rename(sb.path("jobs.deploying"), sb.path("jobs")).unwrap();
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    assert_eq!(out[0], (true, "MOMENT".to_string(), 1));
+    // The file there, its interpreter not: failed at once (not after the 10 s a missing file
+    // is waited for), saying which.
+    let id = sb.submit("gone", "x");
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(5));
+    assert!(
+        !out[0].0 && out[0].1.contains("/no/such/interpreter"),
+        "{out:?}"
+    );
+}
+
 /// A job whose executable is open for writing at that moment (a deploy writing it in place:
 /// exec says ETXTBSY) waits for the writer instead of failing, and runs once it is closed.
 #[test]

@@ -155,7 +155,7 @@ pub fn run(
     // child took).
     let turn = children.starts.turn();
     let (progress_read, progress_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32))
+        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32, exe))
         .inspect_err(|e| children.ran_short_if(e))?;
     let progress_fd = progress_write.as_raw_fd();
 
@@ -258,6 +258,7 @@ pub fn run(
             start_error(
                 format!("cannot start {}: {why}", exe.shown()),
                 e.raw_os_error().unwrap_or(0),
+                exe,
             )
         })
         .inspect_err(|e| children.ran_short_if(e))?;
@@ -338,10 +339,14 @@ pub fn run(
 }
 
 /// A job that could not be started: transient if for want of a resource that comes back.
-fn start_error(message: String, errno: i32) -> JobError {
+fn start_error(message: String, errno: i32, exe: &Path) -> JobError {
+    // Not there for a moment: a deploy that removes the file, or moves `jobs_dir` or a link's
+    // target aside, before it puts the new one in place. (The file there, ENOENT names its
+    // `#!` interpreter or its ELF loader: that fails at once.)
+    let away = || std::fs::metadata(exe).is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
     if [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM].contains(&errno) {
         JobError::transient(message)
-    } else if errno == libc::ETXTBSY {
+    } else if errno == libc::ETXTBSY || (errno == libc::ENOENT && away()) {
         JobError::busy(message)
     } else {
         JobError::new(message)

@@ -32,7 +32,8 @@ enum Kind {
     Transient,
     /// Killed at its timeout (counted apart in the metrics).
     TimedOut,
-    /// The executable is being written (ETXTBSY): run it again in a moment.
+    /// The executable is being written (ETXTBSY) or is not there for a moment (a deploy
+    /// replacing it): run it again in a moment.
     Busy,
 }
 
@@ -59,8 +60,8 @@ impl JobError {
         self.kind == Kind::Transient
     }
 
-    /// The job's executable is open for writing right now (a deploy in progress): the job
-    /// is started again in a moment instead of failing.
+    /// The job's executable is open for writing right now, or not there (a deploy in
+    /// progress): the job is started again in a moment instead of failing.
     pub(crate) fn busy(message: impl Into<String>) -> JobError {
         JobError {
             message: message.into(),

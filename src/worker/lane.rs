@@ -304,8 +304,8 @@ impl LaneContext {
             let ended = self.children.starts().ended();
             let outcome = self.execute(job, lane.progress());
             match &outcome {
-                // The executable is being written (a deploy in progress): once it is closed it
-                // runs; a writer that holds it longer than BUSY_LIMIT fails the job.
+                // The executable is being written or is not there (a deploy in progress): once
+                // it is closed or back it runs; longer than BUSY_LIMIT fails the job.
                 Err(e) if e.is_busy() && busy_until.is_none_or(|t| Instant::now() < t) => {
                     if busy_until.is_none() {
                         log::info!(
