@@ -125,6 +125,39 @@ fn a_removed_config_still_lets_status_reload_and_stop_find_the_worker() {
     assert!(w.wait_exit(Duration::from_secs(10)).success());
 }
 
+/// The whole state_dir removed under a running worker (its pidfile and status socket with it; a
+/// careless clean-up): `status` said "not running" (3), and a script's `status || start` started
+/// a second worker on the same source. Root's record of the worker's pid, with its start time
+/// (a pid reused later is not it), makes that "unknown" (4), naming the pid; `start` refuses.
+#[test]
+fn a_state_dir_removed_under_the_worker_never_reads_as_not_running() {
+    let name = "a_state_dir_removed_under_the_worker_never_reads_as_not_running";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "root (only root's record of a worker is trusted)");
+    }
+    let sb = Sandbox::new("op-state-gone");
+    let mut w = sb.start();
+    let pid = w.pid();
+    fs::remove_dir_all(sb.path("state")).unwrap();
+    for cmd in [&["status"][..], &["stop"], &["reload"], &["start"]] {
+        let out = sb.run(cmd);
+        let code = if cmd == ["start"] { 1 } else { 4 };
+        assert_eq!(out.status.code(), Some(code), "{cmd:?}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains(&format!("kill -TERM {pid}")),
+            "{cmd:?}: {}",
+            text_of(&out)
+        );
+    }
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "still running, untouched"
+    );
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+}
+
 /// One meaning per exit code, for every command (the table is in README and every --help).
 #[test]
 fn exit_codes_have_one_meaning_each() {

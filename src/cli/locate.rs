@@ -55,7 +55,10 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
         ))),
         Probe::NotRunning if certain => match crate::status::unlocked_worker(&socket) {
             Some(pid) => Err(Error::Unknown(crate::status::unlocked_words(&pidfile, pid))),
-            None => Err(Error::NotRunning),
+            None => match recorded_worker(path) {
+                Some(pid) => Err(Error::Unknown(recorded_words(&state_dir, pid))),
+                None => Err(Error::NotRunning),
+            },
         },
         Probe::NotRunning => Err(Error::Unknown(format!(
             "no worker runs in state_dir \"{}\", but the invalid config cannot say for certain that this is its state_dir; fix the config and ask again",
@@ -274,6 +277,42 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The worker root recorded at its fresh start with the config at `path`, if that process
+/// still runs (see `layout::record_worker`).
+fn recorded_worker(path: &Path) -> Option<i32> {
+    crate::ops::layout::recorded_worker(&crate::config::absolute(path).ok()?)
+}
+
+/// What the CLI says of a worker that root's record alone knows of.
+fn recorded_words(state_dir: &Path, pid: i32) -> String {
+    format!(
+        "no worker holds the pidfile in state_dir \"{}\" or answers on its status socket, but pid {pid}, which root recorded as the worker started with this config, still runs: was state_dir removed under it? `kill -TERM {pid}` stops it (not done here), and its next start makes state_dir again",
+        state_dir.shown()
+    )
+}
+
+/// Refuses a fresh start while the worker root recorded for this config still runs with neither
+/// pidfile nor status socket (its `state_dir` removed under it): two workers would serve one
+/// source. One that is exiting (a `restart`'s stop just freed its lock) is given 2 s to go.
+/// (A config that does not load, or a pidfile lock held, is left to the start's own checks.)
+pub(super) fn refuse_beside_recorded(path: &Path) -> Result<()> {
+    let Ok(c) = Config::load(path) else {
+        return Ok(());
+    };
+    let pidfile = c.worker.state_dir.join(crate::ops::layout::PIDFILE);
+    if !matches!(pidfile::probe(&pidfile), Ok(Probe::NotRunning)) {
+        return Ok(());
+    }
+    let since = std::time::Instant::now();
+    while let Some(pid) = recorded_worker(path) {
+        if since.elapsed() >= Duration::from_secs(2) {
+            return Err(Error::Msg(recorded_words(&c.worker.state_dir, pid)));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Refuses a start beside a worker started with the same config in another `state_dir` (the

@@ -329,6 +329,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     // system calls in every restart pause.
     if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) && !cli.reexec {
         locate::refuse_beside_elsewhere(path)?;
+        locate::refuse_beside_recorded(path)?;
     }
     match cli.command {
         Command::Run { log_file } => {

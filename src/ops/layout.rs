@@ -200,22 +200,59 @@ fn record_name(config: &Path) -> String {
 /// Records `state_dir` for `config` (both absolute), as root at a worker's fresh start.
 /// Best effort: without the record the CLI still finds a worker whose config parses.
 pub fn record_state_dir(config: &Path, state_dir: &Path) {
+    write_record(
+        &record_name(config),
+        state_dir.as_os_str().as_encoded_bytes(),
+    );
+}
+
+/// Records this process, by pid and start time, as the worker of `config` (absolute), as root
+/// once its fresh start holds the pidfile lock: a worker whose `state_dir` was removed under
+/// it (pidfile and status socket with it) is then still known to run (see
+/// [`recorded_worker`]). A file beside the `state_dir` record, which older CLIs do not read.
+pub fn record_worker(config: &Path) {
+    if let Some(stat) = crate::ops::procfs::Stat::of(None) {
+        let line = format!("{} {}\n", std::process::id(), stat.starttime);
+        write_record(&format!("{}.pid", record_name(config)), line.as_bytes());
+    }
+}
+
+/// Writes record `name` (as root only; best effort: the records only help the CLI).
+fn write_record(name: &str, bytes: &[u8]) {
     if !geteuid().is_root() {
         return;
     }
     let written = (|| -> Result<()> {
         let dir = Dir::create(Path::new(RECORDS), 0o755)?;
-        let name = record_name(config);
         let tmp = format!("{name}.{}.tmp", std::process::id());
         let _ = dir.remove(&tmp);
         let mut f = dir.create_new(&tmp, 0o644)?;
-        std::io::Write::write_all(&mut f, state_dir.as_os_str().as_encoded_bytes())
-            .map_err(|e| Error::io("writing the state_dir record", e))?;
-        dir.rename(&tmp, &name)
+        std::io::Write::write_all(&mut f, bytes)
+            .map_err(|e| Error::io("writing a record for `status`", e))?;
+        dir.rename(&tmp, name)
     })();
     if let Err(e) = written {
-        log::debug!("cannot record state_dir for `status` ({e})");
+        log::debug!("cannot write the record {name} for `status` ({e})");
     }
+}
+
+/// The worker root recorded for `config` ([`record_worker`]) if that very process still runs:
+/// its pid, when the process with that pid started when the record says (a pid reused since
+/// names a later start).
+pub fn recorded_worker(config: &Path) -> Option<i32> {
+    let dir = Dir::open(Path::new(RECORDS)).ok()?;
+    if !dir.trusted() || !dir.owner().0.is_root() {
+        return None;
+    }
+    let bytes = dir
+        .read_small(&format!("{}.pid", record_name(config)), 64)
+        .ok()??;
+    let text = String::from_utf8(bytes).ok()?;
+    let mut words = text.split_whitespace();
+    let pid: i32 = words.next()?.parse().ok().filter(|p| *p > 0)?;
+    let started: u64 = words.next()?.parse().ok()?;
+    let stat = crate::ops::procfs::Stat::of(Some(pid))?;
+    (stat.starttime == started && stat.state != 'Z').then_some(pid)
 }
 
 /// The `state_dir` recorded for `config`, if root recorded one (and only root could have).

@@ -190,6 +190,7 @@ pub(super) fn settle_as_root(
             let p = Pidfile::acquire(&layout.dir)?;
             // A worker whose pidfile was removed still answers on its socket: never a second.
             crate::status::refuse_beside_unlocked(state_dir)?;
+            crate::ops::layout::record_worker(config_path);
             p
         }
     };
