@@ -712,6 +712,23 @@ fn a_stopped_worker_is_said_and_stop_still_ends_it() {
         text.contains("is stopped") && text.contains("kill -CONT"),
         "{text}"
     );
+    // `status --json` says it too, as JSON (it printed nothing on stdout, exit 0: a monitor
+    // reading it had no document to read).
+    let out = sb.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (&doc["running"], &doc["state"], &doc["pid"]),
+        (&true.into(), &"stopped".into(), &w.pid().into()),
+        "{}",
+        text_of(&out)
+    );
+    assert!(
+        doc["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("kill -CONT")),
+        "{doc}"
+    );
     // `metrics` says so at once (it waited 3 s and said "gave no answer", exit 6), and
     // `reopen-logs` that the reopening waits until it is continued (it said "asked", no more).
     let out = sb.run(&["metrics"]);

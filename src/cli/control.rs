@@ -55,17 +55,25 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
             return Ok(exit::UNKNOWN);
         }
     };
+    // Running without a status document: said on stderr, and as a short document for `--json`
+    // (a monitor reading stdout had nothing to read).
+    let without_doc = |state: &str, why: &str| {
+        if json {
+            let doc = serde_json::json!({"running": true, "pid": pid, "state": state, "why": why});
+            println!("{doc}");
+        }
+    };
     if let Some(why) = stopped(pid) {
         eprintln!("gearshift is running, but {why}");
+        without_doc("stopped", &why);
         return Ok(0);
     }
     let s = match crate::status::query_patiently(&socket, Some(pid), Duration::from_secs(2)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
-                "gearshift is running (pid {pid}) but its status is unavailable: {}",
-                crate::text::escape_lines(&e.to_string())
-            );
+            let why = crate::text::escape_lines(&e.to_string()).into_owned();
+            eprintln!("gearshift is running (pid {pid}) but its status is unavailable: {why}");
+            without_doc("unavailable", &why);
             return Ok(0);
         }
     };
