@@ -127,8 +127,9 @@ fn a_removed_config_still_lets_status_reload_and_stop_find_the_worker() {
 
 /// The whole state_dir removed under a running worker (its pidfile and status socket with it; a
 /// careless clean-up): `status` said "not running" (3), and a script's `status || start` started
-/// a second worker on the same source. Root's record of the worker's pid, with its start time
-/// (a pid reused later is not it), makes that "unknown" (4), naming the pid; `start` refuses.
+/// a second worker on the same source, while `stop` could not reach it. Root's record of the
+/// worker's pid, with its start time (a pid reused later is not it), makes that "unknown" (4),
+/// naming the pid; `start` refuses, and `stop` stops it.
 #[test]
 fn a_state_dir_removed_under_the_worker_never_reads_as_not_running() {
     let name = "a_state_dir_removed_under_the_worker_never_reads_as_not_running";
@@ -139,12 +140,13 @@ fn a_state_dir_removed_under_the_worker_never_reads_as_not_running() {
     let mut w = sb.start();
     let pid = w.pid();
     fs::remove_dir_all(sb.path("state")).unwrap();
-    for cmd in [&["status"][..], &["stop"], &["reload"], &["start"]] {
+    for cmd in [&["status"][..], &["reload"], &["start"]] {
         let out = sb.run(cmd);
         let code = if cmd == ["start"] { 1 } else { 4 };
         assert_eq!(out.status.code(), Some(code), "{cmd:?}: {}", text_of(&out));
         assert!(
-            text(&out.stderr).contains(&format!("kill -TERM {pid}")),
+            text(&out.stderr).contains(&format!("pid {pid}"))
+                && text(&out.stderr).contains("gearshift stop"),
             "{cmd:?}: {}",
             text_of(&out)
         );
@@ -153,7 +155,13 @@ fn a_state_dir_removed_under_the_worker_never_reads_as_not_running() {
         w.child.try_wait().unwrap().is_none(),
         "still running, untouched"
     );
-    w.signal(nix::sys::signal::Signal::SIGTERM);
+    let out = sb.run(&["stop", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains(&format!("stopped (pid {pid})")),
+        "{}",
+        text_of(&out)
+    );
     assert!(w.wait_exit(Duration::from_secs(10)).success());
     assert_eq!(sb.run(&["status"]).status.code(), Some(3));
 }

@@ -307,18 +307,28 @@ fn deploy_refused(before: &crate::status::Doc, now: &crate::status::Doc) -> u8 {
 }
 
 pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
-    let (pid, socket, pidfile) = match running(path) {
+    let (pid, socket, pidfile, by_record) = match super::locate::find(path, true) {
         Err(Error::NotRunning) => {
             println!("gearshift is not running");
             return Ok(0);
         }
         other => other?,
     };
+    // Its end is told by the pidfile lock; for a worker found by root's record alone (its
+    // state_dir removed under it), by the record: that pid with that start time gone.
+    let alive = || -> Result<bool> {
+        Ok(match by_record {
+            true => super::locate::recorded_worker(path) == Some(pid),
+            false => pidfile::probe(&pidfile)? != Probe::NotRunning,
+        })
+    };
+    if by_record {
+        eprintln!("gearshift: no pidfile lock or status socket in its state_dir (removed?): stopping pid {pid}, which root recorded as the worker started with this config");
+    }
     let target = Pid::from_raw(pid);
     // A worker already stopping (an earlier `stop` waits for its jobs) takes this TERM as "exit
-    // now": the jobs it runs are interrupted and run again. Say which.
-    // A worker stopped by SIGSTOP answers nothing until continued: not asked (3 s for no
-    // answer).
+    // now": the jobs it runs are interrupted and run again. Say which. A worker stopped by
+    // SIGSTOP answers nothing until continued: not asked (3 s for no answer).
     let was_stopped = stopped(pid);
     let interrupted: Option<Vec<String>> = was_stopped
         .is_none()
@@ -337,7 +347,7 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     }
     let started = Instant::now();
     let mut said = false;
-    while pidfile::probe(&pidfile)? != Probe::NotRunning {
+    while alive()? {
         if !said && started.elapsed() > Duration::from_secs(1) {
             if let Ok(s) = crate::status::query(&socket, Some(pid)) {
                 println!("waiting for {} running job(s) to finish", s.in_flight);
@@ -366,7 +376,7 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
             // systemd take for the stop it is. A SIGKILL is a crash to them (systemd's
             // Restart=on-failure started the worker again, to run the killed jobs at once).
             let _ = kill(via, Signal::SIGTERM);
-            if gone_within(&pidfile, SECOND_TERM_WAIT)? {
+            if gone_within(&alive, SECOND_TERM_WAIT)? {
                 println!("stopped (pid {pid}) after {timeout:?} by a second TERM; {jobs}");
                 return Ok(0);
             }
@@ -393,7 +403,7 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
             // The lock goes with the process, which one in an uninterruptible wait (its disk
             // or NFS server hung, a frozen cgroup) leaves only once that wait ends.
             let wait = crate::jobs::pipes::KILL_WAIT;
-            if !gone_within(&pidfile, wait)? {
+            if !gone_within(&alive, wait)? {
                 let state = crate::ops::procfs::Stat::of(Some(pid)).map_or('?', |s| s.state);
                 eprintln!("killed pid {pid} after {timeout:?}, but it is still there {wait:?} later, in state {state}: a process in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup) dies only once that wait ends, and holds the pidfile lock until then");
                 return Ok(exit::NOT_YET);
@@ -419,10 +429,10 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
 /// within 2 s, before it kills.
 const SECOND_TERM_WAIT: Duration = Duration::from_secs(3);
 
-/// Whether the pidfile's lock is free within `wait` (its holder gone).
-fn gone_within(pidfile: &Path, wait: Duration) -> Result<bool> {
+/// Whether the worker is gone within `wait` (`alive` says it is not: its pidfile lock free).
+fn gone_within(alive: &impl Fn() -> Result<bool>, wait: Duration) -> Result<bool> {
     let since = Instant::now();
-    while pidfile::probe(pidfile)? != Probe::NotRunning {
+    while alive()? {
         if since.elapsed() >= wait {
             return Ok(false);
         }
@@ -457,7 +467,6 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// `ID (function)` of each job the worker runs, escaped for a terminal.
 /// The jobs the worker runs, a line each ("\n  lane 0: ..."), if it says and runs any.
 fn waiting_for(socket: &Path, pid: i32) -> Option<String> {
     let s = crate::status::query(socket, Some(pid)).ok()?;
@@ -467,6 +476,7 @@ fn waiting_for(socket: &Path, pid: i32) -> Option<String> {
     (!lines.is_empty()).then_some(lines)
 }
 
+/// `ID (function)` of each job the worker runs, escaped for a terminal.
 fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
     s.running_jobs
         .iter()

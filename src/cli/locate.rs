@@ -18,6 +18,13 @@ use crate::text::ShowPath;
 /// cannot tell for certain where the worker is, finding none there is "unknown", not "not
 /// running" (a script would start a second worker).
 pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
+    find(path, false).map(|(pid, socket, pidfile, _)| (pid, socket, pidfile))
+}
+
+/// [`running`], and with `recorded` (for `stop`) also a worker that neither holds the pidfile
+/// lock nor answers on its status socket but runs as root recorded it (its `state_dir` removed
+/// under it): true in the result's last place, for the caller to tell its end by the record.
+pub(super) fn find(path: &Path, recorded: bool) -> Result<(i32, PathBuf, PathBuf, bool)> {
     let (state_dir, certain) = super::locate::state_dir_of(path)?;
     let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
     let socket = crate::ops::layout::worker_dir(&state_dir).join(crate::ops::layout::SOCKET);
@@ -31,7 +38,7 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
             // binds there); nobody answering is "not running". Read-only: such a caller can
             // query, not signal.
             return match crate::status::query_patiently(&socket, None, Duration::from_secs(2)) {
-                Ok(doc) => Ok((doc.pid as i32, socket, pidfile)),
+                Ok(doc) => Ok((doc.pid as i32, socket, pidfile, false)),
                 Err(Error::Io { source, .. })
                     if matches!(
                         source.kind(),
@@ -48,7 +55,7 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
         other => other?,
     };
     match probed {
-        Probe::Running(Some(pid)) => Ok((pid, socket, pidfile)),
+        Probe::Running(Some(pid)) => Ok((pid, socket, pidfile, false)),
         Probe::Running(None) => Err(Error::Unknown(format!(
             "\"{}\" is locked but holds no pid",
             pidfile.shown()
@@ -56,6 +63,7 @@ pub(super) fn running(path: &Path) -> Result<(i32, PathBuf, PathBuf)> {
         Probe::NotRunning if certain => match crate::status::unlocked_worker(&socket) {
             Some(pid) => Err(Error::Unknown(crate::status::unlocked_words(&pidfile, pid))),
             None => match recorded_worker(path) {
+                Some(pid) if recorded => Ok((pid, socket, pidfile, true)),
                 Some(pid) => Err(Error::Unknown(recorded_words(&state_dir, pid))),
                 None => Err(Error::NotRunning),
             },
@@ -281,14 +289,14 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
 
 /// The worker root recorded at its fresh start with the config at `path`, if that process
 /// still runs (see `layout::record_worker`).
-fn recorded_worker(path: &Path) -> Option<i32> {
+pub(super) fn recorded_worker(path: &Path) -> Option<i32> {
     crate::ops::layout::recorded_worker(&crate::config::absolute(path).ok()?)
 }
 
 /// What the CLI says of a worker that root's record alone knows of.
 fn recorded_words(state_dir: &Path, pid: i32) -> String {
     format!(
-        "no worker holds the pidfile in state_dir \"{}\" or answers on its status socket, but pid {pid}, which root recorded as the worker started with this config, still runs: was state_dir removed under it? `kill -TERM {pid}` stops it (not done here), and its next start makes state_dir again",
+        "no worker holds the pidfile in state_dir \"{}\" or answers on its status socket, but pid {pid}, which root recorded as the worker started with this config, still runs: was state_dir removed under it? `gearshift stop` stops it, and its next start makes state_dir again",
         state_dir.shown()
     )
 }

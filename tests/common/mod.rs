@@ -525,8 +525,6 @@ pub fn second_term_ends_it(w: &mut Worker, state: &str) {
     );
 }
 
-/// Whether `pid` runs: a zombie has exited (only its parent, often a slow init here, has yet
-/// to reap it).
 /// The status document served on `socket`, or None while nothing answers there.
 pub fn status_at(socket: &Path) -> Option<Value> {
     let mut c = UnixStream::connect(socket).ok()?;
@@ -542,6 +540,8 @@ pub fn status_at(socket: &Path) -> Option<Value> {
     serde_json::from_slice(&s).ok()
 }
 
+/// Whether `pid` runs: a zombie has exited (only its parent, often a slow init here, has yet
+/// to reap it).
 pub fn process_alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(')')
@@ -556,31 +556,37 @@ pub fn process_alive(pid: i32) -> bool {
 pub struct Traced(Vec<i32>);
 
 impl Traced {
+    /// Threads come and go (a status query is one): listed again until every thread there is
+    /// held; one that ended before it was attached to is left out.
     pub fn attach(pid: i32) -> Traced {
-        let mut tids = Vec::new();
-        for entry in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let tid: i32 = entry
+        let mut tids: Vec<i32> = Vec::new();
+        loop {
+            let listed: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
                 .unwrap()
-                .file_name()
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            // SAFETY: PTRACE_ATTACH takes no pointers (addr and data are ignored).
-            let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) };
-            assert_eq!(
-                r,
-                0,
-                "attaching to {tid}: {}",
-                std::io::Error::last_os_error()
-            );
-            let mut status = 0;
-            // SAFETY: waits for the attach's stop of a thread this thread now traces; `status`
-            // is a valid place for the result.
-            unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
-            tids.push(tid);
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|tid| !tids.contains(tid))
+                .collect();
+            if listed.is_empty() {
+                return Traced(tids);
+            }
+            for tid in listed {
+                // SAFETY: PTRACE_ATTACH takes no pointers (addr and data are ignored).
+                if unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    assert_eq!(
+                        e.raw_os_error(),
+                        Some(libc::ESRCH),
+                        "attaching to {tid}: {e}"
+                    );
+                    continue;
+                }
+                let mut status = 0;
+                // SAFETY: waits for the attach's stop of a thread this thread now traces;
+                // `status` is a valid place for the result.
+                unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+                tids.push(tid);
+            }
         }
-        Traced(tids)
     }
 }
 
