@@ -491,6 +491,39 @@ fn a_directory_at_the_binarys_path_is_refused_once() {
     assert_eq!(w.status()["generation"], 1);
 }
 
+/// A binary's path that resolves to no file for good (a release link left dangling, or looping,
+/// by a deploy that went wrong) was not said at all: the worker ran on its image (a restart
+/// re-execs it), and the next fresh start of that path failed. It is said once it lasts 10 s,
+/// and a reload still restarts in place.
+#[test]
+fn a_binary_path_that_resolves_to_nothing_is_said_and_reloads_run_on() {
+    let sb = sandbox("deploy-dangling");
+    let w = sb.start();
+    w.wait_running_sha();
+    fs::remove_file(&sb.bin).unwrap();
+    std::os::unix::fs::symlink(sb.path("releases/42/gearshift"), &sb.bin).unwrap();
+    eventually(Duration::from_secs(20), "the dangling path said", || {
+        w.log_text().contains("resolves to no file")
+    });
+    let log = w.log_text();
+    assert!(log.contains("No such file"), "{log}");
+    // The CLI from the build (the sandbox's path runs nothing now).
+    let out = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(sb.config())
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(w.status()["generation"], 2);
+    assert_eq!(
+        w.log_text().matches("resolves to no file").count(),
+        1,
+        "{}",
+        w.log_text()
+    );
+}
+
 /// Without a supervisor, a new binary that dies at start-up leaves no worker; the operator's
 /// next `start` (the bad binary still at the path) rolls back to the last good one. `start`
 /// says what runs: the worker it started, and that it is the rolled-back binary, not the

@@ -29,6 +29,9 @@ use crate::text::{hex, ShowPath};
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
+/// How long the binary's path may resolve to no file (a deploy between its steps) before that
+/// is said.
+const MISSING_SAID: Duration = Duration::from_secs(10);
 /// What the background check of a stable candidate found.
 enum Outcome {
     /// The same bytes as the running image (a touch, or a copy of the same build).
@@ -72,6 +75,8 @@ pub struct Deploy {
     /// Under a privilege drop, the worker's uid: a candidate that user could have written
     /// would be run by root at the next fresh start, so it is refused.
     worker_uid: Option<u32>,
+    /// Since when the path has resolved to no file, and whether that was said.
+    missing: Option<(Instant, bool)>,
 }
 
 impl Deploy {
@@ -119,6 +124,7 @@ impl Deploy {
             known_bad: None,
             unreadable_said: None,
             worker_uid,
+            missing: None,
         }
     }
 
@@ -147,6 +153,28 @@ impl Deploy {
         Some(ident) == self.running_ident()
             || Some(ident) == self.refused
             || self.approved.as_ref().and_then(|a| a.ident) == Some(ident)
+    }
+
+    /// The path resolves to no file: a deploy between its steps (the file removed, a link not
+    /// yet swapped), or one that went wrong (a release link left dangling or looping). Said once
+    /// it lasts [`MISSING_SAID`]: the worker runs on (a restart re-execs the running image), but
+    /// a fresh start of that path would fail.
+    fn missing(&mut self) -> Step {
+        let (since, said) = self.missing.get_or_insert((Instant::now(), false));
+        if *said {
+            return Step::Nothing;
+        }
+        if let Some(left) = MISSING_SAID.checked_sub(since.elapsed()) {
+            return Step::CheckIn(left.max(SETTLE));
+        }
+        *said = true;
+        let why = std::fs::metadata(&self.path).map_or_else(|e| e.to_string(), |_| "back".into());
+        log::warn!(
+            "deploy: \"{}\" resolves to no file ({why}) for {}s: the worker runs on as it is (a restart re-execs the running image), but a fresh start of that path would fail; put a binary there",
+            self.path.shown(),
+            MISSING_SAID.as_secs()
+        );
+        Step::Nothing
     }
 
     /// A restart is asked for: a new file at the path (a release link swapped, then a reload)
@@ -181,8 +209,9 @@ impl Deploy {
             return step;
         }
         let Some(ident) = Ident::of(&self.path) else {
-            return Step::Nothing;
+            return self.missing();
         };
+        self.missing = None;
         if self.judged(ident) {
             return Step::Nothing;
         }
