@@ -301,46 +301,36 @@ fn recorded_words(state_dir: &Path, pid: i32) -> String {
     )
 }
 
-/// Refuses a fresh start while the worker root recorded for this config still runs with neither
-/// pidfile nor status socket (its `state_dir` removed under it): two workers would serve one
-/// source. One that is exiting (a `restart`'s stop just freed its lock) is given 2 s to go.
-/// (A config that does not load, or a pidfile lock held, is left to the start's own checks.)
-pub(super) fn refuse_beside_recorded(path: &Path) -> Result<()> {
-    let Ok(c) = Config::load(path) else {
+/// Refuses a fresh start beside another worker of this config that the pidfile lock in its
+/// `state_dir` does not show: one started with it in another `state_dir` (the config's was
+/// edited since), or the one root recorded, still running with neither pidfile nor status
+/// socket (its `state_dir` removed under it; one that is exiting, a `restart`'s stop having just
+/// freed its lock, is given 2 s to go). Two workers would serve one source. A config that does
+/// not load, or a lock held there, is left to the start's own checks.
+pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
+    let (Ok(c), Ok(config)) = (Config::load(path), crate::config::absolute(path)) else {
         return Ok(());
     };
+    if let Some(dir) = running_elsewhere(&config, &c.worker.state_dir) {
+        let pidfile = dir.join(crate::ops::layout::PIDFILE);
+        let pid = match pidfile::probe(&pidfile) {
+            Ok(Probe::Running(pid)) => pid,
+            _ => None,
+        };
+        return Err(Error::Locked { what: pidfile, pid });
+    }
     let pidfile = c.worker.state_dir.join(crate::ops::layout::PIDFILE);
     if !matches!(pidfile::probe(&pidfile), Ok(Probe::NotRunning)) {
         return Ok(());
     }
     let since = std::time::Instant::now();
-    while let Some(pid) = recorded_worker(path) {
+    while let Some(pid) = crate::ops::layout::recorded_worker(&config) {
         if since.elapsed() >= Duration::from_secs(2) {
             return Err(Error::Msg(recorded_words(&c.worker.state_dir, pid)));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-/// Refuses a start beside a worker started with the same config in another `state_dir` (the
-/// config's was edited since): two workers would serve one source.
-pub(super) fn refuse_beside_elsewhere(path: &Path) -> Result<()> {
-    let (Ok(c), Ok(config)) = (Config::load(path), crate::config::absolute(path)) else {
-        return Ok(());
-    };
-    match running_elsewhere(&config, &c.worker.state_dir) {
-        Some(dir) => Err(Error::Locked {
-            what: dir.join(crate::ops::layout::PIDFILE),
-            pid: pidfile::probe(&dir.join(crate::ops::layout::PIDFILE))
-                .ok()
-                .and_then(|p| match p {
-                    pidfile::Probe::Running(pid) => pid,
-                    pidfile::Probe::NotRunning => None,
-                }),
-        }),
-        None => Ok(()),
-    }
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the

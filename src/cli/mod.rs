@@ -328,8 +328,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     // reading and parsing the config again here, with root's record looked up, put about 30
     // system calls in every restart pause.
     if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) && !cli.reexec {
-        locate::refuse_beside_elsewhere(path)?;
-        locate::refuse_beside_recorded(path)?;
+        locate::refuse_beside_another(path)?;
     }
     match cli.command {
         Command::Run { log_file } => {

@@ -559,16 +559,17 @@ impl Traced {
     /// Threads come and go (a status query is one): listed again until every thread there is
     /// held; one that ended before it was attached to is left out.
     pub fn attach(pid: i32) -> Traced {
-        let mut tids: Vec<i32> = Vec::new();
+        let (mut tids, mut tried): (Vec<i32>, Vec<i32>) = (Vec::new(), Vec::new());
         loop {
             let listed: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
                 .unwrap()
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|tid| !tids.contains(tid))
+                .filter(|tid| !tried.contains(tid))
                 .collect();
             if listed.is_empty() {
                 return Traced(tids);
             }
+            tried.extend(&listed);
             for tid in listed {
                 // SAFETY: PTRACE_ATTACH takes no pointers (addr and data are ignored).
                 if unsafe { libc::ptrace(libc::PTRACE_ATTACH, tid, 0, 0) } != 0 {
