@@ -1315,3 +1315,88 @@ fn an_amqp_job_abandoned_by_a_restart_is_delivered_again() {
     });
     assert_eq!(r.depth(&queue), (0, 1));
 }
+
+#[test]
+fn a_queue_deleted_under_the_worker_is_declared_again_and_served() {
+    if !Rabbit::available("a_queue_deleted_under_the_worker_is_declared_again_and_served") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-deleted");
+    let r = Rabbit::shared();
+    let sent = mail_job(&sb);
+    amqp_config(
+        &sb,
+        2,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+            r.url()
+        ),
+        "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    php_publish(&r, 5, "before", "", "");
+    eventually(Duration::from_secs(20), "5 sent", || {
+        lines(&sent).len() >= 5
+    });
+    // An operator (or a tool cleaning up) deletes the queue: RabbitMQ cancels the consumer
+    // (`basic.cancel`, as the worker asked with `consumer_cancel_notify`). The worker must not
+    // sit on a consumer that no longer exists.
+    r.ctl(&["delete_queue", "-p", &r.vhost, "email"]);
+    eventually(Duration::from_secs(20), "the queue declared again", || {
+        r.list("queues", &["name"]).iter().any(|q| q[0] == "email")
+    });
+    w.wait_for(Duration::from_secs(20), "connected again", connected);
+    eventually(Duration::from_secs(20), "a consumer again", || {
+        !r.list("consumers", &["queue_name"]).is_empty()
+    });
+    php_publish_to(&r, "-", 5, "after", "", "");
+    eventually(Duration::from_secs(20), "10 sent", || {
+        lines(&sent).len() >= 10
+    });
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "a reconnect, not a restart: {s}");
+    let log = w.log_text();
+    assert!(log.contains("cancelled the consumer"), "{log}");
+}
+
+#[test]
+fn a_queue_the_worker_does_not_declare_is_waited_for_while_it_is_missing() {
+    if !Rabbit::available("a_queue_the_worker_does_not_declare_is_waited_for_while_it_is_missing") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-missing");
+    let r = Rabbit::shared();
+    let sent = mail_job(&sb);
+    // No [source.declare]: the producers declare the queue (php-amqp, below).
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
+            r.url()
+        ),
+        "",
+    );
+    let w = sb.start();
+    let s = w.wait_for(Duration::from_secs(20), "the missing queue said", |s| {
+        s["servers"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("email"))
+    });
+    eprintln!("{}", s["servers"]);
+    php_publish(&r, 5, "first", "", "");
+    eventually(Duration::from_secs(20), "5 sent", || {
+        lines(&sent).len() >= 5
+    });
+    r.ctl(&["delete_queue", "-p", &r.vhost, "email"]);
+    let s = w.wait_for(Duration::from_secs(20), "the deleted queue said", |s| {
+        !connected(s)
+    });
+    eprintln!("{}", s["servers"]);
+    php_publish(&r, 5, "again", "", "");
+    eventually(Duration::from_secs(20), "10 sent", || {
+        lines(&sent).len() >= 10
+    });
+    assert_eq!(w.status()["generation"], 1);
+}
