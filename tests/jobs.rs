@@ -584,3 +584,32 @@ fn an_executable_being_written_is_waited_for_not_failed() {
     let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
     assert_eq!(out[0], (true, "BUSY".to_string(), 1));
 }
+
+/// A deploy adds a job executable and something submits a job for it at once: the worker has
+/// not restarted onto it yet (the change is debounced, judged, maybe splayed). Before, the
+/// job failed at once, for good ("unknown function"); now it waits for the restart that
+/// serves it (and cuts a splay short), while a name no file offers still fails at once.
+#[test]
+fn a_job_for_a_function_just_added_to_jobs_dir_waits_for_the_restart_that_serves_it() {
+    let sb = Sandbox::new("just-added");
+    sb.job("up.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    let w = sb.start();
+    sb.job("down.sh", "#!/bin/sh\ntr A-Z a-z\n");
+    let id = sb.submit("down", "NEW");
+    let typo = sb.submit("dwon", "x");
+    let out = all_outcomes(&sb, &[id, typo], Duration::from_secs(20));
+    assert_eq!(out[0], (true, "new".to_string(), 1), "{}", w.log_text());
+    assert!(
+        !out[1].0 && out[1].1.contains("unknown function \"dwon\""),
+        "{out:?}"
+    );
+    let s = w.status();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(s["last_restart_reason"], "jobs changed", "{s}");
+    assert!(
+        w.log_text().contains("waits for function \"down\""),
+        "{}",
+        w.log_text()
+    );
+}

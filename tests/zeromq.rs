@@ -244,6 +244,11 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     let ask = |frames: &[&str]| pyzmq("REQ", &z.tcp, frames).join("");
     assert!(ask(&["a", "b", "c"]).starts_with("ERROR 3 frames"));
     assert!(ask(&["nope", "x"]).starts_with("ERROR unknown function \"nope\""));
+    // A function whose file a deploy has just added, before the restart that serves it: taken
+    // (it was refused as unknown), and run once that restart comes.
+    z.sb.job("fresh.sh", "#!/bin/sh\ntr a-z A-Z\n");
+    let fresh = ask(&["fresh", "new"]);
+    assert!(!fresh.starts_with("ERROR"), "{fresh}");
     assert!(ask(&["", "x"]).starts_with("ERROR \"\" is no function name"));
     assert_eq!(
         ask(&["\u{1b}[2Jevil", "x"]),
@@ -257,10 +262,8 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     assert!(pyzmq("REQ", &z.tcp, &["reverse", &huge]).is_empty());
     // And the worker serves on.
     let id = ask(&["fine"]);
-    assert_eq!(
-        all_outcomes(&z.sb, &[id], Duration::from_secs(20))[0].1,
-        "enif"
-    );
+    let out = all_outcomes(&z.sb, &[id, fresh], Duration::from_secs(20));
+    assert_eq!((out[0].1.as_str(), out[1].1.as_str()), ("enif", "NEW"));
     assert_eq!(w.status()["zeromq"]["rejected"], 5);
     assert!(w.log_text().contains("accepting jobs on"));
 }

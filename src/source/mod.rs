@@ -105,12 +105,11 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
         )?)),
         SourceConfig::Zeromq(cfg) => Arc::new(zeromq::ZeromqSource::open(
             cfg,
-            config.worker.max_payload_bytes,
+            &config.worker,
             resumed,
             handed,
             listeners,
             ingress,
-            config.worker.concurrency,
         )?),
         SourceConfig::Gearman(cfg) => Arc::new(gearman::GearmanSource::open(
             cfg,

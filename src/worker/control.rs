@@ -266,6 +266,12 @@ impl Control {
                 }
                 self.limits.asked.store(false, Ordering::Release);
             }
+            Event::Awaited(function) => {
+                if let Some((_, pending)) = &lp.splayed {
+                    log::info!("a job waits for function \"{function}\", which jobs_dir now has: the pending restart ({pending}) goes now");
+                    self.splay_over(lp);
+                }
+            }
             Event::Signal(sig) => self.on_signal(sig, lp),
             Event::Touched(touched) => self.on_touched(touched, lp),
             Event::ThreadDied(name) => {

@@ -15,6 +15,8 @@ pub(super) enum Event {
     Touched(Touched),
     /// A lane reached a recycling limit.
     Recycle(RestartReason),
+    /// A job waits for this function, which `jobs_dir` offers and this generation lacks.
+    Awaited(String),
     /// A lane thread ended (`true`: by a panic).
     LaneDone(bool),
     /// An essential helper thread died by a panic (its name).

@@ -20,6 +20,7 @@ use crate::jobs::functions::{Job, JobError, JobResult, Runner, Table};
 use crate::kinds::RestartReason;
 use crate::source::{Claimed, Lane};
 use crate::status::State;
+use crate::text::ShowPath;
 
 use super::limits::resident_bytes;
 pub(super) use super::limits::Limits;
@@ -43,6 +44,8 @@ pub(super) struct LaneContext {
     pub(super) limits: Arc<Limits>,
     pub(super) events: Sender<Event>,
     pub(super) health: Arc<Health>,
+    /// Where a function this generation lacks may have been added (see [`Self::unknown`]).
+    pub(super) jobs_dir: std::path::PathBuf,
 }
 
 /// Storage and resource health, shared by the lanes of a generation.
@@ -300,6 +303,7 @@ impl LaneContext {
     fn run_job(&self, job: &Claimed, lane: &mut dyn Lane) -> Option<JobResult> {
         let mut backoff = Duration::from_millis(50);
         let mut busy_until: Option<Instant> = None;
+        let mut tries = 0u32;
         loop {
             let ended = self.children.starts().ended();
             let outcome = self.execute(job, lane.progress());
@@ -307,6 +311,12 @@ impl LaneContext {
                 // The executable is being written or is not there (a deploy in progress): once
                 // it is closed or back it runs; longer than BUSY_LIMIT fails the job.
                 Err(e) if e.is_busy() && busy_until.is_none_or(|t| Instant::now() < t) => {
+                    // Waiting for a function jobs_dir has: a restart waiting out its splay
+                    // goes now (asked every 0.5 s: the change may not be judged yet).
+                    tries += 1;
+                    if tries % 25 == 1 && self.table.get(&job.function).is_none() {
+                        let _ = self.events.try_send(Event::Awaited(job.function.clone()));
+                    }
                     if busy_until.is_none() {
                         log::info!(
                             "job {} {}: {}; trying again shortly",
@@ -406,6 +416,21 @@ impl LaneContext {
         }
     }
 
+    /// A job for `function`, which this generation does not serve: failed, unless `jobs_dir`
+    /// has a file for it now (a deploy added it, and the restart that serves it is yet to come:
+    /// the change is debounced, judged, perhaps splayed), for which it waits, as for a busy file.
+    fn unknown(&self, function: &str) -> JobError {
+        let has = || self.table.names().join(", ");
+        match crate::watch::offers(&self.jobs_dir, function) {
+            Some(file) => JobError::busy(format!(
+                "function \"{function}\" is not served by this generation (it has: {}), but jobs_dir has \"{}\" for it: the job waits for the restart that serves it",
+                has(),
+                file.shown()
+            )),
+            None => JobError::new(format!("unknown function \"{function}\" (this worker has: {})", has())),
+        }
+    }
+
     fn execute(
         &self,
         claimed: &Claimed,
@@ -428,11 +453,7 @@ impl LaneContext {
             std::process::abort();
         }
         let Some((runner, timeout)) = self.table.get(&claimed.function) else {
-            return Err(JobError::new(format!(
-                "unknown function \"{}\" (this worker has: {})",
-                claimed.function,
-                self.table.names().join(", ")
-            )));
+            return Err(self.unknown(&claimed.function));
         };
         let mut job = Job {
             id: &claimed.id,

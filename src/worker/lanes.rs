@@ -45,6 +45,7 @@ impl Control {
                 limits: Arc::clone(&self.limits),
                 events: self.events.clone(),
                 health: Arc::clone(&self.health),
+                jobs_dir: self.plan.config.worker.jobs_dir.clone(),
             };
             let done = self.events.clone();
             // Signals blocked, as in every thread but this one: whenever lanes start (before

@@ -51,6 +51,9 @@ pub struct Rules {
     pub busy_poll: Duration,
     /// The functions this worker serves (set by the lanes as they start).
     pub served: Arc<RwLock<Vec<String>>>,
+    /// A function not served yet is taken if `jobs_dir` has a file for it (a deploy's restart
+    /// is yet to come; `watch::offers`).
+    pub jobs_dir: std::path::PathBuf,
 }
 
 /// The running ingress thread.
@@ -254,6 +257,7 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
         .read()
         .map(|s| s.contains(&function))
         .unwrap_or(false)
+        && crate::watch::offers(&rules.jobs_dir, &function).is_none()
     {
         return Err(format!("unknown function \"{}\"", shown()));
     }
@@ -384,6 +388,7 @@ mod tests {
             max_payload: 10,
             busy_poll: Duration::ZERO,
             served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
+            jobs_dir: std::path::PathBuf::from("/nonexistent"),
         }
     }
 

@@ -34,6 +34,7 @@ pub struct ZeromqSource {
     /// The ingress, started with the first lane (once the served functions are known).
     ingress: Mutex<Option<ingress::Ingress>>,
     served: Arc<RwLock<Vec<String>>>,
+    jobs_dir: std::path::PathBuf,
     /// Its counts, and the cap on connected clients ([`peer_cap`]) as `max_peers`.
     stats: Arc<Stats>,
 }
@@ -75,13 +76,13 @@ impl ZeromqSource {
     /// new); the ingress starts with the first lane.
     pub fn open(
         cfg: &ZeromqConfig,
-        max_payload: usize,
+        worker: &crate::config::Worker,
         resumed: bool,
         handed: Option<&[u8]>,
         carried: Vec<(String, OwnedFd)>,
         stats: Arc<Stats>,
-        concurrency: usize,
     ) -> Result<ZeromqSource> {
+        let (max_payload, concurrency) = (worker.max_payload_bytes, worker.concurrency);
         let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed, handed)?);
         let listeners = listen::open(&cfg.bind, carried)?;
         if let Ok(mut bound) = stats.bound.lock() {
@@ -98,6 +99,7 @@ impl ZeromqSource {
             listeners,
             ingress: Mutex::new(None),
             served: Arc::new(RwLock::new(Vec::new())),
+            jobs_dir: worker.jobs_dir.clone(),
             stats,
         })
     }
@@ -116,6 +118,7 @@ impl ZeromqSource {
             max_payload: self.max_payload,
             busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
+            jobs_dir: self.jobs_dir.clone(),
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
         // Answering TRUE, a job needs no file until the lanes fall behind (there is no id to
