@@ -22,16 +22,125 @@ use super::*;
 /// (about a quarter of a second of claims at 17k jobs/s, longer than a listing of 40,000 takes).
 const REFRESH_LOW: usize = 4096;
 
-/// Clears "a listing runs" however the helper ends.
-struct Running(Arc<AtomicBool>);
+/// The most ids handed to the next generation: a deep queue's listing (about 0.5 s at a million
+/// queued here) must end before the head runs out, or the lanes run dry after each restart.
+const HANDOVER_MAX: usize = 12288;
+/// A head of one id in this many queued ([`HANDOVER_HEAD`] at least): lasting about as long as
+/// listing the rest takes.
+const HEAD_PER_QUEUED: usize = 64;
+/// The bytes of the hand-over's part (`restart::parcel`) the head may take, carried outcomes
+/// first.
+const HEAD_BYTES: usize = 768 << 10;
+
+/// Clears "a listing runs" however the helper ends, and wakes the lanes that wait for it.
+struct Running(Arc<AtomicBool>, Arc<super::direct::Waker>);
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+        self.1.bump();
     }
 }
 
 impl SpoolSource {
+    /// The head of the sorted ids queued, for the next generation: one in [`HEAD_PER_QUEUED`]
+    /// of the queue (from [`HANDOVER_HEAD`] up to [`HANDOVER_MAX`] ids, within what the hand-over
+    /// leaves after `carried` bytes), then `+DEPTH` if there are more. The next generation claims
+    /// from its first [`HANDOVER_HEAD`] at once (reading them costs the same at any depth), puts
+    /// the rest behind them and lists `new/` in a helper. Only a hint: an id gone by then is
+    /// skipped at claim, and jobs queued later are found by the next listing, in order.
+    pub(super) fn head(&self, carried: usize) -> Vec<u8> {
+        let Ok(pending) = self.pending.lock() else {
+            return Vec::new();
+        };
+        let rest = self.head_rest.lock().map(|r| r.clone()).unwrap_or_default();
+        let depth = self.depth.load(Ordering::Acquire).max(pending.len());
+        let most = (depth / HEAD_PER_QUEUED).clamp(HANDOVER_HEAD, HANDOVER_MAX);
+        let room = HEAD_BYTES.saturating_sub(carried);
+        let mut text = Vec::with_capacity((most * 33).min(room));
+        let ids = pending.iter().map(|id| id.as_bytes());
+        let all = ids.chain(rest.split(|b| *b == b'\n').filter(|l| !l.is_empty()));
+        for (n, id) in all.enumerate() {
+            if n == most || text.len() + id.len() + 1 > room {
+                text.extend_from_slice(format!("+{depth}\n").as_bytes());
+                return text;
+            }
+            text.extend_from_slice(id);
+            text.push(b'\n');
+        }
+        if self.more.load(Ordering::Acquire) {
+            text.extend_from_slice(format!("+{depth}\n").as_bytes());
+        }
+        text
+    }
+
+    /// Takes the head a previous generation handed over: its first [`HANDOVER_HEAD`] ids now,
+    /// the rest behind them once a helper has read them, and `new/` listed when those run low.
+    pub(super) fn take_over(&self, data: &[u8]) {
+        // HANDOVER_MAX ids of at most 64 bytes, each on a line, and the `+DEPTH` line.
+        if data.len() > HANDOVER_MAX * 65 + 24 {
+            return;
+        }
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        if !pending.is_empty() {
+            return;
+        }
+        let mut lines = data.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        let mut more = false;
+        let mut taken = 0;
+        let mut rest_at = data.len();
+        for line in lines.by_ref() {
+            if let Some(depth) = line.strip_prefix(b"+") {
+                more = true;
+                let depth = std::str::from_utf8(depth).ok().and_then(|d| d.parse().ok());
+                self.depth.store(depth.unwrap_or(0), Ordering::Release);
+                break;
+            }
+            if let Some(id) = std::str::from_utf8(line).ok().filter(|l| valid_id(l)) {
+                pending.push_back(id.to_string());
+            }
+            taken += 1;
+            if taken == HANDOVER_HEAD {
+                // Where the next line starts (lines are sub-slices of `data`).
+                rest_at = line.as_ptr() as usize - data.as_ptr() as usize + line.len() + 1;
+                break;
+            }
+        }
+        let mut last = pending.back().cloned();
+        if rest_at < data.len() {
+            let rest = &data[rest_at..];
+            let (ids, tail) = match rest.iter().rposition(|b| *b == b'+') {
+                Some(plus) => rest.split_at(plus),
+                None => (rest, &b""[..]),
+            };
+            if let Some(depth) = tail.strip_prefix(b"+") {
+                let depth = std::str::from_utf8(depth).ok();
+                let depth = depth.and_then(|d| d.trim().parse().ok());
+                self.depth.store(depth.unwrap_or(0), Ordering::Release);
+                more = true;
+            }
+            let newest = ids.split(|b| *b == b'\n').rev().find(|l| !l.is_empty());
+            if let Some(id) = newest.and_then(|l| std::str::from_utf8(l).ok()) {
+                if valid_id(id) {
+                    last = Some(id.to_string());
+                    more = true;
+                    if let Ok(mut r) = self.head_rest.lock() {
+                        *r = ids.to_vec();
+                    }
+                }
+            }
+        }
+        if more {
+            // Listed when the first ids run low (a restart storm lists nothing).
+            if let Ok(mut l) = self.head_last.lock() {
+                *l = last;
+            }
+            self.more.store(true, Ordering::Release);
+        }
+    }
+
     /// Called with the queue's lock held, before a claim: starts a listing in the background
     /// when a handed-over head runs low (once: `more` is cleared when a listing is installed),
     /// or when the listed ids run low while more arrived.
@@ -94,32 +203,70 @@ impl SpoolSource {
         let weak = Arc::downgrade(self);
         let listed = self.listed.load(Ordering::Acquire);
         let front_then = pending.front().cloned();
-        let running = Running(Arc::clone(&self.listing));
+        let running = Running(Arc::clone(&self.listing), Arc::clone(&self.waker));
         let spawned = crate::ops::signals::spawn_helper("spool-list", move || {
             let _running = running;
             let Some(src) = weak.upgrade() else { return };
+            src.put_rest_behind(listed);
             let Ok(mut ids) = src.queued_ids(false) else {
                 return;
             };
+            src.depth.store(ids.len(), Ordering::Release);
+            // Filtered against the front as it is now, outside the queue's lock (a million ids
+            // held the lanes, and a restart's hand-over, for 100 ms): ids claimed from here to
+            // the install are skipped at claim (their files are gone from new/).
+            let Some(front) = src.pending.lock().ok().map(|p| p.front().cloned()) else {
+                return;
+            };
+            ids.retain(|id| {
+                front_then.as_ref().is_some_and(|then| id < then)
+                    || match &front {
+                        Some(front) => id >= front,
+                        None => *id > head_last,
+                    }
+            });
             let Ok(mut pending) = src.pending.lock() else {
                 return;
             };
             if src.listed.load(Ordering::Acquire) != listed {
                 return;
             }
-            let front = pending.front();
-            ids.retain(|id| {
-                front_then.as_ref().is_some_and(|then| id < then)
-                    || match front {
-                        Some(front) => id >= front,
-                        None => *id > head_last,
-                    }
-            });
-            *pending = ids.into();
+            let mut old = std::mem::replace(&mut *pending, ids.into());
+            // Given back meanwhile (below that front): kept in front, in order.
+            let below = old
+                .iter()
+                .take_while(|id| front.as_ref().is_some_and(|f| *id < f))
+                .count();
+            for id in old.drain(..below).rev() {
+                pending.push_front(id);
+            }
             src.more.store(false, Ordering::Release);
+            drop(pending);
+            drop(old);
         });
         // On an error the closure (and its `Running`) is dropped: the flag is clear again.
         self.helper_started("the listing of new/", spawned.map(drop));
+    }
+
+    /// Puts the rest of a handed-over head behind what is left of its first ids (unless a lane
+    /// listed `new/` itself since `listed`), and wakes lanes that ran dry.
+    fn put_rest_behind(&self, listed: u64) {
+        let rest = match self.head_rest.lock() {
+            Ok(mut r) if !r.is_empty() => std::mem::take(&mut *r),
+            _ => return,
+        };
+        let ids: Vec<String> = rest
+            .split(|b| *b == b'\n')
+            .filter_map(|l| std::str::from_utf8(l).ok())
+            .filter(|l| valid_id(l))
+            .map(String::from)
+            .collect();
+        if let Ok(mut pending) = self.pending.lock() {
+            if self.listed.load(Ordering::Acquire) == listed {
+                pending.extend(ids);
+            }
+        }
+        self.waker.bump();
     }
 }
 

@@ -63,7 +63,7 @@ pub(super) const TMP_ABANDONED: Duration = Duration::from_secs(5);
 /// Queued ids a generation hands to the next (see `SpoolSource::hand_over`).
 pub(super) const HANDOVER_HEAD: usize = 1024;
 /// Fewer queued ids than this left of a hand-over: the rest of `new/` is listed (a helper).
-pub(super) const HANDOVER_LOW: usize = 256;
+pub(super) const HANDOVER_LOW: usize = 512;
 /// No sweep of old results in a generation's first second (its first claims come first).
 pub(super) const PRUNE_SETTLE: Duration = Duration::from_secs(1);
 /// The spool's file whose mtime says when old results were last looked for.
@@ -826,23 +826,71 @@ mod tests {
             "{} bytes",
             handed.len()
         );
-        assert_eq!(text.lines().last(), Some("+"));
+        assert_eq!(
+            text.lines().last(),
+            Some(format!("+{n}").as_str()),
+            "the depth listed"
+        );
         let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
         src.take_over(&handed);
         assert!(src.pending.lock().expect("lock").len() <= HANDOVER_HEAD);
+        assert_eq!(claim_all(&src, &dir), ids[1..], "every job once, in order");
+        assert_eq!(fs::read_dir(dir.join("new")).expect("new").count(), 0);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Claims and finishes every queued job on one lane, in the order claimed; stops (instead
+    /// of waiting for more) once nothing is queued.
+    fn claim_all(src: &Arc<SpoolSource>, dir: &Path) -> Vec<String> {
         let mut lane = src.lane();
         let mut got = Vec::new();
         loop {
-            // Stops (instead of waiting for more) once nothing is queued.
             let empty = fs::read_dir(dir.join("new")).expect("new").count() == 0;
             let Some(job) = lane.next(&Shutdown::fixed(empty)).expect("next") else {
-                break;
+                return got;
             };
             got.push(job.id.clone());
             lane.finish(&job, &Ok(Vec::new())).expect("finish");
         }
-        assert_eq!(got, ids[1..], "every job once, in order");
-        assert_eq!(fs::read_dir(dir.join("new")).expect("new").count(), 0);
+    }
+
+    /// A queue deep enough for a longer head: its first ids are taken at once, the rest of the
+    /// head is put behind them by the listing's helper, and every job is claimed once, in order.
+    #[test]
+    fn a_longer_head_of_a_deeper_queue_is_taken_in_two_steps() {
+        let dir = crate::testutil::tempdir("spool", "deeper");
+        let spool = Spool::open(&dir, false).expect("open");
+        let n = 3 * HANDOVER_HEAD;
+        let mut ids: Vec<String> = (0..n)
+            .map(|i| spool.submit("echo", &i.to_le_bytes()).expect("submit"))
+            .collect();
+        ids.sort();
+        let handed = {
+            let src =
+                Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
+            let mut lane = src.lane();
+            let first = lane
+                .next(&Shutdown::fixed(false))
+                .expect("next")
+                .expect("job");
+            lane.finish(&first, &Ok(Vec::new())).expect("finish");
+            // As if the last listing had found a deeper queue: a head of 2 x HANDOVER_HEAD.
+            src.depth
+                .store(128 * HANDOVER_HEAD, std::sync::atomic::Ordering::Release);
+            src.hand_over().expect("a listing to hand over")
+        };
+        let text = String::from_utf8(handed.clone()).expect("text");
+        assert_eq!(text.lines().count(), 2 * HANDOVER_HEAD + 1);
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
+        src.take_over(&handed);
+        assert_eq!(src.pending.lock().expect("lock").len(), HANDOVER_HEAD);
+        assert!(!src.head_rest.lock().expect("lock").is_empty());
+        assert_eq!(
+            src.depth.load(std::sync::atomic::Ordering::Acquire),
+            128 * HANDOVER_HEAD
+        );
+        assert_eq!(claim_all(&src, &dir), ids[1..], "every job once, in order");
+        assert!(src.head_rest.lock().expect("lock").is_empty());
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -35,6 +35,12 @@ pub struct SpoolSource {
     pub(super) more: AtomicBool,
     /// The last id of the handed-over head (see `list_in_background`).
     pub(super) head_last: Mutex<Option<String>>,
+    /// The handed-over head past its first [`HANDOVER_HEAD`] ids, unparsed (one id a line):
+    /// put behind them by the background listing's helper, not before the first claim.
+    pub(super) head_rest: Mutex<Vec<u8>>,
+    /// How many jobs the last listing of `new/` found (or the previous generation said): the
+    /// size of the head handed to the next generation follows it (`listing.rs`).
+    pub(super) depth: std::sync::atomic::AtomicUsize,
     /// Something arrived in `new/` since it was last listed; a listing runs in the background
     /// (`listing.rs`).
     pub(super) arrived: AtomicBool,
@@ -140,6 +146,8 @@ impl SpoolSource {
             arrived: AtomicBool::new(false),
             listing: Arc::new(AtomicBool::new(false)),
             head_last: Mutex::new(None),
+            head_rest: Mutex::new(Vec::new()),
+            depth: std::sync::atomic::AtomicUsize::new(0),
             pruning: Arc::new(AtomicBool::new(false)),
             committer,
             handing_over: AtomicBool::new(false),
@@ -218,12 +226,20 @@ impl SpoolSource {
             .map_err(|_| Error::Internal("spool queue lock poisoned".into()))?;
         loop {
             self.list_ahead(&pending);
-            if pending.is_empty() && self.direct.should_list() {
+            // While a listing runs in the background the lane waits for it (woken when it is
+            // installed): listing a deep queue again here took as long, and held a restart.
+            if pending.is_empty()
+                && self.direct.should_list()
+                && !self.listing.load(Ordering::Acquire)
+            {
                 self.listed.fetch_add(1, Ordering::AcqRel);
                 self.more.store(false, Ordering::Release);
                 self.arrived.store(false, Ordering::Release);
                 match self.queued_ids(true) {
-                    Ok(ids) => pending.extend(ids),
+                    Ok(ids) => {
+                        self.depth.store(ids.len(), Ordering::Release);
+                        pending.extend(ids)
+                    }
                     Err(e) => {
                         // Not listed: the lane's next try (after its backoff) lists again.
                         self.arrived.store(true, Ordering::Release);
@@ -367,27 +383,15 @@ impl crate::source::JobSource for Arc<SpoolSource> {
     }
 
     /// Writes the outcomes not yet durable (see `carry.rs`), then the head of the sorted list of
-    /// queued ids this worker knows (at most [`HANDOVER_HEAD`], and a `+` line if there are
-    /// more) for the next generation, which claims from it at once and lists `new/` in the
-    /// background: reading the hand-over costs the same at any queue depth. The listing is only
-    /// a hint: an id that is gone by then is skipped at claim, and jobs queued later are found
-    /// by the next listing, in order.
+    /// queued ids this worker knows, for the next generation (`SpoolSource::head`).
     fn hand_over(&self) -> Option<Vec<u8>> {
         let carried = self.carried_part();
-        let pending = self.pending.lock().ok()?;
-        if pending.is_empty() {
+        let head = self.head(carried.as_ref().map_or(0, Vec::len));
+        if head.is_empty() {
             return carried;
         }
-        let mut text = String::with_capacity(pending.len().min(HANDOVER_HEAD) * 32 + 2);
-        for id in pending.iter().take(HANDOVER_HEAD) {
-            text.push_str(id);
-            text.push('\n');
-        }
-        if pending.len() > HANDOVER_HEAD || self.more.load(Ordering::Acquire) {
-            text.push_str("+\n");
-        }
         let mut out = carried.unwrap_or_default();
-        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(&head);
         Some(out)
     }
 
@@ -424,30 +428,6 @@ impl crate::source::JobSource for Arc<SpoolSource> {
 }
 
 impl SpoolSource {
-    /// Takes the head a previous generation handed over (the rest is listed when it runs low).
-    pub(super) fn take_over(&self, data: &[u8]) {
-        // HANDOVER_HEAD ids of at most 64 bytes, each on a line, and the `+` line.
-        if data.len() > HANDOVER_HEAD * 65 + 2 {
-            return;
-        }
-        let text = String::from_utf8_lossy(data);
-        let more = text.lines().last() == Some("+");
-        let Ok(mut pending) = self.pending.lock() else {
-            return;
-        };
-        if !pending.is_empty() {
-            return;
-        }
-        pending.extend(text.lines().filter(|l| valid_id(l)).map(String::from));
-        if more {
-            // Listed when the head runs low (a restart storm lists nothing).
-            if let Ok(mut last) = self.head_last.lock() {
-                *last = pending.back().cloned();
-            }
-            self.more.store(true, Ordering::Release);
-        }
-    }
-
     /// Seals the journal once what is queued is in place; when the process ends, also
     /// checkpoints it.
     fn settle_here(self: &Arc<Self>, exiting: bool) {
