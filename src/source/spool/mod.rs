@@ -839,6 +839,26 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Submits `n` jobs; their ids, sorted (the order they are claimed in).
+    fn submitted(spool: &Spool, n: usize) -> Vec<String> {
+        let mut ids: Vec<String> = (0..n)
+            .map(|i| spool.submit("echo", &i.to_le_bytes()).expect("submit"))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Claims and finishes one job; its id.
+    fn claim_one(src: &Arc<SpoolSource>) -> String {
+        let mut lane = src.lane();
+        let job = lane
+            .next(&Shutdown::fixed(false))
+            .expect("next")
+            .expect("job");
+        lane.finish(&job, &Ok(Vec::new())).expect("finish");
+        job.id
+    }
+
     /// Claims and finishes every queued job on one lane, in the order claimed; stops (instead
     /// of waiting for more) once nothing is queued.
     fn claim_all(src: &Arc<SpoolSource>, dir: &Path) -> Vec<String> {
@@ -861,19 +881,11 @@ mod tests {
         let dir = crate::testutil::tempdir("spool", "deeper");
         let spool = Spool::open(&dir, false).expect("open");
         let n = 3 * HANDOVER_HEAD;
-        let mut ids: Vec<String> = (0..n)
-            .map(|i| spool.submit("echo", &i.to_le_bytes()).expect("submit"))
-            .collect();
-        ids.sort();
+        let ids = submitted(&spool, n);
         let handed = {
             let src =
                 Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
-            let mut lane = src.lane();
-            let first = lane
-                .next(&Shutdown::fixed(false))
-                .expect("next")
-                .expect("job");
-            lane.finish(&first, &Ok(Vec::new())).expect("finish");
+            claim_one(&src);
             // As if the last listing had found a deeper queue: a head of 2 x HANDOVER_HEAD.
             src.depth
                 .store(128 * HANDOVER_HEAD, std::sync::atomic::Ordering::Release);
@@ -891,6 +903,27 @@ mod tests {
         );
         assert_eq!(claim_all(&src, &dir), ids[1..], "every job once, in order");
         assert!(src.head_rest.lock().expect("lock").is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A queue deeper than a listing keeps: the listing holds its oldest ids only (the
+    /// worker's memory stays bounded), is made again before the lanes run out, and every job is
+    /// claimed once, in order.
+    #[test]
+    fn a_queue_deeper_than_a_listing_keeps_is_listed_again_in_order() {
+        let dir = crate::testutil::tempdir("spool", "truncated");
+        let spool = Spool::open(&dir, false).expect("open");
+        let n = listing::LIST_MAX + 700;
+        let ids = submitted(&spool, n);
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
+        assert_eq!(claim_one(&src), ids[0]);
+        assert_eq!(
+            src.pending.lock().expect("lock").len(),
+            listing::LIST_MAX - 1
+        );
+        assert!(src.truncated.load(std::sync::atomic::Ordering::Acquire));
+        assert_eq!(src.depth.load(std::sync::atomic::Ordering::Acquire), n);
+        assert_eq!(claim_all(&src, &dir), ids[1..], "every job once, in order");
         let _ = fs::remove_dir_all(&dir);
     }
 

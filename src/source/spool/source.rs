@@ -41,6 +41,8 @@ pub struct SpoolSource {
     /// How many jobs the last listing of `new/` found (or the previous generation said): the
     /// size of the head handed to the next generation follows it (`listing.rs`).
     pub(super) depth: std::sync::atomic::AtomicUsize,
+    /// The last listing kept only the oldest ids of a deeper queue (`listing.rs`).
+    pub(super) truncated: AtomicBool,
     /// Something arrived in `new/` since it was last listed; a listing runs in the background
     /// (`listing.rs`).
     pub(super) arrived: AtomicBool,
@@ -148,6 +150,7 @@ impl SpoolSource {
             head_last: Mutex::new(None),
             head_rest: Mutex::new(Vec::new()),
             depth: std::sync::atomic::AtomicUsize::new(0),
+            truncated: AtomicBool::new(false),
             pruning: Arc::new(AtomicBool::new(false)),
             committer,
             handing_over: AtomicBool::new(false),
@@ -236,10 +239,7 @@ impl SpoolSource {
                 self.more.store(false, Ordering::Release);
                 self.arrived.store(false, Ordering::Release);
                 match self.queued_ids(true) {
-                    Ok(ids) => {
-                        self.depth.store(ids.len(), Ordering::Release);
-                        pending.extend(ids)
-                    }
+                    Ok(ids) => pending.extend(ids),
                     Err(e) => {
                         // Not listed: the lane's next try (after its backoff) lists again.
                         self.arrived.store(true, Ordering::Release);
