@@ -88,7 +88,9 @@ impl SpoolSource {
             text.extend_from_slice(id);
             text.push(b'\n');
         }
-        if self.more.load(Ordering::Acquire) {
+        // More in `new/` than this head: a head not listed yet, or a listing that kept only
+        // the oldest ids (the next generation lists `new/` before the head runs out).
+        if self.more.load(Ordering::Acquire) || self.truncated.load(Ordering::Acquire) {
             text.extend_from_slice(format!("+{depth}\n").as_bytes());
         }
         text

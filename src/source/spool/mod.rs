@@ -927,6 +927,31 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// What is left of a listing that kept only the oldest ids is handed over saying there is
+    /// more (without it the next generation listed `new/` only once the head ran dry, on a lane).
+    #[test]
+    fn a_head_from_a_truncated_listing_says_there_is_more() {
+        let dir = crate::testutil::tempdir("spool", "truncated-head");
+        let spool = Spool::open(&dir, false).expect("open");
+        let ids = submitted(&spool, listing::LIST_MAX + 10);
+        let handed = {
+            let src =
+                Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
+            claim_one(&src);
+            // What is left of the listing: fewer than a head holds.
+            src.pending.lock().expect("lock").truncate(5);
+            src.hand_over().expect("a listing to hand over")
+        };
+        let text = String::from_utf8(handed.clone()).expect("text");
+        assert_eq!(text.lines().count(), 6, "{text}");
+        assert!(text.ends_with(&format!("+{}\n", ids.len())), "{text}");
+        let src = Arc::new(SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open"));
+        src.take_over(&handed);
+        assert!(src.more.load(std::sync::atomic::Ordering::Acquire));
+        assert_eq!(claim_all(&src, &dir), ids[1..], "every job once, in order");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     fn durable(dir: &Path) -> SpoolConfig {
         SpoolConfig {
             fsync: true,
