@@ -95,6 +95,15 @@ fn connected(s: &Value) -> bool {
     })
 }
 
+/// The `[source]` lines of a worker consuming the PHP daemons' queue `email` on `r` with
+/// `send_mail`, then `more`.
+fn mail_source(r: &Rabbit, more: &str) -> String {
+    format!(
+        "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n{more}",
+        r.url()
+    )
+}
+
 /// The job the PHP daemons run: here an executable appending its payload to a file.
 fn mail_job(sb: &Sandbox) -> std::path::PathBuf {
     let sent = sb.path("sent.txt");
@@ -116,10 +125,7 @@ fn the_php_daemons_topology_is_declared_and_consumed() {
     amqp_config(
         &sb,
         2,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\nprefetch = 1\n",
-            r.url()
-        ),
+        &mail_source(&r, "prefetch = 1\n"),
         "[source.declare]\nexchange = \"email\"\ntype = \"direct\"\nrouting_key = \"email\"\n",
     );
     let out = sb.run(&["check"]);
@@ -399,10 +405,7 @@ fn a_broker_killed_and_started_again_is_reconnected_and_nothing_is_lost() {
     amqp_config(
         &sb,
         2,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
-            r.url()
-        ),
+        &mail_source(&r, ""),
         "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
     );
     let w = sb.start();
@@ -658,15 +661,7 @@ fn a_message_id_that_succeeded_is_not_run_again() {
     let sb = Sandbox::new("amqp-dedupe");
     let r = Rabbit::shared();
     let sent = mail_job(&sb);
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 1000\n",
-            r.url()
-        ),
-        "",
-    );
+    amqp_config(&sb, 1, &mail_source(&r, "dedupe_ids = 1000\n"), "");
     // The same message id three times (a publisher retrying), then another.
     php_publish(&r, 3, "same", "", "order-17");
     php_publish(&r, 1, "other", "", "order-18");
@@ -1044,15 +1039,7 @@ fn a_second_term_ends_an_amqp_worker_within_two_seconds_in_every_state() {
         php_publish(&r, 1, "t", "", "");
         let sb = Sandbox::new(&format!("amqp-term-{}", state.replace(' ', "-")));
         sb.job("send_mail", "#!/bin/sh\nsleep 60\n");
-        amqp_config(
-            &sb,
-            1,
-            &format!(
-                "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
-                r.url()
-            ),
-            "",
-        );
+        amqp_config(&sb, 1, &mail_source(&r, ""), "");
         let mut w = sb.start();
         w.wait_for(Duration::from_secs(30), "the job", |s| s["in_flight"] == 1);
         match state {
@@ -1083,15 +1070,7 @@ fn done_ids_that_cannot_be_recorded_are_said_once() {
     let fsys = common::tmpfs::Tmpfs::mount(&sb.path("state/worker"), "1m");
     let r = Rabbit::shared();
     let sent = mail_job(&sb);
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 5\n",
-            r.url()
-        ),
-        "",
-    );
+    amqp_config(&sb, 1, &mail_source(&r, "dedupe_ids = 5\n"), "");
     php_publish(&r, 0, "none", "", ""); // the topology only
     let w = sb.start();
     w.wait_for(Duration::from_secs(20), "connected", connected);
@@ -1126,15 +1105,7 @@ fn a_fifo_planted_as_the_done_ids_file_blocks_nothing() {
     let sb = Sandbox::new("amqp-ids-fifo");
     let r = Rabbit::shared();
     let sent = mail_job(&sb);
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\ndedupe_ids = 2\n",
-            r.url()
-        ),
-        "",
-    );
+    amqp_config(&sb, 1, &mail_source(&r, "dedupe_ids = 2\n"), "");
     php_publish(&r, 0, "none", "", ""); // the topology only
     fs::create_dir_all(sb.path("state/worker")).unwrap();
     for name in ["amqp-done-ids", "amqp-done-ids.tmp"] {
@@ -1327,10 +1298,7 @@ fn a_queue_deleted_under_the_worker_is_declared_again_and_served() {
     amqp_config(
         &sb,
         2,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
-            r.url()
-        ),
+        &mail_source(&r, ""),
         "[source.declare]\nexchange = \"email\"\nrouting_key = \"email\"\n",
     );
     let w = sb.start();
@@ -1369,15 +1337,7 @@ fn a_queue_the_worker_does_not_declare_is_waited_for_while_it_is_missing() {
     let r = Rabbit::shared();
     let sent = mail_job(&sb);
     // No [source.declare]: the producers declare the queue (php-amqp, below).
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"email\"\nfunction = \"send_mail\"\n",
-            r.url()
-        ),
-        "",
-    );
+    amqp_config(&sb, 1, &mail_source(&r, ""), "");
     let w = sb.start();
     let s = w.wait_for(Duration::from_secs(20), "the missing queue said", |s| {
         s["servers"][0]["last_error"]

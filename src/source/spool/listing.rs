@@ -52,6 +52,14 @@ fn keep_oldest(ids: &mut Vec<String>) -> &str {
     ids.last().map_or("", String::as_str)
 }
 
+/// The valid job ids of a hand-over's lines (one id a line).
+fn id_lines(bytes: &[u8]) -> impl Iterator<Item = &str> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .filter(|l| valid_id(l))
+}
+
 /// Clears "a listing runs" however the helper ends, and wakes the lanes that wait for it.
 struct Running(Arc<AtomicBool>, Arc<super::direct::Waker>);
 
@@ -79,7 +87,7 @@ impl SpoolSource {
         let room = HEAD_BYTES.saturating_sub(carried);
         let mut text = Vec::with_capacity((most * 33).min(room));
         let ids = pending.iter().map(|id| id.as_bytes());
-        let all = ids.chain(rest.split(|b| *b == b'\n').filter(|l| !l.is_empty()));
+        let all = ids.chain(id_lines(&rest).map(str::as_bytes));
         for (n, id) in all.enumerate() {
             if n == most || text.len() + id.len() + 1 > room {
                 text.extend_from_slice(format!("+{depth}\n").as_bytes());
@@ -109,51 +117,41 @@ impl SpoolSource {
         if !pending.is_empty() {
             return;
         }
-        let mut lines = data.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-        let mut more = false;
-        let mut taken = 0;
-        let mut rest_at = data.len();
-        for line in lines.by_ref() {
-            if let Some(depth) = line.strip_prefix(b"+") {
-                more = true;
-                let depth = std::str::from_utf8(depth).ok().and_then(|d| d.parse().ok());
-                self.depth.store(depth.unwrap_or(0), Ordering::Release);
-                break;
-            }
-            if let Some(id) = std::str::from_utf8(line).ok().filter(|l| valid_id(l)) {
-                pending.push_back(id.to_string());
-            }
-            taken += 1;
-            if taken == HANDOVER_HEAD {
-                // Where the next line starts (lines are sub-slices of `data`).
-                rest_at = line.as_ptr() as usize - data.as_ptr() as usize + line.len() + 1;
-                break;
-            }
+        // The ids, then `+DEPTH` if there are more (`+` alone from an older build).
+        let (ids, plus) = match data.iter().rposition(|b| *b == b'+') {
+            Some(at) => (&data[..at], Some(&data[at + 1..])),
+            None => (data, None),
+        };
+        if let Some(depth) = plus {
+            let depth = std::str::from_utf8(depth).ok().map(str::trim);
+            let depth = depth.and_then(|d| d.parse().ok()).unwrap_or(0);
+            self.depth.store(depth, Ordering::Release);
         }
-        let mut last = pending.back().cloned();
-        if rest_at < data.len() {
-            let rest = &data[rest_at..];
-            let (ids, tail) = match rest.iter().rposition(|b| *b == b'+') {
-                Some(plus) => rest.split_at(plus),
-                None => (rest, &b""[..]),
-            };
-            if let Some(depth) = tail.strip_prefix(b"+") {
-                let depth = std::str::from_utf8(depth).ok();
-                let depth = depth.and_then(|d| d.trim().parse().ok());
-                self.depth.store(depth.unwrap_or(0), Ordering::Release);
-                more = true;
-            }
-            let newest = ids.split(|b| *b == b'\n').rev().find(|l| !l.is_empty());
-            if let Some(id) = newest.and_then(|l| std::str::from_utf8(l).ok()) {
-                if valid_id(id) {
-                    last = Some(id.to_string());
-                    more = true;
-                    if let Ok(mut r) = self.head_rest.lock() {
-                        *r = ids.to_vec();
-                    }
+        // The first HANDOVER_HEAD ids now, the rest by the listing's helper.
+        let cut = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(HANDOVER_HEAD - 1)
+            .map_or(ids.len(), |(at, _)| at + 1);
+        let (first, rest) = ids.split_at(cut);
+        pending.extend(id_lines(first).map(String::from));
+        // Read from the end: the rest is not read through before the first claim.
+        let newest = rest
+            .rsplit(|b| *b == b'\n')
+            .filter_map(|l| std::str::from_utf8(l).ok())
+            .find(|l| valid_id(l))
+            .map(String::from);
+        let more = plus.is_some() || newest.is_some();
+        let last = match newest {
+            Some(id) => {
+                if let Ok(mut r) = self.head_rest.lock() {
+                    *r = rest.to_vec();
                 }
+                Some(id)
             }
-        }
+            None => pending.back().cloned(),
+        };
         if more {
             // Listed when the first ids run low (a restart storm lists nothing).
             if let Ok(mut l) = self.head_last.lock() {
@@ -308,12 +306,7 @@ impl SpoolSource {
             Ok(mut r) if !r.is_empty() => std::mem::take(&mut *r),
             _ => return,
         };
-        let ids: Vec<String> = rest
-            .split(|b| *b == b'\n')
-            .filter_map(|l| std::str::from_utf8(l).ok())
-            .filter(|l| valid_id(l))
-            .map(String::from)
-            .collect();
+        let ids: Vec<String> = id_lines(&rest).map(String::from).collect();
         if let Ok(mut pending) = self.pending.lock() {
             if self.listed.load(Ordering::Acquire) == listed {
                 pending.extend(ids);
