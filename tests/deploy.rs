@@ -110,6 +110,34 @@ fn a_binary_dropped_by_rename_is_switched_to_between_jobs() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("deploy-test"));
 }
 
+/// A deploy that adds a Rust function, and a client that submits a job for it at once: the
+/// running generation lacks the function while the new binary settles, is pre-flighted and
+/// (here) waits out a splay; the job waits for the restart that serves it instead of failing.
+#[test]
+fn a_job_for_a_function_a_new_binary_adds_waits_for_the_restart_that_serves_it() {
+    let sb = sandbox("deploy-adds");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    let w = sb.start();
+    w.wait_running_sha();
+    drop_by_rename(&example("custom_worker"), &sb.bin, 0o755);
+    let id = sb.submit("shout", "hello");
+    let typo = sb.submit("shuot", "x");
+    let out = all_outcomes(&sb, &[id, typo], Duration::from_secs(30));
+    assert_eq!(out[0], (true, "HELLO".to_string(), 1), "{}", w.log_text());
+    assert!(
+        !out[1].0 && out[1].1.contains("unknown function \"shuot\""),
+        "{out:?}"
+    );
+    let s = w.status();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(s["last_restart_reason"], "binary changed", "{s}");
+    assert!(
+        w.log_text().contains("waits for function \"shout\""),
+        "{}",
+        w.log_text()
+    );
+}
+
 #[test]
 fn bad_candidates_are_refused_and_serving_goes_on() {
     let v2 = second_build();

@@ -268,6 +268,31 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     assert!(w.log_text().contains("accepting jobs on"));
 }
 
+/// A message for a Rust function a new binary brings, sent while that binary is judged (the
+/// restart that serves it splayed by an hour): taken instead of refused as unknown, and run by
+/// the generation that restart brings, which goes at once for the job.
+#[test]
+fn a_message_for_a_function_a_new_binary_brings_is_taken() {
+    if !clients_available("a_message_for_a_function_a_new_binary_brings_is_taken") {
+        return;
+    }
+    let mut z = setup("zmq-new-binary", "");
+    z.sb.own_binary();
+    z.sb.add_worker_keys("restart_splay = \"1h\"");
+    let w = z.sb.start();
+    w.wait_running_sha();
+    let ask = |frames: &[&str]| pyzmq("REQ", &z.tcp, frames).join("");
+    assert!(ask(&["shout", "x"]).starts_with("ERROR unknown function \"shout\""));
+    let tmp = z.sb.path("bin/gearshift.new");
+    fs::copy(example("custom_worker"), &tmp).unwrap();
+    fs::rename(&tmp, &z.sb.bin).unwrap();
+    let id = ask(&["shout", "hello"]);
+    assert!(!id.starts_with("ERROR"), "{id}");
+    let out = all_outcomes(&z.sb, &[id], Duration::from_secs(30));
+    assert_eq!(out[0].1, "HELLO", "{}", w.log_text());
+    assert_eq!(w.status()["last_restart_reason"], "binary changed");
+}
+
 /// Jobs answered `TRUE` reach the lanes without files (`direct.rs`), and slow jobs that came
 /// in one batch run side by side: however the ingress wakes idle lanes (waking fewer of them
 /// per batch was measured: docs/measurements.md, "The ZeroMQ source"), none may sleep while a job waits.

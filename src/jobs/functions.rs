@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use crate::config::check_function_name;
-use crate::text::hex;
+use crate::text::{hex, ShowPath};
 
 /// What a function returns: the result bytes, or why the job failed.
 pub type JobResult = Result<Vec<u8>, JobError>;
@@ -338,6 +339,22 @@ pub struct Table {
     entries: BTreeMap<String, (Runner, Option<Duration>)>,
 }
 
+/// A new file at the binary's path is settling, being judged, or approved and not yet run (see
+/// `restart::deploy::Deploy::pending`): a job for a function this generation lacks waits for the restart,
+/// which may bring it, instead of failing as unknown. One deploy watch per process.
+static CANDIDATE_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a candidate binary may yet bring a function this generation lacks.
+pub fn candidate_pending() -> bool {
+    CANDIDATE_PENDING.load(Ordering::Acquire)
+}
+
+/// Set by the control loop: when the binary's directory changed (until the file at the path is
+/// looked at), and after every look, from `restart::deploy::Deploy::pending`.
+pub fn set_candidate_pending(pending: bool) {
+    CANDIDATE_PENDING.store(pending, Ordering::Release);
+}
+
 impl Table {
     pub fn insert(&mut self, name: String, runner: Runner, timeout: Option<Duration>) {
         self.entries.insert(name, (runner, timeout));
@@ -353,6 +370,29 @@ impl Table {
     }
     pub fn iter(&self) -> impl Iterator<Item = (&String, &(Runner, Option<Duration>))> {
         self.entries.iter()
+    }
+
+    /// A job for `function`, which this generation does not serve: failed, unless `jobs_dir` has a
+    /// file for it now (a deploy added it, and the restart that serves it is yet to come: the
+    /// change is debounced, judged, perhaps splayed) or a new binary at the worker's path is being
+    /// judged (it may register the function), for which it waits, as for a busy file.
+    pub fn unknown(&self, jobs_dir: &std::path::Path, function: &str) -> JobError {
+        let has = || self.names().join(", ");
+        match crate::watch::offers(jobs_dir, function) {
+            Some(file) => JobError::busy(format!(
+                "function \"{function}\" is not served by this generation (it has: {}), but jobs_dir has \"{}\" for it: the job waits for the restart that serves it",
+                has(),
+                file.shown()
+            )),
+            None if candidate_pending() => JobError::busy(format!(
+                "function \"{function}\" is not served by this generation (it has: {}), and a new binary at the worker's path is being judged: the job waits for the restart that may serve it",
+                has()
+            )),
+            None => JobError::new(format!(
+                "unknown function \"{function}\" (this worker has: {})",
+                has()
+            )),
+        }
     }
 }
 

@@ -198,6 +198,15 @@ impl Deploy {
         self.begin(ident, again);
     }
 
+    /// A new file at the path is settling, being judged, or approved and not yet run.
+    pub fn pending(&self) -> bool {
+        self.preflight.is_some()
+            || self.approved.is_some()
+            || self.last_seen.is_some_and(|(ident, _)| {
+                !self.judged(ident) && Ident::of(&self.path) == Some(ident)
+            })
+    }
+
     /// A candidate's pre-flight is under way (a restart waits for its verdict).
     pub fn deciding(&self) -> bool {
         self.preflight.is_some()

@@ -25,6 +25,7 @@ impl Control {
                 Step::CheckIn(after) => lp.binary_at = Some(Instant::now() + after),
                 Step::Approved => approved = true,
             }
+            crate::jobs::functions::set_candidate_pending(d.pending());
             for _ in 0..d.take_refusals() {
                 self.state.metrics.deploy(DeployResult::Refused);
             }
@@ -44,6 +45,7 @@ impl Control {
     pub(super) fn hurry_candidate(&mut self, reason: RestartReason) {
         if let Some(d) = self.deploy.as_mut() {
             d.hurry(again(reason));
+            crate::jobs::functions::set_candidate_pending(d.pending());
         }
     }
 

@@ -268,7 +268,7 @@ impl Control {
             }
             Event::Awaited(function) => {
                 if let Some((_, pending)) = &lp.splayed {
-                    log::info!("a job waits for function \"{function}\", which jobs_dir now has: the pending restart ({pending}) goes now");
+                    log::info!("a job waits for function \"{function}\", which this generation lacks and a deploy may bring: the pending restart ({pending}) goes now");
                     self.splay_over(lp);
                 }
             }
@@ -340,6 +340,11 @@ impl Control {
         self.prepared = None;
         match touched {
             Touched::Binary => {
+                // Perhaps a new binary: a job for a function this generation lacks waits
+                // until the look below says.
+                if self.deploy.is_some() {
+                    crate::jobs::functions::set_candidate_pending(true);
+                }
                 lp.binary_at
                     .get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
             }

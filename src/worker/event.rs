@@ -15,7 +15,8 @@ pub(super) enum Event {
     Touched(Touched),
     /// A lane reached a recycling limit.
     Recycle(RestartReason),
-    /// A job waits for this function, which `jobs_dir` offers and this generation lacks.
+    /// A job waits for this function, which this generation lacks and a deploy may bring
+    /// (`jobs_dir` offers it, or a new binary is judged).
     Awaited(String),
     /// A lane thread ended (`true`: by a panic).
     LaneDone(bool),

@@ -20,7 +20,6 @@ use crate::jobs::functions::{Job, JobError, JobResult, Runner, Table};
 use crate::kinds::RestartReason;
 use crate::source::{Claimed, Lane};
 use crate::status::State;
-use crate::text::ShowPath;
 
 use super::limits::resident_bytes;
 pub(super) use super::limits::Limits;
@@ -44,7 +43,7 @@ pub(super) struct LaneContext {
     pub(super) limits: Arc<Limits>,
     pub(super) events: Sender<Event>,
     pub(super) health: Arc<Health>,
-    /// Where a function this generation lacks may have been added (see [`Self::unknown`]).
+    /// Where a function this generation lacks may have been added (see `Table::unknown`).
     pub(super) jobs_dir: std::path::PathBuf,
 }
 
@@ -416,21 +415,6 @@ impl LaneContext {
         }
     }
 
-    /// A job for `function`, which this generation does not serve: failed, unless `jobs_dir`
-    /// has a file for it now (a deploy added it, and the restart that serves it is yet to come:
-    /// the change is debounced, judged, perhaps splayed), for which it waits, as for a busy file.
-    fn unknown(&self, function: &str) -> JobError {
-        let has = || self.table.names().join(", ");
-        match crate::watch::offers(&self.jobs_dir, function) {
-            Some(file) => JobError::busy(format!(
-                "function \"{function}\" is not served by this generation (it has: {}), but jobs_dir has \"{}\" for it: the job waits for the restart that serves it",
-                has(),
-                file.shown()
-            )),
-            None => JobError::new(format!("unknown function \"{function}\" (this worker has: {})", has())),
-        }
-    }
-
     fn execute(
         &self,
         claimed: &Claimed,
@@ -453,7 +437,7 @@ impl LaneContext {
             std::process::abort();
         }
         let Some((runner, timeout)) = self.table.get(&claimed.function) else {
-            return Err(self.unknown(&claimed.function));
+            return Err(self.table.unknown(&self.jobs_dir, &claimed.function));
         };
         let mut job = Job {
             id: &claimed.id,

@@ -52,7 +52,7 @@ pub struct Rules {
     /// The functions this worker serves (set by the lanes as they start).
     pub served: Arc<RwLock<Vec<String>>>,
     /// A function not served yet is taken if `jobs_dir` has a file for it (a deploy's restart
-    /// is yet to come; `watch::offers`).
+    /// is yet to come; `watch::offers`), or while a new binary is judged (it may bring it).
     pub jobs_dir: std::path::PathBuf,
 }
 
@@ -258,6 +258,7 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
         .map(|s| s.contains(&function))
         .unwrap_or(false)
         && crate::watch::offers(&rules.jobs_dir, &function).is_none()
+        && !crate::jobs::functions::candidate_pending()
     {
         return Err(format!("unknown function \"{}\"", shown()));
     }
