@@ -45,9 +45,7 @@ fn rolled_back(text: &str, bad: &Path, good: &str) -> bool {
 }
 
 fn sha(path: &Path) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(fs::read(path).unwrap());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(&fs::read(path).unwrap())
 }
 
 /// Drops `content` at `dest` the recommended way: temp file in the same directory, then rename.

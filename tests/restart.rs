@@ -144,6 +144,57 @@ fn a_config_directory_replaced_whole_is_watched_anew() {
     assert_eq!(s["last_restart_reason"], "config changed");
 }
 
+/// A config written in place slowly (a transfer tool writing over the file, a person pasting
+/// into `cat > config.toml`): a prefix that is a valid config on its own (here: without
+/// `[source]`, so a spool on its defaults) was restarted onto, once the writer paused longer
+/// than the debounce, and the whole one a second restart later. Now the file is judged once
+/// its writer closes it.
+#[test]
+fn a_config_written_in_place_slowly_is_judged_once_its_writer_closes_it() {
+    use std::io::Write;
+    let sb = Sandbox::new("cfg-slow-write");
+    let w = sb.start();
+    let whole = sb.config_text("# the whole file\n");
+    let cut = whole.find("[source]").unwrap();
+    let mut f = fs::File::create(sb.config()).unwrap();
+    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    f.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(f);
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "config changed");
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = w.status();
+    assert_eq!(
+        s["generation"],
+        2,
+        "one restart, onto the whole file:\n{}",
+        w.log_text()
+    );
+    assert_eq!(s["config_sha256"], sha256_hex(whole.as_bytes()), "{s}");
+}
+
+/// A writer that never closes the config (it keeps it open and writes no more) holds the look
+/// for at most 10 s: then the file is judged as it is.
+#[test]
+fn a_config_held_open_for_writing_is_judged_after_a_bound() {
+    use std::io::Write;
+    let sb = Sandbox::new("cfg-held-open");
+    let w = sb.start();
+    let whole = sb.config_text("# written, never closed\n");
+    let mut f = fs::File::create(sb.config()).unwrap();
+    f.write_all(whole.as_bytes()).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["config_sha256"], sha256_hex(whole.as_bytes()), "{s}");
+    let log = w.log_text();
+    assert!(
+        log.contains("is open for writing: judged once its writer closes it")
+            && log.contains("has been open for writing for 10 s: judged as it is"),
+        "{log}"
+    );
+    drop(f);
+}
+
 #[test]
 fn invalid_config_is_refused_and_serving_goes_on() {
     let sb = Sandbox::new("cfg-bad");

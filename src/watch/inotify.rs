@@ -38,11 +38,21 @@ pub struct Inotify {
 }
 
 /// Which watch an event came from; `Overflow` means events were dropped (treat as "all").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Watch(i32),
     Overflow,
+    /// An event on an entry the caller asked to follow by name (see [`Inotify::wait_named`]),
+    /// besides the `Watch` of its directory: its mask (`IN_MODIFY`, `IN_CLOSE_WRITE`, ...).
+    Named {
+        wd: i32,
+        mask: u32,
+        name: std::ffi::OsString,
+    },
 }
+
+/// Which entries' events are returned by name: `(watch, name) -> bool`.
+pub type Follow<'a> = &'a dyn Fn(i32, &[u8]) -> bool;
 
 impl Inotify {
     pub fn new() -> io::Result<Inotify> {
@@ -105,6 +115,17 @@ impl Inotify {
 
     /// Waits up to `timeout` (None: for ever) for events and returns them (empty on timeout).
     pub fn wait(&self, timeout: Option<Duration>, buf: &mut [u8]) -> io::Result<Vec<Event>> {
+        self.wait_named(timeout, buf, &|_, _| false)
+    }
+
+    /// [`Inotify::wait`], and every event on an entry `follow` names is returned too, as
+    /// [`Event::Named`] (in the order they came).
+    pub fn wait_named(
+        &self,
+        timeout: Option<Duration>,
+        buf: &mut [u8],
+        follow: Follow<'_>,
+    ) -> io::Result<Vec<Event>> {
         let t = match timeout {
             None => PollTimeout::NONE,
             Some(d) => PollTimeout::try_from(d.as_millis().min(i32::MAX as u128) as i32)
@@ -117,11 +138,11 @@ impl Inotify {
             Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
         }
-        self.read(buf)
+        self.read(buf, follow)
     }
 
     /// Reads whatever events are queued (non-blocking).
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<Vec<Event>> {
+    fn read(&self, buf: &mut [u8], follow: Follow<'_>) -> io::Result<Vec<Event>> {
         let mut events = Vec::new();
         loop {
             // SAFETY: `buf` is valid for writes of buf.len() bytes for the duration of the call.
@@ -134,7 +155,7 @@ impl Inotify {
                     _ => Err(e),
                 };
             }
-            parse(&buf[..n as usize], &mut events);
+            parse(&buf[..n as usize], &mut events, follow);
             if (n as usize) < buf.len() / 2 {
                 return Ok(events);
             }
@@ -143,8 +164,8 @@ impl Inotify {
 }
 
 /// Decodes `struct inotify_event` records: wd (i32), mask, cookie, len (u32), then `len` bytes
-/// of name.
-fn parse(mut bytes: &[u8], out: &mut Vec<Event>) {
+/// of name (NUL-padded). One `Watch` per directory; a `Named` for each event `follow` names.
+fn parse(mut bytes: &[u8], out: &mut Vec<Event>, follow: Follow<'_>) {
     const HEADER: usize = 16;
     while bytes.len() >= HEADER {
         let wd = i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -157,6 +178,15 @@ fn parse(mut bytes: &[u8], out: &mut Vec<Event>) {
         };
         if !out.contains(&event) {
             out.push(event);
+        }
+        let raw = bytes.get(HEADER..HEADER + len).unwrap_or(&[]);
+        let name = raw.split(|b| *b == 0).next().unwrap_or(&[]);
+        if !name.is_empty() && follow(wd, name) {
+            out.push(Event::Named {
+                wd,
+                mask,
+                name: std::ffi::OsStr::from_bytes(name).to_os_string(),
+            });
         }
         bytes = bytes.get(HEADER + len..).unwrap_or(&[]);
     }
@@ -228,7 +258,17 @@ mod tests {
             bytes.extend_from_slice(name);
         }
         let mut out = Vec::new();
-        parse(&bytes, &mut out);
+        parse(&bytes, &mut out, &|_, _| false);
         assert_eq!(out, [Event::Watch(1), Event::Watch(2)]);
+        out.clear();
+        parse(&bytes, &mut out, &|wd, name| {
+            wd == 1 && name == b"config.toml"
+        });
+        let named = Event::Named {
+            wd: 1,
+            mask: libc::IN_CREATE,
+            name: "config.toml".into(),
+        };
+        assert_eq!(out, [Event::Watch(1), named, Event::Watch(2)]);
     }
 }

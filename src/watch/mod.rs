@@ -11,8 +11,10 @@
 
 pub mod inotify;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +28,11 @@ use crate::watch::inotify::{Event, Inotify};
 /// What changed on disk, as reported to the worker loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Touched {
-    Config,
+    /// `writing`: the config (or a link it leads through) is open for writing now: modified and
+    /// not yet closed (a slow write in place, whose prefix must not be judged).
+    Config {
+        writing: bool,
+    },
     Jobs,
     Binary,
     /// The watch itself failed (the reason): nothing more will be reported; poll instead.
@@ -104,6 +110,13 @@ pub fn start(
         }
     }
 
+    let mut writers = Writers {
+        names: targets
+            .config
+            .map(|c| config_chain(c).1)
+            .unwrap_or_default(),
+        open: HashSet::new(),
+    };
     let mut anew = Rewatch {
         config: targets.config.map(Path::to_path_buf),
         others: [(targets.jobs_dir, JOBS), (targets.binary_dir, BINARY)]
@@ -118,9 +131,14 @@ pub fn start(
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let left = REWATCH_EVERY.saturating_sub(anew.last.elapsed());
-            let waited = ino.wait(
+            let follow = |wd: i32, name: &[u8]| {
+                routes.get(&wd).is_some_and(|b| b & CONFIG != 0)
+                    && writers.names.iter().any(|n| n.as_bytes() == name)
+            };
+            let waited = ino.wait_named(
                 Some(left.max(std::time::Duration::from_millis(10))),
                 &mut buf,
+                &follow,
             );
             // A fault-injection build (tests only): the first events read become a failed read.
             #[cfg(gearshift_faults)]
@@ -142,16 +160,27 @@ pub fn start(
                     Event::Overflow => CONFIG | JOBS | QUEUE | BINARY,
                     // Watches of earlier generations that this one no longer routes.
                     Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
+                    Event::Named { wd, mask, name } => {
+                        writers.note(wd, mask, name);
+                        0
+                    }
                 };
             }
             if bits & !QUEUE != 0 || anew.last.elapsed() >= REWATCH_EVERY {
                 bits |= anew.check(&ino, &mut routes);
+                if bits & CONFIG != 0 {
+                    if let Some(c) = &anew.config {
+                        writers.names = config_chain(c).1;
+                    }
+                }
             }
             if bits & QUEUE != 0 {
                 on_queue();
             }
             if bits & CONFIG != 0 {
-                report(Touched::Config);
+                report(Touched::Config {
+                    writing: !writers.open.is_empty(),
+                });
             }
             if bits & JOBS != 0 {
                 report(Touched::Jobs);
@@ -214,14 +243,42 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
     fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The config's entries a writer holds open: modified (`IN_MODIFY`, a truncation too) and not
+/// yet closed. Only the names of the config's chain are followed (a log file beside it is
+/// written all the time and never closed).
+struct Writers {
+    /// The names of the path and of each link it leads through ([`config_chain`]).
+    names: Vec<OsString>,
+    open: HashSet<(i32, OsString)>,
+}
+
+impl Writers {
+    fn note(&mut self, wd: i32, mask: u32, name: OsString) {
+        if mask & (libc::IN_CLOSE_WRITE | libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+            self.open.remove(&(wd, name));
+        } else if mask & libc::IN_MODIFY != 0 {
+            self.open.insert((wd, name));
+        }
+    }
+}
+
 /// The directories whose events may mean the config changed: the one holding the path we were
 /// given, and the one holding each symlink it leads through (a ConfigMap's `..data` swap
 /// happens beside `config.toml`, not in the directory of the file it finally names).
 fn config_dirs(path: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut add = |d: &Path| {
-        if !dirs.iter().any(|x| x == d) {
+    config_chain(path).0
+}
+
+/// The directories of the path and of each link it leads through (see [`config_dirs`]), and
+/// the names those entries have in them.
+fn config_chain(path: &Path) -> (Vec<PathBuf>, Vec<OsString>) {
+    let (mut dirs, mut names) = (Vec::new(), Vec::new());
+    let mut add = |d: &Path, n: Option<&std::ffi::OsStr>| {
+        if !dirs.iter().any(|x: &PathBuf| x == d) {
             dirs.push(d.to_path_buf());
+        }
+        if let Some(n) = n.filter(|n| !names.iter().any(|x: &OsString| x == n)) {
+            names.push(n.to_os_string());
         }
     };
     let mut current = path.to_path_buf();
@@ -229,20 +286,18 @@ fn config_dirs(path: &Path) -> Vec<PathBuf> {
         let Some(parent) = current.parent() else {
             break;
         };
-        add(parent);
+        add(parent, current.file_name());
         match fs::read_link(&current) {
             Ok(target) => current = parent.join(target),
             Err(_) => break,
         }
     }
-    if let Some(parent) = fs::canonicalize(path)
-        .ok()
-        .as_deref()
-        .and_then(Path::parent)
-    {
-        add(parent);
+    if let Ok(real) = fs::canonicalize(path) {
+        if let Some(parent) = real.parent() {
+            add(parent, real.file_name());
+        }
     }
-    dirs
+    (dirs, names)
 }
 
 /// What a file in `jobs_dir` that is neither a regular file nor a directory (which may hold a

@@ -23,7 +23,6 @@ use crate::shutdown::Switch;
 use crate::source::Source;
 use crate::status::{self, State};
 use crate::watch::inotify::Inotify;
-use crate::watch::Touched;
 
 use super::event::Event;
 use super::lane::{Health, Limits};
@@ -33,8 +32,6 @@ use super::plan::Plan;
 pub(super) const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often digests are checked when a directory cannot be watched.
 pub(super) const POLL_FALLBACK: Duration = Duration::from_secs(2);
-/// A look at the files that failed for want of a resource is tried again this soon.
-const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 /// What the control loop is doing.
 pub(super) enum Phase {
@@ -56,8 +53,10 @@ pub(super) struct Loop {
     /// TERM/INT/QUIT received: the second one exits at once.
     terms: u32,
     /// When to look at config.toml and `jobs_dir` (debounced file events).
-    check_at: Option<Instant>,
-    first_touch: Option<Instant>,
+    pub(super) check_at: Option<Instant>,
+    pub(super) first_touch: Option<Instant>,
+    /// The config is open for writing (the watch's last word) and whether that was said.
+    pub(super) config_writing: (bool, bool),
     /// When to look at the binary's path.
     pub(super) binary_at: Option<Instant>,
     /// Every lane has ended for a restart, which waits since then for the verdict on a new
@@ -139,6 +138,7 @@ impl Control {
             // Look once right away: the files may have changed between our exec and the watch.
             check_at: Some(Instant::now()),
             first_touch: None,
+            config_writing: (false, false),
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
@@ -335,33 +335,6 @@ impl Control {
         }
     }
 
-    fn on_touched(&mut self, touched: Touched, lp: &mut Loop) {
-        // What was validated for a restart under way may be stale now: look again before it.
-        self.prepared = None;
-        match touched {
-            Touched::Binary => {
-                // Perhaps a new binary: a job for a function this generation lacks waits
-                // until the look below says.
-                if self.deploy.is_some() {
-                    crate::jobs::functions::set_candidate_pending(true);
-                }
-                lp.binary_at
-                    .get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
-            }
-            Touched::Lost(why) => {
-                if !self.poll_fallback {
-                    self.watch_lost(&why);
-                }
-            }
-            _ => {
-                let now = Instant::now();
-                let first = *lp.first_touch.get_or_insert(now);
-                // Debounce, but never postpone by more than a second under a stream of events.
-                lp.check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
-            }
-        }
-    }
-
     /// Every lane has ended: stop, restart, or (refused) serve on with new lanes.
     pub(super) fn lanes_done(&mut self, lp: &mut Loop) -> Result<()> {
         for t in self.lanes.drain(..) {
@@ -445,36 +418,6 @@ impl Control {
             if let Some(reason) = still.filter(|_| matches!(lp.phase, Phase::Running)) {
                 self.request_restart(&mut lp.phase, reason);
             }
-        }
-    }
-
-    /// The debounced look at config.toml and `jobs_dir` after file events.
-    fn look_at_files(&mut self, lp: &mut Loop) {
-        lp.check_at = None;
-        lp.first_touch = None;
-        if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
-            if let Some(reason) = self.changed_on_disk() {
-                self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
-            }
-            if self.look_failing {
-                lp.check_at = Some(Instant::now() + LOOK_AGAIN);
-            }
-        }
-    }
-
-    /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
-    /// from now on, and say so in the log and in `status`.
-    pub(super) fn watch_lost(&mut self, why: &str) {
-        log::error!(
-            "{why}; checking files every {}s and the queue every second instead",
-            POLL_FALLBACK.as_secs()
-        );
-        self.poll_fallback = true;
-        if let Err(e) = super::lane::poll_queue(&self.source) {
-            log::error!("{e}");
-        }
-        if let Ok(mut i) = self.state.inner.lock() {
-            i.watch = Some(format!("polling: {why}"));
         }
     }
 }

@@ -36,6 +36,7 @@ mod manager;
 mod plan;
 mod restart;
 mod startup;
+mod touched;
 
 use control::Control;
 use event::Event;

@@ -1177,3 +1177,12 @@ pub fn start_with_shifted_clock(sb: &Sandbox) -> (Worker, PathBuf) {
     ]);
     (w, shift)
 }
+
+/// The sha256 of `bytes` in lower-case hex, as `status` shows digests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

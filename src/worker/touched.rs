@@ -1,0 +1,97 @@
+//! File events from the control loop: the debounce, a config still open for writing, and the
+//! watch lost (the files polled instead).
+
+use std::time::{Duration, Instant};
+
+use super::control::{Control, Loop, Phase, DEBOUNCE, POLL_FALLBACK};
+use crate::text::ShowPath;
+use crate::watch::Touched;
+
+/// A look at the files that failed for want of a resource is tried again this soon.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// How long a config open for writing (a slow write in place) is waited for, from the first
+/// event, before it is judged as it is.
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+impl Control {
+    pub(super) fn on_touched(&mut self, touched: Touched, lp: &mut Loop) {
+        // What was validated for a restart under way may be stale now: look again before it.
+        self.prepared = None;
+        match touched {
+            Touched::Binary => {
+                // Perhaps a new binary: a job for a function this generation lacks waits
+                // until the look below says.
+                if self.deploy.is_some() {
+                    crate::jobs::functions::set_candidate_pending(true);
+                }
+                lp.binary_at
+                    .get_or_insert_with(|| Instant::now() + Duration::from_millis(20));
+            }
+            Touched::Lost(why) => {
+                if !self.poll_fallback {
+                    self.watch_lost(&why);
+                }
+            }
+            other => {
+                if let Touched::Config { writing } = other {
+                    lp.config_writing.0 = writing;
+                }
+                let now = Instant::now();
+                let first = *lp.first_touch.get_or_insert(now);
+                // Debounce, but never postpone by more than a second under a stream of events.
+                lp.check_at = Some((now + DEBOUNCE).min(first + Duration::from_secs(1)));
+            }
+        }
+    }
+
+    /// The debounced look at config.toml and `jobs_dir` after file events.
+    pub(super) fn look_at_files(&mut self, lp: &mut Loop) {
+        // Written in place and not closed yet: a prefix that may parse is not judged (its
+        // writer's close is an event of its own), for at most WRITE_WAIT.
+        if let (true, Some(first)) = (lp.config_writing.0, lp.first_touch) {
+            if first.elapsed() < WRITE_WAIT {
+                if !std::mem::replace(&mut lp.config_writing.1, true) {
+                    log::info!(
+                        "{} is open for writing: judged once its writer closes it (at most {} s)",
+                        self.plan.config.path.shown(),
+                        WRITE_WAIT.as_secs()
+                    );
+                }
+                lp.check_at = Some(Instant::now() + DEBOUNCE);
+                return;
+            }
+            log::warn!(
+                "{} has been open for writing for {} s: judged as it is",
+                self.plan.config.path.shown(),
+                WRITE_WAIT.as_secs()
+            );
+        }
+        lp.config_writing.1 = false;
+        lp.check_at = None;
+        lp.first_touch = None;
+        if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
+            if let Some(reason) = self.changed_on_disk() {
+                self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
+            }
+            if self.look_failing {
+                lp.check_at = Some(Instant::now() + LOOK_AGAIN);
+            }
+        }
+    }
+
+    /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
+    /// from now on, and say so in the log and in `status`.
+    pub(super) fn watch_lost(&mut self, why: &str) {
+        log::error!(
+            "{why}; checking files every {}s and the queue every second instead",
+            POLL_FALLBACK.as_secs()
+        );
+        self.poll_fallback = true;
+        if let Err(e) = super::lane::poll_queue(&self.source) {
+            log::error!("{e}");
+        }
+        if let Ok(mut i) = self.state.inner.lock() {
+            i.watch = Some(format!("polling: {why}"));
+        }
+    }
+}
