@@ -327,16 +327,17 @@ pub(super) fn answers(
     state: &Arc<State>,
     source: &Arc<crate::source::Source>,
 ) -> (crate::metrics::http::Render, crate::metrics::http::Render) {
+    let count = Arc::new(crate::metrics::QueueCount::default());
     let render: crate::metrics::http::Render = {
-        let (state, source) = (Arc::clone(state), Arc::clone(source));
-        Arc::new(move || state.metrics_text(source.queue_stats()))
+        let (state, source, count) = (Arc::clone(state), Arc::clone(source), Arc::clone(&count));
+        Arc::new(move || state.metrics_text(count.get(|| source.queue_stats())))
     };
     let counts: crate::metrics::http::Render = {
         let (state, source) = (Arc::clone(state), Arc::clone(source));
         Arc::new(move || {
             let counts = crate::metrics::carry::Counts {
                 metrics: state.metrics.carry(&state.reconnects()),
-                queue: source.queue_stats(),
+                queue: count.get(|| source.queue_stats()),
             };
             serde_json::to_string(&counts).unwrap_or_default()
         })
