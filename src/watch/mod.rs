@@ -157,7 +157,11 @@ pub fn start(
             let mut bits = 0u8;
             for e in events {
                 bits |= match e {
-                    Event::Overflow => CONFIG | JOBS | QUEUE | BINARY,
+                    Event::Overflow => {
+                        // A writer's close may be among the events lost.
+                        writers.open.clear();
+                        CONFIG | JOBS | QUEUE | BINARY
+                    }
                     // Watches of earlier generations that this one no longer routes.
                     Event::Watch(wd) => routes.get(&wd).copied().unwrap_or(0),
                     Event::Named { wd, mask, name } => {
@@ -167,7 +171,12 @@ pub fn start(
                 };
             }
             if bits & !QUEUE != 0 || anew.last.elapsed() >= REWATCH_EVERY {
-                bits |= anew.check(&ino, &mut routes);
+                let rewatched = anew.check(&ino, &mut routes);
+                if rewatched & CONFIG != 0 {
+                    // Watched anew: what was open in the directories left is not followed.
+                    writers.open.clear();
+                }
+                bits |= rewatched;
                 if bits & CONFIG != 0 {
                     if let Some(c) = &anew.config {
                         writers.names = config_chain(c).1;
