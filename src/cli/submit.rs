@@ -259,6 +259,7 @@ fn wait_for_result(
     let mut absent_since: Option<Instant> = None;
     let (mut stopped_since, mut said_stopped): (Option<Instant>, bool) = (None, false);
     let mut stopping = Stopping::default();
+    let mut waiting = spool.waiting(id);
     loop {
         let slice = match deadline {
             Some(d) => d
@@ -266,7 +267,7 @@ fn wait_for_result(
                 .min(Duration::from_millis(500)),
             None => Duration::from_millis(500),
         };
-        let lookup = spool.wait(id, Some(slice))?;
+        let lookup = waiting.wait(Some(slice))?;
         if matches!(lookup, Lookup::Finished(_) | Lookup::Unknown)
             || deadline.is_some_and(|d| Instant::now() >= d)
         {

@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use nix::unistd::{geteuid, Gid, Uid};
 
@@ -47,6 +47,7 @@ pub(crate) mod recover;
 mod replay;
 mod results;
 mod source;
+mod wait;
 
 pub use direct::Feed;
 use format::*;
@@ -351,52 +352,6 @@ impl Spool {
         }
         Ok(None)
     }
-
-    /// Blocks until job `id` has finished or `timeout` passed (inotify on done/ and failed/).
-    pub fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Lookup> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        // Watched through the directories' descriptors (`/proc/self/fd/N` names the open
-        // directory itself): a link renamed over a path since the spool was opened is never
-        // followed, by root either.
-        let watch = crate::watch::inotify::Inotify::new().and_then(|ino| {
-            for sub in ["done", "failed"] {
-                let dir = self.opened(sub).map_err(io::Error::other)?;
-                ino.add_arrivals(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())))?;
-            }
-            Ok(ino)
-        });
-        if let Err(e) = &watch {
-            log::debug!("no inotify for waiting ({e}); checking every 100 ms");
-        }
-        let recheck = if watch.is_ok() {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(100)
-        };
-        let mut buf = vec![0u8; 4096];
-        loop {
-            // The result record lands in done/ or failed/ a moment before the job leaves cur/:
-            // look for it first, so the answer comes with the event, not with a recheck.
-            if let Some(r) = self.read_finished(id)? {
-                return Ok(Lookup::Finished(r));
-            }
-            match self.lookup(id)? {
-                Lookup::Unknown => return Ok(Lookup::Unknown),
-                l @ Lookup::Finished(_) => return Ok(l),
-                pending => {
-                    let wait = match deadline {
-                        Some(d) if Instant::now() >= d => return Ok(pending),
-                        Some(d) => d.saturating_duration_since(Instant::now()).min(recheck),
-                        None => recheck,
-                    };
-                    match &watch {
-                        Ok(ino) => drop(ino.wait(Some(wait), &mut buf)),
-                        Err(_) => std::thread::sleep(wait),
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Started as root with `[worker] user`: gives the spool to that user before the drop. A spool
@@ -506,6 +461,7 @@ mod tests {
     use crate::shutdown::{Shutdown, Switch};
     use crate::source::JobSource;
     use std::sync::Arc;
+    use std::time::Instant;
 
     fn cfg(dir: &Path, max_attempts: u32) -> SpoolConfig {
         SpoolConfig {
