@@ -14,9 +14,11 @@ use crate::error::Result;
 use crate::watch::inotify::Inotify;
 
 /// How long the outcome is looked for before inotify is set up: the first look after
-/// [`FIRST_PAUSE`], each pause twice the last.
+/// [`FIRST_PAUSE`], each pause twice the last up to [`MOST_PAUSE`] (an outcome is seen at most
+/// a millisecond late; about 20 looks of two directory lookups each).
 const EAGER: Duration = Duration::from_millis(16);
 const FIRST_PAUSE: Duration = Duration::from_micros(250);
+const MOST_PAUSE: Duration = Duration::from_millis(1);
 /// How often the outcome is looked for again with inotify (which may miss nothing but an
 /// outcome that reaches no file: a results log), and without it.
 const RECHECK: Duration = Duration::from_secs(2);
@@ -92,7 +94,7 @@ impl Waiting<'_> {
             match &self.watch {
                 None => {
                     std::thread::sleep(self.pause.min(left));
-                    self.pause = self.pause.saturating_mul(2);
+                    self.pause = self.pause.saturating_mul(2).min(MOST_PAUSE);
                 }
                 Some(Ok(ino)) => {
                     self.buf.resize(4096, 0);
