@@ -1,8 +1,8 @@
-//! Waiting for a job's outcome (`submit --wait`): looked for a few times at first, then with
-//! inotify on `done/` and `failed/`. An instant job's outcome comes within the first looks,
-//! and no inotify instance is made for it: closing one waits for the kernel's SRCU grace period
-//! (the fsnotify group's teardown), which took up to 15 ms here, three times the job's whole
-//! round trip (docs/measurements.md, "`submit --wait`").
+//! Waiting for a job's outcome (`submit --wait`): looked for every millisecond or few in the
+//! first second, then with inotify on `done/` and `failed/`. A job of less than a second gets
+//! no inotify instance: closing one waits for the kernel's SRCU grace period (the fsnotify
+//! group's teardown), which took up to 15 ms here, three times an instant job's whole round
+//! trip (docs/measurements.md, "`submit --wait`").
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -13,12 +13,23 @@ use super::{Lookup, Spool};
 use crate::error::Result;
 use crate::watch::inotify::Inotify;
 
-/// How long the outcome is looked for before inotify is set up: the first look after
-/// [`FIRST_PAUSE`], each pause twice the last up to [`MOST_PAUSE`] (an outcome is seen at most
-/// a millisecond late; about 20 looks of two directory lookups each).
-const EAGER: Duration = Duration::from_millis(16);
+/// How long the outcome is looked for before inotify is set up (about 240 looks of a few
+/// directory lookups each, some 3 ms of the client's CPU); the pauses between looks in
+/// [`pause`].
+const EAGER: Duration = Duration::from_secs(1);
 const FIRST_PAUSE: Duration = Duration::from_micros(250);
-const MOST_PAUSE: Duration = Duration::from_millis(1);
+
+/// The pause after a look, `waited` into the wait: doubling from [`FIRST_PAUSE`] to 1 ms in
+/// the first 16 ms, then 2 ms to 100 ms, then 5 ms (an outcome is seen at most that late).
+fn pause(last: Duration, waited: Duration) -> Duration {
+    if waited < Duration::from_millis(16) {
+        last.saturating_mul(2).min(Duration::from_millis(1))
+    } else if waited < Duration::from_millis(100) {
+        Duration::from_millis(2)
+    } else {
+        Duration::from_millis(5)
+    }
+}
 /// How often the outcome is looked for again with inotify (which may miss nothing but an
 /// outcome that reaches no file: a results log), and without it.
 const RECHECK: Duration = Duration::from_secs(2);
@@ -94,7 +105,7 @@ impl Waiting<'_> {
             match &self.watch {
                 None => {
                     std::thread::sleep(self.pause.min(left));
-                    self.pause = self.pause.saturating_mul(2).min(MOST_PAUSE);
+                    self.pause = pause(self.pause, self.since.elapsed());
                 }
                 Some(Ok(ino)) => {
                     self.buf.resize(4096, 0);
@@ -103,5 +114,36 @@ impl Waiting<'_> {
                 Some(Err(_)) => std::thread::sleep(RECHECK_UNWATCHED.min(left)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_come_often_at_first_then_less_and_inotify_takes_over_after_a_second() {
+        let ms = Duration::from_millis;
+        let mut last = FIRST_PAUSE;
+        let mut waited = last;
+        let mut looks = 1;
+        while waited < EAGER {
+            last = pause(last, waited);
+            waited += last;
+            looks += 1;
+            let most = if waited <= ms(17) {
+                ms(1)
+            } else if waited <= ms(102) {
+                ms(2)
+            } else {
+                ms(5)
+            };
+            assert!(last <= most, "{last:?} after {waited:?}");
+        }
+        assert_eq!(pause(FIRST_PAUSE, ms(1)), ms(1) / 2, "doubling at first");
+        assert!(
+            (200..=260).contains(&looks),
+            "{looks} looks in the first second"
+        );
     }
 }
