@@ -339,9 +339,9 @@ pub struct Table {
     entries: BTreeMap<String, (Runner, Option<Duration>)>,
 }
 
-/// A new file at the binary's path is settling, being judged, or approved and not yet run (see
-/// `restart::deploy::Deploy::pending`): a job for a function this generation lacks waits for the restart,
-/// which may bring it, instead of failing as unknown. One deploy watch per process.
+/// A new file at the binary's path is settling, being judged, or approved and not yet run
+/// (`restart::deploy::Deploy::pending`): a job for a function this generation lacks waits for
+/// the restart, which may bring it, instead of failing as unknown. One deploy watch a process.
 static CANDIDATE_PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Whether a candidate binary may yet bring a function this generation lacks.
@@ -372,10 +372,10 @@ impl Table {
         self.entries.iter()
     }
 
-    /// A job for `function`, which this generation does not serve: failed, unless `jobs_dir` has a
-    /// file for it now (a deploy added it, and the restart that serves it is yet to come: the
-    /// change is debounced, judged, perhaps splayed) or a new binary at the worker's path is being
-    /// judged (it may register the function), for which it waits, as for a busy file.
+    /// A job for `function`, which this generation does not serve: failed, unless `jobs_dir`
+    /// has a file for it now (a deploy added it, and the restart that serves it is yet to come:
+    /// the change is debounced, judged, perhaps splayed) or a new binary at the worker's path is
+    /// being judged (it may register the function), for which it waits, as for a busy file.
     pub fn unknown(&self, jobs_dir: &std::path::Path, function: &str) -> JobError {
         let has = || self.names().join(", ");
         match crate::watch::offers(jobs_dir, function) {
