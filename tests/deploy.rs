@@ -136,6 +136,45 @@ fn a_job_for_a_function_a_new_binary_adds_waits_for_the_restart_that_serves_it()
     );
 }
 
+/// A deploy approved while its restart waits out a splay, and a config that no longer loads:
+/// the job for the new binary's function cuts the splay short, the restart is refused, and the
+/// job fails as unknown then, instead of waiting 10 s for a restart that is not coming.
+#[test]
+fn a_job_for_a_new_binarys_function_fails_as_unknown_once_its_restart_is_refused() {
+    let sb = sandbox("deploy-adds-refused");
+    sb.write_worker_config("restart_splay = \"1h\"");
+    // The client's own copy of the config: the worker's becomes invalid below.
+    let client = sb.path("client.toml");
+    fs::copy(sb.config(), &client).unwrap();
+    let w = sb.start();
+    w.wait_running_sha();
+    drop_by_rename(&example("custom_worker"), &sb.bin, 0o755);
+    w.wait_for(
+        Duration::from_secs(30),
+        "the approved restart splayed",
+        |s| s["restart_pending"]["reason"] == "binary changed",
+    );
+    fs::write(sb.config(), "[worker\nnot toml\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("-c")
+        .arg(&client)
+        .args(["submit", "shout", "hello"])
+        .output()
+        .unwrap();
+    let id = text(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = w.wait_for(Duration::from_secs(30), "the refusal", |s| {
+        !s["last_refused_reload"].is_null()
+    });
+    assert_eq!(s["generation"], 1, "{s}");
+    let outcome = all_outcomes(&sb, &[id], Duration::from_secs(30));
+    assert!(
+        !outcome[0].0 && outcome[0].1.starts_with("unknown function \"shout\""),
+        "{outcome:?}\n{}",
+        w.log_text()
+    );
+}
+
 #[test]
 fn bad_candidates_are_refused_and_serving_goes_on() {
     let v2 = second_build();

@@ -227,6 +227,10 @@ impl Control {
             "{reason}: reload refused, keeping generation {}: {error}",
             self.state.generation
         );
+        // No restart is coming: a job for a function an approved binary would bring fails as
+        // unknown instead of waiting for one (a candidate still judged is said again at its
+        // next look).
+        crate::jobs::functions::set_candidate_pending(false);
         if let Ok(mut i) = self.state.inner.lock() {
             i.refusals += 1;
             i.last_refused = Some(Refusal {
