@@ -97,8 +97,9 @@ pub fn start(
         }
         None
     };
-    if let Some(c) = targets.config {
-        unwatched.config = add(&config_dirs(c), CONFIG);
+    let (config_dirs, config_names) = targets.config.map(config_chain).unwrap_or_default();
+    if targets.config.is_some() {
+        unwatched.config = add(&config_dirs, CONFIG);
     }
     if let Some(j) = targets.jobs_dir {
         unwatched.jobs = add(&[j.to_path_buf()], JOBS);
@@ -110,15 +111,10 @@ pub fn start(
         }
     }
 
-    let mut writers = Writers {
-        names: targets
-            .config
-            .map(|c| config_chain(c).1)
-            .unwrap_or_default(),
-        open: HashSet::new(),
-    };
+    let mut writers = Writers::default();
     let mut anew = Rewatch {
         config: targets.config.map(Path::to_path_buf),
+        config_names,
         others: [(targets.jobs_dir, JOBS), (targets.binary_dir, BINARY)]
             .into_iter()
             .filter_map(|(d, bit)| d.map(|d| (d.to_path_buf(), bit)))
@@ -133,7 +129,7 @@ pub fn start(
             let left = REWATCH_EVERY.saturating_sub(anew.last.elapsed());
             let follow = |wd: i32, name: &[u8]| {
                 routes.get(&wd).is_some_and(|b| b & CONFIG != 0)
-                    && writers.names.iter().any(|n| n.as_bytes() == name)
+                    && anew.config_names.iter().any(|n| n.as_bytes() == name)
             };
             let waited = ino.wait_named(
                 Some(left.max(std::time::Duration::from_millis(10))),
@@ -177,11 +173,6 @@ pub fn start(
                     writers.open.clear();
                 }
                 bits |= rewatched;
-                if bits & CONFIG != 0 {
-                    if let Some(c) = &anew.config {
-                        writers.names = config_chain(c).1;
-                    }
-                }
             }
             if bits & QUEUE != 0 {
                 on_queue();
@@ -213,6 +204,9 @@ const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// again; a directory that is not the one watched is watched anew, and reported as touched.
 struct Rewatch {
     config: Option<PathBuf>,
+    /// The names of the config's path and of each link it leads through ([`config_chain`]),
+    /// as last looked at: the entries whose writers are followed ([`Writers`]).
+    config_names: Vec<OsString>,
     others: Vec<(PathBuf, u8)>,
     /// The identity (device, inode) last watched at each path.
     seen: HashMap<PathBuf, (u64, u64)>,
@@ -223,11 +217,9 @@ impl Rewatch {
     /// Watches what is new at the paths; returns the bits of the targets it touched.
     fn check(&mut self, ino: &Inotify, routes: &mut HashMap<i32, u8>) -> u8 {
         self.last = std::time::Instant::now();
-        let mut dirs: Vec<(PathBuf, u8)> = self
-            .config
-            .as_deref()
-            .map(|c| config_dirs(c).into_iter().map(|d| (d, CONFIG)).collect())
-            .unwrap_or_default();
+        let (config_dirs, names) = self.config.as_deref().map(config_chain).unwrap_or_default();
+        self.config_names = names;
+        let mut dirs: Vec<(PathBuf, u8)> = config_dirs.into_iter().map(|d| (d, CONFIG)).collect();
         dirs.extend(self.others.iter().cloned());
         let mut touched = 0;
         for (dir, bit) in dirs {
@@ -253,11 +245,10 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
 }
 
 /// The config's entries a writer holds open: modified (`IN_MODIFY`, a truncation too) and not
-/// yet closed. Only the names of the config's chain are followed (a log file beside it is
-/// written all the time and never closed).
+/// yet closed. Only the names of the config's chain are followed (`Rewatch::config_names`: a
+/// log file beside it is written all the time and never closed).
+#[derive(Default)]
 struct Writers {
-    /// The names of the path and of each link it leads through ([`config_chain`]).
-    names: Vec<OsString>,
     open: HashSet<(i32, OsString)>,
 }
 
@@ -273,13 +264,8 @@ impl Writers {
 
 /// The directories whose events may mean the config changed: the one holding the path we were
 /// given, and the one holding each symlink it leads through (a ConfigMap's `..data` swap
-/// happens beside `config.toml`, not in the directory of the file it finally names).
-fn config_dirs(path: &Path) -> Vec<PathBuf> {
-    config_chain(path).0
-}
-
-/// The directories of the path and of each link it leads through (see [`config_dirs`]), and
-/// the names those entries have in them.
+/// happens beside `config.toml`, not in the directory of the file it finally names); and the
+/// names those entries have in them.
 fn config_chain(path: &Path) -> (Vec<PathBuf>, Vec<OsString>) {
     let (mut dirs, mut names) = (Vec::new(), Vec::new());
     let mut add = |d: &Path, n: Option<&std::ffi::OsStr>| {

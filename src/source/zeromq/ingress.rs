@@ -257,8 +257,8 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
         .read()
         .map(|s| s.contains(&function))
         .unwrap_or(false)
-        && crate::watch::offers(&rules.jobs_dir, &function).is_none()
         && !crate::jobs::functions::candidate_pending()
+        && crate::watch::offers(&rules.jobs_dir, &function).is_none()
     {
         return Err(format!("unknown function \"{}\"", shown()));
     }
