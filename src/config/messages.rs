@@ -16,12 +16,25 @@ pub(super) fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
 }
 
 /// [`explain`] for an error at `span` of `text`: a key not followed by `=` also says how TOML
-/// writes one (a YAML `key: value`, a key with a space in it, a file that is no TOML at all).
+/// writes one (a YAML `key: value`, a key with a space in it, a file that is no TOML at all),
+/// and a value the file ends before says so (the toml crate's message is empty there).
 pub(super) fn explain_at(
     message: &str,
     text: &str,
     span: Option<std::ops::Range<usize>>,
 ) -> String {
+    if message.trim().is_empty() {
+        // The toml crate says nothing for a key whose value the file ends before.
+        let start = span.map_or(text.len(), |s| s.start);
+        let (before, after) = (text.get(..start), text.get(start..));
+        let ended = before.is_some_and(|b| b.trim_end().ends_with('='))
+            && after.is_some_and(|a| a.trim().is_empty());
+        return if ended {
+            "a value is missing after `=`: the file ends here (written only in part?)".to_string()
+        } else {
+            "invalid TOML here".to_string()
+        };
+    }
     let explained = explain(message);
     if message.trim() != "expected `.`, `=`" {
         return explained;

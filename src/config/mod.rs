@@ -575,6 +575,29 @@ mod tests {
         }
     }
 
+    /// A config cut anywhere (a write in place seen half done, a truncated copy) either parses
+    /// or says what is wrong, with a position: never an empty message.
+    #[test]
+    fn every_cut_of_a_config_says_what_is_wrong() {
+        let text = concat!(
+            "# a comment\n[worker]\nconcurrency = 2\njobs_dir = \"jobs\"\n",
+            "max_payload_bytes = 1_048_576\nrecycle_splay = 0.5\n\n",
+            "[source]\nkind = \"gearman\"\nservers = [\"127.0.0.1:4730\", 'h:1']\n\n",
+            "[functions.\"img.resize\"]\ntimeout = \"5s\"\nflag = true\n",
+            "[log]\nlevel = \"info\" # inline\n",
+        );
+        let silent: Vec<String> = (0..=text.len())
+            .filter_map(|cut| {
+                let e = parse(&text[..cut]).err()?;
+                let said = e.rsplit_once(": ").map_or("", |(_, m)| m).trim();
+                let at = e.strip_prefix("/etc/gs/config.toml:").unwrap_or("");
+                let located = at.starts_with(|c: char| c.is_ascii_digit());
+                (said.is_empty() || !located).then(|| format!("{:?}: {e:?}", &text[..cut]))
+            })
+            .collect();
+        assert!(silent.is_empty(), "{}", silent.join("\n"));
+    }
+
     #[test]
     fn syntax_errors_are_located() {
         let got = parse("[worker]\nconcurrency = = 2\n").expect_err("syntax");
