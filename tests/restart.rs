@@ -174,6 +174,99 @@ fn a_config_written_in_place_slowly_is_judged_once_its_writer_closes_it() {
     assert_eq!(s["config_sha256"], sha256_hex(whole.as_bytes()), "{s}");
 }
 
+/// A HUP while config.toml is being written in place slowly, during a long job: the restart
+/// drains, and its exec reads the config once the writer has closed it, not the part written
+/// when the HUP came (a prefix that parses: the file without its `[source]`).
+#[test]
+fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() {
+    use std::io::Write;
+    let sb = Sandbox::new("cfg-slow-drain");
+    let w = sb.start();
+    let long = sb.submit("sleep", "1000");
+    w.wait_for(Duration::from_secs(10), "the sleep job to run", |s| {
+        s["in_flight"] == 1
+    });
+    let whole = sb.config_text("# the whole file, written during a drain\n");
+    let cut = whole.find("[source]").unwrap();
+    let mut f = fs::File::create(sb.config()).unwrap();
+    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal(Signal::SIGHUP);
+    // The job ends while the writer pauses.
+    std::thread::sleep(Duration::from_millis(2000));
+    f.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(f);
+    let s = w.wait_generation(2);
+    assert_eq!(s["last_restart_reason"], "sighup");
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = w.status();
+    assert_eq!(
+        (&s["generation"], &s["config_sha256"]),
+        (&2.into(), &sha256_hex(whole.as_bytes()).into()),
+        "one restart, onto the whole file:\n{}",
+        w.log_text()
+    );
+    let long = all_outcomes(&sb, &[long], Duration::from_secs(5));
+    assert_eq!(long[0], (true, "1000".to_string(), 1), "not interrupted");
+    assert!(
+        w.log_text()
+            .contains("the restart reads it once its writer closes it"),
+        "{}",
+        w.log_text()
+    );
+}
+
+/// A change waiting out `restart_splay` when a slow in-place write of the config begins: the
+/// splay ends no sooner than the writer's close, so the half-written file (which does not
+/// parse) is never judged and refused; the restart reads the whole.
+#[test]
+fn a_splayed_restart_waits_for_a_config_being_written() {
+    use std::io::Write;
+    let sb = Sandbox::new("cfg-slow-splay");
+    sb.write_worker_config("restart_splay = \"1s\"");
+    let w = sb.start();
+    let text = |extra: &str| {
+        let plain = sb.config_text(extra);
+        plain.replace(
+            "allow_root = true\n",
+            "allow_root = true\nrestart_splay = \"1s\"\n",
+        )
+    };
+    // A splay drawn too short to begin the write within is tried again (each 1 in 100 or so).
+    let mut generation = 1;
+    for edit in 0.. {
+        fs::write(sb.config(), text(&format!("# edit {edit}\n"))).unwrap();
+        let s = w.wait_for(Duration::from_secs(10), "the splayed restart", |s| {
+            !s["restart_pending"].is_null() || s["generation"] != generation
+        });
+        if s["generation"] == generation {
+            break;
+        }
+        generation = s["generation"].as_u64().unwrap();
+    }
+    let whole = text("# second edit, written slowly\n");
+    let cut = whole.find("concurrency = ").unwrap() + "concurrency = ".len();
+    let mut f = fs::File::create(sb.config()).unwrap();
+    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    // The splay (at most 1 s) ends while the writer pauses.
+    std::thread::sleep(Duration::from_millis(2000));
+    f.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(f);
+    w.wait_generation(generation + 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = w.status();
+    let log = w.log_text();
+    assert_eq!(
+        (&s["generation"], &s["config_sha256"]),
+        (
+            &(generation + 1).into(),
+            &sha256_hex(whole.as_bytes()).into()
+        ),
+        "one restart, onto the whole file:\n{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
+}
+
 /// A writer that never closes the config (it keeps it open and writes no more) holds the look
 /// for at most 10 s: then the file is judged as it is.
 #[test]

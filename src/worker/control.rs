@@ -55,8 +55,7 @@ pub(super) struct Loop {
     /// When to look at config.toml and `jobs_dir` (debounced file events).
     pub(super) check_at: Option<Instant>,
     pub(super) first_touch: Option<Instant>,
-    /// The config is open for writing (the watch's last word) and whether that was said.
-    pub(super) config_writing: (bool, bool),
+    pub(super) writer: Writer,
     /// When to look at the binary's path.
     pub(super) binary_at: Option<Instant>,
     /// Every lane has ended for a restart, which waits since then for the verdict on a new
@@ -70,6 +69,17 @@ pub(super) struct Loop {
     /// While a restart waits for running jobs: when to look for Rust functions held past
     /// `abandon_after` (`lanes.rs`).
     pub(super) held_look: Option<Instant>,
+}
+
+/// What the watch last said of config.toml's writers (`touched.rs`).
+#[derive(Default)]
+pub(super) struct Writer {
+    /// Modified and not closed yet (the watch's last word).
+    pub(super) open: bool,
+    /// The look's wait for the close was said in the log.
+    pub(super) said: bool,
+    /// The restart's wait for it was said.
+    pub(super) said_restart: bool,
 }
 
 pub(super) struct Control {
@@ -138,7 +148,7 @@ impl Control {
             // Look once right away: the files may have changed between our exec and the watch.
             check_at: Some(Instant::now()),
             first_touch: None,
-            config_writing: (false, false),
+            writer: Writer::default(),
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
@@ -344,7 +354,7 @@ impl Control {
             }
         }
         self.stop_instead(&mut lp.phase);
-        if self.await_candidate(lp) {
+        if self.await_candidate(lp) || self.await_config_writer(lp) {
             return Ok(());
         }
         if matches!(lp.phase, Phase::Stopping) {
@@ -408,6 +418,13 @@ impl Control {
 
     /// A change-triggered restart has waited out its splay.
     fn splay_over(&mut self, lp: &mut Loop) {
+        if lp.config_being_written() {
+            // Judged once its writer closes it (or the wait's bound): the look's own rule.
+            if let Some((at, _)) = lp.splayed.as_mut() {
+                *at = Instant::now() + DEBOUNCE;
+            }
+            return;
+        }
         if let Some((_, reason)) = lp.splayed.take() {
             self.set_pending(None);
             // A config or jobs change may have been undone meanwhile.

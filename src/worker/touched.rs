@@ -13,6 +13,14 @@ const LOOK_AGAIN: Duration = Duration::from_secs(1);
 /// event, before it is judged as it is.
 const WRITE_WAIT: Duration = Duration::from_secs(10);
 
+impl Loop {
+    /// A writer has config.toml open, and it has not been waited for [`WRITE_WAIT`] yet: what
+    /// the file holds now may be a prefix that parses.
+    pub(super) fn config_being_written(&self) -> bool {
+        self.writer.open && self.first_touch.is_some_and(|t| t.elapsed() < WRITE_WAIT)
+    }
+}
+
 impl Control {
     pub(super) fn on_touched(&mut self, touched: Touched, lp: &mut Loop) {
         // What was validated for a restart under way may be stale now: look again before it.
@@ -34,7 +42,7 @@ impl Control {
             }
             other => {
                 if let Touched::Config { writing } = other {
-                    lp.config_writing.0 = writing;
+                    lp.writer.open = writing;
                 }
                 let now = Instant::now();
                 let first = *lp.first_touch.get_or_insert(now);
@@ -48,9 +56,9 @@ impl Control {
     pub(super) fn look_at_files(&mut self, lp: &mut Loop) {
         // Written in place and not closed yet: a prefix that may parse is not judged (its
         // writer's close is an event of its own), for at most WRITE_WAIT.
-        if let (true, Some(first)) = (lp.config_writing.0, lp.first_touch) {
-            if first.elapsed() < WRITE_WAIT {
-                if !std::mem::replace(&mut lp.config_writing.1, true) {
+        if lp.writer.open && lp.first_touch.is_some() {
+            if lp.config_being_written() {
+                if !std::mem::replace(&mut lp.writer.said, true) {
                     log::info!(
                         "{} is open for writing: judged once its writer closes it (at most {} s)",
                         self.plan.config.path.shown(),
@@ -66,7 +74,7 @@ impl Control {
                 WRITE_WAIT.as_secs()
             );
         }
-        lp.config_writing.1 = false;
+        lp.writer.said = false;
         lp.check_at = None;
         lp.first_touch = None;
         if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
@@ -77,6 +85,32 @@ impl Control {
                 lp.check_at = Some(Instant::now() + LOOK_AGAIN);
             }
         }
+    }
+
+    /// Every lane has ended for a restart (or did earlier, `lp.awaiting`): true while
+    /// config.toml is still being written in place, for at most [`WRITE_WAIT`] from its first
+    /// event. The exec then reads it once its writer has closed it (the plan validated when the
+    /// restart was asked for may be of a prefix). A stop asked meanwhile does not wait.
+    pub(super) fn await_config_writer(&mut self, lp: &mut Loop) -> bool {
+        let Phase::Draining { reason, .. } = lp.phase else {
+            return false;
+        };
+        if !lp.config_being_written() {
+            lp.writer.said_restart = false;
+            return false;
+        }
+        self.prepared = None;
+        if !std::mem::replace(&mut lp.writer.said_restart, true) {
+            log::info!(
+                "{reason}: {} is open for writing: the restart reads it once its writer closes it (at most {} s)",
+                self.plan.config.path.shown(),
+                WRITE_WAIT.as_secs()
+            );
+        }
+        // Looked at again after every event: the close is one, and the look at the files
+        // comes every DEBOUNCE until then.
+        lp.awaiting.get_or_insert_with(Instant::now);
+        true
     }
 
     /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
