@@ -166,6 +166,47 @@ fn a_state_dir_removed_under_the_worker_never_reads_as_not_running() {
     assert_eq!(sb.run(&["status"]).status.code(), Some(3));
 }
 
+/// The same for a worker its own user runs, without root: the record is kept in that user's
+/// `$XDG_RUNTIME_DIR` (as systemd's `/run/user/UID`), where only root's was kept before, and
+/// `status` said "not running" (3) of the worker, `start` started a second one beside it.
+#[test]
+fn a_state_dir_removed_under_a_users_own_worker_never_reads_as_not_running() {
+    let name = "a_state_dir_removed_under_a_users_own_worker_never_reads_as_not_running";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "root (to run the worker and the CLI as nobody)");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut sb = Sandbox::new("op-state-gone-user");
+    // A copy nobody may run wherever the checkout is (a CI clone's directory is 0700).
+    sb.own_binary();
+    let run = sb.path("run");
+    fs::create_dir(&run).unwrap();
+    fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+    let [uid, gid] = sb.give_to_nobody();
+    let xdg = format!("XDG_RUNTIME_DIR={}", run.display());
+    let user = ["setpriv", &uid, &gid, "--clear-groups", "env", &xdg];
+    let mut w = sb.start_under(&user, "true");
+    eventually(Duration::from_secs(20), "the worker to serve", || {
+        w.try_status().is_some()
+    });
+    let pid = w.pid();
+    fs::remove_dir_all(sb.path("state")).unwrap();
+    for cmd in [&["status"][..], &["reload"], &["start"]] {
+        let out = sb.run_under(&user, cmd);
+        let code = if cmd == ["start"] { 1 } else { 4 };
+        assert_eq!(out.status.code(), Some(code), "{cmd:?}: {}", text_of(&out));
+        assert!(
+            text(&out.stderr).contains(&format!("pid {pid}")),
+            "{cmd:?}: {}",
+            text_of(&out)
+        );
+    }
+    let out = sb.run_under(&user, &["stop", "--timeout", "10s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(sb.run_under(&user, &["status"]).status.code(), Some(3));
+}
+
 /// One meaning per exit code, for every command (the table is in README and every --help).
 #[test]
 fn exit_codes_have_one_meaning_each() {

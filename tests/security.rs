@@ -682,14 +682,7 @@ fn a_job_gets_none_of_the_workers_ambient_capabilities() {
         "caps",
         "#!/bin/sh\ngrep -E '^Cap(Prm|Eff|Amb)' /proc/self/status\n",
     );
-    let out = Command::new("chown")
-        .args(["-R", "nobody:"])
-        .arg(&sb.dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text_of(&out));
-    let n = nobody();
-    let (uid, gid) = (format!("--reuid={}", n.uid), format!("--regid={}", n.gid));
+    let [uid, gid] = sb.give_to_nobody();
     let as_service = [
         "setpriv",
         &uid,

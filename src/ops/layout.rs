@@ -187,8 +187,42 @@ fn refuse_foreign_worker_dir(w: &Dir, t: &Target) -> Result<()> {
 
 /// Where root records, per config file, the `state_dir` a worker started with: so `status`,
 /// `stop` and `reload` find the worker while the config cannot say (its syntax is broken).
-/// Only root writes here, and only root's CLI trusts it.
+/// Only root writes here, and only root's records are trusted by root's CLI.
 const RECORDS: &str = "/run/gearshift/state-dirs";
+
+/// Where a user without root keeps the same records of the workers it runs itself, below
+/// `$XDG_RUNTIME_DIR`, only where that directory is the user's and nobody else can write in
+/// it (as systemd's `/run/user/UID`); none elsewhere (a worker started by cron).
+fn user_records() -> Option<PathBuf> {
+    let euid = geteuid();
+    if euid.is_root() {
+        return None;
+    }
+    let base = PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR")?);
+    if !base.is_absolute() {
+        return None;
+    }
+    let dir = Dir::open(&base).ok()?;
+    (dir.trusted() && dir.owner().0 == euid).then(|| base.join("gearshift").join("state-dirs"))
+}
+
+/// The records this process reads, each with who must own it: a user's own first (its own
+/// workers), then root's (a worker root started, perhaps dropping to this user).
+fn record_dirs() -> Vec<(PathBuf, Uid)> {
+    let mut dirs: Vec<(PathBuf, Uid)> =
+        user_records().map(|d| (d, geteuid())).into_iter().collect();
+    dirs.push((PathBuf::from(RECORDS), Uid::from_raw(0)));
+    dirs
+}
+
+/// The first answer `read` gives from a trusted records directory ([`record_dirs`]).
+fn read_records<T>(read: impl Fn(&Dir) -> Option<T>) -> Option<T> {
+    record_dirs().into_iter().find_map(|(path, owner)| {
+        let dir = Dir::open(&path).ok()?;
+        (dir.trusted() && dir.owner().0 == owner).then_some(())?;
+        read(&dir)
+    })
+}
 
 /// The record's name for a config path: the first 32 hex digits of its sha256.
 fn record_name(config: &Path) -> String {
@@ -197,8 +231,9 @@ fn record_name(config: &Path) -> String {
     crate::text::hex(&digest[..16])
 }
 
-/// Records `state_dir` for `config` (both absolute), as root at a worker's fresh start.
-/// Best effort: without the record the CLI still finds a worker whose config parses.
+/// Records `state_dir` for `config` (both absolute), at a worker's fresh start (root's record,
+/// or a user's own, [`user_records`]). Best effort: without the record the CLI still finds a
+/// worker whose config parses.
 pub fn record_state_dir(config: &Path, state_dir: &Path) {
     write_record(
         &record_name(config),
@@ -206,8 +241,8 @@ pub fn record_state_dir(config: &Path, state_dir: &Path) {
     );
 }
 
-/// Records this process, by pid and start time, as the worker of `config` (absolute), as root
-/// once its fresh start holds the pidfile lock: a worker whose `state_dir` was removed under
+/// Records this process, by pid and start time, as the worker of `config` (absolute), once
+/// its fresh start holds the pidfile lock: a worker whose `state_dir` was removed under
 /// it (pidfile and status socket with it) is then still known to run (see
 /// [`recorded_worker`]). A file beside the `state_dir` record, which older CLIs do not read.
 pub fn record_worker(config: &Path) {
@@ -217,13 +252,15 @@ pub fn record_worker(config: &Path) {
     }
 }
 
-/// Writes record `name` (as root only; best effort: the records only help the CLI).
+/// Writes record `name` (root's, or a user's own; best effort: the records only help the CLI).
 fn write_record(name: &str, bytes: &[u8]) {
-    if !geteuid().is_root() {
-        return;
-    }
+    let (records, mode) = match user_records() {
+        Some(own) => (own, 0o700),
+        None if geteuid().is_root() => (PathBuf::from(RECORDS), 0o755),
+        None => return,
+    };
     let written = (|| -> Result<()> {
-        let dir = Dir::create(Path::new(RECORDS), 0o755)?;
+        let dir = Dir::create(&records, mode)?;
         let tmp = format!("{name}.{}.tmp", std::process::id());
         let _ = dir.remove(&tmp);
         let mut f = dir.create_new(&tmp, 0o644)?;
@@ -236,33 +273,30 @@ fn write_record(name: &str, bytes: &[u8]) {
     }
 }
 
-/// The worker root recorded for `config` ([`record_worker`]) if that very process still runs:
+/// The worker recorded for `config` ([`record_worker`]) if that very process still runs:
 /// its pid, when the process with that pid started when the record says (a pid reused since
 /// names a later start).
 pub fn recorded_worker(config: &Path) -> Option<i32> {
-    let dir = Dir::open(Path::new(RECORDS)).ok()?;
-    if !dir.trusted() || !dir.owner().0.is_root() {
-        return None;
-    }
-    let bytes = dir
-        .read_small(&format!("{}.pid", record_name(config)), 64)
-        .ok()??;
-    let text = String::from_utf8(bytes).ok()?;
-    let mut words = text.split_whitespace();
-    let pid: i32 = words.next()?.parse().ok().filter(|p| *p > 0)?;
-    let started: u64 = words.next()?.parse().ok()?;
-    let stat = crate::ops::procfs::Stat::of(Some(pid))?;
-    (stat.starttime == started && stat.state != 'Z').then_some(pid)
+    read_records(|dir| {
+        let bytes = dir
+            .read_small(&format!("{}.pid", record_name(config)), 64)
+            .ok()??;
+        let text = String::from_utf8(bytes).ok()?;
+        let mut words = text.split_whitespace();
+        let pid: i32 = words.next()?.parse().ok().filter(|p| *p > 0)?;
+        let started: u64 = words.next()?.parse().ok()?;
+        let stat = crate::ops::procfs::Stat::of(Some(pid))?;
+        (stat.starttime == started && stat.state != 'Z').then_some(pid)
+    })
 }
 
-/// The `state_dir` recorded for `config`, if root recorded one (and only root could have).
+/// The `state_dir` recorded for `config`, if root (or, for a user without root, that user)
+/// recorded one.
 pub fn recorded_state_dir(config: &Path) -> Option<PathBuf> {
-    let dir = Dir::open(Path::new(RECORDS)).ok()?;
-    if !dir.trusted() || !dir.owner().0.is_root() {
-        return None;
-    }
-    let bytes = dir.read_small(&record_name(config), 4096).ok()??;
-    // Bytes, as written: a path need not be UTF-8.
-    let path = PathBuf::from(std::ffi::OsString::from_vec(bytes));
-    Some(path).filter(|p| p.is_absolute())
+    read_records(|dir| {
+        let bytes = dir.read_small(&record_name(config), 4096).ok()??;
+        // Bytes, as written: a path need not be UTF-8.
+        let path = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+        Some(path).filter(|p| p.is_absolute())
+    })
 }

@@ -104,6 +104,19 @@ impl Sandbox {
         p
     }
 
+    /// Gives the whole sandbox to user nobody (`chown -R`); returns `setpriv`'s `--reuid` and
+    /// `--regid` arguments for running as it.
+    pub fn give_to_nobody(&self) -> [String; 2] {
+        let out = Command::new("chown")
+            .args(["-R", "nobody:"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text_of(&out));
+        let n = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        [format!("--reuid={}", n.uid), format!("--regid={}", n.gid)]
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("-c").arg(self.config()).args(args);
