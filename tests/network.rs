@@ -25,7 +25,10 @@ fn ip(args: &[&str]) -> bool {
 struct Host {
     ns: String,
     outside: String,
+    /// Inside the namespace.
     addr: String,
+    /// Our end of the link.
+    ours: String,
 }
 
 impl Host {
@@ -42,6 +45,7 @@ impl Host {
             ns: ns.clone(),
             outside: outside.clone(),
             addr: format!("198.18.{n}.2"),
+            ours: format!("198.18.{n}.1"),
         };
         let ok = ip(&[
             "link", "add", &outside, "type", "veth", "peer", "name", &inside,
@@ -149,4 +153,65 @@ fn a_half_open_connection_is_noticed_within_the_dead_peer_timeout() {
     assert_eq!(text(&out.stdout).trim(), "cba");
     let _ = gearmand.kill();
     let _ = gearmand.wait();
+}
+
+/// A ZeroMQ client whose host drops off the network (no FIN, no RST) kept its connection, one
+/// of `max_connections`, for good: enough such clients (a NAT's timeouts, hosts that died) and
+/// every new client was closed as soon as it connected. It is now closed within about
+/// `dead_peer_timeout`, as a Gearman server's connection is.
+#[test]
+fn a_zeromq_client_whose_host_is_gone_is_closed_within_the_dead_peer_timeout() {
+    let name = "network::a_zeromq_client_whose_host_is_gone_is_closed_within_the_dead_peer_timeout";
+    let Some(host) = Host::new() else {
+        skip(name, "cannot make network namespaces here (needs root)");
+        return;
+    };
+    let python = "/usr/bin/python3";
+    if !Command::new(python)
+        .args(["-c", "import zmq"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        skip(name, "needs python3-zmq (scripts/deps installs it)");
+        return;
+    }
+    let sb = Sandbox::new("zmq-dead-peer");
+    let endpoint = format!("tcp://{}:{}", host.ours, free_port());
+    std::fs::write(
+        sb.config(),
+        format!(
+            "[worker]\nconcurrency = 1\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nallow_root = true\n\n\
+             [source]\nkind = \"zeromq\"\nbind = [\"{endpoint}\"]\nallow_remote = true\n\
+             function = \"reverse\"\nreply = \"id\"\ndir = \"spool\"\nfsync = false\n\
+             dead_peer_timeout = \"4s\"\n"
+        ),
+    )
+    .unwrap();
+    let w = sb.start();
+    let peers = |s: &serde_json::Value| s["zeromq"]["peers"].as_u64().unwrap_or(0);
+    // A REQ client on the other host: one request answered, then quiet, connected.
+    let script = "import sys, time, zmq\ns = zmq.Context().socket(zmq.REQ)\n\
+                  s.connect(sys.argv[1])\ns.send(b'abc')\nprint(s.recv().decode(), flush=True)\n\
+                  time.sleep(120)\n";
+    let mut client = spawn(
+        host.command(python)
+            .args(["-c", script, &endpoint])
+            .stdout(Stdio::null()),
+    );
+    w.wait_for(Duration::from_secs(20), "the client answered", |s| {
+        s["zeromq"]["accepted"] == 1 && peers(s) == 1
+    });
+    host.link(false);
+    let down_at = Instant::now();
+    let s = w.wait_for(Duration::from_secs(30), "the gone client closed", |s| {
+        peers(s) == 0
+    });
+    let noticed = down_at.elapsed();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(
+        noticed < Duration::from_secs(12),
+        "closed after {noticed:?} (dead_peer_timeout 4s): {}",
+        s["zeromq"]
+    );
 }

@@ -130,6 +130,9 @@ pub struct ZeromqConfig {
     /// Clients connected at once at most; those over it are closed as soon as they are
     /// accepted. None: from the descriptor limit at start (`zeromq::peer_cap`).
     pub max_connections: Option<u64>,
+    /// A TCP client whose host stops answering (gone without a FIN) is closed within about
+    /// this (`source::detect_dead_peer`), so it never holds one of `max_connections` for good.
+    pub dead_peer_timeout: Duration,
 }
 
 /// Where a ZeroMQ source listens.

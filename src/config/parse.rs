@@ -122,6 +122,18 @@ pub(super) fn max_attempts(cx: &Cx<'_>, s: &RawSource) -> Result<u32> {
     Ok(attempts)
 }
 
+/// `[source] dead_peer_timeout` (gearman's servers, the zeromq source's clients): 2 s to 1 h.
+fn dead_peer_timeout(cx: &Cx<'_>, s: &RawSource) -> Result<Duration> {
+    let d = s.dead_peer_timeout.get_ref().0;
+    if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {
+        return Err(cx.located(
+            Some(s.dead_peer_timeout.span()),
+            "dead_peer_timeout must be between \"2s\" and \"1h\"",
+        ));
+    }
+    Ok(d)
+}
+
 /// `[source]` of `kind = "zeromq"`: endpoints (tcp:// host:port, ipc:// absolute path, each
 /// once), the function of single-frame messages, the reply, and the spool.
 fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
@@ -181,6 +193,7 @@ fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
             .as_ref()
             .map(|m| cx.in_range(m, "max_connections", 1, 1_000_000))
             .transpose()?,
+        dead_peer_timeout: dead_peer_timeout(cx, &s)?,
     }))
 }
 
@@ -288,6 +301,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         }
     }
     let max_attempts = max_attempts(cx, &s)?;
+    let dead_peer = dead_peer_timeout(cx, &s)?;
     let wants_tls = s.servers.get_ref().iter().any(|v| v.starts_with("tls://"));
     let tls = tls_files(
         cx,
@@ -307,16 +321,7 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         io_timeout: cx.network_wait(&s.io_timeout, "io_timeout")?,
         reconnect_max: cx.network_wait(&s.reconnect_max, "reconnect_max")?,
         tls,
-        dead_peer_timeout: {
-            let d = s.dead_peer_timeout.get_ref().0;
-            if !(Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) {
-                return Err(cx.located(
-                    Some(s.dead_peer_timeout.span()),
-                    "dead_peer_timeout must be between \"2s\" and \"1h\"",
-                ));
-            }
-            d
-        },
+        dead_peer_timeout: dead_peer,
         busy_poll: cx.busy_poll(&s.busy_poll)?,
         max_packet_bytes: match &s.max_packet_bytes {
             None => (worker.max_payload_bytes + 4096).max(1 << 20),

@@ -194,25 +194,11 @@ impl Conn {
         Conn::over(stream, magic, max, tls)
     }
 
-    /// Notices a peer that stopped answering within about `within`: keepalive probes after a
-    /// third of it idle, a ninth apart, and TCP_USER_TIMEOUT at two thirds, which on Linux
-    /// also ends unanswered keepalive probes (so an idle connection is given up after
-    /// 1/3 + 2/3 of `within`, one with data unacknowledged after 2/3). Without it a lane asleep
-    /// on a half-open connection (a host or link gone: no FIN, no RST) would wait for a NOOP
-    /// forever.
+    /// Notices a peer that stopped answering within about `within`
+    /// ([`crate::source::detect_dead_peer`]). Without it a lane asleep on a half-open
+    /// connection (a host or link gone: no FIN, no RST) would wait for a NOOP forever.
     pub fn detect_dead_peer(&self, within: Duration) -> io::Result<()> {
-        use nix::sys::socket::{setsockopt, sockopt};
-        let secs = within.as_secs().max(2);
-        let idle = u32::try_from(secs.div_ceil(3)).unwrap_or(u32::MAX);
-        let interval = u32::try_from((secs / 9).max(1)).unwrap_or(u32::MAX);
-        let ms = u32::try_from(within.as_millis() * 2 / 3).unwrap_or(u32::MAX);
-        let tcp = self.stream.tcp();
-        setsockopt(tcp, sockopt::KeepAlive, &true)?;
-        setsockopt(tcp, sockopt::TcpKeepIdle, &idle)?;
-        setsockopt(tcp, sockopt::TcpKeepInterval, &interval)?;
-        setsockopt(tcp, sockopt::TcpKeepCount, &3)?;
-        setsockopt(tcp, sockopt::TcpUserTimeout, &ms)?;
-        Ok(())
+        crate::source::detect_dead_peer(self.stream.tcp(), within)
     }
 
     /// After a non-blocking connect became writable: Ok if it succeeded.

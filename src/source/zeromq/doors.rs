@@ -30,6 +30,8 @@ impl Engine {
             let accepted = match self.doors.get(i) {
                 Some(Door::Tcp(d)) => d.accept().map(|(s, _)| {
                     let _ = s.set_nodelay(true);
+                    // A client whose host goes (no FIN) would hold its place for good.
+                    let _ = crate::source::detect_dead_peer(&s, self.dead_peer);
                     Stream::Tcp(s)
                 }),
                 Some(Door::Unix(d)) => d.accept().map(|(s, _)| Stream::Unix(s)),

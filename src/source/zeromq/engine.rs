@@ -69,6 +69,8 @@ pub(super) struct Engine {
     pub(super) next: u64,
     pub(super) limits: Limits,
     pub(super) max_peers: u64,
+    /// TCP clients are closed within about this once their host stops answering.
+    pub(super) dead_peer: Duration,
     /// Connections that hold bytes not decoded yet (a batch filled up first).
     pub(super) pending: Vec<u64>,
     /// Connections with answers queued since the last flush.
@@ -91,7 +93,12 @@ pub(super) struct Engine {
 
 impl Engine {
     /// Serves `listeners` (through duplicates, closed with the engine).
-    pub(super) fn new(listeners: &[Listener], limits: Limits, max_peers: u64) -> Result<Engine> {
+    pub(super) fn new(
+        listeners: &[Listener],
+        limits: Limits,
+        max_peers: u64,
+        dead_peer: Duration,
+    ) -> Result<Engine> {
         let wake = std::sync::Arc::new(crate::source::gearman::worker::eventfd()?);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| Error::io("creating an epoll instance", e.into()))?;
@@ -126,6 +133,7 @@ impl Engine {
             next: 0,
             limits,
             max_peers,
+            dead_peer,
             pending: Vec::new(),
             dirty: Vec::new(),
             handshakes: VecDeque::new(),

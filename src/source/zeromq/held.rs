@@ -141,7 +141,8 @@ mod tests {
             frames: 8,
             peers: zmtp::CLIENTS,
         };
-        (Engine::new(&[listener], limits, 16).expect("engine"), path)
+        let engine = Engine::new(&[listener], limits, 16, std::time::Duration::from_secs(15));
+        (engine.expect("engine"), path)
     }
 
     /// A DEALER connected to `path`, its handshake sent, non-blocking.

@@ -54,6 +54,8 @@ pub struct Rules {
     /// A function not served yet is taken if `jobs_dir` has a file for it (a deploy's restart
     /// is yet to come; `watch::offers`), or while a new binary is judged (it may bring it).
     pub jobs_dir: std::path::PathBuf,
+    /// `[source] dead_peer_timeout`: a TCP client whose host is gone is closed within about it.
+    pub dead_peer: Duration,
 }
 
 /// The running ingress thread.
@@ -80,7 +82,8 @@ impl Ingress {
             frames: MAX_FRAMES,
             peers: zmtp::CLIENTS,
         };
-        let mut engine = Engine::new(listeners, limits, stats.max_peers.load(Ordering::Relaxed))?;
+        let max_peers = stats.max_peers.load(Ordering::Relaxed);
+        let mut engine = Engine::new(listeners, limits, max_peers, rules.dead_peer)?;
         let wake = engine.waker();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -390,6 +393,7 @@ mod tests {
             busy_poll: Duration::ZERO,
             served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
             jobs_dir: std::path::PathBuf::from("/nonexistent"),
+            dead_peer: Duration::from_secs(15),
         }
     }
 

@@ -119,6 +119,7 @@ impl ZeromqSource {
             busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
             jobs_dir: self.jobs_dir.clone(),
+            dead_peer: self.cfg.dead_peer_timeout,
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
         // Answering TRUE, a job needs no file until the lanes fall behind (there is no id to
