@@ -174,9 +174,9 @@ fn a_config_written_in_place_slowly_is_judged_once_its_writer_closes_it() {
     assert_eq!(s["config_sha256"], sha256_hex(whole.as_bytes()), "{s}");
 }
 
-/// A HUP while config.toml is being written in place slowly, during a long job: the restart
-/// drains, and its exec reads the config once the writer has closed it, not the part written
-/// when the HUP came (a prefix that parses: the file without its `[source]`).
+/// A slow in-place write of config.toml that begins while a HUP's restart waits for a long
+/// job: the exec reads the config once the writer has closed it, not the part written when the
+/// job ended (a prefix that parses: the file without its `[source]`).
 #[test]
 fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() {
     use std::io::Write;
@@ -186,12 +186,14 @@ fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() 
     w.wait_for(Duration::from_secs(10), "the sleep job to run", |s| {
         s["in_flight"] == 1
     });
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(10), "the drain", |s| {
+        s["state"] == "draining"
+    });
     let whole = sb.config_text("# the whole file, written during a drain\n");
     let cut = whole.find("[source]").unwrap();
     let mut f = fs::File::create(sb.config()).unwrap();
     f.write_all(&whole.as_bytes()[..cut]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    w.signal(Signal::SIGHUP);
     // The job ends while the writer pauses.
     std::thread::sleep(Duration::from_millis(2000));
     f.write_all(&whole.as_bytes()[cut..]).unwrap();
@@ -214,6 +216,43 @@ fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() 
         "{}",
         w.log_text()
     );
+}
+
+/// A HUP while config.toml is being written in place and the part written does not parse yet:
+/// the reload waits for the writer's close and restarts onto the whole file, once, where it
+/// refused the half-written file and then restarted again for the change.
+#[test]
+fn a_hup_while_the_config_is_written_slowly_waits_for_its_close() {
+    use std::io::Write;
+    let sb = Sandbox::new("cfg-slow-hup");
+    let w = sb.start();
+    let whole = sb.config_text("# written while a HUP came\n");
+    let cut = whole.find("concurrency = ").unwrap() + "concurrency = ".len();
+    let mut f = fs::File::create(sb.config()).unwrap();
+    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(1500));
+    f.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(f);
+    w.wait_generation(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = w.status();
+    let log = w.log_text();
+    assert_eq!(
+        (
+            &s["generation"],
+            &s["config_sha256"],
+            &s["last_restart_reason"]
+        ),
+        (
+            &2.into(),
+            &sha256_hex(whole.as_bytes()).into(),
+            &"sighup".into()
+        ),
+        "one restart, the HUP's, onto the whole file:\n{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
 }
 
 /// A change waiting out `restart_splay` when a slow in-place write of the config begins: the

@@ -80,6 +80,8 @@ pub(super) struct Writer {
     pub(super) said: bool,
     /// The restart's wait for it was said.
     pub(super) said_restart: bool,
+    /// A SIGHUP came while it was being written: the restart is asked for once it is closed.
+    pub(super) hup: bool,
 }
 
 pub(super) struct Control {
@@ -313,6 +315,11 @@ impl Control {
                         "SIGHUP: restarting now; the pending restart ({pending}) is taken along"
                     );
                     self.set_pending(None);
+                }
+                if lp.config_being_written() && matches!(lp.phase, Phase::Running) {
+                    // Validated now, the part written so far would be refused or run.
+                    self.hup_awaits_writer(lp);
+                    return;
                 }
                 self.request_restart(&mut lp.phase, RestartReason::Sighup);
             }

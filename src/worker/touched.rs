@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::control::{Control, Loop, Phase, DEBOUNCE, POLL_FALLBACK};
+use crate::kinds::RestartReason;
 use crate::text::ShowPath;
 use crate::watch::Touched;
 
@@ -77,6 +78,10 @@ impl Control {
         lp.writer.said = false;
         lp.check_at = None;
         lp.first_touch = None;
+        if std::mem::take(&mut lp.writer.hup) {
+            // The operator's reload, with whatever the file now holds (never splayed).
+            self.request_restart(&mut lp.phase, RestartReason::Sighup);
+        }
         if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
             if let Some(reason) = self.changed_on_disk() {
                 self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
@@ -111,6 +116,18 @@ impl Control {
         // comes every DEBOUNCE until then.
         lp.awaiting.get_or_insert_with(Instant::now);
         true
+    }
+
+    /// A SIGHUP while config.toml is being written: the reload is asked for at the look after
+    /// its writer's close (or [`WRITE_WAIT`]), which reads the whole file.
+    pub(super) fn hup_awaits_writer(&mut self, lp: &mut Loop) {
+        if !std::mem::replace(&mut lp.writer.hup, true) {
+            log::info!(
+                "SIGHUP: {} is open for writing: the reload waits for its writer to close it (at most {} s)",
+                self.plan.config.path.shown(),
+                WRITE_WAIT.as_secs()
+            );
+        }
     }
 
     /// The file watch failed: poll the files every [`POLL_FALLBACK`] and the queue every second
