@@ -215,13 +215,15 @@ fn record_dirs() -> Vec<(PathBuf, Uid)> {
     dirs
 }
 
-/// The first answer `read` gives from a trusted records directory ([`record_dirs`]).
-fn read_records<T>(read: impl Fn(&Dir) -> Option<T>) -> Option<T> {
-    record_dirs().into_iter().find_map(|(path, owner)| {
-        let dir = Dir::open(&path).ok()?;
-        (dir.trusted() && dir.owner().0 == owner).then_some(())?;
-        read(&dir)
-    })
+/// The records directories this process trusts ([`record_dirs`]), in that order.
+fn trusted_record_dirs() -> Vec<Dir> {
+    record_dirs()
+        .into_iter()
+        .filter_map(|(path, owner)| {
+            let dir = Dir::open(&path).ok()?;
+            (dir.trusted() && dir.owner().0 == owner).then_some(dir)
+        })
+        .collect()
 }
 
 /// The record's name for a config path: the first 32 hex digits of its sha256.
@@ -277,26 +279,91 @@ fn write_record(name: &str, bytes: &[u8]) {
 /// its pid, when the process with that pid started when the record says (a pid reused since
 /// names a later start).
 pub fn recorded_worker(config: &Path) -> Option<i32> {
-    read_records(|dir| {
-        let bytes = dir
-            .read_small(&format!("{}.pid", record_name(config)), 64)
-            .ok()??;
-        let text = String::from_utf8(bytes).ok()?;
-        let mut words = text.split_whitespace();
-        let pid: i32 = words.next()?.parse().ok().filter(|p| *p > 0)?;
-        let started: u64 = words.next()?.parse().ok()?;
-        let stat = crate::ops::procfs::Stat::of(Some(pid))?;
-        (stat.starttime == started && stat.state != 'Z').then_some(pid)
-    })
+    trusted_record_dirs()
+        .iter()
+        .find_map(|d| live_worker(d, config))
+}
+
+/// The worker `dir` records for `config`, if that very process still runs.
+fn live_worker(dir: &Dir, config: &Path) -> Option<i32> {
+    let bytes = dir
+        .read_small(&format!("{}.pid", record_name(config)), 64)
+        .ok()??;
+    let text = String::from_utf8(bytes).ok()?;
+    let mut words = text.split_whitespace();
+    let pid: i32 = words.next()?.parse().ok().filter(|p| *p > 0)?;
+    let started: u64 = words.next()?.parse().ok()?;
+    let stat = crate::ops::procfs::Stat::of(Some(pid))?;
+    (stat.starttime == started && stat.state != 'Z').then_some(pid)
 }
 
 /// The `state_dir` recorded for `config`, if root (or, for a user without root, that user)
 /// recorded one.
 pub fn recorded_state_dir(config: &Path) -> Option<PathBuf> {
-    read_records(|dir| {
+    state_dir_in(&trusted_record_dirs(), config)
+}
+
+/// The `state_dir` `dirs` record for `config`: that of a worker still running first (a user's
+/// own record may be of an earlier run, and root's of a worker root started since, or the
+/// other way round), else the first recorded.
+fn state_dir_in(dirs: &[Dir], config: &Path) -> Option<PathBuf> {
+    let state_dir = |dir: &Dir| {
         let bytes = dir.read_small(&record_name(config), 4096).ok()??;
         // Bytes, as written: a path need not be UTF-8.
         let path = PathBuf::from(std::ffi::OsString::from_vec(bytes));
         Some(path).filter(|p| p.is_absolute())
-    })
+    };
+    dirs.iter()
+        .filter(|d| live_worker(d, config).is_some())
+        .find_map(state_dir)
+        .or_else(|| dirs.iter().find_map(state_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two records of one config (a user's own of an earlier run, then root's of the worker
+    /// running now): the running worker's `state_dir` is the answer, whichever comes first;
+    /// with no worker running, the first recorded.
+    #[test]
+    fn the_record_of_a_running_worker_wins() {
+        let base = crate::testutil::tempdir("layout", "records");
+        let config = Path::new("/etc/gs/config.toml");
+        let name = record_name(config);
+        let write = |sub: &str, state: &str, pid: Option<(u32, u64)>| {
+            let d = base.join(sub);
+            std::fs::create_dir_all(&d).expect("dir");
+            std::fs::write(d.join(&name), state).expect("record");
+            if let Some((pid, started)) = pid {
+                std::fs::write(d.join(format!("{name}.pid")), format!("{pid} {started}\n"))
+                    .expect("worker record");
+            }
+            Dir::open(&d).expect("open")
+        };
+        let started = crate::ops::procfs::Stat::of(None).expect("stat").starttime;
+        let stale = write(
+            "old",
+            "/srv/old-state",
+            Some((std::process::id(), started + 1)),
+        );
+        let live = write("new", "/srv/state", Some((std::process::id(), started)));
+        let dirs = [stale, live];
+        assert_eq!(
+            state_dir_in(&dirs, config),
+            Some(PathBuf::from("/srv/state"))
+        );
+        assert_eq!(
+            live_worker(&dirs[1], config),
+            Some(std::process::id() as i32)
+        );
+        assert_eq!(live_worker(&dirs[0], config), None, "a pid started later");
+        let first = write("none", "/srv/first", None);
+        let second = write("none2", "/srv/second", None);
+        assert_eq!(
+            state_dir_in(&[first, second], config),
+            Some(PathBuf::from("/srv/first"))
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }
