@@ -144,6 +144,35 @@ fn a_config_directory_replaced_whole_is_watched_anew() {
     assert_eq!(s["last_restart_reason"], "config changed");
 }
 
+/// config.toml written in place in two parts, as a slow copy or a paste does: `whole` up to
+/// `cut` now, the rest (and the close) at [`SlowWrite::finish`].
+struct SlowWrite {
+    file: fs::File,
+    rest: Vec<u8>,
+}
+
+impl SlowWrite {
+    fn begin(sb: &Sandbox, whole: &str, cut: usize) -> SlowWrite {
+        use std::io::Write;
+        let mut file = fs::File::create(sb.config()).unwrap();
+        file.write_all(&whole.as_bytes()[..cut]).unwrap();
+        SlowWrite {
+            file,
+            rest: whole.as_bytes()[cut..].to_vec(),
+        }
+    }
+
+    fn finish(mut self) {
+        use std::io::Write;
+        self.file.write_all(&self.rest).unwrap();
+    }
+}
+
+/// Where a config's text is cut right after `key = `: a prefix that does not parse.
+fn after(whole: &str, key: &str) -> usize {
+    whole.find(key).unwrap() + key.len()
+}
+
 /// A config written in place slowly (a transfer tool writing over the file, a person pasting
 /// into `cat > config.toml`): a prefix that is a valid config on its own (here: without
 /// `[source]`, so a spool on its defaults) was restarted onto, once the writer paused longer
@@ -151,16 +180,12 @@ fn a_config_directory_replaced_whole_is_watched_anew() {
 /// its writer closes it.
 #[test]
 fn a_config_written_in_place_slowly_is_judged_once_its_writer_closes_it() {
-    use std::io::Write;
     let sb = Sandbox::new("cfg-slow-write");
     let w = sb.start();
     let whole = sb.config_text("# the whole file\n");
-    let cut = whole.find("[source]").unwrap();
-    let mut f = fs::File::create(sb.config()).unwrap();
-    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    let write = SlowWrite::begin(&sb, &whole, whole.find("[source]").unwrap());
     std::thread::sleep(Duration::from_millis(1500));
-    f.write_all(&whole.as_bytes()[cut..]).unwrap();
-    drop(f);
+    write.finish();
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "config changed");
     std::thread::sleep(Duration::from_millis(1500));
@@ -179,7 +204,6 @@ fn a_config_written_in_place_slowly_is_judged_once_its_writer_closes_it() {
 /// job ended (a prefix that parses: the file without its `[source]`).
 #[test]
 fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() {
-    use std::io::Write;
     let sb = Sandbox::new("cfg-slow-drain");
     let w = sb.start();
     let long = sb.submit("sleep", "1000");
@@ -191,13 +215,10 @@ fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() 
         s["state"] == "draining"
     });
     let whole = sb.config_text("# the whole file, written during a drain\n");
-    let cut = whole.find("[source]").unwrap();
-    let mut f = fs::File::create(sb.config()).unwrap();
-    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    let write = SlowWrite::begin(&sb, &whole, whole.find("[source]").unwrap());
     // The job ends while the writer pauses.
     std::thread::sleep(Duration::from_millis(2000));
-    f.write_all(&whole.as_bytes()[cut..]).unwrap();
-    drop(f);
+    write.finish();
     let s = w.wait_generation(2);
     assert_eq!(s["last_restart_reason"], "sighup");
     std::thread::sleep(Duration::from_millis(1500));
@@ -223,18 +244,14 @@ fn a_restart_draining_while_the_config_is_written_slowly_reads_it_once_closed() 
 /// refused the half-written file and then restarted again for the change.
 #[test]
 fn a_hup_while_the_config_is_written_slowly_waits_for_its_close() {
-    use std::io::Write;
     let sb = Sandbox::new("cfg-slow-hup");
     let w = sb.start();
     let whole = sb.config_text("# written while a HUP came\n");
-    let cut = whole.find("concurrency = ").unwrap() + "concurrency = ".len();
-    let mut f = fs::File::create(sb.config()).unwrap();
-    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    let write = SlowWrite::begin(&sb, &whole, after(&whole, "concurrency = "));
     std::thread::sleep(Duration::from_millis(300));
     w.signal(Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(1500));
-    f.write_all(&whole.as_bytes()[cut..]).unwrap();
-    drop(f);
+    write.finish();
     w.wait_generation(2);
     std::thread::sleep(Duration::from_millis(1500));
     let s = w.status();
@@ -260,7 +277,6 @@ fn a_hup_while_the_config_is_written_slowly_waits_for_its_close() {
 /// parse) is never judged and refused; the restart reads the whole.
 #[test]
 fn a_splayed_restart_waits_for_a_config_being_written() {
-    use std::io::Write;
     let sb = Sandbox::new("cfg-slow-splay");
     sb.write_worker_config("restart_splay = \"1s\"");
     let w = sb.start();
@@ -284,13 +300,10 @@ fn a_splayed_restart_waits_for_a_config_being_written() {
         generation = s["generation"].as_u64().unwrap();
     }
     let whole = text("# second edit, written slowly\n");
-    let cut = whole.find("concurrency = ").unwrap() + "concurrency = ".len();
-    let mut f = fs::File::create(sb.config()).unwrap();
-    f.write_all(&whole.as_bytes()[..cut]).unwrap();
+    let write = SlowWrite::begin(&sb, &whole, after(&whole, "concurrency = "));
     // The splay (at most 1 s) ends while the writer pauses.
     std::thread::sleep(Duration::from_millis(2000));
-    f.write_all(&whole.as_bytes()[cut..]).unwrap();
-    drop(f);
+    write.finish();
     w.wait_generation(generation + 1);
     std::thread::sleep(Duration::from_millis(1500));
     let s = w.status();
@@ -310,12 +323,10 @@ fn a_splayed_restart_waits_for_a_config_being_written() {
 /// for at most 10 s: then the file is judged as it is.
 #[test]
 fn a_config_held_open_for_writing_is_judged_after_a_bound() {
-    use std::io::Write;
     let sb = Sandbox::new("cfg-held-open");
     let w = sb.start();
     let whole = sb.config_text("# written, never closed\n");
-    let mut f = fs::File::create(sb.config()).unwrap();
-    f.write_all(whole.as_bytes()).unwrap();
+    let write = SlowWrite::begin(&sb, &whole, whole.len());
     let s = w.wait_generation(2);
     assert_eq!(s["config_sha256"], sha256_hex(whole.as_bytes()), "{s}");
     let log = w.log_text();
@@ -324,7 +335,7 @@ fn a_config_held_open_for_writing_is_judged_after_a_bound() {
             && log.contains("has been open for writing for 10 s: judged as it is"),
         "{log}"
     );
-    drop(f);
+    write.finish();
 }
 
 #[test]
