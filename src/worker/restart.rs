@@ -304,6 +304,8 @@ impl Control {
         // Every lane has ended: what the source holds is made durable before the exec, or
         // kept for the hand-over.
         self.source.settle(false);
+        next.ingress_counts = self.state.ingress.counts();
+        next.ingress_closed = self.state.ingress.closed_counts();
         let parts = self.hand_over(&mut next, &plan);
         if let Some(s) = self.status_server.as_mut() {
             s.stop();
@@ -387,8 +389,8 @@ impl Control {
             status_listen_fd: None,
             status_socket: None,
             listen_fds: Vec::new(),
-            ingress_counts: self.state.ingress.counts(),
-            ingress_closed: self.state.ingress.closed_counts(),
+            ingress_counts: [0; 3], // taken after the settle: the ingress answers until then
+            ingress_closed: [0; crate::kinds::CLOSE_REASONS],
         }
     }
 
