@@ -430,12 +430,17 @@ mod tests {
             std::thread::sleep(QueueCount::CHEAP * 2);
             stats(1)
         };
+        let began = std::time::Instant::now();
         assert_eq!(costly.get(slow).map(|q| q.depth), Some(1));
+        // The count took at least 20 ms, more on a loaded machine; measured from out here it
+        // took no less than the worker measured, and the reuse runs from the count's end.
+        let took = began.elapsed();
         std::thread::sleep(Duration::from_millis(5));
         let again = costly.get(|| stats(2)).unwrap();
         assert_eq!(again.depth, 1, "reused");
         assert!(again.oldest_age_us >= 6_000, "aged: {again:?}");
-        std::thread::sleep(QueueCount::CHEAP * 2 * QueueCount::REUSE);
+        let reuse_ends = took * (QueueCount::REUSE + 1) + Duration::from_millis(1);
+        std::thread::sleep(reuse_ends.saturating_sub(began.elapsed()));
         assert_eq!(
             costly.get(|| stats(3)).map(|q| q.depth),
             Some(3),
