@@ -6,7 +6,9 @@ requests in all, as fast as the answers come, to one server; the rate is message
 second. Servers: gearshift's zeromq source with fsync on (every answer means the job is durable:
 journal, one sync per batch) and off; the PHP daemons' REP loop (php-zmq; recv, send 'TRUE',
 stores nothing); the same loop appending and fsyncing each message before it answers.
-Last, the restart pause of an idle worker on a zeromq source (HUP -> its lanes serving, as the
+Then error answers: eight clients naming a function no one serves, with JOB_FILES executables of
+other names in `jobs_dir` (each such name is looked up there), against the same clients naming
+no function at all (refused before any lookup). Last, the restart pause of an idle worker on a zeromq source (HUP -> its lanes serving, as the
 worker reports it in `status`). A second table says where each server's CPU went: per message, in all and by thread (from
 /proc/PID/task: a thread's name as the kernel has it), with the context switches, the clients'
 own CPU per message (timed in their loops) and how busy the whole machine was meanwhile; then
@@ -36,16 +38,18 @@ GEARSHIFT, PHP_LOOP = sys.argv[1:3]
 MESSAGES = int(os.environ.get("MESSAGES", "20000"))
 # HUPs of an idle worker for its restart pause.
 RESTARTS = int(os.environ.get("RESTARTS", "20"))
+# Executables in `jobs_dir` for the rejection row (0: skip it).
+JOB_FILES = int(os.environ.get("JOB_FILES", "300"))
 
 
-def client(endpoint, n, start, spent):
+def client(endpoint, n, start, spent, function=b"echo"):
     ctx = zmq.Context()
     s = ctx.socket(zmq.REQ)
     s.connect(endpoint)
     start.wait()
     cpu = time.process_time()
     for i in range(n):
-        s.send_multipart([b"echo", b"ticket,login,%d" % i])
+        s.send_multipart([function, b"ticket,login,%d" % i])
         s.recv()
     with spent.get_lock():
         spent.value += time.process_time() - cpu
@@ -59,12 +63,12 @@ def machine():
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
 
 
-def drive(endpoint, clients):
+def drive(endpoint, clients, function=b"echo"):
     """(messages answered per second, the clients' CPU seconds in their loops, the share of
     the machine's CPU time busy meanwhile)."""
     start, spent = multiprocessing.Event(), multiprocessing.Value("d", 0.0)
     per = MESSAGES // clients
-    procs = [multiprocessing.Process(target=client, args=(endpoint, per, start, spent)) for _ in range(clients)]
+    procs = [multiprocessing.Process(target=client, args=(endpoint, per, start, spent, function)) for _ in range(clients)]
     for p in procs:
         p.start()
     time.sleep(0.5)
@@ -119,11 +123,19 @@ def wait_port(port):
     raise SystemExit(f"nothing listens on {port}")
 
 
-def worker(fsync, workdir):
-    """A gearshift worker on a zeromq source in a scratch directory: (process, config, port)."""
+def worker(fsync, workdir, job_files=0):
+    """A gearshift worker on a zeromq source in a scratch directory, `job_files` executables
+    in its `jobs_dir`: (process, config, port)."""
     port = free_port()
     d = tempfile.mkdtemp(dir=workdir)
     os.makedirs(os.path.join(d, "jobs"))
+    for i in range(job_files):
+        path = os.path.join(d, "jobs", f"task{i}.sh")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\ncat\n")
+        os.chmod(path, 0o755)
+    # Old enough that the worker may keep its listing of `jobs_dir` (watch::Offers).
+    time.sleep(1.1 if job_files else 0)
     cfg = os.path.join(d, "config.toml")
     with open(cfg, "w") as f:
         f.write(
@@ -143,6 +155,23 @@ def gearshift(clients, fsync, workdir):
         rate, per, own, busy = measured(p.pid, f"tcp://127.0.0.1:{port}", clients)
         CPU.append((clients, f"gearshift, fsync {'on' if fsync else 'off'}", per, own, busy, rate))
         return rate
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+
+
+def rejections(workdir, clients=8):
+    """Messages the worker answers with an error, from `clients` REQ clients: naming a function
+    no one serves, with JOB_FILES executables of other names in `jobs_dir` (each such name is
+    looked up there: a deploy's new file may serve it), against naming no function at all (a
+    name that is none, refused before any lookup). (unknown/s, no name/s)."""
+    p, _, port = worker(False, workdir, JOB_FILES)
+    try:
+        time.sleep(0.3)
+        endpoint = f"tcp://127.0.0.1:{port}"
+        unknown = drive(endpoint, clients, b"nobody_serves_this")[0]
+        malformed = drive(endpoint, clients, b"no name")[0]
+        return unknown, malformed
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -258,6 +287,10 @@ def table(workdir):
         top = min(by_time, by_cpu)
         print(f"- {clients} client(s): time {by_time:,.0f}/s, CPU {by_cpu:,.0f}/s: at most {top / plain[clients]:.2f}x the PHP loop; "
               f"gearshift did {rate / top:.0%} of it, with the machine {busy:.0%} busy")
+    if JOB_FILES:
+        unknown, malformed = rejections(workdir)
+        print(f"\nError answers, 8 clients, fsync off: a function no one serves, {JOB_FILES} executables of other names in `jobs_dir`: "
+              f"{unknown:,.0f}/s; a name that is none (refused before any lookup): {malformed:,.0f}/s; **{unknown / malformed:.2f}x**")
     if RESTARTS == 0:
         return
     p50, worst = idle_restarts(workdir)

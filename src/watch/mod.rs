@@ -10,6 +10,9 @@
 //! read by one thread; see [`crate::watch::inotify`] for why that instance outlives the generation.
 
 pub mod inotify;
+mod offers;
+
+pub use offers::{offers, Offers};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -432,31 +435,6 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
     })
 }
 
-/// The file in `dir` that would serve `function` once a generation scans it (a regular,
-/// executable file of that name, links followed), if there is one: a job for a function the
-/// running generation lacks waits for the restart a deploy's new file brings, rather than fail.
-/// Only names are listed, no content read; the first match ends the listing.
-pub fn offers(dir: &Path, function: &str) -> Option<PathBuf> {
-    crate::config::check_function_name(function).ok()?;
-    fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find_map(|e| {
-            let file = e.file_name();
-            let file = file.to_str()?;
-            let stem = Path::new(file).file_stem()?.to_str()?;
-            if stem != function
-                || file.starts_with('.')
-                || file.ends_with('~')
-                || file.ends_with(".swp")
-            {
-                return None;
-            }
-            let meta = fs::metadata(e.path()).ok()?;
-            (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then(|| e.path())
-        })
-}
-
 /// Said of a link in `jobs_dir` whose target is gone (a versioned directory removed): its
 /// function would vanish without a word. None: `path` is no link.
 fn link_to_nothing(path: &Path, e: &std::io::Error) -> Option<String> {
@@ -486,35 +464,6 @@ pub struct Jobs {
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
-
-    #[test]
-    fn offers_names_only_an_executable_file_of_that_function() {
-        let dir = crate::testutil::tempdir("offers", "jobs");
-        let put = |name: &str, mode: u32| {
-            fs::write(dir.join(name), "#!/bin/sh\n").expect("write");
-            fs::set_permissions(dir.join(name), fs::Permissions::from_mode(mode)).expect("chmod");
-        };
-        put("mail.sh", 0o755);
-        put("notes", 0o644);
-        put(".hidden", 0o755);
-        fs::create_dir(dir.join("sub")).expect("dir");
-        std::os::unix::fs::symlink("mail.sh", dir.join("alias")).expect("link");
-        assert_eq!(offers(&dir, "mail"), Some(dir.join("mail.sh")));
-        assert_eq!(offers(&dir, "alias"), Some(dir.join("alias")));
-        for name in [
-            "notes",
-            "hidden",
-            ".hidden",
-            "sub",
-            "nope",
-            "../jobs/mail",
-            "",
-        ] {
-            assert_eq!(offers(&dir, name), None, "{name}");
-        }
-        assert_eq!(offers(&dir.join("missing"), "mail"), None);
-        let _ = fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn scan_finds_executables_and_notices_changes() {

@@ -52,8 +52,9 @@ pub struct Rules {
     /// The functions this worker serves (set by the lanes as they start).
     pub served: Arc<RwLock<Vec<String>>>,
     /// A function not served yet is taken if `jobs_dir` has a file for it (a deploy's restart
-    /// is yet to come; `watch::offers`), or while a new binary is judged (it may bring it).
-    pub jobs_dir: std::path::PathBuf,
+    /// is yet to come; `watch::Offers`: listed once per change of the directory, not once per
+    /// message), or while a new binary is judged (it may bring it).
+    pub jobs_dir: crate::watch::Offers,
     /// `[source] dead_peer_timeout`: a TCP client whose host is gone is closed within about it.
     pub dead_peer: Duration,
 }
@@ -261,7 +262,7 @@ fn job(body: Vec<Vec<u8>>, rules: &Rules) -> std::result::Result<(String, Vec<u8
         .map(|s| s.contains(&function))
         .unwrap_or(false)
         && !crate::jobs::functions::candidate_pending()
-        && crate::watch::offers(&rules.jobs_dir, &function).is_none()
+        && rules.jobs_dir.offers(&function).is_none()
     {
         return Err(format!("unknown function \"{}\"", shown()));
     }
@@ -392,7 +393,7 @@ mod tests {
             max_payload: 10,
             busy_poll: Duration::ZERO,
             served: Arc::new(RwLock::new(vec!["ingest".into(), "echo".into()])),
-            jobs_dir: std::path::PathBuf::from("/nonexistent"),
+            jobs_dir: crate::watch::Offers::new("/nonexistent".into()),
             dead_peer: Duration::from_secs(15),
         }
     }

@@ -118,7 +118,7 @@ impl ZeromqSource {
             max_payload: self.max_payload,
             busy_poll: self.cfg.busy_poll,
             served: Arc::clone(&self.served),
-            jobs_dir: self.jobs_dir.clone(),
+            jobs_dir: crate::watch::Offers::new(self.jobs_dir.clone()),
             dead_peer: self.cfg.dead_peer_timeout,
         };
         let spool = Spool::from_config(&self.cfg.spool)?;
