@@ -376,9 +376,9 @@ impl Table {
     /// has a file for it now (a deploy added it, and the restart that serves it is yet to come:
     /// the change is debounced, judged, perhaps splayed) or a new binary at the worker's path is
     /// being judged (it may register the function), for which it waits, as for a busy file.
-    pub fn unknown(&self, jobs_dir: &std::path::Path, function: &str) -> JobError {
+    pub fn unknown(&self, jobs_dir: &crate::watch::Offers, function: &str) -> JobError {
         let has = || self.names().join(", ");
-        match crate::watch::offers(jobs_dir, function) {
+        match jobs_dir.offers(function) {
             Some(file) => JobError::busy(format!(
                 "function \"{function}\" is not served by this generation (it has: {}), but jobs_dir has \"{}\" for it: the job waits for the restart that serves it",
                 has(),

@@ -12,7 +12,7 @@
 pub mod inotify;
 mod offers;
 
-pub use offers::{offers, Offers};
+pub use offers::Offers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;

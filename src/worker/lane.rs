@@ -43,8 +43,9 @@ pub(super) struct LaneContext {
     pub(super) limits: Arc<Limits>,
     pub(super) events: Sender<Event>,
     pub(super) health: Arc<Health>,
-    /// Where a function this generation lacks may have been added (see `Table::unknown`).
-    pub(super) jobs_dir: std::path::PathBuf,
+    /// Where a function this generation lacks may have been added (see `Table::unknown`),
+    /// shared by the generation's lanes.
+    pub(super) jobs_dir: Arc<crate::watch::Offers>,
 }
 
 /// Storage and resource health, shared by the lanes of a generation.

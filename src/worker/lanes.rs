@@ -33,6 +33,9 @@ impl Control {
             .iter()
             .map(|(name, (_, timeout))| (name.clone(), *timeout))
             .collect();
+        let jobs_dir = Arc::new(crate::watch::Offers::new(
+            self.plan.config.worker.jobs_dir.clone(),
+        ));
         for index in 0..self.plan.config.worker.concurrency {
             let lane = self.source.lane(index, &names)?;
             let ctx = LaneContext {
@@ -45,7 +48,7 @@ impl Control {
                 limits: Arc::clone(&self.limits),
                 events: self.events.clone(),
                 health: Arc::clone(&self.health),
-                jobs_dir: self.plan.config.worker.jobs_dir.clone(),
+                jobs_dir: Arc::clone(&jobs_dir),
             };
             let done = self.events.clone();
             // Signals blocked, as in every thread but this one: whenever lanes start (before
