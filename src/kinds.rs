@@ -158,7 +158,7 @@ pub struct Ingress {
 }
 
 /// How many [`CloseReason`]s there are.
-pub const CLOSE_REASONS: usize = 4;
+pub const CLOSE_REASONS: usize = 5;
 
 /// Why the ingress closed a client itself (a client that closes or vanishes is not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,9 @@ pub enum CloseReason {
     MaxConnections,
     /// It held the most while all clients together held more than their budget.
     MemoryBudget,
+    /// Its host stopped answering: the kernel gave up on the connection (keepalive probes or
+    /// unacknowledged data past `dead_peer_timeout`).
+    DeadPeer,
 }
 
 impl CloseReason {
@@ -180,6 +183,7 @@ impl CloseReason {
         CloseReason::HandshakeTimeout,
         CloseReason::MaxConnections,
         CloseReason::MemoryBudget,
+        CloseReason::DeadPeer,
     ];
 
     /// Its name in `status` and in the metrics' `reason` label.
@@ -189,6 +193,7 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::MaxConnections => "max_connections",
             CloseReason::MemoryBudget => "memory_budget",
+            CloseReason::DeadPeer => "dead_peer",
         }
     }
 }

@@ -214,4 +214,14 @@ fn a_zeromq_client_whose_host_is_gone_is_closed_within_the_dead_peer_timeout() {
         "closed after {noticed:?} (dead_peer_timeout 4s): {}",
         s["zeromq"]
     );
+    // Counted as the worker's own close, for an alert on its rate, and across a restart.
+    let counted = |s: &serde_json::Value| s["zeromq"]["closed"]["dead_peer"] == 1;
+    assert!(counted(&s), "not counted: {}", s["zeromq"]);
+    w.signal(nix::sys::signal::Signal::SIGHUP);
+    w.wait_generation(2);
+    let s = w.status();
+    assert!(counted(&s), "not carried: {}", s["zeromq"]);
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    let line = "gearshift_zeromq_closed_total{reason=\"dead_peer\"} 1";
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
 }

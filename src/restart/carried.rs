@@ -74,9 +74,35 @@ pub struct Inherited {
     /// A message-ingesting source's counters: accepted, rejected, batches.
     #[serde(default)]
     pub ingress_counts: [u64; 3],
-    /// The clients it closed, by reason (`kinds::CloseReason::ALL`'s order).
+    /// The clients it closed, for the first [`FIRST_CLOSE_REASONS`] reasons of
+    /// `kinds::CloseReason::ALL` (an image that knows no more reads exactly these)...
     #[serde(default)]
-    pub ingress_closed: [u64; crate::kinds::CLOSE_REASONS],
+    pub(crate) ingress_closed: [u64; FIRST_CLOSE_REASONS],
+    /// ...and for the reasons after them, in order (older images skip the field; a shorter
+    /// list, from an image that knew fewer, counts the rest from 0).
+    #[serde(default)]
+    pub(crate) ingress_closed_more: Vec<u64>,
+}
+
+/// The close reasons every image that counted them carries in `ingress_closed`: its length is
+/// fixed for them, so a reason added since goes in `ingress_closed_more`.
+const FIRST_CLOSE_REASONS: usize = 4;
+
+impl Inherited {
+    /// The clients the ingress closed, by reason (`kinds::CloseReason::ALL`'s order).
+    pub fn ingress_closed(&self) -> [u64; crate::kinds::CLOSE_REASONS] {
+        std::array::from_fn(|i| match i.checked_sub(FIRST_CLOSE_REASONS) {
+            None => self.ingress_closed.get(i).copied().unwrap_or(0),
+            Some(more) => self.ingress_closed_more.get(more).copied().unwrap_or(0),
+        })
+    }
+
+    /// Carries the clients the ingress closed, by reason (`kinds::CloseReason::ALL`'s order).
+    pub fn set_ingress_closed(&mut self, closed: [u64; crate::kinds::CLOSE_REASONS]) {
+        let (first, more) = closed.split_at(FIRST_CLOSE_REASONS.min(closed.len()));
+        self.ingress_closed = std::array::from_fn(|i| first.get(i).copied().unwrap_or(0));
+        self.ingress_closed_more = more.to_vec();
+    }
 }
 
 /// A carried descriptor number on the wire: -1 for none, as every earlier image wrote and reads
@@ -156,5 +182,31 @@ mod tests {
             (old.pidfile_fd, old.inotify_fd, old.source_fd),
             (Some(5), None, None)
         );
+    }
+
+    /// Images before `dead_peer` carried four close reasons in an array of four, and read
+    /// exactly that: what we write still reads so, and what they wrote reads as zero for it.
+    #[test]
+    fn close_reasons_cross_the_wire_as_older_images_read_them() {
+        let mut mine = Inherited::default();
+        let counts: [u64; crate::kinds::CLOSE_REASONS] = std::array::from_fn(|i| i as u64 + 1);
+        mine.set_ingress_closed(counts);
+        let json = serde_json::to_value(&mine).unwrap();
+        assert_eq!(json["ingress_closed"], serde_json::json!([1, 2, 3, 4]));
+        let back: Inherited = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.ingress_closed(), counts);
+        #[derive(serde::Deserialize)]
+        struct Older {
+            ingress_closed: [u64; 4],
+        }
+        let older: Older = serde_json::from_value(json).unwrap();
+        assert_eq!(older.ingress_closed, [1, 2, 3, 4]);
+        let theirs: Inherited = serde_json::from_str(
+            r#"{"generation":4,"started_at_ms":0,"restarted_at_ms":0,"reason":"sighup","completed":0,"failed":0,"restarts":0,"refusals":0,"last_refused":null,"requested_mono_us":0,"ingress_closed":[5,6,7,8]}"#,
+        )
+        .unwrap();
+        let mut want = [0; crate::kinds::CLOSE_REASONS];
+        want[..4].copy_from_slice(&[5, 6, 7, 8]);
+        assert_eq!(theirs.ingress_closed(), want);
     }
 }

@@ -88,6 +88,9 @@ pub struct ClosedDoc {
     pub handshake_timeout: u64,
     pub max_connections: u64,
     pub memory_budget: u64,
+    /// (A worker before it did not count these.)
+    #[serde(default)]
+    pub dead_peer: u64,
 }
 
 impl ClosedDoc {
@@ -97,6 +100,7 @@ impl ClosedDoc {
             handshake_timeout: n[1],
             max_connections: n[2],
             memory_budget: n[3],
+            dead_peer: n[4],
         }
     }
 
@@ -107,6 +111,7 @@ impl ClosedDoc {
             self.handshake_timeout,
             self.max_connections,
             self.memory_budget,
+            self.dead_peer,
         ]
     }
 }

@@ -305,7 +305,7 @@ impl Control {
         // kept for the hand-over.
         self.source.settle(false);
         next.ingress_counts = self.state.ingress.counts();
-        next.ingress_closed = self.state.ingress.closed_counts();
+        next.set_ingress_closed(self.state.ingress.closed_counts());
         let parts = self.hand_over(&mut next, &plan);
         if let Some(s) = self.status_server.as_mut() {
             s.stop();
@@ -390,7 +390,7 @@ impl Control {
             status_socket: None,
             listen_fds: Vec::new(),
             ingress_counts: [0; 3], // taken after the settle: the ingress answers until then
-            ingress_closed: [0; crate::kinds::CLOSE_REASONS],
+            ..Inherited::default()  // the clients closed: taken after the settle, as above
         }
     }
 

@@ -307,7 +307,7 @@ pub(super) fn open_source(
 )> {
     let views = crate::status::ServerViews::default();
     let ingress = Arc::new(crate::kinds::Ingress::default());
-    ingress.resume(inherited.ingress_counts, inherited.ingress_closed);
+    ingress.resume(inherited.ingress_counts, inherited.ingress_closed());
     let source = crate::source::open(
         &plan.config,
         crate::source::Opening {

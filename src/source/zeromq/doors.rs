@@ -94,6 +94,7 @@ impl Engine {
             out: Vec::new(),
             interest: EpollFlags::EPOLLIN,
             gone: false,
+            dead: false,
             dirty: false,
             held: 0,
             stream,

@@ -50,11 +50,22 @@ pub(super) struct Conn {
     pub(super) interest: EpollFlags,
     /// The socket said end-of-file or an error: closed once what it sent is taken.
     pub(super) gone: bool,
+    /// That error was the kernel giving up on the client's host (`ETIMEDOUT`: keepalive
+    /// probes or data unacknowledged past `dead_peer_timeout`): counted as closed by us.
+    pub(super) dead: bool,
     /// Listed in the engine's `dirty` (answers queued since the last flush).
     pub(super) dirty: bool,
     /// Bytes it holds (its message in progress, its buffers while they hold bytes), as last
     /// counted (`held.rs`).
     pub(super) held: usize,
+}
+
+impl Conn {
+    /// Its socket failed with `e`: it is gone.
+    fn fail(&mut self, e: &std::io::Error) {
+        self.gone = true;
+        self.dead |= e.raw_os_error() == Some(nix::libc::ETIMEDOUT);
+    }
 }
 
 /// A message and the connection it came on (answered there, if it is still connected).
@@ -382,14 +393,14 @@ impl Engine {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => c.gone = true,
+                Err(e) => c.fail(&e),
             }
         }
         if let Some(v) = failed {
             log::debug!("zeromq: a client closed: {v}");
             self.close_for(id, CloseReason::Protocol);
         } else if c.gone {
-            self.close(id);
+            self.close_gone(id);
         } else if !c.out.is_empty() {
             self.flush_one(id);
         }
@@ -410,15 +421,15 @@ impl Engine {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    c.gone = true;
+                Err(e) => {
+                    c.fail(&e);
                     break;
                 }
             }
         }
         if c.gone {
             // Its own messages taken already, or never to be answered: closed.
-            self.close(id);
+            self.close_gone(id);
             return;
         }
         let mut want = EpollFlags::empty();
@@ -443,6 +454,16 @@ impl Engine {
             self.count_closed(why);
         }
         closed
+    }
+
+    /// Closes connection `id`, whose socket ended: counted only if the kernel gave up on its
+    /// host (a client's own close is not ours).
+    fn close_gone(&mut self, id: u64) {
+        if self.conns.get(&id).is_some_and(|c| c.dead) {
+            self.close_for(id, CloseReason::DeadPeer);
+        } else {
+            self.close(id);
+        }
     }
 
     pub(super) fn count_closed(&mut self, why: CloseReason) {
