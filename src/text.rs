@@ -97,6 +97,18 @@ fn needs_escape(c: char) -> bool {
         || (0x2066..=0x2069).contains(&u)
 }
 
+/// The first `most` of `names`, comma-separated, and how many more there are: a list that
+/// goes into every such error (a job's stored result, a log line) stays short however many
+/// names there are.
+pub fn some_of(names: &[String], most: usize) -> String {
+    let shown = names.iter().take(most).map(String::as_str);
+    let mut out = shown.collect::<Vec<_>>().join(", ");
+    if names.len() > most {
+        out.push_str(&format!(" and {} more", names.len() - most));
+    }
+    out
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);

@@ -174,7 +174,7 @@ fn say_if_unserved(function: &str, (pidfile, socket): (&Path, &Path)) {
         eprintln!(
             "gearshift: warning: the running worker has no function \"{}\" (it has: {}): the job fails when it is claimed, unless a reload brings the function first",
             crate::text::escape(function),
-            crate::text::escape(&s.functions.join(", "))
+            crate::text::escape(&crate::text::some_of(&s.functions, 20))
         );
     }
 }

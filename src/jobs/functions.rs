@@ -377,7 +377,8 @@ impl Table {
     /// the change is debounced, judged, perhaps splayed) or a new binary at the worker's path is
     /// being judged (it may register the function), for which it waits, as for a busy file.
     pub fn unknown(&self, jobs_dir: &crate::watch::Offers, function: &str) -> JobError {
-        let has = || self.names().join(", ");
+        // Stored as the job's result and logged, for every such job: a few names.
+        let has = || crate::text::some_of(&self.names(), 8);
         match jobs_dir.offers(function) {
             Some(file) => JobError::busy(format!(
                 "function \"{function}\" is not served by this generation (it has: {}), but jobs_dir has \"{}\" for it: the job waits for the restart that serves it",
@@ -441,5 +442,40 @@ mod tests {
         let got = f.get("sleep").expect("builtin").call(&mut job);
         assert!(got.is_err());
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// The functions a worker has are named in an unknown function's error, which is stored
+    /// as the job's result and logged for every such job: a worker of thousands of functions
+    /// names a few and counts the rest.
+    #[test]
+    fn an_unknown_functions_error_names_a_bounded_few_of_the_rest() {
+        let mut table = Table::default();
+        for i in 0..3000 {
+            table.insert(
+                format!("resize_{i:04}"),
+                Runner::Executable(PathBuf::from("/bin/true")),
+                None,
+            );
+        }
+        let nowhere = crate::watch::Offers::new(PathBuf::from("/nonexistent"));
+        let e = table.unknown(&nowhere, "resize");
+        let start: String = e.message.chars().take(200).collect();
+        assert!(e.message.len() < 400, "{} bytes: {start}", e.message.len());
+        assert!(
+            e.message.contains("resize_0000, resize_0001"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("and 2992 more"), "{}", e.message);
+        let mut few = Table::default();
+        few.insert(
+            "echo".into(),
+            Runner::Executable(PathBuf::from("/bin/cat")),
+            None,
+        );
+        assert_eq!(
+            few.unknown(&nowhere, "ehco").message,
+            "unknown function \"ehco\" (this worker has: echo)"
+        );
     }
 }
