@@ -8,23 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The file in `dir` that would serve `function` once a generation scans it (a regular,
-/// executable file of that name, links followed), if there is one: a job for a function the
-/// running generation lacks waits for the restart a deploy's new file brings, rather than fail.
-/// Only names are listed, no content read; the first match ends the listing.
-fn offers(dir: &Path, function: &str) -> Option<PathBuf> {
-    crate::config::check_function_name(function).ok()?;
-    fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find_map(|e| {
-            let file = e.file_name();
-            let file = file.to_str()?;
-            (stem(file)? == function)
-                .then(|| e.path())
-                .filter(|p| serves(p))
-        })
-}
+use crate::text::ShowPath;
 
 /// The function a file of this name would serve, if it could serve one (editors' backups and
 /// swap files, and hidden files, never do).
@@ -40,10 +24,15 @@ fn serves(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// [`offers`] for names that come from outside, as many as a client cares to send (the ZeroMQ
-/// ingress asks for each message naming a function it does not serve, a lane for each job:
-/// from an AMQP publisher, a spool submitter). The directory's names
-/// are listed once per change of the directory, not once per name: a name no file has costs
+/// The file in `jobs_dir` that would serve a function once a generation scans it (a regular,
+/// executable file of that name, links followed), if there is one: a job for a function the
+/// running generation lacks waits for the restart a deploy's new file brings, rather than fail.
+/// Only names are listed, no content read.
+///
+/// Names come from outside, as many as a client cares to send (the ZeroMQ ingress asks for
+/// each message naming a function it does not serve, a lane for each such job: from an AMQP
+/// publisher, a spool submitter), so the directory's names are listed once per change of the
+/// directory, not once per name: a name no file has costs
 /// one `stat` of the directory, one a file has a `stat` of that file. Measured: with 300 files in
 /// `jobs_dir`, eight clients sending such names got 15.7k answers a second against 107k for an
 /// empty `jobs_dir`, one listing a message (docs/measurements.md, "The ZeroMQ source").
@@ -55,20 +44,25 @@ fn serves(path: &Path) -> bool {
 /// made between them must not be kept.
 pub struct Offers {
     dir: PathBuf,
-    kept: Mutex<Option<Kept>>,
+    kept: Mutex<Kept>,
+    /// [`Offers::MAX_NAMES`] (fewer in tests).
+    max_names: usize,
 }
 
+#[derive(Default)]
 struct Kept {
-    /// The directory's (device, inode, ctime s, ctime ns) when listed.
-    key: (u64, u64, i64, i64),
-    /// Functions, each with the names of the files that could serve it.
-    files: HashMap<String, Vec<String>>,
+    /// The directory's (device, inode, ctime s, ctime ns) when listed, if the listing may be
+    /// kept (None: the next name lists again).
+    key: Option<(u64, u64, i64, i64)>,
+    /// Functions, each with the names of the files that could serve it (None: the directory
+    /// could not be listed, or holds too many names).
+    files: Option<HashMap<String, Vec<String>>>,
     /// Listings made so far (tests).
     listings: u64,
 }
 
 impl Offers {
-    /// Past this many names in `jobs_dir`, none are kept (each name is looked up by a listing).
+    /// Past this many names in `jobs_dir`, none are kept, and no name is looked up there.
     const MAX_NAMES: usize = 100_000;
     /// How old the directory's last change must be for its listing to be kept.
     const SETTLED: Duration = Duration::from_secs(1);
@@ -76,57 +70,50 @@ impl Offers {
     pub fn new(dir: PathBuf) -> Offers {
         Offers {
             dir,
-            kept: Mutex::new(None),
+            kept: Mutex::new(Kept::default()),
+            max_names: Self::MAX_NAMES,
         }
     }
 
-    /// The file that would serve `function`, as [`offers`] finds it.
+    /// The file that would serve `function`.
     pub fn offers(&self, function: &str) -> Option<PathBuf> {
         crate::config::check_function_name(function).ok()?;
         let meta = fs::metadata(&self.dir).ok()?;
         let key = (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec());
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let listings = kept.as_ref().map_or(0, |k| k.listings);
-        if kept.as_ref().is_none_or(|k| k.key != key) {
-            *kept = None;
+        if kept.key != Some(key) {
             let changed = u64::try_from(key.2)
                 .ok()
                 .map(|s| UNIX_EPOCH + Duration::new(s, key.3.clamp(0, 999_999_999) as u32));
             let settled = changed
                 .and_then(|c| SystemTime::now().duration_since(c).ok())
                 .is_some_and(|age| age >= Self::SETTLED);
-            let files = self.list();
-            let listings = listings.saturating_add(1);
-            match files {
-                Some(files) if settled => {
-                    *kept = Some(Kept {
-                        key,
-                        files,
-                        listings,
-                    })
-                }
-                _ => {
-                    // Not kept: the next name lists again (counted all the same).
-                    *kept = Some(Kept {
-                        key: (0, 0, i64::MIN, i64::MIN),
-                        files: HashMap::new(),
-                        listings,
-                    });
-                    drop(kept);
-                    return offers(&self.dir, function);
-                }
+            let (files, too_many) = self.list();
+            if too_many && settled {
+                log::warn!(
+                    "\"{}\" holds over {} names: a job for a function this generation does not serve is not looked for there (one a deploy adds is served after its restart)",
+                    self.dir.shown(),
+                    self.max_names
+                );
             }
+            kept.listings = kept.listings.saturating_add(1);
+            kept.files = files;
+            kept.key = settled.then_some(key);
         }
-        let files = kept.as_ref()?.files.get(function)?;
+        let files = kept.files.as_ref()?.get(function)?;
         files.iter().map(|f| self.dir.join(f)).find(|p| serves(p))
     }
 
-    /// The directory's names by function; None if it cannot be listed or holds too many.
-    fn list(&self) -> Option<HashMap<String, Vec<String>>> {
+    /// The directory's names by function (None if it cannot be listed or holds more than
+    /// MAX_NAMES), and whether it holds too many.
+    fn list(&self) -> (Option<HashMap<String, Vec<String>>>, bool) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return (None, false);
+        };
         let mut files: HashMap<String, Vec<String>> = HashMap::new();
-        for (n, e) in fs::read_dir(&self.dir).ok()?.enumerate() {
-            if n >= Self::MAX_NAMES {
-                return None;
+        for (n, e) in entries.enumerate() {
+            if n >= self.max_names {
+                return (None, true);
             }
             let Ok(e) = e else { continue };
             let name = e.file_name();
@@ -138,16 +125,12 @@ impl Offers {
                     .push(name.to_string());
             }
         }
-        Some(files)
+        (Some(files), false)
     }
 
     #[cfg(test)]
     fn listings(&self) -> u64 {
-        self.kept
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, |k| k.listings)
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).listings
     }
 }
 
@@ -178,8 +161,6 @@ mod tests {
         let kept = Offers::new(dir.clone());
         // Listed for each name while the directory is new, then from the listing kept.
         for round in 0..2 {
-            assert_eq!(offers(&dir, "mail"), Some(dir.join("mail.sh")));
-            assert_eq!(offers(&dir, "alias"), Some(dir.join("alias")));
             assert_eq!(kept.offers("mail"), Some(dir.join("mail.sh")));
             assert_eq!(kept.offers("alias"), Some(dir.join("alias")));
             for name in [
@@ -192,7 +173,6 @@ mod tests {
                 "../jobs/mail",
                 "",
             ] {
-                assert_eq!(offers(&dir, name), None, "{name}");
                 assert_eq!(kept.offers(name), None, "{name}");
             }
             if round == 0 {
@@ -200,7 +180,6 @@ mod tests {
                 settle();
             }
         }
-        assert_eq!(offers(&dir.join("missing"), "mail"), None);
         assert_eq!(Offers::new(dir.join("missing")).offers("mail"), None);
         let _ = fs::remove_dir_all(&dir);
     }
@@ -251,6 +230,17 @@ mod tests {
         put(&dir, "copied.sh", 0o755);
         fs::File::open(&dir).unwrap().set_modified(before).unwrap();
         assert_eq!(kept.offers("copied"), Some(dir.join("copied.sh")));
+
+        // More names than are kept: none is looked for (no listing a name either).
+        settle();
+        let crowded = Offers {
+            max_names: 100,
+            ..Offers::new(dir.clone())
+        };
+        for _ in 0..10 {
+            assert_eq!(crowded.offers("job8"), None);
+        }
+        assert_eq!(crowded.listings(), 1);
         let _ = fs::remove_dir_all(&dir);
     }
 }
