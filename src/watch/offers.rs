@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::text::ShowPath;
 
@@ -57,8 +57,25 @@ struct Kept {
     /// Functions, each with the names of the files that could serve it (None: the directory
     /// could not be listed, or holds too many names).
     files: Option<HashMap<String, Vec<String>>>,
+    /// A key not yet kept, and when it was first seen (monotonic time: a listing is kept once
+    /// the directory has stayed unchanged that long, whatever its ctime says after a step of
+    /// the wall clock).
+    seen: Option<((u64, u64, i64, i64), Instant)>,
     /// Listings made so far (tests).
     listings: u64,
+}
+
+/// Whether a listing of a directory last changed at `ctime` (s, ns) may be kept: the change
+/// is [`Offers::SETTLED`] old by the wall clock, or the directory was seen unchanged for as
+/// long (`seen_for`; a ctime ahead of a clock stepped back is never old).
+fn settled((s, ns): (i64, i64), now: SystemTime, seen_for: Duration) -> bool {
+    let changed = u64::try_from(s)
+        .ok()
+        .map(|s| UNIX_EPOCH + Duration::new(s, ns.clamp(0, 999_999_999) as u32));
+    seen_for >= Offers::SETTLED
+        || changed
+            .and_then(|c| now.duration_since(c).ok())
+            .is_some_and(|age| age >= Offers::SETTLED)
 }
 
 impl Offers {
@@ -82,12 +99,12 @@ impl Offers {
         let key = (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec());
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         if kept.key != Some(key) {
-            let changed = u64::try_from(key.2)
-                .ok()
-                .map(|s| UNIX_EPOCH + Duration::new(s, key.3.clamp(0, 999_999_999) as u32));
-            let settled = changed
-                .and_then(|c| SystemTime::now().duration_since(c).ok())
-                .is_some_and(|age| age >= Self::SETTLED);
+            let now = Instant::now();
+            if kept.seen.is_none_or(|(k, _)| k != key) {
+                kept.seen = Some((key, now));
+            }
+            let seen_for = kept.seen.map_or(Duration::ZERO, |(_, at)| now - at);
+            let settled = settled((key.2, key.3), SystemTime::now(), seen_for);
             let (files, too_many) = self.list();
             if too_many && settled {
                 log::warn!(
@@ -182,6 +199,26 @@ mod tests {
         }
         assert_eq!(Offers::new(dir.join("missing")).offers("mail"), None);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_listing_is_kept_once_its_change_is_a_second_old_by_either_clock() {
+        let now = SystemTime::now();
+        let at = |t: SystemTime| {
+            let d = t.duration_since(UNIX_EPOCH).unwrap();
+            (d.as_secs() as i64, d.subsec_nanos() as i64)
+        };
+        let s = Duration::from_secs;
+        assert!(!settled(at(now), now, Duration::ZERO), "just changed");
+        assert!(
+            settled(at(now - s(2)), now, Duration::ZERO),
+            "old by the wall clock"
+        );
+        // The wall clock stepped back an hour: the ctime is ahead of it.
+        let ahead = at(now + s(3600));
+        assert!(!settled(ahead, now, Duration::from_millis(10)));
+        assert!(settled(ahead, now, s(1)), "seen unchanged for a second");
+        assert!(!settled((-5, 0), now, Duration::ZERO));
     }
 
     #[test]
