@@ -50,8 +50,9 @@ pub(super) struct Conn {
     pub(super) interest: EpollFlags,
     /// The socket said end-of-file or an error: closed once what it sent is taken.
     pub(super) gone: bool,
-    /// That error was the kernel giving up on the client's host (`ETIMEDOUT`: keepalive
-    /// probes or data unacknowledged past `dead_peer_timeout`): counted as closed by us.
+    /// That error was the kernel giving up on the client's host (keepalive probes or data
+    /// unacknowledged past `dead_peer_timeout`: `ETIMEDOUT`, or the ICMP error a router sent
+    /// meanwhile, which Linux reports instead): counted as closed by us.
     pub(super) dead: bool,
     /// Listed in the engine's `dirty` (answers queued since the last flush).
     pub(super) dirty: bool,
@@ -64,8 +65,19 @@ impl Conn {
     /// Its socket failed with `e`: it is gone.
     fn fail(&mut self, e: &std::io::Error) {
         self.gone = true;
-        self.dead |= e.raw_os_error() == Some(nix::libc::ETIMEDOUT);
+        self.dead |= host_gone(e);
     }
+}
+
+/// Whether a socket's error says its peer's host is gone: the kernel gave up on it after
+/// `dead_peer_timeout` (`ETIMEDOUT`, or, where a router answered the probes with an ICMP
+/// error, that error: Linux then reports the last one instead), not the client's own close.
+fn host_gone(e: &std::io::Error) -> bool {
+    use nix::libc::{EHOSTDOWN, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT};
+    matches!(
+        e.raw_os_error(),
+        Some(ETIMEDOUT | EHOSTUNREACH | ENETUNREACH | EHOSTDOWN)
+    )
 }
 
 /// A message and the connection it came on (answered there, if it is still connected).
@@ -484,5 +496,27 @@ impl Engine {
         self.held = self.held.saturating_sub(c.held);
         let _ = self.epoll.delete(c.stream.fd());
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::libc;
+    use std::io::Error;
+
+    #[test]
+    fn only_a_host_gone_counts_as_a_dead_peer() {
+        for gone in [
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::EHOSTDOWN,
+        ] {
+            assert!(super::host_gone(&Error::from_raw_os_error(gone)), "{gone}");
+        }
+        for own in [libc::ECONNRESET, libc::EPIPE, libc::ECONNABORTED] {
+            assert!(!super::host_gone(&Error::from_raw_os_error(own)), "{own}");
+        }
+        assert!(!super::host_gone(&Error::other("not the kernel's")));
     }
 }
