@@ -122,6 +122,14 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn some_of_a_list_names_the_first_and_counts_the_rest() {
+        let names: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
+        assert_eq!(some_of(&names[..3], 3), "f0, f1, f2");
+        assert_eq!(some_of(&names, 3), "f0, f1, f2 and 9 more");
+        assert_eq!(some_of(&[], 3), "");
+    }
     use std::os::unix::ffi::OsStrExt;
 
     #[test]

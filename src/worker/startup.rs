@@ -355,15 +355,26 @@ pub(super) fn log_start(plan: &Plan, generation: u64, reason: &str) {
             std::process::id(),
             plan.config.worker.concurrency,
             plan.config.source.kind(),
-            plan.table.names().join(", ")
+            functions(plan)
         );
     } else {
         log::info!(
             "generation {generation} serving ({}): {}",
             reason,
-            plan.table.names().join(", ")
+            functions(plan)
         );
     }
+}
+
+/// The functions served, for the start line: a few hundred at most (one line a log parser
+/// takes whole; `status` lists them all).
+fn functions(plan: &Plan) -> String {
+    let names = plan.table.names();
+    let mut shown = crate::text::some_of(&names, 50);
+    if names.len() > 50 {
+        shown.push_str(" (`gearshift status` lists them all)");
+    }
+    shown
 }
 
 /// The `/metrics` listening socket: the one handed over, or a new one. A reload that switches
