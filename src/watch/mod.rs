@@ -351,9 +351,9 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             ));
             continue;
         };
-        if file.starts_with('.') || file.ends_with('~') || file.ends_with(".swp") {
+        let Some(function) = offers::function_of(&file) else {
             continue;
-        }
+        };
         let path = entry.path();
         // Follow symlinks: a deploy may point jobs at a versioned directory.
         let meta = match fs::metadata(&path) {
@@ -413,11 +413,7 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             &path,
             &head[..n],
         ));
-        let name = Path::new(&file)
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or(&file)
-            .to_string();
+        let name = function.to_string();
         crate::config::check_function_name(&name)
             .map_err(|why| Error::Invalid(format!("{}: {why}", path.shown())))?;
         if let Some(other) = found.insert(name.clone(), path.clone()) {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::text::ShowPath;
 
-/// The function a file of this name would serve, if it could serve one (editors' backups and
-/// swap files, and hidden files, never do).
-fn stem(file: &str) -> Option<&str> {
+/// The function a file of this name in `jobs_dir` would serve, if it could serve one
+/// (editors' backups and swap files, and hidden files, never do): the scan's rule and ours.
+pub(super) fn function_of(file: &str) -> Option<&str> {
     if file.starts_with('.') || file.ends_with('~') || file.ends_with(".swp") {
         return None;
     }
@@ -135,7 +135,7 @@ impl Offers {
             let Ok(e) = e else { continue };
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(function) = stem(name) {
+            if let Some(function) = function_of(name) {
                 files
                     .entry(function.to_string())
                     .or_default()
