@@ -552,6 +552,32 @@ fn messages_say_what_is_wrong_and_where() {
             "max jobs = 2",
             ":6:5: expected `.`, `=` (TOML writes a key and its value as `key = value`, one to a line)",
         ),
+        // A value TOML cannot read: the parser said "invalid string; expected `\"`, `'`" for
+        // each of these, which names none of the mistakes.
+        (
+            "jobs_dir = jobs",
+            ":6:12: `jobs` is no TOML value: a string is written in quotes (\"jobs\"); numbers, true and false without",
+        ),
+        (
+            "max_jobs == 2",
+            ":6:11: one `=` between a key and its value (`key = value`)",
+        ),
+        (
+            "max_jobs =\nmax_age = \"1h\"",
+            ":6:11: a value is missing after `=`",
+        ),
+        (
+            "max_jobs = # later",
+            ":6:12: a value is missing after `=`",
+        ),
+        (
+            "jobs_dir = \"jobs",
+            ":6:17: the string's closing `\"` is missing (a string ends on its line; `\"\"\"` begins one over several lines)",
+        ),
+        (
+            "jobs_dir = 'jobs",
+            ":6:17: the string's closing `'` is missing (a string ends on its line; `'''` begins one over several lines)",
+        ),
     ];
     for (line, want) in cases {
         fs::write(

@@ -30,10 +30,16 @@ pub(super) fn explain_at(
         let ended = before.is_some_and(|b| b.trim_end().ends_with('='))
             && after.is_some_and(|a| a.trim().is_empty());
         return if ended {
-            "a value is missing after `=`: the file ends here (written only in part?)".to_string()
+            format!("{MISSING_VALUE}: the file ends here (written only in part?)")
         } else {
             "invalid TOML here".to_string()
         };
+    }
+    if let Some(said) = span
+        .as_ref()
+        .and_then(|s| unreadable_value(message, text.get(s.start..)?))
+    {
+        return said;
     }
     let explained = explain(message);
     if message.trim() != "expected `.`, `=`" {
@@ -47,6 +53,52 @@ pub(super) fn explain_at(
     } else {
         format!("{explained} (TOML writes a key and its value as `key = value`, one to a line)")
     }
+}
+
+const MISSING_VALUE: &str = "a value is missing after `=`";
+
+/// The toml crate's words for a value it cannot read ("invalid string; expected `\"`, `'`",
+/// whatever the mistake) told as the mistake: a bare word where a string goes, a second `=`,
+/// no value at all, a string not closed on its line. `rest`: the text from the error on.
+fn unreadable_value(message: &str, rest: &str) -> Option<String> {
+    let message = message.trim();
+    for (kind, quote) in [
+        ("invalid basic string", "\""),
+        ("invalid literal string", "'"),
+    ] {
+        if message == kind {
+            let three = quote.repeat(3);
+            return Some(format!(
+                "the string's closing `{quote}` is missing (a string ends on its line; `{three}` begins one over several lines)"
+            ));
+        }
+    }
+    if !message.starts_with("invalid string") {
+        return None;
+    }
+    let line = rest.split('\n').next().unwrap_or_default().trim();
+    if line.starts_with('=') {
+        return Some("one `=` between a key and its value (`key = value`)".to_string());
+    }
+    if line.is_empty() || line.starts_with('#') {
+        return Some(if rest.trim().is_empty() {
+            format!("{MISSING_VALUE}: the file ends here (written only in part?)")
+        } else {
+            MISSING_VALUE.to_string()
+        });
+    }
+    let word: String = line
+        .chars()
+        .take_while(|c| !c.is_whitespace() && !",]}#".contains(*c))
+        .take(60)
+        .collect();
+    if word.is_empty() {
+        return None;
+    }
+    let word = crate::text::escape(&word);
+    Some(format!(
+        "`{word}` is no TOML value: a string is written in quotes (\"{word}\"); numbers, true and false without"
+    ))
 }
 
 /// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
