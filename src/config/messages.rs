@@ -110,6 +110,12 @@ pub(super) fn explain(message: &str) -> String {
                 break;
             };
             let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            let table = (what == "key" && expected.contains(&"worker"))
+                .then(|| super::raw::table_of(got))
+                .flatten();
+            if let Some(table) = table {
+                return format!("unknown key \"{got}\": it belongs in a table, under [{table}]");
+            }
             return match closest(got, &expected) {
                 Some(best) => format!("unknown {what} \"{got}\" (did you mean \"{best}\"?)"),
                 None if expected.is_empty() => format!("unknown {what} \"{got}\""),
@@ -168,11 +174,27 @@ fn out_of_range(message: &str) -> Option<String> {
     })
 }
 
+/// The name `got` was meant to be: the one name it abbreviates (three letters or more, the
+/// first the same, the rest in order: `zmq` for `zeromq`, where the nearest spelling was
+/// `amqp`), else the nearest spelling within a third of the name.
 pub(super) fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    if got.chars().count() >= 3 {
+        let mut abbreviated = candidates.iter().filter(|c| abbreviates(got, c));
+        if let (Some(one), None) = (abbreviated.next(), abbreviated.next()) {
+            return Some(one);
+        }
+    }
     candidates
         .iter()
         .map(|c| (strsim::levenshtein(got, c), *c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
+}
+
+fn abbreviates(short: &str, long: &str) -> bool {
+    let mut rest = long.chars();
+    short.len() < long.len()
+        && short.chars().next() == long.chars().next()
+        && short.chars().all(|c| rest.any(|l| l == c))
 }

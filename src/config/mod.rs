@@ -515,6 +515,20 @@ mod tests {
                 "/etc/gs/config.toml:2:8: unknown value \"spoool\" (did you mean \"spool\"?)",
             ),
             ("[wrker]\n", "/etc/gs/config.toml:1:2: unknown key \"wrker\" (did you mean \"worker\"?)"),
+            // An abbreviation is a better guess than the nearest spelling ("zmq" was "amqp"?).
+            (
+                "[source]\nkind = \"zmq\"\n",
+                "/etc/gs/config.toml:2:8: unknown value \"zmq\" (did you mean \"zeromq\"?)",
+            ),
+            // A key written above every table is one of a table's keys: say which.
+            (
+                "concurrency = 2\n[worker]\n",
+                "/etc/gs/config.toml:1:1: unknown key \"concurrency\": it belongs in a table, under [worker]",
+            ),
+            (
+                "bind = [\"tcp://127.0.0.1:5555\"]\n",
+                "/etc/gs/config.toml:1:1: unknown key \"bind\": it belongs in a table, under [source]",
+            ),
             (
                 "[functions.sleep]\ntimeout = \"5 parsecs\"\n",
                 "/etc/gs/config.toml:2:11: unknown duration unit \"parsecs\" in \"5 parsecs\" (use us, ms, s, m, h or d)",
@@ -739,6 +753,14 @@ mod tests {
             Some("concurrency")
         );
         assert_eq!(closest("zzzzzz", &["concurrency", "jobs_dir"]), None);
+        assert_eq!(
+            closest("conc", &["concurrency", "jobs_dir"]),
+            Some("concurrency")
+        );
+        // Too short to be told an abbreviation of one name: none.
+        assert_eq!(closest("c", &["concurrency", "jobs_dir"]), None);
+        // An abbreviation of two names: the nearest spelling decides, as before.
+        assert_eq!(closest("max", &["max_jobs", "max_age"]), None);
     }
 
     #[test]

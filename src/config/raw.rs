@@ -39,6 +39,19 @@ pub(super) struct RawConfig {
     pub(super) metrics: RawMetrics,
 }
 
+/// The table `key` is a key of, if it is one of a table's (`[worker]`, `[source]`, `[log]`,
+/// `[metrics]`): a key written above every table is said where it goes.
+pub(super) fn table_of(key: &str) -> Option<&'static str> {
+    let quoted = toml::Value::String(key.to_string()).to_string();
+    ["worker", "source", "log", "metrics"]
+        .into_iter()
+        .find(|table| {
+            toml::from_str::<RawConfig>(&format!("[{table}]\n{quoted} = 0\n"))
+                .err()
+                .is_none_or(|e| !e.message().starts_with("unknown field"))
+        })
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawMetrics {
