@@ -1,5 +1,6 @@
-"""Helpers the benchmark scripts share."""
+"""Helpers the benchmark, fleet and soak scripts share."""
 import socket
+import struct
 
 
 def free_port():
@@ -31,3 +32,20 @@ def proc_stats(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return (ticks, *memory_kb(pid))
+
+
+def read_packet(sock):
+    """One Gearman packet from `sock`: (type, body)."""
+    head = read_exact(sock, 12)
+    kind, size = struct.unpack(">II", head[4:])
+    return kind, read_exact(sock, size)
+
+
+def read_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        buf += chunk
+    return buf

@@ -34,6 +34,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gsstatus  # noqa: E402
+from benchlib import read_packet  # noqa: E402
 
 PREFIX = "gsf"
 NET = "198.18.0"
@@ -51,22 +52,6 @@ WORK_EXCEPTION, WORK_DATA, WORK_WARNING, ERROR = 25, 28, 29, 19
 def packet(kind, *args):
     data = b"\0".join(args)
     return b"\0REQ" + struct.pack(">II", kind, len(data)) + data
-
-
-def read_packet(sock):
-    head = read_exact(sock, 12)
-    kind, size = struct.unpack(">II", head[4:])
-    return kind, read_exact(sock, size)
-
-
-def read_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed by the server")
-        buf += chunk
-    return buf
 
 
 def submit_once(server, unique, payload, timeout):

@@ -1,0 +1,468 @@
+#!/usr/bin/python3
+"""Chaos soak (driven by scripts/soak): a worker of each source kind under four clients of its
+own kind while a chaos thread, at random instants 0.1-1 s apart, sends HUPs (1-5 at once),
+rewrites config.toml (concurrency 1-4, and back from an invalid one), adds and removes job
+executables, deploys a new binary over the worker's path (and a broken one, refused), kills it
+with -9 and starts it again, stops and starts it. Then every job a client was told was taken
+must have its right result, the worker must answer `status`, and its log must hold no panic,
+no dead thread and no ERROR line.
+
+    soak.py BIN SECONDS SOURCE...      (SOURCE: spool, zeromq, gearman, amqp)
+
+Exit 0 when every source held; prints one summary line per source.
+"""
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from benchlib import free_port, read_packet  # noqa: E402
+
+BUILD = os.path.abspath(sys.argv[1])
+SECONDS = float(sys.argv[2])
+SOURCES = sys.argv[3:] or ["spool", "zeromq", "gearman", "amqp"]
+CLIENTS = 4
+FUNCS = ["reverse", "echo", "sha256", "upper"]
+
+
+LAST_SLEEP = [0.0]
+
+
+def expect(function, payload):
+    if function == "reverse":
+        return payload[::-1]
+    if function in ("echo", "sleep"):
+        return payload
+    if function == "sha256":
+        return hashlib.sha256(payload.encode()).hexdigest()
+    return payload.upper()
+
+
+def job(n, i):
+    """The next job of client `n`: an instant one with a unique payload, or (client 0, at most
+    every 2 s) a `sleep` of 0.1-2 s, its payload the milliseconds, so that restarts, stops and a
+    second TERM meet running jobs."""
+    if n == 0 and time.monotonic() - LAST_SLEEP[0] > 2:
+        LAST_SLEEP[0] = time.monotonic()
+        return "sleep", str(random.randint(100, 2000))
+    return random.choice(FUNCS), f"c{n}-m{i}-" + "x" * random.randint(0, 50)
+
+
+def alive(pid):
+    """Whether any thread of `pid` still runs: its leader shows as a zombie as soon as it has
+    ended, while the other threads still end (and hold the pidfile's lock), and its parent
+    (init, for a daemon) may reap it seconds later."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+class Soak:
+    def __init__(self, kind):
+        self.kind = kind
+        self.d = tempfile.mkdtemp(prefix=f"gs-soak-{kind}-")
+        os.makedirs(f"{self.d}/jobs")
+        os.makedirs(f"{self.d}/bin")
+        self.bin = f"{self.d}/bin/gearshift"
+        shutil.copy(BUILD, self.bin)
+        self.put_job("upper", "tr a-z A-Z")
+        self.cfg = f"{self.d}/config.toml"
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.taken = []  # (answer: job id or None, function, payload)
+        self.errors = []
+        self.stop = threading.Event()
+        self.actions = {}
+        self.problems = []
+        self.refused = 0
+        self.forced = []  # seconds from a second TERM to the worker gone
+        self.broken_config = False
+        self.broker = self.gearmand = None
+        if kind == "amqp":
+            import bench_amqp
+
+            self.broker = bench_amqp.Broker(self.d)
+            self.broker.ch.queue_declare("soak", durable=True)
+            self.answers, self.sent, self.duplicates = {}, {}, 0
+        if kind == "gearman":
+            self.start_gearmand()
+        self.write_config(2)
+
+    def put_job(self, name, body):
+        tmp = f"{self.d}/jobs/.{name}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"#!/bin/sh\n{body}\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, f"{self.d}/jobs/{name}.sh")
+
+    def write_config(self, concurrency, broken=False):
+        source = {
+            "spool": 'kind = "spool"\ndir = "spool"\nmax_attempts = 100\n',
+            "zeromq": f'kind = "zeromq"\nbind = ["tcp://127.0.0.1:{self.port}"]\nreply = "id"\n'
+            'dir = "spool"\nmax_attempts = 100\n',
+            "gearman": f'kind = "gearman"\nservers = ["127.0.0.1:{self.port}"]\nio_timeout = "2s"\n'
+            'reconnect_max = "1s"\nmax_attempts = 100\n',
+            "amqp": f'kind = "amqp"\nurl = "{self.broker.url() if self.broker else ""}"\nqueue = "soak"\n'
+            f'io_timeout = "2s"\nreconnect_max = "1s"\nmax_attempts = 100\nprefetch = {random.randint(1, 4)}\n',
+        }[self.kind]
+        text = (f'[worker]\nconcurrency = {concurrency}\njobs_dir = "jobs"\nstate_dir = "state"\n'
+                f'allow_root = true\nbuiltins = true\njob_timeout = "20m"\n\n[source]\n{source}')
+        if broken:
+            text = text.replace("concurrency = ", "concurrency == ", 1)
+        with open(self.cfg + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(self.cfg + ".tmp", self.cfg)
+
+    def start_gearmand(self):
+        self.gearmand = subprocess.Popen(
+            ["gearmand", "--listen=127.0.0.1", f"--port={self.port}", "--log-file=none", "--threads=2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def gs(self, *args, binary=None, timeout=60):
+        return subprocess.run([binary or BUILD, "-c", self.cfg, *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def pid(self):
+        try:
+            with open(f"{self.d}/state/gearshift.pid") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def deploy(self, good=True):
+        """A new binary over the worker's path (the build with bytes appended: another sha256,
+        the same program), or a broken one (its pre-flight fails, the worker refuses it)."""
+        tmp = f"{self.d}/bin/.gearshift.tmp"
+        if good:
+            shutil.copy(BUILD, tmp)
+            with open(tmp, "ab") as f:
+                f.write(os.urandom(16))
+        else:
+            with open(tmp, "w") as f:
+                f.write("#!/bin/sh\necho 'this build is broken' >&2\nexit 1\n")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, self.bin)
+        self.good_binary = good
+
+    def start(self):
+        if not getattr(self, "good_binary", True):
+            self.deploy(good=True)
+        r = self.gs("start", binary=self.bin)
+        if r.returncode != 0:
+            self.problems.append(f"start: exit {r.returncode}: {r.stderr.strip()[:300]}")
+
+    # Clients, one kind each.
+
+    def took(self, answer, function, payload):
+        with self.lock:
+            self.taken.append((answer, function, payload))
+
+    def client_spool(self, n):
+        i = 0
+        while not self.stop.is_set():
+            function, payload = job(n, i)
+            i += 1
+            r = self.gs("submit", function, payload)
+            if r.returncode == 0:
+                self.took(r.stdout.strip(), function, payload)
+            elif r.returncode == 6 and "config.toml:" in r.stderr and self.broken_config:
+                with self.lock:
+                    self.refused += 1  # the chaos's invalid config: the CLI cannot read it either
+            else:
+                with self.lock:
+                    self.errors.append((r.returncode, r.stderr.strip()[:200]))
+
+    def client_zeromq(self, n):
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock, i = None, 0
+        while not self.stop.is_set():
+            function, payload = job(n, i)
+            i += 1
+            for _ in range(60):  # the lazy pirate: resend on a new socket after 2 s
+                if sock is None:
+                    sock = ctx.socket(zmq.REQ)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(f"tcp://127.0.0.1:{self.port}")
+                sock.send_multipart([function.encode(), payload.encode()])
+                if sock.poll(2000, zmq.POLLIN):
+                    answer = sock.recv_multipart()[-1].decode()
+                    if answer.startswith("ERROR"):
+                        with self.lock:
+                            self.errors.append((answer, function, payload))
+                    else:
+                        self.took(answer, function, payload)
+                    break
+                sock.close()
+                sock = None
+            else:
+                with self.lock:
+                    self.errors.append(("no answer in 60 tries", function, payload))
+        if sock is not None:
+            sock.close()
+
+    def client_gearman(self, n):
+        i = 0
+        while not self.stop.is_set():
+            function, payload = job(n, i)
+            i += 1
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                    body = b"\0".join([function.encode(), f"u{n}-{i}".encode(), payload.encode()])
+                    sock.sendall(b"\0REQ" + struct.pack(">II", 7, len(body)) + body)  # SUBMIT_JOB
+                    while True:
+                        kind, body = read_packet(sock)
+                        if kind in (8, 12, 28, 29):  # JOB_CREATED, STATUS, DATA, WARNING
+                            continue
+                        if kind == 13:  # WORK_COMPLETE
+                            self.took(body.split(b"\0", 1)[1].decode(), function, payload)
+                        else:
+                            with self.lock:
+                                self.errors.append((f"packet {kind}", function, payload, body[:200]))
+                        break
+            except (OSError, ConnectionError):
+                time.sleep(0.05)  # gearmand restarting: its queue went with it
+
+    def client_amqp(self, n):
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(self.broker.url()))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        replies = ch.queue_declare(queue=f"replies{n}", durable=True).method.queue
+
+        def on_reply(_ch, _method, props, body):
+            with self.lock:
+                if props.correlation_id in self.answers:
+                    self.duplicates += 1
+                else:
+                    self.answers[props.correlation_id] = (body.decode(), (props.headers or {}).get("x-gearshift-outcome"))
+
+        ch.basic_consume(queue=replies, on_message_callback=on_reply, auto_ack=True)
+        i, mine = 0, []
+        while not self.stop.is_set():
+            for _ in range(20):
+                function, payload = job(n, i)
+                i += 1
+                cid = f"c{n}-m{i}"
+                ch.basic_publish(exchange="", routing_key="soak", body=payload.encode(),
+                                 properties=pika.BasicProperties(reply_to=replies, correlation_id=cid,
+                                                                 type=function, delivery_mode=2))
+                mine.append(cid)
+                with self.lock:
+                    self.sent[cid] = (function, payload)
+            conn.process_data_events(time_limit=0.05)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(p in self.answers for p in mine):
+                    break
+            conn.process_data_events(time_limit=0.2)
+        conn.close()
+
+    def chaos(self):
+        choices = ["hup"] * 4 + ["config"] * 3 + ["jobs"] * 2 + ["reload", "deploy", "bad deploy", "bad config",
+                                                                  "kill -9", "stop and start", "forced stop"]
+        if self.kind == "gearman":
+            choices.append("gearmand killed")
+        while not self.stop.wait(random.uniform(0.1, 1.0)):
+            action = random.choice(choices)
+            self.actions[action] = self.actions.get(action, 0) + 1
+            pid = self.pid()
+            if action == "hup" and pid:
+                for _ in range(random.randint(1, 5)):
+                    try:
+                        os.kill(pid, signal.SIGHUP)
+                    except ProcessLookupError:
+                        pass
+            elif action == "config":
+                self.write_config(random.randint(1, 4))
+            elif action == "bad config":
+                self.broken_config = True
+                self.write_config(2, broken=True)
+                time.sleep(random.uniform(0.1, 0.6))
+                self.write_config(random.randint(1, 4))
+                time.sleep(0.2)  # a submit that read the invalid file may still be saying so
+                self.broken_config = False
+            elif action == "jobs":
+                name = f"extra{random.randint(0, 3)}"
+                if os.path.exists(f"{self.d}/jobs/{name}.sh"):
+                    os.unlink(f"{self.d}/jobs/{name}.sh")
+                else:
+                    self.put_job(name, "cat")
+            elif action == "deploy":
+                self.deploy(good=True)
+            elif action == "bad deploy":
+                self.deploy(good=False)
+                time.sleep(random.uniform(0.5, 2.0))
+                self.deploy(good=True)
+            elif action == "kill -9" and pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                time.sleep(0.05)
+                self.start()
+            elif action == "stop and start":
+                r = self.gs("stop", "--timeout", "30s")
+                if r.returncode != 0:
+                    self.problems.append(f"stop: exit {r.returncode}: {r.stderr.strip()[:300]}")
+                self.start()
+            elif action == "reload":
+                r = self.gs("reload", "--timeout", "30s")
+                if r.returncode not in (0, 1):  # 1: refused (a deploy's verdict pending, say)
+                    self.problems.append(f"reload: exit {r.returncode}: {r.stderr.strip()[:300]}")
+            elif action == "forced stop" and pid:
+                # TERM, and TERM again: running jobs are interrupted (and run again later),
+                # and the worker must be gone within 2 s of the second.
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    time.sleep(random.uniform(0, 0.2))
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                second = time.monotonic()
+                while alive(pid) and time.monotonic() - second < 10:
+                    time.sleep(0.005)
+                took = time.monotonic() - second
+                self.forced.append(took)
+                if took > 2:
+                    self.problems.append(f"a second TERM took {took:.2f} s to end the worker")
+                self.start()
+            elif action == "gearmand killed":
+                self.gearmand.kill()
+                self.gearmand.wait()
+                time.sleep(random.uniform(0, 2))
+                self.start_gearmand()
+
+    def results(self):
+        """Every job a client was told was taken, with its right result."""
+        if self.kind == "amqp":
+            missing = [p for p in self.sent if p not in self.answers]
+            wrong = [(p, a) for p, a in self.answers.items()
+                     if a[0] != expect(*self.sent[p]) or a[1] not in (b"done", "done")]
+            return len(self.sent), missing, wrong
+        if self.kind == "gearman":
+            wrong = [t for t in self.taken if t[0] != expect(t[1], t[2])]
+            return len(self.taken), [], wrong
+        pending, wrong, missing, right = list(self.taken), [], [], [0]
+        deadline = time.monotonic() + 180
+        while pending and time.monotonic() < deadline:
+            left, lock = [], threading.Lock()
+
+            def look(part):
+                for job in part:
+                    try:
+                        r = self.gs("result", job[0])
+                        ok = r.returncode == 0 and r.stdout.rstrip("\n") == expect(job[1], job[2])
+                    except Exception as e:  # a look that failed is a job not seen done
+                        r, ok = None, False
+                        with lock:
+                            missing.append((job, repr(e)))
+                        continue
+                    with lock:
+                        if ok:
+                            right[0] += 1
+                        elif r.returncode == 5:
+                            left.append(job)
+                        elif r.returncode == 0:
+                            wrong.append((job, r.stdout[:100]))
+                        else:
+                            missing.append((job, r.returncode, r.stderr.strip()[:200]))
+
+            parts = [pending[k::4] for k in range(4)]
+            threads = [threading.Thread(target=look, args=(p,)) for p in parts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            pending = left
+            if pending:
+                time.sleep(1)
+        if right[0] + len(wrong) + len(missing) + len(pending) != len(self.taken):
+            self.problems.append(f"{len(self.taken)} jobs taken, but {right[0]} right, {len(wrong)} wrong, "
+                                 f"{len(missing)} missing and {len(pending)} unfinished")
+        return len(self.taken), missing + pending, wrong
+
+    def run(self):
+        self.start()
+        clients = [threading.Thread(target=getattr(self, f"client_{self.kind}"), args=(n,)) for n in range(CLIENTS)]
+        chaos = threading.Thread(target=self.chaos)
+        for t in clients + [chaos]:
+            t.start()
+        time.sleep(SECONDS)
+        self.stop.set()
+        chaos.join()
+        if self.pid() is None or self.gs("status").returncode != 0:
+            self.start()
+        for t in clients:
+            t.join()
+        status = self.gs("status", "--json")
+        if status.returncode != 0:
+            self.problems.append(f"status at the end: exit {status.returncode}: {status.stderr.strip()[:300]}")
+        count, missing, wrong = self.results()
+        with open(f"{self.d}/state/gearshift.log", errors="replace") as f:
+            log = f.read().splitlines()
+        # The chaos's own refusals are errors the worker must log; any other is not expected.
+        expected = ("deploy: refused", "reload refused")
+        bad = [line for line in log if "panic" in line or "thread died" in line
+               or (" ERROR " in line and not any(e in line for e in expected))]
+        reasons = {}
+        for line in log:
+            said = re.search(r" g\d+ (.+?): re-exec ", line)
+            if said:
+                reasons[said.group(1)] = reasons.get(said.group(1), 0) + 1
+        refusals = sum(1 for line in log if " ERROR " in line and any(e in line for e in expected))
+        stop = self.gs("stop", "--timeout", "60s")
+        if stop.returncode != 0:
+            self.problems.append(f"final stop: exit {stop.returncode}")
+        if self.gearmand:
+            self.gearmand.kill()
+        if self.broker:
+            self.broker.stop()
+        acts = ", ".join(f"{k} {v}" for k, v in sorted(self.actions.items()))
+        ok = not (missing or wrong or bad or self.problems or self.errors)
+        print(f"{self.kind}: {count} jobs taken, {len(missing)} missing, {len(wrong)} wrong, "
+              f"{len(self.errors)} client errors, {len(bad)} unexpected log lines ({len(log)} lines, "
+              f"{refusals} refusals of the chaos's invalid config and broken binaries); "
+              f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
+              f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
+              f"{'held' if ok else 'FAILED'}", flush=True)
+        for x in (missing[:5] + wrong[:5] + bad[:5] + self.problems[:5] + self.errors[:5]):
+            print("   ", str(x)[:400], flush=True)
+        if ok:
+            shutil.rmtree(self.d, ignore_errors=True)
+        else:
+            print(f"    kept for a look: {self.d}", flush=True)
+        return ok
+
+
+held = [Soak(kind).run() for kind in SOURCES]
+sys.exit(0 if all(held) else 1)
