@@ -129,6 +129,9 @@ pub(super) fn explain(message: &str) -> String {
     if let Some(said) = out_of_range(message) {
         return said;
     }
+    if let Some(said) = not_a_list(message) {
+        return said;
+    }
     // Rust type names mean nothing to someone writing TOML.
     let message = message
         .replace(
@@ -148,8 +151,48 @@ pub(super) fn explain(message: &str) -> String {
             "expected a boolean",
             "expected true or false (without quotes)",
         )
-        .replace("expected a string", "expected a string (in quotes)");
+        .replace("expected a string", "expected a string (in quotes)")
+        .replace(
+            "expected path string",
+            "expected a path (a string in quotes)",
+        )
+        .replace(
+            "expected a sequence",
+            "expected a list (in brackets: [\"a\", \"b\"])",
+        );
+    let message = tables_in_toml_words(&message);
     message.replace('\n', "; ")
+}
+
+/// The tables serde names by their Rust types (`expected struct RawWorker`), in TOML's words.
+fn tables_in_toml_words(message: &str) -> String {
+    const TABLES: [(&str, &str); 7] = [
+        ("RawWorker", "[worker]"),
+        ("RawSource", "[source]"),
+        ("RawTls", "[source.tls]"),
+        ("RawDeclare", "[source.declare]"),
+        ("RawFunction", "[functions.NAME]"),
+        ("RawLog", "[log]"),
+        ("RawMetrics", "[metrics]"),
+    ];
+    let mut message = message.to_string();
+    for (rust, toml) in TABLES {
+        message = message.replace(
+            &format!("expected struct {rust}"),
+            &format!("expected a table: {toml} and its keys"),
+        );
+    }
+    message
+}
+
+/// A single string where a list goes (`servers = "host:4730"`): shown as the list it should be.
+fn not_a_list(message: &str) -> Option<String> {
+    let quoted = message
+        .strip_prefix("invalid type: string ")?
+        .strip_suffix(", expected a sequence")?;
+    Some(format!(
+        "a list is written in brackets, even of one: [{quoted}]"
+    ))
 }
 
 /// serde's and toml's words for a whole number the key's type cannot hold, in ours: the

@@ -520,6 +520,33 @@ mod tests {
                 "[source]\nkind = \"zmq\"\n",
                 "/etc/gs/config.toml:2:8: unknown value \"zmq\" (did you mean \"zeromq\"?)",
             ),
+            // Serde's words for a table and a list are Rust's (`struct RawFunction`, "a
+            // sequence"): TOML's instead, and a single string where a list goes is shown in
+            // brackets.
+            (
+                "[functions]\necho = 5\n",
+                "/etc/gs/config.toml:2:8: invalid type: integer `5`, expected a table: [functions.NAME] and its keys",
+            ),
+            (
+                "[source]\ntls = 5\n",
+                "/etc/gs/config.toml:2:7: invalid type: integer `5`, expected a table: [source.tls] and its keys",
+            ),
+            (
+                "worker = 5\n",
+                "/etc/gs/config.toml:1:10: invalid type: integer `5`, expected a table: [worker] and its keys",
+            ),
+            (
+                "[source]\nkind = \"gearman\"\nservers = \"127.0.0.1:4730\"\n",
+                "/etc/gs/config.toml:3:11: a list is written in brackets, even of one: [\"127.0.0.1:4730\"]",
+            ),
+            (
+                "[source]\nbind = 5\n",
+                "/etc/gs/config.toml:2:8: invalid type: integer `5`, expected a list (in brackets: [\"a\", \"b\"])",
+            ),
+            (
+                "[worker]\nstate_dir = [\"a\"]\n",
+                "/etc/gs/config.toml:2:13: invalid type: sequence, expected a path (a string in quotes)",
+            ),
             // A key written above every table is one of a table's keys: say which.
             (
                 "concurrency = 2\n[worker]\n",
