@@ -39,6 +39,12 @@ fn start_status_stop() {
     let out = sb.run(&["status"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).contains(&format!("(pid {pid})")));
+    // Not "restarts 0, last - (-)".
+    assert!(
+        text(&out.stdout).contains(", no restart yet\n"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = sb.run(&["submit", "--wait", "reverse", "daemon"]);
     assert_eq!(text(&out.stdout), "nomead");
     // Logs go to state_dir/gearshift.log by default.

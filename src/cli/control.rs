@@ -125,12 +125,9 @@ fn print_zeromq(s: &crate::status::Doc) {
 
 /// The human `status`.
 fn print_status(s: &crate::status::Doc) {
-    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let name = if s.name.is_empty() {
-        "gearshift"
-    } else {
-        &s.name
-    };
+    let name = Some(s.name.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("gearshift");
     let state = match s.state.as_str() {
         // Running all the same: the word says what is wrong.
         "no server reachable" => "running, no server reachable".to_string(),
@@ -140,13 +137,15 @@ fn print_status(s: &crate::status::Doc) {
         "{name} is {state} (pid {}), generation {}, {} source",
         s.pid, s.generation, s.source
     );
-    println!(
-        "  started {}, restarts {}, last {} ({})",
-        s.started_at,
-        s.restarts,
-        or_dash(&s.restarted_at),
-        or_dash(&s.last_restart_reason)
-    );
+    let restarts = match s.restarts {
+        0 => "no restart yet".to_string(),
+        n => format!(
+            "restarts {n}, last {} ({})",
+            s.restarted_at.as_deref().unwrap_or("-"),
+            s.last_restart_reason.as_deref().unwrap_or("-")
+        ),
+    };
+    println!("  started {}, {restarts}", s.started_at);
     println!(
         "  jobs: {} completed, {} failed, {} running",
         s.jobs_completed, s.jobs_failed, s.in_flight
