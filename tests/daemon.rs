@@ -213,7 +213,7 @@ fn root_drops_privileges_to_the_configured_user() {
     // The unprivileged worker re-execs its own binary: use a copy it can reach wherever this
     // checkout lives (a clone in a 0700 directory would refuse every reload).
     let bin = sb.path("gearshift");
-    fs::copy(BIN, &bin).unwrap();
+    copy_binary(std::path::Path::new(BIN), &bin);
     sb.bin = bin;
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let text_cfg = sb

@@ -61,7 +61,7 @@ fn sandbox(name: &str) -> Sandbox {
     let mut sb = Sandbox::new(name);
     fs::create_dir_all(sb.path("bin")).unwrap();
     let bin = sb.path("bin/gearshift");
-    fs::copy(BIN, &bin).unwrap();
+    copy_binary(Path::new(BIN), &bin);
     sb.bin = bin;
     sb
 }

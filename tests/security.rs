@@ -1595,7 +1595,7 @@ fn a_start_that_is_not_root_refuses_a_group_it_cannot_switch_to() {
         "[worker]\njobs_dir = \"jobs\"\nuser = \"nobody\"\ngroup = \"daemon\"\n",
     )
     .unwrap();
-    fs::copy(&sb.bin, dir.join("gearshift")).unwrap();
+    copy_binary(&sb.bin, &dir.join("gearshift"));
     let out = Command::new("chown")
         .args(["-R", "nobody"])
         .arg(&dir)

@@ -260,7 +260,7 @@ impl Sandbox {
     pub fn own_binary(&mut self) {
         fs::create_dir_all(self.path("bin")).unwrap();
         let bin = self.path("bin/gearshift");
-        fs::copy(BIN, &bin).unwrap();
+        copy_binary(Path::new(BIN), &bin);
         self.bin = bin;
     }
 }
@@ -465,8 +465,6 @@ pub fn example(name: &str) -> PathBuf {
     p
 }
 
-/// Spawns, retrying briefly on ETXTBSY: a binary a test just copied can be held open for
-/// writing by a fork another test thread made at that moment (until that child execs).
 /// Runs `cmd` with `input` on its standard input (any size: not through argv) and collects
 /// its output.
 pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
@@ -482,6 +480,8 @@ pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Spawns, retrying briefly on ETXTBSY: a binary a test just copied can be held open for
+/// writing by a fork another test thread made at that moment (until that child execs).
 pub fn spawn(cmd: &mut Command) -> Child {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -493,6 +493,19 @@ pub fn spawn(cmd: &mut Command) -> Child {
             Err(e) => panic!("spawning {cmd:?}: {e}"),
         }
     }
+}
+
+/// Copies the gearshift binary `from` to `to`, and returns once it can be executed: a fork
+/// another test thread makes during the copy holds the new file open for writing until that
+/// child execs, and an exec meanwhile fails with ETXTBSY (`prlimit` running it exited 126, a
+/// CI failure). One `--version` run through [`spawn`], which waits that out, proves no writer
+/// is left: a fork made after the copy no longer has its descriptor to inherit.
+pub fn copy_binary(from: &Path, to: &Path) {
+    fs::copy(from, to).unwrap();
+    let status = spawn(Command::new(to).arg("--version").stdout(Stdio::null()))
+        .wait()
+        .unwrap();
+    assert!(status.success(), "{} --version: {status}", to.display());
 }
 
 pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
