@@ -33,7 +33,7 @@ fn the_readme_manual_steps_work_as_written() {
     }
     // The binary where the steps expect it (a copy the dropped user can reach).
     fs::create_dir_all(sb.path("target/release")).unwrap();
-    fs::copy(BIN, sb.path("target/release/gearshift")).unwrap();
+    copy_binary(Path::new(BIN), &sb.path("target/release/gearshift"));
     let steps = manual_steps();
     assert!(steps.len() >= 5, "{steps:?}");
     let script: String = steps

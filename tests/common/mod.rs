@@ -985,7 +985,7 @@ pub fn build_variant(target: &str, env: (&str, &str)) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let tmp = dir.join(format!(".gearshift-{target}.tmp"));
-    fs::copy(dir.join("debug/gearshift"), &tmp).unwrap();
+    copy_binary(&dir.join("debug/gearshift"), &tmp);
     fs::rename(&tmp, &copy).unwrap();
     drop(lock);
     copy
