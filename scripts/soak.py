@@ -99,6 +99,7 @@ class Soak:
         self.actions = {}
         self.problems = []
         self.refused = 0
+        self.good_binary = True  # the path holds a binary that runs (not the chaos's broken one)
         self.forced = []  # seconds from a second TERM to the worker gone
         self.kills = []  # when the chaos sent kill -9 (wall clock, as the log's)
         self.broken_config = False
@@ -176,7 +177,7 @@ class Soak:
         self.good_binary = good
 
     def start(self):
-        if not getattr(self, "good_binary", True):
+        if not self.good_binary:
             self.deploy(good=True)
         r = self.gs("start", binary=self.bin)
         if r.returncode != 0:
@@ -426,7 +427,7 @@ class Soak:
         time.sleep(SECONDS)
         self.stop.set()
         chaos.join()
-        if not getattr(self, "good_binary", True):
+        if not self.good_binary:
             self.deploy(good=True)
         if self.pid() is None or self.gs("status").returncode != 0:
             self.start()

@@ -30,7 +30,7 @@ pub(super) fn explain_at(
         let ended = before.is_some_and(|b| b.trim_end().ends_with('='))
             && after.is_some_and(|a| a.trim().is_empty());
         return if ended {
-            format!("{MISSING_VALUE}: the file ends here (written only in part?)")
+            missing_value(true)
         } else {
             "invalid TOML here".to_string()
         };
@@ -55,7 +55,15 @@ pub(super) fn explain_at(
     }
 }
 
-const MISSING_VALUE: &str = "a value is missing after `=`";
+/// A key with no value: `at_end`, the file ends there too (written only in part, most likely).
+fn missing_value(at_end: bool) -> String {
+    let said = "a value is missing after `=`";
+    if at_end {
+        format!("{said}: the file ends here (written only in part?)")
+    } else {
+        said.to_string()
+    }
+}
 
 /// The toml crate's words for a value it cannot read ("invalid string; expected `\"`, `'`",
 /// whatever the mistake) told as the mistake: a bare word where a string goes, a second `=`,
@@ -81,11 +89,7 @@ fn unreadable_value(message: &str, rest: &str) -> Option<String> {
         return Some("one `=` between a key and its value (`key = value`)".to_string());
     }
     if line.is_empty() || line.starts_with('#') {
-        return Some(if rest.trim().is_empty() {
-            format!("{MISSING_VALUE}: the file ends here (written only in part?)")
-        } else {
-            MISSING_VALUE.to_string()
-        });
+        return Some(missing_value(rest.trim().is_empty()));
     }
     let word: String = line
         .chars()
