@@ -578,6 +578,28 @@ fn messages_say_what_is_wrong_and_where() {
             "jobs_dir = 'jobs",
             ":6:17: the string's closing `'` is missing (a string ends on its line; `'''` begins one over several lines)",
         ),
+        // A list's mistakes: the parser said "invalid array; expected `]`" for each, and
+        // "expected newline, `#`" for a second value or a key after a table header.
+        (
+            "bind = [a, \"b\"]",
+            ":6:9: `a` is no TOML value: a string is written in quotes (\"a\")",
+        ),
+        (
+            "bind = [\"a\" \"b\"]",
+            ":6:13: a comma is missing between a list's items: [\"a\", \"b\"]",
+        ),
+        (
+            "bind = [\"a\"\nmax_age = \"1h\"",
+            ":7:1: the list's closing `]` is missing before this line",
+        ),
+        (
+            "max_jobs = 2 3",
+            ":6:14: one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]",
+        ),
+        (
+            "[extra] a = 1",
+            ":6:9: a table header stands alone on its line: what follows it goes on the next",
+        ),
     ];
     for (line, want) in cases {
         fs::write(

@@ -35,11 +35,23 @@ pub(super) fn explain_at(
             "invalid TOML here".to_string()
         };
     }
-    if let Some(said) = span
-        .as_ref()
-        .and_then(|s| unreadable_value(message, text.get(s.start..)?))
-    {
+    // The toml crate puts "expected ..." on a line of its own.
+    let flat = message.trim().replace('\n', "; ");
+    if let Some(said) = span.as_ref().and_then(|s| {
+        let rest = text.get(s.start..)?;
+        unreadable_value(message, rest).or_else(|| unreadable_list(&flat, rest))
+    }) {
         return said;
+    }
+    match flat.as_str() {
+        "expected newline, `#`" => {
+            return "one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]".to_string();
+        }
+        "invalid table header; expected newline, `#`" => {
+            return "a table header stands alone on its line: what follows it goes on the next"
+                .to_string();
+        }
+        _ => {}
     }
     let explained = explain(message);
     if message.trim() != "expected `.`, `=`" {
@@ -91,18 +103,55 @@ fn unreadable_value(message: &str, rest: &str) -> Option<String> {
     if line.is_empty() || line.starts_with('#') {
         return Some(missing_value(rest.trim().is_empty()));
     }
-    let word: String = line
-        .chars()
-        .take_while(|c| !c.is_whitespace() && !",]}#".contains(*c))
-        .take(60)
-        .collect();
+    let word = first_word(line);
     if word.is_empty() {
         return None;
     }
-    let word = crate::text::escape(&word);
-    Some(format!(
+    Some(no_toml_value(&word))
+}
+
+/// The first word of `line`: what a message may quote (at most 60 characters).
+fn first_word(line: &str) -> String {
+    line.chars()
+        .take_while(|c| !c.is_whitespace() && !",]}#=".contains(*c))
+        .take(60)
+        .collect()
+}
+
+/// A bare word where a value goes.
+fn no_toml_value(word: &str) -> String {
+    let word = crate::text::escape(word);
+    format!(
         "`{word}` is no TOML value: a string is written in quotes (\"{word}\"); numbers, true and false without"
-    ))
+    )
+}
+
+/// The toml crate's "invalid array; expected `]`" told as the mistake: a bare word among the
+/// items, a missing comma, or a `]` missing before the next key (or the file's end).
+fn unreadable_list(message: &str, rest: &str) -> Option<String> {
+    if message != "invalid array; expected `]`" {
+        return None;
+    }
+    let unclosed = "the list's closing `]` is missing";
+    if rest.trim().is_empty() {
+        return Some(format!(
+            "{unclosed}: the file ends here (written only in part?)"
+        ));
+    }
+    let line = rest.split('\n').next().unwrap_or_default().trim();
+    let word = first_word(line);
+    let after = line.get(word.len()..).unwrap_or_default().trim_start();
+    if !word.is_empty() && (after.starts_with('=') || after.starts_with('.')) {
+        return Some(format!("{unclosed} before this line"));
+    }
+    let scalar = ["true", "false", "inf", "nan"].contains(&word.as_str());
+    match line.chars().next() {
+        Some(c) if scalar || "\"'[{+-".contains(c) || c.is_ascii_digit() => {
+            Some("a comma is missing between a list's items: [\"a\", \"b\"]".to_string())
+        }
+        _ if !word.is_empty() => Some(no_toml_value(&word)),
+        _ => None,
+    }
 }
 
 /// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
