@@ -19,6 +19,7 @@ mod duration;
 mod messages;
 mod parse;
 mod raw;
+mod syntax;
 
 pub use amqp::{AmqpConfig, AmqpUrl};
 pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
@@ -28,9 +29,10 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a restart or a stop waits past a Rust function's timeout before it abandons the
 /// job (`[worker] abandon_after`).
 pub const DEFAULT_ABANDON_AFTER: Duration = Duration::from_secs(60);
-use messages::{explain_at, line_col};
+use messages::line_col;
 use parse::{functions, metrics, source, worker, Cx};
 use raw::*;
+use syntax::explain_at;
 
 /// A validated configuration with absolute paths.
 #[derive(Debug, Clone)]
@@ -546,6 +548,52 @@ mod tests {
             (
                 "[worker]\nstate_dir = [\"a\"]\n",
                 "/etc/gs/config.toml:2:13: invalid type: sequence, expected a path (a string in quotes)",
+            ),
+            // Found by mutating the shipped config: what the parser said was about something
+            // else (a control character "ended" a comment or a string), jargon, or nothing.
+            (
+                "[worker]\nmax_jobs = 2 # a\u{0}b\n",
+                "/etc/gs/config.toml:2:17: a control character (U+0000) is not allowed in TOML, even in a comment or a string (tabs and line ends are the only ones)",
+            ),
+            (
+                "[worker]\njobs_dir = \"a\u{1b}b\"\n",
+                "/etc/gs/config.toml:2:14: a control character (U+001B) is not allowed in TOML",
+            ),
+            (
+                "[worker]\nmax_jobs = 2 # x\ry\n",
+                "/etc/gs/config.toml:2:17: a carriage return without a line feed after it (a line ends in \\n or \\r\\n)",
+            ),
+            (
+                "[worker]\njobs_dir = \"C:\\jobs\"\n",
+                "/etc/gs/config.toml:2:17: `\\j` is no escape: in a \"...\" string a backslash is written `\\\\`, or the string in single quotes ('...', where nothing is escaped)",
+            ),
+            (
+                "[worker]\njobs_dir = s\"jobs\"\n",
+                "/etc/gs/config.toml:2:12: `s` before the string's opening `\"`: a string begins with its quote",
+            ),
+            (
+                "[worker]\njobs_dir = jobs\"\n",
+                "/etc/gs/config.toml:2:12: the string's opening `\"` is missing: \"jobs\"",
+            ),
+            (
+                "[worker]\njobs_dir = , \"jobs\"\n",
+                "/etc/gs/config.toml:2:12: a value cannot begin with `,`: a string is written in quotes (\"...\"); numbers, true and false without",
+            ),
+            (
+                "[worker]\nmax_jobs = 12ab\n",
+                "/etc/gs/config.toml:2:14: `12ab` is no TOML value",
+            ),
+            (
+                "[worker\nmax_jobs = 2\n",
+                "/etc/gs/config.toml:1:8: the table header's closing `]` is missing (a header is `[name]`, alone on its line)",
+            ),
+            (
+                "[]\n",
+                "/etc/gs/config.toml:1:2: a name is missing here (a key or a table's name: letters, digits, `_` and `-`, or a string in quotes)",
+            ),
+            (
+                "[worker]\njobs_dir = \"\"\"jobs\n",
+                "/etc/gs/config.toml:3:1: the string's closing `\"\"\"` is missing: the file ends in it (written only in part?)",
             ),
             // A key written above every table is one of a table's keys: say which.
             (

@@ -1,0 +1,226 @@
+//! TOML syntax errors told as the mistake a person made. The toml crate names what its parser
+//! expected next ("invalid string; expected `\"`, `'`", "invalid array; expected `]`",
+//! "expected newline, `#`"), or nothing at all, whatever the mistake was; these functions look
+//! at the text where it stopped and say what is wrong there and how TOML writes it. Every word
+//! they quote from the file is escaped and at most 60 characters long.
+
+use super::messages::explain;
+
+/// [`explain`] for an error at `span` of `text`, with the syntax errors told as the mistake.
+pub(super) fn explain_at(
+    message: &str,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> String {
+    let start = span.as_ref().map_or(text.len(), |s| s.start);
+    let (before, rest) = (
+        text.get(..start).unwrap_or_default(),
+        text.get(start..).unwrap_or_default(),
+    );
+    if let Some(said) = control_character(rest) {
+        return said;
+    }
+    if message.trim().is_empty() {
+        // The toml crate says nothing for a key whose value the file ends before.
+        return if before.trim_end().ends_with('=') && rest.trim().is_empty() {
+            missing_value(true)
+        } else {
+            "invalid TOML here".to_string()
+        };
+    }
+    // The toml crate puts "expected ..." on a line of its own.
+    let flat = message.trim().replace('\n', "; ");
+    if span.is_some() {
+        if let Some(said) = unreadable_value(&flat, before, rest)
+            .or_else(|| unreadable_list(&flat, rest))
+            .or_else(|| misplaced(&flat, before, rest))
+        {
+            return said;
+        }
+    }
+    let explained = explain(message);
+    if flat != "expected `.`, `=`" {
+        return explained;
+    }
+    if rest.starts_with(':') {
+        format!("{explained} (`key: value` is YAML; TOML writes `key = value`)")
+    } else {
+        format!("{explained} (TOML writes a key and its value as `key = value`, one to a line)")
+    }
+}
+
+/// A key with no value: `at_end`, the file ends there too (written only in part, most likely).
+fn missing_value(at_end: bool) -> String {
+    let said = "a value is missing after `=`";
+    if at_end {
+        format!("{said}: the file ends here (written only in part?)")
+    } else {
+        said.to_string()
+    }
+}
+
+/// A character TOML allows nowhere, not even in a comment or a string, where the parser stopped
+/// (it said the comment or string ended there, or nothing): a NUL, an escape sequence a
+/// terminal's colours left behind, a lone carriage return.
+fn control_character(rest: &str) -> Option<String> {
+    let c = rest.chars().next()?;
+    if c == '\r' && !rest[1..].starts_with('\n') {
+        return Some(
+            "a carriage return without a line feed after it (a line ends in \\n or \\r\\n)"
+                .to_string(),
+        );
+    }
+    ((c < ' ' && !"\t\n\r".contains(c)) || c == '\x7f').then(|| {
+        format!(
+            "a control character (U+{:04X}) is not allowed in TOML, even in a comment or a string (tabs and line ends are the only ones)",
+            u32::from(c)
+        )
+    })
+}
+
+/// The toml crate's words for a value or a string it cannot read told as the mistake: a bare
+/// word where a string goes, a stray character before a string, a second `=`, no value at all,
+/// a string not closed, an escape a `"..."` string does not have (a Windows path).
+fn unreadable_value(message: &str, before: &str, rest: &str) -> Option<String> {
+    for (kind, quote) in [
+        ("invalid basic string", "\""),
+        ("invalid literal string", "'"),
+    ] {
+        if message == kind {
+            let three = quote.repeat(3);
+            return Some(format!(
+                "the string's closing `{quote}` is missing (a string ends on its line; `{three}` begins one over several lines)"
+            ));
+        }
+        if message == format!("invalid multiline {}", &kind["invalid ".len()..])
+            && rest.trim().is_empty()
+        {
+            let three = quote.repeat(3);
+            return Some(format!(
+                "the string's closing `{three}` is missing: the file ends in it (written only in part?)"
+            ));
+        }
+    }
+    if message.starts_with("invalid escape sequence") {
+        // The parser stops after the escape (or at its second character).
+        let (_, after) = before.rsplit_once('\\')?;
+        let escaped = after.chars().next().or_else(|| rest.chars().next())?;
+        let escaped = crate::text::escape(&escaped.to_string()).into_owned();
+        return Some(format!(
+            "`\\{escaped}` is no escape: in a \"...\" string a backslash is written `\\\\`, or the string in single quotes ('...', where nothing is escaped)"
+        ));
+    }
+    if !message.starts_with("invalid string") {
+        return None;
+    }
+    let line = first_line(rest);
+    if line.starts_with('=') {
+        return Some("one `=` between a key and its value (`key = value`)".to_string());
+    }
+    if line.is_empty() || line.starts_with('#') {
+        return Some(missing_value(rest.trim().is_empty()));
+    }
+    let word = first_word(line);
+    if let Some(at) = word.find(['"', '\'']).filter(|&at| at > 0) {
+        let (stray, quote) = word.split_at(at);
+        let stray = crate::text::escape(stray);
+        if quote.len() == 1 {
+            return Some(format!(
+                "the string's opening `{quote}` is missing: {quote}{stray}{quote}"
+            ));
+        }
+        let quote = &quote[..1];
+        return Some(format!(
+            "`{stray}` before the string's opening `{quote}`: a string begins with its quote"
+        ));
+    }
+    match line.chars().next() {
+        Some(c) if word.is_empty() => {
+            let c = crate::text::escape(&c.to_string()).into_owned();
+            Some(format!(
+                "a value cannot begin with `{c}`: a string is written in quotes (\"...\"); numbers, true and false without"
+            ))
+        }
+        _ => Some(no_toml_value(&word)),
+    }
+}
+
+/// The rest of the line `rest` begins, trimmed.
+fn first_line(rest: &str) -> &str {
+    rest.split('\n').next().unwrap_or_default().trim()
+}
+
+/// The first word of `line`: what a message may quote (at most 60 characters).
+fn first_word(line: &str) -> String {
+    line.chars()
+        .take_while(|c| !c.is_whitespace() && !",]}#=".contains(*c))
+        .take(60)
+        .collect()
+}
+
+/// A bare word where a value goes.
+fn no_toml_value(word: &str) -> String {
+    let word = crate::text::escape(word);
+    format!(
+        "`{word}` is no TOML value: a string is written in quotes (\"{word}\"); numbers, true and false without"
+    )
+}
+
+/// The toml crate's "invalid array; expected `]`" told as the mistake: a bare word among the
+/// items, a missing comma, or a `]` missing before the next key (or the file's end).
+fn unreadable_list(message: &str, rest: &str) -> Option<String> {
+    if message != "invalid array; expected `]`" {
+        return None;
+    }
+    let unclosed = "the list's closing `]` is missing";
+    if rest.trim().is_empty() {
+        return Some(format!(
+            "{unclosed}: the file ends here (written only in part?)"
+        ));
+    }
+    let line = first_line(rest);
+    let word = first_word(line);
+    let after = line.get(word.len()..).unwrap_or_default().trim_start();
+    if !word.is_empty() && (after.starts_with('=') || after.starts_with('.')) {
+        return Some(format!("{unclosed} before this line"));
+    }
+    let scalar = ["true", "false", "inf", "nan"].contains(&word.as_str());
+    match line.chars().next() {
+        Some(c) if scalar || "\"'[{+-".contains(c) || c.is_ascii_digit() => {
+            Some("a comma is missing between a list's items: [\"a\", \"b\"]".to_string())
+        }
+        _ if !word.is_empty() => Some(no_toml_value(&word)),
+        _ => None,
+    }
+}
+
+/// Something where a line should end or a name should be: a second value after a key's value
+/// (or letters glued to a number), a key after a table header, a header not closed, a name
+/// left out.
+fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
+    let said = match message {
+        "expected newline, `#`" => {
+            let glued = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+            if glued(before.chars().next_back()) && glued(rest.chars().next()) {
+                let head = before
+                    .rsplit(|c: char| c.is_whitespace() || c == '=')
+                    .next()
+                    .unwrap_or_default();
+                let word: String = head.chars().chain(first_word(rest).chars()).collect();
+                return Some(no_toml_value(&word.chars().take(60).collect::<String>()));
+            }
+            "one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]"
+        }
+        "invalid table header; expected newline, `#`" => {
+            "a table header stands alone on its line: what follows it goes on the next"
+        }
+        "invalid table header; expected `.`, `]`" => {
+            "the table header's closing `]` is missing (a header is `[name]`, alone on its line)"
+        }
+        "invalid key" => {
+            "a name is missing here (a key or a table's name: letters, digits, `_` and `-`, or a string in quotes)"
+        }
+        _ => return None,
+    };
+    Some(said.to_string())
+}
