@@ -576,6 +576,10 @@ mod tests {
                 "/etc/gs/config.toml:2:12: the string's opening `\"` is missing: \"jobs\"",
             ),
             (
+                "[worker]\nmax_age = 4h\"\n",
+                "/etc/gs/config.toml:2:12: the string's opening `\"` is missing: \"4h\"",
+            ),
+            (
                 "[worker]\njobs_dir = , \"jobs\"\n",
                 "/etc/gs/config.toml:2:12: a value cannot begin with `,`: a string is written in quotes (\"...\"); numbers, true and false without",
             ),

@@ -121,19 +121,6 @@ fn unreadable_value(message: &str, before: &str, rest: &str) -> Option<String> {
         return Some(missing_value(rest.trim().is_empty()));
     }
     let word = first_word(line);
-    if let Some(at) = word.find(['"', '\'']).filter(|&at| at > 0) {
-        let (stray, quote) = word.split_at(at);
-        let stray = crate::text::escape(stray);
-        if quote.len() == 1 {
-            return Some(format!(
-                "the string's opening `{quote}` is missing: {quote}{stray}{quote}"
-            ));
-        }
-        let quote = &quote[..1];
-        return Some(format!(
-            "`{stray}` before the string's opening `{quote}`: a string begins with its quote"
-        ));
-    }
     match line.chars().next() {
         Some(c) if word.is_empty() => {
             let c = crate::text::escape(&c.to_string()).into_owned();
@@ -158,8 +145,20 @@ fn first_word(line: &str) -> String {
         .collect()
 }
 
-/// A bare word where a value goes.
+/// A bare word where a value goes: a string without its opening quote, or after a stray
+/// character, or no string at all.
 fn no_toml_value(word: &str) -> String {
+    if let Some(at) = word.find(['"', '\'']).filter(|&at| at > 0) {
+        let (stray, quote) = word.split_at(at);
+        let stray = crate::text::escape(stray);
+        if quote.len() == 1 {
+            return format!("the string's opening `{quote}` is missing: {quote}{stray}{quote}");
+        }
+        let quote = &quote[..1];
+        return format!(
+            "`{stray}` before the string's opening `{quote}`: a string begins with its quote"
+        );
+    }
     let word = crate::text::escape(word);
     format!(
         "`{word}` is no TOML value: a string is written in quotes (\"{word}\"); numbers, true and false without"
