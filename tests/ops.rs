@@ -3,7 +3,9 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::net::UnixDatagram;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -402,6 +404,56 @@ fn usr1_reopens_a_log_file_that_was_moved() {
         .find(|l| l.contains("unknown function"))
         .unwrap();
     assert!(line.contains(" WARN  g1 job "), "{line}");
+}
+
+/// `run --log-file NAME` with a bare file name (relative to where `run` was typed): it failed
+/// at start with `resolving "": cannot make an empty path absolute` (the name's parent is
+/// empty), where `./NAME` worked. The file takes every generation's lines and is reopened in
+/// its place on SIGUSR1.
+#[test]
+fn run_log_file_takes_a_bare_relative_name() {
+    let sb = Sandbox::new("log-file-bare");
+    let log = sb.path("run.log");
+    let child = spawn(
+        sb.cmd(&["run", "--log-file", "run.log"])
+            .current_dir(sb.path(""))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let mut w = Worker {
+        child,
+        socket: sb.path("state/worker/gearshift.sock"),
+        log: log.clone(),
+    };
+    eventually(Duration::from_secs(10), "the log file", || {
+        if let Ok(Some(status)) = w.child.try_wait() {
+            let mut err = String::new();
+            let _ = w
+                .child
+                .stderr
+                .take()
+                .map(|mut e| e.read_to_string(&mut err));
+            panic!("run exited with {status}: {err}");
+        }
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("started (pid"))
+    });
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    eventually(
+        Duration::from_secs(5),
+        "the second generation's lines",
+        || std::fs::read_to_string(&log).is_ok_and(|s| s.contains(" g2 ")),
+    );
+    std::fs::rename(&log, sb.path("run.log.1")).unwrap();
+    w.signal(Signal::SIGUSR1);
+    eventually(
+        Duration::from_secs(5),
+        "the log reopened in its place",
+        || std::fs::read_to_string(&log).is_ok_and(|s| s.contains("SIGUSR1: reopened log file")),
+    );
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
 }
 
 /// The shipped logrotate postrotate line works for a `gearshift start` daemon (no systemd): the

@@ -333,7 +333,9 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
     match cli.command {
         Command::Run { log_file } => {
             let opts = worker::RunOptions {
-                log_file,
+                // Where `run` was typed, once: every generation and every reopen then means the
+                // same file.
+                log_file: log_file.map(|f| crate::config::absolute(&f)).transpose()?,
                 ..Default::default()
             };
             worker::run_with(path, functions, opts).map(|code| code as u8)

@@ -146,6 +146,10 @@ pub fn open_log(path: &Path, owner: Option<(Uid, Gid)>) -> crate::Result<File> {
             path.shown()
         )));
     };
+    // A bare name's parent is empty: the working directory.
+    let dir = Some(dir)
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let opened = Dir::open(dir)?.file(
         name,
         Open {
