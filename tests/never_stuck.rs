@@ -962,7 +962,8 @@ fn dead_threads_are_noticed_and_every_json_line_is_json() {
     .unwrap();
     let log_path = sb.path("state/gearshift.log");
     eventually(Duration::from_secs(20), "the start-up error", || {
-        fs::read_to_string(&log_path).is_ok_and(|l| l.contains("expected"))
+        fs::read_to_string(&log_path)
+            .is_ok_and(|l| l.contains("the table header's closing `]` is missing"))
     });
     let log = fs::read_to_string(&log_path).unwrap();
     let mut seen = (false, false, false);
