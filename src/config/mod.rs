@@ -332,8 +332,16 @@ impl Config {
         };
         let text = std::str::from_utf8(bytes).map_err(|e| {
             let (line, col) = line_col(bytes, e.valid_up_to());
+            let utf16 = [b"\xff\xfe", b"\xfe\xff"]
+                .iter()
+                .any(|m| bytes.starts_with(*m));
+            let hint = if utf16 {
+                ": it looks like UTF-16 (a byte order mark begins it); save it as UTF-8"
+            } else {
+                ""
+            };
             Error::Config(format!(
-                "{}:{line}:{col}: the file is not valid UTF-8",
+                "{}:{line}:{col}: the file is not valid UTF-8{hint}",
                 path.shown()
             ))
         })?;
@@ -484,6 +492,22 @@ mod tests {
 
     fn parse(text: &str) -> std::result::Result<Config, String> {
         Config::parse(Path::new("/etc/gs/config.toml"), text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// Notepad's "Unicode" is UTF-16: said as such, with what to do.
+    #[test]
+    fn a_utf16_file_is_named_as_such() {
+        for bom in [&b"\xff\xfe"[..], b"\xfe\xff"] {
+            let text = [bom, b"[\0w\0"].concat();
+            let err = Config::parse(Path::new("/etc/gs/config.toml"), &text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert_eq!(
+                err,
+                "/etc/gs/config.toml:1:1: the file is not valid UTF-8: it looks like UTF-16 (a byte order mark begins it); save it as UTF-8"
+            );
+        }
     }
 
     #[test]
