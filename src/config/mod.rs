@@ -623,6 +623,30 @@ mod tests {
                 "[worker]\njobs_dir = \"\"\"jobs\n",
                 "/etc/gs/config.toml:3:1: the string's closing `\"\"\"` is missing: the file ends in it (written only in part?)",
             ),
+            (
+                "[worker]\nconcurrency = 2\n[worker]\n",
+                "/etc/gs/config.toml:3:1: the table [worker] is written twice (all its keys go under one header)",
+            ),
+            (
+                "[source.tls]\nca_file = \"a\"\n[source.tls]\n",
+                "/etc/gs/config.toml:3:1: the table [source.tls] is written twice",
+            ),
+            (
+                "[functions.sleep]\ntimeout = \"1s\"\ntimeout = \"2s\"\n",
+                "/etc/gs/config.toml:3:1: `timeout` is set twice in [functions.sleep]",
+            ),
+            (
+                "[source]\nkind = \"amqp\"\nurl = \"amqp://h/\"\nqueue = \"q\"\n[source.tls]\n",
+                "/etc/gs/config.toml:5:1: [source.tls] needs the key `ca_file`",
+            ),
+            (
+                "[worker]\njobs_dir = \"C:\\users\"\n",
+                "/etc/gs/config.toml:2:17: `\\u` begins a Unicode escape of four hex digits: in a \"...\" string a backslash is written `\\\\`, or the string in single quotes ('...', where nothing is escaped)",
+            ),
+            (
+                "[w\"orker]\n",
+                "/etc/gs/config.toml:1:3: a table's name is one word of letters, digits, `_` and `-`, or a string in quotes: [worker], [\"a name\"]",
+            ),
             // A key written above every table is one of a table's keys: say which.
             (
                 "concurrency = 2\n[worker]\n",

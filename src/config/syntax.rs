@@ -101,14 +101,23 @@ fn unreadable_value(message: &str, before: &str, rest: &str) -> Option<String> {
             ));
         }
     }
+    if message.starts_with("invalid unicode") {
+        let (_, after) = before.rsplit_once('\\')?;
+        let (u, digits) = if after.starts_with('U') {
+            ("U", "eight")
+        } else {
+            ("u", "four")
+        };
+        return Some(format!(
+            "`\\{u}` begins a Unicode escape of {digits} hex digits: {BACKSLASH}"
+        ));
+    }
     if message.starts_with("invalid escape sequence") {
         // The parser stops after the escape (or at its second character).
         let (_, after) = before.rsplit_once('\\')?;
         let escaped = after.chars().next().or_else(|| rest.chars().next())?;
         let escaped = crate::text::escape(&escaped.to_string()).into_owned();
-        return Some(format!(
-            "`\\{escaped}` is no escape: in a \"...\" string a backslash is written `\\\\`, or the string in single quotes ('...', where nothing is escaped)"
-        ));
+        return Some(format!("`\\{escaped}` is no escape: {BACKSLASH}"));
     }
     if !message.starts_with("invalid string") {
         return None;
@@ -131,6 +140,9 @@ fn unreadable_value(message: &str, before: &str, rest: &str) -> Option<String> {
         _ => Some(no_toml_value(&word)),
     }
 }
+
+/// How a backslash is written (a Windows path in a `"..."` string).
+const BACKSLASH: &str = "in a \"...\" string a backslash is written `\\\\`, or the string in single quotes ('...', where nothing is escaped)";
 
 /// The rest of the line `rest` begins, trimmed.
 fn first_line(rest: &str) -> &str {
@@ -213,13 +225,54 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
         "invalid table header; expected newline, `#`" => {
             "a table header stands alone on its line: what follows it goes on the next"
         }
+        "invalid table header; expected `.`, `]`" if first_line(rest).contains(']') => {
+            "a table's name is one word of letters, digits, `_` and `-`, or a string in quotes: [worker], [\"a name\"]"
+        }
         "invalid table header; expected `.`, `]`" => {
             "the table header's closing `]` is missing (a header is `[name]`, alone on its line)"
         }
         "invalid key" => {
             "a name is missing here (a key or a table's name: letters, digits, `_` and `-`, or a string in quotes)"
         }
-        _ => return None,
+        _ => return twice_or_missing(message, rest),
     };
     Some(said.to_string())
+}
+
+/// serde's and the parser's words for a table or a key written twice, or a key a table needs
+/// and lacks, with the table named as the file writes it.
+fn twice_or_missing(message: &str, rest: &str) -> Option<String> {
+    let quoted = |m: &str| -> Vec<String> {
+        m.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|w| crate::text::escape(w).into_owned())
+            .collect()
+    };
+    if let Some(m) = message.strip_prefix("invalid table header; duplicate key") {
+        // "duplicate key `tls` in table `source`", or "... in document root".
+        let words = quoted(m);
+        let name = words.iter().rev().cloned().collect::<Vec<_>>().join(".");
+        return Some(format!(
+            "the table [{name}] is written twice (all its keys go under one header)"
+        ));
+    }
+    if let Some(m) = message.strip_prefix("duplicate key") {
+        let words = quoted(m);
+        let key = words.first()?;
+        return Some(match words.get(1) {
+            Some(table) => format!("`{key}` is set twice in [{table}]"),
+            None => format!("`{key}` is set twice"),
+        });
+    }
+    let key = message.strip_prefix("missing field `")?.strip_suffix('`')?;
+    let key = crate::text::escape(key);
+    let header = first_line(rest)
+        .strip_prefix('[')
+        .and_then(|h| h.split_once(']'))
+        .map(|(name, _)| crate::text::escape(name.trim()));
+    Some(match header {
+        Some(table) => format!("[{table}] needs the key `{key}`"),
+        None => format!("the key `{key}` is missing here"),
+    })
 }
