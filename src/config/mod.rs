@@ -627,6 +627,15 @@ mod tests {
                 "[worker]\nconcurrency = 2\n[worker]\n",
                 "/etc/gs/config.toml:3:1: the table [worker] is written twice (all its keys go under one header)",
             ),
+            // The parser may stop just past the character, or at a value's first character.
+            (
+                "[source]\nbind = [\"a\",\r:b\"]\n",
+                "/etc/gs/config.toml:2:14: a carriage return without a line feed after it",
+            ),
+            (
+                "[source]\nbind = [\"a\", =\"b\"]\n",
+                "/etc/gs/config.toml:2:14: a value cannot begin with `=`",
+            ),
             (
                 "[source.tls]\nca_file = \"a\"\n[source.tls]\n",
                 "/etc/gs/config.toml:3:1: the table [source.tls] is written twice",

@@ -17,7 +17,12 @@ pub(super) fn explain_at(
         text.get(..start).unwrap_or_default(),
         text.get(start..).unwrap_or_default(),
     );
-    if let Some(said) = control_character(rest) {
+    // The parser stops at such a character, or just past it.
+    let last = before
+        .char_indices()
+        .next_back()
+        .map_or("", |(i, _)| &text[i..]);
+    if let Some(said) = control_character(rest).or_else(|| control_character(last)) {
         return said;
     }
     if message.trim().is_empty() {
@@ -131,12 +136,7 @@ fn unreadable_value(message: &str, before: &str, rest: &str) -> Option<String> {
     }
     let word = first_word(line);
     match line.chars().next() {
-        Some(c) if word.is_empty() => {
-            let c = crate::text::escape(&c.to_string()).into_owned();
-            Some(format!(
-                "a value cannot begin with `{c}`: a string is written in quotes (\"...\"); numbers, true and false without"
-            ))
-        }
+        Some(c) if word.is_empty() => Some(cannot_begin(c)),
         _ => Some(no_toml_value(&word)),
     }
 }
@@ -200,9 +200,17 @@ fn unreadable_list(message: &str, rest: &str) -> Option<String> {
         Some(c) if scalar || "\"'[{+-".contains(c) || c.is_ascii_digit() => {
             Some("a comma is missing between a list's items: [\"a\", \"b\"]".to_string())
         }
-        _ if !word.is_empty() => Some(no_toml_value(&word)),
-        _ => None,
+        Some(c) if word.is_empty() => Some(cannot_begin(c)),
+        _ => Some(no_toml_value(&word)),
     }
+}
+
+/// Punctuation where a value goes.
+fn cannot_begin(c: char) -> String {
+    let c = crate::text::escape(&c.to_string()).into_owned();
+    format!(
+        "a value cannot begin with `{c}`: a string is written in quotes (\"...\"); numbers, true and false without"
+    )
 }
 
 /// Something where a line should end or a name should be: a second value after a key's value
