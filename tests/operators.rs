@@ -73,6 +73,31 @@ fn status_with_a_broken_config_finds_the_worker_or_says_unknown() {
             text_of(&out)
         );
     }
+    // A config that is no regular file (a FIFO, a directory) says nothing of its state_dir
+    // either: the default one was taken "from the file", for certain (and, with root's record
+    // of the worker's pid, it asked whether state_dir was removed under the worker).
+    fs::remove_file(sb.config()).unwrap();
+    nix::unistd::mkfifo(
+        &sb.config(),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    for cmd in [&["status"][..], &["reload"]] {
+        let out = sb.run(cmd);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "FIFO {cmd:?}: {}",
+            text_of(&out)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("(a guess: the file cannot be read as TOML)")
+                && err.contains("cannot say for certain"),
+            "FIFO {cmd:?}: {}",
+            text_of(&out)
+        );
+    }
     assert!(
         w.child.try_wait().unwrap().is_none(),
         "still running, untouched"

@@ -256,7 +256,7 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
                     let how = if certain {
                         "from the file"
                     } else {
-                        "a guess: the file's syntax is broken"
+                        "a guess: the file cannot be read as TOML"
                     };
                     (dir, certain, how)
                 }

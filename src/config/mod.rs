@@ -417,13 +417,15 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// `[worker] state_dir` read leniently from a config file that does not validate: from the TOML
 /// if it still parses as TOML, else from a `state_dir = "..."` line under `[worker]`, else the
 /// default. Relative to the file's directory, as always. The flag says whether the file can
-/// tell for certain (its TOML syntax holds), or this is a guess.
+/// tell for certain (it is read, and its TOML syntax holds), or this is a guess.
 pub fn lenient_state_dir(path: &Path) -> Result<(PathBuf, bool)> {
     let abs = absolute(path)?;
     let base = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let text = read_file(&abs)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    // Not read (no regular file, too large): nothing is certain.
+    let Ok(bytes) = read_file(&abs) else {
+        return Ok((base.join("state"), false));
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     if let Ok(table) = text.parse::<toml::Table>() {
         // The syntax holds: what it says (or the default, when it says nothing) is certain,
         // unless the key is there with a value of the wrong type.
