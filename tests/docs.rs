@@ -240,3 +240,35 @@ fn the_demo_removes_its_scratch_directory() {
     assert!(demo.contains("trap cleanup EXIT"), "{demo}");
     assert!(demo.contains("rm -rf \"$work\""), "{demo}");
 }
+
+/// README's contents line links every section, in order, with the anchor GitHub makes of it.
+#[test]
+fn the_readme_contents_link_every_section() {
+    let heads: Vec<&str> = README
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .collect();
+    let start = README.find("Contents: ").expect("a contents line");
+    let contents = README[start..]
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .replace('\n', " ");
+    let links: Vec<String> = heads
+        .iter()
+        .map(|h| {
+            let anchor: String = h
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == '-' || *c == ' ' || *c == '_')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect();
+            format!("[{h}](#{anchor})")
+        })
+        .collect();
+    assert_eq!(
+        contents,
+        format!("Contents: {}.", links.join(", ")),
+        "README's contents line is out of date"
+    );
+}
