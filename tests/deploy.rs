@@ -192,7 +192,18 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
     let bytes = fs::read(&v2).unwrap();
     // Not half: a debug binary's second half is debug info, and its first half still runs.
     fs::write(&truncated, &bytes[..bytes.len() / 64]).unwrap();
-    let cases: [(&Path, u32, &[&str]); 4] = [
+    // A build for another machine: the kernel refuses it, and it was run through a shell
+    // (glibc's `execvp`), which failed on its bytes with a syntax error.
+    let foreign = sb.path("foreign");
+    let mut elf = bytes.clone();
+    let other: u16 = if cfg!(target_arch = "aarch64") {
+        62
+    } else {
+        183
+    };
+    elf[18..20].copy_from_slice(&other.to_le_bytes());
+    fs::write(&foreign, &elf).unwrap();
+    let cases: [(&Path, u32, &[&str]); 5] = [
         (&v2, 0o644, &["not executable"]),
         // The kernel may refuse to load it, or it may crash at start: refused either way.
         (
@@ -201,6 +212,11 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
             &["`check` failed", "cannot run the candidate"],
         ),
         (&script, 0o755, &["candidate says no"]),
+        (
+            &foreign,
+            0o755,
+            &["cannot run the candidate: Exec format error (os error 8): an ELF program for"],
+        ),
         (
             &example("custom_worker"),
             0o755,
@@ -234,7 +250,7 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
             "serving goes on"
         );
     }
-    assert_eq!(refusals, 4);
+    assert_eq!(refusals, 5);
     // Each refusal counted once (the stock binary asks: the sandbox's own is the last drop).
     let out = std::process::Command::new(BIN)
         .arg("-c")
@@ -244,7 +260,7 @@ fn bad_candidates_are_refused_and_serving_goes_on() {
         .unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout)
-            .contains("gearshift_deploys_total{result=\"refused\"} 4"),
+            .contains("gearshift_deploys_total{result=\"refused\"} 5"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -196,6 +196,69 @@ fn crashing_hanging_and_noisy_executables_fail_cleanly() {
         .any(|f| f == "notexec"));
 }
 
+/// A file the kernel will not run (ENOEXEC) is never run through a shell. std's `Command` ends in
+/// `execvp`, and glibc's `execvp` hands such a file to `/bin/sh`: a program built for another
+/// machine (an arm64 build deployed to amd64) failed with the shell's `Syntax error: "("
+/// unexpected`, a binary cut short would have been read as a script, and a `#!` line naming
+/// nothing ran the rest of the file as shell commands. Now the kernel's verdict is the outcome,
+/// said with what the file is; `check` refuses the empty `#!` line at once.
+#[test]
+fn a_file_the_kernel_will_not_run_is_never_run_through_a_shell() {
+    let sb = Sandbox::new("enoexec");
+    // /bin/true, marked as built for AArch64 (e_machine 183), or for x86-64 on an AArch64 host.
+    let mut elf = fs::read("/bin/true").unwrap();
+    let other: u16 = if cfg!(target_arch = "aarch64") {
+        62
+    } else {
+        183
+    };
+    elf[18..20].copy_from_slice(&other.to_le_bytes());
+    let arm = sb.path("jobs/arm");
+    fs::write(&arm, &elf).unwrap();
+    // The same binary cut in the middle of its headers.
+    let cut = sb.path("jobs/cut");
+    fs::write(&cut, &fs::read("/bin/true").unwrap()[..40]).unwrap();
+    for f in [&arm, &cut] {
+        let mut p = fs::metadata(f).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
+        fs::set_permissions(f, p).unwrap();
+    }
+    let w = sb.start();
+    let spool = open_spool(&sb);
+    let ids: Vec<String> = ["arm", "cut"]
+        .iter()
+        .map(|f| spool.submit(f, b"payload").unwrap())
+        .collect();
+    let o = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    let machine = if cfg!(target_arch = "aarch64") {
+        "x86-64"
+    } else {
+        "AArch64"
+    };
+    assert!(
+        !o[0].0
+            && o[0].1.contains("cannot start")
+            && o[0].1.contains("Exec format error")
+            && o[0].1.contains(&format!("an ELF program for {machine}")),
+        "{:?}",
+        o[0]
+    );
+    assert!(
+        !o[1].0 && o[1].1.contains("cannot start") && o[1].1.contains("Exec format error"),
+        "{:?}",
+        o[1]
+    );
+    drop(w);
+    sb.job("nothing", "#!\necho ran by a shell\n");
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("its #! line names no interpreter"),
+        "{}",
+        text_of(&out)
+    );
+}
+
 /// A job script whose `#!` interpreter is not there (a virtualenv path of another machine) or
 /// that was saved with Windows line endings (its interpreter then reads `/bin/sh\r`) failed
 /// with "cannot start jobs/NAME: No such file or directory" while the file was right there, and

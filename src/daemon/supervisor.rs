@@ -285,12 +285,12 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
             .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd
-        .args(args)
+    cmd.args(args)
         .env(ENV, json)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
+        .stdout(Stdio::null());
+    let mut child = crate::jobs::exact::exactly(&mut cmd, crate::jobs::exact::Env::Inherited)
+        .and_then(|()| cmd.spawn())
         .map_err(|e| Error::io_path("starting", &s.exe, e))?;
     let pid = child.id();
     let (tx, rx) = bounded(1);

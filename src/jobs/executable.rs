@@ -246,7 +246,8 @@ pub fn run(
             Ok(())
         });
     }
-    let spawned = crate::jobs::reaper::spawn(&mut cmd);
+    let spawned = super::exact::exactly(&mut cmd, super::exact::Env::Cleared)
+        .and_then(|()| crate::jobs::reaper::spawn(&mut cmd));
     if let (Ok(_), Some(events)) = (&spawned, &children.ended) {
         events.started();
     }

@@ -46,6 +46,12 @@ pub fn cannot_run(path: &Path, head: &[u8]) -> Option<String> {
             path.shown()
         ));
     }
+    if head.starts_with(b"#!") && interpreter(head).is_none() {
+        return Some(format!(
+            "\"{}\": its #! line names no interpreter (write one, such as #!/bin/sh)",
+            path.shown()
+        ));
+    }
     (!(head.starts_with(b"#!") || head.starts_with(b"\x7fELF"))).then(|| {
         format!(
             "\"{}\" has no #! line and is no ELF binary: it could only run through a shell, and jobs run without one (add a line such as #!/bin/sh)",
@@ -65,11 +71,13 @@ pub fn line_endings_warning(path: &Path, head: &[u8]) -> Option<String> {
     })
 }
 
-/// Why `exe` could not start when its exec failed with `err`, if its `#!` line says: its
-/// interpreter has a carriage return in its name, does not exist, or is not executable. None:
-/// the error says it as it is.
+/// Why `exe` could not start when its exec failed with `err`, if the file says: its `#!`
+/// interpreter has a carriage return in its name, does not exist, or is not executable; or the
+/// kernel cannot load it at all (ENOEXEC: the error with what the file is). None: the error says
+/// it as it is.
 pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
-    if !matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EACCES)) {
+    let errno = err.raw_os_error();
+    if !matches!(errno, Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC)) {
         return None;
     }
     let mut head = Vec::with_capacity(HEAD);
@@ -78,6 +86,9 @@ pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
         .take(HEAD as u64)
         .read_to_end(&mut head)
         .ok()?;
+    if errno == Some(libc::ENOEXEC) {
+        return Some(format!("{err}: {}", not_loadable(&head)));
+    }
     if head.starts_with(b"\x7fELF") {
         return elf_loader_missing(exe);
     }
@@ -106,6 +117,60 @@ pub fn why_not_started(exe: &Path, err: &std::io::Error) -> Option<String> {
         Ok(_) => None,
     }
 }
+
+/// What a file the kernel refused to load (ENOEXEC) is, from its first bytes.
+fn not_loadable(head: &[u8]) -> String {
+    if head.starts_with(b"#!") {
+        return match interpreter(head) {
+            None => "its #! line names no interpreter".to_string(),
+            Some(name) => format!(
+                "its #! interpreter \"{}\" is a file the kernel cannot load either (a program for another machine?)",
+                crate::text::escape_bytes(name)
+            ),
+        };
+    }
+    if !head.starts_with(b"\x7fELF") {
+        return "no #! line and no ELF header: jobs run without a shell (add a line such as #!/bin/sh)".to_string();
+    }
+    let machine = match (head.get(5), head.get(18..20)) {
+        (Some(1), Some(&[a, b])) => u16::from_le_bytes([a, b]),
+        (Some(2), Some(&[a, b])) => u16::from_be_bytes([a, b]),
+        _ => return "an ELF program cut short or damaged (copied only in part?)".to_string(),
+    };
+    let ours = MACHINES
+        .iter()
+        .find(|m| m.1 == std::env::consts::ARCH)
+        .map(|m| m.0);
+    if ours.is_some_and(|ours| ours != machine) {
+        let name = |m: u16| {
+            MACHINES
+                .iter()
+                .find(|k| k.0 == m)
+                .map_or_else(|| format!("machine {m}"), |k| k.2.to_string())
+        };
+        return format!(
+            "an ELF program for {}, and this machine is {}: build it for this one",
+            name(machine),
+            name(ours.unwrap_or_default())
+        );
+    }
+    "an ELF program this kernel cannot load (cut short or damaged: copied only in part?)"
+        .to_string()
+}
+
+/// ELF `e_machine` numbers, Rust's name of the architecture, and the name a person knows.
+const MACHINES: [(u16, &str, &str); 10] = [
+    (3, "x86", "x86 (32-bit)"),
+    (8, "mips64", "MIPS"),
+    (20, "powerpc", "PowerPC (32-bit)"),
+    (21, "powerpc64", "PowerPC64"),
+    (22, "s390x", "S390"),
+    (40, "arm", "ARM (32-bit)"),
+    (62, "x86_64", "x86-64"),
+    (183, "aarch64", "AArch64"),
+    (243, "riscv64", "RISC-V"),
+    (258, "loongarch64", "LoongArch"),
+];
 
 /// An ELF program whose dynamic loader (its `PT_INTERP`) is not on this machine (built against
 /// musl and run on glibc, or for another distribution): the kernel says "No such file or

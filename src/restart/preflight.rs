@@ -84,12 +84,16 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
             Ok(())
         });
     }
-    let spawned = crate::jobs::reaper::spawn(&mut cmd);
+    let spawned = crate::jobs::exact::exactly(&mut cmd, crate::jobs::exact::Env::Cleared)
+        .and_then(|()| crate::jobs::reaper::spawn(&mut cmd));
     // Our copies of the write end go with the command: EOF comes when the candidate's close.
     drop(cmd);
     let mut child = spawned.map_err(|e| match e.raw_os_error() {
         Some(libc::ETXTBSY) => NotPassed::Busy,
-        _ => NotPassed::Failed(format!("cannot run the candidate: {e}")),
+        _ => NotPassed::Failed(format!(
+            "cannot run the candidate: {}",
+            crate::jobs::shebang::why_not_started(candidate, &e).unwrap_or_else(|| e.to_string())
+        )),
     })?;
     let pid = child.id();
     PREFLIGHT_GROUP.store(pid as i32, Ordering::Release);
