@@ -155,7 +155,14 @@ pub fn run(
     // child took).
     let turn = children.starts.turn();
     let (progress_read, progress_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| start_error(format!("cannot create progress pipe: {e}"), e as i32, exe))
+        .map_err(|e| {
+            start_error(
+                format!("cannot create progress pipe: {e}"),
+                e as i32,
+                exe,
+                false,
+            )
+        })
         .inspect_err(|e| children.ran_short_if(e))?;
     let progress_fd = progress_write.as_raw_fd();
 
@@ -255,11 +262,17 @@ pub fn run(
     drop(turn);
     let mut child = spawned
         .map_err(|e| {
-            let why = super::shebang::why_not_started(exe, &e).unwrap_or_else(|| e.to_string());
+            let why = super::shebang::why_not_started(exe, &e);
+            let explained = why.is_some();
             start_error(
-                format!("cannot start {}: {why}", exe.shown()),
+                format!(
+                    "cannot start {}: {}",
+                    exe.shown(),
+                    why.unwrap_or_else(|| e.to_string())
+                ),
                 e.raw_os_error().unwrap_or(0),
                 exe,
+                explained,
             )
         })
         .inspect_err(|e| children.ran_short_if(e))?;
@@ -340,11 +353,14 @@ pub fn run(
 }
 
 /// A job that could not be started: transient if for want of a resource that comes back.
-fn start_error(message: String, errno: i32, exe: &Path) -> JobError {
+/// `explained`: the file says why (a `#!` interpreter or an ELF loader missing).
+fn start_error(message: String, errno: i32, exe: &Path, explained: bool) -> JobError {
     // Not there for a moment: a deploy that removes the file, or moves `jobs_dir` or a link's
-    // target aside, before it puts the new one in place. (The file there, ENOENT names its
-    // `#!` interpreter or its ELF loader: that fails at once.)
-    let away = || std::fs::metadata(exe).is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+    // target aside, before it puts the new one in place. ENOENT of a file that is there again
+    // is that too (it came back between the exec and this look), unless the file names an
+    // interpreter or loader that is missing: that fails at once.
+    let away =
+        || !explained || std::fs::metadata(exe).is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
     if [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM].contains(&errno) {
         JobError::transient(message)
     } else if errno == libc::ETXTBSY || (errno == libc::ENOENT && away()) {
@@ -379,6 +395,26 @@ mod tests {
     use crate::jobs::functions::Progress;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
+
+    /// ENOENT of a file that is there when we look again is the file (or `jobs_dir`) coming
+    /// back from a deploy's move, and is waited for: it failed the job at once when the
+    /// directory came back between the child's `chdir` and this look (a flaky test in CI,
+    /// `an_executable_missing_for_a_moment_is_waited_for_not_failed`). Only a missing `#!`
+    /// interpreter or loader, which the file names, fails at once.
+    #[test]
+    fn an_enoent_is_waited_for_unless_the_file_names_what_is_missing() {
+        let dir = crate::testutil::tempdir("exec", "enoent");
+        let there = dir.join("there.sh");
+        std::fs::write(&there, "#!/bin/sh\n").unwrap();
+        let gone = dir.join("gone.sh");
+        let busy =
+            |exe: &Path, explained| start_error("x".into(), libc::ENOENT, exe, explained).is_busy();
+        assert!(busy(&there, false), "back between the exec and the look");
+        assert!(busy(&gone, false), "away");
+        assert!(!busy(&there, true), "its interpreter is missing");
+        assert!(busy(&gone, true), "away, whatever it said before");
+        assert!(!start_error("x".into(), libc::EACCES, &there, false).is_busy());
+    }
 
     /// A job's score is the configured one, never below the worker's own, and nothing is
     /// written when it would change nothing.
