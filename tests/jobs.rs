@@ -536,6 +536,43 @@ fn check_validates_config_and_jobs() {
     );
 }
 
+/// A worker with nothing to serve (a gearman source, whose built-ins are off unless asked for,
+/// and an empty `jobs_dir`) passed `check` with an empty list, started with "1 lane(s) on
+/// gearman: " and showed "functions: " in `status`: now a warning says why it serves nothing.
+#[test]
+fn a_worker_with_no_function_says_why() {
+    let sb = Sandbox::new("no-functions");
+    let config = sb.config_text("").replace(
+        "kind = \"spool\"\ndir = \"spool\"\nfsync = false",
+        "kind = \"gearman\"\nservers = [\"127.0.0.1:1\"]",
+    );
+    fs::write(sb.config(), config).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let want = "no function to serve: jobs_dir";
+    assert!(
+        text(&out.stderr).contains(want) && text(&out.stderr).contains("builtins = true"),
+        "{}",
+        text_of(&out)
+    );
+    let w = sb.start();
+    let s = w.status();
+    assert!(
+        s["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap_or_default().contains(want)),
+        "{s}"
+    );
+    let out = sb.run(&["status"]);
+    assert!(
+        text(&out.stdout).contains("functions: none"),
+        "{}",
+        text_of(&out)
+    );
+}
+
 #[test]
 fn second_worker_on_the_same_state_is_refused() {
     let sb = Sandbox::new("twice");

@@ -165,7 +165,8 @@ fn print_status(s: &crate::status::Doc) {
             r.reason
         );
     }
-    println!("  functions: {}", s.functions.join(", "));
+    let none = s.functions.is_empty().then_some("none");
+    println!("  functions: {}", none.unwrap_or(&s.functions.join(", ")));
     println!("  config {} (sha256 {})", s.config.shown(), s.config_sha256);
     if !s.servers.is_empty() {
         println!("  servers:");

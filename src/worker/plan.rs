@@ -144,6 +144,17 @@ impl Plan {
             })
             .collect();
         warnings.extend(scanned.warnings.iter().cloned());
+        if table.iter().next().is_none() {
+            let builtins = if config.worker.builtins {
+                "" // The built-ins were left out of the binary (a user's own build).
+            } else {
+                " and the built-ins are off (a network source serves them only with [worker] builtins = true)"
+            };
+            warnings.push(format!(
+                "no function to serve: jobs_dir \"{}\" holds no executable{builtins}: this worker can run no job",
+                config.worker.jobs_dir.shown()
+            ));
+        }
         if let Some(key) = config.source.tls().and_then(|t| t.key_file.as_ref()) {
             // The worker reads it at every reload, as the user every job runs as.
             let user = dropping

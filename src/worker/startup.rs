@@ -370,6 +370,9 @@ pub(super) fn log_start(plan: &Plan, generation: u64, reason: &str) {
 /// takes whole; `status` lists them all).
 fn functions(plan: &Plan) -> String {
     let names = plan.table.names();
+    if names.is_empty() {
+        return "no function (see the warning)".to_string();
+    }
     let mut shown = crate::text::some_of(&names, 50);
     if names.len() > 50 {
         shown.push_str(" (`gearshift status` lists them all)");
