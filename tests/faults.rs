@@ -332,14 +332,7 @@ fn serving_with_warning(w: &Worker, needle: &str) {
     let s = w.wait_for(Duration::from_secs(20), "serving", |s| {
         s["state"] == "running"
     });
-    assert!(
-        s["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w.as_str().unwrap().contains(needle)),
-        "{s}"
-    );
+    assert!(has_warning(&s, needle), "{s}");
 }
 
 /// A file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) killed the worker with SIGXFSZ the

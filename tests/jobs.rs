@@ -328,14 +328,7 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
         );
     }
     let s = w.status();
-    assert!(
-        s["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w.as_str().unwrap().contains("Windows line endings")),
-        "{s}"
-    );
+    assert!(has_warning(&s, "Windows line endings"), "{s}");
 }
 
 /// Two more ways a deploy breaks a job script that `check` misread: a link in `jobs_dir` whose
@@ -557,14 +550,7 @@ fn a_worker_with_no_function_says_why() {
     );
     let w = sb.start();
     let s = w.status();
-    assert!(
-        s["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x.as_str().unwrap_or_default().contains(want)),
-        "{s}"
-    );
+    assert!(has_warning(&s, want), "{s}");
     let out = sb.run(&["status"]);
     assert!(
         text(&out.stdout).contains("functions: none"),

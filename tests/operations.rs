@@ -87,10 +87,7 @@ fn refusals_and_skipped_files_are_visible() {
     let p = sb.path("jobs/lower.sh");
     fs::write(&p, "#!/bin/sh\ntr A-Z a-z\n").unwrap();
     let s = w.wait_for(Duration::from_secs(10), "the warning", |s| {
-        s["warnings"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|w| w.as_str().unwrap_or("").contains("lower.sh"))
-        })
+        has_warning(s, "lower.sh")
     });
     assert!(s["generation"].as_u64().unwrap() >= 2);
     assert!(

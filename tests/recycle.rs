@@ -87,13 +87,7 @@ fn a_max_rss_below_a_fresh_generation_is_said_and_does_not_restart_after_every_j
         s["generation"], 1,
         "no recycle for a limit no generation can meet"
     );
-    let warned = s["warnings"].as_array().unwrap();
-    assert!(
-        warned
-            .iter()
-            .any(|w| w.as_str().unwrap().contains("max_rss_mb = 1 is below")),
-        "{warned:?}"
-    );
+    assert!(has_warning(&s, "max_rss_mb = 1 is below"), "{s}");
     assert!(
         w.log_text().contains("max_rss_mb = 1 is below"),
         "{}",

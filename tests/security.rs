@@ -651,12 +651,7 @@ fn a_removed_pidfile_the_dropped_worker_cannot_make_again_is_said_and_survives_r
         assert!(process_alive(pid), "{cmd}");
     }
     let socket = sb.path("state/worker/gearshift.sock");
-    let warned = |s: &serde_json::Value| {
-        s["warnings"].as_array().is_some_and(|w| {
-            w.iter()
-                .any(|w| w.as_str().is_some_and(|w| w.contains("pidfile")))
-        })
-    };
+    let warned = |s: &serde_json::Value| has_warning(s, "pidfile");
     eventually(Duration::from_secs(15), "status to say so", || {
         status_at(&socket).is_some_and(|s| warned(&s))
     });

@@ -640,6 +640,14 @@ pub fn text_of(out: &std::process::Output) -> String {
     )
 }
 
+/// Whether a status document's `warnings` has one containing `needle`.
+pub fn has_warning(s: &Value, needle: &str) -> bool {
+    s["warnings"].as_array().is_some_and(|ws| {
+        ws.iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains(needle)))
+    })
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
