@@ -74,6 +74,17 @@ fn result_exit_codes() {
     let out = sb.run(&["result", "0123abcd-1-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("unknown id"));
+    // What cannot be an id (a path, a typo with a space) is said as such, not as an id whose
+    // result may have expired.
+    for bad in ["../../etc/passwd", "f00 1", ""] {
+        let out = sb.run(&["result", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            text(&out.stderr).contains("is no job id (an id is what submit prints"),
+            "{bad:?}: {}",
+            text_of(&out)
+        );
+    }
     let out = sb.run(&["submit", "--wait", "--timeout", "200ms", "echo", "y"]);
     assert_eq!(
         out.status.code(),

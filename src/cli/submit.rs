@@ -408,6 +408,13 @@ fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Res
 }
 
 pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
+    if !crate::source::spool::valid_id(id) {
+        eprintln!(
+            "\"{}\" is no job id (an id is what submit prints: hex digits and dashes)",
+            crate::text::escape(id)
+        );
+        return Ok(exit::USAGE);
+    }
     let config = Config::load(path)?;
     let lookup = spool(&config)?.lookup(id)?;
     if matches!(lookup, Lookup::Running)

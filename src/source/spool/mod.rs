@@ -414,7 +414,9 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
     dir.first_name_not(ours)
 }
 
-pub(super) fn valid_id(id: &str) -> bool {
+/// Whether `id` can be a job id (hex digits and dashes, at most 64): anything else is no file of
+/// the spool's, whatever it holds.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
