@@ -1,0 +1,433 @@
+#!/usr/bin/env python3
+"""Mutation fuzzing of what reaches a worker from outside, against the real binary.
+
+  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [config]
+
+zeromq:  hostile ZMTP conversations (valid ones mutated: bit flips, cuts, inserts, repeats,
+         lengths of 0 .. 2^64-1, written in random chunks) from six threads, HUPs now and then,
+         while a pyzmq REQ client sends a job every 20 ms and must get every answer.
+http:    3,000 idle `/metrics` connections and 3,000 half-written status requests held open,
+         junk requests (random bytes, 100 KB headers, 70 KB paths, huge Content-Length), while
+         a scraper and `gearshift status` must be answered every time.
+gearman: a fake gearmand answering the worker's packets with random, valid-framed ones (job
+         assignments with random arguments, unexpected types, errors, cut packets), HUPs now
+         and then: the worker must stay up and answer `status`.
+config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
+         (never a crash), every error with file:line:col, and none in the parser's own words
+         for a mistake we name (printed: the distinct messages, for a person to read).
+
+Every worker must hold its RSS, log no panic, dead thread or ERROR, and end within 2 s of a
+second TERM. Exit 0 when every part held. Not in CI: a timing-rich run, by hand like the soak.
+"""
+
+import collections
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port  # noqa: E402
+
+BIN = os.path.abspath(sys.argv[1])
+SECS = float(sys.argv[2])
+HERE = os.path.dirname(os.path.abspath(__file__))
+failures = []
+
+
+def fail(what):
+    failures.append(what)
+    print("FAILED:", what, flush=True)
+
+
+def start(d, config):
+    os.makedirs(d + "/jobs", exist_ok=True)
+    with open(d + "/config.toml", "w") as f:
+        f.write(config)
+    w = subprocess.Popen([BIN, "-c", d + "/config.toml", "run", "--log-file", d + "/log"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True).returncode:
+        if time.time() > deadline or w.poll() is not None:
+            fail(f"{d}: the worker did not start")
+            break
+        time.sleep(0.05)
+    return w
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def finish(name, d, w, rss):
+    """Checks and ends a worker: alive, bounded RSS, a clean log, a second TERM obeyed."""
+    if w.poll() is not None:
+        fail(f"{name}: the worker died ({w.returncode})")
+        return
+    if rss and max(rss) > 4 * min(rss) + 20000:
+        fail(f"{name}: RSS grew from {min(rss)} to {max(rss)} KiB")
+    w.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    t = time.time()
+    w.send_signal(signal.SIGTERM)
+    try:
+        w.wait(timeout=5)
+        if time.time() - t > 2:
+            fail(f"{name}: {time.time() - t:.1f} s after the second TERM")
+    except subprocess.TimeoutExpired:
+        fail(f"{name}: still running 5 s after the second TERM")
+        w.kill()
+    with open(d + "/log", errors="replace") as f:
+        log = f.read().splitlines()
+    bad = [l for l in log if " ERROR " in l or "panic" in l or ("thread" in l and "died" in l)]
+    if bad:
+        fail(f"{name}: {len(bad)} bad log lines, the first: {bad[0][:300]}")
+    print(f"{name}: RSS {min(rss or [0])}-{max(rss or [0])} KiB, {len(log)} log lines", flush=True)
+
+
+def sample(w, stop, rss, hup_every=None):
+    last_hup = time.time()
+    while time.time() < stop and w.poll() is None:
+        time.sleep(0.25)
+        rss.append(rss_kib(w.pid))
+        if hup_every and time.time() - last_hup > hup_every:
+            os.kill(w.pid, signal.SIGHUP)
+            last_hup = time.time()
+
+
+# ZeroMQ: ZMTP 3 with the NULL mechanism, as libzmq speaks it.
+def frame(body, more=False, cmd=False):
+    flags = (1 if more else 0) | (4 if cmd else 0)
+    if len(body) > 255:
+        return bytes([flags | 2]) + struct.pack(">Q", len(body)) + body
+    return bytes([flags, len(body)]) + body
+
+
+def zmtp_stream():
+    prop = lambda n, v: bytes([len(n)]) + n + struct.pack(">I", len(v)) + v
+    kind = random.choice([b"REQ", b"DEALER", b"REQ", b"PUB", b"ROUTER"])
+    out = b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+    out += frame(b"\x05READY" + prop(b"Socket-Type", kind) + prop(b"Identity", b""), cmd=True)
+    for _ in range(random.randint(0, 6)):
+        r = random.random()
+        if r < 0.1:
+            out += frame(b"\x04PING\x00\x05ab", cmd=True)
+        elif r < 0.2:
+            out += frame(b"", True) + frame(b"x", True) + frame(b"y", True) + frame(b"z")
+        elif r < 0.3:
+            out += frame(b"", True) + frame(os.urandom(random.randint(0, 6000)))
+        else:
+            fn = random.choice([None, b"reverse", b"echo", b"nope", b""])
+            body = os.urandom(random.randint(0, 300))
+            out += frame(b"", True) + (frame(fn, True) if fn is not None else b"") + frame(body)
+    return out
+
+
+def mutate(b):
+    b = bytearray(b)
+    for _ in range(random.randint(1, 8)):
+        if not b:
+            break
+        op, i = random.random(), random.randrange(len(b))
+        if op < 0.3:
+            b[i] ^= 1 << random.randrange(8)
+        elif op < 0.5:
+            b[i] = random.choice([0, 1, 2, 3, 4, 5, 6, 0x7f, 0x80, 0xff])
+        elif op < 0.6:
+            del b[i:i + random.randint(1, 16)]
+        elif op < 0.7:
+            b[i:i] = os.urandom(random.randint(1, 16))
+        elif op < 0.8:
+            b[i:i] = b[i:i + random.randint(1, 64)] * random.randint(2, 20)
+        elif op < 0.9:
+            b = b[:i]
+        else:
+            b[i:i + 8] = struct.pack(">Q", random.choice([0, 1, 255, 256, 2**31, 2**63, 2**64 - 1, 4097]))
+    return bytes(b)
+
+
+def fuzz_zeromq(base):
+    import zmq
+    d, port = base + "/zeromq", free_port()
+    w = start(d, f"""[worker]\nconcurrency = 2\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+max_payload_bytes = 4096\n[source]\nkind = "zeromq"\nbind = ["tcp://127.0.0.1:{port}"]
+function = "reverse"\nreply = "id"\ndir = "spool"\nfsync = false\n""")
+    stop, stats, rss = time.time() + SECS, collections.Counter(), []
+
+    def hostile():
+        while time.time() < stop:
+            data = zmtp_stream()
+            if random.random() < 0.85:
+                data = mutate(data)
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=2)
+                c.settimeout(0.3)
+                i = 0
+                while i < len(data):
+                    n = random.choice([len(data), 1, 7, 64, 1000])
+                    c.sendall(data[i:i + n])
+                    i += n
+                try:
+                    c.recv(65536)
+                except socket.timeout:
+                    pass
+                c.close()
+                stats["connections"] += 1
+            except ConnectionRefusedError:
+                stats["refused"] += 1
+            except OSError:
+                stats["closed by the worker"] += 1
+
+    def legit():
+        ctx = zmq.Context()
+        while time.time() < stop:
+            s = ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.1:{port}")
+            for _ in range(3):  # lazy pirate: a request read across an exec is not answered
+                s.send_multipart([b"reverse", b"hello"])
+                if s.poll(3000):
+                    r = s.recv_multipart()
+                    stats["answered" if r and not r[0].startswith(b"ERROR") else "wrong"] += 1
+                    break
+                s.close()
+                s = ctx.socket(zmq.REQ)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(f"tcp://127.0.0.1:{port}")
+            else:
+                stats["unanswered"] += 1
+            s.close()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=hostile) for _ in range(6)] + [threading.Thread(target=legit)]
+    for t in threads:
+        t.start()
+    sample(w, stop, rss, hup_every=2)
+    for t in threads:
+        t.join()
+    print("zeromq:", dict(stats), flush=True)
+    if stats["refused"] or stats["wrong"] or stats["unanswered"] or not stats["answered"]:
+        fail(f"zeromq: {dict(stats)}")
+    finish("zeromq", d, w, rss)
+
+
+def fuzz_http(base):
+    d, port = base + "/http", free_port()
+    w = start(d, f"""[worker]\nconcurrency = 1\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+[metrics]\nlisten = "127.0.0.1:{port}"\n""")
+    sock = d + "/state/worker/gearshift.sock"
+    stop, held, stats, rss = time.time() + SECS, [], collections.Counter(), []
+
+    def hold(connect):
+        while time.time() < stop and len(held) < 6000:
+            try:
+                held.append(connect())
+            except OSError:
+                time.sleep(0.01)
+
+    def http_conn():
+        c = socket.create_connection(("127.0.0.1", port), timeout=1)
+        c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        return c
+
+    def unix_conn():
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(1)
+        c.connect(sock)
+        c.send(b"sta")
+        return c
+
+    def junk():
+        while time.time() < stop:
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=1)
+                c.sendall(random.choice([
+                    b"GET /metrics HTTP/1.1\r\nX: " + b"a" * random.randint(0, 100000) + b"\r\n\r\n",
+                    os.urandom(random.randint(1, 5000)),
+                    b"GET " + b"/" * 70000 + b" HTTP/1.0\r\n\r\n",
+                    b"POST /metrics HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+                    b"GET /metrics HTTP/1.1\r\n\r\n" * 50]))
+                c.settimeout(0.5)
+                c.recv(100000)
+                c.close()
+            except OSError:
+                pass
+
+    def legit():
+        while time.time() < stop:
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                data = b""
+                while True:
+                    x = c.recv(65536)
+                    if not x:
+                        break
+                    data += x
+                stats["scraped" if b" 200 " in data.split(b"\r\n")[0] else "scrape failed"] += 1
+            except OSError:
+                stats["scrape failed"] += 1
+            r = subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True, timeout=20)
+            stats["status" if r.returncode == 0 else "status failed"] += 1
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=hold, args=(http_conn,)), threading.Thread(target=hold, args=(unix_conn,)),
+               threading.Thread(target=junk), threading.Thread(target=junk), threading.Thread(target=legit)]
+    for t in threads:
+        t.start()
+    sample(w, stop, rss)
+    for t in threads:
+        t.join()
+    print(f"http: {dict(stats)}, {len(held)} idle connections held", flush=True)
+    if stats["scrape failed"] or stats["status failed"] or not stats["scraped"]:
+        fail(f"http: {dict(stats)}")
+    for c in held:
+        c.close()
+    finish("http", d, w, rss)
+
+
+def fuzz_gearman(base):
+    d = base + "/gearman"
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    port = srv.getsockname()[1]
+    os.makedirs(d + "/jobs", exist_ok=True)
+    with open(d + "/jobs/cat.sh", "w") as f:
+        f.write("#!/bin/sh\ncat\n")
+    os.chmod(d + "/jobs/cat.sh", 0o755)
+    stop, stats, rss = time.time() + SECS, collections.Counter(), []
+    word = lambda n=20: bytes(random.choice(b"abcxyz0123456789\0-:") for _ in range(random.randint(0, n)))
+
+    def pkt(kind, *args, magic=b"\0RES"):
+        body = b"\0".join(args)
+        return magic + struct.pack(">II", kind, len(body)) + body
+
+    def serve(c):
+        stats["connections"] += 1
+        c.settimeout(0.05)
+        try:
+            while time.time() < stop:
+                try:
+                    if not c.recv(65536):
+                        return
+                except socket.timeout:
+                    pass
+                fn = random.choice([b"echo", b"reverse", b"cat", b"sleep", b"nope", b""])
+                out = random.choice([
+                    pkt(11, word(), fn, word(200)), pkt(31, word(), fn, word(), word(200)),
+                    pkt(39, word(), fn, word(), word(), word(200)), pkt(6), pkt(10), pkt(19, word(), word(300)),
+                    pkt(17, word(50)), pkt(random.randint(0, 60), *[word() for _ in range(random.randint(0, 5))]),
+                    pkt(31, word(), fn, word()), pkt(31, b"h", b"sleep", b"u", b"500"),
+                    pkt(31, word(), fn, word(), word(), magic=b"\0REQ")])
+                if random.random() < 0.01:
+                    c.sendall(out[:random.randint(0, len(out))])
+                    return
+                c.sendall(out)
+                stats["packets"] += 1
+                if random.random() < 0.3:
+                    time.sleep(random.random() * 0.01)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept():
+        srv.settimeout(0.2)
+        while time.time() < stop:
+            try:
+                c, _ = srv.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    w = start(d, f"""[worker]\nconcurrency = 4\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+builtins = true\n[source]\nkind = "gearman"\nservers = ["127.0.0.1:{port}"]\nreconnect_max = "200ms"\n""")
+    t = threading.Thread(target=sample, args=(w, stop, rss, 3))
+    t.start()
+    while time.time() < stop:
+        time.sleep(1)
+        r = subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True, timeout=30)
+        stats["status" if r.returncode == 0 else "status failed"] += 1
+    t.join()
+    print("gearman:", dict(stats), flush=True)
+    if stats["status failed"] or not stats["packets"]:
+        fail(f"gearman: {dict(stats)}")
+    finish("gearman", d, w, rss)
+    srv.close()
+
+
+def fuzz_config(base):
+    d = base + "/config"
+    os.makedirs(d, exist_ok=True)
+    tokens = ["=", '"', "'", "[", "]", "{", "}", ",", ".", "#", "\n", " ", "true", "1", "-1", "1.5",
+              '"x"', "[[a]]", "[a]", "a = 1", '"""', "'''", "\\", "0x1f", "1e400", "99999999999999999999",
+              ":", "\t", "inf", "2026-01-01", "\r", "\x00", "\x1b[31m", "%", "@", "//", "::1", "?", "&",
+              "tcp://", "ipc://", "amqp:", "65536", "\\u00"]
+    jargon = re.compile(r"^(invalid string|invalid array|expected newline|invalid key$|"
+                        r"invalid table header; expected newline|duplicate key|missing field|"
+                        r"invalid escape sequence|invalid unicode|expected struct|expected a sequence)")
+    bases = [HERE + "/../config.toml", HERE + "/config.production.toml"]
+    seen, runs = collections.Counter(), 0
+    stop = time.time() + SECS
+    while time.time() < stop:
+        with open(random.choice(bases)) as f:
+            text = f.read()
+        for _ in range(random.randint(1, 3)):
+            i = random.randrange(len(text) + 1)
+            op = random.random()
+            if op < 0.4:
+                text = text[:i] + random.choice(tokens) + text[i:]
+            elif op < 0.7:
+                text = text[:i] + text[i + random.randint(1, 5):]
+            else:
+                text = text[:i] + random.choice(tokens) + text[i + random.randint(1, 5):]
+        with open(d + "/c.toml", "w") as f:
+            f.write(text)
+        r = subprocess.run([BIN, "-c", d + "/c.toml", "check", "--config-only"], capture_output=True)
+        runs += 1
+        err = r.stderr.decode(errors="replace").strip()
+        if r.returncode not in (0, 1) or "panick" in err:
+            fail(f"config: exit {r.returncode}: {err[:300]}")
+            with open(d + f"/crash-{runs}.toml", "w") as f:
+                f.write(text)
+        if r.returncode == 1:
+            m = re.match(r"^gearshift: \S+?:\d+:\d+: (.*)", err.splitlines()[0] if err else "")
+            if not m:
+                fail(f"config: no file:line:col in {err[:200]!r}")
+                continue
+            said = re.sub(r'"[^"]*"', '"…"', re.sub(r"`[^`]*`", "`…`", m.group(1)))[:100]
+            seen[said] += 1
+            if jargon.match(m.group(1)):
+                fail(f"config: the parser's words: {m.group(1)[:200]}")
+    print(f"config: {runs} mutations, {len(seen)} distinct messages:", flush=True)
+    for said, n in seen.most_common():
+        print(f"  {n:5} {said}")
+
+
+def main():
+    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "config"]
+    base = tempfile.mkdtemp(prefix="gs-fuzz-")
+    for p in parts:
+        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "config": fuzz_config}[p](base)
+    if failures:
+        print(f"\n{len(failures)} failure(s); the workers' directories are in {base}")
+        sys.exit(1)
+    subprocess.run(["rm", "-rf", base])
+    print("\nevery part held")
+
+
+main()
