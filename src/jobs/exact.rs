@@ -61,6 +61,20 @@ fn c_string(bytes: Vec<u8>) -> io::Result<CString> {
     })
 }
 
+/// `KEY=VALUE` strings for `execve`, in the order given (this one and the worker's re-exec).
+pub fn environment(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> io::Result<Vec<CString>> {
+    vars.into_iter()
+        .map(|(k, v)| {
+            let mut pair = k.into_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(OsStr::as_bytes(&v));
+            c_string(pair)
+        })
+        .collect()
+}
+
 /// Makes `cmd` exec its program exactly (see the module): call it after every other `pre_exec`
 /// of `cmd`, right before the spawn, once its arguments and environment are set. A program
 /// without a `/` (looked up in PATH) is left to std.
@@ -84,16 +98,7 @@ pub fn exactly(cmd: &mut Command, env: Env) -> io::Result<()> {
             None => vars.remove(key),
         };
     }
-    let envp = vars
-        .into_iter()
-        .map(|(k, v)| {
-            let mut pair = k.into_vec();
-            pair.push(b'=');
-            pair.extend_from_slice(OsStr::as_bytes(&v));
-            c_string(pair)
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    let (argv, envp) = (Array::new(argv), Array::new(envp));
+    let (argv, envp) = (Array::new(argv), Array::new(environment(vars)?));
     // SAFETY: the closure runs in the forked child, after std has set up its descriptors and
     // directory and after the caller's own closures, and calls only `execve` (async-signal-safe)
     // on arrays built before the fork; it allocates nothing. Should the exec fail, std reports

@@ -220,15 +220,8 @@ pub(crate) fn exec_with(exe: &Path, argv: &[OsString], extra: &[(&str, OsString)
             .iter()
             .map(|a| cstr(a.clone().into_vec()))
             .collect::<Result<Vec<_>, _>>()?;
-        let vars = env
-            .iter()
-            .map(|(k, v)| {
-                let mut kv = k.as_bytes().to_vec();
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                cstr(kv)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let vars = crate::jobs::exact::environment(env.iter().cloned())
+            .map_err(|_| Error::Msg("NUL byte in argv or environment".into()))?;
         Ok((path, args, vars))
     };
     let (path, args, vars) = match build() {
