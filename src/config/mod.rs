@@ -730,6 +730,39 @@ mod tests {
         }
     }
 
+    /// Names the parser quotes in backticks were split at every backtick: a key with one in it
+    /// (`"a`b" = 1` twice) was said as `a`, and a table's name lost its parts. And a name is
+    /// the file's text: a 5,000-character key set twice was repeated whole in the message.
+    #[test]
+    fn names_in_messages_are_whole_and_bounded() {
+        let cases = [
+            (
+                "[functions.sleep]\n\"a`b\" = 1\n\"a`b\" = 2\n".to_string(),
+                "`a`b` is set twice in [functions.sleep]".to_string(),
+            ),
+            (
+                "[functions.\"x`y\"]\n[functions.\"x`y\"]\n".to_string(),
+                "the table [functions.\"x`y\"] is written twice".to_string(),
+            ),
+            (
+                format!("[worker]\n{0} = 1\n{0} = 2\n", "k".repeat(5000)),
+                format!("`{}…` is set twice in [worker]", "k".repeat(60)),
+            ),
+            (
+                format!("[{0}]\n[{0}]\n", "t".repeat(5000)),
+                format!("the table [{}…] is written twice", "t".repeat(60)),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(&text).expect_err(&text);
+            assert!(
+                got.contains(&want) && got.len() < 400,
+                "config {:?}\n got: {got}\nwant: {want}",
+                &text[..text.len().min(80)]
+            );
+        }
+    }
+
     /// A config cut anywhere (a write in place seen half done, a truncated copy) either parses
     /// or says what is wrong, with a position: never an empty message.
     #[test]

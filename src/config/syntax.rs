@@ -157,6 +157,29 @@ fn first_word(line: &str) -> String {
         .collect()
 }
 
+/// The key and table of the parser's "`KEY` in table `TABLE`" (or "in document root"): split
+/// at the last quoting, since a quoted key may hold a backtick.
+fn key_in_table(m: &str) -> Option<(&str, Option<&str>)> {
+    let m = m.strip_prefix('`')?;
+    if let Some((key, table)) = m.rsplit_once("` in table `") {
+        return Some((key, Some(table.strip_suffix('`')?)));
+    }
+    let key = m
+        .strip_suffix("` in document root")
+        .or_else(|| m.strip_suffix('`'))?;
+    Some((key, None))
+}
+
+/// A key's or table's name from the file, as a message shows it: escaped, and at most 60
+/// characters (a name is the file's text, of any length).
+fn name_shown(name: &str) -> String {
+    let mut shown: String = name.chars().take(60).collect();
+    if shown.len() < name.len() {
+        shown.push('…');
+    }
+    crate::text::escape(&shown).into_owned()
+}
+
 /// A bare word where a value goes: a string without its opening quote, or after a stray
 /// character, or no string at all.
 fn no_toml_value(word: &str) -> String {
@@ -250,35 +273,29 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
 /// serde's and the parser's words for a table or a key written twice, or a key a table needs
 /// and lacks, with the table named as the file writes it.
 fn twice_or_missing(message: &str, rest: &str) -> Option<String> {
-    let quoted = |m: &str| -> Vec<String> {
-        m.split('`')
-            .skip(1)
-            .step_by(2)
-            .map(|w| crate::text::escape(w).into_owned())
-            .collect()
-    };
-    if let Some(m) = message.strip_prefix("invalid table header; duplicate key") {
+    if let Some(m) = message.strip_prefix("invalid table header; duplicate key ") {
         // "duplicate key `tls` in table `source`", or "... in document root".
-        let words = quoted(m);
-        let name = words.iter().rev().cloned().collect::<Vec<_>>().join(".");
+        let (key, table) = key_in_table(m)?;
+        let name = table.map_or_else(|| key.to_string(), |t| format!("{t}.{key}"));
         return Some(format!(
-            "the table [{name}] is written twice (all its keys go under one header)"
+            "the table [{}] is written twice (all its keys go under one header)",
+            name_shown(&name)
         ));
     }
-    if let Some(m) = message.strip_prefix("duplicate key") {
-        let words = quoted(m);
-        let key = words.first()?;
-        return Some(match words.get(1) {
-            Some(table) => format!("`{key}` is set twice in [{table}]"),
+    if let Some(m) = message.strip_prefix("duplicate key ") {
+        let (key, table) = key_in_table(m)?;
+        let key = name_shown(key);
+        return Some(match table {
+            Some(table) => format!("`{key}` is set twice in [{}]", name_shown(table)),
             None => format!("`{key}` is set twice"),
         });
     }
     let key = message.strip_prefix("missing field `")?.strip_suffix('`')?;
-    let key = crate::text::escape(key);
+    let key = name_shown(key);
     let header = first_line(rest)
         .strip_prefix('[')
         .and_then(|h| h.split_once(']'))
-        .map(|(name, _)| crate::text::escape(name.trim()));
+        .map(|(name, _)| name_shown(name.trim()));
     Some(match header {
         Some(table) => format!("[{table}] needs the key `{key}`"),
         None => format!("the key `{key}` is missing here"),
