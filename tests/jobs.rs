@@ -296,6 +296,15 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
         )
         .unwrap();
     }
+    // A 32-bit program whose loader is not here (no 32-bit libraries): it was taken for a file
+    // missing for a moment, waited for 10 s, then failed with "No such file or directory".
+    let elf32 = elf32_needing("/lib/ld-linux-gearshift-test.so.2");
+    fs::write(sb.path("jobs/elf32"), elf32).unwrap();
+    fs::set_permissions(
+        sb.path("jobs/elf32"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);
     assert!(
@@ -304,7 +313,7 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     );
     let w = sb.start();
     let spool = open_spool(&sb);
-    let ids: Vec<String> = ["py9", "dos", "bare", "musl"]
+    let ids: Vec<String> = ["py9", "dos", "bare", "musl", "elf32"]
         .iter()
         .map(|f| spool.submit(f, b"x").unwrap())
         .collect();
@@ -338,8 +347,47 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
             o[3]
         );
     }
+    // The kernel loads 32-bit x86 programs where it has IA-32 emulation (the loader is then
+    // what is missing), and refuses them elsewhere (the machine is then named).
+    assert!(
+        !o[4].0
+            && (o[4]
+                .1
+                .contains("dynamic loader \"/lib/ld-linux-gearshift-test.so.2\"")
+                || o[4].1.contains("x86 (32-bit)")),
+        "{:?}",
+        o[4]
+    );
     let s = w.status();
     assert!(has_warning(&s, "Windows line endings"), "{s}");
+}
+
+/// A 32-bit little-endian x86 ELF program of one header, one `PT_INTERP` naming `loader` and
+/// nothing to run: enough for the kernel to look for its loader.
+fn elf32_needing(loader: &str) -> Vec<u8> {
+    let interp = [loader.as_bytes(), b"\0"].concat();
+    let (header, entry) = (52u32, 32u32);
+    let at = header + entry;
+    let mut f = b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    let le16 = |f: &mut Vec<u8>, v: u16| f.extend_from_slice(&v.to_le_bytes());
+    let le32 = |f: &mut Vec<u8>, v: u32| f.extend_from_slice(&v.to_le_bytes());
+    // e_type ET_EXEC, e_machine EM_386, e_version, e_entry, e_phoff, e_shoff, e_flags.
+    le16(&mut f, 2);
+    le16(&mut f, 3);
+    for v in [1, 0x0804_8000 + at, header, 0, 0] {
+        le32(&mut f, v);
+    }
+    // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx.
+    for v in [header as u16, entry as u16, 1, 0, 0, 0] {
+        le16(&mut f, v);
+    }
+    // PT_INTERP: p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags, p_align.
+    let len = interp.len() as u32;
+    for v in [3, at, 0, 0, len, len, 4, 1] {
+        le32(&mut f, v);
+    }
+    f.extend_from_slice(&interp);
+    f
 }
 
 /// Two more ways a deploy breaks a job script that `check` misread: a link in `jobs_dir` whose

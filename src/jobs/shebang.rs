@@ -173,29 +173,44 @@ const MACHINES: [(u16, &str, &str); 10] = [
 ];
 
 /// An ELF program whose dynamic loader (its `PT_INTERP`) is not on this machine (built against
-/// musl and run on glibc, or for another distribution): the kernel says "No such file or
-/// directory" of the program. 64-bit little-endian ELF only; None for anything else.
+/// musl and run on glibc, a 32-bit program on a system without 32-bit libraries, or for another
+/// distribution): the kernel says "No such file or directory" of the program. None for anything
+/// else.
 fn elf_loader_missing(exe: &Path) -> Option<String> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(exe).ok()?;
     let mut h = [0u8; 64];
     f.read_exact_at(&mut h, 0).ok()?;
-    // EI_CLASS 2 (64-bit), EI_DATA 1 (little-endian).
-    if h[4] != 2 || h[5] != 1 {
-        return None;
-    }
-    let u64_at =
-        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
-    let u16_at =
-        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
-    let (phoff, phentsize, phnum) = (u64_at(&h, 32)?, u16_at(&h, 54)?, u16_at(&h, 56)?);
-    for i in 0..u64::from(phnum.min(64)) {
+    // EI_CLASS 1 or 2 (32- or 64-bit), EI_DATA 1 or 2 (little- or big-endian).
+    let (wide, little) = match (h[4], h[5]) {
+        (c @ (1 | 2), d @ (1 | 2)) => (c == 2, d == 1),
+        _ => return None,
+    };
+    let int = |b: &[u8], at: usize, len: usize| -> Option<u64> {
+        let b = b.get(at..at + len)?;
+        let fold = |n: u64, &x: &u8| n << 8 | u64::from(x);
+        Some(match little {
+            true => b.iter().rev().fold(0, fold),
+            false => b.iter().fold(0, fold),
+        })
+    };
+    // e_phoff, e_phentsize, e_phnum; and in a program header p_offset and p_filesz.
+    let (phoff, phentsize, phnum) = match wide {
+        true => (int(&h, 32, 8)?, int(&h, 54, 2)?, int(&h, 56, 2)?),
+        false => (int(&h, 28, 4)?, int(&h, 42, 2)?, int(&h, 44, 2)?),
+    };
+    let (offset_at, size_at, word) = if wide { (8, 32, 8) } else { (4, 16, 4) };
+    for i in 0..phnum.min(64) {
         let mut ph = [0u8; 56];
-        f.read_exact_at(&mut ph, phoff.checked_add(i * u64::from(phentsize))?)
+        let at = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        f.read_exact_at(&mut ph[..if wide { 56 } else { 32 }], at)
             .ok()?;
         // PT_INTERP: the loader's path, NUL-terminated.
-        if u32::from_le_bytes(ph[..4].try_into().ok()?) == 3 {
-            let (offset, size) = (u64_at(&ph, 8)?, u64_at(&ph, 32)?.min(4096));
+        if int(&ph, 0, 4)? == 3 {
+            let (offset, size) = (
+                int(&ph, offset_at, word)?,
+                int(&ph, size_at, word)?.min(4096),
+            );
             let mut path = vec![0u8; usize::try_from(size).ok()?];
             f.read_exact_at(&mut path, offset).ok()?;
             let path = path.split(|&b| b == 0).next()?;
@@ -203,7 +218,7 @@ fn elf_loader_missing(exe: &Path) -> Option<String> {
                 return None;
             }
             return Some(format!(
-                "its dynamic loader \"{}\" does not exist on this machine (a program built for another C library or system: link it statically, or build it here)",
+                "its dynamic loader \"{}\" does not exist on this machine (a program built for another C library or system, or a 32-bit program without the 32-bit libraries: link it statically, or build it here)",
                 crate::text::escape_bytes(path)
             ));
         }
@@ -237,5 +252,99 @@ mod tests {
         );
         // A program whose loader is here is nothing to say.
         assert_eq!(elf_loader_missing(Path::new("/bin/true")), None);
+    }
+
+    /// An ELF file of one header and one `PT_INTERP` program header naming `loader`, in either
+    /// class and byte order (the fields the kernel reads to find the loader, nothing to run).
+    fn elf(wide: bool, little: bool, loader: &str) -> Vec<u8> {
+        let n = |v: u64, len: usize| -> Vec<u8> {
+            let b = v.to_be_bytes()[8 - len..].to_vec();
+            if little {
+                b.into_iter().rev().collect()
+            } else {
+                b
+            }
+        };
+        let (word, header, entry) = if wide { (8, 64, 56) } else { (4, 52, 32) };
+        let at = (header + entry) as u64;
+        let mut f = vec![
+            0x7f,
+            b'E',
+            b'L',
+            b'F',
+            1 + u8::from(wide),
+            2 - u8::from(little),
+            1,
+        ];
+        f.resize(16, 0);
+        // e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
+        // e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx.
+        for (v, len) in [
+            (2, 2),
+            (8, 2),
+            (1, 4),
+            (0, word),
+            (header as u64, word),
+            (0, word),
+        ] {
+            f.extend(n(v, len));
+        }
+        for (v, len) in [
+            (0, 4),
+            (header as u64, 2),
+            (entry as u64, 2),
+            (1, 2),
+            (0, 6),
+        ] {
+            f.extend(n(v, len));
+        }
+        let len = loader.len() as u64 + 1;
+        let fields: &[(u64, usize)] = match wide {
+            // p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align.
+            true => &[
+                (3, 4),
+                (4, 4),
+                (at, 8),
+                (0, 8),
+                (0, 8),
+                (len, 8),
+                (len, 8),
+                (1, 8),
+            ],
+            // p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags, p_align.
+            false => &[
+                (3, 4),
+                (at, 4),
+                (0, 4),
+                (0, 4),
+                (len, 4),
+                (len, 4),
+                (4, 4),
+                (1, 4),
+            ],
+        };
+        for &(v, len) in fields {
+            f.extend(n(v, len));
+        }
+        f.extend(loader.as_bytes());
+        f.push(0);
+        f
+    }
+
+    #[test]
+    fn a_missing_loader_is_found_in_every_class_and_byte_order() {
+        let dir = crate::testutil::tempdir("shebang", "loaders");
+        for (wide, little) in [(true, true), (false, true), (true, false), (false, false)] {
+            let exe = dir.join(format!("elf-{wide}-{little}"));
+            std::fs::write(&exe, elf(wide, little, "/lib/ld-gearshift-test.so.1")).unwrap();
+            let said = elf_loader_missing(&exe).unwrap_or_default();
+            assert!(
+                said.contains("\"/lib/ld-gearshift-test.so.1\" does not exist"),
+                "{wide} {little}: {said}"
+            );
+            std::fs::write(&exe, elf(wide, little, "/bin/sh")).unwrap();
+            assert_eq!(elf_loader_missing(&exe), None, "{wide} {little}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
