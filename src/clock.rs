@@ -29,6 +29,16 @@ pub fn human_secs(secs: u64) -> String {
     }
 }
 
+/// A duration as people write it: `10m`, `3s`, `300ms`, `1.5s`, `0s` (never Rust's `0ns`).
+pub fn human(d: std::time::Duration) -> String {
+    match (d.as_secs(), d.subsec_nanos()) {
+        (s, 0) => human_secs(s),
+        (0, n) if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+        (0, _) => format!("{}µs", d.as_micros()),
+        _ => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
 /// A random fraction in [0, 1), for splay and backoff jitter (not for secrets): each call
 /// draws from the standard library's per-process random keys.
 pub fn random_fraction() -> f64 {
@@ -69,7 +79,23 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339_ms;
+    use super::{human, rfc3339_ms};
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_written() {
+        let cases = [
+            (Duration::ZERO, "0s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_secs(3), "3s"),
+            (Duration::from_millis(300), "300ms"),
+            (Duration::from_micros(1500), "1500µs"),
+            (Duration::from_millis(1500), "1.5s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(human(d), want, "{d:?}");
+        }
+    }
 
     #[test]
     fn timestamps() {

@@ -1364,3 +1364,54 @@ fn a_command_run_away_from_its_config_says_how_to_name_it() {
     );
     assert!(!err.contains("-c PATH"), "it was named: {err}");
 }
+
+/// `reload --timeout 0` and `stop --timeout 0` (send the signal, wait for nothing) said "no new
+/// generation after 0ns (jobs still running?)" and "pid N still running after 0ns (jobs still
+/// running?)": a Rust `Debug` duration, and a guess where the worker can tell. Now they say
+/// that nothing was waited for, and what the worker is doing: the job it runs, or its state.
+#[test]
+fn a_zero_timeout_says_it_waited_for_nothing_and_what_the_worker_does() {
+    let sb = Sandbox::new("timeout-zero");
+    let mut w = sb.start();
+    // Idle: the reload either served already or is said as under way, never guessed at.
+    let out = sb.run(&["reload", "--timeout", "0"]);
+    let said = text_of(&out);
+    assert!(matches!(out.status.code(), Some(0 | 5)), "{said}");
+    assert!(
+        !said.contains("0ns") && !said.contains("jobs still running?"),
+        "{said}"
+    );
+    w.wait_generation(2);
+    let id = sb.submit("sleep", "5000");
+    w.wait_for(Duration::from_secs(10), "the job running", |s| {
+        s["in_flight"] == 1
+    });
+    for args in [&["reload", "--timeout", "0"], &["stop", "--timeout", "0"]] {
+        let out = sb.run(args);
+        let said = text_of(&out);
+        assert_eq!(out.status.code(), Some(5), "{said}");
+        assert!(
+            said.contains("--timeout 0") && said.contains(&id) && !said.contains("0ns"),
+            "{said}"
+        );
+    }
+    assert!(
+        w.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        w.log_text()
+    );
+    // `--force` with no wait: the second TERM comes only once the worker has acted on the
+    // first (two sent at once arrive as one, a graceful stop, and it was killed 3 s later).
+    let w = sb.start();
+    let id = sb.submit("sleep", "30000");
+    w.wait_for(Duration::from_secs(10), "the job running", |s| {
+        s["in_flight"] == 1
+    });
+    let out = sb.run(&["stop", "--timeout", "0", "--force"]);
+    let said = text_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("by a second TERM") && said.contains(&id) && !said.contains("killed"),
+        "{said}"
+    );
+}

@@ -12,7 +12,7 @@ use crate::ops::pidfile::{self, Probe};
 use crate::text::ShowPath;
 
 use super::exit;
-use super::locate::{continue_stopped, running, stopped};
+use super::locate::{running, stopped};
 
 pub(super) fn metrics(path: &Path) -> Result<u8> {
     let (pid, socket) = match running(path) {
@@ -274,10 +274,8 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
             }
         }
         if Instant::now() >= deadline {
-            match waiting_for(&socket, pid) {
-                Some(jobs) => eprintln!("no new generation after {timeout:?}: waiting for{jobs}"),
-                None => eprintln!("no new generation after {timeout:?} (jobs still running?)"),
-            }
+            let (when, what) = (waited(timeout), what_holds_it(&socket, pid));
+            eprintln!("no new generation {when}{what}");
             return Ok(exit::NOT_YET);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -306,141 +304,6 @@ fn deploy_refused(before: &crate::status::Doc, now: &crate::status::Doc) -> u8 {
     }
 }
 
-pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
-    let (pid, socket, pidfile, by_record) = match super::locate::find(path, true) {
-        Err(Error::NotRunning) => {
-            println!("gearshift is not running");
-            return Ok(0);
-        }
-        other => other?,
-    };
-    // Its end is told by the pidfile lock; for a worker found by root's record alone (its
-    // state_dir removed under it), by the record: that pid with that start time gone.
-    let alive = || -> Result<bool> {
-        Ok(match by_record {
-            true => super::locate::recorded_worker(path) == Some(pid),
-            false => pidfile::probe(&pidfile)? != Probe::NotRunning,
-        })
-    };
-    if by_record {
-        eprintln!("gearshift: no pidfile lock or status socket in its state_dir (removed?): stopping pid {pid}, which root recorded as the worker started with this config");
-    }
-    let target = Pid::from_raw(pid);
-    // A worker already stopping (an earlier `stop` waits for its jobs) takes this TERM as "exit
-    // now": the jobs it runs are interrupted and run again. Say which. A worker stopped by
-    // SIGSTOP answers nothing until continued: not asked (3 s for no answer).
-    let was_stopped = stopped(pid);
-    let interrupted: Option<Vec<String>> = was_stopped
-        .is_none()
-        .then(|| crate::status::query(&socket, Some(pid)).ok())
-        .flatten()
-        .filter(|s| s.state == "stopping")
-        .map(|s| running_job_names(&s));
-    // A supervised worker is stopped through its supervisor, which forwards the TERM and
-    // takes what follows for a stop: a worker that then dies of `--force`, or exits 1 at a
-    // second `stop`, was started again as after a crash.
-    let via = super::locate::supervisor_of(pid, path).map_or(target, Pid::from_raw);
-    kill(via, Signal::SIGTERM).map_err(|e| Error::io(format!("signalling pid {via}"), e.into()))?;
-    // A stopped worker acts on no TERM: continue it, as systemd does after every TERM.
-    if was_stopped.is_some() {
-        continue_stopped(pid);
-    }
-    let started = Instant::now();
-    let mut said = false;
-    while alive()? {
-        if !said && started.elapsed() > Duration::from_secs(1) {
-            if let Ok(s) = crate::status::query(&socket, Some(pid)) {
-                println!("waiting for {} running job(s) to finish", s.in_flight);
-                for j in &s.running_jobs {
-                    println!("  {}", j.describe());
-                }
-            }
-            said = true;
-        }
-        if started.elapsed() >= timeout {
-            if !force {
-                let jobs = waiting_for(&socket, pid).unwrap_or_default();
-                eprintln!(
-                    "pid {pid} still running after {timeout:?} (jobs still running?); --force kills it{jobs}"
-                );
-                return Ok(exit::NOT_YET);
-            }
-            let jobs = match crate::status::query(&socket, Some(pid)).map(|s| running_job_names(&s))
-            {
-                Ok(jobs) if jobs.is_empty() => "no job was running".to_string(),
-                Ok(jobs) => format!("these jobs will run again: {}", jobs.join(", ")),
-                Err(_) => "the jobs it ran (it did not say which) will run again".to_string(),
-            };
-            // First the worker's own forced stop, which it promises within 2 s in every state:
-            // its job processes killed and its death by SIGTERM, which a supervisor and
-            // systemd take for the stop it is. A SIGKILL is a crash to them (systemd's
-            // Restart=on-failure started the worker again, to run the killed jobs at once).
-            let _ = kill(via, Signal::SIGTERM);
-            if gone_within(&alive, SECOND_TERM_WAIT)? {
-                println!("stopped (pid {pid}) after {timeout:?} by a second TERM; {jobs}");
-                return Ok(0);
-            }
-            // Still there (held by a debugger, or in the kernel): killed. A service's main
-            // process killed is a crash to systemd: its Restart= starts it again (a supervisor
-            // of ours, which had the TERM, takes it for the stop it is).
-            if via == target {
-                if let Some(unit) = super::locate::systemd_unit(pid) {
-                    let unit = crate::text::escape(&unit);
-                    eprintln!(
-                        "note: pid {pid} is the main process of systemd unit {unit}, which takes a SIGKILL for a crash: Restart=on-failure (as in scripts/gearshift.service) starts it again; `systemctl stop {unit}` stops the unit"
-                    );
-                }
-            }
-            // Job processes run in their own process groups: the worker's death does not end
-            // them, and a spool job would otherwise run twice at once. Find them while they
-            // are still the worker's children, then kill the worker, then them.
-            let groups = job_groups(pid);
-            kill(target, Signal::SIGKILL)
-                .map_err(|e| Error::io(format!("killing pid {pid}"), e.into()))?;
-            for g in groups {
-                let _ = nix::sys::signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
-            }
-            // The lock goes with the process, which one in an uninterruptible wait (its disk
-            // or NFS server hung, a frozen cgroup) leaves only once that wait ends.
-            let wait = crate::jobs::pipes::KILL_WAIT;
-            if !gone_within(&alive, wait)? {
-                let state = crate::ops::procfs::Stat::of(Some(pid)).map_or('?', |s| s.state);
-                eprintln!("killed pid {pid} after {timeout:?}, but it is still there {wait:?} later, in state {state}: a process in an uninterruptible wait (a hung disk or NFS server, a frozen cgroup) dies only once that wait ends, and holds the pidfile lock until then");
-                return Ok(exit::NOT_YET);
-            }
-            println!(
-                "killed (pid {pid}) after {timeout:?}: a second TERM did not end it within {SECOND_TERM_WAIT:?}; {jobs}"
-            );
-            return Ok(0);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    match interrupted {
-        Some(jobs) if !jobs.is_empty() => println!(
-            "stopped (pid {pid}) at once: it was already stopping, and a second TERM interrupts; these jobs will run again: {}",
-            jobs.join(", ")
-        ),
-        _ => println!("stopped (pid {pid})"),
-    }
-    Ok(0)
-}
-
-/// How long `stop --force` gives the worker's forced stop (a second TERM), which it promises
-/// within 2 s, before it kills.
-const SECOND_TERM_WAIT: Duration = Duration::from_secs(3);
-
-/// Whether the worker is gone within `wait` (`alive` says it is not: its pidfile lock free).
-fn gone_within(alive: &impl Fn() -> Result<bool>, wait: Duration) -> Result<bool> {
-    let since = Instant::now();
-    while alive()? {
-        if since.elapsed() >= wait {
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(true)
-}
-
 /// Asks the worker to reopen its log file: SIGUSR1, only to the proven lock holder.
 pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     let (pid, _, _) = match running(path) {
@@ -467,34 +330,28 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// The jobs the worker runs, a line each ("\n  lane 0: ..."), if it says and runs any.
-fn waiting_for(socket: &Path, pid: i32) -> Option<String> {
-    let s = crate::status::query(socket, Some(pid)).ok()?;
+/// When a wait ended unmet: `after 10m`, or, for `--timeout 0`, that none was waited for.
+fn waited(timeout: Duration) -> String {
+    match timeout.is_zero() {
+        true => "yet (--timeout 0 waits for nothing)".into(),
+        false => format!("after {}", crate::clock::human(timeout)),
+    }
+}
+
+/// What holds the worker, as the end of a sentence: `: waiting for` and the jobs it runs, a
+/// line each, or its state when it runs none, or that it did not answer.
+pub(super) fn what_holds_it(socket: &Path, pid: i32) -> String {
+    let Ok(s) = crate::status::query(socket, Some(pid)) else {
+        return "; it did not answer on its status socket".into();
+    };
     let lines: String = (s.running_jobs.iter())
         .map(|j| format!("\n  {}", j.describe()))
         .collect();
-    (!lines.is_empty()).then_some(lines)
-}
-
-/// `ID (function)` of each job the worker runs, escaped for a terminal.
-fn running_job_names(s: &crate::status::Doc) -> Vec<String> {
-    s.running_jobs
-        .iter()
-        .map(|j| {
-            format!(
-                "{} ({})",
-                crate::text::escape(&j.id),
-                crate::text::escape(&j.function)
-            )
-        })
-        .collect()
-}
-
-/// The process groups led by children of `pid` (its running job executables).
-fn job_groups(pid: i32) -> Vec<i32> {
-    crate::ops::procfs::children_of(pid)
-        .into_iter()
-        .filter(|(child, stat)| stat.pgrp == *child)
-        .map(|(child, _)| child)
-        .collect()
+    match lines.is_empty() {
+        true => format!(
+            "; it runs no job, and its state is \"{}\"",
+            crate::text::escape(&s.state)
+        ),
+        false => format!(": waiting for{lines}"),
+    }
 }

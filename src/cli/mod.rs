@@ -19,6 +19,7 @@ mod exit;
 mod locate;
 mod rerun;
 mod restart;
+mod stop;
 mod submit;
 mod top;
 mod zeromq;
@@ -364,7 +365,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
         Command::Metrics => control::metrics(path),
         Command::Top { interval } => top::run(path, interval),
         Command::Reload { timeout } => control::reload(path, timeout),
-        Command::Stop { timeout, force } => control::stop(path, timeout, force),
+        Command::Stop { timeout, force } => stop::stop(path, timeout, force),
         Command::ReopenLogs => control::reopen_logs(path),
         Command::Check { config_only: true } => {
             let config = Config::load(path)?;

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::jobs::functions::Functions;
 use crate::worker::Plan;
 
-use super::{control, exit, locate, START_WAIT};
+use super::{exit, locate, START_WAIT};
 
 /// Stops the running worker and starts it again (with its supervisor, if it had one). What
 /// the new worker would refuse is said first, and the running one left as it is; a new binary
@@ -53,7 +53,7 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
             .ok()
             .and_then(|s| s.supervisor.map(|sv| sv.max_restarts))
     });
-    let stopped = control::stop(path, timeout, false)?;
+    let stopped = super::stop::stop(path, timeout, false)?;
     if stopped == exit::NOT_YET {
         eprintln!(
             "not restarted: the worker stops once its running jobs finish, and nothing starts after it; start it then with `gearshift start` (`gearshift status` says when it has stopped): another `stop` or `restart` now would end its jobs at once"

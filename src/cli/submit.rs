@@ -106,7 +106,8 @@ fn submit_amqp(cfg: &crate::config::AmqpConfig, args: &SubmitArgs, payload: &[u8
             Ok(if answer.done { exit::OK } else { exit::FAILED })
         }
         None => {
-            eprintln!("gearshift: no answer within {wait:?} (the job stays queued or running)");
+            let wait = crate::clock::human(wait);
+            eprintln!("gearshift: no answer within {wait} (the job stays queued or running)");
             Ok(exit::NOT_YET)
         }
     }

@@ -187,7 +187,8 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, wait: Duration) -> Started {
     let done = |code| Started { code, died: false };
     if !readable_within(&ready, wait) {
         eprintln!(
-            "gearshift: the daemon did not serve within {wait:?}; it is still starting (see {}; `gearshift status` tells once it serves, `gearshift stop` stops it)",
+            "gearshift: the daemon did not serve within {}; it is still starting (see {}; `gearshift status` tells once it serves, `gearshift stop` stops it)",
+            crate::clock::human(wait),
             log_file.shown()
         );
         // `exit::NOT_YET`: not done yet.

@@ -346,9 +346,9 @@ fn wait_serving(
             return Err((e, crashed));
         }
         if Instant::now() >= deadline {
+            let (within, log) = (crate::clock::human(patience), s.log_file.shown());
             let e = Error::Msg(format!(
-                "the worker did not serve within {patience:?}; it was stopped; see {}",
-                s.log_file.shown()
+                "the worker did not serve within {within}; it was stopped; see {log}"
             ));
             return Err((e, false));
         }

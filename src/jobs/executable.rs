@@ -305,7 +305,7 @@ pub fn run(
                 |limit| {
                     format!(
                         "timed out after {} (process group killed)",
-                        fmt_duration(limit)
+                        crate::clock::human(limit)
                     )
                 },
             );
@@ -325,7 +325,7 @@ pub fn run(
     if let Some(limit) = out.timed_out {
         return Err(JobError::timed_out(format!(
             "timed out after {} (process group killed){}",
-            fmt_duration(limit),
+            crate::clock::human(limit),
             tail_suffix(&out.stderr)
         )));
     }
@@ -367,15 +367,6 @@ fn start_error(message: String, errno: i32, exe: &Path, explained: bool) -> JobE
         JobError::busy(message)
     } else {
         JobError::new(message)
-    }
-}
-
-/// A timeout as the config writes it: whole seconds as `2s`, else milliseconds.
-pub(crate) fn fmt_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
     }
 }
 

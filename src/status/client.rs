@@ -57,8 +57,9 @@ fn connect(path: &Path) -> Result<UnixStream> {
             }
             Err(Errno::EAGAIN) => {
                 return Err(Error::Peer(format!(
-                    "\"{}\" accepted no connection within {CONNECT_WAIT:?}",
-                    path.shown()
+                    "\"{}\" accepted no connection within {}",
+                    path.shown(),
+                    crate::clock::human(CONNECT_WAIT)
                 )))
             }
             Err(e) => {
@@ -107,13 +108,15 @@ fn ask(path: &Path, pid: Option<i32>, request: &str, limit: u64) -> Result<Strin
                 // Waiting in the backlog: a worker that cannot accept (its log says why, e.g.
                 // out of descriptors), or one too busy to.
                 format!(
-                    "\"{}\" gave no answer within {ANSWER_WAIT:?} (the worker's log may say why)",
-                    path.shown()
+                    "\"{}\" gave no answer within {} (the worker's log may say why)",
+                    path.shown(),
+                    crate::clock::human(ANSWER_WAIT)
                 )
             } else {
                 format!(
-                    "\"{}\" did not finish its answer within {ANSWER_WAIT:?}",
-                    path.shown()
+                    "\"{}\" did not finish its answer within {}",
+                    path.shown(),
+                    crate::clock::human(ANSWER_WAIT)
                 )
             }));
         }

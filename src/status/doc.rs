@@ -249,7 +249,7 @@ impl RunningJob {
             self.running_ms as f64 / 1000.0
         );
         if let Some(t) = self.timeout_ms.filter(|t| self.running_ms > *t) {
-            let limit = crate::jobs::executable::fmt_duration(std::time::Duration::from_millis(t));
+            let limit = crate::clock::human(std::time::Duration::from_millis(t));
             s.push_str(&format!(
                 ", {:.1}s past its {limit} timeout {}",
                 (self.running_ms - t) as f64 / 1000.0,

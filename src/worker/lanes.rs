@@ -136,7 +136,7 @@ impl Control {
                 }
             }
         }
-        let ms = |ms: u64| crate::jobs::executable::fmt_duration(Duration::from_millis(ms));
+        let ms = |ms: u64| crate::clock::human(Duration::from_millis(ms));
         let (what, when) = if stopping {
             ("stop", "at the next start ")
         } else {

@@ -302,7 +302,7 @@ pub fn describe(table: &Table) -> BTreeMap<String, String> {
                 Runner::Executable(p) => p.shown().to_string(),
             };
             let t = timeout
-                .map(|t| format!(" (timeout {t:?})"))
+                .map(|t| format!(" (timeout {})", crate::clock::human(t)))
                 .unwrap_or_default();
             (name.clone(), format!("{what}{t}"))
         })

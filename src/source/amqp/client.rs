@@ -122,9 +122,9 @@ fn publish(
             }
             Event::TimedOut => {
                 return Err(Error::TimedOut(format!(
-                    "publishing: {} of {count} message(s) unconfirmed after {:?}",
+                    "publishing: {} of {count} message(s) unconfirmed after {}",
                     waiting.len() as u64 + (last - conn.published),
-                    cfg.io_timeout
+                    crate::clock::human(cfg.io_timeout)
                 )))
             }
             Event::Returned => returned += 1,

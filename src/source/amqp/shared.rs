@@ -359,7 +359,8 @@ impl Shared {
             if now >= deadline {
                 if !b.blocked {
                     return Err(Error::TimedOut(format!(
-                        "publishing the reply: no confirm within {io_timeout:?}"
+                        "publishing the reply: no confirm within {}",
+                        crate::clock::human(io_timeout)
                     )));
                 }
                 if !said {

@@ -373,8 +373,8 @@ impl Conn {
                 Event::Woken => return Err(Error::Gone(format!("{what}: stopping"))),
                 Event::TimedOut => {
                     return Err(Error::TimedOut(format!(
-                        "{what}: no answer within {:?}",
-                        self.io_timeout
+                        "{what}: no answer within {}",
+                        crate::clock::human(self.io_timeout)
                     )))
                 }
             }
