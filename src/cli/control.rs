@@ -267,7 +267,7 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
             if now.reload_refusals > refusals {
                 let why = now.last_refused_reload.map_or_else(
                     || "unknown reason".to_string(),
-                    |r| crate::text::escape(&r.error).into_owned(),
+                    |r| crate::text::escape_lines(&r.error).into_owned(),
                 );
                 eprintln!("reload refused, still generation {g}: {why}");
                 return Ok(exit::FAILED);

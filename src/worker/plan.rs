@@ -274,22 +274,38 @@ fn check_jobs_dir(config: &Config) -> Result<watch::Jobs> {
         )));
     }
     let scanned = watch::scan_jobs(jobs_dir)?;
+    // Every executable's problem, not the first one's: a deploy of several is fixed at once.
+    let mut problems = Vec::new();
     if config.worker.strict_modes {
         let owner = crate::ops::privilege::owner_uid(config)?;
         crate::ops::privilege::check_path(&config.path, "config", owner)?;
         crate::ops::privilege::check_path(jobs_dir, "jobs_dir", owner)?;
         for exe in scanned.functions.values() {
-            crate::ops::privilege::check_path(exe, "job executable", owner)?;
+            problems.extend(crate::ops::privilege::check_path(exe, "job executable", owner).err());
         }
     }
     if let Some(t) = crate::ops::privilege::dropping_to(config)? {
         use crate::ops::privilege::{check_access, Need};
         check_access(jobs_dir, "jobs_dir", &t, Need::ReadExec)?;
         for exe in scanned.functions.values() {
-            check_access(exe, "job executable", &t, Need::ReadExec)?;
+            problems.extend(check_access(exe, "job executable", &t, Need::ReadExec).err());
         }
     }
-    Ok(scanned)
+    match problems.len() {
+        0 => Ok(scanned),
+        1 => Err(problems.remove(0)),
+        n => {
+            let shown: Vec<String> = problems.iter().take(10).map(|e| format!("  {e}")).collect();
+            let more = match n > 10 {
+                true => format!("\n  and {} more", n - 10),
+                false => String::new(),
+            };
+            Err(Error::Config(format!(
+                "{n} job executables cannot be used:\n{}{more}",
+                shown.join("\n")
+            )))
+        }
+    }
 }
 
 /// The functions table as a map of name to description, for `check`.
