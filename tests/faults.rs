@@ -465,9 +465,12 @@ fn a_change_seen_while_descriptors_run_out_is_served_once_they_are_back() {
     sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
     sb.write_config("");
     let marker = sb.path("fail-look");
-    let w = sb.start_env(&[("GEARSHIFT_FAULT_EMFILE", marker.to_str().unwrap())]);
+    let w = sb.start_env(&[
+        ("GEARSHIFT_FAULT_EMFILE", marker.to_str().unwrap()),
+        ("GEARSHIFT_FAULT_WATCH_READ", "1"),
+    ]);
     fs::write(&marker, "").unwrap();
-    // A real change: a new job executable (this build's watch fails at its first event and
+    // A real change: a new job executable (the watch is made to fail at its first event and
     // the files are polled instead, every 2 s).
     sb.job("down.sh", "#!/bin/sh\ntr A-Z a-z\n");
     eventually(Duration::from_secs(20), "a failed look", || {
@@ -961,7 +964,7 @@ fn without_inotify_the_worker_polls_and_says_so() {
 fn a_watch_that_fails_while_running_falls_back_to_polling() {
     let mut sb = Sandbox::new("watch-read-fault");
     sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
-    let w = sb.start();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_WATCH_READ", "1")]);
     // Any event in a watched directory makes the (injected) read fail: the worker's own first
     // writes in the sandbox (watched as the config's directory) already do, and so does this.
     fs::write(sb.path("unrelated.txt"), "x").unwrap();

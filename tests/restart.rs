@@ -272,6 +272,36 @@ fn a_hup_while_the_config_is_written_slowly_waits_for_its_close() {
     assert!(!log.contains("reload refused"), "{log}");
 }
 
+/// A config written in place slowly as the worker starts (here: its control loop held back
+/// until the write began, in a fault build; in CI, a busy machine): the loop's first look at
+/// the files, made at once, read the half-written file before the watch's report of the
+/// writer reached it, and refused it ("a value is missing after `=`"). Now the first look
+/// waits a debounce, as every other look does, and the file is judged once it is closed.
+#[test]
+fn a_config_written_as_the_worker_starts_is_judged_once_closed() {
+    let mut sb = Sandbox::new("cfg-slow-start");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_LOOP", marker.to_str().unwrap())]);
+    let whole = sb.config_text("# written as the worker started\n");
+    let write = SlowWrite::begin(&sb, &whole, after(&whole, "concurrency = "));
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(&marker).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    write.finish();
+    w.wait_generation(2);
+    std::thread::sleep(Duration::from_millis(1000));
+    let s = w.status();
+    let log = w.log_text();
+    assert_eq!(
+        (&s["generation"], &s["config_sha256"]),
+        (&2.into(), &sha256_hex(whole.as_bytes()).into()),
+        "one restart, onto the whole file:\n{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
+}
+
 /// A change waiting out `restart_splay` when a slow in-place write of the config begins: the
 /// splay ends no sooner than the writer's close, so the half-written file (which does not
 /// parse) is never judged and refused; the restart reads the whole.

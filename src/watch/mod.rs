@@ -139,13 +139,17 @@ pub fn start(
                 &mut buf,
                 &follow,
             );
-            // A fault-injection build (tests only): the first events read become a failed read.
+            // A fault-injection build (tests only), asked by `GEARSHIFT_FAULT_WATCH_READ`: the
+            // first events read become a failed read.
             #[cfg(gearshift_faults)]
-            let waited = waited.and_then(|_| {
-                Err::<Vec<_>, _>(std::io::Error::other(
-                    "injected fault (gearshift_faults build)",
-                ))
-            });
+            let waited = match std::env::var_os("GEARSHIFT_FAULT_WATCH_READ") {
+                Some(_) => waited.and_then(|_| {
+                    Err::<Vec<_>, _>(std::io::Error::other(
+                        "injected fault (gearshift_faults build)",
+                    ))
+                }),
+                None => waited,
+            };
             let events = match waited {
                 Ok(e) => e,
                 Err(e) => {

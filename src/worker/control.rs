@@ -139,6 +139,9 @@ impl Control {
         events: &Receiver<Event>,
         failed: Option<Error>,
     ) -> Result<i32> {
+        // A fault-injection build (tests only): the loop stalls before its first look.
+        #[cfg(gearshift_faults)]
+        super::plan::stall_while("GEARSHIFT_FAULT_STALL_LOOP", "stalling before the loop");
         let mut lp = Loop {
             // The binary's sha is computed in the background: look once it may be known, and
             // for a candidate dropped while we were starting.
@@ -147,8 +150,10 @@ impl Control {
                 .as_ref()
                 .map(|_| Instant::now() + Duration::from_millis(200)),
             phase: Phase::Running,
-            // Look once right away: the files may have changed between our exec and the watch.
-            check_at: Some(Instant::now()),
+            // Look once: the files may have changed between our exec and the watch. Not at
+            // once: a debounce lets the watch's reports come first (one of a writer holding
+            // config.toml open, whose half-written text must not be judged).
+            check_at: Some(Instant::now() + DEBOUNCE),
             first_touch: None,
             writer: Writer::default(),
             live: self.lanes.len(),
