@@ -658,6 +658,37 @@ mod tests {
                 "[w\"orker]\n",
                 "/etc/gs/config.toml:1:3: a table's name is one word of letters, digits, `_` and `-`, or a string in quotes: [worker], [\"a name\"]",
             ),
+            // An array of tables (`[[name]]`), which gearshift's config has none of.
+            (
+                "[[worker]\n",
+                "/etc/gs/config.toml:1:9: the header's closing `]]` is missing; and `[[name]]` heads an array of tables, which this config has none of: a table is written [name]",
+            ),
+            (
+                "[[worker]]\nconcurrency = 2\n",
+                "/etc/gs/config.toml:1:1: `[[worker]]` heads an array of tables, which this config has none of: a table is written [worker]",
+            ),
+            // An inline table not closed on its line, or with a comma after its last item.
+            (
+                "[source]\ntls = { ca_file = \"x\"\n",
+                "/etc/gs/config.toml:2:22: the inline table's closing `}` is missing: an inline table is written on one line, { key = \"value\", other = 1 }",
+            ),
+            (
+                "[source]\ntls = { ca_file = \"x\", }\n",
+                "/etc/gs/config.toml:2:22: no comma after an inline table's last item: { key = \"value\", other = 1 }",
+            ),
+            // A number's underscores and decimal point.
+            (
+                "[worker]\nmax_jobs = 1_\n",
+                "/etc/gs/config.toml:2:14: an underscore in a number stands between two digits: 1_000",
+            ),
+            (
+                "[worker]\nrecycle_splay = .5\n",
+                "/etc/gs/config.toml:2:17: a number begins with a digit: 0.5",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1.\n",
+                "/etc/gs/config.toml:2:19: a digit follows a decimal point: 1.0",
+            ),
             // A key written above every table is one of a table's keys: say which.
             (
                 "concurrency = 2\n[worker]\n",
@@ -731,14 +762,19 @@ mod tests {
     }
 
     /// Names the parser quotes in backticks were split at every backtick: a key with one in it
-    /// (`"a`b" = 1` twice) was said as `a`, and a table's name lost its parts. And a name is
-    /// the file's text: a 5,000-character key set twice was repeated whole in the message.
+    /// (`"a`b" = 1` twice) was said as `a`, and a table's name lost its parts; a word with a
+    /// backtick is quoted in double quotes (`` `a`b` `` read as two words). And a name is the
+    /// file's text: a 5,000-character key set twice was repeated whole in the message.
     #[test]
     fn names_in_messages_are_whole_and_bounded() {
         let cases = [
             (
                 "[functions.sleep]\n\"a`b\" = 1\n\"a`b\" = 2\n".to_string(),
-                "`a`b` is set twice in [functions.sleep]".to_string(),
+                "\"a`b\" is set twice in [functions.sleep]".to_string(),
+            ),
+            (
+                "[worker]\njobs_dir = a`b\n".to_string(),
+                "\"a`b\" is no TOML value".to_string(),
             ),
             (
                 "[functions.\"x`y\"]\n[functions.\"x`y\"]\n".to_string(),

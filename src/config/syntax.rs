@@ -25,6 +25,9 @@ pub(super) fn explain_at(
     if let Some(said) = control_character(rest).or_else(|| control_character(last)) {
         return said;
     }
+    if let Some(said) = span.as_ref().and_then(|_| array_of_tables(rest)) {
+        return said;
+    }
     if message.trim().is_empty() {
         // The toml crate says nothing for a key whose value the file ends before.
         return if before.trim_end().ends_with('=') && rest.trim().is_empty() {
@@ -170,6 +173,16 @@ fn key_in_table(m: &str) -> Option<(&str, Option<&str>)> {
     Some((key, None))
 }
 
+/// A word from the file in a message's quoting, escaped: in backticks, or in double quotes if
+/// it holds a backtick itself (`` `a`b` `` reads as two quoted words).
+fn code(word: &str) -> String {
+    let word = crate::text::escape(word);
+    match word.contains('`') {
+        true => format!("\"{word}\""),
+        false => format!("`{word}`"),
+    }
+}
+
 /// A key's or table's name from the file, as a message shows it: escaped, and at most 60
 /// characters (a name is the file's text, of any length).
 fn name_shown(name: &str) -> String {
@@ -185,18 +198,20 @@ fn name_shown(name: &str) -> String {
 fn no_toml_value(word: &str) -> String {
     if let Some(at) = word.find(['"', '\'']).filter(|&at| at > 0) {
         let (stray, quote) = word.split_at(at);
-        let stray = crate::text::escape(stray);
         if quote.len() == 1 {
+            let stray = crate::text::escape(stray);
             return format!("the string's opening `{quote}` is missing: {quote}{stray}{quote}");
         }
         let quote = &quote[..1];
         return format!(
-            "`{stray}` before the string's opening `{quote}`: a string begins with its quote"
+            "{} before the string's opening `{quote}`: a string begins with its quote",
+            code(stray)
         );
     }
-    let word = crate::text::escape(word);
     format!(
-        "`{word}` is no TOML value: a string is written in quotes (\"{word}\"); numbers, true and false without"
+        "{} is no TOML value: a string is written in quotes (\"{}\"); numbers, true and false without",
+        code(word),
+        crate::text::escape(word)
     )
 }
 
@@ -230,9 +245,9 @@ fn unreadable_list(message: &str, rest: &str) -> Option<String> {
 
 /// Punctuation where a value goes.
 fn cannot_begin(c: char) -> String {
-    let c = crate::text::escape(&c.to_string()).into_owned();
     format!(
-        "a value cannot begin with `{c}`: a string is written in quotes (\"...\"); numbers, true and false without"
+        "a value cannot begin with {}: a string is written in quotes (\"...\"); numbers, true and false without",
+        code(&c.to_string())
     )
 }
 
@@ -262,12 +277,54 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
         "invalid table header; expected `.`, `]`" => {
             "the table header's closing `]` is missing (a header is `[name]`, alone on its line)"
         }
+        "invalid table header; expected `.`, `]]`" => {
+            "the header's closing `]]` is missing; and `[[name]]` heads an array of tables, which this config has none of: a table is written [name]"
+        }
+        "invalid inline table; expected `}`" => inline_table(rest),
+        "invalid integer; expected digit" if before.ends_with('_') => {
+            "an underscore in a number stands between two digits: 1_000"
+        }
+        "invalid floating-point number; expected leading digit" => {
+            "a number begins with a digit: 0.5"
+        }
+        "invalid floating-point number; expected digit" if before.ends_with('.') => {
+            "a digit follows a decimal point: 1.0"
+        }
         "invalid key" => {
             "a name is missing here (a key or a table's name: letters, digits, `_` and `-`, or a string in quotes)"
         }
         _ => return twice_or_missing(message, rest),
     };
     Some(said.to_string())
+}
+
+/// The parser's "invalid inline table; expected `}`" told as the mistake.
+fn inline_table(rest: &str) -> &'static str {
+    // The parser stops at the comma.
+    if rest
+        .strip_prefix(',')
+        .is_some_and(|r| r.trim_start().starts_with('}'))
+    {
+        "no comma after an inline table's last item: { key = \"value\", other = 1 }"
+    } else if first_line(rest).is_empty() {
+        "the inline table's closing `}` is missing: an inline table is written on one line, { key = \"value\", other = 1 }"
+    } else {
+        "a comma is missing between an inline table's items: { key = \"value\", other = 1 }"
+    }
+}
+
+/// A header `[[name]]` where the parser stopped: an array of tables, for a key that takes a
+/// table (or a number: serde's words then name what the key is, not the mistake).
+fn array_of_tables(rest: &str) -> Option<String> {
+    let name = first_line(rest)
+        .strip_prefix("[[")?
+        .split_once("]]")?
+        .0
+        .trim();
+    let name = name_shown(name);
+    Some(format!(
+        "`[[{name}]]` heads an array of tables, which this config has none of: a table is written [{name}]"
+    ))
 }
 
 /// serde's and the parser's words for a table or a key written twice, or a key a table needs
@@ -284,20 +341,20 @@ fn twice_or_missing(message: &str, rest: &str) -> Option<String> {
     }
     if let Some(m) = message.strip_prefix("duplicate key ") {
         let (key, table) = key_in_table(m)?;
-        let key = name_shown(key);
+        let key = code(&name_shown(key));
         return Some(match table {
-            Some(table) => format!("`{key}` is set twice in [{}]", name_shown(table)),
-            None => format!("`{key}` is set twice"),
+            Some(table) => format!("{key} is set twice in [{}]", name_shown(table)),
+            None => format!("{key} is set twice"),
         });
     }
     let key = message.strip_prefix("missing field `")?.strip_suffix('`')?;
-    let key = name_shown(key);
+    let key = code(&name_shown(key));
     let header = first_line(rest)
         .strip_prefix('[')
         .and_then(|h| h.split_once(']'))
         .map(|(name, _)| name_shown(name.trim()));
     Some(match header {
-        Some(table) => format!("[{table}] needs the key `{key}`"),
-        None => format!("the key `{key}` is missing here"),
+        Some(table) => format!("[{table}] needs the key {key}"),
+        None => format!("the key {key} is missing here"),
     })
 }
