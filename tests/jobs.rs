@@ -618,6 +618,30 @@ fn a_worker_with_no_function_says_why() {
     );
 }
 
+/// A `jobs_dir` of hundreds of executables: `status` printed every name on one line (15 KB
+/// for 2,000). Now it shows the first 40 and how many more, and `status --json` lists all.
+#[test]
+fn status_names_some_functions_and_counts_the_rest() {
+    let sb = Sandbox::new("many-functions");
+    sb.write_config("");
+    for i in 0..100 {
+        sb.job(&format!("f{i:03}"), "#!/bin/sh\ncat\n");
+    }
+    let w = sb.start();
+    let all = w.status()["functions"].as_array().unwrap().len();
+    assert!(all >= 100, "{all}");
+    let out = sb.run(&["status"]);
+    let said = text(&out.stdout);
+    let line = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("functions:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("and {} more", all - 40)) && line.contains("status --json"),
+        "{said}"
+    );
+}
+
 #[test]
 fn second_worker_on_the_same_state_is_refused() {
     let sb = Sandbox::new("twice");

@@ -165,8 +165,15 @@ fn print_status(s: &crate::status::Doc) {
             r.reason
         );
     }
-    let none = s.functions.is_empty().then_some("none");
-    println!("  functions: {}", none.unwrap_or(&s.functions.join(", ")));
+    let functions = match s.functions.len() {
+        0 => "none".to_string(),
+        n if n > 40 => format!(
+            "{} (`status --json` lists all {n})",
+            crate::text::some_of(&s.functions, 40)
+        ),
+        _ => s.functions.join(", "),
+    };
+    println!("  functions: {functions}");
     println!("  config {} (sha256 {})", s.config.shown(), s.config_sha256);
     if !s.servers.is_empty() {
         println!("  servers:");
