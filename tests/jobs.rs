@@ -642,6 +642,45 @@ fn status_names_some_functions_and_counts_the_rest() {
     );
 }
 
+/// A `jobs_dir` of thousands of executables (`jobs_dir` pointed at a directory of programs,
+/// or filled by a runaway deploy) was served whole: 9,000 functions of long names made a status
+/// document over the 1 MiB a client reads, so `status` and `reload` could no longer ask the
+/// worker, and 37 MB of metrics. Now more than 4,096 executables is a refusal, like any
+/// invalid `jobs_dir`: `check` says so, and a running worker keeps serving what it has.
+#[test]
+fn a_jobs_dir_of_more_executables_than_a_worker_serves_is_refused() {
+    let sb = Sandbox::new("too-many-functions");
+    sb.write_config("");
+    let w = sb.start();
+    let dir = sb.path("jobs");
+    for i in 0..4097 {
+        let p = dir.join(format!("f{i:04}"));
+        fs::write(&p, "#!/bin/sh\ncat\n").unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("more than 4096 executables"),
+        "{}",
+        text_of(&out)
+    );
+    let s = w.wait_for(Duration::from_secs(20), "the change refused", |s| {
+        s["reload_refusals"].as_u64() >= Some(1)
+    });
+    assert_eq!(s["generation"], 1);
+    assert!(
+        s["last_refused_reload"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more than 4096 executables"),
+        "{s}"
+    );
+    assert_eq!(sb.run(&["status"]).status.code(), Some(0));
+    let out = sb.run(&["submit", "--wait", "reverse", "abc"]);
+    assert_eq!(text(&out.stdout), "cba", "{}", text_of(&out));
+}
+
 #[test]
 fn second_worker_on_the_same_state_is_refused() {
     let sb = Sandbox::new("twice");

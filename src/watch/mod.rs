@@ -341,10 +341,20 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
     let mut found = BTreeMap::new();
     let mut warnings = Vec::new();
     let mut digest = Sha256::new();
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| Error::io_path("reading jobs_dir", dir, e))?
-        .filter_map(|e| e.ok())
-        .collect();
+    let too_many = |what: &str, most: usize| {
+        Error::Invalid(format!(
+            "jobs_dir \"{}\" holds more than {most} {what}, more than one worker serves (its status, metrics and server registrations stay bounded): is it the directory meant?",
+            dir.shown()
+        ))
+    };
+    let mut entries = Vec::new();
+    let listed = fs::read_dir(dir).map_err(|e| Error::io_path("reading jobs_dir", dir, e))?;
+    for entry in listed.filter_map(|e| e.ok()) {
+        if entries.len() == MAX_ENTRIES {
+            return Err(too_many("entries", MAX_ENTRIES));
+        }
+        entries.push(entry);
+    }
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let Some(file) = entry.file_name().to_str().map(str::to_string) else {
@@ -417,6 +427,9 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             &path,
             &head[..n],
         ));
+        if found.len() == MAX_FUNCTIONS {
+            return Err(too_many("executables", MAX_FUNCTIONS));
+        }
         let name = function.to_string();
         crate::config::check_function_name(&name)
             .map_err(|why| Error::Invalid(format!("{}: {why}", path.shown())))?;
@@ -428,12 +441,26 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             )));
         }
     }
+    if warnings.len() > MAX_WARNINGS {
+        let more = warnings.len() - MAX_WARNINGS;
+        warnings.truncate(MAX_WARNINGS);
+        warnings.push(format!("and {more} more such findings in jobs_dir"));
+    }
     Ok(Jobs {
         functions: found,
         digest: hex(&digest.finalize()),
         warnings,
     })
 }
+
+/// The most executables a `jobs_dir` may hold: each is a function in `status`, in the metrics
+/// and in every server registration. 4,096 names of the longest (128 bytes) fit the status
+/// document a client reads (1 MiB).
+pub const MAX_FUNCTIONS: usize = 4096;
+/// The most entries of any kind a `jobs_dir` is listed with (its listing is held in memory).
+const MAX_ENTRIES: usize = 65_536;
+/// The most findings of one scan kept as warnings (each one is in `status` and the log).
+const MAX_WARNINGS: usize = 20;
 
 /// Said of a link in `jobs_dir` whose target is gone (a versioned directory removed): its
 /// function would vanish without a word. None: `path` is no link.
@@ -464,6 +491,21 @@ pub struct Jobs {
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_scans_findings_are_bounded() {
+        let dir = crate::testutil::tempdir("scan", "findings");
+        for i in 0..25 {
+            fs::write(dir.join(format!("note{i:02}.txt")), "not a job").expect("write");
+        }
+        let jobs = scan_jobs(&dir).expect("scan");
+        assert_eq!(jobs.warnings.len(), MAX_WARNINGS + 1, "{:?}", jobs.warnings);
+        assert_eq!(
+            jobs.warnings[MAX_WARNINGS],
+            "and 5 more such findings in jobs_dir"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn scan_finds_executables_and_notices_changes() {
