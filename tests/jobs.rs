@@ -681,6 +681,29 @@ fn a_jobs_dir_of_more_executables_than_a_worker_serves_is_refused() {
     assert_eq!(text(&out.stdout), "cba", "{}", text_of(&out));
 }
 
+/// A `[functions.NAME]` for no function is a warning; one per table made a config of 20,000
+/// such tables (a generated file, 370 KB) 20,000 warnings, each logged at every start and
+/// restart, and 99 of them in `status`. Now they are one warning that names some.
+#[test]
+fn warnings_for_many_unknown_functions_are_one() {
+    let sb = Sandbox::new("many-unknown");
+    let tables: String = (0..20_000)
+        .map(|i| format!("[functions.nothing{i}]\ntimeout = \"1s\"\n"))
+        .collect();
+    sb.write_config(&tables);
+    let w = sb.start();
+    let out = sb.run(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = s["warnings"].as_array().unwrap();
+    assert!(warnings.len() < 5, "{}", warnings.len());
+    assert!(
+        has_warning(&s, "[functions.nothing0]") && has_warning(&s, "and 19990 more"),
+        "{s}"
+    );
+    assert!(w.log_text().lines().count() < 20, "{}", w.log_text().len());
+}
+
 #[test]
 fn second_worker_on_the_same_state_is_refused() {
     let sb = Sandbox::new("twice");

@@ -132,17 +132,25 @@ impl Plan {
             let timeout = config.timeout(&name);
             table.insert(name, Runner::Executable(path), timeout);
         }
-        let mut warnings: Vec<String> = config
-            .functions
-            .keys()
+        // One warning for them all: a generated config may hold thousands, each said at every
+        // start and restart.
+        let unknown: Vec<String> = (config.functions.keys())
             .filter(|name| !table.contains(name))
-            .map(|name| {
-                format!(
-                    "{}: [functions.{name}] names no known function",
-                    config.path.shown()
-                )
-            })
+            .map(|name| format!("[functions.{name}]"))
             .collect();
+        let mut warnings: Vec<String> = match unknown.len() {
+            0 => Vec::new(),
+            1 => vec![format!(
+                "{}: {} names no known function",
+                config.path.shown(),
+                unknown[0]
+            )],
+            _ => vec![format!(
+                "{}: {} name no known function",
+                config.path.shown(),
+                crate::text::some_of(&unknown, 10)
+            )],
+        };
         warnings.extend(scanned.warnings.iter().cloned());
         if table.iter().next().is_none() {
             let builtins = if config.worker.builtins {
@@ -221,7 +229,7 @@ fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<S
     }
     vec![format!(
         "functions {} may run longer than the broker's consumer_timeout ({}): RabbitMQ would close the worker's channel and deliver the job (and every other lane's) again while it runs; give them a shorter [functions.NAME] timeout (or [worker] job_timeout), or raise consumer_timeout in rabbitmq.conf and [source] consumer_timeout to match",
-        long.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+        crate::text::some_of(&long.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>(), 10),
         crate::clock::human_secs(limit.as_secs())
     )]
 }
