@@ -97,6 +97,29 @@ fn needs_escape(c: char) -> bool {
         || (0x2066..=0x2069).contains(&u)
 }
 
+/// `s` at most about `most` bytes long: its beginning and its end (where a message's hint is),
+/// and how much was cut between them. Text from outside (a 2 MB server name in a config) must
+/// not make a message nobody can read, nor a status document no client takes.
+pub fn cut(s: &str, most: usize) -> Cow<'_, str> {
+    if s.len() <= most {
+        return Cow::Borrowed(s);
+    }
+    let boundary = |mut i: usize| {
+        while !s.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let head = boundary(most * 3 / 4);
+    let tail = boundary(s.len() - most / 4);
+    Cow::Owned(format!(
+        "{} [... {} bytes cut ...] {}",
+        &s[..head],
+        tail - head,
+        &s[tail..]
+    ))
+}
+
 /// The first `most` of `names`, comma-separated, and how many more there are: a list that
 /// goes into every such error (a job's stored result, a log line) stays short however many
 /// names there are.
@@ -131,6 +154,18 @@ mod tests {
         assert_eq!(some_of(&[], 3), "");
     }
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn cut_keeps_both_ends_and_says_how_much_went() {
+        assert_eq!(cut("short", 10), "short");
+        let long = format!("begin {} end: the hint", "é".repeat(1000));
+        let c = cut(&long, 100);
+        assert!(c.len() < 140, "{c}");
+        assert!(
+            c.starts_with("begin ") && c.ends_with("end: the hint") && c.contains("bytes cut"),
+            "{c}"
+        );
+    }
 
     #[test]
     fn escapes_what_acts_on_a_terminal_or_a_log() {

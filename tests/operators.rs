@@ -1415,3 +1415,42 @@ fn a_zero_timeout_says_it_waited_for_nothing_and_what_the_worker_does() {
         "{said}"
     );
 }
+
+/// A config whose value is megabytes long (a server name of 2 MB: a template that pasted a
+/// file into it) was quoted whole: `check` printed a 2 MB line, the log one per look, and the
+/// refused reload's error went into the status document, over the 1 MiB a client reads, so
+/// `status` and `reload` could no longer ask the worker. Now every message keeps the value's
+/// beginning, its end and the hint, and says how much it cut.
+#[test]
+fn a_megabyte_value_makes_a_short_message_and_status_still_answers() {
+    let sb = Sandbox::new("huge-value");
+    let w = sb.start();
+    let huge = "h".repeat(2_000_000);
+    let config = format!(
+        "[worker]\nallow_root = true\n\n[source]\nkind = \"gearman\"\nservers = [\"{huge}\"]\n"
+    );
+    fs::write(sb.config(), &config).unwrap();
+    let out = sb.run(&["check"]);
+    let said = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        &said[..said.len().min(300)]
+    );
+    assert!(
+        said.len() < 4096 && said.contains("bytes cut") && said.contains("is not host:port"),
+        "{}",
+        &said[..said.len().min(300)]
+    );
+    let s = w.wait_for(Duration::from_secs(20), "the change refused", |s| {
+        s["reload_refusals"].as_u64() >= Some(1)
+    });
+    let error = s["last_refused_reload"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.len() < 8192, "{}", error.len());
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", &text_of(&out)[..300]);
+    assert!(w.log_text().len() < 64 << 10, "{}", w.log_text().len());
+}

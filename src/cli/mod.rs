@@ -285,7 +285,10 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
                 log::logger().flush();
             }
             if !json || (crate::ops::logging::has_file() && std::io::stderr().is_terminal()) {
-                eprintln!("gearshift: {}", crate::text::escape_lines(&e.to_string()));
+                eprintln!(
+                    "gearshift: {}",
+                    crate::text::escape_lines(&crate::text::cut(&e.to_string(), 16 << 10))
+                );
                 hint();
             }
             ExitCode::from(match e {

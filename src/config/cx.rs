@@ -11,6 +11,9 @@ use super::{Dur, Limit};
 use crate::error::{Error, Result};
 use crate::text::ShowPath;
 
+/// The longest config error message (the value it quotes is the file's text, of any length).
+const MAX_MESSAGE: usize = 2048;
+
 /// What every check needs to say where: the file, its bytes, its directory (relative paths).
 pub(super) struct Cx<'a> {
     pub(super) path: &'a Path,
@@ -28,6 +31,7 @@ impl Cx<'_> {
     /// A config error at `span` (1:1 when none).
     pub(super) fn located(&self, span: Option<Range<usize>>, msg: &str) -> Error {
         let (line, col) = span.map_or((1, 1), |s| line_col(self.bytes, s.start));
+        let msg = crate::text::cut(msg, MAX_MESSAGE);
         Error::Config(format!("{}:{line}:{col}: {msg}", self.path.shown()))
     }
 

@@ -340,7 +340,7 @@ pub fn init(default: log::LevelFilter) {
         };
         // One record, one line: text from outside (a server's error, a job's, a file name)
         // cannot forge a line or reach a terminal's escape sequences.
-        let message = record.args().to_string();
+        let message = crate::text::cut(&record.args().to_string(), 16 << 10).into_owned();
         writeln!(
             buf,
             "{ts} {:<5}{gen} {}",
@@ -485,9 +485,10 @@ fn json_line(ts: &str, generation: u64, record: &log::Record<'_>) -> String {
     if generation != 0 {
         fields.0.insert("generation".into(), generation.into());
     }
-    fields
-        .0
-        .insert("message".into(), record.args().to_string().into());
+    fields.0.insert(
+        "message".into(),
+        crate::text::cut(&record.args().to_string(), 16 << 10).into(),
+    );
     let _ = record.key_values().visit(&mut fields);
     serde_json::Value::Object(fields.0).to_string()
 }

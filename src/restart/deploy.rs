@@ -382,7 +382,7 @@ impl Deploy {
         self.last_refused = Some(Refused {
             at_ms: crate::clock::now_ms(),
             sha256: sha,
-            error,
+            error: crate::text::cut(&error, 4096).into_owned(),
         });
     }
 

@@ -236,7 +236,7 @@ impl Control {
             i.last_refused = Some(Refusal {
                 at_ms: now_ms(),
                 reason: reason.to_string(),
-                error: error.to_string(),
+                error: crate::text::cut(error, 4096).into_owned(),
             });
         }
     }
