@@ -33,12 +33,14 @@ pub use views::{count_reconnect, show_configured, show_server, ServerViews};
 /// far below what a client reads (a jobs_dir of 12,000 stray files would otherwise pass 1 MiB).
 const MAX_LISTED_WARNINGS: usize = 100;
 
-/// At most [`MAX_LISTED_WARNINGS`] of `all`, and a last line saying how many more there are.
+/// At most [`MAX_LISTED_WARNINGS`] of `all` (each at most 4 KiB), and a last line saying how
+/// many more there are.
 fn summarised(all: &[String]) -> Vec<String> {
+    let each = |w: &String| crate::text::cut(w, 4096).into_owned();
     if all.len() <= MAX_LISTED_WARNINGS {
-        return all.to_vec();
+        return all.iter().map(each).collect();
     }
-    let mut list = all[..MAX_LISTED_WARNINGS - 1].to_vec();
+    let mut list: Vec<String> = all[..MAX_LISTED_WARNINGS - 1].iter().map(each).collect();
     list.push(format!(
         "... and {} more warnings (see the log, or `check`)",
         all.len() - list.len()
@@ -433,5 +435,26 @@ impl State {
             lanes: self.running.lock().map(|r| r.len()).unwrap_or(0),
             zeromq: self.ingress_doc(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_listed_short_and_counted_past_the_limit() {
+        let all: Vec<String> = (0..150)
+            .map(|i| format!("warning {i}: {}", "x".repeat(10_000)))
+            .collect();
+        let listed = summarised(&all);
+        assert_eq!(listed.len(), MAX_LISTED_WARNINGS);
+        assert!(listed[..MAX_LISTED_WARNINGS - 1]
+            .iter()
+            .all(|w| w.len() < 4200 && w.contains("bytes cut")));
+        assert_eq!(
+            listed[MAX_LISTED_WARNINGS - 1],
+            "... and 51 more warnings (see the log, or `check`)"
+        );
     }
 }
