@@ -146,6 +146,13 @@ fn zeromq(cx: &Cx<'_>, s: RawSource) -> Result<Source> {
             "kind = \"zeromq\" needs at least one endpoint, e.g. bind = [\"tcp://127.0.0.1:5555\"]",
         ));
     }
+    let n = s.bind.get_ref().len();
+    if n > MAX_ENDPOINTS {
+        return Err(cx.located(
+            span(),
+            &format!("{n} endpoints, more than the {MAX_ENDPOINTS} a worker binds (each is a listening socket handed across every restart)"),
+        ));
+    }
     let mut bind: Vec<super::Endpoint> = Vec::new();
     for text in s.bind.get_ref() {
         let ep = super::Endpoint::parse(text).map_err(|why| cx.located(span(), &why))?;
@@ -245,6 +252,11 @@ pub(super) fn metrics(cx: &Cx<'_>, raw: RawMetrics) -> Result<Option<Metrics>> {
     Ok(metrics)
 }
 
+/// The most Gearman servers one worker connects to (every lane holds a connection to each).
+const MAX_SERVERS: usize = 256;
+/// The most endpoints a zeromq source binds (each a socket handed across every exec).
+const MAX_ENDPOINTS: usize = 64;
+
 /// `[source]` of `kind = "gearman"`: servers (schemes, duplicates), client id, TLS files,
 /// timeouts, packet bound.
 fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
@@ -252,6 +264,13 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
         return Err(cx.located(
             Some(s.servers.span()),
             "kind = \"gearman\" needs at least one server, e.g. servers = [\"127.0.0.1:4730\"]",
+        ));
+    }
+    let n = s.servers.get_ref().len();
+    if n > MAX_SERVERS {
+        return Err(cx.located(
+            Some(s.servers.span()),
+            &format!("{n} servers, more than the {MAX_SERVERS} a worker connects to (each lane holds a connection to each)"),
         ));
     }
     let mut seen = std::collections::BTreeSet::new();
