@@ -380,7 +380,8 @@ def fuzz_config(base):
     jargon = re.compile(r"^(invalid string|invalid array|expected newline|invalid key$|"
                         r"invalid table header; expected newline|duplicate key|missing field|"
                         r"invalid escape sequence|invalid unicode|expected struct|expected a sequence|"
-                        r"invalid inline table|invalid table header; expected `\.`, `\]\]`)")
+                        r"invalid inline table|invalid table header; expected `\.`, `\]\]`|"
+                        r"invalid (hexadecimal|octal|binary) integer)")
     bases = [HERE + "/../config.toml", HERE + "/config.production.toml"]
     seen, runs = collections.Counter(), 0
     stop = time.time() + SECS

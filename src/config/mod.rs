@@ -690,6 +690,19 @@ mod tests {
                 "[worker]\nrecycle_splay = 1.\n",
                 "/etc/gs/config.toml:2:19: a digit follows a decimal point: 1.0",
             ),
+            // A prefixed number without its digits, a sign without its number.
+            (
+                "[worker]\nmax_jobs = 0x\n",
+                "/etc/gs/config.toml:2:14: `0x` begins a hexadecimal number, and its digits (0-9, a-f) follow it: 0x1f",
+            ),
+            (
+                "[worker]\nmax_jobs = 0o9\n",
+                "/etc/gs/config.toml:2:14: `0o` begins an octal number, and its digits (0-7) follow it: 0o17",
+            ),
+            (
+                "[worker]\nmax_jobs = +\n",
+                "/etc/gs/config.toml:2:13: a sign goes right before a number's digits: -1, +1",
+            ),
             // A key written above every table is one of a table's keys: say which.
             (
                 "concurrency = 2\n[worker]\n",

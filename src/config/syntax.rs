@@ -290,6 +290,18 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
         "invalid floating-point number; expected digit" if before.ends_with('.') => {
             "a digit follows a decimal point: 1.0"
         }
+        "invalid hexadecimal integer" => {
+            "`0x` begins a hexadecimal number, and its digits (0-9, a-f) follow it: 0x1f"
+        }
+        "invalid octal integer" => {
+            "`0o` begins an octal number, and its digits (0-7) follow it: 0o17"
+        }
+        "invalid binary integer" => {
+            "`0b` begins a binary number, and its digits (0, 1) follow it: 0b101"
+        }
+        "invalid integer" if before.ends_with(['+', '-']) || rest.starts_with(['+', '-']) => {
+            "a sign goes right before a number's digits: -1, +1"
+        }
         "invalid key" => {
             "a name is missing here (a key or a table's name: letters, digits, `_` and `-`, or a string in quotes)"
         }
