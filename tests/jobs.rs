@@ -289,22 +289,11 @@ fn a_job_whose_interpreter_cannot_run_says_which_and_why() {
     if let Some(at) = elf.windows(loader.len()).position(|w| w == loader) {
         let mut patched = elf.clone();
         patched[at + loader.len() - 1] = b'9';
-        fs::write(sb.path("jobs/musl"), patched).unwrap();
-        fs::set_permissions(
-            sb.path("jobs/musl"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        sb.job_bytes("musl", &patched);
     }
     // A 32-bit program whose loader is not here (no 32-bit libraries): it was taken for a file
     // missing for a moment, waited for 10 s, then failed with "No such file or directory".
-    let elf32 = elf32_needing("/lib/ld-linux-gearshift-test.so.2");
-    fs::write(sb.path("jobs/elf32"), elf32).unwrap();
-    fs::set_permissions(
-        sb.path("jobs/elf32"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    sb.job_bytes("elf32", &elf32_needing("/lib/ld-linux-gearshift-test.so.2"));
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);
     assert!(
@@ -652,11 +641,8 @@ fn a_jobs_dir_of_more_executables_than_a_worker_serves_is_refused() {
     let sb = Sandbox::new("too-many-functions");
     sb.write_config("");
     let w = sb.start();
-    let dir = sb.path("jobs");
     for i in 0..4097 {
-        let p = dir.join(format!("f{i:04}"));
-        fs::write(&p, "#!/bin/sh\ncat\n").unwrap();
-        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        sb.job(&format!("f{i:04}"), "#!/bin/sh\ncat\n");
     }
     let out = sb.run(&["check"]);
     assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));

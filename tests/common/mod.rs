@@ -96,6 +96,11 @@ impl Sandbox {
 
     /// Adds an executable job script.
     pub fn job(&self, file: &str, body: &str) -> PathBuf {
+        self.job_bytes(file, body.as_bytes())
+    }
+
+    /// [`Sandbox::job`] of any bytes (a program, not a script).
+    pub fn job_bytes(&self, file: &str, body: &[u8]) -> PathBuf {
         let p = self.dir.join("jobs").join(file);
         let tmp = self.dir.join(format!(".{file}.tmp"));
         fs::write(&tmp, body).unwrap();
