@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation fuzzing of what reaches a worker from outside, against the real binary.
 
-  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [config]
+  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [amqp] [config]
 
 zeromq:  hostile ZMTP conversations (valid ones mutated: bit flips, cuts, inserts, repeats,
          lengths of 0 .. 2^64-1, written in random chunks) from six threads, HUPs now and then,
@@ -12,12 +12,17 @@ http:    3,000 idle `/metrics` connections and 3,000 half-written status request
 gearman: a fake gearmand answering the worker's packets with random, valid-framed ones (job
          assignments with random arguments, unexpected types, errors, cut packets), HUPs now
          and then: the worker must stay up and answer `status`.
+amqp:    a fake broker that speaks the handshake, then sends deliveries (random properties:
+         escape sequences, invalid UTF-8, headers nested deep, bodies over the limit), mutated
+         ones, and odd frames (closes with hostile text, cancels, heartbeats, lone headers and
+         bodies, huge sizes, random methods), confirms or refuses the replies, HUPs now and
+         then: the worker must keep running jobs and answer `status`.
 config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
          (never a crash), every error with file:line:col, and none in the parser's own words
          for a mistake we name (printed: the distinct messages, for a person to read).
 
-Every worker must hold its RSS, log no panic, dead thread or ERROR, and end within 2 s of a
-second TERM. Exit 0 when every part held. Not in CI: a timing-rich run, by hand like the soak.
+Every worker must hold its RSS, log no panic, dead thread, ERROR or raw control character,
+print none in `status`, and end within 2 s of a second TERM. Exit 0 when every part held. Not in CI: a timing-rich run, by hand like the soak.
 """
 
 import collections
@@ -40,6 +45,8 @@ BIN = os.path.abspath(sys.argv[1])
 SECS = float(sys.argv[2])
 HERE = os.path.dirname(os.path.abspath(__file__))
 failures = []
+# What a terminal or a log parser would act on: text from outside must arrive escaped.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
 
 
 def fail(what):
@@ -90,9 +97,14 @@ def finish(name, d, w, rss):
         w.kill()
     with open(d + "/log", errors="replace") as f:
         log = f.read().splitlines()
-    bad = [l for l in log if " ERROR " in l or "panic" in l or ("thread" in l and "died" in l)]
+    # A reply a hostile broker refuses is lost, and said at ERROR: the one ERROR expected.
+    bad = [l for l in log if (" ERROR " in l and "refused its reply" not in l) or "panic" in l
+           or ("thread" in l and "died" in l)]
     if bad:
         fail(f"{name}: {len(bad)} bad log lines, the first: {bad[0][:300]}")
+    raw = [l for l in log if CONTROL.search(l)]
+    if raw:
+        fail(f"{name}: {len(raw)} log lines with raw control characters, the first: {raw[0][:300]!r}")
     print(f"{name}: RSS {min(rss or [0])}-{max(rss or [0])} KiB, {len(log)} log lines", flush=True)
 
 
@@ -104,6 +116,43 @@ def sample(w, stop, rss, hup_every=None):
         if hup_every and time.time() - last_hup > hup_every:
             os.kill(w.pid, signal.SIGHUP)
             last_hup = time.time()
+
+
+def fake_server(serve, stop):
+    """A listener on a free loopback port, each connection given to `serve` in a thread of its
+    own until `stop`; its port."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    srv.settimeout(0.2)
+
+    def accept():
+        while time.time() < stop:
+            try:
+                c, _ = srv.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+        srv.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def ask_through_hups(d, w, stop, stats, rss):
+    """Until `stop`: a HUP every 3 s, and `status` every second, which must answer with no raw
+    control character."""
+    t = threading.Thread(target=sample, args=(w, stop, rss, 3))
+    t.start()
+    while time.time() < stop:
+        time.sleep(1)
+        r = subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True, timeout=30)
+        stats["status" if r.returncode == 0 else "status failed"] += 1
+        said = (r.stdout + r.stderr).decode(errors="replace").replace("\n", "").replace("\t", "")
+        if CONTROL.search(said):
+            fail(f"{d}: status printed raw control characters: {said[:300]!r}")
+    t.join()
 
 
 # ZeroMQ: ZMTP 3 with the NULL mechanism, as libzmq speaks it.
@@ -299,11 +348,6 @@ def fuzz_http(base):
 
 def fuzz_gearman(base):
     d = base + "/gearman"
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    port = srv.getsockname()[1]
     os.makedirs(d + "/jobs", exist_ok=True)
     with open(d + "/jobs/cat.sh", "w") as f:
         f.write("#!/bin/sh\ncat\n")
@@ -344,30 +388,156 @@ def fuzz_gearman(base):
         finally:
             c.close()
 
-    def accept():
-        srv.settimeout(0.2)
-        while time.time() < stop:
-            try:
-                c, _ = srv.accept()
-            except socket.timeout:
-                continue
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    port = fake_server(serve, stop)
     w = start(d, f"""[worker]\nconcurrency = 4\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
 builtins = true\n[source]\nkind = "gearman"\nservers = ["127.0.0.1:{port}"]\nreconnect_max = "200ms"\n""")
-    t = threading.Thread(target=sample, args=(w, stop, rss, 3))
-    t.start()
-    while time.time() < stop:
-        time.sleep(1)
-        r = subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True, timeout=30)
-        stats["status" if r.returncode == 0 else "status failed"] += 1
-    t.join()
+    ask_through_hups(d, w, stop, stats, rss)
     print("gearman:", dict(stats), flush=True)
     if stats["status failed"] or not stats["packets"]:
         fail(f"gearman: {dict(stats)}")
     finish("gearman", d, w, rss)
-    srv.close()
+
+
+def fuzz_amqp(base):
+    d = base + "/amqp"
+    stop, stats, rss = time.time() + SECS, collections.Counter(), []
+    nasty = [b"\x1b[31mred\x1b[0m", b"two\nlines", b"nul\0", "\u00e9t\u00e9".encode(), b"\xff\xfe",
+             b"x" * 255, b"\x1b]0;title\x07", b"\r\x08\x08ok"]
+    fr = lambda kind, ch, p: struct.pack(">BHI", kind, ch, len(p)) + p + b"\xce"
+    meth = lambda ch, c, m, a=b"": fr(1, ch, struct.pack(">HH", c, m) + a)
+    short = lambda b: bytes([len(b[:255])]) + b[:255]
+    longstr = lambda b: struct.pack(">I", len(b)) + b
+
+    def table():
+        r = random.random()
+        if r < 0.5:
+            return longstr(short(b"k") + b"S" + longstr(random.choice(nasty)) + short(b"n") + b"I\0\0\0\1")
+        if r < 0.7:  # field arrays nested deep
+            v = b"V"
+            for _ in range(random.randint(1, 120)):
+                v = b"A" + longstr(v)
+            return longstr(short(b"deep") + v)
+        return longstr(os.urandom(random.randint(0, 40)))
+
+    def message(ch, tag, frame_max):
+        flags, props = 0, b""
+        fields = [(1 << 13, table), (1 << 12, lambda: bytes([random.choice([1, 2])])),
+                  (1 << 10, lambda: short(random.choice(nasty))), (1 << 9, lambda: short(b"amq.gen-reply")),
+                  (1 << 7, lambda: short(random.choice(nasty + [b"m%d" % tag]))),
+                  (1 << 5, lambda: short(random.choice([b"echo", b"reverse", b"nope", b""] + nasty)))]
+        for bit, make in fields:
+            if random.random() < 0.4:
+                flags |= bit
+                props += make()
+        body = os.urandom(random.choice([0, 5, 300, 5000, 70000]))
+        out = meth(ch, 60, 60, short(b"ctag") + struct.pack(">QB", tag, random.random() < 0.1) +
+                   short(b"") + short(b"q"))
+        out += fr(2, ch, struct.pack(">HHQH", 60, 0, len(body), flags) + props)
+        step = max(1, frame_max - 8)
+        for i in range(0, len(body), step):
+            out += fr(3, ch, body[i:i + step])
+        return out
+
+    def oddity(ch, tag):
+        return random.choice([
+            meth(ch, 20, 40, struct.pack(">H", 406) + short(random.choice(nasty)) + b"\0" * 4),
+            meth(0, 10, 50, struct.pack(">H", random.choice([320, 541, 0])) + short(random.choice(nasty)) +
+                 b"\0" * 4),
+            meth(ch, 60, 30, short(b"ctag") + b"\0"), meth(0, 10, 60, short(random.choice(nasty))),
+            meth(0, 10, 61), fr(8, 0, b""), meth(ch, random.randint(0, 90), random.randint(0, 130),
+                                                 os.urandom(random.randint(0, 30))),
+            fr(2, ch, struct.pack(">HHQH", 60, 0, 3, 0)), fr(3, ch, b"abc"),
+            meth(ch, 60, 60, short(b"ctag") + struct.pack(">QB", tag, 0) + short(b"") + short(b"q")) +
+            fr(2, ch, struct.pack(">HHQH", 60, 0, random.choice([2**63, 2**40, 10**7]), 0)) +
+            fr(3, ch, os.urandom(4000)),
+            meth(ch, 60, 80, struct.pack(">QB", random.randint(0, 2**64 - 1), 1)),
+            struct.pack(">BHI", 1, ch, random.choice([2**31, 2**32 - 1, 10**6])),
+            os.urandom(random.randint(1, 50))])
+
+    def serve(c):
+        stats["connections"] += 1
+        c.settimeout(0.02)
+        buf, frame_max, ch, consuming, tag, unacked, prefetch, published = b"", 131072, 1, False, 0, 0, 1, 0
+        try:
+            c.recv(8)
+            c.sendall(meth(0, 10, 10, b"\0\x09" + longstr(b"") + longstr(random.choice(
+                [b"PLAIN AMQPLAIN", b"PLAIN", b"EXTERNAL \x1b[2J"])) + longstr(b"en_US")))
+            while time.time() < stop:
+                try:
+                    got = c.recv(65536)
+                    if not got:
+                        return
+                    buf += got
+                except socket.timeout:
+                    pass
+                while len(buf) >= 8:
+                    kind, chan, size = struct.unpack(">BHI", buf[:7])
+                    if len(buf) < size + 8:
+                        break
+                    payload, buf = buf[7:7 + size], buf[size + 8:]
+                    if kind != 1:
+                        continue
+                    cls, m = struct.unpack(">HH", payload[:4])
+                    reply = {(10, 11): None, (10, 40): meth(0, 10, 41, short(b"")), (20, 10): None,
+                             (85, 10): meth(chan, 85, 11), (60, 10): meth(chan, 60, 11),
+                             (50, 10): meth(chan, 50, 11, short(b"q") + b"\0" * 8),
+                             (40, 10): meth(chan, 40, 11), (50, 20): meth(chan, 50, 21),
+                             (60, 20): meth(chan, 60, 21, short(b"ctag")),
+                             (60, 30): meth(chan, 60, 31, short(b"ctag")), (20, 40): meth(chan, 20, 41),
+                             (10, 50): meth(0, 10, 51)}.get((cls, m), b"")
+                    if (cls, m) == (10, 11):
+                        frame_max = random.choice([0, 4096, 131072])
+                        reply = meth(0, 10, 30, struct.pack(">HIH", 0, frame_max, random.choice([0, 1, 60])))
+                    elif (cls, m) == (10, 31):
+                        frame_max = struct.unpack(">I", payload[6:10])[0]
+                    elif (cls, m) == (20, 10):
+                        ch = chan
+                        reply = meth(ch, 20, 11, longstr(b""))
+                    elif (cls, m) == (60, 10):
+                        prefetch = struct.unpack(">H", payload[8:10])[0]
+                    elif (cls, m) == (60, 20):
+                        consuming = True
+                    elif (cls, m) == (60, 40):
+                        published += 1
+                        stats["replies"] += 1
+                        reply = random.choice([meth(chan, 60, 80, struct.pack(">QB", published, 0))] * 8 +
+                                              [meth(chan, 60, 120, struct.pack(">QB", published, 0)), b""])
+                    elif (cls, m) in ((60, 80), (60, 90), (60, 120)):
+                        stats[{80: "acked", 90: "rejected", 120: "nacked"}[m]] += 1
+                        unacked = max(0, unacked - 1)
+                    if reply:
+                        c.sendall(reply)
+                    if (cls, m) == (10, 50):
+                        return
+                if consuming and (unacked < prefetch or random.random() < 0.05):
+                    tag += 1
+                    unacked += 1
+                    r = random.random()
+                    out = message(ch, tag, frame_max or 131072)
+                    if r < 0.1:
+                        out = mutate(out)
+                    elif r < 0.2:
+                        out = oddity(ch, tag)
+                    elif r < 0.21:
+                        c.sendall(out[:random.randint(0, len(out))])
+                        return
+                    c.sendall(out)
+                    stats["deliveries"] += 1
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    port = fake_server(serve, stop)
+    w = start(d, f"""[worker]\nconcurrency = 2\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+builtins = true\nmax_payload_bytes = 65536\n[source]\nkind = "amqp"
+url = "amqp://guest:guest@127.0.0.1:{port}/%2f"\nqueue = "q"\nfunction = "reverse"
+reconnect_max = "200ms"\nio_timeout = "2s"\n""")
+    ask_through_hups(d, w, stop, stats, rss)
+    print("amqp:", dict(stats), flush=True)
+    if stats["status failed"] or not stats["acked"]:
+        fail(f"amqp: {dict(stats)}")
+    finish("amqp", d, w, rss)
 
 
 def fuzz_config(base):
@@ -421,10 +591,10 @@ def fuzz_config(base):
 
 
 def main():
-    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "config"]
+    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "amqp", "config"]
     base = tempfile.mkdtemp(prefix="gs-fuzz-")
     for p in parts:
-        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "config": fuzz_config}[p](base)
+        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "amqp": fuzz_amqp, "config": fuzz_config}[p](base)
     if failures:
         print(f"\n{len(failures)} failure(s); the workers' directories are in {base}")
         sys.exit(1)

@@ -1360,3 +1360,51 @@ fn a_queue_the_worker_does_not_declare_is_waited_for_while_it_is_missing() {
     });
     assert_eq!(w.status()["generation"], 1);
 }
+
+/// A reply the broker refuses (`basic.nack` of its publish: here a reply queue full under
+/// `x-overflow = reject-publish`, as RabbitMQ does for backpressure) still settles the job's
+/// delivery. The delivery was left unacknowledged, its prefetch slot held while the connection
+/// lived: at `prefetch = 1` the worker received nothing more, for good.
+#[test]
+fn a_reply_the_broker_refuses_still_settles_the_delivery() {
+    if !Rabbit::available("a_reply_the_broker_refuses_still_settles_the_delivery") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-refused-reply");
+    let r = Rabbit::shared();
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"echo\"\n",
+            r.url()
+        ),
+        "[source.declare]\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             ch.queue_declare('full', arguments={'x-max-length': 0, 'x-overflow': 'reject-publish'}); \
+             [ch.basic_publish('','rpc',b'job%d' % i,pika.BasicProperties(reply_to='full',correlation_id=str(i))) for i in range(3)]; \
+             c.close()",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = w.wait_for(Duration::from_secs(20), "three jobs", |s| {
+        s["jobs_completed"].as_u64() == Some(3)
+    });
+    eventually(Duration::from_secs(10), "all settled", || {
+        r.depth("rpc") == (0, 0)
+    });
+    let log = w.log_text();
+    assert!(
+        log.contains("refused its reply"),
+        "the lost reply is said: {log}"
+    );
+    assert_eq!(s["state"], "running", "{s}");
+}

@@ -1,6 +1,7 @@
 //! A lane: the job it holds, taken from the connection the lanes share ([`super::shared`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::conn::{Writer, CHANNEL};
 use super::shared::{Got, Shared};
@@ -10,6 +11,11 @@ use crate::error::{Error, Result};
 use crate::jobs::functions::{JobResult, NoProgress, Progress};
 use crate::shutdown::Shutdown;
 use crate::source::lane::{Claimed, Lane};
+
+/// The pauses before a reply the broker refused is published again.
+const REPLY_PAUSES_MS: [u64; 2] = [100, 300];
+/// How many times a reply the broker refuses is published.
+const REPLY_TRIES: usize = REPLY_PAUSES_MS.len() + 1;
 
 /// The header a reply carries: `done` or `failed`.
 pub const OUTCOME_HEADER: &str = "x-gearshift-outcome";
@@ -119,10 +125,12 @@ impl AmqpLane {
         }))
     }
 
-    /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm.
-    fn reply(&self, hand: &InHand, outcome: &JobResult) -> Result<()> {
+    /// Publishes the reply a message asked for (`reply_to`), and waits for the broker's confirm;
+    /// a reply the broker refuses is sent again, [`REPLY_TRIES`] times in all, 0.1 s and then
+    /// 0.3 s apart. False: refused every time.
+    fn reply(&self, hand: &InHand, outcome: &JobResult) -> Result<bool> {
         let Some(reply_to) = &hand.reply_to else {
-            return Ok(());
+            return Ok(true);
         };
         let (body, word) = match outcome {
             Ok(r) => (r.as_slice(), "done"),
@@ -137,13 +145,23 @@ impl AmqpLane {
             ..Props::default()
         };
         let frame_max = hand.writer.frame_max();
-        self.shared
-            .publish(&hand.writer, hand.epoch, &hand.id, |b| {
-                wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
-                    a.u16(0).short(b"").short(reply_to).bits(&[false, false]);
-                });
-                wire::content(b, CHANNEL, &props, body, frame_max);
-            })
+        for tried in 0..REPLY_TRIES {
+            let confirmed = self
+                .shared
+                .publish(&hand.writer, hand.epoch, &hand.id, |b| {
+                    wire::method(b, CHANNEL, wire::BASIC_PUBLISH, |a| {
+                        a.u16(0).short(b"").short(reply_to).bits(&[false, false]);
+                    });
+                    wire::content(b, CHANNEL, &props, body, frame_max);
+                })?;
+            if confirmed {
+                return Ok(true);
+            }
+            if let Some(&ms) = REPLY_PAUSES_MS.get(tried) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -167,7 +185,7 @@ fn ack(writer: &Writer, tag: u64, done: bool) -> Result<()> {
 }
 
 fn escape(b: &[u8]) -> String {
-    crate::text::escape(&String::from_utf8_lossy(b)).into_owned()
+    crate::text::escape_bytes(b)
 }
 
 impl Lane for AmqpLane {
@@ -207,8 +225,22 @@ impl Lane for AmqpLane {
                 hand.id
             )));
         }
-        self.reply(&hand, outcome)?;
         let done = outcome.is_ok();
+        if !self.reply(&hand, outcome)? {
+            // Settled all the same: the job ran, and its delivery held unacknowledged would
+            // hold its prefetch slot for as long as the connection lives.
+            log::error!(
+                "job {} {}: the broker refused its reply {REPLY_TRIES} times (basic.nack: a full \
+                 reply queue with x-overflow = reject-publish?): the reply is lost, the message {}",
+                hand.id,
+                job.function,
+                if done {
+                    "acknowledged"
+                } else {
+                    "dead-lettered"
+                }
+            );
+        }
         if done && self.s.cfg.dedupe_ids > 0 {
             if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {
                 set.record(id);
@@ -256,5 +288,15 @@ impl Drop for AmqpLane {
     /// connection's lanes, so the last one still closes it.
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_message_id_is_shown_escaped_byte_for_byte() {
+        // Two ids of invalid UTF-8 were both shown as "\u{fffd}": now each byte as it is.
+        assert_eq!(super::escape(b"m\xff\xfe\x1b[2J"), "m\\xff\\xfe\\e[2J");
+        assert_ne!(super::escape(b"\xff"), super::escape(b"\xfe"));
     }
 }

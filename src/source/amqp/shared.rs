@@ -313,14 +313,16 @@ impl Shared {
 
     /// Publishes through `writer` (link `epoch`) what `build` appends, and waits for the
     /// broker's confirm; while the broker blocks publishing (`connection.blocked`), as long
-    /// as that lasts. `id` names the job in the log.
+    /// as that lasts. `id` names the job in the log. Ok(false): the broker refused the message
+    /// (`basic.nack`: a queue full under `x-overflow = reject-publish`, or the queue's own
+    /// failure), the connection still good.
     pub(super) fn publish(
         &self,
         writer: &Writer,
         epoch: u64,
         id: &str,
         build: impl FnOnce(&mut Vec<u8>),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // Noted under the writing lock, before the broker can answer.
         let seq = writer.publish(|buf, seq| {
             self.board().confirms.insert(seq, None);
@@ -329,15 +331,11 @@ impl Shared {
         let seq = seq.inspect_err(|_| writer.cut())?;
         let waited = self.confirmed(seq, epoch, id);
         self.board().confirms.remove(&seq);
-        waited.inspect_err(|e| {
-            if !matches!(e, Error::Peer(m) if m.contains("(nack)")) {
-                writer.cut();
-            }
-        })
+        waited.inspect_err(|_| writer.cut())
     }
 
-    /// Waits for the confirm of publish `seq` on link `epoch`.
-    fn confirmed(&self, seq: u64, epoch: u64, id: &str) -> Result<()> {
+    /// Waits for the confirm of publish `seq` on link `epoch`: true an ack, false a nack.
+    fn confirmed(&self, seq: u64, epoch: u64, id: &str) -> Result<bool> {
         let io_timeout = self.s.cfg.io_timeout;
         let mut deadline = Instant::now() + io_timeout;
         let mut said = false;
@@ -348,18 +346,16 @@ impl Shared {
                     "the connection was lost before the broker confirmed the reply".into(),
                 ));
             }
-            match b.confirms.get(&seq) {
-                Some(Some(true)) => return Ok(()),
-                Some(Some(false)) => {
-                    return Err(Error::Peer("the broker refused the reply (nack)".into()))
-                }
-                _ => {}
+            if let Some(Some(ack)) = b.confirms.get(&seq) {
+                return Ok(*ack);
             }
             let now = Instant::now();
             if now >= deadline {
                 if !b.blocked {
-                    return Err(Error::TimedOut(format!(
-                        "publishing the reply: no confirm within {}",
+                    // The connection is given up (`publish` cuts it): nothing is lost.
+                    return Err(Error::Gone(format!(
+                        "publishing the reply: no confirm within {}: the connection is given \
+                         up, and the broker delivers the job again",
                         crate::clock::human(io_timeout)
                     )));
                 }

@@ -427,10 +427,9 @@ fn check_kind(kind: u8, buf: &[u8]) -> WireResult<()> {
             Err("the server refused AMQP 0-9-1 (it answered with its own protocol header)".into())
         }
         _ => {
-            let head = String::from_utf8_lossy(&buf[..buf.len().min(24)]).into_owned();
+            let head = crate::text::escape_bytes(&buf[..buf.len().min(24)]);
             Err(format!(
-                "a frame of unknown type 0x{kind:02x} (the server sent \"{}\")",
-                crate::text::escape(&head)
+                "a frame of unknown type 0x{kind:02x} (the server sent \"{head}\")"
             ))
         }
     }

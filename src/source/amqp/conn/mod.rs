@@ -199,7 +199,7 @@ impl Conn {
         if !mechanisms.split(|&c| c == b' ').any(|m| m == b"PLAIN") {
             return Err(Error::Peer(format!(
                 "the broker offers no PLAIN login (it offers \"{}\")",
-                crate::text::escape(&String::from_utf8_lossy(mechanisms))
+                crate::text::escape_bytes(mechanisms)
             )));
         }
         let mut login = vec![0u8];

@@ -136,7 +136,7 @@ impl Conn {
             (0, wire::CONNECTION_CLOSE) | (_, wire::CHANNEL_CLOSE) => {
                 let mut r = Reader::new(args);
                 let code = r.u16().unwrap_or(0);
-                let text = String::from_utf8_lossy(r.short().unwrap_or(b"")).into_owned();
+                let text = crate::text::escape_bytes(r.short().unwrap_or(b""));
                 let (ok, what) = if channel == 0 {
                     (wire::CONNECTION_CLOSE_OK, "connection")
                 } else {
@@ -144,10 +144,7 @@ impl Conn {
                 };
                 let _ = self.send(|b| wire::method(b, channel, ok, |_| {}));
                 self.lock().broken = true;
-                let why = format!(
-                    "the broker closed the {what}: {code} {}",
-                    crate::text::escape(&text)
-                );
+                let why = format!("the broker closed the {what}: {code} {text}");
                 Err(if code == 320 || code == 0 {
                     Error::Gone(why)
                 } else {
