@@ -10,8 +10,9 @@ http:    3,000 idle `/metrics` connections and 3,000 half-written status request
          junk requests (random bytes, 100 KB headers, 70 KB paths, huge Content-Length), while
          a scraper and `gearshift status` must be answered every time.
 gearman: a fake gearmand answering the worker's packets with random, valid-framed ones (job
-         assignments with random arguments, unexpected types, errors, cut packets), HUPs now
-         and then: the worker must stay up and answer `status`.
+         assignments with random arguments, unexpected types, errors, cut packets), mutated
+         ones, and now and then a server that stops reading behind large jobs; HUPs now and
+         then: the worker must stay up and answer `status`.
 amqp:    a fake broker that speaks the handshake, then sends deliveries (random properties:
          escape sequences, invalid UTF-8, headers nested deep, bodies over the limit), mutated
          ones, and odd frames (closes with hostile text, cancels, heartbeats, lone headers and
@@ -22,10 +23,12 @@ config:  mutations of the shipped config files through `check --config-only`: ex
          for a mistake we name (printed: the distinct messages, for a person to read).
 
 Every worker must hold its RSS, log no panic, dead thread, ERROR or raw control character,
-print none in `status`, and end within 2 s of a second TERM. Exit 0 when every part held. Not in CI: a timing-rich run, by hand like the soak.
+print none in `status`, still restart on a HUP (a new generation within 15 s), and end
+within 2 s of a second TERM. Exit 0 when every part held. Not in CI: a timing-rich run, by hand like the soak.
 """
 
 import collections
+import json
 import os
 import random
 import re
@@ -84,6 +87,7 @@ def finish(name, d, w, rss):
         return
     if rss and max(rss) > 4 * min(rss) + 20000:
         fail(f"{name}: RSS grew from {min(rss)} to {max(rss)} KiB")
+    restarts_after_a_hup(d, w)
     w.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     t = time.time()
@@ -153,6 +157,28 @@ def ask_through_hups(d, w, stop, stats, rss):
         if CONTROL.search(said):
             fail(f"{d}: status printed raw control characters: {said[:300]!r}")
     t.join()
+
+
+def generation(d):
+    r = subprocess.run([BIN, "-c", d + "/config.toml", "status", "--json"], capture_output=True, timeout=30)
+    try:
+        return json.loads(r.stdout)["generation"]
+    except (ValueError, KeyError):
+        return None
+
+
+def restarts_after_a_hup(d, w):
+    """The worker is not wedged: a HUP still makes a new generation, within 15 s."""
+    before, t = generation(d), time.time()
+    if w.poll() is not None or before is None:
+        return
+    os.kill(w.pid, signal.SIGHUP)
+    while time.time() - t < 15:
+        now = generation(d)
+        if now is not None and now > before:
+            return
+        time.sleep(0.1)
+    fail(f"{d}: no new generation 15 s after a HUP (still {before})")
 
 
 # ZeroMQ: ZMTP 3 with the NULL mechanism, as libzmq speaks it.
@@ -376,9 +402,21 @@ def fuzz_gearman(base):
                     pkt(17, word(50)), pkt(random.randint(0, 60), *[word() for _ in range(random.randint(0, 5))]),
                     pkt(31, word(), fn, word()), pkt(31, b"h", b"sleep", b"u", b"500"),
                     pkt(31, word(), fn, word(), word(), magic=b"\0REQ")])
-                if random.random() < 0.01:
+                r = random.random()
+                if r < 0.01:
                     c.sendall(out[:random.randint(0, len(out))])
                     return
+                if r < 0.06:
+                    out = mutate(out)
+                elif r < 0.07:
+                    # A server that stops reading: large jobs whose results fill its socket.
+                    big = pkt(11, word(), b"cat", os.urandom(random.randint(100000, 400000)))
+                    c.settimeout(2)
+                    for _ in range(8):
+                        c.sendall(big)
+                    stats["stalls"] += 1
+                    time.sleep(random.uniform(2, 8))
+                    c.settimeout(0.05)
                 c.sendall(out)
                 stats["packets"] += 1
                 if random.random() < 0.3:
@@ -576,6 +614,8 @@ def fuzz_config(base):
             fail(f"config: exit {r.returncode}: {err[:300]}")
             with open(d + f"/crash-{runs}.toml", "w") as f:
                 f.write(text)
+        if CONTROL.search(err.replace("\n", "").replace("\t", "")):
+            fail(f"config: raw control characters in {err[:300]!r}")
         if r.returncode == 1:
             m = re.match(r"^gearshift: \S+?:\d+:\d+: (.*)", err.splitlines()[0] if err else "")
             if not m:
