@@ -1407,4 +1407,12 @@ fn a_reply_the_broker_refuses_still_settles_the_delivery() {
         "the lost reply is said: {log}"
     );
     assert_eq!(s["state"], "running", "{s}");
+    let server = &s["servers"][0];
+    assert_eq!(server["state"], "connected", "{s}");
+    assert!(
+        server["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused its reply")),
+        "and shown in status: {s}"
+    );
 }

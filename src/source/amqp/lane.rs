@@ -229,7 +229,7 @@ impl Lane for AmqpLane {
         if !self.reply(&hand, outcome)? {
             // Settled all the same: the job ran, and its delivery held unacknowledged would
             // hold its prefetch slot for as long as the connection lives.
-            log::error!(
+            let why = format!(
                 "job {} {}: the broker refused its reply {REPLY_TRIES} times (basic.nack: a full \
                  reply queue with x-overflow = reject-publish?): the reply is lost, the message {}",
                 hand.id,
@@ -240,6 +240,8 @@ impl Lane for AmqpLane {
                     "dead-lettered"
                 }
             );
+            log::error!("{why}");
+            self.shared.note(&why);
         }
         if done && self.s.cfg.dedupe_ids > 0 {
             if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {

@@ -135,6 +135,15 @@ impl Shared {
         }
     }
 
+    /// Shows `why` as the connected broker's last error, the connection still good (status's
+    /// `last_error`: a reply it refused).
+    pub(super) fn note(&self, why: &str) {
+        let b = self.board();
+        if b.writer.is_some() {
+            self.view(&b, b.url, ConnState::Connected, Some(why));
+        }
+    }
+
     /// Lane `index` starts: it is shown connecting to every broker, or connected.
     pub(super) fn join(&self, index: usize) {
         let mut b = self.board();
