@@ -16,8 +16,8 @@ gearman: a fake gearmand answering the worker's packets with random, valid-frame
 amqp:    a fake broker that speaks the handshake, then sends deliveries (random properties:
          escape sequences, invalid UTF-8, headers nested deep, bodies over the limit), mutated
          ones, and odd frames (closes with hostile text, cancels, heartbeats, lone headers and
-         bodies, huge sizes, random methods), confirms or refuses the replies, HUPs now and
-         then: the worker must keep running jobs and answer `status`.
+         bodies, huge sizes, random methods), confirms or refuses the replies, stalls for
+         seconds now and then, HUPs now and then: the worker must keep running jobs and answer `status`.
 config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
          (never a crash), every error with file:line:col, and none in the parser's own words
          for a mistake we name (printed: the distinct messages, for a person to read).
@@ -559,6 +559,10 @@ def fuzz_amqp(base):
                     elif r < 0.21:
                         c.sendall(out[:random.randint(0, len(out))])
                         return
+                    elif r < 0.23:
+                        # A broker that stalls: reads nothing, sends nothing (nor heartbeats).
+                        stats["stalls"] += 1
+                        time.sleep(random.uniform(2, 8))
                     c.sendall(out)
                     stats["deliveries"] += 1
         except OSError:
