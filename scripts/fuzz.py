@@ -593,7 +593,8 @@ def fuzz_config(base):
                         r"invalid table header; expected newline|duplicate key|missing field|"
                         r"invalid escape sequence|invalid unicode|expected struct|expected a sequence|"
                         r"invalid inline table|invalid table header; expected `\.`, `\]\]`|"
-                        r"invalid (hexadecimal|octal|binary) integer)")
+                        r"invalid (hexadecimal|octal|binary) integer|invalid floating-point number|"
+                        r"invalid integer; expected|invalid time|invalid date-time|invalid table header$)")
     bases = [HERE + "/../config.toml", HERE + "/config.production.toml"]
     seen, runs = collections.Counter(), 0
     stop = time.time() + SECS
@@ -629,6 +630,8 @@ def fuzz_config(base):
             seen[said] += 1
             if jargon.match(m.group(1)):
                 fail(f"config: the parser's words: {m.group(1)[:200]}")
+                with open(d + f"/words-{runs}.toml", "w") as f:
+                    f.write(text)
     print(f"config: {runs} mutations, {len(seen)} distinct messages:", flush=True)
     for said, n in seen.most_common():
         print(f"  {n:5} {said}")

@@ -690,6 +690,58 @@ mod tests {
                 "[worker]\nrecycle_splay = 1.\n",
                 "/etc/gs/config.toml:2:19: a digit follows a decimal point: 1.0",
             ),
+            (
+                "[worker]\nrecycle_splay = 1.5_\n",
+                "/etc/gs/config.toml:2:21: an underscore in a number stands between two digits: 1_000.5",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1e5_\n",
+                "/etc/gs/config.toml:2:21: an underscore in a number stands between two digits: 1_000.5",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1e\n",
+                "/etc/gs/config.toml:2:19: an exponent's digits follow its `e` (and its sign): 1e6, 2.5e-3",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1.5e+\n",
+                "/etc/gs/config.toml:2:22: an exponent's digits follow its `e` (and its sign): 1e6, 2.5e-3",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1e_5\n",
+                "/etc/gs/config.toml:2:19: an exponent's digits follow its `e` (and its sign): 1e6, 2.5e-3",
+            ),
+            (
+                "[worker]\nmax_jobs = 007\n",
+                "/etc/gs/config.toml:2:13: `007` begins with a 0 before its other digits, which TOML does not allow: 7 (0o7 for an octal number)",
+            ),
+            (
+                "[worker]\nrecycle_splay = -01.5\n",
+                "/etc/gs/config.toml:2:19: `-01.5` begins with a 0 before its other digits, which TOML does not allow: 7 (0o7 for an octal number)",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1e400\n",
+                "/etc/gs/config.toml:2:17: `1e400` is beyond the largest number TOML holds (about 1.8e308)",
+            ),
+            (
+                "[worker]\nrecycle_splay = 1e400s\n",
+                "/etc/gs/config.toml:2:17: `1e400s` is no TOML value: a string is written in quotes (\"1e400s\"); numbers, true and false without",
+            ),
+            (
+                "[worker]\nmax=_attempts = 3\n",
+                "/etc/gs/config.toml:2:5: `_attempts` is no TOML value: a string is written in quotes (\"_attempts\"); numbers, true and false without",
+            ),
+            (
+                "[worker]\nconcurrency = 1\n[",
+                "/etc/gs/config.toml:3:1: the file ends in a table header's `[`: a header is `[name]`, alone on its line",
+            ),
+            (
+                "[worker]\nmax_payload_bytes = 16:777216\n",
+                "/etc/gs/config.toml:2:24: `16:777216` reads as a date or a time of day, which no setting takes: a number has no `:` or `-` in it, and a string is written in quotes",
+            ),
+            (
+                "[worker]\nmax_payload_bytes = 1677-16\n",
+                "/etc/gs/config.toml:2:26: `1677-16` reads as a date or a time of day, which no setting takes: a number has no `:` or `-` in it, and a string is written in quotes",
+            ),
             // A prefixed number without its digits, a sign without its number.
             (
                 "[worker]\nmax_jobs = 0x\n",
@@ -698,6 +750,18 @@ mod tests {
             (
                 "[worker]\nmax_jobs = 0o9\n",
                 "/etc/gs/config.toml:2:14: `0o` begins an octal number, and its digits (0-7) follow it: 0o17",
+            ),
+            (
+                "[worker]\nmax_jobs = 0x1_\n",
+                "/etc/gs/config.toml:2:16: an underscore in a number stands between two digits: 0xff_ff",
+            ),
+            (
+                "[worker]\nmax_jobs = 0b1__0\n",
+                "/etc/gs/config.toml:2:16: an underscore in a number stands between two digits: 0b1111_0000",
+            ),
+            (
+                "[worker]\nmax_jobs = 0o7_\n",
+                "/etc/gs/config.toml:2:16: an underscore in a number stands between two digits: 0o7_777",
             ),
             (
                 "[worker]\nmax_jobs = +\n",

@@ -160,6 +160,19 @@ fn first_word(line: &str) -> String {
         .collect()
 }
 
+/// The word the parser stopped in, `before` it and `rest` from it (a value's whole word, at
+/// most 60 characters).
+fn word_at(before: &str, rest: &str) -> String {
+    let head = before
+        .rsplit(|c: char| c.is_whitespace() || c == '=')
+        .next()
+        .unwrap_or_default();
+    head.chars()
+        .chain(first_word(rest).chars())
+        .take(60)
+        .collect()
+}
+
 /// The key and table of the parser's "`KEY` in table `TABLE`" (or "in document root"): split
 /// at the last quoting, since a quoted key may hold a backtick.
 fn key_in_table(m: &str) -> Option<(&str, Option<&str>)> {
@@ -206,6 +219,13 @@ fn no_toml_value(word: &str) -> String {
         return format!(
             "{} before the string's opening `{quote}`: a string begins with its quote",
             code(stray)
+        );
+    }
+    let digits = word.trim_start_matches(['+', '-']).as_bytes();
+    if digits.first() == Some(&b'0') && digits.get(1).is_some_and(u8::is_ascii_digit) {
+        return format!(
+            "{} begins with a 0 before its other digits, which TOML does not allow: 7 (0o7 for an octal number)",
+            code(word)
         );
     }
     format!(
@@ -259,12 +279,7 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
         "expected newline, `#`" => {
             let glued = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
             if glued(before.chars().next_back()) && glued(rest.chars().next()) {
-                let head = before
-                    .rsplit(|c: char| c.is_whitespace() || c == '=')
-                    .next()
-                    .unwrap_or_default();
-                let word: String = head.chars().chain(first_word(rest).chars()).collect();
-                return Some(no_toml_value(&word.chars().take(60).collect::<String>()));
+                return Some(no_toml_value(&word_at(before, rest)));
             }
             "one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]"
         }
@@ -284,11 +299,53 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
         "invalid integer; expected digit" if before.ends_with('_') => {
             "an underscore in a number stands between two digits: 1_000"
         }
+        "invalid floating-point number; expected digit"
+        | "invalid floating-point number; expected digit, digit"
+            if before.ends_with('_') =>
+        {
+            "an underscore in a number stands between two digits: 1_000.5"
+        }
+        "invalid floating-point number" if before.ends_with(['e', 'E', '+', '-']) => {
+            "an exponent's digits follow its `e` (and its sign): 1e6, 2.5e-3"
+        }
+        "invalid floating-point number" => {
+            let word = first_word(rest);
+            if word.replace('_', "").parse::<f64>().is_ok_and(f64::is_infinite) {
+                return Some(format!(
+                    "{} is beyond the largest number TOML holds (about 1.8e308)",
+                    code(&word)
+                ));
+            }
+            return Some(no_toml_value(&word));
+        }
+        m if m.starts_with("invalid time") || m.starts_with("invalid date-time") => {
+            let word = word_at(before, rest);
+            return Some(format!(
+                "{} reads as a date or a time of day, which no setting takes: a number has no `:` \
+                 or `-` in it, and a string is written in quotes",
+                code(&word)
+            ));
+        }
+        "invalid integer; expected leading digit" if rest.starts_with('_') => {
+            return Some(no_toml_value(&first_word(rest)));
+        }
+        "invalid table header" if rest.trim_end() == "[" => {
+            "the file ends in a table header's `[`: a header is `[name]`, alone on its line"
+        }
         "invalid floating-point number; expected leading digit" => {
             "a number begins with a digit: 0.5"
         }
         "invalid floating-point number; expected digit" if before.ends_with('.') => {
             "a digit follows a decimal point: 1.0"
+        }
+        "invalid hexadecimal integer; expected digit" if before.ends_with('_') => {
+            "an underscore in a number stands between two digits: 0xff_ff"
+        }
+        "invalid octal integer; expected digit" if before.ends_with('_') => {
+            "an underscore in a number stands between two digits: 0o7_777"
+        }
+        "invalid binary integer; expected digit" if before.ends_with('_') => {
+            "an underscore in a number stands between two digits: 0b1111_0000"
         }
         "invalid hexadecimal integer" => {
             "`0x` begins a hexadecimal number, and its digits (0-9, a-f) follow it: 0x1f"
