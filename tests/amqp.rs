@@ -1416,3 +1416,91 @@ fn a_reply_the_broker_refuses_still_settles_the_delivery() {
         "and shown in status: {s}"
     );
 }
+
+/// Requesters on RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): one is answered; one
+/// that leaves before its answer has its reply go to an address nobody holds any more, and the
+/// job still runs once, its delivery settled, the connection kept.
+#[test]
+fn direct_reply_to_requesters_are_answered_and_one_that_left_runs_once() {
+    if !Rabbit::available("direct_reply_to_requesters_are_answered_and_one_that_left_runs_once") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-gone-requester");
+    let r = Rabbit::shared();
+    let runs = sb.path("runs");
+    let go = sb.path("go");
+    sb.job(
+        "slow",
+        &format!(
+            "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.05; done\ncat\n",
+            runs.display(),
+            go.display()
+        ),
+    );
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
+            r.url()
+        ),
+        "[source.declare]\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    // One that waits for its answer.
+    fs::write(&go, "").unwrap();
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys,time; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             got=[]; ch.basic_consume('amq.rabbitmq.reply-to', lambda a,b,p,body: got.append(body), auto_ack=True); \
+             ch.basic_publish('','rpc',b'ping',pika.BasicProperties(reply_to='amq.rabbitmq.reply-to',correlation_id='1')); \
+             deadline=time.monotonic()+30\n\
+             while not got and time.monotonic()<deadline: c.process_data_events(time_limit=0.1)\n\
+             print(got[0].decode() if got else 'none')",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "ping", "{}", text(&out.stderr));
+    fs::remove_file(&go).unwrap();
+    fs::remove_file(&runs).unwrap();
+    // One that leaves before its answer.
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             ch.basic_consume('amq.rabbitmq.reply-to', lambda *a: None, auto_ack=True); \
+             ch.basic_publish('','rpc',b'ping',pika.BasicProperties(reply_to='amq.rabbitmq.reply-to',correlation_id='1')); \
+             c.close()",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    eventually(Duration::from_secs(20), "the job to start", || {
+        runs.exists()
+    });
+    fs::write(&go, "").unwrap();
+    let s = w.wait_for(Duration::from_secs(20), "the job done", |s| {
+        s["jobs_completed"].as_u64() == Some(2)
+    });
+    eventually(Duration::from_secs(10), "settled", || {
+        r.depth("rpc") == (0, 0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let s2 = w.status();
+    assert_eq!(
+        fs::read_to_string(&runs).unwrap().lines().count(),
+        1,
+        "ran once: {s2}\n{}",
+        w.log_text()
+    );
+    assert_eq!(s2["jobs_completed"], 2, "{s2}");
+    assert_eq!(
+        s2["servers"][0]["reconnects"], s["servers"][0]["reconnects"],
+        "{s2}"
+    );
+    assert_eq!(s2["servers"][0]["state"], "connected", "{s2}");
+}
