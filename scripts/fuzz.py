@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation fuzzing of what reaches a worker from outside, against the real binary.
 
-  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [amqp] [config]
+  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [amqp] [jobs] [config]
 
 zeromq:  hostile ZMTP conversations (valid ones mutated: bit flips, cuts, inserts, repeats,
          lengths of 0 .. 2^64-1, written in random chunks) from six threads, HUPs now and then,
@@ -18,6 +18,11 @@ amqp:    a fake broker that speaks the handshake, then sends deliveries (random 
          ones, and odd frames (closes with hostile text, cancels, heartbeats, lone headers and
          bodies, huge sizes, random methods), confirms or refuses the replies, stalls for
          seconds now and then, HUPs now and then: the worker must keep running jobs and answer `status`.
+jobs:    job executables that misbehave (crash, random exit codes, 300 KB results over the
+         limit, 2 MB of stderr, escape sequences, stdout closed early, background children,
+         a setsid daemon, TERM ignored past the timeout, ten children, stdin unread or read
+         in part, a missing interpreter, an unknown function) from a submitter, HUPs now and
+         then: every job gets its outcome, and no job process outlives the worker.
 config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
          (never a crash), every error with file:line:col, and none in the parser's own words
          for a mistake we name (printed: the distinct messages, for a person to read).
@@ -582,6 +587,87 @@ reconnect_max = "200ms"\nio_timeout = "2s"\n""")
     finish("amqp", d, w, rss)
 
 
+# Job executables that misbehave, one function each (payload on stdin, result on stdout).
+CHAOS_JOBS = {
+    "ok": "cat",
+    "crash": "kill -SEGV $$",
+    "exit": "exit $(( $(od -An -N1 -tu1 /dev/urandom) % 256 ))",
+    "flood": "head -c 300000 /dev/zero | tr '\\0' x",
+    "stderr": "head -c 2000000 /dev/urandom >&2; echo done",
+    "escapes": "printf '\\033]0;title\\007\\033[2J\\377\\n' >&2; printf '\\033[31mred'",
+    "closeout": "exec >&-; sleep 1",
+    "background": "(sleep 3; echo late) & echo now",
+    "daemon": "setsid sh -c 'sleep 5' >/dev/null 2>&1 < /dev/null & echo spawned",
+    "ignoreterm": "trap '' TERM; sleep 10",
+    "forks": "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; wait",
+    "noread": "echo ignored",
+    "partial": "head -c 10 >/dev/null; echo partial",
+    "slow": "sleep 0.$(( $(od -An -N1 -tu1 /dev/urandom) % 10 )); cat",
+}
+
+
+def fuzz_jobs(base):
+    d = base + "/jobs"
+    os.makedirs(d + "/jobs", exist_ok=True)
+    for name, body in CHAOS_JOBS.items():
+        with open(f"{d}/jobs/{name}", "w") as f:
+            f.write(f"#!/bin/sh\n{body}\n")
+        os.chmod(f"{d}/jobs/{name}", 0o755)
+    with open(d + "/jobs/noexec", "w") as f:
+        f.write("#!/nonexistent/interpreter\n")
+    os.chmod(d + "/jobs/noexec", 0o755)
+    w = start(d, """[worker]\nconcurrency = 4\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+job_timeout = "2s"\nmax_payload_bytes = 100000\n[source]\nkind = "spool"\ndir = "spool"\nfsync = false\n""")
+    stop, stats, rss, ids = time.time() + SECS, collections.Counter(), [], []
+
+    def submit():
+        names = list(CHAOS_JOBS) + ["noexec", "missing"]
+        while time.time() < stop:
+            fn = random.choice(names)
+            payload = os.urandom(random.choice([0, 10, 5000, 90000]))
+            r = subprocess.run([BIN, "-c", d + "/config.toml", "submit", fn], input=payload,
+                               capture_output=True, timeout=30)
+            if r.returncode == 0:
+                ids.append(r.stdout.decode().strip())
+                stats["submitted"] += 1
+            else:
+                stats["submit failed"] += 1
+                fail(f"jobs: submit {fn}: exit {r.returncode}: {r.stderr[:200]!r}")
+            time.sleep(0.1)  # about as many as four lanes get through (a few take 2 s)
+
+    threads = [threading.Thread(target=submit)]
+    for t in threads:
+        t.start()
+    ask_through_hups(d, w, stop, stats, rss)
+    for t in threads:
+        t.join()
+    # Every job ends, in a bounded time: its result stored (done or failed).
+    deadline, left = time.time() + 60, list(ids)
+    while left and time.time() < deadline:
+        left = [i for i in left if subprocess.run([BIN, "-c", d + "/config.toml", "result", i],
+                                                  capture_output=True).returncode not in (0, 1)]
+        if left:
+            time.sleep(1)
+    stats["unfinished"] = len(left)
+    print("jobs:", dict(stats), flush=True)
+    if left or not stats["submitted"]:
+        fail(f"jobs: {len(left)} of {len(ids)} jobs without an outcome 60 s after the last, e.g. {left[:3]}")
+    finish("jobs", d, w, rss)
+    # Nothing a job started outlives the worker, in its process group or in a session of its own.
+    time.sleep(0.5)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            if b"GEARSHIFT_WORKER=" in env and d.encode() in env:
+                left.append(pid)
+        except OSError:
+            pass
+    if left:
+        fail(f"jobs: {len(left)} job processes outlived the worker: {left[:10]}")
+
+
 def fuzz_config(base):
     d = base + "/config"
     os.makedirs(d, exist_ok=True)
@@ -638,14 +724,17 @@ def fuzz_config(base):
 
 
 def main():
-    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "amqp", "config"]
+    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "amqp", "jobs", "config"]
     base = tempfile.mkdtemp(prefix="gs-fuzz-")
     for p in parts:
-        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "amqp": fuzz_amqp, "config": fuzz_config}[p](base)
+        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "amqp": fuzz_amqp, "jobs": fuzz_jobs, "config": fuzz_config}[p](base)
     if failures:
         print(f"\n{len(failures)} failure(s); the workers' directories are in {base}")
         sys.exit(1)
-    subprocess.run(["rm", "-rf", base])
+    if os.environ.get("FUZZ_KEEP"):
+        print(f"\nthe workers' directories are in {base}")
+    else:
+        subprocess.run(["rm", "-rf", base])
     print("\nevery part held")
 
 
