@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation fuzzing of what reaches a worker from outside, against the real binary.
 
-  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [amqp] [jobs] [config]
+  fuzz.py BIN SECONDS [zeromq] [http] [gearman] [amqp] [jobs] [spool] [config]
 
 zeromq:  hostile ZMTP conversations (valid ones mutated: bit flips, cuts, inserts, repeats,
          lengths of 0 .. 2^64-1, written in random chunks) from six threads, HUPs now and then,
@@ -23,6 +23,10 @@ jobs:    job executables that misbehave (crash, random exit codes, 300 KB result
          a setsid daemon, TERM ignored past the timeout, ten children, stdin unread or read
          in part, a missing interpreter, an unknown function) from a submitter, HUPs now and
          then: every job gets its outcome, and no job process outlives the worker.
+spool:   what the worker's user could leave in the spool (junk, mutated job files and journal
+         segments, links, FIFOs, directories, sparse 1 GiB files, hard links, hostile names)
+         in every directory, while a client submits (every job must get its right result)
+         and `result` is asked of what was planted (never a hang), HUPs now and then.
 config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
          (never a crash), every error with file:line:col, and none in the parser's own words
          for a mistake we name (printed: the distinct messages, for a person to read).
@@ -39,6 +43,7 @@ import random
 import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -85,8 +90,9 @@ def rss_kib(pid):
         return 0
 
 
-def finish(name, d, w, rss):
-    """Checks and ends a worker: alive, bounded RSS, a clean log, a second TERM obeyed."""
+def finish(name, d, w, rss, expected_errors=None):
+    """Checks and ends a worker: alive, bounded RSS, a clean log (no ERROR but those the part
+    provokes on purpose, `expected_errors`), a second TERM obeyed."""
     if w.poll() is not None:
         fail(f"{name}: the worker died ({w.returncode})")
         return
@@ -106,9 +112,8 @@ def finish(name, d, w, rss):
         w.kill()
     with open(d + "/log", errors="replace") as f:
         log = f.read().splitlines()
-    # A reply a hostile broker refuses is lost, and said at ERROR: the one ERROR expected.
-    bad = [l for l in log if (" ERROR " in l and "refused its reply" not in l) or "panic" in l
-           or ("thread" in l and "died" in l)]
+    bad = [l for l in log if (" ERROR " in l and not (expected_errors and re.search(expected_errors, l)))
+           or "panic" in l or ("thread" in l and "died" in l)]
     if bad:
         fail(f"{name}: {len(bad)} bad log lines, the first: {bad[0][:300]}")
     raw = [l for l in log if CONTROL.search(l)]
@@ -584,7 +589,8 @@ reconnect_max = "200ms"\nio_timeout = "2s"\n""")
     print("amqp:", dict(stats), flush=True)
     if stats["status failed"] or not stats["acked"]:
         fail(f"amqp: {dict(stats)}")
-    finish("amqp", d, w, rss)
+    # A reply the broker refuses is lost, and said at ERROR.
+    finish("amqp", d, w, rss, expected_errors="refused its reply")
 
 
 # Job executables that misbehave, one function each (payload on stdin, result on stdout).
@@ -668,6 +674,123 @@ job_timeout = "2s"\nmax_payload_bytes = 100000\n[source]\nkind = "spool"\ndir = 
         fail(f"jobs: {len(left)} job processes outlived the worker: {left[:10]}")
 
 
+def fuzz_spool(base):
+    import hashlib
+    d = base + "/spool"
+    w = start(d, """[worker]\nconcurrency = 2\njobs_dir = "jobs"\nstate_dir = "state"\nallow_root = true
+builtins = true\n[source]\nkind = "spool"\ndir = "spool"\nfsync = false\n""")
+    stop, stats, rss, legit = time.time() + SECS, collections.Counter(), [], []
+    sp = d + "/spool"
+    job_id = lambda: "f%024x-%04x-0" % (random.getrandbits(96), random.getrandbits(16))
+
+    def job_file(fn, payload):
+        return (f"GSJ2\nfunction={fn}\nsubmitted={int(time.time() * 1000)}\nattempts=0\n"
+                f"length={len(payload)}\nsha256={hashlib.sha256(payload).hexdigest()}\n\n").encode() + payload
+
+    def put(path, data):
+        # Never blocks on a FIFO planted before, never follows a planted link.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def get(path):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(65536) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+
+    def plant():
+        """What the worker's user (every job runs as it) could leave in the spool."""
+        while time.time() < stop:
+            where = sp + "/" + random.choice(["new", "new", "cur", "done", "failed", "rejected", "journal",
+                                              "results", "tmp"])
+            name = random.choice([job_id(), job_id(), ".hidden", "a\x1bb\nc", "x" * 250, "s-0-0-0.done",
+                                  "s-%016x-%08x-1-1.done" % (random.getrandbits(64), random.getrandbits(32))])
+            path = where + "/" + name
+            kind = random.random()
+            try:
+                if kind < 0.3:
+                    body = job_file(random.choice(["reverse", "echo", "nope", "\x1b[2J"]), os.urandom(50))
+                    put(path, mutate(body) if random.random() < 0.5 else body)
+                elif kind < 0.45:
+                    segs = [f for f in os.listdir(sp + "/journal") if not f.startswith(".")]
+                    if segs:
+                        put(sp + "/journal/" + name, mutate(get(sp + "/journal/" + random.choice(segs))))
+                elif kind < 0.6:
+                    put(path, os.urandom(random.randint(0, 5000)))
+                elif kind < 0.7:
+                    os.symlink(random.choice(["/etc/shadow", "/dev/zero", "/", "nowhere", sp + "/new"]), path)
+                elif kind < 0.78:
+                    os.mkfifo(path)
+                elif kind < 0.86:
+                    os.mkdir(path)
+                elif kind < 0.9:
+                    put(path, b"")
+                    os.truncate(path, random.choice([1 << 30, 1 << 20]))
+                else:
+                    os.link("/etc/hostname", path)
+                stats["planted"] += 1
+            except (OSError, IndexError):
+                pass
+            time.sleep(0.02)
+
+    def submit():
+        while time.time() < stop:
+            payload = os.urandom(8).hex()
+            r = subprocess.run([BIN, "-c", d + "/config.toml", "submit", "reverse", payload],
+                               capture_output=True, timeout=30)
+            if r.returncode == 0:
+                legit.append((r.stdout.decode().strip(), payload))
+            else:
+                stats["submit failed"] += 1
+                fail(f"spool: submit: exit {r.returncode}: {r.stderr[:300]!r}")
+            time.sleep(0.03)
+
+    def read_planted():
+        while time.time() < stop:
+            try:
+                names = [n for n in os.listdir(sp + "/done") if n.startswith("f")]
+            except OSError:
+                names = []
+            for n in random.sample(names, min(3, len(names))):
+                try:
+                    r = subprocess.run([BIN, "-c", d + "/config.toml", "result", n], capture_output=True, timeout=10)
+                    stats[f"result exit {r.returncode}"] += 1
+                    if CONTROL.search((r.stderr).decode(errors="replace").replace("\n", "")):
+                        fail(f"spool: result printed raw control characters: {r.stderr[:200]!r}")
+                except subprocess.TimeoutExpired:
+                    fail(f"spool: `result {n}` still running after 10 s")
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=f) for f in (plant, submit, read_planted)]
+    for t in threads:
+        t.start()
+    ask_through_hups(d, w, stop, stats, rss)
+    for t in threads:
+        t.join()
+    # Every job a client submitted has its right result.
+    deadline, wrong, left = time.time() + 60, 0, list(legit)
+    while left and time.time() < deadline:
+        still = []
+        for i, payload in left:
+            r = subprocess.run([BIN, "-c", d + "/config.toml", "result", i], capture_output=True)
+            if r.returncode == 0:
+                wrong += r.stdout.decode(errors="replace") != payload[::-1]
+            elif r.returncode in (1, 2):
+                wrong += 1
+                fail(f"spool: job {i} ended {r.returncode}: {r.stderr[:200]!r}")
+            else:
+                still.append((i, payload))
+        left = still
+        if left:
+            time.sleep(1)
+    stats["submitted"], stats["wrong"], stats["unfinished"] = len(legit), wrong, len(left)
+    print("spool:", dict(stats), flush=True)
+    if wrong or left or not legit:
+        fail(f"spool: {wrong} wrong and {len(left)} unfinished of {len(legit)} submitted")
+    # What was planted is set aside, each said at ERROR.
+    finish("spool", d, w, rss, expected_errors=r"; rejected: set aside as ")
+
+
 def fuzz_config(base):
     d = base + "/config"
     os.makedirs(d, exist_ok=True)
@@ -724,10 +847,10 @@ def fuzz_config(base):
 
 
 def main():
-    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "amqp", "jobs", "config"]
+    parts = sys.argv[3:] or ["zeromq", "http", "gearman", "amqp", "jobs", "spool", "config"]
     base = tempfile.mkdtemp(prefix="gs-fuzz-")
     for p in parts:
-        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "amqp": fuzz_amqp, "jobs": fuzz_jobs, "config": fuzz_config}[p](base)
+        {"zeromq": fuzz_zeromq, "http": fuzz_http, "gearman": fuzz_gearman, "amqp": fuzz_amqp, "jobs": fuzz_jobs, "spool": fuzz_spool, "config": fuzz_config}[p](base)
     if failures:
         print(f"\n{len(failures)} failure(s); the workers' directories are in {base}")
         sys.exit(1)

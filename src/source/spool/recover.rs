@@ -307,13 +307,20 @@ impl Spool {
     /// and the count in `status`. Never fails the caller: at worst it says it could not.
     pub(super) fn reject_raw(&self, sub: &str, name: &std::ffi::OsStr, why: &str) {
         let from = self.dir(sub).join(name);
-        let mut to = self.dir("rejected").join(name);
-        if fs::symlink_metadata(&to).is_ok() {
-            let mut renamed = name.to_os_string();
-            renamed.push(format!(".{}", order::unique()));
-            to = self.dir("rejected").join(renamed);
+        let rejected = self.dir("rejected");
+        let mut to = rejected.join(name);
+        let mut moved = set_aside(&from, &to);
+        // Taken: a name of its own, never one an earlier generation gave (the pid is the same
+        // across an exec, the count starts again), and never over what is there.
+        for _ in 0..8 {
+            if !matches!(&moved, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+                break;
+            }
+            let suffix = format!("{:x}-{}", order::boottime_ns(), order::unique());
+            to = rejected.join(suffixed(name, &suffix));
+            moved = set_aside(&from, &to);
         }
-        match fs::rename(&from, &to) {
+        match moved {
             Ok(()) => {
                 crate::status::REJECTED.fetch_add(1, Ordering::Relaxed);
                 log::error!(
@@ -323,10 +330,70 @@ impl Spool {
                 );
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Met again at every listing: said once (for the first UNMOVABLE_SAID entries).
+            Err(e) if !first_time(&from) => log::debug!("{sub}/{:?}: {e}", name),
             Err(e) => log::error!(
                 "{sub}/{}: {why}; and it cannot be set aside ({e}): remove it",
                 name.to_string_lossy()
             ),
         }
+    }
+}
+
+/// Renames `from` to `to` unless something is at `to` (AlreadyExists). A file system without
+/// `RENAME_NOREPLACE` gets a look first (a race with whoever plants there is then possible).
+fn set_aside(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Err(nix::errno::Errno::EINVAL) if fs::symlink_metadata(to).is_ok() => {
+            Err(io::ErrorKind::AlreadyExists.into())
+        }
+        Err(nix::errno::Errno::EINVAL) => fs::rename(from, to),
+        done => done.map_err(io::Error::from),
+    }
+}
+
+/// How many entries that could not be set aside are remembered, so that each is said once.
+const UNMOVABLE_SAID: usize = 1024;
+
+/// Whether the entry at `path` that cannot be set aside is met for the first time.
+fn first_time(path: &std::path::Path) -> bool {
+    static SAID: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    said.len() < UNMOVABLE_SAID && said.insert(path.to_path_buf())
+}
+
+/// `name.SUFFIX`, `name` cut first so that the whole is a file name (at most 255 bytes).
+fn suffixed(name: &std::ffi::OsStr, suffix: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    const NAME_MAX: usize = 255;
+    let bytes = name.as_bytes();
+    let keep = bytes.len().min(NAME_MAX.saturating_sub(suffix.len() + 1));
+    let mut out = bytes[..keep].to_vec();
+    out.push(b'.');
+    out.extend_from_slice(suffix.as_bytes());
+    std::ffi::OsString::from_vec(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_cut_to_make_room_for_its_suffix() {
+        let long = "x".repeat(250);
+        let named = suffixed(std::ffi::OsStr::new(&long), "1a2b-3");
+        assert_eq!(named.len(), 255);
+        assert!(named.to_string_lossy().ends_with("x.1a2b-3"));
+        let short = suffixed(std::ffi::OsStr::new("job"), "1a2b-3");
+        assert_eq!(short, "job.1a2b-3");
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_set_aside_is_said_once() {
+        let path = std::path::Path::new("/nonexistent/said-once-unit");
+        assert!(first_time(path));
+        assert!(!first_time(path));
     }
 }
