@@ -80,7 +80,8 @@ impl AmqpLane {
             return Ok(None);
         }
         let function = match &p.kind {
-            Some(t) => String::from_utf8_lossy(t).into_owned(),
+            // Invalid UTF-8 as `\xNN`: shown as it came, and no function's name.
+            Some(t) => crate::text::invalid_as_hex(t),
             None => self.s.cfg.function.clone().unwrap_or_default(),
         };
         let id = match &message_id {
@@ -300,5 +301,12 @@ mod tests {
         // Two ids of invalid UTF-8 were both shown as "\u{fffd}": now each byte as it is.
         assert_eq!(super::escape(b"m\xff\xfe\x1b[2J"), "m\\xff\\xfe\\e[2J");
         assert_ne!(super::escape(b"\xff"), super::escape(b"\xfe"));
+    }
+
+    #[test]
+    fn a_type_of_invalid_utf8_names_no_function_and_is_shown_as_it_came() {
+        let shown = crate::text::invalid_as_hex(b"echo\xff");
+        assert_eq!(shown, "echo\\xff");
+        assert!(crate::config::check_function_name(&shown).is_err());
     }
 }
