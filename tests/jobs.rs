@@ -652,16 +652,14 @@ fn a_jobs_dir_of_more_executables_than_a_worker_serves_is_refused() {
         text_of(&out)
     );
     let s = w.wait_for(Duration::from_secs(20), "the change refused", |s| {
-        s["reload_refusals"].as_u64() >= Some(1)
-    });
-    assert_eq!(s["generation"], 1);
-    assert!(
         s["last_refused_reload"]["error"]
             .as_str()
-            .unwrap_or_default()
-            .contains("more than 4096 executables"),
-        "{s}"
-    );
+            .is_some_and(|e| e.contains("more than 4096 executables"))
+    });
+    // While the files were written, a generation may have taken a jobs_dir of fewer (the
+    // watch saw a change part way); none serves all of them (f4096, written last).
+    let functions = s["functions"].as_array().unwrap();
+    assert!(!functions.iter().any(|f| f == "f4096"), "{s}");
     assert_eq!(sb.run(&["status"]).status.code(), Some(0));
     let out = sb.run(&["submit", "--wait", "reverse", "abc"]);
     assert_eq!(text(&out.stdout), "cba", "{}", text_of(&out));
