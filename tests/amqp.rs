@@ -943,27 +943,21 @@ fn amqps_with_a_client_certificate() {
     );
 }
 
-#[test]
-fn a_reply_waits_while_the_broker_blocks_publishing() {
-    if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {
-        return;
-    }
-    let sb = Sandbox::new("amqp-blocked");
-    let r = Rabbit::start(&sb.dir, "");
-    let started = sb.path("started");
-    // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
-    // can take longer than it on a busy machine: the reply then went before the alarm).
-    let go = sb.path("go");
+/// A worker of one lane on queue `rpc` (declared) whose function `slow` adds a line to the
+/// returned `runs` file as it starts, waits until `go` exists, then echoes its payload; once
+/// connected.
+fn gated_rpc_worker(sb: &Sandbox, r: &Rabbit) -> (Worker, std::path::PathBuf, std::path::PathBuf) {
+    let (runs, go) = (sb.path("runs"), sb.path("go"));
     sb.job(
         "slow",
         &format!(
-            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\ncat\n",
-            started.display(),
+            "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.05; done\ncat\n",
+            runs.display(),
             go.display()
         ),
     );
     amqp_config(
-        &sb,
+        sb,
         1,
         &format!(
             "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
@@ -973,6 +967,19 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     );
     let w = sb.start();
     w.wait_for(Duration::from_secs(20), "connected", connected);
+    (w, runs, go)
+}
+
+#[test]
+fn a_reply_waits_while_the_broker_blocks_publishing() {
+    if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-blocked");
+    let r = Rabbit::start(&sb.dir, "");
+    // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
+    // can take longer than it on a busy machine: the reply then went before the alarm).
+    let (w, started, go) = gated_rpc_worker(&sb, &r);
     // One RPC request; the client prints the answer and when it came.
     let mut rpc = Command::new(PYTHON)
         .args([
@@ -1427,27 +1434,7 @@ fn direct_reply_to_requesters_are_answered_and_one_that_left_runs_once() {
     }
     let sb = Sandbox::new("amqp-gone-requester");
     let r = Rabbit::shared();
-    let runs = sb.path("runs");
-    let go = sb.path("go");
-    sb.job(
-        "slow",
-        &format!(
-            "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.05; done\ncat\n",
-            runs.display(),
-            go.display()
-        ),
-    );
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
-            r.url()
-        ),
-        "[source.declare]\n",
-    );
-    let w = sb.start();
-    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let (w, runs, go) = gated_rpc_worker(&sb, &r);
     // One that waits for its answer.
     fs::write(&go, "").unwrap();
     let out = Command::new(PYTHON)
