@@ -123,7 +123,53 @@ fn start_failures_are_reported_by_start() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(sb.run(&["status"]).status.code(), Some(3));
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+}
+
+/// A `start` that says the daemon failed returns only once that daemon is gone: `status` run
+/// the moment `start` printed the error finds no worker. Until then root's record of the
+/// worker that started (kept for a worker whose `state_dir` is removed under it) named a live
+/// process, and `status` said "unknown" (exit 4, "was state_dir removed under it?"), as CI saw
+/// once. strace makes the scheduler's worst case certain: the daemon's `chdir("/")` (no other
+/// process of `start` makes one) waits 2 s and every exit waits 1 s, so the daemon exits a
+/// second after it reported its error.
+#[test]
+fn a_failed_start_returns_once_its_daemon_is_gone() {
+    use std::io::{BufRead, BufReader};
+    let sb = Sandbox::new("start-fail-gone");
+    sb.write_config("");
+    fs::write(sb.path("spool"), "not a directory").unwrap();
+    let cmd = sb.cmd(&["start"]);
+    let mut start = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=chdir,exit_group",
+        ])
+        .args(["-e", "inject=chdir:delay_enter=2000000"])
+        .args(["-e", "inject=exit_group:delay_enter=1000000"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("GEARSHIFT_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/deps installs it)");
+    let mut said = String::new();
+    for line in BufReader::new(start.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        if line.contains("spool\": Not a directory") {
+            break;
+        }
+    }
+    let out = sb.run(&["status"]);
+    let _ = start.wait();
+    assert!(said.contains("Not a directory"), "{said}");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
 }
 
 #[test]
