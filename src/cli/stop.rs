@@ -24,11 +24,14 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         other => other?,
     };
     // Its end is told by the pidfile lock; for a worker found by root's record alone (its
-    // state_dir removed under it), by the record: that pid with that start time gone.
+    // state_dir removed under it), by the record: that pid with that start time gone. The
+    // record is asked after the lock too: the lock goes as the process closes its files, a
+    // moment before it is gone, and `status` asked then would find it by the record.
+    let recorded = || super::locate::recorded_worker(path) == Some(pid);
     let alive = || -> Result<bool> {
         Ok(match by_record {
-            true => super::locate::recorded_worker(path) == Some(pid),
-            false => pidfile::probe(&pidfile)? != Probe::NotRunning,
+            true => recorded(),
+            false => pidfile::probe(&pidfile)? != Probe::NotRunning || recorded(),
         })
     };
     if by_record {
