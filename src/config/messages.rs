@@ -15,8 +15,9 @@ pub(super) fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Rewrites serde's messages into ours, with a "did you mean" where a close name exists.
-pub(super) fn explain(message: &str) -> String {
+/// Rewrites serde's messages into ours, with a "did you mean" where a close name exists;
+/// `rest` is the file's text from where the error points.
+pub(super) fn explain(message: &str, rest: &str) -> String {
     let message = message.trim();
     for (prefix, what) in [("unknown field `", "key"), ("unknown variant `", "value")] {
         if let Some(rest) = message.strip_prefix(prefix) {
@@ -46,6 +47,7 @@ pub(super) fn explain(message: &str) -> String {
     if let Some(said) = not_a_list(message) {
         return said;
     }
+    let message = wrong_type(message, rest).unwrap_or_else(|| message.to_string());
     // Rust type names mean nothing to someone writing TOML.
     let message = message
         .replace(
@@ -97,6 +99,50 @@ fn tables_in_toml_words(message: &str) -> String {
         );
     }
     message
+}
+
+/// serde's "invalid type: GOT, expected WHAT" as "expected WHAT, not GOT", GOT in TOML's words
+/// (serde said "map" for a table and for a date alike, "sequence" for a list), and a string
+/// that holds what was expected told to lose its quotes.
+fn wrong_type(message: &str, rest: &str) -> Option<String> {
+    let (got, expected) = message
+        .strip_prefix("invalid type: ")?
+        .rsplit_once(", expected ")?;
+    let quoted = |word: &str, got: &str| {
+        got.strip_prefix(word)
+            .and_then(|g| g.strip_prefix(" `"))
+            .and_then(|g| g.strip_suffix('`'))
+            .map(str::to_string)
+    };
+    let value = rest.trim_start();
+    let found = if got == "map" && value.starts_with(|c: char| c.is_ascii_digit()) {
+        "a date or a time".to_string()
+    } else if got == "map" {
+        "a table".to_string()
+    } else if got == "sequence" {
+        "a list".to_string()
+    } else if let Some(n) = quoted("integer", got) {
+        format!("the number {n}")
+    } else if let Some(n) = quoted("floating point", got) {
+        format!("the number {n}")
+    } else if let Some(b) = quoted("boolean", got) {
+        b
+    } else if let Some(text) = got.strip_prefix("string ") {
+        let inner = text.trim_matches('"');
+        let bare = match expected {
+            "i64" | "u64" | "u32" => inner.parse::<i64>().is_ok(),
+            "f64" => inner.parse::<f64>().is_ok_and(f64::is_finite),
+            "a boolean" => inner == "true" || inner == "false",
+            _ => false,
+        };
+        return Some(match bare {
+            true => format!("expected {expected}, not the string {text}: write {inner}"),
+            false => format!("expected {expected}, not the string {text}"),
+        });
+    } else {
+        got.to_string()
+    };
+    Some(format!("expected {expected}, not {found}"))
 }
 
 /// A single string where a list goes (`servers = "host:4730"`): shown as the list it should be.

@@ -554,15 +554,15 @@ mod tests {
             // brackets.
             (
                 "[functions]\necho = 5\n",
-                "/etc/gs/config.toml:2:8: invalid type: integer `5`, expected a table: [functions.NAME] and its keys",
+                "/etc/gs/config.toml:2:8: expected a table: [functions.NAME] and its keys, not the number 5",
             ),
             (
                 "[source]\ntls = 5\n",
-                "/etc/gs/config.toml:2:7: invalid type: integer `5`, expected a table: [source.tls] and its keys",
+                "/etc/gs/config.toml:2:7: expected a table: [source.tls] and its keys, not the number 5",
             ),
             (
                 "worker = 5\n",
-                "/etc/gs/config.toml:1:10: invalid type: integer `5`, expected a table: [worker] and its keys",
+                "/etc/gs/config.toml:1:10: expected a table: [worker] and its keys, not the number 5",
             ),
             (
                 "[source]\nkind = \"gearman\"\nservers = \"127.0.0.1:4730\"\n",
@@ -570,11 +570,40 @@ mod tests {
             ),
             (
                 "[source]\nbind = 5\n",
-                "/etc/gs/config.toml:2:8: invalid type: integer `5`, expected a list (in brackets: [\"a\", \"b\"])",
+                "/etc/gs/config.toml:2:8: expected a list (in brackets: [\"a\", \"b\"]), not the number 5",
             ),
             (
                 "[worker]\nstate_dir = [\"a\"]\n",
-                "/etc/gs/config.toml:2:13: invalid type: sequence, expected a path (a string in quotes)",
+                "/etc/gs/config.toml:2:13: expected a path (a string in quotes), not a list",
+            ),
+            // What was found, in TOML's words too: serde said "map" for a table and a date.
+            (
+                "[worker]\nconcurrency = {a = 1}\n",
+                "/etc/gs/config.toml:2:15: expected a whole number (written without quotes), not a table",
+            ),
+            (
+                "[worker]\nconcurrency = 1979-05-27\n",
+                "/etc/gs/config.toml:2:15: expected a whole number (written without quotes), not a date or a time",
+            ),
+            (
+                "[worker]\nconcurrency = \"2\"\n",
+                "/etc/gs/config.toml:2:15: expected a whole number (written without quotes), not the string \"2\": write 2",
+            ),
+            (
+                "[worker]\nconcurrency = \"two\"\n",
+                "/etc/gs/config.toml:2:15: expected a whole number (written without quotes), not the string \"two\"",
+            ),
+            (
+                "[worker]\nconcurrency = 2.5\n",
+                "/etc/gs/config.toml:2:15: expected a whole number (written without quotes), not the number 2.5",
+            ),
+            (
+                "[worker]\nallow_root = \"true\"\n",
+                "/etc/gs/config.toml:2:14: expected true or false (without quotes), not the string \"true\": write true",
+            ),
+            (
+                "[worker]\nuser = 1000\n",
+                "/etc/gs/config.toml:2:8: expected a string (in quotes), not the number 1000",
             ),
             // Found by mutating the shipped config: what the parser said was about something
             // else (a control character "ended" a comment or a string), jargon, or nothing.

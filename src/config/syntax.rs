@@ -46,7 +46,7 @@ pub(super) fn explain_at(
             return said;
         }
     }
-    let explained = explain(message);
+    let explained = explain(message, rest);
     if flat != "expected `.`, `=`" {
         return explained;
     }
