@@ -455,6 +455,35 @@ fn lanes_short_of_descriptors_take_turns_and_keep_up() {
     assert!(!w.log_text().contains("storage works again"));
 }
 
+/// The running binary is no candidate while its own digest is being computed: a fresh start
+/// hashes its image in the background, and until that ended (0.7 s and more for a debug build
+/// of 89 MB on a loaded machine) the file at the binary's path, the running image itself, was
+/// taken for a new binary dropped there: a deploy was pending, so a ZeroMQ message for a
+/// function nobody serves was taken as one the deploy may bring (two tests of tests/zeromq.rs
+/// failed so under load), and the file was pre-flighted as a candidate.
+#[test]
+fn the_running_binary_is_no_candidate_while_its_digest_is_computed() {
+    let mut sb = Sandbox::new("hash-self");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    sb.write_config("");
+    let marker = sb.path("stall-hash");
+    fs::write(&marker, "").unwrap();
+    let mut w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_HASH_SELF", marker.to_str().unwrap())]);
+    eventually(Duration::from_secs(20), "the stalled digest", || {
+        w.log_text().contains("stalling the running image's digest")
+    });
+    // The deploy watch looks 0.2 s after the start and lets a new file settle 0.5 s.
+    std::thread::sleep(Duration::from_secs(2));
+    fs::remove_file(&marker).unwrap();
+    w.wait_running_sha();
+    std::thread::sleep(Duration::from_secs(1));
+    let log = w.log_text();
+    assert!(!log.contains("deploy: candidate"), "{log}");
+    assert_eq!(w.generation(), 1, "{log}");
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(20)).success());
+}
+
 /// A look at the files that fails for want of descriptors (or memory, or for an I/O error) is
 /// no refusal of what they hold: it is looked at again until it can be read, and then served.
 /// Before, the change was refused ("Too many open files") and, its digest remembered as

@@ -242,21 +242,25 @@ fn malformed_unknown_and_oversized_messages_get_error_answers() {
     fs::write(z.sb.config(), text_cfg).unwrap();
     let w = z.sb.start();
     let ask = |frames: &[&str]| pyzmq("REQ", &z.tcp, frames).join("");
-    assert!(ask(&["a", "b", "c"]).starts_with("ERROR 3 frames"));
-    assert!(ask(&["nope", "x"]).starts_with("ERROR unknown function \"nope\""));
+    let got = ask(&["a", "b", "c"]);
+    assert!(got.starts_with("ERROR 3 frames"), "{got}");
+    let got = ask(&["nope", "x"]);
+    assert!(got.starts_with("ERROR unknown function \"nope\""), "{got}");
     // A function whose file a deploy has just added, before the restart that serves it: taken
     // (it was refused as unknown), and run once that restart comes.
     z.sb.job("fresh.sh", "#!/bin/sh\ntr a-z A-Z\n");
     let fresh = ask(&["fresh", "new"]);
     assert!(!fresh.starts_with("ERROR"), "{fresh}");
-    assert!(ask(&["", "x"]).starts_with("ERROR \"\" is no function name"));
+    let got = ask(&["", "x"]);
+    assert!(got.starts_with("ERROR \"\" is no function name"), "{got}");
     assert_eq!(
         ask(&["\u{1b}[2Jevil", "x"]),
         "ERROR \"\\e[2Jevil\" is no function name",
         "escaped"
     );
     let big = "x".repeat(5000);
-    assert!(ask(&["reverse", &big]).contains("over max_payload_bytes (1000)"));
+    let got = ask(&["reverse", &big]);
+    assert!(got.contains("over max_payload_bytes (1000)"), "{got}");
     // Far over the limit: the connection ends at its frame header; the client gets nothing.
     let huge = "x".repeat(200_000);
     assert!(pyzmq("REQ", &z.tcp, &["reverse", &huge]).is_empty());
@@ -282,7 +286,8 @@ fn a_message_for_a_function_a_new_binary_brings_is_taken() {
     let w = z.sb.start();
     w.wait_running_sha();
     let ask = |frames: &[&str]| pyzmq("REQ", &z.tcp, frames).join("");
-    assert!(ask(&["shout", "x"]).starts_with("ERROR unknown function \"shout\""));
+    let got = ask(&["shout", "x"]);
+    assert!(got.starts_with("ERROR unknown function \"shout\""), "{got}");
     let tmp = z.sb.path("bin/gearshift.new");
     fs::copy(example("custom_worker"), &tmp).unwrap();
     fs::rename(&tmp, &z.sb.bin).unwrap();

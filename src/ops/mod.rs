@@ -3,6 +3,8 @@
 //! `signals`, `logging` and the systemd `notify` protocol. The process managers that use them
 //! (`start` and its supervisor) are in `crate::daemon`, a layer above the worker.
 
+#[cfg(gearshift_faults)]
+pub mod faults;
 pub mod handover;
 pub mod hook;
 pub mod layout;

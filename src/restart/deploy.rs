@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,12 @@ pub struct Deploy {
     config: PathBuf,
     /// The running image (sha computed in the background on a first start).
     running: Arc<Mutex<Option<Known>>>,
+    /// The running image's file (`/proc/self/exe`): the file at the path is that one, no
+    /// candidate, also before its digest is known (a file being run cannot be written).
+    image: Option<Ident>,
+    /// The running image's digest is being computed: a file at the path is judged after it
+    /// (whether it holds the running bytes is not known before).
+    hashing: Arc<AtomicBool>,
     last_seen: Option<(Ident, Instant)>,
     refused: Option<Ident>,
     approved: Option<Known>,
@@ -79,6 +86,15 @@ pub struct Deploy {
     missing: Option<(Instant, bool)>,
 }
 
+/// Clears its flag when dropped: the end of the thread that holds it, however it ends.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl Deploy {
     /// `running` is what the previous generation exec'd, if it knew; otherwise the image is
     /// hashed in the background (not on the restart path).
@@ -91,10 +107,18 @@ impl Deploy {
         publish: impl Fn(&str) + Send + 'static,
     ) -> Deploy {
         let known = Arc::new(Mutex::new(running.clone()));
+        let hashing = Arc::new(AtomicBool::new(running.is_none()));
         if running.is_none() {
             let slot = Arc::clone(&known);
             let path = path.to_path_buf();
+            let hashed = Arc::clone(&hashing);
             let _ = crate::ops::signals::spawn_helper("hash-self", move || {
+                let _done = ClearOnDrop(hashed);
+                #[cfg(gearshift_faults)]
+                crate::ops::faults::stall_while(
+                    "GEARSHIFT_FAULT_STALL_HASH_SELF",
+                    "stalling the running image's digest",
+                );
                 // /proc/self/exe is the image we run, even if the path was replaced since.
                 if let Ok(sha) = hash_file(Path::new("/proc/self/exe")) {
                     let before = Ident::of(&path);
@@ -114,6 +138,8 @@ impl Deploy {
             path: path.to_path_buf(),
             config: config.to_path_buf(),
             running: known,
+            image: Ident::of(Path::new("/proc/self/exe")),
+            hashing,
             last_seen: None,
             refused: None,
             approved: None,
@@ -150,7 +176,8 @@ impl Deploy {
     /// Whether `ident` is a file already judged: the running image, the refused or the
     /// approved candidate.
     fn judged(&self, ident: Ident) -> bool {
-        Some(ident) == self.running_ident()
+        Some(ident) == self.image
+            || Some(ident) == self.running_ident()
             || Some(ident) == self.refused
             || self.approved.as_ref().and_then(|a| a.ident) == Some(ident)
     }
@@ -223,6 +250,9 @@ impl Deploy {
         self.missing = None;
         if self.judged(ident) {
             return Step::Nothing;
+        }
+        if self.hashing.load(Ordering::Acquire) {
+            return Step::CheckIn(Duration::from_millis(100));
         }
         // Stable for SETTLE?
         match self.last_seen {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::jobs::functions::{Functions, Runner, Table};
+#[cfg(gearshift_faults)]
+pub(super) use crate::ops::faults::stall_while;
 use crate::text::ShowPath;
 use crate::watch::{self};
 
@@ -331,20 +333,4 @@ pub fn describe(table: &Table) -> BTreeMap<String, String> {
             (name.clone(), format!("{what}{t}"))
         })
         .collect()
-}
-
-/// A fault-injection build (tests only): the calling thread stalls while the file the
-/// environment variable `var` names exists (a system call stalled by a slow disk, or wedged).
-#[cfg(gearshift_faults)]
-pub(super) fn stall_while(var: &str, what: &str) {
-    let Some(p) = std::env::var_os(var) else {
-        return;
-    };
-    if Path::new(&p).exists() {
-        log::warn!("{what} (injected fault, gearshift_faults build)");
-        while Path::new(&p).exists() {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        log::warn!("going on (injected fault, gearshift_faults build)");
-    }
 }
