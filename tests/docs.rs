@@ -69,13 +69,24 @@ fn the_readme_manual_steps_work_as_written() {
 #[test]
 fn submit_wait_says_when_no_worker_runs() {
     let sb = Sandbox::new("docs-noworker");
-    let out = sb.run(&["submit", "--wait", "reverse", "x"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("no worker is running"),
-        "{}",
-        text(&out.stderr)
-    );
+    // Also with a --timeout shorter than the 2 s it waits for a worker to appear (it said
+    // "queued, not finished yet", exit 5).
+    for timeout in [None, Some("1s"), Some("100ms")] {
+        let mut args = vec!["submit", "--wait", "reverse", "x"];
+        args.extend(timeout.iter().flat_map(|t| ["--timeout", *t]));
+        let out = sb.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("no worker is running"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 /// `systemd-analyze verify` exits 0 even when it ignores a line it cannot parse: its output

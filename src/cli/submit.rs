@@ -262,19 +262,19 @@ fn wait_for_result(
     let mut stopping = Stopping::default();
     let mut waiting = spool.waiting(id);
     loop {
-        let slice = match deadline {
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(500)),
-            None => Duration::from_millis(500),
-        };
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let slice = left.map_or(Duration::from_millis(500), |l| {
+            l.min(Duration::from_millis(500))
+        });
         let lookup = waiting.wait(Some(slice))?;
+        // At `--timeout`, no worker running is said as such, however short the timeout.
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        let probed = pidfile::probe(pidfile).ok();
         if matches!(lookup, Lookup::Finished(_) | Lookup::Unknown)
-            || deadline.is_some_and(|d| Instant::now() >= d)
+            || (timed_out && probed != Some(Probe::NotRunning))
         {
             return Ok(Some(lookup));
         }
-        let probed = pidfile::probe(pidfile).ok();
         // A worker stopped by SIGSTOP runs nothing until continued: said once, after 2 s.
         match probed.as_ref().and_then(|p| match p {
             Probe::Running(Some(pid)) => super::locate::stopped(*pid),
@@ -302,7 +302,7 @@ fn wait_for_result(
         }
         if probed == Some(Probe::NotRunning) {
             let since = *absent_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= NO_WORKER_PATIENCE {
+            if since.elapsed() >= NO_WORKER_PATIENCE || timed_out {
                 eprintln!(
                     "job {id} is queued, but no worker is running (start one: gearshift start)"
                 );
