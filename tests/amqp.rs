@@ -1422,6 +1422,18 @@ fn a_reply_the_broker_refuses_still_settles_the_delivery() {
             .is_some_and(|e| e.contains("refused its reply")),
         "and shown in status: {s}"
     );
+    // And counted, for an alert, through a restart.
+    let lost = |sb: &Sandbox| {
+        let m = text(&sb.run(&["metrics"]).stdout);
+        m.lines()
+            .find_map(|l| l.strip_prefix("gearshift_amqp_replies_lost_total "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no replies_lost counter:\n{m}"))
+    };
+    assert_eq!(lost(&sb), "3");
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    assert_eq!(lost(&sb), "3");
 }
 
 /// Requesters on RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): one is answered; one

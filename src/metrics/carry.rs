@@ -32,6 +32,9 @@ pub struct MetricsCarried {
     pub deploys: std::collections::BTreeMap<String, u64>,
     /// Gearman reconnects per server address.
     pub reconnects: std::collections::BTreeMap<String, u64>,
+    /// AMQP replies lost ([`super::REPLIES_LOST`]); absent from an older build's.
+    #[serde(default)]
+    pub replies_lost: u64,
 }
 
 /// The counters as data, for `gearshift top` (the status socket's `counts` request): what the

@@ -161,6 +161,10 @@ impl FunctionStats {
     }
 }
 
+/// AMQP replies lost: refused by the broker every time it was sent (the job settled all the
+/// same; its requester waits in vain). A process-wide count, carried across exec.
+pub static REPLIES_LOST: AtomicU64 = AtomicU64::new(0);
+
 /// Every counter and histogram of this process.
 pub struct Metrics {
     functions: RwLock<BTreeMap<String, Arc<FunctionStats>>>,
@@ -284,6 +288,7 @@ impl Metrics {
             restart_pause: self.restart_pause.counts(),
             deploys,
             reconnects,
+            replies_lost: REPLIES_LOST.load(Ordering::Relaxed),
         }
     }
 
@@ -300,6 +305,7 @@ impl Metrics {
             }
         }
         lost |= !self.restart_pause.restore(&carried.restart_pause);
+        REPLIES_LOST.store(carried.replies_lost, Ordering::Relaxed);
         if let Ok(mut r) = self.rare.lock() {
             r.restarts = carried.restarts.clone();
             r.deploys = carried.deploys.clone();

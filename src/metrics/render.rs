@@ -320,6 +320,16 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
             escape(server)
         );
     }
+    if kind == "amqp" {
+        header(
+            w,
+            "gearshift_amqp_replies_lost_total",
+            "counter",
+            "Replies (reply_to) the broker refused every time they were sent: the job was settled, its requester got no answer.",
+        );
+        let lost = super::REPLIES_LOST.load(Ordering::Relaxed);
+        let _ = writeln!(w, "gearshift_amqp_replies_lost_total {lost}");
+    }
 }
 
 fn header(w: &mut String, name: &str, kind: &str, help: &str) {

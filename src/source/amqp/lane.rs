@@ -243,6 +243,7 @@ impl Lane for AmqpLane {
             );
             log::error!("{why}");
             self.shared.note(&why);
+            crate::metrics::REPLIES_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if done && self.s.cfg.dedupe_ids > 0 {
             if let (Some(id), Ok(mut set)) = (&hand.message_id, self.s.dedupe.lock()) {
