@@ -803,7 +803,8 @@ def fuzz_config(base):
                         r"invalid escape sequence|invalid unicode|expected struct|expected a sequence|"
                         r"invalid inline table|invalid table header; expected `\.`, `\]\]`|"
                         r"invalid (hexadecimal|octal|binary) integer|invalid floating-point number|"
-                        r"invalid integer; expected|invalid time|invalid date-time|invalid table header$)")
+                        r"invalid integer; expected|invalid time|invalid date-time|invalid table header$|"
+                        r"invalid type: |.*expected a borrowed string|.*expected (i64|u64|u32|f64)\b)")
     bases = [HERE + "/../config.toml", HERE + "/config.production.toml"]
     seen, runs = collections.Counter(), 0
     stop = time.time() + SECS

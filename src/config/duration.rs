@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
+/// A duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, `"1h30m"`, or a number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
@@ -73,30 +73,56 @@ impl<'de> Deserialize<'de> for Limit {
 /// The largest `max_payload_bytes` (1 GiB): a job is held in memory.
 pub const MAX_PAYLOAD: u64 = 1 << 30;
 
-/// Parses `"100us"`, `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` or a bare number of seconds.
+/// Parses `"100us"`, `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`, a bare number of seconds, or
+/// pieces of these, the largest unit first (`"1h30m"`, `"1m 30s"`).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\")"))?;
-    let scale = match unit.trim() {
-        "us" | "µs" => 0.000_001,
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        other => {
+    let invalid =
+        || format!("invalid duration \"{s}\" (examples: \"500ms\", \"30s\", \"5m\", \"1h30m\")");
+    let mut rest = s;
+    let mut secs = 0.0;
+    let mut last_scale = f64::INFINITY;
+    loop {
+        let at = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, after) = rest.split_at(at);
+        let n: f64 = num.parse().map_err(|_| invalid())?;
+        let after = after.trim_start();
+        let at = after.find(|c: char| c.is_ascii_digit() || c.is_whitespace());
+        let (unit, after) = after.split_at(at.unwrap_or(after.len()));
+        let scale = match unit {
+            "us" | "µs" => 0.000_001,
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            "" if rest.len() == s.len() && after.trim().is_empty() => 1.0,
+            "" => {
+                return Err(format!(
+                    "\"{s}\": {num} has no unit (use us, ms, s, m, h or d after each number)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "unknown duration unit \"{other}\" in \"{s}\" (use us, ms, s, m, h or d)"
+                ))
+            }
+        };
+        if scale >= last_scale {
             return Err(format!(
-                "unknown duration unit \"{other}\" in \"{s}\" (use us, ms, s, m, h or d)"
-            ))
+                "\"{s}\": write the larger unit first (as in \"1h30m\")"
+            ));
         }
-    };
-    match Duration::try_from_secs_f64(n * scale) {
+        last_scale = scale;
+        secs += n * scale;
+        rest = after.trim_start();
+        if rest.is_empty() {
+            break;
+        }
+    }
+    match Duration::try_from_secs_f64(secs) {
         Ok(d) => bounded(d, s),
         // Not negative, not NaN (only digits and dots were parsed): too large to hold.
         Err(_) => Err(format!("duration \"{s}\" is over the maximum of 3650d")),

@@ -989,12 +989,43 @@ mod tests {
             ("5m", Duration::from_secs(300)),
             ("2h", Duration::from_secs(7200)),
             ("7d", Duration::from_secs(7 * 86400)),
+            // Compound, largest unit first, as Go and systemd write them.
+            ("1h30m", Duration::from_secs(5400)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("30 s", Duration::from_secs(30)),
+            (" 2 h 5 m ", Duration::from_secs(7500)),
+            ("1m30s", Duration::from_secs(90)),
+            ("2d12h", Duration::from_secs(216_000)),
+            ("1s500ms", Duration::from_millis(1500)),
+            ("1.5h30s", Duration::from_secs(5430)),
         ];
         for (s, d) in ok {
             assert_eq!(parse_duration(s).as_ref(), Ok(d), "{s}");
         }
-        for bad in ["", "s", "5x", "-1s", "1e999s"] {
+        for bad in [
+            "", "s", "5x", "-1s", "1e999s", "1h-30m", "1h1h", "h30m", "1hm",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        for (bad, said) in [
+            (
+                "30m1h",
+                "\"30m1h\": write the larger unit first (as in \"1h30m\")",
+            ),
+            (
+                "1h30",
+                "\"1h30\": 30 has no unit (use us, ms, s, m, h or d after each number)",
+            ),
+            (
+                "3650d1s",
+                "duration \"3650d1s\" is over the maximum of 3650d",
+            ),
+            (
+                "1h30x",
+                "unknown duration unit \"x\" in \"1h30x\" (use us, ms, s, m, h or d)",
+            ),
+        ] {
+            assert_eq!(parse_duration(bad).err().as_deref(), Some(said), "{bad}");
         }
         let c = parse("[functions.sleep]\ntimeout = 3\n[functions.wc]\ntimeout = \"250ms\"\n")
             .expect("valid");
