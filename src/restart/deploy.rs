@@ -111,9 +111,10 @@ impl Deploy {
         if running.is_none() {
             let slot = Arc::clone(&known);
             let path = path.to_path_buf();
-            let hashed = Arc::clone(&hashing);
+            // Cleared when the thread ends, or when it could not be started (the closure dropped).
+            let done = ClearOnDrop(Arc::clone(&hashing));
             let _ = crate::ops::signals::spawn_helper("hash-self", move || {
-                let _done = ClearOnDrop(hashed);
+                let _done = done;
                 #[cfg(gearshift_faults)]
                 crate::ops::faults::stall_while(
                     "GEARSHIFT_FAULT_STALL_HASH_SELF",
