@@ -323,14 +323,10 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
     if !matches!(pidfile::probe(&pidfile), Ok(Probe::NotRunning)) {
         return Ok(());
     }
-    let since = std::time::Instant::now();
-    while let Some(pid) = crate::ops::layout::recorded_worker(&config) {
-        if since.elapsed() >= Duration::from_secs(2) {
-            return Err(Error::Msg(recorded_words(&c.worker.state_dir, pid)));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    match crate::ops::layout::wait_recorded_gone(&config, Duration::from_secs(2)) {
+        Some(pid) => Err(Error::Msg(recorded_words(&c.worker.state_dir, pid))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the

@@ -183,7 +183,7 @@ fn daemonize(umask: u32, log: &File) -> Result<()> {
 /// worker crashed as it started); EOF means the daemon died first.
 /// Waits `wait` at most: a daemon whose start-up stalls (a hung mount) goes on starting, and
 /// `start` says so (exit 5) instead of holding whatever script ran it. A daemon that failed is
-/// gone before its failure is said ([`wait_gone`]).
+/// gone before its failure is said (2 s at most).
 fn wait_ready(ready: OwnedFd, log_file: &Path, config: &Path, wait: Duration) -> Started {
     let done = |code| Started { code, died: false };
     if !readable_within(&ready, wait) {
@@ -199,7 +199,10 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, config: &Path, wait: Duration) ->
     let _ = BufReader::new(File::from(ready)).read_line(&mut line);
     let line = line.trim_end();
     if !line.starts_with("ready ") {
-        wait_gone(config);
+        // The failed daemon (or the supervisor's worker that died) recorded itself once it
+        // held the pidfile lock: until it has exited, `status` would take it for a worker
+        // whose `state_dir` was removed under it ("unknown"), and `start` again would wait.
+        let _ = crate::ops::layout::wait_recorded_gone(config, Duration::from_secs(2));
     }
     if let Some(ready) = line.strip_prefix("ready ") {
         let (pid, rollback) = ready.split_once(' ').unwrap_or((ready, ""));
@@ -231,19 +234,6 @@ fn wait_ready(ready: OwnedFd, log_file: &Path, config: &Path, wait: Duration) ->
             code: 1,
             died: true,
         }
-    }
-}
-
-/// Waits, 2 s at most, until no process root recorded as the worker of `config` runs: the
-/// daemon that failed its start (or the supervisor's worker that died) recorded itself once it
-/// held the pidfile lock, and until it has exited `status` would take it for a worker whose
-/// `state_dir` was removed under it ("unknown"), and `start` again would wait for it.
-fn wait_gone(config: &Path) {
-    let since = std::time::Instant::now();
-    while crate::ops::layout::recorded_worker(config).is_some()
-        && since.elapsed() < Duration::from_secs(2)
-    {
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -284,6 +284,19 @@ pub fn recorded_worker(config: &Path) -> Option<i32> {
         .find_map(|d| live_worker(d, config))
 }
 
+/// Waits, `wait` at most, until no process recorded as the worker of `config` runs (one that
+/// is exiting: a failed start's, a stopped one's); the pid still running after that, if any.
+pub fn wait_recorded_gone(config: &Path, wait: std::time::Duration) -> Option<i32> {
+    let since = std::time::Instant::now();
+    loop {
+        let pid = recorded_worker(config)?;
+        if since.elapsed() >= wait {
+            return Some(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The worker `dir` records for `config`, if that very process still runs.
 fn live_worker(dir: &Dir, config: &Path) -> Option<i32> {
     let bytes = dir
