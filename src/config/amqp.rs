@@ -314,16 +314,18 @@ pub(super) fn amqp(cx: &Cx<'_>, s: RawSource, tls: Option<TlsFiles>) -> Result<S
     }))
 }
 
-fn declare(cx: &Cx<'_>, d: Spanned<RawDeclare>, queue: &str) -> Result<Declare> {
-    let span = d.span();
-    let d = d.into_inner();
-    let at = |why: String| cx.located(Some(span.clone()), &why);
-    let kind = d.kind.unwrap_or_else(|| "direct".into());
-    if !["direct", "fanout", "topic", "headers"].contains(&kind.as_str()) {
-        return Err(at(format!(
-            "[source.declare] type \"{}\" is not direct, fanout, topic or headers",
-            crate::text::escape(&kind)
-        )));
+fn declare(cx: &Cx<'_>, d: RawDeclare, queue: &str) -> Result<Declare> {
+    let at = |v: &Spanned<String>, why: String| cx.located(Some(v.span()), &why);
+    if let Some(kind) = &d.kind {
+        if !["direct", "fanout", "topic", "headers"].contains(&kind.get_ref().as_str()) {
+            return Err(at(
+                kind,
+                format!(
+                    "[source.declare] type \"{}\" is not direct, fanout, topic or headers",
+                    crate::text::escape(kind.get_ref())
+                ),
+            ));
+        }
     }
     for (name, what) in [
         (&d.exchange, "exchange"),
@@ -331,23 +333,27 @@ fn declare(cx: &Cx<'_>, d: Spanned<RawDeclare>, queue: &str) -> Result<Declare> 
         (&d.dead_letter_exchange, "dead_letter_exchange"),
     ] {
         if let Some(n) = name {
-            amqp_name(n, what).map_err(at)?;
+            amqp_name(n.get_ref(), what).map_err(|why| at(n, why))?;
         }
     }
     if let Some(t) = &d.queue_type {
-        if !["classic", "quorum"].contains(&t.as_str()) {
-            return Err(at(format!(
-                "[source.declare] queue_type \"{}\" is not classic or quorum",
-                crate::text::escape(t)
-            )));
+        if !["classic", "quorum"].contains(&t.get_ref().as_str()) {
+            return Err(at(
+                t,
+                format!(
+                    "[source.declare] queue_type \"{}\" is not classic or quorum",
+                    crate::text::escape(t.get_ref())
+                ),
+            ));
         }
     }
+    let text = |v: Option<Spanned<String>>| v.map(Spanned::into_inner);
     Ok(Declare {
-        exchange: d.exchange.filter(|e| !e.is_empty()),
-        kind,
-        routing_key: d.routing_key.unwrap_or_else(|| queue.to_string()),
-        dead_letter_exchange: d.dead_letter_exchange,
-        queue_type: d.queue_type,
+        exchange: text(d.exchange).filter(|e| !e.is_empty()),
+        kind: text(d.kind).unwrap_or_else(|| "direct".into()),
+        routing_key: text(d.routing_key).unwrap_or_else(|| queue.to_string()),
+        dead_letter_exchange: text(d.dead_letter_exchange),
+        queue_type: text(d.queue_type),
     })
 }
 

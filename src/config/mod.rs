@@ -934,6 +934,33 @@ mod tests {
         let got = parse("[worker]\nconcurrency = = 2\n").expect_err("syntax");
         assert!(got.starts_with("/etc/gs/config.toml:2:"), "{got}");
         assert!(!got.contains('\n'), "one line: {got}");
+        // The parser's words named none of these mistakes: "expected newline, `#`" (and the
+        // example of a list was of numbers for strings too), "expected `.`, `=`" at a `.`.
+        for (text, at) in [
+            (
+                "[worker]\nconcurrency = 1+\n",
+                "2:16: `1+` is no TOML value: a number is written as it is, TOML does no arithmetic",
+            ),
+            (
+                "[worker]\nconcurrency = 2*4\n",
+                "2:16: `2*4` is no TOML value",
+            ),
+            (
+                "[worker]\nuser = \"a\" \"b\"\n",
+                "2:12: one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [\"a\", \"b\"]",
+            ),
+            (
+                "[worker]\nconcurrency = 2 3\n",
+                "2:17: one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]",
+            ),
+            (
+                "[worker]\na.b. = 1\n",
+                "2:4: a name is missing after this `.` (a dotted key joins names: a.b = 1)",
+            ),
+        ] {
+            let got = parse(text).expect_err(text);
+            assert!(got.starts_with(&format!("/etc/gs/config.toml:{at}")), "{text}: {got}");
+        }
     }
 
     /// `busy_poll` (amqp): 100 µs unless set, "0" turns it off, over 1 ms is refused where
@@ -1089,6 +1116,143 @@ mod tests {
             err.starts_with("/etc/gs/config.toml:3:11: server \"localhost\" is not host:port"),
             "{err}"
         );
+    }
+
+    /// A table may be written as `[source.tls]`, inline (`tls = { ... }`) or with dotted keys
+    /// (`tls.ca_file = ...` under `[source]`): the same TOML, read alike. The dotted form, and
+    /// a sub-table under it, said "expected a borrowed string, not the string \"ca_file\""
+    /// (toml gives a table made of dotted keys no span, and a spanned table then reads its
+    /// keys as the span's). Errors point at the value that is wrong, in every form.
+    #[test]
+    fn tables_written_with_dotted_keys_are_read_alike() {
+        let gearman = "[source]\nkind = \"gearman\"\nservers = [\"tls://h:1\"]\n";
+        for tls in [
+            "[source.tls]\nca_file = \"ca.pem\"\n",
+            "tls = { ca_file = \"ca.pem\" }\n",
+            "tls.ca_file = \"ca.pem\"\n",
+        ] {
+            let c = parse(&format!("{gearman}{tls}")).unwrap_or_else(|e| panic!("{tls}: {e}"));
+            let Source::Gearman(g) = &c.source else {
+                panic!("not gearman")
+            };
+            let files = g.tls.as_ref().expect("tls");
+            assert_eq!(files.ca_file, Path::new("/etc/gs/ca.pem"), "{tls}");
+        }
+        let err = parse(&format!(
+            "{gearman}tls.ca_file = \"ca\"\ntls.cert_file = \"c\"\n"
+        ))
+        .expect_err("a certificate without its key");
+        assert!(
+            err.starts_with(
+                "/etc/gs/config.toml:5:17: [source.tls] cert_file and key_file go together"
+            ),
+            "{err}"
+        );
+        let err = parse(&format!("{gearman}[source.tls.ca_file]\nx = 1\n")).expect_err("a table");
+        assert!(err.contains("not a table"), "{err}");
+        let amqp = "[source]\nkind = \"amqp\"\nurl = \"amqp://h\"\nqueue = \"q\"\n";
+        for declare in [
+            "[source.declare]\nexchange = \"x\"\n",
+            "declare = { exchange = \"x\" }\n",
+            "declare.exchange = \"x\"\n",
+        ] {
+            let c = parse(&format!("{amqp}{declare}")).unwrap_or_else(|e| panic!("{declare}: {e}"));
+            let Source::Amqp(a) = &c.source else {
+                panic!("not amqp")
+            };
+            let d = a.declare.as_ref().expect("declare");
+            assert_eq!(
+                (d.exchange.as_deref(), d.routing_key.as_str()),
+                (Some("x"), "q")
+            );
+        }
+        // A key that takes one value, given a table by a dotted key.
+        for (text, at) in [
+            (
+                "[source]\ndir.x = 1\n",
+                "2:5: `dir.x` makes `dir` a table (a dotted key)",
+            ),
+            (
+                "[worker]\nconcurrency . x = 1\n",
+                "2:15: `concurrency.x` makes `concurrency` a table",
+            ),
+            (
+                "[functions.a]\ntimeout.x = 1\n",
+                "2:9: `timeout.x` makes `timeout` a table",
+            ),
+            (
+                "[source.max_attempts.x]\n",
+                "1:22: `max_attempts.x` makes `max_attempts` a table",
+            ),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(
+                err.starts_with(&format!("/etc/gs/config.toml:{at}")),
+                "{text}: {err}"
+            );
+            assert!(
+                err.contains("takes one value, not a table: write "),
+                "{err}"
+            );
+        }
+        for (declare, at) in [
+            (
+                "declare.type = \"bogus\"\n",
+                "5:16: [source.declare] type \"bogus\" is not direct",
+            ),
+            (
+                "declare = { queue_type = \"x\" }\n",
+                "5:26: [source.declare] queue_type \"x\" is not",
+            ),
+            ("[source.declare]\nexchange = \"a\\u0001\"\n", "6:12: "),
+        ] {
+            let err = parse(&format!("{amqp}{declare}")).expect_err(declare);
+            assert!(
+                err.starts_with(&format!("/etc/gs/config.toml:{at}")),
+                "{declare}: {err}"
+            );
+        }
+    }
+
+    /// A user or group name no database could hold, or a number, is said as such where it is
+    /// written: a lookup said only "does not exist (create it, e.g. useradd --system )" for
+    /// an empty name, and offered `useradd` a name with spaces or a `:`.
+    #[test]
+    fn user_and_group_are_names() {
+        for (text, at) in [
+            ("user = \"\"", "2:8: [worker] user is empty: name the user"),
+            (
+                "user = \"  nobody\"",
+                "2:8: [worker] user \"  nobody\" is no user name",
+            ),
+            (
+                "user = \"a:b\"",
+                "2:8: [worker] user \"a:b\" is no user name",
+            ),
+            ("user = \"-x\"", "2:8: [worker] user \"-x\" is no user name"),
+            (
+                "user = \"1000\"",
+                "2:8: [worker] user \"1000\" is a number: name the user",
+            ),
+            (
+                "user = \"a\\u001b\"",
+                "2:8: [worker] user \"a\\e\" is no user name",
+            ),
+            ("user = \"n\"\ngroup = \"\"", "3:9: [worker] group is empty"),
+            (
+                "user = \"n\"\ngroup = \"100\"",
+                "3:9: [worker] group \"100\" is a number",
+            ),
+        ] {
+            let text = format!("[worker]\n{text}\n");
+            let err = parse(&text).expect_err(&text);
+            assert!(
+                err.starts_with(&format!("/etc/gs/config.toml:{at}")),
+                "{text}: {err}"
+            );
+        }
+        let c = parse("[worker]\nuser = \"www-data\"\ngroup = \"_gs.2\"\n").expect("names");
+        assert_eq!(c.worker.user.as_deref(), Some("www-data"));
     }
 
     /// A list of servers or endpoints is bounded before it is looked at: each endpoint was

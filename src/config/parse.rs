@@ -54,6 +54,8 @@ pub(super) fn worker(cx: &Cx<'_>, w: RawWorker) -> Result<Worker> {
             &format!("job_oom_score_adj must be between -1000 and 1000, not {oom}"),
         ));
     }
+    account(cx, w.user.as_ref(), "user")?;
+    account(cx, w.group.as_ref(), "group")?;
     let worker = Worker {
         concurrency: concurrency as usize,
         jobs_dir: cx.dir(&w.jobs_dir, "jobs_dir")?,
@@ -352,31 +354,56 @@ fn gearman(cx: &Cx<'_>, s: RawSource, worker: &Worker) -> Result<Source> {
 /// `[source.tls]`, checked: required for `tls://` Gearman servers, cert and key together.
 fn tls_files(
     cx: &Cx<'_>,
-    raw: Option<Spanned<RawTls>>,
+    raw: Option<RawTls>,
     required: Option<(std::ops::Range<usize>, &str)>,
 ) -> Result<Option<TlsFiles>> {
-    match raw {
-        None => match required {
+    let Some(t) = raw else {
+        return match required {
             Some((span, why)) => Err(cx.located(Some(span), why)),
             None => Ok(None),
-        },
-        Some(t) => {
-            let span = t.span();
-            let t = t.into_inner();
-            if t.cert_file.is_some() != t.key_file.is_some() {
-                return Err(cx.located(
-                    Some(span),
-                    "[source.tls] cert_file and key_file go together (a client certificate and its key)",
-                ));
-            }
-            Ok(Some(TlsFiles {
-                ca_file: cx.base.join(t.ca_file),
-                cert_file: t.cert_file.map(|f| cx.base.join(f)),
-                key_file: t.key_file.map(|f| cx.base.join(f)),
-                server_name: t.server_name,
-            }))
-        }
+        };
+    };
+    match (&t.cert_file, &t.key_file) {
+        (Some(alone), None) | (None, Some(alone)) => return Err(cx.located(
+            Some(alone.span()),
+            "[source.tls] cert_file and key_file go together (a client certificate and its key)",
+        )),
+        _ => {}
     }
+    let join = |f: Option<Spanned<PathBuf>>| f.map(|f| cx.base.join(f.into_inner()));
+    Ok(Some(TlsFiles {
+        ca_file: cx.base.join(t.ca_file),
+        cert_file: join(t.cert_file),
+        key_file: join(t.key_file),
+        server_name: t.server_name,
+    }))
+}
+
+/// `[worker] user` or `group` (`key`): a name as the user database holds one. A name no one
+/// could create (empty, a space, `:`, `/`, `,`, a leading `-`) or a number (an id, which a
+/// lookup by name does not find) is said as such, where a lookup would say only "does not
+/// exist".
+fn account(cx: &Cx<'_>, v: Option<&Spanned<String>>, key: &str) -> Result<()> {
+    let Some(v) = v else {
+        return Ok(());
+    };
+    let name = v.get_ref();
+    let shown = crate::text::escape(name);
+    let db = if key == "user" { "passwd" } else { "group" };
+    let why = if name.is_empty() {
+        format!("[worker] {key} is empty: name the {key} the worker runs as, or leave {key} out")
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        format!("[worker] {key} \"{shown}\" is a number: name the {key} (`getent {db} {shown}` says whose id it is)")
+    } else if name.starts_with('-')
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '/' | ','))
+    {
+        format!("[worker] {key} \"{shown}\" is no {key} name: a name holds no spaces, `:`, `/` or `,`, and does not begin with `-`")
+    } else {
+        return Ok(());
+    };
+    Err(cx.located(Some(v.span()), &why))
 }
 
 /// `[worker] umask`: an octal mode that leaves the owner's own bits alone (with them masked,

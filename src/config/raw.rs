@@ -145,7 +145,9 @@ pub(super) struct RawSource {
     pub(super) io_timeout: Spanned<Dur>,
     pub(super) reconnect_max: Spanned<Dur>,
     pub(super) dead_peer_timeout: Spanned<Dur>,
-    pub(super) tls: Option<Spanned<RawTls>>,
+    /// Not `Spanned`: a table written with dotted keys (`tls.ca_file = ...`) has no span,
+    /// and a spanned one would read its keys as the span's. Its values carry their spans.
+    pub(super) tls: Option<RawTls>,
     pub(super) bind: Spanned<Vec<String>>,
     pub(super) function: Option<Spanned<String>>,
     pub(super) reply: Spanned<String>,
@@ -155,7 +157,7 @@ pub(super) struct RawSource {
     pub(super) queue: Option<Spanned<String>>,
     pub(super) prefetch: Spanned<u64>,
     pub(super) heartbeat: Spanned<Dur>,
-    pub(super) declare: Option<Spanned<RawDeclare>>,
+    pub(super) declare: Option<RawDeclare>,
     pub(super) dedupe_ids: Spanned<u64>,
     pub(super) consumer_timeout: Spanned<Dur>,
     pub(super) busy_poll: Spanned<Dur>,
@@ -166,8 +168,8 @@ pub(super) struct RawSource {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
     pub(super) ca_file: PathBuf,
-    pub(super) cert_file: Option<PathBuf>,
-    pub(super) key_file: Option<PathBuf>,
+    pub(super) cert_file: Option<Spanned<PathBuf>>,
+    pub(super) key_file: Option<Spanned<PathBuf>>,
     pub(super) server_name: Option<String>,
 }
 
@@ -235,12 +237,12 @@ impl Default for RawLog {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDeclare {
-    pub(super) exchange: Option<String>,
+    pub(super) exchange: Option<Spanned<String>>,
     #[serde(rename = "type")]
-    pub(super) kind: Option<String>,
-    pub(super) routing_key: Option<String>,
-    pub(super) dead_letter_exchange: Option<String>,
-    pub(super) queue_type: Option<String>,
+    pub(super) kind: Option<Spanned<String>>,
+    pub(super) routing_key: Option<Spanned<String>>,
+    pub(super) dead_letter_exchange: Option<Spanned<String>>,
+    pub(super) queue_type: Option<Spanned<String>>,
 }
 
 /// Dur's default for a key: the broker's consumer_timeout (30 min since RabbitMQ 3.8.17).

@@ -42,6 +42,7 @@ pub(super) fn explain_at(
         if let Some(said) = unreadable_value(&flat, before, rest)
             .or_else(|| unreadable_list(&flat, rest))
             .or_else(|| misplaced(&flat, before, rest))
+            .or_else(|| dotted_table(&flat, before, rest))
         {
             return said;
         }
@@ -50,11 +51,42 @@ pub(super) fn explain_at(
     if flat != "expected `.`, `=`" {
         return explained;
     }
+    if rest
+        .strip_prefix('.')
+        .is_some_and(|after| after.trim_start().starts_with('=') || after.trim().is_empty())
+    {
+        return "a name is missing after this `.` (a dotted key joins names: a.b = 1)".into();
+    }
     if rest.starts_with(':') {
         format!("{explained} (`key: value` is YAML; TOML writes `key = value`)")
     } else {
         format!("{explained} (TOML writes a key and its value as `key = value`, one to a line)")
     }
+}
+
+/// A key that takes one value, made a table by a dotted key (`dir.x = 1` under `[source]`, or
+/// `[source.dir.x]`): the spanned value's reader takes the table's first key for its own, and
+/// serde said "expected a borrowed string, not the string \"x\"" at `x`.
+fn dotted_table(message: &str, before: &str, rest: &str) -> Option<String> {
+    if !message.contains("expected a borrowed string") {
+        return None;
+    }
+    let line = before.rsplit('\n').next().unwrap_or_default();
+    let parent = line.trim_end().strip_suffix('.')?.trim_end();
+    let parent = parent
+        .rsplit(['.', '[', ' ', '\t'])
+        .next()
+        .unwrap_or_default();
+    let child: String = first_word(rest).chars().take_while(|&c| c != '.').collect();
+    if parent.is_empty() || child.is_empty() {
+        return Some(
+            "a dotted key makes a table of a key that takes one value: write key = value".into(),
+        );
+    }
+    let (parent, child) = (name_shown(parent), name_shown(&child));
+    Some(format!(
+        "`{parent}.{child}` makes `{parent}` a table (a dotted key), and {parent} takes one value, not a table: write {parent} = ..."
+    ))
 }
 
 /// A key with no value: `at_end`, the file ends there too (written only in part, most likely).
@@ -281,7 +313,19 @@ fn misplaced(message: &str, before: &str, rest: &str) -> Option<String> {
             if glued(before.chars().next_back()) && glued(rest.chars().next()) {
                 return Some(no_toml_value(&word_at(before, rest)));
             }
-            "one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: [2, 3]"
+            if glued(before.chars().next_back()) && rest.starts_with(['+', '-', '*', '/', '%']) {
+                return Some(format!(
+                    "{} is no TOML value: a number is written as it is, TOML does no arithmetic",
+                    code(&word_at(before, rest))
+                ));
+            }
+            let list = match before.trim_end().ends_with(['"', '\'']) {
+                true => "[\"a\", \"b\"]",
+                false => "[2, 3]",
+            };
+            return Some(format!(
+                "one value to a key, then the line ends (or a `#` comment begins); several values are a list in brackets: {list}"
+            ));
         }
         "invalid table header; expected newline, `#`" => {
             "a table header stands alone on its line: what follows it goes on the next"
