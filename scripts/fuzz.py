@@ -29,7 +29,9 @@ spool:   what the worker's user could leave in the spool (junk, mutated job file
          and `result` is asked of what was planted (never a hang), HUPs now and then.
 config:  mutations of the shipped config files through `check --config-only`: exit 0 or 1
          (never a crash), every error with file:line:col, and none in the parser's own words
-         for a mistake we name (printed: the distinct messages, for a person to read).
+         for a mistake we name (printed: the distinct messages, for a person to read); and
+         configs rewritten in TOML's other forms for the same tables (a header, an inline
+         table, dotted keys), which must be judged exactly as the original.
 
 Every worker must hold its RSS, log no panic, dead thread, ERROR or raw control character,
 print none in `status`, still restart on a HUP (a new generation within 15 s), and end
@@ -791,6 +793,89 @@ builtins = true\n[source]\nkind = "spool"\ndir = "spool"\nfsync = false\n""")
     finish("spool", d, w, rss, expected_errors=r"; rejected: set aside as ")
 
 
+# Configs with every table the file knows, for the rewriting in other TOML forms.
+FORM_BASES = [
+    '[worker]\nallow_root = true\nconcurrency = 2\n[source]\nkind = "gearman"\n'
+    'servers = ["tls://127.0.0.1:4730"]\nio_timeout = "5s"\n[source.tls]\nca_file = "ca.pem"\n'
+    'cert_file = "c.pem"\nkey_file = "k.pem"\nserver_name = "gm"\n[functions.a]\ntimeout = "1m"\n'
+    '[functions."b.c"]\ntimeout = 5\n[metrics]\nlisten = "127.0.0.1:9100"\n[log]\nlevel = "debug"\n',
+    '[worker]\nallow_root = true\n[source]\nkind = "amqp"\nurls = ["amqp://127.0.0.1:5672/%2f"]\n'
+    'queue = "jobs"\nprefetch = 4\n[source.declare]\nexchange = "x"\ntype = "topic"\n'
+    'routing_key = "a.#"\nqueue_type = "quorum"\n[functions.f]\ntimeout = "none"\n',
+    '[worker]\nallow_root = true\nmax_age = "1h30m"\n[source]\nkind = "zeromq"\n'
+    'bind = ["tcp://127.0.0.1:5555"]\nfunction = "ingest"\nreply = "id"\n[log]\nformat = "json"\n',
+]
+
+
+def toml_key(k):
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return "{" + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+
+
+def toml_forms(doc):
+    """`doc` written again with each table, at random, as a header, inline or in dotted keys."""
+    headers = []
+
+    def dotted(out, prefix, table):
+        for k, v in table.items():
+            if isinstance(v, dict) and random.random() < 0.7:
+                dotted(out, prefix + [toml_key(k)], v)
+            else:
+                out.append(".".join(prefix + [toml_key(k)]) + " = " + toml_value(v))
+
+    def body(path, table):
+        out = []
+        for k, v in table.items():
+            form = random.choice(["header", "inline", "dotted"]) if isinstance(v, dict) else "value"
+            if form == "header":
+                headers.append((path + [toml_key(k)], v))
+            elif form == "dotted":
+                dotted(out, [toml_key(k)], v)
+            else:
+                out.append(f"{toml_key(k)} = {toml_value(v)}")
+        return out
+
+    lines = body([], doc)
+    while headers:
+        path, table = headers.pop(0)
+        lines.append("[" + ".".join(path) + "]")
+        lines.extend(body(path, table))
+    return "\n".join(lines) + "\n"
+
+
+def judged(path):
+    """`check --config-only` of `path`: its exit and its words, without position and digest."""
+    r = subprocess.run([BIN, "-c", path, "check", "--config-only"], capture_output=True)
+    said = (r.stdout + r.stderr).decode(errors="replace")
+    said = re.sub(r"\S+?:\d+:\d+: ", "", said.replace(path, "F"))
+    return r.returncode, re.sub(r"sha256 [0-9a-f]{64}", "sha256", said)
+
+
+def fuzz_forms(d, n):
+    import tomllib
+    text = random.choice(FORM_BASES)
+    doc = tomllib.loads(text)
+    with open(d + "/a.toml", "w") as f:
+        f.write(text)
+    with open(d + "/b.toml", "w") as f:
+        f.write(toml_forms(doc))
+    a, b = judged(d + "/a.toml"), judged(d + "/b.toml")
+    if a != b:
+        fail(f"config: the same tables in another TOML form judged otherwise: {a!r} / {b!r}")
+        os.replace(d + "/b.toml", d + f"/forms-{n}.toml")
+
+
 def fuzz_config(base):
     d = base + "/config"
     os.makedirs(d, exist_ok=True)
@@ -806,9 +891,13 @@ def fuzz_config(base):
                         r"invalid integer; expected|invalid time|invalid date-time|invalid table header$|"
                         r"invalid type: |.*expected a borrowed string|.*expected (i64|u64|u32|f64)\b)")
     bases = [HERE + "/../config.toml", HERE + "/config.production.toml"]
-    seen, runs = collections.Counter(), 0
+    seen, runs, forms = collections.Counter(), 0, 0
     stop = time.time() + SECS
     while time.time() < stop:
+        if random.random() < 0.1:
+            forms += 1
+            fuzz_forms(d, forms)
+            continue
         with open(random.choice(bases)) as f:
             text = f.read()
         for _ in range(random.randint(1, 3)):
@@ -842,7 +931,7 @@ def fuzz_config(base):
                 fail(f"config: the parser's words: {m.group(1)[:200]}")
                 with open(d + f"/words-{runs}.toml", "w") as f:
                     f.write(text)
-    print(f"config: {runs} mutations, {len(seen)} distinct messages:", flush=True)
+    print(f"config: {forms} rewritings in other TOML forms, {runs} mutations, {len(seen)} distinct messages:", flush=True)
     for said, n in seen.most_common():
         print(f"  {n:5} {said}")
 
