@@ -386,7 +386,8 @@ fn elf32_needing(loader: &str) -> Vec<u8> {
 /// vanished and its jobs failed as unknown; a script saved with a UTF-8 byte order mark before
 /// its `#!` (some Windows editors) made `jobs_dir` invalid as having "no #! line", which the
 /// file plainly has. Now the first is a warning naming the link's target, and the second says
-/// what is in front of the `#!`.
+/// what is in front of the `#!`. A FIFO and an executable with a name no function can have are
+/// warnings too.
 #[test]
 fn a_link_to_nothing_and_a_byte_order_mark_in_jobs_dir_are_said() {
     let sb = Sandbox::new("jobs-dir-deploys");
@@ -414,6 +415,19 @@ fn a_link_to_nothing_and_a_byte_order_mark_in_jobs_dir_are_said() {
         "{said}"
     );
     fs::remove_file(sb.path("jobs/convert")).unwrap();
+    // An executable whose name no function can have (a copy a person made beside the real
+    // one): no function, said, like a name that is not UTF-8. It made `jobs_dir` invalid, so
+    // that a stray `resize copy.sh` kept the worker from starting at all.
+    sb.job("resize copy.sh", "#!/bin/sh\necho hi\n");
+    let check = sb.run(&["check"]);
+    let said = text(&check.stdout) + &text(&check.stderr);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains("jobs/resize copy.sh\" is named for the function \"resize copy\", which no function can be called")
+            && said.contains("so it is no job function (rename it)"),
+        "{said}"
+    );
+    fs::remove_file(sb.path("jobs/resize copy.sh")).unwrap();
     sb.job("bom", "\u{feff}#!/bin/sh\necho hi\n");
     let check = sb.run(&["check"]);
     let said = text(&check.stdout) + &text(&check.stderr);

@@ -329,13 +329,12 @@ fn not_a_file(path: &Path, meta: &fs::Metadata) -> Option<String> {
 /// modification and change times) instead of content.
 const HASHED_PER_SCAN: u64 = 128 << 20;
 
-/// The job executables of `dir` by function name, with a digest of the directory's state
-/// (names, modes, contents) for change detection. Hidden files and editor leftovers are skipped;
-/// two files with the same function name are an error.
 /// The executables of `jobs_dir` by function name (the file name without its last extension),
-/// a digest of the directory, and warnings (files that are not functions, and why). A file
-/// that is executable but could not run without a shell (no `#!`, not ELF), or two files for
-/// one name, make the whole directory invalid.
+/// a digest of the directory's state (names, modes, contents; hidden files and editor leftovers
+/// skipped) for change detection, and warnings (files that are not functions, and why: not
+/// executable, not a file, a name no function can have). A file that is executable but could
+/// not run without a shell (no `#!`, not ELF), or two files for one name, make the whole
+/// directory invalid.
 pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
     let mut budget = HASHED_PER_SCAN;
     let mut found = BTreeMap::new();
@@ -420,6 +419,11 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
             ));
             continue;
         }
+        if let Some(why) = unnamable(&path, function) {
+            warnings.push(why);
+            continue;
+        }
+        let name = function.to_string();
         if let Some(why) = crate::jobs::shebang::cannot_run(&path, &head[..n]) {
             return Err(Error::Invalid(why));
         }
@@ -430,9 +434,6 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
         if found.len() == MAX_FUNCTIONS {
             return Err(too_many("executables", MAX_FUNCTIONS));
         }
-        let name = function.to_string();
-        crate::config::check_function_name(&name)
-            .map_err(|why| Error::Invalid(format!("{}: {why}", path.shown())))?;
         if let Some(other) = found.insert(name.clone(), path.clone()) {
             return Err(Error::Invalid(format!(
                 "function \"{name}\" is defined twice in jobs_dir: \"{}\" and \"{}\" (rename one)",
@@ -459,6 +460,17 @@ pub fn scan_jobs(dir: &Path) -> Result<Jobs> {
 pub const MAX_FUNCTIONS: usize = 4096;
 /// The most entries of any kind a `jobs_dir` is listed with (its listing is held in memory).
 const MAX_ENTRIES: usize = 65_536;
+/// The warning for an executable whose file names a function no function can be called (a
+/// space, a character beyond ASCII, over 128 bytes), if `function` is such a name.
+fn unnamable(path: &Path, function: &str) -> Option<String> {
+    crate::config::check_function_name(function).err()?;
+    Some(format!(
+        "\"{}\" is named for the function \"{}\", which no function can be called (letters, digits, '_', '-', '.', ':'; at most 128 bytes), so it is no job function (rename it)",
+        path.shown(),
+        crate::text::escape(&crate::text::cut(function, 160))
+    ))
+}
+
 /// The most findings of one scan kept as warnings (each one is in `status` and the log).
 const MAX_WARNINGS: usize = 20;
 
