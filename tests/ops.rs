@@ -320,6 +320,41 @@ fn watchdog_pings_continue_during_a_long_job() {
     assert!(sock2.recv(&mut buf).is_err(), "no datagram expected");
 }
 
+/// A watchdog shorter than the worker can keep (`WATCHDOG_USEC=1`, a typo's `WatchdogSec=1us`):
+/// pinged every half of it, which was no time at all, so the control thread sent `WATCHDOG=1`
+/// 1.4 million times in 3 s and held a CPU. Now at most every 10 ms, and said (at each start).
+#[test]
+fn a_watchdog_shorter_than_the_worker_can_keep_is_said_and_never_spins() {
+    let sb = Sandbox::new("watchdog-tiny");
+    let path = sb.path("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let w = sb.start_env(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1"),
+    ]);
+    read_until(&sock, "READY=1", Duration::from_secs(10));
+    let started = Instant::now();
+    let mut pings = 0;
+    let mut buf = [0u8; 512];
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while started.elapsed() < Duration::from_secs(1) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            pings += usize::from(buf[..n].starts_with(b"WATCHDOG=1"));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        pings >= 10 && pings as f64 <= 110.0 * secs,
+        "{pings} pings in {secs:.2} s"
+    );
+    let log = w.log_text();
+    assert!(
+        log.contains("WATCHDOG_USEC=1 asks for a ping every 500ns, more often than the worker pings (every 10ms)"),
+        "{log}"
+    );
+}
+
 /// A job inherited the service manager's variables: `NOTIFY_SOCKET` (a job program that speaks
 /// sd_notify itself, or one that means harm, could tell systemd `STOPPING=1`, or, under
 /// `NotifyAccess=all`, `MAINPID=` another process, for the worker's whole service), the

@@ -27,6 +27,22 @@ pub const SERVICE_VARS: [&str; 6] = [
     "LISTEN_FDNAMES",
 ];
 
+/// The shortest time between two `WATCHDOG=1`: the control thread's own pace.
+const FASTEST_PING: Duration = Duration::from_millis(10);
+
+/// How often to ping a watchdog of `usec` µs: at half of it (as sd_watchdog_enabled(3) asks),
+/// but never more often than [`FASTEST_PING`]. `WATCHDOG_USEC=1` (`WatchdogSec=1us`) asked
+/// for no time at all between pings, and the control thread sent nothing else; said instead.
+fn watchdog_interval(usec: u64) -> Duration {
+    let half = Duration::from_nanos(usec.saturating_mul(500));
+    if half < FASTEST_PING {
+        log::warn!(
+            "WATCHDOG_USEC={usec} asks for a ping every {half:?}, more often than the worker pings (every {FASTEST_PING:?}): the service manager may end it as hung; give the unit WatchdogSec= of a second or more"
+        );
+    }
+    half.max(FASTEST_PING)
+}
+
 /// A connection to the service manager, if we were started by one.
 pub struct Notifier {
     socket: UnixDatagram,
@@ -65,7 +81,7 @@ impl Notifier {
             .ok()
             .and_then(|u| u.parse::<u64>().ok())
             .filter(|&u| u > 0 && for_us)
-            .map(|u| Duration::from_micros(u / 2));
+            .map(watchdog_interval);
         Some(Notifier {
             socket,
             addr,
