@@ -483,6 +483,44 @@ fn top_shows_lanes_functions_and_quits_on_q() {
     );
 }
 
+/// A window smaller than the view: 30 functions' rows ran past the bottom, so every refresh
+/// scrolled the header off the top, and long lines wrapped. Now the view fits the window (and
+/// follows a resize): the header on the first row, the key hint on the last, every line cut
+/// at the right edge, and a line saying how many were left out.
+#[test]
+fn top_fits_a_window_smaller_than_its_view() {
+    if no_tmux("observability::top_fits_a_window_smaller_than_its_view") {
+        return;
+    }
+    let sb = Sandbox::new("top-small");
+    sb.write_config("");
+    for i in 0..30 {
+        sb.job(&format!("resize_image_variant_{i:02}"), "#!/bin/sh\ncat\n");
+    }
+    let _w = sb.start();
+    let (tmux, _server) = top_in_tmux(&sb, "gs-top-small");
+    wait_screen(&tmux, "the whole view", Duration::from_secs(15), &|s| {
+        s.contains("resize_image_variant_00")
+    });
+    assert!(tmux(&["resize-window", "-t", "0", "-x", "50", "-y", "12"])
+        .status
+        .success());
+    wait_screen(&tmux, "the view fitted", Duration::from_secs(15), &|s| {
+        let lines: Vec<&str> = s.trim_end().lines().collect();
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("gearshift") && l.contains("pid"))
+            && lines.last() == Some(&"q: quit")
+            && s.contains("more lines: a taller window shows them")
+            && lines.iter().all(|l| l.chars().count() <= 50)
+    });
+    assert!(
+        quits_on_q(&tmux, Duration::from_secs(5)),
+        "{}",
+        top_screen(&tmux)
+    );
+}
+
 /// A real Prometheus (Debian's package), started on a loopback port, scraping every 100 ms.
 struct Prometheus {
     child: std::process::Child,

@@ -80,10 +80,13 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
         };
         // Stopped by SIGSTOP: it answers nothing until continued; not asked meanwhile.
         let halted = (target.as_ref()).and_then(|(pid, _, _)| super::locate::stopped(*pid));
+        // The view's table is cut at the window's edge; a sentence is wrapped.
+        let mut table = false;
         let frame = match &target {
             Some((pid, _, _)) if halted.is_some() => unanswered(*pid, halted, quit_hint),
             Some((pid, socket, pidfile)) => match read_sample(socket, *pid, pidfile) {
                 Ok(sample) => {
+                    table = true;
                     let frame = draw(&sample, before.as_ref());
                     before = Some(sample);
                     frame
@@ -113,6 +116,10 @@ pub(super) fn run(path: &Path, interval: Duration) -> Result<u8> {
                     )
                 }
             },
+        };
+        let frame = match window() {
+            Some((rows, cols)) => fit(&frame, rows, cols, !table),
+            None => frame,
         };
         let mut out = std::io::stdout().lock();
         // Home, draw, clear what is left of the previous frame.
@@ -361,6 +368,69 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
+/// The terminal's rows and columns, asked at every frame (a resized window is drawn to fit at
+/// the next one); None if it says no size.
+fn window() -> Option<(usize, usize)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points at one that
+    // lives through the call; the descriptor is only read from.
+    let r = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row.into(), ws.ws_col.into()))
+}
+
+/// `frame` fitted to `rows` x `cols`: each line cut at the right edge (it wrapped onto the
+/// next), or wrapped there if `wrap` (a sentence, not a table); at most `rows` lines with no
+/// newline after the last (one more scrolled the header off the top at every refresh), the
+/// lines that do not fit left out but the last (the key hint), with a line in their place
+/// saying how many.
+fn fit(frame: &str, rows: usize, cols: usize, wrap: bool) -> String {
+    let lines: Vec<String> = frame
+        .trim_end_matches('\n')
+        .split('\n')
+        .flat_map(|l| match wrap {
+            true => wrapped(l, cols),
+            false => vec![clip(l, cols)],
+        })
+        .collect();
+    if lines.len() <= rows || rows < 3 {
+        return lines[..lines.len().min(rows)].join("\n");
+    }
+    let head = rows - 2;
+    let left = lines.len() - head - 1;
+    let mut kept = lines[..head].to_vec();
+    kept.push(clip(
+        &format!("... {left} more lines: a taller window shows them"),
+        cols,
+    ));
+    kept.extend(lines.last().cloned());
+    kept.join("\n")
+}
+
+/// `line` in pieces of at most `cols` characters, broken after a space where one is.
+fn wrapped(line: &str, cols: usize) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest: Vec<char> = line.chars().collect();
+    while rest.len() > cols {
+        let at = rest[..=cols]
+            .iter()
+            .rposition(|&c| c == ' ')
+            .filter(|&at| at > 0)
+            .unwrap_or(cols);
+        pieces.push(rest[..at].iter().collect::<String>().trim_end().to_string());
+        rest.drain(..at);
+        while rest.first() == Some(&' ') {
+            rest.remove(0);
+        }
+    }
+    pieces.push(rest.into_iter().collect());
+    pieces
+}
+
 /// The terminal in raw mode on the alternate screen, restored when dropped.
 struct Screen {
     saved: Option<Termios>,
@@ -404,6 +474,26 @@ impl Drop for Screen {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_fits_the_window() {
+        let frame = "head\nlane 0 a long line of text\nf1\nf2\nf3\n\nq: quit\n";
+        assert_eq!(fit(frame, 40, 80, false), frame.trim_end());
+        assert_eq!(
+            fit(frame, 5, 10, false),
+            "head\nlane 0 a ~\nf1\n... 3 mor~\nq: quit"
+        );
+        assert_eq!(fit(frame, 7, 80, false).lines().count(), 7);
+        assert_eq!(fit(frame, 2, 80, false), "head\nlane 0 a long line of text");
+        assert_eq!(fit(frame, 1, 1, false), "~");
+        // A sentence is wrapped, at a space where one is.
+        assert_eq!(
+            fit("it does not answer: kill -CONT 42\n\nq: quit", 10, 12, true),
+            "it does not\nanswer: kill\n-CONT 42\n\nq: quit"
+        );
+        assert_eq!(wrapped("abcdefgh", 3), ["abc", "def", "gh"]);
+        assert_eq!(wrapped("", 3), [""]);
+    }
 
     #[test]
     fn durations_read_well() {
