@@ -535,6 +535,33 @@ fn check_finds_what_start_would_reject() {
     }
 }
 
+/// A `[functions.NAME]` table for a function nobody serves is a warning (a typo's timeout
+/// would never apply), with the name it was most likely meant to be; many are said at once.
+#[test]
+fn a_timeout_for_no_known_function_says_which_was_meant() {
+    let sb = Sandbox::new("op-unknown-timeout");
+    sb.job("resize.sh", "#!/bin/sh\ncat\n");
+    sb.write_config("[functions.reverze]\ntimeout = \"1s\"\n");
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains(
+            "[functions.reverze] names no known function (did you mean [functions.reverse]?)"
+        ),
+        "{}",
+        text_of(&out)
+    );
+    sb.write_config("[functions.resise]\ntimeout = \"1s\"\n[functions.zzz]\ntimeout = \"2s\"\n");
+    let out = sb.run(&["check"]);
+    assert!(
+        text(&out.stderr).contains(
+            "[functions.resise] (did you mean [functions.resize]?), [functions.zzz] name no known function"
+        ),
+        "{}",
+        text_of(&out)
+    );
+}
+
 /// The paper cuts of the first week (issue 19, item 12): each message says what to do.
 #[test]
 fn messages_say_what_is_wrong_and_where() {

@@ -180,7 +180,7 @@ fn out_of_range(message: &str) -> Option<String> {
 /// The name `got` was meant to be: the one name it abbreviates (three letters or more, the
 /// first the same, the rest in order: `zmq` for `zeromq`, where the nearest spelling was
 /// `amqp`), else the nearest spelling within a third of the name.
-pub(super) fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(got: &str, candidates: &[&'a str]) -> Option<&'a str> {
     if got.chars().count() >= 3 {
         let mut abbreviated = candidates.iter().filter(|c| abbreviates(got, c));
         if let (Some(one), None) = (abbreviated.next(), abbreviated.next()) {

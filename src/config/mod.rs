@@ -23,6 +23,7 @@ mod syntax;
 
 pub use amqp::{AmqpConfig, AmqpUrl};
 pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
+pub(crate) use messages::closest;
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);

@@ -134,25 +134,7 @@ impl Plan {
             let timeout = config.timeout(&name);
             table.insert(name, Runner::Executable(path), timeout);
         }
-        // One warning for them all: a generated config may hold thousands, each said at every
-        // start and restart.
-        let unknown: Vec<String> = (config.functions.keys())
-            .filter(|name| !table.contains(name))
-            .map(|name| format!("[functions.{name}]"))
-            .collect();
-        let mut warnings: Vec<String> = match unknown.len() {
-            0 => Vec::new(),
-            1 => vec![format!(
-                "{}: {} names no known function",
-                config.path.shown(),
-                unknown[0]
-            )],
-            _ => vec![format!(
-                "{}: {} name no known function",
-                config.path.shown(),
-                crate::text::some_of(&unknown, 10)
-            )],
-        };
+        let mut warnings: Vec<String> = unknown_timeouts(&config, &table).into_iter().collect();
         warnings.extend(scanned.warnings.iter().cloned());
         if table.iter().next().is_none() {
             let builtins = if config.worker.builtins {
@@ -193,6 +175,43 @@ impl Plan {
             jobs: scanned,
             warnings,
         })
+    }
+}
+
+/// The warning for `[functions.NAME]` tables that name no function `table` serves (a typo's
+/// timeout never applies), each with the served name it is most likely meant to be. One
+/// warning for them all: a generated config may hold thousands, each said at every start and
+/// restart (and a suggestion only for the ten shown: each is compared with every name).
+fn unknown_timeouts(config: &Config, table: &Table) -> Option<String> {
+    let served = table.names();
+    let served: Vec<&str> = served.iter().map(String::as_str).collect();
+    let meant = |name: &str| {
+        crate::config::closest(name, &served)
+            .map(|m| format!(" (did you mean [functions.{m}]?)"))
+            .unwrap_or_default()
+    };
+    let unknown: Vec<&String> = (config.functions.keys())
+        .filter(|name| !table.contains(name))
+        .collect();
+    let path = config.path.shown();
+    match unknown.as_slice() {
+        [] => None,
+        [one] => Some(format!(
+            "{path}: [functions.{one}] names no known function{}",
+            meant(one)
+        )),
+        many => {
+            let named: Vec<String> = (many.iter().enumerate())
+                .map(|(i, n)| match i < 10 {
+                    true => format!("[functions.{n}]{}", meant(n)),
+                    false => String::new(),
+                })
+                .collect();
+            Some(format!(
+                "{path}: {} name no known function",
+                crate::text::some_of(&named, 10)
+            ))
+        }
     }
 }
 
