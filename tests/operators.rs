@@ -1390,6 +1390,23 @@ fn a_command_run_away_from_its_config_says_how_to_name_it() {
         "{err}"
     );
     assert!(!err.contains("-c PATH"), "it was named: {err}");
+    // Where the worker's config was, removed under it (a deploy): the worker is found through
+    // root's record and the reload refused for the missing file, which is the story; the hint
+    // to run gearshift "where the worker's config is" (this is where) is not said.
+    let _w = sb.start();
+    fs::rename(sb.config(), sb.path("config.bak")).unwrap();
+    let out = Command::new(&sb.bin)
+        .args(["reload", "--timeout", "5s"])
+        .current_dir(&sb.dir)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("reading config") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!err.contains("-c PATH"), "the worker was found: {err}");
 }
 
 /// `reload --timeout 0` and `stop --timeout 0` (send the signal, wait for nothing) said "no new

@@ -222,6 +222,12 @@ pub(super) fn continue_stopped(pid: i32) {
     }
 }
 
+/// Set once a command found the worker's state through root's record because config.toml was
+/// not there: the command was run where the config was (and is gone), so the hint for one run
+/// away from its config is not said.
+pub(super) static FOUND_WITHOUT_CONFIG: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Where the worker keeps its state, even when config.toml does not validate right now or cannot
 /// be read (the worker serves on its last good config meanwhile), and whether that is certain:
 /// the valid config; or, with a warning, the `state_dir` root recorded at the worker's start; or
@@ -281,6 +287,7 @@ pub(super) fn state_dir_of(path: &Path) -> Result<(PathBuf, bool)> {
                 crate::text::escape_lines(&e.to_string()),
                 dir.shown()
             );
+            FOUND_WITHOUT_CONFIG.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok((dir, true))
         }
         Err(e) => Err(e),

@@ -258,6 +258,9 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
     let outcome = dispatch(cli, functions);
     // Said after the error (the command's own, or the one printed below).
     let hint = || {
+        if locate::FOUND_WITHOUT_CONFIG.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Some(hint) = default_config.and_then(|c| missing_default(&c)) {
             if crate::ops::logging::is_json() {
                 log::warn!("{hint}");
