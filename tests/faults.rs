@@ -484,6 +484,40 @@ fn the_running_binary_is_no_candidate_while_its_digest_is_computed() {
     assert!(w.wait_exit(Duration::from_secs(20)).success());
 }
 
+/// A binary that adds a function dropped at the worker's path, and a job for that function at
+/// once: a lane met the job before the watch thread had reported the file (under load, the
+/// watch thread not yet scheduled: `a_job_for_a_function_a_new_binary_adds_waits_for_the_restart_that_serves_it`
+/// failed so beside CPU hogs), found no candidate pending, and failed it as unknown. A job
+/// for a function this generation lacks now looks at the path itself. Here the watch thread
+/// is held from reporting while the binary is dropped and the job submitted.
+#[test]
+fn a_job_for_a_new_binarys_function_waits_before_the_watch_reports_the_binary() {
+    let mut sb = Sandbox::new("deploy-unreported");
+    fs::create_dir_all(sb.path("bin")).unwrap();
+    let bin = sb.path("bin/gearshift");
+    copy_binary(&build_variant("faults", ("GEARSHIFT_FAULTS", "1")), &bin);
+    sb.bin = bin;
+    sb.write_config("");
+    let marker = sb.path("stall-watch");
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_WATCH", marker.to_str().unwrap())]);
+    w.wait_running_sha();
+    // Made in the config's directory, which is watched: the watch thread reads this and holds.
+    fs::write(&marker, "").unwrap();
+    eventually(Duration::from_secs(10), "the watch held", || {
+        w.log_text().contains("stalling the watch")
+    });
+    let tmp = sb.path("bin/gearshift.new");
+    fs::copy(example("custom_worker"), &tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &sb.bin).unwrap();
+    let id = sb.submit("shout", "hello");
+    std::thread::sleep(Duration::from_secs(1));
+    fs::remove_file(&marker).unwrap();
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(30));
+    assert_eq!(out[0], (true, "HELLO".to_string(), 1), "{}", w.log_text());
+    assert_eq!(w.generation(), 2, "{}", w.log_text());
+}
+
 /// A look at the files that fails for want of descriptors (or memory, or for an I/O error) is
 /// no refusal of what they hold: it is looked at again until it can be read, and then served.
 /// Before, the change was refused ("Too many open files") and, its digest remembered as

@@ -344,9 +344,42 @@ pub struct Table {
 /// the restart, which may bring it, instead of failing as unknown. One deploy watch a process.
 static CANDIDATE_PENDING: AtomicBool = AtomicBool::new(false);
 
-/// Whether a candidate binary may yet bring a function this generation lacks.
+/// The file at the binary's path as the deploy watch last looked at it: the path and the
+/// file's identity (device, inode, size, modification time; none: no file there).
+type Seen = (std::path::PathBuf, Option<(u64, u64, u64, i64)>);
+static BINARY_SEEN: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
+
+fn identity(path: &std::path::Path) -> Option<(u64, u64, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime_nsec() + m.mtime() * 1_000_000_000,
+    ))
+}
+
+/// Whether a candidate binary may yet bring a function this generation lacks: one the deploy
+/// watch judges, or a file at the binary's path it has not looked at yet. The second is asked
+/// of the path itself: a binary dropped there just before a job for its new function came was
+/// not yet reported by the watch thread when a lane (or the ZeroMQ ingress) met the job, which
+/// then failed as unknown (under load).
 pub fn candidate_pending() -> bool {
-    CANDIDATE_PENDING.load(Ordering::Acquire)
+    if CANDIDATE_PENDING.load(Ordering::Acquire) {
+        return true;
+    }
+    let seen = BINARY_SEEN.lock().ok().and_then(|s| s.clone());
+    seen.is_some_and(|(path, id)| identity(&path) != id)
+}
+
+/// Set by the control loop at each look of the deploy watch: the file at `path` (the worker's
+/// binary path) is known to it now, judged or being judged.
+pub fn binary_looked_at(path: &std::path::Path) {
+    let id = identity(path);
+    if let Ok(mut seen) = BINARY_SEEN.lock() {
+        *seen = Some((path.to_path_buf(), id));
+    }
 }
 
 /// Set by the control loop: when the binary's directory changed (until the file at the path is

@@ -15,3 +15,18 @@ pub fn stall_while(var: &str, what: &str) {
         log::warn!("going on (injected fault, gearshift_faults build)");
     }
 }
+
+/// The watch thread's read, as the tests ask: with `GEARSHIFT_FAULT_WATCH_READ` set, the first
+/// events read become a failed read; what was read is handed on only once the file
+/// `GEARSHIFT_FAULT_STALL_WATCH` names is gone (a watch thread not scheduled).
+pub fn watch_read<T>(waited: std::io::Result<T>) -> std::io::Result<T> {
+    if std::env::var_os("GEARSHIFT_FAULT_WATCH_READ").is_some() {
+        return waited.and_then(|_| {
+            Err(std::io::Error::other(
+                "injected fault (gearshift_faults build)",
+            ))
+        });
+    }
+    stall_while("GEARSHIFT_FAULT_STALL_WATCH", "stalling the watch");
+    waited
+}

@@ -56,7 +56,8 @@ pub enum Step {
 }
 
 pub struct Deploy {
-    path: PathBuf,
+    /// The worker's binary path this watch looks at.
+    pub path: PathBuf,
     config: PathBuf,
     /// The running image (sha computed in the background on a first start).
     running: Arc<Mutex<Option<Known>>>,

@@ -139,17 +139,9 @@ pub fn start(
                 &mut buf,
                 &follow,
             );
-            // A fault-injection build (tests only), asked by `GEARSHIFT_FAULT_WATCH_READ`: the
-            // first events read become a failed read.
+            // Fault-injection builds (tests only): a failed read, a watch thread held.
             #[cfg(gearshift_faults)]
-            let waited = match std::env::var_os("GEARSHIFT_FAULT_WATCH_READ") {
-                Some(_) => waited.and_then(|_| {
-                    Err::<Vec<_>, _>(std::io::Error::other(
-                        "injected fault (gearshift_faults build)",
-                    ))
-                }),
-                None => waited,
-            };
+            let waited = crate::ops::faults::watch_read(waited);
             let events = match waited {
                 Ok(e) => e,
                 Err(e) => {

@@ -26,6 +26,7 @@ impl Control {
                 Step::Approved => approved = true,
             }
             crate::jobs::functions::set_candidate_pending(d.pending());
+            crate::jobs::functions::binary_looked_at(&d.path);
             for _ in 0..d.take_refusals() {
                 self.state.metrics.deploy(DeployResult::Refused);
             }

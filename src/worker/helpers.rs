@@ -197,6 +197,9 @@ pub(super) fn new_deploy(
     state: &Arc<State>,
 ) -> Option<Deploy> {
     plan.config.worker.watch_binary.then(|| {
+        // What is at the path now is known to the watch (a new file there is looked at
+        // within 0.2 s): only a file that comes after is a candidate nobody looked at.
+        crate::jobs::functions::binary_looked_at(&boot.exe);
         let state = Arc::clone(state);
         let worker_uid = crate::ops::privilege::worker_uid(&plan.config);
         Deploy::new(
