@@ -344,20 +344,18 @@ pub struct Table {
 /// the restart, which may bring it, instead of failing as unknown. One deploy watch a process.
 static CANDIDATE_PENDING: AtomicBool = AtomicBool::new(false);
 
+/// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
+type FileId = (u64, u64, u64, i64, i64);
+
 /// The file at the binary's path as the deploy watch last looked at it: the path and the
-/// file's identity (device, inode, size, modification time; none: no file there).
-type Seen = (std::path::PathBuf, Option<(u64, u64, u64, i64)>);
+/// file's identity (none: no file there).
+type Seen = (std::path::PathBuf, Option<FileId>);
 static BINARY_SEEN: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
 
-fn identity(path: &std::path::Path) -> Option<(u64, u64, u64, i64)> {
+fn identity(path: &std::path::Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime_nsec() + m.mtime() * 1_000_000_000,
-    ))
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 /// Whether a candidate binary may yet bring a function this generation lacks: one the deploy
@@ -433,6 +431,22 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file at the binary's path with a modification time past 2262 (any user may set one):
+    /// its identity was the time in nanoseconds as an i64, which overflowed (a panic in a lane
+    /// or the ZeroMQ ingress, in a debug build).
+    #[test]
+    fn a_binary_with_a_far_future_mtime_has_an_identity() {
+        let dir = crate::testutil::tempdir("functions", "mtime");
+        let path = dir.join("gearshift");
+        let file = std::fs::File::create(&path).expect("create");
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(10_000_000_000);
+        file.set_modified(far).expect("set mtime");
+        let id = identity(&path).expect("an identity");
+        file.set_modified(far + Duration::from_secs(1))
+            .expect("set mtime");
+        assert_ne!(identity(&path), Some(id));
+    }
 
     fn call(name: &str, payload: &[u8]) -> JobResult {
         let f = Functions::with_builtins();

@@ -144,7 +144,11 @@ impl Ident {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            // Wrapping: a time past 2262 (anyone may set one) overflows an i64 of nanoseconds.
+            mtime_ns: m
+                .mtime()
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(m.mtime_nsec()),
             mode: m.permissions().mode(),
         }
     }
@@ -161,6 +165,21 @@ pub struct Known {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A file at the binary's path with a modification time past 2262: its identity overflowed
+    /// (a panic of the control thread in a debug build).
+    #[test]
+    fn a_file_with_a_far_future_mtime_has_an_identity() {
+        let dir = crate::testutil::tempdir("carried", "mtime");
+        let path = dir.join("gearshift");
+        let file = std::fs::File::create(&path).unwrap();
+        let far = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10_000_000_000);
+        file.set_modified(far).unwrap();
+        let id = Ident::of(&path).unwrap();
+        file.set_modified(far + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_ne!(Ident::of(&path), Some(id));
+    }
 
     /// Older images write -1 for "no descriptor" and read it back so: a rollback hands them
     /// what we carry, and we adopt what they carried.
