@@ -183,16 +183,19 @@ impl Plan {
 /// warning for them all: a generated config may hold thousands, each said at every start and
 /// restart (and a suggestion only for the ten shown: each is compared with every name).
 fn unknown_timeouts(config: &Config, table: &Table) -> Option<String> {
-    let served = table.names();
-    let served: Vec<&str> = served.iter().map(String::as_str).collect();
+    let unknown: Vec<&String> = (config.functions.keys())
+        .filter(|name| !table.contains(name))
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    // Borrowed only when there is something to say (this runs at every start and restart).
+    let served: Vec<&str> = table.iter().map(|(name, _)| name.as_str()).collect();
     let meant = |name: &str| {
         crate::config::closest(name, &served)
             .map(|m| format!(" (did you mean [functions.{m}]?)"))
             .unwrap_or_default()
     };
-    let unknown: Vec<&String> = (config.functions.keys())
-        .filter(|name| !table.contains(name))
-        .collect();
     let path = config.path.shown();
     match unknown.as_slice() {
         [] => None,
