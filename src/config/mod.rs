@@ -16,6 +16,7 @@ use crate::text::ShowPath;
 mod amqp;
 mod cx;
 mod duration;
+mod kinds;
 mod messages;
 mod parse;
 mod raw;
@@ -350,6 +351,7 @@ impl Config {
             .map_err(|e| cx.located(e.span(), &explain_at(e.message(), text, e.span())))?;
         let builtins_written = raw.worker.builtins;
         let mut worker = worker(&cx, raw.worker)?;
+        kinds::foreign_keys(&cx, text, raw.source.kind)?;
         let source = source(&cx, raw.source, &worker)?;
         // Built-ins answer whoever can submit: on a network source, only when asked for.
         worker.builtins =
@@ -1117,6 +1119,59 @@ mod tests {
             err.starts_with("/etc/gs/config.toml:3:11: server \"localhost\" is not host:port"),
             "{err}"
         );
+    }
+
+    /// A key of another source kind was taken and did nothing: `bind` under a `[source]` that
+    /// names no kind served no ZeroMQ and said nothing. It is refused where it is written,
+    /// saying which kind reads it, in each of TOML's forms of a table.
+    #[test]
+    fn keys_of_another_kind_are_refused() {
+        let cases = [
+            (
+                "[source]\nbind = [\"tcp://127.0.0.1:5555\"]\n",
+                "2:1: bind is read only by kind = \"zeromq\", and this [source] names no kind, so it is the spool's: it would do nothing. Write kind = \"zeromq\", or remove bind",
+            ),
+            (
+                "[source]\nkind = \"gearman\"\nservers = [\"h:1\"]\nqueue = \"jobs\"\nbind = []\n",
+                "4:1: queue is read only by kind = \"amqp\", and this [source] is kind = \"gearman\": it would do nothing. Write kind = \"amqp\", or remove queue",
+            ),
+            (
+                "[source]\nkind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:1\"]\nio_timeout = \"5s\"\n",
+                "4:1: io_timeout is read only by kind = \"gearman\" or \"amqp\", and this [source] is kind = \"zeromq\"",
+            ),
+            (
+                "[source]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\nqueue = \"q\"\nfsync = false\n",
+                "5:1: fsync is read only by kind = \"spool\" or \"zeromq\"",
+            ),
+            (
+                "[source.tls]\nca_file = \"ca.pem\"\n",
+                "1:9: tls is read only by kind = \"gearman\" or \"amqp\"",
+            ),
+            (
+                "[source]\ntls.ca_file = \"ca.pem\"\n",
+                "2:1: tls is read only by kind = \"gearman\" or \"amqp\"",
+            ),
+            (
+                "source = { kind = \"spool\", servers = [\"h:1\"] }\n",
+                "1:28: servers is read only by kind = \"gearman\", and this [source] is kind = \"spool\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(
+                err.starts_with(&format!("/etc/gs/config.toml:{want}")),
+                "{text}\n{err}"
+            );
+        }
+        // Each kind's own keys are taken.
+        for text in [
+            "[source]\ndir = \"s\"\nfsync = false\nretain_results = \"1d\"\nmax_attempts = 2\n",
+            "[source]\nkind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:1\"]\ndir = \"s\"\nfunction = \"f\"\nmax_connections = 5\ndead_peer_timeout = \"5s\"\n",
+            "[source]\nkind = \"gearman\"\nservers = [\"h:1\"]\nio_timeout = \"5s\"\ndead_peer_timeout = \"5s\"\nbusy_poll = \"0\"\n",
+            "[source]\nkind = \"amqp\"\nurl = \"amqp://h/%2f\"\nqueue = \"q\"\nfunction = \"f\"\nio_timeout = \"5s\"\n",
+        ] {
+            parse(text).map_err(|e| format!("{text}\n{e}")).expect("valid");
+        }
     }
 
     /// A table may be written as `[source.tls]`, inline (`tls = { ... }`) or with dotted keys
