@@ -1121,6 +1121,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn metrics_listen_takes_localhost() {
+        let at = |text: &str| parse(text).map(|c| c.metrics.map(|m| m.listen.to_string()));
+        assert_eq!(
+            at("[metrics]\nlisten = \"localhost:9464\"\n"),
+            Ok(Some("127.0.0.1:9464".into()))
+        );
+        assert_eq!(
+            at("[metrics]\nlisten = \"[::1]:0\"\n"),
+            Ok(Some("[::1]:0".into()))
+        );
+        for bad in ["localhost", "localhost:99999", "local:1", ":9464"] {
+            let err = at(&format!("[metrics]\nlisten = \"{bad}\"\n")).expect_err(bad);
+            assert!(err.contains("is not an address:port"), "{err}");
+        }
+    }
+
     /// A key of another source kind was taken and did nothing: `bind` under a `[source]` that
     /// names no kind served no ZeroMQ and said nothing. It is refused where it is written,
     /// saying which kind reads it, in each of TOML's forms of a table.

@@ -231,11 +231,11 @@ pub(super) fn metrics(cx: &Cx<'_>, raw: RawMetrics) -> Result<Option<Metrics>> {
     let metrics = match raw.listen {
         None => None,
         Some(listen) => {
-            let addr: std::net::SocketAddr = listen.get_ref().parse().map_err(|_| {
+            let addr = listen_address(listen.get_ref()).ok_or_else(|| {
                 cx.located(
                     Some(listen.span()),
                     &format!(
-                        "listen \"{}\" is not an address:port such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                        "listen \"{}\" is not an address:port such as \"127.0.0.1:9464\", \"[::1]:9464\" or \"localhost:9464\" (names other than localhost are not resolved)",
                         listen.get_ref()
                     ),
                 )
@@ -252,6 +252,19 @@ pub(super) fn metrics(cx: &Cx<'_>, raw: RawMetrics) -> Result<Option<Metrics>> {
         }
     };
     Ok(metrics)
+}
+
+/// `[metrics] listen`: an address and port, or `localhost:PORT` (127.0.0.1, as the ZeroMQ
+/// source's `tcp://localhost:PORT`). No other name is resolved: a listen address that moved
+/// with DNS could open the metrics to a network.
+fn listen_address(text: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Some(addr);
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    host.eq_ignore_ascii_case("localhost")
+        .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// The most Gearman servers one worker connects to (every lane holds a connection to each).
