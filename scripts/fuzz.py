@@ -353,18 +353,29 @@ def fuzz_http(base):
 
     def legit():
         while time.time() < stop:
+            began, step = time.monotonic(), "connect"
             try:
                 c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                step = "send"
                 c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                step = "answer"
                 data = b""
                 while True:
                     x = c.recv(65536)
                     if not x:
                         break
                     data += x
-                stats["scraped" if b" 200 " in data.split(b"\r\n")[0] else "scrape failed"] += 1
-            except OSError:
+                first = data.split(b"\r\n")[0]
+                if b" 200 " in first:
+                    stats["scraped"] += 1
+                else:
+                    stats["scrape failed"] += 1
+                    print(f"http: a scrape was answered {first[:80]!r} ({len(data)} bytes, "
+                          f"{time.monotonic() - began:.3f} s)", flush=True)
+            except OSError as e:
                 stats["scrape failed"] += 1
+                print(f"http: a scrape failed at its {step} after {time.monotonic() - began:.3f} s: {e!r}",
+                      flush=True)
             r = subprocess.run([BIN, "-c", d + "/config.toml", "status"], capture_output=True, timeout=20)
             stats["status" if r.returncode == 0 else "status failed"] += 1
             time.sleep(0.2)

@@ -50,6 +50,7 @@ pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener>
             .local_addr()
             .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip()));
         if listening && same {
+            defer_accept(&l);
             return Ok(l);
         }
         was = l.local_addr().ok();
@@ -67,7 +68,41 @@ pub fn listener(addr: SocketAddr, carried: Option<RawFd>) -> Result<TcpListener>
     if let Some(was) = was {
         log::info!("metrics: listening on {addr} now (was {was})");
     }
+    defer_accept(&bound);
     Ok(bound)
+}
+
+/// Asks the kernel to hand over a connection only once its request has begun to arrive (or
+/// [`HEAD_WAIT`] has passed): `TCP_DEFER_ACCEPT`. A flood of connections that send nothing
+/// then waits in the kernel, not in the sixteen slots, and a scrape slow to send its request
+/// after its connect (a scraper descheduled on a busy host) is not pushed out by the flood
+/// before it does. The kernel holds as many such connections as the backlog (past it, SYN
+/// cookies make them whole without waiting), so the backlog is raised from std's 128 to
+/// `SOMAXCONN` (`listen` again on a listening socket only sets it). Done on a carried
+/// listener too (a binary before this one handed it over). Without either (an error, which
+/// Linux does not give a TCP listener) the slots still hold.
+fn defer_accept(l: &TcpListener) {
+    if let Err(e) = nix::sys::socket::listen(l, nix::sys::socket::Backlog::MAXCONN) {
+        log::debug!("metrics: listen backlog: {e}");
+    }
+    let secs = HEAD_WAIT.as_secs() as libc::c_int;
+    // SAFETY: the descriptor is the listening socket `l` owns for the whole call; the value is
+    // a c_int on this stack frame, passed with its size, which setsockopt only reads.
+    let rc = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "metrics: TCP_DEFER_ACCEPT: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The running endpoint.
