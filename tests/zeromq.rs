@@ -436,6 +436,93 @@ fn a_connection_flood_is_capped_and_wedges_nothing() {
     });
 }
 
+/// At `max_connections`, connections that never finish their handshake (a slowloris, a port
+/// scanner's) kept every new client out until their 10 s deadline: each newcomer was closed as
+/// it came, and a flood that opens them again every 10 s kept new clients out for good. Now a
+/// newcomer takes the place of the oldest connection still in its handshake; a client that
+/// has finished its own is never closed for room.
+#[test]
+fn a_new_client_makes_room_among_connections_that_never_greet() {
+    let z = setup_reply("zmq-room", "max_connections = 4\n", "id");
+    let w = z.sb.start();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    // A client that finished its handshake, and stays: it keeps its place throughout.
+    let mut kept = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            "import zmq, sys\nc = zmq.Context()\ns = c.socket(zmq.REQ)\ns.connect(sys.argv[1])\n\
+             s.send(b'first')\nprint(s.recv().decode(), flush=True)\nsys.stdin.read()\n\
+             s.send(b'second')\nprint(s.recv().decode() if s.poll(5000) else 'none', flush=True)\n",
+            &z.tcp,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut kept_out = std::io::BufReader::new(kept.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut kept_out, &mut first).unwrap();
+    assert!(!first.trim().is_empty(), "no answer to the kept client");
+    let idle: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    w.wait_for(Duration::from_secs(10), "four peers", |s| {
+        s["zeromq"]["peers"] == 4
+    });
+    let started = Instant::now();
+    let answer = pyzmq("REQ", &z.tcp, &["reverse", "room"]);
+    assert_eq!(
+        answer.len(),
+        1,
+        "no answer at max_connections: {answer:?}\n{}",
+        w.log_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    // One of the connections that never greeted made the room.
+    let closed = idle
+        .iter()
+        .filter(|c| {
+            c.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut b = [0u8; 256];
+            // The worker's greeting is there to read first; then the end, if it was closed.
+            loop {
+                match std::io::Read::read(&mut &**c, &mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .count();
+    assert!(
+        closed >= 1,
+        "no waiting connection was closed for the newcomer"
+    );
+    // The kept client was never closed for room: its second request is answered on the same
+    // connection.
+    drop(kept.stdin.take());
+    let mut second = String::new();
+    std::io::BufRead::read_line(&mut kept_out, &mut second).unwrap();
+    assert!(
+        !second.trim().is_empty() && second.trim() != "none",
+        "the kept client lost its place: {second:?}"
+    );
+    kept.wait().unwrap();
+    let s = w.status();
+    assert!(
+        s["zeromq"]["closed"]["max_connections"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{s}"
+    );
+}
+
 /// Out of descriptors (a tight `ulimit -n`, jobs holding pipes), libzmq cannot accept a
 /// waiting client, and its I/O thread retried at once for as long as it lasted: 100% of a CPU
 /// taken from the jobs. Now the endpoints are unbound after 0.1 s of that and bound again after

@@ -1,6 +1,7 @@
-//! The engine's doors: accepting clients (closing those over `max_connections` at once,
-//! pausing the listening sockets while accepts fail for want of descriptors), and ending the
-//! handshakes that take too long.
+//! The engine's doors: accepting clients (at `max_connections`, closing the connection longest
+//! in its handshake for a newcomer, or else the newcomer at once; pausing the listening
+//! sockets while accepts fail for want of descriptors), and ending the handshakes that take
+//! too long.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
@@ -66,15 +67,24 @@ impl Engine {
             self.cannot_accept.worked();
             self.pause = FIRST_PAUSE;
             if self.conns.len() as u64 >= self.max_peers {
-                self.count_closed(CloseReason::MaxConnections);
+                let connected = self.conns.len() + 1;
+                let room = self.make_room();
                 self.over.failed(&format_args!(
-                    "{} connected, max_connections is {}",
-                    self.conns.len() + 1,
-                    self.max_peers
+                    "{connected} connected, max_connections is {}{}",
+                    self.max_peers,
+                    if room {
+                        " (the one longest in its handshake, for a newcomer)"
+                    } else {
+                        ""
+                    }
                 ));
-                continue;
+                if !room {
+                    self.count_closed(CloseReason::MaxConnections);
+                    continue;
+                }
+            } else {
+                self.over.worked();
             }
-            self.over.worked();
             self.admit(stream);
         }
     }
@@ -124,6 +134,21 @@ impl Engine {
             let conns = &self.conns;
             self.handshakes.retain(|&(_, id)| handshaking(conns, id));
         }
+    }
+
+    /// At the cap: closes the connection longest in its handshake (one that has not sent its
+    /// greeting and READY: a slowloris, a port scanner's), so that a newcomer takes its place;
+    /// false when every connection has finished its handshake (the newcomer is closed then).
+    /// Connections that never greet, held at the cap and opened again every [`HANDSHAKE`],
+    /// kept every new client out while each newcomer was the one closed. A client that
+    /// finished its handshake is never closed for room.
+    fn make_room(&mut self) -> bool {
+        while let Some((_, id)) = self.handshakes.pop_front() {
+            if handshaking(&self.conns, id) {
+                return self.close_for(id, CloseReason::MaxConnections);
+            }
+        }
+        false
     }
 
     fn pause_doors(&mut self, e: &std::io::Error) {
