@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::config::check_function_name;
+use crate::ops::fileid::Ident;
 use crate::text::{hex, ShowPath};
 
 /// What a function returns: the result bytes, or why the job failed.
@@ -344,19 +345,10 @@ pub struct Table {
 /// the restart, which may bring it, instead of failing as unknown. One deploy watch a process.
 static CANDIDATE_PENDING: AtomicBool = AtomicBool::new(false);
 
-/// A file's identity: device, inode, size, modification time (seconds, nanoseconds).
-type FileId = (u64, u64, u64, i64, i64);
-
 /// The file at the binary's path as the deploy watch last looked at it: the path and the
 /// file's identity (none: no file there).
-type Seen = (std::path::PathBuf, Option<FileId>);
+type Seen = (std::path::PathBuf, Option<Ident>);
 static BINARY_SEEN: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
-
-fn identity(path: &std::path::Path) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
-}
 
 /// Whether a candidate binary may yet bring a function this generation lacks: one the deploy
 /// watch judges, or a file at the binary's path it has not looked at yet. The second is asked
@@ -368,13 +360,13 @@ pub fn candidate_pending() -> bool {
         return true;
     }
     let seen = BINARY_SEEN.lock().ok().and_then(|s| s.clone());
-    seen.is_some_and(|(path, id)| identity(&path) != id)
+    seen.is_some_and(|(path, id)| Ident::of(&path) != id)
 }
 
 /// Set by the control loop at each look of the deploy watch: the file at `path` (the worker's
 /// binary path) is known to it now, judged or being judged.
 pub fn binary_looked_at(path: &std::path::Path) {
-    let id = identity(path);
+    let id = Ident::of(path);
     if let Ok(mut seen) = BINARY_SEEN.lock() {
         *seen = Some((path.to_path_buf(), id));
     }
@@ -431,22 +423,6 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A file at the binary's path with a modification time past 2262 (any user may set one):
-    /// its identity was the time in nanoseconds as an i64, which overflowed (a panic in a lane
-    /// or the ZeroMQ ingress, in a debug build).
-    #[test]
-    fn a_binary_with_a_far_future_mtime_has_an_identity() {
-        let dir = crate::testutil::tempdir("functions", "mtime");
-        let path = dir.join("gearshift");
-        let file = std::fs::File::create(&path).expect("create");
-        let far = std::time::UNIX_EPOCH + Duration::from_secs(10_000_000_000);
-        file.set_modified(far).expect("set mtime");
-        let id = identity(&path).expect("an identity");
-        file.set_modified(far + Duration::from_secs(1))
-            .expect("set mtime");
-        assert_ne!(identity(&path), Some(id));
-    }
 
     fn call(name: &str, payload: &[u8]) -> JobResult {
         let f = Functions::with_builtins();

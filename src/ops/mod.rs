@@ -5,6 +5,7 @@
 
 #[cfg(gearshift_faults)]
 pub mod faults;
+pub mod fileid;
 pub mod handover;
 pub mod hook;
 pub mod layout;
