@@ -531,6 +531,33 @@ fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
     );
 }
 
+/// A worker that cannot start for a reason found only as it starts (here its spool held by
+/// another worker, whose `state_dir` is another) is refused with that reason by `start
+/// --supervise`, as by `start`. Before, the supervised start said only "the worker exited
+/// with status 1 during start-up; see LOG".
+#[test]
+fn a_supervised_start_that_fails_says_the_workers_own_error() {
+    let owner = Sandbox::new("spool-owner");
+    let _w = owner.start();
+    let sb = Sandbox::new("supervise-refused");
+    let spool = owner.path("spool");
+    let text = sb
+        .config_text("")
+        .replace("dir = \"spool\"", &format!("dir = \"{}\"", spool.display()));
+    fs::write(sb.config(), text).unwrap();
+    for args in [&["start"][..], &["start", "--supervise"]] {
+        let out = sb.run(args);
+        let err = text_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is in use by another worker (its .lock is held)"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("exited with status"), "{args:?}: {err}");
+        assert_eq!(sb.run(&["status"]).status.code(), Some(3), "{args:?}");
+    }
+}
+
 /// A restarted generation that hangs before it serves (a new binary's start-up deadlocked, a
 /// hung mount; a stall injected in the fault build) must not wedge the worker for good: the new
 /// image arms an alarm first thing and cancels it once it serves, so SIGALRM ends it and the

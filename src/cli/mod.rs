@@ -255,7 +255,13 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
             | Command::Check { .. }
     );
     let default_config = (!cli.config_named).then(|| cli.config.clone());
-    let outcome = dispatch(cli, functions);
+    // A fresh `run` handed a ready pipe (by a supervisor, or by a rollback exec under a waiting
+    // `start`) says there that it serves, or why it could not start: `start` says its words.
+    let ready = match cli.command {
+        Command::Run { .. } if !cli.reexec => crate::restart::reexec::ready_from_env(),
+        _ => None,
+    };
+    let outcome = dispatch(cli, functions, ready.as_ref());
     // Said after the error (the command's own, or the one printed below).
     let hint = || {
         if locate::FOUND_WITHOUT_CONFIG.load(std::sync::atomic::Ordering::Relaxed) {
@@ -278,6 +284,11 @@ fn execute(cli: Cli, functions: Functions) -> ExitCode {
             ExitCode::from(code)
         }
         Err(e) => {
+            if let Some(mut r) = ready {
+                // Cut as below: the pipe (64 KiB) never fills, whoever reads it.
+                use std::io::Write;
+                let _ = writeln!(r, "error {}", crate::text::cut(&e.to_string(), 16 << 10));
+            }
             // A generation that fails to start writes to the log file, not only to a stderr
             // nobody reads. In JSON mode, the error is a log line (to the file, or to stderr)
             // and plain text only for a person at a terminal.
@@ -320,7 +331,7 @@ fn missing_default(config: &std::path::Path) -> Option<String> {
     })
 }
 
-fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
+fn dispatch(cli: Cli, functions: Functions, ready: Option<&std::fs::File>) -> Result<u8> {
     let path = &cli.config;
     if !matches!(
         cli.command,
@@ -343,6 +354,7 @@ fn dispatch(cli: Cli, functions: Functions) -> Result<u8> {
                 // Where `run` was typed, once: every generation and every reopen then means the
                 // same file.
                 log_file: log_file.map(|f| crate::config::absolute(&f)).transpose()?,
+                ready: ready.and_then(|r| r.try_clone().ok()),
                 ..Default::default()
             };
             worker::run_with(path, functions, opts).map(|code| code as u8)

@@ -27,6 +27,7 @@ use crate::ops::pidfile::{self, Probe};
 use crate::text::ShowPath;
 use crate::worker::{self, Plan, RunOptions};
 
+mod child;
 pub mod supervisor;
 
 /// Starts the worker as a daemon; returns the exit code for the `start` command.

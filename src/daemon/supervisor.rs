@@ -15,11 +15,11 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::status::records::{Info, SUPERVISOR_ENV as ENV};
+use super::child::{describe, stopped, Child};
+use crate::error::Error;
+use crate::status::records::Info;
 use crate::text::ShowPath;
 use crossbeam_channel::{after, bounded, select};
 use nix::sys::signal::{kill, Signal};
@@ -57,7 +57,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
     let mut backoff = settings.backoff_min;
     let mut stopping = false;
     loop {
-        let (pid, exited) = match spawn(settings, &info) {
+        let mut child = match Child::spawn(settings.argv(), &info, ready.is_some()) {
             Ok(x) => x,
             Err(e) => {
                 return fail(
@@ -66,22 +66,18 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                 )
             }
         };
+        let pid = child.pid;
         log::info!("supervisor {}: worker pid {pid} started", info.pid);
         if let Some(mut r) = ready.take() {
-            match wait_serving(settings, pid, &exited, &mut sig_rx, info.pid) {
+            match wait_serving(settings, &child, &mut sig_rx, info.pid) {
                 Ok(()) => {
+                    child.served();
                     let _ = writeln!(r, "ready {pid}{}", rollback_note(settings, pid));
                 }
-                Err((e, crashed)) => {
+                Err((e, how)) => {
                     // Never left running unsupervised once the supervisor gives up on it.
-                    end_unserved(pid, &exited);
-                    if crashed {
-                        // `start` tells a crash from an error: `restart` rolls a crash back.
-                        log::error!("{e}");
-                        let _ = writeln!(r, "died {e}");
-                        return 1;
-                    }
-                    return fail(Some(r), &e.to_string());
+                    child.end_unserved();
+                    return unserved(r, &e, how);
                 }
             }
         }
@@ -97,7 +93,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                     }
                     pass_on(settings, pid, sig);
                 }
-                recv(exited) -> status => break status.ok(),
+                recv(child.exited) -> status => break status.ok(),
             }
         };
         let reason = describe(status);
@@ -217,20 +213,6 @@ fn signals_lost(me: u32) -> crossbeam_channel::Receiver<Signal> {
     }
 }
 
-/// Ends a worker the supervisor gave up waiting for: TERM (it stops once its handlers run),
-/// then KILL after [`END_PATIENCE`] (a start-up stalled with its signals still blocked).
-fn end_unserved(pid: u32, exited: &crossbeam_channel::Receiver<ExitStatus>) {
-    let worker = Pid::from_raw(pid as i32);
-    if exited.try_recv().is_ok() {
-        return;
-    }
-    let _ = kill(worker, Signal::SIGTERM);
-    if exited.recv_timeout(END_PATIENCE).is_err() {
-        let _ = kill(worker, Signal::SIGKILL);
-        let _ = exited.recv_timeout(END_PATIENCE);
-    }
-}
-
 /// What `start` says after the pid when the first worker rolled back as it started (the bad
 /// binary still at the path): as a worker under `start` says it on its own ready line. The
 /// worker's answer is text from outside: escaped, one line.
@@ -243,9 +225,6 @@ fn rollback_note(s: &Settings, pid: u32) -> String {
         })
 }
 
-/// How long [`end_unserved`] waits after each signal.
-const END_PATIENCE: Duration = Duration::from_secs(5);
-
 fn fail(ready: Option<File>, message: &str) -> i32 {
     log::error!("{message}");
     if let Some(mut r) = ready {
@@ -254,55 +233,32 @@ fn fail(ready: Option<File>, message: &str) -> i32 {
     1
 }
 
-/// Starts the worker (`run`) and a thread that reports its exit.
-fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<ExitStatus>)> {
-    let json = serde_json::to_string(info).map_err(|e| Error::Msg(e.to_string()))?;
-    let args: [OsString; 5] = [
-        "-c".into(),
-        s.config.clone().into(),
-        "run".into(),
-        "--log-file".into(),
-        s.log_file.clone().into(),
-    ];
-    let mut cmd = Command::new(&s.exe);
-    if crate::ops::logging::is_json() {
-        // JSON from the worker's first line, a start-up error included.
-        cmd.env(crate::ops::logging::ENV_FORMAT, "json");
+/// Why the first worker did not serve.
+enum Unserved {
+    /// Killed by a signal nobody sent (a crash): `start` says `died`, and `restart` rolls back.
+    Crashed,
+    /// It said why on its ready pipe, and the supervisor's log line says it too.
+    Refused,
+    /// Another end (a stop, a start-up past the supervisor's patience, an exit unexplained).
+    Failed,
+}
+
+/// Says to `start` why the first worker did not serve (and in the log, unless said there);
+/// the supervisor's exit status.
+fn unserved(mut ready: File, e: &Error, how: Unserved) -> i32 {
+    match how {
+        Unserved::Crashed => {
+            // `start` tells a crash from an error: `restart` rolls a crash back.
+            log::error!("{e}");
+            let _ = writeln!(ready, "died {e}");
+            1
+        }
+        Unserved::Refused => {
+            let _ = writeln!(ready, "error {e}");
+            1
+        }
+        Unserved::Failed => fail(Some(ready), &e.to_string()),
     }
-    // The worker starts with the signals it handles blocked (the mask crosses exec): what this
-    // supervisor forwards in its first moments waits for its handlers, where a HUP or USR1
-    // took the default action before it could block them, and ended it.
-    let handled = crate::ops::signals::handled_set();
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // pthread_sigmask, which is async-signal-safe, on a set built before the fork.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            nix::sys::signal::pthread_sigmask(
-                nix::sys::signal::SigmaskHow::SIG_BLOCK,
-                Some(&handled),
-                None,
-            )
-            .map_err(std::io::Error::from)
-        });
-    }
-    cmd.args(args)
-        .env(ENV, json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let mut child = crate::jobs::exact::exactly(&mut cmd, crate::jobs::exact::Env::Inherited)
-        .and_then(|()| cmd.spawn())
-        .map_err(|e| Error::io_path("starting", &s.exe, e))?;
-    let pid = child.id();
-    let (tx, rx) = bounded(1);
-    std::thread::Builder::new()
-        .name("reaper".into())
-        .spawn(move || {
-            if let Ok(status) = child.wait() {
-                let _ = tx.send(status);
-            }
-        })
-        .map_err(|e| Error::io("spawning the reaper thread", e))?;
-    Ok((pid, rx))
 }
 
 /// Waits until the first worker serves (answers status: it holds the pidfile); signals meanwhile
@@ -310,11 +266,11 @@ fn spawn(s: &Settings, info: &Info) -> Result<(u32, crossbeam_channel::Receiver<
 /// place, and this wait ends with its exit).
 fn wait_serving(
     s: &Settings,
-    pid: u32,
-    exited: &crossbeam_channel::Receiver<ExitStatus>,
+    child: &Child,
     sig_rx: &mut crossbeam_channel::Receiver<Signal>,
     me: u32,
-) -> std::result::Result<(), (Error, bool)> {
+) -> std::result::Result<(), (Error, Unserved)> {
+    let pid = child.pid;
     #[allow(unused_mut)]
     let mut patience = Duration::from_secs(60);
     // A fault-injection build (tests only): a shorter wait.
@@ -332,25 +288,31 @@ fn wait_serving(
         if crate::status::query(&s.status_socket, i32::try_from(pid).ok()).is_ok() {
             return Ok(());
         }
-        if let Ok(status) = exited.try_recv() {
+        if let Ok(status) = child.exited.try_recv() {
             let asked = stop_sent.map_or(String::new(), |sig: Signal| {
                 format!(" (stopped by {} as it started)", sig.as_str())
             });
+            let how = describe(Some(status));
             // Killed by a signal it did not ask for: a crash (SIGSEGV, SIGABRT), not an error.
-            let crashed = stop_sent.is_none() && status.signal().is_some() && !stopped(status);
-            let e = Error::Msg(format!(
-                "the worker {} during start-up{asked}; see {}",
-                describe(Some(status)),
-                s.log_file.shown()
-            ));
-            return Err((e, crashed));
+            if stop_sent.is_none() && status.signal().is_some() && !stopped(status) {
+                let log = s.log_file.shown();
+                let e = format!("the worker {how} during start-up; see {log}");
+                return Err((Error::Msg(e), Unserved::Crashed));
+            }
+            if let Some(own) = child.reported_error() {
+                log::error!("supervisor {me}: the worker {how} during start-up{asked}: {own}");
+                return Err((Error::Msg(own), Unserved::Refused));
+            }
+            let log = s.log_file.shown();
+            let e = format!("the worker {how} during start-up{asked}; see {log}");
+            return Err((Error::Msg(e), Unserved::Failed));
         }
         if Instant::now() >= deadline {
             let (within, log) = (crate::clock::human(patience), s.log_file.shown());
             let e = Error::Msg(format!(
                 "the worker did not serve within {within}; it was stopped; see {log}"
             ));
-            return Err((e, false));
+            return Err((e, Unserved::Failed));
         }
         match sig_rx.recv_timeout(Duration::from_millis(20)) {
             Ok(sig) => {
@@ -398,30 +360,6 @@ fn reopen_own_log(path: &Path) {
     }
 }
 
-/// Ended by a stop signal, which a worker handles: a forced stop (`signals::die_by`), or one
-/// before its handlers were in place. Someone asked it to stop; it is not started again.
-fn stopped(status: ExitStatus) -> bool {
-    status
-        .signal()
-        .and_then(|n| Signal::try_from(n).ok())
-        .is_some_and(crate::ops::signals::is_stop)
-}
-
-fn describe(status: Option<ExitStatus>) -> String {
-    match status {
-        None => "vanished".into(),
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("exited with status {c}"),
-            (None, Some(sig)) => {
-                let name = Signal::try_from(sig)
-                    .map_or_else(|_| sig.to_string(), |s| s.as_str().to_string());
-                format!("was killed by {name}")
-            }
-            _ => format!("ended ({s})"),
-        },
-    }
-}
-
 /// Settings from the config and the `start` options.
 pub fn settings(
     exe: &Path,
@@ -439,6 +377,18 @@ pub fn settings(
 }
 
 impl Settings {
+    /// The worker's program and arguments: `EXE -c CONFIG run --log-file LOG`.
+    fn argv(&self) -> (&Path, [OsString; 5]) {
+        let args = [
+            "-c".into(),
+            self.config.clone().into(),
+            "run".into(),
+            "--log-file".into(),
+            self.log_file.clone().into(),
+        ];
+        (&self.exe, args)
+    }
+
     /// With the backoff of every supervisor: 0.5 s doubling to 30 s.
     fn new(exe: PathBuf, config: PathBuf, log: PathBuf, socket: PathBuf, max: usize) -> Settings {
         Settings {

@@ -153,9 +153,10 @@ pub fn exec(
 /// The environment variable a rollback exec carries (the new image starts afresh otherwise).
 pub const ENV_ROLLBACK: &str = "GEARSHIFT_INHERIT_ROLLBACK";
 
-/// The environment variable naming the descriptor of a waiting `gearshift start`'s ready pipe
-/// across a rollback exec, so the binary rolled back to tells it that it serves.
-const ENV_READY: &str = "GEARSHIFT_INHERIT_READY";
+/// The environment variable naming the descriptor of a ready pipe: a waiting `gearshift
+/// start`'s across a rollback exec, so the binary rolled back to tells it that it serves, or
+/// a supervisor's, for its worker's start-up error.
+pub(crate) const ENV_READY: &str = "GEARSHIFT_INHERIT_READY";
 
 /// A fresh start of `exe` (no carried state) telling it about a rollback, and handing it the
 /// ready pipe of the `start` that waits for this process (when there is one).
@@ -181,10 +182,10 @@ pub fn exec_rollback(
     failed
 }
 
-/// The ready pipe a rollback exec handed over (see [`exec_rollback`]): only in an image that a
-/// rollback started, only a pipe, never stdin, stdout or stderr.
+/// The ready pipe handed over in the environment, by a rollback exec (see [`exec_rollback`]) or
+/// by a supervisor to its worker: only a pipe, never stdin, stdout or stderr. Taken once, by
+/// a fresh start's `run` (the variable goes no further: see [`exec_with`]).
 pub fn ready_from_env() -> Option<std::fs::File> {
-    std::env::var_os(ENV_ROLLBACK)?;
     let fd = std::env::var(ENV_READY)
         .ok()?
         .parse()

@@ -54,10 +54,6 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
         if let Some(argv) = opts.argv.take() {
             boot.argv = argv;
         }
-        // Started by a rollback exec under a waiting `start`: its ready pipe came along.
-        if opts.ready.is_none() {
-            opts.ready = reexec::ready_from_env();
-        }
     }
     // A re-exec'd generation (already its user) logs to `--log-file` from its first line, so
     // an error in its start-up reaches the file, not only a stderr nobody reads.
