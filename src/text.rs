@@ -46,6 +46,26 @@ pub fn escape_lines(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.split('\n').map(escape).collect::<Vec<_>>().join("\n"))
 }
 
+/// Serialized JSON with the characters [`escape`] escapes and JSON leaves raw (DEL, C1, the
+/// bidirectional overrides) written as `\uXXXX`: the same document to a parser, inert where a
+/// person reads it (`tail -f` of a JSON log, `status --json` at a terminal). JSON escapes the
+/// other control characters itself; these can stand only inside its strings, where an escape
+/// means the same character.
+pub fn json_inert(json: String) -> String {
+    if !json.chars().any(needs_escape) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if needs_escape(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Bytes (not necessarily UTF-8) as escaped text: the valid parts [`escape`]d, each byte of
 /// invalid UTF-8 as `\xNN` (so a file name can still be told from another, and typed).
 pub fn escape_bytes(b: &[u8]) -> String {
@@ -188,6 +208,21 @@ mod tests {
             Path::new(path).shown().to_string(),
             "/srv/a\\nb\\e[2J\\xff.toml"
         );
+    }
+
+    #[test]
+    fn json_inert_escapes_what_json_leaves_raw_and_means_the_same() {
+        let value = serde_json::json!({"m": "csi \u{9b}2J del \x7f rlo \u{202e}x \x1b nl\n"});
+        let json = json_inert(value.to_string());
+        assert!(!json.chars().any(needs_escape), "{json}");
+        assert!(
+            json.contains("\\u009b") && json.contains("\\u202e"),
+            "{json}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, value);
+        let plain = String::from("{\"m\":\"ünïcode\"}");
+        assert_eq!(json_inert(plain.clone()), plain);
     }
 
     #[test]

@@ -702,6 +702,48 @@ fn outside_text_is_escaped_for_people_and_log_parsers() {
     }
 }
 
+/// In JSON mode (`[log] format = "json"`) a job's error holding a C1 control (U+009B, a CSI to
+/// a terminal that takes C1), DEL and a bidirectional override reached the log as those raw
+/// characters: valid JSON, and `tail -f` of the log showed them to a person as they act. Now
+/// they are written as `\u` escapes: the same string to a JSON parser, inert on a terminal.
+#[test]
+fn json_log_lines_carry_no_raw_control_or_bidi_characters() {
+    let sb = Sandbox::new("json-escape");
+    sb.write_config("[log]\nformat = \"json\"\n");
+    fs::write(sb.path("jobs/odd\u{202e}name\u{9b}"), "not executable").unwrap();
+    sb.job(
+        "evil.sh",
+        "#!/bin/sh\nprintf 'csi \\302\\2332J del \\177 rlo \\342\\200\\256gpj.exe\\n' >&2\nexit 3\n",
+    );
+    let w = sb.start();
+    let id = sb.submit("evil", "x");
+    let out = all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(10));
+    assert!(!out[0].0);
+    let log = w.log_text();
+    let said = "csi \u{9b}2J del \u{7f} rlo \u{202e}gpj.exe";
+    let parsed: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(
+        parsed
+            .iter()
+            .any(|v| v["message"].as_str().is_some_and(|m| m.contains(said))),
+        "{log:?}"
+    );
+    let raw: Vec<char> = (log.chars())
+        .filter(|&c| matches!(c as u32, 0x7f..=0x9f | 0x202a..=0x202e | 0x2066..=0x2069))
+        .collect();
+    assert!(raw.is_empty(), "{raw:?} in {log:?}");
+    let st = text(&sb.run(&["status", "--json"]).stdout);
+    let doc: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(doc["warnings"].to_string().contains("odd"), "{st}");
+    let raw: Vec<char> = (st.chars())
+        .filter(|&c| matches!(c as u32, 0x7f..=0x9f | 0x202a..=0x202e | 0x2066..=0x2069))
+        .collect();
+    assert!(raw.is_empty(), "{raw:?} in {st:?}");
+}
+
 /// `gearshift top` killed by SIGTERM or SIGHUP leaves the terminal as it found it: main
 /// screen, cursor shown.
 #[test]

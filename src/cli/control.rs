@@ -82,10 +82,9 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
     let own = (here != s.pid).then_some(s.pid);
     let s = crate::status::Doc { pid: here, ..s };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?
-        );
+        let doc =
+            serde_json::to_string(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?;
+        println!("{}", crate::text::json_inert(doc));
         return Ok(0);
     }
     print_status(&s.for_terminal());

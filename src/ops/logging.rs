@@ -331,7 +331,7 @@ pub fn init(default: log::LevelFilter) {
         let g = GENERATION.load(Ordering::Relaxed);
         let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
         if JSON.load(Ordering::Relaxed) {
-            return writeln!(buf, "{}", json_line(&ts, g, record));
+            return writeln!(buf, "{}", super::logjson::line(&ts, g, record));
         }
         let gen = if g == 0 {
             String::new()
@@ -391,17 +391,11 @@ fn own_line(level: &str, message: &str, panic: bool) -> String {
     let ts = crate::clock::rfc3339_ms(crate::clock::now_ms());
     let g = GENERATION.load(Ordering::Relaxed);
     if JSON.load(Ordering::Relaxed) {
-        let mut o = serde_json::Map::new();
-        o.insert("time".into(), ts.into());
-        o.insert("level".into(), level.into());
-        if g != 0 {
-            o.insert("generation".into(), g.into());
-        }
-        o.insert("message".into(), message.into());
+        let mut o = super::logjson::head(&ts, level, g, message);
         if panic {
             o.insert("panic".into(), true.into());
         }
-        format!("{}\n", serde_json::Value::Object(o))
+        format!("{}\n", super::logjson::text(o))
     } else {
         let gen = if g == 0 {
             String::new()
@@ -450,47 +444,6 @@ pub fn install_panic_hook() {
 /// Whether a finished job is logged at info level (else debug; failures always warn).
 pub fn job_lines() -> bool {
     JOB_LINES.load(Ordering::Relaxed)
-}
-
-/// One record as a JSON object.
-fn json_line(ts: &str, generation: u64, record: &log::Record<'_>) -> String {
-    struct Fields(serde_json::Map<String, serde_json::Value>);
-    impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
-        fn visit_pair(
-            &mut self,
-            key: log::kv::Key<'kvs>,
-            value: log::kv::Value<'kvs>,
-        ) -> Result<(), log::kv::Error> {
-            let v = if let Some(n) = value.to_u64() {
-                serde_json::Value::from(n)
-            } else if let Some(n) = value.to_i64() {
-                serde_json::Value::from(n)
-            } else if let Some(f) = value.to_f64() {
-                serde_json::Value::from(f)
-            } else if let Some(b) = value.to_bool() {
-                serde_json::Value::from(b)
-            } else {
-                serde_json::Value::from(value.to_string())
-            };
-            self.0.insert(key.as_str().to_string(), v);
-            Ok(())
-        }
-    }
-    let mut fields = Fields(serde_json::Map::new());
-    fields.0.insert("time".into(), ts.into());
-    fields.0.insert(
-        "level".into(),
-        record.level().as_str().to_ascii_lowercase().into(),
-    );
-    if generation != 0 {
-        fields.0.insert("generation".into(), generation.into());
-    }
-    fields.0.insert(
-        "message".into(),
-        crate::text::cut(&record.args().to_string(), 16 << 10).into(),
-    );
-    let _ = record.key_values().visit(&mut fields);
-    serde_json::Value::Object(fields.0).to_string()
 }
 
 pub fn set_level(level: log::LevelFilter) {

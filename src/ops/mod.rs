@@ -10,6 +10,7 @@ pub mod handover;
 pub mod hook;
 pub mod layout;
 pub mod logging;
+mod logjson;
 pub mod notify;
 pub mod pidfile;
 pub mod privilege;
