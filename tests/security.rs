@@ -1203,14 +1203,10 @@ fn strict_modes_check_every_directory_on_a_job_links_path() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
-/// A lock holder counts as the worker only if it runs as root or the worker's user: a process of
-/// another user holding the pidfile's lock (handed a descriptor, say) is not "running", and is
-/// never signalled.
-#[test]
-fn a_lock_held_by_another_user_is_not_the_worker() {
-    let sb = privsep("sec-holder");
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    // Make the state directory and pidfile exist, as after a worker that stopped.
+/// Makes the state directory and pidfile exist (a worker started and stopped), then starts the
+/// process `holder(fd)` makes, handed the pidfile's descriptor `fd` to lock; returns it once
+/// the kernel lists its lock, its pid written in the pidfile.
+fn plant_lock_holder(sb: &Sandbox, holder: impl FnOnce(i32) -> Command) -> std::process::Child {
     let out = sb.run(&["start"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
@@ -1223,24 +1219,36 @@ fn a_lock_held_by_another_user_is_not_the_worker() {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
     )
     .unwrap();
-    // uid 54321: neither root nor the worker's user (nobody).
-    let mut holder = Command::new("setpriv")
-        .args(["--reuid=54321", "--regid=54321", "--clear-groups"])
-        .args([
-            "perl",
-            "-e",
-            &format!("use Fcntl qw(:flock); open(my $f, '<&=', {fd}) or die; flock($f, LOCK_EX) or die; sleep 60"),
-        ])
-        .spawn()
-        .unwrap();
+    let child = holder(fd).spawn().unwrap();
     drop(file);
-    let hpid = holder.id() as i32;
+    let hpid = child.id() as i32;
     eventually(Duration::from_secs(5), "the planted lock", || {
         fs::read_to_string("/proc/locks")
             .unwrap()
             .contains(&format!(" {hpid} "))
     });
     fs::write(&pidfile, format!("{hpid}\n")).unwrap();
+    child
+}
+
+/// A lock holder counts as the worker only if it runs as root or the worker's user: a process of
+/// another user holding the pidfile's lock (handed a descriptor, say) is not "running", and is
+/// never signalled.
+#[test]
+fn a_lock_held_by_another_user_is_not_the_worker() {
+    let sb = privsep("sec-holder");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    // uid 54321: neither root nor the worker's user (nobody).
+    let mut holder = plant_lock_holder(&sb, |fd| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=54321", "--regid=54321", "--clear-groups"])
+            .args([
+                "perl",
+                "-e",
+                &format!("use Fcntl qw(:flock); open(my $f, '<&=', {fd}) or die; flock($f, LOCK_EX) or die; sleep 60"),
+            ]);
+        c
+    });
     let out = sb.run(&["status"]);
     assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert!(
@@ -1256,6 +1264,58 @@ fn a_lock_held_by_another_user_is_not_the_worker() {
     );
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+/// The worker's user is untrusted, and so is what its process answers: a process of that user
+/// that holds the pidfile's lock and serves the status socket (a worker taken over) answered
+/// `gearshift metrics` with escape sequences, and root's terminal got them raw (`status`
+/// escapes what it shows). Now the exposition is printed with every control character but the
+/// line breaks escaped, as `status` prints its text.
+#[test]
+fn a_hostile_answer_to_metrics_never_reaches_roots_terminal_raw() {
+    let sb = privsep("sec-metrics");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let socket = sb.path("state/worker/gearshift.sock");
+    let server = |fd: i32| {
+        format!(
+        "import fcntl, os, socket\n\
+         fcntl.flock({fd}, fcntl.LOCK_EX)\n\
+         path = {path:?}\n\
+         if os.path.exists(path): os.unlink(path)\n\
+         s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(8)\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.recv(100)\n\
+         \x20   c.sendall(b'# HELP up \\x1b]0;pwned\\x07\\n\\x1b[2Jgearshift_up 1\\n'); c.close()\n",
+        path = socket.display().to_string()
+    )
+    };
+    let user = nobody();
+    let mut holder = plant_lock_holder(&sb, |fd| {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .args(["--clear-groups", "/usr/bin/python3", "-c", &server(fd)]);
+        c
+    });
+    eventually(Duration::from_secs(5), "the planted socket", || {
+        fs::symlink_metadata(&socket).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        })
+    });
+    let out = sb.run(&["metrics"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}{}", text(&out.stderr));
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("\\e]0;pwned\\x07\n\\e[2Jgearshift_up 1\n"),
+        "{shown:?}"
+    );
 }
 
 /// Members of the worker's group may query it (README): `status` and `metrics` work for them

@@ -30,7 +30,10 @@ pub(super) fn metrics(path: &Path) -> Result<u8> {
         eprintln!("gearshift is running, but {why}");
         return Ok(exit::UNKNOWN);
     }
+    // The worker's user is untrusted, and so is its process's answer: whatever in it could act
+    // on a terminal is escaped (the exposition the worker renders has none but line breaks).
     let text = crate::status::query_metrics(&socket, Some(pid))?;
+    let text = crate::text::escape_lines(&text);
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
