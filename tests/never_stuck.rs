@@ -445,14 +445,21 @@ fn reloads_while_jobs_dir_flips_never_exit() {
     assert!(w.child.try_wait().unwrap().is_none(), "{}", w.log_text());
 }
 
+/// A worker serving `/metrics` on a loopback port of the kernel's choice: (sandbox, worker,
+/// `address:port` it listens on).
+fn metrics_worker(name: &str) -> (Sandbox, Worker, String) {
+    let sb = Sandbox::new(name);
+    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let w = sb.start();
+    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    (sb, w, addr)
+}
+
 /// `/metrics` slowloris: 8 clients trickling a byte every 1.5 s must not hold every slot; the
 /// head has one deadline in all, so a real scrape gets through within a few seconds.
 #[test]
 fn metrics_slowloris_does_not_hold_every_slot() {
-    let sb = Sandbox::new("slowloris");
-    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let w = sb.start();
-    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let (_sb, _w, addr) = metrics_worker("slowloris");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tricklers = Vec::new();
     for _ in 0..8 {
@@ -498,10 +505,7 @@ fn metrics_slowloris_does_not_hold_every_slot() {
 /// did was closed unanswered).
 #[test]
 fn a_slowloris_that_connects_again_never_keeps_a_scrape_out() {
-    let sb = Sandbox::new("slowloris-again");
-    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let w = sb.start();
-    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let (_sb, _w, addr) = metrics_worker("slowloris-again");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tricklers = Vec::new();
     for _ in 0..16 {
@@ -561,10 +565,7 @@ fn a_slowloris_that_connects_again_never_keeps_a_scrape_out() {
 #[test]
 fn a_scrape_slow_to_send_its_request_is_served_through_a_flood_of_idle_connections() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let sb = Sandbox::new("idle-flood");
-    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let w = sb.start();
-    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let (_sb, w, addr) = metrics_worker("idle-flood");
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let opened = std::sync::Arc::new(AtomicUsize::new(0));
     let mut flood = Vec::new();
@@ -1099,10 +1100,7 @@ fn dead_threads_are_noticed_and_every_json_line_is_json() {
 /// the journal checkpoint, tried every few seconds, says its failure once too.
 #[test]
 fn out_of_descriptors_each_fault_is_said_once_and_no_false_recovery() {
-    let sb = Sandbox::new("emfile-accept");
-    sb.write_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let w = sb.start();
-    let addr = w.status()["metrics"].as_str().unwrap().to_string();
+    let (sb, w, addr) = metrics_worker("emfile-accept");
     let before = w.run_out_of_fds();
     let _waiting = UnixStream::connect(&w.socket).unwrap();
     let _scrape = std::net::TcpStream::connect(&addr).unwrap();

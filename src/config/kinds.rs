@@ -69,16 +69,13 @@ pub(super) fn foreign_keys(cx: &Cx<'_>, text: &str, kind: SourceKind) -> Result<
         return Ok(());
     };
     let kind_written = written.source.keys().any(|k| k.get_ref() == "kind");
-    let mut foreign: Vec<(&Spanned<String>, &[SourceKind])> = written
-        .source
-        .keys()
+    let first_foreign = (written.source.keys())
         .filter_map(|k| {
             let (_, kinds) = SOURCE_KEYS.iter().find(|(name, _)| name == k.get_ref())?;
             (!kinds.contains(&kind)).then_some((k, *kinds))
         })
-        .collect();
-    foreign.sort_by_key(|(k, _)| k.span().start);
-    let Some((key, kinds)) = foreign.first() else {
+        .min_by_key(|(k, _)| k.span().start);
+    let Some((key, kinds)) = first_foreign else {
         return Ok(());
     };
     let readers: Vec<String> = kinds.iter().map(|k| format!("\"{}\"", k.name())).collect();

@@ -6,6 +6,7 @@
 //! held or a port already bound, which `start` without a supervisor names).
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -33,7 +34,7 @@ pub(super) struct Child {
     /// Its exit status, once it has exited.
     pub(super) exited: Receiver<ExitStatus>,
     /// The read end of its ready pipe (non-blocking), if it was given one.
-    report: Option<OwnedFd>,
+    report: Option<File>,
 }
 
 impl Child {
@@ -85,7 +86,7 @@ impl Child {
             .and_then(|()| cmd.spawn())
             .map_err(|e| Error::io_path("starting", exe, e))?;
         // The write end is the worker's alone now: a worker gone is an end of file.
-        let report = pipe.map(|(r, _)| r);
+        let report = pipe.map(|(r, _)| File::from(r));
         let pid = child.id();
         let (tx, exited) = bounded(1);
         std::thread::Builder::new()
@@ -108,9 +109,8 @@ impl Child {
     /// that kept the pipe cannot hold the supervisor). Text from the worker's user: the caller
     /// escapes it where it is shown.
     pub(super) fn reported_error(&self) -> Option<String> {
-        let fd = self.report.as_ref()?.try_clone().ok()?;
         let mut bytes = Vec::new();
-        let _ = std::fs::File::from(fd)
+        let _ = (self.report.as_ref()?)
             .take(MAX_REPORT as u64)
             .read_to_end(&mut bytes);
         let text = String::from_utf8_lossy(&bytes);
