@@ -162,6 +162,13 @@ fn url(text: &str) -> std::result::Result<AmqpUrl, String> {
     };
     let vhost = if path.is_empty() {
         "/".to_string()
+    } else if path.contains('/') {
+        // The URI spec's vhost is one path segment (a / inside it is %2f): a second segment
+        // was taken into the vhost unseen, and the broker then refused a vhost nobody meant.
+        return Err(bad(&format!(
+            "the vhost is one path segment: a / in it is written %2f, as in \"{}\"",
+            crate::text::escape(&path.replace('/', "%2f"))
+        )));
     } else {
         decode(path).map_err(|e| bad(&e))?
     };
@@ -397,10 +404,13 @@ mod tests {
             "amqp://h/%zz",
             "amqp://h/%ff",
             "amqp://h/a%0ab",
+            "amqp://h/jobs/extra",
         ] {
             let e = url(bad).unwrap_err();
             assert!(e.contains("is not an AMQP URL"), "{bad}: {e}");
         }
+        let e = url("amqp://h/jobs/extra").unwrap_err();
+        assert!(e.contains("\"jobs%2fextra\""), "{e}");
     }
 
     /// An error about a URL is read by whoever reads the terminal, the log or `status` (a
