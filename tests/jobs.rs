@@ -85,6 +85,11 @@ fn result_exit_codes() {
             text_of(&out)
         );
     }
+    // A long argument (a payload pasted in place of the id) is said cut, not echoed whole.
+    let out = sb.run(&["result", &"payload ".repeat(12_000)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.len() < 1024, "{} bytes", out.stderr.len());
+    assert!(text(&out.stderr).contains("bytes cut"), "{}", text_of(&out));
     // No worker: said as such at the timeout, however short (it was exit 5, "not finished").
     let out = sb.run(&["submit", "--wait", "--timeout", "200ms", "echo", "y"]);
     assert_eq!(

@@ -412,7 +412,7 @@ pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
     if !crate::source::spool::valid_id(id) {
         eprintln!(
             "\"{}\" is no job id (an id is what submit prints: hex digits and dashes)",
-            crate::text::escape(id)
+            crate::text::escape(&crate::text::cut(id, 160))
         );
         return Ok(exit::USAGE);
     }
