@@ -415,6 +415,52 @@ fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
     assert!(out.status.success(), "{}", text_of(&out));
 }
 
+/// `app/releases/1/gearshift` (the stock build) and `app/releases/2/gearshift` (`v2`).
+fn release_binaries(sb: &Sandbox, v2: &Path) {
+    for (release, from) in [("1", Path::new(BIN)), ("2", v2)] {
+        fs::create_dir_all(sb.path(&format!("app/releases/{release}"))).unwrap();
+        fs::copy(from, sb.path(&format!("app/releases/{release}/gearshift"))).unwrap();
+    }
+}
+
+/// Points `app/current` at `app/releases/RELEASE` as deploy tools do: a new link renamed over
+/// it. Beside the config's directory, not in it (the config's watch would see the swap).
+fn switch_release(sb: &Sandbox, release: &str) {
+    let dir = sb.path("app");
+    let tmp = dir.join("current.new");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("releases/{release}"), &tmp).unwrap();
+    fs::rename(&tmp, dir.join("current")).unwrap();
+}
+
+/// The release switch alone, with no `reload`: the binary's path leads through `current`, a
+/// link in a directory that was not watched, so the new release was found only at the next
+/// look at the watched directories (every 5 s). The switch comes just after such a look (an
+/// event in the binary's directory made one) and must be taken well before the next.
+#[test]
+fn a_release_switch_alone_is_taken_at_once() {
+    let v2 = second_build();
+    let mut sb = Sandbox::new("deploy-switch");
+    release_binaries(&sb, &v2);
+    switch_release(&sb, "1");
+    sb.bin = sb.path("app/current/gearshift");
+    let w = sb.start();
+    w.wait_running_sha();
+    fs::write(sb.path("app/releases/1/notes"), "x").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    switch_release(&sb, "2");
+    let s = w.wait_for(
+        Duration::from_millis(4000),
+        "the new release taken at once, not at the next look 5 s on",
+        |s| s["binary_sha256"] == sha(&v2) && s["state"] == "running",
+    );
+    assert_eq!(
+        (s["generation"].as_u64(), &s["pid"]),
+        (Some(2), &w.status()["pid"])
+    );
+    assert_eq!(s["pid"], w.pid(), "same PID");
+}
+
 /// A release deploy as deploy tools do it (Capistrano, Ansible's deploy_helper, a `current`
 /// link): the new release in a directory of its own, the `current` link swapped to it, then
 /// `gearshift reload`. The reload re-exec'd the old image (the file at the path had not passed
@@ -426,10 +472,7 @@ fn a_new_binary_that_dies_at_start_up_is_rolled_back_under_the_supervisor() {
 fn a_reload_right_after_a_release_switch_runs_the_new_release() {
     let v2 = second_build();
     let mut sb = Sandbox::new("deploy-release");
-    for (release, from) in [("1", Path::new(BIN)), ("2", v2.as_path())] {
-        fs::create_dir_all(sb.path(&format!("app/releases/{release}"))).unwrap();
-        fs::copy(from, sb.path(&format!("app/releases/{release}/gearshift"))).unwrap();
-    }
+    release_binaries(&sb, &v2);
     fs::create_dir_all(sb.path("app/releases/3")).unwrap();
     fs::write(
         sb.path("app/releases/3/gearshift"),
@@ -441,15 +484,7 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
         fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    // Beside the config's directory, not in it (the config's watch would see the swap).
-    let dir = sb.path("app");
-    let switch = |release: &str| {
-        let tmp = dir.join("current.new");
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(format!("releases/{release}"), &tmp).unwrap();
-        fs::rename(&tmp, dir.join("current")).unwrap();
-    };
-    switch("1");
+    switch_release(&sb, "1");
     sb.bin = sb.path("app/current/gearshift");
     let w = sb.start();
     w.wait_running_sha();
@@ -462,7 +497,7 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
             .output()
             .unwrap()
     };
-    switch("2");
+    switch_release(&sb, "2");
     let out = cli(&["reload"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let s = w.status();
@@ -484,7 +519,7 @@ fn a_reload_right_after_a_release_switch_runs_the_new_release() {
     w.wait_for(Duration::from_secs(10), "the job to run", |s| {
         s["in_flight"] == 1
     });
-    switch("3");
+    switch_release(&sb, "3");
     let out = cli(&["reload"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let said = text(&out.stderr);

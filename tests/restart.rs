@@ -144,6 +144,64 @@ fn a_config_directory_replaced_whole_is_watched_anew() {
     assert_eq!(s["last_restart_reason"], "config changed");
 }
 
+/// The deploy tools' layout (Capistrano, Deployer): each release in a directory of its own,
+/// and a `current` link swapped to the new one. That link is a directory on the paths of the
+/// config and of `jobs_dir`, not their last part, and its own directory was not watched: a
+/// switch was seen only when the watched directories were looked at again (every 5 s). Each
+/// switch here comes 5 s before that look (just after an event in the watched config directory
+/// made one), and must be seen well before it.
+#[test]
+fn a_release_switch_is_seen_at_once() {
+    let sb = Sandbox::new("cfg-release");
+    let app = sb.path("app");
+    let config = sb
+        .config_text("")
+        .replace("jobs_dir = \"jobs\"", "jobs_dir = \"app/current/jobs\"");
+    for (release, extra, output) in [
+        (1, "# r1\n", "one"),
+        (2, "# r2\n", "two"),
+        (3, "# r2\n", "three"),
+    ] {
+        let dir = app.join(format!("releases/{release}"));
+        fs::create_dir_all(dir.join("jobs")).unwrap();
+        fs::write(dir.join("config.toml"), format!("{config}{extra}")).unwrap();
+        let job = dir.join("jobs/hello");
+        fs::write(&job, format!("#!/bin/sh\necho {output}\n")).unwrap();
+        fs::set_permissions(&job, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let switch = |release: u32| {
+        let tmp = app.join("current.new");
+        std::os::unix::fs::symlink(format!("releases/{release}"), &tmp).unwrap();
+        fs::rename(&tmp, app.join("current")).unwrap();
+    };
+    switch(1);
+    fs::remove_file(sb.config()).unwrap();
+    std::os::unix::fs::symlink("app/current/config.toml", sb.config()).unwrap();
+    let w = sb.start();
+    let hello = || text(&sb.run(&["submit", "--wait", "hello", "x"]).stdout);
+    assert_eq!(hello(), "one\n");
+    for (release, generation, reason, output) in [
+        (2, 2, "config changed", "two\n"),
+        (3, 3, "jobs changed", "three\n"),
+    ] {
+        // An event in the watched config directory: the directories are looked at again now,
+        // and next in 5 s.
+        let before = w.status()["file_checks"].as_u64().unwrap();
+        fs::write(app.join("current/notes"), "x").unwrap();
+        w.wait_for(Duration::from_secs(10), "the event looked at", |s| {
+            s["file_checks"].as_u64().unwrap_or(0) > before
+        });
+        switch(release);
+        let s = w.wait_for(
+            Duration::from_millis(3500),
+            &format!("release {release} seen at once, not at the next look 5 s on"),
+            |s| s["generation"].as_u64().unwrap_or(0) >= generation && s["state"] == "running",
+        );
+        assert_eq!(s["last_restart_reason"], reason);
+        assert_eq!(hello(), output);
+    }
+}
+
 /// config.toml written in place in two parts, as a slow copy or a paste does: `whole` up to
 /// `cut` now, the rest (and the close) at [`SlowWrite::finish`].
 struct SlowWrite {

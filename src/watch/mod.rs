@@ -9,6 +9,7 @@
 //! All watches of a generation (config, jobs_dir, the spool queue) share one inotify instance,
 //! read by one thread; see [`crate::watch::inotify`] for why that instance outlives the generation.
 
+mod chain;
 pub mod inotify;
 mod offers;
 
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::text::{hex, ShowPath};
+use crate::watch::chain::{chain, Kind};
 use crate::watch::inotify::{Event, Inotify};
 
 /// What changed on disk, as reported to the worker loop.
@@ -53,8 +55,8 @@ pub struct Targets<'a> {
     pub jobs_dir: Option<&'a Path>,
     /// Directories where new jobs appear (the spool's `new/`).
     pub queue: Vec<PathBuf>,
-    /// The directory of the binary (deploys).
-    pub binary_dir: Option<&'a Path>,
+    /// The binary (deploys): its directory is watched, and every link its path leads through.
+    pub binary: Option<&'a Path>,
 }
 
 /// Which targets could not be watched (the caller polls those instead).
@@ -100,28 +102,38 @@ pub fn start(
         }
         None
     };
-    let (config_dirs, config_names) = targets.config.map(config_chain).unwrap_or_default();
-    if targets.config.is_some() {
-        unwatched.config = add(&config_dirs, CONFIG);
-    }
-    if let Some(j) = targets.jobs_dir {
-        unwatched.jobs = add(&[j.to_path_buf()], JOBS);
-    }
-    unwatched.queue = add(&targets.queue, QUEUE);
-    if let Some(b) = targets.binary_dir {
-        if let Some(e) = add(&[b.to_path_buf()], BINARY) {
-            log::warn!("{e}; deploys of a new binary will not be noticed");
+    let paths: Vec<(PathBuf, Kind, u8)> = [
+        (targets.config, Kind::File, CONFIG),
+        (targets.jobs_dir, Kind::Dir, JOBS),
+        (targets.binary, Kind::File, BINARY),
+    ]
+    .into_iter()
+    .filter_map(|(p, kind, bit)| p.map(|p| (p.to_path_buf(), kind, bit)))
+    .collect();
+    let mut config_names = Vec::new();
+    for (path, kind, bit) in &paths {
+        let c = chain(path, *kind);
+        let failed = add(&c.dirs, *bit);
+        match *bit {
+            CONFIG => (unwatched.config, config_names) = (failed, c.names),
+            JOBS => unwatched.jobs = failed,
+            _ => {
+                if let Some(e) = failed {
+                    log::warn!("{e}; deploys of a new binary will not be noticed");
+                }
+            }
+        }
+        // Best effort: a swap there is also found by the look every REWATCH_EVERY.
+        for holder in &c.holders {
+            let _ = add(std::slice::from_ref(holder), *bit);
         }
     }
+    unwatched.queue = add(&targets.queue, QUEUE);
 
     let mut writers = Writers::default();
     let mut anew = Rewatch {
-        config: targets.config.map(Path::to_path_buf),
+        paths,
         config_names,
-        others: [(targets.jobs_dir, JOBS), (targets.binary_dir, BINARY)]
-            .into_iter()
-            .filter_map(|(d, bit)| d.map(|d| (d.to_path_buf(), bit)))
-            .collect(),
         seen,
         last: std::time::Instant::now(),
     };
@@ -202,11 +214,11 @@ const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// unnoticed. So after any event there, and every [`REWATCH_EVERY`], each path is looked at
 /// again; a directory that is not the one watched is watched anew, and reported as touched.
 struct Rewatch {
-    config: Option<PathBuf>,
-    /// The names of the config's path and of each link it leads through ([`config_chain`]),
-    /// as last looked at: the entries whose writers are followed ([`Writers`]).
+    /// Each target (config, `jobs_dir`, binary) as given.
+    paths: Vec<(PathBuf, Kind, u8)>,
+    /// The names of the config's path and of each link it leads through ([`chain`]), as last
+    /// looked at: the entries whose writers are followed ([`Writers`]).
     config_names: Vec<OsString>,
-    others: Vec<(PathBuf, u8)>,
     /// The identity (device, inode) last watched at each path.
     seen: HashMap<PathBuf, (u64, u64)>,
     last: std::time::Instant,
@@ -216,21 +228,23 @@ impl Rewatch {
     /// Watches what is new at the paths; returns the bits of the targets it touched.
     fn check(&mut self, ino: &Inotify, routes: &mut HashMap<i32, u8>) -> u8 {
         self.last = std::time::Instant::now();
-        let (config_dirs, names) = self.config.as_deref().map(config_chain).unwrap_or_default();
-        self.config_names = names;
-        let mut dirs: Vec<(PathBuf, u8)> = config_dirs.into_iter().map(|d| (d, CONFIG)).collect();
-        dirs.extend(self.others.iter().cloned());
         let mut touched = 0;
-        for (dir, bit) in dirs {
-            // Gone for now: watched once it is back.
-            let Some(id) = identity(&dir) else { continue };
-            if self.seen.get(&dir) == Some(&id) {
-                continue;
+        for (path, kind, bit) in &self.paths {
+            let c = chain(path, *kind);
+            for dir in c.dirs.into_iter().chain(c.holders) {
+                // Gone for now: watched once it is back.
+                let Some(id) = identity(&dir) else { continue };
+                if self.seen.get(&dir) == Some(&id) {
+                    continue;
+                }
+                if let Ok(wd) = ino.add(&dir) {
+                    *routes.entry(wd).or_default() |= bit;
+                    self.seen.insert(dir, id);
+                    touched |= bit;
+                }
             }
-            if let Ok(wd) = ino.add(&dir) {
-                *routes.entry(wd).or_default() |= bit;
-                self.seen.insert(dir, id);
-                touched |= bit;
+            if *bit == CONFIG {
+                self.config_names = c.names;
             }
         }
         touched
@@ -259,39 +273,6 @@ impl Writers {
             self.open.insert((wd, name));
         }
     }
-}
-
-/// The directories whose events may mean the config changed: the one holding the path we were
-/// given, and the one holding each symlink it leads through (a ConfigMap's `..data` swap
-/// happens beside `config.toml`, not in the directory of the file it finally names); and the
-/// names those entries have in them.
-fn config_chain(path: &Path) -> (Vec<PathBuf>, Vec<OsString>) {
-    let (mut dirs, mut names) = (Vec::new(), Vec::new());
-    let mut add = |d: &Path, n: Option<&std::ffi::OsStr>| {
-        if !dirs.iter().any(|x: &PathBuf| x == d) {
-            dirs.push(d.to_path_buf());
-        }
-        if let Some(n) = n.filter(|n| !names.iter().any(|x: &OsString| x == n)) {
-            names.push(n.to_os_string());
-        }
-    };
-    let mut current = path.to_path_buf();
-    for _ in 0..16 {
-        let Some(parent) = current.parent() else {
-            break;
-        };
-        add(parent, current.file_name());
-        match fs::read_link(&current) {
-            Ok(target) => current = parent.join(target),
-            Err(_) => break,
-        }
-    }
-    if let Ok(real) = fs::canonicalize(path) {
-        if let Some(parent) = real.parent() {
-            add(parent, real.file_name());
-        }
-    }
-    (dirs, names)
 }
 
 /// What a file in `jobs_dir` that is neither a regular file nor a directory (which may hold a

@@ -147,7 +147,7 @@ fn start_watch(
                 config: w.watch_config.then_some(plan.config.path.as_path()),
                 jobs_dir: w.watch_jobs.then_some(w.jobs_dir.as_path()),
                 queue: source.watch_dirs(),
-                binary_dir: w.watch_binary.then(|| boot.exe.parent()).flatten(),
+                binary: w.watch_binary.then_some(boot.exe.as_path()),
             };
             let waker = Arc::clone(source);
             let tx = events_tx.clone();
