@@ -1498,3 +1498,56 @@ fn a_megabyte_value_makes_a_short_message_and_status_still_answers() {
     assert_eq!(out.status.code(), Some(0), "{}", &text_of(&out)[..300]);
     assert!(w.log_text().len() < 64 << 10, "{}", w.log_text().len());
 }
+
+/// Found by switching a deploy's `current` link under a worker started with `-c
+/// /srv/app/current/config.toml` and the stock relative `state_dir` and spool `dir`: both were
+/// inside the release, so the switch moved them away from the running worker (its queued jobs
+/// left in the old release), and its restart, as the user it dropped to, could not make the
+/// new release's `state_dir` and died. The layout is said at `check` and every start, with the
+/// way out; directories beside the release (shared) are not.
+#[test]
+fn a_state_dir_inside_a_switched_release_is_said() {
+    let sb = Sandbox::new("release-state");
+    let release = sb.path("app/releases/1");
+    fs::create_dir_all(release.join("jobs")).unwrap();
+    std::os::unix::fs::symlink("releases/1", sb.path("app/current")).unwrap();
+    let config = sb.path("app/current/config.toml");
+    fs::write(&config, sb.config_text("")).unwrap();
+    let check = |config: &std::path::Path| {
+        let out = std::process::Command::new(&sb.bin)
+            .arg("-c")
+            .arg(config)
+            .arg("check")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text_of(&out));
+        text(&out.stderr)
+    };
+    let said = check(&config);
+    for what in ["state_dir", "[source] dir"] {
+        assert!(
+            said.contains(&format!("{what} \"{}", sb.path("app/current").display()))
+                && said.contains(&format!(
+                    "through the link \"{}\"",
+                    sb.path("app/current").display()
+                )),
+            "{what}: {said}"
+        );
+    }
+    assert!(said.contains("outside the release"), "{said}");
+    // Shared directories beside the releases: nothing to say.
+    let shared = sb.path("app/shared");
+    let text = sb
+        .config_text("")
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}/state\"", shared.display()),
+        )
+        .replace(
+            "dir = \"spool\"",
+            &format!("dir = \"{}/spool\"", shared.display()),
+        );
+    fs::write(&config, text).unwrap();
+    let said = check(&config);
+    assert!(!said.contains("through the link"), "{said}");
+}

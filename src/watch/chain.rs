@@ -60,6 +60,15 @@ pub(super) fn chain(path: &Path, kind: Kind) -> Chain {
     c
 }
 
+/// Every symbolic link `path` leads through (its path with no link before it), in the order met.
+pub fn links_through(path: &Path) -> Vec<PathBuf> {
+    let (links, _) = links_on(path);
+    links
+        .into_iter()
+        .map(|(dir, name)| dir.join(name))
+        .collect()
+}
+
 /// Every symbolic link `path` leads through as the kernel walks it (each as the directory
 /// holding it and its name, in the order met), and the path it finally leads to, with no link
 /// left in it. A part that does not exist ends nothing: it is taken as it is.

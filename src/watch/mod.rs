@@ -13,6 +13,7 @@ mod chain;
 pub mod inotify;
 mod offers;
 
+pub use chain::links_through;
 pub use offers::Offers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -159,6 +159,7 @@ impl Plan {
                 key.shown()
             ));
         }
+        warnings.extend(release_link_warnings(&config));
         if let crate::config::Source::Amqp(a) = &config.source {
             warnings.extend(consumer_timeout_warnings(&table, a.consumer_timeout));
         }
@@ -216,6 +217,41 @@ fn unknown_timeouts(config: &Config, table: &Table) -> Option<String> {
             ))
         }
     }
+}
+
+/// The worker's own directories (`state_dir`, the spool) whose paths lead through a link the
+/// config's path leads through too: a deploy's `current` (`-c /srv/app/current/config.toml`
+/// with the stock relative `state_dir = "state"`). A release switch moves them away from the
+/// running worker: its queue, pidfile and socket stay in the old release, and its next restart
+/// opens the new release's, or, as the user it dropped to, cannot make them and ends.
+fn release_link_warnings(config: &Config) -> Vec<String> {
+    let links = crate::watch::links_through(&config.path);
+    if links.is_empty() {
+        return Vec::new();
+    }
+    let dirs = [
+        (
+            "state_dir",
+            "its pidfile and status socket",
+            Some(&config.worker.state_dir),
+        ),
+        (
+            "[source] dir",
+            "its queued jobs and results",
+            config.source.spool().map(|s| &s.dir),
+        ),
+    ];
+    (dirs.into_iter())
+        .filter_map(|(what, held, dir)| {
+            let dir = dir?;
+            let link = (crate::watch::links_through(dir).into_iter()).find(|l| links.contains(l))?;
+            Some(format!(
+                "{what} \"{}\" leads through the link \"{}\", as the config's path does: a deploy that switches that link moves {what} away from the running worker ({held} stay behind, and its next restart opens the new release's, or cannot make it and ends); keep {what} outside the release, in a directory the releases share",
+                dir.shown(),
+                link.shown()
+            ))
+        })
+        .collect()
 }
 
 /// Every lane keeps a connection to every gearmand: lanes x servers descriptors, beside those
