@@ -15,6 +15,17 @@ pub(super) fn line_col(bytes: &[u8], at: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// A server's name written where the protocol that speaks to it goes (`kind = "rabbitmq"`),
+/// which no spelling distance finds, and the kind meant.
+const SPOKEN_BY: &[(&str, &str)] = &[
+    ("rabbitmq", "amqp"),
+    ("rabbit", "amqp"),
+    ("amqps", "amqp"),
+    ("lavinmq", "amqp"),
+    ("0mq", "zeromq"),
+    ("gearmand", "gearman"),
+];
+
 /// Rewrites serde's messages into ours, with a "did you mean" where a close name exists;
 /// `rest` is the file's text from where the error points.
 pub(super) fn explain(message: &str, rest: &str) -> String {
@@ -31,7 +42,12 @@ pub(super) fn explain(message: &str, rest: &str) -> String {
             if let Some(table) = table {
                 return format!("unknown key \"{got}\": it belongs in a table, under [{table}]");
             }
-            return match closest(got, &expected) {
+            let spoken = (what == "value")
+                .then(|| SPOKEN_BY.iter().find(|(p, _)| got.eq_ignore_ascii_case(p)))
+                .flatten()
+                .map(|(_, kind)| *kind)
+                .filter(|kind| expected.contains(kind));
+            return match spoken.or_else(|| closest(got, &expected)) {
                 Some(best) => format!("unknown {what} \"{got}\" (did you mean \"{best}\"?)"),
                 None if expected.is_empty() => format!("unknown {what} \"{got}\""),
                 None => format!(

@@ -552,6 +552,11 @@ mod tests {
                 "[source]\nkind = \"zmq\"\n",
                 "/etc/gs/config.toml:2:8: unknown value \"zmq\" (did you mean \"zeromq\"?)",
             ),
+            // The broker's name for the protocol's: the kind that speaks to it.
+            (
+                "[source]\nkind = \"RabbitMQ\"\n",
+                "/etc/gs/config.toml:2:8: unknown value \"RabbitMQ\" (did you mean \"amqp\"?)",
+            ),
             // Serde's words for a table and a list are Rust's (`struct RawFunction`, "a
             // sequence"): TOML's instead, and a single string where a list goes is shown in
             // brackets.
