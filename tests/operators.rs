@@ -1057,28 +1057,30 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let pid = status_json(&sb)["pid"].as_i64().unwrap();
     let good = fs::read_to_string(sb.config()).unwrap();
-    fs::write(
-        sb.config(),
-        format!("{good}\n[worker]\nconcurrency = \"two\"\n"),
-    )
-    .unwrap();
-    let out = sb.run(&["restart"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
-    let said = text(&out.stderr);
-    assert!(
-        said.contains("config.toml:") && said.contains("not restarted"),
-        "{said}"
-    );
-    assert_eq!(
-        status_json(&sb)["pid"].as_i64(),
-        Some(pid),
-        "the worker still runs"
-    );
-    fs::write(sb.config(), good).unwrap();
+    let bad = format!("{good}\n[worker]\nconcurrency = \"two\"\n");
+    restart_refuses(&sb, &bad, "config.toml:");
     let out = sb.run(&["restart"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert_ne!(status_json(&sb)["pid"].as_i64(), Some(pid));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// Writes `bad` over the running worker's config: `restart` refuses it, saying `said`, and
+/// leaves that worker running. The config is written back as it was.
+fn restart_refuses(sb: &Sandbox, bad: &str, said: &str) {
+    let pid = status_json(sb)["pid"].as_i64().unwrap();
+    let good = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), bad).unwrap();
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains(said) && err.contains("not restarted"), "{err}");
+    assert_eq!(
+        status_json(sb)["pid"].as_i64(),
+        Some(pid),
+        "the worker still runs"
+    );
+    fs::write(sb.config(), good).unwrap();
 }
 
 /// The wall clock stepped forward an hour while a job ran (an NTP step after a VM was paused,
@@ -1550,4 +1552,39 @@ fn a_state_dir_inside_a_switched_release_is_said() {
     fs::write(&config, text).unwrap();
     let said = check(&config);
     assert!(!said.contains("through the link"), "{said}");
+}
+
+/// `restart` with a spool `dir` that cannot be made (a path on a read-only filesystem, a
+/// mount not there yet): `check` passed it, the running worker was stopped, and the start then
+/// failed (`creating directory ".../spool": Read-only file system`): one command left no
+/// worker at all. Now `check`, and `restart` before it stops anything, look at whether each
+/// directory the new worker makes could be made, and `restart` leaves the running worker as it
+/// is.
+#[test]
+fn a_restart_into_a_directory_that_cannot_be_made_leaves_the_worker_running() {
+    let sb = Sandbox::new("restart-ro");
+    sb.write_config("");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let _ro = common::tmpfs::Tmpfs::mount(&sb.path("ro"), "1m");
+    let remount = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(sb.path("ro"))
+        .status()
+        .unwrap();
+    assert!(remount.success());
+    let good = fs::read_to_string(sb.config()).unwrap();
+    let bad = good.replace("dir = \"spool\"", "dir = \"ro/jobs/spool\"");
+    fs::write(sb.config(), &bad).unwrap();
+    let out = sb.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text(&out.stderr).contains("[source] dir: creating directory")
+            && text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text_of(&out)
+    );
+    fs::write(sb.config(), &good).unwrap();
+    restart_refuses(&sb, &bad, "ro/jobs/spool");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

@@ -396,6 +396,11 @@ fn dispatch(cli: Cli, functions: Functions, ready: Option<&std::fs::File>) -> Re
 
 fn check(path: &Path, functions: &Functions) -> Result<u8> {
     let plan = Plan::prepare(path, functions)?;
+    // What `start` would fail on: said as it would say it.
+    let unmakeable = plan.unmakeable();
+    if !unmakeable.is_empty() {
+        return Err(Error::Msg(unmakeable.join("\n")));
+    }
     for w in &plan.warnings {
         eprintln!("warning: {}", crate::text::escape(w));
     }

@@ -13,15 +13,18 @@ use super::{exit, locate, START_WAIT};
 /// the new worker would refuse is said first, and the running one left as it is; a new binary
 /// that dies during start-up is rolled back to the last good one.
 pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> Result<u8> {
-    let plan = match Plan::prepare(path, &functions) {
-        Ok(plan) => plan,
-        Err(e) => {
-            return Err(Error::Msg(format!(
-                "{e}\nnot restarted: the running worker, if any, is left as it is (`check` \
-                 says the same; fix it and restart again)"
-            )))
-        }
+    let refused = |e: &dyn std::fmt::Display| {
+        Error::Msg(format!(
+            "{e}\nnot restarted: the running worker, if any, is left as it is (`check` \
+             says the same; fix it and restart again)"
+        ))
     };
+    let plan = Plan::prepare(path, &functions).map_err(|e| refused(&e))?;
+    // A directory the new worker could not make would fail its start after the stop.
+    let unmakeable = plan.unmakeable();
+    if !unmakeable.is_empty() {
+        return Err(refused(&unmakeable.join("\n")));
+    }
     let state_dir = &plan.config.worker.state_dir;
     let running = locate::running(path).ok();
     // A systemd service's worker stopped from here would be started again outside its unit.

@@ -219,6 +219,36 @@ fn unknown_timeouts(config: &Config, table: &Table) -> Option<String> {
     }
 }
 
+/// The directories a worker makes at its start and keeps: each one's key, what it holds, and
+/// its path (None: this source keeps no spool).
+fn own_dirs(config: &Config) -> [(&'static str, &'static str, Option<&Path>); 2] {
+    [
+        (
+            "state_dir",
+            "its pidfile and status socket",
+            Some(config.worker.state_dir.as_path()),
+        ),
+        (
+            "[source] dir",
+            "its queued jobs and results",
+            config.source.spool().map(|s| s.dir.as_path()),
+        ),
+    ]
+}
+
+impl Plan {
+    /// What of [`own_dirs`] a start would fail to make where it is missing
+    /// ([`crate::ops::safefs::could_create`]), each said with its key.
+    pub fn unmakeable(&self) -> Vec<String> {
+        (own_dirs(&self.config).into_iter())
+            .filter_map(|(what, _, dir)| {
+                let e = crate::ops::safefs::could_create(dir?).err()?;
+                Some(format!("{what}: {e}"))
+            })
+            .collect()
+    }
+}
+
 /// The worker's own directories (`state_dir`, the spool) whose paths lead through a link the
 /// config's path leads through too: a deploy's `current` (`-c /srv/app/current/config.toml`
 /// with the stock relative `state_dir = "state"`). A release switch moves them away from the
@@ -229,19 +259,7 @@ fn release_link_warnings(config: &Config) -> Vec<String> {
     if links.is_empty() {
         return Vec::new();
     }
-    let dirs = [
-        (
-            "state_dir",
-            "its pidfile and status socket",
-            Some(&config.worker.state_dir),
-        ),
-        (
-            "[source] dir",
-            "its queued jobs and results",
-            config.source.spool().map(|s| &s.dir),
-        ),
-    ];
-    (dirs.into_iter())
+    (own_dirs(config).into_iter())
         .filter_map(|(what, held, dir)| {
             let dir = dir?;
             let link = (crate::watch::links_through(dir).into_iter()).find(|l| links.contains(l))?;

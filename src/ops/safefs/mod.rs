@@ -272,6 +272,45 @@ impl AsRawFd for Dir {
 
 /// Opens `name` in `dir` as a directory, never through a link. Search permission is all a
 /// walk needs, so a directory we may search but not read is opened as a path.
+/// Whether [`Dir::create`] could make what is missing of `path`, judged without making
+/// anything (`restart` asks before it stops the running worker): the nearest part of the path
+/// that exists must be a directory, on a filesystem mounted writable, that we may write in.
+/// Said in the words the start would fail with.
+pub fn could_create(path: &Path) -> Result<()> {
+    let abs = std::path::absolute(path).map_err(|e| Error::io_path("resolving", path, e))?;
+    let mut at = abs.as_path();
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                let e = std::io::Error::from_raw_os_error(libc::ENOTDIR);
+                return Err(Error::io_path("creating directory", &abs, e));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                Some(up) => at = up,
+                None => return Ok(()),
+            },
+            Err(e) => return Err(Error::io_path("creating directory", &abs, e)),
+        }
+    }
+    if at == abs {
+        return Ok(());
+    }
+    let read_only = nix::sys::statvfs::statvfs(at)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    let refused = match read_only {
+        true => Some(Errno::EROFS),
+        false => {
+            let how = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+            nix::unistd::access(at, how).err()
+        }
+    };
+    match refused {
+        Some(e) => Err(Error::io_path("creating directory", &abs, e.into())),
+        None => Ok(()),
+    }
+}
+
 fn open_dir(dir: Option<RawFd>, name: &OsStr) -> std::result::Result<OwnedFd, Errno> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     match openat(dir, name, flags | OFlag::O_RDONLY, Mode::empty()) {
