@@ -481,6 +481,10 @@ fn check_finds_what_start_would_reject() {
             "[worker] state_dir \"/proc/gearshift\" is on a pseudo file system",
         ),
         (
+            base.replace("dir = \"spool\"", "dir = \"/sys/gearshift-spool\""),
+            "[source] dir \"/sys/gearshift-spool\" is on a pseudo file system",
+        ),
+        (
             format!("{base}[log]\nfile = \"/nonexistent/dir/gearshift.log\"\n"),
             "[log] file \"/nonexistent/dir/gearshift.log\": its directory",
         ),

@@ -312,22 +312,30 @@ fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<S
     )]
 }
 
-/// The places the config names that `start` would only find wrong later: a `state_dir` on a
-/// pseudo file system (/proc, /sys) or that is not a directory, a `[log] file` whose directory
+/// The places the config names that `start` would only find wrong later: a `state_dir` or
+/// spool `dir` on a pseudo file system (/proc, /sys), a `state_dir` that is not a directory, a `[log] file` whose directory
 /// does not exist. Said with the key, so `check` finds what `start` would.
 fn check_places(config: &Config) -> Result<()> {
     let at = config.path.shown();
-    let state = &config.worker.state_dir;
-    if let Some(existing) = state.ancestors().find(|p| p.exists()) {
+    for (key, _, dir) in own_dirs(config) {
+        let Some((dir, existing)) =
+            dir.and_then(|d| Some((d, d.ancestors().find(|p| p.exists())?)))
+        else {
+            continue;
+        };
         use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC, SYSFS_MAGIC};
         let kind = statfs(existing).ok().map(|s| s.filesystem_type());
         if kind == Some(PROC_SUPER_MAGIC) || kind == Some(SYSFS_MAGIC) {
+            let table = if key == "state_dir" { "[worker] " } else { "" };
             return Err(Error::Config(format!(
-                "{at}: [worker] state_dir \"{}\" is on a pseudo file system ({}): choose a directory on a real one, e.g. /var/lib/gearshift",
-                state.shown(),
+                "{at}: {table}{key} \"{}\" is on a pseudo file system ({}): choose a directory on a real one, e.g. /var/lib/gearshift",
+                dir.shown(),
                 if kind == Some(PROC_SUPER_MAGIC) { "procfs" } else { "sysfs" }
             )));
         }
+    }
+    let state = &config.worker.state_dir;
+    if let Some(existing) = state.ancestors().find(|p| p.exists()) {
         if existing == state.as_path() && !state.is_dir() {
             return Err(Error::Config(format!(
                 "{at}: [worker] state_dir \"{}\" exists and is not a directory",
