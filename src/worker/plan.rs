@@ -313,8 +313,9 @@ fn consumer_timeout_warnings(table: &Table, limit: std::time::Duration) -> Vec<S
 }
 
 /// The places the config names that `start` would only find wrong later: a `state_dir` or
-/// spool `dir` on a pseudo file system (/proc, /sys), a `state_dir` that is not a directory, a `[log] file` whose directory
-/// does not exist. Said with the key, so `check` finds what `start` would.
+/// spool `dir` on a pseudo file system (/proc, /sys), a `state_dir` that is not a directory, a
+/// `[log] file` whose directory does not exist. Said with the key, so `check` finds what
+/// `start` would.
 fn check_places(config: &Config) -> Result<()> {
     let at = config.path.shown();
     for (key, _, dir) in own_dirs(config) {

@@ -270,8 +270,6 @@ impl AsRawFd for Dir {
     }
 }
 
-/// Opens `name` in `dir` as a directory, never through a link. Search permission is all a
-/// walk needs, so a directory we may search but not read is opened as a path.
 /// Whether [`Dir::create`] could make what is missing of `path`, judged without making
 /// anything (`restart` asks before it stops the running worker): the nearest part of the path
 /// that exists must be a directory, on a filesystem mounted writable, that we may write in.
@@ -311,6 +309,8 @@ pub fn could_create(path: &Path) -> Result<()> {
     }
 }
 
+/// Opens `name` in `dir` as a directory, never through a link. Search permission is all a
+/// walk needs, so a directory we may search but not read is opened as a path.
 fn open_dir(dir: Option<RawFd>, name: &OsStr) -> std::result::Result<OwnedFd, Errno> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     match openat(dir, name, flags | OFlag::O_RDONLY, Mode::empty()) {
