@@ -51,7 +51,7 @@ impl Spool {
         self.waiting(id).wait(timeout)
     }
 
-    /// Waits for job `id` in steps ([`Waiting::wait`]).
+    /// Waits for job `id` in steps (`Waiting::wait`).
     pub fn waiting<'a>(&'a self, id: &'a str) -> Waiting<'a> {
         Waiting {
             spool: self,
