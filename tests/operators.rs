@@ -1516,9 +1516,11 @@ fn a_state_dir_inside_a_switched_release_is_said() {
     let sb = Sandbox::new("release-state");
     let release = sb.path("app/releases/1");
     fs::create_dir_all(release.join("jobs")).unwrap();
+    fs::create_dir_all(release.join("log")).unwrap();
     std::os::unix::fs::symlink("releases/1", sb.path("app/current")).unwrap();
     let config = sb.path("app/current/config.toml");
-    fs::write(&config, sb.config_text("")).unwrap();
+    let log = "[log]\nfile = \"log/gearshift.log\"\n";
+    fs::write(&config, sb.config_text(log)).unwrap();
     let check = |config: &std::path::Path| {
         let out = std::process::Command::new(&sb.bin)
             .arg("-c")
@@ -1530,7 +1532,7 @@ fn a_state_dir_inside_a_switched_release_is_said() {
         text(&out.stderr)
     };
     let said = check(&config);
-    for what in ["state_dir", "[source] dir"] {
+    for what in ["state_dir", "[source] dir", "[log] file"] {
         assert!(
             said.contains(&format!("{what} \"{}", sb.path("app/current").display()))
                 && said.contains(&format!(
@@ -1543,8 +1545,9 @@ fn a_state_dir_inside_a_switched_release_is_said() {
     assert!(said.contains("outside the release"), "{said}");
     // Shared directories beside the releases: nothing to say.
     let shared = sb.path("app/shared");
+    fs::create_dir_all(shared.join("log")).unwrap();
     let text = sb
-        .config_text("")
+        .config_text(&log.replace("log/", &format!("{}/log/", shared.display())))
         .replace(
             "state_dir = \"state\"",
             &format!("state_dir = \"{}/state\"", shared.display()),

@@ -219,18 +219,19 @@ fn unknown_timeouts(config: &Config, table: &Table) -> Option<String> {
     }
 }
 
-/// The directories a worker makes at its start and keeps: each one's key, what it holds, and
-/// its path (None: this source keeps no spool).
+/// The directories a worker makes at its start and keeps: each one's key, what a release
+/// switch does with what it holds (see [`release_link_warnings`]), and its path (None: this
+/// source keeps no spool).
 fn own_dirs(config: &Config) -> [(&'static str, &'static str, Option<&Path>); 2] {
     [
         (
             "state_dir",
-            "its pidfile and status socket",
+            "its pidfile and status socket stay behind, and its next restart opens the new release's, or cannot make it and ends",
             Some(config.worker.state_dir.as_path()),
         ),
         (
             "[source] dir",
-            "its queued jobs and results",
+            "its queued jobs and results stay behind, and its next restart opens the new release's, or cannot make it and ends",
             config.source.spool().map(|s| s.dir.as_path()),
         ),
     ]
@@ -259,12 +260,17 @@ fn release_link_warnings(config: &Config) -> Vec<String> {
     if links.is_empty() {
         return Vec::new();
     }
-    (own_dirs(config).into_iter())
+    let log = (
+        "[log] file",
+        "its log goes on in the old release's file, or in each new release's, and goes with it",
+        config.log.file.as_deref(),
+    );
+    (own_dirs(config).into_iter().chain([log]))
         .filter_map(|(what, held, dir)| {
             let dir = dir?;
             let link = (crate::watch::links_through(dir).into_iter()).find(|l| links.contains(l))?;
             Some(format!(
-                "{what} \"{}\" leads through the link \"{}\", as the config's path does: a deploy that switches that link moves {what} away from the running worker ({held} stay behind, and its next restart opens the new release's, or cannot make it and ends); keep {what} outside the release, in a directory the releases share",
+                "{what} \"{}\" leads through the link \"{}\", as the config's path does: a deploy that switches that link moves {what} away from the running worker ({held}); keep {what} outside the release, in a directory the releases share",
                 dir.shown(),
                 link.shown()
             ))
