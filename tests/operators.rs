@@ -1055,10 +1055,7 @@ fn status_json(sb: &Sandbox) -> serde_json::Value {
 
 #[test]
 fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
-    let sb = Sandbox::new("restart-invalid");
-    sb.write_config("");
-    let out = sb.run(&["start"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let sb = started("restart-invalid");
     let pid = status_json(&sb)["pid"].as_i64().unwrap();
     let good = fs::read_to_string(sb.config()).unwrap();
     let bad = format!("{good}\n[worker]\nconcurrency = \"two\"\n");
@@ -1067,6 +1064,15 @@ fn a_restart_with_an_invalid_config_leaves_the_worker_running() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert_ne!(status_json(&sb)["pid"].as_i64(), Some(pid));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A sandbox with its config written and a worker started in it by `gearshift start`.
+fn started(name: &str) -> Sandbox {
+    let sb = Sandbox::new(name);
+    sb.write_config("");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    sb
 }
 
 /// Writes `bad` over the running worker's config: `restart` refuses it, saying `said`, and
@@ -1119,10 +1125,7 @@ fn a_wall_clock_step_does_not_age_a_running_job() {
 /// that nothing starts after the stop, and that another stop or restart would end the jobs.
 #[test]
 fn a_restart_whose_stop_times_out_says_nothing_starts_after_it() {
-    let sb = Sandbox::new("restart-slow-stop");
-    sb.write_config("");
-    let out = sb.run(&["start"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let sb = started("restart-slow-stop");
     let id = sb.submit("sleep", "4000");
     eventually(Duration::from_secs(10), "the job running", || {
         status_json(&sb)["in_flight"] == 1
@@ -1160,10 +1163,7 @@ fn a_state_dir_edited_under_a_running_worker_is_found_and_moved_by_restart_only(
             "root (the state_dir record)",
         );
     }
-    let sb = Sandbox::new("state-moved");
-    sb.write_config("");
-    let out = sb.run(&["start"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let sb = started("state-moved");
     let pid = status_json(&sb)["pid"].as_i64().unwrap();
     let text_before = fs::read_to_string(sb.config()).unwrap();
     fs::write(
@@ -1569,10 +1569,7 @@ fn a_state_dir_inside_a_switched_release_is_said() {
 /// is.
 #[test]
 fn a_restart_into_a_directory_that_cannot_be_made_leaves_the_worker_running() {
-    let sb = Sandbox::new("restart-ro");
-    sb.write_config("");
-    let out = sb.run(&["start"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let sb = started("restart-ro");
     let _ro = common::tmpfs::Tmpfs::mount(&sb.path("ro"), "1m");
     let remount = Command::new("mount")
         .args(["-o", "remount,ro"])

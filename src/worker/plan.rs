@@ -332,21 +332,18 @@ fn check_places(config: &Config) -> Result<()> {
         };
         use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC, SYSFS_MAGIC};
         let kind = statfs(existing).ok().map(|s| s.filesystem_type());
+        let table = if key == "state_dir" { "[worker] " } else { "" };
         if kind == Some(PROC_SUPER_MAGIC) || kind == Some(SYSFS_MAGIC) {
-            let table = if key == "state_dir" { "[worker] " } else { "" };
             return Err(Error::Config(format!(
                 "{at}: {table}{key} \"{}\" is on a pseudo file system ({}): choose a directory on a real one, e.g. /var/lib/gearshift",
                 dir.shown(),
                 if kind == Some(PROC_SUPER_MAGIC) { "procfs" } else { "sysfs" }
             )));
         }
-    }
-    let state = &config.worker.state_dir;
-    if let Some(existing) = state.ancestors().find(|p| p.exists()) {
-        if existing == state.as_path() && !state.is_dir() {
+        if key == "state_dir" && existing == dir && !dir.is_dir() {
             return Err(Error::Config(format!(
-                "{at}: [worker] state_dir \"{}\" exists and is not a directory",
-                state.shown()
+                "{at}: {table}{key} \"{}\" exists and is not a directory",
+                dir.shown()
             )));
         }
     }
