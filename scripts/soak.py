@@ -37,6 +37,10 @@ SOURCES = sys.argv[3:] or ["spool", "zeromq", "gearman", "amqp"]
 CLIENTS = 4
 # The chaos acts at random instants GAP/10 to GAP seconds apart (SOAK_GAP; 1 by default).
 GAP = float(os.environ.get("SOAK_GAP", "1"))
+# SOAK_USER=nobody: started as root, the worker drops to this user, as in production (root's
+# CLI then reads and writes a spool that user owns); unset, it runs as root (allow_root).
+USER = os.environ.get("SOAK_USER")
+RUN_AS = f'user = "{USER}"' if USER else "allow_root = true"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -85,6 +89,7 @@ class Soak:
     def __init__(self, kind):
         self.kind = kind
         self.d = tempfile.mkdtemp(prefix=f"gs-soak-{kind}-")
+        os.chmod(self.d, 0o755)  # the worker's user, when it drops to one, must pass
         os.makedirs(f"{self.d}/jobs")
         os.makedirs(f"{self.d}/bin")
         self.bin = f"{self.d}/bin/gearshift"
@@ -132,7 +137,7 @@ class Soak:
             f'io_timeout = "2s"\nreconnect_max = "1s"\nmax_attempts = 100\nprefetch = {random.randint(1, 4)}\n',
         }[self.kind]
         text = (f'[worker]\nconcurrency = {concurrency}\njobs_dir = "jobs"\nstate_dir = "state"\n'
-                f'allow_root = true\nbuiltins = true\njob_timeout = "20m"\n\n[source]\n{source}')
+                f'{RUN_AS}\nbuiltins = true\njob_timeout = "20m"\n\n[source]\n{source}')
         if broken:
             text = text.replace("concurrency = ", "concurrency == ", 1)
         with open(self.cfg + ".tmp", "w") as f:
