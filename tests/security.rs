@@ -1368,6 +1368,59 @@ fn the_workers_group_can_query_status_and_metrics() {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
+/// A user who is neither root nor the worker's (nor in its group) may not enter the spool:
+/// `submit` and `result` said only `opening directory ".../spool/tmp": Permission denied`.
+/// They now say whose spool it is and who may use it, and exit 6 (could not act); so does a
+/// `submit` by a member of the worker's group, who may read results but not write jobs.
+#[test]
+fn a_user_who_may_not_enter_the_spool_is_told_whose_it_is() {
+    let sb = privsep("sec-stranger");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stranger = [
+        "setpriv",
+        "--reuid=54321",
+        "--regid=54321",
+        "--clear-groups",
+    ];
+    for args in [&["submit", "echo", "hi"][..], &["result", "f00-1"][..]] {
+        let out = sb.run_under(&stranger, args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {err}");
+        assert!(
+            err.contains("belongs to user \"nobody\"")
+                && err.contains("this runs as uid 54321")
+                && err.contains("run this as root or as that user")
+                && err.contains("Permission denied"),
+            "{args:?}: {err}"
+        );
+    }
+    // Root's own submit is unchanged.
+    let out = sb.run(&["submit", "--wait", "echo", "hi"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let id = text(&out.stderr).trim().to_string();
+    // A member of the worker's group may read a result, not submit (the spool is 0750).
+    let regid = format!("--regid={}", nobody().gid);
+    let member = ["setpriv", "--reuid=54321", &regid, "--clear-groups"];
+    let out = sb.run_under(&member, &["result", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi");
+    for args in [
+        &["submit", "echo", "hi"][..],
+        &["submit", "--count", "3", "echo", "hi"][..],
+    ] {
+        let out = sb.run_under(&member, args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {err}");
+        assert!(
+            err.contains("belongs to user \"nobody\""),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 /// Root's `submit` before the worker's first start, as the README's manual steps do (`run &`,
 /// then `submit --wait` at once): the start gives the spool to the worker's user, and a job file
 /// root created after that hand-over looked at `new/` stayed root's, unreadable, and was set

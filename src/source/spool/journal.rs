@@ -337,8 +337,8 @@ impl Spool {
     /// `journal.rs`), and returns their ids in order: at least ten times the rate of one
     /// [`Spool::submit`] each. Without fsync, the jobs are simply written.
     pub fn submit_batch(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<String>> {
-        let entries = self.job_entries(jobs)?;
-        self.commit(&entries, "s")?;
+        let entries = self.job_entries(jobs).map_err(|e| self.not_ours(e))?;
+        self.commit(&entries, "s").map_err(|e| self.not_ours(e))?;
         Ok(entries.into_iter().map(|e| e.id).collect())
     }
 

@@ -175,7 +175,7 @@ impl Spool {
         let give_to = (geteuid().is_root() && !uid.is_root()).then_some((uid, gid));
         let mut dirs = Vec::with_capacity(SUBDIRS.len());
         for sub in SUBDIRS {
-            let d = root.sub(sub, Some(0o750))?;
+            let d = root.sub(sub, Some(0o750)).map_err(|e| not_ours(e, &root))?;
             if let Some((uid, gid)) = give_to.filter(|_| d.owner().0.is_root()) {
                 d.chown(uid, gid)?;
             }
@@ -217,15 +217,21 @@ impl Spool {
     /// Enqueues a job durably and returns its id.
     pub fn submit(&self, function: &str, payload: &[u8]) -> Result<String> {
         crate::config::check_function_name(function).map_err(Error::Msg)?;
-        let id = self.new_id()?;
+        let id = self.new_id().map_err(|e| self.not_ours(e))?;
         let job = JobFile {
             function: function.to_string(),
             submitted_ms: now_ms(),
             attempts: 0,
             payload: payload.to_vec(),
         };
-        self.publish(&encode_job(&job), &id, "new")?;
+        self.publish(&encode_job(&job), &id, "new")
+            .map_err(|e| self.not_ours(e))?;
         Ok(id)
+    }
+
+    /// [`not_ours`] for this spool (a member of the worker's group may read it, not write).
+    pub(super) fn not_ours(&self, e: Error) -> Error {
+        not_ours(e, &self.top)
     }
 
     /// Writes `bytes` to tmp/, fsyncs, renames to `sub/id` and fsyncs `sub/`.
@@ -412,6 +418,29 @@ fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {
             || (n.starts_with(".epoch.") && n.ends_with(".tmp"))
     };
     dir.first_name_not(ours)
+}
+
+/// A spool another user owns, opened or written by a user who may not (`submit` or `result`
+/// run as neither root nor the worker's user; `submit` by a member of its group): says whose
+/// it is and who may, instead of only `Permission denied` on one of its files.
+fn not_ours(e: Error, root: &Dir) -> Error {
+    let denied =
+        matches!(&e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EACCES));
+    let (owner, me) = (root.owner().0, geteuid());
+    if !denied || me.is_root() || me == owner {
+        return e;
+    }
+    let who = |uid: Uid| match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => format!("user \"{}\" (uid {uid})", u.name),
+        _ => format!("uid {uid}"),
+    };
+    Error::Msg(format!(
+        "the spool \"{}\" belongs to {} (mode {:o}) and this runs as {}: run this as root or as that user ({e})",
+        root.path().shown(),
+        who(owner),
+        root.mode(),
+        who(me)
+    ))
 }
 
 /// Whether `id` can be a job id (hex digits and dashes, at most 64): anything else is no file of
