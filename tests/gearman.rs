@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -457,4 +458,78 @@ fn the_gearmand_helper_returns_only_once_its_own_gearmand_listens() {
         text(&answer[..n])
     );
     release.join().unwrap();
+}
+
+/// The clients the PHP daemons' applications submit with, in two languages and two protocol
+/// implementations: php-gearman (libgearman's `GearmanClient`) and Perl's `Gearman::Client`
+/// (pure Perl, from CPAN). Each sees results (binary ones too), a failure as WORK_FAIL, a
+/// job's progress (status, data, warning) while it runs, a background job's status polled,
+/// and many concurrent tasks answered right, while the worker restarts under them (HUPs every
+/// 100 ms for as long as the clients run).
+#[test]
+fn php_and_perl_gearman_clients_are_served_through_restarts() {
+    let sb = Sandbox::new("gm-clients");
+    let gm = Gearmand::start(&sb.dir, &[]);
+    sb.job(
+        "progress.sh",
+        "#!/bin/sh\nread x\necho 'status 1 2' >&3\nsleep 0.3\necho 'data part1-' >&3\n\
+         echo 'warning careful' >&3\necho 'status 2 2' >&3\nsleep 0.3\nprintf 'done:%s' \"$x\"\n",
+    );
+    sb.job("fail.sh", "#!/bin/sh\necho 'bad thing' >&2\nexit 3\n");
+    sb.gearman_config(&[gm.addr()], "");
+    let w = sb.start();
+    let clients = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let run = |program: &str, script: &str| {
+        let child = Command::new(program)
+            .arg(clients.join(script))
+            .args([&gm.port.to_string(), "2000"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let hups = {
+            let (done, pid) = (Arc::clone(&done), w.pid());
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP);
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        let out = child.wait_with_output().unwrap();
+        done.store(true, Ordering::SeqCst);
+        let sent = hups.join().unwrap();
+        assert!(out.status.success(), "{program}: {}", text(&out.stderr));
+        (text(&out.stdout), sent)
+    };
+    let progress = "status 1/2\ndata part1-\nwarning careful\nstatus 2/2\n";
+    let (php, php_hups) = run("php", "gearman_client.php");
+    assert_eq!(
+        php,
+        format!(
+            "normal olleh\nbinary 610062ff\n\
+             low ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n\
+             fail WORK_FAIL []\ndoNormal part1-done:p0\n{progress}complete done:p1\n\
+             background saw 1/2 saw 2/2 ended\ntasks 2000 done, 0 wrong\n"
+        )
+    );
+    let (perl, perl_hups) = run("perl", "gearman_client.pl");
+    assert_eq!(
+        perl,
+        format!(
+            "normal olleh\nbinary 610062ff\nfail undef on_fail 1\n{progress}complete done:pl\n\
+             background saw 1/2 saw 2/2 ended\ntasks 2000 done, 0 wrong\n"
+        )
+    );
+    // The worker restarted under them (HUPs that come while one is under way are taken as one).
+    let s = w.status();
+    assert!(
+        s["generation"].as_u64() >= Some(3) && php_hups + perl_hups >= 10,
+        "generation {} after {php_hups} + {perl_hups} HUPs",
+        s["generation"]
+    );
 }
