@@ -93,6 +93,70 @@ fn full_disk(durable: bool) {
     assert!(log.contains("storage works again"), "{log}");
 }
 
+/// A reload while finished jobs' results wait for room on a full disk: the results were held
+/// in memory by a commit thread sleeping out its backoff, which the hand-over waited for only
+/// 500 ms; then the exec went on without them (`the journal was not sealed within 500 ms`), and
+/// the next generation ran those jobs again (found by the chaos soak on a tmpfs it fills). The
+/// results now cross the exec, and every job runs once.
+#[test]
+fn a_reload_while_results_wait_for_room_runs_no_job_twice() {
+    reload_while_full(true);
+}
+
+/// The same without the journal (`fsync = false`: each lane stores its own result).
+#[test]
+fn a_reload_while_results_wait_for_room_runs_no_job_twice_without_fsync() {
+    reload_while_full(false);
+}
+
+fn reload_while_full(durable: bool) {
+    let sb = Sandbox::new("full-reload");
+    if durable {
+        let text = sb.config_text("").replace("fsync = false", "fsync = true");
+        fs::write(sb.config(), text).unwrap();
+    }
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let (runs, go) = (sb.path("runs"), sb.path("go"));
+    sb.job(
+        "once.sh",
+        &format!(
+            "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.02; done\ncat\n",
+            runs.display(),
+            go.display()
+        ),
+    );
+    let w = sb.start();
+    let ids: Vec<String> = (0..2)
+        .map(|i| sb.submit("once", &format!("p{i}")))
+        .collect();
+    eventually(Duration::from_secs(20), "both jobs running", || {
+        fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() == 2)
+    });
+    let filler = fsys.fill();
+    fs::write(&go, "").unwrap();
+    // Durable: the jobs are over, their results held by the group commit. Not: each lane
+    // holds its job's result, and the restart waits for it.
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+            && (!durable || s["running_jobs"].as_array().is_some_and(|r| r.is_empty()))
+    });
+    w.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::remove_file(filler).unwrap();
+    w.wait_generation(2);
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(
+        outcomes
+            .iter()
+            .zip(["p0", "p1"])
+            .all(|((ok, r, _), p)| *ok && r == p),
+        "{outcomes:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let ran = fs::read_to_string(&runs).unwrap().lines().count();
+    assert_eq!(ran, 2, "each job runs once:\n{}", w.log_text());
+}
+
 /// The wall clock stepped back an hour while the worker was degraded by a full disk (an NTP
 /// step, a VM resumed): the quiet second that clears the fault was reckoned on the wall clock,
 /// so the worker said `degraded` for the hour after room came back. Its faults are timed on

@@ -364,15 +364,18 @@ fn run(spool: &Spool, shared: &Shared) {
         if !batch.is_empty() {
             last_sync = Some(Instant::now());
             let mut batch = batch;
-            let Some(placed) = store(spool, shared, &mut segment, &mut batch) else {
+            let Some((placed, synced)) = store(spool, shared, &mut segment, &mut batch) else {
                 return; // stopping with the disk failing: the jobs stay in cur/ and run again
             };
             let mut s = shared.lock();
             s.done += placed as u64;
-            s.syncs += 1;
-            s.records += batch.len() as u64;
-            // Parked before all were placed (an exec is waiting): the rest, durable already,
-            // goes back to the front of the queue, to be handed over or placed after all.
+            if synced {
+                s.syncs += 1;
+                s.records += batch.len() as u64;
+            }
+            // Parked before all were placed (an exec is waiting): the rest (durable already,
+            // or not yet, when the storage failed) goes back to the front of the queue, to be
+            // handed over or placed after all.
             let rest: Vec<Entry> = batch.into_iter().skip(placed).collect();
             s.queue.splice(0..0, rest);
             shared.changed.notify_all();
@@ -399,14 +402,15 @@ fn run(spool: &Spool, shared: &Shared) {
 }
 
 /// Appends `batch` with one sync and puts each file in place, retrying with backoff while the
-/// storage fails. Returns how many were placed: all, or fewer once synced if a park is asked
-/// (an exec waits; the rest cross it); None if told to stop meanwhile.
+/// storage fails. Returns how many were placed (all, or fewer if a park is asked: an exec
+/// waits, and the rest cross it) and whether the batch was synced; None if told to stop
+/// meanwhile.
 fn store(
     spool: &Spool,
     shared: &Shared,
     segment: &mut Option<(Segment, Instant)>,
     batch: &mut [Entry],
-) -> Option<usize> {
+) -> Option<(usize, bool)> {
     let mut backoff = Duration::from_millis(100);
     let mut appended = false;
     let mut placed = 0;
@@ -451,7 +455,7 @@ fn store(
                 if s.failing.take().is_some() {
                     log::info!("results are being stored again");
                 }
-                return Some(placed);
+                return Some((placed, appended));
             }
             Err(e) => {
                 let mut s = shared.lock();
@@ -459,11 +463,25 @@ fn store(
                     log::error!("cannot store results now ({e}); keeping them and trying again");
                 }
                 s.failing = Some(kept(&e));
+                // The backoff ends early for a stop, and for a hand-over: an exec waits, and
+                // what is not in place crosses it, for the next generation to try again. (It
+                // slept the backoff out; the exec gave up on it after 500 ms and went on
+                // without these outcomes, and their jobs ran again.)
+                let until = Instant::now() + backoff;
+                while !s.stop && !s.park {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    s = shared.wait_for(s, left);
+                }
                 if s.stop {
                     return None;
                 }
+                if s.park {
+                    return Some((placed, appended));
+                }
                 drop(s);
-                std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
