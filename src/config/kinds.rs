@@ -18,6 +18,7 @@ pub(super) const SOURCE_KEYS: &[(&str, &[SourceKind])] = &[
     ("max_attempts", &[Spool, Gearman, Zeromq, Amqp]),
     ("dir", &[Spool, Zeromq]),
     ("retain_results", &[Spool, Zeromq]),
+    ("min_free", &[Spool, Zeromq]),
     ("fsync", &[Spool, Zeromq]),
     ("servers", &[Gearman]),
     ("client_id", &[Gearman]),

@@ -20,11 +20,13 @@ mod kinds;
 mod messages;
 mod parse;
 mod raw;
+mod size;
 mod syntax;
 
 pub use amqp::{AmqpConfig, AmqpUrl};
 pub use duration::{parse_duration, Dur, Limit, MAX_PAYLOAD};
 pub(crate) use messages::closest;
+pub use size::{bytes, MinFree};
 
 /// The time limit of a function without a `[functions.NAME] timeout` (`[worker] job_timeout`).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -266,6 +268,8 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     pub max_attempts: u32,
     pub retain_results: Duration,
+    /// Room kept free for results: no new job is taken while less is free (`[source] min_free`).
+    pub min_free: MinFree,
     /// fsync job and result files and their directories (the durability promise). Only a
     /// benchmark or a throwaway queue should turn this off.
     pub fsync: bool,

@@ -107,6 +107,7 @@ fn spool(cx: &Cx<'_>, s: &RawSource) -> Result<SpoolConfig> {
         dir: cx.dir(&s.dir, "dir")?,
         max_attempts: max_attempts(cx, s)?,
         retain_results: s.retain_results.0,
+        min_free: s.min_free,
         fsync: s.fsync,
     })
 }

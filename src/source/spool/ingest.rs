@@ -175,6 +175,7 @@ impl BatchWriter {
     /// batch), synced with `fsync`. For a writer whose batches were refused (a full disk)
     /// while no message comes: a larger batch may still find too little room.
     pub fn ready(&mut self) -> Result<()> {
+        self.spool.room_for_jobs(PROBE_BYTES)?;
         self.spool.new_id()?;
         if !self.journaled() {
             return Ok(());
@@ -348,6 +349,7 @@ mod tests {
     fn fed(name: &str, fsync: bool) -> (std::path::PathBuf, Arc<SpoolSource>, BatchWriter) {
         let dir = crate::testutil::tempdir("spool", name);
         let cfg = SpoolConfig {
+            min_free: crate::config::MinFree::Bytes(0),
             dir: dir.clone(),
             max_attempts: 3,
             retain_results: Duration::from_secs(3600),

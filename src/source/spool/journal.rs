@@ -344,6 +344,7 @@ impl Spool {
 
     /// New jobs (checked, with their ids), in order.
     pub(super) fn new_jobs(&self, jobs: &[(&str, &[u8])]) -> Result<Vec<(String, JobFile)>> {
+        self.room_for_jobs(jobs.iter().map(|(_, p)| p.len() as u64).sum())?;
         let mut out = Vec::with_capacity(jobs.len());
         for (function, payload) in jobs {
             crate::config::check_function_name(function).map_err(Error::Msg)?;

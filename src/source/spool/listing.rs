@@ -338,6 +338,7 @@ mod tests {
         };
         let mut all: HashSet<String> = submit(REFRESH_LOW + 100).into_iter().collect();
         let cfg = SpoolConfig {
+            min_free: crate::config::MinFree::Bytes(0),
             dir: dir.clone(),
             max_attempts: 3,
             retain_results: Duration::from_secs(3600),

@@ -46,6 +46,7 @@ mod order;
 pub(crate) mod recover;
 mod replay;
 mod results;
+mod room;
 mod source;
 mod wait;
 
@@ -97,6 +98,8 @@ pub struct Spool {
     pub(super) epoch: std::sync::OnceLock<u32>,
     /// Where this handle appends the outcomes of jobs without a file (`results.rs`).
     results: results::Log,
+    /// Room kept for results: no new job is taken while less is free (`room.rs`).
+    min_free: crate::config::MinFree,
 }
 
 /// Whether a job succeeded or failed, as stored.
@@ -189,6 +192,7 @@ impl Spool {
             top: Arc::new(root),
             epoch: std::sync::OnceLock::new(),
             results: results::Log::default(),
+            min_free: crate::config::MinFree::default(),
         })
     }
 
@@ -203,11 +207,14 @@ impl Spool {
             top: Arc::clone(&self.top),
             epoch: std::sync::OnceLock::new(),
             results: results::Log::default(),
+            min_free: self.min_free,
         }
     }
 
     pub(crate) fn from_config(cfg: &SpoolConfig) -> Result<Spool> {
-        Spool::open(&cfg.dir, cfg.fsync)
+        let mut spool = Spool::open(&cfg.dir, cfg.fsync)?;
+        spool.set_min_free(cfg.min_free);
+        Ok(spool)
     }
 
     fn dir(&self, sub: &str) -> PathBuf {
@@ -217,6 +224,7 @@ impl Spool {
     /// Enqueues a job durably and returns its id.
     pub fn submit(&self, function: &str, payload: &[u8]) -> Result<String> {
         crate::config::check_function_name(function).map_err(Error::Msg)?;
+        self.room_for_jobs(payload.len() as u64)?;
         let id = self.new_id().map_err(|e| self.not_ours(e))?;
         let job = JobFile {
             function: function.to_string(),
@@ -496,6 +504,7 @@ mod tests {
 
     fn cfg(dir: &Path, max_attempts: u32) -> SpoolConfig {
         SpoolConfig {
+            min_free: crate::config::MinFree::Bytes(0),
             dir: dir.to_path_buf(),
             max_attempts,
             retain_results: Duration::from_secs(3600),
