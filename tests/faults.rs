@@ -121,11 +121,34 @@ fn a_queue_that_fills_the_disk_leaves_room_for_its_results() {
     for (i, (ok, result, _)) in outcomes.iter().enumerate() {
         assert!(*ok && *result == format!("job {i}"), "job {i}: {result}");
     }
-    // And once they are done, the queue takes jobs again.
     let s = w.wait_for(Duration::from_secs(10), "running", |s| {
         s["state"] == "running"
     });
     assert!(s["storage"].is_null(), "{s}");
+    // Their results hold the room now: `status` and the log say new jobs are refused, and
+    // once room is made (the results deleted, as `retain_results` would), that they are taken.
+    let refused = |s: &serde_json::Value| {
+        s["warnings"].as_array().is_some_and(|w| {
+            w.iter().any(|w| {
+                w.as_str()
+                    .is_some_and(|w| w.contains("new jobs are refused"))
+            })
+        })
+    };
+    w.wait_for(Duration::from_secs(10), "the refusal in status", refused);
+    for e in fs::read_dir(sb.path("spool/done")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    w.wait_for(Duration::from_secs(10), "no refusal in status", |s| {
+        !refused(s)
+    });
+    let log = w.log_text();
+    assert!(
+        log.contains("spool: new jobs are refused")
+            && log.contains("spool: new jobs are taken again"),
+        "{log}"
+    );
+    sb.submit("echo", "room again");
 }
 
 /// A reload while finished jobs' results wait for room on a full disk: the results were held

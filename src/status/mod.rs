@@ -80,6 +80,17 @@ struct ServerSummary {
 /// Spool entries set aside in `rejected/` since the first start (carried across re-exec).
 pub static REJECTED: AtomicU64 = AtomicU64::new(0);
 
+/// Why the spool takes no new job now (less than `[source] min_free` free), as the spool's
+/// housekeeping last found; a warning in `status` while it lasts.
+static SHORT_OF_ROOM: Mutex<Option<String>> = Mutex::new(None);
+
+/// Sets (or, with None, clears) the warning that the spool takes no new job.
+pub fn short_of_room(why: Option<String>) {
+    if let Ok(mut s) = SHORT_OF_ROOM.lock() {
+        *s = why;
+    }
+}
+
 /// Live state of this worker, shared by the control loop, worker threads and the status server.
 pub struct State {
     pub pid: u32,
@@ -393,6 +404,7 @@ impl State {
                 &i.warnings
                     .iter()
                     .cloned()
+                    .chain(SHORT_OF_ROOM.lock().ok().and_then(|s| s.clone()))
                     .chain(crate::ops::logging::failing())
                     .chain(crate::ops::stderr::failing())
                     .chain(crate::ops::logging::astray())

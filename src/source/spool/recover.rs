@@ -202,6 +202,23 @@ impl SpoolSource {
         }
         self.clean_tmp();
         self.retry_recovery();
+        self.look_at_room();
+    }
+
+    /// Whether the spool takes new jobs (`room.rs`), said in the log and `status` while not.
+    fn look_at_room(&self) {
+        let room = self.spool.room_for_jobs(0);
+        crate::status::short_of_room(
+            room.as_ref()
+                .err()
+                .map(|e| format!("new jobs are refused: {e}")),
+        );
+        if let Ok(mut said) = self.short_of_room.lock() {
+            match &room {
+                Err(e) => said.failed(e),
+                Ok(()) => said.worked(),
+            }
+        }
     }
 
     /// Deletes results past `retain_results`: at start and every tenth of the period, in a

@@ -69,6 +69,9 @@ pub struct SpoolSource {
     pub(super) next_housekeeping: Mutex<Instant>,
     /// The spool's directories were found removed or replaced (said once; see `housekeeping`).
     pub(super) replaced: AtomicBool,
+    /// Less than `min_free` is free, so no new job is taken (`room.rs`): logged once while it
+    /// lasts and shown in `status`, as the housekeeping finds it.
+    pub(super) short_of_room: Mutex<crate::ops::logging::Recurring>,
     /// Interrupted jobs the start-up recovery could not move (say, on a full disk): retried
     /// with the housekeeping until they are.
     pub(super) unrecovered: Mutex<Vec<String>>,
@@ -177,6 +180,10 @@ impl SpoolSource {
                     },
             ),
             replaced: AtomicBool::new(false),
+            short_of_room: Mutex::new(crate::ops::logging::Recurring::new(
+                "spool: new jobs are refused",
+                "spool: new jobs are taken again",
+            )),
             unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
             _lock: file,
