@@ -41,6 +41,11 @@ GAP = float(os.environ.get("SOAK_GAP", "1"))
 # CLI then reads and writes a spool that user owns); unset, it runs as root (allow_root).
 USER = os.environ.get("SOAK_USER")
 RUN_AS = f'user = "{USER}"' if USER else "allow_root = true"
+# SOAK_DISK=256M: the spool (spool and zeromq sources) lives on a tmpfs of this size, and the
+# chaos also fills it to the last byte now and then (a file of root's beside the spool), for
+# 0.2-2 s: submits are refused, results wait in memory, the worker is degraded, then recovers.
+# A submit refused for the full disk (or for min_free) is not taken, and counted.
+DISK = os.environ.get("SOAK_DISK")
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -104,11 +109,19 @@ class Soak:
         self.actions = {}
         self.problems = []
         self.refused = 0
+        self.refused_full = 0  # submits and messages refused for the chaos's full disk
         self.good_binary = True  # the path holds a binary that runs (not the chaos's broken one)
         self.forced = []  # seconds from a second TERM to the worker gone
         self.kills = []  # when the chaos sent kill -9 (wall clock, as the log's)
         self.broken_config = False
         self.broker = self.gearmand = None
+        self.disk = DISK if kind in ("spool", "zeromq") else None
+        self.spool = "spool"
+        if self.disk:
+            os.makedirs(f"{self.d}/disk")
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.disk},mode=0755", "tmpfs",
+                            f"{self.d}/disk"], check=True)
+            self.spool = "disk/spool"
         if kind == "amqp":
             import bench_amqp
 
@@ -128,9 +141,9 @@ class Soak:
 
     def write_config(self, concurrency, broken=False):
         source = {
-            "spool": 'kind = "spool"\ndir = "spool"\nmax_attempts = 100\n',
+            "spool": f'kind = "spool"\ndir = "{self.spool}"\nmax_attempts = 100\n',
             "zeromq": f'kind = "zeromq"\nbind = ["tcp://127.0.0.1:{self.port}"]\nreply = "id"\n'
-            'dir = "spool"\nmax_attempts = 100\n',
+            f'dir = "{self.spool}"\nmax_attempts = 100\n',
             "gearman": f'kind = "gearman"\nservers = ["127.0.0.1:{self.port}"]\nio_timeout = "2s"\n'
             'reconnect_max = "1s"\nmax_attempts = 100\n',
             "amqp": f'kind = "amqp"\nurl = "{self.broker.url() if self.broker else ""}"\nqueue = "soak"\n'
@@ -205,6 +218,9 @@ class Soak:
             elif r.returncode == 6 and "config.toml:" in r.stderr and self.broken_config:
                 with self.lock:
                     self.refused += 1  # the chaos's invalid config: the CLI cannot read it either
+            elif r.returncode == 6 and "No space left on device" in r.stderr and self.disk:
+                with self.lock:
+                    self.refused_full += 1  # a full disk (or min_free reached): not taken, said so
             else:
                 with self.lock:
                     self.errors.append((r.returncode, r.stderr.strip()[:200]))
@@ -217,7 +233,9 @@ class Soak:
         while not self.stop.is_set():
             function, payload = job(n, i)
             i += 1
-            for _ in range(60):  # the lazy pirate: resend on a new socket after 2 s
+            tries, refused_until = 0, time.monotonic() + 60
+            while tries < 60:  # the lazy pirate: resend on a new socket after 2 s
+                tries += 1
                 if sock is None:
                     sock = ctx.socket(zmq.REQ)
                     sock.setsockopt(zmq.LINGER, 0)
@@ -225,6 +243,14 @@ class Soak:
                 sock.send_multipart([function.encode(), payload.encode()])
                 if sock.poll(2000, zmq.POLLIN):
                     answer = sock.recv_multipart()[-1].decode()
+                    if answer.startswith("ERROR not stored") and self.disk and time.monotonic() < refused_until:
+                        with self.lock:
+                            self.refused_full += 1  # a full disk (or min_free reached): again
+                        if self.stop.is_set():
+                            break  # not taken, and the run is over
+                        tries -= 1
+                        time.sleep(0.05)
+                        continue
                     if answer.startswith("ERROR"):
                         with self.lock:
                             self.errors.append((answer, function, payload))
@@ -298,11 +324,27 @@ class Soak:
             conn.process_data_events(time_limit=0.2)
         conn.close()
 
+    def fill(self):
+        """Fills the spool's file system to the last byte (a file of root's beside the spool),
+        holds it full 0.2-2 s, and frees it."""
+        filler = f"{self.d}/disk/filler"
+        with open(filler, "wb", buffering=0) as f:
+            for size in (1 << 20, 4096, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError:
+                    pass
+        time.sleep(random.uniform(0.2, 2.0))
+        os.unlink(filler)
+
     def chaos(self):
         choices = ["hup"] * 4 + ["config"] * 3 + ["jobs"] * 2 + ["reload", "deploy", "bad deploy", "bad config",
                                                                   "kill -9", "stop and start", "forced stop"]
         if self.kind == "gearman":
             choices.append("gearmand killed")
+        if self.disk:
+            choices += ["disk full"] * 2
         while not self.stop.wait(random.uniform(GAP / 10, GAP)):
             action = random.choice(choices)
             self.actions[action] = self.actions.get(action, 0) + 1
@@ -368,6 +410,8 @@ class Soak:
                 if took > 2:
                     self.problems.append(f"a second TERM took {took:.2f} s to end the worker")
                 self.start()
+            elif action == "disk full":
+                self.fill()
             elif action == "gearmand killed":
                 self.gearmand.kill()
                 self.gearmand.wait()
@@ -467,7 +511,8 @@ class Soak:
             if "rolled back from" in line and "died before it was serving" in line:
                 at = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
                 return any(0 <= at - k < 5 for k in self.kills)
-            return False
+            # The chaos's full disk: the worker must say so (and recover: the results check).
+            return bool(self.disk) and ("No space left on device" in line or "os error 28" in line)
 
         bad = [line for line in log if "panic" in line or "thread died" in line
                or (" ERROR " in line and not expected(line))]
@@ -488,13 +533,17 @@ class Soak:
         ok = not (missing or wrong or bad or self.problems or self.errors)
         print(f"{self.kind}: {count} jobs taken, {len(missing)} missing, {len(wrong)} wrong, "
               f"{len(self.errors)} client errors, {len(bad)} unexpected log lines ({len(log)} lines, "
-              f"{refusals} refusals of the chaos's invalid config and broken binaries, and rollbacks after its kill -9); "
+              f"{refusals} refusals of the chaos's invalid config and broken binaries, rollbacks after its kill -9"
+              f"{' and full disk errors' if self.disk else ''}); "
+              f"{f'{self.refused_full} submits refused for the full disk; ' if self.disk else ''}"
               f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
               f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
               f"{'held' if ok else 'FAILED'}", flush=True)
         for x in (missing[:5] + wrong[:5] + bad[:5] + self.problems[:5] + self.errors[:5]):
             print("   ", str(x)[:400], flush=True)
         if ok:
+            if self.disk:
+                subprocess.run(["umount", f"{self.d}/disk"], check=False)
             shutil.rmtree(self.d, ignore_errors=True)
         else:
             print(f"    kept for a look: {self.d}", flush=True)
