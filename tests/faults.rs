@@ -97,7 +97,7 @@ fn full_disk(durable: bool) {
 /// worker then ran failed to store its outcome, so none finished, nothing freed a byte, and the
 /// worker was degraded for good (the chaos soak's ZeroMQ clients filled a 256 MiB tmpfs so).
 /// New jobs are now refused while the spool's file system has less than `[source] min_free`
-/// free (5% by default), and the jobs queued all finish.
+/// free (5% of it by default, at most 256 MiB), and the jobs queued all finish.
 #[test]
 fn a_queue_that_fills_the_disk_leaves_room_for_its_results() {
     let sb = Sandbox::new("queue-fills");

@@ -8,19 +8,20 @@ use serde::Deserialize;
 /// How much of the spool's file system must stay free for a new job to be taken: bytes, or a
 /// share of the file system's size. Results, retries and recovery may use it; new jobs may not,
 /// so that a queue which grows until the disk is full still leaves room for its own results.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum MinFree {
     /// At least this many bytes free.
     Bytes(u64),
     /// At least this share (percent, 0 to 50) of the file system's size free.
     Percent(f64),
+    /// Unset: 5% of the file system, at most [`DEFAULT_CAP`] (a large disk that other data
+    /// fills to 96% still takes jobs; a small one keeps its share).
+    #[default]
+    Default,
 }
 
-impl Default for MinFree {
-    fn default() -> Self {
-        MinFree::Percent(5.0)
-    }
-}
+/// The most the default keeps: room for the results of many jobs in flight, whatever the disk.
+pub const DEFAULT_CAP: u64 = 256 << 20;
 
 impl MinFree {
     /// The bytes to keep free on a file system of `total` bytes.
@@ -29,6 +30,7 @@ impl MinFree {
             MinFree::Bytes(b) => b,
             // At most 50% of a u64: the product fits, and the cast saturates anyway.
             MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
+            MinFree::Default => MinFree::Percent(5.0).of(total).min(DEFAULT_CAP),
         }
     }
 }
@@ -38,6 +40,7 @@ impl fmt::Display for MinFree {
         match self {
             MinFree::Bytes(b) => write!(f, "{}", bytes(*b)),
             MinFree::Percent(p) => write!(f, "{p}%"),
+            MinFree::Default => write!(f, "5% up to {} (the default)", bytes(DEFAULT_CAP)),
         }
     }
 }
@@ -143,6 +146,8 @@ mod tests {
             .unwrap_err()
             .contains("maximum"));
         assert_eq!(MinFree::Percent(5.0).of(2 << 20), 104_857);
+        assert_eq!(MinFree::Default.of(2 << 20), 104_857);
+        assert_eq!(MinFree::Default.of(2 << 40), DEFAULT_CAP);
         assert_eq!(MinFree::Bytes(7).of(1 << 40), 7);
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 << 19), "1.5 MiB");

@@ -9,7 +9,7 @@ use crate::config::bytes;
 
 impl Spool {
     /// Keeps `min_free` for this spool's new jobs (a spool opened without a config keeps the
-    /// default, 5% of its file system).
+    /// default: 5% of its file system, at most 256 MiB).
     pub fn set_min_free(&mut self, min_free: crate::config::MinFree) {
         self.min_free = min_free;
     }
