@@ -814,7 +814,8 @@ FORM_BASES = [
     'queue = "jobs"\nprefetch = 4\n[source.declare]\nexchange = "x"\ntype = "topic"\n'
     'routing_key = "a.#"\nqueue_type = "quorum"\n[functions.f]\ntimeout = "none"\n',
     '[worker]\nallow_root = true\nmax_age = "1h30m"\n[source]\nkind = "zeromq"\n'
-    'bind = ["tcp://127.0.0.1:5555"]\nfunction = "ingest"\nreply = "id"\n[log]\nformat = "json"\n',
+    'bind = ["tcp://127.0.0.1:5555"]\nfunction = "ingest"\nreply = "id"\nmin_free = "5%"\n'
+    '[log]\nformat = "json"\n',
 ]
 
 
