@@ -4,6 +4,7 @@
 /// The embedded durable spool queue, seen from a client: submit a job, look up or wait for its
 /// result. A worker (`gearshift run`) with the same `[spool] dir` runs the jobs.
 pub mod spool {
+    pub use crate::config::MinFree;
     pub use crate::source::spool::{Lookup, Outcome, Record, Spool, SpoolOptions};
 }
 

@@ -14,7 +14,7 @@ pub enum MinFree {
     Bytes(u64),
     /// At least this share (percent, 0 to 50) of the file system's size free.
     Percent(f64),
-    /// Unset: 5% of the file system, at most [`DEFAULT_CAP`] (a large disk that other data
+    /// Unset: 5% of the file system, at most 256 MiB (a large disk that other data
     /// fills to 96% still takes jobs; a small one keeps its share).
     #[default]
     Default,
