@@ -1831,6 +1831,80 @@ fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
     );
 }
 
+/// A fresh start of a good new binary that a full disk refused (its spool's journal held a job
+/// answered before a kill -9 and not yet placed, whose file the start's replay could not write)
+/// was taken for the binary's death before serving: the next start, with room again, rolled the
+/// deploy back (found by the chaos soak on a full tmpfs, where every deploy was then rolled
+/// back). A start a full disk refused now leaves no marker naming it, and the next start runs
+/// the new binary.
+#[test]
+fn a_new_binary_whose_start_a_full_disk_refused_is_not_rolled_back() {
+    let sb = privsep("sec-full-attempt");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let port = free_port();
+    let cfg = fs::read_to_string(sb.config()).unwrap().replace(
+        "kind = \"spool\"",
+        &format!(
+            "kind = \"zeromq\"\nbind = [\"tcp://127.0.0.1:{port}\"]\nreply = \"id\"\nmin_free = 0"
+        ),
+    );
+    fs::write(sb.config(), cfg.replace("fsync = false", "fsync = true")).unwrap();
+    let fsys = common::tmpfs::Tmpfs::mount(&sb.path("spool"), "2m");
+    for _ in 0..2 {
+        let out = sb.run(&["start"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+        assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    }
+    // Answered on a full disk: durable in the journal, its file not written yet.
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    sb.submit("reverse", "first");
+    let filler = fsys.fill();
+    let ids: Vec<String> = ["second", "third"]
+        .iter()
+        .filter_map(|p| {
+            let out = sb.run(&["submit", "reverse", p]);
+            out.status
+                .success()
+                .then(|| text(&out.stdout).trim().to_string())
+        })
+        .collect();
+    assert!(!ids.is_empty(), "no job answered on the full disk");
+    kill(Pid::from_raw(pid_of(&sb)), Signal::SIGKILL).unwrap();
+    eventually(Duration::from_secs(10), "the worker gone", || {
+        sb.run(&["status"]).status.code() == Some(3)
+    });
+    let mut newer = fs::read(&sb.bin).unwrap();
+    newer.push(0);
+    put_binary(&sb, &newer);
+    let newer = sha_of(&sb.bin);
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        text_of(&out).contains("No space left on device"),
+        "{}",
+        text_of(&out)
+    );
+    fs::remove_file(filler).unwrap();
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap_or_default();
+    assert!(s["last_rollback"].is_null(), "rolled back: {s}");
+    // The running binary's digest is computed after the start.
+    eventually(Duration::from_secs(20), "the new binary running", || {
+        serde_json::from_slice::<serde_json::Value>(&sb.run(&["status", "--json"]).stdout)
+            .is_ok_and(|s| s["binary_sha256"] == newer.as_str())
+    });
+    for id in &ids {
+        eventually(Duration::from_secs(20), "the answered job done", || {
+            let out = sb.run(&["result", id]);
+            out.status.code() == Some(0)
+        });
+    }
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 /// `reopen-logs` of a supervised worker under a privilege drop, the log in root's `state_dir`
 /// (where the worker's user cannot make a file): the supervisor (root) makes the new log first,
 /// gives it to the worker's user as `start` gave the first, and only then passes the signal on,

@@ -57,6 +57,24 @@ pub fn clear_marker_unless(state_dir: &Path, keep: Option<&str>) {
     clear_marker(state_dir);
 }
 
+/// A start of this image that a full disk (or a quota) refused: no fault of the binary, which
+/// any binary would meet the same way. The marker naming this image (its fresh start's, or the
+/// deploy's that switched to it) is removed, so that the next start tries it again instead of
+/// rolling it back: with the disk full, every deploy was rolled back ("died before it was
+/// serving") once the supervisor or an operator started the worker again.
+pub fn spare_on_full_disk(state_dir: &Path, e: &crate::Error) {
+    let full = matches!(e, crate::Error::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)));
+    if !full {
+        return;
+    }
+    let mine = own_sha().ok();
+    if read_marker(state_dir).is_some_and(|m| Some(&m.to_sha) == mine.as_ref()) {
+        clear_marker(state_dir);
+        log::warn!("this start met a full disk: no fault of this binary, so it is not rolled back at the next start");
+    }
+}
+
 /// On a fresh start: if this image is the binary a deploy switched to and the marker is still
 /// there, that binary died before serving. Returns the rollback to perform: exec the returned
 /// descriptor of `state_dir/last-good`, which only the owner of `state_dir` (root, under a

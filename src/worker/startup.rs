@@ -13,6 +13,7 @@ use crate::jobs::functions::Functions;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals;
 use crate::restart::reexec::{self, Boot};
+use crate::restart::rollback::spare_on_full_disk;
 use crate::status::{self, Inner, State};
 
 use super::{Plan, RunOptions};
@@ -140,8 +141,19 @@ pub(super) fn crash_if_built_to() {
 /// Everything done while still root (or whoever started us): umask, log file, `state_dir`,
 /// the pidfile lock, the `/metrics` socket (a port under 1024 needs root), `last-good`, the
 /// spool given to the worker's user; then privileges are dropped. Returns the pidfile, the
-/// metrics listener and warnings for `status`.
+/// metrics listener and warnings for `status`. A full disk that refuses it is no fault of
+/// this binary (see `rollback::spare_on_full_disk`).
 pub(super) fn settle_as_root(
+    plan: &Plan,
+    boot: &Boot,
+    log_file: Option<&Path>,
+    config_path: &Path,
+) -> Result<(Pidfile, Option<std::net::TcpListener>, Vec<String>)> {
+    settle(plan, boot, log_file, config_path)
+        .inspect_err(|e| spare_on_full_disk(&plan.config.worker.state_dir, e))
+}
+
+fn settle(
     plan: &Plan,
     boot: &Boot,
     log_file: Option<&Path>,
@@ -290,17 +302,26 @@ pub(super) fn new_state(
 }
 
 /// Opens the source, with what the previous generation handed over (listening sockets, the
-/// queue listing) and the shared views status shows (Gearman servers, the ZeroMQ ingress).
+/// queue listing) and the shared views status shows (Gearman servers, the ZeroMQ ingress). A
+/// full disk that refuses it (a journal's replay) is no fault of this binary.
 pub(super) fn open_source(
     plan: &Plan,
     boot: &Boot,
     inherited: &Inherited,
     generation: u64,
-) -> Result<(
+) -> Result<Opened> {
+    open(plan, boot, inherited, generation)
+        .inspect_err(|e| spare_on_full_disk(&plan.config.worker.state_dir, e))
+}
+
+/// The opened source, its views for `status`, and the ZeroMQ ingress's counts.
+type Opened = (
     Arc<crate::source::Source>,
     crate::status::ServerViews,
     Arc<crate::kinds::Ingress>,
-)> {
+);
+
+fn open(plan: &Plan, boot: &Boot, inherited: &Inherited, generation: u64) -> Result<Opened> {
     let views = crate::status::ServerViews::default();
     let ingress = Arc::new(crate::kinds::Ingress::default());
     ingress.resume(inherited.ingress_counts, inherited.ingress_closed());
