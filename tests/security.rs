@@ -1831,6 +1831,58 @@ fn a_fresh_start_of_a_crashing_binary_rolls_back_at_the_next_start() {
     );
 }
 
+/// Root's `submit` creates its file in `tmp/` and then gives it to the worker's user; the
+/// worker's clean-up of `tmp/` (every 5 s) met such a file in between, could not open it, set it
+/// aside as hostile, and the submit failed renaming it (found by the chaos soak under a
+/// privilege drop). A file the worker cannot read yet, written within the last seconds, is now
+/// left to its writer; an old one is still set aside.
+#[test]
+fn roots_submit_in_the_making_is_never_set_aside() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let sb = privsep("sec-tmp-race");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    // A slow writer's file, root's and unreadable to the worker, kept young for 12 s (two
+    // looks of the clean-up at least).
+    let making = sb.path("spool/tmp/f0000001000000000000000a-1-0.1-1");
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&making)
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        let Ok(f) = fs::OpenOptions::new().append(true).open(&making) else {
+            break; // taken away
+        };
+        f.set_modified(std::time::SystemTime::now()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let rejected: Vec<_> = fs::read_dir(sb.path("spool/rejected")).unwrap().collect();
+    assert!(
+        rejected.is_empty(),
+        "set aside: {rejected:?}\n{}",
+        fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default()
+    );
+    assert!(making.exists());
+    // Left alone for good (older than the writer could be), it is set aside as before.
+    let old = std::time::SystemTime::now() - Duration::from_secs(60);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&making)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the abandoned file set aside",
+        || fs::read_dir(sb.path("spool/rejected")).is_ok_and(|mut d| d.next().is_some()),
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
 /// A fresh start of a good new binary that a full disk refused (its spool's journal held a job
 /// answered before a kill -9 and not yet placed, whose file the start's replay could not write)
 /// was taken for the binary's death before serving: the next start, with room again, rolled the

@@ -160,6 +160,17 @@ impl SpoolSource {
                 Ok(opened) => opened,
                 // Renamed into place by its writer meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Root's `submit` creates its file and only then gives it to the worker's user:
+                // one it cannot read yet, written within the last seconds, is such a file in
+                // the making (it was set aside, and that submit failed). Older, it is not.
+                Err(e)
+                    if e.kind() == io::ErrorKind::PermissionDenied
+                        && fs::symlink_metadata(&path)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t > cutoff) =>
+                {
+                    continue
+                }
                 Err(e) => {
                     self.spool.reject_raw("tmp", &name, &e.to_string());
                     continue;
