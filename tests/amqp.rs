@@ -1436,6 +1436,71 @@ fn a_reply_the_broker_refuses_still_settles_the_delivery() {
     assert_eq!(lost(&sb), "3");
 }
 
+/// A reply to a persistent request (`delivery_mode = 2`) is persistent too: published into a
+/// durable reply queue, it outlives the broker's crash, as the request would have. It was
+/// published transient: the job ran and was acknowledged, and a broker killed before its
+/// requester read the reply lost it (RabbitMQ keeps only persistent messages across a restart),
+/// so the requester waited for ever for an answer to a request the broker had confirmed. A
+/// transient request still gets a transient reply (nothing for the broker to write).
+#[test]
+fn a_persistent_requests_reply_outlives_the_broker() {
+    if !Rabbit::available("a_persistent_requests_reply_outlives_the_broker") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-durable-reply");
+    let mut r = Rabbit::start(&sb.dir, "");
+    amqp_config(
+        &sb,
+        1,
+        &format!(
+            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"echo\"\n",
+            r.url()
+        ),
+        "[source.declare]\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "connected", connected);
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             ch.confirm_delivery(); ch.queue_declare('replies', durable=True); \
+             ch.basic_publish('','rpc',b'kept',pika.BasicProperties(reply_to='replies',correlation_id='p',delivery_mode=2)); \
+             ch.basic_publish('','rpc',b'fleeting',pika.BasicProperties(reply_to='replies',correlation_id='t')); \
+             c.close()",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_for(Duration::from_secs(20), "both jobs", |s| {
+        s["jobs_completed"].as_u64() == Some(2)
+    });
+    eventually(Duration::from_secs(10), "both settled and answered", || {
+        r.depth("rpc") == (0, 0) && r.depth("replies") == (2, 0)
+    });
+    r.kill();
+    r.boot();
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+             got=[]\n\
+             while True:\n  m,p,body=ch.basic_get('replies',auto_ack=True)\n  \
+             if m is None: break\n  got.append('%s=%s' % (p.correlation_id, body.decode()))\n\
+             print(' '.join(got))",
+            &r.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "p=kept",
+        "the persistent request's reply, and only it, outlived the broker"
+    );
+}
+
 /// Requesters on RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): one is answered; one
 /// that leaves before its answer has its reply go to an address nobody holds any more, and the
 /// job still runs once, its delivery settled, the connection kept.

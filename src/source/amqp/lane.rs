@@ -28,6 +28,9 @@ struct InHand {
     writer: Writer,
     reply_to: Option<Vec<u8>>,
     correlation_id: Option<Vec<u8>>,
+    /// The request's `delivery_mode`, which its reply keeps: a persistent request's reply
+    /// outlives a broker restart in a durable reply queue, as the request would have.
+    delivery_mode: Option<u8>,
     message_id: Option<Vec<u8>>,
     /// Its key among the runs that ended the worker ([`crate::source::attempts`]).
     key: String,
@@ -112,6 +115,7 @@ impl AmqpLane {
             writer,
             reply_to: p.reply_to.filter(|r| !r.is_empty()),
             correlation_id: p.correlation_id,
+            delivery_mode: p.delivery_mode.filter(|&m| m == 2),
             message_id,
             key,
         });
@@ -143,6 +147,7 @@ impl AmqpLane {
                 Value::Str(word.as_bytes()),
             )])),
             correlation_id: hand.correlation_id.clone(),
+            delivery_mode: hand.delivery_mode,
             ..Props::default()
         };
         let frame_max = hand.writer.frame_max();
