@@ -40,14 +40,19 @@ class Broker:
             f.write("[].\n")
         with open(os.path.join(self.dir, "rabbitmq.conf"), "w") as f:
             f.write(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
-        env = dict(os.environ, HOME=self.dir, RABBITMQ_NODENAME=f"bench{self.port}@localhost",
-                   RABBITMQ_NODE_PORT=str(self.port), RABBITMQ_DIST_PORT=str(dist),
-                   ERL_EPMD_PORT=str(self.epmd), RABBITMQ_MNESIA_BASE=os.path.join(self.dir, "mnesia"),
-                   RABBITMQ_LOG_BASE=os.path.join(self.dir, "log"),
-                   RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(self.dir, "plugins"),
-                   RABBITMQ_CONFIG_FILE=os.path.join(self.dir, "rabbitmq"))
-        out = open(os.path.join(self.dir, "out.log"), "w")
-        self.proc = subprocess.Popen([SERVER], env=env, stdout=out, stderr=out, start_new_session=True)
+        self.env = dict(os.environ, HOME=self.dir, RABBITMQ_NODENAME=f"bench{self.port}@localhost",
+                        RABBITMQ_NODE_PORT=str(self.port), RABBITMQ_DIST_PORT=str(dist),
+                        ERL_EPMD_PORT=str(self.epmd), RABBITMQ_MNESIA_BASE=os.path.join(self.dir, "mnesia"),
+                        RABBITMQ_LOG_BASE=os.path.join(self.dir, "log"),
+                        RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(self.dir, "plugins"),
+                        RABBITMQ_CONFIG_FILE=os.path.join(self.dir, "rabbitmq"))
+        self.boot()
+
+    def boot(self):
+        """Starts the node (again, after `kill`: the same ports and the same store) and waits
+        until it takes a connection."""
+        out = open(os.path.join(self.dir, "out.log"), "a")
+        self.proc = subprocess.Popen([SERVER], env=self.env, stdout=out, stderr=out, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -59,6 +64,14 @@ class Broker:
                 time.sleep(0.2)
         self.ch = self.conn.channel()
 
+    def kill(self):
+        """Kills the node at once (SIGKILL to its session), as a crash would."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
     def url(self):
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2f"
 
@@ -66,11 +79,7 @@ class Broker:
         return self.ch.queue_declare(queue, passive=True).method.message_count
 
     def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        self.proc.wait()
+        self.kill()
         # epmd refuses -kill while it still lists the node just killed: ask again for up to 2 s
         # (once was not enough: every run left an epmd daemon behind).
         deadline = time.monotonic() + 2

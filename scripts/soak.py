@@ -3,9 +3,9 @@
 own kind while a chaos thread, at random instants 0.1-1 s apart, sends HUPs (1-5 at once),
 rewrites config.toml (concurrency 1-4, and back from an invalid one), adds and removes job
 executables, deploys a new binary over the worker's path (and a broken one, refused), kills it
-with -9 and starts it again, stops and starts it. Then every job a client was told was taken
-must have its right result, the worker must answer `status`, and its log must hold no panic,
-no dead thread and no ERROR line.
+with -9 and starts it again, stops and starts it, and kills gearmand or RabbitMQ (-9) and starts
+it again. Then every job a client was told was taken must have its right result, the worker
+must answer `status`, and its log must hold no panic, no dead thread and no ERROR line.
 
     soak.py BIN SECONDS SOURCE...      (SOURCE: spool, zeromq, gearman, amqp)
 
@@ -127,7 +127,8 @@ class Soak:
 
             self.broker = bench_amqp.Broker(self.d)
             self.broker.ch.queue_declare("soak", durable=True)
-            self.answers, self.sent, self.duplicates = {}, {}, 0
+            # Sent: confirmed by the broker; tried: published, a confirm perhaps lost with it.
+            self.answers, self.sent, self.tried, self.duplicates, self.reconnects = {}, {}, {}, 0, 0
         if kind == "gearman":
             self.start_gearmand()
         self.write_config(2)
@@ -288,41 +289,75 @@ class Soak:
                 time.sleep(0.05)  # gearmand restarting: its queue went with it
 
     def client_amqp(self, n):
+        """Publishes RPC jobs (persistent, confirmed) 20 at a time and takes their replies from a
+        durable queue of its own; a job is sent once the broker confirmed it. Through the
+        chaos's broker kills it connects again (a publish whose confirm never came is not sent:
+        its reply, if any, is counted but not owed)."""
         import pika
 
-        conn = pika.BlockingConnection(pika.URLParameters(self.broker.url()))
-        ch = conn.channel()
-        ch.confirm_delivery()
-        replies = ch.queue_declare(queue=f"replies{n}", durable=True).method.queue
+        replies, i, mine, conn = f"replies{n}", 0, [], None
 
-        def on_reply(_ch, _method, props, body):
+        def on_reply(ch, method, props, body):
             with self.lock:
                 if props.correlation_id in self.answers:
                     self.duplicates += 1
                 else:
                     self.answers[props.correlation_id] = (body.decode(), (props.headers or {}).get("x-gearshift-outcome"))
+            # Acknowledged once recorded: with auto_ack the replies on their way when the broker
+            # was killed were gone (the broker counts them delivered as it sends them).
+            ch.basic_ack(method.delivery_tag)
 
-        ch.basic_consume(queue=replies, on_message_callback=on_reply, auto_ack=True)
-        i, mine = 0, []
-        while not self.stop.is_set():
-            for _ in range(20):
-                function, payload = job(n, i)
-                i += 1
-                cid = f"c{n}-m{i}"
-                ch.basic_publish(exchange="", routing_key="soak", body=payload.encode(),
-                                 properties=pika.BasicProperties(reply_to=replies, correlation_id=cid,
-                                                                 type=function, delivery_mode=2))
-                mine.append(cid)
-                with self.lock:
-                    self.sent[cid] = (function, payload)
-            conn.process_data_events(time_limit=0.05)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def connect():
+            c = pika.BlockingConnection(pika.URLParameters(self.broker.url()))
+            ch = c.channel()
+            ch.confirm_delivery()
+            ch.queue_declare(queue=replies, durable=True)
+            ch.basic_qos(prefetch_count=100)
+            ch.basic_consume(queue=replies, on_message_callback=on_reply)
+            return c, ch
+
+        def settled():
             with self.lock:
-                if all(p in self.answers for p in mine):
-                    break
-            conn.process_data_events(time_limit=0.2)
-        conn.close()
+                return all(p in self.answers for p in mine)
+
+        deadline = None
+        while True:
+            if deadline is None and self.stop.is_set():
+                deadline = time.monotonic() + 120
+            if deadline is not None and (settled() or time.monotonic() > deadline):
+                break
+            try:
+                if conn is None:
+                    conn, ch = connect()
+                if deadline is None:
+                    for _ in range(20):
+                        function, payload = job(n, i)
+                        i += 1
+                        cid = f"c{n}-m{i}"
+                        with self.lock:
+                            self.tried[cid] = (function, payload)
+                        ch.basic_publish(exchange="", routing_key="soak", body=payload.encode(),
+                                         properties=pika.BasicProperties(reply_to=replies, correlation_id=cid,
+                                                                         type=function, delivery_mode=2))
+                        mine.append(cid)
+                        with self.lock:
+                            self.sent[cid] = (function, payload)
+                conn.process_data_events(time_limit=0.05 if deadline is None else 0.2)
+            except (pika.exceptions.AMQPError, OSError):
+                # The broker killed (or starting again): a new connection once it takes one.
+                with self.lock:
+                    self.reconnects += 1
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+                conn = None
+                time.sleep(0.2)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def fill(self):
         """Fills the spool's file system to the last byte (a file of root's beside the spool),
@@ -343,6 +378,8 @@ class Soak:
                                                                   "kill -9", "stop and start", "forced stop"]
         if self.kind == "gearman":
             choices.append("gearmand killed")
+        if self.kind == "amqp":
+            choices.append("broker killed")
         if self.disk:
             choices += ["disk full"] * 2
         while not self.stop.wait(random.uniform(GAP / 10, GAP)):
@@ -412,6 +449,12 @@ class Soak:
                 self.start()
             elif action == "disk full":
                 self.fill()
+            elif action == "broker killed":
+                # A crash: what it had confirmed (persistent, in a durable queue) survives it,
+                # and so must every reply the worker had published for one.
+                self.broker.kill()
+                time.sleep(random.uniform(0, 2))
+                self.broker.boot()
             elif action == "gearmand killed":
                 self.gearmand.kill()
                 self.gearmand.wait()
@@ -423,7 +466,7 @@ class Soak:
         if self.kind == "amqp":
             missing = [p for p in self.sent if p not in self.answers]
             wrong = [(p, a) for p, a in self.answers.items()
-                     if a[0] != expect(*self.sent[p]) or a[1] not in (b"done", "done")]
+                     if a[0] != expect(*self.tried[p]) or a[1] not in (b"done", "done")]
             return len(self.sent), missing, wrong
         if self.kind == "gearman":
             wrong = [t for t in self.taken if t[0] != expect(t[1], t[2])]
@@ -536,6 +579,7 @@ class Soak:
               f"{refusals} refusals of the chaos's invalid config and broken binaries, rollbacks after its kill -9"
               f"{' and full disk errors' if self.disk else ''}); "
               f"{f'{self.refused_full} submits refused for the full disk; ' if self.disk else ''}"
+              f"{f'{self.duplicates} replies twice, {self.reconnects} client reconnects; ' if self.broker else ''}"
               f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
               f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
               f"{'held' if ok else 'FAILED'}", flush=True)
