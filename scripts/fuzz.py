@@ -811,7 +811,7 @@ FORM_BASES = [
     'cert_file = "c.pem"\nkey_file = "k.pem"\nserver_name = "gm"\n[functions.a]\ntimeout = "1m"\n'
     '[functions."b.c"]\ntimeout = 5\n[metrics]\nlisten = "127.0.0.1:9100"\n[log]\nlevel = "debug"\n',
     '[worker]\nallow_root = true\n[source]\nkind = "amqp"\nurls = ["amqp://127.0.0.1:5672/%2f"]\n'
-    'queue = "jobs"\nprefetch = 4\n[source.declare]\nexchange = "x"\ntype = "topic"\n'
+    'queue = "jobs"\nprefetch = 4\npersistent_replies = false\n[source.declare]\nexchange = "x"\ntype = "topic"\n'
     'routing_key = "a.#"\nqueue_type = "quorum"\n[functions.f]\ntimeout = "none"\n',
     '[worker]\nallow_root = true\nmax_age = "1h30m"\n[source]\nkind = "zeromq"\n'
     'bind = ["tcp://127.0.0.1:5555"]\nfunction = "ingest"\nreply = "id"\nmin_free = "5%"\n'

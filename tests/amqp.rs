@@ -1449,56 +1449,67 @@ fn a_persistent_requests_reply_outlives_the_broker() {
     }
     let sb = Sandbox::new("amqp-durable-reply");
     let mut r = Rabbit::start(&sb.dir, "");
-    amqp_config(
-        &sb,
-        1,
-        &format!(
-            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"echo\"\n",
-            r.url()
-        ),
-        "[source.declare]\n",
-    );
+    let url = r.url();
+    let config = |more: &str| {
+        amqp_config(
+            &sb,
+            1,
+            &format!("url = \"{url}\"\nqueue = \"rpc\"\nfunction = \"echo\"\n{more}"),
+            "[source.declare]\n",
+        )
+    };
+    config("");
     let w = sb.start();
-    w.wait_for(Duration::from_secs(20), "connected", connected);
-    let out = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
-             ch.confirm_delivery(); ch.queue_declare('replies', durable=True); \
-             ch.basic_publish('','rpc',b'kept',pika.BasicProperties(reply_to='replies',correlation_id='p',delivery_mode=2)); \
-             ch.basic_publish('','rpc',b'fleeting',pika.BasicProperties(reply_to='replies',correlation_id='t')); \
-             c.close()",
-            &r.url(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    w.wait_for(Duration::from_secs(20), "both jobs", |s| {
-        s["jobs_completed"].as_u64() == Some(2)
-    });
-    eventually(Duration::from_secs(10), "both settled and answered", || {
-        r.depth("rpc") == (0, 0) && r.depth("replies") == (2, 0)
-    });
-    r.kill();
-    r.boot();
-    let out = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
-             got=[]\n\
-             while True:\n  m,p,body=ch.basic_get('replies',auto_ack=True)\n  \
-             if m is None: break\n  got.append('%s=%s' % (p.correlation_id, body.decode()))\n\
-             print(' '.join(got))",
-            &r.url(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Two requests answered into the durable queue `replies`, the broker killed and started
+    // again: what is left there, as correlation_id=reply.
+    let round = |r: &mut Rabbit| {
+        w.wait_for(Duration::from_secs(30), "connected", connected);
+        let out = Command::new(PYTHON)
+            .args([
+                "-c",
+                "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+                 ch.confirm_delivery(); ch.queue_declare('replies', durable=True); \
+                 ch.basic_publish('','rpc',b'kept',pika.BasicProperties(reply_to='replies',correlation_id='p',delivery_mode=2)); \
+                 ch.basic_publish('','rpc',b'fleeting',pika.BasicProperties(reply_to='replies',correlation_id='t')); \
+                 c.close()",
+                &r.url(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        w.wait_for(Duration::from_secs(20), "both jobs", |s| {
+            s["generation_jobs"].as_u64() == Some(2)
+        });
+        eventually(Duration::from_secs(10), "both settled and answered", || {
+            r.depth("rpc") == (0, 0) && r.depth("replies") == (2, 0)
+        });
+        r.kill();
+        r.boot();
+        let out = Command::new(PYTHON)
+            .args([
+                "-c",
+                "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
+                 got=[]\n\
+                 while True:\n  m,p,body=ch.basic_get('replies',auto_ack=True)\n  \
+                 if m is None: break\n  got.append('%s=%s' % (p.correlation_id, body.decode()))\n\
+                 print(' '.join(got))",
+                &r.url(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
     assert_eq!(
-        text(&out.stdout).trim(),
+        round(&mut r),
         "p=kept",
         "the persistent request's reply, and only it, outlived the broker"
     );
+    // `persistent_replies = false`: every reply transient, as Celery's results by default.
+    config("persistent_replies = false\n");
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    assert_eq!(round(&mut r), "", "no reply outlived the broker");
 }
 
 /// Requesters on RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to`): one is answered; one

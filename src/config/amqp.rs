@@ -33,6 +33,9 @@ pub struct AmqpConfig {
     /// How many `message_id`s of succeeded jobs are remembered, so a redelivery of one is
     /// acknowledged without running it again (0: off).
     pub dedupe_ids: usize,
+    /// A persistent request's reply is published persistent (so that it outlives a broker
+    /// restart in a durable reply queue); false: every reply is transient.
+    pub persistent_replies: bool,
     /// Runs of a message that ended the worker before it is dead-lettered unrun.
     pub max_attempts: u32,
     /// The broker's `consumer_timeout`, to warn about longer function timeouts.
@@ -314,6 +317,7 @@ pub(super) fn amqp(cx: &Cx<'_>, s: RawSource, tls: Option<TlsFiles>) -> Result<S
         reconnect_max: cx.network_wait(&s.reconnect_max, "reconnect_max")?,
         declare,
         dedupe_ids: cx.in_range(&s.dedupe_ids, "dedupe_ids", 0, 1_000_000)? as usize,
+        persistent_replies: s.persistent_replies,
         max_attempts,
         consumer_timeout: s.consumer_timeout.get_ref().0,
         tls,

@@ -41,6 +41,7 @@ pub(super) const SOURCE_KEYS: &[(&str, &[SourceKind])] = &[
     ("heartbeat", &[Amqp]),
     ("declare", &[Amqp]),
     ("dedupe_ids", &[Amqp]),
+    ("persistent_replies", &[Amqp]),
     ("consumer_timeout", &[Amqp]),
 ];
 

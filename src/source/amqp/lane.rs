@@ -115,7 +115,9 @@ impl AmqpLane {
             writer,
             reply_to: p.reply_to.filter(|r| !r.is_empty()),
             correlation_id: p.correlation_id,
-            delivery_mode: p.delivery_mode.filter(|&m| m == 2),
+            delivery_mode: p
+                .delivery_mode
+                .filter(|&m| m == 2 && self.s.cfg.persistent_replies),
             message_id,
             key,
         });
