@@ -4,8 +4,9 @@ own kind while a chaos thread, at random instants 0.1-1 s apart, sends HUPs (1-5
 rewrites config.toml (concurrency 1-4, and back from an invalid one), adds and removes job
 executables, deploys a new binary over the worker's path (and a broken one, refused), kills it
 with -9 and starts it again, stops and starts it, and kills gearmand or RabbitMQ (-9) and starts
-it again. Then every job a client was told was taken must have its right result, the worker
-must answer `status`, and its log must hold no panic, no dead thread and no ERROR line.
+it again, and freezes them (SIGSTOP) 0.2-3 s. Then every job a client was told was taken must
+have its right result, the worker must answer `status`, and its log must hold no panic, no dead
+thread and no ERROR line.
 
     soak.py BIN SECONDS SOURCE...      (SOURCE: spool, zeromq, gearman, amqp)
 
@@ -161,7 +162,8 @@ class Soak:
     def start_gearmand(self):
         self.gearmand = subprocess.Popen(
             ["gearmand", "--listen=127.0.0.1", f"--port={self.port}", "--log-file=none", "--threads=2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a group of its own, for the chaos's SIGSTOP
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
@@ -373,13 +375,28 @@ class Soak:
         time.sleep(random.uniform(0.2, 2.0))
         os.unlink(filler)
 
+    def freeze(self, pid, seconds):
+        """Stops the server's process group for `seconds` (never the soak's own)."""
+        try:
+            if os.getpgid(pid) == os.getpgid(0):
+                raise SystemExit("the server shares the soak's process group")
+            os.killpg(os.getpgid(pid), signal.SIGSTOP)
+            time.sleep(seconds)
+        except OSError:
+            pass
+        finally:
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGCONT)
+            except OSError:
+                pass
+
     def chaos(self):
         choices = ["hup"] * 4 + ["config"] * 3 + ["jobs"] * 2 + ["reload", "deploy", "bad deploy", "bad config",
                                                                   "kill -9", "stop and start", "forced stop"]
         if self.kind == "gearman":
-            choices.append("gearmand killed")
+            choices += ["gearmand killed", "server frozen"]
         if self.kind == "amqp":
-            choices.append("broker killed")
+            choices += ["broker killed", "server frozen"]
         if self.disk:
             choices += ["disk full"] * 2
         while not self.stop.wait(random.uniform(GAP / 10, GAP)):
@@ -455,6 +472,11 @@ class Soak:
                 self.broker.kill()
                 time.sleep(random.uniform(0, 2))
                 self.broker.boot()
+            elif action == "server frozen":
+                # SIGSTOP: its connections open, nothing answered, for 0.2-3 s (past the
+                # worker's io_timeout of 2 s at times); the other actions go on meanwhile.
+                group = (self.gearmand or self.broker.proc).pid
+                threading.Thread(target=self.freeze, args=(group, random.uniform(0.2, 3)), daemon=True).start()
             elif action == "gearmand killed":
                 self.gearmand.kill()
                 self.gearmand.wait()
