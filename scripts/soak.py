@@ -47,6 +47,9 @@ RUN_AS = f'user = "{USER}"' if USER else "allow_root = true"
 # 0.2-2 s: submits are refused, results wait in memory, the worker is degraded, then recovers.
 # A submit refused for the full disk (or for min_free) is not taken, and counted.
 DISK = os.environ.get("SOAK_DISK")
+# SOAK_FSYNC=0: the spool and ZeroMQ sources with `fsync = false` (each lane stores its own
+# result; durable through a killed process, not a crashed machine).
+FSYNC = "" if os.environ.get("SOAK_FSYNC", "1") != "0" else "fsync = false\n"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -143,9 +146,9 @@ class Soak:
 
     def write_config(self, concurrency, broken=False):
         source = {
-            "spool": f'kind = "spool"\ndir = "{self.spool}"\nmax_attempts = 100\n',
+            "spool": f'kind = "spool"\ndir = "{self.spool}"\nmax_attempts = 100\n{FSYNC}',
             "zeromq": f'kind = "zeromq"\nbind = ["tcp://127.0.0.1:{self.port}"]\nreply = "id"\n'
-            f'dir = "{self.spool}"\nmax_attempts = 100\n',
+            f'dir = "{self.spool}"\nmax_attempts = 100\n{FSYNC}',
             "gearman": f'kind = "gearman"\nservers = ["127.0.0.1:{self.port}"]\nio_timeout = "2s"\n'
             'reconnect_max = "1s"\nmax_attempts = 100\n',
             "amqp": f'kind = "amqp"\nurl = "{self.broker.url() if self.broker else ""}"\nqueue = "soak"\n'
