@@ -214,6 +214,8 @@ class Soak:
             self.taken.append((answer, function, payload))
 
     def client_spool(self, n):
+        """`gearshift submit`: into the spool, or to the ZeroMQ source's socket (it resends
+        until answered, three tries of 5 s); prints the job id either way."""
         i = 0
         while not self.stop.is_set():
             function, payload = job(n, i)
@@ -224,7 +226,8 @@ class Soak:
             elif r.returncode == 6 and "config.toml:" in r.stderr and self.broken_config:
                 with self.lock:
                     self.refused += 1  # the chaos's invalid config: the CLI cannot read it either
-            elif r.returncode == 6 and "No space left on device" in r.stderr and self.disk:
+            elif self.disk and ((r.returncode == 6 and "No space left on device" in r.stderr)
+                                or (r.returncode == 1 and "ERROR not stored" in r.stderr)):
                 with self.lock:
                     self.refused_full += 1  # a full disk (or min_free reached): not taken, said so
             else:
@@ -232,6 +235,8 @@ class Soak:
                     self.errors.append((r.returncode, r.stderr.strip()[:200]))
 
     def client_zeromq(self, n):
+        if n == CLIENTS - 1:
+            return self.client_spool(n)  # one of the four is `gearshift submit`
         import zmq
 
         ctx = zmq.Context.instance()
