@@ -1,15 +1,27 @@
 """Helpers the benchmark, fleet and soak scripts share."""
+import random
 import socket
 import struct
 
 
 def free_port():
-    """A loopback TCP port nobody listens on right now."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A loopback TCP port nobody listens on right now, above the kernel's ephemeral ports
+    (Linux: 32768-60999). One from among them could be taken while its server was down: the
+    soak's RabbitMQ, killed and started again, once failed with `eaddrinuse`, its port held by
+    one of the many connects its clients and the worker made to it meanwhile (a connect to a
+    loopback port nobody listens on can be given that very port as its own, and connect to
+    itself)."""
+    for _ in range(1000):
+        port = random.randrange(61000, 65000)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise SystemExit("no free loopback port in 61000..65000")
 
 
 def memory_kb(pid):

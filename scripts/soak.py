@@ -479,7 +479,12 @@ class Soak:
                 # and so must every reply the worker had published for one.
                 self.broker.kill()
                 time.sleep(random.uniform(0, 2))
-                self.broker.boot()
+                try:
+                    self.broker.boot()
+                except SystemExit:
+                    self.problems.append(f"RabbitMQ did not start again (the soak's fault, not the "
+                                         f"worker's): {self.d}/rabbit/out.log")
+                    return
             elif action == "server frozen":
                 # SIGSTOP: its connections open, nothing answered, for 0.2-3 s (past the
                 # worker's io_timeout of 2 s at times); the other actions go on meanwhile.
