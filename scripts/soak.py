@@ -50,6 +50,8 @@ DISK = os.environ.get("SOAK_DISK")
 # SOAK_FSYNC=0: the spool and ZeroMQ sources with `fsync = false` (each lane stores its own
 # result; durable through a killed process, not a crashed machine).
 FSYNC = "" if os.environ.get("SOAK_FSYNC", "1") != "0" else "fsync = false\n"
+# SOAK_QUORUM=1: the AMQP source's queue is a quorum queue (on this one node), not a classic one.
+QUORUM = os.environ.get("SOAK_QUORUM") == "1"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -130,7 +132,8 @@ class Soak:
             import bench_amqp
 
             self.broker = bench_amqp.Broker(self.d)
-            self.broker.ch.queue_declare("soak", durable=True)
+            self.broker.ch.queue_declare("soak", durable=True,
+                                         arguments={"x-queue-type": "quorum"} if QUORUM else None)
             # Sent: confirmed by the broker; tried: published, a confirm perhaps lost with it.
             self.answers, self.sent, self.tried, self.duplicates, self.reconnects = {}, {}, {}, 0, 0
         if kind == "gearman":
