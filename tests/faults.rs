@@ -158,16 +158,31 @@ fn a_queue_that_fills_the_disk_leaves_room_for_its_results() {
 /// results now cross the exec, and every job runs once.
 #[test]
 fn a_reload_while_results_wait_for_room_runs_no_job_twice() {
-    reload_while_full(true);
+    reload_while_full(true, false);
 }
 
 /// The same without the journal (`fsync = false`: each lane stores its own result).
 #[test]
 fn a_reload_while_results_wait_for_room_runs_no_job_twice_without_fsync() {
-    reload_while_full(false);
+    reload_while_full(false, false);
 }
 
-fn reload_while_full(durable: bool) {
+/// A reload while results wait for room on a disk that stays full: the new generation serves
+/// before there is room (the results cross the exec), and stores them once there is.
+#[test]
+fn a_reload_on_a_disk_that_stays_full_is_not_held_by_waiting_results() {
+    reload_while_full(true, true);
+}
+
+/// The same without the journal: each lane held its job's result and the restart waited for
+/// it, so a disk full for good held the reload (and a deploy) until room was made. The results
+/// the lanes hold now cross the exec as the group commit's do.
+#[test]
+fn a_reload_on_a_disk_that_stays_full_is_not_held_by_waiting_results_without_fsync() {
+    reload_while_full(false, true);
+}
+
+fn reload_while_full(durable: bool, stays_full: bool) {
     let sb = Sandbox::new("full-reload");
     if durable {
         let text = sb.config_text("").replace("fsync = false", "fsync = true");
@@ -199,7 +214,26 @@ fn reload_while_full(durable: bool) {
             && (!durable || s["running_jobs"].as_array().is_some_and(|r| r.is_empty()))
     });
     w.signal(Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(1500));
+    if stays_full {
+        // Twice: what crossed one exec unplaced crosses the next too.
+        for generation in [2, 3] {
+            w.wait_for(Duration::from_secs(20), "the next generation", |s| {
+                s["generation"].as_u64() == Some(generation)
+            });
+            w.signal(Signal::SIGHUP);
+        }
+        w.wait_for(Duration::from_secs(20), "generation 4", |s| {
+            s["generation"].as_u64() == Some(4)
+        });
+        let cur = sb.path("spool/cur");
+        assert!(
+            ids.iter().all(|id| cur.join(id).exists()),
+            "their results are not stored yet: {:?}",
+            fs::read_dir(&cur).map(|d| d.count())
+        );
+    } else {
+        std::thread::sleep(Duration::from_millis(1500));
+    }
     fs::remove_file(filler).unwrap();
     w.wait_generation(2);
     let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));

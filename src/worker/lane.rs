@@ -390,7 +390,7 @@ impl LaneContext {
                             break;
                         }
                     }
-                    self.pause_always(backoff);
+                    self.pause_holding(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
@@ -404,6 +404,18 @@ impl LaneContext {
     /// Sleeps `d` whatever the stop flag says (a result waiting to be stored is not dropped).
     fn pause_always(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+
+    /// Sleeps `d` while holding an outcome, but wakes once when the lane is asked to stop: a
+    /// source may then take the outcome across a restart (`spool::carry`).
+    fn pause_holding(&self, d: Duration) {
+        let stopped = self.stop.is_set();
+        let until = Instant::now() + d;
+        while Instant::now() < until && (stopped || !self.stop.is_set()) {
+            std::thread::sleep(
+                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
     }
 
     /// Sleeps up to `d`, returning early when the lane is asked to stop.

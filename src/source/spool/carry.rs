@@ -10,6 +10,13 @@
 //! the exec, an older image that does not read them), their jobs are still in
 //! `cur/` and run again: at least once, as after a kill. Nothing is reported stored before its
 //! sync, in either generation.
+//!
+//! Without the group commit (`fsync = false`) each lane places its own outcome, and one that
+//! a storage fault (a full disk) keeps out of place is held by its lane, which tries again;
+//! while the lanes stop for an exec it is kept here instead (`unplaced`, within the same
+//! budget) and crosses the exec the same way, so a disk full for good does not hold a reload.
+//! The next generation places such outcomes before its lanes claim anything, and is degraded
+//! until it can.
 
 use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +25,7 @@ use std::sync::atomic::Ordering;
 
 use super::journal::{self, Entry};
 use super::source::SpoolSource;
-use crate::error::Result;
+use crate::error::{Error, Result, Tier};
 
 /// Outcomes carried at most (bytes of records); more are stored before the exec instead.
 const CARRY_BUDGET: usize = 768 << 10;
@@ -52,18 +59,24 @@ impl SpoolSource {
     /// hand-over. False if that cannot be done (not asked, too many bytes, the thread did not
     /// park in time): then the caller stores them here as before.
     pub(super) fn carry_outcomes(&self) -> bool {
-        let Some(c) = &self.committer else {
-            return false;
-        };
         if !self.handing_over() {
             return false;
         }
-        let Some(entries) = c.park(super::commit::SETTLE_WAIT) else {
-            return false;
+        let (count, records) = match &self.committer {
+            Some(c) => match c.park(super::commit::SETTLE_WAIT) {
+                Some(entries) => (entries.len(), journal::encode_all(&entries)),
+                None => return false,
+            },
+            // Kept in `unplaced` too, should the exec fail.
+            None => match self.unplaced_list() {
+                Ok(kept) if !kept.is_empty() => (kept.len(), journal::encode_all(&kept)),
+                _ => return false,
+            },
         };
-        let records = journal::encode_all(&entries);
         if records.len() > CARRY_BUDGET {
-            c.unpark();
+            if let Some(c) = &self.committer {
+                c.unpark();
+            }
             return false;
         }
         let mut head = TAG.to_vec();
@@ -71,13 +84,77 @@ impl SpoolSource {
         head.extend_from_slice(&records);
         match self.carried.lock() {
             Ok(mut slot) => {
-                log::debug!("{} outcome(s) cross the exec", entries.len());
+                log::debug!("{count} outcome(s) cross the exec");
                 *slot = Some(head);
                 true
             }
             Err(_) => {
-                c.unpark();
+                if let Some(c) = &self.committer {
+                    c.unpark();
+                }
                 false
+            }
+        }
+    }
+
+    fn unplaced_list(&self) -> Result<std::sync::MutexGuard<'_, Vec<Entry>>> {
+        self.unplaced
+            .lock()
+            .map_err(|_| Error::Msg("spool: the unplaced outcomes' lock is poisoned".into()))
+    }
+
+    /// Keeps an outcome a lane could not place (`fault`) while the lanes stop for an exec, to
+    /// cross it; past the budget the fault is given back, and the lane goes on trying.
+    pub(super) fn keep_unplaced(&self, entry: Entry, fault: Error) -> Result<()> {
+        let mut kept = self.unplaced_list()?;
+        let size = |e: &Entry| journal::encode_all(std::slice::from_ref(e)).len();
+        if kept.iter().map(size).sum::<usize>() + size(&entry) > CARRY_BUDGET {
+            return Err(fault);
+        }
+        log::info!(
+            "job {}: its outcome cannot be stored now ({fault}); it crosses the restart",
+            entry.id
+        );
+        kept.push(entry);
+        Ok(())
+    }
+
+    /// Places the outcomes kept unplaced, oldest first; before a lane claims. A storage fault
+    /// is returned (the lane claims nothing and tries again with backoff: degraded); an
+    /// outcome that fails otherwise is given up, and its job runs again at the next start.
+    pub(super) fn place_unplaced(&self) -> Result<()> {
+        let mut kept = self.unplaced_list()?;
+        while let Some(e) = kept.first_mut() {
+            match self.spool.place(e) {
+                Ok(()) => {
+                    if let Some(hold) = e.hold.take() {
+                        hold.release();
+                    }
+                    log::info!("job {}: its outcome is stored", e.id);
+                }
+                Err(fault) if fault.tier() == Tier::Transient => return Err(fault),
+                Err(fault) => log::error!(
+                    "job {}: could not store its outcome ({fault}); it runs again at the next start",
+                    e.id
+                ),
+            }
+            kept.remove(0);
+        }
+        Ok(())
+    }
+
+    /// The process ends with outcomes still unplaced: each is tried once more; what still
+    /// fails is said (their jobs, still in `cur/` or in the journal, run again at the next
+    /// start).
+    pub(super) fn leave_unplaced(&self) {
+        if let Err(e) = self.place_unplaced() {
+            if let Ok(kept) = self.unplaced_list() {
+                for entry in kept.iter() {
+                    log::warn!(
+                        "job {}: its outcome could not be stored ({e}); the job runs again at the next start",
+                        entry.id
+                    );
+                }
             }
         }
     }
@@ -110,14 +187,16 @@ impl SpoolSource {
         Ok(())
     }
 
-    /// Commits outcomes a previous generation handed over: with the group commit, or written
-    /// directly without `fsync`. Their jobs stay in `cur/` until then.
+    /// Commits outcomes a previous generation handed over: with the group commit, or placed
+    /// by the lanes before they claim without `fsync`. Their jobs stay in `cur/` until then.
     fn recommit(&self, outcomes: Vec<Entry>) -> Result<()> {
         match &self.committer {
             Some(c) => c.submit_all(outcomes),
-            None => outcomes
-                .iter()
-                .try_for_each(|e| journal::materialize(&self.spool, e)),
+            // Placed by the lanes before they claim (`place_unplaced`).
+            None => {
+                self.unplaced_list()?.extend(outcomes);
+                Ok(())
+            }
         }
     }
 }

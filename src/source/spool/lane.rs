@@ -38,6 +38,8 @@ impl Lane for SpoolLane {
             if let Some(e) = self.source.committer.as_ref().and_then(|c| c.failing()) {
                 return Err(e);
             }
+            // Outcomes carried in or kept unplaced (`carry.rs`) are stored before any claim.
+            self.source.place_unplaced()?;
             if let Some(job) = self.source.claim()? {
                 self.started_ms = now_ms();
                 self.job.clone_from(&job.id);

@@ -54,6 +54,9 @@ pub struct SpoolSource {
     /// The lanes stop for a re-exec: outcomes not yet durable cross it (`carry.rs`).
     pub(super) handing_over: AtomicBool,
     pub(super) carried: Mutex<Option<Vec<u8>>>,
+    /// Without the group commit: outcomes a storage fault kept out of place while the lanes
+    /// stopped for an exec, or carried in and not placed yet (`carry.rs`).
+    pub(super) unplaced: Mutex<Vec<super::journal::Entry>>,
     /// A checkpoint of the journal is running, and when the next is due.
     pub(super) checkpointing: Arc<AtomicBool>,
     /// A checkpoint that keeps failing is said once (then once a minute), not every time.
@@ -158,6 +161,7 @@ impl SpoolSource {
             committer,
             handing_over: AtomicBool::new(false),
             carried: Mutex::new(None),
+            unplaced: Mutex::new(Vec::new()),
             checkpointing: Arc::new(AtomicBool::new(false)),
             checkpoint_failing: Mutex::new(crate::ops::logging::Recurring::new(
                 "journal checkpoint failed, trying again later",
@@ -308,13 +312,20 @@ impl SpoolSource {
                 }
                 e
             }),
-            None => {
-                self.spool.place(&entry)?;
-                if let Some(hold) = entry.hold.take() {
-                    hold.release();
+            None => match self.spool.place(&entry) {
+                Ok(()) => {
+                    if let Some(hold) = entry.hold.take() {
+                        hold.release();
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
+                // The lanes stop for an exec and it cannot be stored now (a full disk): it
+                // crosses the exec rather than hold the restart up.
+                Err(e) if self.handing_over() && e.tier() == crate::error::Tier::Transient => {
+                    self.keep_unplaced(entry, e)
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -438,6 +449,7 @@ impl SpoolSource {
     /// Seals the journal once what is queued is in place; when the process ends, also
     /// checkpoints it.
     fn settle_here(self: &Arc<Self>, exiting: bool) {
+        self.leave_unplaced();
         if let Some(c) = &self.committer {
             if let Err(e) = c.seal() {
                 log::error!("{e}");
