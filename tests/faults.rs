@@ -182,6 +182,19 @@ fn a_reload_on_a_disk_that_stays_full_is_not_held_by_waiting_results_without_fsy
     reload_while_full(false, true);
 }
 
+/// The function `once`: each run adds a line to the file `runs`, waits for the file `go`,
+/// then runs `output` (a shell command reading the payload on stdin). Returns (runs, go).
+fn gated_job(sb: &Sandbox, output: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (runs, go) = (sb.path("runs"), sb.path("go"));
+    let script = format!(
+        "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.02; done\n{output}\n",
+        runs.display(),
+        go.display()
+    );
+    sb.job("once.sh", &script);
+    (runs, go)
+}
+
 fn reload_while_full(durable: bool, stays_full: bool) {
     let sb = Sandbox::new("full-reload");
     if durable {
@@ -189,15 +202,7 @@ fn reload_while_full(durable: bool, stays_full: bool) {
         fs::write(sb.config(), text).unwrap();
     }
     let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
-    let (runs, go) = (sb.path("runs"), sb.path("go"));
-    sb.job(
-        "once.sh",
-        &format!(
-            "#!/bin/sh\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.02; done\ncat\n",
-            runs.display(),
-            go.display()
-        ),
-    );
+    let (runs, go) = gated_job(&sb, "cat");
     let w = sb.start();
     let ids: Vec<String> = (0..2)
         .map(|i| sb.submit("once", &format!("p{i}")))
@@ -249,6 +254,91 @@ fn reload_while_full(durable: bool, stays_full: bool) {
     assert_eq!(ran, 2, "each job runs once:\n{}", w.log_text());
 }
 
+/// A ZeroMQ job that came without a file (`reply = "true"`, `fsync = false`: its journal
+/// record is its only copy) whose large outcome crossed a restart unplaced on a disk with room
+/// for less: the next generation's checkpoint replayed the old generation's unsealed segment
+/// while that outcome still waited (the job's own record, a few bytes, fitted), queued the job
+/// again, and it ran twice once there was room. The checkpoint now waits until such outcomes
+/// are in place.
+#[test]
+fn a_zeromq_job_whose_outcome_crossed_a_restart_unplaced_runs_once() {
+    outcome_crossed_unplaced(false);
+}
+
+/// The same with `fsync`: the carried outcome waited in the group commit's queue.
+#[test]
+fn a_zeromq_job_whose_outcome_crossed_a_restart_uncommitted_runs_once() {
+    outcome_crossed_unplaced(true);
+}
+
+fn outcome_crossed_unplaced(durable: bool) {
+    let (sb, fsys) = zeromq_fed_on_a_small_disk("zmq-unplaced", durable);
+    let (runs, go) = gated_job(&sb, "head -c 300000 /dev/zero | tr '\\0' x");
+    let w = sb.start();
+    for p in ["p0", "p1"] {
+        let out = sb.run(&["submit", "once", p]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    eventually(Duration::from_secs(20), "both jobs running", || {
+        fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() == 2)
+    });
+    // Room for small files, not for a result of 300 kB.
+    let filler = fill_but(&fsys, 200 * 1024);
+    fs::write(&go, "").unwrap();
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+        s["generation"].as_u64() == Some(2)
+    });
+    // Checkpoints come every 2 s.
+    std::thread::sleep(Duration::from_secs(5));
+    fs::remove_file(filler).unwrap();
+    eventually(Duration::from_secs(20), "both outcomes stored", || {
+        count(&sb.path("spool/done")) == 2
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let ran = fs::read_to_string(&runs).unwrap().lines().count();
+    assert_eq!(ran, 2, "each job runs once:\n{}", w.log_text());
+}
+
+/// A result that a nearly full disk could not take in a results log (the outcome of a ZeroMQ
+/// job that came without a file) left the part of it written in the log: a torn tail holding
+/// the room it took until the log was pruned (`retain_results`, 7 days by default), so each
+/// try ate what room had been freed meanwhile, and nothing else could use it. A failed append
+/// now gives its room back.
+#[test]
+fn a_result_too_large_for_the_room_left_keeps_none_of_it() {
+    let (sb, fsys) = zeromq_fed_on_a_small_disk("zmq-torn", false);
+    sb.job(
+        "big.sh",
+        "#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' x\n",
+    );
+    let w = sb.start();
+    let filler = fill_but(&fsys, 200 * 1024);
+    let out = sb.run(&["submit", "big", "p"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = bytes_in(&sb.path("spool/results"));
+    assert!(
+        logs < 4096,
+        "the results logs hold {logs} bytes of a result never stored"
+    );
+    fs::remove_file(filler).unwrap();
+    w.wait_for(Duration::from_secs(20), "stored, running again", |s| {
+        s["state"] == "running"
+    });
+    let logs = bytes_in(&sb.path("spool/results"));
+    // In a log, as the outcome of such a job goes (a failed try dropped the job's share of its
+    // journal segment, so the next wrote it as a file, and the segment stayed unsealed until
+    // the next restart).
+    assert!(logs > 300_000, "the result is in a log: {logs} bytes");
+}
+
 /// The wall clock stepped back an hour while the worker was degraded by a full disk (an NTP
 /// step, a VM resumed): the quiet second that clears the fault was reckoned on the wall clock,
 /// so the worker said `degraded` for the hour after room came back. Its faults are timed on
@@ -287,6 +377,33 @@ fn zeromq_on_a_small_disk(name: &str, reply: &str) -> (Sandbox, Tmpfs) {
     fs::write(sb.config(), cfg).unwrap();
     let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
     (sb, fsys)
+}
+
+/// A sandbox serving a zeromq source answering `TRUE` (its jobs fed to the lanes without a
+/// file), with `fsync` as given and no room kept (`min_free = 0`), on a 2 MiB tmpfs.
+fn zeromq_fed_on_a_small_disk(name: &str, fsync: bool) -> (Sandbox, Tmpfs) {
+    let (sb, fsys) = zeromq_on_a_small_disk(name, "true");
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    let kept = format!("fsync = {fsync}\nmin_free = 0");
+    fs::write(sb.config(), cfg.replace("fsync = true", &kept)).unwrap();
+    (sb, fsys)
+}
+
+/// Fills the file system but `room` bytes; returns the filler.
+fn fill_but(fsys: &Tmpfs, room: u64) -> std::path::PathBuf {
+    let filler = fsys.fill();
+    let len = fs::metadata(&filler).unwrap().len();
+    let file = fs::OpenOptions::new().write(true).open(&filler).unwrap();
+    file.set_len(len - room).unwrap();
+    filler
+}
+
+/// The bytes of the files in `dir`.
+fn bytes_in(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
 }
 
 /// The ZeroMQ ingress on a full disk: a job whose journal record fits (segments keep room

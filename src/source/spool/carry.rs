@@ -97,6 +97,29 @@ impl SpoolSource {
         }
     }
 
+    /// Without the group commit, a lane places its outcome itself. One that a storage fault
+    /// keeps out of place is the lane's to try again (with its job's share of its segment),
+    /// unless the lanes stop for an exec: then it crosses the exec instead of holding it up.
+    pub(super) fn place_own(&self, mut entry: Entry) -> Result<()> {
+        match self.spool.place(&entry) {
+            Ok(()) => {
+                if let Some(hold) = entry.hold.take() {
+                    hold.release();
+                }
+                Ok(())
+            }
+            Err(e) if self.handing_over() && e.tier() == Tier::Transient => {
+                self.keep_unplaced(entry, e)
+            }
+            Err(e) => {
+                if let Some(hold) = entry.hold.take() {
+                    self.direct.unfinish(entry.id, hold);
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn unplaced_list(&self) -> Result<std::sync::MutexGuard<'_, Vec<Entry>>> {
         self.unplaced
             .lock()
@@ -105,12 +128,18 @@ impl SpoolSource {
 
     /// Keeps an outcome a lane could not place (`fault`) while the lanes stop for an exec, to
     /// cross it; past the budget the fault is given back, and the lane goes on trying.
-    pub(super) fn keep_unplaced(&self, entry: Entry, fault: Error) -> Result<()> {
-        let mut kept = self.unplaced_list()?;
+    pub(super) fn keep_unplaced(&self, mut entry: Entry, fault: Error) -> Result<()> {
         let size = |e: &Entry| journal::encode_all(std::slice::from_ref(e)).len();
-        if kept.iter().map(size).sum::<usize>() + size(&entry) > CARRY_BUDGET {
-            return Err(fault);
-        }
+        let mut kept = match self.unplaced_list() {
+            Ok(kept) if kept.iter().map(size).sum::<usize>() + size(&entry) <= CARRY_BUDGET => kept,
+            _ => {
+                // Kept by the lane, to be placed again: its segment stays held.
+                if let Some(hold) = entry.hold.take() {
+                    self.direct.unfinish(entry.id, hold);
+                }
+                return Err(fault);
+            }
+        };
         log::info!(
             "job {}: its outcome cannot be stored now ({fault}); it crosses the restart",
             entry.id
@@ -182,6 +211,9 @@ impl SpoolSource {
         let handed = split(&self.spool.root, handed);
         let finished: HashSet<String> = handed.outcomes.iter().map(|e| e.id.clone()).collect();
         self.recover(&finished)?;
+        if let Ok(mut ids) = self.carried_ids.lock() {
+            ids.clone_from(&finished);
+        }
         self.recommit(handed.outcomes)?;
         self.take_over(handed.listing);
         Ok(())

@@ -25,50 +25,66 @@ fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
     }
 }
 
+/// What replaying a record did.
+#[derive(PartialEq)]
+enum Replayed {
+    Nothing,
+    Written,
+    /// A job whose outcome waits to be placed by this generation: left for a later checkpoint.
+    Waiting,
+}
+
 /// Replays one record: writes its file unless it is there and sound (or, for a job, unless it
-/// moved on: claimed or finished). Returns whether anything was written.
-fn replay_one(spool: &Spool, e: &Entry) -> Result<bool> {
+/// moved on: claimed or finished, or its outcome is `waiting` to be placed).
+fn replay_one(spool: &Spool, e: &Entry, waiting: &dyn Fn(&str) -> bool) -> Result<Replayed> {
     let finished = || sound(spool, "done", &e.id) || sound(spool, "failed", &e.id);
     match e.kind {
         Kind::Job => {
             // Looked for in the order a job moves (new, cur, then its outcome), as `lookup`
             // does: a job a lane claims and finishes meanwhile is found in one of them.
             if sound(spool, "new", &e.id) || sound(spool, "cur", &e.id) || finished() {
-                return Ok(false);
+                return Ok(Replayed::Nothing);
+            }
+            // It ran; its outcome crossed the exec and is not in place yet (a full disk).
+            if waiting(&e.id) {
+                return Ok(Replayed::Waiting);
             }
             // A torn copy in cur/ (its claim survived, its bytes did not) goes; the job is
             // queued again whole.
             remove(&spool.dir("cur").join(&e.id))?;
-            materialize(spool, e).map(|()| true)
+            materialize(spool, e).map(|()| Replayed::Written)
         }
         Kind::Done | Kind::Failed => {
             if finished() {
                 for sub in ["cur", "new"] {
                     remove(&spool.dir(sub).join(&e.id))?;
                 }
-                return Ok(false);
+                return Ok(Replayed::Nothing);
             }
             // A claim (new/ -> cur/) lost with the page cache leaves the job in new/.
             materialize(spool, e)?;
             remove(&spool.dir("new").join(&e.id))?;
-            Ok(true)
+            Ok(Replayed::Written)
         }
     }
 }
 
-/// Replays the segment `file`; returns how many files it wrote.
-fn replay(spool: &Spool, file: File) -> Result<usize> {
+/// Replays the segment `file`; returns how many files it wrote, and whether it must be kept
+/// (a job in it waits for its outcome).
+fn replay(spool: &Spool, file: File, waiting: &dyn Fn(&str) -> bool) -> Result<(usize, bool)> {
     let mut r = io::BufReader::new(file);
     let entries: Vec<Entry> = std::iter::from_fn(|| next_record(&mut r)).collect();
     // A job whose outcome is in a results log is finished, though it has no file anywhere.
     let logged = spool.logged_among(&entries);
-    let mut written = 0;
+    let (mut written, mut kept) = (0, false);
     for e in entries.iter().filter(|e| !logged.contains(&e.id)) {
-        if replay_one(spool, e)? {
-            written += 1;
+        match replay_one(spool, e, waiting)? {
+            Replayed::Written => written += 1,
+            Replayed::Waiting => kept = true,
+            Replayed::Nothing => {}
         }
     }
-    Ok(written)
+    Ok((written, kept))
 }
 
 /// The segment `name`, opened as any spool file others may have planted ([`open_entry`]),
@@ -101,6 +117,17 @@ fn abandoned(file: &File) -> bool {
 /// then one `syncfs`; then the deletes. A live writer's segment is left alone. Returns
 /// (segments deleted, files written by replay).
 pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
+    checkpoint_waiting(spool, all, &|_| false)
+}
+
+/// [`checkpoint`], leaving alone the segments of jobs that ran and whose outcomes are
+/// `waiting` to be placed (they crossed an exec: `carry.rs`): replayed now, such a job would be
+/// queued again and run twice.
+pub(super) fn checkpoint_waiting(
+    spool: &Spool,
+    all: bool,
+    waiting: &dyn Fn(&str) -> bool,
+) -> Result<(usize, usize)> {
     let dir = spool.dir("journal");
     let mut names: Vec<String> = list_raw(&dir)?
         .into_iter()
@@ -136,8 +163,11 @@ pub(super) fn checkpoint(spool: &Spool, all: bool) -> Result<(usize, usize)> {
             continue;
         };
         if sealed || abandoned(&file) {
-            written += replay(spool, file)?;
-            closed.push(path);
+            let (wrote, kept) = replay(spool, file, waiting)?;
+            written += wrote;
+            if !kept {
+                closed.push(path);
+            }
         }
     }
     if closed.is_empty() {

@@ -66,10 +66,15 @@ impl Log {
             None => Open::create(spool)?,
         };
         let buf = encode_all(entries);
-        // On an error the log is left (its tail may be torn); the next outcome begins another.
-        o.file
-            .write_all_at(&buf, o.size)
-            .map_err(|err| Error::io("appending to a results log", err))?;
+        if let Err(err) = o.file.write_all_at(&buf, o.size) {
+            // What was written goes, so that its room is free again (on a full disk, a torn
+            // tail kept what room each try found until the log was pruned); if it cannot go,
+            // the log is left torn (its reading ends there) and the next outcome begins another.
+            if o.file.set_len(o.size).is_ok() {
+                *open = Some(o);
+            }
+            return Err(Error::io("appending to a results log", err));
+        }
         *open = Some(Open {
             size: o.size + buf.len() as u64,
             last: Instant::now(),

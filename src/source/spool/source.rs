@@ -57,6 +57,9 @@ pub struct SpoolSource {
     /// Without the group commit: outcomes a storage fault kept out of place while the lanes
     /// stopped for an exec, or carried in and not placed yet (`carry.rs`).
     pub(super) unplaced: Mutex<Vec<super::journal::Entry>>,
+    /// The jobs whose outcomes crossed the exec into this generation: until an outcome is in
+    /// place, the checkpoint does not queue its job again from the journal.
+    pub(super) carried_ids: Mutex<std::collections::HashSet<String>>,
     /// A checkpoint of the journal is running, and when the next is due.
     pub(super) checkpointing: Arc<AtomicBool>,
     /// A checkpoint that keeps failing is said once (then once a minute), not every time.
@@ -162,6 +165,7 @@ impl SpoolSource {
             handing_over: AtomicBool::new(false),
             carried: Mutex::new(None),
             unplaced: Mutex::new(Vec::new()),
+            carried_ids: Mutex::default(),
             checkpointing: Arc::new(AtomicBool::new(false)),
             checkpoint_failing: Mutex::new(crate::ops::logging::Recurring::new(
                 "journal checkpoint failed, trying again later",
@@ -312,20 +316,7 @@ impl SpoolSource {
                 }
                 e
             }),
-            None => match self.spool.place(&entry) {
-                Ok(()) => {
-                    if let Some(hold) = entry.hold.take() {
-                        hold.release();
-                    }
-                    Ok(())
-                }
-                // The lanes stop for an exec and it cannot be stored now (a full disk): it
-                // crosses the exec rather than hold the restart up.
-                Err(e) if self.handing_over() && e.tier() == crate::error::Tier::Transient => {
-                    self.keep_unplaced(entry, e)
-                }
-                Err(e) => Err(e),
-            },
+            None => self.place_own(entry),
         }
     }
 
@@ -343,7 +334,9 @@ impl SpoolSource {
         let (weak, running) = (Arc::downgrade(self), Arc::clone(&self.checkpointing));
         let spawned = crate::ops::signals::spawn_helper("spool-checkpoint", move || {
             if let Some(src) = weak.upgrade() {
-                let done = super::replay::checkpoint(&src.spool, false);
+                let done = super::replay::checkpoint_waiting(&src.spool, false, &|id| {
+                    src.carried_ids.lock().is_ok_and(|c| c.contains(id))
+                });
                 if let Ok(mut said) = src.checkpoint_failing.lock() {
                     match done {
                         Ok(_) => said.worked(),
