@@ -204,20 +204,7 @@ fn reload_while_full(durable: bool, stays_full: bool) {
     let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
     let (runs, go) = gated_job(&sb, "cat");
     let w = sb.start();
-    let ids: Vec<String> = (0..2)
-        .map(|i| sb.submit("once", &format!("p{i}")))
-        .collect();
-    eventually(Duration::from_secs(20), "both jobs running", || {
-        fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() == 2)
-    });
-    let filler = fsys.fill();
-    fs::write(&go, "").unwrap();
-    // Durable: the jobs are over, their results held by the group commit. Not: each lane
-    // holds its job's result, and the restart waits for it.
-    w.wait_for(Duration::from_secs(20), "degraded", |s| {
-        s["state"] == "degraded"
-            && (!durable || s["running_jobs"].as_array().is_some_and(|r| r.is_empty()))
-    });
+    let (ids, filler) = end_onto_a_full_disk(&sb, &w, &fsys, &runs, &go, durable);
     w.signal(Signal::SIGHUP);
     if stays_full {
         // Twice: what crossed one exec unplaced crosses the next too.
@@ -241,7 +228,36 @@ fn reload_while_full(durable: bool, stays_full: bool) {
     }
     fs::remove_file(filler).unwrap();
     w.wait_generation(2);
-    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    each_ran_once(&sb, &w, &ids, &runs);
+}
+
+/// Submits two `once` jobs (`gated_job`), lets them end once the disk is full, and waits until
+/// their results are held (durable: by the group commit, the jobs over; not: each by its
+/// lane). Returns their ids and the filler.
+fn end_onto_a_full_disk(
+    sb: &Sandbox,
+    w: &Worker,
+    fsys: &Tmpfs,
+    runs: &Path,
+    go: &Path,
+    durable: bool,
+) -> (Vec<String>, std::path::PathBuf) {
+    let ids: Vec<String> = ["p0", "p1"].iter().map(|p| sb.submit("once", p)).collect();
+    eventually(Duration::from_secs(20), "both jobs running", || {
+        fs::read_to_string(runs).is_ok_and(|r| r.lines().count() == 2)
+    });
+    let filler = fsys.fill();
+    fs::write(go, "").unwrap();
+    w.wait_for(Duration::from_secs(20), "degraded", |s| {
+        s["state"] == "degraded"
+            && (!durable || s["running_jobs"].as_array().is_some_and(|r| r.is_empty()))
+    });
+    (ids, filler)
+}
+
+/// The `once` jobs `ids` (payloads p0, p1) succeeded, and each ran once.
+fn each_ran_once(sb: &Sandbox, w: &Worker, ids: &[String], runs: &Path) {
+    let outcomes = all_outcomes(sb, ids, Duration::from_secs(30));
     assert!(
         outcomes
             .iter()
@@ -250,7 +266,7 @@ fn reload_while_full(durable: bool, stays_full: bool) {
         "{outcomes:?}"
     );
     std::thread::sleep(Duration::from_millis(500));
-    let ran = fs::read_to_string(&runs).unwrap().lines().count();
+    let ran = fs::read_to_string(runs).unwrap().lines().count();
     assert_eq!(ran, 2, "each job runs once:\n{}", w.log_text());
 }
 
@@ -1584,6 +1600,29 @@ fn outcomes_kept_for_a_failed_exec_are_committed_by_the_same_generation() {
     fs::remove_file(&marker).unwrap();
     w.signal(Signal::SIGHUP);
     w.wait_generation(2);
+}
+
+/// The same without `fsync`, for outcomes a full disk kept out of place while the lanes stopped
+/// for the exec (`carry.rs`): this generation places them once there is room, every job once.
+#[test]
+fn outcomes_kept_unplaced_for_a_failed_exec_are_placed_by_the_same_generation() {
+    let mut sb = Sandbox::new("exec-fault-unplaced");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    sb.write_config("");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let (runs, go) = gated_job(&sb, "cat");
+    let marker = sb.path("fail-exec");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_EXEC", marker.to_str().unwrap())]);
+    let (ids, filler) = end_onto_a_full_disk(&sb, &w, &fsys, &runs, &go, false);
+    w.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(20), "the injected exec failure", || {
+        w.log_text().contains("injected fault")
+    });
+    assert!(w.log_text().contains("it crosses the restart"));
+    fs::remove_file(filler).unwrap();
+    each_ran_once(&sb, &w, &ids, &runs);
+    assert_eq!(w.status()["generation"], 1);
 }
 
 /// A failed exec after the Gearman lanes parked their connections for the next generation: this
