@@ -67,6 +67,20 @@ fn destination(to: &Endpoint, wait: Duration) -> Result<Dest> {
     }
 }
 
+/// Whether a connect's error means the worker is not there now (not started yet, or its socket
+/// closed by a kill -9 as the connection was made): it is tried again.
+fn not_there(kind: ErrorKind) -> bool {
+    // A full backlog (`WouldBlock`) is waited out like a refusal.
+    matches!(
+        kind,
+        ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotFound
+            | ErrorKind::WouldBlock
+    )
+}
+
 /// Connects to the worker, trying again while refused, until `deadline`.
 fn open(to: &Dest, deadline: Instant) -> std::io::Result<Stream> {
     loop {
@@ -84,11 +98,7 @@ fn open(to: &Dest, deadline: Instant) -> std::io::Result<Stream> {
         };
         match tried {
             Err(e) if Instant::now() + RECONNECT < deadline => {
-                // A full backlog (`WouldBlock`) is waited out like a refusal.
-                if !matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionRefused | ErrorKind::NotFound | ErrorKind::WouldBlock
-                ) {
+                if !not_there(e.kind()) {
                     return Err(e);
                 }
                 std::thread::sleep(RECONNECT);
@@ -110,14 +120,7 @@ fn once(
     let mut conn = match open(dest, deadline) {
         Ok(c) => c,
         Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::ConnectionRefused | ErrorKind::NotFound | ErrorKind::WouldBlock
-            ) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if not_there(e.kind()) => return Ok(None),
         Err(e) => return Err(io(e)),
     };
     // Greeting, READY and the request (a REQ socket's: an empty delimiter first) at once; the
@@ -281,6 +284,24 @@ mod tests {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    /// A worker killed (-9) while a connection to it was being made: the connect may end in
+    /// `ECONNRESET` (the handshake done, then the kernel's reset of the closed listener's
+    /// queue), and `submit` exited 6 with "Connection reset by peer" instead of sending again
+    /// (seen once in the chaos soak's `gearshift submit` client, 12 kills in 60 s).
+    #[test]
+    fn a_connect_reset_or_aborted_is_tried_again() {
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::NotFound,
+            ErrorKind::WouldBlock,
+        ] {
+            assert!(not_there(kind), "{kind:?}");
+        }
+        assert!(!not_there(ErrorKind::PermissionDenied));
+    }
 
     /// A listener that takes connections and what comes on them, and answers nothing (what a
     /// stopped worker's socket does: the kernel accepts for it); counts the connections.
