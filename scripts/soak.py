@@ -12,6 +12,7 @@ thread and no ERROR line.
 
 Exit 0 when every source held; prints one summary line per source.
 """
+import collections
 import datetime
 import hashlib
 import json
@@ -52,6 +53,12 @@ DISK = os.environ.get("SOAK_DISK")
 FSYNC = "" if os.environ.get("SOAK_FSYNC", "1") != "0" else "fsync = false\n"
 # SOAK_QUORUM=1: the AMQP source's queue is a quorum queue (on this one node), not a classic one.
 QUORUM = os.environ.get("SOAK_QUORUM") == "1"
+# SOAK_TRUE=1: the ZeroMQ source answers TRUE (`reply = "true"`, as the PHP daemons do): its jobs
+# reach the lanes without a file and their outcomes go to results logs, so no result can be
+# looked up by id. Its clients' jobs run `record`, which appends the payload to a file beside
+# the spool; every payload answered TRUE must be there once the worker has drained (runs
+# twice are counted: at least once).
+TRUE = os.environ.get("SOAK_TRUE") == "1"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -75,7 +82,8 @@ def job(n, i):
     if n == 0 and time.monotonic() - LAST_SLEEP[0] > 2:
         LAST_SLEEP[0] = time.monotonic()
         return "sleep", str(random.randint(100, 2000))
-    return random.choice(FUNCS), f"c{n}-m{i}-" + "x" * random.randint(0, 50)
+    function = "record" if TRUE else random.choice(FUNCS)
+    return function, f"c{n}-m{i}-" + "x" * random.randint(0, 50)
 
 
 def alive(pid):
@@ -106,6 +114,13 @@ class Soak:
         self.bin = f"{self.d}/bin/gearshift"
         shutil.copy(BUILD, self.bin)
         self.put_job("upper", "tr a-z A-Z")
+        self.runs = f"{self.d}/runs"
+        self.recorded = kind == "zeromq" and TRUE
+        if self.recorded:
+            with open(self.runs, "w"):
+                pass
+            os.chmod(self.runs, 0o666)  # the worker's user, when it drops to one, appends
+            self.put_job("record", f'p=$(cat)\nprintf "%s\\n" "$p" >> {self.runs}\nprintf "%s" "$p"')
         self.cfg = f"{self.d}/config.toml"
         self.port = free_port()
         self.lock = threading.Lock()
@@ -150,7 +165,7 @@ class Soak:
     def write_config(self, concurrency, broken=False):
         source = {
             "spool": f'kind = "spool"\ndir = "{self.spool}"\nmax_attempts = 100\n{FSYNC}',
-            "zeromq": f'kind = "zeromq"\nbind = ["tcp://127.0.0.1:{self.port}"]\nreply = "id"\n'
+            "zeromq": f'kind = "zeromq"\nbind = ["tcp://127.0.0.1:{self.port}"]\nreply = "{"true" if TRUE else "id"}"\n'
             f'dir = "{self.spool}"\nmax_attempts = 100\n{FSYNC}',
             "gearman": f'kind = "gearman"\nservers = ["127.0.0.1:{self.port}"]\nio_timeout = "2s"\n'
             'reconnect_max = "1s"\nmax_attempts = 100\n',
@@ -213,6 +228,8 @@ class Soak:
     # Clients, one kind each.
 
     def took(self, answer, function, payload):
+        if self.recorded and function != "record":
+            return  # a `sleep`: nothing to look for
         with self.lock:
             self.taken.append((answer, function, payload))
 
@@ -509,6 +526,8 @@ class Soak:
         if self.kind == "gearman":
             wrong = [t for t in self.taken if t[0] != expect(t[1], t[2])]
             return len(self.taken), [], wrong
+        if self.recorded:
+            return self.recorded_results()
         pending, wrong, missing, right = list(self.taken), [], [], [0]
         deadline = time.monotonic() + 180
         while pending and time.monotonic() < deadline:
@@ -547,6 +566,20 @@ class Soak:
             self.problems.append(f"{len(self.taken)} jobs taken, but {right[0]} right, {len(wrong)} wrong, "
                                  f"{len(missing)} missing and {len(pending)} unfinished")
         return len(self.taken), missing + pending, wrong
+
+    def recorded_results(self):
+        """`SOAK_TRUE`: every payload answered TRUE was run (its line in `runs`)."""
+        wrong = [t for t in self.taken if t[0] != "TRUE"]
+        deadline, missing = time.monotonic() + 180, []
+        while time.monotonic() < deadline:
+            with open(self.runs, errors="replace") as f:
+                ran = collections.Counter(f.read().splitlines())
+            missing = [t for t in self.taken if ran[t[2]] == 0]
+            if not missing:
+                break
+            time.sleep(1)
+        self.duplicates = sum(1 for t in self.taken if ran[t[2]] > 1)
+        return len(self.taken), missing, wrong
 
     def run(self):
         self.start()
@@ -618,6 +651,7 @@ class Soak:
               f"{' and full disk errors' if self.disk else ''}); "
               f"{f'{self.refused_full} submits refused for the full disk; ' if self.disk else ''}"
               f"{f'{self.duplicates} replies twice, {self.reconnects} client reconnects; ' if self.broker else ''}"
+              f"{f'{self.duplicates} run twice; ' if self.recorded else ''}"
               f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
               f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
               f"{'held' if ok else 'FAILED'}", flush=True)
