@@ -231,6 +231,38 @@ fn reload_while_full(durable: bool, stays_full: bool) {
     each_ran_once(&sb, &w, &ids, &runs);
 }
 
+/// A stop while outcomes that crossed a restart still wait for room (`fsync = false`): the
+/// worker exits (it says which jobs run again), and the next start, with room, runs them again:
+/// nothing is lost, nothing waits for a disk that stays full.
+#[test]
+fn a_stop_while_carried_outcomes_wait_for_room_exits_and_loses_no_job() {
+    let sb = Sandbox::new("full-carried-stop");
+    let fsys = Tmpfs::mount(&sb.path("spool"), "2m");
+    let (runs, go) = gated_job(&sb, "cat");
+    let mut w = sb.start();
+    let (ids, filler) = end_onto_a_full_disk(&sb, &w, &fsys, &runs, &go, false);
+    w.signal(Signal::SIGHUP);
+    w.wait_for(Duration::from_secs(20), "generation 2", |s| {
+        s["generation"].as_u64() == Some(2)
+    });
+    let out = sb.run(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+    let log = w.log_text();
+    let said = log
+        .lines()
+        .find(|l| l.contains("2 outcome(s) could not be stored"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(ids.iter().all(|id| said.contains(id.as_str())), "{said}");
+    fs::remove_file(filler).unwrap();
+    let _w = sb.start();
+    let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(30));
+    assert!(
+        outcomes.iter().all(|(ok, r, _)| *ok && r.starts_with('p')),
+        "{outcomes:?}"
+    );
+}
+
 /// Submits two `once` jobs (`gated_job`), lets them end once the disk is full, and waits until
 /// their results are held (durable: by the group commit, the jobs over; not: each by its
 /// lane). Returns their ids and the filler.

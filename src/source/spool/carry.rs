@@ -173,18 +173,24 @@ impl SpoolSource {
     }
 
     /// The process ends with outcomes still unplaced: each is tried once more; what still
-    /// fails is said (their jobs, still in `cur/` or in the journal, run again at the next
-    /// start).
+    /// fails is said, with the ids of those jobs (still in `cur/` or in the journal, they run
+    /// again at the next start).
     pub(super) fn leave_unplaced(&self) {
-        if let Err(e) = self.place_unplaced() {
-            if let Ok(kept) = self.unplaced_list() {
-                for entry in kept.iter() {
-                    log::warn!(
-                        "job {}: its outcome could not be stored ({e}); the job runs again at the next start",
-                        entry.id
-                    );
-                }
-            }
+        let Err(e) = self.place_unplaced() else {
+            return;
+        };
+        if let Ok(kept) = self.unplaced_list() {
+            let mut ids: Vec<&str> = kept.iter().take(20).map(|k| k.id.as_str()).collect();
+            ids.sort_unstable();
+            let more = match kept.len() - ids.len() {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            log::warn!(
+                "{} outcome(s) could not be stored ({e}); their jobs run again at the next start: {}{more}",
+                kept.len(),
+                ids.join(", ")
+            );
         }
     }
 
