@@ -156,5 +156,6 @@ mod tests {
         exactly(&mut cmd, Env::Inherited).unwrap();
         let err = cmd.output().unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOEXEC), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

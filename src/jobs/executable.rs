@@ -405,6 +405,7 @@ mod tests {
         assert!(!busy(&there, true), "its interpreter is missing");
         assert!(busy(&gone, true), "away, whatever it said before");
         assert!(!start_error("x".into(), libc::EACCES, &there, false).is_busy());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A job's score is the configured one, never below the worker's own, and nothing is

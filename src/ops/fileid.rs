@@ -62,5 +62,6 @@ mod tests {
         file.set_modified(far + std::time::Duration::from_secs(1))
             .unwrap();
         assert_ne!(Ident::of(&path), Some(id));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
