@@ -112,11 +112,17 @@ impl SpoolSource {
                 self.keep_unplaced(entry, e)
             }
             Err(e) => {
-                if let Some(hold) = entry.hold.take() {
-                    self.direct.unfinish(entry.id, hold);
-                }
+                self.give_back(entry);
                 Err(e)
             }
+        }
+    }
+
+    /// The outcome `entry` could not be placed and stays with its lane, to be tried again: a
+    /// job that came without a file keeps its share of its segment (`Direct::unfinish`).
+    pub(super) fn give_back(&self, entry: Entry) {
+        if let Some(hold) = entry.hold {
+            self.direct.unfinish(entry.id, hold);
         }
     }
 
@@ -128,15 +134,12 @@ impl SpoolSource {
 
     /// Keeps an outcome a lane could not place (`fault`) while the lanes stop for an exec, to
     /// cross it; past the budget the fault is given back, and the lane goes on trying.
-    pub(super) fn keep_unplaced(&self, mut entry: Entry, fault: Error) -> Result<()> {
+    pub(super) fn keep_unplaced(&self, entry: Entry, fault: Error) -> Result<()> {
         let size = |e: &Entry| journal::encode_all(std::slice::from_ref(e)).len();
         let mut kept = match self.unplaced_list() {
             Ok(kept) if kept.iter().map(size).sum::<usize>() + size(&entry) <= CARRY_BUDGET => kept,
             _ => {
-                // Kept by the lane, to be placed again: its segment stays held.
-                if let Some(hold) = entry.hold.take() {
-                    self.direct.unfinish(entry.id, hold);
-                }
+                self.give_back(entry);
                 return Err(fault);
             }
         };

@@ -26,7 +26,6 @@ fn sound(spool: &Spool, sub: &str, id: &str) -> bool {
 }
 
 /// What replaying a record did.
-#[derive(PartialEq)]
 enum Replayed {
     Nothing,
     Written,

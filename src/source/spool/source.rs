@@ -310,10 +310,7 @@ impl SpoolSource {
             Some(c) if self.handing_over() => c.submit_all(vec![entry]),
             // Durable with the next group commit; the lane goes on meanwhile.
             Some(c) => c.submit(entry).map_err(|(e, entry)| {
-                // Kept by the lane, to be handed over again.
-                if let Some(hold) = entry.hold {
-                    self.direct.unfinish(entry.id, hold);
-                }
+                self.give_back(entry);
                 e
             }),
             None => self.place_own(entry),
