@@ -747,3 +747,39 @@ fn restart_onto_a_crashing_binary(name: &str, start: &[&str]) {
     assert_eq!(s["last_rollback"]["to_sha256"], good.as_str(), "{s}");
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// A good binary dropped while config.toml is being rewritten: its pre-flight (`check`) read
+/// the half-edited file and failed. Once the file is as the running generation has it again,
+/// nothing else changes, so the binary must be judged again then; it was left refused for
+/// good (found by the soak: the last deploy never ran).
+#[test]
+fn a_binary_refused_for_a_config_being_edited_is_taken_once_the_config_is_back() {
+    let v2 = second_build();
+    let sb = sandbox("deploy-config-back");
+    let w = sb.start();
+    w.wait_running_sha();
+    let good = sb.config_text("");
+    fs::write(
+        sb.config(),
+        good.replacen("concurrency = ", "concurrency == ", 1),
+    )
+    .unwrap();
+    w.wait_for(Duration::from_secs(10), "the invalid config refused", |s| {
+        !s["last_refused_reload"].is_null()
+    });
+    drop_by_rename(&v2, &sb.bin, 0o755);
+    let s = w.wait_for(Duration::from_secs(30), "the candidate refused", |s| {
+        !s["last_refused_deploy"].is_null()
+    });
+    assert!(
+        s["last_refused_deploy"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("config.toml:"),
+        "refused for the config: {s}"
+    );
+    fs::write(sb.config(), &good).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["binary_sha256"], sha(&v2), "the binary at the path runs");
+    assert_eq!(s["last_restart_reason"], "binary changed");
+}

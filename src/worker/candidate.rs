@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::control::{Control, Loop, Phase};
 use crate::kinds::{DeployResult, RestartReason};
 use crate::restart::deploy::Step;
+use crate::text::ShowPath;
 
 /// The longest a restart whose lanes have ended waits for a candidate's verdict: its
 /// pre-flight's own bound, and time to hash it. Then the running image is exec'd, as for a
@@ -27,9 +28,14 @@ impl Control {
             }
             crate::jobs::functions::set_candidate_pending(d.pending());
             crate::jobs::functions::binary_looked_at(&d.path);
-            for _ in 0..d.take_refusals() {
+            let refusals = d.take_refusals();
+            for _ in 0..refusals {
                 self.state.metrics.deploy(DeployResult::Refused);
             }
+            let due = lp.first_touch.is_some() || lp.check_at.is_some();
+            let files_refused = self.refused_digest.is_some();
+            lp.verdicts
+                .looked(d.deciding(), refusals > 0, files_refused, due);
             if let Ok(mut i) = self.state.inner.lock() {
                 i.last_refused_deploy = d.last_refused.clone();
                 i.binary_sha256 = d.running_sha();
@@ -39,6 +45,35 @@ impl Control {
         if approved && lp.splayed.is_none() && matches!(lp.phase, Phase::Running) {
             self.restart_or_splay(&mut lp.phase, &mut lp.splayed, RestartReason::BinaryChanged);
         }
+        self.judge_again_if_stale(lp);
+    }
+
+    /// A candidate refused while config.toml or `jobs_dir` was not as this generation runs it
+    /// (its pre-flight, `check`, read them: a half-edited config fails it) is judged again
+    /// once they are, which no other event would bring about.
+    pub(super) fn judge_again_if_stale(&mut self, lp: &mut Loop) {
+        let settled = self.refused_digest.is_none()
+            && !self.look_failing
+            && lp.first_touch.is_none()
+            && lp.check_at.is_none();
+        if !settled || !matches!(lp.phase, Phase::Running) || !lp.verdicts.stale {
+            return;
+        }
+        let Some(d) = self.deploy.as_mut() else {
+            return;
+        };
+        if d.deciding() {
+            return;
+        }
+        lp.verdicts.stale = false;
+        log::info!(
+            "deploy: \"{}\" was refused while config.toml or jobs_dir was changing; judging it again",
+            d.path.shown()
+        );
+        d.hurry(true);
+        crate::jobs::functions::set_candidate_pending(d.pending());
+        let soon = Instant::now() + Duration::from_millis(50);
+        lp.binary_at = Some(lp.binary_at.map_or(soon, |t| t.min(soon)));
     }
 
     /// A restart is asked for: a new file at the binary's path is judged now; one refused

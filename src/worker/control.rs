@@ -58,6 +58,8 @@ pub(super) struct Loop {
     pub(super) writer: Writer,
     /// When to look at the binary's path.
     pub(super) binary_at: Option<Instant>,
+    /// Whether a candidate's refusal may be the files' fault (`candidate.rs`).
+    pub(super) verdicts: super::verdicts::Verdicts,
     /// Every lane has ended for a restart, which waits since then for the verdict on a new
     /// binary at the path (`candidate.rs`).
     pub(super) awaiting: Option<Instant>,
@@ -156,6 +158,7 @@ impl Control {
             check_at: Some(Instant::now() + DEBOUNCE),
             first_touch: None,
             writer: Writer::default(),
+            verdicts: Default::default(),
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
@@ -442,7 +445,7 @@ impl Control {
             // A config or jobs change may have been undone meanwhile.
             let still = match reason {
                 RestartReason::BinaryChanged => Some(reason),
-                _ => self.changed_on_disk(),
+                _ => self.look_at_files_now(lp),
             };
             if let Some(reason) = still.filter(|_| matches!(lp.phase, Phase::Running)) {
                 self.request_restart(&mut lp.phase, reason);

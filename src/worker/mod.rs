@@ -37,6 +37,7 @@ mod plan;
 mod restart;
 mod startup;
 mod touched;
+mod verdicts;
 
 use control::Control;
 use event::Event;

@@ -53,6 +53,15 @@ impl Control {
         }
     }
 
+    /// Which watched state differs from the running one and is valid (`changed_on_disk`),
+    /// noted for the verdicts on candidates (a refusal while the files moved may be theirs).
+    pub(super) fn look_at_files_now(&mut self, lp: &mut Loop) -> Option<RestartReason> {
+        let reason = self.changed_on_disk();
+        let moved = reason.is_some() || self.refused_digest.is_some() || self.look_failing;
+        lp.verdicts.files_looked(moved);
+        reason
+    }
+
     /// The debounced look at config.toml and `jobs_dir` after file events.
     pub(super) fn look_at_files(&mut self, lp: &mut Loop) {
         // Written in place and not closed yet: a prefix that may parse is not judged (its
@@ -83,12 +92,13 @@ impl Control {
             self.request_restart(&mut lp.phase, RestartReason::Sighup);
         }
         if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
-            if let Some(reason) = self.changed_on_disk() {
+            if let Some(reason) = self.look_at_files_now(lp) {
                 self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
             }
             if self.look_failing {
                 lp.check_at = Some(Instant::now() + LOOK_AGAIN);
             }
+            self.judge_again_if_stale(lp);
         }
     }
 
