@@ -59,9 +59,13 @@ QUORUM = os.environ.get("SOAK_QUORUM") == "1"
 # the spool; every payload answered TRUE must be there once the worker has drained (runs
 # twice are counted: at least once).
 TRUE = os.environ.get("SOAK_TRUE") == "1"
-# SOAK_NOKILL=1: no kill -9 and no forced stop among the chaos: every restart and stop is a clean
-# one, so with SOAK_TRUE a job that runs twice can only be a client's resend of a message whose
-# answer came later than its 2 s (the count is said, and is 0 when none was that slow).
+# SOAK_ONCE=1: every source's clients' jobs run `record` too (their results are checked as
+# usual), and the runs twice are counted.
+RECORD = TRUE or os.environ.get("SOAK_ONCE") == "1"
+# SOAK_NOKILL=1: no kill -9, no forced stop, no broker killed and no server frozen among the
+# chaos: every restart and stop is a clean one and no server redelivers, so with SOAK_TRUE or
+# SOAK_ONCE a job a client sent once that ran twice fails the run (a pyzmq client's resend of a
+# message whose answer came later than its 2 s is counted apart: a second copy was sent).
 NOKILL = os.environ.get("SOAK_NOKILL") == "1"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
@@ -72,7 +76,7 @@ LAST_SLEEP = [0.0]
 def expect(function, payload):
     if function == "reverse":
         return payload[::-1]
-    if function in ("echo", "sleep"):
+    if function in ("echo", "sleep", "record"):
         return payload
     if function == "sha256":
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -86,7 +90,7 @@ def job(n, i):
     if n == 0 and time.monotonic() - LAST_SLEEP[0] > 2:
         LAST_SLEEP[0] = time.monotonic()
         return "sleep", str(random.randint(100, 2000))
-    function = "record" if TRUE else random.choice(FUNCS)
+    function = "record" if RECORD else random.choice(FUNCS)
     return function, f"c{n}-m{i}-" + "x" * random.randint(0, 50)
 
 
@@ -119,7 +123,9 @@ class Soak:
         shutil.copy(BUILD, self.bin)
         self.put_job("upper", "tr a-z A-Z")
         self.runs = f"{self.d}/runs"
-        self.recorded = kind == "zeromq" and TRUE
+        self.recorded = RECORD
+        self.twice = 0  # jobs that ran more than once (`record`'s lines)
+        self.owed = 0  # bytes `record` is to write for the jobs taken so far
         if self.recorded:
             with open(self.runs, "w"):
                 pass
@@ -233,16 +239,32 @@ class Soak:
     # Clients, one kind each.
 
     def took(self, answer, function, payload):
-        if self.recorded and function != "record":
-            return  # a `sleep`: nothing to look for
+        if self.recorded and self.kind == "zeromq" and TRUE and function != "record":
+            return  # a `sleep` answered TRUE: nothing to look for
         with self.lock:
             self.taken.append((answer, function, payload))
+            if function == "record":
+                self.owed += len(payload.encode()) + 1
+
+    def pace(self):
+        """With `record` (a shell, some ms a job) the clients would queue jobs faster than the
+        worker runs them, and the run would end with a backlog no drain finishes: a client
+        waits while the jobs taken and not yet run hold more than about 2,000 lines."""
+        while self.recorded and not self.stop.is_set():
+            try:
+                behind = self.owed - os.path.getsize(self.runs)
+            except OSError:
+                return
+            if behind < 64 << 10:
+                return
+            time.sleep(0.05)
 
     def client_spool(self, n):
         """`gearshift submit`: into the spool, or to the ZeroMQ source's socket (it resends
         until answered, three tries of 5 s); prints the job id either way."""
         i = 0
         while not self.stop.is_set():
+            self.pace()
             function, payload = job(n, i)
             i += 1
             r = self.gs("submit", function, payload)
@@ -267,6 +289,7 @@ class Soak:
         ctx = zmq.Context.instance()
         sock, i = None, 0
         while not self.stop.is_set():
+            self.pace()
             function, payload = job(n, i)
             i += 1
             tries, refused_until = 0, time.monotonic() + 60
@@ -307,6 +330,7 @@ class Soak:
     def client_gearman(self, n):
         i = 0
         while not self.stop.is_set():
+            self.pace()
             function, payload = job(n, i)
             i += 1
             try:
@@ -334,8 +358,10 @@ class Soak:
         import pika
 
         replies, i, mine, conn = f"replies{n}", 0, [], None
+        waiting = set()  # sent, no reply yet: with `record` at most 100 (a shell a job is slower)
 
         def on_reply(ch, method, props, body):
+            waiting.discard(props.correlation_id)
             with self.lock:
                 if props.correlation_id in self.answers:
                     self.duplicates += 1
@@ -367,7 +393,7 @@ class Soak:
             try:
                 if conn is None:
                     conn, ch = connect()
-                if deadline is None:
+                if deadline is None and (len(waiting) < 100 or not RECORD):
                     for _ in range(20):
                         function, payload = job(n, i)
                         i += 1
@@ -378,6 +404,7 @@ class Soak:
                                          properties=pika.BasicProperties(reply_to=replies, correlation_id=cid,
                                                                          type=function, delivery_mode=2))
                         mine.append(cid)
+                        waiting.add(cid)
                         with self.lock:
                             self.sent[cid] = (function, payload)
                 conn.process_data_events(time_limit=0.05 if deadline is None else 0.2)
@@ -385,6 +412,7 @@ class Soak:
                 # The broker killed (or starting again): a new connection once it takes one.
                 with self.lock:
                     self.reconnects += 1
+                waiting.clear()  # a publish the broker took down with it is never answered
                 try:
                     conn.close()
                 except Exception:
@@ -432,8 +460,9 @@ class Soak:
         if not NOKILL:
             choices += ["kill -9", "forced stop"]
         if self.kind == "gearman":
-            choices += ["gearmand killed", "server frozen"]
-        if self.kind == "amqp":
+            # A gearmand killed takes its queue along: nothing it handed out comes back.
+            choices += ["gearmand killed"] + ([] if NOKILL else ["server frozen"])
+        if self.kind == "amqp" and not NOKILL:
             choices += ["broker killed", "server frozen"]
         if self.disk:
             choices += ["disk full"] * 2
@@ -532,11 +561,15 @@ class Soak:
             missing = [p for p in self.sent if p not in self.answers]
             wrong = [(p, a) for p, a in self.answers.items()
                      if a[0] != expect(*self.tried[p]) or a[1] not in (b"done", "done")]
+            if self.recorded:
+                self.runs_twice(self.ran())
             return len(self.sent), missing, wrong
         if self.kind == "gearman":
             wrong = [t for t in self.taken if t[0] != expect(t[1], t[2])]
+            if self.recorded:
+                self.runs_twice(self.ran())
             return len(self.taken), [], wrong
-        if self.recorded:
+        if self.recorded and self.kind == "zeromq" and TRUE:
             return self.recorded_results()
         pending, wrong, missing, right = list(self.taken), [], [], [0]
         deadline = time.monotonic() + 180
@@ -575,26 +608,39 @@ class Soak:
         if right[0] + len(wrong) + len(missing) + len(pending) != len(self.taken):
             self.problems.append(f"{len(self.taken)} jobs taken, but {right[0]} right, {len(wrong)} wrong, "
                                  f"{len(missing)} missing and {len(pending)} unfinished")
+        if self.recorded:
+            self.runs_twice(self.ran())
         return len(self.taken), missing + pending, wrong
+
+    def ran(self):
+        """How many times each payload ran (`record` writes a line for each run)."""
+        with open(self.runs, errors="replace") as f:
+            return collections.Counter(f.read().splitlines())
+
+    def runs_twice(self, ran):
+        """Counts the jobs that ran more than once; with SOAK_NOKILL any one a client sent once
+        fails the run."""
+        sent = [p for f, p in (self.sent.values() if self.kind == "amqp" else
+                               ((t[1], t[2]) for t in self.taken)) if f == "record"]
+        self.twice = sum(1 for p in sent if ran[p] > 1)
+        if NOKILL:
+            # `gearshift submit` to a ZeroMQ source resends on its own: its copies may be two.
+            twice = [p for p in sent if ran[p] > 1 and p not in self.resent
+                     and not (self.kind == "zeromq" and p.startswith(f"c{CLIENTS - 1}-"))]
+            if twice:
+                self.problems.append(f"{len(twice)} jobs sent once ran twice with no kill: {twice[:3]}")
 
     def recorded_results(self):
         """`SOAK_TRUE`: every payload answered TRUE was run (its line in `runs`)."""
         wrong = [t for t in self.taken if t[0] != "TRUE"]
         deadline, missing = time.monotonic() + 180, []
         while time.monotonic() < deadline:
-            with open(self.runs, errors="replace") as f:
-                ran = collections.Counter(f.read().splitlines())
+            ran = self.ran()
             missing = [t for t in self.taken if ran[t[2]] == 0]
             if not missing:
                 break
             time.sleep(1)
-        self.duplicates = sum(1 for t in self.taken if ran[t[2]] > 1)
-        if NOKILL:
-            # Sent once by a pyzmq client (`gearshift submit` resends on its own), no kill: once.
-            twice = [t for t in self.taken if ran[t[2]] > 1 and t[2] not in self.resent
-                     and not t[2].startswith(f"c{CLIENTS - 1}-")]
-            if twice:
-                self.problems.append(f"{len(twice)} jobs sent once ran twice with no kill: {twice[:3]}")
+        self.runs_twice(ran)
         return len(self.taken), missing, wrong
 
     def run(self):
@@ -667,7 +713,7 @@ class Soak:
               f"{' and full disk errors' if self.disk else ''}); "
               f"{f'{self.refused_full} submits refused for the full disk; ' if self.disk else ''}"
               f"{f'{self.duplicates} replies twice, {self.reconnects} client reconnects; ' if self.broker else ''}"
-              f"{f'{self.duplicates} run twice; ' if self.recorded else ''}"
+              f"{f'{self.twice} run twice; ' if self.recorded else ''}"
               f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
               f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
               f"{'held' if ok else 'FAILED'}", flush=True)
