@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -2095,5 +2096,51 @@ fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     assert!(
         outcomes.iter().all(|o| o.0 && o.2 == 1),
         "a job ran twice or failed"
+    );
+}
+
+/// A deploy met while the candidate cannot be started for want of a resource (the worker's
+/// user out of processes or descriptors: `fork` fails with EAGAIN) is no verdict on the binary:
+/// it is tried again until it can run, and then switched to, with no reload. Before, it was
+/// refused ("cannot run the candidate: Resource temporarily unavailable") and stayed refused
+/// until a SIGHUP.
+#[test]
+fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
+    let mut sb = Sandbox::new("deploy-eagain");
+    fs::create_dir_all(sb.path("bin")).unwrap();
+    let faulty = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let bin = sb.path("bin/gearshift");
+    copy_binary(&faulty, &bin);
+    sb.bin = bin.clone();
+    let marker = sb.path("no-processes");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_PREFLIGHT_EAGAIN", marker.to_str().unwrap())]);
+    w.wait_running_sha();
+    // The same program with other bytes: another digest.
+    let tmp = sb.path("bin/gearshift.new");
+    fs::copy(&faulty, &tmp).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .unwrap()
+        .write_all(b"another build")
+        .unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, &bin).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the pre-flight failing to start",
+        || w.log_text().contains("Resource temporarily unavailable"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    fs::remove_file(&marker).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["binary_sha256"], sha256_hex(&fs::read(&bin).unwrap()));
+    assert!(s["last_refused_deploy"].is_null(), "{s}");
+    let log = w.log_text();
+    assert_eq!(
+        log.matches("Resource temporarily unavailable").count(),
+        1,
+        "said once while it lasts:\n{log}"
     );
 }

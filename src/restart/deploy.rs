@@ -14,7 +14,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -286,7 +285,10 @@ impl Deploy {
             self.refuse(ident, String::new(), "the file is not executable".into());
             return Step::Nothing;
         }
-        if let Some(why) = self.worker_uid.and_then(|uid| writable_by(&self.path, uid)) {
+        if let Some(why) = self
+            .worker_uid
+            .and_then(|uid| super::preflight::writable_by(&self.path, uid))
+        {
             self.refuse(ident, String::new(), why);
             return Step::Nothing;
         }
@@ -294,6 +296,7 @@ impl Deploy {
         let (tx, rx) = bounded(1);
         let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
         let bad = self.known_bad.clone();
+        let say = self.unreadable_said != Some(ident);
         let refused = (!again)
             .then(|| self.last_refused.as_ref().map(|r| r.sha256.clone()))
             .flatten()
@@ -322,13 +325,17 @@ impl Deploy {
                     None,
                 ),
                 Ok((sha, file)) => {
-                    log::info!(
-                        "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
-                        path.shown(),
-                        short(&sha)
-                    );
-                    let result = super::preflight::run(&path, &config);
-                    Outcome::Checked(sha, result, Some(file))
+                    if say {
+                        log::info!(
+                            "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
+                            path.shown(),
+                            short(&sha)
+                        );
+                    }
+                    match super::preflight::run(&path, &config) {
+                        Err(NotPassed::Later(e)) => Outcome::Unreadable(e),
+                        result => Outcome::Checked(sha, result, Some(file)),
+                    }
                 }
             };
             let _ = tx.send(outcome);
@@ -370,7 +377,10 @@ impl Deploy {
             Outcome::Unreadable(e) => {
                 // Looked at again (it may be a fault that passes), said once per file.
                 if self.unreadable_said.replace(ident) != Some(ident) {
-                    log::warn!("deploy: cannot read \"{}\": {e}", self.path.shown());
+                    log::warn!(
+                        "deploy: cannot judge \"{}\" now: {e}; trying again",
+                        self.path.shown()
+                    );
                 }
                 self.last_seen = None;
                 return Some(Step::CheckIn(SETTLE));
@@ -395,7 +405,7 @@ impl Deploy {
                 self.approved_file = Some(file);
                 Some(Step::Approved)
             }
-            Err(NotPassed::Busy) => {
+            Err(NotPassed::Busy | NotPassed::Later(_)) => {
                 // Still open for writing somewhere: not whole yet.
                 self.last_seen = None;
                 Some(Step::CheckIn(SETTLE))
@@ -442,26 +452,6 @@ impl Deploy {
             _ => (PathBuf::from("/proc/self/exe"), running),
         }
     }
-}
-
-/// Why the worker's user (`uid`) could have written the binary at `path` or replaced it in its
-/// directory, if it could.
-fn writable_by(path: &Path, uid: u32) -> Option<String> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    for (p, what) in [(path, "the binary"), (dir, "its directory")] {
-        let Ok(m) = std::fs::metadata(p) else {
-            return Some(format!("cannot check \"{}\"", p.shown()));
-        };
-        if (m.uid() == uid && uid != 0) || m.mode() & 0o022 != 0 {
-            return Some(format!(
-                "{what} \"{}\" is writable by the worker's user or by others (owner uid {}, mode {:o}): root would run it at the next fresh start; fix: chown root and chmod go-w",
-                p.shown(),
-                m.uid(),
-                m.mode() & 0o7777
-            ));
-        }
-    }
-    None
 }
 
 /// First 12 hex digits, for log lines.

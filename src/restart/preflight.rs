@@ -1,8 +1,9 @@
 //! A deploy's pre-flight: `CANDIDATE -c CONFIG check`, run with a timeout and a clean
 //! environment, its output read while it runs (the tail kept), in a process group of its own
-//! that dies with the worker.
+//! that dies with the worker; and the look before it at who could have written the file.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,6 +15,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use crate::text::ShowPath;
 
 /// How long a pre-flight may take.
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +42,9 @@ pub(super) enum NotPassed {
     Busy,
     /// It ran and said no (or could not run): the reason, with the tail of its output.
     Failed(String),
+    /// It could not be started for want of a resource (processes, descriptors, memory): no
+    /// verdict on the binary; tried again.
+    Later(String),
 }
 
 /// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else the tail of its
@@ -47,11 +53,12 @@ pub(super) enum NotPassed {
 /// own and dies with the thread that started it (`PR_SET_PDEATHSIG`), so neither it nor its
 /// children outlive the worker.
 pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
-    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .map_err(|e| NotPassed::Failed(format!("cannot create a pipe for the candidate: {e}")))?;
-    let write2 = write
-        .try_clone()
-        .map_err(|e| NotPassed::Failed(format!("cannot create a pipe for the candidate: {e}")))?;
+    let no_pipe = |e: &dyn std::fmt::Display| {
+        NotPassed::Later(format!("cannot create a pipe for the candidate: {e}"))
+    };
+    let (read, write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| no_pipe(&e))?;
+    let write2 = write.try_clone().map_err(|e| no_pipe(&e))?;
     // The candidate's end must block like any stdout.
     let _ = nix::fcntl::fcntl(
         write.as_raw_fd(),
@@ -86,10 +93,26 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
     }
     let spawned = crate::jobs::exact::exactly(&mut cmd, crate::jobs::exact::Env::Cleared)
         .and_then(|()| crate::jobs::reaper::spawn(&mut cmd));
+    // A fault-injection build (tests only): the fork fails with EAGAIN (the user out of
+    // processes) while the file GEARSHIFT_FAULT_PREFLIGHT_EAGAIN names exists.
+    #[cfg(gearshift_faults)]
+    let spawned = match std::env::var_os("GEARSHIFT_FAULT_PREFLIGHT_EAGAIN") {
+        Some(p) if Path::new(&p).exists() => {
+            if let Ok(mut c) = spawned {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        }
+        _ => spawned,
+    };
     // Our copies of the write end go with the command: EOF comes when the candidate's close.
     drop(cmd);
     let mut child = spawned.map_err(|e| match e.raw_os_error() {
         Some(libc::ETXTBSY) => NotPassed::Busy,
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => {
+            NotPassed::Later(format!("cannot start the candidate now: {e}"))
+        }
         _ => NotPassed::Failed(format!(
             "cannot run the candidate: {}",
             crate::jobs::shebang::why_not_started(candidate, &e).unwrap_or_else(|| e.to_string())
@@ -175,4 +198,24 @@ fn drain(fd: &OwnedFd, tail: &mut Vec<u8>) -> bool {
             }
         }
     }
+}
+
+/// Why the worker's user (`uid`) could have written the binary at `path` or replaced it in its
+/// directory, if it could.
+pub(super) fn writable_by(path: &Path, uid: u32) -> Option<String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    for (p, what) in [(path, "the binary"), (dir, "its directory")] {
+        let Ok(m) = std::fs::metadata(p) else {
+            return Some(format!("cannot check \"{}\"", p.shown()));
+        };
+        if (m.uid() == uid && uid != 0) || m.mode() & 0o022 != 0 {
+            return Some(format!(
+                "{what} \"{}\" is writable by the worker's user or by others (owner uid {}, mode {:o}): root would run it at the next fresh start; fix: chown root and chmod go-w",
+                p.shown(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    None
 }
