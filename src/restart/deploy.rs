@@ -314,7 +314,7 @@ impl Deploy {
                 }
             });
             let outcome = match opened.and_then(|mut f| hash_reader(&mut f).map(|sha| (sha, f))) {
-                Err(e) => Outcome::Unreadable(e.to_string()),
+                Err(e) => Outcome::Unreadable(format!("cannot read \"{}\": {e}", path.shown())),
                 Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
                 Ok((sha, _)) if Some(&sha) == refused.as_ref() => Outcome::Refused,
                 Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
@@ -333,7 +333,10 @@ impl Deploy {
                         );
                     }
                     match super::preflight::run(&path, &config) {
-                        Err(NotPassed::Later(e)) => Outcome::Unreadable(e),
+                        Err(NotPassed::Later(e)) => Outcome::Unreadable(format!(
+                            "cannot judge \"{}\" now: {e}; trying again",
+                            path.shown()
+                        )),
                         result => Outcome::Checked(sha, result, Some(file)),
                     }
                 }
@@ -351,7 +354,7 @@ impl Deploy {
             Err(crossbeam_channel::TryRecvError::Empty) => {
                 return Some(Step::CheckIn(Duration::from_millis(50)))
             }
-            Err(_) => Outcome::Unreadable("the pre-flight thread died".into()),
+            Err(_) => Outcome::Unreadable("the pre-flight thread died; trying again".into()),
         };
         let ident = *ident;
         self.preflight = None;
@@ -377,10 +380,7 @@ impl Deploy {
             Outcome::Unreadable(e) => {
                 // Looked at again (it may be a fault that passes), said once per file.
                 if self.unreadable_said.replace(ident) != Some(ident) {
-                    log::warn!(
-                        "deploy: cannot judge \"{}\" now: {e}; trying again",
-                        self.path.shown()
-                    );
+                    log::warn!("deploy: {e}");
                 }
                 self.last_seen = None;
                 return Some(Step::CheckIn(SETTLE));
