@@ -2144,3 +2144,51 @@ fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
         "said once while it lasts:\n{log}"
     );
 }
+
+/// A worker killed after storing a job's outcome but before the job left `cur/`: the next
+/// start finds the outcome and the job is done. If that outcome cannot be read then for want
+/// of descriptors, the job waits in `cur/` and is looked at again; before, its result was set
+/// aside as damaged (`rejected/`) and the job ran a second time.
+#[test]
+fn a_stored_outcome_that_cannot_be_read_at_recovery_for_want_of_descriptors_is_not_run_again() {
+    let mut sb = Sandbox::new("recover-emfile");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let runs = sb.path("runs");
+    sb.job(
+        "record.sh",
+        &format!(
+            "#!/bin/sh\np=$(cat)\necho \"$p\" >> {}\nprintf %s \"$p\"\n",
+            runs.display()
+        ),
+    );
+    let id = sb.submit("record", "once");
+    let queued = fs::read(sb.path(&format!("spool/new/{id}"))).unwrap();
+    let mut w = sb.start();
+    assert_eq!(
+        all_outcomes(&sb, std::slice::from_ref(&id), Duration::from_secs(20))[0],
+        (true, "once".to_string(), 1)
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+    w.wait_exit(Duration::from_secs(10));
+    // As a kill -9 between storing the outcome and leaving cur/ leaves it.
+    fs::write(sb.path(&format!("spool/cur/{id}")), &queued).unwrap();
+    let marker = sb.path("no-descriptors");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_READ_RESULT", marker.to_str().unwrap())]);
+    let put_off = Instant::now();
+    while !w.log_text().contains("cannot recover it now") && put_off.elapsed().as_secs() < 3 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::remove_file(&marker).unwrap();
+    eventually(Duration::from_secs(20), "the job recovered", || {
+        count(&sb.path("spool/cur")) == 0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fs::read_to_string(&runs).unwrap(), "once\n", "ran once");
+    assert_eq!(count(&sb.path("spool/rejected")), 0, "{}", w.log_text());
+    assert!(w.log_text().contains("cannot recover it now"));
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(5))[0],
+        (true, "once".to_string(), 1)
+    );
+}

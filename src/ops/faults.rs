@@ -30,3 +30,15 @@ pub fn watch_read<T>(waited: std::io::Result<T>) -> std::io::Result<T> {
     stall_while("GEARSHIFT_FAULT_STALL_WATCH", "stalling the watch");
     waited
 }
+
+/// `result`, or EMFILE while the file the environment variable `var` names exists (a read
+/// that fails for want of descriptors).
+pub fn fail_while<T>(var: &str, result: crate::Result<T>) -> crate::Result<T> {
+    match std::env::var_os(var) {
+        Some(p) if std::path::Path::new(&p).exists() => Err(crate::Error::io(
+            "reading (injected fault, gearshift_faults build)",
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+        )),
+        _ => result,
+    }
+}

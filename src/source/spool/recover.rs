@@ -74,12 +74,21 @@ impl SpoolSource {
 
     pub(super) fn recover_one(&self, id: &str) -> Result<()> {
         let path = self.spool.dir("cur").join(id);
-        match self.spool.read_finished(id) {
+        let finished = self.spool.read_finished(id);
+        // A fault-injection build (tests only): the result cannot be read for want of
+        // descriptors while the file GEARSHIFT_FAULT_READ_RESULT names exists.
+        #[cfg(gearshift_faults)]
+        let finished = crate::ops::faults::fail_while("GEARSHIFT_FAULT_READ_RESULT", finished);
+        match finished {
             Ok(Some(_)) => {
                 // Killed after storing the outcome but before leaving cur/: it is done.
                 return remove(&path);
             }
             Ok(None) => {}
+            // Not the record's fault (no descriptor, no memory, an I/O error: as for the job's
+            // own file, `read_job`): it may hold an outcome, so the job is not run again on its
+            // account; looked at again later.
+            Err(e) if e.tier() == crate::error::Tier::Transient => return Err(e),
             Err(e) => {
                 // A damaged result record: set it aside and run the job again.
                 for sub in ["done", "failed"] {
