@@ -748,14 +748,11 @@ fn restart_onto_a_crashing_binary(name: &str, start: &[&str]) {
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
-/// A good binary dropped while config.toml is being rewritten: its pre-flight (`check`) read
-/// the half-edited file and failed. Once the file is as the running generation has it again,
-/// nothing else changes, so the binary must be judged again then; it was left refused for
-/// good (found by the soak: the last deploy never ran).
-#[test]
-fn a_binary_refused_for_a_config_being_edited_is_taken_once_the_config_is_back() {
+/// A sandbox's worker whose config.toml is invalid (refused) when a second build is dropped at
+/// the path: the candidate's pre-flight (`check`) reads that config and fails. Returns the
+/// worker, the config as it was, and the build.
+fn refused_while_the_config_is_invalid(sb: &Sandbox) -> (Worker, String, PathBuf) {
     let v2 = second_build();
-    let sb = sandbox("deploy-config-back");
     let w = sb.start();
     w.wait_running_sha();
     let good = sb.config_text("");
@@ -778,8 +775,34 @@ fn a_binary_refused_for_a_config_being_edited_is_taken_once_the_config_is_back()
             .contains("config.toml:"),
         "refused for the config: {s}"
     );
+    (w, good, v2)
+}
+
+/// A good binary dropped while config.toml is being rewritten: its pre-flight (`check`) read
+/// the half-edited file and failed. Once the file is as the running generation has it again,
+/// nothing else changes, so the binary must be judged again then; it was left refused for
+/// good (found by the soak: the last deploy never ran).
+#[test]
+fn a_binary_refused_for_a_config_being_edited_is_taken_once_the_config_is_back() {
+    let sb = sandbox("deploy-config-back");
+    let (w, good, v2) = refused_while_the_config_is_invalid(&sb);
     fs::write(sb.config(), &good).unwrap();
     let s = w.wait_generation(2);
     assert_eq!(s["binary_sha256"], sha(&v2), "the binary at the path runs");
     assert_eq!(s["last_restart_reason"], "binary changed");
+}
+
+/// As above, but the config is put back together with a change to `jobs_dir`: the restart for
+/// the jobs must judge the refused binary again, or the next generation refuses its bytes
+/// unseen (a refusal crosses the exec) and runs the old binary for good.
+#[test]
+fn a_binary_refused_for_a_config_being_edited_is_taken_by_the_next_restart() {
+    let sb = sandbox("deploy-config-back-jobs");
+    let (w, good, v2) = refused_while_the_config_is_invalid(&sb);
+    fs::write(sb.config(), &good).unwrap();
+    sb.job("added.sh", "#!/bin/sh\ncat\n");
+    let s = w.wait_for(Duration::from_secs(30), "the new binary running", |s| {
+        s["binary_sha256"] == sha(&v2)
+    });
+    assert_eq!(s["pid"], w.pid(), "same PID");
 }

@@ -34,7 +34,7 @@ impl Control {
             }
             let due = lp.first_touch.is_some() || lp.check_at.is_some();
             let files_refused = self.refused_digest.is_some();
-            lp.verdicts
+            self.verdicts
                 .looked(d.deciding(), refusals > 0, files_refused, due);
             if let Ok(mut i) = self.state.inner.lock() {
                 i.last_refused_deploy = d.last_refused.clone();
@@ -56,7 +56,7 @@ impl Control {
             && !self.look_failing
             && lp.first_touch.is_none()
             && lp.check_at.is_none();
-        if !settled || !matches!(lp.phase, Phase::Running) || !lp.verdicts.stale {
+        if !settled || !matches!(lp.phase, Phase::Running) || !self.verdicts.stale {
             return;
         }
         let Some(d) = self.deploy.as_mut() else {
@@ -65,7 +65,7 @@ impl Control {
         if d.deciding() {
             return;
         }
-        lp.verdicts.stale = false;
+        self.verdicts.stale = false;
         log::info!(
             "deploy: \"{}\" was refused while config.toml or jobs_dir was changing; judging it again",
             d.path.shown()
@@ -77,10 +77,13 @@ impl Control {
     }
 
     /// A restart is asked for: a new file at the binary's path is judged now; one refused
-    /// before is judged again when the operator asked (SIGHUP) or the config changed.
+    /// before is judged again when the operator asked (SIGHUP), the config changed, or its
+    /// refusal may be the files' fault (`verdicts.rs`).
     pub(super) fn hurry_candidate(&mut self, reason: RestartReason) {
         if let Some(d) = self.deploy.as_mut() {
-            d.hurry(again(reason));
+            // A refusal its pre-flight owed to files being edited is judged again too: the
+            // next generation would refuse those bytes unseen.
+            d.hurry(again(reason) || std::mem::take(&mut self.verdicts.stale));
             crate::jobs::functions::set_candidate_pending(d.pending());
         }
     }

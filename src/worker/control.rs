@@ -58,8 +58,6 @@ pub(super) struct Loop {
     pub(super) writer: Writer,
     /// When to look at the binary's path.
     pub(super) binary_at: Option<Instant>,
-    /// Whether a candidate's refusal may be the files' fault (`candidate.rs`).
-    pub(super) verdicts: super::verdicts::Verdicts,
     /// Every lane has ended for a restart, which waits since then for the verdict on a new
     /// binary at the path (`candidate.rs`).
     pub(super) awaiting: Option<Instant>,
@@ -131,6 +129,8 @@ pub(super) struct Control {
     pub(super) abandoned: usize,
     /// Why held Rust functions are not abandoned now (an invalid config), said once.
     pub(super) abandon_held_by: Option<String>,
+    /// Whether a candidate's refusal may be the files' fault (`candidate.rs`).
+    pub(super) verdicts: super::verdicts::Verdicts,
 }
 
 impl Control {
@@ -158,7 +158,6 @@ impl Control {
             check_at: Some(Instant::now() + DEBOUNCE),
             first_touch: None,
             writer: Writer::default(),
-            verdicts: Default::default(),
             live: self.lanes.len(),
             terms: 0,
             splayed: None,
@@ -445,7 +444,7 @@ impl Control {
             // A config or jobs change may have been undone meanwhile.
             let still = match reason {
                 RestartReason::BinaryChanged => Some(reason),
-                _ => self.look_at_files_now(lp),
+                _ => self.look_at_files_now(),
             };
             if let Some(reason) = still.filter(|_| matches!(lp.phase, Phase::Running)) {
                 self.request_restart(&mut lp.phase, reason);

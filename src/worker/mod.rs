@@ -103,15 +103,13 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     let rolled_back = fresh_rollback.is_some();
     if let Ok(mut i) = state.inner.lock() {
         i.warnings.extend(start_warnings);
+        i.last_rollback = last_rollback.clone();
     }
     let plan_state_dir = plan.config.worker.state_dir.clone();
     let job_oom_score_adj = plan.config.worker.job_oom_score_adj;
     let inotify = helpers::inotify(&boot);
     let reaper = crate::jobs::reaper::Reaper::new();
     let (render, counts) = answers(&state, &source);
-    if let Ok(mut i) = state.inner.lock() {
-        i.last_rollback = last_rollback.clone();
-    }
     let resumed = boot.inherited.is_some();
     let reason = inherited.reason.clone();
     let limits = Limits::for_generation(&plan.config.worker, &state);
@@ -148,6 +146,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
         exit_for_supervisor: false,
         abandoned: 0,
         abandon_held_by: None,
+        verdicts: Default::default(),
     };
     let mut helpers = helpers::Helpers {
         reaper,

@@ -55,10 +55,10 @@ impl Control {
 
     /// Which watched state differs from the running one and is valid (`changed_on_disk`),
     /// noted for the verdicts on candidates (a refusal while the files moved may be theirs).
-    pub(super) fn look_at_files_now(&mut self, lp: &mut Loop) -> Option<RestartReason> {
+    pub(super) fn look_at_files_now(&mut self) -> Option<RestartReason> {
         let reason = self.changed_on_disk();
         let moved = reason.is_some() || self.refused_digest.is_some() || self.look_failing;
-        lp.verdicts.files_looked(moved);
+        self.verdicts.files_looked(moved);
         reason
     }
 
@@ -92,7 +92,7 @@ impl Control {
             self.request_restart(&mut lp.phase, RestartReason::Sighup);
         }
         if matches!(lp.phase, Phase::Running) && lp.splayed.is_none() {
-            if let Some(reason) = self.look_at_files_now(lp) {
+            if let Some(reason) = self.look_at_files_now() {
                 self.restart_or_splay(&mut lp.phase, &mut lp.splayed, reason);
             }
             if self.look_failing {
