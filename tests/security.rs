@@ -1514,6 +1514,12 @@ fn start_out_of_processes(sb: &Sandbox) -> Hog {
 
 /// [`start_out_of_processes`], the worker started with `env` too.
 fn start_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> Hog {
+    start_with_process_limit(sb, env);
+    use_up_processes(sb)
+}
+
+/// Starts the sandbox's worker (with `env`) under a limit of 400 on its user's processes.
+fn start_with_process_limit(sb: &Sandbox, env: &[(&str, &str)]) {
     let out = Command::new("prlimit")
         .arg("--nproc=400")
         .arg(&sb.bin)
@@ -1524,6 +1530,10 @@ fn start_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> Hog {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// Processes of the worker's user, as many as its limit allows.
+fn use_up_processes(sb: &Sandbox) -> Hog {
     let hog = worker_sh(sb, "for i in $(seq 400); do sleep 30 & done; wait")
         .spawn()
         .unwrap();
@@ -1663,6 +1673,56 @@ fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
     assert!(alive, "the waiting generation was ended:\n{log}");
     let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "abc"]);
     assert_eq!(text(&out.stdout).trim(), "cba", "{}", text(&out.stderr));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A restart refused at the last moment (config.toml made invalid while it waited for a job)
+/// starts the lanes again; when the worker's user is out of processes then, the lanes are
+/// waited for, as a starting generation's threads are. Before, the worker exited ("spawning a
+/// lane thread: Resource temporarily unavailable"), found by the soak's `SOAK_NPROC`.
+#[test]
+fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let sb = privsep("sec-nproc-refused");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    start_with_process_limit(&sb, &[]);
+    let pid = fs::read_to_string(sb.path("state/gearshift.pid")).unwrap();
+    let pid: i32 = pid.trim().parse().unwrap();
+    let log = || fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    sb.submit("sleep", "2500");
+    std::thread::sleep(Duration::from_millis(500));
+    let good = fs::read_to_string(sb.config()).unwrap();
+    fs::write(sb.config(), format!("{good}\n# changed\n")).unwrap();
+    eventually(Duration::from_secs(10), "the restart waiting", || {
+        log().contains("restarting after 1 running job(s) finish")
+    });
+    fs::write(
+        sb.config(),
+        good.replacen("concurrency = ", "concurrency == ", 1),
+    )
+    .unwrap();
+    let hog = use_up_processes(&sb);
+    eventually(Duration::from_secs(15), "the restart refused", || {
+        log().contains("reload refused")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let alive = process_alive(pid);
+    drop(hog);
+    assert!(alive, "the worker exited:\n{}", log());
+    assert!(
+        log().contains("thread now"),
+        "waited for, and said:\n{}",
+        log()
+    );
+    fs::write(sb.config(), &good).unwrap();
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "abc"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "cba",
+        "{}\n{}",
+        text(&out.stderr),
+        log()
+    );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 

@@ -365,6 +365,12 @@ pub fn started() {
     let _ = nix::unistd::alarm::cancel();
 }
 
+/// The generation starts its lanes again (its restart was refused, its exec failed, or they
+/// all ended): their threads are waited for as a starting generation's are, until [`started`].
+pub fn starting_again() {
+    STARTING.store(true, Ordering::Release);
+}
+
 /// [`spawn_helper`]; while the generation starts, a thread refused for now (`EAGAIN`: the
 /// user's processes or the system's threads used up, say by a job's fork bomb, or what is left
 /// of one being reaped) is tried again, up to [`PATIENCE`] and until a TERM or INT is asked,

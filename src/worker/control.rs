@@ -410,7 +410,12 @@ impl Control {
         }
         self.state.set_phase(WorkerPhase::Running);
         self.stop.reset();
-        self.spawn_lanes()?;
+        // A lane thread refused for now (the user out of processes) is waited for, bounded
+        // and ended by a stop, as at a start: it ended the worker.
+        crate::ops::signals::starting_again();
+        let spawned = self.spawn_lanes();
+        crate::ops::signals::started();
+        spawned?;
         lp.live = self.lanes.len();
         Ok(())
     }
