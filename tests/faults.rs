@@ -2112,9 +2112,21 @@ fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
     let bin = sb.path("bin/gearshift");
     copy_binary(&faulty, &bin);
     sb.bin = bin.clone();
-    let marker = sb.path("no-processes");
-    fs::write(&marker, "").unwrap();
-    let w = sb.start_env(&[("GEARSHIFT_FAULT_PREFLIGHT_EAGAIN", marker.to_str().unwrap())]);
+    // First no thread for the pre-flight, then no process for it.
+    let no_thread = sb.path("no-thread");
+    let no_fork = sb.path("no-processes");
+    fs::write(&no_thread, "").unwrap();
+    fs::write(&no_fork, "").unwrap();
+    let w = sb.start_env(&[
+        (
+            "GEARSHIFT_FAULT_PREFLIGHT_EAGAIN",
+            no_fork.to_str().unwrap(),
+        ),
+        (
+            "GEARSHIFT_FAULT_NO_THREAD",
+            &format!("preflight:{}", no_thread.display()),
+        ),
+    ]);
     w.wait_running_sha();
     // The same program with other bytes: another digest.
     let tmp = sb.path("bin/gearshift.new");
@@ -2129,11 +2141,23 @@ fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
     fs::rename(&tmp, &bin).unwrap();
     eventually(
         Duration::from_secs(10),
-        "the pre-flight failing to start",
+        "the pre-flight not started",
         || w.log_text().contains("Resource temporarily unavailable"),
     );
     std::thread::sleep(Duration::from_secs(2));
-    fs::remove_file(&marker).unwrap();
+    // It was "the pre-flight thread died", as for a panic.
+    assert!(
+        w.log_text().contains("cannot start the thread that judges"),
+        "{}",
+        w.log_text()
+    );
+    fs::remove_file(&no_thread).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Its start (the fork) fails now: tried again, not refused.
+    let s = w.status();
+    assert_eq!(s["generation"], 1, "{s}");
+    assert!(s["last_refused_deploy"].is_null(), "{s}");
+    fs::remove_file(&no_fork).unwrap();
     let s = w.wait_generation(2);
     assert_eq!(s["binary_sha256"], sha256_hex(&fs::read(&bin).unwrap()));
     assert!(s["last_refused_deploy"].is_null(), "{s}");

@@ -42,3 +42,17 @@ pub fn fail_while<T>(var: &str, result: crate::Result<T>) -> crate::Result<T> {
         _ => result,
     }
 }
+
+/// EAGAIN for a thread named `name` while `GEARSHIFT_FAULT_NO_THREAD` is "NAME:PATH" and the
+/// file PATH exists (the worker's user out of processes, for that thread alone).
+pub fn no_thread(name: &str) -> std::io::Result<()> {
+    let Some(v) = std::env::var("GEARSHIFT_FAULT_NO_THREAD").ok() else {
+        return Ok(());
+    };
+    match v.split_once(':') {
+        Some((n, p)) if n == name && std::path::Path::new(p).exists() => {
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        }
+        _ => Ok(()),
+    }
+}

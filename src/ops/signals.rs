@@ -305,6 +305,10 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    // A fault-injection build (tests only): threads of `name` cannot be had (EAGAIN) while
+    // the file GEARSHIFT_FAULT_NO_THREAD names exists (its name then "NAME:PATH").
+    #[cfg(gearshift_faults)]
+    crate::ops::faults::no_thread(name)?;
     let mut old = SigSet::empty();
     let blocked =
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), Some(&mut old)).is_ok();

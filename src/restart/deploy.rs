@@ -301,7 +301,7 @@ impl Deploy {
             .then(|| self.last_refused.as_ref().map(|r| r.sha256.clone()))
             .flatten()
             .filter(|sha| !sha.is_empty());
-        let _ = crate::ops::signals::spawn_helper("preflight", move || {
+        let spawned = crate::ops::signals::spawn_helper("preflight", move || {
             // Hashed through one descriptor, which must be the file that settled; that
             // descriptor is what a switch execs.
             let opened = open_binary(&path).and_then(|f| {
@@ -343,6 +343,17 @@ impl Deploy {
             };
             let _ = tx.send(outcome);
         });
+        if let Err(e) = spawned {
+            // The worker's user out of processes, say: no verdict; said once, tried again.
+            if self.unreadable_said.replace(ident) != Some(ident) {
+                log::warn!(
+                    "deploy: cannot start the thread that judges \"{}\" now ({e}); trying again",
+                    self.path.shown()
+                );
+            }
+            self.last_seen = None;
+            return Step::CheckIn(SETTLE);
+        }
         self.preflight = Some((ident, rx));
         Step::CheckIn(Duration::from_millis(50))
     }
