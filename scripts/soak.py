@@ -67,6 +67,12 @@ RECORD = TRUE or os.environ.get("SOAK_ONCE") == "1"
 # SOAK_ONCE a job a client sent once that ran twice fails the run (a pyzmq client's resend of a
 # message whose answer came later than its 2 s is counted apart: a second copy was sent).
 NOKILL = os.environ.get("SOAK_NOKILL") == "1"
+# SOAK_NPROC=200 (with SOAK_USER): the worker runs with that limit on its user's processes and
+# threads (RLIMIT_NPROC), and the chaos now and then takes every one left for 0.2-2 s (sleeps
+# of that user's): jobs cannot start, threads cannot be made, a restart meets that.
+NPROC = int(os.environ.get("SOAK_NPROC", "0"))
+if NPROC and not USER:
+    raise SystemExit("SOAK_NPROC needs SOAK_USER (root is held to no process limit)")
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -130,7 +136,8 @@ class Soak:
             with open(self.runs, "w"):
                 pass
             os.chmod(self.runs, 0o666)  # the worker's user, when it drops to one, appends
-            self.put_job("record", f'p=$(cat)\nprintf "%s\\n" "$p" >> {self.runs}\nprintf "%s" "$p"')
+            # Builtins only (no fork of its own: SOAK_NPROC takes the user's processes away).
+            self.put_job("record", f'IFS= read -r p || true\nprintf "%s\\n" "$p" >> {self.runs}\nprintf "%s" "$p"')
         self.cfg = f"{self.d}/config.toml"
         self.port = free_port()
         self.lock = threading.Lock()
@@ -232,7 +239,9 @@ class Soak:
     def start(self):
         if not self.good_binary:
             self.deploy(good=True)
-        r = self.gs("start", binary=self.bin)
+        limit = ["prlimit", f"--nproc={NPROC}"] if NPROC else []
+        r = subprocess.run([*limit, self.bin, "-c", self.cfg, "start"], capture_output=True, text=True,
+                           timeout=60)
         if r.returncode != 0:
             self.problems.append(f"start: exit {r.returncode}: {r.stderr.strip()[:300]}")
 
@@ -439,6 +448,23 @@ class Soak:
         time.sleep(random.uniform(0.2, 2.0))
         os.unlink(filler)
 
+    def out_of_processes(self):
+        """Takes every process the worker's user has left (sleeps of that user, in a group of
+        their own), holds them 0.2-2 s, and gives them back."""
+        import pwd
+
+        user = pwd.getpwnam(USER)
+        hog = subprocess.Popen(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "sh", "-c",
+             f"i=0; while [ $i -lt {NPROC} ]; do sleep 30 & i=$((i+1)); done; wait"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(random.uniform(0.2, 2.0))
+        try:
+            os.killpg(hog.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        hog.wait()
+
     def freeze(self, pid, seconds):
         """Stops the server's process group for `seconds` (never the soak's own)."""
         try:
@@ -466,6 +492,8 @@ class Soak:
             choices += ["broker killed", "server frozen"]
         if self.disk:
             choices += ["disk full"] * 2
+        if NPROC:
+            choices += ["out of processes"] * 2
         while not self.stop.wait(random.uniform(GAP / 10, GAP)):
             action = random.choice(choices)
             self.actions[action] = self.actions.get(action, 0) + 1
@@ -531,6 +559,8 @@ class Soak:
                 if took > 2:
                     self.problems.append(f"a second TERM took {took:.2f} s to end the worker")
                 self.start()
+            elif action == "out of processes":
+                self.out_of_processes()
             elif action == "disk full":
                 self.fill()
             elif action == "broker killed":
@@ -687,7 +717,10 @@ class Soak:
             if "rolled back from" in line and "died before it was serving" in line:
                 at = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
                 return any(0 <= at - k < 5 for k in self.kills)
-            # The chaos's full disk: the worker must say so (and recover: the results check).
+            # The chaos's full disk, and its user out of processes: the worker must say so (and
+            # recover: the results check).
+            if NPROC and "Resource temporarily unavailable" in line:
+                return True
             return bool(self.disk) and ("No space left on device" in line or "os error 28" in line)
 
         bad = [line for line in log if "panic" in line or "thread died" in line
