@@ -1115,6 +1115,21 @@ fn hostile_journal_entries_are_set_aside_and_never_block_the_worker() {
     assert!(w.wait_exit(Duration::from_secs(20)).success());
 }
 
+/// A writer holding its flock on `file` (as `submit` does on its file in `tmp/`), once it does.
+fn writer_holding(file: &Path) -> std::process::Child {
+    let holder = Command::new("flock")
+        .arg(file)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(5), "the writer's lock", || {
+        fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains(&format!(" {} ", holder.id()))
+    });
+    holder
+}
+
 #[test]
 fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
     let sb = Sandbox::new("tmp-clean");
@@ -1124,16 +1139,7 @@ fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
     fs::write(&abandoned, vec![0u8; 1 << 20]).unwrap();
     let busy = tmp.join("0000000000000002-1-1.0000000000000002-1-1");
     fs::write(&busy, b"being written").unwrap();
-    let mut holder = Command::new("flock")
-        .arg(&busy)
-        .args(["sleep", "60"])
-        .spawn()
-        .unwrap();
-    eventually(Duration::from_secs(5), "the writer's lock", || {
-        fs::read_to_string("/proc/locks")
-            .unwrap()
-            .contains(&format!(" {} ", holder.id()))
-    });
+    let mut holder = writer_holding(&busy);
     let w = sb.start();
     eventually(
         Duration::from_secs(20),
@@ -1170,6 +1176,53 @@ fn abandoned_tmp_files_are_cleaned_promptly_but_never_a_submit_in_progress() {
     drop(w);
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+/// A submit in the making (its file in `tmp/`, locked by its writer) while the worker is out of
+/// descriptors: the look for abandoned files could not open it and set it aside in `rejected/`,
+/// so the submit's rename failed. A file that cannot be opened for want of descriptors or
+/// memory is looked at again later; the submit completes and its job runs.
+#[test]
+fn a_submit_in_the_making_is_not_set_aside_while_the_worker_is_out_of_descriptors() {
+    let mut sb = Sandbox::new("tmp-emfile");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let id = sb.submit("echo", "in the making");
+    let making = sb.path(&format!("spool/tmp/{id}.{id}"));
+    fs::rename(sb.path(&format!("spool/new/{id}")), &making).unwrap();
+    let abandoned = sb.path("spool/tmp/0000000000000001-1-1.0000000000000001-1-1");
+    fs::write(&abandoned, b"x").unwrap();
+    let touched = Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .arg(&abandoned)
+        .arg(&making)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let mut holder = writer_holding(&making);
+    let marker = sb.path("no-descriptors");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_OPEN_TMP", marker.to_str().unwrap())]);
+    eventually(
+        Duration::from_secs(20),
+        "a look at tmp/ without descriptors",
+        || w.log_text().contains("EMFILE for"),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    fs::remove_file(&marker).unwrap();
+    // The next look (every 5 s) removes the abandoned file and leaves the locked one.
+    eventually(
+        Duration::from_secs(20),
+        "the abandoned file removed",
+        || !abandoned.exists(),
+    );
+    assert_eq!(count(&sb.path("spool/rejected")), 0, "{}", w.log_text());
+    fs::rename(&making, sb.path(&format!("spool/new/{id}"))).unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        all_outcomes(&sb, &[id], Duration::from_secs(20))[0],
+        (true, "in the making".to_string(), 1)
+    );
 }
 
 #[test]

@@ -34,11 +34,23 @@ pub fn watch_read<T>(waited: std::io::Result<T>) -> std::io::Result<T> {
 /// `result`, or EMFILE while the file the environment variable `var` names exists (a read
 /// that fails for want of descriptors).
 pub fn fail_while<T>(var: &str, result: crate::Result<T>) -> crate::Result<T> {
-    match std::env::var_os(var) {
-        Some(p) if std::path::Path::new(&p).exists() => Err(crate::Error::io(
+    match emfile_while(var, "reading", Ok(())) {
+        Err(e) => Err(crate::Error::io(
             "reading (injected fault, gearshift_faults build)",
-            std::io::Error::from_raw_os_error(libc::EMFILE),
+            e,
         )),
+        Ok(()) => result,
+    }
+}
+
+/// `result`, or EMFILE (said in the log, with `what`) while the file the environment variable
+/// `var` names exists.
+pub fn emfile_while<T>(var: &str, what: &str, result: std::io::Result<T>) -> std::io::Result<T> {
+    match std::env::var_os(var) {
+        Some(p) if std::path::Path::new(&p).exists() => {
+            log::warn!("EMFILE for {what} (injected fault, gearshift_faults build)");
+            Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+        }
         _ => result,
     }
 }

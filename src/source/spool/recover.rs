@@ -165,7 +165,16 @@ impl SpoolSource {
         let cutoff = SystemTime::now() - TMP_ABANDONED;
         for name in names {
             let path = tmp.join(&name);
-            let (f, meta) = match open_entry(&path) {
+            let opened = open_entry(&path);
+            // A fault-injection build (tests only): no descriptor to open it with while the
+            // file GEARSHIFT_FAULT_OPEN_TMP names exists.
+            #[cfg(gearshift_faults)]
+            let opened = crate::ops::faults::emfile_while(
+                "GEARSHIFT_FAULT_OPEN_TMP",
+                "opening a file in tmp/",
+                opened,
+            );
+            let (f, meta) = match opened {
                 Ok(opened) => opened,
                 // Renamed into place by its writer meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -177,6 +186,14 @@ impl SpoolSource {
                         && fs::symlink_metadata(&path)
                             .and_then(|m| m.modified())
                             .is_ok_and(|t| t > cutoff) =>
+                {
+                    continue
+                }
+                // No descriptor or memory now, or the disk fails: it may be a submit in the
+                // making; looked at again at the next housekeeping.
+                Err(e)
+                    if e.raw_os_error()
+                        .is_some_and(crate::error::is_transient_errno) =>
                 {
                     continue
                 }
