@@ -3,8 +3,8 @@
 own kind while a chaos thread, at random instants 0.1-1 s apart, sends HUPs (1-5 at once),
 rewrites config.toml (concurrency 1-4, and back from an invalid one), adds and removes job
 executables, deploys a new binary over the worker's path (and a broken one, refused), kills it
-with -9 and starts it again, stops and starts it, and kills gearmand or RabbitMQ (-9) and starts
-it again, and freezes them (SIGSTOP) 0.2-3 s. Then every job a client was told was taken must
+with -9 and starts it again, stops and starts it, freezes it (SIGSTOP, its jobs running on)
+0.2-3 s, and kills gearmand or RabbitMQ (-9) and starts it again, and freezes them 0.2-3 s. Then every job a client was told was taken must
 have its right result, the worker must answer `status`, and its log must hold no panic, no dead
 thread and no ERROR line.
 
@@ -146,9 +146,11 @@ class Soak:
         self.errors = []
         self.stop = threading.Event()
         self.actions = {}
+        self.frozen = threading.Lock()  # one freeze of the worker at a time; held while it lasts
         self.problems = []
         self.refused = 0
         self.refused_full = 0  # submits and messages refused for the chaos's full disk
+        self.held = 0  # `gearshift submit`s to a ZeroMQ worker the chaos froze: not sent
         self.good_binary = True  # the path holds a binary that runs (not the chaos's broken one)
         self.forced = []  # seconds from a second TERM to the worker gone
         self.kills = []  # when the chaos sent kill -9 (wall clock, as the log's)
@@ -286,6 +288,10 @@ class Soak:
                                 or (r.returncode == 1 and "ERROR not stored" in r.stderr)):
                 with self.lock:
                     self.refused_full += 1  # a full disk (or min_free reached): not taken, said so
+            elif r.returncode == 5 and "is stopped" in r.stderr:
+                with self.lock:
+                    self.held += 1  # the chaos froze the worker: not sent (not taken), said so
+                time.sleep(0.05)
             else:
                 with self.lock:
                     self.errors.append((r.returncode, r.stderr.strip()[:200]))
@@ -465,6 +471,22 @@ class Soak:
             pass
         hog.wait()
 
+    def freeze_worker(self, pid, seconds):
+        """Stops the worker's process (not its jobs) for `seconds`, unless it is already."""
+        if not self.frozen.acquire(blocking=False):
+            return
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(seconds)
+        except OSError:
+            pass
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+            self.frozen.release()
+
     def freeze(self, pid, seconds):
         """Stops the server's process group for `seconds` (never the soak's own)."""
         try:
@@ -482,7 +504,7 @@ class Soak:
 
     def chaos(self):
         choices = ["hup"] * 4 + ["config"] * 3 + ["jobs"] * 2 + ["reload", "deploy", "bad deploy", "bad config",
-                                                                  "stop and start"]
+                                                                  "stop and start", "worker frozen"]
         if not NOKILL:
             choices += ["kill -9", "forced stop"]
         if self.kind == "gearman":
@@ -540,12 +562,20 @@ class Soak:
                 self.start()
             elif action == "reload":
                 r = self.gs("reload", "--timeout", "30s")
-                if r.returncode not in (0, 1):  # 1: refused (a deploy's verdict pending, say)
+                # 1: refused (a deploy's verdict pending, say); 5: pending, the worker frozen
+                if r.returncode not in (0, 1) and not (r.returncode == 5 and "is stopped" in r.stderr):
                     self.problems.append(f"reload: exit {r.returncode}: {r.stderr.strip()[:300]}")
+            elif action == "worker frozen" and pid:
+                # SIGSTOP the worker alone (a paused VM, a swap storm, a cgroup frozen) for
+                # 0.2-3 s, its jobs running on; the other actions go on meanwhile: HUPs, files
+                # and binaries wait for it.
+                threading.Thread(target=self.freeze_worker, args=(pid, random.uniform(0.2, 3)),
+                                 daemon=True).start()
             elif action == "forced stop" and pid:
                 # TERM, and TERM again: running jobs are interrupted (and run again later),
-                # and the worker must be gone within 2 s of the second.
+                # and the worker must be gone within 2 s of the second (woken first if frozen).
                 try:
+                    os.kill(pid, signal.SIGCONT)
                     os.kill(pid, signal.SIGTERM)
                     time.sleep(random.uniform(0, 0.2))
                     os.kill(pid, signal.SIGTERM)
@@ -681,6 +711,8 @@ class Soak:
             t.start()
         time.sleep(SECONDS)
         self.stop.set()
+        with self.frozen:  # a freeze of the worker under way ends first
+            pass
         chaos.join()
         if not self.good_binary:
             self.deploy(good=True)
@@ -745,6 +777,7 @@ class Soak:
               f"{refusals} refusals of the chaos's invalid config and broken binaries, rollbacks after its kill -9"
               f"{' and full disk errors' if self.disk else ''}); "
               f"{f'{self.refused_full} submits refused for the full disk; ' if self.disk else ''}"
+              f"{f'{self.held} submits not sent to the frozen worker; ' if self.held else ''}"
               f"{f'{self.duplicates} replies twice, {self.reconnects} client reconnects; ' if self.broker else ''}"
               f"{f'{self.twice} run twice; ' if self.recorded else ''}"
               f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
