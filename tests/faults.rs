@@ -2152,6 +2152,33 @@ fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     );
 }
 
+/// A sandbox whose worker runs the faults build from a path of its own (`bin/gearshift`, where a
+/// deploy can put another): the sandbox, the build, and that path.
+fn faults_build_at_its_own_path(name: &str) -> (Sandbox, std::path::PathBuf, std::path::PathBuf) {
+    let mut sb = Sandbox::new(name);
+    fs::create_dir_all(sb.path("bin")).unwrap();
+    let faulty = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let bin = sb.path("bin/gearshift");
+    copy_binary(&faulty, &bin);
+    sb.bin = bin.clone();
+    (sb, faulty, bin)
+}
+
+/// Installs `build` with other bytes appended (the same program, another digest) at `bin`, as a
+/// deploy does: written beside it, renamed over it.
+fn install_another_build(build: &Path, bin: &Path) {
+    let tmp = bin.with_extension("new");
+    fs::copy(build, &tmp).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .unwrap()
+        .write_all(b"another build")
+        .unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::rename(&tmp, bin).unwrap();
+}
+
 /// A deploy met while the candidate cannot be started for want of a resource (the worker's
 /// user out of processes or descriptors: `fork` fails with EAGAIN) is no verdict on the binary:
 /// it is tried again until it can run, and then switched to, with no reload. Before, it was
@@ -2159,12 +2186,7 @@ fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
 /// until a SIGHUP.
 #[test]
 fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
-    let mut sb = Sandbox::new("deploy-eagain");
-    fs::create_dir_all(sb.path("bin")).unwrap();
-    let faulty = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
-    let bin = sb.path("bin/gearshift");
-    copy_binary(&faulty, &bin);
-    sb.bin = bin.clone();
+    let (sb, faulty, bin) = faults_build_at_its_own_path("deploy-eagain");
     // First no thread for the pre-flight, then no process for it.
     let no_thread = sb.path("no-thread");
     let no_fork = sb.path("no-processes");
@@ -2181,17 +2203,7 @@ fn a_candidate_that_cannot_be_started_for_want_of_processes_is_tried_again() {
         ),
     ]);
     w.wait_running_sha();
-    // The same program with other bytes: another digest.
-    let tmp = sb.path("bin/gearshift.new");
-    fs::copy(&faulty, &tmp).unwrap();
-    fs::OpenOptions::new()
-        .append(true)
-        .open(&tmp)
-        .unwrap()
-        .write_all(b"another build")
-        .unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::rename(&tmp, &bin).unwrap();
+    install_another_build(&faulty, &bin);
     eventually(
         Duration::from_secs(10),
         "the pre-flight not started",
@@ -2268,4 +2280,39 @@ fn a_stored_outcome_that_cannot_be_read_at_recovery_for_want_of_descriptors_is_n
         all_outcomes(&sb, &[id], Duration::from_secs(5))[0],
         (true, "once".to_string(), 1)
     );
+}
+
+/// A stop asked while a new binary's first generation waits for a thread (the worker's user out
+/// of processes: its lanes serve, its file watch cannot be had yet) is no death of that binary:
+/// the worker stops as asked (exit 0) and the next start runs the new binary. Before, the wait
+/// gave up at the TERM, the generation took that for a failed start ("exiting (status 1) for
+/// the supervisor"), the deploy marker stayed, and the next start rolled the good binary back
+/// and refused it for good (found by the chaos soak with `SOAK_NPROC`).
+#[test]
+fn a_stop_while_a_new_binary_waits_for_a_thread_is_no_death_of_that_binary() {
+    let (sb, faulty, bin) = faults_build_at_its_own_path("deploy-stop-nothread");
+    let no_thread = sb.path("no-thread");
+    let env = [(
+        "GEARSHIFT_FAULT_NO_THREAD",
+        format!("watch:{}", no_thread.display()),
+    )];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut w = sb.start_env(&env);
+    w.wait_running_sha();
+    fs::write(&no_thread, "").unwrap();
+    install_another_build(&faulty, &bin);
+    let newer = sha256_hex(&fs::read(&bin).unwrap());
+    eventually(
+        Duration::from_secs(20),
+        "the new generation waiting for its watch thread",
+        || w.log_text().contains("cannot start the watch thread now"),
+    );
+    w.signal(Signal::SIGTERM);
+    let exit = w.wait_exit(Duration::from_secs(20));
+    assert!(exit.success(), "{exit:?}\n{}", w.log_text());
+    fs::remove_file(&no_thread).unwrap();
+    let w = sb.start_env(&env);
+    let s = w.wait_running_sha();
+    assert!(s["last_rollback"].is_null(), "rolled back: {s}");
+    assert_eq!(s["binary_sha256"], newer.as_str(), "{}", w.log_text());
 }

@@ -57,21 +57,31 @@ pub fn clear_marker_unless(state_dir: &Path, keep: Option<&str>) {
     clear_marker(state_dir);
 }
 
-/// A start of this image that a full disk (or a quota) refused: no fault of the binary, which
-/// any binary would meet the same way. The marker naming this image (its fresh start's, or the
-/// deploy's that switched to it) is removed, so that the next start tries it again instead of
-/// rolling it back: with the disk full, every deploy was rolled back ("died before it was
-/// serving") once the supervisor or an operator started the worker again.
-pub fn spare_on_full_disk(state_dir: &Path, e: &crate::Error) {
-    let full = matches!(e, crate::Error::Io { source, .. }
-        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)));
-    if !full {
-        return;
-    }
+/// A start of this image that failed for no fault of the binary, which any binary would meet
+/// the same way: a full disk (or a quota), the worker's user out of processes, no descriptors or
+/// memory left, a failing disk, or a stop asked while it started (a thread waited for is given up
+/// then). The marker naming this image (its fresh start's, or the deploy's that switched to it)
+/// is removed, so that the next start tries it again instead of rolling it back: with the disk
+/// full, every deploy was rolled back ("died before it was serving") once the supervisor or an
+/// operator started the worker again, and so was one stopped while it waited for a thread.
+pub fn spare_if_not_its_fault(state_dir: &Path, e: &crate::Error) {
+    let errno = match e {
+        crate::Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    let met = match errno {
+        Some(libc::ENOSPC | libc::EDQUOT) => "a full disk",
+        Some(libc::EAGAIN) => "the worker's user out of processes",
+        Some(libc::EMFILE | libc::ENFILE) => "no descriptors left",
+        Some(libc::ENOMEM) => "no memory left",
+        Some(n) if crate::error::is_transient_errno(n) => "a failing disk",
+        _ if crate::ops::signals::stop_asked() => "a stop asked while it started",
+        _ => return,
+    };
     let mine = own_sha().ok();
     if read_marker(state_dir).is_some_and(|m| Some(&m.to_sha) == mine.as_ref()) {
         clear_marker(state_dir);
-        log::warn!("this start met a full disk: no fault of this binary, so it is not rolled back at the next start");
+        log::warn!("this start met {met}: no fault of this binary, so it is not rolled back at the next start");
     }
 }
 

@@ -172,8 +172,14 @@ impl Control {
         match failed {
             None => self.announce(),
             Some(e) => {
-                log::error!("{e}; stopping after the running jobs finish");
-                self.exit_for_supervisor = true;
+                // A stop asked while it waited for a thread: it stops as asked, exit 0.
+                if crate::ops::signals::stop_asked() {
+                    log::warn!("{e}: a stop is asked; stopping after the running jobs finish");
+                } else {
+                    log::error!("{e}; stopping after the running jobs finish");
+                    self.exit_for_supervisor = true;
+                }
+                self.spare(e);
                 lp.phase = Phase::Stopping;
                 self.state.set_phase(WorkerPhase::Stopping);
                 self.source.stopping(false);
@@ -232,6 +238,13 @@ impl Control {
                 self.lanes_done(&mut lp)?;
             }
         }
+    }
+
+    /// A start-up failure `e`, whose deploy marker is removed when it is no fault of this
+    /// binary (`rollback::spare_if_not_its_fault`).
+    pub(super) fn spare(&self, e: Error) -> Error {
+        crate::restart::rollback::spare_if_not_its_fault(&self.plan.config.worker.state_dir, &e);
+        e
     }
 
     /// The lanes start; the pause since the restart's request is measured.

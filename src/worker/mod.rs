@@ -159,7 +159,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     // A re-exec'd generation claims first and starts its helper threads while the lanes serve
     // (their descriptors are taken above: lanes short of descriptors cannot starve them).
     if resumed {
-        ctl.start_lanes()?;
+        ctl.start_lanes().map_err(|e| ctl.spare(e))?;
     }
     // Carried counts: taken over once the lanes serve (12 ms at 3,000 functions; the lanes
     // only add to them), before the status and metrics servers read them.
@@ -172,11 +172,11 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     );
     let failed = match helpers::start_helpers(&mut ctl, helpers, prepared) {
         Ok(()) => None,
-        Err(e) if !resumed => return Err(e),
+        Err(e) if !resumed => return Err(ctl.spare(e)),
         Err(e) => Some(e),
     };
     if !resumed {
-        ctl.start_lanes()?;
+        ctl.start_lanes().map_err(|e| ctl.spare(e))?;
     }
     log_start(&ctl.plan, generation, &reason);
     // Threads refused from now on are errors at once, never waits (`spawn_starting`).

@@ -13,7 +13,7 @@ use crate::jobs::functions::Functions;
 use crate::ops::pidfile::Pidfile;
 use crate::ops::signals;
 use crate::restart::reexec::{self, Boot};
-use crate::restart::rollback::spare_on_full_disk;
+use crate::restart::rollback::spare_if_not_its_fault;
 use crate::status::{self, Inner, State};
 
 use super::{Plan, RunOptions};
@@ -141,8 +141,8 @@ pub(super) fn crash_if_built_to() {
 /// Everything done while still root (or whoever started us): umask, log file, `state_dir`,
 /// the pidfile lock, the `/metrics` socket (a port under 1024 needs root), `last-good`, the
 /// spool given to the worker's user; then privileges are dropped. Returns the pidfile, the
-/// metrics listener and warnings for `status`. A full disk that refuses it is no fault of
-/// this binary (see `rollback::spare_on_full_disk`).
+/// metrics listener and warnings for `status`. A full disk (or a shortage) that refuses it is
+/// no fault of this binary (see `rollback::spare_if_not_its_fault`).
 pub(super) fn settle_as_root(
     plan: &Plan,
     boot: &Boot,
@@ -150,7 +150,7 @@ pub(super) fn settle_as_root(
     config_path: &Path,
 ) -> Result<(Pidfile, Option<std::net::TcpListener>, Vec<String>)> {
     settle(plan, boot, log_file, config_path)
-        .inspect_err(|e| spare_on_full_disk(&plan.config.worker.state_dir, e))
+        .inspect_err(|e| spare_if_not_its_fault(&plan.config.worker.state_dir, e))
 }
 
 fn settle(
@@ -303,7 +303,7 @@ pub(super) fn new_state(
 
 /// Opens the source, with what the previous generation handed over (listening sockets, the
 /// queue listing) and the shared views status shows (Gearman servers, the ZeroMQ ingress). A
-/// full disk that refuses it (a journal's replay) is no fault of this binary.
+/// full disk (or a shortage) that refuses it (a journal's replay) is no fault of this binary.
 pub(super) fn open_source(
     plan: &Plan,
     boot: &Boot,
@@ -311,7 +311,7 @@ pub(super) fn open_source(
     generation: u64,
 ) -> Result<Opened> {
     open(plan, boot, inherited, generation)
-        .inspect_err(|e| spare_on_full_disk(&plan.config.worker.state_dir, e))
+        .inspect_err(|e| spare_if_not_its_fault(&plan.config.worker.state_dir, e))
 }
 
 /// The opened source, its views for `status`, and the ZeroMQ ingress's counts.
