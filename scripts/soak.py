@@ -73,6 +73,10 @@ NOKILL = os.environ.get("SOAK_NOKILL") == "1"
 NPROC = int(os.environ.get("SOAK_NPROC", "0"))
 if NPROC and not USER:
     raise SystemExit("SOAK_NPROC needs SOAK_USER (root is held to no process limit)")
+# SOAK_NOFILE=1: now and then the chaos leaves the worker no descriptor to make for 0.2-2 s (its
+# soft RLIMIT_NOFILE set to the number it holds, then put back): accepts, job starts, spool
+# files, config reads and a restart meet EMFILE; it must say so, lose nothing and recover.
+NOFILE = os.environ.get("SOAK_NOFILE") == "1"
 FUNCS = ["reverse", "echo", "sha256", "upper"]
 
 
@@ -471,6 +475,22 @@ class Soak:
             pass
         hog.wait()
 
+    def out_of_descriptors(self, pid):
+        """Sets the worker's soft descriptor limit to what it holds for 0.2-2 s, then back."""
+        import resource
+
+        try:
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            held = len(os.listdir(f"/proc/{pid}/fd"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(held, soft), hard))
+        except OSError:
+            return
+        time.sleep(random.uniform(0.2, 2.0))
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        except OSError:
+            pass
+
     def freeze_worker(self, pid, seconds):
         """Stops the worker's process (not its jobs) for `seconds`, unless it is already."""
         if not self.frozen.acquire(blocking=False):
@@ -516,6 +536,8 @@ class Soak:
             choices += ["disk full"] * 2
         if NPROC:
             choices += ["out of processes"] * 2
+        if NOFILE:
+            choices += ["out of descriptors"] * 2
         while not self.stop.wait(random.uniform(GAP / 10, GAP)):
             action = random.choice(choices)
             self.actions[action] = self.actions.get(action, 0) + 1
@@ -591,6 +613,8 @@ class Soak:
                 self.start()
             elif action == "out of processes":
                 self.out_of_processes()
+            elif action == "out of descriptors" and pid:
+                self.out_of_descriptors(pid)
             elif action == "disk full":
                 self.fill()
             elif action == "broker killed":
@@ -752,6 +776,8 @@ class Soak:
             # The chaos's full disk, and its user out of processes: the worker must say so (and
             # recover: the results check).
             if NPROC and "Resource temporarily unavailable" in line:
+                return True
+            if NOFILE and ("Too many open files" in line or "os error 24" in line):
                 return True
             return bool(self.disk) and ("No space left on device" in line or "os error 28" in line)
 

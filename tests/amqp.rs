@@ -947,6 +947,15 @@ fn amqps_with_a_client_certificate() {
 /// returned `runs` file as it starts, waits until `go` exists, then echoes its payload; once
 /// connected.
 fn gated_rpc_worker(sb: &Sandbox, r: &Rabbit) -> (Worker, std::path::PathBuf, std::path::PathBuf) {
+    gated_rpc_lanes(sb, r, 1)
+}
+
+/// [`gated_rpc_worker`] with `lanes` lanes.
+fn gated_rpc_lanes(
+    sb: &Sandbox,
+    r: &Rabbit,
+    lanes: u32,
+) -> (Worker, std::path::PathBuf, std::path::PathBuf) {
     let (runs, go) = (sb.path("runs"), sb.path("go"));
     sb.job(
         "slow",
@@ -958,7 +967,7 @@ fn gated_rpc_worker(sb: &Sandbox, r: &Rabbit) -> (Worker, std::path::PathBuf, st
     );
     amqp_config(
         sb,
-        1,
+        lanes,
         &format!(
             "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
             r.url()
@@ -970,18 +979,10 @@ fn gated_rpc_worker(sb: &Sandbox, r: &Rabbit) -> (Worker, std::path::PathBuf, st
     (w, runs, go)
 }
 
-#[test]
-fn a_reply_waits_while_the_broker_blocks_publishing() {
-    if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {
-        return;
-    }
-    let sb = Sandbox::new("amqp-blocked");
-    let r = Rabbit::start(&sb.dir, "");
-    // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
-    // can take longer than it on a busy machine: the reply then went before the alarm).
-    let (w, started, go) = gated_rpc_worker(&sb, &r);
-    // One RPC request; the client prints the answer and when it came.
-    let mut rpc = Command::new(PYTHON)
+/// One RPC request `ping` to queue `rpc` (pika); the client prints the answer and when it
+/// came (or "none" after 60 s).
+fn rpc_request(r: &Rabbit) -> std::process::Child {
+    Command::new(PYTHON)
         .args([
             "-c",
             "import pika,sys,time; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch=c.channel(); \
@@ -995,7 +996,20 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_reply_waits_while_the_broker_blocks_publishing() {
+    if !Rabbit::available("a_reply_waits_while_the_broker_blocks_publishing") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-blocked");
+    let r = Rabbit::start(&sb.dir, "");
+    // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
+    // can take longer than it on a busy machine: the reply then went before the alarm).
+    let (w, started, go) = gated_rpc_worker(&sb, &r);
+    let mut rpc = rpc_request(&r);
     eventually(Duration::from_secs(20), "the job to start", || {
         started.exists()
     });
@@ -1578,4 +1592,60 @@ fn direct_reply_to_requesters_are_answered_and_one_that_left_runs_once() {
         "{s2}"
     );
     assert_eq!(s2["servers"][0]["state"], "connected", "{s2}");
+}
+
+/// The worker stalled (SIGSTOP, a paused VM, a swap storm) past `io_timeout` (2 s) while a lane
+/// waited for its reply's confirm, which came meanwhile: the confirm is read, the job settled
+/// once, the connection kept. The chaos soak's frozen worker found lanes that gave up such a
+/// confirm ("no confirm within 2s: the connection is given up") and five jobs run twice: a
+/// wait whose deadline had passed when it began said "timed out" without a look at the socket
+/// (`a_wait_past_its_deadline_still_sees_what_already_came`, the unit test that failed), and a
+/// lane that waited for another lane to read gave up the moment its own wait ended. This run
+/// stops the worker while the lane sits in its wait, which a stall ends with the socket
+/// readable, so it passed before the fix as well: it guards the whole path, not the race.
+#[test]
+fn a_confirm_that_came_while_the_worker_stalled_is_read_not_taken_for_silence() {
+    if !Rabbit::available(
+        "a_confirm_that_came_while_the_worker_stalled_is_read_not_taken_for_silence",
+    ) {
+        return;
+    }
+    let sb = Sandbox::new("amqp-stalled");
+    let r = Rabbit::start(&sb.dir, "");
+    // Two lanes: the idle one reads, the other waits for its confirm to be recorded.
+    let (w, runs, go) = gated_rpc_lanes(&sb, &r, 2);
+    let mut rpc = rpc_request(&r);
+    eventually(Duration::from_secs(20), "the job to start", || {
+        runs.exists()
+    });
+    // The broker frozen, the job ends: its reply is sent and its confirm waited for.
+    r.freeze(true);
+    fs::write(&go, "").unwrap();
+    eventually(Duration::from_secs(10), "the job's process gone", || {
+        fs::read_dir(format!("/proc/{}/task", w.pid()))
+            .unwrap()
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .all(|c| c.trim().is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // The worker stalls; the broker confirms meanwhile; the worker goes on past its deadline.
+    w.signal(Signal::SIGSTOP);
+    r.freeze(false);
+    std::thread::sleep(Duration::from_secs(4));
+    w.signal(Signal::SIGCONT);
+    let mut out = String::new();
+    rpc.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let _ = rpc.wait();
+    assert!(out.starts_with("ping "), "{out}");
+    eventually(Duration::from_secs(10), "settled", || {
+        r.depth("rpc") == (0, 0)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let log = w.log_text();
+    assert!(!log.contains("no confirm within"), "{log}");
+    assert_eq!(
+        fs::read_to_string(&runs).unwrap().lines().count(),
+        1,
+        "ran once:\n{log}"
+    );
 }

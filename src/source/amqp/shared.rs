@@ -347,7 +347,7 @@ impl Shared {
     fn confirmed(&self, seq: u64, epoch: u64, id: &str) -> Result<bool> {
         let io_timeout = self.s.cfg.io_timeout;
         let mut deadline = Instant::now() + io_timeout;
-        let mut said = false;
+        let (mut said, mut last_look) = (false, false);
         let mut b = self.board();
         loop {
             if b.epoch != epoch || b.writer.is_none() {
@@ -360,7 +360,19 @@ impl Shared {
             }
             let now = Instant::now();
             if now >= deadline {
-                if !b.blocked {
+                if b.blocked {
+                    if !said {
+                        log::warn!("amqp: the broker blocks publishing (a resource alarm): job {id}'s reply waits");
+                        said = true;
+                    }
+                    deadline = now + io_timeout;
+                } else if !last_look {
+                    // One more slice for the reader (this lane or another) to record what came
+                    // meanwhile: this process may have stalled past the deadline (SIGSTOP, a
+                    // paused VM) with the confirm waiting in the socket.
+                    last_look = true;
+                    deadline = now + CONFIRM_SLICE;
+                } else {
                     // The connection is given up (`publish` cuts it): nothing is lost.
                     return Err(Error::Gone(format!(
                         "publishing the reply: no confirm within {}: the connection is given \
@@ -368,11 +380,6 @@ impl Shared {
                         crate::clock::human(io_timeout)
                     )));
                 }
-                if !said {
-                    log::warn!("amqp: the broker blocks publishing (a resource alarm): job {id}'s reply waits");
-                    said = true;
-                }
-                deadline = now + io_timeout;
             }
             // Nobody reads: read here. Otherwise the reader records the confirm (or lets the
             // reader go, and says so).

@@ -108,16 +108,18 @@ pub(super) fn wait_fd(
     wake: Option<&Arc<OwnedFd>>,
 ) -> Result<Ready> {
     loop {
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
+        // Past the deadline (this process may have stalled: SIGSTOP, a paused VM): one look
+        // without waiting, so that what came meanwhile is never taken for the peer's silence.
+        let (timeout, past) = match deadline {
+            None => (PollTimeout::NONE, false),
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(Ready::TimedOut);
-                }
                 // Rounded up: a wait never ends just before its deadline.
-                PollTimeout::try_from((left.as_micros().div_ceil(1000)).min(60_000) as i32)
-                    .unwrap_or(PollTimeout::MAX)
+                let ms = (left.as_micros().div_ceil(1000)).min(60_000) as i32;
+                (
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                    left.is_zero(),
+                )
             }
         };
         // No allocation: this is on every job's path.
@@ -131,6 +133,7 @@ pub(super) fn wait_fd(
         };
         let fds = &mut all[..n];
         match poll(fds, timeout) {
+            Ok(0) if past => return Ok(Ready::TimedOut),
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -164,4 +167,28 @@ pub fn sleep_until(until: Instant, wake: &Arc<OwnedFd>) {
 fn drain(wake: &OwnedFd) {
     let mut b = [0u8; 8];
     let _ = nix::unistd::read(wake.as_raw_fd(), &mut b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{wait_fd, Ready};
+    use nix::poll::PollFlags;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    /// A wait whose deadline passed before it began (the worker stalled: SIGSTOP, a paused VM)
+    /// looks at the socket once without waiting: what came meanwhile is read, not taken for
+    /// the peer's silence. It said "timed out" without a look, and a broker's confirm sitting
+    /// in the socket cost the connection and a job run twice.
+    #[test]
+    fn a_wait_past_its_deadline_still_sees_what_already_came() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let past = Instant::now() - Duration::from_secs(3);
+        let silent = wait_fd(b.as_fd(), PollFlags::POLLIN, Some(past), None).unwrap();
+        assert!(matches!(silent, Ready::TimedOut), "nothing came: timed out");
+        a.write_all(b"confirm").unwrap();
+        let came = wait_fd(b.as_fd(), PollFlags::POLLIN, Some(past), None).unwrap();
+        assert!(matches!(came, Ready::Yes), "what came is seen");
+    }
 }
