@@ -180,10 +180,7 @@ impl Control {
                     self.exit_for_supervisor = true;
                 }
                 self.spare(e);
-                lp.phase = Phase::Stopping;
-                self.state.set_phase(WorkerPhase::Stopping);
-                self.source.stopping(false);
-                self.halt_lanes();
+                self.stop_after_jobs(&mut lp.phase);
             }
         }
         // The pidfile (how `status` and `stop` find this worker), made again if removed.
@@ -238,6 +235,17 @@ impl Control {
                 self.lanes_done(&mut lp)?;
             }
         }
+    }
+
+    /// Stops after the running jobs (nothing more if a stop is under way already).
+    pub(super) fn stop_after_jobs(&mut self, phase: &mut Phase) {
+        if matches!(phase, Phase::Stopping) {
+            return;
+        }
+        *phase = Phase::Stopping;
+        self.state.set_phase(WorkerPhase::Stopping);
+        self.source.stopping(false);
+        self.halt_lanes();
     }
 
     /// A start-up failure `e`, whose deploy marker is removed when it is no fault of this

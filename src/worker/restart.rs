@@ -151,13 +151,7 @@ impl Control {
     /// the worker afresh.
     fn stop_for_supervisor(&mut self, phase: &mut Phase) {
         self.exit_for_supervisor = true;
-        if matches!(phase, Phase::Stopping) {
-            return;
-        }
-        *phase = Phase::Stopping;
-        self.state.set_phase(WorkerPhase::Stopping);
-        self.source.stopping(false);
-        self.halt_lanes();
+        self.stop_after_jobs(phase);
     }
 
     /// The soft CPU time limit is reached (SIGXCPU, again every second of CPU after it): no
