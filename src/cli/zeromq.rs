@@ -108,19 +108,26 @@ fn open(to: &Dest, deadline: Instant) -> std::io::Result<Stream> {
     }
 }
 
-/// One try: connects, sends the message, and reads the answer's last frame until `deadline`.
-/// None: no answer by then (the connection is dropped; a new one resends).
-fn once(
-    to: &Endpoint,
-    dest: &Dest,
-    frames: &[&[u8]],
-    deadline: Instant,
-) -> Result<Option<Vec<u8>>> {
+/// What one connection brought.
+enum Reply {
+    /// The answer's last frame.
+    Answer(Vec<u8>),
+    /// Nothing by the deadline (the connection is dropped; a new one resends).
+    Silent,
+    /// The worker closed the connection first (it stopped or restarted with the message not
+    /// durable, or it was over its cap): it may be sent again before the deadline.
+    Closed,
+}
+
+/// Connects, sends the message, and reads the answer's last frame until `deadline`.
+fn once(to: &Endpoint, dest: &Dest, frames: &[&[u8]], deadline: Instant) -> Result<Reply> {
     let io = |e: std::io::Error| Error::Peer(format!("zeromq {to}: {e}"));
     let mut conn = match open(dest, deadline) {
         Ok(c) => c,
-        Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => return Ok(None),
-        Err(e) if not_there(e.kind()) => return Ok(None),
+        Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => {
+            return Ok(Reply::Silent)
+        }
+        Err(e) if not_there(e.kind()) => return Ok(Reply::Closed),
         Err(e) => return Err(io(e)),
     };
     // Greeting, READY and the request (a REQ socket's: an empty delimiter first) at once; the
@@ -131,7 +138,7 @@ fn once(
     request.extend_from_slice(frames);
     zmtp::put_message(&mut hello, &request);
     if conn.write_all(&hello).is_err() {
-        return Ok(None); // gone while connecting (a restart): resent on a new connection
+        return Ok(Reply::Closed); // gone while connecting (a restart)
     }
     let mut peer = zmtp::Peer::new(ANSWER);
     let mut input = Vec::new();
@@ -139,17 +146,17 @@ fn once(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(None);
+            return Ok(Reply::Silent);
         }
         conn.set_read_timeout(Some(left)).map_err(io)?;
         match conn.read(&mut chunk) {
-            Ok(0) => return Ok(None),
+            Ok(0) => return Ok(Reply::Closed),
             Ok(n) => input.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Ok(None)
+                return Ok(Reply::Silent)
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return Ok(None),
+            Err(_) => return Ok(Reply::Closed),
         }
         let mut at = 0;
         loop {
@@ -161,7 +168,9 @@ fn once(
             }
             at += used;
             match event {
-                Some(zmtp::Event::Message(mut answer)) => return Ok(answer.pop()),
+                Some(zmtp::Event::Message(mut answer)) => {
+                    return Ok(answer.pop().map_or(Reply::Silent, Reply::Answer))
+                }
                 Some(zmtp::Event::Reply(pong)) => {
                     let _ = conn.write_all(&pong);
                 }
@@ -186,9 +195,10 @@ enum Tried {
     },
 }
 
-/// Sends one message and returns the answer, trying `TRIES` times. `held` is asked before every
-/// resend, and before the first try if `first`: a message is never sent to a worker it says is
-/// stopped.
+/// Sends one message and returns the answer, trying `TRIES` times of `wait` each; within a
+/// try, a connection the worker closes first is followed by another after [`RECONNECT`], so a
+/// try ends only with an answer or its time. `held` is asked before every resend, and before
+/// the first send if `first`: a message is never sent to a worker it says is stopped.
 fn request(
     to: &Endpoint,
     dest: &Dest,
@@ -196,17 +206,24 @@ fn request(
     wait: Duration,
     (first, held): (bool, &dyn Fn() -> Option<String>),
 ) -> Result<Tried> {
-    for attempt in 0..TRIES {
-        if first || attempt > 0 {
-            if let Some(why) = held() {
-                return Ok(Tried::Held {
-                    why,
-                    sent: attempt > 0,
-                });
+    let mut sent = false;
+    for _ in 0..TRIES {
+        let deadline = Instant::now() + wait;
+        loop {
+            if first || sent {
+                if let Some(why) = held() {
+                    return Ok(Tried::Held { why, sent });
+                }
             }
-        }
-        if let Some(answer) = once(to, dest, frames, Instant::now() + wait)? {
-            return Ok(Tried::Answer(answer));
+            let reply = once(to, dest, frames, deadline)?;
+            sent = true;
+            match reply {
+                Reply::Answer(answer) => return Ok(Tried::Answer(answer)),
+                Reply::Closed if Instant::now() + RECONNECT < deadline => {
+                    std::thread::sleep(RECONNECT)
+                }
+                Reply::Closed | Reply::Silent => break,
+            }
         }
     }
     Ok(Tried::Unanswered)
@@ -322,6 +339,50 @@ mod tests {
             port: addr.port(),
         };
         (ep, Dest::Tcp(addr), seen)
+    }
+
+    /// A worker that closes the first `closes` connections once their request came (what a
+    /// worker stopping or restarting does with a message not yet durable), then answers TRUE;
+    /// counts the connections.
+    fn closing_then_answering(closes: usize) -> (Endpoint, Dest, Arc<AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let mut got = [0u8; 4096];
+                let _ = c.read(&mut got);
+                if n < closes {
+                    continue; // dropped: closed without an answer
+                }
+                let mut out = zmtp::greeting().to_vec();
+                out.extend_from_slice(&zmtp::ready(b"ROUTER"));
+                zmtp::put_message(&mut out, &[b"", b"TRUE"]);
+                let _ = c.write_all(&out);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let ep = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+        };
+        (ep, Dest::Tcp(addr), seen)
+    }
+
+    /// Seen in the chaos soak (stop and start every 0.1-0.3 s at moments): each restart closed
+    /// the connection holding the message, each close ended a try at once, and `submit` said
+    /// "no answer ... in 3 tries of 5s each" within a second. A connection the worker closes
+    /// before its answer is resent on a new one within the same try, after a pause.
+    #[test]
+    fn a_connection_closed_before_the_answer_does_not_use_up_a_try() {
+        let (ep, dest, seen) = closing_then_answering(TRIES as usize + 1);
+        let running = || None;
+        let wait = Duration::from_secs(2);
+        let tried = request(&ep, &dest, &[b"f", b"x"], wait, (true, &running)).unwrap();
+        assert_eq!(tried, Tried::Answer(b"TRUE".to_vec()));
+        assert_eq!(seen.load(Ordering::SeqCst), TRIES as usize + 2);
     }
 
     #[test]
