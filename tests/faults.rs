@@ -1225,6 +1225,30 @@ fn a_submit_in_the_making_is_not_set_aside_while_the_worker_is_out_of_descriptor
     );
 }
 
+/// A job that ended while its lane was not running (the worker stopped by SIGSTOP, a VM
+/// paused), its deadline passing meanwhile: the lane, running again, looked at the deadline
+/// before it looked at the pipes, and failed a job that had finished in time as "timed out"
+/// (reproduced with the lane held between two polls). Past its deadline the lane now looks
+/// once more without waiting, and a job that has exited is done.
+#[test]
+fn a_job_that_ended_while_its_lane_was_not_running_is_not_timed_out() {
+    let mut sb = Sandbox::new("pipes-stall");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    sb.write_config("[functions.quick]\ntimeout = \"1s\"\n");
+    sb.job("quick", "#!/bin/sh\necho done\n");
+    let marker = sb.path("stall");
+    fs::write(&marker, "").unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_PIPES", marker.to_str().unwrap())]);
+    let id = sb.submit("quick", "x");
+    eventually(Duration::from_secs(10), "the lane held", || {
+        w.log_text().contains("stalling a job's pipes")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::remove_file(&marker).unwrap();
+    let out = all_outcomes(&sb, &[id], Duration::from_secs(20));
+    assert!(out[0].0 && out[0].1.trim() == "done", "{out:?}");
+}
+
 #[test]
 fn the_progress_channel_is_bounded() {
     let sb = Sandbox::new("progress-bound");

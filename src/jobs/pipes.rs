@@ -91,7 +91,8 @@ impl Output {
 }
 
 /// Feeds stdin, collects stdout/stderr/progress, and watches the deadline, until the child has
-/// exited and its pipes are closed (or the grace after its exit ran out).
+/// exited and its pipes are closed (or the grace after its exit ran out). Past the deadline it
+/// looks once more without waiting: a job seen to have exited then is not timed out.
 pub(super) fn drive(
     child: &mut Child,
     job: &mut Job<'_>,
@@ -128,6 +129,7 @@ pub(super) fn drive(
     let pidfd = pidfd_open(child.id() as i32);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut exited_at: Option<Instant> = None;
+    let mut last_look = false;
     loop {
         if exited_at.is_none() && (pidfd.is_none() && child.try_wait().map_err(io_err)?.is_some()) {
             exited_at = Some(Instant::now());
@@ -141,12 +143,24 @@ pub(super) fn drive(
                 break;
             }
         }
+        // A fault-injection build (tests only): the thread not scheduled between two polls (a
+        // stopped worker, a VM paused).
+        #[cfg(gearshift_faults)]
+        crate::ops::faults::stall_while("GEARSHIFT_FAULT_STALL_PIPES", "stalling a job's pipes");
         let now = Instant::now();
         if let (Some(d), Some(limit)) = (deadline, timeout) {
-            if now >= d {
+            if now >= d && exited_at.is_some() {
+                // It exited, seen at the last look: what it wrote is in the pipes.
+                st.drain(job)?;
+                break;
+            }
+            if now >= d && last_look {
                 st.out.timed_out = Some(limit);
                 break;
             }
+            // Past the deadline, one more look without waiting first: the job may have ended
+            // while this thread was not running (the worker stopped, the VM paused).
+            last_look = now >= d;
         }
         let mut wait = deadline.map(|d| d.saturating_duration_since(now));
         if let Some(at) = exited_at {
