@@ -1008,6 +1008,54 @@ fn submit_to_a_stopped_worker_says_so_and_sends_nothing() {
     assert_eq!(s["jobs_completed"], 0, "{s}");
 }
 
+/// A client that greeted while the ingress was not running (the worker stopped just after it
+/// accepted the connection) for longer than the handshake's 10 s: the ingress, running again,
+/// ended the handshakes past their time before it read what had come, and closed a client
+/// whose greeting, READY and request were waiting (its request lost until it resent).
+/// Handshakes are judged only once what came has been read.
+#[test]
+fn a_client_that_greeted_while_the_ingress_was_held_is_served() {
+    use std::io::{Read, Write};
+    let mut z = setup("zmq-greet-held", "");
+    z.sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let marker = z.sb.path("held");
+    let w =
+        z.sb.start_env(&[("GEARSHIFT_FAULT_STALL_ACCEPTED", marker.to_str().unwrap())]);
+    w.wait_for(Duration::from_secs(20), "serving", |s| {
+        s["state"] == "running"
+    });
+    fs::write(&marker, "").unwrap();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    eventually(Duration::from_secs(10), "the ingress held", || {
+        w.log_text().contains("stalling after accepting a client")
+    });
+    let mut hello = greeting(b"NULL");
+    hello.extend_from_slice(&ready(b"REQ"));
+    hello.extend_from_slice(&[0x01, 0, 0x01, 7]);
+    hello.extend_from_slice(b"reverse");
+    hello.extend_from_slice(&[0, 3]);
+    hello.extend_from_slice(b"abc");
+    c.write_all(&hello).unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    fs::remove_file(&marker).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let s = loop {
+        match c.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break w.status(),
+        }
+        let s = w.status();
+        if s["zeromq"]["accepted"] == 1 {
+            break s;
+        }
+    };
+    assert_eq!(s["zeromq"]["closed"]["handshake_timeout"], 0, "{s}");
+    assert_eq!(s["zeromq"]["accepted"], 1, "{s}");
+}
+
 /// The worker's resident memory in KiB.
 fn rss_kib(pid: i32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))

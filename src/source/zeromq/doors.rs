@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 
-use super::engine::{Conn, Engine, FIRST_PAUSE, LISTENERS};
+use super::engine::{Conn, Engine, Received, FIRST_PAUSE, LISTENERS};
 use super::sockets::{door_fd, Door, Stream};
 use super::zmtp::{self, Peer};
 use crate::kinds::CloseReason;
@@ -126,6 +126,13 @@ impl Engine {
         }
         self.conns.insert(id, conn);
         self.handshakes.push_back((Instant::now() + HANDSHAKE, id));
+        // A fault-injection build (tests only): the ingress not scheduled right after an
+        // accept (the worker stopped, a VM paused).
+        #[cfg(gearshift_faults)]
+        crate::ops::faults::stall_while(
+            "GEARSHIFT_FAULT_STALL_ACCEPTED",
+            "stalling after accepting a client",
+        );
         // A connection closed before its deadline leaves its entry until then: a churn of
         // short connections would keep one for every connect of the last 10 s. Past twice the
         // connections alive, the entries of those gone or done are dropped (amortized: the
@@ -160,19 +167,41 @@ impl Engine {
         self.pause = (self.pause * 2).min(LONGEST_PAUSE);
     }
 
-    /// Ends pauses and handshakes whose time has come.
-    pub(super) fn tick(&mut self) {
-        let now = Instant::now();
-        if self.paused_until.is_some_and(|at| at <= now) {
+    /// Ends a pause of the doors whose time has come.
+    pub(super) fn reopen_doors(&mut self) {
+        if self.paused_until.is_some_and(|at| at <= Instant::now()) {
             self.paused_until = None;
             for (i, d) in self.doors.iter().enumerate() {
                 let ev = EpollEvent::new(EpollFlags::EPOLLIN, LISTENERS + i as u64);
                 let _ = self.epoll.add(door_fd(d), ev);
             }
         }
+    }
+
+    /// Closes the clients whose handshake time has run out, judged on everything they sent by
+    /// now: what waits on a late one's socket is taken first (into `batch`, as
+    /// [`Engine::take`] does), so a client that greeted while this thread was not running
+    /// (the worker stopped, a VM paused) is not closed with its greeting unread.
+    pub(super) fn end_late_handshakes(
+        &mut self,
+        batch: &mut Vec<Received>,
+        max: usize,
+        bytes: &mut usize,
+        max_bytes: usize,
+    ) {
+        let now = Instant::now();
         while let Some(&(at, id)) = self.handshakes.front() {
             if at > now {
                 break;
+            }
+            if handshaking(&self.conns, id) {
+                if !self.pending.contains(&id) {
+                    self.take(id, batch, max, bytes, max_bytes);
+                    self.recount(id);
+                }
+                if self.pending.contains(&id) {
+                    break; // the batch is full: judged once the rest is read
+                }
             }
             self.handshakes.pop_front();
             if handshaking(&self.conns, id) {

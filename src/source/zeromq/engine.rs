@@ -2,10 +2,9 @@
 //! (duplicates of those that cross every exec), the clients' connections, one epoll. ZMTP is
 //! `zmtp.rs`'s; here are the bounds: a peer whose answers are not read stops being read (at
 //! [`OUT_LIMIT`]); what all connections hold together is bounded (`held.rs`); and (`doors.rs`)
-//! connections over `max_connections` are closed as soon as they are accepted, one that has
-//! not finished its handshake within 10 s is closed, and while accepts fail for want of
-//! descriptors the listening sockets are left alone for a pause (0.25 s doubling to 5 s;
-//! clients wait in the kernel's backlog meanwhile, as during a restart).
+//! connections over `max_connections` are closed at once, one that has not finished its
+//! handshake within 10 s is closed, and while accepts fail for want of descriptors the
+//! listening sockets rest (0.25 s doubling to 5 s; clients wait in the kernel's backlog).
 //!
 //! Why not libzmq (which served this source first, and `gearshift submit` too): its I/O thread
 //! cost 11-17 µs of CPU a message and a hand-off to ours each way; this one reads and answers
@@ -222,7 +221,7 @@ impl Engine {
         max: usize,
         max_bytes: usize,
     ) -> bool {
-        self.tick();
+        self.reopen_doors();
         let ms = if self.pending.is_empty() {
             EpollTimeout::try_from(timeout).unwrap_or(EpollTimeout::NONE)
         } else {
@@ -271,6 +270,7 @@ impl Engine {
             self.take(*id, batch, max, &mut bytes, max_bytes);
             self.recount(*id);
         }
+        self.end_late_handshakes(batch, max, &mut bytes, max_bytes);
         woken
     }
 
@@ -336,7 +336,7 @@ impl Engine {
     }
 
     /// Reads connection `id` and decodes its messages into `batch`.
-    fn take(
+    pub(super) fn take(
         &mut self,
         id: u64,
         batch: &mut Vec<Received>,
