@@ -1056,6 +1056,41 @@ fn a_client_that_greeted_while_the_ingress_was_held_is_served() {
     assert_eq!(s["zeromq"]["accepted"], 1, "{s}");
 }
 
+/// `submit` to a worker at `max_connections` whose clients have all finished their
+/// handshakes: the worker closes each new connection as it comes. `submit` tries for its whole
+/// time (each close is resent within the try) and says the worker closed it, not "is the
+/// worker running?"; once there is room it is served.
+#[test]
+fn submit_to_a_full_worker_says_the_worker_closed_it() {
+    use std::io::Write;
+    let z = setup("zmq-full", "max_connections = 1\n");
+    let w = z.sb.start();
+    w.status();
+    let addr = z.tcp.trim_start_matches("tcp://").to_string();
+    let mut held = std::net::TcpStream::connect(&addr).unwrap();
+    let mut hello = greeting(b"NULL");
+    hello.extend_from_slice(&ready(b"REQ"));
+    held.write_all(&hello).unwrap();
+    w.wait_for(Duration::from_secs(10), "one peer", |s| {
+        s["zeromq"]["peers"] == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let out = z.sb.run(&["submit", "--timeout", "1", "reverse", "x"]);
+    let took = started.elapsed();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("the worker closed the connection") && err.contains("max_connections"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_millis(2500), "tried for {took:?}");
+    assert_eq!(w.status()["zeromq"]["accepted"], 0);
+    drop(held);
+    let out = z.sb.run(&["submit", "reverse", "x"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// The worker's resident memory in KiB.
 fn rss_kib(pid: i32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))

@@ -124,10 +124,11 @@ fn once(to: &Endpoint, dest: &Dest, frames: &[&[u8]], deadline: Instant) -> Resu
     let io = |e: std::io::Error| Error::Peer(format!("zeromq {to}: {e}"));
     let mut conn = match open(dest, deadline) {
         Ok(c) => c,
+        // Refused until the deadline (`open` tries again until then): nobody there.
         Err(e) if Instant::now() >= deadline || e.kind() == ErrorKind::TimedOut => {
             return Ok(Reply::Silent)
         }
-        Err(e) if not_there(e.kind()) => return Ok(Reply::Closed),
+        Err(e) if not_there(e.kind()) => return Ok(Reply::Silent),
         Err(e) => return Err(io(e)),
     };
     // Greeting, READY and the request (a REQ socket's: an empty delimiter first) at once; the
@@ -185,8 +186,10 @@ fn once(to: &Endpoint, dest: &Dest, frames: &[&[u8]], deadline: Instant) -> Resu
 #[derive(Debug, PartialEq)]
 enum Tried {
     Answer(Vec<u8>),
-    /// No answer in `TRIES` tries.
-    Unanswered,
+    /// No answer in `TRIES` tries; `closed`: connections the worker closed first.
+    Unanswered {
+        closed: u32,
+    },
     /// Not sent (again), for the reason given: the worker is stopped, and whatever reaches its
     /// socket meanwhile is taken once it is continued (so each resend would be one more job).
     Held {
@@ -206,7 +209,7 @@ fn request(
     wait: Duration,
     (first, held): (bool, &dyn Fn() -> Option<String>),
 ) -> Result<Tried> {
-    let mut sent = false;
+    let (mut sent, mut closed) = (false, 0);
     for _ in 0..TRIES {
         let deadline = Instant::now() + wait;
         loop {
@@ -219,14 +222,16 @@ fn request(
             sent = true;
             match reply {
                 Reply::Answer(answer) => return Ok(Tried::Answer(answer)),
-                Reply::Closed if Instant::now() + RECONNECT < deadline => {
-                    std::thread::sleep(RECONNECT)
-                }
-                Reply::Closed | Reply::Silent => break,
+                Reply::Closed => closed += 1,
+                Reply::Silent => break,
             }
+            if Instant::now() + RECONNECT >= deadline {
+                break;
+            }
+            std::thread::sleep(RECONNECT);
         }
     }
-    Ok(Tried::Unanswered)
+    Ok(Tried::Unanswered { closed })
 }
 
 /// What `submit` got: the last answer (`TRUE` or an id, escaped), or the exit code to end with.
@@ -277,11 +282,17 @@ pub(super) fn send(
                 return Ok(Sent::Exit(exit::FAILED));
             }
             Tried::Answer(answer) => last = answer,
-            Tried::Unanswered => {
-                eprintln!(
-                    "gearshift: no answer from {to} in {TRIES} tries of {} each: is the worker running?",
-                    crate::clock::human_secs(wait.as_secs().max(1))
-                );
+            Tried::Unanswered { closed } => {
+                let each = crate::clock::human_secs(wait.as_secs().max(1));
+                if closed == 0 {
+                    eprintln!(
+                        "gearshift: no answer from {to} in {TRIES} tries of {each} each: is the worker running?"
+                    );
+                } else {
+                    eprintln!(
+                        "gearshift: no answer from {to} in {TRIES} tries of {each} each: the worker closed the connection {closed} times before answering (restarting or stopping again and again, or at its max_connections)"
+                    );
+                }
                 return Ok(Sent::Exit(exit::NOT_RUNNING));
             }
         }
@@ -385,6 +396,35 @@ mod tests {
         assert_eq!(seen.load(Ordering::SeqCst), TRIES as usize + 2);
     }
 
+    /// A worker that closes every connection (restarting again and again, or at its
+    /// `max_connections`) is tried for the whole time and said as such; no worker at all (every
+    /// connect refused) is not taken for one that closes.
+    #[test]
+    fn closes_until_the_end_are_counted_and_refusals_are_not() {
+        let (ep, dest, seen) = closing_then_answering(usize::MAX);
+        let running = || None;
+        let wait = Duration::from_millis(400);
+        let started = Instant::now();
+        let tried = request(&ep, &dest, &[b"x"], wait, (true, &running)).unwrap();
+        let tried_for = started.elapsed();
+        assert!(tried_for >= (wait - RECONNECT) * TRIES, "{tried_for:?}");
+        let n = seen.load(Ordering::SeqCst) as u32;
+        // Each try's last connection may meet its deadline before the close.
+        assert!(
+            matches!(tried, Tried::Unanswered { closed } if closed >= 2 * TRIES && closed <= n),
+            "{tried:?} after {n} connections"
+        );
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let ep = Endpoint::Tcp {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+        };
+        let tried = request(&ep, &Dest::Tcp(addr), &[b"x"], wait, (true, &running)).unwrap();
+        assert_eq!(tried, Tried::Unanswered { closed: 0 });
+    }
+
     #[test]
     fn a_worker_stopped_after_the_first_try_gets_no_resend() {
         let (ep, dest, seen) = silent();
@@ -418,7 +458,7 @@ mod tests {
         );
         let running = || None;
         let tried = request(&ep, &dest, &[b"x"], wait, (true, &running)).unwrap();
-        assert_eq!(tried, Tried::Unanswered);
+        assert_eq!(tried, Tried::Unanswered { closed: 0 });
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(seen.load(Ordering::SeqCst), TRIES as usize);
     }
