@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -419,16 +420,31 @@ fn submit_with_no_worker_for_the_function_times_out_with_exit_5() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// A response packet of `kind` carrying `data`.
+fn packet(kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut p = b"\0RES".to_vec();
+    p.extend_from_slice(&kind.to_be_bytes());
+    p.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    p.extend_from_slice(data);
+    p
+}
+
+/// The next whole request packet in `input` (its type and data), taken out of it.
+fn next_packet(input: &mut Vec<u8>) -> Option<(u32, Vec<u8>)> {
+    if input.len() < 12 {
+        return None;
+    }
+    let kind = u32::from_be_bytes(input[4..8].try_into().unwrap());
+    let size = u32::from_be_bytes(input[8..12].try_into().unwrap()) as usize;
+    if input.len() < 12 + size {
+        return None;
+    }
+    Some((kind, input.drain(..12 + size).skip(12).collect()))
+}
+
 /// Answers the handshake's ECHO, then sends `n` unsolicited `ERROR JOB_NOT_FOUND` packets (as
 /// if rejecting results never sent) and answers every GRAB with NO_JOB.
 fn job_not_found_flood(mut c: std::net::TcpStream, stop: Arc<AtomicBool>, n: usize) {
-    let packet = |kind: u32, data: &[u8]| {
-        let mut p = b"\0RES".to_vec();
-        p.extend_from_slice(&kind.to_be_bytes());
-        p.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        p.extend_from_slice(data);
-        p
-    };
     let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
     let mut input = Vec::new();
     let mut buf = [0u8; 4096];
@@ -439,13 +455,7 @@ fn job_not_found_flood(mut c: std::net::TcpStream, stop: Arc<AtomicBool>, n: usi
             Ok(k) => input.extend_from_slice(&buf[..k]),
             Err(_) => {}
         }
-        while input.len() >= 12 {
-            let kind = u32::from_be_bytes(input[4..8].try_into().unwrap());
-            let size = u32::from_be_bytes(input[8..12].try_into().unwrap()) as usize;
-            if input.len() < 12 + size {
-                break;
-            }
-            let data: Vec<u8> = input.drain(..12 + size).skip(12).collect();
+        while let Some((kind, data)) = next_packet(&mut input) {
             let answer = match kind {
                 16 => packet(17, &data),   // ECHO_REQ -> ECHO_RES
                 9 | 30 => packet(10, b""), // GRAB_JOB(_UNIQ) -> NO_JOB
@@ -465,6 +475,90 @@ fn job_not_found_flood(mut c: std::net::TcpStream, stop: Arc<AtomicBool>, n: usi
             }
         }
     }
+}
+
+/// Answers the handshake's ECHO and holds the first GRAB until the file `answer` exists, then
+/// assigns job `H:1` (`reverse`, payload `abc`); answers every later GRAB with NO_JOB and keeps
+/// the WORK_COMPLETE data it gets in `done`.
+fn held_grab(
+    mut c: std::net::TcpStream,
+    stop: Arc<AtomicBool>,
+    answer: &std::path::Path,
+    done: &std::sync::Mutex<Vec<Vec<u8>>>,
+) {
+    let _ = c.set_read_timeout(Some(Duration::from_millis(50)));
+    let (mut input, mut buf, mut held, mut assigned) = (Vec::new(), [0u8; 4096], false, false);
+    while !stop.load(Ordering::Acquire) {
+        match c.read(&mut buf) {
+            Ok(0) => return,
+            Ok(k) => input.extend_from_slice(&buf[..k]),
+            Err(_) => {}
+        }
+        if held && answer.exists() {
+            held = false;
+            assigned = true;
+            let _ = c.write_all(&packet(31, b"H:1\0reverse\0u1\0abc"));
+        }
+        while let Some((kind, data)) = next_packet(&mut input) {
+            let answer = match kind {
+                16 => packet(17, &data), // ECHO_REQ -> ECHO_RES
+                9 | 30 if !held && !assigned => {
+                    held = true;
+                    continue;
+                }
+                9 | 30 if !held => packet(10, b""), // NO_JOB
+                13 => {
+                    done.lock().unwrap().push(data);
+                    continue;
+                }
+                _ => continue,
+            };
+            if c.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A lane that was not running at a stop (the worker stopped, a VM paused) while the answer to
+/// its GRAB came: running again past the stop's one-second grace for that answer, it gave the
+/// connection up without reading what was there, and the job assigned to it went back to the
+/// server (run later, or by another worker). Past the grace it now looks once more; the job
+/// that came is run and its result sent before the worker exits.
+#[test]
+fn a_job_assigned_while_a_stopping_lane_was_held_is_run() {
+    let _serial = serial();
+    let mut sb = Sandbox::new("gm-stop-held");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let (answer, marker) = (sb.path("answer"), sb.path("held"));
+    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (a, d) = (answer.clone(), Arc::clone(&done));
+    let (addr, _, stop) = fake_server(move |c, s| held_grab(c, s, &a, &d));
+    sb.gearman_config(&[addr], "");
+    let text = fs::read_to_string(sb.config()).unwrap();
+    fs::write(
+        sb.config(),
+        text.replace("concurrency = 2", "concurrency = 1"),
+    )
+    .unwrap();
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_STOPPING", marker.to_str().unwrap())]);
+    w.wait_for(Duration::from_secs(10), "connected", |s| {
+        s["servers"][0]["state"] == "connected"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    fs::write(&marker, "").unwrap();
+    w.signal(Signal::SIGTERM);
+    eventually(Duration::from_secs(10), "the lane held at the stop", || {
+        w.log_text().contains("stalling a lane at a stop")
+    });
+    fs::write(&answer, "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::remove_file(&marker).unwrap();
+    eventually(Duration::from_secs(10), "the result sent", || {
+        !done.lock().unwrap().is_empty()
+    });
+    assert_eq!(done.lock().unwrap()[0], b"H:1\0cba", "{}", w.log_text());
+    stop.store(true, Ordering::Release);
 }
 
 /// A server that rejects results over and over (or a hostile one sending the rejection

@@ -4,7 +4,8 @@
 //! it non-blocking: [`Conn::start`] begins a connect without waiting, [`Conn::flush_some`]
 //! writes what the socket takes, [`Conn::read_some`] reads what is there, and
 //! [`Conn::next_owned`] hands out complete packets; the lane's poll loop puts a deadline on
-//! every exchange, so a slow server costs only its own connection.
+//! every exchange, so a slow server costs only its own connection. A job assignment becomes
+//! the lane's job here ([`OwnedPacket::into_assignment`]), its payload moved, not copied.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use super::protocol::{self, DecodeError, Packet};
 use super::tls::{TlsTarget, Transport};
+use crate::source::lane::Claimed;
 
 /// How long a server may take to answer a request before the connection is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,6 +68,47 @@ pub struct OwnedPacket {
     /// holds only its first bytes (the handle, function and unique id, without the payload),
     /// so the job can be failed by its handle without the payload ever being held.
     pub oversized: Option<usize>,
+}
+
+impl OwnedPacket {
+    /// Parses JOB_ASSIGN_UNIQ (handle, function, unique, payload), moving the payload out.
+    pub fn into_assignment(self, handle: &mut Vec<u8>) -> Result<Claimed, String> {
+        let oversized = self.oversized;
+        let mut data = self.data;
+        let mut fields = Vec::with_capacity(3);
+        let mut at = 0;
+        for _ in 0..3 {
+            let nul = data[at..]
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or("JOB_ASSIGN_UNIQ with too few arguments")?;
+            fields.push((at, at + nul));
+            at += nul + 1;
+        }
+        let text = |(a, b): (usize, usize)| String::from_utf8_lossy(&data[a..b]).into_owned();
+        handle.clear();
+        handle.extend_from_slice(&data[fields[0].0..fields[0].1]);
+        let (id, function, unique) = (text(fields[0]), text(fields[1]), text(fields[2]));
+        // The payload is the rest: shift it down in place (no second copy of a large payload).
+        data.drain(..at);
+        if oversized.is_some() {
+            data = Vec::new();
+        }
+        Ok(Claimed {
+            id,
+            function,
+            unique,
+            payload: data,
+            attempt: 1,
+            submitted_ms: 0,
+            unrun: oversized.map(|len| {
+                format!(
+                    "payload is {} bytes, over max_packet_bytes: read past and discarded unrun",
+                    len.saturating_sub(at)
+                )
+            }),
+        })
+    }
 }
 
 /// An oversized job assignment being read past.

@@ -70,7 +70,7 @@ impl GearmanLane {
             (Phase::Grabbing, p::JOB_ASSIGN_UNIQ) => {
                 s.deadline = None;
                 s.phase = Phase::Idle { awake: true };
-                let job = assignment(pkt, &mut self.handle)?;
+                let job = pkt.into_assignment(&mut self.handle)?;
                 self.job_server = Some(i);
                 Ok(Some(job))
             }
@@ -228,45 +228,6 @@ impl GearmanLane {
     }
 }
 
-/// Parses JOB_ASSIGN_UNIQ (handle, function, unique, payload), moving the payload out.
-fn assignment(pkt: OwnedPacket, handle: &mut Vec<u8>) -> std::result::Result<Claimed, String> {
-    let oversized = pkt.oversized;
-    let mut data = pkt.data;
-    let mut fields = Vec::with_capacity(3);
-    let mut at = 0;
-    for _ in 0..3 {
-        let nul = data[at..]
-            .iter()
-            .position(|b| *b == 0)
-            .ok_or("JOB_ASSIGN_UNIQ with too few arguments")?;
-        fields.push((at, at + nul));
-        at += nul + 1;
-    }
-    let text = |(a, b): (usize, usize)| String::from_utf8_lossy(&data[a..b]).into_owned();
-    handle.clear();
-    handle.extend_from_slice(&data[fields[0].0..fields[0].1]);
-    let (id, function, unique) = (text(fields[0]), text(fields[1]), text(fields[2]));
-    // The payload is the rest: shift it down in place (no second copy of a large payload).
-    data.drain(..at);
-    if oversized.is_some() {
-        data = Vec::new();
-    }
-    Ok(Claimed {
-        id,
-        function,
-        unique,
-        payload: data,
-        attempt: 1,
-        submitted_ms: 0,
-        unrun: oversized.map(|len| {
-            format!(
-                "payload is {} bytes, over max_packet_bytes: read past and discarded unrun",
-                len.saturating_sub(at)
-            )
-        }),
-    })
-}
-
 /// Handles a packet that may arrive at any time. ERROR JOB_NOT_FOUND (a late result after a
 /// CAN_DO_TIMEOUT requeue, or a result on a connection that no longer owns the job) is logged and
 /// the connection kept: the server rejected one result, nothing else is wrong. Any other ERROR
@@ -301,15 +262,32 @@ impl Lane for GearmanLane {
     fn next(&mut self, stop: &Shutdown) -> Result<Option<Claimed>> {
         let mut first = self.job_server.take();
         let mut stop_seen: Option<Instant> = None;
+        let mut looked_last = false;
         loop {
             let stopping = stop.is_set();
             if stopping {
                 let since = *stop_seen.get_or_insert_with(Instant::now);
+                // A fault-injection build (tests only): the lane not scheduled at a stop (the
+                // worker stopped, a VM paused).
+                #[cfg(gearshift_faults)]
+                crate::ops::faults::stall_while(
+                    "GEARSHIFT_FAULT_STALL_STOPPING",
+                    "stalling a lane at a stop",
+                );
                 let grabbing: Vec<usize> = (0..self.servers.len())
                     .filter(|&i| self.servers[i].phase == Phase::Grabbing)
                     .collect();
                 if grabbing.is_empty() {
                     return Ok(None);
+                }
+                if since.elapsed() >= STOP_GRACE && !looked_last {
+                    // One more look without waiting first: the answer may have come while
+                    // this lane was not running.
+                    looked_last = true;
+                    if let Some(job) = self.turn(Some(Instant::now())) {
+                        return Ok(Some(self.marked(job)));
+                    }
+                    continue;
                 }
                 if since.elapsed() >= STOP_GRACE {
                     for i in grabbing {
