@@ -2306,6 +2306,46 @@ fn a_stored_outcome_that_cannot_be_read_at_recovery_for_want_of_descriptors_is_n
     );
 }
 
+/// A fresh start that waits for a thread (its user out of processes) and is asked to stop: it
+/// exited with status 1 and the spawn error, as if the start had failed. It stops as asked,
+/// with status 0, saying so.
+#[test]
+fn a_stop_while_a_fresh_start_waits_for_a_thread_is_a_stop() {
+    let mut sb = Sandbox::new("start-stop-nothread");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let no_thread = sb.path("no-thread");
+    fs::write(&no_thread, "").unwrap();
+    let log = fs::File::create(sb.path("worker.log")).unwrap();
+    let mut child = spawn(
+        sb.cmd(&["run"])
+            .env(
+                "GEARSHIFT_FAULT_NO_THREAD",
+                format!("watch:{}", no_thread.display()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let said = || fs::read_to_string(sb.path("worker.log")).unwrap_or_default();
+    eventually(
+        Duration::from_secs(20),
+        "the start waiting for its watch thread",
+        || said().contains("cannot start the watch thread now"),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = wait_child(&mut child, Duration::from_secs(10)).expect("still running");
+    assert!(exit.success(), "{exit:?}\n{}", said());
+    assert!(
+        said().contains("a stop is asked; stopping before serving"),
+        "{}",
+        said()
+    );
+}
+
 /// A stop asked while a new binary's first generation waits for a thread (the worker's user out
 /// of processes: its lanes serve, its file watch cannot be had yet) is no death of that binary:
 /// the worker stops as asked (exit 0) and the next start runs the new binary. Before, the wait

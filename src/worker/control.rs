@@ -255,6 +255,17 @@ impl Control {
         e
     }
 
+    /// A fresh start's helpers could not start: a stop asked meanwhile (while it waited for a
+    /// thread) is a stop, exit 0; anything else fails the start.
+    pub(super) fn fresh_start_failed(&self, e: Error) -> Result<i32> {
+        let e = self.spare(e);
+        if crate::ops::signals::stop_asked() {
+            log::warn!("{e}: a stop is asked; stopping before serving");
+            return Ok(0);
+        }
+        Err(e)
+    }
+
     /// The lanes start; the pause since the restart's request is measured.
     pub(super) fn start_lanes(&mut self) -> Result<()> {
         // From the request (a HUP, a change, a limit) until this generation serves.

@@ -172,7 +172,7 @@ pub fn run_with(config_path: &Path, functions: Functions, mut opts: RunOptions) 
     );
     let failed = match helpers::start_helpers(&mut ctl, helpers, prepared) {
         Ok(()) => None,
-        Err(e) if !resumed => return Err(ctl.spare(e)),
+        Err(e) if !resumed => return ctl.fresh_start_failed(e),
         Err(e) => Some(e),
     };
     if !resumed {
