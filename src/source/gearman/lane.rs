@@ -280,16 +280,15 @@ impl Lane for GearmanLane {
                 if grabbing.is_empty() {
                     return Ok(None);
                 }
-                if since.elapsed() >= STOP_GRACE && !looked_last {
-                    // One more look without waiting first: the answer may have come while
-                    // this lane was not running.
-                    looked_last = true;
-                    if let Some(job) = self.turn(Some(Instant::now())) {
-                        return Ok(Some(self.marked(job)));
-                    }
-                    continue;
-                }
                 if since.elapsed() >= STOP_GRACE {
+                    if !std::mem::replace(&mut looked_last, true) {
+                        // One more look without waiting first: the answer may have come while
+                        // this lane was not running.
+                        match self.turn(Some(Instant::now())) {
+                            Some(job) => return Ok(Some(self.marked(job))),
+                            None => continue,
+                        }
+                    }
                     for i in grabbing {
                         self.fail(i, "no answer to GRAB_JOB within a second of a stop");
                     }
