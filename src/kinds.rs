@@ -116,6 +116,9 @@ impl DeployResult {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ConnState {
     Connected,
+    /// Connected, but the broker reads nothing published on it (AMQP `connection.blocked`:
+    /// a memory or disk alarm).
+    Blocked,
     /// A connect or handshake under way.
     #[default]
     Connecting,
@@ -128,6 +131,7 @@ impl ConnState {
     pub fn as_str(self) -> &'static str {
         match self {
             ConnState::Connected => "connected",
+            ConnState::Blocked => "blocked",
             ConnState::Connecting => "connecting",
             ConnState::BackingOff => "backing off",
         }

@@ -1016,7 +1016,34 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     // A memory alarm: the broker blocks every publishing connection.
     r.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
     fs::write(&go, "").unwrap();
-    std::thread::sleep(Duration::from_secs(5));
+    // An operator sees the alarm in `status`, the metrics and the log, with the broker's reason.
+    eventually(Duration::from_secs(10), "status to show the alarm", || {
+        let s = w.status();
+        s["state"] == "publishing blocked" && s["servers"][0]["state"] == "blocked"
+    });
+    let s = w.status();
+    let why = s["servers"][0]["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        why.starts_with("the broker blocks publishing: low on memory"),
+        "{s}"
+    );
+    let human = text(&sb.run(&["status"]).stdout);
+    assert!(
+        human.contains("is running, publishing blocked by the broker (pid"),
+        "{human}"
+    );
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    let line = |name: &str| metrics.lines().find(|l| l.starts_with(name)).unwrap_or("");
+    assert!(
+        line("gearshift_amqp_connections{").contains("state=\"connected\"} 0")
+            && metrics.contains(",state=\"blocked\"} 1")
+            && line("gearshift_amqp_server_up{").ends_with(" 1"),
+        "{metrics}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         r.depth("rpc"),
         (0, 1),
@@ -1037,8 +1064,21 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     eventually(Duration::from_secs(10), "acked", || {
         r.depth("rpc") == (0, 0)
     });
+    eventually(
+        Duration::from_secs(10),
+        "status to show the alarm ended",
+        || {
+            let s = w.status();
+            s["state"] == "running" && s["servers"][0]["state"] == "connected"
+        },
+    );
     let s = w.status();
     assert_eq!(s["jobs_completed"], 1, "{s}");
+    assert!(
+        w.log_text().contains("publishing again"),
+        "{}",
+        w.log_text()
+    );
     assert!(
         w.log_text().contains("blocks publishing"),
         "{}",

@@ -133,6 +133,7 @@ fn print_status(s: &crate::status::Doc) {
     let state = match s.state.as_str() {
         // Running all the same: the word says what is wrong.
         "no server reachable" => "running, no server reachable".to_string(),
+        "publishing blocked" => "running, publishing blocked by the broker".to_string(),
         other => other.to_string(),
     };
     println!(

@@ -376,6 +376,8 @@ impl QueueCount {
 pub struct ServerGauge {
     pub address: String,
     pub connected: u64,
+    /// Connected, and the broker blocks publishing (AMQP).
+    pub blocked: u64,
     pub connecting: u64,
     pub backing_off: u64,
     /// This generation's reconnects.

@@ -274,7 +274,7 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
             w,
             "gearshift_{kind}_server_up{{server=\"{}\"}} {}",
             escape(&s.address),
-            u64::from(s.connected > 0)
+            u64::from(s.connected + s.blocked > 0)
         );
     }
     header(
@@ -286,6 +286,7 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
     for s in &g.servers {
         for (state, n) in [
             ("connected", s.connected),
+            ("blocked", s.blocked),
             ("connecting", s.connecting),
             ("backing_off", s.backing_off),
         ] {

@@ -56,7 +56,7 @@ fn servers_doc(summaries: Vec<ServerSummary>) -> Vec<ServerDoc> {
             address: s.address,
             state: s.best.as_str().to_string(),
             since: rfc3339_ms(s.since_ms),
-            lanes_connected: s.connected as usize,
+            lanes_connected: (s.connected + s.blocked) as usize,
             last_error_at: s.last_error.as_ref().map(|(_, at)| rfc3339_ms(*at)),
             last_error: s.last_error.map(|(e, _)| e),
             reconnects: s.reconnects,
@@ -70,6 +70,7 @@ struct ServerSummary {
     best: ConnState,
     since_ms: u64,
     connected: u64,
+    blocked: u64,
     connecting: u64,
     backing_off: u64,
     /// The latest error, and when.
@@ -242,6 +243,7 @@ impl State {
                         .min()
                         .unwrap_or(0),
                     connected: count(ConnState::Connected),
+                    blocked: count(ConnState::Blocked),
                     connecting: count(ConnState::Connecting),
                     backing_off: count(ConnState::BackingOff),
                     last_error: err
@@ -282,6 +284,7 @@ impl State {
             .map(|s| crate::metrics::ServerGauge {
                 address: s.address,
                 connected: s.connected,
+                blocked: s.blocked,
                 connecting: s.connecting,
                 backing_off: s.backing_off,
                 reconnects: s.reconnects,
@@ -346,8 +349,8 @@ impl State {
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
         let summaries = self.server_summaries();
         // Running, but every server has been tried and is backed off from: say so.
-        let unreachable =
-            !summaries.is_empty() && summaries.iter().all(|v| v.best == ConnState::BackingOff);
+        let all = |state| !summaries.is_empty() && summaries.iter().all(|v| v.best == state);
+        let (unreachable, blocked) = (all(ConnState::BackingOff), all(ConnState::Blocked));
         let servers = servers_doc(summaries);
         let (jobs_completed, jobs_failed) = self.metrics.totals();
         // A result that cannot be stored, or (ZeroMQ) messages that cannot.
@@ -356,6 +359,8 @@ impl State {
             "degraded"
         } else if i.phase == WorkerPhase::Running && unreachable {
             "no server reachable"
+        } else if i.phase == WorkerPhase::Running && blocked {
+            "publishing blocked"
         } else {
             i.phase.as_str()
         };

@@ -140,8 +140,33 @@ impl Shared {
     pub(super) fn note(&self, why: &str) {
         let b = self.board();
         if b.writer.is_some() {
-            self.view(&b, b.url, ConnState::Connected, Some(why));
+            self.view(&b, b.url, Self::live(&b), Some(why));
         }
+    }
+
+    /// The state of a connection that is up: blocked while the broker's alarm lasts.
+    fn live(b: &Board) -> ConnState {
+        if b.blocked {
+            ConnState::Blocked
+        } else {
+            ConnState::Connected
+        }
+    }
+
+    /// The broker's publishing alarm (`connection.blocked`, with its reason; None: lifted)
+    /// began or ended: logged once, and shown in `status` and the metrics while it lasts.
+    fn alarm(&self, b: &Board, reason: Option<&str>) {
+        let shown = &self.s.cfg.urls[b.url].shown;
+        let Some(why) = reason else {
+            log::info!("amqp {shown}: the broker accepts publishing again");
+            return self.view(b, b.url, ConnState::Connected, None);
+        };
+        log::warn!(
+            "amqp {shown}: the broker blocks publishing ({why}): replies wait until it lifts \
+             the alarm"
+        );
+        let error = format!("the broker blocks publishing: {why}");
+        self.view(b, b.url, ConnState::Blocked, Some(&error));
     }
 
     /// Lane `index` starts: it is shown connecting to every broker, or connected.
@@ -157,7 +182,7 @@ impl Shared {
         }
         if b.writer.is_some() {
             let shown = &self.s.cfg.urls[b.url].shown;
-            crate::status::show_server(&self.s.views, shown, index, ConnState::Connected, None);
+            crate::status::show_server(&self.s.views, shown, index, Self::live(&b), None);
         }
     }
 
@@ -233,9 +258,11 @@ impl Shared {
     /// consumer's cancel answered is noted.
     fn read(&self, link: &mut Link, deadline: Option<Instant>) -> Result<Read> {
         let ev = link.conn.next(deadline);
-        let blocked = link.conn.blocked;
         let mut b = self.board();
-        b.blocked = blocked;
+        if link.conn.blocked.is_some() != b.blocked {
+            b.blocked = link.conn.blocked.is_some();
+            self.alarm(&b, link.conn.blocked.as_deref());
+        }
         match ev? {
             Event::Delivery(d) => Ok(Read::Delivery(Box::new(d))),
             Event::Confirm { tag, multiple, ack } => {

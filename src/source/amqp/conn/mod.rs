@@ -115,8 +115,9 @@ pub struct Conn {
     /// Deliveries that arrived while something else was awaited (see [`Conn::keep`]).
     pub pending: VecDeque<Delivery>,
     max_pending: usize,
-    /// `connection.blocked`: the broker reads nothing we publish until it is lifted.
-    pub blocked: bool,
+    /// `connection.blocked` and its reason (escaped): the broker reads nothing we publish
+    /// until it is lifted.
+    pub blocked: Option<String>,
     last_recv: Instant,
     heartbeat: Duration,
     /// The sequence number of the last publish (publisher confirms).
@@ -175,7 +176,7 @@ impl Conn {
             partial: None,
             pending: VecDeque::new(),
             max_pending: opts.max_pending,
-            blocked: false,
+            blocked: None,
             last_recv: now,
             heartbeat: Duration::ZERO,
             published: 0,

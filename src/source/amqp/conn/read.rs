@@ -152,11 +152,12 @@ impl Conn {
                 })
             }
             (0, wire::CONNECTION_BLOCKED) => {
-                self.blocked = true;
+                let reason = Reader::new(args).short().unwrap_or(b"");
+                self.blocked = Some(crate::text::escape_bytes(reason));
                 Ok(None)
             }
             (0, wire::CONNECTION_UNBLOCKED) => {
-                self.blocked = false;
+                self.blocked = None;
                 Ok(None)
             }
             (_, wire::BASIC_DELIVER) | (_, wire::BASIC_RETURN) => {
