@@ -1043,7 +1043,15 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
             && line("gearshift_amqp_server_up{").ends_with(" 1"),
         "{metrics}"
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // A reload waits for the reply, and says what holds it.
+    let out = sb.run(&["reload", "--timeout", "2s"]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(
+        said.contains("the broker blocks publishing; a reply waits until it lifts its alarm"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         r.depth("rpc"),
         (0, 1),

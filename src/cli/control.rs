@@ -354,9 +354,17 @@ pub(super) fn what_holds_it(socket: &Path, pid: i32) -> String {
     let Ok(s) = crate::status::query(socket, Some(pid)) else {
         return "; it did not answer on its status socket".into();
     };
-    let lines: String = (s.running_jobs.iter())
+    let mut lines: String = (s.running_jobs.iter())
         .map(|j| format!("\n  {}", j.describe()))
         .collect();
+    // A broker's alarm holds every reply, and so the jobs that wait on theirs.
+    for v in s.servers.iter().filter(|v| v.state == "blocked") {
+        lines += &format!(
+            "\n  {}: the broker blocks publishing; a reply waits until it lifts its alarm ({})",
+            v.address,
+            v.last_error.as_deref().unwrap_or("no reason given")
+        );
+    }
     match lines.is_empty() {
         true => format!(
             "; it runs no job, and its state is \"{}\"",
