@@ -1072,12 +1072,15 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     eventually(Duration::from_secs(10), "acked", || {
         r.depth("rpc") == (0, 0)
     });
+    // The reload asked during the alarm is carried out once the reply went.
     eventually(
-        Duration::from_secs(10),
-        "status to show the alarm ended",
+        Duration::from_secs(20),
+        "the reload after the alarm",
         || {
             let s = w.status();
-            s["state"] == "running" && s["servers"][0]["state"] == "connected"
+            s["generation"] == 2
+                && s["state"] == "running"
+                && s["servers"][0]["state"] == "connected"
         },
     );
     let s = w.status();
