@@ -232,6 +232,36 @@ fn a_state_dir_removed_under_a_users_own_worker_never_reads_as_not_running() {
     assert_eq!(sb.run_under(&user, &["status"]).status.code(), Some(3));
 }
 
+/// `check` run by a user who cannot switch to the config's `[worker] user` (a build machine's
+/// CI user linting a production config) names the line of `user`, as every config error does,
+/// and the option that checks the file alone.
+#[test]
+fn check_by_another_user_names_the_user_line_and_the_config_only_check() {
+    let name = "check_by_another_user_names_the_user_line_and_the_config_only_check";
+    if !nix::unistd::geteuid().is_root() {
+        return skip(name, "root (to run the CLI as nobody)");
+    }
+    let mut sb = Sandbox::new("op-check-other-user");
+    sb.own_binary();
+    fs::write(
+        sb.config(),
+        "[worker]\njobs_dir = \"jobs\"\nstate_dir = \"state\"\nuser = \"daemon\"\n",
+    )
+    .unwrap();
+    let [uid, gid] = sb.give_to_nobody();
+    let user = ["setpriv", &uid, &gid, "--clear-groups"];
+    let out = sb.run_under(&user, &["check"]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(
+        said.contains("config.toml:4:8: cannot switch to user \"daemon\": not started as root"),
+        "{said}"
+    );
+    assert!(said.contains("check --config-only"), "{said}");
+    let out = sb.run_under(&user, &["check", "--config-only"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+}
+
 /// One meaning per exit code, for every command (the table is in README and every --help).
 #[test]
 fn exit_codes_have_one_meaning_each() {

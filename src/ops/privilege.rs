@@ -147,6 +147,11 @@ pub fn owner_uid(cfg: &Config) -> Result<Uid> {
     Ok(target(cfg)?.map_or_else(geteuid, |t| t.uid))
 }
 
+/// Said when a process that is not root is asked to run as another user or group (a `start` by
+/// a user, a `check` of a production config on a build machine).
+const ONLY_ROOT: &str =
+    "only root switches users (`check --config-only` checks the file alone, as any user)";
+
 /// Checks, without changing anything, that this process could run with `cfg`: the user exists,
 /// and we are root if we must switch to it, or may stay root.
 pub fn check_policy(cfg: &Config) -> Result<()> {
@@ -196,15 +201,15 @@ pub fn check_policy(cfg: &Config) -> Result<()> {
             )
         ))),
         Some(t) if !euid.is_root() && t.uid != euid => Err(Error::Config(format!(
-            "{}: cannot switch to user \"{}\": not started as root (running as uid {euid})",
-            cfg.path.shown(),
+            "{}: cannot switch to user \"{}\": not started as root (running as uid {euid}); {ONLY_ROOT}",
+            at(&cfg.worker.user_at),
             t.name
         ))),
         // The user's own, but not in the group named: only root can switch groups (it ran
         // on in its own group, its jobs with it, without a word).
         Some(t) if !euid.is_root() && cfg.worker.group.is_some() && t.gid != nix::unistd::getegid() => {
             Err(Error::Config(format!(
-                "{}: cannot switch to group \"{}\": not started as root (running as gid {})",
+                "{}: cannot switch to group \"{}\": not started as root (running as gid {}); {ONLY_ROOT}",
                 at(&cfg.worker.group_at),
                 cfg.worker.group.as_deref().unwrap_or_default(),
                 nix::unistd::getegid()
