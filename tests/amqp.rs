@@ -1043,6 +1043,17 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
             && line("gearshift_amqp_server_up{").ends_with(" 1"),
         "{metrics}"
     );
+    // A submit meanwhile says why its message is not confirmed, and that it may still be taken.
+    let other = Sandbox::new("amqp-blocked-submit");
+    let source = format!("url = \"{}\"\nqueue = \"elsewhere\"\n", r.url());
+    amqp_config(&other, 1, &source, "");
+    let out = other.run(&["submit", "echo", "x"]);
+    let said = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(
+        said.contains("unconfirmed after 2s: the broker blocks publishing (low on memory"),
+        "{said}"
+    );
     // A reload waits for the reply, and says what holds it.
     let out = sb.run(&["reload", "--timeout", "2s"]);
     let said = text(&out.stderr);

@@ -121,11 +121,19 @@ fn publish(
                 }
             }
             Event::TimedOut => {
+                // Sent, but the broker reads nothing while its alarm lasts: it may take
+                // them once the alarm ends, so a second submit could queue the jobs twice.
+                let why = conn.blocked.as_ref().map_or_else(String::new, |why| {
+                    format!(
+                        ": the broker blocks publishing ({why}: a memory or disk alarm), and may \
+                         still take them once it lifts the alarm"
+                    )
+                });
                 return Err(Error::TimedOut(format!(
-                    "publishing: {} of {count} message(s) unconfirmed after {}",
+                    "publishing: {} of {count} message(s) unconfirmed after {}{why}",
                     waiting.len() as u64 + (last - conn.published),
                     crate::clock::human(cfg.io_timeout)
-                )))
+                )));
             }
             Event::Returned => returned += 1,
             // An answer (`call`) can come before the confirm of its request.
