@@ -126,6 +126,10 @@ pub enum ConnState {
     BackingOff,
 }
 
+/// How a broker's `last_error` begins while it blocks publishing (AMQP `connection.blocked`);
+/// the broker's reason follows.
+pub const BLOCKED_ERROR: &str = "the broker blocks publishing: ";
+
 impl ConnState {
     /// As `status` shows it.
     pub fn as_str(self) -> &'static str {

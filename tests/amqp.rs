@@ -1059,7 +1059,9 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     let said = text(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{said}");
     assert!(
-        said.contains("the broker blocks publishing; a reply waits until it lifts its alarm"),
+        said.contains(
+            "the broker blocks publishing (low on memory); a reply waits until it lifts its alarm"
+        ),
         "{said}"
     );
     std::thread::sleep(Duration::from_secs(1));

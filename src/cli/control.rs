@@ -359,10 +359,12 @@ pub(super) fn what_holds_it(socket: &Path, pid: i32) -> String {
         .collect();
     // A broker's alarm holds every reply, and so the jobs that wait on theirs.
     for v in s.servers.iter().filter(|v| v.state == "blocked") {
+        let why = (v.last_error.as_deref())
+            .and_then(|e| e.strip_prefix(crate::kinds::BLOCKED_ERROR))
+            .map_or_else(String::new, |reason| format!(" ({reason})"));
         lines += &format!(
-            "\n  {}: the broker blocks publishing; a reply waits until it lifts its alarm ({})",
-            v.address,
-            v.last_error.as_deref().unwrap_or("no reason given")
+            "\n  {}: the broker blocks publishing{why}; a reply waits until it lifts its alarm",
+            v.address
         );
     }
     match lines.is_empty() {

@@ -165,7 +165,7 @@ impl Shared {
             "amqp {shown}: the broker blocks publishing ({why}): replies wait until it lifts \
              the alarm"
         );
-        let error = format!("the broker blocks publishing: {why}");
+        let error = format!("{}{why}", crate::kinds::BLOCKED_ERROR);
         self.view(b, b.url, ConnState::Blocked, Some(&error));
     }
 
