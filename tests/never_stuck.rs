@@ -1523,12 +1523,21 @@ fn a_hup_forwarded_to_a_worker_in_its_first_moments_is_a_reload_not_a_death() {
 
 /// `run` with its stderr a pipe of one page, which the test holds the reading end of.
 fn run_with_small_stderr_pipe(sb: &Sandbox) -> (std::os::fd::OwnedFd, Worker) {
+    run_with_small_stderr_pipe_env(sb, &[])
+}
+
+/// [`run_with_small_stderr_pipe`] with extra environment variables.
+fn run_with_small_stderr_pipe_env(
+    sb: &Sandbox,
+    env: &[(&str, &str)],
+) -> (std::os::fd::OwnedFd, Worker) {
     use std::os::fd::AsRawFd;
     let (read_end, write_end) = nix::unistd::pipe().unwrap();
     // SAFETY: F_SETPIPE_SZ on a pipe this test owns; the smallest a pipe can be (a page).
     unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
     let child = spawn(
         sb.cmd(&["run"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(write_end)),
@@ -1567,6 +1576,43 @@ fn a_stderr_nobody_reads_does_not_keep_a_second_term_from_ending_the_worker() {
         pids_with(&format!("sleep {tag}")).is_empty()
     });
     drop(read_end);
+}
+
+/// `GEARSHIFT_LOG` with a word that is no level is warned about as each generation starts. That
+/// warning was a plain write to stderr: with a stderr nobody reads (full) a reload's new
+/// generation waited on it for ever, serving nothing, and with one whose reader is gone (a
+/// journal restarted) the write's error ended the generation. Now it goes as the log's lines
+/// do, never waited for.
+#[test]
+fn a_warning_at_a_generations_start_never_waits_for_stderr() {
+    let sb = Sandbox::new("stderr-warning");
+    let env = [("GEARSHIFT_LOG", "info,bogus")];
+    let (read_end, mut w) = run_with_small_stderr_pipe_env(&sb, &env);
+    eventually(Duration::from_secs(20), "serving", || {
+        w.try_status().is_some()
+    });
+    // Filled through a description of the pipe of the test's own, which never waits (the
+    // worker's log lines do not fill it: they wait for room for a whole piece).
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut filler = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/{}/fd/2", w.pid()))
+        .unwrap();
+    while filler.write(&[b'.'; 512]).is_ok() || filler.write(b".").is_ok() {}
+    let mut reader = Some(read_end);
+    for (generation, stderr) in [(2, "full"), (3, "without a reader")] {
+        if generation == 3 {
+            drop(reader.take());
+        }
+        w.signal(Signal::SIGHUP);
+        eventually(Duration::from_secs(10), stderr, || {
+            w.try_status()
+                .is_some_and(|s| s["generation"] == generation)
+        });
+    }
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
 }
 
 /// A stderr nobody reads (`gearshift run 2>&1 | less` left unread, a log shipper that stalls, a

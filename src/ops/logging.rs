@@ -318,12 +318,15 @@ pub fn init(default: log::LevelFilter) {
     }
     let spec = std::env::var("GEARSHIFT_LOG").ok();
     if let Some(spec) = &spec {
-        // env_logger takes any word as a module name: say so for what is no level at all.
+        // env_logger takes any word as a module name: say so for what is no level at all. Said
+        // as every generation starts, so never waited for (a stderr nobody reads held a
+        // reload's new generation here for ever, and one whose reader was gone ended it).
         for bad in unknown_directives(spec) {
-            eprintln!(
-                "gearshift: warning: GEARSHIFT_LOG: \"{}\" is not a level (off, error, warn, info, debug, trace) nor module=level; it is taken as a module name and so changes nothing here",
+            let line = format!(
+                "gearshift: warning: GEARSHIFT_LOG: \"{}\" is not a level (off, error, warn, info, debug, trace) nor module=level; it is taken as a module name and so changes nothing here\n",
                 crate::text::escape(&bad)
             );
+            to_stderr(line.as_bytes());
         }
         b.parse_filters(spec);
     }
