@@ -124,6 +124,9 @@ pub enum ConnState {
     Connecting,
     /// Failed; waiting out the backoff.
     BackingOff,
+    /// Not connected, and not to be: another of the brokers listed for failover is in use
+    /// (AMQP `urls`).
+    Standby,
 }
 
 /// How a broker's `last_error` begins while it blocks publishing (AMQP `connection.blocked`);
@@ -138,6 +141,7 @@ impl ConnState {
             ConnState::Blocked => "blocked",
             ConnState::Connecting => "connecting",
             ConnState::BackingOff => "backing off",
+            ConnState::Standby => "standby",
         }
     }
 }

@@ -88,11 +88,10 @@ fn lines(path: &std::path::Path) -> Vec<String> {
 /// is not).
 fn connected(s: &Value) -> bool {
     let lanes = s["lanes"].as_u64().unwrap_or(0);
-    s["servers"].as_array().is_some_and(|v| {
-        !v.is_empty()
-            && v.iter()
-                .all(|x| x["state"] == "connected" && x["lanes_connected"].as_u64() == Some(lanes))
-    })
+    let up = |x: &Value| x["state"] == "connected" && x["lanes_connected"].as_u64() == Some(lanes);
+    s["servers"]
+        .as_array()
+        .is_some_and(|v| v.iter().any(up) && v.iter().all(|x| up(x) || x["state"] == "standby"))
 }
 
 /// The `[source]` lines of a worker consuming the PHP daemons' queue `email` on `r` with
@@ -947,7 +946,7 @@ fn amqps_with_a_client_certificate() {
 /// returned `runs` file as it starts, waits until `go` exists, then echoes its payload; once
 /// connected.
 fn gated_rpc_worker(sb: &Sandbox, r: &Rabbit) -> (Worker, std::path::PathBuf, std::path::PathBuf) {
-    gated_rpc_lanes(sb, r, 1)
+    gated_rpc_lanes(sb, r, 1, "")
 }
 
 /// [`gated_rpc_worker`] with `lanes` lanes.
@@ -955,6 +954,7 @@ fn gated_rpc_lanes(
     sb: &Sandbox,
     r: &Rabbit,
     lanes: u32,
+    source: &str,
 ) -> (Worker, std::path::PathBuf, std::path::PathBuf) {
     let (runs, go) = (sb.path("runs"), sb.path("go"));
     sb.job(
@@ -969,7 +969,7 @@ fn gated_rpc_lanes(
         sb,
         lanes,
         &format!(
-            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n",
+            "url = \"{}\"\nqueue = \"rpc\"\nfunction = \"slow\"\n{source}",
             r.url()
         ),
         "[source.declare]\n",
@@ -1008,24 +1008,40 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
     let r = Rabbit::start(&sb.dir, "");
     // The job answers only once the alarm is raised (a fixed sleep raced `rabbitmqctl`, which
     // can take longer than it on a busy machine: the reply then went before the alarm).
-    let (w, started, go) = gated_rpc_worker(&sb, &r);
+    // A second broker for failover, which nothing answers: the worker's state is its
+    // connection's, whatever the brokers it does not use show.
+    let failover = "urls = [\"amqp://guest:guest@127.0.0.1:9/%2f\"]\n";
+    let (w, started, go) = gated_rpc_lanes(&sb, &r, 1, failover);
     let mut rpc = rpc_request(&r);
     eventually(Duration::from_secs(20), "the job to start", || {
         started.exists()
     });
+    // The broker in use, in `status`.
+    let port = format!(":{}/", r.port);
+    let live = |s: &Value| -> Value {
+        let servers = s["servers"].as_array().cloned().unwrap_or_default();
+        let found = servers
+            .into_iter()
+            .find(|v| v["address"].as_str().is_some_and(|a| a.contains(&port)));
+        found.unwrap_or(Value::Null)
+    };
     // A memory alarm: the broker blocks every publishing connection.
     r.ctl(&["set_vm_memory_high_watermark", "0.0000001"]);
     fs::write(&go, "").unwrap();
     // An operator sees the alarm in `status`, the metrics and the log, with the broker's reason.
     eventually(Duration::from_secs(10), "status to show the alarm", || {
         let s = w.status();
-        s["state"] == "publishing blocked" && s["servers"][0]["state"] == "blocked"
+        s["state"] == "publishing blocked" && live(&s)["state"] == "blocked"
     });
+    // The failover broker waits, and is said to (it was shown "connecting" for ever).
     let s = w.status();
-    let why = s["servers"][0]["last_error"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let states: Vec<&str> = (s["servers"].as_array().unwrap().iter())
+        .map(|v| v["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(states.len(), 2, "{s}");
+    assert!(states.contains(&"standby"), "{s}");
+    let s = w.status();
+    let why = live(&s)["last_error"].as_str().unwrap_or("").to_string();
     assert!(
         why.starts_with("the broker blocks publishing: low on memory"),
         "{s}"
@@ -1036,13 +1052,16 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         "{human}"
     );
     let metrics = text(&sb.run(&["metrics"]).stdout);
-    let line = |name: &str| metrics.lines().find(|l| l.starts_with(name)).unwrap_or("");
-    assert!(
-        line("gearshift_amqp_connections{").contains("state=\"connected\"} 0")
-            && metrics.contains(",state=\"blocked\"} 1")
-            && line("gearshift_amqp_server_up{").ends_with(" 1"),
-        "{metrics}"
-    );
+    let server = format!("{{server=\"{}\"", live(&s)["address"].as_str().unwrap());
+    for (name, value) in [
+        ("gearshift_amqp_connections", ",state=\"connected\"} 0"),
+        ("gearshift_amqp_connections", ",state=\"blocked\"} 1"),
+        ("gearshift_amqp_server_up", "} 1"),
+    ] {
+        let line = format!("{name}{server}{value}");
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    assert!(metrics.contains(",state=\"standby\"} 1"), "{metrics}");
     // A submit meanwhile says why its message is not confirmed, and that it may still be taken.
     let other = Sandbox::new("amqp-blocked-submit");
     let source = format!("url = \"{}\"\nqueue = \"elsewhere\"\n", r.url());
@@ -1091,9 +1110,7 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         "the reload after the alarm",
         || {
             let s = w.status();
-            s["generation"] == 2
-                && s["state"] == "running"
-                && s["servers"][0]["state"] == "connected"
+            s["generation"] == 2 && s["state"] == "running" && live(&s)["state"] == "connected"
         },
     );
     let s = w.status();
@@ -1677,7 +1694,7 @@ fn a_confirm_that_came_while_the_worker_stalled_is_read_not_taken_for_silence() 
     let sb = Sandbox::new("amqp-stalled");
     let r = Rabbit::start(&sb.dir, "");
     // Two lanes: the idle one reads, the other waits for its confirm to be recorded.
-    let (w, runs, go) = gated_rpc_lanes(&sb, &r, 2);
+    let (w, runs, go) = gated_rpc_lanes(&sb, &r, 2, "");
     let mut rpc = rpc_request(&r);
     eventually(Duration::from_secs(20), "the job to start", || {
         runs.exists()

@@ -48,6 +48,26 @@ fn summarised(all: &[String]) -> Vec<String> {
     list
 }
 
+/// The worker's `state` in `status`: its phase, or while it runs, what keeps it from serving.
+fn worker_state(
+    phase: WorkerPhase,
+    storage_fails: bool,
+    servers: &[ServerSummary],
+) -> &'static str {
+    let any = |state| servers.iter().any(|v| v.best == state);
+    // Every server tried and backed off from (a failover broker on standby is yet to be).
+    let unreachable =
+        !servers.is_empty() && servers.iter().all(|v| v.best == ConnState::BackingOff);
+    // The connection in use is blocked (the others are on standby).
+    let blocked = any(ConnState::Blocked) && !any(ConnState::Connected);
+    match phase {
+        WorkerPhase::Running if storage_fails => "degraded",
+        WorkerPhase::Running if unreachable => "no server reachable",
+        WorkerPhase::Running if blocked => "publishing blocked",
+        _ => phase.as_str(),
+    }
+}
+
 /// Each server as `status` shows it.
 fn servers_doc(summaries: Vec<ServerSummary>) -> Vec<ServerDoc> {
     summaries
@@ -73,6 +93,7 @@ struct ServerSummary {
     blocked: u64,
     connecting: u64,
     backing_off: u64,
+    standby: u64,
     /// The latest error, and when.
     last_error: Option<(String, u64)>,
     reconnects: u64,
@@ -246,6 +267,7 @@ impl State {
                     blocked: count(ConnState::Blocked),
                     connecting: count(ConnState::Connecting),
                     backing_off: count(ConnState::BackingOff),
+                    standby: count(ConnState::Standby),
                     last_error: err
                         .and_then(|v| v.last_error.clone().map(|e| (e, v.last_error_ms))),
                     reconnects: lanes.values().map(|v| v.reconnects).sum(),
@@ -287,6 +309,7 @@ impl State {
                 blocked: s.blocked,
                 connecting: s.connecting,
                 backing_off: s.backing_off,
+                standby: s.standby,
                 reconnects: s.reconnects,
             })
             .collect();
@@ -348,22 +371,11 @@ impl State {
         let first_claim = self.first_claim_mono_us.load(Ordering::Acquire);
         let pause = self.restart_pause_us.load(Ordering::Relaxed);
         let summaries = self.server_summaries();
-        // Running, but every server has been tried and is backed off from: say so.
-        let all = |state| !summaries.is_empty() && summaries.iter().all(|v| v.best == state);
-        let (unreachable, blocked) = (all(ConnState::BackingOff), all(ConnState::Blocked));
-        let servers = servers_doc(summaries);
-        let (jobs_completed, jobs_failed) = self.metrics.totals();
         // A result that cannot be stored, or (ZeroMQ) messages that cannot.
         let storage = i.storage.clone().or_else(|| self.ingress.not_stored());
-        let state = if i.phase == WorkerPhase::Running && storage.is_some() {
-            "degraded"
-        } else if i.phase == WorkerPhase::Running && unreachable {
-            "no server reachable"
-        } else if i.phase == WorkerPhase::Running && blocked {
-            "publishing blocked"
-        } else {
-            i.phase.as_str()
-        };
+        let state = worker_state(i.phase, storage.is_some(), &summaries);
+        let servers = servers_doc(summaries);
+        let (jobs_completed, jobs_failed) = self.metrics.totals();
         Doc {
             pid: self.pid,
             state: state.to_string(),

@@ -169,7 +169,8 @@ impl Shared {
         self.view(b, b.url, ConnState::Blocked, Some(&error));
     }
 
-    /// Lane `index` starts: it is shown connecting to every broker, or connected.
+    /// Lane `index` starts: it is shown connecting to every broker, or connected to the one in
+    /// use and on standby for the others.
     pub(super) fn join(&self, index: usize) {
         let mut b = self.board();
         // Lanes spawned again (a restart refused after the drain) keep their index.
@@ -181,8 +182,14 @@ impl Shared {
             crate::status::show_server(&self.s.views, &u.shown, index, ConnState::Connecting, None);
         }
         if b.writer.is_some() {
-            let shown = &self.s.cfg.urls[b.url].shown;
-            crate::status::show_server(&self.s.views, shown, index, Self::live(&b), None);
+            for (i, u) in self.s.cfg.urls.iter().enumerate() {
+                let state = if i == b.url {
+                    Self::live(&b)
+                } else {
+                    ConnState::Standby
+                };
+                crate::status::show_server(&self.s.views, &u.shown, index, state, None);
+            }
         }
     }
 
@@ -306,7 +313,15 @@ impl Shared {
             b.confirms.clear();
             b.blocked = false;
             b.cancel_ok = false;
-            self.view(&b, r.url, ConnState::Connected, None);
+            // One broker at a time: the others wait for a failover.
+            for i in 0..self.s.cfg.urls.len() {
+                let state = if i == r.url {
+                    ConnState::Connected
+                } else {
+                    ConnState::Standby
+                };
+                self.view(&b, i, state, None);
+            }
         }
         r.backoff = BACKOFF_MIN;
         if !r.logged.is_empty() {
