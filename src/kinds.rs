@@ -124,6 +124,9 @@ pub enum ConnState {
     Connecting,
     /// Failed; waiting out the backoff.
     BackingOff,
+    /// Reached, and refused (AMQP: a queue that does not exist, a login or a vhost refused, a
+    /// server that is no broker); waiting out the backoff.
+    Refused,
     /// Not connected, and not to be: another of the brokers listed for failover is in use
     /// (AMQP `urls`).
     Standby,
@@ -141,6 +144,7 @@ impl ConnState {
             ConnState::Blocked => "blocked",
             ConnState::Connecting => "connecting",
             ConnState::BackingOff => "backing off",
+            ConnState::Refused => "refused",
             ConnState::Standby => "standby",
         }
     }

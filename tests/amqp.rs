@@ -61,6 +61,16 @@ fn php_publish_to(r: &Rabbit, queue: &str, count: usize, prefix: &str, kind: &st
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// Asserts that the human `status` says `human` and the metrics hold `metric`; returns the
+/// metrics.
+fn status_and_metrics_say(sb: &Sandbox, human: &str, metric: &str) -> String {
+    let said = text(&sb.run(&["status"]).stdout);
+    assert!(said.contains(human), "{said}");
+    let metrics = text(&sb.run(&["metrics"]).stdout);
+    assert!(metrics.contains(metric), "{metrics}");
+    metrics
+}
+
 /// The dead-letter exchange `dlx` and its queue `dead`, as an operator would declare them.
 fn declare_dead_letters(r: &Rabbit) {
     let setup = Command::new(PYTHON)
@@ -769,7 +779,13 @@ fn a_hostile_broker_is_a_clear_error_and_never_a_hang() {
     let sb = Sandbox::new("amqp-hostile");
     let (garbage, garbage_connects) = hostile_broker(b"HTTP/1.1 400 Bad Request\r\n\r\n\x01\x00");
     let (silent, _) = hostile_broker(b"");
-    for (url, what) in [(garbage, "garbage"), (silent, "silence")] {
+    // A server that answers, but not as a broker, is reached and refuses; one that says nothing
+    // is not reached.
+    let cases = [
+        (garbage, "garbage", "not consuming"),
+        (silent, "silence", "no server reachable"),
+    ];
+    for (url, what, state) in cases {
         amqp_config(
             &sb,
             2,
@@ -785,7 +801,7 @@ fn a_hostile_broker_is_a_clear_error_and_never_a_hang() {
         // Signals are acted on whatever the broker does.
         w.signal(Signal::SIGHUP);
         w.wait_for(Duration::from_secs(10), "generation 2", |s| {
-            s["generation"] == 2 && s["state"] == "no server reachable"
+            s["generation"] == 2 && s["state"] == state
         });
         let asked = Instant::now();
         w.signal(Signal::SIGTERM);
@@ -1046,12 +1062,8 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         why.starts_with("the broker blocks publishing: low on memory"),
         "{s}"
     );
-    let human = text(&sb.run(&["status"]).stdout);
-    assert!(
-        human.contains("is running, publishing blocked by the broker (pid"),
-        "{human}"
-    );
-    let metrics = text(&sb.run(&["metrics"]).stdout);
+    let human = "is running, publishing blocked by the broker (pid";
+    let metrics = status_and_metrics_say(&sb, human, ",state=\"standby\"} 1");
     let server = format!("{{server=\"{}\"", live(&s)["address"].as_str().unwrap());
     for (name, value) in [
         ("gearshift_amqp_connections", ",state=\"connected\"} 0"),
@@ -1061,7 +1073,6 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         let line = format!("{name}{server}{value}");
         assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
     }
-    assert!(metrics.contains(",state=\"standby\"} 1"), "{metrics}");
     // A submit meanwhile says why its message is not confirmed, and that it may still be taken.
     let other = Sandbox::new("amqp-blocked-submit");
     let source = format!("url = \"{}\"\nqueue = \"elsewhere\"\n", r.url());
@@ -1125,6 +1136,49 @@ fn a_reply_waits_while_the_broker_blocks_publishing() {
         "{}",
         w.log_text()
     );
+}
+
+/// A worker whose queue does not exist yet (no `[source.declare]`, the operator's setup not run):
+/// the broker answers and refuses the consumer. `status` said "running, no server reachable",
+/// which sends an operator after the network; now the broker is `refused`, with its reason, the
+/// worker "not consuming", and once the queue is declared it consumes.
+#[test]
+fn a_queue_that_does_not_exist_is_said_as_refused_not_unreachable() {
+    if !Rabbit::available("a_queue_that_does_not_exist_is_said_as_refused_not_unreachable") {
+        return;
+    }
+    let sb = Sandbox::new("amqp-no-queue");
+    let r = Rabbit::start(&sb.dir, "");
+    let source = format!(
+        "url = \"{}\"\nqueue = \"later\"\nfunction = \"echo\"\n",
+        r.url()
+    );
+    amqp_config(&sb, 1, &source, "");
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(20), "the refusal", |s| {
+        s["state"] == "not consuming" && s["servers"][0]["state"] == "refused"
+    });
+    let s = w.status();
+    let why = s["servers"][0]["last_error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("404") && why.contains("no queue 'later'"),
+        "{s}"
+    );
+    let human = "is running, not consuming: every broker refuses it (pid";
+    status_and_metrics_say(&sb, human, ",state=\"refused\"} 1");
+    let declared = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import pika,sys; c=pika.BlockingConnection(pika.URLParameters(sys.argv[1])); \
+             c.channel().queue_declare('later',durable=True); c.close()",
+            &r.url(),
+        ])
+        .status()
+        .unwrap();
+    assert!(declared.success());
+    w.wait_for(Duration::from_secs(20), "consuming", |s| {
+        s["state"] == "running" && connected(s)
+    });
 }
 
 /// In every state of an AMQP worker (a job running, draining for a restart, the broker frozen

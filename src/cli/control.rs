@@ -134,6 +134,7 @@ fn print_status(s: &crate::status::Doc) {
         // Running all the same: the word says what is wrong.
         "no server reachable" => "running, no server reachable".to_string(),
         "publishing blocked" => "running, publishing blocked by the broker".to_string(),
+        "not consuming" => "running, not consuming: every broker refuses it".to_string(),
         other => other.to_string(),
     };
     println!(

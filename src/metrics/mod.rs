@@ -380,6 +380,8 @@ pub struct ServerGauge {
     pub blocked: u64,
     pub connecting: u64,
     pub backing_off: u64,
+    /// Reached and refused (AMQP: no such queue, a login refused).
+    pub refused: u64,
     /// A failover broker not in use (AMQP).
     pub standby: u64,
     /// This generation's reconnects.

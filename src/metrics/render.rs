@@ -289,6 +289,7 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
             ("blocked", s.blocked),
             ("connecting", s.connecting),
             ("backing_off", s.backing_off),
+            ("refused", s.refused),
             ("standby", s.standby),
         ] {
             let _ = writeln!(

@@ -58,11 +58,20 @@ fn worker_state(
     // Every server tried and backed off from (a failover broker on standby is yet to be).
     let unreachable =
         !servers.is_empty() && servers.iter().all(|v| v.best == ConnState::BackingOff);
+    // A broker answered and refused, and none serves (AMQP: no such queue, a login refused).
+    let refused = any(ConnState::Refused)
+        && (servers.iter()).all(|v| {
+            matches!(
+                v.best,
+                ConnState::BackingOff | ConnState::Refused | ConnState::Standby
+            )
+        });
     // The connection in use is blocked (the others are on standby).
     let blocked = any(ConnState::Blocked) && !any(ConnState::Connected);
     match phase {
         WorkerPhase::Running if storage_fails => "degraded",
         WorkerPhase::Running if unreachable => "no server reachable",
+        WorkerPhase::Running if refused => "not consuming",
         WorkerPhase::Running if blocked => "publishing blocked",
         _ => phase.as_str(),
     }
@@ -93,6 +102,7 @@ struct ServerSummary {
     blocked: u64,
     connecting: u64,
     backing_off: u64,
+    refused: u64,
     standby: u64,
     /// The latest error, and when.
     last_error: Option<(String, u64)>,
@@ -267,6 +277,7 @@ impl State {
                     blocked: count(ConnState::Blocked),
                     connecting: count(ConnState::Connecting),
                     backing_off: count(ConnState::BackingOff),
+                    refused: count(ConnState::Refused),
                     standby: count(ConnState::Standby),
                     last_error: err
                         .and_then(|v| v.last_error.clone().map(|e| (e, v.last_error_ms))),
@@ -309,6 +320,7 @@ impl State {
                 blocked: s.blocked,
                 connecting: s.connecting,
                 backing_off: s.backing_off,
+                refused: s.refused,
                 standby: s.standby,
                 reconnects: s.reconnects,
             })

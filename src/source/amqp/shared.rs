@@ -182,13 +182,16 @@ impl Shared {
             crate::status::show_server(&self.s.views, &u.shown, index, ConnState::Connecting, None);
         }
         if b.writer.is_some() {
-            for (i, u) in self.s.cfg.urls.iter().enumerate() {
-                let state = if i == b.url {
-                    Self::live(&b)
-                } else {
-                    ConnState::Standby
-                };
-                crate::status::show_server(&self.s.views, &u.shown, index, state, None);
+            self.show_in_use(&b, &[index], Self::live(&b));
+        }
+    }
+
+    /// Shows `lanes` on the broker in use (as `live`), and on standby for the others.
+    fn show_in_use(&self, b: &Board, lanes: &[usize], live: ConnState) {
+        for (i, u) in self.s.cfg.urls.iter().enumerate() {
+            let state = if i == b.url { live } else { ConnState::Standby };
+            for &lane in lanes {
+                crate::status::show_server(&self.s.views, &u.shown, lane, state, None);
             }
         }
     }
@@ -224,7 +227,7 @@ impl Shared {
                 super::conn::sleep_until(r.retry_at, &self.wake);
             } else if let Err(e) = self.connect(&mut r) {
                 if !stop.is_set() {
-                    self.fail(&mut r, &e.to_string());
+                    self.fail(&mut r, &e);
                 }
             }
             return None;
@@ -237,14 +240,13 @@ impl Shared {
             Ok(Read::Delivery(delivery)) => Some(*delivery),
             Ok(Read::Nothing | Read::TimedOut) => None,
             Ok(Read::Method(id)) => {
-                self.fail(
-                    &mut r,
-                    &format!("the broker sent method {id:?}, which a consumer does not expect"),
-                );
+                let why =
+                    format!("the broker sent method {id:?}, which a consumer does not expect");
+                self.fail(&mut r, &Error::Peer(why));
                 None
             }
             Err(e) => {
-                self.fail(&mut r, &e.to_string());
+                self.fail(&mut r, &e);
                 None
             }
         };
@@ -314,14 +316,7 @@ impl Shared {
             b.blocked = false;
             b.cancel_ok = false;
             // One broker at a time: the others wait for a failover.
-            for i in 0..self.s.cfg.urls.len() {
-                let state = if i == r.url {
-                    ConnState::Connected
-                } else {
-                    ConnState::Standby
-                };
-                self.view(&b, i, state, None);
-            }
+            self.show_in_use(&b, &b.lanes, ConnState::Connected);
         }
         r.backoff = BACKOFF_MIN;
         if !r.logged.is_empty() {
@@ -334,8 +329,15 @@ impl Shared {
     }
 
     /// Drops the link (the broker requeues whatever it delivered) and schedules a new one, on
-    /// the next broker, with backoff and jitter.
-    fn fail(&self, r: &mut Reader, why: &str) {
+    /// the next broker, with backoff and jitter. A broker that answered and refused (`Peer`:
+    /// no such queue, a login refused, no broker at all) is shown `refused`, not unreachable.
+    fn fail(&self, r: &mut Reader, e: &Error) {
+        let why = e.to_string();
+        let why = why.as_str();
+        let state = match e {
+            Error::Peer(_) => ConnState::Refused,
+            _ => ConnState::BackingOff,
+        };
         if let Some(link) = r.link.take() {
             link.conn.writer().cut();
         }
@@ -343,7 +345,7 @@ impl Shared {
         {
             let mut b = self.board();
             b.writer = None;
-            self.view(&b, r.url, ConnState::BackingOff, Some(why));
+            self.view(&b, r.url, state, Some(why));
             if let Some(&lane) = b.lanes.first() {
                 crate::status::count_reconnect(&self.s.views, &url, lane);
             }
@@ -459,7 +461,7 @@ impl Shared {
             Err(e) => Some(e),
         };
         if let Some(e) = failed {
-            self.fail(r, &e.to_string());
+            self.fail(r, &e);
         }
     }
 
