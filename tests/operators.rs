@@ -863,6 +863,17 @@ fn a_removed_server_leaves_no_metric_series() {
     w.wait_generation(2);
     let metrics = text(&sb.run(&["metrics"]).stdout);
     assert!(!metrics.contains(&dead), "{metrics}");
+    // Gearman's connections by the states a Gearman server can be in (AMQP's alarm, refusal
+    // and failover states are not written for it).
+    let states: Vec<&str> = (metrics.lines())
+        .filter(|l| l.starts_with("gearshift_gearman_connections{"))
+        .filter_map(|l| l.split("state=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        states,
+        ["connected", "connecting", "backing_off"],
+        "{metrics}"
+    );
 }
 
 /// A worker stopped by SIGSTOP (Ctrl-Z at the terminal of a `run`, a debugger, a `kill -STOP`

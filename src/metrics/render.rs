@@ -283,6 +283,8 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
         "gauge",
         "Lanes' connections to each server, by state.",
     );
+    // A broker's alarm, refusal and failover are AMQP's: a Gearman server is never in them.
+    let amqp = kind == "amqp";
     for s in &g.servers {
         for (state, n) in [
             ("connected", s.connected),
@@ -292,6 +294,9 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
             ("refused", s.refused),
             ("standby", s.standby),
         ] {
+            if !amqp && matches!(state, "blocked" | "refused" | "standby") {
+                continue;
+            }
             let _ = writeln!(
                 w,
                 "gearshift_{kind}_connections{{server=\"{}\",state=\"{state}\"}} {n}",
