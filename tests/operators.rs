@@ -262,6 +262,38 @@ fn check_by_another_user_names_the_user_line_and_the_config_only_check() {
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
 }
 
+/// A server whose host takes no connection (its SYNs dropped: a firewall, a full accept queue,
+/// a host gone) fails each connect only at `io_timeout`, and the next try begins soon after:
+/// `status` said "running" while a try was under way, most of the time, and "no server
+/// reachable" only between tries. A server that has failed and is being tried again is still
+/// unreachable until it answers.
+#[test]
+fn a_server_tried_again_after_failing_is_still_unreachable() {
+    use std::os::fd::AsRawFd;
+    let sb = Sandbox::new("op-syn-dropped");
+    // A listener with an accept queue of one, filled and never accepted: the kernel drops
+    // every SYN after it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on a socket this test owns, to shorten its queue.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = listener.local_addr().unwrap();
+    let _filler = std::net::TcpStream::connect(addr).unwrap();
+    sb.gearman_config(
+        &[addr.to_string()],
+        "io_timeout = \"1s\"\nreconnect_max = \"200ms\"\n",
+    );
+    let w = sb.start();
+    w.wait_for(Duration::from_secs(10), "a first try failed", |s| {
+        s["servers"][0]["last_error"].is_string()
+    });
+    let mut said = Vec::new();
+    for _ in 0..20 {
+        said.push(w.status()["state"].as_str().unwrap_or("").to_string());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(said.iter().all(|s| s == "no server reachable"), "{said:?}");
+}
+
 /// One meaning per exit code, for every command (the table is in README and every --help).
 #[test]
 fn exit_codes_have_one_meaning_each() {

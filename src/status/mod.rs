@@ -55,17 +55,13 @@ fn worker_state(
     servers: &[ServerSummary],
 ) -> &'static str {
     let any = |state| servers.iter().any(|v| v.best == state);
-    // Every server tried and backed off from (a failover broker on standby is yet to be).
+    // Every server tried and failed, and not reached since (a try again under way included; a
+    // failover broker on standby is yet to be tried).
     let unreachable =
-        !servers.is_empty() && servers.iter().all(|v| v.best == ConnState::BackingOff);
+        !servers.is_empty() && (servers.iter()).all(|v| v.down == Some(ConnState::BackingOff));
     // A broker answered and refused, and none serves (AMQP: no such queue, a login refused).
-    let refused = any(ConnState::Refused)
-        && (servers.iter()).all(|v| {
-            matches!(
-                v.best,
-                ConnState::BackingOff | ConnState::Refused | ConnState::Standby
-            )
-        });
+    let refused = servers.iter().any(|v| v.down == Some(ConnState::Refused))
+        && (servers.iter()).all(|v| v.down.is_some() || v.best == ConnState::Standby);
     // The connection in use is blocked (the others are on standby).
     let blocked = any(ConnState::Blocked) && !any(ConnState::Connected);
     match phase {
@@ -97,6 +93,9 @@ fn servers_doc(summaries: Vec<ServerSummary>) -> Vec<ServerDoc> {
 struct ServerSummary {
     address: String,
     best: ConnState,
+    /// Every lane's last try failed (and none has succeeded since): how (`BackingOff` or
+    /// `Refused`).
+    down: Option<ConnState>,
     since_ms: u64,
     connected: u64,
     blocked: u64,
@@ -264,9 +263,17 @@ impl State {
                     .values()
                     .filter(|v| v.last_error.is_some())
                     .max_by_key(|v| v.last_error_ms);
+                // Every lane's last try failed (refused, if any was): down, even while a lane
+                // tries again.
+                let failing = lanes.values().map(|v| v.failing);
+                let down = failing
+                    .clone()
+                    .all(|f| f.is_some())
+                    .then(|| failing.flatten().max().unwrap_or(ConnState::BackingOff));
                 ServerSummary {
                     address: addr.clone(),
                     best,
+                    down: down.filter(|_| !lanes.is_empty()),
                     since_ms: lanes
                         .values()
                         .filter(|v| v.state == best)

@@ -11,6 +11,9 @@ pub struct ServerView {
     pub last_error: Option<String>,
     pub last_error_ms: u64,
     pub reconnects: u64,
+    /// How the last try failed (backing off, or refused), until one succeeds: a server tried
+    /// again after failing is shown connecting, and is no more reachable for it.
+    pub failing: Option<crate::kinds::ConnState>,
 }
 
 /// Per server address, per lane: written by the Gearman lanes, read by `status`.
@@ -37,6 +40,12 @@ pub fn show_server(
     if v.state != state || v.since_ms == 0 {
         v.state = state;
         v.since_ms = crate::clock::now_ms();
+    }
+    use crate::kinds::ConnState::{BackingOff, Connecting, Refused};
+    match state {
+        BackingOff | Refused => v.failing = Some(state),
+        Connecting => {}
+        _ => v.failing = None,
     }
     if let Some(e) = error {
         v.last_error = Some(e);
