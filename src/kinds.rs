@@ -136,7 +136,47 @@ pub enum ConnState {
 /// the broker's reason follows.
 pub const BLOCKED_ERROR: &str = "the broker blocks publishing: ";
 
+/// How many [`ConnState`]s there are.
+pub const CONN_STATES: usize = 6;
+
+/// Lanes per [`ConnState`] (`ConnState::ALL`'s order).
+pub type StateCounts = [u64; CONN_STATES];
+
 impl ConnState {
+    pub const ALL: [ConnState; CONN_STATES] = [
+        ConnState::Connected,
+        ConnState::Blocked,
+        ConnState::Connecting,
+        ConnState::BackingOff,
+        ConnState::Refused,
+        ConnState::Standby,
+    ];
+
+    /// Of `lanes`, how many are connected (a blocked connection still delivers).
+    pub fn up(lanes: &StateCounts) -> u64 {
+        let up = |s: &ConnState| matches!(s, ConnState::Connected | ConnState::Blocked);
+        (ConnState::ALL.iter().zip(lanes))
+            .filter(|(s, _)| up(s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// A state only an AMQP broker is ever in (its alarm, a refusal, failover).
+    pub fn amqp_only(self) -> bool {
+        matches!(
+            self,
+            ConnState::Blocked | ConnState::Refused | ConnState::Standby
+        )
+    }
+
+    /// As the metrics label it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnState::BackingOff => "backing_off",
+            other => other.as_str(),
+        }
+    }
+
     /// As `status` shows it.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -375,15 +375,8 @@ impl QueueCount {
 #[derive(Debug, Clone, Default)]
 pub struct ServerGauge {
     pub address: String,
-    pub connected: u64,
-    /// Connected, and the broker blocks publishing (AMQP).
-    pub blocked: u64,
-    pub connecting: u64,
-    pub backing_off: u64,
-    /// Reached and refused (AMQP: no such queue, a login refused).
-    pub refused: u64,
-    /// A failover broker not in use (AMQP).
-    pub standby: u64,
+    /// Lanes in each state.
+    pub lanes: crate::kinds::StateCounts,
     /// This generation's reconnects.
     pub reconnects: u64,
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::carry::HistogramCounts;
 use super::{process, FunctionStats, Gauges, Metrics, Outcome, QueueStats};
+use crate::kinds::ConnState;
 use crate::kinds::DeployResult;
 use crate::kinds::RestartReason;
 
@@ -274,7 +275,7 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
             w,
             "gearshift_{kind}_server_up{{server=\"{}\"}} {}",
             escape(&s.address),
-            u64::from(s.connected + s.blocked > 0)
+            u64::from(ConnState::up(&s.lanes) > 0)
         );
     }
     header(
@@ -286,21 +287,15 @@ fn render_servers(w: &mut String, g: &Gauges, reconnects_before: &BTreeMap<Strin
     // A broker's alarm, refusal and failover are AMQP's: a Gearman server is never in them.
     let amqp = kind == "amqp";
     for s in &g.servers {
-        for (state, n) in [
-            ("connected", s.connected),
-            ("blocked", s.blocked),
-            ("connecting", s.connecting),
-            ("backing_off", s.backing_off),
-            ("refused", s.refused),
-            ("standby", s.standby),
-        ] {
-            if !amqp && matches!(state, "blocked" | "refused" | "standby") {
+        for (state, n) in ConnState::ALL.iter().zip(s.lanes) {
+            if !amqp && state.amqp_only() {
                 continue;
             }
             let _ = writeln!(
                 w,
-                "gearshift_{kind}_connections{{server=\"{}\",state=\"{state}\"}} {n}",
-                escape(&s.address)
+                "gearshift_{kind}_connections{{server=\"{}\",state=\"{}\"}} {n}",
+                escape(&s.address),
+                state.label()
             );
         }
     }

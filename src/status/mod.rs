@@ -81,7 +81,7 @@ fn servers_doc(summaries: Vec<ServerSummary>) -> Vec<ServerDoc> {
             address: s.address,
             state: s.best.as_str().to_string(),
             since: rfc3339_ms(s.since_ms),
-            lanes_connected: (s.connected + s.blocked) as usize,
+            lanes_connected: ConnState::up(&s.lanes) as usize,
             last_error_at: s.last_error.as_ref().map(|(_, at)| rfc3339_ms(*at)),
             last_error: s.last_error.map(|(e, _)| e),
             reconnects: s.reconnects,
@@ -97,12 +97,8 @@ struct ServerSummary {
     /// `Refused`).
     down: Option<ConnState>,
     since_ms: u64,
-    connected: u64,
-    blocked: u64,
-    connecting: u64,
-    backing_off: u64,
-    refused: u64,
-    standby: u64,
+    /// Lanes in each state.
+    lanes: crate::kinds::StateCounts,
     /// The latest error, and when.
     last_error: Option<(String, u64)>,
     reconnects: u64,
@@ -280,12 +276,7 @@ impl State {
                         .map(|v| v.since_ms)
                         .min()
                         .unwrap_or(0),
-                    connected: count(ConnState::Connected),
-                    blocked: count(ConnState::Blocked),
-                    connecting: count(ConnState::Connecting),
-                    backing_off: count(ConnState::BackingOff),
-                    refused: count(ConnState::Refused),
-                    standby: count(ConnState::Standby),
+                    lanes: ConnState::ALL.map(count),
                     last_error: err
                         .and_then(|v| v.last_error.clone().map(|e| (e, v.last_error_ms))),
                     reconnects: lanes.values().map(|v| v.reconnects).sum(),
@@ -323,12 +314,7 @@ impl State {
             .into_iter()
             .map(|s| crate::metrics::ServerGauge {
                 address: s.address,
-                connected: s.connected,
-                blocked: s.blocked,
-                connecting: s.connecting,
-                backing_off: s.backing_off,
-                refused: s.refused,
-                standby: s.standby,
+                lanes: s.lanes,
                 reconnects: s.reconnects,
             })
             .collect();
