@@ -531,6 +531,50 @@ fn supervisor_restarts_a_killed_worker_forwards_signals_and_gives_up() {
     );
 }
 
+/// The supervisor's wait before a restart comes back down after a worker that ran a while: a
+/// crash long after the last one waits the shortest time again. Before, the doublings of every
+/// earlier crash stayed (a week of one crash a day waited the 30 s maximum). The fault build
+/// counts 3 s as a while, where the product counts a minute.
+#[test]
+fn a_crash_after_a_stable_run_restarts_after_the_shortest_wait() {
+    let mut sb = Sandbox::new("supervise-backoff");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let mut cmd = sb.cmd(&["start", "--supervise", "--max-restarts", "9"]);
+    cmd.env("GEARSHIFT_FAULT_STABLE_MS", "3000");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let waits = |sb: &Sandbox| -> Vec<String> {
+        let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+        log.lines()
+            .filter_map(|l| l.split("restarting in ").nth(1))
+            .map(str::to_string)
+            .collect()
+    };
+    // Two crashes in a row: the wait doubles.
+    crash(&sb);
+    crash(&sb);
+    assert_eq!(waits(&sb), ["500 ms", "1000 ms"]);
+    // A worker that served longer than the fault build's "while": its crash waits 0.5 s again.
+    std::thread::sleep(Duration::from_millis(3500));
+    crash(&sb);
+    assert_eq!(waits(&sb), ["500 ms", "1000 ms", "500 ms"]);
+    // And a crash right after it doubles from there.
+    crash(&sb);
+    assert_eq!(waits(&sb), ["500 ms", "1000 ms", "500 ms", "1000 ms"]);
+}
+
+/// Kills the supervised worker (SIGKILL) and waits for its supervisor's next one to serve.
+fn crash(sb: &Sandbox) {
+    let last = pid_of(sb);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(last),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    serving_instead_of(sb, last, Duration::from_secs(20));
+}
+
 /// A worker that cannot start for a reason found only as it starts (here its spool held by
 /// another worker, whose `state_dir` is another) is refused with that reason by `start
 /// --supervise`, as by `start`. Before, the supervised start said only "the worker exited
@@ -715,6 +759,43 @@ fn reopen_logs_reaches_a_supervisors_own_log_lines() {
     );
     serving_instead_of(&sb, worker, Duration::from_secs(20));
     stop_and_see_the_supervisor_go(&sb, supervisor_of(pid_of(&sb)));
+}
+
+/// A logrotate while a supervisor waits to restart its crashed worker: `reopen-logs` finds no
+/// worker to ask (exit 3, as the logrotate snippet allows), and the supervisor's lines from
+/// then on (the next worker started, its later crashes) went into the moved file. The
+/// supervisor now reopens its log before a restart when the file at the path is another, and on
+/// a USR1 sent to it during the wait.
+#[test]
+fn a_log_rotated_while_the_supervisor_waits_to_restart_gets_its_next_lines() {
+    let sb = Sandbox::new("supervise-rotate-wait");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let log = sb.path("state/gearshift.log");
+    let rotated = sb.path("state/gearshift.log.1");
+    // Two crashes in a row: the second restart waits a second, time to rotate in.
+    crash(&sb);
+    let second = pid_of(&sb);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the second crash's wait", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 2); restarting in 1000 ms"))
+    });
+    fs::rename(&log, &rotated).unwrap();
+    let out = sb.run(&["reopen-logs"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
+    serving_instead_of(&sb, second, Duration::from_secs(20));
+    let third = pid_of(&sb);
+    let started = format!("worker pid {third} started");
+    eventually(Duration::from_secs(5), "the supervisor's line", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains(&started))
+    });
+    let moved = fs::read_to_string(&rotated).unwrap();
+    assert!(!moved.contains(&started), "the moved file got it: {moved}");
+    stop_and_see_the_supervisor_go(&sb, supervisor_of(third));
 }
 
 /// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped

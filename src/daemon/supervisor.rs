@@ -34,6 +34,9 @@ pub struct Settings {
     pub max_restarts: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long a worker runs before its death is no longer one of a series: the next start
+    /// waits `backoff_min` again.
+    pub stable: Duration,
 }
 
 /// Runs the supervisor until the worker stops cleanly (exit 0) or it gives up (exit 1).
@@ -57,6 +60,9 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
     let mut backoff = settings.backoff_min;
     let mut stopping = false;
     loop {
+        if ready.is_none() {
+            reopen_if_moved(&settings.log_file);
+        }
         let mut child = match Child::spawn(settings.argv(), &info, ready.is_some()) {
             Ok(x) => x,
             Err(e) => {
@@ -66,7 +72,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                 )
             }
         };
-        let pid = child.pid;
+        let (pid, spawned) = (child.pid, Instant::now());
         log::info!("supervisor {}: worker pid {pid} started", info.pid);
         if let Some(mut r) = ready.take() {
             match wait_serving(settings, &child, &mut sig_rx, info.pid) {
@@ -106,6 +112,11 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         }
         info.crashes += 1;
         info.last_exit = Some(reason.clone());
+        // A worker that ran a while before dying starts again at the shortest wait: the waits
+        // of crashes long past (a week of one a day reached 30 s) are no reason to wait now.
+        if spawned.elapsed() >= settings.stable {
+            backoff = settings.backoff_min;
+        }
         if too_many(&mut recent, settings.max_restarts) {
             log::error!(
                 "supervisor {}: worker pid {pid} {reason}; {} crashes within a minute, over the limit of {}: giving up",
@@ -121,7 +132,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
             info.crashes,
             backoff.as_millis()
         );
-        if !wait_out(backoff, &mut sig_rx, info.pid) {
+        if !wait_out(settings, backoff, &mut sig_rx, info.pid) {
             log::info!("supervisor {}: stopped while waiting to restart", info.pid);
             return 0;
         }
@@ -174,12 +185,18 @@ fn too_many(recent: &mut VecDeque<Instant>, max: usize) -> bool {
 }
 
 /// Waits `backoff` before a restart; false if a TERM (or INT, QUIT) came meanwhile.
-fn wait_out(backoff: Duration, sig_rx: &mut crossbeam_channel::Receiver<Signal>, me: u32) -> bool {
+fn wait_out(
+    settings: &Settings,
+    backoff: Duration,
+    sig_rx: &mut crossbeam_channel::Receiver<Signal>,
+    me: u32,
+) -> bool {
     let wake = after(backoff);
     loop {
         select! {
             recv(sig_rx) -> sig => match sig {
                 Ok(Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT) => return false,
+                Ok(Signal::SIGUSR1) => reopen_own_log(&settings.log_file, "SIGUSR1"),
                 Ok(_) => {}
                 Err(_) => *sig_rx = signals_lost(me),
             },
@@ -271,16 +288,10 @@ fn wait_serving(
     me: u32,
 ) -> std::result::Result<(), (Error, Unserved)> {
     let pid = child.pid;
-    #[allow(unused_mut)]
-    let mut patience = Duration::from_secs(60);
+    let patience = Duration::from_secs(60);
     // A fault-injection build (tests only): a shorter wait.
     #[cfg(gearshift_faults)]
-    if let Some(ms) = std::env::var("GEARSHIFT_FAULT_SERVE_WAIT_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        patience = Duration::from_millis(ms);
-    }
+    let patience = crate::ops::faults::millis("GEARSHIFT_FAULT_SERVE_WAIT_MS").unwrap_or(patience);
     let deadline = Instant::now() + patience;
     let mut stop_sent = None;
     loop {
@@ -332,7 +343,7 @@ fn wait_serving(
 /// into the moved file.
 fn pass_on(s: &Settings, pid: u32, sig: Signal) {
     if sig == Signal::SIGUSR1 {
-        reopen_own_log(&s.log_file);
+        reopen_own_log(&s.log_file, "SIGUSR1");
     }
     let _ = kill(Pid::from_raw(pid as i32), sig);
 }
@@ -340,7 +351,7 @@ fn pass_on(s: &Settings, pid: u32, sig: Signal) {
 /// Makes stderr, where the supervisor's lines go, the log file at `path` again, given to the
 /// owner the old one had (the worker's user under a privilege drop, so that the worker can open
 /// it too, whichever of the two makes it first), through [`crate::ops::logging::open_log`].
-fn reopen_own_log(path: &Path) {
+fn reopen_own_log(path: &Path, why: &str) {
     use std::os::fd::AsRawFd;
     let me = nix::unistd::geteuid();
     let owner = nix::sys::stat::fstat(2)
@@ -355,8 +366,26 @@ fn reopen_own_log(path: &Path) {
     match crate::ops::logging::open_log(path, owner)
         .and_then(|f| nix::unistd::dup2(f.as_raw_fd(), 2).map_err(|e| Error::io("dup2", e.into())))
     {
-        Ok(_) => log::info!("supervisor: SIGUSR1: reopened log file {}", path.shown()),
-        Err(e) => log::error!("supervisor: SIGUSR1: {e}; still writing to the old file"),
+        Ok(_) => log::info!("supervisor: {why}: reopened log file {}", path.shown()),
+        Err(e) => log::error!("supervisor: {why}: {e}; still writing to the old file"),
+    }
+}
+
+/// Before a restart: reopens the log if the file at its path is no longer the one written to.
+/// A logrotate while no worker ran (a restart's wait) asked nobody (`reopen-logs` finds no
+/// worker), and the supervisor's lines from then on went into the moved file.
+fn reopen_if_moved(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(own) = nix::sys::stat::fstat(2) else {
+        return;
+    };
+    if (own.st_mode & libc::S_IFMT) != libc::S_IFREG {
+        return;
+    }
+    let same =
+        std::fs::metadata(path).is_ok_and(|m| m.dev() == own.st_dev && m.ino() == own.st_ino);
+    if !same {
+        reopen_own_log(path, "the log file was moved away while no worker ran");
     }
 }
 
@@ -389,8 +418,13 @@ impl Settings {
         (&self.exe, args)
     }
 
-    /// With the backoff of every supervisor: 0.5 s doubling to 30 s.
+    /// With the backoff of every supervisor: 0.5 s doubling to 30 s, back to 0.5 s after a
+    /// worker that ran a minute.
     fn new(exe: PathBuf, config: PathBuf, log: PathBuf, socket: PathBuf, max: usize) -> Settings {
+        let stable = Duration::from_secs(60);
+        // A fault-injection build (tests only): a shorter run counts as stable.
+        #[cfg(gearshift_faults)]
+        let stable = crate::ops::faults::millis("GEARSHIFT_FAULT_STABLE_MS").unwrap_or(stable);
         Settings {
             exe,
             config,
@@ -399,6 +433,7 @@ impl Settings {
             max_restarts: max,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            stable,
         }
     }
 }

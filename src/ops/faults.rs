@@ -16,6 +16,13 @@ pub fn stall_while(var: &str, what: &str) {
     }
 }
 
+/// A duration in milliseconds the environment variable `var` sets, if it does (a wait the
+/// tests shorten).
+pub fn millis(var: &str) -> Option<std::time::Duration> {
+    let ms = std::env::var(var).ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// The watch thread's read, as the tests ask: with `GEARSHIFT_FAULT_WATCH_READ` set, the first
 /// events read become a failed read; what was read is handed on only once the file
 /// `GEARSHIFT_FAULT_STALL_WATCH` names is gone (a watch thread not scheduled).
