@@ -1668,3 +1668,39 @@ fn a_restart_into_a_directory_that_cannot_be_made_leaves_the_worker_running() {
     restart_refuses(&sb, &bad, "ro/jobs/spool");
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// `status` says how many jobs wait in the spool and for how long the oldest has waited, the
+/// first thing asked of a queue; only `top` and the metrics said it. `--json` has it as
+/// `queue`.
+#[test]
+fn status_says_how_many_jobs_wait_and_for_how_long() {
+    let sb = Sandbox::new("status-queue");
+    let w = sb.start();
+    let out = sb.run(&["status"]);
+    assert!(
+        text(&out.stdout).contains("\n  queue: empty\n"),
+        "{}",
+        text_of(&out)
+    );
+    for _ in 0..2 {
+        sb.submit("sleep", "30000");
+    }
+    w.wait_for(Duration::from_secs(10), "both lanes busy", |s| {
+        s["in_flight"] == 2
+    });
+    for n in 0..3 {
+        sb.submit("echo", &n.to_string());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sb.run(&["status"]);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("\n  queue: 3 waiting, the oldest for "),
+        "{said}"
+    );
+    let out = sb.run(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["queue"]["depth"], 3, "{doc}");
+    let oldest = doc["queue"]["oldest_age_seconds"].as_f64().unwrap();
+    assert!((0.2..30.0).contains(&oldest), "{doc}");
+}

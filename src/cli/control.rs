@@ -84,13 +84,22 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
     let here = u32::try_from(pid).unwrap_or(s.pid);
     let own = (here != s.pid).then_some(s.pid);
     let s = crate::status::Doc { pid: here, ..s };
+    let queue = queue_of(&s, &socket, pid);
     if json {
-        let doc =
-            serde_json::to_string(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?;
-        println!("{}", crate::text::json_inert(doc));
+        let mut doc =
+            serde_json::to_value(&s).map_err(|e| Error::Msg(format!("encoding status: {e}")))?;
+        if let (Some(q), Some(map)) = (&queue, doc.as_object_mut()) {
+            let oldest = q.oldest_age_us as f64 / 1e6;
+            let q = serde_json::json!({"depth": q.depth, "oldest_age_seconds": oldest});
+            map.insert("queue".into(), q);
+        }
+        println!("{}", crate::text::json_inert(doc.to_string()));
         return Ok(0);
     }
     print_status(&s.for_terminal());
+    if let Some(q) = queue {
+        println!("  queue: {}", queue_words(&q));
+    }
     if let Some(own) = own {
         println!("  pid {own} in its own pid namespace");
     }
@@ -100,6 +109,27 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
         println!("  the main process of systemd unit {unit} (systemctl restart/stop {unit})");
     }
     Ok(0)
+}
+
+/// The spool's queue (a spool or ZeroMQ source), from a second question: a count the worker
+/// keeps for a while when it was costly (`top` and the metrics use it too). None for a network
+/// source, or a worker that does not answer it.
+fn queue_of(s: &crate::status::Doc, socket: &Path, pid: i32) -> Option<crate::metrics::QueueStats> {
+    if !matches!(s.source.as_str(), "spool" | "zeromq") {
+        return None;
+    }
+    crate::status::query_counts(socket, Some(pid)).ok()?.queue
+}
+
+/// `3 waiting, the oldest for 12.3s`, or `empty`.
+fn queue_words(q: &crate::metrics::QueueStats) -> String {
+    match q.depth {
+        0 => "empty".into(),
+        n => format!(
+            "{n} waiting, the oldest for {:.1}s",
+            q.oldest_age_us as f64 / 1e6
+        ),
+    }
 }
 
 /// The human `status`'s ZeroMQ line, for a ZeroMQ source.
