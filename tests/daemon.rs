@@ -798,6 +798,44 @@ fn a_log_rotated_while_the_supervisor_waits_to_restart_gets_its_next_lines() {
     stop_and_see_the_supervisor_go(&sb, supervisor_of(third));
 }
 
+/// A supervisor killed (kill -9, the OOM killer) under its worker: the worker runs on, and
+/// `status` went on saying "supervisor pid N, 0 crash(es)" for a pid that was gone, so nobody
+/// knew that a crash would no longer be restarted. Now `status` says it is gone (`--json`:
+/// `supervisor.gone`), the log says it once, and `restart` starts the worker supervised again.
+#[test]
+fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back() {
+    let sb = Sandbox::new("supervise-gone");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let worker = pid_of(&sb);
+    let sup = supervisor_of(worker);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the supervisor gone", || {
+        !process_alive(sup)
+    });
+    let out = sb.run(&["status"]);
+    let gone = format!("the supervisor (pid {sup}) is gone: this worker runs on unsupervised");
+    assert!(text(&out.stdout).contains(&gone), "{}", text_of(&out));
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["gone"], true, "{s}");
+    eventually(Duration::from_secs(15), "the log to say it", || {
+        fs::read_to_string(sb.path("state/gearshift.log")).is_ok_and(|l| l.contains(&gone))
+    });
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let again = pid_of(&sb);
+    assert_ne!(supervisor_of(again), 1, "supervised again");
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["gone"], false, "{s}");
+    stop_and_see_the_supervisor_go(&sb, supervisor_of(again));
+}
+
 /// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped
 /// worker whether it had a supervisor, got no answer within 2 s, and started the new worker
 /// without one. The stopped worker is continued first (the TERM that follows ends it anyway),

@@ -242,7 +242,9 @@ fn print_status(s: &crate::status::Doc) {
     if s.watch != "inotify" {
         println!("  file watch: {}", s.watch);
     }
-    if let Some(sv) = &s.supervisor {
+    if let Some(sv) = s.supervisor.as_ref().filter(|sv| sv.gone) {
+        println!("  {}", crate::status::records::gone_words(sv.pid));
+    } else if let Some(sv) = &s.supervisor {
         println!(
             "  supervisor pid {}, {} crash(es){}",
             sv.pid,

@@ -54,6 +54,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         crashes: 0,
         last_exit: None,
         max_restarts: settings.max_restarts,
+        gone: false,
     };
     let mut ready = Some(ready);
     let mut recent: VecDeque<Instant> = VecDeque::new();

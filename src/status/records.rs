@@ -37,12 +37,35 @@ pub struct Info {
     /// The `--max-restarts` it was started with (so `restart` can start it the same way).
     #[serde(default)]
     pub max_restarts: usize,
+    /// The supervisor is no longer this worker's parent (killed, or ended by the OOM killer):
+    /// nobody restarts a crash. Set when shown, never by the supervisor.
+    #[serde(default)]
+    pub gone: bool,
 }
 
 /// The variable a supervisor sets for its worker (an [`Info`] as JSON).
 pub const SUPERVISOR_ENV: &str = "GEARSHIFT_SUPERVISOR";
 
-/// What the running worker shows in `status` about its supervisor, if it has one.
+/// What the running worker shows in `status` about its supervisor, if it was started by one:
+/// `gone` once that is no longer its parent.
 pub fn from_env() -> Option<Info> {
-    serde_json::from_str(&std::env::var(SUPERVISOR_ENV).ok()?).ok()
+    let info: Info = serde_json::from_str(&std::env::var(SUPERVISOR_ENV).ok()?).ok()?;
+    let gone = nix::unistd::getppid().as_raw() != info.pid as i32;
+    Some(Info { gone, ..info })
+}
+
+/// Says once (a generation) that the supervisor the worker was started by is gone: it runs on,
+/// and a crash is no longer restarted. (`status` said it was supervised by a pid that was gone.)
+pub fn look_for_supervisor() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Some(i) = from_env().filter(|i| i.gone) {
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!("{}", gone_words(i.pid));
+        }
+    }
+}
+
+/// What is said of a supervisor that is gone.
+pub fn gone_words(pid: u32) -> String {
+    format!("the supervisor (pid {pid}) is gone: this worker runs on unsupervised, and a crash is not restarted; `gearshift restart` starts it supervised again")
 }
