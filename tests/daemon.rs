@@ -761,11 +761,11 @@ fn reopen_logs_reaches_a_supervisors_own_log_lines() {
     stop_and_see_the_supervisor_go(&sb, supervisor_of(pid_of(&sb)));
 }
 
-/// A logrotate while a supervisor waits to restart its crashed worker: `reopen-logs` finds no
-/// worker to ask (exit 3, as the logrotate snippet allows), and the supervisor's lines from
-/// then on (the next worker started, its later crashes) went into the moved file. The
-/// supervisor now reopens its log before a restart when the file at the path is another, and on
-/// a USR1 sent to it during the wait.
+/// A logrotate while a supervisor waits to restart its crashed worker, with no `reopen-logs`
+/// after it (a postrotate that failed, or a rotation by hand): the supervisor's lines from then
+/// on (the next worker started, its later crashes) went into the moved file. The supervisor now
+/// reopens its log before a restart when the file at the path is another (and on a USR1 during
+/// the wait, which `reopen-logs` sends it: `stop_status_and_start_see_a_supervisor_about_to_restart`).
 #[test]
 fn a_log_rotated_while_the_supervisor_waits_to_restart_gets_its_next_lines() {
     let sb = Sandbox::new("supervise-rotate-wait");
@@ -785,8 +785,6 @@ fn a_log_rotated_while_the_supervisor_waits_to_restart_gets_its_next_lines() {
         fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 2); restarting in 1000 ms"))
     });
     fs::rename(&log, &rotated).unwrap();
-    let out = sb.run(&["reopen-logs"]);
-    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
     serving_instead_of(&sb, second, Duration::from_secs(20));
     let third = pid_of(&sb);
     let started = format!("worker pid {third} started");
@@ -834,6 +832,61 @@ fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back(
         serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
     assert_eq!(s["supervisor"]["gone"], false, "{s}");
     stop_and_see_the_supervisor_go(&sb, supervisor_of(again));
+}
+
+/// While a supervisor waits to start its crashed worker again no worker holds the pidfile, and
+/// `stop` said "gearshift is not running" (exit 0) and left the supervisor, which started the
+/// worker seconds later; `status` said "not running" with nothing about it, and a `start`
+/// started a second worker beside the one the supervisor was about to start. The supervisor
+/// holds a lock of its own now (`state_dir/supervisor.pid`): `status` names it, `start` is
+/// refused, `reopen-logs` asks it, and `stop` stops it.
+#[test]
+fn stop_status_and_start_see_a_supervisor_about_to_restart() {
+    let sb = Sandbox::new("supervise-waiting");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let sup = supervisor_of(pid_of(&sb));
+    // Three crashes in a row: the fourth restart waits 4 s, time for the commands.
+    for _ in 0..3 {
+        crash(&sb);
+    }
+    let last = pid_of(&sb);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(last),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let log = sb.path("state/gearshift.log");
+    eventually(Duration::from_secs(10), "the fourth crash's wait", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 4); restarting in 4000 ms"))
+    });
+    let about = format!("its supervisor (pid {sup}) is about to start the worker again");
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
+    assert!(text(&out.stdout).contains(&about), "{}", text_of(&out));
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["pid"], sup, "{s}");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    assert!(text(&out.stderr).contains(&about), "{}", text_of(&out));
+    let out = sb.run(&["reopen-logs"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let out = sb.run(&["stop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert!(
+        text(&out.stdout).contains(&format!("stopped its supervisor (pid {sup})")),
+        "{}",
+        text_of(&out)
+    );
+    assert!(!process_alive(sup), "the supervisor runs on");
+    // Past the wait it was in: nothing starts.
+    std::thread::sleep(Duration::from_secs(5));
+    let out = sb.run(&["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
+    assert_eq!(text(&out.stdout).trim(), "gearshift is not running");
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(log.contains("SIGUSR1: reopened log file"), "{log}");
 }
 
 /// `restart` of a supervised worker that someone stopped with SIGSTOP: it asked the stopped

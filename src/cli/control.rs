@@ -46,10 +46,19 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
     let (pid, socket) = match running(path) {
         Ok((pid, socket, _)) => (pid, socket),
         Err(Error::NotRunning) => {
-            if json {
-                println!("{}", serde_json::json!({"running": false}));
-            } else {
-                println!("gearshift is not running");
+            // Not running, but about to be: a supervisor waits to start it again.
+            let sup = super::locate::waiting_supervisor(path).map(|(sup, _)| sup);
+            match (json, sup) {
+                (true, None) => println!("{}", serde_json::json!({"running": false})),
+                (true, Some(sup)) => println!(
+                    "{}",
+                    serde_json::json!({"running": false, "supervisor": {"pid": sup}})
+                ),
+                (false, None) => println!("gearshift is not running"),
+                (false, Some(sup)) => println!(
+                    "gearshift is not running: {}",
+                    super::locate::waiting_words(sup)
+                ),
             }
             return Ok(exit::NOT_RUNNING);
         }
@@ -351,6 +360,13 @@ fn deploy_refused(before: &crate::status::Doc, now: &crate::status::Doc) -> u8 {
 pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     let (pid, _, _) = match running(path) {
         Err(Error::NotRunning) => {
+            // A supervisor waiting to start the worker again writes its own lines meanwhile.
+            if let Some((sup, _)) = super::locate::waiting_supervisor(path) {
+                kill(Pid::from_raw(sup), Signal::SIGUSR1)
+                    .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
+                println!("asked the supervisor (pid {sup}), which is about to start the worker again, to reopen its log file");
+                return Ok(exit::OK);
+            }
             eprintln!("gearshift is not running");
             return Ok(exit::NOT_RUNNING);
         }

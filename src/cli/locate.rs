@@ -89,24 +89,49 @@ pub(super) fn stopped(pid: i32) -> Option<String> {
 /// (the kernel's word: the worker's own status never chooses whom the CLI signals), owned by
 /// the caller, and running as `supervise` for this very config.
 pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
     let ppid = crate::ops::procfs::Stat::of(Some(pid))?.ppid;
     if ppid <= 1 {
         return None;
     }
-    let owner = std::fs::metadata(format!("/proc/{ppid}")).ok()?.uid();
+    supervising(ppid, &crate::config::absolute(config).ok()?).map(|_| ppid)
+}
+
+/// A supervisor of this config's worker that runs while no worker does (it waits to start one
+/// again after a crash, or is starting it): the holder of `state_dir/supervisor.pid`'s lock
+/// as the kernel reports it, owned by the caller and running `supervise` for this config. Its
+/// pid and `--max-restarts`.
+pub(super) fn waiting_supervisor(path: &Path) -> Option<(i32, usize)> {
+    let config = crate::config::absolute(path).ok()?;
+    let state_dir = match Config::load(path) {
+        Ok(c) => running_elsewhere(&config, &c.worker.state_dir).unwrap_or(c.worker.state_dir),
+        Err(_) => crate::ops::layout::recorded_state_dir(&config)?,
+    };
+    let lock = state_dir.join(crate::ops::layout::SUPERVISOR_PIDFILE);
+    let Ok(Probe::Running(Some(pid))) = pidfile::probe(&lock) else {
+        return None;
+    };
+    supervising(pid, &config).map(|max| (pid, max))
+}
+
+/// Whether process `pid` is owned by the caller and runs `supervise` for `config` (absolute):
+/// its `--max-restarts`, if so.
+fn supervising(pid: i32, config: &Path) -> Option<usize> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
     if owner != nix::unistd::geteuid().as_raw() {
         return None;
     }
-    let config = crate::config::absolute(config).ok()?;
-    let cmdline = read_bounded(format!("/proc/{ppid}/cmdline"), 1 << 16)?;
+    let cmdline = read_bounded(format!("/proc/{pid}/cmdline"), 1 << 16)?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args.contains(&b"supervise".as_slice())
-        && args
-            .windows(2)
-            .any(|w| w[0] == b"-c" && w[1] == config.as_os_str().as_bytes());
-    ours.then_some(ppid)
+    let after = |flag: &[u8]| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    if !args.contains(&b"supervise".as_slice())
+        || after(b"-c") != Some(config.as_os_str().as_bytes())
+    {
+        return None;
+    }
+    let max = after(b"--max-restarts").and_then(|m| std::str::from_utf8(m).ok()?.parse().ok());
+    Some(max.unwrap_or(super::DEFAULT_MAX_RESTARTS))
 }
 
 /// The systemd service whose main process worker `pid` is, as far as the kernel tells: a
@@ -330,10 +355,21 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
     if !matches!(pidfile::probe(&pidfile), Ok(Probe::NotRunning)) {
         return Ok(());
     }
+    // A supervisor about to start the worker again (its own `run` is let through).
+    if let Some((sup, _)) = waiting_supervisor(path) {
+        if sup != nix::unistd::getppid().as_raw() {
+            return Err(Error::Msg(waiting_words(sup)));
+        }
+    }
     match crate::ops::layout::wait_recorded_gone(&config, Duration::from_secs(2)) {
         Some(pid) => Err(Error::Msg(recorded_words(&c.worker.state_dir, pid))),
         None => Ok(()),
     }
+}
+
+/// What is said of a supervisor that waits to start the worker again.
+pub(super) fn waiting_words(sup: i32) -> String {
+    format!("its supervisor (pid {sup}) is about to start the worker again (after a crash); `gearshift stop` stops the supervisor")
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the

@@ -26,6 +26,8 @@ mod zeromq;
 
 /// How long `restart` waits for the daemon it starts to serve (`start --timeout`'s default).
 const START_WAIT: Duration = Duration::from_secs(60);
+/// `start --supervise`'s crashes within a minute before its supervisor gives up.
+const DEFAULT_MAX_RESTARTS: usize = 5;
 
 #[derive(Parser)]
 #[command(name = "gearshift", version = crate::VERSION, about = "A job worker that restarts itself in place, between jobs")]
@@ -104,7 +106,7 @@ enum Command {
         #[arg(long)]
         supervise: bool,
         /// With --supervise: give up after this many crashes within a minute.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = DEFAULT_MAX_RESTARTS)]
         max_restarts: usize,
         /// Stop waiting for the daemon to serve after this long (exit 5): it goes on starting.
         #[arg(long, value_parser = parse_duration, default_value = "60s")]

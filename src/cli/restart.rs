@@ -56,6 +56,9 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
             .ok()
             .and_then(|s| s.supervisor.map(|sv| sv.max_restarts))
     });
+    // No worker, but a supervisor about to start it again (after a crash): stopped (below) and
+    // started again the same way.
+    let supervised = supervised.or_else(|| locate::waiting_supervisor(path).map(|(_, max)| max));
     let stopped = super::stop::stop(path, timeout, false)?;
     if stopped == exit::NOT_YET {
         eprintln!(

@@ -18,6 +18,9 @@ use super::locate::{continue_stopped, stopped};
 pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     let (pid, socket, pidfile, by_record) = match super::locate::find(path, true) {
         Err(Error::NotRunning) => {
+            if let Some((sup, _)) = super::locate::waiting_supervisor(path) {
+                return stop_supervisor(path, sup, timeout);
+            }
             println!("gearshift is not running");
             return Ok(0);
         }
@@ -87,6 +90,13 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its supervisor exits right after it: waited for (briefly), so that a `start` or `restart`
+    // that follows is not taken for a second start beside a supervisor still there.
+    if via != target {
+        let sup = via.as_raw();
+        let there = || Ok(super::locate::waiting_supervisor(path).is_some_and(|(p, _)| p == sup));
+        let _ = gone_within(&there, SECOND_TERM_WAIT);
+    }
     match interrupted {
         Some(jobs) if !jobs.is_empty() => println!(
             "stopped (pid {pid}) at once: it was already stopping, and a second TERM interrupts; these jobs will run again: {}",
@@ -95,6 +105,24 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
         _ => println!("stopped (pid {pid})"),
     }
     Ok(0)
+}
+
+/// No worker runs, but its supervisor does, about to start it again after a crash (or
+/// starting it): a TERM ends the supervisor, and a worker it is starting with it (forwarded).
+/// `stop` said "not running" and left it, and the worker was back seconds later.
+fn stop_supervisor(path: &Path, sup: i32, timeout: Duration) -> Result<u8> {
+    kill(Pid::from_raw(sup), Signal::SIGTERM)
+        .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
+    let alive = || Ok(super::locate::waiting_supervisor(path).is_some_and(|(p, _)| p == sup));
+    if gone_within(&alive, timeout)? {
+        println!("stopped its supervisor (pid {sup}), which was about to start the worker again after a crash");
+        return Ok(exit::OK);
+    }
+    eprintln!(
+        "its supervisor (pid {sup}) still runs after {}: the worker it was starting finishes its start-up first",
+        human(timeout)
+    );
+    Ok(exit::NOT_YET)
 }
 
 /// How long `stop --force` gives the worker's forced stop (a second TERM), which it promises

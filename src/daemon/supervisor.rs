@@ -480,6 +480,10 @@ pub fn main(config: &Path, log_file: PathBuf, status_socket: PathBuf, max: usize
         );
         return 2;
     };
+    let _lock = match crate::ops::pidfile::supervisor_lock(&status_socket) {
+        Ok(lock) => lock,
+        Err(e) => return fail(Some(File::from(ready)), &format!("supervisor: {e}")),
+    };
     let exe = crate::restart::reexec::first_start_exe(std::env::args_os().next().as_deref());
     let settings = Settings::new(exe, config.to_path_buf(), log_file, status_socket, max);
     run(&settings, File::from(ready))

@@ -3,6 +3,7 @@
 //! ```text
 //! state_dir/                   root's (or, without a privilege drop, the worker's): 0755
 //!   gearshift.pid              pidfile + flock; root writes it, the worker keeps the locked fd
+//!   supervisor.pid             the same for a `start --supervise` supervisor (its own lock)
 //!   gearshift.log              the daemon's default log (given to the worker, so it can reopen it)
 //!   last-good                  the binary to roll back to; written only by whoever owns state_dir
 //!   worker/                    the worker's own: 0750, owned by [worker] user
@@ -28,6 +29,9 @@ use crate::text::ShowPath;
 /// The worker's own subdirectory of `state_dir`.
 pub const WORKER_DIR: &str = "worker";
 pub const PIDFILE: &str = "gearshift.pid";
+/// A supervisor's own pidfile and lock: found while no worker runs (it waits to start one
+/// again after a crash).
+pub const SUPERVISOR_PIDFILE: &str = "supervisor.pid";
 pub const SOCKET: &str = "gearshift.sock";
 pub const DEFAULT_LOG: &str = "gearshift.log";
 pub const LAST_GOOD: &str = "last-good";

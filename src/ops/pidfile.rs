@@ -46,7 +46,12 @@ impl Pidfile {
     /// one that is not ours (left by an older version, when `state_dir` was the worker's) is
     /// replaced, so nobody else holds a descriptor to the file we lock.
     pub fn acquire(state: &Dir) -> Result<Pidfile> {
-        let path = state.path().join(PIDFILE);
+        Pidfile::acquire_named(state, PIDFILE)
+    }
+
+    /// [`Pidfile::acquire`] of the pidfile `name` in `state` (a supervisor's own).
+    pub fn acquire_named(state: &Dir, name: &str) -> Result<Pidfile> {
+        let path = state.path().join(name);
         let how = Open {
             write: true,
             append: false,
@@ -54,7 +59,7 @@ impl Pidfile {
         };
         let mut replaced = false;
         let mut file = loop {
-            let opened = state.file(PIDFILE, how)?;
+            let opened = state.file(name, how)?;
             let owner = opened
                 .file
                 .metadata()
@@ -70,13 +75,13 @@ impl Pidfile {
                 "replacing \"{}\", owned by uid {owner}, not us",
                 path.shown()
             );
-            state.remove(PIDFILE)?;
+            state.remove(name)?;
             replaced = true;
         };
         // The lock is taken on a read-only descriptor of the same file, the one the worker keeps
         // for its whole life: a descriptor a job could take from it (see
         // `privilege::refuse_tracing`, and the moment of every exec) cannot write root's file.
-        let locked = state.file(PIDFILE, Open::READ)?.file;
+        let locked = state.file(name, Open::READ)?.file;
         let same = |a: &File, b: &File| match (a.metadata(), b.metadata()) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
@@ -237,6 +242,20 @@ pub fn astray() -> Option<String> {
 /// lock it holds is the worker's, also while `state_dir/worker/`, whose owner says so
 /// otherwise, is gone (removed under a worker that cannot make it again).
 static CONFIGURED_USER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A supervisor's own pidfile lock (`state_dir/supervisor.pid`; `status_socket` is
+/// `state_dir/worker/gearshift.sock`), held for its life and never inherited by its worker
+/// (close-on-exec): while it waits to start the worker again after a crash no worker holds the
+/// pidfile, and `stop` said "not running" and left it to start one seconds later; the CLI
+/// finds it by this lock now.
+pub fn supervisor_lock(status_socket: &Path) -> Result<Pidfile> {
+    let state_dir = (status_socket.parent().and_then(Path::parent))
+        .ok_or_else(|| Error::Msg(format!("no state_dir above {}", status_socket.shown())))?;
+    Pidfile::acquire_named(
+        &Dir::open(state_dir)?,
+        crate::ops::layout::SUPERVISOR_PIDFILE,
+    )
+}
 
 /// Tells [`probe`] the uid `[worker] user` names.
 pub fn configured_user(uid: u32) {
