@@ -838,8 +838,8 @@ fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back(
 /// `stop` said "gearshift is not running" (exit 0) and left the supervisor, which started the
 /// worker seconds later; `status` said "not running" with nothing about it, and a `start`
 /// started a second worker beside the one the supervisor was about to start. The supervisor
-/// holds a lock of its own now (`state_dir/supervisor.pid`): `status` names it, `start` is
-/// refused, `reopen-logs` asks it, and `stop` stops it.
+/// holds a lock of its own now (`state_dir/supervisor.pid`): `status` and `reload` name it,
+/// `start` is refused, `reopen-logs` asks it, and `stop` stops it.
 #[test]
 fn stop_status_and_start_see_a_supervisor_about_to_restart() {
     let sb = Sandbox::new("supervise-waiting");
@@ -872,6 +872,9 @@ fn stop_status_and_start_see_a_supervisor_about_to_restart() {
     assert!(text(&out.stderr).contains(&about), "{}", text_of(&out));
     let out = sb.run(&["reopen-logs"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let out = sb.run(&["reload"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));
+    assert!(text(&out.stderr).contains(&about), "{}", text_of(&out));
     let out = sb.run(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert!(

@@ -56,7 +56,7 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
                 ),
                 (false, None) => println!("gearshift is not running"),
                 (false, Some(sup)) => println!(
-                    "gearshift is not running: {}",
+                    "gearshift is not running: {}; `gearshift stop` stops the supervisor",
                     super::locate::waiting_words(sup)
                 ),
             }
@@ -284,7 +284,18 @@ fn print_status(s: &crate::status::Doc) {
 }
 
 pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
-    let (pid, socket, pidfile) = running(path)?;
+    let (pid, socket, pidfile) = match running(path) {
+        // About to be started again by its supervisor, with the files as they are then.
+        Err(Error::NotRunning) => match super::locate::waiting_supervisor(path) {
+            Some((sup, _)) => {
+                let about = super::locate::waiting_words(sup);
+                eprintln!("gearshift: not running: {about}, with the config and jobs_dir as they are then");
+                return Ok(exit::NOT_RUNNING);
+            }
+            None => return Err(Error::NotRunning),
+        },
+        other => other?,
+    };
     if let Some(why) = stopped(pid) {
         kill(Pid::from_raw(pid), Signal::SIGHUP)
             .map_err(|e| Error::io(format!("signalling pid {pid}"), e.into()))?;

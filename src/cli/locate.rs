@@ -358,7 +358,10 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
     // A supervisor about to start the worker again (its own `run` is let through).
     if let Some((sup, _)) = waiting_supervisor(path) {
         if sup != nix::unistd::getppid().as_raw() {
-            return Err(Error::Msg(waiting_words(sup)));
+            let about = waiting_words(sup);
+            return Err(Error::Msg(format!(
+                "{about}; `gearshift stop` stops the supervisor"
+            )));
         }
     }
     match crate::ops::layout::wait_recorded_gone(&config, Duration::from_secs(2)) {
@@ -369,7 +372,7 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
 
 /// What is said of a supervisor that waits to start the worker again.
 pub(super) fn waiting_words(sup: i32) -> String {
-    format!("its supervisor (pid {sup}) is about to start the worker again (after a crash); `gearshift stop` stops the supervisor")
+    format!("its supervisor (pid {sup}) is about to start the worker again (after a crash)")
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the
