@@ -1704,3 +1704,28 @@ fn status_says_how_many_jobs_wait_and_for_how_long() {
     let oldest = doc["queue"]["oldest_age_seconds"].as_f64().unwrap();
     assert!((0.2..30.0).contains(&oldest), "{doc}");
 }
+
+/// `status` names the binary that runs, its version and digest: after a deploy, the first
+/// question. Only `--json` said it.
+#[test]
+fn status_names_the_running_binary_its_version_and_digest() {
+    let sb = Sandbox::new("status-binary");
+    let w = sb.start();
+    w.wait_hashed();
+    let doc = w.status();
+    let sha = doc["binary_sha256"].as_str().unwrap();
+    assert_eq!(sha, sha256_hex(&fs::read(&sb.bin).unwrap()));
+    let out = sb.run(&["status"]);
+    let version = doc["version"].as_str().unwrap();
+    assert!(version.starts_with(env!("CARGO_PKG_VERSION")), "{doc}");
+    let line = format!(
+        "\n  binary {}: version {version}, sha256 {}\n",
+        doc["binary"].as_str().unwrap(),
+        &sha[..12]
+    );
+    assert!(
+        text(&out.stdout).contains(&line),
+        "{line}\n{}",
+        text_of(&out)
+    );
+}

@@ -164,6 +164,27 @@ fn print_zeromq(s: &crate::status::Doc) {
     }
 }
 
+/// The human `status`'s servers (gearman and amqp), a line each.
+fn print_servers(s: &crate::status::Doc) {
+    if !s.servers.is_empty() {
+        println!("  servers:");
+        for v in &s.servers {
+            println!(
+                "    {} {} since {} ({} lane(s) connected, {} reconnects){}",
+                v.address,
+                v.state,
+                v.since,
+                v.lanes_connected,
+                v.reconnects,
+                v.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// The human `status`.
 fn print_status(s: &crate::status::Doc) {
     let name = Some(s.name.as_str())
@@ -218,23 +239,12 @@ fn print_status(s: &crate::status::Doc) {
     };
     println!("  functions: {functions}");
     println!("  config {} (sha256 {})", s.config.shown(), s.config_sha256);
-    if !s.servers.is_empty() {
-        println!("  servers:");
-        for v in &s.servers {
-            println!(
-                "    {} {} since {} ({} lane(s) connected, {} reconnects){}",
-                v.address,
-                v.state,
-                v.since,
-                v.lanes_connected,
-                v.reconnects,
-                v.last_error
-                    .as_ref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
-    }
+    // Which build runs (after a deploy, the first question): only `--json` said it.
+    let sha = (s.binary_sha256.as_deref()).map_or(String::new(), |d| {
+        format!(", sha256 {}", crate::restart::deploy::short(d))
+    });
+    println!("  binary {}: version {}{sha}", s.binary.shown(), s.version);
+    print_servers(s);
     print_zeromq(s);
     if let Some(st) = &s.storage {
         println!("  storage failing since {}: {}", st.since, st.error);

@@ -127,6 +127,7 @@ impl Doc {
             }
         }
         esc(&mut self.state);
+        esc(&mut self.version);
         self.warnings.iter_mut().for_each(esc);
         self.functions.iter_mut().for_each(esc);
         for s in &mut self.servers {
