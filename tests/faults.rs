@@ -2148,7 +2148,8 @@ fn stop_force_on_a_worker_that_cannot_die_yet_says_so_and_returns() {
 /// since its first start (a reload does not reset it): once the soft limit was reached, SIGXCPU
 /// ended the worker at once (its default action), jobs in flight with it, unsaid. Now the limit
 /// is warned about at the start, and its soft limit reached makes the worker stop after its
-/// running jobs and exit (status 1) for its supervisor to start it afresh.
+/// running jobs and exit (status 1) for its supervisor to start it afresh, saying who will (it
+/// said "for the supervisor" of a worker that had none).
 #[test]
 fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     let sb = Sandbox::new("cpu-limit");
@@ -2167,6 +2168,15 @@ fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     let log = w.log_text();
     assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
     assert!(log.contains("CPU time limit"), "{log}");
+    // Run by a shell, with no supervisor (nor systemd, unless these tests run in a service of
+    // its): said so, not "for the supervisor".
+    let said = match std::env::var_os("INVOCATION_ID") {
+        Some(_) => "exiting (status 1) for systemd to start it afresh",
+        None => {
+            "exiting (status 1) and nothing starts it again (no supervisor, no systemd service)"
+        }
+    };
+    assert!(log.contains(said), "{log}");
     // Every job is done, or waits for the next worker: none was cut short.
     let _w = sb.start();
     let outcomes = all_outcomes(&sb, &ids, Duration::from_secs(120));

@@ -65,6 +65,20 @@ pub fn look_for_supervisor() {
     }
 }
 
+/// The end of the line a worker exiting with status 1 for a fresh start says: who starts it
+/// again, as far as it can tell (its supervisor, while that is its parent; systemd, whose
+/// service it is, by its `Restart=`), or that nobody does. It said "for the supervisor to start
+/// the worker afresh" of a worker `start` ran without one, which then stayed down.
+pub fn who_starts_it_again() -> String {
+    match from_env() {
+        Some(i) if !i.gone => format!("for its supervisor (pid {}) to start it afresh", i.pid),
+        _ if std::env::var_os("INVOCATION_ID").is_some() => {
+            "for systemd to start it afresh (as the unit's Restart= says)".into()
+        }
+        _ => "and nothing starts it again (no supervisor, no systemd service): `gearshift start` does (`start --supervise` would have)".into(),
+    }
+}
+
 /// What is said of a supervisor that is gone.
 pub fn gone_words(pid: u32) -> String {
     format!("the supervisor (pid {pid}) is gone: this worker runs on unsupervised, and a crash is not restarted; `gearshift restart` starts it supervised again")

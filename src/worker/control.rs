@@ -411,7 +411,10 @@ impl Control {
         }
         match std::mem::replace(&mut lp.phase, Phase::Running) {
             Phase::Stopping if self.exit_for_supervisor => {
-                log::error!("exiting (status 1) for the supervisor to start the worker afresh");
+                log::error!(
+                    "exiting (status 1) {}",
+                    crate::status::records::who_starts_it_again()
+                );
                 self.exit(1);
             }
             Phase::Stopping if self.abandoned > 0 => {
@@ -436,7 +439,10 @@ impl Control {
                 if reason == RestartReason::ThreadDied || self.abandoned > 0 {
                     // Serving on without that thread (or beside an abandoned one, whose job
                     // the next start runs again) is not an option.
-                    log::error!("exiting (status 1) for the supervisor to start the worker afresh");
+                    log::error!(
+                        "exiting (status 1) {}",
+                        crate::status::records::who_starts_it_again()
+                    );
                     self.exit(1);
                 }
                 self.notify("READY=1");

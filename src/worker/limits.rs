@@ -112,7 +112,7 @@ fn cpu_time_warning() -> Option<String> {
             } else {
                 format!(" (the kernel kills it at the hard limit, {hard} s)")
             };
-            format!("it stops after its running jobs and exits (status 1) for its supervisor to start it afresh{at_hard}")
+            format!("it stops after its running jobs and exits (status 1) for a supervisor or systemd to start it afresh{at_hard}")
         };
         format!(
             "a CPU time limit of {soft} s is set (ulimit -t, LimitCPU=): it counts the worker's own CPU time since its first start, which no reload resets; once it is reached, {end}; raise or remove it"
