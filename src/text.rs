@@ -162,6 +162,20 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// A job's bytes as stdout gets them: as they are for a pipe or a file; escaped for a `person`
+/// at a terminal (a job or another client could retitle or clear it), and for the whole result
+/// (`last`) the prompt on a line of its own.
+pub fn for_stdout(bytes: &[u8], person: bool, last: bool) -> std::borrow::Cow<'_, [u8]> {
+    if !person {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut text = crate::text::escape_bytes(bytes);
+    if last && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    std::borrow::Cow::Owned(text.into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

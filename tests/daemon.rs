@@ -836,6 +836,63 @@ fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back(
     stop_and_see_the_supervisor_go(&sb, supervisor_of(again));
 }
 
+/// A supervised worker crashed four times in a row, its supervisor now in the 4 s wait before
+/// the next start (time for the commands a test runs meanwhile): the supervisor's pid.
+fn supervised_and_waiting(sb: &Sandbox) -> i32 {
+    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
+    let sup = supervisor_of(pid_of(sb));
+    for _ in 0..3 {
+        crash(sb);
+    }
+    let last = pid_of(sb);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(last),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let log = sb.path("state/gearshift.log");
+    eventually(Duration::from_secs(10), "the fourth crash's wait", || {
+        fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 4); restarting in 4000 ms"))
+    });
+    sup
+}
+
+/// `submit --wait` while a supervisor waits to start its crashed worker again gave up after 2 s
+/// ("no worker is running (start one: gearshift start)", exit 3; and `start` is refused then):
+/// it waits on now, and prints the result once the supervisor's worker has run the job.
+#[test]
+fn submit_wait_waits_for_a_worker_its_supervisor_is_about_to_start() {
+    let sb = Sandbox::new("supervise-submit-wait");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let sup = supervised_and_waiting(&sb);
+    let out = sb.run(&["submit", "--wait", "--timeout", "30s", "echo", "still here"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_eq!(text(&out.stdout), "still here");
+    stop_and_see_the_supervisor_go(&sb, sup);
+}
+
+/// `restart` while a supervisor waits to start its crashed worker again (the operator fixed
+/// what made it crash): the waiting supervisor is stopped and a new one started with the
+/// worker. Before, `restart` found no worker, started one without a supervisor, and the old
+/// supervisor's start then failed on the pidfile lock, a crash to it.
+#[test]
+fn restart_while_a_supervisor_waits_replaces_it_with_a_supervised_worker() {
+    let sb = Sandbox::new("supervise-restart-waiting");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let old = supervised_and_waiting(&sb);
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    eventually(Duration::from_secs(5), "the old supervisor's exit", || {
+        !process_alive(old)
+    });
+    let sup = supervisor_of(pid_of(&sb));
+    assert!(sup != 1 && sup != old, "supervised anew: {sup}");
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["supervisor"]["pid"], sup, "{s}");
+    stop_and_see_the_supervisor_go(&sb, sup);
+}
+
 /// While a supervisor waits to start its crashed worker again no worker holds the pidfile, and
 /// `stop` said "gearshift is not running" (exit 0) and left the supervisor, which started the
 /// worker seconds later; `status` said "not running" with nothing about it, and a `start`
@@ -846,22 +903,8 @@ fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back(
 fn stop_status_and_start_see_a_supervisor_about_to_restart() {
     let sb = Sandbox::new("supervise-waiting");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    assert_eq!(sb.run(&["start", "--supervise"]).status.code(), Some(0));
-    let sup = supervisor_of(pid_of(&sb));
-    // Three crashes in a row: the fourth restart waits 4 s, time for the commands.
-    for _ in 0..3 {
-        crash(&sb);
-    }
-    let last = pid_of(&sb);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(last),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let sup = supervised_and_waiting(&sb);
     let log = sb.path("state/gearshift.log");
-    eventually(Duration::from_secs(10), "the fourth crash's wait", || {
-        fs::read_to_string(&log).is_ok_and(|s| s.contains("(crash 4); restarting in 4000 ms"))
-    });
     let about = format!("its supervisor (pid {sup}) is about to start the worker again");
     let out = sb.run(&["status"]);
     assert_eq!(out.status.code(), Some(3), "{}", text_of(&out));

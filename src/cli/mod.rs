@@ -16,6 +16,7 @@ use crate::worker::{self, Plan};
 
 mod control;
 mod exit;
+mod gearman;
 mod locate;
 mod rerun;
 mod restart;

@@ -5,13 +5,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, GearmanConfig, Source as SourceConfig};
+use crate::config::{Config, Source as SourceConfig};
 use crate::error::{Error, Result};
 use crate::ops::pidfile::{self, Probe};
 use crate::source::spool::{Lookup, Outcome, Spool};
 
 use super::exit;
-use super::{PriorityArg, SubmitArgs};
+use super::SubmitArgs;
 
 fn spool(config: &Config) -> Result<Spool> {
     match config.source.spool() {
@@ -71,7 +71,7 @@ pub(super) fn submit(path: &Path, args: SubmitArgs) -> Result<u8> {
             let (pidfile, socket) = (config.pidfile(), config.status_socket());
             submit_spool(&spool, &args, &payload, (&pidfile, &socket))
         }
-        SourceConfig::Gearman(g) => submit_gearman(g, &args, &payload),
+        SourceConfig::Gearman(g) => super::gearman::submit(g, &args, &payload),
         SourceConfig::Zeromq(z) => {
             let (pidfile, socket) = (config.pidfile(), config.status_socket());
             submit_zeromq(z, &args, &payload, (&pidfile, &socket))
@@ -302,10 +302,19 @@ fn wait_for_result(
         }
         if probed == Some(Probe::NotRunning) {
             let since = *absent_since.get_or_insert_with(Instant::now);
+            // A supervisor about to start the worker again (after a crash, up to 30 s): the
+            // wait goes on (it gave up, and said to start a worker, which `start` refuses then).
+            if !timed_out && supervisor_waits(pidfile) {
+                absent_since = None;
+                continue;
+            }
             if since.elapsed() >= NO_WORKER_PATIENCE || timed_out {
-                eprintln!(
-                    "job {id} is queued, but no worker is running (start one: gearshift start)"
-                );
+                match supervisor_waits(pidfile) {
+                    true => eprintln!("job {id} is queued; no worker runs yet: its supervisor is about to start one again (after a crash)"),
+                    false => eprintln!(
+                        "job {id} is queued, but no worker is running (start one: gearshift start)"
+                    ),
+                }
                 return Ok(None);
             }
         } else {
@@ -314,98 +323,12 @@ fn wait_for_result(
     }
 }
 
-fn submit_gearman(cfg: &GearmanConfig, args: &SubmitArgs, payload: &[u8]) -> Result<u8> {
-    use crate::source::gearman::client::{Client, Outcome, Priority, Update};
-    use crate::source::gearman::load::{self, LoadOptions};
-    let priority = match args.priority {
-        PriorityArg::Low => Priority::Low,
-        PriorityArg::Normal => Priority::Normal,
-        PriorityArg::High => Priority::High,
-    };
-    if args.count != 1 {
-        let opts = LoadOptions {
-            count: args.count,
-            connections: usize::from(args.concurrency),
-            background: args.background,
-            priority,
-            unique: args.unique.clone(),
-            timeout: args.timeout,
-        };
-        let r = load::load_with(
-            &cfg.servers,
-            &args.function,
-            payload,
-            &opts,
-            cfg.max_packet_bytes,
-            cfg.tls.as_ref(),
-        )?;
-        let secs = r.elapsed.as_secs_f64();
-        let unfinished = if r.unfinished > 0 {
-            format!(", {} not finished within --timeout", r.unfinished)
-        } else {
-            String::new()
-        };
-        println!(
-            "{} jobs: {} {}, {} failed{unfinished} in {secs:.3}s ({:.0} jobs/s)",
-            r.submitted,
-            r.completed,
-            if args.background {
-                "queued"
-            } else {
-                "completed"
-            },
-            r.failed,
-            (r.completed + r.failed) as f64 / secs.max(1e-9)
-        );
-        return Ok(if r.failed > 0 {
-            exit::FAILED
-        } else if r.unfinished > 0 {
-            exit::NOT_YET
-        } else {
-            exit::OK
-        });
-    }
-    let mut c = Client::connect_with(&cfg.servers, cfg.max_packet_bytes, cfg.tls.as_ref())?;
-    c.set_deadline(args.timeout.map(|t| Instant::now() + t));
-    if args.background {
-        // The server's handle: text from outside.
-        let handle = c.submit_background(&args.function, &args.unique, payload, priority)?;
-        println!("{}", crate::text::escape(&handle));
-        return Ok(0);
-    }
-    let mut out = std::io::stdout().lock();
-    let person = out.is_terminal();
-    let outcome = c.submit(
-        &args.function,
-        &args.unique,
-        payload,
-        priority,
-        |u| match u {
-            Update::Data(d) => {
-                let _ = out
-                    .write_all(&shown(d, person, false))
-                    .and_then(|()| out.flush());
-            }
-            Update::Warning(w) => eprintln!("warning: {}", crate::text::escape_bytes(w)),
-            Update::Status(n, d) => eprintln!("status: {n}/{d}"),
-        },
-    )?;
-    match outcome {
-        Outcome::Complete(result) => {
-            out.write_all(&shown(&result, person, true))
-                .and_then(|()| out.flush())
-                .map_err(|e| Error::io("writing result", e))?;
-            Ok(0)
-        }
-        Outcome::Fail => {
-            eprintln!("job failed");
-            Ok(exit::FAILED)
-        }
-        Outcome::Exception(text) => {
-            eprintln!("job failed: {}", crate::text::escape_bytes(&text));
-            Ok(exit::FAILED)
-        }
-    }
+/// Whether a supervisor holds its lock beside `pidfile` (`state_dir/supervisor.pid`): no worker
+/// runs, and it is about to start one. Only waited on, never signalled: the lock's word is
+/// enough.
+fn supervisor_waits(pidfile: &Path) -> bool {
+    let lock = pidfile.with_file_name(crate::ops::layout::SUPERVISOR_PIDFILE);
+    matches!(pidfile::probe(&lock), Ok(Probe::Running(_)))
 }
 
 pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
@@ -450,23 +373,9 @@ fn print_bytes(bytes: &[u8], done: bool) -> Result<()> {
     }
     let mut out = std::io::stdout().lock();
     let person = out.is_terminal();
-    out.write_all(&shown(bytes, person, true))
+    out.write_all(&crate::text::for_stdout(bytes, person, true))
         .and_then(|()| out.flush())
         .map_err(|e| Error::io("writing result", e))
-}
-
-/// A job's bytes as stdout gets them: as they are for a pipe or a file; escaped for a `person`
-/// at a terminal (a job or another client could retitle or clear it), and for the whole result
-/// (`last`) the prompt on a line of its own.
-fn shown(bytes: &[u8], person: bool, last: bool) -> std::borrow::Cow<'_, [u8]> {
-    if !person {
-        return std::borrow::Cow::Borrowed(bytes);
-    }
-    let mut text = crate::text::escape_bytes(bytes);
-    if last && !text.ends_with('\n') {
-        text.push('\n');
-    }
-    std::borrow::Cow::Owned(text.into_bytes())
 }
 
 fn print_lookup(id: &str, lookup: Lookup) -> Result<u8> {
