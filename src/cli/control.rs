@@ -47,7 +47,7 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
         Ok((pid, socket, _)) => (pid, socket),
         Err(Error::NotRunning) => {
             // Not running, but about to be: a supervisor waits to start it again.
-            let sup = super::locate::waiting_supervisor(path).map(|(sup, _)| sup);
+            let sup = super::locate::waiting_supervisor(path).map(|w| w.pid);
             match (json, sup) {
                 (true, None) => println!("{}", serde_json::json!({"running": false})),
                 (true, Some(sup)) => println!(
@@ -297,8 +297,8 @@ pub(super) fn reload(path: &Path, timeout: Duration) -> Result<u8> {
     let (pid, socket, pidfile) = match running(path) {
         // About to be started again by its supervisor, with the files as they are then.
         Err(Error::NotRunning) => match super::locate::waiting_supervisor(path) {
-            Some((sup, _)) => {
-                let about = super::locate::waiting_words(sup);
+            Some(w) => {
+                let about = super::locate::waiting_words(w.pid);
                 eprintln!("gearshift: not running: {about}, with the config and jobs_dir as they are then");
                 return Ok(exit::NOT_RUNNING);
             }
@@ -382,7 +382,7 @@ pub(super) fn reopen_logs(path: &Path) -> Result<u8> {
     let (pid, _, _) = match running(path) {
         Err(Error::NotRunning) => {
             // A supervisor waiting to start the worker again writes its own lines meanwhile.
-            if let Some((sup, _)) = super::locate::waiting_supervisor(path) {
+            if let Some(sup) = super::locate::waiting_supervisor(path).map(|w| w.pid) {
                 kill(Pid::from_raw(sup), Signal::SIGUSR1)
                     .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
                 println!("asked the supervisor (pid {sup}), which is about to start the worker again, to reopen its log file");

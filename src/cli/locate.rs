@@ -96,21 +96,41 @@ pub(super) fn supervisor_of(pid: i32, config: &Path) -> Option<i32> {
     supervising(ppid, &crate::config::absolute(config).ok()?).map(|_| ppid)
 }
 
+/// A supervisor that runs while no worker does (see [`waiting_supervisor`]).
+pub(super) struct Waiting {
+    pub(super) pid: i32,
+    pub(super) max_restarts: usize,
+    /// The worker's pidfile, beside the supervisor's ([`supervisor_beside`] looks again).
+    pub(super) pidfile: PathBuf,
+}
+
 /// A supervisor of this config's worker that runs while no worker does (it waits to start one
 /// again after a crash, or is starting it): the holder of `state_dir/supervisor.pid`'s lock
-/// as the kernel reports it, owned by the caller and running `supervise` for this config. Its
-/// pid and `--max-restarts`.
-pub(super) fn waiting_supervisor(path: &Path) -> Option<(i32, usize)> {
+/// as the kernel reports it, owned by the caller and running `supervise` for this config.
+pub(super) fn waiting_supervisor(path: &Path) -> Option<Waiting> {
     let config = crate::config::absolute(path).ok()?;
     let state_dir = match Config::load(path) {
         Ok(c) => running_elsewhere(&config, &c.worker.state_dir).unwrap_or(c.worker.state_dir),
         Err(_) => crate::ops::layout::recorded_state_dir(&config)?,
     };
-    let lock = state_dir.join(crate::ops::layout::SUPERVISOR_PIDFILE);
-    let Ok(Probe::Running(Some(pid))) = pidfile::probe(&lock) else {
-        return None;
-    };
-    supervising(pid, &config).map(|max| (pid, max))
+    let pidfile = state_dir.join(crate::ops::layout::PIDFILE);
+    let pid = supervisor_beside(&pidfile)?;
+    let max_restarts = supervising(pid, &config)?;
+    Some(Waiting {
+        pid,
+        max_restarts,
+        pidfile,
+    })
+}
+
+/// The holder of the supervisor's lock beside the worker's `pidfile`, as the kernel reports it:
+/// enough to wait on; whom to signal is [`waiting_supervisor`]'s to say.
+pub(super) fn supervisor_beside(pidfile: &Path) -> Option<i32> {
+    let lock = pidfile.with_file_name(crate::ops::layout::SUPERVISOR_PIDFILE);
+    match pidfile::probe(&lock) {
+        Ok(Probe::Running(Some(pid))) => Some(pid),
+        _ => None,
+    }
 }
 
 /// Whether process `pid` is owned by the caller and runs `supervise` for `config` (absolute):
@@ -356,7 +376,7 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
         return Ok(());
     }
     // A supervisor about to start the worker again (its own `run` is let through).
-    if let Some((sup, _)) = waiting_supervisor(path) {
+    if let Some(sup) = waiting_supervisor(path).map(|w| w.pid) {
         if sup != nix::unistd::getppid().as_raw() {
             let about = waiting_words(sup);
             return Err(Error::Msg(format!(

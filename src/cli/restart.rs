@@ -58,7 +58,8 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
     });
     // No worker, but a supervisor about to start it again (after a crash): stopped (below) and
     // started again the same way.
-    let supervised = supervised.or_else(|| locate::waiting_supervisor(path).map(|(_, max)| max));
+    let supervised =
+        supervised.or_else(|| locate::waiting_supervisor(path).map(|w| w.max_restarts));
     let stopped = super::stop::stop(path, timeout, false)?;
     if stopped == exit::NOT_YET {
         eprintln!(

@@ -18,8 +18,8 @@ use super::locate::{continue_stopped, stopped};
 pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     let (pid, socket, pidfile, by_record) = match super::locate::find(path, true) {
         Err(Error::NotRunning) => {
-            if let Some((sup, _)) = super::locate::waiting_supervisor(path) {
-                return stop_supervisor(path, sup, timeout);
+            if let Some(w) = super::locate::waiting_supervisor(path) {
+                return stop_supervisor(&w, timeout);
             }
             println!("gearshift is not running");
             return Ok(0);
@@ -93,9 +93,7 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
     // Its supervisor exits right after it: waited for (briefly), so that a `start` or `restart`
     // that follows is not taken for a second start beside a supervisor still there.
     if via != target {
-        let sup = via.as_raw();
-        let there = || Ok(super::locate::waiting_supervisor(path).is_some_and(|(p, _)| p == sup));
-        let _ = gone_within(&there, SECOND_TERM_WAIT);
+        let _ = supervisor_gone_within(&pidfile, via.as_raw(), SECOND_TERM_WAIT);
     }
     match interrupted {
         Some(jobs) if !jobs.is_empty() => println!(
@@ -110,11 +108,11 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
 /// No worker runs, but its supervisor does, about to start it again after a crash (or
 /// starting it): a TERM ends the supervisor, and a worker it is starting with it (forwarded).
 /// `stop` said "not running" and left it, and the worker was back seconds later.
-fn stop_supervisor(path: &Path, sup: i32, timeout: Duration) -> Result<u8> {
+fn stop_supervisor(w: &super::locate::Waiting, timeout: Duration) -> Result<u8> {
+    let sup = w.pid;
     kill(Pid::from_raw(sup), Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
-    let alive = || Ok(super::locate::waiting_supervisor(path).is_some_and(|(p, _)| p == sup));
-    if gone_within(&alive, timeout)? {
+    if supervisor_gone_within(&w.pidfile, sup, timeout) {
         println!("stopped its supervisor (pid {sup}), which was about to start the worker again after a crash");
         return Ok(exit::OK);
     }
@@ -123,6 +121,12 @@ fn stop_supervisor(path: &Path, sup: i32, timeout: Duration) -> Result<u8> {
         human(timeout)
     );
     Ok(exit::NOT_YET)
+}
+
+/// Whether supervisor `sup` let go of its lock (beside `pidfile`) within `wait`.
+fn supervisor_gone_within(pidfile: &Path, sup: i32, wait: Duration) -> bool {
+    let there = || Ok(super::locate::supervisor_beside(pidfile) == Some(sup));
+    gone_within(&there, wait).unwrap_or(false)
 }
 
 /// How long `stop --force` gives the worker's forced stop (a second TERM), which it promises

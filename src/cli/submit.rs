@@ -304,12 +304,13 @@ fn wait_for_result(
             let since = *absent_since.get_or_insert_with(Instant::now);
             // A supervisor about to start the worker again (after a crash, up to 30 s): the
             // wait goes on (it gave up, and said to start a worker, which `start` refuses then).
-            if !timed_out && supervisor_waits(pidfile) {
+            let coming = super::locate::supervisor_beside(pidfile).is_some();
+            if coming && !timed_out {
                 absent_since = None;
                 continue;
             }
             if since.elapsed() >= NO_WORKER_PATIENCE || timed_out {
-                match supervisor_waits(pidfile) {
+                match coming {
                     true => eprintln!("job {id} is queued; no worker runs yet: its supervisor is about to start one again (after a crash)"),
                     false => eprintln!(
                         "job {id} is queued, but no worker is running (start one: gearshift start)"
@@ -321,14 +322,6 @@ fn wait_for_result(
             absent_since = None;
         }
     }
-}
-
-/// Whether a supervisor holds its lock beside `pidfile` (`state_dir/supervisor.pid`): no worker
-/// runs, and it is about to start one. Only waited on, never signalled: the lock's word is
-/// enough.
-fn supervisor_waits(pidfile: &Path) -> bool {
-    let lock = pidfile.with_file_name(crate::ops::layout::SUPERVISOR_PIDFILE);
-    matches!(pidfile::probe(&lock), Ok(Probe::Running(_)))
 }
 
 pub(super) fn result(path: &Path, id: &str) -> Result<u8> {
