@@ -286,3 +286,51 @@ fn the_readme_contents_link_every_section() {
         "README's contents line is out of date"
     );
 }
+
+/// Every test the docs name as holding a behaviour (a backquoted snake_case name of five words
+/// or more, such as `a_removed_pidfile_is_made_again_and_never_reads_as_not_running`) is a
+/// function in `tests/` or `src/`: a renamed or removed test is not cited as if it still ran.
+#[test]
+fn every_test_the_docs_name_exists() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut code = String::new();
+    let mut dirs = vec![repo.join("tests"), repo.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                code.push_str(&fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let mut docs = vec![repo.join("README.md"), repo.join("ARCHITECTURE.md")];
+    for entry in fs::read_dir(repo.join("docs")).unwrap() {
+        docs.push(entry.unwrap().path());
+    }
+    let mut missing = Vec::new();
+    let mut named = 0;
+    for doc in &docs {
+        let text = fs::read_to_string(doc).unwrap();
+        for name in text.split('`').skip(1).step_by(2) {
+            let test_like = name.split('_').count() >= 5
+                && !name.starts_with("gearshift_")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !test_like {
+                continue;
+            }
+            named += 1;
+            if !code.contains(&format!("fn {name}(")) {
+                missing.push(format!("{}: {name}", doc.display()));
+            }
+        }
+    }
+    assert!(named > 100, "only {named} test names found in the docs");
+    assert!(
+        missing.is_empty(),
+        "the docs name tests that do not exist: {missing:#?}"
+    );
+}
