@@ -1356,3 +1356,47 @@ fn a_worker_beside_another_service_process_restarts_as_usual() {
     assert_ne!(pid_of(&sb), worker, "restarted");
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// `stop --force` of a supervised worker returns once its supervisor has let go of its lock
+/// too, as a graceful `stop` does, so that a `start` right after it is not refused as a second
+/// start beside a supervisor "about to start the worker again". Before, `--force` returned as
+/// soon as the worker was gone. The fault build holds the supervisor's exit after its worker's
+/// end until the test lets it go, a second later.
+#[test]
+fn a_start_right_after_stop_force_of_a_supervised_worker_is_not_refused() {
+    let mut sb = Sandbox::new("supervise-force-start");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let hold = sb.path("hold-supervisor-exit");
+    fs::write(&hold, "").unwrap();
+    let out = sb
+        .cmd(&["start", "--supervise"])
+        .env("GEARSHIFT_FAULT_STALL_SUPERVISOR_EXIT", &hold)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let worker = pid_of(&sb);
+    let sup = supervisor_of(worker);
+    sb.submit("sleep", "30000");
+    eventually(Duration::from_secs(10), "the job running", || {
+        text(&sb.run(&["status"]).stdout).contains("1 running")
+    });
+    let release = std::thread::spawn(move || {
+        eventually(Duration::from_secs(20), "the worker gone", || {
+            !process_alive(worker)
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        fs::remove_file(&hold).unwrap();
+    });
+    let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    let start = sb.run(&["start"]);
+    release.join().unwrap();
+    assert_eq!(start.status.code(), Some(0), "{}", text_of(&start));
+    eventually(Duration::from_secs(5), "the old supervisor gone", || {
+        !process_alive(sup)
+    });
+    // The interrupted job runs again in the new worker: not waited for.
+    let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+}

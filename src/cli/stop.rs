@@ -86,15 +86,13 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
                 }
                 return Ok(exit::NOT_YET);
             }
-            return forced(pid, via, &socket, &alive, timeout);
+            let code = forced(pid, via, &socket, &alive, timeout)?;
+            its_supervisor_gone(&pidfile, via, target);
+            return Ok(code);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Its supervisor exits right after it: waited for (briefly), so that a `start` or `restart`
-    // that follows is not taken for a second start beside a supervisor still there.
-    if via != target {
-        let _ = supervisor_gone_within(&pidfile, via.as_raw(), SECOND_TERM_WAIT);
-    }
+    its_supervisor_gone(&pidfile, via, target);
     match interrupted {
         Some(jobs) if !jobs.is_empty() => println!(
             "stopped (pid {pid}) at once: it was already stopping, and a second TERM interrupts; these jobs will run again: {}",
@@ -121,6 +119,15 @@ fn stop_supervisor(w: &super::locate::Waiting, timeout: Duration) -> Result<u8> 
         human(timeout)
     );
     Ok(exit::NOT_YET)
+}
+
+/// A stopped worker's supervisor (`via`, when that is not the worker itself) exits right after
+/// it: waited for (briefly), so that a `start` or `restart` that follows is not taken for a
+/// second start beside a supervisor still there.
+fn its_supervisor_gone(pidfile: &Path, via: Pid, worker: Pid) {
+    if via != worker {
+        let _ = supervisor_gone_within(pidfile, via.as_raw(), SECOND_TERM_WAIT);
+    }
 }
 
 /// Whether supervisor `sup` let go of its lock (beside `pidfile`) within `wait`.

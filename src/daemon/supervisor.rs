@@ -109,6 +109,11 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
                 "supervisor {}: worker pid {pid} {reason}; not restarting",
                 info.pid
             );
+            #[cfg(gearshift_faults)]
+            crate::ops::faults::stall_while(
+                "GEARSHIFT_FAULT_STALL_SUPERVISOR_EXIT",
+                "holding the supervisor's exit",
+            );
             return 0;
         }
         info.crashes += 1;
