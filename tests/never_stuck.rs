@@ -1860,3 +1860,52 @@ fn an_invalid_config_holds_the_abandon_until_it_is_valid_again() {
     assert_eq!(s["lanes"], 3, "{s}");
     assert_eq!(running_job(&w).0, id, "the abandoned job runs again");
 }
+
+/// A HUP or USR1 that comes while a fresh `run` starts (a deploy script's `reload` or
+/// `reopen-logs` right after `run &`, a unit's `ExecReload=kill -HUP` soon after its start) is
+/// acted on once the worker serves: a restart, a reopen. Before, the command parsed its
+/// arguments and looked for another worker (the config read twice, root's records, the pidfile
+/// locks) with those signals at their default action, which ends the process: the worker died
+/// of the HUP. The fault build holds a fresh `run` there until the test lets it go. (Before
+/// `main` no code of ours runs: the dynamic loader's fraction of a millisecond is left, and a
+/// `start` daemon has its signals blocked from its exec.)
+#[test]
+fn a_hup_or_usr1_while_a_fresh_run_starts_is_acted_on_not_fatal() {
+    for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
+        let mut sb = Sandbox::new("early-hup");
+        sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+        let hold = sb.path("hold-run");
+        fs::write(&hold, "").unwrap();
+        let log = sb.path("worker.log");
+        let mut child = spawn(
+            sb.cmd(&["run"])
+                .env("GEARSHIFT_FAULT_STALL_RUN", &hold)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log).unwrap()),
+        );
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        eventually(Duration::from_secs(10), "the run held", || {
+            fs::read_to_string(&log).is_ok_and(|l| l.contains("stalling a fresh run"))
+        });
+        nix::sys::signal::kill(pid, sig).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        fs::remove_file(&hold).unwrap();
+        let expected = match sig {
+            Signal::SIGHUP => "generation 2 serving",
+            _ => "SIGUSR1: logging to stderr, nothing to reopen",
+        };
+        eventually(Duration::from_secs(20), expected, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{sig}: the worker died ({status}):\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            fs::read_to_string(&log).is_ok_and(|l| l.contains(expected))
+        });
+        nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+        let status = wait_child(&mut child, Duration::from_secs(10)).expect("the worker's exit");
+        assert!(status.success(), "{sig}: {status}");
+    }
+}

@@ -206,6 +206,8 @@ pub fn main(functions: Functions) -> ExitCode {
 /// the log report (e.g. `main_as("mailer", env!("CARGO_PKG_VERSION"), functions)`).
 pub fn main_as(name: &'static str, version: &'static str, functions: Functions) -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
+    // Before anything else: a HUP or USR1 sent while a fresh `run` starts must not end it.
+    let held = crate::ops::sigstate::hold_requests();
     crate::set_identity(name, version);
     let reexec = std::env::var_os(crate::restart::parcel::ENV_FD).is_some();
     if reexec {
@@ -226,7 +228,7 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
     // (`start --supervise`) with SIGCHLD ignored never saw its worker's exit status (the kernel
     // reaped it), and took a clean stop for a crash to restart from. (A worker's image does
     // this again itself, `worker::run_with`.)
-    crate::ops::signals::restore_ignored();
+    crate::ops::sigstate::restore_ignored();
     let matches = Cli::command()
         .name(name)
         .version(version)
@@ -240,6 +242,11 @@ pub fn main_as(name: &'static str, version: &'static str, functions: Functions) 
     cli.config_named =
         matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
     cli.reexec = reexec;
+    if !matches!(cli.command, Command::Run { .. }) {
+        if let Some(old) = &held {
+            crate::ops::sigstate::release_requests(old);
+        }
+    }
     execute(cli, functions)
 }
 
@@ -343,11 +350,16 @@ fn dispatch(cli: Cli, functions: Functions, ready: Option<&std::fs::File>) -> Re
             | Command::Restart { .. }
             | Command::Supervise { .. }
     ) {
-        crate::ops::signals::default_sigpipe();
+        crate::ops::sigstate::default_sigpipe();
     }
     // A re-exec'd generation is the worker itself: it runs the plan its parcel carries, and
     // reading and parsing the config again here, with root's record looked up, put about 30
     // system calls in every restart pause.
+    // A fault-injection build (tests only): a fresh `run` stalls before its start-up proper.
+    #[cfg(gearshift_faults)]
+    if matches!(cli.command, Command::Run { .. }) && !cli.reexec {
+        crate::ops::faults::stall_while("GEARSHIFT_FAULT_STALL_RUN", "stalling a fresh run");
+    }
     if matches!(cli.command, Command::Run { .. } | Command::Start { .. }) && !cli.reexec {
         locate::refuse_beside_another(path)?;
     }

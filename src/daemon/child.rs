@@ -58,7 +58,7 @@ impl Child {
         // The worker starts with the signals it handles blocked (the mask crosses exec): what
         // this supervisor forwards in its first moments waits for its handlers, where a HUP or
         // USR1 took the default action before it could block them, and ended it.
-        let handled = crate::ops::signals::handled_set();
+        let handled = crate::ops::sigstate::handled_set();
         // SAFETY: the closure runs in the forked child before exec and only calls
         // pthread_sigmask and fcntl, which are async-signal-safe, on a set built and a
         // descriptor opened before the fork (its close-on-exec cleared in the child alone).

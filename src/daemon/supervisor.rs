@@ -47,7 +47,7 @@ pub fn run(settings: &Settings, ready: File) -> i32 {
         Err(e) => return fail(Some(ready), &format!("supervisor: {e}")),
     };
     // The mask inherited from `start` had these blocked until now.
-    let _ = crate::ops::signals::clear_mask();
+    let _ = crate::ops::sigstate::clear_mask();
 
     let mut info = Info {
         pid: std::process::id(),

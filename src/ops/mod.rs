@@ -1,7 +1,8 @@
 //! The system helpers a Unix daemon stands on: the `pidfile` lock, `privilege` drop and the
-//! files it trusts (`layout`, `safefs`), descriptors handed across exec (`handover`),
-//! `signals`, `logging` and the systemd `notify` protocol. The process managers that use them
-//! (`start` and its supervisor) are in `crate::daemon`, a layer above the worker.
+//! files it trusts (`layout`, `safefs`), descriptors handed across exec (`handover`), `signals`
+//! (and the process's signal state, `sigstate`), `logging` and the systemd `notify` protocol.
+//! The process managers that use them (`start` and its supervisor) are in `crate::daemon`, a
+//! layer above the worker.
 
 #[cfg(gearshift_faults)]
 pub mod faults;
@@ -19,4 +20,5 @@ pub mod recurring;
 pub mod safefs;
 pub mod serve;
 pub mod signals;
+pub mod sigstate;
 pub mod stderr;

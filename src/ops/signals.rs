@@ -2,8 +2,8 @@
 //!
 //! Signal state survives execve: the blocked mask and pending signals are kept while handlers
 //! fall back to their default actions, and SIGHUP's default kills. So the self re-exec blocks
-//! every signal we handle just before execve ([`block`]); the new image installs its handlers
-//! first ([`Signals::install`]) and only then unblocks. A HUP sent during the exec is held
+//! every signal we handle just before execve (`sigstate::block`); the new image installs its
+//! handlers first ([`Signals::install`]) and only then unblocks. A HUP sent during the exec is held
 //! pending and delivered once it is safe: it simply asks for one more reload. A signal a
 //! handler took before the mask was set, still waiting in the forwarding thread or the control
 //! loop's queue, is raised again before the exec ([`carry_unacted`]) to wait the same way.
@@ -18,27 +18,7 @@ use signal_hook::iterator::Signals as Iter;
 
 use crate::error::{Error, Result};
 use crate::ops::hook::Hook;
-
-/// The signals gearshift acts on (SIGXCPU: the soft CPU time limit reached, whose default
-/// action would end the worker at once).
-pub const HANDLED: [Signal; 7] = [
-    Signal::SIGHUP,
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGXCPU,
-];
-
-/// [`HANDLED`] as a set.
-pub fn handled_set() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in HANDLED {
-        set.add(s);
-    }
-    set
-}
+use crate::ops::sigstate::{handled_set, HANDLED};
 
 /// The installed handlers and the thread forwarding them to the worker loop.
 pub struct Signals {
@@ -51,8 +31,8 @@ pub struct Signals {
 pub struct Installed(Iter);
 
 impl Signals {
-    /// Installs handlers for [`HANDLED`]. Call with the signals blocked ([`block`]), start
-    /// forwarding ([`Installed::forward`]) and then clear the mask ([`clear_mask`]): what
+    /// Installs handlers for [`HANDLED`]. Call with the signals blocked ([`crate::ops::sigstate::block`]), start
+    /// forwarding ([`Installed::forward`]) and then clear the mask ([`crate::ops::sigstate::clear_mask`]): what
     /// arrived meanwhile stays pending until then, and reaches the handlers.
     pub fn install() -> Result<Installed> {
         for (sig, flag) in UNACTED.iter() {
@@ -63,49 +43,6 @@ impl Signals {
         Iter::new(&raw)
             .map(Installed)
             .map_err(|e| Error::io("installing signal handlers", e))
-    }
-}
-
-/// Gives every signal the launcher left ignored its default action back, but SIGPIPE (which
-/// Rust's runtime ignores on purpose, and gives back to the processes it spawns). Ignored
-/// signals survive exec: a launcher that ignores SIGCHLD (to be rid of zombies) had the kernel
-/// reap the worker's job processes, so every executable job failed with "No child processes";
-/// an ignored SIGALRM disarmed the start-up alarm of a re-exec'd generation; and whatever else
-/// was ignored (`nohup`'s HUP, a shell's INT and QUIT for a background command) reached every
-/// job. First thing in every image, before any handler is installed.
-pub fn restore_ignored() {
-    for sig in Signal::iterator() {
-        // The handled ones get handlers of their own (an ignored HUP until then is better
-        // than a default one that kills), which an exec resets to the defaults for jobs.
-        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE)
-            || HANDLED.contains(&sig)
-        {
-            continue;
-        }
-        // SAFETY: sigaction with a null new action only reads the current one into `old`, a
-        // zeroed plain C struct that outlives the call.
-        let ignored = unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(sig as i32, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction == libc::SIG_IGN
-        };
-        if ignored {
-            // SAFETY: SIG_DFL is no handler of ours: nothing runs in signal context.
-            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
-        }
-    }
-}
-
-/// Keeps a file size limit (`ulimit -f`, systemd's `LimitFSIZE=`) from killing the worker:
-/// SIGXFSZ's default action ends the process the first time a write passes the limit (the log
-/// reaching it, a journal segment written ahead). With a handler installed that write fails
-/// with EFBIG instead, which is a storage fault like a full disk (`is_transient_errno`).
-/// Handlers go back to their defaults at every exec, so job processes keep SIGXFSZ's usual
-/// meaning, and each image of the worker installs it again, first thing.
-pub fn survive_file_size_limit() {
-    static PASSED: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
-    if let Err(e) = signal_hook::flag::register(libc::SIGXFSZ, Arc::clone(&PASSED)) {
-        log::warn!("could not handle SIGXFSZ ({e}): a file size limit would end the worker");
     }
 }
 
@@ -271,29 +208,6 @@ fn push_back_serve_alarm(wait: Duration) {
 
 /// How long a forced exit waits for its log line at most.
 const LAST_WORD: Duration = Duration::from_millis(250);
-
-/// Empties the calling thread's signal mask: neither the mask carried across our own re-exec
-/// nor one inherited from whatever launched us may keep signals blocked.
-pub fn clear_mask() -> Result<()> {
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(|e| Error::io("clearing the signal mask", e.into()))
-}
-
-/// Blocks every handled signal in the calling thread (before execve).
-pub fn block() -> Result<()> {
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), None)
-        .map_err(|e| Error::io("blocking signals", e.into()))
-}
-
-/// Gives SIGPIPE its default action back, for a CLI command that only prints: writing to a
-/// closed pipe (`gearshift status | head -1`) then ends it quietly, as it ends any Unix tool,
-/// instead of a panic in `println!`. Never for the worker, whose sockets must see EPIPE.
-pub fn default_sigpipe() {
-    // SAFETY: installs the default disposition (no handler code of ours runs); called on the
-    // main thread before the command does anything else.
-    let _ =
-        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
-}
 
 /// Spawns a helper thread that never takes a handled signal, whatever the caller's mask: the
 /// handled signals are blocked around the spawn (the new thread inherits that mask) and the
@@ -468,7 +382,7 @@ pub fn stop_asked() -> bool {
     }
 }
 
-/// Just before execve, with the handled signals blocked ([`block`]): every signal a handler
+/// Just before execve, with the handled signals blocked ([`crate::ops::sigstate::block`]): every signal a handler
 /// took and the control loop has not acted on is raised again, to wait pending across the exec
 /// for the next image's handlers (a TERM then stops the next generation, a USR1 reopens its
 /// log, a HUP asks it for one more reload). Without this the exec would drop them with the
@@ -490,6 +404,7 @@ pub fn carry_unacted() {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ops::sigstate::clear_mask;
 
     /// Only thread masks change here (no process-wide signal state): a helper spawned from a
     /// thread that takes every signal still has the handled ones blocked, and the spawning

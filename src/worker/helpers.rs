@@ -95,7 +95,7 @@ pub(super) fn start_helpers(ctl: &mut Control, mut h: Helpers, prepared: Result<
         None => Ok(()),
     };
     let started = forwarding.and(prepared).and_then(|()| start_each(ctl, h));
-    started.and(signals::clear_mask())
+    started.and(crate::ops::sigstate::clear_mask())
 }
 
 fn start_each(ctl: &mut Control, mut h: Helpers) -> Result<()> {

@@ -84,7 +84,7 @@ pub(super) fn resident_bytes() -> Option<u64> {
 }
 
 /// A file size limit on the process (`ulimit -f`, systemd's `LimitFSIZE=`), said at every
-/// start: every write past it fails (see `signals::survive_file_size_limit`), which the worker
+/// start: every write past it fails (see `sigstate::survive_file_size_limit`), which the worker
 /// then meets as a storage fault that lasts until the file is smaller.
 fn file_size_warning() -> Option<String> {
     let (soft, _) =

@@ -314,7 +314,7 @@ impl Control {
         };
         #[cfg(gearshift_faults)]
         super::plan::stall_while("GEARSHIFT_FAULT_STALL_EXEC", "stalling before the exec");
-        let err = match signals::block()
+        let err = match crate::ops::sigstate::block()
             .map(|()| signals::carry_unacted())
             .and_then(|()| self.pidfile.keep_across_exec())
             .and_then(|()| inherit_inotify())
@@ -487,7 +487,7 @@ impl Control {
                 log::error!("status socket: {e}");
             }
         }
-        if let Err(e) = signals::clear_mask() {
+        if let Err(e) = crate::ops::sigstate::clear_mask() {
             log::error!("{e}");
         }
     }

@@ -22,8 +22,8 @@ use super::{Plan, RunOptions};
 /// process inherits through exec that it must not keep (see each).
 pub(super) fn settle_process() {
     crate::ops::privilege::refuse_tracing();
-    crate::ops::signals::restore_ignored();
-    crate::ops::signals::survive_file_size_limit();
+    crate::ops::sigstate::restore_ignored();
+    crate::ops::sigstate::survive_file_size_limit();
     // A fault-injection build (tests only): a new image stalls before it blocks its signals.
     #[cfg(gearshift_faults)]
     super::plan::stall_while(
@@ -38,7 +38,7 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     // Signals stay blocked in this thread until the handlers are in place (`start_helpers`):
     // what arrives meanwhile, during a re-exec too, stays pending and reaches them then. Every
     // other thread is spawned with them blocked: only this thread ever takes one.
-    signals::block()?;
+    crate::ops::sigstate::block()?;
     // Descriptors inherited from whatever started us must not leak into job processes.
     crate::ops::handover::close_inherited();
     let mut boot = Boot::detect();
