@@ -2048,3 +2048,54 @@ fn a_supervised_workers_log_is_made_again_for_its_user_at_reopen() {
     });
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// An operator's `rm -rf spool` (to clear the queue) under a worker that dropped its
+/// privileges: the worker's restart to open the spool again could not make it where only root
+/// may write, and died there, leaving no worker (nothing started it again without a
+/// supervisor); a root `submit` meanwhile made the spool root's, which the worker's user could
+/// not open either ("the spool belongs to user root"). Now the worker serves on and says why
+/// it takes no job, and restarts into the spool once its user can open it: root's next
+/// `submit` makes it and gives it to that user, as a fresh start does.
+#[test]
+fn a_spool_removed_under_a_dropped_worker_is_waited_for_until_root_makes_it_again() {
+    let sb = privsep("sec-spool-removed");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let pid = pid_of(&sb);
+    fs::remove_dir_all(sb.path("spool")).unwrap();
+    let log = || fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    eventually(Duration::from_secs(20), "the worker to say why", || {
+        assert_eq!(
+            sb.run(&["status"]).status.code(),
+            Some(0),
+            "the worker is gone:\n{}",
+            log()
+        );
+        log().contains("cannot open it again")
+    });
+    let st = sb.run(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        s["warnings"].to_string().contains("cannot open it again"),
+        "{s}"
+    );
+    let out = sb.run(&["submit", "--wait", "--timeout", "30s", "reverse", "ab"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "ba"),
+        "{}\n{}",
+        text(&out.stderr),
+        log()
+    );
+    assert_eq!(pid_of(&sb), pid, "restarted in place");
+    let s: serde_json::Value =
+        serde_json::from_slice(&sb.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(s["last_restart_reason"], "spool replaced", "{s}");
+    assert_eq!(
+        fs::metadata(sb.path("spool")).unwrap().uid(),
+        nobody().uid.as_raw(),
+        "root's submit gave the spool it made to the worker's user"
+    );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

@@ -33,6 +33,16 @@ impl Lane for SpoolLane {
             // temp files every few seconds.
             self.source.prune();
             self.source.housekeeping();
+            // The spool was removed under this worker, whose user cannot open the one at its
+            // path: nothing to claim or write there until it can (the housekeeping looks).
+            if self
+                .source
+                .unopenable
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                self.source.waker.wait_past(seen, HOUSEKEEPING);
+                continue;
+            }
             self.source.checkpoint();
             // Results cannot be stored now: claim nothing until they can.
             if let Some(e) = self.source.committer.as_ref().and_then(|c| c.failing()) {

@@ -228,6 +228,20 @@ impl SpoolSource {
         *next = Instant::now() + HOUSEKEEPING;
         drop(next);
         if let Some(gone) = self.spool.replaced() {
+            // A worker that dropped its privileges may be unable to open (or make) the spool
+            // at its path: its restart would die there. It serves on meanwhile (taking nothing
+            // new), says why, and restarts once it can.
+            if let Err(why) = self.spool.reopenable() {
+                let said = format!(
+                    "the spool directory \"{}\" is no longer the one this worker opened (removed or replaced while it ran), and this worker's user cannot open it again: {why}; no job is taken until it can (`gearshift restart`, or a `gearshift submit` by root, makes the spool for that user)",
+                    gone.shown()
+                );
+                if !self.unopenable.swap(true, Ordering::AcqRel) {
+                    log::error!("{said}");
+                }
+                crate::status::short_of_room(Some(said));
+                return;
+            }
             if !self.replaced.swap(true, Ordering::AcqRel) {
                 log::error!(
                     "the spool directory \"{}\" is no longer the one this worker opened (removed or replaced while it ran): restarting to open it again",
@@ -355,6 +369,50 @@ impl Spool {
         let mut subs = SUBDIRS.iter().zip(self.dirs.iter());
         subs.find(|(sub, d)| !d.still_at(&self.dir(sub)))
             .map(|(sub, _)| self.dir(sub))
+    }
+
+    /// Whether this process can open the spool at its path again, once it was found
+    /// [`Spool::replaced`]: as root always; else each of its directories there must be this
+    /// user's, and the first one missing must be where this user may make it (the new
+    /// generation makes it and what goes under it). Err: why not.
+    pub(super) fn reopenable(&self) -> std::result::Result<(), String> {
+        use nix::unistd::{access, AccessFlags};
+        let me = nix::unistd::geteuid();
+        if me.is_root() {
+            return Ok(());
+        }
+        let paths = std::iter::once(self.root.clone()).chain(SUBDIRS.iter().map(|s| self.dir(s)));
+        for (n, path) in paths.enumerate() {
+            // The spool's own path may lead through a link; its subdirectories may not.
+            let meta = match n {
+                0 => fs::metadata(&path),
+                _ => fs::symlink_metadata(&path),
+            };
+            match meta {
+                Ok(m) if m.is_dir() && m.uid() == me.as_raw() => {}
+                Ok(m) if m.is_dir() => {
+                    return Err(format!(
+                        "\"{}\" belongs to uid {}, not to this worker's user (uid {me})",
+                        path.shown(),
+                        m.uid()
+                    ))
+                }
+                Ok(_) => return Err(format!("\"{}\" is no directory", path.shown())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let parent = path.parent().unwrap_or(std::path::Path::new("/"));
+                    return access(parent, AccessFlags::W_OK | AccessFlags::X_OK)
+                        .map_err(|_| {
+                            format!(
+                                "\"{}\" is missing, and this worker's user (uid {me}) may not make it in \"{}\"",
+                                path.shown(),
+                                parent.shown()
+                            )
+                        });
+                }
+                Err(e) => return Err(format!("\"{}\": {e}", path.shown())),
+            }
+        }
+        Ok(())
     }
 
     /// Moves the entry `sub/name` (whatever it is) into `rejected/`, with the reason in the log

@@ -75,6 +75,8 @@ pub struct SpoolSource {
     pub(super) next_housekeeping: Mutex<Instant>,
     /// The spool's directories were found removed or replaced (said once; see `housekeeping`).
     pub(super) replaced: AtomicBool,
+    /// ... and this worker's user cannot open it again (said once; see `housekeeping`).
+    pub(super) unopenable: AtomicBool,
     /// Less than `min_free` is free, so no new job is taken (`room.rs`): logged once while it
     /// lasts and shown in `status`, as the housekeeping finds it.
     pub(super) short_of_room: Mutex<crate::ops::logging::Recurring>,
@@ -188,6 +190,7 @@ impl SpoolSource {
                     },
             ),
             replaced: AtomicBool::new(false),
+            unopenable: AtomicBool::new(false),
             short_of_room: Mutex::new(crate::ops::logging::Recurring::new(
                 "spool: new jobs are refused",
                 "spool: new jobs are taken again",
