@@ -2099,3 +2099,44 @@ fn a_spool_removed_under_a_dropped_worker_is_waited_for_until_root_makes_it_agai
     );
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
+
+/// `state_dir` removed under a worker that dropped its privileges (a clean-up of "stale"
+/// files): the worker serves on, but its next restart could not make `state_dir` again where
+/// only root may write, and died there ("creating directory ...: Permission denied"), so a HUP
+/// or a config edit ended it. The restart is now refused, saying why, and the worker serves
+/// on; `gearshift restart` makes `state_dir` again and starts it afresh.
+#[test]
+fn a_restart_after_state_dir_was_removed_under_a_dropped_worker_is_refused_not_fatal() {
+    let sb = privsep("sec-state-removed");
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let pid = pid_of(&sb);
+    fs::remove_dir_all(sb.path("state")).unwrap();
+    // Its log went with state_dir: read through the worker's own descriptor.
+    let log = || {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("gearshift.log"))
+            })
+            .and_then(|e| fs::read_to_string(e.path()).ok())
+            .unwrap_or_default()
+    };
+    kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the restart refused", || {
+        assert!(process_alive(pid), "the worker died of its restart");
+        log().contains("reload refused")
+    });
+    assert!(log().contains("cannot make it again"), "{}", log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(process_alive(pid), "{}", log());
+    let out = sb.run(&["restart"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+    assert_ne!(pid_of(&sb), pid);
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "ab"]);
+    assert_eq!(text(&out.stdout), "ba", "{}", text(&out.stderr));
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}

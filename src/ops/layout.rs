@@ -154,6 +154,30 @@ pub fn prepare(state_dir: &Path, target: Option<&Target>) -> Result<State> {
     Ok(State { dir })
 }
 
+/// Whether a re-exec'd generation of this process can open `state_dir` ([`prepare`] makes a
+/// missing one): a worker that dropped its privileges cannot make it again where only root may
+/// write, and its next generation would end there. Err: why, for a refused restart (the
+/// worker serves on as it is).
+pub fn reachable_after_exec(state_dir: &Path) -> Result<()> {
+    if geteuid().is_root() || state_dir.exists() {
+        return Ok(());
+    }
+    let mut above = state_dir.parent();
+    while let Some(dir) = above.filter(|d| !d.exists()) {
+        above = dir.parent();
+    }
+    let above = above.unwrap_or(Path::new("/"));
+    let flags = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+    if nix::unistd::access(above, flags).is_ok() {
+        return Ok(());
+    }
+    Err(Error::Msg(format!(
+        "state_dir \"{}\" was removed, and this worker, no longer root, cannot make it again in \"{}\": its next generation would end there, so it serves on as it is (`gearshift restart` makes state_dir again and starts the worker afresh)",
+        state_dir.shown(),
+        above.shown()
+    )))
+}
+
 /// The first entry of `state_dir` that gearshift does not keep there (its pidfile, its log and
 /// the log's rotations, `last-good` and its temporary file, `worker/`; `lost+found`).
 fn foreign_entry(dir: &Dir) -> Result<Option<std::ffi::OsString>> {

@@ -25,7 +25,8 @@ use crate::watch;
 impl Control {
     /// The plan for the files as they are now; refused if it moves `state_dir`, which moves
     /// only at a fresh start (its pidfile, status socket and log are made there; a HUP once
-    /// moved the pidfile alone, and the CLI looked for the worker where it was not).
+    /// moved the pidfile alone, and the CLI looked for the worker where it was not), or if the
+    /// next generation could not open `state_dir` (removed under a worker no longer root).
     pub(super) fn prepare(&self) -> crate::Result<Plan> {
         let plan = Plan::prepare(&self.config_path, &self.functions)?;
         let (now, next) = (
@@ -41,6 +42,7 @@ impl Control {
                 now.shown()
             )));
         }
+        crate::ops::layout::reachable_after_exec(now)?;
         Ok(plan)
     }
 
