@@ -1395,3 +1395,47 @@ fn a_zeromq_job_abandoned_by_a_restart_or_a_stop_runs_again() {
         assert!(w.log_text().contains("abandoning job"), "{}", w.log_text());
     }
 }
+
+/// An `ipc://` endpoint's socket file removed while the worker runs (a clean-up of `/tmp` or
+/// `/run`, an operator's `rm`): no client could connect there again, however long the worker
+/// ran, while `status` showed it bound, and a reload handed the unreachable socket on. The
+/// ingress now looks at each socket file every 2 s and binds a new one at its path; the new one
+/// crosses the next exec.
+#[test]
+fn an_ipc_socket_file_removed_under_the_worker_is_bound_again() {
+    if !clients_available("an_ipc_socket_file_removed_under_the_worker_is_bound_again") {
+        return;
+    }
+    let z = setup("zmq-ipc-removed", "");
+    let mut w = z.sb.start();
+    assert_eq!(pyzmq("REQ", &z.ipc, &["before"]).len(), 1);
+    let path = PathBuf::from(z.ipc.trim_start_matches("ipc://"));
+    fs::remove_file(&path).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the socket file bound again",
+        || {
+            use std::os::unix::fs::FileTypeExt;
+            fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
+        },
+    );
+    let id = pyzmq("REQ", &z.ipc, &["again"]);
+    assert_eq!(
+        id.len(),
+        1,
+        "no answer on the ipc endpoint:\n{}",
+        w.log_text()
+    );
+    assert!(w.log_text().contains("bound again"), "{}", w.log_text());
+    // The socket bound again is the one the next generation serves.
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    assert_eq!(
+        pyzmq("REQ", &z.ipc, &["after"]).len(),
+        1,
+        "{}",
+        w.log_text()
+    );
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit(Duration::from_secs(10)).success());
+}

@@ -167,6 +167,25 @@ impl Engine {
         self.pause = (self.pause * 2).min(LONGEST_PAUSE);
     }
 
+    /// Serves `fd` as door `i` in place of the one there (an `ipc://` socket bound again at
+    /// its path, `listen::renew`): clients already waiting on the old one are taken first.
+    pub(super) fn replace_door(&mut self, i: usize, fd: std::os::fd::OwnedFd) {
+        let door = Door::Unix(std::os::unix::net::UnixListener::from(fd));
+        if let Door::Unix(d) = &door {
+            let _ = d.set_nonblocking(true);
+        }
+        self.accept(i);
+        let Some(old) = self.doors.get_mut(i) else {
+            return;
+        };
+        let _ = self.epoll.delete(door_fd(old));
+        *old = door;
+        if self.paused_until.is_none() {
+            let ev = EpollEvent::new(EpollFlags::EPOLLIN, LISTENERS + i as u64);
+            let _ = self.epoll.add(door_fd(old), ev);
+        }
+    }
+
     /// Ends a pause of the doors whose time has come.
     pub(super) fn reopen_doors(&mut self) {
         if self.paused_until.is_some_and(|at| at <= Instant::now()) {

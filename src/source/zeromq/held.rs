@@ -135,6 +135,7 @@ mod tests {
         let listener = Listener {
             endpoint: Endpoint::Ipc(path.to_path_buf()),
             fd: OwnedFd::from(UnixListener::bind(&path).expect("bind")),
+            file: None,
         };
         let limits = Limits {
             message_bytes,

@@ -7,7 +7,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ZeromqReply;
@@ -38,6 +38,9 @@ const MAX_FRAMES: usize = 64;
 /// How often an idle ingress whose batches were refused looks whether the spool takes jobs
 /// again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often the ingress looks whether each `ipc://` endpoint's socket file is still at its
+/// path (`listen::renew`).
+const FILES_EVERY: Duration = Duration::from_secs(2);
 /// Batches of one message in a row before the ingress busy-polls for the next.
 const SINGLES_TO_SPIN: u32 = 16;
 
@@ -70,7 +73,7 @@ impl Ingress {
     /// Serves `listeners` (through duplicates of their descriptors) and starts reading. With a
     /// `feed`, accepted jobs go to the lanes without a file each.
     pub fn start(
-        listeners: &[Listener],
+        listeners: &Arc<Mutex<Vec<Listener>>>,
         spool: Spool,
         feed: Option<Feed>,
         rules: Rules,
@@ -84,7 +87,13 @@ impl Ingress {
             peers: zmtp::CLIENTS,
         };
         let max_peers = stats.max_peers.load(Ordering::Relaxed);
-        let mut engine = Engine::new(listeners, limits, max_peers, rules.dead_peer)?;
+        let mut engine = {
+            let held = listeners
+                .lock()
+                .map_err(|_| Error::Internal("zeromq listeners lock poisoned".into()))?;
+            Engine::new(&held, limits, max_peers, rules.dead_peer)?
+        };
+        let listeners = Arc::clone(listeners);
         let wake = engine.waker();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -93,7 +102,7 @@ impl Ingress {
             if let Some(feed) = feed {
                 writer.feed(feed);
             }
-            serve(&mut engine, &mut writer, &rules, &stats, &flag);
+            serve(&mut engine, &mut writer, &rules, &stats, &flag, &listeners);
             drop(writer);
             // Answers already queued get up to LINGER to leave; then every connection closes.
             engine.linger(Instant::now() + LINGER);
@@ -142,6 +151,7 @@ fn serve(
     rules: &Rules,
     stats: &Stats,
     stop: &AtomicBool,
+    listeners: &Mutex<Vec<Listener>>,
 ) {
     let mut spin = crate::source::spin::Spin::new(rules.busy_poll);
     // Batches of one message in a row: messages coming one at a time mean clients wait on our
@@ -158,8 +168,13 @@ fn serve(
             "zeromq: messages not stored, answered \"ERROR not stored, try again\"",
             "zeromq: the spool takes jobs again",
         ),
+        binding: Recurring::new(
+            "zeromq: a socket file removed from its path cannot be bound again, so no client can connect there",
+            "zeromq: every socket file is at its path again",
+        ),
     };
     let mut probed = Instant::now();
+    let mut files_looked = Instant::now();
     let mut batch: Vec<Received> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         // Files of jobs already answered: written while no message waits (or retried).
@@ -187,6 +202,10 @@ fn serve(
         if woken && stop.load(Ordering::Acquire) {
             // Read but not durable: never answered (the clients send them again).
             break;
+        }
+        if files_looked.elapsed() >= FILES_EVERY {
+            files_looked = Instant::now();
+            renew_files(engine, listeners, &mut said.binding);
         }
         if batch.is_empty() && said.storing.failing() && probed.elapsed() >= PROBE_EVERY {
             // Refused batches leave the worker degraded; with no client sending, nothing else
@@ -283,6 +302,34 @@ struct Said {
     placing: Recurring,
     /// Batches the journal cannot take.
     storing: Recurring,
+    /// `ipc://` socket files that cannot be bound again.
+    binding: Recurring,
+}
+
+/// Binds again each `ipc://` endpoint whose socket file is no longer at its path, and serves
+/// the new socket in place of the old (which no client can reach any more).
+fn renew_files(engine: &mut Engine, listeners: &Mutex<Vec<Listener>>, said: &mut Recurring) {
+    let Ok(mut held) = listeners.lock() else {
+        return;
+    };
+    let mut failed = None;
+    for (i, l) in held.iter_mut().enumerate() {
+        match super::listen::renew(l) {
+            None => {}
+            Some(Ok(fd)) => {
+                engine.replace_door(i, fd);
+                log::warn!(
+                    "zeromq: the socket file of {} was removed or replaced: bound again, clients connect there again",
+                    l.endpoint
+                );
+            }
+            Some(Err(e)) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) => said.failed(&e),
+        None => said.worked(),
+    }
 }
 
 /// Makes the batch's jobs durable with one sync, then answers every message of it.

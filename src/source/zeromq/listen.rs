@@ -16,6 +16,40 @@ use crate::text::ShowPath;
 pub struct Listener {
     pub endpoint: Endpoint,
     pub fd: OwnedFd,
+    /// An `ipc://` endpoint's socket file as bound or adopted (device, inode): one no longer
+    /// at its path (removed by a clean-up, replaced) is bound again ([`renew`]).
+    pub file: Option<(u64, u64)>,
+}
+
+/// The identity of the file at an `ipc://` endpoint's path, if one is there.
+fn file_at(ep: &Endpoint) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    match ep {
+        Endpoint::Ipc(path) => std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino())),
+        Endpoint::Tcp { .. } => None,
+    }
+}
+
+/// An `ipc://` endpoint whose socket file is no longer the one bound (removed by a clean-up of
+/// `/tmp` or `/run`, or replaced): no client could connect again, however long the worker ran.
+/// Binds a new socket at the path (as at a start: a file there is replaced only if nobody
+/// listens on it), keeps it as this listener's (the one handed across the next exec) and
+/// returns a duplicate for the ingress to serve. None: the endpoint is as bound, or is TCP.
+pub fn renew(l: &mut Listener) -> Option<Result<OwnedFd>> {
+    if !matches!(l.endpoint, Endpoint::Ipc(_)) || file_at(&l.endpoint) == l.file {
+        return None;
+    }
+    let renewed = bind_new(&l.endpoint).and_then(|fd| {
+        let dup = fd
+            .try_clone()
+            .map_err(|e| Error::io("duplicating a listening socket", e))?;
+        l.fd = fd;
+        l.file = file_at(&l.endpoint);
+        Ok(dup)
+    });
+    Some(renewed)
 }
 
 /// The listening sockets for `bind`: those the previous generation handed over (`carried`, by
@@ -32,6 +66,7 @@ pub fn open(bind: &[Endpoint], carried: Vec<(String, OwnedFd)>) -> Result<Vec<Li
         out.push(Listener {
             endpoint: ep.clone(),
             fd,
+            file: file_at(ep),
         });
     }
     // What is left of `adopted` is dropped here: endpoints no longer configured are closed.

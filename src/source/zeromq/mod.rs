@@ -30,7 +30,8 @@ pub struct ZeromqSource {
     spool: Arc<SpoolSource>,
     cfg: ZeromqConfig,
     max_payload: usize,
-    listeners: Vec<listen::Listener>,
+    /// Shared with the ingress, which binds an `ipc://` socket file removed again.
+    listeners: Arc<Mutex<Vec<listen::Listener>>>,
     /// The ingress, started with the first lane (once the served functions are known).
     ingress: Mutex<Option<ingress::Ingress>>,
     served: Arc<RwLock<Vec<String>>>,
@@ -96,7 +97,7 @@ impl ZeromqSource {
             spool,
             cfg: cfg.clone(),
             max_payload,
-            listeners,
+            listeners: Arc::new(Mutex::new(listeners)),
             ingress: Mutex::new(None),
             served: Arc::new(RwLock::new(Vec::new())),
             jobs_dir: worker.jobs_dir.clone(),
@@ -132,11 +133,7 @@ impl ZeromqSource {
             rules,
             Arc::clone(&self.stats),
         )?);
-        let bound: Vec<String> = self
-            .listeners
-            .iter()
-            .map(|l| l.endpoint.to_string())
-            .collect();
+        let bound: Vec<String> = self.cfg.bind.iter().map(|e| e.to_string()).collect();
         log::info!(
             "zeromq: accepting jobs on {} (at most {} clients at once: max_connections)",
             bound.join(", "),
@@ -188,10 +185,14 @@ impl JobSource for ZeromqSource {
     }
 
     fn listeners(&self) -> Vec<(String, RawFd)> {
-        self.listeners
-            .iter()
-            .map(|l| (l.endpoint.to_string(), l.fd.as_raw_fd()))
-            .collect()
+        self.listeners.lock().map_or_else(
+            |_| Vec::new(),
+            |held| {
+                held.iter()
+                    .map(|l| (l.endpoint.to_string(), l.fd.as_raw_fd()))
+                    .collect()
+            },
+        )
     }
 
     fn queue_stats(&self) -> Option<QueueStats> {
