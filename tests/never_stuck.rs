@@ -44,6 +44,32 @@ fn status_socket_removed_or_replaced_does_not_wedge_a_restart() {
     w.wait_generation(3);
 }
 
+/// The status socket removed while the worker serves (a job as the worker's user, a clean-up
+/// of "stale" sockets), or another socket bound in its place: `status`, `metrics`, `top` and
+/// `reload` could not reach the worker until something restarted it ("its status is
+/// unavailable: ... No such file or directory"). It is bound again within 5 s (looked at with
+/// the pidfile), and the new socket is the one the next generation serves.
+#[test]
+fn a_status_socket_removed_or_taken_under_the_worker_is_bound_again() {
+    let sb = Sandbox::new("sock-renewed");
+    let w = sb.start();
+    let sock = sb.path("state/worker/gearshift.sock");
+    let answers = || {
+        let out = sb.run(&["status", "--json"]);
+        out.status.success() && text(&out.stdout).contains("\"generation\"")
+    };
+    fs::remove_file(&sock).unwrap();
+    eventually(Duration::from_secs(15), "status answering again", answers);
+    // A listener of someone else's at the path, which never answers.
+    fs::remove_file(&sock).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    eventually(Duration::from_secs(30), "status answering again", answers);
+    assert!(w.log_text().contains("bound again"), "{}", w.log_text());
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(2);
+    assert!(answers(), "{}", w.log_text());
+}
+
 /// 200 idle clients and 10 that never read an answer larger than a socket buffer must not make
 /// `status` unavailable; a document with 12,000 warnings stays readable (summarised).
 #[test]

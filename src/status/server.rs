@@ -13,7 +13,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -44,6 +44,14 @@ pub struct Server {
     /// uses it: a restarted generation takes every descriptor before its lanes start).
     woken: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    /// The socket's path, and what the thread serves (kept to serve a socket bound again:
+    /// [`Server::renew`]).
+    path: PathBuf,
+    serving: Option<(Arc<State>, Answers)>,
+    /// A thread serving a socket no path reached any more, ending on its own.
+    retired: Option<JoinHandle<()>>,
+    /// Binding it again failed, and was said.
+    renew_said: bool,
 }
 
 impl Server {
@@ -86,6 +94,10 @@ impl Server {
             wake: Some(wake),
             woken: Some(woken),
             thread: None,
+            path: path.to_path_buf(),
+            serving: None,
+            retired: None,
+            renew_said: false,
         })
     }
 
@@ -100,6 +112,7 @@ impl Server {
                 woken
             }
         };
+        self.serving = Some((Arc::clone(&state), answers.clone()));
         let listener = Arc::clone(&self.listener);
         let thread = crate::ops::signals::spawn_essential("status", move || {
             let mut accepting = crate::ops::logging::Recurring::new(
@@ -148,8 +161,58 @@ impl Server {
     /// stays open: connections wait in its backlog.
     pub fn stop(&mut self) {
         self.close();
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.retired.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
+        }
+    }
+
+    /// The socket file removed or replaced while the worker serves (a job can: the worker's
+    /// user owns `worker/`; a clean-up of "stale" sockets): `status`, `metrics`, `top` and
+    /// `reload` could not reach the worker until its next restart. Looked at with the pidfile
+    /// (every 5 s): bound again at its path and served there; the thread on the old socket
+    /// answers the clients it holds and ends. A directory removed is left as it is (see
+    /// `layout::prepare`: a worker no longer root cannot make it again).
+    pub fn renew(&mut self) {
+        if socket_ident(&self.path) == Some(self.ident)
+            || self.path.parent().is_some_and(|d| !d.exists())
+        {
+            return;
+        }
+        let Some((state, answers)) = self.serving.clone() else {
+            return;
+        };
+        let bound = bind(&self.path).and_then(|(l, ident)| {
+            l.set_nonblocking(true)
+                .map_err(|e| Error::io_path("status socket", &self.path, e))?;
+            Ok((l, ident))
+        });
+        let (listener, ident) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                if !std::mem::replace(&mut self.renew_said, true) {
+                    log::warn!("status socket: removed or replaced, and cannot be bound again: {e}; `gearshift status` cannot reach the worker until it can (looked at every 5 s)");
+                }
+                return;
+            }
+        };
+        self.renew_said = false;
+        self.close();
+        if let Some(old) = self.thread.take() {
+            if let Some(done) = self.retired.replace(old) {
+                let _ = done.join();
+            }
+        }
+        self.listener = Arc::new(listener);
+        self.ident = ident;
+        match self.start(state, answers) {
+            Ok(()) => log::warn!(
+                "status socket \"{}\" was removed or replaced: bound again",
+                self.path.shown()
+            ),
+            Err(e) => log::error!("status socket: bound again, but not served: {e}"),
         }
     }
 }

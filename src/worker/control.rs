@@ -217,10 +217,7 @@ impl Control {
                     lp.extend_at = None;
                     self.extend_drain();
                 }
-                recv(pidfile_look) -> _ => {
-                    self.pidfile.look(&self.plan.config.worker.state_dir);
-                    crate::status::records::look_for_supervisor();
-                }
+                recv(pidfile_look) -> _ => self.look_at_paths(),
                 recv(age) -> _ => {
                     age = never();
                     self.request_restart(&mut lp.phase, RestartReason::MaxAge);

@@ -216,3 +216,15 @@ pub(super) fn new_deploy(
         )
     })
 }
+
+impl Control {
+    /// Every 5 s: the pidfile at its path (made again if it can be), the supervisor still the
+    /// worker's parent, the status socket at its path (bound again if it can be).
+    pub(super) fn look_at_paths(&mut self) {
+        self.pidfile.look(&self.plan.config.worker.state_dir);
+        crate::status::records::look_for_supervisor();
+        if let Some(s) = self.status_server.as_mut() {
+            s.renew();
+        }
+    }
+}
