@@ -1436,6 +1436,19 @@ fn an_ipc_socket_file_removed_under_the_worker_is_bound_again() {
         "{}",
         w.log_text()
     );
+    // Removed just before a restart: the next generation adopts a socket whose file is gone.
+    fs::remove_file(&path).unwrap();
+    w.signal(Signal::SIGHUP);
+    w.wait_generation(3);
+    eventually(
+        Duration::from_secs(10),
+        "bound again after the restart",
+        || {
+            use std::os::unix::fs::FileTypeExt;
+            fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
+        },
+    );
+    assert_eq!(pyzmq("REQ", &z.ipc, &["last"]).len(), 1, "{}", w.log_text());
     w.signal(Signal::SIGTERM);
     assert!(w.wait_exit(Duration::from_secs(10)).success());
 }

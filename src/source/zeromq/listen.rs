@@ -38,7 +38,10 @@ fn file_at(ep: &Endpoint) -> Option<(u64, u64)> {
 /// listens on it), keeps it as this listener's (the one handed across the next exec) and
 /// returns a duplicate for the ingress to serve. None: the endpoint is as bound, or is TCP.
 pub fn renew(l: &mut Listener) -> Option<Result<OwnedFd>> {
-    if !matches!(l.endpoint, Endpoint::Ipc(_)) || file_at(&l.endpoint) == l.file {
+    // No file at the path is always a file gone (also one removed before this generation
+    // adopted the socket, which then recorded none).
+    let there = file_at(&l.endpoint);
+    if !matches!(l.endpoint, Endpoint::Ipc(_)) || there.is_some_and(|f| Some(f) == l.file) {
         return None;
     }
     let renewed = bind_new(&l.endpoint).and_then(|fd| {
