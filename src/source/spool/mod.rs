@@ -1114,4 +1114,20 @@ mod tests {
         assert!(err.contains("in use by another worker"), "{err}");
         let _ = fs::remove_dir_all(&dir);
     }
+
+    /// `.lock` removed under the worker (a clean-up of lock files): a second worker on the same
+    /// spool is still refused (the directory itself is locked too). It took the spool, and its
+    /// start-up recovery would have queued again the jobs the first one runs.
+    #[test]
+    fn a_second_consumer_is_refused_when_the_lock_file_was_removed() {
+        let dir = crate::testutil::tempdir("spool", "lock-removed");
+        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open");
+        fs::remove_file(dir.join(".lock")).expect("rm .lock");
+        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("in use by another worker"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

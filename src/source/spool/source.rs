@@ -117,21 +117,26 @@ impl SpoolSource {
         // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         // A worker that just released the pidfile may still be exiting with this lock held:
-        // wait a little before calling the spool busy.
+        // wait a little before calling the spool busy. The directory itself is locked too
+        // (through the descriptor this spool keeps open): a `.lock` removed under a worker (a
+        // clean-up of lock files) let a second one take the spool, whose start-up recovery
+        // queues again the jobs in cur/ the first one runs.
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            match crate::ops::safefs::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
-                Ok(()) => break,
-                Err(nix::errno::Errno::EWOULDBLOCK) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
+        for fd in [file.as_raw_fd(), spool.top.as_raw_fd()] {
+            loop {
+                match crate::ops::safefs::flock(fd, libc::LOCK_EX | libc::LOCK_NB) {
+                    Ok(()) => break,
+                    Err(nix::errno::Errno::EWOULDBLOCK) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(nix::errno::Errno::EWOULDBLOCK) => {
+                        return Err(Error::Msg(format!(
+                            "spool \"{}\" is in use by another worker (its .lock is held)",
+                            spool.root.shown()
+                        )))
+                    }
+                    Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
                 }
-                Err(nix::errno::Errno::EWOULDBLOCK) => {
-                    return Err(Error::Msg(format!(
-                        "spool \"{}\" is in use by another worker (its .lock is held)",
-                        spool.root.shown()
-                    )))
-                }
-                Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
             }
         }
         if !resumed {
