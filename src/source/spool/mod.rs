@@ -1103,15 +1103,20 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn second_consumer_is_refused() {
-        let dir = crate::testutil::tempdir("spool", "lock");
-        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open");
-        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None)
+    /// A second consumer of `dir` is refused, the spool in use.
+    fn a_second_open_is_refused(dir: &Path) {
+        let err = SpoolSource::open(&cfg(dir, 3), 1 << 20, false, None)
             .err()
             .expect("refused")
             .to_string();
         assert!(err.contains("in use by another worker"), "{err}");
+    }
+
+    #[test]
+    fn second_consumer_is_refused() {
+        let dir = crate::testutil::tempdir("spool", "lock");
+        let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open");
+        a_second_open_is_refused(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -1123,11 +1128,7 @@ mod tests {
         let dir = crate::testutil::tempdir("spool", "lock-removed");
         let _a = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None).expect("open");
         fs::remove_file(dir.join(".lock")).expect("rm .lock");
-        let err = SpoolSource::open(&cfg(&dir, 3), 1 << 20, false, None)
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(err.contains("in use by another worker"), "{err}");
+        a_second_open_is_refused(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
 }
