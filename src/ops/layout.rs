@@ -162,20 +162,12 @@ pub fn reachable_after_exec(state_dir: &Path) -> Result<()> {
     if geteuid().is_root() || state_dir.exists() {
         return Ok(());
     }
-    let mut above = state_dir.parent();
-    while let Some(dir) = above.filter(|d| !d.exists()) {
-        above = dir.parent();
-    }
-    let above = above.unwrap_or(Path::new("/"));
-    let flags = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
-    if nix::unistd::access(above, flags).is_ok() {
-        return Ok(());
-    }
-    Err(Error::Msg(format!(
-        "state_dir \"{}\" was removed, and this worker, no longer root, cannot make it again in \"{}\": its next generation would end there, so it serves on as it is (`gearshift restart` makes state_dir again and starts the worker afresh)",
-        state_dir.shown(),
-        above.shown()
-    )))
+    crate::ops::safefs::could_create(state_dir).map_err(|e| {
+        Error::Msg(format!(
+            "state_dir \"{}\" was removed, and this worker, no longer root, cannot make it again ({e}): its next generation would end there, so it serves on as it is (`gearshift restart` makes state_dir again and starts the worker afresh)",
+            state_dir.shown()
+        ))
+    })
 }
 
 /// The first entry of `state_dir` that gearshift does not keep there (its pidfile, its log and

@@ -93,19 +93,23 @@ impl Spool {
     /// the spool over to that user; a file root made after the hand-over looked at `new/`
     /// would stay root's, unreadable by the worker, and be set aside.
     pub(crate) fn for_submit(cfg: &SpoolConfig, user: Option<&Target>) -> Result<Spool> {
-        // Root's spool is given to the worker's user at once, as a fresh start gives it: a
-        // worker that dropped its privileges can open it now (one whose spool was removed
-        // under it waits for that), where it stayed root's until the next fresh start.
-        // Best effort: what refuses it (a directory holding what is no spool's) is said by the
-        // worker's start, which refuses it the same way; the job is queued regardless.
-        if let Some(t) = user.filter(|t| !t.uid.is_root() && geteuid().is_root()) {
-            if let Err(e) = super::hand_to(cfg, t) {
-                log::debug!("the spool is not given to user \"{}\": {e}", t.name);
-            }
-        }
         let mut spool = Spool::from_config(cfg)?;
         if spool.give_to.is_none() && geteuid().is_root() {
-            spool.give_to = user.map(|t| (t.uid, t.gid)).filter(|(u, _)| !u.is_root());
+            let user = user.filter(|t| !t.uid.is_root());
+            // A spool still root's is given to the worker's user at once, as a fresh start
+            // gives it: a worker that dropped its privileges can open it now (one whose spool
+            // was removed under it waits for that), where it stayed root's until the next
+            // fresh start. Best effort: what refuses it (a directory holding what is no
+            // spool's) is said by the worker's start, which refuses it the same way.
+            if let Some(t) = user {
+                match super::hand_to(cfg, t) {
+                    Ok(()) => spool = Spool::from_config(cfg)?,
+                    Err(e) => log::debug!("the spool is not given to user \"{}\": {e}", t.name),
+                }
+            }
+            if spool.give_to.is_none() {
+                spool.give_to = user.map(|t| (t.uid, t.gid));
+            }
         }
         Ok(spool)
     }

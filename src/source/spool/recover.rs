@@ -373,10 +373,9 @@ impl Spool {
 
     /// Whether this process can open the spool at its path again, once it was found
     /// [`Spool::replaced`]: as root always; else each of its directories there must be this
-    /// user's, and the first one missing must be where this user may make it (the new
-    /// generation makes it and what goes under it). Err: why not.
+    /// user's, and the first one missing one this user could make (`safefs::could_create`;
+    /// the new generation makes it and what goes under it). Err: why not.
     pub(super) fn reopenable(&self) -> std::result::Result<(), String> {
-        use nix::unistd::{access, AccessFlags};
         let me = nix::unistd::geteuid();
         if me.is_root() {
             return Ok(());
@@ -399,15 +398,12 @@ impl Spool {
                 }
                 Ok(_) => return Err(format!("\"{}\" is no directory", path.shown())),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let parent = path.parent().unwrap_or(std::path::Path::new("/"));
-                    return access(parent, AccessFlags::W_OK | AccessFlags::X_OK)
-                        .map_err(|_| {
-                            format!(
-                                "\"{}\" is missing, and this worker's user (uid {me}) may not make it in \"{}\"",
-                                path.shown(),
-                                parent.shown()
-                            )
-                        });
+                    return crate::ops::safefs::could_create(&path).map_err(|e| {
+                        format!(
+                            "\"{}\" is missing, and this worker's user (uid {me}) cannot make it ({e})",
+                            path.shown()
+                        )
+                    });
                 }
                 Err(e) => return Err(format!("\"{}\": {e}", path.shown())),
             }
