@@ -921,3 +921,55 @@ fn a_restarted_generation_whose_helpers_cannot_start_finishes_its_jobs_and_exits
         "{log}"
     );
 }
+
+/// The spool's consumer locks cross every exec held. A second worker on the same spool
+/// (another `state_dir`: a careless second unit) whose start comes while the first one
+/// restarts is refused, as at any other time. Before, the locks were close-on-exec: released
+/// at each exec and taken again by the new generation; a second worker waiting for them (a
+/// start waits 2 s for a spool whose worker may be exiting) took the spool in that moment, its
+/// recovery would queue again the jobs the first one runs, and the first one's new generation
+/// died "in use by another worker". (A stall of the new generation, in the fault build,
+/// widens the moment.)
+#[test]
+fn a_second_worker_cannot_take_the_spool_while_the_first_restarts() {
+    let mut sb = Sandbox::new("lock-exec");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let stall = sb.path("stall");
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_RESUMED", stall.to_str().unwrap())]);
+    fs::write(&stall, "").unwrap();
+    w.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(10), "the new generation held", || {
+        w.log_text().contains("stalling at start-up")
+    });
+    let other = Sandbox::new("lock-exec-other");
+    let text = other.config_text("").replace(
+        "dir = \"spool\"",
+        &format!("dir = \"{}\"", sb.path("spool").display()),
+    );
+    fs::write(other.config(), text).unwrap();
+    let log = other.path("worker.log");
+    let mut second = spawn(
+        other
+            .cmd(&["run"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap()),
+    );
+    let _reaper = Reaper(other.path("state/gearshift.pid"));
+    let ended = wait_child(&mut second, Duration::from_secs(10));
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    fs::remove_file(&stall).unwrap();
+    assert!(
+        ended.is_some_and(|s| s.code() == Some(1)),
+        "the second worker was not refused ({ended:?}):\n{said}"
+    );
+    assert!(said.contains("is in use by another worker"), "{said}");
+    let s = w.wait_generation(2);
+    assert_eq!(s["pid"], w.pid());
+    let id = sb.submit("echo", "after");
+    eventually(
+        Duration::from_secs(10),
+        "the job done by the first worker",
+        || sb.run(&["result", &id]).status.success(),
+    );
+}

@@ -1,7 +1,8 @@
 //! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
 //! (its lock), the inotify instance (its queued events), the status socket and the `/metrics`
 //! listening socket (their accept queues), a source's sockets (ZeroMQ's listening sockets,
-//! Gearman connections parked at a safe point), and data too large for the environment in
+//! Gearman connections parked at a safe point), the spool's consumer lock (to this same image
+//! only), and data too large for the environment in
 //! memfds ([`memfd`]: the spool's queue listing, the metrics' counters).
 //!
 //! Every other descriptor is close-on-exec. These have FD_CLOEXEC cleared just before
@@ -55,6 +56,22 @@ pub fn adopt_sockets(carried: &[(String, RawFd)]) -> Vec<(String, OwnedFd)> {
         .filter_map(|(key, fd)| {
             let owned = adopt(Some(*fd), |what| {
                 what.to_string_lossy().starts_with("socket:")
+            })?;
+            Some((key.clone(), owned))
+        })
+        .collect()
+}
+
+/// The files (by key) the previous image handed over with their locks held, each checked to
+/// be a file or directory (a path, not a socket, pipe or memfd) and made close-on-exec again;
+/// the source checks which file.
+pub fn adopt_files(carried: &[(String, RawFd)]) -> Vec<(String, OwnedFd)> {
+    carried
+        .iter()
+        .filter_map(|(key, fd)| {
+            let owned = adopt(Some(*fd), |what| {
+                let what = what.to_string_lossy();
+                what.starts_with('/') && !what.starts_with("/memfd:")
             })?;
             Some((key.clone(), owned))
         })

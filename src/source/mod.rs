@@ -54,6 +54,11 @@ pub trait JobSource: Send + Sync {
     fn listeners(&self) -> Vec<(String, RawFd)> {
         Vec::new()
     }
+    /// Descriptors whose locks cross an exec of this same image held, by key: the spool's
+    /// consumer lock (`spool/lock.rs`). Open until the exec, or its failure.
+    fn locks(&self) -> Vec<(String, RawFd)> {
+        Vec::new()
+    }
     /// The queue this source keeps itself, if it keeps one (a network server keeps its own).
     fn queue_stats(&self) -> Option<QueueStats> {
         None
@@ -77,6 +82,9 @@ pub struct Opening<'a> {
     /// Gearman connections by lane and server), already checked to be sockets and
     /// close-on-exec again. The source takes what it can use; the rest is closed.
     pub listeners: Vec<(String, OwnedFd)>,
+    /// The descriptors of [`JobSource::locks`] the previous generation handed over, by key,
+    /// close-on-exec again (the source checks what they are).
+    pub locks: Vec<(String, OwnedFd)>,
     /// What the previous generation's [`JobSource::hand_over`] gave (bytes from outside this
     /// image: check).
     pub handed: Option<&'a [u8]>,
@@ -92,22 +100,24 @@ pub fn open(config: &Config, o: Opening<'_>) -> Result<Arc<Source>> {
         generation,
         resumed,
         listeners,
+        locks,
         handed,
         views,
         ingress,
     } = o;
     Ok(match &config.source {
-        SourceConfig::Spool(cfg) => Arc::new(Arc::new(spool::SpoolSource::open(
+        SourceConfig::Spool(cfg) => Arc::new(Arc::new(spool::SpoolSource::open_holding(
             cfg,
             config.worker.max_payload_bytes,
             resumed,
             handed,
+            locks,
         )?)),
         SourceConfig::Zeromq(cfg) => Arc::new(zeromq::ZeromqSource::open(
             cfg,
             &config.worker,
             resumed,
-            handed,
+            (handed, locks),
             listeners,
             ingress,
         )?),

@@ -3,15 +3,19 @@
 //! `/metrics`, the deploy watch. Their descriptors are taken first ([`prepare_helpers`]), their
 //! threads after ([`start_helpers`]): a re-exec'd generation starts its lanes in between.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::clock::now_ms;
 use crate::error::Result;
 use crate::jobs::reaper::Reaper;
+use crate::kinds::RestartReason;
 use crate::ops::signals;
 use crate::restart::carried::Inherited;
 use crate::restart::deploy::Deploy;
 use crate::restart::reexec::Boot;
 use crate::status::{self, State};
+use crate::text::ShowPath;
 use crate::watch::inotify::Inotify;
 use crate::watch::{self, Touched};
 
@@ -226,5 +230,69 @@ impl Control {
         if let Some(s) = self.status_server.as_mut() {
             s.renew();
         }
+    }
+
+    /// What to exec: the path only if it holds a validated binary (a deploy switching keeps
+    /// the running one as last-good and writes the rollback marker); else this very image.
+    pub(super) fn exec_target(
+        &self,
+        plan: &Plan,
+        reason: RestartReason,
+    ) -> (PathBuf, Option<crate::restart::carried::Known>) {
+        // Exec the path only if it holds a validated binary; else this very image again.
+        match &self.deploy {
+            Some(d) => {
+                let (exe, known) = d.exec_target();
+                let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
+                if switching {
+                    let state_dir = &plan.config.worker.state_dir;
+                    match (crate::restart::rollback::save_last_good(state_dir), d.running_sha(), &known) {
+                        (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
+                            log::info!("deploy: the running binary is kept as {}", last_good.shown());
+                            let marker = crate::restart::rollback::Marker {
+                                from_sha,
+                                to_sha: to.sha256.clone(),
+                                at_ms: now_ms(),
+                            };
+                            if let Err(e) = crate::restart::rollback::write_marker(state_dir, &marker) {
+                                log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
+                            }
+                        }
+                        (Ok(None), _, _) => {
+                            log::warn!("deploy: no last-good binary in state_dir: no rollback possible")
+                        }
+                        (Err(e), _, _) => {
+                            log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")
+                        }
+                        _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
+                    }
+                }
+                (exe, known)
+            }
+            // Without the binary watch nothing has checked what is at the path now: exec the
+            // running image itself (the kernel's link to its inode), never the path.
+            None => {
+                log::info!(
+                    "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
+                    self.boot.exe.shown()
+                );
+                (PathBuf::from("/proc/self/exe"), None)
+            }
+        }
+    }
+
+    /// Whether the exec of `exe` (the `known` binary) runs this same image again: the running
+    /// image itself, or a file whose sha256 is the running one's. Only such an image is handed
+    /// the source's locks (`Inherited::lock_fds`).
+    pub(super) fn execs_same_image(
+        &self,
+        exe: &std::path::Path,
+        known: Option<&crate::restart::carried::Known>,
+    ) -> bool {
+        exe == std::path::Path::new("/proc/self/exe")
+            || self.deploy.as_ref().is_some_and(|d| {
+                d.running_sha()
+                    .is_some_and(|sha| known.is_some_and(|k| k.sha256 == sha))
+            })
     }
 }

@@ -1,7 +1,6 @@
 //! The restart state machine's decisions: is there a valid change, restart now or after a
 //! splay, refuse, and the restart itself (hand over, then exec).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -302,7 +301,8 @@ impl Control {
         self.source.settle(false);
         next.ingress_counts = self.state.ingress.counts();
         next.set_ingress_closed(self.state.ingress.closed_counts());
-        let parts = self.hand_over(&mut next, &plan);
+        let same_image = self.execs_same_image(&exe, next.binary.as_ref());
+        let parts = self.hand_over(&mut next, &plan, same_image);
         if let Some(s) = self.status_server.as_mut() {
             s.stop();
         }
@@ -327,9 +327,9 @@ impl Control {
         // execve failed: carry on as we were (the source too: the caller unsettles it).
         self.pidfile.close_on_exec();
         crate::ops::logging::not_handed();
-        for (_, fd) in self.source.listeners() {
+        for (_, fd) in next.listen_fds.iter().chain(&next.lock_fds) {
             // SAFETY: the source owns `fd` and keeps it open.
-            crate::ops::handover::release(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+            crate::ops::handover::release(unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) });
         }
         if let Some(s) = &self.status_server {
             crate::ops::handover::release(s.handed().0);
@@ -390,59 +390,10 @@ impl Control {
         }
     }
 
-    /// What to exec: the path only if it holds a validated binary (a deploy switching keeps
-    /// the running one as last-good and writes the rollback marker); else this very image.
-    fn exec_target(
-        &self,
-        plan: &Plan,
-        reason: RestartReason,
-    ) -> (PathBuf, Option<crate::restart::carried::Known>) {
-        // Exec the path only if it holds a validated binary; else this very image again.
-        match &self.deploy {
-            Some(d) => {
-                let (exe, known) = d.exec_target();
-                let switching = known.as_ref().map(|k| &k.sha256) != d.running_sha().as_ref();
-                if switching {
-                    let state_dir = &plan.config.worker.state_dir;
-                    match (crate::restart::rollback::save_last_good(state_dir), d.running_sha(), &known) {
-                        (Ok(Some(last_good)), Some(from_sha), Some(to)) => {
-                            log::info!("deploy: the running binary is kept as {}", last_good.shown());
-                            let marker = crate::restart::rollback::Marker {
-                                from_sha,
-                                to_sha: to.sha256.clone(),
-                                at_ms: now_ms(),
-                            };
-                            if let Err(e) = crate::restart::rollback::write_marker(state_dir, &marker) {
-                                log::warn!("deploy: no rollback marker ({e}): a crash of the new binary cannot be rolled back");
-                            }
-                        }
-                        (Ok(None), _, _) => {
-                            log::warn!("deploy: no last-good binary in state_dir: no rollback possible")
-                        }
-                        (Err(e), _, _) => {
-                            log::warn!("deploy: could not keep the running binary as last-good ({e}): no rollback possible")
-                        }
-                        _ => log::warn!("deploy: the running binary's sha is not known yet: no rollback possible"),
-                    }
-                }
-                (exe, known)
-            }
-            // Without the binary watch nothing has checked what is at the path now: exec the
-            // running image itself (the kernel's link to its inode), never the path.
-            None => {
-                log::info!(
-                    "{reason}: re-exec the running image (watch_binary is off: \"{}\" is not looked at)",
-                    self.boot.exe.shown()
-                );
-                (PathBuf::from("/proc/self/exe"), None)
-            }
-        }
-    }
-
     /// Hands over the source's state, the validated `jobs_dir` and the metrics' counts (as
     /// the parcel's parts), and, as open descriptors noted in `next`, the listening sockets and
-    /// the `/metrics` socket (paused).
-    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan) -> Parts {
+    /// the `/metrics` socket (paused), and for the `same_image` the source's locks.
+    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan, same_image: bool) -> Parts {
         let parts = Parts {
             source: self.source.hand_over(),
             // What was just validated is what the next generation serves on.
@@ -450,12 +401,23 @@ impl Control {
             // Every lane has ended: the counters are final for this generation.
             metrics: serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects())).ok(),
         };
-        // A network source's listening sockets: connects wait in their accept queues.
-        for (endpoint, fd) in self.source.listeners() {
-            // SAFETY: the source owns `fd` and keeps it open until the exec (or its failure).
-            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            if crate::ops::handover::keep(borrowed).is_ok() {
-                next.listen_fds.push((endpoint, fd));
+        // A network source's listening sockets (connects wait in their accept queues), and for
+        // this same image the source's locks (the spool's: no second worker takes it meanwhile).
+        let locks = if same_image {
+            self.source.locks()
+        } else {
+            Vec::new()
+        };
+        for (list, fds) in [
+            (&mut next.listen_fds, self.source.listeners()),
+            (&mut next.lock_fds, locks),
+        ] {
+            for (key, fd) in fds {
+                // SAFETY: the source owns `fd` and keeps it open until the exec (or its failure).
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                if crate::ops::handover::keep(borrowed).is_ok() {
+                    list.push((key, fd));
+                }
             }
         }
         if let Some(s) = &self.status_server {

@@ -331,6 +331,7 @@ fn open(plan: &Plan, boot: &Boot, inherited: &Inherited, generation: u64) -> Res
             generation,
             resumed: boot.inherited.is_some(),
             listeners: crate::ops::handover::adopt_sockets(&inherited.listen_fds),
+            locks: crate::ops::handover::adopt_files(&inherited.lock_fds),
             handed: boot.parts.source.as_deref(),
             views: Arc::clone(&views),
             ingress: Arc::clone(&ingress),

@@ -42,6 +42,7 @@ mod ingest;
 mod journal;
 mod lane;
 mod listing;
+mod lock;
 mod order;
 pub(crate) mod recover;
 mod replay;
@@ -1130,5 +1131,42 @@ mod tests {
         fs::remove_file(dir.join(".lock")).expect("rm .lock");
         a_second_open_is_refused(&dir);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Copies of an open spool's lock descriptors, as a restart hands them to the next
+    /// generation (the lock belongs to the open file, which the copies share).
+    fn handed_locks(src: &SpoolSource) -> Vec<(String, std::os::fd::OwnedFd)> {
+        src.lock
+            .handed()
+            .into_iter()
+            .map(|(key, fd)| {
+                // SAFETY: `src` owns `fd` and is alive while it is copied.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                (key, fd.try_clone_to_owned().expect("dup"))
+            })
+            .collect()
+    }
+
+    /// The lock's descriptors a generation hands over are taken up by the next one where they
+    /// are still its spool's (held all along: another open is refused), and closed where the
+    /// next one serves another spool (that spool's lock let go with them).
+    #[test]
+    fn handed_lock_descriptors_are_taken_up_only_for_their_own_spool() {
+        let a = crate::testutil::tempdir("spool", "lock-handed-a");
+        let b = crate::testutil::tempdir("spool", "lock-handed-b");
+        let first = SpoolSource::open(&cfg(&a, 3), 1 << 20, false, None).expect("open");
+        let handed = handed_locks(&first);
+        drop(first);
+        a_second_open_is_refused(&a);
+        let next =
+            SpoolSource::open_holding(&cfg(&a, 3), 1 << 20, true, None, handed).expect("taken up");
+        a_second_open_is_refused(&a);
+        let handed = handed_locks(&next);
+        drop(next);
+        let elsewhere = SpoolSource::open_holding(&cfg(&b, 3), 1 << 20, false, None, handed)
+            .expect("another spool");
+        let again = SpoolSource::open(&cfg(&a, 3), 1 << 20, false, None).expect("let go");
+        drop((elsewhere, again));
+        let _ = (fs::remove_dir_all(&a), fs::remove_dir_all(&b));
     }
 }

@@ -3,8 +3,9 @@
 //! the lanes and their waker.
 
 use std::collections::VecDeque;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,6 @@ use crate::config::SpoolConfig;
 use crate::error::{Error, Result};
 use crate::jobs::functions::JobResult;
 use crate::source::lane::{Claimed, Lane};
-use crate::text::ShowPath;
 
 use super::direct::Waker;
 use super::format::*;
@@ -85,60 +85,36 @@ pub struct SpoolSource {
     pub(super) unrecovered: Mutex<Vec<String>>,
     /// The largest entry accepted as a job: max_payload_bytes plus header room.
     pub(super) max_entry: u64,
-    /// The consumer lock (flock, held while this is open).
-    pub(super) _lock: File,
+    /// The consumer lock, held while this is open.
+    pub(super) lock: super::lock::ConsumerLock,
 }
 
 impl SpoolSource {
-    /// Takes the spool's consumer lock, replays the journal (unless `resumed`: a re-exec of a
-    /// worker that left everything in place), recovers interrupted jobs, starts the group
-    /// commit, and takes what the previous generation `handed` over: its waiting outcomes
-    /// (committed first; their jobs are not interrupted ones) and the queue's head.
+    /// [`SpoolSource::open_holding`] with no lock handed over.
+    #[cfg(test)]
     pub fn open(
         cfg: &SpoolConfig,
         max_payload: usize,
         resumed: bool,
         handed: Option<&[u8]>,
     ) -> Result<SpoolSource> {
+        SpoolSource::open_holding(cfg, max_payload, resumed, handed, Vec::new())
+    }
+
+    /// Takes the spool's consumer lock (with the descriptors of it, by key, the previous
+    /// generation handed over: `lock.rs`), replays the journal (unless `resumed`: a re-exec of
+    /// a worker that left everything in place), recovers interrupted jobs, starts the group
+    /// commit, and takes what the previous generation `handed` over: its waiting outcomes
+    /// (committed first; their jobs are not interrupted ones) and the queue's head.
+    pub fn open_holding(
+        cfg: &SpoolConfig,
+        max_payload: usize,
+        resumed: bool,
+        handed: Option<&[u8]>,
+        locks: Vec<(String, OwnedFd)>,
+    ) -> Result<SpoolSource> {
         let spool = Spool::from_config(cfg)?;
-        let lock_path = spool.root.join(".lock");
-        // Read-only is enough for flock, and works on a .lock another user (say, root before a
-        // switch to `[worker] user`) created.
-        let fd = nix::fcntl::open(
-            &lock_path,
-            nix::fcntl::OFlag::O_RDONLY
-                | nix::fcntl::OFlag::O_CREAT
-                | nix::fcntl::OFlag::O_CLOEXEC
-                | nix::fcntl::OFlag::O_NOFOLLOW
-                | nix::fcntl::OFlag::O_NONBLOCK,
-            nix::sys::stat::Mode::from_bits_truncate(0o640),
-        )
-        .map_err(|e| Error::io_path("opening", &lock_path, e.into()))?;
-        // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // A worker that just released the pidfile may still be exiting with this lock held:
-        // wait a little before calling the spool busy. The directory itself is locked too
-        // (through the descriptor this spool keeps open): a `.lock` removed under a worker (a
-        // clean-up of lock files) let a second one take the spool, whose start-up recovery
-        // queues again the jobs in cur/ the first one runs.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for fd in [file.as_raw_fd(), spool.top.as_raw_fd()] {
-            loop {
-                match crate::ops::safefs::flock(fd, libc::LOCK_EX | libc::LOCK_NB) {
-                    Ok(()) => break,
-                    Err(nix::errno::Errno::EWOULDBLOCK) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(nix::errno::Errno::EWOULDBLOCK) => {
-                        return Err(Error::Msg(format!(
-                            "spool \"{}\" is in use by another worker (its .lock is held)",
-                            spool.root.shown()
-                        )))
-                    }
-                    Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
-                }
-            }
-        }
+        let lock = super::lock::ConsumerLock::take(&spool, locks)?;
         if !resumed {
             // Before anything looks at cur/: a job whose result is only in the journal is done.
             let (segments, written) = super::replay::checkpoint(&spool, true)?;
@@ -202,7 +178,7 @@ impl SpoolSource {
             )),
             unrecovered: Mutex::new(Vec::new()),
             max_entry: max_payload as u64 + HEADER_ROOM,
-            _lock: file,
+            lock,
         };
         if let Ok(mut next) = source.next_prune.lock() {
             *next = SpoolSource::first_prune(&source.spool, source.prune_every());
@@ -420,6 +396,10 @@ impl crate::source::JobSource for Arc<SpoolSource> {
 
     fn queue_stats(&self) -> Option<crate::metrics::QueueStats> {
         Some(self.spool.queue_stats(self.direct.counts()))
+    }
+
+    fn locks(&self) -> Vec<(String, RawFd)> {
+        self.lock.handed()
     }
 
     /// Before an exec, the outcomes still waiting are carried across it if they can be (see

@@ -73,18 +73,20 @@ pub fn peer_cap(configured: Option<u64>, concurrency: usize) -> u64 {
 }
 
 impl ZeromqSource {
-    /// Opens the spool and the listening sockets (`carried` by the previous generation, or
-    /// new); the ingress starts with the first lane.
+    /// Opens the spool (with what the previous generation `handed` over: its part of the
+    /// parcel, its consumer lock) and the listening sockets (`carried` by the previous
+    /// generation, or new); the ingress starts with the first lane.
     pub fn open(
         cfg: &ZeromqConfig,
         worker: &crate::config::Worker,
         resumed: bool,
-        handed: Option<&[u8]>,
+        (handed, locks): (Option<&[u8]>, Vec<(String, OwnedFd)>),
         carried: Vec<(String, OwnedFd)>,
         stats: Arc<Stats>,
     ) -> Result<ZeromqSource> {
         let (max_payload, concurrency) = (worker.max_payload_bytes, worker.concurrency);
-        let spool = Arc::new(SpoolSource::open(&cfg.spool, max_payload, resumed, handed)?);
+        let spool = SpoolSource::open_holding(&cfg.spool, max_payload, resumed, handed, locks)?;
+        let spool = Arc::new(spool);
         let listeners = listen::open(&cfg.bind, carried)?;
         if let Ok(mut bound) = stats.bound.lock() {
             *bound = cfg.bind.iter().map(|e| e.to_string()).collect();
@@ -197,6 +199,10 @@ impl JobSource for ZeromqSource {
 
     fn queue_stats(&self) -> Option<QueueStats> {
         JobSource::queue_stats(&self.spool)
+    }
+
+    fn locks(&self) -> Vec<(String, RawFd)> {
+        JobSource::locks(&self.spool)
     }
 
     fn watch_dirs(&self) -> Vec<PathBuf> {
