@@ -582,7 +582,7 @@ fn crash(sb: &Sandbox) {
 #[test]
 fn a_supervised_start_that_fails_says_the_workers_own_error() {
     let owner = Sandbox::new("spool-owner");
-    let _w = owner.start();
+    let w = owner.start();
     let sb = Sandbox::new("supervise-refused");
     let spool = owner.path("spool");
     let text = sb
@@ -594,7 +594,10 @@ fn a_supervised_start_that_fails_says_the_workers_own_error() {
         let err = text_of(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
-            err.contains("is in use by another worker (its .lock is held)"),
+            err.contains(&format!(
+                "is in use by another worker (its .lock is held, by pid {})",
+                w.pid()
+            )),
             "{args:?}: {err}"
         );
         assert!(!err.contains("exited with status"), "{args:?}: {err}");

@@ -963,7 +963,11 @@ fn a_second_worker_cannot_take_the_spool_while_the_first_restarts() {
         ended.is_some_and(|s| s.code() == Some(1)),
         "the second worker was not refused ({ended:?}):\n{said}"
     );
-    assert!(said.contains("is in use by another worker"), "{said}");
+    let by = format!(
+        "is in use by another worker (its .lock is held, by pid {})",
+        w.pid()
+    );
+    assert!(said.contains(&by), "{said}");
     let s = w.wait_generation(2);
     assert_eq!(s["pid"], w.pid());
     let id = sb.submit("echo", "after");

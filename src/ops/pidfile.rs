@@ -342,7 +342,7 @@ pub fn probe(path: &Path) -> Result<Probe> {
 }
 
 /// The pid holding an flock on `file`'s inode, as the kernel reports it in /proc/locks.
-pub fn lock_holder(file: &File) -> Option<i32> {
+pub fn lock_holder(file: &impl AsRawFd) -> Option<i32> {
     let st = nix::sys::stat::fstat(file.as_raw_fd()).ok()?;
     let dev = st.st_dev;
     let key = format!(

@@ -78,10 +78,14 @@ impl ConsumerLock {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(Errno::EWOULDBLOCK) => {
+                        // Who holds it, as the kernel says (none named: a holder in another
+                        // pid namespace, or gone since).
+                        let by = crate::ops::pidfile::lock_holder(fd)
+                            .map_or_else(String::new, |pid| format!(", by pid {pid}"));
                         return Err(Error::Msg(format!(
-                            "spool \"{}\" is in use by another worker (its .lock is held)",
+                            "spool \"{}\" is in use by another worker (its .lock is held{by})",
                             spool.root.shown()
-                        )))
+                        )));
                     }
                     Err(errno) => return Err(Error::io_path("locking", &lock_path, errno.into())),
                 }

@@ -1110,7 +1110,11 @@ mod tests {
             .err()
             .expect("refused")
             .to_string();
-        assert!(err.contains("in use by another worker"), "{err}");
+        let by = format!(
+            "in use by another worker (its .lock is held, by pid {})",
+            std::process::id()
+        );
+        assert!(err.contains(&by), "{err}");
     }
 
     #[test]
