@@ -806,3 +806,35 @@ fn a_binary_refused_for_a_config_being_edited_is_taken_by_the_next_restart() {
     });
     assert_eq!(s["pid"], w.pid(), "same PID");
 }
+
+/// The spool's lock crosses a deploy's exec held too, when the new binary said at its
+/// pre-flight that it takes it up (every build since the lock first crossed an exec; an older
+/// one is not handed it, and lets go for the moment of its exec, as every exec did before):
+/// a second worker on the same spool whose start comes while the worker switches binaries is
+/// refused. Before, a deploy let go of the lock at its exec. (The new binary is the fault
+/// build, whose new generation stalls at start-up while a file exists: the moment widened.)
+#[test]
+fn a_second_worker_cannot_take_the_spool_while_a_deploy_switches_binaries() {
+    let faults = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let sb = sandbox("deploy-lock");
+    let stall = sb.path("stall");
+    let w = sb.start_env(&[("GEARSHIFT_FAULT_STALL_RESUMED", stall.to_str().unwrap())]);
+    w.wait_running_sha();
+    fs::write(&stall, "").unwrap();
+    drop_by_rename(&faults, &sb.bin, 0o755);
+    eventually(
+        Duration::from_secs(30),
+        "the new binary's generation held",
+        || w.log_text().contains("stalling at start-up"),
+    );
+    a_second_worker_is_refused(&sb.path("spool"), w.pid());
+    fs::remove_file(&stall).unwrap();
+    let s = w.wait_generation(2);
+    assert_eq!(s["binary_sha256"], sha(&faults), "{s}");
+    let id = sb.submit("echo", "after");
+    eventually(
+        Duration::from_secs(10),
+        "the job done by the worker",
+        || sb.run(&["result", &id]).status.success(),
+    );
+}

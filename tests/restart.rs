@@ -941,33 +941,8 @@ fn a_second_worker_cannot_take_the_spool_while_the_first_restarts() {
     eventually(Duration::from_secs(10), "the new generation held", || {
         w.log_text().contains("stalling at start-up")
     });
-    let other = Sandbox::new("lock-exec-other");
-    let text = other.config_text("").replace(
-        "dir = \"spool\"",
-        &format!("dir = \"{}\"", sb.path("spool").display()),
-    );
-    fs::write(other.config(), text).unwrap();
-    let log = other.path("worker.log");
-    let mut second = spawn(
-        other
-            .cmd(&["run"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(&log).unwrap()),
-    );
-    let _reaper = Reaper(other.path("state/gearshift.pid"));
-    let ended = wait_child(&mut second, Duration::from_secs(10));
-    let said = fs::read_to_string(&log).unwrap_or_default();
+    a_second_worker_is_refused(&sb.path("spool"), w.pid());
     fs::remove_file(&stall).unwrap();
-    assert!(
-        ended.is_some_and(|s| s.code() == Some(1)),
-        "the second worker was not refused ({ended:?}):\n{said}"
-    );
-    let by = format!(
-        "is in use by another worker (its .lock is held, by pid {})",
-        w.pid()
-    );
-    assert!(said.contains(&by), "{said}");
     let s = w.wait_generation(2);
     assert_eq!(s["pid"], w.pid());
     let id = sb.submit("echo", "after");

@@ -428,5 +428,9 @@ fn check(path: &Path, functions: &Functions) -> Result<u8> {
         let (name, what) = (crate::text::escape(&name), crate::text::escape(&what));
         println!("  {name}: {what}");
     }
+    // A running worker's pre-flight of this build: what it may hand over at the exec.
+    if std::env::var_os(crate::restart::preflight::PREFLIGHT_ENV).is_some() {
+        println!("{}", crate::restart::preflight::TAKES_LOCKS);
+    }
     Ok(0)
 }

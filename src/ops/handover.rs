@@ -1,8 +1,8 @@
 //! Descriptors handed from one generation to the next across execve, on purpose: the pidfile
 //! (its lock), the inotify instance (its queued events), the status socket and the `/metrics`
 //! listening socket (their accept queues), a source's sockets (ZeroMQ's listening sockets,
-//! Gearman connections parked at a safe point), the spool's consumer lock (to this same image
-//! only), and data too large for the environment in
+//! Gearman connections parked at a safe point), the spool's consumer lock (to an image that
+//! takes it up), and data too large for the environment in
 //! memfds ([`memfd`]: the spool's queue listing, the metrics' counters).
 //!
 //! Every other descriptor is close-on-exec. These have FD_CLOEXEC cleared just before

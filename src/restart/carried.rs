@@ -68,9 +68,9 @@ pub struct Inherited {
     /// A network source's listening sockets, by endpoint (ZeroMQ's `bind`).
     #[serde(default)]
     pub listen_fds: Vec<(String, i32)>,
-    /// The source's lock descriptors (the spool's consumer lock), by key: handed only to this
-    /// same image (an image that knows no such field would keep them open, and find its spool
-    /// locked by its own leftover descriptor).
+    /// The source's lock descriptors (the spool's consumer lock), by key: handed only to an
+    /// image that takes them up (this one, or a build whose pre-flight said so: an image that
+    /// knows no such field would keep them open, and find its spool locked by them).
     #[serde(default)]
     pub lock_fds: Vec<(String, i32)>,
     /// A message-ingesting source's counters: accepted, rejected, batches.

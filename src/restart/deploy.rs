@@ -13,38 +13,25 @@
 //! running image itself is exec'd through `/proc/self/exe`.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
-use sha2::{Digest, Sha256};
 
-use super::preflight::NotPassed;
+use super::digest::hash_file;
+pub use super::digest::short;
+use super::preflight::{Digests, NotPassed, Outcome};
 use crate::restart::carried::{Ident, Known};
 use crate::status::records::Refused;
-use crate::text::{hex, ShowPath};
+use crate::text::ShowPath;
 
 /// How long a candidate must stay unchanged before it is considered whole.
 pub const SETTLE: Duration = Duration::from_millis(500);
 /// How long the binary's path may resolve to no file (a deploy between its steps) before that
 /// is said.
 const MISSING_SAID: Duration = Duration::from_secs(10);
-/// What the background check of a stable candidate found.
-enum Outcome {
-    /// The same bytes as the running image (a touch, or a copy of the same build).
-    Same(String),
-    /// The bytes an earlier generation refused (`last_refused_deploy`): refused again
-    /// without a word.
-    Refused,
-    Unreadable(String),
-    /// Its digest, the pre-flight's verdict, and the file that was hashed (kept open: what is
-    /// exec'd is this descriptor, never the path again).
-    Checked(String, Result<(), NotPassed>, Option<File>),
-}
-
 /// What the control loop should do next about the binary.
 pub enum Step {
     Nothing,
@@ -71,6 +58,9 @@ pub struct Deploy {
     approved: Option<Known>,
     /// The approved candidate, open: exec'd through `/proc/self/fd/N`.
     approved_file: Option<File>,
+    /// The approved candidate said at its pre-flight that it takes up the lock descriptors an
+    /// exec hands it (`preflight::TAKES_LOCKS`).
+    approved_takes_locks: bool,
     preflight: Option<(Ident, Receiver<Outcome>)>,
     pub last_refused: Option<Refused>,
     /// Candidates refused and not yet counted (see [`Deploy::take_refusals`]).
@@ -145,6 +135,7 @@ impl Deploy {
             refused: None,
             approved: None,
             approved_file: None,
+            approved_takes_locks: false,
             preflight: None,
             last_refused,
             refusals: 0,
@@ -294,54 +285,20 @@ impl Deploy {
         }
         // Hashing a binary and running its pre-flight take a while: not on the control thread.
         let (tx, rx) = bounded(1);
-        let (path, config, running) = (self.path.clone(), self.config.clone(), self.running_sha());
-        let bad = self.known_bad.clone();
+        let (path, config) = (self.path.clone(), self.config.clone());
         let say = self.unreadable_said != Some(ident);
-        let refused = (!again)
-            .then(|| self.last_refused.as_ref().map(|r| r.sha256.clone()))
-            .flatten()
-            .filter(|sha| !sha.is_empty());
+        let digests = Digests {
+            running: self.running_sha(),
+            refused: (!again)
+                .then(|| self.last_refused.as_ref().map(|r| r.sha256.clone()))
+                .flatten()
+                .filter(|sha| !sha.is_empty()),
+            bad: self.known_bad.clone(),
+        };
         let spawned = crate::ops::signals::spawn_helper("preflight", move || {
-            // Hashed through one descriptor, which must be the file that settled; that
-            // descriptor is what a switch execs.
-            let opened = open_binary(&path).and_then(|f| {
-                if Ident::of_file(&f) == Some(ident) {
-                    Ok(f)
-                } else {
-                    Err(std::io::Error::other(
-                        "the file changed while it was opened",
-                    ))
-                }
-            });
-            let outcome = match opened.and_then(|mut f| hash_reader(&mut f).map(|sha| (sha, f))) {
-                Err(e) => Outcome::Unreadable(format!("cannot read \"{}\": {e}", path.shown())),
-                Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
-                Ok((sha, _)) if Some(&sha) == refused.as_ref() => Outcome::Refused,
-                Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
-                    sha,
-                    Err(NotPassed::Failed(
-                        "this binary was rolled back: it died during start-up".into(),
-                    )),
-                    None,
-                ),
-                Ok((sha, file)) => {
-                    if say {
-                        log::info!(
-                            "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
-                            path.shown(),
-                            short(&sha)
-                        );
-                    }
-                    match super::preflight::run(&path, &config) {
-                        Err(NotPassed::Later(e)) => Outcome::Unreadable(format!(
-                            "cannot judge \"{}\" now: {e}; trying again",
-                            path.shown()
-                        )),
-                        result => Outcome::Checked(sha, result, Some(file)),
-                    }
-                }
-            };
-            let _ = tx.send(outcome);
+            let _ = tx.send(super::preflight::judge(
+                &path, &config, ident, &digests, say,
+            ));
         });
         if let Err(e) = spawned {
             // The worker's user out of processes, say: no verdict; said once, tried again.
@@ -398,13 +355,14 @@ impl Deploy {
             }
             Outcome::Checked(sha, result, file) => (
                 sha,
-                result.and_then(|()| {
-                    file.ok_or_else(|| NotPassed::Failed("the checked file was not kept".into()))
+                result.and_then(|takes| {
+                    file.map(|f| (f, takes))
+                        .ok_or_else(|| NotPassed::Failed("the checked file was not kept".into()))
                 }),
             ),
         };
         match result {
-            Ok(file) => {
+            Ok((file, takes_locks)) => {
                 log::info!(
                     "deploy: candidate sha256 {} passed its pre-flight",
                     short(&sha)
@@ -414,6 +372,7 @@ impl Deploy {
                     sha256: sha,
                 });
                 self.approved_file = Some(file);
+                self.approved_takes_locks = takes_locks;
                 Some(Step::Approved)
             }
             Err(NotPassed::Busy | NotPassed::Later(_)) => {
@@ -463,39 +422,18 @@ impl Deploy {
             _ => (PathBuf::from("/proc/self/exe"), running),
         }
     }
-}
 
-/// First 12 hex digits, for log lines.
-pub fn short(sha: &str) -> &str {
-    // By characters: a digest read from a worker's answer is text from outside, never a panic.
-    sha.char_indices().nth(12).map_or(sha, |(i, _)| &sha[..i])
-}
-
-pub fn hash_file(path: &Path) -> std::io::Result<String> {
-    hash_reader(&mut open_binary(path)?)
-}
-
-/// A binary to hash or run, opened only as a regular file and never blocking (a FIFO put in
-/// its place would hold the thread for ever).
-fn open_binary(path: &Path) -> std::io::Result<File> {
-    crate::ops::safefs::open_regular(path, "opening").map_err(|e| match e {
-        crate::Error::Io { source, .. } => source,
-        other => std::io::Error::other(other.to_string()),
-    })
-}
-
-/// The hex sha256 of everything `f` yields.
-pub(super) fn hash_reader(f: &mut impl Read) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+    /// Whether the binary `known` (what [`Deploy::exec_target`] gave) takes up the lock
+    /// descriptors an exec hands it: the running image, or an approved candidate that said so
+    /// at its pre-flight.
+    pub fn takes_locks(&self, known: Option<&Known>) -> bool {
+        let Some(known) = known else {
+            return false;
+        };
+        self.running_sha().as_ref() == Some(&known.sha256)
+            || (self.approved_takes_locks
+                && self.approved.as_ref().map(|a| &a.sha256) == Some(&known.sha256))
     }
-    Ok(hex(&h.finalize()))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod carried;
 pub mod deploy;
+mod digest;
 pub mod parcel;
 pub mod preflight;
 pub mod reexec;

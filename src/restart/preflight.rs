@@ -1,6 +1,8 @@
 //! A deploy's pre-flight: `CANDIDATE -c CONFIG check`, run with a timeout and a clean
 //! environment, its output read while it runs (the tail kept), in a process group of its own
-//! that dies with the worker; and the look before it at who could have written the file.
+//! that dies with the worker; the look before it at who could have written the file; and the
+//! judging of a settled candidate on its helper thread (`judge`: its digest, compared with
+//! what is known, then its pre-flight, which also says whether it takes up the spool's lock).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -16,7 +18,17 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::restart::carried::Ident;
 use crate::text::ShowPath;
+
+/// Set in a pre-flight's environment: the candidate's `check` then says, as its last line,
+/// [`TAKES_LOCKS`] if it takes up the source's lock descriptors an exec hands it
+/// (`Inherited::lock_fds`). An older build says nothing, and is handed none: it would keep
+/// them open, and find its own spool locked by them.
+pub const PREFLIGHT_ENV: &str = "GEARSHIFT_PREFLIGHT";
+
+/// What a candidate that takes up the handed lock descriptors says at its pre-flight.
+pub const TAKES_LOCKS: &str = "pre-flight: this build takes up the spool's lock across the exec";
 
 /// How long a pre-flight may take.
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,12 +59,12 @@ pub(super) enum NotPassed {
     Later(String),
 }
 
-/// Runs `candidate -c config check` with a timeout; Ok if it exits 0, else the tail of its
-/// output. Its stdout and stderr share one pipe, read while it runs (a pre-flight that prints
+/// Runs `candidate -c config check` with a timeout; Ok if it exits 0 (with whether it said
+/// [`TAKES_LOCKS`]), else the tail of its output. Its stdout and stderr share one pipe, read while it runs (a pre-flight that prints
 /// more than a pipe holds is not mistaken for a hanging one). It runs in a process group of its
 /// own and dies with the thread that started it (`PR_SET_PDEATHSIG`), so neither it nor its
 /// children outlive the worker.
-pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
+pub(super) fn run(candidate: &Path, config: &Path) -> Result<bool, NotPassed> {
     let no_pipe = |e: &dyn std::fmt::Display| {
         NotPassed::Later(format!("cannot create a pipe for the candidate: {e}"))
     };
@@ -73,6 +85,7 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
             std::env::vars_os()
                 .filter(|(k, _)| !crate::jobs::executable::withheld_from_children(k)),
         )
+        .env(PREFLIGHT_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2))
@@ -126,10 +139,88 @@ pub(super) fn run(candidate: &Path, config: &Path) -> Result<(), NotPassed> {
     result.map_err(NotPassed::Failed)
 }
 
+/// What the background check of a stable candidate found.
+pub(super) enum Outcome {
+    /// The same bytes as the running image (a touch, or a copy of the same build).
+    Same(String),
+    /// The bytes an earlier generation refused (`last_refused_deploy`): refused again
+    /// without a word.
+    Refused,
+    Unreadable(String),
+    /// Its digest, the pre-flight's verdict (`Ok(true)`: it takes up the lock descriptors an
+    /// exec hands it), and the file that was hashed (kept open: what is exec'd is this
+    /// descriptor, never the path again).
+    Checked(String, Result<bool, NotPassed>, Option<std::fs::File>),
+}
+
+/// The digests a candidate is compared with before its pre-flight: the running image's, the
+/// one an earlier generation refused, and one rolled back from.
+pub(super) struct Digests {
+    pub running: Option<String>,
+    pub refused: Option<String>,
+    pub bad: Option<String>,
+}
+
+/// Judges the candidate at `path`, which settled as `ident` (on a helper thread: hashing and a
+/// pre-flight take a while): hashed through one descriptor, which must be the file that
+/// settled (that descriptor is what a switch execs), compared with `known`, then pre-flighted
+/// (said in the log when `say`).
+pub(super) fn judge(
+    path: &Path,
+    config: &Path,
+    ident: Ident,
+    known: &Digests,
+    say: bool,
+) -> Outcome {
+    use super::digest::{hash_reader, open_binary, short};
+    let Digests {
+        running,
+        refused,
+        bad,
+    } = known;
+    let opened = open_binary(path).and_then(|f| {
+        if Ident::of_file(&f) == Some(ident) {
+            Ok(f)
+        } else {
+            Err(std::io::Error::other(
+                "the file changed while it was opened",
+            ))
+        }
+    });
+    match opened.and_then(|mut f| hash_reader(&mut f).map(|sha| (sha, f))) {
+        Err(e) => Outcome::Unreadable(format!("cannot read \"{}\": {e}", path.shown())),
+        Ok((sha, _)) if Some(&sha) == running.as_ref() => Outcome::Same(sha),
+        Ok((sha, _)) if Some(&sha) == refused.as_ref() => Outcome::Refused,
+        Ok((sha, _)) if Some(&sha) == bad.as_ref() => Outcome::Checked(
+            sha,
+            Err(NotPassed::Failed(
+                "this binary was rolled back: it died during start-up".into(),
+            )),
+            None,
+        ),
+        Ok((sha, file)) => {
+            if say {
+                log::info!(
+                    "deploy: candidate \"{}\" (sha256 {}); running its pre-flight",
+                    path.shown(),
+                    short(&sha)
+                );
+            }
+            match run(path, config) {
+                Err(NotPassed::Later(e)) => Outcome::Unreadable(format!(
+                    "cannot judge \"{}\" now: {e}; trying again",
+                    path.shown()
+                )),
+                result => Outcome::Checked(sha, result, Some(file)),
+            }
+        }
+    }
+}
+
 /// Reads the pre-flight's output while waiting for it (bounded by [`PREFLIGHT_TIMEOUT`]) and
 /// judges it. Its group is killed once the leader has exited (while the leader is still a
 /// zombie, so the group id cannot have been reused) or at the deadline.
-fn wait_preflight(child: &mut std::process::Child, out: OwnedFd) -> Result<(), String> {
+fn wait_preflight(child: &mut std::process::Child, out: OwnedFd) -> Result<bool, String> {
     let deadline = Instant::now() + PREFLIGHT_TIMEOUT;
     let pid = Pid::from_raw(child.id() as i32);
     let mut tail = Vec::new();
@@ -169,7 +260,7 @@ fn wait_preflight(child: &mut std::process::Child, out: OwnedFd) -> Result<(), S
         ));
     }
     match status {
-        Ok(s) if s.success() => Ok(()),
+        Ok(s) if s.success() => Ok(said.lines().any(|l| l.trim() == TAKES_LOCKS)),
         Ok(s) => Err(format!("`check` failed ({s}): {said}")),
         Err(e) => Err(format!("waiting for the candidate: {e}")),
     }

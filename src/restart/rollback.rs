@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::deploy::{hash_file, hash_reader};
+use super::digest::{hash_file, hash_reader};
 use crate::ops::layout;
 use crate::ops::safefs::Dir;
 use crate::status::records::Rollback;

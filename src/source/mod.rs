@@ -54,7 +54,7 @@ pub trait JobSource: Send + Sync {
     fn listeners(&self) -> Vec<(String, RawFd)> {
         Vec::new()
     }
-    /// Descriptors whose locks cross an exec of this same image held, by key: the spool's
+    /// Descriptors whose locks cross an exec held (to an image that takes them up), by key: the spool's
     /// consumer lock (`spool/lock.rs`). Open until the exec, or its failure.
     fn locks(&self) -> Vec<(String, RawFd)> {
         Vec::new()

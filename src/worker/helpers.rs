@@ -281,18 +281,16 @@ impl Control {
         }
     }
 
-    /// Whether the exec of `exe` (the `known` binary) runs this same image again: the running
-    /// image itself, or a file whose sha256 is the running one's. Only such an image is handed
-    /// the source's locks (`Inherited::lock_fds`).
-    pub(super) fn execs_same_image(
+    /// Whether the exec of `exe` (the `known` binary) runs an image that takes up the source's
+    /// lock descriptors (`Inherited::lock_fds`): the running image itself, a file whose sha256
+    /// is the running one's, or a new binary that said so at its pre-flight. An older build
+    /// would keep them open and find its own spool locked by them.
+    pub(super) fn takes_locks(
         &self,
         exe: &std::path::Path,
         known: Option<&crate::restart::carried::Known>,
     ) -> bool {
         exe == std::path::Path::new("/proc/self/exe")
-            || self.deploy.as_ref().is_some_and(|d| {
-                d.running_sha()
-                    .is_some_and(|sha| known.is_some_and(|k| k.sha256 == sha))
-            })
+            || self.deploy.as_ref().is_some_and(|d| d.takes_locks(known))
     }
 }

@@ -301,8 +301,8 @@ impl Control {
         self.source.settle(false);
         next.ingress_counts = self.state.ingress.counts();
         next.set_ingress_closed(self.state.ingress.closed_counts());
-        let same_image = self.execs_same_image(&exe, next.binary.as_ref());
-        let parts = self.hand_over(&mut next, &plan, same_image);
+        let takes_locks = self.takes_locks(&exe, next.binary.as_ref());
+        let parts = self.hand_over(&mut next, &plan, takes_locks);
         if let Some(s) = self.status_server.as_mut() {
             s.stop();
         }
@@ -392,8 +392,8 @@ impl Control {
 
     /// Hands over the source's state, the validated `jobs_dir` and the metrics' counts (as
     /// the parcel's parts), and, as open descriptors noted in `next`, the listening sockets and
-    /// the `/metrics` socket (paused), and for the `same_image` the source's locks.
-    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan, same_image: bool) -> Parts {
+    /// the `/metrics` socket (paused), and to an image that `takes_locks` the source's locks.
+    fn hand_over(&mut self, next: &mut Inherited, plan: &Plan, takes_locks: bool) -> Parts {
         let parts = Parts {
             source: self.source.hand_over(),
             // What was just validated is what the next generation serves on.
@@ -402,8 +402,9 @@ impl Control {
             metrics: serde_json::to_vec(&self.state.metrics.carry(&self.state.reconnects())).ok(),
         };
         // A network source's listening sockets (connects wait in their accept queues), and for
-        // this same image the source's locks (the spool's: no second worker takes it meanwhile).
-        let locks = if same_image {
+        // an image that takes them up the source's locks (the spool's: no second worker takes it
+        // meanwhile).
+        let locks = if takes_locks {
             self.source.locks()
         } else {
             Vec::new()

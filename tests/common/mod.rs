@@ -872,6 +872,34 @@ impl Sandbox {
 
 /// Kills whatever daemon the sandbox's pidfile names when the test ends, pass or fail, and its
 /// supervisor first, if it has one (else the supervisor starts it again, and outlives the test).
+/// Starts a second worker (`run`, a sandbox and `state_dir` of its own) on the spool at `spool`
+/// and asserts that it is refused within 10 s, the spool held by pid `holder`. A second worker
+/// that serves instead is ended when this returns.
+pub fn a_second_worker_is_refused(spool: &Path, holder: i32) {
+    let other = Sandbox::new("second-worker");
+    let text = other
+        .config_text("")
+        .replace("dir = \"spool\"", &format!("dir = \"{}\"", spool.display()));
+    fs::write(other.config(), text).unwrap();
+    let log = other.path("worker.log");
+    let mut second = spawn(
+        other
+            .cmd(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap()),
+    );
+    let _reaper = Reaper(other.path("state/gearshift.pid"));
+    let ended = wait_child(&mut second, Duration::from_secs(10));
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        ended.is_some_and(|s| s.code() == Some(1)),
+        "the second worker was not refused ({ended:?}):\n{said}"
+    );
+    let by = format!("is in use by another worker (its .lock is held, by pid {holder})");
+    assert!(said.contains(&by), "{said}");
+}
+
 pub struct Reaper(pub PathBuf);
 
 impl Drop for Reaper {

@@ -1,9 +1,10 @@
 //! The consumer lock: one worker consumes a spool. It is an flock on `dir/.lock` and one on
 //! the spool's directory itself (a `.lock` removed under a worker, a clean-up of lock files,
 //! must not let a second one in, whose start-up recovery would queue again the jobs in `cur/`
-//! the first one runs). Both descriptors cross each exec of the same image held (the restart
-//! notes them in the carried state) and the next generation takes them up, so the spool is
-//! never free between two generations for a second worker waiting for it.
+//! the first one runs). Both descriptors cross each exec held, to an image that takes them up
+//! (this one, or a deployed build whose pre-flight said so: the restart notes them in the
+//! carried state), and the next generation takes them up, so the spool is never free between
+//! two generations for a second worker waiting for it.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
