@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -1402,4 +1403,41 @@ fn a_start_right_after_stop_force_of_a_supervised_worker_is_not_refused() {
     // The interrupted job runs again in the new worker: not waited for.
     let out = sb.run(&["stop", "--timeout", "1s", "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
+}
+
+/// A `start` or `status` while a supervised worker is still starting (a second `start
+/// --supervise` right after the first, a slow start-up; here the fault build holds the fresh
+/// start) is refused as a second start, or said not running yet, with what the supervisor
+/// does: it is starting the worker. Before, both said the supervisor was "about to start the
+/// worker again (after a crash)", of a worker that had never crashed.
+#[test]
+fn a_start_while_a_supervised_worker_starts_says_it_is_starting_not_a_crash() {
+    let mut sb = Sandbox::new("supervise-starting");
+    sb.bin = build_variant("faults", ("GEARSHIFT_FAULTS", "1"));
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let hold = sb.path("hold");
+    fs::write(&hold, "").unwrap();
+    let mut first = spawn(
+        sb.cmd(&["start", "--supervise"])
+            .env("GEARSHIFT_FAULT_STALL_START", &hold)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    eventually(Duration::from_secs(10), "a supervisor starting", || {
+        text(&sb.run(&["status"]).stdout).contains("its supervisor (pid")
+    });
+    let out = sb.run(&["status"]);
+    let said = text(&out.stdout);
+    assert!(said.contains("is starting the worker (pid "), "{said}");
+    assert!(!said.contains("after a crash"), "{said}");
+    let out = sb.run(&["start"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("is starting the worker (pid "), "{err}");
+    assert!(!err.contains("after a crash"), "{err}");
+    fs::remove_file(&hold).unwrap();
+    let status = wait_child(&mut first, Duration::from_secs(30)).expect("the first start's end");
+    assert!(status.success(), "{status}");
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }

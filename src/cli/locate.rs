@@ -390,9 +390,32 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
     }
 }
 
-/// What is said of a supervisor that waits to start the worker again.
+/// What is said of a supervisor that runs while no worker serves: starting its worker (a
+/// child of it is there, not serving yet: a first start, a slow start-up), or waiting to start
+/// it again after a crash.
 pub(super) fn waiting_words(sup: i32) -> String {
-    format!("its supervisor (pid {sup}) is about to start the worker again (after a crash)")
+    match starting_child(sup) {
+        Some(child) => format!(
+            "its supervisor (pid {sup}) is starting the worker (pid {child}), which does not serve yet"
+        ),
+        None => {
+            format!("its supervisor (pid {sup}) is about to start the worker again (after a crash)")
+        }
+    }
+}
+
+/// The worker supervisor `sup` is starting: its child, as the kernel lists them
+/// (`/proc/PID/task/*/children`). A supervisor waiting after a crash has none.
+pub(super) fn starting_child(sup: i32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{sup}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let listed = read_bounded(task.path().join("children"), 1 << 16)?;
+        String::from_utf8_lossy(&listed)
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the

@@ -108,10 +108,14 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
 /// `stop` said "not running" and left it, and the worker was back seconds later.
 fn stop_supervisor(w: &super::locate::Waiting, timeout: Duration) -> Result<u8> {
     let sup = w.pid;
+    let doing = match super::locate::starting_child(sup) {
+        Some(child) => format!("starting the worker (pid {child})"),
+        None => "about to start the worker again after a crash".to_string(),
+    };
     kill(Pid::from_raw(sup), Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
     if supervisor_gone_within(&w.pidfile, sup, timeout) {
-        println!("stopped its supervisor (pid {sup}), which was about to start the worker again after a crash");
+        println!("stopped its supervisor (pid {sup}), which was {doing}");
         return Ok(exit::OK);
     }
     eprintln!(
