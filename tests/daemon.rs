@@ -830,6 +830,12 @@ fn a_supervisor_killed_under_its_worker_is_said_gone_and_restart_brings_it_back(
     eventually(Duration::from_secs(15), "the log to say it", || {
         fs::read_to_string(sb.path("state/gearshift.log")).is_ok_and(|l| l.contains(&gone))
     });
+    // Said once for the worker: a reload's generation, whose look at the paths comes 5 s in,
+    // does not say it again (each generation did).
+    assert_eq!(sb.run(&["reload"]).status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(5500));
+    let log = fs::read_to_string(sb.path("state/gearshift.log")).unwrap();
+    assert_eq!(log.matches(&gone).count(), 1, "{log}");
     let out = sb.run(&["restart"]);
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     let again = pid_of(&sb);

@@ -73,6 +73,10 @@ pub struct Inherited {
     /// knows no such field would keep them open, and find its spool locked by them).
     #[serde(default)]
     pub lock_fds: Vec<(String, i32)>,
+    /// A generation said that the worker's supervisor is gone (`status::records`): said once
+    /// for the worker, not once a generation.
+    #[serde(default)]
+    pub supervisor_gone_said: bool,
     /// A message-ingesting source's counters: accepted, rejected, batches.
     #[serde(default)]
     pub ingress_counts: [u64; 3],

@@ -54,8 +54,8 @@ pub trait JobSource: Send + Sync {
     fn listeners(&self) -> Vec<(String, RawFd)> {
         Vec::new()
     }
-    /// Descriptors whose locks cross an exec held (to an image that takes them up), by key: the spool's
-    /// consumer lock (`spool/lock.rs`). Open until the exec, or its failure.
+    /// Descriptors whose locks cross an exec held (to an image that takes them up), by key:
+    /// the spool's consumer lock (`spool/lock.rs`). Open until the exec, or its failure.
     fn locks(&self) -> Vec<(String, RawFd)> {
         Vec::new()
     }

@@ -54,14 +54,29 @@ pub fn from_env() -> Option<Info> {
     Some(Info { gone, ..info })
 }
 
-/// Says once (a generation) that the supervisor the worker was started by is gone: it runs on,
-/// and a crash is no longer restarted. (`status` said it was supervised by a pid that was gone.)
+/// Whether this worker has said that its supervisor is gone (carried across exec, so each
+/// generation does not say it again).
+static GONE_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says once that the supervisor the worker was started by is gone: it runs on, and a crash is
+/// no longer restarted. (`status` said it was supervised by a pid that was gone.)
 pub fn look_for_supervisor() {
-    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Some(i) = from_env().filter(|i| i.gone) {
-        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if !GONE_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
             log::warn!("{}", gone_words(i.pid));
         }
+    }
+}
+
+/// Whether the gone supervisor was said (by this generation or one before it).
+pub fn gone_said() -> bool {
+    GONE_SAID.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A generation before this one said that the supervisor is gone: not said again.
+pub fn gone_said_before(said: bool) {
+    if said {
+        GONE_SAID.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -361,6 +361,7 @@ impl Control {
             pidfile_fd: Some(self.pidfile.fd()),
             log_fd: None,
             worker_user: crate::ops::privilege::known_user(),
+            supervisor_gone_said: crate::status::records::gone_said(),
             inotify_fd: self.inotify.as_ref().map(|i| i.fd()),
             source_fd: None,
             started_at_ms: self.state.started_at_ms,

@@ -44,6 +44,7 @@ pub(super) fn detect_boot(opts: &mut RunOptions) -> Result<Boot> {
     let mut boot = Boot::detect();
     if let Some(i) = &boot.inherited {
         crate::ops::privilege::know_user(i.worker_user.clone());
+        crate::status::records::gone_said_before(i.supervisor_gone_said);
     }
     if boot.inherited.is_none() {
         // A fault-injection build (tests only): a fresh start stalls here.
