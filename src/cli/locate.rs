@@ -394,19 +394,20 @@ pub(super) fn refuse_beside_another(path: &Path) -> Result<()> {
 /// child of it is there, not serving yet: a first start, a slow start-up), or waiting to start
 /// it again after a crash.
 pub(super) fn waiting_words(sup: i32) -> String {
+    format!("its supervisor (pid {sup}) is {}", supervisor_doing(sup))
+}
+
+/// What supervisor `sup` does while no worker serves, said after "is" or "was".
+pub(super) fn supervisor_doing(sup: i32) -> String {
     match starting_child(sup) {
-        Some(child) => format!(
-            "its supervisor (pid {sup}) is starting the worker (pid {child}), which does not serve yet"
-        ),
-        None => {
-            format!("its supervisor (pid {sup}) is about to start the worker again (after a crash)")
-        }
+        Some(child) => format!("starting the worker (pid {child}), not serving yet"),
+        None => "about to start the worker again (after a crash)".into(),
     }
 }
 
 /// The worker supervisor `sup` is starting: its child, as the kernel lists them
 /// (`/proc/PID/task/*/children`). A supervisor waiting after a crash has none.
-pub(super) fn starting_child(sup: i32) -> Option<i32> {
+fn starting_child(sup: i32) -> Option<i32> {
     let tasks = std::fs::read_dir(format!("/proc/{sup}/task")).ok()?;
     tasks.flatten().find_map(|task| {
         let listed = read_bounded(task.path().join("children"), 1 << 16)?;

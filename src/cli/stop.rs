@@ -108,10 +108,7 @@ pub(super) fn stop(path: &Path, timeout: Duration, force: bool) -> Result<u8> {
 /// `stop` said "not running" and left it, and the worker was back seconds later.
 fn stop_supervisor(w: &super::locate::Waiting, timeout: Duration) -> Result<u8> {
     let sup = w.pid;
-    let doing = match super::locate::starting_child(sup) {
-        Some(child) => format!("starting the worker (pid {child})"),
-        None => "about to start the worker again after a crash".to_string(),
-    };
+    let doing = super::locate::supervisor_doing(sup);
     kill(Pid::from_raw(sup), Signal::SIGTERM)
         .map_err(|e| Error::io(format!("signalling pid {sup}"), e.into()))?;
     if supervisor_gone_within(&w.pidfile, sup, timeout) {

@@ -51,28 +51,28 @@ pub fn adopt(fd: Option<RawFd>, is_ours: impl FnOnce(&PathBuf) -> bool) -> Optio
 /// The sockets (by key) the previous image handed over, each checked to be a socket and made
 /// close-on-exec again; a number that is not one of ours is left alone.
 pub fn adopt_sockets(carried: &[(String, RawFd)]) -> Vec<(String, OwnedFd)> {
-    carried
-        .iter()
-        .filter_map(|(key, fd)| {
-            let owned = adopt(Some(*fd), |what| {
-                what.to_string_lossy().starts_with("socket:")
-            })?;
-            Some((key.clone(), owned))
-        })
-        .collect()
+    adopt_keyed(carried, |what| what.starts_with("socket:"))
 }
 
 /// The files (by key) the previous image handed over with their locks held, each checked to
 /// be a file or directory (a path, not a socket, pipe or memfd) and made close-on-exec again;
 /// the source checks which file.
 pub fn adopt_files(carried: &[(String, RawFd)]) -> Vec<(String, OwnedFd)> {
+    adopt_keyed(carried, |what| {
+        what.starts_with('/') && !what.starts_with("/memfd:")
+    })
+}
+
+/// [`adopt`] of each descriptor carried by key that `is_ours` accepts (what
+/// `/proc/self/fd/N` names, as text).
+fn adopt_keyed(
+    carried: &[(String, RawFd)],
+    is_ours: impl Fn(&str) -> bool,
+) -> Vec<(String, OwnedFd)> {
     carried
         .iter()
         .filter_map(|(key, fd)| {
-            let owned = adopt(Some(*fd), |what| {
-                let what = what.to_string_lossy();
-                what.starts_with('/') && !what.starts_with("/memfd:")
-            })?;
+            let owned = adopt(Some(*fd), |what| is_ours(&what.to_string_lossy()))?;
             Some((key.clone(), owned))
         })
         .collect()
