@@ -1488,18 +1488,43 @@ fn root_reads_a_planted_result_only_as_large_as_a_worker_writes() {
     );
 }
 
-/// The tests that use up nobody's processes run one at a time: one's hog would keep the
+/// The tests that use up their user's processes run one at a time: one's hog would keep the
 /// other's worker from starting.
 static OUT_OF_PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Nobody's processes, as many as the worker's limit allows its user: not one thread more for
-/// the worker. Killed when dropped.
+/// The user those tests' workers and hogs run as, one no other test runs as (`scripts/deps`
+/// makes it): the suites run two at a time, and another's processes as `nobody` would count
+/// against the limit (then free slots a test holds used up) and be killed with the hog.
+const NPROC_USER: &str = "gs-nproc-test";
+
+/// [`privsep`] with the worker's user [`NPROC_USER`]; `None` (a skip) where it is missing.
+fn nproc_sandbox(name: &str) -> Option<Sandbox> {
+    if nix::unistd::User::from_name(NPROC_USER)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        skip(
+            name,
+            &format!("no user {NPROC_USER} (scripts/deps makes it, as root)"),
+        );
+        return None;
+    }
+    let sb = privsep(name);
+    let cfg = fs::read_to_string(sb.config()).unwrap();
+    let cfg = cfg.replace("user = \"nobody\"", &format!("user = \"{NPROC_USER}\""));
+    fs::write(sb.config(), cfg).unwrap();
+    Some(sb)
+}
+
+/// [`NPROC_USER`]'s processes, as many as the worker's limit allows its user: not one thread
+/// more for the worker. Killed when dropped.
 struct Hog(std::process::Child);
 
 impl Drop for Hog {
     fn drop(&mut self) {
         let _ = Command::new("pkill")
-            .args(["-KILL", "-u", &nobody().uid.to_string(), "-x", "sleep"])
+            .args(["-KILL", "-u", NPROC_USER, "-x", "sleep"])
             .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -1532,9 +1557,19 @@ fn start_with_process_limit(sb: &Sandbox, env: &[(&str, &str)]) {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
-/// Processes of the worker's user, as many as its limit allows.
+/// Processes of the worker's user ([`NPROC_USER`]), as many as its limit allows.
 fn use_up_processes(sb: &Sandbox) -> Hog {
-    let hog = worker_sh(sb, "for i in $(seq 400); do sleep 30 & done; wait")
+    let hog = Command::new("setpriv")
+        .args([
+            "--reuid",
+            NPROC_USER,
+            "--regid",
+            NPROC_USER,
+            "--clear-groups",
+        ])
+        .args(["sh", "-c", "for i in $(seq 400); do sleep 30 & done; wait"])
+        .current_dir(&sb.dir)
+        .stdin(Stdio::null())
         .spawn()
         .unwrap();
     Hog(hog)
@@ -1547,7 +1582,9 @@ fn use_up_processes(sb: &Sandbox) -> Hog {
 #[test]
 fn status_clients_are_answered_while_the_user_is_out_of_processes() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc");
+    let Some(sb) = nproc_sandbox("sec-nproc") else {
+        return;
+    };
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let hog = start_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(2));
@@ -1578,7 +1615,9 @@ fn status_clients_are_answered_while_the_user_is_out_of_processes() {
 #[test]
 fn helpers_that_cannot_start_are_said_once() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc-spool");
+    let Some(sb) = nproc_sandbox("sec-nproc-spool") else {
+        return;
+    };
     let cfg = fs::read_to_string(sb.config()).unwrap();
     fs::write(sb.config(), cfg.replace("fsync = false", "fsync = true")).unwrap();
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
@@ -1625,7 +1664,9 @@ fn reload_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> (nix::uni
 #[test]
 fn a_reload_while_out_of_processes_keeps_a_worker() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc-reload");
+    let Some(sb) = nproc_sandbox("sec-nproc-reload") else {
+        return;
+    };
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let (pid, hog) = reload_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(3));
@@ -1657,7 +1698,9 @@ fn a_reload_while_out_of_processes_keeps_a_worker() {
 #[test]
 fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc-alarm");
+    let Some(sb) = nproc_sandbox("sec-nproc-alarm") else {
+        return;
+    };
     fs::copy(
         build_variant("faults", ("GEARSHIFT_FAULTS", "1")),
         sb.path("bin/gearshift"),
@@ -1683,7 +1726,9 @@ fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
 #[test]
 fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc-refused");
+    let Some(sb) = nproc_sandbox("sec-nproc-refused") else {
+        return;
+    };
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     start_with_process_limit(&sb, &[]);
     let pid = fs::read_to_string(sb.path("state/gearshift.pid")).unwrap();
@@ -1730,7 +1775,9 @@ fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
 #[test]
 fn a_term_while_waiting_for_threads_ends_the_worker_within_two_seconds() {
     let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
-    let sb = privsep("sec-nproc-term");
+    let Some(sb) = nproc_sandbox("sec-nproc-term") else {
+        return;
+    };
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let (pid, hog) = reload_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(1));
