@@ -2149,11 +2149,13 @@ fn stop_force_on_a_worker_that_cannot_die_yet_says_so_and_returns() {
 /// ended the worker at once (its default action), jobs in flight with it, unsaid. Now the limit
 /// is warned about at the start, and its soft limit reached makes the worker stop after its
 /// running jobs and exit (status 1) for its supervisor to start it afresh, saying who will (it
-/// said "for the supervisor" of a worker that had none).
+/// said "for the supervisor" of a worker that had none; and "for systemd" of one that had
+/// systemd's `INVOCATION_ID` in its environment without being a service's main process, as a
+/// worker a deploy agent's service starts has).
 #[test]
 fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     let sb = Sandbox::new("cpu-limit");
-    let mut w = sb.start_under_shell("ulimit -S -t 1");
+    let mut w = sb.start_under_shell("export INVOCATION_ID=0123456789abcdef; ulimit -S -t 1");
     serving_with_warning(&w, "CPU time limit");
     // Jobs until the worker has spent its second of CPU.
     let spool = open_spool(&sb);
@@ -2168,14 +2170,9 @@ fn a_cpu_time_limit_reached_is_a_graceful_stop_not_a_death() {
     let log = w.log_text();
     assert_eq!(status.code(), Some(1), "{status:?}\n{log}");
     assert!(log.contains("CPU time limit"), "{log}");
-    // Run by a shell, with no supervisor (nor systemd, unless these tests run in a service of
-    // its): said so, not "for the supervisor".
-    let said = match std::env::var_os("INVOCATION_ID") {
-        Some(_) => "exiting (status 1) for systemd to start it afresh",
-        None => {
-            "exiting (status 1) and nothing starts it again (no supervisor, no systemd service)"
-        }
-    };
+    // Run by this test, with no supervisor, and no service's main process whatever its
+    // environment says: said so, not "for the supervisor" or "for systemd".
+    let said = "exiting (status 1) and nothing starts it again (no supervisor, no systemd service)";
     assert!(log.contains(said), "{log}");
     // Every job is done, or waits for the next worker: none was cut short.
     let _w = sb.start();

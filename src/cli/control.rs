@@ -113,7 +113,7 @@ pub(super) fn status(path: &Path, json: bool) -> Result<u8> {
         println!("  pid {own} in its own pid namespace");
     }
     // Whose to restart and stop: systemd's (`restart` from here is refused for it).
-    if let Some(unit) = super::locate::systemd_unit(pid) {
+    if let Some(unit) = crate::ops::service::systemd_unit(pid) {
         let unit = crate::text::escape(&unit);
         println!("  the main process of systemd unit {unit} (systemctl restart/stop {unit})");
     }

@@ -142,7 +142,7 @@ fn supervising(pid: i32, config: &Path) -> Option<usize> {
     if owner != nix::unistd::geteuid().as_raw() {
         return None;
     }
-    let cmdline = read_bounded(format!("/proc/{pid}/cmdline"), 1 << 16)?;
+    let cmdline = crate::ops::service::read_bounded(format!("/proc/{pid}/cmdline"), 1 << 16)?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let after = |flag: &[u8]| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
     if !args.contains(&b"supervise".as_slice())
@@ -152,104 +152,6 @@ fn supervising(pid: i32, config: &Path) -> Option<usize> {
     }
     let max = after(b"--max-restarts").and_then(|m| std::str::from_utf8(m).ok()?.parse().ok());
     Some(max.unwrap_or(super::DEFAULT_MAX_RESTARTS))
-}
-
-/// The systemd service whose main process worker `pid` is, as far as the kernel tells: a
-/// child of PID 1, with the `INVOCATION_ID` systemd gives a service's processes, in a
-/// `.service` cgroup that holds nothing but it and its descendants (`Type=notify` running
-/// `run`, or a forking unit running `start`). Not one: a worker started from a shell, by
-/// `start --supervise`, by cron (in `cron.service`'s cgroup, with cron's environment), or by a
-/// deploy agent's service (in that service's cgroup, beside the agent, its main process).
-pub(super) fn systemd_unit(pid: i32) -> Option<String> {
-    if crate::ops::procfs::Stat::of(Some(pid))?.ppid != 1 {
-        return None;
-    }
-    let environ = read_bounded(format!("/proc/{pid}/environ"), 1 << 20)?;
-    if !environ
-        .split(|b| *b == 0)
-        .any(|v| v.starts_with(b"INVOCATION_ID="))
-    {
-        return None;
-    }
-    // Each read bounded: a text cut short finds nothing, and nothing is said.
-    let text = String::from_utf8(read_bounded(format!("/proc/{pid}/cgroup"), 1 << 16)?).ok()?;
-    let (named, path) = systemd_path(&text)?;
-    let unit = unit_of(path)?;
-    let mount =
-        String::from_utf8_lossy(&read_bounded("/proc/self/mountinfo", 1 << 20)?).into_owned();
-    let dir = hierarchy(&mount, named)?.join(path.trim_start_matches('/'));
-    let procs = read_bounded(dir.join("cgroup.procs"), 1 << 20)?;
-    let alone = String::from_utf8_lossy(&procs)
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .all(|p| descends(p, pid));
-    alone.then(|| unit.to_string())
-}
-
-/// A file the kernel writes (under `/proc`, a cgroup's), read up to `bound` bytes.
-fn read_bounded(path: impl AsRef<Path>, bound: u64) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(bound)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    Some(bytes)
-}
-
-/// The path in the systemd hierarchy of a `/proc/PID/cgroup` text: the named v1 hierarchy
-/// (true), else the unified one.
-fn systemd_path(cgroup: &str) -> Option<(bool, &str)> {
-    let named = cgroup.lines().find_map(|l| {
-        let (_, rest) = l.split_once(':')?;
-        rest.strip_prefix("name=systemd:")
-    });
-    match named {
-        Some(path) => Some((true, path)),
-        None => cgroup
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| (false, p)),
-    }
-}
-
-/// The deepest `.service` of a cgroup path.
-fn unit_of(path: &str) -> Option<&str> {
-    path.split('/')
-        .rev()
-        .find(|c| c.len() > ".service".len() && c.ends_with(".service"))
-}
-
-/// Where the systemd hierarchy (`named`: cgroup v1's `name=systemd`, else cgroup2) is mounted
-/// with its root, from a `/proc/self/mountinfo` text.
-fn hierarchy(mountinfo: &str, named: bool) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        let dash = fields.iter().position(|f| *f == "-")?;
-        let (fstype, opts) = (*fields.get(dash + 1)?, *fields.get(dash + 3)?);
-        let ours = if named {
-            fstype == "cgroup" && opts.split(',').any(|o| o == "name=systemd")
-        } else {
-            fstype == "cgroup2"
-        };
-        let mount = fields.get(4)?;
-        (ours && fields.get(3) == Some(&"/")).then(|| PathBuf::from(mount))
-    })
-}
-
-/// Whether `p` is `ancestor` or descends from it.
-fn descends(mut p: i32, ancestor: i32) -> bool {
-    for _ in 0..64 {
-        if p == ancestor {
-            return true;
-        }
-        match crate::ops::procfs::Stat::of(Some(p)) {
-            Some(s) if s.ppid > 1 => p = s.ppid,
-            _ => return false,
-        }
-    }
-    false
 }
 
 /// Continues worker `pid` if SIGSTOP (or Ctrl-Z) stopped it, and says so; one a debugger holds
@@ -410,7 +312,7 @@ pub(super) fn supervisor_doing(sup: i32) -> String {
 fn starting_child(sup: i32) -> Option<i32> {
     let tasks = std::fs::read_dir(format!("/proc/{sup}/task")).ok()?;
     tasks.flatten().find_map(|task| {
-        let listed = read_bounded(task.path().join("children"), 1 << 16)?;
+        let listed = crate::ops::service::read_bounded(task.path().join("children"), 1 << 16)?;
         String::from_utf8_lossy(&listed)
             .split_whitespace()
             .next()?
@@ -426,49 +328,4 @@ fn running_elsewhere(config: &Path, configured: &Path) -> Option<PathBuf> {
     let recorded = crate::ops::layout::recorded_state_dir(config).filter(|r| r != configured)?;
     let probe = crate::ops::pidfile::probe(&recorded.join(crate::ops::layout::PIDFILE)).ok()?;
     matches!(probe, crate::ops::pidfile::Probe::Running(_)).then_some(recorded)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{hierarchy, systemd_path, unit_of};
-
-    fn unit_in(cgroup: &str) -> Option<&str> {
-        unit_of(systemd_path(cgroup)?.1)
-    }
-
-    #[test]
-    fn the_service_is_read_from_the_systemd_hierarchy() {
-        let hybrid = "9:name=systemd:/system.slice/gearshift.service\n8:pids:/system.slice\n0::/\n";
-        assert_eq!(unit_in(hybrid), Some("gearshift.service"));
-        let unified = "0::/system.slice/gearshift.service\n";
-        assert_eq!(unit_in(unified), Some("gearshift.service"));
-        let user = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/jobs.service\n";
-        assert_eq!(unit_in(user), Some("jobs.service"));
-        assert_eq!(
-            unit_in("0::/user.slice/user-1000.slice/session-3.scope\n"),
-            None
-        );
-        assert_eq!(unit_in("9:name=systemd:/\n0::/\n"), None);
-        assert_eq!(unit_in("0::/x/.service\n"), None);
-    }
-
-    #[test]
-    fn the_hierarchy_is_found_where_it_is_mounted_with_its_root() {
-        let mountinfo =
-            "35 25 0:30 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd\n\
-             36 25 0:31 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
-             37 25 0:32 /inner /mnt/cg rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            hierarchy(mountinfo, true),
-            Some("/sys/fs/cgroup/systemd".into())
-        );
-        assert_eq!(
-            hierarchy(mountinfo, false),
-            Some("/sys/fs/cgroup/unified".into())
-        );
-        assert_eq!(
-            hierarchy("37 25 0:32 /inner /mnt/cg rw - cgroup2 cgroup2 rw\n", false),
-            None
-        );
-    }
 }

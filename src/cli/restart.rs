@@ -30,7 +30,7 @@ pub(super) fn restart(path: &Path, functions: Functions, timeout: Duration) -> R
     // A systemd service's worker stopped from here would be started again outside its unit.
     let unit = running
         .as_ref()
-        .and_then(|(pid, _, _)| locate::systemd_unit(*pid).map(|u| (*pid, u)));
+        .and_then(|(pid, _, _)| crate::ops::service::systemd_unit(*pid).map(|u| (*pid, u)));
     if let Some((pid, unit)) = unit {
         let unit = crate::text::escape(&unit);
         return Err(Error::Msg(format!(

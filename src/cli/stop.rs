@@ -208,7 +208,7 @@ fn forced(
     // process killed is a crash to systemd: its Restart= starts it again (a supervisor
     // of ours, which had the TERM, takes it for the stop it is).
     if via == target {
-        if let Some(unit) = super::locate::systemd_unit(pid) {
+        if let Some(unit) = crate::ops::service::systemd_unit(pid) {
             let unit = crate::text::escape(&unit);
             eprintln!(
                 "note: pid {pid} is the main process of systemd unit {unit}, which takes a SIGKILL for a crash: Restart=on-failure (as in scripts/gearshift.service) starts it again; `systemctl stop {unit}` stops the unit"

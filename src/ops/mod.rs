@@ -19,6 +19,7 @@ pub mod procfs;
 pub mod recurring;
 pub mod safefs;
 pub mod serve;
+pub mod service;
 pub mod signals;
 pub mod sigstate;
 pub mod stderr;

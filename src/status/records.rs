@@ -82,15 +82,21 @@ pub fn gone_said_before(said: bool) {
 
 /// The end of the line a worker exiting with status 1 for a fresh start says: who starts it
 /// again, as far as it can tell (its supervisor, while that is its parent; systemd, whose
-/// service it is, by its `Restart=`), or that nobody does. It said "for the supervisor to start
-/// the worker afresh" of a worker `start` ran without one, which then stayed down.
+/// service's main process it is, by its `Restart=`), or that nobody does. It said "for the
+/// supervisor to start the worker afresh" of a worker `start` ran without one, which then
+/// stayed down; and "for systemd" of any worker with systemd's `INVOCATION_ID` in its
+/// environment, such as one a deploy agent's service started, which systemd never restarts.
 pub fn who_starts_it_again() -> String {
+    let own = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
     match from_env() {
         Some(i) if !i.gone => format!("for its supervisor (pid {}) to start it afresh", i.pid),
-        _ if std::env::var_os("INVOCATION_ID").is_some() => {
-            "for systemd to start it afresh (as the unit's Restart= says)".into()
-        }
-        _ => "and nothing starts it again (no supervisor, no systemd service): `gearshift start` does (`start --supervise` would have)".into(),
+        _ => match crate::ops::service::systemd_unit(own) {
+            Some(unit) => format!(
+                "for systemd to start it afresh (as {}'s Restart= says)",
+                crate::text::escape(&unit)
+            ),
+            None => "and nothing starts it again (no supervisor, no systemd service): `gearshift start` does (`start --supervise` would have)".into(),
+        },
     }
 }
 
