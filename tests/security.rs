@@ -867,15 +867,22 @@ fn a_job_sees_the_home_and_name_of_the_user_it_runs_as() {
 fn stop_signals_only_the_proven_lock_holder() {
     let sb = privsep("sec-stop");
     let _reaper = Reaper(sb.path("state/gearshift.pid"));
-    // Another daemon with its own flock'ed pidfile.
+    // Another daemon with its own flock'ed pidfile: `flock` and its child `sleep`, in a process
+    // group of their own, ended together (a `sleep` left behind held the test's output open for
+    // a minute, and `scripts/test`'s lane waited for it), their output not the test's.
     let other_pidfile = sb.path("other.pid");
+    use std::os::unix::process::CommandExt;
     let mut other = Command::new("flock")
         .arg("-x")
         .arg(&other_pidfile)
         .args(["sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap();
     let other_pid = other.id() as i32;
+    let _other_group = KillGroup(other_pid);
     fs::write(&other_pidfile, format!("{other_pid}\n")).unwrap();
     eventually(Duration::from_secs(5), "the other lock", || {
         fs::read_to_string("/proc/locks")
@@ -932,8 +939,17 @@ fn stop_signals_only_the_proven_lock_holder() {
     fs::write(sb.path("state/gearshift.pid"), format!("{worker}\n")).unwrap();
     let out = sb.run(&["stop"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let _ = other.kill();
+    drop(_other_group);
     let _ = other.wait();
+}
+
+/// Kills a process group when dropped (the test's helpers, a failed assertion too).
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
 }
 
 #[test]
