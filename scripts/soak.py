@@ -122,6 +122,15 @@ def alive(pid):
     return False
 
 
+def process_state(pid):
+    """The state letter of `pid`'s leader (R, S, D, T, Z), or '-' once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "-"
+
+
 class Soak:
     def __init__(self, kind):
         self.kind = kind
@@ -157,6 +166,7 @@ class Soak:
         self.held = 0  # `gearshift submit`s to a ZeroMQ worker the chaos froze: not sent
         self.good_binary = True  # the path holds a binary that runs (not the chaos's broken one)
         self.forced = []  # seconds from a second TERM to the worker gone
+        self.slow_stops = []  # those over 0.5 s, with the states the worker was seen in
         self.kills = []  # when the chaos sent kill -9 (wall clock, as the log's)
         self.broken_config = False
         self.broker = self.gearmand = None
@@ -596,6 +606,11 @@ class Soak:
             elif action == "forced stop" and pid:
                 # TERM, and TERM again: running jobs are interrupted (and run again later),
                 # and the worker must be gone within 2 s of the second (woken first if frozen).
+                # No freeze may start meanwhile: its SIGSTOP landing after the SIGCONT below
+                # would hold the worker stopped between the TERMs, timing the chaos, not the
+                # worker. One under way has sent its SIGSTOP already (it takes the lock first):
+                # the SIGCONT wakes the worker from it.
+                holding = self.frozen.acquire(timeout=0.05)
                 try:
                     os.kill(pid, signal.SIGCONT)
                     os.kill(pid, signal.SIGTERM)
@@ -604,10 +619,17 @@ class Soak:
                 except ProcessLookupError:
                     pass
                 second = time.monotonic()
+                states = set()
                 while alive(pid) and time.monotonic() - second < 10:
+                    states.add(process_state(pid))
                     time.sleep(0.005)
                 took = time.monotonic() - second
+                if holding:
+                    self.frozen.release()
                 self.forced.append(took)
+                if took > 0.5:
+                    # Said with the states the worker was seen in (T: stopped), to tell next time.
+                    self.slow_stops.append(f"{took * 1000:.0f} ms ({','.join(sorted(states))})")
                 if took > 2:
                     self.problems.append(f"a second TERM took {took:.2f} s to end the worker")
                 self.start()
@@ -806,7 +828,8 @@ class Soak:
               f"{f'{self.held} submits not sent to the frozen worker; ' if self.held else ''}"
               f"{f'{self.duplicates} replies twice, {self.reconnects} client reconnects; ' if self.broker else ''}"
               f"{f'{self.twice} run twice; ' if self.recorded else ''}"
-              f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms; "
+              f"second TERM to exit at most {max(self.forced, default=0) * 1000:.0f} ms"
+              f"{f' (over 0.5 s: {len(self.slow_stops)}, ' + '; '.join(self.slow_stops[:5]) + ')' if self.slow_stops else ''}; "
               f"chaos: {acts}; re-execs: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}: "
               f"{'held' if ok else 'FAILED'}", flush=True)
         for x in (missing[:5] + wrong[:5] + bad[:5] + self.problems[:5] + self.errors[:5]):
