@@ -1559,14 +1559,20 @@ fn start_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> Hog {
     use_up_processes(sb)
 }
 
-/// Starts the sandbox's worker (with `env`) under a limit of 400 on its user's processes.
-fn start_with_process_limit(sb: &Sandbox, env: &[(&str, &str)]) {
-    let out = Command::new("prlimit")
-        .arg("--nproc=400")
+/// `gearshift start` of the sandbox's worker under a limit of 400 on its user's processes.
+fn limited_start(sb: &Sandbox) -> Command {
+    let mut c = Command::new("prlimit");
+    c.arg("--nproc=400")
         .arg(&sb.bin)
         .arg("-c")
         .arg(sb.config())
-        .arg("start")
+        .arg("start");
+    c
+}
+
+/// Starts the sandbox's worker (with `env`) under a limit of 400 on its user's processes.
+fn start_with_process_limit(sb: &Sandbox, env: &[(&str, &str)]) {
+    let out = limited_start(sb)
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -1784,6 +1790,45 @@ fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
         text(&out.stderr),
         log()
     );
+    assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
+}
+
+/// A fresh start while the worker's user is out of processes (the soak's `SOAK_NPROC` meets
+/// only running workers): the new worker cannot have its threads, waits for them (said, and
+/// bounded), and serves once processes are back; `start` returns then, not before.
+#[test]
+fn a_fresh_start_while_out_of_processes_waits_and_then_serves() {
+    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sb) = nproc_sandbox("sec-nproc-fresh") else {
+        return;
+    };
+    let _reaper = Reaper(sb.path("state/gearshift.pid"));
+    let hog = use_up_processes(&sb);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut start = limited_start(&sb)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = || fs::read_to_string(sb.path("state/gearshift.log")).unwrap_or_default();
+    eventually(Duration::from_secs(15), "the wait for threads said", || {
+        log().contains("trying again")
+    });
+    assert!(
+        start.try_wait().unwrap().is_none(),
+        "start returned before the worker served:\n{}",
+        log()
+    );
+    drop(hog);
+    let started = wait_child(&mut start, Duration::from_secs(30));
+    assert_eq!(
+        started.and_then(|s| s.code()),
+        Some(0),
+        "start, once processes are back:\n{}",
+        log()
+    );
+    let out = sb.run(&["submit", "--wait", "--timeout", "20s", "reverse", "abc"]);
+    assert_eq!(text(&out.stdout).trim(), "cba", "{}", text(&out.stderr));
     assert_eq!(sb.run(&["stop"]).status.code(), Some(0));
 }
 
