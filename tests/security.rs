@@ -1513,8 +1513,26 @@ static OUT_OF_PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// against the limit (then free slots a test holds used up) and be killed with the hog.
 const NPROC_USER: &str = "gs-nproc-test";
 
-/// [`privsep`] with the worker's user [`NPROC_USER`]; `None` (a skip) where it is missing.
-fn nproc_sandbox(name: &str) -> Option<Sandbox> {
+/// A sandbox of the tests that use up processes: [`privsep`]'s with the worker's user
+/// [`NPROC_USER`], the worker reaped and the sandbox removed when dropped, and then the turn of
+/// the next such test ([`OUT_OF_PROCESSES`]; fields drop in this order).
+struct NprocSandbox {
+    _reaper: Reaper,
+    sb: Sandbox,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for NprocSandbox {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sb
+    }
+}
+
+/// Waits for this test's turn, then makes its [`NprocSandbox`]; `None` (a skip) where
+/// [`NPROC_USER`] is missing.
+fn nproc_sandbox(name: &str) -> Option<NprocSandbox> {
+    let turn = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     if nix::unistd::User::from_name(NPROC_USER)
         .ok()
         .flatten()
@@ -1530,7 +1548,11 @@ fn nproc_sandbox(name: &str) -> Option<Sandbox> {
     let cfg = fs::read_to_string(sb.config()).unwrap();
     let cfg = cfg.replace("user = \"nobody\"", &format!("user = \"{NPROC_USER}\""));
     fs::write(sb.config(), cfg).unwrap();
-    Some(sb)
+    Some(NprocSandbox {
+        _reaper: Reaper(sb.path("state/gearshift.pid")),
+        sb,
+        _turn: turn,
+    })
 }
 
 /// [`NPROC_USER`]'s processes, as many as the worker's limit allows its user: not one thread
@@ -1603,11 +1625,9 @@ fn use_up_processes(sb: &Sandbox) -> Hog {
 /// while it lasted, and a client closed unanswered), and `status` answers.
 #[test]
 fn status_clients_are_answered_while_the_user_is_out_of_processes() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc") else {
         return;
     };
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let hog = start_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(2));
     let socket = sb.path("state/worker/gearshift.sock");
@@ -1636,13 +1656,11 @@ fn status_clients_are_answered_while_the_user_is_out_of_processes() {
 /// two seconds.
 #[test]
 fn helpers_that_cannot_start_are_said_once() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-spool") else {
         return;
     };
     let cfg = fs::read_to_string(sb.config()).unwrap();
     fs::write(sb.config(), cfg.replace("fsync = false", "fsync = true")).unwrap();
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let hog = start_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(2));
     // Jobs arriving while the worker claims: each batch wakes the listing.
@@ -1685,11 +1703,9 @@ fn reload_out_of_processes_with(sb: &Sandbox, env: &[(&str, &str)]) -> (nix::uni
 /// but serve once processes are back.
 #[test]
 fn a_reload_while_out_of_processes_keeps_a_worker() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-reload") else {
         return;
     };
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let (pid, hog) = reload_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(3));
     let alive = process_alive(pid.as_raw());
@@ -1719,7 +1735,6 @@ fn a_reload_while_out_of_processes_keeps_a_worker() {
 /// generation, and the jobs its lanes had claimed.
 #[test]
 fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-alarm") else {
         return;
     };
@@ -1728,7 +1743,6 @@ fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
         sb.path("bin/gearshift"),
     )
     .unwrap();
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let (pid, hog) = reload_out_of_processes_with(&sb, &[("GEARSHIFT_FAULT_SERVE_ALARM_S", "2")]);
     std::thread::sleep(Duration::from_secs(3));
     let alive = process_alive(pid.as_raw());
@@ -1747,11 +1761,9 @@ fn a_restarted_generation_waiting_for_threads_is_not_ended_by_its_alarm() {
 /// lane thread: Resource temporarily unavailable"), found by the soak's `SOAK_NPROC`.
 #[test]
 fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-refused") else {
         return;
     };
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     start_with_process_limit(&sb, &[]);
     let pid = fs::read_to_string(sb.path("state/gearshift.pid")).unwrap();
     let pid: i32 = pid.trim().parse().unwrap();
@@ -1798,11 +1810,9 @@ fn lanes_started_again_after_a_refused_restart_wait_while_out_of_processes() {
 /// bounded), and serves once processes are back; `start` returns then, not before.
 #[test]
 fn a_fresh_start_while_out_of_processes_waits_and_then_serves() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-fresh") else {
         return;
     };
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let hog = use_up_processes(&sb);
     std::thread::sleep(Duration::from_secs(2));
     let mut start = limited_start(&sb)
@@ -1835,11 +1845,9 @@ fn a_fresh_start_while_out_of_processes_waits_and_then_serves() {
 /// A TERM while a reloaded generation waits for threads ends the worker within 2 s.
 #[test]
 fn a_term_while_waiting_for_threads_ends_the_worker_within_two_seconds() {
-    let _one = OUT_OF_PROCESSES.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sb) = nproc_sandbox("sec-nproc-term") else {
         return;
     };
-    let _reaper = Reaper(sb.path("state/gearshift.pid"));
     let (pid, hog) = reload_out_of_processes(&sb);
     std::thread::sleep(Duration::from_secs(1));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();

@@ -142,7 +142,7 @@ fn supervising(pid: i32, config: &Path) -> Option<usize> {
     if owner != nix::unistd::geteuid().as_raw() {
         return None;
     }
-    let cmdline = crate::ops::service::read_bounded(format!("/proc/{pid}/cmdline"), 1 << 16)?;
+    let cmdline = crate::ops::procfs::read_bounded(format!("/proc/{pid}/cmdline"), 1 << 16)?;
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let after = |flag: &[u8]| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
     if !args.contains(&b"supervise".as_slice())
@@ -307,18 +307,12 @@ pub(super) fn supervisor_doing(sup: i32) -> String {
     }
 }
 
-/// The worker supervisor `sup` is starting: its child, as the kernel lists them
-/// (`/proc/PID/task/*/children`). A supervisor waiting after a crash has none.
+/// The worker supervisor `sup` is starting: its child (`procfs::children_of`). A supervisor
+/// waiting after a crash has none.
 fn starting_child(sup: i32) -> Option<i32> {
-    let tasks = std::fs::read_dir(format!("/proc/{sup}/task")).ok()?;
-    tasks.flatten().find_map(|task| {
-        let listed = crate::ops::service::read_bounded(task.path().join("children"), 1 << 16)?;
-        String::from_utf8_lossy(&listed)
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
+    crate::ops::procfs::children_of(sup)
+        .first()
+        .map(|(pid, _)| *pid)
 }
 
 /// The `state_dir` a worker started with `config` runs in, when that is not `configured` (the

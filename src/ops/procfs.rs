@@ -1,6 +1,7 @@
 //! Reading `/proc`, in one place: a process's `stat` line (its command name may hold spaces and
 //! parentheses, so fields are split after the last `)`), its effective uid, one variable of its
-//! environment, and the processes whose parent is a given one.
+//! environment, the processes whose parent is a given one, and a file the kernel writes read up
+//! to a bound.
 
 /// The fields of `/proc/PID/stat` gearshift uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +135,18 @@ pub fn env_var(pid: i32, key: &str) -> Option<Vec<u8>> {
             .and_then(|rest| rest.strip_prefix(b"="))
             .map(<[u8]>::to_vec)
     })
+}
+
+/// A file the kernel writes (under `/proc`, a cgroup's), read up to `bound` bytes.
+pub fn read_bounded(path: impl AsRef<std::path::Path>, bound: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(bound)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
 }
 
 #[cfg(test)]

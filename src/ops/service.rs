@@ -2,7 +2,9 @@
 //! unit's `Restart=` when it exits), as far as the kernel tells: for the CLI, of the worker it
 //! found; for the worker, of itself, before it says who starts it again.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use crate::ops::procfs::read_bounded;
 
 /// The systemd service whose main process `pid` is, as far as the kernel tells: a
 /// child of PID 1, with the `INVOCATION_ID` systemd gives a service's processes, in a
@@ -34,18 +36,6 @@ pub fn systemd_unit(pid: i32) -> Option<String> {
         .filter_map(|l| l.trim().parse::<i32>().ok())
         .all(|p| descends(p, pid));
     alone.then(|| unit.to_string())
-}
-
-/// A file the kernel writes (under `/proc`, a cgroup's), read up to `bound` bytes.
-pub fn read_bounded(path: impl AsRef<Path>, bound: u64) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(bound)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    Some(bytes)
 }
 
 /// The path in the systemd hierarchy of a `/proc/PID/cgroup` text: the named v1 hierarchy
